@@ -1,0 +1,8 @@
+//! The shared language of Skydd: wire types, on-disk formats and crypto that every party
+//! speaks. This crate does no I/O (no files, no sockets); see docs/PROTOCOL.md and
+//! docs/FORMAT.md for the byte layouts each module implements.
+
+pub mod error;
+pub mod secret;
+
+pub use error::{Error, Result};

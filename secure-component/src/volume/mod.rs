@@ -1,0 +1,39 @@
+//! Volume backends on a compute host: one trait over dm-crypt (kernel) and the userspace
+//! engine (FUSE + loop). Both read the on-disk format of docs/FORMAT.md byte for byte.
+
+use std::path::{Path, PathBuf};
+
+use protocol::secret::SecretBytes;
+
+use crate::error::Result;
+
+/// How a volume is opened; read-only mappings refuse writes at the block layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// An opened volume: a plaintext block device the hypervisor driver can attach.
+#[derive(Debug, Clone)]
+pub struct OpenVolume {
+    /// Stable name of the mapping (e.g. `skydd-<domain id>`), used to find it again after
+    /// a restart.
+    pub name: String,
+    /// The plaintext block device (/dev/dm-N or /dev/loopN).
+    pub device: PathBuf,
+    pub mode: OpenMode,
+}
+
+pub trait VolumeBackend: Send + Sync {
+    /// Short name for logs and errors ("dm-crypt", "userspace").
+    fn kind(&self) -> &'static str;
+    /// Opens the data area (from 1 MiB) of the volume file or device at `volume` with the
+    /// 64-byte AES-256-XTS `key`. The backend must not keep the key after this returns
+    /// except inside the kernel or its own locked buffer.
+    fn open(&self, name: &str, volume: &Path, key: &SecretBytes, mode: OpenMode) -> Result<OpenVolume>;
+    /// Closes the mapping and wipes the key everywhere the backend put it.
+    fn close(&self, name: &str) -> Result<()>;
+    /// The mappings this backend has open now (after a restart too).
+    fn list(&self) -> Result<Vec<OpenVolume>>;
+}
