@@ -1,0 +1,44 @@
+//! Serde helpers: byte fields travel as standard base64 strings in JSON messages.
+//! Use `#[serde(with = "protocol::b64")]` on `Vec<u8>` fields and
+//! `#[serde(with = "protocol::b64::option")]` on `Option<Vec<u8>>`.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::{Deserialize, Deserializer, Serializer};
+
+pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&STANDARD.encode(bytes))
+}
+
+pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    STANDARD
+        .decode(text.as_bytes())
+        .map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
+}
+
+pub mod option {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, serializer: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => serializer.serialize_some(&STANDARD.encode(b)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let text = Option::<String>::deserialize(deserializer)?;
+        text.map(|t| {
+            STANDARD
+                .decode(t.as_bytes())
+                .map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
+        })
+        .transpose()
+    }
+}
+
+/// Encodes bytes as standard base64 (for messages built by hand, e.g. in errors).
+pub fn encode(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
