@@ -1,0 +1,109 @@
+//! Wire types of host attestation (enrollment of a compute host's TPM and PCR quotes).
+//!
+//! TPM structures travel as the TPM marshals them (big-endian TPM 2.0 Part 2 encoding), so
+//! the TTP can hash and verify exactly the bytes the TPM signed. See docs/TPM.md for every
+//! byte format.
+
+use serde::{Deserialize, Serialize};
+
+/// Which PCRs of which bank a policy or quote covers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PcrSelection {
+    /// The PCR bank: only "sha256" is supported.
+    pub bank: String,
+    /// PCR indices (0..=23), in ascending order without duplicates.
+    pub indices: Vec<u8>,
+}
+
+impl PcrSelection {
+    /// sha256 PCRs 0-7 (firmware, boot loader, secure boot state) and 16 (the debug PCR,
+    /// extended by tests to simulate a host whose measured state changed).
+    pub fn default_host() -> Self {
+        PcrSelection { bank: "sha256".into(), indices: vec![0, 1, 2, 3, 4, 5, 6, 7, 16] }
+    }
+
+    /// The indices sorted and deduplicated (the order the TPM digests PCRs in).
+    pub fn normalized_indices(&self) -> Vec<u8> {
+        let mut indices = self.indices.clone();
+        indices.sort_unstable();
+        indices.dedup();
+        indices
+    }
+}
+
+impl Default for PcrSelection {
+    fn default() -> Self {
+        Self::default_host()
+    }
+}
+
+/// One PCR value as read from the TPM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PcrValue {
+    pub index: u8,
+    #[serde(with = "crate::b64")]
+    pub digest: Vec<u8>,
+}
+
+/// Step 1 of enrollment, SC -> TTP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentRequest {
+    pub host_id: String,
+    /// The RSA-2048 EK certificate (DER) read from NV index 0x01c00002.
+    #[serde(with = "crate::b64")]
+    pub ek_certificate: Vec<u8>,
+    /// The EK public area: marshalled TPMT_PUBLIC (no TPM2B size prefix).
+    #[serde(with = "crate::b64")]
+    pub ek_public: Vec<u8>,
+    /// The attestation key: marshalled TPMT_PUBLIC (ECC P-256, ECDSA-SHA256, restricted sign).
+    #[serde(with = "crate::b64")]
+    pub ak_public: Vec<u8>,
+    /// The binding key: marshalled TPMT_PUBLIC (RSA-2048 decrypt, PolicyPCR authPolicy).
+    #[serde(with = "crate::b64")]
+    pub binding_public: Vec<u8>,
+    /// The PCRs the binding key's policy covers.
+    pub pcr_selection: PcrSelection,
+}
+
+/// Step 2 of enrollment, TTP -> SC: a TPM2_MakeCredential result for (EK, AK name).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialChallenge {
+    pub enrollment_id: String,
+    /// TPM2B_ID_OBJECT contents: integrityHMAC (TPM2B_DIGEST) || encIdentity (no outer size).
+    #[serde(with = "crate::b64")]
+    pub credential_blob: Vec<u8>,
+    /// TPM2B_ENCRYPTED_SECRET contents: the seed RSA-OAEP-encrypted to the EK (no outer size).
+    #[serde(with = "crate::b64")]
+    pub encrypted_secret: Vec<u8>,
+}
+
+/// Step 3 of enrollment, SC -> TTP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentProof {
+    pub enrollment_id: String,
+    /// The secret TPM2_ActivateCredential recovered (proves the AK sits beside the EK).
+    #[serde(with = "crate::b64")]
+    pub activated_secret: Vec<u8>,
+    /// TPM2_Certify of the binding key by the AK: marshalled TPMS_ATTEST, exactly as signed.
+    #[serde(with = "crate::b64")]
+    pub certify_attest: Vec<u8>,
+    /// Marshalled TPMT_SIGNATURE (ECDSA-SHA256 by the AK) over `certify_attest`.
+    #[serde(with = "crate::b64")]
+    pub certify_signature: Vec<u8>,
+}
+
+/// A PCR quote by the AK over a TTP challenge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuoteEvidence {
+    /// Marshalled TPMS_ATTEST (type TPM_ST_ATTEST_QUOTE), exactly as signed.
+    #[serde(with = "crate::b64")]
+    pub attest: Vec<u8>,
+    /// Marshalled TPMT_SIGNATURE (ECDSA-SHA256 by the AK) over `attest`.
+    #[serde(with = "crate::b64")]
+    pub signature: Vec<u8>,
+    /// The quoted PCR values as read just before quoting. Not trusted by themselves: the TTP
+    /// accepts them only if they hash to the signed pcrDigest, and then uses them to name
+    /// the PCRs that differ from the reference state.
+    #[serde(default)]
+    pub pcr_values: Vec<PcrValue>,
+}
