@@ -4,7 +4,11 @@
 
 pub mod attest;
 pub mod b64;
+pub mod domain;
+pub mod encoding;
 pub mod error;
+pub mod kdf;
 pub mod secret;
+pub mod signing;
 
 pub use error::{Error, Result};
