@@ -7,6 +7,7 @@ pub mod b64;
 pub mod domain;
 pub mod encoding;
 pub mod error;
+pub mod format;
 pub mod kdf;
 pub mod secret;
 pub mod signing;

@@ -1,0 +1,131 @@
+//! The canonical binary encoding used for everything that is signed or hashed
+//! (docs/PROTOCOL.md, "Canonical encoding"): a fixed magic, then fields in a fixed order,
+//! each variable-length field as a big-endian u32 length followed by its bytes, integers
+//! as big-endian u64. Decoding is strict: every byte must be consumed, lengths are bounded.
+
+use crate::error::{Error, Result};
+
+pub struct Writer {
+    out: Vec<u8>,
+}
+
+impl Writer {
+    pub fn new(magic: &[u8]) -> Self {
+        Self { out: magic.to_vec() }
+    }
+
+    pub fn bytes(&mut self, field: &[u8]) -> &mut Self {
+        // Fields are bounded far below 4 GiB by the readers' limits.
+        self.out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        self.out.extend_from_slice(field);
+        self
+    }
+
+    pub fn str(&mut self, field: &str) -> &mut Self {
+        self.bytes(field.as_bytes())
+    }
+
+    pub fn u64(&mut self, value: u64) -> &mut Self {
+        self.out.extend_from_slice(&value.to_be_bytes());
+        self
+    }
+
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+}
+
+pub struct Reader<'a> {
+    what: &'static str,
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    /// Starts reading `input`, which must begin with `magic`.
+    pub fn new(what: &'static str, input: &'a [u8], magic: &[u8]) -> Result<Self> {
+        match input.strip_prefix(magic) {
+            Some(rest) => Ok(Self { what, rest }),
+            None => Err(Error::malformed(what, "wrong magic or format version")),
+        }
+    }
+
+    pub fn bytes(&mut self, field: &'static str, limit: usize) -> Result<&'a [u8]> {
+        if self.rest.len() < 4 {
+            return Err(Error::malformed(self.what, format!("truncated before the length of {field}")));
+        }
+        let (len_bytes, rest) = self.rest.split_at(4);
+        let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
+        if len > limit {
+            return Err(Error::TooLarge { what: field, size: len, limit });
+        }
+        if rest.len() < len {
+            return Err(Error::malformed(
+                self.what,
+                format!("{field} claims {len} bytes but only {} remain", rest.len()),
+            ));
+        }
+        let (value, rest) = rest.split_at(len);
+        self.rest = rest;
+        Ok(value)
+    }
+
+    pub fn str(&mut self, field: &'static str, limit: usize) -> Result<&'a str> {
+        let raw = self.bytes(field, limit)?;
+        std::str::from_utf8(raw).map_err(|_| Error::malformed(self.what, format!("{field} is not UTF-8")))
+    }
+
+    pub fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N]> {
+        let raw = self.bytes(field, N)?;
+        raw.try_into()
+            .map_err(|_| Error::malformed(self.what, format!("{field} must be {N} bytes, got {}", raw.len())))
+    }
+
+    pub fn u64(&mut self, field: &'static str) -> Result<u64> {
+        if self.rest.len() < 8 {
+            return Err(Error::malformed(self.what, format!("truncated in {field}")));
+        }
+        let (value, rest) = self.rest.split_at(8);
+        self.rest = rest;
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(value);
+        Ok(u64::from_be_bytes(raw))
+    }
+
+    /// Ends decoding; trailing bytes are an error (two encodings must never mean the same).
+    pub fn finish(self) -> Result<()> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::malformed(self.what, format!("{} trailing bytes", self.rest.len())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_strictness() {
+        let encoded = Writer::new(b"T1").str("abc").u64(7).bytes(&[1, 2]).finish();
+        let mut reader = Reader::new("test", &encoded, b"T1").unwrap();
+        assert_eq!(reader.str("s", 10).unwrap(), "abc");
+        assert_eq!(reader.u64("n").unwrap(), 7);
+        assert_eq!(reader.bytes("b", 2).unwrap(), &[1, 2]);
+        reader.finish().unwrap();
+
+        let mut trailing = encoded.clone();
+        trailing.push(0);
+        let mut reader = Reader::new("test", &trailing, b"T1").unwrap();
+        reader.str("s", 10).unwrap();
+        reader.u64("n").unwrap();
+        reader.bytes("b", 2).unwrap();
+        assert!(reader.finish().is_err());
+
+        let mut reader = Reader::new("test", &encoded, b"T1").unwrap();
+        assert!(matches!(reader.str("s", 2), Err(Error::TooLarge { .. })));
+        assert!(Reader::new("test", &encoded, b"T2").is_err());
+        let mut reader = Reader::new("test", &encoded[..5], b"T1").unwrap();
+        assert!(reader.str("s", 10).is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! Domain key derivation (DESIGN §2, docs/PROTOCOL.md "Key derivation"):
+//!
+//! `K = HKDF-SHA256(ikm = K_TTP, salt = r, info)`, 64 bytes, with
+//! `info = "skydd/v1/volume-key" || lp(domain_id) || lp(H(meta)) || cipher_spec`
+//! where `lp(x)` is a big-endian u32 length followed by x. This is the paper's
+//! `PRF(meta || r, K_TTP)` with unambiguous encoding and domain separation.
+
+use hkdf::Hkdf;
+use sha2::Sha256;
+
+use crate::error::{Error, Result};
+use crate::secret::SecretBytes;
+
+pub const VOLUME_KEY_LABEL: &[u8] = b"skydd/v1/volume-key";
+pub const VOLUME_KEY_BYTES: usize = 64;
+pub const MASTER_KEY_BYTES: usize = 32;
+pub const NONCE_BYTES: usize = 32;
+
+/// The HKDF `info` string for a domain.
+pub fn volume_key_info(domain_id: &str, metadata_hash: &[u8; 32], cipher_spec: &str) -> Vec<u8> {
+    let mut info = Vec::with_capacity(VOLUME_KEY_LABEL.len() + domain_id.len() + 40 + cipher_spec.len());
+    info.extend_from_slice(VOLUME_KEY_LABEL);
+    info.extend_from_slice(&(domain_id.len() as u32).to_be_bytes());
+    info.extend_from_slice(domain_id.as_bytes());
+    info.extend_from_slice(&(metadata_hash.len() as u32).to_be_bytes());
+    info.extend_from_slice(metadata_hash);
+    info.extend_from_slice(cipher_spec.as_bytes());
+    info
+}
+
+/// Derives the 64-byte AES-256-XTS key of a domain into locked memory.
+pub fn derive_volume_key(
+    master_key: &SecretBytes,
+    nonce_r: &[u8; NONCE_BYTES],
+    domain_id: &str,
+    metadata_hash: &[u8; 32],
+    cipher_spec: &str,
+) -> Result<SecretBytes> {
+    if master_key.len() != MASTER_KEY_BYTES {
+        return Err(Error::InvalidKey(format!("K_TTP must be {MASTER_KEY_BYTES} bytes, got {}", master_key.len())));
+    }
+    let hkdf = Hkdf::<Sha256>::new(Some(nonce_r), master_key.expose());
+    let mut key = SecretBytes::zeroed(VOLUME_KEY_BYTES);
+    hkdf.expand(&volume_key_info(domain_id, metadata_hash, cipher_spec), key.expose_mut())
+        .map_err(|_| Error::InvalidKey("HKDF output length rejected".into()))?;
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openssl::md::Md;
+    use openssl::pkey::Id;
+    use openssl::pkey_ctx::PkeyCtx;
+
+    /// HKDF computed by OpenSSL, independently of the RustCrypto `hkdf` crate.
+    fn openssl_hkdf(ikm: &[u8], salt: &[u8], info: &[u8], len: usize) -> Vec<u8> {
+        let mut ctx = PkeyCtx::new_id(Id::HKDF).unwrap();
+        ctx.derive_init().unwrap();
+        ctx.set_hkdf_md(Md::sha256()).unwrap();
+        ctx.set_hkdf_key(ikm).unwrap();
+        ctx.set_hkdf_salt(salt).unwrap();
+        ctx.add_hkdf_info(info).unwrap();
+        let mut out = vec![0u8; len];
+        ctx.derive(Some(&mut out)).unwrap();
+        out
+    }
+
+    /// The published test vector of docs/PROTOCOL.md.
+    #[test]
+    fn published_vector_matches_openssl() {
+        let master = SecretBytes::from_slice_wiping(&mut [0x0bu8; 32]);
+        let r = [0x5au8; 32];
+        let meta_hash: [u8; 32] = {
+            use sha2::Digest;
+            Sha256::digest(b"").into()
+        };
+        let domain_id = "00112233445566778899aabbccddeeff";
+        let key = derive_volume_key(&master, &r, domain_id, &meta_hash, "aes-xts-plain64:512:4096").unwrap();
+        let info = volume_key_info(domain_id, &meta_hash, "aes-xts-plain64:512:4096");
+        assert_eq!(key.expose(), openssl_hkdf(&[0x0b; 32], &r, &info, 64).as_slice());
+        assert_eq!(hex::encode(key.expose()), PUBLISHED_VECTOR_1);
+    }
+
+    #[test]
+    fn random_inputs_match_openssl() {
+        for _ in 0..32 {
+            let mut raw: [u8; 32] = rand::random();
+            let copy = raw;
+            let master = SecretBytes::from_slice_wiping(&mut raw);
+            let r: [u8; 32] = rand::random();
+            let meta_hash: [u8; 32] = rand::random();
+            let domain_id = hex::encode(rand::random::<[u8; 16]>());
+            let key = derive_volume_key(&master, &r, &domain_id, &meta_hash, "aes-xts-plain64:512:4096").unwrap();
+            let info = volume_key_info(&domain_id, &meta_hash, "aes-xts-plain64:512:4096");
+            assert_eq!(key.expose(), openssl_hkdf(&copy, &r, &info, 64).as_slice());
+        }
+    }
+
+    #[test]
+    fn every_input_changes_the_key() {
+        let master = SecretBytes::from_slice_wiping(&mut [1u8; 32]);
+        let other_master = SecretBytes::from_slice_wiping(&mut [2u8; 32]);
+        let id = "00112233445566778899aabbccddeeff";
+        let base = derive_volume_key(&master, &[0; 32], id, &[0; 32], "c").unwrap();
+        let variants = [
+            derive_volume_key(&other_master, &[0; 32], id, &[0; 32], "c").unwrap(),
+            derive_volume_key(&master, &[1; 32], id, &[0; 32], "c").unwrap(),
+            derive_volume_key(&master, &[0; 32], "00112233445566778899aabbccddeefe", &[0; 32], "c").unwrap(),
+            derive_volume_key(&master, &[0; 32], id, &[1; 32], "c").unwrap(),
+            derive_volume_key(&master, &[0; 32], id, &[0; 32], "d").unwrap(),
+        ];
+        for variant in variants {
+            assert!(!base.ct_eq(variant.expose()));
+        }
+    }
+
+    pub(crate) const PUBLISHED_VECTOR_1: &str = "283d4f282643a4a2677d3a55c07367ef4f31fa8d161224325561cb04693f91b92508eb3e2fdc08f7afefdc2fc140f1e854c2ae54d67edd0cfacd5464077570a3";
+}

@@ -1,0 +1,142 @@
+//! ECDSA P-256 signatures over canonical encodings (docs/PROTOCOL.md, "Signatures").
+//!
+//! A signature covers `"skydd/v1/sig/" || context || 0x00 || message`, so a signature made
+//! for one kind of object can never be replayed as another. Signed objects carry the
+//! signer's X.509 certificate (DER); the verifier checks that certificate against its CA
+//! roots (see `pki`) and then the signature with the certificate's key.
+
+use p256::ecdsa::signature::{Signer, Verifier};
+use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use p256::pkcs8::DecodePrivateKey;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+
+/// What a signature is for; part of the signed bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureContext {
+    Descriptor,
+    Registration,
+    MountGrant,
+    Deletion,
+    KeyRelease,
+}
+
+impl SignatureContext {
+    pub fn label(self) -> &'static str {
+        match self {
+            SignatureContext::Descriptor => "descriptor",
+            SignatureContext::Registration => "registration",
+            SignatureContext::MountGrant => "mount-grant",
+            SignatureContext::Deletion => "deletion",
+            SignatureContext::KeyRelease => "key-release",
+        }
+    }
+}
+
+fn signed_bytes(context: SignatureContext, message: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(message.len() + 32);
+    bytes.extend_from_slice(b"skydd/v1/sig/");
+    bytes.extend_from_slice(context.label().as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(message);
+    bytes
+}
+
+/// A party's signing key: the ECDSA P-256 key of its certificate.
+pub struct SignatureKey {
+    key: SigningKey,
+    certificate_der: Vec<u8>,
+}
+
+impl SignatureKey {
+    /// From the PKCS#8 PEM private key and the DER certificate issued for it.
+    pub fn from_pem(private_key_pem: &str, certificate_der: Vec<u8>) -> Result<Self> {
+        let pem = Zeroizing::new(private_key_pem.to_string());
+        let key = SigningKey::from_pkcs8_pem(&pem)
+            .map_err(|e| Error::InvalidKey(format!("private key is not a PKCS#8 ECDSA P-256 key: {e}")))?;
+        let cert_key = certificate_public_key(&certificate_der)?;
+        if cert_key != *key.verifying_key() {
+            return Err(Error::InvalidKey("private key does not belong to the certificate".into()));
+        }
+        Ok(Self { key, certificate_der })
+    }
+
+    pub fn certificate_der(&self) -> &[u8] {
+        &self.certificate_der
+    }
+
+    /// A DER-encoded ECDSA signature.
+    pub fn sign(&self, context: SignatureContext, message: &[u8]) -> Vec<u8> {
+        let signature: Signature = self.key.sign(&signed_bytes(context, message));
+        signature.to_der().as_bytes().to_vec()
+    }
+
+    /// Signs `message` and wraps it with the certificate.
+    pub fn sign_envelope(&self, context: SignatureContext, message: Vec<u8>) -> SignedEnvelope {
+        let signature = self.sign(context, &message);
+        SignedEnvelope { message, signature, signer_certificate: self.certificate_der.clone() }
+    }
+}
+
+impl std::fmt::Debug for SignatureKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignatureKey(redacted)")
+    }
+}
+
+/// Verifies a DER ECDSA signature with a public key.
+pub fn verify(public_key: &VerifyingKey, context: SignatureContext, message: &[u8], signature_der: &[u8]) -> Result<()> {
+    let what = context.label();
+    let signature = Signature::from_der(signature_der).map_err(|_| Error::BadSignature { what })?;
+    public_key
+        .verify(&signed_bytes(context, message), &signature)
+        .map_err(|_| Error::BadSignature { what })
+}
+
+/// The P-256 public key of a DER certificate (no chain check: see `pki`).
+pub fn certificate_public_key(certificate_der: &[u8]) -> Result<VerifyingKey> {
+    let (_, cert) = x509_parser::parse_x509_certificate(certificate_der)
+        .map_err(|e| Error::Certificate(format!("cannot parse certificate: {e}")))?;
+    let spki = cert.public_key();
+    VerifyingKey::from_sec1_bytes(&spki.subject_public_key.data)
+        .map_err(|_| Error::Certificate("certificate key is not an ECDSA P-256 key".into()))
+}
+
+/// A canonical message, its signature, and the signer's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedEnvelope {
+    #[serde(with = "crate::b64")]
+    pub message: Vec<u8>,
+    #[serde(with = "crate::b64")]
+    pub signature: Vec<u8>,
+    #[serde(with = "crate::b64")]
+    pub signer_certificate: Vec<u8>,
+}
+
+impl SignedEnvelope {
+    /// Checks the signature with the embedded certificate's key. The caller must still
+    /// check the certificate itself (chain, validity, role, name) with `pki`.
+    pub fn verify_signature(&self, context: SignatureContext) -> Result<()> {
+        let key = certificate_public_key(&self.signer_certificate)?;
+        verify(&key, context, &self.message, &self.signature)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encoding::Writer::new(b"SKYDD-SIGNED\x01")
+            .bytes(&self.message)
+            .bytes(&self.signature)
+            .bytes(&self.signer_certificate)
+            .finish()
+    }
+
+    pub fn decode(encoded: &[u8]) -> Result<Self> {
+        let mut reader = crate::encoding::Reader::new("signed envelope", encoded, b"SKYDD-SIGNED\x01")?;
+        let message = reader.bytes("signed message", 256 * 1024)?.to_vec();
+        let signature = reader.bytes("signature", 128)?.to_vec();
+        let signer_certificate = reader.bytes("signer certificate", 16 * 1024)?.to_vec();
+        reader.finish()?;
+        Ok(Self { message, signature, signer_certificate })
+    }
+}
