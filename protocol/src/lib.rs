@@ -9,6 +9,7 @@ pub mod encoding;
 pub mod error;
 pub mod format;
 pub mod kdf;
+pub mod messages;
 pub mod secret;
 pub mod signing;
 
