@@ -10,6 +10,7 @@ pub mod error;
 pub mod format;
 pub mod kdf;
 pub mod messages;
+pub mod pki;
 pub mod secret;
 pub mod signing;
 
