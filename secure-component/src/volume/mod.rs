@@ -1,6 +1,8 @@
 //! Volume backends on a compute host: one trait over dm-crypt (kernel) and the userspace
 //! engine (FUSE + loop). Both read the on-disk format of docs/FORMAT.md byte for byte.
 
+pub mod dmcrypt;
+
 use std::path::{Path, PathBuf};
 
 use protocol::secret::SecretBytes;

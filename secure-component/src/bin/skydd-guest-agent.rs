@@ -1,0 +1,231 @@
+//! Test agent that runs as PID 1's child inside the qemu VM of tests/dmcrypt_qemu.rs.
+//!
+//! It drives the project's real `secure_component::volume::dmcrypt` backend (so the guest
+//! exercises the same ioctl code a compute host runs) and a few helpers the tests need.
+//! Protocol: one JSON request per line on the virtio-serial port named `skydd`, one JSON
+//! response per line: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//!
+//! TEST ONLY: the `open` request carries the volume key hex-encoded over the serial line
+//! (a local unix socket on the host side). It is decoded straight into a `SecretBytes` and
+//! the request buffers are wiped; a production secure component never receives keys this way.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use protocol::secret::SecretBytes;
+use secure_component::volume::dmcrypt::DmCryptBackend;
+use secure_component::volume::{OpenMode, VolumeBackend};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use zeroize::Zeroize;
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Request {
+    op: String,
+    name: String,
+    path: String,
+    key_hex: KeyHex,
+    mode: String,
+    argv: Vec<String>,
+    offset: u64,
+    bytes: usize,
+}
+
+/// The hex key of an `open` request, wiped when the request is dropped.
+#[derive(Deserialize, Default)]
+#[serde(transparent)]
+struct KeyHex(String);
+
+impl Drop for KeyHex {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+fn main() {
+    let port = std::env::args().nth(1).map(PathBuf::from).or_else(find_port);
+    let Some(port) = port else {
+        eprintln!("skydd-guest-agent: no virtio-serial port named skydd");
+        std::process::exit(2);
+    };
+    let file = match OpenOptions::new().read(true).write(true).open(&port) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("skydd-guest-agent: opening {}: {e}", port.display());
+            std::process::exit(2);
+        }
+    };
+    let mut out = match file.try_clone() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("skydd-guest-agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut reader = BufReader::new(file);
+    let mut backend: Option<DmCryptBackend> = None;
+    let _ = writeln!(out, "{}", json!({"ok": true, "ready": true}));
+    let mut line = String::new();
+    loop {
+        line.zeroize();
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => {
+                // Host side not connected yet (or reconnecting): wait and retry.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("skydd-guest-agent: read: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: Result<Request, _> = serde_json::from_str(line.trim());
+        line.zeroize();
+        let response = match parsed {
+            Ok(req) => {
+                if req.op == "poweroff" {
+                    let _ = writeln!(out, "{}", json!({"ok": true}));
+                    let _ = out.flush();
+                    // SAFETY: sync and power off; this is PID 1's only job left.
+                    unsafe {
+                        libc::sync();
+                        libc::reboot(libc::RB_POWER_OFF);
+                    }
+                    std::process::exit(0);
+                }
+                handle(&req, &mut backend).unwrap_or_else(|e| json!({"ok": false, "error": e}))
+            }
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        let _ = writeln!(out, "{response}");
+        let _ = out.flush();
+    }
+}
+
+fn find_port() -> Option<PathBuf> {
+    for entry in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if name.trim() == "skydd" {
+            return Some(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    None
+}
+
+fn backend_of(backend: &mut Option<DmCryptBackend>) -> Result<&DmCryptBackend, String> {
+    if backend.is_none() {
+        *backend = Some(DmCryptBackend::new().map_err(|e| e.to_string())?);
+    }
+    backend.as_ref().ok_or_else(|| "no backend".to_string())
+}
+
+fn mode_json(m: OpenMode) -> &'static str {
+    match m {
+        OpenMode::ReadOnly => "ro",
+        OpenMode::ReadWrite => "rw",
+    }
+}
+
+fn handle(req: &Request, backend: &mut Option<DmCryptBackend>) -> Result<Value, String> {
+    match req.op.as_str() {
+        "ping" => {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            Ok(json!({"ok": true, "kernel": release.trim()}))
+        }
+        "dm_version" => Ok(json!({"ok": true, "version": backend_of(backend)?.dm_version()})),
+        "open" => {
+            let mut key = SecretBytes::zeroed(req.key_hex.0.len() / 2);
+            hex::decode_to_slice(req.key_hex.0.as_bytes(), key.expose_mut())
+                .map_err(|e| format!("key_hex is not valid hex: {e}"))?;
+            let mode = match req.mode.as_str() {
+                "ro" => OpenMode::ReadOnly,
+                "rw" => OpenMode::ReadWrite,
+                other => return Err(format!("mode must be ro or rw, not {other:?}")),
+            };
+            let v = backend_of(backend)?
+                .open(&req.name, Path::new(&req.path), &key, mode)
+                .map_err(|e| e.to_string())?;
+            Ok(json!({"ok": true, "name": v.name, "device": v.device, "mode": mode_json(v.mode)}))
+        }
+        "close" => {
+            backend_of(backend)?.close(&req.name).map_err(|e| e.to_string())?;
+            Ok(json!({"ok": true}))
+        }
+        "list" => {
+            let list = backend_of(backend)?.list().map_err(|e| e.to_string())?;
+            let vols: Vec<Value> = list
+                .iter()
+                .map(|v| json!({"name": v.name, "device": v.device, "mode": mode_json(v.mode)}))
+                .collect();
+            Ok(json!({"ok": true, "volumes": vols}))
+        }
+        "table" => {
+            let t = backend_of(backend)?.table(&req.name).map_err(|e| e.to_string())?;
+            Ok(json!({"ok": true, "table": t}))
+        }
+        "run" => {
+            let (prog, args) = req.argv.split_first().ok_or("run needs argv")?;
+            let out = Command::new(prog)
+                .args(args)
+                .output()
+                .map_err(|e| format!("running {prog}: {e}"))?;
+            Ok(json!({
+                "ok": true,
+                "code": out.status.code().unwrap_or(-1),
+                "stdout": String::from_utf8_lossy(&out.stdout),
+                "stderr": String::from_utf8_lossy(&out.stderr),
+            }))
+        }
+        "try_write" => {
+            // Open for writing and write one 4096-byte block at `offset`; report each stage.
+            let f = match OpenOptions::new().write(true).open(&req.path) {
+                Ok(f) => f,
+                Err(e) => return Ok(json!({"ok": true, "stage": "open", "errno": e.raw_os_error(), "error": e.to_string()})),
+            };
+            let block = vec![0xA5u8; 4096];
+            let r = f.write_all_at(&block, req.offset).and_then(|_| f.sync_all());
+            match r {
+                Ok(()) => Ok(json!({"ok": true, "stage": "written", "errno": null})),
+                Err(e) => Ok(json!({"ok": true, "stage": "write", "errno": e.raw_os_error(), "error": e.to_string()})),
+            }
+        }
+        "tpm_getrandom" => tpm_getrandom(if req.bytes == 0 { 16 } else { req.bytes }),
+        other => Err(format!("unknown op {other:?}")),
+    }
+}
+
+/// TPM2_GetRandom straight on /dev/tpmrm0 (TPM 2.0 Part 3, command code 0x17B).
+fn tpm_getrandom(n: usize) -> Result<Value, String> {
+    let n = n.min(32) as u16;
+    let mut cmd = vec![0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7B];
+    cmd.extend_from_slice(&n.to_be_bytes());
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tpmrm0")
+        .map_err(|e| format!("opening /dev/tpmrm0: {e}"))?;
+    f.write_all(&cmd).map_err(|e| format!("writing to /dev/tpmrm0: {e}"))?;
+    let mut resp = vec![0u8; 4096];
+    let len = f.read(&mut resp).map_err(|e| format!("reading /dev/tpmrm0: {e}"))?;
+    resp.truncate(len);
+    if len < 12 {
+        return Err(format!("short TPM response of {len} bytes"));
+    }
+    let rc = u32::from_be_bytes([resp[6], resp[7], resp[8], resp[9]]);
+    if rc != 0 {
+        return Err(format!("TPM2_GetRandom returned 0x{rc:x}"));
+    }
+    let got = u16::from_be_bytes([resp[10], resp[11]]) as usize;
+    let bytes = resp.get(12..12 + got).ok_or("truncated TPM2B_DIGEST")?;
+    Ok(json!({"ok": true, "random": hex::encode(bytes)}))
+}
