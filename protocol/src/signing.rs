@@ -140,3 +140,29 @@ impl SignedEnvelope {
         Ok(Self { message, signature, signer_certificate })
     }
 }
+
+/// Checks a signer's certificate the way a TLS peer's is checked: it chains to one of the
+/// trusted CA roots (PEM; several for federated clouds), is valid at `now_unix`, and carries
+/// a Skydd role. Returns the signer's identity (name and role).
+pub fn verify_signer_certificate(certificate_der: &[u8], trusted_ca_pems: &[String], now_unix: u64) -> Result<crate::pki::Identity> {
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    use rustls::server::WebPkiClientVerifier;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for (index, pem) in trusted_ca_pems.iter().enumerate() {
+        for der in crate::pki::certs_from_pem(pem, "trusted CA")? {
+            roots
+                .add(der)
+                .map_err(|e| Error::Certificate(format!("trusted CA #{} is not usable as a root: {e}", index + 1)))?;
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+        .build()
+        .map_err(|e| Error::Certificate(format!("cannot build a certificate verifier: {e}")))?;
+    let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now_unix));
+    verifier
+        .verify_client_cert(&CertificateDer::from(certificate_der), &[], now)
+        .map_err(|e| Error::Certificate(format!("signer certificate refused: {}", crate::pki::describe_tls_error(&e))))?;
+    crate::pki::identity_from_certificate(certificate_der)
+}
