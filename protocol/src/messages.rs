@@ -282,13 +282,6 @@ pub struct HistoryResponse {
     pub records: Vec<AuditRecord>,
 }
 
-/// The JSON body of every error answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub code: String,
-    pub message: String,
-}
-
 /// Binds the signed envelope context to its decoded type, for callers that verify.
 pub fn decode_descriptor(envelope: &SignedEnvelope) -> Result<Descriptor> {
     envelope.verify_signature(SignatureContext::Descriptor)?;

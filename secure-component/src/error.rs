@@ -18,12 +18,27 @@ pub enum Error {
     // ---- TPM (tpm.rs) ----------------------------------------------------------------
     #[error("TPM operation {operation} failed: {detail}")]
     Tpm { operation: &'static str, detail: String },
+    /// The TPM itself refused the binding key (policy session not satisfied).
+    #[error("the TPM refused to use the binding key: {0}")]
+    BindingKeyRefused(String),
+    #[error("swtpm: {0}")]
+    Swtpm(String),
+    #[error("TPM state in {path} is unusable: {detail}")]
+    TpmState { path: String, detail: String },
 
     // ---- volumes (volume/, xts.rs) -----------------------------------------------------
     #[error("volume error: {0}")]
     Volume(String),
     #[error("device-mapper is not available on this kernel: {0}")]
     DeviceMapperUnavailable(String),
+    #[error("AES-XTS engine: {0}")]
+    Xts(String),
+
+    // ---- TTP (agent.rs) ----------------------------------------------------------------
+    #[error("the TTP refused the {step} ({code}): {message}")]
+    TtpRefused { step: &'static str, code: String, message: String },
+    #[error("the TTP could not be reached for the {step}: {detail}")]
+    TtpUnreachable { step: &'static str, detail: String },
 
     // ---- protocol --------------------------------------------------------------------
     #[error(transparent)]

@@ -1,7 +1,11 @@
 //! The secure component: runs on every compute host beside the hypervisor, unseals domain
 //! keys in the host TPM and opens volumes with dm-crypt or the userspace engine.
 
+pub mod agent;
 pub mod error;
+pub mod swtpm;
+pub mod tpm;
 pub mod volume;
+pub mod xts;
 
 pub use error::{Error, Result};

@@ -1,5 +1,10 @@
 //! The trusted third party: derives domain keys, checks access and attestation, audits.
 
+pub mod config;
 pub mod error;
+pub mod http;
+pub mod server;
+pub mod service;
+pub mod store;
 
 pub use error::{Error, Result};

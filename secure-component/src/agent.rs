@@ -1,0 +1,129 @@
+//! The secure component's side of the flows with the TTP (docs/PROTOCOL.md, "Message
+//! sequences"): host enrollment, and obtaining a domain key for a mount (challenge, quote,
+//! key release, TPM decryption).
+//!
+//! The TPM is a serial device and the ESAPI context is not thread-safe, so one worker
+//! thread owns `HostTpm` and runs TPM jobs in order; async callers await their results.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use protocol::attest::{CredentialChallenge, PcrSelection};
+use protocol::domain::AccessMode;
+use protocol::messages::{ChallengeResponse, HeaderRecord, KeyReleaseRequest, KeyReleaseResponse};
+use protocol::secret::SecretBytes;
+use protocol::signing::SignedEnvelope;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::tpm::HostTpm;
+
+type TpmJob = Box<dyn FnOnce(&mut HostTpm) + Send>;
+
+/// A handle to the thread that owns the host TPM.
+#[derive(Clone)]
+pub struct TpmWorker {
+    jobs: mpsc::Sender<TpmJob>,
+}
+
+impl TpmWorker {
+    /// Opens the TPM on its own thread (`tcti` as in `HostTpm::open`).
+    pub fn start(tcti: &str, state_dir: PathBuf) -> Result<Self> {
+        let (jobs, inbox) = mpsc::channel::<TpmJob>();
+        let (opened_tx, opened_rx) = mpsc::channel::<Result<()>>();
+        let tcti = tcti.to_string();
+        std::thread::Builder::new()
+            .name("skydd-tpm".into())
+            .spawn(move || match HostTpm::open(&tcti, &state_dir) {
+                Ok(mut tpm) => {
+                    let _ = opened_tx.send(Ok(()));
+                    for job in inbox {
+                        job(&mut tpm);
+                    }
+                }
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| Error::io("start the TPM worker thread", e))?;
+        opened_rx
+            .recv()
+            .map_err(|_| Error::tpm("open", "the TPM worker thread ended before opening the TPM"))??;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `job` on the TPM thread and returns its result.
+    pub async fn run<T: Send + 'static>(&self, job: impl FnOnce(&mut HostTpm) -> Result<T> + Send + 'static) -> Result<T> {
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move |tpm| {
+                let _ = reply_tx.send(job(tpm));
+            }))
+            .map_err(|_| Error::tpm("job", "the TPM worker thread has stopped"))?;
+        reply_rx.await.map_err(|_| Error::tpm("job", "the TPM worker thread dropped the job"))?
+    }
+}
+
+/// What the TTP answered to an enrollment.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EnrollmentResult {
+    pub host_id: String,
+    pub reference_state: String,
+    pub ek_fingerprint: String,
+}
+
+/// Converts a TTP answer error into the secure component's error, keeping the TTP's code
+/// and message (they say exactly what was refused).
+fn ttp_error(step: &'static str, error: net::Error) -> Error {
+    match error {
+        net::Error::Api { code, message, .. } => Error::TtpRefused { step, code, message },
+        other => Error::TtpUnreachable { step, detail: other.to_string() },
+    }
+}
+
+/// The secure component of one compute host, as the TTP sees it.
+pub struct HostAgent {
+    pub host_id: String,
+    pub tpm: TpmWorker,
+    pub ttp: net::Client,
+}
+
+impl HostAgent {
+    /// Enrolls this host's TPM with the TTP (DESIGN §3, "Host enrollment").
+    pub async fn enroll(&self, selection: &PcrSelection) -> Result<EnrollmentResult> {
+        let host_id = self.host_id.clone();
+        let selection = selection.clone();
+        let request = self.tpm.run(move |tpm| tpm.enrollment_request(&host_id, &selection)).await?;
+        let challenge: CredentialChallenge =
+            self.ttp.post_json("/v1/enrollments", &request).await.map_err(|e| ttp_error("enrollment", e))?;
+        let proof = self.tpm.run(move |tpm| tpm.enrollment_proof(&challenge)).await?;
+        self.ttp.post_json("/v1/enrollments/proof", &proof).await.map_err(|e| ttp_error("enrollment proof", e))
+    }
+
+    /// Obtains the domain key for `vm_id` (DESIGN §3, "Mount"): a fresh challenge, a quote
+    /// over it, the key release, and the decryption inside the TPM under the PCR policy.
+    pub async fn obtain_key(&self, header: &HeaderRecord, grant: &SignedEnvelope, vm_id: &str, mode: AccessMode) -> Result<(SecretBytes, KeyReleaseResponse)> {
+        let response = self.request_release(header, grant, vm_id, mode).await?;
+        let wrapped = response.wrapped_key.clone();
+        let key = self.tpm.run(move |tpm| tpm.decrypt_released_key(&wrapped)).await?;
+        Ok((key, response))
+    }
+
+    /// The key release alone (the wrapped key is useless outside this host's TPM).
+    pub async fn request_release(&self, header: &HeaderRecord, grant: &SignedEnvelope, vm_id: &str, mode: AccessMode) -> Result<KeyReleaseResponse> {
+        let challenge: ChallengeResponse =
+            self.ttp.post_json("/v1/challenges", &()).await.map_err(|e| ttp_error("challenge", e))?;
+        let nonce = challenge.nonce.clone();
+        let quote = self.tpm.run(move |tpm| tpm.quote(&nonce)).await?;
+        let request = KeyReleaseRequest {
+            host_id: self.host_id.clone(),
+            vm_id: vm_id.to_string(),
+            mode,
+            header: header.clone(),
+            grant: grant.clone(),
+            challenge_id: challenge.challenge_id,
+            quote,
+        };
+        self.ttp.post_json("/v1/key-releases", &request).await.map_err(|e| ttp_error("key release", e))
+    }
+}

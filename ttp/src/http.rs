@@ -1,0 +1,158 @@
+//! The TTP's HTTPS API (docs/PROTOCOL.md, "TTP API"): thin axum handlers over `service::Ttp`.
+//! Every error answers `{"code", "message"}` with the code of `Error::code`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use net::{ApiError, Identity};
+use protocol::attest::{CredentialChallenge, EnrollmentProof, EnrollmentRequest};
+use protocol::messages::{
+    ChallengeResponse, DeleteDomainRequest, HistoryResponse, KeyReleaseRequest, KeyReleaseResponse,
+    RegisterDomainRequest, RegisterDomainResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::service::Ttp;
+
+/// Largest request body: a header record with a full ACL and certificates fits easily.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+pub fn router(ttp: Arc<Ttp>) -> Router {
+    Router::new()
+        .route("/v1/enrollments", post(begin_enrollment))
+        .route("/v1/enrollments/proof", post(finish_enrollment))
+        .route("/v1/challenges", post(challenge))
+        .route("/v1/domains", post(register_domain))
+        .route("/v1/domains/:domain_id/delete", post(delete_domain))
+        .route("/v1/domains/:domain_id/history", get(history))
+        .route("/v1/key-releases", post(release_key))
+        .route("/v1/health", get(health))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(ttp)
+}
+
+fn status_of(error: &Error) -> StatusCode {
+    match error {
+        Error::BadRequest(_) | Error::Protocol(_) => StatusCode::BAD_REQUEST,
+        Error::HostUnknown(_) | Error::DomainUnknown(_) => StatusCode::NOT_FOUND,
+        Error::VersionRollback(_) => StatusCode::CONFLICT,
+        Error::DomainDeleted(_) => StatusCode::GONE,
+        Error::Store(_) | Error::Config(_) | Error::Io { .. } | Error::AuditChainBroken(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::FORBIDDEN,
+    }
+}
+
+fn api_error(error: Error) -> ApiError {
+    if status_of(&error) == StatusCode::INTERNAL_SERVER_ERROR {
+        tracing::error!(code = error.code(), error = %error, "request failed");
+    } else {
+        tracing::info!(code = error.code(), error = %error, "request refused");
+    }
+    ApiError::new(status_of(&error), error.code(), error.to_string())
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(value)| value)
+        .map_err(|rejection| ApiError::new(rejection.status(), "bad_request", rejection.body_text()))
+}
+
+/// Runs a blocking decision (SQLite, RSA) off the async workers.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> crate::Result<T> + Send + 'static) -> Result<Json<T>, ApiError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(value)) => Ok(Json(value)),
+        Ok(Err(error)) => Err(api_error(error)),
+        Err(join) => Err(ApiError::internal("internal", format!("request handler failed: {join}"))),
+    }
+}
+
+async fn begin_enrollment(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+    body: Result<Json<EnrollmentRequest>, JsonRejection>,
+) -> Result<Json<CredentialChallenge>, ApiError> {
+    let request = json_body(body)?;
+    blocking(move || ttp.begin_enrollment(&caller, &request)).await
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EnrollmentResult {
+    pub host_id: String,
+    pub reference_state: String,
+    pub ek_fingerprint: String,
+}
+
+async fn finish_enrollment(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+    body: Result<Json<EnrollmentProof>, JsonRejection>,
+) -> Result<Json<EnrollmentResult>, ApiError> {
+    let proof = json_body(body)?;
+    blocking(move || {
+        let host = ttp.finish_enrollment(&caller, &proof)?;
+        Ok(EnrollmentResult { host_id: host.host_id, reference_state: host.reference_state, ek_fingerprint: host.ek_fingerprint })
+    })
+    .await
+}
+
+async fn challenge(State(ttp): State<Arc<Ttp>>, Extension(caller): Extension<Identity>) -> Result<Json<ChallengeResponse>, ApiError> {
+    blocking(move || ttp.challenge(&caller)).await
+}
+
+async fn register_domain(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+    body: Result<Json<RegisterDomainRequest>, JsonRejection>,
+) -> Result<Json<RegisterDomainResponse>, ApiError> {
+    let request = json_body(body)?;
+    blocking(move || ttp.register_domain(&caller, &request)).await
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Deleted {
+    pub domain_id: String,
+    pub deleted: bool,
+}
+
+async fn delete_domain(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+    Path(domain_id): Path<String>,
+    body: Result<Json<DeleteDomainRequest>, JsonRejection>,
+) -> Result<Json<Deleted>, ApiError> {
+    let request = json_body(body)?;
+    blocking(move || {
+        let deletion = protocol::messages::Deletion::decode(&request.deletion.message)?;
+        if deletion.domain_id != domain_id {
+            return Err(Error::BadRequest(format!("the deletion is signed for domain {}, not {domain_id}", deletion.domain_id)));
+        }
+        ttp.delete_domain(&caller, &request.deletion)?;
+        Ok(Deleted { domain_id, deleted: true })
+    })
+    .await
+}
+
+async fn history(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+    Path(domain_id): Path<String>,
+) -> Result<Json<HistoryResponse>, ApiError> {
+    blocking(move || ttp.history(&caller, &domain_id)).await
+}
+
+async fn release_key(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+    body: Result<Json<KeyReleaseRequest>, JsonRejection>,
+) -> Result<Json<KeyReleaseResponse>, ApiError> {
+    let request = json_body(body)?;
+    blocking(move || ttp.release_key(&caller, &request)).await
+}
+
+async fn health() -> &'static str {
+    "ok"
+}

@@ -1,0 +1,79 @@
+//! `ttp`: the trusted third party of Skydd. See `ttp --help` and docs/OPERATOR.md.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ttp",
+    about = "Skydd trusted third party: derives domain keys, checks access lists and TPM attestation, keeps the audit log",
+    long_about = "The TTP is the only party that can derive a domain's key (from its master key K_TTP and the \
+domain's registration). It releases a key only to an enrolled compute host whose TPM quotes a trusted state, \
+only for a VM in the domain's access list with a valid grant, and only encrypted to that host's PCR-bound TPM key.\n\n\
+First run `ttp init --data-dir DIR`, then `ttp serve --config ttp.toml`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the master key K_TTP (32 random bytes, mode 0600) in the data directory.
+    Init {
+        #[arg(long, env = "SKYDD_TTP_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Serve the TTP API over mutual TLS.
+    Serve {
+        /// The TOML configuration (listen, data_dir, ca, cert, key, attestation).
+        #[arg(long, env = "SKYDD_TTP_CONFIG")]
+        config: PathBuf,
+        /// Override the listen address of the configuration.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Log as JSON lines.
+        #[arg(long)]
+        json_logs: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Init { data_dir } => {
+            let path = ttp::config::create_master_key(&data_dir)?;
+            println!("created K_TTP in {} (mode 0600). Back it up offline: without it no domain key can be derived.", path.display());
+        }
+        Command::Serve { config, listen, json_logs } => {
+            init_logging(json_logs);
+            let mut config = ttp::config::TtpConfig::load(&config)?;
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            let (service, tls) = ttp::server::build(&config)?;
+            let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("bind {}", config.listen))?;
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let on_signal = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                on_signal.cancel();
+            });
+            tracing::info!(listen = %config.listen, "TTP serving");
+            ttp::server::serve(listener, service, tls, shutdown).await?;
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if json {
+        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+}

@@ -1,0 +1,497 @@
+//! The TTP's decisions, independent of HTTP: host enrollment, domain registration,
+//! challenges, key release, deletion and history (docs/PROTOCOL.md, "Message sequences").
+//! Every decision about a key release or registration — granted or refused — is one audit
+//! record.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use protocol::attest::{CredentialChallenge, EnrollmentProof, EnrollmentRequest};
+use protocol::domain::{descriptor_hash, Descriptor};
+use protocol::kdf::{derive_volume_key, NONCE_BYTES};
+use protocol::messages::{
+    verify_audit_chain, AuditRecord, ChallengeResponse, Deletion, HistoryResponse, KeyReleaseRequest,
+    KeyReleaseResponse, MountGrant, RegisterDomainRequest, RegisterDomainResponse, Registration, AUDIT_GENESIS_HASH,
+};
+use protocol::pki::{Identity, Role};
+use protocol::secret::SecretBytes;
+use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
+
+use crate::attestation::{self, AttestationPolicy, HostRecord, PendingEnrollment};
+use crate::error::{Error, Result};
+use crate::store::{now_unix, AuditEntry, DomainRecord, TtpStore};
+
+/// How long a quote challenge stays valid.
+pub const CHALLENGE_TTL_SECS: u64 = 60;
+/// How long an enrollment may take between its two steps.
+pub const ENROLLMENT_TTL_SECS: u64 = 120;
+
+pub struct Ttp {
+    master_key: SecretBytes,
+    signing_key: SignatureKey,
+    /// PEM CA roots whose certificates the TTP accepts on signed objects (its own cloud's
+    /// and federated partners').
+    trusted_cas: Vec<String>,
+    policy: AttestationPolicy,
+    store: Arc<dyn TtpStore>,
+    pending_enrollments: Mutex<HashMap<String, (u64, PendingEnrollment)>>,
+}
+
+/// The parts of a request the audit record names.
+#[derive(Default)]
+struct Subject {
+    domain_id: Option<String>,
+    host_id: Option<String>,
+    vm_id: Option<String>,
+}
+
+impl Ttp {
+    pub fn new(
+        master_key: SecretBytes,
+        signing_key: SignatureKey,
+        trusted_cas: Vec<String>,
+        policy: AttestationPolicy,
+        store: Arc<dyn TtpStore>,
+    ) -> Result<Self> {
+        if master_key.len() != protocol::kdf::MASTER_KEY_BYTES {
+            return Err(Error::Config(format!("K_TTP must be {} bytes", protocol::kdf::MASTER_KEY_BYTES)));
+        }
+        Ok(Self { master_key, signing_key, trusted_cas, policy, store, pending_enrollments: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn store(&self) -> &Arc<dyn TtpStore> {
+        &self.store
+    }
+
+    fn audit(&self, event: &str, actor: &Identity, subject: &Subject, outcome: std::result::Result<String, &Error>) -> Result<AuditRecord> {
+        let (outcome, message) = match outcome {
+            Ok(message) => ("ok".to_string(), message),
+            Err(error) => (error.code().to_string(), error.to_string()),
+        };
+        self.store.append_audit(AuditEntry {
+            at: now_unix(),
+            event: event.to_string(),
+            outcome,
+            message,
+            domain_id: subject.domain_id.clone(),
+            host_id: subject.host_id.clone(),
+            vm_id: subject.vm_id.clone(),
+            actor: actor.name.clone(),
+        })
+    }
+
+    /// Runs `decide`, audits its outcome, and returns it. A refusal is audited with its
+    /// code and message; if the audit write itself fails, that failure is returned.
+    fn audited<T>(
+        &self,
+        event: &str,
+        actor: &Identity,
+        subject: Subject,
+        decide: impl FnOnce(&mut Subject) -> Result<(T, String)>,
+    ) -> Result<(T, AuditRecord)> {
+        let mut subject = subject;
+        match decide(&mut subject) {
+            Ok((value, message)) => {
+                let record = self.audit(event, actor, &subject, Ok(message))?;
+                Ok((value, record))
+            }
+            Err(error) => {
+                self.audit(event, actor, &subject, Err(&error))?;
+                Err(error)
+            }
+        }
+    }
+
+    fn require_role(actor: &Identity, role: Role, action: &'static str) -> Result<()> {
+        if actor.role != role {
+            return Err(Error::Forbidden {
+                caller: actor.name.clone(),
+                action,
+                detail: format!("this needs a {} certificate, the caller's is {}", role.as_str(), actor.role.as_str()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks an envelope's certificate (chain to a trusted CA, validity, role) and
+    /// signature; returns the signer's certificate name.
+    fn verify_signer(&self, envelope: &SignedEnvelope, context: SignatureContext, role: Role) -> protocol::Result<String> {
+        let identity = protocol::signing::verify_signer_certificate(&envelope.signer_certificate, &self.trusted_cas, now_unix())?;
+        if identity.role != role {
+            return Err(protocol::Error::Certificate(format!(
+                "{} signed with a {} certificate, a {} certificate is needed",
+                identity.name,
+                identity.role.as_str(),
+                role.as_str()
+            )));
+        }
+        envelope.verify_signature(context)?;
+        Ok(identity.name)
+    }
+
+    /// Verifies an owner-signed descriptor; returns it decoded.
+    fn verified_descriptor(&self, envelope: &SignedEnvelope) -> Result<Descriptor> {
+        let signer = self
+            .verify_signer(envelope, SignatureContext::Descriptor, Role::DomainManager)
+            .map_err(|e| Error::DescriptorSignatureInvalid(e.to_string()))?;
+        let descriptor = Descriptor::decode(&envelope.message)?;
+        if signer != descriptor.owner {
+            return Err(Error::DescriptorSignatureInvalid(format!(
+                "descriptor of domain {} names owner {} but is signed by {signer}",
+                descriptor.domain_id, descriptor.owner
+            )));
+        }
+        Ok(descriptor)
+    }
+
+    /// Verifies a registration signed by a TTP (this one or a replica sharing its CA).
+    fn verified_registration(&self, envelope: &SignedEnvelope) -> Result<Registration> {
+        self.verify_signer(envelope, SignatureContext::Registration, Role::Ttp)
+            .map_err(|e| Error::RegistrationMismatch(format!("registration signature: {e}")))?;
+        Ok(Registration::decode(&envelope.message)?)
+    }
+
+    // ---- host enrollment ---------------------------------------------------------------
+
+    pub fn begin_enrollment(&self, actor: &Identity, request: &EnrollmentRequest) -> Result<CredentialChallenge> {
+        let subject = Subject { host_id: Some(request.host_id.clone()), ..Default::default() };
+        let (challenge, _) = self.audited("enroll_begin", actor, subject, |_| {
+            Self::require_role(actor, Role::SecureComponent, "enroll a host")?;
+            if actor.name != request.host_id {
+                return Err(Error::Forbidden {
+                    caller: actor.name.clone(),
+                    action: "enroll a host",
+                    detail: format!("a host may enroll only itself, not {}", request.host_id),
+                });
+            }
+            let (pending, challenge) = attestation::begin_enrollment(&self.policy, request)?;
+            let mut pending_map = self.pending_enrollments.lock().map_err(|_| Error::Store("enrollment table poisoned".into()))?;
+            let now = now_unix();
+            pending_map.retain(|_, (started, _)| now.saturating_sub(*started) < ENROLLMENT_TTL_SECS);
+            pending_map.insert(challenge.enrollment_id.clone(), (now, pending));
+            Ok((challenge, "EK certificate trusted; credential challenge issued".to_string()))
+        })?;
+        Ok(challenge)
+    }
+
+    pub fn finish_enrollment(&self, actor: &Identity, proof: &EnrollmentProof) -> Result<HostRecord> {
+        let subject = Subject { host_id: Some(actor.name.clone()), ..Default::default() };
+        let (host, _) = self.audited("enroll", actor, subject, |_| {
+            Self::require_role(actor, Role::SecureComponent, "enroll a host")?;
+            let pending = {
+                let mut pending_map = self.pending_enrollments.lock().map_err(|_| Error::Store("enrollment table poisoned".into()))?;
+                match pending_map.remove(&proof.enrollment_id) {
+                    Some((started, pending)) if now_unix().saturating_sub(started) < ENROLLMENT_TTL_SECS => pending,
+                    Some(_) => return Err(Error::ChallengeInvalid(format!("enrollment {} expired", proof.enrollment_id))),
+                    None => return Err(Error::ChallengeInvalid(format!("enrollment {} is unknown or was already used", proof.enrollment_id))),
+                }
+            };
+            let host = attestation::finish_enrollment(&self.policy, pending, proof)?;
+            if host.host_id != actor.name {
+                return Err(Error::Forbidden { caller: actor.name.clone(), action: "enroll a host", detail: format!("enrollment belongs to {}", host.host_id) });
+            }
+            let json = serde_json::to_string(&host).map_err(|e| Error::Store(format!("encode host record: {e}")))?;
+            self.store.put_host(&host.host_id, &json)?;
+            let message = format!("host enrolled with reference state {}", host.reference_state);
+            Ok((host, message))
+        })?;
+        Ok(host)
+    }
+
+    fn host_record(&self, host_id: &str) -> Result<HostRecord> {
+        let json = self.store.host(host_id)?.ok_or_else(|| Error::HostUnknown(host_id.to_string()))?;
+        serde_json::from_str(&json).map_err(|e| Error::Store(format!("host record of {host_id} is unreadable: {e}")))
+    }
+
+    // ---- challenges ------------------------------------------------------------------------
+
+    pub fn challenge(&self, actor: &Identity) -> Result<ChallengeResponse> {
+        Self::require_role(actor, Role::SecureComponent, "request a quote challenge")?;
+        self.host_record(&actor.name)?;
+        let nonce: [u8; 32] = rand::random();
+        let challenge_id = hex::encode(rand::random::<[u8; 16]>());
+        let expires_at = now_unix() + CHALLENGE_TTL_SECS;
+        self.store.put_challenge(&challenge_id, &actor.name, &nonce, expires_at)?;
+        Ok(ChallengeResponse { challenge_id, nonce: nonce.to_vec(), expires_at })
+    }
+
+    // ---- domains -----------------------------------------------------------------------------
+
+    pub fn register_domain(&self, actor: &Identity, request: &RegisterDomainRequest) -> Result<RegisterDomainResponse> {
+        let (response, _) = self.audited("register", actor, Subject::default(), |subject| {
+            Self::require_role(actor, Role::CloudPlatform, "register a domain")?;
+            let descriptor = self.verified_descriptor(&request.descriptor)?;
+            subject.domain_id = Some(descriptor.domain_id.clone());
+            let encoded_hash = descriptor_hash(&request.descriptor.message);
+            let existing = self.store.domain(&descriptor.domain_id)?;
+            let nonce_r = match (&existing, &request.previous_registration) {
+                (None, None) => {
+                    if descriptor.version != 1 {
+                        return Err(Error::VersionRollback(format!(
+                            "domain {} is new, so its first version must be 1, not {}",
+                            descriptor.domain_id, descriptor.version
+                        )));
+                    }
+                    let nonce: [u8; NONCE_BYTES] = rand::random();
+                    self.store.insert_domain(&DomainRecord {
+                        domain_id: descriptor.domain_id.clone(),
+                        owner: descriptor.owner.clone(),
+                        latest_version: 1,
+                        descriptor: request.descriptor.message.clone(),
+                        descriptor_hash: encoded_hash,
+                        metadata_hash: descriptor.metadata_hash(),
+                        deleted_at: None,
+                    })?;
+                    nonce
+                }
+                (Some(current), Some(previous)) => {
+                    self.check_update(current, &descriptor, previous)?;
+                    let previous = self.verified_registration(previous)?;
+                    self.store.update_domain(
+                        &DomainRecord {
+                            latest_version: descriptor.version,
+                            descriptor: request.descriptor.message.clone(),
+                            descriptor_hash: encoded_hash,
+                            ..current.clone()
+                        },
+                        current.latest_version,
+                    )?;
+                    previous.nonce_r
+                }
+                (Some(current), None) => {
+                    return Err(if current.deleted_at.is_some() {
+                        Error::DomainDeleted(descriptor.domain_id.clone())
+                    } else {
+                        Error::VersionRollback(format!(
+                            "domain {} is already registered (newest version {}); an update must carry the current registration",
+                            descriptor.domain_id, current.latest_version
+                        ))
+                    })
+                }
+                (None, Some(_)) => return Err(Error::DomainUnknown(descriptor.domain_id.clone())),
+            };
+            let registration = Registration {
+                domain_id: descriptor.domain_id.clone(),
+                version: descriptor.version,
+                descriptor_hash: encoded_hash,
+                metadata_hash: descriptor.metadata_hash(),
+                nonce_r,
+                registered_at: now_unix(),
+            };
+            let envelope = self.signing_key.sign_envelope(SignatureContext::Registration, registration.encode());
+            let message = format!("registered version {} of domain {}", descriptor.version, descriptor.domain_id);
+            Ok((RegisterDomainResponse { registration: envelope }, message))
+        })?;
+        Ok(response)
+    }
+
+    /// Rules for a new version: owner unchanged, signed by the owner, metadata unchanged
+    /// (it is bound into the key), strictly newer, and built on the current registration.
+    fn check_update(&self, current: &DomainRecord, descriptor: &Descriptor, previous: &SignedEnvelope) -> Result<()> {
+        if current.deleted_at.is_some() {
+            return Err(Error::DomainDeleted(current.domain_id.clone()));
+        }
+        if descriptor.owner != current.owner {
+            return Err(Error::OwnerMismatch(format!(
+                "domain {} is owned by {}, a descriptor from {} cannot change it",
+                current.domain_id, current.owner, descriptor.owner
+            )));
+        }
+        if descriptor.metadata_hash() != current.metadata_hash {
+            return Err(Error::BadRequest(format!(
+                "the metadata of domain {} is bound into its key and cannot change",
+                current.domain_id
+            )));
+        }
+        if descriptor.version <= current.latest_version {
+            return Err(Error::VersionRollback(format!(
+                "domain {} is at version {}; version {} is not newer",
+                current.domain_id, current.latest_version, descriptor.version
+            )));
+        }
+        let previous = self.verified_registration(previous)?;
+        if previous.domain_id != current.domain_id || previous.version != current.latest_version {
+            return Err(Error::VersionRollback(format!(
+                "the update of domain {} is based on version {} of {}, but the newest is version {}",
+                current.domain_id, previous.version, previous.domain_id, current.latest_version
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn delete_domain(&self, actor: &Identity, deletion: &SignedEnvelope) -> Result<()> {
+        self.audited("delete", actor, Subject::default(), |subject| {
+            let signer = self
+                .verify_signer(deletion, SignatureContext::Deletion, Role::DomainManager)
+                .map_err(|e| Error::DescriptorSignatureInvalid(format!("deletion request: {e}")))?;
+            let request = Deletion::decode(&deletion.message)?;
+            subject.domain_id = Some(request.domain_id.clone());
+            let domain = self.store.domain(&request.domain_id)?.ok_or_else(|| Error::DomainUnknown(request.domain_id.clone()))?;
+            if domain.deleted_at.is_some() {
+                return Err(Error::DomainDeleted(request.domain_id.clone()));
+            }
+            if signer != domain.owner {
+                return Err(Error::OwnerMismatch(format!(
+                    "only the owner {} may delete domain {}; {signer} asked",
+                    domain.owner, request.domain_id
+                )));
+            }
+            self.store.tombstone_domain(&request.domain_id, now_unix())?;
+            Ok(((), format!("domain {} deleted by {signer}; its key can never be released again", request.domain_id)))
+        })?;
+        Ok(())
+    }
+
+    // ---- key release ---------------------------------------------------------------------
+
+    pub fn release_key(&self, actor: &Identity, request: &KeyReleaseRequest) -> Result<KeyReleaseResponse> {
+        let subject = Subject {
+            host_id: Some(request.host_id.clone()),
+            vm_id: Some(request.vm_id.clone()),
+            domain_id: request.header.unverified_contents().ok().map(|(d, _)| d.domain_id),
+        };
+        let ((wrapped_key, domain_id, version), record) = self.audited("key_release", actor, subject, |_| {
+            Self::require_role(actor, Role::SecureComponent, "request a key release")?;
+            if actor.name != request.host_id {
+                return Err(Error::Forbidden {
+                    caller: actor.name.clone(),
+                    action: "request a key release",
+                    detail: format!("the request claims host {}", request.host_id),
+                });
+            }
+            // 1. The host: enrolled, and its TPM quotes the trusted state over our fresh nonce.
+            let host = self.host_record(&request.host_id)?;
+            let (challenge_host, nonce, expires_at) = self
+                .store
+                .take_challenge(&request.challenge_id)?
+                .ok_or_else(|| Error::ChallengeInvalid(format!("challenge {} is unknown or was already used", request.challenge_id)))?;
+            if challenge_host != request.host_id {
+                return Err(Error::ChallengeInvalid(format!("challenge {} was issued to {challenge_host}", request.challenge_id)));
+            }
+            if now_unix() > expires_at {
+                return Err(Error::ChallengeInvalid(format!("challenge {} expired", request.challenge_id)));
+            }
+            attestation::verify_quote(&host, &self.policy, &request.quote, &nonce)?;
+
+            // 2. The header: owner-signed descriptor, registered by a TTP, newest version.
+            let descriptor = self.verified_descriptor(&request.header.descriptor)?;
+            let registration = self.verified_registration(&request.header.registration)?;
+            if registration.domain_id != descriptor.domain_id
+                || registration.version != descriptor.version
+                || registration.descriptor_hash != descriptor_hash(&request.header.descriptor.message)
+            {
+                return Err(Error::RegistrationMismatch(format!(
+                    "the registration (domain {}, version {}) is not the registration of this descriptor (domain {}, version {})",
+                    registration.domain_id, registration.version, descriptor.domain_id, descriptor.version
+                )));
+            }
+            let domain = self.store.domain(&descriptor.domain_id)?.ok_or_else(|| Error::DomainUnknown(descriptor.domain_id.clone()))?;
+            if domain.deleted_at.is_some() {
+                return Err(Error::DomainDeleted(descriptor.domain_id.clone()));
+            }
+            if descriptor.version != domain.latest_version {
+                return Err(Error::VersionRollback(format!(
+                    "the header holds version {} of domain {}, but version {} is the newest",
+                    descriptor.version, descriptor.domain_id, domain.latest_version
+                )));
+            }
+
+            // 3. Access: the VM is in the ACL with a mode that covers the request.
+            let acl_mode = descriptor.access_of(&request.vm_id).ok_or_else(|| {
+                Error::VmNotInAcl(format!(
+                    "{} is not in the access list of domain {}, version {}",
+                    request.vm_id, descriptor.domain_id, descriptor.version
+                ))
+            })?;
+            if !acl_mode.covers(request.mode) {
+                return Err(Error::ModeNotPermitted(format!(
+                    "{} has {} access to domain {}, version {}; {} was requested",
+                    request.vm_id, acl_mode, descriptor.domain_id, descriptor.version, request.mode
+                )));
+            }
+
+            // 4. The grant: signed by the owner or a manager the descriptor shares with.
+            let signer = self
+                .verify_signer(&request.grant, SignatureContext::MountGrant, Role::DomainManager)
+                .map_err(|e| Error::GrantSignatureInvalid(e.to_string()))?;
+            let grant = MountGrant::decode(&request.grant.message)?;
+            if grant.issuer != signer {
+                return Err(Error::GrantSignatureInvalid(format!("the grant names issuer {} but is signed by {signer}", grant.issuer)));
+            }
+            if !descriptor.is_manager(&signer) {
+                return Err(Error::GrantSignerNotAuthorized(format!(
+                    "{signer} is neither the owner of domain {} nor a manager it is shared with (version {})",
+                    descriptor.domain_id, descriptor.version
+                )));
+            }
+            if grant.domain_id != descriptor.domain_id || grant.vm_id != request.vm_id {
+                return Err(Error::GrantMismatch(format!(
+                    "the grant is for {} on domain {}, the request is for {} on domain {}",
+                    grant.vm_id, grant.domain_id, request.vm_id, descriptor.domain_id
+                )));
+            }
+            if !grant.mode.covers(request.mode) {
+                return Err(Error::GrantMismatch(format!(
+                    "the grant allows {} only, the request is {}",
+                    grant.mode, request.mode
+                )));
+            }
+            let now = now_unix();
+            if now > grant.expires_at {
+                return Err(Error::GrantExpired(format!(
+                    "the grant for {} on domain {} expired {} s ago",
+                    grant.vm_id,
+                    grant.domain_id,
+                    now - grant.expires_at
+                )));
+            }
+
+            // 5. Derive K and seal it to the host's PCR-bound binding key.
+            let key = derive_volume_key(
+                &self.master_key,
+                &registration.nonce_r,
+                &descriptor.domain_id,
+                &domain.metadata_hash,
+                &descriptor.cipher_spec,
+            )?;
+            let wrapped = attestation::seal_key_to_host(&host, &key)?;
+            let message = format!(
+                "key of domain {} version {} released to {} on {} ({}), grant by {signer}",
+                descriptor.domain_id, descriptor.version, request.vm_id, request.host_id, request.mode
+            );
+            Ok(((wrapped, descriptor.domain_id.clone(), descriptor.version), message))
+        })?;
+        Ok(KeyReleaseResponse { domain_id, version, wrapped_key, audit_seq: record.seq })
+    }
+
+    // ---- history -------------------------------------------------------------------------
+
+    /// The viewing history of a domain, for its owner and the managers it is shared with.
+    /// The whole chain is verified first: a removed or edited record is reported.
+    pub fn history(&self, actor: &Identity, domain_id: &str) -> Result<HistoryResponse> {
+        Self::require_role(actor, Role::DomainManager, "read a viewing history")?;
+        let domain = self.store.domain(domain_id)?.ok_or_else(|| Error::DomainUnknown(domain_id.to_string()))?;
+        let descriptor = Descriptor::decode(&domain.descriptor)?;
+        if !descriptor.is_manager(&actor.name) {
+            return Err(Error::Forbidden {
+                caller: actor.name.clone(),
+                action: "read the viewing history",
+                detail: format!("only the owner and the managers domain {domain_id} is shared with may"),
+            });
+        }
+        self.verify_audit_chain()?;
+        Ok(HistoryResponse { domain_id: domain_id.to_string(), records: self.store.audit_records(Some(domain_id))? })
+    }
+
+    /// Verifies the whole audit chain from its genesis.
+    pub fn verify_audit_chain(&self) -> Result<usize> {
+        let records = self.store.audit_records(None)?;
+        if let Some(first) = records.first() {
+            if first.seq != 1 {
+                return Err(Error::AuditChainBroken(format!("records 1 to {} are missing", first.seq - 1)));
+            }
+        }
+        verify_audit_chain(&records, Some(AUDIT_GENESIS_HASH)).map_err(|e| Error::AuditChainBroken(e.to_string()))?;
+        Ok(records.len())
+    }
+}

@@ -1,0 +1,317 @@
+//! The TTP's persistent state behind one small trait, so SQLite (embedded default) and a
+//! future PostgreSQL store for replicas are two implementations, not two code paths.
+//! The TTP stores no key: host records, domain versions, tombstones, challenges and the
+//! audit chain only.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use protocol::messages::{AuditRecord, AUDIT_GENESIS_HASH};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::error::{Error, Result};
+
+/// What the TTP knows about a registered domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRecord {
+    pub domain_id: String,
+    pub owner: String,
+    pub latest_version: u64,
+    /// The canonical descriptor of the latest version (holds the ACL and shared-with list).
+    pub descriptor: Vec<u8>,
+    pub descriptor_hash: [u8; 32],
+    pub metadata_hash: [u8; 32],
+    /// Unix seconds of the tombstone, if deleted.
+    pub deleted_at: Option<u64>,
+}
+
+/// An audit record before the store numbers and chains it.
+#[derive(Debug, Clone, Default)]
+pub struct AuditEntry {
+    pub at: u64,
+    pub event: String,
+    pub outcome: String,
+    pub message: String,
+    pub domain_id: Option<String>,
+    pub host_id: Option<String>,
+    pub vm_id: Option<String>,
+    pub actor: String,
+}
+
+pub trait TtpStore: Send + Sync {
+    fn put_host(&self, host_id: &str, record_json: &str) -> Result<()>;
+    fn host(&self, host_id: &str) -> Result<Option<String>>;
+
+    fn domain(&self, domain_id: &str) -> Result<Option<DomainRecord>>;
+    /// Inserts version 1; fails if the domain exists.
+    fn insert_domain(&self, record: &DomainRecord) -> Result<()>;
+    /// Replaces the latest version only if it is still `expected_version` (compare-and-set,
+    /// so two concurrent updates cannot both win).
+    fn update_domain(&self, record: &DomainRecord, expected_version: u64) -> Result<()>;
+    fn tombstone_domain(&self, domain_id: &str, at: u64) -> Result<()>;
+
+    fn put_challenge(&self, challenge_id: &str, host_id: &str, nonce: &[u8], expires_at: u64) -> Result<()>;
+    /// Removes and returns (host id, nonce, expiry) of a challenge: each is usable once.
+    fn take_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>>;
+
+    /// Numbers, chains and appends a record atomically; returns it.
+    fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord>;
+    fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>>;
+}
+
+pub struct SqliteStore {
+    connection: Mutex<Connection>,
+}
+
+fn store_err(context: &str) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| Error::Store(format!("{context}: {e}"))
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self> {
+        let connection = Connection::open(path).map_err(store_err("open the TTP database"))?;
+        Self::init(connection)
+    }
+
+    pub fn in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory().map_err(store_err("open an in-memory database"))?)
+    }
+
+    fn init(connection: Connection) -> Result<Self> {
+        // WAL + FULL sync: an acknowledged registration or audit record survives a crash.
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode=WAL;
+                 PRAGMA synchronous=FULL;
+                 PRAGMA busy_timeout=5000;
+                 CREATE TABLE IF NOT EXISTS hosts (host_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS domains (
+                    domain_id TEXT PRIMARY KEY, owner TEXT NOT NULL, latest_version INTEGER NOT NULL,
+                    descriptor BLOB NOT NULL, descriptor_hash BLOB NOT NULL, metadata_hash BLOB NOT NULL,
+                    deleted_at INTEGER);
+                 CREATE TABLE IF NOT EXISTS challenges (
+                    challenge_id TEXT PRIMARY KEY, host_id TEXT NOT NULL, nonce BLOB NOT NULL,
+                    expires_at INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS audit (
+                    seq INTEGER PRIMARY KEY, domain_id TEXT, record TEXT NOT NULL, hash TEXT NOT NULL);
+                 CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain_id, seq);",
+            )
+            .map_err(store_err("create the TTP schema"))?;
+        Ok(Self { connection: Mutex::new(connection) })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.connection.lock().map_err(|_| Error::Store("database lock poisoned by an earlier panic".into()))
+    }
+}
+
+fn hash32(raw: Vec<u8>, what: &str) -> Result<[u8; 32]> {
+    raw.try_into().map_err(|_| Error::Store(format!("stored {what} is not 32 bytes")))
+}
+
+impl TtpStore for SqliteStore {
+    fn put_host(&self, host_id: &str, record_json: &str) -> Result<()> {
+        self.lock()?
+            .execute(
+                "INSERT INTO hosts (host_id, record) VALUES (?1, ?2)
+                 ON CONFLICT(host_id) DO UPDATE SET record = excluded.record",
+                params![host_id, record_json],
+            )
+            .map_err(store_err("store host record"))?;
+        Ok(())
+    }
+
+    fn host(&self, host_id: &str) -> Result<Option<String>> {
+        self.lock()?
+            .query_row("SELECT record FROM hosts WHERE host_id = ?1", params![host_id], |row| row.get(0))
+            .optional()
+            .map_err(store_err("read host record"))
+    }
+
+    fn domain(&self, domain_id: &str) -> Result<Option<DomainRecord>> {
+        let row = self
+            .lock()?
+            .query_row(
+                "SELECT owner, latest_version, descriptor, descriptor_hash, metadata_hash, deleted_at
+                 FROM domains WHERE domain_id = ?1",
+                params![domain_id],
+                |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, Vec<u8>>(3)?,
+                        row.get::<_, Vec<u8>>(4)?,
+                        row.get::<_, Option<i64>>(5)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(store_err("read domain"))?;
+        row.map(|(owner, version, descriptor, descriptor_hash, metadata_hash, deleted_at)| {
+            Ok(DomainRecord {
+                domain_id: domain_id.to_string(),
+                owner,
+                latest_version: version as u64,
+                descriptor,
+                descriptor_hash: hash32(descriptor_hash, "descriptor hash")?,
+                metadata_hash: hash32(metadata_hash, "metadata hash")?,
+                deleted_at: deleted_at.map(|t| t as u64),
+            })
+        })
+        .transpose()
+    }
+
+    fn insert_domain(&self, record: &DomainRecord) -> Result<()> {
+        self.lock()?
+            .execute(
+                "INSERT INTO domains (domain_id, owner, latest_version, descriptor, descriptor_hash, metadata_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    record.domain_id,
+                    record.owner,
+                    record.latest_version as i64,
+                    record.descriptor,
+                    record.descriptor_hash.to_vec(),
+                    record.metadata_hash.to_vec()
+                ],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    Error::VersionRollback(format!("domain {} is already registered", record.domain_id))
+                }
+                other => Error::Store(format!("insert domain: {other}")),
+            })?;
+        Ok(())
+    }
+
+    fn update_domain(&self, record: &DomainRecord, expected_version: u64) -> Result<()> {
+        let changed = self
+            .lock()?
+            .execute(
+                "UPDATE domains SET latest_version = ?2, descriptor = ?3, descriptor_hash = ?4
+                 WHERE domain_id = ?1 AND latest_version = ?5 AND deleted_at IS NULL",
+                params![
+                    record.domain_id,
+                    record.latest_version as i64,
+                    record.descriptor,
+                    record.descriptor_hash.to_vec(),
+                    expected_version as i64
+                ],
+            )
+            .map_err(store_err("update domain"))?;
+        if changed != 1 {
+            return Err(Error::VersionRollback(format!(
+                "domain {} changed concurrently: version {expected_version} is no longer the newest",
+                record.domain_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn tombstone_domain(&self, domain_id: &str, at: u64) -> Result<()> {
+        self.lock()?
+            .execute("UPDATE domains SET deleted_at = ?2 WHERE domain_id = ?1 AND deleted_at IS NULL", params![domain_id, at as i64])
+            .map_err(store_err("tombstone domain"))?;
+        Ok(())
+    }
+
+    fn put_challenge(&self, challenge_id: &str, host_id: &str, nonce: &[u8], expires_at: u64) -> Result<()> {
+        let connection = self.lock()?;
+        // Expired challenges are useless; drop them as new ones arrive.
+        connection
+            .execute("DELETE FROM challenges WHERE expires_at < ?1", params![now_unix() as i64])
+            .map_err(store_err("expire challenges"))?;
+        connection
+            .execute(
+                "INSERT INTO challenges (challenge_id, host_id, nonce, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![challenge_id, host_id, nonce, expires_at as i64],
+            )
+            .map_err(store_err("store challenge"))?;
+        Ok(())
+    }
+
+    fn take_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>> {
+        let mut connection = self.lock()?;
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(store_err("begin challenge transaction"))?;
+        let found = tx
+            .query_row(
+                "SELECT host_id, nonce, expires_at FROM challenges WHERE challenge_id = ?1",
+                params![challenge_id],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?, row.get::<_, i64>(2)? as u64)),
+            )
+            .optional()
+            .map_err(store_err("read challenge"))?;
+        tx.execute("DELETE FROM challenges WHERE challenge_id = ?1", params![challenge_id])
+            .map_err(store_err("consume challenge"))?;
+        tx.commit().map_err(store_err("commit challenge"))?;
+        Ok(found)
+    }
+
+    fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord> {
+        let mut connection = self.lock()?;
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(store_err("begin audit transaction"))?;
+        let last: Option<(i64, String)> = tx
+            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()
+            .map_err(store_err("read audit head"))?;
+        let (seq, prev_hash) = match last {
+            Some((seq, hash)) => (seq as u64 + 1, hash),
+            None => (1, AUDIT_GENESIS_HASH.to_string()),
+        };
+        let mut record = AuditRecord {
+            seq,
+            at: entry.at,
+            event: entry.event,
+            outcome: entry.outcome,
+            message: entry.message,
+            domain_id: entry.domain_id,
+            host_id: entry.host_id,
+            vm_id: entry.vm_id,
+            actor: entry.actor,
+            prev_hash,
+            hash: String::new(),
+        };
+        record.hash = record.compute_hash();
+        let json = serde_json::to_string(&record).map_err(|e| Error::Store(format!("encode audit record: {e}")))?;
+        tx.execute(
+            "INSERT INTO audit (seq, domain_id, record, hash) VALUES (?1, ?2, ?3, ?4)",
+            params![seq as i64, record.domain_id, json, record.hash],
+        )
+        .map_err(store_err("append audit record"))?;
+        tx.commit().map_err(store_err("commit audit record"))?;
+        Ok(record)
+    }
+
+    fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>> {
+        let connection = self.lock()?;
+        let mut statement = connection
+            .prepare(match domain_id {
+                Some(_) => "SELECT record FROM audit WHERE domain_id = ?1 ORDER BY seq",
+                None => "SELECT record FROM audit WHERE ?1 IS NULL OR ?1 IS NOT NULL ORDER BY seq",
+            })
+            .map_err(store_err("query audit"))?;
+        let rows = statement
+            .query_map(params![domain_id], |row| row.get::<_, String>(0))
+            .map_err(store_err("query audit"))?;
+        let mut records = Vec::new();
+        for row in rows {
+            let json = row.map_err(store_err("read audit record"))?;
+            records.push(
+                serde_json::from_str(&json).map_err(|e| Error::AuditChainBroken(format!("an audit record is not valid JSON: {e}")))?,
+            );
+        }
+        Ok(records)
+    }
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
