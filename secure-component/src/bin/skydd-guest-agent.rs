@@ -25,6 +25,8 @@ use zeroize::Zeroize;
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Request {
+    /// Echoed in the response so the host can match answers to requests.
+    id: u64,
     op: String,
     name: String,
     path: String,
@@ -91,10 +93,11 @@ fn main() {
         }
         let parsed: Result<Request, _> = serde_json::from_str(line.trim());
         line.zeroize();
-        let response = match parsed {
+        let id = parsed.as_ref().map(|r| r.id).unwrap_or(0);
+        let mut response = match parsed {
             Ok(req) => {
                 if req.op == "poweroff" {
-                    let _ = writeln!(out, "{}", json!({"ok": true}));
+                    let _ = writeln!(out, "{}", json!({"ok": true, "id": req.id}));
                     let _ = out.flush();
                     // SAFETY: sync and power off; this is PID 1's only job left.
                     unsafe {
@@ -107,6 +110,7 @@ fn main() {
             }
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         };
+        response["id"] = json!(id);
         let _ = writeln!(out, "{response}");
         let _ = out.flush();
     }

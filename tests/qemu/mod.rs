@@ -1,0 +1,619 @@
+//! A qemu (TCG) VM running Debian's own kernel, for tests that need kernel features this
+//! host kernel lacks (device-mapper, dm-crypt). See docs/DMCRYPT.md for the recipe.
+//!
+//! - kernel: `apt-get download` of the versioned package `linux-image-amd64` depends on,
+//!   unpacked with `dpkg-deb -x` into target/qemu-cache/kernel-<version>/;
+//! - initramfs: busybox-static, the needed .ko files (dependencies from each module's
+//!   `.modinfo depends=`, i.e. what `depmod` writes to modules.dep), mkfs.ext4 and the
+//!   guest agent (`skydd-guest-agent`, the real dm-crypt backend) with their `ldd` libraries,
+//!   written as a newc cpio cached under a hash of every input;
+//! - VM: `qemu-system-x86_64 -M q35 -cpu max` under TCG, an swtpm TPM 2.0 on tpm-tis, disks
+//!   on virtio-blk, and JSON lines to the agent over a virtio-serial port on a unix socket.
+//!   No network device at all.
+//!
+//! Everything is killed on Drop; every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// Modules the guest loads, in this order (dependencies are inserted before each).
+pub const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "loop",
+    "dm_mod",
+    "ecb",
+    "xts",
+    "aesni_intel",
+    "dm_crypt",
+    "crc32c_generic",
+    "crc32c_intel",
+    "ext4",
+    "fuse",
+];
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn cache_dir() -> PathBuf {
+    let d = workspace_root().join("target/qemu-cache");
+    fs::create_dir_all(&d).expect("create target/qemu-cache");
+    d
+}
+
+fn which(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+fn require(prog: &str, package: &str) -> PathBuf {
+    which(prog).unwrap_or_else(|| {
+        panic!("{prog} is missing: install it with `apt-get install {package}` (the dm-crypt tests need it; they do not skip)")
+    })
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Debian's kernel: (vmlinuz, /lib/modules/<version> directory).
+pub struct Kernel {
+    pub version: String,
+    pub vmlinuz: PathBuf,
+    pub modules: PathBuf,
+}
+
+pub fn kernel() -> Kernel {
+    let cache = cache_dir();
+    let debs = cache.join("debs");
+    fs::create_dir_all(&debs).expect("create debs dir");
+    // Which versioned image does linux-image-amd64 point at?
+    let package = Command::new("apt-cache")
+        .args(["depends", "linux-image-amd64"])
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("Depends: "))
+                .find(|p| p.starts_with("linux-image-"))
+                .map(str::to_string)
+        });
+    let cached_debs = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(&debs)
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.retain(|p| p.file_name().map_or(false, |n| n.to_string_lossy().starts_with("linux-image-")));
+        v.sort();
+        v
+    };
+    let deb = match &package {
+        Some(pkg) => {
+            let prefix = format!("{pkg}_");
+            let found = cached_debs()
+                .into_iter()
+                .find(|p| p.file_name().map_or(false, |n| n.to_string_lossy().starts_with(&prefix)));
+            match found {
+                Some(d) => d,
+                None => {
+                    require("apt-get", "apt");
+                    run(Command::new("apt-get").arg("download").arg(pkg).current_dir(&debs), &format!("apt-get download {pkg}"));
+                    cached_debs()
+                        .into_iter()
+                        .find(|p| p.file_name().map_or(false, |n| n.to_string_lossy().starts_with(&prefix)))
+                        .unwrap_or_else(|| panic!("apt-get download {pkg} left no .deb in {}", debs.display()))
+                }
+            }
+        }
+        None => cached_debs().pop().unwrap_or_else(|| {
+            panic!("cannot resolve linux-image-amd64 (apt-cache depends) and no kernel .deb is cached in {}: run `apt-get update`", debs.display())
+        }),
+    };
+    let stem = deb.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let root = cache.join(format!("kernel-{stem}"));
+    if !root.join(".unpacked").exists() {
+        require("dpkg-deb", "dpkg");
+        let _ = fs::remove_dir_all(&root);
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root), "dpkg-deb -x");
+        fs::write(root.join(".unpacked"), b"ok").expect("mark unpacked");
+    }
+    let moddir = fs::read_dir(root.join("lib/modules"))
+        .expect("kernel package has lib/modules")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .expect("a lib/modules/<version> directory");
+    let version = moddir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let vmlinuz = root.join(format!("boot/vmlinuz-{version}"));
+    assert!(vmlinuz.exists(), "{} missing in the kernel package", vmlinuz.display());
+    Kernel { version, vmlinuz, modules: moddir }
+}
+
+/// Module name (underscores) -> .ko path, for every module of the kernel.
+fn module_index(moddir: &Path) -> BTreeMap<String, PathBuf> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![moddir.join("kernel")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(n) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+                out.insert(n.replace('-', "_"), p);
+            }
+        }
+    }
+    out
+}
+
+/// The `depends=` field of a module's .modinfo section (what depmod puts in modules.dep).
+fn module_depends(ko: &Path) -> Vec<String> {
+    let data = fs::read(ko).unwrap_or_default();
+    let needle = b"\0depends=";
+    let Some(pos) = data.windows(needle.len()).position(|w| w == needle) else { return vec![] };
+    let rest = &data[pos + needle.len()..];
+    let end = rest.iter().position(|&c| c == 0).unwrap_or(0);
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.replace('-', "_"))
+        .collect()
+}
+
+/// `wanted` plus their dependencies, dependencies first.
+pub fn resolve_modules(moddir: &Path, wanted: &[&str]) -> Vec<(String, PathBuf)> {
+    let index = module_index(moddir);
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    fn visit(
+        name: &str,
+        index: &BTreeMap<String, PathBuf>,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<(String, PathBuf)>,
+    ) {
+        if !seen.insert(name.to_string()) {
+            return;
+        }
+        // Built into the kernel (=y) when there is no .ko: nothing to load.
+        let Some(path) = index.get(name) else { return };
+        for dep in module_depends(path) {
+            visit(&dep, index, seen, order);
+        }
+        order.push((name.to_string(), path.clone()));
+    }
+    for w in wanted {
+        visit(w, &index, &mut seen, &mut order);
+    }
+    order
+}
+
+/// Shared libraries of an ELF binary as `ldd` lists them (path inside the guest == host path).
+fn ldd(bin: &Path) -> Vec<PathBuf> {
+    let out = Command::new("ldd").arg(bin).output().expect("run ldd");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let path = if let Some((_, rhs)) = line.split_once("=> ") {
+            rhs.split_whitespace().next()
+        } else {
+            line.split_whitespace().next().filter(|p| p.starts_with('/'))
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    libs
+}
+
+/// Builds (or reuses) the guest agent from this workspace.
+pub fn guest_agent() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "-p", "secure-component", "--bin", "skydd-guest-agent"])
+        .current_dir(workspace_root())
+        .stdout(Stdio::null())
+        .status()
+        .expect("run cargo build for skydd-guest-agent");
+    assert!(status.success(), "cargo build -p secure-component --bin skydd-guest-agent failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let p = target.join("debug/skydd-guest-agent");
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /sbin /usr/bin /usr/sbin
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+/bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox --install -s
+mount -t tmpfs -o size=600m tmp /tmp
+for m in $(cat /etc/skydd-modules); do
+  insmod /lib/modules/$m.ko 2>/dev/null || echo "skydd-init: insmod $m failed"
+done
+echo 1 > /proc/sys/kernel/printk
+port=""
+for i in $(seq 1 100); do
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat $p/name 2>/dev/null)" = skydd ] && port=/dev/$(basename $p)
+  done
+  [ -n "$port" ] && [ -e "$port" ] && break
+  sleep 0.1
+done
+echo "skydd-init: agent on $port"
+/bin/skydd-guest-agent $port
+echo "skydd-init: agent exited $?"
+poweroff -f
+"#;
+
+/// An in-memory initramfs: guest path -> (mode, content).
+struct Cpio {
+    entries: BTreeMap<String, (u32, Vec<u8>)>,
+}
+
+impl Cpio {
+    fn new() -> Self {
+        Self { entries: BTreeMap::new() }
+    }
+    fn dirs_for(&mut self, path: &str) {
+        let mut acc = String::new();
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(part);
+            self.entries.entry(acc.clone()).or_insert((0o040755, Vec::new()));
+        }
+    }
+    fn file(&mut self, path: &str, mode: u32, data: Vec<u8>) {
+        self.dirs_for(path);
+        self.entries.insert(path.trim_start_matches('/').to_string(), (0o100000 | mode, data));
+    }
+    fn copy(&mut self, guest: &str, host: &Path, mode: u32) {
+        let data = fs::read(host).unwrap_or_else(|e| panic!("read {}: {e}", host.display()));
+        self.file(guest, mode, data);
+    }
+    fn hash(&self) -> String {
+        let mut h = Sha256::new();
+        for (name, (mode, data)) in &self.entries {
+            h.update(name.as_bytes());
+            h.update(mode.to_le_bytes());
+            h.update((data.len() as u64).to_le_bytes());
+            h.update(data);
+        }
+        hex::encode(&h.finalize()[..12])
+    }
+    /// newc format, uncompressed (the kernel unpacks it directly).
+    fn write(&self, out: &Path) {
+        let mut buf = Vec::new();
+        let mut ino = 1u32;
+        let mut entry = |buf: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]| {
+            let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
+            let hdr = format!(
+                "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+                ino, mode, 0, 0, nlink, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+            );
+            ino += 1;
+            buf.extend_from_slice(hdr.as_bytes());
+            buf.extend_from_slice(name.as_bytes());
+            buf.push(0);
+            while buf.len() % 4 != 0 {
+                buf.push(0);
+            }
+            buf.extend_from_slice(data);
+            while buf.len() % 4 != 0 {
+                buf.push(0);
+            }
+        };
+        for (name, (mode, data)) in &self.entries {
+            entry(&mut buf, name, *mode, data);
+        }
+        entry(&mut buf, "TRAILER!!!", 0, &[]);
+        let tmp = out.with_extension("tmp");
+        fs::write(&tmp, &buf).expect("write initramfs");
+        fs::rename(&tmp, out).expect("rename initramfs");
+    }
+}
+
+/// Kernel + initramfs ready to boot, and how long preparing them took.
+pub struct BootImage {
+    pub kernel: Kernel,
+    pub initramfs: PathBuf,
+    pub modules: Vec<String>,
+    pub reused: bool,
+    pub prepare_time: Duration,
+}
+
+pub fn boot_image() -> BootImage {
+    let t0 = Instant::now();
+    require("qemu-system-x86_64", "qemu-system-x86");
+    require("swtpm", "swtpm swtpm-tools");
+    let mkfs = require("mkfs.ext4", "e2fsprogs");
+    let busybox = PathBuf::from("/bin/busybox");
+    // A static binary has no ELF interpreter: `ldd` lists nothing for it.
+    let static_ok = busybox.exists() && ldd(&busybox).is_empty();
+    assert!(static_ok, "/bin/busybox missing or not static: install it with `apt-get install busybox-static`");
+    let kernel = kernel();
+    let agent = guest_agent();
+
+    let mut cpio = Cpio::new();
+    cpio.file("init", 0o755, INIT.as_bytes().to_vec());
+    cpio.copy("bin/busybox", &busybox, 0o755);
+    cpio.copy("bin/skydd-guest-agent", &agent, 0o755);
+    cpio.copy("sbin/mkfs.ext4", &mkfs, 0o755);
+    let mut libs = BTreeSet::new();
+    for bin in [&agent, &mkfs] {
+        libs.extend(ldd(bin));
+    }
+    for lib in libs {
+        let real = fs::canonicalize(&lib).unwrap_or_else(|_| lib.clone());
+        cpio.copy(&lib.to_string_lossy(), &real, 0o755);
+    }
+    let mods = resolve_modules(&kernel.modules, MODULES);
+    let mut names = Vec::new();
+    for (name, path) in &mods {
+        cpio.copy(&format!("lib/modules/{name}.ko"), path, 0o644);
+        names.push(name.clone());
+    }
+    cpio.file("etc/skydd-modules", 0o644, (names.join("\n") + "\n").into_bytes());
+    // Name the kernel in the hash too (a kernel update changes the modules anyway).
+    cpio.file("etc/skydd-kernel", 0o644, kernel.version.clone().into_bytes());
+    let hash = cpio.hash();
+    let initramfs = cache_dir().join(format!("initramfs-{hash}.cpio"));
+    let reused = initramfs.exists();
+    if !reused {
+        cpio.write(&initramfs);
+    }
+    BootImage { kernel, initramfs, modules: names, reused, prepare_time: t0.elapsed() }
+}
+
+/// A running VM with its swtpm; both are killed on drop.
+pub struct Vm {
+    qemu: Child,
+    swtpm: Child,
+    pub dir: tempfile::TempDir,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+    pub boot_time: Duration,
+}
+
+fn wait_for(path: &Path, limit: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+impl Vm {
+    /// Boots the VM with `disks` as virtio-blk drives (/dev/vda, /dev/vdb, ... in order).
+    pub fn boot(image: &BootImage, disks: &[&Path]) -> Vm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tpm_state = dir.path().join("tpm");
+        fs::create_dir_all(&tpm_state).expect("tpm state dir");
+        let tpm_sock = dir.path().join("swtpm.sock");
+        let swtpm = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--tpmstate"])
+            .arg(format!("dir={}", tpm_state.display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", tpm_sock.display()))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("swtpm.log")).expect("swtpm log"))
+            .spawn()
+            .expect("start swtpm");
+        let mut guard = KillOnDrop(Some(swtpm));
+        assert!(wait_for(&tpm_sock, Duration::from_secs(10)), "swtpm did not create {}", tpm_sock.display());
+
+        let agent_sock = dir.path().join("agent.sock");
+        let console = dir.path().join("console.log");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-M", "q35", "-cpu", "max", "-accel", "tcg", "-m", "1024", "-smp", "1"])
+            .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio", "-net", "none"])
+            .arg("-kernel")
+            .arg(&image.kernel.vmlinuz)
+            .arg("-initrd")
+            .arg(&image.initramfs)
+            .args(["-append", "console=ttyS0 quiet panic=-1 rdinit=/init"])
+            .arg("-chardev")
+            .arg(format!("socket,id=chrtpm,path={}", tpm_sock.display()))
+            .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"])
+            .args(["-device", "virtio-serial-pci"])
+            .arg("-chardev")
+            .arg(format!("socket,path={},server=on,wait=off,id=c0", agent_sock.display()))
+            .args(["-device", "virtserialport,chardev=c0,name=skydd"]);
+        for (i, d) in disks.iter().enumerate() {
+            cmd.arg("-drive")
+                .arg(format!("file={},format=raw,if=none,id=d{i},cache=writethrough", d.display()))
+                .arg("-device")
+                .arg(format!("virtio-blk-pci,drive=d{i}"));
+        }
+        let t0 = Instant::now();
+        let qemu = cmd
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&console).expect("console log"))
+            .stderr(Stdio::from(fs::File::create(dir.path().join("qemu.err")).expect("qemu err")))
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        let swtpm = guard.0.take().expect("swtpm child");
+        let mut qemu = KillOnDrop(Some(qemu));
+        if !wait_for(&agent_sock, Duration::from_secs(20)) {
+            let err = fs::read_to_string(dir.path().join("qemu.err")).unwrap_or_default();
+            let mut s = KillOnDrop(Some(swtpm));
+            drop(s.0.take().map(|mut c| c.kill()));
+            panic!("qemu did not create {}: {err}", agent_sock.display());
+        }
+        let stream = UnixStream::connect(&agent_sock).expect("connect to the agent socket");
+        let writer = stream.try_clone().expect("clone stream");
+        let mut vm = Vm {
+            qemu: qemu.0.take().expect("qemu child"),
+            swtpm,
+            dir,
+            reader: BufReader::new(stream),
+            writer,
+            next_id: 1,
+            boot_time: Duration::ZERO,
+        };
+        // Ping until the agent answers (boot under TCG: seconds; bounded at 180 s).
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if Instant::now() > deadline {
+                panic!("the guest agent did not answer within 180 s\n{}", vm.console_tail());
+            }
+            if let Ok(Some(_)) = vm.qemu.try_wait() {
+                panic!("qemu exited during boot\n{}\n{}", vm.console_tail(), vm.qemu_err());
+            }
+            match vm.try_call(json!({"op": "ping"}), Duration::from_secs(2)) {
+                Ok(v) if v["ok"] == json!(true) => break,
+                _ => continue,
+            }
+        }
+        vm.boot_time = t0.elapsed();
+        vm
+    }
+
+    pub fn console_tail(&self) -> String {
+        let c = fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default();
+        let lines: Vec<&str> = c.lines().collect();
+        format!("--- guest console (last lines) ---\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
+    }
+
+    fn qemu_err(&self) -> String {
+        fs::read_to_string(self.dir.path().join("qemu.err")).unwrap_or_default()
+    }
+
+    /// Sends one request; waits up to `timeout` for the response with the same id.
+    pub fn try_call(&mut self, mut req: Value, timeout: Duration) -> Result<Value, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        req["id"] = json!(id);
+        let line = format!("{req}\n");
+        self.writer.write_all(line.as_bytes()).map_err(|e| format!("write to agent: {e}"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("no answer to {} within {timeout:?}", req["op"]));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+            let mut buf = String::new();
+            match self.reader.read_line(&mut buf) {
+                Ok(0) => return Err("agent socket closed".into()),
+                Ok(_) => {
+                    let v: Value = match serde_json::from_str(buf.trim()) {
+                        Ok(v) => v,
+                        Err(_) => continue, // noise before the agent started
+                    };
+                    if v["id"] == json!(id) {
+                        return Ok(v);
+                    }
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(format!("no answer to {} within {timeout:?}", req["op"]))
+                }
+                Err(e) => return Err(format!("read from agent: {e}")),
+            }
+        }
+    }
+
+    /// A request that must succeed (`"ok": true`) within 300 s.
+    pub fn call(&mut self, req: Value) -> Value {
+        let op = req["op"].clone();
+        match self.try_call(req, Duration::from_secs(300)) {
+            Ok(v) if v["ok"] == json!(true) => v,
+            Ok(v) => panic!("guest {op} failed: {}\n{}", v["error"], self.console_tail()),
+            Err(e) => panic!("guest {op}: {e}\n{}", self.console_tail()),
+        }
+    }
+
+    /// A request that must fail; returns the error text.
+    pub fn call_err(&mut self, req: Value) -> String {
+        let op = req["op"].clone();
+        match self.try_call(req, Duration::from_secs(300)) {
+            Ok(v) if v["ok"] == json!(false) => v["error"].as_str().unwrap_or_default().to_string(),
+            Ok(v) => panic!("guest {op} was expected to fail but answered {v}"),
+            Err(e) => panic!("guest {op}: {e}\n{}", self.console_tail()),
+        }
+    }
+
+    /// Runs a command in the guest; panics unless it exits 0. Returns stdout.
+    pub fn sh(&mut self, script: &str) -> String {
+        let v = self.call(json!({"op": "run", "argv": ["/bin/sh", "-c", script]}));
+        if v["code"] != json!(0) {
+            panic!("guest `{script}` exited {}: {}{}", v["code"], v["stdout"], v["stderr"]);
+        }
+        v["stdout"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Runs a command in the guest and returns (exit code, stdout+stderr).
+    pub fn sh_status(&mut self, script: &str) -> (i64, String) {
+        let v = self.call(json!({"op": "run", "argv": ["/bin/sh", "-c", script]}));
+        (
+            v["code"].as_i64().unwrap_or(-1),
+            format!("{}{}", v["stdout"].as_str().unwrap_or_default(), v["stderr"].as_str().unwrap_or_default()),
+        )
+    }
+
+    /// Asks the guest to power off and waits (bounded) for qemu to exit.
+    pub fn shutdown(mut self) {
+        let _ = self.try_call(json!({"op": "poweroff"}), Duration::from_secs(10));
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.qemu.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.qemu.kill();
+        let _ = self.qemu.wait();
+        let _ = self.swtpm.kill();
+        let _ = self.swtpm.wait();
+    }
+}
+
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
