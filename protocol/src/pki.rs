@@ -594,7 +594,7 @@ fn role_server_verifier(trusted_ca_pems: &[String], expected: Role) -> Result<Ar
 }
 
 /// Why a certificate was refused by the role check (carried in
-/// `rustls::CertificateError::Other`; the peer receives the `bad_certificate` alert).
+/// `rustls::CertificateError::Other`; the peer receives the `certificate_unknown` alert).
 #[derive(Debug, Clone)]
 pub struct RoleRefused(pub String);
 
@@ -611,8 +611,9 @@ fn refuse(msg: String) -> rustls::Error {
     ))))
 }
 
-/// Map a WebPKI failure to one that names the rule. Expiry and unknown issuer keep their own
-/// rustls variants (so the peer gets the precise TLS alert); [`describe_tls_error`] renders them.
+/// The role check that runs after WebPKI accepted the chain. (WebPKI failures keep their own
+/// rustls variants, so the peer gets the precise TLS alert; [`describe_tls_error`] renders
+/// them in words.)
 fn checked_identity(
     end_entity: &CertificateDer<'_>,
     party: &str,
@@ -622,10 +623,18 @@ fn checked_identity(
         .map_err(|e| refuse(format!("{party} certificate is not a Skydd identity: {e}")))?;
     if !allowed.contains(&id.role) {
         let list = allowed.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ");
-        return Err(refuse(format!(
-            "{party} certificate of {:?} has role {}, this endpoint accepts {list}",
-            id.name, id.role
-        )));
+        let msg = if party == "client" {
+            format!(
+                "client certificate of {:?} has role {}, this endpoint accepts {list}",
+                id.name, id.role
+            )
+        } else {
+            format!(
+                "server certificate of {:?} has role {}, expected {list}",
+                id.name, id.role
+            )
+        };
+        return Err(refuse(msg));
     }
     Ok(id)
 }
@@ -784,9 +793,10 @@ fn describe_alert(a: AlertDescription) -> String {
         AlertDescription::UnknownCA => {
             "the peer refused our certificate: it is not issued by a CA the peer trusts"
         }
-        AlertDescription::BadCertificate => {
-            "the peer refused our certificate (its role is not accepted there, or it is not a Skydd identity)"
+        AlertDescription::CertificateUnknown => {
+            "the peer refused our certificate: its role is not accepted there, or it is not a Skydd identity"
         }
+        AlertDescription::BadCertificate => "the peer refused our certificate as malformed",
         AlertDescription::AccessDenied => "the peer denied access to our certificate",
         AlertDescription::CertificateRevoked => "the peer refused our certificate: it is revoked",
         AlertDescription::UnsupportedCertificate => {

@@ -1,0 +1,197 @@
+//! A small mutual-TLS JSON client for the links between Skydd parties.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::response::ErrorBody;
+
+/// Default largest response body read (bigger ones are refused with [`Error::TooLarge`]).
+pub const DEFAULT_MAX_BODY: usize = 16 << 20;
+
+/// A JSON-over-HTTPS client that presents our certificate and checks the server's (its chain
+/// and its role, per the `rustls::ClientConfig` from `protocol::pki::client_config`).
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    max_body: usize,
+}
+
+impl Client {
+    /// `base_url` like `https://ttp.cloud:7443` (the host must be in the server's SANs).
+    /// No proxy is used: Skydd links are point to point.
+    pub fn new(base_url: &str, tls: rustls::ClientConfig) -> Result<Self> {
+        Self::with_timeout(base_url, tls, Duration::from_secs(30))
+    }
+
+    /// As [`new`](Self::new), with a total per-request timeout.
+    pub fn with_timeout(base_url: &str, tls: rustls::ClientConfig, timeout: Duration) -> Result<Self> {
+        let base = base_url.trim_end_matches('/').to_string();
+        if !base.starts_with("https://") {
+            return Err(Error::Config(format!(
+                "base URL {base_url:?} is not https://: Skydd links are mutual TLS only"
+            )));
+        }
+        reqwest::Url::parse(&base)
+            .map_err(|e| Error::Config(format!("base URL {base_url:?} does not parse: {e}")))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .https_only(true)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(timeout)
+            .build()
+            .map_err(|e| Error::Config(format!("building the HTTP client failed: {e}")))?;
+        Ok(Client { http, base, max_body: DEFAULT_MAX_BODY })
+    }
+
+    /// Refuse response bodies larger than `bytes`.
+    pub fn with_max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.request_json::<(), T>(Method::GET, path, None).await
+    }
+
+    pub async fn post_json<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.request_json(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn put_json<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.request_json(Method::PUT, path, Some(body)).await
+    }
+
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.request_json::<(), T>(Method::DELETE, path, None).await
+    }
+
+    /// Any method; `body` is sent as JSON when given. An empty 2xx body reads as JSON `null`
+    /// (so `T = ()` or `Option<_>` fit a 204).
+    pub async fn request_json<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        let url = format!("{}/{}", self.base, path.trim_start_matches('/'));
+        let mut req = self.http.request(method, &url).header("accept", "application/json");
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| classify(&url, &e))?;
+        let status = resp.status();
+        let bytes = read_limited(resp, &url, self.max_body).await?;
+        if !status.is_success() {
+            return Err(api_error(status, &url, &bytes));
+        }
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"null" } else { &bytes };
+        serde_json::from_slice(bytes).map_err(|e| Error::Json { url, detail: e.to_string() })
+    }
+}
+
+async fn read_limited(mut resp: reqwest::Response, url: &str, limit: usize) -> Result<Vec<u8>> {
+    if let Some(len) = resp.content_length() {
+        if len > limit as u64 {
+            return Err(Error::TooLarge { url: url.to_string(), limit });
+        }
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| classify(url, &e))? {
+        if out.len() + chunk.len() > limit {
+            return Err(Error::TooLarge { url: url.to_string(), limit });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn api_error(status: StatusCode, url: &str, body: &[u8]) -> Error {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => Error::Api { status: status.as_u16(), code: b.code, message: b.message },
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let mut excerpt: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+            if text.chars().count() > 200 {
+                excerpt.push('…');
+            }
+            Error::Http { status: status.as_u16(), url: url.to_string(), body: excerpt }
+        }
+    }
+}
+
+/// Turn a reqwest failure into the error that says what happened: a TLS refusal (ours or the
+/// server's, with the rule), a connection failure, a timeout.
+fn classify(url: &str, e: &reqwest::Error) -> Error {
+    let peer = e
+        .url()
+        .and_then(|u| u.host_str().map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(443))))
+        .unwrap_or_else(|| url.to_string());
+    let mut io_kind = None;
+    if let Some(tls) = find_rustls(e, &mut io_kind, 0) {
+        return Error::Tls { peer, reason: protocol::pki::describe_tls_error(tls) };
+    }
+    if e.is_timeout() {
+        return Error::Timeout { url: url.to_string() };
+    }
+    use std::io::ErrorKind as K;
+    match io_kind {
+        Some(K::ConnectionRefused) => Error::Connect { peer, reason: "connection refused (is the service running?)".into() },
+        Some(K::ConnectionReset) | Some(K::BrokenPipe) | Some(K::UnexpectedEof) => Error::Connect {
+            peer,
+            reason: "the server closed the connection (it may have refused our certificate)".into(),
+        },
+        Some(k) => Error::Connect { peer, reason: format!("{k}: {}", chain_text(e)) },
+        None if e.is_connect() => Error::Connect { peer, reason: chain_text(e) },
+        None => Error::Request { url: url.to_string(), detail: chain_text(e) },
+    }
+}
+
+/// Depth-first through `source()` and through the payloads of `io::Error`s (whose `source()`
+/// skips the payload itself), looking for the rustls error that says what failed.
+fn find_rustls<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+    io_kind: &mut Option<std::io::ErrorKind>,
+    depth: usize,
+) -> Option<&'a rustls::Error> {
+    if depth > 16 {
+        return None;
+    }
+    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        if io.kind() != std::io::ErrorKind::Other {
+            io_kind.get_or_insert(io.kind());
+        }
+        if let Some(inner) = io.get_ref() {
+            if let Some(t) = find_rustls(inner, io_kind, depth + 1) {
+                return Some(t);
+            }
+        }
+    }
+    err.source().and_then(|s| find_rustls(s, io_kind, depth + 1))
+}
+
+fn chain_text(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut s = e.source();
+    while let Some(x) = s {
+        let t = x.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        s = x.source();
+    }
+    parts.join(": ")
+}

@@ -1,0 +1,130 @@
+//! Loading a party's TLS material (trusted CA roots, own certificate, own key) from disk.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use protocol::pki::{self, Role};
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+
+/// Largest PEM file read (certificates and keys are a few KiB).
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// Where a party's TLS files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Trusted CA root certificates: one file per CA (the own cloud's first; partners' for
+    /// federation). A file may hold several certificates.
+    pub ca: Vec<PathBuf>,
+    /// Own certificate (PEM), as written by `cloud-platform ca issue`.
+    pub cert: PathBuf,
+    /// Own private key (PEM). Must not be accessible to other users (mode 0600 or 0640).
+    pub key: PathBuf,
+}
+
+/// The loaded PEMs. The key is wiped on drop and never printed by `Debug`.
+pub struct TlsMaterial {
+    pub ca_pems: Vec<String>,
+    pub cert_pem: String,
+    pub key_pem: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("ca_pems", &self.ca_pems.len())
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+impl TlsFiles {
+    /// The usual layout of a directory: `ca.pem`, `NAME.pem`, `NAME-key.pem`.
+    pub fn in_dir(dir: impl AsRef<Path>, name: &str) -> Self {
+        let dir = dir.as_ref();
+        TlsFiles {
+            ca: vec![dir.join("ca.pem")],
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}-key.pem")),
+        }
+    }
+
+    /// Read every file; refuse a key file that other users can read or write.
+    pub fn load(&self) -> Result<TlsMaterial> {
+        if self.ca.is_empty() {
+            return Err(Error::Config("no trusted CA file configured".into()));
+        }
+        let ca_pems = self.ca.iter().map(|p| read_pem(p)).collect::<Result<Vec<_>>>()?;
+        let cert_pem = read_pem(&self.cert)?;
+        check_key_mode(&self.key)?;
+        let key_pem = Zeroizing::new(read_pem(&self.key)?);
+        Ok(TlsMaterial { ca_pems, cert_pem, key_pem })
+    }
+
+    /// Load and build the server configuration (see `protocol::pki::server_config`).
+    pub fn server_config(&self, allowed_client_roles: &[Role]) -> Result<Arc<rustls::ServerConfig>> {
+        let m = self.load()?;
+        m.server_config(allowed_client_roles)
+    }
+
+    /// Load and build the client configuration (see `protocol::pki::client_config`).
+    pub fn client_config(&self, expected_server_role: Role) -> Result<rustls::ClientConfig> {
+        let m = self.load()?;
+        m.client_config(expected_server_role)
+    }
+}
+
+impl TlsMaterial {
+    pub fn server_config(&self, allowed_client_roles: &[Role]) -> Result<Arc<rustls::ServerConfig>> {
+        Ok(Arc::new(pki::server_config(
+            &self.ca_pems,
+            &self.cert_pem,
+            &self.key_pem,
+            allowed_client_roles,
+        )?))
+    }
+
+    pub fn client_config(&self, expected_server_role: Role) -> Result<rustls::ClientConfig> {
+        Ok(pki::client_config(&self.ca_pems, &self.cert_pem, &self.key_pem, expected_server_role)?)
+    }
+
+    /// Our own identity, read from our certificate.
+    pub fn identity(&self) -> Result<pki::Identity> {
+        let der = pki::certs_from_pem(&self.cert_pem, "own certificate")?;
+        Ok(pki::identity_from_certificate(&der[0])?)
+    }
+}
+
+fn file_err(path: &Path, detail: impl std::fmt::Display) -> Error {
+    Error::File { path: path.to_path_buf(), detail: detail.to_string() }
+}
+
+/// Refuse a key file whose mode gives other users any access, or the group more than read.
+pub fn check_key_mode(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| file_err(path, format!("cannot read key file: {e}")))?;
+    if !meta.is_file() {
+        return Err(file_err(path, "key path is not a regular file"));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o037 != 0 {
+        return Err(Error::KeyPermissions { path: path.to_path_buf(), mode });
+    }
+    Ok(())
+}
+
+fn read_pem(path: &Path) -> Result<String> {
+    let f = std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
+    let mut buf = String::new();
+    f.take(MAX_PEM_BYTES + 1)
+        .read_to_string(&mut buf)
+        .map_err(|e| file_err(path, format!("cannot read as text: {e}")))?;
+    if buf.len() as u64 > MAX_PEM_BYTES {
+        zeroize::Zeroize::zeroize(&mut buf);
+        return Err(file_err(path, format!("larger than {MAX_PEM_BYTES} bytes: not a PEM file")));
+    }
+    Ok(buf)
+}

@@ -1,0 +1,19 @@
+//! The I/O glue every Skydd service shares: the mutual-TLS HTTPS accept loop ([`serve`]),
+//! the mTLS JSON client ([`Client`]), loading TLS files from disk ([`TlsFiles`]) and the one
+//! JSON error body every service answers with ([`error_response`], [`ApiError`]).
+//!
+//! Certificates, roles and the rustls configurations come from `protocol::pki`; this crate
+//! only moves bytes. See docs/PKI.md.
+
+pub mod client;
+pub mod error;
+pub mod files;
+pub mod response;
+pub mod server;
+
+pub use client::Client;
+pub use error::{Error, Result};
+pub use files::{TlsFiles, TlsMaterial};
+pub use protocol::pki::{Identity, Role};
+pub use response::{error_response, ApiError, ErrorBody};
+pub use server::{serve, serve_with, HandshakeFailure, ServeOptions};

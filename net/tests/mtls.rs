@@ -1,0 +1,366 @@
+//! Real mutual-TLS servers and clients on loopback: every acceptance and refusal rule of
+//! protocol::pki as seen through net::serve and net::Client.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use net::{error_response, ApiError, Client, Error, HandshakeFailure, ServeOptions, TlsFiles};
+use protocol::pki::{self, CertificateAuthority, Identity, IssuedIdentity, Role, Validity};
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+struct Ca {
+    cert: String,
+    key: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let (cert, key) = CertificateAuthority::generate(name).unwrap();
+        Ca { cert, key: key.to_string() }
+    }
+    fn issue(&self, role: Role, name: &str) -> IssuedIdentity {
+        CertificateAuthority::issue(&self.cert, &self.key, role, name, Validity::Days(1)).unwrap()
+    }
+}
+
+struct Server {
+    port: u16,
+    failures: mpsc::UnboundedReceiver<HandshakeFailure>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<net::Result<()>>,
+}
+
+impl Server {
+    fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+    async fn next_failure(&mut self) -> HandshakeFailure {
+        tokio::time::timeout(Duration::from_secs(10), self.failures.recv())
+            .await
+            .expect("a handshake failure is reported")
+            .expect("channel open")
+    }
+}
+
+fn router() -> Router {
+    Router::new()
+        .route(
+            "/whoami",
+            get(|Extension(id): Extension<Identity>,
+                 axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| async move {
+                assert!(peer.ip().is_loopback());
+                Json(id)
+            }),
+        )
+        .route("/echo", post(|Json(v): Json<Value>| async move { Json(json!({ "echo": v })) }))
+        .route(
+            "/refuse",
+            get(|| async {
+                error_response(StatusCode::FORBIDDEN, "not-in-acl", "vm-7 is not in the ACL of domain 3f2a, version 4")
+            }),
+        )
+        .route(
+            "/missing",
+            get(|| async { Err::<Json<Value>, _>(ApiError::not_found("no-such-domain", "domain 9 does not exist")) }),
+        )
+        .route("/plain-error", get(|| async { (StatusCode::BAD_GATEWAY, "upstream down") }))
+        .route("/not-json", get(|| async { "this is not json" }))
+        .route("/big", get(|| async { Json(vec![7u8; 10_000]) }))
+        .route("/empty", post(|| async { StatusCode::NO_CONTENT }))
+}
+
+async fn start(trusted: &[&Ca], own: &IssuedIdentity, allowed: &[Role]) -> Server {
+    let cas: Vec<String> = trusted.iter().map(|c| c.cert.clone()).collect();
+    let tls = Arc::new(pki::server_config(&cas, &own.cert_pem, &own.key_pem, allowed).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, failures) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let opts = ServeOptions { failures: Some(tx), drain_timeout: Duration::from_secs(2), ..Default::default() };
+    let task = tokio::spawn(net::serve_with(listener, tls, router(), opts, stop.clone()));
+    Server { port, failures, stop, task }
+}
+
+fn client(server: &Server, trusted: &[&Ca], own: &IssuedIdentity, expect: Role) -> Client {
+    let cas: Vec<String> = trusted.iter().map(|c| c.cert.clone()).collect();
+    let cfg = pki::client_config(&cas, &own.cert_pem, &own.key_pem, expect).unwrap();
+    Client::new(&server.url(), cfg).unwrap()
+}
+
+/// The client side of a refused handshake: the server's alert, in words. (If the kernel
+/// turned the close into a reset before the alert was read, we still get a connection error.)
+fn assert_refused(e: &Error, alert_words: &str) {
+    match e {
+        Error::Tls { reason, .. } => assert!(reason.contains(alert_words), "client error: {reason}"),
+        Error::Connect { reason, .. } => {
+            assert!(reason.contains("closed the connection"), "client error: {reason}")
+        }
+        other => panic!("expected a TLS refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn right_certificate_and_role_is_served_with_identity() {
+    let ca = Ca::new("Cloud A CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let sc = ca.issue(Role::SecureComponent, "sc-host-1");
+    let server = start(&[&ca], &ttp, &[Role::SecureComponent, Role::CloudPlatform]).await;
+    let c = client(&server, &[&ca], &sc, Role::Ttp);
+
+    let id: Identity = c.get_json("/whoami").await.unwrap();
+    assert_eq!(id, Identity { name: "sc-host-1".into(), role: Role::SecureComponent });
+    // The same connection is reused for a second request.
+    let v: Value = c.post_json("/echo", &json!({"a": 1})).await.unwrap();
+    assert_eq!(v, json!({"echo": {"a": 1}}));
+    // Empty 204 body reads as unit.
+    let (): () = c.post_json("/empty", &json!({})).await.unwrap();
+}
+
+#[tokio::test]
+async fn no_client_certificate_is_refused() {
+    let ca = Ca::new("Cloud A CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let mut server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
+    let cfg = pki::client_config_without_certificate(&[ca.cert.clone()], Role::Ttp).unwrap();
+    let c = Client::new(&server.url(), cfg).unwrap();
+
+    let e = c.get_json::<Value>("/whoami").await.unwrap_err();
+    assert_refused(&e, "requires a client certificate");
+    let f = server.next_failure().await;
+    assert_eq!(f.reason, "no client certificate presented");
+    assert!(f.peer.ip().is_loopback());
+}
+
+#[tokio::test]
+async fn certificate_of_another_ca_is_refused() {
+    let ca = Ca::new("Cloud A CA");
+    let rogue = Ca::new("Rogue CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let sc = rogue.issue(Role::SecureComponent, "sc-host-1");
+    let mut server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
+    // The client itself trusts CA A (to accept the server).
+    let c = client(&server, &[&ca], &sc, Role::Ttp);
+
+    let e = c.get_json::<Value>("/whoami").await.unwrap_err();
+    assert_refused(&e, "not issued by a CA the peer trusts");
+    assert_eq!(server.next_failure().await.reason, "certificate is not issued by a trusted CA");
+}
+
+#[tokio::test]
+async fn expired_certificate_is_refused() {
+    let ca = Ca::new("Cloud A CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let now = OffsetDateTime::now_utc();
+    let old = CertificateAuthority::issue(
+        &ca.cert,
+        &ca.key,
+        Role::SecureComponent,
+        "sc-old",
+        Validity::Between { not_before: now - time::Duration::days(30), not_after: now - time::Duration::days(1) },
+    )
+    .unwrap();
+    let mut server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
+    let c = client(&server, &[&ca], &old, Role::Ttp);
+
+    let e = c.get_json::<Value>("/whoami").await.unwrap_err();
+    assert_refused(&e, "expired");
+    let reason = server.next_failure().await.reason;
+    assert!(reason.starts_with("certificate expired at "), "{reason}");
+    let day = (now - time::Duration::days(1)).date().to_string();
+    assert!(reason.contains(&day), "{reason} should name the expiry date {day}");
+}
+
+#[tokio::test]
+async fn wrong_role_is_refused_naming_both_roles() {
+    let ca = Ca::new("Cloud A CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let dm = ca.issue(Role::DomainManager, "alice");
+    let mut server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
+    let c = client(&server, &[&ca], &dm, Role::Ttp);
+
+    let e = c.get_json::<Value>("/whoami").await.unwrap_err();
+    assert_refused(&e, "refused our certificate");
+    assert_eq!(
+        server.next_failure().await.reason,
+        "client certificate of \"alice\" has role domain-manager, this endpoint accepts secure-component"
+    );
+}
+
+#[tokio::test]
+async fn federated_server_accepts_clients_of_both_clouds() {
+    let a = Ca::new("Cloud A CA");
+    let b = Ca::new("Cloud B CA");
+    let ttp = a.issue(Role::Ttp, "ttp-a");
+    let sc_a = a.issue(Role::SecureComponent, "sc-a");
+    let sc_b = b.issue(Role::SecureComponent, "sc-b");
+    let server = start(&[&a, &b], &ttp, &[Role::SecureComponent]).await;
+
+    let id: Identity = client(&server, &[&a], &sc_a, Role::Ttp).get_json("/whoami").await.unwrap();
+    assert_eq!(id.name, "sc-a");
+    let id: Identity = client(&server, &[&a], &sc_b, Role::Ttp).get_json("/whoami").await.unwrap();
+    assert_eq!(id, Identity { name: "sc-b".into(), role: Role::SecureComponent });
+
+    // ... and a server trusting only A still refuses B's.
+    let mut only_a = start(&[&a], &ttp, &[Role::SecureComponent]).await;
+    let e = client(&only_a, &[&a], &sc_b, Role::Ttp).get_json::<Value>("/whoami").await.unwrap_err();
+    assert_refused(&e, "not issued by a CA the peer trusts");
+    assert_eq!(only_a.next_failure().await.reason, "certificate is not issued by a trusted CA");
+}
+
+#[tokio::test]
+async fn client_refuses_server_of_unexpected_role() {
+    let ca = Ca::new("Cloud A CA");
+    let imposter = ca.issue(Role::SecureComponent, "sc-pretending");
+    let cp = ca.issue(Role::CloudPlatform, "cp-1");
+    let server = start(&[&ca], &imposter, &[Role::CloudPlatform]).await;
+    let c = client(&server, &[&ca], &cp, Role::Ttp);
+
+    match c.get_json::<Value>("/whoami").await.unwrap_err() {
+        Error::Tls { reason, peer } => {
+            assert_eq!(
+                reason,
+                "server certificate of \"sc-pretending\" has role secure-component, expected ttp"
+            );
+            assert!(peer.starts_with("localhost:"), "{peer}");
+        }
+        other => panic!("expected a TLS refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn client_refuses_server_of_another_ca() {
+    let a = Ca::new("Cloud A CA");
+    let rogue = Ca::new("Rogue CA");
+    let fake_ttp = rogue.issue(Role::Ttp, "ttp-1");
+    let sc = a.issue(Role::SecureComponent, "sc-1");
+    let server = start(&[&a], &fake_ttp, &[Role::SecureComponent]).await;
+    match client(&server, &[&a], &sc, Role::Ttp).get_json::<Value>("/whoami").await.unwrap_err() {
+        Error::Tls { reason, .. } => assert_eq!(reason, "certificate is not issued by a trusted CA"),
+        other => panic!("expected a TLS refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn error_bodies_limits_and_bad_json() {
+    let ca = Ca::new("Cloud A CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let sc = ca.issue(Role::SecureComponent, "sc-1");
+    let server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
+    let c = client(&server, &[&ca], &sc, Role::Ttp);
+
+    match c.get_json::<Value>("/refuse").await.unwrap_err() {
+        Error::Api { status, code, message } => {
+            assert_eq!((status, code.as_str()), (403, "not-in-acl"));
+            assert_eq!(message, "vm-7 is not in the ACL of domain 3f2a, version 4");
+        }
+        other => panic!("{other:?}"),
+    }
+    match c.get_json::<Value>("/missing").await.unwrap_err() {
+        Error::Api { status: 404, code, .. } => assert_eq!(code, "no-such-domain"),
+        other => panic!("{other:?}"),
+    }
+    match c.get_json::<Value>("/plain-error").await.unwrap_err() {
+        Error::Http { status: 502, body, .. } => assert_eq!(body, "upstream down"),
+        other => panic!("{other:?}"),
+    }
+    match c.get_json::<Value>("/not-json").await.unwrap_err() {
+        Error::Json { detail, .. } => assert!(detail.contains("expected"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    let v: Vec<u8> = c.get_json("/big").await.unwrap();
+    assert_eq!(v.len(), 10_000);
+    let small = c.clone().with_max_body(1000);
+    match small.get_json::<Vec<u8>>("/big").await.unwrap_err() {
+        Error::TooLarge { limit: 1000, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    // Unknown route: axum's plain 404.
+    assert!(matches!(c.get_json::<Value>("/nope").await.unwrap_err(), Error::Http { status: 404, .. }));
+}
+
+#[tokio::test]
+async fn failed_handshakes_do_not_stop_the_loop_and_shutdown_is_graceful() {
+    let ca = Ca::new("Cloud A CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let sc = ca.issue(Role::SecureComponent, "sc-1");
+    let dm = ca.issue(Role::DomainManager, "dm-1");
+    let mut server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
+
+    // Garbage instead of TLS, then a refused certificate, then a good client.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let f = server.next_failure().await;
+        assert!(!f.reason.is_empty());
+    }
+    let _ = client(&server, &[&ca], &dm, Role::Ttp).get_json::<Value>("/whoami").await.unwrap_err();
+    server.next_failure().await;
+    let good = client(&server, &[&ca], &sc, Role::Ttp);
+    let id: Identity = good.get_json("/whoami").await.unwrap();
+    assert_eq!(id.role, Role::SecureComponent);
+
+    server.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), server.task).await.unwrap().unwrap().unwrap();
+    match good.get_json::<Value>("/whoami").await.unwrap_err() {
+        Error::Connect { .. } => {}
+        other => panic!("expected a connection error after shutdown, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connection_refused_is_a_connect_error() {
+    let ca = Ca::new("Cloud A CA");
+    let sc = ca.issue(Role::SecureComponent, "sc-1");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = pki::client_config(&[ca.cert.clone()], &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
+    let c = Client::new(&format!("https://localhost:{port}"), cfg).unwrap();
+    match c.get_json::<Value>("/x").await.unwrap_err() {
+        Error::Connect { reason, .. } => assert!(reason.contains("connection refused"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let cfg = pki::client_config(&[ca.cert.clone()], &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
+    let e = Client::new("http://localhost:1", cfg).unwrap_err();
+    assert!(e.to_string().contains("not https://"), "{e}");
+}
+
+#[tokio::test]
+async fn tls_files_load_and_refuse_readable_keys() {
+    let ca = Ca::new("Cloud A CA");
+    let sc = ca.issue(Role::SecureComponent, "sc-1");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.cert).unwrap();
+    std::fs::write(dir.path().join("sc-1.pem"), &sc.cert_pem).unwrap();
+    let key = dir.path().join("sc-1-key.pem");
+    std::fs::write(&key, sc.key_pem.as_bytes()).unwrap();
+    let files = TlsFiles::in_dir(dir.path(), "sc-1");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = files.load().unwrap_err();
+    assert!(matches!(e, Error::KeyPermissions { mode: 0o644, .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("mode 0644") && text.contains("chmod 600"), "{text}");
+    assert!(!text.contains("PRIVATE KEY"));
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let m = files.load().unwrap();
+    assert!(!format!("{m:?}").contains("PRIVATE KEY"));
+    assert_eq!(m.identity().unwrap(), Identity { name: "sc-1".into(), role: Role::SecureComponent });
+    files.client_config(Role::Ttp).unwrap();
+    files.server_config(&[Role::CloudPlatform]).unwrap();
+
+    let missing = TlsFiles::in_dir(dir.path(), "nobody");
+    let e = missing.load().unwrap_err().to_string();
+    assert!(e.contains("nobody.pem") && e.contains("cannot open"), "{e}");
+}
