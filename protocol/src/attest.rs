@@ -6,6 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// OAEP label (SHA-256, MGF1-SHA-256) of a domain key sealed to a host's binding key. The TPM
+/// requires a label to end with a zero byte; TTP and SC both use exactly these bytes.
+pub const BINDING_OAEP_LABEL: &[u8] = b"skydd/v1/domain-key\0";
+
 /// Which PCRs of which bank a policy or quote covers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PcrSelection {
@@ -75,6 +79,10 @@ pub struct CredentialChallenge {
     /// TPM2B_ENCRYPTED_SECRET contents: the seed RSA-OAEP-encrypted to the EK (no outer size).
     #[serde(with = "crate::b64")]
     pub encrypted_secret: Vec<u8>,
+    /// Fresh random bytes (32) the SC must use as the qualifying data of its TPM2_Certify
+    /// of the binding key, so an old certification cannot be replayed.
+    #[serde(with = "crate::b64")]
+    pub certify_nonce: Vec<u8>,
 }
 
 /// Step 3 of enrollment, SC -> TTP.

@@ -1,5 +1,6 @@
 //! The trusted third party: derives domain keys, checks access and attestation, audits.
 
+pub mod attestation;
 pub mod config;
 pub mod error;
 pub mod http;
