@@ -1,1 +1,3 @@
 //! cloud-platform
+
+pub mod ca;
