@@ -446,18 +446,19 @@ fn start_policy_session(ctx: &mut Context) -> Result<AuthSession> {
         .start_auth_session(None, None, None, SessionType::Policy, SymmetricDefinition::AES_128_CFB, HashingAlgorithm::Sha256)
         .map_err(|e| Error::tpm("StartAuthSession(policy)", e))?
         .ok_or_else(|| Error::tpm("StartAuthSession(policy)", "the TPM returned no session"))?;
-    // continueSession clear: the TPM ends the session after the one command it authorizes.
-    let (attributes, mask) = SessionAttributesBuilder::new().with_continue_session(false).build();
+    // continueSession stays set so the session outlives the command and flush_session can
+    // always end it (success or failure) without the TPM having freed it first.
+    let (attributes, mask) = SessionAttributesBuilder::new().with_continue_session(true).build();
     ctx.tr_sess_set_attributes(session, attributes, mask)
         .map_err(|e| Error::tpm("TRSess_SetAttributes", e))?;
     Ok(session)
 }
 
-/// Flushes a session that may already have ended (continueSession clear): errors are
-/// expected then and ignored.
 fn flush_session(ctx: &mut Context, session: AuthSession) {
     let handle: SessionHandle = session.into();
-    let _ = ctx.flush_context(ObjectHandle::from(handle));
+    if let Err(e) = ctx.flush_context(ObjectHandle::from(handle)) {
+        tracing::warn!(error = %e, "flushing a TPM session failed");
+    }
 }
 
 fn flush(ctx: &mut Context, handle: ObjectHandle) {
