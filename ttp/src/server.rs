@@ -16,7 +16,7 @@ use crate::store::SqliteStore;
 pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, Arc<rustls::ServerConfig>)> {
     let tls_files = TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone() };
     let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
-    let identity = tls_files.identity().map_err(|e| Error::Config(format!("own certificate: {e}")))?;
+    let identity = material.identity().map_err(|e| Error::Config(format!("own certificate: {e}")))?;
     if identity.role != Role::Ttp {
         return Err(Error::Config(format!("{} has role {}, the TTP needs a ttp certificate", config.cert.display(), identity.role)));
     }
@@ -32,13 +32,10 @@ pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, Arc<rustls::ServerConfig>)
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
     let master_key = load_master_key(&config.data_dir)?;
     let ttp = Ttp::new(master_key, signing_key, material.ca_pems.clone(), policy, Arc::new(store))?;
-    let tls = protocol::pki::server_config(
-        &material.ca_pems,
-        &material.cert_pem,
-        &material.key_pem,
-        &[Role::CloudPlatform, Role::SecureComponent, Role::DomainManager],
-    )?;
-    Ok((Arc::new(ttp), Arc::new(tls)))
+    let tls = material
+        .server_config(&[Role::CloudPlatform, Role::SecureComponent, Role::DomainManager])
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    Ok((Arc::new(ttp), tls))
 }
 
 /// Serves the TTP on `listener` until `shutdown` is cancelled.

@@ -218,7 +218,10 @@ impl Ttp {
     // ---- domains -----------------------------------------------------------------------------
 
     pub fn register_domain(&self, actor: &Identity, request: &RegisterDomainRequest) -> Result<RegisterDomainResponse> {
-        let (response, _) = self.audited("register", actor, Subject::default(), |subject| {
+        // The audit record names the domain even when the descriptor's signature fails.
+        let claimed_domain = Descriptor::decode(&request.descriptor.message).ok().map(|d| d.domain_id);
+        let subject = Subject { domain_id: claimed_domain, ..Default::default() };
+        let (response, _) = self.audited("register", actor, subject, |subject| {
             Self::require_role(actor, Role::CloudPlatform, "register a domain")?;
             let descriptor = self.verified_descriptor(&request.descriptor)?;
             subject.domain_id = Some(descriptor.domain_id.clone());
@@ -320,7 +323,9 @@ impl Ttp {
     }
 
     pub fn delete_domain(&self, actor: &Identity, deletion: &SignedEnvelope) -> Result<()> {
-        self.audited("delete", actor, Subject::default(), |subject| {
+        let claimed_domain = Deletion::decode(&deletion.message).ok().map(|d| d.domain_id);
+        let subject = Subject { domain_id: claimed_domain, ..Default::default() };
+        self.audited("delete", actor, subject, |subject| {
             let signer = self
                 .verify_signer(deletion, SignatureContext::Deletion, Role::DomainManager)
                 .map_err(|e| Error::DescriptorSignatureInvalid(format!("deletion request: {e}")))?;

@@ -1,0 +1,200 @@
+//! A loopback lab: a cloud CA with issued identities, a TTP serving mutual TLS on
+//! 127.0.0.1, compute hosts each with its own swtpm, and domain managers that sign.
+//! Everything is real (certificates, TLS, SQLite, TPMs); only the network is loopback.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use net::{Role, TlsFiles};
+use protocol::attest::PcrSelection;
+use protocol::domain::{AccessMode, AclEntry, Descriptor};
+use protocol::messages::{Deletion, HeaderRecord, MountGrant, RegisterDomainRequest, RegisterDomainResponse};
+use protocol::pki::{CertificateAuthority, Validity};
+use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
+use secure_component::agent::{HostAgent, TpmWorker};
+use secure_component::swtpm::Swtpm;
+use tokio_util::sync::CancellationToken;
+use ttp::attestation::{AttestationPolicy, ReferenceState};
+
+/// The lab's cloud CA; issues every party's certificate into `dir`.
+pub struct LabPki {
+    pub dir: PathBuf,
+    ca_cert_pem: String,
+    ca_key_pem: zeroize::Zeroizing<String>,
+}
+
+impl LabPki {
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let (ca_cert_pem, ca_key_pem) = CertificateAuthority::generate("skydd-lab-ca")?;
+        std::fs::write(dir.join("ca.pem"), &ca_cert_pem)?;
+        Ok(Self { dir: dir.to_path_buf(), ca_cert_pem, ca_key_pem })
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_cert_pem
+    }
+
+    /// Issues `name` with `role` (valid now) and writes NAME.pem and NAME-key.pem (0600).
+    pub fn issue(&self, role: Role, name: &str) -> Result<TlsFiles> {
+        self.issue_with_validity(role, name, Validity::Days(30))
+    }
+
+    pub fn issue_with_validity(&self, role: Role, name: &str, validity: Validity) -> Result<TlsFiles> {
+        let issued = CertificateAuthority::issue(&self.ca_cert_pem, &self.ca_key_pem, role, name, validity)?;
+        let files = TlsFiles::in_dir(&self.dir, name);
+        std::fs::write(&files.cert, &issued.cert_pem)?;
+        write_private(&files.key, issued.key_pem.as_bytes())?;
+        Ok(files)
+    }
+
+    /// An mTLS JSON client for `name` (issued earlier) talking to a server of `server_role`.
+    pub fn client(&self, name: &str, server_role: Role, base_url: &str) -> Result<net::Client> {
+        let tls = TlsFiles::in_dir(&self.dir, name).client_config(server_role)?;
+        Ok(net::Client::new(base_url, tls)?)
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(bytes)?;
+    Ok(())
+}
+
+/// A TTP served in this process on a loopback port.
+pub struct RunningTtp {
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub service: Arc<ttp::service::Ttp>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningTtp {
+    /// Reserves the TTP's loopback port first, so hosts can be configured with its URL
+    /// before the attestation policy (which needs the hosts' PCRs) exists.
+    pub async fn bind() -> Result<(tokio::net::TcpListener, String)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
+        Ok((listener, url))
+    }
+
+    /// Starts a TTP named `ttp-1` on `listener` with `policy`, its data in `dir`.
+    pub async fn start(dir: &Path, pki: &LabPki, policy: &AttestationPolicy, listener: tokio::net::TcpListener) -> Result<Self> {
+        let tls = pki.issue(Role::Ttp, "ttp-1")?;
+        let data_dir = dir.join("ttp-data");
+        if !data_dir.join(ttp::config::MASTER_KEY_FILE).exists() {
+            ttp::config::create_master_key(&data_dir)?;
+        }
+        let policy_path = dir.join("attestation.toml");
+        std::fs::write(&policy_path, toml::to_string(policy).context("encode attestation policy")?)?;
+        let config = ttp::config::TtpConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: data_dir.clone(),
+            ca: tls.ca.clone(),
+            cert: tls.cert.clone(),
+            key: tls.key.clone(),
+            attestation: policy_path,
+        };
+        let (service, server_tls) = ttp::server::build(&config)?;
+        let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
+        let shutdown = CancellationToken::new();
+        let serve_shutdown = shutdown.clone();
+        let serve_service = service.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = ttp::server::serve(listener, serve_service, server_tls, serve_shutdown).await {
+                tracing::error!(error = %e, "TTP stopped");
+            }
+        });
+        Ok(Self { url, data_dir, service, shutdown, task })
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// A compute host: its swtpm and its secure component's TTP-facing agent.
+pub struct LabHost {
+    pub agent: HostAgent,
+    /// Kept alive for the host's lifetime (killed on drop).
+    pub swtpm: Swtpm,
+}
+
+impl LabHost {
+    /// Starts a swtpm whose EK certificate is issued by the swtpm local CA in `ek_ca_dir`,
+    /// and a secure component identity `host_id`.
+    pub fn start(dir: &Path, pki: &LabPki, host_id: &str, ek_ca_dir: &Path, ttp_url: &str) -> Result<Self> {
+        let swtpm = Swtpm::start_with_ca(&dir.join(host_id).join("swtpm"), ek_ca_dir)?;
+        pki.issue(Role::SecureComponent, host_id)?;
+        let tpm = TpmWorker::start(&swtpm.tcti(), dir.join(host_id).join("sc-state"))?;
+        let ttp = pki.client(host_id, Role::Ttp, ttp_url)?;
+        Ok(Self { agent: HostAgent { host_id: host_id.to_string(), tpm, ttp }, swtpm })
+    }
+
+    /// This host's current PCR values as a reference state named `name`.
+    pub async fn reference_state(&self, name: &str, selection: &PcrSelection) -> Result<ReferenceState> {
+        let selection_copy = selection.clone();
+        let values = self.agent.tpm.run(move |tpm| tpm.read_pcrs(&selection_copy)).await?;
+        Ok(ReferenceState { name: name.to_string(), selection: selection.clone(), pcr_values: values })
+    }
+}
+
+/// A domain manager: signs descriptors, grants and deletions with its certificate's key.
+pub struct DomainManager {
+    pub name: String,
+    pub key: SignatureKey,
+}
+
+impl DomainManager {
+    pub fn create(pki: &LabPki, name: &str) -> Result<Self> {
+        let files = pki.issue(Role::DomainManager, name)?;
+        let material = files.load()?;
+        let cert_der = protocol::pki::certs_from_pem(&material.cert_pem, "certificate")?
+            .first()
+            .map(|c| c.to_vec())
+            .ok_or_else(|| anyhow!("no certificate for {name}"))?;
+        Ok(Self { name: name.to_string(), key: SignatureKey::from_pem(&material.key_pem, cert_der)? })
+    }
+
+    pub fn new_domain(&self, metadata: &[(&str, &str)], acl: &[(&str, AccessMode)]) -> Result<Descriptor> {
+        let metadata: BTreeMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let acl = acl.iter().map(|(vm, mode)| AclEntry { vm_id: vm.to_string(), mode: *mode }).collect();
+        Ok(Descriptor::new(&self.name, metadata, acl)?)
+    }
+
+    pub fn sign_descriptor(&self, descriptor: &Descriptor) -> Result<SignedEnvelope> {
+        Ok(self.key.sign_envelope(SignatureContext::Descriptor, descriptor.encode()?))
+    }
+
+    pub fn grant(&self, domain_id: &str, vm_id: &str, mode: AccessMode, valid_for_secs: i64) -> SignedEnvelope {
+        let expires_at = (ttp::store::now_unix() as i64 + valid_for_secs).max(0) as u64;
+        let grant = MountGrant {
+            domain_id: domain_id.to_string(),
+            vm_id: vm_id.to_string(),
+            mode,
+            expires_at,
+            nonce: rand::random(),
+            issuer: self.name.clone(),
+        };
+        self.key.sign_envelope(SignatureContext::MountGrant, grant.encode())
+    }
+
+    pub fn deletion(&self, domain_id: &str) -> SignedEnvelope {
+        let deletion = Deletion { domain_id: domain_id.to_string(), requested_at: ttp::store::now_unix() };
+        self.key.sign_envelope(SignatureContext::Deletion, deletion.encode())
+    }
+}
+
+/// The cloud platform's registration call (the CP forwards owner-signed descriptors).
+pub async fn register(cp: &net::Client, descriptor: SignedEnvelope, previous: Option<SignedEnvelope>) -> std::result::Result<HeaderRecord, net::Error> {
+    let response: RegisterDomainResponse = cp
+        .post_json("/v1/domains", &RegisterDomainRequest { descriptor: descriptor.clone(), previous_registration: previous })
+        .await?;
+    Ok(HeaderRecord { descriptor, registration: response.registration })
+}
