@@ -12,8 +12,10 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use openssl::symm::{Cipher, Crypter, Mode};
+use protocol::secret::SecretBytes;
 use qemu::{BootImage, Vm};
 use serde_json::json;
+use secure_component::xts::XtsEngine;
 use sha2::{Digest, Sha256};
 
 const MIB: usize = 1024 * 1024;
@@ -47,14 +49,27 @@ fn random_key() -> [u8; 64] {
     k
 }
 
-/// AES-256-XTS over 4096-byte sectors, tweak = sector index little-endian (plain64 with
-/// iv_large_sectors): the on-disk format of DESIGN §4, computed with OpenSSL on the host.
-fn xts(key: &[u8; 64], data: &[u8], mode: Mode) -> Vec<u8> {
+/// The data area through the project's XTS engine (AES-256-XTS, 4096-byte sectors, tweak =
+/// sector index little-endian): DESIGN §4, computed on the host.
+fn xts(key: &[u8; 64], data: &[u8], encrypt: bool) -> Vec<u8> {
+    let mut k = *key;
+    let engine = XtsEngine::new(&SecretBytes::from_slice_wiping(&mut k)).expect("XtsEngine");
+    let mut out = data.to_vec();
+    if encrypt {
+        engine.encrypt_sectors(0, &mut out).expect("encrypt");
+    } else {
+        engine.decrypt_sectors(0, &mut out).expect("decrypt");
+    }
+    out
+}
+
+/// An independent check of the engine with OpenSSL's EVP aes-256-xts, one sector at a time.
+fn openssl_xts_decrypt(key: &[u8; 64], data: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; data.len()];
     for (i, (src, dst)) in data.chunks(SECTOR).zip(out.chunks_mut(SECTOR)).enumerate() {
         let mut iv = [0u8; 16];
         iv[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        let mut c = Crypter::new(Cipher::aes_256_xts(), mode, key, Some(&iv)).expect("xts crypter");
+        let mut c = Crypter::new(Cipher::aes_256_xts(), Mode::Decrypt, key, Some(&iv)).expect("xts crypter");
         let mut buf = vec![0u8; SECTOR + 16];
         let n = c.update(src, &mut buf).expect("xts update");
         let m = c.finalize(&mut buf[n..]).expect("xts finalize");
@@ -108,7 +123,7 @@ fn host_encrypted_volume_opens_under_dmcrypt_in_the_guest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let vol = dir.path().join("a.vol");
     let mut bytes = vec![0u8; MIB]; // header area (contents irrelevant to the data area)
-    bytes.extend_from_slice(&xts(&key, &plain, Mode::Encrypt));
+    bytes.extend_from_slice(&xts(&key, &plain, true));
     fs::write(&vol, &bytes).expect("write volume");
     let want = sha256_hex(&plain);
 
@@ -185,7 +200,8 @@ fn guest_formatted_volume_reads_back_on_the_host() {
     let raw = fs::read(&vol).expect("read volume");
     assert_eq!(raw.len(), MIB + data_len);
     assert!(raw[MIB..].chunks(SECTOR).take(8).any(|s| s.iter().any(|&b| b != 0)), "data area must be written");
-    let plain = xts(&key, &raw[MIB..], Mode::Decrypt);
+    let plain = xts(&key, &raw[MIB..], false);
+    assert!(plain[..MIB] == openssl_xts_decrypt(&key, &raw[MIB..2 * MIB])[..], "XtsEngine and OpenSSL disagree");
     assert_eq!(sha256_hex(&plain), dev_sha, "host decryption differs from what the guest's dm-crypt device held");
     assert!(!raw[MIB..].windows(11).any(|w| w == b"penicillin\n"), "the ciphertext must not contain the plaintext");
     let img = dir.path().join("b.plain");
@@ -269,6 +285,12 @@ fn guest_sees_the_swtpm_tpm() {
     let (a, b) = (r1["random"].as_str().unwrap_or_default(), r2["random"].as_str().unwrap_or_default());
     assert_eq!(a.len(), 32, "{r1}");
     assert_ne!(a, b, "two TPM2_GetRandom answers must differ");
+    // The project's HostTpm over device:/dev/tpmrm0 in the guest: enrollment + quote.
+    let q = vm.call(json!({"op": "tpm_enroll_quote"}));
+    eprintln!("guest HostTpm: {q}");
+    assert!(q["ek_certificate_len"].as_u64().unwrap_or(0) > 300, "EK certificate from swtpm_setup: {q}");
+    assert!(q["quote_signature_len"].as_u64().unwrap_or(0) > 0, "{q}");
+    assert_eq!(q["pcr_count"], json!(9), "{q}");
     vm.shutdown();
     eprintln!("test d wall time {:.1?}", t0.elapsed());
 }

@@ -373,6 +373,13 @@ pub fn boot_image() -> BootImage {
     for bin in [&agent, &mkfs] {
         libs.extend(ldd(bin));
     }
+    // libtss2-tctildr dlopen()s the device TCTI; ldd cannot see that.
+    for extra in ["/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0"] {
+        let p = PathBuf::from(extra);
+        assert!(p.exists(), "{extra} missing: apt-get install libtss2-tcti-device0");
+        libs.extend(ldd(&p));
+        libs.insert(p);
+    }
     for lib in libs {
         let real = fs::canonicalize(&lib).unwrap_or_else(|_| lib.clone());
         cpio.copy(&lib.to_string_lossy(), &real, 0o755);
@@ -398,7 +405,8 @@ pub fn boot_image() -> BootImage {
 /// A running VM with its swtpm; both are killed on drop.
 pub struct Vm {
     qemu: Child,
-    swtpm: Child,
+    /// Killed and reaped by its own Drop, after qemu (field order).
+    swtpm: secure_component::swtpm::Swtpm,
     pub dir: tempfile::TempDir,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
@@ -421,21 +429,10 @@ impl Vm {
     /// Boots the VM with `disks` as virtio-blk drives (/dev/vda, /dev/vdb, ... in order).
     pub fn boot(image: &BootImage, disks: &[&Path]) -> Vm {
         let dir = tempfile::tempdir().expect("tempdir");
-        let tpm_state = dir.path().join("tpm");
-        fs::create_dir_all(&tpm_state).expect("tpm state dir");
-        let tpm_sock = dir.path().join("swtpm.sock");
-        let swtpm = Command::new("swtpm")
-            .args(["socket", "--tpm2", "--tpmstate"])
-            .arg(format!("dir={}", tpm_state.display()))
-            .arg("--ctrl")
-            .arg(format!("type=unixio,path={}", tpm_sock.display()))
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("swtpm.log")).expect("swtpm log"))
-            .spawn()
-            .expect("start swtpm");
-        let mut guard = KillOnDrop(Some(swtpm));
-        assert!(wait_for(&tpm_sock, Duration::from_secs(10)), "swtpm did not create {}", tpm_sock.display());
-
+        // The project's swtpm launcher: manufactured TPM (EK + EK certificate from a local
+        // CA), control channel on a unix socket for qemu's tpm-emulator backend.
+        let (swtpm, tpm_sock) = secure_component::swtpm::Swtpm::start_for_qemu(&dir.path().join("tpm"))
+            .unwrap_or_else(|e| panic!("starting swtpm for qemu (apt-get install swtpm swtpm-tools): {e}"));
         let agent_sock = dir.path().join("agent.sock");
         let console = dir.path().join("console.log");
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -466,13 +463,10 @@ impl Vm {
             .stderr(Stdio::from(fs::File::create(dir.path().join("qemu.err")).expect("qemu err")))
             .spawn()
             .expect("start qemu-system-x86_64");
-        let swtpm = guard.0.take().expect("swtpm child");
         let mut qemu = KillOnDrop(Some(qemu));
         if !wait_for(&agent_sock, Duration::from_secs(20)) {
             let err = fs::read_to_string(dir.path().join("qemu.err")).unwrap_or_default();
-            let mut s = KillOnDrop(Some(swtpm));
-            drop(s.0.take().map(|mut c| c.kill()));
-            panic!("qemu did not create {}: {err}", agent_sock.display());
+            panic!("qemu did not create {}: {err}", agent_sock.display()); // drops kill both
         }
         let stream = UnixStream::connect(&agent_sock).expect("connect to the agent socket");
         let writer = stream.try_clone().expect("clone stream");
@@ -602,8 +596,6 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.qemu.kill();
         let _ = self.qemu.wait();
-        let _ = self.swtpm.kill();
-        let _ = self.swtpm.wait();
     }
 }
 

@@ -204,8 +204,31 @@ fn handle(req: &Request, backend: &mut Option<DmCryptBackend>) -> Result<Value, 
             }
         }
         "tpm_getrandom" => tpm_getrandom(if req.bytes == 0 { 16 } else { req.bytes }),
+        "tpm_enroll_quote" => tpm_enroll_quote(&req.path),
         other => Err(format!("unknown op {other:?}")),
     }
+}
+
+/// The project's `HostTpm` over `device:/dev/tpmrm0`: enrollment (EK certificate, AK and
+/// PCR-bound binding key), then a quote by the AK over a fixed nonce.
+fn tpm_enroll_quote(state_dir: &str) -> Result<Value, String> {
+    use protocol::attest::PcrSelection;
+    use secure_component::tpm::HostTpm;
+    let dir = if state_dir.is_empty() { "/tmp/tpm-state" } else { state_dir };
+    let mut tpm = HostTpm::open("device:/dev/tpmrm0", Path::new(dir)).map_err(|e| e.to_string())?;
+    let req = tpm
+        .enrollment_request("qemu-guest", &PcrSelection::default_host())
+        .map_err(|e| e.to_string())?;
+    let quote = tpm.quote(b"skydd-qemu-nonce").map_err(|e| e.to_string())?;
+    Ok(json!({
+        "ok": true,
+        "ek_certificate_len": req.ek_certificate.len(),
+        "ak_public_len": req.ak_public.len(),
+        "binding_public_len": req.binding_public.len(),
+        "quote_attest_len": quote.attest.len(),
+        "quote_signature_len": quote.signature.len(),
+        "pcr_count": quote.pcr_values.len(),
+    }))
 }
 
 /// TPM2_GetRandom straight on /dev/tpmrm0 (TPM 2.0 Part 3, command code 0x17B).
