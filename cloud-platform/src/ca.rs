@@ -72,15 +72,24 @@ pub struct IssueOptions {
 }
 
 fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
-    Error::Io { path: path.to_path_buf(), detail: format!("{what}: {e}") }
+    Error::Io {
+        path: path.to_path_buf(),
+        detail: format!("{what}: {e}"),
+    }
 }
 
 /// Create `dir` (0700) if needed and write a new CA into it. Refuses if either file exists.
 pub fn init(dir: &Path, name: &str) -> Result<CaPaths> {
-    let paths = CaPaths { cert: dir.join(CA_CERT_FILE), key: dir.join(CA_KEY_FILE) };
+    let paths = CaPaths {
+        cert: dir.join(CA_CERT_FILE),
+        key: dir.join(CA_KEY_FILE),
+    };
     for existing in [&paths.cert, &paths.key] {
         if existing.exists() {
-            return Err(Error::CaExists { dir: dir.to_path_buf(), existing: existing.clone() });
+            return Err(Error::CaExists {
+                dir: dir.to_path_buf(),
+                existing: existing.clone(),
+            });
         }
     }
     make_dir(dir)?;
@@ -100,7 +109,10 @@ pub fn issue(ca_dir: &Path, opts: &IssueOptions) -> Result<IssuedPaths> {
     let ca_key_path = ca_dir.join(CA_KEY_FILE);
     for p in [&ca_cert_path, &ca_key_path] {
         if !p.exists() {
-            return Err(Error::NoCa { dir: ca_dir.to_path_buf(), missing: p.clone() });
+            return Err(Error::NoCa {
+                dir: ca_dir.to_path_buf(),
+                missing: p.clone(),
+            });
         }
     }
     let out = opts.out.clone().unwrap_or_else(|| ca_dir.to_path_buf());
@@ -149,7 +161,10 @@ fn check_key_mode(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| io_err(path, "cannot read the CA key", e))?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(Error::KeyPermissions { path: path.to_path_buf(), mode });
+        return Err(Error::KeyPermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -163,7 +178,9 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .mode(mode)
         .open(path)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => Error::Exists { path: path.to_path_buf() },
+            std::io::ErrorKind::AlreadyExists => Error::Exists {
+                path: path.to_path_buf(),
+            },
             _ => io_err(path, "cannot create", e),
         })?;
     // The umask may have narrowed the mode; make it exactly `mode`.
@@ -182,7 +199,13 @@ mod tests {
     use super::*;
 
     fn opts(role: Role, name: &str) -> IssueOptions {
-        IssueOptions { role, name: name.into(), out: None, days: 30, sans: vec![] }
+        IssueOptions {
+            role,
+            name: name.into(),
+            out: None,
+            days: 30,
+            sans: vec![],
+        }
     }
 
     #[test]
@@ -190,7 +213,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let ca = d.path().join("ca");
         let p = init(&ca, DEFAULT_CA_NAME).unwrap();
-        assert_eq!(std::fs::metadata(&p.key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p.key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let before = std::fs::read(&p.key).unwrap();
         let e = init(&ca, "other").unwrap_err();
         assert!(matches!(e, Error::CaExists { .. }), "{e}");
@@ -198,7 +224,10 @@ mod tests {
         assert_eq!(std::fs::read(&p.key).unwrap(), before);
 
         let i = issue(&ca, &opts(Role::Ttp, "ttp-1")).unwrap();
-        assert_eq!(std::fs::metadata(&i.key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&i.key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let e = issue(&ca, &opts(Role::Ttp, "ttp-1")).unwrap_err();
         assert!(e.to_string().contains("already exists"), "{e}");
 
@@ -210,7 +239,12 @@ mod tests {
     #[test]
     fn issue_without_ca_says_so() {
         let d = tempfile::tempdir().unwrap();
-        let e = issue(d.path(), &opts(Role::Ttp, "x")).unwrap_err().to_string();
-        assert!(e.contains("does not hold a CA") && e.contains("ca init"), "{e}");
+        let e = issue(d.path(), &opts(Role::Ttp, "x"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does not hold a CA") && e.contains("ca init"),
+            "{e}"
+        );
     }
 }

@@ -33,11 +33,13 @@ enum Command {
 #[derive(Subcommand)]
 enum CaCommand {
     /// Create a new CA: writes DIR/ca.pem (give it to every party) and DIR/ca-key.pem (0600).
-    #[command(long_about = "Create a new cloud CA (ECDSA P-256, valid 10 years).\n\n\
+    #[command(
+        long_about = "Create a new cloud CA (ECDSA P-256, valid 10 years).\n\n\
 Writes DIR/ca.pem, the root certificate every party trusts (public), and DIR/ca-key.pem, \
 the CA private key (mode 0600; keep it offline when you are not issuing). Refuses to \
 overwrite an existing CA: that would silently distrust every certificate it issued.\n\n\
-Example:\n  cloud-platform ca init --dir /etc/skydd/ca --name \"Hospital Cloud CA\"")]
+Example:\n  cloud-platform ca init --dir /etc/skydd/ca --name \"Hospital Cloud CA\""
+    )]
     Init {
         /// Directory for the CA files (created with mode 0700 if missing).
         #[arg(long)]
@@ -47,14 +49,16 @@ Example:\n  cloud-platform ca init --dir /etc/skydd/ca --name \"Hospital Cloud C
         name: String,
     },
     /// Issue a certificate for one party: writes NAME.pem and NAME-key.pem (0600).
-    #[command(long_about = "Issue a certificate for one party, signed by the CA in --dir.\n\n\
+    #[command(
+        long_about = "Issue a certificate for one party, signed by the CA in --dir.\n\n\
 The certificate's subject CN is NAME and it carries ROLE (in a Skydd extension and the \
 subject OU); each service checks the role of every peer, so a domain manager's certificate \
 cannot be used to talk to the TTP as a secure component. SANs: NAME, localhost, 127.0.0.1, \
 plus every --san. Usable for both TLS server and client.\n\n\
 Examples:\n  cloud-platform ca issue --dir ca --role ttp --name ttp-1 --san ttp.hospital.example\n  \
 cloud-platform ca issue --dir ca --role secure-component --name compute-07 --san 10.0.0.7 --out /tmp/compute-07\n  \
-cloud-platform ca issue --dir ca --role domain-manager --name alice --days 90")]
+cloud-platform ca issue --dir ca --role domain-manager --name alice --days 90"
+    )]
     Issue {
         /// Directory of the CA (holding ca.pem and ca-key.pem).
         #[arg(long)]
@@ -105,12 +109,34 @@ fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
         CaCommand::Init { dir, name } => {
             let p = ca::init(&dir, &name)?;
             println!("created CA {name:?}");
-            println!("  certificate: {}  (give it to every party)", p.cert.display());
-            println!("  private key: {}  (mode 0600; keep it safe)", p.key.display());
+            println!(
+                "  certificate: {}  (give it to every party)",
+                p.cert.display()
+            );
+            println!(
+                "  private key: {}  (mode 0600; keep it safe)",
+                p.key.display()
+            );
         }
-        CaCommand::Issue { dir, role, name, out, days, sans } => {
+        CaCommand::Issue {
+            dir,
+            role,
+            name,
+            out,
+            days,
+            sans,
+        } => {
             let role = Role::from(role);
-            let p = ca::issue(&dir, &ca::IssueOptions { role, name: name.clone(), out, days, sans })?;
+            let p = ca::issue(
+                &dir,
+                &ca::IssueOptions {
+                    role,
+                    name: name.clone(),
+                    out,
+                    days,
+                    sans,
+                },
+            )?;
             println!("issued {role} certificate for {name:?}, valid {days} days");
             println!("  certificate: {}", p.cert.display());
             println!("  private key: {}  (mode 0600)", p.key.display());

@@ -17,10 +17,18 @@ pub enum Error {
     Timeout { url: String },
     /// The peer answered with a Skydd error body `{"code": ..., "message": ...}`.
     #[error("HTTP {status} {code}: {message}")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     /// The peer answered with an HTTP error that is not a Skydd error body.
     #[error("HTTP {status} from {url}: {body}")]
-    Http { status: u16, url: String, body: String },
+    Http {
+        status: u16,
+        url: String,
+        body: String,
+    },
     #[error("response from {url} is not the expected JSON: {detail}")]
     Json { url: String, detail: String },
     #[error("response from {url} is larger than the limit of {limit} bytes")]

@@ -58,15 +58,26 @@ impl TlsFiles {
         if self.ca.is_empty() {
             return Err(Error::Config("no trusted CA file configured".into()));
         }
-        let ca_pems = self.ca.iter().map(|p| read_pem(p)).collect::<Result<Vec<_>>>()?;
+        let ca_pems = self
+            .ca
+            .iter()
+            .map(|p| read_pem(p))
+            .collect::<Result<Vec<_>>>()?;
         let cert_pem = read_pem(&self.cert)?;
         check_key_mode(&self.key)?;
         let key_pem = Zeroizing::new(read_pem(&self.key)?);
-        Ok(TlsMaterial { ca_pems, cert_pem, key_pem })
+        Ok(TlsMaterial {
+            ca_pems,
+            cert_pem,
+            key_pem,
+        })
     }
 
     /// Load and build the server configuration (see `protocol::pki::server_config`).
-    pub fn server_config(&self, allowed_client_roles: &[Role]) -> Result<Arc<rustls::ServerConfig>> {
+    pub fn server_config(
+        &self,
+        allowed_client_roles: &[Role],
+    ) -> Result<Arc<rustls::ServerConfig>> {
         let m = self.load()?;
         m.server_config(allowed_client_roles)
     }
@@ -79,7 +90,10 @@ impl TlsFiles {
 }
 
 impl TlsMaterial {
-    pub fn server_config(&self, allowed_client_roles: &[Role]) -> Result<Arc<rustls::ServerConfig>> {
+    pub fn server_config(
+        &self,
+        allowed_client_roles: &[Role],
+    ) -> Result<Arc<rustls::ServerConfig>> {
         Ok(Arc::new(pki::server_config(
             &self.ca_pems,
             &self.cert_pem,
@@ -89,7 +103,12 @@ impl TlsMaterial {
     }
 
     pub fn client_config(&self, expected_server_role: Role) -> Result<rustls::ClientConfig> {
-        Ok(pki::client_config(&self.ca_pems, &self.cert_pem, &self.key_pem, expected_server_role)?)
+        Ok(pki::client_config(
+            &self.ca_pems,
+            &self.cert_pem,
+            &self.key_pem,
+            expected_server_role,
+        )?)
     }
 
     /// Our own identity, read from our certificate.
@@ -100,18 +119,25 @@ impl TlsMaterial {
 }
 
 fn file_err(path: &Path, detail: impl std::fmt::Display) -> Error {
-    Error::File { path: path.to_path_buf(), detail: detail.to_string() }
+    Error::File {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    }
 }
 
 /// Refuse a key file whose mode gives other users any access, or the group more than read.
 pub fn check_key_mode(path: &Path) -> Result<()> {
-    let meta = std::fs::metadata(path).map_err(|e| file_err(path, format!("cannot read key file: {e}")))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| file_err(path, format!("cannot read key file: {e}")))?;
     if !meta.is_file() {
         return Err(file_err(path, "key path is not a regular file"));
     }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o037 != 0 {
-        return Err(Error::KeyPermissions { path: path.to_path_buf(), mode });
+        return Err(Error::KeyPermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -124,7 +150,10 @@ fn read_pem(path: &Path) -> Result<String> {
         .map_err(|e| file_err(path, format!("cannot read as text: {e}")))?;
     if buf.len() as u64 > MAX_PEM_BYTES {
         zeroize::Zeroize::zeroize(&mut buf);
-        return Err(file_err(path, format!("larger than {MAX_PEM_BYTES} bytes: not a PEM file")));
+        return Err(file_err(
+            path,
+            format!("larger than {MAX_PEM_BYTES} bytes: not a PEM file"),
+        ));
     }
     Ok(buf)
 }

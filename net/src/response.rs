@@ -16,7 +16,14 @@ pub struct ErrorBody {
 
 /// The error response with `status` and the body `{"code": code, "message": message}`.
 pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, Json(ErrorBody { code: code.to_string(), message: message.into() })).into_response()
+    (
+        status,
+        Json(ErrorBody {
+            code: code.to_string(),
+            message: message.into(),
+        }),
+    )
+        .into_response()
 }
 
 /// An error a handler can return (`Result<Json<T>, ApiError>`); renders with [`error_response`].
@@ -29,7 +36,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        ApiError { status, code: code.to_string(), message: message.into() }
+        ApiError {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+        }
     }
     pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
@@ -50,7 +61,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 

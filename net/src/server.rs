@@ -68,7 +68,14 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     router: Router,
 ) -> Result<()> {
-    serve_with(listener, tls, router, ServeOptions::default(), CancellationToken::new()).await
+    serve_with(
+        listener,
+        tls,
+        router,
+        ServeOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
 }
 
 /// Serve until `shutdown` is cancelled, then stop accepting, let open connections finish
@@ -81,9 +88,13 @@ pub async fn serve_with(
     shutdown: CancellationToken,
 ) -> Result<()> {
     if options.max_connections == 0 {
-        return Err(Error::Config("max_connections is 0: no connection could be served".into()));
+        return Err(Error::Config(
+            "max_connections is 0: no connection could be served".into(),
+        ));
     }
-    let local = listener.local_addr().map_err(|e| Error::Serve(format!("listener has no address: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::Serve(format!("listener has no address: {e}")))?;
     tracing::info!(%local, "serving mutual TLS");
     let acceptor = TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
@@ -117,7 +128,8 @@ pub async fn serve_with(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let Some((tls_stream, identity)) = handshake(&acceptor, tcp, peer, &options).await else {
+            let Some((tls_stream, identity)) = handshake(&acceptor, tcp, peer, &options).await
+            else {
                 return;
             };
             tracing::debug!(%peer, %identity, "connection accepted");
@@ -127,7 +139,8 @@ pub async fn serve_with(
                 router.clone().call(req)
             });
             let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(tls_stream), TowerToHyperService::new(svc));
+            let conn =
+                builder.serve_connection(TokioIo::new(tls_stream), TowerToHyperService::new(svc));
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -151,8 +164,11 @@ async fn handshake(
     peer: SocketAddr,
     options: &ServeOptions,
 ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Identity)> {
-    let result =
-        tokio::time::timeout(options.handshake_timeout, acceptor.accept(tcp).into_fallible()).await;
+    let result = tokio::time::timeout(
+        options.handshake_timeout,
+        acceptor.accept(tcp).into_fallible(),
+    )
+    .await;
     let fail = |reason: String, refused: bool| {
         if refused {
             tracing::warn!(%peer, %reason, "TLS handshake refused");
@@ -165,14 +181,18 @@ async fn handshake(
     };
     let stream = match result {
         Err(_) => {
-            fail(format!("no TLS handshake within {:?}", options.handshake_timeout), false);
+            fail(
+                format!("no TLS handshake within {:?}", options.handshake_timeout),
+                false,
+            );
             return None;
         }
         Ok(Err((e, tcp))) => {
-            let (reason, refused) = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                Some(tls) => (pki::describe_tls_error(tls), true),
-                None => (e.to_string(), false),
-            };
+            let (reason, refused) =
+                match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    Some(tls) => (pki::describe_tls_error(tls), true),
+                    None => (e.to_string(), false),
+                };
             fail(reason, refused);
             linger(tcp).await;
             return None;
@@ -180,7 +200,12 @@ async fn handshake(
         Ok(Ok(s)) => s,
     };
     // The verifier already checked chain and role; read the identity it approved.
-    let identity = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+    let identity = match stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    {
         Some(der) => match pki::identity_from_certificate(der) {
             Ok(id) => id,
             Err(e) => {

@@ -24,7 +24,10 @@ struct Ca {
 impl Ca {
     fn new(name: &str) -> Ca {
         let (cert, key) = CertificateAuthority::generate(name).unwrap();
-        Ca { cert, key: key.to_string() }
+        Ca {
+            cert,
+            key: key.to_string(),
+        }
     }
     fn issue(&self, role: Role, name: &str) -> IssuedIdentity {
         CertificateAuthority::issue(&self.cert, &self.key, role, name, Validity::Days(1)).unwrap()
@@ -84,9 +87,18 @@ async fn start(trusted: &[&Ca], own: &IssuedIdentity, allowed: &[Role]) -> Serve
     let port = listener.local_addr().unwrap().port();
     let (tx, failures) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
-    let opts = ServeOptions { failures: Some(tx), drain_timeout: Duration::from_secs(2), ..Default::default() };
+    let opts = ServeOptions {
+        failures: Some(tx),
+        drain_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
     let task = tokio::spawn(net::serve_with(listener, tls, router(), opts, stop.clone()));
-    Server { port, failures, stop, task }
+    Server {
+        port,
+        failures,
+        stop,
+        task,
+    }
 }
 
 fn client(server: &Server, trusted: &[&Ca], own: &IssuedIdentity, expect: Role) -> Client {
@@ -99,9 +111,14 @@ fn client(server: &Server, trusted: &[&Ca], own: &IssuedIdentity, expect: Role) 
 /// turned the close into a reset before the alert was read, we still get a connection error.)
 fn assert_refused(e: &Error, alert_words: &str) {
     match e {
-        Error::Tls { reason, .. } => assert!(reason.contains(alert_words), "client error: {reason}"),
+        Error::Tls { reason, .. } => {
+            assert!(reason.contains(alert_words), "client error: {reason}")
+        }
         Error::Connect { reason, .. } => {
-            assert!(reason.contains("closed the connection"), "client error: {reason}")
+            assert!(
+                reason.contains("closed the connection"),
+                "client error: {reason}"
+            )
         }
         other => panic!("expected a TLS refusal, got {other:?}"),
     }
@@ -116,7 +133,13 @@ async fn right_certificate_and_role_is_served_with_identity() {
     let c = client(&server, &[&ca], &sc, Role::Ttp);
 
     let id: Identity = c.get_json("/whoami").await.unwrap();
-    assert_eq!(id, Identity { name: "sc-host-1".into(), role: Role::SecureComponent });
+    assert_eq!(
+        id,
+        Identity {
+            name: "sc-host-1".into(),
+            role: Role::SecureComponent
+        }
+    );
     // The same connection is reused for a second request.
     let v: Value = c.post_json("/echo", &json!({"a": 1})).await.unwrap();
     assert_eq!(v, json!({"echo": {"a": 1}}));
@@ -129,7 +152,7 @@ async fn no_client_certificate_is_refused() {
     let ca = Ca::new("Cloud A CA");
     let ttp = ca.issue(Role::Ttp, "ttp-1");
     let mut server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
-    let cfg = pki::client_config_without_certificate(&[ca.cert.clone()], Role::Ttp).unwrap();
+    let cfg = pki::client_config_without_certificate(std::slice::from_ref(&ca.cert), Role::Ttp).unwrap();
     let c = Client::new(&server.url(), cfg).unwrap();
 
     let e = c.get_json::<Value>("/whoami").await.unwrap_err();
@@ -151,7 +174,10 @@ async fn certificate_of_another_ca_is_refused() {
 
     let e = c.get_json::<Value>("/whoami").await.unwrap_err();
     assert_refused(&e, "not issued by a CA the peer trusts");
-    assert_eq!(server.next_failure().await.reason, "certificate is not issued by a trusted CA");
+    assert_eq!(
+        server.next_failure().await.reason,
+        "certificate is not issued by a trusted CA"
+    );
 }
 
 #[tokio::test]
@@ -164,7 +190,10 @@ async fn expired_certificate_is_refused() {
         &ca.key,
         Role::SecureComponent,
         "sc-old",
-        Validity::Between { not_before: now - time::Duration::days(30), not_after: now - time::Duration::days(1) },
+        Validity::Between {
+            not_before: now - time::Duration::days(30),
+            not_after: now - time::Duration::days(1),
+        },
     )
     .unwrap();
     let mut server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
@@ -175,7 +204,10 @@ async fn expired_certificate_is_refused() {
     let reason = server.next_failure().await.reason;
     assert!(reason.starts_with("certificate expired at "), "{reason}");
     let day = (now - time::Duration::days(1)).date().to_string();
-    assert!(reason.contains(&day), "{reason} should name the expiry date {day}");
+    assert!(
+        reason.contains(&day),
+        "{reason} should name the expiry date {day}"
+    );
 }
 
 #[tokio::test]
@@ -203,16 +235,34 @@ async fn federated_server_accepts_clients_of_both_clouds() {
     let sc_b = b.issue(Role::SecureComponent, "sc-b");
     let server = start(&[&a, &b], &ttp, &[Role::SecureComponent]).await;
 
-    let id: Identity = client(&server, &[&a], &sc_a, Role::Ttp).get_json("/whoami").await.unwrap();
+    let id: Identity = client(&server, &[&a], &sc_a, Role::Ttp)
+        .get_json("/whoami")
+        .await
+        .unwrap();
     assert_eq!(id.name, "sc-a");
-    let id: Identity = client(&server, &[&a], &sc_b, Role::Ttp).get_json("/whoami").await.unwrap();
-    assert_eq!(id, Identity { name: "sc-b".into(), role: Role::SecureComponent });
+    let id: Identity = client(&server, &[&a], &sc_b, Role::Ttp)
+        .get_json("/whoami")
+        .await
+        .unwrap();
+    assert_eq!(
+        id,
+        Identity {
+            name: "sc-b".into(),
+            role: Role::SecureComponent
+        }
+    );
 
     // ... and a server trusting only A still refuses B's.
     let mut only_a = start(&[&a], &ttp, &[Role::SecureComponent]).await;
-    let e = client(&only_a, &[&a], &sc_b, Role::Ttp).get_json::<Value>("/whoami").await.unwrap_err();
+    let e = client(&only_a, &[&a], &sc_b, Role::Ttp)
+        .get_json::<Value>("/whoami")
+        .await
+        .unwrap_err();
     assert_refused(&e, "not issued by a CA the peer trusts");
-    assert_eq!(only_a.next_failure().await.reason, "certificate is not issued by a trusted CA");
+    assert_eq!(
+        only_a.next_failure().await.reason,
+        "certificate is not issued by a trusted CA"
+    );
 }
 
 #[tokio::test]
@@ -242,8 +292,14 @@ async fn client_refuses_server_of_another_ca() {
     let fake_ttp = rogue.issue(Role::Ttp, "ttp-1");
     let sc = a.issue(Role::SecureComponent, "sc-1");
     let server = start(&[&a], &fake_ttp, &[Role::SecureComponent]).await;
-    match client(&server, &[&a], &sc, Role::Ttp).get_json::<Value>("/whoami").await.unwrap_err() {
-        Error::Tls { reason, .. } => assert_eq!(reason, "certificate is not issued by a trusted CA"),
+    match client(&server, &[&a], &sc, Role::Ttp)
+        .get_json::<Value>("/whoami")
+        .await
+        .unwrap_err()
+    {
+        Error::Tls { reason, .. } => {
+            assert_eq!(reason, "certificate is not issued by a trusted CA")
+        }
         other => panic!("expected a TLS refusal, got {other:?}"),
     }
 }
@@ -257,18 +313,26 @@ async fn error_bodies_limits_and_bad_json() {
     let c = client(&server, &[&ca], &sc, Role::Ttp);
 
     match c.get_json::<Value>("/refuse").await.unwrap_err() {
-        Error::Api { status, code, message } => {
+        Error::Api {
+            status,
+            code,
+            message,
+        } => {
             assert_eq!((status, code.as_str()), (403, "not-in-acl"));
             assert_eq!(message, "vm-7 is not in the ACL of domain 3f2a, version 4");
         }
         other => panic!("{other:?}"),
     }
     match c.get_json::<Value>("/missing").await.unwrap_err() {
-        Error::Api { status: 404, code, .. } => assert_eq!(code, "no-such-domain"),
+        Error::Api {
+            status: 404, code, ..
+        } => assert_eq!(code, "no-such-domain"),
         other => panic!("{other:?}"),
     }
     match c.get_json::<Value>("/plain-error").await.unwrap_err() {
-        Error::Http { status: 502, body, .. } => assert_eq!(body, "upstream down"),
+        Error::Http {
+            status: 502, body, ..
+        } => assert_eq!(body, "upstream down"),
         other => panic!("{other:?}"),
     }
     match c.get_json::<Value>("/not-json").await.unwrap_err() {
@@ -283,7 +347,10 @@ async fn error_bodies_limits_and_bad_json() {
         other => panic!("{other:?}"),
     }
     // Unknown route: axum's plain 404.
-    assert!(matches!(c.get_json::<Value>("/nope").await.unwrap_err(), Error::Http { status: 404, .. }));
+    assert!(matches!(
+        c.get_json::<Value>("/nope").await.unwrap_err(),
+        Error::Http { status: 404, .. }
+    ));
 }
 
 #[tokio::test]
@@ -297,19 +364,30 @@ async fn failed_handshakes_do_not_stop_the_loop_and_shutdown_is_graceful() {
     // Garbage instead of TLS, then a refused certificate, then a good client.
     {
         use tokio::io::AsyncWriteExt;
-        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
-        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let f = server.next_failure().await;
         assert!(!f.reason.is_empty());
     }
-    let _ = client(&server, &[&ca], &dm, Role::Ttp).get_json::<Value>("/whoami").await.unwrap_err();
+    let _ = client(&server, &[&ca], &dm, Role::Ttp)
+        .get_json::<Value>("/whoami")
+        .await
+        .unwrap_err();
     server.next_failure().await;
     let good = client(&server, &[&ca], &sc, Role::Ttp);
     let id: Identity = good.get_json("/whoami").await.unwrap();
     assert_eq!(id.role, Role::SecureComponent);
 
     server.stop.cancel();
-    tokio::time::timeout(Duration::from_secs(5), server.task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     match good.get_json::<Value>("/whoami").await.unwrap_err() {
         Error::Connect { .. } => {}
         other => panic!("expected a connection error after shutdown, got {other:?}"),
@@ -324,13 +402,13 @@ async fn connection_refused_is_a_connect_error() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let cfg = pki::client_config(&[ca.cert.clone()], &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
+    let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
     let c = Client::new(&format!("https://localhost:{port}"), cfg).unwrap();
     match c.get_json::<Value>("/x").await.unwrap_err() {
         Error::Connect { reason, .. } => assert!(reason.contains("connection refused"), "{reason}"),
         other => panic!("{other:?}"),
     }
-    let cfg = pki::client_config(&[ca.cert.clone()], &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
+    let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
     let e = Client::new("http://localhost:1", cfg).unwrap_err();
     assert!(e.to_string().contains("not https://"), "{e}");
 }
@@ -348,15 +426,27 @@ async fn tls_files_load_and_refuse_readable_keys() {
 
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let e = files.load().unwrap_err();
-    assert!(matches!(e, Error::KeyPermissions { mode: 0o644, .. }), "{e:?}");
+    assert!(
+        matches!(e, Error::KeyPermissions { mode: 0o644, .. }),
+        "{e:?}"
+    );
     let text = e.to_string();
-    assert!(text.contains("mode 0644") && text.contains("chmod 600"), "{text}");
+    assert!(
+        text.contains("mode 0644") && text.contains("chmod 600"),
+        "{text}"
+    );
     assert!(!text.contains("PRIVATE KEY"));
 
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let m = files.load().unwrap();
     assert!(!format!("{m:?}").contains("PRIVATE KEY"));
-    assert_eq!(m.identity().unwrap(), Identity { name: "sc-1".into(), role: Role::SecureComponent });
+    assert_eq!(
+        m.identity().unwrap(),
+        Identity {
+            name: "sc-1".into(),
+            role: Role::SecureComponent
+        }
+    );
     files.client_config(Role::Ttp).unwrap();
     files.server_config(&[Role::CloudPlatform]).unwrap();
 

@@ -71,8 +71,12 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 4] =
-        [Role::Ttp, Role::CloudPlatform, Role::SecureComponent, Role::DomainManager];
+    pub const ALL: [Role; 4] = [
+        Role::Ttp,
+        Role::CloudPlatform,
+        Role::SecureComponent,
+        Role::DomainManager,
+    ];
 
     /// The wire / certificate / CLI string of the role.
     pub fn as_str(self) -> &'static str {
@@ -151,20 +155,31 @@ pub enum Validity {
     /// From five minutes ago (clock skew between hosts) for this many days.
     Days(u32),
     /// Exactly this window (tests use it to make expired or not-yet-valid certificates).
-    Between { not_before: OffsetDateTime, not_after: OffsetDateTime },
+    Between {
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    },
 }
 
 impl Validity {
     fn window(self) -> Result<(OffsetDateTime, OffsetDateTime)> {
         let (nb, na) = match self {
             Validity::Days(0) => {
-                return Err(Error::Certificate("validity of 0 days: must be at least 1".into()))
+                return Err(Error::Certificate(
+                    "validity of 0 days: must be at least 1".into(),
+                ))
             }
             Validity::Days(d) => {
                 let now = OffsetDateTime::now_utc();
-                (now - Duration::minutes(5), now + Duration::days(i64::from(d)))
+                (
+                    now - Duration::minutes(5),
+                    now + Duration::days(i64::from(d)),
+                )
             }
-            Validity::Between { not_before, not_after } => (not_before, not_after),
+            Validity::Between {
+                not_before,
+                not_after,
+            } => (not_before, not_after),
         };
         if na <= nb {
             return Err(Error::Certificate(format!(
@@ -187,7 +202,9 @@ impl CertificateAuthority {
         check_ca_name(name)?;
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
-        params.distinguished_name.push(DnType::OrganizationName, "Skydd");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Skydd");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = OffsetDateTime::now_utc();
@@ -196,9 +213,9 @@ impl CertificateAuthority {
         params.serial_number = Some(random_serial());
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| Error::Certificate(format!("generating the CA key failed: {e}")))?;
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| Error::Certificate(format!("self-signing the CA certificate failed: {e}")))?;
+        let cert = params.self_signed(&key).map_err(|e| {
+            Error::Certificate(format!("self-signing the CA certificate failed: {e}"))
+        })?;
         Ok((cert.pem(), Zeroizing::new(key.serialize_pem())))
     }
 
@@ -237,7 +254,10 @@ impl CertificateAuthority {
                     "the CA certificate is not a CA (basicConstraints cA is not set)".into(),
                 ));
             }
-            (ca.public_key().raw.to_vec(), ca.validity().not_after.to_datetime())
+            (
+                ca.public_key().raw.to_vec(),
+                ca.validity().not_after.to_datetime(),
+            )
         };
         if ca_key.public_key_der() != ca_spki {
             return Err(Error::Certificate(
@@ -257,7 +277,11 @@ impl CertificateAuthority {
             .self_signed(&ca_key)
             .map_err(|e| Error::Certificate(format!("CA certificate is unusable: {e}")))?;
 
-        let mut sans = vec![dns_san(name)?, dns_san("localhost")?, SanType::IpAddress(IpAddr::from([127, 0, 0, 1]))];
+        let mut sans = vec![
+            dns_san(name)?,
+            dns_san("localhost")?,
+            SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
+        ];
         for extra in extra_sans {
             let san = match extra.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -273,27 +297,39 @@ impl CertificateAuthority {
 
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
-        params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
-        params.distinguished_name.push(DnType::OrganizationName, "Skydd");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, role.as_str());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Skydd");
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.not_before = not_before;
         params.not_after = not_after;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         params
             .custom_extensions
-            .push(CustomExtension::from_oid_content(ROLE_EXTENSION_OID, encode_role_extension(role)));
+            .push(CustomExtension::from_oid_content(
+                ROLE_EXTENSION_OID,
+                encode_role_extension(role),
+            ));
 
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| Error::Certificate(format!("generating the key failed: {e}")))?;
         let cert = params
             .signed_by(&key, &issuer, &ca_key)
             .map_err(|e| Error::Certificate(format!("signing the certificate failed: {e}")))?;
-        Ok(IssuedIdentity { cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
+        Ok(IssuedIdentity {
+            cert_pem: cert.pem(),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
     }
 }
 
@@ -324,15 +360,18 @@ pub fn check_name(name: &str) -> Result<()> {
             name.len()
         )));
     }
-    if let Some(c) =
-        name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(Error::Certificate(format!(
             "name {name:?} contains {c:?}: only letters, digits, '.', '_' and '-' are allowed"
         )));
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return Err(Error::Certificate(format!("name {name:?} must not start with '.' or '-'")));
+        return Err(Error::Certificate(format!(
+            "name {name:?} must not start with '.' or '-'"
+        )));
     }
     Ok(())
 }
@@ -354,12 +393,15 @@ fn check_dns_name(s: &str) -> Result<()> {
                 && l.len() <= 63
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         });
     if ok {
         Ok(())
     } else {
-        Err(Error::Certificate(format!("SAN {s:?} is neither an IP address nor a valid DNS name")))
+        Err(Error::Certificate(format!(
+            "SAN {s:?} is neither an IP address nor a valid DNS name"
+        )))
     }
 }
 
@@ -378,7 +420,9 @@ pub fn encode_role_extension(role: Role) -> Vec<u8> {
 /// Strict inverse of [`encode_role_extension`]: exactly that shape, no trailing bytes.
 pub fn decode_role_extension(der: &[u8]) -> Result<Role> {
     let bad = |why: &str| Error::Certificate(format!("Skydd role extension is malformed: {why}"));
-    let [0x30, len, rest @ ..] = der else { return Err(bad("not a DER SEQUENCE")) };
+    let [0x30, len, rest @ ..] = der else {
+        return Err(bad("not a DER SEQUENCE"));
+    };
     if *len as usize != rest.len() || *len >= 0x80 {
         return Err(bad("SEQUENCE length does not match"));
     }
@@ -386,7 +430,9 @@ pub fn decode_role_extension(der: &[u8]) -> Result<Role> {
         return Err(bad("expected SEQUENCE { INTEGER, UTF8String }"));
     };
     if *version != ROLE_EXTENSION_VERSION {
-        return Err(bad(&format!("version {version}, this build reads version {ROLE_EXTENSION_VERSION}")));
+        return Err(bad(&format!(
+            "version {version}, this build reads version {ROLE_EXTENSION_VERSION}"
+        )));
     }
     if *slen as usize != role.len() {
         return Err(bad("UTF8String length does not match"));
@@ -416,7 +462,9 @@ pub fn identity_from_certificate(der: &[u8]) -> Result<Identity> {
             .map_err(|_| Error::Certificate("subject CN is not a string".into()))?
             .to_string(),
         (None, _) => {
-            return Err(Error::Certificate(format!("certificate subject {subject} has no CN")))
+            return Err(Error::Certificate(format!(
+                "certificate subject {subject} has no CN"
+            )))
         }
         (Some(_), Some(_)) => {
             return Err(Error::Certificate(format!(
@@ -424,8 +472,9 @@ pub fn identity_from_certificate(der: &[u8]) -> Result<Identity> {
             )))
         }
     };
-    check_name(&name)
-        .map_err(|e| Error::Certificate(format!("certificate subject CN is not a Skydd name: {e}")))?;
+    check_name(&name).map_err(|e| {
+        Error::Certificate(format!("certificate subject CN is not a Skydd name: {e}"))
+    })?;
 
     let oid = x509_parser::der_parser::oid::Oid::from(ROLE_EXTENSION_OID)
         .map_err(|_| Error::Certificate("role extension OID is not encodable".into()))?;
@@ -458,7 +507,11 @@ pub fn identity_from_certificate(der: &[u8]) -> Result<Identity> {
 }
 
 fn oid_string() -> String {
-    ROLE_EXTENSION_OID.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(".")
+    ROLE_EXTENSION_OID
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 // ---- PEM helpers --------------------------------------------------------------------------
@@ -470,7 +523,9 @@ pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'stati
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::Certificate(format!("{what} is not valid PEM: {e}")))?;
     if certs.is_empty() {
-        return Err(Error::Certificate(format!("{what} contains no CERTIFICATE block")));
+        return Err(Error::Certificate(format!(
+            "{what} contains no CERTIFICATE block"
+        )));
     }
     Ok(certs)
 }
@@ -491,20 +546,27 @@ fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>> {
     // Never echo the key material in an error.
     match rustls_pemfile::private_key(&mut rd) {
         Ok(Some(k)) => Ok(k),
-        Ok(None) => Err(Error::InvalidKey("the key file contains no PRIVATE KEY block".into())),
+        Ok(None) => Err(Error::InvalidKey(
+            "the key file contains no PRIVATE KEY block".into(),
+        )),
         Err(_) => Err(Error::InvalidKey("the key file is not valid PEM".into())),
     }
 }
 
 fn root_store(trusted_ca_pems: &[String]) -> Result<Arc<RootCertStore>> {
     if trusted_ca_pems.is_empty() {
-        return Err(Error::Certificate("no trusted CA certificate configured".into()));
+        return Err(Error::Certificate(
+            "no trusted CA certificate configured".into(),
+        ));
     }
     let mut store = RootCertStore::empty();
     for (i, pem) in trusted_ca_pems.iter().enumerate() {
         for der in certs_from_pem(pem, &format!("trusted CA #{}", i + 1))? {
             store.add(der).map_err(|e| {
-                Error::Certificate(format!("trusted CA #{} is not usable as a root: {e}", i + 1))
+                Error::Certificate(format!(
+                    "trusted CA #{} is not usable as a root: {e}",
+                    i + 1
+                ))
             })?;
         }
     }
@@ -532,13 +594,18 @@ pub fn server_config(
     allowed_client_roles: &[Role],
 ) -> Result<rustls::ServerConfig> {
     if allowed_client_roles.is_empty() {
-        return Err(Error::Certificate("no client role is allowed: the list is empty".into()));
+        return Err(Error::Certificate(
+            "no client role is allowed: the list is empty".into(),
+        ));
     }
     let roots = root_store(trusted_ca_pems)?;
     let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| Error::Certificate(format!("building the client verifier failed: {e}")))?;
-    let verifier = RoleClientVerifier { inner, allowed: allowed_client_roles.to_vec() };
+    let verifier = RoleClientVerifier {
+        inner,
+        allowed: allowed_client_roles.to_vec(),
+    };
     let (chain, _) = own_chain(cert_pem)?;
     let key = key_from_pem(key_pem)?;
     rustls::ServerConfig::builder_with_provider(provider())
@@ -546,7 +613,12 @@ pub fn server_config(
         .map_err(|e| Error::Certificate(format!("TLS 1.3 is not available: {e}")))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(chain, key)
-        .map_err(|e| Error::InvalidKey(format!("own certificate and key do not fit together: {}", describe_tls_error(&e))))
+        .map_err(|e| {
+            Error::InvalidKey(format!(
+                "own certificate and key do not fit together: {}",
+                describe_tls_error(&e)
+            ))
+        })
 }
 
 /// Client side of a Skydd link: TLS 1.3 only, presents our certificate, requires the server
@@ -567,7 +639,12 @@ pub fn client_config(
         .dangerous() // a custom verifier: WebPKI plus the role check, nothing weaker
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)
-        .map_err(|e| Error::InvalidKey(format!("own certificate and key do not fit together: {}", describe_tls_error(&e))))
+        .map_err(|e| {
+            Error::InvalidKey(format!(
+                "own certificate and key do not fit together: {}",
+                describe_tls_error(&e)
+            ))
+        })
 }
 
 /// A client configuration that presents no certificate (tests of the refusal; tools that only
@@ -585,7 +662,10 @@ pub fn client_config_without_certificate(
         .with_no_client_auth())
 }
 
-fn role_server_verifier(trusted_ca_pems: &[String], expected: Role) -> Result<Arc<RoleServerVerifier>> {
+fn role_server_verifier(
+    trusted_ca_pems: &[String],
+    expected: Role,
+) -> Result<Arc<RoleServerVerifier>> {
     let roots = root_store(trusted_ca_pems)?;
     let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
@@ -622,7 +702,11 @@ fn checked_identity(
     let id = identity_from_certificate(end_entity)
         .map_err(|e| refuse(format!("{party} certificate is not a Skydd identity: {e}")))?;
     if !allowed.contains(&id.role) {
-        let list = allowed.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ");
+        let list = allowed
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         let msg = if party == "client" {
             format!(
                 "client certificate of {:?} has role {}, this endpoint accepts {list}",
@@ -662,7 +746,8 @@ impl ClientCertVerifier for RoleClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         checked_identity(end_entity, "client", &self.allowed)?;
         Ok(ClientCertVerified::assertion())
     }
@@ -703,7 +788,13 @@ impl ServerCertVerifier for RoleServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         checked_identity(end_entity, "server", &[self.expected])?;
         Ok(ServerCertVerified::assertion())
     }
@@ -750,7 +841,9 @@ pub fn describe_tls_error(e: &rustls::Error) -> String {
         E::NoCertificatesPresented => "no client certificate presented".into(),
         E::InvalidCertificate(c) => describe_certificate_error(c),
         E::AlertReceived(a) => describe_alert(*a),
-        E::PeerIncompatible(p) => format!("peer is incompatible (Skydd speaks TLS 1.3 only): {p:?}"),
+        E::PeerIncompatible(p) => {
+            format!("peer is incompatible (Skydd speaks TLS 1.3 only): {p:?}")
+        }
         other => other.to_string(),
     }
 }
@@ -839,20 +932,33 @@ mod tests {
         assert!(decode_role_extension(&trailing).is_err());
         let mut v2 = good.clone();
         v2[4] = 2;
-        assert!(decode_role_extension(&v2).unwrap_err().to_string().contains("version 2"));
+        assert!(decode_role_extension(&v2)
+            .unwrap_err()
+            .to_string()
+            .contains("version 2"));
         let unknown = b"\x30\x0a\x02\x01\x01\x0c\x05admin";
-        assert!(decode_role_extension(unknown).unwrap_err().to_string().contains("unknown role"));
+        assert!(decode_role_extension(unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown role"));
     }
 
     #[test]
     fn issue_and_parse_identity_for_every_role() {
         let (ca_pem, ca_key) = ca();
         for role in Role::ALL {
-            let id = CertificateAuthority::issue(&ca_pem, &ca_key, role, "party-1", Validity::Days(30))
-                .unwrap();
+            let id =
+                CertificateAuthority::issue(&ca_pem, &ca_key, role, "party-1", Validity::Days(30))
+                    .unwrap();
             let der = certs_from_pem(&id.cert_pem, "cert").unwrap().remove(0);
             let got = identity_from_certificate(&der).unwrap();
-            assert_eq!(got, Identity { name: "party-1".into(), role });
+            assert_eq!(
+                got,
+                Identity {
+                    name: "party-1".into(),
+                    role
+                }
+            );
             assert!(id.key_pem.contains("PRIVATE KEY"));
             assert!(!format!("{id:?}").contains("PRIVATE KEY"));
         }
@@ -884,7 +990,10 @@ mod tests {
             "IPAddress(0a:00:00:07)",
             "DNSName(host-7.cloud.example)",
         ] {
-            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
         }
         let ext = c
             .extensions()
@@ -893,7 +1002,11 @@ mod tests {
             .unwrap();
         assert!(!ext.critical);
         assert_eq!(ext.value, encode_role_extension(Role::SecureComponent));
-        let ou: Vec<_> = c.subject().iter_organizational_unit().map(|a| a.as_str().unwrap()).collect();
+        let ou: Vec<_> = c
+            .subject()
+            .iter_organizational_unit()
+            .map(|a| a.as_str().unwrap())
+            .collect();
         assert_eq!(ou, ["secure-component"]);
         // Days: not_after - not_before ~ 10 days + 5 min skew.
         let span = c.validity().not_after.timestamp() - c.validity().not_before.timestamp();
@@ -906,8 +1019,9 @@ mod tests {
         use openssl::x509::store::X509StoreBuilder;
         use openssl::x509::{X509StoreContext, X509};
         let (ca_pem, ca_key) = ca();
-        let id = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp-a", Validity::Days(5))
-            .unwrap();
+        let id =
+            CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp-a", Validity::Days(5))
+                .unwrap();
         let ca = X509::from_pem(ca_pem.as_bytes()).unwrap();
         let leaf = X509::from_pem(id.cert_pem.as_bytes()).unwrap();
         let mut b = X509StoreBuilder::new().unwrap();
@@ -929,16 +1043,27 @@ mod tests {
         let (other_ca, other_key) = ca();
         let e = CertificateAuthority::issue(&ca_pem, &other_key, Role::Ttp, "x", Validity::Days(1))
             .unwrap_err();
-        assert!(e.to_string().contains("does not belong to the CA certificate"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("does not belong to the CA certificate"),
+            "{e}"
+        );
         let _ = other_ca;
-        let e = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "bad name", Validity::Days(1))
-            .unwrap_err();
+        let e =
+            CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "bad name", Validity::Days(1))
+                .unwrap_err();
         assert!(e.to_string().contains("contains ' '"), "{e}");
         let e = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "x", Validity::Days(0))
             .unwrap_err();
         assert!(e.to_string().contains("0 days"), "{e}");
-        let e = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "x", Validity::Days(CA_DAYS + 10))
-            .unwrap_err();
+        let e = CertificateAuthority::issue(
+            &ca_pem,
+            &ca_key,
+            Role::Ttp,
+            "x",
+            Validity::Days(CA_DAYS + 10),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("CA certificate expires"), "{e}");
         let e = CertificateAuthority::issue("junk", &ca_key, Role::Ttp, "x", Validity::Days(1))
             .unwrap_err();
@@ -947,10 +1072,19 @@ mod tests {
             .unwrap_err();
         assert!(!e.to_string().contains("junk"));
         let e = CertificateAuthority::issue_with_sans(
-            &ca_pem, &ca_key, Role::Ttp, "x", Validity::Days(1), &["a b".into()],
+            &ca_pem,
+            &ca_key,
+            Role::Ttp,
+            "x",
+            Validity::Days(1),
+            &["a b".into()],
         )
         .unwrap_err();
-        assert!(e.to_string().contains("neither an IP address nor a valid DNS name"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("neither an IP address nor a valid DNS name"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -958,31 +1092,42 @@ mod tests {
         let (ca_pem, _) = ca();
         let der = certs_from_pem(&ca_pem, "ca").unwrap().remove(0);
         let e = identity_from_certificate(&der).unwrap_err().to_string();
-        assert!(e.contains("no CN") || e.contains("not a Skydd name") || e.contains("no Skydd role"), "{e}");
+        assert!(
+            e.contains("no CN") || e.contains("not a Skydd name") || e.contains("no Skydd role"),
+            "{e}"
+        );
         // A plain rcgen certificate with a good CN but no extension.
         let mut p = CertificateParams::new(vec!["plain".into()]).unwrap();
         p.distinguished_name.push(DnType::CommonName, "plain");
         let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let c = p.self_signed(&k).unwrap();
         let e = identity_from_certificate(c.der()).unwrap_err().to_string();
-        assert!(e.contains("carries no Skydd role extension (1.3.6.1.4.1.4200000000.1.1)"), "{e}");
+        assert!(
+            e.contains("carries no Skydd role extension (1.3.6.1.4.1.4200000000.1.1)"),
+            "{e}"
+        );
         // OU disagreeing with the extension.
         let mut p = CertificateParams::new(vec!["mixed".into()]).unwrap();
         p.distinguished_name.push(DnType::CommonName, "mixed");
-        p.distinguished_name.push(DnType::OrganizationalUnitName, "ttp");
+        p.distinguished_name
+            .push(DnType::OrganizationalUnitName, "ttp");
         p.custom_extensions.push(CustomExtension::from_oid_content(
             ROLE_EXTENSION_OID,
             encode_role_extension(Role::DomainManager),
         ));
         let c = p.self_signed(&k).unwrap();
         let e = identity_from_certificate(c.der()).unwrap_err().to_string();
-        assert!(e.contains("role domain-manager in its extension but OU \"ttp\""), "{e}");
+        assert!(
+            e.contains("role domain-manager in its extension but OU \"ttp\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn configs_build_and_refuse_bad_input() {
         let (ca_pem, ca_key) = ca();
-        let id = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5)).unwrap();
+        let id = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5))
+            .unwrap();
         let cas = vec![ca_pem.clone()];
         server_config(&cas, &id.cert_pem, &id.key_pem, &[Role::SecureComponent]).unwrap();
         client_config(&cas, &id.cert_pem, &id.key_pem, Role::CloudPlatform).unwrap();
@@ -990,7 +1135,9 @@ mod tests {
         assert!(e.to_string().contains("no client role is allowed"));
         let e = server_config(&[], &id.cert_pem, &id.key_pem, &[Role::Ttp]).unwrap_err();
         assert!(e.to_string().contains("no trusted CA"));
-        let other = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5)).unwrap();
+        let other =
+            CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5))
+                .unwrap();
         let e = server_config(&cas, &id.cert_pem, &other.key_pem, &[Role::Ttp]).unwrap_err();
         assert!(e.to_string().contains("do not fit together"), "{e}");
     }
