@@ -2,6 +2,8 @@
 //! engine (FUSE + loop). Both read the on-disk format of docs/FORMAT.md byte for byte.
 
 pub mod dmcrypt;
+pub mod filesystem;
+pub mod userspace;
 
 use std::path::{Path, PathBuf};
 
