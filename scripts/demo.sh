@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds Skydd and runs the end-to-end demo on a loopback lab.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release --bin skydd
+RUST_LOG=warn TSS2_LOG=all+none ./target/release/skydd demo "$@"
