@@ -14,7 +14,7 @@ use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -138,7 +138,11 @@ pub async fn serve_with(
                 req.extensions_mut().insert(ConnectInfo(peer));
                 router.clone().call(req)
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // A peer that starts a request but never finishes its headers is dropped
+            // (hyper's default of 30 s, active once a timer is set).
+            builder.http1().timer(TokioTimer::new());
+            builder.http2().timer(TokioTimer::new());
             let conn =
                 builder.serve_connection(TokioIo::new(tls_stream), TowerToHyperService::new(svc));
             if let Err(e) = watcher.watch(conn.into_owned()).await {

@@ -110,6 +110,7 @@ fn client(server: &Server, trusted: &[&Ca], own: &IssuedIdentity, expect: Role) 
 /// The client side of a refused handshake: the server's alert, in words. (If the kernel
 /// turned the close into a reset before the alert was read, we still get a connection error.)
 fn assert_refused(e: &Error, alert_words: &str) {
+    eprintln!("client saw: {e}");
     match e {
         Error::Tls { reason, .. } => {
             assert!(reason.contains(alert_words), "client error: {reason}")
