@@ -4,6 +4,7 @@
 
 pub mod attest;
 pub mod b64;
+pub mod cloud;
 pub mod domain;
 pub mod encoding;
 pub mod error;

@@ -1,0 +1,161 @@
+//! Wire types of the cloud API (docs/CLOUD-API.md): the cloud platform's REST resources
+//! (OpenStack style: domains like Cinder volumes, instances like Nova servers, attachments
+//! like os-volume_attachments) and the secure component's agent API that the CP calls.
+//! Shared by the cloud platform, the secure component and the domain-manager CLI.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{AccessMode, AclEntry};
+use crate::messages::HeaderRecord;
+use crate::signing::SignedEnvelope;
+
+/// Default and largest page size of list endpoints.
+pub const DEFAULT_PAGE_LIMIT: usize = 50;
+pub const MAX_PAGE_LIMIT: usize = 500;
+
+// ---- cloud platform: domains ---------------------------------------------------------------
+
+/// `POST /v1/domains` (caller: the owning domain manager).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateDomainRequest {
+    /// Version 1 of the descriptor, signed by its owner (the caller).
+    pub descriptor: SignedEnvelope,
+    /// Size of the data area in bytes (a multiple of 4096; the volume file is 1 MiB larger).
+    pub size_bytes: u64,
+}
+
+/// `PUT /v1/domains/{id}/descriptor`: grant, revoke or share = a new owner-signed version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpdateDomainRequest {
+    pub descriptor: SignedEnvelope,
+}
+
+/// `DELETE /v1/domains/{id}` with this body: the owner-signed deletion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeleteDomainBody {
+    pub deletion: SignedEnvelope,
+}
+
+/// A domain as the CP shows it (no key, ever).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainView {
+    pub id: String,
+    pub owner: String,
+    pub version: u64,
+    pub metadata: BTreeMap<String, String>,
+    pub acl: Vec<AclEntry>,
+    pub shared_with: Vec<String>,
+    pub size_bytes: u64,
+    /// "available", "in-use" (attached somewhere), "deleted".
+    pub status: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The volume header as stored (owner-signed descriptor + TTP registration), so a
+    /// domain manager can build the next version from exactly what is registered.
+    pub header: HeaderRecord,
+}
+
+/// `GET /v1/domains?limit=N&marker=ID`: the caller's domains (owned or shared with it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DomainList {
+    pub domains: Vec<DomainView>,
+    /// Pass as `marker` to get the next page; absent on the last page.
+    pub next_marker: Option<String>,
+}
+
+// ---- cloud platform: instances ---------------------------------------------------------------
+
+/// `POST /v1/instances` (caller: cloud-platform operator identity or a domain manager in the
+/// all-in-one cloud): records that VM `id` runs on compute host `host`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    /// The compute host's id (its secure component's certificate name).
+    pub host: String,
+}
+
+/// `GET /v1/instances?limit&marker`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceList {
+    pub instances: Vec<Instance>,
+    pub next_marker: Option<String>,
+}
+
+/// `POST /v1/hosts` (operator): where a compute host's secure component listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeHost {
+    pub id: String,
+    /// e.g. "https://127.0.0.1:7600"
+    pub agent_url: String,
+}
+
+// ---- cloud platform: attachments ---------------------------------------------------------------
+
+/// `POST /v1/attachments` (caller: a domain manager of the domain).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateAttachmentRequest {
+    pub domain_id: String,
+    pub instance_id: String,
+    pub mode: AccessMode,
+    /// The mount grant signed by the owner or a manager the domain is shared with.
+    pub grant: SignedEnvelope,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub id: String,
+    pub domain_id: String,
+    pub instance_id: String,
+    pub host: String,
+    pub mode: AccessMode,
+    /// The plaintext block device on the host (e.g. /dev/loop3 or /dev/dm-0).
+    pub device: String,
+    /// Where the filesystem is usable by the VM (local driver) or the libvirt target.
+    pub mount_path: String,
+    /// Domain version whose key opened it.
+    pub version: u64,
+    /// "attached" or "detached".
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachmentList {
+    pub attachments: Vec<Attachment>,
+    pub next_marker: Option<String>,
+}
+
+// ---- secure component agent API (caller: the cloud platform) -----------------------------------
+
+/// CP → SC `POST /v1/attachments`: run the mount flow of DESIGN §3 for one VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentAttachRequest {
+    pub attachment_id: String,
+    pub vm_id: String,
+    pub mode: AccessMode,
+    pub header: HeaderRecord,
+    pub grant: SignedEnvelope,
+    /// The volume file or block device holding header + data (shared storage).
+    pub volume_path: String,
+}
+
+/// SC → CP: what was attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentAttachment {
+    pub attachment_id: String,
+    pub domain_id: String,
+    pub vm_id: String,
+    pub mode: AccessMode,
+    pub version: u64,
+    pub device: String,
+    pub mount_path: String,
+    /// The backend that opened it: "dm-crypt" or "userspace".
+    pub backend: String,
+}
+
+/// SC `GET /v1/attachments`: the mappings open on this host (also after a restart).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentAttachmentList {
+    pub attachments: Vec<AgentAttachment>,
+}
