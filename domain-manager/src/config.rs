@@ -1,0 +1,36 @@
+//! The domain manager's configuration file (TOML): where the cloud platform and the TTP
+//! are, and this manager's certificate and key (issued by the cloud CA, role
+//! domain-manager). `skydd up` writes one.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DmConfig {
+    /// e.g. "https://127.0.0.1:7700"
+    pub cloud_platform_url: String,
+    /// e.g. "https://127.0.0.1:7443"
+    pub ttp_url: String,
+    /// Trusted CA roots (PEM files).
+    pub ca: Vec<PathBuf>,
+    /// This manager's certificate (its name is the subject CN) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl DmConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!("cannot read {}: {e} (pass --config or set SKYDD_DM_CONFIG; `skydd up` writes one)", path.display()))
+        })?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn tls_files(&self) -> net::TlsFiles {
+        net::TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+    }
+}

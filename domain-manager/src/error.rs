@@ -1,0 +1,60 @@
+//! The one error type of the domain-manager library. Messages say what was wrong and what
+//! to do next.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Usage(String),
+    /// A party refused; `hint` says what the domain manager can do about it.
+    #[error("{party} refused ({code}): {message}{hint}")]
+    Refused { party: &'static str, code: String, message: String, hint: String },
+    #[error("{party}: {detail}")]
+    Unreachable { party: &'static str, detail: String },
+    #[error(transparent)]
+    Protocol(#[from] protocol::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The refusal code, if a party refused.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn from_net(party: &'static str, error: net::Error) -> Self {
+        match error {
+            net::Error::Api { code, message, .. } => {
+                let hint = hint_for(&code);
+                Error::Refused { party, code, message, hint: if hint.is_empty() { String::new() } else { format!("\n  what to do: {hint}") } }
+            }
+            other => Error::Unreachable { party, detail: other.to_string() },
+        }
+    }
+}
+
+/// What a domain manager can do about each refusal (docs/PROTOCOL.md, "Error codes").
+fn hint_for(code: &str) -> &'static str {
+    match code {
+        "vm_not_in_acl" => "add the VM first: `domain-manager domain grant DOMAIN --vm VM:ro` (or :rw)",
+        "mode_not_permitted" => "the VM's access is read-only; attach with `--mode ro`, or grant rw with `domain grant DOMAIN --vm VM:rw`",
+        "grant_mismatch" => "attach with the same mode the grant allows",
+        "grant_expired" => "retry: a new grant is signed for every attach (check this machine's clock)",
+        "grant_signer_not_authorized" => "only the owner or a manager the domain is shared with can attach it; ask the owner to `domain share DOMAIN --with YOU`",
+        "pcr_mismatch" => "the compute host's measured state changed since enrollment; the cloud operator must investigate and re-enroll it after an approved update",
+        "version_rollback" => "someone changed the domain meanwhile: run `domain show DOMAIN` and retry",
+        "domain_deleted" => "the domain was deleted; its key can never be derived again",
+        "owner_mismatch" | "forbidden" => "only the domain's owner (or, where allowed, a manager it is shared with) may do this",
+        "host_unknown" => "the VM's compute host is not enrolled with the TTP; ask the cloud operator",
+        "descriptor_signature_invalid" => "the descriptor was not signed by its owner: the cloud platform may have altered it; report this",
+        "audit_chain_broken" => "the TTP's audit log was tampered with; report this to the TTP operator at once",
+        _ => "",
+    }
+}

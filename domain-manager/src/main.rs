@@ -1,0 +1,205 @@
+//! `domain-manager`: the hospital admin's CLI for Skydd domains.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use domain_manager::config::DmConfig;
+use domain_manager::ops::{parse_acl_entry, parse_metadata, parse_size, DomainManager, DEFAULT_GRANT_SECS};
+use domain_manager::render;
+use protocol::domain::AccessMode;
+
+#[derive(Parser)]
+#[command(
+    name = "domain-manager",
+    about = "Own Skydd domains: encrypted volumes whose key only attested hosts can get, for the VMs you list",
+    long_about = "A domain is an encrypted volume with metadata and an access list of VMs (ro or rw). You sign every \
+version of it; the cloud platform stores it but never sees its key; the TTP releases the key only to an attested \
+compute host for a VM in your list, and records every release and refusal in the viewing history.\n\n\
+Typical session:\n  domain-manager domain create --meta department=cardiology --vm vm-a:rw --vm vm-b:ro --size 64M\n  \
+domain-manager attach DOMAIN --vm vm-a --mode rw\n  domain-manager domain revoke DOMAIN --vm vm-b\n  domain-manager domain history DOMAIN"
+)]
+struct Cli {
+    /// Configuration file (cloud platform URL, TTP URL, CA, your certificate and key).
+    #[arg(long, global = true, env = "SKYDD_DM_CONFIG", default_value = "domain-manager.toml")]
+    config: PathBuf,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, inspect and change domains.
+    #[command(subcommand)]
+    Domain(DomainCommand),
+    /// Attach a domain to a VM (signs a short-lived mount grant).
+    Attach {
+        domain: String,
+        #[arg(long)]
+        vm: String,
+        /// ro or rw; must be covered by the VM's access.
+        #[arg(long, default_value = "ro")]
+        mode: AccessMode,
+        /// Seconds the mount grant stays valid.
+        #[arg(long, default_value_t = DEFAULT_GRANT_SECS)]
+        valid_for: u64,
+    },
+    /// Detach a domain from a VM.
+    Detach {
+        domain: String,
+        #[arg(long)]
+        vm: String,
+    },
+    /// VMs and their attachments.
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Subcommand)]
+enum DomainCommand {
+    /// Create a domain you own (version 1).
+    Create {
+        /// Metadata KEY=VALUE (repeatable). Bound into the key: it can never change.
+        #[arg(long = "meta")]
+        metadata: Vec<String>,
+        /// A VM and its access, VM:ro or VM:rw (repeatable).
+        #[arg(long = "vm")]
+        vms: Vec<String>,
+        /// Another domain manager who may attach it and read its history (repeatable).
+        #[arg(long = "share")]
+        shared_with: Vec<String>,
+        /// Data size, e.g. 64M or 10G.
+        #[arg(long, default_value = "64M")]
+        size: String,
+    },
+    /// Domains you own or that are shared with you.
+    List,
+    /// One domain: version, metadata, access list, sharing.
+    Show { domain: String },
+    /// Give a VM access, or change its mode (a new signed version).
+    Grant {
+        domain: String,
+        /// VM:ro or VM:rw
+        #[arg(long)]
+        vm: String,
+    },
+    /// Take a VM's access away; the cloud platform detaches it.
+    Revoke {
+        domain: String,
+        #[arg(long)]
+        vm: String,
+    },
+    /// Share with another domain manager (it may attach and read the history).
+    Share {
+        domain: String,
+        #[arg(long)]
+        with: String,
+        /// Remove the sharing instead.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Every key release and refusal for this domain, from the TTP.
+    History { domain: String },
+    /// Crypto-shred the domain: its key can never be derived again.
+    Delete {
+        domain: String,
+        /// Confirm: this cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// The cloud's VMs and the hosts they run on, and current attachments.
+    List,
+}
+
+fn print<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) -> String) {
+    if json {
+        match serde_json::to_string_pretty(value) {
+            Ok(text) => println!("{text}"),
+            Err(e) => eprintln!("cannot encode JSON: {e}"),
+        }
+    } else {
+        println!("{}", table(value));
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> domain_manager::Result<()> {
+    let config = DmConfig::load(&cli.config)?;
+    let dm = DomainManager::connect(&config)?;
+    let json = cli.json;
+    match cli.command {
+        Command::Domain(DomainCommand::Create { metadata, vms, shared_with, size }) => {
+            let metadata = metadata.iter().map(|m| parse_metadata(m)).collect::<Result<_, _>>()?;
+            let acl = vms.iter().map(|v| parse_acl_entry(v)).collect::<Result<_, _>>()?;
+            let domain = dm.create(metadata, acl, shared_with, parse_size(&size)?).await?;
+            print(json, &domain, render::domain);
+            if !json {
+                println!("\nnext: attach it with `domain-manager attach {} --vm VM --mode rw`", domain.id);
+            }
+        }
+        Command::Domain(DomainCommand::List) => print(json, &dm.list().await?, |d| render::domains(d)),
+        Command::Domain(DomainCommand::Show { domain }) => print(json, &dm.show(&domain).await?, render::domain),
+        Command::Domain(DomainCommand::Grant { domain, vm }) => {
+            let entry = parse_acl_entry(&vm)?;
+            let view = dm.grant(&domain, &entry.vm_id, entry.mode).await?;
+            print(json, &view, render::domain);
+        }
+        Command::Domain(DomainCommand::Revoke { domain, vm }) => {
+            let view = dm.revoke(&domain, &vm).await?;
+            print(json, &view, render::domain);
+            if !json {
+                println!("\n{vm} can no longer obtain the key; any attachment of it was detached.");
+            }
+        }
+        Command::Domain(DomainCommand::Share { domain, with, remove }) => {
+            let view = if remove { dm.unshare(&domain, &with).await? } else { dm.share(&domain, &with).await? };
+            print(json, &view, render::domain);
+        }
+        Command::Domain(DomainCommand::History { domain }) => print(json, &dm.history(&domain).await?, render::history),
+        Command::Domain(DomainCommand::Delete { domain, yes }) => {
+            if !yes {
+                return Err(domain_manager::Error::Usage(format!(
+                    "deleting {domain} destroys its key for good; repeat with --yes to confirm"
+                )));
+            }
+            let view = dm.delete(&domain).await?;
+            print(json, &view, render::domain);
+        }
+        Command::Attach { domain, vm, mode, valid_for } => {
+            let attachment = dm.attach(&domain, &vm, mode, valid_for).await?;
+            print(json, &attachment, |a| render::attachments(std::slice::from_ref(a)));
+        }
+        Command::Detach { domain, vm } => {
+            let attachment = dm.detach(&domain, &vm).await?;
+            print(json, &attachment, |a| render::attachments(std::slice::from_ref(a)));
+        }
+        Command::Vm(VmCommand::List) => {
+            let instances = dm.instances().await?;
+            let attachments = dm.attachments().await?;
+            if json {
+                print(true, &serde_json::json!({ "instances": instances, "attachments": attachments }), |_| String::new());
+            } else {
+                println!("{}\n\n{}", render::instances(&instances), render::attachments(&attachments));
+            }
+        }
+    }
+    Ok(())
+}

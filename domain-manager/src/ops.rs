@@ -1,0 +1,336 @@
+//! The domain manager's operations against the cloud platform and the TTP.
+
+use std::collections::BTreeMap;
+
+use protocol::cloud::{
+    Attachment, AttachmentList, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView,
+    Instance, InstanceList, UpdateDomainRequest,
+};
+use protocol::domain::{AccessMode, AclEntry, Descriptor};
+use protocol::messages::{Deletion, HistoryResponse, MountGrant};
+use protocol::pki::Role;
+use protocol::signing::{verify_signer_certificate, SignatureContext, SignatureKey};
+
+use crate::config::DmConfig;
+use crate::error::{Error, Result};
+
+/// How long a mount grant is valid by default: long enough for the attach, short enough
+/// that a leaked grant is soon useless.
+pub const DEFAULT_GRANT_SECS: u64 = 300;
+
+pub struct DomainManager {
+    pub name: String,
+    key: SignatureKey,
+    trusted_cas: Vec<String>,
+    cp: net::Client,
+    ttp: net::Client,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl DomainManager {
+    pub fn connect(config: &DmConfig) -> Result<Self> {
+        let files = config.tls_files();
+        let material = files.load().map_err(|e| Error::Config(e.to_string()))?;
+        let identity = material.identity().map_err(|e| Error::Config(e.to_string()))?;
+        if identity.role != Role::DomainManager {
+            return Err(Error::Config(format!(
+                "{} is a {} certificate; the domain manager needs a domain-manager certificate (`cloud-platform ca issue --role domain-manager`)",
+                config.cert.display(),
+                identity.role
+            )));
+        }
+        let cert_der = protocol::pki::certs_from_pem(&material.cert_pem, "certificate")?
+            .first()
+            .map(|c| c.to_vec())
+            .ok_or_else(|| Error::Config("empty certificate file".into()))?;
+        let key = SignatureKey::from_pem(&material.key_pem, cert_der)?;
+        let cp_tls = material.client_config(Role::CloudPlatform).map_err(|e| Error::Config(e.to_string()))?;
+        let ttp_tls = material.client_config(Role::Ttp).map_err(|e| Error::Config(e.to_string()))?;
+        let cp = net::Client::new(&config.cloud_platform_url, cp_tls).map_err(|e| Error::Config(e.to_string()))?;
+        let ttp = net::Client::new(&config.ttp_url, ttp_tls).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(Self { name: identity.name, key, trusted_cas: material.ca_pems.clone(), cp, ttp })
+    }
+
+    // ---- domains -----------------------------------------------------------------------------
+
+    pub async fn create(
+        &self,
+        metadata: BTreeMap<String, String>,
+        acl: Vec<AclEntry>,
+        shared_with: Vec<String>,
+        size_bytes: u64,
+    ) -> Result<DomainView> {
+        let mut descriptor = Descriptor::new(&self.name, metadata, acl)?;
+        descriptor.shared_with = shared_with;
+        descriptor.validate()?;
+        let request = CreateDomainRequest { descriptor: self.key.sign_envelope(SignatureContext::Descriptor, descriptor.encode()?), size_bytes };
+        self.cp.post_json("/v1/domains", &request).await.map_err(|e| Error::from_net("cloud platform", e))
+    }
+
+    pub async fn list(&self) -> Result<Vec<DomainView>> {
+        let mut all = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let path = match &marker {
+                Some(m) => format!("/v1/domains?marker={m}"),
+                None => "/v1/domains".to_string(),
+            };
+            let page: DomainList = self.cp.get_json(&path).await.map_err(|e| Error::from_net("cloud platform", e))?;
+            all.extend(page.domains);
+            match page.next_marker {
+                Some(next) => marker = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    pub async fn show(&self, domain_id: &str) -> Result<DomainView> {
+        check_domain_id(domain_id)?;
+        self.cp.get_json(&format!("/v1/domains/{domain_id}")).await.map_err(|e| Error::from_net("cloud platform", e))
+    }
+
+    /// The registered descriptor of a domain, verified here too: a cloud platform that
+    /// altered it is caught before we build the next version on it.
+    pub async fn current_descriptor(&self, domain_id: &str) -> Result<Descriptor> {
+        let view = self.show(domain_id).await?;
+        let envelope = &view.header.descriptor;
+        let signer = verify_signer_certificate(&envelope.signer_certificate, &self.trusted_cas, now_unix())?;
+        envelope.verify_signature(SignatureContext::Descriptor)?;
+        let descriptor = Descriptor::decode(&envelope.message)?;
+        if signer.name != descriptor.owner || descriptor.domain_id != domain_id {
+            return Err(Error::Refused {
+                party: "cloud platform",
+                code: "descriptor_signature_invalid".into(),
+                message: format!("the stored descriptor of {domain_id} is not signed by its owner {}", descriptor.owner),
+                hint: "\n  what to do: report this: the cloud platform served an altered header".into(),
+            });
+        }
+        Ok(descriptor)
+    }
+
+    async fn update(&self, domain_id: &str, change: impl FnOnce(&mut Descriptor) -> Result<()>) -> Result<DomainView> {
+        let current = self.current_descriptor(domain_id).await?;
+        if current.owner != self.name {
+            return Err(Error::Usage(format!(
+                "only the owner {} can change domain {domain_id}; you are {}",
+                current.owner, self.name
+            )));
+        }
+        let mut change_result = Ok(());
+        let next = current.next_version(|d| change_result = change(d))?;
+        change_result?;
+        let request = UpdateDomainRequest { descriptor: self.key.sign_envelope(SignatureContext::Descriptor, next.encode()?) };
+        self.cp
+            .put_json(&format!("/v1/domains/{domain_id}/descriptor"), &request)
+            .await
+            .map_err(|e| Error::from_net("cloud platform", e))
+    }
+
+    /// Adds `vm_id` to the access list, or changes its mode.
+    pub async fn grant(&self, domain_id: &str, vm_id: &str, mode: AccessMode) -> Result<DomainView> {
+        self.update(domain_id, |d| {
+            match d.acl.iter_mut().find(|e| e.vm_id == vm_id) {
+                Some(entry) if entry.mode == mode => {
+                    return Err(Error::Usage(format!("{vm_id} already has {mode} access to {domain_id}")))
+                }
+                Some(entry) => entry.mode = mode,
+                None => d.acl.push(AclEntry { vm_id: vm_id.to_string(), mode }),
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes `vm_id` from the access list; the cloud platform detaches it.
+    pub async fn revoke(&self, domain_id: &str, vm_id: &str) -> Result<DomainView> {
+        self.update(domain_id, |d| {
+            let before = d.acl.len();
+            d.acl.retain(|e| e.vm_id != vm_id);
+            if d.acl.len() == before {
+                return Err(Error::Usage(format!("{vm_id} is not in the access list of {domain_id}")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Shares the domain with another domain manager (it may then attach and read history).
+    pub async fn share(&self, domain_id: &str, manager: &str) -> Result<DomainView> {
+        self.update(domain_id, |d| {
+            if d.shared_with.iter().any(|m| m == manager) || d.owner == manager {
+                return Err(Error::Usage(format!("{domain_id} is already shared with {manager}")));
+            }
+            d.shared_with.push(manager.to_string());
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn unshare(&self, domain_id: &str, manager: &str) -> Result<DomainView> {
+        self.update(domain_id, |d| {
+            let before = d.shared_with.len();
+            d.shared_with.retain(|m| m != manager);
+            if d.shared_with.len() == before {
+                return Err(Error::Usage(format!("{domain_id} is not shared with {manager}")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes (crypto-shreds) the domain: the TTP will never derive its key again.
+    pub async fn delete(&self, domain_id: &str) -> Result<DomainView> {
+        check_domain_id(domain_id)?;
+        let deletion = Deletion { domain_id: domain_id.to_string(), requested_at: now_unix() };
+        let body = DeleteDomainBody { deletion: self.key.sign_envelope(SignatureContext::Deletion, deletion.encode()) };
+        self.cp
+            .request_json(reqwest::Method::DELETE, &format!("/v1/domains/{domain_id}"), Some(&body))
+            .await
+            .map_err(|e| Error::from_net("cloud platform", e))
+    }
+
+    /// The viewing history, read from the TTP (which verifies its hash chain first).
+    pub async fn history(&self, domain_id: &str) -> Result<HistoryResponse> {
+        check_domain_id(domain_id)?;
+        self.ttp.get_json(&format!("/v1/domains/{domain_id}/history")).await.map_err(|e| Error::from_net("TTP", e))
+    }
+
+    // ---- attachments and VMs -----------------------------------------------------------------
+
+    pub async fn attach(&self, domain_id: &str, instance_id: &str, mode: AccessMode, valid_for_secs: u64) -> Result<Attachment> {
+        check_domain_id(domain_id)?;
+        protocol::domain::validate_name("vm id", instance_id)?;
+        let grant = MountGrant {
+            domain_id: domain_id.to_string(),
+            vm_id: instance_id.to_string(),
+            mode,
+            expires_at: now_unix() + valid_for_secs,
+            nonce: rand::random(),
+            issuer: self.name.clone(),
+        };
+        let request = CreateAttachmentRequest {
+            domain_id: domain_id.to_string(),
+            instance_id: instance_id.to_string(),
+            mode,
+            grant: self.key.sign_envelope(SignatureContext::MountGrant, grant.encode()),
+        };
+        self.cp.post_json("/v1/attachments", &request).await.map_err(|e| Error::from_net("cloud platform", e))
+    }
+
+    pub async fn attachments(&self) -> Result<Vec<Attachment>> {
+        let mut all = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let path = match &marker {
+                Some(m) => format!("/v1/attachments?marker={m}"),
+                None => "/v1/attachments".to_string(),
+            };
+            let page: AttachmentList = self.cp.get_json(&path).await.map_err(|e| Error::from_net("cloud platform", e))?;
+            all.extend(page.attachments);
+            match page.next_marker {
+                Some(next) => marker = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// Detaches the attachment of `instance_id` to `domain_id`.
+    pub async fn detach(&self, domain_id: &str, instance_id: &str) -> Result<Attachment> {
+        let attachment = self
+            .attachments()
+            .await?
+            .into_iter()
+            .find(|a| a.domain_id == domain_id && a.instance_id == instance_id && a.status == "attached")
+            .ok_or_else(|| Error::Usage(format!("{instance_id} has no attachment of domain {domain_id}; see `domain-manager vm list`")))?;
+        self.cp
+            .delete_json(&format!("/v1/attachments/{}", attachment.id))
+            .await
+            .map_err(|e| Error::from_net("cloud platform", e))
+    }
+
+    pub async fn instances(&self) -> Result<Vec<Instance>> {
+        let mut all = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let path = match &marker {
+                Some(m) => format!("/v1/instances?marker={m}"),
+                None => "/v1/instances".to_string(),
+            };
+            let page: InstanceList = self.cp.get_json(&path).await.map_err(|e| Error::from_net("cloud platform", e))?;
+            all.extend(page.instances);
+            match page.next_marker {
+                Some(next) => marker = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+}
+
+fn check_domain_id(domain_id: &str) -> Result<()> {
+    if domain_id.len() == 32 && domain_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!("{domain_id:?} is not a domain id (32 lowercase hex characters; see `domain-manager domain list`)")))
+    }
+}
+
+/// Parses `vm-a:rw` / `vm-b:ro` (mode defaults to ro: least privilege).
+pub fn parse_acl_entry(text: &str) -> Result<AclEntry> {
+    let (vm, mode) = match text.split_once(':') {
+        Some((vm, mode)) => (vm, mode.parse::<AccessMode>()?),
+        None => (text, AccessMode::Ro),
+    };
+    protocol::domain::validate_name("vm id", vm)?;
+    Ok(AclEntry { vm_id: vm.to_string(), mode })
+}
+
+/// Parses `key=value` metadata.
+pub fn parse_metadata(text: &str) -> Result<(String, String)> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| Error::Usage(format!("metadata {text:?} must be KEY=VALUE, e.g. department=cardiology")))?;
+    protocol::domain::validate_name("metadata key", key)?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// Parses sizes like `64M`, `1G`, `4096`.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, ""),
+    };
+    let number: u64 = digits.parse().map_err(|_| Error::Usage(format!("size {text:?} is not a number with an optional K, M, G or T")))?;
+    let factor: u64 = match unit {
+        "" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        other => return Err(Error::Usage(format!("size unit {other:?} unknown; use K, M, G or T"))),
+    };
+    number.checked_mul(factor).ok_or_else(|| Error::Usage(format!("size {text:?} is too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_arguments() {
+        assert_eq!(parse_acl_entry("vm-a:rw").unwrap(), AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw });
+        assert_eq!(parse_acl_entry("vm-b").unwrap().mode, AccessMode::Ro);
+        assert!(parse_acl_entry("vm-b:rx").is_err());
+        assert!(parse_acl_entry("vm b:ro").is_err());
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_metadata("department=cardiology").unwrap(), ("department".into(), "cardiology".into()));
+        assert!(parse_metadata("nokey").is_err());
+        assert!(check_domain_id("00112233445566778899aabbccddeeff").is_ok());
+        assert!(check_domain_id("../etc").is_err());
+    }
+}
