@@ -152,6 +152,19 @@ pub struct AgentAttachment {
     pub mount_path: String,
     /// The backend that opened it: "dm-crypt" or "userspace".
     pub backend: String,
+    /// "attached" (the VM has the file system / device now), "stale" (the SC has a record
+    /// but the mapping or the VM's mount is gone, e.g. a userspace mapping that ended with
+    /// the previous SC process; `DELETE` cleans it up, then attach again) or "detached" (in
+    /// the answer to `DELETE`). Absent in answers of older agents: read as "attached".
+    #[serde(default = "default_agent_status")]
+    pub status: String,
+    /// Why the attachment is stale, for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_reason: Option<String>,
+}
+
+fn default_agent_status() -> String {
+    "attached".to_string()
 }
 
 /// SC `GET /v1/attachments`: the mappings open on this host (also after a restart).
