@@ -42,6 +42,8 @@ const DATA_INO: u64 = 2;
 // The file never changes size or owner behind the kernel's back: cache attributes long.
 const TTL: Duration = Duration::from_secs(3600);
 const SECTOR: u64 = SECTOR_SIZE as u64;
+/// include/uapi/linux/fuse.h: bypass the page cache for this open file.
+const FOPEN_DIRECT_IO: u32 = 1;
 
 /// What `<state_dir>/<name>.json` holds: enough to find and tear down a mapping, no key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -443,7 +445,9 @@ impl Filesystem for PlainFile {
         if self.read_only && (flags & libc::O_ACCMODE) != libc::O_RDONLY {
             return reply.error(libc::EROFS);
         }
-        reply.opened(0, 0);
+        // Direct I/O: every request reaches the engine. Without it the kernel would cache
+        // the plaintext a second time (loop's page cache above already caches it).
+        reply.opened(0, FOPEN_DIRECT_IO);
     }
 
     fn read(
