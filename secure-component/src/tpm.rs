@@ -97,7 +97,7 @@ impl HostTpm {
     /// Enrollment step 1: creates a fresh AK and a binding key bound to the current values
     /// of `selection`, stores them, and describes them for the TTP.
     pub fn enrollment_request(&mut self, host_id: &str, selection: &PcrSelection) -> Result<EnrollmentRequest> {
-        let tpm_selection = tpm_selection(selection)?;
+        checked_indices(selection)?;
         let ek_certificate = self.ek_certificate()?;
         let ek_public = self.with_ek(|ctx, ek| {
             let (public, _, _) = ctx.read_public(ek).map_err(|e| Error::tpm("ReadPublic(EK)", e))?;
@@ -119,7 +119,6 @@ impl HostTpm {
                 KeyBlobs { public: binding.out_public, private: binding.out_private },
             ))
         })?;
-        drop(tpm_selection);
 
         self.store_key(AK_PUBLIC, AK_PRIVATE, &ak)?;
         self.store_key(BINDING_PUBLIC, BINDING_PRIVATE, &binding)?;
