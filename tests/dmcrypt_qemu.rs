@@ -26,12 +26,13 @@ fn image() -> &'static BootImage {
     IMAGE.get_or_init(|| {
         let img = qemu::boot_image();
         eprintln!(
-            "qemu boot image: kernel {} ({} modules), initramfs {} ({}), prepared in {:.1?}",
+            "qemu boot image: kernel {} ({} modules), initramfs {} ({}), prepared in {:.1?} of which cargo build of the agent {:.1?}",
             img.kernel.version,
             img.modules.len(),
             img.initramfs.display(),
             if img.reused { "cached" } else { "built" },
-            img.prepare_time
+            img.prepare_time,
+            img.agent_build_time
         );
         img
     })

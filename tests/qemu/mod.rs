@@ -349,7 +349,11 @@ pub struct BootImage {
     pub initramfs: PathBuf,
     pub modules: Vec<String>,
     pub reused: bool,
+    /// Total preparation time, including `agent_build_time`.
     pub prepare_time: Duration,
+    /// The nested `cargo build` of the agent (mostly waiting for the build-dir lock when
+    /// other builds run).
+    pub agent_build_time: Duration,
 }
 
 pub fn boot_image() -> BootImage {
@@ -362,12 +366,21 @@ pub fn boot_image() -> BootImage {
     let static_ok = busybox.exists() && ldd(&busybox).is_empty();
     assert!(static_ok, "/bin/busybox missing or not static: install it with `apt-get install busybox-static`");
     let kernel = kernel();
+    let t_agent = Instant::now();
     let agent = guest_agent();
+    let agent_build_time = t_agent.elapsed();
 
     let mut cpio = Cpio::new();
     cpio.file("init", 0o755, INIT.as_bytes().to_vec());
     cpio.copy("bin/busybox", &busybox, 0o755);
-    cpio.copy("bin/skydd-guest-agent", &agent, 0o755);
+    // The debug build carries ~100 MB of debug info; the guest unpacks the initramfs under
+    // TCG, so strip it (binutils) when strip is there.
+    let stripped = cache_dir().join("skydd-guest-agent.stripped");
+    let agent_in_guest = match which("strip") {
+        Some(strip) if Command::new(&strip).arg("--strip-debug").arg("-o").arg(&stripped).arg(&agent).status().map_or(false, |s| s.success()) => stripped,
+        _ => agent.clone(),
+    };
+    cpio.copy("bin/skydd-guest-agent", &agent_in_guest, 0o755);
     cpio.copy("sbin/mkfs.ext4", &mkfs, 0o755);
     let mut libs = BTreeSet::new();
     for bin in [&agent, &mkfs] {
@@ -399,7 +412,7 @@ pub fn boot_image() -> BootImage {
     if !reused {
         cpio.write(&initramfs);
     }
-    BootImage { kernel, initramfs, modules: names, reused, prepare_time: t0.elapsed() }
+    BootImage { kernel, initramfs, modules: names, reused, prepare_time: t0.elapsed(), agent_build_time }
 }
 
 /// A running VM with its swtpm; both are killed on drop.
@@ -468,7 +481,15 @@ impl Vm {
             let err = fs::read_to_string(dir.path().join("qemu.err")).unwrap_or_default();
             panic!("qemu did not create {}: {err}", agent_sock.display()); // drops kill both
         }
-        let stream = UnixStream::connect(&agent_sock).expect("connect to the agent socket");
+        // The socket file appears at bind(), slightly before listen(): retry (bounded).
+        let connect_deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(&agent_sock) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > connect_deadline => panic!("connect to {}: {e}", agent_sock.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
         let writer = stream.try_clone().expect("clone stream");
         let mut vm = Vm {
             qemu: qemu.0.take().expect("qemu child"),
