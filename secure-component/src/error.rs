@@ -40,6 +40,18 @@ pub enum Error {
     #[error("the TTP could not be reached for the {step}: {detail}")]
     TtpUnreachable { step: &'static str, detail: String },
 
+    // ---- agent service (service/, hypervisor/, config.rs) ---------------------------------
+    /// A request the agent cannot act on (malformed id, header that does not decode, ...).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("no attachment {0} on this host")]
+    AttachmentUnknown(String),
+    /// The attachment id, or the domain for that VM, is attached already (or in progress).
+    #[error("{0}")]
+    AttachmentConflict(String),
+    #[error("hypervisor driver {driver}: {detail}")]
+    Hypervisor { driver: &'static str, detail: String },
+
     // ---- protocol --------------------------------------------------------------------
     #[error(transparent)]
     Protocol(#[from] protocol::Error),

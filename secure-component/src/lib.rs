@@ -2,7 +2,10 @@
 //! keys in the host TPM and opens volumes with dm-crypt or the userspace engine.
 
 pub mod agent;
+pub mod config;
 pub mod error;
+pub mod hypervisor;
+pub mod service;
 pub mod swtpm;
 pub mod tpm;
 pub mod volume;

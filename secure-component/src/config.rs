@@ -1,0 +1,184 @@
+//! The secure component agent's configuration: one TOML file (`secure-component serve
+//! --config sc.toml`). Example:
+//!
+//! ```toml
+//! listen = "0.0.0.0:7600"
+//! host_id = "host-1"                       # = the CN of `cert`; may be left out
+//! tcti = "device:/dev/tpmrm0"              # or "swtpm:host=127.0.0.1,port=2321"
+//! state_dir = "/var/lib/skydd/sc"          # TPM key blobs, attachment records
+//! vm_root = "/var/lib/skydd/vms"           # local driver: <vm_root>/<vm_id>/<domain_id>
+//! backend = "auto"                         # "auto" | "dm-crypt" | "userspace"
+//! hypervisor = "local"                     # "local" | "libvirt"
+//! ttp_url = "https://ttp.example:7443"
+//! ca = ["/etc/skydd/ca.pem"]
+//! cert = "/etc/skydd/host-1.pem"           # role secure-component
+//! key = "/etc/skydd/host-1-key.pem"        # mode 0600
+//!
+//! [pcr_selection]                          # what enrollment binds the binding key to
+//! bank = "sha256"
+//! indices = [0, 1, 2, 3, 4, 5, 6, 7, 16]
+//!
+//! [libvirt]                                # only with hypervisor = "libvirt"
+//! uri = "qemu:///system"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use protocol::attest::PcrSelection;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Which volume backend opens domains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendChoice {
+    /// dm-crypt when the kernel has device-mapper, the userspace engine otherwise.
+    #[default]
+    Auto,
+    DmCrypt,
+    Userspace,
+}
+
+/// How opened volumes reach VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorChoice {
+    /// Mount under `<vm_root>/<vm_id>/<domain_id>` (all-in-one cloud, tests).
+    #[default]
+    Local,
+    /// `virsh attach-device --live` into the libvirt domain named like the VM.
+    Libvirt,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// Connection URI (`virsh -c`), e.g. "qemu:///system"; libvirt's default if absent.
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// The virsh program; "virsh" from PATH if absent.
+    #[serde(default)]
+    pub virsh: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Address the agent API listens on (mutual TLS; only the cloud platform may call).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// This host's id as the TTP knows it: the name in `cert`. Taken from the certificate
+    /// when absent; a different value is refused.
+    #[serde(default)]
+    pub host_id: Option<String>,
+    /// The TPM: "device:/dev/tpmrm0" on a real host, "swtpm:host=127.0.0.1,port=P" for swtpm.
+    pub tcti: String,
+    /// TPM key blobs (`tpm/`), attachment records (`attachments/`), userspace mappings
+    /// (`userspace/`). Keep it on persistent storage; it never holds a domain key.
+    pub state_dir: PathBuf,
+    /// Root of the per-VM directories of the local driver.
+    #[serde(default = "default_vm_root")]
+    pub vm_root: PathBuf,
+    #[serde(default)]
+    pub backend: BackendChoice,
+    #[serde(default)]
+    pub hypervisor: HypervisorChoice,
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
+    /// The TTP's base URL.
+    pub ttp_url: String,
+    /// Trusted CA roots (PEM files): the own cloud's first.
+    pub ca: Vec<PathBuf>,
+    /// Own certificate (role secure-component) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// PCRs the binding key is bound to at enrollment (`secure-component enroll`).
+    #[serde(default)]
+    pub pcr_selection: PcrSelection,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7600".to_string()
+}
+
+fn default_vm_root() -> PathBuf {
+    PathBuf::from("/var/lib/skydd/vms")
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::Config(format!("encoding the configuration: {e}")))
+    }
+
+    /// Where the TPM worker keeps the AK and binding key blobs.
+    pub fn tpm_state_dir(&self) -> PathBuf {
+        self.state_dir.join("tpm")
+    }
+
+    /// One JSON record per attachment (no key material).
+    pub fn records_dir(&self) -> PathBuf {
+        self.state_dir.join("attachments")
+    }
+
+    /// The userspace backend's mapping records and FUSE mount points.
+    pub fn userspace_dir(&self) -> PathBuf {
+        self.state_dir.join("userspace")
+    }
+
+    /// Device XML files of the libvirt driver.
+    pub fn libvirt_dir(&self) -> PathBuf {
+        self.state_dir.join("libvirt")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_and_full_configs() {
+        let minimal = r#"
+            tcti = "swtpm:host=127.0.0.1,port=2321"
+            state_dir = "/var/lib/skydd/sc"
+            ttp_url = "https://127.0.0.1:7443"
+            ca = ["ca.pem"]
+            cert = "host-1.pem"
+            key = "host-1-key.pem"
+        "#;
+        let c = AgentConfig::from_toml(minimal).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7600");
+        assert_eq!(c.backend, BackendChoice::Auto);
+        assert_eq!(c.hypervisor, HypervisorChoice::Local);
+        assert_eq!(c.pcr_selection, PcrSelection::default_host());
+        assert_eq!(c.records_dir(), PathBuf::from("/var/lib/skydd/sc/attachments"));
+
+        let full = format!(
+            "{minimal}\nbackend = \"dm-crypt\"\nhypervisor = \"libvirt\"\nhost_id = \"host-1\"\n[libvirt]\nuri = \"qemu:///system\"\n[pcr_selection]\nbank = \"sha256\"\nindices = [7]\n"
+        );
+        let c = AgentConfig::from_toml(&full).unwrap();
+        assert_eq!(c.backend, BackendChoice::DmCrypt);
+        assert_eq!(c.hypervisor, HypervisorChoice::Libvirt);
+        assert_eq!(c.libvirt.uri.as_deref(), Some("qemu:///system"));
+        assert_eq!(c.pcr_selection.indices, vec![7]);
+        assert_eq!(AgentConfig::from_toml(&c.to_toml().unwrap()).unwrap(), c);
+
+        let typo = format!("{minimal}\nbackedn = \"userspace\"\n");
+        let e = AgentConfig::from_toml(&typo).unwrap_err().to_string();
+        assert!(e.contains("backedn"), "{e}");
+        let bad = format!("{minimal}\nbackend = \"lukes\"\n");
+        assert!(AgentConfig::from_toml(&bad).is_err());
+    }
+}

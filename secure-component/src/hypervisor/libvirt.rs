@@ -1,0 +1,326 @@
+//! The `libvirt` hypervisor driver: the plaintext block device is hot-plugged into the
+//! running libvirt domain named like the VM id, as a virtio disk:
+//!
+//! ```xml
+//! <disk type='block' device='disk'>
+//!   <driver name='qemu' type='raw' cache='none' io='native'/>
+//!   <source dev='/dev/loop3'/>
+//!   <target dev='vdb' bus='virtio'/>
+//!   <readonly/>            <!-- ro attachments only -->
+//!   <serial>skydd-...</serial>
+//! </disk>
+//! ```
+//!
+//! with `virsh [-c URI] attach-device <vm> <file> --live`; detach runs `detach-device` with
+//! the same XML. The guest sees a block device (it owns the file system). The target is the
+//! first of vdb..vdz the domain does not use (`virsh domblklist`).
+//!
+//! This driver is unit-tested against a fake `virsh`; the test host has no libvirt.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use super::{HypervisorDriver, Placement};
+use crate::error::{Error, Result};
+use crate::volume::OpenMode;
+
+const DRIVER: &str = "libvirt";
+
+fn hv(detail: impl Into<String>) -> Error {
+    Error::Hypervisor { driver: DRIVER, detail: detail.into() }
+}
+
+/// Runs virsh with arguments and returns its standard output (an error carries stderr).
+pub trait Virsh: Send + Sync {
+    fn run(&self, args: &[String]) -> Result<String>;
+}
+
+/// The real `virsh` binary, optionally with a connection URI (`-c qemu:///system`).
+pub struct VirshCommand {
+    pub program: PathBuf,
+    pub uri: Option<String>,
+}
+
+impl Virsh for VirshCommand {
+    fn run(&self, args: &[String]) -> Result<String> {
+        let mut cmd = Command::new(&self.program);
+        if let Some(uri) = &self.uri {
+            cmd.arg("-c").arg(uri);
+        }
+        let out = cmd
+            .args(args)
+            .output()
+            .map_err(|e| Error::io(format!("running {} (is libvirt-clients installed?)", self.program.display()), e))?;
+        if !out.status.success() {
+            return Err(hv(format!(
+                "virsh {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+pub struct LibvirtDriver {
+    virsh: Box<dyn Virsh>,
+    /// Where the device XML of each attachment is written (virsh reads it from a file).
+    xml_dir: PathBuf,
+    /// Serialises target choice and attach per host (two attaches to one VM must not pick
+    /// the same vdX).
+    lock: Mutex<()>,
+}
+
+impl LibvirtDriver {
+    pub fn new(virsh: Box<dyn Virsh>, xml_dir: impl Into<PathBuf>) -> Result<Self> {
+        let xml_dir = xml_dir.into();
+        std::fs::create_dir_all(&xml_dir).map_err(|e| Error::io(format!("creating {}", xml_dir.display()), e))?;
+        Ok(Self { virsh, xml_dir, lock: Mutex::new(()) })
+    }
+
+    /// `virsh` from PATH (or `program`) with an optional connection URI.
+    pub fn with_virsh(program: Option<PathBuf>, uri: Option<String>, xml_dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::new(Box::new(VirshCommand { program: program.unwrap_or_else(|| PathBuf::from("virsh")), uri }), xml_dir)
+    }
+
+    fn disks(&self, vm: &str) -> Result<Vec<(String, String)>> {
+        Ok(parse_domblklist(&self.virsh.run(&["domblklist".into(), vm.into()])?))
+    }
+
+    fn xml_path(&self, vm: &str, target: &str) -> PathBuf {
+        self.xml_dir.join(format!("{vm}-{target}.xml"))
+    }
+
+    fn write_xml(&self, placement: &Placement, target: &str) -> Result<PathBuf> {
+        let xml = disk_xml(&placement.device, target, placement.mode == OpenMode::ReadOnly, &serial(placement));
+        let path = self.xml_path(&placement.vm_id, target);
+        std::fs::write(&path, xml).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        Ok(path)
+    }
+}
+
+impl HypervisorDriver for LibvirtDriver {
+    fn kind(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn attach(&self, placement: &Placement) -> Result<String> {
+        check_vm_name(&placement.vm_id)?;
+        let _guard = self.lock.lock().map_err(|_| hv("driver lock poisoned"))?;
+        let disks = self.disks(&placement.vm_id)?;
+        let device = placement.device.to_string_lossy();
+        if let Some((target, _)) = disks.iter().find(|(_, source)| *source == device) {
+            return Err(hv(format!("VM {} already has {device} as {target}", placement.vm_id)));
+        }
+        let used: Vec<&str> = disks.iter().map(|(t, _)| t.as_str()).collect();
+        let target = free_target(&used)
+            .ok_or_else(|| hv(format!("VM {} has no free virtio target (vdb..vdz all used)", placement.vm_id)))?;
+        let file = self.write_xml(placement, &target)?;
+        self.virsh.run(&["attach-device".into(), placement.vm_id.clone(), file.to_string_lossy().into_owned(), "--live".into()])?;
+        Ok(target)
+    }
+
+    fn detach(&self, placement: &Placement, location: &str) -> Result<()> {
+        check_vm_name(&placement.vm_id)?;
+        let _guard = self.lock.lock().map_err(|_| hv("driver lock poisoned"))?;
+        let device = placement.device.to_string_lossy();
+        let present = match self.disks(&placement.vm_id) {
+            Ok(disks) => disks.iter().any(|(t, s)| t == location && *s == device),
+            // The domain itself is gone (shut off and undefined): nothing to detach.
+            Err(e) if e.to_string().contains("failed to get domain") => false,
+            Err(e) => return Err(e),
+        };
+        let file = self.xml_path(&placement.vm_id, location);
+        if present {
+            let file = if file.exists() { file } else { self.write_xml(placement, location)? };
+            self.virsh.run(&["detach-device".into(), placement.vm_id.clone(), file.to_string_lossy().into_owned(), "--live".into()])?;
+        }
+        let _ = std::fs::remove_file(self.xml_path(&placement.vm_id, location));
+        Ok(())
+    }
+
+    fn check(&self, placement: &Placement, location: &str) -> Result<Option<String>> {
+        let disks = match self.disks(&placement.vm_id) {
+            Ok(d) => d,
+            Err(e) => return Ok(Some(format!("cannot list the disks of VM {}: {e}", placement.vm_id))),
+        };
+        let device = placement.device.to_string_lossy();
+        Ok(match disks.iter().find(|(t, _)| t == location) {
+            None => Some(format!("VM {} has no disk {location}", placement.vm_id)),
+            Some((_, s)) if *s != device => Some(format!("disk {location} of VM {} is {s}, not {device}", placement.vm_id)),
+            Some(_) => None,
+        })
+    }
+}
+
+fn check_vm_name(vm: &str) -> Result<()> {
+    if vm.is_empty() || vm.starts_with('-') || vm.contains('/') {
+        return Err(hv(format!("VM id {vm:?} cannot be a libvirt domain name")));
+    }
+    Ok(())
+}
+
+/// The disk serial the guest sees (/dev/disk/by-id/virtio-<serial>), at most 20 characters.
+fn serial(placement: &Placement) -> String {
+    let mut s = format!("skydd-{}", placement.domain_id);
+    s.truncate(20);
+    s
+}
+
+/// The `<disk>` element for `device` at `target`, `<readonly/>` when `read_only`.
+pub fn disk_xml(device: &Path, target: &str, read_only: bool, serial: &str) -> String {
+    let mut xml = String::new();
+    xml.push_str("<disk type='block' device='disk'>\n");
+    xml.push_str("  <driver name='qemu' type='raw' cache='none' io='native'/>\n");
+    xml.push_str(&format!("  <source dev='{}'/>\n", escape(&device.to_string_lossy())));
+    xml.push_str(&format!("  <target dev='{}' bus='virtio'/>\n", escape(target)));
+    if read_only {
+        xml.push_str("  <readonly/>\n");
+    }
+    xml.push_str(&format!("  <serial>{}</serial>\n", escape(serial)));
+    xml.push_str("</disk>\n");
+    xml
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The first of vdb..vdz not in `used` (vda is the VM's own root disk by convention).
+pub fn free_target(used: &[&str]) -> Option<String> {
+    (b'b'..=b'z').map(|c| format!("vd{}", c as char)).find(|t| !used.contains(&t.as_str()))
+}
+
+/// `virsh domblklist` output → `(target, source)` pairs.
+pub fn parse_domblklist(output: &str) -> Vec<(String, String)> {
+    let mut lines = output.lines();
+    // Header ("Target Source") and a dashed rule come first.
+    for line in lines.by_ref() {
+        if line.trim_start().starts_with("---") {
+            break;
+        }
+    }
+    lines
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let target = parts.next()?;
+            let source = parts.collect::<Vec<_>>().join(" ");
+            Some((target.to_string(), source))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn readonly_disk_xml() {
+        let xml = disk_xml(Path::new("/dev/loop7"), "vdc", true, "skydd-0f1e");
+        assert_eq!(
+            xml,
+            "<disk type='block' device='disk'>\n  <driver name='qemu' type='raw' cache='none' io='native'/>\n  \
+             <source dev='/dev/loop7'/>\n  <target dev='vdc' bus='virtio'/>\n  <readonly/>\n  <serial>skydd-0f1e</serial>\n</disk>\n"
+        );
+        let rw = disk_xml(Path::new("/dev/dm-0"), "vdb", false, "s");
+        assert!(!rw.contains("readonly"), "{rw}");
+        assert!(rw.contains("<source dev='/dev/dm-0'/>"));
+        let odd = disk_xml(Path::new("/dev/a'b&<c>"), "vdb", false, "s");
+        assert!(odd.contains("<source dev='/dev/a&apos;b&amp;&lt;c&gt;'/>"), "{odd}");
+    }
+
+    #[test]
+    fn domblklist_and_targets() {
+        let out = " Target   Source\n------------------------------------------------\n vda      /var/lib/libvirt/images/a.qcow2\n vdb      /dev/loop3\n sda      -\n\n";
+        let disks = parse_domblklist(out);
+        assert_eq!(
+            disks,
+            vec![
+                ("vda".into(), "/var/lib/libvirt/images/a.qcow2".into()),
+                ("vdb".into(), "/dev/loop3".into()),
+                ("sda".into(), "-".into())
+            ]
+        );
+        assert_eq!(free_target(&["vda", "vdb", "sda"]).as_deref(), Some("vdc"));
+        assert_eq!(free_target(&[]).as_deref(), Some("vdb"));
+        let all: Vec<String> = (b'b'..=b'z').map(|c| format!("vd{}", c as char)).collect();
+        let all: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+        assert_eq!(free_target(&all), None);
+    }
+
+    /// A fake virsh: remembers the calls, keeps a disk table per the attach/detach calls.
+    #[derive(Default)]
+    struct FakeVirsh {
+        calls: Mutex<Vec<Vec<String>>>,
+        disks: Mutex<Vec<(String, String)>>,
+    }
+
+    impl Virsh for Arc<FakeVirsh> {
+        fn run(&self, args: &[String]) -> Result<String> {
+            self.calls.lock().unwrap().push(args.to_vec());
+            match args[0].as_str() {
+                "domblklist" => {
+                    let mut out = " Target   Source\n----------------------\n vda      /img/root.qcow2\n".to_string();
+                    for (t, s) in self.disks.lock().unwrap().iter() {
+                        out.push_str(&format!(" {t}      {s}\n"));
+                    }
+                    Ok(out)
+                }
+                "attach-device" | "detach-device" => {
+                    let xml = std::fs::read_to_string(&args[2]).unwrap();
+                    let source = xml.split("dev='").nth(1).unwrap().split('\'').next().unwrap().to_string();
+                    let target = xml.split("<target dev='").nth(1).unwrap().split('\'').next().unwrap().to_string();
+                    let mut disks = self.disks.lock().unwrap();
+                    if args[0] == "attach-device" {
+                        disks.push((target, source));
+                    } else {
+                        disks.retain(|(t, _)| *t != target);
+                    }
+                    Ok(String::new())
+                }
+                other => panic!("unexpected virsh {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn attach_and_detach_through_virsh() {
+        let tmp = std::env::temp_dir().join(format!("skydd-libvirt-test-{}", std::process::id()));
+        let fake = Arc::new(FakeVirsh::default());
+        let driver = LibvirtDriver::new(Box::new(fake.clone()), &tmp).unwrap();
+        let ro = Placement { vm_id: "vm-b".into(), domain_id: "0f1e2d".into(), device: "/dev/loop4".into(), mode: OpenMode::ReadOnly };
+        let target = driver.attach(&ro).unwrap();
+        assert_eq!(target, "vdb");
+        let xml = std::fs::read_to_string(tmp.join("vm-b-vdb.xml")).unwrap();
+        assert!(xml.contains("<readonly/>") && xml.contains("/dev/loop4"), "{xml}");
+        assert_eq!(driver.check(&ro, "vdb").unwrap(), None);
+        let calls = fake.calls.lock().unwrap().clone();
+        assert_eq!(calls[1][0], "attach-device");
+        assert_eq!(calls[1][1], "vm-b");
+        assert_eq!(calls[1][3], "--live");
+
+        let rw = Placement { vm_id: "vm-b".into(), domain_id: "aa".into(), device: "/dev/loop5".into(), mode: OpenMode::ReadWrite };
+        assert_eq!(driver.attach(&rw).unwrap(), "vdc", "the next free target");
+        assert!(driver.attach(&ro).is_err(), "the same device twice is refused");
+
+        driver.detach(&ro, "vdb").unwrap();
+        assert!(driver.check(&ro, "vdb").unwrap().unwrap().contains("no disk vdb"));
+        assert!(!tmp.join("vm-b-vdb.xml").exists());
+        driver.detach(&ro, "vdb").unwrap(); // already gone: fine
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+}

@@ -1,0 +1,43 @@
+//! Hypervisor drivers: how an opened (plaintext) volume reaches a VM. One trait, two drivers:
+//!
+//! - [`local::LocalDriver`]: mounts the ext4 file system at `<vm_root>/<vm_id>/<domain_id>`
+//!   (read-only with `ro,noload` for ro; `mkfs.ext4` on the first read-write use). The
+//!   all-in-one cloud and the tests use it: the "VM" is a directory.
+//! - [`libvirt::LibvirtDriver`]: hands the block device to a running libvirt domain with
+//!   `virsh attach-device --live` (`<readonly/>` for ro); the guest owns the file system.
+
+pub mod libvirt;
+pub mod local;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::Result;
+use crate::volume::OpenMode;
+
+/// What is being attached: the plaintext device of one domain for one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub vm_id: String,
+    pub domain_id: String,
+    /// The plaintext block device (/dev/loopN or /dev/dm-N).
+    pub device: PathBuf,
+    pub mode: OpenMode,
+}
+
+pub trait HypervisorDriver: Send + Sync {
+    /// "local" or "libvirt".
+    fn kind(&self) -> &'static str;
+    /// Gives the device to the VM. Returns where the VM sees it: the mount directory
+    /// (local) or the libvirt target such as `vdb`.
+    fn attach(&self, placement: &Placement) -> Result<String>;
+    /// Takes the device away from the VM again (`location` as returned by `attach`). Must
+    /// succeed when it is already gone (after a crash or a manual cleanup).
+    fn detach(&self, placement: &Placement, location: &str) -> Result<()>;
+    /// `None` if the VM has the device at `location` now, otherwise why not (in words).
+    fn check(&self, placement: &Placement, location: &str) -> Result<Option<String>>;
+}
+
+/// `<vm_root>/<vm_id>/<domain_id>`: where the local driver mounts a domain for a VM.
+pub fn vm_directory(vm_root: &Path, vm_id: &str, domain_id: &str) -> PathBuf {
+    vm_root.join(vm_id).join(domain_id)
+}

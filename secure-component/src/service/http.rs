@@ -1,0 +1,123 @@
+//! The agent's HTTPS API (docs/CLOUD-API.md): thin axum handlers over [`AgentService`].
+//! Errors answer `{"code", "message"}`; a refusal by the TTP keeps the TTP's code and message.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use axum::{Extension, Json, Router};
+use net::{ApiError, Identity, Role};
+use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList};
+use serde::Serialize;
+
+use super::AgentService;
+use crate::error::Error;
+
+/// Largest request body: a header record with a full ACL and certificates fits easily.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+pub fn router(service: Arc<AgentService>) -> Router {
+    Router::new()
+        .route("/v1/attachments", get(list).post(attach))
+        .route("/v1/attachments/:attachment_id", delete(detach))
+        .route("/v1/health", get(health))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(service)
+}
+
+/// The status and code of an agent error.
+pub fn status_and_code(error: &Error) -> (StatusCode, String) {
+    match error {
+        Error::TtpRefused { code, .. } => {
+            let status = match code.as_str() {
+                "bad_request" => StatusCode::BAD_REQUEST,
+                "domain_unknown" | "host_unknown" => StatusCode::NOT_FOUND,
+                "version_rollback" => StatusCode::CONFLICT,
+                "domain_deleted" => StatusCode::GONE,
+                _ => StatusCode::FORBIDDEN,
+            };
+            (status, code.clone())
+        }
+        Error::TtpUnreachable { .. } => (StatusCode::BAD_GATEWAY, "ttp_unreachable".into()),
+        Error::BadRequest(_) | Error::Protocol(_) => (StatusCode::BAD_REQUEST, "bad_request".into()),
+        Error::AttachmentUnknown(_) => (StatusCode::NOT_FOUND, "attachment_unknown".into()),
+        Error::AttachmentConflict(_) => (StatusCode::CONFLICT, "attachment_conflict".into()),
+        Error::BindingKeyRefused(_) => (StatusCode::FORBIDDEN, "binding_key_refused".into()),
+        Error::Tpm { .. } | Error::Swtpm(_) | Error::TpmState { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "tpm_failed".into()),
+        Error::Volume(_) | Error::DeviceMapperUnavailable(_) | Error::Xts(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "volume_failed".into())
+        }
+        Error::Hypervisor { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "hypervisor_failed".into()),
+        Error::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "io_failed".into()),
+        Error::Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "config".into()),
+    }
+}
+
+/// The error answer; a TTP refusal carries the TTP's own message unchanged.
+pub fn api_error(error: Error) -> ApiError {
+    let (status, code) = status_and_code(&error);
+    let message = match &error {
+        Error::TtpRefused { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    if status.is_server_error() {
+        tracing::error!(%code, error = %error, "request failed");
+    } else {
+        tracing::info!(%code, error = %error, "request refused");
+    }
+    ApiError::new(status, &code, message)
+}
+
+/// Only the cloud platform calls the agent (the TLS configuration already refuses any other
+/// role; this keeps a misconfiguration from opening it up).
+fn require_cloud_platform(caller: &Identity) -> Result<(), ApiError> {
+    if caller.role == Role::CloudPlatform {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("forbidden", format!("{caller} may not call the secure component; only the cloud platform may")))
+    }
+}
+
+async fn attach(
+    State(service): State<Arc<AgentService>>,
+    Extension(caller): Extension<Identity>,
+    body: Result<Json<AgentAttachRequest>, JsonRejection>,
+) -> Result<Json<AgentAttachment>, ApiError> {
+    require_cloud_platform(&caller)?;
+    let Json(request) = body.map_err(|r| ApiError::new(r.status(), "bad_request", r.body_text()))?;
+    tracing::info!(caller = %caller, attachment = %request.attachment_id, vm = %request.vm_id, mode = %request.mode, "attach requested");
+    service.attach(request).await.map(Json).map_err(api_error)
+}
+
+async fn list(State(service): State<Arc<AgentService>>, Extension(caller): Extension<Identity>) -> Result<Json<AgentAttachmentList>, ApiError> {
+    require_cloud_platform(&caller)?;
+    let work = service.clone();
+    match tokio::task::spawn_blocking(move || work.list()).await {
+        Ok(Ok(list)) => Ok(Json(list)),
+        Ok(Err(e)) => Err(api_error(e)),
+        Err(join) => Err(ApiError::internal("internal", format!("list failed: {join}"))),
+    }
+}
+
+async fn detach(
+    State(service): State<Arc<AgentService>>,
+    Extension(caller): Extension<Identity>,
+    Path(attachment_id): Path<String>,
+) -> Result<Json<AgentAttachment>, ApiError> {
+    require_cloud_platform(&caller)?;
+    tracing::info!(caller = %caller, attachment = %attachment_id, "detach requested");
+    service.detach(&attachment_id).await.map(Json).map_err(api_error)
+}
+
+#[derive(Serialize)]
+struct Health {
+    host_id: String,
+    backend: &'static str,
+    hypervisor: &'static str,
+}
+
+async fn health(State(service): State<Arc<AgentService>>) -> Json<Health> {
+    Json(Health { host_id: service.host_agent().host_id.clone(), backend: service.backend_kind(), hypervisor: service.driver_kind() })
+}
