@@ -15,6 +15,8 @@ use openssl::symm::{Cipher, Crypter, Mode};
 use protocol::secret::SecretBytes;
 use qemu::{BootImage, Vm};
 use serde_json::json;
+use secure_component::volume::userspace::UserspaceBackend;
+use secure_component::volume::{filesystem, OpenMode, VolumeBackend};
 use secure_component::xts::XtsEngine;
 use sha2::{Digest, Sha256};
 
@@ -220,6 +222,30 @@ fn guest_formatted_volume_reads_back_on_the_host() {
     }
     let fsck = Command::new("e2fsck").args(["-f", "-n"]).arg(&img).output().expect("e2fsck");
     assert!(fsck.status.success(), "e2fsck on the host-decrypted filesystem: {}", String::from_utf8_lossy(&fsck.stdout));
+
+    // And through the project's userspace backend (FUSE + loop) on the host: same files.
+    let state = dir.path().join("us-state");
+    let us = UserspaceBackend::new(&state).expect("userspace backend");
+    let mut k = key;
+    let secret = SecretBytes::from_slice_wiping(&mut k);
+    let opened = us.open("skydd-b-host", &vol, &secret, OpenMode::ReadOnly).expect("userspace open");
+    let mnt = dir.path().join("mnt");
+    fs::create_dir_all(&mnt).expect("mountpoint");
+    filesystem::mount(&opened.device, &mnt, OpenMode::ReadOnly).expect("mount through the userspace backend");
+    let check = (|| {
+        for line in files.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(sum), Some(name)) = (it.next(), it.next()) else { continue };
+            let data = fs::read(mnt.join(name)).map_err(|e| format!("{name}: {e}"))?;
+            if sha256_hex(&data) != sum {
+                return Err(format!("{name} differs through the userspace backend"));
+            }
+        }
+        Ok::<(), String>(())
+    })();
+    let _ = filesystem::unmount(&mnt);
+    us.close("skydd-b-host").expect("userspace close");
+    check.expect("files through the userspace backend");
     eprintln!("test b wall time {:.1?}", t0.elapsed());
 }
 
