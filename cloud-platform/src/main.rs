@@ -28,6 +28,33 @@ enum Command {
     /// The cloud certificate authority: create it, issue party certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Serve the cloud platform API over mutual TLS.
+    #[command(long_about = "Serve the cloud platform API (docs/CLOUD-API.md) over mutual TLS 1.3.\n\n\
+The configuration is a TOML file:\n\n  \
+listen = \"127.0.0.1:7500\"\n  \
+data_dir = \"/var/lib/skydd/cp\"      # cp.sqlite and volumes/<domain>.vol\n  \
+ca = [\"/etc/skydd/ca.pem\"]\n  \
+cert = \"/etc/skydd/cp-1.pem\"        # issued with --role cloud-platform\n  \
+key = \"/etc/skydd/cp-1-key.pem\"\n  \
+ttp_url = \"https://127.0.0.1:7443\"\n\n\
+Flags override the file.")]
+    Serve {
+        /// The TOML configuration.
+        #[arg(long, env = "SKYDD_CP_CONFIG")]
+        config: PathBuf,
+        /// Override the listen address.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Override the data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Override the TTP's URL.
+        #[arg(long)]
+        ttp_url: Option<String>,
+        /// Log as JSON lines.
+        #[arg(long)]
+        json_logs: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -145,10 +172,59 @@ fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_serve(
+    config: PathBuf,
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    ttp_url: Option<String>,
+    json_logs: bool,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    init_logging(json_logs);
+    let mut config = cloud_platform::CpConfig::load(&config)?;
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(url) = ttp_url {
+        config.ttp_url = url;
+    }
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    runtime.block_on(async move {
+        let (cp, tls) = cloud_platform::build(&config)?;
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("bind {}", config.listen))?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            on_signal.cancel();
+        });
+        tracing::info!(listen = %config.listen, ttp = %config.ttp_url, data_dir = %config.data_dir.display(), "cloud platform serving");
+        cloud_platform::serve(listener, cp, tls, shutdown).await?;
+        Ok(())
+    })
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if json {
+        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Ca(c) => run_ca(c),
+        Command::Serve { config, listen, data_dir, ttp_url, json_logs } => {
+            run_serve(config, listen, data_dir, ttp_url, json_logs)
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,101 @@
+//! Cloud platform configuration: one TOML file, overridable by flags. Defaults suit the
+//! all-in-one cloud.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7500"
+//! data_dir = "/var/lib/skydd/cp"          # cp.sqlite and volumes/<domain>.vol
+//! ca = ["/etc/skydd/ca.pem"]              # trusted CA roots (own cloud first)
+//! cert = "/etc/skydd/cp-1.pem"            # role cloud-platform
+//! key = "/etc/skydd/cp-1-key.pem"
+//! ttp_url = "https://127.0.0.1:7443"
+//! max_volume_bytes = 1099511627776        # optional, default 1 TiB
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The SQLite database under the data directory.
+pub const DATABASE_FILE: &str = "cp.sqlite";
+/// The directory of volume files under the data directory.
+pub const VOLUMES_DIR: &str = "volumes";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7500";
+/// Default largest data area of one volume (1 TiB; the file is sparse).
+pub const DEFAULT_MAX_VOLUME_BYTES: u64 = 1 << 40;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpConfig {
+    /// Address to listen on (mutual TLS).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Holds cp.sqlite and volumes/ (sparse volume files).
+    pub data_dir: PathBuf,
+    /// Trusted CA roots (PEM files): the own cloud's first, federated partners' after.
+    pub ca: Vec<PathBuf>,
+    /// The CP's own certificate and key (role cloud-platform).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Where the TTP listens, e.g. "https://127.0.0.1:7443".
+    pub ttp_url: String,
+    /// Largest data area of one volume in bytes.
+    #[serde(default = "default_max_volume_bytes")]
+    pub max_volume_bytes: u64,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_string()
+}
+
+fn default_max_volume_bytes() -> u64 {
+    DEFAULT_MAX_VOLUME_BYTES
+}
+
+impl CpConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::Config(format!("encode configuration: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c: CpConfig = toml::from_str(
+            r#"data_dir = "/d"
+               ca = ["/ca.pem"]
+               cert = "/c.pem"
+               key = "/k.pem"
+               ttp_url = "https://127.0.0.1:7443""#,
+        )
+        .unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+        assert_eq!(c.max_volume_bytes, DEFAULT_MAX_VOLUME_BYTES);
+        let back: CpConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(back.ttp_url, c.ttp_url);
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let e = toml::from_str::<CpConfig>(
+            r#"data_dir = "/d"
+               ca = []
+               cert = "/c"
+               key = "/k"
+               ttp_url = "https://x"
+               tpp_url = "typo""#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tpp_url"), "{e}");
+    }
+}

@@ -1,0 +1,99 @@
+//! The one error type of the cloud platform library. Every refusal carries a stable code
+//! (the `code` of the JSON error body) and a message naming what was wrong. Refusals of the
+//! TTP and of a secure component keep their own code and message ([`Error::Upstream`]), so
+//! a domain manager sees e.g. `vm_not_in_acl: vm-7 is not in the access list of ...`.
+
+use axum::http::StatusCode;
+use net::ApiError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Malformed request (says which field).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A volume size that is not a positive multiple of 4096 or above the configured limit.
+    #[error("{0}")]
+    InvalidSize(String),
+    /// The caller's role or name may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Someone other than the owner tried to create, change or delete a domain.
+    #[error("{0}")]
+    OwnerMismatch(String),
+    /// A resource that does not exist; `code` is e.g. `domain_unknown`, `instance_unknown`.
+    #[error("{message}")]
+    NotFound { code: &'static str, message: String },
+    /// A conflict with the current state; `code` is e.g. `domain_exists`, `already_attached`.
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// The domain was deleted (crypto-shredded).
+    #[error("{0}")]
+    DomainDeleted(String),
+    /// The TTP or a secure component refused; its status, code and message are kept.
+    #[error("{message}")]
+    Upstream { status: u16, code: String, message: String },
+    /// The TTP or a secure component could not be reached or answered nonsense;
+    /// `code` is `ttp_unreachable` or `host_unreachable`.
+    #[error("{message}")]
+    Unreachable { code: &'static str, message: String },
+    #[error("volume: {0}")]
+    Volume(String),
+    #[error("store: {0}")]
+    Store(String),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn code(&self) -> &str {
+        match self {
+            Error::BadRequest(_) => "bad_request",
+            Error::InvalidSize(_) => "invalid_size",
+            Error::Forbidden(_) => "forbidden",
+            Error::OwnerMismatch(_) => "owner_mismatch",
+            Error::NotFound { code, .. } | Error::Conflict { code, .. } | Error::Unreachable { code, .. } => code,
+            Error::DomainDeleted(_) => "domain_deleted",
+            Error::Upstream { code, .. } => code,
+            Error::Volume(_) => "volume_error",
+            Error::Store(_) => "store_error",
+            Error::Config(_) => "config_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::BadRequest(_) | Error::InvalidSize(_) => StatusCode::BAD_REQUEST,
+            Error::Forbidden(_) | Error::OwnerMismatch(_) => StatusCode::FORBIDDEN,
+            Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::Conflict { .. } => StatusCode::CONFLICT,
+            Error::DomainDeleted(_) => StatusCode::GONE,
+            Error::Upstream { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
+            Error::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            Error::Volume(_) | Error::Store(_) | Error::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Classifies a failed call to the TTP or a secure component: a refusal keeps the
+    /// peer's code and message; anything else names who could not be reached and why.
+    pub fn from_peer(error: net::Error, unreachable_code: &'static str, who: impl FnOnce() -> String) -> Self {
+        match error {
+            net::Error::Api { status, code, message } => Error::Upstream { status, code, message },
+            other => Error::Unreachable { code: unreachable_code, message: format!("{}: {other}", who()) },
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        let status = error.status();
+        if status.is_server_error() {
+            tracing::error!(code = error.code(), error = %error, "request failed");
+        } else {
+            tracing::info!(code = error.code(), error = %error, "request refused");
+        }
+        ApiError::new(status, error.code(), error.to_string())
+    }
+}

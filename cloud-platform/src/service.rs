@@ -1,0 +1,567 @@
+//! The cloud platform's flows (DESIGN §3, docs/CLOUD-API.md): domains, instances, hosts and
+//! attachments. The CP routes and stores; it checks no signature itself (the TTP checks every
+//! one) and never holds a key. It does check who may ask for what by the caller's TLS
+//! identity: only a domain's owner creates, changes or deletes it; only its owner and the
+//! managers it is shared with see it and attach it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use net::{Identity, Role};
+use protocol::cloud::{
+    AgentAttachRequest, AgentAttachment, Attachment, AttachmentList, ComputeHost, CreateAttachmentRequest,
+    CreateDomainRequest, DeleteDomainBody, DomainList, DomainView, Instance, InstanceList, UpdateDomainRequest,
+};
+use protocol::domain::{validate_name, Descriptor};
+use protocol::messages::{DeleteDomainRequest, Deletion, HeaderRecord, RegisterDomainRequest, RegisterDomainResponse};
+
+use crate::error::{Error, Result};
+use crate::store::{AttachmentFilter, CpStore, DomainRecord, Page, ATTACHED, DETACHED, DETACHING};
+use crate::volumes::Volumes;
+
+/// How long the CP waits for a secure component (an attach runs attestation, a TPM
+/// decryption and possibly mkfs).
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct CloudPlatform {
+    store: Arc<dyn CpStore>,
+    volumes: Volumes,
+    ttp: net::Client,
+    agent_tls: rustls::ClientConfig,
+    agents: std::sync::Mutex<HashMap<String, (String, net::Client)>>,
+    /// One lock per domain: create, update, delete, attach and detach of one domain run one
+    /// at a time, so a revocation cannot miss an attachment that is being made.
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Runs blocking work (SQLite, file I/O) off the async workers.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Store(format!("blocking task failed: {e}")))?
+}
+
+fn require_role(caller: &Identity, roles: &[Role], action: &str) -> Result<()> {
+    if roles.contains(&caller.role) {
+        return Ok(());
+    }
+    let allowed: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+    Err(Error::Forbidden(format!(
+        "{} may not {action}: that needs a {} certificate",
+        caller,
+        allowed.join(" or ")
+    )))
+}
+
+fn decode_descriptor(envelope: &protocol::signing::SignedEnvelope) -> Result<Descriptor> {
+    Descriptor::decode(&envelope.message).map_err(|e| Error::BadRequest(format!("descriptor: {e}")))
+}
+
+fn domain_view(record: &DomainRecord, header: HeaderRecord, status: &str) -> Result<DomainView> {
+    let (descriptor, _) = header
+        .unverified_contents()
+        .map_err(|e| Error::Volume(format!("header of domain {}: {e}", record.id)))?;
+    Ok(DomainView {
+        id: record.id.clone(),
+        owner: descriptor.owner,
+        version: descriptor.version,
+        metadata: descriptor.metadata,
+        acl: descriptor.acl,
+        shared_with: descriptor.shared_with,
+        size_bytes: record.size_bytes,
+        status: status.to_string(),
+        created_at: record.created_at,
+        header,
+    })
+}
+
+impl CloudPlatform {
+    /// `ttp` talks to the TTP with the CP's certificate; `agent_tls` is the CP's client
+    /// configuration for secure components (server role secure-component).
+    pub fn new(store: Arc<dyn CpStore>, volumes: Volumes, ttp: net::Client, agent_tls: rustls::ClientConfig) -> Self {
+        Self {
+            store,
+            volumes,
+            ttp,
+            agent_tls,
+            agents: std::sync::Mutex::new(HashMap::new()),
+            locks: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn volumes(&self) -> &Volumes {
+        &self.volumes
+    }
+
+    fn lock_of(&self, domain_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(domain_id.to_string()).or_default().clone()
+    }
+
+    async fn store<T: Send + 'static>(&self, work: impl FnOnce(&dyn CpStore) -> Result<T> + Send + 'static) -> Result<T> {
+        let store = self.store.clone();
+        blocking(move || work(store.as_ref())).await
+    }
+
+    // ---- hosts and instances -----------------------------------------------------------------
+
+    pub async fn register_host(&self, caller: &Identity, host: ComputeHost) -> Result<ComputeHost> {
+        require_role(caller, &[Role::CloudPlatform], "register a compute host")?;
+        validate_name("host id", &host.id).map_err(|e| Error::BadRequest(e.to_string()))?;
+        net::Client::new(&host.agent_url, self.agent_tls.clone())
+            .map_err(|e| Error::BadRequest(format!("agent_url of host {}: {e}", host.id)))?;
+        let stored = host.clone();
+        self.store(move |s| s.put_host(&stored)).await?;
+        tracing::info!(host = %host.id, agent_url = %host.agent_url, by = %caller.name, "host registered");
+        Ok(host)
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<ComputeHost>> {
+        self.store(|s| s.hosts()).await
+    }
+
+    pub async fn register_instance(&self, caller: &Identity, instance: Instance) -> Result<Instance> {
+        require_role(caller, &[Role::CloudPlatform, Role::DomainManager], "register an instance")?;
+        validate_name("instance id", &instance.id).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let stored = instance.clone();
+        self.store(move |s| {
+            if s.host(&stored.host)?.is_none() {
+                return Err(Error::NotFound {
+                    code: "host_unknown",
+                    message: format!(
+                        "host {} is not registered; the operator registers it with POST /v1/hosts before instances can run on it",
+                        stored.host
+                    ),
+                });
+            }
+            s.put_instance(&stored)
+        })
+        .await?;
+        tracing::info!(instance = %instance.id, host = %instance.host, by = %caller.name, "instance registered");
+        Ok(instance)
+    }
+
+    pub async fn instances(&self, page: Page) -> Result<InstanceList> {
+        let p = page.clone();
+        let rows = self.store(move |s| s.instances(&p)).await?;
+        let (instances, next_marker) = page.finish(rows, |i| &i.id);
+        Ok(InstanceList { instances, next_marker })
+    }
+
+    // ---- domains ---------------------------------------------------------------------------
+
+    /// The stored record of a domain that exists and is not deleted, and that `caller`
+    /// manages (owner or shared with).
+    async fn managed_domain(&self, caller: &Identity, domain_id: &str) -> Result<DomainRecord> {
+        let id = domain_id.to_string();
+        let record = self
+            .store(move |s| s.domain(&id))
+            .await?
+            .ok_or_else(|| Error::NotFound { code: "domain_unknown", message: format!("domain {domain_id} does not exist") })?;
+        if !record.is_manager(&caller.name) {
+            return Err(Error::Forbidden(format!(
+                "{} is neither the owner ({}) nor a domain manager domain {domain_id} is shared with",
+                caller.name, record.owner
+            )));
+        }
+        if let Some(at) = record.deleted_at {
+            return Err(Error::DomainDeleted(format!(
+                "domain {domain_id} was deleted at {at} (unix time): its header is destroyed and its key can never be released again"
+            )));
+        }
+        Ok(record)
+    }
+
+    fn require_owner(caller: &Identity, record: &DomainRecord, action: &str) -> Result<()> {
+        if caller.name != record.owner {
+            return Err(Error::OwnerMismatch(format!(
+                "only the owner {} may {action} domain {}; {} is not the owner",
+                record.owner, record.id, caller.name
+            )));
+        }
+        Ok(())
+    }
+
+    async fn read_header(&self, record: &DomainRecord) -> Result<crate::volumes::VolumeHeader> {
+        let volumes = self.volumes.clone();
+        let path = record.volume_path.clone();
+        blocking(move || volumes.read_header(&path)).await
+    }
+
+    async fn status_of(&self, domain_id: &str) -> Result<&'static str> {
+        let id = domain_id.to_string();
+        let open = self.store(move |s| s.open_attachments_of_domain(&id)).await?;
+        Ok(if open.is_empty() { "available" } else { "in-use" })
+    }
+
+    async fn register_with_ttp(&self, request: &RegisterDomainRequest) -> Result<RegisterDomainResponse> {
+        self.ttp
+            .post_json::<_, RegisterDomainResponse>("/v1/domains", request)
+            .await
+            .map_err(|e| Error::from_peer(e, "ttp_unreachable", || format!("cannot reach the TTP at {}", self.ttp.base_url())))
+    }
+
+    /// `POST /v1/domains`: the owner registers version 1 with the TTP through the CP; the CP
+    /// allocates the volume and writes the header.
+    pub async fn create_domain(&self, caller: &Identity, request: CreateDomainRequest) -> Result<DomainView> {
+        require_role(caller, &[Role::DomainManager], "create a domain")?;
+        let descriptor = decode_descriptor(&request.descriptor)?;
+        if descriptor.owner != caller.name {
+            return Err(Error::OwnerMismatch(format!(
+                "the descriptor of domain {} names {} as its owner, but the caller is {}; a domain manager can only create domains it owns",
+                descriptor.domain_id, descriptor.owner, caller.name
+            )));
+        }
+        self.volumes.check_size(request.size_bytes)?;
+        let lock = self.lock_of(&descriptor.domain_id);
+        let _guard = lock.lock().await;
+        let id = descriptor.domain_id.clone();
+        if self.store(move |s| s.domain(&id)).await?.is_some() {
+            return Err(Error::Conflict {
+                code: "domain_exists",
+                message: format!("domain {} already exists; a new domain needs a fresh id", descriptor.domain_id),
+            });
+        }
+        let response = self
+            .register_with_ttp(&RegisterDomainRequest { descriptor: request.descriptor.clone(), previous_registration: None })
+            .await?;
+        let header = HeaderRecord { descriptor: request.descriptor, registration: response.registration };
+        let (volumes, id, size, h) = (self.volumes.clone(), descriptor.domain_id.clone(), request.size_bytes, header.clone());
+        let volume_path = blocking(move || volumes.create(&id, size, &h)).await?;
+        let record = DomainRecord {
+            id: descriptor.domain_id.clone(),
+            owner: descriptor.owner.clone(),
+            shared_with: descriptor.shared_with.clone(),
+            version: descriptor.version,
+            size_bytes: request.size_bytes,
+            created_at: now_unix(),
+            volume_path,
+            deleted_at: None,
+        };
+        let stored = record.clone();
+        let volumes = self.volumes.clone();
+        self.store(move |s| {
+            s.insert_domain(&stored).inspect_err(|_| {
+                let _ = volumes.destroy(&stored.volume_path);
+            })
+        })
+        .await?;
+        tracing::info!(domain = %record.id, owner = %record.owner, size = record.size_bytes, "domain created");
+        domain_view(&record, header, "available")
+    }
+
+    /// `GET /v1/domains`: the live domains the caller owns or shares.
+    pub async fn list_domains(&self, caller: &Identity, page: Page) -> Result<DomainList> {
+        require_role(caller, &[Role::DomainManager], "list domains")?;
+        let (name, p) = (caller.name.clone(), page.clone());
+        let rows = self.store(move |s| s.domains_for(&name, &p)).await?;
+        let (records, next_marker) = page.finish(rows, |d| &d.id);
+        let mut domains = Vec::with_capacity(records.len());
+        for record in records {
+            let view = match self.read_header(&record).await {
+                Ok(header) => domain_view(&record, header.record, self.status_of(&record.id).await?),
+                Err(e) => Err(e),
+            };
+            match view {
+                Ok(view) => domains.push(view),
+                // One damaged volume must not hide the caller's other domains.
+                Err(e) => tracing::error!(domain = %record.id, error = %e, "domain left out of the list: its header cannot be read"),
+            }
+        }
+        Ok(DomainList { domains, next_marker })
+    }
+
+    /// `GET /v1/domains/{id}`: the domain with the header in force on its volume.
+    pub async fn get_domain(&self, caller: &Identity, domain_id: &str) -> Result<DomainView> {
+        require_role(caller, &[Role::DomainManager], "read a domain")?;
+        let record = self.managed_domain(caller, domain_id).await?;
+        let header = self.read_header(&record).await?;
+        if let Some(skipped) = &header.skipped {
+            if !skipped.contains("empty") {
+                tracing::warn!(domain = %domain_id, %skipped, "volume header slot not usable; the other slot is in force");
+            }
+        }
+        domain_view(&record, header.record, self.status_of(domain_id).await?)
+    }
+
+    /// `PUT /v1/domains/{id}/descriptor`: grant, revoke, share. The TTP registers the new
+    /// version (monotonic, based on the registration in the header), the header is rewritten
+    /// in the other slot, and attachments that lost access are detached.
+    pub async fn update_domain(&self, caller: &Identity, domain_id: &str, request: UpdateDomainRequest) -> Result<DomainView> {
+        require_role(caller, &[Role::DomainManager], "change a domain")?;
+        let descriptor = decode_descriptor(&request.descriptor)?;
+        if descriptor.domain_id != domain_id {
+            return Err(Error::BadRequest(format!(
+                "the descriptor is of domain {}, but the request is for domain {domain_id}",
+                descriptor.domain_id
+            )));
+        }
+        let lock = self.lock_of(domain_id);
+        let _guard = lock.lock().await;
+        let record = self.managed_domain(caller, domain_id).await?;
+        Self::require_owner(caller, &record, "change")?;
+        let current = self.read_header(&record).await?;
+        let response = self
+            .register_with_ttp(&RegisterDomainRequest {
+                descriptor: request.descriptor.clone(),
+                previous_registration: Some(current.record.registration.clone()),
+            })
+            .await?;
+        let header = HeaderRecord { descriptor: request.descriptor, registration: response.registration };
+        let (volumes, path, h) = (self.volumes.clone(), record.volume_path.clone(), header.clone());
+        let (slot, seq) = blocking(move || volumes.update_header(&path, &h)).await.map_err(|e| {
+            Error::Volume(format!(
+                "the TTP registered version {} of domain {domain_id}, but writing the volume header failed: {e}",
+                descriptor.version
+            ))
+        })?;
+        let (id, version, shared) = (domain_id.to_string(), descriptor.version, descriptor.shared_with.clone());
+        self.store(move |s| s.update_domain(&id, version, &shared)).await?;
+        tracing::info!(domain = %domain_id, version, slot, seq, "domain updated");
+
+        // Detach every VM that lost access or now has less than it mounted with.
+        let id = domain_id.to_string();
+        let open = self.store(move |s| s.open_attachments_of_domain(&id)).await?;
+        let lost: Vec<Attachment> = open
+            .into_iter()
+            .filter(|a| !descriptor.access_of(&a.instance_id).is_some_and(|m| m.covers(a.mode)))
+            .collect();
+        self.detach_all(lost, &format!("access revoked by version {version}")).await?;
+        domain_view(&record, header, self.status_of(domain_id).await?)
+    }
+
+    /// `DELETE /v1/domains/{id}`: TTP tombstone, every attachment detached, both header
+    /// slots destroyed, the file removed.
+    pub async fn delete_domain(&self, caller: &Identity, domain_id: &str, body: DeleteDomainBody) -> Result<DomainView> {
+        require_role(caller, &[Role::DomainManager], "delete a domain")?;
+        let deletion = Deletion::decode(&body.deletion.message).map_err(|e| Error::BadRequest(format!("deletion: {e}")))?;
+        if deletion.domain_id != domain_id {
+            return Err(Error::BadRequest(format!(
+                "the deletion is signed for domain {}, but the request is for domain {domain_id}",
+                deletion.domain_id
+            )));
+        }
+        let lock = self.lock_of(domain_id);
+        let _guard = lock.lock().await;
+        let mut record = self.managed_domain(caller, domain_id).await?;
+        Self::require_owner(caller, &record, "delete")?;
+        let header = self.read_header(&record).await.ok();
+        let path = format!("/v1/domains/{domain_id}/delete");
+        let outcome = self
+            .ttp
+            .post_json::<_, serde_json::Value>(&path, &DeleteDomainRequest { deletion: body.deletion })
+            .await
+            .map_err(|e| Error::from_peer(e, "ttp_unreachable", || format!("cannot reach the TTP at {}", self.ttp.base_url())));
+        match outcome {
+            Ok(_) => {}
+            // A retried deletion (the CP stopped after the TTP's tombstone): finish locally.
+            Err(Error::Upstream { code, .. }) if code == "domain_deleted" => {
+                tracing::warn!(domain = %domain_id, "the TTP had already deleted the domain; finishing the deletion here");
+            }
+            Err(e) => return Err(e),
+        }
+        let id = domain_id.to_string();
+        let open = self.store(move |s| s.open_attachments_of_domain(&id)).await?;
+        self.detach_all(open, "domain deleted").await?;
+        let (volumes, volume_path) = (self.volumes.clone(), record.volume_path.clone());
+        blocking(move || volumes.destroy(&volume_path)).await?;
+        let at = now_unix();
+        let id = domain_id.to_string();
+        self.store(move |s| s.mark_domain_deleted(&id, at)).await?;
+        record.deleted_at = Some(at);
+        tracing::info!(domain = %domain_id, by = %caller.name, "domain deleted; header destroyed");
+        match header {
+            Some(header) => domain_view(&record, header.record, "deleted"),
+            None => Err(Error::DomainDeleted(format!(
+                "domain {domain_id} is deleted; its volume header was already gone, so there is no header to show"
+            ))),
+        }
+    }
+
+    // ---- attachments -----------------------------------------------------------------------
+
+    async fn agent_client(&self, host: &ComputeHost) -> Result<net::Client> {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((url, client)) = agents.get(&host.id) {
+            if *url == host.agent_url {
+                return Ok(client.clone());
+            }
+        }
+        let client = net::Client::with_timeout(&host.agent_url, self.agent_tls.clone(), AGENT_TIMEOUT)
+            .map_err(|e| Error::Config(format!("secure component of host {} at {}: {e}", host.id, host.agent_url)))?;
+        agents.insert(host.id.clone(), (host.agent_url.clone(), client.clone()));
+        Ok(client)
+    }
+
+    async fn host_of(&self, host_id: &str) -> Result<ComputeHost> {
+        let id = host_id.to_string();
+        self.store(move |s| s.host(&id)).await?.ok_or_else(|| Error::NotFound {
+            code: "host_unknown",
+            message: format!("host {host_id} is not registered; the operator registers it with POST /v1/hosts"),
+        })
+    }
+
+    fn agent_error(host: &ComputeHost) -> impl FnOnce() -> String + '_ {
+        move || format!("cannot reach the secure component of host {} at {}", host.id, host.agent_url)
+    }
+
+    /// `POST /v1/attachments`: forwards to the secure component of the instance's host,
+    /// with the header in force on the volume.
+    pub async fn attach(&self, caller: &Identity, request: CreateAttachmentRequest) -> Result<Attachment> {
+        require_role(caller, &[Role::DomainManager], "attach a domain")?;
+        let lock = self.lock_of(&request.domain_id);
+        let _guard = lock.lock().await;
+        let record = self.managed_domain(caller, &request.domain_id).await?;
+        let instance_id = request.instance_id.clone();
+        let instance = self.store(move |s| s.instance(&instance_id)).await?.ok_or_else(|| Error::NotFound {
+            code: "instance_unknown",
+            message: format!("instance {} is not registered; register it with POST /v1/instances", request.instance_id),
+        })?;
+        let host = self.host_of(&instance.host).await?;
+        let (d, i) = (request.domain_id.clone(), request.instance_id.clone());
+        if let Some(open) = self.store(move |s| s.open_attachment(&d, &i)).await? {
+            return Err(Error::Conflict {
+                code: "already_attached",
+                message: format!(
+                    "domain {} is already attached to {} ({}, attachment {}, status {}); detach it first",
+                    open.domain_id, open.instance_id, open.mode, open.id, open.status
+                ),
+            });
+        }
+        let header = self.read_header(&record).await?;
+        let attachment_id = hex::encode(rand::random::<[u8; 16]>());
+        let agent_request = AgentAttachRequest {
+            attachment_id: attachment_id.clone(),
+            vm_id: instance.id.clone(),
+            mode: request.mode,
+            header: header.record,
+            grant: request.grant,
+            volume_path: record.volume_path.to_string_lossy().into_owned(),
+        };
+        let client = self.agent_client(&host).await?;
+        let attached: AgentAttachment = client
+            .post_json("/v1/attachments", &agent_request)
+            .await
+            .map_err(|e| Error::from_peer(e, "host_unreachable", Self::agent_error(&host)))?;
+        let attachment = Attachment {
+            id: attachment_id,
+            domain_id: record.id.clone(),
+            instance_id: instance.id.clone(),
+            host: host.id.clone(),
+            mode: request.mode,
+            device: attached.device,
+            mount_path: attached.mount_path,
+            version: attached.version,
+            status: ATTACHED.to_string(),
+        };
+        let stored = attachment.clone();
+        if let Err(e) = self.store(move |s| s.insert_attachment(&stored, now_unix())).await {
+            // Do not leave a mapping open that the CP does not know about.
+            let _ = self.detach_on_host(&attachment).await;
+            return Err(e);
+        }
+        tracing::info!(attachment = %attachment.id, domain = %attachment.domain_id, vm = %attachment.instance_id,
+            host = %attachment.host, mode = %attachment.mode, backend = %attached.backend, "attached");
+        Ok(attachment)
+    }
+
+    /// Asks the host's secure component to detach. An attachment the host does not know
+    /// (404) is already gone.
+    async fn detach_on_host(&self, attachment: &Attachment) -> Result<()> {
+        let host = self.host_of(&attachment.host).await?;
+        let client = self.agent_client(&host).await?;
+        match client.delete_json::<serde_json::Value>(&format!("/v1/attachments/{}", attachment.id)).await {
+            Ok(_) => Ok(()),
+            Err(net::Error::Api { status: 404, code, message }) => {
+                tracing::warn!(attachment = %attachment.id, host = %host.id, %code, %message, "the host no longer has the attachment");
+                Ok(())
+            }
+            Err(e) => Err(Error::from_peer(e, "host_unreachable", Self::agent_error(&host))),
+        }
+    }
+
+    /// Detaches each attachment; one the host cannot confirm is marked `detaching` (a later
+    /// `DELETE /v1/attachments/{id}` retries) and does not stop the others.
+    async fn detach_all(&self, attachments: Vec<Attachment>, why: &str) -> Result<()> {
+        for attachment in attachments {
+            let status = match self.detach_on_host(&attachment).await {
+                Ok(()) => {
+                    tracing::info!(attachment = %attachment.id, vm = %attachment.instance_id, host = %attachment.host, %why, "detached");
+                    DETACHED
+                }
+                Err(e) => {
+                    tracing::error!(attachment = %attachment.id, vm = %attachment.instance_id, host = %attachment.host, %why,
+                        error = %e, "detach failed; marked detaching");
+                    DETACHING
+                }
+            };
+            let id = attachment.id.clone();
+            self.store(move |s| s.set_attachment_status(&id, status)).await?;
+        }
+        Ok(())
+    }
+
+    async fn managed_attachment(&self, caller: &Identity, attachment_id: &str) -> Result<Attachment> {
+        let id = attachment_id.to_string();
+        let attachment = self.store(move |s| s.attachment(&id)).await?.ok_or_else(|| Error::NotFound {
+            code: "attachment_unknown",
+            message: format!("attachment {attachment_id} does not exist"),
+        })?;
+        let domain_id = attachment.domain_id.clone();
+        let record = self.store(move |s| s.domain(&domain_id)).await?;
+        if !record.is_some_and(|r| r.is_manager(&caller.name)) {
+            return Err(Error::Forbidden(format!(
+                "{} is neither the owner nor a domain manager of domain {}, the domain of attachment {attachment_id}",
+                caller.name, attachment.domain_id
+            )));
+        }
+        Ok(attachment)
+    }
+
+    pub async fn attachment(&self, caller: &Identity, attachment_id: &str) -> Result<Attachment> {
+        require_role(caller, &[Role::DomainManager, Role::CloudPlatform], "read an attachment")?;
+        if caller.role == Role::CloudPlatform {
+            let id = attachment_id.to_string();
+            return self.store(move |s| s.attachment(&id)).await?.ok_or_else(|| Error::NotFound {
+                code: "attachment_unknown",
+                message: format!("attachment {attachment_id} does not exist"),
+            });
+        }
+        self.managed_attachment(caller, attachment_id).await
+    }
+
+    /// `GET /v1/attachments`: a domain manager sees the attachments of its domains; the
+    /// operator (cloud-platform role) sees all.
+    pub async fn attachments(&self, caller: &Identity, domain_id: Option<String>, page: Page) -> Result<AttachmentList> {
+        let manager = (caller.role != Role::CloudPlatform).then(|| caller.name.clone());
+        let filter = AttachmentFilter { manager, domain_id };
+        let p = page.clone();
+        let rows = self.store(move |s| s.attachments(&filter, &p)).await?;
+        let (attachments, next_marker) = page.finish(rows, |a| &a.id);
+        Ok(AttachmentList { attachments, next_marker })
+    }
+
+    /// `DELETE /v1/attachments/{id}`: the host's secure component detaches; retried for an
+    /// attachment left `detaching`. Detaching a detached attachment answers it unchanged.
+    pub async fn detach(&self, caller: &Identity, attachment_id: &str) -> Result<Attachment> {
+        require_role(caller, &[Role::DomainManager], "detach a domain")?;
+        let attachment = self.managed_attachment(caller, attachment_id).await?;
+        let lock = self.lock_of(&attachment.domain_id);
+        let _guard = lock.lock().await;
+        let mut attachment = self.managed_attachment(caller, attachment_id).await?;
+        if attachment.status == DETACHED {
+            return Ok(attachment);
+        }
+        self.detach_on_host(&attachment).await?;
+        let id = attachment.id.clone();
+        self.store(move |s| s.set_attachment_status(&id, DETACHED)).await?;
+        attachment.status = DETACHED.to_string();
+        tracing::info!(attachment = %attachment.id, vm = %attachment.instance_id, by = %caller.name, "detached");
+        Ok(attachment)
+    }
+}

@@ -1,0 +1,516 @@
+//! The cloud platform's persistent state behind one small trait, so SQLite (the embedded
+//! default) and a future PostgreSQL store for replicas are two implementations, not two
+//! code paths. It holds routing and bookkeeping only: never a key, and never a volume
+//! header (the header holds the nonce `r`; it lives only in the volume file, so destroying
+//! the file's header crypto-shreds the domain without a copy left in this database).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use protocol::cloud::{Attachment, ComputeHost, Instance, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT};
+use protocol::domain::AccessMode;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::error::{Error, Result};
+
+/// What the CP records about a domain (the descriptor itself is in the volume header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRecord {
+    pub id: String,
+    pub owner: String,
+    /// Domain managers the newest version is shared with.
+    pub shared_with: Vec<String>,
+    /// Newest version whose header was written.
+    pub version: u64,
+    pub size_bytes: u64,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub volume_path: PathBuf,
+    /// Unix seconds of the deletion, if deleted.
+    pub deleted_at: Option<u64>,
+}
+
+impl DomainRecord {
+    /// Whether `name` may act for the domain (owner or shared with).
+    pub fn is_manager(&self, name: &str) -> bool {
+        self.owner == name || self.shared_with.iter().any(|m| m == name)
+    }
+}
+
+/// One page request of a list endpoint: at most `limit` items with ids after `marker`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub limit: usize,
+    pub marker: Option<String>,
+}
+
+impl Page {
+    /// From the query parameters: `limit` defaults to 50 and is capped at 500.
+    pub fn new(limit: Option<usize>, marker: Option<String>) -> Result<Self> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE_LIMIT);
+        if limit == 0 {
+            return Err(Error::BadRequest(format!("limit must be between 1 and {MAX_PAGE_LIMIT}")));
+        }
+        Ok(Self { limit: limit.min(MAX_PAGE_LIMIT), marker: marker.filter(|m| !m.is_empty()) })
+    }
+
+    /// Store methods fetch `limit + 1` rows; this cuts the extra one off and answers the
+    /// `next_marker` (the last id of the page) when it existed.
+    pub fn finish<T>(&self, mut rows: Vec<T>, id: impl Fn(&T) -> &str) -> (Vec<T>, Option<String>) {
+        if rows.len() > self.limit {
+            rows.truncate(self.limit);
+            let next = rows.last().map(|r| id(r).to_string());
+            (rows, next)
+        } else {
+            (rows, None)
+        }
+    }
+
+    fn fetch(&self) -> i64 {
+        (self.limit + 1) as i64
+    }
+
+    fn after(&self) -> &str {
+        self.marker.as_deref().unwrap_or("")
+    }
+}
+
+/// Which attachments to list.
+#[derive(Debug, Clone, Default)]
+pub struct AttachmentFilter {
+    /// Only attachments of domains this domain manager owns or shares.
+    pub manager: Option<String>,
+    pub domain_id: Option<String>,
+}
+
+pub trait CpStore: Send + Sync {
+    /// Inserts or replaces a compute host.
+    fn put_host(&self, host: &ComputeHost) -> Result<()>;
+    fn host(&self, id: &str) -> Result<Option<ComputeHost>>;
+    fn hosts(&self) -> Result<Vec<ComputeHost>>;
+
+    /// Inserts or replaces an instance (a VM moved to another host).
+    fn put_instance(&self, instance: &Instance) -> Result<()>;
+    fn instance(&self, id: &str) -> Result<Option<Instance>>;
+    /// Up to `page.limit + 1` instances after the marker, by id.
+    fn instances(&self, page: &Page) -> Result<Vec<Instance>>;
+
+    /// Fails with `domain_exists` if the id is taken.
+    fn insert_domain(&self, record: &DomainRecord) -> Result<()>;
+    fn domain(&self, id: &str) -> Result<Option<DomainRecord>>;
+    /// Up to `page.limit + 1` live domains `manager` owns or shares, by id.
+    fn domains_for(&self, manager: &str, page: &Page) -> Result<Vec<DomainRecord>>;
+    /// Records a new version written to the header (and its shared-with list).
+    fn update_domain(&self, id: &str, version: u64, shared_with: &[String]) -> Result<()>;
+    fn mark_domain_deleted(&self, id: &str, at: u64) -> Result<()>;
+
+    fn insert_attachment(&self, attachment: &Attachment, created_at: u64) -> Result<()>;
+    fn attachment(&self, id: &str) -> Result<Option<Attachment>>;
+    /// Up to `page.limit + 1` attachments after the marker, by id.
+    fn attachments(&self, filter: &AttachmentFilter, page: &Page) -> Result<Vec<Attachment>>;
+    /// Attachments of a domain that are not detached (attached, or detaching).
+    fn open_attachments_of_domain(&self, domain_id: &str) -> Result<Vec<Attachment>>;
+    /// The open attachment of `domain_id` to `instance_id`, if any.
+    fn open_attachment(&self, domain_id: &str, instance_id: &str) -> Result<Option<Attachment>>;
+    fn set_attachment_status(&self, id: &str, status: &str) -> Result<()>;
+}
+
+/// Attachment statuses.
+pub const ATTACHED: &str = "attached";
+pub const DETACHED: &str = "detached";
+/// The CP asked the host to detach (revocation, deletion) and the host did not confirm;
+/// `DELETE /v1/attachments/{id}` retries.
+pub const DETACHING: &str = "detaching";
+
+pub struct SqliteStore {
+    connection: Mutex<Connection>,
+}
+
+fn store_err(context: &'static str) -> impl Fn(rusqlite::Error) -> Error {
+    move |e| Error::Store(format!("{context}: {e}"))
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self> {
+        let connection = Connection::open(path).map_err(store_err("open the cloud platform database"))?;
+        Self::init(connection)
+    }
+
+    pub fn in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory().map_err(store_err("open an in-memory database"))?)
+    }
+
+    fn init(connection: Connection) -> Result<Self> {
+        // WAL + FULL sync: an acknowledged domain or attachment survives a crash.
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode=WAL;
+                 PRAGMA synchronous=FULL;
+                 PRAGMA busy_timeout=5000;
+                 PRAGMA foreign_keys=ON;
+                 CREATE TABLE IF NOT EXISTS hosts (id TEXT PRIMARY KEY, agent_url TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, host TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS domains (
+                    id TEXT PRIMARY KEY, owner TEXT NOT NULL, version INTEGER NOT NULL,
+                    size_bytes INTEGER NOT NULL, created_at INTEGER NOT NULL,
+                    volume_path TEXT NOT NULL, deleted_at INTEGER);
+                 CREATE TABLE IF NOT EXISTS domain_managers (
+                    domain_id TEXT NOT NULL REFERENCES domains(id), manager TEXT NOT NULL,
+                    PRIMARY KEY (domain_id, manager));
+                 CREATE INDEX IF NOT EXISTS domain_managers_by_name ON domain_managers(manager, domain_id);
+                 CREATE TABLE IF NOT EXISTS attachments (
+                    id TEXT PRIMARY KEY, domain_id TEXT NOT NULL REFERENCES domains(id),
+                    instance_id TEXT NOT NULL, host TEXT NOT NULL, mode TEXT NOT NULL,
+                    device TEXT NOT NULL, mount_path TEXT NOT NULL, version INTEGER NOT NULL,
+                    status TEXT NOT NULL, created_at INTEGER NOT NULL);
+                 CREATE INDEX IF NOT EXISTS attachments_by_domain ON attachments(domain_id, status);",
+            )
+            .map_err(store_err("create the cloud platform schema"))?;
+        Ok(Self { connection: Mutex::new(connection) })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.connection.lock().map_err(|_| Error::Store("database lock poisoned by an earlier panic".into()))
+    }
+
+    fn managers(connection: &Connection, domain_id: &str) -> Result<Vec<String>> {
+        let mut statement = connection
+            .prepare_cached("SELECT manager FROM domain_managers WHERE domain_id = ?1 ORDER BY manager")
+            .map_err(store_err("read domain managers"))?;
+        let rows = statement
+            .query_map(params![domain_id], |row| row.get::<_, String>(0))
+            .map_err(store_err("read domain managers"))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(store_err("read domain managers"))
+    }
+
+    fn domain_rows(connection: &Connection, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<DomainRecord>> {
+        let mut statement = connection.prepare_cached(sql).map_err(store_err("list domains"))?;
+        let rows = statement
+            .query_map(args, |row| {
+                Ok(DomainRecord {
+                    id: row.get(0)?,
+                    owner: row.get(1)?,
+                    shared_with: Vec::new(),
+                    version: row.get::<_, i64>(2)? as u64,
+                    size_bytes: row.get::<_, i64>(3)? as u64,
+                    created_at: row.get::<_, i64>(4)? as u64,
+                    volume_path: PathBuf::from(row.get::<_, String>(5)?),
+                    deleted_at: row.get::<_, Option<i64>>(6)?.map(|t| t as u64),
+                })
+            })
+            .map_err(store_err("list domains"))?;
+        let mut records = rows.collect::<std::result::Result<Vec<_>, _>>().map_err(store_err("list domains"))?;
+        for record in &mut records {
+            record.shared_with = Self::managers(connection, &record.id)?;
+        }
+        Ok(records)
+    }
+
+    fn attachment_rows(connection: &Connection, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Attachment>> {
+        let mut statement = connection.prepare_cached(sql).map_err(store_err("list attachments"))?;
+        let rows = statement.query_map(args, attachment_from_row).map_err(store_err("list attachments"))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(store_err("list attachments"))
+    }
+}
+
+const DOMAIN_COLUMNS: &str = "id, owner, version, size_bytes, created_at, volume_path, deleted_at";
+const ATTACHMENT_COLUMNS: &str = "id, domain_id, instance_id, host, mode, device, mount_path, version, status";
+
+fn attachment_from_row(row: &Row<'_>) -> rusqlite::Result<Attachment> {
+    let mode: String = row.get(4)?;
+    Ok(Attachment {
+        id: row.get(0)?,
+        domain_id: row.get(1)?,
+        instance_id: row.get(2)?,
+        host: row.get(3)?,
+        mode: if mode == "rw" { AccessMode::Rw } else { AccessMode::Ro },
+        device: row.get(5)?,
+        mount_path: row.get(6)?,
+        version: row.get::<_, i64>(7)? as u64,
+        status: row.get(8)?,
+    })
+}
+
+impl CpStore for SqliteStore {
+    fn put_host(&self, host: &ComputeHost) -> Result<()> {
+        self.lock()?
+            .execute(
+                "INSERT INTO hosts (id, agent_url) VALUES (?1, ?2)
+                 ON CONFLICT(id) DO UPDATE SET agent_url = excluded.agent_url",
+                params![host.id, host.agent_url],
+            )
+            .map_err(store_err("store host"))?;
+        Ok(())
+    }
+
+    fn host(&self, id: &str) -> Result<Option<ComputeHost>> {
+        self.lock()?
+            .query_row("SELECT id, agent_url FROM hosts WHERE id = ?1", params![id], |row| {
+                Ok(ComputeHost { id: row.get(0)?, agent_url: row.get(1)? })
+            })
+            .optional()
+            .map_err(store_err("read host"))
+    }
+
+    fn hosts(&self) -> Result<Vec<ComputeHost>> {
+        let connection = self.lock()?;
+        let mut statement = connection.prepare_cached("SELECT id, agent_url FROM hosts ORDER BY id").map_err(store_err("list hosts"))?;
+        let rows = statement
+            .query_map([], |row| Ok(ComputeHost { id: row.get(0)?, agent_url: row.get(1)? }))
+            .map_err(store_err("list hosts"))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(store_err("list hosts"))
+    }
+
+    fn put_instance(&self, instance: &Instance) -> Result<()> {
+        self.lock()?
+            .execute(
+                "INSERT INTO instances (id, host) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET host = excluded.host",
+                params![instance.id, instance.host],
+            )
+            .map_err(store_err("store instance"))?;
+        Ok(())
+    }
+
+    fn instance(&self, id: &str) -> Result<Option<Instance>> {
+        self.lock()?
+            .query_row("SELECT id, host FROM instances WHERE id = ?1", params![id], |row| {
+                Ok(Instance { id: row.get(0)?, host: row.get(1)? })
+            })
+            .optional()
+            .map_err(store_err("read instance"))
+    }
+
+    fn instances(&self, page: &Page) -> Result<Vec<Instance>> {
+        let connection = self.lock()?;
+        let mut statement = connection
+            .prepare_cached("SELECT id, host FROM instances WHERE id > ?1 ORDER BY id LIMIT ?2")
+            .map_err(store_err("list instances"))?;
+        let rows = statement
+            .query_map(params![page.after(), page.fetch()], |row| Ok(Instance { id: row.get(0)?, host: row.get(1)? }))
+            .map_err(store_err("list instances"))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(store_err("list instances"))
+    }
+
+    fn insert_domain(&self, record: &DomainRecord) -> Result<()> {
+        let mut connection = self.lock()?;
+        let tx = connection.transaction().map_err(store_err("insert domain"))?;
+        tx.execute(
+            "INSERT INTO domains (id, owner, version, size_bytes, created_at, volume_path, deleted_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
+            params![
+                record.id,
+                record.owner,
+                record.version as i64,
+                record.size_bytes as i64,
+                record.created_at as i64,
+                record.volume_path.to_string_lossy()
+            ],
+        )
+        .map_err(|e| {
+            if is_constraint(&e) {
+                Error::Conflict { code: "domain_exists", message: format!("domain {} already exists", record.id) }
+            } else {
+                Error::Store(format!("insert domain: {e}"))
+            }
+        })?;
+        for manager in &record.shared_with {
+            tx.execute("INSERT OR IGNORE INTO domain_managers (domain_id, manager) VALUES (?1, ?2)", params![record.id, manager])
+                .map_err(store_err("insert domain managers"))?;
+        }
+        tx.commit().map_err(store_err("insert domain"))
+    }
+
+    fn domain(&self, id: &str) -> Result<Option<DomainRecord>> {
+        let connection = self.lock()?;
+        let sql = format!("SELECT {DOMAIN_COLUMNS} FROM domains WHERE id = ?1");
+        Ok(Self::domain_rows(&connection, &sql, &[&id])?.pop())
+    }
+
+    fn domains_for(&self, manager: &str, page: &Page) -> Result<Vec<DomainRecord>> {
+        let connection = self.lock()?;
+        let sql = format!(
+            "SELECT {DOMAIN_COLUMNS} FROM domains
+             WHERE deleted_at IS NULL AND id > ?2
+               AND (owner = ?1 OR id IN (SELECT domain_id FROM domain_managers WHERE manager = ?1))
+             ORDER BY id LIMIT ?3"
+        );
+        Self::domain_rows(&connection, &sql, &[&manager, &page.after(), &page.fetch()])
+    }
+
+    fn update_domain(&self, id: &str, version: u64, shared_with: &[String]) -> Result<()> {
+        let mut connection = self.lock()?;
+        let tx = connection.transaction().map_err(store_err("update domain"))?;
+        let changed = tx
+            .execute("UPDATE domains SET version = ?2 WHERE id = ?1 AND deleted_at IS NULL", params![id, version as i64])
+            .map_err(store_err("update domain"))?;
+        if changed != 1 {
+            return Err(Error::NotFound { code: "domain_unknown", message: format!("domain {id} is not stored (or was deleted)") });
+        }
+        tx.execute("DELETE FROM domain_managers WHERE domain_id = ?1", params![id]).map_err(store_err("update domain managers"))?;
+        for manager in shared_with {
+            tx.execute("INSERT OR IGNORE INTO domain_managers (domain_id, manager) VALUES (?1, ?2)", params![id, manager])
+                .map_err(store_err("update domain managers"))?;
+        }
+        tx.commit().map_err(store_err("update domain"))
+    }
+
+    fn mark_domain_deleted(&self, id: &str, at: u64) -> Result<()> {
+        self.lock()?
+            .execute("UPDATE domains SET deleted_at = ?2 WHERE id = ?1 AND deleted_at IS NULL", params![id, at as i64])
+            .map_err(store_err("mark domain deleted"))?;
+        Ok(())
+    }
+
+    fn insert_attachment(&self, a: &Attachment, created_at: u64) -> Result<()> {
+        self.lock()?
+            .execute(
+                "INSERT INTO attachments (id, domain_id, instance_id, host, mode, device, mount_path, version, status, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    a.id,
+                    a.domain_id,
+                    a.instance_id,
+                    a.host,
+                    a.mode.as_str(),
+                    a.device,
+                    a.mount_path,
+                    a.version as i64,
+                    a.status,
+                    created_at as i64
+                ],
+            )
+            .map_err(store_err("insert attachment"))?;
+        Ok(())
+    }
+
+    fn attachment(&self, id: &str) -> Result<Option<Attachment>> {
+        let connection = self.lock()?;
+        let sql = format!("SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE id = ?1");
+        Ok(Self::attachment_rows(&connection, &sql, &[&id])?.pop())
+    }
+
+    fn attachments(&self, filter: &AttachmentFilter, page: &Page) -> Result<Vec<Attachment>> {
+        let connection = self.lock()?;
+        let sql = format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments a
+             WHERE a.id > ?1
+               AND (?2 IS NULL OR a.domain_id = ?2)
+               AND (?3 IS NULL OR a.domain_id IN (
+                    SELECT id FROM domains WHERE owner = ?3
+                    UNION SELECT domain_id FROM domain_managers WHERE manager = ?3))
+             ORDER BY a.id LIMIT ?4"
+        );
+        Self::attachment_rows(&connection, &sql, &[&page.after(), &filter.domain_id, &filter.manager, &page.fetch()])
+    }
+
+    fn open_attachments_of_domain(&self, domain_id: &str) -> Result<Vec<Attachment>> {
+        let connection = self.lock()?;
+        let sql = format!("SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE domain_id = ?1 AND status != '{DETACHED}' ORDER BY id");
+        Self::attachment_rows(&connection, &sql, &[&domain_id])
+    }
+
+    fn open_attachment(&self, domain_id: &str, instance_id: &str) -> Result<Option<Attachment>> {
+        let connection = self.lock()?;
+        let sql = format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE domain_id = ?1 AND instance_id = ?2 AND status != '{DETACHED}' ORDER BY id LIMIT 1"
+        );
+        Ok(Self::attachment_rows(&connection, &sql, &[&domain_id, &instance_id])?.pop())
+    }
+
+    fn set_attachment_status(&self, id: &str, status: &str) -> Result<()> {
+        self.lock()?
+            .execute("UPDATE attachments SET status = ?2 WHERE id = ?1", params![id, status])
+            .map_err(store_err("update attachment"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn domain(id: &str, owner: &str, shared: &[&str]) -> DomainRecord {
+        DomainRecord {
+            id: id.into(),
+            owner: owner.into(),
+            shared_with: shared.iter().map(|s| s.to_string()).collect(),
+            version: 1,
+            size_bytes: 4096,
+            created_at: 10,
+            volume_path: PathBuf::from(format!("/v/{id}.vol")),
+            deleted_at: None,
+        }
+    }
+
+    fn attachment(id: &str, domain_id: &str, vm: &str, status: &str) -> Attachment {
+        Attachment {
+            id: id.into(),
+            domain_id: domain_id.into(),
+            instance_id: vm.into(),
+            host: "h1".into(),
+            mode: AccessMode::Ro,
+            device: "/dev/loop0".into(),
+            mount_path: "/m".into(),
+            version: 1,
+            status: status.into(),
+        }
+    }
+
+    #[test]
+    fn domains_filtered_by_manager_and_paginated() {
+        let s = SqliteStore::in_memory().unwrap();
+        for i in 0..5 {
+            s.insert_domain(&domain(&format!("d{i}"), "alice", if i == 3 { &["bob"] } else { &[] })).unwrap();
+        }
+        s.insert_domain(&domain("e0", "bob", &[])).unwrap();
+        assert_eq!(s.insert_domain(&domain("d0", "x", &[])).unwrap_err().code(), "domain_exists");
+        let page = Page::new(Some(2), None).unwrap();
+        let (rows, next) = page.finish(s.domains_for("alice", &page).unwrap(), |d| &d.id);
+        assert_eq!(rows.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d0", "d1"]);
+        assert_eq!(next.as_deref(), Some("d1"));
+        let page = Page::new(Some(2), Some("d3".into())).unwrap();
+        let (rows, next) = page.finish(s.domains_for("alice", &page).unwrap(), |d| &d.id);
+        assert_eq!(rows.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d4"]);
+        assert_eq!(next, None);
+        let page = Page::new(None, None).unwrap();
+        let bob: Vec<_> = s.domains_for("bob", &page).unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(bob, ["d3", "e0"]);
+        s.update_domain("d3", 2, &[]).unwrap();
+        let bob: Vec<_> = s.domains_for("bob", &page).unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(bob, ["e0"]);
+        s.mark_domain_deleted("e0", 20).unwrap();
+        assert!(s.domains_for("bob", &page).unwrap().is_empty());
+        assert_eq!(s.domain("e0").unwrap().unwrap().deleted_at, Some(20));
+        assert_eq!(s.update_domain("e0", 2, &[]).unwrap_err().code(), "domain_unknown");
+        assert_eq!(Page::new(Some(0), None).unwrap_err().code(), "bad_request");
+        assert_eq!(Page::new(Some(10_000), None).unwrap().limit, MAX_PAGE_LIMIT);
+    }
+
+    #[test]
+    fn attachments_by_domain_status_and_manager() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.insert_domain(&domain("d1", "alice", &["bob"])).unwrap();
+        s.insert_domain(&domain("d2", "carol", &[])).unwrap();
+        s.insert_attachment(&attachment("a1", "d1", "vm-a", ATTACHED), 1).unwrap();
+        s.insert_attachment(&attachment("a2", "d1", "vm-b", DETACHED), 1).unwrap();
+        s.insert_attachment(&attachment("a3", "d2", "vm-c", ATTACHED), 1).unwrap();
+        let page = Page::new(None, None).unwrap();
+        let ids = |f: AttachmentFilter| s.attachments(&f, &page).unwrap().into_iter().map(|a| a.id).collect::<Vec<_>>();
+        assert_eq!(ids(AttachmentFilter::default()), ["a1", "a2", "a3"]);
+        assert_eq!(ids(AttachmentFilter { manager: Some("bob".into()), domain_id: None }), ["a1", "a2"]);
+        assert_eq!(ids(AttachmentFilter { manager: Some("carol".into()), domain_id: None }), ["a3"]);
+        assert_eq!(ids(AttachmentFilter { manager: None, domain_id: Some("d2".into()) }), ["a3"]);
+        assert_eq!(s.open_attachments_of_domain("d1").unwrap().len(), 1);
+        assert_eq!(s.open_attachment("d1", "vm-a").unwrap().unwrap().id, "a1");
+        assert!(s.open_attachment("d1", "vm-b").unwrap().is_none());
+        s.set_attachment_status("a1", DETACHING).unwrap();
+        assert_eq!(s.open_attachments_of_domain("d1").unwrap()[0].status, DETACHING);
+        s.set_attachment_status("a1", DETACHED).unwrap();
+        assert!(s.open_attachments_of_domain("d1").unwrap().is_empty());
+        assert_eq!(s.attachment("a1").unwrap().unwrap().status, DETACHED);
+    }
+}
