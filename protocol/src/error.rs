@@ -16,7 +16,7 @@ pub enum Error {
     Certificate(String),
     /// Neither volume header slot is usable (format.rs); each reason is kept.
     #[error("no valid volume header: slot 0: {slot0}; slot 1: {slot1}")]
-    NoValidHeader { slot0: crate::format::SlotError, slot1: crate::format::SlotError },
+    NoValidHeader { slot0: Box<crate::format::SlotError>, slot1: Box<crate::format::SlotError> },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -38,6 +38,8 @@ pub const SLOT_COUNT: usize = 2;
 pub const SLOT_SIZE: usize = HEADER_AREA_SIZE / SLOT_COUNT;
 /// Fixed fields before the payload.
 pub const SLOT_HEADER_LEN: usize = 64;
+const _: () = assert!(MAX_PAYLOAD_LEN + SLOT_HEADER_LEN <= SLOT_SIZE);
+
 /// Largest payload a slot accepts: its half of the header area minus the fixed fields
 /// and 64 KiB kept free for fields a later version may add.
 pub const MAX_PAYLOAD_LEN: usize = SLOT_SIZE - SLOT_HEADER_LEN - 64 * 1024;
@@ -217,7 +219,7 @@ pub fn decode_header_area(area: &[u8]) -> Result<ActiveHeader> {
         }
         (Ok(a), Err(e)) => Ok(ActiveHeader { slot: 0, seq: a.seq, payload: a.payload, skipped: Some((1, e)) }),
         (Err(e), Ok(b)) => Ok(ActiveHeader { slot: 1, seq: b.seq, payload: b.payload, skipped: Some((0, e)) }),
-        (Err(e0), Err(e1)) => Err(Error::NoValidHeader { slot0: e0, slot1: e1 }),
+        (Err(e0), Err(e1)) => Err(Error::NoValidHeader { slot0: Box::new(e0), slot1: Box::new(e1) }),
     }
 }
 
@@ -276,7 +278,6 @@ mod tests {
         assert_eq!(DATA_OFFSET / 512, 2048, "dm-crypt table offset in 512-byte sectors");
         assert_eq!(slot_offset(0), 0);
         assert_eq!(slot_offset(1), 512 * 1024);
-        assert!(MAX_PAYLOAD_LEN + SLOT_HEADER_LEN <= SLOT_SIZE);
         assert_eq!(data_sectors(DATA_OFFSET + 3 * 4096 + 100), 3);
         assert_eq!(data_sectors(1000), 0);
     }

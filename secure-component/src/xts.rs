@@ -3,7 +3,9 @@
 //! little-endian tweak, byte for byte what dm-crypt does with
 //! `sector_size:4096 iv_large_sectors`.
 //!
-//! Speed comes from OpenSSL's assembly XTS (AES-NI/VAES): each sector is one
+//! Two implementations behind one API: on CPUs with VAES + AVX-512 + VPCLMULQDQ our own
+//! 512-bit XTS loop (module `vaes`, 16 blocks in flight), about twice OpenSSL 3.0's
+//! per-core rate; elsewhere OpenSSL's assembly XTS (AES-NI), where each sector is one
 //! `EVP_CipherUpdate` on a context whose key schedule is set once; per sector only the IV
 //! is re-initialised (`EVP_CipherInit_ex` with NULL cipher and NULL key keeps the key
 //! schedule). We call openssl-sys directly because the `openssl` crate's safe wrappers
@@ -130,6 +132,8 @@ struct Pool {
 /// call borrows a per-thread pair of contexts from an internal pool.
 pub struct XtsEngine {
     pool: Mutex<Pool>,
+    #[cfg(target_arch = "x86_64")]
+    vaes: Option<vaes::Keys>,
 }
 
 impl std::fmt::Debug for XtsEngine {
@@ -142,6 +146,25 @@ impl XtsEngine {
     /// Sets up the engine for a 64-byte AES-256-XTS key (key1 = data key, first 32
     /// bytes; key2 = tweak key, last 32 bytes, as dm-crypt splits it).
     pub fn new(key: &SecretBytes) -> Result<Self> {
+        Self::build(key, true)
+    }
+
+    /// Like [`new`](Self::new) but always uses OpenSSL's XTS, even where the VAES code
+    /// could run (for comparisons and cross-checks).
+    pub fn new_openssl_only(key: &SecretBytes) -> Result<Self> {
+        Self::build(key, false)
+    }
+
+    /// Which implementation processes 4096-byte sectors: "vaes-avx512" or "openssl".
+    pub fn implementation(&self) -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        if self.vaes.is_some() {
+            return "vaes-avx512";
+        }
+        "openssl"
+    }
+
+    fn build(key: &SecretBytes, allow_vaes: bool) -> Result<Self> {
         if key.len() != KEY_LEN {
             return Err(xts_err(format!("key is {} bytes, AES-256-XTS needs {KEY_LEN}", key.len())));
         }
@@ -157,7 +180,15 @@ impl XtsEngine {
         for _ in 0..threads {
             free.push(Pair { enc: template.enc.duplicate()?, dec: template.dec.duplicate()? });
         }
-        Ok(Self { pool: Mutex::new(Pool { template, free }) })
+        #[cfg(target_arch = "x86_64")]
+        let vaes = (allow_vaes && vaes::available()).then(|| vaes::Keys::new(k));
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = allow_vaes;
+        Ok(Self {
+            pool: Mutex::new(Pool { template, free }),
+            #[cfg(target_arch = "x86_64")]
+            vaes,
+        })
     }
 
     /// Encrypts whole 4096-byte sectors in place; `buf` starts at data sector
@@ -175,12 +206,12 @@ impl XtsEngine {
     /// data unit sequence number `first_unit` (the tweak, little-endian). Volumes always
     /// use 4096; other sizes exist for the IEEE 1619 test vectors (512-byte units).
     pub fn crypt_units(&self, dir: Direction, first_unit: u64, unit_len: usize, buf: &mut [u8]) -> Result<()> {
-        if unit_len < 16 || unit_len % 16 != 0 || unit_len > MAX_UNIT_LEN {
+        if unit_len < 16 || !unit_len.is_multiple_of(16) || unit_len > MAX_UNIT_LEN {
             return Err(xts_err(format!(
                 "data unit length {unit_len} is invalid (must be a multiple of 16 between 16 and {MAX_UNIT_LEN})"
             )));
         }
-        if buf.len() % unit_len != 0 {
+        if !buf.len().is_multiple_of(unit_len) {
             return Err(xts_err(format!(
                 "buffer length {} is not a multiple of the {unit_len}-byte data unit",
                 buf.len()
@@ -192,20 +223,28 @@ impl XtsEngine {
         let units = buf.len() / unit_len;
         let threads = rayon::current_num_threads();
         if buf.len() < PARALLEL_THRESHOLD || threads < 2 {
-            let mut pair = self.take()?;
-            let r = run(pair.get(dir), dir, first_unit, unit_len, buf);
-            self.give(pair);
-            return r;
+            return self.crypt_serial(dir, first_unit as u128, unit_len, buf);
         }
         // One contiguous chunk per core keeps each worker streaming through memory.
         let per_chunk = units.div_ceil(threads);
         buf.par_chunks_mut(per_chunk * unit_len).enumerate().try_for_each(|(i, chunk)| {
-            let mut pair = self.take()?;
-            let first = first_unit as u128 + (i * per_chunk) as u128;
-            let r = run_u128(pair.get(dir), dir, first, unit_len, chunk);
-            self.give(pair);
-            r
+            self.crypt_serial(dir, first_unit as u128 + (i * per_chunk) as u128, unit_len, chunk)
         })
+    }
+
+    fn crypt_serial(&self, dir: Direction, first: u128, unit_len: usize, buf: &mut [u8]) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(keys) = &self.vaes {
+            // The VAES loop handles 16 blocks (256 bytes) per step.
+            if unit_len.is_multiple_of(256) {
+                keys.crypt(dir == Direction::Encrypt, first, unit_len, buf);
+                return Ok(());
+            }
+        }
+        let mut pair = self.take()?;
+        let r = run_u128(pair.get(dir), dir, first, unit_len, buf);
+        self.give(pair);
+        r
     }
 
     fn take(&self) -> Result<Pair> {
@@ -221,10 +260,6 @@ impl XtsEngine {
             pool.free.push(pair);
         }
     }
-}
-
-fn run(ctx: &mut Ctx, dir: Direction, first: u64, unit_len: usize, buf: &mut [u8]) -> Result<()> {
-    run_u128(ctx, dir, first as u128, unit_len, buf)
 }
 
 fn run_u128(ctx: &mut Ctx, dir: Direction, first: u128, unit_len: usize, buf: &mut [u8]) -> Result<()> {
@@ -279,6 +314,209 @@ fn openssl_errors() -> String {
 
 fn xts_err(detail: impl Into<String>) -> Error {
     Error::Xts(detail.into())
+}
+
+/// AES-256-XTS with VAES + VPCLMULQDQ on 512-bit registers: 16 blocks in flight per loop
+/// iteration, about twice the per-core throughput of OpenSSL 3.0's AES-NI XTS (which
+/// handles 6 blocks at a time with 128-bit instructions). Used when the CPU has it;
+/// otherwise the engine uses OpenSSL. Cross-checked against OpenSSL, RustCrypto and the
+/// IEEE 1619 vectors in the tests below.
+#[cfg(target_arch = "x86_64")]
+mod vaes {
+    use std::arch::x86_64::*;
+
+    use protocol::secret::SecretBytes;
+
+    /// 15 round keys each for key1 encryption, key1 decryption (equivalent inverse
+    /// cipher) and key2 encryption, kept in a locked, wiped-on-drop buffer.
+    const RK: usize = 15 * 16;
+    pub(super) struct Keys(SecretBytes);
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("aes")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("vaes")
+            && is_x86_feature_detected!("vpclmulqdq")
+    }
+
+    impl Keys {
+        /// Caller must have checked `available()`.
+        pub(super) fn new(key: &[u8]) -> Keys {
+            let mut s = SecretBytes::zeroed(3 * RK);
+            // SAFETY: available() was checked by the caller; buffers are the right size.
+            unsafe {
+                let buf = s.expose_mut();
+                expand256(&key[..32], &mut buf[..RK]);
+                expand256(&key[32..], &mut buf[2 * RK..]);
+                let (enc, rest) = buf.split_at_mut(RK);
+                invert(enc, &mut rest[..RK]);
+            }
+            Keys(s)
+        }
+
+        /// Processes `buf` (a multiple of 256 bytes per unit, `unit_len` a multiple of
+        /// 256) in place; unit i has tweak `first + i`.
+        pub(super) fn crypt(&self, encrypt: bool, first: u128, unit_len: usize, buf: &mut [u8]) {
+            // SAFETY: Keys exist only when available() held.
+            unsafe { crypt_units(self.0.expose(), encrypt, first, unit_len, buf) }
+        }
+    }
+
+    macro_rules! expand_round {
+        ($rk:ident, $t1:ident, $t3:ident, $i:expr, $rcon:expr, $last:expr) => {{
+            let t2 = _mm_shuffle_epi32(_mm_aeskeygenassist_si128($t3, $rcon), 0xff);
+            $t1 = assist($t1, t2);
+            $rk[2 * $i] = $t1;
+            if !$last {
+                let t2 = _mm_shuffle_epi32(_mm_aeskeygenassist_si128($t1, 0), 0xaa);
+                $t3 = assist($t3, t2);
+                $rk[2 * $i + 1] = $t3;
+            }
+        }};
+    }
+
+    #[target_feature(enable = "aes,sse2")]
+    unsafe fn assist(mut t: __m128i, t2: __m128i) -> __m128i {
+        let mut t4 = _mm_slli_si128(t, 4);
+        t = _mm_xor_si128(t, t4);
+        t4 = _mm_slli_si128(t4, 4);
+        t = _mm_xor_si128(t, t4);
+        t4 = _mm_slli_si128(t4, 4);
+        t = _mm_xor_si128(t, t4);
+        _mm_xor_si128(t, t2)
+    }
+
+    #[target_feature(enable = "aes,sse2")]
+    unsafe fn expand256(key: &[u8], out: &mut [u8]) {
+        let mut rk = [_mm_setzero_si128(); 15];
+        let mut t1 = _mm_loadu_si128(key.as_ptr().cast());
+        let mut t3 = _mm_loadu_si128(key.as_ptr().add(16).cast());
+        rk[0] = t1;
+        rk[1] = t3;
+        expand_round!(rk, t1, t3, 1, 0x01, false);
+        expand_round!(rk, t1, t3, 2, 0x02, false);
+        expand_round!(rk, t1, t3, 3, 0x04, false);
+        expand_round!(rk, t1, t3, 4, 0x08, false);
+        expand_round!(rk, t1, t3, 5, 0x10, false);
+        expand_round!(rk, t1, t3, 6, 0x20, false);
+        expand_round!(rk, t1, t3, 7, 0x40, true);
+        for (i, k) in rk.iter().enumerate() {
+            _mm_storeu_si128(out.as_mut_ptr().add(16 * i).cast(), *k);
+        }
+        // The stack copies of the schedule are overwritten before returning.
+        for k in rk.iter_mut() {
+            std::ptr::write_volatile(k, _mm_setzero_si128());
+        }
+    }
+
+    /// Decryption round keys for the equivalent inverse cipher.
+    #[target_feature(enable = "aes,sse2")]
+    unsafe fn invert(enc: &[u8], dec: &mut [u8]) {
+        let ld = |i: usize| _mm_loadu_si128(enc.as_ptr().add(16 * i).cast());
+        _mm_storeu_si128(dec.as_mut_ptr().cast(), ld(14));
+        for i in 1..14 {
+            _mm_storeu_si128(dec.as_mut_ptr().add(16 * i).cast(), _mm_aesimc_si128(ld(14 - i)));
+        }
+        _mm_storeu_si128(dec.as_mut_ptr().add(16 * 14).cast(), ld(0));
+    }
+
+    fn mul_alpha(t: u128) -> u128 {
+        (t << 1) ^ ((t >> 127) * 0x87)
+    }
+
+    /// Each 128-bit lane times x^N in GF(2^128) mod x^128 + x^7 + x^2 + x + 1 (N <= 56).
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+    unsafe fn mul_xn<const N: u32, const M: u32>(x: __m512i, poly: __m512i) -> __m512i {
+        // M = 64 - N (const generics cannot compute it here).
+        let s = _mm512_slli_epi64::<N>(x);
+        let c = _mm512_srli_epi64::<M>(x);
+        let lo_to_hi = _mm512_bslli_epi128::<8>(c);
+        let hi_out = _mm512_bsrli_epi128::<8>(c);
+        let red = _mm512_clmulepi64_epi128::<0x00>(hi_out, poly);
+        _mm512_xor_si512(_mm512_xor_si512(s, lo_to_hi), red)
+    }
+
+    #[target_feature(enable = "aes,sse2,avx512f,avx512bw,vaes,vpclmulqdq")]
+    unsafe fn crypt_units(keys: &[u8], encrypt: bool, first: u128, unit_len: usize, buf: &mut [u8]) {
+        let k = |set: usize, i: usize| _mm_loadu_si128(keys.as_ptr().add(set * RK + 16 * i).cast());
+        let set = if encrypt { 0 } else { 1 };
+        let mut rk = [_mm512_setzero_si512(); 15];
+        for (i, r) in rk.iter_mut().enumerate() {
+            *r = _mm512_broadcast_i32x4(k(set, i));
+        }
+        let poly = _mm512_set1_epi64(0x87);
+        for (u, unit) in buf.chunks_exact_mut(unit_len).enumerate() {
+            // T = AES-enc(key2, tweak) with 128-bit AES-NI.
+            let iv = (first + u as u128).to_le_bytes();
+            let mut t = _mm_xor_si128(_mm_loadu_si128(iv.as_ptr().cast()), k(2, 0));
+            for i in 1..14 {
+                t = _mm_aesenc_si128(t, k(2, i));
+            }
+            t = _mm_aesenclast_si128(t, k(2, 14));
+            let mut tb = [0u8; 16];
+            _mm_storeu_si128(tb.as_mut_ptr().cast(), t);
+            let t0 = u128::from_le_bytes(tb);
+            let t1 = mul_alpha(t0);
+            let t2 = mul_alpha(t1);
+            let t3 = mul_alpha(t2);
+            let mut lanes = [0u8; 64];
+            lanes[..16].copy_from_slice(&t0.to_le_bytes());
+            lanes[16..32].copy_from_slice(&t1.to_le_bytes());
+            lanes[32..48].copy_from_slice(&t2.to_le_bytes());
+            lanes[48..].copy_from_slice(&t3.to_le_bytes());
+            let mut w0 = _mm512_loadu_si512(lanes.as_ptr().cast());
+            let mut w1 = mul_xn::<4, 60>(w0, poly);
+            let mut w2 = mul_xn::<4, 60>(w1, poly);
+            let mut w3 = mul_xn::<4, 60>(w2, poly);
+            for chunk in unit.chunks_exact_mut(256) {
+                let p = chunk.as_mut_ptr();
+                let mut b0 = _mm512_xor_si512(_mm512_loadu_si512(p.cast()), w0);
+                let mut b1 = _mm512_xor_si512(_mm512_loadu_si512(p.add(64).cast()), w1);
+                let mut b2 = _mm512_xor_si512(_mm512_loadu_si512(p.add(128).cast()), w2);
+                let mut b3 = _mm512_xor_si512(_mm512_loadu_si512(p.add(192).cast()), w3);
+                b0 = _mm512_xor_si512(b0, rk[0]);
+                b1 = _mm512_xor_si512(b1, rk[0]);
+                b2 = _mm512_xor_si512(b2, rk[0]);
+                b3 = _mm512_xor_si512(b3, rk[0]);
+                if encrypt {
+                    for r in &rk[1..14] {
+                        b0 = _mm512_aesenc_epi128(b0, *r);
+                        b1 = _mm512_aesenc_epi128(b1, *r);
+                        b2 = _mm512_aesenc_epi128(b2, *r);
+                        b3 = _mm512_aesenc_epi128(b3, *r);
+                    }
+                    b0 = _mm512_aesenclast_epi128(b0, rk[14]);
+                    b1 = _mm512_aesenclast_epi128(b1, rk[14]);
+                    b2 = _mm512_aesenclast_epi128(b2, rk[14]);
+                    b3 = _mm512_aesenclast_epi128(b3, rk[14]);
+                } else {
+                    for r in &rk[1..14] {
+                        b0 = _mm512_aesdec_epi128(b0, *r);
+                        b1 = _mm512_aesdec_epi128(b1, *r);
+                        b2 = _mm512_aesdec_epi128(b2, *r);
+                        b3 = _mm512_aesdec_epi128(b3, *r);
+                    }
+                    b0 = _mm512_aesdeclast_epi128(b0, rk[14]);
+                    b1 = _mm512_aesdeclast_epi128(b1, rk[14]);
+                    b2 = _mm512_aesdeclast_epi128(b2, rk[14]);
+                    b3 = _mm512_aesdeclast_epi128(b3, rk[14]);
+                }
+                _mm512_storeu_si512(p.cast(), _mm512_xor_si512(b0, w0));
+                _mm512_storeu_si512(p.add(64).cast(), _mm512_xor_si512(b1, w1));
+                _mm512_storeu_si512(p.add(128).cast(), _mm512_xor_si512(b2, w2));
+                _mm512_storeu_si512(p.add(192).cast(), _mm512_xor_si512(b3, w3));
+                w0 = mul_xn::<16, 48>(w0, poly);
+                w1 = mul_xn::<16, 48>(w1, poly);
+                w2 = mul_xn::<16, 48>(w2, poly);
+                w3 = mul_xn::<16, 48>(w3, poly);
+            }
+        }
+        // Round keys in registers/stack: overwrite the stack copy.
+        for r in rk.iter_mut() {
+            std::ptr::write_volatile(r, _mm512_setzero_si512());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -384,6 +622,46 @@ mod tests {
                     assert_eq!(mid, plain[SECTOR_SIZE..2 * SECTOR_SIZE]);
                 }
             }
+        }
+    }
+
+    /// Both implementations (VAES where the CPU has it, and OpenSSL) on the same inputs,
+    /// including the IEEE vectors through each.
+    #[test]
+    fn vaes_and_openssl_paths_agree() {
+        let fast = XtsEngine::new(&vector_key()).unwrap();
+        let ossl = XtsEngine::new_openssl_only(&vector_key()).unwrap();
+        assert_eq!(ossl.implementation(), "openssl");
+        #[cfg(target_arch = "x86_64")]
+        if vaes::available() {
+            assert_eq!(fast.implementation(), "vaes-avx512");
+        } else {
+            eprintln!("CPU without VAES/AVX-512: only the OpenSSL path is tested here");
+        }
+        for engine in [&fast, &ossl] {
+            for &(n, dusn, ct_hex) in VECTORS {
+                let mut buf = vector_plaintext();
+                engine.crypt_units(Direction::Encrypt, dusn, 512, &mut buf).unwrap();
+                assert_eq!(hex::encode(&buf), ct_hex, "vector {n} via {}", engine.implementation());
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for round in 0..40 {
+            let mut key = [0u8; 64];
+            rng.fill_bytes(&mut key);
+            let a = XtsEngine::new(&secret(&key)).unwrap();
+            let b = XtsEngine::new_openssl_only(&secret(&key)).unwrap();
+            let sectors = [1usize, 2, 3, 17, 64, 70][round % 6];
+            let first: u64 = if round % 2 == 0 { rng.gen() } else { rng.gen_range(0..1 << 20) };
+            let mut x = vec![0u8; sectors * SECTOR_SIZE];
+            rng.fill_bytes(&mut x);
+            let mut y = x.clone();
+            let plain = x.clone();
+            a.encrypt_sectors(first, &mut x).unwrap();
+            b.encrypt_sectors(first, &mut y).unwrap();
+            assert!(x == y, "round {round}: encryption differs");
+            a.decrypt_sectors(first, &mut x).unwrap();
+            assert!(x == plain, "round {round}: decryption differs");
         }
     }
 

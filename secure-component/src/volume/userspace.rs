@@ -380,7 +380,7 @@ impl PlainFile {
         let count = (last - first) as usize;
         let head = (offset - first * SECTOR) as usize;
         let len = count * SECTOR_SIZE;
-        if head != 0 || end % SECTOR != 0 {
+        if head != 0 || !end.is_multiple_of(SECTOR) {
             // Read-modify-write: only the partial first and last sectors need the old data.
             if self.buf.len() < len {
                 self.buf.resize(len, 0);
@@ -388,7 +388,7 @@ impl PlainFile {
             if head != 0 {
                 self.load_into(first, 0)?;
             }
-            if end % SECTOR != 0 && (last - 1 != first || head == 0) {
+            if !end.is_multiple_of(SECTOR) && (last - 1 != first || head == 0) {
                 self.load_into(last - 1, (count - 1) * SECTOR_SIZE)?;
             }
         } else if self.buf.len() < len {
