@@ -17,7 +17,7 @@ Set-up of a host:\n  \
 1. get a certificate with role secure-component whose name is the host id\n     \
 (cloud-platform ca issue --role secure-component --name host-1 ...)\n  \
 2. write sc.toml (listen, tcti, state_dir, vm_root, backend, hypervisor, ttp_url, ca, cert, key;\n     \
-see docs/OPERATOR.md and the example in secure-component/src/config.rs)\n  \
+the example at the top of secure-component/src/config.rs shows every key)\n  \
 3. secure-component enroll --config sc.toml   (once, and again after a trusted update)\n  \
 4. secure-component serve --config sc.toml\n  \
 5. register the host with the cloud platform (POST /v1/hosts with its agent URL)"

@@ -559,10 +559,35 @@ impl AgentService {
                 Err(e) => tracing::warn!(attachment = %record.attachment_id, error = %e, "cannot check attachment"),
             }
         }
+        match self.orphan_mappings(&records) {
+            Ok(orphans) => {
+                for (name, state) in orphans {
+                    tracing::warn!(mapping = %name, ?state, "mapping without an attachment record (the agent stopped between opening \
+                        and recording it); an attach of the same domain for the same VM removes it if stale");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the backend's mappings"),
+        }
         tracing::info!(
             host = %self.agent.host_id, backend = self.backend.kind(), hypervisor = self.driver.kind(),
             attachments = records.len(), "secure component agent ready"
         );
+    }
+
+    /// The backend's `skydd-` mappings that no record refers to.
+    pub fn orphan_mappings(&self, records: &[AttachmentRecord]) -> Result<Vec<(String, MappingState)>> {
+        let names: Vec<String> = match &self.backend {
+            Backend::DmCrypt(b) => b.list()?.into_iter().map(|v| v.name).collect(),
+            Backend::Userspace(b) => b.list_detailed()?.into_iter().map(|s| s.record.name).collect(),
+        };
+        let mut out = Vec::new();
+        for name in names {
+            if name.starts_with("skydd-") && !records.iter().any(|r| r.mapping == name) {
+                let state = self.backend.state(&name)?;
+                out.push((name, state));
+            }
+        }
+        Ok(out)
     }
 
     /// An orderly stop. The userspace engine runs inside this process, so its mappings end
