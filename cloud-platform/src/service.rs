@@ -378,7 +378,7 @@ impl CloudPlatform {
         match header {
             Some(header) => domain_view(&record, header.record, "deleted"),
             None => Err(Error::DomainDeleted(format!(
-                "domain {domain_id} is deleted; its volume header was already gone, so there is no header to show"
+                "domain {domain_id} is deleted; its volume header was already gone or unreadable, so there is no header to show"
             ))),
         }
     }

@@ -116,7 +116,8 @@ pub struct Attachment {
     pub mount_path: String,
     /// Domain version whose key opened it.
     pub version: u64,
-    /// "attached" or "detached".
+    /// "attached", "detached", or "detaching" (the CP asked the host to detach after a
+    /// revocation or deletion and the host did not confirm; `DELETE` retries).
     pub status: String,
 }
 
