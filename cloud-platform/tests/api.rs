@@ -517,15 +517,16 @@ async fn attach_and_revoke_through_the_secure_component() {
         pcr_selection: Default::default(),
     };
     let (agent, agent_tls) = service::build(&sc_config).unwrap();
-    let (agent_listener, agent_url) = bind().await;
-    let agent_server = {
+    let serve_agent = |agent: Arc<service::AgentService>, tls: Arc<rustls::ServerConfig>| async move {
+        let (listener, url) = bind().await;
         let shutdown = CancellationToken::new();
-        let (a, t) = (agent.clone(), shutdown.clone());
+        let t = shutdown.clone();
         let task = tokio::spawn(async move {
-            service::serve(agent_listener, a, agent_tls, t).await.unwrap();
+            service::serve(listener, agent, tls, t).await.unwrap();
         });
-        Server { url: agent_url.clone(), shutdown, task }
+        Server { url, shutdown, task }
     };
+    let agent_server = serve_agent(agent.clone(), agent_tls.clone()).await;
 
     println!("TTP: attestation policy with compute-1's PCRs; compute-1 enrolls");
     let selection = sc_config.pcr_selection.clone();
@@ -611,11 +612,27 @@ async fn attach_and_revoke_through_the_secure_component() {
     assert_eq!((a2.version, a2.mode), (3, AccessMode::Ro));
     assert_eq!(std::fs::read(vm_dir("vm-a").join("note.txt")).unwrap(), b"from vm-a\n");
 
-    println!("delete the domain while vm-a is attached");
-    let deleted = alice.delete(&id, &alice.deletion(&id)).await.expect("delete");
+    println!("compute-1's agent stops answering; deleting the domain still crypto-shreds it and leaves vm-a detaching");
+    agent_server.stop().await;
+    let deleted = alice.delete(&id, &alice.deletion(&id)).await.expect("delete while the host is down");
     assert_eq!(deleted.status, "deleted");
-    assert_eq!(status_of(&alice.attachments(&id).await, &a2.id), "detached");
-    assert!(sc_list().await.is_empty(), "deletion detached everything");
+    assert!(!root.join("cp-data").join("volumes").join(format!("{id}.vol")).exists());
+    assert_eq!(status_of(&alice.attachments(&id).await, &a2.id), "detaching");
+    let (status, code, message) = refusal(alice.cp.delete_json::<Attachment>(&format!("/v1/attachments/{}", a2.id)).await);
+    assert_eq!((status, code.as_str()), (502, "host_unreachable"));
+    assert!(message.contains("compute-1"), "{message}");
+
+    println!("the agent is back on another port; the operator updates the host; the detach is retried");
+    let agent_server = serve_agent(agent.clone(), agent_tls.clone()).await;
+    operator.post_json::<_, ComputeHost>("/v1/hosts", &ComputeHost { id: "compute-1".into(), agent_url: agent_server.url.clone() }).await.unwrap();
+    let sc_list = || async {
+        let list: AgentAttachmentList = pki.client("cp-1", Role::SecureComponent, &agent_server.url).get_json("/v1/attachments").await.unwrap();
+        list.attachments.into_iter().map(|a| a.attachment_id).collect::<Vec<_>>()
+    };
+    assert_eq!(sc_list().await, vec![a2.id.clone()], "the mapping outlived the deletion until now");
+    let d: Attachment = alice.cp.delete_json(&format!("/v1/attachments/{}", a2.id)).await.expect("the retried detach");
+    assert_eq!(d.status, "detached");
+    assert!(sc_list().await.is_empty());
     assert_eq!(leftovers(root), Vec::<String>::new(), "no mount or loop device left");
 
     cp.stop().await;
