@@ -9,8 +9,8 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use net::{ApiError, Identity};
 use protocol::cloud::{
-    Attachment, AttachmentList, ComputeHost, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainList,
-    DomainView, Instance, InstanceList, UpdateDomainRequest,
+    Attachment, AttachmentList, ComputeHost, CreateAttachmentRequest, CreateDomainRequest,
+    DeleteDomainBody, DomainList, DomainView, Instance, InstanceList, UpdateDomainRequest,
 };
 use serde::{Deserialize, Serialize};
 
@@ -28,10 +28,16 @@ pub fn router(cp: Arc<CloudPlatform>) -> Router {
         .route("/v1/hosts", post(register_host).get(list_hosts))
         .route("/v1/instances", post(register_instance).get(list_instances))
         .route("/v1/domains", post(create_domain).get(list_domains))
-        .route("/v1/domains/:domain_id", get(get_domain).delete(delete_domain))
+        .route(
+            "/v1/domains/:domain_id",
+            get(get_domain).delete(delete_domain),
+        )
         .route("/v1/domains/:domain_id/descriptor", put(update_domain))
         .route("/v1/attachments", post(attach).get(list_attachments))
-        .route("/v1/attachments/:attachment_id", get(get_attachment).delete(detach))
+        .route(
+            "/v1/attachments/:attachment_id",
+            get(get_attachment).delete(detach),
+        )
         .route("/v1/health", get(health))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(cp)
@@ -47,12 +53,15 @@ pub struct ListQuery {
 }
 
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(value)| value)
-        .map_err(|rejection| ApiError::new(rejection.status(), "bad_request", rejection.body_text()))
+    body.map(|Json(value)| value).map_err(|rejection| {
+        ApiError::new(rejection.status(), "bad_request", rejection.body_text())
+    })
 }
 
 fn query(q: Result<Query<ListQuery>, QueryRejection>) -> Result<(ListQuery, Page), ApiError> {
-    let Query(q) = q.map_err(|rejection| ApiError::new(rejection.status(), "bad_request", rejection.body_text()))?;
+    let Query(q) = q.map_err(|rejection| {
+        ApiError::new(rejection.status(), "bad_request", rejection.body_text())
+    })?;
     let page = Page::new(q.limit, q.marker.clone())?;
     Ok((q, page))
 }
@@ -61,7 +70,11 @@ fn answer<T>(result: crate::Result<T>) -> Answer<T> {
     result.map(Json).map_err(ApiError::from)
 }
 
-async fn register_host(State(cp): Cp, Extension(caller): Extension<Identity>, body: Result<Json<ComputeHost>, JsonRejection>) -> Answer<ComputeHost> {
+async fn register_host(
+    State(cp): Cp,
+    Extension(caller): Extension<Identity>,
+    body: Result<Json<ComputeHost>, JsonRejection>,
+) -> Answer<ComputeHost> {
     answer(cp.register_host(&caller, json_body(body)?).await)
 }
 
@@ -74,11 +87,18 @@ async fn list_hosts(State(cp): Cp) -> Answer<HostList> {
     answer(cp.hosts().await.map(|hosts| HostList { hosts }))
 }
 
-async fn register_instance(State(cp): Cp, Extension(caller): Extension<Identity>, body: Result<Json<Instance>, JsonRejection>) -> Answer<Instance> {
+async fn register_instance(
+    State(cp): Cp,
+    Extension(caller): Extension<Identity>,
+    body: Result<Json<Instance>, JsonRejection>,
+) -> Answer<Instance> {
     answer(cp.register_instance(&caller, json_body(body)?).await)
 }
 
-async fn list_instances(State(cp): Cp, q: Result<Query<ListQuery>, QueryRejection>) -> Answer<InstanceList> {
+async fn list_instances(
+    State(cp): Cp,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer<InstanceList> {
     let (_, page) = query(q)?;
     answer(cp.instances(page).await)
 }
@@ -91,12 +111,20 @@ async fn create_domain(
     answer(cp.create_domain(&caller, json_body(body)?).await)
 }
 
-async fn list_domains(State(cp): Cp, Extension(caller): Extension<Identity>, q: Result<Query<ListQuery>, QueryRejection>) -> Answer<DomainList> {
+async fn list_domains(
+    State(cp): Cp,
+    Extension(caller): Extension<Identity>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer<DomainList> {
     let (_, page) = query(q)?;
     answer(cp.list_domains(&caller, page).await)
 }
 
-async fn get_domain(State(cp): Cp, Extension(caller): Extension<Identity>, Path(domain_id): Path<String>) -> Answer<DomainView> {
+async fn get_domain(
+    State(cp): Cp,
+    Extension(caller): Extension<Identity>,
+    Path(domain_id): Path<String>,
+) -> Answer<DomainView> {
     answer(cp.get_domain(&caller, &domain_id).await)
 }
 
@@ -106,7 +134,10 @@ async fn update_domain(
     Path(domain_id): Path<String>,
     body: Result<Json<UpdateDomainRequest>, JsonRejection>,
 ) -> Answer<DomainView> {
-    answer(cp.update_domain(&caller, &domain_id, json_body(body)?).await)
+    answer(
+        cp.update_domain(&caller, &domain_id, json_body(body)?)
+            .await,
+    )
 }
 
 async fn delete_domain(
@@ -115,7 +146,10 @@ async fn delete_domain(
     Path(domain_id): Path<String>,
     body: Result<Json<DeleteDomainBody>, JsonRejection>,
 ) -> Answer<DomainView> {
-    answer(cp.delete_domain(&caller, &domain_id, json_body(body)?).await)
+    answer(
+        cp.delete_domain(&caller, &domain_id, json_body(body)?)
+            .await,
+    )
 }
 
 async fn attach(
@@ -135,11 +169,19 @@ async fn list_attachments(
     answer(cp.attachments(&caller, q.domain_id, page).await)
 }
 
-async fn get_attachment(State(cp): Cp, Extension(caller): Extension<Identity>, Path(id): Path<String>) -> Answer<Attachment> {
+async fn get_attachment(
+    State(cp): Cp,
+    Extension(caller): Extension<Identity>,
+    Path(id): Path<String>,
+) -> Answer<Attachment> {
     answer(cp.attachment(&caller, &id).await)
 }
 
-async fn detach(State(cp): Cp, Extension(caller): Extension<Identity>, Path(id): Path<String>) -> Answer<Attachment> {
+async fn detach(
+    State(cp): Cp,
+    Extension(caller): Extension<Identity>,
+    Path(id): Path<String>,
+) -> Answer<Attachment> {
     answer(cp.detach(&caller, &id).await)
 }
 

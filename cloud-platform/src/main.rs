@@ -29,7 +29,8 @@ enum Command {
     #[command(subcommand)]
     Ca(CaCommand),
     /// Serve the cloud platform API over mutual TLS.
-    #[command(long_about = "Serve the cloud platform API (docs/CLOUD-API.md) over mutual TLS 1.3.\n\n\
+    #[command(
+        long_about = "Serve the cloud platform API (docs/CLOUD-API.md) over mutual TLS 1.3.\n\n\
 The configuration is a TOML file:\n\n  \
 listen = \"127.0.0.1:7500\"\n  \
 data_dir = \"/var/lib/skydd/cp\"      # cp.sqlite and volumes/<domain>.vol\n  \
@@ -37,7 +38,8 @@ ca = [\"/etc/skydd/ca.pem\"]\n  \
 cert = \"/etc/skydd/cp-1.pem\"        # issued with --role cloud-platform\n  \
 key = \"/etc/skydd/cp-1-key.pem\"\n  \
 ttp_url = \"https://127.0.0.1:7443\"\n\n\
-Flags override the file.")]
+Flags override the file."
+    )]
     Serve {
         /// The TOML configuration.
         #[arg(long, env = "SKYDD_CP_CONFIG")]
@@ -210,9 +212,13 @@ fn run_serve(
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if json {
-        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -222,9 +228,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Ca(c) => run_ca(c),
-        Command::Serve { config, listen, data_dir, ttp_url, json_logs } => {
-            run_serve(config, listen, data_dir, ttp_url, json_logs)
-        }
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            ttp_url,
+            json_logs,
+        } => run_serve(config, listen, data_dir, ttp_url, json_logs),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

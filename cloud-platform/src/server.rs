@@ -18,9 +18,17 @@ pub const TTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Builds the cloud platform from its configuration: TLS identity (role cloud-platform),
 /// CA roots, the TTP client, the SQLite store and the volume directory.
 pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, Arc<rustls::ServerConfig>)> {
-    let tls_files = TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone() };
-    let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
-    let identity = material.identity().map_err(|e| Error::Config(format!("own certificate: {e}")))?;
+    let tls_files = TlsFiles {
+        ca: config.ca.clone(),
+        cert: config.cert.clone(),
+        key: config.key.clone(),
+    };
+    let material = tls_files
+        .load()
+        .map_err(|e| Error::Config(format!("TLS files: {e}")))?;
+    let identity = material
+        .identity()
+        .map_err(|e| Error::Config(format!("own certificate: {e}")))?;
     if identity.role != Role::CloudPlatform {
         return Err(Error::Config(format!(
             "{} has role {}, the cloud platform needs a cloud-platform certificate",
@@ -28,14 +36,20 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, Arc<rustls::Serve
             identity.role
         )));
     }
-    let ttp_tls = material.client_config(Role::Ttp).map_err(|e| Error::Config(format!("TLS to the TTP: {e}")))?;
+    let ttp_tls = material
+        .client_config(Role::Ttp)
+        .map_err(|e| Error::Config(format!("TLS to the TTP: {e}")))?;
     let ttp = net::Client::with_timeout(&config.ttp_url, ttp_tls, TTP_TIMEOUT)
         .map_err(|e| Error::Config(format!("ttp_url: {e}")))?;
     let agent_tls = material
         .client_config(Role::SecureComponent)
         .map_err(|e| Error::Config(format!("TLS to secure components: {e}")))?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| Error::Config(format!("create data directory {}: {e}", config.data_dir.display())))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        Error::Config(format!(
+            "create data directory {}: {e}",
+            config.data_dir.display()
+        ))
+    })?;
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
     let volumes = Volumes::open(&config.data_dir.join(VOLUMES_DIR), config.max_volume_bytes)?;
     let cp = CloudPlatform::new(Arc::new(store), volumes, ttp, agent_tls);
@@ -52,7 +66,13 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    net::serve_with(listener, tls, crate::api::router(cp), net::ServeOptions::default(), shutdown)
-        .await
-        .map_err(|e| Error::Config(format!("serve: {e}")))
+    net::serve_with(
+        listener,
+        tls,
+        crate::api::router(cp),
+        net::ServeOptions::default(),
+        shutdown,
+    )
+    .await
+    .map_err(|e| Error::Config(format!("serve: {e}")))
 }

@@ -10,11 +10,14 @@ use std::time::Duration;
 
 use net::{Identity, Role};
 use protocol::cloud::{
-    AgentAttachRequest, AgentAttachment, Attachment, AttachmentList, ComputeHost, CreateAttachmentRequest,
-    CreateDomainRequest, DeleteDomainBody, DomainList, DomainView, Instance, InstanceList, UpdateDomainRequest,
+    AgentAttachRequest, AgentAttachment, Attachment, AttachmentList, ComputeHost,
+    CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView,
+    Instance, InstanceList, UpdateDomainRequest,
 };
 use protocol::domain::{validate_name, Descriptor};
-use protocol::messages::{DeleteDomainRequest, Deletion, HeaderRecord, RegisterDomainRequest, RegisterDomainResponse};
+use protocol::messages::{
+    DeleteDomainRequest, Deletion, HeaderRecord, RegisterDomainRequest, RegisterDomainResponse,
+};
 
 use crate::error::{Error, Result};
 use crate::store::{AttachmentFilter, CpStore, DomainRecord, Page, ATTACHED, DETACHED, DETACHING};
@@ -36,11 +39,16 @@ pub struct CloudPlatform {
 }
 
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Runs blocking work (SQLite, file I/O) off the async workers.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| Error::Store(format!("blocking task failed: {e}")))?
@@ -83,7 +91,12 @@ fn domain_view(record: &DomainRecord, header: HeaderRecord, status: &str) -> Res
 impl CloudPlatform {
     /// `ttp` talks to the TTP with the CP's certificate; `agent_tls` is the CP's client
     /// configuration for secure components (server role secure-component).
-    pub fn new(store: Arc<dyn CpStore>, volumes: Volumes, ttp: net::Client, agent_tls: rustls::ClientConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn CpStore>,
+        volumes: Volumes,
+        ttp: net::Client,
+        agent_tls: rustls::ClientConfig,
+    ) -> Self {
         Self {
             store,
             volumes,
@@ -103,7 +116,10 @@ impl CloudPlatform {
         locks.entry(domain_id.to_string()).or_default().clone()
     }
 
-    async fn store<T: Send + 'static>(&self, work: impl FnOnce(&dyn CpStore) -> Result<T> + Send + 'static) -> Result<T> {
+    async fn store<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&dyn CpStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let store = self.store.clone();
         blocking(move || work(store.as_ref())).await
     }
@@ -125,8 +141,16 @@ impl CloudPlatform {
         self.store(|s| s.hosts()).await
     }
 
-    pub async fn register_instance(&self, caller: &Identity, instance: Instance) -> Result<Instance> {
-        require_role(caller, &[Role::CloudPlatform, Role::DomainManager], "register an instance")?;
+    pub async fn register_instance(
+        &self,
+        caller: &Identity,
+        instance: Instance,
+    ) -> Result<Instance> {
+        require_role(
+            caller,
+            &[Role::CloudPlatform, Role::DomainManager],
+            "register an instance",
+        )?;
         validate_name("instance id", &instance.id).map_err(|e| Error::BadRequest(e.to_string()))?;
         let stored = instance.clone();
         self.store(move |s| {
@@ -150,7 +174,10 @@ impl CloudPlatform {
         let p = page.clone();
         let rows = self.store(move |s| s.instances(&p)).await?;
         let (instances, next_marker) = page.finish(rows, |i| &i.id);
-        Ok(InstanceList { instances, next_marker })
+        Ok(InstanceList {
+            instances,
+            next_marker,
+        })
     }
 
     // ---- domains ---------------------------------------------------------------------------
@@ -162,7 +189,10 @@ impl CloudPlatform {
         let record = self
             .store(move |s| s.domain(&id))
             .await?
-            .ok_or_else(|| Error::NotFound { code: "domain_unknown", message: format!("domain {domain_id} does not exist") })?;
+            .ok_or_else(|| Error::NotFound {
+                code: "domain_unknown",
+                message: format!("domain {domain_id} does not exist"),
+            })?;
         if !record.is_manager(&caller.name) {
             return Err(Error::Forbidden(format!(
                 "{} is neither the owner ({}) nor a domain manager domain {domain_id} is shared with",
@@ -195,20 +225,37 @@ impl CloudPlatform {
 
     async fn status_of(&self, domain_id: &str) -> Result<&'static str> {
         let id = domain_id.to_string();
-        let open = self.store(move |s| s.open_attachments_of_domain(&id)).await?;
-        Ok(if open.is_empty() { "available" } else { "in-use" })
+        let open = self
+            .store(move |s| s.open_attachments_of_domain(&id))
+            .await?;
+        Ok(if open.is_empty() {
+            "available"
+        } else {
+            "in-use"
+        })
     }
 
-    async fn register_with_ttp(&self, request: &RegisterDomainRequest) -> Result<RegisterDomainResponse> {
+    async fn register_with_ttp(
+        &self,
+        request: &RegisterDomainRequest,
+    ) -> Result<RegisterDomainResponse> {
         self.ttp
             .post_json::<_, RegisterDomainResponse>("/v1/domains", request)
             .await
-            .map_err(|e| Error::from_peer(e, "ttp_unreachable", || format!("cannot reach the TTP at {}", self.ttp.base_url())))
+            .map_err(|e| {
+                Error::from_peer(e, "ttp_unreachable", || {
+                    format!("cannot reach the TTP at {}", self.ttp.base_url())
+                })
+            })
     }
 
     /// `POST /v1/domains`: the owner registers version 1 with the TTP through the CP; the CP
     /// allocates the volume and writes the header.
-    pub async fn create_domain(&self, caller: &Identity, request: CreateDomainRequest) -> Result<DomainView> {
+    pub async fn create_domain(
+        &self,
+        caller: &Identity,
+        request: CreateDomainRequest,
+    ) -> Result<DomainView> {
         require_role(caller, &[Role::DomainManager], "create a domain")?;
         let descriptor = decode_descriptor(&request.descriptor)?;
         if descriptor.owner != caller.name {
@@ -224,14 +271,28 @@ impl CloudPlatform {
         if self.store(move |s| s.domain(&id)).await?.is_some() {
             return Err(Error::Conflict {
                 code: "domain_exists",
-                message: format!("domain {} already exists; a new domain needs a fresh id", descriptor.domain_id),
+                message: format!(
+                    "domain {} already exists; a new domain needs a fresh id",
+                    descriptor.domain_id
+                ),
             });
         }
         let response = self
-            .register_with_ttp(&RegisterDomainRequest { descriptor: request.descriptor.clone(), previous_registration: None })
+            .register_with_ttp(&RegisterDomainRequest {
+                descriptor: request.descriptor.clone(),
+                previous_registration: None,
+            })
             .await?;
-        let header = HeaderRecord { descriptor: request.descriptor, registration: response.registration };
-        let (volumes, id, size, h) = (self.volumes.clone(), descriptor.domain_id.clone(), request.size_bytes, header.clone());
+        let header = HeaderRecord {
+            descriptor: request.descriptor,
+            registration: response.registration,
+        };
+        let (volumes, id, size, h) = (
+            self.volumes.clone(),
+            descriptor.domain_id.clone(),
+            request.size_bytes,
+            header.clone(),
+        );
         let volume_path = blocking(move || volumes.create(&id, size, &h)).await?;
         let record = DomainRecord {
             id: descriptor.domain_id.clone(),
@@ -264,16 +325,23 @@ impl CloudPlatform {
         let mut domains = Vec::with_capacity(records.len());
         for record in records {
             let view = match self.read_header(&record).await {
-                Ok(header) => domain_view(&record, header.record, self.status_of(&record.id).await?),
+                Ok(header) => {
+                    domain_view(&record, header.record, self.status_of(&record.id).await?)
+                }
                 Err(e) => Err(e),
             };
             match view {
                 Ok(view) => domains.push(view),
                 // One damaged volume must not hide the caller's other domains.
-                Err(e) => tracing::error!(domain = %record.id, error = %e, "domain left out of the list: its header cannot be read"),
+                Err(e) => {
+                    tracing::error!(domain = %record.id, error = %e, "domain left out of the list: its header cannot be read")
+                }
             }
         }
-        Ok(DomainList { domains, next_marker })
+        Ok(DomainList {
+            domains,
+            next_marker,
+        })
     }
 
     /// `GET /v1/domains/{id}`: the domain with the header in force on its volume.
@@ -292,7 +360,12 @@ impl CloudPlatform {
     /// `PUT /v1/domains/{id}/descriptor`: grant, revoke, share. The TTP registers the new
     /// version (monotonic, based on the registration in the header), the header is rewritten
     /// in the other slot, and attachments that lost access are detached.
-    pub async fn update_domain(&self, caller: &Identity, domain_id: &str, request: UpdateDomainRequest) -> Result<DomainView> {
+    pub async fn update_domain(
+        &self,
+        caller: &Identity,
+        domain_id: &str,
+        request: UpdateDomainRequest,
+    ) -> Result<DomainView> {
         require_role(caller, &[Role::DomainManager], "change a domain")?;
         let descriptor = decode_descriptor(&request.descriptor)?;
         if descriptor.domain_id != domain_id {
@@ -312,34 +385,59 @@ impl CloudPlatform {
                 previous_registration: Some(current.record.registration.clone()),
             })
             .await?;
-        let header = HeaderRecord { descriptor: request.descriptor, registration: response.registration };
-        let (volumes, path, h) = (self.volumes.clone(), record.volume_path.clone(), header.clone());
+        let header = HeaderRecord {
+            descriptor: request.descriptor,
+            registration: response.registration,
+        };
+        let (volumes, path, h) = (
+            self.volumes.clone(),
+            record.volume_path.clone(),
+            header.clone(),
+        );
         let (slot, seq) = blocking(move || volumes.update_header(&path, &h)).await.map_err(|e| {
             Error::Volume(format!(
                 "the TTP registered version {} of domain {domain_id}, but writing the volume header failed: {e}",
                 descriptor.version
             ))
         })?;
-        let (id, version, shared) = (domain_id.to_string(), descriptor.version, descriptor.shared_with.clone());
-        self.store(move |s| s.update_domain(&id, version, &shared)).await?;
+        let (id, version, shared) = (
+            domain_id.to_string(),
+            descriptor.version,
+            descriptor.shared_with.clone(),
+        );
+        self.store(move |s| s.update_domain(&id, version, &shared))
+            .await?;
         tracing::info!(domain = %domain_id, version, slot, seq, "domain updated");
 
         // Detach every VM that lost access or now has less than it mounted with.
         let id = domain_id.to_string();
-        let open = self.store(move |s| s.open_attachments_of_domain(&id)).await?;
+        let open = self
+            .store(move |s| s.open_attachments_of_domain(&id))
+            .await?;
         let lost: Vec<Attachment> = open
             .into_iter()
-            .filter(|a| !descriptor.access_of(&a.instance_id).is_some_and(|m| m.covers(a.mode)))
+            .filter(|a| {
+                !descriptor
+                    .access_of(&a.instance_id)
+                    .is_some_and(|m| m.covers(a.mode))
+            })
             .collect();
-        self.detach_all(lost, &format!("access revoked by version {version}")).await?;
+        self.detach_all(lost, &format!("access revoked by version {version}"))
+            .await?;
         domain_view(&record, header, self.status_of(domain_id).await?)
     }
 
     /// `DELETE /v1/domains/{id}`: TTP tombstone, every attachment detached, both header
     /// slots destroyed, the file removed.
-    pub async fn delete_domain(&self, caller: &Identity, domain_id: &str, body: DeleteDomainBody) -> Result<DomainView> {
+    pub async fn delete_domain(
+        &self,
+        caller: &Identity,
+        domain_id: &str,
+        body: DeleteDomainBody,
+    ) -> Result<DomainView> {
         require_role(caller, &[Role::DomainManager], "delete a domain")?;
-        let deletion = Deletion::decode(&body.deletion.message).map_err(|e| Error::BadRequest(format!("deletion: {e}")))?;
+        let deletion = Deletion::decode(&body.deletion.message)
+            .map_err(|e| Error::BadRequest(format!("deletion: {e}")))?;
         if deletion.domain_id != domain_id {
             return Err(Error::BadRequest(format!(
                 "the deletion is signed for domain {}, but the request is for domain {domain_id}",
@@ -354,9 +452,18 @@ impl CloudPlatform {
         let path = format!("/v1/domains/{domain_id}/delete");
         let outcome = self
             .ttp
-            .post_json::<_, serde_json::Value>(&path, &DeleteDomainRequest { deletion: body.deletion })
+            .post_json::<_, serde_json::Value>(
+                &path,
+                &DeleteDomainRequest {
+                    deletion: body.deletion,
+                },
+            )
             .await
-            .map_err(|e| Error::from_peer(e, "ttp_unreachable", || format!("cannot reach the TTP at {}", self.ttp.base_url())));
+            .map_err(|e| {
+                Error::from_peer(e, "ttp_unreachable", || {
+                    format!("cannot reach the TTP at {}", self.ttp.base_url())
+                })
+            });
         match outcome {
             Ok(_) => {}
             // A retried deletion (the CP stopped after the TTP's tombstone): finish locally.
@@ -366,7 +473,9 @@ impl CloudPlatform {
             Err(e) => return Err(e),
         }
         let id = domain_id.to_string();
-        let open = self.store(move |s| s.open_attachments_of_domain(&id)).await?;
+        let open = self
+            .store(move |s| s.open_attachments_of_domain(&id))
+            .await?;
         self.detach_all(open, "domain deleted").await?;
         let (volumes, volume_path) = (self.volumes.clone(), record.volume_path.clone());
         blocking(move || volumes.destroy(&volume_path)).await?;
@@ -392,8 +501,14 @@ impl CloudPlatform {
                 return Ok(client.clone());
             }
         }
-        let client = net::Client::with_timeout(&host.agent_url, self.agent_tls.clone(), AGENT_TIMEOUT)
-            .map_err(|e| Error::Config(format!("secure component of host {} at {}: {e}", host.id, host.agent_url)))?;
+        let client =
+            net::Client::with_timeout(&host.agent_url, self.agent_tls.clone(), AGENT_TIMEOUT)
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "secure component of host {} at {}: {e}",
+                        host.id, host.agent_url
+                    ))
+                })?;
         agents.insert(host.id.clone(), (host.agent_url.clone(), client.clone()));
         Ok(client)
     }
@@ -407,21 +522,36 @@ impl CloudPlatform {
     }
 
     fn agent_error(host: &ComputeHost) -> impl FnOnce() -> String + '_ {
-        move || format!("cannot reach the secure component of host {} at {}", host.id, host.agent_url)
+        move || {
+            format!(
+                "cannot reach the secure component of host {} at {}",
+                host.id, host.agent_url
+            )
+        }
     }
 
     /// `POST /v1/attachments`: forwards to the secure component of the instance's host,
     /// with the header in force on the volume.
-    pub async fn attach(&self, caller: &Identity, request: CreateAttachmentRequest) -> Result<Attachment> {
+    pub async fn attach(
+        &self,
+        caller: &Identity,
+        request: CreateAttachmentRequest,
+    ) -> Result<Attachment> {
         require_role(caller, &[Role::DomainManager], "attach a domain")?;
         let lock = self.lock_of(&request.domain_id);
         let _guard = lock.lock().await;
         let record = self.managed_domain(caller, &request.domain_id).await?;
         let instance_id = request.instance_id.clone();
-        let instance = self.store(move |s| s.instance(&instance_id)).await?.ok_or_else(|| Error::NotFound {
-            code: "instance_unknown",
-            message: format!("instance {} is not registered; register it with POST /v1/instances", request.instance_id),
-        })?;
+        let instance = self
+            .store(move |s| s.instance(&instance_id))
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                code: "instance_unknown",
+                message: format!(
+                    "instance {} is not registered; register it with POST /v1/instances",
+                    request.instance_id
+                ),
+            })?;
         let host = self.host_of(&instance.host).await?;
         let (d, i) = (request.domain_id.clone(), request.instance_id.clone());
         if let Some(open) = self.store(move |s| s.open_attachment(&d, &i)).await? {
@@ -444,10 +574,11 @@ impl CloudPlatform {
             volume_path: record.volume_path.to_string_lossy().into_owned(),
         };
         let client = self.agent_client(&host).await?;
-        let attached: AgentAttachment = client
-            .post_json("/v1/attachments", &agent_request)
-            .await
-            .map_err(|e| Error::from_peer(e, "host_unreachable", Self::agent_error(&host)))?;
+        let attached: AgentAttachment =
+            client
+                .post_json("/v1/attachments", &agent_request)
+                .await
+                .map_err(|e| Error::from_peer(e, "host_unreachable", Self::agent_error(&host)))?;
         let attachment = Attachment {
             id: attachment_id,
             domain_id: record.id.clone(),
@@ -460,7 +591,10 @@ impl CloudPlatform {
             status: ATTACHED.to_string(),
         };
         let stored = attachment.clone();
-        if let Err(e) = self.store(move |s| s.insert_attachment(&stored, now_unix())).await {
+        if let Err(e) = self
+            .store(move |s| s.insert_attachment(&stored, now_unix()))
+            .await
+        {
             // Do not leave a mapping open that the CP does not know about.
             let _ = self.detach_on_host(&attachment).await;
             return Err(e);
@@ -475,13 +609,24 @@ impl CloudPlatform {
     async fn detach_on_host(&self, attachment: &Attachment) -> Result<()> {
         let host = self.host_of(&attachment.host).await?;
         let client = self.agent_client(&host).await?;
-        match client.delete_json::<serde_json::Value>(&format!("/v1/attachments/{}", attachment.id)).await {
+        match client
+            .delete_json::<serde_json::Value>(&format!("/v1/attachments/{}", attachment.id))
+            .await
+        {
             Ok(_) => Ok(()),
-            Err(net::Error::Api { status: 404, code, message }) => {
+            Err(net::Error::Api {
+                status: 404,
+                code,
+                message,
+            }) => {
                 tracing::warn!(attachment = %attachment.id, host = %host.id, %code, %message, "the host no longer has the attachment");
                 Ok(())
             }
-            Err(e) => Err(Error::from_peer(e, "host_unreachable", Self::agent_error(&host))),
+            Err(e) => Err(Error::from_peer(
+                e,
+                "host_unreachable",
+                Self::agent_error(&host),
+            )),
         }
     }
 
@@ -501,17 +646,25 @@ impl CloudPlatform {
                 }
             };
             let id = attachment.id.clone();
-            self.store(move |s| s.set_attachment_status(&id, status)).await?;
+            self.store(move |s| s.set_attachment_status(&id, status))
+                .await?;
         }
         Ok(())
     }
 
-    async fn managed_attachment(&self, caller: &Identity, attachment_id: &str) -> Result<Attachment> {
+    async fn managed_attachment(
+        &self,
+        caller: &Identity,
+        attachment_id: &str,
+    ) -> Result<Attachment> {
         let id = attachment_id.to_string();
-        let attachment = self.store(move |s| s.attachment(&id)).await?.ok_or_else(|| Error::NotFound {
-            code: "attachment_unknown",
-            message: format!("attachment {attachment_id} does not exist"),
-        })?;
+        let attachment = self
+            .store(move |s| s.attachment(&id))
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                code: "attachment_unknown",
+                message: format!("attachment {attachment_id} does not exist"),
+            })?;
         let domain_id = attachment.domain_id.clone();
         let record = self.store(move |s| s.domain(&domain_id)).await?;
         if !record.is_some_and(|r| r.is_manager(&caller.name)) {
@@ -524,26 +677,41 @@ impl CloudPlatform {
     }
 
     pub async fn attachment(&self, caller: &Identity, attachment_id: &str) -> Result<Attachment> {
-        require_role(caller, &[Role::DomainManager, Role::CloudPlatform], "read an attachment")?;
+        require_role(
+            caller,
+            &[Role::DomainManager, Role::CloudPlatform],
+            "read an attachment",
+        )?;
         if caller.role == Role::CloudPlatform {
             let id = attachment_id.to_string();
-            return self.store(move |s| s.attachment(&id)).await?.ok_or_else(|| Error::NotFound {
-                code: "attachment_unknown",
-                message: format!("attachment {attachment_id} does not exist"),
-            });
+            return self
+                .store(move |s| s.attachment(&id))
+                .await?
+                .ok_or_else(|| Error::NotFound {
+                    code: "attachment_unknown",
+                    message: format!("attachment {attachment_id} does not exist"),
+                });
         }
         self.managed_attachment(caller, attachment_id).await
     }
 
     /// `GET /v1/attachments`: a domain manager sees the attachments of its domains; the
     /// operator (cloud-platform role) sees all.
-    pub async fn attachments(&self, caller: &Identity, domain_id: Option<String>, page: Page) -> Result<AttachmentList> {
+    pub async fn attachments(
+        &self,
+        caller: &Identity,
+        domain_id: Option<String>,
+        page: Page,
+    ) -> Result<AttachmentList> {
         let manager = (caller.role != Role::CloudPlatform).then(|| caller.name.clone());
         let filter = AttachmentFilter { manager, domain_id };
         let p = page.clone();
         let rows = self.store(move |s| s.attachments(&filter, &p)).await?;
         let (attachments, next_marker) = page.finish(rows, |a| &a.id);
-        Ok(AttachmentList { attachments, next_marker })
+        Ok(AttachmentList {
+            attachments,
+            next_marker,
+        })
     }
 
     /// `DELETE /v1/attachments/{id}`: the host's secure component detaches; retried for an
@@ -559,7 +727,8 @@ impl CloudPlatform {
         }
         self.detach_on_host(&attachment).await?;
         let id = attachment.id.clone();
-        self.store(move |s| s.set_attachment_status(&id, DETACHED)).await?;
+        self.store(move |s| s.set_attachment_status(&id, DETACHED))
+            .await?;
         attachment.status = DETACHED.to_string();
         tracing::info!(attachment = %attachment.id, vm = %attachment.instance_id, by = %caller.name, "detached");
         Ok(attachment)
