@@ -1,0 +1,209 @@
+//! The all-in-one cloud of `skydd up`: a CA, the TTP, the cloud platform and compute hosts
+//! (each with its own swtpm and secure component), all real services on loopback with
+//! embedded SQLite, plus a domain-manager configuration per manager.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use net::Role;
+use protocol::cloud::{ComputeHost, Instance};
+use secure_component::config::{AgentConfig, BackendChoice, HypervisorChoice, LibvirtConfig};
+use secure_component::service::AgentService;
+use secure_component::swtpm::Swtpm;
+use tokio_util::sync::CancellationToken;
+use ttp::attestation::{AttestationPolicy, ReferenceState};
+
+use crate::lab::{LabPki, RunningTtp};
+
+/// One compute host of the all-in-one cloud.
+pub struct ComputeNode {
+    pub id: String,
+    pub agent_url: String,
+    /// Where the local hypervisor driver mounts each VM's volumes: `<vm_root>/<vm>/<domain>`.
+    pub vm_root: PathBuf,
+    pub service: Arc<AgentService>,
+    server: Server,
+    /// Dropped last: the secure component talks to it until it stops.
+    _swtpm: Swtpm,
+}
+
+struct Server {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+pub struct AllInOne {
+    pub dir: PathBuf,
+    pub pki: LabPki,
+    pub ttp: RunningTtp,
+    pub cp_url: String,
+    cp_server: Server,
+    pub hosts: Vec<ComputeNode>,
+    /// Domain-manager configuration files, by manager name.
+    pub manager_configs: Vec<(String, PathBuf)>,
+}
+
+/// What to start.
+pub struct Layout<'a> {
+    /// Compute hosts and the VMs that run on each.
+    pub hosts: &'a [(&'a str, &'a [&'a str])],
+    pub managers: &'a [&'a str],
+}
+
+/// The demo's cloud: vm-a on compute-1, vm-b and vm-c on compute-2; dm-alice and dm-bob.
+pub const DEMO_LAYOUT: Layout<'static> =
+    Layout { hosts: &[("compute-1", &["vm-a"]), ("compute-2", &["vm-b", "vm-c"])], managers: &["dm-alice", "dm-bob"] };
+
+async fn bind() -> Result<(tokio::net::TcpListener, String)> {
+    RunningTtp::bind().await
+}
+
+impl AllInOne {
+    /// Starts everything under `dir`; `progress` is told each step.
+    pub async fn start(dir: &Path, layout: &Layout<'_>, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        progress("cloud CA: creating the CA and issuing certificates");
+        let pki = LabPki::create(&dir.join("pki"))?;
+        let (ttp_listener, ttp_url) = bind().await?;
+        let vendor_ca = dir.join("tpm-vendor-ca");
+
+        let mut pending = Vec::new();
+        for (host_id, _) in layout.hosts {
+            progress(&format!("{host_id}: manufacturing its TPM (swtpm with an EK certificate) and starting its secure component"));
+            let swtpm = Swtpm::start_with_ca(&dir.join(host_id).join("swtpm"), &vendor_ca).with_context(|| format!("start the swtpm of {host_id}"))?;
+            let tls = pki.issue(Role::SecureComponent, host_id)?;
+            let config = AgentConfig {
+                listen: "127.0.0.1:0".into(),
+                host_id: None,
+                tcti: swtpm.tcti(),
+                state_dir: dir.join(host_id).join("sc"),
+                vm_root: dir.join(host_id).join("vms"),
+                backend: BackendChoice::Auto,
+                hypervisor: HypervisorChoice::Local,
+                libvirt: LibvirtConfig::default(),
+                ttp_url: ttp_url.clone(),
+                ca: tls.ca.clone(),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+                pcr_selection: Default::default(),
+            };
+            std::fs::write(dir.join(host_id).join("secure-component.toml"), toml::to_string(&config)?)?;
+            let (service, tls_config) = secure_component::service::build(&config).with_context(|| format!("build the secure component of {host_id}"))?;
+            pending.push((host_id.to_string(), swtpm, config, service, tls_config));
+        }
+
+        progress("TTP: master key, attestation policy (the TPM vendor CA and the hosts' trusted PCR values)");
+        let (_, _, first_config, first_service, _) = pending.first().context("the layout has no compute host")?;
+        let selection = first_config.pcr_selection.clone();
+        let pcr_values = first_service.host_agent().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await?;
+        let policy = AttestationPolicy {
+            trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&vendor_ca)?,
+            ek_intermediates: Vec::new(),
+            reference_states: vec![ReferenceState { name: "compute-v1".into(), selection: first_config.pcr_selection.clone(), pcr_values }],
+        };
+        let ttp = RunningTtp::start(dir, &pki, &policy, ttp_listener).await?;
+
+        progress("cloud platform: starting its API");
+        let (cp_listener, cp_url) = bind().await?;
+        let cp_tls = pki.issue(Role::CloudPlatform, "cloud-platform")?;
+        let cp_config = cloud_platform::config::CpConfig {
+            listen: cp_listener.local_addr()?.to_string(),
+            data_dir: dir.join("cloud-platform"),
+            ca: cp_tls.ca.clone(),
+            cert: cp_tls.cert.clone(),
+            key: cp_tls.key.clone(),
+            ttp_url: ttp.url.clone(),
+            max_volume_bytes: cloud_platform::config::DEFAULT_MAX_VOLUME_BYTES,
+        };
+        std::fs::write(dir.join("cloud-platform.toml"), cp_config.to_toml()?)?;
+        let (cp, cp_server_tls) = cloud_platform::server::build(&cp_config)?;
+        let cp_shutdown = CancellationToken::new();
+        let cp_server = Server {
+            shutdown: cp_shutdown.clone(),
+            task: tokio::spawn(async move {
+                if let Err(e) = cloud_platform::server::serve(cp_listener, cp, cp_server_tls, cp_shutdown).await {
+                    tracing::error!(error = %e, "cloud platform stopped");
+                }
+            }),
+        };
+        let operator = pki.client("cloud-platform", Role::CloudPlatform, &cp_url)?;
+
+        let mut hosts = Vec::new();
+        for ((host_id, swtpm, config, service, tls_config), (_, vms)) in pending.into_iter().zip(layout.hosts) {
+            progress(&format!("{host_id}: enrolling its TPM with the TTP and registering with the cloud platform"));
+            let enrolled = service.enroll().await.with_context(|| format!("enroll {host_id}"))?;
+            progress(&format!("{host_id}: enrolled (EK {}…, reference state {})", &enrolled.ek_fingerprint[..16], enrolled.reference_state));
+            let (listener, agent_url) = bind().await?;
+            let shutdown = CancellationToken::new();
+            let serve_service = service.clone();
+            let serve_shutdown = shutdown.clone();
+            let task = tokio::spawn(async move {
+                if let Err(e) = secure_component::service::serve(listener, serve_service, tls_config, serve_shutdown).await {
+                    tracing::error!(error = %e, "secure component stopped");
+                }
+            });
+            let _: ComputeHost = operator.post_json("/v1/hosts", &ComputeHost { id: host_id.clone(), agent_url: agent_url.clone() }).await?;
+            for vm in *vms {
+                let _: Instance = operator.post_json("/v1/instances", &Instance { id: vm.to_string(), host: host_id.clone() }).await?;
+            }
+            hosts.push(ComputeNode { id: host_id, agent_url, vm_root: config.vm_root.clone(), service, server: Server { shutdown, task }, _swtpm: swtpm });
+        }
+
+        let mut manager_configs = Vec::new();
+        for name in layout.managers {
+            let tls = pki.issue(Role::DomainManager, name)?;
+            let config = domain_manager::config::DmConfig {
+                cloud_platform_url: cp_url.clone(),
+                ttp_url: ttp.url.clone(),
+                ca: tls.ca.clone(),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+            };
+            let path = dir.join(format!("{name}.toml"));
+            std::fs::write(&path, toml::to_string(&config)?)?;
+            progress(&format!("{name}: domain-manager configuration written to {}", path.display()));
+            manager_configs.push((name.to_string(), path));
+        }
+        Ok(Self { dir: dir.to_path_buf(), pki, ttp, cp_url, cp_server, hosts, manager_configs })
+    }
+
+    pub fn manager_config(&self, name: &str) -> Result<PathBuf> {
+        self.manager_configs.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone()).with_context(|| format!("no manager {name}"))
+    }
+
+    /// The compute host a VM runs on.
+    pub fn host_of_vm(&self, vm: &str, layout: &Layout<'_>) -> Option<&ComputeNode> {
+        let host_id = layout.hosts.iter().find(|(_, vms)| vms.contains(&vm)).map(|(h, _)| *h)?;
+        self.hosts.iter().find(|h| h.id == host_id)
+    }
+
+    /// Where VM `vm` sees domain `domain_id` (the local hypervisor driver's mount point).
+    pub fn vm_mount(&self, vm: &str, domain_id: &str, layout: &Layout<'_>) -> Option<PathBuf> {
+        self.host_of_vm(vm, layout).map(|h| h.vm_root.join(vm).join(domain_id))
+    }
+
+    /// Stops every service: hosts first (they unmount and close their volumes), then the
+    /// cloud platform and the TTP.
+    pub async fn stop(self) {
+        for host in self.hosts {
+            host.server.stop().await;
+            let service = host.service;
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while Arc::strong_count(&service) > 1 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = tokio::task::spawn_blocking(move || service.shutdown()).await;
+        }
+        self.cp_server.stop().await;
+        self.ttp.stop().await;
+    }
+}

@@ -1,0 +1,185 @@
+//! The story `skydd demo` tells on the all-in-one cloud, through the public API only (the
+//! domain-manager library the CLI uses, and the VMs' mount points). Every step checks what
+//! it claims and fails loudly if the cloud did otherwise.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use domain_manager::config::DmConfig;
+use domain_manager::ops::DomainManager;
+use protocol::domain::AccessMode;
+
+use crate::cloud::{AllInOne, Layout};
+
+const RECORD_NAME: &str = "patient-0042.txt";
+const RECORD_TEXT: &str = "Patient 0042, cardiology: ECG 2026-11-20 normal sinus rhythm; follow-up in 6 months.\n";
+
+/// What the story saw, for tests.
+#[derive(Debug, Default)]
+pub struct StoryReport {
+    pub domain_id: String,
+    pub refusals: Vec<(String, String)>,
+    pub history_outcomes: Vec<String>,
+}
+
+pub struct Narrator<'a> {
+    step: usize,
+    out: &'a mut dyn FnMut(&str),
+}
+
+impl<'a> Narrator<'a> {
+    pub fn new(out: &'a mut dyn FnMut(&str)) -> Self {
+        Self { step: 0, out }
+    }
+    fn step(&mut self, text: &str) {
+        self.step += 1;
+        (self.out)(&format!("\n[{}] {text}", self.step));
+    }
+    fn say(&mut self, text: &str) {
+        (self.out)(&format!("    {text}"));
+    }
+    fn proves(&mut self, text: &str) {
+        (self.out)(&format!("    proves: {text}"));
+    }
+}
+
+fn refused_code(result: domain_manager::Result<impl std::fmt::Debug>, what: &str) -> Result<(String, String)> {
+    match result {
+        Err(domain_manager::Error::Refused { code, message, .. }) => Ok((code, message)),
+        Err(other) => bail!("{what}: expected a refusal, got: {other}"),
+        Ok(value) => bail!("{what}: expected a refusal, but it succeeded: {value:?}"),
+    }
+}
+
+pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str)) -> Result<StoryReport> {
+    let mut n = Narrator::new(out);
+    let mut report = StoryReport::default();
+    let alice = DomainManager::connect(&DmConfig::load(&cloud.manager_config("dm-alice")?)?)?;
+    let bob = DomainManager::connect(&DmConfig::load(&cloud.manager_config("dm-bob")?)?)?;
+    let mount = |vm: &str, domain: &str| cloud.vm_mount(vm, domain, layout).with_context(|| format!("{vm} is not in the layout"));
+
+    n.step("dm-alice creates a domain: patient records of cardiology; vm-a may read and write, vm-b may only read");
+    let metadata = [("department", "cardiology"), ("classification", "patient-records")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let acl = vec![domain_manager::ops::parse_acl_entry("vm-a:rw")?, domain_manager::ops::parse_acl_entry("vm-b:ro")?];
+    let domain = alice.create(metadata, acl, Vec::new(), 64 << 20).await?;
+    let id = domain.id.clone();
+    report.domain_id = id.clone();
+    n.say(&format!("domain {id}, version {}, 64 MiB, stored by the cloud platform", domain.version));
+    n.proves("the TTP registered the owner-signed descriptor; the cloud platform holds the volume but no key");
+
+    n.step("vm-a (on compute-1) attaches the domain read-write and writes a patient record");
+    let attachment = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await?;
+    let vm_a_dir = mount("vm-a", &id)?;
+    ensure!(attachment.mount_path == vm_a_dir.to_string_lossy(), "vm-a's volume is at {}, expected {}", attachment.mount_path, vm_a_dir.display());
+    write_synced(&vm_a_dir.join(RECORD_NAME), RECORD_TEXT)?;
+    n.say(&format!("compute-1 quoted its TPM, got the key sealed to its TPM, opened the volume on {} and mounted it at {}", attachment.device, attachment.mount_path));
+    n.proves("the key was released only to an attested host, for a VM in the access list");
+
+    n.step("vm-a detaches (ext4 is not a cluster file system: its writes are now on the volume); vm-b (on compute-2) attaches read-only, then vm-a attaches again");
+    alice.detach(&id, "vm-a").await?;
+    let attachment_b = alice.attach(&id, "vm-b", AccessMode::Ro, 300).await?;
+    alice.attach(&id, "vm-a", AccessMode::Rw, 300).await?;
+    let vm_b_dir = mount("vm-b", &id)?;
+    let read_back = std::fs::read_to_string(vm_b_dir.join(RECORD_NAME)).with_context(|| format!("vm-b reads {RECORD_NAME}"))?;
+    ensure!(read_back == RECORD_TEXT, "vm-b read different bytes than vm-a wrote");
+    n.say(&format!("vm-b reads what vm-a wrote ({} bytes) through its own mapping on {}; both are attached now", read_back.len(), attachment_b.host));
+    n.proves("two hosts derived the same key from the TTP; the volume format is shared");
+
+    n.step("vm-b tries to write");
+    match std::fs::write(vm_b_dir.join("tamper.txt"), b"x") {
+        Err(e) if e.raw_os_error() == Some(libc_erofs()) => n.say(&format!("refused by the kernel: {e}")),
+        Err(e) => bail!("vm-b's write failed, but not as a read-only file system: {e}"),
+        Ok(()) => bail!("vm-b wrote to a read-only attachment"),
+    }
+    n.proves("a read-only grant gives a read-only block device, enforced below the file system");
+
+    n.step("the cloud operator looks at the raw volume");
+    let raw_path = cloud.dir.join("cloud-platform").join("volumes").join(format!("{id}.vol"));
+    let found = contains(&raw_path, RECORD_TEXT.as_bytes()).with_context(|| format!("read {}", raw_path.display()))?;
+    ensure!(!found, "the raw volume holds the patient record in plaintext");
+    n.say(&format!("{} does not contain the record's text anywhere", raw_path.display()));
+    n.proves("the cloud platform stores only ciphertext");
+
+    n.step("dm-alice revokes vm-b; vm-b then tries to attach again");
+    let revoked = alice.revoke(&id, "vm-b").await?;
+    let still_mounted = std::fs::read_to_string("/proc/mounts")?.contains(&*vm_b_dir.to_string_lossy());
+    ensure!(!still_mounted, "vm-b's mount is still there after the revocation");
+    n.say(&format!("the cloud platform detached vm-b as soon as version {} of the descriptor was registered", revoked.version));
+    let (code, message) = refused_code(alice.attach(&id, "vm-b", AccessMode::Ro, 300).await, "vm-b re-attaching after revocation")?;
+    n.say(&format!("refused ({code}): {message}"));
+    ensure!(code == "vm_not_in_acl", "expected vm_not_in_acl, got {code}");
+    report.refusals.push((code, message));
+    n.proves("revocation is immediate, and the TTP refuses any VM outside the access list");
+
+    n.step("dm-alice grants vm-c read-only and shares the domain with dm-bob, who attaches vm-c");
+    alice.grant(&id, "vm-c", AccessMode::Ro).await?;
+    alice.share(&id, "dm-bob").await?;
+    let (code, message) = refused_code(bob.attach(&id, "vm-c", AccessMode::Rw, 300).await, "dm-bob asking rw for vm-c")?;
+    n.say(&format!("dm-bob asks read-write for vm-c: refused ({code}): {message}"));
+    ensure!(code == "mode_not_permitted", "expected mode_not_permitted, got {code}");
+    report.refusals.push((code, message));
+    let bob_attachment = bob.attach(&id, "vm-c", AccessMode::Ro, 300).await?;
+    let vm_c_text = std::fs::read_to_string(mount("vm-c", &id)?.join(RECORD_NAME))?;
+    ensure!(vm_c_text == RECORD_TEXT, "vm-c read different bytes");
+    n.say(&format!("dm-bob's read-only grant was accepted; vm-c reads the record at {}", bob_attachment.mount_path));
+    n.proves("sharing lets another domain manager grant mounts, within the access list");
+
+    n.step("dm-alice reads the viewing history from the TTP");
+    let history = alice.history(&id).await?;
+    for record in &history.records {
+        n.say(&format!(
+            "#{:<3} {:<12} {:<22} {:<5} {:<10} by {}",
+            record.seq,
+            record.event,
+            record.outcome,
+            record.vm_id.as_deref().unwrap_or("-"),
+            record.host_id.as_deref().unwrap_or("-"),
+            record.actor
+        ));
+    }
+    report.history_outcomes = history.records.iter().map(|r| r.outcome.clone()).collect();
+    for code in ["vm_not_in_acl", "mode_not_permitted"] {
+        ensure!(report.history_outcomes.iter().any(|o| o == code), "the {code} refusal is missing from the history");
+    }
+    let bob_view = bob.history(&id).await?;
+    ensure!(bob_view.records.len() == history.records.len(), "dm-bob sees a different history");
+    n.proves("every release and every refusal is recorded; the chain was verified before the TTP answered");
+
+    n.step("cleaning up: detach every VM");
+    for vm in ["vm-a", "vm-c"] {
+        alice.detach(&id, vm).await?;
+    }
+    Ok(report)
+}
+
+fn write_synced(path: &Path, text: &str) -> Result<()> {
+    let mut file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+const fn libc_erofs() -> i32 {
+    30 // EROFS on Linux
+}
+
+/// Whether `needle` occurs in the file (read in chunks that overlap by the needle's length).
+fn contains(path: &Path, needle: &[u8]) -> Result<bool> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut window = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        window.extend_from_slice(&chunk[..n]);
+        if window.windows(needle.len()).any(|w| w == needle) {
+            return Ok(true);
+        }
+        let keep = window.len().saturating_sub(needle.len());
+        window.drain(..keep);
+    }
+}
