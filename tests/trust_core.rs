@@ -221,13 +221,26 @@ async fn trust_core_end_to_end() {
     let descriptor_v2 = descriptor.next_version(|d| d.acl.push(protocol::domain::AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Ro })).unwrap();
     let header_v2 = register(&cp, alice.sign_descriptor(&descriptor_v2).unwrap(), Some(header_v1.registration.clone())).await.unwrap();
 
+    println!("a repeated registration of the newest version (a CP that crashed before writing its header) gets the same r");
+    {
+        let again = register(&cp, alice.sign_descriptor(&descriptor_v2).unwrap(), Some(header_v1.registration.clone())).await.expect("idempotent repeat");
+        let first = Registration::decode(&header_v2.registration.message).unwrap();
+        let repeat = Registration::decode(&again.registration.message).unwrap();
+        assert_eq!((repeat.version, repeat.nonce_r, repeat.descriptor_hash), (first.version, first.nonce_r, first.descriptor_hash));
+    }
+
     println!("refusal: a descriptor older than the newest registered version");
     {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         assert_eq!(code_of_agent(host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await), "version_rollback");
         assert_last_audit(&ttp, "version_rollback");
-        let replayed = register(&cp, alice.sign_descriptor(&descriptor_v2).unwrap(), Some(header_v1.registration.clone())).await;
+        let replayed = register(&cp, alice.sign_descriptor(&descriptor).unwrap(), Some(header_v1.registration.clone())).await;
         assert_eq!(code_of_client(replayed), "version_rollback");
+        let stale_base = descriptor_v2.next_version(|d| d.acl.retain(|e| e.vm_id != "vm-b")).unwrap();
+        let mut based_on_v1 = stale_base.clone();
+        based_on_v1.version = 3;
+        let refused = register(&cp, alice.sign_descriptor(&based_on_v1).unwrap(), Some(header_v1.registration.clone())).await;
+        assert_eq!(code_of_client(refused), "version_rollback");
         assert_last_audit(&ttp, "version_rollback");
     }
 

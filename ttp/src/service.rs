@@ -247,6 +247,12 @@ impl Ttp {
                     })?;
                     nonce
                 }
+                (Some(current), Some(previous)) if self.is_repeat_of_newest(current, &descriptor, encoded_hash, previous)? => {
+                    // The CP crashed after we registered this version but before its header
+                    // reached the disk: answer the same registration again (same r), so the
+                    // domain is not stuck on a header we would now call a rollback.
+                    self.verified_registration(previous)?.nonce_r
+                }
                 (Some(current), Some(previous)) => {
                     self.check_update(current, &descriptor, previous)?;
                     let previous = self.verified_registration(previous)?;
@@ -286,6 +292,17 @@ impl Ttp {
             Ok((RegisterDomainResponse { registration: envelope }, message))
         })?;
         Ok(response)
+    }
+
+    /// Whether an update request repeats the newest registration exactly: same descriptor
+    /// bytes as the newest version, based on the version just before it.
+    fn is_repeat_of_newest(&self, current: &DomainRecord, descriptor: &Descriptor, encoded_hash: [u8; 32], previous: &SignedEnvelope) -> Result<bool> {
+        use subtle::ConstantTimeEq;
+        if current.deleted_at.is_some() || descriptor.version != current.latest_version || !bool::from(encoded_hash.ct_eq(&current.descriptor_hash)) {
+            return Ok(false);
+        }
+        let previous = self.verified_registration(previous)?;
+        Ok(previous.domain_id == current.domain_id && previous.version + 1 == current.latest_version)
     }
 
     /// Rules for a new version: owner unchanged, signed by the owner, metadata unchanged
