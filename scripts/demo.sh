@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --bin skydd
+cargo build --release -p skydd -p domain-manager -p ttp -p cloud-platform -p secure-component --bins
 RUST_LOG=warn TSS2_LOG=all+none ./target/release/skydd demo "$@"
