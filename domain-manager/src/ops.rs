@@ -54,6 +54,29 @@ impl DomainManager {
         Ok(Self { name: identity.name, key, trusted_cas: material.ca_pems.clone(), cp, ttp })
     }
 
+    /// Follows `next_marker` through every page of a list endpoint.
+    async fn fetch_all<Page: serde::de::DeserializeOwned, Item>(
+        &self,
+        path: &str,
+        split: impl Fn(Page) -> (Vec<Item>, Option<String>),
+    ) -> Result<Vec<Item>> {
+        let mut all = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let url = match &marker {
+                Some(m) => format!("{path}?marker={m}"),
+                None => path.to_string(),
+            };
+            let page: Page = self.cp.get_json(&url).await.map_err(|e| Error::from_net("cloud platform", e))?;
+            let (items, next) = split(page);
+            all.extend(items);
+            match next {
+                Some(next) => marker = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
     // ---- domains -----------------------------------------------------------------------------
 
     pub async fn create(
@@ -71,20 +94,7 @@ impl DomainManager {
     }
 
     pub async fn list(&self) -> Result<Vec<DomainView>> {
-        let mut all = Vec::new();
-        let mut marker: Option<String> = None;
-        loop {
-            let path = match &marker {
-                Some(m) => format!("/v1/domains?marker={m}"),
-                None => "/v1/domains".to_string(),
-            };
-            let page: DomainList = self.cp.get_json(&path).await.map_err(|e| Error::from_net("cloud platform", e))?;
-            all.extend(page.domains);
-            match page.next_marker {
-                Some(next) => marker = Some(next),
-                None => return Ok(all),
-            }
-        }
+        self.fetch_all("/v1/domains", |page: DomainList| (page.domains, page.next_marker)).await
     }
 
     pub async fn show(&self, domain_id: &str) -> Result<DomainView> {
@@ -221,20 +231,7 @@ impl DomainManager {
     }
 
     pub async fn attachments(&self) -> Result<Vec<Attachment>> {
-        let mut all = Vec::new();
-        let mut marker: Option<String> = None;
-        loop {
-            let path = match &marker {
-                Some(m) => format!("/v1/attachments?marker={m}"),
-                None => "/v1/attachments".to_string(),
-            };
-            let page: AttachmentList = self.cp.get_json(&path).await.map_err(|e| Error::from_net("cloud platform", e))?;
-            all.extend(page.attachments);
-            match page.next_marker {
-                Some(next) => marker = Some(next),
-                None => return Ok(all),
-            }
-        }
+        self.fetch_all("/v1/attachments", |page: AttachmentList| (page.attachments, page.next_marker)).await
     }
 
     /// Detaches the attachment of `instance_id` to `domain_id`.
@@ -252,20 +249,7 @@ impl DomainManager {
     }
 
     pub async fn instances(&self) -> Result<Vec<Instance>> {
-        let mut all = Vec::new();
-        let mut marker: Option<String> = None;
-        loop {
-            let path = match &marker {
-                Some(m) => format!("/v1/instances?marker={m}"),
-                None => "/v1/instances".to_string(),
-            };
-            let page: InstanceList = self.cp.get_json(&path).await.map_err(|e| Error::from_net("cloud platform", e))?;
-            all.extend(page.instances);
-            match page.next_marker {
-                Some(next) => marker = Some(next),
-                None => return Ok(all),
-            }
-        }
+        self.fetch_all("/v1/instances", |page: InstanceList| (page.instances, page.next_marker)).await
     }
 }
 
