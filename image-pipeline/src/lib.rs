@@ -16,6 +16,7 @@ pub mod checks;
 pub mod debian;
 pub mod disk;
 pub mod error;
+pub mod pipeline;
 pub mod harden;
 pub mod process;
 pub mod profile;

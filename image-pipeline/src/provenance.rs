@@ -233,16 +233,21 @@ impl Signer {
 
     pub fn sign(&self, statement: &Statement) -> Result<Envelope> {
         let payload = serde_json::to_vec(statement).map_err(|e| Error::json("encode the statement", e))?;
-        let signature: Signature = self.key.sign(&pae(PAYLOAD_TYPE, &payload));
-        Ok(Envelope {
-            payload_type: PAYLOAD_TYPE.into(),
+        Ok(self.sign_payload(PAYLOAD_TYPE, &payload))
+    }
+
+    /// A DSSE envelope over any payload (the allowlist uses its own payload type).
+    pub fn sign_payload(&self, payload_type: &str, payload: &[u8]) -> Envelope {
+        let signature: Signature = self.key.sign(&pae(payload_type, payload));
+        Envelope {
+            payload_type: payload_type.into(),
             payload: b64().encode(&payload),
             signatures: vec![EnvelopeSignature {
                 keyid: hex::encode(Sha256::digest(&self.cert_der)),
                 sig: b64().encode(signature.to_der().as_bytes()),
                 cert: b64().encode(&self.cert_der),
             }],
-        })
+        }
     }
 }
 
@@ -266,29 +271,15 @@ pub struct TrustPolicy {
 /// ran and succeeded, every security test passed, and each subject file in `dir` has the
 /// recorded digest. The error names the first deviation.
 pub fn verify(envelope_bytes: &[u8], dir: &Path, policy: &TrustPolicy) -> Result<Verified> {
-    let subject = dir.display().to_string();
+    verify_with(envelope_bytes, &dir.display().to_string(), &|name: &str| Some(dir.join(name)), policy)
+}
+
+/// As `verify`, with `locate` mapping each subject name to the file that holds it (the
+/// store keeps files under their digests).
+pub fn verify_with(envelope_bytes: &[u8], subject: &str, locate: &dyn Fn(&str) -> Option<std::path::PathBuf>, policy: &TrustPolicy) -> Result<Verified> {
+    let subject = subject.to_string();
     let refuse = |reason: String| Error::refused(subject.clone(), reason);
-    let envelope: Envelope = serde_json::from_slice(envelope_bytes).map_err(|e| refuse(format!("the provenance is not a DSSE envelope: {e}")))?;
-    if envelope.payload_type != PAYLOAD_TYPE {
-        return Err(refuse(format!("payload type is {:?}, expected {PAYLOAD_TYPE}", envelope.payload_type)));
-    }
-    let payload = b64().decode(&envelope.payload).map_err(|e| refuse(format!("payload is not base64: {e}")))?;
-    let mut signer = None;
-    let mut reasons = Vec::new();
-    for (i, sig) in envelope.signatures.iter().enumerate() {
-        match check_signature(sig, &payload, policy) {
-            Ok(identity) => {
-                signer = Some(identity);
-                break;
-            }
-            Err(reason) => reasons.push(format!("signature #{}: {reason}", i + 1)),
-        }
-    }
-    let signer = match signer {
-        Some(s) => s,
-        None if envelope.signatures.is_empty() => return Err(refuse("the provenance is unsigned".into())),
-        None => return Err(refuse(reasons.join("; "))),
-    };
+    let (signer, payload) = open_envelope(envelope_bytes, PAYLOAD_TYPE, &subject, policy)?;
     let statement: Statement = serde_json::from_slice(&payload).map_err(|e| refuse(format!("the signed payload is not an in-toto statement: {e}")))?;
     if statement.statement_type != STATEMENT_TYPE || statement.predicate_type != PREDICATE_TYPE {
         return Err(refuse(format!("statement type {} / predicate {} is not {STATEMENT_TYPE} / {PREDICATE_TYPE}", statement.statement_type, statement.predicate_type)));
@@ -316,7 +307,7 @@ pub fn verify(envelope_bytes: &[u8], dir: &Path, policy: &TrustPolicy) -> Result
         if s.name.contains('/') || s.name.starts_with('.') {
             return Err(refuse(format!("subject name {:?} is not a plain file name", s.name)));
         }
-        let path = dir.join(&s.name);
+        let path = locate(&s.name).ok_or_else(|| refuse(format!("{} is not present (archived or destroyed?)", s.name)))?;
         let actual = crate::debian::sha256_of_file(&path).map_err(|e| refuse(format!("subject {}: {e}", s.name)))?;
         if actual != expected {
             return Err(refuse(format!("{} has sha256 {actual}, the signed record says {expected}: the image was changed after it was built", s.name)));
@@ -325,7 +316,29 @@ pub fn verify(envelope_bytes: &[u8], dir: &Path, policy: &TrustPolicy) -> Result
     Ok(Verified { signer, statement })
 }
 
-fn check_signature(sig: &EnvelopeSignature, payload: &[u8], policy: &TrustPolicy) -> std::result::Result<Identity, String> {
+/// Checks a DSSE envelope of `payload_type`: at least one signature by the trusted signer.
+/// Returns the signer and the payload bytes.
+pub fn open_envelope(envelope_bytes: &[u8], payload_type: &str, subject: &str, policy: &TrustPolicy) -> Result<(Identity, Vec<u8>)> {
+    let refuse = |reason: String| Error::refused(subject.to_string(), reason);
+    let envelope: Envelope = serde_json::from_slice(envelope_bytes).map_err(|e| refuse(format!("not a DSSE envelope: {e}")))?;
+    if envelope.payload_type != payload_type {
+        return Err(refuse(format!("payload type is {:?}, expected {payload_type}", envelope.payload_type)));
+    }
+    let payload = b64().decode(&envelope.payload).map_err(|e| refuse(format!("payload is not base64: {e}")))?;
+    let mut reasons = Vec::new();
+    for (i, sig) in envelope.signatures.iter().enumerate() {
+        match check_signature(sig, payload_type, &payload, policy) {
+            Ok(identity) => return Ok((identity, payload)),
+            Err(reason) => reasons.push(format!("signature #{}: {reason}", i + 1)),
+        }
+    }
+    if envelope.signatures.is_empty() {
+        return Err(refuse("the envelope is unsigned".into()));
+    }
+    Err(refuse(reasons.join("; ")))
+}
+
+fn check_signature(sig: &EnvelopeSignature, payload_type: &str, payload: &[u8], policy: &TrustPolicy) -> std::result::Result<Identity, String> {
     let cert = b64().decode(&sig.cert).map_err(|e| format!("certificate is not base64: {e}"))?;
     let identity = protocol::signing::verify_signer_certificate(&cert, &policy.ca_pems, policy.now_unix).map_err(|e| e.to_string())?;
     if identity.role != Role::CloudPlatform || identity.name != policy.signer_name {
@@ -334,7 +347,7 @@ fn check_signature(sig: &EnvelopeSignature, payload: &[u8], policy: &TrustPolicy
     let key = protocol::signing::certificate_public_key(&cert).map_err(|e| e.to_string())?;
     let der = b64().decode(&sig.sig).map_err(|e| format!("signature is not base64: {e}"))?;
     let signature = Signature::from_der(&der).map_err(|_| "signature is not a DER ECDSA signature".to_string())?;
-    key.verify(&pae(PAYLOAD_TYPE, payload), &signature).map_err(|_| "the signature does not match the payload (the record was altered or signed by another key)".to_string())?;
+    key.verify(&pae(payload_type, payload), &signature).map_err(|_| "the signature does not match the payload (the record was altered or signed by another key)".to_string())?;
     Ok(identity)
 }
 
