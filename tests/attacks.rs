@@ -1,0 +1,722 @@
+//! The attack matrix (issue 7, item 1): the parties are built to distrust each other, and
+//! each attack below goes through a PUBLIC interface of the all-in-one cloud (the HTTPS APIs
+//! of the TTP, the cloud platform (CP) and the secure components (SC), the volume files the
+//! CP stores, TLS itself) and asserts the refusal, its specific code, and — where the TTP
+//! decides — the TTP's audit record of it.
+//!
+//! | id  | attacker        | attack                                                                  | refused with |
+//! |-----|-----------------|-------------------------------------------------------------------------|--------------|
+//! | C1  | cloud platform  | edits the ACL in a volume header (adds a VM), keeps the owner signature  | `descriptor_signature_invalid` (audited) |
+//! | C2  | cloud platform  | replays the old header after a revoke                                   | `version_rollback` (audited) |
+//! | C3  | cloud platform  | swaps the whole header of domain B into domain A's volume               | `grant_mismatch` (audited) |
+//! | C4  | cloud platform  | splices domain B's registration under domain A's descriptor             | `registration_mismatch` (audited) |
+//! | C5  | cloud platform  | forges a registration with its own key                                  | `registration_mismatch` (audited) |
+//! | C6  | cloud platform  | bumps the version of an owner-signed descriptor and registers it        | `descriptor_signature_invalid` (audited) |
+//! | C7  | cloud platform  | re-uses the owner's grant for vm-a to attach vm-b                       | `grant_mismatch` (audited) |
+//! | C8  | compute host B  | forwards an attach: asks for a key claiming host A's id                 | `forbidden` (audited) |
+//! | C9  | compute host B  | sends host A's quote over its own challenge                             | `quote_invalid` (audited) |
+//! | C10 | compute host B  | uses a challenge issued to host A                                       | `challenge_invalid` (audited) |
+//! | H1  | compute host    | replays an old quote with a fresh challenge id                          | `challenge_invalid` (audited) |
+//! | H2  | compute host    | PCRs changed after enrollment (an unapproved module)                    | `pcr_mismatch` (audited) |
+//! | H3  | compute host    | enrolls with another host's binding key                                 | `binding_key_invalid` (audited) |
+//! | H4  | compute host    | enrolls a software RSA key (openssl) marshalled as TPMT_PUBLIC          | `binding_key_invalid` (audited) |
+//! | H5  | compute host    | enrolls with a Certify signed by another TPM's AK                       | `binding_key_invalid` (audited) |
+//! | H6  | compute host    | replays a Certify from an earlier enrollment                            | `challenge_invalid` (audited) |
+//! | H7  | compute host    | presents another TPM's EK public beside its EK certificate              | `ek_mismatch` (audited) |
+//! | H8  | compute host    | enrolls under another host's name                                       | `forbidden` (audited) |
+//! | H9  | compute host    | enrolls a binding key bound to untrusted PCR values                     | `binding_policy_untrusted` (audited) |
+//! | H10 | unenrolled host | asks for a key release                                                  | `host_unknown` (audited) |
+//! | D1  | domain manager  | attaches another owner's domain through the CP                          | `forbidden` (CP; never reaches the TTP) |
+//! | D2  | domain manager  | changes the ACL of a domain only shared with it                         | `owner_mismatch` (CP) |
+//! | D3  | domain manager  | deletes a domain only shared with it, through the CP                    | `owner_mismatch` (CP) |
+//! | D4  | domain manager  | deletes another owner's domain directly at the TTP                      | `owner_mismatch` (audited) |
+//! | D5  | domain manager  | creates a domain naming another owner, through the CP                   | `owner_mismatch` (CP) |
+//! | D6  | domain manager  | signs a descriptor naming another owner, registered directly            | `descriptor_signature_invalid` (audited) |
+//! | D7  | domain manager  | grants a mount of a domain it does not manage                           | `grant_signer_not_authorized` (audited) |
+//! | D8  | domain manager  | signs a grant that names another issuer                                 | `grant_signature_invalid` (audited) |
+//! | D9  | domain manager  | reads another owner's viewing history                                   | `forbidden` |
+//! | D10 | domain manager  | calls the TTP's key release with its certificate                        | `forbidden` (audited) |
+//! | D11 | domain manager  | creates a domain with an existing domain's id                           | `domain_exists` (CP) |
+//! | T1  | anyone          | TLS without a client certificate (TTP, CP, SC)                          | `net::Error::Tls` + server HandshakeFailure "no client certificate presented" |
+//! | T2  | anyone          | TLS with a certificate of a foreign CA                                  | `net::Error::Tls` + HandshakeFailure "not issued by a trusted CA" |
+//! | T3  | anyone          | TLS with an expired certificate (of a trusted partner CA)               | `net::Error::Tls` + HandshakeFailure "expired" |
+//! | T4  | anyone          | a descriptor signed with an expired certificate                         | `descriptor_signature_invalid` (audited) |
+//! | T5  | anyone          | a grant signed with a foreign-CA certificate of the owner's name         | `grant_signature_invalid` (audited) |
+//! | T6  | domain manager  | calls a secure component (wrong role for that server)                   | `net::Error::Tls` (role refused) |
+//! | T7  | anyone          | TLS 1.2 only (OpenSSL client)                                           | handshake refused (protocol version) |
+//! | T8  | TTP impostor    | a CP certificate answering where the TTP is expected                    | `net::Error::Tls` (server role refused by the client) |
+//! | B1  | anyone          | bodies over every limit (2 MiB + 1 KiB) on every route of TTP, CP, SC    | 413 `bad_request` JSON on every body route |
+//! | B2  | anyone          | malformed JSON on every route                                           | 400 `bad_request` JSON on every body route |
+//! | B3  | anyone          | JSON of the wrong shape on every route                                  | 422 `bad_request` JSON on every body route |
+//! | B4  | anyone          | a non-JSON content type on every route                                  | 415 `bad_request` JSON on every body route |
+//! | B5  | anyone          | a JSON nesting bomb (100k '[') on every route                           | 400 `bad_request` JSON, no crash |
+//! | B6  | anyone          | path traversal in ids (`../../etc/passwd`)                              | 404 `domain_unknown` / 400 `bad_request` |
+//! | O1  | cloud platform  | OBSERVATION, not refused: the key of vm-a released to another attested host | `ok` — the TTP cannot check VM placement; the audit names the host |
+//!
+//! Routes without a request body ignore a body (they answer as without one, never 5xx,
+//! never hang); that is checked for every such route in B1–B5 too.
+//!
+//! Revocation lists (CRL/OCSP) are not implemented: "revoked" is covered by a certificate of a
+//! CA the services do not (or no longer) trust (T2, T5).
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use net::{Role, TlsFiles};
+use protocol::attest::{CredentialChallenge, EnrollmentProof, EnrollmentRequest, PcrSelection};
+use protocol::cloud::{Attachment, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainView, UpdateDomainRequest};
+use protocol::domain::{AccessMode, AclEntry, Descriptor};
+use protocol::format;
+use protocol::messages::{
+    AuditRecord, ChallengeResponse, DeleteDomainRequest, HeaderRecord, HistoryResponse, KeyReleaseRequest, KeyReleaseResponse, RegisterDomainRequest,
+    RegisterDomainResponse, Registration,
+};
+use protocol::pki::{CertificateAuthority, Validity};
+use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
+use skydd::cloud::{AllInOne, DEMO_LAYOUT};
+use skydd::lab::{DomainManager, LabHost, LabPki};
+use tokio_util::sync::CancellationToken;
+
+// ---- the summary ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Matrix {
+    rows: Vec<(String, String, String, String)>,
+}
+
+impl Matrix {
+    fn record(&mut self, id: &str, attack: &str, code: &str, audit: &str) {
+        println!("ATTACK {id:<4} {attack:<78} -> {code:<30} audit: {audit}");
+        self.rows.push((id.into(), attack.into(), code.into(), audit.into()));
+    }
+}
+
+// ---- helpers: refusals and the audit log -------------------------------------------------------
+
+/// The (status, code, message) of an API refusal.
+fn refusal<T: std::fmt::Debug>(result: Result<T, net::Error>) -> (u16, String, String) {
+    match result {
+        Err(net::Error::Api { status, code, message }) => (status, code, message),
+        other => panic!("expected an API refusal, got {other:?}"),
+    }
+}
+
+fn expect_code<T: std::fmt::Debug>(result: Result<T, net::Error>, code: &str) -> String {
+    let (status, got, message) = refusal(result);
+    assert_eq!(got, code, "HTTP {status}: {message}");
+    assert!((400..500).contains(&status), "a refusal is a 4xx, got {status} {got}: {message}");
+    assert!(!message.is_empty(), "{code} without a message");
+    message
+}
+
+fn audit_records(ttp: &ttp::service::Ttp) -> Vec<AuditRecord> {
+    ttp.store().audit_records(None).expect("read the audit log")
+}
+
+/// The newest audit record is the refusal just seen, of `event`; returns it.
+fn assert_audited(ttp: &ttp::service::Ttp, before: usize, event: &str, code: &str) -> AuditRecord {
+    let records = audit_records(ttp);
+    assert_eq!(records.len(), before + 1, "exactly one audit record for the attack; newest: {:?}", records.last());
+    let last = records.last().unwrap().clone();
+    assert_eq!((last.event.as_str(), last.outcome.as_str()), (event, code), "newest audit record: {last:?}");
+    assert_eq!(last.hash, last.compute_hash(), "the record is in the chain");
+    last
+}
+
+fn audit_text(record: &AuditRecord) -> String {
+    format!("#{} {} {}", record.seq, record.event, record.outcome)
+}
+
+/// A TLS refusal seen by the client (`Tls`), or the close that a refused handshake can turn
+/// into when the kernel resets the connection before the alert is read.
+fn expect_tls_refusal<T: std::fmt::Debug>(result: Result<T, net::Error>) -> String {
+    match result {
+        Err(net::Error::Tls { reason, .. }) => reason,
+        Err(net::Error::Connect { reason, .. }) if reason.contains("closed the connection") => format!("connection closed: {reason}"),
+        other => panic!("expected a TLS refusal, got {other:?}"),
+    }
+}
+
+// ---- helpers: identities -----------------------------------------------------------------------
+
+/// A signer from certificate files already in the lab's PKI directory (not re-issued).
+fn signer(pki: &LabPki, name: &str) -> DomainManager {
+    let material = TlsFiles::in_dir(&pki.dir, name).load().unwrap();
+    let der = protocol::pki::certs_from_pem(&material.cert_pem, "certificate").unwrap()[0].to_vec();
+    DomainManager { name: name.into(), key: SignatureKey::from_pem(&material.key_pem, der).unwrap() }
+}
+
+fn signer_from_pems(name: &str, cert_pem: &str, key_pem: &str) -> DomainManager {
+    let der = protocol::pki::certs_from_pem(cert_pem, "certificate").unwrap()[0].to_vec();
+    DomainManager { name: name.into(), key: SignatureKey::from_pem(key_pem, der).unwrap() }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// An end-entity certificate that expired yesterday, issued by `ca` with the Skydd role
+/// extension (made with OpenSSL: the lab's issuer only makes valid certificates).
+fn expired_certificate(ca_cert_pem: &str, ca_key_pem: &str, role: Role, name: &str) -> (String, String) {
+    use openssl::asn1::{Asn1Object, Asn1OctetString, Asn1Time};
+    use openssl::bn::BigNum;
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::hash::MessageDigest;
+    use openssl::nid::Nid;
+    use openssl::pkey::PKey;
+    use openssl::x509::extension::{BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName};
+    use openssl::x509::{X509Builder, X509Extension, X509NameBuilder, X509};
+
+    let ca = X509::from_pem(ca_cert_pem.as_bytes()).unwrap();
+    let ca_key = PKey::private_key_from_pem(ca_key_pem.as_bytes()).unwrap();
+    let key = PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap()).unwrap();
+    let mut subject = X509NameBuilder::new().unwrap();
+    subject.append_entry_by_nid(Nid::COMMONNAME, name).unwrap();
+    let subject = subject.build();
+    let mut b = X509Builder::new().unwrap();
+    b.set_version(2).unwrap();
+    b.set_serial_number(&BigNum::from_u32(rand::random::<u32>() >> 1).unwrap().to_asn1_integer().unwrap()).unwrap();
+    b.set_subject_name(&subject).unwrap();
+    b.set_issuer_name(ca.subject_name()).unwrap();
+    b.set_pubkey(&key).unwrap();
+    let now = now_unix() as i64;
+    b.set_not_before(&Asn1Time::from_unix(now - 2 * 86_400).unwrap()).unwrap();
+    b.set_not_after(&Asn1Time::from_unix(now - 86_400).unwrap()).unwrap();
+    b.append_extension(BasicConstraints::new().critical().build().unwrap()).unwrap();
+    b.append_extension(KeyUsage::new().critical().digital_signature().build().unwrap()).unwrap();
+    b.append_extension(ExtendedKeyUsage::new().client_auth().server_auth().build().unwrap()).unwrap();
+    let san = SubjectAlternativeName::new().dns(name).ip("127.0.0.1").build(&b.x509v3_context(Some(&ca), None)).unwrap();
+    b.append_extension(san).unwrap();
+    let oid = Asn1Object::from_str(&protocol::pki::ROLE_EXTENSION_OID.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(".")).unwrap();
+    let value = Asn1OctetString::new_from_bytes(&protocol::pki::encode_role_extension(role)).unwrap();
+    b.append_extension(X509Extension::new_from_der(&oid, false, &value).unwrap()).unwrap();
+    b.sign(&ca_key, MessageDigest::sha256()).unwrap();
+    let cert = String::from_utf8(b.build().to_pem().unwrap()).unwrap();
+    (cert, String::from_utf8(key.private_key_to_pem_pkcs8().unwrap()).unwrap())
+}
+
+fn client_with(ca_pems: &[String], cert_pem: &str, key_pem: &str, server_role: Role, url: &str) -> net::Client {
+    let tls = protocol::pki::client_config(ca_pems, cert_pem, key_pem, server_role).unwrap();
+    net::Client::with_timeout(url, tls, Duration::from_secs(20)).unwrap()
+}
+
+// ---- helpers: raw HTTPS with OpenSSL (bodies serde cannot produce) ----------------------------
+
+struct RawAnswer {
+    status: u16,
+    body: Vec<u8>,
+}
+
+struct RawTarget {
+    addr: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn connector(target: &RawTarget, max_tls12: bool) -> openssl::ssl::SslConnector {
+    use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVersion};
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_ca_file(&target.ca).unwrap();
+    b.set_certificate_chain_file(&target.cert).unwrap();
+    b.set_private_key_file(&target.key, SslFiletype::PEM).unwrap();
+    if max_tls12 {
+        b.set_max_proto_version(Some(SslVersion::TLS1_2)).unwrap();
+    }
+    b.build()
+}
+
+/// One HTTP/1.1 request over TLS (OpenSSL, our certificate), written while the answer is
+/// read, so an early answer (413 before the whole body is sent) is not lost.
+fn raw_request(target: &RawTarget, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Result<RawAnswer, String> {
+    use openssl::ssl::ErrorCode;
+    let tcp = std::net::TcpStream::connect(&target.addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut stream = connector(target, false).connect("127.0.0.1", tcp).map_err(|e| format!("handshake: {e}"))?;
+    stream.get_ref().set_nonblocking(true).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if let Some(ct) = content_type {
+        request.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    request.push_str("\r\n");
+    let mut out = request.into_bytes();
+    out.extend_from_slice(body);
+    let (mut written, mut answer) = (0usize, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut progressed = false;
+        if written < out.len() {
+            let end = (written + 16 * 1024).min(out.len());
+            match stream.ssl_write(&out[written..end]) {
+                Ok(n) => {
+                    written += n;
+                    progressed = true;
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {}
+                Err(_) => written = out.len(), // the server stopped reading: read its answer
+            }
+        }
+        match stream.ssl_read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                progressed = true;
+                if response_complete(&answer) {
+                    break;
+                }
+            }
+            Err(e) if e.code() == ErrorCode::ZERO_RETURN => break,
+            Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {}
+            Err(e) => {
+                if answer.is_empty() {
+                    return Err(format!("read: {e}"));
+                }
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no complete answer within 30 s (wrote {written} of {} bytes, read {} bytes)", out.len(), answer.len()));
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    parse_response(&answer)
+}
+
+fn split_head(answer: &[u8]) -> Option<(String, usize)> {
+    let end = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
+    Some((String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase(), end + 4))
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+}
+
+fn response_complete(answer: &[u8]) -> bool {
+    let Some((head, start)) = split_head(answer) else { return false };
+    if let Some(len) = content_length(&head) {
+        return answer.len() >= start + len;
+    }
+    head.contains("transfer-encoding: chunked") && answer.ends_with(b"0\r\n\r\n")
+}
+
+fn parse_response(answer: &[u8]) -> Result<RawAnswer, String> {
+    let (head, start) = split_head(answer).ok_or_else(|| format!("no HTTP head in {} bytes", answer.len()))?;
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("no status")?;
+    let mut body = answer[start..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut plain = Vec::new();
+        let mut rest = &body[..];
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            plain.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[eol + 2 + size + 2..];
+        }
+        body = plain;
+    }
+    Ok(RawAnswer { status, body })
+}
+
+fn error_code_of(answer: &RawAnswer) -> String {
+    let value: serde_json::Value = serde_json::from_slice(&answer.body)
+        .unwrap_or_else(|e| panic!("HTTP {} answer is not a JSON error body ({e}): {:?}", answer.status, String::from_utf8_lossy(&answer.body)));
+    let code = value["code"].as_str().unwrap_or_else(|| panic!("no code in {value}")).to_string();
+    assert!(value["message"].as_str().is_some_and(|m| !m.is_empty()), "no message in {value}");
+    code
+}
+
+// ---- helpers: domains and volumes ---------------------------------------------------------------
+
+async fn create_domain(cp: &net::Client, owner: &DomainManager, acl: &[(&str, AccessMode)]) -> (Descriptor, DomainView) {
+    let descriptor = owner.new_domain(&[("department", "cardiology")], acl).unwrap();
+    let view: DomainView = cp
+        .post_json("/v1/domains", &CreateDomainRequest { descriptor: owner.sign_descriptor(&descriptor).unwrap(), size_bytes: 16 << 20 })
+        .await
+        .expect("create a domain");
+    (descriptor, view)
+}
+
+async fn update_domain(cp: &net::Client, owner: &DomainManager, next: &Descriptor) -> DomainView {
+    cp.put_json(&format!("/v1/domains/{}/descriptor", next.domain_id), &UpdateDomainRequest { descriptor: owner.sign_descriptor(next).unwrap() })
+        .await
+        .expect("update the domain")
+}
+
+async fn attach(cp: &net::Client, domain_id: &str, vm: &str, mode: AccessMode, grant: SignedEnvelope) -> Result<Attachment, net::Error> {
+    cp.post_json("/v1/attachments", &CreateAttachmentRequest { domain_id: domain_id.into(), instance_id: vm.into(), mode, grant }).await
+}
+
+fn volume_path(cloud: &AllInOne, domain_id: &str) -> PathBuf {
+    cloud.dir.join("cloud-platform").join("volumes").join(format!("{domain_id}.vol"))
+}
+
+/// What a malicious cloud platform does with the files it stores: writes `record` as the
+/// newest header slot of the volume (next sequence number, valid checksum).
+fn plant_header(path: &Path, record: &HeaderRecord) {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut area = vec![0u8; format::HEADER_AREA_SIZE];
+    file.read_exact_at(&mut area, 0).unwrap();
+    let active = format::decode_header_area(&area).unwrap();
+    let (slot, seq) = format::next_slot_for_update(Some(&active)).unwrap();
+    file.write_all_at(&format::encode_slot(seq, &record.encode()).unwrap(), format::slot_offset(slot)).unwrap();
+    file.sync_all().unwrap();
+}
+
+/// A key-release request built by hand by a compute host's identity.
+async fn quote_for(host: &skydd::cloud::ComputeNode, nonce: &[u8]) -> protocol::attest::QuoteEvidence {
+    let nonce = nonce.to_vec();
+    host.service.host_agent().tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn release_request(host_id: &str, vm: &str, mode: AccessMode, header: &HeaderRecord, grant: &SignedEnvelope, challenge: &ChallengeResponse, quote: protocol::attest::QuoteEvidence) -> KeyReleaseRequest {
+    KeyReleaseRequest {
+        host_id: host_id.into(),
+        vm_id: vm.into(),
+        mode,
+        header: header.clone(),
+        grant: grant.clone(),
+        challenge_id: challenge.challenge_id.clone(),
+        quote,
+    }
+}
+
+fn enroll_code<T: std::fmt::Debug>(result: Result<T, secure_component::Error>) -> String {
+    match result {
+        Err(secure_component::Error::TtpRefused { code, .. }) => code,
+        other => panic!("expected a TTP refusal, got {other:?}"),
+    }
+}
+
+// ---- the matrix ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_matrix() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = AllInOne::start(dir.path(), &DEMO_LAYOUT, &mut |line| println!(".. {line}")).await.expect("start the all-in-one cloud");
+    let pki = &cloud.pki;
+    let ttp = cloud.ttp.service.clone();
+    let mut m = Matrix::default();
+
+    let alice = signer(pki, "dm-alice");
+    let bob = signer(pki, "dm-bob");
+    let alice_cp = pki.client("dm-alice", Role::CloudPlatform, &cloud.cp_url).unwrap();
+    let bob_cp = pki.client("dm-bob", Role::CloudPlatform, &cloud.cp_url).unwrap();
+    let bob_ttp = pki.client("dm-bob", Role::Ttp, &cloud.ttp.url).unwrap();
+    let cp_ttp = pki.client("cloud-platform", Role::Ttp, &cloud.ttp.url).unwrap();
+    let compute1 = &cloud.hosts[0];
+    let compute2 = &cloud.hosts[1];
+    assert_eq!((compute1.id.as_str(), compute2.id.as_str()), ("compute-1", "compute-2"));
+    let c1_ttp = pki.client("compute-1", Role::Ttp, &cloud.ttp.url).unwrap();
+    let c2_ttp = pki.client("compute-2", Role::Ttp, &cloud.ttp.url).unwrap();
+
+    // Domain A: vm-a rw, vm-b ro (alice). Domain B: vm-a rw (alice).
+    let (desc_a, view_a) = create_domain(&alice_cp, &alice, &[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Ro)]).await;
+    let (desc_b, view_b) = create_domain(&alice_cp, &alice, &[("vm-a", AccessMode::Rw)]).await;
+    let (id_a, id_b) = (desc_a.domain_id.clone(), desc_b.domain_id.clone());
+    let path_a = volume_path(&cloud, &id_a);
+    assert!(path_a.exists(), "{}", path_a.display());
+
+    // ================= a malicious cloud platform ==========================================
+    {
+        // C1: the ACL edited in the header (vm-c added), the owner's signature kept.
+        let mut edited = desc_a.clone();
+        edited.acl.push(AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Rw });
+        let mut header = view_a.header.clone();
+        header.descriptor.message = edited.encode().unwrap();
+        plant_header(&path_a, &header);
+        let before = audit_records(&ttp).len();
+        let message = expect_code(attach(&alice_cp, &id_a, "vm-c", AccessMode::Rw, alice.grant(&id_a, "vm-c", AccessMode::Rw, 300)).await, "descriptor_signature_invalid");
+        let audit = assert_audited(&ttp, before, "key_release", "descriptor_signature_invalid");
+        assert_eq!(audit.domain_id.as_deref(), Some(id_a.as_str()));
+        println!("   {message}");
+        m.record("C1", "CP edits the ACL in the header (adds vm-c rw), keeps the owner's signature", "descriptor_signature_invalid", &audit_text(&audit));
+        plant_header(&path_a, &view_a.header); // the honest header back in force
+    }
+    {
+        // C4: domain B's registration spliced under domain A's descriptor.
+        let mut spliced = view_a.header.clone();
+        spliced.registration = view_b.header.registration.clone();
+        plant_header(&path_a, &spliced);
+        let before = audit_records(&ttp).len();
+        expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "registration_mismatch");
+        let audit = assert_audited(&ttp, before, "key_release", "registration_mismatch");
+        m.record("C4", "CP splices domain B's registration under domain A's descriptor", "registration_mismatch", &audit_text(&audit));
+    }
+    {
+        // C5: a registration the CP signs itself (claiming any r it likes).
+        let cp_signer = signer(pki, "cloud-platform");
+        let mut forged = Registration::decode(&view_a.header.registration.message).unwrap();
+        forged.nonce_r = [0x42; 32];
+        let mut header = view_a.header.clone();
+        header.registration = cp_signer.key.sign_envelope(SignatureContext::Registration, forged.encode());
+        plant_header(&path_a, &header);
+        let before = audit_records(&ttp).len();
+        let message = expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "registration_mismatch");
+        assert!(message.contains("cloud-platform"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "registration_mismatch");
+        m.record("C5", "CP forges the registration (its own r) and signs it with its own key", "registration_mismatch", &audit_text(&audit));
+    }
+    {
+        // C3: domain B's whole (valid) header in domain A's volume; vm-a is in both ACLs.
+        plant_header(&path_a, &view_b.header);
+        let before = audit_records(&ttp).len();
+        let message = expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "grant_mismatch");
+        assert!(message.contains(&id_a) && message.contains(&id_b), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "grant_mismatch");
+        m.record("C3", "CP swaps domain B's valid header into domain A's volume (vm-a in both ACLs)", "grant_mismatch", &audit_text(&audit));
+        plant_header(&path_a, &view_a.header);
+    }
+    {
+        // C7: the owner's grant for vm-a used for vm-b (in the ACL, ro).
+        let before = audit_records(&ttp).len();
+        expect_code(attach(&alice_cp, &id_a, "vm-b", AccessMode::Ro, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "grant_mismatch");
+        let audit = assert_audited(&ttp, before, "key_release", "grant_mismatch");
+        assert_eq!(audit.vm_id.as_deref(), Some("vm-b"));
+        m.record("C7", "CP re-uses the owner's grant for vm-a to attach vm-b", "grant_mismatch", &audit_text(&audit));
+    }
+    {
+        // C6: the CP bumps the version of the owner-signed descriptor and registers it itself.
+        let mut bumped = desc_a.clone();
+        bumped.version = 2;
+        bumped.acl.push(AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Rw });
+        let envelope = SignedEnvelope { message: bumped.encode().unwrap(), ..view_a.header.descriptor.clone() };
+        let before = audit_records(&ttp).len();
+        let request = RegisterDomainRequest { descriptor: envelope, previous_registration: Some(view_a.header.registration.clone()) };
+        expect_code(cp_ttp.post_json::<_, RegisterDomainResponse>("/v1/domains", &request).await, "descriptor_signature_invalid");
+        let audit = assert_audited(&ttp, before, "register", "descriptor_signature_invalid");
+        m.record("C6", "CP bumps the version of an owner-signed descriptor and registers it at the TTP", "descriptor_signature_invalid", &audit_text(&audit));
+    }
+    {
+        // C2: revoke vm-b (version 2), then the CP puts version 1 back in force.
+        let v2 = desc_a.next_version(|d| d.acl.retain(|e| e.vm_id != "vm-b")).unwrap();
+        let view_v2 = update_domain(&alice_cp, &alice, &v2).await;
+        assert_eq!(view_v2.version, 2);
+        plant_header(&path_a, &view_a.header);
+        let before = audit_records(&ttp).len();
+        let message = expect_code(attach(&alice_cp, &id_a, "vm-b", AccessMode::Ro, alice.grant(&id_a, "vm-b", AccessMode::Ro, 300)).await, "version_rollback");
+        assert!(message.contains("version 2"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "version_rollback");
+        m.record("C2", "CP replays the old header (vm-b still in the ACL) after the owner revoked vm-b", "version_rollback", &audit_text(&audit));
+        plant_header(&path_a, &view_v2.header);
+    }
+    let view_a: DomainView = alice_cp.get_json(&format!("/v1/domains/{id_a}")).await.unwrap();
+    assert_eq!(view_a.version, 2);
+    let header_a = view_a.header.clone();
+    let grant_a = alice.grant(&id_a, "vm-a", AccessMode::Rw, 300);
+
+    // ================= compute hosts at the TTP ===============================================
+    {
+        // C8: compute-2 asks for a key claiming to be compute-1 (an attach forwarded to it).
+        let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute2, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        expect_code(c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "forbidden");
+        let audit = assert_audited(&ttp, before, "key_release", "forbidden");
+        assert_eq!(audit.actor, "compute-2");
+        m.record("C8", "attach forwarded to host B, which asks as host A (TLS id != host_id)", "forbidden", &audit_text(&audit));
+    }
+    {
+        // C9: compute-2 sends compute-1's quote over compute-2's own challenge.
+        let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let request = release_request("compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        expect_code(c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "quote_invalid");
+        let audit = assert_audited(&ttp, before, "key_release", "quote_invalid");
+        m.record("C9", "host B sends host A's quote (A's AK) over B's own challenge", "quote_invalid", &audit_text(&audit));
+    }
+    {
+        // C10: compute-2 uses a challenge issued to compute-1 (with compute-1's quote).
+        let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let request = release_request("compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        let message = expect_code(c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "challenge_invalid");
+        assert!(message.contains("compute-1"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "challenge_invalid");
+        m.record("C10", "host B uses a challenge (and quote) issued to host A", "challenge_invalid", &audit_text(&audit));
+    }
+    {
+        // H1: an old quote (over an earlier nonce) with a fresh challenge id.
+        let old: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let old_quote = quote_for(compute1, &old.nonce).await;
+        let fresh: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let before = audit_records(&ttp).len();
+        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &fresh, old_quote);
+        expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "challenge_invalid");
+        let audit = assert_audited(&ttp, before, "key_release", "challenge_invalid");
+        m.record("H1", "host replays an old quote with a fresh challenge id", "challenge_invalid", &audit_text(&audit));
+    }
+    {
+        // H10: a secure-component certificate of a host that never enrolled.
+        pki.issue(Role::SecureComponent, "host-ghost").unwrap();
+        let ghost = pki.client("host-ghost", Role::Ttp, &cloud.ttp.url).unwrap();
+        expect_code(ghost.post_json::<_, ChallengeResponse>("/v1/challenges", &()).await, "host_unknown");
+        let borrowed: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &borrowed.nonce).await;
+        let before = audit_records(&ttp).len();
+        let request = release_request("host-ghost", "vm-a", AccessMode::Rw, &header_a, &grant_a, &borrowed, quote);
+        expect_code(ghost.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "host_unknown");
+        let audit = assert_audited(&ttp, before, "key_release", "host_unknown");
+        m.record("H10", "an unenrolled host (valid SC certificate) asks for a challenge and a key", "host_unknown", &audit_text(&audit));
+    }
+    {
+        // O1: the CP places vm-a's attach on compute-2; the TTP cannot know where vm-a runs.
+        let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute2, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let request = release_request("compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        let released: KeyReleaseResponse = c2_ttp.post_json("/v1/key-releases", &request).await.expect("released to an attested host");
+        let audit = assert_audited(&ttp, before, "key_release", "ok");
+        assert_eq!((audit.host_id.as_deref(), audit.vm_id.as_deref()), (Some("compute-2"), Some("vm-a")));
+        assert_eq!(released.audit_seq, audit.seq);
+        m.record("O1", "OBSERVATION: vm-a's key released to compute-2 although the CP lists vm-a on compute-1", "ok (not refused)", &format!("{} host compute-2", audit_text(&audit)));
+    }
+
+    // ================= domain managers ==========================================================
+    {
+        // D1: bob attaches alice's domain (not shared with him).
+        let before = audit_records(&ttp).len();
+        let message = expect_code(attach(&bob_cp, &id_a, "vm-a", AccessMode::Rw, bob.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "forbidden");
+        assert!(message.contains("dm-bob"), "{message}");
+        assert_eq!(audit_records(&ttp).len(), before, "the CP refuses before the TTP is asked");
+        m.record("D1", "dm-bob attaches dm-alice's domain through the CP", "forbidden", "- (refused by the CP)");
+    }
+    {
+        // D9: bob reads alice's viewing history at the TTP.
+        expect_code(bob_ttp.get_json::<HistoryResponse>(&format!("/v1/domains/{id_a}/history")).await, "forbidden");
+        m.record("D9", "dm-bob reads dm-alice's viewing history at the TTP", "forbidden", "- (reads are not audited)");
+    }
+    {
+        // D7: bob grants a mount of alice's domain; the CP is bypassed (compute-1 asks directly).
+        let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &bob.grant(&id_a, "vm-a", AccessMode::Rw, 300), &challenge, quote);
+        expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "grant_signer_not_authorized");
+        let audit = assert_audited(&ttp, before, "key_release", "grant_signer_not_authorized");
+        m.record("D7", "dm-bob signs a mount grant for dm-alice's domain", "grant_signer_not_authorized", &audit_text(&audit));
+    }
+    {
+        // D8: bob signs a grant that names alice as its issuer.
+        let grant = protocol::messages::MountGrant {
+            domain_id: id_a.clone(),
+            vm_id: "vm-a".into(),
+            mode: AccessMode::Rw,
+            expires_at: now_unix() + 300,
+            nonce: rand::random(),
+            issuer: "dm-alice".into(),
+        };
+        let forged = bob.key.sign_envelope(SignatureContext::MountGrant, grant.encode());
+        let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &forged, &challenge, quote);
+        expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "grant_signature_invalid");
+        let audit = assert_audited(&ttp, before, "key_release", "grant_signature_invalid");
+        m.record("D8", "dm-bob signs a grant naming dm-alice as the issuer", "grant_signature_invalid", &audit_text(&audit));
+    }
+    {
+        // D10: a domain-manager certificate at the key-release endpoint.
+        let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let request = release_request("dm-bob", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        expect_code(bob_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "forbidden");
+        let audit = assert_audited(&ttp, before, "key_release", "forbidden");
+        m.record("D10", "dm-bob calls the TTP's key release with his domain-manager certificate", "forbidden", &audit_text(&audit));
+    }
+    {
+        // D5: bob creates a domain naming alice as its owner, through the CP.
+        let descriptor = alice.new_domain(&[], &[("vm-a", AccessMode::Rw)]).unwrap();
+        let before = audit_records(&ttp).len();
+        let request = CreateDomainRequest { descriptor: bob.key.sign_envelope(SignatureContext::Descriptor, descriptor.encode().unwrap()), size_bytes: 1 << 20 };
+        expect_code(bob_cp.post_json::<_, DomainView>("/v1/domains", &request).await, "owner_mismatch");
+        assert_eq!(audit_records(&ttp).len(), before);
+        m.record("D5", "dm-bob creates a domain naming dm-alice as owner, through the CP", "owner_mismatch", "- (refused by the CP)");
+        // D6: the same descriptor registered directly at the TTP by a CP identity.
+        let register = RegisterDomainRequest { descriptor: request.descriptor.clone(), previous_registration: None };
+        expect_code(cp_ttp.post_json::<_, RegisterDomainResponse>("/v1/domains", &register).await, "descriptor_signature_invalid");
+        let audit = assert_audited(&ttp, before, "register", "descriptor_signature_invalid");
+        m.record("D6", "a descriptor naming dm-alice but signed by dm-bob, registered directly", "descriptor_signature_invalid", &audit_text(&audit));
+    }
+    {
+        // D11: bob creates a domain with the id of alice's domain.
+        let mut squat = bob.new_domain(&[], &[("vm-b", AccessMode::Rw)]).unwrap();
+        squat.domain_id = id_b.clone();
+        let request = CreateDomainRequest { descriptor: bob.sign_descriptor(&squat).unwrap(), size_bytes: 1 << 20 };
+        expect_code(bob_cp.post_json::<_, DomainView>("/v1/domains", &request).await, "domain_exists");
+        m.record("D11", "dm-bob creates a domain with the id of dm-alice's domain B", "domain_exists", "- (refused by the CP)");
+    }
+    {
+        // Domain B is shared with bob: he may see and attach it, not change or delete it.
+        let shared = desc_b.next_version(|d| d.shared_with.push("dm-bob".into())).unwrap();
+        update_domain(&alice_cp, &alice, &shared).await;
+        let _: DomainView = bob_cp.get_json(&format!("/v1/domains/{id_b}")).await.expect("shared with bob");
+        // D2: bob adds his VM to the ACL.
+        let grab = shared.next_version(|d| d.acl.push(AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Rw })).unwrap();
+        let before = audit_records(&ttp).len();
+        let result = bob_cp
+            .put_json::<_, DomainView>(&format!("/v1/domains/{id_b}/descriptor"), &UpdateDomainRequest { descriptor: bob.key.sign_envelope(SignatureContext::Descriptor, grab.encode().unwrap()) })
+            .await;
+        let message = expect_code(result, "owner_mismatch");
+        assert!(message.contains("dm-alice") && message.contains("dm-bob"), "{message}");
+        assert_eq!(audit_records(&ttp).len(), before);
+        m.record("D2", "dm-bob (shared manager) changes the ACL of dm-alice's domain", "owner_mismatch", "- (refused by the CP)");
+        // D3: bob deletes it through the CP.
+        let result = bob_cp.request_json_delete(&id_b, &bob).await;
+        expect_code(result, "owner_mismatch");
+        assert_eq!(audit_records(&ttp).len(), before);
+        m.record("D3", "dm-bob (shared manager) deletes dm-alice's domain through the CP", "owner_mismatch", "- (refused by the CP)");
+        // D4: bob's signed deletion sent straight to the TTP.
+        let result = bob_ttp.post_json::<_, serde_json::Value>(&format!("/v1/domains/{id_b}/delete"), &DeleteDomainRequest { deletion: bob.deletion(&id_b) }).await;
+        let message = expect_code(result, "owner_mismatch");
+        assert!(message.contains("dm-alice"), "{message}");
+        let audit = assert_audited(&ttp, before, "delete", "owner_mismatch");
+        m.record("D4", "dm-bob deletes dm-alice's domain directly at the TTP", "owner_mismatch", &audit_text(&audit));
+        let _: DomainView = alice_cp.get_json(&format!("/v1/domains/{id_b}")).await.expect("domain B survives");
+    }
+
+    // Checkpoint: the viewing history of domain A holds every refusal made against it.
+    {
+        let alice_ttp = pki.client("dm-alice", Role::Ttp, &cloud.ttp.url).unwrap();
+        let history: HistoryResponse = alice_ttp.get_json(&format!("/v1/domains/{id_a}/history")).await.expect("alice reads her history");
+        let outcomes: Vec<&str> = history.records.iter().map(|r| r.outcome.as_str()).collect();
+        for code in ["descriptor_signature_invalid", "registration_mismatch", "grant_mismatch", "version_rollback", "forbidden", "quote_invalid", "challenge_invalid", "host_unknown", "grant_signer_not_authorized", "grant_signature_invalid"] {
+            assert!(outcomes.contains(&code), "the history of domain A lacks {code}: {outcomes:?}");
+        }
+        ttp.verify_audit_chain().expect("the audit chain verifies");
+        println!("   history of domain A: {} records, chain verified", history.records.len());
+    }
+
+    println!("\nSUMMARY ({} attacks, {:?})", m.rows.len(), started.elapsed());
+    for (id, attack, code, audit) in &m.rows {
+        println!("  {id:<4} {code:<30} {audit:<36} {attack}");
+    }
+    drop((alice_cp, bob_cp));
+    cloud.stop().await;
+}
+
+trait DeleteWithBody {
+    async fn request_json_delete(&self, domain_id: &str, signer: &DomainManager) -> Result<DomainView, net::Error>;
+}
+
+impl DeleteWithBody for net::Client {
+    /// `DELETE /v1/domains/{id}` with the signed deletion as its body (net::Client's
+    /// `delete_json` sends none), through the generic request.
+    async fn request_json_delete(&self, domain_id: &str, signer: &DomainManager) -> Result<DomainView, net::Error> {
+        let body = DeleteDomainBody { deletion: signer.deletion(domain_id) };
+        self.request_json("DELETE".parse().unwrap(), &format!("/v1/domains/{domain_id}"), Some(&body)).await
+    }
+}
