@@ -9,6 +9,8 @@ packages=(
   fuse3 libfuse3-dev e2fsprogs util-linux fio
   qemu-system-x86 busybox-static kmod cpio
   sqlite3 openssl ca-certificates curl
+  mmdebstrap debian-archive-keyring gpgv tar qemu-utils openscap-scanner openscap-utils ssg-debian
+  dosfstools mtools
 )
 missing=()
 for p in "${packages[@]}"; do
