@@ -59,10 +59,8 @@
 //! Revocation lists (CRL/OCSP) are not implemented: "revoked" is covered by a certificate of a
 //! CA the services do not (or no longer) trust (T2, T5).
 
-use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use net::{Role, TlsFiles};
@@ -118,8 +116,14 @@ fn audit_records(ttp: &ttp::service::Ttp) -> Vec<AuditRecord> {
 
 /// The newest audit record is the refusal just seen, of `event`; returns it.
 fn assert_audited(ttp: &ttp::service::Ttp, before: usize, event: &str, code: &str) -> AuditRecord {
+    assert_audited_n(ttp, before, 1, event, code)
+}
+
+/// As [`assert_audited`], when the attack added `added` records (e.g. an accepted first
+/// enrollment step before the refused second one).
+fn assert_audited_n(ttp: &ttp::service::Ttp, before: usize, added: usize, event: &str, code: &str) -> AuditRecord {
     let records = audit_records(ttp);
-    assert_eq!(records.len(), before + 1, "exactly one audit record for the attack; newest: {:?}", records.last());
+    assert_eq!(records.len(), before + added, "{added} audit record(s) for the attack; newest: {:?}", records.last());
     let last = records.last().unwrap().clone();
     assert_eq!((last.event.as_str(), last.outcome.as_str()), (event, code), "newest audit record: {last:?}");
     assert_eq!(last.hash, last.compute_hash(), "the record is in the chain");
@@ -210,6 +214,7 @@ struct RawAnswer {
     body: Vec<u8>,
 }
 
+#[derive(Clone)]
 struct RawTarget {
     addr: String,
     ca: PathBuf,
@@ -700,12 +705,337 @@ async fn attack_matrix() {
         println!("   history of domain A: {} records, chain verified", history.records.len());
     }
 
+    // ================= compute hosts at enrollment (two extra TPMs of the trusted vendor) =========
+    let extra = cloud.dir.join("extra");
+    let vendor_ca = cloud.dir.join("tpm-vendor-ca");
+    let host_x = LabHost::start(&extra, pki, "host-x", &vendor_ca, &cloud.ttp.url).expect("start host-x (swtpm)");
+    let host_y = LabHost::start(&extra, pki, "host-y", &vendor_ca, &cloud.ttp.url).expect("start host-y (swtpm)");
+    let selection = PcrSelection::default_host();
+    let request_of = |host: &LabHost, name: &'static str| {
+        let (tpm, selection) = (host.agent.tpm.clone(), selection.clone());
+        async move { tpm.run(move |t| t.enrollment_request(name, &selection)).await.unwrap() }
+    };
+    let rx: EnrollmentRequest = request_of(&host_x, "host-x").await;
+    let ry: EnrollmentRequest = request_of(&host_y, "host-y").await;
+    async fn begin(host: &LabHost, request: &EnrollmentRequest) -> CredentialChallenge {
+        host.agent.ttp.post_json("/v1/enrollments", request).await.expect("the first enrollment step is accepted")
+    }
+    async fn proof_of(host: &LabHost, challenge: &CredentialChallenge) -> EnrollmentProof {
+        let challenge = challenge.clone();
+        host.agent.tpm.run(move |t| t.enrollment_proof(&challenge)).await.unwrap()
+    }
+    {
+        // H3: host-x's EK and AK, host-y's binding key.
+        let mut forged = rx.clone();
+        forged.binding_public = ry.binding_public.clone();
+        let before = audit_records(&ttp).len();
+        let challenge = begin(&host_x, &forged).await;
+        let proof = proof_of(&host_x, &challenge).await;
+        let message = expect_code(host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await, "binding_key_invalid");
+        assert!(message.contains("certified object"), "{message}");
+        let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_key_invalid");
+        m.record("H3", "host-x enrolls with host-y's binding key (its own AK certifies its own key)", "binding_key_invalid", &audit_text(&audit));
+    }
+    {
+        // H4: a software RSA-2048 key (OpenSSL) in the TPM key's TPMT_PUBLIC (same attributes
+        // and policy, modulus replaced): the AK can only certify the key that is in its TPM.
+        let rsa = openssl::rsa::Rsa::generate(2048).unwrap();
+        let mut software = rx.binding_public.clone();
+        let n = software.len();
+        assert_eq!(&software[n - 258..n - 256], &[1, 0], "TPMT_PUBLIC ends with unique = TPM2B of a 256-byte modulus");
+        software[n - 256..].copy_from_slice(&rsa.n().to_vec_padded(256).unwrap());
+        let mut forged = rx.clone();
+        forged.binding_public = software;
+        let before = audit_records(&ttp).len();
+        let challenge = begin(&host_x, &forged).await;
+        let proof = proof_of(&host_x, &challenge).await;
+        let message = expect_code(host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await, "binding_key_invalid");
+        assert!(message.contains("certified object"), "{message}");
+        let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_key_invalid");
+        m.record("H4", "host enrolls a software RSA key (openssl) marshalled as TPMT_PUBLIC", "binding_key_invalid", &audit_text(&audit));
+    }
+    {
+        // H5: the credential activated in host-x's TPM, the Certify made by host-y's AK.
+        let before = audit_records(&ttp).len();
+        let challenge = begin(&host_x, &rx).await;
+        let for_x = challenge.clone();
+        let secret = host_x.agent.tpm.run(move |t| t.activate_credential(&for_x)).await.unwrap();
+        let nonce = challenge.certify_nonce.clone();
+        let (certify_attest, certify_signature) = host_y.agent.tpm.run(move |t| t.certify_binding_key(&nonce)).await.unwrap();
+        let proof = EnrollmentProof { enrollment_id: challenge.enrollment_id.clone(), activated_secret: secret.expose().to_vec(), certify_attest, certify_signature };
+        expect_code(host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await, "binding_key_invalid");
+        let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_key_invalid");
+        m.record("H5", "host enrolls with a Certify of the binding key signed by another TPM's AK", "binding_key_invalid", &audit_text(&audit));
+    }
+    {
+        // H6: the Certify of an earlier enrollment (another certify nonce) replayed.
+        let before = audit_records(&ttp).len();
+        let first = begin(&host_x, &rx).await;
+        let second = begin(&host_x, &rx).await;
+        let old = proof_of(&host_x, &first).await;
+        let for_x = second.clone();
+        let secret = host_x.agent.tpm.run(move |t| t.activate_credential(&for_x)).await.unwrap();
+        let proof = EnrollmentProof { enrollment_id: second.enrollment_id.clone(), activated_secret: secret.expose().to_vec(), ..old };
+        let message = expect_code(host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await, "challenge_invalid");
+        assert!(message.contains("replayed"), "{message}");
+        let audit = assert_audited_n(&ttp, before, 3, "enroll", "challenge_invalid");
+        m.record("H6", "host replays the Certify of an earlier enrollment", "challenge_invalid", &audit_text(&audit));
+    }
+    {
+        // H7: host-x's EK certificate beside host-y's EK public.
+        let mut forged = rx.clone();
+        forged.ek_public = ry.ek_public.clone();
+        let before = audit_records(&ttp).len();
+        expect_code(host_x.agent.ttp.post_json::<_, CredentialChallenge>("/v1/enrollments", &forged).await, "ek_mismatch");
+        let audit = assert_audited(&ttp, before, "enroll_begin", "ek_mismatch");
+        m.record("H7", "host presents another TPM's EK public beside its EK certificate", "ek_mismatch", &audit_text(&audit));
+    }
+    {
+        // H8: host-x enrolls host-y's TPM under host-y's name.
+        let before = audit_records(&ttp).len();
+        expect_code(host_x.agent.ttp.post_json::<_, CredentialChallenge>("/v1/enrollments", &ry).await, "forbidden");
+        let audit = assert_audited(&ttp, before, "enroll_begin", "forbidden");
+        assert_eq!(audit.actor, "host-x");
+        m.record("H8", "host-x enrolls under host-y's name", "forbidden", &audit_text(&audit));
+    }
+    {
+        // H9: host-x boots an unapproved module, then enrolls: its binding key's PolicyPCR
+        // is over values no reference state allows.
+        host_x.agent.tpm.run(|t| t.extend_pcr(16, b"unapproved kernel module")).await.unwrap();
+        let before = audit_records(&ttp).len();
+        assert_eq!(enroll_code(host_x.agent.enroll(&selection).await), "binding_policy_untrusted");
+        let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_policy_untrusted");
+        m.record("H9", "host enrolls a binding key bound to untrusted PCR values", "binding_policy_untrusted", &audit_text(&audit));
+    }
+    drop((host_x, host_y));
+
+    // H2: compute-2's PCRs change after enrollment; an attach through the CP is refused.
+    {
+        let (desc_c, _) = create_domain(&alice_cp, &alice, &[("vm-b", AccessMode::Rw)]).await;
+        compute2.service.host_agent().tpm.run(|t| t.extend_pcr(16, b"unapproved kernel module")).await.unwrap();
+        let before = audit_records(&ttp).len();
+        let message = expect_code(attach(&alice_cp, &desc_c.domain_id, "vm-b", AccessMode::Rw, alice.grant(&desc_c.domain_id, "vm-b", AccessMode::Rw, 300)).await, "pcr_mismatch");
+        assert!(message.contains("PCR 16"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "pcr_mismatch");
+        assert_eq!(audit.host_id.as_deref(), Some("compute-2"));
+        m.record("H2", "compute-2's PCR 16 changes after enrollment; attach through the CP", "pcr_mismatch", &audit_text(&audit));
+    }
+
+    // ================= TLS and certificates ==========================================================
+    // A federated TTP replica: the same TTP identity, trusting the lab CA and a partner CA
+    // (whose key we hold, to make an expired certificate), with its handshake failures observed.
+    let (partner_ca_pem, partner_ca_key) = CertificateAuthority::generate("partner-ca").unwrap();
+    let partner_ca_file = extra.join("partner-ca.pem");
+    std::fs::write(&partner_ca_file, &partner_ca_pem).unwrap();
+    let lab_ca_pem = pki.ca_pem().to_string();
+    let partner_dir = extra.join("partner-ttp");
+    ttp::config::create_master_key(&partner_dir).unwrap();
+    let ttp_files = TlsFiles::in_dir(&pki.dir, "ttp-1");
+    let partner_config = ttp::config::TtpConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: partner_dir.clone(),
+        ca: vec![pki.dir.join("ca.pem"), partner_ca_file.clone()],
+        cert: ttp_files.cert.clone(),
+        key: ttp_files.key.clone(),
+        attestation: cloud.dir.join("attestation.toml"),
+    };
+    let (partner, partner_tls) = ttp::server::build(&partner_config).expect("build the partner TTP");
+    let partner_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let partner_url = format!("https://127.0.0.1:{}", partner_listener.local_addr().unwrap().port());
+    let (failures_tx, mut failures) = tokio::sync::mpsc::unbounded_channel::<net::HandshakeFailure>();
+    let partner_stop = CancellationToken::new();
+    let partner_task = tokio::spawn(net::serve_with(
+        partner_listener,
+        partner_tls,
+        ttp::http::router(partner.clone()),
+        net::ServeOptions { failures: Some(failures_tx), ..Default::default() },
+        partner_stop.clone(),
+    ));
+    {
+        // T1: no client certificate, at the partner TTP (observed) and at the TTP, CP and SC.
+        let bare = |role: Role, url: &str| {
+            net::Client::with_timeout(url, protocol::pki::client_config_without_certificate(std::slice::from_ref(&lab_ca_pem), role).unwrap(), Duration::from_secs(20)).unwrap()
+        };
+        let reason = expect_tls_refusal(bare(Role::Ttp, &partner_url).post_json::<_, ChallengeResponse>("/v1/challenges", &()).await);
+        let failure = next_failure(&mut failures).await;
+        assert_eq!(failure.reason, "no client certificate presented");
+        assert!(failure.peer.ip().is_loopback());
+        expect_tls_refusal(bare(Role::Ttp, &cloud.ttp.url).post_json::<_, ChallengeResponse>("/v1/challenges", &()).await);
+        expect_tls_refusal(bare(Role::CloudPlatform, &cloud.cp_url).get_json::<serde_json::Value>("/v1/domains").await);
+        expect_tls_refusal(bare(Role::SecureComponent, &compute1.agent_url).get_json::<serde_json::Value>("/v1/attachments").await);
+        m.record("T1", "TLS without a client certificate (TTP, CP, SC)", "net::Error::Tls", &format!("server: {}; client: {reason}", failure.reason));
+    }
+    {
+        // T2: a certificate named dm-alice from a foreign CA.
+        let (rogue_ca, rogue_key) = CertificateAuthority::generate("rogue-ca").unwrap();
+        let rogue_alice = CertificateAuthority::issue(&rogue_ca, &rogue_key, Role::DomainManager, "dm-alice", Validity::Days(30)).unwrap();
+        let reason = expect_tls_refusal(
+            client_with(std::slice::from_ref(&lab_ca_pem), &rogue_alice.cert_pem, &rogue_alice.key_pem, Role::Ttp, &partner_url)
+                .get_json::<HistoryResponse>(&format!("/v1/domains/{id_a}/history"))
+                .await,
+        );
+        let failure = next_failure(&mut failures).await;
+        assert!(failure.reason.contains("not issued by a trusted CA"), "{}", failure.reason);
+        expect_tls_refusal(client_with(std::slice::from_ref(&lab_ca_pem), &rogue_alice.cert_pem, &rogue_alice.key_pem, Role::CloudPlatform, &cloud.cp_url).get_json::<DomainView>(&format!("/v1/domains/{id_a}")).await);
+        m.record("T2", "TLS with a foreign-CA certificate named dm-alice (partner TTP, CP)", "net::Error::Tls", &format!("server: {}; client: {reason}", failure.reason));
+
+        // T5: a grant signed with that certificate (the name is right, the CA is not).
+        let rogue_signer = signer_from_pems("dm-alice", &rogue_alice.cert_pem, &rogue_alice.key_pem);
+        let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &rogue_signer.grant(&id_a, "vm-a", AccessMode::Rw, 300), &challenge, quote);
+        let message = expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "grant_signature_invalid");
+        assert!(message.contains("not issued by a trusted CA"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "grant_signature_invalid");
+        m.record("T5", "a mount grant signed with a foreign-CA certificate named dm-alice", "grant_signature_invalid", &audit_text(&audit));
+    }
+    {
+        // T3: an expired certificate of the trusted partner CA, on TLS.
+        let (expired_cert, expired_key) = expired_certificate(&partner_ca_pem, &partner_ca_key, Role::DomainManager, "dm-carol");
+        let trust = [lab_ca_pem.clone()];
+        let reason = expect_tls_refusal(client_with(&trust, &expired_cert, &expired_key, Role::Ttp, &partner_url).get_json::<HistoryResponse>(&format!("/v1/domains/{id_a}/history")).await);
+        let failure = next_failure(&mut failures).await;
+        assert!(failure.reason.contains("expired"), "{}", failure.reason);
+        m.record("T3", "TLS with an expired certificate of a trusted (partner) CA", "net::Error::Tls", &format!("server: {}; client: {reason}", failure.reason));
+
+        // T4: a descriptor signed with it, registered at the partner TTP by the CP; a
+        // descriptor of a valid partner certificate is accepted there (the control).
+        let carol = signer_from_pems("dm-carol", &expired_cert, &expired_key);
+        let cp_partner = pki.client("cloud-platform", Role::Ttp, &partner_url).unwrap();
+        let dave_id = CertificateAuthority::issue(&partner_ca_pem, &partner_ca_key, Role::DomainManager, "dm-dave", Validity::Days(30)).unwrap();
+        let dave = signer_from_pems("dm-dave", &dave_id.cert_pem, &dave_id.key_pem);
+        let good = dave.new_domain(&[], &[("vm-a", AccessMode::Rw)]).unwrap();
+        let _: RegisterDomainResponse = cp_partner
+            .post_json("/v1/domains", &RegisterDomainRequest { descriptor: dave.sign_descriptor(&good).unwrap(), previous_registration: None })
+            .await
+            .expect("a valid partner-CA signer is accepted");
+        let stale = carol.new_domain(&[], &[("vm-a", AccessMode::Rw)]).unwrap();
+        let before = audit_records(&partner).len();
+        let result = cp_partner.post_json::<_, RegisterDomainResponse>("/v1/domains", &RegisterDomainRequest { descriptor: carol.sign_descriptor(&stale).unwrap(), previous_registration: None }).await;
+        let message = expect_code(result, "descriptor_signature_invalid");
+        assert!(message.contains("expired"), "{message}");
+        let audit = assert_audited(&partner, before, "register", "descriptor_signature_invalid");
+        m.record("T4", "a descriptor signed with an expired certificate (partner TTP)", "descriptor_signature_invalid", &audit_text(&audit));
+    }
+    {
+        // T7: TLS 1.2 only.
+        let target = RawTarget { addr: partner_url.trim_start_matches("https://").into(), ca: pki.dir.join("ca.pem"), cert: pki.dir.join("cloud-platform.pem"), key: pki.dir.join("cloud-platform-key.pem") };
+        let tcp = std::net::TcpStream::connect(&target.addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let error = match connector(&target, true).connect("127.0.0.1", tcp) {
+            Ok(_) => panic!("a TLS 1.2 handshake must be refused"),
+            Err(e) => e.to_string(),
+        };
+        let failure = next_failure(&mut failures).await;
+        assert!(failure.reason.contains("TLS 1.3") || failure.reason.to_lowercase().contains("version"), "{}", failure.reason);
+        m.record("T7", "TLS 1.2 only (OpenSSL client)", "handshake refused", &format!("server: {}; client: {error}", failure.reason));
+    }
+    {
+        // T6: a domain manager calls a secure component; T8: a CP answers where a TTP is expected.
+        let reason = expect_tls_refusal(pki.client("dm-alice", Role::SecureComponent, &compute1.agent_url).unwrap().get_json::<serde_json::Value>("/v1/attachments").await);
+        m.record("T6", "dm-alice calls compute-1's secure component (role refused)", "net::Error::Tls", &format!("client: {reason}"));
+        let reason = expect_tls_refusal(pki.client("compute-1", Role::Ttp, &cloud.cp_url).unwrap().post_json::<_, ChallengeResponse>("/v1/challenges", &()).await);
+        assert!(reason.contains("cloud-platform"), "{reason}");
+        m.record("T8", "a host talks to the CP's address as if it were the TTP (server role refused)", "net::Error::Tls", &format!("client: {reason}"));
+    }
+    partner_stop.cancel();
+    let _ = partner_task.await;
+
+    // ================= bodies on every route ===========================================================
+    {
+        let target_of = |url: &str| RawTarget {
+            addr: url.trim_start_matches("https://").into(),
+            ca: pki.dir.join("ca.pem"),
+            cert: pki.dir.join("cloud-platform.pem"),
+            key: pki.dir.join("cloud-platform-key.pem"),
+        };
+        let (ttp_t, cp_t, sc_t) = (target_of(&cloud.ttp.url), target_of(&cloud.cp_url), target_of(&compute1.agent_url));
+        let fake = "0123456789abcdef0123456789abcdef";
+        // (service, target, method, path, takes a JSON body)
+        let routes: Vec<(&str, &RawTarget, &str, String, bool)> = vec![
+            ("TTP", &ttp_t, "POST", "/v1/enrollments".into(), true),
+            ("TTP", &ttp_t, "POST", "/v1/enrollments/proof".into(), true),
+            ("TTP", &ttp_t, "POST", "/v1/challenges".into(), false),
+            ("TTP", &ttp_t, "POST", "/v1/domains".into(), true),
+            ("TTP", &ttp_t, "POST", format!("/v1/domains/{id_a}/delete"), true),
+            ("TTP", &ttp_t, "GET", format!("/v1/domains/{id_a}/history"), false),
+            ("TTP", &ttp_t, "POST", "/v1/key-releases".into(), true),
+            ("TTP", &ttp_t, "GET", "/v1/health".into(), false),
+            ("CP", &cp_t, "POST", "/v1/hosts".into(), true),
+            ("CP", &cp_t, "GET", "/v1/hosts".into(), false),
+            ("CP", &cp_t, "POST", "/v1/instances".into(), true),
+            ("CP", &cp_t, "GET", "/v1/instances".into(), false),
+            ("CP", &cp_t, "POST", "/v1/domains".into(), true),
+            ("CP", &cp_t, "GET", "/v1/domains".into(), false),
+            ("CP", &cp_t, "GET", format!("/v1/domains/{id_a}"), false),
+            ("CP", &cp_t, "DELETE", format!("/v1/domains/{id_a}"), true),
+            ("CP", &cp_t, "PUT", format!("/v1/domains/{id_a}/descriptor"), true),
+            ("CP", &cp_t, "POST", "/v1/attachments".into(), true),
+            ("CP", &cp_t, "GET", "/v1/attachments".into(), false),
+            ("CP", &cp_t, "GET", format!("/v1/attachments/{fake}"), false),
+            ("CP", &cp_t, "DELETE", format!("/v1/attachments/{fake}"), false),
+            ("CP", &cp_t, "GET", "/v1/health".into(), false),
+            ("SC", &sc_t, "GET", "/v1/attachments".into(), false),
+            ("SC", &sc_t, "POST", "/v1/attachments".into(), true),
+            ("SC", &sc_t, "DELETE", format!("/v1/attachments/{fake}"), false),
+            ("SC", &sc_t, "GET", "/v1/health".into(), false),
+        ];
+        let mut oversized = b"{\"descriptor\":\"".to_vec();
+        oversized.resize(oversized.len() + (2 << 20) + 1024, b'a');
+        oversized.extend_from_slice(b"\"}");
+        // (id, attack, content type, body, the status every body route must answer)
+        let bodies: Vec<(&str, &str, &str, Vec<u8>, &[u16])> = vec![
+            ("B1", "a body over every limit (2 MiB + 1 KiB) on every route", "application/json", oversized, &[413]),
+            ("B2", "malformed JSON on every route", "application/json", b"{\"descriptor\": {\"message\": ".to_vec(), &[400]),
+            ("B3", "JSON of the wrong shape on every route", "application/json", b"[1, 2, 3]".to_vec(), &[422]),
+            ("B4", "a non-JSON content type on every route", "text/plain", b"{}".to_vec(), &[415]),
+            ("B5", "a JSON nesting bomb (100k '[') on every route", "application/json", vec![b'['; 100_000], &[400, 422]),
+        ];
+        for (id, attack, content_type, body, expected) in bodies {
+            let mut seen = Vec::new();
+            for (service, target, method, path, takes_body) in &routes {
+                let t = Instant::now();
+                let (target, method, path, body, content_type) = ((*target).clone(), method.to_string(), path.clone(), body.clone(), content_type.to_string());
+                let label = format!("{service} {method} {path}");
+                let answer = tokio::task::spawn_blocking(move || raw_request(&target, &method, &path, Some(&content_type), &body))
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{id} {label}: {e}"));
+                assert!(t.elapsed() < Duration::from_secs(15), "{id} {label} took {:?}", t.elapsed());
+                assert!(answer.status < 500, "{id} {label}: HTTP {} {:?}", answer.status, String::from_utf8_lossy(&answer.body));
+                if *takes_body {
+                    assert!(expected.contains(&answer.status), "{id} {label}: HTTP {} (expected {expected:?}) {:?}", answer.status, String::from_utf8_lossy(&answer.body));
+                    assert_eq!(error_code_of(&answer), "bad_request", "{id} {label}");
+                    seen.push(answer.status);
+                } else if answer.status >= 400 {
+                    error_code_of(&answer); // a refusal still answers {code, message}
+                }
+            }
+            let body_routes = routes.iter().filter(|r| r.4).count();
+            seen.dedup();
+            m.record(id, attack, &format!("HTTP {seen:?} bad_request on {body_routes} body routes"), &format!("{} body-less routes: no 5xx", routes.len() - body_routes));
+        }
+        // B6: path traversal in ids.
+        let alice_ttp = pki.client("dm-alice", Role::Ttp, &cloud.ttp.url).unwrap();
+        let traversal = "..%2F..%2F..%2Fetc%2Fpasswd";
+        expect_code(alice_cp.get_json::<DomainView>(&format!("/v1/domains/{traversal}")).await, "domain_unknown");
+        expect_code(alice_ttp.get_json::<HistoryResponse>(&format!("/v1/domains/{traversal}/history")).await, "domain_unknown");
+        let sc = pki.client("cloud-platform", Role::SecureComponent, &compute1.agent_url).unwrap();
+        expect_code(sc.delete_json::<serde_json::Value>(&format!("/v1/attachments/{traversal}")).await, "bad_request");
+        m.record("B6", "path traversal in ids (CP domain, TTP history, SC attachment)", "domain_unknown / bad_request", "-");
+    }
+
     println!("\nSUMMARY ({} attacks, {:?})", m.rows.len(), started.elapsed());
     for (id, attack, code, audit) in &m.rows {
         println!("  {id:<4} {code:<30} {audit:<36} {attack}");
     }
     drop((alice_cp, bob_cp));
     cloud.stop().await;
+}
+
+async fn next_failure(failures: &mut tokio::sync::mpsc::UnboundedReceiver<net::HandshakeFailure>) -> net::HandshakeFailure {
+    tokio::time::timeout(Duration::from_secs(10), failures.recv()).await.expect("the server reports the failed handshake").unwrap()
 }
 
 trait DeleteWithBody {
