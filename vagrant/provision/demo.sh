@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The demo's story across the lab's nodes, with the domain-manager CLI on the controller and
+# each VM's view checked on its compute host. Runs where it can reach every node:
+#   vagrant mode: on the KVM host, in vagrant/ (each step through `vagrant ssh NODE`);
+#   chroot mode:  on the machine holding the chroots, SKYDD_LAB_CHROOTS="node=DIR ...".
+# Every claim is checked; the first failed check stops the story with a non-zero exit.
+set -euo pipefail
+SKYDD_LAB_MODE="${SKYDD_LAB_MODE:-vagrant}"
+LAB_VMS="${SKYDD_LAB_VMS:-vm-a=compute-1 vm-b=compute-2 vm-c=compute-2}"
+RECORD="patient 0001: cardiology, echocardiogram 2026-03-14, EF 55%"
+step=0
+
+say() { printf '    %s\n' "$*"; }
+headline() { step=$((step + 1)); printf '\n[%d] %s\n' "$step" "$*"; }
+fail() { printf 'DEMO FAILED at step %d: %s\n' "$step" "$*" >&2; exit 1; }
+
+# on NODE SCRIPT: runs SCRIPT as root with bash on NODE; prints its stdout.
+on() {
+  local node="$1" script="$2" pair root=""
+  if [ "$SKYDD_LAB_MODE" = vagrant ]; then
+    vagrant ssh "$node" -c "sudo bash -c $(printf '%q' "$script")" -- -q
+    return
+  fi
+  for pair in ${SKYDD_LAB_CHROOTS:-}; do
+    [ "${pair%%=*}" = "$node" ] && root="${pair#*=}"
+  done
+  [ -n "$root" ] || fail "no chroot for node $node in SKYDD_LAB_CHROOTS"
+  chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root bash -c "$script"
+}
+
+# dm MANAGER ARGS...: the domain-manager CLI on the controller as MANAGER.
+dm() {
+  local who="$1"
+  shift
+  on controller "domain-manager --config /root/.config/skydd/$who.toml $(printf '%q ' "$@")"
+}
+
+host_of() {
+  local pair
+  for pair in $LAB_VMS; do [ "${pair%%=*}" = "$1" ] && { printf '%s' "${pair#*=}"; return; }; done
+  fail "no host for $1"
+}
+
+headline "dm-alice creates a domain: cardiology records; vm-a may read and write, vm-b may only read"
+created="$(dm dm-alice --json domain create --meta department=cardiology --vm vm-a:rw --vm vm-b:ro --size 64M)"
+id="$(printf '%s\n' "$created" | sed -n 's/^  "id": "\(.*\)",*$/\1/p' | head -n 1)"
+[ -n "$id" ] || fail "no domain id in: $created"
+say "domain $id, version 1, registered with the TTP (the cloud platform never sees its key)"
+
+headline "vm-a (on $(host_of vm-a)) attaches read-write and writes a patient record"
+attached="$(dm dm-alice --json attach "$id" --vm vm-a --mode rw)"
+device="$(printf '%s\n' "$attached" | sed -n 's/^  "device": "\(.*\)",*$/\1/p' | head -n 1)"
+say "device $device"
+if [ "$SKYDD_LAB_MODE" = vagrant ]; then
+  on "$(host_of vm-a)" "dmsetup table --showkeys >/dev/null 2>&1; for d in /sys/block/dm-*; do [ \"\$(cat \$d/dm/uuid 2>/dev/null | cut -c1-5)\" = CRYPT ] || true; done; dmsetup ls --target crypt" | sed 's/^/    dm-crypt: /' \
+    || fail "no dm-crypt mapping on $(host_of vm-a)"
+fi
+on "$(host_of vm-a)" "printf '%s' '$RECORD' > /var/lib/skydd/vms/vm-a/$id/record.txt && sync" || fail "vm-a cannot write"
+say "vm-a wrote $(printf '%s' "$RECORD" | wc -c) bytes"
+
+headline "vm-a detaches (ext4 is not a cluster file system); vm-b (on $(host_of vm-b)) attaches read-only and reads"
+dm dm-alice detach "$id" --vm vm-a >/dev/null
+dm dm-alice attach "$id" --vm vm-b --mode ro >/dev/null
+got="$(on "$(host_of vm-b)" "cat /var/lib/skydd/vms/vm-b/$id/record.txt")"
+[ "$got" = "$RECORD" ] || fail "vm-b read '$got'"
+say "vm-b reads what vm-a wrote: two hosts' TPMs received the same domain key from the TTP"
+
+headline "vm-b tries to write"
+if out="$(on "$(host_of vm-b)" "echo x > /var/lib/skydd/vms/vm-b/$id/tamper.txt" 2>&1)"; then
+  fail "vm-b wrote to a read-only attachment"
+fi
+case "$out" in *"Read-only file system"*) say "refused: Read-only file system (a read-only block device below ext4)" ;; *) fail "vm-b's write failed, but not as read-only: $out" ;; esac
+
+headline "the cloud operator looks at the raw volume on the controller"
+if on controller "grep -c -F '$RECORD' /var/lib/skydd-cp/volumes/$id.vol" >/dev/null 2>&1; then
+  fail "the record is readable in the raw volume"
+fi
+say "no plaintext in /var/lib/skydd-cp/volumes/$id.vol"
+
+headline "dm-alice revokes vm-b; vm-b tries to attach again"
+dm dm-alice domain revoke "$id" --vm vm-b >/dev/null
+if on "$(host_of vm-b)" "grep -q ' /var/lib/skydd/vms/vm-b/$id ' /proc/mounts"; then fail "vm-b is still mounted after the revocation"; fi
+say "the cloud platform detached vm-b at once"
+if out="$(dm dm-alice attach "$id" --vm vm-b --mode ro 2>&1)"; then fail "vm-b attached after revocation"; fi
+say "refused: $(printf '%s' "$out" | head -n 1)"
+
+headline "dm-alice grants vm-c read-only and shares the domain with dm-bob, who attaches vm-c"
+dm dm-alice domain grant "$id" --vm vm-c:ro >/dev/null
+dm dm-alice domain share "$id" --with dm-bob >/dev/null
+if out="$(dm dm-bob attach "$id" --vm vm-c --mode rw 2>&1)"; then fail "dm-bob attached vm-c read-write"; fi
+say "dm-bob asks read-write: refused: $(printf '%s' "$out" | head -n 1)"
+dm dm-bob attach "$id" --vm vm-c --mode ro >/dev/null
+got="$(on "$(host_of vm-c)" "cat /var/lib/skydd/vms/vm-c/$id/record.txt")"
+[ "$got" = "$RECORD" ] || fail "vm-c read '$got'"
+say "vm-c reads the record"
+
+headline "dm-alice reads the viewing history from the TTP"
+history="$(dm dm-alice domain history "$id")"
+printf '%s\n' "$history" | sed 's/^/    /'
+releases="$(printf '%s\n' "$history" | grep -ci 'release' || true)"
+refusals="$(printf '%s\n' "$history" | grep -ci 'refus' || true)"
+[ "$releases" -ge 3 ] || fail "expected at least 3 key releases in the history"
+[ "$refusals" -ge 2 ] || fail "expected at least 2 refusals in the history"
+
+headline "cleaning up: detach vm-c"
+dm dm-bob detach "$id" --vm vm-c >/dev/null
+printf '\nthe story ran across the lab: domain %s\n' "$id"
