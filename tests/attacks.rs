@@ -13,6 +13,7 @@
 //! | C5  | cloud platform  | forges a registration with its own key                                  | `registration_mismatch` (audited) |
 //! | C6  | cloud platform  | bumps the version of an owner-signed descriptor and registers it        | `descriptor_signature_invalid` (audited) |
 //! | C7  | cloud platform  | re-uses the owner's grant for vm-a to attach vm-b                       | `grant_mismatch` (audited) |
+//! | C11 | cloud platform  | points the SC at another file (a host file; domain B's volume) with A's header | `bad_request` (SC; no key released) |
 //! | C8  | compute host B  | forwards an attach: asks for a key claiming host A's id                 | `forbidden` (audited) |
 //! | C9  | compute host B  | sends host A's quote over its own challenge                             | `quote_invalid` (audited) |
 //! | C10 | compute host B  | uses a challenge issued to host A                                       | `challenge_invalid` (audited) |
@@ -518,6 +519,38 @@ async fn attack_matrix() {
     assert_eq!(view_a.version, 2);
     let header_a = view_a.header.clone();
     let grant_a = alice.grant(&id_a, "vm-a", AccessMode::Rw, 300);
+
+    {
+        // C11: the CP sends a valid attach (the header in force on domain A's volume, the
+        // owner's grant) but points the secure component at another file on the host.
+        let decoy = cloud.dir.join("host-file.img");
+        let pattern: Vec<u8> = (0..(format::DATA_OFFSET as usize + (4 << 20))).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&decoy, &pattern).unwrap();
+        let cp_sc = pki.client("cloud-platform", Role::SecureComponent, &compute1.agent_url).unwrap();
+        let before = audit_records(&ttp).len();
+        let request = protocol::cloud::AgentAttachRequest {
+            attachment_id: "attack-c11".into(),
+            vm_id: "vm-a".into(),
+            mode: AccessMode::Rw,
+            header: header_a.clone(),
+            grant: alice.grant(&id_a, "vm-a", AccessMode::Rw, 300),
+            volume_path: decoy.to_string_lossy().into_owned(),
+        };
+        let result = cp_sc.post_json::<_, protocol::cloud::AgentAttachment>("/v1/attachments", &request).await;
+        if result.is_ok() {
+            let _ = cp_sc.delete_json::<serde_json::Value>("/v1/attachments/attack-c11").await;
+        }
+        let after = std::fs::read(&decoy).unwrap();
+        assert!(after == pattern, "the secure component wrote to a host file the CP pointed it at ({:?})", result.as_ref().map(|a| &a.device));
+        let message = expect_code(result, "bad_request");
+        assert!(message.contains("host-file.img"), "{message}");
+        assert_eq!(audit_records(&ttp).len(), before, "no key is released for a volume that does not hold the header");
+        // The same with domain B's volume (a Skydd volume, another domain's header).
+        let request = protocol::cloud::AgentAttachRequest { volume_path: volume_path(&cloud, &id_b).to_string_lossy().into_owned(), ..request };
+        expect_code(cp_sc.post_json::<_, protocol::cloud::AgentAttachment>("/v1/attachments", &request).await, "bad_request");
+        assert_eq!(audit_records(&ttp).len(), before);
+        m.record("C11", "CP points the SC at another file (a host file, domain B's volume) with A's header", "bad_request", "- (refused by the SC before any key release)");
+    }
 
     // ================= compute hosts at the TTP ===============================================
     {

@@ -253,6 +253,26 @@ fn check_attachment_id(id: &str) -> Result<()> {
     }
 }
 
+/// The header in force on the volume at `path` must be `expected` (an encoded header record).
+fn check_volume_header(path: &Path, expected: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| Error::BadRequest(format!("volume {shown} cannot be opened: {e}")))?;
+    let mut area = vec![0u8; protocol::format::HEADER_AREA_SIZE];
+    file.read_exact_at(&mut area, 0)
+        .map_err(|e| Error::BadRequest(format!("volume {shown} is not a Skydd volume: its 1 MiB header area cannot be read: {e}")))?;
+    let active = protocol::format::decode_header_area(&area)
+        .map_err(|e| Error::BadRequest(format!("volume {shown} is not a Skydd volume: {e}")))?;
+    if active.payload != expected {
+        return Err(Error::BadRequest(format!(
+            "volume {shown} does not hold the header of this attach request (its header in force is in slot {}, sequence {}); \
+             the cloud platform must send the header that is on the volume",
+            active.slot, active.seq
+        )));
+    }
+    Ok(())
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -350,6 +370,14 @@ impl AgentService {
             tracing::warn!(mapping = %name, %reason, "removing a stale mapping without a record before attaching");
             self.backend.remove(&name)?;
         }
+
+        // The volume must hold this very header in force (DESIGN §3: the SC reads the header),
+        // checked before any key is asked for: otherwise a cloud platform could have the key
+        // of a domain released and the volume opened (and formatted) at any path on this host.
+        let (path, expected) = (PathBuf::from(&request.volume_path), request.header.encode());
+        tokio::task::spawn_blocking(move || check_volume_header(&path, &expected))
+            .await
+            .map_err(|e| Error::Volume(format!("volume header check failed: {e}")))??;
 
         let mut timings = AttachTimings::default();
         let (key, release) = self.obtain_key_timed(&request, &mut timings).await?;
