@@ -50,10 +50,11 @@
 //! | B2  | anyone          | malformed JSON on every route                                           | 400 `bad_request` JSON on every body route |
 //! | B3  | anyone          | JSON of the wrong shape on every route                                  | 422 `bad_request` JSON on every body route |
 //! | B4  | anyone          | a non-JSON content type on every route                                  | 415 `bad_request` JSON on every body route |
-//! | B5  | anyone          | a JSON nesting bomb (100k '[') on every route                           | 400 `bad_request` JSON, no crash |
+//! | B5  | anyone          | a JSON nesting bomb (100k '[') on every route                           | 422 `bad_request` JSON (serde's recursion limit), no crash |
 //! | B6  | anyone          | path traversal in ids (`../../etc/passwd`)                              | 404 `domain_unknown` / 400 `bad_request` |
 //! | O1  | cloud platform  | OBSERVATION, not refused: the key of vm-a released to another attested host | `ok` — the TTP cannot check VM placement; the audit names the host |
 //!
+//! The TTP and the SC limit bodies to 1 MiB, the CP to 2 MiB; B1 exceeds both.
 //! Routes without a request body ignore a body (they answer as without one, never 5xx,
 //! never hang); that is checked for every such route in B1–B5 too.
 //!
