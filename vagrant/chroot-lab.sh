@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the lab's provisioning scripts for real without KVM: each node is a Debian 12 chroot
-# (mmdebstrap, cached in target/lab-cache/base.tar; one overlay per node), all nodes share this
+# (mmdebstrap, cached in target/lab-cache/bookworm-HASH/; one overlay per node), all nodes share this
 # machine's network namespace and reach each other on loopback, each compute host gets an
 # swtpm TPM 2.0 whose EK certificate is signed by swtpm_localca (as libvirt's swtpm backend
 # does). The scripts run in SKYDD_LAB_MODE=chroot: services are started from their installed
@@ -16,7 +16,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 cache="$root/target/lab-cache"
-base_tar="$cache/base.tar"
+# The packages a box holds that the scripts need; the cached tree is named by their hash.
+base_packages="tpm2-tools,libtss2-tcti-device0,libtss2-tcti-swtpm0,e2fsprogs,adduser,openssl,curl,ca-certificates,procps,systemd,util-linux,mount"
+base="$cache/bookworm-$(printf '%s' "$base_packages" | sha256sum | cut -c1-12)"
 compute_only=false
 [ "${1:-}" = --compute-only ] && compute_only=true
 
@@ -37,7 +39,7 @@ done
 
 work="$(mktemp -d /tmp/skydd-chroot-lab.XXXXXX)"
 lab="$work/lab"
-mkdir -p "$lab/debs" "$lab/volumes" "$lab/tpm-vendor-ca" "$work/base"
+mkdir -p "$lab/debs" "$lab/volumes" "$lab/tpm-vendor-ca"
 swtpm_pids=()
 
 cleanup() {
@@ -72,27 +74,29 @@ trap cleanup EXIT
 # 1. The packages, as the boxes get them.
 say "building the .debs (cargo deb --no-build)"
 (cd "$root" && cargo build --release -q -p ttp -p cloud-platform -p secure-component -p domain-manager --bins)
+deb_pids=()
 for p in ttp cloud-platform secure-component domain-manager; do
-  (cd "$root" && cargo deb --no-build --fast -p "$p" -o "$lab/debs/" >/dev/null)
+  (cd "$root" && cargo deb --no-build --fast -p "$p" -o "$lab/debs/" >/dev/null 2>&1) &
+  deb_pids+=("$!")
 done
-say "debs: $(cd "$lab/debs" && ls)"
+for pid in "${deb_pids[@]}"; do wait "$pid"; done
+say "debs: $(cd "$lab/debs" && echo *.deb)"
 
-# 2. The Debian 12 base of every node (the packages a box holds that the scripts need).
-if [ ! -f "$base_tar" ]; then
-  say "mmdebstrap bookworm into $base_tar (once; cached)"
+# 2. The Debian 12 base of every node: a directory tree, the read-only lower layer of each
+#    node's overlay (never written to).
+if [ ! -d "$base" ]; then
+  say "mmdebstrap bookworm into $base (once; cached)"
   mkdir -p "$cache"
-  mmdebstrap --quiet --variant=minbase \
-    --include=tpm2-tools,libtss2-tcti-device0,libtss2-tcti-swtpm0,e2fsprogs,adduser,openssl,curl,ca-certificates,procps,systemd,util-linux,mount \
-    bookworm "$base_tar.tmp" http://deb.debian.org/debian
-  mv "$base_tar.tmp" "$base_tar"
+  rm -rf "$base.tmp"
+  mmdebstrap --quiet --variant=minbase --include="$base_packages" bookworm "$base.tmp" http://deb.debian.org/debian
+  mv "$base.tmp" "$base"
 fi
-tar -C "$work/base" -xf "$base_tar"
 
 # 3. One overlay root per node, with what a VM of the lab would have mounted.
 for n in $NODES; do
   r="$work/$n/root"
   mkdir -p "$work/$n/upper" "$work/$n/ovl" "$r"
-  mount -t overlay overlay -o "lowerdir=$work/base,upperdir=$work/$n/upper,workdir=$work/$n/ovl" "$r"
+  mount -t overlay overlay -o "lowerdir=$base,upperdir=$work/$n/upper,workdir=$work/$n/ovl" "$r"
   # Private before anything is bound in: an rbind of a shared /dev would otherwise stay a peer
   # of the host's, and unmounting it could unmount the host's /dev/pts.
   mount --make-rprivate "$r"
@@ -156,8 +160,8 @@ say "provisioned: $NODES"
 
 # The installed units, checked where their binaries exist.
 for n in $NODES; do
-  for u in "$work/$n/root"/lib/systemd/system/skydd-*.service; do
-    chroot "$work/$n/root" systemd-analyze verify --man=no "/lib/systemd/system/${u##*/}" \
+  for u in "$work/$n/root"/usr/lib/systemd/system/skydd-*.service; do
+    chroot "$work/$n/root" systemd-analyze verify --man=no "/usr/lib/systemd/system/${u##*/}" \
       || { say "systemd-analyze verify ${u##*/} failed on $n"; exit 1; }
   done
 done

@@ -11,7 +11,7 @@ log "common: mode $SKYDD_LAB_MODE, shared folder $LAB"
 [ -d "$LAB" ] || die "the shared folder $LAB is missing (the Vagrantfile syncs vagrant/.lab there)"
 [ -d "$LAB/debs" ] || die "$LAB/debs is missing: build the packages first (vagrant/lab.sh debs)"
 write_hosts
-for tool in apt-get dpkg runuser setsid sed find install; do
+for tool in dpkg runuser setsid sed find install; do
   command -v "$tool" >/dev/null || die "$tool is missing from the box"
 done
 mkdir -p /etc/skydd

@@ -97,10 +97,12 @@ say "vm-c reads the record"
 headline "dm-alice reads the viewing history from the TTP"
 history="$(dm dm-alice domain history "$id")"
 printf '%s\n' "$history" | sed 's/^/    /'
-releases="$(printf '%s\n' "$history" | grep -ci 'release' || true)"
-refusals="$(printf '%s\n' "$history" | grep -ci 'refus' || true)"
-[ "$releases" -ge 3 ] || fail "expected at least 3 key releases in the history"
-[ "$refusals" -ge 2 ] || fail "expected at least 2 refusals in the history"
+# Columns: #, time, event, outcome, vm, host, by.
+releases="$(printf '%s\n' "$history" | awk '$3 == "key_release" && $4 == "ok"' | wc -l)"
+refusals="$(printf '%s\n' "$history" | awk '$3 == "key_release" && $4 != "ok"' | wc -l)"
+[ "$releases" -ge 3 ] || fail "expected at least 3 key releases (vm-a, vm-b, vm-c) in the history, found $releases"
+[ "$refusals" -ge 2 ] || fail "expected at least 2 refusals (vm-b revoked, vm-c rw) in the history, found $refusals"
+say "$releases key releases and $refusals refusals, each with its VM, host and code"
 
 headline "cleaning up: detach vm-c"
 dm dm-bob detach "$id" --vm vm-c >/dev/null

@@ -58,6 +58,7 @@ sc_port_of() {
 write_hosts() {
   local pair name addr
   # Replace the lab's block, keep the rest of /etc/hosts.
+  touch /etc/hosts
   sed -i '/# skydd-lab begin/,/# skydd-lab end/d' /etc/hosts
   {
     echo "# skydd-lab begin"
@@ -69,7 +70,8 @@ write_hosts() {
   } >> /etc/hosts
 }
 
-# Installs the lab's .debs with the packages the box already holds: nothing is downloaded.
+# Installs the lab's .debs with dpkg: their dependencies must already be in the box (the
+# image pipeline's profile), nothing is downloaded.
 install_debs() {
   local debs=() name f
   for name in "$@"; do
@@ -78,8 +80,8 @@ install_debs() {
     debs+=("$f")
   done
   log "installing ${debs[*]##*/}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download --no-install-recommends "${debs[@]}" \
-    || die "the packages' dependencies are not all in the box (apt-get install --no-download)"
+  DEBIAN_FRONTEND=noninteractive dpkg -i "${debs[@]}" \
+    || die "dpkg -i failed: are the packages' dependencies all in the box?"
 }
 
 # Starts (or restarts) a service: systemd in a VM; in a chroot the unit's own ExecStart=
@@ -92,7 +94,7 @@ service_restart() {
     systemctl restart "$unit"
     return 0
   fi
-  file="/lib/systemd/system/$unit.service"
+  file="/usr/lib/systemd/system/$unit.service"
   [ -f "$file" ] || die "$file is not installed"
   exec="$(sed -n 's/^ExecStart=//p' "$file" | head -n 1)"
   user="$(sed -n 's/^User=//p' "$file" | head -n 1)"
