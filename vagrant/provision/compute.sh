@@ -41,7 +41,7 @@ indices = [${PCRS//,/, }]
 TOML
   # The local driver's mounts must be visible on the host: no private mount namespace.
   install -d /etc/systemd/system/skydd-secure-component.service.d
-  install -m 0644 /usr/share/doc/skydd-secure-component/local-driver.conf \
+  install -m 0644 /usr/share/skydd/secure-component/local-driver.conf \
     /etc/systemd/system/skydd-secure-component.service.d/local-driver.conf
   # Volumes: the controller's storage, mounted at the path the cloud platform sends.
   [ -d /var/lib/skydd-cp/volumes ] || die "/var/lib/skydd-cp/volumes (the controller's volume storage) is not mounted"
