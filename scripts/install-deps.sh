@@ -11,6 +11,7 @@ packages=(
   sqlite3 openssl ca-certificates curl
   mmdebstrap debian-archive-keyring gpgv tar qemu-utils openscap-scanner openscap-utils ssg-debian
   dosfstools mtools
+  shellcheck vagrant vagrant-libvirt ruby systemd
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -29,3 +30,6 @@ if ! command -v cargo >/dev/null 2>&1; then
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
   fi
 fi
+export PATH="$HOME/.cargo/bin:$PATH"
+# cargo-deb builds the Debian packages of the services (vagrant/ lab, scripts/lab-check.sh).
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
