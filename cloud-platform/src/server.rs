@@ -66,6 +66,12 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // Before answering anyone, enforce every header in force on the open attachments.
+    match cp.reconcile_attachments().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(detached = n, "start-up reconciliation detached attachments the header in force no longer allows"),
+        Err(e) => tracing::error!(error = %e, "start-up reconciliation of attachments failed"),
+    }
     net::serve_with(
         listener,
         tls,

@@ -427,6 +427,53 @@ impl CloudPlatform {
         domain_view(&record, header, self.status_of(domain_id).await?)
     }
 
+    /// Enforces the header in force on every open attachment, as at start-up: a cloud
+    /// platform killed after writing a revoking (or narrowing) header but before detaching
+    /// would otherwise leave a VM attached that has lost its access. Returns how many
+    /// attachments were detached (or marked `detaching` when their host is unreachable).
+    pub async fn reconcile_attachments(&self) -> Result<usize> {
+        let mut open: HashMap<String, Vec<Attachment>> = HashMap::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let page = Page { limit: 500, marker: marker.clone() };
+            let batch = self
+                .store(move |s| s.attachments(&AttachmentFilter { manager: None, domain_id: None }, &page))
+                .await?;
+            let full = batch.len() == 500;
+            marker = batch.last().map(|a| a.id.clone());
+            for attachment in batch.into_iter().filter(|a| a.status != DETACHED) {
+                open.entry(attachment.domain_id.clone()).or_default().push(attachment);
+            }
+            if !full {
+                break;
+            }
+        }
+        let mut detached = 0;
+        for (domain_id, attachments) in open {
+            let lock = self.lock_of(&domain_id);
+            let _guard = lock.lock().await;
+            let id = domain_id.clone();
+            let record = self.store(move |s| s.domain(&id)).await?;
+            let allowed = match &record {
+                Some(record) => match self.read_header(record).await.and_then(|h| decode_descriptor(&h.record.descriptor)) {
+                    Ok(descriptor) => Some(descriptor),
+                    Err(e) => {
+                        tracing::error!(domain = %domain_id, error = %e, "cannot read the header in force; detaching every VM of the domain");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let lost: Vec<Attachment> = attachments
+                .into_iter()
+                .filter(|a| !allowed.as_ref().is_some_and(|d| d.access_of(&a.instance_id).is_some_and(|m| m.covers(a.mode))))
+                .collect();
+            detached += lost.len();
+            self.detach_all(lost, "reconciled at start-up: the header in force no longer allows it").await?;
+        }
+        Ok(detached)
+    }
+
     /// `DELETE /v1/domains/{id}`: TTP tombstone, every attachment detached, both header
     /// slots destroyed, the file removed.
     pub async fn delete_domain(
