@@ -92,6 +92,7 @@ impl SqliteStore {
                  CREATE TABLE IF NOT EXISTS challenges (
                     challenge_id TEXT PRIMARY KEY, host_id TEXT NOT NULL, nonce BLOB NOT NULL,
                     expires_at INTEGER NOT NULL);
+                 CREATE INDEX IF NOT EXISTS challenges_expiry ON challenges(expires_at);
                  CREATE TABLE IF NOT EXISTS audit (
                     seq INTEGER PRIMARY KEY, domain_id TEXT, record TEXT NOT NULL, hash TEXT NOT NULL);
                  CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain_id, seq);",
