@@ -173,6 +173,7 @@ impl HostTpm {
         })();
         flush(&mut self.context, ek.into());
         flush(&mut self.context, ak.into());
+        scrub_command_buffer(&mut self.context);
         let digest = result?;
         let mut bytes = digest.value().to_vec();
         Ok(SecretBytes::from_slice_wiping(&mut bytes))
@@ -258,10 +259,12 @@ impl HostTpm {
                     })
                     .map_err(|e| map_policy_error("RSA_Decrypt(binding key)", e))
             })();
+            scrub_freed_output::<tss_esapi::tss2_esys::TPM2B_PUBLIC_KEY_RSA>();
             flush_session(&mut self.context, session);
             outcome
         })();
         flush(&mut self.context, binding.into());
+        scrub_command_buffer(&mut self.context);
         let plain = result?;
         let mut bytes = plain.value().to_vec();
         Ok(SecretBytes::from_slice_wiping(&mut bytes))
@@ -457,6 +460,41 @@ fn flush_session(ctx: &mut Context, session: AuthSession) {
     let handle: SessionHandle = session.into();
     if let Err(e) = ctx.flush_context(ObjectHandle::from(handle)) {
         tracing::warn!(error = %e, "flushing a TPM session failed");
+    }
+}
+
+/// Overwrites the TSS's command/response buffer (inside the ESYS context, reused by every
+/// command): a response carrying a secret (RSA_Decrypt's plaintext, ActivateCredential's
+/// credential) stays there after the short commands that follow (FlushContext writes 14
+/// bytes). TPM2_StirRandom with 128 zero bytes marshals a 140-byte command over it.
+fn scrub_command_buffer(ctx: &mut Context) {
+    if let Ok(zeros) = tss_esapi::structures::SensitiveData::try_from(vec![0u8; 128]) {
+        if let Err(e) = ctx.stir_random(zeros) {
+            tracing::warn!(error = %e, "TPM2_StirRandom (scrubbing the TSS command buffer) failed");
+        }
+    }
+}
+
+/// ESYS returns an output parameter in a buffer it mallocs; tss-esapi copies it out and
+/// frees it without wiping, so a plaintext (RSA_Decrypt's TPM2B_PUBLIC_KEY_RSA) stays in
+/// the freed chunk. glibc hands the chunks of a size class just freed by this thread back
+/// first (its per-thread cache, up to 7 per size): take them all, wipe them, free them.
+fn scrub_freed_output<T>() {
+    let size = std::mem::size_of::<T>();
+    let mut chunks = [std::ptr::null_mut::<libc::c_void>(); 16];
+    for chunk in chunks.iter_mut() {
+        // SAFETY: plain malloc; null (out of memory) is skipped below.
+        *chunk = unsafe { libc::malloc(size) };
+    }
+    for chunk in chunks {
+        if !chunk.is_null() {
+            // SAFETY: `chunk` is a live allocation of `size` bytes, freed exactly once.
+            unsafe {
+                std::ptr::write_bytes(chunk.cast::<u8>(), 0, size);
+                std::hint::black_box(chunk);
+                libc::free(chunk);
+            }
+        }
     }
 }
 
