@@ -359,7 +359,14 @@ mod vaes {
         /// 256) in place; unit i has tweak `first + i`.
         pub(super) fn crypt(&self, encrypt: bool, first: u128, unit_len: usize, buf: &mut [u8]) {
             // SAFETY: Keys exist only when available() held.
-            unsafe { crypt_units(self.0.expose(), encrypt, first, unit_len, buf) }
+            unsafe {
+                crypt_units(self.0.expose(), encrypt, first, unit_len, buf);
+                // The round keys must not outlive the engine in this thread's vector
+                // registers or in the stack slots the compiler spilled them to (a worker
+                // or FUSE thread keeps both after the volume is detached).
+                clear_vector_registers();
+            }
+            burn_stack();
         }
     }
 
@@ -419,6 +426,44 @@ mod vaes {
             _mm_storeu_si128(dec.as_mut_ptr().add(16 * i).cast(), _mm_aesimc_si128(ld(14 - i)));
         }
         _mm_storeu_si128(dec.as_mut_ptr().add(16 * 14).cast(), ld(0));
+    }
+
+    /// Zeroes zmm0-31 (`vzeroall` alone reaches only zmm0-15).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn clear_vector_registers() {
+        std::arch::asm!(
+            "vzeroall",
+            "vpxord zmm16, zmm16, zmm16",
+            "vpxord zmm17, zmm17, zmm17",
+            "vpxord zmm18, zmm18, zmm18",
+            "vpxord zmm19, zmm19, zmm19",
+            "vpxord zmm20, zmm20, zmm20",
+            "vpxord zmm21, zmm21, zmm21",
+            "vpxord zmm22, zmm22, zmm22",
+            "vpxord zmm23, zmm23, zmm23",
+            "vpxord zmm24, zmm24, zmm24",
+            "vpxord zmm25, zmm25, zmm25",
+            "vpxord zmm26, zmm26, zmm26",
+            "vpxord zmm27, zmm27, zmm27",
+            "vpxord zmm28, zmm28, zmm28",
+            "vpxord zmm29, zmm29, zmm29",
+            "vpxord zmm30, zmm30, zmm30",
+            "vpxord zmm31, zmm31, zmm31",
+            clobber_abi("C"),
+            options(nostack, nomem, preserves_flags)
+        );
+    }
+
+    /// Overwrites the stack below the caller's frame, where `crypt_units` (a few KiB of
+    /// spilled round keys, tweaks and blocks) just ran.
+    #[inline(never)]
+    fn burn_stack() {
+        let mut scrub = [0u8; 16 * 1024];
+        for byte in scrub.iter_mut() {
+            // SAFETY: a plain write to a local; volatile so it is not elided.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+        std::hint::black_box(&scrub);
     }
 
     fn mul_alpha(t: u128) -> u128 {
