@@ -9,6 +9,7 @@ packages=(
   fuse3 libfuse3-dev e2fsprogs util-linux fio
   qemu-system-x86 busybox-static kmod cpio
   sqlite3 openssl ca-certificates curl
+  gdb
   mmdebstrap debian-archive-keyring gpgv tar qemu-utils openscap-scanner openscap-utils ssg-debian
   dosfstools mtools
   shellcheck vagrant vagrant-libvirt ruby systemd
