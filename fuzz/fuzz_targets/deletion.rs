@@ -1,0 +1,10 @@
+//! `Deletion::decode`: a signed wire message's canonical encoding.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use protocol::messages::Deletion;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(message) = Deletion::decode(data) {
+        assert_eq!(message.encode(), data, "two encodings of one message");
+    }
+});
