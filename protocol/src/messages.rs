@@ -256,8 +256,12 @@ pub fn verify_audit_chain(records: &[AuditRecord], expected_first_prev: Option<&
         }
         match previous {
             Some(prev) => {
-                if record.seq != prev.seq + 1 {
-                    return Err(bad(format!("records {} to {} are missing", prev.seq + 1, record.seq - 1)));
+                if prev.seq.checked_add(1) != Some(record.seq) {
+                    return Err(bad(if record.seq > prev.seq {
+                        format!("records {} to {} are missing", prev.seq + 1, record.seq - 1)
+                    } else {
+                        format!("record {} follows record {} (out of order)", record.seq, prev.seq)
+                    }));
                 }
                 if record.prev_hash != prev.hash {
                     return Err(bad(format!("record {} does not link to record {}", record.seq, prev.seq)));
@@ -330,6 +334,23 @@ mod tests {
         relinked.hash = relinked.compute_hash();
         let err = verify_audit_chain(&[a, relinked, c], None).unwrap_err().to_string();
         assert!(err.contains("record 2 does not link"), "{err}");
+    }
+
+    /// Fuzzing finding (fuzz target json_messages): a sequence number that goes back (0
+    /// after 5) or a predecessor at u64::MAX overflowed the "records a to b are missing"
+    /// arithmetic (a panic with overflow checks, a wrong message without).
+    #[test]
+    fn audit_chain_out_of_order_sequence_is_an_error_not_an_overflow() {
+        let a = record(5, AUDIT_GENESIS_HASH);
+        let b = record(0, &a.hash);
+        let err = verify_audit_chain(&[a, b], None).unwrap_err().to_string();
+        assert!(err.contains("record 0 follows record 5 (out of order)"), "{err}");
+        let mut a = record(1, AUDIT_GENESIS_HASH);
+        a.seq = u64::MAX;
+        a.hash = a.compute_hash();
+        let b = record(3, &a.hash);
+        let err = verify_audit_chain(&[a, b], None).unwrap_err().to_string();
+        assert!(err.contains(&format!("record 3 follows record {}", u64::MAX)), "{err}");
     }
 
     #[test]
