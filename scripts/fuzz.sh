@@ -53,7 +53,7 @@ for target in $targets; do
   if cargo fuzz run "${build_flags[@]}" "$target" "$work" "$corpus" -- \
       -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
       "${parallel[@]}" >"$log" 2>&1; then
-    runs=$(grep -h 'stat::number_of_executed_units' "$log" fuzz-*.log 2>/dev/null | awk '{s+=$2} END {print s+0}')
+    runs=$( (grep -h 'stat::number_of_executed_units' "$log" fuzz-*.log 2>/dev/null || true) | awk '{s+=$2} END {print s+0}')
     echo "fuzz: $target ok ($runs runs in ${seconds} s, corpus $(ls "$corpus" | wc -l) seeds + $(ls "$work" | wc -l) found)"
   else
     echo "fuzz: $target FAILED; its log:" >&2
