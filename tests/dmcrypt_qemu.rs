@@ -318,6 +318,91 @@ fn guest_sees_the_swtpm_tpm() {
     assert!(q["ek_certificate_len"].as_u64().unwrap_or(0) > 300, "EK certificate from swtpm_setup: {q}");
     assert!(q["quote_signature_len"].as_u64().unwrap_or(0) > 0, "{q}");
     assert_eq!(q["pcr_count"], json!(9), "{q}");
+
+    // Enrollment and a key release through the TTP on the host. The protocol messages travel
+    // over the virtio-serial unix socket (no IP network); the TTP is the project's service
+    // (`ttp::server::build`, SQLite, real attestation policy) called with the guest host's
+    // identity, as its HTTP handlers would after mutual TLS.
+    let work = tempfile::tempdir().unwrap();
+    let pki = skydd::lab::LabPki::create(&work.path().join("pki")).unwrap();
+    let ttp_tls = pki.issue(net::Role::Ttp, "ttp-1").unwrap();
+    pki.issue(net::Role::SecureComponent, "qemu-guest").unwrap();
+    let alice = skydd::lab::DomainManager::create(&pki, "dm-alice").unwrap();
+    let guest = protocol::pki::Identity { name: "qemu-guest".into(), role: net::Role::SecureComponent };
+    let cp = protocol::pki::Identity { name: "cp-1".into(), role: net::Role::CloudPlatform };
+
+    let pcrs = vm.call(json!({"op": "tpm_read_pcrs"}));
+    let pcr_values: Vec<(u8, Vec<u8>)> = pcrs["pcrs"]
+        .as_array()
+        .expect("pcrs")
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap() as u8, hex::decode(p[1].as_str().unwrap()).unwrap()))
+        .collect();
+    let policy = ttp::attestation::AttestationPolicy {
+        trusted_ek_roots: vm.ek_ca_certificates(),
+        ek_intermediates: Vec::new(),
+        reference_states: vec![ttp::attestation::ReferenceState {
+            name: "qemu-guest-v1".into(),
+            selection: protocol::attest::PcrSelection::default_host(),
+            pcr_values,
+        }],
+    };
+    let data_dir = work.path().join("ttp-data");
+    ttp::config::create_master_key(&data_dir).unwrap();
+    let policy_path = work.path().join("attestation.toml");
+    fs::write(&policy_path, toml::to_string(&policy).unwrap()).unwrap();
+    let config = ttp::config::TtpConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: data_dir.clone(),
+        ca: ttp_tls.ca.clone(),
+        cert: ttp_tls.cert.clone(),
+        key: ttp_tls.key.clone(),
+        attestation: policy_path,
+    };
+    let (ttp, _) = ttp::server::build(&config).unwrap();
+
+    let request: protocol::attest::EnrollmentRequest =
+        serde_json::from_value(vm.call(json!({"op": "tpm_enrollment_request", "name": "qemu-guest"}))["request"].clone()).unwrap();
+    let challenge = ttp.begin_enrollment(&guest, &request).expect("the guest's EK chains to its swtpm CA");
+    let proof: protocol::attest::EnrollmentProof =
+        serde_json::from_value(vm.call(json!({"op": "tpm_enrollment_proof", "message": challenge}))["proof"].clone()).unwrap();
+    let host = ttp.finish_enrollment(&guest, &proof).expect("the guest enrolls");
+    eprintln!("guest enrolled with the TTP: EK {}, reference state {}", &host.ek_fingerprint[..16], host.reference_state);
+
+    let descriptor = alice.new_domain(&[("department", "cardiology")], &[("vm-q", protocol::domain::AccessMode::Rw)]).unwrap();
+    let signed = alice.sign_descriptor(&descriptor).unwrap();
+    let registered = ttp
+        .register_domain(&cp, &protocol::messages::RegisterDomainRequest { descriptor: signed.clone(), previous_registration: None })
+        .unwrap();
+    let header = protocol::messages::HeaderRecord { descriptor: signed, registration: registered.registration.clone() };
+    let fresh = ttp.challenge(&guest).unwrap();
+    let quote: protocol::attest::QuoteEvidence =
+        serde_json::from_value(vm.call(json!({"op": "tpm_quote", "message": {"bytes": protocol::b64::encode(&fresh.nonce)}}))["quote"].clone()).unwrap();
+    let release = ttp
+        .release_key(
+            &guest,
+            &protocol::messages::KeyReleaseRequest {
+                host_id: "qemu-guest".into(),
+                vm_id: "vm-q".into(),
+                mode: protocol::domain::AccessMode::Rw,
+                header,
+                grant: alice.grant(&descriptor.domain_id, "vm-q", protocol::domain::AccessMode::Rw, 300),
+                challenge_id: fresh.challenge_id,
+                quote,
+            },
+        )
+        .expect("the TTP releases the key to the attested guest");
+    let decrypted = vm.call(json!({"op": "tpm_decrypt_digest", "message": {"bytes": protocol::b64::encode(&release.wrapped_key)}}));
+    let registration = protocol::messages::Registration::decode(&registered.registration.message).unwrap();
+    let master = ttp::config::load_master_key(&data_dir).unwrap();
+    let expected = protocol::kdf::derive_volume_key(&master, &registration.nonce_r, &descriptor.domain_id, &descriptor.metadata_hash(), &descriptor.cipher_spec).unwrap();
+    assert_eq!(decrypted["key_len"], json!(64), "{decrypted}");
+    assert_eq!(
+        decrypted["key_sha256"].as_str().unwrap(),
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(expected.expose())),
+        "the guest's TPM must decrypt exactly the domain key the TTP derived"
+    );
+    eprintln!("key release through the TTP on the host: the guest's TPM decrypted the domain key (sha256 matches)");
     vm.shutdown();
     eprintln!("test d wall time {:.1?}", t0.elapsed());
 }

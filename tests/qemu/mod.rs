@@ -518,6 +518,11 @@ impl Vm {
         vm
     }
 
+    /// The DER certificates (root, issuer) the guest TPM's EK certificate chains to.
+    pub fn ek_ca_certificates(&self) -> Vec<Vec<u8>> {
+        self.swtpm.ek_ca_certificates().expect("the swtpm local CA certificates")
+    }
+
     pub fn console_tail(&self) -> String {
         let c = fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default();
         let lines: Vec<&str> = c.lines().collect();

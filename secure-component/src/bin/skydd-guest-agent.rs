@@ -35,6 +35,8 @@ struct Request {
     argv: Vec<String>,
     offset: u64,
     bytes: usize,
+    /// A protocol message relayed from the TTP on the host (challenges, nonces, wrapped keys).
+    message: Value,
 }
 
 /// The hex key of an `open` request, wiped when the request is dropped.
@@ -205,8 +207,49 @@ fn handle(req: &Request, backend: &mut Option<DmCryptBackend>) -> Result<Value, 
         }
         "tpm_getrandom" => tpm_getrandom(if req.bytes == 0 { 16 } else { req.bytes }),
         "tpm_enroll_quote" => tpm_enroll_quote(&req.path),
+        "tpm_read_pcrs" => tpm_flow(req, |tpm, _| {
+            let pcrs = tpm.read_pcrs(&protocol::attest::PcrSelection::default_host()).map_err(|e| e.to_string())?;
+            Ok(json!({"ok": true, "pcrs": pcrs.iter().map(|(i, d)| json!([i, hex::encode(d)])).collect::<Vec<_>>()}))
+        }),
+        "tpm_enrollment_request" => tpm_flow(req, |tpm, req| {
+            let request = tpm.enrollment_request(&req.name, &protocol::attest::PcrSelection::default_host()).map_err(|e| e.to_string())?;
+            Ok(json!({"ok": true, "request": request}))
+        }),
+        "tpm_enrollment_proof" => tpm_flow(req, |tpm, req| {
+            let challenge: protocol::attest::CredentialChallenge = serde_json::from_value(req.message.clone()).map_err(|e| e.to_string())?;
+            let proof = tpm.enrollment_proof(&challenge).map_err(|e| e.to_string())?;
+            Ok(json!({"ok": true, "proof": proof}))
+        }),
+        "tpm_quote" => tpm_flow(req, |tpm, req| {
+            let nonce: Relayed = serde_json::from_value(req.message.clone()).map_err(|e| e.to_string())?;
+            let quote = tpm.quote(&nonce.bytes).map_err(|e| e.to_string())?;
+            Ok(json!({"ok": true, "quote": quote}))
+        }),
+        // Decrypts a released key inside the TPM and answers only its SHA-256: the key itself
+        // never crosses the serial line.
+        "tpm_decrypt_digest" => tpm_flow(req, |tpm, req| {
+            use sha2::Digest;
+            let wrapped: Relayed = serde_json::from_value(req.message.clone()).map_err(|e| e.to_string())?;
+            let key = tpm.decrypt_released_key(&wrapped.bytes).map_err(|e| e.to_string())?;
+            Ok(json!({"ok": true, "key_sha256": hex::encode(sha2::Sha256::digest(key.expose())), "key_len": key.len()}))
+        }),
         other => Err(format!("unknown op {other:?}")),
     }
+}
+
+/// Bytes relayed from the host as `{"bytes": "<base64>"}`.
+#[derive(Deserialize)]
+struct Relayed {
+    #[serde(with = "protocol::b64")]
+    bytes: Vec<u8>,
+}
+
+/// Runs `step` with the project's `HostTpm` over `device:/dev/tpmrm0`, its AK and binding
+/// key kept in `req.path` (default /tmp/tpm-state) between steps.
+fn tpm_flow(req: &Request, step: impl FnOnce(&mut secure_component::tpm::HostTpm, &Request) -> Result<Value, String>) -> Result<Value, String> {
+    let dir = if req.path.is_empty() { "/tmp/tpm-state" } else { req.path.as_str() };
+    let mut tpm = secure_component::tpm::HostTpm::open("device:/dev/tpmrm0", Path::new(dir)).map_err(|e| e.to_string())?;
+    step(&mut tpm, req)
 }
 
 /// The project's `HostTpm` over `device:/dev/tpmrm0`: enrollment (EK certificate, AK and
