@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use net::Role;
 use protocol::cloud::{ComputeHost, Instance};
-use secure_component::config::{AgentConfig, BackendChoice, HypervisorChoice, LibvirtConfig};
 use secure_component::service::AgentService;
 use secure_component::swtpm::Swtpm;
 use tokio_util::sync::CancellationToken;
@@ -81,21 +80,7 @@ impl AllInOne {
             progress(&format!("{host_id}: manufacturing its TPM (swtpm with an EK certificate) and starting its secure component"));
             let swtpm = Swtpm::start_with_ca(&dir.join(host_id).join("swtpm"), &vendor_ca).with_context(|| format!("start the swtpm of {host_id}"))?;
             let tls = pki.issue(Role::SecureComponent, host_id)?;
-            let config = AgentConfig {
-                listen: "127.0.0.1:0".into(),
-                host_id: None,
-                tcti: swtpm.tcti(),
-                state_dir: dir.join(host_id).join("sc"),
-                vm_root: dir.join(host_id).join("vms"),
-                backend: BackendChoice::Auto,
-                hypervisor: HypervisorChoice::Local,
-                libvirt: LibvirtConfig::default(),
-                ttp_url: ttp_url.clone(),
-                ca: tls.ca.clone(),
-                cert: tls.cert.clone(),
-                key: tls.key.clone(),
-                pcr_selection: Default::default(),
-            };
+            let config = crate::lab::loopback_agent_config(dir, host_id, swtpm.tcti(), &ttp_url, &tls);
             std::fs::write(dir.join(host_id).join("secure-component.toml"), toml::to_string(&config)?)?;
             let (service, tls_config) = secure_component::service::build(&config).with_context(|| format!("build the secure component of {host_id}"))?;
             pending.push((host_id.to_string(), swtpm, config, service, tls_config));

@@ -198,3 +198,25 @@ pub async fn register(cp: &net::Client, descriptor: SignedEnvelope, previous: Op
         .await?;
     Ok(HeaderRecord { descriptor, registration: response.registration })
 }
+
+/// The secure component configuration of a loopback compute host `host_id` under `dir`:
+/// its swtpm's TCTI, state and VM directories `dir/<host_id>/{sc,vms}`, the local
+/// hypervisor driver, the backend chosen automatically, and its issued TLS files.
+pub fn loopback_agent_config(dir: &Path, host_id: &str, tcti: String, ttp_url: &str, tls: &TlsFiles) -> secure_component::config::AgentConfig {
+    use secure_component::config::{AgentConfig, BackendChoice, HypervisorChoice, LibvirtConfig};
+    AgentConfig {
+        listen: "127.0.0.1:0".into(),
+        host_id: None,
+        tcti,
+        state_dir: dir.join(host_id).join("sc"),
+        vm_root: dir.join(host_id).join("vms"),
+        backend: BackendChoice::Auto,
+        hypervisor: HypervisorChoice::Local,
+        libvirt: LibvirtConfig::default(),
+        ttp_url: ttp_url.to_string(),
+        ca: tls.ca.clone(),
+        cert: tls.cert.clone(),
+        key: tls.key.clone(),
+        pcr_selection: Default::default(),
+    }
+}

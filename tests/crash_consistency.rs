@@ -36,7 +36,6 @@ use protocol::domain::{AccessMode, AclEntry};
 use protocol::format::HEADER_AREA_SIZE;
 use protocol::messages::HeaderRecord;
 use rand::{Rng, SeedableRng};
-use secure_component::config::{AgentConfig, BackendChoice, HypervisorChoice, LibvirtConfig};
 use secure_component::service::{self, AgentService};
 use secure_component::swtpm::Swtpm;
 use skydd::lab::LabPki;
@@ -365,21 +364,7 @@ async fn crash_consistency_under_kill_9() {
     let ek_ca = root.join("tpm-vendor-ca");
     let swtpm = Swtpm::start_with_ca(&root.join("compute-1").join("swtpm"), &ek_ca).unwrap();
     let sc_tls = pki.issue(Role::SecureComponent, "compute-1").unwrap();
-    let sc_config = AgentConfig {
-        listen: "127.0.0.1:0".into(),
-        host_id: None,
-        tcti: swtpm.tcti(),
-        state_dir: root.join("compute-1").join("sc"),
-        vm_root: root.join("compute-1").join("vms"),
-        backend: BackendChoice::Auto,
-        hypervisor: HypervisorChoice::Local,
-        libvirt: LibvirtConfig::default(),
-        ttp_url: ttp_url.clone(),
-        ca: sc_tls.ca.clone(),
-        cert: sc_tls.cert.clone(),
-        key: sc_tls.key.clone(),
-        pcr_selection: Default::default(),
-    };
+    let sc_config = skydd::lab::loopback_agent_config(&root, "compute-1", swtpm.tcti(), &ttp_url, &sc_tls);
     let (sc, sc_server_tls) = service::build(&sc_config).unwrap();
     let sc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_url = format!("https://127.0.0.1:{}", sc_listener.local_addr().unwrap().port());

@@ -40,7 +40,7 @@ use protocol::cloud::AgentAttachRequest;
 use protocol::domain::AccessMode;
 use protocol::format::{self, DATA_OFFSET};
 use protocol::messages::{HeaderRecord, Registration};
-use secure_component::config::{AgentConfig, BackendChoice, HypervisorChoice, LibvirtConfig};
+use secure_component::config::{AgentConfig, BackendChoice};
 use secure_component::swtpm::Swtpm;
 use sha2::{Digest, Sha256};
 use skydd::lab::{register, DomainManager, LabPki, RunningTtp};
@@ -539,21 +539,8 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let ek_ca = root.join("tpm-vendor-ca");
     let swtpm = Swtpm::start_with_ca(&root.join("host-1").join("swtpm"), &ek_ca).unwrap();
     let sc_tls = pki.issue(Role::SecureComponent, "host-1").unwrap();
-    let config = AgentConfig {
-        listen: "127.0.0.1:0".into(),
-        host_id: None,
-        tcti: swtpm.tcti(),
-        state_dir: root.join("host-1").join("sc"),
-        vm_root: root.join("host-1").join("vms"),
-        backend: BackendChoice::Userspace,
-        hypervisor: HypervisorChoice::Local,
-        libvirt: LibvirtConfig::default(),
-        ttp_url: ttp_url.clone(),
-        ca: sc_tls.ca.clone(),
-        cert: sc_tls.cert.clone(),
-        key: sc_tls.key.clone(),
-        pcr_selection: Default::default(),
-    };
+    let mut config = skydd::lab::loopback_agent_config(&root, "host-1", swtpm.tcti(), &ttp_url, &sc_tls);
+    config.backend = BackendChoice::Userspace;
     let config_path = root.join("host-1").join("sc.toml");
     std::fs::write(&config_path, config.to_toml().unwrap()).unwrap();
 

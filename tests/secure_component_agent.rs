@@ -25,7 +25,7 @@ use protocol::domain::AccessMode;
 use protocol::format::{self, DATA_OFFSET};
 use protocol::messages::HeaderRecord;
 use protocol::signing::SignedEnvelope;
-use secure_component::config::{AgentConfig, BackendChoice, HypervisorChoice, LibvirtConfig};
+use secure_component::config::AgentConfig;
 use secure_component::service::{self, AgentService, AttachTimings};
 use secure_component::swtpm::Swtpm;
 use skydd::lab::{register, DomainManager, LabPki, RunningTtp};
@@ -219,21 +219,7 @@ async fn secure_component_agent_end_to_end() {
     let ek_ca = root.join("tpm-vendor-ca");
     let swtpm = Swtpm::start_with_ca(&root.join("host-1").join("swtpm"), &ek_ca).unwrap();
     let sc_tls = pki.issue(Role::SecureComponent, "host-1").unwrap();
-    let config = AgentConfig {
-        listen: "127.0.0.1:0".into(),
-        host_id: None,
-        tcti: swtpm.tcti(),
-        state_dir: root.join("host-1").join("sc"),
-        vm_root: root.join("host-1").join("vms"),
-        backend: BackendChoice::Auto,
-        hypervisor: HypervisorChoice::Local,
-        libvirt: LibvirtConfig::default(),
-        ttp_url: ttp_url.clone(),
-        ca: sc_tls.ca.clone(),
-        cert: sc_tls.cert.clone(),
-        key: sc_tls.key.clone(),
-        pcr_selection: Default::default(),
-    };
+    let config = skydd::lab::loopback_agent_config(root, "host-1", swtpm.tcti(), &ttp_url, &sc_tls);
     let config_path = root.join("host-1").join("sc.toml");
     std::fs::write(&config_path, config.to_toml().unwrap()).unwrap();
     let config = AgentConfig::load(&config_path).unwrap();
