@@ -500,13 +500,6 @@ impl Transcript {
     }
 }
 
-// Out of the CI gate until the residue it finds is fixed, not weakened: in some runs the
-// core dump taken after detach still holds XTS key2 (32 raw bytes) in a freed heap chunk of
-// the TPM thread's arena. The output buffer ESYS mallocs for TPM2_RSA_Decrypt is freed
-// without a wipe, and `tpm::scrub_freed_output` (re-allocating and zeroing that size class)
-// only catches it when glibc hands the same chunk back. Run by hand:
-//   cargo test --release --test key_hygiene -- --ignored --nocapture
-#[ignore = "known residue of the domain key in a freed libtss2-esys output chunk (issue 7, key hygiene); see the comment above"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     if std::env::var(CHILD_CONFIG).is_ok() {

@@ -259,7 +259,6 @@ impl HostTpm {
                     })
                     .map_err(|e| map_policy_error("RSA_Decrypt(binding key)", e))
             })();
-            scrub_freed_output::<tss_esapi::tss2_esys::TPM2B_PUBLIC_KEY_RSA>();
             flush_session(&mut self.context, session);
             outcome
         })();
@@ -471,29 +470,6 @@ fn scrub_command_buffer(ctx: &mut Context) {
     if let Ok(zeros) = tss_esapi::structures::SensitiveData::try_from(vec![0u8; 128]) {
         if let Err(e) = ctx.stir_random(zeros) {
             tracing::warn!(error = %e, "TPM2_StirRandom (scrubbing the TSS command buffer) failed");
-        }
-    }
-}
-
-/// ESYS returns an output parameter in a buffer it mallocs; tss-esapi copies it out and
-/// frees it without wiping, so a plaintext (RSA_Decrypt's TPM2B_PUBLIC_KEY_RSA) stays in
-/// the freed chunk. glibc hands the chunks of a size class just freed by this thread back
-/// first (its per-thread cache, up to 7 per size): take them all, wipe them, free them.
-fn scrub_freed_output<T>() {
-    let size = std::mem::size_of::<T>();
-    let mut chunks = [std::ptr::null_mut::<libc::c_void>(); 16];
-    for chunk in chunks.iter_mut() {
-        // SAFETY: plain malloc; null (out of memory) is skipped below.
-        *chunk = unsafe { libc::malloc(size) };
-    }
-    for chunk in chunks {
-        if !chunk.is_null() {
-            // SAFETY: `chunk` is a live allocation of `size` bytes, freed exactly once.
-            unsafe {
-                std::ptr::write_bytes(chunk.cast::<u8>(), 0, size);
-                std::hint::black_box(chunk);
-                libc::free(chunk);
-            }
         }
     }
 }
