@@ -1,19 +1,29 @@
 //! `cloud-platform ca ...`: the cloud's certificate authority on disk.
 //!
 //! A CA directory holds `ca.pem` (the root certificate, public: hand it to every party) and
-//! `ca-key.pem` (the CA private key, mode 0600: keep it offline when not issuing). Issued
-//! identities are written as `NAME.pem` and `NAME-key.pem` (0600). Existing files are never
-//! overwritten. The certificate profile is in docs/PKI.md.
+//! `ca-key.pem` (the CA private key, mode 0600: keep it offline when not issuing) and
+//! `crl.pem` (the signed certificate revocation list, public: services list it in their `crl`
+//! setting). Issued identities are written as `NAME.pem` and `NAME-key.pem` (0600). Existing
+//! certificates and keys are never overwritten; `crl.pem` is replaced atomically by `ca revoke`
+//! and `ca crl`. The certificate and CRL profiles are in docs/PKI.md.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use protocol::pki::{CertificateAuthority, Role, Validity};
+use protocol::pki::{
+    CertificateAuthority, RevocationList, RevocationReason, RevokedCertificate, Role, Validity,
+    DEFAULT_CRL_DAYS,
+};
 use zeroize::Zeroizing;
 
 pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// The CA's revocation list (`net::TlsFiles::in_dir` picks it up next to `ca.pem`).
+pub const CRL_FILE: &str = net::CRL_FILE;
+/// Where a new revocation list is written before it replaces `crl.pem`. Created exclusively,
+/// so it is also the lock that keeps two `ca revoke` / `ca crl` runs from losing an entry.
+const CRL_TMP_FILE: &str = ".crl.pem.tmp";
 /// Default subject CN of a new CA.
 pub const DEFAULT_CA_NAME: &str = "Skydd Cloud CA";
 
@@ -37,6 +47,50 @@ pub enum Error {
         path.display()
     )]
     KeyPermissions { path: PathBuf, mode: u32 },
+    #[error(
+        "{} is already revoked: since {}, reason {}; nothing changed (run `cloud-platform ca \
+         revoked --dir {}` to see the list)",
+        cert.display(),
+        rfc3339(entry.revoked_at.unix_timestamp()),
+        entry.reason.unwrap_or(RevocationReason::Unspecified),
+        ca_dir.display()
+    )]
+    AlreadyRevoked {
+        cert: PathBuf,
+        ca_dir: PathBuf,
+        entry: RevokedCertificate,
+    },
+    #[error("cannot revoke {}: {source}", cert.display())]
+    NotRevocable {
+        cert: PathBuf,
+        source: protocol::Error,
+    },
+    #[error(
+        "revocation list {} is unusable: {source}. Nothing was changed. Do not delete it (that \
+         would un-revoke every certificate on it): restore it from a backup or the hosts that \
+         hold a copy",
+        path.display()
+    )]
+    BadCrl {
+        path: PathBuf,
+        source: protocol::Error,
+    },
+    #[error(
+        "{} has no revocation list yet ({} is missing; the CA predates them). \
+         `cloud-platform ca crl --dir {}` publishes an empty one",
+        dir.display(),
+        missing.display(),
+        dir.display()
+    )]
+    NoCrl { dir: PathBuf, missing: PathBuf },
+    #[error(
+        "{} exists: another `cloud-platform ca revoke` or `ca crl` is updating the revocation \
+         list, or one was interrupted. If none is running, remove that file and try again",
+        path.display()
+    )]
+    CrlBusy { path: PathBuf },
+    #[error("revocation list {} has number {number}, the last there can be; start a new CA", path.display())]
+    CrlNumberExhausted { path: PathBuf, number: u64 },
     #[error("{}: {detail}", path.display())]
     Io { path: PathBuf, detail: String },
     #[error(transparent)]
@@ -50,6 +104,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub struct CaPaths {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The empty revocation list, number 1.
+    pub crl: PathBuf,
 }
 
 /// What `ca issue` wrote.
@@ -78,13 +134,15 @@ fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
     }
 }
 
-/// Create `dir` (0700) if needed and write a new CA into it. Refuses if either file exists.
+/// Create `dir` (0700) if needed and write a new CA into it, with an empty revocation list
+/// (number 1, valid [`DEFAULT_CRL_DAYS`]). Refuses if any of the three files exists.
 pub fn init(dir: &Path, name: &str) -> Result<CaPaths> {
     let paths = CaPaths {
         cert: dir.join(CA_CERT_FILE),
         key: dir.join(CA_KEY_FILE),
+        crl: dir.join(CRL_FILE),
     };
-    for existing in [&paths.cert, &paths.key] {
+    for existing in [&paths.cert, &paths.key, &paths.crl] {
         if existing.exists() {
             return Err(Error::CaExists {
                 dir: dir.to_path_buf(),
@@ -94,10 +152,21 @@ pub fn init(dir: &Path, name: &str) -> Result<CaPaths> {
     }
     make_dir(dir)?;
     let (cert_pem, key_pem) = CertificateAuthority::generate(name)?;
-    write_new(&paths.key, key_pem.as_bytes(), 0o600)?;
-    if let Err(e) = write_new(&paths.cert, cert_pem.as_bytes(), 0o644) {
-        let _ = std::fs::remove_file(&paths.key);
-        return Err(e);
+    let crl_pem =
+        CertificateAuthority::sign_revocation_list(&cert_pem, &key_pem, 1, &[], DEFAULT_CRL_DAYS)?;
+    let mut written = Vec::new();
+    for (path, pem, mode) in [
+        (&paths.key, key_pem.as_str(), 0o600),
+        (&paths.cert, cert_pem.as_str(), 0o644),
+        (&paths.crl, crl_pem.as_str(), 0o644),
+    ] {
+        if let Err(e) = write_new(path, pem.as_bytes(), mode) {
+            for path in written {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        written.push(path);
     }
     Ok(paths)
 }
@@ -105,16 +174,7 @@ pub fn init(dir: &Path, name: &str) -> Result<CaPaths> {
 /// Issue a certificate for `opts.name` with `opts.role` from the CA in `ca_dir`.
 pub fn issue(ca_dir: &Path, opts: &IssueOptions) -> Result<IssuedPaths> {
     protocol::pki::check_name(&opts.name)?;
-    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
-    let ca_key_path = ca_dir.join(CA_KEY_FILE);
-    for p in [&ca_cert_path, &ca_key_path] {
-        if !p.exists() {
-            return Err(Error::NoCa {
-                dir: ca_dir.to_path_buf(),
-                missing: p.clone(),
-            });
-        }
-    }
+    let ca = load_ca(ca_dir)?;
     let out = opts.out.clone().unwrap_or_else(|| ca_dir.to_path_buf());
     let paths = IssuedPaths {
         cert: out.join(format!("{}.pem", opts.name)),
@@ -125,16 +185,9 @@ pub fn issue(ca_dir: &Path, opts: &IssueOptions) -> Result<IssuedPaths> {
             return Err(Error::Exists { path: p.clone() });
         }
     }
-    let ca_cert = std::fs::read_to_string(&ca_cert_path)
-        .map_err(|e| io_err(&ca_cert_path, "cannot read the CA certificate", e))?;
-    check_key_mode(&ca_key_path)?;
-    let ca_key = Zeroizing::new(
-        std::fs::read_to_string(&ca_key_path)
-            .map_err(|e| io_err(&ca_key_path, "cannot read the CA key", e))?,
-    );
     let issued = CertificateAuthority::issue_with_sans(
-        &ca_cert,
-        &ca_key,
+        &ca.cert_pem,
+        &ca.key_pem,
         opts.role,
         &opts.name,
         Validity::Days(opts.days),
@@ -147,6 +200,168 @@ pub fn issue(ca_dir: &Path, opts: &IssueOptions) -> Result<IssuedPaths> {
         return Err(e);
     }
     Ok(paths)
+}
+
+/// Revoke the certificate in `cert_path` (issued by the CA in `ca_dir`): add it to the
+/// revocation list and publish list number previous + 1, valid [`DEFAULT_CRL_DAYS`], as
+/// `ca_dir/crl.pem` (replaced atomically; services watching it pick it up within seconds).
+/// A CA made before revocation lists existed has no `crl.pem`; its first list is number 1.
+pub fn revoke(
+    ca_dir: &Path,
+    cert_path: &Path,
+    reason: RevocationReason,
+) -> Result<RevokedCertificate> {
+    let cert_pem = read_text(cert_path, "cannot read the certificate to revoke")?;
+    let (entry, _) = update_crl(ca_dir, DEFAULT_CRL_DAYS, |ca_cert_pem, revoked| {
+        let entry = CertificateAuthority::revocation_entry(ca_cert_pem, &cert_pem, reason)
+            .map_err(|source| Error::NotRevocable {
+                cert: cert_path.to_path_buf(),
+                source,
+            })?;
+        if let Some(old) = revoked.iter().find(|r| r.serial_hex == entry.serial_hex) {
+            return Err(Error::AlreadyRevoked {
+                cert: cert_path.to_path_buf(),
+                ca_dir: ca_dir.to_path_buf(),
+                entry: old.clone(),
+            });
+        }
+        revoked.push(entry.clone());
+        Ok(entry)
+    })?;
+    Ok(entry)
+}
+
+/// Re-sign the revocation list of the CA in `ca_dir` with the same entries, the next number
+/// and a next update `days` from now. Run it (from cron) well before the list expires: once
+/// it is past its next update, every verifier refuses every certificate of this CA.
+pub fn renew_crl(ca_dir: &Path, days: u32) -> Result<RevocationList> {
+    let ((), list) = update_crl(ca_dir, days, |_, _| Ok(()))?;
+    Ok(list)
+}
+
+/// The revocation list of the CA in `ca_dir`, its signature checked.
+pub fn revoked(ca_dir: &Path) -> Result<RevocationList> {
+    let ca_cert_path = existing_ca_file(ca_dir, CA_CERT_FILE)?;
+    let ca_cert_pem = read_text(&ca_cert_path, "cannot read the CA certificate")?;
+    let crl_path = ca_dir.join(CRL_FILE);
+    if !crl_path.exists() {
+        return Err(Error::NoCrl {
+            dir: ca_dir.to_path_buf(),
+            missing: crl_path,
+        });
+    }
+    read_crl(&crl_path, &ca_cert_pem)
+}
+
+/// The CA certificate and key of `ca_dir`, the key's mode checked.
+struct LoadedCa {
+    cert_pem: String,
+    key_pem: Zeroizing<String>,
+}
+
+fn load_ca(ca_dir: &Path) -> Result<LoadedCa> {
+    let cert_path = existing_ca_file(ca_dir, CA_CERT_FILE)?;
+    let key_path = existing_ca_file(ca_dir, CA_KEY_FILE)?;
+    let cert_pem = read_text(&cert_path, "cannot read the CA certificate")?;
+    check_key_mode(&key_path)?;
+    let key_pem = Zeroizing::new(read_text(&key_path, "cannot read the CA key")?);
+    Ok(LoadedCa { cert_pem, key_pem })
+}
+
+/// `ca_dir/file`, or [`Error::NoCa`] if it does not exist.
+fn existing_ca_file(ca_dir: &Path, file: &str) -> Result<PathBuf> {
+    let path = ca_dir.join(file);
+    if !path.exists() {
+        return Err(Error::NoCa {
+            dir: ca_dir.to_path_buf(),
+            missing: path,
+        });
+    }
+    Ok(path)
+}
+
+fn read_text(path: &Path, what: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| io_err(path, what, e))
+}
+
+fn read_crl(path: &Path, ca_cert_pem: &str) -> Result<RevocationList> {
+    let pem = read_text(path, "cannot read the revocation list")?;
+    protocol::pki::read_revocation_list(ca_cert_pem, &pem).map_err(|source| Error::BadCrl {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Read-modify-write of `ca_dir/crl.pem`: `change` edits the entries of the current list
+/// (none if there is no list yet), then list number current + 1, valid `days`, is signed,
+/// written to `.crl.pem.tmp`, synced and renamed over `crl.pem`, and the directory synced.
+/// The temporary file is created exclusively before the current list is read, so concurrent
+/// runs cannot both publish the same number with different entries.
+fn update_crl<T>(
+    ca_dir: &Path,
+    days: u32,
+    change: impl FnOnce(&str, &mut Vec<RevokedCertificate>) -> Result<T>,
+) -> Result<(T, RevocationList)> {
+    let ca = load_ca(ca_dir)?;
+    let crl_path = ca_dir.join(CRL_FILE);
+    let tmp_path = ca_dir.join(CRL_TMP_FILE);
+    let tmp = create_new(&tmp_path, 0o644).map_err(|e| match e {
+        Error::Exists { path } => Error::CrlBusy { path },
+        e => e,
+    })?;
+    let published = next_crl(&ca, &crl_path, days, change).and_then(|(out, list, pem)| {
+        write_synced(tmp, &tmp_path, pem.as_bytes())?;
+        std::fs::rename(&tmp_path, &crl_path)
+            .map_err(|e| io_err(&crl_path, "cannot replace the revocation list", e))?;
+        Ok((out, list))
+    });
+    if published.is_err() {
+        // Unlock; the current list is untouched.
+        let _ = std::fs::remove_file(&tmp_path);
+    }
+    let published = published?;
+    std::fs::File::open(ca_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| {
+            io_err(
+                ca_dir,
+                "cannot sync the directory after replacing crl.pem",
+                e,
+            )
+        })?;
+    Ok(published)
+}
+
+/// The list after `crl_path` (or after an empty list numbered 0 if there is none yet) with
+/// `change` applied: `change`'s result, the list as signed, and its PEM.
+fn next_crl<T>(
+    ca: &LoadedCa,
+    crl_path: &Path,
+    days: u32,
+    change: impl FnOnce(&str, &mut Vec<RevokedCertificate>) -> Result<T>,
+) -> Result<(T, RevocationList, String)> {
+    let (number, mut revoked) = if crl_path.exists() {
+        let current = read_crl(crl_path, &ca.cert_pem)?;
+        (current.crl_number, current.revoked)
+    } else {
+        (0, Vec::new())
+    };
+    let out = change(&ca.cert_pem, &mut revoked)?;
+    let number = number
+        .checked_add(1)
+        .ok_or_else(|| Error::CrlNumberExhausted {
+            path: crl_path.to_path_buf(),
+            number,
+        })?;
+    let pem = CertificateAuthority::sign_revocation_list(
+        &ca.cert_pem,
+        &ca.key_pem,
+        number,
+        &revoked,
+        days,
+    )?;
+    let list = protocol::pki::read_revocation_list(&ca.cert_pem, &pem)?;
+    Ok((out, list, pem))
 }
 
 fn make_dir(dir: &Path) -> Result<()> {
@@ -172,7 +387,13 @@ fn check_key_mode(path: &Path) -> Result<()> {
 /// Create `path` (must not exist) with `mode` from the start (no window with a wider mode),
 /// write `bytes` and sync.
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
+    let f = create_new(path, mode)?;
+    write_synced(f, path, bytes)
+}
+
+/// Create `path` (must not exist: [`Error::Exists`]) with exactly `mode`.
+fn create_new(path: &Path, mode: u32) -> Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
@@ -184,14 +405,43 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             _ => io_err(path, "cannot create", e),
         })?;
     // The umask may have narrowed the mode; make it exactly `mode`.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io_err(path, "cannot set the file mode", e))?;
+    if let Err(e) = f.set_permissions(std::fs::Permissions::from_mode(mode)) {
+        let _ = std::fs::remove_file(path);
+        return Err(io_err(path, "cannot set the file mode", e));
+    }
+    Ok(f)
+}
+
+/// Write `bytes` to the new file `f` at `path` and sync; remove it if that fails.
+fn write_synced(mut f: std::fs::File, path: &Path, bytes: &[u8]) -> Result<()> {
     let r = f.write_all(bytes).and_then(|_| f.sync_all());
     if let Err(e) = r {
         let _ = std::fs::remove_file(path);
         return Err(io_err(path, "cannot write", e));
     }
     Ok(())
+}
+
+/// A UNIX time (seconds) as RFC 3339 in UTC, e.g. `2026-05-01T12:00:00Z`, as the CA
+/// commands print revocation times. (Days to civil date: H. Hinnant's `civil_from_days`.)
+pub fn rfc3339(unix_seconds: i64) -> String {
+    let days = unix_seconds.div_euclid(86_400);
+    let secs = unix_seconds.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3_600,
+        secs % 3_600 / 60,
+        secs % 60
+    )
 }
 
 #[cfg(test)]
@@ -234,6 +484,14 @@ mod tests {
         std::fs::set_permissions(&p.key, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = issue(&ca, &opts(Role::Ttp, "ttp-2")).unwrap_err();
         assert!(e.to_string().contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn rfc3339_is_utc_civil_time() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
     }
 
     #[test]

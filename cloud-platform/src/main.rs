@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use cloud_platform::ca;
-use protocol::pki::Role;
+use protocol::pki::{RevocationReason, Role};
 
 #[derive(Parser)]
 #[command(
@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The cloud certificate authority: create it, issue party certificates.
+    /// The cloud certificate authority: create it, issue and revoke party certificates.
     #[command(subcommand)]
     Ca(CaCommand),
     /// Serve the cloud platform API over mutual TLS.
@@ -61,12 +61,14 @@ Flags override the file."
 
 #[derive(Subcommand)]
 enum CaCommand {
-    /// Create a new CA: writes DIR/ca.pem (give it to every party) and DIR/ca-key.pem (0600).
+    /// Create a new CA: writes DIR/ca.pem (give it to every party), DIR/ca-key.pem (0600) and DIR/crl.pem.
     #[command(
         long_about = "Create a new cloud CA (ECDSA P-256, valid 10 years).\n\n\
-Writes DIR/ca.pem, the root certificate every party trusts (public), and DIR/ca-key.pem, \
-the CA private key (mode 0600; keep it offline when you are not issuing). Refuses to \
-overwrite an existing CA: that would silently distrust every certificate it issued.\n\n\
+Writes DIR/ca.pem, the root certificate every party trusts (public), DIR/ca-key.pem, \
+the CA private key (mode 0600; keep it offline when you are not issuing), and DIR/crl.pem, \
+an empty certificate revocation list (number 1, valid 30 days; public: list it in every \
+service's `crl` setting, and renew it with `ca crl`). Refuses to overwrite an existing CA: \
+that would silently distrust every certificate it issued.\n\n\
 Example:\n  cloud-platform ca init --dir /etc/skydd/ca --name \"Hospital Cloud CA\""
     )]
     Init {
@@ -108,6 +110,94 @@ cloud-platform ca issue --dir ca --role domain-manager --name alice --days 90"
         #[arg(long = "san", value_name = "DNS|IP")]
         sans: Vec<String>,
     },
+    /// Revoke a party's certificate: adds it to DIR/crl.pem and re-signs the list.
+    #[command(
+        long_about = "Revoke a certificate issued by the CA in --dir: add its serial number, the \
+time and the reason to the certificate revocation list, sign the list with the next CRL number \
+(valid 30 days) and replace DIR/crl.pem atomically. Needs DIR/ca-key.pem.\n\n\
+Services that list DIR/crl.pem in their `crl` setting refuse the certificate for new TLS \
+connections within 2 s, and the TTP refuses grants and registrations signed with it from the \
+next request on, without a restart. Hosts that keep their own copy of crl.pem need the new file \
+copied to them. Only the certificate file is needed, not its key. A certificate of another CA, \
+or one already on the list, is refused. There is no un-revoke: issue a new certificate.\n\n\
+Examples:\n  cloud-platform ca revoke --dir /etc/skydd/ca --cert /etc/skydd/ca/alice.pem --reason affiliation-changed\n  \
+cloud-platform ca revoke --dir /etc/skydd/ca --cert /tmp/compute-07/compute-07.pem --reason key-compromise\n  \
+cloud-platform ca revoked --dir /etc/skydd/ca"
+    )]
+    Revoke {
+        /// Directory of the CA (holding ca.pem, ca-key.pem and crl.pem).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The certificate to revoke (PEM, e.g. NAME.pem as `ca issue` wrote it).
+        #[arg(long, value_name = "PARTY.pem")]
+        cert: PathBuf,
+        /// Why; recorded in the list as the RFC 5280 reason code.
+        #[arg(long, value_enum, default_value_t = ReasonArg::Unspecified)]
+        reason: ReasonArg,
+    },
+    /// Renew the revocation list: same entries, next CRL number, fresh next update.
+    #[command(
+        long_about = "Re-sign DIR/crl.pem with the same entries, the next CRL number and a next \
+update --days from now, and replace it atomically. Needs DIR/ca-key.pem.\n\n\
+Every service that checks revocation refuses EVERY certificate of this CA once its list is \
+past its next update (a stale list must not silently stop revoking), so run this from cron \
+well before that, e.g. weekly with the default 30 days, and copy the new crl.pem to hosts \
+that keep their own copy. `ca revoked` shows when the current list expires.\n\n\
+Examples:\n  cloud-platform ca crl --dir /etc/skydd/ca\n  \
+cloud-platform ca crl --dir /etc/skydd/ca --days 7\n\n\
+A crontab line (Mondays at 03:00):\n  0 3 * * 1  cloud-platform ca crl --dir /etc/skydd/ca"
+    )]
+    Crl {
+        /// Directory of the CA (holding ca.pem, ca-key.pem and crl.pem).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Days until the new list's next update.
+        #[arg(long, default_value_t = protocol::pki::DEFAULT_CRL_DAYS)]
+        days: u32,
+    },
+    /// Show the revocation list: revoked serials, reasons, and when the list expires.
+    #[command(
+        long_about = "Read DIR/crl.pem, check that the CA in DIR/ca.pem signed it, and print its \
+CRL number, this update, next update and every revoked certificate (serial in lower-case hex, \
+time of revocation, reason). Warns when the next update is less than 7 days away or past: \
+then services refuse every certificate of this CA; run `ca crl`. Needs only public files.\n\n\
+Compare a serial with `openssl x509 -in NAME.pem -noout -serial` (upper case there).\n\n\
+Example:\n  cloud-platform ca revoked --dir /etc/skydd/ca"
+    )]
+    Revoked {
+        /// Directory of the CA (holding ca.pem and crl.pem).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// Warn when the revocation list expires within this many days.
+const CRL_WARN_DAYS: i64 = 7;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReasonArg {
+    /// No reason given.
+    Unspecified,
+    /// The party's private key is (suspected to be) known to someone else.
+    KeyCompromise,
+    /// The party left the organisation or changed its role.
+    AffiliationChanged,
+    /// A new certificate replaces this one.
+    Superseded,
+    /// The party (a host, a VM, a manager) is decommissioned.
+    CessationOfOperation,
+}
+
+impl From<ReasonArg> for RevocationReason {
+    fn from(r: ReasonArg) -> RevocationReason {
+        match r {
+            ReasonArg::Unspecified => RevocationReason::Unspecified,
+            ReasonArg::KeyCompromise => RevocationReason::KeyCompromise,
+            ReasonArg::AffiliationChanged => RevocationReason::AffiliationChanged,
+            ReasonArg::Superseded => RevocationReason::Superseded,
+            ReasonArg::CessationOfOperation => RevocationReason::CessationOfOperation,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -146,6 +236,11 @@ fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
                 "  private key: {}  (mode 0600; keep it safe)",
                 p.key.display()
             );
+            println!(
+                "  revocation list: {}  (empty; list it in every service's `crl` setting; renew with `ca crl` before {} days)",
+                p.crl.display(),
+                protocol::pki::DEFAULT_CRL_DAYS
+            );
         }
         CaCommand::Issue {
             dir,
@@ -170,8 +265,98 @@ fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
             println!("  certificate: {}", p.cert.display());
             println!("  private key: {}  (mode 0600)", p.key.display());
         }
+        CaCommand::Revoke { dir, cert, reason } => {
+            let entry = ca::revoke(&dir, &cert, reason.into())?;
+            let list = ca::revoked(&dir)?;
+            println!(
+                "revoked {} ({}): serial {}, reason {}",
+                entry
+                    .name
+                    .as_deref()
+                    .unwrap_or("certificate without a name"),
+                cert.display(),
+                entry.serial_hex,
+                entry.reason.unwrap_or(RevocationReason::Unspecified)
+            );
+            print_crl_summary(&dir, &list);
+            let crl = dir.join(ca::CRL_FILE);
+            println!(
+                "services that list {} in their `crl` setting refuse this certificate within 2 s; \
+                 copy crl.pem to hosts that keep their own copy",
+                crl.display()
+            );
+        }
+        CaCommand::Crl { dir, days } => {
+            let list = ca::renew_crl(&dir, days)?;
+            println!(
+                "renewed the revocation list ({} revoked certificates)",
+                list.revoked.len()
+            );
+            print_crl_summary(&dir, &list);
+            println!("copy crl.pem to hosts that keep their own copy");
+        }
+        CaCommand::Revoked { dir } => {
+            let list = ca::revoked(&dir)?;
+            println!(
+                "revocation list {}: number {}, this update {}",
+                dir.join(ca::CRL_FILE).display(),
+                list.crl_number,
+                ca::rfc3339(list.this_update.unix_timestamp())
+            );
+            print_next_update(&dir, &list);
+            if list.revoked.is_empty() {
+                println!("no certificate is revoked");
+            } else {
+                println!("{:<34} {:<21} reason", "serial", "revoked at");
+                for r in &list.revoked {
+                    println!(
+                        "{:<34} {:<21} {}",
+                        r.serial_hex,
+                        ca::rfc3339(r.revoked_at.unix_timestamp()),
+                        // No reason code means unspecified (RFC 5280 §5.3.1).
+                        r.reason.unwrap_or(RevocationReason::Unspecified)
+                    );
+                }
+            }
+        }
     }
     Ok(())
+}
+
+fn print_crl_summary(dir: &std::path::Path, list: &protocol::pki::RevocationList) {
+    println!(
+        "  revocation list: {}  (CRL number {})",
+        dir.join(ca::CRL_FILE).display(),
+        list.crl_number
+    );
+    print_next_update(dir, list);
+}
+
+/// The list's next update, with a warning on stderr when it is near or past.
+fn print_next_update(dir: &std::path::Path, list: &protocol::pki::RevocationList) {
+    let Some(next) = list.next_update else {
+        println!("  next update: none");
+        return;
+    };
+    println!("  next update: {}", ca::rfc3339(next.unix_timestamp()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = next.unix_timestamp() - now;
+    let renew = format!("cloud-platform ca crl --dir {}", dir.display());
+    if left <= 0 {
+        eprintln!(
+            "warning: the revocation list EXPIRED at {}: services that check it refuse every \
+             certificate of this CA. Run `{renew}` now",
+            ca::rfc3339(next.unix_timestamp())
+        );
+    } else if left <= CRL_WARN_DAYS * 86_400 {
+        eprintln!(
+            "warning: the revocation list expires in {} h; after that services refuse every \
+             certificate of this CA. Run `{renew}` soon",
+            left / 3_600
+        );
+    }
 }
 
 fn run_serve(
