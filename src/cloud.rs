@@ -104,6 +104,7 @@ impl AllInOne {
             listen: cp_listener.local_addr()?.to_string(),
             data_dir: dir.join("cloud-platform"),
             ca: cp_tls.ca.clone(),
+            crl: cp_tls.crl.clone(),
             cert: cp_tls.cert.clone(),
             key: cp_tls.key.clone(),
             ttp_url: ttp.url.clone(),
@@ -150,6 +151,7 @@ impl AllInOne {
                 cloud_platform_url: cp_url.clone(),
                 ttp_url: ttp.url.clone(),
                 ca: tls.ca.clone(),
+                crl: tls.crl.clone(),
                 cert: tls.cert.clone(),
                 key: tls.key.clone(),
             };

@@ -210,7 +210,7 @@ fn expired_certificate(ca_cert_pem: &str, ca_key_pem: &str, role: Role, name: &s
 }
 
 fn client_with(ca_pems: &[String], cert_pem: &str, key_pem: &str, server_role: Role, url: &str) -> net::Client {
-    let tls = protocol::pki::client_config(ca_pems, cert_pem, key_pem, server_role).unwrap();
+    let tls = protocol::pki::client_config(ca_pems, &[], cert_pem, key_pem, server_role).unwrap();
     net::Client::with_timeout(url, tls, Duration::from_secs(20)).unwrap()
 }
 
@@ -874,6 +874,7 @@ async fn attack_matrix() {
         listen: "127.0.0.1:0".into(),
         data_dir: partner_dir.clone(),
         ca: vec![pki.dir.join("ca.pem"), partner_ca_file.clone()],
+        crl: Vec::new(),
         cert: ttp_files.cert.clone(),
         key: ttp_files.key.clone(),
         attestation: cloud.dir.join("attestation.toml"),
@@ -893,7 +894,7 @@ async fn attack_matrix() {
     {
         // T1: no client certificate, at the partner TTP (observed) and at the TTP, CP and SC.
         let bare = |role: Role, url: &str| {
-            net::Client::with_timeout(url, protocol::pki::client_config_without_certificate(std::slice::from_ref(&lab_ca_pem), role).unwrap(), Duration::from_secs(20)).unwrap()
+            net::Client::with_timeout(url, protocol::pki::client_config_without_certificate(std::slice::from_ref(&lab_ca_pem), &[], role).unwrap(), Duration::from_secs(20)).unwrap()
         };
         let reason = expect_tls_refusal(bare(Role::Ttp, &partner_url).post_json::<_, ChallengeResponse>("/v1/challenges", &()).await);
         let failure = next_failure(&mut failures).await;

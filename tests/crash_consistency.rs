@@ -200,7 +200,7 @@ impl Ledger {
 
 fn dm_config(pki: &LabPki, name: &str, cp_url: &str, ttp_url: &str) -> domain_manager::config::DmConfig {
     let tls = net::TlsFiles::in_dir(&pki.dir, name);
-    domain_manager::config::DmConfig { cloud_platform_url: cp_url.into(), ttp_url: ttp_url.into(), ca: tls.ca, cert: tls.cert, key: tls.key }
+    domain_manager::config::DmConfig { cloud_platform_url: cp_url.into(), ttp_url: ttp_url.into(), ca: tls.ca, crl: tls.crl, cert: tls.cert, key: tls.key }
 }
 
 /// One driver step on a random domain: toggle vm-b in the ACL (grant ro / revoke), attach or
@@ -391,6 +391,7 @@ async fn crash_consistency_under_kill_9() {
         listen: format!("127.0.0.1:{ttp_port}"),
         data_dir: ttp_data.clone(),
         ca: ttp_tls.ca.clone(),
+        crl: ttp_tls.crl.clone(),
         cert: ttp_tls.cert.clone(),
         key: ttp_tls.key.clone(),
         attestation: policy_path,
@@ -408,6 +409,7 @@ async fn crash_consistency_under_kill_9() {
         listen: format!("127.0.0.1:{cp_port}"),
         data_dir: cp_data.clone(),
         ca: cp_tls.ca.clone(),
+        crl: cp_tls.crl.clone(),
         cert: cp_tls.cert.clone(),
         key: cp_tls.key.clone(),
         ttp_url: ttp_url.clone(),

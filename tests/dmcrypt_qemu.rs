@@ -355,6 +355,7 @@ fn guest_sees_the_swtpm_tpm() {
         listen: "127.0.0.1:0".into(),
         data_dir: data_dir.clone(),
         ca: ttp_tls.ca.clone(),
+        crl: ttp_tls.crl.clone(),
         cert: ttp_tls.cert.clone(),
         key: ttp_tls.key.clone(),
         attestation: policy_path,

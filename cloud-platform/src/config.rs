@@ -36,6 +36,11 @@ pub struct CpConfig {
     pub data_dir: PathBuf,
     /// Trusted CA roots (PEM files): the own cloud's first, federated partners' after.
     pub ca: Vec<PathBuf>,
+    /// Certificate revocation lists (PEM files), one per trusted CA (CA_DIR/crl.pem).
+    /// Checked on every TLS peer; a change is picked up for incoming connections without a
+    /// restart. Empty: nothing is revoked.
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
     /// The CP's own certificate and key (role cloud-platform).
     pub cert: PathBuf,
     pub key: PathBuf,

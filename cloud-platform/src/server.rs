@@ -17,11 +17,12 @@ pub const TTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Builds the cloud platform from its configuration: TLS identity (role cloud-platform),
 /// CA roots, the TTP client, the SQLite store and the volume directory.
-pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, Arc<rustls::ServerConfig>)> {
+pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> {
     let tls_files = TlsFiles {
         ca: config.ca.clone(),
         cert: config.cert.clone(),
         key: config.key.clone(),
+        crl: config.crl.clone(),
     };
     let material = tls_files
         .load()
@@ -53,8 +54,8 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, Arc<rustls::Serve
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
     let volumes = Volumes::open(&config.data_dir.join(VOLUMES_DIR), config.max_volume_bytes)?;
     let cp = CloudPlatform::new(Arc::new(store), volumes, ttp, agent_tls);
-    let tls = material
-        .server_config(&[Role::CloudPlatform, Role::DomainManager])
+    let tls = tls_files
+        .server_tls(&[Role::CloudPlatform, Role::DomainManager])
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;
     Ok((Arc::new(cp), tls))
 }
@@ -63,7 +64,7 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, Arc<rustls::Serve
 pub async fn serve(
     listener: tokio::net::TcpListener,
     cp: Arc<CloudPlatform>,
-    tls: Arc<rustls::ServerConfig>,
+    tls: net::ServerTls,
     shutdown: CancellationToken,
 ) -> Result<()> {
     // Before answering anyone, enforce every header in force on the open attachments.

@@ -127,6 +127,7 @@ async fn start_ttp(
         listen: "127.0.0.1:0".into(),
         data_dir,
         ca: tls.ca.clone(),
+        crl: tls.crl.clone(),
         cert: tls.cert.clone(),
         key: tls.key.clone(),
         attestation: policy_path,
@@ -160,6 +161,7 @@ async fn start_cp(root: &Path, pki: &Pki, ttp_url: &str) -> (Server, CpConfig) {
         listen: "127.0.0.1:0".into(),
         data_dir: root.join("cp-data"),
         ca: tls.ca.clone(),
+        crl: tls.crl.clone(),
         cert: tls.cert.clone(),
         key: tls.key.clone(),
         ttp_url: ttp_url.to_string(),
@@ -855,12 +857,13 @@ async fn attach_and_revoke_through_the_secure_component() {
         libvirt: LibvirtConfig::default(),
         ttp_url: ttp_url.clone(),
         ca: sc_tls.ca.clone(),
+        crl: sc_tls.crl.clone(),
         cert: sc_tls.cert.clone(),
         key: sc_tls.key.clone(),
         pcr_selection: Default::default(),
     };
     let (agent, agent_tls) = service::build(&sc_config).unwrap();
-    let serve_agent = |agent: Arc<service::AgentService>, tls: Arc<rustls::ServerConfig>| async move {
+    let serve_agent = |agent: Arc<service::AgentService>, tls: net::ServerTls| async move {
         let (listener, url) = bind().await;
         let shutdown = CancellationToken::new();
         let t = shutdown.clone();

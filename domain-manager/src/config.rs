@@ -17,6 +17,11 @@ pub struct DmConfig {
     pub ttp_url: String,
     /// Trusted CA roots (PEM files).
     pub ca: Vec<PathBuf>,
+    /// Certificate revocation lists (PEM files), one per trusted CA (CA_DIR/crl.pem):
+    /// servers and the owners' signatures on stored descriptors are checked against them.
+    /// Empty: nothing is revoked.
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
     /// This manager's certificate (its name is the subject CN) and key.
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -31,6 +36,6 @@ impl DmConfig {
     }
 
     pub fn tls_files(&self) -> net::TlsFiles {
-        net::TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+        net::TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone(), crl: self.crl.clone() }
     }
 }

@@ -22,6 +22,7 @@ pub struct DomainManager {
     pub name: String,
     key: SignatureKey,
     trusted_cas: Vec<String>,
+    revocation_lists: Vec<String>,
     cp: net::Client,
     ttp: net::Client,
 }
@@ -51,7 +52,7 @@ impl DomainManager {
         let ttp_tls = material.client_config(Role::Ttp).map_err(|e| Error::Config(e.to_string()))?;
         let cp = net::Client::new(&config.cloud_platform_url, cp_tls).map_err(|e| Error::Config(e.to_string()))?;
         let ttp = net::Client::new(&config.ttp_url, ttp_tls).map_err(|e| Error::Config(e.to_string()))?;
-        Ok(Self { name: identity.name, key, trusted_cas: material.ca_pems.clone(), cp, ttp })
+        Ok(Self { name: identity.name, key, trusted_cas: material.ca_pems.clone(), revocation_lists: material.crl_pems.clone(), cp, ttp })
     }
 
     /// Follows `next_marker` through every page of a list endpoint.
@@ -107,7 +108,7 @@ impl DomainManager {
     pub async fn current_descriptor(&self, domain_id: &str) -> Result<Descriptor> {
         let view = self.show(domain_id).await?;
         let envelope = &view.header.descriptor;
-        let signer = verify_signer_certificate(&envelope.signer_certificate, &self.trusted_cas, now_unix())?;
+        let signer = verify_signer_certificate(&envelope.signer_certificate, &self.trusted_cas, &self.revocation_lists, now_unix())?;
         envelope.verify_signature(SignatureContext::Descriptor)?;
         let descriptor = Descriptor::decode(&envelope.message)?;
         if signer.name != descriptor.owner || descriptor.domain_id != domain_id {

@@ -27,6 +27,6 @@ fuzz_target!(|data: &[u8]| {
     ] {
         let _ = envelope.verify_signature(context);
     }
-    let _ = verify_signer_certificate(&envelope.signer_certificate, ca(), 1_700_000_000);
+    let _ = verify_signer_certificate(&envelope.signer_certificate, ca(), &[], 1_700_000_000);
     let _ = protocol::pki::identity_from_certificate(&envelope.signer_certificate);
 });

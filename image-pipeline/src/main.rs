@@ -60,6 +60,9 @@ struct TrustArgs {
     /// Cloud CA certificate(s) (PEM) the provenance signer must chain to; repeat for partners.
     #[arg(long = "ca", env = "IMAGE_PIPELINE_CA", value_delimiter = ',')]
     ca: Vec<PathBuf>,
+    /// The CAs' certificate revocation lists (PEM, CA_DIR/crl.pem); a revoked signer is refused.
+    #[arg(long = "crl", env = "IMAGE_PIPELINE_CRL", value_delimiter = ',')]
+    crl: Vec<PathBuf>,
     /// Name the signer certificate must carry (role cloud-platform).
     #[arg(long, default_value = DEFAULT_SIGNER_NAME)]
     signer_name: String,
@@ -210,6 +213,8 @@ const TTP_HELP: &str = "\
 struct TtpConfig {
     ttp_url: String,
     ca: Vec<PathBuf>,
+    #[serde(default)]
+    crl: Vec<PathBuf>,
     registrar_cert: PathBuf,
     registrar_key: PathBuf,
     owner_cert: PathBuf,
@@ -239,7 +244,11 @@ fn trust_policy(trust: &TrustArgs) -> Result<TrustPolicy> {
     for p in &trust.ca {
         ca_pems.push(std::fs::read_to_string(p).with_context(|| format!("read CA certificate {}", p.display()))?);
     }
-    Ok(TrustPolicy { ca_pems, signer_name: trust.signer_name.clone(), now_unix: now_unix() })
+    let mut crl_pems = Vec::new();
+    for p in &trust.crl {
+        crl_pems.push(net::read_pem_file(p).with_context(|| format!("read revocation list {}", p.display()))?);
+    }
+    Ok(TrustPolicy { ca_pems, crl_pems, signer_name: trust.signer_name.clone(), now_unix: now_unix() })
 }
 
 fn signer(args: &SigningArgs) -> Result<Signer> {
@@ -285,12 +294,12 @@ fn print_outcome(outcome: &pipeline::Outcome) {
 async fn key_source(path: &Path) -> Result<TtpKeySource> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read TTP config {}", path.display()))?;
     let cfg: TtpConfig = toml::from_str(&text).with_context(|| format!("parse TTP config {}", path.display()))?;
-    let registrar_tls = TlsFiles { ca: cfg.ca.clone(), cert: cfg.registrar_cert.clone(), key: cfg.registrar_key.clone() }.client_config(Role::Ttp)?;
+    let registrar_tls = TlsFiles { ca: cfg.ca.clone(), cert: cfg.registrar_cert.clone(), key: cfg.registrar_key.clone(), crl: cfg.crl.clone() }.client_config(Role::Ttp)?;
     let registrar = net::Client::new(&cfg.ttp_url, registrar_tls)?;
-    let host_tls = TlsFiles { ca: cfg.ca.clone(), cert: cfg.host_cert.clone(), key: cfg.host_key.clone() }.client_config(Role::Ttp)?;
+    let host_tls = TlsFiles { ca: cfg.ca.clone(), cert: cfg.host_cert.clone(), key: cfg.host_key.clone(), crl: cfg.crl.clone() }.client_config(Role::Ttp)?;
     let tpm = secure_component::agent::TpmWorker::start(&cfg.tpm, cfg.tpm_state.clone()).context("open the archiver's TPM")?;
     let agent = secure_component::agent::HostAgent { host_id: cfg.host_id.clone(), tpm, ttp: net::Client::new(&cfg.ttp_url, host_tls)? };
-    let owner_files = TlsFiles { ca: cfg.ca.clone(), cert: cfg.owner_cert.clone(), key: cfg.owner_key.clone() };
+    let owner_files = TlsFiles { ca: cfg.ca.clone(), cert: cfg.owner_cert.clone(), key: cfg.owner_key.clone(), crl: cfg.crl.clone() };
     let material = owner_files.load()?;
     let cert_der = protocol::pki::certs_from_pem(&material.cert_pem, "owner certificate")?.first().map(|c| c.to_vec()).context("the owner certificate file holds no certificate")?;
     let owner_identity = protocol::pki::identity_from_certificate(&cert_der)?;

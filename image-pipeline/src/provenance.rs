@@ -263,6 +263,8 @@ pub struct Verified {
 pub struct TrustPolicy {
     /// PEM of the cloud CA (and partners' CAs).
     pub ca_pems: Vec<String>,
+    /// PEM revocation lists of those CAs (empty: nothing is revoked).
+    pub crl_pems: Vec<String>,
     pub signer_name: String,
     pub now_unix: u64,
 }
@@ -340,7 +342,7 @@ pub fn open_envelope(envelope_bytes: &[u8], payload_type: &str, subject: &str, p
 
 fn check_signature(sig: &EnvelopeSignature, payload_type: &str, payload: &[u8], policy: &TrustPolicy) -> std::result::Result<Identity, String> {
     let cert = b64().decode(&sig.cert).map_err(|e| format!("certificate is not base64: {e}"))?;
-    let identity = protocol::signing::verify_signer_certificate(&cert, &policy.ca_pems, policy.now_unix).map_err(|e| e.to_string())?;
+    let identity = protocol::signing::verify_signer_certificate(&cert, &policy.ca_pems, &policy.crl_pems, policy.now_unix).map_err(|e| e.to_string())?;
     if identity.role != Role::CloudPlatform || identity.name != policy.signer_name {
         return Err(format!("signed by {identity}, but image provenance must be signed by {} (cloud-platform)", policy.signer_name));
     }

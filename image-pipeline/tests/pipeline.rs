@@ -70,7 +70,7 @@ async fn image_pipeline_end_to_end() {
     let pki = LabPki::create(&root.join("pki")).unwrap();
     let files = pki.issue(Role::CloudPlatform, "image-pipeline").unwrap();
     let signer = Signer::from_files(&files.key, &files.cert).unwrap();
-    let policy = TrustPolicy { ca_pems: vec![pki.ca_pem().to_string()], signer_name: "image-pipeline".into(), now_unix: now() };
+    let policy = TrustPolicy { ca_pems: vec![pki.ca_pem().to_string()], crl_pems: Vec::new(), signer_name: "image-pipeline".into(), now_unix: now() };
     let store = Store::open(&root.join("store")).unwrap();
 
     println!("build test-minimal@1 (point release only, no -updates/-security)");

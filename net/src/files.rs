@@ -10,6 +10,9 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 
+/// The revocation list's file name next to `ca.pem` (`cloud-platform ca init|revoke|crl`).
+pub const CRL_FILE: &str = "crl.pem";
+
 /// Largest PEM file read (certificates and keys are a few KiB).
 const MAX_PEM_BYTES: u64 = 1 << 20;
 
@@ -23,11 +26,17 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// Own private key (PEM). Must not be accessible to other users (mode 0600 or 0640).
     pub key: PathBuf,
+    /// Certificate revocation lists (PEM), one per trusted CA, as `cloud-platform ca revoke`
+    /// writes them. Empty: revocation is not checked. Non-empty: a peer certificate whose
+    /// CA has no list here is refused (its status is unknown), and so is every certificate
+    /// once a list is past its next update.
+    pub crl: Vec<PathBuf>,
 }
 
 /// The loaded PEMs. The key is wiped on drop and never printed by `Debug`.
 pub struct TlsMaterial {
     pub ca_pems: Vec<String>,
+    pub crl_pems: Vec<String>,
     pub cert_pem: String,
     pub key_pem: Zeroizing<String>,
 }
@@ -36,6 +45,7 @@ impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsMaterial")
             .field("ca_pems", &self.ca_pems.len())
+            .field("crl_pems", &self.crl_pems.len())
             .field("cert_pem", &self.cert_pem)
             .field("key_pem", &"<redacted>")
             .finish()
@@ -43,14 +53,26 @@ impl std::fmt::Debug for TlsMaterial {
 }
 
 impl TlsFiles {
-    /// The usual layout of a directory: `ca.pem`, `NAME.pem`, `NAME-key.pem`.
+    /// The usual layout of a directory: `ca.pem`, `crl.pem` (when the CA published one),
+    /// `NAME.pem`, `NAME-key.pem`.
     pub fn in_dir(dir: impl AsRef<Path>, name: &str) -> Self {
         let dir = dir.as_ref();
+        let crl = dir.join(CRL_FILE);
         TlsFiles {
             ca: vec![dir.join("ca.pem")],
             cert: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}-key.pem")),
+            crl: if crl.exists() { vec![crl] } else { Vec::new() },
         }
+    }
+
+    /// Every file these TLS settings read (to notice when one changes).
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.ca
+            .iter()
+            .chain(&self.crl)
+            .chain([&self.cert, &self.key])
+            .map(PathBuf::as_path)
     }
 
     /// Read every file; refuse a key file that other users can read or write.
@@ -61,13 +83,19 @@ impl TlsFiles {
         let ca_pems = self
             .ca
             .iter()
-            .map(|p| read_pem(p))
+            .map(|p| read_pem_file(p))
             .collect::<Result<Vec<_>>>()?;
-        let cert_pem = read_pem(&self.cert)?;
+        let crl_pems = self
+            .crl
+            .iter()
+            .map(|p| read_pem_file(p))
+            .collect::<Result<Vec<_>>>()?;
+        let cert_pem = read_pem_file(&self.cert)?;
         check_key_mode(&self.key)?;
-        let key_pem = Zeroizing::new(read_pem(&self.key)?);
+        let key_pem = Zeroizing::new(read_pem_file(&self.key)?);
         Ok(TlsMaterial {
             ca_pems,
+            crl_pems,
             cert_pem,
             key_pem,
         })
@@ -80,6 +108,15 @@ impl TlsFiles {
     ) -> Result<Arc<rustls::ServerConfig>> {
         let m = self.load()?;
         m.server_config(allowed_client_roles)
+    }
+
+    /// Load and build the server configuration, and watch these files for changes (new
+    /// revocation lists, renewed certificates) while serving.
+    pub fn server_tls(&self, allowed_client_roles: &[Role]) -> Result<crate::server::ServerTls> {
+        Ok(crate::server::ServerTls {
+            config: self.server_config(allowed_client_roles)?,
+            reload: Some(crate::server::TlsReload::new(self.clone(), allowed_client_roles)),
+        })
     }
 
     /// Load and build the client configuration (see `protocol::pki::client_config`).
@@ -96,6 +133,7 @@ impl TlsMaterial {
     ) -> Result<Arc<rustls::ServerConfig>> {
         Ok(Arc::new(pki::server_config(
             &self.ca_pems,
+            &self.crl_pems,
             &self.cert_pem,
             &self.key_pem,
             allowed_client_roles,
@@ -105,6 +143,7 @@ impl TlsMaterial {
     pub fn client_config(&self, expected_server_role: Role) -> Result<rustls::ClientConfig> {
         Ok(pki::client_config(
             &self.ca_pems,
+            &self.crl_pems,
             &self.cert_pem,
             &self.key_pem,
             expected_server_role,
@@ -142,7 +181,8 @@ pub fn check_key_mode(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn read_pem(path: &Path) -> Result<String> {
+/// Reads a PEM file of at most 1 MiB (certificates, revocation lists, keys).
+pub fn read_pem_file(path: &Path) -> Result<String> {
     let f = std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
     let mut buf = String::new();
     f.take(MAX_PEM_BYTES + 1)

@@ -13,7 +13,7 @@ pub mod server;
 
 pub use client::Client;
 pub use error::{Error, Result};
-pub use files::{TlsFiles, TlsMaterial};
+pub use files::{read_pem_file, TlsFiles, TlsMaterial, CRL_FILE};
 pub use protocol::pki::{Identity, Role};
 pub use response::{error_response, ApiError, ErrorBody};
-pub use server::{serve, serve_with, HandshakeFailure, ServeOptions};
+pub use server::{serve, serve_with, HandshakeFailure, ServeOptions, ServerTls, TlsReload};

@@ -7,7 +7,7 @@
 //! peer address and the reason, and the loop goes on.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use protocol::pki::{self, Identity};
+use protocol::pki::{self, Identity, Role};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use crate::error::{Error, Result};
+use crate::files::TlsFiles;
 
 /// A connection whose TLS handshake failed, as reported to [`ServeOptions::failures`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +52,48 @@ pub struct ServeOptions {
     pub failures: Option<mpsc::UnboundedSender<HandshakeFailure>>,
 }
 
+/// A server's TLS configuration and, when it was built from files, how to rebuild it.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// If set, the files are watched and the configuration rebuilt when one changes: a new
+    /// revocation list (`cloud-platform ca revoke`) takes effect for new connections without
+    /// a restart, and so does a renewed certificate.
+    pub reload: Option<TlsReload>,
+}
+
+impl From<Arc<rustls::ServerConfig>> for ServerTls {
+    fn from(config: Arc<rustls::ServerConfig>) -> Self {
+        ServerTls { config, reload: None }
+    }
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").field("reload", &self.reload).finish_non_exhaustive()
+    }
+}
+
+/// What [`ServerTls::reload`] watches and how the configuration is rebuilt.
+#[derive(Debug, Clone)]
+pub struct TlsReload {
+    pub files: TlsFiles,
+    pub allowed_client_roles: Vec<Role>,
+    /// How often the files' modification times are compared.
+    pub check_every: Duration,
+}
+
+impl TlsReload {
+    /// Watch `files` every 2 s.
+    pub fn new(files: TlsFiles, allowed_client_roles: &[Role]) -> Self {
+        TlsReload {
+            files,
+            allowed_client_roles: allowed_client_roles.to_vec(),
+            check_every: Duration::from_secs(2),
+        }
+    }
+}
+
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
@@ -65,7 +108,7 @@ impl Default for ServeOptions {
 /// Serve `router` over mutual TLS on `listener` until the process ends.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: impl Into<ServerTls>,
     router: Router,
 ) -> Result<()> {
     serve_with(
@@ -82,7 +125,7 @@ pub async fn serve(
 /// their requests (up to [`ServeOptions::drain_timeout`]) and return.
 pub async fn serve_with(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: impl Into<ServerTls>,
     router: Router,
     options: ServeOptions,
     shutdown: CancellationToken,
@@ -96,7 +139,11 @@ pub async fn serve_with(
         .local_addr()
         .map_err(|e| Error::Serve(format!("listener has no address: {e}")))?;
     tracing::info!(%local, "serving mutual TLS");
-    let acceptor = TlsAcceptor::from(tls);
+    let ServerTls { config, reload } = tls.into();
+    let acceptor = Arc::new(RwLock::new(TlsAcceptor::from(config)));
+    if let Some(reload) = reload {
+        tokio::spawn(watch_tls_files(reload, acceptor.clone(), shutdown.clone()));
+    }
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
     let options = Arc::new(options);
@@ -122,7 +169,7 @@ pub async fn serve_with(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = current_acceptor(&acceptor);
         let router = router.clone();
         let options = options.clone();
         let watcher = graceful.watcher();
@@ -160,6 +207,51 @@ pub async fn serve_with(
         }
     }
     Ok(())
+}
+
+fn current_acceptor(acceptor: &RwLock<TlsAcceptor>) -> TlsAcceptor {
+    // A poisoned lock only means a reload panicked; the acceptor inside is still whole.
+    acceptor.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The files' modification times and sizes; a change in any means "reload".
+fn tls_files_stamp(files: &TlsFiles) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    files
+        .paths()
+        .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+        .collect()
+}
+
+async fn watch_tls_files(
+    reload: TlsReload,
+    acceptor: Arc<RwLock<TlsAcceptor>>,
+    shutdown: CancellationToken,
+) {
+    let mut seen = tls_files_stamp(&reload.files);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(reload.check_every) => {}
+        }
+        let now = tls_files_stamp(&reload.files);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match reload.files.server_config(&reload.allowed_client_roles) {
+            Ok(config) => {
+                *acceptor.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+                tracing::info!(
+                    revocation_lists = reload.files.crl.len(),
+                    "TLS files changed: new connections use the reloaded certificates and revocation lists"
+                );
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "TLS files changed but do not load; still serving with the previous ones"
+            ),
+        }
+    }
 }
 
 async fn handshake(

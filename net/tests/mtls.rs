@@ -82,7 +82,7 @@ fn router() -> Router {
 
 async fn start(trusted: &[&Ca], own: &IssuedIdentity, allowed: &[Role]) -> Server {
     let cas: Vec<String> = trusted.iter().map(|c| c.cert.clone()).collect();
-    let tls = Arc::new(pki::server_config(&cas, &own.cert_pem, &own.key_pem, allowed).unwrap());
+    let tls = Arc::new(pki::server_config(&cas, &[], &own.cert_pem, &own.key_pem, allowed).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, failures) = mpsc::unbounded_channel();
@@ -103,7 +103,7 @@ async fn start(trusted: &[&Ca], own: &IssuedIdentity, allowed: &[Role]) -> Serve
 
 fn client(server: &Server, trusted: &[&Ca], own: &IssuedIdentity, expect: Role) -> Client {
     let cas: Vec<String> = trusted.iter().map(|c| c.cert.clone()).collect();
-    let cfg = pki::client_config(&cas, &own.cert_pem, &own.key_pem, expect).unwrap();
+    let cfg = pki::client_config(&cas, &[], &own.cert_pem, &own.key_pem, expect).unwrap();
     Client::new(&server.url(), cfg).unwrap()
 }
 
@@ -153,7 +153,7 @@ async fn no_client_certificate_is_refused() {
     let ca = Ca::new("Cloud A CA");
     let ttp = ca.issue(Role::Ttp, "ttp-1");
     let mut server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
-    let cfg = pki::client_config_without_certificate(std::slice::from_ref(&ca.cert), Role::Ttp).unwrap();
+    let cfg = pki::client_config_without_certificate(std::slice::from_ref(&ca.cert), &[], Role::Ttp).unwrap();
     let c = Client::new(&server.url(), cfg).unwrap();
 
     let e = c.get_json::<Value>("/whoami").await.unwrap_err();
@@ -403,13 +403,13 @@ async fn connection_refused_is_a_connect_error() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
+    let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &[], &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
     let c = Client::new(&format!("https://localhost:{port}"), cfg).unwrap();
     match c.get_json::<Value>("/x").await.unwrap_err() {
         Error::Connect { reason, .. } => assert!(reason.contains("connection refused"), "{reason}"),
         other => panic!("{other:?}"),
     }
-    let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
+    let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &[], &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
     let e = Client::new("http://localhost:1", cfg).unwrap_err();
     assert!(e.to_string().contains("not https://"), "{e}");
 }
@@ -454,4 +454,110 @@ async fn tls_files_load_and_refuse_readable_keys() {
     let missing = TlsFiles::in_dir(dir.path(), "nobody");
     let e = missing.load().unwrap_err().to_string();
     assert!(e.contains("nobody.pem") && e.contains("cannot open"), "{e}");
+}
+
+/// Writes `pem` as DIR/crl.pem the way the CA tools do: a temporary file renamed over it.
+fn publish_crl(dir: &std::path::Path, pem: &str) {
+    let tmp = dir.join(".crl.pem.tmp");
+    std::fs::write(&tmp, pem).unwrap();
+    std::fs::rename(&tmp, dir.join(net::CRL_FILE)).unwrap();
+}
+
+fn revoke(ca: &Ca, number: u64, revoked: &[&IssuedIdentity]) -> String {
+    let entries: Vec<_> = revoked
+        .iter()
+        .map(|id| CertificateAuthority::revocation_entry(&ca.cert, &id.cert_pem, pki::RevocationReason::KeyCompromise).unwrap())
+        .collect();
+    CertificateAuthority::sign_revocation_list(&ca.cert, &ca.key, number, &entries, 30).unwrap()
+}
+
+#[tokio::test]
+async fn revoked_certificates_are_refused_and_a_new_list_applies_without_restart() {
+    let ca = Ca::new("Cloud A CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let sc1 = ca.issue(Role::SecureComponent, "sc-1");
+    let sc2 = ca.issue(Role::SecureComponent, "sc-2");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.cert).unwrap();
+    std::fs::write(dir.path().join("ttp-1.pem"), &ttp.cert_pem).unwrap();
+    let key = dir.path().join("ttp-1-key.pem");
+    std::fs::write(&key, ttp.key_pem.as_bytes()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    publish_crl(dir.path(), &revoke(&ca, 1, &[]));
+
+    // The server is built from its files, as every Skydd service is, and watches them.
+    let files = TlsFiles::in_dir(dir.path(), "ttp-1");
+    assert_eq!(files.crl, vec![dir.path().join("crl.pem")]);
+    let mut tls = files.server_tls(&[Role::SecureComponent]).unwrap();
+    tls.reload.as_mut().unwrap().check_every = Duration::from_millis(100);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, mut failures) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let opts = ServeOptions { failures: Some(tx), drain_timeout: Duration::from_secs(2), ..Default::default() };
+    let task = tokio::spawn(net::serve_with(listener, tls, router(), opts, stop.clone()));
+    let url = format!("https://localhost:{port}");
+    // A fresh client per call: every call is a new handshake.
+    let whoami = |who: &IssuedIdentity| {
+        let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &[], &who.cert_pem, &who.key_pem, Role::Ttp).unwrap();
+        let c = Client::new(&url, cfg).unwrap();
+        async move { c.get_json::<Identity>("/whoami").await }
+    };
+    assert_eq!(whoami(&sc1).await.unwrap().name, "sc-1");
+
+    // The CA revokes sc-1; the running server refuses it from the next handshake on.
+    let listed = revoke(&ca, 2, &[&sc1]);
+    publish_crl(dir.path(), &listed);
+    let published = std::time::Instant::now();
+    let e = loop {
+        match whoami(&sc1).await {
+            Ok(_) if published.elapsed() < Duration::from_secs(5) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(_) => panic!("sc-1 still accepted 5 s after its revocation was published"),
+            Err(e) => break e,
+        }
+    };
+    eprintln!("revocation applied after {:?}", published.elapsed());
+    assert_refused(&e, "revoked");
+    let failure = tokio::time::timeout(Duration::from_secs(10), failures.recv()).await.unwrap().unwrap();
+    assert_eq!(failure.reason, "certificate is revoked (listed in its CA's certificate revocation list)");
+    assert_eq!(whoami(&sc2).await.unwrap().name, "sc-2", "only the listed certificate is refused");
+
+    // A list that does not load (not a CRL) keeps the previous one in force.
+    std::fs::write(dir.path().join("crl.pem"), "garbage").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(whoami(&sc1).await.is_err(), "a broken list must not un-revoke");
+    assert_eq!(whoami(&sc2).await.unwrap().name, "sc-2");
+
+    // Clients check the server against their lists too.
+    let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &[revoke(&ca, 3, &[&ttp])], &sc2.cert_pem, &sc2.key_pem, Role::Ttp)
+        .unwrap();
+    match Client::new(&url, cfg).unwrap().get_json::<Identity>("/whoami").await.unwrap_err() {
+        Error::Tls { reason, .. } => assert!(reason.contains("certificate is revoked"), "{reason}"),
+        other => panic!("expected the client to refuse the revoked server, got {other:?}"),
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn with_a_list_configured_a_certificate_of_a_ca_without_one_is_refused() {
+    let ca = Ca::new("Cloud A CA");
+    let partner = Ca::new("Cloud B CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let visitor = partner.issue(Role::SecureComponent, "sc-b");
+    let cas = vec![ca.cert.clone(), partner.cert.clone()];
+    let tls = Arc::new(pki::server_config(&cas, &[revoke(&ca, 1, &[])], &ttp.cert_pem, &ttp.key_pem, &[Role::SecureComponent]).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, mut failures) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let opts = ServeOptions { failures: Some(tx), ..Default::default() };
+    let task = tokio::spawn(net::serve_with(listener, tls, router(), opts, stop.clone()));
+    let cfg = pki::client_config(&cas, &[], &visitor.cert_pem, &visitor.key_pem, Role::Ttp).unwrap();
+    let e = Client::new(&format!("https://localhost:{port}"), cfg).unwrap().get_json::<Identity>("/whoami").await.unwrap_err();
+    eprintln!("client saw: {e}");
+    let failure = tokio::time::timeout(Duration::from_secs(10), failures.recv()).await.unwrap().unwrap();
+    assert!(failure.reason.contains("revocation status unknown"), "{}", failure.reason);
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }

@@ -243,27 +243,7 @@ impl CertificateAuthority {
         check_name(name)?;
         let (not_before, not_after) = validity.window()?;
 
-        let ca_key = KeyPair::from_pem(ca_key_pem)
-            .map_err(|_| Error::Certificate("the CA key is not a valid PEM private key".into()))?;
-        let ca_der = single_cert_der(ca_cert_pem, "CA certificate")?;
-        let (ca_spki, ca_not_after) = {
-            let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
-                .map_err(|e| Error::Certificate(format!("CA certificate does not parse: {e}")))?;
-            if !ca.is_ca() {
-                return Err(Error::Certificate(
-                    "the CA certificate is not a CA (basicConstraints cA is not set)".into(),
-                ));
-            }
-            (
-                ca.public_key().raw.to_vec(),
-                ca.validity().not_after.to_datetime(),
-            )
-        };
-        if ca_key.public_key_der() != ca_spki {
-            return Err(Error::Certificate(
-                "the CA key does not belong to the CA certificate".into(),
-            ));
-        }
+        let SigningCa { issuer, key: ca_key, not_after: ca_not_after } = SigningCa::load(ca_cert_pem, ca_key_pem)?;
         if not_after > ca_not_after {
             return Err(Error::Certificate(format!(
                 "requested validity ends {} but the CA certificate expires {}: issue a shorter certificate",
@@ -271,11 +251,6 @@ impl CertificateAuthority {
                 rfc3339(ca_not_after)
             )));
         }
-        let ca_params = CertificateParams::from_ca_cert_der(&ca_der.clone().into())
-            .map_err(|e| Error::Certificate(format!("CA certificate is unusable: {e}")))?;
-        let issuer = ca_params
-            .self_signed(&ca_key)
-            .map_err(|e| Error::Certificate(format!("CA certificate is unusable: {e}")))?;
 
         let mut sans = vec![
             dns_san(name)?,
@@ -331,6 +306,312 @@ impl CertificateAuthority {
             key_pem: Zeroizing::new(key.serialize_pem()),
         })
     }
+}
+
+/// The CA certificate and key, checked to belong together, ready to sign.
+struct SigningCa {
+    issuer: rcgen::Certificate,
+    key: KeyPair,
+    not_after: OffsetDateTime,
+}
+
+impl SigningCa {
+    fn load(ca_cert_pem: &str, ca_key_pem: &str) -> Result<SigningCa> {
+        let key = KeyPair::from_pem(ca_key_pem)
+            .map_err(|_| Error::Certificate("the CA key is not a valid PEM private key".into()))?;
+        let ca_der = single_cert_der(ca_cert_pem, "CA certificate")?;
+        let (ca_spki, not_after) = {
+            let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+                .map_err(|e| Error::Certificate(format!("CA certificate does not parse: {e}")))?;
+            if !ca.is_ca() {
+                return Err(Error::Certificate(
+                    "the CA certificate is not a CA (basicConstraints cA is not set)".into(),
+                ));
+            }
+            (ca.public_key().raw.to_vec(), ca.validity().not_after.to_datetime())
+        };
+        if key.public_key_der() != ca_spki {
+            return Err(Error::Certificate("the CA key does not belong to the CA certificate".into()));
+        }
+        // rcgen signs with an issuer `Certificate`; re-deriving it from the CA's own DER keeps
+        // the issuer name and key identifier byte-identical to the CA certificate.
+        let ca_params = CertificateParams::from_ca_cert_der(&ca_der.into())
+            .map_err(|e| Error::Certificate(format!("CA certificate is unusable: {e}")))?;
+        let issuer = ca_params
+            .self_signed(&key)
+            .map_err(|e| Error::Certificate(format!("CA certificate is unusable: {e}")))?;
+        Ok(SigningCa { issuer, key, not_after })
+    }
+}
+
+// ---- certificate revocation (docs/PKI.md, "Revocation") -----------------------------------
+
+/// How long a signed revocation list is valid (its nextUpdate) unless told otherwise.
+/// Verifiers refuse every certificate of the CA once their list is past it, so a stale list
+/// cannot silently stop revoking: the CA re-signs (`cloud-platform ca crl`) well before.
+pub const DEFAULT_CRL_DAYS: u32 = 30;
+
+/// Why a certificate was revoked: the RFC 5280 §5.3.1 reasons that fit a Skydd party.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevocationReason {
+    Unspecified,
+    /// The party's private key is (suspected to be) known to someone else.
+    KeyCompromise,
+    /// The party left the organisation or changed its role.
+    AffiliationChanged,
+    /// A new certificate replaces this one.
+    Superseded,
+    /// The party (a host, a VM, a manager) is decommissioned.
+    CessationOfOperation,
+}
+
+impl RevocationReason {
+    pub const ALL: [RevocationReason; 5] = [
+        RevocationReason::Unspecified,
+        RevocationReason::KeyCompromise,
+        RevocationReason::AffiliationChanged,
+        RevocationReason::Superseded,
+        RevocationReason::CessationOfOperation,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationReason::Unspecified => "unspecified",
+            RevocationReason::KeyCompromise => "key-compromise",
+            RevocationReason::AffiliationChanged => "affiliation-changed",
+            RevocationReason::Superseded => "superseded",
+            RevocationReason::CessationOfOperation => "cessation-of-operation",
+        }
+    }
+
+    fn to_rcgen(self) -> rcgen::RevocationReason {
+        match self {
+            RevocationReason::Unspecified => rcgen::RevocationReason::Unspecified,
+            RevocationReason::KeyCompromise => rcgen::RevocationReason::KeyCompromise,
+            RevocationReason::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
+            RevocationReason::Superseded => rcgen::RevocationReason::Superseded,
+            RevocationReason::CessationOfOperation => {
+                rcgen::RevocationReason::CessationOfOperation
+            }
+        }
+    }
+
+    /// The reason for a CRLReason code (RFC 5280 §5.3.1), if it is one Skydd writes.
+    fn from_code(code: u8) -> Option<RevocationReason> {
+        RevocationReason::ALL
+            .into_iter()
+            .find(|r| r.to_rcgen() as u8 == code)
+    }
+}
+
+impl fmt::Display for RevocationReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RevocationReason {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        RevocationReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                let all = RevocationReason::ALL.map(|r| r.as_str()).join(", ");
+                Error::Certificate(format!("unknown revocation reason {s:?}: use one of {all}"))
+            })
+    }
+}
+
+/// One certificate on a revocation list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedCertificate {
+    /// The certificate's serial number in lower-case hex (`openssl x509 -serial` prints it in
+    /// upper case).
+    pub serial_hex: String,
+    /// The subject CN, when known (not stored in the CRL; shown by the CA tools).
+    pub name: Option<String>,
+    pub revoked_at: OffsetDateTime,
+    pub reason: Option<RevocationReason>,
+}
+
+/// What a revocation list signed by the CA says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationList {
+    /// Increases with every list the CA signs (RFC 5280 §5.2.3).
+    pub crl_number: u64,
+    pub this_update: OffsetDateTime,
+    pub next_update: Option<OffsetDateTime>,
+    pub revoked: Vec<RevokedCertificate>,
+}
+
+impl RevocationList {
+    /// The entry for `serial_hex`, if that certificate is revoked.
+    pub fn find(&self, serial_hex: &str) -> Option<&RevokedCertificate> {
+        self.revoked.iter().find(|r| r.serial_hex.eq_ignore_ascii_case(serial_hex))
+    }
+}
+
+impl CertificateAuthority {
+    /// The entry that revokes `cert_pem` now. Refuses a certificate this CA did not issue
+    /// (its signature must verify with the CA's key; an expired certificate can be revoked).
+    pub fn revocation_entry(
+        ca_cert_pem: &str,
+        cert_pem: &str,
+        reason: RevocationReason,
+    ) -> Result<RevokedCertificate> {
+        let der = single_cert_der(cert_pem, "certificate to revoke")?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
+            Error::Certificate(format!("certificate to revoke does not parse: {e}"))
+        })?;
+        if cert.is_ca() {
+            return Err(Error::Certificate(
+                "the certificate to revoke is a CA certificate: Skydd lists end-entity certificates only".into(),
+            ));
+        }
+        // Verify at the start of its validity, so that an expired certificate is still
+        // recognised as ours.
+        let issued_at = cert.validity().not_before.timestamp().max(0) as u64 + 1;
+        let roots = root_store(&[ca_cert_pem.to_string()])?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| Error::Certificate(format!("building the certificate verifier failed: {e}")))?;
+        verifier
+            .verify_client_cert(
+                &CertificateDer::from(der.as_slice()),
+                &[],
+                UnixTime::since_unix_epoch(std::time::Duration::from_secs(issued_at)),
+            )
+            .map_err(|e| {
+                Error::Certificate(format!(
+                    "the certificate to revoke was not issued by this CA: {}",
+                    describe_tls_error(&e)
+                ))
+            })?;
+        let name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string);
+        Ok(RevokedCertificate {
+            serial_hex: hex::encode(cert.raw_serial()),
+            name,
+            revoked_at: OffsetDateTime::now_utc(),
+            reason: Some(reason),
+        })
+    }
+
+    /// Signs revocation list number `crl_number` listing `revoked`, valid from now for
+    /// `valid_days`. Returns it as PEM (`-----BEGIN X509 CRL-----`).
+    pub fn sign_revocation_list(
+        ca_cert_pem: &str,
+        ca_key_pem: &str,
+        crl_number: u64,
+        revoked: &[RevokedCertificate],
+        valid_days: u32,
+    ) -> Result<String> {
+        if valid_days == 0 {
+            return Err(Error::Certificate("a revocation list must be valid for at least one day".into()));
+        }
+        let ca = SigningCa::load(ca_cert_pem, ca_key_pem)?;
+        let now = OffsetDateTime::now_utc();
+        let mut entries = Vec::with_capacity(revoked.len());
+        for entry in revoked {
+            let serial = hex::decode(&entry.serial_hex).map_err(|_| {
+                Error::Certificate(format!("serial {:?} is not hex", entry.serial_hex))
+            })?;
+            entries.push(rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&serial),
+                revocation_time: entry.revoked_at,
+                reason_code: entry.reason.map(RevocationReason::to_rcgen),
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(i64::from(valid_days)),
+            crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: entries,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&ca.issuer, &ca.key)
+            .map_err(|e| Error::Certificate(format!("signing the revocation list failed: {e}")))?;
+        crl.pem()
+            .map_err(|e| Error::Certificate(format!("encoding the revocation list failed: {e}")))
+    }
+}
+
+/// Reads a revocation list and checks that the CA in `ca_cert_pem` signed it.
+pub fn read_revocation_list(ca_cert_pem: &str, crl_pem: &str) -> Result<RevocationList> {
+    let ders = crls_from_pems(&[crl_pem.to_string()])?;
+    let [der] = ders.as_slice() else {
+        return Err(Error::Certificate(format!(
+            "the revocation list file holds {} lists, expected exactly one",
+            ders.len()
+        )));
+    };
+    let (_, crl) = x509_parser::parse_x509_crl(der)
+        .map_err(|e| Error::Certificate(format!("revocation list does not parse: {e}")))?;
+    let ca_der = single_cert_der(ca_cert_pem, "CA certificate")?;
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+        .map_err(|e| Error::Certificate(format!("CA certificate does not parse: {e}")))?;
+    if crl.issuer().as_raw() != ca.subject().as_raw() {
+        return Err(Error::Certificate(format!(
+            "the revocation list is issued by \"{}\", not by this CA (\"{}\")",
+            crl.issuer(),
+            ca.subject()
+        )));
+    }
+    crl.verify_signature(ca.public_key()).map_err(|e| {
+        Error::Certificate(format!("the revocation list's signature does not verify with the CA's key: {e}"))
+    })?;
+    let crl_number = match crl.crl_number() {
+        Some(n) => match n.to_u64_digits().as_slice() {
+            [] => 0,
+            [n] => *n,
+            _ => return Err(Error::Certificate("the revocation list's number exceeds 64 bits".into())),
+        },
+        None => return Err(Error::Certificate("the revocation list has no CRL number".into())),
+    };
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|r| RevokedCertificate {
+            serial_hex: hex::encode(r.raw_serial()),
+            name: None,
+            revoked_at: r.revocation_date.to_datetime(),
+            reason: r.reason_code().and_then(|(_, code)| RevocationReason::from_code(code.0)),
+        })
+        .collect();
+    Ok(RevocationList {
+        crl_number,
+        this_update: crl.last_update().to_datetime(),
+        next_update: crl.next_update().map(|t| t.to_datetime()),
+        revoked,
+    })
+}
+
+/// Every `X509 CRL` block of every PEM string, in order.
+pub fn crls_from_pems(
+    crl_pems: &[String],
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>> {
+    let mut all = Vec::new();
+    for (i, pem) in crl_pems.iter().enumerate() {
+        let mut rd = pem.as_bytes();
+        let crls = rustls_pemfile::crls(&mut rd)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Certificate(format!("revocation list #{} is not valid PEM: {e}", i + 1)))?;
+        if crls.is_empty() {
+            return Err(Error::Certificate(format!(
+                "revocation list #{} contains no X509 CRL block",
+                i + 1
+            )));
+        }
+        all.extend(crls);
+    }
+    Ok(all)
 }
 
 fn random_serial() -> SerialNumber {
@@ -586,9 +867,11 @@ fn own_chain(cert_pem: &str) -> Result<(Vec<CertificateDer<'static>>, Identity)>
 // ---- rustls configurations ----------------------------------------------------------------
 
 /// Server side of a Skydd link: TLS 1.3 only, client certificate required, chained to one of
-/// `trusted_ca_pems` (several for federated clouds), with a role in `allowed_client_roles`.
+/// `trusted_ca_pems` (several for federated clouds), not revoked by `crl_pems` (see
+/// [`revocation_checks`]), with a role in `allowed_client_roles`.
 pub fn server_config(
     trusted_ca_pems: &[String],
+    crl_pems: &[String],
     cert_pem: &str,
     key_pem: &str,
     allowed_client_roles: &[Role],
@@ -599,7 +882,15 @@ pub fn server_config(
         ));
     }
     let roots = root_store(trusted_ca_pems)?;
-    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
+    let crls = crls_from_pems(crl_pems)?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
+    if !crls.is_empty() {
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .enforce_revocation_expiration();
+    }
+    let inner = builder
         .build()
         .map_err(|e| Error::Certificate(format!("building the client verifier failed: {e}")))?;
     let verifier = RoleClientVerifier {
@@ -622,15 +913,16 @@ pub fn server_config(
 }
 
 /// Client side of a Skydd link: TLS 1.3 only, presents our certificate, requires the server
-/// certificate to chain to `trusted_ca_pems`, match the host name, and carry
-/// `expected_server_role`.
+/// certificate to chain to `trusted_ca_pems`, not be revoked by `crl_pems`, match the host
+/// name, and carry `expected_server_role`.
 pub fn client_config(
     trusted_ca_pems: &[String],
+    crl_pems: &[String],
     cert_pem: &str,
     key_pem: &str,
     expected_server_role: Role,
 ) -> Result<rustls::ClientConfig> {
-    let verifier = role_server_verifier(trusted_ca_pems, expected_server_role)?;
+    let verifier = role_server_verifier(trusted_ca_pems, crl_pems, expected_server_role)?;
     let (chain, _) = own_chain(cert_pem)?;
     let key = key_from_pem(key_pem)?;
     rustls::ClientConfig::builder_with_provider(provider())
@@ -651,9 +943,10 @@ pub fn client_config(
 /// probe). Skydd servers refuse it.
 pub fn client_config_without_certificate(
     trusted_ca_pems: &[String],
+    crl_pems: &[String],
     expected_server_role: Role,
 ) -> Result<rustls::ClientConfig> {
-    let verifier = role_server_verifier(trusted_ca_pems, expected_server_role)?;
+    let verifier = role_server_verifier(trusted_ca_pems, crl_pems, expected_server_role)?;
     Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Certificate(format!("TLS 1.3 is not available: {e}")))?
@@ -664,10 +957,19 @@ pub fn client_config_without_certificate(
 
 fn role_server_verifier(
     trusted_ca_pems: &[String],
+    crl_pems: &[String],
     expected: Role,
 ) -> Result<Arc<RoleServerVerifier>> {
     let roots = root_store(trusted_ca_pems)?;
-    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
+    let crls = crls_from_pems(crl_pems)?;
+    let mut builder = WebPkiServerVerifier::builder_with_provider(roots, provider());
+    if !crls.is_empty() {
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .enforce_revocation_expiration();
+    }
+    let inner = builder
         .build()
         .map_err(|e| Error::Certificate(format!("building the server verifier failed: {e}")))?;
     Ok(Arc::new(RoleServerVerifier { inner, expected }))
@@ -840,6 +1142,9 @@ pub fn describe_tls_error(e: &rustls::Error) -> String {
     match e {
         E::NoCertificatesPresented => "no client certificate presented".into(),
         E::InvalidCertificate(c) => describe_certificate_error(c),
+        E::InvalidCertRevocationList(c) => format!(
+            "the configured revocation list is unusable ({c:?}): it must be a CRL signed by a trusted CA"
+        ),
         E::AlertReceived(a) => describe_alert(*a),
         E::PeerIncompatible(p) => {
             format!("peer is incompatible (Skydd speaks TLS 1.3 only): {p:?}")
@@ -863,6 +1168,18 @@ fn describe_certificate_error(c: &CertificateError) -> String {
             unix_rfc3339(*time)
         ),
         CertificateError::UnknownIssuer => "certificate is not issued by a trusted CA".into(),
+        CertificateError::Revoked => {
+            "certificate is revoked (listed in its CA's certificate revocation list)".into()
+        }
+        CertificateError::UnknownRevocationStatus => {
+            "revocation status unknown: no revocation list of the certificate's CA is configured"
+                .into()
+        }
+        CertificateError::ExpiredRevocationList
+        | CertificateError::ExpiredRevocationListContext { .. } => format!(
+            "the configured revocation list is past its next update ({c}): the CA must publish \
+             a fresh one (`cloud-platform ca crl`)"
+        ),
         CertificateError::BadSignature => "certificate signature does not verify".into(),
         CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
             format!("certificate is not allowed for this purpose (extended key usage): {c}")
@@ -1129,16 +1446,91 @@ mod tests {
         let id = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5))
             .unwrap();
         let cas = vec![ca_pem.clone()];
-        server_config(&cas, &id.cert_pem, &id.key_pem, &[Role::SecureComponent]).unwrap();
-        client_config(&cas, &id.cert_pem, &id.key_pem, Role::CloudPlatform).unwrap();
-        let e = server_config(&cas, &id.cert_pem, &id.key_pem, &[]).unwrap_err();
+        server_config(&cas, &[], &id.cert_pem, &id.key_pem, &[Role::SecureComponent]).unwrap();
+        client_config(&cas, &[], &id.cert_pem, &id.key_pem, Role::CloudPlatform).unwrap();
+        let e = server_config(&cas, &[], &id.cert_pem, &id.key_pem, &[]).unwrap_err();
         assert!(e.to_string().contains("no client role is allowed"));
-        let e = server_config(&[], &id.cert_pem, &id.key_pem, &[Role::Ttp]).unwrap_err();
+        let e = server_config(&[], &[], &id.cert_pem, &id.key_pem, &[Role::Ttp]).unwrap_err();
         assert!(e.to_string().contains("no trusted CA"));
         let other =
             CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5))
                 .unwrap();
-        let e = server_config(&cas, &id.cert_pem, &other.key_pem, &[Role::Ttp]).unwrap_err();
+        let e = server_config(&cas, &[], &id.cert_pem, &other.key_pem, &[Role::Ttp]).unwrap_err();
         assert!(e.to_string().contains("do not fit together"), "{e}");
+    }
+
+    #[test]
+    fn a_revocation_list_round_trips_and_names_what_it_revokes() {
+        let (ca_pem, ca_key) = ca();
+        let host = CertificateAuthority::issue(&ca_pem, &ca_key, Role::SecureComponent, "host-1", Validity::Days(5))
+            .unwrap();
+        let entry =
+            CertificateAuthority::revocation_entry(&ca_pem, &host.cert_pem, RevocationReason::KeyCompromise).unwrap();
+        assert_eq!(entry.name.as_deref(), Some("host-1"));
+        let der = single_cert_der(&host.cert_pem, "host").unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(entry.serial_hex, hex::encode(parsed.raw_serial()));
+
+        let pem = CertificateAuthority::sign_revocation_list(&ca_pem, &ca_key, 7, std::slice::from_ref(&entry), 30)
+            .unwrap();
+        assert!(pem.starts_with("-----BEGIN X509 CRL-----"), "{pem}");
+        let list = read_revocation_list(&ca_pem, &pem).unwrap();
+        assert_eq!(list.crl_number, 7);
+        assert_eq!(list.revoked.len(), 1);
+        let listed = list.find(&entry.serial_hex.to_uppercase()).unwrap();
+        assert_eq!(listed.reason, Some(RevocationReason::KeyCompromise));
+        assert_eq!(listed.revoked_at.unix_timestamp(), entry.revoked_at.unix_timestamp());
+        let next = list.next_update.unwrap() - list.this_update;
+        assert!(next > Duration::days(29) && next < Duration::days(31), "{next}");
+    }
+
+    #[test]
+    fn revocation_refuses_what_is_not_this_cas() {
+        let (ca_pem, ca_key) = ca();
+        let (other_pem, other_key) = CertificateAuthority::generate("Other CA").unwrap();
+        let foreign = CertificateAuthority::issue(&other_pem, &other_key, Role::CloudPlatform, "cp-x", Validity::Days(5)).unwrap();
+        let e = CertificateAuthority::revocation_entry(&ca_pem, &foreign.cert_pem, RevocationReason::Unspecified)
+            .unwrap_err();
+        assert!(e.to_string().contains("not issued by this CA"), "{e}");
+        let e = CertificateAuthority::revocation_entry(&ca_pem, &ca_pem, RevocationReason::Unspecified).unwrap_err();
+        assert!(e.to_string().contains("is a CA certificate"), "{e}");
+
+        let foreign_list = CertificateAuthority::sign_revocation_list(&other_pem, &other_key, 1, &[], 30).unwrap();
+        let e = read_revocation_list(&ca_pem, &foreign_list).unwrap_err();
+        assert!(e.to_string().contains("not by this CA"), "{e}");
+        let e = CertificateAuthority::sign_revocation_list(&ca_pem, &other_key, 1, &[], 30).unwrap_err();
+        assert!(e.to_string().contains("does not belong to the CA certificate"), "{e}");
+        let e = CertificateAuthority::sign_revocation_list(&ca_pem, &ca_key, 1, &[], 0).unwrap_err();
+        assert!(e.to_string().contains("at least one day"), "{e}");
+        let e = read_revocation_list(&ca_pem, &ca_pem).unwrap_err();
+        assert!(e.to_string().contains("no X509 CRL block"), "{e}");
+        assert!("stolen".parse::<RevocationReason>().unwrap_err().to_string().contains("key-compromise"));
+    }
+
+    #[test]
+    fn a_revoked_signer_is_refused_and_an_unlisted_one_accepted() {
+        let (ca_pem, ca_key) = ca();
+        let alice = CertificateAuthority::issue(&ca_pem, &ca_key, Role::DomainManager, "alice", Validity::Days(60))
+            .unwrap();
+        let bob = CertificateAuthority::issue(&ca_pem, &ca_key, Role::DomainManager, "bob", Validity::Days(60))
+            .unwrap();
+        let entry =
+            CertificateAuthority::revocation_entry(&ca_pem, &alice.cert_pem, RevocationReason::AffiliationChanged)
+                .unwrap();
+        let crl = CertificateAuthority::sign_revocation_list(&ca_pem, &ca_key, 2, &[entry], 30).unwrap();
+        let cas = vec![ca_pem.clone()];
+        let now = OffsetDateTime::now_utc().unix_timestamp() as u64;
+        let der = |pem: &str| single_cert_der(pem, "signer").unwrap();
+        let e = crate::signing::verify_signer_certificate(&der(&alice.cert_pem), &cas, &[crl.clone()], now)
+            .unwrap_err();
+        assert!(e.to_string().contains("certificate is revoked"), "{e}");
+        let bob_id = crate::signing::verify_signer_certificate(&der(&bob.cert_pem), &cas, &[crl.clone()], now).unwrap();
+        assert_eq!(bob_id.name, "bob");
+        // Without the list, alice still verifies: the list is what revokes.
+        crate::signing::verify_signer_certificate(&der(&alice.cert_pem), &cas, &[], now).unwrap();
+        // A list past its next update revokes everything: it can no longer be trusted to be complete.
+        let later = now + 31 * 86_400;
+        let e = crate::signing::verify_signer_certificate(&der(&bob.cert_pem), &cas, &[crl], later).unwrap_err();
+        assert!(e.to_string().contains("past its next update"), "{e}");
     }
 }

@@ -142,9 +142,14 @@ impl SignedEnvelope {
 }
 
 /// Checks a signer's certificate the way a TLS peer's is checked: it chains to one of the
-/// trusted CA roots (PEM; several for federated clouds), is valid at `now_unix`, and carries
-/// a Skydd role. Returns the signer's identity (name and role).
-pub fn verify_signer_certificate(certificate_der: &[u8], trusted_ca_pems: &[String], now_unix: u64) -> Result<crate::pki::Identity> {
+/// trusted CA roots (PEM; several for federated clouds), is valid at `now_unix`, is not on a
+/// revocation list in `crl_pems` (when any is given), and carries a Skydd role. Returns the signer's identity (name and role).
+pub fn verify_signer_certificate(
+    certificate_der: &[u8],
+    trusted_ca_pems: &[String],
+    crl_pems: &[String],
+    now_unix: u64,
+) -> Result<crate::pki::Identity> {
     use rustls::pki_types::{CertificateDer, UnixTime};
     use rustls::server::WebPkiClientVerifier;
 
@@ -157,7 +162,13 @@ pub fn verify_signer_certificate(certificate_der: &[u8], trusted_ca_pems: &[Stri
         }
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+    let crls = crate::pki::crls_from_pems(crl_pems)?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider);
+    if !crls.is_empty() {
+        // A revoked signer's signatures stop counting from the moment the list is published.
+        builder = builder.with_crls(crls).only_check_end_entity_revocation().enforce_revocation_expiration();
+    }
+    let verifier = builder
         .build()
         .map_err(|e| Error::Certificate(format!("cannot build a certificate verifier: {e}")))?;
     let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now_unix));

@@ -90,6 +90,11 @@ pub struct AgentConfig {
     pub ttp_url: String,
     /// Trusted CA roots (PEM files): the own cloud's first.
     pub ca: Vec<PathBuf>,
+    /// Certificate revocation lists (PEM files), one per trusted CA (CA_DIR/crl.pem).
+    /// Checked on every TLS peer; a change is picked up for incoming connections without a
+    /// restart. Empty: nothing is revoked.
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
     /// Own certificate (role secure-component) and key.
     pub cert: PathBuf,
     pub key: PathBuf,

@@ -25,6 +25,11 @@ pub struct TtpConfig {
     pub data_dir: PathBuf,
     /// Trusted CA roots (PEM files): the own cloud's first, federated partners' after.
     pub ca: Vec<PathBuf>,
+    /// Certificate revocation lists (PEM files), one per trusted CA (`cloud-platform ca
+    /// revoke` keeps the cloud CA's in CA_DIR/crl.pem). Checked on every TLS client and
+    /// every signer; a change is picked up without a restart. Empty: nothing is revoked.
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
     /// The TTP's own certificate and key (role ttp), also used to sign registrations.
     pub cert: PathBuf,
     pub key: PathBuf,

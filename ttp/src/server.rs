@@ -13,8 +13,8 @@ use crate::service::Ttp;
 use crate::store::SqliteStore;
 
 /// Builds the TTP from its configuration: K_TTP, TLS identity, CA roots, policy, store.
-pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, Arc<rustls::ServerConfig>)> {
-    let tls_files = TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone() };
+pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, net::ServerTls)> {
+    let tls_files = TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
     let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
     let identity = material.identity().map_err(|e| Error::Config(format!("own certificate: {e}")))?;
     if identity.role != Role::Ttp {
@@ -31,15 +31,16 @@ pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, Arc<rustls::ServerConfig>)
         .map_err(|e| Error::Config(format!("attestation policy {}: {e}", config.attestation.display())))?;
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
     let master_key = load_master_key(&config.data_dir)?;
-    let ttp = Ttp::new(master_key, signing_key, material.ca_pems.clone(), policy, Arc::new(store))?;
-    let tls = material
-        .server_config(&[Role::CloudPlatform, Role::SecureComponent, Role::DomainManager])
+    let ttp = Ttp::new(master_key, signing_key, material.ca_pems.clone(), policy, Arc::new(store))?
+        .with_revocation_lists(config.crl.clone());
+    let tls = tls_files
+        .server_tls(&[Role::CloudPlatform, Role::SecureComponent, Role::DomainManager])
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;
     Ok((Arc::new(ttp), tls))
 }
 
 /// Serves the TTP on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, ttp: Arc<Ttp>, tls: Arc<rustls::ServerConfig>, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, ttp: Arc<Ttp>, tls: net::ServerTls, shutdown: CancellationToken) -> Result<()> {
     net::serve_with(listener, tls, crate::http::router(ttp), net::ServeOptions::default(), shutdown)
         .await
         .map_err(|e| Error::Config(format!("serve: {e}")))

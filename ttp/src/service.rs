@@ -4,6 +4,7 @@
 //! record.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use protocol::attest::{CredentialChallenge, EnrollmentProof, EnrollmentRequest};
@@ -32,6 +33,9 @@ pub struct Ttp {
     /// PEM CA roots whose certificates the TTP accepts on signed objects (its own cloud's
     /// and federated partners').
     trusted_cas: Vec<String>,
+    /// Revocation lists (PEM files) read at every signature check, so that a revocation the
+    /// CA publishes counts from the next signed request on. Empty: not checked.
+    revocation_lists: Vec<PathBuf>,
     policy: AttestationPolicy,
     store: Arc<dyn TtpStore>,
     pending_enrollments: Mutex<HashMap<String, (u64, PendingEnrollment)>>,
@@ -56,7 +60,35 @@ impl Ttp {
         if master_key.len() != protocol::kdf::MASTER_KEY_BYTES {
             return Err(Error::Config(format!("K_TTP must be {} bytes", protocol::kdf::MASTER_KEY_BYTES)));
         }
-        Ok(Self { master_key, signing_key, trusted_cas, policy, store, pending_enrollments: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            master_key,
+            signing_key,
+            trusted_cas,
+            revocation_lists: Vec::new(),
+            policy,
+            store,
+            pending_enrollments: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Check signers' certificates against these revocation lists (PEM files, one per
+    /// trusted CA, as `cloud-platform ca revoke` writes them).
+    pub fn with_revocation_lists(mut self, files: Vec<PathBuf>) -> Self {
+        self.revocation_lists = files;
+        self
+    }
+
+    /// The revocation lists as they are now. An unreadable list refuses every signature
+    /// (fail closed): a revocation must not be skipped because a file went missing.
+    fn current_revocation_lists(&self) -> protocol::Result<Vec<String>> {
+        self.revocation_lists
+            .iter()
+            .map(|path| {
+                net::read_pem_file(path).map_err(|e| {
+                    protocol::Error::Certificate(format!("{e}; signed requests are refused until the revocation list can be read"))
+                })
+            })
+            .collect()
     }
 
     pub fn store(&self) -> &Arc<dyn TtpStore> {
@@ -116,7 +148,8 @@ impl Ttp {
     /// Checks an envelope's certificate (chain to a trusted CA, validity, role) and
     /// signature; returns the signer's certificate name.
     fn verify_signer(&self, envelope: &SignedEnvelope, context: SignatureContext, role: Role) -> protocol::Result<String> {
-        let identity = protocol::signing::verify_signer_certificate(&envelope.signer_certificate, &self.trusted_cas, now_unix())?;
+        let crls = self.current_revocation_lists()?;
+        let identity = protocol::signing::verify_signer_certificate(&envelope.signer_certificate, &self.trusted_cas, &crls, now_unix())?;
         if identity.role != role {
             return Err(protocol::Error::Certificate(format!(
                 "{} signed with a {} certificate, a {} certificate is needed",

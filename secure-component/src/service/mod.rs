@@ -141,8 +141,8 @@ pub struct AgentService {
 /// Builds the agent from its configuration: TLS identity (role secure-component), TTP
 /// client, TPM worker, backend, hypervisor driver, records. Returns the service and the
 /// server TLS configuration accepting only the cloud platform.
-pub fn build(config: &AgentConfig) -> Result<(Arc<AgentService>, Arc<rustls::ServerConfig>)> {
-    let tls_files = TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone() };
+pub fn build(config: &AgentConfig) -> Result<(Arc<AgentService>, net::ServerTls)> {
+    let tls_files = TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
     let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
     let identity = material.identity().map_err(|e| Error::Config(format!("own certificate {}: {e}", config.cert.display())))?;
     if identity.role != Role::SecureComponent {
@@ -163,7 +163,7 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AgentService>, Arc<rustls::Ser
             )))
         }
     };
-    let server_tls = material.server_config(&[Role::CloudPlatform]).map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    let server_tls = tls_files.server_tls(&[Role::CloudPlatform]).map_err(|e| Error::Config(format!("TLS: {e}")))?;
     let client_tls = material.client_config(Role::Ttp).map_err(|e| Error::Config(format!("TLS: {e}")))?;
     let ttp = net::Client::new(&config.ttp_url, client_tls).map_err(|e| Error::Config(format!("TTP client for {}: {e}", config.ttp_url)))?;
 
@@ -204,7 +204,7 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AgentService>, Arc<rustls::Ser
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: Arc<AgentService>,
-    tls: Arc<rustls::ServerConfig>,
+    tls: net::ServerTls,
     shutdown: CancellationToken,
 ) -> Result<()> {
     net::serve_with(listener, tls, http::router(service), net::ServeOptions::default(), shutdown)
@@ -656,7 +656,7 @@ impl Drop for AgentService {
 }
 
 /// For callers that only have a path (the CLI).
-pub fn load_and_build(config_path: &Path) -> Result<(AgentConfig, Arc<AgentService>, Arc<rustls::ServerConfig>)> {
+pub fn load_and_build(config_path: &Path) -> Result<(AgentConfig, Arc<AgentService>, net::ServerTls)> {
     let config = AgentConfig::load(config_path)?;
     let (service, tls) = build(&config)?;
     Ok((config, service, tls))
