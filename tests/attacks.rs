@@ -46,6 +46,8 @@
 //! | T6  | domain manager  | calls a secure component (wrong role for that server)                   | `net::Error::Tls` (role refused) |
 //! | T7  | anyone          | TLS 1.2 only (OpenSSL client)                                           | handshake refused (protocol version) |
 //! | T8  | TTP impostor    | a CP certificate answering where the TTP is expected                    | `net::Error::Tls` (server role refused by the client) |
+//! | T9  | domain manager  | TLS with a certificate the CA revoked while the cloud runs (TTP, CP)     | `net::Error::Tls` + "certificate is revoked" (within 2 s) |
+//! | T10 | domain manager  | a mount grant signed before its signer's certificate was revoked         | `grant_signature_invalid` "certificate is revoked" (audited) |
 //! | B1  | anyone          | bodies over every limit (2 MiB + 1 KiB) on every route of TTP, CP, SC    | 413 `bad_request` JSON on every body route |
 //! | B2  | anyone          | malformed JSON on every route                                           | 400 `bad_request` JSON on every body route |
 //! | B3  | anyone          | JSON of the wrong shape on every route                                  | 422 `bad_request` JSON on every body route |
@@ -58,8 +60,8 @@
 //! Routes without a request body ignore a body (they answer as without one, never 5xx,
 //! never hang); that is checked for every such route in B1–B5 too.
 //!
-//! Revocation lists (CRL/OCSP) are not implemented: "revoked" is covered by a certificate of a
-//! CA the services do not (or no longer) trust (T2, T5).
+//! Revocation is by the cloud CA's revocation list (`crl.pem`, docs/PKI.md "Revocation"),
+//! which every party of the lab checks (T9, T10); there is no OCSP.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -978,6 +980,52 @@ async fn attack_matrix() {
         let reason = expect_tls_refusal(pki.client("compute-1", Role::Ttp, &cloud.cp_url).unwrap().post_json::<_, ChallengeResponse>("/v1/challenges", &()).await);
         assert!(reason.contains("cloud-platform"), "{reason}");
         m.record("T8", "a host talks to the CP's address as if it were the TTP (server role refused)", "net::Error::Tls", &format!("client: {reason}"));
+    }
+    {
+        // T9: the CA revokes dm-frank's certificate (key compromise) while the cloud runs:
+        // the TTP and the CP refuse its handshakes once the list is published, no restart.
+        pki.issue(Role::DomainManager, "dm-frank").unwrap();
+        let frank = signer(pki, "dm-frank");
+        // Domain F: alice's, shared with dm-frank (who may grant mounts of it).
+        let mut desc_f = alice.new_domain(&[("department", "radiology")], &[("vm-a", AccessMode::Rw)]).unwrap();
+        desc_f.shared_with.push("dm-frank".into());
+        let view_f: DomainView = alice_cp
+            .post_json("/v1/domains", &CreateDomainRequest { descriptor: alice.sign_descriptor(&desc_f).unwrap(), size_bytes: 16 << 20 })
+            .await
+            .expect("create domain F");
+        let id_f = desc_f.domain_id.clone();
+        // Signed before the revocation; T10 presents it afterwards.
+        let grant_f = frank.grant(&id_f, "vm-a", AccessMode::Rw, 300);
+        let frank_ttp = || pki.client("dm-frank", Role::Ttp, &cloud.ttp.url).unwrap();
+        frank_ttp().get_json::<HistoryResponse>(&format!("/v1/domains/{id_f}/history")).await.expect("dm-frank is served before the revocation");
+        pki.revoke("dm-frank", protocol::pki::RevocationReason::KeyCompromise).unwrap();
+        let published = Instant::now();
+        let reason = loop {
+            // A new client each time: every try is a new handshake.
+            match frank_ttp().get_json::<HistoryResponse>(&format!("/v1/domains/{id_f}/history")).await {
+                Ok(_) if published.elapsed() < Duration::from_secs(5) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Ok(_) => panic!("the TTP still serves dm-frank 5 s after its revocation was published"),
+                Err(e) => break expect_tls_refusal(Err::<(), _>(e)),
+            }
+        };
+        let applied_after = published.elapsed();
+        let cp_reason = expect_tls_refusal(pki.client("dm-frank", Role::CloudPlatform, &cloud.cp_url).unwrap().get_json::<DomainView>(&format!("/v1/domains/{id_f}")).await);
+        m.record("T9", "TLS with a certificate the CA revoked while the cloud runs (TTP, CP)", "net::Error::Tls", &format!("TTP after {applied_after:.1?}: {reason}; CP: {cp_reason}"));
+
+        // T10: the grant dm-frank signed before its revocation, presented by compute-1; the
+        // same request with alice's grant is served (the control: only the signer changed).
+        let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &view_f.header, &grant_f, &challenge, quote);
+        let message = expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "grant_signature_invalid");
+        assert!(message.contains("certificate is revoked"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "grant_signature_invalid");
+        let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &challenge.nonce).await;
+        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &view_f.header, &alice.grant(&id_f, "vm-a", AccessMode::Rw, 300), &challenge, quote);
+        let _: KeyReleaseResponse = c1_ttp.post_json("/v1/key-releases", &request).await.expect("the owner's grant is served");
+        m.record("T10", "a mount grant signed before its signer's certificate was revoked", "grant_signature_invalid", &audit_text(&audit));
     }
     partner_stop.cancel();
     let _ = partner_task.await;
