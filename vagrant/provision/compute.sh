@@ -32,6 +32,7 @@ backend = "$BACKEND"
 hypervisor = "local"
 ttp_url = "https://$CONTROLLER:$TTP_PORT"
 ca = ["/etc/skydd/tls/ca.pem"]
+crl = ["/etc/skydd/tls/crl.pem"]
 cert = "/etc/skydd/tls/secure-component.pem"
 key = "/etc/skydd/tls/secure-component-key.pem"
 

@@ -32,8 +32,11 @@ setup() {
     cloud-platform ca init --dir "$CA_DIR" --name "Skydd lab CA" >/dev/null
     log "created the cloud CA in $CA_DIR (ca-key.pem stays on this node)"
   fi
+  # A CA made before revocation lists existed gets its first (empty) list here.
+  [ -f "$CA_DIR/crl.pem" ] || cloud-platform ca crl --dir "$CA_DIR" >/dev/null
   install -d -m 0755 "$LAB/pki"
   install -m 0644 "$CA_DIR/ca.pem" "$LAB/pki/ca.pem"
+  install -m 0644 "$CA_DIR/crl.pem" "$LAB/pki/crl.pem"
   issue ttp ttp "$ME" "$MY_ADDR"
   issue cloud-platform cloud-platform "$ME" "$MY_ADDR"
   local pair vm host
@@ -129,6 +132,7 @@ register() {
 cloud_platform_url = "$CP_URL"
 ttp_url = "$TTP_URL"
 ca = ["/etc/skydd/tls/ca.pem"]
+crl = ["/etc/skydd/tls/crl.pem"]
 cert = "$dir/$m.pem"
 key = "$dir/$m-key.pem"
 TOML

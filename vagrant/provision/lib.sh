@@ -162,6 +162,7 @@ install_identity() {
   wait_file "$src/$name.pem" "the controller to issue $name's certificate"
   install -d -m 0750 -g "$group" /etc/skydd/tls
   install -m 0644 "$LAB/pki/ca.pem" /etc/skydd/tls/ca.pem
+  install -m 0644 "$LAB/pki/crl.pem" /etc/skydd/tls/crl.pem
   install -m 0644 "$src/$name.pem" "/etc/skydd/tls/$base.pem"
   install -m 0640 -g "$group" "$src/$name-key.pem" "/etc/skydd/tls/$base-key.pem"
 }
