@@ -82,7 +82,11 @@ fn router() -> Router {
 
 async fn start(trusted: &[&Ca], own: &IssuedIdentity, allowed: &[Role]) -> Server {
     let cas: Vec<String> = trusted.iter().map(|c| c.cert.clone()).collect();
-    let tls = Arc::new(pki::server_config(&cas, &[], &own.cert_pem, &own.key_pem, allowed).unwrap());
+    start_with(Arc::new(pki::server_config(&cas, &[], &own.cert_pem, &own.key_pem, allowed).unwrap())).await
+}
+
+async fn start_with(tls: impl Into<net::ServerTls>) -> Server {
+    let tls: net::ServerTls = tls.into();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, failures) = mpsc::unbounded_channel();
@@ -490,13 +494,8 @@ async fn revoked_certificates_are_refused_and_a_new_list_applies_without_restart
     assert_eq!(files.crl, vec![dir.path().join("crl.pem")]);
     let mut tls = files.server_tls(&[Role::SecureComponent]).unwrap();
     tls.reload.as_mut().unwrap().check_every = Duration::from_millis(100);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, mut failures) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
-    let opts = ServeOptions { failures: Some(tx), drain_timeout: Duration::from_secs(2), ..Default::default() };
-    let task = tokio::spawn(net::serve_with(listener, tls, router(), opts, stop.clone()));
-    let url = format!("https://localhost:{port}");
+    let mut server = start_with(tls).await;
+    let url = server.url();
     // A fresh client per call: every call is a new handshake.
     let whoami = |who: &IssuedIdentity| {
         let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &[], &who.cert_pem, &who.key_pem, Role::Ttp).unwrap();
@@ -518,7 +517,7 @@ async fn revoked_certificates_are_refused_and_a_new_list_applies_without_restart
     };
     eprintln!("revocation applied after {:?}", published.elapsed());
     assert_refused(&e, "revoked");
-    let failure = tokio::time::timeout(Duration::from_secs(10), failures.recv()).await.unwrap().unwrap();
+    let failure = server.next_failure().await;
     assert_eq!(failure.reason, "certificate is revoked (listed in its CA's certificate revocation list)");
     assert_eq!(whoami(&sc2).await.unwrap().name, "sc-2", "only the listed certificate is refused");
 
@@ -535,8 +534,8 @@ async fn revoked_certificates_are_refused_and_a_new_list_applies_without_restart
         Error::Tls { reason, .. } => assert!(reason.contains("certificate is revoked"), "{reason}"),
         other => panic!("expected the client to refuse the revoked server, got {other:?}"),
     }
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    server.stop.cancel();
+    server.task.await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -547,17 +546,12 @@ async fn with_a_list_configured_a_certificate_of_a_ca_without_one_is_refused() {
     let visitor = partner.issue(Role::SecureComponent, "sc-b");
     let cas = vec![ca.cert.clone(), partner.cert.clone()];
     let tls = Arc::new(pki::server_config(&cas, &[revoke(&ca, 1, &[])], &ttp.cert_pem, &ttp.key_pem, &[Role::SecureComponent]).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, mut failures) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
-    let opts = ServeOptions { failures: Some(tx), ..Default::default() };
-    let task = tokio::spawn(net::serve_with(listener, tls, router(), opts, stop.clone()));
+    let mut server = start_with(tls).await;
     let cfg = pki::client_config(&cas, &[], &visitor.cert_pem, &visitor.key_pem, Role::Ttp).unwrap();
-    let e = Client::new(&format!("https://localhost:{port}"), cfg).unwrap().get_json::<Identity>("/whoami").await.unwrap_err();
+    let e = Client::new(&server.url(), cfg).unwrap().get_json::<Identity>("/whoami").await.unwrap_err();
     eprintln!("client saw: {e}");
-    let failure = tokio::time::timeout(Duration::from_secs(10), failures.recv()).await.unwrap().unwrap();
+    let failure = server.next_failure().await;
     assert!(failure.reason.contains("revocation status unknown"), "{}", failure.reason);
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    server.stop.cancel();
+    server.task.await.unwrap().unwrap();
 }
