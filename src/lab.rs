@@ -12,52 +12,34 @@ use net::{Role, TlsFiles};
 use protocol::attest::PcrSelection;
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::messages::{Deletion, HeaderRecord, MountGrant, RegisterDomainRequest, RegisterDomainResponse};
-use protocol::pki::{CertificateAuthority, RevocationReason, RevokedCertificate, Validity, DEFAULT_CRL_DAYS};
+use protocol::pki::{CertificateAuthority, RevocationReason, Validity};
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
 use secure_component::agent::{HostAgent, TpmWorker};
 use secure_component::swtpm::Swtpm;
 use tokio_util::sync::CancellationToken;
 use ttp::attestation::{AttestationPolicy, ReferenceState};
 
-/// The lab's cloud CA; issues every party's certificate into `dir`, and keeps its
-/// revocation list in `dir/crl.pem`, which every party of the lab checks.
+/// The lab's cloud CA, made and revoked through `cloud-platform ca` (cloud_platform::ca):
+/// `dir` holds ca.pem, ca-key.pem and the revocation list crl.pem, which every party of the
+/// lab checks, and every party's certificate.
 pub struct LabPki {
     pub dir: PathBuf,
     ca_cert_pem: String,
     ca_key_pem: zeroize::Zeroizing<String>,
-    revoked: std::sync::Mutex<(u64, Vec<RevokedCertificate>)>,
 }
 
 impl LabPki {
     pub fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let (ca_cert_pem, ca_key_pem) = CertificateAuthority::generate("skydd-lab-ca")?;
-        std::fs::write(dir.join("ca.pem"), &ca_cert_pem)?;
-        let pki = Self { dir: dir.to_path_buf(), ca_cert_pem, ca_key_pem, revoked: std::sync::Mutex::new((0, Vec::new())) };
-        pki.publish_revocations(|_| Ok(()))?;
-        Ok(pki)
+        let paths = cloud_platform::ca::init(dir, "skydd-lab-ca")?;
+        let ca_cert_pem = std::fs::read_to_string(&paths.cert)?;
+        let ca_key_pem = zeroize::Zeroizing::new(std::fs::read_to_string(&paths.key)?);
+        Ok(Self { dir: dir.to_path_buf(), ca_cert_pem, ca_key_pem })
     }
 
-    /// Revokes `name`'s certificate: a new `crl.pem` is published (replaced atomically;
-    /// servers pick it up within 2 s, the TTP on its next signed request).
+    /// Revokes `name`'s certificate as `cloud-platform ca revoke` does: a new `crl.pem`
+    /// (replaced atomically; servers pick it up within 2 s, the TTP on its next signed request).
     pub fn revoke(&self, name: &str, reason: RevocationReason) -> Result<()> {
-        let cert_pem = std::fs::read_to_string(self.dir.join(format!("{name}.pem")))?;
-        let entry = CertificateAuthority::revocation_entry(&self.ca_cert_pem, &cert_pem, reason)?;
-        self.publish_revocations(|list| {
-            list.push(entry);
-            Ok(())
-        })
-    }
-
-    fn publish_revocations(&self, change: impl FnOnce(&mut Vec<RevokedCertificate>) -> Result<()>) -> Result<()> {
-        let mut state = self.revoked.lock().map_err(|_| anyhow!("revocation state poisoned"))?;
-        let (number, list) = &mut *state;
-        change(list)?;
-        *number += 1;
-        let pem = CertificateAuthority::sign_revocation_list(&self.ca_cert_pem, &self.ca_key_pem, *number, list, DEFAULT_CRL_DAYS)?;
-        let tmp = self.dir.join(".crl.pem.tmp");
-        std::fs::write(&tmp, pem)?;
-        std::fs::rename(&tmp, self.dir.join(net::CRL_FILE))?;
+        cloud_platform::ca::revoke(&self.dir, &self.dir.join(format!("{name}.pem")), reason)?;
         Ok(())
     }
 

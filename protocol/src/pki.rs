@@ -472,11 +472,7 @@ impl CertificateAuthority {
         // Verify at the start of its validity, so that an expired certificate is still
         // recognised as ours.
         let issued_at = cert.validity().not_before.timestamp().max(0) as u64 + 1;
-        let roots = root_store(&[ca_cert_pem.to_string()])?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| Error::Certificate(format!("building the certificate verifier failed: {e}")))?;
-        verifier
+        client_cert_verifier(&[ca_cert_pem.to_string()], &[])?
             .verify_client_cert(
                 &CertificateDer::from(der.as_slice()),
                 &[],
@@ -881,18 +877,7 @@ pub fn server_config(
             "no client role is allowed: the list is empty".into(),
         ));
     }
-    let roots = root_store(trusted_ca_pems)?;
-    let crls = crls_from_pems(crl_pems)?;
-    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
-    if !crls.is_empty() {
-        builder = builder
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            .enforce_revocation_expiration();
-    }
-    let inner = builder
-        .build()
-        .map_err(|e| Error::Certificate(format!("building the client verifier failed: {e}")))?;
+    let inner = client_cert_verifier(trusted_ca_pems, crl_pems)?;
     let verifier = RoleClientVerifier {
         inner,
         allowed: allowed_client_roles.to_vec(),
@@ -953,6 +938,28 @@ pub fn client_config_without_certificate(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth())
+}
+
+/// WebPKI verification of a client's (or a signer's) certificate: chained to one of
+/// `trusted_ca_pems`; when `crl_pems` holds lists, the end entity must not be on one, a
+/// certificate of a CA without a list is refused, and so is everything once a list is past
+/// its next update. The role is checked by the callers.
+pub(crate) fn client_cert_verifier(
+    trusted_ca_pems: &[String],
+    crl_pems: &[String],
+) -> Result<Arc<dyn ClientCertVerifier>> {
+    let roots = root_store(trusted_ca_pems)?;
+    let crls = crls_from_pems(crl_pems)?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
+    if !crls.is_empty() {
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .enforce_revocation_expiration();
+    }
+    builder
+        .build()
+        .map_err(|e| Error::Certificate(format!("building the certificate verifier failed: {e}")))
 }
 
 fn role_server_verifier(

@@ -151,26 +151,9 @@ pub fn verify_signer_certificate(
     now_unix: u64,
 ) -> Result<crate::pki::Identity> {
     use rustls::pki_types::{CertificateDer, UnixTime};
-    use rustls::server::WebPkiClientVerifier;
 
-    let mut roots = rustls::RootCertStore::empty();
-    for (index, pem) in trusted_ca_pems.iter().enumerate() {
-        for der in crate::pki::certs_from_pem(pem, "trusted CA")? {
-            roots
-                .add(der)
-                .map_err(|e| Error::Certificate(format!("trusted CA #{} is not usable as a root: {e}", index + 1)))?;
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let crls = crate::pki::crls_from_pems(crl_pems)?;
-    let mut builder = WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider);
-    if !crls.is_empty() {
-        // A revoked signer's signatures stop counting from the moment the list is published.
-        builder = builder.with_crls(crls).only_check_end_entity_revocation().enforce_revocation_expiration();
-    }
-    let verifier = builder
-        .build()
-        .map_err(|e| Error::Certificate(format!("cannot build a certificate verifier: {e}")))?;
+    // A revoked signer's signatures stop counting from the moment its CA's list says so.
+    let verifier = crate::pki::client_cert_verifier(trusted_ca_pems, crl_pems)?;
     let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now_unix));
     verifier
         .verify_client_cert(&CertificateDer::from(certificate_der), &[], now)
