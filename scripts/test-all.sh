@@ -5,8 +5,33 @@
 # and a short bounded run of every fuzz target on its committed corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# A clean run writes about NEEDED_GIB to this disk (measured: docs/PERFORMANCE.md, "CI
+# footprint"). Refuse at the start, in words, rather than 20 minutes in with ENOSPC.
+NEEDED_GIB="${SKYDD_TEST_NEEDED_GIB:-14}"
+free_gib() { df -P -BG . | awk 'NR==2 {sub("G", "", $4); print $4}'; }
+disk_report() {
+  local used=""
+  for dir in target fuzz/target; do
+    [ -d "$dir" ] && used+=" $dir $(du -sh "$dir" 2>/dev/null | cut -f1);"
+  done
+  echo "disk after $1: $(free_gib) GiB free;${used:- nothing built yet}"
+}
+if [ "$(free_gib)" -lt "$NEEDED_GIB" ] && [ ! -d target/release ]; then
+  echo "test-all: only $(free_gib) GiB free on $(df -P . | awk 'NR==2 {print $6}'); a clean run" \
+       "needs about $NEEDED_GIB GiB (build trees target/ and fuzz/target/, VM images, core dumps)." \
+       "Free some space, or set SKYDD_TEST_NEEDED_GIB to run anyway." >&2
+  exit 1
+fi
+disk_report "start"
+
 bash scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo test --workspace --release --no-fail-fast -- --test-threads=2 --nocapture
-bash scripts/lab-check.sh
-bash scripts/fuzz.sh 15
+status=0
+cargo test --workspace --release --no-fail-fast -- --test-threads=2 --nocapture || status=$?
+disk_report "workspace tests"
+bash scripts/lab-check.sh || status=$?
+disk_report "lab checks"
+bash scripts/fuzz.sh 15 || status=$?
+disk_report "fuzzing"
+exit "$status"
