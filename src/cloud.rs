@@ -44,6 +44,7 @@ pub struct AllInOne {
     pub dir: PathBuf,
     pub pki: LabPki,
     pub ttp: RunningTtp,
+    ttp_policy: AttestationPolicy,
     pub cp_url: String,
     cp_server: Server,
     pub hosts: Vec<ComputeNode>,
@@ -160,7 +161,13 @@ impl AllInOne {
             progress(&format!("{name}: domain-manager configuration written to {}", path.display()));
             manager_configs.push((name.to_string(), path));
         }
-        Ok(Self { dir: dir.to_path_buf(), pki, ttp, cp_url, cp_server, hosts, manager_configs })
+        Ok(Self { dir: dir.to_path_buf(), pki, ttp, ttp_policy: policy, cp_url, cp_server, hosts, manager_configs })
+    }
+
+    /// Stops the TTP, runs `during`, and starts the TTP again on the same address and data
+    /// (tests of what the other parties do while the TTP is down).
+    pub async fn ttp_outage<T>(&mut self, during: impl std::future::Future<Output = T>) -> Result<T> {
+        self.ttp.outage(&self.dir, &self.pki, &self.ttp_policy, during).await
     }
 
     pub fn manager_config(&self, name: &str) -> Result<PathBuf> {

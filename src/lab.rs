@@ -127,6 +127,24 @@ impl RunningTtp {
         self.shutdown.cancel();
         let _ = self.task.await;
     }
+
+    /// A TTP outage as the other parties see it: the server stops (its data stays), `during`
+    /// runs, then the TTP starts again on the same address from the same data directory.
+    pub async fn outage<T>(
+        &mut self,
+        dir: &Path,
+        pki: &LabPki,
+        policy: &AttestationPolicy,
+        during: impl std::future::Future<Output = T>,
+    ) -> Result<T> {
+        self.shutdown.cancel();
+        let _ = (&mut self.task).await;
+        let outcome = during.await;
+        let address = self.url.trim_start_matches("https://").to_string();
+        let listener = tokio::net::TcpListener::bind(&address).await.with_context(|| format!("bind the TTP's address {address} again"))?;
+        *self = Self::start(dir, pki, policy, listener).await?;
+        Ok(outcome)
+    }
 }
 
 /// A compute host: its swtpm and its secure component's TTP-facing agent.

@@ -1,5 +1,7 @@
 //! The cloud platform's HTTPS API (docs/CLOUD-API.md): thin axum handlers over
-//! [`CloudPlatform`]. Every error answers `{"code", "message"}`.
+//! [`CloudPlatform`]. Every error answers `{"code", "message"}`. Handlers that change
+//! something run to completion even when the domain manager disconnects
+//! ([`net::run_to_completion`]).
 
 use std::sync::Arc;
 
@@ -108,7 +110,8 @@ async fn create_domain(
     Extension(caller): Extension<Identity>,
     body: Result<Json<CreateDomainRequest>, JsonRejection>,
 ) -> Answer<DomainView> {
-    answer(cp.create_domain(&caller, json_body(body)?).await)
+    let request = json_body(body)?;
+    net::run_to_completion("create domain", async move { answer(cp.create_domain(&caller, request).await) }).await
 }
 
 async fn list_domains(
@@ -134,10 +137,11 @@ async fn update_domain(
     Path(domain_id): Path<String>,
     body: Result<Json<UpdateDomainRequest>, JsonRejection>,
 ) -> Answer<DomainView> {
-    answer(
-        cp.update_domain(&caller, &domain_id, json_body(body)?)
-            .await,
-    )
+    let request = json_body(body)?;
+    net::run_to_completion("update domain", async move {
+        answer(cp.update_domain(&caller, &domain_id, request).await)
+    })
+    .await
 }
 
 async fn delete_domain(
@@ -146,10 +150,11 @@ async fn delete_domain(
     Path(domain_id): Path<String>,
     body: Result<Json<DeleteDomainBody>, JsonRejection>,
 ) -> Answer<DomainView> {
-    answer(
-        cp.delete_domain(&caller, &domain_id, json_body(body)?)
-            .await,
-    )
+    let request = json_body(body)?;
+    net::run_to_completion("delete domain", async move {
+        answer(cp.delete_domain(&caller, &domain_id, request).await)
+    })
+    .await
 }
 
 async fn attach(
@@ -157,7 +162,8 @@ async fn attach(
     Extension(caller): Extension<Identity>,
     body: Result<Json<CreateAttachmentRequest>, JsonRejection>,
 ) -> Answer<Attachment> {
-    answer(cp.attach(&caller, json_body(body)?).await)
+    let request = json_body(body)?;
+    net::run_to_completion("attach", async move { answer(cp.attach(&caller, request).await) }).await
 }
 
 async fn list_attachments(
@@ -182,7 +188,7 @@ async fn detach(
     Extension(caller): Extension<Identity>,
     Path(id): Path<String>,
 ) -> Answer<Attachment> {
-    answer(cp.detach(&caller, &id).await)
+    net::run_to_completion("detach", async move { answer(cp.detach(&caller, &id).await) }).await
 }
 
 async fn health() -> &'static str {

@@ -67,7 +67,13 @@ pub async fn serve(
     tls: net::ServerTls,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    // Before answering anyone, enforce every header in force on the open attachments.
+    // Before answering anyone: finish the updates a crash interrupted (so no domain stays
+    // behind its TTP registration), then enforce every header in force on the open attachments.
+    match cp.finish_pending_updates().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(finished = n, "start-up finished interrupted domain updates"),
+        Err(e) => tracing::error!(error = %e, "start-up could not read the interrupted domain updates"),
+    }
     match cp.reconcile_attachments().await {
         Ok(0) => {}
         Ok(n) => tracing::warn!(detached = n, "start-up reconciliation detached attachments the header in force no longer allows"),

@@ -15,12 +15,13 @@ use protocol::cloud::{
     Instance, InstanceList, UpdateDomainRequest,
 };
 use protocol::domain::{validate_name, Descriptor};
+use protocol::signing::SignedEnvelope;
 use protocol::messages::{
     DeleteDomainRequest, Deletion, HeaderRecord, RegisterDomainRequest, RegisterDomainResponse,
 };
 
 use crate::error::{Error, Result};
-use crate::store::{AttachmentFilter, CpStore, DomainRecord, Page, ATTACHED, DETACHED, DETACHING};
+use crate::store::{AttachmentFilter, CpStore, DomainRecord, Page, PendingUpdate, ATTACHED, DETACHED, DETACHING};
 use crate::volumes::Volumes;
 
 /// How long the CP waits for a secure component (an attach runs attestation, a TPM
@@ -64,6 +65,36 @@ fn require_role(caller: &Identity, roles: &[Role], action: &str) -> Result<()> {
         caller,
         allowed.join(" or ")
     )))
+}
+
+/// Whether a failed step was refused (the request can never succeed as it is) rather than
+/// interrupted (TTP unreachable, a server error, a volume or database failure).
+fn is_refusal(error: &Error) -> bool {
+    match error {
+        Error::Upstream { status, .. } => (400..500).contains(status),
+        Error::BadRequest(_)
+        | Error::InvalidSize(_)
+        | Error::Forbidden(_)
+        | Error::OwnerMismatch(_)
+        | Error::NotFound { .. }
+        | Error::Conflict { .. }
+        | Error::DomainDeleted(_) => true,
+        Error::Unreachable { .. } | Error::Volume(_) | Error::Store(_) | Error::Config(_) => false,
+    }
+}
+
+/// Says, on an interrupted update, that the CP keeps it and finishes it later.
+fn kept_for_later(error: Error, version: u64) -> Error {
+    let note = format!(
+        "; the cloud platform keeps version {version} and finishes it on the next request for this domain or at its next start (`domain show` tells when it is in force)"
+    );
+    match error {
+        Error::Unreachable { code, message } => Error::Unreachable { code, message: message + &note },
+        Error::Upstream { status, code, message } => Error::Upstream { status, code, message: message + &note },
+        Error::Volume(message) => Error::Volume(message + &note),
+        Error::Store(message) => Error::Store(message + &note),
+        other => other,
+    }
 }
 
 fn decode_descriptor(envelope: &protocol::signing::SignedEnvelope) -> Result<Descriptor> {
@@ -347,7 +378,15 @@ impl CloudPlatform {
     /// `GET /v1/domains/{id}`: the domain with the header in force on its volume.
     pub async fn get_domain(&self, caller: &Identity, domain_id: &str) -> Result<DomainView> {
         require_role(caller, &[Role::DomainManager], "read a domain")?;
-        let record = self.managed_domain(caller, domain_id).await?;
+        let mut record = self.managed_domain(caller, domain_id).await?;
+        let id = domain_id.to_string();
+        if self.store(move |s| s.pending_update(&id)).await?.is_some() {
+            // Show the domain as its owner last asked for it, not half-way.
+            let lock = self.lock_of(domain_id);
+            let _guard = lock.lock().await;
+            self.finish_pending_update(&record).await?;
+            record = self.managed_domain(caller, domain_id).await?;
+        }
         let header = self.read_header(&record).await?;
         if let Some(skipped) = &header.skipped {
             if !skipped.contains("empty") {
@@ -357,9 +396,12 @@ impl CloudPlatform {
         domain_view(&record, header.record, self.status_of(domain_id).await?)
     }
 
-    /// `PUT /v1/domains/{id}/descriptor`: grant, revoke, share. The TTP registers the new
-    /// version (monotonic, based on the registration in the header), the header is rewritten
-    /// in the other slot, and attachments that lost access are detached.
+    /// `PUT /v1/domains/{id}/descriptor`: grant, revoke, share. The update is written ahead
+    /// (a pending update), then the TTP registers the new version (monotonic, based on the
+    /// registration in the header), the header is rewritten in the other slot, and
+    /// attachments that lost access are detached. If the CP stops, loses the TTP or the
+    /// volume write fails half-way, the pending update is finished later
+    /// ([`Self::finish_pending_update`]) instead of leaving the domain behind its registration.
     pub async fn update_domain(
         &self,
         caller: &Identity,
@@ -378,15 +420,49 @@ impl CloudPlatform {
         let _guard = lock.lock().await;
         let record = self.managed_domain(caller, domain_id).await?;
         Self::require_owner(caller, &record, "change")?;
+        self.finish_pending_update(&record).await?;
         let current = self.read_header(&record).await?;
+        let pending = PendingUpdate {
+            domain_id: domain_id.to_string(),
+            version: descriptor.version,
+            descriptor: request.descriptor.clone(),
+            recorded_at: now_unix(),
+        };
+        self.store(move |s| s.record_pending_update(&pending)).await?;
+        let header = match self.apply_update(&record, request.descriptor, &descriptor, current).await {
+            Ok(header) => header,
+            Err(e) if is_refusal(&e) => {
+                let id = domain_id.to_string();
+                self.store(move |s| s.drop_pending_update(&id)).await?;
+                return Err(e);
+            }
+            Err(e) => return Err(kept_for_later(e, descriptor.version)),
+        };
+        self.detach_lost(domain_id, &descriptor, &format!("access revoked by version {}", descriptor.version))
+            .await?;
+        domain_view(&record, header, self.status_of(domain_id).await?)
+    }
+
+    /// Registers `envelope` with the TTP on top of the header in force (`current`), writes
+    /// the new header into the other slot and records the version (which ends the pending
+    /// update). The TTP answers a repeat of its newest registration with the same
+    /// registration, so this is safe to run again after a crash.
+    async fn apply_update(
+        &self,
+        record: &DomainRecord,
+        envelope: SignedEnvelope,
+        descriptor: &Descriptor,
+        current: crate::volumes::VolumeHeader,
+    ) -> Result<HeaderRecord> {
+        let domain_id = record.id.clone();
         let response = self
             .register_with_ttp(&RegisterDomainRequest {
-                descriptor: request.descriptor.clone(),
+                descriptor: envelope.clone(),
                 previous_registration: Some(current.record.registration.clone()),
             })
             .await?;
         let header = HeaderRecord {
-            descriptor: request.descriptor,
+            descriptor: envelope,
             registration: response.registration,
         };
         let (volumes, path, h) = (
@@ -401,15 +477,19 @@ impl CloudPlatform {
             ))
         })?;
         let (id, version, shared) = (
-            domain_id.to_string(),
+            domain_id.clone(),
             descriptor.version,
             descriptor.shared_with.clone(),
         );
         self.store(move |s| s.update_domain(&id, version, &shared))
             .await?;
         tracing::info!(domain = %domain_id, version, slot, seq, "domain updated");
+        Ok(header)
+    }
 
-        // Detach every VM that lost access or now has less than it mounted with.
+    /// Detaches every open attachment of the domain that `descriptor` no longer allows
+    /// (VM gone from the access list, or a narrower mode than it mounted with).
+    async fn detach_lost(&self, domain_id: &str, descriptor: &Descriptor, why: &str) -> Result<()> {
         let id = domain_id.to_string();
         let open = self
             .store(move |s| s.open_attachments_of_domain(&id))
@@ -422,9 +502,76 @@ impl CloudPlatform {
                     .is_some_and(|m| m.covers(a.mode))
             })
             .collect();
-        self.detach_all(lost, &format!("access revoked by version {version}"))
-            .await?;
-        domain_view(&record, header, self.status_of(domain_id).await?)
+        self.detach_all(lost, why).await
+    }
+
+    /// Finishes the domain's pending update, if it has one; the caller holds the domain's
+    /// lock. The header in force tells how far it got: at the pending version already, only
+    /// the CP's record was missing; behind it, the update is registered again (the TTP
+    /// answers its own registration again if it had made it) and written. A TTP refusal
+    /// ends it (the update never took effect); an unreachable TTP or a failed write keeps
+    /// it for the next request and fails this one, since acting on a header the TTP no
+    /// longer calls newest would be refused anyway.
+    async fn finish_pending_update(&self, record: &DomainRecord) -> Result<()> {
+        let id = record.id.clone();
+        let Some(pending) = self.store(move |s| s.pending_update(&id)).await? else {
+            return Ok(());
+        };
+        let current = self.read_header(record).await?;
+        let (in_force, _) = current
+            .record
+            .unverified_contents()
+            .map_err(|e| Error::Volume(format!("header of domain {}: {e}", record.id)))?;
+        let why = format!("access revoked by version {} (finished after an interruption)", pending.version);
+        if in_force.version >= pending.version {
+            let (id, version, shared) = (record.id.clone(), in_force.version, in_force.shared_with.clone());
+            self.store(move |s| s.update_domain(&id, version, &shared)).await?;
+            tracing::warn!(domain = %record.id, version = in_force.version, "pending update had reached the volume header; recorded it");
+            return self.detach_lost(&record.id, &in_force, &why).await;
+        }
+        let descriptor = match decode_descriptor(&pending.descriptor) {
+            Ok(descriptor) => descriptor,
+            Err(e) => {
+                let id = record.id.clone();
+                self.store(move |s| s.drop_pending_update(&id)).await?;
+                tracing::error!(domain = %record.id, error = %e, "pending update does not decode; dropped");
+                return Ok(());
+            }
+        };
+        match self.apply_update(record, pending.descriptor, &descriptor, current).await {
+            Ok(_) => {
+                tracing::warn!(domain = %record.id, version = pending.version, recorded_at = pending.recorded_at,
+                    "finished an update that was interrupted");
+                self.detach_lost(&record.id, &descriptor, &why).await
+            }
+            Err(e) if is_refusal(&e) => {
+                let id = record.id.clone();
+                self.store(move |s| s.drop_pending_update(&id)).await?;
+                tracing::warn!(domain = %record.id, version = pending.version, code = e.code(), error = %e,
+                    "the TTP refused an interrupted update; dropped it");
+                Ok(())
+            }
+            Err(e) => Err(kept_for_later(e, pending.version)),
+        }
+    }
+
+    /// Finishes every pending update (start-up, before the attachments are reconciled).
+    /// Returns how many were finished or dropped; one that cannot be finished now stays.
+    pub async fn finish_pending_updates(&self) -> Result<usize> {
+        let pending = self.store(|s| s.pending_updates()).await?;
+        let mut finished = 0;
+        for update in pending {
+            let lock = self.lock_of(&update.domain_id);
+            let _guard = lock.lock().await;
+            let id = update.domain_id.clone();
+            let Some(record) = self.store(move |s| s.domain(&id)).await? else { continue };
+            match self.finish_pending_update(&record).await {
+                Ok(()) => finished += 1,
+                Err(e) => tracing::error!(domain = %update.domain_id, version = update.version, error = %e,
+                    "cannot finish an interrupted update now; the next request for the domain retries"),
+            }
+        }
+        Ok(finished)
     }
 
     /// Enforces the header in force on every open attachment, as at start-up: a cloud
@@ -610,6 +757,8 @@ impl CloudPlatform {
                 ),
             });
         }
+        // An interrupted update first: the TTP releases keys only for its newest version.
+        self.finish_pending_update(&record).await?;
         let header = self.read_header(&record).await?;
         let attachment_id = hex::encode(rand::random::<[u8; 16]>());
         let agent_request = AgentAttachRequest {

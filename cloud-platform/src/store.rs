@@ -80,6 +80,19 @@ impl Page {
     }
 }
 
+/// A descriptor update the CP accepted but has not finished (written ahead, before the TTP
+/// is asked): kill -9, a lost TTP, or a domain manager gone mid-request leave it here, and
+/// the CP finishes it (docs/CLOUD-API.md, "Unfinished updates"). It holds the owner's signed
+/// descriptor only; never a registration, which carries `r`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpdate {
+    pub domain_id: String,
+    pub version: u64,
+    pub descriptor: protocol::signing::SignedEnvelope,
+    /// Unix seconds.
+    pub recorded_at: u64,
+}
+
 /// Which attachments to list.
 #[derive(Debug, Clone, Default)]
 pub struct AttachmentFilter {
@@ -105,9 +118,19 @@ pub trait CpStore: Send + Sync {
     fn domain(&self, id: &str) -> Result<Option<DomainRecord>>;
     /// Up to `page.limit + 1` live domains `manager` owns or shares, by id.
     fn domains_for(&self, manager: &str, page: &Page) -> Result<Vec<DomainRecord>>;
-    /// Records a new version written to the header (and its shared-with list).
+    /// Records a new version written to the header (and its shared-with list), and ends a
+    /// pending update of that version or older, in one transaction.
     fn update_domain(&self, id: &str, version: u64, shared_with: &[String]) -> Result<()>;
+    /// Marks a domain deleted and drops its pending update.
     fn mark_domain_deleted(&self, id: &str, at: u64) -> Result<()>;
+
+    /// Writes an update ahead of asking the TTP (replaces an older pending one).
+    fn record_pending_update(&self, pending: &PendingUpdate) -> Result<()>;
+    fn pending_update(&self, domain_id: &str) -> Result<Option<PendingUpdate>>;
+    /// Every pending update, by domain id (start-up).
+    fn pending_updates(&self) -> Result<Vec<PendingUpdate>>;
+    /// Forgets a pending update the TTP refused.
+    fn drop_pending_update(&self, domain_id: &str) -> Result<()>;
 
     fn insert_attachment(&self, attachment: &Attachment, created_at: u64) -> Result<()>;
     fn attachment(&self, id: &str) -> Result<Option<Attachment>>;
@@ -173,7 +196,10 @@ impl SqliteStore {
                     instance_id TEXT NOT NULL, host TEXT NOT NULL, mode TEXT NOT NULL,
                     device TEXT NOT NULL, mount_path TEXT NOT NULL, version INTEGER NOT NULL,
                     status TEXT NOT NULL, created_at INTEGER NOT NULL);
-                 CREATE INDEX IF NOT EXISTS attachments_by_domain ON attachments(domain_id, status);",
+                 CREATE INDEX IF NOT EXISTS attachments_by_domain ON attachments(domain_id, status);
+                 CREATE TABLE IF NOT EXISTS pending_updates (
+                    domain_id TEXT PRIMARY KEY REFERENCES domains(id), version INTEGER NOT NULL,
+                    descriptor TEXT NOT NULL, recorded_at INTEGER NOT NULL);",
             )
             .map_err(store_err("create the cloud platform schema"))?;
         Ok(Self {
@@ -244,6 +270,27 @@ impl SqliteStore {
             .map_err(store_err("list attachments"))?;
         rows.collect::<std::result::Result<Vec<_>, _>>()
             .map_err(store_err("list attachments"))
+    }
+}
+
+impl SqliteStore {
+    fn pending_rows(connection: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<PendingUpdate>> {
+        let sql = format!("SELECT domain_id, version, descriptor, recorded_at FROM pending_updates {filter}");
+        let mut statement = connection.prepare_cached(&sql).map_err(store_err("read pending updates"))?;
+        let rows = statement
+            .query_map(args, |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?, row.get::<_, i64>(3)?))
+            })
+            .map_err(store_err("read pending updates"))?;
+        let mut pending = Vec::new();
+        for row in rows {
+            let (domain_id, version, descriptor, recorded_at) = row.map_err(store_err("read pending updates"))?;
+            let descriptor = serde_json::from_str(&descriptor).map_err(|e| {
+                Error::Store(format!("the pending update of domain {domain_id} does not decode: {e}"))
+            })?;
+            pending.push(PendingUpdate { domain_id, version: version as u64, descriptor, recorded_at: recorded_at as u64 });
+        }
+        Ok(pending)
     }
 }
 
@@ -441,16 +488,53 @@ impl CpStore for SqliteStore {
             )
             .map_err(store_err("update domain managers"))?;
         }
+        tx.execute(
+            "DELETE FROM pending_updates WHERE domain_id = ?1 AND version <= ?2",
+            params![id, version as i64],
+        )
+        .map_err(store_err("end the pending update"))?;
         tx.commit().map_err(store_err("update domain"))
     }
 
     fn mark_domain_deleted(&self, id: &str, at: u64) -> Result<()> {
+        let mut connection = self.lock()?;
+        let tx = connection.transaction().map_err(store_err("mark domain deleted"))?;
+        tx.execute(
+            "UPDATE domains SET deleted_at = ?2 WHERE id = ?1 AND deleted_at IS NULL",
+            params![id, at as i64],
+        )
+        .map_err(store_err("mark domain deleted"))?;
+        tx.execute("DELETE FROM pending_updates WHERE domain_id = ?1", params![id])
+            .map_err(store_err("drop the pending update of a deleted domain"))?;
+        tx.commit().map_err(store_err("mark domain deleted"))
+    }
+
+    fn record_pending_update(&self, pending: &PendingUpdate) -> Result<()> {
+        let descriptor = serde_json::to_string(&pending.descriptor)
+            .map_err(|e| Error::Store(format!("encode the pending descriptor: {e}")))?;
         self.lock()?
             .execute(
-                "UPDATE domains SET deleted_at = ?2 WHERE id = ?1 AND deleted_at IS NULL",
-                params![id, at as i64],
+                "INSERT INTO pending_updates (domain_id, version, descriptor, recorded_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(domain_id) DO UPDATE SET version = excluded.version,
+                    descriptor = excluded.descriptor, recorded_at = excluded.recorded_at",
+                params![pending.domain_id, pending.version as i64, descriptor, pending.recorded_at as i64],
             )
-            .map_err(store_err("mark domain deleted"))?;
+            .map_err(store_err("record the pending update"))?;
+        Ok(())
+    }
+
+    fn pending_update(&self, domain_id: &str) -> Result<Option<PendingUpdate>> {
+        Ok(Self::pending_rows(&*self.lock()?, "WHERE domain_id = ?1", &[&domain_id])?.pop())
+    }
+
+    fn pending_updates(&self) -> Result<Vec<PendingUpdate>> {
+        Self::pending_rows(&*self.lock()?, "ORDER BY domain_id", &[])
+    }
+
+    fn drop_pending_update(&self, domain_id: &str) -> Result<()> {
+        self.lock()?
+            .execute("DELETE FROM pending_updates WHERE domain_id = ?1", params![domain_id])
+            .map_err(store_err("drop the pending update"))?;
         Ok(())
     }
 
@@ -672,5 +756,40 @@ mod tests {
         s.set_attachment_status("a1", DETACHED).unwrap();
         assert!(s.open_attachments_of_domain("d1").unwrap().is_empty());
         assert_eq!(s.attachment("a1").unwrap().unwrap().status, DETACHED);
+    }
+
+    fn pending(domain_id: &str, version: u64) -> PendingUpdate {
+        PendingUpdate {
+            domain_id: domain_id.into(),
+            version,
+            descriptor: protocol::signing::SignedEnvelope { message: vec![version as u8; 3], signature: vec![7; 64], signer_certificate: vec![1, 2] },
+            recorded_at: 30,
+        }
+    }
+
+    #[test]
+    fn pending_updates_end_with_the_header_version_or_the_deletion() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.insert_domain(&domain("d1", "alice", &[])).unwrap();
+        s.insert_domain(&domain("d2", "alice", &[])).unwrap();
+        assert_eq!(s.pending_update("d1").unwrap(), None);
+        s.record_pending_update(&pending("d1", 2)).unwrap();
+        s.record_pending_update(&pending("d2", 2)).unwrap();
+        assert_eq!(s.pending_update("d1").unwrap(), Some(pending("d1", 2)));
+        // A newer write-ahead replaces the older one (the older one was refused or superseded).
+        s.record_pending_update(&pending("d1", 3)).unwrap();
+        assert_eq!(s.pending_updates().unwrap(), vec![pending("d1", 3), pending("d2", 2)]);
+        // Writing an older header leaves the pending update; writing its version ends it.
+        s.update_domain("d1", 2, &[]).unwrap();
+        assert_eq!(s.pending_update("d1").unwrap(), Some(pending("d1", 3)));
+        s.update_domain("d1", 3, &["bob".into()]).unwrap();
+        assert_eq!(s.pending_update("d1").unwrap(), None);
+        s.mark_domain_deleted("d2", 40).unwrap();
+        assert!(s.pending_updates().unwrap().is_empty());
+        s.record_pending_update(&pending("d1", 4)).unwrap();
+        s.drop_pending_update("d1").unwrap();
+        assert_eq!(s.pending_update("d1").unwrap(), None);
+        // Only domains the CP stores can have one.
+        assert_eq!(s.record_pending_update(&pending("nope", 2)).unwrap_err().code(), "store_error");
     }
 }

@@ -54,6 +54,7 @@ fn hint_for(code: &str) -> &'static str {
         "owner_mismatch" | "forbidden" => "only the domain's owner (or, where allowed, a manager it is shared with) may do this",
         "host_unknown" => "the VM's compute host is not enrolled with the TTP; ask the cloud operator",
         "descriptor_signature_invalid" => "the descriptor was not signed by its owner: the cloud platform may have altered it; report this",
+        "ttp_unreachable" => "the cloud platform could not reach the TTP; a grant, revoke or share it accepted is finished when the TTP is back: `domain show DOMAIN` tells when it is in force",
         "audit_chain_broken" => "the TTP's audit log was tampered with; report this to the TTP operator at once",
         _ => "",
     }

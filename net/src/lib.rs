@@ -15,5 +15,5 @@ pub use client::Client;
 pub use error::{Error, Result};
 pub use files::{read_pem_file, TlsFiles, TlsMaterial, CRL_FILE};
 pub use protocol::pki::{Identity, Role};
-pub use response::{error_response, ApiError, ErrorBody};
+pub use response::{error_response, run_to_completion, ApiError, ErrorBody};
 pub use server::{serve, serve_with, HandshakeFailure, ServeOptions, ServerTls, TlsReload};

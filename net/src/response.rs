@@ -59,6 +59,21 @@ impl ApiError {
     }
 }
 
+/// Runs a handler's work in its own task, so it finishes even when the caller goes away:
+/// hyper drops a handler's future when the client disconnects, and a change dropped
+/// half-way (between the TTP and the volume header, or while a mapping is being made) would
+/// release its locks with the work half done. The answer is lost with the caller; the work
+/// is not.
+pub async fn run_to_completion<T: Send + 'static>(
+    what: &'static str,
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(work).await {
+        Ok(outcome) => outcome,
+        Err(join) => Err(ApiError::internal("internal", format!("{what} failed: {join}"))),
+    }
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

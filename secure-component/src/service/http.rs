@@ -88,7 +88,7 @@ async fn attach(
     require_cloud_platform(&caller)?;
     let Json(request) = body.map_err(|r| ApiError::new(r.status(), "bad_request", r.body_text()))?;
     tracing::info!(caller = %caller, attachment = %request.attachment_id, vm = %request.vm_id, mode = %request.mode, "attach requested");
-    run_to_completion("attach", async move { service.attach(request).await }).await
+    net::run_to_completion("attach", async move { service.attach(request).await.map(Json).map_err(api_error) }).await
 }
 
 async fn list(State(service): State<Arc<AgentService>>, Extension(caller): Extension<Identity>) -> Result<Json<AgentAttachmentList>, ApiError> {
@@ -108,22 +108,7 @@ async fn detach(
 ) -> Result<Json<AgentAttachment>, ApiError> {
     require_cloud_platform(&caller)?;
     tracing::info!(caller = %caller, attachment = %attachment_id, "detach requested");
-    run_to_completion("detach", async move { service.detach(&attachment_id).await }).await
-}
-
-/// Runs an attach or detach in its own task, so that it finishes even when the caller goes
-/// away (a cloud platform killed mid-request drops the connection, and hyper drops the
-/// handler's future). Dropped half-way, the operation would release its reservation of the
-/// attachment and mapping while its blocking part (open, mkfs, mount) still runs, and a
-/// retry could then race it on the same volume.
-async fn run_to_completion(
-    what: &'static str,
-    work: impl std::future::Future<Output = crate::error::Result<AgentAttachment>> + Send + 'static,
-) -> Result<Json<AgentAttachment>, ApiError> {
-    match tokio::spawn(work).await {
-        Ok(outcome) => outcome.map(Json).map_err(api_error),
-        Err(join) => Err(ApiError::internal("internal", format!("{what} failed: {join}"))),
-    }
+    net::run_to_completion("detach", async move { service.detach(&attachment_id).await.map(Json).map_err(api_error) }).await
 }
 
 #[derive(Serialize)]
