@@ -9,6 +9,7 @@
 //! key = "/etc/skydd/cp-1-key.pem"
 //! ttp_url = "https://127.0.0.1:7443"
 //! max_volume_bytes = 1099511627776        # optional, default 1 TiB
+//! reconcile_interval_secs = 30            # optional: how often mappings are checked with the hosts
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,8 @@ pub const DATABASE_FILE: &str = "cp.sqlite";
 pub const VOLUMES_DIR: &str = "volumes";
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7500";
+/// Default interval of the reconciliation with the compute hosts.
+pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 30;
 /// Default largest data area of one volume (1 TiB; the file is sparse).
 pub const DEFAULT_MAX_VOLUME_BYTES: u64 = 1 << 40;
 
@@ -49,10 +52,19 @@ pub struct CpConfig {
     /// Largest data area of one volume in bytes.
     #[serde(default = "default_max_volume_bytes")]
     pub max_volume_bytes: u64,
+    /// Seconds between two reconciliations of the CP's attachments with what the compute
+    /// hosts hold (the first runs at start-up): adopts attaches the CP never heard back
+    /// about, detaches mappings it does not know (docs/CLOUD-API.md). At least 1.
+    #[serde(default = "default_reconcile_interval_secs")]
+    pub reconcile_interval_secs: u64,
 }
 
 fn default_listen() -> String {
     DEFAULT_LISTEN.to_string()
+}
+
+fn default_reconcile_interval_secs() -> u64 {
+    DEFAULT_RECONCILE_INTERVAL_SECS
 }
 
 fn default_max_volume_bytes() -> u64 {

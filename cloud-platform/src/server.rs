@@ -53,7 +53,13 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> 
     })?;
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
     let volumes = Volumes::open(&config.data_dir.join(VOLUMES_DIR), config.max_volume_bytes)?;
-    let cp = CloudPlatform::new(Arc::new(store), volumes, ttp, agent_tls);
+    if config.reconcile_interval_secs == 0 {
+        return Err(Error::Config(
+            "reconcile_interval_secs must be at least 1 (seconds between two reconciliations with the compute hosts)".into(),
+        ));
+    }
+    let cp = CloudPlatform::new(Arc::new(store), volumes, ttp, agent_tls)
+        .with_reconcile_interval(std::time::Duration::from_secs(config.reconcile_interval_secs));
     let tls = tls_files
         .server_tls(&[Role::CloudPlatform, Role::DomainManager])
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;
@@ -79,7 +85,26 @@ pub async fn serve(
         Ok(n) => tracing::warn!(detached = n, "start-up reconciliation detached attachments the header in force no longer allows"),
         Err(e) => tracing::error!(error = %e, "start-up reconciliation of attachments failed"),
     }
-    net::serve_with(
+    // Then, in the background (a host that does not answer must not keep the API down):
+    // the reconciliation with the compute hosts, now and every interval.
+    let reconciler = {
+        let (cp, shutdown) = (cp.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                match cp.reconcile_hosts().await {
+                    Ok(done) if done.changed_anything() => tracing::warn!(adopted = done.adopted, detached = done.detached,
+                        marked_detached = done.marked_detached, hosts_unreachable = done.hosts_unreachable, "reconciled attachments with the compute hosts"),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "reconciliation with the compute hosts failed; next round"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(cp.reconcile_interval()) => {}
+                }
+            }
+        })
+    };
+    let served = net::serve_with(
         listener,
         tls,
         crate::api::router(cp),
@@ -87,5 +112,7 @@ pub async fn serve(
         shutdown,
     )
     .await
-    .map_err(|e| Error::Config(format!("serve: {e}")))
+    .map_err(|e| Error::Config(format!("serve: {e}")));
+    reconciler.abort();
+    served
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use net::{Identity, Role};
 use protocol::cloud::{
-    AgentAttachRequest, AgentAttachment, Attachment, AttachmentList, ComputeHost,
+    AgentAttachRequest, AgentAttachment, AgentAttachmentList, Attachment, AttachmentList, ComputeHost,
     CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView,
     Instance, InstanceList, UpdateDomainRequest,
 };
@@ -21,8 +21,29 @@ use protocol::messages::{
 };
 
 use crate::error::{Error, Result};
-use crate::store::{AttachmentFilter, CpStore, DomainRecord, Page, PendingUpdate, ATTACHED, DETACHED, DETACHING};
+use crate::store::{AttachmentFilter, CpStore, DomainRecord, Page, PendingUpdate, ATTACHED, ATTACHING, DETACHED, DETACHING};
 use crate::volumes::Volumes;
+
+/// What one reconciliation with the compute hosts did ([`CloudPlatform::reconcile_hosts`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HostReconciliation {
+    /// Mappings of attaches the CP never heard back about, now recorded as attached.
+    pub adopted: usize,
+    /// Mappings detached on their host: orphans, `detaching` ones, ones no longer allowed.
+    pub detached: usize,
+    /// Records of mappings the host does not have (any more), marked detached.
+    pub marked_detached: usize,
+    pub hosts_unreachable: usize,
+}
+
+impl HostReconciliation {
+    pub fn changed_anything(&self) -> bool {
+        self.adopted + self.detached + self.marked_detached > 0
+    }
+}
+
+/// How long the reconciliation waits for a host's list of mappings.
+const HOST_LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the CP waits for a secure component (an attach runs attestation, a TPM
 /// decryption and possibly mkfs).
@@ -37,6 +58,7 @@ pub struct CloudPlatform {
     /// One lock per domain: create, update, delete, attach and detach of one domain run one
     /// at a time, so a revocation cannot miss an attachment that is being made.
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    reconcile_interval: Duration,
 }
 
 pub fn now_unix() -> u64 {
@@ -80,6 +102,18 @@ fn is_refusal(error: &Error) -> bool {
         | Error::Conflict { .. }
         | Error::DomainDeleted(_) => true,
         Error::Unreachable { .. } | Error::Volume(_) | Error::Store(_) | Error::Config(_) => false,
+    }
+}
+
+/// Says, on an attach whose answer never came, how it is settled.
+fn settled_later(error: Error, attachment_id: &str) -> Error {
+    let note = format!(
+        "; attachment {attachment_id} stays `attaching` until the cloud platform's reconciliation with the host records it as attached or detached (`attachment list` tells)"
+    );
+    match error {
+        Error::Unreachable { code, message } => Error::Unreachable { code, message: message + &note },
+        Error::Upstream { status, code, message } => Error::Upstream { status, code, message: message + &note },
+        other => other,
     }
 }
 
@@ -135,7 +169,18 @@ impl CloudPlatform {
             agent_tls,
             agents: std::sync::Mutex::new(HashMap::new()),
             locks: std::sync::Mutex::new(HashMap::new()),
+            reconcile_interval: Duration::from_secs(crate::config::DEFAULT_RECONCILE_INTERVAL_SECS),
         }
+    }
+
+    /// How often [`Self::reconcile_hosts`] runs in the server.
+    pub fn with_reconcile_interval(mut self, interval: Duration) -> Self {
+        self.reconcile_interval = interval;
+        self
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        self.reconcile_interval
     }
 
     pub fn volumes(&self) -> &Volumes {
@@ -580,20 +625,8 @@ impl CloudPlatform {
     /// attachments were detached (or marked `detaching` when their host is unreachable).
     pub async fn reconcile_attachments(&self) -> Result<usize> {
         let mut open: HashMap<String, Vec<Attachment>> = HashMap::new();
-        let mut marker: Option<String> = None;
-        loop {
-            let page = Page { limit: 500, marker: marker.clone() };
-            let batch = self
-                .store(move |s| s.attachments(&AttachmentFilter { manager: None, domain_id: None }, &page))
-                .await?;
-            let full = batch.len() == 500;
-            marker = batch.last().map(|a| a.id.clone());
-            for attachment in batch.into_iter().filter(|a| a.status != DETACHED) {
-                open.entry(attachment.domain_id.clone()).or_default().push(attachment);
-            }
-            if !full {
-                break;
-            }
+        for attachment in self.open_attachments().await? {
+            open.entry(attachment.domain_id.clone()).or_default().push(attachment);
         }
         let mut detached = 0;
         for (domain_id, attachments) in open {
@@ -619,6 +652,134 @@ impl CloudPlatform {
             self.detach_all(lost, "reconciled at start-up: the header in force no longer allows it").await?;
         }
         Ok(detached)
+    }
+
+    /// Every attachment that is not detached, in pages of 500.
+    async fn open_attachments(&self) -> Result<Vec<Attachment>> {
+        let mut open = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let page = Page { limit: 500, marker: marker.clone() };
+            let batch = self
+                .store(move |s| s.attachments(&AttachmentFilter { manager: None, domain_id: None }, &page))
+                .await?;
+            let full = batch.len() == 500;
+            marker = batch.last().map(|a| a.id.clone());
+            open.extend(batch.into_iter().filter(|a| a.status != DETACHED));
+            if !full {
+                return Ok(open);
+            }
+        }
+    }
+
+    /// Settles what the CP and its compute hosts disagree on (at start-up, then every
+    /// `reconcile_interval_secs`): a mapping the host holds whose attach the CP wrote ahead
+    /// but never heard back about is adopted (if the header in force still allows it); a
+    /// mapping the CP does not know as open (an orphan) is detached; a record the host does
+    /// not have at all (`attaching` that never got there, `detaching` or `attached` that the
+    /// host already undid) is marked detached; a `detaching` one the host still has is
+    /// detached again. Each step runs under the domain's lock and re-reads
+    /// the record, so it never races an attach or detach of this CP. An unreachable host is
+    /// skipped until the next round.
+    pub async fn reconcile_hosts(&self) -> Result<HostReconciliation> {
+        let mut outcome = HostReconciliation::default();
+        let open = self.open_attachments().await?;
+        for host in self.hosts().await? {
+            let listed = match self.agent_client(&host).await {
+                Ok(client) => match tokio::time::timeout(HOST_LIST_TIMEOUT, client.get_json::<AgentAttachmentList>("/v1/attachments")).await {
+                    Ok(answer) => answer.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {} s", HOST_LIST_TIMEOUT.as_secs())),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            let mappings = match listed {
+                Ok(list) => list.attachments,
+                Err(e) => {
+                    tracing::warn!(host = %host.id, error = %e, "reconciliation: cannot list the host's attachments; next round");
+                    outcome.hosts_unreachable += 1;
+                    continue;
+                }
+            };
+            for mapping in mappings.iter().filter(|m| m.status != DETACHED) {
+                self.settle_mapping(&host, mapping, &mut outcome).await?;
+            }
+            for record in open.iter().filter(|a| a.host == host.id && !mappings.iter().any(|m| m.attachment_id == a.id)) {
+                let lock = self.lock_of(&record.domain_id);
+                let _guard = lock.lock().await;
+                let id = record.id.clone();
+                let Some(current) = self.store(move |s| s.attachment(&id)).await? else { continue };
+                // Only a record unchanged since before the host's list was read: one attached
+                // by this CP meanwhile is simply not in that list yet.
+                if current.status == record.status {
+                    let id = current.id.clone();
+                    self.store(move |s| s.set_attachment_status(&id, DETACHED)).await?;
+                    tracing::warn!(attachment = %current.id, vm = %current.instance_id, host = %host.id, was = %current.status,
+                        "reconciliation: the host has no such mapping; marked detached");
+                    outcome.marked_detached += 1;
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// One mapping a host reported, against the CP's record of it (see [`Self::reconcile_hosts`]).
+    async fn settle_mapping(&self, host: &ComputeHost, mapping: &AgentAttachment, outcome: &mut HostReconciliation) -> Result<()> {
+        let lock = self.lock_of(&mapping.domain_id);
+        let _guard = lock.lock().await;
+        let id = mapping.attachment_id.clone();
+        let record = self.store(move |s| s.attachment(&id)).await?;
+        let as_known = Attachment {
+            id: mapping.attachment_id.clone(),
+            domain_id: mapping.domain_id.clone(),
+            instance_id: mapping.vm_id.clone(),
+            host: host.id.clone(),
+            mode: mapping.mode,
+            device: mapping.device.clone(),
+            mount_path: mapping.mount_path.clone(),
+            version: mapping.version,
+            status: ATTACHED.to_string(),
+        };
+        match record.as_ref().map(|r| r.status.as_str()) {
+            Some(ATTACHED) => {}
+            Some(ATTACHING) if mapping.status == ATTACHED && self.header_allows(&as_known).await => {
+                let stored = as_known.clone();
+                self.store(move |s| s.complete_attachment(&stored)).await?;
+                tracing::warn!(attachment = %as_known.id, vm = %as_known.instance_id, host = %host.id,
+                    "reconciliation: the host finished an attach the CP never heard back about; recorded it as attached");
+                outcome.adopted += 1;
+            }
+            status => {
+                // An orphan (unknown, or detached here), a `detaching` record, or an attach
+                // the host only half holds (stale) or the header in force no longer allows.
+                match self.detach_on_host(&as_known).await {
+                    Ok(()) => {
+                        if record.is_some() {
+                            let id = as_known.id.clone();
+                            self.store(move |s| s.set_attachment_status(&id, DETACHED)).await?;
+                        }
+                        tracing::warn!(attachment = %as_known.id, vm = %as_known.instance_id, host = %host.id,
+                            cp_status = status.unwrap_or("unknown"), "reconciliation: detached a mapping the CP does not hold open");
+                        outcome.detached += 1;
+                    }
+                    Err(e) => tracing::error!(attachment = %as_known.id, host = %host.id, error = %e,
+                        "reconciliation: detaching a mapping the CP does not hold open failed; next round"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the header in force on the domain's volume allows `attachment`'s VM and mode.
+    async fn header_allows(&self, attachment: &Attachment) -> bool {
+        let id = attachment.domain_id.clone();
+        let Ok(Some(record)) = self.store(move |s| s.domain(&id)).await else { return false };
+        if record.deleted_at.is_some() {
+            return false;
+        }
+        match self.read_header(&record).await.and_then(|h| decode_descriptor(&h.record.descriptor)) {
+            Ok(descriptor) => descriptor.access_of(&attachment.instance_id).is_some_and(|m| m.covers(attachment.mode)),
+            Err(_) => false,
+        }
     }
 
     /// `DELETE /v1/domains/{id}`: TTP tombstone, every attachment detached, both header
@@ -749,6 +910,15 @@ impl CloudPlatform {
         let host = self.host_of(&instance.host).await?;
         let (d, i) = (request.domain_id.clone(), request.instance_id.clone());
         if let Some(open) = self.store(move |s| s.open_attachment(&d, &i)).await? {
+            if open.status == ATTACHING {
+                return Err(Error::Conflict {
+                    code: "already_attached",
+                    message: format!(
+                        "an earlier attach of domain {} to {} (attachment {}) got no answer from host {}; the cloud platform settles it with the host within {} s, then attach again or detach",
+                        open.domain_id, open.instance_id, open.id, open.host, self.reconcile_interval.as_secs()
+                    ),
+                });
+            }
             return Err(Error::Conflict {
                 code: "already_attached",
                 message: format!(
@@ -769,26 +939,46 @@ impl CloudPlatform {
             grant: request.grant,
             volume_path: record.volume_path.to_string_lossy().into_owned(),
         };
-        let client = self.agent_client(&host).await?;
-        let attached: AgentAttachment =
-            client
-                .post_json("/v1/attachments", &agent_request)
-                .await
-                .map_err(|e| Error::from_peer(e, "host_unreachable", Self::agent_error(&host)))?;
-        let attachment = Attachment {
+        // Written ahead: if the answer never comes (the CP stops, the host is slow), the
+        // reconciliation with the host finds this record and settles it (adopts the mapping
+        // the host made, or marks it detached) instead of leaving an unknown mapping open.
+        let mut attachment = Attachment {
             id: attachment_id,
             domain_id: record.id.clone(),
             instance_id: instance.id.clone(),
             host: host.id.clone(),
             mode: request.mode,
-            device: attached.device,
-            mount_path: attached.mount_path,
-            version: attached.version,
-            status: ATTACHED.to_string(),
+            device: String::new(),
+            mount_path: String::new(),
+            version: 0,
+            status: ATTACHING.to_string(),
         };
+        let client = self.agent_client(&host).await?;
+        let stored = attachment.clone();
+        self.store(move |s| s.insert_attachment(&stored, now_unix())).await?;
+        let attached: AgentAttachment = match client.post_json("/v1/attachments", &agent_request).await {
+            Ok(attached) => attached,
+            Err(e) => {
+                let never_sent = e.never_reached_peer();
+                let e = Error::from_peer(e, "host_unreachable", Self::agent_error(&host));
+                // Any answer of the host is final (it runs an attach to its end before it
+                // answers), and so is a request that never reached it; only a request sent
+                // without an answer leaves it open.
+                if never_sent || matches!(e, Error::Upstream { .. }) || is_refusal(&e) {
+                    let id = attachment.id.clone();
+                    self.store(move |s| s.delete_attachment(&id)).await?;
+                    return Err(e);
+                }
+                return Err(settled_later(e, &attachment.id));
+            }
+        };
+        attachment.device = attached.device;
+        attachment.mount_path = attached.mount_path;
+        attachment.version = attached.version;
+        attachment.status = ATTACHED.to_string();
         let stored = attachment.clone();
         if let Err(e) = self
-            .store(move |s| s.insert_attachment(&stored, now_unix()))
+            .store(move |s| s.complete_attachment(&stored))
             .await
         {
             // Do not leave a mapping open that the CP does not know about.

@@ -141,14 +141,22 @@ pub trait CpStore: Send + Sync {
     /// The open attachment of `domain_id` to `instance_id`, if any.
     fn open_attachment(&self, domain_id: &str, instance_id: &str) -> Result<Option<Attachment>>;
     fn set_attachment_status(&self, id: &str, status: &str) -> Result<()>;
+    /// Records what the host made of an `attaching` attachment: device, mount path, version,
+    /// and the status `attached`.
+    fn complete_attachment(&self, attachment: &Attachment) -> Result<()>;
+    /// Forgets an `attaching` attachment the host refused (it never existed).
+    fn delete_attachment(&self, id: &str) -> Result<()>;
 }
 
 /// Attachment statuses.
 pub const ATTACHED: &str = "attached";
 pub const DETACHED: &str = "detached";
 /// The CP asked the host to detach (revocation, deletion) and the host did not confirm;
-/// `DELETE /v1/attachments/{id}` retries.
+/// `DELETE /v1/attachments/{id}` and the CP's reconciliation with the host retry.
 pub const DETACHING: &str = "detaching";
+/// Written ahead before the CP asks the host to attach; `attached` once the host answered,
+/// or settled by the reconciliation with the host if the answer never came.
+pub const ATTACHING: &str = "attaching";
 
 pub struct SqliteStore {
     connection: Mutex<Connection>,
@@ -612,6 +620,27 @@ impl CpStore for SqliteStore {
                 params![id, status],
             )
             .map_err(store_err("update attachment"))?;
+        Ok(())
+    }
+
+    fn complete_attachment(&self, a: &Attachment) -> Result<()> {
+        let changed = self
+            .lock()?
+            .execute(
+                "UPDATE attachments SET device = ?2, mount_path = ?3, version = ?4, status = ?5 WHERE id = ?1",
+                params![a.id, a.device, a.mount_path, a.version as i64, a.status],
+            )
+            .map_err(store_err("complete attachment"))?;
+        if changed != 1 {
+            return Err(Error::Store(format!("attachment {} is not stored", a.id)));
+        }
+        Ok(())
+    }
+
+    fn delete_attachment(&self, id: &str) -> Result<()> {
+        self.lock()?
+            .execute("DELETE FROM attachments WHERE id = ?1", params![id])
+            .map_err(store_err("delete attachment"))?;
         Ok(())
     }
 }

@@ -193,22 +193,28 @@ fn classify(url: &str, e: &reqwest::Error) -> Error {
         };
     }
     use std::io::ErrorKind as K;
+    // Refused, or failed while connecting: the request was never sent.
+    let before_request = e.is_connect() || io_kind == Some(K::ConnectionRefused);
     match io_kind {
         Some(K::ConnectionRefused) => Error::Connect {
             peer,
             reason: "connection refused (is the service running?)".into(),
+            before_request,
         },
         Some(K::ConnectionReset) | Some(K::BrokenPipe) | Some(K::UnexpectedEof) => Error::Connect {
             peer,
             reason: "the server closed the connection (it may have refused our certificate)".into(),
+            before_request,
         },
         Some(k) => Error::Connect {
             peer,
             reason: format!("{k}: {}", chain_text(e)),
+            before_request,
         },
         None if e.is_connect() => Error::Connect {
             peer,
             reason: chain_text(e),
+            before_request,
         },
         None => Error::Request {
             url: url.to_string(),

@@ -11,8 +11,10 @@ pub enum Error {
     #[error("TLS with {peer} failed: {reason}")]
     Tls { peer: String, reason: String },
     /// No connection could be made (refused, unreachable, name does not resolve, reset).
+    /// `before_request`: it failed before the request was sent (refused, or while
+    /// connecting); otherwise the connection broke later and the peer may have acted on it.
     #[error("cannot connect to {peer}: {reason}")]
-    Connect { peer: String, reason: String },
+    Connect { peer: String, reason: String, before_request: bool },
     #[error("request to {url} timed out")]
     Timeout { url: String },
     /// The peer answered with a Skydd error body `{"code": ..., "message": ...}`.
@@ -52,3 +54,16 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Whether the request certainly never reached the peer's handler: no connection, or a
+    /// TLS handshake that failed (the peer refused our certificate or we refused its). After
+    /// a timeout, a reset or any answer the peer may have acted on it.
+    pub fn never_reached_peer(&self) -> bool {
+        match self {
+            Error::Connect { before_request, .. } => *before_request,
+            Error::Tls { .. } => true,
+            _ => false,
+        }
+    }
+}

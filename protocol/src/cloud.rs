@@ -116,8 +116,10 @@ pub struct Attachment {
     pub mount_path: String,
     /// Domain version whose key opened it.
     pub version: u64,
-    /// "attached", "detached", or "detaching" (the CP asked the host to detach after a
-    /// revocation or deletion and the host did not confirm; `DELETE` retries).
+    /// "attached", "detached", "attaching" (the CP asked the host and got no answer; its
+    /// reconciliation with the host settles it) or "detaching" (the CP asked the host to
+    /// detach after a revocation or deletion and the host did not confirm; `DELETE` and the
+    /// reconciliation retry).
     pub status: String,
 }
 
