@@ -37,12 +37,11 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> 
             identity.role
         )));
     }
-    let ttp_tls = material
-        .client_config(Role::Ttp)
-        .map_err(|e| Error::Config(format!("TLS to the TTP: {e}")))?;
-    let ttp = net::Client::with_timeout(&config.ttp_url, ttp_tls, TTP_TIMEOUT)
-        .map_err(|e| Error::Config(format!("ttp_url: {e}")))?;
-    let agent_tls = material
+    // Both clients follow the TLS files: a revoked TTP or secure component certificate is
+    // refused within 2 s of the list's update, without a restart.
+    let ttp = net::Client::from_files(&config.ttp_url, &tls_files, Role::Ttp, TTP_TIMEOUT)
+        .map_err(|e| Error::Config(format!("TLS to the TTP at {}: {e}", config.ttp_url)))?;
+    tls_files
         .client_config(Role::SecureComponent)
         .map_err(|e| Error::Config(format!("TLS to secure components: {e}")))?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
@@ -58,7 +57,7 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> 
             "reconcile_interval_secs must be at least 1 (seconds between two reconciliations with the compute hosts)".into(),
         ));
     }
-    let cp = CloudPlatform::new(Arc::new(store), volumes, ttp, agent_tls)
+    let cp = CloudPlatform::new(Arc::new(store), volumes, ttp, tls_files.clone())
         .with_reconcile_interval(std::time::Duration::from_secs(config.reconcile_interval_secs));
     let tls = tls_files
         .server_tls(&[Role::CloudPlatform, Role::DomainManager])

@@ -53,7 +53,8 @@ pub struct CloudPlatform {
     store: Arc<dyn CpStore>,
     volumes: Volumes,
     ttp: net::Client,
-    agent_tls: rustls::ClientConfig,
+    /// The CP's TLS files; clients of secure components follow them (revocation lists).
+    agent_tls: net::TlsFiles,
     agents: std::sync::Mutex<HashMap<String, (String, net::Client)>>,
     /// One lock per domain: create, update, delete, attach and detach of one domain run one
     /// at a time, so a revocation cannot miss an attachment that is being made.
@@ -154,13 +155,13 @@ fn domain_view(record: &DomainRecord, header: HeaderRecord, status: &str) -> Res
 }
 
 impl CloudPlatform {
-    /// `ttp` talks to the TTP with the CP's certificate; `agent_tls` is the CP's client
-    /// configuration for secure components (server role secure-component).
+    /// `ttp` talks to the TTP with the CP's certificate; `agent_tls` are the CP's TLS files,
+    /// from which a client for each secure component (server role secure-component) is made.
     pub fn new(
         store: Arc<dyn CpStore>,
         volumes: Volumes,
         ttp: net::Client,
-        agent_tls: rustls::ClientConfig,
+        agent_tls: net::TlsFiles,
     ) -> Self {
         Self {
             store,
@@ -205,7 +206,7 @@ impl CloudPlatform {
     pub async fn register_host(&self, caller: &Identity, host: ComputeHost) -> Result<ComputeHost> {
         require_role(caller, &[Role::CloudPlatform], "register a compute host")?;
         validate_name("host id", &host.id).map_err(|e| Error::BadRequest(e.to_string()))?;
-        net::Client::new(&host.agent_url, self.agent_tls.clone())
+        net::Client::from_files(&host.agent_url, &self.agent_tls, Role::SecureComponent, AGENT_TIMEOUT)
             .map_err(|e| Error::BadRequest(format!("agent_url of host {}: {e}", host.id)))?;
         let stored = host.clone();
         self.store(move |s| s.put_host(&stored)).await?;
@@ -857,7 +858,7 @@ impl CloudPlatform {
             }
         }
         let client =
-            net::Client::with_timeout(&host.agent_url, self.agent_tls.clone(), AGENT_TIMEOUT)
+            net::Client::from_files(&host.agent_url, &self.agent_tls, Role::SecureComponent, AGENT_TIMEOUT)
                 .map_err(|e| {
                     Error::Config(format!(
                         "secure component of host {} at {}: {e}",

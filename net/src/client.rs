@@ -1,13 +1,19 @@
 //! A small mutual-TLS JSON client for the links between Skydd parties.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::files::TlsFiles;
 use crate::response::ErrorBody;
+use protocol::pki::Role;
+
+/// How often a client built from TLS files compares their modification times.
+pub const TLS_FILES_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Default largest response body read (bigger ones are refused with [`Error::TooLarge`]).
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
@@ -19,6 +25,63 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     max_body: usize,
+    /// Set by [`Client::from_files`]: the TLS files, watched, and the client built from them.
+    reload: Option<Arc<Reloading>>,
+}
+
+/// A client's TLS files and what was last built from them: a revocation list (or
+/// certificate) replaced on disk is used for the next request within
+/// [`TLS_FILES_CHECK_EVERY`], without a restart, as the servers do.
+#[derive(Debug)]
+struct Reloading {
+    files: TlsFiles,
+    server_role: Role,
+    timeout: Duration,
+    state: Mutex<ReloadState>,
+}
+
+#[derive(Debug)]
+struct ReloadState {
+    checked_at: Instant,
+    stamp: Vec<Option<(std::time::SystemTime, u64)>>,
+    http: reqwest::Client,
+}
+
+impl Reloading {
+    /// The HTTP client for the next request: rebuilt (with a new connection pool, so no
+    /// connection checked under the old lists is reused) when the files changed. Files that
+    /// changed but do not load keep the previous client, and are tried again next check.
+    fn current(&self) -> reqwest::Client {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checked_at.elapsed() >= TLS_FILES_CHECK_EVERY {
+            state.checked_at = Instant::now();
+            let stamp = crate::server::tls_files_stamp(&self.files);
+            if stamp != state.stamp {
+                match self.files.client_config(self.server_role).and_then(|tls| http_client(tls, self.timeout)) {
+                    Ok(http) => {
+                        state.http = http;
+                        state.stamp = stamp;
+                        tracing::info!(revocation_lists = self.files.crl.len(), server_role = %self.server_role,
+                            "TLS files changed: the next requests use the reloaded certificates and revocation lists");
+                    }
+                    Err(e) => tracing::error!(error = %e, "TLS files changed but do not load; still using the previous ones"),
+                }
+            }
+        }
+        state.http.clone()
+    }
+}
+
+fn http_client(tls: rustls::ClientConfig, timeout: Duration) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .https_only(true)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(timeout)
+        .build()
+        .map_err(|e| Error::Config(format!("building the HTTP client failed: {e}")))
 }
 
 impl Client {
@@ -42,20 +105,33 @@ impl Client {
         }
         reqwest::Url::parse(&base)
             .map_err(|e| Error::Config(format!("base URL {base_url:?} does not parse: {e}")))?;
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .https_only(true)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(timeout)
-            .build()
-            .map_err(|e| Error::Config(format!("building the HTTP client failed: {e}")))?;
         Ok(Client {
-            http,
+            http: http_client(tls, timeout)?,
             base,
             max_body: DEFAULT_MAX_BODY,
+            reload: None,
         })
+    }
+
+    /// A client whose TLS configuration comes from `files` (server role `server_role`) and
+    /// follows them: replaced certificates or revocation lists are used within
+    /// [`TLS_FILES_CHECK_EVERY`] — a server certificate revoked while a long-running party
+    /// talks to it is refused from then on, not at its next restart.
+    pub fn from_files(base_url: &str, files: &TlsFiles, server_role: Role, timeout: Duration) -> Result<Self> {
+        // Stamp first: a change while the files are read is seen at the first check.
+        let stamp = crate::server::tls_files_stamp(files);
+        let mut client = Self::with_timeout(base_url, files.client_config(server_role)?, timeout)?;
+        client.reload = Some(Arc::new(Reloading {
+            files: files.clone(),
+            server_role,
+            timeout,
+            state: Mutex::new(ReloadState {
+                checked_at: Instant::now(),
+                stamp,
+                http: client.http.clone(),
+            }),
+        }));
+        Ok(client)
     }
 
     /// Refuse response bodies larger than `bytes`.
@@ -101,8 +177,11 @@ impl Client {
         body: Option<&B>,
     ) -> Result<T> {
         let url = format!("{}/{}", self.base, path.trim_start_matches('/'));
-        let mut req = self
-            .http
+        let http = match &self.reload {
+            Some(reload) => reload.current(),
+            None => self.http.clone(),
+        };
+        let mut req = http
             .request(method, &url)
             .header("accept", "application/json");
         if let Some(b) = body {

@@ -215,7 +215,7 @@ fn current_acceptor(acceptor: &RwLock<TlsAcceptor>) -> TlsAcceptor {
 }
 
 /// The files' modification times and sizes; a change in any means "reload".
-fn tls_files_stamp(files: &TlsFiles) -> Vec<Option<(std::time::SystemTime, u64)>> {
+pub(crate) fn tls_files_stamp(files: &TlsFiles) -> Vec<Option<(std::time::SystemTime, u64)>> {
     files
         .paths()
         .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))

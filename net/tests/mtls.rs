@@ -555,3 +555,46 @@ async fn with_a_list_configured_a_certificate_of_a_ca_without_one_is_refused() {
     server.stop.cancel();
     server.task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_client_built_from_files_refuses_a_server_revoked_while_it_runs() {
+    let ca = Ca::new("Cloud A CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let cp = ca.issue(Role::CloudPlatform, "cloud-platform");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.cert).unwrap();
+    std::fs::write(dir.path().join("cloud-platform.pem"), &cp.cert_pem).unwrap();
+    let key = dir.path().join("cloud-platform-key.pem");
+    std::fs::write(&key, cp.key_pem.as_bytes()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    publish_crl(dir.path(), &revoke(&ca, 1, &[]));
+    let tls = Arc::new(pki::server_config(std::slice::from_ref(&ca.cert), &[], &ttp.cert_pem, &ttp.key_pem, &[Role::CloudPlatform]).unwrap());
+    let server = start_with(tls).await;
+
+    // One long-lived client, as the cloud platform keeps for the TTP: its pooled connection
+    // was checked under the old list.
+    let files = TlsFiles::in_dir(dir.path(), "cloud-platform");
+    let client = Client::from_files(&server.url(), &files, Role::Ttp, Duration::from_secs(5)).unwrap();
+    assert_eq!(client.get_json::<Identity>("/whoami").await.unwrap().name, "cloud-platform");
+
+    publish_crl(dir.path(), &revoke(&ca, 2, &[&ttp]));
+    let published = std::time::Instant::now();
+    let e = loop {
+        match client.get_json::<Identity>("/whoami").await {
+            Ok(_) if published.elapsed() < net::client::TLS_FILES_CHECK_EVERY * 3 => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(_) => panic!("the client still talks to the revoked server {:?} after its revocation", published.elapsed()),
+            Err(e) => break e,
+        }
+    };
+    eprintln!("the client refused the revoked server {:?} after the list was published", published.elapsed());
+    match e {
+        Error::Tls { reason, .. } => assert!(reason.contains("certificate is revoked"), "{reason}"),
+        other => panic!("expected a TLS refusal of the revoked server, got {other:?}"),
+    }
+    // A list that does not load keeps the previous one (the server stays refused).
+    std::fs::write(dir.path().join("crl.pem"), "garbage").unwrap();
+    tokio::time::sleep(net::client::TLS_FILES_CHECK_EVERY + Duration::from_millis(200)).await;
+    assert!(client.get_json::<Identity>("/whoami").await.is_err(), "a broken list must not un-revoke");
+    server.stop.cancel();
+    server.task.await.unwrap().unwrap();
+}
