@@ -13,6 +13,7 @@
 //! | C5  | cloud platform  | forges a registration with its own key                                  | `registration_mismatch` (audited) |
 //! | C6  | cloud platform  | bumps the version of an owner-signed descriptor and registers it        | `descriptor_signature_invalid` (audited) |
 //! | C7  | cloud platform  | re-uses the owner's grant for vm-a to attach vm-b                       | `grant_mismatch` (audited) |
+//! | C12 | cloud platform  | replays a grant it forwarded once, after the owner detached the VM      | `grant_replayed` (audited) |
 //! | C11 | cloud platform  | points the SC at another file (a host file; domain B's volume) with A's header | `bad_request` (SC; no key released) |
 //! | C8  | compute host B  | forwards an attach: asks for a key claiming host A's id                 | `forbidden` (audited) |
 //! | C9  | compute host B  | sends host A's quote over its own challenge                             | `quote_invalid` (audited) |
@@ -497,6 +498,18 @@ async fn attack_matrix() {
         let audit = assert_audited(&ttp, before, "key_release", "grant_mismatch");
         assert_eq!(audit.vm_id.as_deref(), Some("vm-b"));
         m.record("C7", "CP re-uses the owner's grant for vm-a to attach vm-b", "grant_mismatch", &audit_text(&audit));
+    }
+    {
+        // C12: a grant the CP forwarded once, kept and replayed after the owner detached the VM.
+        let grant = alice.grant(&id_a, "vm-a", AccessMode::Rw, 300);
+        let attached = attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, grant.clone()).await.expect("the owner's attach with a fresh grant");
+        let detached: Attachment = alice_cp.delete_json(&format!("/v1/attachments/{}", attached.id)).await.expect("the owner detaches");
+        assert_eq!(detached.status, "detached");
+        let before = audit_records(&ttp).len();
+        let message = expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, grant).await, "grant_replayed");
+        assert!(message.contains("used for a key release before"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "grant_replayed");
+        m.record("C12", "CP replays a grant it forwarded once, after the owner detached the VM", "grant_replayed", &audit_text(&audit));
     }
     {
         // C6: the CP bumps the version of the owner-signed descriptor and registers it itself.

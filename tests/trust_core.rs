@@ -191,6 +191,20 @@ async fn trust_core_end_to_end() {
         assert_last_audit(&ttp, "challenge_invalid");
     }
 
+    println!("refusal: a grant used before, with a fresh challenge and quote (a grant is single-use)");
+    {
+        let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
+        host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await.expect("the first use releases the key");
+        let replay = host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await;
+        assert_eq!(code_of_agent(replay), "grant_replayed");
+        assert_last_audit(&ttp, "grant_replayed");
+        // A refused release does not use a grant up: after a refusal for the mode, the same
+        // grant still works for what it allows.
+        let grant = alice.grant(&domain_id, "vm-b", AccessMode::Ro, 300);
+        assert_eq!(code_of_agent(host1.agent.obtain_key(&header_v1, &grant, "vm-b", AccessMode::Rw).await), "mode_not_permitted");
+        host1.agent.obtain_key(&header_v1, &grant, "vm-b", AccessMode::Ro).await.expect("an unused grant still works");
+    }
+
     println!("refusal: a quote over a stale challenge's nonce");
     {
         let stale: ChallengeResponse = host1.agent.ttp.post_json("/v1/challenges", &()).await.unwrap();
@@ -319,12 +333,13 @@ async fn trust_core_end_to_end() {
         "mode_not_permitted",
         "grant_mismatch",
         "grant_expired",
+        "grant_replayed",
         "grant_signer_not_authorized",
         "pcr_mismatch",
     ] {
         assert!(outcomes.contains(&code), "history lacks a {code} record");
     }
-    assert_eq!(history.records.iter().filter(|r| r.event == "key_release" && r.outcome == "ok").count(), 23);
+    assert_eq!(history.records.iter().filter(|r| r.event == "key_release" && r.outcome == "ok").count(), 25);
     let refused = eve_client.get_json::<HistoryResponse>(&format!("/v1/domains/{domain_id}/history")).await;
     assert_eq!(code_of_client(refused), "forbidden");
 

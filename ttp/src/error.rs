@@ -54,6 +54,9 @@ pub enum Error {
     ModeNotPermitted(String),
     #[error("mount grant expired: {0}")]
     GrantExpired(String),
+    /// A mount grant authorizes one key release; this one was used before.
+    #[error("mount grant already used: {0}")]
+    GrantReplayed(String),
     #[error("mount grant signature is invalid: {0}")]
     GrantSignatureInvalid(String),
     #[error("{0}")]
@@ -104,6 +107,7 @@ impl Error {
             Error::VmNotInAcl(_) => "vm_not_in_acl",
             Error::ModeNotPermitted(_) => "mode_not_permitted",
             Error::GrantExpired(_) => "grant_expired",
+            Error::GrantReplayed(_) => "grant_replayed",
             Error::GrantSignatureInvalid(_) => "grant_signature_invalid",
             Error::GrantSignerNotAuthorized(_) => "grant_signer_not_authorized",
             Error::GrantMismatch(_) => "grant_mismatch",

@@ -500,6 +500,16 @@ impl Ttp {
                     now - grant.expires_at
                 )));
             }
+            // Last, once everything else holds: a grant authorizes one release. Whoever saw
+            // it on its way (the cloud platform forwards it) cannot attach the VM again with
+            // it after a detach.
+            let grant_hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&request.grant.message).into();
+            if !self.store.consume_grant(&grant_hash, grant.expires_at)? {
+                return Err(Error::GrantReplayed(format!(
+                    "the grant of {signer} for {} on domain {} was used for a key release before; every attach needs a new grant",
+                    grant.vm_id, grant.domain_id
+                )));
+            }
 
             // 5. Derive K and seal it to the host's PCR-bound binding key.
             let key = derive_volume_key(

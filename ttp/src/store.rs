@@ -55,6 +55,10 @@ pub trait TtpStore: Send + Sync {
     fn take_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>>;
 
     /// Numbers, chains and appends a record atomically; returns it.
+    /// Marks a mount grant (by the SHA-256 of its message) used until it expires; `false` if
+    /// it was used before. Expired marks are dropped as new ones arrive: an expired grant is
+    /// refused for its expiry anyway.
+    fn consume_grant(&self, grant_hash: &[u8; 32], expires_at: u64) -> Result<bool>;
     fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord>;
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>>;
 }
@@ -93,6 +97,9 @@ impl SqliteStore {
                     challenge_id TEXT PRIMARY KEY, host_id TEXT NOT NULL, nonce BLOB NOT NULL,
                     expires_at INTEGER NOT NULL);
                  CREATE INDEX IF NOT EXISTS challenges_expiry ON challenges(expires_at);
+                 CREATE TABLE IF NOT EXISTS used_grants (
+                    grant_hash BLOB PRIMARY KEY, expires_at INTEGER NOT NULL);
+                 CREATE INDEX IF NOT EXISTS used_grants_expiry ON used_grants(expires_at);
                  CREATE TABLE IF NOT EXISTS audit (
                     seq INTEGER PRIMARY KEY, domain_id TEXT, record TEXT NOT NULL, hash TEXT NOT NULL);
                  CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain_id, seq);",
@@ -249,6 +256,20 @@ impl TtpStore for SqliteStore {
             .map_err(store_err("consume challenge"))?;
         tx.commit().map_err(store_err("commit challenge"))?;
         Ok(found)
+    }
+
+    fn consume_grant(&self, grant_hash: &[u8; 32], expires_at: u64) -> Result<bool> {
+        let connection = self.lock()?;
+        connection
+            .execute("DELETE FROM used_grants WHERE expires_at < ?1", params![now_unix() as i64])
+            .map_err(store_err("expire used grants"))?;
+        let inserted = connection
+            .execute(
+                "INSERT OR IGNORE INTO used_grants (grant_hash, expires_at) VALUES (?1, ?2)",
+                params![grant_hash.as_slice(), expires_at as i64],
+            )
+            .map_err(store_err("mark the grant used"))?;
+        Ok(inserted == 1)
     }
 
     fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord> {
