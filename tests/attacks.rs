@@ -47,7 +47,7 @@
 //! | T6  | domain manager  | calls a secure component (wrong role for that server)                   | `net::Error::Tls` (role refused) |
 //! | T7  | anyone          | TLS 1.2 only (OpenSSL client)                                           | handshake refused (protocol version) |
 //! | T8  | TTP impostor    | a CP certificate answering where the TTP is expected                    | `net::Error::Tls` (server role refused by the client) |
-//! | T9  | domain manager  | TLS with a certificate the CA revoked while the cloud runs (TTP, CP)     | `net::Error::Tls` + "certificate is revoked" (within 2 s) |
+//! | T9  | domain manager  | TLS with a certificate the CA revoked while the cloud runs (TTP, CP)     | `net::Error::Tls` + "certificate is revoked" (after one 2 s file watch: 1.6–2.1 s seen) |
 //! | T10 | domain manager  | a mount grant signed before its signer's certificate was revoked         | `grant_signature_invalid` "certificate is revoked" (audited) |
 //! | B1  | anyone          | bodies over every limit (2 MiB + 1 KiB) on every route of TTP, CP, SC    | 413 `bad_request` JSON on every body route |
 //! | B2  | anyone          | malformed JSON on every route                                           | 400 `bad_request` JSON on every body route |
@@ -1022,8 +1022,22 @@ async fn attack_matrix() {
             }
         };
         let applied_after = published.elapsed();
-        let cp_reason = expect_tls_refusal(pki.client("dm-frank", Role::CloudPlatform, &cloud.cp_url).unwrap().get_json::<DomainView>(&format!("/v1/domains/{id_f}")).await);
-        m.record("T9", "TLS with a certificate the CA revoked while the cloud runs (TTP, CP)", "net::Error::Tls", &format!("TTP after {applied_after:.1?}: {reason}; CP: {cp_reason}"));
+        // The CP watches its files on its own 2 s clock: it may apply the list up to 2 s
+        // after the TTP did (seen in CI), so it gets the same 5 s.
+        let cp_reason = loop {
+            match pki.client("dm-frank", Role::CloudPlatform, &cloud.cp_url).unwrap().get_json::<DomainView>(&format!("/v1/domains/{id_f}")).await {
+                Ok(_) if published.elapsed() < Duration::from_secs(5) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Ok(_) => panic!("the CP still serves dm-frank 5 s after its revocation was published"),
+                Err(e) => break expect_tls_refusal(Err::<(), _>(e)),
+            }
+        };
+        let cp_applied_after = published.elapsed();
+        m.record(
+            "T9",
+            "TLS with a certificate the CA revoked while the cloud runs (TTP, CP)",
+            "net::Error::Tls",
+            &format!("TTP after {applied_after:.1?}: {reason}; CP after {cp_applied_after:.1?}: {cp_reason}"),
+        );
 
         // T10: the grant dm-frank signed before its revocation, presented by compute-1; the
         // same request with alice's grant is served (the control: only the signer changed).
