@@ -563,7 +563,8 @@ async fn crash_consistency_under_kill_9() {
         // host no longer has. Wait until the two agree.
         let settle_started = Instant::now();
         let mut disagreed: Option<(usize, usize)> = None; // orphan mappings and `attaching` records, first look
-        loop {
+        // What compute-1 holds once settled; nothing below changes it before the stale check.
+        let on_host = loop {
             let on_host = sc.list().unwrap().attachments;
             let in_cp = retry("list attachments", || dm.attachments()).await;
             let orphans: Vec<_> = on_host
@@ -574,14 +575,14 @@ async fn crash_consistency_under_kill_9() {
             let attaching: Vec<_> = in_cp.iter().filter(|c| c.status == "attaching").map(|c| c.id.clone()).collect();
             disagreed.get_or_insert((orphans.len(), attaching.len()));
             if orphans.is_empty() && attaching.is_empty() {
-                break;
+                break on_host;
             }
             assert!(
                 settle_started.elapsed() < Duration::from_secs(20),
                 "round {round}: the CP did not reconcile with compute-1 within 20 s: mappings it does not hold attached {orphans:?}, records still attaching {attaching:?}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        };
         let settle_ms = settle_started.elapsed().as_millis();
 
         // The CP's view after the restart: versions and acknowledged attachments.
@@ -609,7 +610,7 @@ async fn crash_consistency_under_kill_9() {
                         // that reached the disk before kill -9); otherwise it stays attached.
                         let header = header_on_disk(&cp_data.join("volumes").join(format!("{domain}.vol"))).unwrap().2;
                         let allowed = header.unverified_contents().unwrap().0.access_of(vm).is_some();
-                        let host_has = sc.list().unwrap().attachments.iter().any(|h| &h.attachment_id == id);
+                        let host_has = on_host.iter().any(|h| &h.attachment_id == id);
                         if allowed && host_has {
                             assert_eq!(a.status, "attached", "round {round}: acknowledged attachment {id} of {vm}");
                         } else if allowed {
@@ -644,7 +645,6 @@ async fn crash_consistency_under_kill_9() {
         // The host against the CP: mappings the CP never acknowledged (orphans), CP
         // attachments the host no longer has (stale), and VMs whose access was revoked by a
         // version in force while a mapping is still open (revocation not yet enforced).
-        let on_host = sc.list().unwrap().attachments;
         let open_in_cp: Vec<_> = cp_attachments.iter().filter(|a| a.status != "detached").collect();
         for a in &on_host {
             assert!(

@@ -86,6 +86,19 @@ impl Error {
         }
     }
 
+    /// The same error with `note` appended to its message, where the message is the CP's
+    /// own telling of a failure (unreachable or failing peer, volume, store); refusals stay
+    /// as they are.
+    pub fn with_note(self, note: &str) -> Self {
+        match self {
+            Error::Unreachable { code, message } => Error::Unreachable { code, message: message + note },
+            Error::Upstream { status, code, message } => Error::Upstream { status, code, message: message + note },
+            Error::Volume(message) => Error::Volume(message + note),
+            Error::Store(message) => Error::Store(message + note),
+            other => other,
+        }
+    }
+
     /// Classifies a failed call to the TTP or a secure component: a refusal keeps the
     /// peer's code and message; anything else names who could not be reached and why.
     pub fn from_peer(

@@ -108,28 +108,21 @@ fn is_refusal(error: &Error) -> bool {
 
 /// Says, on an attach whose answer never came, how it is settled.
 fn settled_later(error: Error, attachment_id: &str) -> Error {
-    let note = format!(
+    error.with_note(&format!(
         "; attachment {attachment_id} stays `attaching` until the cloud platform's reconciliation with the host records it as attached or detached (`attachment list` tells)"
-    );
-    match error {
-        Error::Unreachable { code, message } => Error::Unreachable { code, message: message + &note },
-        Error::Upstream { status, code, message } => Error::Upstream { status, code, message: message + &note },
-        other => other,
-    }
+    ))
 }
 
 /// Says, on an interrupted update, that the CP keeps it and finishes it later.
 fn kept_for_later(error: Error, version: u64) -> Error {
-    let note = format!(
+    error.with_note(&format!(
         "; the cloud platform keeps version {version} and finishes it on the next request for this domain or at its next start (`domain show` tells when it is in force)"
-    );
-    match error {
-        Error::Unreachable { code, message } => Error::Unreachable { code, message: message + &note },
-        Error::Upstream { status, code, message } => Error::Upstream { status, code, message: message + &note },
-        Error::Volume(message) => Error::Volume(message + &note),
-        Error::Store(message) => Error::Store(message + &note),
-        other => other,
-    }
+    ))
+}
+
+/// Whether `descriptor` still lets the attachment's VM mount with the attachment's mode.
+fn allows(descriptor: &Descriptor, attachment: &Attachment) -> bool {
+    descriptor.access_of(&attachment.instance_id).is_some_and(|m| m.covers(attachment.mode))
 }
 
 fn decode_descriptor(envelope: &protocol::signing::SignedEnvelope) -> Result<Descriptor> {
@@ -540,14 +533,7 @@ impl CloudPlatform {
         let open = self
             .store(move |s| s.open_attachments_of_domain(&id))
             .await?;
-        let lost: Vec<Attachment> = open
-            .into_iter()
-            .filter(|a| {
-                !descriptor
-                    .access_of(&a.instance_id)
-                    .is_some_and(|m| m.covers(a.mode))
-            })
-            .collect();
+        let lost: Vec<Attachment> = open.into_iter().filter(|a| !allows(descriptor, a)).collect();
         self.detach_all(lost, why).await
     }
 
@@ -636,7 +622,7 @@ impl CloudPlatform {
             let id = domain_id.clone();
             let record = self.store(move |s| s.domain(&id)).await?;
             let allowed = match &record {
-                Some(record) => match self.read_header(record).await.and_then(|h| decode_descriptor(&h.record.descriptor)) {
+                Some(record) => match self.descriptor_in_force(record).await {
                     Ok(descriptor) => Some(descriptor),
                     Err(e) => {
                         tracing::error!(domain = %domain_id, error = %e, "cannot read the header in force; detaching every VM of the domain");
@@ -647,7 +633,7 @@ impl CloudPlatform {
             };
             let lost: Vec<Attachment> = attachments
                 .into_iter()
-                .filter(|a| !allowed.as_ref().is_some_and(|d| d.access_of(&a.instance_id).is_some_and(|m| m.covers(a.mode))))
+                .filter(|a| !allowed.as_ref().is_some_and(|d| allows(d, a)))
                 .collect();
             detached += lost.len();
             self.detach_all(lost, "reconciled at start-up: the header in force no longer allows it").await?;
@@ -777,10 +763,12 @@ impl CloudPlatform {
         if record.deleted_at.is_some() {
             return false;
         }
-        match self.read_header(&record).await.and_then(|h| decode_descriptor(&h.record.descriptor)) {
-            Ok(descriptor) => descriptor.access_of(&attachment.instance_id).is_some_and(|m| m.covers(attachment.mode)),
-            Err(_) => false,
-        }
+        self.descriptor_in_force(&record).await.is_ok_and(|descriptor| allows(&descriptor, attachment))
+    }
+
+    /// The descriptor of the header in force on the domain's volume.
+    async fn descriptor_in_force(&self, record: &DomainRecord) -> Result<Descriptor> {
+        decode_descriptor(&self.read_header(record).await?.record.descriptor)
     }
 
     /// `DELETE /v1/domains/{id}`: TTP tombstone, every attachment detached, both header

@@ -22,11 +22,27 @@ pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 /// and its role, per the `rustls::ClientConfig` from `protocol::pki::client_config`).
 #[derive(Clone, Debug)]
 pub struct Client {
-    http: reqwest::Client,
+    http: Http,
     base: String,
     max_body: usize,
-    /// Set by [`Client::from_files`]: the TLS files, watched, and the client built from them.
-    reload: Option<Arc<Reloading>>,
+}
+
+/// Where the HTTP client of the next request comes from.
+#[derive(Clone, Debug)]
+enum Http {
+    /// Built once from a TLS configuration.
+    Fixed(reqwest::Client),
+    /// Built from TLS files and rebuilt when they change ([`Client::from_files`]).
+    Reloading(Arc<Reloading>),
+}
+
+impl Http {
+    fn current(&self) -> reqwest::Client {
+        match self {
+            Http::Fixed(http) => http.clone(),
+            Http::Reloading(reload) => reload.current(),
+        }
+    }
 }
 
 /// A client's TLS files and what was last built from them: a revocation list (or
@@ -106,10 +122,9 @@ impl Client {
         reqwest::Url::parse(&base)
             .map_err(|e| Error::Config(format!("base URL {base_url:?} does not parse: {e}")))?;
         Ok(Client {
-            http: http_client(tls, timeout)?,
+            http: Http::Fixed(http_client(tls, timeout)?),
             base,
             max_body: DEFAULT_MAX_BODY,
-            reload: None,
         })
     }
 
@@ -121,15 +136,12 @@ impl Client {
         // Stamp first: a change while the files are read is seen at the first check.
         let stamp = crate::server::tls_files_stamp(files);
         let mut client = Self::with_timeout(base_url, files.client_config(server_role)?, timeout)?;
-        client.reload = Some(Arc::new(Reloading {
+        let first = client.http.current();
+        client.http = Http::Reloading(Arc::new(Reloading {
             files: files.clone(),
             server_role,
             timeout,
-            state: Mutex::new(ReloadState {
-                checked_at: Instant::now(),
-                stamp,
-                http: client.http.clone(),
-            }),
+            state: Mutex::new(ReloadState { checked_at: Instant::now(), stamp, http: first }),
         }));
         Ok(client)
     }
@@ -177,11 +189,9 @@ impl Client {
         body: Option<&B>,
     ) -> Result<T> {
         let url = format!("{}/{}", self.base, path.trim_start_matches('/'));
-        let http = match &self.reload {
-            Some(reload) => reload.current(),
-            None => self.http.clone(),
-        };
-        let mut req = http
+        let mut req = self
+            .http
+            .current()
             .request(method, &url)
             .header("accept", "application/json");
         if let Some(b) = body {

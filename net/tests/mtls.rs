@@ -475,19 +475,26 @@ fn revoke(ca: &Ca, number: u64, revoked: &[&IssuedIdentity]) -> String {
     CertificateAuthority::sign_revocation_list(&ca.cert, &ca.key, number, &entries, 30).unwrap()
 }
 
+/// A directory laid out as `TlsFiles::in_dir(dir, name)` reads it: ca.pem, NAME.pem,
+/// NAME-key.pem (0600) and an empty crl.pem (list number 1).
+fn tls_dir(ca: &Ca, name: &str, identity: &IssuedIdentity) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.cert).unwrap();
+    std::fs::write(dir.path().join(format!("{name}.pem")), &identity.cert_pem).unwrap();
+    let key = dir.path().join(format!("{name}-key.pem"));
+    std::fs::write(&key, identity.key_pem.as_bytes()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    publish_crl(dir.path(), &revoke(ca, 1, &[]));
+    dir
+}
+
 #[tokio::test]
 async fn revoked_certificates_are_refused_and_a_new_list_applies_without_restart() {
     let ca = Ca::new("Cloud A CA");
     let ttp = ca.issue(Role::Ttp, "ttp-1");
     let sc1 = ca.issue(Role::SecureComponent, "sc-1");
     let sc2 = ca.issue(Role::SecureComponent, "sc-2");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), &ca.cert).unwrap();
-    std::fs::write(dir.path().join("ttp-1.pem"), &ttp.cert_pem).unwrap();
-    let key = dir.path().join("ttp-1-key.pem");
-    std::fs::write(&key, ttp.key_pem.as_bytes()).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    publish_crl(dir.path(), &revoke(&ca, 1, &[]));
+    let dir = tls_dir(&ca, "ttp-1", &ttp);
 
     // The server is built from its files, as every Skydd service is, and watches them.
     let files = TlsFiles::in_dir(dir.path(), "ttp-1");
@@ -561,13 +568,7 @@ async fn a_client_built_from_files_refuses_a_server_revoked_while_it_runs() {
     let ca = Ca::new("Cloud A CA");
     let ttp = ca.issue(Role::Ttp, "ttp-1");
     let cp = ca.issue(Role::CloudPlatform, "cloud-platform");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), &ca.cert).unwrap();
-    std::fs::write(dir.path().join("cloud-platform.pem"), &cp.cert_pem).unwrap();
-    let key = dir.path().join("cloud-platform-key.pem");
-    std::fs::write(&key, cp.key_pem.as_bytes()).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    publish_crl(dir.path(), &revoke(&ca, 1, &[]));
+    let dir = tls_dir(&ca, "cloud-platform", &cp);
     let tls = Arc::new(pki::server_config(std::slice::from_ref(&ca.cert), &[], &ttp.cert_pem, &ttp.key_pem, &[Role::CloudPlatform]).unwrap());
     let server = start_with(tls).await;
 
