@@ -39,6 +39,9 @@ impl TpmWorker {
                     let _ = opened_tx.send(Ok(()));
                     for job in inbox {
                         job(&mut tpm);
+                        // A decrypted domain key passed through this thread's registers and
+                        // the TSS stack (crate::scrub).
+                        crate::scrub::scrub_this_thread();
                     }
                 }
                 Err(e) => {

@@ -142,6 +142,14 @@ impl std::fmt::Debug for XtsEngine {
     }
 }
 
+/// The engine's threads keep key bytes in registers and stack slots that dropping the
+/// pool cannot reach: wipe them on every rayon worker and on the dropping thread.
+impl Drop for XtsEngine {
+    fn drop(&mut self) {
+        crate::scrub::scrub_rayon_workers();
+    }
+}
+
 impl XtsEngine {
     /// Sets up the engine for a 64-byte AES-256-XTS key (key1 = data key, first 32
     /// bytes; key2 = tweak key, last 32 bytes, as dm-crypt splits it).
@@ -184,6 +192,8 @@ impl XtsEngine {
         let vaes = (allow_vaes && vaes::available()).then(|| vaes::Keys::new(k));
         #[cfg(not(target_arch = "x86_64"))]
         let _ = allow_vaes;
+        // Key expansion held both halves in this thread's registers and stack.
+        crate::scrub::scrub_this_thread();
         Ok(Self {
             pool: Mutex::new(Pool { template, free }),
             #[cfg(target_arch = "x86_64")]
@@ -361,12 +371,11 @@ mod vaes {
             // SAFETY: Keys exist only when available() held.
             unsafe {
                 crypt_units(self.0.expose(), encrypt, first, unit_len, buf);
-                // The round keys must not outlive the engine in this thread's vector
-                // registers or in the stack slots the compiler spilled them to (a worker
-                // or FUSE thread keeps both after the volume is detached).
-                clear_vector_registers();
+                // Round keys stay out of idle registers between requests: 17 register
+                // clears cost nothing beside 4 KiB of AES. The stack slots are wiped once
+                // per thread when the engine goes (crate::scrub), not per request.
+                crate::scrub::clear_avx512();
             }
-            burn_stack();
         }
     }
 
@@ -426,44 +435,6 @@ mod vaes {
             _mm_storeu_si128(dec.as_mut_ptr().add(16 * i).cast(), _mm_aesimc_si128(ld(14 - i)));
         }
         _mm_storeu_si128(dec.as_mut_ptr().add(16 * 14).cast(), ld(0));
-    }
-
-    /// Zeroes zmm0-31 (`vzeroall` alone reaches only zmm0-15).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn clear_vector_registers() {
-        std::arch::asm!(
-            "vzeroall",
-            "vpxord zmm16, zmm16, zmm16",
-            "vpxord zmm17, zmm17, zmm17",
-            "vpxord zmm18, zmm18, zmm18",
-            "vpxord zmm19, zmm19, zmm19",
-            "vpxord zmm20, zmm20, zmm20",
-            "vpxord zmm21, zmm21, zmm21",
-            "vpxord zmm22, zmm22, zmm22",
-            "vpxord zmm23, zmm23, zmm23",
-            "vpxord zmm24, zmm24, zmm24",
-            "vpxord zmm25, zmm25, zmm25",
-            "vpxord zmm26, zmm26, zmm26",
-            "vpxord zmm27, zmm27, zmm27",
-            "vpxord zmm28, zmm28, zmm28",
-            "vpxord zmm29, zmm29, zmm29",
-            "vpxord zmm30, zmm30, zmm30",
-            "vpxord zmm31, zmm31, zmm31",
-            clobber_abi("C"),
-            options(nostack, nomem, preserves_flags)
-        );
-    }
-
-    /// Overwrites the stack below the caller's frame, where `crypt_units` (a few KiB of
-    /// spilled round keys, tweaks and blocks) just ran.
-    #[inline(never)]
-    fn burn_stack() {
-        let mut scrub = [0u8; 16 * 1024];
-        for byte in scrub.iter_mut() {
-            // SAFETY: a plain write to a local; volatile so it is not elided.
-            unsafe { std::ptr::write_volatile(byte, 0) };
-        }
-        std::hint::black_box(&scrub);
     }
 
     fn mul_alpha(t: u128) -> u128 {

@@ -407,7 +407,12 @@ impl AgentService {
             pid: std::process::id(),
             interrupted: None,
         };
-        let (record, timings) = tokio::task::spawn_blocking(move || this.open_and_attach(record, key, timings))
+        let (record, timings) = tokio::task::spawn_blocking(move || {
+            let opened = this.open_and_attach(record, key, timings);
+            // This pool thread copied the key into the backend (crate::scrub).
+            crate::scrub::scrub_this_thread();
+            opened
+        })
             .await
             .map_err(|e| Error::Volume(format!("attach task failed: {e}")))??;
         let mut timings = timings;
