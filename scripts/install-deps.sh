@@ -87,5 +87,13 @@ if ! command -v cargo >/dev/null 2>&1; then
   fi
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
-# cargo-deb builds the Debian packages of the services (vagrant/ lab, scripts/lab-check.sh).
+# rustfmt and clippy for the gate of scripts/test-all.sh (rustup installs them; a toolchain
+# from elsewhere must bring its own).
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+fi
+# cargo-deb builds the Debian packages of the services (vagrant/ lab, scripts/lab-check.sh);
+# cargo-deny checks licenses, bans and sources in the gate (deny.toml).
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
+command -v cargo-deny >/dev/null || cargo install cargo-deny --locked

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs what is missing, then runs every test of the workspace (unit tests, the
-# cross-party tests with real swtpm instances, the volume tests, dm-crypt in a qemu VM), then
-# the lab checks (shellcheck, vagrant validate, the provisioning scripts in Debian chroots)
-# and a short bounded run of every fuzz target on its committed corpus.
+# Installs what is missing, then passes the quality gate (format, clippy, rustdoc, cargo-deny:
+# any finding stops the run here, before the slow suites), then runs every test of the
+# workspace (unit tests, the cross-party tests with real swtpm instances, the volume tests,
+# dm-crypt in a qemu VM), then the lab checks (shellcheck, vagrant validate, the provisioning
+# scripts in Debian chroots) and a short bounded run of every fuzz target on its corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,23 @@ disk_report "start"
 
 bash scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
+
+# The gate: needs no root and no device, takes a few minutes, fails the run on any finding.
+gate_step() {
+  local started=$SECONDS
+  echo "gate: $*"
+  if ! "$@"; then
+    echo "gate: FAILED: $* (fix the findings above; nothing else was run)" >&2
+    exit 1
+  fi
+  echo "gate: passed in $((SECONDS - started)) s: $1 $2"
+}
+gate_step cargo fmt --all --check
+gate_step cargo clippy --workspace --all-targets --locked -- -D warnings
+gate_step env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+gate_step cargo deny --locked check licenses bans sources
+disk_report "gate"
+
 status=0
 cargo test --workspace --release --no-fail-fast -- --test-threads=2 --nocapture || status=$?
 disk_report "workspace tests"

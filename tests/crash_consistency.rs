@@ -23,8 +23,9 @@
 //!
 //! Unacknowledged operations may be lost; acknowledged ones never. Prints one line per round.
 //! `SKYDD_CRASH_ROUNDS` (default 16) and `SKYDD_CRASH_SEED` tune it. Needs root, swtpm,
-//! /dev/fuse and /dev/loop-control; passes vacuously without them.
+//! /dev/fuse and /dev/loop-control; fails naming what is missing without them.
 
+use secure_component::prerequisites::{self, Need};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -47,15 +48,6 @@ use ttp::attestation::{AttestationPolicy, ReferenceState};
 const CHILD_ENV: &str = "SKYDD_CRASH_CHILD";
 const VOLUME_BYTES: u64 = 16 << 20;
 const DOMAINS: usize = 3;
-
-fn usable() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false);
-    let swtpm = std::process::Command::new("swtpm").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    root && swtpm && Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists()
-}
 
 /// The child role: serve the TTP or the CP from a configuration file until killed.
 #[test]
@@ -344,10 +336,7 @@ async fn crash_consistency_under_kill_9() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    if !usable() {
-        eprintln!("SKIPPED: needs root, swtpm, /dev/fuse and /dev/loop-control");
-        return;
-    }
+    prerequisites::require(Need::USERSPACE_HOST);
     let started = Instant::now();
     let rounds: usize = std::env::var("SKYDD_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
     let seed: u64 = std::env::var("SKYDD_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::random::<u32>() as u64);

@@ -24,9 +24,10 @@
 //! (2) a core taken while the volume is attached must contain the key's halves (the
 //! engine's round keys), which proves the independently derived key is the one in use.
 //!
-//! Needs root, swtpm, gdb (gcore), /dev/fuse and /dev/loop-control; prints SKIPPED and
-//! passes vacuously without them.
+//! Needs root, swtpm, gdb (gcore), /dev/fuse and /dev/loop-control, and fails naming what is
+//! missing without them (secure_component::prerequisites).
 
+use secure_component::prerequisites::{self, Need};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -54,36 +55,6 @@ const MARKER_SEED: &str = "SKYDD_KEY_HYGIENE_MARKER_SEED";
 const DATA_LEN: u64 = 32 << 20;
 /// If set to a directory, the cores taken are kept there (they are large: ~0.5 GiB each).
 const KEEP_CORES: &str = "SKYDD_KEY_HYGIENE_KEEP_CORES";
-
-fn usable() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    let ok = |cmd: &str, arg: &str| {
-        Command::new(cmd)
-            .arg(arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    root && ok("swtpm", "--version")
-        && ok("gdb", "--version")
-        && Command::new("sh")
-            .args(["-c", "command -v gcore"])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-        && Path::new("/dev/fuse").exists()
-        && Path::new("/dev/loop-control").exists()
-}
 
 /// The positive-control marker: 64 bytes derived from the seed (SHA-256 in counter mode).
 fn marker_from_seed(seed: &[u8]) -> Vec<u8> {
@@ -505,10 +476,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     if std::env::var(CHILD_CONFIG).is_ok() {
         return;
     }
-    if !usable() {
-        eprintln!("SKIPPED: needs root, swtpm, gdb (gcore), /dev/fuse and /dev/loop-control");
-        return;
-    }
+    prerequisites::require(&[Need::Root, Need::Swtpm, Need::Gcore, Need::Fuse, Need::LoopDevices]);
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();

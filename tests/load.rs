@@ -25,6 +25,7 @@
 //! `cargo test --release --test load -- --ignored --nocapture load_8000_clients`
 //! (`SKYDD_LOAD_CLIENTS`, `SKYDD_LOAD_REQUESTS` override the counts).
 
+use secure_component::prerequisites::{self, Need};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -44,15 +45,6 @@ const DEADLINE: Duration = Duration::from_secs(150);
 /// generator's connection ramp). net::Client gives a connect 10 s; 8,000 handshakes at once
 /// on 2 cores take ~14 s, so without a ramp the last ~800 time out.
 const CONNECTING_AT_ONCE: usize = 256;
-
-fn usable() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false);
-    let swtpm = std::process::Command::new("swtpm").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    root && swtpm
-}
 
 /// Raises this process's open-file limit with prlimit(1): 8,000 client and 8,000 server
 /// sockets live in this one process. Raising the hard limit needs CAP_SYS_RESOURCE; without
@@ -395,10 +387,7 @@ fn clients(pki: &LabPki, identities: &[(String, Call)], server_role: Role, url: 
 }
 
 async fn ttp_and_cp_under_load(clients_n: usize, requests: usize, tpm_parts: bool) {
-    if !usable() {
-        eprintln!("SKIPPED: needs root and swtpm");
-        return;
-    }
+    prerequisites::require(&[Need::Root, Need::Swtpm]);
     let nofile = raise_nofile(65536);
     assert!(nofile as usize > 2 * clients_n + 1000, "{clients_n} clients need two sockets each in this process; RLIMIT_NOFILE is {nofile}");
     let test_started = Instant::now();

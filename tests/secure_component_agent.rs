@@ -11,9 +11,10 @@
 //! (kill -9 of the agent process) is found stale and cleaned up the same way. Then measures
 //! attach latency over 50 attach+detach cycles and prints where the time goes.
 //!
-//! Needs root, /dev/fuse, /dev/loop-control and swtpm; prints a notice and passes vacuously
-//! without them.
+//! Needs root, /dev/fuse, /dev/loop-control and swtpm; fails naming what is missing without
+//! them (secure_component::prerequisites).
 
+use secure_component::prerequisites::{self, Need};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,15 +37,6 @@ const EROFS: i32 = 30;
 const DATA_LEN: u64 = 64 << 20;
 /// Environment variable that turns this test binary into a child agent process.
 const CHILD_CONFIG: &str = "SKYDD_SC_TEST_CHILD_CONFIG";
-
-fn usable() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false);
-    let swtpm = std::process::Command::new("swtpm").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    root && swtpm && Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists()
-}
 
 /// A volume file as the cloud platform writes it: header slot 0 with the header record,
 /// sparse data area from 1 MiB.
@@ -205,10 +197,7 @@ async fn secure_component_agent_end_to_end() {
     if std::env::var(CHILD_CONFIG).is_ok() {
         return;
     }
-    if !usable() {
-        eprintln!("SKIPPED: needs root, swtpm, /dev/fuse and /dev/loop-control");
-        return;
-    }
+    prerequisites::require(Need::USERSPACE_HOST);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let _cleanup = Cleanup(root.to_path_buf());

@@ -2,8 +2,9 @@
 //! ro, and the on-disk bytes checked against an independent AES-XTS implementation
 //! (RustCrypto xts-mode), so the format really is aes-xts-plain64 with 4 KiB sectors and
 //! the sector index as tweak, as dm-crypt reads it. Needs root, /dev/fuse and loop
-//! devices; prints a notice and passes vacuously without them.
+//! devices, and fails saying which is missing without them (secure_component::prerequisites).
 
+use secure_component::prerequisites::{self, Need};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -19,17 +20,6 @@ use secure_component::volume::{OpenMode, VolumeBackend};
 const DATA_LEN: u64 = 48 << 20;
 const MARKER: &[u8] = b"SKYDD-PLAINTEXT-MARKER-7f3a";
 
-fn usable() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc_geteuid() } == 0;
-    root && Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists()
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
 fn independent_decrypt(key: &[u8], first_sector: u64, buf: &mut [u8]) {
     let xts = xts_mode::Xts128::new(
         aes::Aes256::new_from_slice(&key[..32]).unwrap(),
@@ -42,10 +32,7 @@ fn independent_decrypt(key: &[u8], first_sector: u64, buf: &mut [u8]) {
 
 #[test]
 fn userspace_volume_end_to_end() {
-    if !usable() {
-        eprintln!("SKIPPED: needs root, /dev/fuse and /dev/loop-control");
-        return;
-    }
+    prerequisites::require(&[Need::Root, Need::Fuse, Need::LoopDevices]);
     let tmp = tempfile::tempdir().unwrap();
     let volume = tmp.path().join("vol.img");
     {

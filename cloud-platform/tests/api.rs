@@ -11,6 +11,7 @@
 //! register; attach is forwarded to the instance's host (an unreachable host is named);
 //! revoking a VM or narrowing its mode detaches it on its host.
 
+use secure_component::prerequisites::{self, Need};
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -771,23 +772,6 @@ async fn hosts_instances_and_an_unreachable_host() {
 
 // ---- attach through a real secure component ------------------------------------------------------
 
-fn sc_usable() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    let swtpm = std::process::Command::new("swtpm")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    root && swtpm && Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists()
-}
-
 /// Mounts and loop devices under `root`.
 fn leftovers(root: &Path) -> Vec<String> {
     let root = root.to_string_lossy().to_string();
@@ -830,10 +814,7 @@ async fn attach_and_revoke_through_the_secure_component() {
     use secure_component::config::{AgentConfig, BackendChoice, HypervisorChoice, LibvirtConfig};
     use secure_component::service;
 
-    if !sc_usable() {
-        eprintln!("SKIPPED: needs root, swtpm, /dev/fuse and /dev/loop-control");
-        return;
-    }
+    prerequisites::require(Need::USERSPACE_HOST);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let pki = Pki::create(&root.join("pki"));

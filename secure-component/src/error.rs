@@ -14,6 +14,9 @@ pub enum Error {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The host lacks something the secure component needs (prerequisites.rs).
+    #[error("this host lacks what the secure component needs: {0}")]
+    Prerequisites(String),
 
     // ---- TPM (tpm.rs) ----------------------------------------------------------------
     #[error("TPM operation {operation} failed: {detail}")]

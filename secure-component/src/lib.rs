@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod hypervisor;
 pub mod service;
+pub mod prerequisites;
 pub mod scrub;
 pub mod swtpm;
 pub mod tpm;

@@ -52,6 +52,7 @@ pub fn status_and_code(error: &Error) -> (StatusCode, String) {
         Error::Hypervisor { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "hypervisor_failed".into()),
         Error::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "io_failed".into()),
         Error::Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "config".into()),
+        Error::Prerequisites(_) => (StatusCode::INTERNAL_SERVER_ERROR, "host_unprepared".into()),
     }
 }
 
