@@ -3,6 +3,8 @@
 //! cloud platform for storage and attachments and to the TTP for the viewing history.
 //! The CLI in main.rs only parses arguments and prints.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod error;
 pub mod ops;

@@ -5,6 +5,8 @@
 //! Certificates, roles and the rustls configurations come from `protocol::pki`; this crate
 //! only moves bytes. See docs/PKI.md.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 pub mod error;
 pub mod files;
