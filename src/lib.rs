@@ -2,6 +2,7 @@
 //! the cross-party tests in tests/ and by the `skydd` launcher.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod cloud;
 pub mod lab;

@@ -4,6 +4,7 @@
 //! The CLI in main.rs only parses arguments and prints.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod config;
 pub mod error;

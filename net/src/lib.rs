@@ -6,6 +6,7 @@
 //! only moves bytes. See docs/PKI.md.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod client;
 pub mod error;

@@ -864,7 +864,7 @@ fn own_chain(cert_pem: &str) -> Result<(Vec<CertificateDer<'static>>, Identity)>
 
 /// Server side of a Skydd link: TLS 1.3 only, client certificate required, chained to one of
 /// `trusted_ca_pems` (several for federated clouds), not revoked by `crl_pems` (see
-/// [`revocation_checks`]), with a role in `allowed_client_roles`.
+/// [`crls_from_pems`]), with a role in `allowed_client_roles`.
 pub fn server_config(
     trusted_ca_pems: &[String],
     crl_pems: &[String],
