@@ -41,7 +41,7 @@ pub enum Error {
     Protocol(#[from] protocol::Error),
 }
 
-/// `Result` with the domain manager's [`Error`].
+/// `Result` with the domain manager's [`enum@Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {

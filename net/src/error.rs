@@ -113,7 +113,7 @@ pub enum Error {
     Pki(#[from] protocol::Error),
 }
 
-/// `Result` with the net library's [`Error`].
+/// `Result` with the net library's [`enum@Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
