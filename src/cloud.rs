@@ -18,10 +18,13 @@ use crate::lab::{LabPki, RunningTtp};
 
 /// One compute host of the all-in-one cloud.
 pub struct ComputeNode {
+    /// The host's id (`compute-1`...), the subject CN of its secure component's certificate.
     pub id: String,
+    /// `https://127.0.0.1:PORT` of its secure component, as the cloud platform calls it.
     pub agent_url: String,
     /// Where the local hypervisor driver mounts each VM's volumes: `<vm_root>/<vm>/<domain>`.
     pub vm_root: PathBuf,
+    /// The secure component's service, for tests that inspect attachments directly.
     pub service: Arc<AgentService>,
     server: Server,
     /// Dropped last: the secure component talks to it until it stops.
@@ -40,13 +43,21 @@ impl Server {
     }
 }
 
+/// A whole Skydd cloud on loopback in one process (`skydd up`): the lab CA, the TTP, the
+/// cloud platform and the compute hosts of a [`Layout`], with a configuration file per
+/// domain manager.
 pub struct AllInOne {
+    /// The directory everything is written under (CA, data directories, configurations).
     pub dir: PathBuf,
+    /// The cloud CA every party trusts.
     pub pki: LabPki,
+    /// The TTP serving on loopback.
     pub ttp: RunningTtp,
     ttp_policy: AttestationPolicy,
+    /// `https://127.0.0.1:PORT` of the cloud platform.
     pub cp_url: String,
     cp_server: Server,
+    /// The compute hosts, in the order of the layout.
     pub hosts: Vec<ComputeNode>,
     /// Domain-manager configuration files, by manager name.
     pub manager_configs: Vec<(String, PathBuf)>,
@@ -56,6 +67,7 @@ pub struct AllInOne {
 pub struct Layout<'a> {
     /// Compute hosts and the VMs that run on each.
     pub hosts: &'a [(&'a str, &'a [&'a str])],
+    /// Domain managers to issue certificates and write configuration files for.
     pub managers: &'a [&'a str],
 }
 
@@ -171,6 +183,7 @@ impl AllInOne {
         self.ttp.outage(&self.dir, &self.pki, &self.ttp_policy, during).await
     }
 
+    /// The configuration file of domain manager `name`; an error if the layout has none.
     pub fn manager_config(&self, name: &str) -> Result<PathBuf> {
         self.manager_configs.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone()).with_context(|| format!("no manager {name}"))
     }

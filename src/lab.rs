@@ -23,12 +23,14 @@ use ttp::attestation::{AttestationPolicy, ReferenceState};
 /// `dir` holds ca.pem, ca-key.pem and the revocation list crl.pem, which every party of the
 /// lab checks, and every party's certificate.
 pub struct LabPki {
+    /// The CA directory: ca.pem, ca-key.pem, crl.pem and every issued NAME.pem/NAME-key.pem.
     pub dir: PathBuf,
     ca_cert_pem: String,
     ca_key_pem: zeroize::Zeroizing<String>,
 }
 
 impl LabPki {
+    /// Makes a new lab CA (`skydd-lab-ca`) in `dir`, as `cloud-platform ca init` does.
     pub fn create(dir: &Path) -> Result<Self> {
         let paths = cloud_platform::ca::init(dir, "skydd-lab-ca")?;
         let ca_cert_pem = std::fs::read_to_string(&paths.cert)?;
@@ -43,6 +45,7 @@ impl LabPki {
         Ok(())
     }
 
+    /// The CA certificate (PEM) every lab party trusts.
     pub fn ca_pem(&self) -> &str {
         &self.ca_cert_pem
     }
@@ -52,6 +55,8 @@ impl LabPki {
         self.issue_with_validity(role, name, Validity::Days(30))
     }
 
+    /// Issues `name` with `role` for an explicit `validity` (tests of expired and not-yet-valid
+    /// certificates); writes the same files as [`LabPki::issue`].
     pub fn issue_with_validity(&self, role: Role, name: &str, validity: Validity) -> Result<TlsFiles> {
         let issued = CertificateAuthority::issue(&self.ca_cert_pem, &self.ca_key_pem, role, name, validity)?;
         let files = TlsFiles::in_dir(&self.dir, name);
@@ -76,8 +81,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// A TTP served in this process on a loopback port.
 pub struct RunningTtp {
+    /// `https://127.0.0.1:PORT`, the address the TTP listens on.
     pub url: String,
+    /// The TTP's data directory (its store and audit log); kept across an [`RunningTtp::outage`].
     pub data_dir: PathBuf,
+    /// The TTP itself, for tests that inspect its state directly.
     pub service: Arc<ttp::service::Ttp>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -123,6 +131,7 @@ impl RunningTtp {
         Ok(Self { url, data_dir, service, shutdown, task })
     }
 
+    /// Stops the server and waits for it to finish.
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
@@ -149,6 +158,7 @@ impl RunningTtp {
 
 /// A compute host: its swtpm and its secure component's TTP-facing agent.
 pub struct LabHost {
+    /// The secure component's TTP-facing side (enrollment, key release) for `host_id`.
     pub agent: HostAgent,
     /// Kept alive for the host's lifetime (killed on drop).
     pub swtpm: Swtpm,
@@ -175,11 +185,14 @@ impl LabHost {
 
 /// A domain manager: signs descriptors, grants and deletions with its certificate's key.
 pub struct DomainManager {
+    /// The manager's name, the subject CN of its certificate.
     pub name: String,
+    /// The key of its certificate (role domain-manager).
     pub key: SignatureKey,
 }
 
 impl DomainManager {
+    /// Issues a domain-manager certificate for `name` from the lab CA and loads its key.
     pub fn create(pki: &LabPki, name: &str) -> Result<Self> {
         let files = pki.issue(Role::DomainManager, name)?;
         let material = files.load()?;
@@ -190,16 +203,20 @@ impl DomainManager {
         Ok(Self { name: name.to_string(), key: SignatureKey::from_pem(&material.key_pem, cert_der)? })
     }
 
+    /// A first-version descriptor owned by this manager with `metadata` and access list `acl`.
     pub fn new_domain(&self, metadata: &[(&str, &str)], acl: &[(&str, AccessMode)]) -> Result<Descriptor> {
         let metadata: BTreeMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let acl = acl.iter().map(|(vm, mode)| AclEntry { vm_id: vm.to_string(), mode: *mode }).collect();
         Ok(Descriptor::new(&self.name, metadata, acl)?)
     }
 
+    /// Signs `descriptor` as its owner.
     pub fn sign_descriptor(&self, descriptor: &Descriptor) -> Result<SignedEnvelope> {
         Ok(self.key.sign_envelope(SignatureContext::Descriptor, descriptor.encode()?))
     }
 
+    /// A signed single-use mount grant for `vm_id` in `mode`, expiring `valid_for_secs` from now
+    /// (negative for grants that are already expired).
     pub fn grant(&self, domain_id: &str, vm_id: &str, mode: AccessMode, valid_for_secs: i64) -> SignedEnvelope {
         let expires_at = (ttp::store::now_unix() as i64 + valid_for_secs).max(0) as u64;
         let grant = MountGrant {
@@ -213,6 +230,7 @@ impl DomainManager {
         self.key.sign_envelope(SignatureContext::MountGrant, grant.encode())
     }
 
+    /// A signed request to delete (crypto-shred) `domain_id`.
     pub fn deletion(&self, domain_id: &str) -> SignedEnvelope {
         let deletion = Deletion { domain_id: domain_id.to_string(), requested_at: ttp::store::now_unix() };
         self.key.sign_envelope(SignatureContext::Deletion, deletion.encode())

@@ -2,6 +2,8 @@
 //! TTP, the cloud platform, two compute hosts each with its own swtpm and secure
 //! component); `skydd demo` tells Skydd's story on it.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};

@@ -18,17 +18,22 @@ const RECORD_TEXT: &str = "Patient 0042, cardiology: ECG 2026-11-20 normal sinus
 /// What the story saw, for tests.
 #[derive(Debug, Default)]
 pub struct StoryReport {
+    /// Id of the domain the story created.
     pub domain_id: String,
+    /// (code, message) of each refusal the story provoked, in order.
     pub refusals: Vec<(String, String)>,
+    /// Outcome of each record of the viewing history read at the end.
     pub history_outcomes: Vec<String>,
 }
 
+/// Prints Skydd's story as numbered steps, each with what it proves.
 pub struct Narrator<'a> {
     step: usize,
     out: &'a mut dyn FnMut(&str),
 }
 
 impl<'a> Narrator<'a> {
+    /// A narrator writing each line to `out`.
     pub fn new(out: &'a mut dyn FnMut(&str)) -> Self {
         Self { step: 0, out }
     }
@@ -52,6 +57,8 @@ fn refused_code(result: domain_manager::Result<impl std::fmt::Debug>, what: &str
     }
 }
 
+/// Runs the demo story on `cloud`: creates a domain, attaches, provokes the refusals,
+/// reads the history. Narrates to `out` and returns what it saw for tests.
 pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str)) -> Result<StoryReport> {
     let mut n = Narrator::new(out);
     let mut report = StoryReport::default();

@@ -1100,7 +1100,8 @@ async fn attack_matrix() {
         oversized.resize(oversized.len() + (2 << 20) + 1024, b'a');
         oversized.extend_from_slice(b"\"}");
         // (id, attack, content type, body, the status every body route must answer)
-        let bodies: Vec<(&str, &str, &str, Vec<u8>, &[u16])> = vec![
+        type BodyCase<'a> = (&'a str, &'a str, &'a str, Vec<u8>, &'a [u16]);
+        let bodies: Vec<BodyCase<'_>> = vec![
             ("B1", "a body over every limit (2 MiB + 1 KiB) on every route", "application/json", oversized, &[413]),
             ("B2", "malformed JSON on every route", "application/json", b"{\"descriptor\": {\"message\": ".to_vec(), &[400]),
             ("B3", "JSON of the wrong shape on every route", "application/json", b"[1, 2, 3]".to_vec(), &[422]),

@@ -4,6 +4,8 @@
 //! domains with the TTP and forwards attach and detach to the secure component of the
 //! instance's host. It never holds a key. Also the cloud CA (`ca`).
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod ca;
 pub mod config;

@@ -1,5 +1,7 @@
 //! The `cloud-platform` binary: a thin clap dispatcher over the cloud_platform library.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

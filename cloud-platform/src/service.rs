@@ -440,7 +440,7 @@ impl CloudPlatform {
     /// registration in the header), the header is rewritten in the other slot, and
     /// attachments that lost access are detached. If the CP stops, loses the TTP or the
     /// volume write fails half-way, the pending update is finished later
-    /// ([`Self::finish_pending_update`]) instead of leaving the domain behind its registration.
+    /// (`finish_pending_update`) instead of leaving the domain behind its registration.
     pub async fn update_domain(
         &self,
         caller: &Identity,

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The parsed configuration file; `deny_unknown_fields`, so a misspelt key is refused
+/// rather than silently ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DmConfig {
@@ -24,10 +26,14 @@ pub struct DmConfig {
     pub crl: Vec<PathBuf>,
     /// This manager's certificate (its name is the subject CN) and key.
     pub cert: PathBuf,
+    /// This manager's private key (PEM), matching `cert`; it signs descriptors, mount grants
+    /// and deletions.
     pub key: PathBuf,
 }
 
 impl DmConfig {
+    /// Reads and parses the file at `path`; a missing file is refused with a hint to pass
+    /// `--config`, set SKYDD_DM_CONFIG or run `skydd up`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             Error::Config(format!("cannot read {}: {e} (pass --config or set SKYDD_DM_CONFIG; `skydd up` writes one)", path.display()))
@@ -35,6 +41,7 @@ impl DmConfig {
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
+    /// The TLS files of this configuration, for the mTLS clients to the cloud platform and the TTP.
     pub fn tls_files(&self) -> net::TlsFiles {
         net::TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone(), crl: self.crl.clone() }
     }

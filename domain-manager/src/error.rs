@@ -3,21 +3,45 @@
 
 use thiserror::Error;
 
+/// Everything the domain-manager library can fail with.
 #[derive(Debug, Error)]
 pub enum Error {
+    /// The configuration file or the certificate and key it names are missing, unreadable
+    /// or wrong (e.g. not a domain-manager certificate); the text says which.
     #[error("configuration: {0}")]
     Config(String),
+    /// The request itself makes no sense (unknown domain id format, sharing twice, detaching
+    /// what is not attached); refused here before any party is asked.
     #[error("{0}")]
     Usage(String),
     /// A party refused; `hint` says what the domain manager can do about it.
     #[error("{party} refused ({code}): {message}{hint}")]
-    Refused { party: &'static str, code: String, message: String, hint: String },
+    Refused {
+        /// Who refused: "cloud platform" or "TTP".
+        party: &'static str,
+        /// The refusal code of the error body (docs/PROTOCOL.md, "Error codes").
+        code: String,
+        /// The party's own explanation.
+        message: String,
+        /// "\n  what to do: ..." for codes with a known remedy, else empty.
+        hint: String,
+    },
+    /// A party could not be reached or answered something that is not an error body
+    /// (TLS failure, connection refused, malformed response).
     #[error("{party}: {detail}")]
-    Unreachable { party: &'static str, detail: String },
+    Unreachable {
+        /// Which party: "cloud platform" or "TTP".
+        party: &'static str,
+        /// What went wrong, from the HTTP client.
+        detail: String,
+    },
+    /// Building, signing or verifying a protocol message failed (e.g. a descriptor the
+    /// cloud platform returned does not carry its owner's valid signature).
     #[error(transparent)]
     Protocol(#[from] protocol::Error),
 }
 
+/// `Result` with the domain manager's [`enum@Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {

@@ -3,6 +3,9 @@
 //! cloud platform for storage and attachments and to the TTP for the viewing history.
 //! The CLI in main.rs only parses arguments and prints.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod error;
 pub mod ops;

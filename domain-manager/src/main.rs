@@ -1,5 +1,7 @@
 //! `domain-manager`: the hospital admin's CLI for Skydd domains.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

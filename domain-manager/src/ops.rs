@@ -18,7 +18,11 @@ use crate::error::{Error, Result};
 /// that a leaked grant is soon useless.
 pub const DEFAULT_GRANT_SECS: u64 = 300;
 
+/// A connected domain manager: its signing key and mTLS clients to the cloud platform and
+/// the TTP. Every change it makes is a new descriptor version signed here.
 pub struct DomainManager {
+    /// This manager's name: the subject CN of its certificate, recorded as owner of the
+    /// domains it creates and as issuer of its mount grants.
     pub name: String,
     key: SignatureKey,
     trusted_cas: Vec<String>,
@@ -32,6 +36,8 @@ fn now_unix() -> u64 {
 }
 
 impl DomainManager {
+    /// Loads the TLS files and key of `config` and builds the two clients. Refuses a
+    /// certificate whose role is not domain-manager.
     pub fn connect(config: &DmConfig) -> Result<Self> {
         let files = config.tls_files();
         let material = files.load().map_err(|e| Error::Config(e.to_string()))?;
@@ -80,6 +86,8 @@ impl DomainManager {
 
     // ---- domains -----------------------------------------------------------------------------
 
+    /// Creates a domain owned by this manager: signs its first descriptor (metadata, access
+    /// list, managers it is shared with) and asks the cloud platform for a `size_bytes` volume.
     pub async fn create(
         &self,
         metadata: BTreeMap<String, String>,
@@ -94,10 +102,12 @@ impl DomainManager {
         self.cp.post_json("/v1/domains", &request).await.map_err(|e| Error::from_net("cloud platform", e))
     }
 
+    /// Every domain this manager may see, following the cloud platform's pages.
     pub async fn list(&self) -> Result<Vec<DomainView>> {
         self.fetch_all("/v1/domains", |page: DomainList| (page.domains, page.next_marker)).await
     }
 
+    /// One domain as the cloud platform reports it (version, status, access list).
     pub async fn show(&self, domain_id: &str) -> Result<DomainView> {
         check_domain_id(domain_id)?;
         self.cp.get_json(&format!("/v1/domains/{domain_id}")).await.map_err(|e| Error::from_net("cloud platform", e))
@@ -180,6 +190,7 @@ impl DomainManager {
         .await
     }
 
+    /// Stops sharing the domain with `manager`; refused (`Usage`) if it was not shared with it.
     pub async fn unshare(&self, domain_id: &str, manager: &str) -> Result<DomainView> {
         self.update(domain_id, |d| {
             let before = d.shared_with.len();
@@ -211,6 +222,9 @@ impl DomainManager {
 
     // ---- attachments and VMs -----------------------------------------------------------------
 
+    /// Attaches the domain to VM `instance_id`: signs a single-use mount grant for `mode`,
+    /// valid for `valid_for_secs`, and hands it to the cloud platform, which forwards it to
+    /// the VM's host.
     pub async fn attach(&self, domain_id: &str, instance_id: &str, mode: AccessMode, valid_for_secs: u64) -> Result<Attachment> {
         check_domain_id(domain_id)?;
         protocol::domain::validate_name("vm id", instance_id)?;
@@ -231,6 +245,7 @@ impl DomainManager {
         self.cp.post_json("/v1/attachments", &request).await.map_err(|e| Error::from_net("cloud platform", e))
     }
 
+    /// Every attachment this manager may see, following the cloud platform's pages.
     pub async fn attachments(&self) -> Result<Vec<Attachment>> {
         self.fetch_all("/v1/attachments", |page: AttachmentList| (page.attachments, page.next_marker)).await
     }
@@ -249,6 +264,7 @@ impl DomainManager {
             .map_err(|e| Error::from_net("cloud platform", e))
     }
 
+    /// Every VM (instance) the cloud platform knows, with its compute host.
     pub async fn instances(&self) -> Result<Vec<Instance>> {
         self.fetch_all("/v1/instances", |page: InstanceList| (page.instances, page.next_marker)).await
     }

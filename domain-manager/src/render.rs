@@ -22,6 +22,8 @@ fn acl_text(domain: &DomainView) -> String {
     domain.acl.iter().map(|e| format!("{}:{}", e.vm_id, e.mode)).collect::<Vec<_>>().join(",")
 }
 
+/// The domains as a table (id, owner, version, size, status, access list), or a hint to
+/// create one if there is none.
 pub fn domains(domains: &[DomainView]) -> String {
     if domains.is_empty() {
         return "no domains yet: create one with `domain-manager domain create --vm VM:rw --size 64M`".into();
@@ -35,6 +37,7 @@ pub fn domains(domains: &[DomainView]) -> String {
     )
 }
 
+/// One domain in full, one field per line.
 pub fn domain(d: &DomainView) -> String {
     let metadata = d.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ");
     format!(
@@ -50,6 +53,7 @@ pub fn domain(d: &DomainView) -> String {
     )
 }
 
+/// The attachments as a table (domain, VM, host, mode, status, mount path).
 pub fn attachments(list: &[Attachment]) -> String {
     if list.is_empty() {
         return "no attachments".into();
@@ -62,10 +66,12 @@ pub fn attachments(list: &[Attachment]) -> String {
     )
 }
 
+/// The VMs and their compute hosts as a table.
 pub fn instances(list: &[Instance]) -> String {
     table(&["VM", "HOST"], list.iter().map(|i| vec![i.id.clone(), i.host.clone()]).collect())
 }
 
+/// A domain's viewing history as a table, noting that the TTP verified the hash chain.
 pub fn history(history: &HistoryResponse) -> String {
     let body = table(
         &["#", "TIME (UTC s)", "EVENT", "OUTCOME", "VM", "HOST", "BY"],
@@ -88,10 +94,11 @@ pub fn history(history: &HistoryResponse) -> String {
     format!("{body}\n(the TTP verified the audit hash chain before answering)")
 }
 
+/// `bytes` in the largest binary unit that divides it exactly ("64 MiB"), else in bytes.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
     for (unit, size) in UNITS {
-        if bytes >= size && bytes % size == 0 {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{} {unit}", bytes / size);
         }
     }

@@ -91,7 +91,7 @@ pub fn installed_packages(root: &Path) -> Result<Vec<(String, String, String)>> 
 /// An InRelease file as fetched for the build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseRecord {
-    /// e.g. http://deb.debian.org/debian/dists/bookworm/InRelease
+    /// e.g. `http://deb.debian.org/debian/dists/bookworm/InRelease`
     pub uri: String,
     pub sha256: String,
     pub suite: String,

@@ -1,5 +1,7 @@
 //! `image-pipeline`: hardened, versioned, traceable VM images (docs/IMAGE-PIPELINE.md).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};

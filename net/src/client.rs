@@ -152,14 +152,18 @@ impl Client {
         self
     }
 
+    /// Replaces the response body limit (default [`DEFAULT_MAX_BODY`]); larger bodies are
+    /// [`Error::TooLarge`].
     pub fn base_url(&self) -> &str {
         &self.base
     }
 
+    /// The base URL requests are made against, without a trailing slash.
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.request_json::<(), T>(Method::GET, path, None).await
     }
 
+    /// GET `path` (relative to the base URL) and parse the JSON answer as `T`.
     pub async fn post_json<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -168,6 +172,7 @@ impl Client {
         self.request_json(Method::POST, path, Some(body)).await
     }
 
+    /// POST `body` as JSON to `path` and parse the JSON answer as `T`.
     pub async fn put_json<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -176,6 +181,8 @@ impl Client {
         self.request_json(Method::PUT, path, Some(body)).await
     }
 
+    /// PUT `body` as JSON to `path` and parse the JSON answer as `T`.
+    /// DELETE `path` and parse the JSON answer as `T`.
     pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.request_json::<(), T>(Method::DELETE, path, None).await
     }

@@ -35,9 +35,13 @@ pub struct TlsFiles {
 
 /// The loaded PEMs. The key is wiped on drop and never printed by `Debug`.
 pub struct TlsMaterial {
+    /// Trusted CA certificates (PEM), one string per file.
     pub ca_pems: Vec<String>,
+    /// Revocation lists (PEM), one string per file; empty when none is configured.
     pub crl_pems: Vec<String>,
+    /// This party's certificate chain (PEM).
     pub cert_pem: String,
+    /// This party's private key (PEM).
     pub key_pem: Zeroizing<String>,
 }
 
@@ -127,6 +131,8 @@ impl TlsFiles {
 }
 
 impl TlsMaterial {
+    /// A server configuration from this material that accepts only clients whose certificate
+    /// carries one of `allowed_client_roles` (see `protocol::pki::server_config`).
     pub fn server_config(
         &self,
         allowed_client_roles: &[Role],
@@ -140,6 +146,8 @@ impl TlsMaterial {
         )?))
     }
 
+    /// A client configuration from this material that accepts only a server whose certificate
+    /// carries `expected_server_role` (see `protocol::pki::client_config`).
     pub fn client_config(&self, expected_server_role: Role) -> Result<rustls::ClientConfig> {
         Ok(pki::client_config(
             &self.ca_pems,

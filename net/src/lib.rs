@@ -5,6 +5,9 @@
 //! Certificates, roles and the rustls configurations come from `protocol::pki`; this crate
 //! only moves bytes. See docs/PKI.md.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod error;
 pub mod files;

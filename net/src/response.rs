@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+/// The JSON body of every Skydd error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     /// A short, stable, machine-readable code (kebab-case).
@@ -29,12 +30,16 @@ pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>
 /// An error a handler can return (`Result<Json<T>, ApiError>`); renders with [`error_response`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
+    /// The HTTP status to answer with.
     pub status: StatusCode,
+    /// The stable, machine-readable code (see [`ErrorBody::code`]).
     pub code: String,
+    /// What exactly was wrong, for a person.
     pub message: String,
 }
 
 impl ApiError {
+    /// An error with any `status`.
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -42,18 +47,23 @@ impl ApiError {
             message: message.into(),
         }
     }
+    /// 400: the request is malformed or invalid.
     pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
+    /// 403: the caller is authenticated but not allowed to do this.
     pub fn forbidden(code: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, message)
     }
+    /// 404: the named resource does not exist.
     pub fn not_found(code: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
+    /// 409: the request conflicts with the current state (e.g. a stale version).
     pub fn conflict(code: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)
     }
+    /// 500: the service failed; not the caller's fault.
     pub fn internal(code: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, code, message)
     }

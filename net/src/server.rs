@@ -32,6 +32,7 @@ use crate::files::TlsFiles;
 /// A connection whose TLS handshake failed, as reported to [`ServeOptions::failures`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandshakeFailure {
+    /// The address the failed connection came from.
     pub peer: SocketAddr,
     /// Which rule failed, in words ("no client certificate presented", "certificate is not
     /// issued by a trusted CA", "client certificate of \"x\" has role domain-manager, this
@@ -55,6 +56,7 @@ pub struct ServeOptions {
 /// A server's TLS configuration and, when it was built from files, how to rebuild it.
 #[derive(Clone)]
 pub struct ServerTls {
+    /// The configuration new connections are accepted with.
     pub config: Arc<rustls::ServerConfig>,
     /// If set, the files are watched and the configuration rebuilt when one changes: a new
     /// revocation list (`cloud-platform ca revoke`) takes effect for new connections without
@@ -77,7 +79,9 @@ impl std::fmt::Debug for ServerTls {
 /// What [`ServerTls::reload`] watches and how the configuration is rebuilt.
 #[derive(Debug, Clone)]
 pub struct TlsReload {
+    /// The TLS files the configuration is rebuilt from.
     pub files: TlsFiles,
+    /// The client roles the rebuilt configuration accepts.
     pub allowed_client_roles: Vec<Role>,
     /// How often the files' modification times are compared.
     pub check_every: Duration,

@@ -864,7 +864,7 @@ fn own_chain(cert_pem: &str) -> Result<(Vec<CertificateDer<'static>>, Identity)>
 
 /// Server side of a Skydd link: TLS 1.3 only, client certificate required, chained to one of
 /// `trusted_ca_pems` (several for federated clouds), not revoked by `crl_pems` (see
-/// [`revocation_checks`]), with a role in `allowed_client_roles`.
+/// [`crls_from_pems`]), with a role in `allowed_client_roles`.
 pub fn server_config(
     trusted_ca_pems: &[String],
     crl_pems: &[String],
@@ -1528,10 +1528,10 @@ mod tests {
         let cas = vec![ca_pem.clone()];
         let now = OffsetDateTime::now_utc().unix_timestamp() as u64;
         let der = |pem: &str| single_cert_der(pem, "signer").unwrap();
-        let e = crate::signing::verify_signer_certificate(&der(&alice.cert_pem), &cas, &[crl.clone()], now)
+        let e = crate::signing::verify_signer_certificate(&der(&alice.cert_pem), &cas, std::slice::from_ref(&crl), now)
             .unwrap_err();
         assert!(e.to_string().contains("certificate is revoked"), "{e}");
-        let bob_id = crate::signing::verify_signer_certificate(&der(&bob.cert_pem), &cas, &[crl.clone()], now).unwrap();
+        let bob_id = crate::signing::verify_signer_certificate(&der(&bob.cert_pem), &cas, std::slice::from_ref(&crl), now).unwrap();
         assert_eq!(bob_id.name, "bob");
         // Without the list, alice still verifies: the list is what revokes.
         crate::signing::verify_signer_certificate(&der(&alice.cert_pem), &cas, &[], now).unwrap();

@@ -1,5 +1,7 @@
 //! `secure-component`: the Skydd agent of a compute host. See `secure-component --help`.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 
 use anyhow::Context;

@@ -1,5 +1,7 @@
 //! The trusted third party: derives domain keys, checks access and attestation, audits.
 
+#![forbid(unsafe_code)]
+
 pub mod attestation;
 pub mod config;
 pub mod error;

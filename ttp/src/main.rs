@@ -1,5 +1,7 @@
 //! `ttp`: the trusted third party of Skydd. See `ttp --help` and docs/OPERATOR.md.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 
 use anyhow::Context;
