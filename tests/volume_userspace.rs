@@ -8,7 +8,6 @@ use secure_component::prerequisites::{self, Need};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use aes::cipher::KeyInit;
 use protocol::format::{self, DATA_OFFSET, SECTOR_SIZE};
