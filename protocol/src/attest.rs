@@ -44,7 +44,9 @@ impl Default for PcrSelection {
 /// One PCR value as read from the TPM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PcrValue {
+    /// PCR index (0..=23) within the selection's bank.
     pub index: u8,
+    /// The PCR's SHA-256 value (32 bytes), base64 in JSON.
     #[serde(with = "crate::b64")]
     pub digest: Vec<u8>,
 }
@@ -52,6 +54,8 @@ pub struct PcrValue {
 /// Step 1 of enrollment, SC -> TTP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollmentRequest {
+    /// The compute host's id: must equal the CN of the secure component's TLS certificate, or the
+    /// TTP refuses with `forbidden` (a host may enroll only itself).
     pub host_id: String,
     /// The RSA-2048 EK certificate (DER) read from NV index 0x01c00002.
     #[serde(with = "crate::b64")]
@@ -72,6 +76,8 @@ pub struct EnrollmentRequest {
 /// Step 2 of enrollment, TTP -> SC: a TPM2_MakeCredential result for (EK, AK name).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CredentialChallenge {
+    /// Random id (32 hex characters) of this pending enrollment; the SC echoes it in its
+    /// [`EnrollmentProof`]. The TTP forgets it after 120 s or its first use.
     pub enrollment_id: String,
     /// TPM2B_ID_OBJECT contents: integrityHMAC (TPM2B_DIGEST) || encIdentity (no outer size).
     #[serde(with = "crate::b64")]
@@ -88,6 +94,8 @@ pub struct CredentialChallenge {
 /// Step 3 of enrollment, SC -> TTP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollmentProof {
+    /// The `enrollment_id` of the [`CredentialChallenge`] this proof answers; unknown, expired or
+    /// reused ids are refused with `challenge_invalid`.
     pub enrollment_id: String,
     /// The secret TPM2_ActivateCredential recovered (proves the AK sits beside the EK).
     #[serde(with = "crate::b64")]

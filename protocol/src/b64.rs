@@ -6,10 +6,12 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::{Deserialize, Deserializer, Serializer};
 
+/// Serializes bytes as one standard (padded) base64 string.
 pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&STANDARD.encode(bytes))
 }
 
+/// Deserializes a standard base64 string; invalid base64 is a serde error naming the cause.
 pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
     let text = String::deserialize(deserializer)?;
     STANDARD
@@ -17,9 +19,11 @@ pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>
         .map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
 }
 
+/// The same helpers for `Option<Vec<u8>>`: `None` travels as JSON `null`.
 pub mod option {
     use super::*;
 
+    /// Serializes `Some(bytes)` as a base64 string and `None` as `null`.
     pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, serializer: S) -> Result<S::Ok, S::Error> {
         match bytes {
             Some(b) => serializer.serialize_some(&STANDARD.encode(b)),
@@ -27,6 +31,7 @@ pub mod option {
         }
     }
 
+    /// Deserializes a base64 string or `null`; invalid base64 is a serde error.
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<u8>>, D::Error> {
         let text = Option::<String>::deserialize(deserializer)?;
         text.map(|t| {

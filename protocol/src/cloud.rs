@@ -13,6 +13,7 @@ use crate::signing::SignedEnvelope;
 
 /// Default and largest page size of list endpoints.
 pub const DEFAULT_PAGE_LIMIT: usize = 50;
+/// Largest page size: a larger `limit` is capped to it (a `limit` of 0 is refused).
 pub const MAX_PAGE_LIMIT: usize = 500;
 
 // ---- cloud platform: domains ---------------------------------------------------------------
@@ -29,24 +30,35 @@ pub struct CreateDomainRequest {
 /// `PUT /v1/domains/{id}/descriptor`: grant, revoke or share = a new owner-signed version.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpdateDomainRequest {
+    /// The next version of the descriptor, signed by its owner; the TTP refuses it with
+    /// `version_rollback` unless it is newer than the registered version.
     pub descriptor: SignedEnvelope,
 }
 
 /// `DELETE /v1/domains/{id}` with this body: the owner-signed deletion.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeleteDomainBody {
+    /// The deletion (`"SKYDD-DELETION\x01"`, docs/PROTOCOL.md "Deletion"), signed by the
+    /// domain's owner; the TTP tombstones the domain before the volume is destroyed.
     pub deletion: SignedEnvelope,
 }
 
 /// A domain as the CP shows it (no key, ever).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainView {
+    /// The domain id: 32 lowercase hex characters.
     pub id: String,
+    /// Certificate name of the domain manager that owns the domain and signs its descriptors.
     pub owner: String,
+    /// Descriptor version in force (registered with the TTP), starting at 1.
     pub version: u64,
+    /// The descriptor's metadata, bound into the domain key (docs/PROTOCOL.md "Key derivation").
     pub metadata: BTreeMap<String, String>,
+    /// The access list in force: which VMs may open the volume, and how.
     pub acl: Vec<AclEntry>,
+    /// Names of the domain managers the owner shares the domain with (they may sign grants).
     pub shared_with: Vec<String>,
+    /// Size of the data area in bytes (the volume file is 1 MiB larger).
     pub size_bytes: u64,
     /// "available", "in-use" (attached somewhere), "deleted".
     pub status: String,
@@ -60,6 +72,7 @@ pub struct DomainView {
 /// `GET /v1/domains?limit=N&marker=ID`: the caller's domains (owned or shared with it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DomainList {
+    /// The domains on this page.
     pub domains: Vec<DomainView>,
     /// Pass as `marker` to get the next page; absent on the last page.
     pub next_marker: Option<String>,
@@ -71,6 +84,7 @@ pub struct DomainList {
 /// all-in-one cloud): records that VM `id` runs on compute host `host`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
+    /// The VM id (1–64 name characters); ACL entries and grants name VMs by it.
     pub id: String,
     /// The compute host's id (its secure component's certificate name).
     pub host: String,
@@ -79,13 +93,17 @@ pub struct Instance {
 /// `GET /v1/instances?limit&marker`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceList {
+    /// The instances on this page.
     pub instances: Vec<Instance>,
+    /// Pass as `marker` to get the next page; absent on the last page.
     pub next_marker: Option<String>,
 }
 
 /// `POST /v1/hosts` (operator): where a compute host's secure component listens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComputeHost {
+    /// The host id: the CN of its secure component's certificate, matched by the TTP at enrollment
+    /// and key release.
     pub id: String,
     /// e.g. "https://127.0.0.1:7600"
     pub agent_url: String,
@@ -96,19 +114,29 @@ pub struct ComputeHost {
 /// `POST /v1/attachments` (caller: a domain manager of the domain).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateAttachmentRequest {
+    /// The domain to attach.
     pub domain_id: String,
+    /// The VM (an [`Instance`] id) that gets the volume; it must be in the domain's ACL.
     pub instance_id: String,
+    /// Read-only or read-write; the ACL entry and the grant must both cover it.
     pub mode: AccessMode,
     /// The mount grant signed by the owner or a manager the domain is shared with.
     pub grant: SignedEnvelope,
 }
 
+/// One attachment of a domain's volume to a VM, as the cloud platform records it
+/// (docs/CLOUD-API.md "Cloud platform behaviour").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
+    /// Attachment id chosen by the cloud platform; also the id on the secure component.
     pub id: String,
+    /// The attached domain.
     pub domain_id: String,
+    /// The VM the volume is attached to.
     pub instance_id: String,
+    /// The compute host the VM runs on (where the key was released).
     pub host: String,
+    /// Mode the volume is open in.
     pub mode: AccessMode,
     /// The plaintext block device on the host (e.g. /dev/loop3 or /dev/dm-0).
     pub device: String,
@@ -123,9 +151,12 @@ pub struct Attachment {
     pub status: String,
 }
 
+/// `GET /v1/attachments?limit&marker[&domain_id]`: one page of attachments.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AttachmentList {
+    /// The attachments on this page.
     pub attachments: Vec<Attachment>,
+    /// Pass as `marker` to get the next page; absent on the last page.
     pub next_marker: Option<String>,
 }
 
@@ -134,10 +165,16 @@ pub struct AttachmentList {
 /// CP → SC `POST /v1/attachments`: run the mount flow of DESIGN §3 for one VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentAttachRequest {
+    /// The cloud platform's attachment id; the SC keys its record and its `DELETE` by it.
     pub attachment_id: String,
+    /// The VM to attach to; the TTP checks it against the ACL and the grant.
     pub vm_id: String,
+    /// Mode to open the volume in; `ro` opens the mapping and the file system read-only.
     pub mode: AccessMode,
+    /// The header record the CP read from the volume; the SC refuses unless it is exactly the
+    /// header in force in `volume_path`.
     pub header: HeaderRecord,
+    /// The mount grant the SC forwards to the TTP in its key release request (single use).
     pub grant: SignedEnvelope,
     /// The volume file or block device holding header + data (shared storage).
     pub volume_path: String,
@@ -146,12 +183,19 @@ pub struct AgentAttachRequest {
 /// SC → CP: what was attached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentAttachment {
+    /// The CP's attachment id from the request.
     pub attachment_id: String,
+    /// The domain whose volume was opened.
     pub domain_id: String,
+    /// The VM it was attached to.
     pub vm_id: String,
+    /// The mode it was opened in.
     pub mode: AccessMode,
+    /// Domain version whose released key opened the volume.
     pub version: u64,
+    /// The plaintext block device on the host (e.g. /dev/loop3 or /dev/dm-0).
     pub device: String,
+    /// Where the file system is usable by the VM (local driver) or the libvirt target.
     pub mount_path: String,
     /// The backend that opened it: "dm-crypt" or "userspace".
     pub backend: String,
@@ -173,5 +217,6 @@ fn default_agent_status() -> String {
 /// SC `GET /v1/attachments`: the mappings open on this host (also after a restart).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentAttachmentList {
+    /// Every attachment this SC holds a record of, with its status.
     pub attachments: Vec<AgentAttachment>,
 }

@@ -17,18 +17,28 @@ use crate::error::{Error, Result};
 pub const CIPHER_SPEC_V1: &str = "aes-xts-plain64:512:4096";
 
 const DESCRIPTOR_MAGIC: &[u8] = b"SKYDD-DESCRIPTOR\x01";
+/// Largest canonical access list XML in bytes (64 KiB); a larger one is refused on decode.
 pub const MAX_ACL_XML_BYTES: usize = 64 * 1024;
+/// Most VMs one access list may name (1024); more is refused with `Error::TooLarge`.
 pub const MAX_ACL_ENTRIES: usize = 1024;
+/// Most metadata entries a descriptor may carry (64).
 pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Longest name in bytes (64): owner, VM ids, metadata keys, shared-with managers, and the
+/// limit on the domain id and cipher spec fields when decoding (docs/PROTOCOL.md
+/// "Domain descriptor").
 pub const MAX_NAME_BYTES: usize = 64;
+/// Longest metadata value in bytes (1024).
 pub const MAX_METADATA_VALUE_BYTES: usize = 1024;
+/// Most domain managers a domain may be shared with (64).
 pub const MAX_SHARED_WITH: usize = 64;
 
 /// The access a VM has to a domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AccessMode {
+    /// Read-only: the volume is opened and mounted read-only (`ro` in XML and JSON).
     Ro,
+    /// Read-write; covers `ro` as well (`rw` in XML and JSON).
     Rw,
 }
 
@@ -38,6 +48,7 @@ impl AccessMode {
         matches!((self, requested), (AccessMode::Rw, _) | (AccessMode::Ro, AccessMode::Ro))
     }
 
+    /// The wire and XML form: `"ro"` or `"rw"` (also the string the mount grant signs).
     pub fn as_str(self) -> &'static str {
         match self {
             AccessMode::Ro => "ro",
@@ -63,9 +74,14 @@ impl fmt::Display for AccessMode {
     }
 }
 
+/// One entry of the access list: the VM `vm_id` may open the domain's volume in `mode`
+/// (docs/PROTOCOL.md "Access list XML").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AclEntry {
+    /// The VM's id (a name: 1–64 characters of `A-Z a-z 0-9 . _ - @ :`), unique within the list.
     pub vm_id: String,
+    /// The most the VM may get; a request or grant for `rw` needs `rw` here (`vm_not_in_acl` /
+    /// `mode_not_permitted` at key release otherwise).
     pub mode: AccessMode,
 }
 
@@ -79,10 +95,15 @@ pub struct Descriptor {
     pub owner: String,
     /// Metadata bound into the key derivation; it cannot change after version 1.
     pub metadata: BTreeMap<String, String>,
+    /// Which VMs may open the volume and in which mode; the TTP checks it at every key release.
     pub acl: Vec<AclEntry>,
     /// Other domain managers that may grant mounts and read the history.
     pub shared_with: Vec<String>,
+    /// Starts at 1 and must strictly increase with every registered change; the TTP refuses an
+    /// older or equal one with `version_rollback`.
     pub version: u64,
+    /// Must be [`CIPHER_SPEC_V1`]; bound into the key derivation (docs/PROTOCOL.md "Key
+    /// derivation").
     pub cipher_spec: String,
 }
 
@@ -125,6 +146,9 @@ impl Descriptor {
         Ok(next)
     }
 
+    /// Checks every rule the encoding enforces: domain id format, names, version ≥ 1, cipher
+    /// spec, the size limits above and no duplicate VM or manager; `Error::Malformed` or
+    /// `Error::TooLarge` name the field that breaks one.
     pub fn validate(&self) -> Result<()> {
         if self.domain_id.len() != 32 || !self.domain_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(Error::malformed("descriptor", format!("domain id {:?} is not 32 lowercase hex characters", self.domain_id)));

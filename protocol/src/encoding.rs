@@ -5,15 +5,20 @@
 
 use crate::error::{Error, Result};
 
+/// Builds a canonical encoding: the magic, then fields appended in call order. Every signed
+/// or hashed object of Skydd is written with it.
 pub struct Writer {
     out: Vec<u8>,
 }
 
 impl Writer {
+    /// Starts an encoding with `magic`, the fixed bytes that name the object and its version
+    /// (e.g. `SKYDD-DESCRIPTOR\x01`).
     pub fn new(magic: &[u8]) -> Self {
         Self { out: magic.to_vec() }
     }
 
+    /// Appends `lp(field)`: a u32 big-endian length, then the bytes.
     pub fn bytes(&mut self, field: &[u8]) -> &mut Self {
         // Fields are bounded far below 4 GiB by the readers' limits.
         self.out.extend_from_slice(&(field.len() as u32).to_be_bytes());
@@ -21,20 +26,25 @@ impl Writer {
         self
     }
 
+    /// Appends a string as `lp(UTF-8 bytes)`.
     pub fn str(&mut self, field: &str) -> &mut Self {
         self.bytes(field.as_bytes())
     }
 
+    /// Appends 8 bytes big-endian.
     pub fn u64(&mut self, value: u64) -> &mut Self {
         self.out.extend_from_slice(&value.to_be_bytes());
         self
     }
 
+    /// Takes the encoded bytes, leaving the writer empty.
     pub fn finish(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.out)
     }
 }
 
+/// Strict decoder of the canonical encoding: reads fields in the order they were written and
+/// refuses, naming the field, anything that does not match exactly.
 pub struct Reader<'a> {
     what: &'static str,
     rest: &'a [u8],
@@ -49,6 +59,8 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Reads one `lp(field)`; a length above `limit` is `Error::TooLarge` before any copy, a
+    /// short input is `Error::Malformed`.
     pub fn bytes(&mut self, field: &'static str, limit: usize) -> Result<&'a [u8]> {
         if self.rest.len() < 4 {
             return Err(Error::malformed(self.what, format!("truncated before the length of {field}")));
@@ -69,17 +81,20 @@ impl<'a> Reader<'a> {
         Ok(value)
     }
 
+    /// Reads one `lp(field)` as UTF-8 text, at most `limit` bytes.
     pub fn str(&mut self, field: &'static str, limit: usize) -> Result<&'a str> {
         let raw = self.bytes(field, limit)?;
         std::str::from_utf8(raw).map_err(|_| Error::malformed(self.what, format!("{field} is not UTF-8")))
     }
 
+    /// Reads one `lp(field)` of exactly `N` bytes (hashes, nonces).
     pub fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N]> {
         let raw = self.bytes(field, N)?;
         raw.try_into()
             .map_err(|_| Error::malformed(self.what, format!("{field} must be {N} bytes, got {}", raw.len())))
     }
 
+    /// Reads an 8-byte big-endian integer.
     pub fn u64(&mut self, field: &'static str) -> Result<u64> {
         if self.rest.len() < 8 {
             return Err(Error::malformed(self.what, format!("truncated in {field}")));

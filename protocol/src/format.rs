@@ -53,14 +53,49 @@ pub enum SlotError {
     /// The slot is all zero: never written (a fresh volume has only slot 0).
     Empty,
     /// Fewer bytes than a slot header or than the header plus the declared payload.
-    Truncated { have: usize, need: usize },
-    BadMagic { found: [u8; 8] },
-    UnsupportedVersion { found: u32, supported: u32 },
-    ReservedNotZero { offset: usize, value: u32 },
+    Truncated {
+        /// Bytes available from the start of the slot.
+        have: usize,
+        /// Bytes needed: 64 for the fixed fields, or 64 + the declared payload length.
+        need: usize,
+    },
+    /// The first 8 bytes are not `SKYDDVOL`: not a Skydd volume, or the start of a torn write.
+    BadMagic {
+        /// The 8 bytes found instead.
+        found: [u8; 8],
+    },
+    /// A format version other than [`FORMAT_VERSION`], e.g. written by a newer release.
+    UnsupportedVersion {
+        /// The version in the slot.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// A reserved field (bytes 12..16 or 28..32) is not zero; refused so a later version
+    /// can give those bytes a meaning.
+    ReservedNotZero {
+        /// Byte offset of the field within the slot (12 or 28).
+        offset: usize,
+        /// The non-zero value found (little-endian u32).
+        value: u32,
+    },
     /// Sequence 0 is never written (the first header is seq 1).
     ZeroSequence,
-    PayloadTooLarge { len: usize, limit: usize },
-    ChecksumMismatch { stored: [u8; 32], computed: [u8; 32] },
+    /// The declared payload length is above [`MAX_PAYLOAD_LEN`].
+    PayloadTooLarge {
+        /// The declared payload length in bytes.
+        len: usize,
+        /// [`MAX_PAYLOAD_LEN`].
+        limit: usize,
+    },
+    /// The SHA-256 at bytes 32..64 does not match bytes 0..32 plus the payload: a torn write
+    /// or damage. Both hashes are kept for the operator.
+    ChecksumMismatch {
+        /// The hash stored in the slot.
+        stored: [u8; 32],
+        /// The hash computed over what was read.
+        computed: [u8; 32],
+    },
 }
 
 impl std::fmt::Display for SlotError {
@@ -101,7 +136,9 @@ impl std::error::Error for SlotError {}
 /// A slot that decoded and verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodedSlot {
+    /// Sequence number (≥ 1); of two valid slots the higher one is in force.
     pub seq: u64,
+    /// The verified payload (a header record, docs/PROTOCOL.md "Header record").
     pub payload: Vec<u8>,
 }
 
@@ -110,7 +147,9 @@ pub struct DecodedSlot {
 pub struct ActiveHeader {
     /// Index (0 or 1) of the winning slot.
     pub slot: usize,
+    /// Its sequence number; the next update writes the other slot with `seq + 1`.
     pub seq: u64,
+    /// Its verified payload (a header record, docs/PROTOCOL.md "Header record").
     pub payload: Vec<u8>,
     /// The other slot, if it was not valid, and why (torn write, damage, never written).
     pub skipped: Option<(usize, SlotError)>,

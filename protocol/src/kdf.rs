@@ -11,9 +11,17 @@ use sha2::Sha256;
 use crate::error::{Error, Result};
 use crate::secret::SecretBytes;
 
+/// Domain-separation label at the start of the HKDF `info`, so no other Skydd derivation
+/// from `K_TTP` can produce a volume key.
 pub const VOLUME_KEY_LABEL: &[u8] = b"skydd/v1/volume-key";
+/// Length of a derived domain key: 64 bytes, the AES-256-XTS key (key1 for data, key2 for
+/// the tweak; docs/FORMAT.md "Data area").
 pub const VOLUME_KEY_BYTES: usize = 64;
+/// Length of the TTP master key `K_TTP` (32 bytes); any other length is `Error::InvalidKey`.
 pub const MASTER_KEY_BYTES: usize = 32;
+/// Length of the per-domain nonce `r` (32 bytes), the HKDF salt. The TTP draws it at
+/// version 1; it lives only in the volume header, so destroying both header slots
+/// crypto-shreds the domain.
 pub const NONCE_BYTES: usize = 32;
 
 /// The HKDF `info` string for a domain.

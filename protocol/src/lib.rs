@@ -2,6 +2,8 @@
 //! speaks. This crate does no I/O (no files, no sockets); see docs/PROTOCOL.md and
 //! docs/FORMAT.md for the byte layouts each module implements.
 
+#![warn(missing_docs)]
+
 pub mod attest;
 pub mod b64;
 pub mod cloud;

@@ -21,16 +21,26 @@ const HEADER_RECORD_MAGIC: &[u8] = b"SKYDD-HEADER-RECORD\x01";
 /// cannot be derived again, so destroying every header crypto-shreds the domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
+    /// The registered domain (32 lowercase hex characters).
     pub domain_id: String,
+    /// The descriptor version this registration is for; the TTP releases keys only for the
+    /// newest registered version.
     pub version: u64,
+    /// SHA-256 of the canonical descriptor encoding: ties the registration to exactly one
+    /// owner-signed descriptor (`registration_mismatch` at key release otherwise).
     pub descriptor_hash: [u8; 32],
+    /// `H(meta)`: SHA-256 of the descriptor's metadata encoding, an input of the key derivation
+    /// (docs/PROTOCOL.md "Key derivation").
     pub metadata_hash: [u8; 32],
+    /// The nonce `r`, HKDF salt of the domain key: drawn by the TTP at version 1 and carried
+    /// over to every later version. The TTP never stores it.
     pub nonce_r: [u8; NONCE_BYTES],
     /// Unix seconds.
     pub registered_at: u64,
 }
 
 impl Registration {
+    /// The canonical encoding the TTP signs (docs/PROTOCOL.md "Registration").
     pub fn encode(&self) -> Vec<u8> {
         Writer::new(REGISTRATION_MAGIC)
             .str(&self.domain_id)
@@ -42,6 +52,7 @@ impl Registration {
             .finish()
     }
 
+    /// Strict decoding of [`Registration::encode`]'s output (no signature check).
     pub fn decode(encoded: &[u8]) -> Result<Self> {
         let mut reader = Reader::new("registration", encoded, REGISTRATION_MAGIC)?;
         let registration = Self {
@@ -61,8 +72,11 @@ impl Registration {
 /// "credential that proves v has access".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountGrant {
+    /// The domain the VM may mount.
     pub domain_id: String,
+    /// The VM allowed to mount it; must match the key release request's VM and be in the ACL.
     pub vm_id: String,
+    /// The mode granted; the request's mode must be covered by it (`grant_mismatch` otherwise).
     pub mode: AccessMode,
     /// Unix seconds after which the grant is refused.
     pub expires_at: u64,
@@ -73,6 +87,7 @@ pub struct MountGrant {
 }
 
 impl MountGrant {
+    /// The canonical encoding the issuer signs (docs/PROTOCOL.md "Mount grant").
     pub fn encode(&self) -> Vec<u8> {
         Writer::new(GRANT_MAGIC)
             .str(&self.domain_id)
@@ -84,6 +99,8 @@ impl MountGrant {
             .finish()
     }
 
+    /// Strict decoding of [`MountGrant::encode`]'s output; also checks the VM id and issuer are
+    /// valid names. No signature check.
     pub fn decode(encoded: &[u8]) -> Result<Self> {
         let mut reader = Reader::new("mount grant", encoded, GRANT_MAGIC)?;
         let grant = Self {
@@ -104,15 +121,19 @@ impl MountGrant {
 /// The owner's signed request to delete (crypto-shred) a domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deletion {
+    /// The domain to delete; its owner must sign, or the TTP refuses with `owner_mismatch`.
     pub domain_id: String,
+    /// When the owner asked for the deletion, unix seconds.
     pub requested_at: u64,
 }
 
 impl Deletion {
+    /// The canonical encoding the owner signs (docs/PROTOCOL.md "Deletion").
     pub fn encode(&self) -> Vec<u8> {
         Writer::new(DELETION_MAGIC).str(&self.domain_id).u64(self.requested_at).finish()
     }
 
+    /// Strict decoding of [`Deletion::encode`]'s output (no signature check).
     pub fn decode(encoded: &[u8]) -> Result<Self> {
         let mut reader = Reader::new("deletion", encoded, DELETION_MAGIC)?;
         let deletion = Self { domain_id: reader.str("domain id", 64)?.to_string(), requested_at: reader.u64("time")? };
@@ -125,11 +146,15 @@ impl Deletion {
 /// descriptor and the TTP-signed registration of that very descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeaderRecord {
+    /// The descriptor, signed by its owner (context `descriptor`).
     pub descriptor: SignedEnvelope,
+    /// The TTP's registration of that descriptor, signed by the TTP (context `registration`).
     pub registration: SignedEnvelope,
 }
 
 impl HeaderRecord {
+    /// The slot payload: `"SKYDD-HEADER-RECORD\x01" lp(descriptor envelope) lp(registration
+    /// envelope)` (docs/PROTOCOL.md "Header record").
     pub fn encode(&self) -> Vec<u8> {
         Writer::new(HEADER_RECORD_MAGIC)
             .bytes(&self.descriptor.encode())
@@ -137,6 +162,8 @@ impl HeaderRecord {
             .finish()
     }
 
+    /// Strict decoding of a slot payload; the descriptor envelope may be up to 300 KiB, the
+    /// registration envelope up to 32 KiB. Signatures are not checked here.
     pub fn decode(encoded: &[u8]) -> Result<Self> {
         let mut reader = Reader::new("header record", encoded, HEADER_RECORD_MAGIC)?;
         let descriptor = SignedEnvelope::decode(reader.bytes("signed descriptor", 300 * 1024)?)?;
@@ -157,55 +184,81 @@ impl HeaderRecord {
 /// CP → TTP: register version 1 (no previous registration) or a newer version of a domain.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegisterDomainRequest {
+    /// The descriptor to register, signed by its owner; the TTP checks the signature and the
+    /// owner's certificate (`descriptor_signature_invalid`).
     pub descriptor: SignedEnvelope,
     /// The registration of the version being replaced; the TTP carries its `r` over.
     pub previous_registration: Option<SignedEnvelope>,
 }
 
+/// TTP → CP: the answer to a [`RegisterDomainRequest`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegisterDomainResponse {
+    /// The new registration, signed by the TTP; the CP writes it with the descriptor into the
+    /// volume header.
     pub registration: SignedEnvelope,
 }
 
 /// SC → TTP: a fresh single-use nonce to quote over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChallengeResponse {
+    /// Id to name in the [`KeyReleaseRequest`] that uses this nonce.
     pub challenge_id: String,
+    /// The nonce (32 random bytes) the SC quotes over (TPM2_Quote qualifying data).
     #[serde(with = "crate::b64")]
     pub nonce: Vec<u8>,
+    /// Unix seconds; the challenge is refused after this (60 s after issue) or after one use.
     pub expires_at: u64,
 }
 
 /// SC → TTP: release the key of the domain in `header` for `vm_id`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyReleaseRequest {
+    /// The requesting host; must equal the CN of the caller's certificate (`forbidden`) and be
+    /// enrolled (`host_unknown`).
     pub host_id: String,
+    /// The VM that will get the volume; checked against the ACL and the grant.
     pub vm_id: String,
+    /// Requested mode; the ACL entry and the grant must both cover it.
     pub mode: AccessMode,
+    /// The header record read from the volume: owner-signed descriptor plus its registration.
     pub header: HeaderRecord,
+    /// The mount grant, signed by the owner or a shared manager; used up by this release.
     pub grant: SignedEnvelope,
+    /// The `challenge_id` of a [`ChallengeResponse`] issued to this host, unused and unexpired.
     pub challenge_id: String,
+    /// The TPM quote over the challenge nonce and the host's PCR selection; its PCR digest must
+    /// equal the host's reference state (`pcr_mismatch` otherwise).
     pub quote: QuoteEvidence,
 }
 
 /// TTP → SC: the domain key, encrypted (RSA-OAEP) to the host's PCR-bound binding key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyReleaseResponse {
+    /// The domain whose key this is.
     pub domain_id: String,
+    /// The descriptor version the key was released for.
     pub version: u64,
+    /// The 64-byte domain key RSA-OAEP-encrypted to the host's binding key (256 bytes, label
+    /// [`BINDING_OAEP_LABEL`](crate::attest::BINDING_OAEP_LABEL)); only the host's TPM, in the
+    /// enrolled PCR state, can decrypt it.
     #[serde(with = "crate::b64")]
     pub wrapped_key: Vec<u8>,
+    /// Sequence number of the audit record of this release.
     pub audit_seq: u64,
 }
 
+/// CP → TTP `POST /v1/domains/{id}/delete`: tombstone a domain.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeleteDomainRequest {
+    /// The owner-signed [`Deletion`].
     pub deletion: SignedEnvelope,
 }
 
 /// One record of the hash-chained audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
+    /// Position in the chain, from 1, without gaps.
     pub seq: u64,
     /// Unix seconds.
     pub at: u64,
@@ -213,13 +266,19 @@ pub struct AuditRecord {
     pub event: String,
     /// "ok" or the refusal's error code.
     pub outcome: String,
+    /// Detail for a person: what was done or why it was refused.
     pub message: String,
+    /// The domain concerned, if any (enrollment records have none).
     pub domain_id: Option<String>,
+    /// The compute host concerned, if any.
     pub host_id: Option<String>,
+    /// The VM concerned, if any (key releases).
     pub vm_id: Option<String>,
     /// The authenticated caller (certificate name).
     pub actor: String,
+    /// `hash` of the previous record (64 hex characters), or [`AUDIT_GENESIS_HASH`] for record 1.
     pub prev_hash: String,
+    /// [`AuditRecord::compute_hash`] of this record, lowercase hex; editing any field breaks it.
     pub hash: String,
 }
 
@@ -280,9 +339,14 @@ pub fn verify_audit_chain(records: &[AuditRecord], expected_first_prev: Option<&
     Ok(())
 }
 
+/// TTP → domain manager `GET /v1/domains/{id}/history`: who had the domain's key released,
+/// and every registration, refusal and deletion of it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HistoryResponse {
+    /// The domain asked about.
     pub domain_id: String,
+    /// The records that name this domain, in chain order. Not a contiguous run of the chain;
+    /// the TTP verifies the whole chain before it answers (`audit_chain_broken`).
     pub records: Vec<AuditRecord>,
 }
 

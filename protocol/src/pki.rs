@@ -71,6 +71,7 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role, in the order of docs/PKI.md "Roles" (for listing the accepted values).
     pub const ALL: [Role; 4] = [
         Role::Ttp,
         Role::CloudPlatform,
@@ -124,6 +125,8 @@ impl<'de> serde::Deserialize<'de> for Role {
 pub struct Identity {
     /// The subject CN of the peer certificate.
     pub name: String,
+    /// The role from the certificate's Skydd role extension (docs/PKI.md "How the role is
+    /// carried"); each endpoint accepts only its listed roles.
     pub role: Role,
 }
 
@@ -136,7 +139,9 @@ impl fmt::Display for Identity {
 /// A certificate and its private key, both PEM. The key is wiped from memory on drop and is
 /// never printed by `Debug`.
 pub struct IssuedIdentity {
+    /// The certificate, PEM; public, handed to the party and its peers.
     pub cert_pem: String,
+    /// The PKCS#8 private key, PEM; written with mode 0600 and never logged.
     pub key_pem: Zeroizing<String>,
 }
 
@@ -156,7 +161,9 @@ pub enum Validity {
     Days(u32),
     /// Exactly this window (tests use it to make expired or not-yet-valid certificates).
     Between {
+        /// Start of validity.
         not_before: OffsetDateTime,
+        /// End of validity (notAfter).
         not_after: OffsetDateTime,
     },
 }
@@ -354,6 +361,7 @@ pub const DEFAULT_CRL_DAYS: u32 = 30;
 /// Why a certificate was revoked: the RFC 5280 §5.3.1 reasons that fit a Skydd party.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevocationReason {
+    /// No reason given; the CRLReason extension is left out of the entry, as RFC 5280 asks.
     Unspecified,
     /// The party's private key is (suspected to be) known to someone else.
     KeyCompromise,
@@ -366,6 +374,7 @@ pub enum RevocationReason {
 }
 
 impl RevocationReason {
+    /// Every reason Skydd writes, in the order `ca revoke --reason` lists them.
     pub const ALL: [RevocationReason; 5] = [
         RevocationReason::Unspecified,
         RevocationReason::KeyCompromise,
@@ -374,6 +383,7 @@ impl RevocationReason {
         RevocationReason::CessationOfOperation,
     ];
 
+    /// The command-line and display form, e.g. `key-compromise`.
     pub fn as_str(self) -> &'static str {
         match self {
             RevocationReason::Unspecified => "unspecified",
@@ -431,7 +441,10 @@ pub struct RevokedCertificate {
     pub serial_hex: String,
     /// The subject CN, when known (not stored in the CRL; shown by the CA tools).
     pub name: Option<String>,
+    /// When the CA revoked it (revocationDate, UTC).
     pub revoked_at: OffsetDateTime,
+    /// The CRLReason; `None` for `unspecified` (the extension is left out) or a code Skydd does
+    /// not write.
     pub reason: Option<RevocationReason>,
 }
 
@@ -440,8 +453,12 @@ pub struct RevokedCertificate {
 pub struct RevocationList {
     /// Increases with every list the CA signs (RFC 5280 §5.2.3).
     pub crl_number: u64,
+    /// thisUpdate: when the list was signed (5 minutes back-dated for clock skew).
     pub this_update: OffsetDateTime,
+    /// nextUpdate: after this every certificate of the CA is refused until a newer list is
+    /// published (`cloud-platform ca crl`).
     pub next_update: Option<OffsetDateTime>,
+    /// The revoked certificates, in the order they were revoked.
     pub revoked: Vec<RevokedCertificate>,
 }
 

@@ -29,18 +29,23 @@ impl SecretBytes {
         secret
     }
 
+    /// Borrows the secret bytes. Keep the borrow short and never copy them into an unlocked
+    /// buffer that is not wiped.
     pub fn expose(&self) -> &[u8] {
         &self.bytes
     }
 
+    /// Borrows the secret bytes mutably, to fill a [`SecretBytes::zeroed`] buffer in place.
     pub fn expose_mut(&mut self) -> &mut [u8] {
         &mut self.bytes
     }
 
+    /// Length of the secret in bytes (not secret itself).
     pub fn len(&self) -> usize {
         self.bytes.len()
     }
 
+    /// Whether the secret has zero length.
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }

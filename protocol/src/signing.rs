@@ -16,14 +16,22 @@ use crate::error::{Error, Result};
 /// What a signature is for; part of the signed bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignatureContext {
+    /// An owner's domain descriptor (docs/PROTOCOL.md "Domain descriptor").
     Descriptor,
+    /// The TTP's registration of a descriptor version.
     Registration,
+    /// A domain manager's mount grant for one VM.
     MountGrant,
+    /// An owner's deletion of a domain.
     Deletion,
+    /// Reserved for key-release messages; no Skydd message is signed with it yet (the fuzz
+    /// target covers it).
     KeyRelease,
 }
 
 impl SignatureContext {
+    /// The context string inside the signed bytes, e.g. `mount-grant`; also names the object
+    /// in `Error::BadSignature`.
     pub fn label(self) -> &'static str {
         match self {
             SignatureContext::Descriptor => "descriptor",
@@ -63,6 +71,7 @@ impl SignatureKey {
         Ok(Self { key, certificate_der })
     }
 
+    /// The DER certificate of this key, embedded in every envelope it signs.
     pub fn certificate_der(&self) -> &[u8] {
         &self.certificate_der
     }
@@ -107,10 +116,14 @@ pub fn certificate_public_key(certificate_der: &[u8]) -> Result<VerifyingKey> {
 /// A canonical message, its signature, and the signer's certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedEnvelope {
+    /// The canonical encoding that was signed (e.g. a `Descriptor::encode` output).
     #[serde(with = "crate::b64")]
     pub message: Vec<u8>,
+    /// DER ECDSA P-256 signature over `"skydd/v1/sig/" || context || 0x00 || message`.
     #[serde(with = "crate::b64")]
     pub signature: Vec<u8>,
+    /// The signer's X.509 certificate (DER); the verifier checks its chain, validity, role and
+    /// name before trusting the signature.
     #[serde(with = "crate::b64")]
     pub signer_certificate: Vec<u8>,
 }
@@ -123,6 +136,8 @@ impl SignedEnvelope {
         verify(&key, context, &self.message, &self.signature)
     }
 
+    /// The binary form stored in volume headers:
+    /// `"SKYDD-SIGNED\x01" lp(message) lp(signature) lp(certificate)`.
     pub fn encode(&self) -> Vec<u8> {
         crate::encoding::Writer::new(b"SKYDD-SIGNED\x01")
             .bytes(&self.message)
@@ -131,6 +146,8 @@ impl SignedEnvelope {
             .finish()
     }
 
+    /// Strict decoding of [`SignedEnvelope::encode`]'s output (message ≤ 256 KiB, signature ≤
+    /// 128 bytes, certificate ≤ 16 KiB). Does not verify anything.
     pub fn decode(encoded: &[u8]) -> Result<Self> {
         let mut reader = crate::encoding::Reader::new("signed envelope", encoded, b"SKYDD-SIGNED\x01")?;
         let message = reader.bytes("signed message", 256 * 1024)?.to_vec();

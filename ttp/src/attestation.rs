@@ -62,6 +62,8 @@ pub struct AttestationPolicy {
     /// Untrusted intermediates used only to build chains (same encoding).
     #[serde(default, with = "der_list")]
     pub ek_intermediates: Vec<Vec<u8>>,
+    /// The measured states a host may enroll in and must still be in at every key release; an
+    /// empty list refuses every enrollment (`binding_policy_untrusted`).
     #[serde(default)]
     pub reference_states: Vec<ReferenceState>,
 }
@@ -69,7 +71,11 @@ pub struct AttestationPolicy {
 /// A named set of PCR values a host may be in (e.g. "compute-v1").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReferenceState {
+    /// The operator's name for the state (e.g. "compute-v1"), recorded in [`HostRecord`] and
+    /// named in `pcr_mismatch` refusals.
     pub name: String,
+    /// The PCRs the state covers; a host's binding key policy and its quotes must use exactly
+    /// this selection.
     pub selection: PcrSelection,
     /// (PCR index, SHA-256 value); in TOML `pcr_values = [[0, "hex"], [16, "hex"]]`.
     #[serde(with = "pcr_values_hex")]
@@ -78,15 +84,22 @@ pub struct ReferenceState {
 
 /// An enrollment between the challenge and the proof (kept in memory by the TTP).
 pub struct PendingEnrollment {
+    /// Random id (32 hex characters) the SC echoes in its `EnrollmentProof`.
     pub enrollment_id: String,
+    /// The host being enrolled: the CN of the secure component's certificate that asked.
     pub host_id: String,
     /// The credential only the TPM holding both the EK and the AK can recover.
     secret: SecretBytes,
     certify_nonce: Vec<u8>,
+    /// Hex SHA-256 of the EK certificate (DER), for logs and the host record.
     pub ek_fingerprint: String,
+    /// The EK certificate (DER) as presented; its chain was checked in step 2.
     pub ek_certificate: Vec<u8>,
+    /// Marshalled TPMT_PUBLIC of the AK the credential was made for.
     pub ak_public: Vec<u8>,
+    /// Marshalled TPMT_PUBLIC of the binding key the proof's Certify must name.
     pub binding_public: Vec<u8>,
+    /// The PCRs the binding key's policy must cover.
     pub pcr_selection: PcrSelection,
 }
 
@@ -103,6 +116,7 @@ impl std::fmt::Debug for PendingEnrollment {
 /// An enrolled host, as the TTP stores it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRecord {
+    /// The host's id: the CN of its secure component's certificate.
     pub host_id: String,
     /// Hex SHA-256 of the EK certificate (DER).
     pub ek_fingerprint: String,
@@ -114,6 +128,7 @@ pub struct HostRecord {
     pub binding_public: Vec<u8>,
     /// The name of the reference state whose PolicyPCR digest is the binding key's policy.
     pub reference_state: String,
+    /// The PCRs every quote of this host must cover (those of its reference state).
     pub pcr_selection: PcrSelection,
     /// The TPM's manufacturer/model/version from the EK certificate, for the operator.
     #[serde(default)]

@@ -13,8 +13,11 @@ use crate::error::{Error, Result};
 
 /// The master key file under the data directory.
 pub const MASTER_KEY_FILE: &str = "master.key";
+/// The SQLite store under the data directory: domains, hosts, challenges, used grants and
+/// the audit chain (never a key, never `r`).
 pub const DATABASE_FILE: &str = "ttp.sqlite";
 
+/// The TTP's configuration file (TOML, unknown keys refused), e.g. `/etc/skydd/ttp.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TtpConfig {
@@ -32,6 +35,8 @@ pub struct TtpConfig {
     pub crl: Vec<PathBuf>,
     /// The TTP's own certificate and key (role ttp), also used to sign registrations.
     pub cert: PathBuf,
+    /// The PKCS#8 PEM private key of `cert`; `net::TlsFiles` refuses it if others can read it or
+    /// the group can write it (docs/PKI.md "Certificate profile").
     pub key: PathBuf,
     /// The attestation policy: trusted TPM vendor roots and reference PCR states.
     pub attestation: PathBuf,
@@ -42,6 +47,8 @@ fn default_listen() -> String {
 }
 
 impl TtpConfig {
+    /// Reads and parses the TOML file at `path`: `Error::Io` if it cannot be read,
+    /// `Error::Config` naming the file and the key at fault otherwise.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { context: format!("read {}", path.display()), source: e })?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))

@@ -3,84 +3,143 @@
 
 use thiserror::Error;
 
+    /// Every way a TTP request can be refused or fail. [`Error::code`] gives the stable code;
+    /// `http.rs` maps each variant to its HTTP status (docs/PROTOCOL.md "Error codes" lists both).
 #[derive(Debug, Error)]
 pub enum Error {
     // ---- requests ------------------------------------------------------------------------
+    /// A malformed body or object (400 `bad_request`); the text names the field.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The caller's role or name may not do this (403 `forbidden`), e.g. a host enrolling
+    /// under another host's id.
     #[error("caller {caller} may not {action}: {detail}")]
-    Forbidden { caller: String, action: &'static str, detail: String },
+    Forbidden {
+        /// The caller's certificate name.
+        caller: String,
+        /// What it tried, e.g. "enroll a host".
+        action: &'static str,
+        /// Why it may not, for a person.
+        detail: String,
+    },
 
     // ---- host enrollment (attestation.rs) --------------------------------------------------
+    /// The EK certificate does not chain to a configured TPM vendor root, or its TCG
+    /// extensions are wrong (403 `ek_untrusted`; docs/TPM.md "EK certificate checks").
     #[error("EK certificate is not trusted: {0}")]
     EkUntrusted(String),
+    /// The EK public area is not the default EK template with the certificate's key
+    /// (403 `ek_mismatch`).
     #[error("EK public key does not match the EK certificate: {0}")]
     EkMismatch(String),
+    /// The activated secret is not the credential: the AK is not in the TPM that holds the
+    /// EK (403 `credential_failed`; docs/TPM.md "MakeCredential").
     #[error("credential activation failed, the AK is not in the EK's TPM: {0}")]
     CredentialFailed(String),
+    /// The Certify of the binding key is invalid, or the key is not a fixedTPM, decrypt-only,
+    /// policy-only RSA-2048 key (403 `binding_key_invalid`).
     #[error("binding key is not acceptable: {0}")]
     BindingKeyInvalid(String),
+    /// The binding key's authPolicy is not PolicyPCR of an allowed reference state
+    /// (403 `binding_policy_untrusted`).
     #[error("binding key policy is not a trusted PCR policy: {0}")]
     BindingPolicyUntrusted(String),
+    /// The host has not enrolled (404 `host_unknown`); carries the host id.
     #[error("host {0} is not enrolled")]
     HostUnknown(String),
 
     // ---- quotes ----------------------------------------------------------------------------
+    /// The quote's signature by the host's AK, its magic or its type is wrong
+    /// (403 `quote_invalid`).
     #[error("quote is invalid: {0}")]
     QuoteInvalid(String),
+    /// A challenge or enrollment id that is unknown, expired, already used, another host's,
+    /// or not the nonce the quote signed (403 `challenge_invalid`).
     #[error("challenge is unknown, expired or already used: {0}")]
     ChallengeInvalid(String),
+    /// The quoted PCRs differ from the host's reference state; names the PCRs that differ
+    /// (403 `pcr_mismatch`).
     #[error("host state is not trusted: {0}")]
     PcrMismatch(String),
 
     // ---- domains ---------------------------------------------------------------------------
+    /// The signature or signer certificate of a descriptor or deletion is invalid (chain,
+    /// validity, revocation, role, or signer ≠ owner; 403 `descriptor_signature_invalid`).
     #[error("descriptor signature is invalid: {0}")]
     DescriptorSignatureInvalid(String),
+    /// An update or deletion by someone other than the domain's owner (403 `owner_mismatch`).
     #[error("{0}")]
     OwnerMismatch(String),
+    /// A version not newer than the newest registered one, or an update based on an older
+    /// registration (409 `version_rollback`).
     #[error("{0}")]
     VersionRollback(String),
+    /// No domain with this id is registered (404 `domain_unknown`).
     #[error("domain {0} is not registered")]
     DomainUnknown(String),
+    /// The domain has been deleted (tombstone); its key is never released again
+    /// (410 `domain_deleted`).
     #[error("domain {0} has been deleted")]
     DomainDeleted(String),
+    /// The header's registration is not signed by a TTP or is not of this descriptor
+    /// (403 `registration_mismatch`).
     #[error("registration does not match: {0}")]
     RegistrationMismatch(String),
 
     // ---- access ----------------------------------------------------------------------------
+    /// The VM is not in the domain's access list (403 `vm_not_in_acl`).
     #[error("{0}")]
     VmNotInAcl(String),
+    /// The VM's ACL mode does not cover the requested mode, e.g. `rw` asked, `ro` listed
+    /// (403 `mode_not_permitted`).
     #[error("{0}")]
     ModeNotPermitted(String),
+    /// The mount grant's `expires_at` has passed (403 `grant_expired`).
     #[error("mount grant expired: {0}")]
     GrantExpired(String),
     /// A mount grant authorizes one key release; this one was used before.
     #[error("mount grant already used: {0}")]
     GrantReplayed(String),
+    /// The mount grant's signature or signer certificate is invalid, or its issuer is not
+    /// the signer (403 `grant_signature_invalid`).
     #[error("mount grant signature is invalid: {0}")]
     GrantSignatureInvalid(String),
+    /// The grant's signer is neither the owner nor a manager the domain is shared with
+    /// (403 `grant_signer_not_authorized`).
     #[error("{0}")]
     GrantSignerNotAuthorized(String),
+    /// The grant is for another domain or VM, or a narrower mode than requested
+    /// (403 `grant_mismatch`).
     #[error("mount grant does not match the request: {0}")]
     GrantMismatch(String),
 
     // ---- audit and store -------------------------------------------------------------------
+    /// The audit log was edited, relinked or has records missing (500 `audit_chain_broken`;
+    /// docs/PROTOCOL.md "Audit records").
     #[error("audit chain is broken: {0}")]
     AuditChainBroken(String),
+    /// The SQLite store failed or holds an unreadable record (500 `store`).
     #[error("store: {0}")]
     Store(String),
+    /// The configuration or a file it names is unusable (500 `config`); stops start-up.
     #[error("configuration: {0}")]
     Config(String),
+    /// A file could not be read or written (500 `io`).
     #[error("{context}: {source}")]
     Io {
+        /// What was being done, naming the file.
         context: String,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// A protocol object failed to decode or verify: `bad_signature` (400) for a signature
+    /// that does not verify, `bad_request` (400) for anything else.
     #[error(transparent)]
     Protocol(#[from] protocol::Error),
 }
 
+    /// Result with the TTP [`enum@Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {

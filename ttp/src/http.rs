@@ -22,6 +22,8 @@ use crate::service::Ttp;
 /// Largest request body: a header record with a full ACL and certificates fits easily.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// The axum router of every TTP route (docs/PROTOCOL.md "TTP API"), with the 1 MiB body
+/// limit. It expects `net::serve` to insert the caller's verified `Identity`.
 pub fn router(ttp: Arc<Ttp>) -> Router {
     Router::new()
         .route("/v1/enrollments", post(begin_enrollment))
@@ -79,10 +81,15 @@ async fn begin_enrollment(
     blocking(move || ttp.begin_enrollment(&caller, &request)).await
 }
 
+/// Answer to `POST /v1/enrollments/proof`: the host is enrolled.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EnrollmentResult {
+    /// The enrolled host (its certificate name).
     pub host_id: String,
+    /// The reference state whose PolicyPCR digest the binding key's policy matched; the host's
+    /// quotes must match it from now on.
     pub reference_state: String,
+    /// Hex SHA-256 of the host's EK certificate (DER).
     pub ek_fingerprint: String,
 }
 
@@ -112,9 +119,12 @@ async fn register_domain(
     blocking(move || ttp.register_domain(&caller, &request)).await
 }
 
+/// Answer to `POST /v1/domains/{id}/delete`: the domain is tombstoned.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Deleted {
+    /// The deleted domain.
     pub domain_id: String,
+    /// Always `true`: a refused deletion answers an error instead.
     pub deleted: bool,
 }
 

@@ -1,5 +1,6 @@
 //! The trusted third party: derives domain keys, checks access and attestation, audits.
 
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod attestation;

@@ -27,6 +27,9 @@ pub const CHALLENGE_TTL_SECS: u64 = 60;
 /// How long an enrollment may take between its two steps.
 pub const ENROLLMENT_TTL_SECS: u64 = 120;
 
+/// The trusted third party's state and decisions: K_TTP (in locked memory), its signing key,
+/// the trusted CAs and revocation lists, the attestation policy and the store. HTTP-free;
+/// `http.rs` wraps it, tests call it directly.
 pub struct Ttp {
     master_key: SecretBytes,
     signing_key: SignatureKey,
@@ -50,6 +53,10 @@ struct Subject {
 }
 
 impl Ttp {
+    /// Builds the TTP from its master key (must be 32 bytes, else `Error::Config`), the key that
+    /// signs registrations, the trusted CA roots (PEM) for signed objects, the attestation
+    /// policy and the store. No revocation list is checked until
+    /// [`Ttp::with_revocation_lists`].
     pub fn new(
         master_key: SecretBytes,
         signing_key: SignatureKey,
@@ -91,6 +98,7 @@ impl Ttp {
             .collect()
     }
 
+    /// The store, for tools and tests that read it (e.g. the audit chain).
     pub fn store(&self) -> &Arc<dyn TtpStore> {
         &self.store
     }
@@ -186,6 +194,10 @@ impl Ttp {
 
     // ---- host enrollment ---------------------------------------------------------------
 
+    /// Enrollment step 2 (docs/PROTOCOL.md "Host enrollment"): a secure component enrolling
+    /// itself (its certificate name is `host_id`, else `forbidden`) gets a MakeCredential
+    /// challenge once its EK certificate is trusted. The pending enrollment is kept in memory
+    /// for 120 s. Audited as `enroll_begin`.
     pub fn begin_enrollment(&self, actor: &Identity, request: &EnrollmentRequest) -> Result<CredentialChallenge> {
         let subject = Subject { host_id: Some(request.host_id.clone()), ..Default::default() };
         let (challenge, _) = self.audited("enroll_begin", actor, subject, |_| {
@@ -207,6 +219,9 @@ impl Ttp {
         Ok(challenge)
     }
 
+    /// Enrollment step 4: checks the activated credential and the Certify of the binding key
+    /// (docs/TPM.md "Enrollment"), then stores the [`HostRecord`]. The enrollment id is used up
+    /// whether or not the proof passes. Audited as `enroll`.
     pub fn finish_enrollment(&self, actor: &Identity, proof: &EnrollmentProof) -> Result<HostRecord> {
         let subject = Subject { host_id: Some(actor.name.clone()), ..Default::default() };
         let (host, _) = self.audited("enroll", actor, subject, |_| {
@@ -238,6 +253,8 @@ impl Ttp {
 
     // ---- challenges ------------------------------------------------------------------------
 
+    /// A single-use quote nonce (32 bytes, valid 60 s) for an enrolled secure component
+    /// (`host_unknown` otherwise). Not audited: the key release that uses it is.
     pub fn challenge(&self, actor: &Identity) -> Result<ChallengeResponse> {
         Self::require_role(actor, Role::SecureComponent, "request a quote challenge")?;
         self.host_record(&actor.name)?;
@@ -250,6 +267,12 @@ impl Ttp {
 
     // ---- domains -----------------------------------------------------------------------------
 
+    /// Registers version 1 of a domain (drawing `r`) or a newer version (carrying `r` over from
+    /// `previous_registration`), for the cloud platform (docs/PROTOCOL.md "Domain creation and
+    /// update"). Checks the owner's signature, that owner and metadata are unchanged and that
+    /// the version is newer (`version_rollback`). A repeat of the newest update (same
+    /// descriptor, on the registration before it) is registered again with the same `r`, so a
+    /// cloud platform that crashed before writing the header can finish. Audited as `register`.
     pub fn register_domain(&self, actor: &Identity, request: &RegisterDomainRequest) -> Result<RegisterDomainResponse> {
         // The audit record names the domain even when the descriptor's signature fails.
         let claimed_domain = Descriptor::decode(&request.descriptor.message).ok().map(|d| d.domain_id);
@@ -372,6 +395,9 @@ impl Ttp {
         Ok(())
     }
 
+    /// Tombstones a domain on its owner's signed [`Deletion`]: from then on no key is released
+    /// for it (`domain_deleted`). Any caller may deliver the deletion; only the owner's signature
+    /// counts. Audited as `delete`.
     pub fn delete_domain(&self, actor: &Identity, deletion: &SignedEnvelope) -> Result<()> {
         let claimed_domain = Deletion::decode(&deletion.message).ok().map(|d| d.domain_id);
         let subject = Subject { domain_id: claimed_domain, ..Default::default() };
@@ -399,6 +425,11 @@ impl Ttp {
 
     // ---- key release ---------------------------------------------------------------------
 
+    /// The key release of docs/PROTOCOL.md "Key release": host attestation against a fresh
+    /// challenge, descriptor and registration signatures, newest version, ACL, then the
+    /// single-use grant; only then is K derived and sealed to the host's binding key
+    /// ([`attestation::seal_key_to_host`]). Every outcome, granted or refused, is one
+    /// `key_release` audit record.
     pub fn release_key(&self, actor: &Identity, request: &KeyReleaseRequest) -> Result<KeyReleaseResponse> {
         let subject = Subject {
             host_id: Some(request.host_id.clone()),

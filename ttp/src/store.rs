@@ -14,12 +14,19 @@ use crate::error::{Error, Result};
 /// What the TTP knows about a registered domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainRecord {
+    /// The domain id (32 lowercase hex characters).
     pub domain_id: String,
+    /// Certificate name of the owner; fixed at version 1 (`owner_mismatch` for any other signer
+    /// of an update or deletion).
     pub owner: String,
+    /// Newest registered version; keys are released only for it.
     pub latest_version: u64,
     /// The canonical descriptor of the latest version (holds the ACL and shared-with list).
     pub descriptor: Vec<u8>,
+    /// SHA-256 of `descriptor`; a header's registration must name exactly this hash.
     pub descriptor_hash: [u8; 32],
+    /// `H(meta)`, fixed at version 1: an update with other metadata is refused, because the
+    /// metadata is bound into the key.
     pub metadata_hash: [u8; 32],
     /// Unix seconds of the tombstone, if deleted.
     pub deleted_at: Option<u64>,
@@ -28,41 +35,65 @@ pub struct DomainRecord {
 /// An audit record before the store numbers and chains it.
 #[derive(Debug, Clone, Default)]
 pub struct AuditEntry {
+    /// Unix seconds of the event.
     pub at: u64,
+    /// What happened: `register`, `delete`, `enroll_begin`, `enroll` or `key_release`.
     pub event: String,
+    /// `"ok"` or the refusal's error code (`Error::code`).
     pub outcome: String,
+    /// Detail for a person: what was done or why it was refused.
     pub message: String,
+    /// The domain concerned, if known (history queries select by it).
     pub domain_id: Option<String>,
+    /// The compute host concerned, if any.
     pub host_id: Option<String>,
+    /// The VM concerned, if any.
     pub vm_id: Option<String>,
+    /// The authenticated caller's certificate name.
     pub actor: String,
 }
 
+/// The TTP's persistent state (docs/ARCHITECTURE.md "Storage of state"). Implementations
+/// must make each method atomic: the service relies on `take_challenge`, `consume_grant`,
+/// `update_domain` and `append_audit` each being one step that two concurrent requests
+/// cannot both win.
 pub trait TtpStore: Send + Sync {
+    /// Stores or replaces the host record (JSON of `HostRecord`) of `host_id`; re-enrollment
+    /// replaces it.
     fn put_host(&self, host_id: &str, record_json: &str) -> Result<()>;
+    /// The host record JSON of `host_id`, if the host is enrolled.
     fn host(&self, host_id: &str) -> Result<Option<String>>;
 
+    /// What the TTP knows about `domain_id`, deleted or not; `None` if never registered.
     fn domain(&self, domain_id: &str) -> Result<Option<DomainRecord>>;
     /// Inserts version 1; fails if the domain exists.
     fn insert_domain(&self, record: &DomainRecord) -> Result<()>;
     /// Replaces the latest version only if it is still `expected_version` (compare-and-set,
     /// so two concurrent updates cannot both win).
     fn update_domain(&self, record: &DomainRecord, expected_version: u64) -> Result<()>;
+    /// Marks the domain deleted at `at` (unix seconds); a domain already deleted keeps its first
+    /// tombstone.
     fn tombstone_domain(&self, domain_id: &str, at: u64) -> Result<()>;
 
+    /// Stores a quote challenge for `host_id` until `expires_at` (unix seconds), dropping
+    /// expired ones.
     fn put_challenge(&self, challenge_id: &str, host_id: &str, nonce: &[u8], expires_at: u64) -> Result<()>;
     /// Removes and returns (host id, nonce, expiry) of a challenge: each is usable once.
     fn take_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>>;
 
-    /// Numbers, chains and appends a record atomically; returns it.
     /// Marks a mount grant (by the SHA-256 of its message) used until it expires; `false` if
     /// it was used before. Expired marks are dropped as new ones arrive: an expired grant is
     /// refused for its expiry anyway.
     fn consume_grant(&self, grant_hash: &[u8; 32], expires_at: u64) -> Result<bool>;
+    /// Numbers, chains and appends a record atomically; returns it.
     fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord>;
+    /// The audit records in sequence order: every record with `None`, or only those naming
+    /// `domain_id`. Does not verify the chain (the service does).
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>>;
 }
 
+/// The embedded SQLite implementation of [`TtpStore`] (WAL, synchronous=FULL, so an
+/// acknowledged registration or audit record survives a crash).
 pub struct SqliteStore {
     connection: Mutex<Connection>,
 }
@@ -72,11 +103,13 @@ fn store_err(context: &str) -> impl Fn(rusqlite::Error) -> Error + '_ {
 }
 
 impl SqliteStore {
+    /// Opens or creates the database at `path` and its schema.
     pub fn open(path: &Path) -> Result<Self> {
         let connection = Connection::open(path).map_err(store_err("open the TTP database"))?;
         Self::init(connection)
     }
 
+    /// A database in memory, for tests: everything is lost when it is dropped.
     pub fn in_memory() -> Result<Self> {
         Self::init(Connection::open_in_memory().map_err(store_err("open an in-memory database"))?)
     }
@@ -331,6 +364,7 @@ impl TtpStore for SqliteStore {
     }
 }
 
+/// Current time in unix seconds (0 if the clock is before 1970).
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
