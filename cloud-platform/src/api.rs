@@ -25,6 +25,9 @@ pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 type Cp = State<Arc<CloudPlatform>>;
 type Answer<T> = Result<Json<T>, ApiError>;
 
+/// The cloud platform's routes (docs/CLOUD-API.md, "Cloud platform") over `cp`, with the
+/// [`MAX_BODY_BYTES`] limit. Who may call what is checked in [`CloudPlatform`] by the caller's
+/// TLS identity.
 pub fn router(cp: Arc<CloudPlatform>) -> Router {
     Router::new()
         .route("/v1/hosts", post(register_host).get(list_hosts))
@@ -48,7 +51,9 @@ pub fn router(cp: Arc<CloudPlatform>) -> Router {
 /// Query parameters of the list endpoints.
 #[derive(Debug, Default, Deserialize)]
 pub struct ListQuery {
+    /// Page size: 50 if absent, at most 500; 0 is refused with 400 `bad_request`.
     pub limit: Option<usize>,
+    /// The last id of the previous page (its `next_marker`); the list starts after it.
     pub marker: Option<String>,
     /// `GET /v1/attachments` only: the attachments of one domain.
     pub domain_id: Option<String>,
@@ -80,8 +85,10 @@ async fn register_host(
     answer(cp.register_host(&caller, json_body(body)?).await)
 }
 
+/// The answer to `GET /v1/hosts`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HostList {
+    /// Every registered compute host, by id.
     pub hosts: Vec<ComputeHost>,
 }
 

@@ -17,7 +17,10 @@ use protocol::pki::{
 };
 use zeroize::Zeroizing;
 
+/// File name of the CA certificate in a CA directory (public: every party trusts it).
 pub const CA_CERT_FILE: &str = "ca.pem";
+/// File name of the CA private key in a CA directory (mode 0600; keep it offline when not
+/// issuing).
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 /// The CA's revocation list (`net::TlsFiles::in_dir` picks it up next to `ca.pem`).
 pub const CRL_FILE: &str = net::CRL_FILE;
@@ -30,23 +33,48 @@ pub const DEFAULT_CA_NAME: &str = "Skydd Cloud CA";
 /// Errors of the CA commands.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `ca init` into a directory that already holds a CA file: overwriting it would make every
+    /// certificate the old CA issued untrusted.
     #[error(
         "{} already holds a CA ({} exists); refusing to overwrite it. Every certificate it issued \
          would stop being trusted. Use another --dir, or remove the old CA deliberately first",
         dir.display(),
         existing.display()
     )]
-    CaExists { dir: PathBuf, existing: PathBuf },
+    CaExists {
+        /// The CA directory.
+        dir: PathBuf,
+        /// The CA file that is already there.
+        existing: PathBuf,
+    },
+    /// A CA command (`ca issue`, `revoke`, `revoked`, `crl`) on a directory without a CA.
     #[error("{} does not hold a CA: {} is missing (run `cloud-platform ca init --dir {}` first)", dir.display(), missing.display(), dir.display())]
-    NoCa { dir: PathBuf, missing: PathBuf },
+    NoCa {
+        /// The directory given.
+        dir: PathBuf,
+        /// The CA file that is missing (`ca.pem` or `ca-key.pem`).
+        missing: PathBuf,
+    },
+    /// `ca issue` would overwrite an issued certificate or key.
     #[error("{} already exists; refusing to overwrite it (remove it first to re-issue)", path.display())]
-    Exists { path: PathBuf },
+    Exists {
+        /// The file that already exists.
+        path: PathBuf,
+    },
+    /// The CA key is readable or writable by group or others; the CA refuses to use it until it
+    /// is mode 0600.
     #[error(
         "CA key {} has mode {mode:04o}: other users can read or change it; run `chmod 600 {}`",
         path.display(),
         path.display()
     )]
-    KeyPermissions { path: PathBuf, mode: u32 },
+    KeyPermissions {
+        /// The CA key file.
+        path: PathBuf,
+        /// Its permission bits, e.g. 0o644.
+        mode: u32,
+    },
+    /// `ca revoke` of a certificate that is on the list already; nothing is changed.
     #[error(
         "{} is already revoked: since {}, reason {}; nothing changed (run `cloud-platform ca \
          revoked --dir {}` to see the list)",
@@ -56,15 +84,23 @@ pub enum Error {
         ca_dir.display()
     )]
     AlreadyRevoked {
+        /// The certificate file given.
         cert: PathBuf,
+        /// The CA directory.
         ca_dir: PathBuf,
+        /// The existing entry (serial, time and reason of the revocation).
         entry: RevokedCertificate,
     },
+    /// `ca revoke` of a certificate this CA did not issue or that does not parse.
     #[error("cannot revoke {}: {source}", cert.display())]
     NotRevocable {
+        /// The certificate file given.
         cert: PathBuf,
+        /// Why it cannot be revoked.
         source: protocol::Error,
     },
+    /// `crl.pem` does not parse or its signature does not verify against `ca.pem`. Nothing
+    /// is changed; deleting it would un-revoke every certificate on it (docs/PKI.md, "Revocation").
     #[error(
         "revocation list {} is unusable: {source}. Nothing was changed. Do not delete it (that \
          would un-revoke every certificate on it): restore it from a backup or the hosts that \
@@ -72,9 +108,13 @@ pub enum Error {
         path.display()
     )]
     BadCrl {
+        /// The revocation list file.
         path: PathBuf,
+        /// What is wrong with it.
         source: protocol::Error,
     },
+    /// `ca revoked` on a CA made before revocation lists existed (`ca crl` publishes an empty
+    /// one).
     #[error(
         "{} has no revocation list yet ({} is missing; the CA predates them). \
          `cloud-platform ca crl --dir {}` publishes an empty one",
@@ -82,27 +122,53 @@ pub enum Error {
         missing.display(),
         dir.display()
     )]
-    NoCrl { dir: PathBuf, missing: PathBuf },
+    NoCrl {
+        /// The CA directory.
+        dir: PathBuf,
+        /// The revocation list file that is missing.
+        missing: PathBuf,
+    },
+    /// Another `ca revoke` or `ca crl` holds the lock file (or one was interrupted and left it).
     #[error(
         "{} exists: another `cloud-platform ca revoke` or `ca crl` is updating the revocation \
          list, or one was interrupted. If none is running, remove that file and try again",
         path.display()
     )]
-    CrlBusy { path: PathBuf },
+    CrlBusy {
+        /// The lock file (`.crl.pem.tmp` in the CA directory).
+        path: PathBuf,
+    },
+    /// The revocation list number cannot be increased any further: a new CA is needed.
     #[error("revocation list {} has number {number}, the last there can be; start a new CA", path.display())]
-    CrlNumberExhausted { path: PathBuf, number: u64 },
+    CrlNumberExhausted {
+        /// The revocation list file.
+        path: PathBuf,
+        /// Its current number.
+        number: u64,
+    },
+    /// Reading, writing or creating a file or directory failed.
     #[error("{}: {detail}", path.display())]
-    Io { path: PathBuf, detail: String },
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done and the OS error.
+        detail: String,
+    },
+    /// Generating, issuing, signing or checking a certificate or list failed in
+    /// `protocol::pki`, e.g. a name that is not a valid certificate name.
     #[error(transparent)]
     Pki(#[from] protocol::Error),
 }
 
+/// `Result` with the CA commands' [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What `ca init` wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaPaths {
+    /// The CA certificate (`ca.pem`).
     pub cert: PathBuf,
+    /// The CA private key (`ca-key.pem`, mode 0600).
     pub key: PathBuf,
     /// The empty revocation list, number 1.
     pub crl: PathBuf,
@@ -111,17 +177,24 @@ pub struct CaPaths {
 /// What `ca issue` wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedPaths {
+    /// The certificate (`NAME.pem`).
     pub cert: PathBuf,
+    /// Its private key (`NAME-key.pem`, mode 0600).
     pub key: PathBuf,
 }
 
 /// Options of `ca issue`.
 #[derive(Debug, Clone)]
 pub struct IssueOptions {
+    /// The role carried in the certificate (docs/PKI.md, "How the role is carried"); it
+    /// decides which APIs the holder may call.
     pub role: Role,
+    /// The subject name: a host id, a domain manager's name, a service name. Also the file
+    /// name stem.
     pub name: String,
     /// Where to write `NAME.pem` / `NAME-key.pem` (default: the CA directory).
     pub out: Option<PathBuf>,
+    /// Validity in days from now; it cannot outlive the CA.
     pub days: u32,
     /// Extra subject alternative names (DNS names or IP addresses).
     pub sans: Vec<String>,

@@ -29,6 +29,9 @@ pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 30;
 /// Default largest data area of one volume (1 TiB; the file is sparse).
 pub const DEFAULT_MAX_VOLUME_BYTES: u64 = 1 << 40;
 
+/// The cloud platform's configuration file (`cloud-platform serve --config cp.toml`; an
+/// example is in the module documentation). Unknown keys are refused, so a misspelt option is an
+/// error rather than a silent default.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CpConfig {
@@ -46,6 +49,7 @@ pub struct CpConfig {
     pub crl: Vec<PathBuf>,
     /// The CP's own certificate and key (role cloud-platform).
     pub cert: PathBuf,
+    /// The private key of `cert` (PEM); keep it mode 0600.
     pub key: PathBuf,
     /// Where the TTP listens, e.g. "https://127.0.0.1:7443".
     pub ttp_url: String,
@@ -72,12 +76,16 @@ fn default_max_volume_bytes() -> u64 {
 }
 
 impl CpConfig {
+    /// Reads and parses the TOML file at `path`; fails with [`Error::Config`] naming the file
+    /// and the bad key or value.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("read {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
+    /// Encodes the configuration as TOML, e.g. for the all-in-one cloud and tests that write
+    /// the file `serve` then reads.
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string(self).map_err(|e| Error::Config(format!("encode configuration: {e}")))
     }

@@ -7,6 +7,9 @@ use axum::http::StatusCode;
 use net::ApiError;
 use thiserror::Error;
 
+/// Every way a cloud platform request can fail. [`Error::code`] is the `code` of the JSON
+/// error body and [`Error::status`] its HTTP status; the codes are listed in docs/CLOUD-API.md,
+/// "Cloud platform behaviour".
 #[derive(Debug, Error)]
 pub enum Error {
     /// Malformed request (says which field).
@@ -23,35 +26,62 @@ pub enum Error {
     OwnerMismatch(String),
     /// A resource that does not exist; `code` is e.g. `domain_unknown`, `instance_unknown`.
     #[error("{message}")]
-    NotFound { code: &'static str, message: String },
+    NotFound {
+        /// The stable code: `domain_unknown`, `instance_unknown`, `host_unknown` or
+        /// `attachment_unknown`.
+        code: &'static str,
+        /// What was not found, by id (and, where it helps, how to make it exist).
+        message: String,
+    },
     /// A conflict with the current state; `code` is e.g. `domain_exists`, `already_attached`.
     #[error("{message}")]
-    Conflict { code: &'static str, message: String },
+    Conflict {
+        /// The stable code: `domain_exists` or `already_attached`.
+        code: &'static str,
+        /// What the request conflicts with.
+        message: String,
+    },
     /// The domain was deleted (crypto-shredded).
     #[error("{0}")]
     DomainDeleted(String),
     /// The TTP or a secure component refused; its status, code and message are kept.
     #[error("{message}")]
     Upstream {
+        /// The peer's HTTP status, answered unchanged (502 if it is not a valid status).
         status: u16,
+        /// The peer's code, e.g. `vm_not_in_acl` or `version_rollback`.
         code: String,
+        /// The peer's message, unchanged.
         message: String,
     },
     /// The TTP or a secure component could not be reached or answered nonsense;
     /// `code` is `ttp_unreachable` or `host_unreachable`.
     #[error("{message}")]
-    Unreachable { code: &'static str, message: String },
+    Unreachable {
+        /// `ttp_unreachable` or `host_unreachable`.
+        code: &'static str,
+        /// Who could not be reached (the TTP, or the host and its URL) and why.
+        message: String,
+    },
+    /// A volume file could not be created, read, written or destroyed, or it holds no valid
+    /// header ([`crate::volumes`], docs/FORMAT.md). Answers 500 `volume_error`.
     #[error("volume: {0}")]
     Volume(String),
+    /// The database failed ([`crate::store`]). Answers 500 `store_error`.
     #[error("store: {0}")]
     Store(String),
+    /// The configuration or the TLS files are unusable; stops `serve` at start-up. Answers 500
+    /// `config_error` should it reach the API.
     #[error("configuration: {0}")]
     Config(String),
 }
 
+/// `Result` with the cloud platform's [`Error`](enum@Error).
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The `code` of the JSON error body: the CP's own, or the TTP's or secure component's for
+    /// [`Error::Upstream`] and the unreachable peer's for [`Error::Unreachable`].
     pub fn code(&self) -> &str {
         match self {
             Error::BadRequest(_) => "bad_request",
@@ -69,6 +99,8 @@ impl Error {
         }
     }
 
+    /// The HTTP status the API answers with: 400, 403, 404, 409, 410, 500 or 502; a peer's
+    /// refusal keeps the peer's status.
     pub fn status(&self) -> StatusCode {
         match self {
             Error::BadRequest(_) | Error::InvalidSize(_) => StatusCode::BAD_REQUEST,

@@ -5,6 +5,7 @@
 //! instance's host. It never holds a key. Also the cloud CA (`ca`).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod api;
 pub mod ca;

@@ -33,10 +33,12 @@ pub struct HostReconciliation {
     pub detached: usize,
     /// Records of mappings the host does not have (any more), marked detached.
     pub marked_detached: usize,
+    /// Hosts whose list of mappings could not be read; they are tried again next round.
     pub hosts_unreachable: usize,
 }
 
 impl HostReconciliation {
+    /// Whether the round adopted, detached or marked anything (worth logging).
     pub fn changed_anything(&self) -> bool {
         self.adopted + self.detached + self.marked_detached > 0
     }
@@ -49,6 +51,9 @@ const HOST_LIST_TIMEOUT: Duration = Duration::from_secs(10);
 /// decryption and possibly mkfs).
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The cloud platform's flows over the store, the volume files, the TTP client and one
+/// client per secure component (docs/CLOUD-API.md, "Cloud platform behaviour"). Shared by all
+/// request handlers behind an `Arc`.
 pub struct CloudPlatform {
     store: Arc<dyn CpStore>,
     volumes: Volumes,
@@ -62,6 +67,7 @@ pub struct CloudPlatform {
     reconcile_interval: Duration,
 }
 
+/// Now in Unix seconds (0 if the clock is before 1970); the time stamps of records.
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -173,10 +179,12 @@ impl CloudPlatform {
         self
     }
 
+    /// How often the server reconciles attachments with the compute hosts.
     pub fn reconcile_interval(&self) -> Duration {
         self.reconcile_interval
     }
 
+    /// The volume files this CP manages.
     pub fn volumes(&self) -> &Volumes {
         &self.volumes
     }
@@ -196,6 +204,9 @@ impl CloudPlatform {
 
     // ---- hosts and instances -----------------------------------------------------------------
 
+    /// `POST /v1/hosts`: records (or replaces) where a host's secure component listens.
+    /// Only the operator (role cloud-platform) may; a bad host id or `agent_url` is 400
+    /// `bad_request`.
     pub async fn register_host(&self, caller: &Identity, host: ComputeHost) -> Result<ComputeHost> {
         require_role(caller, &[Role::CloudPlatform], "register a compute host")?;
         validate_name("host id", &host.id).map_err(|e| Error::BadRequest(e.to_string()))?;
@@ -207,10 +218,13 @@ impl CloudPlatform {
         Ok(host)
     }
 
+    /// `GET /v1/hosts`: every registered host.
     pub async fn hosts(&self) -> Result<Vec<ComputeHost>> {
         self.store(|s| s.hosts()).await
     }
 
+    /// `POST /v1/instances`: records which host a VM runs on (role cloud-platform or
+    /// domain-manager). An unregistered host is 404 `host_unknown`.
     pub async fn register_instance(
         &self,
         caller: &Identity,
@@ -240,6 +254,7 @@ impl CloudPlatform {
         Ok(instance)
     }
 
+    /// `GET /v1/instances`: one page of instances, by id.
     pub async fn instances(&self, page: Page) -> Result<InstanceList> {
         let p = page.clone();
         let rows = self.store(move |s| s.instances(&p)).await?;
@@ -1051,6 +1066,9 @@ impl CloudPlatform {
         Ok(attachment)
     }
 
+    /// `GET /v1/attachments/{id}`: the operator (role cloud-platform) reads any attachment; a
+    /// domain manager only one of a domain it owns or shares (otherwise 403 `forbidden`). An
+    /// unknown id is 404 `attachment_unknown`.
     pub async fn attachment(&self, caller: &Identity, attachment_id: &str) -> Result<Attachment> {
         require_role(
             caller,

@@ -16,15 +16,19 @@ use crate::error::{Error, Result};
 /// What the CP records about a domain (the descriptor itself is in the volume header).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainRecord {
+    /// The domain id: 32 lowercase hex characters, from the descriptor.
     pub id: String,
+    /// The owner's certificate name; only the owner may update or delete the domain.
     pub owner: String,
     /// Domain managers the newest version is shared with.
     pub shared_with: Vec<String>,
     /// Newest version whose header was written.
     pub version: u64,
+    /// Size of the data area in bytes (the volume file is 1 MiB larger).
     pub size_bytes: u64,
     /// Unix seconds.
     pub created_at: u64,
+    /// The volume file (`data_dir/volumes/<id>.vol`).
     pub volume_path: PathBuf,
     /// Unix seconds of the deletion, if deleted.
     pub deleted_at: Option<u64>,
@@ -40,7 +44,9 @@ impl DomainRecord {
 /// One page request of a list endpoint: at most `limit` items with ids after `marker`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
+    /// Most items on the page (1 to 500).
     pub limit: usize,
+    /// Only ids after this one; `None` for the first page.
     pub marker: Option<String>,
 }
 
@@ -86,8 +92,11 @@ impl Page {
 /// descriptor only; never a registration, which carries `r`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingUpdate {
+    /// The domain being updated.
     pub domain_id: String,
+    /// The version of the pending descriptor.
     pub version: u64,
+    /// The owner's signed descriptor, as sent in the update.
     pub descriptor: protocol::signing::SignedEnvelope,
     /// Unix seconds.
     pub recorded_at: u64,
@@ -98,23 +107,30 @@ pub struct PendingUpdate {
 pub struct AttachmentFilter {
     /// Only attachments of domains this domain manager owns or shares.
     pub manager: Option<String>,
+    /// Only attachments of this domain (`?domain_id=`).
     pub domain_id: Option<String>,
 }
 
+/// The cloud platform's persistent state (see the module documentation); [`SqliteStore`]
+/// is the implementation. Methods block: callers run them off the async workers.
 pub trait CpStore: Send + Sync {
     /// Inserts or replaces a compute host.
     fn put_host(&self, host: &ComputeHost) -> Result<()>;
+    /// The host `id`, if registered.
     fn host(&self, id: &str) -> Result<Option<ComputeHost>>;
+    /// Every registered host, by id.
     fn hosts(&self) -> Result<Vec<ComputeHost>>;
 
     /// Inserts or replaces an instance (a VM moved to another host).
     fn put_instance(&self, instance: &Instance) -> Result<()>;
+    /// The instance `id`, if registered.
     fn instance(&self, id: &str) -> Result<Option<Instance>>;
     /// Up to `page.limit + 1` instances after the marker, by id.
     fn instances(&self, page: &Page) -> Result<Vec<Instance>>;
 
     /// Fails with `domain_exists` if the id is taken.
     fn insert_domain(&self, record: &DomainRecord) -> Result<()>;
+    /// The domain `id`, deleted or not; `None` if it was never created.
     fn domain(&self, id: &str) -> Result<Option<DomainRecord>>;
     /// Up to `page.limit + 1` live domains `manager` owns or shares, by id.
     fn domains_for(&self, manager: &str, page: &Page) -> Result<Vec<DomainRecord>>;
@@ -126,13 +142,17 @@ pub trait CpStore: Send + Sync {
 
     /// Writes an update ahead of asking the TTP (replaces an older pending one).
     fn record_pending_update(&self, pending: &PendingUpdate) -> Result<()>;
+    /// The pending update of `domain_id`, if any.
     fn pending_update(&self, domain_id: &str) -> Result<Option<PendingUpdate>>;
     /// Every pending update, by domain id (start-up).
     fn pending_updates(&self) -> Result<Vec<PendingUpdate>>;
     /// Forgets a pending update the TTP refused.
     fn drop_pending_update(&self, domain_id: &str) -> Result<()>;
 
+    /// Records a new attachment (usually `attaching`, written ahead of asking the host);
+    /// `created_at` in Unix seconds.
     fn insert_attachment(&self, attachment: &Attachment, created_at: u64) -> Result<()>;
+    /// The attachment `id` in any status, if it exists.
     fn attachment(&self, id: &str) -> Result<Option<Attachment>>;
     /// Up to `page.limit + 1` attachments after the marker, by id.
     fn attachments(&self, filter: &AttachmentFilter, page: &Page) -> Result<Vec<Attachment>>;
@@ -140,6 +160,8 @@ pub trait CpStore: Send + Sync {
     fn open_attachments_of_domain(&self, domain_id: &str) -> Result<Vec<Attachment>>;
     /// The open attachment of `domain_id` to `instance_id`, if any.
     fn open_attachment(&self, domain_id: &str, instance_id: &str) -> Result<Option<Attachment>>;
+    /// Sets the status of attachment `id` (one of [`ATTACHED`], [`DETACHED`], [`DETACHING`],
+    /// [`ATTACHING`]).
     fn set_attachment_status(&self, id: &str, status: &str) -> Result<()>;
     /// Records what the host made of an `attaching` attachment: device, mount path, version,
     /// and the status `attached`.
@@ -150,6 +172,7 @@ pub trait CpStore: Send + Sync {
 
 /// Attachment statuses.
 pub const ATTACHED: &str = "attached";
+/// Closed: the host no longer has the mapping, or never attached it.
 pub const DETACHED: &str = "detached";
 /// The CP asked the host to detach (revocation, deletion) and the host did not confirm;
 /// `DELETE /v1/attachments/{id}` and the CP's reconciliation with the host retry.
@@ -158,6 +181,8 @@ pub const DETACHING: &str = "detaching";
 /// or settled by the reconciliation with the host if the answer never came.
 pub const ATTACHING: &str = "attaching";
 
+/// The embedded SQLite store (`data_dir/cp.sqlite`, WAL, synchronous=FULL): an
+/// acknowledged change survives a crash.
 pub struct SqliteStore {
     connection: Mutex<Connection>,
 }
@@ -171,12 +196,14 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
 }
 
 impl SqliteStore {
+    /// Opens or creates the database at `path` and its tables.
     pub fn open(path: &Path) -> Result<Self> {
         let connection =
             Connection::open(path).map_err(store_err("open the cloud platform database"))?;
         Self::init(connection)
     }
 
+    /// A store that lives in memory only, for tests.
     pub fn in_memory() -> Result<Self> {
         Self::init(Connection::open_in_memory().map_err(store_err("open an in-memory database"))?)
     }

@@ -35,8 +35,11 @@ pub struct Volumes {
 /// The header in force on a volume and which slot holds it.
 #[derive(Debug, Clone)]
 pub struct VolumeHeader {
+    /// The header record in force (descriptor, owner signature, TTP registration).
     pub record: HeaderRecord,
+    /// The slot holding it: 0 or 1 (docs/FORMAT.md, "Header area").
     pub slot: usize,
+    /// Its sequence number; the next update writes the other slot with `seq + 1`.
     pub seq: u64,
     /// The other slot, if it was not usable, and why (never written, torn, damaged).
     pub skipped: Option<String>,
@@ -54,6 +57,7 @@ impl Volumes {
         Ok(Self { dir, max_bytes })
     }
 
+    /// The absolute directory of the volume files (`data_dir/volumes`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -70,8 +70,12 @@ impl TpmWorker {
 /// What the TTP answered to an enrollment.
 #[derive(Debug, Clone, Deserialize)]
 pub struct EnrollmentResult {
+    /// The host id the TTP enrolled, as in this host's certificate.
     pub host_id: String,
+    /// Name of the TTP's reference state (a set of PCR values, e.g. "compute-v1") whose
+    /// PolicyPCR digest the binding key is now bound to; docs/TPM.md, "Enrollment".
     pub reference_state: String,
+    /// Hex SHA-256 of the TPM's EK certificate (DER): the TPM the TTP now knows this host by.
     pub ek_fingerprint: String,
 }
 
@@ -86,8 +90,11 @@ fn ttp_error(step: &'static str, error: net::Error) -> Error {
 
 /// The secure component of one compute host, as the TTP sees it.
 pub struct HostAgent {
+    /// This host's id at the TTP (the name in its certificate); sent in every key release.
     pub host_id: String,
+    /// The thread that owns the host TPM: quotes and decrypts released keys.
     pub tpm: TpmWorker,
+    /// Mutual-TLS client for the TTP's API (docs/PROTOCOL.md, "TTP API").
     pub ttp: net::Client,
 }
 

@@ -36,7 +36,10 @@ pub enum BackendChoice {
     /// dm-crypt when the kernel has device-mapper, the userspace engine otherwise.
     #[default]
     Auto,
+    /// Always the kernel's dm-crypt (docs/DMCRYPT.md); start-up fails without device-mapper.
     DmCrypt,
+    /// Always the userspace engine (FUSE + loop device, [`crate::volume::userspace`]), even
+    /// where dm-crypt is available.
     Userspace,
 }
 
@@ -51,6 +54,8 @@ pub enum HypervisorChoice {
     Libvirt,
 }
 
+/// The `[libvirt]` table: how the `libvirt` driver reaches libvirtd. Ignored by the `local`
+/// driver.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LibvirtConfig {
@@ -62,6 +67,8 @@ pub struct LibvirtConfig {
     pub virsh: Option<PathBuf>,
 }
 
+/// The whole agent configuration file (see the module documentation for an example).
+/// Unknown keys are refused, so a misspelt option is an error, not a silent default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -80,10 +87,13 @@ pub struct AgentConfig {
     /// Root of the per-VM directories of the local driver.
     #[serde(default = "default_vm_root")]
     pub vm_root: PathBuf,
+    /// Which volume backend opens domains; `auto` by default.
     #[serde(default)]
     pub backend: BackendChoice,
+    /// Which hypervisor driver hands opened volumes to VMs; `local` by default.
     #[serde(default)]
     pub hypervisor: HypervisorChoice,
+    /// Settings of the `libvirt` driver.
     #[serde(default)]
     pub libvirt: LibvirtConfig,
     /// The TTP's base URL.
@@ -97,6 +107,7 @@ pub struct AgentConfig {
     pub crl: Vec<PathBuf>,
     /// Own certificate (role secure-component) and key.
     pub cert: PathBuf,
+    /// The private key of `cert` (PEM); keep it mode 0600.
     pub key: PathBuf,
     /// PCRs the binding key is bound to at enrollment (`secure-component enroll`).
     #[serde(default)]
@@ -112,6 +123,7 @@ fn default_vm_root() -> PathBuf {
 }
 
 impl AgentConfig {
+    /// Reads and parses the file at `path`; errors name the file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         Self::from_toml(&text).map_err(|e| match e {
@@ -120,10 +132,12 @@ impl AgentConfig {
         })
     }
 
+    /// Parses TOML text; fails with [`Error::Config`] naming the bad key or value.
     pub fn from_toml(text: &str) -> Result<Self> {
         toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
     }
 
+    /// Encodes the configuration as TOML (what `from_toml` reads back).
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string(self).map_err(|e| Error::Config(format!("encoding the configuration: {e}")))
     }

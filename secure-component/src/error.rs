@@ -3,15 +3,26 @@
 
 use thiserror::Error;
 
+/// Everything that can go wrong in the secure component, one variant per kind of failure.
+/// The agent API turns each variant into an HTTP status and a `code`
+/// ([`crate::service::http::status_and_code`]; docs/CLOUD-API.md, "Secure component agent");
+/// the CLI prints the message.
 #[derive(Debug, Error)]
 pub enum Error {
     // ---- configuration and I/O -------------------------------------------------------
+    /// An operating-system call failed (open, read, ioctl, spawning a program). Answers 500
+    /// `io_failed`.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done, e.g. "reading /etc/skydd/sc.toml"; it comes first in the message.
         context: String,
+        /// The OS error itself (its errno decides some recoveries, e.g. EBUSY on unmount).
         #[source]
         source: std::io::Error,
     },
+    /// The configuration is unusable: TOML that does not parse, an unknown key, a bad value,
+    /// TLS files that do not load ([`crate::config::AgentConfig`]). Stops `serve` at start-up;
+    /// answers 500 `config` should it reach the API.
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The host lacks something the secure component needs (prerequisites.rs).
@@ -19,53 +30,108 @@ pub enum Error {
     Prerequisites(String),
 
     // ---- TPM (tpm.rs) ----------------------------------------------------------------
+    /// A TPM command failed in tss-esapi or in the TPM (docs/TPM.md, "Objects in the host TPM").
+    /// Answers 500 `tpm_failed`; a refused policy session is [`Error::BindingKeyRefused`] instead.
     #[error("TPM operation {operation} failed: {detail}")]
-    Tpm { operation: &'static str, detail: String },
+    Tpm {
+        /// The TPM command or step, e.g. "Quote", "RSA_Decrypt", "ActivateCredential".
+        operation: &'static str,
+        /// What the TSS or the TPM reported (a TPM response code in words).
+        detail: String,
+    },
     /// The TPM itself refused the binding key (policy session not satisfied).
     #[error("the TPM refused to use the binding key: {0}")]
     BindingKeyRefused(String),
+    /// Manufacturing, starting or talking to the swtpm simulator failed ([`crate::swtpm`]; tests
+    /// and the all-in-one cloud). Answers 500 `tpm_failed`.
     #[error("swtpm: {0}")]
     Swtpm(String),
+    /// A key blob or the stored PCR selection under `<state_dir>/tpm` does not decode (a
+    /// truncated file, a file from another tool). Enrolling again rewrites them. Answers 500
+    /// `tpm_failed`.
     #[error("TPM state in {path} is unusable: {detail}")]
-    TpmState { path: String, detail: String },
+    TpmState {
+        /// The state file that does not decode.
+        path: String,
+        /// Why it does not decode (e.g. "not a marshalled TPMT_PUBLIC").
+        detail: String,
+    },
 
     // ---- volumes (volume/, xts.rs) -----------------------------------------------------
+    /// A volume backend could not open, list or close a mapping, or an attachment record could
+    /// not be encoded or read. Answers 500 `volume_failed`.
     #[error("volume error: {0}")]
     Volume(String),
+    /// The kernel has no usable device-mapper (/dev/mapper/control missing or silent).
+    /// `backend = "auto"` catches it and uses the userspace engine; with `backend = "dm-crypt"`
+    /// start-up fails. docs/DMCRYPT.md, "When there is no device-mapper".
     #[error("device-mapper is not available on this kernel: {0}")]
     DeviceMapperUnavailable(String),
+    /// The AES-256-XTS engine refused a key or buffer (key not [`crate::xts::KEY_LEN`] bytes or
+    /// with two identical halves, buffer not whole data units) or OpenSSL failed. Answers 500
+    /// `volume_failed`.
     #[error("AES-XTS engine: {0}")]
     Xts(String),
 
     // ---- TTP (agent.rs) ----------------------------------------------------------------
+    /// The TTP answered with an error code (docs/PROTOCOL.md, "Error codes"), e.g.
+    /// `vm_not_in_acl` or `pcr_mismatch`. The agent passes code and message through unchanged:
+    /// 400, 404, 409 or 410 for the TTP's request errors, 403 for every other refusal.
     #[error("the TTP refused the {step} ({code}): {message}")]
-    TtpRefused { step: &'static str, code: String, message: String },
+    TtpRefused {
+        /// The exchange refused: "enrollment", "enrollment proof", "challenge" or "key release".
+        step: &'static str,
+        /// The TTP's machine-readable code, e.g. `grant_expired`.
+        code: String,
+        /// The TTP's message, saying exactly what was refused.
+        message: String,
+    },
+    /// The TTP gave no usable answer: connection, TLS or timeout failure, or a body that did not
+    /// decode. Answers 502 `ttp_unreachable`.
     #[error("the TTP could not be reached for the {step}: {detail}")]
-    TtpUnreachable { step: &'static str, detail: String },
+    TtpUnreachable {
+        /// The exchange that failed, as in [`Error::TtpRefused`].
+        step: &'static str,
+        /// The transport failure in words.
+        detail: String,
+    },
 
     // ---- agent service (service/, hypervisor/, config.rs) ---------------------------------
     /// A request the agent cannot act on (malformed id, header that does not decode, ...).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// No attachment with this id (the value) on this host. Answers 404 `attachment_unknown`.
     #[error("no attachment {0} on this host")]
     AttachmentUnknown(String),
     /// The attachment id, or the domain for that VM, is attached already (or in progress).
     #[error("{0}")]
     AttachmentConflict(String),
+    /// The hypervisor driver could not give the device to the VM or take it back (mount
+    /// failed, directory still in use, virsh failed). Answers 500 `hypervisor_failed`.
     #[error("hypervisor driver {driver}: {detail}")]
-    Hypervisor { driver: &'static str, detail: String },
+    Hypervisor {
+        /// "local" or "libvirt".
+        driver: &'static str,
+        /// What failed, including virsh's or mount's own message.
+        detail: String,
+    },
 
     // ---- protocol --------------------------------------------------------------------
+    /// A header record, grant or message the `protocol` crate could not decode or verify.
+    /// Answers 400 `bad_request`.
     #[error(transparent)]
     Protocol(#[from] protocol::Error),
 }
 
+/// `Result` with the secure component's [`Error`](enum@Error).
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Builds [`Error::Io`]; `context` says what was being done (for `map_err`).
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io { context: context.into(), source }
     }
+    /// Builds [`Error::Tpm`] for the TPM command `operation`, e.g. "Quote" or "RSA_Decrypt".
     pub fn tpm(operation: &'static str, detail: impl std::fmt::Display) -> Self {
         Error::Tpm { operation, detail: detail.to_string() }
     }

@@ -1,6 +1,8 @@
 //! The secure component: runs on every compute host beside the hypervisor, unseals domain
 //! keys in the host TPM and opens volumes with dm-crypt or the userspace engine.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod config;
 pub mod error;

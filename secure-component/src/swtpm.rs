@@ -152,6 +152,7 @@ impl Swtpm {
         self.ctrl_socket.as_deref()
     }
 
+    /// The directory holding this TPM's state (`tpm/`), its log and its setup files.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }

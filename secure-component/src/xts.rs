@@ -33,9 +33,12 @@ pub const PARALLEL_THRESHOLD: usize = 256 * 1024;
 /// Largest data unit OpenSSL accepts for XTS (2^20 blocks of 16 bytes, IEEE 1619).
 const MAX_UNIT_LEN: usize = 16 << 20;
 
+/// Which way [`XtsEngine::crypt_units`] transforms a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
+    /// Plaintext to ciphertext (writes to a volume).
     Encrypt,
+    /// Ciphertext to plaintext (reads from a volume).
     Decrypt,
 }
 

@@ -33,12 +33,16 @@ fn hv(detail: impl Into<String>) -> Error {
 
 /// Runs virsh with arguments and returns its standard output (an error carries stderr).
 pub trait Virsh: Send + Sync {
+    /// Runs `virsh` with `args` (without the `-c URI`, which the implementation adds); a
+    /// non-zero exit is an [`Error::Hypervisor`] carrying virsh's stderr.
     fn run(&self, args: &[String]) -> Result<String>;
 }
 
 /// The real `virsh` binary, optionally with a connection URI (`-c qemu:///system`).
 pub struct VirshCommand {
+    /// The virsh executable; "virsh" from PATH unless configured.
     pub program: PathBuf,
+    /// The libvirt connection URI passed as `-c`; libvirt's default when `None`.
     pub uri: Option<String>,
 }
 
@@ -64,6 +68,8 @@ impl Virsh for VirshCommand {
     }
 }
 
+/// The `libvirt` driver: hot-plugs the plaintext device into the running libvirt domain
+/// named like the VM (see the module documentation for the disk XML).
 pub struct LibvirtDriver {
     virsh: Box<dyn Virsh>,
     /// Where the device XML of each attachment is written (virsh reads it from a file).
@@ -74,6 +80,8 @@ pub struct LibvirtDriver {
 }
 
 impl LibvirtDriver {
+    /// A driver running `virsh` through `virsh` (a fake one in tests) and writing device XML
+    /// files to `xml_dir` (created if missing).
     pub fn new(virsh: Box<dyn Virsh>, xml_dir: impl Into<PathBuf>) -> Result<Self> {
         let xml_dir = xml_dir.into();
         std::fs::create_dir_all(&xml_dir).map_err(|e| Error::io(format!("creating {}", xml_dir.display()), e))?;

@@ -18,6 +18,8 @@ use crate::volume::{filesystem, OpenMode};
 
 const DRIVER: &str = "local";
 
+/// The `local` driver: mounts each domain's file system at
+/// `<vm_root>/<vm_id>/<domain_id>`.
 pub struct LocalDriver {
     vm_root: PathBuf,
 }
@@ -30,6 +32,7 @@ impl LocalDriver {
         Ok(Self { vm_root })
     }
 
+    /// The directory under which VM directories are created.
     pub fn vm_root(&self) -> &Path {
         &self.vm_root
     }
@@ -153,9 +156,13 @@ pub fn unmount(dir: &Path) -> Result<()> {
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// Where the file system is mounted (octal escapes decoded).
     pub mount_point: PathBuf,
+    /// File system type, e.g. "ext4" or "fuse".
     pub fstype: String,
+    /// The mounted device or source, e.g. /dev/loop3.
     pub source: String,
+    /// Per-mount options, e.g. "ro,nosuid,nodev"; the read-only check looks here.
     pub options: String,
 }
 

@@ -17,13 +17,18 @@ use crate::volume::OpenMode;
 /// What is being attached: the plaintext device of one domain for one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
+    /// The VM the device is for; the libvirt domain name, or a directory name for `local`.
     pub vm_id: String,
+    /// The domain whose volume this is; the last path component of the local mount.
     pub domain_id: String,
     /// The plaintext block device (/dev/loopN or /dev/dm-N).
     pub device: PathBuf,
+    /// Read-only placements are mounted `ro,noload` (local) or attached `<readonly/>` (libvirt).
     pub mode: OpenMode,
 }
 
+/// A way to give an opened volume to a VM and take it away again ([`local::LocalDriver`],
+/// [`libvirt::LibvirtDriver`]; chosen by `hypervisor` in the configuration).
 pub trait HypervisorDriver: Send + Sync {
     /// "local" or "libvirt".
     fn kind(&self) -> &'static str;

@@ -18,6 +18,9 @@ use crate::error::Error;
 /// Largest request body: a header record with a full ACL and certificates fits easily.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// The agent's routes (`POST`/`GET /v1/attachments`, `DELETE /v1/attachments/{id}`,
+/// `GET /v1/health`) over `service`, with the [`MAX_BODY_BYTES`] limit. Callers other
+/// than the cloud platform are refused with 403 `forbidden`.
 pub fn router(service: Arc<AgentService>) -> Router {
     Router::new()
         .route("/v1/attachments", get(list).post(attach))

@@ -48,16 +48,20 @@ const TIMINGS_KEPT: usize = 1000;
 
 /// The volume backend in use.
 pub enum Backend {
+    /// The kernel's dm-crypt: mappings survive an agent restart.
     DmCrypt(DmCryptBackend),
+    /// The userspace engine: mappings live only as long as this process.
     Userspace(UserspaceBackend),
 }
 
 /// What the backend knows about a mapping name now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MappingState {
+    /// Open and serving data.
     Live,
     /// The backend has leftovers of it that no longer serve data.
     Stale(String),
+    /// Nothing of it exists: never opened, or already torn down.
     Absent,
 }
 
@@ -69,10 +73,13 @@ impl Backend {
         }
     }
 
+    /// "dm-crypt" or "userspace": what `/v1/health` and the attachment records report.
     pub fn kind(&self) -> &'static str {
         self.get().kind()
     }
 
+    /// Whether the mapping `name` is live, stale or gone; used at listing and detach time to
+    /// report `stale` attachments and to tear down what is left.
     pub fn state(&self, name: &str) -> Result<MappingState> {
         match self {
             Backend::DmCrypt(b) => {
@@ -120,6 +127,7 @@ pub struct AttachTimings {
     pub attach: Duration,
     /// Writing the attachment record.
     pub record: Duration,
+    /// The whole attach, from request received until the file system is usable.
     pub total: Duration,
     /// Whether this attach created the file system.
     pub formatted: bool,
@@ -295,6 +303,7 @@ impl Drop for Reservation<'_> {
 }
 
 impl AgentService {
+    /// The configuration the agent was started with.
     pub fn config(&self) -> &AgentConfig {
         &self.config
     }
@@ -304,10 +313,12 @@ impl AgentService {
         &self.agent
     }
 
+    /// "dm-crypt" or "userspace", as reported by `/v1/health`.
     pub fn backend_kind(&self) -> &'static str {
         self.backend.kind()
     }
 
+    /// "local" or "libvirt", as reported by `/v1/health`.
     pub fn driver_kind(&self) -> &'static str {
         self.driver.kind()
     }
@@ -336,6 +347,8 @@ impl AgentService {
         self.attach_timed(request).await.map(|(a, _)| a)
     }
 
+    /// [`AgentService::attach`] that also returns where the time went (docs/PERFORMANCE.md,
+    /// "Attach latency").
     pub async fn attach_timed(self: &Arc<Self>, request: AgentAttachRequest) -> Result<(AgentAttachment, AttachTimings)> {
         let started = Instant::now();
         check_attachment_id(&request.attachment_id)?;

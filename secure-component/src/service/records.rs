@@ -10,12 +10,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// What the agent remembers of one attachment, as JSON in
+/// `<state_dir>/attachments/<attachment_id>.json`. Unknown fields are refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttachmentRecord {
+    /// The cloud platform's attachment id; also the file name.
     pub attachment_id: String,
+    /// The domain attached.
     pub domain_id: String,
+    /// The VM it is attached to.
     pub vm_id: String,
+    /// `ro` or `rw`: the mode the key was released for and the volume opened with.
     pub mode: AccessMode,
     /// Domain version whose key opened it.
     pub version: u64,
@@ -29,6 +35,7 @@ pub struct AttachmentRecord {
     pub backend: String,
     /// "local" or "libvirt".
     pub hypervisor: String,
+    /// The encrypted volume file or device that was opened.
     pub volume_path: PathBuf,
     /// Unix seconds.
     pub attached_at: u64,
@@ -45,6 +52,7 @@ pub struct RecordStore {
 }
 
 impl RecordStore {
+    /// Opens the directory `dir`, creating it if missing.
     pub fn open(dir: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         Ok(Self { dir })
@@ -69,6 +77,8 @@ impl RecordStore {
         write().map_err(|e| Error::io(format!("writing attachment record {}", path.display()), e))
     }
 
+    /// The record of `attachment_id`, `None` if there is none; a record that does not parse
+    /// is an error naming the file.
     pub fn load(&self, attachment_id: &str) -> Result<Option<AttachmentRecord>> {
         let path = self.path(attachment_id);
         match std::fs::read(&path) {
@@ -80,6 +90,8 @@ impl RecordStore {
         }
     }
 
+    /// Deletes the record of `attachment_id`; a missing record is not an error (detach may be
+    /// repeated).
     pub fn remove(&self, attachment_id: &str) -> Result<()> {
         let path = self.path(attachment_id);
         match std::fs::remove_file(&path) {

@@ -14,7 +14,10 @@ use crate::error::Result;
 /// How a volume is opened; read-only mappings refuse writes at the block layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenMode {
+    /// Writes are refused at the block layer (dm-crypt read-only table, FUSE file opened
+    /// read-only).
     ReadOnly,
+    /// Reads and writes.
     ReadWrite,
 }
 
@@ -26,9 +29,12 @@ pub struct OpenVolume {
     pub name: String,
     /// The plaintext block device (/dev/dm-N or /dev/loopN).
     pub device: PathBuf,
+    /// Whether the mapping was opened read-only or read-write.
     pub mode: OpenMode,
 }
 
+/// A way to turn an encrypted volume plus its key into a plaintext block device
+/// ([`dmcrypt::DmCryptBackend`], [`userspace::UserspaceBackend`]).
 pub trait VolumeBackend: Send + Sync {
     /// Short name for logs and errors ("dm-crypt", "userspace").
     fn kind(&self) -> &'static str;

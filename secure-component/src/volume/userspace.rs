@@ -48,10 +48,15 @@ const FOPEN_DIRECT_IO: u32 = 1;
 /// What `<state_dir>/<name>.json` holds: enough to find and tear down a mapping, no key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MappingRecord {
+    /// The mapping name, also the record's file name (`<name>.json`).
     pub name: String,
+    /// The encrypted volume file the engine reads and writes.
     pub volume: PathBuf,
+    /// The loop device over the plaintext file: what the hypervisor driver attaches.
     pub device: PathBuf,
+    /// The FUSE mount point holding the plaintext file [`DATA_FILE`].
     pub mountpoint: PathBuf,
+    /// Whether the mapping refuses writes.
     pub read_only: bool,
     /// The process serving the FUSE mount.
     pub pid: u32,
@@ -60,6 +65,7 @@ pub struct MappingRecord {
 /// A mapping found in the state directory.
 #[derive(Debug, Clone)]
 pub struct MappingStatus {
+    /// The mapping as recorded on disk.
     pub record: MappingRecord,
     /// `None` if this process serves it; otherwise why it is stale.
     pub stale: Option<String>,
@@ -87,6 +93,7 @@ impl UserspaceBackend {
         Ok(Self { state_dir, live: Mutex::new(HashMap::new()) })
     }
 
+    /// Where the mapping records and FUSE mount points live.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
