@@ -318,7 +318,7 @@ impl Profile {
     /// names, sysctl keys, absolute SUID paths, and the cross-field rules (ssh port in
     /// `network.tcp`; `firewall` needs nftables, `apparmor` needs apparmor in `packages.include`;
     /// no quotes in `kernel_cmdline`). Returns the first problem as text;
-    /// [`LoadedProfile::from_bytes`] turns it into [`Error::Profile`](crate::Error::Profile).
+    /// [`LoadedProfile::from_bytes`] turns it into [`Error::Profile`].
     pub fn validate(&self) -> std::result::Result<(), String> {
         let role = &self.image.role;
         if role.is_empty() || role.len() > 48 || !role.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
