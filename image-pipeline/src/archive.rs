@@ -30,14 +30,22 @@ use crate::build::{QCOW2_NAME, RAW_NAME};
 use crate::error::{fsx, Error, Result};
 use crate::store::{now_rfc3339, ArchiveRef, Destruction, Status, Store, VersionRecord};
 
+/// First bytes of every `.skarc` file; `restore` refuses a file without them ("not an image archive
+/// (bad magic)").
 pub const MAGIC: &[u8] = b"SKYDD-IMAGE-ARCHIVE-1\n";
+/// XTS data unit in bytes: the header occupies one such sector, the image is encrypted sector by
+/// sector with the sector index as tweak (docs/IMAGE-PIPELINE.md, "Stage 3: archival and
+/// destruction").
 pub const SECTOR: usize = 4096;
 const CHUNK: usize = 4 << 20;
 
 /// The archive's domain as the key source knows it.
 #[derive(Debug, Clone)]
 pub struct ArchiveDomain {
+    /// The TTP's id of the domain created for this archive; deleting it is the destruction.
     pub domain_id: String,
+    /// The signed domain descriptor and TTP registration, kept in the version record (base64) so
+    /// the key can be released again for `restore`.
     pub header: HeaderRecord,
 }
 
@@ -59,10 +67,14 @@ pub trait KeySource {
 /// cloud-platform identity registers; a secure component with an attested TPM obtains the
 /// key (it is decrypted inside that TPM, never sent in the clear).
 pub struct TtpKeySource {
+    /// The archive owner's domain-manager signing key: signs descriptor, mount grants and deletion.
     pub owner: SignatureKey,
+    /// The owner's name as it appears in descriptors and grants (`issuer`).
     pub owner_name: String,
     /// mTLS client with a cloud-platform certificate (registration, deletion).
     pub registrar: net::Client,
+    /// The secure component's agent that obtains the key through the TTP's key release into its
+    /// attested TPM.
     pub agent: secure_component::agent::HostAgent,
     /// The ACL entry of the archive domain (the archiver's own id).
     pub vm_id: String,

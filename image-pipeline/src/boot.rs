@@ -40,6 +40,11 @@ pub fn cmdline(role: &str, profile: &Profile) -> String {
     line
 }
 
+/// Makes the FAT EFI system partition image `esp` for a bootable profile: systemd-boot as
+/// `EFI/BOOT/BOOTX64.EFI`, the newest kernel and initramfs from `root`'s `/boot`, `loader.conf` and
+/// one entry `skydd.conf` with [`cmdline`]. Sized from the files (+20 % and 32 MiB), serial derived
+/// from the role and all times at `epoch`, so the partition is reproducible
+/// (docs/IMAGE-PIPELINE.md, "Stage 1: creation", step 5). `work` holds the staging files.
 pub fn make_esp(root: &Path, esp: &Path, role: &str, profile: &Profile, epoch: u64, work: &Path) -> Result<()> {
     let kernel = newest(root, "/boot", "vmlinuz-")?;
     let initrd = newest(root, "/boot", "initrd.img-")?;

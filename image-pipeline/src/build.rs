@@ -19,13 +19,22 @@ use crate::provenance::{
     RunMetadata, SkyddRecord, Statement, StepRecord,
 };
 
+/// File name of the raw GPT disk image in the output directory; a provenance `subject`.
 pub const RAW_NAME: &str = "image.raw";
+/// File name of the qcow2 conversion of the raw image; the other provenance `subject`.
 pub const QCOW2_NAME: &str = "image.qcow2";
+/// File name of the signed provenance envelope next to the images (docs/IMAGE-PIPELINE.md,
+/// "Provenance").
 pub const PROVENANCE_NAME: &str = "provenance.dsse.json";
+/// File name of the copy of the profile's exact bytes next to the images; the store keeps it as a
+/// blob so `patch` can rebuild from it.
 pub const PROFILE_NAME: &str = "profile.toml";
 
+/// Everything a build needs besides the archive. [`BuildOptions::new`] gives the CLI's defaults;
+/// tests and `patch` adjust fields.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
+    /// The role profile with its exact bytes (hashed into the provenance).
     pub profile: LoadedProfile,
     /// Where image.raw, image.qcow2 and the provenance are written.
     pub out_dir: PathBuf,
@@ -37,13 +46,21 @@ pub struct BuildOptions {
     pub updates: bool,
     /// Overrides the profile's epoch (SOURCE_DATE_EPOCH).
     pub source_date_epoch: Option<u64>,
+    /// Run `oscap-chroot` with the profile's `[oscap]` content (default true); off makes the
+    /// OpenSCAP result absent, not failed.
     pub run_oscap: bool,
+    /// The OpenPGP keyring mmdebstrap and the archive chain check trust (default
+    /// [`debian::ARCHIVE_KEYRING`]); its sha256 is recorded as the trust anchor.
     pub keyring: PathBuf,
     /// Keep the work dir (for debugging).
     pub keep_work: bool,
 }
 
 impl BuildOptions {
+    /// Defaults for `profile` writing to `out_dir`: work directory on `/dev/shm` (tmpfs, for
+    /// creation-order directory entries; docs/IMAGE-PIPELINE.md, "Stage 1: creation", step 4) or
+    /// the temp dir, .deb cache `/var/cache/image-pipeline/apt`, updates on, OpenSCAP on, the
+    /// Debian archive keyring, SOURCE_DATE_EPOCH from the environment if set.
     pub fn new(profile: LoadedProfile, out_dir: PathBuf) -> Self {
         let work_root = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
         Self {
@@ -59,6 +76,8 @@ impl BuildOptions {
         }
     }
 
+    /// The effective SOURCE_DATE_EPOCH (seconds since 1970): the override if set, else the
+    /// profile's `source_date_epoch`.
     pub fn epoch(&self) -> u64 {
         self.source_date_epoch.unwrap_or(self.profile.profile.image.source_date_epoch)
     }
@@ -67,19 +86,37 @@ impl BuildOptions {
 /// A finished (unsigned) build.
 #[derive(Debug, Clone)]
 pub struct BuildResult {
+    /// Path of `image.raw` in the output directory.
     pub raw: PathBuf,
+    /// Path of `image.qcow2` in the output directory.
     pub qcow2: PathBuf,
+    /// Hex sha256 of `image.raw`; a provenance subject digest and the image's identity in the
+    /// store.
     pub raw_sha256: String,
+    /// Hex sha256 of `image.qcow2`.
     pub qcow2_sha256: String,
+    /// Size of `image.raw` in bytes (apparent size; the file is sparse).
     pub raw_size: u64,
+    /// Size of `image.qcow2` in bytes.
     pub qcow2_size: u64,
+    /// The verified archive chain: keyring digest, `InRelease` records, `Packages` digests and
+    /// every installed package's `.deb` digest.
     pub evidence: ArchiveEvidence,
+    /// Every step run, in order, with status and duration.
     pub steps: Vec<StepRecord>,
+    /// What hardening changed, action by action.
     pub hardening: Vec<HardeningRecord>,
+    /// The security check and OpenSCAP results; when they did not pass the build still returns `Ok`
+    /// and the caller must not publish the image ([`crate::pipeline::build_signed`] stores nothing
+    /// and returns [`Error::ChecksFailed`]).
     pub tests: TestReport,
+    /// When the build started (recorded as `startedOn`).
     pub started: SystemTime,
+    /// When the build finished (recorded as `finishedOn`).
     pub finished: SystemTime,
+    /// Version lines of the tools that shaped the image (see [`provenance::Builder::version`]).
     pub tool_versions: BTreeMap<String, String>,
+    /// Total wall-clock time of the build in seconds; kept in the store's version record.
     pub seconds: f64,
 }
 

@@ -13,9 +13,14 @@ use crate::harden::{NFTABLES_FILE, PIPELINE_UNITS, SYSCTL_FILE};
 use crate::profile::{glob_match, Profile};
 use crate::tree::{self, at};
 
+/// The result of one security check, recorded in the provenance whether it passed or not, so an
+/// auditor sees the inventories behind a pass too.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CheckResult {
+    /// Check name, e.g. "services", "sshd configuration", "SUID/SGID inventory"; prefixes each
+    /// violation.
     pub name: String,
+    /// True exactly when `violations` is empty.
     pub passed: bool,
     /// What was looked at (inventories, effective settings).
     pub findings: Vec<String>,
@@ -29,32 +34,52 @@ impl CheckResult {
     }
 }
 
+/// What `oscap-chroot` reported for the profile's SCAP content. Recorded but not enforced: Debian
+/// 12's ssg-debian has no bookworm content (docs/IMAGE-PIPELINE.md, "Stage 1: creation", step 3).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OscapResult {
+    /// `pass`, `fail` (some rule failed), `not-applicable` (the content's CPE platform does not
+    /// match, every rule `notapplicable`), `skipped` (content or oscap-chroot missing) or `error`.
     pub status: String,
+    /// Path of the SCAP datastream evaluated.
     pub datastream: String,
+    /// XCCDF profile id evaluated.
     pub profile: String,
+    /// Number of rules per result (`pass`, `fail`, `notapplicable`, ...).
     pub counts: BTreeMap<String, usize>,
+    /// Ids of the rules whose result was `fail`.
     pub failed_rules: Vec<String>,
+    /// Why the status is what it is when it is not `pass`/`fail` (e.g. the Debian 12 content gap);
+    /// empty otherwise.
     pub note: String,
 }
 
+/// All security test results of one build; the `tests` of the provenance's `skydd` record.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TestReport {
+    /// The pipeline's own checks, in a fixed order; these are the enforced gate.
     pub checks: Vec<CheckResult>,
+    /// The OpenSCAP result; `None` when the profile has no `[oscap]` or OpenSCAP was turned off.
     pub oscap: Option<OscapResult>,
 }
 
 impl TestReport {
+    /// Whether every check passed (OpenSCAP is not part of the verdict). A failing report keeps a
+    /// build out of the store and makes `verify` refuse the record.
     pub fn passed(&self) -> bool {
         self.checks.iter().all(|c| c.passed)
     }
 
+    /// Every violation as `CHECK: DETAIL`, for error messages and the `ChecksFailed` summary.
     pub fn violations(&self) -> Vec<String> {
         self.checks.iter().flat_map(|c| c.violations.iter().map(move |v| format!("{}: {v}", c.name))).collect()
     }
 }
 
+/// Runs every check on the unpacked tree at `root` against `profile` (and OpenSCAP when `oscap` is
+/// true and the profile has `[oscap]`): services, listening sockets and firewall, sshd
+/// configuration, SUID/SGID inventory, package allowlist, world-writable files, passwords, sysctl
+/// baseline, AppArmor. Errors only when the tree cannot be read; violations go into the report.
 pub fn run_all(root: &Path, profile: &Profile, oscap: bool) -> Result<TestReport> {
     let installed: Vec<String> = crate::debian::installed_packages(root)?.into_iter().map(|(n, _, _)| n).collect();
     let checks = vec![

@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{fsx, Error, Result};
 
+/// The Debian archive keyring (package debian-archive-keyring): the trust anchor mmdebstrap, apt
+/// and the pipeline's own `gpgv` check use (docs/IMAGE-PIPELINE.md, "Stage 1: creation", step 1).
 pub const ARCHIVE_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Splits a deb822 file (dpkg status, Packages, Release) into stanzas of fields. Continuation
@@ -57,8 +59,12 @@ pub fn stanzas(text: &str) -> Vec<BTreeMap<String, String>> {
 /// One installed package, as the provenance records it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct InstalledPackage {
+    /// Package name (dpkg `Package`).
     pub name: String,
+    /// Installed version (dpkg `Version`), e.g. `3.0.11-1~deb12u2`; `diff` and `patch` report
+    /// upgrades by comparing these.
     pub version: String,
+    /// Debian architecture, e.g. `amd64` or `all`; becomes `arch=` of the package's `pkg:deb` URL.
     pub architecture: String,
     /// SHA256 of the .deb, checked against the Packages index.
     pub sha256: String,
@@ -93,8 +99,12 @@ pub fn installed_packages(root: &Path) -> Result<Vec<(String, String, String)>> 
 pub struct ReleaseRecord {
     /// e.g. `http://deb.debian.org/debian/dists/bookworm/InRelease`
     pub uri: String,
+    /// Hex sha256 of the InRelease file as fetched; a `resolvedDependencies` digest in the
+    /// provenance.
     pub sha256: String,
+    /// The `Suite` field, e.g. `stable` or `stable-security`.
     pub suite: String,
+    /// The `Codename` field, e.g. `bookworm`.
     pub codename: String,
     /// The archive snapshot time (InRelease `Date`).
     pub date: String,
@@ -105,10 +115,15 @@ pub struct ReleaseRecord {
 /// What the archive check established.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ArchiveEvidence {
+    /// Hex sha256 of the keyring file that verified the `InRelease` files
+    /// (`internalParameters.keyringSha256`).
     pub keyring_sha256: String,
+    /// Each `InRelease` that was verified with `gpgv`.
     pub releases: Vec<ReleaseRecord>,
     /// Packages indices: uri → sha256 (each equal to its InRelease entry).
     pub indices: BTreeMap<String, String>,
+    /// Every installed package with its `.deb` sha256, sorted by name; `packages` of the `skydd`
+    /// record.
     pub packages: Vec<InstalledPackage>,
 }
 
@@ -127,6 +142,8 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// Hex sha256 of a file, read in 1 MiB chunks (images of several GiB are not loaded at once). Used
+/// for the `.deb` files, the images, the tarball and archive digests.
 pub fn sha256_of_file(path: &Path) -> Result<String> {
     sha256_file(path)
 }
@@ -278,7 +295,9 @@ pub fn gpgv(path: &Path, keyring: &Path) -> Result<String> {
 
 /// Where the archive lists and .deb files of one build are kept (inside the work dir).
 pub struct ArchiveDirs {
+    /// The apt lists (`InRelease`, `Packages`) synced out of the bootstrap.
     pub lists: PathBuf,
+    /// The `.deb` files of the bootstrap (the apt cache).
     pub debs: PathBuf,
 }
 

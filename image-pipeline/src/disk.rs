@@ -11,7 +11,9 @@ use sha2::{Digest, Sha256};
 use crate::error::{fsx, Error, Result};
 use crate::process::run;
 
+/// GPT logical sector size in bytes: LBAs in the headers and partition entries count in these.
 pub const SECTOR: u64 = 512;
+/// One mebibyte in bytes: partition alignment and the unit of `disk_size_mib`.
 pub const MIB: u64 = 1024 * 1024;
 /// GPT partition type of a Linux x86-64 root file system (Discoverable Partitions Spec).
 pub const ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
@@ -30,6 +32,8 @@ pub fn derived_uuid(label: &str) -> [u8; 16] {
     b
 }
 
+/// Formats 16 bytes as a lowercase UUID string (`8-4-4-4-12`), e.g. for `root=UUID=` and
+/// `mke2fs -U`.
 pub fn uuid_string(b: &[u8; 16]) -> String {
     let h = hex::encode(b);
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
@@ -131,8 +135,12 @@ pub fn used_inodes(dump: &str) -> Result<Vec<u64>> {
 
 /// A partition to place on the disk.
 pub struct PartitionSpec<'a> {
+    /// The partition's contents (a file system image), copied into the disk at the next 1 MiB
+    /// boundary.
     pub image: &'a Path,
+    /// GPT partition type GUID, e.g. [`ROOT_X86_64`] or [`ESP`].
     pub type_guid: &'a str,
+    /// GPT partition name (UTF-16, at most 36 code units), e.g. `root` or `ESP`.
     pub name: &'a str,
 }
 

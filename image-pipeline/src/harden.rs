@@ -14,14 +14,25 @@ use crate::tree::{self, at};
 /// Units the pipeline itself adds and keeps enabled.
 pub const PIPELINE_UNITS: &[&str] = &["skydd-ssh-host-keys.service"];
 
+/// The sshd drop-in hardening writes. `00-` sorts first in `sshd_config.d`, and sshd keeps the
+/// first value it reads for a keyword, so these settings win over the package defaults; the "sshd
+/// configuration" check reads the effective result.
 pub const SSHD_DROPIN: &str = "/etc/ssh/sshd_config.d/00-skydd-hardening.conf";
+/// The sysctl file hardening writes: the baseline plus the profile's `[hardening].sysctl`; the
+/// "sysctl baseline" check compares it with [`Profile::sysctl`](crate::profile::Profile::sysctl).
 pub const SYSCTL_FILE: &str = "/etc/sysctl.d/90-skydd-hardening.conf";
+/// The nftables ruleset generated from the role's ports (default drop); the "listening sockets and
+/// firewall" check reads the accepted ports back from it.
 pub const NFTABLES_FILE: &str = "/etc/nftables.conf";
 
 /// One hardening action and what it changed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HardeningRecord {
+    /// What was done, e.g. "sshd" or "services: only the role's units enabled"; `diff` compares
+    /// these lists between versions.
     pub action: String,
+    /// Each concrete change ("removed /etc/ssh/ssh_host_rsa_key", "masked ..."), in order; empty
+    /// when nothing needed changing.
     pub changes: Vec<String>,
 }
 

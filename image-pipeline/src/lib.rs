@@ -9,6 +9,8 @@
 //! - `archive`: images encrypted with the project's AES-XTS engine under a domain key from the
 //!   TTP; destruction by deleting the domain (crypto-shredding).
 
+#![warn(missing_docs)]
+
 pub mod archive;
 pub mod boot;
 pub mod build;

@@ -12,8 +12,11 @@ use crate::store::{self, Store, VersionRecord};
 /// What a signed build produced.
 #[derive(Debug)]
 pub struct Outcome {
+    /// The unsigned build: image paths, digests, sizes, steps, hardening and check results.
     pub result: BuildResult,
+    /// The in-toto statement that was signed (also for a failed build, see [`build_signed`]).
     pub statement: Statement,
+    /// Path of `provenance.dsse.json` in the build's output directory.
     pub provenance: PathBuf,
     /// The store version, when a store was given.
     pub record: Option<VersionRecord>,

@@ -20,37 +20,63 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("compute-host", include_str!("../profiles/compute-host.toml")),
 ];
 
+/// One role's hardening profile, parsed from `image-pipeline/profiles/ROLE.toml` (sections as in
+/// docs/IMAGE-PIPELINE.md, "Profiles"). Unknown keys are refused, so a typo cannot silently weaken
+/// an image; [`Profile::validate`] checks the cross-field rules (ssh port listed in `network.tcp`,
+/// nftables and apparmor packages present when asked for).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
+    /// `[image]`: role, suite, mirrors, variant and the reproducibility inputs of the bootstrap.
     pub image: ImageSection,
+    /// `[packages]`: what must, must not and may be installed; enforced by the "package allowlist"
+    /// security check (`checks.rs`).
     #[serde(default)]
     pub packages: PackagesSection,
+    /// `[services]`: the systemd units that stay enabled or are masked; enforced by the "services"
+    /// security check.
     #[serde(default)]
     pub services: ServicesSection,
+    /// `[network]`: the role's inbound ports, from which the nftables ruleset is generated and
+    /// against which the "listening sockets and firewall" check compares listeners.
     #[serde(default)]
     pub network: NetworkSection,
+    /// `[ssh]`: whether sshd is part of the role and on which port.
     #[serde(default)]
     pub ssh: SshSection,
+    /// `[hardening]`: AppArmor, the SUID/SGID allowlist and sysctl settings beyond the baseline.
     #[serde(default)]
     pub hardening: HardeningSection,
+    /// `[oscap]`: the SCAP Security Guide content `oscap-chroot` evaluates; absent = no OpenSCAP
+    /// run.
     #[serde(default)]
     pub oscap: Option<OscapSection>,
 }
 
+/// The `[image]` section: what is bootstrapped and how the disk is laid out. Role, suite and
+/// variant are recorded in `buildDefinition.externalParameters` of the provenance; every field is
+/// covered by the profile's sha256 recorded there.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSection {
     /// The role this image serves; versions in the store are kept per role.
     pub role: String,
+    /// One-line human description of the role (shown by `image-pipeline profiles`; not used by the
+    /// build).
     #[serde(default)]
     pub description: String,
+    /// Debian suite to bootstrap (default `bookworm`); `SUITE-updates` and `SUITE-security` are
+    /// added when updates are on.
     #[serde(default = "default_suite")]
     pub suite: String,
+    /// Debian archive URL (default `http://deb.debian.org/debian`) for the suite and
+    /// `SUITE-updates`; must be http(s):// or file:/.
     #[serde(default = "default_mirror")]
     pub mirror: String,
+    /// Security archive URL (default `http://deb.debian.org/debian-security`) for `SUITE-security`.
     #[serde(default = "default_security_mirror")]
     pub security_mirror: String,
+    /// Archive components to use (default `main`), joined into each `deb` source line.
     #[serde(default = "default_components")]
     pub components: Vec<String>,
     /// mmdebstrap variant: minbase, required, important, standard.
@@ -70,9 +96,12 @@ pub struct ImageSection {
     pub kernel_cmdline: String,
 }
 
+/// The `[packages]` section. Checked after the build by the "package allowlist" security check and
+/// recorded package by package (with `.deb` sha256) in the provenance.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PackagesSection {
+    /// Packages passed to mmdebstrap `--include`; each must be installed in the finished image.
     #[serde(default)]
     pub include: Vec<String>,
     /// Packages that must not be in the image (purged if a dependency pulled them in; the
@@ -84,6 +113,8 @@ pub struct PackagesSection {
     pub allow: Vec<String>,
 }
 
+/// The `[services]` section: which systemd units the image may start. Hardening removes every other
+/// `*.wants` link; the "services" check fails on any unit enabled but not listed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServicesSection {
@@ -95,12 +126,17 @@ pub struct ServicesSection {
     pub masked: Vec<String>,
 }
 
+/// The `[network]` section: the role's ports. Hardening writes them into the default-drop nftables
+/// ruleset (`/etc/nftables.conf`); the "listening sockets and firewall" check fails on a socket
+/// unit, sshd port or firewall rule outside them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSection {
     /// Inbound TCP ports the role serves; the generated nftables rules accept only these.
     #[serde(default)]
     pub tcp: Vec<u16>,
+    /// Inbound UDP ports the role serves (e.g. 123 for an NTP server); matched against
+    /// `ListenDatagram=` of enabled socket units.
     #[serde(default)]
     pub udp: Vec<u16>,
     /// Require the nftables package (and enable nftables.service) so the rules load at boot.
@@ -108,11 +144,16 @@ pub struct NetworkSection {
     pub firewall: bool,
 }
 
+/// The `[ssh]` section. Defaults: enabled, port 22 (which must then be in `network.tcp`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SshSection {
+    /// Whether sshd belongs to the role; when it does, hardening installs the sshd drop-in and
+    /// first-boot host key generation.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// TCP port sshd listens on; written as `Port` in the drop-in and checked by the "listening
+    /// sockets and firewall" and "sshd configuration" checks.
     #[serde(default = "default_ssh_port")]
     pub port: u16,
 }
@@ -123,6 +164,8 @@ impl Default for SshSection {
     }
 }
 
+/// The `[hardening]` section: baseline settings beyond what every image gets
+/// (docs/IMAGE-PIPELINE.md, "Stage 1: creation", step 2).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HardeningSection {
@@ -137,10 +180,18 @@ pub struct HardeningSection {
     pub sysctl: BTreeMap<String, String>,
 }
 
+/// The `[oscap]` section: which SCAP Security Guide content `oscap-chroot` evaluates. The result is
+/// recorded, not enforced (docs/IMAGE-PIPELINE.md, "Stage 1: creation", step 3, on Debian 12
+/// content).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OscapSection {
+    /// Path of the SCAP datastream inside the host (e.g.
+    /// `/usr/share/xml/scap/ssg/content/ssg-debian11-ds.xml` from ssg-debian); a missing file makes
+    /// the OpenSCAP result `skipped`.
     pub datastream: String,
+    /// XCCDF profile id inside the datastream (e.g.
+    /// `xccdf_org.ssgproject.content_profile_standard`).
     pub profile: String,
 }
 
@@ -209,9 +260,15 @@ pub const ALWAYS_FORBIDDEN: &[&str] = &[
 /// A profile together with the exact bytes it was read from (for the digest).
 #[derive(Debug, Clone)]
 pub struct LoadedProfile {
+    /// Profile name: the shipped name, or the file stem of a TOML path.
     pub name: String,
+    /// Where the bytes came from: `builtin:NAME`, a file path, or `store:ROLE@N` for a patch
+    /// rebuilt from the stored copy; used in error messages.
     pub source: String,
+    /// The exact bytes read; their sha256 ([`LoadedProfile::digest`]) is `profileSha256` in the
+    /// provenance and the profile blob's key in the store.
     pub bytes: Vec<u8>,
+    /// The parsed and validated profile.
     pub profile: Profile,
 }
 
@@ -237,6 +294,9 @@ impl LoadedProfile {
         }
     }
 
+    /// Parses and validates a profile from its bytes. `name` becomes the profile name; `source`
+    /// only labels errors. Used by `load` and by `patch`, which rebuilds from the profile copy kept
+    /// in the store.
     pub fn from_bytes(name: &str, source: &str, bytes: Vec<u8>) -> Result<Self> {
         let text = std::str::from_utf8(&bytes)
             .map_err(|e| Error::Profile { path: source.into(), detail: format!("not UTF-8: {e}") })?;
@@ -246,12 +306,19 @@ impl LoadedProfile {
         Ok(Self { name: name.to_string(), source: source.to_string(), bytes, profile })
     }
 
+    /// Hex sha256 of the profile's exact bytes: recorded as `profileSha256` in the provenance, so
+    /// `diff` can tell a hardening change from a package change.
     pub fn digest(&self) -> String {
         hex::encode(Sha256::digest(&self.bytes))
     }
 }
 
 impl Profile {
+    /// Checks what TOML types cannot: role and package names, variant, suite, mirror URLs, unit
+    /// names, sysctl keys, absolute SUID paths, and the cross-field rules (ssh port in
+    /// `network.tcp`; `firewall` needs nftables, `apparmor` needs apparmor in `packages.include`;
+    /// no quotes in `kernel_cmdline`). Returns the first problem as text;
+    /// [`LoadedProfile::from_bytes`] turns it into [`Error::Profile`].
     pub fn validate(&self) -> std::result::Result<(), String> {
         let role = &self.image.role;
         if role.is_empty() || role.len() > 48 || !role.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {

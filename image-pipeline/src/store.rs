@@ -21,8 +21,14 @@ use crate::debian::{sha256_of_file, InstalledPackage};
 use crate::error::{fsx, Error, Result};
 use crate::provenance::{self, Signer, Statement, TrustPolicy};
 
+/// DSSE `payloadType` of a signed allowlist; [`verify_allowlist`] refuses an envelope of any other
+/// type, so a provenance envelope cannot pass as an allowlist (docs/IMAGE-PIPELINE.md, "Stage 2:
+/// management").
 pub const ALLOWLIST_PAYLOAD_TYPE: &str = "application/vnd.skydd.image-allowlist+json";
 
+/// Where a version stands in its life cycle (docs/IMAGE-PIPELINE.md, "Stage 2: management" and
+/// "Stage 3: archival and destruction"). Being archived is not a status: it is the `archive` field
+/// of the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -47,65 +53,111 @@ impl std::fmt::Display for Status {
     }
 }
 
+/// Where a version's encrypted archive is and which TTP domain holds its key; set by `archive`,
+/// used by `restore` and `destroy`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ArchiveRef {
+    /// File name under `STORE/archives/`: `ROLE-N.skarc`.
     pub file: String,
+    /// Hex sha256 of the whole `.skarc` file (header sector and ciphertext).
     pub archive_sha256: String,
+    /// The TTP domain created for this archive alone.
     pub domain_id: String,
     /// The domain's header record (descriptor + TTP registration), base64 of its encoding.
     pub header: String,
+    /// When the archive was written, RFC 3339 UTC.
     pub archived_at: String,
+    /// Which key source holds the key, e.g. `ttp https://...` (from
+    /// [`KeySource::describe`](crate::archive::KeySource::describe)).
     pub ttp: String,
 }
 
+/// What `destroy` did, kept in the destroyed version's record so the destruction itself is
+/// traceable.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Destruction {
+    /// When, RFC 3339 UTC.
     pub at: String,
+    /// The deleted archive domain and the TTP it was deleted at; `None` when the version was never
+    /// archived (then only plaintext blobs were removed).
     pub domain_deleted: Option<String>,
+    /// What was removed: the archive file with its sha256 and each image blob.
     pub removed: Vec<String>,
+    /// What stayed and why: provenance and profile (the record of what existed), and image blobs
+    /// that another live version shares.
     pub kept: Vec<String>,
 }
 
+/// One version of a role, stored as `STORE/versions/ROLE/N.json`. Records are never deleted;
+/// discarded and destroyed versions keep theirs with the reason. The signed provenance is the
+/// authority: the store's digests are checked against it on `verify`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct VersionRecord {
+    /// The role (from the signed record).
     pub role: String,
+    /// Version number within the role, from 1; `ROLE@N` names it.
     pub version: u64,
+    /// When the version was stored, RFC 3339 UTC.
     pub created: String,
+    /// Life-cycle state; decides which operations are allowed ([`Error::InvalidState`] otherwise).
     pub status: Status,
+    /// Hex sha256 of `image.raw`: its blob name and its identity in the allowlist.
     pub raw_sha256: String,
+    /// Hex sha256 of `image.qcow2`.
     pub qcow2_sha256: String,
+    /// Hex sha256 of the provenance envelope blob.
     pub provenance_sha256: String,
+    /// Hex sha256 of the profile blob (equal to `profileSha256` in the provenance); `patch`
+    /// rebuilds from it.
     pub profile_sha256: String,
+    /// Size of `image.raw` in bytes.
     pub raw_size: u64,
+    /// Size of `image.qcow2` in bytes.
     pub qcow2_size: u64,
+    /// Number of installed packages.
     pub packages: usize,
+    /// Build wall-clock time in seconds.
     pub build_seconds: f64,
+    /// `ROLE@N` this version was patched from; `None` for a fresh build.
     pub parent: Option<String>,
+    /// What changed against the parent, one line each ("upgraded libssl3 A -> B", "image
+    /// bit-identical to ROLE@N"), copied from the signed record.
     pub changes: Vec<String>,
+    /// When it was promoted, RFC 3339 UTC.
     pub promoted_at: Option<String>,
+    /// Why `verify` refused it, when, and which blobs were removed; set when the version is
+    /// discarded.
     pub discarded: Option<String>,
+    /// The encrypted archive, once `archive` ran.
     pub archive: Option<ArchiveRef>,
+    /// What `destroy` did, once it ran.
     pub destroyed: Option<Destruction>,
 }
 
 impl VersionRecord {
+    /// `ROLE@N`, the name used in logs, errors, `parent` and the CLI.
     pub fn id(&self) -> String {
         format!("{}@{}", self.role, self.version)
     }
 }
 
+/// An image store rooted at a directory (`--store`, `IMAGE_PIPELINE_STORE`); layout in the module
+/// docs and docs/IMAGE-PIPELINE.md, "Stage 2: management".
 pub struct Store {
+    /// The store directory.
     pub root: PathBuf,
 }
 
 /// An exclusive lock on the store, released on drop.
 pub struct StoreLock(#[allow(dead_code)] std::fs::File);
 
+/// The current time, RFC 3339 UTC: the timestamp format of every record in the store.
 pub fn now_rfc3339() -> String {
     provenance::rfc3339(std::time::SystemTime::now())
 }
 
 impl Store {
+    /// Opens the store at `root`, creating `blobs/sha256`, `versions` and `archives` if missing.
     pub fn open(root: &Path) -> Result<Self> {
         for sub in ["blobs/sha256", "versions", "archives"] {
             fsx::create_dir_all(&root.join(sub), "image store")?;
@@ -113,6 +165,9 @@ impl Store {
         Ok(Self { root: root.to_path_buf() })
     }
 
+    /// Takes the store's exclusive `flock` on `STORE/.lock`, blocking until another process
+    /// releases it; every change holds it, so concurrent builds and patches get distinct version
+    /// numbers.
     pub fn lock(&self) -> Result<StoreLock> {
         use std::os::fd::AsRawFd;
         let path = self.root.join(".lock");
@@ -124,10 +179,13 @@ impl Store {
         Ok(StoreLock(file))
     }
 
+    /// Where the blob with this hex sha256 lives (whether or not it exists).
     pub fn blob_path(&self, sha256: &str) -> PathBuf {
         self.root.join("blobs/sha256").join(sha256)
     }
 
+    /// Whether the blob with this hex sha256 is present (it is gone after discard, archive or
+    /// destroy).
     pub fn has_blob(&self, sha256: &str) -> bool {
         self.blob_path(sha256).exists()
     }
@@ -150,6 +208,8 @@ impl Store {
         Ok(sha)
     }
 
+    /// Stores `bytes` as a read-only blob under their sha256 (written atomically) and returns the
+    /// digest; a blob already present is left as is.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
         use sha2::Digest;
         let sha = hex::encode(sha2::Sha256::digest(bytes));
@@ -161,6 +221,7 @@ impl Store {
         Ok(sha)
     }
 
+    /// Reads a whole blob; `what` names it in the error.
     pub fn read_blob(&self, sha256: &str, what: &str) -> Result<Vec<u8>> {
         fsx::read(&self.blob_path(sha256), what)
     }
@@ -169,6 +230,7 @@ impl Store {
         self.root.join("versions").join(role)
     }
 
+    /// Roles that have a version directory, sorted.
     pub fn roles(&self) -> Result<Vec<String>> {
         let dir = self.root.join("versions");
         let mut roles: Vec<String> = std::fs::read_dir(&dir)
@@ -197,6 +259,7 @@ impl Store {
         Ok(out)
     }
 
+    /// Every version of every role, roles sorted, oldest version first within each.
     pub fn all_versions(&self) -> Result<Vec<VersionRecord>> {
         let mut all = Vec::new();
         for role in self.roles()? {
@@ -228,10 +291,14 @@ impl Store {
         self.versions(spec)?.pop().ok_or_else(|| Error::UnknownVersion(spec.into()))
     }
 
+    /// The number the next version of `role` gets: one more than the highest, 1 for a new role.
+    /// Take the store lock before using it, or another process may take the same number.
     pub fn next_version(&self, role: &str) -> Result<u64> {
         Ok(self.versions(role)?.last().map(|r| r.version + 1).unwrap_or(1))
     }
 
+    /// Writes a version record atomically to `STORE/versions/ROLE/N.json`, replacing an older state
+    /// of it.
     pub fn save(&self, record: &VersionRecord) -> Result<()> {
         let dir = self.role_dir(&record.role);
         fsx::create_dir_all(&dir, "role directory")?;
@@ -279,6 +346,8 @@ impl Store {
         Ok(record)
     }
 
+    /// Decodes a version's statement from its stored provenance, without verifying it (for `show`,
+    /// `diff` and `patch`; use [`Store::verify`] for trust).
     pub fn statement(&self, record: &VersionRecord) -> Result<Statement> {
         provenance::statement_unverified(&self.read_blob(&record.provenance_sha256, "provenance")?)
     }
@@ -373,26 +442,39 @@ fn set_readonly(path: &Path) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).map_err(|e| Error::io("make read-only", path, e))
 }
 
+/// One approved image in the allowlist.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AllowListEntry {
+    /// The image's role.
     pub role: String,
+    /// Its version number within the role.
     pub version: u64,
+    /// Hex sha256 of `image.raw`.
     pub raw_sha256: String,
+    /// Hex sha256 of `image.qcow2`.
     pub qcow2_sha256: String,
+    /// Hex sha256 of the provenance envelope that describes it.
     pub provenance_sha256: String,
+    /// When it was promoted, RFC 3339 UTC.
     pub promoted_at: String,
 }
 
 /// What the TTP can later check a launch or mount against.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AllowList {
+    /// Always `skydd-image-allowlist/v1`.
     pub kind: String,
+    /// When the list was made, RFC 3339 UTC.
     pub issued_at: String,
+    /// Name of the signer's certificate (normally `image-pipeline`).
     pub issuer: String,
+    /// The promoted versions at the time of issue.
     pub images: Vec<AllowListEntry>,
 }
 
 impl AllowList {
+    /// Whether a raw or qcow2 image with this hex sha256 is on the list (the launch condition the
+    /// TTP can apply).
     pub fn allows(&self, sha256: &str) -> bool {
         self.images.iter().any(|e| e.raw_sha256 == sha256 || e.qcow2_sha256 == sha256)
     }
@@ -407,13 +489,19 @@ pub fn verify_allowlist(bytes: &[u8], policy: &TrustPolicy) -> Result<AllowList>
 /// Differences between two versions, from their signed records.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct VersionDiff {
+    /// Packages in the newer version only, `NAME VERSION`.
     pub added: Vec<String>,
+    /// Packages in the older version only, `NAME VERSION`.
     pub removed: Vec<String>,
+    /// Packages whose version changed, `NAME OLD -> NEW`.
     pub upgraded: Vec<String>,
+    /// Profile digest, updates flag, check inventory (`+`/`-` lines) and hardening action
+    /// differences.
     pub hardening: Vec<String>,
 }
 
 impl VersionDiff {
+    /// True when neither packages nor hardening differ.
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty() && self.upgraded.is_empty() && self.hardening.is_empty()
     }
@@ -429,6 +517,8 @@ impl VersionDiff {
     }
 }
 
+/// Compares two package lists by name and version (`a` older, `b` newer) and adds added, removed
+/// and upgraded packages to `diff`.
 pub fn diff_packages(a: &[InstalledPackage], b: &[InstalledPackage], diff: &mut VersionDiff) {
     let map = |v: &[InstalledPackage]| v.iter().map(|p| (p.name.clone(), p.version.clone())).collect::<BTreeMap<_, _>>();
     let (ma, mb) = (map(a), map(b));

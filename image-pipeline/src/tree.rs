@@ -9,8 +9,12 @@ use crate::error::{Error, Result};
 
 /// One entry of the tree: its path inside the image ("/usr/bin/su") and metadata.
 pub struct Entry {
+    /// Absolute path as seen inside the image, e.g. `/usr/bin/su`; what checks report and records
+    /// list.
     pub image_path: String,
+    /// The same file on the build host (under the unpacked root).
     pub host_path: PathBuf,
+    /// `lstat` metadata (symlinks are not followed): mode, owner, times.
     pub meta: std::fs::Metadata,
 }
 
@@ -55,6 +59,8 @@ pub fn clamp_mtimes(root: &Path, epoch: u64) -> Result<usize> {
     Ok(changed)
 }
 
+/// Sets atime and mtime of `path` (the link itself for a symlink) to `epoch` seconds since 1970, so
+/// files the pipeline writes get the same timestamps on every build.
 pub fn set_times(path: &Path, epoch: u64) -> Result<()> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::parse(path.display().to_string(), "path has a NUL byte"))?;
     let t = libc::timespec { tv_sec: epoch as libc::time_t, tv_nsec: 0 };
