@@ -45,8 +45,10 @@ enum Command {
         /// ro or rw; must be covered by the VM's access.
         #[arg(long, default_value = "ro")]
         mode: AccessMode,
-        /// Seconds the mount grant stays valid.
-        #[arg(long, default_value_t = DEFAULT_GRANT_SECS)]
+        /// Seconds the mount grant stays valid (1 to 3600: the TTP refuses longer grants
+        /// with grant_too_long).
+        #[arg(long, default_value_t = DEFAULT_GRANT_SECS,
+              value_parser = clap::value_parser!(u64).range(1..=protocol::messages::MAX_GRANT_VALIDITY_SECS as i64))]
         valid_for: u64,
     },
     /// Detach a domain from a VM.

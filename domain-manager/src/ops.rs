@@ -228,11 +228,17 @@ impl DomainManager {
     pub async fn attach(&self, domain_id: &str, instance_id: &str, mode: AccessMode, valid_for_secs: u64) -> Result<Attachment> {
         check_domain_id(domain_id)?;
         protocol::domain::validate_name("vm id", instance_id)?;
+        let max = protocol::messages::MAX_GRANT_VALIDITY_SECS;
+        if valid_for_secs == 0 || valid_for_secs > max {
+            return Err(Error::Usage(format!(
+                "a mount grant is valid for 1 to {max} s (the TTP refuses longer ones); {valid_for_secs} s asked"
+            )));
+        }
         let grant = MountGrant {
             domain_id: domain_id.to_string(),
             vm_id: instance_id.to_string(),
             mode,
-            expires_at: now_unix() + valid_for_secs,
+            expires_at: now_unix().saturating_add(valid_for_secs),
             nonce: rand::random(),
             issuer: self.name.clone(),
         };

@@ -244,11 +244,21 @@ pub fn descriptor_hash(encoded: &[u8]) -> [u8; 32] {
     Sha256::digest(encoded).into()
 }
 
-/// Names (owners, VM ids, metadata keys): 1 to 64 characters of `A-Z a-z 0-9 . _ - @ :`.
+/// Names (owners, VM ids, host ids, metadata keys): 1 to 64 characters of
+/// `A-Z a-z 0-9 . _ - @ :` that can never act as a path component or an option: not `.` or
+/// `..` and not starting with `-` (hosts turn VM ids into directory and libvirt names, and a
+/// key must never be released for a name the host will then refuse).
 pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | ':');
     if name.is_empty() || name.len() > MAX_NAME_BYTES || !name.chars().all(ok_char) {
+        // `{:?}` escapes control characters: the refusal is safe to print on a terminal.
         return Err(Error::malformed(what, format!("{name:?} must be 1 to {MAX_NAME_BYTES} characters of A-Z a-z 0-9 . _ - @ :")));
+    }
+    if name == "." || name == ".." {
+        return Err(Error::malformed(what, format!("{name:?} is a path component, not a name")));
+    }
+    if name.starts_with('-') {
+        return Err(Error::malformed(what, format!("{name:?} starts with '-' (it would read as an option)")));
     }
     Ok(())
 }
@@ -398,6 +408,17 @@ fn event_kind(event: &Event<'_>) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_that_could_be_path_components_or_options_are_refused() {
+        for bad in [".", "..", "-rf", "--vm", "", "a/b", "vm\u{1b}[2J"] {
+            let err = super::validate_name("VM id", bad).expect_err(bad);
+            assert!(!err.to_string().contains('\u{1b}'), "raw ESC in {err}");
+        }
+        for good in ["vm-a", "a.b", "...", "vm-", "x..y", "dm@hospital:1"] {
+            super::validate_name("VM id", good).expect(good);
+        }
+    }
+
     use super::*;
 
     pub(crate) fn sample() -> Descriptor {

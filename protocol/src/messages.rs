@@ -68,6 +68,12 @@ impl Registration {
     }
 }
 
+/// The longest a mount grant may be valid, in seconds from the moment the TTP sees it. A
+/// grant is made for one attach and used within seconds; the TTP refuses a longer one
+/// (`grant_too_long`), so every grant and its single-use mark expire (docs/PROTOCOL.md,
+/// "Mount grant").
+pub const MAX_GRANT_VALIDITY_SECS: u64 = 3600;
+
 /// A domain manager's signed permission for one VM to mount one domain: the paper's
 /// "credential that proves v has access".
 #[derive(Debug, Clone, PartialEq, Eq)]

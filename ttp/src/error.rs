@@ -97,6 +97,10 @@ pub enum Error {
     /// The mount grant's `expires_at` has passed (403 `grant_expired`).
     #[error("mount grant expired: {0}")]
     GrantExpired(String),
+    /// The mount grant is valid for longer than `MAX_GRANT_VALIDITY_SECS` from now (403
+    /// `grant_too_long`): its single-use mark could not be kept until it expires.
+    #[error("mount grant valid for too long: {0}")]
+    GrantTooLong(String),
     /// A mount grant authorizes one key release; this one was used before.
     #[error("mount grant already used: {0}")]
     GrantReplayed(String),
@@ -167,6 +171,7 @@ impl Error {
             Error::ModeNotPermitted(_) => "mode_not_permitted",
             Error::GrantExpired(_) => "grant_expired",
             Error::GrantReplayed(_) => "grant_replayed",
+            Error::GrantTooLong(_) => "grant_too_long",
             Error::GrantSignatureInvalid(_) => "grant_signature_invalid",
             Error::GrantSignerNotAuthorized(_) => "grant_signer_not_authorized",
             Error::GrantMismatch(_) => "grant_mismatch",

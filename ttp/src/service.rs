@@ -531,6 +531,17 @@ impl Ttp {
                     now - grant.expires_at
                 )));
             }
+            // Bounded, so that the used-grant mark below can be kept until the grant expires.
+            let latest = now.saturating_add(protocol::messages::MAX_GRANT_VALIDITY_SECS);
+            if grant.expires_at > latest {
+                return Err(Error::GrantTooLong(format!(
+                    "the grant for {} on domain {} is valid for {} s; at most {} s are accepted",
+                    grant.vm_id,
+                    grant.domain_id,
+                    grant.expires_at - now,
+                    protocol::messages::MAX_GRANT_VALIDITY_SECS
+                )));
+            }
             // Last, once everything else holds: a grant authorizes one release. Whoever saw
             // it on its way (the cloud platform forwards it) cannot attach the VM again with
             // it after a detach.

@@ -150,6 +150,12 @@ fn hash32(raw: Vec<u8>, what: &str) -> Result<[u8; 32]> {
     raw.try_into().map_err(|_| Error::Store(format!("stored {what} is not 32 bytes")))
 }
 
+/// A unix time as SQLite's signed 64-bit integer; a time beyond i64::MAX would be stored
+/// negative and compare as long past (a used-grant mark purged at once), so it is refused.
+fn sql_time(what: &str, unix_secs: u64) -> Result<i64> {
+    i64::try_from(unix_secs).map_err(|_| Error::Store(format!("{what} {unix_secs} is beyond the largest storable time")))
+}
+
 impl TtpStore for SqliteStore {
     fn put_host(&self, host_id: &str, record_json: &str) -> Result<()> {
         self.lock()?
@@ -266,7 +272,7 @@ impl TtpStore for SqliteStore {
         connection
             .execute(
                 "INSERT INTO challenges (challenge_id, host_id, nonce, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                params![challenge_id, host_id, nonce, expires_at as i64],
+                params![challenge_id, host_id, nonce, sql_time("challenge expiry", expires_at)?],
             )
             .map_err(store_err("store challenge"))?;
         Ok(())
@@ -299,7 +305,7 @@ impl TtpStore for SqliteStore {
         let inserted = connection
             .execute(
                 "INSERT OR IGNORE INTO used_grants (grant_hash, expires_at) VALUES (?1, ?2)",
-                params![grant_hash.as_slice(), expires_at as i64],
+                params![grant_hash.as_slice(), sql_time("grant expiry", expires_at)?],
             )
             .map_err(store_err("mark the grant used"))?;
         Ok(inserted == 1)
