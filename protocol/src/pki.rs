@@ -611,9 +611,7 @@ pub fn crls_from_pems(
 }
 
 fn random_serial() -> SerialNumber {
-    use rand::RngCore;
-    let mut b = [0u8; 16];
-    rand::thread_rng().fill_bytes(&mut b);
+    let mut b: [u8; 16] = rand::random();
     b[0] &= 0x7f; // positive
     b[0] |= 0x01; // no leading zero byte to strip
     SerialNumber::from_slice(&b)
