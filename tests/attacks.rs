@@ -1100,6 +1100,7 @@ async fn attack_matrix() {
         oversized.resize(oversized.len() + (2 << 20) + 1024, b'a');
         oversized.extend_from_slice(b"\"}");
         // (id, attack, content type, body, the status every body route must answer)
+        #[allow(clippy::type_complexity)] // a table, one tuple per attack
         let bodies: Vec<(&str, &str, &str, Vec<u8>, &[u16])> = vec![
             ("B1", "a body over every limit (2 MiB + 1 KiB) on every route", "application/json", oversized, &[413]),
             ("B2", "malformed JSON on every route", "application/json", b"{\"descriptor\": {\"message\": ".to_vec(), &[400]),

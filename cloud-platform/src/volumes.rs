@@ -82,7 +82,7 @@ impl Volumes {
                 "size_bytes is 0: a volume needs at least one 4096-byte sector".into(),
             ));
         }
-        if size_bytes % sector != 0 {
+        if !size_bytes.is_multiple_of(sector) {
             let down = size_bytes / sector * sector;
             let up = down + sector;
             return Err(Error::InvalidSize(format!(

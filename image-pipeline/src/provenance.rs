@@ -241,7 +241,7 @@ impl Signer {
         let signature: Signature = self.key.sign(&pae(payload_type, payload));
         Envelope {
             payload_type: payload_type.into(),
-            payload: b64().encode(&payload),
+            payload: b64().encode(payload),
             signatures: vec![EnvelopeSignature {
                 keyid: hex::encode(Sha256::digest(&self.cert_der)),
                 sig: b64().encode(signature.to_der().as_bytes()),

@@ -218,7 +218,7 @@ impl Store {
                 .filter(|r| r.raw_sha256.starts_with(spec) || r.qcow2_sha256.starts_with(spec))
                 .collect();
             if matches.len() == 1 {
-                return Ok(matches.into_iter().next().ok_or_else(|| Error::UnknownVersion(spec.into()))?);
+                return matches.into_iter().next().ok_or_else(|| Error::UnknownVersion(spec.into()));
             }
             if matches.len() > 1 {
                 let ids: Vec<String> = matches.iter().map(|r| r.id()).collect();

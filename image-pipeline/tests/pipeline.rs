@@ -130,7 +130,7 @@ async fn image_pipeline_end_to_end() {
     drop(again);
     std::fs::remove_dir_all(&out_rebuild).unwrap();
 
-    println!("patch test-minimal (with {}-updates and -security)", "bookworm");
+    println!("patch test-minimal (with bookworm-updates and -security)");
     let started = Instant::now();
     let v2 = pipeline::patch(&store, "test-minimal", &signer, &options(&root.join("unused"), true), &root.join("build-2")).unwrap();
     let patch_time = started.elapsed();

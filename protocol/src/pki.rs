@@ -1524,10 +1524,10 @@ mod tests {
         let cas = vec![ca_pem.clone()];
         let now = OffsetDateTime::now_utc().unix_timestamp() as u64;
         let der = |pem: &str| single_cert_der(pem, "signer").unwrap();
-        let e = crate::signing::verify_signer_certificate(&der(&alice.cert_pem), &cas, &[crl.clone()], now)
+        let e = crate::signing::verify_signer_certificate(&der(&alice.cert_pem), &cas, std::slice::from_ref(&crl), now)
             .unwrap_err();
         assert!(e.to_string().contains("certificate is revoked"), "{e}");
-        let bob_id = crate::signing::verify_signer_certificate(&der(&bob.cert_pem), &cas, &[crl.clone()], now).unwrap();
+        let bob_id = crate::signing::verify_signer_certificate(&der(&bob.cert_pem), &cas, std::slice::from_ref(&crl), now).unwrap();
         assert_eq!(bob_id.name, "bob");
         // Without the list, alice still verifies: the list is what revokes.
         crate::signing::verify_signer_certificate(&der(&alice.cert_pem), &cas, &[], now).unwrap();

@@ -107,7 +107,7 @@ pub fn kernel() -> Kernel {
         let mut v: Vec<PathBuf> = fs::read_dir(&debs)
             .map(|r| r.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
-        v.retain(|p| p.file_name().map_or(false, |n| n.to_string_lossy().starts_with("linux-image-")));
+        v.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("linux-image-")));
         v.sort();
         v
     };
@@ -116,7 +116,7 @@ pub fn kernel() -> Kernel {
             let prefix = format!("{pkg}_");
             let found = cached_debs()
                 .into_iter()
-                .find(|p| p.file_name().map_or(false, |n| n.to_string_lossy().starts_with(&prefix)));
+                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)));
             match found {
                 Some(d) => d,
                 None => {
@@ -124,7 +124,7 @@ pub fn kernel() -> Kernel {
                     run(Command::new("apt-get").arg("download").arg(pkg).current_dir(&debs), &format!("apt-get download {pkg}"));
                     cached_debs()
                         .into_iter()
-                        .find(|p| p.file_name().map_or(false, |n| n.to_string_lossy().starts_with(&prefix)))
+                        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
                         .unwrap_or_else(|| panic!("apt-get download {pkg} left no .deb in {}", debs.display()))
                 }
             }
@@ -325,11 +325,11 @@ impl Cpio {
             buf.extend_from_slice(hdr.as_bytes());
             buf.extend_from_slice(name.as_bytes());
             buf.push(0);
-            while buf.len() % 4 != 0 {
+            while !buf.len().is_multiple_of(4) {
                 buf.push(0);
             }
             buf.extend_from_slice(data);
-            while buf.len() % 4 != 0 {
+            while !buf.len().is_multiple_of(4) {
                 buf.push(0);
             }
         };
@@ -377,7 +377,7 @@ pub fn boot_image() -> BootImage {
     // TCG, so strip it (binutils) when strip is there.
     let stripped = cache_dir().join("skydd-guest-agent.stripped");
     let agent_in_guest = match which("strip") {
-        Some(strip) if Command::new(&strip).arg("--strip-debug").arg("-o").arg(&stripped).arg(&agent).status().map_or(false, |s| s.success()) => stripped,
+        Some(strip) if Command::new(&strip).arg("--strip-debug").arg("-o").arg(&stripped).arg(&agent).status().is_ok_and(|s| s.success()) => stripped,
         _ => agent.clone(),
     };
     cpio.copy("bin/skydd-guest-agent", &agent_in_guest, 0o755);
@@ -387,7 +387,8 @@ pub fn boot_image() -> BootImage {
         libs.extend(ldd(bin));
     }
     // libtss2-tctildr dlopen()s the device TCTI; ldd cannot see that.
-    for extra in ["/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0"] {
+    {
+        let extra = "/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0";
         let p = PathBuf::from(extra);
         assert!(p.exists(), "{extra} missing: apt-get install libtss2-tcti-device0");
         libs.extend(ldd(&p));

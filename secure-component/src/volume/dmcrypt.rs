@@ -193,7 +193,7 @@ impl DmCryptBackend {
         payload[24..29].copy_from_slice(b"crypt");
         payload.extend_from_slice(params.as_bytes());
         payload.push(0);
-        while payload.len() % 8 != 0 {
+        while !payload.len().is_multiple_of(8) {
             payload.push(0);
         }
         self.dm_ioctl(DM_TABLE_LOAD_CMD, name, flags | DM_SECURE_DATA_FLAG, &payload, 0).map(|_| ())
@@ -203,7 +203,7 @@ impl DmCryptBackend {
         let mut payload = vec![0u8; 8]; // struct dm_target_msg { __u64 sector; char message[]; }
         payload.extend_from_slice(msg.as_bytes());
         payload.push(0);
-        while payload.len() % 8 != 0 {
+        while !payload.len().is_multiple_of(8) {
             payload.push(0);
         }
         // target_count is ignored by DM_TARGET_MSG; the header helper sets it harmlessly.
