@@ -38,7 +38,7 @@ use protocol::cloud::{ComputeHost, Instance};
 use protocol::domain::{AccessMode, AclEntry};
 use protocol::format::HEADER_AREA_SIZE;
 use protocol::messages::HeaderRecord;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use secure_component::service::{self, AgentService};
 use secure_component::swtpm::Swtpm;
 use skydd::lab::LabPki;
@@ -200,8 +200,8 @@ fn dm_config(pki: &LabPki, name: &str, cp_url: &str, ttp_url: &str) -> domain_ma
 /// One driver step on a random domain: toggle vm-b in the ACL (grant ro / revoke), attach or
 /// detach vm-a (rw) or vm-b (ro). Records every 2xx answer.
 async fn driver_step(dm: &DomainManager, ledger: &Mutex<Ledger>, domains: &[String], rng: &mut rand::rngs::StdRng) {
-    let domain = domains[rng.gen_range(0..domains.len())].clone();
-    let choice = rng.gen_range(0..10);
+    let domain = domains[rng.random_range(0..domains.len())].clone();
+    let choice = rng.random_range(0..10);
     if choice < 3 {
         // Toggle vm-b, deciding from the header in force (so a retried, unacknowledged update
         // is repeated byte for byte).
@@ -438,8 +438,8 @@ async fn crash_consistency_under_kill_9() {
     let mut totals = (0usize, 0usize, 0usize, 0usize, 0usize); // orphans, stale, healed, unenforced, leaked creates
     for round in 0..rounds {
         let round_started = Instant::now();
-        let victim = if rng.gen_bool(0.5) { "TTP" } else { "CP" };
-        let kill_after = Duration::from_millis(rng.gen_range(300..2500));
+        let victim = if rng.random_bool(0.5) { "TTP" } else { "CP" };
+        let kill_after = Duration::from_millis(rng.random_range(300..2500));
         let stop = CancellationToken::new();
         let (ops_before, fail_before, rel_before) = {
             let l = ledger.lock().unwrap();
@@ -451,7 +451,7 @@ async fn crash_consistency_under_kill_9() {
         for worker in 0..2u64 {
             let (config, ledger, domains, stop, sc) = (config.clone(), ledger.clone(), domains.clone(), stop.clone(), sc.clone());
             let signer = signer.clone();
-            let seed = rng.gen::<u64>();
+            let seed = rng.random::<u64>();
             tasks.push(tokio::spawn(async move {
                 let dm = DomainManager::connect(&config).unwrap();
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ worker);
@@ -462,7 +462,7 @@ async fn crash_consistency_under_kill_9() {
                     if worker == 0 {
                         driver_step(&dm, &ledger, &domains, &mut rng).await;
                     } else {
-                        let domain = domains[rng.gen_range(0..domains.len())].clone();
+                        let domain = domains[rng.random_range(0..domains.len())].clone();
                         release_step(&dm, &sc, &signer, &ledger, &domain).await;
                     }
                 }
@@ -474,7 +474,7 @@ async fn crash_consistency_under_kill_9() {
             _ => cp_child.kill9(),
         }
         // Keep driving against the dead service for a moment: those operations must fail.
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..300))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
         stop.cancel();
         for task in tasks {
             tokio::time::timeout(Duration::from_secs(60), task).await.expect("the driver stops").unwrap();

@@ -34,13 +34,13 @@ pub fn router(cp: Arc<CloudPlatform>) -> Router {
         .route("/v1/instances", post(register_instance).get(list_instances))
         .route("/v1/domains", post(create_domain).get(list_domains))
         .route(
-            "/v1/domains/:domain_id",
+            "/v1/domains/{domain_id}",
             get(get_domain).delete(delete_domain),
         )
-        .route("/v1/domains/:domain_id/descriptor", put(update_domain))
+        .route("/v1/domains/{domain_id}/descriptor", put(update_domain))
         .route("/v1/attachments", post(attach).get(list_attachments))
         .route(
-            "/v1/attachments/:attachment_id",
+            "/v1/attachments/{attachment_id}",
             get(get_attachment).delete(detach),
         )
         .route("/v1/health", get(health))

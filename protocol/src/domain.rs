@@ -331,7 +331,7 @@ pub fn acl_from_xml(xml: &str) -> Result<Vec<AclEntry>> {
         let event = reader.read_event().map_err(|e| bad(format!("at byte {}: {e}", reader.buffer_position())))?;
         match event {
             Event::Start(start) if depth == 0 && !seen_root => {
-                expect_element(&start, b"acl")?;
+                expect_element(&start, "acl")?;
                 if start.attributes().next().is_some() {
                     return Err(bad("<acl> takes no attributes".into()));
                 }
@@ -339,11 +339,11 @@ pub fn acl_from_xml(xml: &str) -> Result<Vec<AclEntry>> {
                 depth = 1;
             }
             Event::Empty(start) if depth == 0 && !seen_root => {
-                expect_element(&start, b"acl")?;
+                expect_element(&start, "acl")?;
                 seen_root = true;
             }
             Event::Empty(element) if depth == 1 => {
-                expect_element(&element, b"vm")?;
+                expect_element(&element, "vm")?;
                 if entries.len() == MAX_ACL_ENTRIES {
                     return Err(Error::TooLarge { what: "access list entries", size: MAX_ACL_ENTRIES + 1, limit: MAX_ACL_ENTRIES });
                 }
@@ -362,11 +362,13 @@ pub fn acl_from_xml(xml: &str) -> Result<Vec<AclEntry>> {
     Ok(entries)
 }
 
-fn expect_element(element: &BytesStart<'_>, name: &[u8]) -> Result<()> {
-    if element.name().as_ref() != name {
+fn expect_element(element: &BytesStart<'_>, name: &str) -> Result<()> {
+    // quick-xml 0.42 hands names and attribute values out as `str` (`QName::into_inner`).
+    let found = element.name().into_inner();
+    if found != name {
         return Err(Error::malformed(
             "access list XML",
-            format!("unexpected element <{}>, expected <{}>", String::from_utf8_lossy(element.name().as_ref()), String::from_utf8_lossy(name)),
+            format!("unexpected element <{found}>, expected <{name}>"),
         ));
     }
     Ok(())
@@ -378,11 +380,12 @@ fn parse_vm_element(element: &BytesStart<'_>) -> Result<AclEntry> {
     let mut mode = None;
     for attribute in element.attributes() {
         let attribute = attribute.map_err(|e| bad(format!("bad attribute: {e}")))?;
-        let value = std::str::from_utf8(&attribute.value).map_err(|_| bad("attribute is not UTF-8".into()))?;
-        match attribute.key.as_ref() {
-            b"id" if vm_id.is_none() => vm_id = Some(value.to_string()),
-            b"mode" if mode.is_none() => mode = Some(value.parse::<AccessMode>()?),
-            other => return Err(bad(format!("unexpected or repeated attribute {:?} on <vm>", String::from_utf8_lossy(other)))),
+        // The raw value (entities not expanded): names with '&' are refused by validate_name.
+        let value: &str = &attribute.value;
+        match attribute.key.into_inner() {
+            "id" if vm_id.is_none() => vm_id = Some(value.to_string()),
+            "mode" if mode.is_none() => mode = Some(value.parse::<AccessMode>()?),
+            other => return Err(bad(format!("unexpected or repeated attribute {other:?} on <vm>"))),
         }
     }
     let vm_id = vm_id.ok_or_else(|| bad("<vm> without id".into()))?;
@@ -402,6 +405,7 @@ fn event_kind(event: &Event<'_>) -> &'static str {
         Event::Decl(_) => "XML declaration",
         Event::PI(_) => "processing instruction",
         Event::DocType(_) => "DOCTYPE",
+        Event::GeneralRef(_) => "entity reference",
         Event::Eof => "end of input",
     }
 }

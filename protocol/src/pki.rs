@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -250,7 +250,7 @@ impl CertificateAuthority {
         check_name(name)?;
         let (not_before, not_after) = validity.window()?;
 
-        let SigningCa { issuer, key: ca_key, not_after: ca_not_after } = SigningCa::load(ca_cert_pem, ca_key_pem)?;
+        let SigningCa { issuer, not_after: ca_not_after } = SigningCa::load(ca_cert_pem, ca_key_pem)?;
         if not_after > ca_not_after {
             return Err(Error::Certificate(format!(
                 "requested validity ends {} but the CA certificate expires {}: issue a shorter certificate",
@@ -306,7 +306,7 @@ impl CertificateAuthority {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| Error::Certificate(format!("generating the key failed: {e}")))?;
         let cert = params
-            .signed_by(&key, &issuer, &ca_key)
+            .signed_by(&key, &issuer)
             .map_err(|e| Error::Certificate(format!("signing the certificate failed: {e}")))?;
         Ok(IssuedIdentity {
             cert_pem: cert.pem(),
@@ -317,8 +317,8 @@ impl CertificateAuthority {
 
 /// The CA certificate and key, checked to belong together, ready to sign.
 struct SigningCa {
-    issuer: rcgen::Certificate,
-    key: KeyPair,
+    /// The CA's name, key identifier and key usages, with its key.
+    issuer: Issuer<'static, KeyPair>,
     not_after: OffsetDateTime,
 }
 
@@ -337,17 +337,15 @@ impl SigningCa {
             }
             (ca.public_key().raw.to_vec(), ca.validity().not_after.to_datetime())
         };
-        if key.public_key_der() != ca_spki {
+        if key.subject_public_key_info() != ca_spki {
             return Err(Error::Certificate("the CA key does not belong to the CA certificate".into()));
         }
-        // rcgen signs with an issuer `Certificate`; re-deriving it from the CA's own DER keeps
-        // the issuer name and key identifier byte-identical to the CA certificate.
-        let ca_params = CertificateParams::from_ca_cert_der(&ca_der.into())
+        // rcgen signs with an `Issuer`; deriving it from the CA's own DER
+        // (`Issuer::from_ca_cert_der`) keeps the issuer name and key identifier
+        // byte-identical to the CA certificate.
+        let issuer = Issuer::from_ca_cert_der(&ca_der.into(), key)
             .map_err(|e| Error::Certificate(format!("CA certificate is unusable: {e}")))?;
-        let issuer = ca_params
-            .self_signed(&key)
-            .map_err(|e| Error::Certificate(format!("CA certificate is unusable: {e}")))?;
-        Ok(SigningCa { issuer, key, not_after })
+        Ok(SigningCa { issuer, not_after })
     }
 }
 
@@ -550,7 +548,7 @@ impl CertificateAuthority {
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         };
         let crl = params
-            .signed_by(&ca.issuer, &ca.key)
+            .signed_by(&ca.issuer)
             .map_err(|e| Error::Certificate(format!("signing the revocation list failed: {e}")))?;
         crl.pem()
             .map_err(|e| Error::Certificate(format!("encoding the revocation list failed: {e}")))
@@ -628,16 +626,14 @@ pub fn crls_from_pems(
 }
 
 fn random_serial() -> SerialNumber {
-    use rand::RngCore;
-    let mut b = [0u8; 16];
-    rand::thread_rng().fill_bytes(&mut b);
+    let mut b: [u8; 16] = rand::random();
     b[0] &= 0x7f; // positive
     b[0] |= 0x01; // no leading zero byte to strip
     SerialNumber::from_slice(&b)
 }
 
 fn dns_san(name: &str) -> Result<SanType> {
-    rcgen::Ia5String::try_from(name)
+    rcgen::string::Ia5String::try_from(name)
         .map(SanType::DnsName)
         .map_err(|_| Error::Certificate(format!("{name:?} is not a valid DNS name")))
 }

@@ -185,15 +185,14 @@ impl HostTpm {
         let data = Data::try_from(qualifying_data.to_vec())
             .map_err(|_| Error::tpm("Certify", format!("qualifying data is {} bytes, at most 64 allowed", qualifying_data.len())))?;
         let (ak, binding) = self.load_ak_and_binding()?;
-        let result = {
-            // Certify needs the binding key's ADMIN role, authorized by its (empty) authValue:
-            // adminWithPolicy is clear (see binding_template).
-            self.context
-                .execute_with_sessions((Some(AuthSession::Password), Some(AuthSession::Password), None), |ctx| {
-                    ctx.certify(binding.into(), ak, data, SignatureScheme::Null)
-                })
-                .map_err(|e| Error::tpm("Certify(binding key)", e))
-        };
+        // Certify needs the binding key's ADMIN role, authorized by its (empty) authValue:
+        // adminWithPolicy is clear (see binding_template).
+        let result = self
+            .context
+            .execute_with_sessions((Some(AuthSession::Password), Some(AuthSession::Password), None), |ctx| {
+                ctx.certify(binding.into(), ak, data, SignatureScheme::Null)
+            })
+            .map_err(|e| Error::tpm("Certify(binding key)", e));
         flush(&mut self.context, binding.into());
         flush(&mut self.context, ak.into());
         let (attest, signature) = result?;

@@ -574,7 +574,7 @@ mod vaes {
 mod tests {
     use super::*;
     use aes::cipher::KeyInit;
-    use rand::{Rng, RngCore, SeedableRng};
+    use rand::{Rng, RngExt, SeedableRng};
 
     fn secret(bytes: &[u8]) -> SecretBytes {
         let mut b = bytes.to_vec();
@@ -648,12 +648,12 @@ mod tests {
             let engine = XtsEngine::new(&secret(&key)).unwrap();
             let peer = peer(&key);
             let first: u64 = match round % 4 {
-                0 => rng.gen_range(0..1000),
-                1 => rng.gen_range(1u64 << 32..1u64 << 40),
+                0 => rng.random_range(0..1000),
+                1 => rng.random_range(1u64 << 32..1u64 << 40),
                 2 => u64::MAX - 200,
-                _ => rng.gen(),
+                _ => rng.random(),
             };
-            let sectors = if round % 3 == 0 { rng.gen_range(64..200) } else { rng.gen_range(1..8) };
+            let sectors = if round % 3 == 0 { rng.random_range(64..200) } else { rng.random_range(1..8) };
             let mut plain = vec![0u8; sectors * SECTOR_SIZE];
             rng.fill_bytes(&mut plain);
             let mut ours = plain.clone();
@@ -703,7 +703,7 @@ mod tests {
             let a = XtsEngine::new(&secret(&key)).unwrap();
             let b = XtsEngine::new_openssl_only(&secret(&key)).unwrap();
             let sectors = [1usize, 2, 3, 17, 64, 70][round % 6];
-            let first: u64 = if round % 2 == 0 { rng.gen() } else { rng.gen_range(0..1 << 20) };
+            let first: u64 = if round % 2 == 0 { rng.random() } else { rng.random_range(0..1 << 20) };
             let mut x = vec![0u8; sectors * SECTOR_SIZE];
             rng.fill_bytes(&mut x);
             let mut y = x.clone();
@@ -736,7 +736,7 @@ mod tests {
     #[test]
     fn concurrent_callers_share_one_engine() {
         let mut key = [0u8; 64];
-        rand::thread_rng().fill_bytes(&mut key);
+        rand::rng().fill_bytes(&mut key);
         let engine = XtsEngine::new(&secret(&key)).unwrap();
         let peer = peer(&key);
         std::thread::scope(|s| {

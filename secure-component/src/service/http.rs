@@ -24,7 +24,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub fn router(service: Arc<AgentService>) -> Router {
     Router::new()
         .route("/v1/attachments", get(list).post(attach))
-        .route("/v1/attachments/:attachment_id", delete(detach))
+        .route("/v1/attachments/{attachment_id}", delete(detach))
         .route("/v1/health", get(health))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(service)

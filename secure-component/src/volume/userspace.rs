@@ -21,8 +21,9 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyWrite, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyWrite, Request, WriteFlags,
 };
 use protocol::format::{DATA_OFFSET, SECTOR_SIZE};
 use protocol::secret::SecretBytes;
@@ -37,13 +38,11 @@ pub const DEFAULT_STATE_DIR: &str = "/run/skydd/userspace";
 /// Name of the plaintext file inside each FUSE mount.
 pub const DATA_FILE: &str = "data";
 
-const ROOT_INO: u64 = 1;
-const DATA_INO: u64 = 2;
+const ROOT_INO: INodeNo = INodeNo(1);
+const DATA_INO: INodeNo = INodeNo(2);
 // The file never changes size or owner behind the kernel's back: cache attributes long.
 const TTL: Duration = Duration::from_secs(3600);
 const SECTOR: u64 = SECTOR_SIZE as u64;
-/// include/uapi/linux/fuse.h: bypass the page cache for this open file.
-const FOPEN_DIRECT_IO: u32 = 1;
 
 /// What `<state_dir>/<name>.json` holds: enough to find and tear down a mapping, no key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -201,7 +200,8 @@ impl VolumeBackend for UserspaceBackend {
         std::fs::create_dir_all(&mountpoint)
             .map_err(|e| Error::io(format!("creating mount point {}", mountpoint.display()), e))?;
         let fs = PlainFile::new(file, engine, sectors * SECTOR, read_only);
-        let mut options = vec![
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
             MountOption::FSName(format!("skydd-{name}")),
             MountOption::Subtype("skydd".into()),
             MountOption::DefaultPermissions,
@@ -209,8 +209,10 @@ impl VolumeBackend for UserspaceBackend {
             MountOption::NoSuid,
             MountOption::NoDev,
         ];
-        options.push(if read_only { MountOption::RO } else { MountOption::RW });
-        let session = fuser::spawn_mount2(fs, &mountpoint, &options)
+        config.mount_options.push(if read_only { MountOption::RO } else { MountOption::RW });
+        // Config::default(): one event-loop thread, access for the mounting user only
+        // (SessionACL::Owner), as with fuser 0.15's spawn_mount2.
+        let session = fuser::spawn_mount(fs, &mountpoint, &config)
             .map_err(|e| Error::io(format!("mounting FUSE at {}", mountpoint.display()), e))?;
 
         let data_path = mountpoint.join(DATA_FILE);
@@ -315,8 +317,9 @@ struct PlainFile {
     engine: XtsEngine,
     size: u64,
     read_only: bool,
-    /// Reused between requests: no allocation per I/O once warmed up.
-    buf: Vec<u8>,
+    /// Reused between requests: no allocation per I/O once warmed up. fuser (>= 0.17) calls
+    /// the file system through `&self`; with one event-loop thread the lock is never contended.
+    buf: Mutex<Vec<u8>>,
     uid: u32,
     gid: u32,
     started: SystemTime,
@@ -326,10 +329,15 @@ impl PlainFile {
     fn new(file: File, engine: XtsEngine, size: u64, read_only: bool) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        Self { file, engine, size, read_only, buf: Vec::new(), uid, gid, started: SystemTime::now() }
+        Self { file, engine, size, read_only, buf: Mutex::new(Vec::new()), uid, gid, started: SystemTime::now() }
     }
 
-    fn attr(&self, ino: u64) -> Option<FileAttr> {
+    /// The scratch buffer; a panic while it was held leaves nothing to repair in it.
+    fn buf(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.buf.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
         let (kind, perm, size, nlink) = match ino {
             ROOT_INO => (FileType::Directory, 0o700, 0, 2),
             DATA_INO => (FileType::RegularFile, if self.read_only { 0o400 } else { 0o600 }, self.size, 1),
@@ -354,30 +362,30 @@ impl PlainFile {
         })
     }
 
-    /// Reads and decrypts whole sectors [first, first + count) into `self.buf[..]`.
-    fn load(&mut self, first: u64, count: usize) -> std::io::Result<()> {
+    /// Reads and decrypts whole sectors [first, first + count) into `scratch[..]`.
+    fn load(&self, scratch: &mut Vec<u8>, first: u64, count: usize) -> std::io::Result<()> {
         let len = count * SECTOR_SIZE;
-        if self.buf.len() < len {
-            self.buf.resize(len, 0);
+        if scratch.len() < len {
+            scratch.resize(len, 0);
         }
-        let buf = &mut self.buf[..len];
+        let buf = &mut scratch[..len];
         self.file.read_exact_at(buf, DATA_OFFSET + first * SECTOR)?;
         self.engine.decrypt_sectors(first, buf).map_err(|e| std::io::Error::other(e.to_string()))
     }
 
-    fn read_range(&mut self, offset: u64, size: usize) -> std::io::Result<&[u8]> {
+    fn read_range<'b>(&self, scratch: &'b mut Vec<u8>, offset: u64, size: usize) -> std::io::Result<&'b [u8]> {
         let end = (offset + size as u64).min(self.size);
         if offset >= end {
             return Ok(&[]);
         }
         let first = offset / SECTOR;
         let last = end.div_ceil(SECTOR);
-        self.load(first, (last - first) as usize)?;
+        self.load(scratch, first, (last - first) as usize)?;
         let skip = (offset - first * SECTOR) as usize;
-        Ok(&self.buf[skip..skip + (end - offset) as usize])
+        Ok(&scratch[skip..skip + (end - offset) as usize])
     }
 
-    fn write_range(&mut self, offset: u64, data: &[u8]) -> std::io::Result<usize> {
+    fn write_range(&self, scratch: &mut Vec<u8>, offset: u64, data: &[u8]) -> std::io::Result<usize> {
         let end = offset + data.len() as u64;
         if end > self.size {
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
@@ -389,89 +397,90 @@ impl PlainFile {
         let len = count * SECTOR_SIZE;
         if head != 0 || !end.is_multiple_of(SECTOR) {
             // Read-modify-write: only the partial first and last sectors need the old data.
-            if self.buf.len() < len {
-                self.buf.resize(len, 0);
+            if scratch.len() < len {
+                scratch.resize(len, 0);
             }
             if head != 0 {
-                self.load_into(first, 0)?;
+                self.load_into(scratch, first, 0)?;
             }
             if !end.is_multiple_of(SECTOR) && (last - 1 != first || head == 0) {
-                self.load_into(last - 1, (count - 1) * SECTOR_SIZE)?;
+                self.load_into(scratch, last - 1, (count - 1) * SECTOR_SIZE)?;
             }
-        } else if self.buf.len() < len {
-            self.buf.resize(len, 0);
+        } else if scratch.len() < len {
+            scratch.resize(len, 0);
         }
-        let buf = &mut self.buf[..len];
+        let buf = &mut scratch[..len];
         buf[head..head + data.len()].copy_from_slice(data);
         self.engine.encrypt_sectors(first, buf).map_err(|e| std::io::Error::other(e.to_string()))?;
         self.file.write_all_at(buf, DATA_OFFSET + first * SECTOR)?;
         Ok(data.len())
     }
 
-    /// Decrypts one sector into `self.buf[at..at + 4096]`.
-    fn load_into(&mut self, sector: u64, at: usize) -> std::io::Result<()> {
-        let s = &mut self.buf[at..at + SECTOR_SIZE];
+    /// Decrypts one sector into `scratch[at..at + 4096]`.
+    fn load_into(&self, scratch: &mut [u8], sector: u64, at: usize) -> std::io::Result<()> {
+        let s = &mut scratch[at..at + SECTOR_SIZE];
         self.file.read_exact_at(s, DATA_OFFSET + sector * SECTOR)?;
         self.engine.decrypt_sectors(sector, s).map_err(|e| std::io::Error::other(e.to_string()))
     }
 }
 
-fn errno_of(e: &std::io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(libc::EIO)
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 impl Filesystem for PlainFile {
-    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> std::result::Result<(), libc::c_int> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Large requests amortise the per-request cost; the kernel caps them (1 MiB).
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         Ok(())
     }
 
-    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match (parent, name.as_bytes()) {
             (ROOT_INO, b"data") => match self.attr(DATA_INO) {
-                Some(a) => reply.entry(&TTL, &a, 0),
-                None => reply.error(libc::ENOENT),
+                Some(a) => reply.entry(&TTL, &a, Generation(0)),
+                None => reply.error(Errno::ENOENT),
             },
-            _ => reply.error(libc::ENOENT),
+            _ => reply.error(Errno::ENOENT),
         }
     }
 
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.attr(ino) {
             Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(libc::ENOENT),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if ino != DATA_INO {
-            return reply.error(libc::EISDIR);
+            return reply.error(Errno::EISDIR);
         }
-        if self.read_only && (flags & libc::O_ACCMODE) != libc::O_RDONLY {
-            return reply.error(libc::EROFS);
+        if self.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
         }
         // Direct I/O: every request reaches the engine. Without it the kernel would cache
         // the plaintext a second time (loop's page cache above already caches it).
-        reply.opened(0, FOPEN_DIRECT_IO);
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
     }
 
     fn read(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
         size: u32,
-        _flags: i32,
-        _lock_owner: Option<u64>,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if ino != DATA_INO || offset < 0 {
-            return reply.error(libc::EINVAL);
+        if ino != DATA_INO {
+            return reply.error(Errno::EINVAL);
         }
-        match self.read_range(offset as u64, size as usize) {
+        let mut scratch = self.buf();
+        match self.read_range(&mut scratch, offset, size as usize) {
             Ok(data) => reply.data(data),
             Err(e) => {
                 tracing::error!(offset, size, error = %e, "userspace volume read failed");
@@ -481,24 +490,25 @@ impl Filesystem for PlainFile {
     }
 
     fn write(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
         data: &[u8],
-        _write_flags: u32,
-        _flags: i32,
-        _lock_owner: Option<u64>,
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         if self.read_only {
-            return reply.error(libc::EROFS);
+            return reply.error(Errno::EROFS);
         }
-        if ino != DATA_INO || offset < 0 {
-            return reply.error(libc::EINVAL);
+        if ino != DATA_INO {
+            return reply.error(Errno::EINVAL);
         }
-        match self.write_range(offset as u64, data) {
+        let mut scratch = self.buf();
+        match self.write_range(&mut scratch, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => {
                 tracing::error!(offset, len = data.len(), error = %e, "userspace volume write failed");
@@ -507,11 +517,11 @@ impl Filesystem for PlainFile {
         }
     }
 
-    fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lock_owner: u64, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         reply.ok();
     }
 
-    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let r = if datasync { self.file.sync_data() } else { self.file.sync_all() };
         match r {
             Ok(()) => reply.ok(),
@@ -519,13 +529,13 @@ impl Filesystem for PlainFile {
         }
     }
 
-    fn readdir(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectory) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         if ino != ROOT_INO {
-            return reply.error(libc::ENOTDIR);
+            return reply.error(Errno::ENOTDIR);
         }
         let entries = [(ROOT_INO, FileType::Directory, "."), (ROOT_INO, FileType::Directory, ".."), (DATA_INO, FileType::RegularFile, DATA_FILE)];
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset.max(0) as usize) {
-            if reply.add(*ino, (i + 1) as i64, *kind, name) {
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX)) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
                 break;
             }
         }
