@@ -93,7 +93,12 @@ impl AllInOne {
             progress(&format!("{host_id}: manufacturing its TPM (swtpm with an EK certificate) and starting its secure component"));
             let swtpm = Swtpm::start_with_ca(&dir.join(host_id).join("swtpm"), &vendor_ca).with_context(|| format!("start the swtpm of {host_id}"))?;
             let tls = pki.issue(Role::SecureComponent, host_id)?;
-            let config = crate::lab::loopback_agent_config(dir, host_id, swtpm.tcti(), &ttp_url, &tls);
+            let mut config = crate::lab::loopback_agent_config(dir, host_id, swtpm.tcti(), &ttp_url, &tls);
+            // The hosts open only the cloud platform's volume files (the all-in-one cloud's
+            // shared storage).
+            let volumes = dir.join("cloud-platform").join("volumes");
+            std::fs::create_dir_all(&volumes)?;
+            config.volume_root = Some(volumes);
             std::fs::write(dir.join(host_id).join("secure-component.toml"), toml::to_string(&config)?)?;
             let (service, tls_config) = secure_component::service::build(&config).with_context(|| format!("build the secure component of {host_id}"))?;
             pending.push((host_id.to_string(), swtpm, config, service, tls_config));

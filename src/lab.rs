@@ -218,7 +218,13 @@ impl DomainManager {
     /// A signed single-use mount grant for `vm_id` in `mode`, expiring `valid_for_secs` from now
     /// (negative for grants that are already expired).
     pub fn grant(&self, domain_id: &str, vm_id: &str, mode: AccessMode, valid_for_secs: i64) -> SignedEnvelope {
-        let expires_at = (ttp::store::now_unix() as i64 + valid_for_secs).max(0) as u64;
+        let expires_at = (ttp::store::now_unix() as i64).saturating_add(valid_for_secs).max(0) as u64;
+        self.grant_until(domain_id, vm_id, mode, expires_at)
+    }
+
+    /// A signed mount grant expiring at `expires_at` (unix seconds), whatever that is: for
+    /// tests of the TTP's bounds.
+    pub fn grant_until(&self, domain_id: &str, vm_id: &str, mode: AccessMode, expires_at: u64) -> SignedEnvelope {
         let grant = MountGrant {
             domain_id: domain_id.to_string(),
             vm_id: vm_id.to_string(),
@@ -265,5 +271,6 @@ pub fn loopback_agent_config(dir: &Path, host_id: &str, tcti: String, ttp_url: &
         cert: tls.cert.clone(),
         key: tls.key.clone(),
         pcr_selection: Default::default(),
+        volume_root: None,
     }
 }

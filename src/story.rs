@@ -83,15 +83,21 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
     n.say(&format!("compute-1 quoted its TPM, got the key sealed to its TPM, opened the volume on {} and mounted it at {}", attachment.device, attachment.mount_path));
     n.proves("the key was released only to an attested host, for a VM in the access list");
 
-    n.step("vm-a detaches (ext4 is not a cluster file system: its writes are now on the volume); vm-b (on compute-2) attaches read-only, then vm-a attaches again");
+    n.step("vm-a detaches (its writes are now on the volume); vm-b (on compute-2) attaches read-only");
     alice.detach(&id, "vm-a").await?;
     let attachment_b = alice.attach(&id, "vm-b", AccessMode::Ro, 300).await?;
-    alice.attach(&id, "vm-a", AccessMode::Rw, 300).await?;
     let vm_b_dir = mount("vm-b", &id)?;
     let read_back = std::fs::read_to_string(vm_b_dir.join(RECORD_NAME)).with_context(|| format!("vm-b reads {RECORD_NAME}"))?;
     ensure!(read_back == RECORD_TEXT, "vm-b read different bytes than vm-a wrote");
-    n.say(&format!("vm-b reads what vm-a wrote ({} bytes) through its own mapping on {}; both are attached now", read_back.len(), attachment_b.host));
+    n.say(&format!("vm-b reads what vm-a wrote ({} bytes) through its own mapping on {}", read_back.len(), attachment_b.host));
     n.proves("two hosts derived the same key from the TTP; the volume format is shared");
+
+    n.step("vm-a asks to attach read-write again while vm-b reads");
+    let (code, message) = refused_code(alice.attach(&id, "vm-a", AccessMode::Rw, 300).await, "vm-a attaching rw beside vm-b")?;
+    n.say(&format!("refused ({code}): {message}"));
+    ensure!(code == "single_writer", "expected single_writer, got {code}");
+    report.refusals.push((code, message));
+    n.proves("a domain is open read-write once and alone: ext4 is not a cluster file system, so no second mount can corrupt it");
 
     n.step("vm-b tries to write");
     match std::fs::write(vm_b_dir.join("tamper.txt"), b"x") {
@@ -154,9 +160,7 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
     n.proves("every release and every refusal is recorded; the chain was verified before the TTP answered");
 
     n.step("cleaning up: detach every VM");
-    for vm in ["vm-a", "vm-c"] {
-        alice.detach(&id, vm).await?;
-    }
+    alice.detach(&id, "vm-c").await?;
     Ok(report)
 }
 

@@ -55,6 +55,11 @@
 //! | B4  | anyone          | a non-JSON content type on every route                                  | 415 `bad_request` JSON on every body route |
 //! | B5  | anyone          | a JSON nesting bomb (100k '[') on every route                           | 422 `bad_request` JSON (serde's recursion limit), no crash |
 //! | B6  | anyone          | path traversal in ids (`../../etc/passwd`)                              | 404 `domain_unknown` / 400 `bad_request` |
+//! | I2  | domain manager  | re-registers another tenant's VM on another host (POST /v1/instances)    | `forbidden` (CP; placement is the operator's) |
+//! | I3  | domain manager  | a second rw attach of a domain, or a ro one beside a rw one              | `single_writer` (CP, 409) |
+//! | I5  | domain manager  | a grant valid beyond i64::MAX (its used mark would be purged at once)    | `grant_too_long` (audited) |
+//! | I6  | operator/tenant | VM ids `..`, `.`, `-x`                                                   | `bad_request` at placement; no key released |
+//! | I8  | domain manager  | lists every tenant's hosts/instances; reads a refusal naming an owner    | `forbidden`; the owner is not named |
 //! | O1  | cloud platform  | OBSERVATION, not refused: the key of vm-a released to another attested host | `ok` — the TTP cannot check VM placement; the audit names the host |
 //!
 //! The TTP and the SC limit bodies to 1 MiB, the CP to 2 MiB; B1 exceeds both.
@@ -70,7 +75,7 @@ use std::time::{Duration, Instant};
 
 use net::{Role, TlsFiles};
 use protocol::attest::{CredentialChallenge, EnrollmentProof, EnrollmentRequest, PcrSelection};
-use protocol::cloud::{Attachment, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainView, UpdateDomainRequest};
+use protocol::cloud::{Attachment, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainView, Instance, InstanceList, UpdateDomainRequest};
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::format;
 use protocol::messages::{
@@ -1140,6 +1145,54 @@ async fn attack_matrix() {
         let sc = pki.client("cloud-platform", Role::SecureComponent, &compute1.agent_url).unwrap();
         expect_code(sc.delete_json::<serde_json::Value>(&format!("/v1/attachments/{traversal}")).await, "bad_request");
         m.record("B6", "path traversal in ids (CP domain, TTP history, SC attachment)", "domain_unknown / bad_request", "-");
+    }
+
+
+    // ================= tenants against each other (docs/SECURITY-TESTING.md, "Tenant isolation") ==
+    {
+        let operator = pki.client("cloud-platform", Role::CloudPlatform, &cloud.cp_url).unwrap();
+        // I2: a tenant moves another tenant's VM to a host of its choosing.
+        let message = expect_code(
+            bob_cp.post_json::<_, Instance>("/v1/instances", &Instance { id: "vm-a".into(), host: "compute-2".into() }).await,
+            "forbidden",
+        );
+        let placed: InstanceList = operator.get_json("/v1/instances").await.unwrap();
+        let vm_a = placed.instances.iter().find(|i| i.id == "vm-a").expect("vm-a is placed");
+        assert_eq!(vm_a.host, "compute-1", "vm-a moved: {message}");
+        m.record("I2", "dm-bob re-registers alice's vm-a on compute-2 (POST /v1/instances)", "forbidden (CP)", "placement unchanged");
+        // I8a: the topology is the operator's.
+        expect_code(bob_cp.get_json::<serde_json::Value>("/v1/hosts").await, "forbidden");
+        expect_code(bob_cp.get_json::<serde_json::Value>("/v1/instances").await, "forbidden");
+        m.record("I8a", "a tenant lists the hosts and instances of every tenant", "forbidden (CP)", "-");
+        // I8b: refusals name neither another tenant's owner nor its objects.
+        let message = expect_code(bob_cp.get_json::<DomainView>(&format!("/v1/domains/{id_b}")).await, "forbidden");
+        assert!(!message.contains("dm-alice"), "the refusal names the owner: {message}");
+        m.record("I8b", "dm-bob reads alice's domain: the refusal must not name its owner", "forbidden, owner not named", "-");
+
+        // I3: two writers (or a reader beside a writer) of one ext4 volume.
+        let (desc_c, _) = create_domain(&alice_cp, &alice, &[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Rw)]).await;
+        let id_c = desc_c.domain_id.clone();
+        let first = attach(&alice_cp, &id_c, "vm-a", AccessMode::Rw, alice.grant(&id_c, "vm-a", AccessMode::Rw, 300)).await.expect("the first rw attach");
+        let message = expect_code(attach(&alice_cp, &id_c, "vm-b", AccessMode::Rw, alice.grant(&id_c, "vm-b", AccessMode::Rw, 300)).await, "single_writer");
+        assert!(message.contains(&first.id), "the refusal names the attachment to detach: {message}");
+        expect_code(attach(&alice_cp, &id_c, "vm-b", AccessMode::Ro, alice.grant(&id_c, "vm-b", AccessMode::Ro, 300)).await, "single_writer");
+        let _: Attachment = alice_cp.delete_json(&format!("/v1/attachments/{}", first.id)).await.expect("detach vm-a");
+        let second = attach(&alice_cp, &id_c, "vm-b", AccessMode::Rw, alice.grant(&id_c, "vm-b", AccessMode::Rw, 300)).await.expect("rw once vm-a is gone");
+        let _: Attachment = alice_cp.delete_json(&format!("/v1/attachments/{}", second.id)).await.expect("detach vm-b");
+        m.record("I3", "a second rw attach (vm-b on compute-2) beside vm-a's rw one; a ro one beside it", "single_writer (CP, 409)", "-");
+
+        // I5: a grant that never expires (its used mark would be purged at once).
+        let before = audit_records(&ttp).len();
+        let forever = alice.grant_until(&id_c, "vm-a", AccessMode::Rw, 9_300_000_000_000_000_000);
+        expect_code(attach(&alice_cp, &id_c, "vm-a", AccessMode::Rw, forever).await, "grant_too_long");
+        let audit = assert_audited(&ttp, before, "key_release", "grant_too_long");
+        m.record("I5", "a grant valid until 9.3e18 (beyond i64::MAX)", "grant_too_long", &audit_text(&audit));
+
+        // I6: names that are path components never get a key released: refused at placement.
+        for bad in ["..", ".", "-x"] {
+            expect_code(operator.post_json::<_, Instance>("/v1/instances", &Instance { id: bad.into(), host: "compute-1".into() }).await, "bad_request");
+        }
+        m.record("I6", "VM ids '..', '.', '-x' (path components, options)", "bad_request at placement", "no key released");
     }
 
     println!("\nSUMMARY ({} attacks, {:?})", m.rows.len(), started.elapsed());

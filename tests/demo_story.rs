@@ -17,6 +17,7 @@ fn skydd_demo_tells_the_whole_story() {
         "[1] dm-alice creates a domain",
         "vm-b reads what vm-a wrote",
         "refused by the kernel: Read-only file system",
+        "refused (single_writer): domain",
         "does not contain the record's text anywhere",
         "refused (vm_not_in_acl): vm-b is not in the access list of domain",
         "refused (mode_not_permitted): vm-c has ro access",

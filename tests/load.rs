@@ -14,7 +14,7 @@
 //!   signatures, HKDF, RSA-OAEP, audit append) in-process on quotes made ahead of time, with
 //!   1 and with 16 concurrent callers.
 //! - CP, 8,000 clients: half `GET /v1/domains` (each answer reads the headers of the
-//!   caller's two volume files), half `GET /v1/instances`.
+//!   caller's two volume files), half `GET /v1/attachments`.
 //!
 //! Each phase first runs one client alone (the single-client rate, same run), then all.
 //! The servers run in this process with `net::ServeOptions::max_connections` raised to
@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use net::{Identity, Role, ServeOptions, TlsFiles};
-use protocol::cloud::{ComputeHost, CreateDomainRequest, DomainList, Instance, InstanceList};
+use protocol::cloud::{AttachmentList, ComputeHost, CreateDomainRequest, DomainList, Instance};
 use protocol::domain::AccessMode;
 use protocol::messages::{ChallengeResponse, HeaderRecord, HistoryResponse, KeyReleaseRequest};
 use skydd::lab::{DomainManager, LabHost, LabPki};
@@ -114,7 +114,7 @@ enum Call {
     Challenge,
     History(String),
     Domains,
-    Instances,
+    Attachments,
 }
 
 impl Call {
@@ -123,7 +123,7 @@ impl Call {
             Call::Challenge => "TTP POST /v1/challenges",
             Call::History(_) => "TTP GET /v1/domains/{id}/history",
             Call::Domains => "CP GET /v1/domains",
-            Call::Instances => "CP GET /v1/instances",
+            Call::Attachments => "CP GET /v1/attachments",
         }
     }
 
@@ -132,7 +132,7 @@ impl Call {
             Call::Challenge => client.post_json::<_, ChallengeResponse>("/v1/challenges", &()).await.map(|_| ()),
             Call::History(domain) => client.get_json::<HistoryResponse>(&format!("/v1/domains/{domain}/history")).await.map(|r| assert!(!r.records.is_empty())),
             Call::Domains => client.get_json::<DomainList>("/v1/domains").await.map(|r| assert_eq!(r.domains.len(), 2)),
-            Call::Instances => client.get_json::<InstanceList>("/v1/instances").await.map(|r| assert!(!r.instances.is_empty())),
+            Call::Attachments => client.get_json::<AttachmentList>("/v1/attachments").await.map(|_| ()),
         }
     }
 }
@@ -417,11 +417,11 @@ async fn ttp_and_cp_under_load(clients_n: usize, requests: usize, tpm_parts: boo
     println!("  (the audit chain every history read verifies has {audit_len} records)");
     drop(result);
 
-    // ---- CP: domain and instance lists ----------------------------------------------------
+    // ---- CP: domain and attachment lists ----------------------------------------------------
     let mut identities: Vec<(String, Call)> = Vec::new();
     for (dm, _) in &cloud.managers {
         identities.push((dm.name.clone(), Call::Domains));
-        identities.push((dm.name.clone(), Call::Instances));
+        identities.push((dm.name.clone(), Call::Attachments));
     }
     let mut singles = BTreeMap::new();
     for (name, call) in identities.iter().take(2) {

@@ -92,8 +92,8 @@ pub struct HostList {
     pub hosts: Vec<ComputeHost>,
 }
 
-async fn list_hosts(State(cp): Cp) -> Answer<HostList> {
-    answer(cp.hosts().await.map(|hosts| HostList { hosts }))
+async fn list_hosts(State(cp): Cp, Extension(caller): Extension<Identity>) -> Answer<HostList> {
+    answer(cp.hosts(&caller).await.map(|hosts| HostList { hosts }))
 }
 
 async fn register_instance(
@@ -106,10 +106,11 @@ async fn register_instance(
 
 async fn list_instances(
     State(cp): Cp,
+    Extension(caller): Extension<Identity>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Answer<InstanceList> {
     let (_, page) = query(q)?;
-    answer(cp.instances(page).await)
+    answer(cp.instances(&caller, page).await)
 }
 
 async fn create_domain(

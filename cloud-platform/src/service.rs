@@ -14,7 +14,7 @@ use protocol::cloud::{
     CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView,
     Instance, InstanceList, UpdateDomainRequest,
 };
-use protocol::domain::{validate_name, Descriptor};
+use protocol::domain::{validate_name, AccessMode, Descriptor};
 use protocol::signing::SignedEnvelope;
 use protocol::messages::{
     DeleteDomainRequest, Deletion, HeaderRecord, RegisterDomainRequest, RegisterDomainResponse,
@@ -218,23 +218,23 @@ impl CloudPlatform {
         Ok(host)
     }
 
-    /// `GET /v1/hosts`: every registered host.
-    pub async fn hosts(&self) -> Result<Vec<ComputeHost>> {
+    /// `GET /v1/hosts`: every registered host. The topology is the operator's: a tenant
+    /// learns nothing of other tenants' hosts and VMs (403 `forbidden` for other roles).
+    pub async fn hosts(&self, caller: &Identity) -> Result<Vec<ComputeHost>> {
+        require_role(caller, &[Role::CloudPlatform], "list the compute hosts")?;
         self.store(|s| s.hosts()).await
     }
 
-    /// `POST /v1/instances`: records which host a VM runs on (role cloud-platform or
-    /// domain-manager). An unregistered host is 404 `host_unknown`.
+    /// `POST /v1/instances`: records which host a VM runs on. Placement is the operator's
+    /// alone (role cloud-platform): a tenant who could register or move a VM could have
+    /// another tenant's key released to a host of its choosing. An unregistered host is 404
+    /// `host_unknown`.
     pub async fn register_instance(
         &self,
         caller: &Identity,
         instance: Instance,
     ) -> Result<Instance> {
-        require_role(
-            caller,
-            &[Role::CloudPlatform, Role::DomainManager],
-            "register an instance",
-        )?;
+        require_role(caller, &[Role::CloudPlatform], "place an instance on a host")?;
         validate_name("instance id", &instance.id).map_err(|e| Error::BadRequest(e.to_string()))?;
         let stored = instance.clone();
         self.store(move |s| {
@@ -254,8 +254,10 @@ impl CloudPlatform {
         Ok(instance)
     }
 
-    /// `GET /v1/instances`: one page of instances, by id.
-    pub async fn instances(&self, page: Page) -> Result<InstanceList> {
+    /// `GET /v1/instances`: one page of instances, by id; the operator's only (see
+    /// [`CloudPlatform::hosts`]).
+    pub async fn instances(&self, caller: &Identity, page: Page) -> Result<InstanceList> {
+        require_role(caller, &[Role::CloudPlatform], "list the instances")?;
         let p = page.clone();
         let rows = self.store(move |s| s.instances(&p)).await?;
         let (instances, next_marker) = page.finish(rows, |i| &i.id);
@@ -279,9 +281,10 @@ impl CloudPlatform {
                 message: format!("domain {domain_id} does not exist"),
             })?;
         if !record.is_manager(&caller.name) {
+            // Says nothing of the domain beyond what the caller asked with: not its owner.
             return Err(Error::Forbidden(format!(
-                "{} is neither the owner ({}) nor a domain manager domain {domain_id} is shared with",
-                caller.name, record.owner
+                "{} does not manage domain {domain_id}: only its owner and the domain managers it is shared with do",
+                caller.name
             )));
         }
         if let Some(at) = record.deleted_at {
@@ -686,7 +689,7 @@ impl CloudPlatform {
     pub async fn reconcile_hosts(&self) -> Result<HostReconciliation> {
         let mut outcome = HostReconciliation::default();
         let open = self.open_attachments().await?;
-        for host in self.hosts().await? {
+        for host in self.store(|s| s.hosts()).await? {
             let listed = match self.agent_client(&host).await {
                 Ok(client) => match tokio::time::timeout(HOST_LIST_TIMEOUT, client.get_json::<AgentAttachmentList>("/v1/attachments")).await {
                     Ok(answer) => answer.map_err(|e| e.to_string()),
@@ -931,6 +934,20 @@ impl CloudPlatform {
                 ),
             });
         }
+        // Single writer (docs/CLOUD-API.md, "Attachments"): ext4 is not a cluster file
+        // system, so a second rw mount, or a ro mount beside a rw one, loses or garbles data
+        // silently. Checked under the domain's lock, so two attaches cannot both pass.
+        let d = request.domain_id.clone();
+        let open = self.store(move |s| s.open_attachments_of_domain(&d)).await?;
+        if let Some(other) = open.iter().find(|a| a.mode == AccessMode::Rw || request.mode == AccessMode::Rw) {
+            return Err(Error::Conflict {
+                code: "single_writer",
+                message: format!(
+                    "domain {} is attached to {} ({}, attachment {}); a domain has one read-write attachment and nothing beside it, or only read-only ones: detach {} first",
+                    other.domain_id, other.instance_id, other.mode, other.id, other.instance_id
+                ),
+            });
+        }
         // An interrupted update first: the TTP releases keys only for its newest version.
         self.finish_pending_update(&record).await?;
         let header = self.read_header(&record).await?;
@@ -1058,9 +1075,10 @@ impl CloudPlatform {
         let domain_id = attachment.domain_id.clone();
         let record = self.store(move |s| s.domain(&domain_id)).await?;
         if !record.is_some_and(|r| r.is_manager(&caller.name)) {
+            // Not naming the attachment's domain: it belongs to another tenant.
             return Err(Error::Forbidden(format!(
-                "{} is neither the owner nor a domain manager of domain {}, the domain of attachment {attachment_id}",
-                caller.name, attachment.domain_id
+                "{} does not manage the domain of attachment {attachment_id}",
+                caller.name
             )));
         }
         Ok(attachment)

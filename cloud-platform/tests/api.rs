@@ -700,13 +700,17 @@ async fn hosts_instances_and_an_unreachable_host() {
             .unwrap(),
         host
     );
-    let hosts: serde_json::Value = alice.cp.get_json("/v1/hosts").await.unwrap();
+    let hosts: serde_json::Value = operator.get_json("/v1/hosts").await.unwrap();
     assert_eq!(hosts["hosts"][0]["id"], "compute-1");
+    // The topology is the operator's: a tenant sees neither hosts nor instances.
+    let (status, code, _) = refusal(alice.cp.get_json::<serde_json::Value>("/v1/hosts").await);
+    assert_eq!((status, code.as_str()), (403, "forbidden"));
+    let (status, code, _) = refusal(alice.cp.get_json::<serde_json::Value>("/v1/instances").await);
+    assert_eq!((status, code.as_str()), (403, "forbidden"));
 
-    println!("instances: on a registered host only; listed in pages");
+    println!("instances: placed by the operator only, on a registered host only; listed in pages");
     let (status, code, _) = refusal(
-        alice
-            .cp
+        operator
             .post_json::<_, Instance>(
                 "/v1/instances",
                 &Instance {
@@ -717,14 +721,21 @@ async fn hosts_instances_and_an_unreachable_host() {
             .await,
     );
     assert_eq!((status, code.as_str()), (404, "host_unknown"));
+    // A tenant cannot place (or move) a VM, its own or another's.
+    let (status, code, _) = refusal(
+        alice
+            .cp
+            .post_json::<_, Instance>("/v1/instances", &Instance { id: "vm-a".into(), host: "compute-1".into() })
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (403, "forbidden"));
     for vm in ["vm-a", "vm-b", "vm-c"] {
         let i = Instance {
             id: vm.into(),
             host: "compute-1".into(),
         };
         assert_eq!(
-            alice
-                .cp
+            operator
                 .post_json::<_, Instance>("/v1/instances", &i)
                 .await
                 .unwrap(),
@@ -843,6 +854,7 @@ async fn attach_and_revoke_through_the_secure_component() {
         cert: sc_tls.cert.clone(),
         key: sc_tls.key.clone(),
         pcr_selection: Default::default(),
+        volume_root: None,
     };
     let (agent, agent_tls) = service::build(&sc_config).unwrap();
     let serve_agent = |agent: Arc<service::AgentService>, tls: net::ServerTls| async move {
@@ -896,8 +908,7 @@ async fn attach_and_revoke_through_the_secure_component() {
         .unwrap();
     let alice = Manager::create(&pki, "dm-alice", &cp.url);
     for vm in ["vm-a", "vm-b", "vm-c"] {
-        alice
-            .cp
+        operator
             .post_json::<_, Instance>(
                 "/v1/instances",
                 &Instance {

@@ -71,6 +71,7 @@ fn hint_for(code: &str) -> &'static str {
         "mode_not_permitted" => "the VM's access is read-only; attach with `--mode ro`, or grant rw with `domain grant DOMAIN --vm VM:rw`",
         "grant_mismatch" => "attach with the same mode the grant allows",
         "grant_too_long" => "attach with --valid-for of at most 3600 s (a grant is meant for one attach, now)",
+        "single_writer" => "a domain is attached read-write once and alone: detach the attachment named above first (`domain-manager vm list`)",
         "grant_replayed" => "a grant is good for one attach and this one was used before; `attach` signs a new one each time — if you did not reuse it, someone replayed it: report this",
         "grant_expired" => "retry: a new grant is signed for every attach (check this machine's clock)",
         "grant_signer_not_authorized" => "only the owner or a manager the domain is shared with can attach it; ask the owner to `domain share DOMAIN --with YOU`",

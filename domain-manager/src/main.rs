@@ -57,7 +57,7 @@ enum Command {
         #[arg(long)]
         vm: String,
     },
-    /// VMs and their attachments.
+    /// The attachments of your domains (the cloud's topology is the operator's).
     #[command(subcommand)]
     Vm(VmCommand),
 }
@@ -118,7 +118,7 @@ enum DomainCommand {
 
 #[derive(Subcommand)]
 enum VmCommand {
-    /// The cloud's VMs and the hosts they run on, and current attachments.
+    /// The attachments of your domains: which VM has which domain open, where, and how.
     List,
 }
 
@@ -129,7 +129,7 @@ fn print<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) -> S
             Err(e) => eprintln!("cannot encode JSON: {e}"),
         }
     } else {
-        println!("{}", table(value));
+        println!("{}", render::printable(&table(value)));
     }
 }
 
@@ -139,7 +139,8 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error}");
+            // Refusals quote names and values others chose (metadata, VM ids).
+            eprintln!("error: {}", render::printable(&error.to_string()));
             ExitCode::FAILURE
         }
     }
@@ -196,12 +197,13 @@ async fn run(cli: Cli) -> domain_manager::Result<()> {
             print(json, &attachment, |a| render::attachments(std::slice::from_ref(a)));
         }
         Command::Vm(VmCommand::List) => {
-            let instances = dm.instances().await?;
+            // The attachments of the caller's domains; where other VMs run is the operator's
+            // to know (docs/CLOUD-API.md, "Who may call what").
             let attachments = dm.attachments().await?;
             if json {
-                print(true, &serde_json::json!({ "instances": instances, "attachments": attachments }), |_| String::new());
+                print(true, &serde_json::json!({ "attachments": attachments }), |_| String::new());
             } else {
-                println!("{}\n\n{}", render::instances(&instances), render::attachments(&attachments));
+                println!("{}", render::printable(&render::attachments(&attachments)));
             }
         }
     }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use protocol::cloud::{
     Attachment, AttachmentList, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView,
-    Instance, InstanceList, UpdateDomainRequest,
+    UpdateDomainRequest,
 };
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::messages::{Deletion, HistoryResponse, MountGrant};
@@ -268,11 +268,6 @@ impl DomainManager {
             .delete_json(&format!("/v1/attachments/{}", attachment.id))
             .await
             .map_err(|e| Error::from_net("cloud platform", e))
-    }
-
-    /// Every VM (instance) the cloud platform knows, with its compute host.
-    pub async fn instances(&self) -> Result<Vec<Instance>> {
-        self.fetch_all("/v1/instances", |page: InstanceList| (page.instances, page.next_marker)).await
     }
 }
 

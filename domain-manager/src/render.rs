@@ -1,7 +1,25 @@
 //! Tables for people (`--json` prints the resources as they are for scripts).
 
-use protocol::cloud::{Attachment, DomainView, Instance};
+use protocol::cloud::{Attachment, DomainView};
 use protocol::messages::HistoryResponse;
+
+/// Text made safe for a terminal: control characters other than newline and tab (ESC, BEL,
+/// CR, DEL, C1) and the Unicode bidirectional overrides are shown escaped (`\u{1b}`). A
+/// metadata value or name that another domain manager chose must not move the cursor,
+/// recolour, retitle or hide lines on this one's terminal. JSON output (`--json`) escapes them
+/// by itself.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c.is_control() && c != '\n' && c != '\t') || bidi {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -66,11 +84,6 @@ pub fn attachments(list: &[Attachment]) -> String {
     )
 }
 
-/// The VMs and their compute hosts as a table.
-pub fn instances(list: &[Instance]) -> String {
-    table(&["VM", "HOST"], list.iter().map(|i| vec![i.id.clone(), i.host.clone()]).collect())
-}
-
 /// A domain's viewing history as a table, noting that the TTP verified the hash chain.
 pub fn history(history: &HistoryResponse) -> String {
     let body = table(
@@ -103,4 +116,18 @@ pub fn human_size(bytes: u64) -> String {
         }
     }
     format!("{bytes} B")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn terminal_controls_from_other_parties_are_shown_escaped() {
+        let hostile = "cardiology\u{1b}]0;owned\u{7}\u{1b}[2J\rfake\u{202e}txt.exe\u{9b}";
+        let shown = printable(hostile);
+        assert!(!shown.chars().any(|c| c.is_control() || c == '\u{202e}'), "{shown:?}");
+        assert!(shown.starts_with("cardiology\\u{1b}]0;owned\\u{7}"), "{shown}");
+        assert_eq!(printable("line 1\n\tline 2 \u{e9}"), "line 1\n\tline 2 \u{e9}");
+    }
 }

@@ -80,8 +80,9 @@ pub struct DomainList {
 
 // ---- cloud platform: instances ---------------------------------------------------------------
 
-/// `POST /v1/instances` (caller: cloud-platform operator identity or a domain manager in the
-/// all-in-one cloud): records that VM `id` runs on compute host `host`.
+/// `POST /v1/instances` (caller: the cloud-platform operator identity only): records that VM
+/// `id` runs on compute host `host`. Placement is the operator's; tenants can neither place
+/// nor list instances.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
     /// The VM id (1–64 name characters); ACL entries and grants name VMs by it.

@@ -87,6 +87,13 @@ pub struct AgentConfig {
     /// Root of the per-VM directories of the local driver.
     #[serde(default = "default_vm_root")]
     pub vm_root: PathBuf,
+    /// The directory holding the volume files this host may open (the cloud platform's
+    /// volume store, shared with the hosts). When set, an attach naming a `volume_path`
+    /// outside it (after resolving symlinks) is refused before any key is asked for. Unset:
+    /// any path the cloud platform names is opened (a warning at start; set it on every
+    /// production host).
+    #[serde(default)]
+    pub volume_root: Option<PathBuf>,
     /// Which volume backend opens domains; `auto` by default.
     #[serde(default)]
     pub backend: BackendChoice,

@@ -160,6 +160,13 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AgentService>, net::ServerTls)
             identity.role
         )));
     }
+    match &config.volume_root {
+        Some(root) if !root.is_dir() => {
+            return Err(Error::Config(format!("volume_root {} is not a directory", root.display())));
+        }
+        Some(_) => {}
+        None => tracing::warn!("no volume_root configured: this host opens any volume path the cloud platform names"),
+    }
     let host_id = match &config.host_id {
         None => identity.name.clone(),
         Some(id) if *id == identity.name => id.clone(),
@@ -263,15 +270,31 @@ fn check_attachment_id(id: &str) -> Result<()> {
 }
 
 /// The header in force on the volume at `path` must be `expected` (an encoded header record).
-fn check_volume_header(path: &Path, expected: &[u8]) -> Result<()> {
+fn check_volume_header(path: &Path, volume_root: Option<&Path>, expected: &[u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let shown = path.display();
-    let file = std::fs::File::open(path).map_err(|e| Error::BadRequest(format!("volume {shown} cannot be opened: {e}")))?;
+    // One answer for "absent", "outside the volume root", "unreadable" and "not a volume":
+    // the caller learns nothing about which files exist on this host (the reason is logged).
+    let not_a_volume = |reason: String| {
+        tracing::warn!(volume = %shown, %reason, "attach refused: not a volume this host may open");
+        Error::BadRequest(format!("volume {shown} is not a Skydd volume this host may open"))
+    };
+    let resolved = path.canonicalize().map_err(|e| not_a_volume(format!("cannot be resolved: {e}")))?;
+    if let Some(root) = volume_root {
+        let root = root.canonicalize().map_err(|e| not_a_volume(format!("volume_root {} cannot be resolved: {e}", root.display())))?;
+        if !resolved.starts_with(&root) {
+            return Err(not_a_volume(format!("{} is outside volume_root {}", resolved.display(), root.display())));
+        }
+    }
+    let file = std::fs::File::open(&resolved).map_err(|e| not_a_volume(format!("cannot be opened: {e}")))?;
+    let metadata = file.metadata().map_err(|e| not_a_volume(format!("no metadata: {e}")))?;
+    if !metadata.is_file() {
+        return Err(not_a_volume("not a regular file".into()));
+    }
     let mut area = vec![0u8; protocol::format::HEADER_AREA_SIZE];
     file.read_exact_at(&mut area, 0)
-        .map_err(|e| Error::BadRequest(format!("volume {shown} is not a Skydd volume: its 1 MiB header area cannot be read: {e}")))?;
-    let active = protocol::format::decode_header_area(&area)
-        .map_err(|e| Error::BadRequest(format!("volume {shown} is not a Skydd volume: {e}")))?;
+        .map_err(|e| not_a_volume(format!("its 1 MiB header area cannot be read: {e}")))?;
+    let active = protocol::format::decode_header_area(&area).map_err(|e| not_a_volume(e.to_string()))?;
     if active.payload != expected {
         return Err(Error::BadRequest(format!(
             "volume {shown} does not hold the header of this attach request (its header in force is in slot {}, sequence {}); \
@@ -374,10 +397,22 @@ impl AgentService {
                 existing.attachment_id, existing.domain_id, existing.vm_id, existing.mode
             )));
         }
-        if let Some(other) = self.records.list()?.into_iter().find(|r| r.mapping == name) {
+        let records = self.records.list()?;
+        if let Some(other) = records.iter().find(|r| r.mapping == name) {
             return Err(Error::AttachmentConflict(format!(
                 "domain {domain_id} is already attached to VM {} on this host as attachment {}; detach that first",
                 other.vm_id, other.attachment_id
+            )));
+        }
+        // Single writer on this host too (the cloud platform checks it across hosts): no
+        // second mapping of a domain beside a read-write one.
+        if let Some(other) = records
+            .iter()
+            .find(|r| r.domain_id == domain_id && (r.mode == AccessMode::Rw || request.mode == AccessMode::Rw))
+        {
+            return Err(Error::AttachmentConflict(format!(
+                "domain {domain_id} is attached to VM {} on this host ({}, attachment {}); a domain is open read-write once and alone, so detach that first",
+                other.vm_id, other.mode, other.attachment_id
             )));
         }
         if let MappingState::Stale(reason) = self.backend.state(&name)? {
@@ -389,7 +424,8 @@ impl AgentService {
         // checked before any key is asked for: otherwise a cloud platform could have the key
         // of a domain released and the volume opened (and formatted) at any path on this host.
         let (path, expected) = (PathBuf::from(&request.volume_path), request.header.encode());
-        tokio::task::spawn_blocking(move || check_volume_header(&path, &expected))
+        let volume_root = self.config().volume_root.clone();
+        tokio::task::spawn_blocking(move || check_volume_header(&path, volume_root.as_deref(), &expected))
             .await
             .map_err(|e| Error::Volume(format!("volume header check failed: {e}")))??;
 
