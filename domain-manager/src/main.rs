@@ -48,7 +48,7 @@ enum Command {
         /// Seconds the mount grant stays valid (1 to 3600: the TTP refuses longer grants
         /// with grant_too_long).
         #[arg(long, default_value_t = DEFAULT_GRANT_SECS,
-              value_parser = clap::value_parser!(u64).range(1..=protocol::messages::MAX_GRANT_VALIDITY_SECS as i64))]
+              value_parser = clap::value_parser!(u64).range(1..=protocol::messages::MAX_GRANT_VALIDITY_SECS))]
         valid_for: u64,
     },
     /// Detach a domain from a VM.
