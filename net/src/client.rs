@@ -15,6 +15,11 @@ use protocol::pki::Role;
 /// How often a client built from TLS files compares their modification times.
 pub const TLS_FILES_CHECK_EVERY: Duration = Duration::from_secs(2);
 
+/// A pooled (keep-alive) connection unused for this long is closed by the client. Shorter
+/// than the servers' `ServeOptions::idle_timeout` (60 s by default), so a client never sends
+/// a request on a connection the server is just closing for being idle.
+pub const CLIENT_POOL_IDLE: Duration = Duration::from_secs(30);
+
 /// Default largest response body read (bigger ones are refused with [`Error::TooLarge`]).
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 
@@ -95,6 +100,7 @@ fn http_client(tls: rustls::ClientConfig, timeout: Duration) -> Result<reqwest::
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(CLIENT_POOL_IDLE)
         .timeout(timeout)
         .build()
         .map_err(|e| Error::Config(format!("building the HTTP client failed: {e}")))

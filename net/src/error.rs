@@ -117,13 +117,18 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    /// Whether the request certainly never reached the peer's handler: no connection, or a
-    /// TLS handshake that failed (the peer refused our certificate or we refused its). After
-    /// a timeout, a reset or any answer the peer may have acted on it.
+    /// Whether the request certainly never reached the peer's handler: no connection, a
+    /// TLS handshake that failed (the peer refused our certificate or we refused its), or a
+    /// refusal of `net::serve`'s connection limits (429 `rate_limited` or
+    /// `too_many_connections`, answered before the router). After a timeout, a reset or any
+    /// other answer the peer may have acted on it.
     pub fn never_reached_peer(&self) -> bool {
         match self {
             Error::Connect { before_request, .. } => *before_request,
             Error::Tls { .. } => true,
+            Error::Api { status: 429, code, .. } => {
+                code == "rate_limited" || code == "too_many_connections"
+            }
             _ => false,
         }
     }

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod error;
 pub mod files;
+mod limits;
 pub mod response;
 pub mod server;
 
@@ -19,4 +20,6 @@ pub use error::{Error, Result};
 pub use files::{read_pem_file, TlsFiles, TlsMaterial, CRL_FILE};
 pub use protocol::pki::{Identity, Role};
 pub use response::{error_response, run_to_completion, ApiError, ErrorBody};
-pub use server::{serve, serve_with, HandshakeFailure, ServeOptions, ServerTls, TlsReload};
+pub use server::{
+    serve, serve_with, HandshakeFailure, RateLimit, ServeOptions, ServerTls, TlsReload,
+};
