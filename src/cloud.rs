@@ -128,6 +128,7 @@ impl AllInOne {
             ttp_url: ttp.url.clone(),
             max_volume_bytes: cloud_platform::config::DEFAULT_MAX_VOLUME_BYTES,
             reconcile_interval_secs: cloud_platform::config::DEFAULT_RECONCILE_INTERVAL_SECS,
+            quota: Default::default(),
         };
         std::fs::write(dir.join("cloud-platform.toml"), cp_config.to_toml()?)?;
         let (cp, cp_server_tls) = cloud_platform::server::build(&cp_config)?;

@@ -57,6 +57,7 @@
 //! | B6  | anyone          | path traversal in ids (`../../etc/passwd`)                              | 404 `domain_unknown` / 400 `bad_request` |
 //! | I2  | domain manager  | re-registers another tenant's VM on another host (POST /v1/instances)    | `forbidden` (CP; placement is the operator's) |
 //! | I3  | domain manager  | a second rw attach of a domain, or a ro one beside a rw one              | `single_writer` (CP, 409) |
+//! | I4  | domain manager  | declares more than its quota of volume bytes (8 x 1 TiB sparse, then one more) | `quota_exceeded` (CP, 403) |
 //! | I5  | domain manager  | a grant valid beyond i64::MAX (its used mark would be purged at once)    | `grant_too_long` (audited) |
 //! | I6  | operator/tenant | VM ids `..`, `.`, `-x`                                                   | `bad_request` at placement; no key released |
 //! | I8  | domain manager  | lists every tenant's hosts/instances; reads a refusal naming an owner    | `forbidden`; the owner is not named |
@@ -1187,6 +1188,22 @@ async fn attack_matrix() {
         expect_code(attach(&alice_cp, &id_c, "vm-a", AccessMode::Rw, forever).await, "grant_too_long");
         let audit = assert_audited(&ttp, before, "key_release", "grant_too_long");
         m.record("I5", "a grant valid until 9.3e18 (beyond i64::MAX)", "grant_too_long", &audit_text(&audit));
+
+        // I4: one owner promising away the provider's disk (sparse 1 TiB volumes).
+        let create = |size_bytes: u64| {
+            let descriptor = bob.new_domain(&[("department", "quota")], &[("vm-c", AccessMode::Ro)]).unwrap();
+            let request = CreateDomainRequest { descriptor: bob.sign_descriptor(&descriptor).unwrap(), size_bytes };
+            let bob_cp = &bob_cp;
+            async move { bob_cp.post_json::<_, DomainView>("/v1/domains", &request).await }
+        };
+        let quota = cloud_platform::config::Quota::default();
+        let tib = 1u64 << 40;
+        for _ in 0..quota.max_bytes / tib {
+            create(tib).await.expect("within the quota");
+        }
+        let message = expect_code(create(16 << 20).await, "quota_exceeded");
+        assert!(message.contains("dm-bob"), "{message}");
+        m.record("I4", "dm-bob declares 8 x 1 TiB, then one more domain", "quota_exceeded (CP, 403)", "-");
 
         // I6: names that are path components never get a key released: refused at placement.
         for bad in ["..", ".", "-x"] {

@@ -406,6 +406,7 @@ async fn crash_consistency_under_kill_9() {
         ttp_url: ttp_url.clone(),
         max_volume_bytes: cloud_platform::config::DEFAULT_MAX_VOLUME_BYTES,
         reconcile_interval_secs: 2,
+        quota: Default::default(),
     };
     let cp_config_path = root.join("cp.toml");
     std::fs::write(&cp_config_path, cp_config.to_toml().unwrap()).unwrap();

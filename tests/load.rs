@@ -359,6 +359,7 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         ttp_url: ttp_url.clone(),
         max_volume_bytes: cloud_platform::config::DEFAULT_MAX_VOLUME_BYTES,
         reconcile_interval_secs: cloud_platform::config::DEFAULT_RECONCILE_INTERVAL_SECS,
+        quota: Default::default(),
     };
     let (cp, cp_server_tls) = cloud_platform::server::build(&cp_config).unwrap();
     {

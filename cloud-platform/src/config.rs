@@ -61,6 +61,28 @@ pub struct CpConfig {
     /// about, detaches mappings it does not know (docs/CLOUD-API.md). At least 1.
     #[serde(default = "default_reconcile_interval_secs")]
     pub reconcile_interval_secs: u64,
+    /// What one owner may hold (`[quota]`; defaults below).
+    #[serde(default)]
+    pub quota: Quota,
+}
+
+/// Per-owner limits of the cloud platform (docs/CLOUD-API.md, "Quotas"). A volume is a sparse
+/// file, so its declared size is a promise of disk the provider must be able to keep: without
+/// a bound one tenant could promise away the disk of all. Creating a domain beyond either
+/// limit is refused with 403 `quota_exceeded`; deleting domains frees quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quota {
+    /// Live (not deleted) domains one owner may have. Default 256.
+    pub max_domains: u64,
+    /// Sum of the declared data sizes of one owner's live domains, in bytes. Default 8 TiB.
+    pub max_bytes: u64,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota { max_domains: 256, max_bytes: 8 << 40 }
+    }
 }
 
 fn default_listen() -> String {

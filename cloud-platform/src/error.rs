@@ -36,11 +36,15 @@ pub enum Error {
     /// A conflict with the current state; `code` is e.g. `domain_exists`, `already_attached`.
     #[error("{message}")]
     Conflict {
-        /// The stable code: `domain_exists` or `already_attached`.
+        /// The stable code: `domain_exists`, `already_attached` or `single_writer`.
         code: &'static str,
         /// What the request conflicts with.
         message: String,
     },
+    /// Creating the domain would take its owner past the configured quota (403
+    /// `quota_exceeded`): a number of domains or a total of declared bytes.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// The domain was deleted (crypto-shredded).
     #[error("{0}")]
     DomainDeleted(String),
@@ -88,6 +92,7 @@ impl Error {
             Error::InvalidSize(_) => "invalid_size",
             Error::Forbidden(_) => "forbidden",
             Error::OwnerMismatch(_) => "owner_mismatch",
+            Error::QuotaExceeded(_) => "quota_exceeded",
             Error::NotFound { code, .. }
             | Error::Conflict { code, .. }
             | Error::Unreachable { code, .. } => code,
@@ -104,7 +109,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::BadRequest(_) | Error::InvalidSize(_) => StatusCode::BAD_REQUEST,
-            Error::Forbidden(_) | Error::OwnerMismatch(_) => StatusCode::FORBIDDEN,
+            Error::Forbidden(_) | Error::OwnerMismatch(_) | Error::QuotaExceeded(_) => StatusCode::FORBIDDEN,
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::DomainDeleted(_) => StatusCode::GONE,

@@ -58,7 +58,8 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> 
         ));
     }
     let cp = CloudPlatform::new(Arc::new(store), volumes, ttp, tls_files.clone())
-        .with_reconcile_interval(std::time::Duration::from_secs(config.reconcile_interval_secs));
+        .with_reconcile_interval(std::time::Duration::from_secs(config.reconcile_interval_secs))
+        .with_quota(config.quota);
     let tls = tls_files
         .server_tls(&[Role::CloudPlatform, Role::DomainManager])
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;

@@ -65,6 +65,7 @@ pub struct CloudPlatform {
     /// at a time, so a revocation cannot miss an attachment that is being made.
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     reconcile_interval: Duration,
+    quota: crate::config::Quota,
 }
 
 /// Now in Unix seconds (0 if the clock is before 1970); the time stamps of records.
@@ -170,7 +171,14 @@ impl CloudPlatform {
             agents: std::sync::Mutex::new(HashMap::new()),
             locks: std::sync::Mutex::new(HashMap::new()),
             reconcile_interval: Duration::from_secs(crate::config::DEFAULT_RECONCILE_INTERVAL_SECS),
+            quota: crate::config::Quota::default(),
         }
+    }
+
+    /// The per-owner limits [`Self::create_domain`] enforces.
+    pub fn with_quota(mut self, quota: crate::config::Quota) -> Self {
+        self.quota = quota;
+        self
     }
 
     /// How often [`Self::reconcile_hosts`] runs in the server.
@@ -353,6 +361,18 @@ impl CloudPlatform {
             )));
         }
         self.volumes.check_size(request.size_bytes)?;
+        // One owner's creations one at a time, so that two cannot both fit the last quota.
+        let owner_lock = self.lock_of(&format!("owner {}", caller.name));
+        let _owner_guard = owner_lock.lock().await;
+        let owner = caller.name.clone();
+        let (count, bytes) = self.store(move |s| s.owner_usage(&owner)).await?;
+        let quota = self.quota;
+        if count >= quota.max_domains || bytes.saturating_add(request.size_bytes) > quota.max_bytes {
+            return Err(Error::QuotaExceeded(format!(
+                "{} has {count} domains declaring {bytes} bytes; the quota is {} domains and {} bytes, and this one asks {} bytes more: delete a domain or ask the operator",
+                caller.name, quota.max_domains, quota.max_bytes, request.size_bytes
+            )));
+        }
         let lock = self.lock_of(&descriptor.domain_id);
         let _guard = lock.lock().await;
         let id = descriptor.domain_id.clone();

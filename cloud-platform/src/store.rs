@@ -134,6 +134,9 @@ pub trait CpStore: Send + Sync {
     fn domain(&self, id: &str) -> Result<Option<DomainRecord>>;
     /// Up to `page.limit + 1` live domains `manager` owns or shares, by id.
     fn domains_for(&self, manager: &str, page: &Page) -> Result<Vec<DomainRecord>>;
+    /// How many live domains `owner` has and the sum of their declared sizes in bytes
+    /// (what the quota counts).
+    fn owner_usage(&self, owner: &str) -> Result<(u64, u64)>;
     /// Records a new version written to the header (and its shared-with list), and ends a
     /// pending update of that version or older, in one transaction.
     fn update_domain(&self, id: &str, version: u64, shared_with: &[String]) -> Result<()>;
@@ -481,6 +484,18 @@ impl CpStore for SqliteStore {
         let connection = self.lock()?;
         let sql = format!("SELECT {DOMAIN_COLUMNS} FROM domains WHERE id = ?1");
         Ok(Self::domain_rows(&connection, &sql, &[&id])?.pop())
+    }
+
+    fn owner_usage(&self, owner: &str) -> Result<(u64, u64)> {
+        let connection = self.lock()?;
+        let (count, bytes): (i64, i64) = connection
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM domains WHERE owner = ?1 AND deleted_at IS NULL",
+                [owner],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(|e| Error::Store(format!("quota usage of {owner}: {e}")))?;
+        Ok((count.max(0) as u64, bytes.max(0) as u64))
     }
 
     fn domains_for(&self, manager: &str, page: &Page) -> Result<Vec<DomainRecord>> {

@@ -168,6 +168,7 @@ async fn start_cp(root: &Path, pki: &Pki, ttp_url: &str) -> (Server, CpConfig) {
         ttp_url: ttp_url.to_string(),
         max_volume_bytes: 1 << 40,
         reconcile_interval_secs: cloud_platform::config::DEFAULT_RECONCILE_INTERVAL_SECS,
+        quota: Default::default(),
     };
     let config_path = root.join("cp.toml");
     std::fs::write(&config_path, config.to_toml().unwrap()).unwrap();

@@ -31,10 +31,13 @@ pub fn ensure_ext4(device: &Path) -> Result<bool> {
     if has_ext4(device)? {
         return Ok(false);
     }
-    // -b 4096 matches the volume sector size; -F because the target is not a partition;
-    // no lazy init so the first write workload does not race a background zeroing thread.
+    // -b 4096 matches the volume sector size; -F because the target is not a partition.
+    // Lazy inode-table and journal init, and `noinit_itable` at mount: mkfs writes only the
+    // metadata it needs, not every inode table (a 128 GiB volume made mkfs write 3 GiB of the
+    // provider's disk in 10 s). Safe with ext4's default metadata_csum: block groups whose
+    // inode table was never zeroed are flagged so, and unused inodes are never read.
     let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .args(["-q", "-F", "-b", "4096", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
         .arg(device)
         .output()
         .map_err(|e| Error::io("running mkfs.ext4 (is e2fsprogs installed?)", e))?;
@@ -58,8 +61,11 @@ pub fn mount(device: &Path, dir: &Path, mode: OpenMode) -> Result<()> {
     if mode == OpenMode::ReadOnly {
         flags |= libc::MS_RDONLY;
     }
-    // SAFETY: valid C strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, std::ptr::null()) };
+    // No background thread zeroing the inode tables mkfs left uninitialised (see ensure_ext4):
+    // it would write the whole table of every group to the provider's disk after all.
+    let options = CString::new("noinit_itable").map_err(|_| Error::Volume("mount options".into()))?;
+    // SAFETY: valid C strings; the data argument is a NUL-terminated option string.
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, options.as_ptr().cast()) };
     if rc != 0 {
         return Err(Error::io(
             format!("mounting {} (ext4, {:?}) at {}", device.display(), mode, dir.display()),
