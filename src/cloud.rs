@@ -90,8 +90,11 @@ impl AllInOne {
 
         let mut pending = Vec::new();
         for (host_id, _) in layout.hosts {
-            progress(&format!("{host_id}: manufacturing its TPM (swtpm with an EK certificate) and starting its secure component"));
-            let swtpm = Swtpm::start_with_ca(&dir.join(host_id).join("swtpm"), &vendor_ca).with_context(|| format!("start the swtpm of {host_id}"))?;
+            progress(&format!(
+                "{host_id}: manufacturing its TPM (swtpm with an EK certificate) and starting its secure component"
+            ));
+            let swtpm = Swtpm::start_with_ca(&dir.join(host_id).join("swtpm"), &vendor_ca)
+                .with_context(|| format!("start the swtpm of {host_id}"))?;
             let tls = pki.issue(Role::SecureComponent, host_id)?;
             let mut config = crate::lab::loopback_agent_config(dir, host_id, swtpm.tcti(), &ttp_url, &tls);
             // The hosts open only the cloud platform's volume files (the all-in-one cloud's
@@ -100,7 +103,8 @@ impl AllInOne {
             std::fs::create_dir_all(&volumes)?;
             config.volume_root = Some(volumes);
             std::fs::write(dir.join(host_id).join("secure-component.toml"), toml::to_string(&config)?)?;
-            let (service, tls_config) = secure_component::service::build(&config).with_context(|| format!("build the secure component of {host_id}"))?;
+            let (service, tls_config) = secure_component::service::build(&config)
+                .with_context(|| format!("build the secure component of {host_id}"))?;
             pending.push((host_id.to_string(), swtpm, config, service, tls_config));
         }
 
@@ -111,7 +115,11 @@ impl AllInOne {
         let policy = AttestationPolicy {
             trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&vendor_ca)?,
             ek_intermediates: Vec::new(),
-            reference_states: vec![ReferenceState { name: "compute-v1".into(), selection: first_config.pcr_selection.clone(), pcr_values }],
+            reference_states: vec![ReferenceState {
+                name: "compute-v1".into(),
+                selection: first_config.pcr_selection.clone(),
+                pcr_values,
+            }],
         };
         let ttp = RunningTtp::start(dir, &pki, &policy, ttp_listener).await?;
 
@@ -147,21 +155,38 @@ impl AllInOne {
         for ((host_id, swtpm, config, service, tls_config), (_, vms)) in pending.into_iter().zip(layout.hosts) {
             progress(&format!("{host_id}: enrolling its TPM with the TTP and registering with the cloud platform"));
             let enrolled = service.enroll().await.with_context(|| format!("enroll {host_id}"))?;
-            progress(&format!("{host_id}: enrolled (EK {}…, reference state {})", &enrolled.ek_fingerprint[..16], enrolled.reference_state));
+            progress(&format!(
+                "{host_id}: enrolled (EK {}…, reference state {})",
+                &enrolled.ek_fingerprint[..16],
+                enrolled.reference_state
+            ));
             let (listener, agent_url) = bind().await?;
             let shutdown = CancellationToken::new();
             let serve_service = service.clone();
             let serve_shutdown = shutdown.clone();
             let task = tokio::spawn(async move {
-                if let Err(e) = secure_component::service::serve(listener, serve_service, tls_config, serve_shutdown).await {
+                if let Err(e) =
+                    secure_component::service::serve(listener, serve_service, tls_config, serve_shutdown).await
+                {
                     tracing::error!(error = %e, "secure component stopped");
                 }
             });
-            let _: ComputeHost = operator.post_json("/v1/hosts", &ComputeHost { id: host_id.clone(), agent_url: agent_url.clone() }).await?;
+            let _: ComputeHost = operator
+                .post_json("/v1/hosts", &ComputeHost { id: host_id.clone(), agent_url: agent_url.clone() })
+                .await?;
             for vm in *vms {
-                let _: Instance = operator.post_json("/v1/instances", &Instance { id: vm.to_string(), host: host_id.clone() }).await?;
+                let _: Instance = operator
+                    .post_json("/v1/instances", &Instance { id: vm.to_string(), host: host_id.clone() })
+                    .await?;
             }
-            hosts.push(ComputeNode { id: host_id, agent_url, vm_root: config.vm_root.clone(), service, server: Server { shutdown, task }, _swtpm: swtpm });
+            hosts.push(ComputeNode {
+                id: host_id,
+                agent_url,
+                vm_root: config.vm_root.clone(),
+                service,
+                server: Server { shutdown, task },
+                _swtpm: swtpm,
+            });
         }
 
         let mut manager_configs = Vec::new();
@@ -191,7 +216,11 @@ impl AllInOne {
 
     /// The configuration file of domain manager `name`; an error if the layout has none.
     pub fn manager_config(&self, name: &str) -> Result<PathBuf> {
-        self.manager_configs.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone()).with_context(|| format!("no manager {name}"))
+        self.manager_configs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.clone())
+            .with_context(|| format!("no manager {name}"))
     }
 
     /// The compute host a VM runs on.

@@ -101,7 +101,12 @@ impl RunningTtp {
     }
 
     /// Starts a TTP named `ttp-1` on `listener` with `policy`, its data in `dir`.
-    pub async fn start(dir: &Path, pki: &LabPki, policy: &AttestationPolicy, listener: tokio::net::TcpListener) -> Result<Self> {
+    pub async fn start(
+        dir: &Path,
+        pki: &LabPki,
+        policy: &AttestationPolicy,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Self> {
         let tls = pki.issue(Role::Ttp, "ttp-1")?;
         let data_dir = dir.join("ttp-data");
         if !data_dir.join(ttp::config::MASTER_KEY_FILE).exists() {
@@ -150,7 +155,9 @@ impl RunningTtp {
         let _ = (&mut self.task).await;
         let outcome = during.await;
         let address = self.url.trim_start_matches("https://").to_string();
-        let listener = tokio::net::TcpListener::bind(&address).await.with_context(|| format!("bind the TTP's address {address} again"))?;
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("bind the TTP's address {address} again"))?;
         *self = Self::start(dir, pki, policy, listener).await?;
         Ok(outcome)
     }
@@ -244,9 +251,16 @@ impl DomainManager {
 }
 
 /// The cloud platform's registration call (the CP forwards owner-signed descriptors).
-pub async fn register(cp: &net::Client, descriptor: SignedEnvelope, previous: Option<SignedEnvelope>) -> std::result::Result<HeaderRecord, net::Error> {
+pub async fn register(
+    cp: &net::Client,
+    descriptor: SignedEnvelope,
+    previous: Option<SignedEnvelope>,
+) -> std::result::Result<HeaderRecord, net::Error> {
     let response: RegisterDomainResponse = cp
-        .post_json("/v1/domains", &RegisterDomainRequest { descriptor: descriptor.clone(), previous_registration: previous })
+        .post_json(
+            "/v1/domains",
+            &RegisterDomainRequest { descriptor: descriptor.clone(), previous_registration: previous },
+        )
         .await?;
     Ok(HeaderRecord { descriptor, registration: response.registration })
 }
@@ -254,7 +268,13 @@ pub async fn register(cp: &net::Client, descriptor: SignedEnvelope, previous: Op
 /// The secure component configuration of a loopback compute host `host_id` under `dir`:
 /// its swtpm's TCTI, state and VM directories `dir/<host_id>/{sc,vms}`, the local
 /// hypervisor driver, the backend chosen automatically, and its issued TLS files.
-pub fn loopback_agent_config(dir: &Path, host_id: &str, tcti: String, ttp_url: &str, tls: &TlsFiles) -> secure_component::config::AgentConfig {
+pub fn loopback_agent_config(
+    dir: &Path,
+    host_id: &str,
+    tcti: String,
+    ttp_url: &str,
+    tls: &TlsFiles,
+) -> secure_component::config::AgentConfig {
     use secure_component::config::{AgentConfig, BackendChoice, HypervisorChoice, LibvirtConfig};
     AgentConfig {
         listen: "127.0.0.1:0".into(),

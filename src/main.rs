@@ -42,7 +42,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
     let mut progress = |line: &str| println!("  .. {line}");
     match Cli::parse().command {
         Command::Up { dir } => {
@@ -66,7 +68,10 @@ async fn main() -> Result<()> {
         Command::Demo { dir } => {
             let temp = tempfile::tempdir()?;
             let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
-            println!("Skydd demo: a hospital's patient records on an untrusted cloud\n\nstarting the all-in-one cloud in {}", dir.display());
+            println!(
+                "Skydd demo: a hospital's patient records on an untrusted cloud\n\nstarting the all-in-one cloud in {}",
+                dir.display()
+            );
             let started = std::time::Instant::now();
             let cloud = AllInOne::start(&dir, &DEMO_LAYOUT, &mut progress).await?;
             println!("  .. the cloud is up ({:.1} s)", started.elapsed().as_secs_f64());

@@ -64,10 +64,15 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
     let mut report = StoryReport::default();
     let alice = DomainManager::connect(&DmConfig::load(&cloud.manager_config("dm-alice")?)?)?;
     let bob = DomainManager::connect(&DmConfig::load(&cloud.manager_config("dm-bob")?)?)?;
-    let mount = |vm: &str, domain: &str| cloud.vm_mount(vm, domain, layout).with_context(|| format!("{vm} is not in the layout"));
+    let mount = |vm: &str, domain: &str| {
+        cloud.vm_mount(vm, domain, layout).with_context(|| format!("{vm} is not in the layout"))
+    };
 
     n.step("dm-alice creates a domain: patient records of cardiology; vm-a may read and write, vm-b may only read");
-    let metadata = [("department", "cardiology"), ("classification", "patient-records")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let metadata = [("department", "cardiology"), ("classification", "patient-records")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let acl = vec![domain_manager::ops::parse_acl_entry("vm-a:rw")?, domain_manager::ops::parse_acl_entry("vm-b:ro")?];
     let domain = alice.create(metadata, acl, Vec::new(), 64 << 20).await?;
     let id = domain.id.clone();
@@ -78,22 +83,36 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
     n.step("vm-a (on compute-1) attaches the domain read-write and writes a patient record");
     let attachment = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await?;
     let vm_a_dir = mount("vm-a", &id)?;
-    ensure!(attachment.mount_path == vm_a_dir.to_string_lossy(), "vm-a's volume is at {}, expected {}", attachment.mount_path, vm_a_dir.display());
+    ensure!(
+        attachment.mount_path == vm_a_dir.to_string_lossy(),
+        "vm-a's volume is at {}, expected {}",
+        attachment.mount_path,
+        vm_a_dir.display()
+    );
     write_synced(&vm_a_dir.join(RECORD_NAME), RECORD_TEXT)?;
-    n.say(&format!("compute-1 quoted its TPM, got the key sealed to its TPM, opened the volume on {} and mounted it at {}", attachment.device, attachment.mount_path));
+    n.say(&format!(
+        "compute-1 quoted its TPM, got the key sealed to its TPM, opened the volume on {} and mounted it at {}",
+        attachment.device, attachment.mount_path
+    ));
     n.proves("the key was released only to an attested host, for a VM in the access list");
 
     n.step("vm-a detaches (its writes are now on the volume); vm-b (on compute-2) attaches read-only");
     alice.detach(&id, "vm-a").await?;
     let attachment_b = alice.attach(&id, "vm-b", AccessMode::Ro, 300).await?;
     let vm_b_dir = mount("vm-b", &id)?;
-    let read_back = std::fs::read_to_string(vm_b_dir.join(RECORD_NAME)).with_context(|| format!("vm-b reads {RECORD_NAME}"))?;
+    let read_back =
+        std::fs::read_to_string(vm_b_dir.join(RECORD_NAME)).with_context(|| format!("vm-b reads {RECORD_NAME}"))?;
     ensure!(read_back == RECORD_TEXT, "vm-b read different bytes than vm-a wrote");
-    n.say(&format!("vm-b reads what vm-a wrote ({} bytes) through its own mapping on {}", read_back.len(), attachment_b.host));
+    n.say(&format!(
+        "vm-b reads what vm-a wrote ({} bytes) through its own mapping on {}",
+        read_back.len(),
+        attachment_b.host
+    ));
     n.proves("two hosts derived the same key from the TTP; the volume format is shared");
 
     n.step("vm-a asks to attach read-write again while vm-b reads");
-    let (code, message) = refused_code(alice.attach(&id, "vm-a", AccessMode::Rw, 300).await, "vm-a attaching rw beside vm-b")?;
+    let (code, message) =
+        refused_code(alice.attach(&id, "vm-a", AccessMode::Rw, 300).await, "vm-a attaching rw beside vm-b")?;
     n.say(&format!("refused ({code}): {message}"));
     ensure!(code == "single_writer", "expected single_writer, got {code}");
     report.refusals.push((code, message));
@@ -118,8 +137,12 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
     let revoked = alice.revoke(&id, "vm-b").await?;
     let still_mounted = std::fs::read_to_string("/proc/mounts")?.contains(&*vm_b_dir.to_string_lossy());
     ensure!(!still_mounted, "vm-b's mount is still there after the revocation");
-    n.say(&format!("the cloud platform detached vm-b as soon as version {} of the descriptor was registered", revoked.version));
-    let (code, message) = refused_code(alice.attach(&id, "vm-b", AccessMode::Ro, 300).await, "vm-b re-attaching after revocation")?;
+    n.say(&format!(
+        "the cloud platform detached vm-b as soon as version {} of the descriptor was registered",
+        revoked.version
+    ));
+    let (code, message) =
+        refused_code(alice.attach(&id, "vm-b", AccessMode::Ro, 300).await, "vm-b re-attaching after revocation")?;
     n.say(&format!("refused ({code}): {message}"));
     ensure!(code == "vm_not_in_acl", "expected vm_not_in_acl, got {code}");
     report.refusals.push((code, message));
@@ -128,7 +151,8 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
     n.step("dm-alice grants vm-c read-only and shares the domain with dm-bob, who attaches vm-c");
     alice.grant(&id, "vm-c", AccessMode::Ro).await?;
     alice.share(&id, "dm-bob").await?;
-    let (code, message) = refused_code(bob.attach(&id, "vm-c", AccessMode::Rw, 300).await, "dm-bob asking rw for vm-c")?;
+    let (code, message) =
+        refused_code(bob.attach(&id, "vm-c", AccessMode::Rw, 300).await, "dm-bob asking rw for vm-c")?;
     n.say(&format!("dm-bob asks read-write for vm-c: refused ({code}): {message}"));
     ensure!(code == "mode_not_permitted", "expected mode_not_permitted, got {code}");
     report.refusals.push((code, message));

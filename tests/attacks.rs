@@ -76,12 +76,15 @@ use std::time::{Duration, Instant};
 
 use net::{Role, TlsFiles};
 use protocol::attest::{CredentialChallenge, EnrollmentProof, EnrollmentRequest, PcrSelection};
-use protocol::cloud::{Attachment, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainView, Instance, InstanceList, UpdateDomainRequest};
+use protocol::cloud::{
+    Attachment, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainView, Instance, InstanceList,
+    UpdateDomainRequest,
+};
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::format;
 use protocol::messages::{
-    AuditRecord, ChallengeResponse, DeleteDomainRequest, HeaderRecord, HistoryResponse, KeyReleaseRequest, KeyReleaseResponse, RegisterDomainRequest,
-    RegisterDomainResponse, Registration,
+    AuditRecord, ChallengeResponse, DeleteDomainRequest, HeaderRecord, HistoryResponse, KeyReleaseRequest,
+    KeyReleaseResponse, RegisterDomainRequest, RegisterDomainResponse, Registration,
 };
 use protocol::pki::{CertificateAuthority, Validity};
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
@@ -150,10 +153,14 @@ fn audit_text(record: &AuditRecord) -> String {
 fn expect_tls_refusal<T: std::fmt::Debug>(result: Result<T, net::Error>) -> String {
     match result {
         Err(net::Error::Tls { reason, .. }) => reason,
-        Err(net::Error::Connect { reason, .. }) if reason.contains("closed the connection") => format!("connection closed: {reason}"),
+        Err(net::Error::Connect { reason, .. }) if reason.contains("closed the connection") => {
+            format!("connection closed: {reason}")
+        }
         // hyper reports a connection the server closed right after refusing the handshake as
         // "connection was not ready" when the close wins the race with the alert (seen in CI).
-        Err(net::Error::Request { detail, .. }) if detail.contains("connection was not ready") || detail.contains("connection closed") => {
+        Err(net::Error::Request { detail, .. })
+            if detail.contains("connection was not ready") || detail.contains("connection closed") =>
+        {
             format!("connection closed during the handshake: {detail}")
         }
         other => panic!("expected a TLS refusal, got {other:?}"),
@@ -192,7 +199,8 @@ fn expired_certificate(ca_cert_pem: &str, ca_key_pem: &str, role: Role, name: &s
 
     let ca = X509::from_pem(ca_cert_pem.as_bytes()).unwrap();
     let ca_key = PKey::private_key_from_pem(ca_key_pem.as_bytes()).unwrap();
-    let key = PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap()).unwrap();
+    let key =
+        PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap()).unwrap();
     let mut subject = X509NameBuilder::new().unwrap();
     subject.append_entry_by_nid(Nid::COMMONNAME, name).unwrap();
     let subject = subject.build();
@@ -208,9 +216,13 @@ fn expired_certificate(ca_cert_pem: &str, ca_key_pem: &str, role: Role, name: &s
     b.append_extension(BasicConstraints::new().critical().build().unwrap()).unwrap();
     b.append_extension(KeyUsage::new().critical().digital_signature().build().unwrap()).unwrap();
     b.append_extension(ExtendedKeyUsage::new().client_auth().server_auth().build().unwrap()).unwrap();
-    let san = SubjectAlternativeName::new().dns(name).ip("127.0.0.1").build(&b.x509v3_context(Some(&ca), None)).unwrap();
+    let san =
+        SubjectAlternativeName::new().dns(name).ip("127.0.0.1").build(&b.x509v3_context(Some(&ca), None)).unwrap();
     b.append_extension(san).unwrap();
-    let oid = Asn1Object::from_str(&protocol::pki::ROLE_EXTENSION_OID.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(".")).unwrap();
+    let oid = Asn1Object::from_str(
+        &protocol::pki::ROLE_EXTENSION_OID.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("."),
+    )
+    .unwrap();
     let value = Asn1OctetString::new_from_bytes(&protocol::pki::encode_role_extension(role)).unwrap();
     b.append_extension(X509Extension::new_from_der(&oid, false, &value).unwrap()).unwrap();
     b.sign(&ca_key, MessageDigest::sha256()).unwrap();
@@ -252,7 +264,13 @@ fn connector(target: &RawTarget, max_tls12: bool) -> openssl::ssl::SslConnector 
 
 /// One HTTP/1.1 request over TLS (OpenSSL, our certificate), written while the answer is
 /// read, so an early answer (413 before the whole body is sent) is not lost.
-fn raw_request(target: &RawTarget, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Result<RawAnswer, String> {
+fn raw_request(
+    target: &RawTarget,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<RawAnswer, String> {
     use openssl::ssl::ErrorCode;
     let tcp = std::net::TcpStream::connect(&target.addr).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -300,7 +318,11 @@ fn raw_request(target: &RawTarget, method: &str, path: &str, content_type: Optio
             }
         }
         if Instant::now() > deadline {
-            return Err(format!("no complete answer within 30 s (wrote {written} of {} bytes, read {} bytes)", out.len(), answer.len()));
+            return Err(format!(
+                "no complete answer within 30 s (wrote {written} of {} bytes, read {} bytes)",
+                out.len(),
+                answer.len()
+            ));
         }
         if !progressed {
             std::thread::sleep(Duration::from_millis(2));
@@ -347,8 +369,13 @@ fn parse_response(answer: &[u8]) -> Result<RawAnswer, String> {
 }
 
 fn error_code_of(answer: &RawAnswer) -> String {
-    let value: serde_json::Value = serde_json::from_slice(&answer.body)
-        .unwrap_or_else(|e| panic!("HTTP {} answer is not a JSON error body ({e}): {:?}", answer.status, String::from_utf8_lossy(&answer.body)));
+    let value: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or_else(|e| {
+        panic!(
+            "HTTP {} answer is not a JSON error body ({e}): {:?}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        )
+    });
     let code = value["code"].as_str().unwrap_or_else(|| panic!("no code in {value}")).to_string();
     assert!(value["message"].as_str().is_some_and(|m| !m.is_empty()), "no message in {value}");
     code
@@ -356,23 +383,43 @@ fn error_code_of(answer: &RawAnswer) -> String {
 
 // ---- helpers: domains and volumes ---------------------------------------------------------------
 
-async fn create_domain(cp: &net::Client, owner: &DomainManager, acl: &[(&str, AccessMode)]) -> (Descriptor, DomainView) {
+async fn create_domain(
+    cp: &net::Client,
+    owner: &DomainManager,
+    acl: &[(&str, AccessMode)],
+) -> (Descriptor, DomainView) {
     let descriptor = owner.new_domain(&[("department", "cardiology")], acl).unwrap();
     let view: DomainView = cp
-        .post_json("/v1/domains", &CreateDomainRequest { descriptor: owner.sign_descriptor(&descriptor).unwrap(), size_bytes: 16 << 20 })
+        .post_json(
+            "/v1/domains",
+            &CreateDomainRequest { descriptor: owner.sign_descriptor(&descriptor).unwrap(), size_bytes: 16 << 20 },
+        )
         .await
         .expect("create a domain");
     (descriptor, view)
 }
 
 async fn update_domain(cp: &net::Client, owner: &DomainManager, next: &Descriptor) -> DomainView {
-    cp.put_json(&format!("/v1/domains/{}/descriptor", next.domain_id), &UpdateDomainRequest { descriptor: owner.sign_descriptor(next).unwrap() })
-        .await
-        .expect("update the domain")
+    cp.put_json(
+        &format!("/v1/domains/{}/descriptor", next.domain_id),
+        &UpdateDomainRequest { descriptor: owner.sign_descriptor(next).unwrap() },
+    )
+    .await
+    .expect("update the domain")
 }
 
-async fn attach(cp: &net::Client, domain_id: &str, vm: &str, mode: AccessMode, grant: SignedEnvelope) -> Result<Attachment, net::Error> {
-    cp.post_json("/v1/attachments", &CreateAttachmentRequest { domain_id: domain_id.into(), instance_id: vm.into(), mode, grant }).await
+async fn attach(
+    cp: &net::Client,
+    domain_id: &str,
+    vm: &str,
+    mode: AccessMode,
+    grant: SignedEnvelope,
+) -> Result<Attachment, net::Error> {
+    cp.post_json(
+        "/v1/attachments",
+        &CreateAttachmentRequest { domain_id: domain_id.into(), instance_id: vm.into(), mode, grant },
+    )
+    .await
 }
 
 fn volume_path(cloud: &AllInOne, domain_id: &str) -> PathBuf {
@@ -398,7 +445,15 @@ async fn quote_for(host: &skydd::cloud::ComputeNode, nonce: &[u8]) -> protocol::
 }
 
 #[allow(clippy::too_many_arguments)]
-fn release_request(host_id: &str, vm: &str, mode: AccessMode, header: &HeaderRecord, grant: &SignedEnvelope, challenge: &ChallengeResponse, quote: protocol::attest::QuoteEvidence) -> KeyReleaseRequest {
+fn release_request(
+    host_id: &str,
+    vm: &str,
+    mode: AccessMode,
+    header: &HeaderRecord,
+    grant: &SignedEnvelope,
+    challenge: &ChallengeResponse,
+    quote: protocol::attest::QuoteEvidence,
+) -> KeyReleaseRequest {
     KeyReleaseRequest {
         host_id: host_id.into(),
         vm_id: vm.into(),
@@ -423,7 +478,9 @@ fn enroll_code<T: std::fmt::Debug>(result: Result<T, secure_component::Error>) -
 async fn attack_matrix() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let cloud = AllInOne::start(dir.path(), &DEMO_LAYOUT, &mut |line| println!(".. {line}")).await.expect("start the all-in-one cloud");
+    let cloud = AllInOne::start(dir.path(), &DEMO_LAYOUT, &mut |line| println!(".. {line}"))
+        .await
+        .expect("start the all-in-one cloud");
     let pki = &cloud.pki;
     let ttp = cloud.ttp.service.clone();
     let mut m = Matrix::default();
@@ -441,7 +498,8 @@ async fn attack_matrix() {
     let c2_ttp = pki.client("compute-2", Role::Ttp, &cloud.ttp.url).unwrap();
 
     // Domain A: vm-a rw, vm-b ro (alice). Domain B: vm-a rw (alice).
-    let (desc_a, view_a) = create_domain(&alice_cp, &alice, &[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Ro)]).await;
+    let (desc_a, view_a) =
+        create_domain(&alice_cp, &alice, &[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Ro)]).await;
     let (desc_b, view_b) = create_domain(&alice_cp, &alice, &[("vm-a", AccessMode::Rw)]).await;
     let (id_a, id_b) = (desc_a.domain_id.clone(), desc_b.domain_id.clone());
     let path_a = volume_path(&cloud, &id_a);
@@ -456,11 +514,19 @@ async fn attack_matrix() {
         header.descriptor.message = edited.encode().unwrap();
         plant_header(&path_a, &header);
         let before = audit_records(&ttp).len();
-        let message = expect_code(attach(&alice_cp, &id_a, "vm-c", AccessMode::Rw, alice.grant(&id_a, "vm-c", AccessMode::Rw, 300)).await, "descriptor_signature_invalid");
+        let message = expect_code(
+            attach(&alice_cp, &id_a, "vm-c", AccessMode::Rw, alice.grant(&id_a, "vm-c", AccessMode::Rw, 300)).await,
+            "descriptor_signature_invalid",
+        );
         let audit = assert_audited(&ttp, before, "key_release", "descriptor_signature_invalid");
         assert_eq!(audit.domain_id.as_deref(), Some(id_a.as_str()));
         println!("   {message}");
-        m.record("C1", "CP edits the ACL in the header (adds vm-c rw), keeps the owner's signature", "descriptor_signature_invalid", &audit_text(&audit));
+        m.record(
+            "C1",
+            "CP edits the ACL in the header (adds vm-c rw), keeps the owner's signature",
+            "descriptor_signature_invalid",
+            &audit_text(&audit),
+        );
         plant_header(&path_a, &view_a.header); // the honest header back in force
     }
     {
@@ -469,9 +535,17 @@ async fn attack_matrix() {
         spliced.registration = view_b.header.registration.clone();
         plant_header(&path_a, &spliced);
         let before = audit_records(&ttp).len();
-        expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "registration_mismatch");
+        expect_code(
+            attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await,
+            "registration_mismatch",
+        );
         let audit = assert_audited(&ttp, before, "key_release", "registration_mismatch");
-        m.record("C4", "CP splices domain B's registration under domain A's descriptor", "registration_mismatch", &audit_text(&audit));
+        m.record(
+            "C4",
+            "CP splices domain B's registration under domain A's descriptor",
+            "registration_mismatch",
+            &audit_text(&audit),
+        );
     }
     {
         // C5: a registration the CP signs itself (claiming any r it likes).
@@ -482,25 +556,44 @@ async fn attack_matrix() {
         header.registration = cp_signer.key.sign_envelope(SignatureContext::Registration, forged.encode());
         plant_header(&path_a, &header);
         let before = audit_records(&ttp).len();
-        let message = expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "registration_mismatch");
+        let message = expect_code(
+            attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await,
+            "registration_mismatch",
+        );
         assert!(message.contains("cloud-platform"), "{message}");
         let audit = assert_audited(&ttp, before, "key_release", "registration_mismatch");
-        m.record("C5", "CP forges the registration (its own r) and signs it with its own key", "registration_mismatch", &audit_text(&audit));
+        m.record(
+            "C5",
+            "CP forges the registration (its own r) and signs it with its own key",
+            "registration_mismatch",
+            &audit_text(&audit),
+        );
     }
     {
         // C3: domain B's whole (valid) header in domain A's volume; vm-a is in both ACLs.
         plant_header(&path_a, &view_b.header);
         let before = audit_records(&ttp).len();
-        let message = expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "grant_mismatch");
+        let message = expect_code(
+            attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await,
+            "grant_mismatch",
+        );
         assert!(message.contains(&id_a) && message.contains(&id_b), "{message}");
         let audit = assert_audited(&ttp, before, "key_release", "grant_mismatch");
-        m.record("C3", "CP swaps domain B's valid header into domain A's volume (vm-a in both ACLs)", "grant_mismatch", &audit_text(&audit));
+        m.record(
+            "C3",
+            "CP swaps domain B's valid header into domain A's volume (vm-a in both ACLs)",
+            "grant_mismatch",
+            &audit_text(&audit),
+        );
         plant_header(&path_a, &view_a.header);
     }
     {
         // C7: the owner's grant for vm-a used for vm-b (in the ACL, ro).
         let before = audit_records(&ttp).len();
-        expect_code(attach(&alice_cp, &id_a, "vm-b", AccessMode::Ro, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "grant_mismatch");
+        expect_code(
+            attach(&alice_cp, &id_a, "vm-b", AccessMode::Ro, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await,
+            "grant_mismatch",
+        );
         let audit = assert_audited(&ttp, before, "key_release", "grant_mismatch");
         assert_eq!(audit.vm_id.as_deref(), Some("vm-b"));
         m.record("C7", "CP re-uses the owner's grant for vm-a to attach vm-b", "grant_mismatch", &audit_text(&audit));
@@ -508,14 +601,22 @@ async fn attack_matrix() {
     {
         // C12: a grant the CP forwarded once, kept and replayed after the owner detached the VM.
         let grant = alice.grant(&id_a, "vm-a", AccessMode::Rw, 300);
-        let attached = attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, grant.clone()).await.expect("the owner's attach with a fresh grant");
-        let detached: Attachment = alice_cp.delete_json(&format!("/v1/attachments/{}", attached.id)).await.expect("the owner detaches");
+        let attached = attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, grant.clone())
+            .await
+            .expect("the owner's attach with a fresh grant");
+        let detached: Attachment =
+            alice_cp.delete_json(&format!("/v1/attachments/{}", attached.id)).await.expect("the owner detaches");
         assert_eq!(detached.status, "detached");
         let before = audit_records(&ttp).len();
         let message = expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, grant).await, "grant_replayed");
         assert!(message.contains("used for a key release before"), "{message}");
         let audit = assert_audited(&ttp, before, "key_release", "grant_replayed");
-        m.record("C12", "CP replays a grant it forwarded once, after the owner detached the VM", "grant_replayed", &audit_text(&audit));
+        m.record(
+            "C12",
+            "CP replays a grant it forwarded once, after the owner detached the VM",
+            "grant_replayed",
+            &audit_text(&audit),
+        );
     }
     {
         // C6: the CP bumps the version of the owner-signed descriptor and registers it itself.
@@ -524,10 +625,21 @@ async fn attack_matrix() {
         bumped.acl.push(AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Rw });
         let envelope = SignedEnvelope { message: bumped.encode().unwrap(), ..view_a.header.descriptor.clone() };
         let before = audit_records(&ttp).len();
-        let request = RegisterDomainRequest { descriptor: envelope, previous_registration: Some(view_a.header.registration.clone()) };
-        expect_code(cp_ttp.post_json::<_, RegisterDomainResponse>("/v1/domains", &request).await, "descriptor_signature_invalid");
+        let request = RegisterDomainRequest {
+            descriptor: envelope,
+            previous_registration: Some(view_a.header.registration.clone()),
+        };
+        expect_code(
+            cp_ttp.post_json::<_, RegisterDomainResponse>("/v1/domains", &request).await,
+            "descriptor_signature_invalid",
+        );
         let audit = assert_audited(&ttp, before, "register", "descriptor_signature_invalid");
-        m.record("C6", "CP bumps the version of an owner-signed descriptor and registers it at the TTP", "descriptor_signature_invalid", &audit_text(&audit));
+        m.record(
+            "C6",
+            "CP bumps the version of an owner-signed descriptor and registers it at the TTP",
+            "descriptor_signature_invalid",
+            &audit_text(&audit),
+        );
     }
     {
         // C2: revoke vm-b (version 2), then the CP puts version 1 back in force.
@@ -536,10 +648,18 @@ async fn attack_matrix() {
         assert_eq!(view_v2.version, 2);
         plant_header(&path_a, &view_a.header);
         let before = audit_records(&ttp).len();
-        let message = expect_code(attach(&alice_cp, &id_a, "vm-b", AccessMode::Ro, alice.grant(&id_a, "vm-b", AccessMode::Ro, 300)).await, "version_rollback");
+        let message = expect_code(
+            attach(&alice_cp, &id_a, "vm-b", AccessMode::Ro, alice.grant(&id_a, "vm-b", AccessMode::Ro, 300)).await,
+            "version_rollback",
+        );
         assert!(message.contains("version 2"), "{message}");
         let audit = assert_audited(&ttp, before, "key_release", "version_rollback");
-        m.record("C2", "CP replays the old header (vm-b still in the ACL) after the owner revoked vm-b", "version_rollback", &audit_text(&audit));
+        m.record(
+            "C2",
+            "CP replays the old header (vm-b still in the ACL) after the owner revoked vm-b",
+            "version_rollback",
+            &audit_text(&audit),
+        );
         plant_header(&path_a, &view_v2.header);
     }
     let view_a: DomainView = alice_cp.get_json(&format!("/v1/domains/{id_a}")).await.unwrap();
@@ -568,15 +688,30 @@ async fn attack_matrix() {
             let _ = cp_sc.delete_json::<serde_json::Value>("/v1/attachments/attack-c11").await;
         }
         let after = std::fs::read(&decoy).unwrap();
-        assert!(after == pattern, "the secure component wrote to a host file the CP pointed it at ({:?})", result.as_ref().map(|a| &a.device));
+        assert!(
+            after == pattern,
+            "the secure component wrote to a host file the CP pointed it at ({:?})",
+            result.as_ref().map(|a| &a.device)
+        );
         let message = expect_code(result, "bad_request");
         assert!(message.contains("host-file.img"), "{message}");
         assert_eq!(audit_records(&ttp).len(), before, "no key is released for a volume that does not hold the header");
         // The same with domain B's volume (a Skydd volume, another domain's header).
-        let request = protocol::cloud::AgentAttachRequest { volume_path: volume_path(&cloud, &id_b).to_string_lossy().into_owned(), ..request };
-        expect_code(cp_sc.post_json::<_, protocol::cloud::AgentAttachment>("/v1/attachments", &request).await, "bad_request");
+        let request = protocol::cloud::AgentAttachRequest {
+            volume_path: volume_path(&cloud, &id_b).to_string_lossy().into_owned(),
+            ..request
+        };
+        expect_code(
+            cp_sc.post_json::<_, protocol::cloud::AgentAttachment>("/v1/attachments", &request).await,
+            "bad_request",
+        );
         assert_eq!(audit_records(&ttp).len(), before);
-        m.record("C11", "CP points the SC at another file (a host file, domain B's volume) with A's header", "bad_request", "- (refused by the SC before any key release)");
+        m.record(
+            "C11",
+            "CP points the SC at another file (a host file, domain B's volume) with A's header",
+            "bad_request",
+            "- (refused by the SC before any key release)",
+        );
     }
 
     // ================= compute hosts at the TTP ===============================================
@@ -589,7 +724,12 @@ async fn attack_matrix() {
         expect_code(c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "forbidden");
         let audit = assert_audited(&ttp, before, "key_release", "forbidden");
         assert_eq!(audit.actor, "compute-2");
-        m.record("C8", "attach forwarded to host B, which asks as host A (TLS id != host_id)", "forbidden", &audit_text(&audit));
+        m.record(
+            "C8",
+            "attach forwarded to host B, which asks as host A (TLS id != host_id)",
+            "forbidden",
+            &audit_text(&audit),
+        );
     }
     {
         // C9: compute-2 sends compute-1's quote over compute-2's own challenge.
@@ -599,7 +739,12 @@ async fn attack_matrix() {
         let request = release_request("compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
         expect_code(c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "quote_invalid");
         let audit = assert_audited(&ttp, before, "key_release", "quote_invalid");
-        m.record("C9", "host B sends host A's quote (A's AK) over B's own challenge", "quote_invalid", &audit_text(&audit));
+        m.record(
+            "C9",
+            "host B sends host A's quote (A's AK) over B's own challenge",
+            "quote_invalid",
+            &audit_text(&audit),
+        );
     }
     {
         // C10: compute-2 uses a challenge issued to compute-1 (with compute-1's quote).
@@ -607,10 +752,18 @@ async fn attack_matrix() {
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
         let request = release_request("compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
-        let message = expect_code(c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "challenge_invalid");
+        let message = expect_code(
+            c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
+            "challenge_invalid",
+        );
         assert!(message.contains("compute-1"), "{message}");
         let audit = assert_audited(&ttp, before, "key_release", "challenge_invalid");
-        m.record("C10", "host B uses a challenge (and quote) issued to host A", "challenge_invalid", &audit_text(&audit));
+        m.record(
+            "C10",
+            "host B uses a challenge (and quote) issued to host A",
+            "challenge_invalid",
+            &audit_text(&audit),
+        );
     }
     {
         // H1: an old quote (over an earlier nonce) with a fresh challenge id.
@@ -634,7 +787,12 @@ async fn attack_matrix() {
         let request = release_request("host-ghost", "vm-a", AccessMode::Rw, &header_a, &grant_a, &borrowed, quote);
         expect_code(ghost.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "host_unknown");
         let audit = assert_audited(&ttp, before, "key_release", "host_unknown");
-        m.record("H10", "an unenrolled host (valid SC certificate) asks for a challenge and a key", "host_unknown", &audit_text(&audit));
+        m.record(
+            "H10",
+            "an unenrolled host (valid SC certificate) asks for a challenge and a key",
+            "host_unknown",
+            &audit_text(&audit),
+        );
     }
     {
         // O1: the CP places vm-a's attach on compute-2; the TTP cannot know where vm-a runs.
@@ -642,18 +800,27 @@ async fn attack_matrix() {
         let quote = quote_for(compute2, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
         let request = release_request("compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
-        let released: KeyReleaseResponse = c2_ttp.post_json("/v1/key-releases", &request).await.expect("released to an attested host");
+        let released: KeyReleaseResponse =
+            c2_ttp.post_json("/v1/key-releases", &request).await.expect("released to an attested host");
         let audit = assert_audited(&ttp, before, "key_release", "ok");
         assert_eq!((audit.host_id.as_deref(), audit.vm_id.as_deref()), (Some("compute-2"), Some("vm-a")));
         assert_eq!(released.audit_seq, audit.seq);
-        m.record("O1", "OBSERVATION: vm-a's key released to compute-2 although the CP lists vm-a on compute-1", "ok (not refused)", &format!("{} host compute-2", audit_text(&audit)));
+        m.record(
+            "O1",
+            "OBSERVATION: vm-a's key released to compute-2 although the CP lists vm-a on compute-1",
+            "ok (not refused)",
+            &format!("{} host compute-2", audit_text(&audit)),
+        );
     }
 
     // ================= domain managers ==========================================================
     {
         // D1: bob attaches alice's domain (not shared with him).
         let before = audit_records(&ttp).len();
-        let message = expect_code(attach(&bob_cp, &id_a, "vm-a", AccessMode::Rw, bob.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "forbidden");
+        let message = expect_code(
+            attach(&bob_cp, &id_a, "vm-a", AccessMode::Rw, bob.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await,
+            "forbidden",
+        );
         assert!(message.contains("dm-bob"), "{message}");
         assert_eq!(audit_records(&ttp).len(), before, "the CP refuses before the TTP is asked");
         m.record("D1", "dm-bob attaches dm-alice's domain through the CP", "forbidden", "- (refused by the CP)");
@@ -668,10 +835,26 @@ async fn attack_matrix() {
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
-        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &bob.grant(&id_a, "vm-a", AccessMode::Rw, 300), &challenge, quote);
-        expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "grant_signer_not_authorized");
+        let request = release_request(
+            "compute-1",
+            "vm-a",
+            AccessMode::Rw,
+            &header_a,
+            &bob.grant(&id_a, "vm-a", AccessMode::Rw, 300),
+            &challenge,
+            quote,
+        );
+        expect_code(
+            c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
+            "grant_signer_not_authorized",
+        );
         let audit = assert_audited(&ttp, before, "key_release", "grant_signer_not_authorized");
-        m.record("D7", "dm-bob signs a mount grant for dm-alice's domain", "grant_signer_not_authorized", &audit_text(&audit));
+        m.record(
+            "D7",
+            "dm-bob signs a mount grant for dm-alice's domain",
+            "grant_signer_not_authorized",
+            &audit_text(&audit),
+        );
     }
     {
         // D8: bob signs a grant that names alice as its issuer.
@@ -688,9 +871,17 @@ async fn attack_matrix() {
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
         let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &forged, &challenge, quote);
-        expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "grant_signature_invalid");
+        expect_code(
+            c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
+            "grant_signature_invalid",
+        );
         let audit = assert_audited(&ttp, before, "key_release", "grant_signature_invalid");
-        m.record("D8", "dm-bob signs a grant naming dm-alice as the issuer", "grant_signature_invalid", &audit_text(&audit));
+        m.record(
+            "D8",
+            "dm-bob signs a grant naming dm-alice as the issuer",
+            "grant_signature_invalid",
+            &audit_text(&audit),
+        );
     }
     {
         // D10: a domain-manager certificate at the key-release endpoint.
@@ -700,21 +891,42 @@ async fn attack_matrix() {
         let request = release_request("dm-bob", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
         expect_code(bob_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "forbidden");
         let audit = assert_audited(&ttp, before, "key_release", "forbidden");
-        m.record("D10", "dm-bob calls the TTP's key release with his domain-manager certificate", "forbidden", &audit_text(&audit));
+        m.record(
+            "D10",
+            "dm-bob calls the TTP's key release with his domain-manager certificate",
+            "forbidden",
+            &audit_text(&audit),
+        );
     }
     {
         // D5: bob creates a domain naming alice as its owner, through the CP.
         let descriptor = alice.new_domain(&[], &[("vm-a", AccessMode::Rw)]).unwrap();
         let before = audit_records(&ttp).len();
-        let request = CreateDomainRequest { descriptor: bob.key.sign_envelope(SignatureContext::Descriptor, descriptor.encode().unwrap()), size_bytes: 1 << 20 };
+        let request = CreateDomainRequest {
+            descriptor: bob.key.sign_envelope(SignatureContext::Descriptor, descriptor.encode().unwrap()),
+            size_bytes: 1 << 20,
+        };
         expect_code(bob_cp.post_json::<_, DomainView>("/v1/domains", &request).await, "owner_mismatch");
         assert_eq!(audit_records(&ttp).len(), before);
-        m.record("D5", "dm-bob creates a domain naming dm-alice as owner, through the CP", "owner_mismatch", "- (refused by the CP)");
+        m.record(
+            "D5",
+            "dm-bob creates a domain naming dm-alice as owner, through the CP",
+            "owner_mismatch",
+            "- (refused by the CP)",
+        );
         // D6: the same descriptor registered directly at the TTP by a CP identity.
         let register = RegisterDomainRequest { descriptor: request.descriptor.clone(), previous_registration: None };
-        expect_code(cp_ttp.post_json::<_, RegisterDomainResponse>("/v1/domains", &register).await, "descriptor_signature_invalid");
+        expect_code(
+            cp_ttp.post_json::<_, RegisterDomainResponse>("/v1/domains", &register).await,
+            "descriptor_signature_invalid",
+        );
         let audit = assert_audited(&ttp, before, "register", "descriptor_signature_invalid");
-        m.record("D6", "a descriptor naming dm-alice but signed by dm-bob, registered directly", "descriptor_signature_invalid", &audit_text(&audit));
+        m.record(
+            "D6",
+            "a descriptor naming dm-alice but signed by dm-bob, registered directly",
+            "descriptor_signature_invalid",
+            &audit_text(&audit),
+        );
     }
     {
         // D11: bob creates a domain with the id of alice's domain.
@@ -722,7 +934,12 @@ async fn attack_matrix() {
         squat.domain_id = id_b.clone();
         let request = CreateDomainRequest { descriptor: bob.sign_descriptor(&squat).unwrap(), size_bytes: 1 << 20 };
         expect_code(bob_cp.post_json::<_, DomainView>("/v1/domains", &request).await, "domain_exists");
-        m.record("D11", "dm-bob creates a domain with the id of dm-alice's domain B", "domain_exists", "- (refused by the CP)");
+        m.record(
+            "D11",
+            "dm-bob creates a domain with the id of dm-alice's domain B",
+            "domain_exists",
+            "- (refused by the CP)",
+        );
     }
     {
         // Domain B is shared with bob: he may see and attach it, not change or delete it.
@@ -730,22 +947,43 @@ async fn attack_matrix() {
         update_domain(&alice_cp, &alice, &shared).await;
         let _: DomainView = bob_cp.get_json(&format!("/v1/domains/{id_b}")).await.expect("shared with bob");
         // D2: bob adds his VM to the ACL.
-        let grab = shared.next_version(|d| d.acl.push(AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Rw })).unwrap();
+        let grab =
+            shared.next_version(|d| d.acl.push(AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Rw })).unwrap();
         let before = audit_records(&ttp).len();
         let result = bob_cp
-            .put_json::<_, DomainView>(&format!("/v1/domains/{id_b}/descriptor"), &UpdateDomainRequest { descriptor: bob.key.sign_envelope(SignatureContext::Descriptor, grab.encode().unwrap()) })
+            .put_json::<_, DomainView>(
+                &format!("/v1/domains/{id_b}/descriptor"),
+                &UpdateDomainRequest {
+                    descriptor: bob.key.sign_envelope(SignatureContext::Descriptor, grab.encode().unwrap()),
+                },
+            )
             .await;
         let message = expect_code(result, "owner_mismatch");
         assert!(message.contains("dm-alice") && message.contains("dm-bob"), "{message}");
         assert_eq!(audit_records(&ttp).len(), before);
-        m.record("D2", "dm-bob (shared manager) changes the ACL of dm-alice's domain", "owner_mismatch", "- (refused by the CP)");
+        m.record(
+            "D2",
+            "dm-bob (shared manager) changes the ACL of dm-alice's domain",
+            "owner_mismatch",
+            "- (refused by the CP)",
+        );
         // D3: bob deletes it through the CP.
         let result = bob_cp.request_json_delete(&id_b, &bob).await;
         expect_code(result, "owner_mismatch");
         assert_eq!(audit_records(&ttp).len(), before);
-        m.record("D3", "dm-bob (shared manager) deletes dm-alice's domain through the CP", "owner_mismatch", "- (refused by the CP)");
+        m.record(
+            "D3",
+            "dm-bob (shared manager) deletes dm-alice's domain through the CP",
+            "owner_mismatch",
+            "- (refused by the CP)",
+        );
         // D4: bob's signed deletion sent straight to the TTP.
-        let result = bob_ttp.post_json::<_, serde_json::Value>(&format!("/v1/domains/{id_b}/delete"), &DeleteDomainRequest { deletion: bob.deletion(&id_b) }).await;
+        let result = bob_ttp
+            .post_json::<_, serde_json::Value>(
+                &format!("/v1/domains/{id_b}/delete"),
+                &DeleteDomainRequest { deletion: bob.deletion(&id_b) },
+            )
+            .await;
         let message = expect_code(result, "owner_mismatch");
         assert!(message.contains("dm-alice"), "{message}");
         let audit = assert_audited(&ttp, before, "delete", "owner_mismatch");
@@ -756,9 +994,21 @@ async fn attack_matrix() {
     // Checkpoint: the viewing history of domain A holds every refusal made against it.
     {
         let alice_ttp = pki.client("dm-alice", Role::Ttp, &cloud.ttp.url).unwrap();
-        let history: HistoryResponse = alice_ttp.get_json(&format!("/v1/domains/{id_a}/history")).await.expect("alice reads her history");
+        let history: HistoryResponse =
+            alice_ttp.get_json(&format!("/v1/domains/{id_a}/history")).await.expect("alice reads her history");
         let outcomes: Vec<&str> = history.records.iter().map(|r| r.outcome.as_str()).collect();
-        for code in ["descriptor_signature_invalid", "registration_mismatch", "grant_mismatch", "version_rollback", "forbidden", "quote_invalid", "challenge_invalid", "host_unknown", "grant_signer_not_authorized", "grant_signature_invalid"] {
+        for code in [
+            "descriptor_signature_invalid",
+            "registration_mismatch",
+            "grant_mismatch",
+            "version_rollback",
+            "forbidden",
+            "quote_invalid",
+            "challenge_invalid",
+            "host_unknown",
+            "grant_signer_not_authorized",
+            "grant_signature_invalid",
+        ] {
             assert!(outcomes.contains(&code), "the history of domain A lacks {code}: {outcomes:?}");
         }
         ttp.verify_audit_chain().expect("the audit chain verifies");
@@ -791,10 +1041,18 @@ async fn attack_matrix() {
         let before = audit_records(&ttp).len();
         let challenge = begin(&host_x, &forged).await;
         let proof = proof_of(&host_x, &challenge).await;
-        let message = expect_code(host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await, "binding_key_invalid");
+        let message = expect_code(
+            host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await,
+            "binding_key_invalid",
+        );
         assert!(message.contains("certified object"), "{message}");
         let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_key_invalid");
-        m.record("H3", "host-x enrolls with host-y's binding key (its own AK certifies its own key)", "binding_key_invalid", &audit_text(&audit));
+        m.record(
+            "H3",
+            "host-x enrolls with host-y's binding key (its own AK certifies its own key)",
+            "binding_key_invalid",
+            &audit_text(&audit),
+        );
     }
     {
         // H4: a software RSA-2048 key (OpenSSL) in the TPM key's TPMT_PUBLIC (same attributes
@@ -809,10 +1067,18 @@ async fn attack_matrix() {
         let before = audit_records(&ttp).len();
         let challenge = begin(&host_x, &forged).await;
         let proof = proof_of(&host_x, &challenge).await;
-        let message = expect_code(host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await, "binding_key_invalid");
+        let message = expect_code(
+            host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await,
+            "binding_key_invalid",
+        );
         assert!(message.contains("certified object"), "{message}");
         let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_key_invalid");
-        m.record("H4", "host enrolls a software RSA key (openssl) marshalled as TPMT_PUBLIC", "binding_key_invalid", &audit_text(&audit));
+        m.record(
+            "H4",
+            "host enrolls a software RSA key (openssl) marshalled as TPMT_PUBLIC",
+            "binding_key_invalid",
+            &audit_text(&audit),
+        );
     }
     {
         // H5: the credential activated in host-x's TPM, the Certify made by host-y's AK.
@@ -821,11 +1087,25 @@ async fn attack_matrix() {
         let for_x = challenge.clone();
         let secret = host_x.agent.tpm.run(move |t| t.activate_credential(&for_x)).await.unwrap();
         let nonce = challenge.certify_nonce.clone();
-        let (certify_attest, certify_signature) = host_y.agent.tpm.run(move |t| t.certify_binding_key(&nonce)).await.unwrap();
-        let proof = EnrollmentProof { enrollment_id: challenge.enrollment_id.clone(), activated_secret: secret.expose().to_vec(), certify_attest, certify_signature };
-        expect_code(host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await, "binding_key_invalid");
+        let (certify_attest, certify_signature) =
+            host_y.agent.tpm.run(move |t| t.certify_binding_key(&nonce)).await.unwrap();
+        let proof = EnrollmentProof {
+            enrollment_id: challenge.enrollment_id.clone(),
+            activated_secret: secret.expose().to_vec(),
+            certify_attest,
+            certify_signature,
+        };
+        expect_code(
+            host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await,
+            "binding_key_invalid",
+        );
         let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_key_invalid");
-        m.record("H5", "host enrolls with a Certify of the binding key signed by another TPM's AK", "binding_key_invalid", &audit_text(&audit));
+        m.record(
+            "H5",
+            "host enrolls with a Certify of the binding key signed by another TPM's AK",
+            "binding_key_invalid",
+            &audit_text(&audit),
+        );
     }
     {
         // H6: the Certify of an earlier enrollment (another certify nonce) replayed.
@@ -835,8 +1115,15 @@ async fn attack_matrix() {
         let old = proof_of(&host_x, &first).await;
         let for_x = second.clone();
         let secret = host_x.agent.tpm.run(move |t| t.activate_credential(&for_x)).await.unwrap();
-        let proof = EnrollmentProof { enrollment_id: second.enrollment_id.clone(), activated_secret: secret.expose().to_vec(), ..old };
-        let message = expect_code(host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await, "challenge_invalid");
+        let proof = EnrollmentProof {
+            enrollment_id: second.enrollment_id.clone(),
+            activated_secret: secret.expose().to_vec(),
+            ..old
+        };
+        let message = expect_code(
+            host_x.agent.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await,
+            "challenge_invalid",
+        );
         assert!(message.contains("replayed"), "{message}");
         let audit = assert_audited_n(&ttp, before, 3, "enroll", "challenge_invalid");
         m.record("H6", "host replays the Certify of an earlier enrollment", "challenge_invalid", &audit_text(&audit));
@@ -846,9 +1133,17 @@ async fn attack_matrix() {
         let mut forged = rx.clone();
         forged.ek_public = ry.ek_public.clone();
         let before = audit_records(&ttp).len();
-        expect_code(host_x.agent.ttp.post_json::<_, CredentialChallenge>("/v1/enrollments", &forged).await, "ek_mismatch");
+        expect_code(
+            host_x.agent.ttp.post_json::<_, CredentialChallenge>("/v1/enrollments", &forged).await,
+            "ek_mismatch",
+        );
         let audit = assert_audited(&ttp, before, "enroll_begin", "ek_mismatch");
-        m.record("H7", "host presents another TPM's EK public beside its EK certificate", "ek_mismatch", &audit_text(&audit));
+        m.record(
+            "H7",
+            "host presents another TPM's EK public beside its EK certificate",
+            "ek_mismatch",
+            &audit_text(&audit),
+        );
     }
     {
         // H8: host-x enrolls host-y's TPM under host-y's name.
@@ -865,7 +1160,12 @@ async fn attack_matrix() {
         let before = audit_records(&ttp).len();
         assert_eq!(enroll_code(host_x.agent.enroll(&selection).await), "binding_policy_untrusted");
         let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_policy_untrusted");
-        m.record("H9", "host enrolls a binding key bound to untrusted PCR values", "binding_policy_untrusted", &audit_text(&audit));
+        m.record(
+            "H9",
+            "host enrolls a binding key bound to untrusted PCR values",
+            "binding_policy_untrusted",
+            &audit_text(&audit),
+        );
     }
     drop((host_x, host_y));
 
@@ -874,11 +1174,26 @@ async fn attack_matrix() {
         let (desc_c, _) = create_domain(&alice_cp, &alice, &[("vm-b", AccessMode::Rw)]).await;
         compute2.service.host_agent().tpm.run(|t| t.extend_pcr(16, b"unapproved kernel module")).await.unwrap();
         let before = audit_records(&ttp).len();
-        let message = expect_code(attach(&alice_cp, &desc_c.domain_id, "vm-b", AccessMode::Rw, alice.grant(&desc_c.domain_id, "vm-b", AccessMode::Rw, 300)).await, "pcr_mismatch");
+        let message = expect_code(
+            attach(
+                &alice_cp,
+                &desc_c.domain_id,
+                "vm-b",
+                AccessMode::Rw,
+                alice.grant(&desc_c.domain_id, "vm-b", AccessMode::Rw, 300),
+            )
+            .await,
+            "pcr_mismatch",
+        );
         assert!(message.contains("PCR 16"), "{message}");
         let audit = assert_audited(&ttp, before, "key_release", "pcr_mismatch");
         assert_eq!(audit.host_id.as_deref(), Some("compute-2"));
-        m.record("H2", "compute-2's PCR 16 changes after enrollment; attach through the CP", "pcr_mismatch", &audit_text(&audit));
+        m.record(
+            "H2",
+            "compute-2's PCR 16 changes after enrollment; attach through the CP",
+            "pcr_mismatch",
+            &audit_text(&audit),
+        );
     }
 
     // ================= TLS and certificates ==========================================================
@@ -915,73 +1230,169 @@ async fn attack_matrix() {
     {
         // T1: no client certificate, at the partner TTP (observed) and at the TTP, CP and SC.
         let bare = |role: Role, url: &str| {
-            net::Client::with_timeout(url, protocol::pki::client_config_without_certificate(std::slice::from_ref(&lab_ca_pem), &[], role).unwrap(), Duration::from_secs(20)).unwrap()
+            net::Client::with_timeout(
+                url,
+                protocol::pki::client_config_without_certificate(std::slice::from_ref(&lab_ca_pem), &[], role).unwrap(),
+                Duration::from_secs(20),
+            )
+            .unwrap()
         };
-        let reason = expect_tls_refusal(bare(Role::Ttp, &partner_url).post_json::<_, ChallengeResponse>("/v1/challenges", &()).await);
+        let reason = expect_tls_refusal(
+            bare(Role::Ttp, &partner_url).post_json::<_, ChallengeResponse>("/v1/challenges", &()).await,
+        );
         let failure = next_failure(&mut failures).await;
         assert_eq!(failure.reason, "no client certificate presented");
         assert!(failure.peer.ip().is_loopback());
-        expect_tls_refusal(bare(Role::Ttp, &cloud.ttp.url).post_json::<_, ChallengeResponse>("/v1/challenges", &()).await);
+        expect_tls_refusal(
+            bare(Role::Ttp, &cloud.ttp.url).post_json::<_, ChallengeResponse>("/v1/challenges", &()).await,
+        );
         expect_tls_refusal(bare(Role::CloudPlatform, &cloud.cp_url).get_json::<serde_json::Value>("/v1/domains").await);
-        expect_tls_refusal(bare(Role::SecureComponent, &compute1.agent_url).get_json::<serde_json::Value>("/v1/attachments").await);
-        m.record("T1", "TLS without a client certificate (TTP, CP, SC)", "net::Error::Tls", &format!("server: {}; client: {reason}", failure.reason));
+        expect_tls_refusal(
+            bare(Role::SecureComponent, &compute1.agent_url).get_json::<serde_json::Value>("/v1/attachments").await,
+        );
+        m.record(
+            "T1",
+            "TLS without a client certificate (TTP, CP, SC)",
+            "net::Error::Tls",
+            &format!("server: {}; client: {reason}", failure.reason),
+        );
     }
     {
         // T2: a certificate named dm-alice from a foreign CA.
         let (rogue_ca, rogue_key) = CertificateAuthority::generate("rogue-ca").unwrap();
-        let rogue_alice = CertificateAuthority::issue(&rogue_ca, &rogue_key, Role::DomainManager, "dm-alice", Validity::Days(30)).unwrap();
+        let rogue_alice =
+            CertificateAuthority::issue(&rogue_ca, &rogue_key, Role::DomainManager, "dm-alice", Validity::Days(30))
+                .unwrap();
         let reason = expect_tls_refusal(
-            client_with(std::slice::from_ref(&lab_ca_pem), &rogue_alice.cert_pem, &rogue_alice.key_pem, Role::Ttp, &partner_url)
-                .get_json::<HistoryResponse>(&format!("/v1/domains/{id_a}/history"))
-                .await,
+            client_with(
+                std::slice::from_ref(&lab_ca_pem),
+                &rogue_alice.cert_pem,
+                &rogue_alice.key_pem,
+                Role::Ttp,
+                &partner_url,
+            )
+            .get_json::<HistoryResponse>(&format!("/v1/domains/{id_a}/history"))
+            .await,
         );
         let failure = next_failure(&mut failures).await;
         assert!(failure.reason.contains("not issued by a trusted CA"), "{}", failure.reason);
-        expect_tls_refusal(client_with(std::slice::from_ref(&lab_ca_pem), &rogue_alice.cert_pem, &rogue_alice.key_pem, Role::CloudPlatform, &cloud.cp_url).get_json::<DomainView>(&format!("/v1/domains/{id_a}")).await);
-        m.record("T2", "TLS with a foreign-CA certificate named dm-alice (partner TTP, CP)", "net::Error::Tls", &format!("server: {}; client: {reason}", failure.reason));
+        expect_tls_refusal(
+            client_with(
+                std::slice::from_ref(&lab_ca_pem),
+                &rogue_alice.cert_pem,
+                &rogue_alice.key_pem,
+                Role::CloudPlatform,
+                &cloud.cp_url,
+            )
+            .get_json::<DomainView>(&format!("/v1/domains/{id_a}"))
+            .await,
+        );
+        m.record(
+            "T2",
+            "TLS with a foreign-CA certificate named dm-alice (partner TTP, CP)",
+            "net::Error::Tls",
+            &format!("server: {}; client: {reason}", failure.reason),
+        );
 
         // T5: a grant signed with that certificate (the name is right, the CA is not).
         let rogue_signer = signer_from_pems("dm-alice", &rogue_alice.cert_pem, &rogue_alice.key_pem);
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
-        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &rogue_signer.grant(&id_a, "vm-a", AccessMode::Rw, 300), &challenge, quote);
-        let message = expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "grant_signature_invalid");
+        let request = release_request(
+            "compute-1",
+            "vm-a",
+            AccessMode::Rw,
+            &header_a,
+            &rogue_signer.grant(&id_a, "vm-a", AccessMode::Rw, 300),
+            &challenge,
+            quote,
+        );
+        let message = expect_code(
+            c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
+            "grant_signature_invalid",
+        );
         assert!(message.contains("not issued by a trusted CA"), "{message}");
         let audit = assert_audited(&ttp, before, "key_release", "grant_signature_invalid");
-        m.record("T5", "a mount grant signed with a foreign-CA certificate named dm-alice", "grant_signature_invalid", &audit_text(&audit));
+        m.record(
+            "T5",
+            "a mount grant signed with a foreign-CA certificate named dm-alice",
+            "grant_signature_invalid",
+            &audit_text(&audit),
+        );
     }
     {
         // T3: an expired certificate of the trusted partner CA, on TLS.
-        let (expired_cert, expired_key) = expired_certificate(&partner_ca_pem, &partner_ca_key, Role::DomainManager, "dm-carol");
+        let (expired_cert, expired_key) =
+            expired_certificate(&partner_ca_pem, &partner_ca_key, Role::DomainManager, "dm-carol");
         let trust = [lab_ca_pem.clone()];
-        let reason = expect_tls_refusal(client_with(&trust, &expired_cert, &expired_key, Role::Ttp, &partner_url).get_json::<HistoryResponse>(&format!("/v1/domains/{id_a}/history")).await);
+        let reason = expect_tls_refusal(
+            client_with(&trust, &expired_cert, &expired_key, Role::Ttp, &partner_url)
+                .get_json::<HistoryResponse>(&format!("/v1/domains/{id_a}/history"))
+                .await,
+        );
         let failure = next_failure(&mut failures).await;
         assert!(failure.reason.contains("expired"), "{}", failure.reason);
-        m.record("T3", "TLS with an expired certificate of a trusted (partner) CA", "net::Error::Tls", &format!("server: {}; client: {reason}", failure.reason));
+        m.record(
+            "T3",
+            "TLS with an expired certificate of a trusted (partner) CA",
+            "net::Error::Tls",
+            &format!("server: {}; client: {reason}", failure.reason),
+        );
 
         // T4: a descriptor signed with it, registered at the partner TTP by the CP; a
         // descriptor of a valid partner certificate is accepted there (the control).
         let carol = signer_from_pems("dm-carol", &expired_cert, &expired_key);
         let cp_partner = pki.client("cloud-platform", Role::Ttp, &partner_url).unwrap();
-        let dave_id = CertificateAuthority::issue(&partner_ca_pem, &partner_ca_key, Role::DomainManager, "dm-dave", Validity::Days(30)).unwrap();
+        let dave_id = CertificateAuthority::issue(
+            &partner_ca_pem,
+            &partner_ca_key,
+            Role::DomainManager,
+            "dm-dave",
+            Validity::Days(30),
+        )
+        .unwrap();
         let dave = signer_from_pems("dm-dave", &dave_id.cert_pem, &dave_id.key_pem);
         let good = dave.new_domain(&[], &[("vm-a", AccessMode::Rw)]).unwrap();
         let _: RegisterDomainResponse = cp_partner
-            .post_json("/v1/domains", &RegisterDomainRequest { descriptor: dave.sign_descriptor(&good).unwrap(), previous_registration: None })
+            .post_json(
+                "/v1/domains",
+                &RegisterDomainRequest {
+                    descriptor: dave.sign_descriptor(&good).unwrap(),
+                    previous_registration: None,
+                },
+            )
             .await
             .expect("a valid partner-CA signer is accepted");
         let stale = carol.new_domain(&[], &[("vm-a", AccessMode::Rw)]).unwrap();
         let before = audit_records(&partner).len();
-        let result = cp_partner.post_json::<_, RegisterDomainResponse>("/v1/domains", &RegisterDomainRequest { descriptor: carol.sign_descriptor(&stale).unwrap(), previous_registration: None }).await;
+        let result = cp_partner
+            .post_json::<_, RegisterDomainResponse>(
+                "/v1/domains",
+                &RegisterDomainRequest {
+                    descriptor: carol.sign_descriptor(&stale).unwrap(),
+                    previous_registration: None,
+                },
+            )
+            .await;
         let message = expect_code(result, "descriptor_signature_invalid");
         assert!(message.contains("expired"), "{message}");
         let audit = assert_audited(&partner, before, "register", "descriptor_signature_invalid");
-        m.record("T4", "a descriptor signed with an expired certificate (partner TTP)", "descriptor_signature_invalid", &audit_text(&audit));
+        m.record(
+            "T4",
+            "a descriptor signed with an expired certificate (partner TTP)",
+            "descriptor_signature_invalid",
+            &audit_text(&audit),
+        );
     }
     {
         // T7: TLS 1.2 only.
-        let target = RawTarget { addr: partner_url.trim_start_matches("https://").into(), ca: pki.dir.join("ca.pem"), cert: pki.dir.join("cloud-platform.pem"), key: pki.dir.join("cloud-platform-key.pem") };
+        let target = RawTarget {
+            addr: partner_url.trim_start_matches("https://").into(),
+            ca: pki.dir.join("ca.pem"),
+            cert: pki.dir.join("cloud-platform.pem"),
+            key: pki.dir.join("cloud-platform-key.pem"),
+        };
         let tcp = std::net::TcpStream::connect(&target.addr).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let error = match connector(&target, true).connect("127.0.0.1", tcp) {
@@ -989,16 +1400,45 @@ async fn attack_matrix() {
             Err(e) => e.to_string(),
         };
         let failure = next_failure(&mut failures).await;
-        assert!(failure.reason.contains("TLS 1.3") || failure.reason.to_lowercase().contains("version"), "{}", failure.reason);
-        m.record("T7", "TLS 1.2 only (OpenSSL client)", "handshake refused", &format!("server: {}; client: {error}", failure.reason));
+        assert!(
+            failure.reason.contains("TLS 1.3") || failure.reason.to_lowercase().contains("version"),
+            "{}",
+            failure.reason
+        );
+        m.record(
+            "T7",
+            "TLS 1.2 only (OpenSSL client)",
+            "handshake refused",
+            &format!("server: {}; client: {error}", failure.reason),
+        );
     }
     {
         // T6: a domain manager calls a secure component; T8: a CP answers where a TTP is expected.
-        let reason = expect_tls_refusal(pki.client("dm-alice", Role::SecureComponent, &compute1.agent_url).unwrap().get_json::<serde_json::Value>("/v1/attachments").await);
-        m.record("T6", "dm-alice calls compute-1's secure component (role refused)", "net::Error::Tls", &format!("client: {reason}"));
-        let reason = expect_tls_refusal(pki.client("compute-1", Role::Ttp, &cloud.cp_url).unwrap().post_json::<_, ChallengeResponse>("/v1/challenges", &()).await);
+        let reason = expect_tls_refusal(
+            pki.client("dm-alice", Role::SecureComponent, &compute1.agent_url)
+                .unwrap()
+                .get_json::<serde_json::Value>("/v1/attachments")
+                .await,
+        );
+        m.record(
+            "T6",
+            "dm-alice calls compute-1's secure component (role refused)",
+            "net::Error::Tls",
+            &format!("client: {reason}"),
+        );
+        let reason = expect_tls_refusal(
+            pki.client("compute-1", Role::Ttp, &cloud.cp_url)
+                .unwrap()
+                .post_json::<_, ChallengeResponse>("/v1/challenges", &())
+                .await,
+        );
         assert!(reason.contains("cloud-platform"), "{reason}");
-        m.record("T8", "a host talks to the CP's address as if it were the TTP (server role refused)", "net::Error::Tls", &format!("client: {reason}"));
+        m.record(
+            "T8",
+            "a host talks to the CP's address as if it were the TTP (server role refused)",
+            "net::Error::Tls",
+            &format!("client: {reason}"),
+        );
     }
     {
         // T9: the CA revokes dm-frank's certificate (key compromise) while the cloud runs:
@@ -1009,20 +1449,28 @@ async fn attack_matrix() {
         let mut desc_f = alice.new_domain(&[("department", "radiology")], &[("vm-a", AccessMode::Rw)]).unwrap();
         desc_f.shared_with.push("dm-frank".into());
         let view_f: DomainView = alice_cp
-            .post_json("/v1/domains", &CreateDomainRequest { descriptor: alice.sign_descriptor(&desc_f).unwrap(), size_bytes: 16 << 20 })
+            .post_json(
+                "/v1/domains",
+                &CreateDomainRequest { descriptor: alice.sign_descriptor(&desc_f).unwrap(), size_bytes: 16 << 20 },
+            )
             .await
             .expect("create domain F");
         let id_f = desc_f.domain_id.clone();
         // Signed before the revocation; T10 presents it afterwards.
         let grant_f = frank.grant(&id_f, "vm-a", AccessMode::Rw, 300);
         let frank_ttp = || pki.client("dm-frank", Role::Ttp, &cloud.ttp.url).unwrap();
-        frank_ttp().get_json::<HistoryResponse>(&format!("/v1/domains/{id_f}/history")).await.expect("dm-frank is served before the revocation");
+        frank_ttp()
+            .get_json::<HistoryResponse>(&format!("/v1/domains/{id_f}/history"))
+            .await
+            .expect("dm-frank is served before the revocation");
         pki.revoke("dm-frank", protocol::pki::RevocationReason::KeyCompromise).unwrap();
         let published = Instant::now();
         let reason = loop {
             // A new client each time: every try is a new handshake.
             match frank_ttp().get_json::<HistoryResponse>(&format!("/v1/domains/{id_f}/history")).await {
-                Ok(_) if published.elapsed() < Duration::from_secs(5) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Ok(_) if published.elapsed() < Duration::from_secs(5) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
                 Ok(_) => panic!("the TTP still serves dm-frank 5 s after its revocation was published"),
                 Err(e) => break expect_tls_refusal(Err::<(), _>(e)),
             }
@@ -1031,8 +1479,15 @@ async fn attack_matrix() {
         // The CP watches its files on its own 2 s clock: it may apply the list up to 2 s
         // after the TTP did (seen in CI), so it gets the same 5 s.
         let cp_reason = loop {
-            match pki.client("dm-frank", Role::CloudPlatform, &cloud.cp_url).unwrap().get_json::<DomainView>(&format!("/v1/domains/{id_f}")).await {
-                Ok(_) if published.elapsed() < Duration::from_secs(5) => tokio::time::sleep(Duration::from_millis(100)).await,
+            match pki
+                .client("dm-frank", Role::CloudPlatform, &cloud.cp_url)
+                .unwrap()
+                .get_json::<DomainView>(&format!("/v1/domains/{id_f}"))
+                .await
+            {
+                Ok(_) if published.elapsed() < Duration::from_secs(5) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
                 Ok(_) => panic!("the CP still serves dm-frank 5 s after its revocation was published"),
                 Err(e) => break expect_tls_refusal(Err::<(), _>(e)),
             }
@@ -1051,14 +1506,31 @@ async fn attack_matrix() {
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
         let request = release_request("compute-1", "vm-a", AccessMode::Rw, &view_f.header, &grant_f, &challenge, quote);
-        let message = expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "grant_signature_invalid");
+        let message = expect_code(
+            c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
+            "grant_signature_invalid",
+        );
         assert!(message.contains("certificate is revoked"), "{message}");
         let audit = assert_audited(&ttp, before, "key_release", "grant_signature_invalid");
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
-        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &view_f.header, &alice.grant(&id_f, "vm-a", AccessMode::Rw, 300), &challenge, quote);
-        let _: KeyReleaseResponse = c1_ttp.post_json("/v1/key-releases", &request).await.expect("the owner's grant is served");
-        m.record("T10", "a mount grant signed before its signer's certificate was revoked", "grant_signature_invalid", &audit_text(&audit));
+        let request = release_request(
+            "compute-1",
+            "vm-a",
+            AccessMode::Rw,
+            &view_f.header,
+            &alice.grant(&id_f, "vm-a", AccessMode::Rw, 300),
+            &challenge,
+            quote,
+        );
+        let _: KeyReleaseResponse =
+            c1_ttp.post_json("/v1/key-releases", &request).await.expect("the owner's grant is served");
+        m.record(
+            "T10",
+            "a mount grant signed before its signer's certificate was revoked",
+            "grant_signature_invalid",
+            &audit_text(&audit),
+        );
     }
     partner_stop.cancel();
     let _ = partner_task.await;
@@ -1109,25 +1581,50 @@ async fn attack_matrix() {
         type BodyCase<'a> = (&'a str, &'a str, &'a str, Vec<u8>, &'a [u16]);
         let bodies: Vec<BodyCase<'_>> = vec![
             ("B1", "a body over every limit (2 MiB + 1 KiB) on every route", "application/json", oversized, &[413]),
-            ("B2", "malformed JSON on every route", "application/json", b"{\"descriptor\": {\"message\": ".to_vec(), &[400]),
+            (
+                "B2",
+                "malformed JSON on every route",
+                "application/json",
+                b"{\"descriptor\": {\"message\": ".to_vec(),
+                &[400],
+            ),
             ("B3", "JSON of the wrong shape on every route", "application/json", b"[1, 2, 3]".to_vec(), &[422]),
             ("B4", "a non-JSON content type on every route", "text/plain", b"{}".to_vec(), &[415]),
-            ("B5", "a JSON nesting bomb (100k '[') on every route", "application/json", vec![b'['; 100_000], &[400, 422]),
+            (
+                "B5",
+                "a JSON nesting bomb (100k '[') on every route",
+                "application/json",
+                vec![b'['; 100_000],
+                &[400, 422],
+            ),
         ];
         for (id, attack, content_type, body, expected) in bodies {
             let mut seen = Vec::new();
             for (service, target, method, path, takes_body) in &routes {
                 let t = Instant::now();
-                let (target, method, path, body, content_type) = ((*target).clone(), method.to_string(), path.clone(), body.clone(), content_type.to_string());
+                let (target, method, path, body, content_type) =
+                    ((*target).clone(), method.to_string(), path.clone(), body.clone(), content_type.to_string());
                 let label = format!("{service} {method} {path}");
-                let answer = tokio::task::spawn_blocking(move || raw_request(&target, &method, &path, Some(&content_type), &body))
-                    .await
-                    .unwrap()
-                    .unwrap_or_else(|e| panic!("{id} {label}: {e}"));
+                let answer = tokio::task::spawn_blocking(move || {
+                    raw_request(&target, &method, &path, Some(&content_type), &body)
+                })
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{id} {label}: {e}"));
                 assert!(t.elapsed() < Duration::from_secs(15), "{id} {label} took {:?}", t.elapsed());
-                assert!(answer.status < 500, "{id} {label}: HTTP {} {:?}", answer.status, String::from_utf8_lossy(&answer.body));
+                assert!(
+                    answer.status < 500,
+                    "{id} {label}: HTTP {} {:?}",
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body)
+                );
                 if *takes_body {
-                    assert!(expected.contains(&answer.status), "{id} {label}: HTTP {} (expected {expected:?}) {:?}", answer.status, String::from_utf8_lossy(&answer.body));
+                    assert!(
+                        expected.contains(&answer.status),
+                        "{id} {label}: HTTP {} (expected {expected:?}) {:?}",
+                        answer.status,
+                        String::from_utf8_lossy(&answer.body)
+                    );
                     assert_eq!(error_code_of(&answer), "bad_request", "{id} {label}");
                     seen.push(answer.status);
                 } else if answer.status >= 400 {
@@ -1136,31 +1633,50 @@ async fn attack_matrix() {
             }
             let body_routes = routes.iter().filter(|r| r.4).count();
             seen.dedup();
-            m.record(id, attack, &format!("HTTP {seen:?} bad_request on {body_routes} body routes"), &format!("{} body-less routes: no 5xx", routes.len() - body_routes));
+            m.record(
+                id,
+                attack,
+                &format!("HTTP {seen:?} bad_request on {body_routes} body routes"),
+                &format!("{} body-less routes: no 5xx", routes.len() - body_routes),
+            );
         }
         // B6: path traversal in ids.
         let alice_ttp = pki.client("dm-alice", Role::Ttp, &cloud.ttp.url).unwrap();
         let traversal = "..%2F..%2F..%2Fetc%2Fpasswd";
         expect_code(alice_cp.get_json::<DomainView>(&format!("/v1/domains/{traversal}")).await, "domain_unknown");
-        expect_code(alice_ttp.get_json::<HistoryResponse>(&format!("/v1/domains/{traversal}/history")).await, "domain_unknown");
+        expect_code(
+            alice_ttp.get_json::<HistoryResponse>(&format!("/v1/domains/{traversal}/history")).await,
+            "domain_unknown",
+        );
         let sc = pki.client("cloud-platform", Role::SecureComponent, &compute1.agent_url).unwrap();
         expect_code(sc.delete_json::<serde_json::Value>(&format!("/v1/attachments/{traversal}")).await, "bad_request");
-        m.record("B6", "path traversal in ids (CP domain, TTP history, SC attachment)", "domain_unknown / bad_request", "-");
+        m.record(
+            "B6",
+            "path traversal in ids (CP domain, TTP history, SC attachment)",
+            "domain_unknown / bad_request",
+            "-",
+        );
     }
-
 
     // ================= tenants against each other (docs/SECURITY-TESTING.md, "Tenant isolation") ==
     {
         let operator = pki.client("cloud-platform", Role::CloudPlatform, &cloud.cp_url).unwrap();
         // I2: a tenant moves another tenant's VM to a host of its choosing.
         let message = expect_code(
-            bob_cp.post_json::<_, Instance>("/v1/instances", &Instance { id: "vm-a".into(), host: "compute-2".into() }).await,
+            bob_cp
+                .post_json::<_, Instance>("/v1/instances", &Instance { id: "vm-a".into(), host: "compute-2".into() })
+                .await,
             "forbidden",
         );
         let placed: InstanceList = operator.get_json("/v1/instances").await.unwrap();
         let vm_a = placed.instances.iter().find(|i| i.id == "vm-a").expect("vm-a is placed");
         assert_eq!(vm_a.host, "compute-1", "vm-a moved: {message}");
-        m.record("I2", "dm-bob re-registers alice's vm-a on compute-2 (POST /v1/instances)", "forbidden (CP)", "placement unchanged");
+        m.record(
+            "I2",
+            "dm-bob re-registers alice's vm-a on compute-2 (POST /v1/instances)",
+            "forbidden (CP)",
+            "placement unchanged",
+        );
         // I8a: the topology is the operator's.
         expect_code(bob_cp.get_json::<serde_json::Value>("/v1/hosts").await, "forbidden");
         expect_code(bob_cp.get_json::<serde_json::Value>("/v1/instances").await, "forbidden");
@@ -1168,19 +1684,39 @@ async fn attack_matrix() {
         // I8b: refusals name neither another tenant's owner nor its objects.
         let message = expect_code(bob_cp.get_json::<DomainView>(&format!("/v1/domains/{id_b}")).await, "forbidden");
         assert!(!message.contains("dm-alice"), "the refusal names the owner: {message}");
-        m.record("I8b", "dm-bob reads alice's domain: the refusal must not name its owner", "forbidden, owner not named", "-");
+        m.record(
+            "I8b",
+            "dm-bob reads alice's domain: the refusal must not name its owner",
+            "forbidden, owner not named",
+            "-",
+        );
 
         // I3: two writers (or a reader beside a writer) of one ext4 volume.
         let (desc_c, _) = create_domain(&alice_cp, &alice, &[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Rw)]).await;
         let id_c = desc_c.domain_id.clone();
-        let first = attach(&alice_cp, &id_c, "vm-a", AccessMode::Rw, alice.grant(&id_c, "vm-a", AccessMode::Rw, 300)).await.expect("the first rw attach");
-        let message = expect_code(attach(&alice_cp, &id_c, "vm-b", AccessMode::Rw, alice.grant(&id_c, "vm-b", AccessMode::Rw, 300)).await, "single_writer");
+        let first = attach(&alice_cp, &id_c, "vm-a", AccessMode::Rw, alice.grant(&id_c, "vm-a", AccessMode::Rw, 300))
+            .await
+            .expect("the first rw attach");
+        let message = expect_code(
+            attach(&alice_cp, &id_c, "vm-b", AccessMode::Rw, alice.grant(&id_c, "vm-b", AccessMode::Rw, 300)).await,
+            "single_writer",
+        );
         assert!(message.contains(&first.id), "the refusal names the attachment to detach: {message}");
-        expect_code(attach(&alice_cp, &id_c, "vm-b", AccessMode::Ro, alice.grant(&id_c, "vm-b", AccessMode::Ro, 300)).await, "single_writer");
+        expect_code(
+            attach(&alice_cp, &id_c, "vm-b", AccessMode::Ro, alice.grant(&id_c, "vm-b", AccessMode::Ro, 300)).await,
+            "single_writer",
+        );
         let _: Attachment = alice_cp.delete_json(&format!("/v1/attachments/{}", first.id)).await.expect("detach vm-a");
-        let second = attach(&alice_cp, &id_c, "vm-b", AccessMode::Rw, alice.grant(&id_c, "vm-b", AccessMode::Rw, 300)).await.expect("rw once vm-a is gone");
+        let second = attach(&alice_cp, &id_c, "vm-b", AccessMode::Rw, alice.grant(&id_c, "vm-b", AccessMode::Rw, 300))
+            .await
+            .expect("rw once vm-a is gone");
         let _: Attachment = alice_cp.delete_json(&format!("/v1/attachments/{}", second.id)).await.expect("detach vm-b");
-        m.record("I3", "a second rw attach (vm-b on compute-2) beside vm-a's rw one; a ro one beside it", "single_writer (CP, 409)", "-");
+        m.record(
+            "I3",
+            "a second rw attach (vm-b on compute-2) beside vm-a's rw one; a ro one beside it",
+            "single_writer (CP, 409)",
+            "-",
+        );
 
         // I5: a grant that never expires (its used mark would be purged at once).
         let before = audit_records(&ttp).len();
@@ -1207,9 +1743,19 @@ async fn attack_matrix() {
 
         // I6: names that are path components never get a key released: refused at placement.
         for bad in ["..", ".", "-x"] {
-            expect_code(operator.post_json::<_, Instance>("/v1/instances", &Instance { id: bad.into(), host: "compute-1".into() }).await, "bad_request");
+            expect_code(
+                operator
+                    .post_json::<_, Instance>("/v1/instances", &Instance { id: bad.into(), host: "compute-1".into() })
+                    .await,
+                "bad_request",
+            );
         }
-        m.record("I6", "VM ids '..', '.', '-x' (path components, options)", "bad_request at placement", "no key released");
+        m.record(
+            "I6",
+            "VM ids '..', '.', '-x' (path components, options)",
+            "bad_request at placement",
+            "no key released",
+        );
     }
 
     println!("\nSUMMARY ({} attacks, {:?})", m.rows.len(), started.elapsed());
@@ -1220,8 +1766,13 @@ async fn attack_matrix() {
     cloud.stop().await;
 }
 
-async fn next_failure(failures: &mut tokio::sync::mpsc::UnboundedReceiver<net::HandshakeFailure>) -> net::HandshakeFailure {
-    tokio::time::timeout(Duration::from_secs(10), failures.recv()).await.expect("the server reports the failed handshake").unwrap()
+async fn next_failure(
+    failures: &mut tokio::sync::mpsc::UnboundedReceiver<net::HandshakeFailure>,
+) -> net::HandshakeFailure {
+    tokio::time::timeout(Duration::from_secs(10), failures.recv())
+        .await
+        .expect("the server reports the failed handshake")
+        .unwrap()
 }
 
 trait DeleteWithBody {

@@ -25,12 +25,23 @@ async fn refusals_read_well_through_the_cli() {
     let alice = DomainManager::connect(&DmConfig::load(&cloud.manager_config("dm-alice").unwrap()).unwrap()).unwrap();
     let bob = DomainManager::connect(&DmConfig::load(&cloud.manager_config("dm-bob").unwrap()).unwrap()).unwrap();
 
-    let acl = vec![domain_manager::ops::parse_acl_entry("vm-a:rw").unwrap(), domain_manager::ops::parse_acl_entry("vm-b:ro").unwrap()];
+    let acl = vec![
+        domain_manager::ops::parse_acl_entry("vm-a:rw").unwrap(),
+        domain_manager::ops::parse_acl_entry("vm-b:ro").unwrap(),
+    ];
     let domain = alice.create(Default::default(), acl, Vec::new(), 16 << 20).await.unwrap();
     let id = domain.id.clone();
 
-    expect_refusal(alice.attach(&id, "vm-c", AccessMode::Ro, 300).await, "vm_not_in_acl", &["vm-c", &id, "domain-manager domain grant"]);
-    expect_refusal(alice.attach(&id, "vm-b", AccessMode::Rw, 300).await, "mode_not_permitted", &["vm-b", "ro", "--mode ro"]);
+    expect_refusal(
+        alice.attach(&id, "vm-c", AccessMode::Ro, 300).await,
+        "vm_not_in_acl",
+        &["vm-c", &id, "domain-manager domain grant"],
+    );
+    expect_refusal(
+        alice.attach(&id, "vm-b", AccessMode::Rw, 300).await,
+        "mode_not_permitted",
+        &["vm-b", "ro", "--mode ro"],
+    );
     // The cloud platform refuses a manager the domain is not shared with before the TTP is asked.
     expect_refusal(bob.attach(&id, "vm-a", AccessMode::Rw, 300).await, "forbidden", &["dm-bob", "shared with"]);
     let not_owner = bob.revoke(&id, "vm-b").await.expect_err("only the owner changes the access list").to_string();
@@ -39,7 +50,11 @@ async fn refusals_read_well_through_the_cli() {
     // A compute host whose measured state changed: the TTP refuses its quote.
     let compute_2 = cloud.hosts.iter().find(|h| h.id == "compute-2").unwrap();
     compute_2.service.host_agent().tpm.run(|tpm| tpm.extend_pcr(16, b"unapproved module")).await.unwrap();
-    expect_refusal(alice.attach(&id, "vm-b", AccessMode::Ro, 300).await, "pcr_mismatch", &["PCR 16", "compute-v1", "re-enroll"]);
+    expect_refusal(
+        alice.attach(&id, "vm-b", AccessMode::Ro, 300).await,
+        "pcr_mismatch",
+        &["PCR 16", "compute-v1", "re-enroll"],
+    );
 
     alice.delete(&id).await.unwrap();
     let after = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await;

@@ -187,14 +187,24 @@ impl Ledger {
         self.ops_failed += 1;
         self.backoff = true;
         let text = e.to_string();
-        let key = format!("{what}: {}", text.split(&['(', ':'][..]).take(2).collect::<Vec<_>>().join(":").chars().take(60).collect::<String>());
+        let key = format!(
+            "{what}: {}",
+            text.split(&['(', ':'][..]).take(2).collect::<Vec<_>>().join(":").chars().take(60).collect::<String>()
+        );
         *self.failures.entry(key).or_default() += 1;
     }
 }
 
 fn dm_config(pki: &LabPki, name: &str, cp_url: &str, ttp_url: &str) -> domain_manager::config::DmConfig {
     let tls = net::TlsFiles::in_dir(&pki.dir, name);
-    domain_manager::config::DmConfig { cloud_platform_url: cp_url.into(), ttp_url: ttp_url.into(), ca: tls.ca, crl: tls.crl, cert: tls.cert, key: tls.key }
+    domain_manager::config::DmConfig {
+        cloud_platform_url: cp_url.into(),
+        ttp_url: ttp_url.into(),
+        ca: tls.ca,
+        crl: tls.crl,
+        cert: tls.cert,
+        key: tls.key,
+    }
 }
 
 /// One driver step on a random domain: toggle vm-b in the ACL (grant ro / revoke), attach or
@@ -211,7 +221,8 @@ async fn driver_step(dm: &DomainManager, ledger: &Mutex<Ledger>, domains: &[Stri
         };
         ledger.lock().unwrap().domains.entry(domain.clone()).or_default().versions.insert(view.version);
         let has_b = view.acl.iter().any(|e| e.vm_id == "vm-b");
-        let result = if has_b { dm.revoke(&domain, "vm-b").await } else { dm.grant(&domain, "vm-b", AccessMode::Ro).await };
+        let result =
+            if has_b { dm.revoke(&domain, "vm-b").await } else { dm.grant(&domain, "vm-b", AccessMode::Ro).await };
         let mut l = ledger.lock().unwrap();
         match result {
             Ok(view) => {
@@ -274,7 +285,13 @@ async fn driver_step(dm: &DomainManager, ledger: &Mutex<Ledger>, domains: &[Stri
 }
 
 /// Key releases as the host itself (challenge, quote, release): records each `audit_seq`.
-async fn release_step(dm: &DomainManager, sc: &AgentService, signer: &skydd::lab::DomainManager, ledger: &Mutex<Ledger>, domain: &str) {
+async fn release_step(
+    dm: &DomainManager,
+    sc: &AgentService,
+    signer: &skydd::lab::DomainManager,
+    ledger: &Mutex<Ledger>,
+    domain: &str,
+) {
     let header = match dm.show(domain).await {
         Ok(v) => v.header,
         Err(e) => {
@@ -304,7 +321,8 @@ fn header_on_disk(volume: &Path) -> Result<(usize, u64, HeaderRecord), String> {
         .take(HEADER_AREA_SIZE as u64)
         .read_to_end(&mut area)
         .map_err(|e| e.to_string())?;
-    let active = protocol::format::decode_header_area(&area).map_err(|e| format!("{}: no valid slot: {e}", volume.display()))?;
+    let active =
+        protocol::format::decode_header_area(&area).map_err(|e| format!("{}: no valid slot: {e}", volume.display()))?;
     let record = HeaderRecord::decode(&active.payload).map_err(|e| e.to_string())?;
     Ok((active.slot, active.seq, record))
 }
@@ -339,7 +357,10 @@ async fn crash_consistency_under_kill_9() {
     prerequisites::require(Need::USERSPACE_HOST);
     let started = Instant::now();
     let rounds: usize = std::env::var("SKYDD_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
-    let seed: u64 = std::env::var("SKYDD_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::random::<u32>() as u64);
+    let seed: u64 = std::env::var("SKYDD_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::random::<u32>() as u64);
     println!("crash consistency: {rounds} rounds, seed {seed} (SKYDD_CRASH_SEED={seed} repeats the choices)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
@@ -371,7 +392,11 @@ async fn crash_consistency_under_kill_9() {
     let policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),
-        reference_states: vec![ReferenceState { name: "compute-v1".into(), selection: sc_config.pcr_selection.clone(), pcr_values }],
+        reference_states: vec![ReferenceState {
+            name: "compute-v1".into(),
+            selection: sc_config.pcr_selection.clone(),
+            pcr_values,
+        }],
     };
     let policy_path = root.join("attestation.toml");
     std::fs::write(&policy_path, toml::to_string(&policy).unwrap()).unwrap();
@@ -413,9 +438,13 @@ async fn crash_consistency_under_kill_9() {
     let mut cp_child = ChildService::new("cp", cp_config_path, root.join("cp.log"));
     cp_child.start().await;
     let operator = pki.client("cloud-platform", Role::CloudPlatform, &cp_url).unwrap();
-    let _: ComputeHost = operator.post_json("/v1/hosts", &ComputeHost { id: "compute-1".into(), agent_url: agent_url.clone() }).await.unwrap();
+    let _: ComputeHost = operator
+        .post_json("/v1/hosts", &ComputeHost { id: "compute-1".into(), agent_url: agent_url.clone() })
+        .await
+        .unwrap();
     for vm in ["vm-a", "vm-b", "vm-c"] {
-        let _: Instance = operator.post_json("/v1/instances", &Instance { id: vm.into(), host: "compute-1".into() }).await.unwrap();
+        let _: Instance =
+            operator.post_json("/v1/instances", &Instance { id: vm.into(), host: "compute-1".into() }).await.unwrap();
     }
 
     // dm-alice: the lab signer (for the host's own key releases) and the public API client.
@@ -427,12 +456,18 @@ async fn crash_consistency_under_kill_9() {
         let dm = DomainManager::connect(&config).unwrap();
         for i in 0..DOMAINS {
             let metadata = BTreeMap::from([("ward".to_string(), format!("ward-{i}"))]);
-            let view = dm.create(metadata, vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }], vec![], VOLUME_BYTES).await.unwrap();
+            let view = dm
+                .create(metadata, vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }], vec![], VOLUME_BYTES)
+                .await
+                .unwrap();
             ledger.lock().unwrap().domains.entry(view.id.clone()).or_default().versions.insert(view.version);
             domains.push(view.id);
         }
     }
-    println!("setup: TTP and CP as child processes, compute-1 enrolled, {DOMAINS} domains of dm-alice ({:.1} s)", started.elapsed().as_secs_f64());
+    println!(
+        "setup: TTP and CP as child processes, compute-1 enrolled, {DOMAINS} domains of dm-alice ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
 
     // dm-alice's raw API client, for DELETE /v1/attachments/{id} of `detaching` ones.
     let dm_http = pki.client("dm-alice", Role::CloudPlatform, &cp_url).unwrap();
@@ -450,7 +485,8 @@ async fn crash_consistency_under_kill_9() {
         // The driver: two tasks, one for CP operations and one for key releases.
         let mut tasks = Vec::new();
         for worker in 0..2u64 {
-            let (config, ledger, domains, stop, sc) = (config.clone(), ledger.clone(), domains.clone(), stop.clone(), sc.clone());
+            let (config, ledger, domains, stop, sc) =
+                (config.clone(), ledger.clone(), domains.clone(), stop.clone(), sc.clone());
             let signer = signer.clone();
             let seed = rng.random::<u64>();
             tasks.push(tokio::spawn(async move {
@@ -484,25 +520,44 @@ async fn crash_consistency_under_kill_9() {
         // ---- checks on the data directories as the crash left them -----------------------
         let (ttp_versions, chain_len, audit_present) = {
             let (ttp_state, _) = ttp::server::build(&ttp_config).unwrap();
-            let chain_len = ttp_state.verify_audit_chain().unwrap_or_else(|e| panic!("round {round}: the audit chain does not verify: {e}"));
+            let chain_len = ttp_state
+                .verify_audit_chain()
+                .unwrap_or_else(|e| panic!("round {round}: the audit chain does not verify: {e}"));
             let records = ttp_state.store().audit_records(None).unwrap();
             let by_seq: HashMap<u64, &protocol::messages::AuditRecord> = records.iter().map(|r| (r.seq, r)).collect();
             let l = ledger.lock().unwrap();
             let mut versions = HashMap::new();
             let mut present = 0;
             for (domain, acked) in &l.domains {
-                let stored = ttp_state.store().domain(domain).unwrap().unwrap_or_else(|| panic!("round {round}: the TTP lost domain {domain}"));
+                let stored = ttp_state
+                    .store()
+                    .domain(domain)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("round {round}: the TTP lost domain {domain}"));
                 let want = acked.versions.last().copied().unwrap_or(0);
-                assert!(stored.latest_version >= want, "round {round}: the TTP holds version {} of {domain}, the CP acknowledged {want}", stored.latest_version);
+                assert!(
+                    stored.latest_version >= want,
+                    "round {round}: the TTP holds version {} of {domain}, the CP acknowledged {want}",
+                    stored.latest_version
+                );
                 versions.insert(domain.clone(), stored.latest_version);
                 for seq in &acked.audit_seqs {
-                    let record = by_seq.get(seq).unwrap_or_else(|| panic!("round {round}: acknowledged audit record {seq} is missing"));
-                    assert_eq!((record.event.as_str(), record.outcome.as_str(), record.domain_id.as_deref()), ("key_release", "ok", Some(domain.as_str())), "round {round}: record {seq}");
+                    let record = by_seq
+                        .get(seq)
+                        .unwrap_or_else(|| panic!("round {round}: acknowledged audit record {seq} is missing"));
+                    assert_eq!(
+                        (record.event.as_str(), record.outcome.as_str(), record.domain_id.as_deref()),
+                        ("key_release", "ok", Some(domain.as_str())),
+                        "round {round}: record {seq}"
+                    );
                     present += 1;
                 }
                 for v in &acked.versions {
                     let text = format!("registered version {v} of domain {domain}");
-                    assert!(records.iter().any(|r| r.event == "register" && r.outcome == "ok" && r.message == text), "round {round}: no audit record of acknowledged registration v{v} of {domain}");
+                    assert!(
+                        records.iter().any(|r| r.event == "register" && r.outcome == "ok" && r.message == text),
+                        "round {round}: no audit record of acknowledged registration v{v} of {domain}"
+                    );
                 }
             }
             (versions, chain_len, present)
@@ -513,8 +568,15 @@ async fn crash_consistency_under_kill_9() {
             let (_slot, _seq, header) = header_on_disk(&volume).unwrap_or_else(|e| panic!("round {round}: {e}"));
             let v = version_of(&header);
             let acked = ledger.lock().unwrap().max_version(domain);
-            assert!(v >= acked, "round {round}: the header in force of {domain} holds version {v}, the CP acknowledged {acked}");
-            assert!(v <= ttp_versions[domain], "round {round}: header v{v} of {domain} is newer than the TTP's v{}", ttp_versions[domain]);
+            assert!(
+                v >= acked,
+                "round {round}: the header in force of {domain} holds version {v}, the CP acknowledged {acked}"
+            );
+            assert!(
+                v <= ttp_versions[domain],
+                "round {round}: header v{v} of {domain} is newer than the TTP's v{}",
+                ttp_versions[domain]
+            );
             header_versions.insert(domain.clone(), v);
         }
 
@@ -534,8 +596,15 @@ async fn crash_consistency_under_kill_9() {
         let mut healed = 0;
         for domain in &domains {
             let view = retry("show", || dm.show(domain)).await;
-            let (_, _, header) = header_on_disk(&cp_data.join("volumes").join(format!("{domain}.vol"))).unwrap_or_else(|e| panic!("round {round}: {e}"));
-            assert_eq!(version_of(&header), view.version, "round {round}: the CP shows v{} of {domain} but the header in force holds v{}", view.version, version_of(&header));
+            let (_, _, header) = header_on_disk(&cp_data.join("volumes").join(format!("{domain}.vol")))
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(
+                version_of(&header),
+                view.version,
+                "round {round}: the CP shows v{} of {domain} but the header in force holds v{}",
+                view.version,
+                version_of(&header)
+            );
             assert!(
                 view.version >= ttp_versions[domain],
                 "round {round}: {domain} is stuck: the TTP registered v{} but the CP shows v{} after the restart, without anyone repeating the update",
@@ -553,13 +622,15 @@ async fn crash_consistency_under_kill_9() {
         // host no longer has. Wait until the two agree.
         let settle_started = Instant::now();
         let mut disagreed: Option<(usize, usize)> = None; // orphan mappings and `attaching` records, first look
-        // What compute-1 holds once settled; nothing below changes it before the stale check.
+                                                          // What compute-1 holds once settled; nothing below changes it before the stale check.
         let on_host = loop {
             let on_host = sc.list().unwrap().attachments;
             let in_cp = retry("list attachments", || dm.attachments()).await;
             let orphans: Vec<_> = on_host
                 .iter()
-                .filter(|h| h.status == "attached" && !in_cp.iter().any(|c| c.id == h.attachment_id && c.status == "attached"))
+                .filter(|h| {
+                    h.status == "attached" && !in_cp.iter().any(|c| c.id == h.attachment_id && c.status == "attached")
+                })
                 .map(|h| h.attachment_id.clone())
                 .collect();
             let attaching: Vec<_> = in_cp.iter().filter(|c| c.status == "attaching").map(|c| c.id.clone()).collect();
@@ -581,7 +652,11 @@ async fn crash_consistency_under_kill_9() {
         for domain in &domains {
             let view = retry("show", || dm.show(domain)).await;
             let acked = ledger.lock().unwrap().max_version(domain);
-            assert!(view.version >= acked, "round {round}: the CP shows v{} of {domain}, acknowledged v{acked}", view.version);
+            assert!(
+                view.version >= acked,
+                "round {round}: the CP shows v{} of {domain}, acknowledged v{acked}",
+                view.version
+            );
             let history = retry("history", || dm.history(domain)).await;
             let seqs: BTreeSet<u64> = history.records.iter().map(|r| r.seq).collect();
             let mut reconciled = Vec::new();
@@ -594,7 +669,9 @@ async fn crash_consistency_under_kill_9() {
                 let found = cp_attachments.iter().find(|a| &a.id == id);
                 match *status {
                     "attached" => {
-                        let a = found.unwrap_or_else(|| panic!("round {round}: acknowledged attachment {id} of {vm} is unknown to the CP"));
+                        let a = found.unwrap_or_else(|| {
+                            panic!("round {round}: acknowledged attachment {id} of {vm} is unknown to the CP")
+                        });
                         // The CP's start-up reconciliation detaches an acknowledged attachment
                         // when the header in force no longer allows it (an unacknowledged revoke
                         // that reached the disk before kill -9); otherwise it stays attached.
@@ -606,20 +683,36 @@ async fn crash_consistency_under_kill_9() {
                         } else if allowed {
                             // An unacknowledged detach reached the host before kill -9; the
                             // reconciliation recorded what the host holds.
-                            assert_eq!(a.status, "detached", "round {round}: {id} of {vm} is gone from compute-1 but the CP says {}", a.status);
+                            assert_eq!(
+                                a.status, "detached",
+                                "round {round}: {id} of {vm} is gone from compute-1 but the CP says {}",
+                                a.status
+                            );
                             reconciled.push((id.clone(), vm.clone()));
                         } else {
-                            assert!(a.status == "detached" || a.status == "detaching", "round {round}: {id} of {vm} is {} although the header in force revokes it", a.status);
+                            assert!(
+                                a.status == "detached" || a.status == "detaching",
+                                "round {round}: {id} of {vm} is {} although the header in force revokes it",
+                                a.status
+                            );
                             reconciled.push((id.clone(), vm.clone()));
                         }
                     }
                     "detached" => {
-                        let a = found.unwrap_or_else(|| panic!("round {round}: acknowledged detached attachment {id} is unknown to the CP"));
+                        let a = found.unwrap_or_else(|| {
+                            panic!("round {round}: acknowledged detached attachment {id} is unknown to the CP")
+                        });
                         assert_eq!(a.status, "detached", "round {round}: acknowledged detach of {id}");
                     }
                     "revoked" => {
-                        let a = found.unwrap_or_else(|| panic!("round {round}: attachment {id} revoked with acknowledgement is unknown to the CP"));
-                        assert!(a.status == "detached" || a.status == "detaching", "round {round}: acknowledged revocation left {id} {}", a.status);
+                        let a = found.unwrap_or_else(|| {
+                            panic!("round {round}: attachment {id} revoked with acknowledgement is unknown to the CP")
+                        });
+                        assert!(
+                            a.status == "detached" || a.status == "detaching",
+                            "round {round}: acknowledged revocation left {id} {}",
+                            a.status
+                        );
                     }
                     _ => {}
                 }
@@ -649,18 +742,31 @@ async fn crash_consistency_under_kill_9() {
         for a in &open_in_cp {
             let host_has = on_host.iter().any(|h| h.attachment_id == a.id && h.status == "attached");
             let header = header_on_disk(&cp_data.join("volumes").join(format!("{}.vol", a.domain_id))).unwrap().2;
-            let allowed = header.unverified_contents().unwrap().0.access_of(&a.instance_id).is_some_and(|m| m.covers(a.mode));
+            let allowed =
+                header.unverified_contents().unwrap().0.access_of(&a.instance_id).is_some_and(|m| m.covers(a.mode));
             if !host_has || !allowed || a.status == "detaching" {
                 if !allowed {
                     // The CP reconciles every open attachment with the header in force before it
                     // serves again, so a revocation interrupted by kill -9 is enforced at restart.
-                    assert_eq!(a.status, "detaching", "round {round}: attachment {} of {} is still {} although version {} in force revoked it", a.id, a.instance_id, a.status, version_of(&header));
+                    assert_eq!(
+                        a.status,
+                        "detaching",
+                        "round {round}: attachment {} of {} is still {} although version {} in force revoked it",
+                        a.id,
+                        a.instance_id,
+                        a.status,
+                        version_of(&header)
+                    );
                     unenforced += 1;
                 } else {
-                    println!("  round {round}: attachment {} of {} is {} in the CP but not attached on the host; detaching", a.id, a.instance_id, a.status);
+                    println!(
+                        "  round {round}: attachment {} of {} is {} in the CP but not attached on the host; detaching",
+                        a.id, a.instance_id, a.status
+                    );
                     stale += 1;
                 }
-                let d: protocol::cloud::Attachment = dm_http.delete_json(&format!("/v1/attachments/{}", a.id)).await.unwrap();
+                let d: protocol::cloud::Attachment =
+                    dm_http.delete_json(&format!("/v1/attachments/{}", a.id)).await.unwrap();
                 assert_eq!(d.status, "detached", "round {round}: {d:?}");
                 let mut l = ledger.lock().unwrap();
                 if let Some(d) = l.domains.get_mut(&a.domain_id) {
@@ -676,7 +782,16 @@ async fn crash_consistency_under_kill_9() {
                 if a.status == "attached" && on_host.iter().any(|h| h.attachment_id == a.id && h.status == "attached") {
                     let d = l.domains.get_mut(&a.domain_id).unwrap();
                     let known = d.attachments.get(&a.id).map(|(_, s)| *s);
-                    if known != Some("attached") && header_on_disk(&cp_data.join("volumes").join(format!("{}.vol", a.domain_id))).unwrap().2.unverified_contents().unwrap().0.access_of(&a.instance_id).is_some() {
+                    if known != Some("attached")
+                        && header_on_disk(&cp_data.join("volumes").join(format!("{}.vol", a.domain_id)))
+                            .unwrap()
+                            .2
+                            .unverified_contents()
+                            .unwrap()
+                            .0
+                            .access_of(&a.instance_id)
+                            .is_some()
+                    {
                         d.attachments.insert(a.id.clone(), (a.instance_id.clone(), "attached"));
                     }
                 }
@@ -684,17 +799,29 @@ async fn crash_consistency_under_kill_9() {
         }
         // Domains the TTP registered but the CP never acknowledged creating: none here, as
         // the driver does not create; count volume files without a CP record anyway.
-        let leaked = std::fs::read_dir(cp_data.join("volumes")).unwrap().filter(|e| {
-            let name = e.as_ref().unwrap().file_name().to_string_lossy().to_string();
-            !domains.iter().any(|d| name == format!("{d}.vol"))
-        }).count();
+        let leaked = std::fs::read_dir(cp_data.join("volumes"))
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name().to_string_lossy().to_string();
+                !domains.iter().any(|d| name == format!("{d}.vol"))
+            })
+            .count();
 
         // The host reattaches: a new attach and detach after the restart work.
         let probe = &domains[round % domains.len()];
         let open = retry("list attachments", || dm.attachments()).await;
-        if let Some(a) = open.iter().find(|a| &a.domain_id == probe && a.instance_id == "vm-a" && a.status == "attached") {
+        if let Some(a) =
+            open.iter().find(|a| &a.domain_id == probe && a.instance_id == "vm-a" && a.status == "attached")
+        {
             let d = retry("detach", || dm.detach(probe, "vm-a")).await;
-            ledger.lock().unwrap().domains.get_mut(probe).unwrap().attachments.insert(a.id.clone(), ("vm-a".into(), "detached"));
+            ledger
+                .lock()
+                .unwrap()
+                .domains
+                .get_mut(probe)
+                .unwrap()
+                .attachments
+                .insert(a.id.clone(), ("vm-a".into(), "detached"));
             assert_eq!(d.status, "detached");
         }
         let a = retry("reattach", || dm.attach(probe, "vm-a", AccessMode::Rw, 300)).await;
@@ -702,7 +829,14 @@ async fn crash_consistency_under_kill_9() {
         assert!(Path::new(&a.mount_path).read_dir().is_ok(), "the VM sees its file system again");
         let d = retry("detach", || dm.detach(probe, "vm-a")).await;
         assert_eq!(d.status, "detached");
-        ledger.lock().unwrap().domains.get_mut(probe).unwrap().attachments.insert(a.id.clone(), ("vm-a".into(), "detached"));
+        ledger
+            .lock()
+            .unwrap()
+            .domains
+            .get_mut(probe)
+            .unwrap()
+            .attachments
+            .insert(a.id.clone(), ("vm-a".into(), "detached"));
 
         let l = ledger.lock().unwrap();
         println!(
@@ -749,4 +883,3 @@ async fn crash_consistency_under_kill_9() {
     ttp_child.kill9();
     drop(swtpm);
 }
-

@@ -6,7 +6,11 @@ use std::process::Command;
 
 #[test]
 fn skydd_demo_tells_the_whole_story() {
-    let output = Command::new(env!("CARGO_BIN_EXE_skydd")).arg("demo").env("TSS2_LOG", "all+none").output().expect("run skydd demo");
+    let output = Command::new(env!("CARGO_BIN_EXE_skydd"))
+        .arg("demo")
+        .env("TSS2_LOG", "all+none")
+        .output()
+        .expect("run skydd demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");

@@ -14,10 +14,10 @@ use std::time::Instant;
 use openssl::symm::{Cipher, Crypter, Mode};
 use protocol::secret::SecretBytes;
 use qemu::{BootImage, Vm};
-use serde_json::json;
 use secure_component::volume::userspace::UserspaceBackend;
 use secure_component::volume::{filesystem, OpenMode, VolumeBackend};
 use secure_component::xts::XtsEngine;
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
 const MIB: usize = 1024 * 1024;
@@ -135,7 +135,8 @@ fn host_encrypted_volume_opens_under_dmcrypt_in_the_guest() {
     eprintln!("guest device-mapper ioctl interface {}", v["version"]);
 
     // 1. The virtio disk as a block device, read-only.
-    let opened = vm.call(json!({"op": "open", "name": "skydd-a", "path": "/dev/vda", "key_hex": key_hex(&key), "mode": "ro"}));
+    let opened =
+        vm.call(json!({"op": "open", "name": "skydd-a", "path": "/dev/vda", "key_hex": key_hex(&key), "mode": "ro"}));
     let dev = opened["device"].as_str().expect("device").to_string();
     assert!(dev.starts_with("/dev/dm-"), "{opened}");
     assert_eq!(guest_sha(&mut vm, &dev), want, "plaintext through dm-crypt differs from what the host encrypted");
@@ -145,10 +146,13 @@ fn host_encrypted_volume_opens_under_dmcrypt_in_the_guest() {
 
     // 2. The same volume as a regular file: the backend puts it on a loop device.
     vm.sh("cp /dev/vda /tmp/a.img");
-    let opened2 = vm.call(json!({"op": "open", "name": "skydd-a-file", "path": "/tmp/a.img", "key_hex": key_hex(&key), "mode": "rw"}));
+    let opened2 = vm.call(
+        json!({"op": "open", "name": "skydd-a-file", "path": "/tmp/a.img", "key_hex": key_hex(&key), "mode": "rw"}),
+    );
     let dev2 = opened2["device"].as_str().expect("device").to_string();
     assert_eq!(guest_sha(&mut vm, &dev2), want, "plaintext through loop + dm-crypt differs");
-    let table2 = vm.call(json!({"op": "table", "name": "skydd-a-file"}))["table"].as_str().unwrap_or_default().to_string();
+    let table2 =
+        vm.call(json!({"op": "table", "name": "skydd-a-file"}))["table"].as_str().unwrap_or_default().to_string();
     assert!(table2.contains(" 7:"), "a regular file must be mapped through a loop device (major 7): {table2}");
 
     let list = vm.call(json!({"op": "list"}));
@@ -158,11 +162,15 @@ fn host_encrypted_volume_opens_under_dmcrypt_in_the_guest() {
     assert!(vols.iter().any(|v| v["name"] == "skydd-a-file" && v["mode"] == "rw"), "{list}");
 
     // A wrong name, a duplicate and a short key are refused with a reason.
-    let e = vm.call_err(json!({"op": "open", "name": "skydd-a", "path": "/dev/vda", "key_hex": key_hex(&key), "mode": "ro"}));
+    let e = vm
+        .call_err(json!({"op": "open", "name": "skydd-a", "path": "/dev/vda", "key_hex": key_hex(&key), "mode": "ro"}));
     assert!(e.contains("already exists"), "{e}");
-    let e = vm.call_err(json!({"op": "open", "name": "nope", "path": "/dev/vda", "key_hex": key_hex(&key), "mode": "ro"}));
+    let e =
+        vm.call_err(json!({"op": "open", "name": "nope", "path": "/dev/vda", "key_hex": key_hex(&key), "mode": "ro"}));
     assert!(e.contains("must start with"), "{e}");
-    let e = vm.call_err(json!({"op": "open", "name": "skydd-short", "path": "/dev/vda", "key_hex": "00".repeat(32), "mode": "ro"}));
+    let e = vm.call_err(
+        json!({"op": "open", "name": "skydd-short", "path": "/dev/vda", "key_hex": "00".repeat(32), "mode": "ro"}),
+    );
     assert!(e.contains("needs 64"), "{e}");
 
     // Close both: mappings gone, loop device released.
@@ -188,7 +196,8 @@ fn guest_formatted_volume_reads_back_on_the_host() {
     fs::File::create(&vol).and_then(|f| f.set_len((MIB + data_len) as u64)).expect("create volume");
 
     let mut vm = boot(&[&vol]);
-    let opened = vm.call(json!({"op": "open", "name": "skydd-b", "path": "/dev/vda", "key_hex": key_hex(&key), "mode": "rw"}));
+    let opened =
+        vm.call(json!({"op": "open", "name": "skydd-b", "path": "/dev/vda", "key_hex": key_hex(&key), "mode": "rw"}));
     let dev = opened["device"].as_str().expect("device").to_string();
     vm.sh(&format!("mkfs.ext4 -q -F -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 {dev}"));
     vm.sh(&format!("mount -t ext4 {dev} /mnt"));
@@ -221,7 +230,11 @@ fn guest_formatted_volume_reads_back_on_the_host() {
         assert_eq!(sha256_hex(&out.stdout), sum, "{name} differs between guest and host");
     }
     let fsck = Command::new("e2fsck").args(["-f", "-n"]).arg(&img).output().expect("e2fsck");
-    assert!(fsck.status.success(), "e2fsck on the host-decrypted filesystem: {}", String::from_utf8_lossy(&fsck.stdout));
+    assert!(
+        fsck.status.success(),
+        "e2fsck on the host-decrypted filesystem: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
 
     // And through the project's userspace backend (FUSE + loop) on the host: same files.
     let state = dir.path().join("us-state");
@@ -258,7 +271,9 @@ fn read_only_mapping_refuses_writes() {
     fs::File::create(&vol).and_then(|f| f.set_len((MIB + 16 * MIB) as u64)).expect("create volume");
 
     let mut vm = boot(&[&vol]);
-    let dev = vm.call(json!({"op": "open", "name": "skydd-c", "path": "/dev/vda", "key_hex": key_hex(&key), "mode": "rw"}))["device"]
+    let dev = vm
+        .call(json!({"op": "open", "name": "skydd-c", "path": "/dev/vda", "key_hex": key_hex(&key), "mode": "rw"}))
+        ["device"]
         .as_str()
         .expect("device")
         .to_string();
@@ -273,7 +288,11 @@ fn read_only_mapping_refuses_writes() {
         let v = vm.call(json!({"op": "open", "name": name, "path": path, "key_hex": key_hex(&key), "mode": "ro"}));
         let dev = v["device"].as_str().expect("device").to_string();
         assert_eq!(v["mode"], "ro");
-        assert_eq!(vm.sh(&format!("blockdev --getro {dev}")).trim(), "1", "{name}: the kernel must mark the mapping read-only");
+        assert_eq!(
+            vm.sh(&format!("blockdev --getro {dev}")).trim(),
+            "1",
+            "{name}: the kernel must mark the mapping read-only"
+        );
         let w = vm.call(json!({"op": "try_write", "path": dev, "offset": 0}));
         let errno = w["errno"].as_i64();
         assert!(
@@ -290,7 +309,10 @@ fn read_only_mapping_refuses_writes() {
         // check the outcome: still mounted ro and still refusing writes.
         let (_, out) = vm.sh_status(&format!("mount -o remount,rw {dev} /mnt"));
         let mounts = vm.sh("grep ' /mnt ' /proc/mounts");
-        assert!(mounts.contains(" ro,") || mounts.contains(" ro "), "{name}: remount rw must not succeed: {out} / {mounts}");
+        assert!(
+            mounts.contains(" ro,") || mounts.contains(" ro "),
+            "{name}: remount rw must not succeed: {out} / {mounts}"
+        );
         let (code, out) = vm.sh_status("echo changed > /mnt/f");
         assert_ne!(code, 0, "{name}: still read-only after a remount attempt: {out}");
         assert_eq!(vm.sh("cat /mnt/f").trim(), "original");
@@ -362,23 +384,36 @@ fn guest_sees_the_swtpm_tpm() {
     };
     let (ttp, _) = ttp::server::build(&config).unwrap();
 
-    let request: protocol::attest::EnrollmentRequest =
-        serde_json::from_value(vm.call(json!({"op": "tpm_enrollment_request", "name": "qemu-guest"}))["request"].clone()).unwrap();
+    let request: protocol::attest::EnrollmentRequest = serde_json::from_value(
+        vm.call(json!({"op": "tpm_enrollment_request", "name": "qemu-guest"}))["request"].clone(),
+    )
+    .unwrap();
     let challenge = ttp.begin_enrollment(&guest, &request).expect("the guest's EK chains to its swtpm CA");
     let proof: protocol::attest::EnrollmentProof =
-        serde_json::from_value(vm.call(json!({"op": "tpm_enrollment_proof", "message": challenge}))["proof"].clone()).unwrap();
+        serde_json::from_value(vm.call(json!({"op": "tpm_enrollment_proof", "message": challenge}))["proof"].clone())
+            .unwrap();
     let host = ttp.finish_enrollment(&guest, &proof).expect("the guest enrolls");
-    eprintln!("guest enrolled with the TTP: EK {}, reference state {}", &host.ek_fingerprint[..16], host.reference_state);
+    eprintln!(
+        "guest enrolled with the TTP: EK {}, reference state {}",
+        &host.ek_fingerprint[..16],
+        host.reference_state
+    );
 
-    let descriptor = alice.new_domain(&[("department", "cardiology")], &[("vm-q", protocol::domain::AccessMode::Rw)]).unwrap();
+    let descriptor =
+        alice.new_domain(&[("department", "cardiology")], &[("vm-q", protocol::domain::AccessMode::Rw)]).unwrap();
     let signed = alice.sign_descriptor(&descriptor).unwrap();
     let registered = ttp
-        .register_domain(&cp, &protocol::messages::RegisterDomainRequest { descriptor: signed.clone(), previous_registration: None })
+        .register_domain(
+            &cp,
+            &protocol::messages::RegisterDomainRequest { descriptor: signed.clone(), previous_registration: None },
+        )
         .unwrap();
     let header = protocol::messages::HeaderRecord { descriptor: signed, registration: registered.registration.clone() };
     let fresh = ttp.challenge(&guest).unwrap();
-    let quote: protocol::attest::QuoteEvidence =
-        serde_json::from_value(vm.call(json!({"op": "tpm_quote", "message": {"bytes": protocol::b64::encode(&fresh.nonce)}}))["quote"].clone()).unwrap();
+    let quote: protocol::attest::QuoteEvidence = serde_json::from_value(
+        vm.call(json!({"op": "tpm_quote", "message": {"bytes": protocol::b64::encode(&fresh.nonce)}}))["quote"].clone(),
+    )
+    .unwrap();
     let release = ttp
         .release_key(
             &guest,
@@ -393,10 +428,18 @@ fn guest_sees_the_swtpm_tpm() {
             },
         )
         .expect("the TTP releases the key to the attested guest");
-    let decrypted = vm.call(json!({"op": "tpm_decrypt_digest", "message": {"bytes": protocol::b64::encode(&release.wrapped_key)}}));
+    let decrypted =
+        vm.call(json!({"op": "tpm_decrypt_digest", "message": {"bytes": protocol::b64::encode(&release.wrapped_key)}}));
     let registration = protocol::messages::Registration::decode(&registered.registration.message).unwrap();
     let master = ttp::config::load_master_key(&data_dir).unwrap();
-    let expected = protocol::kdf::derive_volume_key(&master, &registration.nonce_r, &descriptor.domain_id, &descriptor.metadata_hash(), &descriptor.cipher_spec).unwrap();
+    let expected = protocol::kdf::derive_volume_key(
+        &master,
+        &registration.nonce_r,
+        &descriptor.domain_id,
+        &descriptor.metadata_hash(),
+        &descriptor.cipher_spec,
+    )
+    .unwrap();
     assert_eq!(decrypted["key_len"], json!(64), "{decrypted}");
     assert_eq!(
         decrypted["key_sha256"].as_str().unwrap(),

@@ -55,7 +55,10 @@ async fn an_update_interrupted_by_a_ttp_outage_is_finished_by_the_cloud_platform
     assert_eq!(vm_a.status, "detached", "the revocation was enforced when it was finished");
     let compute_1 = cloud.hosts.iter().find(|h| h.id == "compute-1").unwrap();
     let on_host = compute_1.service.list().unwrap().attachments;
-    assert!(on_host.iter().all(|a| a.attachment_id != attached.id || a.status != "attached"), "compute-1 still maps vm-a: {on_host:?}");
+    assert!(
+        on_host.iter().all(|a| a.attachment_id != attached.id || a.status != "attached"),
+        "compute-1 still maps vm-a: {on_host:?}"
+    );
     let refused = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.expect_err("vm-a was revoked");
     assert_eq!(refused.code(), Some("vm_not_in_acl"), "{refused}");
 

@@ -71,12 +71,7 @@ fn marker_from_seed(seed: &[u8]) -> Vec<u8> {
 
 /// K computed independently of protocol::kdf (as in tests/trust_core.rs): OpenSSL's HKDF
 /// over the info string built by hand from DESIGN §2.
-fn independent_key(
-    master: &[u8],
-    registration: &Registration,
-    domain_id: &str,
-    metadata_hash: &[u8; 32],
-) -> Vec<u8> {
+fn independent_key(master: &[u8], registration: &Registration, domain_id: &str, metadata_hash: &[u8; 32]) -> Vec<u8> {
     let mut info = b"skydd/v1/volume-key".to_vec();
     info.extend_from_slice(&(domain_id.len() as u32).to_be_bytes());
     info.extend_from_slice(domain_id.as_bytes());
@@ -101,11 +96,7 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 fn base64(bytes: &[u8]) -> String {
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -130,18 +121,9 @@ struct Pattern {
 /// characters that depend on the neighbouring bytes are left out).
 fn encodings(name: &str, secret: &[u8]) -> Vec<Pattern> {
     let mut out = vec![
-        Pattern {
-            what: format!("{name} (raw)"),
-            bytes: secret.to_vec(),
-        },
-        Pattern {
-            what: format!("{name} (hex)"),
-            bytes: hex::encode(secret).into_bytes(),
-        },
-        Pattern {
-            what: format!("{name} (HEX)"),
-            bytes: hex::encode_upper(secret).into_bytes(),
-        },
+        Pattern { what: format!("{name} (raw)"), bytes: secret.to_vec() },
+        Pattern { what: format!("{name} (hex)"), bytes: hex::encode(secret).into_bytes() },
+        Pattern { what: format!("{name} (HEX)"), bytes: hex::encode_upper(secret).into_bytes() },
     ];
     for shift in 0..3 {
         // Prefix `shift` unknown bytes, encode, drop the characters touching unknown bytes.
@@ -151,10 +133,7 @@ fn encodings(name: &str, secret: &[u8]) -> Vec<Pattern> {
         let skip = if shift == 0 { 0 } else { 4 };
         let full_groups = padded.len() / 3 * 4;
         let core = &text[skip..full_groups.max(skip)];
-        out.push(Pattern {
-            what: format!("{name} (base64, offset {shift})"),
-            bytes: core.as_bytes().to_vec(),
-        });
+        out.push(Pattern { what: format!("{name} (base64, offset {shift})"), bytes: core.as_bytes().to_vec() });
         let url: String = core
             .chars()
             .map(|c| match c {
@@ -164,10 +143,7 @@ fn encodings(name: &str, secret: &[u8]) -> Vec<Pattern> {
             })
             .collect();
         if url != core {
-            out.push(Pattern {
-                what: format!("{name} (base64url, offset {shift})"),
-                bytes: url.into_bytes(),
-            });
+            out.push(Pattern { what: format!("{name} (base64url, offset {shift})"), bytes: url.into_bytes() });
         }
     }
     out
@@ -186,8 +162,7 @@ fn find_all(data: &[u8], patterns: &[Pattern]) -> Vec<(usize, usize)> {
         return hits;
     }
     for offset in 0..data.len() - 1 {
-        let candidates =
-            &by_prefix[(usize::from(data[offset]) << 8) | usize::from(data[offset + 1])];
+        let candidates = &by_prefix[(usize::from(data[offset]) << 8) | usize::from(data[offset + 1])];
         for &i in candidates {
             if data[offset..].starts_with(&patterns[i].bytes) {
                 hits.push((i, offset));
@@ -207,10 +182,7 @@ struct Finding {
 fn scan_bytes(source: &str, data: &[u8], patterns: &[Pattern]) -> Vec<Finding> {
     find_all(data, patterns)
         .into_iter()
-        .map(|(i, offset)| Finding {
-            what: patterns[i].what.clone(),
-            place: format!("{source} at byte {offset}"),
-        })
+        .map(|(i, offset)| Finding { what: patterns[i].what.clone(), place: format!("{source} at byte {offset}") })
         .collect()
 }
 
@@ -259,19 +231,11 @@ fn core_segments(core: &[u8]) -> Vec<Segment> {
     let u16_at = |o: usize| u16::from_le_bytes(core[o..o + 2].try_into().unwrap());
     let u32_at = |o: usize| u32::from_le_bytes(core[o..o + 4].try_into().unwrap());
     let u64_at = |o: usize| u64::from_le_bytes(core[o..o + 8].try_into().unwrap());
-    let (phoff, phentsize, phnum) = (
-        u64_at(0x20) as usize,
-        usize::from(u16_at(0x36)),
-        usize::from(u16_at(0x38)),
-    );
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, usize::from(u16_at(0x36)), usize::from(u16_at(0x38)));
     (0..phnum)
         .map(|i| phoff + i * phentsize)
         .filter(|&ph| u32_at(ph) == 1)
-        .map(|ph| Segment {
-            offset: u64_at(ph + 8),
-            vaddr: u64_at(ph + 16),
-            size: u64_at(ph + 32),
-        })
+        .map(|ph| Segment { offset: u64_at(ph + 8), vaddr: u64_at(ph + 16), size: u64_at(ph + 32) })
         .collect()
 }
 
@@ -302,18 +266,9 @@ fn take_core(pid: u32, dir: &Path, label: &str) -> (Vec<u8>, String) {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let prefix = dir.join(format!("core-{label}"));
     let started = Instant::now();
-    let out = Command::new("gcore")
-        .arg("-o")
-        .arg(&prefix)
-        .arg(pid.to_string())
-        .output()
-        .expect("gcore runs");
+    let out = Command::new("gcore").arg("-o").arg(&prefix).arg(pid.to_string()).output().expect("gcore runs");
     let path = PathBuf::from(format!("{}.{pid}", prefix.display()));
-    assert!(
-        path.exists(),
-        "gcore wrote no core: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(path.exists(), "gcore wrote no core: {}", String::from_utf8_lossy(&out.stderr));
     let core = std::fs::read(&path).unwrap();
     println!(
         "  gcore of the secure component ({label}): {} MiB in {:.1} s",
@@ -345,18 +300,10 @@ fn scan_core(core: &[u8], maps: &str, label: &str, patterns: &[Pattern]) -> Vec<
                 .find(|s| (s.offset..s.offset + s.size).contains(&(offset as u64)))
                 .map(|s| {
                     let vaddr = s.vaddr + (offset as u64 - s.offset);
-                    format!(
-                        "core ({label}) at 0x{vaddr:x} in {}",
-                        mapping_of(maps, vaddr)
-                    )
+                    format!("core ({label}) at 0x{vaddr:x} in {}", mapping_of(maps, vaddr))
                 })
-                .unwrap_or_else(|| {
-                    format!("core ({label}) at file offset {offset} (notes, not memory)")
-                });
-            Finding {
-                what: patterns[i].what.clone(),
-                place,
-            }
+                .unwrap_or_else(|| format!("core ({label}) at file offset {offset} (notes, not memory)"));
+            Finding { what: patterns[i].what.clone(), place }
         })
         .collect()
 }
@@ -394,30 +341,17 @@ fn key_hygiene_child() {
     let kept: &'static (Vec<u8>, String) = Box::leak(Box::new((marker, marker_hex)));
     std::hint::black_box(kept);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
         let config = AgentConfig::load(Path::new(&config_path)).unwrap();
         let (service, tls) = secure_component::service::build(&config).unwrap();
-        let enrolled = service
-            .enroll()
-            .await
-            .expect("the child secure component enrolls");
+        let enrolled = service.enroll().await.expect("the child secure component enrolls");
         tracing::info!(reference_state = %enrolled.reference_state, "enrolled");
         let listener = tokio::net::TcpListener::bind(&config.listen).await.unwrap();
         let port_file = format!("{config_path}.port");
-        std::fs::write(
-            format!("{port_file}.tmp"),
-            listener.local_addr().unwrap().port().to_string(),
-        )
-        .unwrap();
+        std::fs::write(format!("{port_file}.tmp"), listener.local_addr().unwrap().port().to_string()).unwrap();
         std::fs::rename(format!("{port_file}.tmp"), &port_file).unwrap();
-        secure_component::service::serve(listener, service, tls, CancellationToken::new())
-            .await
-            .unwrap();
+        secure_component::service::serve(listener, service, tls, CancellationToken::new()).await.unwrap();
     });
 }
 
@@ -437,17 +371,11 @@ impl Drop for Cleanup {
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         for line in mounts.lines().rev().filter(|l| l.contains(&root)) {
             if let Some(point) = line.split(' ').nth(1) {
-                let _ = Command::new("umount")
-                    .arg("-l")
-                    .arg(point.replace("\\040", " "))
-                    .status();
+                let _ = Command::new("umount").arg("-l").arg(point.replace("\\040", " ")).status();
             }
         }
         if let Ok(out) = Command::new("losetup").arg("-a").output() {
-            for line in String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| l.contains(&root))
-            {
+            for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&root)) {
                 if let Some(dev) = line.split(':').next() {
                     let _ = Command::new("losetup").arg("-d").arg(dev).status();
                 }
@@ -480,10 +408,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let mut cleanup = Cleanup {
-        root: root.clone(),
-        child: None,
-    };
+    let mut cleanup = Cleanup { root: root.clone(), child: None };
 
     // The TTP (in this process) logs every event at TRACE to a file.
     let ttp_log = root.join("ttp.trace.log");
@@ -507,8 +432,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
 
     // The attestation policy holds the host's current PCRs (read before the child owns the TPM).
     let pcr_values = {
-        let mut tpm =
-            secure_component::tpm::HostTpm::open(&swtpm.tcti(), &root.join("pcr-reader")).unwrap();
+        let mut tpm = secure_component::tpm::HostTpm::open(&swtpm.tcti(), &root.join("pcr-reader")).unwrap();
         tpm.read_pcrs(&config.pcr_selection).unwrap()
     };
     let policy = AttestationPolicy {
@@ -520,9 +444,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
             pcr_values,
         }],
     };
-    let ttp = RunningTtp::start(&root, &pki, &policy, ttp_listener)
-        .await
-        .unwrap();
+    let ttp = RunningTtp::start(&root, &pki, &policy, ttp_listener).await.unwrap();
     let k_ttp = std::fs::read(ttp.data_dir.join(ttp::config::MASTER_KEY_FILE)).unwrap();
     assert_eq!(k_ttp.len(), 32);
 
@@ -532,12 +454,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let child_out = root.join("host-1").join("child.stdout");
     let child_err = root.join("host-1").join("child.stderr");
     let child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "key_hygiene_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "key_hygiene_child", "--nocapture", "--test-threads=1"])
         .env(CHILD_CONFIG, &config_path)
         .env(MARKER_SEED, hex::encode(seed))
         .env("RUST_LOG", "trace")
@@ -556,47 +473,29 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
                 std::fs::read_to_string(&child_err).unwrap_or_default()
             );
         }
-        assert!(
-            Instant::now() < deadline,
-            "the child secure component did not start"
-        );
+        assert!(Instant::now() < deadline, "the child secure component did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let agent_url = format!(
-        "https://127.0.0.1:{}",
-        std::fs::read_to_string(&port_file).unwrap().trim()
-    );
+    let agent_url = format!("https://127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap().trim());
 
     println!("cloud: a domain (vm-a rw), registered at the TTP, volume written");
     pki.issue(Role::CloudPlatform, "cp-1").unwrap();
     let cp_ttp = pki.client("cp-1", Role::Ttp, &ttp.url).unwrap();
     let alice = DomainManager::create(&pki, "dm-alice").unwrap();
-    let descriptor = alice
-        .new_domain(&[("department", "oncology")], &[("vm-a", AccessMode::Rw)])
-        .unwrap();
+    let descriptor = alice.new_domain(&[("department", "oncology")], &[("vm-a", AccessMode::Rw)]).unwrap();
     let domain_id = descriptor.domain_id.clone();
-    let header: HeaderRecord = register(&cp_ttp, alice.sign_descriptor(&descriptor).unwrap(), None)
-        .await
-        .unwrap();
+    let header: HeaderRecord = register(&cp_ttp, alice.sign_descriptor(&descriptor).unwrap(), None).await.unwrap();
     let volume = root.join("volumes").join(format!("{domain_id}.img"));
     std::fs::create_dir_all(volume.parent().unwrap()).unwrap();
     {
         let f = std::fs::File::create(&volume).unwrap();
-        f.write_all_at(&format::new_header_area(&header.encode()).unwrap(), 0)
-            .unwrap();
+        f.write_all_at(&format::new_header_area(&header.encode()).unwrap(), 0).unwrap();
         f.set_len(DATA_OFFSET + DATA_LEN).unwrap();
     }
     let (_, registration) = header.unverified_contents().unwrap();
-    let key = independent_key(
-        &k_ttp,
-        &registration,
-        &domain_id,
-        &descriptor.metadata_hash(),
-    );
+    let key = independent_key(&k_ttp, &registration, &domain_id, &descriptor.metadata_hash());
 
-    let cp = pki
-        .client("cp-1", Role::SecureComponent, &agent_url)
-        .unwrap();
+    let cp = pki.client("cp-1", Role::SecureComponent, &agent_url).unwrap();
     let request = |id: &str, vm: &str, grant_secs: i64| AgentAttachRequest {
         attachment_id: id.into(),
         vm_id: vm.into(),
@@ -608,14 +507,10 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let mut transcript = Transcript::default();
 
     println!("refusals first (their errors are scanned too): a VM not in the access list, an expired grant");
-    for (what, req) in [
-        ("vm-z not in the ACL", request("att-z", "vm-z", 300)),
-        ("expired grant", request("att-e", "vm-a", -5)),
-    ] {
-        match cp
-            .post_json::<_, serde_json::Value>("/v1/attachments", &req)
-            .await
-        {
+    for (what, req) in
+        [("vm-z not in the ACL", request("att-z", "vm-z", 300)), ("expired grant", request("att-e", "vm-a", -5))]
+    {
+        match cp.post_json::<_, serde_json::Value>("/v1/attachments", &req).await {
             Err(e) => {
                 println!("  refused ({what}): {e}");
                 transcript.error(what, &e);
@@ -625,27 +520,17 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     }
 
     println!("attach vm-a rw through the agent API (key release, TPM decryption, userspace XTS engine), write, sync");
-    let attached: serde_json::Value = cp
-        .post_json("/v1/attachments", &request("att-1", "vm-a", 300))
-        .await
-        .expect("vm-a attaches");
+    let attached: serde_json::Value =
+        cp.post_json("/v1/attachments", &request("att-1", "vm-a", 300)).await.expect("vm-a attaches");
     transcript.answer("attach", &attached);
     let mount = PathBuf::from(attached["mount_path"].as_str().unwrap());
-    let payload: Vec<u8> = (0..4 << 20)
-        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let payload: Vec<u8> = (0..4 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(mount.join("records.bin"), &payload).unwrap();
-    std::fs::File::open(mount.join("records.bin"))
-        .unwrap()
-        .sync_all()
-        .unwrap();
+    std::fs::File::open(mount.join("records.bin")).unwrap().sync_all().unwrap();
     assert_eq!(std::fs::read(mount.join("records.bin")).unwrap(), payload);
     let listed: serde_json::Value = cp.get_json("/v1/attachments").await.unwrap();
     transcript.answer("list while attached", &listed);
-    match cp
-        .post_json::<_, serde_json::Value>("/v1/attachments", &request("att-2", "vm-a", 300))
-        .await
-    {
+    match cp.post_json::<_, serde_json::Value>("/v1/attachments", &request("att-2", "vm-a", 300)).await {
         Err(e) => transcript.error("second attach of the same domain for the same vm", &e),
         Ok(v) => panic!("a second attach must be refused, got {v}"),
     }
@@ -653,44 +538,23 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let key1_head = key[..16].to_vec();
     let key2_head = key[32..48].to_vec();
     let mut patterns = encodings("domain key K", &key);
-    patterns.push(Pattern {
-        what: "XTS key1 (raw 32 bytes)".into(),
-        bytes: key[..32].to_vec(),
-    });
-    patterns.push(Pattern {
-        what: "XTS key2 (raw 32 bytes)".into(),
-        bytes: key[32..].to_vec(),
-    });
+    patterns.push(Pattern { what: "XTS key1 (raw 32 bytes)".into(), bytes: key[..32].to_vec() });
+    patterns.push(Pattern { what: "XTS key2 (raw 32 bytes)".into(), bytes: key[32..].to_vec() });
     patterns.extend(encodings("K_TTP", &k_ttp));
     let schedule = vec![
-        Pattern {
-            what: "key1[0..16] (start of an AES key schedule of key1)".into(),
-            bytes: key1_head,
-        },
-        Pattern {
-            what: "key2[0..16] (start of an AES key schedule of key2)".into(),
-            bytes: key2_head,
-        },
+        Pattern { what: "key1[0..16] (start of an AES key schedule of key1)".into(), bytes: key1_head },
+        Pattern { what: "key2[0..16] (start of an AES key schedule of key2)".into(), bytes: key2_head },
     ];
     let control = vec![
-        Pattern {
-            what: "marker (raw)".into(),
-            bytes: marker.clone(),
-        },
-        Pattern {
-            what: "marker (hex)".into(),
-            bytes: hex::encode(&marker).into_bytes(),
-        },
+        Pattern { what: "marker (raw)".into(), bytes: marker.clone() },
+        Pattern { what: "marker (hex)".into(), bytes: hex::encode(&marker).into_bytes() },
     ];
-    let all: Vec<Pattern> = patterns
-        .iter()
-        .chain(&schedule)
-        .chain(&control)
-        .cloned()
-        .collect();
+    let all: Vec<Pattern> = patterns.iter().chain(&schedule).chain(&control).cloned().collect();
     let is = |f: &Finding, prefix: &str| f.what.starts_with(prefix);
 
-    println!("control: a core while attached holds the marker and the key's round keys (the derived key is the one in use)");
+    println!(
+        "control: a core while attached holds the marker and the key's round keys (the derived key is the one in use)"
+    );
     let (core, maps) = take_core(pid, &root, "attached");
     let attached_findings = scan_core(&core, &maps, "attached", &all);
     drop(core);
@@ -707,26 +571,17 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
         attached_findings.iter().any(|f| is(f, "XTS key1") || is(f, "key1[0..16]")),
         "while attached, key1's round keys must be in the engine's memory: is the independently derived key wrong?"
     );
-    assert!(
-        !attached_findings.iter().any(|f| is(f, "K_TTP")),
-        "K_TTP is never in the secure component"
-    );
+    assert!(!attached_findings.iter().any(|f| is(f, "K_TTP")), "K_TTP is never in the secure component");
 
     println!("detach vm-a");
-    let detached: serde_json::Value = cp
-        .delete_json("/v1/attachments/att-1")
-        .await
-        .expect("vm-a detaches");
+    let detached: serde_json::Value = cp.delete_json("/v1/attachments/att-1").await.expect("vm-a detaches");
     transcript.answer("detach", &detached);
     assert_eq!(detached["status"], "detached");
     assert!(!mount.exists(), "the VM directory is removed");
     let listed: serde_json::Value = cp.get_json("/v1/attachments").await.unwrap();
     transcript.answer("list after detach", &listed);
     assert_eq!(listed["attachments"].as_array().map(Vec::len), Some(0));
-    match cp
-        .delete_json::<serde_json::Value>("/v1/attachments/att-1")
-        .await
-    {
+    match cp.delete_json::<serde_json::Value>("/v1/attachments/att-1").await {
         Err(e) => transcript.error("detach again", &e),
         Ok(v) => panic!("a second detach must be refused, got {v}"),
     }
@@ -739,14 +594,8 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let core_len = core.len();
     drop(core);
     report("core after detach", &core_findings);
-    assert!(
-        core_findings.iter().any(|f| f.what == "marker (raw)"),
-        "the scanner must find the raw marker in the core"
-    );
-    assert!(
-        core_findings.iter().any(|f| f.what == "marker (hex)"),
-        "the scanner must find the hex marker in the core"
-    );
+    assert!(core_findings.iter().any(|f| f.what == "marker (raw)"), "the scanner must find the raw marker in the core");
+    assert!(core_findings.iter().any(|f| f.what == "marker (hex)"), "the scanner must find the hex marker in the core");
 
     println!("scan: logs (secure component at TRACE, TTP at TRACE, the child's stdout and stderr)");
     let child_trace = PathBuf::from(format!("{}.trace.log", config_path.display()));
@@ -755,15 +604,9 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
         assert!(log.exists(), "{} exists", log.display());
     }
     let trace_len = std::fs::metadata(&child_trace).unwrap().len();
-    assert!(
-        trace_len > 0 && std::fs::metadata(&ttp_log).unwrap().len() > 0,
-        "both TRACE logs have events"
-    );
+    assert!(trace_len > 0 && std::fs::metadata(&ttp_log).unwrap().len() > 0, "both TRACE logs have events");
     let (log_findings, log_bytes) = scan_files(&logs, &all);
-    report(
-        &format!("{} log files, {} KiB", logs.len(), log_bytes >> 10),
-        &log_findings,
-    );
+    report(&format!("{} log files, {} KiB", logs.len(), log_bytes >> 10), &log_findings);
 
     println!("scan: the secure component's state directory and the TTP's data directory (but master.key)");
     let master = ttp.data_dir.join(ttp::config::MASTER_KEY_FILE);
@@ -772,18 +615,11 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     state_files.extend(files_under(&ttp.data_dir, &|p| p == master));
     let (file_findings, file_bytes) = scan_files(&state_files, &all);
     report(
-        &format!(
-            "{} files ({sc_state_count} of the secure component), {} KiB",
-            state_files.len(),
-            file_bytes >> 10
-        ),
+        &format!("{} files ({sc_state_count} of the secure component), {} KiB", state_files.len(), file_bytes >> 10),
         &file_findings,
     );
 
-    println!(
-        "scan: every answer and error text seen ({} texts)",
-        transcript.0.len()
-    );
+    println!("scan: every answer and error text seen ({} texts)", transcript.0.len());
     let text_findings: Vec<Finding> = transcript
         .0
         .iter()
@@ -795,10 +631,8 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
         println!("    {}", text.chars().take(160).collect::<String>());
     }
 
-    let lingering: Vec<&Finding> = core_findings
-        .iter()
-        .filter(|f| is(f, "key1[0..16]") || is(f, "key2[0..16]"))
-        .collect();
+    let lingering: Vec<&Finding> =
+        core_findings.iter().filter(|f| is(f, "key1[0..16]") || is(f, "key2[0..16]")).collect();
     if lingering.is_empty() {
         println!("MEASURED no AES key schedule of the domain key lingers in the secure component after detach");
     } else {
@@ -818,10 +652,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
         .chain(&text_findings)
         .filter(key_material)
         .collect();
-    let ttp_log_leaks: Vec<&Finding> = log_findings
-        .iter()
-        .filter(|f| is(f, "K_TTP") || is(f, "key"))
-        .collect();
+    let ttp_log_leaks: Vec<&Finding> = log_findings.iter().filter(|f| is(f, "K_TTP") || is(f, "key")).collect();
     println!(
         "MEASURED key hygiene: core {} MiB, logs {} KiB, files {} KiB, {} answers/errors scanned in {:.1} s total",
         core_len >> 20,
@@ -830,10 +661,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
         transcript.0.len(),
         started.elapsed().as_secs_f64()
     );
-    assert!(
-        ttp_log_leaks.is_empty(),
-        "key material in the logs: {ttp_log_leaks:?}"
-    );
+    assert!(ttp_log_leaks.is_empty(), "key material in the logs: {ttp_log_leaks:?}");
     assert!(leaks.is_empty(), "key material found: {leaks:#?}");
 
     drop(cleanup);

@@ -59,14 +59,22 @@ fn raise_nofile(wanted: u64) -> u64 {
         (fields.first().copied().unwrap_or(0), fields.get(1).copied().unwrap_or(0))
     };
     let quiet = |arg: String| {
-        std::process::Command::new("prlimit").args(["--pid", &pid, &arg]).stderr(std::process::Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+        std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &arg])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
     };
     if !quiet(format!("--nofile={wanted}:{wanted}")) {
         let (_, hard) = limits();
         quiet(format!("--nofile={hard}:{hard}"));
     }
     let (soft, hard) = limits();
-    println!("RLIMIT_NOFILE: wanted {wanted}, in force {soft} (hard {hard}){}", if soft < wanted { ": raising the hard limit is not permitted here (no CAP_SYS_RESOURCE)" } else { "" });
+    println!(
+        "RLIMIT_NOFILE: wanted {wanted}, in force {soft} (hard {hard}){}",
+        if soft < wanted { ": raising the hard limit is not permitted here (no CAP_SYS_RESOURCE)" } else { "" }
+    );
     soft
 }
 
@@ -146,7 +154,10 @@ impl Call {
     async fn run(&self, client: &net::Client) -> Result<(), net::Error> {
         match self {
             Call::Challenge => client.post_json::<_, ChallengeResponse>("/v1/challenges", &()).await.map(|_| ()),
-            Call::History(domain) => client.get_json::<HistoryResponse>(&format!("/v1/domains/{domain}/history")).await.map(|r| assert!(!r.records.is_empty())),
+            Call::History(domain) => client
+                .get_json::<HistoryResponse>(&format!("/v1/domains/{domain}/history"))
+                .await
+                .map(|r| assert!(!r.records.is_empty())),
             Call::Domains => client.get_json::<DomainList>("/v1/domains").await.map(|r| assert_eq!(r.domains.len(), 2)),
             Call::Attachments => client.get_json::<AttachmentList>("/v1/attachments").await.map(|_| ()),
         }
@@ -213,7 +224,8 @@ async fn run_phase(clients: Vec<(net::Client, Call)>, requests: usize) -> PhaseR
         unfinished = n;
     }
     let wall = started.elapsed();
-    let mut result = PhaseResult { per_call: BTreeMap::new(), first: Stats::default(), wall, connect_wall, requests: 0, unfinished };
+    let mut result =
+        PhaseResult { per_call: BTreeMap::new(), first: Stats::default(), wall, connect_wall, requests: 0, unfinished };
     while let Ok((name, first, r)) = rx.try_recv() {
         let stats = if first { &mut result.first } else { result.per_call.entry(name).or_default() };
         match r {
@@ -254,7 +266,12 @@ fn report(label: &str, result: &mut PhaseResult, singles: &BTreeMap<&'static str
         ms(percentile(&result.first.latencies, 0.99))
     );
     let total_rate = result.requests as f64 / result.wall.as_secs_f64();
-    println!("MEASURED {label}: {} requests in {:.2} s = {:.0} req/s over all endpoints", result.requests, result.wall.as_secs_f64(), total_rate);
+    println!(
+        "MEASURED {label}: {} requests in {:.2} s = {:.0} req/s over all endpoints",
+        result.requests,
+        result.wall.as_secs_f64(),
+        total_rate
+    );
     let mut errors = result.first.error_count() + result.unfinished;
     for (name, stats) in result.per_call.iter_mut() {
         stats.latencies.sort();
@@ -330,7 +347,9 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
     let mut servers = Vec::new();
     {
         let (router, t) = (ttp::http::router(ttp.clone()), shutdown.clone());
-        servers.push(tokio::spawn(async move { net::serve_with(ttp_listener, ttp_tls, router, serve_options(), t).await.unwrap() }));
+        servers.push(tokio::spawn(async move {
+            net::serve_with(ttp_listener, ttp_tls, router, serve_options(), t).await.unwrap()
+        }));
     }
     for host in &hosts {
         host.agent.enroll(&selection).await.unwrap();
@@ -364,12 +383,20 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
     let (cp, cp_server_tls) = cloud_platform::server::build(&cp_config).unwrap();
     {
         let (router, t) = (cloud_platform::api::router(cp), shutdown.clone());
-        servers.push(tokio::spawn(async move { net::serve_with(cp_listener, cp_server_tls, router, serve_options(), t).await.unwrap() }));
+        servers.push(tokio::spawn(async move {
+            net::serve_with(cp_listener, cp_server_tls, router, serve_options(), t).await.unwrap()
+        }));
     }
     let operator = pki.client("cloud-platform", Role::CloudPlatform, &cp_url).unwrap();
-    let _: ComputeHost = operator.post_json("/v1/hosts", &ComputeHost { id: "load-host-0".into(), agent_url: "https://127.0.0.1:9".into() }).await.unwrap();
+    let _: ComputeHost = operator
+        .post_json("/v1/hosts", &ComputeHost { id: "load-host-0".into(), agent_url: "https://127.0.0.1:9".into() })
+        .await
+        .unwrap();
     for i in 0..100 {
-        let _: Instance = operator.post_json("/v1/instances", &Instance { id: format!("vm-{i:03}"), host: "load-host-0".into() }).await.unwrap();
+        let _: Instance = operator
+            .post_json("/v1/instances", &Instance { id: format!("vm-{i:03}"), host: "load-host-0".into() })
+            .await
+            .unwrap();
     }
     // 16 domain managers, each owning two domains created through the CP.
     let mut managers = Vec::new();
@@ -378,9 +405,13 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         let client = pki.client(&dm.name, Role::CloudPlatform, &cp_url).unwrap();
         let mut headers = Vec::new();
         for j in 0..2 {
-            let descriptor = dm.new_domain(&[("ward", &format!("ward-{i}-{j}"))], &[("vm-load", AccessMode::Rw)]).unwrap();
+            let descriptor =
+                dm.new_domain(&[("ward", &format!("ward-{i}-{j}"))], &[("vm-load", AccessMode::Rw)]).unwrap();
             let view: protocol::cloud::DomainView = client
-                .post_json("/v1/domains", &CreateDomainRequest { descriptor: dm.sign_descriptor(&descriptor).unwrap(), size_bytes: 1 << 20 })
+                .post_json(
+                    "/v1/domains",
+                    &CreateDomainRequest { descriptor: dm.sign_descriptor(&descriptor).unwrap(), size_bytes: 1 << 20 },
+                )
                 .await
                 .unwrap();
             headers.push(view.header);
@@ -392,8 +423,15 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
 
 /// Builds `n` clients for `server_role` at `url`, cycling through `identities`; each has its
 /// own configuration (own session cache: a full handshake each) and its own connection.
-fn clients(pki: &LabPki, identities: &[(String, Call)], server_role: Role, url: &str, n: usize) -> Vec<(net::Client, Call)> {
-    let materials: Vec<_> = identities.iter().map(|(name, _)| TlsFiles::in_dir(&pki.dir, name).load().unwrap()).collect();
+fn clients(
+    pki: &LabPki,
+    identities: &[(String, Call)],
+    server_role: Role,
+    url: &str,
+    n: usize,
+) -> Vec<(net::Client, Call)> {
+    let materials: Vec<_> =
+        identities.iter().map(|(name, _)| TlsFiles::in_dir(&pki.dir, name).load().unwrap()).collect();
     (0..n)
         .map(|i| {
             let k = i % identities.len();
@@ -406,7 +444,10 @@ fn clients(pki: &LabPki, identities: &[(String, Call)], server_role: Role, url: 
 async fn ttp_and_cp_under_load(clients_n: usize, requests: usize, tpm_parts: bool) {
     prerequisites::require(&[Need::Root, Need::Swtpm]);
     let nofile = raise_nofile(65536);
-    assert!(nofile as usize > 2 * clients_n + 1000, "{clients_n} clients need two sockets each in this process; RLIMIT_NOFILE is {nofile}");
+    assert!(
+        nofile as usize > 2 * clients_n + 1000,
+        "{clients_n} clients need two sockets each in this process; RLIMIT_NOFILE is {nofile}"
+    );
     let test_started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let cloud = start_cloud(dir.path(), if tpm_parts { 4 } else { 1 }).await;
@@ -578,7 +619,15 @@ async fn key_release_rates(cloud: &Cloud) {
     let t = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         for _ in 0..50 {
-            store.append_audit(ttp::store::AuditEntry { at: 0, event: "load_probe".into(), outcome: "ok".into(), actor: "load".into(), ..Default::default() }).unwrap();
+            store
+                .append_audit(ttp::store::AuditEntry {
+                    at: 0,
+                    event: "load_probe".into(),
+                    outcome: "ok".into(),
+                    actor: "load".into(),
+                    ..Default::default()
+                })
+                .unwrap();
         }
         started.elapsed() / 50
     })

@@ -102,7 +102,13 @@ impl Cloud {
         self.request_with(attachment_id, vm, mode, self.alice.grant(&self.domain_id, vm, mode, 300))
     }
 
-    fn request_with(&self, attachment_id: &str, vm: &str, mode: AccessMode, grant: SignedEnvelope) -> AgentAttachRequest {
+    fn request_with(
+        &self,
+        attachment_id: &str,
+        vm: &str,
+        mode: AccessMode,
+        grant: SignedEnvelope,
+    ) -> AgentAttachRequest {
         AgentAttachRequest {
             attachment_id: attachment_id.into(),
             vm_id: vm.into(),
@@ -138,7 +144,9 @@ fn leftovers(root: &Path) -> Vec<String> {
         .map(|l| format!("mount: {l}"))
         .collect();
     let losetup = std::process::Command::new("losetup").arg("-a").output().expect("losetup runs");
-    out.extend(String::from_utf8_lossy(&losetup.stdout).lines().filter(|l| l.contains(&root)).map(|l| format!("loop: {l}")));
+    out.extend(
+        String::from_utf8_lossy(&losetup.stdout).lines().filter(|l| l.contains(&root)).map(|l| format!("loop: {l}")),
+    );
     out
 }
 
@@ -237,7 +245,9 @@ async fn secure_component_agent_end_to_end() {
     pki.issue(Role::CloudPlatform, "cp-1").unwrap();
     let cp_ttp = pki.client("cp-1", Role::Ttp, &ttp.url).unwrap();
     let alice = DomainManager::create(&pki, "dm-alice").unwrap();
-    let descriptor = alice.new_domain(&[("department", "cardiology")], &[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Ro)]).unwrap();
+    let descriptor = alice
+        .new_domain(&[("department", "cardiology")], &[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Ro)])
+        .unwrap();
     let domain_id = descriptor.domain_id.clone();
     let header = register(&cp_ttp, alice.sign_descriptor(&descriptor).unwrap(), None).await.unwrap();
     let volume = root.join("volumes").join(format!("{domain_id}.img"));
@@ -251,13 +261,18 @@ async fn secure_component_agent_end_to_end() {
     {
         let dm_client = cloud.pki.client("dm-alice", Role::SecureComponent, &agent.url).unwrap();
         match dm_client.get_json::<AgentAttachmentList>("/v1/attachments").await {
-            Err(e @ (net::Error::Tls { .. } | net::Error::Connect { .. } | net::Error::Request { .. })) => println!("  refused: {e}"),
+            Err(e @ (net::Error::Tls { .. } | net::Error::Connect { .. } | net::Error::Request { .. })) => {
+                println!("  refused: {e}")
+            }
             other => panic!("a domain manager must not reach the agent API, got {other:?}"),
         }
     }
 
     println!("attach: vm-a rw (first use: mkfs.ext4), write a file");
-    let attached: AgentAttachment = cp.post_json("/v1/attachments", &cloud.request("att-1", "vm-a", AccessMode::Rw)).await.expect("vm-a attaches rw");
+    let attached: AgentAttachment = cp
+        .post_json("/v1/attachments", &cloud.request("att-1", "vm-a", AccessMode::Rw))
+        .await
+        .expect("vm-a attaches rw");
     println!("  {attached:?}");
     assert_eq!(attached.status, "attached");
     assert_eq!(attached.backend, "userspace");
@@ -265,7 +280,12 @@ async fn secure_component_agent_end_to_end() {
     assert_eq!(PathBuf::from(&attached.mount_path), vm_dir("vm-a"));
     let first = *agent.service.recent_timings().last().unwrap();
     assert!(first.formatted, "the first rw attach formats");
-    println!("MEASURED first rw attach (includes mkfs.ext4 of the {} MiB data area): total {}, of which mkfs + mount {}", DATA_LEN >> 20, ms(first.total), ms(first.attach));
+    println!(
+        "MEASURED first rw attach (includes mkfs.ext4 of the {} MiB data area): total {}, of which mkfs + mount {}",
+        DATA_LEN >> 20,
+        ms(first.total),
+        ms(first.attach)
+    );
     let note = b"written by vm-a through the secure component\n";
     std::fs::write(vm_dir("vm-a").join("note.txt"), note).unwrap();
     // The record holds no key material.
@@ -277,7 +297,10 @@ async fn secure_component_agent_end_to_end() {
         // Make the journal dirty-but-committed like a running writer leaves it.
         let f = std::fs::File::open(vm_dir("vm-a").join("note.txt")).unwrap();
         f.sync_all().unwrap();
-        let b: AgentAttachment = cp.post_json("/v1/attachments", &cloud.request("att-2", "vm-b", AccessMode::Ro)).await.expect("vm-b attaches ro beside vm-a");
+        let b: AgentAttachment = cp
+            .post_json("/v1/attachments", &cloud.request("att-2", "vm-b", AccessMode::Ro))
+            .await
+            .expect("vm-b attaches ro beside vm-a");
         assert_eq!(b.mode, AccessMode::Ro);
         let e = std::fs::write(vm_dir("vm-b").join("x"), b"x").expect_err("a ro mount refuses writes");
         assert_eq!(e.raw_os_error(), Some(EROFS), "{e}");
@@ -290,9 +313,15 @@ async fn secure_component_agent_end_to_end() {
 
     println!("refusal: the same domain for the same VM twice, and an attachment id in use");
     {
-        let (status, code, _) = api_code(cp.post_json::<_, AgentAttachment>("/v1/attachments", &cloud.request("att-9", "vm-a", AccessMode::Rw)).await);
+        let (status, code, _) = api_code(
+            cp.post_json::<_, AgentAttachment>("/v1/attachments", &cloud.request("att-9", "vm-a", AccessMode::Rw))
+                .await,
+        );
         assert_eq!((status, code.as_str()), (409, "attachment_conflict"));
-        let (status, code, _) = api_code(cp.post_json::<_, AgentAttachment>("/v1/attachments", &cloud.request("att-1", "vm-b", AccessMode::Ro)).await);
+        let (status, code, _) = api_code(
+            cp.post_json::<_, AgentAttachment>("/v1/attachments", &cloud.request("att-1", "vm-b", AccessMode::Ro))
+                .await,
+        );
         assert_eq!((status, code.as_str()), (409, "attachment_conflict"));
     }
 
@@ -305,7 +334,10 @@ async fn secure_component_agent_end_to_end() {
     assert_eq!((status, code.as_str()), (404, "attachment_unknown"));
 
     println!("attach: vm-b ro: the file vm-a wrote is there; writing fails with EROFS");
-    let b: AgentAttachment = cp.post_json("/v1/attachments", &cloud.request("att-3", "vm-b", AccessMode::Ro)).await.expect("vm-b attaches ro");
+    let b: AgentAttachment = cp
+        .post_json("/v1/attachments", &cloud.request("att-3", "vm-b", AccessMode::Ro))
+        .await
+        .expect("vm-b attaches ro");
     assert!(!agent.service.recent_timings().last().unwrap().formatted, "ro never formats");
     assert_eq!(std::fs::read(vm_dir("vm-b").join("note.txt")).unwrap(), note);
     let e = std::fs::write(vm_dir("vm-b").join("note.txt"), b"overwrite").expect_err("ro");
@@ -316,7 +348,10 @@ async fn secure_component_agent_end_to_end() {
 
     println!("refusal: vm-z is not in the access list: the TTP's code and message come back unchanged");
     {
-        let (status, code, message) = api_code(cp.post_json::<_, AgentAttachment>("/v1/attachments", &cloud.request("att-z", "vm-z", AccessMode::Ro)).await);
+        let (status, code, message) = api_code(
+            cp.post_json::<_, AgentAttachment>("/v1/attachments", &cloud.request("att-z", "vm-z", AccessMode::Ro))
+                .await,
+        );
         assert_eq!((status, code.as_str()), (403, "vm_not_in_acl"));
         assert!(message.contains("vm-z"), "{message}");
         assert!(!message.contains("the TTP refused"), "the TTP's message, not a wrapper: {message}");
@@ -325,7 +360,12 @@ async fn secure_component_agent_end_to_end() {
         let list: AgentAttachmentList = cp.get_json("/v1/attachments").await.unwrap();
         assert_eq!(list.attachments.len(), 1, "the refusal leaves nothing behind");
         // An expired grant.
-        let expired = cloud.request_with("att-e", "vm-a", AccessMode::Rw, cloud.alice.grant(&domain_id, "vm-a", AccessMode::Rw, -5));
+        let expired = cloud.request_with(
+            "att-e",
+            "vm-a",
+            AccessMode::Rw,
+            cloud.alice.grant(&domain_id, "vm-a", AccessMode::Rw, -5),
+        );
         let (_, code, _) = api_code(cp.post_json::<_, AgentAttachment>("/v1/attachments", &expired).await);
         assert_eq!(code, "grant_expired");
     }
@@ -367,7 +407,10 @@ async fn secure_component_agent_end_to_end() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let child_url = format!("https://127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap().trim());
         let child_cp = cloud.cp(&child_url);
-        let _: AgentAttachment = child_cp.post_json("/v1/attachments", &cloud.request("att-4", "vm-b", AccessMode::Ro)).await.expect("the child attaches");
+        let _: AgentAttachment = child_cp
+            .post_json("/v1/attachments", &cloud.request("att-4", "vm-b", AccessMode::Ro))
+            .await
+            .expect("the child attaches");
         assert_eq!(std::fs::read(vm_dir("vm-b").join("note.txt")).unwrap(), note);
         child.kill().unwrap();
         child.wait().unwrap();
@@ -385,7 +428,9 @@ async fn secure_component_agent_end_to_end() {
         agent.stop().await;
     }
 
-    println!("latency: 50 attach (rw) + detach cycles of vm-a, request until the file system is usable in the VM directory");
+    println!(
+        "latency: 50 attach (rw) + detach cycles of vm-a, request until the file system is usable in the VM directory"
+    );
     let agent = RunningAgent::start(&config).await;
     let cp = cloud.cp(&agent.url);
     let cycles = 50;
@@ -411,7 +456,11 @@ async fn secure_component_agent_end_to_end() {
     let (attach_median, attach_p99) = median_p99(&mut attach_times);
     let (detach_median, detach_p99) = median_p99(&mut detach_times);
     println!("MEASURED attach latency (client: POST /v1/attachments until readdir of the mount works), {cycles} cycles with swtpm: median {}, p99 {}", ms(attach_median), ms(attach_p99));
-    println!("MEASURED detach latency (DELETE: umount, loop detach, FUSE unmount, record): median {}, p99 {}", ms(detach_median), ms(detach_p99));
+    println!(
+        "MEASURED detach latency (DELETE: umount, loop detach, FUSE unmount, record): median {}, p99 {}",
+        ms(detach_median),
+        ms(detach_p99)
+    );
     println!("MEASURED where the attach time goes (server side, median / p99 of {cycles}):");
     for (name, f) in [
         ("TTP challenge (mTLS round trip)", (|t: &AttachTimings| t.challenge) as fn(&AttachTimings) -> Duration),

@@ -10,8 +10,8 @@ use protocol::secret::SecretBytes;
 use secure_component::swtpm::Swtpm;
 use secure_component::tpm::HostTpm;
 use ttp::attestation::{
-    begin_enrollment, finish_enrollment, reference_state_from_values, seal_key_to_host, verify_quote, AttestationPolicy,
-    HostRecord, ReferenceState,
+    begin_enrollment, finish_enrollment, reference_state_from_values, seal_key_to_host, verify_quote,
+    AttestationPolicy, HostRecord, ReferenceState,
 };
 
 /// The machine has two cores: run the TPM tests one at a time so timings mean something.
@@ -237,7 +237,10 @@ fn timings_enrollment_and_key_release() {
         }
     }
     let record = record.unwrap();
-    println!("TIMING enrollment (request+challenge+activate+certify+finish) median of 20: {:?}", median(&mut enrollments));
+    println!(
+        "TIMING enrollment (request+challenge+activate+certify+finish) median of 20: {:?}",
+        median(&mut enrollments)
+    );
     for (name, samples) in [
         "enrollment_request (SC: EK cert, EK, PolicyPCR trial, create AK + binding key)",
         "begin_enrollment (TTP: EK chain, MakeCredential)",
@@ -271,7 +274,9 @@ fn timings_enrollment_and_key_release() {
         }
     }
     println!("TIMING key release (quote+verify+seal+decrypt) median of 20: {:?}", median(&mut releases));
-    for (name, samples) in ["quote (SC, TPM)", "verify_quote (TTP)", "seal (TTP)", "decrypt (SC, TPM)"].iter().zip(parts.iter_mut()) {
+    for (name, samples) in
+        ["quote (SC, TPM)", "verify_quote (TTP)", "seal (TTP)", "decrypt (SC, TPM)"].iter().zip(parts.iter_mut())
+    {
         println!("TIMING   {name}: median {:?}", median(samples));
     }
 }

@@ -11,7 +11,9 @@ use openssl::pkey::Id;
 use openssl::pkey_ctx::PkeyCtx;
 use protocol::attest::PcrSelection;
 use protocol::domain::AccessMode;
-use protocol::messages::{ChallengeResponse, HeaderRecord, HistoryResponse, KeyReleaseRequest, KeyReleaseResponse, Registration};
+use protocol::messages::{
+    ChallengeResponse, HeaderRecord, HistoryResponse, KeyReleaseRequest, KeyReleaseResponse, Registration,
+};
 use protocol::signing::SignedEnvelope;
 use sha2::{Digest, Sha256};
 use skydd::lab::{register, DomainManager, LabHost, LabPki, RunningTtp};
@@ -71,7 +73,14 @@ fn median(samples: &mut [Duration]) -> Duration {
 }
 
 /// A key-release request built by hand, so tests can replay or mismatch its parts.
-async fn manual_request(host: &LabHost, header: &HeaderRecord, grant: &SignedEnvelope, vm: &str, mode: AccessMode, quote_nonce_of: Option<&ChallengeResponse>) -> (KeyReleaseRequest, ChallengeResponse) {
+async fn manual_request(
+    host: &LabHost,
+    header: &HeaderRecord,
+    grant: &SignedEnvelope,
+    vm: &str,
+    mode: AccessMode,
+    quote_nonce_of: Option<&ChallengeResponse>,
+) -> (KeyReleaseRequest, ChallengeResponse) {
     let challenge: ChallengeResponse = host.agent.ttp.post_json("/v1/challenges", &()).await.unwrap();
     let nonce = quote_nonce_of.unwrap_or(&challenge).nonce.clone();
     let quote = host.agent.tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap();
@@ -118,19 +127,23 @@ async fn trust_core_end_to_end() {
 
     println!("refusal: an AK that is not in the EK's TPM");
     {
-        let from_a = host1.agent.tpm.run(|tpm| tpm.enrollment_request("host-1", &PcrSelection::default_host())).await.unwrap();
-        let from_b = host2.agent.tpm.run(|tpm| tpm.enrollment_request("host-1", &PcrSelection::default_host())).await.unwrap();
+        let from_a =
+            host1.agent.tpm.run(|tpm| tpm.enrollment_request("host-1", &PcrSelection::default_host())).await.unwrap();
+        let from_b =
+            host2.agent.tpm.run(|tpm| tpm.enrollment_request("host-1", &PcrSelection::default_host())).await.unwrap();
         let mut forged = from_a.clone();
         forged.ak_public = from_b.ak_public.clone();
         forged.binding_public = from_b.binding_public.clone();
-        let challenge: protocol::attest::CredentialChallenge = host1.agent.ttp.post_json("/v1/enrollments", &forged).await.unwrap();
+        let challenge: protocol::attest::CredentialChallenge =
+            host1.agent.ttp.post_json("/v1/enrollments", &forged).await.unwrap();
         // TPM B holds the AK but not the EK the credential was made for: it cannot activate.
         let challenge_for_b = challenge.clone();
         let activation = host2.agent.tpm.run(move |tpm| tpm.activate_credential(&challenge_for_b)).await;
         assert!(activation.is_err(), "TPM B must not be able to activate a credential made for TPM A's EK");
         // So the attacker can only guess the secret.
         let nonce = challenge.certify_nonce.clone();
-        let (certify_attest, certify_signature) = host2.agent.tpm.run(move |tpm| tpm.certify_binding_key(&nonce)).await.unwrap();
+        let (certify_attest, certify_signature) =
+            host2.agent.tpm.run(move |tpm| tpm.certify_binding_key(&nonce)).await.unwrap();
         let proof = protocol::attest::EnrollmentProof {
             enrollment_id: challenge.enrollment_id.clone(),
             activated_secret: rand::random::<[u8; 32]>().to_vec(),
@@ -158,7 +171,10 @@ async fn trust_core_end_to_end() {
 
     println!("domain: dm-alice creates a domain (vm-a rw, vm-b ro), cp-1 registers it");
     let descriptor = alice
-        .new_domain(&[("department", "cardiology"), ("classification", "patient-records")], &[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Ro)])
+        .new_domain(
+            &[("department", "cardiology"), ("classification", "patient-records")],
+            &[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Ro)],
+        )
         .unwrap();
     let domain_id = descriptor.domain_id.clone();
     let header_v1 = register(&cp, alice.sign_descriptor(&descriptor).unwrap(), None).await.unwrap();
@@ -172,7 +188,8 @@ async fn trust_core_end_to_end() {
     for _ in 0..20 {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         let started = Instant::now();
-        let (key, response) = host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await.expect("key released");
+        let (key, response) =
+            host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await.expect("key released");
         release_times.push(started.elapsed());
         assert_eq!(key.expose(), expected_key.as_slice(), "the secure component must end up with exactly K");
         assert_eq!(response.version, 1);
@@ -185,7 +202,8 @@ async fn trust_core_end_to_end() {
     {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         let (request, _) = manual_request(&host1, &header_v1, &grant, "vm-a", AccessMode::Rw, None).await;
-        let _: KeyReleaseResponse = host1.agent.ttp.post_json("/v1/key-releases", &request).await.expect("first use succeeds");
+        let _: KeyReleaseResponse =
+            host1.agent.ttp.post_json("/v1/key-releases", &request).await.expect("first use succeeds");
         let replay: Result<KeyReleaseResponse, _> = host1.agent.ttp.post_json("/v1/key-releases", &request).await;
         assert_eq!(code_of_client(replay), "challenge_invalid");
         assert_last_audit(&ttp, "challenge_invalid");
@@ -194,14 +212,21 @@ async fn trust_core_end_to_end() {
     println!("refusal: a grant used before, with a fresh challenge and quote (a grant is single-use)");
     {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
-        host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await.expect("the first use releases the key");
+        host1
+            .agent
+            .obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw)
+            .await
+            .expect("the first use releases the key");
         let replay = host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await;
         assert_eq!(code_of_agent(replay), "grant_replayed");
         assert_last_audit(&ttp, "grant_replayed");
         // A refused release does not use a grant up: after a refusal for the mode, the same
         // grant still works for what it allows.
         let grant = alice.grant(&domain_id, "vm-b", AccessMode::Ro, 300);
-        assert_eq!(code_of_agent(host1.agent.obtain_key(&header_v1, &grant, "vm-b", AccessMode::Rw).await), "mode_not_permitted");
+        assert_eq!(
+            code_of_agent(host1.agent.obtain_key(&header_v1, &grant, "vm-b", AccessMode::Rw).await),
+            "mode_not_permitted"
+        );
         host1.agent.obtain_key(&header_v1, &grant, "vm-b", AccessMode::Ro).await.expect("an unused grant still works");
     }
 
@@ -221,10 +246,15 @@ async fn trust_core_end_to_end() {
         let last = forged.descriptor.signature.len() - 2;
         forged.descriptor.signature[last] ^= 0x55;
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
-        assert_eq!(code_of_agent(host1.agent.obtain_key(&forged, &grant, "vm-a", AccessMode::Rw).await), "descriptor_signature_invalid");
+        assert_eq!(
+            code_of_agent(host1.agent.obtain_key(&forged, &grant, "vm-a", AccessMode::Rw).await),
+            "descriptor_signature_invalid"
+        );
         assert_last_audit(&ttp, "descriptor_signature_invalid");
         // Eve signs a descriptor that names Alice as owner.
-        let mut stolen = descriptor.next_version(|d| d.acl.push(protocol::domain::AclEntry { vm_id: "vm-eve".into(), mode: AccessMode::Rw })).unwrap();
+        let mut stolen = descriptor
+            .next_version(|d| d.acl.push(protocol::domain::AclEntry { vm_id: "vm-eve".into(), mode: AccessMode::Rw }))
+            .unwrap();
         stolen.owner = "dm-alice".into();
         let refused = register(&cp, eve.sign_descriptor(&stolen).unwrap(), Some(header_v1.registration.clone())).await;
         assert_eq!(code_of_client(refused), "descriptor_signature_invalid");
@@ -232,60 +262,92 @@ async fn trust_core_end_to_end() {
     }
 
     println!("grant: dm-alice adds vm-c (version 2)");
-    let descriptor_v2 = descriptor.next_version(|d| d.acl.push(protocol::domain::AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Ro })).unwrap();
-    let header_v2 = register(&cp, alice.sign_descriptor(&descriptor_v2).unwrap(), Some(header_v1.registration.clone())).await.unwrap();
+    let descriptor_v2 = descriptor
+        .next_version(|d| d.acl.push(protocol::domain::AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Ro }))
+        .unwrap();
+    let header_v2 = register(&cp, alice.sign_descriptor(&descriptor_v2).unwrap(), Some(header_v1.registration.clone()))
+        .await
+        .unwrap();
 
-    println!("a repeated registration of the newest version (a CP that crashed before writing its header) gets the same r");
+    println!(
+        "a repeated registration of the newest version (a CP that crashed before writing its header) gets the same r"
+    );
     {
-        let again = register(&cp, alice.sign_descriptor(&descriptor_v2).unwrap(), Some(header_v1.registration.clone())).await.expect("idempotent repeat");
+        let again = register(&cp, alice.sign_descriptor(&descriptor_v2).unwrap(), Some(header_v1.registration.clone()))
+            .await
+            .expect("idempotent repeat");
         let first = Registration::decode(&header_v2.registration.message).unwrap();
         let repeat = Registration::decode(&again.registration.message).unwrap();
-        assert_eq!((repeat.version, repeat.nonce_r, repeat.descriptor_hash), (first.version, first.nonce_r, first.descriptor_hash));
+        assert_eq!(
+            (repeat.version, repeat.nonce_r, repeat.descriptor_hash),
+            (first.version, first.nonce_r, first.descriptor_hash)
+        );
     }
 
     println!("refusal: a descriptor older than the newest registered version");
     {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
-        assert_eq!(code_of_agent(host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await), "version_rollback");
+        assert_eq!(
+            code_of_agent(host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await),
+            "version_rollback"
+        );
         assert_last_audit(&ttp, "version_rollback");
-        let replayed = register(&cp, alice.sign_descriptor(&descriptor).unwrap(), Some(header_v1.registration.clone())).await;
+        let replayed =
+            register(&cp, alice.sign_descriptor(&descriptor).unwrap(), Some(header_v1.registration.clone())).await;
         assert_eq!(code_of_client(replayed), "version_rollback");
         let stale_base = descriptor_v2.next_version(|d| d.acl.retain(|e| e.vm_id != "vm-b")).unwrap();
         let mut based_on_v1 = stale_base.clone();
         based_on_v1.version = 3;
-        let refused = register(&cp, alice.sign_descriptor(&based_on_v1).unwrap(), Some(header_v1.registration.clone())).await;
+        let refused =
+            register(&cp, alice.sign_descriptor(&based_on_v1).unwrap(), Some(header_v1.registration.clone())).await;
         assert_eq!(code_of_client(refused), "version_rollback");
         assert_last_audit(&ttp, "version_rollback");
     }
 
     println!("refusal: a VM not in the access list");
     let grant = alice.grant(&domain_id, "vm-z", AccessMode::Ro, 300);
-    assert_eq!(code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-z", AccessMode::Ro).await), "vm_not_in_acl");
+    assert_eq!(
+        code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-z", AccessMode::Ro).await),
+        "vm_not_in_acl"
+    );
     assert_last_audit(&ttp, "vm_not_in_acl");
 
     println!("refusal: a read-only VM asking for read-write");
     let grant = alice.grant(&domain_id, "vm-b", AccessMode::Rw, 300);
-    assert_eq!(code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-b", AccessMode::Rw).await), "mode_not_permitted");
+    assert_eq!(
+        code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-b", AccessMode::Rw).await),
+        "mode_not_permitted"
+    );
     assert_last_audit(&ttp, "mode_not_permitted");
 
     println!("refusal: a read-only grant used for read-write");
     let grant = alice.grant(&domain_id, "vm-a", AccessMode::Ro, 300);
-    assert_eq!(code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-a", AccessMode::Rw).await), "grant_mismatch");
+    assert_eq!(
+        code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-a", AccessMode::Rw).await),
+        "grant_mismatch"
+    );
     assert_last_audit(&ttp, "grant_mismatch");
 
     println!("refusal: an expired grant");
     let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, -5);
-    assert_eq!(code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-a", AccessMode::Rw).await), "grant_expired");
+    assert_eq!(
+        code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-a", AccessMode::Rw).await),
+        "grant_expired"
+    );
     assert_last_audit(&ttp, "grant_expired");
 
     println!("refusal: a grant signed by someone the descriptor does not name");
     let grant = eve.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
-    assert_eq!(code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-a", AccessMode::Rw).await), "grant_signer_not_authorized");
+    assert_eq!(
+        code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-a", AccessMode::Rw).await),
+        "grant_signer_not_authorized"
+    );
     assert_last_audit(&ttp, "grant_signer_not_authorized");
 
     println!("release: vm-c (added in version 2) on host-2");
     let grant = alice.grant(&domain_id, "vm-c", AccessMode::Ro, 300);
-    let (key_v2, _) = host2.agent.obtain_key(&header_v2, &grant, "vm-c", AccessMode::Ro).await.expect("vm-c gets the key");
+    let (key_v2, _) =
+        host2.agent.obtain_key(&header_v2, &grant, "vm-c", AccessMode::Ro).await.expect("vm-c gets the key");
     assert_eq!(key_v2.expose(), expected_key.as_slice(), "a new version keeps the key (same r, same metadata)");
 
     println!("refusal: a deleted domain");
@@ -293,24 +355,40 @@ async fn trust_core_end_to_end() {
         let doomed = alice.new_domain(&[("department", "radiology")], &[("vm-a", AccessMode::Rw)]).unwrap();
         let doomed_header = register(&cp, alice.sign_descriptor(&doomed).unwrap(), None).await.unwrap();
         let eve_delete: Result<serde_json::Value, _> = cp
-            .post_json(&format!("/v1/domains/{}/delete", doomed.domain_id), &protocol::messages::DeleteDomainRequest { deletion: eve.deletion(&doomed.domain_id) })
+            .post_json(
+                &format!("/v1/domains/{}/delete", doomed.domain_id),
+                &protocol::messages::DeleteDomainRequest { deletion: eve.deletion(&doomed.domain_id) },
+            )
             .await;
         assert_eq!(code_of_client(eve_delete), "owner_mismatch");
         let _: serde_json::Value = cp
-            .post_json(&format!("/v1/domains/{}/delete", doomed.domain_id), &protocol::messages::DeleteDomainRequest { deletion: alice.deletion(&doomed.domain_id) })
+            .post_json(
+                &format!("/v1/domains/{}/delete", doomed.domain_id),
+                &protocol::messages::DeleteDomainRequest { deletion: alice.deletion(&doomed.domain_id) },
+            )
             .await
             .expect("the owner deletes");
         let grant = alice.grant(&doomed.domain_id, "vm-a", AccessMode::Rw, 300);
-        assert_eq!(code_of_agent(host1.agent.obtain_key(&doomed_header, &grant, "vm-a", AccessMode::Rw).await), "domain_deleted");
+        assert_eq!(
+            code_of_agent(host1.agent.obtain_key(&doomed_header, &grant, "vm-a", AccessMode::Rw).await),
+            "domain_deleted"
+        );
         assert_last_audit(&ttp, "domain_deleted");
     }
 
     println!("refusal: PCR extended after enrollment (the TTP refuses the quote, the TPM refuses the old blob)");
     {
         let grant = alice.grant(&domain_id, "vm-b", AccessMode::Ro, 300);
-        let earlier = host2.agent.request_release(&header_v2, &grant, "vm-b", AccessMode::Ro).await.expect("released while trusted");
+        let earlier = host2
+            .agent
+            .request_release(&header_v2, &grant, "vm-b", AccessMode::Ro)
+            .await
+            .expect("released while trusted");
         host2.agent.tpm.run(|tpm| tpm.extend_pcr(16, b"an unapproved kernel module")).await.unwrap();
-        assert_eq!(code_of_agent(host2.agent.obtain_key(&header_v2, &grant, "vm-b", AccessMode::Ro).await), "pcr_mismatch");
+        assert_eq!(
+            code_of_agent(host2.agent.obtain_key(&header_v2, &grant, "vm-b", AccessMode::Ro).await),
+            "pcr_mismatch"
+        );
         assert_last_audit(&ttp, "pcr_mismatch");
         let wrapped = earlier.wrapped_key.clone();
         let decrypted = host2.agent.tpm.run(move |tpm| tpm.decrypt_released_key(&wrapped)).await;
@@ -323,7 +401,11 @@ async fn trust_core_end_to_end() {
     let outcomes: Vec<&str> = history.records.iter().map(|r| r.outcome.as_str()).collect();
     println!("  outcomes: {outcomes:?}");
     assert!(history.records.windows(2).all(|w| w[0].seq < w[1].seq), "records in order");
-    assert_eq!(outcomes.iter().filter(|o| **o == "descriptor_signature_invalid").count(), 2, "both forgeries are in the domain's history");
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "descriptor_signature_invalid").count(),
+        2,
+        "both forgeries are in the domain's history"
+    );
     for code in [
         "ok",
         "challenge_invalid",
@@ -355,7 +437,8 @@ async fn trust_core_end_to_end() {
         let code = code_of_client(broken);
         assert_eq!(code, "audit_chain_broken");
         db.execute("UPDATE audit SET record = ?1 WHERE seq = ?2", rusqlite::params![original, victim]).unwrap();
-        let _: HistoryResponse = alice_client.get_json(&format!("/v1/domains/{domain_id}/history")).await.expect("restored chain verifies");
+        let _: HistoryResponse =
+            alice_client.get_json(&format!("/v1/domains/{domain_id}/history")).await.expect("restored chain verifies");
 
         db.execute("DELETE FROM audit WHERE seq = ?1", [victim]).unwrap();
         let broken = alice_client.get_json::<HistoryResponse>(&format!("/v1/domains/{domain_id}/history")).await;
@@ -371,7 +454,9 @@ async fn trust_core_end_to_end() {
     let enroll_median = median(&mut enroll_times);
     let release_median = median(&mut release_times);
     println!("MEASURED enrollment (TPM key creation + TTP checks over mTLS), median of 20: {enroll_median:?}");
-    println!("MEASURED key release (challenge + quote + release + TPM decrypt over mTLS), median of 20: {release_median:?}");
+    println!(
+        "MEASURED key release (challenge + quote + release + TPM decrypt over mTLS), median of 20: {release_median:?}"
+    );
     ttp.stop().await;
     drop((host1, host2, host3));
 }

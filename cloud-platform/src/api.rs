@@ -11,8 +11,8 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use net::{ApiError, Identity};
 use protocol::cloud::{
-    Attachment, AttachmentList, ComputeHost, CreateAttachmentRequest, CreateDomainRequest,
-    DeleteDomainBody, DomainList, DomainView, Instance, InstanceList, UpdateDomainRequest,
+    Attachment, AttachmentList, ComputeHost, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody,
+    DomainList, DomainView, Instance, InstanceList, UpdateDomainRequest,
 };
 use serde::{Deserialize, Serialize};
 
@@ -33,16 +33,10 @@ pub fn router(cp: Arc<CloudPlatform>) -> Router {
         .route("/v1/hosts", post(register_host).get(list_hosts))
         .route("/v1/instances", post(register_instance).get(list_instances))
         .route("/v1/domains", post(create_domain).get(list_domains))
-        .route(
-            "/v1/domains/{domain_id}",
-            get(get_domain).delete(delete_domain),
-        )
+        .route("/v1/domains/{domain_id}", get(get_domain).delete(delete_domain))
         .route("/v1/domains/{domain_id}/descriptor", put(update_domain))
         .route("/v1/attachments", post(attach).get(list_attachments))
-        .route(
-            "/v1/attachments/{attachment_id}",
-            get(get_attachment).delete(detach),
-        )
+        .route("/v1/attachments/{attachment_id}", get(get_attachment).delete(detach))
         .route("/v1/health", get(health))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(cp)
@@ -60,15 +54,12 @@ pub struct ListQuery {
 }
 
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(value)| value).map_err(|rejection| {
-        ApiError::new(rejection.status(), "bad_request", rejection.body_text())
-    })
+    body.map(|Json(value)| value)
+        .map_err(|rejection| ApiError::new(rejection.status(), "bad_request", rejection.body_text()))
 }
 
 fn query(q: Result<Query<ListQuery>, QueryRejection>) -> Result<(ListQuery, Page), ApiError> {
-    let Query(q) = q.map_err(|rejection| {
-        ApiError::new(rejection.status(), "bad_request", rejection.body_text())
-    })?;
+    let Query(q) = q.map_err(|rejection| ApiError::new(rejection.status(), "bad_request", rejection.body_text()))?;
     let page = Page::new(q.limit, q.marker.clone())?;
     Ok((q, page))
 }
@@ -146,10 +137,8 @@ async fn update_domain(
     body: Result<Json<UpdateDomainRequest>, JsonRejection>,
 ) -> Answer<DomainView> {
     let request = json_body(body)?;
-    net::run_to_completion("update domain", async move {
-        answer(cp.update_domain(&caller, &domain_id, request).await)
-    })
-    .await
+    net::run_to_completion("update domain", async move { answer(cp.update_domain(&caller, &domain_id, request).await) })
+        .await
 }
 
 async fn delete_domain(
@@ -159,10 +148,8 @@ async fn delete_domain(
     body: Result<Json<DeleteDomainBody>, JsonRejection>,
 ) -> Answer<DomainView> {
     let request = json_body(body)?;
-    net::run_to_completion("delete domain", async move {
-        answer(cp.delete_domain(&caller, &domain_id, request).await)
-    })
-    .await
+    net::run_to_completion("delete domain", async move { answer(cp.delete_domain(&caller, &domain_id, request).await) })
+        .await
 }
 
 async fn attach(
@@ -191,11 +178,7 @@ async fn get_attachment(
     answer(cp.attachment(&caller, &id).await)
 }
 
-async fn detach(
-    State(cp): Cp,
-    Extension(caller): Extension<Identity>,
-    Path(id): Path<String>,
-) -> Answer<Attachment> {
+async fn detach(State(cp): Cp, Extension(caller): Extension<Identity>, Path(id): Path<String>) -> Answer<Attachment> {
     net::run_to_completion("detach", async move { answer(cp.detach(&caller, &id).await) }).await
 }
 

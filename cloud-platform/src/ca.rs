@@ -12,8 +12,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use protocol::pki::{
-    CertificateAuthority, RevocationList, RevocationReason, RevokedCertificate, Role, Validity,
-    DEFAULT_CRL_DAYS,
+    CertificateAuthority, RevocationList, RevocationReason, RevokedCertificate, Role, Validity, DEFAULT_CRL_DAYS,
 };
 use zeroize::Zeroizing;
 
@@ -201,32 +200,21 @@ pub struct IssueOptions {
 }
 
 fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        detail: format!("{what}: {e}"),
-    }
+    Error::Io { path: path.to_path_buf(), detail: format!("{what}: {e}") }
 }
 
 /// Create `dir` (0700) if needed and write a new CA into it, with an empty revocation list
 /// (number 1, valid [`DEFAULT_CRL_DAYS`]). Refuses if any of the three files exists.
 pub fn init(dir: &Path, name: &str) -> Result<CaPaths> {
-    let paths = CaPaths {
-        cert: dir.join(CA_CERT_FILE),
-        key: dir.join(CA_KEY_FILE),
-        crl: dir.join(CRL_FILE),
-    };
+    let paths = CaPaths { cert: dir.join(CA_CERT_FILE), key: dir.join(CA_KEY_FILE), crl: dir.join(CRL_FILE) };
     for existing in [&paths.cert, &paths.key, &paths.crl] {
         if existing.exists() {
-            return Err(Error::CaExists {
-                dir: dir.to_path_buf(),
-                existing: existing.clone(),
-            });
+            return Err(Error::CaExists { dir: dir.to_path_buf(), existing: existing.clone() });
         }
     }
     make_dir(dir)?;
     let (cert_pem, key_pem) = CertificateAuthority::generate(name)?;
-    let crl_pem =
-        CertificateAuthority::sign_revocation_list(&cert_pem, &key_pem, 1, &[], DEFAULT_CRL_DAYS)?;
+    let crl_pem = CertificateAuthority::sign_revocation_list(&cert_pem, &key_pem, 1, &[], DEFAULT_CRL_DAYS)?;
     let mut written = Vec::new();
     for (path, pem, mode) in [
         (&paths.key, key_pem.as_str(), 0o600),
@@ -249,10 +237,8 @@ pub fn issue(ca_dir: &Path, opts: &IssueOptions) -> Result<IssuedPaths> {
     protocol::pki::check_name(&opts.name)?;
     let ca = load_ca(ca_dir)?;
     let out = opts.out.clone().unwrap_or_else(|| ca_dir.to_path_buf());
-    let paths = IssuedPaths {
-        cert: out.join(format!("{}.pem", opts.name)),
-        key: out.join(format!("{}-key.pem", opts.name)),
-    };
+    let paths =
+        IssuedPaths { cert: out.join(format!("{}.pem", opts.name)), key: out.join(format!("{}-key.pem", opts.name)) };
     for p in [&paths.cert, &paths.key] {
         if p.exists() {
             return Err(Error::Exists { path: p.clone() });
@@ -279,18 +265,11 @@ pub fn issue(ca_dir: &Path, opts: &IssueOptions) -> Result<IssuedPaths> {
 /// revocation list and publish list number previous + 1, valid [`DEFAULT_CRL_DAYS`], as
 /// `ca_dir/crl.pem` (replaced atomically; services watching it pick it up within seconds).
 /// A CA made before revocation lists existed has no `crl.pem`; its first list is number 1.
-pub fn revoke(
-    ca_dir: &Path,
-    cert_path: &Path,
-    reason: RevocationReason,
-) -> Result<RevokedCertificate> {
+pub fn revoke(ca_dir: &Path, cert_path: &Path, reason: RevocationReason) -> Result<RevokedCertificate> {
     let cert_pem = read_text(cert_path, "cannot read the certificate to revoke")?;
     let (entry, _) = update_crl(ca_dir, DEFAULT_CRL_DAYS, |ca_cert_pem, revoked| {
         let entry = CertificateAuthority::revocation_entry(ca_cert_pem, &cert_pem, reason)
-            .map_err(|source| Error::NotRevocable {
-                cert: cert_path.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| Error::NotRevocable { cert: cert_path.to_path_buf(), source })?;
         if let Some(old) = revoked.iter().find(|r| r.serial_hex == entry.serial_hex) {
             return Err(Error::AlreadyRevoked {
                 cert: cert_path.to_path_buf(),
@@ -318,10 +297,7 @@ pub fn revoked(ca_dir: &Path) -> Result<RevocationList> {
     let ca_cert_pem = read_text(&ca_cert_path, "cannot read the CA certificate")?;
     let crl_path = ca_dir.join(CRL_FILE);
     if !crl_path.exists() {
-        return Err(Error::NoCrl {
-            dir: ca_dir.to_path_buf(),
-            missing: crl_path,
-        });
+        return Err(Error::NoCrl { dir: ca_dir.to_path_buf(), missing: crl_path });
     }
     read_crl(&crl_path, &ca_cert_pem)
 }
@@ -345,10 +321,7 @@ fn load_ca(ca_dir: &Path) -> Result<LoadedCa> {
 fn existing_ca_file(ca_dir: &Path, file: &str) -> Result<PathBuf> {
     let path = ca_dir.join(file);
     if !path.exists() {
-        return Err(Error::NoCa {
-            dir: ca_dir.to_path_buf(),
-            missing: path,
-        });
+        return Err(Error::NoCa { dir: ca_dir.to_path_buf(), missing: path });
     }
     Ok(path)
 }
@@ -359,10 +332,8 @@ fn read_text(path: &Path, what: &str) -> Result<String> {
 
 fn read_crl(path: &Path, ca_cert_pem: &str) -> Result<RevocationList> {
     let pem = read_text(path, "cannot read the revocation list")?;
-    protocol::pki::read_revocation_list(ca_cert_pem, &pem).map_err(|source| Error::BadCrl {
-        path: path.to_path_buf(),
-        source,
-    })
+    protocol::pki::read_revocation_list(ca_cert_pem, &pem)
+        .map_err(|source| Error::BadCrl { path: path.to_path_buf(), source })
 }
 
 /// Read-modify-write of `ca_dir/crl.pem`: `change` edits the entries of the current list
@@ -395,13 +366,7 @@ fn update_crl<T>(
     let published = published?;
     std::fs::File::open(ca_dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| {
-            io_err(
-                ca_dir,
-                "cannot sync the directory after replacing crl.pem",
-                e,
-            )
-        })?;
+        .map_err(|e| io_err(ca_dir, "cannot sync the directory after replacing crl.pem", e))?;
     Ok(published)
 }
 
@@ -420,19 +385,9 @@ fn next_crl<T>(
         (0, Vec::new())
     };
     let out = change(&ca.cert_pem, &mut revoked)?;
-    let number = number
-        .checked_add(1)
-        .ok_or_else(|| Error::CrlNumberExhausted {
-            path: crl_path.to_path_buf(),
-            number,
-        })?;
-    let pem = CertificateAuthority::sign_revocation_list(
-        &ca.cert_pem,
-        &ca.key_pem,
-        number,
-        &revoked,
-        days,
-    )?;
+    let number =
+        number.checked_add(1).ok_or_else(|| Error::CrlNumberExhausted { path: crl_path.to_path_buf(), number })?;
+    let pem = CertificateAuthority::sign_revocation_list(&ca.cert_pem, &ca.key_pem, number, &revoked, days)?;
     let list = protocol::pki::read_revocation_list(&ca.cert_pem, &pem)?;
     Ok((out, list, pem))
 }
@@ -449,10 +404,7 @@ fn check_key_mode(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| io_err(path, "cannot read the CA key", e))?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(Error::KeyPermissions {
-            path: path.to_path_buf(),
-            mode,
-        });
+        return Err(Error::KeyPermissions { path: path.to_path_buf(), mode });
     }
     Ok(())
 }
@@ -466,15 +418,9 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 
 /// Create `path` (must not exist: [`Error::Exists`]) with exactly `mode`.
 fn create_new(path: &Path, mode: u32) -> Result<std::fs::File> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => Error::Exists {
-                path: path.to_path_buf(),
-            },
+    let f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::Exists { path: path.to_path_buf() },
             _ => io_err(path, "cannot create", e),
         })?;
     // The umask may have narrowed the mode; make it exactly `mode`.
@@ -509,12 +455,7 @@ pub fn rfc3339(unix_seconds: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3_600,
-        secs % 3_600 / 60,
-        secs % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3_600, secs % 3_600 / 60, secs % 60)
 }
 
 #[cfg(test)]
@@ -522,13 +463,7 @@ mod tests {
     use super::*;
 
     fn opts(role: Role, name: &str) -> IssueOptions {
-        IssueOptions {
-            role,
-            name: name.into(),
-            out: None,
-            days: 30,
-            sans: vec![],
-        }
+        IssueOptions { role, name: name.into(), out: None, days: 30, sans: vec![] }
     }
 
     #[test]
@@ -536,10 +471,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let ca = d.path().join("ca");
         let p = init(&ca, DEFAULT_CA_NAME).unwrap();
-        assert_eq!(
-            std::fs::metadata(&p.key).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&p.key).unwrap().permissions().mode() & 0o777, 0o600);
         let before = std::fs::read(&p.key).unwrap();
         let e = init(&ca, "other").unwrap_err();
         assert!(matches!(e, Error::CaExists { .. }), "{e}");
@@ -547,10 +479,7 @@ mod tests {
         assert_eq!(std::fs::read(&p.key).unwrap(), before);
 
         let i = issue(&ca, &opts(Role::Ttp, "ttp-1")).unwrap();
-        assert_eq!(
-            std::fs::metadata(&i.key).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&i.key).unwrap().permissions().mode() & 0o777, 0o600);
         let e = issue(&ca, &opts(Role::Ttp, "ttp-1")).unwrap_err();
         assert!(e.to_string().contains("already exists"), "{e}");
 
@@ -570,12 +499,7 @@ mod tests {
     #[test]
     fn issue_without_ca_says_so() {
         let d = tempfile::tempdir().unwrap();
-        let e = issue(d.path(), &opts(Role::Ttp, "x"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("does not hold a CA") && e.contains("ca init"),
-            "{e}"
-        );
+        let e = issue(d.path(), &opts(Role::Ttp, "x")).unwrap_err().to_string();
+        assert!(e.contains("does not hold a CA") && e.contains("ca init"), "{e}");
     }
 }

@@ -101,8 +101,7 @@ impl CpConfig {
     /// Reads and parses the TOML file at `path`; fails with [`Error::Config`] naming the file
     /// and the bad key or value.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("read {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 

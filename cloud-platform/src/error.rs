@@ -93,9 +93,7 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::OwnerMismatch(_) => "owner_mismatch",
             Error::QuotaExceeded(_) => "quota_exceeded",
-            Error::NotFound { code, .. }
-            | Error::Conflict { code, .. }
-            | Error::Unreachable { code, .. } => code,
+            Error::NotFound { code, .. } | Error::Conflict { code, .. } | Error::Unreachable { code, .. } => code,
             Error::DomainDeleted(_) => "domain_deleted",
             Error::Upstream { code, .. } => code,
             Error::Volume(_) => "volume_error",
@@ -113,13 +111,9 @@ impl Error {
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::DomainDeleted(_) => StatusCode::GONE,
-            Error::Upstream { status, .. } => {
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
-            }
+            Error::Upstream { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
             Error::Unreachable { .. } => StatusCode::BAD_GATEWAY,
-            Error::Volume(_) | Error::Store(_) | Error::Config(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Error::Volume(_) | Error::Store(_) | Error::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -138,25 +132,10 @@ impl Error {
 
     /// Classifies a failed call to the TTP or a secure component: a refusal keeps the
     /// peer's code and message; anything else names who could not be reached and why.
-    pub fn from_peer(
-        error: net::Error,
-        unreachable_code: &'static str,
-        who: impl FnOnce() -> String,
-    ) -> Self {
+    pub fn from_peer(error: net::Error, unreachable_code: &'static str, who: impl FnOnce() -> String) -> Self {
         match error {
-            net::Error::Api {
-                status,
-                code,
-                message,
-            } => Error::Upstream {
-                status,
-                code,
-                message,
-            },
-            other => Error::Unreachable {
-                code: unreachable_code,
-                message: format!("{}: {other}", who()),
-            },
+            net::Error::Api { status, code, message } => Error::Upstream { status, code, message },
+            other => Error::Unreachable { code: unreachable_code, message: format!("{}: {other}", who()) },
         }
     }
 }

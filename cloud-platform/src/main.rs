@@ -31,8 +31,7 @@ enum Command {
     #[command(subcommand)]
     Ca(CaCommand),
     /// Serve the cloud platform API over mutual TLS.
-    #[command(
-        long_about = "Serve the cloud platform API (docs/CLOUD-API.md) over mutual TLS 1.3.\n\n\
+    #[command(long_about = "Serve the cloud platform API (docs/CLOUD-API.md) over mutual TLS 1.3.\n\n\
 The configuration is a TOML file:\n\n  \
 listen = \"127.0.0.1:7500\"\n  \
 data_dir = \"/var/lib/skydd/cp\"      # cp.sqlite and volumes/<domain>.vol\n  \
@@ -40,8 +39,7 @@ ca = [\"/etc/skydd/ca.pem\"]\n  \
 cert = \"/etc/skydd/cp-1.pem\"        # issued with --role cloud-platform\n  \
 key = \"/etc/skydd/cp-1-key.pem\"\n  \
 ttp_url = \"https://127.0.0.1:7443\"\n\n\
-Flags override the file."
-    )]
+Flags override the file.")]
     Serve {
         /// The TOML configuration.
         #[arg(long, env = "SKYDD_CP_CONFIG")]
@@ -64,15 +62,13 @@ Flags override the file."
 #[derive(Subcommand)]
 enum CaCommand {
     /// Create a new CA: writes DIR/ca.pem (give it to every party), DIR/ca-key.pem (0600) and DIR/crl.pem.
-    #[command(
-        long_about = "Create a new cloud CA (ECDSA P-256, valid 10 years).\n\n\
+    #[command(long_about = "Create a new cloud CA (ECDSA P-256, valid 10 years).\n\n\
 Writes DIR/ca.pem, the root certificate every party trusts (public), DIR/ca-key.pem, \
 the CA private key (mode 0600; keep it offline when you are not issuing), and DIR/crl.pem, \
 an empty certificate revocation list (number 1, valid 30 days; public: list it in every \
 service's `crl` setting, and renew it with `ca crl`). Refuses to overwrite an existing CA: \
 that would silently distrust every certificate it issued.\n\n\
-Example:\n  cloud-platform ca init --dir /etc/skydd/ca --name \"Hospital Cloud CA\""
-    )]
+Example:\n  cloud-platform ca init --dir /etc/skydd/ca --name \"Hospital Cloud CA\"")]
     Init {
         /// Directory for the CA files (created with mode 0700 if missing).
         #[arg(long)]
@@ -82,16 +78,14 @@ Example:\n  cloud-platform ca init --dir /etc/skydd/ca --name \"Hospital Cloud C
         name: String,
     },
     /// Issue a certificate for one party: writes NAME.pem and NAME-key.pem (0600).
-    #[command(
-        long_about = "Issue a certificate for one party, signed by the CA in --dir.\n\n\
+    #[command(long_about = "Issue a certificate for one party, signed by the CA in --dir.\n\n\
 The certificate's subject CN is NAME and it carries ROLE (in a Skydd extension and the \
 subject OU); each service checks the role of every peer, so a domain manager's certificate \
 cannot be used to talk to the TTP as a secure component. SANs: NAME, localhost, 127.0.0.1, \
 plus every --san. Usable for both TLS server and client.\n\n\
 Examples:\n  cloud-platform ca issue --dir ca --role ttp --name ttp-1 --san ttp.hospital.example\n  \
 cloud-platform ca issue --dir ca --role secure-component --name compute-07 --san 10.0.0.7 --out /tmp/compute-07\n  \
-cloud-platform ca issue --dir ca --role domain-manager --name alice --days 90"
-    )]
+cloud-platform ca issue --dir ca --role domain-manager --name alice --days 90")]
     Issue {
         /// Directory of the CA (holding ca.pem and ca-key.pem).
         #[arg(long)]
@@ -113,8 +107,7 @@ cloud-platform ca issue --dir ca --role domain-manager --name alice --days 90"
         sans: Vec<String>,
     },
     /// Revoke a party's certificate: adds it to DIR/crl.pem and re-signs the list.
-    #[command(
-        long_about = "Revoke a certificate issued by the CA in --dir: add its serial number, the \
+    #[command(long_about = "Revoke a certificate issued by the CA in --dir: add its serial number, the \
 time and the reason to the certificate revocation list, sign the list with the next CRL number \
 (valid 30 days) and replace DIR/crl.pem atomically. Needs DIR/ca-key.pem.\n\n\
 Services that list DIR/crl.pem in their `crl` setting refuse the certificate for new TLS \
@@ -124,8 +117,7 @@ copied to them. Only the certificate file is needed, not its key. A certificate 
 or one already on the list, is refused. There is no un-revoke: issue a new certificate.\n\n\
 Examples:\n  cloud-platform ca revoke --dir /etc/skydd/ca --cert /etc/skydd/ca/alice.pem --reason affiliation-changed\n  \
 cloud-platform ca revoke --dir /etc/skydd/ca --cert /tmp/compute-07/compute-07.pem --reason key-compromise\n  \
-cloud-platform ca revoked --dir /etc/skydd/ca"
-    )]
+cloud-platform ca revoked --dir /etc/skydd/ca")]
     Revoke {
         /// Directory of the CA (holding ca.pem, ca-key.pem and crl.pem).
         #[arg(long)]
@@ -138,8 +130,7 @@ cloud-platform ca revoked --dir /etc/skydd/ca"
         reason: ReasonArg,
     },
     /// Renew the revocation list: same entries, next CRL number, fresh next update.
-    #[command(
-        long_about = "Re-sign DIR/crl.pem with the same entries, the next CRL number and a next \
+    #[command(long_about = "Re-sign DIR/crl.pem with the same entries, the next CRL number and a next \
 update --days from now, and replace it atomically. Needs DIR/ca-key.pem.\n\n\
 Every service that checks revocation refuses EVERY certificate of this CA once its list is \
 past its next update (a stale list must not silently stop revoking), so run this from cron \
@@ -147,8 +138,7 @@ well before that, e.g. weekly with the default 30 days, and copy the new crl.pem
 that keep their own copy. `ca revoked` shows when the current list expires.\n\n\
 Examples:\n  cloud-platform ca crl --dir /etc/skydd/ca\n  \
 cloud-platform ca crl --dir /etc/skydd/ca --days 7\n\n\
-A crontab line (Mondays at 03:00):\n  0 3 * * 1  cloud-platform ca crl --dir /etc/skydd/ca"
-    )]
+A crontab line (Mondays at 03:00):\n  0 3 * * 1  cloud-platform ca crl --dir /etc/skydd/ca")]
     Crl {
         /// Directory of the CA (holding ca.pem, ca-key.pem and crl.pem).
         #[arg(long)]
@@ -158,14 +148,12 @@ A crontab line (Mondays at 03:00):\n  0 3 * * 1  cloud-platform ca crl --dir /et
         days: u32,
     },
     /// Show the revocation list: revoked serials, reasons, and when the list expires.
-    #[command(
-        long_about = "Read DIR/crl.pem, check that the CA in DIR/ca.pem signed it, and print its \
+    #[command(long_about = "Read DIR/crl.pem, check that the CA in DIR/ca.pem signed it, and print its \
 CRL number, this update, next update and every revoked certificate (serial in lower-case hex, \
 time of revocation, reason). Warns when the next update is less than 7 days away or past: \
 then services refuse every certificate of this CA; run `ca crl`. Needs only public files.\n\n\
 Compare a serial with `openssl x509 -in NAME.pem -noout -serial` (upper case there).\n\n\
-Example:\n  cloud-platform ca revoked --dir /etc/skydd/ca"
-    )]
+Example:\n  cloud-platform ca revoked --dir /etc/skydd/ca")]
     Revoked {
         /// Directory of the CA (holding ca.pem and crl.pem).
         #[arg(long)]
@@ -230,39 +218,17 @@ fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
         CaCommand::Init { dir, name } => {
             let p = ca::init(&dir, &name)?;
             println!("created CA {name:?}");
-            println!(
-                "  certificate: {}  (give it to every party)",
-                p.cert.display()
-            );
-            println!(
-                "  private key: {}  (mode 0600; keep it safe)",
-                p.key.display()
-            );
+            println!("  certificate: {}  (give it to every party)", p.cert.display());
+            println!("  private key: {}  (mode 0600; keep it safe)", p.key.display());
             println!(
                 "  revocation list: {}  (empty; list it in every service's `crl` setting; renew with `ca crl` before {} days)",
                 p.crl.display(),
                 protocol::pki::DEFAULT_CRL_DAYS
             );
         }
-        CaCommand::Issue {
-            dir,
-            role,
-            name,
-            out,
-            days,
-            sans,
-        } => {
+        CaCommand::Issue { dir, role, name, out, days, sans } => {
             let role = Role::from(role);
-            let p = ca::issue(
-                &dir,
-                &ca::IssueOptions {
-                    role,
-                    name: name.clone(),
-                    out,
-                    days,
-                    sans,
-                },
-            )?;
+            let p = ca::issue(&dir, &ca::IssueOptions { role, name: name.clone(), out, days, sans })?;
             println!("issued {role} certificate for {name:?}, valid {days} days");
             println!("  certificate: {}", p.cert.display());
             println!("  private key: {}  (mode 0600)", p.key.display());
@@ -272,10 +238,7 @@ fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
             let list = ca::revoked(&dir)?;
             println!(
                 "revoked {} ({}): serial {}, reason {}",
-                entry
-                    .name
-                    .as_deref()
-                    .unwrap_or("certificate without a name"),
+                entry.name.as_deref().unwrap_or("certificate without a name"),
                 cert.display(),
                 entry.serial_hex,
                 entry.reason.unwrap_or(RevocationReason::Unspecified)
@@ -290,10 +253,7 @@ fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
         }
         CaCommand::Crl { dir, days } => {
             let list = ca::renew_crl(&dir, days)?;
-            println!(
-                "renewed the revocation list ({} revoked certificates)",
-                list.revoked.len()
-            );
+            println!("renewed the revocation list ({} revoked certificates)", list.revoked.len());
             print_crl_summary(&dir, &list);
             println!("copy crl.pem to hosts that keep their own copy");
         }
@@ -326,11 +286,7 @@ fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
 }
 
 fn print_crl_summary(dir: &std::path::Path, list: &protocol::pki::RevocationList) {
-    println!(
-        "  revocation list: {}  (CRL number {})",
-        dir.join(ca::CRL_FILE).display(),
-        list.crl_number
-    );
+    println!("  revocation list: {}  (CRL number {})", dir.join(ca::CRL_FILE).display(), list.crl_number);
     print_next_update(dir, list);
 }
 
@@ -341,9 +297,7 @@ fn print_next_update(dir: &std::path::Path, list: &protocol::pki::RevocationList
         return;
     };
     println!("  next update: {}", ca::rfc3339(next.unix_timestamp()));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let left = next.unix_timestamp() - now;
     let renew = format!("cloud-platform ca crl --dir {}", dir.display());
     if left <= 0 {
@@ -399,13 +353,9 @@ fn run_serve(
 }
 
 fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if json {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .json()
-            .init();
+        tracing_subscriber::fmt().with_env_filter(filter).json().init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -415,13 +365,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Ca(c) => run_ca(c),
-        Command::Serve {
-            config,
-            listen,
-            data_dir,
-            ttp_url,
-            json_logs,
-        } => run_serve(config, listen, data_dir, ttp_url, json_logs),
+        Command::Serve { config, listen, data_dir, ttp_url, json_logs } => {
+            run_serve(config, listen, data_dir, ttp_url, json_logs)
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,18 +18,10 @@ pub const TTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Builds the cloud platform from its configuration: TLS identity (role cloud-platform),
 /// CA roots, the TTP client, the SQLite store and the volume directory.
 pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> {
-    let tls_files = TlsFiles {
-        ca: config.ca.clone(),
-        cert: config.cert.clone(),
-        key: config.key.clone(),
-        crl: config.crl.clone(),
-    };
-    let material = tls_files
-        .load()
-        .map_err(|e| Error::Config(format!("TLS files: {e}")))?;
-    let identity = material
-        .identity()
-        .map_err(|e| Error::Config(format!("own certificate: {e}")))?;
+    let tls_files =
+        TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
+    let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
+    let identity = material.identity().map_err(|e| Error::Config(format!("own certificate: {e}")))?;
     if identity.role != Role::CloudPlatform {
         return Err(Error::Config(format!(
             "{} has role {}, the cloud platform needs a cloud-platform certificate",
@@ -44,17 +36,14 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> 
     tls_files
         .client_config(Role::SecureComponent)
         .map_err(|e| Error::Config(format!("TLS to secure components: {e}")))?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        Error::Config(format!(
-            "create data directory {}: {e}",
-            config.data_dir.display()
-        ))
-    })?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| Error::Config(format!("create data directory {}: {e}", config.data_dir.display())))?;
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
     let volumes = Volumes::open(&config.data_dir.join(VOLUMES_DIR), config.max_volume_bytes)?;
     if config.reconcile_interval_secs == 0 {
         return Err(Error::Config(
-            "reconcile_interval_secs must be at least 1 (seconds between two reconciliations with the compute hosts)".into(),
+            "reconcile_interval_secs must be at least 1 (seconds between two reconciliations with the compute hosts)"
+                .into(),
         ));
     }
     let cp = CloudPlatform::new(Arc::new(store), volumes, ttp, tls_files.clone())
@@ -82,7 +71,10 @@ pub async fn serve(
     }
     match cp.reconcile_attachments().await {
         Ok(0) => {}
-        Ok(n) => tracing::warn!(detached = n, "start-up reconciliation detached attachments the header in force no longer allows"),
+        Ok(n) => tracing::warn!(
+            detached = n,
+            "start-up reconciliation detached attachments the header in force no longer allows"
+        ),
         Err(e) => tracing::error!(error = %e, "start-up reconciliation of attachments failed"),
     }
     // Then, in the background (a host that does not answer must not keep the API down):
@@ -92,8 +84,13 @@ pub async fn serve(
         tokio::spawn(async move {
             loop {
                 match cp.reconcile_hosts().await {
-                    Ok(done) if done.changed_anything() => tracing::warn!(adopted = done.adopted, detached = done.detached,
-                        marked_detached = done.marked_detached, hosts_unreachable = done.hosts_unreachable, "reconciled attachments with the compute hosts"),
+                    Ok(done) if done.changed_anything() => tracing::warn!(
+                        adopted = done.adopted,
+                        detached = done.detached,
+                        marked_detached = done.marked_detached,
+                        hosts_unreachable = done.hosts_unreachable,
+                        "reconciled attachments with the compute hosts"
+                    ),
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "reconciliation with the compute hosts failed; next round"),
                 }
@@ -104,15 +101,9 @@ pub async fn serve(
             }
         })
     };
-    let served = net::serve_with(
-        listener,
-        tls,
-        crate::api::router(cp),
-        net::ServeOptions::default(),
-        shutdown,
-    )
-    .await
-    .map_err(|e| Error::Config(format!("serve: {e}")));
+    let served = net::serve_with(listener, tls, crate::api::router(cp), net::ServeOptions::default(), shutdown)
+        .await
+        .map_err(|e| Error::Config(format!("serve: {e}")));
     reconciler.abort();
     served
 }

@@ -11,17 +11,17 @@ use std::time::Duration;
 use net::{Identity, Role};
 use protocol::cloud::{
     AgentAttachRequest, AgentAttachment, AgentAttachmentList, Attachment, AttachmentList, ComputeHost,
-    CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView,
-    Instance, InstanceList, UpdateDomainRequest,
+    CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView, Instance, InstanceList,
+    UpdateDomainRequest,
 };
 use protocol::domain::{validate_name, AccessMode, Descriptor};
+use protocol::messages::{DeleteDomainRequest, Deletion, HeaderRecord, RegisterDomainRequest, RegisterDomainResponse};
 use protocol::signing::SignedEnvelope;
-use protocol::messages::{
-    DeleteDomainRequest, Deletion, HeaderRecord, RegisterDomainRequest, RegisterDomainResponse,
-};
 
 use crate::error::{Error, Result};
-use crate::store::{AttachmentFilter, CpStore, DomainRecord, Page, PendingUpdate, ATTACHED, ATTACHING, DETACHED, DETACHING};
+use crate::store::{
+    AttachmentFilter, CpStore, DomainRecord, Page, PendingUpdate, ATTACHED, ATTACHING, DETACHED, DETACHING,
+};
 use crate::volumes::Volumes;
 
 /// What one reconciliation with the compute hosts did ([`CloudPlatform::reconcile_hosts`]).
@@ -70,19 +70,12 @@ pub struct CloudPlatform {
 
 /// Now in Unix seconds (0 if the clock is before 1970); the time stamps of records.
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Runs blocking work (SQLite, file I/O) off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| Error::Store(format!("blocking task failed: {e}")))?
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Store(format!("blocking task failed: {e}")))?
 }
 
 fn require_role(caller: &Identity, roles: &[Role], action: &str) -> Result<()> {
@@ -90,11 +83,7 @@ fn require_role(caller: &Identity, roles: &[Role], action: &str) -> Result<()> {
         return Ok(());
     }
     let allowed: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
-    Err(Error::Forbidden(format!(
-        "{} may not {action}: that needs a {} certificate",
-        caller,
-        allowed.join(" or ")
-    )))
+    Err(Error::Forbidden(format!("{} may not {action}: that needs a {} certificate", caller, allowed.join(" or "))))
 }
 
 /// Whether a failed step was refused (the request can never succeed as it is) rather than
@@ -137,9 +126,8 @@ fn decode_descriptor(envelope: &protocol::signing::SignedEnvelope) -> Result<Des
 }
 
 fn domain_view(record: &DomainRecord, header: HeaderRecord, status: &str) -> Result<DomainView> {
-    let (descriptor, _) = header
-        .unverified_contents()
-        .map_err(|e| Error::Volume(format!("header of domain {}: {e}", record.id)))?;
+    let (descriptor, _) =
+        header.unverified_contents().map_err(|e| Error::Volume(format!("header of domain {}: {e}", record.id)))?;
     Ok(DomainView {
         id: record.id.clone(),
         owner: descriptor.owner,
@@ -157,12 +145,7 @@ fn domain_view(record: &DomainRecord, header: HeaderRecord, status: &str) -> Res
 impl CloudPlatform {
     /// `ttp` talks to the TTP with the CP's certificate; `agent_tls` are the CP's TLS files,
     /// from which a client for each secure component (server role secure-component) is made.
-    pub fn new(
-        store: Arc<dyn CpStore>,
-        volumes: Volumes,
-        ttp: net::Client,
-        agent_tls: net::TlsFiles,
-    ) -> Self {
+    pub fn new(store: Arc<dyn CpStore>, volumes: Volumes, ttp: net::Client, agent_tls: net::TlsFiles) -> Self {
         Self {
             store,
             volumes,
@@ -237,11 +220,7 @@ impl CloudPlatform {
     /// alone (role cloud-platform): a tenant who could register or move a VM could have
     /// another tenant's key released to a host of its choosing. An unregistered host is 404
     /// `host_unknown`.
-    pub async fn register_instance(
-        &self,
-        caller: &Identity,
-        instance: Instance,
-    ) -> Result<Instance> {
+    pub async fn register_instance(&self, caller: &Identity, instance: Instance) -> Result<Instance> {
         require_role(caller, &[Role::CloudPlatform], "place an instance on a host")?;
         validate_name("instance id", &instance.id).map_err(|e| Error::BadRequest(e.to_string()))?;
         let stored = instance.clone();
@@ -269,10 +248,7 @@ impl CloudPlatform {
         let p = page.clone();
         let rows = self.store(move |s| s.instances(&p)).await?;
         let (instances, next_marker) = page.finish(rows, |i| &i.id);
-        Ok(InstanceList {
-            instances,
-            next_marker,
-        })
+        Ok(InstanceList { instances, next_marker })
     }
 
     // ---- domains ---------------------------------------------------------------------------
@@ -281,13 +257,10 @@ impl CloudPlatform {
     /// manages (owner or shared with).
     async fn managed_domain(&self, caller: &Identity, domain_id: &str) -> Result<DomainRecord> {
         let id = domain_id.to_string();
-        let record = self
-            .store(move |s| s.domain(&id))
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                code: "domain_unknown",
-                message: format!("domain {domain_id} does not exist"),
-            })?;
+        let record = self.store(move |s| s.domain(&id)).await?.ok_or_else(|| Error::NotFound {
+            code: "domain_unknown",
+            message: format!("domain {domain_id} does not exist"),
+        })?;
         if !record.is_manager(&caller.name) {
             // Says nothing of the domain beyond what the caller asked with: not its owner.
             return Err(Error::Forbidden(format!(
@@ -321,37 +294,19 @@ impl CloudPlatform {
 
     async fn status_of(&self, domain_id: &str) -> Result<&'static str> {
         let id = domain_id.to_string();
-        let open = self
-            .store(move |s| s.open_attachments_of_domain(&id))
-            .await?;
-        Ok(if open.is_empty() {
-            "available"
-        } else {
-            "in-use"
-        })
+        let open = self.store(move |s| s.open_attachments_of_domain(&id)).await?;
+        Ok(if open.is_empty() { "available" } else { "in-use" })
     }
 
-    async fn register_with_ttp(
-        &self,
-        request: &RegisterDomainRequest,
-    ) -> Result<RegisterDomainResponse> {
-        self.ttp
-            .post_json::<_, RegisterDomainResponse>("/v1/domains", request)
-            .await
-            .map_err(|e| {
-                Error::from_peer(e, "ttp_unreachable", || {
-                    format!("cannot reach the TTP at {}", self.ttp.base_url())
-                })
-            })
+    async fn register_with_ttp(&self, request: &RegisterDomainRequest) -> Result<RegisterDomainResponse> {
+        self.ttp.post_json::<_, RegisterDomainResponse>("/v1/domains", request).await.map_err(|e| {
+            Error::from_peer(e, "ttp_unreachable", || format!("cannot reach the TTP at {}", self.ttp.base_url()))
+        })
     }
 
     /// `POST /v1/domains`: the owner registers version 1 with the TTP through the CP; the CP
     /// allocates the volume and writes the header.
-    pub async fn create_domain(
-        &self,
-        caller: &Identity,
-        request: CreateDomainRequest,
-    ) -> Result<DomainView> {
+    pub async fn create_domain(&self, caller: &Identity, request: CreateDomainRequest) -> Result<DomainView> {
         require_role(caller, &[Role::DomainManager], "create a domain")?;
         let descriptor = decode_descriptor(&request.descriptor)?;
         if descriptor.owner != caller.name {
@@ -379,10 +334,7 @@ impl CloudPlatform {
         if self.store(move |s| s.domain(&id)).await?.is_some() {
             return Err(Error::Conflict {
                 code: "domain_exists",
-                message: format!(
-                    "domain {} already exists; a new domain needs a fresh id",
-                    descriptor.domain_id
-                ),
+                message: format!("domain {} already exists; a new domain needs a fresh id", descriptor.domain_id),
             });
         }
         let response = self
@@ -391,16 +343,9 @@ impl CloudPlatform {
                 previous_registration: None,
             })
             .await?;
-        let header = HeaderRecord {
-            descriptor: request.descriptor,
-            registration: response.registration,
-        };
-        let (volumes, id, size, h) = (
-            self.volumes.clone(),
-            descriptor.domain_id.clone(),
-            request.size_bytes,
-            header.clone(),
-        );
+        let header = HeaderRecord { descriptor: request.descriptor, registration: response.registration };
+        let (volumes, id, size, h) =
+            (self.volumes.clone(), descriptor.domain_id.clone(), request.size_bytes, header.clone());
         let volume_path = blocking(move || volumes.create(&id, size, &h)).await?;
         let record = DomainRecord {
             id: descriptor.domain_id.clone(),
@@ -433,9 +378,7 @@ impl CloudPlatform {
         let mut domains = Vec::with_capacity(records.len());
         for record in records {
             let view = match self.read_header(&record).await {
-                Ok(header) => {
-                    domain_view(&record, header.record, self.status_of(&record.id).await?)
-                }
+                Ok(header) => domain_view(&record, header.record, self.status_of(&record.id).await?),
                 Err(e) => Err(e),
             };
             match view {
@@ -446,10 +389,7 @@ impl CloudPlatform {
                 }
             }
         }
-        Ok(DomainList {
-            domains,
-            next_marker,
-        })
+        Ok(DomainList { domains, next_marker })
     }
 
     /// `GET /v1/domains/{id}`: the domain with the header in force on its volume.
@@ -515,8 +455,7 @@ impl CloudPlatform {
             }
             Err(e) => return Err(kept_for_later(e, descriptor.version)),
         };
-        self.detach_lost(domain_id, &descriptor, &format!("access revoked by version {}", descriptor.version))
-            .await?;
+        self.detach_lost(domain_id, &descriptor, &format!("access revoked by version {}", descriptor.version)).await?;
         domain_view(&record, header, self.status_of(domain_id).await?)
     }
 
@@ -538,28 +477,16 @@ impl CloudPlatform {
                 previous_registration: Some(current.record.registration.clone()),
             })
             .await?;
-        let header = HeaderRecord {
-            descriptor: envelope,
-            registration: response.registration,
-        };
-        let (volumes, path, h) = (
-            self.volumes.clone(),
-            record.volume_path.clone(),
-            header.clone(),
-        );
+        let header = HeaderRecord { descriptor: envelope, registration: response.registration };
+        let (volumes, path, h) = (self.volumes.clone(), record.volume_path.clone(), header.clone());
         let (slot, seq) = blocking(move || volumes.update_header(&path, &h)).await.map_err(|e| {
             Error::Volume(format!(
                 "the TTP registered version {} of domain {domain_id}, but writing the volume header failed: {e}",
                 descriptor.version
             ))
         })?;
-        let (id, version, shared) = (
-            domain_id.clone(),
-            descriptor.version,
-            descriptor.shared_with.clone(),
-        );
-        self.store(move |s| s.update_domain(&id, version, &shared))
-            .await?;
+        let (id, version, shared) = (domain_id.clone(), descriptor.version, descriptor.shared_with.clone());
+        self.store(move |s| s.update_domain(&id, version, &shared)).await?;
         tracing::info!(domain = %domain_id, version, slot, seq, "domain updated");
         Ok(header)
     }
@@ -568,9 +495,7 @@ impl CloudPlatform {
     /// (VM gone from the access list, or a narrower mode than it mounted with).
     async fn detach_lost(&self, domain_id: &str, descriptor: &Descriptor, why: &str) -> Result<()> {
         let id = domain_id.to_string();
-        let open = self
-            .store(move |s| s.open_attachments_of_domain(&id))
-            .await?;
+        let open = self.store(move |s| s.open_attachments_of_domain(&id)).await?;
         let lost: Vec<Attachment> = open.into_iter().filter(|a| !allows(descriptor, a)).collect();
         self.detach_all(lost, why).await
     }
@@ -669,10 +594,8 @@ impl CloudPlatform {
                 },
                 None => None,
             };
-            let lost: Vec<Attachment> = attachments
-                .into_iter()
-                .filter(|a| !allowed.as_ref().is_some_and(|d| allows(d, a)))
-                .collect();
+            let lost: Vec<Attachment> =
+                attachments.into_iter().filter(|a| !allowed.as_ref().is_some_and(|d| allows(d, a))).collect();
             detached += lost.len();
             self.detach_all(lost, "reconciled at start-up: the header in force no longer allows it").await?;
         }
@@ -685,9 +608,8 @@ impl CloudPlatform {
         let mut marker: Option<String> = None;
         loop {
             let page = Page { limit: 500, marker: marker.clone() };
-            let batch = self
-                .store(move |s| s.attachments(&AttachmentFilter { manager: None, domain_id: None }, &page))
-                .await?;
+            let batch =
+                self.store(move |s| s.attachments(&AttachmentFilter { manager: None, domain_id: None }, &page)).await?;
             let full = batch.len() == 500;
             marker = batch.last().map(|a| a.id.clone());
             open.extend(batch.into_iter().filter(|a| a.status != DETACHED));
@@ -711,7 +633,12 @@ impl CloudPlatform {
         let open = self.open_attachments().await?;
         for host in self.store(|s| s.hosts()).await? {
             let listed = match self.agent_client(&host).await {
-                Ok(client) => match tokio::time::timeout(HOST_LIST_TIMEOUT, client.get_json::<AgentAttachmentList>("/v1/attachments")).await {
+                Ok(client) => match tokio::time::timeout(
+                    HOST_LIST_TIMEOUT,
+                    client.get_json::<AgentAttachmentList>("/v1/attachments"),
+                )
+                .await
+                {
                     Ok(answer) => answer.map_err(|e| e.to_string()),
                     Err(_) => Err(format!("no answer within {} s", HOST_LIST_TIMEOUT.as_secs())),
                 },
@@ -728,7 +655,8 @@ impl CloudPlatform {
             for mapping in mappings.iter().filter(|m| m.status != DETACHED) {
                 self.settle_mapping(&host, mapping, &mut outcome).await?;
             }
-            for record in open.iter().filter(|a| a.host == host.id && !mappings.iter().any(|m| m.attachment_id == a.id)) {
+            for record in open.iter().filter(|a| a.host == host.id && !mappings.iter().any(|m| m.attachment_id == a.id))
+            {
                 let lock = self.lock_of(&record.domain_id);
                 let _guard = lock.lock().await;
                 let id = record.id.clone();
@@ -748,7 +676,12 @@ impl CloudPlatform {
     }
 
     /// One mapping a host reported, against the CP's record of it (see [`Self::reconcile_hosts`]).
-    async fn settle_mapping(&self, host: &ComputeHost, mapping: &AgentAttachment, outcome: &mut HostReconciliation) -> Result<()> {
+    async fn settle_mapping(
+        &self,
+        host: &ComputeHost,
+        mapping: &AgentAttachment,
+        outcome: &mut HostReconciliation,
+    ) -> Result<()> {
         let lock = self.lock_of(&mapping.domain_id);
         let _guard = lock.lock().await;
         let id = mapping.attachment_id.clone();
@@ -818,8 +751,8 @@ impl CloudPlatform {
         body: DeleteDomainBody,
     ) -> Result<DomainView> {
         require_role(caller, &[Role::DomainManager], "delete a domain")?;
-        let deletion = Deletion::decode(&body.deletion.message)
-            .map_err(|e| Error::BadRequest(format!("deletion: {e}")))?;
+        let deletion =
+            Deletion::decode(&body.deletion.message).map_err(|e| Error::BadRequest(format!("deletion: {e}")))?;
         if deletion.domain_id != domain_id {
             return Err(Error::BadRequest(format!(
                 "the deletion is signed for domain {}, but the request is for domain {domain_id}",
@@ -834,17 +767,10 @@ impl CloudPlatform {
         let path = format!("/v1/domains/{domain_id}/delete");
         let outcome = self
             .ttp
-            .post_json::<_, serde_json::Value>(
-                &path,
-                &DeleteDomainRequest {
-                    deletion: body.deletion,
-                },
-            )
+            .post_json::<_, serde_json::Value>(&path, &DeleteDomainRequest { deletion: body.deletion })
             .await
             .map_err(|e| {
-                Error::from_peer(e, "ttp_unreachable", || {
-                    format!("cannot reach the TTP at {}", self.ttp.base_url())
-                })
+                Error::from_peer(e, "ttp_unreachable", || format!("cannot reach the TTP at {}", self.ttp.base_url()))
             });
         match outcome {
             Ok(_) => {}
@@ -855,9 +781,7 @@ impl CloudPlatform {
             Err(e) => return Err(e),
         }
         let id = domain_id.to_string();
-        let open = self
-            .store(move |s| s.open_attachments_of_domain(&id))
-            .await?;
+        let open = self.store(move |s| s.open_attachments_of_domain(&id)).await?;
         self.detach_all(open, "domain deleted").await?;
         let (volumes, volume_path) = (self.volumes.clone(), record.volume_path.clone());
         blocking(move || volumes.destroy(&volume_path)).await?;
@@ -883,14 +807,8 @@ impl CloudPlatform {
                 return Ok(client.clone());
             }
         }
-        let client =
-            net::Client::from_files(&host.agent_url, &self.agent_tls, Role::SecureComponent, AGENT_TIMEOUT)
-                .map_err(|e| {
-                    Error::Config(format!(
-                        "secure component of host {} at {}: {e}",
-                        host.id, host.agent_url
-                    ))
-                })?;
+        let client = net::Client::from_files(&host.agent_url, &self.agent_tls, Role::SecureComponent, AGENT_TIMEOUT)
+            .map_err(|e| Error::Config(format!("secure component of host {} at {}: {e}", host.id, host.agent_url)))?;
         agents.insert(host.id.clone(), (host.agent_url.clone(), client.clone()));
         Ok(client)
     }
@@ -904,36 +822,21 @@ impl CloudPlatform {
     }
 
     fn agent_error(host: &ComputeHost) -> impl FnOnce() -> String + '_ {
-        move || {
-            format!(
-                "cannot reach the secure component of host {} at {}",
-                host.id, host.agent_url
-            )
-        }
+        move || format!("cannot reach the secure component of host {} at {}", host.id, host.agent_url)
     }
 
     /// `POST /v1/attachments`: forwards to the secure component of the instance's host,
     /// with the header in force on the volume.
-    pub async fn attach(
-        &self,
-        caller: &Identity,
-        request: CreateAttachmentRequest,
-    ) -> Result<Attachment> {
+    pub async fn attach(&self, caller: &Identity, request: CreateAttachmentRequest) -> Result<Attachment> {
         require_role(caller, &[Role::DomainManager], "attach a domain")?;
         let lock = self.lock_of(&request.domain_id);
         let _guard = lock.lock().await;
         let record = self.managed_domain(caller, &request.domain_id).await?;
         let instance_id = request.instance_id.clone();
-        let instance = self
-            .store(move |s| s.instance(&instance_id))
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                code: "instance_unknown",
-                message: format!(
-                    "instance {} is not registered; register it with POST /v1/instances",
-                    request.instance_id
-                ),
-            })?;
+        let instance = self.store(move |s| s.instance(&instance_id)).await?.ok_or_else(|| Error::NotFound {
+            code: "instance_unknown",
+            message: format!("instance {} is not registered; register it with POST /v1/instances", request.instance_id),
+        })?;
         let host = self.host_of(&instance.host).await?;
         let (d, i) = (request.domain_id.clone(), request.instance_id.clone());
         if let Some(open) = self.store(move |s| s.open_attachment(&d, &i)).await? {
@@ -1018,10 +921,7 @@ impl CloudPlatform {
         attachment.version = attached.version;
         attachment.status = ATTACHED.to_string();
         let stored = attachment.clone();
-        if let Err(e) = self
-            .store(move |s| s.complete_attachment(&stored))
-            .await
-        {
+        if let Err(e) = self.store(move |s| s.complete_attachment(&stored)).await {
             // Do not leave a mapping open that the CP does not know about.
             let _ = self.detach_on_host(&attachment).await;
             return Err(e);
@@ -1036,24 +936,13 @@ impl CloudPlatform {
     async fn detach_on_host(&self, attachment: &Attachment) -> Result<()> {
         let host = self.host_of(&attachment.host).await?;
         let client = self.agent_client(&host).await?;
-        match client
-            .delete_json::<serde_json::Value>(&format!("/v1/attachments/{}", attachment.id))
-            .await
-        {
+        match client.delete_json::<serde_json::Value>(&format!("/v1/attachments/{}", attachment.id)).await {
             Ok(_) => Ok(()),
-            Err(net::Error::Api {
-                status: 404,
-                code,
-                message,
-            }) => {
+            Err(net::Error::Api { status: 404, code, message }) => {
                 tracing::warn!(attachment = %attachment.id, host = %host.id, %code, %message, "the host no longer has the attachment");
                 Ok(())
             }
-            Err(e) => Err(Error::from_peer(
-                e,
-                "host_unreachable",
-                Self::agent_error(&host),
-            )),
+            Err(e) => Err(Error::from_peer(e, "host_unreachable", Self::agent_error(&host))),
         }
     }
 
@@ -1073,25 +962,17 @@ impl CloudPlatform {
                 }
             };
             let id = attachment.id.clone();
-            self.store(move |s| s.set_attachment_status(&id, status))
-                .await?;
+            self.store(move |s| s.set_attachment_status(&id, status)).await?;
         }
         Ok(())
     }
 
-    async fn managed_attachment(
-        &self,
-        caller: &Identity,
-        attachment_id: &str,
-    ) -> Result<Attachment> {
+    async fn managed_attachment(&self, caller: &Identity, attachment_id: &str) -> Result<Attachment> {
         let id = attachment_id.to_string();
-        let attachment = self
-            .store(move |s| s.attachment(&id))
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                code: "attachment_unknown",
-                message: format!("attachment {attachment_id} does not exist"),
-            })?;
+        let attachment = self.store(move |s| s.attachment(&id)).await?.ok_or_else(|| Error::NotFound {
+            code: "attachment_unknown",
+            message: format!("attachment {attachment_id} does not exist"),
+        })?;
         let domain_id = attachment.domain_id.clone();
         let record = self.store(move |s| s.domain(&domain_id)).await?;
         if !record.is_some_and(|r| r.is_manager(&caller.name)) {
@@ -1108,20 +989,13 @@ impl CloudPlatform {
     /// domain manager only one of a domain it owns or shares (otherwise 403 `forbidden`). An
     /// unknown id is 404 `attachment_unknown`.
     pub async fn attachment(&self, caller: &Identity, attachment_id: &str) -> Result<Attachment> {
-        require_role(
-            caller,
-            &[Role::DomainManager, Role::CloudPlatform],
-            "read an attachment",
-        )?;
+        require_role(caller, &[Role::DomainManager, Role::CloudPlatform], "read an attachment")?;
         if caller.role == Role::CloudPlatform {
             let id = attachment_id.to_string();
-            return self
-                .store(move |s| s.attachment(&id))
-                .await?
-                .ok_or_else(|| Error::NotFound {
-                    code: "attachment_unknown",
-                    message: format!("attachment {attachment_id} does not exist"),
-                });
+            return self.store(move |s| s.attachment(&id)).await?.ok_or_else(|| Error::NotFound {
+                code: "attachment_unknown",
+                message: format!("attachment {attachment_id} does not exist"),
+            });
         }
         self.managed_attachment(caller, attachment_id).await
     }
@@ -1139,10 +1013,7 @@ impl CloudPlatform {
         let p = page.clone();
         let rows = self.store(move |s| s.attachments(&filter, &p)).await?;
         let (attachments, next_marker) = page.finish(rows, |a| &a.id);
-        Ok(AttachmentList {
-            attachments,
-            next_marker,
-        })
+        Ok(AttachmentList { attachments, next_marker })
     }
 
     /// `DELETE /v1/attachments/{id}`: the host's secure component detaches; retried for an
@@ -1158,8 +1029,7 @@ impl CloudPlatform {
         }
         self.detach_on_host(&attachment).await?;
         let id = attachment.id.clone();
-        self.store(move |s| s.set_attachment_status(&id, DETACHED))
-            .await?;
+        self.store(move |s| s.set_attachment_status(&id, DETACHED)).await?;
         attachment.status = DETACHED.to_string();
         tracing::info!(attachment = %attachment.id, vm = %attachment.instance_id, by = %caller.name, "detached");
         Ok(attachment)

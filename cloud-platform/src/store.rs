@@ -55,14 +55,9 @@ impl Page {
     pub fn new(limit: Option<usize>, marker: Option<String>) -> Result<Self> {
         let limit = limit.unwrap_or(DEFAULT_PAGE_LIMIT);
         if limit == 0 {
-            return Err(Error::BadRequest(format!(
-                "limit must be between 1 and {MAX_PAGE_LIMIT}"
-            )));
+            return Err(Error::BadRequest(format!("limit must be between 1 and {MAX_PAGE_LIMIT}")));
         }
-        Ok(Self {
-            limit: limit.min(MAX_PAGE_LIMIT),
-            marker: marker.filter(|m| !m.is_empty()),
-        })
+        Ok(Self { limit: limit.min(MAX_PAGE_LIMIT), marker: marker.filter(|m| !m.is_empty()) })
     }
 
     /// Store methods fetch `limit + 1` rows; this cuts the extra one off and answers the
@@ -201,8 +196,7 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
 impl SqliteStore {
     /// Opens or creates the database at `path` and its tables.
     pub fn open(path: &Path) -> Result<Self> {
-        let connection =
-            Connection::open(path).map_err(store_err("open the cloud platform database"))?;
+        let connection = Connection::open(path).map_err(store_err("open the cloud platform database"))?;
         Self::init(connection)
     }
 
@@ -240,38 +234,25 @@ impl SqliteStore {
                     descriptor TEXT NOT NULL, recorded_at INTEGER NOT NULL);",
             )
             .map_err(store_err("create the cloud platform schema"))?;
-        Ok(Self {
-            connection: Mutex::new(connection),
-        })
+        Ok(Self { connection: Mutex::new(connection) })
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
-        self.connection
-            .lock()
-            .map_err(|_| Error::Store("database lock poisoned by an earlier panic".into()))
+        self.connection.lock().map_err(|_| Error::Store("database lock poisoned by an earlier panic".into()))
     }
 
     fn managers(connection: &Connection, domain_id: &str) -> Result<Vec<String>> {
         let mut statement = connection
-            .prepare_cached(
-                "SELECT manager FROM domain_managers WHERE domain_id = ?1 ORDER BY manager",
-            )
+            .prepare_cached("SELECT manager FROM domain_managers WHERE domain_id = ?1 ORDER BY manager")
             .map_err(store_err("read domain managers"))?;
         let rows = statement
             .query_map(params![domain_id], |row| row.get::<_, String>(0))
             .map_err(store_err("read domain managers"))?;
-        rows.collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(store_err("read domain managers"))
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(store_err("read domain managers"))
     }
 
-    fn domain_rows(
-        connection: &Connection,
-        sql: &str,
-        args: &[&dyn rusqlite::ToSql],
-    ) -> Result<Vec<DomainRecord>> {
-        let mut statement = connection
-            .prepare_cached(sql)
-            .map_err(store_err("list domains"))?;
+    fn domain_rows(connection: &Connection, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<DomainRecord>> {
+        let mut statement = connection.prepare_cached(sql).map_err(store_err("list domains"))?;
         let rows = statement
             .query_map(args, |row| {
                 Ok(DomainRecord {
@@ -286,33 +267,26 @@ impl SqliteStore {
                 })
             })
             .map_err(store_err("list domains"))?;
-        let mut records = rows
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(store_err("list domains"))?;
+        let mut records = rows.collect::<std::result::Result<Vec<_>, _>>().map_err(store_err("list domains"))?;
         for record in &mut records {
             record.shared_with = Self::managers(connection, &record.id)?;
         }
         Ok(records)
     }
 
-    fn attachment_rows(
-        connection: &Connection,
-        sql: &str,
-        args: &[&dyn rusqlite::ToSql],
-    ) -> Result<Vec<Attachment>> {
-        let mut statement = connection
-            .prepare_cached(sql)
-            .map_err(store_err("list attachments"))?;
-        let rows = statement
-            .query_map(args, attachment_from_row)
-            .map_err(store_err("list attachments"))?;
-        rows.collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(store_err("list attachments"))
+    fn attachment_rows(connection: &Connection, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Attachment>> {
+        let mut statement = connection.prepare_cached(sql).map_err(store_err("list attachments"))?;
+        let rows = statement.query_map(args, attachment_from_row).map_err(store_err("list attachments"))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(store_err("list attachments"))
     }
 }
 
 impl SqliteStore {
-    fn pending_rows(connection: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<PendingUpdate>> {
+    fn pending_rows(
+        connection: &Connection,
+        filter: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<PendingUpdate>> {
         let sql = format!("SELECT domain_id, version, descriptor, recorded_at FROM pending_updates {filter}");
         let mut statement = connection.prepare_cached(&sql).map_err(store_err("read pending updates"))?;
         let rows = statement
@@ -323,18 +297,21 @@ impl SqliteStore {
         let mut pending = Vec::new();
         for row in rows {
             let (domain_id, version, descriptor, recorded_at) = row.map_err(store_err("read pending updates"))?;
-            let descriptor = serde_json::from_str(&descriptor).map_err(|e| {
-                Error::Store(format!("the pending update of domain {domain_id} does not decode: {e}"))
-            })?;
-            pending.push(PendingUpdate { domain_id, version: version as u64, descriptor, recorded_at: recorded_at as u64 });
+            let descriptor = serde_json::from_str(&descriptor)
+                .map_err(|e| Error::Store(format!("the pending update of domain {domain_id} does not decode: {e}")))?;
+            pending.push(PendingUpdate {
+                domain_id,
+                version: version as u64,
+                descriptor,
+                recorded_at: recorded_at as u64,
+            });
         }
         Ok(pending)
     }
 }
 
 const DOMAIN_COLUMNS: &str = "id, owner, version, size_bytes, created_at, volume_path, deleted_at";
-const ATTACHMENT_COLUMNS: &str =
-    "id, domain_id, instance_id, host, mode, device, mount_path, version, status";
+const ATTACHMENT_COLUMNS: &str = "id, domain_id, instance_id, host, mode, device, mount_path, version, status";
 
 fn attachment_from_row(row: &Row<'_>) -> rusqlite::Result<Attachment> {
     let mode: String = row.get(4)?;
@@ -343,11 +320,7 @@ fn attachment_from_row(row: &Row<'_>) -> rusqlite::Result<Attachment> {
         domain_id: row.get(1)?,
         instance_id: row.get(2)?,
         host: row.get(3)?,
-        mode: if mode == "rw" {
-            AccessMode::Rw
-        } else {
-            AccessMode::Ro
-        },
+        mode: if mode == "rw" { AccessMode::Rw } else { AccessMode::Ro },
         device: row.get(5)?,
         mount_path: row.get(6)?,
         version: row.get::<_, i64>(7)? as u64,
@@ -369,16 +342,9 @@ impl CpStore for SqliteStore {
 
     fn host(&self, id: &str) -> Result<Option<ComputeHost>> {
         self.lock()?
-            .query_row(
-                "SELECT id, agent_url FROM hosts WHERE id = ?1",
-                params![id],
-                |row| {
-                    Ok(ComputeHost {
-                        id: row.get(0)?,
-                        agent_url: row.get(1)?,
-                    })
-                },
-            )
+            .query_row("SELECT id, agent_url FROM hosts WHERE id = ?1", params![id], |row| {
+                Ok(ComputeHost { id: row.get(0)?, agent_url: row.get(1)? })
+            })
             .optional()
             .map_err(store_err("read host"))
     }
@@ -389,15 +355,9 @@ impl CpStore for SqliteStore {
             .prepare_cached("SELECT id, agent_url FROM hosts ORDER BY id")
             .map_err(store_err("list hosts"))?;
         let rows = statement
-            .query_map([], |row| {
-                Ok(ComputeHost {
-                    id: row.get(0)?,
-                    agent_url: row.get(1)?,
-                })
-            })
+            .query_map([], |row| Ok(ComputeHost { id: row.get(0)?, agent_url: row.get(1)? }))
             .map_err(store_err("list hosts"))?;
-        rows.collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(store_err("list hosts"))
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(store_err("list hosts"))
     }
 
     fn put_instance(&self, instance: &Instance) -> Result<()> {
@@ -412,16 +372,9 @@ impl CpStore for SqliteStore {
 
     fn instance(&self, id: &str) -> Result<Option<Instance>> {
         self.lock()?
-            .query_row(
-                "SELECT id, host FROM instances WHERE id = ?1",
-                params![id],
-                |row| {
-                    Ok(Instance {
-                        id: row.get(0)?,
-                        host: row.get(1)?,
-                    })
-                },
-            )
+            .query_row("SELECT id, host FROM instances WHERE id = ?1", params![id], |row| {
+                Ok(Instance { id: row.get(0)?, host: row.get(1)? })
+            })
             .optional()
             .map_err(store_err("read instance"))
     }
@@ -432,22 +385,14 @@ impl CpStore for SqliteStore {
             .prepare_cached("SELECT id, host FROM instances WHERE id > ?1 ORDER BY id LIMIT ?2")
             .map_err(store_err("list instances"))?;
         let rows = statement
-            .query_map(params![page.after(), page.fetch()], |row| {
-                Ok(Instance {
-                    id: row.get(0)?,
-                    host: row.get(1)?,
-                })
-            })
+            .query_map(params![page.after(), page.fetch()], |row| Ok(Instance { id: row.get(0)?, host: row.get(1)? }))
             .map_err(store_err("list instances"))?;
-        rows.collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(store_err("list instances"))
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(store_err("list instances"))
     }
 
     fn insert_domain(&self, record: &DomainRecord) -> Result<()> {
         let mut connection = self.lock()?;
-        let tx = connection
-            .transaction()
-            .map_err(store_err("insert domain"))?;
+        let tx = connection.transaction().map_err(store_err("insert domain"))?;
         tx.execute(
             "INSERT INTO domains (id, owner, version, size_bytes, created_at, volume_path, deleted_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
@@ -462,10 +407,7 @@ impl CpStore for SqliteStore {
         )
         .map_err(|e| {
             if is_constraint(&e) {
-                Error::Conflict {
-                    code: "domain_exists",
-                    message: format!("domain {} already exists", record.id),
-                }
+                Error::Conflict { code: "domain_exists", message: format!("domain {} already exists", record.id) }
             } else {
                 Error::Store(format!("insert domain: {e}"))
             }
@@ -511,9 +453,7 @@ impl CpStore for SqliteStore {
 
     fn update_domain(&self, id: &str, version: u64, shared_with: &[String]) -> Result<()> {
         let mut connection = self.lock()?;
-        let tx = connection
-            .transaction()
-            .map_err(store_err("update domain"))?;
+        let tx = connection.transaction().map_err(store_err("update domain"))?;
         let changed = tx
             .execute(
                 "UPDATE domains SET version = ?2 WHERE id = ?1 AND deleted_at IS NULL",
@@ -526,11 +466,8 @@ impl CpStore for SqliteStore {
                 message: format!("domain {id} is not stored (or was deleted)"),
             });
         }
-        tx.execute(
-            "DELETE FROM domain_managers WHERE domain_id = ?1",
-            params![id],
-        )
-        .map_err(store_err("update domain managers"))?;
+        tx.execute("DELETE FROM domain_managers WHERE domain_id = ?1", params![id])
+            .map_err(store_err("update domain managers"))?;
         for manager in shared_with {
             tx.execute(
                 "INSERT OR IGNORE INTO domain_managers (domain_id, manager) VALUES (?1, ?2)",
@@ -538,22 +475,16 @@ impl CpStore for SqliteStore {
             )
             .map_err(store_err("update domain managers"))?;
         }
-        tx.execute(
-            "DELETE FROM pending_updates WHERE domain_id = ?1 AND version <= ?2",
-            params![id, version as i64],
-        )
-        .map_err(store_err("end the pending update"))?;
+        tx.execute("DELETE FROM pending_updates WHERE domain_id = ?1 AND version <= ?2", params![id, version as i64])
+            .map_err(store_err("end the pending update"))?;
         tx.commit().map_err(store_err("update domain"))
     }
 
     fn mark_domain_deleted(&self, id: &str, at: u64) -> Result<()> {
         let mut connection = self.lock()?;
         let tx = connection.transaction().map_err(store_err("mark domain deleted"))?;
-        tx.execute(
-            "UPDATE domains SET deleted_at = ?2 WHERE id = ?1 AND deleted_at IS NULL",
-            params![id, at as i64],
-        )
-        .map_err(store_err("mark domain deleted"))?;
+        tx.execute("UPDATE domains SET deleted_at = ?2 WHERE id = ?1 AND deleted_at IS NULL", params![id, at as i64])
+            .map_err(store_err("mark domain deleted"))?;
         tx.execute("DELETE FROM pending_updates WHERE domain_id = ?1", params![id])
             .map_err(store_err("drop the pending update of a deleted domain"))?;
         tx.commit().map_err(store_err("mark domain deleted"))
@@ -627,16 +558,7 @@ impl CpStore for SqliteStore {
                     UNION SELECT domain_id FROM domain_managers WHERE manager = ?3))
              ORDER BY a.id LIMIT ?4"
         );
-        Self::attachment_rows(
-            &connection,
-            &sql,
-            &[
-                &page.after(),
-                &filter.domain_id,
-                &filter.manager,
-                &page.fetch(),
-            ],
-        )
+        Self::attachment_rows(&connection, &sql, &[&page.after(), &filter.domain_id, &filter.manager, &page.fetch()])
     }
 
     fn open_attachments_of_domain(&self, domain_id: &str) -> Result<Vec<Attachment>> {
@@ -657,10 +579,7 @@ impl CpStore for SqliteStore {
 
     fn set_attachment_status(&self, id: &str, status: &str) -> Result<()> {
         self.lock()?
-            .execute(
-                "UPDATE attachments SET status = ?2 WHERE id = ?1",
-                params![id, status],
-            )
+            .execute("UPDATE attachments SET status = ?2 WHERE id = ?1", params![id, status])
             .map_err(store_err("update attachment"))?;
         Ok(())
     }
@@ -722,55 +641,28 @@ mod tests {
     fn domains_filtered_by_manager_and_paginated() {
         let s = SqliteStore::in_memory().unwrap();
         for i in 0..5 {
-            s.insert_domain(&domain(
-                &format!("d{i}"),
-                "alice",
-                if i == 3 { &["bob"] } else { &[] },
-            ))
-            .unwrap();
+            s.insert_domain(&domain(&format!("d{i}"), "alice", if i == 3 { &["bob"] } else { &[] })).unwrap();
         }
         s.insert_domain(&domain("e0", "bob", &[])).unwrap();
-        assert_eq!(
-            s.insert_domain(&domain("d0", "x", &[])).unwrap_err().code(),
-            "domain_exists"
-        );
+        assert_eq!(s.insert_domain(&domain("d0", "x", &[])).unwrap_err().code(), "domain_exists");
         let page = Page::new(Some(2), None).unwrap();
         let (rows, next) = page.finish(s.domains_for("alice", &page).unwrap(), |d| &d.id);
-        assert_eq!(
-            rows.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
-            ["d0", "d1"]
-        );
+        assert_eq!(rows.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d0", "d1"]);
         assert_eq!(next.as_deref(), Some("d1"));
         let page = Page::new(Some(2), Some("d3".into())).unwrap();
         let (rows, next) = page.finish(s.domains_for("alice", &page).unwrap(), |d| &d.id);
-        assert_eq!(
-            rows.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
-            ["d4"]
-        );
+        assert_eq!(rows.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d4"]);
         assert_eq!(next, None);
         let page = Page::new(None, None).unwrap();
-        let bob: Vec<_> = s
-            .domains_for("bob", &page)
-            .unwrap()
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let bob: Vec<_> = s.domains_for("bob", &page).unwrap().into_iter().map(|d| d.id).collect();
         assert_eq!(bob, ["d3", "e0"]);
         s.update_domain("d3", 2, &[]).unwrap();
-        let bob: Vec<_> = s
-            .domains_for("bob", &page)
-            .unwrap()
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let bob: Vec<_> = s.domains_for("bob", &page).unwrap().into_iter().map(|d| d.id).collect();
         assert_eq!(bob, ["e0"]);
         s.mark_domain_deleted("e0", 20).unwrap();
         assert!(s.domains_for("bob", &page).unwrap().is_empty());
         assert_eq!(s.domain("e0").unwrap().unwrap().deleted_at, Some(20));
-        assert_eq!(
-            s.update_domain("e0", 2, &[]).unwrap_err().code(),
-            "domain_unknown"
-        );
+        assert_eq!(s.update_domain("e0", 2, &[]).unwrap_err().code(), "domain_unknown");
         assert_eq!(Page::new(Some(0), None).unwrap_err().code(), "bad_request");
         assert_eq!(Page::new(Some(10_000), None).unwrap().limit, MAX_PAGE_LIMIT);
     }
@@ -780,50 +672,20 @@ mod tests {
         let s = SqliteStore::in_memory().unwrap();
         s.insert_domain(&domain("d1", "alice", &["bob"])).unwrap();
         s.insert_domain(&domain("d2", "carol", &[])).unwrap();
-        s.insert_attachment(&attachment("a1", "d1", "vm-a", ATTACHED), 1)
-            .unwrap();
-        s.insert_attachment(&attachment("a2", "d1", "vm-b", DETACHED), 1)
-            .unwrap();
-        s.insert_attachment(&attachment("a3", "d2", "vm-c", ATTACHED), 1)
-            .unwrap();
+        s.insert_attachment(&attachment("a1", "d1", "vm-a", ATTACHED), 1).unwrap();
+        s.insert_attachment(&attachment("a2", "d1", "vm-b", DETACHED), 1).unwrap();
+        s.insert_attachment(&attachment("a3", "d2", "vm-c", ATTACHED), 1).unwrap();
         let page = Page::new(None, None).unwrap();
-        let ids = |f: AttachmentFilter| {
-            s.attachments(&f, &page)
-                .unwrap()
-                .into_iter()
-                .map(|a| a.id)
-                .collect::<Vec<_>>()
-        };
+        let ids = |f: AttachmentFilter| s.attachments(&f, &page).unwrap().into_iter().map(|a| a.id).collect::<Vec<_>>();
         assert_eq!(ids(AttachmentFilter::default()), ["a1", "a2", "a3"]);
-        assert_eq!(
-            ids(AttachmentFilter {
-                manager: Some("bob".into()),
-                domain_id: None
-            }),
-            ["a1", "a2"]
-        );
-        assert_eq!(
-            ids(AttachmentFilter {
-                manager: Some("carol".into()),
-                domain_id: None
-            }),
-            ["a3"]
-        );
-        assert_eq!(
-            ids(AttachmentFilter {
-                manager: None,
-                domain_id: Some("d2".into())
-            }),
-            ["a3"]
-        );
+        assert_eq!(ids(AttachmentFilter { manager: Some("bob".into()), domain_id: None }), ["a1", "a2"]);
+        assert_eq!(ids(AttachmentFilter { manager: Some("carol".into()), domain_id: None }), ["a3"]);
+        assert_eq!(ids(AttachmentFilter { manager: None, domain_id: Some("d2".into()) }), ["a3"]);
         assert_eq!(s.open_attachments_of_domain("d1").unwrap().len(), 1);
         assert_eq!(s.open_attachment("d1", "vm-a").unwrap().unwrap().id, "a1");
         assert!(s.open_attachment("d1", "vm-b").unwrap().is_none());
         s.set_attachment_status("a1", DETACHING).unwrap();
-        assert_eq!(
-            s.open_attachments_of_domain("d1").unwrap()[0].status,
-            DETACHING
-        );
+        assert_eq!(s.open_attachments_of_domain("d1").unwrap()[0].status, DETACHING);
         s.set_attachment_status("a1", DETACHED).unwrap();
         assert!(s.open_attachments_of_domain("d1").unwrap().is_empty());
         assert_eq!(s.attachment("a1").unwrap().unwrap().status, DETACHED);
@@ -833,7 +695,11 @@ mod tests {
         PendingUpdate {
             domain_id: domain_id.into(),
             version,
-            descriptor: protocol::signing::SignedEnvelope { message: vec![version as u8; 3], signature: vec![7; 64], signer_certificate: vec![1, 2] },
+            descriptor: protocol::signing::SignedEnvelope {
+                message: vec![version as u8; 3],
+                signature: vec![7; 64],
+                signer_certificate: vec![1, 2],
+            },
             recorded_at: 30,
         }
     }

@@ -65,14 +65,8 @@ impl Volumes {
     /// The volume file of `domain_id` (validated as 32 lowercase hex characters by the
     /// descriptor decoder before it gets here; checked again so no path can escape).
     pub fn path_of(&self, domain_id: &str) -> Result<PathBuf> {
-        if domain_id.len() != 32
-            || !domain_id
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(Error::BadRequest(format!(
-                "domain id {domain_id:?} is not 32 lowercase hex characters"
-            )));
+        if domain_id.len() != 32 || !domain_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(Error::BadRequest(format!("domain id {domain_id:?} is not 32 lowercase hex characters")));
         }
         Ok(self.dir.join(format!("{domain_id}.vol")))
     }
@@ -82,9 +76,7 @@ impl Volumes {
     pub fn check_size(&self, size_bytes: u64) -> Result<()> {
         let sector = SECTOR_SIZE as u64;
         if size_bytes == 0 {
-            return Err(Error::InvalidSize(
-                "size_bytes is 0: a volume needs at least one 4096-byte sector".into(),
-            ));
+            return Err(Error::InvalidSize("size_bytes is 0: a volume needs at least one 4096-byte sector".into()));
         }
         if !size_bytes.is_multiple_of(sector) {
             let down = size_bytes / sector * sector;
@@ -105,12 +97,7 @@ impl Volumes {
 
     /// Creates the volume of `domain_id`: header `record` in slot 0 (sequence 1) and a hole
     /// of `size_bytes` after the header area. Refuses to replace an existing volume.
-    pub fn create(
-        &self,
-        domain_id: &str,
-        size_bytes: u64,
-        record: &HeaderRecord,
-    ) -> Result<PathBuf> {
+    pub fn create(&self, domain_id: &str, size_bytes: u64, record: &HeaderRecord) -> Result<PathBuf> {
         self.check_size(size_bytes)?;
         let path = self.path_of(domain_id)?;
         if path.exists() {
@@ -120,8 +107,8 @@ impl Volumes {
             });
         }
         let tmp = self.dir.join(format!("{domain_id}.vol.tmp"));
-        let slot = format::encode_slot(1, &record.encode())
-            .map_err(|e| Error::BadRequest(format!("volume header: {e}")))?;
+        let slot =
+            format::encode_slot(1, &record.encode()).map_err(|e| Error::BadRequest(format!("volume header: {e}")))?;
         let result = (|| {
             let file = OpenOptions::new()
                 .write(true)
@@ -130,10 +117,8 @@ impl Volumes {
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(|e| io_err("create", &tmp, e))?;
-            file.set_len(DATA_OFFSET + size_bytes)
-                .map_err(|e| io_err("size", &tmp, e))?;
-            file.write_all_at(&slot, format::slot_offset(0))
-                .map_err(|e| io_err("write header to", &tmp, e))?;
+            file.set_len(DATA_OFFSET + size_bytes).map_err(|e| io_err("size", &tmp, e))?;
+            file.write_all_at(&slot, format::slot_offset(0)).map_err(|e| io_err("write header to", &tmp, e))?;
             file.sync_all().map_err(|e| io_err("fsync", &tmp, e))?;
             std::fs::rename(&tmp, &path).map_err(|e| io_err("rename into place", &path, e))?;
             sync_dir(&self.dir)
@@ -147,20 +132,13 @@ impl Volumes {
     /// The header in force on the volume at `path` (the newer valid slot).
     pub fn read_header(&self, path: &Path) -> Result<VolumeHeader> {
         let active = read_active(path)?;
-        let record = HeaderRecord::decode(&active.payload).map_err(|e| {
-            Error::Volume(format!(
-                "header of {} (slot {}): {e}",
-                path.display(),
-                active.slot
-            ))
-        })?;
+        let record = HeaderRecord::decode(&active.payload)
+            .map_err(|e| Error::Volume(format!("header of {} (slot {}): {e}", path.display(), active.slot)))?;
         Ok(VolumeHeader {
             record,
             slot: active.slot,
             seq: active.seq,
-            skipped: active
-                .skipped
-                .map(|(slot, why)| format!("slot {slot}: {why}")),
+            skipped: active.skipped.map(|(slot, why)| format!("slot {slot}: {why}")),
         })
     }
 
@@ -168,16 +146,11 @@ impl Volumes {
     /// and fsyncs. Returns the new header's slot and sequence number.
     pub fn update_header(&self, path: &Path, record: &HeaderRecord) -> Result<(usize, u64)> {
         let active = read_active(path)?;
-        let (slot, seq) = format::next_slot_for_update(Some(&active))
-            .map_err(|e| Error::Volume(e.to_string()))?;
-        let bytes = format::encode_slot(seq, &record.encode())
-            .map_err(|e| Error::BadRequest(format!("volume header: {e}")))?;
-        let file = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| io_err("open", path, e))?;
-        file.write_all_at(&bytes, format::slot_offset(slot))
-            .map_err(|e| io_err("write header to", path, e))?;
+        let (slot, seq) = format::next_slot_for_update(Some(&active)).map_err(|e| Error::Volume(e.to_string()))?;
+        let bytes =
+            format::encode_slot(seq, &record.encode()).map_err(|e| Error::BadRequest(format!("volume header: {e}")))?;
+        let file = OpenOptions::new().write(true).open(path).map_err(|e| io_err("open", path, e))?;
+        file.write_all_at(&bytes, format::slot_offset(slot)).map_err(|e| io_err("write header to", path, e))?;
         file.sync_all().map_err(|e| io_err("fsync", path, e))?;
         Ok((slot, seq))
     }
@@ -193,8 +166,7 @@ impl Volumes {
         };
         let len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
         let zeros = vec![0u8; HEADER_AREA_SIZE.min(len as usize)];
-        file.write_all_at(&zeros, 0)
-            .map_err(|e| io_err("overwrite the header area of", path, e))?;
+        file.write_all_at(&zeros, 0).map_err(|e| io_err("overwrite the header area of", path, e))?;
         file.sync_all().map_err(|e| io_err("fsync", path, e))?;
         drop(file);
         std::fs::remove_file(path).map_err(|e| io_err("remove", path, e))?;
@@ -214,9 +186,7 @@ pub fn read_active(path: &Path) -> Result<ActiveHeader> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("fsync directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err("fsync directory", dir, e))
 }
 
 #[cfg(test)]
@@ -225,15 +195,9 @@ mod tests {
     use protocol::signing::SignedEnvelope;
 
     fn record(tag: u8) -> HeaderRecord {
-        let env = |m: Vec<u8>| SignedEnvelope {
-            message: m,
-            signature: vec![tag; 70],
-            signer_certificate: vec![tag; 300],
-        };
-        HeaderRecord {
-            descriptor: env(vec![tag; 500]),
-            registration: env(vec![tag; 120]),
-        }
+        let env =
+            |m: Vec<u8>| SignedEnvelope { message: m, signature: vec![tag; 70], signer_certificate: vec![tag; 300] };
+        HeaderRecord { descriptor: env(vec![tag; 500]), registration: env(vec![tag; 120]) }
     }
 
     const ID: &str = "00112233445566778899aabbccddeeff";
@@ -247,17 +211,11 @@ mod tests {
         let e = v.check_size(0).unwrap_err();
         assert_eq!(e.code(), "invalid_size");
         let e = v.check_size(10_000).unwrap_err().to_string();
-        assert!(
-            e.contains("not a multiple of the 4096-byte sector size (try 8192 or 12288)"),
-            "{e}"
-        );
+        assert!(e.contains("not a multiple of the 4096-byte sector size (try 8192 or 12288)"), "{e}");
         let e = v.check_size(100).unwrap_err().to_string();
         assert!(e.contains("try 4096"), "{e}");
         let e = v.check_size((1 << 30) + 4096).unwrap_err().to_string();
-        assert!(
-            e.contains("exceeds this cloud's limit of 1073741824 bytes"),
-            "{e}"
-        );
+        assert!(e.contains("exceeds this cloud's limit of 1073741824 bytes"), "{e}");
         assert!(v.path_of("../etc/passwd").is_err());
     }
 
@@ -270,16 +228,10 @@ mod tests {
         assert!(!dir.path().join(format!("{ID}.vol.tmp")).exists());
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), DATA_OFFSET + (1 << 30));
-        assert!(
-            std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 2 * DATA_OFFSET,
-            "sparse"
-        );
+        assert!(std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 2 * DATA_OFFSET, "sparse");
         let h = v.read_header(&path).unwrap();
         assert_eq!((h.slot, h.seq, h.record.clone()), (0, 1, record(1)));
-        assert_eq!(
-            v.create(ID, 4096, &record(1)).unwrap_err().code(),
-            "domain_exists"
-        );
+        assert_eq!(v.create(ID, 4096, &record(1)).unwrap_err().code(), "domain_exists");
 
         assert_eq!(v.update_header(&path, &record(2)).unwrap(), (1, 2));
         assert_eq!(v.update_header(&path, &record(3)).unwrap(), (0, 3));

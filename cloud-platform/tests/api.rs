@@ -22,9 +22,8 @@ use axum::http::Method;
 use cloud_platform::CpConfig;
 use net::{Role, TlsFiles};
 use protocol::cloud::{
-    AgentAttachmentList, Attachment, AttachmentList, ComputeHost, CreateAttachmentRequest,
-    CreateDomainRequest, DeleteDomainBody, DomainList, DomainView, Instance, InstanceList,
-    UpdateDomainRequest,
+    AgentAttachmentList, Attachment, AttachmentList, ComputeHost, CreateAttachmentRequest, CreateDomainRequest,
+    DeleteDomainBody, DomainList, DomainView, Instance, InstanceList, UpdateDomainRequest,
 };
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::format::{self, SlotError, DATA_OFFSET, HEADER_AREA_SIZE, SLOT_SIZE};
@@ -51,43 +50,21 @@ impl Pki {
         std::fs::create_dir_all(dir).unwrap();
         let (ca_cert, ca_key) = CertificateAuthority::generate("skydd-test-ca").unwrap();
         std::fs::write(dir.join("ca.pem"), &ca_cert).unwrap();
-        Self {
-            dir: dir.to_path_buf(),
-            ca_cert,
-            ca_key,
-        }
+        Self { dir: dir.to_path_buf(), ca_cert, ca_key }
     }
 
     fn issue(&self, role: Role, name: &str) -> TlsFiles {
-        let issued = CertificateAuthority::issue(
-            &self.ca_cert,
-            &self.ca_key,
-            role,
-            name,
-            Validity::Days(30),
-        )
-        .unwrap();
+        let issued = CertificateAuthority::issue(&self.ca_cert, &self.ca_key, role, name, Validity::Days(30)).unwrap();
         let files = TlsFiles::in_dir(&self.dir, name);
         std::fs::write(&files.cert, &issued.cert_pem).unwrap();
-        let mut key = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&files.key)
-            .unwrap();
+        let mut key =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&files.key).unwrap();
         std::io::Write::write_all(&mut key, issued.key_pem.as_bytes()).unwrap();
         files
     }
 
     fn client(&self, name: &str, server_role: Role, url: &str) -> net::Client {
-        net::Client::new(
-            url,
-            TlsFiles::in_dir(&self.dir, name)
-                .client_config(server_role)
-                .unwrap(),
-        )
-        .unwrap()
+        net::Client::new(url, TlsFiles::in_dir(&self.dir, name).client_config(server_role).unwrap()).unwrap()
     }
 }
 
@@ -106,10 +83,7 @@ impl Server {
 
 async fn bind() -> (tokio::net::TcpListener, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "https://127.0.0.1:{}",
-        listener.local_addr().unwrap().port()
-    );
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
     (listener, url)
 }
 
@@ -134,25 +108,13 @@ async fn start_ttp(
         attestation: policy_path,
     };
     let (service, server_tls) = ttp::server::build(&config).unwrap();
-    let url = format!(
-        "https://127.0.0.1:{}",
-        listener.local_addr().unwrap().port()
-    );
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let shutdown = CancellationToken::new();
     let (s, t) = (service.clone(), shutdown.clone());
     let task = tokio::spawn(async move {
-        ttp::server::serve(listener, s, server_tls, t)
-            .await
-            .unwrap();
+        ttp::server::serve(listener, s, server_tls, t).await.unwrap();
     });
-    (
-        Server {
-            url,
-            shutdown,
-            task,
-        },
-        service,
-    )
+    (Server { url, shutdown, task }, service)
 }
 
 /// The cloud platform as `cloud-platform serve --config cp.toml` runs it, in this process.
@@ -178,18 +140,9 @@ async fn start_cp(root: &Path, pki: &Pki, ttp_url: &str) -> (Server, CpConfig) {
     let shutdown = CancellationToken::new();
     let t = shutdown.clone();
     let task = tokio::spawn(async move {
-        cloud_platform::serve(listener, cp, server_tls, t)
-            .await
-            .unwrap();
+        cloud_platform::serve(listener, cp, server_tls, t).await.unwrap();
     });
-    (
-        Server {
-            url,
-            shutdown,
-            task,
-        },
-        config,
-    )
+    (Server { url, shutdown, task }, config)
 }
 
 /// A domain manager: signs with its certificate's key and calls the CP as itself.
@@ -203,31 +156,19 @@ impl Manager {
     fn create(pki: &Pki, name: &str, cp_url: &str) -> Self {
         let files = pki.issue(Role::DomainManager, name);
         let material = files.load().unwrap();
-        let der =
-            protocol::pki::certs_from_pem(&material.cert_pem, "certificate").unwrap()[0].to_vec();
+        let der = protocol::pki::certs_from_pem(&material.cert_pem, "certificate").unwrap()[0].to_vec();
         let key = SignatureKey::from_pem(&material.key_pem, der).unwrap();
-        Self {
-            name: name.to_string(),
-            key,
-            cp: pki.client(name, Role::CloudPlatform, cp_url),
-        }
+        Self { name: name.to_string(), key, cp: pki.client(name, Role::CloudPlatform, cp_url) }
     }
 
     fn descriptor(&self, acl: &[(&str, AccessMode)]) -> Descriptor {
         let metadata = BTreeMap::from([("department".to_string(), "cardiology".to_string())]);
-        let acl = acl
-            .iter()
-            .map(|(vm, mode)| AclEntry {
-                vm_id: vm.to_string(),
-                mode: *mode,
-            })
-            .collect();
+        let acl = acl.iter().map(|(vm, mode)| AclEntry { vm_id: vm.to_string(), mode: *mode }).collect();
         Descriptor::new(&self.name, metadata, acl).unwrap()
     }
 
     fn sign(&self, descriptor: &Descriptor) -> SignedEnvelope {
-        self.key
-            .sign_envelope(SignatureContext::Descriptor, descriptor.encode().unwrap())
+        self.key.sign_envelope(SignatureContext::Descriptor, descriptor.encode().unwrap())
     }
 
     fn grant(&self, domain_id: &str, vm_id: &str, mode: AccessMode) -> SignedEnvelope {
@@ -239,74 +180,32 @@ impl Manager {
             nonce: rand::random(),
             issuer: self.name.clone(),
         };
-        self.key
-            .sign_envelope(SignatureContext::MountGrant, grant.encode())
+        self.key.sign_envelope(SignatureContext::MountGrant, grant.encode())
     }
 
     fn deletion(&self, domain_id: &str) -> DeleteDomainBody {
-        let deletion = Deletion {
-            domain_id: domain_id.into(),
-            requested_at: cloud_platform::service::now_unix(),
-        };
-        DeleteDomainBody {
-            deletion: self
-                .key
-                .sign_envelope(SignatureContext::Deletion, deletion.encode()),
-        }
+        let deletion = Deletion { domain_id: domain_id.into(), requested_at: cloud_platform::service::now_unix() };
+        DeleteDomainBody { deletion: self.key.sign_envelope(SignatureContext::Deletion, deletion.encode()) }
     }
 
-    async fn create_domain(
-        &self,
-        descriptor: &Descriptor,
-        size_bytes: u64,
-    ) -> Result<DomainView, net::Error> {
-        self.cp
-            .post_json(
-                "/v1/domains",
-                &CreateDomainRequest {
-                    descriptor: self.sign(descriptor),
-                    size_bytes,
-                },
-            )
-            .await
+    async fn create_domain(&self, descriptor: &Descriptor, size_bytes: u64) -> Result<DomainView, net::Error> {
+        self.cp.post_json("/v1/domains", &CreateDomainRequest { descriptor: self.sign(descriptor), size_bytes }).await
     }
 
     async fn update(&self, descriptor: &Descriptor) -> Result<DomainView, net::Error> {
         let path = format!("/v1/domains/{}/descriptor", descriptor.domain_id);
-        self.cp
-            .put_json(
-                &path,
-                &UpdateDomainRequest {
-                    descriptor: self.sign(descriptor),
-                },
-            )
-            .await
+        self.cp.put_json(&path, &UpdateDomainRequest { descriptor: self.sign(descriptor) }).await
     }
 
     async fn get(&self, domain_id: &str) -> Result<DomainView, net::Error> {
         self.cp.get_json(&format!("/v1/domains/{domain_id}")).await
     }
 
-    async fn delete(
-        &self,
-        domain_id: &str,
-        body: &DeleteDomainBody,
-    ) -> Result<DomainView, net::Error> {
-        self.cp
-            .request_json(
-                Method::DELETE,
-                &format!("/v1/domains/{domain_id}"),
-                Some(body),
-            )
-            .await
+    async fn delete(&self, domain_id: &str, body: &DeleteDomainBody) -> Result<DomainView, net::Error> {
+        self.cp.request_json(Method::DELETE, &format!("/v1/domains/{domain_id}"), Some(body)).await
     }
 
-    async fn attach(
-        &self,
-        domain_id: &str,
-        vm: &str,
-        mode: AccessMode,
-    ) -> Result<Attachment, net::Error> {
+    async fn attach(&self, domain_id: &str, vm: &str, mode: AccessMode) -> Result<Attachment, net::Error> {
         let request = CreateAttachmentRequest {
             domain_id: domain_id.into(),
             instance_id: vm.into(),
@@ -317,11 +216,7 @@ impl Manager {
     }
 
     async fn attachments(&self, domain_id: &str) -> Vec<Attachment> {
-        let list: AttachmentList = self
-            .cp
-            .get_json(&format!("/v1/attachments?domain_id={domain_id}"))
-            .await
-            .unwrap();
+        let list: AttachmentList = self.cp.get_json(&format!("/v1/attachments?domain_id={domain_id}")).await.unwrap();
         list.attachments
     }
 }
@@ -329,11 +224,7 @@ impl Manager {
 /// The refusal's HTTP status, code and message (printed: this is what a person reads).
 fn refusal<T: std::fmt::Debug>(result: Result<T, net::Error>) -> (u16, String, String) {
     match result {
-        Err(net::Error::Api {
-            status,
-            code,
-            message,
-        }) => {
+        Err(net::Error::Api { status, code, message }) => {
             println!("  refused: HTTP {status} {code}: {message}");
             (status, code, message)
         }
@@ -343,10 +234,7 @@ fn refusal<T: std::fmt::Debug>(result: Result<T, net::Error>) -> (u16, String, S
 
 fn header_area(path: &Path) -> Vec<u8> {
     let mut area = vec![0u8; HEADER_AREA_SIZE];
-    std::fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut area, 0)
-        .unwrap();
+    std::fs::File::open(path).unwrap().read_exact_at(&mut area, 0).unwrap();
     area
 }
 
@@ -372,65 +260,31 @@ async fn domains_over_the_api() {
     println!("create: dm-alice creates a 64 MiB domain (vm-a rw, vm-b ro)");
     let d1 = alice.descriptor(&[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Ro)]);
     let id = d1.domain_id.clone();
-    let v1 = alice
-        .create_domain(&d1, 64 * MIB)
-        .await
-        .expect("alice creates her domain");
+    let v1 = alice.create_domain(&d1, 64 * MIB).await.expect("alice creates her domain");
     assert_eq!(
-        (
-            v1.id.as_str(),
-            v1.owner.as_str(),
-            v1.version,
-            v1.status.as_str()
-        ),
+        (v1.id.as_str(), v1.owner.as_str(), v1.version, v1.status.as_str()),
         (id.as_str(), "dm-alice", 1, "available")
     );
-    assert_eq!(
-        (v1.size_bytes, v1.acl.clone(), v1.metadata.clone()),
-        (64 * MIB, d1.acl.clone(), d1.metadata.clone())
-    );
-    assert_eq!(
-        v1.header.descriptor.message,
-        d1.encode().unwrap(),
-        "the header holds the descriptor alice signed"
-    );
+    assert_eq!((v1.size_bytes, v1.acl.clone(), v1.metadata.clone()), (64 * MIB, d1.acl.clone(), d1.metadata.clone()));
+    assert_eq!(v1.header.descriptor.message, d1.encode().unwrap(), "the header holds the descriptor alice signed");
     let reg1 = registration_of(&v1.header);
     assert_eq!((reg1.domain_id.as_str(), reg1.version), (id.as_str(), 1));
-    v1.header
-        .registration
-        .verify_signature(SignatureContext::Registration)
-        .expect("the TTP signed the registration");
+    v1.header.registration.verify_signature(SignatureContext::Registration).expect("the TTP signed the registration");
 
     println!("  the volume file: sized, sparse, header in slot 0 with sequence 1");
     let path = volumes.join(format!("{id}.vol"));
     let meta = std::fs::metadata(&path).unwrap();
     assert_eq!(meta.len(), DATA_OFFSET + 64 * MIB);
-    println!(
-        "  {} bytes long, {} bytes allocated",
-        meta.len(),
-        meta.blocks() * 512
-    );
-    assert!(
-        meta.blocks() * 512 <= DATA_OFFSET,
-        "only the header is allocated: {} bytes",
-        meta.blocks() * 512
-    );
+    println!("  {} bytes long, {} bytes allocated", meta.len(), meta.blocks() * 512);
+    assert!(meta.blocks() * 512 <= DATA_OFFSET, "only the header is allocated: {} bytes", meta.blocks() * 512);
     let active = format::decode_header_area(&header_area(&path)).unwrap();
-    assert_eq!(
-        (active.slot, active.seq, active.skipped.clone()),
-        (0, 1, Some((1, SlotError::Empty)))
-    );
-    assert_eq!(
-        HeaderRecord::decode(&active.payload).unwrap(),
-        v1.header,
-        "the header on disk is the one answered"
-    );
+    assert_eq!((active.slot, active.seq, active.skipped.clone()), (0, 1, Some((1, SlotError::Empty))));
+    assert_eq!(HeaderRecord::decode(&active.payload).unwrap(), v1.header, "the header on disk is the one answered");
     assert_eq!(alice.get(&id).await.unwrap(), v1);
 
     println!("refusal: sizes that are not a positive multiple of 4096, or beyond the limit");
     for size in [0, 10_000, 2 << 40] {
-        let (status, code, message) =
-            refusal(alice.create_domain(&alice.descriptor(&[]), size).await);
+        let (status, code, message) = refusal(alice.create_domain(&alice.descriptor(&[]), size).await);
         assert_eq!((status, code.as_str()), (400, "invalid_size"), "{message}");
     }
 
@@ -441,26 +295,13 @@ async fn domains_over_the_api() {
             .cp
             .post_json::<_, DomainView>(
                 "/v1/domains",
-                &CreateDomainRequest {
-                    descriptor: alice.sign(&stolen),
-                    size_bytes: MIB,
-                },
+                &CreateDomainRequest { descriptor: alice.sign(&stolen), size_bytes: MIB },
             )
             .await,
     );
     assert_eq!((status, code.as_str()), (403, "owner_mismatch"));
-    assert!(
-        message.contains("dm-alice") && message.contains("dm-mallory"),
-        "{message}"
-    );
-    assert!(
-        ttp_service
-            .store()
-            .domain(&stolen.domain_id)
-            .unwrap()
-            .is_none(),
-        "the TTP never saw it"
-    );
+    assert!(message.contains("dm-alice") && message.contains("dm-mallory"), "{message}");
+    assert!(ttp_service.store().domain(&stolen.domain_id).unwrap().is_none(), "the TTP never saw it");
     assert!(!volumes.join(format!("{}.vol", stolen.domain_id)).exists());
 
     println!("list: pages of 2 over dm-alice's 3 domains; dm-bob sees none");
@@ -471,28 +312,10 @@ async fn domains_over_the_api() {
     }
     ids.sort();
     let page1: DomainList = alice.cp.get_json("/v1/domains?limit=2").await.unwrap();
-    assert_eq!(
-        page1
-            .domains
-            .iter()
-            .map(|d| d.id.clone())
-            .collect::<Vec<_>>(),
-        ids[..2]
-    );
+    assert_eq!(page1.domains.iter().map(|d| d.id.clone()).collect::<Vec<_>>(), ids[..2]);
     assert_eq!(page1.next_marker.as_deref(), Some(ids[1].as_str()));
-    let page2: DomainList = alice
-        .cp
-        .get_json(&format!("/v1/domains?limit=2&marker={}", ids[1]))
-        .await
-        .unwrap();
-    assert_eq!(
-        page2
-            .domains
-            .iter()
-            .map(|d| d.id.clone())
-            .collect::<Vec<_>>(),
-        ids[2..]
-    );
+    let page2: DomainList = alice.cp.get_json(&format!("/v1/domains?limit=2&marker={}", ids[1])).await.unwrap();
+    assert_eq!(page2.domains.iter().map(|d| d.id.clone()).collect::<Vec<_>>(), ids[2..]);
     assert_eq!(page2.next_marker, None);
     let bobs: DomainList = bob.cp.get_json("/v1/domains").await.unwrap();
     assert!(bobs.domains.is_empty());
@@ -504,92 +327,47 @@ async fn domains_over_the_api() {
     println!("update: version 2 grants vm-c ro and shares with dm-bob; the header goes to slot 1");
     let d2 = d1
         .next_version(|d| {
-            d.acl.push(AclEntry {
-                vm_id: "vm-c".into(),
-                mode: AccessMode::Ro,
-            });
+            d.acl.push(AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Ro });
             d.shared_with.push("dm-bob".into());
         })
         .unwrap();
     let v2 = alice.update(&d2).await.expect("the owner updates");
-    assert_eq!(
-        (v2.version, v2.shared_with.clone()),
-        (2, vec!["dm-bob".to_string()])
-    );
+    assert_eq!((v2.version, v2.shared_with.clone()), (2, vec!["dm-bob".to_string()]));
     assert_eq!(v2.acl.len(), 3);
     let reg2 = registration_of(&v2.header);
-    assert_eq!(
-        (reg2.version, reg2.nonce_r),
-        (2, reg1.nonce_r),
-        "the TTP carried r over"
-    );
+    assert_eq!((reg2.version, reg2.nonce_r), (2, reg1.nonce_r), "the TTP carried r over");
     let area = header_area(&path);
     let active = format::decode_header_area(&area).unwrap();
-    assert_eq!(
-        (active.slot, active.seq, active.skipped.clone()),
-        (1, 2, None)
-    );
+    assert_eq!((active.slot, active.seq, active.skipped.clone()), (1, 2, None));
     assert_eq!(HeaderRecord::decode(&active.payload).unwrap(), v2.header);
     let old = format::decode_slot(&area[..SLOT_SIZE]).expect("the old slot is still valid");
-    assert_eq!(
-        (old.seq, HeaderRecord::decode(&old.payload).unwrap()),
-        (1, v1.header.clone())
-    );
+    assert_eq!((old.seq, HeaderRecord::decode(&old.payload).unwrap()), (1, v1.header.clone()));
     let bobs: DomainList = bob.cp.get_json("/v1/domains").await.unwrap();
-    assert_eq!(
-        bobs.domains
-            .iter()
-            .map(|d| d.id.as_str())
-            .collect::<Vec<_>>(),
-        [id.as_str()],
-        "shared with dm-bob now"
-    );
+    assert_eq!(bobs.domains.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), [id.as_str()], "shared with dm-bob now");
     assert_eq!(bob.get(&id).await.unwrap().version, 2);
 
     println!("refusal: dm-bob (shared, not the owner) tries version 3");
-    let d3_by_bob = d2
-        .next_version(|d| d.acl.retain(|e| e.vm_id != "vm-a"))
-        .unwrap();
+    let d3_by_bob = d2.next_version(|d| d.acl.retain(|e| e.vm_id != "vm-a")).unwrap();
     let (status, code, message) = refusal(bob.update(&d3_by_bob).await);
     assert_eq!((status, code.as_str()), (403, "owner_mismatch"));
     assert!(message.contains("only the owner dm-alice"), "{message}");
 
     println!("refusal by the TTP, passed through: dm-alice sends version 2 again");
     let (status, code, message) = refusal(alice.update(&d2).await);
-    assert_eq!(
-        (status, code.as_str()),
-        (409, "version_rollback"),
-        "{message}"
-    );
+    assert_eq!((status, code.as_str()), (409, "version_rollback"), "{message}");
     assert_eq!(alice.get(&id).await.unwrap().version, 2, "nothing changed");
 
     println!("torn write: the newer slot (1) is damaged; the older slot (0) is read");
     {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
         let mut saved = vec![0u8; 4096];
         file.read_exact_at(&mut saved, SLOT_SIZE as u64).unwrap();
-        file.write_all_at(&[0xa5; 100], SLOT_SIZE as u64 + 200)
-            .unwrap();
+        file.write_all_at(&[0xa5; 100], SLOT_SIZE as u64 + 200).unwrap();
         let active = format::decode_header_area(&header_area(&path)).unwrap();
         assert_eq!((active.slot, active.seq), (0, 1));
-        assert!(
-            matches!(
-                active.skipped,
-                Some((1, SlotError::ChecksumMismatch { .. }))
-            ),
-            "{:?}",
-            active.skipped
-        );
+        assert!(matches!(active.skipped, Some((1, SlotError::ChecksumMismatch { .. }))), "{:?}", active.skipped);
         let seen = alice.get(&id).await.unwrap();
-        assert_eq!(
-            (seen.version, seen.header.clone()),
-            (1, v1.header.clone()),
-            "the CP reads the header in force"
-        );
+        assert_eq!((seen.version, seen.header.clone()), (1, v1.header.clone()), "the CP reads the header in force");
         file.write_all_at(&saved, SLOT_SIZE as u64).unwrap();
         assert_eq!(alice.get(&id).await.unwrap().version, 2);
     }
@@ -597,28 +375,16 @@ async fn domains_over_the_api() {
     println!("delete: dm-bob may not; a deletion for another domain is refused; dm-alice deletes");
     let (status, code, _) = refusal(bob.delete(&id, &bob.deletion(&id)).await);
     assert_eq!((status, code.as_str()), (403, "owner_mismatch"));
-    let (status, code, _) = refusal(
-        alice
-            .delete(
-                &id,
-                &alice.deletion(&ids.iter().find(|x| **x != id).unwrap().clone()),
-            )
-            .await,
-    );
+    let (status, code, _) =
+        refusal(alice.delete(&id, &alice.deletion(&ids.iter().find(|x| **x != id).unwrap().clone())).await);
     assert_eq!((status, code.as_str()), (400, "bad_request"));
     let held = std::fs::File::open(&path).unwrap();
-    let deleted = alice
-        .delete(&id, &alice.deletion(&id))
-        .await
-        .expect("the owner deletes");
+    let deleted = alice.delete(&id, &alice.deletion(&id)).await.expect("the owner deletes");
     assert_eq!((deleted.status.as_str(), deleted.version), ("deleted", 2));
     assert!(!path.exists(), "the volume file is removed");
     let mut area = vec![0xffu8; HEADER_AREA_SIZE];
     held.read_exact_at(&mut area, 0).unwrap();
-    assert!(
-        area.iter().all(|&b| b == 0),
-        "both header slots were overwritten with zeros before the file was removed"
-    );
+    assert!(area.iter().all(|&b| b == 0), "both header slots were overwritten with zeros before the file was removed");
     let (status, code, message) = refusal(alice.get(&id).await);
     assert_eq!((status, code.as_str()), (410, "domain_deleted"));
     assert!(message.contains(&id), "{message}");
@@ -671,36 +437,19 @@ async fn hosts_instances_and_an_unreachable_host() {
     let agent_url = format!("https://127.0.0.1:{closed}");
 
     println!("hosts: only the operator (cloud-platform role) registers a compute host");
-    let host = ComputeHost {
-        id: "compute-1".into(),
-        agent_url: agent_url.clone(),
-    };
-    let (status, code, _) = refusal(
-        alice
-            .cp
-            .post_json::<_, ComputeHost>("/v1/hosts", &host)
-            .await,
-    );
+    let host = ComputeHost { id: "compute-1".into(), agent_url: agent_url.clone() };
+    let (status, code, _) = refusal(alice.cp.post_json::<_, ComputeHost>("/v1/hosts", &host).await);
     assert_eq!((status, code.as_str()), (403, "forbidden"));
     let (status, code, _) = refusal(
         operator
             .post_json::<_, ComputeHost>(
                 "/v1/hosts",
-                &ComputeHost {
-                    id: "compute-2".into(),
-                    agent_url: "http://x".into(),
-                },
+                &ComputeHost { id: "compute-2".into(), agent_url: "http://x".into() },
             )
             .await,
     );
     assert_eq!((status, code.as_str()), (400, "bad_request"));
-    assert_eq!(
-        operator
-            .post_json::<_, ComputeHost>("/v1/hosts", &host)
-            .await
-            .unwrap(),
-        host
-    );
+    assert_eq!(operator.post_json::<_, ComputeHost>("/v1/hosts", &host).await.unwrap(), host);
     let hosts: serde_json::Value = operator.get_json("/v1/hosts").await.unwrap();
     assert_eq!(hosts["hosts"][0]["id"], "compute-1");
     // The topology is the operator's: a tenant sees neither hosts nor instances.
@@ -712,13 +461,7 @@ async fn hosts_instances_and_an_unreachable_host() {
     println!("instances: placed by the operator only, on a registered host only; listed in pages");
     let (status, code, _) = refusal(
         operator
-            .post_json::<_, Instance>(
-                "/v1/instances",
-                &Instance {
-                    id: "vm-a".into(),
-                    host: "nowhere".into(),
-                },
-            )
+            .post_json::<_, Instance>("/v1/instances", &Instance { id: "vm-a".into(), host: "nowhere".into() })
             .await,
     );
     assert_eq!((status, code.as_str()), (404, "host_unknown"));
@@ -731,50 +474,27 @@ async fn hosts_instances_and_an_unreachable_host() {
     );
     assert_eq!((status, code.as_str()), (403, "forbidden"));
     for vm in ["vm-a", "vm-b", "vm-c"] {
-        let i = Instance {
-            id: vm.into(),
-            host: "compute-1".into(),
-        };
-        assert_eq!(
-            operator
-                .post_json::<_, Instance>("/v1/instances", &i)
-                .await
-                .unwrap(),
-            i
-        );
+        let i = Instance { id: vm.into(), host: "compute-1".into() };
+        assert_eq!(operator.post_json::<_, Instance>("/v1/instances", &i).await.unwrap(), i);
     }
     let page: InstanceList = operator.get_json("/v1/instances?limit=2").await.unwrap();
     assert_eq!(page.instances.len(), 2);
     assert_eq!(page.next_marker.as_deref(), Some("vm-b"));
-    let page: InstanceList = operator
-        .get_json("/v1/instances?limit=2&marker=vm-b")
-        .await
-        .unwrap();
-    assert_eq!(
-        (page.instances[0].id.as_str(), page.next_marker),
-        ("vm-c", None)
-    );
+    let page: InstanceList = operator.get_json("/v1/instances?limit=2&marker=vm-b").await.unwrap();
+    assert_eq!((page.instances[0].id.as_str(), page.next_marker), ("vm-c", None));
 
     println!("attach: the instance's host does not answer; the refusal names it");
     let d = alice.descriptor(&[("vm-a", AccessMode::Rw)]);
     let id = alice.create_domain(&d, MIB).await.unwrap().id;
     let (status, code, message) = refusal(alice.attach(&id, "vm-a", AccessMode::Rw).await);
     assert_eq!((status, code.as_str()), (502, "host_unreachable"));
-    assert!(
-        message.contains("compute-1") && message.contains(&agent_url),
-        "{message}"
-    );
+    assert!(message.contains("compute-1") && message.contains(&agent_url), "{message}");
     assert!(alice.attachments(&id).await.is_empty(), "nothing recorded");
     let (status, code, _) = refusal(alice.attach(&id, "vm-zz", AccessMode::Rw).await);
     assert_eq!((status, code.as_str()), (404, "instance_unknown"));
     let (status, code, _) = refusal(mallory.attach(&id, "vm-a", AccessMode::Rw).await);
     assert_eq!((status, code.as_str()), (403, "forbidden"));
-    let (status, code, _) = refusal(
-        alice
-            .cp
-            .delete_json::<Attachment>("/v1/attachments/0123")
-            .await,
-    );
+    let (status, code, _) = refusal(alice.cp.delete_json::<Attachment>("/v1/attachments/0123").await);
     assert_eq!((status, code.as_str()), (404, "attachment_unknown"));
     assert_eq!(alice.get(&id).await.unwrap().status, "available");
 
@@ -793,15 +513,9 @@ fn leftovers(root: &Path) -> Vec<String> {
         .filter(|l| l.contains(&root))
         .map(|l| format!("mount: {l}"))
         .collect();
-    let losetup = std::process::Command::new("losetup")
-        .arg("-a")
-        .output()
-        .expect("losetup runs");
+    let losetup = std::process::Command::new("losetup").arg("-a").output().expect("losetup runs");
     out.extend(
-        String::from_utf8_lossy(&losetup.stdout)
-            .lines()
-            .filter(|l| l.contains(&root))
-            .map(|l| format!("loop: {l}")),
+        String::from_utf8_lossy(&losetup.stdout).lines().filter(|l| l.contains(&root)).map(|l| format!("loop: {l}")),
     );
     out
 }
@@ -810,15 +524,10 @@ async fn stop_agent(service: Arc<secure_component::service::AgentService>, serve
     server.stop().await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while Arc::strong_count(&service) > 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the agent service is still referenced after the server stopped"
-        );
+        assert!(Instant::now() < deadline, "the agent service is still referenced after the server stopped");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::task::spawn_blocking(move || service.shutdown())
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || service.shutdown()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -834,11 +543,7 @@ async fn attach_and_revoke_through_the_secure_component() {
 
     println!("compute-1: swtpm and the secure component agent");
     let ek_ca = root.join("tpm-vendor-ca");
-    let swtpm = secure_component::swtpm::Swtpm::start_with_ca(
-        &root.join("compute-1").join("swtpm"),
-        &ek_ca,
-    )
-    .unwrap();
+    let swtpm = secure_component::swtpm::Swtpm::start_with_ca(&root.join("compute-1").join("swtpm"), &ek_ca).unwrap();
     let sc_tls = pki.issue(Role::SecureComponent, "compute-1");
     let sc_config = AgentConfig {
         listen: "127.0.0.1:0".into(),
@@ -865,22 +570,13 @@ async fn attach_and_revoke_through_the_secure_component() {
         let task = tokio::spawn(async move {
             service::serve(listener, agent, tls, t).await.unwrap();
         });
-        Server {
-            url,
-            shutdown,
-            task,
-        }
+        Server { url, shutdown, task }
     };
     let agent_server = serve_agent(agent.clone(), agent_tls.clone()).await;
 
     println!("TTP: attestation policy with compute-1's PCRs; compute-1 enrolls");
     let selection = sc_config.pcr_selection.clone();
-    let pcr_values = agent
-        .host_agent()
-        .tpm
-        .run(move |tpm| tpm.read_pcrs(&selection))
-        .await
-        .unwrap();
+    let pcr_values = agent.host_agent().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await.unwrap();
     let policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),
@@ -900,51 +596,30 @@ async fn attach_and_revoke_through_the_secure_component() {
     operator
         .post_json::<_, ComputeHost>(
             "/v1/hosts",
-            &ComputeHost {
-                id: "compute-1".into(),
-                agent_url: agent_server.url.clone(),
-            },
+            &ComputeHost { id: "compute-1".into(), agent_url: agent_server.url.clone() },
         )
         .await
         .unwrap();
     let alice = Manager::create(&pki, "dm-alice", &cp.url);
     for vm in ["vm-a", "vm-b", "vm-c"] {
         operator
-            .post_json::<_, Instance>(
-                "/v1/instances",
-                &Instance {
-                    id: vm.into(),
-                    host: "compute-1".into(),
-                },
-            )
+            .post_json::<_, Instance>("/v1/instances", &Instance { id: vm.into(), host: "compute-1".into() })
             .await
             .unwrap();
     }
     let sc_list = || async {
-        let list: AgentAttachmentList = pki
-            .client("cp-1", Role::SecureComponent, &agent_server.url)
-            .get_json("/v1/attachments")
-            .await
-            .unwrap();
-        list.attachments
-            .into_iter()
-            .map(|a| a.attachment_id)
-            .collect::<Vec<_>>()
+        let list: AgentAttachmentList =
+            pki.client("cp-1", Role::SecureComponent, &agent_server.url).get_json("/v1/attachments").await.unwrap();
+        list.attachments.into_iter().map(|a| a.attachment_id).collect::<Vec<_>>()
     };
 
     println!("dm-alice creates a domain (vm-a rw, vm-b ro) and attaches vm-a rw");
     let d1 = alice.descriptor(&[("vm-a", AccessMode::Rw), ("vm-b", AccessMode::Ro)]);
     let id = alice.create_domain(&d1, 64 * MIB).await.unwrap().id;
     let vm_dir = |vm: &str| sc_config.vm_root.join(vm).join(&id);
-    let a = alice
-        .attach(&id, "vm-a", AccessMode::Rw)
-        .await
-        .expect("vm-a attaches rw");
+    let a = alice.attach(&id, "vm-a", AccessMode::Rw).await.expect("vm-a attaches rw");
     println!("  {a:?}");
-    assert_eq!(
-        (a.status.as_str(), a.host.as_str(), a.version, a.mode),
-        ("attached", "compute-1", 1, AccessMode::Rw)
-    );
+    assert_eq!((a.status.as_str(), a.host.as_str(), a.version, a.mode), ("attached", "compute-1", 1, AccessMode::Rw));
     assert_eq!(PathBuf::from(&a.mount_path), vm_dir("vm-a"));
     std::fs::write(vm_dir("vm-a").join("note.txt"), b"from vm-a\n").unwrap();
     assert_eq!(alice.get(&id).await.unwrap().status, "in-use");
@@ -952,181 +627,78 @@ async fn attach_and_revoke_through_the_secure_component() {
     assert_eq!((status, code.as_str()), (409, "already_attached"));
 
     println!("detach vm-a through the CP (ext4 is not a cluster file system: a ro mount sees what an unmounted rw one wrote)");
-    let detached: Attachment = alice
-        .cp
-        .delete_json(&format!("/v1/attachments/{}", a.id))
-        .await
-        .unwrap();
+    let detached: Attachment = alice.cp.delete_json(&format!("/v1/attachments/{}", a.id)).await.unwrap();
     assert_eq!(detached.status, "detached");
     assert!(sc_list().await.is_empty());
-    let again: Attachment = alice
-        .cp
-        .delete_json(&format!("/v1/attachments/{}", a.id))
-        .await
-        .unwrap();
-    assert_eq!(
-        again.status, "detached",
-        "detaching twice answers the detached attachment"
-    );
+    let again: Attachment = alice.cp.delete_json(&format!("/v1/attachments/{}", a.id)).await.unwrap();
+    assert_eq!(again.status, "detached", "detaching twice answers the detached attachment");
     assert_eq!(alice.get(&id).await.unwrap().status, "available");
 
     println!("vm-b attaches ro and reads the note; vm-a attaches rw again; vm-c (not in the access list) is refused by the TTP");
-    let b = alice
-        .attach(&id, "vm-b", AccessMode::Ro)
-        .await
-        .expect("vm-b attaches ro");
-    assert_eq!(
-        std::fs::read(vm_dir("vm-b").join("note.txt")).unwrap(),
-        b"from vm-a\n"
-    );
-    let a = alice
-        .attach(&id, "vm-a", AccessMode::Rw)
-        .await
-        .expect("vm-a attaches rw again");
+    let b = alice.attach(&id, "vm-b", AccessMode::Ro).await.expect("vm-b attaches ro");
+    assert_eq!(std::fs::read(vm_dir("vm-b").join("note.txt")).unwrap(), b"from vm-a\n");
+    let a = alice.attach(&id, "vm-a", AccessMode::Rw).await.expect("vm-a attaches rw again");
     let (status, code, message) = refusal(alice.attach(&id, "vm-c", AccessMode::Ro).await);
     assert_eq!((status, code.as_str()), (403, "vm_not_in_acl"));
     assert!(message.contains("vm-c"), "{message}");
-    assert_eq!(
-        ttp_service
-            .store()
-            .audit_records(Some(&id))
-            .unwrap()
-            .last()
-            .unwrap()
-            .outcome,
-        "vm_not_in_acl"
-    );
+    assert_eq!(ttp_service.store().audit_records(Some(&id)).unwrap().last().unwrap().outcome, "vm_not_in_acl");
     let mut expected = vec![a.id.clone(), b.id.clone()];
     expected.sort();
     assert_eq!(sc_list().await, expected);
 
     println!("revoke: version 2 removes vm-b; the CP detaches vm-b on compute-1");
-    let d2 = d1
-        .next_version(|d| d.acl.retain(|e| e.vm_id != "vm-b"))
-        .unwrap();
+    let d2 = d1.next_version(|d| d.acl.retain(|e| e.vm_id != "vm-b")).unwrap();
     alice.update(&d2).await.expect("revoke vm-b");
-    let status_of = |list: &[Attachment], att: &str| {
-        list.iter()
-            .find(|x| x.id == att)
-            .map(|x| x.status.clone())
-            .unwrap()
-    };
+    let status_of =
+        |list: &[Attachment], att: &str| list.iter().find(|x| x.id == att).map(|x| x.status.clone()).unwrap();
     let list = alice.attachments(&id).await;
-    assert_eq!(
-        (
-            status_of(&list, &a.id).as_str(),
-            status_of(&list, &b.id).as_str()
-        ),
-        ("attached", "detached")
-    );
+    assert_eq!((status_of(&list, &a.id).as_str(), status_of(&list, &b.id).as_str()), ("attached", "detached"));
     assert_eq!(sc_list().await, vec![a.id.clone()]);
-    assert!(
-        !vm_dir("vm-b").join("note.txt").exists(),
-        "vm-b's mount is gone"
-    );
+    assert!(!vm_dir("vm-b").join("note.txt").exists(), "vm-b's mount is gone");
     let (status, code, _) = refusal(alice.attach(&id, "vm-b", AccessMode::Ro).await);
     assert_eq!((status, code.as_str()), (403, "vm_not_in_acl"));
 
     println!("narrow: version 3 makes vm-a ro; its rw attachment is detached, a ro one works");
-    let d3 = d2
-        .next_version(|d| {
-            d.acl = vec![AclEntry {
-                vm_id: "vm-a".into(),
-                mode: AccessMode::Ro,
-            }]
-        })
-        .unwrap();
+    let d3 = d2.next_version(|d| d.acl = vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Ro }]).unwrap();
     alice.update(&d3).await.expect("narrow vm-a");
-    assert_eq!(
-        alice
-            .attachments(&id)
-            .await
-            .iter()
-            .find(|x| x.id == a.id)
-            .unwrap()
-            .status,
-        "detached"
-    );
+    assert_eq!(alice.attachments(&id).await.iter().find(|x| x.id == a.id).unwrap().status, "detached");
     assert!(sc_list().await.is_empty());
     let (status, code, _) = refusal(alice.attach(&id, "vm-a", AccessMode::Rw).await);
     assert_eq!((status, code.as_str()), (403, "mode_not_permitted"));
-    let a2 = alice
-        .attach(&id, "vm-a", AccessMode::Ro)
-        .await
-        .expect("vm-a attaches ro");
+    let a2 = alice.attach(&id, "vm-a", AccessMode::Ro).await.expect("vm-a attaches ro");
     assert_eq!((a2.version, a2.mode), (3, AccessMode::Ro));
-    assert_eq!(
-        std::fs::read(vm_dir("vm-a").join("note.txt")).unwrap(),
-        b"from vm-a\n"
-    );
+    assert_eq!(std::fs::read(vm_dir("vm-a").join("note.txt")).unwrap(), b"from vm-a\n");
 
     println!("compute-1's agent stops answering; deleting the domain still crypto-shreds it and leaves vm-a detaching");
     agent_server.stop().await;
-    let deleted = alice
-        .delete(&id, &alice.deletion(&id))
-        .await
-        .expect("delete while the host is down");
+    let deleted = alice.delete(&id, &alice.deletion(&id)).await.expect("delete while the host is down");
     assert_eq!(deleted.status, "deleted");
-    assert!(!root
-        .join("cp-data")
-        .join("volumes")
-        .join(format!("{id}.vol"))
-        .exists());
-    assert_eq!(
-        status_of(&alice.attachments(&id).await, &a2.id),
-        "detaching"
-    );
-    let (status, code, message) = refusal(
-        alice
-            .cp
-            .delete_json::<Attachment>(&format!("/v1/attachments/{}", a2.id))
-            .await,
-    );
+    assert!(!root.join("cp-data").join("volumes").join(format!("{id}.vol")).exists());
+    assert_eq!(status_of(&alice.attachments(&id).await, &a2.id), "detaching");
+    let (status, code, message) =
+        refusal(alice.cp.delete_json::<Attachment>(&format!("/v1/attachments/{}", a2.id)).await);
     assert_eq!((status, code.as_str()), (502, "host_unreachable"));
     assert!(message.contains("compute-1"), "{message}");
 
-    println!(
-        "the agent is back on another port; the operator updates the host; the detach is retried"
-    );
+    println!("the agent is back on another port; the operator updates the host; the detach is retried");
     let agent_server = serve_agent(agent.clone(), agent_tls.clone()).await;
     operator
         .post_json::<_, ComputeHost>(
             "/v1/hosts",
-            &ComputeHost {
-                id: "compute-1".into(),
-                agent_url: agent_server.url.clone(),
-            },
+            &ComputeHost { id: "compute-1".into(), agent_url: agent_server.url.clone() },
         )
         .await
         .unwrap();
     let sc_list = || async {
-        let list: AgentAttachmentList = pki
-            .client("cp-1", Role::SecureComponent, &agent_server.url)
-            .get_json("/v1/attachments")
-            .await
-            .unwrap();
-        list.attachments
-            .into_iter()
-            .map(|a| a.attachment_id)
-            .collect::<Vec<_>>()
+        let list: AgentAttachmentList =
+            pki.client("cp-1", Role::SecureComponent, &agent_server.url).get_json("/v1/attachments").await.unwrap();
+        list.attachments.into_iter().map(|a| a.attachment_id).collect::<Vec<_>>()
     };
-    assert_eq!(
-        sc_list().await,
-        vec![a2.id.clone()],
-        "the mapping outlived the deletion until now"
-    );
-    let d: Attachment = alice
-        .cp
-        .delete_json(&format!("/v1/attachments/{}", a2.id))
-        .await
-        .expect("the retried detach");
+    assert_eq!(sc_list().await, vec![a2.id.clone()], "the mapping outlived the deletion until now");
+    let d: Attachment = alice.cp.delete_json(&format!("/v1/attachments/{}", a2.id)).await.expect("the retried detach");
     assert_eq!(d.status, "detached");
     assert!(sc_list().await.is_empty());
-    assert_eq!(
-        leftovers(root),
-        Vec::<String>::new(),
-        "no mount or loop device left"
-    );
+    assert_eq!(leftovers(root), Vec::<String>::new(), "no mount or loop device left");
 
     cp.stop().await;
     stop_agent(agent, agent_server).await;

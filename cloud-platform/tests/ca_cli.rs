@@ -8,10 +8,7 @@ use std::sync::Arc;
 use protocol::pki::{read_revocation_list, RevocationList, RevocationReason, Role};
 
 fn cp(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cloud-platform"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_cloud-platform")).args(args).output().unwrap()
 }
 
 fn mode(p: &Path) -> u32 {
@@ -36,10 +33,7 @@ fn ca_init_and_issue_write_usable_files() {
     let o = cp(&["ca", "init", "--dir", ca_s]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("already holds a CA") && err.contains("refusing to overwrite"),
-        "{err}"
-    );
+    assert!(err.contains("already holds a CA") && err.contains("refusing to overwrite"), "{err}");
     assert_eq!(std::fs::read(ca.join("ca-key.pem")).unwrap(), key_before);
 
     let out = d.path().join("hosts");
@@ -65,9 +59,7 @@ fn ca_init_and_issue_write_usable_files() {
     let key = out.join("compute-07-key.pem");
     assert_eq!(mode(&key), 0o600);
     let cert_pem = std::fs::read_to_string(out.join("compute-07.pem")).unwrap();
-    let der = protocol::pki::certs_from_pem(&cert_pem, "cert")
-        .unwrap()
-        .remove(0);
+    let der = protocol::pki::certs_from_pem(&cert_pem, "cert").unwrap().remove(0);
     let id = protocol::pki::identity_from_certificate(&der).unwrap();
     assert_eq!(id.name, "compute-07");
     assert_eq!(id.role, protocol::pki::Role::SecureComponent);
@@ -78,28 +70,11 @@ fn ca_init_and_issue_write_usable_files() {
     // The issued pair works as a rustls identity against the CA.
     let ca_pem = std::fs::read_to_string(ca.join("ca.pem")).unwrap();
     let key_pem = std::fs::read_to_string(&key).unwrap();
-    protocol::pki::server_config(
-        &[ca_pem],
-        &[],
-        &cert_pem,
-        &key_pem,
-        &[protocol::pki::Role::CloudPlatform],
-    )
-    .unwrap();
+    protocol::pki::server_config(&[ca_pem], &[], &cert_pem, &key_pem, &[protocol::pki::Role::CloudPlatform]).unwrap();
 
     // Same name again: refused.
-    let o = cp(&[
-        "ca",
-        "issue",
-        "--dir",
-        ca_s,
-        "--role",
-        "ttp",
-        "--name",
-        "compute-07",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o =
+        cp(&["ca", "issue", "--dir", ca_s, "--role", "ttp", "--name", "compute-07", "--out", out.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
 }
@@ -108,9 +83,7 @@ fn ca_init_and_issue_write_usable_files() {
 fn cli_refusals_are_specific() {
     let d = tempfile::tempdir().unwrap();
     let s = d.path().to_str().unwrap();
-    let o = cp(&[
-        "ca", "issue", "--dir", s, "--role", "ttp", "--name", "ttp-1",
-    ]);
+    let o = cp(&["ca", "issue", "--dir", s, "--role", "ttp", "--name", "ttp-1"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not hold a CA"));
 
@@ -119,24 +92,14 @@ fn cli_refusals_are_specific() {
     let o = cp(&["ca", "issue", "--dir", s, "--role", "admin", "--name", "x"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("invalid value 'admin'") && err.contains("domain-manager"),
-        "{err}"
-    );
-    let o = cp(&[
-        "ca", "issue", "--dir", s, "--role", "ttp", "--name", "../evil",
-    ]);
+    assert!(err.contains("invalid value 'admin'") && err.contains("domain-manager"), "{err}");
+    let o = cp(&["ca", "issue", "--dir", s, "--role", "ttp", "--name", "../evil"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("only letters, digits"));
 
     let o = cp(&["ca", "issue", "--help"]);
     let help = String::from_utf8_lossy(&o.stdout);
-    for want in [
-        "secure-component",
-        "unseals keys",
-        "domain-manager",
-        "--san",
-    ] {
+    for want in ["secure-component", "unseals keys", "domain-manager", "--san"] {
         assert!(help.contains(want), "help lacks {want}: {help}");
     }
 }
@@ -152,24 +115,13 @@ fn ok(o: &std::process::Output) -> String {
 }
 
 fn refused(o: &std::process::Output) -> String {
-    assert!(
-        !o.status.success(),
-        "unexpectedly succeeded: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    assert!(!o.status.success(), "unexpectedly succeeded: {}", String::from_utf8_lossy(&o.stdout));
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// `ca revoke --dir DIR --cert CERT` plus `more` arguments.
 fn revoke(dir: &str, cert: &Path, more: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "ca",
-        "revoke",
-        "--dir",
-        dir,
-        "--cert",
-        cert.to_str().unwrap(),
-    ];
+    let mut args = vec!["ca", "revoke", "--dir", dir, "--cert", cert.to_str().unwrap()];
     args.extend_from_slice(more);
     cp(&args)
 }
@@ -183,9 +135,7 @@ fn ca_with(ca: &Path, parties: &[(&str, &str)]) {
     let s = ca.to_str().unwrap();
     ok(&cp(&["ca", "init", "--dir", s]));
     for (name, role) in parties {
-        ok(&cp(&[
-            "ca", "issue", "--dir", s, "--role", role, "--name", name,
-        ]));
+        ok(&cp(&["ca", "issue", "--dir", s, "--role", role, "--name", name]));
     }
 }
 
@@ -194,18 +144,13 @@ fn crl_of(ca: &Path) -> RevocationList {
 }
 
 fn serial_of(cert: &Path) -> String {
-    let der = protocol::pki::certs_from_pem(&read(cert), "cert")
-        .unwrap()
-        .remove(0);
+    let der = protocol::pki::certs_from_pem(&read(cert), "cert").unwrap().remove(0);
     let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
     hex::encode(c.raw_serial())
 }
 
 fn days_from_now(t: i64) -> f64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     (t - now) as f64 / 86_400.0
 }
 
@@ -215,8 +160,7 @@ fn handshake(server: rustls::ServerConfig, client: rustls::ClientConfig) -> Resu
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
     let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
-    let words =
-        |side: &str, e: rustls::Error| format!("{side}: {}", protocol::pki::describe_tls_error(&e));
+    let words = |side: &str, e: rustls::Error| format!("{side}: {}", protocol::pki::describe_tls_error(&e));
     for _ in 0..10 {
         let mut buf = Vec::new();
         c.write_tls(&mut buf).unwrap();
@@ -238,14 +182,7 @@ fn revoke_crl_and_revoked_maintain_a_signed_list() {
     let d = tempfile::tempdir().unwrap();
     let ca = d.path().join("ca");
     let s = ca.to_str().unwrap();
-    ca_with(
-        &ca,
-        &[
-            ("alice", "domain-manager"),
-            ("bob", "domain-manager"),
-            ("ttp-1", "ttp"),
-        ],
-    );
+    ca_with(&ca, &[("alice", "domain-manager"), ("bob", "domain-manager"), ("ttp-1", "ttp")]);
 
     // init: an empty, valid list number 1, public.
     let crl_path = ca.join("crl.pem");
@@ -293,10 +230,7 @@ fn revoke_crl_and_revoked_maintain_a_signed_list() {
     let other = d.path().join("other");
     ca_with(&other, &[("mallory", "domain-manager")]);
     let err = refused(&revoke(s, &other.join("mallory.pem"), &[]));
-    assert!(
-        err.contains("cannot revoke") && err.contains("not issued by this CA"),
-        "{err}"
-    );
+    assert!(err.contains("cannot revoke") && err.contains("not issued by this CA"), "{err}");
     assert_eq!(std::fs::read(&crl_path).unwrap(), before);
     assert!(!ca.join(".crl.pem.tmp").exists());
 
@@ -309,50 +243,29 @@ fn revoke_crl_and_revoked_maintain_a_signed_list() {
     let out = ok(&o);
     assert!(out.contains("CRL number 3"), "{out}");
     let warn = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        warn.contains("expires in") && warn.contains("ca crl --dir"),
-        "{warn}"
-    );
+    assert!(warn.contains("expires in") && warn.contains("ca crl --dir"), "{warn}");
     let l = crl_of(&ca);
     assert_eq!(l.crl_number, 3);
     assert_eq!(l.revoked.len(), 1);
-    assert_eq!(
-        l.find(&alice_serial).unwrap().reason,
-        Some(RevocationReason::KeyCompromise)
-    );
-    assert_eq!(
-        l.find(&alice_serial).unwrap().revoked_at,
-        entry.revoked_at,
-        "re-signing keeps the revocation time"
-    );
+    assert_eq!(l.find(&alice_serial).unwrap().reason, Some(RevocationReason::KeyCompromise));
+    assert_eq!(l.find(&alice_serial).unwrap().revoked_at, entry.revoked_at, "re-signing keeps the revocation time");
     let days = days_from_now(l.next_update.unwrap().unix_timestamp());
     assert!((4.9..5.1).contains(&days), "{days}");
 
     // revoked: the table.
     let out = ok(&cp(&["ca", "revoked", "--dir", s]));
-    assert!(
-        out.contains(&alice_serial) && out.contains("key-compromise") && out.contains("number 3"),
-        "{out}"
-    );
+    assert!(out.contains(&alice_serial) && out.contains("key-compromise") && out.contains("number 3"), "{out}");
     assert!(!out.contains(&serial_of(&ca.join("bob.pem"))), "{out}");
 
     // Verifiers: the revoked signer is refused, the other one accepted.
     let ca_pem = read(&ca.join("ca.pem"));
     let crl_pem = read(&crl_path);
-    let der = |name: &str| {
-        protocol::pki::certs_from_pem(&read(&ca.join(format!("{name}.pem"))), "cert")
-            .unwrap()
-            .remove(0)
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let der =
+        |name: &str| protocol::pki::certs_from_pem(&read(&ca.join(format!("{name}.pem"))), "cert").unwrap().remove(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let crls = [crl_pem.clone()];
     let cas = [ca_pem.clone()];
-    let e = protocol::signing::verify_signer_certificate(&der("alice"), &cas, &crls, now)
-        .unwrap_err()
-        .to_string();
+    let e = protocol::signing::verify_signer_certificate(&der("alice"), &cas, &crls, now).unwrap_err().to_string();
     assert!(e.contains("certificate is revoked"), "{e}");
     protocol::signing::verify_signer_certificate(&der("bob"), &cas, &crls, now).unwrap();
 
@@ -378,10 +291,7 @@ fn revoke_crl_and_revoked_maintain_a_signed_list() {
         .unwrap()
     };
     let e = handshake(server(), client("alice")).unwrap_err();
-    assert!(
-        e.contains("server: ") && e.contains("certificate is revoked"),
-        "{e}"
-    );
+    assert!(e.contains("server: ") && e.contains("certificate is revoked"), "{e}");
     handshake(server(), client("bob")).unwrap();
 }
 
@@ -394,47 +304,27 @@ fn revoke_works_for_a_ca_without_a_list_and_checks_the_key_mode() {
     // A CA made before revocation lists: no crl.pem.
     std::fs::remove_file(ca.join("crl.pem")).unwrap();
     let err = refused(&cp(&["ca", "revoked", "--dir", s]));
-    assert!(
-        err.contains("has no revocation list yet") && err.contains("ca crl --dir"),
-        "{err}"
-    );
+    assert!(err.contains("has no revocation list yet") && err.contains("ca crl --dir"), "{err}");
 
     let cert = ca.join("compute-07.pem");
-    std::fs::set_permissions(
-        ca.join("ca-key.pem"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
+    std::fs::set_permissions(ca.join("ca-key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let err = refused(&revoke(s, &cert, &[]));
     assert!(err.contains("chmod 600"), "{err}");
     assert!(!ca.join("crl.pem").exists() && !ca.join(".crl.pem.tmp").exists());
-    std::fs::set_permissions(
-        ca.join("ca-key.pem"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .unwrap();
+    std::fs::set_permissions(ca.join("ca-key.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
 
     let out = ok(&revoke(s, &cert, &[]));
-    assert!(
-        out.contains("reason unspecified") && out.contains("CRL number 1"),
-        "{out}"
-    );
+    assert!(out.contains("reason unspecified") && out.contains("CRL number 1"), "{out}");
     let l = crl_of(&ca);
     assert_eq!(l.crl_number, 1);
     // RFC 5280: the reason code "unspecified" is left out of the entry.
     let entry = l.find(&serial_of(&cert)).unwrap();
-    assert!(
-        matches!(entry.reason, None | Some(RevocationReason::Unspecified)),
-        "{entry:?}"
-    );
+    assert!(matches!(entry.reason, None | Some(RevocationReason::Unspecified)), "{entry:?}");
 
     // An interrupted run leaves the lock behind: refused with what to do.
     std::fs::write(ca.join(".crl.pem.tmp"), "").unwrap();
     let err = refused(&cp(&["ca", "crl", "--dir", s]));
-    assert!(
-        err.contains(".crl.pem.tmp exists") && err.contains("remove that file"),
-        "{err}"
-    );
+    assert!(err.contains(".crl.pem.tmp exists") && err.contains("remove that file"), "{err}");
     assert_eq!(crl_of(&ca).crl_number, 1);
     std::fs::remove_file(ca.join(".crl.pem.tmp")).unwrap();
     assert!(ok(&cp(&["ca", "crl", "--dir", s])).contains("CRL number 2"));

@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 use net::{Role, TlsFiles};
 
 fn cp(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cloud-platform"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_cloud-platform")).args(args).output().unwrap()
 }
 
 fn issue(ca: &str, role: &str, name: &str) {
@@ -53,47 +50,26 @@ async fn serve_answers_over_mtls_and_refuses_a_wrong_role() {
     println!("a TTP certificate cannot run the cloud platform");
     let wrong = d.path().join("wrong.toml");
     write_config(&wrong, &ca, "ttp-1", &d.path().join("cp-wrong"));
-    let o = cp(&[
-        "serve",
-        "--config",
-        wrong.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let o = cp(&["serve", "--config", wrong.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     println!("  {err}");
-    assert!(
-        err.contains("has role ttp, the cloud platform needs a cloud-platform certificate"),
-        "{err}"
-    );
+    assert!(err.contains("has role ttp, the cloud platform needs a cloud-platform certificate"), "{err}");
 
     println!("serve with --listen and --data-dir overriding the file");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = d.path().join("cp.toml");
     write_config(&config, &ca, "cp-1", &d.path().join("ignored"));
     let data_dir = d.path().join("cp-data");
     let child = Command::new(env!("CARGO_BIN_EXE_cloud-platform"))
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
+        .args(["serve", "--config", config.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
         .args(["--data-dir", data_dir.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let _child = Killed(child);
-    let tls = TlsFiles::in_dir(&ca, "dm-alice")
-        .client_config(Role::CloudPlatform)
-        .unwrap();
+    let tls = TlsFiles::in_dir(&ca, "dm-alice").client_config(Role::CloudPlatform).unwrap();
     let client = net::Client::new(&format!("https://127.0.0.1:{port}"), tls).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let list: protocol::cloud::DomainList = loop {
@@ -107,10 +83,7 @@ async fn serve_answers_over_mtls_and_refuses_a_wrong_role() {
         }
     };
     assert!(list.domains.is_empty());
-    assert!(
-        data_dir.join("cp.sqlite").exists(),
-        "--data-dir took effect"
-    );
+    assert!(data_dir.join("cp.sqlite").exists(), "--data-dir took effect");
     assert!(data_dir.join("volumes").is_dir());
     assert!(!d.path().join("ignored").exists());
 }

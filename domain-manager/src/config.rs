@@ -36,7 +36,10 @@ impl DmConfig {
     /// `--config`, set SKYDD_DM_CONFIG or run `skydd up`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::Config(format!("cannot read {}: {e} (pass --config or set SKYDD_DM_CONFIG; `skydd up` writes one)", path.display()))
+            Error::Config(format!(
+                "cannot read {}: {e} (pass --config or set SKYDD_DM_CONFIG; `skydd up` writes one)",
+                path.display()
+            ))
         })?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }

@@ -57,7 +57,12 @@ impl Error {
         match error {
             net::Error::Api { code, message, .. } => {
                 let hint = hint_for(&code);
-                Error::Refused { party, code, message, hint: if hint.is_empty() { String::new() } else { format!("\n  what to do: {hint}") } }
+                Error::Refused {
+                    party,
+                    code,
+                    message,
+                    hint: if hint.is_empty() { String::new() } else { format!("\n  what to do: {hint}") },
+                }
             }
             other => Error::Unreachable { party, detail: other.to_string() },
         }

@@ -58,7 +58,14 @@ impl DomainManager {
         let ttp_tls = material.client_config(Role::Ttp).map_err(|e| Error::Config(e.to_string()))?;
         let cp = net::Client::new(&config.cloud_platform_url, cp_tls).map_err(|e| Error::Config(e.to_string()))?;
         let ttp = net::Client::new(&config.ttp_url, ttp_tls).map_err(|e| Error::Config(e.to_string()))?;
-        Ok(Self { name: identity.name, key, trusted_cas: material.ca_pems.clone(), revocation_lists: material.crl_pems.clone(), cp, ttp })
+        Ok(Self {
+            name: identity.name,
+            key,
+            trusted_cas: material.ca_pems.clone(),
+            revocation_lists: material.crl_pems.clone(),
+            cp,
+            ttp,
+        })
     }
 
     /// Follows `next_marker` through every page of a list endpoint.
@@ -98,7 +105,10 @@ impl DomainManager {
         let mut descriptor = Descriptor::new(&self.name, metadata, acl)?;
         descriptor.shared_with = shared_with;
         descriptor.validate()?;
-        let request = CreateDomainRequest { descriptor: self.key.sign_envelope(SignatureContext::Descriptor, descriptor.encode()?), size_bytes };
+        let request = CreateDomainRequest {
+            descriptor: self.key.sign_envelope(SignatureContext::Descriptor, descriptor.encode()?),
+            size_bytes,
+        };
         self.cp.post_json("/v1/domains", &request).await.map_err(|e| Error::from_net("cloud platform", e))
     }
 
@@ -118,14 +128,22 @@ impl DomainManager {
     pub async fn current_descriptor(&self, domain_id: &str) -> Result<Descriptor> {
         let view = self.show(domain_id).await?;
         let envelope = &view.header.descriptor;
-        let signer = verify_signer_certificate(&envelope.signer_certificate, &self.trusted_cas, &self.revocation_lists, now_unix())?;
+        let signer = verify_signer_certificate(
+            &envelope.signer_certificate,
+            &self.trusted_cas,
+            &self.revocation_lists,
+            now_unix(),
+        )?;
         envelope.verify_signature(SignatureContext::Descriptor)?;
         let descriptor = Descriptor::decode(&envelope.message)?;
         if signer.name != descriptor.owner || descriptor.domain_id != domain_id {
             return Err(Error::Refused {
                 party: "cloud platform",
                 code: "descriptor_signature_invalid".into(),
-                message: format!("the stored descriptor of {domain_id} is not signed by its owner {}", descriptor.owner),
+                message: format!(
+                    "the stored descriptor of {domain_id} is not signed by its owner {}",
+                    descriptor.owner
+                ),
                 hint: "\n  what to do: report this: the cloud platform served an altered header".into(),
             });
         }
@@ -143,7 +161,8 @@ impl DomainManager {
         let mut change_result = Ok(());
         let next = current.next_version(|d| change_result = change(d))?;
         change_result?;
-        let request = UpdateDomainRequest { descriptor: self.key.sign_envelope(SignatureContext::Descriptor, next.encode()?) };
+        let request =
+            UpdateDomainRequest { descriptor: self.key.sign_envelope(SignatureContext::Descriptor, next.encode()?) };
         self.cp
             .put_json(&format!("/v1/domains/{domain_id}/descriptor"), &request)
             .await
@@ -225,7 +244,13 @@ impl DomainManager {
     /// Attaches the domain to VM `instance_id`: signs a single-use mount grant for `mode`,
     /// valid for `valid_for_secs`, and hands it to the cloud platform, which forwards it to
     /// the VM's host.
-    pub async fn attach(&self, domain_id: &str, instance_id: &str, mode: AccessMode, valid_for_secs: u64) -> Result<Attachment> {
+    pub async fn attach(
+        &self,
+        domain_id: &str,
+        instance_id: &str,
+        mode: AccessMode,
+        valid_for_secs: u64,
+    ) -> Result<Attachment> {
         check_domain_id(domain_id)?;
         protocol::domain::validate_name("vm id", instance_id)?;
         let max = protocol::messages::MAX_GRANT_VALIDITY_SECS;
@@ -263,7 +288,11 @@ impl DomainManager {
             .await?
             .into_iter()
             .find(|a| a.domain_id == domain_id && a.instance_id == instance_id && a.status == "attached")
-            .ok_or_else(|| Error::Usage(format!("{instance_id} has no attachment of domain {domain_id}; see `domain-manager vm list`")))?;
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "{instance_id} has no attachment of domain {domain_id}; see `domain-manager vm list`"
+                ))
+            })?;
         self.cp
             .delete_json(&format!("/v1/attachments/{}", attachment.id))
             .await
@@ -275,7 +304,9 @@ fn check_domain_id(domain_id: &str) -> Result<()> {
     if domain_id.len() == 32 && domain_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         Ok(())
     } else {
-        Err(Error::Usage(format!("{domain_id:?} is not a domain id (32 lowercase hex characters; see `domain-manager domain list`)")))
+        Err(Error::Usage(format!(
+            "{domain_id:?} is not a domain id (32 lowercase hex characters; see `domain-manager domain list`)"
+        )))
     }
 }
 
@@ -304,7 +335,9 @@ pub fn parse_size(text: &str) -> Result<u64> {
         Some((i, _)) => text.split_at(i),
         None => (text, ""),
     };
-    let number: u64 = digits.parse().map_err(|_| Error::Usage(format!("size {text:?} is not a number with an optional K, M, G or T")))?;
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| Error::Usage(format!("size {text:?} is not a number with an optional K, M, G or T")))?;
     let factor: u64 = match unit {
         "" => 1,
         "K" | "KiB" => 1 << 10,

@@ -29,7 +29,14 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
         }
     }
     let line = |cells: Vec<String>| {
-        cells.iter().enumerate().map(|(i, c)| format!("{:<w$}", c, w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<w$}", c, w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
     };
     let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
     out.extend(rows.into_iter().map(line));
@@ -50,7 +57,16 @@ pub fn domains(domains: &[DomainView]) -> String {
         &["ID", "OWNER", "VERSION", "SIZE", "STATUS", "ACCESS"],
         domains
             .iter()
-            .map(|d| vec![d.id.clone(), d.owner.clone(), d.version.to_string(), human_size(d.size_bytes), d.status.clone(), acl_text(d)])
+            .map(|d| {
+                vec![
+                    d.id.clone(),
+                    d.owner.clone(),
+                    d.version.to_string(),
+                    human_size(d.size_bytes),
+                    d.status.clone(),
+                    acl_text(d),
+                ]
+            })
             .collect(),
     )
 }
@@ -79,7 +95,17 @@ pub fn attachments(list: &[Attachment]) -> String {
     table(
         &["ID", "DOMAIN", "VM", "HOST", "MODE", "STATUS", "MOUNT"],
         list.iter()
-            .map(|a| vec![a.id.clone(), a.domain_id.clone(), a.instance_id.clone(), a.host.clone(), a.mode.to_string(), a.status.clone(), a.mount_path.clone()])
+            .map(|a| {
+                vec![
+                    a.id.clone(),
+                    a.domain_id.clone(),
+                    a.instance_id.clone(),
+                    a.host.clone(),
+                    a.mode.to_string(),
+                    a.status.clone(),
+                    a.mount_path.clone(),
+                ]
+            })
             .collect(),
     )
 }

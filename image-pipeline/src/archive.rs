@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
-use protocol::messages::{DeleteDomainRequest, Deletion, HeaderRecord, MountGrant, RegisterDomainRequest, RegisterDomainResponse};
+use protocol::messages::{
+    DeleteDomainRequest, Deletion, HeaderRecord, MountGrant, RegisterDomainRequest, RegisterDomainResponse,
+};
 use protocol::secret::SecretBytes;
 use protocol::signing::{SignatureContext, SignatureKey};
 use serde::{Deserialize, Serialize};
@@ -111,14 +113,24 @@ impl KeySource for TtpKeySource {
         ]
         .into_iter()
         .collect();
-        let descriptor = Descriptor::new(&self.owner_name, metadata, vec![AclEntry { vm_id: self.vm_id.clone(), mode: AccessMode::Rw }])?;
+        let descriptor = Descriptor::new(
+            &self.owner_name,
+            metadata,
+            vec![AclEntry { vm_id: self.vm_id.clone(), mode: AccessMode::Rw }],
+        )?;
         let signed = self.owner.sign_envelope(SignatureContext::Descriptor, descriptor.encode()?);
         let response: RegisterDomainResponse = self
             .registrar
-            .post_json("/v1/domains", &RegisterDomainRequest { descriptor: signed.clone(), previous_registration: None })
+            .post_json(
+                "/v1/domains",
+                &RegisterDomainRequest { descriptor: signed.clone(), previous_registration: None },
+            )
             .await
             .map_err(|e| ttp_err("register the archive domain at the TTP", e))?;
-        let domain = ArchiveDomain { domain_id: descriptor.domain_id.clone(), header: HeaderRecord { descriptor: signed, registration: response.registration } };
+        let domain = ArchiveDomain {
+            domain_id: descriptor.domain_id.clone(),
+            header: HeaderRecord { descriptor: signed, registration: response.registration },
+        };
         let key = self.key(&domain).await?;
         Ok((domain, key))
     }
@@ -167,8 +179,16 @@ fn b64() -> base64::engine::GeneralPurpose {
 }
 
 /// Encrypts `plain` into `out` (format in the module comment). Returns the archive's sha256.
-pub fn encrypt_file(plain: &Path, out: &Path, key: &SecretBytes, version_id: &str, plain_sha256: &str, domain_id: &str) -> Result<String> {
-    let engine = secure_component::xts::XtsEngine::new(key).map_err(|e| Error::Archive { what: "key".into(), detail: e.to_string() })?;
+pub fn encrypt_file(
+    plain: &Path,
+    out: &Path,
+    key: &SecretBytes,
+    version_id: &str,
+    plain_sha256: &str,
+    domain_id: &str,
+) -> Result<String> {
+    let engine = secure_component::xts::XtsEngine::new(key)
+        .map_err(|e| Error::Archive { what: "key".into(), detail: e.to_string() })?;
     let plain_len = std::fs::metadata(plain).map_err(|e| Error::io("stat image", plain, e))?.len();
     let header = ArchiveHeader {
         version_id: version_id.into(),
@@ -199,7 +219,9 @@ pub fn encrypt_file(plain: &Path, out: &Path, key: &SecretBytes, version_id: &st
         }
         let padded = n.div_ceil(SECTOR) * SECTOR;
         buf[n..padded].fill(0);
-        engine.encrypt_sectors(sector, &mut buf[..padded]).map_err(|e| Error::Archive { what: "encryption".into(), detail: e.to_string() })?;
+        engine
+            .encrypt_sectors(sector, &mut buf[..padded])
+            .map_err(|e| Error::Archive { what: "encryption".into(), detail: e.to_string() })?;
         output.write_all(&buf[..padded]).map_err(|e| Error::io("write archive", &tmp, e))?;
         hasher.update(&buf[..padded]);
         sector += (padded / SECTOR) as u64;
@@ -214,15 +236,20 @@ pub fn encrypt_file(plain: &Path, out: &Path, key: &SecretBytes, version_id: &st
 /// Decrypts an archive to `out`; checks length and sha256 against the header and returns
 /// the plaintext's sha256.
 pub fn decrypt_file(archive: &Path, out: &Path, key: &SecretBytes) -> Result<String> {
-    let engine = secure_component::xts::XtsEngine::new(key).map_err(|e| Error::Archive { what: "key".into(), detail: e.to_string() })?;
+    let engine = secure_component::xts::XtsEngine::new(key)
+        .map_err(|e| Error::Archive { what: "key".into(), detail: e.to_string() })?;
     let mut input = std::fs::File::open(archive).map_err(|e| Error::io("open archive", archive, e))?;
     let mut head = vec![0u8; SECTOR];
     input.read_exact(&mut head).map_err(|e| Error::io("read archive header", archive, e))?;
     if !head.starts_with(MAGIC) {
-        return Err(Error::Archive { what: archive.display().to_string(), detail: "not an image archive (bad magic)".into() });
+        return Err(Error::Archive {
+            what: archive.display().to_string(),
+            detail: "not an image archive (bad magic)".into(),
+        });
     }
     let json_end = head.iter().rposition(|b| *b != 0).map(|i| i + 1).unwrap_or(MAGIC.len());
-    let header: ArchiveHeader = serde_json::from_slice(&head[MAGIC.len()..json_end]).map_err(|e| Error::json("archive header", e))?;
+    let header: ArchiveHeader =
+        serde_json::from_slice(&head[MAGIC.len()..json_end]).map_err(|e| Error::json("archive header", e))?;
     let tmp = out.with_extension("restoring");
     let mut output = std::fs::File::create(&tmp).map_err(|e| Error::io("create restored image", &tmp, e))?;
     let bar = crate::process::byte_bar("decrypting (AES-256-XTS)", header.plain_len);
@@ -233,9 +260,14 @@ pub fn decrypt_file(archive: &Path, out: &Path, key: &SecretBytes) -> Result<Str
     while remaining > 0 {
         let n = read_full(&mut input, &mut buf, archive)?;
         if n == 0 || n % SECTOR != 0 {
-            return Err(Error::Archive { what: archive.display().to_string(), detail: format!("truncated: {remaining} plaintext bytes missing") });
+            return Err(Error::Archive {
+                what: archive.display().to_string(),
+                detail: format!("truncated: {remaining} plaintext bytes missing"),
+            });
         }
-        engine.decrypt_sectors(sector, &mut buf[..n]).map_err(|e| Error::Archive { what: "decryption".into(), detail: e.to_string() })?;
+        engine
+            .decrypt_sectors(sector, &mut buf[..n])
+            .map_err(|e| Error::Archive { what: "decryption".into(), detail: e.to_string() })?;
         let take = (n as u64).min(remaining) as usize;
         output.write_all(&buf[..take]).map_err(|e| Error::io("write restored image", &tmp, e))?;
         hasher.update(&buf[..take]);
@@ -249,7 +281,10 @@ pub fn decrypt_file(archive: &Path, out: &Path, key: &SecretBytes) -> Result<Str
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::Archive {
             what: archive.display().to_string(),
-            detail: format!("decrypted image hashes to {sha}, the archive header says {} (wrong key or altered archive)", header.plain_sha256),
+            detail: format!(
+                "decrypted image hashes to {sha}, the archive header says {} (wrong key or altered archive)",
+                header.plain_sha256
+            ),
         });
     }
     output.sync_all().map_err(|e| Error::io("sync restored image", &tmp, e))?;
@@ -270,7 +305,9 @@ fn read_full(input: &mut std::fs::File, buf: &mut [u8], path: &Path) -> Result<u
 }
 
 fn domain_of(record: &VersionRecord, archive: &ArchiveRef) -> Result<ArchiveDomain> {
-    let encoded = b64().decode(&archive.header).map_err(|e| Error::Archive { what: record.id(), detail: format!("stored header is not base64: {e}") })?;
+    let encoded = b64()
+        .decode(&archive.header)
+        .map_err(|e| Error::Archive { what: record.id(), detail: format!("stored header is not base64: {e}") })?;
     Ok(ArchiveDomain { domain_id: archive.domain_id.clone(), header: HeaderRecord::decode(&encoded)? })
 }
 
@@ -278,14 +315,25 @@ fn domain_of(record: &VersionRecord, archive: &ArchiveRef) -> Result<ArchiveDoma
 pub async fn archive<K: KeySource>(store: &Store, spec: &str, keys: &K) -> Result<VersionRecord> {
     let record = store.resolve(spec)?;
     if !matches!(record.status, Status::Built | Status::Promoted) {
-        return Err(Error::InvalidState { version: record.id(), action: "archived".into(), reason: format!("it is {}", record.status) });
+        return Err(Error::InvalidState {
+            version: record.id(),
+            action: "archived".into(),
+            reason: format!("it is {}", record.status),
+        });
     }
     if record.archive.is_some() {
-        return Err(Error::InvalidState { version: record.id(), action: "archived".into(), reason: "it is archived already".into() });
+        return Err(Error::InvalidState {
+            version: record.id(),
+            action: "archived".into(),
+            reason: "it is archived already".into(),
+        });
     }
     let raw = store.blob_path(&record.raw_sha256);
     if crate::debian::sha256_of_file(&raw)? != record.raw_sha256 {
-        return Err(Error::Archive { what: record.id(), detail: "the stored raw image does not match its digest; run verify".into() });
+        return Err(Error::Archive {
+            what: record.id(),
+            detail: "the stored raw image does not match its digest; run verify".into(),
+        });
     }
     let (domain, key) = keys.create(&record.id()).await?;
     let file = format!("{}-{}.skarc", record.role, record.version);
@@ -315,9 +363,17 @@ pub async fn archive<K: KeySource>(store: &Store, spec: &str, keys: &K) -> Resul
 /// `restore VERSION`: back into the store (and to `out`, if given). Byte-identical or error.
 pub async fn restore<K: KeySource>(store: &Store, spec: &str, keys: &K, out: Option<&Path>) -> Result<PathBuf> {
     let record = store.resolve(spec)?;
-    let archive = record.archive.clone().ok_or_else(|| Error::InvalidState { version: record.id(), action: "restored".into(), reason: "it has no archive".into() })?;
+    let archive = record.archive.clone().ok_or_else(|| Error::InvalidState {
+        version: record.id(),
+        action: "restored".into(),
+        reason: "it has no archive".into(),
+    })?;
     if record.status == Status::Destroyed {
-        return Err(Error::InvalidState { version: record.id(), action: "restored".into(), reason: "it was destroyed (its key can no longer be derived)".into() });
+        return Err(Error::InvalidState {
+            version: record.id(),
+            action: "restored".into(),
+            reason: "it was destroyed (its key can no longer be derived)".into(),
+        });
     }
     let domain = domain_of(&record, &archive)?;
     let key = keys.key(&domain).await?;
@@ -327,7 +383,10 @@ pub async fn restore<K: KeySource>(store: &Store, spec: &str, keys: &K, out: Opt
     drop(key);
     if sha != record.raw_sha256 {
         let _ = std::fs::remove_file(&restored);
-        return Err(Error::Archive { what: record.id(), detail: format!("restored image hashes to {sha}, the signed record says {}", record.raw_sha256) });
+        return Err(Error::Archive {
+            what: record.id(),
+            detail: format!("restored image hashes to {sha}, the signed record says {}", record.raw_sha256),
+        });
     }
     store.put_blob(&restored, Some(&record.raw_sha256))?;
     // qcow2 again from the raw (qemu-img is deterministic); must match the record too.
@@ -337,7 +396,9 @@ pub async fn restore<K: KeySource>(store: &Store, spec: &str, keys: &K, out: Opt
     let _ = std::fs::remove_file(&qcow2);
     let final_path = match out {
         Some(o) => {
-            std::fs::rename(&restored, o).or_else(|_| std::fs::copy(&restored, o).map(|_| ())).map_err(|e| Error::io("write restored image", o, e))?;
+            std::fs::rename(&restored, o)
+                .or_else(|_| std::fs::copy(&restored, o).map(|_| ()))
+                .map_err(|e| Error::io("write restored image", o, e))?;
             let _ = std::fs::remove_file(&restored);
             o.to_path_buf()
         }
@@ -354,7 +415,11 @@ pub async fn restore<K: KeySource>(store: &Store, spec: &str, keys: &K, out: Opt
 pub async fn destroy<K: KeySource>(store: &Store, spec: &str, keys: &K) -> Result<VersionRecord> {
     let record = store.resolve(spec)?;
     if record.status == Status::Destroyed {
-        return Err(Error::InvalidState { version: record.id(), action: "destroyed".into(), reason: "it was destroyed already".into() });
+        return Err(Error::InvalidState {
+            version: record.id(),
+            action: "destroyed".into(),
+            reason: "it was destroyed already".into(),
+        });
     }
     let mut domain_deleted = None;
     if let Some(archive) = &record.archive {
@@ -378,7 +443,10 @@ pub async fn destroy<K: KeySource>(store: &Store, spec: &str, keys: &K) -> Resul
             removed.push(format!("{name} {sha}"));
         }
     }
-    kept.push(format!("provenance {} and profile {} (the record of what existed)", record.provenance_sha256, record.profile_sha256));
+    kept.push(format!(
+        "provenance {} and profile {} (the record of what existed)",
+        record.provenance_sha256, record.profile_sha256
+    ));
     let mut r = store.resolve(&record.id())?;
     r.status = Status::Destroyed;
     r.destroyed = Some(Destruction { at: now_rfc3339(), domain_deleted, removed, kept });

@@ -20,10 +20,9 @@ fn newest(root: &Path, dir: &str, prefix: &str) -> Result<PathBuf> {
         .filter(|n| n.starts_with(prefix))
         .collect();
     names.sort();
-    names
-        .pop()
-        .map(|n| host.join(n))
-        .ok_or_else(|| Error::parse(format!("{dir} in the image"), format!("no {prefix}* (is linux-image-amd64 installed?)")))
+    names.pop().map(|n| host.join(n)).ok_or_else(|| {
+        Error::parse(format!("{dir} in the image"), format!("no {prefix}* (is linux-image-amd64 installed?)"))
+    })
 }
 
 /// The kernel command line of a profile.
@@ -50,7 +49,10 @@ pub fn make_esp(root: &Path, esp: &Path, role: &str, profile: &Profile, epoch: u
     let initrd = newest(root, "/boot", "initrd.img-")?;
     let efi = at(root, "/usr/lib/systemd/boot/efi/systemd-bootx64.efi");
     if !efi.exists() {
-        return Err(Error::parse("the image", "no /usr/lib/systemd/boot/efi/systemd-bootx64.efi (package systemd-boot-efi)"));
+        return Err(Error::parse(
+            "the image",
+            "no /usr/lib/systemd/boot/efi/systemd-bootx64.efi (package systemd-boot-efi)",
+        ));
     }
     let staging = work.join("esp-files");
     fsx::create_dir_all(&staging, "ESP staging")?;
@@ -72,7 +74,12 @@ pub fn make_esp(root: &Path, esp: &Path, role: &str, profile: &Profile, epoch: u
     let epoch_s = epoch.to_string();
     let env = [("SOURCE_DATE_EPOCH", epoch_s.as_str()), ("MTOOLS_SKIP_CHECK", "1"), ("LC_ALL", "C")];
     let _ = fsx::remove_file_if_exists(esp, "old ESP image")?;
-    run("boot", "mkfs.fat", &["--invariant", "-F", "32", "-i", serial, "-n", "ESP", "-C", &esp_s, &(size_mib * 1024).to_string()], &env)?;
+    run(
+        "boot",
+        "mkfs.fat",
+        &["--invariant", "-F", "32", "-i", serial, "-n", "ESP", "-C", &esp_s, &(size_mib * 1024).to_string()],
+        &env,
+    )?;
     run("boot", "mmd", &["-i", &esp_s, "::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"], &env)?;
     let copies: [(&Path, &str); 5] = [
         (&efi, "::/EFI/BOOT/BOOTX64.EFI"),

@@ -15,8 +15,8 @@ use crate::harden::{self, HardeningRecord};
 use crate::process::{self, run, run_with_spinner};
 use crate::profile::LoadedProfile;
 use crate::provenance::{
-    self, BuildDefinition, Builder, ExternalParameters, ImageIdentity, InternalParameters, Predicate, ResourceDescriptor, RunDetails,
-    RunMetadata, SkyddRecord, Statement, StepRecord,
+    self, BuildDefinition, Builder, ExternalParameters, ImageIdentity, InternalParameters, Predicate,
+    ResourceDescriptor, RunDetails, RunMetadata, SkyddRecord, Statement, StepRecord,
 };
 
 /// File name of the raw GPT disk image in the output directory; a provenance `subject`.
@@ -134,8 +134,18 @@ impl Steps {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("failed: {e}"),
         };
-        self.records.push(StepRecord { name: name.into(), command: command.into(), status, duration_ms, outputs: BTreeMap::new() });
-        bar.println(format!("  {name:<16} {:>7.1}s  {}", duration_ms as f64 / 1000.0, if result.is_ok() { "ok" } else { "FAILED" }));
+        self.records.push(StepRecord {
+            name: name.into(),
+            command: command.into(),
+            status,
+            duration_ms,
+            outputs: BTreeMap::new(),
+        });
+        bar.println(format!(
+            "  {name:<16} {:>7.1}s  {}",
+            duration_ms as f64 / 1000.0,
+            if result.is_ok() { "ok" } else { "FAILED" }
+        ));
         result
     }
 
@@ -154,7 +164,12 @@ impl CacheLock {
         use std::os::fd::AsRawFd;
         fsx::create_dir_all(dir, "apt cache")?;
         let path = dir.join(".lock");
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io("open cache lock", &path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open cache lock", &path, e))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(Error::io("lock apt cache", &path, std::io::Error::last_os_error()));
@@ -200,7 +215,10 @@ fn mmdebstrap_args(opts: &BuildOptions, tarball: &Path, lists: &Path, purge_scri
     args.push(format!("deb [signed-by={keyring}] {} {} {components}", p.image.mirror, p.image.suite));
     if opts.updates {
         args.push(format!("deb [signed-by={keyring}] {} {}-updates {components}", p.image.mirror, p.image.suite));
-        args.push(format!("deb [signed-by={keyring}] {} {}-security {components}", p.image.security_mirror, p.image.suite));
+        args.push(format!(
+            "deb [signed-by={keyring}] {} {}-security {components}",
+            p.image.security_mirror, p.image.suite
+        ));
     }
     args
 }
@@ -231,7 +249,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildResult> {
     result
 }
 
-fn build_in(opts: &BuildOptions, work: &Path, epoch: u64, role: &str, started_at: SystemTime, t0: Instant) -> Result<BuildResult> {
+fn build_in(
+    opts: &BuildOptions,
+    work: &Path,
+    epoch: u64,
+    role: &str,
+    started_at: SystemTime,
+    t0: Instant,
+) -> Result<BuildResult> {
     let profile = &opts.profile;
     let p = &profile.profile;
     let bar = process::spinner(&format!("building {role}"));
@@ -250,43 +275,70 @@ fn build_in(opts: &BuildOptions, work: &Path, epoch: u64, role: &str, started_at
         ("TMPDIR".to_string(), work.display().to_string()),
         ("LC_ALL".to_string(), "C.UTF-8".to_string()),
     ];
-    steps.run("bootstrap", &format!("mmdebstrap {}", args.join(" ")), &bar, || run_with_spinner("bootstrap", "mmdebstrap", &args, &env, &bar))?;
+    steps.run("bootstrap", &format!("mmdebstrap {}", args.join(" ")), &bar, || {
+        run_with_spinner("bootstrap", "mmdebstrap", &args, &env, &bar)
+    })?;
     steps.annotate("tarball_sha256", debian::sha256_of_file(&tarball)?);
     drop(lock);
 
     fsx::create_dir_all(&root, "root tree")?;
-    let tar_args = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", &tarball.display().to_string(), "-C", &root.display().to_string()];
-    steps.run("unpack", "tar -xpf rootfs.tar (tmpfs: entries are created in the tarball's sorted order)", &bar, || {
-        run("unpack", "tar", &tar_args, &[]).map(|_| ())
-    })?;
+    let tar_args = [
+        "--numeric-owner",
+        "--xattrs",
+        "--xattrs-include=*",
+        "-xpf",
+        &tarball.display().to_string(),
+        "-C",
+        &root.display().to_string(),
+    ];
+    steps.run(
+        "unpack",
+        "tar -xpf rootfs.tar (tmpfs: entries are created in the tarball's sorted order)",
+        &bar,
+        || run("unpack", "tar", &tar_args, &[]).map(|_| ()),
+    )?;
     let _ = std::fs::remove_file(&tarball);
 
-    let evidence = steps.run("archive-chain", "gpgv InRelease against the keyring; sha256 of every Packages index and .deb", &bar, || {
-        debian::check_archive_chain(&lists, &opts.apt_cache, &root, &opts.keyring)
-    })?;
+    let evidence = steps.run(
+        "archive-chain",
+        "gpgv InRelease against the keyring; sha256 of every Packages index and .deb",
+        &bar,
+        || debian::check_archive_chain(&lists, &opts.apt_cache, &root, &opts.keyring),
+    )?;
     steps.annotate("packages", evidence.packages.len().to_string());
 
-    let hardening = steps.run("harden", "profile-driven edits of the tree (sshd, services, firewall, sysctl, passwords, SUID)", &bar, || {
-        let records = harden::harden(&root, p)?;
-        if p.image.boot {
-            write_fstab(&root, role)?;
-        }
-        tree_clamp(&root, epoch)?;
-        Ok(records)
-    })?;
+    let hardening = steps.run(
+        "harden",
+        "profile-driven edits of the tree (sshd, services, firewall, sysctl, passwords, SUID)",
+        &bar,
+        || {
+            let records = harden::harden(&root, p)?;
+            if p.image.boot {
+                write_fstab(&root, role)?;
+            }
+            tree_clamp(&root, epoch)?;
+            Ok(records)
+        },
+    )?;
 
-    let tests = steps.run("security-checks", "services, sockets, sshd, SUID/SGID, packages, world-writable, passwords, sysctl, AppArmor, oscap-chroot", &bar, || {
-        crate::checks::run_all(&root, p, opts.run_oscap)
-    })?;
+    let tests = steps.run(
+        "security-checks",
+        "services, sockets, sshd, SUID/SGID, packages, world-writable, passwords, sysctl, AppArmor, oscap-chroot",
+        &bar,
+        || crate::checks::run_all(&root, p, opts.run_oscap),
+    )?;
     if !tests.passed() {
         steps.annotate("violations", tests.violations().len().to_string());
     }
 
     let rootfs = work.join("rootfs.ext4");
     let size_mib = if p.image.disk_size_mib > 0 { p.image.disk_size_mib } else { disk::auto_size_mib(&root)? };
-    steps.run("filesystem", &format!("mke2fs -t ext4 -d root ({size_mib} MiB, fixed UUID/hash seed/time); debugfs inode times; e2fsck -fn"), &bar, || {
-        disk::make_ext4(&root, &rootfs, size_mib, "root", &format!("{role}/rootfs"), epoch, work)
-    })?;
+    steps.run(
+        "filesystem",
+        &format!("mke2fs -t ext4 -d root ({size_mib} MiB, fixed UUID/hash seed/time); debugfs inode times; e2fsck -fn"),
+        &bar,
+        || disk::make_ext4(&root, &rootfs, size_mib, "root", &format!("{role}/rootfs"), epoch, work),
+    )?;
 
     let esp = work.join("esp.vfat");
     if p.image.boot {
@@ -356,8 +408,16 @@ fn write_fstab(root: &Path, role: &str) -> Result<()> {
 pub fn statement(opts: &BuildOptions, result: &BuildResult, identity: ImageIdentity) -> Statement {
     let p = &opts.profile.profile;
     let mut subject = vec![
-        ResourceDescriptor { name: RAW_NAME.into(), digest: [("sha256".to_string(), result.raw_sha256.clone())].into(), ..Default::default() },
-        ResourceDescriptor { name: QCOW2_NAME.into(), digest: [("sha256".to_string(), result.qcow2_sha256.clone())].into(), ..Default::default() },
+        ResourceDescriptor {
+            name: RAW_NAME.into(),
+            digest: [("sha256".to_string(), result.raw_sha256.clone())].into(),
+            ..Default::default()
+        },
+        ResourceDescriptor {
+            name: QCOW2_NAME.into(),
+            digest: [("sha256".to_string(), result.qcow2_sha256.clone())].into(),
+            ..Default::default()
+        },
     ];
     subject.sort_by(|a, b| a.name.cmp(&b.name));
     let mut deps = vec![ResourceDescriptor {
@@ -370,12 +430,21 @@ pub fn statement(opts: &BuildOptions, result: &BuildResult, identity: ImageIdent
         deps.push(ResourceDescriptor {
             uri: r.uri.clone(),
             digest: [("sha256".to_string(), r.sha256.clone())].into(),
-            annotations: [("date".to_string(), r.date.clone()), ("suite".to_string(), r.suite.clone()), ("signedBy".to_string(), r.signed_by.clone())].into(),
+            annotations: [
+                ("date".to_string(), r.date.clone()),
+                ("suite".to_string(), r.suite.clone()),
+                ("signedBy".to_string(), r.signed_by.clone()),
+            ]
+            .into(),
             ..Default::default()
         });
     }
     for (uri, sha) in &result.evidence.indices {
-        deps.push(ResourceDescriptor { uri: uri.clone(), digest: [("sha256".to_string(), sha.clone())].into(), ..Default::default() });
+        deps.push(ResourceDescriptor {
+            uri: uri.clone(),
+            digest: [("sha256".to_string(), sha.clone())].into(),
+            ..Default::default()
+        });
     }
     for pkg in &result.evidence.packages {
         deps.push(ResourceDescriptor {

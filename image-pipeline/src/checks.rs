@@ -157,7 +157,14 @@ fn check_sockets(root: &Path, profile: &Profile, installed: &[String]) -> Result
     let ports_in = |proto: &str| -> Vec<u16> {
         nft.lines()
             .filter_map(|l| l.trim().strip_prefix(&format!("{proto} dport {{")))
-            .flat_map(|rest| rest.split('}').next().unwrap_or("").split(',').filter_map(|p| p.trim().parse().ok()).collect::<Vec<u16>>())
+            .flat_map(|rest| {
+                rest.split('}')
+                    .next()
+                    .unwrap_or("")
+                    .split(',')
+                    .filter_map(|p| p.trim().parse().ok())
+                    .collect::<Vec<u16>>()
+            })
             .collect()
     };
     for (proto, expected) in [("tcp", &profile.network.tcp), ("udp", &profile.network.udp)] {
@@ -224,10 +231,12 @@ fn read_sshd_lines(root: &Path, file: &Path, out: &mut Vec<String>, depth: usize
         let trimmed = line.trim();
         if trimmed.to_ascii_lowercase().starts_with("include ") {
             for pattern in trimmed[8..].split_whitespace() {
-                let pattern = if pattern.starts_with('/') { pattern.to_string() } else { format!("/etc/ssh/{pattern}") };
+                let pattern =
+                    if pattern.starts_with('/') { pattern.to_string() } else { format!("/etc/ssh/{pattern}") };
                 let (dir, file_glob) = pattern.rsplit_once('/').unwrap_or(("/etc/ssh", &pattern));
                 let Ok(read) = std::fs::read_dir(at(root, dir)) else { continue };
-                let mut names: Vec<String> = read.filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(str::to_string))).collect();
+                let mut names: Vec<String> =
+                    read.filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(str::to_string))).collect();
                 names.sort();
                 for name in names.into_iter().filter(|n| glob_match(file_glob, n)) {
                     read_sshd_lines(root, &at(root, &format!("{dir}/{name}")), out, depth + 1)?;
@@ -267,7 +276,8 @@ fn check_sshd(root: &Path, profile: &Profile) -> Result<CheckResult> {
             _ => false,
         };
         if !ok {
-            violations.push(format!("{key} is {} but must be {want}", got.as_deref().unwrap_or("unset (sshd default)")));
+            violations
+                .push(format!("{key} is {} but must be {want}", got.as_deref().unwrap_or("unset (sshd default)")));
         }
     }
     if let Ok(read) = std::fs::read_dir(at(root, "/etc/ssh")) {
@@ -277,7 +287,9 @@ fn check_sshd(root: &Path, profile: &Profile) -> Result<CheckResult> {
             .collect();
         keys.sort();
         for key in keys {
-            violations.push(format!("/etc/ssh/{key}: a host private key is baked into the image (every clone would share it)"));
+            violations.push(format!(
+                "/etc/ssh/{key}: a host private key is baked into the image (every clone would share it)"
+            ));
         }
     }
     let sshd_enabled = tree::enabled_units(root)?.iter().any(|(u, _)| u == "ssh.service" || u == "sshd.service");
@@ -363,7 +375,10 @@ fn check_passwords(root: &Path) -> Result<CheckResult> {
         if fields[1].is_empty() {
             violations.push(format!("account {} has an empty password", fields[0]));
         } else if !(fields[1].starts_with('!') || fields[1].starts_with('*')) {
-            violations.push(format!("account {} has a password set in the image (default passwords are not allowed)", fields[0]));
+            violations.push(format!(
+                "account {} has a password set in the image (default passwords are not allowed)",
+                fields[0]
+            ));
         }
     }
     findings.push(format!("{} accounts in /etc/shadow, all locked", shadow.lines().count()));
@@ -436,7 +451,12 @@ pub fn run_oscap(root: &Path, datastream: &str, profile: &str) -> OscapResult {
         result.note = format!("{datastream} is not installed (Debian package ssg-debian)");
         return result;
     }
-    let output = Command::new("oscap-chroot").arg(root).args(["xccdf", "eval", "--profile", profile]).arg(datastream).env("LC_ALL", "C").output();
+    let output = Command::new("oscap-chroot")
+        .arg(root)
+        .args(["xccdf", "eval", "--profile", profile])
+        .arg(datastream)
+        .env("LC_ALL", "C")
+        .output();
     let output = match output {
         Ok(o) => o,
         Err(e) => {
@@ -466,10 +486,16 @@ pub fn run_oscap(root: &Path, datastream: &str, profile: &str) -> OscapResult {
     let applicable = total - result.counts.get("notapplicable").copied().unwrap_or(0);
     if total == 0 {
         result.status = "error".into();
-        result.note = format!("oscap-chroot (exit {code}) reported no rule results: {}", String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or(""));
+        result.note = format!(
+            "oscap-chroot (exit {code}) reported no rule results: {}",
+            String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("")
+        );
     } else if code != 0 && code != 2 {
         result.status = "error".into();
-        result.note = format!("oscap-chroot exited {code}: {}", String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or(""));
+        result.note = format!(
+            "oscap-chroot exited {code}: {}",
+            String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("")
+        );
     } else if total > 0 && applicable == 0 {
         result.status = "not-applicable".into();
         result.note = "the SCAP content's platform (CPE) does not match this image: all rules not applicable (ssg-debian in Debian 12 ships Debian 10/11 content only)".into();

@@ -83,10 +83,9 @@ pub fn installed_packages(root: &Path) -> Result<Vec<(String, String, String)>> 
             continue;
         }
         let field = |k: &str| {
-            stanza
-                .get(k)
-                .cloned()
-                .ok_or_else(|| Error::parse("dpkg status", format!("an installed package has no {k} field: {stanza:?}")))
+            stanza.get(k).cloned().ok_or_else(|| {
+                Error::parse("dpkg status", format!("an installed package has no {k} field: {stanza:?}"))
+            })
         };
         out.push((field("Package")?, field("Version")?, field("Architecture")?));
     }
@@ -171,7 +170,8 @@ pub fn check_archive_chain(lists_dir: &Path, deb_cache: &Path, root: &Path, keyr
         let path = lists_dir.join(name);
         let signed_by = gpgv(&path, keyring)?;
         let text = fsx::read_string(&path, "InRelease")?;
-        let body = cleartext_body(&text).ok_or_else(|| Error::parse(name.clone(), "not a clear-signed InRelease file"))?;
+        let body =
+            cleartext_body(&text).ok_or_else(|| Error::parse(name.clone(), "not a clear-signed InRelease file"))?;
         let fields = stanzas(&body).into_iter().next().unwrap_or_default();
         let prefix = name.trim_end_matches("InRelease");
         let listed: BTreeMap<String, String> = fields
@@ -189,9 +189,9 @@ pub fn check_archive_chain(lists_dir: &Path, deb_cache: &Path, root: &Path, keyr
             let relative = index[prefix.len()..].replace('_', "/");
             let index_path = lists_dir.join(index);
             let actual = sha256_file(&index_path)?;
-            let expected = listed.get(&relative).ok_or_else(|| {
-                Error::parse(name.clone(), format!("InRelease lists no SHA256 for {relative}"))
-            })?;
+            let expected = listed
+                .get(&relative)
+                .ok_or_else(|| Error::parse(name.clone(), format!("InRelease lists no SHA256 for {relative}")))?;
             if &actual != expected {
                 return Err(Error::parse(
                     index.clone(),
@@ -201,9 +201,13 @@ pub fn check_archive_chain(lists_dir: &Path, deb_cache: &Path, root: &Path, keyr
             indices.insert(uri_of_list(index), actual);
             let packages_text = fsx::read_string(&index_path, "Packages index")?;
             for stanza in stanzas(&packages_text) {
-                if let (Some(p), Some(v), Some(a), Some(h), Some(f)) =
-                    (stanza.get("Package"), stanza.get("Version"), stanza.get("Architecture"), stanza.get("SHA256"), stanza.get("Filename"))
-                {
+                if let (Some(p), Some(v), Some(a), Some(h), Some(f)) = (
+                    stanza.get("Package"),
+                    stanza.get("Version"),
+                    stanza.get("Architecture"),
+                    stanza.get("SHA256"),
+                    stanza.get("Filename"),
+                ) {
                     available.insert((p.clone(), v.clone(), a.clone()), (h.clone(), f.clone()));
                 }
             }
@@ -222,13 +226,14 @@ pub fn check_archive_chain(lists_dir: &Path, deb_cache: &Path, root: &Path, keyr
     }
     let mut packages = Vec::new();
     for (name, version, arch) in installed_packages(root)? {
-        let (expected, filename) = available.get(&(name.clone(), version.clone(), arch.clone())).cloned().ok_or_else(|| {
-            Error::PackageHash {
-                package: name.clone(),
-                version: version.clone(),
-                detail: "is installed but no verified Packages index lists this version".into(),
-            }
-        })?;
+        let (expected, filename) =
+            available.get(&(name.clone(), version.clone(), arch.clone())).cloned().ok_or_else(|| {
+                Error::PackageHash {
+                    package: name.clone(),
+                    version: version.clone(),
+                    detail: "is installed but no verified Packages index lists this version".into(),
+                }
+            })?;
         let deb = deb_cache.join(deb_file_name(&name, &version, &arch));
         let actual = sha256_file(&deb).map_err(|e| Error::PackageHash {
             package: name.clone(),
@@ -259,13 +264,7 @@ fn cleartext_body(text: &str) -> Option<String> {
     let blank = rest.find("\n\n")?;
     let body_and_sig = &rest[blank + 2..];
     let end = body_and_sig.find("-----BEGIN PGP SIGNATURE-----")?;
-    Some(
-        body_and_sig[..end]
-            .lines()
-            .map(|l| l.strip_prefix("- ").unwrap_or(l))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    )
+    Some(body_and_sig[..end].lines().map(|l| l.strip_prefix("- ").unwrap_or(l)).collect::<Vec<_>>().join("\n"))
 }
 
 /// Verifies a clear-signed file with gpgv against `keyring`; returns the "Good signature"

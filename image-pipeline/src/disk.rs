@@ -65,20 +65,43 @@ pub fn auto_size_mib(root: &Path) -> Result<u64> {
 }
 
 /// Makes a reproducible ext4 image of `root` at `out`.
-pub fn make_ext4(root: &Path, out: &Path, size_mib: u64, label: &str, uuid_label: &str, epoch: u64, work: &Path) -> Result<()> {
+pub fn make_ext4(
+    root: &Path,
+    out: &Path,
+    size_mib: u64,
+    label: &str,
+    uuid_label: &str,
+    epoch: u64,
+    work: &Path,
+) -> Result<()> {
     let conf = work.join("mke2fs.conf");
     fsx::write(&conf, MKE2FS_CONF, "mke2fs.conf")?;
     let _ = fsx::remove_file_if_exists(out, "old file system image")?;
     let uuid = uuid_string(&derived_uuid(uuid_label));
     let epoch_s = epoch.to_string();
-    let env = [("E2FSPROGS_FAKE_TIME", epoch_s.as_str()), ("MKE2FS_CONFIG", conf.to_str().unwrap_or_default()), ("LC_ALL", "C")];
+    let env = [
+        ("E2FSPROGS_FAKE_TIME", epoch_s.as_str()),
+        ("MKE2FS_CONFIG", conf.to_str().unwrap_or_default()),
+        ("LC_ALL", "C"),
+    ];
     run(
         "mkfs-ext4",
         "mke2fs",
         &[
-            "-q", "-F", "-t", "ext4", "-L", label, "-U", &uuid,
-            "-E", &format!("hash_seed={uuid},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0,nodiscard"),
-            "-d", &root.display().to_string(), &out.display().to_string(), &format!("{size_mib}M"),
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-L",
+            label,
+            "-U",
+            &uuid,
+            "-E",
+            &format!("hash_seed={uuid},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0,nodiscard"),
+            "-d",
+            &root.display().to_string(),
+            &out.display().to_string(),
+            &format!("{size_mib}M"),
         ],
         &env,
     )?;
@@ -92,7 +115,12 @@ pub fn make_ext4(root: &Path, out: &Path, size_mib: u64, label: &str, uuid_label
     }
     let script_path = work.join("debugfs-normalise.cmds");
     fsx::write(&script_path, script, "debugfs script")?;
-    run("normalise-inode-times", "debugfs", &["-w", "-f", &script_path.display().to_string(), &out.display().to_string()], &env)?;
+    run(
+        "normalise-inode-times",
+        "debugfs",
+        &["-w", "-f", &script_path.display().to_string(), &out.display().to_string()],
+        &env,
+    )?;
     run("fsck", "e2fsck", &["-f", "-n", &out.display().to_string()], &env)?;
     Ok(())
 }
@@ -128,7 +156,10 @@ pub fn used_inodes(dump: &str) -> Result<Vec<u64>> {
         }
     }
     if group * per_group != count {
-        return Err(Error::parse("dumpe2fs output", format!("saw {group} groups of {per_group} inodes, expected {count} inodes")));
+        return Err(Error::parse(
+            "dumpe2fs output",
+            format!("saw {group} groups of {per_group} inodes, expected {count} inodes"),
+        ));
     }
     Ok((1..=count).filter(|i| !free[*i as usize]).collect())
 }
@@ -247,7 +278,8 @@ fn copy_sparse(src: &Path, dst: &mut std::fs::File, offset: u64, dst_path: &Path
         }
         for (i, chunk) in buf[..filled].chunks(64 * 1024).enumerate() {
             if chunk.iter().any(|b| *b != 0) {
-                dst.seek(SeekFrom::Start(pos + (i * 64 * 1024) as u64)).map_err(|e| Error::io("seek disk image", dst_path, e))?;
+                dst.seek(SeekFrom::Start(pos + (i * 64 * 1024) as u64))
+                    .map_err(|e| Error::io("seek disk image", dst_path, e))?;
                 dst.write_all(chunk).map_err(|e| Error::io("write disk image", dst_path, e))?;
             }
         }
@@ -262,7 +294,17 @@ pub fn make_qcow2(raw: &Path, qcow2: &Path) -> Result<()> {
     run(
         "qcow2",
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1", &raw.display().to_string(), &qcow2.display().to_string()],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=1.1",
+            &raw.display().to_string(),
+            &qcow2.display().to_string(),
+        ],
         &[],
     )?;
     Ok(())

@@ -86,7 +86,10 @@ pub fn harden(root: &Path, profile: &Profile) -> Result<Vec<HardeningRecord>> {
     write_file(root, "/etc/security/limits.d/90-skydd-no-core.conf", "* hard core 0\n", 0o644)?;
     records.push(HardeningRecord {
         action: "sysctl baseline and no core dumps".into(),
-        changes: vec![format!("wrote {SYSCTL_FILE} ({} settings)", profile.sysctl().len()), "wrote /etc/security/limits.d/90-skydd-no-core.conf".into()],
+        changes: vec![
+            format!("wrote {SYSCTL_FILE} ({} settings)", profile.sysctl().len()),
+            "wrote /etc/security/limits.d/90-skydd-no-core.conf".into(),
+        ],
     });
 
     records.push(lock_passwords(root)?);
@@ -156,7 +159,10 @@ fn harden_sshd(root: &Path, profile: &Profile) -> Result<HardeningRecord> {
         [Install]\n\
         WantedBy=multi-user.target\n";
     write_file(root, "/etc/systemd/system/skydd-ssh-host-keys.service", unit, 0o644)?;
-    replace_link(&at(root, "/etc/systemd/system/multi-user.target.wants/skydd-ssh-host-keys.service"), "/etc/systemd/system/skydd-ssh-host-keys.service")?;
+    replace_link(
+        &at(root, "/etc/systemd/system/multi-user.target.wants/skydd-ssh-host-keys.service"),
+        "/etc/systemd/system/skydd-ssh-host-keys.service",
+    )?;
     changes.push("host keys are generated at first boot by skydd-ssh-host-keys.service".into());
     Ok(HardeningRecord { action: "sshd".into(), changes })
 }
@@ -168,7 +174,10 @@ fn harden_services(root: &Path, profile: &Profile) -> Result<HardeningRecord> {
         if !allowed(&unit) {
             let link = at(root, &format!("/etc/systemd/system/{wants_dir}/{unit}"));
             std::fs::remove_file(&link).map_err(|e| Error::io("disable unit", &link, e))?;
-            changes.push(format!("disabled {unit} (was wanted by {})", wants_dir.trim_end_matches(".wants").trim_end_matches(".requires")));
+            changes.push(format!(
+                "disabled {unit} (was wanted by {})",
+                wants_dir.trim_end_matches(".wants").trim_end_matches(".requires")
+            ));
         }
     }
     let enabled_now: Vec<String> = tree::enabled_units(root)?.into_iter().map(|(u, _)| u).collect();
@@ -232,7 +241,11 @@ fn write_firewall(root: &Path, profile: &Profile) -> Result<HardeningRecord> {
             "wrote {NFTABLES_FILE}: default drop; tcp {:?}, udp {:?}{}",
             profile.network.tcp,
             profile.network.udp,
-            if profile.network.firewall { "; loaded at boot by nftables.service" } else { " (nftables not required by this profile)" }
+            if profile.network.firewall {
+                "; loaded at boot by nftables.service"
+            } else {
+                " (nftables not required by this profile)"
+            }
         )],
     })
 }

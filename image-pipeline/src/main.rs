@@ -97,7 +97,9 @@ struct BuildArgs {
 enum Command {
     /// Build an image for a role profile: raw + qcow2 + signed provenance; stored as the
     /// role's next version unless --no-store.
-    #[command(after_help = "Shipped profiles: test-minimal, front-end, back-end, database, compute-host (or a path to a TOML file).\nThe build fails (and nothing is stored) if any security check finds a violation; the signed\nrecord of the failure is still written to the output directory.")]
+    #[command(
+        after_help = "Shipped profiles: test-minimal, front-end, back-end, database, compute-host (or a path to a TOML file).\nThe build fails (and nothing is stored) if any security check finds a violation; the signed\nrecord of the failure is still written to the output directory."
+    )]
     Build {
         /// Shipped profile name or path to a profile TOML.
         #[arg(long)]
@@ -296,14 +298,31 @@ fn print_outcome(outcome: &pipeline::Outcome) {
 async fn key_source(path: &Path) -> Result<TtpKeySource> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read TTP config {}", path.display()))?;
     let cfg: TtpConfig = toml::from_str(&text).with_context(|| format!("parse TTP config {}", path.display()))?;
-    let registrar_tls = TlsFiles { ca: cfg.ca.clone(), cert: cfg.registrar_cert.clone(), key: cfg.registrar_key.clone(), crl: cfg.crl.clone() }.client_config(Role::Ttp)?;
+    let registrar_tls = TlsFiles {
+        ca: cfg.ca.clone(),
+        cert: cfg.registrar_cert.clone(),
+        key: cfg.registrar_key.clone(),
+        crl: cfg.crl.clone(),
+    }
+    .client_config(Role::Ttp)?;
     let registrar = net::Client::new(&cfg.ttp_url, registrar_tls)?;
-    let host_tls = TlsFiles { ca: cfg.ca.clone(), cert: cfg.host_cert.clone(), key: cfg.host_key.clone(), crl: cfg.crl.clone() }.client_config(Role::Ttp)?;
-    let tpm = secure_component::agent::TpmWorker::start(&cfg.tpm, cfg.tpm_state.clone()).context("open the archiver's TPM")?;
-    let agent = secure_component::agent::HostAgent { host_id: cfg.host_id.clone(), tpm, ttp: net::Client::new(&cfg.ttp_url, host_tls)? };
-    let owner_files = TlsFiles { ca: cfg.ca.clone(), cert: cfg.owner_cert.clone(), key: cfg.owner_key.clone(), crl: cfg.crl.clone() };
+    let host_tls =
+        TlsFiles { ca: cfg.ca.clone(), cert: cfg.host_cert.clone(), key: cfg.host_key.clone(), crl: cfg.crl.clone() }
+            .client_config(Role::Ttp)?;
+    let tpm = secure_component::agent::TpmWorker::start(&cfg.tpm, cfg.tpm_state.clone())
+        .context("open the archiver's TPM")?;
+    let agent = secure_component::agent::HostAgent {
+        host_id: cfg.host_id.clone(),
+        tpm,
+        ttp: net::Client::new(&cfg.ttp_url, host_tls)?,
+    };
+    let owner_files =
+        TlsFiles { ca: cfg.ca.clone(), cert: cfg.owner_cert.clone(), key: cfg.owner_key.clone(), crl: cfg.crl.clone() };
     let material = owner_files.load()?;
-    let cert_der = protocol::pki::certs_from_pem(&material.cert_pem, "owner certificate")?.first().map(|c| c.to_vec()).context("the owner certificate file holds no certificate")?;
+    let cert_der = protocol::pki::certs_from_pem(&material.cert_pem, "owner certificate")?
+        .first()
+        .map(|c| c.to_vec())
+        .context("the owner certificate file holds no certificate")?;
     let owner_identity = protocol::pki::identity_from_certificate(&cert_der)?;
     let owner = protocol::signing::SignatureKey::from_pem(&material.key_pem, cert_der)?;
     Ok(TtpKeySource { owner, owner_name: owner_identity.name, registrar, agent, vm_id: cfg.vm_id })
@@ -326,12 +345,15 @@ fn print_record(r: &store::VersionRecord) {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let store_dir = cli.store.clone();
-    let open_store = || Store::open(&store_dir).with_context(|| format!("open the image store {}", store_dir.display()));
+    let open_store =
+        || Store::open(&store_dir).with_context(|| format!("open the image store {}", store_dir.display()));
     match cli.command {
         Command::Build { profile, out, no_store, signing, build } => {
             let profile = LoadedProfile::load(&profile)?;
             let store = if no_store { None } else { Some(open_store()?) };
-            let out = out.unwrap_or_else(|| store_dir.join("builds").join(format!("{}-{}", profile.profile.image.role, std::process::id())));
+            let out = out.unwrap_or_else(|| {
+                store_dir.join("builds").join(format!("{}-{}", profile.profile.image.role, std::process::id()))
+            });
             let opts = build_options(profile, out.clone(), &build);
             let signer = signer(&signing)?;
             let outcome = pipeline::build_signed(&opts, &signer, store.as_ref(), None)?;
@@ -344,8 +366,10 @@ async fn main() -> Result<()> {
             let policy = trust_policy(&trust)?;
             let path = PathBuf::from(&image);
             if path.exists() {
-                let dir = if path.is_dir() { path.clone() } else { path.parent().map(Path::to_path_buf).unwrap_or_default() };
-                let envelope = std::fs::read(dir.join(PROVENANCE_NAME)).with_context(|| format!("read {}", dir.join(PROVENANCE_NAME).display()))?;
+                let dir =
+                    if path.is_dir() { path.clone() } else { path.parent().map(Path::to_path_buf).unwrap_or_default() };
+                let envelope = std::fs::read(dir.join(PROVENANCE_NAME))
+                    .with_context(|| format!("read {}", dir.join(PROVENANCE_NAME).display()))?;
                 let v = provenance::verify(&envelope, &dir, &policy)?;
                 println!("OK: {} verified; signed by {}", dir.display(), v.signer);
                 for s in &v.statement.subject {
@@ -355,9 +379,19 @@ async fn main() -> Result<()> {
                 let store = open_store()?;
                 let record = store.resolve(&image)?;
                 let v = store.verify(&record, &policy, !keep).with_context(|| {
-                    if keep { format!("{} refused", record.id()) } else { format!("{} refused and discarded", record.id()) }
+                    if keep {
+                        format!("{} refused", record.id())
+                    } else {
+                        format!("{} refused and discarded", record.id())
+                    }
                 })?;
-                println!("OK: {} verified; signed by {}; {} steps, {} checks passed", record.id(), v.signer, v.statement.predicate.skydd.steps.len(), v.statement.predicate.skydd.tests.checks.len());
+                println!(
+                    "OK: {} verified; signed by {}; {} steps, {} checks passed",
+                    record.id(),
+                    v.signer,
+                    v.statement.predicate.skydd.steps.len(),
+                    v.statement.predicate.skydd.tests.checks.len()
+                );
             }
         }
         Command::Log { role } => {
@@ -378,7 +412,13 @@ async fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&r)?);
             let s = store.statement(&r)?;
             let sk = &s.predicate.skydd;
-            println!("\nbuilt from {} (sha256 {}), suite {}, updates {}", s.predicate.build_definition.external_parameters.profile, s.predicate.build_definition.external_parameters.profile_sha256, s.predicate.build_definition.external_parameters.suite, s.predicate.build_definition.external_parameters.updates);
+            println!(
+                "\nbuilt from {} (sha256 {}), suite {}, updates {}",
+                s.predicate.build_definition.external_parameters.profile,
+                s.predicate.build_definition.external_parameters.profile_sha256,
+                s.predicate.build_definition.external_parameters.suite,
+                s.predicate.build_definition.external_parameters.updates
+            );
             for rel in &sk.releases {
                 println!("archive {} {} sha256 {} ({})", rel.uri, rel.date, rel.sha256, rel.signed_by);
             }
@@ -415,10 +455,12 @@ async fn main() -> Result<()> {
         }
         Command::Patch { role, out, signing, build } => {
             let store = open_store()?;
-            let out = out.unwrap_or_else(|| store_dir.join("builds").join(format!("{role}-patch-{}", std::process::id())));
+            let out =
+                out.unwrap_or_else(|| store_dir.join("builds").join(format!("{role}-patch-{}", std::process::id())));
             // The template's profile is replaced by the stored one in `patch`.
             let newest = store.resolve(&role)?;
-            let template_profile = LoadedProfile::from_bytes(&role, "store", store.read_blob(&newest.profile_sha256, "profile")?)?;
+            let template_profile =
+                LoadedProfile::from_bytes(&role, "store", store.read_blob(&newest.profile_sha256, "profile")?)?;
             let opts = build_options(template_profile, out.clone(), &build);
             let outcome = pipeline::patch(&store, &role, &signer(&signing)?, &opts, &out)?;
             print_outcome(&outcome);
@@ -431,7 +473,10 @@ async fn main() -> Result<()> {
         }
         Command::Allowlist { out, verify, signing_key, signing_cert, trust } => {
             if let Some(file) = verify {
-                let list = store::verify_allowlist(&std::fs::read(&file).with_context(|| format!("read {}", file.display()))?, &trust_policy(&trust)?)?;
+                let list = store::verify_allowlist(
+                    &std::fs::read(&file).with_context(|| format!("read {}", file.display()))?,
+                    &trust_policy(&trust)?,
+                )?;
                 println!("OK: allowlist issued {} by {}", list.issued_at, list.issuer);
                 for e in &list.images {
                     println!("  {}@{} raw {} qcow2 {}", e.role, e.version, e.raw_sha256, e.qcow2_sha256);
@@ -451,7 +496,14 @@ async fn main() -> Result<()> {
             let keys = key_source(&ttp_config).await?;
             let r = archive::archive(&store, &version, &keys).await?;
             if let Some(a) = &r.archive {
-                println!("{} archived: {} (sha256 {}), domain {} at {}", r.id(), a.file, a.archive_sha256, a.domain_id, a.ttp);
+                println!(
+                    "{} archived: {} (sha256 {}), domain {} at {}",
+                    r.id(),
+                    a.file,
+                    a.archive_sha256,
+                    a.domain_id,
+                    a.ttp
+                );
             }
         }
         Command::Restore { version, out, ttp_config } => {

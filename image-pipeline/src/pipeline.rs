@@ -24,7 +24,12 @@ pub struct Outcome {
 
 /// Builds, signs the provenance (also for a build whose security checks failed: the signed
 /// record then says so, and `verify` refuses it), and adds a passing build to the store.
-pub fn build_signed(opts: &BuildOptions, signer: &Signer, store: Option<&Store>, parent: Option<&VersionRecord>) -> Result<Outcome> {
+pub fn build_signed(
+    opts: &BuildOptions,
+    signer: &Signer,
+    store: Option<&Store>,
+    parent: Option<&VersionRecord>,
+) -> Result<Outcome> {
     let result = build::build(opts)?;
     let role = opts.profile.profile.image.role.clone();
     let _lock = match store {
@@ -47,7 +52,11 @@ pub fn build_signed(opts: &BuildOptions, signer: &Signer, store: Option<&Store>,
     if let (Some(s), Some(p)) = (store, parent) {
         let before = s.statement(p)?;
         let diff = store::diff_statements(&before, &statement);
-        identity.changes = if diff.is_empty() { vec![format!("no package or hardening change against {}", p.id())] } else { diff.lines() };
+        identity.changes = if diff.is_empty() {
+            vec![format!("no package or hardening change against {}", p.id())]
+        } else {
+            diff.lines()
+        };
         if result.raw_sha256 == p.raw_sha256 {
             identity.changes.push(format!("image bit-identical to {}", p.id()));
         }
@@ -66,7 +75,9 @@ pub fn build_signed(opts: &BuildOptions, signer: &Signer, store: Option<&Store>,
         });
     }
     let record = match (store, version) {
-        (Some(s), Some(v)) => Some(s.add(&opts.out_dir, v, result.seconds, parent.map(|p| p.id()), identity.changes.clone())?),
+        (Some(s), Some(v)) => {
+            Some(s.add(&opts.out_dir, v, result.seconds, parent.map(|p| p.id()), identity.changes.clone())?)
+        }
         _ => None,
     };
     Ok(Outcome { result, statement, provenance, record })
@@ -81,7 +92,9 @@ pub fn patch(store: &Store, role: &str, signer: &Signer, template: &BuildOptions
         .into_iter()
         .rev()
         .find(|r| !matches!(r.status, store::Status::Destroyed | store::Status::Discarded))
-        .ok_or_else(|| Error::store(&store.root, format!("role {role} has no live version to patch; build one first")))?;
+        .ok_or_else(|| {
+            Error::store(&store.root, format!("role {role} has no live version to patch; build one first"))
+        })?;
     let profile_bytes = store.read_blob(&newest.profile_sha256, "stored profile")?;
     let profile = LoadedProfile::from_bytes(role, &format!("store:{}", newest.id()), profile_bytes)?;
     let mut opts = template.clone();

@@ -45,15 +45,19 @@ fn tail(text: &str, lines: usize) -> String {
 /// Runs a command to completion; returns stdout. Fails with the step name, the command and
 /// the last lines of its output.
 pub fn run(step: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingTool { tool: program.into(), hint: missing_tool_hint(program) },
-            _ => Error::StepFailed { step: step.into(), command: describe(program, args), status: "could not start".into(), output: e.to_string() },
-        })?;
+    let output = Command::new(program).args(args).envs(env.iter().copied()).stdin(Stdio::null()).output().map_err(
+        |e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::MissingTool { tool: program.into(), hint: missing_tool_hint(program) }
+            }
+            _ => Error::StepFailed {
+                step: step.into(),
+                command: describe(program, args),
+                status: "could not start".into(),
+                output: e.to_string(),
+            },
+        },
+    )?;
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -68,7 +72,13 @@ pub fn run(step: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Re
 }
 
 /// Runs a long command, showing its latest output line on a spinner.
-pub fn run_with_spinner(step: &str, program: &str, args: &[String], env: &[(String, String)], bar: &ProgressBar) -> Result<String> {
+pub fn run_with_spinner(
+    step: &str,
+    program: &str,
+    args: &[String],
+    env: &[(String, String)],
+    bar: &ProgressBar,
+) -> Result<String> {
     let mut child = Command::new(program)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -77,8 +87,15 @@ pub fn run_with_spinner(step: &str, program: &str, args: &[String], env: &[(Stri
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingTool { tool: program.into(), hint: missing_tool_hint(program) },
-            _ => Error::StepFailed { step: step.into(), command: program.into(), status: "could not start".into(), output: e.to_string() },
+            std::io::ErrorKind::NotFound => {
+                Error::MissingTool { tool: program.into(), hint: missing_tool_hint(program) }
+            }
+            _ => Error::StepFailed {
+                step: step.into(),
+                command: program.into(),
+                status: "could not start".into(),
+                output: e.to_string(),
+            },
         })?;
     let stdout = child.stdout.take();
     let out_thread = std::thread::spawn(move || {
@@ -100,11 +117,21 @@ pub fn run_with_spinner(step: &str, program: &str, args: &[String], env: &[(Stri
             log.push('\n');
         }
     }
-    let status = child.wait().map_err(|e| Error::StepFailed { step: step.into(), command: program.into(), status: "wait failed".into(), output: e.to_string() })?;
+    let status = child.wait().map_err(|e| Error::StepFailed {
+        step: step.into(),
+        command: program.into(),
+        status: "wait failed".into(),
+        output: e.to_string(),
+    })?;
     let stdout = out_thread.join().unwrap_or_default();
     if !status.success() {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        return Err(Error::StepFailed { step: step.into(), command: describe(program, &refs), status: status.to_string(), output: tail(&log, 25) });
+        return Err(Error::StepFailed {
+            step: step.into(),
+            command: describe(program, &refs),
+            status: status.to_string(),
+            output: tail(&log, 25),
+        });
     }
     Ok(format!("{stdout}{log}"))
 }
@@ -112,7 +139,10 @@ pub fn run_with_spinner(step: &str, program: &str, args: &[String], env: &[(Stri
 /// A spinner for one long step (hidden when stderr is not a terminal).
 pub fn spinner(message: &str) -> ProgressBar {
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     bar.set_message(message.to_string());
     bar.enable_steady_tick(Duration::from_millis(120));
     bar

@@ -253,8 +253,21 @@ pub fn sysctl_baseline() -> BTreeMap<String, String> {
 
 /// Packages no role may carry: clear-text remote logins, legacy daemons, desktop stacks.
 pub const ALWAYS_FORBIDDEN: &[&str] = &[
-    "telnetd", "inetutils-telnetd", "rsh-server", "rsh-redone-server", "nis", "talkd", "xinetd", "tftpd",
-    "tftpd-hpa", "vsftpd", "proftpd-basic", "avahi-daemon", "cups", "xserver-xorg-core", "snmpd",
+    "telnetd",
+    "inetutils-telnetd",
+    "rsh-server",
+    "rsh-redone-server",
+    "nis",
+    "talkd",
+    "xinetd",
+    "tftpd",
+    "tftpd-hpa",
+    "vsftpd",
+    "proftpd-basic",
+    "avahi-daemon",
+    "cups",
+    "xserver-xorg-core",
+    "snmpd",
 ];
 
 /// A profile together with the exact bytes it was read from (for the digest).
@@ -321,7 +334,10 @@ impl Profile {
     /// [`LoadedProfile::from_bytes`] turns it into [`Error::Profile`].
     pub fn validate(&self) -> std::result::Result<(), String> {
         let role = &self.image.role;
-        if role.is_empty() || role.len() > 48 || !role.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        if role.is_empty()
+            || role.len() > 48
+            || !role.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
             return Err(format!("image.role {role:?} must be 1-48 characters of a-z, 0-9 and '-'"));
         }
         if !["minbase", "required", "important", "standard", "apt"].contains(&self.image.variant.as_str()) {
@@ -334,7 +350,9 @@ impl Profile {
             return Err(format!("image.suite {:?} is not a suite name", self.image.suite));
         }
         for url in [&self.image.mirror, &self.image.security_mirror] {
-            if !(url.starts_with("http://") || url.starts_with("https://") || url.starts_with("file:/")) || url.contains(char::is_whitespace) {
+            if !(url.starts_with("http://") || url.starts_with("https://") || url.starts_with("file:/"))
+                || url.contains(char::is_whitespace)
+            {
                 return Err(format!("mirror {url:?} must be an http(s):// or file:/ URL without spaces"));
             }
         }

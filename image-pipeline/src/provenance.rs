@@ -45,7 +45,8 @@ pub const BUILDER_ID: &str = "https://skydd.example/image-pipeline";
 pub const DEFAULT_SIGNER_NAME: &str = "image-pipeline";
 
 /// The steps every build must have run, in this order, each with status "ok".
-pub const REQUIRED_STEPS: &[&str] = &["bootstrap", "unpack", "archive-chain", "harden", "security-checks", "filesystem", "disk", "qcow2"];
+pub const REQUIRED_STEPS: &[&str] =
+    &["bootstrap", "unpack", "archive-chain", "harden", "security-checks", "filesystem", "disk", "qcow2"];
 
 /// An in-toto Statement v1: the images it is about (`subject`) and what is claimed about them
 /// (`predicate`). Its JSON is the DSSE payload of `provenance.dsse.json` (docs/IMAGE-PIPELINE.md,
@@ -309,7 +310,8 @@ impl Signer {
         // Checks the key is P-256 PKCS#8 and belongs to the certificate.
         protocol::signing::SignatureKey::from_pem(key_pem, cert_der.clone())?;
         let pem = Zeroizing::new(key_pem.to_string());
-        let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| Error::SigningKey(format!("not a PKCS#8 P-256 key: {e}")))?;
+        let key =
+            SigningKey::from_pkcs8_pem(&pem).map_err(|e| Error::SigningKey(format!("not a PKCS#8 P-256 key: {e}")))?;
         let identity = protocol::pki::identity_from_certificate(&cert_der)?;
         if identity.role != Role::CloudPlatform {
             return Err(Error::SigningKey(format!(
@@ -380,19 +382,30 @@ pub fn verify(envelope_bytes: &[u8], dir: &Path, policy: &TrustPolicy) -> Result
 
 /// As `verify`, with `locate` mapping each subject name to the file that holds it (the
 /// store keeps files under their digests).
-pub fn verify_with(envelope_bytes: &[u8], subject: &str, locate: &dyn Fn(&str) -> Option<std::path::PathBuf>, policy: &TrustPolicy) -> Result<Verified> {
+pub fn verify_with(
+    envelope_bytes: &[u8],
+    subject: &str,
+    locate: &dyn Fn(&str) -> Option<std::path::PathBuf>,
+    policy: &TrustPolicy,
+) -> Result<Verified> {
     let subject = subject.to_string();
     let refuse = |reason: String| Error::refused(subject.clone(), reason);
     let (signer, payload) = open_envelope(envelope_bytes, PAYLOAD_TYPE, &subject, policy)?;
-    let statement: Statement = serde_json::from_slice(&payload).map_err(|e| refuse(format!("the signed payload is not an in-toto statement: {e}")))?;
+    let statement: Statement = serde_json::from_slice(&payload)
+        .map_err(|e| refuse(format!("the signed payload is not an in-toto statement: {e}")))?;
     if statement.statement_type != STATEMENT_TYPE || statement.predicate_type != PREDICATE_TYPE {
-        return Err(refuse(format!("statement type {} / predicate {} is not {STATEMENT_TYPE} / {PREDICATE_TYPE}", statement.statement_type, statement.predicate_type)));
+        return Err(refuse(format!(
+            "statement type {} / predicate {} is not {STATEMENT_TYPE} / {PREDICATE_TYPE}",
+            statement.statement_type, statement.predicate_type
+        )));
     }
     let steps = &statement.predicate.skydd.steps;
     for required in REQUIRED_STEPS {
         match steps.iter().find(|s| s.name == *required) {
             None => return Err(refuse(format!("step {required} is not in the signed record"))),
-            Some(s) if s.status != "ok" => return Err(refuse(format!("step {required} did not succeed: {}", s.status))),
+            Some(s) if s.status != "ok" => {
+                return Err(refuse(format!("step {required} did not succeed: {}", s.status)))
+            }
             Some(_) => {}
         }
     }
@@ -411,10 +424,14 @@ pub fn verify_with(envelope_bytes: &[u8], subject: &str, locate: &dyn Fn(&str) -
         if s.name.contains('/') || s.name.starts_with('.') {
             return Err(refuse(format!("subject name {:?} is not a plain file name", s.name)));
         }
-        let path = locate(&s.name).ok_or_else(|| refuse(format!("{} is not present (archived or destroyed?)", s.name)))?;
+        let path =
+            locate(&s.name).ok_or_else(|| refuse(format!("{} is not present (archived or destroyed?)", s.name)))?;
         let actual = crate::debian::sha256_of_file(&path).map_err(|e| refuse(format!("subject {}: {e}", s.name)))?;
         if actual != expected {
-            return Err(refuse(format!("{} has sha256 {actual}, the signed record says {expected}: the image was changed after it was built", s.name)));
+            return Err(refuse(format!(
+                "{} has sha256 {actual}, the signed record says {expected}: the image was changed after it was built",
+                s.name
+            )));
         }
     }
     Ok(Verified { signer, statement })
@@ -422,9 +439,15 @@ pub fn verify_with(envelope_bytes: &[u8], subject: &str, locate: &dyn Fn(&str) -
 
 /// Checks a DSSE envelope of `payload_type`: at least one signature by the trusted signer.
 /// Returns the signer and the payload bytes.
-pub fn open_envelope(envelope_bytes: &[u8], payload_type: &str, subject: &str, policy: &TrustPolicy) -> Result<(Identity, Vec<u8>)> {
+pub fn open_envelope(
+    envelope_bytes: &[u8],
+    payload_type: &str,
+    subject: &str,
+    policy: &TrustPolicy,
+) -> Result<(Identity, Vec<u8>)> {
     let refuse = |reason: String| Error::refused(subject.to_string(), reason);
-    let envelope: Envelope = serde_json::from_slice(envelope_bytes).map_err(|e| refuse(format!("not a DSSE envelope: {e}")))?;
+    let envelope: Envelope =
+        serde_json::from_slice(envelope_bytes).map_err(|e| refuse(format!("not a DSSE envelope: {e}")))?;
     if envelope.payload_type != payload_type {
         return Err(refuse(format!("payload type is {:?}, expected {payload_type}", envelope.payload_type)));
     }
@@ -442,16 +465,28 @@ pub fn open_envelope(envelope_bytes: &[u8], payload_type: &str, subject: &str, p
     Err(refuse(reasons.join("; ")))
 }
 
-fn check_signature(sig: &EnvelopeSignature, payload_type: &str, payload: &[u8], policy: &TrustPolicy) -> std::result::Result<Identity, String> {
+fn check_signature(
+    sig: &EnvelopeSignature,
+    payload_type: &str,
+    payload: &[u8],
+    policy: &TrustPolicy,
+) -> std::result::Result<Identity, String> {
     let cert = b64().decode(&sig.cert).map_err(|e| format!("certificate is not base64: {e}"))?;
-    let identity = protocol::signing::verify_signer_certificate(&cert, &policy.ca_pems, &policy.crl_pems, policy.now_unix).map_err(|e| e.to_string())?;
+    let identity =
+        protocol::signing::verify_signer_certificate(&cert, &policy.ca_pems, &policy.crl_pems, policy.now_unix)
+            .map_err(|e| e.to_string())?;
     if identity.role != Role::CloudPlatform || identity.name != policy.signer_name {
-        return Err(format!("signed by {identity}, but image provenance must be signed by {} (cloud-platform)", policy.signer_name));
+        return Err(format!(
+            "signed by {identity}, but image provenance must be signed by {} (cloud-platform)",
+            policy.signer_name
+        ));
     }
     let key = protocol::signing::certificate_public_key(&cert).map_err(|e| e.to_string())?;
     let der = b64().decode(&sig.sig).map_err(|e| format!("signature is not base64: {e}"))?;
     let signature = Signature::from_der(&der).map_err(|_| "signature is not a DER ECDSA signature".to_string())?;
-    key.verify(&pae(payload_type, payload), &signature).map_err(|_| "the signature does not match the payload (the record was altered or signed by another key)".to_string())?;
+    key.verify(&pae(payload_type, payload), &signature).map_err(|_| {
+        "the signature does not match the payload (the record was altered or signed by another key)".to_string()
+    })?;
     Ok(identity)
 }
 
@@ -479,6 +514,9 @@ mod tests {
     #[test]
     fn pae_matches_the_dsse_spec_example() {
         // From the DSSE protocol document.
-        assert_eq!(pae("http://example.com/HelloWorld", b"hello world"), b"DSSEv1 29 http://example.com/HelloWorld 11 hello world".to_vec());
+        assert_eq!(
+            pae("http://example.com/HelloWorld", b"hello world"),
+            b"DSSEv1 29 http://example.com/HelloWorld 11 hello world".to_vec()
+        );
     }
 }

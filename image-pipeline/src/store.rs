@@ -171,7 +171,12 @@ impl Store {
     pub fn lock(&self) -> Result<StoreLock> {
         use std::os::fd::AsRawFd;
         let path = self.root.join(".lock");
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io("open store lock", &path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open store lock", &path, e))?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(Error::io("lock the store", &path, std::io::Error::last_os_error()));
@@ -195,7 +200,10 @@ impl Store {
         let sha = sha256_of_file(file)?;
         if let Some(expected) = expected_sha256 {
             if sha != expected {
-                return Err(Error::store(&self.root, format!("{} hashes to {sha}, expected {expected}", file.display())));
+                return Err(Error::store(
+                    &self.root,
+                    format!("{} hashes to {sha}, expected {expected}", file.display()),
+                ));
             }
         }
         let dest = self.blob_path(&sha);
@@ -252,7 +260,8 @@ impl Store {
                 continue;
             }
             let bytes = fsx::read(&path, "version record")?;
-            let record: VersionRecord = serde_json::from_slice(&bytes).map_err(|e| Error::json(format!("version record {}", path.display()), e))?;
+            let record: VersionRecord = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::json(format!("version record {}", path.display()), e))?;
             out.push(record);
         }
         out.sort_by_key(|r| r.version);
@@ -272,7 +281,11 @@ impl Store {
     pub fn resolve(&self, spec: &str) -> Result<VersionRecord> {
         if let Some((role, n)) = spec.split_once('@') {
             let n: u64 = n.parse().map_err(|_| Error::UnknownVersion(spec.into()))?;
-            return self.versions(role)?.into_iter().find(|r| r.version == n).ok_or_else(|| Error::UnknownVersion(spec.into()));
+            return self
+                .versions(role)?
+                .into_iter()
+                .find(|r| r.version == n)
+                .ok_or_else(|| Error::UnknownVersion(spec.into()));
         }
         if spec.len() >= 8 && spec.chars().all(|c| c.is_ascii_hexdigit()) {
             let matches: Vec<VersionRecord> = self
@@ -285,7 +298,10 @@ impl Store {
             }
             if matches.len() > 1 {
                 let ids: Vec<String> = matches.iter().map(|r| r.id()).collect();
-                return Err(Error::store(&self.root, format!("digest prefix {spec} matches {}: give ROLE@N", ids.join(", "))));
+                return Err(Error::store(
+                    &self.root,
+                    format!("digest prefix {spec} matches {}: give ROLE@N", ids.join(", ")),
+                ));
             }
         }
         self.versions(spec)?.pop().ok_or_else(|| Error::UnknownVersion(spec.into()))
@@ -308,17 +324,30 @@ impl Store {
 
     /// Adds a signed build (a directory with image.raw, image.qcow2, the provenance and the
     /// profile) as version `version` of its role.
-    pub fn add(&self, build_dir: &Path, version: u64, build_seconds: f64, parent: Option<String>, changes: Vec<String>) -> Result<VersionRecord> {
+    pub fn add(
+        &self,
+        build_dir: &Path,
+        version: u64,
+        build_seconds: f64,
+        parent: Option<String>,
+        changes: Vec<String>,
+    ) -> Result<VersionRecord> {
         let envelope = fsx::read(&build_dir.join(PROVENANCE_NAME), "provenance")?;
         let statement = provenance::statement_unverified(&envelope)?;
         let skydd = &statement.predicate.skydd;
-        let digest_of = |name: &str| statement.subject.iter().find(|s| s.name == name).and_then(|s| s.sha256()).map(str::to_string);
-        let raw_sha256 = digest_of(RAW_NAME).ok_or_else(|| Error::store(&self.root, "the provenance names no image.raw"))?;
-        let qcow2_sha256 = digest_of(QCOW2_NAME).ok_or_else(|| Error::store(&self.root, "the provenance names no image.qcow2"))?;
+        let digest_of =
+            |name: &str| statement.subject.iter().find(|s| s.name == name).and_then(|s| s.sha256()).map(str::to_string);
+        let raw_sha256 =
+            digest_of(RAW_NAME).ok_or_else(|| Error::store(&self.root, "the provenance names no image.raw"))?;
+        let qcow2_sha256 =
+            digest_of(QCOW2_NAME).ok_or_else(|| Error::store(&self.root, "the provenance names no image.qcow2"))?;
         self.put_blob(&build_dir.join(RAW_NAME), Some(&raw_sha256))?;
         self.put_blob(&build_dir.join(QCOW2_NAME), Some(&qcow2_sha256))?;
         let provenance_sha256 = self.put_bytes(&envelope)?;
-        let profile_sha256 = self.put_blob(&build_dir.join(PROFILE_NAME), Some(&statement.predicate.build_definition.external_parameters.profile_sha256))?;
+        let profile_sha256 = self.put_blob(
+            &build_dir.join(PROFILE_NAME),
+            Some(&statement.predicate.build_definition.external_parameters.profile_sha256),
+        )?;
         let record = VersionRecord {
             role: skydd.image.role.clone(),
             version,
@@ -366,9 +395,13 @@ impl Store {
             p.exists().then_some(p)
         };
         let result = provenance::verify_with(&envelope, &record.id(), &locate, policy).and_then(|v| {
-            let raw = v.statement.subject.iter().find(|s| s.name == RAW_NAME).and_then(|s| s.sha256()).unwrap_or_default();
+            let raw =
+                v.statement.subject.iter().find(|s| s.name == RAW_NAME).and_then(|s| s.sha256()).unwrap_or_default();
             if raw != record.raw_sha256 {
-                return Err(Error::refused(record.id(), format!("the store record names raw {} but the signed provenance names {raw}", record.raw_sha256)));
+                return Err(Error::refused(
+                    record.id(),
+                    format!("the store record names raw {} but the signed provenance names {raw}", record.raw_sha256),
+                ));
             }
             Ok(v)
         });
@@ -378,12 +411,19 @@ impl Store {
                 let mut r = record.clone();
                 let mut removed = Vec::new();
                 for sha in [&record.raw_sha256, &record.qcow2_sha256] {
-                    if !self.shared_with_live(sha, &record.id())? && fsx::remove_file_if_exists(&self.blob_path(sha), "image blob")? {
+                    if !self.shared_with_live(sha, &record.id())?
+                        && fsx::remove_file_if_exists(&self.blob_path(sha), "image blob")?
+                    {
                         removed.push(sha.clone());
                     }
                 }
                 r.status = Status::Discarded;
-                r.discarded = Some(format!("{} at {}; removed blobs: {}", e, now_rfc3339(), if removed.is_empty() { "none".into() } else { removed.join(", ") }));
+                r.discarded = Some(format!(
+                    "{} at {}; removed blobs: {}",
+                    e,
+                    now_rfc3339(),
+                    if removed.is_empty() { "none".into() } else { removed.join(", ") }
+                ));
                 self.save(&r)?;
             }
         }
@@ -403,7 +443,11 @@ impl Store {
     pub fn promote(&self, spec: &str, policy: &TrustPolicy) -> Result<VersionRecord> {
         let record = self.resolve(spec)?;
         if record.status != Status::Built && record.status != Status::Promoted {
-            return Err(Error::InvalidState { version: record.id(), action: "promoted".into(), reason: format!("it is {}", record.status) });
+            return Err(Error::InvalidState {
+                version: record.id(),
+                action: "promoted".into(),
+                reason: format!("it is {}", record.status),
+            });
         }
         self.verify(&record, policy, true)?;
         let _lock = self.lock()?;
@@ -429,7 +473,12 @@ impl Store {
                 });
             }
         }
-        let list = AllowList { kind: "skydd-image-allowlist/v1".into(), issued_at: now_rfc3339(), issuer: signer.identity.name.clone(), images: entries };
+        let list = AllowList {
+            kind: "skydd-image-allowlist/v1".into(),
+            issued_at: now_rfc3339(),
+            issuer: signer.identity.name.clone(),
+            images: entries,
+        };
         let payload = serde_json::to_vec(&list).map_err(|e| Error::json("encode allowlist", e))?;
         let envelope = signer.sign_payload(ALLOWLIST_PAYLOAD_TYPE, &payload);
         let bytes = serde_json::to_vec_pretty(&envelope).map_err(|e| Error::json("encode allowlist envelope", e))?;
@@ -439,7 +488,8 @@ impl Store {
 
 fn set_readonly(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).map_err(|e| Error::io("make read-only", path, e))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
+        .map_err(|e| Error::io("make read-only", path, e))
 }
 
 /// One approved image in the allowlist.
@@ -520,7 +570,8 @@ impl VersionDiff {
 /// Compares two package lists by name and version (`a` older, `b` newer) and adds added, removed
 /// and upgraded packages to `diff`.
 pub fn diff_packages(a: &[InstalledPackage], b: &[InstalledPackage], diff: &mut VersionDiff) {
-    let map = |v: &[InstalledPackage]| v.iter().map(|p| (p.name.clone(), p.version.clone())).collect::<BTreeMap<_, _>>();
+    let map =
+        |v: &[InstalledPackage]| v.iter().map(|p| (p.name.clone(), p.version.clone())).collect::<BTreeMap<_, _>>();
     let (ma, mb) = (map(a), map(b));
     for (name, vb) in &mb {
         match ma.get(name) {
@@ -543,14 +594,24 @@ pub fn diff_statements(a: &Statement, b: &Statement) -> VersionDiff {
     let pa = &a.predicate.build_definition.external_parameters;
     let pb = &b.predicate.build_definition.external_parameters;
     if pa.profile_sha256 != pb.profile_sha256 {
-        diff.hardening.push(format!("profile {} -> {}", &pa.profile_sha256[..12.min(pa.profile_sha256.len())], &pb.profile_sha256[..12.min(pb.profile_sha256.len())]));
+        diff.hardening.push(format!(
+            "profile {} -> {}",
+            &pa.profile_sha256[..12.min(pa.profile_sha256.len())],
+            &pb.profile_sha256[..12.min(pb.profile_sha256.len())]
+        ));
     }
     if pa.updates != pb.updates {
         diff.hardening.push(format!("security/updates suites {} -> {}", pa.updates, pb.updates));
     }
     // Inventories the checks recorded (services, sockets, sshd settings, SUID files, ...).
     let findings = |s: &Statement| {
-        s.predicate.skydd.tests.checks.iter().flat_map(|c| c.findings.iter().map(move |f| format!("{}: {f}", c.name))).collect::<std::collections::BTreeSet<_>>()
+        s.predicate
+            .skydd
+            .tests
+            .checks
+            .iter()
+            .flat_map(|c| c.findings.iter().map(move |f| format!("{}: {f}", c.name)))
+            .collect::<std::collections::BTreeSet<_>>()
     };
     let (fa, fb) = (findings(a), findings(b));
     for f in fb.difference(&fa) {
@@ -576,13 +637,23 @@ mod tests {
     use super::*;
 
     fn pkg(n: &str, v: &str) -> InstalledPackage {
-        InstalledPackage { name: n.into(), version: v.into(), architecture: "amd64".into(), sha256: String::new(), filename: String::new() }
+        InstalledPackage {
+            name: n.into(),
+            version: v.into(),
+            architecture: "amd64".into(),
+            sha256: String::new(),
+            filename: String::new(),
+        }
     }
 
     #[test]
     fn package_diff() {
         let mut d = VersionDiff::default();
-        diff_packages(&[pkg("a", "1"), pkg("b", "1"), pkg("c", "1")], &[pkg("a", "1"), pkg("b", "2"), pkg("d", "1")], &mut d);
+        diff_packages(
+            &[pkg("a", "1"), pkg("b", "1"), pkg("c", "1")],
+            &[pkg("a", "1"), pkg("b", "2"), pkg("d", "1")],
+            &mut d,
+        );
         assert_eq!(d.upgraded, vec!["b 1 -> 2"]);
         assert_eq!(d.added, vec!["d 1"]);
         assert_eq!(d.removed, vec!["c 1"]);

@@ -49,7 +49,11 @@ pub fn at(root: &Path, image_path: &str) -> PathBuf {
 pub fn clamp_mtimes(root: &Path, epoch: u64) -> Result<usize> {
     let mut changed = 0;
     let mut entries = walk(root)?;
-    entries.push(Entry { image_path: "/".into(), host_path: root.to_path_buf(), meta: std::fs::symlink_metadata(root).map_err(|e| Error::io("stat", root, e))? });
+    entries.push(Entry {
+        image_path: "/".into(),
+        host_path: root.to_path_buf(),
+        meta: std::fs::symlink_metadata(root).map_err(|e| Error::io("stat", root, e))?,
+    });
     for entry in entries {
         if entry.meta.mtime() as u64 > epoch || entry.meta.atime() as u64 != epoch {
             set_times(&entry.host_path, epoch)?;
@@ -62,7 +66,8 @@ pub fn clamp_mtimes(root: &Path, epoch: u64) -> Result<usize> {
 /// Sets atime and mtime of `path` (the link itself for a symlink) to `epoch` seconds since 1970, so
 /// files the pipeline writes get the same timestamps on every build.
 pub fn set_times(path: &Path, epoch: u64) -> Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::parse(path.display().to_string(), "path has a NUL byte"))?;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::parse(path.display().to_string(), "path has a NUL byte"))?;
     let t = libc::timespec { tv_sec: epoch as libc::time_t, tv_nsec: 0 };
     let times = [t, t];
     // SAFETY: valid C string and a two-element timespec array, as utimensat requires.
@@ -81,7 +86,10 @@ pub fn find_unit(root: &Path, unit: &str) -> Option<(String, PathBuf)> {
     UNIT_DIRS.iter().find_map(|dir| {
         let image_path = format!("{dir}/{unit}");
         let host = at(root, &image_path);
-        std::fs::symlink_metadata(&host).ok().filter(|m| !m.file_type().is_symlink() || host.exists()).map(|_| (image_path, host))
+        std::fs::symlink_metadata(&host)
+            .ok()
+            .filter(|m| !m.file_type().is_symlink() || host.exists())
+            .map(|_| (image_path, host))
     })
 }
 
@@ -94,7 +102,10 @@ pub fn enabled_units(root: &Path) -> Result<Vec<(String, String)>> {
     let mut dirs: Vec<PathBuf> = read
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".wants") || n.ends_with(".requires"))
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(".wants") || n.ends_with(".requires"))
         })
         .collect();
     dirs.sort();
@@ -114,7 +125,9 @@ pub fn enabled_units(root: &Path) -> Result<Vec<(String, String)>> {
 
 /// Whether `unit` is masked (a link to /dev/null in /etc/systemd/system).
 pub fn is_masked(root: &Path, unit: &str) -> bool {
-    std::fs::read_link(at(root, &format!("/etc/systemd/system/{unit}"))).map(|t| t == Path::new("/dev/null")).unwrap_or(false)
+    std::fs::read_link(at(root, &format!("/etc/systemd/system/{unit}")))
+        .map(|t| t == Path::new("/dev/null"))
+        .unwrap_or(false)
 }
 
 /// Values of `key=` lines in a unit file's body (all sections).

@@ -70,7 +70,12 @@ async fn image_pipeline_end_to_end() {
     let pki = LabPki::create(&root.join("pki")).unwrap();
     let files = pki.issue(Role::CloudPlatform, "image-pipeline").unwrap();
     let signer = Signer::from_files(&files.key, &files.cert).unwrap();
-    let policy = TrustPolicy { ca_pems: vec![pki.ca_pem().to_string()], crl_pems: Vec::new(), signer_name: "image-pipeline".into(), now_unix: now() };
+    let policy = TrustPolicy {
+        ca_pems: vec![pki.ca_pem().to_string()],
+        crl_pems: Vec::new(),
+        signer_name: "image-pipeline".into(),
+        now_unix: now(),
+    };
     let store = Store::open(&root.join("store")).unwrap();
 
     println!("build test-minimal@1 (point release only, no -updates/-security)");
@@ -103,12 +108,20 @@ async fn image_pipeline_end_to_end() {
     let statement = &verified.statement;
     assert_eq!(statement.predicate_type, provenance::PREDICATE_TYPE);
     assert!(statement.predicate.build_definition.resolved_dependencies.iter().any(|d| d.uri.ends_with("/InRelease")));
-    assert!(statement.predicate.build_definition.resolved_dependencies.iter().any(|d| d.uri.starts_with("pkg:deb/debian/openssh-server@")));
+    assert!(statement
+        .predicate
+        .build_definition
+        .resolved_dependencies
+        .iter()
+        .any(|d| d.uri.starts_with("pkg:deb/debian/openssh-server@")));
     assert!(statement.predicate.skydd.releases.iter().all(|r| r.signed_by.contains("Good signature")));
 
     println!("tamper: one byte of the image, then one byte of the record");
     flip_byte(&out1.join(RAW_NAME), 1024 * 1024 + 4096);
-    expect_refusal(provenance::verify(&std::fs::read(out1.join(PROVENANCE_NAME)).unwrap(), &out1, &policy), "the image was changed");
+    expect_refusal(
+        provenance::verify(&std::fs::read(out1.join(PROVENANCE_NAME)).unwrap(), &out1, &policy),
+        "the image was changed",
+    );
     flip_byte(&out1.join(RAW_NAME), 1024 * 1024 + 4096);
     let mut envelope = std::fs::read(out1.join(PROVENANCE_NAME)).unwrap();
     let at = envelope.windows(10).position(|w| w == b"\"payload\":").unwrap() + 40;
@@ -132,7 +145,9 @@ async fn image_pipeline_end_to_end() {
 
     println!("patch test-minimal (with bookworm-updates and -security)");
     let started = Instant::now();
-    let v2 = pipeline::patch(&store, "test-minimal", &signer, &options(&root.join("unused"), true), &root.join("build-2")).unwrap();
+    let v2 =
+        pipeline::patch(&store, "test-minimal", &signer, &options(&root.join("unused"), true), &root.join("build-2"))
+            .unwrap();
     let patch_time = started.elapsed();
     let r2 = v2.record.clone().unwrap();
     println!("  {} in {:.1}s, parent {:?}; changes:", r2.id(), patch_time.as_secs_f64(), r2.parent);
@@ -174,7 +189,11 @@ async fn image_pipeline_end_to_end() {
     let reference = {
         let selection_copy = selection.clone();
         let values = agent.tpm.run(move |tpm| tpm.read_pcrs(&selection_copy)).await.unwrap();
-        ttp::attestation::ReferenceState { name: "archiver-v1".into(), selection: selection.clone(), pcr_values: values }
+        ttp::attestation::ReferenceState {
+            name: "archiver-v1".into(),
+            selection: selection.clone(),
+            pcr_values: values,
+        }
     };
     let ttp_policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&vendor_ca).unwrap(),
@@ -194,9 +213,18 @@ async fn image_pipeline_end_to_end() {
     let started = Instant::now();
     let archived = archive::archive(&store, "test-minimal@1", &keys).await.unwrap();
     let archive_ref = archived.archive.clone().unwrap();
-    println!("  archived in {:.1}s: {} (domain {})", started.elapsed().as_secs_f64(), archive_ref.file, archive_ref.domain_id);
+    println!(
+        "  archived in {:.1}s: {} (domain {})",
+        started.elapsed().as_secs_f64(),
+        archive_ref.file,
+        archive_ref.domain_id
+    );
     let shared = r1.raw_sha256 == r2.raw_sha256;
-    assert_eq!(store.has_blob(&r1.raw_sha256), shared, "the plaintext leaves the store unless another live version is the same bytes");
+    assert_eq!(
+        store.has_blob(&r1.raw_sha256),
+        shared,
+        "the plaintext leaves the store unless another live version is the same bytes"
+    );
     let archive_path = store.root.join("archives").join(&archive_ref.file);
     assert!(std::fs::metadata(&archive_path).unwrap().len() >= r1.raw_size);
 
@@ -233,7 +261,10 @@ async fn image_pipeline_end_to_end() {
     }
     assert!(archive::restore(&store, "test-minimal@1", &keys, None).await.is_err());
     let log = store.versions("test-minimal").unwrap();
-    assert_eq!(log.iter().map(|r| (r.version, r.status)).collect::<Vec<_>>(), vec![(1, Status::Destroyed), (2, Status::Promoted)]);
+    assert_eq!(
+        log.iter().map(|r| (r.version, r.status)).collect::<Vec<_>>(),
+        vec![(1, Status::Destroyed), (2, Status::Promoted)]
+    );
     ttp.stop().await;
 
     println!(

@@ -85,7 +85,9 @@ impl Reloading {
                         tracing::info!(revocation_lists = self.files.crl.len(), server_role = %self.server_role,
                             "TLS files changed: the next requests use the reloaded certificates and revocation lists");
                     }
-                    Err(e) => tracing::error!(error = %e, "TLS files changed but do not load; still using the previous ones"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS files changed but do not load; still using the previous ones")
+                    }
                 }
             }
         }
@@ -114,24 +116,15 @@ impl Client {
     }
 
     /// As [`new`](Self::new), with a total per-request timeout.
-    pub fn with_timeout(
-        base_url: &str,
-        tls: rustls::ClientConfig,
-        timeout: Duration,
-    ) -> Result<Self> {
+    pub fn with_timeout(base_url: &str, tls: rustls::ClientConfig, timeout: Duration) -> Result<Self> {
         let base = base_url.trim_end_matches('/').to_string();
         if !base.starts_with("https://") {
             return Err(Error::Config(format!(
                 "base URL {base_url:?} is not https://: Skydd links are mutual TLS only"
             )));
         }
-        reqwest::Url::parse(&base)
-            .map_err(|e| Error::Config(format!("base URL {base_url:?} does not parse: {e}")))?;
-        Ok(Client {
-            http: Http::Fixed(http_client(tls, timeout)?),
-            base,
-            max_body: DEFAULT_MAX_BODY,
-        })
+        reqwest::Url::parse(&base).map_err(|e| Error::Config(format!("base URL {base_url:?} does not parse: {e}")))?;
+        Ok(Client { http: Http::Fixed(http_client(tls, timeout)?), base, max_body: DEFAULT_MAX_BODY })
     }
 
     /// A client whose TLS configuration comes from `files` (server role `server_role`) and
@@ -170,20 +163,12 @@ impl Client {
     }
 
     /// GET `path` (relative to the base URL) and parse the JSON answer as `T`.
-    pub async fn post_json<B: Serialize + ?Sized, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<T> {
+    pub async fn post_json<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         self.request_json(Method::POST, path, Some(body)).await
     }
 
     /// POST `body` as JSON to `path` and parse the JSON answer as `T`.
-    pub async fn put_json<B: Serialize + ?Sized, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<T> {
+    pub async fn put_json<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         self.request_json(Method::PUT, path, Some(body)).await
     }
 
@@ -202,11 +187,7 @@ impl Client {
         body: Option<&B>,
     ) -> Result<T> {
         let url = format!("{}/{}", self.base, path.trim_start_matches('/'));
-        let mut req = self
-            .http
-            .current()
-            .request(method, &url)
-            .header("accept", "application/json");
+        let mut req = self.http.current().request(method, &url).header("accept", "application/json");
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -216,34 +197,21 @@ impl Client {
         if !status.is_success() {
             return Err(api_error(status, &url, &bytes));
         }
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"null"
-        } else {
-            &bytes
-        };
-        serde_json::from_slice(bytes).map_err(|e| Error::Json {
-            url,
-            detail: e.to_string(),
-        })
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"null" } else { &bytes };
+        serde_json::from_slice(bytes).map_err(|e| Error::Json { url, detail: e.to_string() })
     }
 }
 
 async fn read_limited(mut resp: reqwest::Response, url: &str, limit: usize) -> Result<Vec<u8>> {
     if let Some(len) = resp.content_length() {
         if len > limit as u64 {
-            return Err(Error::TooLarge {
-                url: url.to_string(),
-                limit,
-            });
+            return Err(Error::TooLarge { url: url.to_string(), limit });
         }
     }
     let mut out = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| classify(url, &e))? {
         if out.len() + chunk.len() > limit {
-            return Err(Error::TooLarge {
-                url: url.to_string(),
-                limit,
-            });
+            return Err(Error::TooLarge { url: url.to_string(), limit });
         }
         out.extend_from_slice(&chunk);
     }
@@ -252,22 +220,14 @@ async fn read_limited(mut resp: reqwest::Response, url: &str, limit: usize) -> R
 
 fn api_error(status: StatusCode, url: &str, body: &[u8]) -> Error {
     match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(b) => Error::Api {
-            status: status.as_u16(),
-            code: b.code,
-            message: b.message,
-        },
+        Ok(b) => Error::Api { status: status.as_u16(), code: b.code, message: b.message },
         Err(_) => {
             let text = String::from_utf8_lossy(body);
             let mut excerpt: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
             if text.chars().count() > 200 {
                 excerpt.push('…');
             }
-            Error::Http {
-                status: status.as_u16(),
-                url: url.to_string(),
-                body: excerpt,
-            }
+            Error::Http { status: status.as_u16(), url: url.to_string(), body: excerpt }
         }
     }
 }
@@ -277,51 +237,30 @@ fn api_error(status: StatusCode, url: &str, body: &[u8]) -> Error {
 fn classify(url: &str, e: &reqwest::Error) -> Error {
     let peer = e
         .url()
-        .and_then(|u| {
-            u.host_str()
-                .map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(443)))
-        })
+        .and_then(|u| u.host_str().map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(443))))
         .unwrap_or_else(|| url.to_string());
     let mut io_kind = None;
     if let Some(tls) = find_rustls(e, &mut io_kind, 0) {
-        return Error::Tls {
-            peer,
-            reason: protocol::pki::describe_tls_error(tls),
-        };
+        return Error::Tls { peer, reason: protocol::pki::describe_tls_error(tls) };
     }
     if e.is_timeout() {
-        return Error::Timeout {
-            url: url.to_string(),
-        };
+        return Error::Timeout { url: url.to_string() };
     }
     use std::io::ErrorKind as K;
     // Refused, or failed while connecting: the request was never sent.
     let before_request = e.is_connect() || io_kind == Some(K::ConnectionRefused);
     match io_kind {
-        Some(K::ConnectionRefused) => Error::Connect {
-            peer,
-            reason: "connection refused (is the service running?)".into(),
-            before_request,
-        },
+        Some(K::ConnectionRefused) => {
+            Error::Connect { peer, reason: "connection refused (is the service running?)".into(), before_request }
+        }
         Some(K::ConnectionReset) | Some(K::BrokenPipe) | Some(K::UnexpectedEof) => Error::Connect {
             peer,
             reason: "the server closed the connection (it may have refused our certificate)".into(),
             before_request,
         },
-        Some(k) => Error::Connect {
-            peer,
-            reason: format!("{k}: {}", chain_text(e)),
-            before_request,
-        },
-        None if e.is_connect() => Error::Connect {
-            peer,
-            reason: chain_text(e),
-            before_request,
-        },
-        None => Error::Request {
-            url: url.to_string(),
-            detail: chain_text(e),
-        },
+        Some(k) => Error::Connect { peer, reason: format!("{k}: {}", chain_text(e)), before_request },
+        None if e.is_connect() => Error::Connect { peer, reason: chain_text(e), before_request },
+        None => Error::Request { url: url.to_string(), detail: chain_text(e) },
     }
 }
 
@@ -348,8 +287,7 @@ fn find_rustls<'a>(
             }
         }
     }
-    err.source()
-        .and_then(|s| find_rustls(s, io_kind, depth + 1))
+    err.source().and_then(|s| find_rustls(s, io_kind, depth + 1))
 }
 
 fn chain_text(e: &dyn std::error::Error) -> String {

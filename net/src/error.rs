@@ -126,9 +126,7 @@ impl Error {
         match self {
             Error::Connect { before_request, .. } => *before_request,
             Error::Tls { .. } => true,
-            Error::Api { status: 429, code, .. } => {
-                code == "rate_limited" || code == "too_many_connections"
-            }
+            Error::Api { status: 429, code, .. } => code == "rate_limited" || code == "too_many_connections",
             _ => false,
         }
     }

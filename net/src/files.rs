@@ -72,11 +72,7 @@ impl TlsFiles {
 
     /// Every file these TLS settings read (to notice when one changes).
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.ca
-            .iter()
-            .chain(&self.crl)
-            .chain([&self.cert, &self.key])
-            .map(PathBuf::as_path)
+        self.ca.iter().chain(&self.crl).chain([&self.cert, &self.key]).map(PathBuf::as_path)
     }
 
     /// Read every file; refuse a key file that other users can read or write.
@@ -84,32 +80,16 @@ impl TlsFiles {
         if self.ca.is_empty() {
             return Err(Error::Config("no trusted CA file configured".into()));
         }
-        let ca_pems = self
-            .ca
-            .iter()
-            .map(|p| read_pem_file(p))
-            .collect::<Result<Vec<_>>>()?;
-        let crl_pems = self
-            .crl
-            .iter()
-            .map(|p| read_pem_file(p))
-            .collect::<Result<Vec<_>>>()?;
+        let ca_pems = self.ca.iter().map(|p| read_pem_file(p)).collect::<Result<Vec<_>>>()?;
+        let crl_pems = self.crl.iter().map(|p| read_pem_file(p)).collect::<Result<Vec<_>>>()?;
         let cert_pem = read_pem_file(&self.cert)?;
         check_key_mode(&self.key)?;
         let key_pem = Zeroizing::new(read_pem_file(&self.key)?);
-        Ok(TlsMaterial {
-            ca_pems,
-            crl_pems,
-            cert_pem,
-            key_pem,
-        })
+        Ok(TlsMaterial { ca_pems, crl_pems, cert_pem, key_pem })
     }
 
     /// Load and build the server configuration (see `protocol::pki::server_config`).
-    pub fn server_config(
-        &self,
-        allowed_client_roles: &[Role],
-    ) -> Result<Arc<rustls::ServerConfig>> {
+    pub fn server_config(&self, allowed_client_roles: &[Role]) -> Result<Arc<rustls::ServerConfig>> {
         let m = self.load()?;
         m.server_config(allowed_client_roles)
     }
@@ -133,10 +113,7 @@ impl TlsFiles {
 impl TlsMaterial {
     /// A server configuration from this material that accepts only clients whose certificate
     /// carries one of `allowed_client_roles` (see `protocol::pki::server_config`).
-    pub fn server_config(
-        &self,
-        allowed_client_roles: &[Role],
-    ) -> Result<Arc<rustls::ServerConfig>> {
+    pub fn server_config(&self, allowed_client_roles: &[Role]) -> Result<Arc<rustls::ServerConfig>> {
         Ok(Arc::new(pki::server_config(
             &self.ca_pems,
             &self.crl_pems,
@@ -149,13 +126,7 @@ impl TlsMaterial {
     /// A client configuration from this material that accepts only a server whose certificate
     /// carries `expected_server_role` (see `protocol::pki::client_config`).
     pub fn client_config(&self, expected_server_role: Role) -> Result<rustls::ClientConfig> {
-        Ok(pki::client_config(
-            &self.ca_pems,
-            &self.crl_pems,
-            &self.cert_pem,
-            &self.key_pem,
-            expected_server_role,
-        )?)
+        Ok(pki::client_config(&self.ca_pems, &self.crl_pems, &self.cert_pem, &self.key_pem, expected_server_role)?)
     }
 
     /// Our own identity, read from our certificate.
@@ -166,25 +137,18 @@ impl TlsMaterial {
 }
 
 fn file_err(path: &Path, detail: impl std::fmt::Display) -> Error {
-    Error::File {
-        path: path.to_path_buf(),
-        detail: detail.to_string(),
-    }
+    Error::File { path: path.to_path_buf(), detail: detail.to_string() }
 }
 
 /// Refuse a key file whose mode gives other users any access, or the group more than read.
 pub fn check_key_mode(path: &Path) -> Result<()> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| file_err(path, format!("cannot read key file: {e}")))?;
+    let meta = std::fs::metadata(path).map_err(|e| file_err(path, format!("cannot read key file: {e}")))?;
     if !meta.is_file() {
         return Err(file_err(path, "key path is not a regular file"));
     }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o037 != 0 {
-        return Err(Error::KeyPermissions {
-            path: path.to_path_buf(),
-            mode,
-        });
+        return Err(Error::KeyPermissions { path: path.to_path_buf(), mode });
     }
     Ok(())
 }
@@ -198,10 +162,7 @@ pub fn read_pem_file(path: &Path) -> Result<String> {
         .map_err(|e| file_err(path, format!("cannot read as text: {e}")))?;
     if buf.len() as u64 > MAX_PEM_BYTES {
         zeroize::Zeroize::zeroize(&mut buf);
-        return Err(file_err(
-            path,
-            format!("larger than {MAX_PEM_BYTES} bytes: not a PEM file"),
-        ));
+        return Err(file_err(path, format!("larger than {MAX_PEM_BYTES} bytes: not a PEM file")));
     }
     Ok(buf)
 }

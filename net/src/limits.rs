@@ -133,10 +133,7 @@ impl Limits {
             per_identity,
             per_ip_handshakes,
             rate,
-            identities: Mutex::new(IdentityTable {
-                map: HashMap::new(),
-                prune_at: PRUNE_AT,
-            }),
+            identities: Mutex::new(IdentityTable { map: HashMap::new(), prune_at: PRUNE_AT }),
             handshakes: Mutex::new(HashMap::new()),
         }
     }
@@ -150,10 +147,7 @@ impl Limits {
             return None;
         }
         *n += 1;
-        Some(HandshakeSlot {
-            limits: self.clone(),
-            ip,
-        })
+        Some(HandshakeSlot { limits: self.clone(), ip })
     }
 
     /// Admits a verified connection of `identity`, or says how it is refused. The second
@@ -167,11 +161,7 @@ impl Limits {
             table.prune_at = (table.map.len() * 2).max(PRUNE_AT);
         }
         let state = table.map.entry(identity.clone()).or_default();
-        let slot = |refusing| ConnectionSlot {
-            limits: self.clone(),
-            identity: identity.clone(),
-            refusing,
-        };
+        let slot = |refusing| ConnectionSlot { limits: self.clone(), identity: identity.clone(), refusing };
         if state.open < self.per_identity {
             state.open += 1;
             return (Admission::Admitted(slot(false)), None);
@@ -265,10 +255,7 @@ mod tests {
     use protocol::pki::Role;
 
     fn id(name: &str) -> Identity {
-        Identity {
-            name: name.into(),
-            role: Role::DomainManager,
-        }
+        Identity { name: name.into(), role: Role::DomainManager }
     }
 
     #[test]

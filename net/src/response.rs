@@ -17,14 +17,7 @@ pub struct ErrorBody {
 
 /// The error response with `status` and the body `{"code": code, "message": message}`.
 pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(ErrorBody {
-            code: code.to_string(),
-            message: message.into(),
-        }),
-    )
-        .into_response()
+    (status, Json(ErrorBody { code: code.to_string(), message: message.into() })).into_response()
 }
 
 /// An error a handler can return (`Result<Json<T>, ApiError>`); renders with [`error_response`].
@@ -41,11 +34,7 @@ pub struct ApiError {
 impl ApiError {
     /// An error with any `status`.
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code: code.to_string(),
-            message: message.into(),
-        }
+        ApiError { status, code: code.to_string(), message: message.into() }
     }
     /// 400: the request is malformed or invalid.
     pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
@@ -86,13 +75,7 @@ pub async fn run_to_completion<T: Send + 'static>(
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.status.as_u16(),
-            self.code,
-            self.message
-        )
+        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
     }
 }
 

@@ -46,8 +46,8 @@ use tower::ServiceExt;
 
 use crate::error::{Error, Result};
 use crate::files::TlsFiles;
-use crate::limits::{Admission, HandshakeSlot, Limits, REFUSAL_WINDOW};
 pub use crate::limits::RateLimit;
+use crate::limits::{Admission, HandshakeSlot, Limits, REFUSAL_WINDOW};
 use crate::response::error_response;
 
 /// A connection whose TLS handshake failed, as reported to [`ServeOptions::failures`].
@@ -157,11 +157,7 @@ pub struct TlsReload {
 impl TlsReload {
     /// Watch `files` every 2 s.
     pub fn new(files: TlsFiles, allowed_client_roles: &[Role]) -> Self {
-        TlsReload {
-            files,
-            allowed_client_roles: allowed_client_roles.to_vec(),
-            check_every: Duration::from_secs(2),
-        }
+        TlsReload { files, allowed_client_roles: allowed_client_roles.to_vec(), check_every: Duration::from_secs(2) }
     }
 }
 
@@ -177,28 +173,14 @@ impl Default for ServeOptions {
             close_grace: Duration::from_secs(5),
             max_connections_per_identity: 64,
             max_handshakes_per_ip: 64,
-            request_rate: Some(RateLimit {
-                per_second: 100.0,
-                burst: 200,
-            }),
+            request_rate: Some(RateLimit { per_second: 100.0, burst: 200 }),
         }
     }
 }
 
 /// Serve `router` over mutual TLS on `listener` until the process ends.
-pub async fn serve(
-    listener: TcpListener,
-    tls: impl Into<ServerTls>,
-    router: Router,
-) -> Result<()> {
-    serve_with(
-        listener,
-        tls,
-        router,
-        ServeOptions::default(),
-        CancellationToken::new(),
-    )
-    .await
+pub async fn serve(listener: TcpListener, tls: impl Into<ServerTls>, router: Router) -> Result<()> {
+    serve_with(listener, tls, router, ServeOptions::default(), CancellationToken::new()).await
 }
 
 /// Serve until `shutdown` is cancelled, then stop accepting, let open connections finish
@@ -213,9 +195,7 @@ pub async fn serve_with(
     shutdown: CancellationToken,
 ) -> Result<()> {
     check_options(&options)?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::Serve(format!("listener has no address: {e}")))?;
+    let local = listener.local_addr().map_err(|e| Error::Serve(format!("listener has no address: {e}")))?;
     tracing::info!(
         %local,
         first_request_timeout = ?options.first_request_timeout,
@@ -305,11 +285,7 @@ pub async fn serve_with(
 }
 
 fn check_options(options: &ServeOptions) -> Result<()> {
-    let zero = |what: &str| {
-        Err(Error::Config(format!(
-            "{what} is 0: no connection could be served"
-        )))
-    };
+    let zero = |what: &str| Err(Error::Config(format!("{what} is 0: no connection could be served")));
     if options.max_connections == 0 {
         return zero("max_connections");
     }
@@ -343,11 +319,8 @@ fn check_options(options: &ServeOptions) -> Result<()> {
 /// `peer` already has `max_handshakes_per_ip` connections in their handshake: this one is
 /// closed before reading anything (it holds no slot while it is refused).
 fn refuse_before_handshake(tcp: TcpStream, peer: SocketAddr, options: &ServeOptions) {
-    let reason = format!(
-        "too many TLS handshakes in progress from {} (limit {})",
-        peer.ip(),
-        options.max_handshakes_per_ip
-    );
+    let reason =
+        format!("too many TLS handshakes in progress from {} (limit {})", peer.ip(), options.max_handshakes_per_ip);
     tracing::warn!(%peer, %reason, "connection refused before its TLS handshake");
     if let Some(tx) = &options.failures {
         let _ = tx.send(HandshakeFailure { peer, reason });
@@ -491,13 +464,9 @@ fn too_many_connections(identity: &Identity, cap: usize, version: Version) -> Re
              identity may have); reuse them or close some"
         ),
     );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     if version <= Version::HTTP_11 {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }
@@ -509,13 +478,9 @@ fn rate_limited(identity: &Identity, retry_after: Duration) -> Response {
     let mut response = error_response(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limited",
-        format!(
-            "{identity} is over its request rate for this service; retry in {secs} s"
-        ),
+        format!("{identity} is over its request rate for this service; retry in {secs} s"),
     );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     response
 }
 
@@ -537,11 +502,7 @@ impl Activity {
     fn new(accepted: Instant) -> Self {
         Activity {
             accepted,
-            state: Mutex::new(ActivityState {
-                in_flight: 0,
-                requests: 0,
-                last: accepted,
-            }),
+            state: Mutex::new(ActivityState { in_flight: 0, requests: 0, last: accepted }),
             request_done: Notify::new(),
         }
     }
@@ -636,17 +597,10 @@ fn current_acceptor(acceptor: &RwLock<TlsAcceptor>) -> TlsAcceptor {
 
 /// The files' modification times and sizes; a change in any means "reload".
 pub(crate) fn tls_files_stamp(files: &TlsFiles) -> Vec<Option<(std::time::SystemTime, u64)>> {
-    files
-        .paths()
-        .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
-        .collect()
+    files.paths().map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
 }
 
-async fn watch_tls_files(
-    reload: TlsReload,
-    acceptor: Arc<RwLock<TlsAcceptor>>,
-    shutdown: CancellationToken,
-) {
+async fn watch_tls_files(reload: TlsReload, acceptor: Arc<RwLock<TlsAcceptor>>, shutdown: CancellationToken) {
     let mut seen = tls_files_stamp(&reload.files);
     loop {
         tokio::select! {
@@ -682,11 +636,7 @@ async fn handshake(
     accepted: Instant,
 ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Identity)> {
     let limit = options.handshake_timeout.min(options.first_request_timeout);
-    let result = tokio::time::timeout_at(
-        (accepted + limit).into(),
-        acceptor.accept(tcp).into_fallible(),
-    )
-    .await;
+    let result = tokio::time::timeout_at((accepted + limit).into(), acceptor.accept(tcp).into_fallible()).await;
     let fail = |reason: String, refused: bool| {
         if refused {
             tracing::warn!(%peer, %reason, "TLS handshake refused");
@@ -699,18 +649,14 @@ async fn handshake(
     };
     let stream = match result {
         Err(_) => {
-            fail(
-                format!("no TLS handshake within {limit:?}"),
-                false,
-            );
+            fail(format!("no TLS handshake within {limit:?}"), false);
             return None;
         }
         Ok(Err((e, tcp))) => {
-            let (reason, refused) =
-                match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                    Some(tls) => (pki::describe_tls_error(tls), true),
-                    None => (e.to_string(), false),
-                };
+            let (reason, refused) = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(tls) => (pki::describe_tls_error(tls), true),
+                None => (e.to_string(), false),
+            };
             fail(reason, refused);
             linger(tcp).await;
             return None;
@@ -718,12 +664,7 @@ async fn handshake(
         Ok(Ok(s)) => s,
     };
     // The verifier already checked chain and role; read the identity it approved.
-    let identity = match stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-    {
+    let identity = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         Some(der) => match pki::identity_from_certificate(der) {
             Ok(id) => id,
             Err(e) => {

@@ -35,7 +35,8 @@ impl Pki {
     }
     fn party(&self, role: Role, name: &str) -> Party {
         let id = CertificateAuthority::issue(&self.ca_cert, &self.ca_key, role, name, Validity::Days(1)).unwrap();
-        let mut tls = pki::client_config(std::slice::from_ref(&self.ca_cert), &[], &id.cert_pem, &id.key_pem, Role::Ttp).unwrap();
+        let mut tls =
+            pki::client_config(std::slice::from_ref(&self.ca_cert), &[], &id.cert_pem, &id.key_pem, Role::Ttp).unwrap();
         // HTTP/1.1 spoken by hand below.
         tls.alpn_protocols.clear();
         Party { id, tls: Arc::new(tls), ca: self.ca_cert.clone() }
@@ -50,7 +51,9 @@ struct Party {
 
 impl Party {
     fn client(&self, server: &Server) -> Client {
-        let cfg = pki::client_config(std::slice::from_ref(&self.ca), &[], &self.id.cert_pem, &self.id.key_pem, Role::Ttp).unwrap();
+        let cfg =
+            pki::client_config(std::slice::from_ref(&self.ca), &[], &self.id.cert_pem, &self.id.key_pem, Role::Ttp)
+                .unwrap();
         Client::new(&format!("https://localhost:{}", server.addr.port()), cfg).unwrap()
     }
     /// A TCP connection from `from` (any 127/8 address is loopback) with a finished TLS
@@ -102,15 +105,13 @@ impl Server {
 }
 
 fn router() -> Router {
-    Router::new()
-        .route("/whoami", get(|Extension(id): Extension<Identity>| async move { Json(id) }))
-        .route(
-            "/slow",
-            get(|| async {
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                "done"
-            }),
-        )
+    Router::new().route("/whoami", get(|Extension(id): Extension<Identity>| async move { Json(id) })).route(
+        "/slow",
+        get(|| async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            "done"
+        }),
+    )
 }
 
 /// One HTTP/1.1 answer read by hand.
@@ -141,7 +142,8 @@ async fn get_raw(stream: &mut TlsStream<TcpStream>, path: &str) -> Result<Answer
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad status line: {head}"))?;
+    let status =
+        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad status line: {head}"))?;
     let length: usize = head
         .lines()
         .find_map(|l| l.strip_prefix("content-length:"))
@@ -207,7 +209,11 @@ async fn a_connection_that_sends_nothing_after_its_handshake_is_closed_by_the_de
     let mut silent = mallory.connect(&server, HERE).await.unwrap();
     let handshake = started.elapsed();
     let closed = closed_within(&mut silent, Duration::from_secs(5)).await + handshake;
-    println!("silent connection: handshake {}, closed {} after connecting (deadline 600 ms)", ms(handshake), ms(closed));
+    println!(
+        "silent connection: handshake {}, closed {} after connecting (deadline 600 ms)",
+        ms(handshake),
+        ms(closed)
+    );
     assert!(closed >= Duration::from_millis(550), "closed before the deadline: {closed:?}");
     assert!(closed < Duration::from_millis(1500), "closed too late: {closed:?}");
 
@@ -287,7 +293,8 @@ async fn an_identity_holding_its_maximum_of_connections_gets_no_more_while_anoth
     // Then she floods: 48 workers reconnecting as fast as they are closed, each sending a
     // request (half of them) or nothing (the other half: the finding's silent connections).
     let stop = Arc::new(AtomicBool::new(false));
-    let (served, refused, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (served, refused, closed) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut workers = Vec::new();
     for w in 0..48 {
         let (mallory, server, stop) = (mallory.clone(), server.clone(), stop.clone());
@@ -357,11 +364,25 @@ async fn an_identity_holding_its_maximum_of_connections_gets_no_more_while_anoth
     let (alone_p50, alone_max) = stats(&mut alone);
     let (during_p50, during_max) = stats(&mut during);
     let (reused_p50, reused_max) = stats(&mut reused);
-    let (served, refused, closed) = (served.load(Ordering::Relaxed), refused.load(Ordering::Relaxed), closed.load(Ordering::Relaxed));
-    println!("mallory holds {CAP} connections (her cap) with max_connections 32; her flood of 48 workers over {:.1} s:", flood_for.as_secs_f64());
+    let (served, refused, closed) =
+        (served.load(Ordering::Relaxed), refused.load(Ordering::Relaxed), closed.load(Ordering::Relaxed));
+    println!(
+        "mallory holds {CAP} connections (her cap) with max_connections 32; her flood of 48 workers over {:.1} s:",
+        flood_for.as_secs_f64()
+    );
     println!("  {} connection attempts: {served} served, {refused} answered 429 too_many_connections, {closed} closed (before or after the handshake)", served + refused + closed);
-    println!("alice, fresh connection + GET /whoami: alone p50 {} max {}; during the flood p50 {} max {} (30 requests)", ms(alone_p50), ms(alone_max), ms(during_p50), ms(during_max));
-    println!("alice, kept-alive connection during the flood: p50 {} max {} (30 requests)", ms(reused_p50), ms(reused_max));
+    println!(
+        "alice, fresh connection + GET /whoami: alone p50 {} max {}; during the flood p50 {} max {} (30 requests)",
+        ms(alone_p50),
+        ms(alone_max),
+        ms(during_p50),
+        ms(during_max)
+    );
+    println!(
+        "alice, kept-alive connection during the flood: p50 {} max {} (30 requests)",
+        ms(reused_p50),
+        ms(reused_max)
+    );
     assert_eq!(served, 0, "mallory got more than her {CAP} connections");
     assert!(refused + closed > 0, "the flood did not run");
     // Generous bounds for a loaded 2-core machine (mallory's 48 workers do their handshakes
@@ -490,13 +511,26 @@ async fn an_identity_over_its_request_rate_is_answered_429_rate_limited_while_an
 async fn limits_that_would_serve_nothing_are_refused() {
     let pki = Pki::new();
     let tls = Arc::new(
-        pki::server_config(std::slice::from_ref(&pki.ca_cert), &[], &pki.server.cert_pem, &pki.server.key_pem, &[Role::DomainManager]).unwrap(),
+        pki::server_config(
+            std::slice::from_ref(&pki.ca_cert),
+            &[],
+            &pki.server.cert_pem,
+            &pki.server.key_pem,
+            &[Role::DomainManager],
+        )
+        .unwrap(),
     );
     for (options, words) in [
-        (ServeOptions { max_connections_per_identity: 0, ..ServeOptions::default() }, "max_connections_per_identity is 0"),
+        (
+            ServeOptions { max_connections_per_identity: 0, ..ServeOptions::default() },
+            "max_connections_per_identity is 0",
+        ),
         (ServeOptions { max_handshakes_per_ip: 0, ..ServeOptions::default() }, "max_handshakes_per_ip is 0"),
         (ServeOptions { idle_timeout: Duration::ZERO, ..ServeOptions::default() }, "idle_timeout is 0"),
-        (ServeOptions { request_rate: Some(RateLimit { per_second: 0.0, burst: 10 }), ..ServeOptions::default() }, "request_rate of 0 per second"),
+        (
+            ServeOptions { request_rate: Some(RateLimit { per_second: 0.0, burst: 10 }), ..ServeOptions::default() },
+            "request_rate of 0 per second",
+        ),
     ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let e = net::serve_with(listener, tls.clone(), router(), options, CancellationToken::new()).await.unwrap_err();

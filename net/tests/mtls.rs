@@ -24,10 +24,7 @@ struct Ca {
 impl Ca {
     fn new(name: &str) -> Ca {
         let (cert, key) = CertificateAuthority::generate(name).unwrap();
-        Ca {
-            cert,
-            key: key.to_string(),
-        }
+        Ca { cert, key: key.to_string() }
     }
     fn issue(&self, role: Role, name: &str) -> IssuedIdentity {
         CertificateAuthority::issue(&self.cert, &self.key, role, name, Validity::Days(1)).unwrap()
@@ -57,11 +54,13 @@ fn router() -> Router {
     Router::new()
         .route(
             "/whoami",
-            get(|Extension(id): Extension<Identity>,
+            get(
+                |Extension(id): Extension<Identity>,
                  axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| async move {
-                assert!(peer.ip().is_loopback());
-                Json(id)
-            }),
+                    assert!(peer.ip().is_loopback());
+                    Json(id)
+                },
+            ),
         )
         .route("/echo", post(|Json(v): Json<Value>| async move { Json(json!({ "echo": v })) }))
         .route(
@@ -91,18 +90,9 @@ async fn start_with(tls: impl Into<net::ServerTls>) -> Server {
     let port = listener.local_addr().unwrap().port();
     let (tx, failures) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
-    let opts = ServeOptions {
-        failures: Some(tx),
-        drain_timeout: Duration::from_secs(2),
-        ..Default::default()
-    };
+    let opts = ServeOptions { failures: Some(tx), drain_timeout: Duration::from_secs(2), ..Default::default() };
     let task = tokio::spawn(net::serve_with(listener, tls, router(), opts, stop.clone()));
-    Server {
-        port,
-        failures,
-        stop,
-        task,
-    }
+    Server { port, failures, stop, task }
 }
 
 fn client(server: &Server, trusted: &[&Ca], own: &IssuedIdentity, expect: Role) -> Client {
@@ -120,10 +110,7 @@ fn assert_refused(e: &Error, alert_words: &str) {
             assert!(reason.contains(alert_words), "client error: {reason}")
         }
         Error::Connect { reason, .. } => {
-            assert!(
-                reason.contains("closed the connection"),
-                "client error: {reason}"
-            )
+            assert!(reason.contains("closed the connection"), "client error: {reason}")
         }
         other => panic!("expected a TLS refusal, got {other:?}"),
     }
@@ -138,13 +125,7 @@ async fn right_certificate_and_role_is_served_with_identity() {
     let c = client(&server, &[&ca], &sc, Role::Ttp);
 
     let id: Identity = c.get_json("/whoami").await.unwrap();
-    assert_eq!(
-        id,
-        Identity {
-            name: "sc-host-1".into(),
-            role: Role::SecureComponent
-        }
-    );
+    assert_eq!(id, Identity { name: "sc-host-1".into(), role: Role::SecureComponent });
     // The same connection is reused for a second request.
     let v: Value = c.post_json("/echo", &json!({"a": 1})).await.unwrap();
     assert_eq!(v, json!({"echo": {"a": 1}}));
@@ -179,10 +160,7 @@ async fn certificate_of_another_ca_is_refused() {
 
     let e = c.get_json::<Value>("/whoami").await.unwrap_err();
     assert_refused(&e, "not issued by a CA the peer trusts");
-    assert_eq!(
-        server.next_failure().await.reason,
-        "certificate is not issued by a trusted CA"
-    );
+    assert_eq!(server.next_failure().await.reason, "certificate is not issued by a trusted CA");
 }
 
 #[tokio::test]
@@ -195,10 +173,7 @@ async fn expired_certificate_is_refused() {
         &ca.key,
         Role::SecureComponent,
         "sc-old",
-        Validity::Between {
-            not_before: now - time::Duration::days(30),
-            not_after: now - time::Duration::days(1),
-        },
+        Validity::Between { not_before: now - time::Duration::days(30), not_after: now - time::Duration::days(1) },
     )
     .unwrap();
     let mut server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
@@ -209,10 +184,7 @@ async fn expired_certificate_is_refused() {
     let reason = server.next_failure().await.reason;
     assert!(reason.starts_with("certificate expired at "), "{reason}");
     let day = (now - time::Duration::days(1)).date().to_string();
-    assert!(
-        reason.contains(&day),
-        "{reason} should name the expiry date {day}"
-    );
+    assert!(reason.contains(&day), "{reason} should name the expiry date {day}");
 }
 
 #[tokio::test]
@@ -240,34 +212,16 @@ async fn federated_server_accepts_clients_of_both_clouds() {
     let sc_b = b.issue(Role::SecureComponent, "sc-b");
     let server = start(&[&a, &b], &ttp, &[Role::SecureComponent]).await;
 
-    let id: Identity = client(&server, &[&a], &sc_a, Role::Ttp)
-        .get_json("/whoami")
-        .await
-        .unwrap();
+    let id: Identity = client(&server, &[&a], &sc_a, Role::Ttp).get_json("/whoami").await.unwrap();
     assert_eq!(id.name, "sc-a");
-    let id: Identity = client(&server, &[&a], &sc_b, Role::Ttp)
-        .get_json("/whoami")
-        .await
-        .unwrap();
-    assert_eq!(
-        id,
-        Identity {
-            name: "sc-b".into(),
-            role: Role::SecureComponent
-        }
-    );
+    let id: Identity = client(&server, &[&a], &sc_b, Role::Ttp).get_json("/whoami").await.unwrap();
+    assert_eq!(id, Identity { name: "sc-b".into(), role: Role::SecureComponent });
 
     // ... and a server trusting only A still refuses B's.
     let mut only_a = start(&[&a], &ttp, &[Role::SecureComponent]).await;
-    let e = client(&only_a, &[&a], &sc_b, Role::Ttp)
-        .get_json::<Value>("/whoami")
-        .await
-        .unwrap_err();
+    let e = client(&only_a, &[&a], &sc_b, Role::Ttp).get_json::<Value>("/whoami").await.unwrap_err();
     assert_refused(&e, "not issued by a CA the peer trusts");
-    assert_eq!(
-        only_a.next_failure().await.reason,
-        "certificate is not issued by a trusted CA"
-    );
+    assert_eq!(only_a.next_failure().await.reason, "certificate is not issued by a trusted CA");
 }
 
 #[tokio::test]
@@ -280,10 +234,7 @@ async fn client_refuses_server_of_unexpected_role() {
 
     match c.get_json::<Value>("/whoami").await.unwrap_err() {
         Error::Tls { reason, peer } => {
-            assert_eq!(
-                reason,
-                "server certificate of \"sc-pretending\" has role secure-component, expected ttp"
-            );
+            assert_eq!(reason, "server certificate of \"sc-pretending\" has role secure-component, expected ttp");
             assert!(peer.starts_with("localhost:"), "{peer}");
         }
         other => panic!("expected a TLS refusal, got {other:?}"),
@@ -297,11 +248,7 @@ async fn client_refuses_server_of_another_ca() {
     let fake_ttp = rogue.issue(Role::Ttp, "ttp-1");
     let sc = a.issue(Role::SecureComponent, "sc-1");
     let server = start(&[&a], &fake_ttp, &[Role::SecureComponent]).await;
-    match client(&server, &[&a], &sc, Role::Ttp)
-        .get_json::<Value>("/whoami")
-        .await
-        .unwrap_err()
-    {
+    match client(&server, &[&a], &sc, Role::Ttp).get_json::<Value>("/whoami").await.unwrap_err() {
         Error::Tls { reason, .. } => {
             assert_eq!(reason, "certificate is not issued by a trusted CA")
         }
@@ -318,26 +265,18 @@ async fn error_bodies_limits_and_bad_json() {
     let c = client(&server, &[&ca], &sc, Role::Ttp);
 
     match c.get_json::<Value>("/refuse").await.unwrap_err() {
-        Error::Api {
-            status,
-            code,
-            message,
-        } => {
+        Error::Api { status, code, message } => {
             assert_eq!((status, code.as_str()), (403, "not-in-acl"));
             assert_eq!(message, "vm-7 is not in the ACL of domain 3f2a, version 4");
         }
         other => panic!("{other:?}"),
     }
     match c.get_json::<Value>("/missing").await.unwrap_err() {
-        Error::Api {
-            status: 404, code, ..
-        } => assert_eq!(code, "no-such-domain"),
+        Error::Api { status: 404, code, .. } => assert_eq!(code, "no-such-domain"),
         other => panic!("{other:?}"),
     }
     match c.get_json::<Value>("/plain-error").await.unwrap_err() {
-        Error::Http {
-            status: 502, body, ..
-        } => assert_eq!(body, "upstream down"),
+        Error::Http { status: 502, body, .. } => assert_eq!(body, "upstream down"),
         other => panic!("{other:?}"),
     }
     match c.get_json::<Value>("/not-json").await.unwrap_err() {
@@ -352,10 +291,7 @@ async fn error_bodies_limits_and_bad_json() {
         other => panic!("{other:?}"),
     }
     // Unknown route: axum's plain 404.
-    assert!(matches!(
-        c.get_json::<Value>("/nope").await.unwrap_err(),
-        Error::Http { status: 404, .. }
-    ));
+    assert!(matches!(c.get_json::<Value>("/nope").await.unwrap_err(), Error::Http { status: 404, .. }));
 }
 
 #[tokio::test]
@@ -369,30 +305,19 @@ async fn failed_handshakes_do_not_stop_the_loop_and_shutdown_is_graceful() {
     // Garbage instead of TLS, then a refused certificate, then a good client.
     {
         use tokio::io::AsyncWriteExt;
-        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
-            .await
-            .unwrap();
-        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
         let f = server.next_failure().await;
         assert!(!f.reason.is_empty());
     }
-    let _ = client(&server, &[&ca], &dm, Role::Ttp)
-        .get_json::<Value>("/whoami")
-        .await
-        .unwrap_err();
+    let _ = client(&server, &[&ca], &dm, Role::Ttp).get_json::<Value>("/whoami").await.unwrap_err();
     server.next_failure().await;
     let good = client(&server, &[&ca], &sc, Role::Ttp);
     let id: Identity = good.get_json("/whoami").await.unwrap();
     assert_eq!(id.role, Role::SecureComponent);
 
     server.stop.cancel();
-    tokio::time::timeout(Duration::from_secs(5), server.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server.task).await.unwrap().unwrap().unwrap();
     match good.get_json::<Value>("/whoami").await.unwrap_err() {
         Error::Connect { .. } => {}
         other => panic!("expected a connection error after shutdown, got {other:?}"),
@@ -431,27 +356,15 @@ async fn tls_files_load_and_refuse_readable_keys() {
 
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let e = files.load().unwrap_err();
-    assert!(
-        matches!(e, Error::KeyPermissions { mode: 0o644, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::KeyPermissions { mode: 0o644, .. }), "{e:?}");
     let text = e.to_string();
-    assert!(
-        text.contains("mode 0644") && text.contains("chmod 600"),
-        "{text}"
-    );
+    assert!(text.contains("mode 0644") && text.contains("chmod 600"), "{text}");
     assert!(!text.contains("PRIVATE KEY"));
 
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let m = files.load().unwrap();
     assert!(!format!("{m:?}").contains("PRIVATE KEY"));
-    assert_eq!(
-        m.identity().unwrap(),
-        Identity {
-            name: "sc-1".into(),
-            role: Role::SecureComponent
-        }
-    );
+    assert_eq!(m.identity().unwrap(), Identity { name: "sc-1".into(), role: Role::SecureComponent });
     files.client_config(Role::Ttp).unwrap();
     files.server_config(&[Role::CloudPlatform]).unwrap();
 
@@ -470,7 +383,10 @@ fn publish_crl(dir: &std::path::Path, pem: &str) {
 fn revoke(ca: &Ca, number: u64, revoked: &[&IssuedIdentity]) -> String {
     let entries: Vec<_> = revoked
         .iter()
-        .map(|id| CertificateAuthority::revocation_entry(&ca.cert, &id.cert_pem, pki::RevocationReason::KeyCompromise).unwrap())
+        .map(|id| {
+            CertificateAuthority::revocation_entry(&ca.cert, &id.cert_pem, pki::RevocationReason::KeyCompromise)
+                .unwrap()
+        })
         .collect();
     CertificateAuthority::sign_revocation_list(&ca.cert, &ca.key, number, &entries, 30).unwrap()
 }
@@ -505,7 +421,8 @@ async fn revoked_certificates_are_refused_and_a_new_list_applies_without_restart
     let url = server.url();
     // A fresh client per call: every call is a new handshake.
     let whoami = |who: &IssuedIdentity| {
-        let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &[], &who.cert_pem, &who.key_pem, Role::Ttp).unwrap();
+        let cfg =
+            pki::client_config(std::slice::from_ref(&ca.cert), &[], &who.cert_pem, &who.key_pem, Role::Ttp).unwrap();
         let c = Client::new(&url, cfg).unwrap();
         async move { c.get_json::<Identity>("/whoami").await }
     };
@@ -517,7 +434,9 @@ async fn revoked_certificates_are_refused_and_a_new_list_applies_without_restart
     let published = std::time::Instant::now();
     let e = loop {
         match whoami(&sc1).await {
-            Ok(_) if published.elapsed() < Duration::from_secs(5) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(_) if published.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Ok(_) => panic!("sc-1 still accepted 5 s after its revocation was published"),
             Err(e) => break e,
         }
@@ -535,8 +454,14 @@ async fn revoked_certificates_are_refused_and_a_new_list_applies_without_restart
     assert_eq!(whoami(&sc2).await.unwrap().name, "sc-2");
 
     // Clients check the server against their lists too.
-    let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &[revoke(&ca, 3, &[&ttp])], &sc2.cert_pem, &sc2.key_pem, Role::Ttp)
-        .unwrap();
+    let cfg = pki::client_config(
+        std::slice::from_ref(&ca.cert),
+        &[revoke(&ca, 3, &[&ttp])],
+        &sc2.cert_pem,
+        &sc2.key_pem,
+        Role::Ttp,
+    )
+    .unwrap();
     match Client::new(&url, cfg).unwrap().get_json::<Identity>("/whoami").await.unwrap_err() {
         Error::Tls { reason, .. } => assert!(reason.contains("certificate is revoked"), "{reason}"),
         other => panic!("expected the client to refuse the revoked server, got {other:?}"),
@@ -552,7 +477,10 @@ async fn with_a_list_configured_a_certificate_of_a_ca_without_one_is_refused() {
     let ttp = ca.issue(Role::Ttp, "ttp-1");
     let visitor = partner.issue(Role::SecureComponent, "sc-b");
     let cas = vec![ca.cert.clone(), partner.cert.clone()];
-    let tls = Arc::new(pki::server_config(&cas, &[revoke(&ca, 1, &[])], &ttp.cert_pem, &ttp.key_pem, &[Role::SecureComponent]).unwrap());
+    let tls = Arc::new(
+        pki::server_config(&cas, &[revoke(&ca, 1, &[])], &ttp.cert_pem, &ttp.key_pem, &[Role::SecureComponent])
+            .unwrap(),
+    );
     let mut server = start_with(tls).await;
     let cfg = pki::client_config(&cas, &[], &visitor.cert_pem, &visitor.key_pem, Role::Ttp).unwrap();
     let e = Client::new(&server.url(), cfg).unwrap().get_json::<Identity>("/whoami").await.unwrap_err();
@@ -569,7 +497,10 @@ async fn a_client_built_from_files_refuses_a_server_revoked_while_it_runs() {
     let ttp = ca.issue(Role::Ttp, "ttp-1");
     let cp = ca.issue(Role::CloudPlatform, "cloud-platform");
     let dir = tls_dir(&ca, "cloud-platform", &cp);
-    let tls = Arc::new(pki::server_config(std::slice::from_ref(&ca.cert), &[], &ttp.cert_pem, &ttp.key_pem, &[Role::CloudPlatform]).unwrap());
+    let tls = Arc::new(
+        pki::server_config(std::slice::from_ref(&ca.cert), &[], &ttp.cert_pem, &ttp.key_pem, &[Role::CloudPlatform])
+            .unwrap(),
+    );
     let server = start_with(tls).await;
 
     // One long-lived client, as the cloud platform keeps for the TTP: its pooled connection
@@ -582,8 +513,12 @@ async fn a_client_built_from_files_refuses_a_server_revoked_while_it_runs() {
     let published = std::time::Instant::now();
     let e = loop {
         match client.get_json::<Identity>("/whoami").await {
-            Ok(_) if published.elapsed() < net::client::TLS_FILES_CHECK_EVERY * 3 => tokio::time::sleep(Duration::from_millis(100)).await,
-            Ok(_) => panic!("the client still talks to the revoked server {:?} after its revocation", published.elapsed()),
+            Ok(_) if published.elapsed() < net::client::TLS_FILES_CHECK_EVERY * 3 => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(_) => {
+                panic!("the client still talks to the revoked server {:?} after its revocation", published.elapsed())
+            }
             Err(e) => break e,
         }
     };

@@ -14,9 +14,7 @@ pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S:
 /// Deserializes a standard base64 string; invalid base64 is a serde error naming the cause.
 pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
     let text = String::deserialize(deserializer)?;
-    STANDARD
-        .decode(text.as_bytes())
-        .map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
+    STANDARD.decode(text.as_bytes()).map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
 }
 
 /// The same helpers for `Option<Vec<u8>>`: `None` travels as JSON `null`.
@@ -35,9 +33,7 @@ pub mod option {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<u8>>, D::Error> {
         let text = Option::<String>::deserialize(deserializer)?;
         text.map(|t| {
-            STANDARD
-                .decode(t.as_bytes())
-                .map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
+            STANDARD.decode(t.as_bytes()).map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
         })
         .transpose()
     }

@@ -138,10 +138,7 @@ impl Descriptor {
     pub fn next_version(&self, change: impl FnOnce(&mut Descriptor)) -> Result<Descriptor> {
         let mut next = self.clone();
         change(&mut next);
-        next.version = self
-            .version
-            .checked_add(1)
-            .ok_or_else(|| Error::malformed("descriptor", "version overflow"))?;
+        next.version = self.version.checked_add(1).ok_or_else(|| Error::malformed("descriptor", "version overflow"))?;
         next.validate()?;
         Ok(next)
     }
@@ -150,23 +147,39 @@ impl Descriptor {
     /// spec, the size limits above and no duplicate VM or manager; `Error::Malformed` or
     /// `Error::TooLarge` name the field that breaks one.
     pub fn validate(&self) -> Result<()> {
-        if self.domain_id.len() != 32 || !self.domain_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(Error::malformed("descriptor", format!("domain id {:?} is not 32 lowercase hex characters", self.domain_id)));
+        if self.domain_id.len() != 32
+            || !self.domain_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(Error::malformed(
+                "descriptor",
+                format!("domain id {:?} is not 32 lowercase hex characters", self.domain_id),
+            ));
         }
         validate_name("owner", &self.owner)?;
         if self.version == 0 {
             return Err(Error::malformed("descriptor", "version must start at 1"));
         }
         if self.cipher_spec != CIPHER_SPEC_V1 {
-            return Err(Error::malformed("descriptor", format!("unsupported cipher spec {:?} (supported: {CIPHER_SPEC_V1})", self.cipher_spec)));
+            return Err(Error::malformed(
+                "descriptor",
+                format!("unsupported cipher spec {:?} (supported: {CIPHER_SPEC_V1})", self.cipher_spec),
+            ));
         }
         if self.metadata.len() > MAX_METADATA_ENTRIES {
-            return Err(Error::TooLarge { what: "metadata entries", size: self.metadata.len(), limit: MAX_METADATA_ENTRIES });
+            return Err(Error::TooLarge {
+                what: "metadata entries",
+                size: self.metadata.len(),
+                limit: MAX_METADATA_ENTRIES,
+            });
         }
         for (key, value) in &self.metadata {
             validate_name("metadata key", key)?;
             if value.len() > MAX_METADATA_VALUE_BYTES {
-                return Err(Error::TooLarge { what: "metadata value", size: value.len(), limit: MAX_METADATA_VALUE_BYTES });
+                return Err(Error::TooLarge {
+                    what: "metadata value",
+                    size: value.len(),
+                    limit: MAX_METADATA_VALUE_BYTES,
+                });
             }
         }
         if self.acl.len() > MAX_ACL_ENTRIES {
@@ -180,7 +193,11 @@ impl Descriptor {
             }
         }
         if self.shared_with.len() > MAX_SHARED_WITH {
-            return Err(Error::TooLarge { what: "shared-with list", size: self.shared_with.len(), limit: MAX_SHARED_WITH });
+            return Err(Error::TooLarge {
+                what: "shared-with list",
+                size: self.shared_with.len(),
+                limit: MAX_SHARED_WITH,
+            });
         }
         let mut seen = std::collections::BTreeSet::new();
         for manager in &self.shared_with {
@@ -210,7 +227,9 @@ impl Descriptor {
         let mut reader = Reader::new("descriptor", encoded, DESCRIPTOR_MAGIC)?;
         let domain_id = reader.str("domain id", MAX_NAME_BYTES)?.to_string();
         let owner = reader.str("owner", MAX_NAME_BYTES)?.to_string();
-        let metadata = decode_metadata(reader.bytes("metadata", MAX_METADATA_ENTRIES * (MAX_NAME_BYTES + MAX_METADATA_VALUE_BYTES + 8) + 4)?)?;
+        let metadata = decode_metadata(
+            reader.bytes("metadata", MAX_METADATA_ENTRIES * (MAX_NAME_BYTES + MAX_METADATA_VALUE_BYTES + 8) + 4)?,
+        )?;
         let acl = acl_from_xml(reader.str("access list XML", MAX_ACL_XML_BYTES)?)?;
         let shared_with = decode_list(reader.bytes("shared-with list", MAX_SHARED_WITH * (MAX_NAME_BYTES + 4) + 4)?)?;
         let version = reader.u64("version")?;
@@ -252,7 +271,10 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | ':');
     if name.is_empty() || name.len() > MAX_NAME_BYTES || !name.chars().all(ok_char) {
         // `{:?}` escapes control characters: the refusal is safe to print on a terminal.
-        return Err(Error::malformed(what, format!("{name:?} must be 1 to {MAX_NAME_BYTES} characters of A-Z a-z 0-9 . _ - @ :")));
+        return Err(Error::malformed(
+            what,
+            format!("{name:?} must be 1 to {MAX_NAME_BYTES} characters of A-Z a-z 0-9 . _ - @ :"),
+        ));
     }
     if name == "." || name == ".." {
         return Err(Error::malformed(what, format!("{name:?} is a path component, not a name")));
@@ -278,9 +300,8 @@ fn decode_list(encoded: &[u8]) -> Result<Vec<String>> {
     if count > MAX_SHARED_WITH as u64 {
         return Err(Error::TooLarge { what: "name list", size: count as usize, limit: MAX_SHARED_WITH });
     }
-    let items = (0..count)
-        .map(|_| reader.str("name", MAX_NAME_BYTES).map(str::to_string))
-        .collect::<Result<Vec<_>>>()?;
+    let items =
+        (0..count).map(|_| reader.str("name", MAX_NAME_BYTES).map(str::to_string)).collect::<Result<Vec<_>>>()?;
     reader.finish()?;
     Ok(items)
 }
@@ -345,7 +366,11 @@ pub fn acl_from_xml(xml: &str) -> Result<Vec<AclEntry>> {
             Event::Empty(element) if depth == 1 => {
                 expect_element(&element, "vm")?;
                 if entries.len() == MAX_ACL_ENTRIES {
-                    return Err(Error::TooLarge { what: "access list entries", size: MAX_ACL_ENTRIES + 1, limit: MAX_ACL_ENTRIES });
+                    return Err(Error::TooLarge {
+                        what: "access list entries",
+                        size: MAX_ACL_ENTRIES + 1,
+                        limit: MAX_ACL_ENTRIES,
+                    });
                 }
                 entries.push(parse_vm_element(&element)?);
             }
@@ -366,10 +391,7 @@ fn expect_element(element: &BytesStart<'_>, name: &str) -> Result<()> {
     // quick-xml 0.42 hands names and attribute values out as `str` (`QName::into_inner`).
     let found = element.name().into_inner();
     if found != name {
-        return Err(Error::malformed(
-            "access list XML",
-            format!("unexpected element <{found}>, expected <{name}>"),
-        ));
+        return Err(Error::malformed("access list XML", format!("unexpected element <{found}>, expected <{name}>")));
     }
     Ok(())
 }

@@ -90,8 +90,7 @@ impl<'a> Reader<'a> {
     /// Reads one `lp(field)` of exactly `N` bytes (hashes, nonces).
     pub fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N]> {
         let raw = self.bytes(field, N)?;
-        raw.try_into()
-            .map_err(|_| Error::malformed(self.what, format!("{field} must be {N} bytes, got {}", raw.len())))
+        raw.try_into().map_err(|_| Error::malformed(self.what, format!("{field} must be {N} bytes, got {}", raw.len())))
     }
 
     /// Reads an 8-byte big-endian integer.

@@ -105,12 +105,9 @@ impl std::fmt::Display for SlotError {
             SlotError::Truncated { have, need } => {
                 write!(f, "truncated ({have} bytes, need {need})")
             }
-            SlotError::BadMagic { found } => write!(
-                f,
-                "bad magic 0x{} (expected 0x{} \"SKYDDVOL\")",
-                hex::encode(found),
-                hex::encode(MAGIC)
-            ),
+            SlotError::BadMagic { found } => {
+                write!(f, "bad magic 0x{} (expected 0x{} \"SKYDDVOL\")", hex::encode(found), hex::encode(MAGIC))
+            }
             SlotError::UnsupportedVersion { found, supported } => {
                 write!(f, "unsupported format version {found} (this build reads version {supported})")
             }
@@ -121,12 +118,9 @@ impl std::fmt::Display for SlotError {
             SlotError::PayloadTooLarge { len, limit } => {
                 write!(f, "payload length {len} exceeds the limit of {limit} bytes")
             }
-            SlotError::ChecksumMismatch { stored, computed } => write!(
-                f,
-                "checksum mismatch (stored 0x{}, computed 0x{})",
-                hex::encode(stored),
-                hex::encode(computed)
-            ),
+            SlotError::ChecksumMismatch { stored, computed } => {
+                write!(f, "checksum mismatch (stored 0x{}, computed 0x{})", hex::encode(stored), hex::encode(computed))
+            }
         }
     }
 }
@@ -406,7 +400,14 @@ mod tests {
         area[SLOT_HEADER_LEN] ^= 1;
         let SlotError::ChecksumMismatch { stored, computed } = slot_err(&area, 0) else { panic!() };
         let msg = decode_header_area(&area).unwrap_err().to_string();
-        assert!(msg.contains(&format!("slot 0: checksum mismatch (stored 0x{}, computed 0x{})", hex::encode(stored), hex::encode(computed))), "{msg}");
+        assert!(
+            msg.contains(&format!(
+                "slot 0: checksum mismatch (stored 0x{}, computed 0x{})",
+                hex::encode(stored),
+                hex::encode(computed)
+            )),
+            "{msg}"
+        );
         // The sequence number is covered by the checksum too.
         let mut area = area_with(&[(0, 3, b"payload")]);
         area[16] = 4;

@@ -162,10 +162,7 @@ impl HeaderRecord {
     /// The slot payload: `"SKYDD-HEADER-RECORD\x01" lp(descriptor envelope) lp(registration
     /// envelope)` (docs/PROTOCOL.md "Header record").
     pub fn encode(&self) -> Vec<u8> {
-        Writer::new(HEADER_RECORD_MAGIC)
-            .bytes(&self.descriptor.encode())
-            .bytes(&self.registration.encode())
-            .finish()
+        Writer::new(HEADER_RECORD_MAGIC).bytes(&self.descriptor.encode()).bytes(&self.registration.encode()).finish()
     }
 
     /// Strict decoding of a slot payload; the descriptor envelope may be up to 300 KiB, the

@@ -19,8 +19,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -29,8 +29,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
-    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore,
-    SignatureScheme,
+    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
 use time::{Duration, OffsetDateTime};
 use zeroize::Zeroizing;
@@ -72,12 +71,7 @@ pub enum Role {
 
 impl Role {
     /// Every role, in the order of docs/PKI.md "Roles" (for listing the accepted values).
-    pub const ALL: [Role; 4] = [
-        Role::Ttp,
-        Role::CloudPlatform,
-        Role::SecureComponent,
-        Role::DomainManager,
-    ];
+    pub const ALL: [Role; 4] = [Role::Ttp, Role::CloudPlatform, Role::SecureComponent, Role::DomainManager];
 
     /// The wire / certificate / CLI string of the role.
     pub fn as_str(self) -> &'static str {
@@ -147,10 +141,7 @@ pub struct IssuedIdentity {
 
 impl fmt::Debug for IssuedIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IssuedIdentity")
-            .field("cert_pem", &self.cert_pem)
-            .field("key_pem", &"<redacted>")
-            .finish()
+        f.debug_struct("IssuedIdentity").field("cert_pem", &self.cert_pem).field("key_pem", &"<redacted>").finish()
     }
 }
 
@@ -171,22 +162,12 @@ pub enum Validity {
 impl Validity {
     fn window(self) -> Result<(OffsetDateTime, OffsetDateTime)> {
         let (nb, na) = match self {
-            Validity::Days(0) => {
-                return Err(Error::Certificate(
-                    "validity of 0 days: must be at least 1".into(),
-                ))
-            }
+            Validity::Days(0) => return Err(Error::Certificate("validity of 0 days: must be at least 1".into())),
             Validity::Days(d) => {
                 let now = OffsetDateTime::now_utc();
-                (
-                    now - Duration::minutes(5),
-                    now + Duration::days(i64::from(d)),
-                )
+                (now - Duration::minutes(5), now + Duration::days(i64::from(d)))
             }
-            Validity::Between {
-                not_before,
-                not_after,
-            } => (not_before, not_after),
+            Validity::Between { not_before, not_after } => (not_before, not_after),
         };
         if na <= nb {
             return Err(Error::Certificate(format!(
@@ -209,9 +190,7 @@ impl CertificateAuthority {
         check_ca_name(name)?;
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Skydd");
+        params.distinguished_name.push(DnType::OrganizationName, "Skydd");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = OffsetDateTime::now_utc();
@@ -220,9 +199,9 @@ impl CertificateAuthority {
         params.serial_number = Some(random_serial());
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| Error::Certificate(format!("generating the CA key failed: {e}")))?;
-        let cert = params.self_signed(&key).map_err(|e| {
-            Error::Certificate(format!("self-signing the CA certificate failed: {e}"))
-        })?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| Error::Certificate(format!("self-signing the CA certificate failed: {e}")))?;
         Ok((cert.pem(), Zeroizing::new(key.serialize_pem())))
     }
 
@@ -259,11 +238,7 @@ impl CertificateAuthority {
             )));
         }
 
-        let mut sans = vec![
-            dns_san(name)?,
-            dns_san("localhost")?,
-            SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
-        ];
+        let mut sans = vec![dns_san(name)?, dns_san("localhost")?, SanType::IpAddress(IpAddr::from([127, 0, 0, 1]))];
         for extra in extra_sans {
             let san = match extra.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -279,39 +254,26 @@ impl CertificateAuthority {
 
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationalUnitName, role.as_str());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Skydd");
+        params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
+        params.distinguished_name.push(DnType::OrganizationName, "Skydd");
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = not_before;
         params.not_after = not_after;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         params
             .custom_extensions
-            .push(CustomExtension::from_oid_content(
-                ROLE_EXTENSION_OID,
-                encode_role_extension(role),
-            ));
+            .push(CustomExtension::from_oid_content(ROLE_EXTENSION_OID, encode_role_extension(role)));
 
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| Error::Certificate(format!("generating the key failed: {e}")))?;
         let cert = params
             .signed_by(&key, &issuer)
             .map_err(|e| Error::Certificate(format!("signing the certificate failed: {e}")))?;
-        Ok(IssuedIdentity {
-            cert_pem: cert.pem(),
-            key_pem: Zeroizing::new(key.serialize_pem()),
-        })
+        Ok(IssuedIdentity { cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
     }
 }
 
@@ -398,17 +360,13 @@ impl RevocationReason {
             RevocationReason::KeyCompromise => rcgen::RevocationReason::KeyCompromise,
             RevocationReason::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
             RevocationReason::Superseded => rcgen::RevocationReason::Superseded,
-            RevocationReason::CessationOfOperation => {
-                rcgen::RevocationReason::CessationOfOperation
-            }
+            RevocationReason::CessationOfOperation => rcgen::RevocationReason::CessationOfOperation,
         }
     }
 
     /// The reason for a CRLReason code (RFC 5280 §5.3.1), if it is one Skydd writes.
     fn from_code(code: u8) -> Option<RevocationReason> {
-        RevocationReason::ALL
-            .into_iter()
-            .find(|r| r.to_rcgen() as u8 == code)
+        RevocationReason::ALL.into_iter().find(|r| r.to_rcgen() as u8 == code)
     }
 }
 
@@ -421,13 +379,10 @@ impl fmt::Display for RevocationReason {
 impl std::str::FromStr for RevocationReason {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        RevocationReason::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| {
-                let all = RevocationReason::ALL.map(|r| r.as_str()).join(", ");
-                Error::Certificate(format!("unknown revocation reason {s:?}: use one of {all}"))
-            })
+        RevocationReason::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| {
+            let all = RevocationReason::ALL.map(|r| r.as_str()).join(", ");
+            Error::Certificate(format!("unknown revocation reason {s:?}: use one of {all}"))
+        })
     }
 }
 
@@ -470,15 +425,10 @@ impl RevocationList {
 impl CertificateAuthority {
     /// The entry that revokes `cert_pem` now. Refuses a certificate this CA did not issue
     /// (its signature must verify with the CA's key; an expired certificate can be revoked).
-    pub fn revocation_entry(
-        ca_cert_pem: &str,
-        cert_pem: &str,
-        reason: RevocationReason,
-    ) -> Result<RevokedCertificate> {
+    pub fn revocation_entry(ca_cert_pem: &str, cert_pem: &str, reason: RevocationReason) -> Result<RevokedCertificate> {
         let der = single_cert_der(cert_pem, "certificate to revoke")?;
-        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
-            Error::Certificate(format!("certificate to revoke does not parse: {e}"))
-        })?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| Error::Certificate(format!("certificate to revoke does not parse: {e}")))?;
         if cert.is_ca() {
             return Err(Error::Certificate(
                 "the certificate to revoke is a CA certificate: Skydd lists end-entity certificates only".into(),
@@ -499,12 +449,7 @@ impl CertificateAuthority {
                     describe_tls_error(&e)
                 ))
             })?;
-        let name = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_string);
+        let name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
         Ok(RevokedCertificate {
             serial_hex: hex::encode(cert.raw_serial()),
             name,
@@ -529,9 +474,8 @@ impl CertificateAuthority {
         let now = OffsetDateTime::now_utc();
         let mut entries = Vec::with_capacity(revoked.len());
         for entry in revoked {
-            let serial = hex::decode(&entry.serial_hex).map_err(|_| {
-                Error::Certificate(format!("serial {:?} is not hex", entry.serial_hex))
-            })?;
+            let serial = hex::decode(&entry.serial_hex)
+                .map_err(|_| Error::Certificate(format!("serial {:?} is not hex", entry.serial_hex)))?;
             entries.push(rcgen::RevokedCertParams {
                 serial_number: SerialNumber::from_slice(&serial),
                 revocation_time: entry.revoked_at,
@@ -550,8 +494,7 @@ impl CertificateAuthority {
         let crl = params
             .signed_by(&ca.issuer)
             .map_err(|e| Error::Certificate(format!("signing the revocation list failed: {e}")))?;
-        crl.pem()
-            .map_err(|e| Error::Certificate(format!("encoding the revocation list failed: {e}")))
+        crl.pem().map_err(|e| Error::Certificate(format!("encoding the revocation list failed: {e}")))
     }
 }
 
@@ -605,9 +548,7 @@ pub fn read_revocation_list(ca_cert_pem: &str, crl_pem: &str) -> Result<Revocati
 }
 
 /// Every `X509 CRL` block of every PEM string, in order.
-pub fn crls_from_pems(
-    crl_pems: &[String],
-) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>> {
+pub fn crls_from_pems(crl_pems: &[String]) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>> {
     let mut all = Vec::new();
     for (i, pem) in crl_pems.iter().enumerate() {
         let mut rd = pem.as_bytes();
@@ -615,10 +556,7 @@ pub fn crls_from_pems(
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Error::Certificate(format!("revocation list #{} is not valid PEM: {e}", i + 1)))?;
         if crls.is_empty() {
-            return Err(Error::Certificate(format!(
-                "revocation list #{} contains no X509 CRL block",
-                i + 1
-            )));
+            return Err(Error::Certificate(format!("revocation list #{} contains no X509 CRL block", i + 1)));
         }
         all.extend(crls);
     }
@@ -650,27 +588,20 @@ pub fn check_name(name: &str) -> Result<()> {
             name.len()
         )));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(Error::Certificate(format!(
             "name {name:?} contains {c:?}: only letters, digits, '.', '_' and '-' are allowed"
         )));
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return Err(Error::Certificate(format!(
-            "name {name:?} must not start with '.' or '-'"
-        )));
+        return Err(Error::Certificate(format!("name {name:?} must not start with '.' or '-'")));
     }
     Ok(())
 }
 
 fn check_ca_name(name: &str) -> Result<()> {
     if name.trim().is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
-        return Err(Error::Certificate(format!(
-            "CA name {name:?} must be 1..=128 printable characters"
-        )));
+        return Err(Error::Certificate(format!("CA name {name:?} must be 1..=128 printable characters")));
     }
     Ok(())
 }
@@ -683,15 +614,12 @@ fn check_dns_name(s: &str) -> Result<()> {
                 && l.len() <= 63
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         });
     if ok {
         Ok(())
     } else {
-        Err(Error::Certificate(format!(
-            "SAN {s:?} is neither an IP address nor a valid DNS name"
-        )))
+        Err(Error::Certificate(format!("SAN {s:?} is neither an IP address nor a valid DNS name")))
     }
 }
 
@@ -720,9 +648,7 @@ pub fn decode_role_extension(der: &[u8]) -> Result<Role> {
         return Err(bad("expected SEQUENCE { INTEGER, UTF8String }"));
     };
     if *version != ROLE_EXTENSION_VERSION {
-        return Err(bad(&format!(
-            "version {version}, this build reads version {ROLE_EXTENSION_VERSION}"
-        )));
+        return Err(bad(&format!("version {version}, this build reads version {ROLE_EXTENSION_VERSION}")));
     }
     if *slen as usize != role.len() {
         return Err(bad("UTF8String length does not match"));
@@ -739,32 +665,20 @@ pub fn identity_from_certificate(der: &[u8]) -> Result<Identity> {
     let (rest, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| Error::Certificate(format!("certificate does not parse: {e}")))?;
     if !rest.is_empty() {
-        return Err(Error::Certificate(format!(
-            "certificate is followed by {} stray bytes",
-            rest.len()
-        )));
+        return Err(Error::Certificate(format!("certificate is followed by {} stray bytes", rest.len())));
     }
     let subject = cert.subject();
     let mut cns = subject.iter_common_name();
     let name = match (cns.next(), cns.next()) {
-        (Some(cn), None) => cn
-            .as_str()
-            .map_err(|_| Error::Certificate("subject CN is not a string".into()))?
-            .to_string(),
-        (None, _) => {
-            return Err(Error::Certificate(format!(
-                "certificate subject {subject} has no CN"
-            )))
+        (Some(cn), None) => {
+            cn.as_str().map_err(|_| Error::Certificate("subject CN is not a string".into()))?.to_string()
         }
+        (None, _) => return Err(Error::Certificate(format!("certificate subject {subject} has no CN"))),
         (Some(_), Some(_)) => {
-            return Err(Error::Certificate(format!(
-                "certificate subject {subject} has more than one CN"
-            )))
+            return Err(Error::Certificate(format!("certificate subject {subject} has more than one CN")))
         }
     };
-    check_name(&name).map_err(|e| {
-        Error::Certificate(format!("certificate subject CN is not a Skydd name: {e}"))
-    })?;
+    check_name(&name).map_err(|e| Error::Certificate(format!("certificate subject CN is not a Skydd name: {e}")))?;
 
     let oid = x509_parser::der_parser::oid::Oid::from(ROLE_EXTENSION_OID)
         .map_err(|_| Error::Certificate("role extension OID is not encodable".into()))?;
@@ -797,11 +711,7 @@ pub fn identity_from_certificate(der: &[u8]) -> Result<Identity> {
 }
 
 fn oid_string() -> String {
-    ROLE_EXTENSION_OID
-        .iter()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(".")
+    ROLE_EXTENSION_OID.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(".")
 }
 
 // ---- PEM helpers --------------------------------------------------------------------------
@@ -813,9 +723,7 @@ pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'stati
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::Certificate(format!("{what} is not valid PEM: {e}")))?;
     if certs.is_empty() {
-        return Err(Error::Certificate(format!(
-            "{what} contains no CERTIFICATE block"
-        )));
+        return Err(Error::Certificate(format!("{what} contains no CERTIFICATE block")));
     }
     Ok(certs)
 }
@@ -823,10 +731,7 @@ pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'stati
 fn single_cert_der(pem: &str, what: &str) -> Result<Vec<u8>> {
     let mut certs = certs_from_pem(pem, what)?;
     if certs.len() != 1 {
-        return Err(Error::Certificate(format!(
-            "{what} holds {} certificates, expected exactly one",
-            certs.len()
-        )));
+        return Err(Error::Certificate(format!("{what} holds {} certificates, expected exactly one", certs.len())));
     }
     Ok(certs.remove(0).to_vec())
 }
@@ -836,28 +741,21 @@ fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>> {
     // Never echo the key material in an error.
     match rustls_pemfile::private_key(&mut rd) {
         Ok(Some(k)) => Ok(k),
-        Ok(None) => Err(Error::InvalidKey(
-            "the key file contains no PRIVATE KEY block".into(),
-        )),
+        Ok(None) => Err(Error::InvalidKey("the key file contains no PRIVATE KEY block".into())),
         Err(_) => Err(Error::InvalidKey("the key file is not valid PEM".into())),
     }
 }
 
 fn root_store(trusted_ca_pems: &[String]) -> Result<Arc<RootCertStore>> {
     if trusted_ca_pems.is_empty() {
-        return Err(Error::Certificate(
-            "no trusted CA certificate configured".into(),
-        ));
+        return Err(Error::Certificate("no trusted CA certificate configured".into()));
     }
     let mut store = RootCertStore::empty();
     for (i, pem) in trusted_ca_pems.iter().enumerate() {
         for der in certs_from_pem(pem, &format!("trusted CA #{}", i + 1))? {
-            store.add(der).map_err(|e| {
-                Error::Certificate(format!(
-                    "trusted CA #{} is not usable as a root: {e}",
-                    i + 1
-                ))
-            })?;
+            store
+                .add(der)
+                .map_err(|e| Error::Certificate(format!("trusted CA #{} is not usable as a root: {e}", i + 1)))?;
         }
     }
     Ok(Arc::new(store))
@@ -886,15 +784,10 @@ pub fn server_config(
     allowed_client_roles: &[Role],
 ) -> Result<rustls::ServerConfig> {
     if allowed_client_roles.is_empty() {
-        return Err(Error::Certificate(
-            "no client role is allowed: the list is empty".into(),
-        ));
+        return Err(Error::Certificate("no client role is allowed: the list is empty".into()));
     }
     let inner = client_cert_verifier(trusted_ca_pems, crl_pems)?;
-    let verifier = RoleClientVerifier {
-        inner,
-        allowed: allowed_client_roles.to_vec(),
-    };
+    let verifier = RoleClientVerifier { inner, allowed: allowed_client_roles.to_vec() };
     let (chain, _) = own_chain(cert_pem)?;
     let key = key_from_pem(key_pem)?;
     rustls::ServerConfig::builder_with_provider(provider())
@@ -903,10 +796,7 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(chain, key)
         .map_err(|e| {
-            Error::InvalidKey(format!(
-                "own certificate and key do not fit together: {}",
-                describe_tls_error(&e)
-            ))
+            Error::InvalidKey(format!("own certificate and key do not fit together: {}", describe_tls_error(&e)))
         })
 }
 
@@ -930,10 +820,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)
         .map_err(|e| {
-            Error::InvalidKey(format!(
-                "own certificate and key do not fit together: {}",
-                describe_tls_error(&e)
-            ))
+            Error::InvalidKey(format!("own certificate and key do not fit together: {}", describe_tls_error(&e)))
         })
 }
 
@@ -965,14 +852,9 @@ pub(crate) fn client_cert_verifier(
     let crls = crls_from_pems(crl_pems)?;
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
     if !crls.is_empty() {
-        builder = builder
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            .enforce_revocation_expiration();
+        builder = builder.with_crls(crls).only_check_end_entity_revocation().enforce_revocation_expiration();
     }
-    builder
-        .build()
-        .map_err(|e| Error::Certificate(format!("building the certificate verifier failed: {e}")))
+    builder.build().map_err(|e| Error::Certificate(format!("building the certificate verifier failed: {e}")))
 }
 
 fn role_server_verifier(
@@ -984,14 +866,9 @@ fn role_server_verifier(
     let crls = crls_from_pems(crl_pems)?;
     let mut builder = WebPkiServerVerifier::builder_with_provider(roots, provider());
     if !crls.is_empty() {
-        builder = builder
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            .enforce_revocation_expiration();
+        builder = builder.with_crls(crls).only_check_end_entity_revocation().enforce_revocation_expiration();
     }
-    let inner = builder
-        .build()
-        .map_err(|e| Error::Certificate(format!("building the server verifier failed: {e}")))?;
+    let inner = builder.build().map_err(|e| Error::Certificate(format!("building the server verifier failed: {e}")))?;
     Ok(Arc::new(RoleServerVerifier { inner, expected }))
 }
 
@@ -1008,9 +885,7 @@ impl fmt::Display for RoleRefused {
 impl std::error::Error for RoleRefused {}
 
 fn refuse(msg: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-        RoleRefused(msg),
-    ))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(RoleRefused(msg)))))
 }
 
 /// The role check that runs after WebPKI accepted the chain. (WebPKI failures keep their own
@@ -1024,21 +899,11 @@ fn checked_identity(
     let id = identity_from_certificate(end_entity)
         .map_err(|e| refuse(format!("{party} certificate is not a Skydd identity: {e}")))?;
     if !allowed.contains(&id.role) {
-        let list = allowed
-            .iter()
-            .map(|r| r.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = allowed.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ");
         let msg = if party == "client" {
-            format!(
-                "client certificate of {:?} has role {}, this endpoint accepts {list}",
-                id.name, id.role
-            )
+            format!("client certificate of {:?} has role {}, this endpoint accepts {list}", id.name, id.role)
         } else {
-            format!(
-                "server certificate of {:?} has role {}, expected {list}",
-                id.name, id.role
-            )
+            format!("server certificate of {:?} has role {}, expected {list}", id.name, id.role)
         };
         return Err(refuse(msg));
     }
@@ -1068,8 +933,7 @@ impl ClientCertVerifier for RoleClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
         checked_identity(end_entity, "client", &self.allowed)?;
         Ok(ClientCertVerified::assertion())
     }
@@ -1110,13 +974,7 @@ impl ServerCertVerifier for RoleServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
+        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
         checked_identity(end_entity, "server", &[self.expected])?;
         Ok(ServerCertVerified::assertion())
     }
@@ -1144,8 +1002,7 @@ impl ServerCertVerifier for RoleServerVerifier {
 // ---- human-readable TLS errors ------------------------------------------------------------
 
 fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 fn unix_rfc3339(t: UnixTime) -> String {
@@ -1162,9 +1019,9 @@ pub fn describe_tls_error(e: &rustls::Error) -> String {
     match e {
         E::NoCertificatesPresented => "no client certificate presented".into(),
         E::InvalidCertificate(c) => describe_certificate_error(c),
-        E::InvalidCertRevocationList(c) => format!(
-            "the configured revocation list is unusable ({c:?}): it must be a CRL signed by a trusted CA"
-        ),
+        E::InvalidCertRevocationList(c) => {
+            format!("the configured revocation list is unusable ({c:?}): it must be a CRL signed by a trusted CA")
+        }
         E::AlertReceived(a) => describe_alert(*a),
         E::PeerIncompatible(p) => {
             format!("peer is incompatible (Skydd speaks TLS 1.3 only): {p:?}")
@@ -1176,11 +1033,9 @@ pub fn describe_tls_error(e: &rustls::Error) -> String {
 fn describe_certificate_error(c: &CertificateError) -> String {
     match c {
         CertificateError::Expired => "certificate expired".into(),
-        CertificateError::ExpiredContext { time, not_after } => format!(
-            "certificate expired at {} (checked at {})",
-            unix_rfc3339(*not_after),
-            unix_rfc3339(*time)
-        ),
+        CertificateError::ExpiredContext { time, not_after } => {
+            format!("certificate expired at {} (checked at {})", unix_rfc3339(*not_after), unix_rfc3339(*time))
+        }
         CertificateError::NotValidYet => "certificate is not valid yet".into(),
         CertificateError::NotValidYetContext { time, not_before } => format!(
             "certificate is not valid before {} (checked at {})",
@@ -1188,15 +1043,11 @@ fn describe_certificate_error(c: &CertificateError) -> String {
             unix_rfc3339(*time)
         ),
         CertificateError::UnknownIssuer => "certificate is not issued by a trusted CA".into(),
-        CertificateError::Revoked => {
-            "certificate is revoked (listed in its CA's certificate revocation list)".into()
-        }
+        CertificateError::Revoked => "certificate is revoked (listed in its CA's certificate revocation list)".into(),
         CertificateError::UnknownRevocationStatus => {
-            "revocation status unknown: no revocation list of the certificate's CA is configured"
-                .into()
+            "revocation status unknown: no revocation list of the certificate's CA is configured".into()
         }
-        CertificateError::ExpiredRevocationList
-        | CertificateError::ExpiredRevocationListContext { .. } => format!(
+        CertificateError::ExpiredRevocationList | CertificateError::ExpiredRevocationListContext { .. } => format!(
             "the configured revocation list is past its next update ({c}): the CA must publish \
              a fresh one (`cloud-platform ca crl`)"
         ),
@@ -1214,15 +1065,9 @@ fn describe_certificate_error(c: &CertificateError) -> String {
 
 fn describe_alert(a: AlertDescription) -> String {
     let what = match a {
-        AlertDescription::CertificateRequired => {
-            "the peer requires a client certificate and none was presented"
-        }
-        AlertDescription::CertificateExpired => {
-            "the peer refused our certificate: it is expired or not yet valid"
-        }
-        AlertDescription::UnknownCA => {
-            "the peer refused our certificate: it is not issued by a CA the peer trusts"
-        }
+        AlertDescription::CertificateRequired => "the peer requires a client certificate and none was presented",
+        AlertDescription::CertificateExpired => "the peer refused our certificate: it is expired or not yet valid",
+        AlertDescription::UnknownCA => "the peer refused our certificate: it is not issued by a CA the peer trusts",
         AlertDescription::CertificateUnknown => {
             "the peer refused our certificate: its role is not accepted there, or it is not a Skydd identity"
         }
@@ -1269,33 +1114,19 @@ mod tests {
         assert!(decode_role_extension(&trailing).is_err());
         let mut v2 = good.clone();
         v2[4] = 2;
-        assert!(decode_role_extension(&v2)
-            .unwrap_err()
-            .to_string()
-            .contains("version 2"));
+        assert!(decode_role_extension(&v2).unwrap_err().to_string().contains("version 2"));
         let unknown = b"\x30\x0a\x02\x01\x01\x0c\x05admin";
-        assert!(decode_role_extension(unknown)
-            .unwrap_err()
-            .to_string()
-            .contains("unknown role"));
+        assert!(decode_role_extension(unknown).unwrap_err().to_string().contains("unknown role"));
     }
 
     #[test]
     fn issue_and_parse_identity_for_every_role() {
         let (ca_pem, ca_key) = ca();
         for role in Role::ALL {
-            let id =
-                CertificateAuthority::issue(&ca_pem, &ca_key, role, "party-1", Validity::Days(30))
-                    .unwrap();
+            let id = CertificateAuthority::issue(&ca_pem, &ca_key, role, "party-1", Validity::Days(30)).unwrap();
             let der = certs_from_pem(&id.cert_pem, "cert").unwrap().remove(0);
             let got = identity_from_certificate(&der).unwrap();
-            assert_eq!(
-                got,
-                Identity {
-                    name: "party-1".into(),
-                    role
-                }
-            );
+            assert_eq!(got, Identity { name: "party-1".into(), role });
             assert!(id.key_pem.contains("PRIVATE KEY"));
             assert!(!format!("{id:?}").contains("PRIVATE KEY"));
         }
@@ -1327,23 +1158,12 @@ mod tests {
             "IPAddress(0a:00:00:07)",
             "DNSName(host-7.cloud.example)",
         ] {
-            assert!(
-                names.iter().any(|n| n == want),
-                "{want} missing from {names:?}"
-            );
+            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
         }
-        let ext = c
-            .extensions()
-            .iter()
-            .find(|e| e.oid.to_id_string() == "1.3.6.1.4.1.4200000000.1.1")
-            .unwrap();
+        let ext = c.extensions().iter().find(|e| e.oid.to_id_string() == "1.3.6.1.4.1.4200000000.1.1").unwrap();
         assert!(!ext.critical);
         assert_eq!(ext.value, encode_role_extension(Role::SecureComponent));
-        let ou: Vec<_> = c
-            .subject()
-            .iter_organizational_unit()
-            .map(|a| a.as_str().unwrap())
-            .collect();
+        let ou: Vec<_> = c.subject().iter_organizational_unit().map(|a| a.as_str().unwrap()).collect();
         assert_eq!(ou, ["secure-component"]);
         // Days: not_after - not_before ~ 10 days + 5 min skew.
         let span = c.validity().not_after.timestamp() - c.validity().not_before.timestamp();
@@ -1356,9 +1176,7 @@ mod tests {
         use openssl::x509::store::X509StoreBuilder;
         use openssl::x509::{X509StoreContext, X509};
         let (ca_pem, ca_key) = ca();
-        let id =
-            CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp-a", Validity::Days(5))
-                .unwrap();
+        let id = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp-a", Validity::Days(5)).unwrap();
         let ca = X509::from_pem(ca_pem.as_bytes()).unwrap();
         let leaf = X509::from_pem(id.cert_pem.as_bytes()).unwrap();
         let mut b = X509StoreBuilder::new().unwrap();
@@ -1378,50 +1196,24 @@ mod tests {
     fn refusals_name_the_problem() {
         let (ca_pem, ca_key) = ca();
         let (other_ca, other_key) = ca();
-        let e = CertificateAuthority::issue(&ca_pem, &other_key, Role::Ttp, "x", Validity::Days(1))
-            .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("does not belong to the CA certificate"),
-            "{e}"
-        );
+        let e = CertificateAuthority::issue(&ca_pem, &other_key, Role::Ttp, "x", Validity::Days(1)).unwrap_err();
+        assert!(e.to_string().contains("does not belong to the CA certificate"), "{e}");
         let _ = other_ca;
-        let e =
-            CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "bad name", Validity::Days(1))
-                .unwrap_err();
+        let e = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "bad name", Validity::Days(1)).unwrap_err();
         assert!(e.to_string().contains("contains ' '"), "{e}");
-        let e = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "x", Validity::Days(0))
-            .unwrap_err();
+        let e = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "x", Validity::Days(0)).unwrap_err();
         assert!(e.to_string().contains("0 days"), "{e}");
-        let e = CertificateAuthority::issue(
-            &ca_pem,
-            &ca_key,
-            Role::Ttp,
-            "x",
-            Validity::Days(CA_DAYS + 10),
-        )
-        .unwrap_err();
+        let e =
+            CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "x", Validity::Days(CA_DAYS + 10)).unwrap_err();
         assert!(e.to_string().contains("CA certificate expires"), "{e}");
-        let e = CertificateAuthority::issue("junk", &ca_key, Role::Ttp, "x", Validity::Days(1))
-            .unwrap_err();
+        let e = CertificateAuthority::issue("junk", &ca_key, Role::Ttp, "x", Validity::Days(1)).unwrap_err();
         assert!(e.to_string().contains("no CERTIFICATE"), "{e}");
-        let e = CertificateAuthority::issue(&ca_pem, "junk", Role::Ttp, "x", Validity::Days(1))
-            .unwrap_err();
+        let e = CertificateAuthority::issue(&ca_pem, "junk", Role::Ttp, "x", Validity::Days(1)).unwrap_err();
         assert!(!e.to_string().contains("junk"));
-        let e = CertificateAuthority::issue_with_sans(
-            &ca_pem,
-            &ca_key,
-            Role::Ttp,
-            "x",
-            Validity::Days(1),
-            &["a b".into()],
-        )
-        .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("neither an IP address nor a valid DNS name"),
-            "{e}"
-        );
+        let e =
+            CertificateAuthority::issue_with_sans(&ca_pem, &ca_key, Role::Ttp, "x", Validity::Days(1), &["a b".into()])
+                .unwrap_err();
+        assert!(e.to_string().contains("neither an IP address nor a valid DNS name"), "{e}");
     }
 
     #[test]
@@ -1429,42 +1221,29 @@ mod tests {
         let (ca_pem, _) = ca();
         let der = certs_from_pem(&ca_pem, "ca").unwrap().remove(0);
         let e = identity_from_certificate(&der).unwrap_err().to_string();
-        assert!(
-            e.contains("no CN") || e.contains("not a Skydd name") || e.contains("no Skydd role"),
-            "{e}"
-        );
+        assert!(e.contains("no CN") || e.contains("not a Skydd name") || e.contains("no Skydd role"), "{e}");
         // A plain rcgen certificate with a good CN but no extension.
         let mut p = CertificateParams::new(vec!["plain".into()]).unwrap();
         p.distinguished_name.push(DnType::CommonName, "plain");
         let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let c = p.self_signed(&k).unwrap();
         let e = identity_from_certificate(c.der()).unwrap_err().to_string();
-        assert!(
-            e.contains("carries no Skydd role extension (1.3.6.1.4.1.4200000000.1.1)"),
-            "{e}"
-        );
+        assert!(e.contains("carries no Skydd role extension (1.3.6.1.4.1.4200000000.1.1)"), "{e}");
         // OU disagreeing with the extension.
         let mut p = CertificateParams::new(vec!["mixed".into()]).unwrap();
         p.distinguished_name.push(DnType::CommonName, "mixed");
-        p.distinguished_name
-            .push(DnType::OrganizationalUnitName, "ttp");
-        p.custom_extensions.push(CustomExtension::from_oid_content(
-            ROLE_EXTENSION_OID,
-            encode_role_extension(Role::DomainManager),
-        ));
+        p.distinguished_name.push(DnType::OrganizationalUnitName, "ttp");
+        p.custom_extensions
+            .push(CustomExtension::from_oid_content(ROLE_EXTENSION_OID, encode_role_extension(Role::DomainManager)));
         let c = p.self_signed(&k).unwrap();
         let e = identity_from_certificate(c.der()).unwrap_err().to_string();
-        assert!(
-            e.contains("role domain-manager in its extension but OU \"ttp\""),
-            "{e}"
-        );
+        assert!(e.contains("role domain-manager in its extension but OU \"ttp\""), "{e}");
     }
 
     #[test]
     fn configs_build_and_refuse_bad_input() {
         let (ca_pem, ca_key) = ca();
-        let id = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5))
-            .unwrap();
+        let id = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5)).unwrap();
         let cas = vec![ca_pem.clone()];
         server_config(&cas, &[], &id.cert_pem, &id.key_pem, &[Role::SecureComponent]).unwrap();
         client_config(&cas, &[], &id.cert_pem, &id.key_pem, Role::CloudPlatform).unwrap();
@@ -1472,9 +1251,7 @@ mod tests {
         assert!(e.to_string().contains("no client role is allowed"));
         let e = server_config(&[], &[], &id.cert_pem, &id.key_pem, &[Role::Ttp]).unwrap_err();
         assert!(e.to_string().contains("no trusted CA"));
-        let other =
-            CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5))
-                .unwrap();
+        let other = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5)).unwrap();
         let e = server_config(&cas, &[], &id.cert_pem, &other.key_pem, &[Role::Ttp]).unwrap_err();
         assert!(e.to_string().contains("do not fit together"), "{e}");
     }
@@ -1482,8 +1259,8 @@ mod tests {
     #[test]
     fn a_revocation_list_round_trips_and_names_what_it_revokes() {
         let (ca_pem, ca_key) = ca();
-        let host = CertificateAuthority::issue(&ca_pem, &ca_key, Role::SecureComponent, "host-1", Validity::Days(5))
-            .unwrap();
+        let host =
+            CertificateAuthority::issue(&ca_pem, &ca_key, Role::SecureComponent, "host-1", Validity::Days(5)).unwrap();
         let entry =
             CertificateAuthority::revocation_entry(&ca_pem, &host.cert_pem, RevocationReason::KeyCompromise).unwrap();
         assert_eq!(entry.name.as_deref(), Some("host-1"));
@@ -1491,8 +1268,8 @@ mod tests {
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert_eq!(entry.serial_hex, hex::encode(parsed.raw_serial()));
 
-        let pem = CertificateAuthority::sign_revocation_list(&ca_pem, &ca_key, 7, std::slice::from_ref(&entry), 30)
-            .unwrap();
+        let pem =
+            CertificateAuthority::sign_revocation_list(&ca_pem, &ca_key, 7, std::slice::from_ref(&entry), 30).unwrap();
         assert!(pem.starts_with("-----BEGIN X509 CRL-----"), "{pem}");
         let list = read_revocation_list(&ca_pem, &pem).unwrap();
         assert_eq!(list.crl_number, 7);
@@ -1508,7 +1285,9 @@ mod tests {
     fn revocation_refuses_what_is_not_this_cas() {
         let (ca_pem, ca_key) = ca();
         let (other_pem, other_key) = CertificateAuthority::generate("Other CA").unwrap();
-        let foreign = CertificateAuthority::issue(&other_pem, &other_key, Role::CloudPlatform, "cp-x", Validity::Days(5)).unwrap();
+        let foreign =
+            CertificateAuthority::issue(&other_pem, &other_key, Role::CloudPlatform, "cp-x", Validity::Days(5))
+                .unwrap();
         let e = CertificateAuthority::revocation_entry(&ca_pem, &foreign.cert_pem, RevocationReason::Unspecified)
             .unwrap_err();
         assert!(e.to_string().contains("not issued by this CA"), "{e}");
@@ -1530,10 +1309,10 @@ mod tests {
     #[test]
     fn a_revoked_signer_is_refused_and_an_unlisted_one_accepted() {
         let (ca_pem, ca_key) = ca();
-        let alice = CertificateAuthority::issue(&ca_pem, &ca_key, Role::DomainManager, "alice", Validity::Days(60))
-            .unwrap();
-        let bob = CertificateAuthority::issue(&ca_pem, &ca_key, Role::DomainManager, "bob", Validity::Days(60))
-            .unwrap();
+        let alice =
+            CertificateAuthority::issue(&ca_pem, &ca_key, Role::DomainManager, "alice", Validity::Days(60)).unwrap();
+        let bob =
+            CertificateAuthority::issue(&ca_pem, &ca_key, Role::DomainManager, "bob", Validity::Days(60)).unwrap();
         let entry =
             CertificateAuthority::revocation_entry(&ca_pem, &alice.cert_pem, RevocationReason::AffiliationChanged)
                 .unwrap();
@@ -1544,7 +1323,9 @@ mod tests {
         let e = crate::signing::verify_signer_certificate(&der(&alice.cert_pem), &cas, std::slice::from_ref(&crl), now)
             .unwrap_err();
         assert!(e.to_string().contains("certificate is revoked"), "{e}");
-        let bob_id = crate::signing::verify_signer_certificate(&der(&bob.cert_pem), &cas, std::slice::from_ref(&crl), now).unwrap();
+        let bob_id =
+            crate::signing::verify_signer_certificate(&der(&bob.cert_pem), &cas, std::slice::from_ref(&crl), now)
+                .unwrap();
         assert_eq!(bob_id.name, "bob");
         // Without the list, alice still verifies: the list is what revokes.
         crate::signing::verify_signer_certificate(&der(&alice.cert_pem), &cas, &[], now).unwrap();

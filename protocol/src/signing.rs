@@ -96,12 +96,15 @@ impl std::fmt::Debug for SignatureKey {
 }
 
 /// Verifies a DER ECDSA signature with a public key.
-pub fn verify(public_key: &VerifyingKey, context: SignatureContext, message: &[u8], signature_der: &[u8]) -> Result<()> {
+pub fn verify(
+    public_key: &VerifyingKey,
+    context: SignatureContext,
+    message: &[u8],
+    signature_der: &[u8],
+) -> Result<()> {
     let what = context.label();
     let signature = Signature::from_der(signature_der).map_err(|_| Error::BadSignature { what })?;
-    public_key
-        .verify(&signed_bytes(context, message), &signature)
-        .map_err(|_| Error::BadSignature { what })
+    public_key.verify(&signed_bytes(context, message), &signature).map_err(|_| Error::BadSignature { what })
 }
 
 /// The P-256 public key of a DER certificate (no chain check: see `pki`).
@@ -172,8 +175,8 @@ pub fn verify_signer_certificate(
     // A revoked signer's signatures stop counting from the moment its CA's list says so.
     let verifier = crate::pki::client_cert_verifier(trusted_ca_pems, crl_pems)?;
     let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now_unix));
-    verifier
-        .verify_client_cert(&CertificateDer::from(certificate_der), &[], now)
-        .map_err(|e| Error::Certificate(format!("signer certificate refused: {}", crate::pki::describe_tls_error(&e))))?;
+    verifier.verify_client_cert(&CertificateDer::from(certificate_der), &[], now).map_err(|e| {
+        Error::Certificate(format!("signer certificate refused: {}", crate::pki::describe_tls_error(&e)))
+    })?;
     crate::pki::identity_from_certificate(certificate_der)
 }

@@ -49,14 +49,15 @@ impl TpmWorker {
                 }
             })
             .map_err(|e| Error::io("start the TPM worker thread", e))?;
-        opened_rx
-            .recv()
-            .map_err(|_| Error::tpm("open", "the TPM worker thread ended before opening the TPM"))??;
+        opened_rx.recv().map_err(|_| Error::tpm("open", "the TPM worker thread ended before opening the TPM"))??;
         Ok(Self { jobs })
     }
 
     /// Runs `job` on the TPM thread and returns its result.
-    pub async fn run<T: Send + 'static>(&self, job: impl FnOnce(&mut HostTpm) -> Result<T> + Send + 'static) -> Result<T> {
+    pub async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut HostTpm) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
         self.jobs
             .send(Box::new(move |tpm| {
@@ -112,7 +113,13 @@ impl HostAgent {
 
     /// Obtains the domain key for `vm_id` (DESIGN §3, "Mount"): a fresh challenge, a quote
     /// over it, the key release, and the decryption inside the TPM under the PCR policy.
-    pub async fn obtain_key(&self, header: &HeaderRecord, grant: &SignedEnvelope, vm_id: &str, mode: AccessMode) -> Result<(SecretBytes, KeyReleaseResponse)> {
+    pub async fn obtain_key(
+        &self,
+        header: &HeaderRecord,
+        grant: &SignedEnvelope,
+        vm_id: &str,
+        mode: AccessMode,
+    ) -> Result<(SecretBytes, KeyReleaseResponse)> {
         let response = self.request_release(header, grant, vm_id, mode).await?;
         let wrapped = response.wrapped_key.clone();
         let key = self.tpm.run(move |tpm| tpm.decrypt_released_key(&wrapped)).await?;
@@ -120,7 +127,13 @@ impl HostAgent {
     }
 
     /// The key release alone (the wrapped key is useless outside this host's TPM).
-    pub async fn request_release(&self, header: &HeaderRecord, grant: &SignedEnvelope, vm_id: &str, mode: AccessMode) -> Result<KeyReleaseResponse> {
+    pub async fn request_release(
+        &self,
+        header: &HeaderRecord,
+        grant: &SignedEnvelope,
+        vm_id: &str,
+        mode: AccessMode,
+    ) -> Result<KeyReleaseResponse> {
         let challenge: ChallengeResponse =
             self.ttp.post_json("/v1/challenges", &()).await.map_err(|e| ttp_error("challenge", e))?;
         let nonce = challenge.nonce.clone();

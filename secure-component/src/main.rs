@@ -71,7 +71,9 @@ async fn main() -> anyhow::Result<()> {
                 config.listen = listen;
             }
             let (service, tls) = secure_component::service::build(&config)?;
-            let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("bind {}", config.listen))?;
+            let listener = tokio::net::TcpListener::bind(&config.listen)
+                .await
+                .with_context(|| format!("bind {}", config.listen))?;
             let shutdown = tokio_util::sync::CancellationToken::new();
             let on_signal = shutdown.clone();
             tokio::spawn(async move {

@@ -188,9 +188,7 @@ pub fn ca_certificates_der(ca_dir: &Path) -> Result<Vec<Vec<u8>>> {
             let path = ca_dir.join(name);
             let pem = std::fs::read(&path)
                 .map_err(|e| Error::io(format!("reading swtpm local CA certificate {}", path.display()), e))?;
-            pem_to_der(&pem).ok_or_else(|| {
-                Error::Swtpm(format!("{} holds no PEM certificate", path.display()))
-            })
+            pem_to_der(&pem).ok_or_else(|| Error::Swtpm(format!("{} holds no PEM certificate", path.display())))
         })
         .collect()
 }
@@ -242,8 +240,7 @@ fn manufacture(state_dir: &Path, ca_dir: &Path) -> Result<PathBuf> {
         return Ok(tpm_dir);
     }
     for dir in [&tpm_dir, &ca_dir.to_path_buf()] {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
     let localca_conf = state_dir.join("swtpm-localca.conf");
     let localca_options = state_dir.join("swtpm-localca.options");
@@ -258,10 +255,7 @@ fn manufacture(state_dir: &Path, ca_dir: &Path) -> Result<PathBuf> {
             ca = ca_dir.display()
         ),
     )?;
-    write(
-        &localca_options,
-        "--platform-manufacturer Skydd\n--platform-version 2.1\n--platform-model swtpm\n".into(),
-    )?;
+    write(&localca_options, "--platform-manufacturer Skydd\n--platform-version 2.1\n--platform-model swtpm\n".into())?;
     write(
         &setup_conf,
         format!(
@@ -309,10 +303,7 @@ fn free_port_pair() -> Result<u16> {
     for _ in 0..50 {
         let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .map_err(|e| Error::io("binding a loopback port", e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| Error::io("reading a bound port", e))?
-            .port();
+        let port = listener.local_addr().map_err(|e| Error::io("reading a bound port", e))?.port();
         if port < u16::MAX && TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port + 1))).is_ok() {
             return Ok(port);
         }

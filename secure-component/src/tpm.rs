@@ -17,7 +17,9 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use protocol::attest::{CredentialChallenge, EnrollmentProof, EnrollmentRequest, PcrSelection, PcrValue, QuoteEvidence};
+use protocol::attest::{
+    CredentialChallenge, EnrollmentProof, EnrollmentRequest, PcrSelection, PcrValue, QuoteEvidence,
+};
 use protocol::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
 use tss_esapi::abstraction::{ek, AsymmetricAlgorithmSelection};
@@ -33,8 +35,8 @@ use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
     Data, Digest, DigestValues, EccParameter, EccPoint, EccScheme, EncryptedSecret, HashScheme, IdObject,
     KeyDerivationFunctionScheme, PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder,
-    PublicEccParametersBuilder, PublicKeyRsa, PublicRsaParametersBuilder, RsaDecryptionScheme, RsaExponent,
-    RsaScheme, SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
+    PublicEccParametersBuilder, PublicKeyRsa, PublicRsaParametersBuilder, RsaDecryptionScheme, RsaExponent, RsaScheme,
+    SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -73,7 +75,9 @@ impl HostTpm {
     /// `state_dir` for the AK and binding key blobs.
     pub fn open(tcti: &str, state_dir: &Path) -> Result<HostTpm> {
         let conf = TctiNameConf::from_str(tcti).map_err(|e| {
-            Error::Config(format!("TCTI '{tcti}' is not valid (expected swtpm:host=H,port=P or device:/dev/tpmrm0): {e}"))
+            Error::Config(format!(
+                "TCTI '{tcti}' is not valid (expected swtpm:host=H,port=P or device:/dev/tpmrm0): {e}"
+            ))
         })?;
         let context = Context::new(conf).map_err(|e| Error::tpm("connect", format!("TCTI '{tcti}': {e}")))?;
         std::fs::create_dir_all(state_dir)
@@ -166,7 +170,12 @@ impl HostTpm {
                     .execute_with_sessions((Some(AuthSession::Password), Some(session), None), |ctx| {
                         ctx.activate_credential(ak, ek, id_object, secret)
                     })
-                    .map_err(|e| Error::tpm("ActivateCredential", format!("{e} (the challenge was not made for this TPM's EK and AK)")))
+                    .map_err(|e| {
+                        Error::tpm(
+                            "ActivateCredential",
+                            format!("{e} (the challenge was not made for this TPM's EK and AK)"),
+                        )
+                    })
             })();
             flush_session(&mut self.context, session);
             outcome
@@ -182,8 +191,9 @@ impl HostTpm {
     /// Enrollment step 3b: TPM2_Certify of the binding key by the AK over `qualifying_data`.
     /// Returns (marshalled TPMS_ATTEST, marshalled TPMT_SIGNATURE).
     pub fn certify_binding_key(&mut self, qualifying_data: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
-        let data = Data::try_from(qualifying_data.to_vec())
-            .map_err(|_| Error::tpm("Certify", format!("qualifying data is {} bytes, at most 64 allowed", qualifying_data.len())))?;
+        let data = Data::try_from(qualifying_data.to_vec()).map_err(|_| {
+            Error::tpm("Certify", format!("qualifying data is {} bytes, at most 64 allowed", qualifying_data.len()))
+        })?;
         let (ak, binding) = self.load_ak_and_binding()?;
         // Certify needs the binding key's ADMIN role, authorized by its (empty) authValue:
         // adminWithPolicy is clear (see binding_template).
@@ -238,8 +248,9 @@ impl HostTpm {
     /// [`BINDING_OAEP_LABEL`]) in a PolicyPCR session: the TPM itself refuses when the
     /// host's PCRs no longer hold the enrolled values.
     pub fn decrypt_released_key(&mut self, ciphertext: &[u8]) -> Result<SecretBytes> {
-        let cipher = PublicKeyRsa::try_from(ciphertext.to_vec())
-            .map_err(|_| Error::tpm("RSA_Decrypt", format!("ciphertext is {} bytes, expected 256", ciphertext.len())))?;
+        let cipher = PublicKeyRsa::try_from(ciphertext.to_vec()).map_err(|_| {
+            Error::tpm("RSA_Decrypt", format!("ciphertext is {} bytes, expected 256", ciphertext.len()))
+        })?;
         let label = Data::try_from(BINDING_OAEP_LABEL.to_vec()).map_err(|e| Error::tpm("RSA_Decrypt", e))?;
         let selection = self.binding_selection()?;
         let pcr_list = tpm_selection(&selection)?;
@@ -250,11 +261,20 @@ impl HostTpm {
                 // An empty pcrDigest makes the TPM bind the session to the PCRs' current
                 // values; RSA_Decrypt then succeeds only if they equal the enrolled ones.
                 self.context
-                    .policy_pcr(PolicySession::try_from(session).map_err(|e| Error::tpm("PolicyPCR", e))?, Digest::default(), pcr_list)
+                    .policy_pcr(
+                        PolicySession::try_from(session).map_err(|e| Error::tpm("PolicyPCR", e))?,
+                        Digest::default(),
+                        pcr_list,
+                    )
                     .map_err(|e| Error::tpm("PolicyPCR", e))?;
                 self.context
                     .execute_with_session(Some(session), |ctx| {
-                        ctx.rsa_decrypt(binding, cipher, RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256)), label)
+                        ctx.rsa_decrypt(
+                            binding,
+                            cipher,
+                            RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256)),
+                            label,
+                        )
                     })
                     .map_err(|e| map_policy_error("RSA_Decrypt(binding key)", e))
             })();
@@ -292,14 +312,12 @@ impl HostTpm {
                 .context
                 .execute_without_session(|ctx| ctx.pcr_read(list))
                 .map_err(|e| Error::tpm("PCR_Read", e))?;
-            let returned: Vec<u8> = read
-                .get_selections()
-                .iter()
-                .flat_map(|s| s.selected())
-                .map(slot_index)
-                .collect();
+            let returned: Vec<u8> = read.get_selections().iter().flat_map(|s| s.selected()).map(slot_index).collect();
             if returned.len() != digests.value().len() || returned.len() != chunk.len() {
-                return Err(Error::tpm("PCR_Read", format!("asked for PCRs {chunk:?}, the TPM returned PCRs {returned:?}")));
+                return Err(Error::tpm(
+                    "PCR_Read",
+                    format!("asked for PCRs {chunk:?}, the TPM returned PCRs {returned:?}"),
+                ));
             }
             let mut pairs: Vec<(u8, Vec<u8>)> =
                 returned.into_iter().zip(digests.value().iter().map(|d| d.value().to_vec())).collect();
@@ -315,7 +333,14 @@ impl HostTpm {
         let list = tpm_selection(selection)?;
         let session = self
             .context
-            .start_auth_session(None, None, None, SessionType::Trial, SymmetricDefinition::AES_128_CFB, HashingAlgorithm::Sha256)
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Trial,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
             .map_err(|e| Error::tpm("StartAuthSession(trial)", e))?
             .ok_or_else(|| Error::tpm("StartAuthSession(trial)", "the TPM returned no session"))?;
         let result = (|| {
@@ -416,7 +441,8 @@ impl HostTpm {
         let path = self.state_dir.join(name);
         let tmp = self.state_dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, bytes).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))
     }
 }
 
@@ -443,14 +469,20 @@ fn create_ek(ctx: &mut Context) -> Result<KeyHandle> {
 
 fn start_policy_session(ctx: &mut Context) -> Result<AuthSession> {
     let session = ctx
-        .start_auth_session(None, None, None, SessionType::Policy, SymmetricDefinition::AES_128_CFB, HashingAlgorithm::Sha256)
+        .start_auth_session(
+            None,
+            None,
+            None,
+            SessionType::Policy,
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )
         .map_err(|e| Error::tpm("StartAuthSession(policy)", e))?
         .ok_or_else(|| Error::tpm("StartAuthSession(policy)", "the TPM returned no session"))?;
     // continueSession stays set so the session outlives the command and flush_session can
     // always end it (success or failure) without the TPM having freed it first.
     let (attributes, mask) = SessionAttributesBuilder::new().with_continue_session(true).build();
-    ctx.tr_sess_set_attributes(session, attributes, mask)
-        .map_err(|e| Error::tpm("TRSess_SetAttributes", e))?;
+    ctx.tr_sess_set_attributes(session, attributes, mask).map_err(|e| Error::tpm("TRSess_SetAttributes", e))?;
     Ok(session)
 }
 
@@ -548,9 +580,12 @@ fn srk_template() -> Result<Public> {
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
         .with_object_attributes(attributes)
         .with_ecc_parameters(
-            PublicEccParametersBuilder::new_restricted_decryption_key(SymmetricDefinitionObject::AES_128_CFB, EccCurve::NistP256)
-                .build()
-                .map_err(|e| Error::tpm("SRK template", e))?,
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                EccCurve::NistP256,
+            )
+            .build()
+            .map_err(|e| Error::tpm("SRK template", e))?,
         )
         .with_ecc_unique_identifier(EccPoint::new(
             EccParameter::try_from(vec![0u8; 32]).map_err(|e| Error::tpm("SRK template", e))?,

@@ -290,8 +290,14 @@ fn keyed_ctx(key: &[u8], dir: Direction) -> Result<Ctx> {
     // the caller) which is the cipher's key length; the zero IV is replaced per unit.
     unsafe {
         let zero_iv = [0u8; 16];
-        if ffi::EVP_CipherInit_ex(ctx.0, ffi::EVP_aes_256_xts(), ptr::null_mut(), key.as_ptr(), zero_iv.as_ptr(), dir.enc_flag())
-            != 1
+        if ffi::EVP_CipherInit_ex(
+            ctx.0,
+            ffi::EVP_aes_256_xts(),
+            ptr::null_mut(),
+            key.as_ptr(),
+            zero_iv.as_ptr(),
+            dir.enc_flag(),
+        ) != 1
         {
             return Err(xts_err(format!("loading the AES-256-XTS key into OpenSSL failed: {}", openssl_errors())));
         }
@@ -415,7 +421,8 @@ mod vaes {
     unsafe fn expand256(key: &[u8], out: &mut [u8]) {
         let mut rk = [_mm_setzero_si128(); 15];
         // SAFETY: the caller guarantees `key` holds 32 bytes: two 16-byte loads at 0 and 16.
-        let (mut t1, mut t3) = unsafe { (_mm_loadu_si128(key.as_ptr().cast()), _mm_loadu_si128(key.as_ptr().add(16).cast())) };
+        let (mut t1, mut t3) =
+            unsafe { (_mm_loadu_si128(key.as_ptr().cast()), _mm_loadu_si128(key.as_ptr().add(16).cast())) };
         rk[0] = t1;
         rk[1] = t3;
         expand_round!(rk, t1, t3, 1, 0x01, false);

@@ -92,21 +92,16 @@ pub fn kernel() -> Kernel {
     let debs = cache.join("debs");
     fs::create_dir_all(&debs).expect("create debs dir");
     // Which versioned image does linux-image-amd64 point at?
-    let package = Command::new("apt-cache")
-        .args(["depends", "linux-image-amd64"])
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| l.trim().strip_prefix("Depends: "))
-                .find(|p| p.starts_with("linux-image-"))
-                .map(str::to_string)
-        });
+    let package = Command::new("apt-cache").args(["depends", "linux-image-amd64"]).output().ok().and_then(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .find(|p| p.starts_with("linux-image-"))
+            .map(str::to_string)
+    });
     let cached_debs = || -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = fs::read_dir(&debs)
-            .map(|r| r.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
+        let mut v: Vec<PathBuf> =
+            fs::read_dir(&debs).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
         v.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("linux-image-")));
         v.sort();
         v
@@ -177,11 +172,7 @@ fn module_depends(ko: &Path) -> Vec<String> {
     let Some(pos) = data.windows(needle.len()).position(|w| w == needle) else { return vec![] };
     let rest = &data[pos + needle.len()..];
     let end = rest.iter().position(|&c| c == 0).unwrap_or(0);
-    String::from_utf8_lossy(&rest[..end])
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| s.replace('-', "_"))
-        .collect()
+    String::from_utf8_lossy(&rest[..end]).split(',').filter(|s| !s.is_empty()).map(|s| s.replace('-', "_")).collect()
 }
 
 /// `wanted` plus their dependencies, dependencies first.
@@ -240,9 +231,8 @@ pub fn guest_agent() -> PathBuf {
         .status()
         .expect("run cargo build for skydd-guest-agent");
     assert!(status.success(), "cargo build -p secure-component --bin skydd-guest-agent failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
     let p = target.join("debug/skydd-guest-agent");
     assert!(p.exists(), "{} was not built", p.display());
     p
@@ -319,7 +309,19 @@ impl Cpio {
             let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
             let hdr = format!(
                 "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-                ino, mode, 0, 0, nlink, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+                ino,
+                mode,
+                0,
+                0,
+                nlink,
+                0,
+                data.len(),
+                0,
+                0,
+                0,
+                0,
+                name.len() + 1,
+                0
             );
             ino += 1;
             buf.extend_from_slice(hdr.as_bytes());
@@ -377,7 +379,17 @@ pub fn boot_image() -> BootImage {
     // TCG, so strip it (binutils) when strip is there.
     let stripped = cache_dir().join("skydd-guest-agent.stripped");
     let agent_in_guest = match which("strip") {
-        Some(strip) if Command::new(&strip).arg("--strip-debug").arg("-o").arg(&stripped).arg(&agent).status().is_ok_and(|s| s.success()) => stripped,
+        Some(strip)
+            if Command::new(&strip)
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(&stripped)
+                .arg(&agent)
+                .status()
+                .is_ok_and(|s| s.success()) =>
+        {
+            stripped
+        }
         _ => agent.clone(),
     };
     cpio.copy("bin/skydd-guest-agent", &agent_in_guest, 0o755);

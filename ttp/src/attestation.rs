@@ -41,8 +41,8 @@ const TPM_CC_POLICY_PCR: [u8; 4] = [0x00, 0x00, 0x01, 0x7f];
 const TPM_ALG_SHA256: [u8; 2] = [0x00, 0x0b];
 /// The TCG default EK policy (PolicySecret(TPM_RH_ENDORSEMENT)), SHA-256.
 const EK_POLICY_A_SHA256: [u8; 32] = [
-    0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xb3, 0xf8, 0x1a, 0x90, 0xcc, 0x8d, 0x46, 0xa5, 0xd7, 0x24, 0xfd, 0x52,
-    0xd7, 0x6e, 0x06, 0x52, 0x0b, 0x64, 0xf2, 0xa1, 0xda, 0x1b, 0x33, 0x14, 0x69, 0xaa,
+    0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xb3, 0xf8, 0x1a, 0x90, 0xcc, 0x8d, 0x46, 0xa5, 0xd7, 0x24, 0xfd, 0x52, 0xd7,
+    0x6e, 0x06, 0x52, 0x0b, 0x64, 0xf2, 0xa1, 0xda, 0x1b, 0x33, 0x14, 0x69, 0xaa,
 ];
 /// X.509 OIDs of TCG EK certificates (TCG EK Credential Profile 2.x).
 const OID_TCG_KP_EK_CERTIFICATE: &str = "2.23.133.8.1";
@@ -198,11 +198,12 @@ pub fn finish_enrollment(
     let ak = ak_verifying_key(&pending.ak_public).map_err(Error::BindingKeyInvalid)?;
     verify_attest_signature(&ak, &proof.certify_attest, &proof.certify_signature)
         .map_err(|e| Error::BindingKeyInvalid(format!("the TPM2_Certify of the binding key: {e}")))?;
-    let attest = parse_attest(&proof.certify_attest, TPM_ST_ATTEST_CERTIFY, "TPM2_Certify")
-        .map_err(Error::BindingKeyInvalid)?;
+    let attest =
+        parse_attest(&proof.certify_attest, TPM_ST_ATTEST_CERTIFY, "TPM2_Certify").map_err(Error::BindingKeyInvalid)?;
     if !bool::from(attest.extra_data().value().ct_eq(&pending.certify_nonce)) {
         return Err(Error::ChallengeInvalid(
-            "the TPM2_Certify of the binding key is not qualified with this enrollment's certify nonce (replayed?)".into(),
+            "the TPM2_Certify of the binding key is not qualified with this enrollment's certify nonce (replayed?)"
+                .into(),
         ));
     }
     let certified_name = match attest.attested() {
@@ -274,16 +275,12 @@ pub fn verify_quote(
         AttestInfo::Quote { info } => info,
         _ => return Err(Error::QuoteInvalid("the quote attest holds no quote info".into())),
     };
-    let state = policy
-        .reference_states
-        .iter()
-        .find(|s| s.name == host.reference_state)
-        .ok_or_else(|| {
-            Error::PcrMismatch(format!(
-                "host {} was enrolled in reference state '{}', which the attestation policy no longer allows",
-                host.host_id, host.reference_state
-            ))
-        })?;
+    let state = policy.reference_states.iter().find(|s| s.name == host.reference_state).ok_or_else(|| {
+        Error::PcrMismatch(format!(
+            "host {} was enrolled in reference state '{}', which the attestation policy no longer allows",
+            host.host_id, host.reference_state
+        ))
+    })?;
 
     let mut quoted = Vec::new();
     for selection in info.pcr_selection().get_selections() {
@@ -368,7 +365,11 @@ pub fn reference_state_from_values(
         }
         pcr_values.push(value.clone());
     }
-    Ok(ReferenceState { name: name.to_string(), selection: PcrSelection { bank: "sha256".into(), indices: selection.normalized_indices() }, pcr_values })
+    Ok(ReferenceState {
+        name: name.to_string(),
+        selection: PcrSelection { bank: "sha256".into(), indices: selection.normalized_indices() },
+        pcr_values,
+    })
 }
 
 /// The PolicyPCR policy digest (from an empty policy) for `values` of `selection`:
@@ -398,13 +399,15 @@ pub fn verify_ek_certificate(policy: &AttestationPolicy, certificate_der: &[u8])
     }
     let mut store = X509StoreBuilder::new().map_err(|e| Error::Config(format!("X509 store: {e}")))?;
     for (i, root) in policy.trusted_ek_roots.iter().enumerate() {
-        let root = X509::from_der(root).map_err(|e| Error::Config(format!("trusted_ek_roots[{i}] is not DER X.509: {e}")))?;
+        let root =
+            X509::from_der(root).map_err(|e| Error::Config(format!("trusted_ek_roots[{i}] is not DER X.509: {e}")))?;
         store.add_cert(root).map_err(|e| Error::Config(format!("trusted_ek_roots[{i}]: {e}")))?;
     }
     let store = store.build();
     let mut chain = Stack::new().map_err(|e| Error::Config(format!("X509 stack: {e}")))?;
     for (i, der) in policy.ek_intermediates.iter().enumerate() {
-        let cert = X509::from_der(der).map_err(|e| Error::Config(format!("ek_intermediates[{i}] is not DER X.509: {e}")))?;
+        let cert =
+            X509::from_der(der).map_err(|e| Error::Config(format!("ek_intermediates[{i}] is not DER X.509: {e}")))?;
         chain.push(cert).map_err(|e| Error::Config(format!("ek_intermediates[{i}]: {e}")))?;
     }
     let mut context = X509StoreContext::new().map_err(|e| Error::Config(format!("X509 store context: {e}")))?;
@@ -445,7 +448,10 @@ fn check_ek_extensions(certificate_der: &[u8]) -> Result<String> {
                                 OID_TCG_TPM_VERSION => "version",
                                 _ => continue,
                             };
-                            let value = attr.as_str().map(str::to_string).unwrap_or_else(|_| hex::encode(attr.attr_value().data));
+                            let value = attr
+                                .as_str()
+                                .map(str::to_string)
+                                .unwrap_or_else(|_| hex::encode(attr.attr_value().data));
                             fields.push(format!("{what} {value}"));
                         }
                     }
@@ -493,10 +499,7 @@ fn ek_description(certificate_der: &[u8]) -> Option<String> {
 }
 
 fn name_text(name: &openssl::x509::X509NameRef) -> String {
-    name.entries()
-        .map(|e| String::from_utf8_lossy(e.data().as_slice()).into_owned())
-        .collect::<Vec<_>>()
-        .join(", ")
+    name.entries().map(|e| String::from_utf8_lossy(e.data().as_slice()).into_owned()).collect::<Vec<_>>().join(", ")
 }
 
 /// The EK public must be the TCG default RSA-2048 EK (its KDF parameters are what
@@ -624,11 +627,17 @@ fn ak_verifying_key(ak_public: &[u8]) -> std::result::Result<EcKey<PublicKeyKind
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).map_err(|e| e.to_string())?;
     let x = BigNum::from_slice(unique.x().value()).map_err(|e| e.to_string())?;
     let y = BigNum::from_slice(unique.y().value()).map_err(|e| e.to_string())?;
-    EcKey::from_public_key_affine_coordinates(&group, &x, &y).map_err(|e| format!("the AK's point is not on P-256: {e}"))
+    EcKey::from_public_key_affine_coordinates(&group, &x, &y)
+        .map_err(|e| format!("the AK's point is not on P-256: {e}"))
 }
 
-fn verify_attest_signature(ak: &EcKey<PublicKeyKind>, attest: &[u8], signature: &[u8]) -> std::result::Result<(), String> {
-    let signature = Signature::unmarshall(signature).map_err(|e| format!("the signature is not a TPMT_SIGNATURE: {e}"))?;
+fn verify_attest_signature(
+    ak: &EcKey<PublicKeyKind>,
+    attest: &[u8],
+    signature: &[u8],
+) -> std::result::Result<(), String> {
+    let signature =
+        Signature::unmarshall(signature).map_err(|e| format!("the signature is not a TPMT_SIGNATURE: {e}"))?;
     let Signature::EcDsa(sig) = signature else {
         return Err("the signature is not ECDSA".into());
     };
@@ -728,9 +737,7 @@ fn kdfa_sha256(key: &[u8], label: &[u8], context_u: &[u8], context_v: &[u8], bit
     let mut counter = 1u32;
     let mut filled = 0;
     while filled < bytes {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
-            unreachable!("HMAC accepts keys of any length")
-        };
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else { unreachable!("HMAC accepts keys of any length") };
         for part in [&counter.to_be_bytes()[..], label, &[0], context_u, context_v, &bits.to_be_bytes()] {
             mac.update(part);
         }
@@ -779,10 +786,7 @@ fn pcr_composite_digest(selection: &PcrSelection, values: &[(u8, Vec<u8>)]) -> s
     check_selection(selection)?;
     let mut hasher = Sha256::new();
     for index in selection.normalized_indices() {
-        let (_, value) = values
-            .iter()
-            .find(|(i, _)| *i == index)
-            .ok_or_else(|| format!("no value for PCR {index}"))?;
+        let (_, value) = values.iter().find(|(i, _)| *i == index).ok_or_else(|| format!("no value for PCR {index}"))?;
         hasher.update(value);
     }
     Ok(hasher.finalize().to_vec())
@@ -810,8 +814,11 @@ pub mod fuzzing {
                 AttestInfo::Quote { info } => {
                     for selection in info.pcr_selection().get_selections() {
                         let _ = selection.hashing_algorithm();
-                        let _: Vec<u8> =
-                            selection.selected().into_iter().map(|slot| u32::from(slot).trailing_zeros() as u8).collect();
+                        let _: Vec<u8> = selection
+                            .selected()
+                            .into_iter()
+                            .map(|slot| u32::from(slot).trailing_zeros() as u8)
+                            .collect();
                     }
                     let _ = info.pcr_digest().value().len();
                 }
@@ -923,7 +930,11 @@ mod tests {
             selection: PcrSelection { bank: "sha256".into(), indices: vec![0, 16] },
             pcr_values: vec![(0, vec![1; 32]), (16, vec![0; 32])],
         };
-        let policy = AttestationPolicy { trusted_ek_roots: vec![vec![1, 2, 3]], ek_intermediates: vec![], reference_states: vec![state] };
+        let policy = AttestationPolicy {
+            trusted_ek_roots: vec![vec![1, 2, 3]],
+            ek_intermediates: vec![],
+            reference_states: vec![state],
+        };
         let json = serde_json::to_string(&policy).unwrap();
         let back: AttestationPolicy = serde_json::from_str(&json).unwrap();
         assert_eq!(back.reference_states, policy.reference_states);

@@ -50,7 +50,8 @@ impl TtpConfig {
     /// Reads and parses the TOML file at `path`: `Error::Io` if it cannot be read,
     /// `Error::Config` naming the file and the key at fault otherwise.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { context: format!("read {}", path.display()), source: e })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Io { context: format!("read {}", path.display()), source: e })?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 }
@@ -58,7 +59,8 @@ impl TtpConfig {
 /// Creates a fresh 32-byte K_TTP in `data_dir/master.key`, mode 0600; refuses to replace an
 /// existing one (that would make every domain's key underivable).
 pub fn create_master_key(data_dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(data_dir).map_err(|e| Error::Io { context: format!("create {}", data_dir.display()), source: e })?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| Error::Io { context: format!("create {}", data_dir.display()), source: e })?;
     let path = data_dir.join(MASTER_KEY_FILE);
     let mut key = SecretBytes::zeroed(MASTER_KEY_BYTES);
     openssl_rand(key.expose_mut())?;
@@ -93,13 +95,22 @@ pub fn load_master_key(data_dir: &Path) -> Result<SecretBytes> {
     })?;
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(Error::Config(format!("{} has mode {mode:o}; K_TTP must be readable by its owner only (chmod 600)", path.display())));
+        return Err(Error::Config(format!(
+            "{} has mode {mode:o}; K_TTP must be readable by its owner only (chmod 600)",
+            path.display()
+        )));
     }
     if metadata.len() != MASTER_KEY_BYTES as u64 {
-        return Err(Error::Config(format!("{} holds {} bytes, K_TTP is {MASTER_KEY_BYTES}", path.display(), metadata.len())));
+        return Err(Error::Config(format!(
+            "{} holds {} bytes, K_TTP is {MASTER_KEY_BYTES}",
+            path.display(),
+            metadata.len()
+        )));
     }
     let mut key = SecretBytes::zeroed(MASTER_KEY_BYTES);
-    let mut file = std::fs::File::open(&path).map_err(|e| Error::Io { context: format!("open {}", path.display()), source: e })?;
-    std::io::Read::read_exact(&mut file, key.expose_mut()).map_err(|e| Error::Io { context: format!("read {}", path.display()), source: e })?;
+    let mut file =
+        std::fs::File::open(&path).map_err(|e| Error::Io { context: format!("open {}", path.display()), source: e })?;
+    std::io::Read::read_exact(&mut file, key.expose_mut())
+        .map_err(|e| Error::Io { context: format!("read {}", path.display()), source: e })?;
     Ok(key)
 }

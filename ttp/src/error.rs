@@ -3,8 +3,8 @@
 
 use thiserror::Error;
 
-    /// Every way a TTP request can be refused or fail. [`Error::code`] gives the stable code;
-    /// `http.rs` maps each variant to its HTTP status (docs/PROTOCOL.md "Error codes" lists both).
+/// Every way a TTP request can be refused or fail. [`Error::code`] gives the stable code;
+/// `http.rs` maps each variant to its HTTP status (docs/PROTOCOL.md "Error codes" lists both).
 #[derive(Debug, Error)]
 pub enum Error {
     // ---- requests ------------------------------------------------------------------------
@@ -143,7 +143,7 @@ pub enum Error {
     Protocol(#[from] protocol::Error),
 }
 
-    /// Result with the TTP [`enum@Error`].
+/// Result with the TTP [`enum@Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {

@@ -44,7 +44,9 @@ fn status_of(error: &Error) -> StatusCode {
         Error::HostUnknown(_) | Error::DomainUnknown(_) => StatusCode::NOT_FOUND,
         Error::VersionRollback(_) => StatusCode::CONFLICT,
         Error::DomainDeleted(_) => StatusCode::GONE,
-        Error::Store(_) | Error::Config(_) | Error::Io { .. } | Error::AuditChainBroken(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Store(_) | Error::Config(_) | Error::Io { .. } | Error::AuditChainBroken(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
         _ => StatusCode::FORBIDDEN,
     }
 }
@@ -64,7 +66,9 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 }
 
 /// Runs a blocking decision (SQLite, RSA) off the async workers.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> crate::Result<T> + Send + 'static) -> Result<Json<T>, ApiError> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> Result<Json<T>, ApiError> {
     match tokio::task::spawn_blocking(work).await {
         Ok(Ok(value)) => Ok(Json(value)),
         Ok(Err(error)) => Err(api_error(error)),
@@ -101,12 +105,19 @@ async fn finish_enrollment(
     let proof = json_body(body)?;
     blocking(move || {
         let host = ttp.finish_enrollment(&caller, &proof)?;
-        Ok(EnrollmentResult { host_id: host.host_id, reference_state: host.reference_state, ek_fingerprint: host.ek_fingerprint })
+        Ok(EnrollmentResult {
+            host_id: host.host_id,
+            reference_state: host.reference_state,
+            ek_fingerprint: host.ek_fingerprint,
+        })
     })
     .await
 }
 
-async fn challenge(State(ttp): State<Arc<Ttp>>, Extension(caller): Extension<Identity>) -> Result<Json<ChallengeResponse>, ApiError> {
+async fn challenge(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+) -> Result<Json<ChallengeResponse>, ApiError> {
     blocking(move || ttp.challenge(&caller)).await
 }
 
@@ -138,7 +149,10 @@ async fn delete_domain(
     blocking(move || {
         let deletion = protocol::messages::Deletion::decode(&request.deletion.message)?;
         if deletion.domain_id != domain_id {
-            return Err(Error::BadRequest(format!("the deletion is signed for domain {}, not {domain_id}", deletion.domain_id)));
+            return Err(Error::BadRequest(format!(
+                "the deletion is signed for domain {}, not {domain_id}",
+                deletion.domain_id
+            )));
         }
         ttp.delete_domain(&caller, &request.deletion)?;
         Ok(Deleted { domain_id, deleted: true })

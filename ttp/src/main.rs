@@ -48,7 +48,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Init { data_dir } => {
             let path = ttp::config::create_master_key(&data_dir)?;
-            println!("created K_TTP in {} (mode 0600). Back it up offline: without it no domain key can be derived.", path.display());
+            println!(
+                "created K_TTP in {} (mode 0600). Back it up offline: without it no domain key can be derived.",
+                path.display()
+            );
         }
         Command::Serve { config, listen, json_logs } => {
             init_logging(json_logs);
@@ -57,7 +60,9 @@ async fn main() -> anyhow::Result<()> {
                 config.listen = listen;
             }
             let (service, tls) = ttp::server::build(&config)?;
-            let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("bind {}", config.listen))?;
+            let listener = tokio::net::TcpListener::bind(&config.listen)
+                .await
+                .with_context(|| format!("bind {}", config.listen))?;
             let shutdown = tokio_util::sync::CancellationToken::new();
             let on_signal = shutdown.clone();
             tokio::spawn(async move {

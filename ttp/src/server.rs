@@ -14,19 +14,26 @@ use crate::store::SqliteStore;
 
 /// Builds the TTP from its configuration: K_TTP, TLS identity, CA roots, policy, store.
 pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, net::ServerTls)> {
-    let tls_files = TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
+    let tls_files =
+        TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
     let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
     let identity = material.identity().map_err(|e| Error::Config(format!("own certificate: {e}")))?;
     if identity.role != Role::Ttp {
-        return Err(Error::Config(format!("{} has role {}, the TTP needs a ttp certificate", config.cert.display(), identity.role)));
+        return Err(Error::Config(format!(
+            "{} has role {}, the TTP needs a ttp certificate",
+            config.cert.display(),
+            identity.role
+        )));
     }
     let cert_der = protocol::pki::certs_from_pem(&material.cert_pem, "own certificate")?
         .first()
         .map(|c| c.to_vec())
         .ok_or_else(|| Error::Config("own certificate file is empty".into()))?;
     let signing_key = SignatureKey::from_pem(&material.key_pem, cert_der)?;
-    let policy_text = std::fs::read_to_string(&config.attestation)
-        .map_err(|e| Error::Io { context: format!("read attestation policy {}", config.attestation.display()), source: e })?;
+    let policy_text = std::fs::read_to_string(&config.attestation).map_err(|e| Error::Io {
+        context: format!("read attestation policy {}", config.attestation.display()),
+        source: e,
+    })?;
     let policy: AttestationPolicy = toml::from_str(&policy_text)
         .map_err(|e| Error::Config(format!("attestation policy {}: {e}", config.attestation.display())))?;
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
@@ -40,7 +47,12 @@ pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, net::ServerTls)> {
 }
 
 /// Serves the TTP on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, ttp: Arc<Ttp>, tls: net::ServerTls, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ttp: Arc<Ttp>,
+    tls: net::ServerTls,
+    shutdown: CancellationToken,
+) -> Result<()> {
     net::serve_with(listener, tls, crate::http::router(ttp), net::ServeOptions::default(), shutdown)
         .await
         .map_err(|e| Error::Config(format!("serve: {e}")))

@@ -92,7 +92,9 @@ impl Ttp {
             .iter()
             .map(|path| {
                 net::read_pem_file(path).map_err(|e| {
-                    protocol::Error::Certificate(format!("{e}; signed requests are refused until the revocation list can be read"))
+                    protocol::Error::Certificate(format!(
+                        "{e}; signed requests are refused until the revocation list can be read"
+                    ))
                 })
             })
             .collect()
@@ -103,7 +105,13 @@ impl Ttp {
         &self.store
     }
 
-    fn audit(&self, event: &str, actor: &Identity, subject: &Subject, outcome: std::result::Result<String, &Error>) -> Result<AuditRecord> {
+    fn audit(
+        &self,
+        event: &str,
+        actor: &Identity,
+        subject: &Subject,
+        outcome: std::result::Result<String, &Error>,
+    ) -> Result<AuditRecord> {
         let (outcome, message) = match outcome {
             Ok(message) => ("ok".to_string(), message),
             Err(error) => (error.code().to_string(), error.to_string()),
@@ -155,9 +163,19 @@ impl Ttp {
 
     /// Checks an envelope's certificate (chain to a trusted CA, validity, role) and
     /// signature; returns the signer's certificate name.
-    fn verify_signer(&self, envelope: &SignedEnvelope, context: SignatureContext, role: Role) -> protocol::Result<String> {
+    fn verify_signer(
+        &self,
+        envelope: &SignedEnvelope,
+        context: SignatureContext,
+        role: Role,
+    ) -> protocol::Result<String> {
         let crls = self.current_revocation_lists()?;
-        let identity = protocol::signing::verify_signer_certificate(&envelope.signer_certificate, &self.trusted_cas, &crls, now_unix())?;
+        let identity = protocol::signing::verify_signer_certificate(
+            &envelope.signer_certificate,
+            &self.trusted_cas,
+            &crls,
+            now_unix(),
+        )?;
         if identity.role != role {
             return Err(protocol::Error::Certificate(format!(
                 "{} signed with a {} certificate, a {} certificate is needed",
@@ -210,7 +228,8 @@ impl Ttp {
                 });
             }
             let (pending, challenge) = attestation::begin_enrollment(&self.policy, request)?;
-            let mut pending_map = self.pending_enrollments.lock().map_err(|_| Error::Store("enrollment table poisoned".into()))?;
+            let mut pending_map =
+                self.pending_enrollments.lock().map_err(|_| Error::Store("enrollment table poisoned".into()))?;
             let now = now_unix();
             pending_map.retain(|_, (started, _)| now.saturating_sub(*started) < ENROLLMENT_TTL_SECS);
             pending_map.insert(challenge.enrollment_id.clone(), (now, pending));
@@ -227,16 +246,28 @@ impl Ttp {
         let (host, _) = self.audited("enroll", actor, subject, |_| {
             Self::require_role(actor, Role::SecureComponent, "enroll a host")?;
             let pending = {
-                let mut pending_map = self.pending_enrollments.lock().map_err(|_| Error::Store("enrollment table poisoned".into()))?;
+                let mut pending_map =
+                    self.pending_enrollments.lock().map_err(|_| Error::Store("enrollment table poisoned".into()))?;
                 match pending_map.remove(&proof.enrollment_id) {
                     Some((started, pending)) if now_unix().saturating_sub(started) < ENROLLMENT_TTL_SECS => pending,
-                    Some(_) => return Err(Error::ChallengeInvalid(format!("enrollment {} expired", proof.enrollment_id))),
-                    None => return Err(Error::ChallengeInvalid(format!("enrollment {} is unknown or was already used", proof.enrollment_id))),
+                    Some(_) => {
+                        return Err(Error::ChallengeInvalid(format!("enrollment {} expired", proof.enrollment_id)))
+                    }
+                    None => {
+                        return Err(Error::ChallengeInvalid(format!(
+                            "enrollment {} is unknown or was already used",
+                            proof.enrollment_id
+                        )))
+                    }
                 }
             };
             let host = attestation::finish_enrollment(&self.policy, pending, proof)?;
             if host.host_id != actor.name {
-                return Err(Error::Forbidden { caller: actor.name.clone(), action: "enroll a host", detail: format!("enrollment belongs to {}", host.host_id) });
+                return Err(Error::Forbidden {
+                    caller: actor.name.clone(),
+                    action: "enroll a host",
+                    detail: format!("enrollment belongs to {}", host.host_id),
+                });
             }
             let json = serde_json::to_string(&host).map_err(|e| Error::Store(format!("encode host record: {e}")))?;
             self.store.put_host(&host.host_id, &json)?;
@@ -352,9 +383,18 @@ impl Ttp {
 
     /// Whether an update request repeats the newest registration exactly: same descriptor
     /// bytes as the newest version, based on the version just before it.
-    fn is_repeat_of_newest(&self, current: &DomainRecord, descriptor: &Descriptor, encoded_hash: [u8; 32], previous: &SignedEnvelope) -> Result<bool> {
+    fn is_repeat_of_newest(
+        &self,
+        current: &DomainRecord,
+        descriptor: &Descriptor,
+        encoded_hash: [u8; 32],
+        previous: &SignedEnvelope,
+    ) -> Result<bool> {
         use subtle::ConstantTimeEq;
-        if current.deleted_at.is_some() || descriptor.version != current.latest_version || !bool::from(encoded_hash.ct_eq(&current.descriptor_hash)) {
+        if current.deleted_at.is_some()
+            || descriptor.version != current.latest_version
+            || !bool::from(encoded_hash.ct_eq(&current.descriptor_hash))
+        {
             return Ok(false);
         }
         let previous = self.verified_registration(previous)?;
@@ -407,7 +447,10 @@ impl Ttp {
                 .map_err(|e| Error::DescriptorSignatureInvalid(format!("deletion request: {e}")))?;
             let request = Deletion::decode(&deletion.message)?;
             subject.domain_id = Some(request.domain_id.clone());
-            let domain = self.store.domain(&request.domain_id)?.ok_or_else(|| Error::DomainUnknown(request.domain_id.clone()))?;
+            let domain = self
+                .store
+                .domain(&request.domain_id)?
+                .ok_or_else(|| Error::DomainUnknown(request.domain_id.clone()))?;
             if domain.deleted_at.is_some() {
                 return Err(Error::DomainDeleted(request.domain_id.clone()));
             }

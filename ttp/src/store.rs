@@ -153,7 +153,8 @@ fn hash32(raw: Vec<u8>, what: &str) -> Result<[u8; 32]> {
 /// A unix time as SQLite's signed 64-bit integer; a time beyond i64::MAX would be stored
 /// negative and compare as long past (a used-grant mark purged at once), so it is refused.
 fn sql_time(what: &str, unix_secs: u64) -> Result<i64> {
-    i64::try_from(unix_secs).map_err(|_| Error::Store(format!("{what} {unix_secs} is beyond the largest storable time")))
+    i64::try_from(unix_secs)
+        .map_err(|_| Error::Store(format!("{what} {unix_secs} is beyond the largest storable time")))
 }
 
 impl TtpStore for SqliteStore {
@@ -258,7 +259,10 @@ impl TtpStore for SqliteStore {
 
     fn tombstone_domain(&self, domain_id: &str, at: u64) -> Result<()> {
         self.lock()?
-            .execute("UPDATE domains SET deleted_at = ?2 WHERE domain_id = ?1 AND deleted_at IS NULL", params![domain_id, at as i64])
+            .execute(
+                "UPDATE domains SET deleted_at = ?2 WHERE domain_id = ?1 AND deleted_at IS NULL",
+                params![domain_id, at as i64],
+            )
             .map_err(store_err("tombstone domain"))?;
         Ok(())
     }
@@ -317,7 +321,9 @@ impl TtpStore for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(store_err("begin audit transaction"))?;
         let last: Option<(i64, String)> = tx
-            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |row| Ok((row.get(0)?, row.get(1)?)))
+            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
             .optional()
             .map_err(store_err("read audit head"))?;
         let (seq, prev_hash) = match last {
@@ -356,14 +362,14 @@ impl TtpStore for SqliteStore {
                 None => "SELECT record FROM audit WHERE ?1 IS NULL OR ?1 IS NOT NULL ORDER BY seq",
             })
             .map_err(store_err("query audit"))?;
-        let rows = statement
-            .query_map(params![domain_id], |row| row.get::<_, String>(0))
-            .map_err(store_err("query audit"))?;
+        let rows =
+            statement.query_map(params![domain_id], |row| row.get::<_, String>(0)).map_err(store_err("query audit"))?;
         let mut records = Vec::new();
         for row in rows {
             let json = row.map_err(store_err("read audit record"))?;
             records.push(
-                serde_json::from_str(&json).map_err(|e| Error::AuditChainBroken(format!("an audit record is not valid JSON: {e}")))?,
+                serde_json::from_str(&json)
+                    .map_err(|e| Error::AuditChainBroken(format!("an audit record is not valid JSON: {e}")))?,
             );
         }
         Ok(records)
@@ -372,8 +378,5 @@ impl TtpStore for SqliteStore {
 
 /// Current time in unix seconds (0 if the clock is before 1970).
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

@@ -158,9 +158,8 @@ fn handle(req: &Request, backend: &mut Option<DmCryptBackend>) -> Result<Value, 
                 "rw" => OpenMode::ReadWrite,
                 other => return Err(format!("mode must be ro or rw, not {other:?}")),
             };
-            let v = backend_of(backend)?
-                .open(&req.name, Path::new(&req.path), &key, mode)
-                .map_err(|e| e.to_string())?;
+            let v =
+                backend_of(backend)?.open(&req.name, Path::new(&req.path), &key, mode).map_err(|e| e.to_string())?;
             Ok(json!({"ok": true, "name": v.name, "device": v.device, "mode": mode_json(v.mode)}))
         }
         "close" => {
@@ -169,10 +168,8 @@ fn handle(req: &Request, backend: &mut Option<DmCryptBackend>) -> Result<Value, 
         }
         "list" => {
             let list = backend_of(backend)?.list().map_err(|e| e.to_string())?;
-            let vols: Vec<Value> = list
-                .iter()
-                .map(|v| json!({"name": v.name, "device": v.device, "mode": mode_json(v.mode)}))
-                .collect();
+            let vols: Vec<Value> =
+                list.iter().map(|v| json!({"name": v.name, "device": v.device, "mode": mode_json(v.mode)})).collect();
             Ok(json!({"ok": true, "volumes": vols}))
         }
         "table" => {
@@ -181,10 +178,7 @@ fn handle(req: &Request, backend: &mut Option<DmCryptBackend>) -> Result<Value, 
         }
         "run" => {
             let (prog, args) = req.argv.split_first().ok_or("run needs argv")?;
-            let out = Command::new(prog)
-                .args(args)
-                .output()
-                .map_err(|e| format!("running {prog}: {e}"))?;
+            let out = Command::new(prog).args(args).output().map_err(|e| format!("running {prog}: {e}"))?;
             Ok(json!({
                 "ok": true,
                 "code": out.status.code().unwrap_or(-1),
@@ -196,7 +190,9 @@ fn handle(req: &Request, backend: &mut Option<DmCryptBackend>) -> Result<Value, 
             // Open for writing and write one 4096-byte block at `offset`; report each stage.
             let f = match OpenOptions::new().write(true).open(&req.path) {
                 Ok(f) => f,
-                Err(e) => return Ok(json!({"ok": true, "stage": "open", "errno": e.raw_os_error(), "error": e.to_string()})),
+                Err(e) => {
+                    return Ok(json!({"ok": true, "stage": "open", "errno": e.raw_os_error(), "error": e.to_string()}))
+                }
             };
             let block = vec![0xA5u8; 4096];
             let r = f.write_all_at(&block, req.offset).and_then(|_| f.sync_all());
@@ -212,11 +208,14 @@ fn handle(req: &Request, backend: &mut Option<DmCryptBackend>) -> Result<Value, 
             Ok(json!({"ok": true, "pcrs": pcrs.iter().map(|(i, d)| json!([i, hex::encode(d)])).collect::<Vec<_>>()}))
         }),
         "tpm_enrollment_request" => tpm_flow(req, |tpm, req| {
-            let request = tpm.enrollment_request(&req.name, &protocol::attest::PcrSelection::default_host()).map_err(|e| e.to_string())?;
+            let request = tpm
+                .enrollment_request(&req.name, &protocol::attest::PcrSelection::default_host())
+                .map_err(|e| e.to_string())?;
             Ok(json!({"ok": true, "request": request}))
         }),
         "tpm_enrollment_proof" => tpm_flow(req, |tpm, req| {
-            let challenge: protocol::attest::CredentialChallenge = serde_json::from_value(req.message.clone()).map_err(|e| e.to_string())?;
+            let challenge: protocol::attest::CredentialChallenge =
+                serde_json::from_value(req.message.clone()).map_err(|e| e.to_string())?;
             let proof = tpm.enrollment_proof(&challenge).map_err(|e| e.to_string())?;
             Ok(json!({"ok": true, "proof": proof}))
         }),
@@ -246,9 +245,13 @@ struct Relayed {
 
 /// Runs `step` with the project's `HostTpm` over `device:/dev/tpmrm0`, its AK and binding
 /// key kept in `req.path` (default /tmp/tpm-state) between steps.
-fn tpm_flow(req: &Request, step: impl FnOnce(&mut secure_component::tpm::HostTpm, &Request) -> Result<Value, String>) -> Result<Value, String> {
+fn tpm_flow(
+    req: &Request,
+    step: impl FnOnce(&mut secure_component::tpm::HostTpm, &Request) -> Result<Value, String>,
+) -> Result<Value, String> {
     let dir = if req.path.is_empty() { "/tmp/tpm-state" } else { req.path.as_str() };
-    let mut tpm = secure_component::tpm::HostTpm::open("device:/dev/tpmrm0", Path::new(dir)).map_err(|e| e.to_string())?;
+    let mut tpm =
+        secure_component::tpm::HostTpm::open("device:/dev/tpmrm0", Path::new(dir)).map_err(|e| e.to_string())?;
     step(&mut tpm, req)
 }
 
@@ -259,9 +262,7 @@ fn tpm_enroll_quote(state_dir: &str) -> Result<Value, String> {
     use secure_component::tpm::HostTpm;
     let dir = if state_dir.is_empty() { "/tmp/tpm-state" } else { state_dir };
     let mut tpm = HostTpm::open("device:/dev/tpmrm0", Path::new(dir)).map_err(|e| e.to_string())?;
-    let req = tpm
-        .enrollment_request("qemu-guest", &PcrSelection::default_host())
-        .map_err(|e| e.to_string())?;
+    let req = tpm.enrollment_request("qemu-guest", &PcrSelection::default_host()).map_err(|e| e.to_string())?;
     let quote = tpm.quote(b"skydd-qemu-nonce").map_err(|e| e.to_string())?;
     Ok(json!({
         "ok": true,

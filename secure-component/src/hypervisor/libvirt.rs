@@ -126,7 +126,12 @@ impl HypervisorDriver for LibvirtDriver {
         let target = free_target(&used)
             .ok_or_else(|| hv(format!("VM {} has no free virtio target (vdb..vdz all used)", placement.vm_id)))?;
         let file = self.write_xml(placement, &target)?;
-        self.virsh.run(&["attach-device".into(), placement.vm_id.clone(), file.to_string_lossy().into_owned(), "--live".into()])?;
+        self.virsh.run(&[
+            "attach-device".into(),
+            placement.vm_id.clone(),
+            file.to_string_lossy().into_owned(),
+            "--live".into(),
+        ])?;
         Ok(target)
     }
 
@@ -143,7 +148,12 @@ impl HypervisorDriver for LibvirtDriver {
         let file = self.xml_path(&placement.vm_id, location);
         if present {
             let file = if file.exists() { file } else { self.write_xml(placement, location)? };
-            self.virsh.run(&["detach-device".into(), placement.vm_id.clone(), file.to_string_lossy().into_owned(), "--live".into()])?;
+            self.virsh.run(&[
+                "detach-device".into(),
+                placement.vm_id.clone(),
+                file.to_string_lossy().into_owned(),
+                "--live".into(),
+            ])?;
         }
         let _ = std::fs::remove_file(self.xml_path(&placement.vm_id, location));
         Ok(())
@@ -157,7 +167,9 @@ impl HypervisorDriver for LibvirtDriver {
         let device = placement.device.to_string_lossy();
         Ok(match disks.iter().find(|(t, _)| t == location) {
             None => Some(format!("VM {} has no disk {location}", placement.vm_id)),
-            Some((_, s)) if *s != device => Some(format!("disk {location} of VM {} is {s}, not {device}", placement.vm_id)),
+            Some((_, s)) if *s != device => {
+                Some(format!("disk {location} of VM {} is {s}, not {device}", placement.vm_id))
+            }
             Some(_) => None,
         })
     }
@@ -310,7 +322,12 @@ mod tests {
         let tmp = std::env::temp_dir().join(format!("skydd-libvirt-test-{}", std::process::id()));
         let fake = Arc::new(FakeVirsh::default());
         let driver = LibvirtDriver::new(Box::new(fake.clone()), &tmp).unwrap();
-        let ro = Placement { vm_id: "vm-b".into(), domain_id: "0f1e2d".into(), device: "/dev/loop4".into(), mode: OpenMode::ReadOnly };
+        let ro = Placement {
+            vm_id: "vm-b".into(),
+            domain_id: "0f1e2d".into(),
+            device: "/dev/loop4".into(),
+            mode: OpenMode::ReadOnly,
+        };
         let target = driver.attach(&ro).unwrap();
         assert_eq!(target, "vdb");
         let xml = std::fs::read_to_string(tmp.join("vm-b-vdb.xml")).unwrap();
@@ -321,7 +338,12 @@ mod tests {
         assert_eq!(calls[1][1], "vm-b");
         assert_eq!(calls[1][3], "--live");
 
-        let rw = Placement { vm_id: "vm-b".into(), domain_id: "aa".into(), device: "/dev/loop5".into(), mode: OpenMode::ReadWrite };
+        let rw = Placement {
+            vm_id: "vm-b".into(),
+            domain_id: "aa".into(),
+            device: "/dev/loop5".into(),
+            mode: OpenMode::ReadWrite,
+        };
         assert_eq!(driver.attach(&rw).unwrap(), "vdc", "the next free target");
         assert!(driver.attach(&ro).is_err(), "the same device twice is refused");
 

@@ -28,7 +28,8 @@ impl LocalDriver {
     /// A driver mounting under `vm_root` (created if missing).
     pub fn new(vm_root: impl Into<PathBuf>) -> Result<Self> {
         let vm_root = vm_root.into();
-        std::fs::create_dir_all(&vm_root).map_err(|e| Error::io(format!("creating the VM root {}", vm_root.display()), e))?;
+        std::fs::create_dir_all(&vm_root)
+            .map_err(|e| Error::io(format!("creating the VM root {}", vm_root.display()), e))?;
         Ok(Self { vm_root })
     }
 
@@ -168,7 +169,8 @@ pub struct MountEntry {
 
 /// The mount at exactly `dir` (the topmost one if several are stacked).
 pub fn mount_at(dir: &Path) -> Result<Option<MountEntry>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
     Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == dir))
 }
 
@@ -234,10 +236,20 @@ mod tests {
     fn directories_refuse_path_tricks() {
         let driver = LocalDriver { vm_root: PathBuf::from("/nonexistent/vms") };
         for (vm, domain) in [("../x", "d"), ("vm", ".."), ("a/b", "d"), ("", "d")] {
-            let p = Placement { vm_id: vm.into(), domain_id: domain.into(), device: "/dev/loop0".into(), mode: OpenMode::ReadOnly };
+            let p = Placement {
+                vm_id: vm.into(),
+                domain_id: domain.into(),
+                device: "/dev/loop0".into(),
+                mode: OpenMode::ReadOnly,
+            };
             assert!(driver.directory(&p).is_err(), "{vm:?}/{domain:?} must be refused");
         }
-        let ok = Placement { vm_id: "vm-a".into(), domain_id: "0f".into(), device: "/dev/loop0".into(), mode: OpenMode::ReadOnly };
+        let ok = Placement {
+            vm_id: "vm-a".into(),
+            domain_id: "0f".into(),
+            device: "/dev/loop0".into(),
+            mode: OpenMode::ReadOnly,
+        };
         assert_eq!(driver.directory(&ok).unwrap(), PathBuf::from("/nonexistent/vms/vm-a/0f"));
     }
 }

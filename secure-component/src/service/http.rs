@@ -48,7 +48,9 @@ pub fn status_and_code(error: &Error) -> (StatusCode, String) {
         Error::AttachmentUnknown(_) => (StatusCode::NOT_FOUND, "attachment_unknown".into()),
         Error::AttachmentConflict(_) => (StatusCode::CONFLICT, "attachment_conflict".into()),
         Error::BindingKeyRefused(_) => (StatusCode::FORBIDDEN, "binding_key_refused".into()),
-        Error::Tpm { .. } | Error::Swtpm(_) | Error::TpmState { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "tpm_failed".into()),
+        Error::Tpm { .. } | Error::Swtpm(_) | Error::TpmState { .. } => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "tpm_failed".into())
+        }
         Error::Volume(_) | Error::DeviceMapperUnavailable(_) | Error::Xts(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "volume_failed".into())
         }
@@ -80,7 +82,10 @@ fn require_cloud_platform(caller: &Identity) -> Result<(), ApiError> {
     if caller.role == Role::CloudPlatform {
         Ok(())
     } else {
-        Err(ApiError::forbidden("forbidden", format!("{caller} may not call the secure component; only the cloud platform may")))
+        Err(ApiError::forbidden(
+            "forbidden",
+            format!("{caller} may not call the secure component; only the cloud platform may"),
+        ))
     }
 }
 
@@ -95,7 +100,10 @@ async fn attach(
     net::run_to_completion("attach", async move { service.attach(request).await.map(Json).map_err(api_error) }).await
 }
 
-async fn list(State(service): State<Arc<AgentService>>, Extension(caller): Extension<Identity>) -> Result<Json<AgentAttachmentList>, ApiError> {
+async fn list(
+    State(service): State<Arc<AgentService>>,
+    Extension(caller): Extension<Identity>,
+) -> Result<Json<AgentAttachmentList>, ApiError> {
     require_cloud_platform(&caller)?;
     let work = service.clone();
     match tokio::task::spawn_blocking(move || work.list()).await {
@@ -112,7 +120,8 @@ async fn detach(
 ) -> Result<Json<AgentAttachment>, ApiError> {
     require_cloud_platform(&caller)?;
     tracing::info!(caller = %caller, attachment = %attachment_id, "detach requested");
-    net::run_to_completion("detach", async move { service.detach(&attachment_id).await.map(Json).map_err(api_error) }).await
+    net::run_to_completion("detach", async move { service.detach(&attachment_id).await.map(Json).map_err(api_error) })
+        .await
 }
 
 #[derive(Serialize)]
@@ -123,5 +132,9 @@ struct Health {
 }
 
 async fn health(State(service): State<Arc<AgentService>>) -> Json<Health> {
-    Json(Health { host_id: service.host_agent().host_id.clone(), backend: service.backend_kind(), hypervisor: service.driver_kind() })
+    Json(Health {
+        host_id: service.host_agent().host_id.clone(),
+        backend: service.backend_kind(),
+        hypervisor: service.driver_kind(),
+    })
 }

@@ -150,9 +150,11 @@ pub struct AgentService {
 /// client, TPM worker, backend, hypervisor driver, records. Returns the service and the
 /// server TLS configuration accepting only the cloud platform.
 pub fn build(config: &AgentConfig) -> Result<(Arc<AgentService>, net::ServerTls)> {
-    let tls_files = TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
+    let tls_files =
+        TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
     let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
-    let identity = material.identity().map_err(|e| Error::Config(format!("own certificate {}: {e}", config.cert.display())))?;
+    let identity =
+        material.identity().map_err(|e| Error::Config(format!("own certificate {}: {e}", config.cert.display())))?;
     if identity.role != Role::SecureComponent {
         return Err(Error::Config(format!(
             "{} has role {}; the secure component needs a secure-component certificate (cloud-platform ca issue --role secure-component)",
@@ -197,9 +199,11 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AgentService>, net::ServerTls)
     };
     let driver: Box<dyn HypervisorDriver> = match config.hypervisor {
         HypervisorChoice::Local => Box::new(LocalDriver::new(&config.vm_root)?),
-        HypervisorChoice::Libvirt => {
-            Box::new(LibvirtDriver::with_virsh(config.libvirt.virsh.clone(), config.libvirt.uri.clone(), config.libvirt_dir())?)
-        }
+        HypervisorChoice::Libvirt => Box::new(LibvirtDriver::with_virsh(
+            config.libvirt.virsh.clone(),
+            config.libvirt.uri.clone(),
+            config.libvirt_dir(),
+        )?),
     };
     let records = RecordStore::open(config.records_dir())?;
     let tpm = TpmWorker::start(&config.tcti, config.tpm_state_dir())?;
@@ -265,7 +269,9 @@ fn check_attachment_id(id: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::BadRequest(format!("attachment id {id:?} must be 1 to 128 characters of A-Z a-z 0-9 - _ . not starting with '.'")))
+        Err(Error::BadRequest(format!(
+            "attachment id {id:?} must be 1 to 128 characters of A-Z a-z 0-9 - _ . not starting with '.'"
+        )))
     }
 }
 
@@ -281,7 +287,9 @@ fn check_volume_header(path: &Path, volume_root: Option<&Path>, expected: &[u8])
     };
     let resolved = path.canonicalize().map_err(|e| not_a_volume(format!("cannot be resolved: {e}")))?;
     if let Some(root) = volume_root {
-        let root = root.canonicalize().map_err(|e| not_a_volume(format!("volume_root {} cannot be resolved: {e}", root.display())))?;
+        let root = root
+            .canonicalize()
+            .map_err(|e| not_a_volume(format!("volume_root {} cannot be resolved: {e}", root.display())))?;
         if !resolved.starts_with(&root) {
             return Err(not_a_volume(format!("{} is outside volume_root {}", resolved.display(), root.display())));
         }
@@ -292,8 +300,7 @@ fn check_volume_header(path: &Path, volume_root: Option<&Path>, expected: &[u8])
         return Err(not_a_volume("not a regular file".into()));
     }
     let mut area = vec![0u8; protocol::format::HEADER_AREA_SIZE];
-    file.read_exact_at(&mut area, 0)
-        .map_err(|e| not_a_volume(format!("its 1 MiB header area cannot be read: {e}")))?;
+    file.read_exact_at(&mut area, 0).map_err(|e| not_a_volume(format!("its 1 MiB header area cannot be read: {e}")))?;
     let active = protocol::format::decode_header_area(&area).map_err(|e| not_a_volume(e.to_string()))?;
     if active.payload != expected {
         return Err(Error::BadRequest(format!(
@@ -359,7 +366,9 @@ impl AgentService {
     fn reserve(&self, keys: Vec<String>) -> Result<Reservation<'_>> {
         let mut busy = self.busy.lock().map_err(|_| Error::Volume("agent state lock poisoned".into()))?;
         if let Some(k) = keys.iter().find(|k| busy.contains(*k)) {
-            return Err(Error::AttachmentConflict(format!("{k} has an attach or detach in progress; try again when it has finished")));
+            return Err(Error::AttachmentConflict(format!(
+                "{k} has an attach or detach in progress; try again when it has finished"
+            )));
         }
         busy.extend(keys.iter().cloned());
         Ok(Reservation { busy: &self.busy, keys })
@@ -372,7 +381,10 @@ impl AgentService {
 
     /// [`AgentService::attach`] that also returns where the time went (docs/PERFORMANCE.md,
     /// "Attach latency").
-    pub async fn attach_timed(self: &Arc<Self>, request: AgentAttachRequest) -> Result<(AgentAttachment, AttachTimings)> {
+    pub async fn attach_timed(
+        self: &Arc<Self>,
+        request: AgentAttachRequest,
+    ) -> Result<(AgentAttachment, AttachTimings)> {
         let started = Instant::now();
         check_attachment_id(&request.attachment_id)?;
         protocol::domain::validate_name("VM id", &request.vm_id).map_err(|e| Error::BadRequest(e.to_string()))?;
@@ -382,7 +394,8 @@ impl AgentService {
             .map_err(|e| Error::BadRequest(format!("the header does not decode: {e}")))?;
         let domain_id = descriptor.domain_id;
         let name = mapping_name(&domain_id, &request.vm_id);
-        let _reservation = self.reserve(vec![format!("attachment {}", request.attachment_id), format!("mapping {name}")])?;
+        let _reservation =
+            self.reserve(vec![format!("attachment {}", request.attachment_id), format!("mapping {name}")])?;
 
         // Idempotent for a retry of the same request; a conflict otherwise.
         if let Some(existing) = self.records.load(&request.attachment_id)? {
@@ -462,8 +475,8 @@ impl AgentService {
             crate::scrub::scrub_this_thread();
             opened
         })
-            .await
-            .map_err(|e| Error::Volume(format!("attach task failed: {e}")))??;
+        .await
+        .map_err(|e| Error::Volume(format!("attach task failed: {e}")))??;
         let mut timings = timings;
         timings.total = started.elapsed();
         tracing::info!(
@@ -480,7 +493,11 @@ impl AgentService {
     }
 
     /// Challenge, quote, release, decrypt: `HostAgent::obtain_key` step by step, timed.
-    async fn obtain_key_timed(&self, request: &AgentAttachRequest, timings: &mut AttachTimings) -> Result<(SecretBytes, KeyReleaseResponse)> {
+    async fn obtain_key_timed(
+        &self,
+        request: &AgentAttachRequest,
+        timings: &mut AttachTimings,
+    ) -> Result<(SecretBytes, KeyReleaseResponse)> {
         let t = Instant::now();
         let challenge: ChallengeResponse =
             self.agent.ttp.post_json("/v1/challenges", &()).await.map_err(|e| ttp_error("challenge", e))?;
@@ -499,8 +516,12 @@ impl AgentService {
             challenge_id: challenge.challenge_id,
             quote,
         };
-        let release: KeyReleaseResponse =
-            self.agent.ttp.post_json("/v1/key-releases", &release_request).await.map_err(|e| ttp_error("key release", e))?;
+        let release: KeyReleaseResponse = self
+            .agent
+            .ttp
+            .post_json("/v1/key-releases", &release_request)
+            .await
+            .map_err(|e| ttp_error("key release", e))?;
         timings.release = t.elapsed();
         let t = Instant::now();
         let wrapped = release.wrapped_key.clone();
@@ -510,7 +531,12 @@ impl AgentService {
     }
 
     /// Blocking part of attach: open, wipe the key, driver attach, record; undone on failure.
-    fn open_and_attach(&self, mut record: AttachmentRecord, key: SecretBytes, mut timings: AttachTimings) -> Result<(AttachmentRecord, AttachTimings)> {
+    fn open_and_attach(
+        &self,
+        mut record: AttachmentRecord,
+        key: SecretBytes,
+        mut timings: AttachTimings,
+    ) -> Result<(AttachmentRecord, AttachTimings)> {
         let mode = mode_of(record.mode);
         let t = Instant::now();
         let opened = self.backend.get().open(&record.mapping, &record.volume_path, &key, mode);
@@ -519,9 +545,16 @@ impl AgentService {
         timings.open = t.elapsed();
         record.device = opened.device.clone();
 
-        let placement = Placement { vm_id: record.vm_id.clone(), domain_id: record.domain_id.clone(), device: opened.device.clone(), mode };
+        let placement = Placement {
+            vm_id: record.vm_id.clone(),
+            domain_id: record.domain_id.clone(),
+            device: opened.device.clone(),
+            mode,
+        };
         let t = Instant::now();
-        let had_fs = mode == OpenMode::ReadWrite && self.driver.kind() == "local" && crate::volume::filesystem::has_ext4(&opened.device).unwrap_or(true);
+        let had_fs = mode == OpenMode::ReadWrite
+            && self.driver.kind() == "local"
+            && crate::volume::filesystem::has_ext4(&opened.device).unwrap_or(true);
         match self.driver.attach(&placement) {
             Ok(location) => record.location = location,
             Err(e) => {
@@ -548,7 +581,8 @@ impl AgentService {
     pub async fn detach(self: &Arc<Self>, attachment_id: &str) -> Result<AgentAttachment> {
         check_attachment_id(attachment_id)?;
         let _reservation = self.reserve(vec![format!("attachment {attachment_id}")])?;
-        let record = self.records.load(attachment_id)?.ok_or_else(|| Error::AttachmentUnknown(attachment_id.to_string()))?;
+        let record =
+            self.records.load(attachment_id)?.ok_or_else(|| Error::AttachmentUnknown(attachment_id.to_string()))?;
         let _mapping = self.reserve(vec![format!("mapping {}", record.mapping)])?;
         let this = self.clone();
         let record = tokio::task::spawn_blocking(move || this.detach_blocking(record))
@@ -578,7 +612,12 @@ impl AgentService {
     }
 
     fn placement(&self, record: &AttachmentRecord) -> Placement {
-        Placement { vm_id: record.vm_id.clone(), domain_id: record.domain_id.clone(), device: record.device.clone(), mode: mode_of(record.mode) }
+        Placement {
+            vm_id: record.vm_id.clone(),
+            domain_id: record.domain_id.clone(),
+            device: record.device.clone(),
+            mode: mode_of(record.mode),
+        }
     }
 
     fn attached_view(&self, r: &AttachmentRecord) -> AgentAttachment {
@@ -611,7 +650,11 @@ impl AgentService {
             return Ok(Some(why.clone()));
         }
         if record.backend != self.backend.kind() {
-            return Ok(Some(format!("it was opened by the {} backend; this agent runs {}", record.backend, self.backend.kind())));
+            return Ok(Some(format!(
+                "it was opened by the {} backend; this agent runs {}",
+                record.backend,
+                self.backend.kind()
+            )));
         }
         let mapping = match self.backend.state(&record.mapping)? {
             MappingState::Live => None,
@@ -637,8 +680,12 @@ impl AgentService {
         };
         for record in &records {
             match self.staleness(record) {
-                Ok(None) => tracing::info!(attachment = %record.attachment_id, vm = %record.vm_id, "attachment found again after start"),
-                Ok(Some(reason)) => tracing::warn!(attachment = %record.attachment_id, vm = %record.vm_id, %reason, "stale attachment: DELETE it to clean up, then attach again"),
+                Ok(None) => {
+                    tracing::info!(attachment = %record.attachment_id, vm = %record.vm_id, "attachment found again after start")
+                }
+                Ok(Some(reason)) => {
+                    tracing::warn!(attachment = %record.attachment_id, vm = %record.vm_id, %reason, "stale attachment: DELETE it to clean up, then attach again")
+                }
                 Err(e) => tracing::warn!(attachment = %record.attachment_id, error = %e, "cannot check attachment"),
             }
         }
@@ -685,7 +732,10 @@ impl AgentService {
                 continue;
             }
             let placement = self.placement(&record);
-            let result = self.driver.detach(&placement, &record.location).and_then(|_| self.backend.get().close(&record.mapping));
+            let result = self
+                .driver
+                .detach(&placement, &record.location)
+                .and_then(|_| self.backend.get().close(&record.mapping));
             let why = match result {
                 Ok(()) => format!(
                     "the secure component process {} stopped at unix time {}: it took the file system away from the VM and \

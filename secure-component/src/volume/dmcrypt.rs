@@ -107,8 +107,7 @@ impl DmCryptBackend {
         let buf = backend
             .dm_ioctl(DM_VERSION_CMD, "", 0, &[], 0)
             .map_err(|e| unavailable(format!("DM_VERSION on {CONTROL} failed ({e})")))?;
-        backend.version =
-            format!("{}.{}.{}", get_u32(&buf, 0), get_u32(&buf, 4), get_u32(&buf, 8));
+        backend.version = format!("{}.{}.{}", get_u32(&buf, 0), get_u32(&buf, 4), get_u32(&buf, 8));
         Ok(backend)
     }
 
@@ -222,8 +221,8 @@ impl DmCryptBackend {
         }
         // Whole 4096-byte sectors only, counted in 512-byte sectors.
         let sectors = (size - DATA_OFFSET) / CRYPT_SECTOR * (CRYPT_SECTOR / SECTOR);
-        let dev = std::fs::metadata(&backing.path)
-            .map_err(|e| Error::io(format!("stat {}", backing.path.display()), e))?;
+        let dev =
+            std::fs::metadata(&backing.path).map_err(|e| Error::io(format!("stat {}", backing.path.display()), e))?;
         use std::os::unix::fs::MetadataExt;
         let (maj, min) = split_dev(dev.rdev());
         let dm_flags = if ro { DM_READONLY_FLAG } else { 0 };
@@ -234,10 +233,7 @@ impl DmCryptBackend {
         })?;
         let result = (|| {
             let key_guard = LogonKey::add(&format!("skydd:{name}"), key)?;
-            let base = format!(
-                "aes-xts-plain64 :{KEY_LEN}:logon:skydd:{name} 0 {maj}:{min} {} ",
-                DATA_OFFSET / SECTOR
-            );
+            let base = format!("aes-xts-plain64 :{KEY_LEN}:logon:skydd:{name} 0 {maj}:{min} {} ", DATA_OFFSET / SECTOR);
             let fast = format!("{base}4 sector_size:4096 iv_large_sectors no_read_workqueue no_write_workqueue");
             let plain = format!("{base}2 sector_size:4096 iv_large_sectors");
             // no_read/write_workqueue arrived in dm-crypt 1.22 (Linux 5.9); older kernels
@@ -306,8 +302,7 @@ impl VolumeBackend for DmCryptBackend {
         if let Err(e) = self.message(name, "key wipe") {
             tracing::warn!(mapping = name, error = %e, "dm-crypt key wipe failed; removing the mapping anyway");
         }
-        self.remove(name)
-            .map_err(|e| Error::Volume(format!("DM_DEV_REMOVE {name} failed: {e}")))?;
+        self.remove(name).map_err(|e| Error::Volume(format!("DM_DEV_REMOVE {name} failed: {e}")))?;
         if let Some((LOOP_MAJOR, minor)) = backing {
             // Autoclear normally detaches it on the last close; this covers the rest.
             if let Ok(f) = OpenOptions::new().read(true).open(format!("/dev/loop{minor}")) {
@@ -412,16 +407,12 @@ struct Backing {
 }
 
 fn backing_device(volume: &Path, ro: bool) -> Result<(Backing, Option<File>)> {
-    let meta = std::fs::metadata(volume)
-        .map_err(|e| Error::io(format!("volume {}", volume.display()), e))?;
+    let meta = std::fs::metadata(volume).map_err(|e| Error::io(format!("volume {}", volume.display()), e))?;
     if meta.file_type().is_block_device() {
         return Ok((Backing { path: volume.to_path_buf() }, None));
     }
     if !meta.is_file() {
-        return Err(Error::Volume(format!(
-            "volume {} is neither a regular file nor a block device",
-            volume.display()
-        )));
+        return Err(Error::Volume(format!("volume {} is neither a regular file nor a block device", volume.display())));
     }
     let file = OpenOptions::new()
         .read(true)
@@ -471,7 +462,7 @@ fn attach_loop(lo: &File, file: &File, flags: u32) -> std::io::Result<()> {
     let mut cfg = vec![0u8; 8 + LOOP_INFO64_SIZE + 64];
     put_u32(&mut cfg, 0, file.as_raw_fd() as u32);
     put_u32(&mut cfg, 8 + 52, flags); // loop_info64.lo_flags
-    // SAFETY: cfg is a live buffer laid out as struct loop_config.
+                                      // SAFETY: cfg is a live buffer laid out as struct loop_config.
     if unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CONFIGURE as _, cfg.as_ptr()) } == 0 {
         return Ok(());
     }

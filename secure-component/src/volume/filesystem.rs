@@ -86,5 +86,6 @@ pub fn unmount(dir: &Path) -> Result<()> {
 }
 
 fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Volume(format!("path {} contains a NUL byte", p.display())))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::Volume(format!("path {} contains a NUL byte", p.display())))
 }

@@ -112,7 +112,8 @@ impl UserspaceBackend {
             if path.extension() != Some(OsStr::new("json")) {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
             let record: MappingRecord = serde_json::from_str(&text)
                 .map_err(|e| Error::Volume(format!("userspace mapping record {} is not valid: {e}", path.display())))?;
             let stale = if live.contains_key(&record.name) {
@@ -533,7 +534,11 @@ impl Filesystem for PlainFile {
         if ino != ROOT_INO {
             return reply.error(Errno::ENOTDIR);
         }
-        let entries = [(ROOT_INO, FileType::Directory, "."), (ROOT_INO, FileType::Directory, ".."), (DATA_INO, FileType::RegularFile, DATA_FILE)];
+        let entries = [
+            (ROOT_INO, FileType::Directory, "."),
+            (ROOT_INO, FileType::Directory, ".."),
+            (DATA_INO, FileType::RegularFile, DATA_FILE),
+        ];
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX)) {
             if reply.add(*ino, (i + 1) as u64, *kind, name) {
                 break;
@@ -647,7 +652,8 @@ fn attach_loop(backing: &Path, read_only: bool) -> Result<PathBuf> {
             Some(libc::EBUSY) => continue,
             // Kernels before 5.8 lack LOOP_CONFIGURE: the three-step way.
             Some(libc::EINVAL) | Some(libc::ENOTTY) => {
-                legacy_attach(&lo, &file, read_only, backing).map_err(|e| Error::io(format!("attaching {}", dev.display()), e))?;
+                legacy_attach(&lo, &file, read_only, backing)
+                    .map_err(|e| Error::io(format!("attaching {}", dev.display()), e))?;
                 return Ok(dev);
             }
             _ => return Err(Error::io(format!("LOOP_CONFIGURE on {} with {}", dev.display(), backing.display()), err)),
@@ -699,7 +705,8 @@ fn detach_loop(dev: &Path, backing: &Path) -> std::io::Result<()> {
         Err(e) => return Err(e),
     };
     // The kernel records the backing file name; only detach our own.
-    let sys = format!("/sys/block/{}/loop/backing_file", dev.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+    let sys =
+        format!("/sys/block/{}/loop/backing_file", dev.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
     if let Ok(name) = std::fs::read_to_string(&sys) {
         let name = name.trim_end();
         if name != backing.to_string_lossy() && !name.starts_with(&*backing.to_string_lossy()) {
