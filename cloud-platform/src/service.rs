@@ -95,6 +95,7 @@ fn is_refusal(error: &Error) -> bool {
         | Error::InvalidSize(_)
         | Error::Forbidden(_)
         | Error::OwnerMismatch(_)
+        | Error::QuotaExceeded(_)
         | Error::NotFound { .. }
         | Error::Conflict { .. }
         | Error::DomainDeleted(_) => true,
