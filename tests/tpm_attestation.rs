@@ -38,6 +38,7 @@ fn policy_for(host: &mut Host) -> AttestationPolicy {
     AttestationPolicy {
         trusted_ek_roots: host.swtpm.ek_ca_certificates().unwrap(),
         ek_intermediates: vec![],
+        ek_crls: Vec::new(),
         reference_states: vec![reference_state_from_values("compute-v1", &selection, &values).unwrap()],
     }
 }
@@ -74,6 +75,7 @@ fn enroll_quote_release_and_refuse_after_pcr_change() {
         AttestationPolicy {
             trusted_ek_roots: ca,
             ek_intermediates: vec![],
+            ek_crls: Vec::new(),
             reference_states: vec![reference_state_from_values("compute-v1", &selection, &values).unwrap()],
         }
     };
@@ -122,13 +124,13 @@ fn enroll_quote_release_and_refuse_after_pcr_change() {
     assert_eq!(host.tpm.decrypt_released_key(&sealed_before).unwrap().expose(), key.expose());
 
     // The host's measured state changes.
-    host.tpm.extend_pcr(16, b"an untrusted update").unwrap();
+    host.tpm.extend_pcr(11, b"an untrusted update").unwrap();
     let nonce = random_bytes(32);
     let evidence = host.tpm.quote(&nonce).unwrap();
     let err = verify_quote(&record, &policy, &evidence, &nonce).unwrap_err();
     assert!(matches!(err, ttp::Error::PcrMismatch(_)), "{err}");
     assert_eq!(err.code(), "pcr_mismatch");
-    assert!(err.to_string().contains("PCR 16 differs from reference state 'compute-v1'"), "{err}");
+    assert!(err.to_string().contains("PCR 11 differs from reference state 'compute-v1'"), "{err}");
 
     // ... and the TPM itself refuses to decrypt a key sealed before the change.
     let err = host.tpm.decrypt_released_key(&sealed_before).unwrap_err();

@@ -16,7 +16,7 @@
 //!
 //! [pcr_selection]                          # what enrollment binds the binding key to
 //! bank = "sha256"
-//! indices = [0, 1, 2, 3, 4, 5, 6, 7, 16]
+//! indices = [0, 1, 2, 3, 4, 5, 6, 7, 11]
 //!
 //! [libvirt]                                # only with hypervisor = "libvirt"
 //! uri = "qemu:///system"
