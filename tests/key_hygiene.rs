@@ -30,7 +30,7 @@
 use secure_component::prerequisites::{self, Need};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use net::Role;

@@ -121,7 +121,16 @@ impl AgentConfig {
     }
 
     pub fn from_toml(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+        let config: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        // The TTP refuses them too (pcr_resettable); say so before enrolling.
+        let resettable = config.pcr_selection.resettable_indices();
+        if !resettable.is_empty() {
+            return Err(Error::Config(format!(
+                "pcr_selection contains PCR {:?}, which any process can reset (TPM2_PCR_Reset at locality 0); use PCRs 0-15",
+                resettable
+            )));
+        }
+        Ok(config)
     }
 
     pub fn to_toml(&self) -> Result<String> {
@@ -185,5 +194,9 @@ mod tests {
         assert!(e.contains("backedn"), "{e}");
         let bad = format!("{minimal}\nbackend = \"lukes\"\n");
         assert!(AgentConfig::from_toml(&bad).is_err());
+        // Issue 21: a resettable PCR in the selection is refused at load.
+        let debug = format!("{minimal}\n[pcr_selection]\nbank = \"sha256\"\nindices = [0, 16]\n");
+        let e = AgentConfig::from_toml(&debug).unwrap_err().to_string();
+        assert!(e.contains("PCR [16]"), "{e}");
     }
 }
