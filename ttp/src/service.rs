@@ -730,3 +730,65 @@ pub fn allow_host_replacement(store: &dyn TtpStore, operator: &str, host_id: &st
     })?;
     result.map(|_| record)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::domain::{AccessMode, AclEntry};
+    use protocol::pki::{CertificateAuthority, Validity};
+
+    fn key_of(ca: &(String, zeroize::Zeroizing<String>), role: Role, name: &str) -> SignatureKey {
+        let issued = CertificateAuthority::issue(&ca.0, &ca.1, role, name, Validity::Days(5)).unwrap();
+        let der = protocol::pki::certs_from_pem(&issued.cert_pem, "certificate").unwrap()[0].to_vec();
+        SignatureKey::from_pem(&issued.key_pem, der).unwrap()
+    }
+
+    /// Issue 21: a registration carries r, so only this TTP (or a configured replica) from
+    /// its own CA may sign one. Another TTP-role name from the same CA, and the TTP's own
+    /// name from a trusted partner CA, are refused; a configured replica is accepted.
+    #[test]
+    fn registrations_only_from_this_ttp_or_a_configured_replica() {
+        let own_ca = CertificateAuthority::generate("cloud-ca").unwrap();
+        let partner_ca = CertificateAuthority::generate("partner-ca").unwrap();
+        let store: Arc<dyn TtpStore> = Arc::new(crate::store::SqliteStore::in_memory().unwrap());
+        let ttp = Ttp::new(
+            SecretBytes::from_slice_wiping(&mut [7u8; 32]),
+            key_of(&own_ca, Role::Ttp, "ttp-1"),
+            vec![own_ca.0.clone(), partner_ca.0.clone()],
+            AttestationPolicy::default(),
+            store,
+        )
+        .unwrap()
+        .with_registration_replicas(vec!["ttp-replica".into()]);
+        let cp = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
+        let alice = key_of(&own_ca, Role::DomainManager, "dm-alice");
+        let v1 = Descriptor::new("dm-alice", Default::default(), vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }]).unwrap();
+        let request = RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, v1.encode().unwrap()),
+            previous_registration: None,
+        };
+        let registered = ttp.register_domain(&cp, &request).unwrap().registration;
+        let mut forged = Registration::decode(&registered.message).unwrap();
+        forged.nonce_r = [0x42; 32];
+
+        let v2 = v1.next_version(|d| d.acl.clear()).unwrap();
+        let update = |previous: SignedEnvelope| RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, v2.encode().unwrap()),
+            previous_registration: Some(previous),
+        };
+        for (ca, name, expected) in [
+            (&own_ca, "ttp-2", "neither this TTP nor a configured replica"),
+            (&partner_ca, "ttp-1", "this TTP's own CA"),
+        ] {
+            let signer = key_of(ca, Role::Ttp, name);
+            let envelope = signer.sign_envelope(SignatureContext::Registration, forged.encode());
+            let err = ttp.register_domain(&cp, &update(envelope)).unwrap_err();
+            assert_eq!(err.code(), "registration_mismatch", "{err}");
+            assert!(err.to_string().contains(expected), "{name}: {err}");
+        }
+        // A configured replica's registration counts (here: r unchanged, so the update goes on).
+        let replica = key_of(&own_ca, Role::Ttp, "ttp-replica");
+        let envelope = replica.sign_envelope(SignatureContext::Registration, Registration::decode(&registered.message).unwrap().encode());
+        ttp.register_domain(&cp, &update(envelope)).expect("a replica's registration is accepted");
+    }
+}
