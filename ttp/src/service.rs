@@ -791,4 +791,46 @@ mod tests {
         let envelope = replica.sign_envelope(SignatureContext::Registration, Registration::decode(&registered.message).unwrap().encode());
         ttp.register_domain(&cp, &update(envelope)).expect("a replica's registration is accepted");
     }
+
+    /// Issue 21: `release_key` validates the host and VM ids before they reach the audit
+    /// record; a malformed one is refused and audited without it (and without repeating it).
+    #[test]
+    fn release_key_audits_only_validated_ids() {
+        let ca = CertificateAuthority::generate("cloud-ca").unwrap();
+        let store: Arc<dyn TtpStore> = Arc::new(crate::store::SqliteStore::in_memory().unwrap());
+        let ttp = Ttp::new(
+            SecretBytes::from_slice_wiping(&mut [7u8; 32]),
+            key_of(&ca, Role::Ttp, "ttp-1"),
+            vec![ca.0.clone()],
+            AttestationPolicy::default(),
+            store,
+        )
+        .unwrap();
+        let empty = SignedEnvelope { message: Vec::new(), signature: Vec::new(), signer_certificate: Vec::new() };
+        let request = |host_id: &str, vm_id: &str| KeyReleaseRequest {
+            host_id: host_id.into(),
+            vm_id: vm_id.into(),
+            mode: AccessMode::Ro,
+            header: protocol::messages::HeaderRecord { descriptor: empty.clone(), registration: empty.clone() },
+            grant: empty.clone(),
+            challenge_id: "c".into(),
+            quote: protocol::attest::QuoteEvidence { attest: Vec::new(), signature: Vec::new(), pcr_values: Vec::new() },
+        };
+        let host = Identity { name: "compute-1".into(), role: Role::SecureComponent };
+        let hostile = format!("compute-1\n{}", "x".repeat(4096));
+        for (host_id, vm_id, field) in [(hostile.as_str(), "vm-a", "host_id"), ("compute-1", "", "vm_id"), ("compute-1", "vm a", "vm_id")] {
+            let err = ttp.release_key(&host, &request(host_id, vm_id)).unwrap_err();
+            assert_eq!(err.code(), "bad_request", "{err}");
+            assert!(err.to_string().contains(field), "{err}");
+            let record = ttp.store().audit_records(None).unwrap().pop().unwrap();
+            assert_eq!((record.event.as_str(), record.outcome.as_str()), ("key_release", "bad_request"));
+            assert!(record.message.len() < 200, "the refusal does not repeat the id: {}", record.message);
+            if field == "host_id" {
+                assert_eq!((record.host_id, record.vm_id.as_deref()), (None, Some("vm-a")));
+            } else {
+                assert_eq!((record.host_id.as_deref(), record.vm_id), (Some("compute-1"), None));
+            }
+        }
+        ttp.verify_audit_chain().unwrap();
+    }
 }

@@ -11,6 +11,9 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::error::{Error, Result};
 
+/// How long an operator's `ttp host replace` approval stays usable (24 h).
+pub const HOST_REPLACEMENT_TTL_SECS: u64 = 24 * 3600;
+
 /// What the TTP knows about a registered domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainRecord {
@@ -71,8 +74,8 @@ pub trait TtpStore: Send + Sync {
     fn enroll_host(&self, host_id: &str, ek_fingerprint: &str, record_json: &str) -> Result<Option<String>>;
     /// The EK fingerprint `host_id` is pinned to, if any.
     fn pinned_ek(&self, host_id: &str) -> Result<Option<String>>;
-    /// Lets the next enrollment of `host_id` pin another EK (once), for an operator who
-    /// replaced the host's TPM; returns the EK pinned now. `Error::HostUnknown` if the host
+    /// Lets the next enrollment of `host_id` within [`HOST_REPLACEMENT_TTL_SECS`] pin another
+    /// EK (once), for an operator who replaced the host's TPM; returns the EK pinned now. `Error::HostUnknown` if the host
     /// has no pinned EK.
     fn mark_host_replaceable(&self, host_id: &str, operator: &str, at: u64) -> Result<String>;
 
@@ -209,13 +212,18 @@ impl TtpStore for SqliteStore {
             .map_err(store_err("read EK pin"))?;
         let replaced = match pinned {
             Some(pinned) if pinned != ek_fingerprint => {
+                // A mark older than HOST_REPLACEMENT_TTL_SECS no longer counts: an approval
+                // is for the replacement at hand, not a standing open door.
+                let cutoff = now_unix().saturating_sub(HOST_REPLACEMENT_TTL_SECS) as i64;
                 let marked = tx
-                    .execute("DELETE FROM host_replacements WHERE host_id = ?1", params![host_id])
+                    .execute("DELETE FROM host_replacements WHERE host_id = ?1 AND marked_at >= ?2", params![host_id, cutoff])
                     .map_err(store_err("use the replacement mark"))?;
                 if marked != 1 {
                     return Err(Error::EkPinned(format!(
                         "host {host_id} is pinned to EK {pinned}, this enrollment presents EK {ek_fingerprint}; \
-                         if its TPM was really replaced, an operator runs `ttp host replace --host {host_id}` first"
+                         if its TPM was really replaced, an operator runs `ttp host replace --host {host_id}` first \
+                         (an approval counts for {} hours)",
+                        HOST_REPLACEMENT_TTL_SECS / 3600
                     )));
                 }
                 tx.execute("DELETE FROM host_eks WHERE host_id = ?1", params![host_id]).map_err(store_err("unpin the old EK"))?;
