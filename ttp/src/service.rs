@@ -259,15 +259,15 @@ impl Ttp {
         let subject = Subject { host_id: host_id_ok.then(|| request.host_id.clone()), ..Default::default() };
         let (challenge, _) = self.audited("enroll_begin", actor, subject, |_| {
             Self::require_role(actor, Role::SecureComponent, "enroll a host")?;
+            if !host_id_ok {
+                return Err(Error::BadRequest(invalid_name("host_id", &request.host_id)));
+            }
             if actor.name != request.host_id {
                 return Err(Error::Forbidden {
                     caller: actor.name.clone(),
                     action: "enroll a host",
                     detail: format!("a host may enroll only itself, not {}", request.host_id),
                 });
-            }
-            if !host_id_ok {
-                return Err(Error::BadRequest(invalid_name("host_id", &request.host_id)));
             }
             let (pending, challenge) = attestation::begin_enrollment(&self.policy, request)?;
             let ek = pending.ek_fingerprint.clone();
