@@ -12,7 +12,7 @@ use protocol::cloud::{ComputeHost, Instance};
 use secure_component::service::AgentService;
 use secure_component::swtpm::Swtpm;
 use tokio_util::sync::CancellationToken;
-use ttp::attestation::{AttestationPolicy, ReferenceState};
+use ttp::attestation::AttestationPolicy;
 
 use crate::lab::{LabPki, RunningTtp};
 
@@ -88,7 +88,10 @@ impl AllInOne {
         let (ttp_listener, ttp_url) = bind().await?;
         let vendor_ca = dir.join("tpm-vendor-ca");
 
+        // The secure component runs inside this binary: it is what each host measures.
+        let binary = std::env::current_exe().context("locate the running binary (the secure component's)")?;
         let mut pending = Vec::new();
+        let mut reference_states = Vec::new();
         for (host_id, _) in layout.hosts {
             progress(&format!(
                 "{host_id}: manufacturing its TPM (swtpm with an EK certificate) and starting its secure component"
@@ -102,24 +105,25 @@ impl AllInOne {
             let volumes = dir.join("cloud-platform").join("volumes");
             std::fs::create_dir_all(&volumes)?;
             config.volume_root = Some(volumes);
-            std::fs::write(dir.join(host_id).join("secure-component.toml"), toml::to_string(&config)?)?;
-            let (service, tls_config) = secure_component::service::build(&config)
-                .with_context(|| format!("build the secure component of {host_id}"))?;
+            let config_text = toml::to_string(&config)?;
+            std::fs::write(dir.join(host_id).join("secure-component.toml"), &config_text)?;
+            // The reference state is computed from the build (the binary and the configuration
+            // as written), never read from a host (docs/TPM.md "Measured state").
+            let expected = secure_component::measure::Measurement::of(&binary, config_text.as_bytes())?;
+            reference_states.push(crate::lab::measured_reference_state(&format!("{host_id}-measured"), &expected));
+            progress(&format!("{host_id}: measured start-up (secure component binary and configuration into PCR {})", secure_component::measure::MEASURED_STATE_PCR));
+            crate::lab::measured_start_up(&swtpm, &config.state_dir, &binary, config_text.as_bytes())
+                .with_context(|| format!("measure the start-up of {host_id}"))?;
+            let (service, tls_config) = secure_component::service::build(&config).with_context(|| format!("build the secure component of {host_id}"))?;
             pending.push((host_id.to_string(), swtpm, config, service, tls_config));
         }
 
-        progress("TTP: master key, attestation policy (the TPM vendor CA and the hosts' trusted PCR values)");
-        let (_, _, first_config, first_service, _) = pending.first().context("the layout has no compute host")?;
-        let selection = first_config.pcr_selection.clone();
-        let pcr_values = first_service.host_agent().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await?;
+        progress("TTP: master key, attestation policy (the TPM vendor CA and each host's expected measured state)");
         let policy = AttestationPolicy {
             trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&vendor_ca)?,
             ek_intermediates: Vec::new(),
-            reference_states: vec![ReferenceState {
-                name: "compute-v1".into(),
-                selection: first_config.pcr_selection.clone(),
-                pcr_values,
-            }],
+            ek_crls: Vec::new(),
+            reference_states,
         };
         let ttp = RunningTtp::start(dir, &pki, &policy, ttp_listener).await?;
 

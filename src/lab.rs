@@ -122,6 +122,7 @@ impl RunningTtp {
             cert: tls.cert.clone(),
             key: tls.key.clone(),
             attestation: policy_path,
+            registration_replicas: Vec::new(),
         };
         let (service, server_tls) = ttp::server::build(&config)?;
         let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
@@ -188,6 +189,33 @@ impl LabHost {
         let values = self.agent.tpm.run(move |tpm| tpm.read_pcrs(&selection_copy)).await?;
         Ok(ReferenceState { name: name.to_string(), selection: selection.clone(), pcr_values: values })
     }
+}
+
+/// The reference state of a loopback host after a measured start-up with `measurement`,
+/// computed without any host: [`PcrSelection::default_host`], PCRs 0-7 zero (swtpm runs no
+/// firmware, so nothing extends them) and the measured-state PCR as
+/// [`Measurement::pcr_value`](secure_component::measure::Measurement::pcr_value).
+pub fn measured_reference_state(name: &str, measurement: &secure_component::measure::Measurement) -> ReferenceState {
+    let selection = PcrSelection::default_host();
+    let pcr_values = selection
+        .normalized_indices()
+        .into_iter()
+        .map(|index| {
+            let value = if index == secure_component::measure::MEASURED_STATE_PCR { measurement.pcr_value().to_vec() } else { vec![0u8; 32] };
+            (index, value)
+        })
+        .collect();
+    ReferenceState { name: name.to_string(), selection, pcr_values }
+}
+
+/// A loopback host's measured start-up, before its secure component runs: the SHA-256 of
+/// `binary` and of `config` extended into the measured-state PCR of `swtpm`. Returns the
+/// measurement.
+pub fn measured_start_up(swtpm: &Swtpm, state_dir: &Path, binary: &Path, config: &[u8]) -> Result<secure_component::measure::Measurement> {
+    let measurement = secure_component::measure::Measurement::of(binary, config)?;
+    let mut tpm = secure_component::tpm::HostTpm::open(&swtpm.tcti(), state_dir)?;
+    secure_component::measure::extend(&mut tpm, &measurement)?;
+    Ok(measurement)
 }
 
 /// A domain manager: signs descriptors, grants and deletions with its certificate's key.

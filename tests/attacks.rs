@@ -14,6 +14,7 @@
 //! | C6  | cloud platform  | bumps the version of an owner-signed descriptor and registers it        | `descriptor_signature_invalid` (audited) |
 //! | C7  | cloud platform  | re-uses the owner's grant for vm-a to attach vm-b                       | `grant_mismatch` (audited) |
 //! | C12 | cloud platform  | replays a grant it forwarded once, after the owner detached the VM      | `grant_replayed` (audited) |
+//! | C13 | anyone with a TTP-role certificate | signs a registration (its own r) for a domain | `registration_mismatch` (audited) |
 //! | C11 | cloud platform  | points the SC at another file (a host file; domain B's volume) with A's header | `bad_request` (SC; no key released) |
 //! | C8  | compute host B  | forwards an attach: asks for a key claiming host A's id                 | `forbidden` (audited) |
 //! | C9  | compute host B  | sends host A's quote over its own challenge                             | `quote_invalid` (audited) |
@@ -28,6 +29,11 @@
 //! | H8  | compute host    | enrolls under another host's name                                       | `forbidden` (audited) |
 //! | H9  | compute host    | enrolls a binding key bound to untrusted PCR values                     | `binding_policy_untrusted` (audited) |
 //! | H10 | unenrolled host | asks for a key release                                                  | `host_unknown` (audited) |
+//! | H11 | stolen host TLS key | a second genuine TPM (same vendor CA) enrolls as an enrolled host   | `ek_pinned` (audited, names both EKs) |
+//! | H12 | compute host    | enrolls an EK already enrolled under another host id                    | `ek_in_use` (audited) |
+//! | H13 | operator        | replaces a host's TPM (`ttp host replace`), then the new TPM enrolls     | `ok`, once (audited `host_replace`; the enrollment names old and new EK) |
+//! | H14 | operator / host | a resettable PCR (16, 23) in the policy or in an enrollment's selection | `pcr_resettable` (TTP refuses to start; enrollment audited) |
+//! | H15 | compute host    | a replaced secure-component binary (measured start-up)                  | `binding_policy_untrusted` at enrollment; `pcr_mismatch` at release, and the TPM refuses to decrypt |
 //! | D1  | domain manager  | attaches another owner's domain through the CP                          | `forbidden` (CP; never reaches the TTP) |
 //! | D2  | domain manager  | changes the ACL of a domain only shared with it                         | `owner_mismatch` (CP) |
 //! | D3  | domain manager  | deletes a domain only shared with it, through the CP                    | `owner_mismatch` (CP) |
@@ -89,7 +95,7 @@ use protocol::messages::{
 use protocol::pki::{CertificateAuthority, Validity};
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
 use skydd::cloud::{AllInOne, DEMO_LAYOUT};
-use skydd::lab::{DomainManager, LabHost, LabPki};
+use skydd::lab::{DomainManager, LabHost, LabPki, RunningTtp};
 use tokio_util::sync::CancellationToken;
 
 // ---- the summary ---------------------------------------------------------------------------
@@ -568,6 +574,24 @@ async fn attack_matrix() {
             "registration_mismatch",
             &audit_text(&audit),
         );
+    }
+    {
+        // C13 (issue 21): a registration signed by another certificate with the TTP role from
+        // the cloud's own CA (a second TTP identity, e.g. a decommissioned or test TTP). It
+        // carries r, so accepting it would let its holder re-key or shred the domain.
+        pki.issue(Role::Ttp, "ttp-2").unwrap();
+        let other_ttp = signer(pki, "ttp-2");
+        let mut forged = Registration::decode(&view_a.header.registration.message).unwrap();
+        forged.nonce_r = [0x43; 32];
+        let mut header = view_a.header.clone();
+        header.registration = other_ttp.key.sign_envelope(SignatureContext::Registration, forged.encode());
+        plant_header(&path_a, &header);
+        let before = audit_records(&ttp).len();
+        let message = expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "registration_mismatch");
+        assert!(message.contains("ttp-2") && message.contains("neither this TTP nor a configured replica"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "registration_mismatch");
+        m.record("C13", "a registration signed by another TTP-role certificate (ttp-2, same CA)", "registration_mismatch", &audit_text(&audit));
+        plant_header(&path_a, &view_a.header);
     }
     {
         // C3: domain B's whole (valid) header in domain A's volume; vm-a is in both ACLs.
@@ -1156,7 +1180,7 @@ async fn attack_matrix() {
     {
         // H9: host-x boots an unapproved module, then enrolls: its binding key's PolicyPCR
         // is over values no reference state allows.
-        host_x.agent.tpm.run(|t| t.extend_pcr(16, b"unapproved kernel module")).await.unwrap();
+        host_x.agent.tpm.run(|t| t.extend_pcr(11, b"unapproved kernel module")).await.unwrap();
         let before = audit_records(&ttp).len();
         assert_eq!(enroll_code(host_x.agent.enroll(&selection).await), "binding_policy_untrusted");
         let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_policy_untrusted");
@@ -1172,28 +1196,13 @@ async fn attack_matrix() {
     // H2: compute-2's PCRs change after enrollment; an attach through the CP is refused.
     {
         let (desc_c, _) = create_domain(&alice_cp, &alice, &[("vm-b", AccessMode::Rw)]).await;
-        compute2.service.host_agent().tpm.run(|t| t.extend_pcr(16, b"unapproved kernel module")).await.unwrap();
+        compute2.service.host_agent().tpm.run(|t| t.extend_pcr(11, b"unapproved kernel module")).await.unwrap();
         let before = audit_records(&ttp).len();
-        let message = expect_code(
-            attach(
-                &alice_cp,
-                &desc_c.domain_id,
-                "vm-b",
-                AccessMode::Rw,
-                alice.grant(&desc_c.domain_id, "vm-b", AccessMode::Rw, 300),
-            )
-            .await,
-            "pcr_mismatch",
-        );
-        assert!(message.contains("PCR 16"), "{message}");
+        let message = expect_code(attach(&alice_cp, &desc_c.domain_id, "vm-b", AccessMode::Rw, alice.grant(&desc_c.domain_id, "vm-b", AccessMode::Rw, 300)).await, "pcr_mismatch");
+        assert!(message.contains("PCR 11"), "{message}");
         let audit = assert_audited(&ttp, before, "key_release", "pcr_mismatch");
         assert_eq!(audit.host_id.as_deref(), Some("compute-2"));
-        m.record(
-            "H2",
-            "compute-2's PCR 16 changes after enrollment; attach through the CP",
-            "pcr_mismatch",
-            &audit_text(&audit),
-        );
+        m.record("H2", "compute-2's PCR 11 (measured state) changes after enrollment; attach via the CP", "pcr_mismatch", &audit_text(&audit));
     }
 
     // ================= TLS and certificates ==========================================================
@@ -1214,6 +1223,7 @@ async fn attack_matrix() {
         cert: ttp_files.cert.clone(),
         key: ttp_files.key.clone(),
         attestation: cloud.dir.join("attestation.toml"),
+        registration_replicas: Vec::new(),
     };
     let (partner, partner_tls) = ttp::server::build(&partner_config).expect("build the partner TTP");
     let partner_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1786,4 +1796,238 @@ impl DeleteWithBody for net::Client {
         let body = DeleteDomainBody { deletion: signer.deletion(domain_id) };
         self.request_json("DELETE".parse().unwrap(), &format!("/v1/domains/{domain_id}"), Some(&body)).await
     }
+}
+
+// ---- issue 21: EK pinning, resettable PCRs, the measured state ------------------------------------
+
+/// A lab for the issue-21 rows: a cloud CA, a TPM vendor CA (swtpm_localca) shared by every
+/// TPM, and a TTP whose policy the caller makes once the hosts exist.
+struct PinLab {
+    dir: tempfile::TempDir,
+    pki: LabPki,
+    vendor_ca: PathBuf,
+}
+
+impl PinLab {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = LabPki::create(&dir.path().join("pki")).unwrap();
+        let vendor_ca = dir.path().join("tpm-vendor-ca");
+        Self { dir, pki, vendor_ca }
+    }
+
+    fn host(&self, host_id: &str, ttp_url: &str) -> LabHost {
+        LabHost::start(self.dir.path(), &self.pki, host_id, &self.vendor_ca, ttp_url).expect("start a host (swtpm)")
+    }
+
+    /// A TPM of the same vendor driven with `identity`'s (already issued) TLS key: what an
+    /// attacker who stole that host's key does with a second genuine TPM.
+    fn tpm_with_identity(&self, tpm_name: &str, identity: &str, ttp_url: &str) -> (secure_component::agent::HostAgent, secure_component::swtpm::Swtpm) {
+        let swtpm = secure_component::swtpm::Swtpm::start_with_ca(&self.dir.path().join(tpm_name).join("swtpm"), &self.vendor_ca).unwrap();
+        let tpm = secure_component::agent::TpmWorker::start(&swtpm.tcti(), self.dir.path().join(tpm_name).join("sc-state")).unwrap();
+        let ttp = self.pki.client(identity, Role::Ttp, ttp_url).unwrap();
+        (secure_component::agent::HostAgent { host_id: identity.to_string(), tpm, ttp }, swtpm)
+    }
+
+    fn policy(&self, reference_states: Vec<ttp::attestation::ReferenceState>) -> ttp::attestation::AttestationPolicy {
+        ttp::attestation::AttestationPolicy {
+            trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&self.vendor_ca).unwrap(),
+            reference_states,
+            ..Default::default()
+        }
+    }
+}
+
+fn ek_of(record: &AuditRecord) -> Vec<String> {
+    record
+        .message
+        .split_whitespace()
+        .map(|w| w.trim_matches(|c: char| !c.is_ascii_hexdigit()))
+        .filter(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// H11–H13: a second genuine TPM claiming an enrolled host, one host per EK, and the
+/// operator's audited replacement of a host's TPM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_genuine_tpm_claiming_a_host() {
+    let lab = PinLab::new();
+    let mut m = Matrix::default();
+    let (listener, url) = RunningTtp::bind().await.unwrap();
+    let compute1 = lab.host("compute-1", &url);
+    let selection = PcrSelection::default_host();
+    let policy = lab.policy(vec![compute1.reference_state("compute-v1", &selection).await.unwrap()]);
+    let running = RunningTtp::start(lab.dir.path(), &lab.pki, &policy, listener).await.unwrap();
+    let ttp = running.service.clone();
+
+    let enrolled = compute1.agent.enroll(&selection).await.expect("compute-1 enrolls its own TPM");
+    let ek1 = enrolled.ek_fingerprint.clone();
+    let first = audit_records(&ttp).last().unwrap().clone();
+    assert_eq!((first.event.as_str(), first.outcome.as_str()), ("enroll", "ok"));
+    assert!(first.message.contains(&ek1), "the enrollment record names the EK: {}", first.message);
+
+    // H11: compute-1's TLS key and a DIFFERENT genuine TPM of the same vendor.
+    let (rogue, _rogue_tpm) = lab.tpm_with_identity("rogue-tpm", "compute-1", &url);
+    let before = audit_records(&ttp).len();
+    assert_eq!(enroll_code(rogue.enroll(&selection).await), "ek_pinned");
+    let audit = assert_audited_n(&ttp, before, 2, "enroll", "ek_pinned");
+    let named = ek_of(&audit);
+    assert_eq!(named.len(), 2, "the refusal names the pinned and the presented EK: {}", audit.message);
+    assert_eq!(named[0], ek1);
+    assert_ne!(named[1], ek1);
+    let ek2 = named[1].clone();
+    m.record("H11", "a second genuine TPM (same vendor CA) enrolls with compute-1's TLS key", "ek_pinned", &audit_text(&audit));
+    // The real compute-1 is not locked out: its record still names its EK and its quotes verify.
+    let record: ttp::attestation::HostRecord = serde_json::from_str(&ttp.store().host("compute-1").unwrap().unwrap()).unwrap();
+    assert_eq!(record.ek_fingerprint, ek1);
+    let challenge: ChallengeResponse = compute1.agent.ttp.post_json("/v1/challenges", &()).await.unwrap();
+    let nonce = challenge.nonce.clone();
+    let quote = compute1.agent.tpm.run(move |t| t.quote(&nonce)).await.unwrap();
+    ttp::attestation::verify_quote(&record, &policy, &quote, &challenge.nonce).expect("compute-1's own TPM still attests");
+
+    // H12: the rogue TPM enrolls honestly as compute-9, then tries compute-1 again after the
+    // operator allowed compute-1 a new TPM: one TPM is one host.
+    lab.pki.issue(Role::SecureComponent, "compute-9").unwrap();
+    let compute9 = secure_component::agent::HostAgent { host_id: "compute-9".into(), tpm: rogue.tpm.clone(), ttp: lab.pki.client("compute-9", Role::Ttp, &url).unwrap() };
+    let as9 = compute9.enroll(&selection).await.expect("the second TPM enrolls under its own host id");
+    assert_eq!(as9.ek_fingerprint, ek2);
+    let before = audit_records(&ttp).len();
+    let replace = ttp.allow_host_replacement("operator:test", "compute-1").expect("the operator marks compute-1 replaceable");
+    assert_eq!((replace.event.as_str(), replace.outcome.as_str(), replace.host_id.as_deref()), ("host_replace", "ok", Some("compute-1")));
+    assert!(replace.message.contains(&ek1), "{}", replace.message);
+    assert_eq!(enroll_code(rogue.enroll(&selection).await), "ek_in_use");
+    let audit = assert_audited_n(&ttp, before, 3, "enroll", "ek_in_use");
+    assert!(audit.message.contains("compute-9"), "{}", audit.message);
+    m.record("H12", "the TPM enrolled as compute-9 enrolls as compute-1 too", "ek_in_use", &audit_text(&audit));
+
+    // H13: the operator's replacement is used by a new TPM, once; the record names both EKs.
+    let (replacement, _replacement_tpm) = lab.tpm_with_identity("replacement-tpm", "compute-1", &url);
+    let before = audit_records(&ttp).len();
+    let replaced = replacement.enroll(&selection).await.expect("the approved replacement TPM enrolls");
+    let audit = assert_audited_n(&ttp, before, 2, "enroll", "ok");
+    assert!(audit.message.contains(&ek1) && audit.message.contains(&replaced.ek_fingerprint) && audit.message.contains("replacing"), "{}", audit.message);
+    let before = audit_records(&ttp).len();
+    assert_eq!(enroll_code(compute1.agent.enroll(&selection).await), "ek_pinned", "the mark is used up");
+    assert_audited_n(&ttp, before, 2, "enroll", "ek_pinned");
+    m.record("H13", "operator replaces compute-1's TPM; the new TPM enrolls once, the old is refused", "ok / ek_pinned", &format!("{} host_replace, {}", replace.seq, audit_text(&audit)));
+    // An unknown host cannot be marked.
+    let err = ttp.allow_host_replacement("operator:test", "compute-404").unwrap_err();
+    assert_eq!(err.code(), "host_unknown");
+    assert_eq!(audit_records(&ttp).last().unwrap().outcome, "host_unknown", "a refused replacement is audited too");
+    ttp.verify_audit_chain().unwrap();
+    running.stop().await;
+}
+
+/// H14: a resettable PCR (16 debug, 23 application) is refused in the TTP's policy (it does
+/// not start) and in an enrollment's selection. (Under swtpm `tpm2_pcrreset 16` succeeds
+/// without authorisation, so a value in it proves nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pcr_16_reset_is_refused_in_policy_and_selection() {
+    let lab = PinLab::new();
+    let mut m = Matrix::default();
+    let (listener, url) = RunningTtp::bind().await.unwrap();
+    let host = lab.host("compute-1", &url);
+    let with_16 = PcrSelection { bank: "sha256".into(), indices: vec![0, 1, 2, 3, 4, 5, 6, 7, 16] };
+    let values = host.agent.tpm.run({
+        let s = with_16.clone();
+        move |t| t.read_pcrs(&s)
+    }).await.unwrap();
+    let state_16 = ttp::attestation::ReferenceState { name: "debug".into(), selection: with_16.clone(), pcr_values: values };
+    let err = RunningTtp::start(lab.dir.path(), &lab.pki, &lab.policy(vec![state_16]), listener).await.err().expect("the TTP refuses a policy with PCR 16");
+    let err = err.downcast_ref::<ttp::Error>().expect("a TTP error");
+    assert_eq!(err.code(), "pcr_resettable", "{err}");
+    assert!(err.to_string().contains("PCR 16"), "{err}");
+    m.record("H14", "a reference state selecting PCR 16: the TTP refuses its policy at start-up", "pcr_resettable", "- (start-up)");
+
+    let (listener, url2) = RunningTtp::bind().await.unwrap();
+    let good = host.reference_state("compute-v1", &PcrSelection::default_host()).await.unwrap();
+    let running = RunningTtp::start(lab.dir.path(), &lab.pki, &lab.policy(vec![good]), listener).await.unwrap();
+    let ttp = running.service.clone();
+    let agent = secure_component::agent::HostAgent { host_id: "compute-1".into(), tpm: host.agent.tpm.clone(), ttp: lab.pki.client("compute-1", Role::Ttp, &url2).unwrap() };
+    let before = audit_records(&ttp).len();
+    for pcr in [16u8, 23] {
+        let selection = PcrSelection { bank: "sha256".into(), indices: vec![0, 1, 2, 3, 4, 5, 6, 7, pcr] };
+        assert_eq!(enroll_code(agent.enroll(&selection).await), "pcr_resettable");
+    }
+    let audit = assert_audited_n(&ttp, before, 2, "enroll_begin", "pcr_resettable");
+    assert!(audit.message.contains("PCR 23"), "{}", audit.message);
+    m.record("H14", "a host enrolls a binding key over PCRs 0-7 + 16 (or 23)", "pcr_resettable", &audit_text(&audit));
+    agent.enroll(&PcrSelection::default_host()).await.expect("the default selection (no resettable PCR) enrolls");
+    running.stop().await;
+}
+
+/// H15: the measured state. A host's start-up extends PCR 11 with the secure component's
+/// binary and configuration; the reference state is computed from the build. A host whose
+/// binary was replaced cannot enroll, and a host that was enrolled and reboots with a
+/// replaced binary is refused at release, and its TPM refuses to decrypt a key released
+/// before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_secure_component_binary() {
+    use secure_component::measure::{self, Measurement};
+    let lab = PinLab::new();
+    let mut m = Matrix::default();
+    let binary = std::env::current_exe().unwrap();
+    let config = b"# secure-component.toml of the measured hosts\nttp_url = \"https://ttp.example\"\n".to_vec();
+    let replaced = lab.dir.path().join("secure-component-replaced");
+    std::fs::copy(&binary, &replaced).unwrap();
+    {
+        use std::io::Write;
+        std::fs::OpenOptions::new().append(true).open(&replaced).unwrap().write_all(b"\x00a patched secure component").unwrap();
+    }
+    // The reference state from the build: no host is read.
+    let expected = Measurement::of(&binary, &config).unwrap();
+    let state = skydd::lab::measured_reference_state("compute-measured", &expected);
+    let (listener, url) = RunningTtp::bind().await.unwrap();
+    let good = lab.host("compute-1", &url);
+    let policy = lab.policy(vec![state]);
+    let running = RunningTtp::start(lab.dir.path(), &lab.pki, &policy, listener).await.unwrap();
+    let ttp = running.service.clone();
+    let selection = PcrSelection::default_host();
+
+    // A host measured with the expected binary enrolls; one with the replaced binary cannot.
+    good.agent.tpm.run(move |t| measure::extend(t, &expected)).await.unwrap();
+    let enrolled = good.agent.enroll(&selection).await.expect("the measured host enrolls");
+    assert_eq!(enrolled.reference_state, "compute-measured");
+    let bad = lab.host("compute-2", &url);
+    let bad_measurement = Measurement::of(&replaced, &config).unwrap();
+    assert_ne!(bad_measurement.binary, expected.binary);
+    bad.agent.tpm.run(move |t| measure::extend(t, &bad_measurement)).await.unwrap();
+    let before = audit_records(&ttp).len();
+    assert_eq!(enroll_code(bad.agent.enroll(&selection).await), "binding_policy_untrusted");
+    let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_policy_untrusted");
+    m.record("H15", "a host whose secure-component binary was replaced enrolls", "binding_policy_untrusted", &audit_text(&audit));
+    // A changed configuration is a changed state too.
+    assert_ne!(Measurement::of(&binary, b"ttp_url = \"https://rogue.example\"\n").unwrap().pcr_value(), expected.pcr_value());
+
+    // A key released to the good host while it runs the expected binary.
+    lab.pki.issue(Role::CloudPlatform, "cp-1").unwrap();
+    let cp = lab.pki.client("cp-1", Role::Ttp, &url).unwrap();
+    let alice = DomainManager::create(&lab.pki, "dm-alice").unwrap();
+    let descriptor = alice.new_domain(&[("department", "radiology")], &[("vm-a", AccessMode::Rw)]).unwrap();
+    let header = skydd::lab::register(&cp, alice.sign_descriptor(&descriptor).unwrap(), None).await.unwrap();
+    let grant = alice.grant(&descriptor.domain_id, "vm-a", AccessMode::Rw, 300);
+    let earlier = good.agent.request_release(&header, &grant, "vm-a", AccessMode::Rw).await.expect("released to the measured host");
+
+    // The host reboots (its swtpm restarts: PCRs reset) and starts the replaced binary.
+    drop(good);
+    let rebooted = lab.host("compute-1", &url);
+    rebooted.agent.tpm.run(move |t| measure::extend(t, &bad_measurement)).await.unwrap();
+    let before = audit_records(&ttp).len();
+    let grant = alice.grant(&descriptor.domain_id, "vm-a", AccessMode::Rw, 300);
+    let refused = rebooted.agent.obtain_key(&header, &grant, "vm-a", AccessMode::Rw).await;
+    let message = match refused {
+        Err(secure_component::Error::TtpRefused { code, message, .. }) => {
+            assert_eq!(code, "pcr_mismatch", "{message}");
+            message
+        }
+        other => panic!("expected pcr_mismatch, got {:?}", other.map(|(_, r)| r.audit_seq)),
+    };
+    assert!(message.contains("PCR 11"), "{message}");
+    let audit = assert_audited(&ttp, before, "key_release", "pcr_mismatch");
+    let wrapped = earlier.wrapped_key.clone();
+    let decrypted = rebooted.agent.tpm.run(move |t| t.decrypt_released_key(&wrapped)).await;
+    assert!(matches!(decrypted, Err(secure_component::Error::BindingKeyRefused(_))), "the TPM must refuse: {:?}", decrypted.map(|k| k.len()));
+    m.record("H15", "the enrolled host reboots with a replaced secure-component binary", "pcr_mismatch + TPM refuses", &audit_text(&audit));
+    running.stop().await;
 }

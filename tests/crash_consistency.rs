@@ -392,11 +392,8 @@ async fn crash_consistency_under_kill_9() {
     let policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),
-        reference_states: vec![ReferenceState {
-            name: "compute-v1".into(),
-            selection: sc_config.pcr_selection.clone(),
-            pcr_values,
-        }],
+        ek_crls: Vec::new(),
+        reference_states: vec![ReferenceState { name: "compute-v1".into(), selection: sc_config.pcr_selection.clone(), pcr_values }],
     };
     let policy_path = root.join("attestation.toml");
     std::fs::write(&policy_path, toml::to_string(&policy).unwrap()).unwrap();
@@ -411,6 +408,7 @@ async fn crash_consistency_under_kill_9() {
         cert: ttp_tls.cert.clone(),
         key: ttp_tls.key.clone(),
         attestation: policy_path,
+        registration_replicas: Vec::new(),
     };
     let ttp_config_path = root.join("ttp.toml");
     std::fs::write(&ttp_config_path, toml::to_string(&ttp_config).unwrap()).unwrap();

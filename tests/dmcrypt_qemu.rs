@@ -363,6 +363,7 @@ fn guest_sees_the_swtpm_tpm() {
     let policy = ttp::attestation::AttestationPolicy {
         trusted_ek_roots: vm.ek_ca_certificates(),
         ek_intermediates: Vec::new(),
+        ek_crls: Vec::new(),
         reference_states: vec![ttp::attestation::ReferenceState {
             name: "qemu-guest-v1".into(),
             selection: protocol::attest::PcrSelection::default_host(),
@@ -381,6 +382,7 @@ fn guest_sees_the_swtpm_tpm() {
         cert: ttp_tls.cert.clone(),
         key: ttp_tls.key.clone(),
         attestation: policy_path,
+        registration_replicas: Vec::new(),
     };
     let (ttp, _) = ttp::server::build(&config).unwrap();
 

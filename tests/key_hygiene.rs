@@ -438,6 +438,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),
+        ek_crls: Vec::new(),
         reference_states: vec![ReferenceState {
             name: "compute-v1".into(),
             selection: config.pcr_selection.clone(),

@@ -328,6 +328,7 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
     let policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),
+        ek_crls: Vec::new(),
         reference_states: vec![state],
     };
     std::fs::write(root.join("attestation.toml"), toml::to_string(&policy).unwrap()).unwrap();
@@ -341,6 +342,7 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         cert: tls.cert.clone(),
         key: tls.key.clone(),
         attestation: root.join("attestation.toml"),
+        registration_replicas: Vec::new(),
     };
     let (ttp, ttp_tls) = ttp::server::build(&ttp_config).unwrap();
     let shutdown = CancellationToken::new();

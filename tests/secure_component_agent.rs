@@ -231,6 +231,7 @@ async fn secure_component_agent_end_to_end() {
     let policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),
+        ek_crls: Vec::new(),
         reference_states: vec![ttp::attestation::ReferenceState {
             name: "compute-v1".into(),
             selection: config.pcr_selection.clone(),

@@ -38,6 +38,7 @@ fn policy_for(host: &mut Host) -> AttestationPolicy {
     AttestationPolicy {
         trusted_ek_roots: host.swtpm.ek_ca_certificates().unwrap(),
         ek_intermediates: vec![],
+        ek_crls: Vec::new(),
         reference_states: vec![reference_state_from_values("compute-v1", &selection, &values).unwrap()],
     }
 }
@@ -74,6 +75,7 @@ fn enroll_quote_release_and_refuse_after_pcr_change() {
         AttestationPolicy {
             trusted_ek_roots: ca,
             ek_intermediates: vec![],
+            ek_crls: Vec::new(),
             reference_states: vec![reference_state_from_values("compute-v1", &selection, &values).unwrap()],
         }
     };
@@ -122,13 +124,13 @@ fn enroll_quote_release_and_refuse_after_pcr_change() {
     assert_eq!(host.tpm.decrypt_released_key(&sealed_before).unwrap().expose(), key.expose());
 
     // The host's measured state changes.
-    host.tpm.extend_pcr(16, b"an untrusted update").unwrap();
+    host.tpm.extend_pcr(11, b"an untrusted update").unwrap();
     let nonce = random_bytes(32);
     let evidence = host.tpm.quote(&nonce).unwrap();
     let err = verify_quote(&record, &policy, &evidence, &nonce).unwrap_err();
     assert!(matches!(err, ttp::Error::PcrMismatch(_)), "{err}");
     assert_eq!(err.code(), "pcr_mismatch");
-    assert!(err.to_string().contains("PCR 16 differs from reference state 'compute-v1'"), "{err}");
+    assert!(err.to_string().contains("PCR 11 differs from reference state 'compute-v1'"), "{err}");
 
     // ... and the TPM itself refuses to decrypt a key sealed before the change.
     let err = host.tpm.decrypt_released_key(&sealed_before).unwrap_err();
@@ -310,4 +312,60 @@ fn self_made_ca() -> Vec<u8> {
     cert.append_extension(BasicConstraints::new().critical().ca().build().unwrap()).unwrap();
     cert.sign(&key, MessageDigest::sha256()).unwrap();
     cert.build().to_der().unwrap()
+}
+
+/// A CRL of the EK's issuing CA, made with `openssl ca -gencrl` over an index that lists
+/// `revoked_serial` (or nothing), signed with swtpm_localca's issuer key. DER.
+fn ek_crl(ca_dir: &Path, work: &Path, revoked_serial: Option<&str>) -> Vec<u8> {
+    std::fs::create_dir_all(work).unwrap();
+    let index = match revoked_serial {
+        Some(serial) => format!("R\t351231235959Z\t240101000000Z\t{serial}\tunknown\t/CN=revoked EK\n"),
+        None => String::new(),
+    };
+    std::fs::write(work.join("index.txt"), index).unwrap();
+    std::fs::write(work.join("crlnumber"), "01\n").unwrap();
+    let config = format!(
+        "[ca]\ndefault_ca = ek\n[ek]\ndatabase = {0}/index.txt\ncrlnumber = {0}/crlnumber\ndefault_md = sha256\ndefault_crl_days = 1\n",
+        work.display()
+    );
+    std::fs::write(work.join("ca.cnf"), config).unwrap();
+    let out = work.join("crl.pem");
+    let status = std::process::Command::new("openssl")
+        .args(["ca", "-gencrl", "-batch", "-config"])
+        .arg(work.join("ca.cnf"))
+        .arg("-keyfile")
+        .arg(ca_dir.join("signkey.pem"))
+        .arg("-cert")
+        .arg(ca_dir.join("issuercert.pem"))
+        .arg("-out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "openssl ca -gencrl: {}", String::from_utf8_lossy(&status.stderr));
+    openssl::x509::X509Crl::from_pem(&std::fs::read(&out).unwrap()).unwrap().to_der().unwrap()
+}
+
+/// Issue 21: a configured CRL of the EK CA is checked: an EK certificate it lists is refused
+/// (`ek_untrusted`, "revoked"), one it does not list enrolls.
+#[test]
+fn ek_certificate_revoked_by_a_configured_crl_is_refused() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut host = start_host();
+    let mut policy = policy_for(&mut host);
+    let request = host.tpm.enrollment_request("compute-1", &PcrSelection::default_host()).unwrap();
+    let ek = openssl::x509::X509::from_der(&request.ek_certificate).unwrap();
+    let mut serial = ek.serial_number().to_bn().unwrap().to_hex_str().unwrap().to_string();
+    if serial.len() % 2 == 1 {
+        serial.insert(0, '0');
+    }
+    let ca_dir = host._dir.path().join("swtpm").join("localca");
+    let work = host._dir.path().join("crl");
+
+    policy.ek_crls = vec![ek_crl(&ca_dir, &work.join("revoking"), Some(&serial))];
+    let err = begin_enrollment(&policy, &request).unwrap_err();
+    assert_eq!(err.code(), "ek_untrusted", "{err}");
+    assert!(err.to_string().contains("revoked"), "{err}");
+
+    policy.ek_crls = vec![ek_crl(&ca_dir, &work.join("empty"), None)];
+    enroll(&mut host, &policy, "compute-1").expect("an EK certificate the CRL does not list enrolls");
 }

@@ -106,6 +106,7 @@ async fn start_ttp(
         cert: tls.cert.clone(),
         key: tls.key.clone(),
         attestation: policy_path,
+        registration_replicas: Vec::new(),
     };
     let (service, server_tls) = ttp::server::build(&config).unwrap();
     let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
@@ -580,6 +581,7 @@ async fn attach_and_revoke_through_the_secure_component() {
     let policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),
+        ek_crls: Vec::new(),
         reference_states: vec![ttp::attestation::ReferenceState {
             name: "compute-v1".into(),
             selection: sc_config.pcr_selection.clone(),

@@ -357,6 +357,7 @@ fn main() {
             actor: "cp-1".into(),
             prev_hash: prev.clone(),
             hash: String::new(),
+            format: protocol::messages::AUDIT_FORMAT_TAGGED,
         };
         r.hash = r.compute_hash();
         prev = r.hash.clone();

@@ -198,6 +198,7 @@ async fn image_pipeline_end_to_end() {
     let ttp_policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&vendor_ca).unwrap(),
         ek_intermediates: Vec::new(),
+        ek_crls: Vec::new(),
         reference_states: vec![reference],
     };
     let ttp = RunningTtp::start(root, &pki, &ttp_policy, listener).await.unwrap();

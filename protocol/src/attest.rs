@@ -19,11 +19,43 @@ pub struct PcrSelection {
     pub indices: Vec<u8>,
 }
 
+/// PCRs that software at locality 0 can reset (TPM2_PCR_Reset without authorisation): 16
+/// (debug) and 23 (application support). A state in them proves nothing, so no selection,
+/// policy or reference state may contain them (docs/TPM.md "PCR selection").
+pub const RESETTABLE_PCRS: [u8; 2] = [16, 23];
+
+/// The PCR a host's start-up extends with the secure component's binary and configuration
+/// before the secure component runs (docs/TPM.md "Measured state"). Not resettable at
+/// locality 0; only a TPM reset (a reboot) clears it.
+pub const MEASURED_STATE_PCR: u8 = 11;
+
+/// TPM2_PCR_Extend in the sha256 bank: `SHA-256(old || measurement)`.
+pub fn pcr_extend(old: &[u8; 32], measurement: &[u8; 32]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(old);
+    hasher.update(measurement);
+    hasher.finalize().into()
+}
+
+/// The value of a PCR that starts at zero (after a TPM reset) and is extended with
+/// `measurements` in order.
+pub fn pcr_after(measurements: &[[u8; 32]]) -> [u8; 32] {
+    measurements.iter().fold([0u8; 32], |pcr, m| pcr_extend(&pcr, m))
+}
+
 impl PcrSelection {
-    /// sha256 PCRs 0-7 (firmware, boot loader, secure boot state) and 16 (the debug PCR,
-    /// extended by tests to simulate a host whose measured state changed).
+    /// sha256 PCRs 0-7 (firmware, option ROMs, boot loader, secure boot state) and
+    /// [`MEASURED_STATE_PCR`] (the secure component's binary and configuration). No
+    /// resettable PCR ([`RESETTABLE_PCRS`]).
     pub fn default_host() -> Self {
-        PcrSelection { bank: "sha256".into(), indices: vec![0, 1, 2, 3, 4, 5, 6, 7, 16] }
+        PcrSelection { bank: "sha256".into(), indices: vec![0, 1, 2, 3, 4, 5, 6, 7, MEASURED_STATE_PCR] }
+    }
+
+    /// The selected PCRs that locality 0 can reset ([`RESETTABLE_PCRS`]); empty for a
+    /// selection that may be used.
+    pub fn resettable_indices(&self) -> Vec<u8> {
+        self.normalized_indices().into_iter().filter(|i| RESETTABLE_PCRS.contains(i)).collect()
     }
 
     /// The indices sorted and deduplicated (the order the TPM digests PCRs in).

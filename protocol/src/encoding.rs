@@ -31,6 +31,19 @@ impl Writer {
         self.bytes(field.as_bytes())
     }
 
+    /// Appends an optional string: the byte 0 if absent, else the byte 1 and `lp(UTF-8 bytes)`,
+    /// so an absent field and an empty one encode differently.
+    pub fn optional_str(&mut self, field: Option<&str>) -> &mut Self {
+        match field {
+            None => self.out.push(0),
+            Some(value) => {
+                self.out.push(1);
+                self.str(value);
+            }
+        }
+        self
+    }
+
     /// Appends 8 bytes big-endian.
     pub fn u64(&mut self, value: u64) -> &mut Self {
         self.out.extend_from_slice(&value.to_be_bytes());

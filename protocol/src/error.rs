@@ -32,6 +32,13 @@ pub enum Error {
         /// The kind of signed object, e.g. "descriptor" or "mount-grant".
         what: &'static str,
     },
+    /// An ECDSA signature in its high-S form (s > n/2): the malleable twin of a valid
+    /// signature. Skydd signs low-S only, so this is refused (docs/PROTOCOL.md "Signatures").
+    #[error("signature of {what} is not canonical (high-S); Skydd signatures are low-S")]
+    NonCanonicalSignature {
+        /// The kind of signed object, e.g. "descriptor" or "mount-grant".
+        what: &'static str,
+    },
     /// A private key that cannot be used: not PEM, not PKCS#8, or not ECDSA P-256.
     #[error("invalid key: {0}")]
     InvalidKey(String),

@@ -283,23 +283,43 @@ pub struct AuditRecord {
     pub prev_hash: String,
     /// [`AuditRecord::compute_hash`] of this record, lowercase hex; editing any field breaks it.
     pub hash: String,
+    /// The hashed encoding's version: [`AUDIT_FORMAT_TAGGED`] for records written now,
+    /// [`AUDIT_FORMAT_LEGACY`] (also when absent in JSON) for records written before optional
+    /// fields were tagged; those still verify (docs/PROTOCOL.md "Audit records").
+    #[serde(default = "legacy_audit_format")]
+    pub format: u8,
+}
+
+/// Audit records written before version 2: `None` and `Some("")` hashed alike.
+pub const AUDIT_FORMAT_LEGACY: u8 = 1;
+/// Audit records with a presence tag before every optional field (absent ≠ empty).
+pub const AUDIT_FORMAT_TAGGED: u8 = 2;
+
+fn legacy_audit_format() -> u8 {
+    AUDIT_FORMAT_LEGACY
 }
 
 impl AuditRecord {
-    /// SHA-256 over the previous hash and every field but `hash`, canonically encoded.
+    /// SHA-256 over the previous hash and every field but `hash`, canonically encoded in the
+    /// record's `format`: version 2 (`SKYDD-AUDIT\x02`) writes each optional field as a
+    /// presence byte (0 absent, 1 present) followed, if present, by the string, so `None` and
+    /// `Some("")` hash differently; version 1 (`SKYDD-AUDIT\x01`, legacy) wrote an absent field
+    /// as the empty string. An unknown format hashes to a value no record can carry.
     pub fn compute_hash(&self) -> String {
-        let mut writer = Writer::new(b"SKYDD-AUDIT\x01");
-        writer
-            .u64(self.seq)
-            .u64(self.at)
-            .str(&self.event)
-            .str(&self.outcome)
-            .str(&self.message)
-            .str(self.domain_id.as_deref().unwrap_or(""))
-            .str(self.host_id.as_deref().unwrap_or(""))
-            .str(self.vm_id.as_deref().unwrap_or(""))
-            .str(&self.actor)
-            .str(&self.prev_hash);
+        let mut writer = match self.format {
+            AUDIT_FORMAT_LEGACY => Writer::new(b"SKYDD-AUDIT\x01"),
+            AUDIT_FORMAT_TAGGED => Writer::new(b"SKYDD-AUDIT\x02"),
+            _ => return format!("unknown audit record format {}", self.format),
+        };
+        writer.u64(self.seq).u64(self.at).str(&self.event).str(&self.outcome).str(&self.message);
+        for field in [&self.domain_id, &self.host_id, &self.vm_id] {
+            if self.format == AUDIT_FORMAT_LEGACY {
+                writer.str(field.as_deref().unwrap_or(""));
+            } else {
+                writer.optional_str(field.as_deref());
+            }
+        }
+        writer.str(&self.actor).str(&self.prev_hash);
         hex::encode(Sha256::digest(writer.finish()))
     }
 }
@@ -313,11 +333,21 @@ pub fn verify_audit_chain(records: &[AuditRecord], expected_first_prev: Option<&
     let bad = |detail: String| Error::malformed("audit chain", detail);
     let mut previous: Option<&AuditRecord> = None;
     for record in records {
+        if record.format != AUDIT_FORMAT_LEGACY && record.format != AUDIT_FORMAT_TAGGED {
+            return Err(bad(format!("record {} has unknown format {}", record.seq, record.format)));
+        }
         if record.compute_hash() != record.hash {
             return Err(bad(format!("record {} was edited (its hash does not match its contents)", record.seq)));
         }
         match previous {
             Some(prev) => {
+                // Once the log writes tagged records, a legacy one after them is a downgrade.
+                if record.format < prev.format {
+                    return Err(bad(format!(
+                        "record {} is in format {} after record {} in format {} (downgraded)",
+                        record.seq, record.format, prev.seq, prev.format
+                    )));
+                }
                 if prev.seq.checked_add(1) != Some(record.seq) {
                     return Err(bad(if record.seq > prev.seq {
                         format!("records {} to {} are missing", prev.seq + 1, record.seq - 1)
@@ -376,9 +406,43 @@ mod tests {
             actor: "host-1".into(),
             prev_hash: prev.into(),
             hash: String::new(),
+            format: AUDIT_FORMAT_TAGGED,
         };
         r.hash = r.compute_hash();
         r
+    }
+
+    /// Issue 21: an absent field and an empty one must not hash alike (one meaning per hash),
+    /// and records written in the legacy format still verify.
+    #[test]
+    fn audit_hash_tells_absent_from_empty_and_legacy_records_verify() {
+        let absent = record(1, AUDIT_GENESIS_HASH);
+        assert_eq!(absent.host_id, None);
+        let mut empty = absent.clone();
+        empty.host_id = Some(String::new());
+        assert_ne!(absent.compute_hash(), empty.compute_hash());
+
+        let mut legacy = absent.clone();
+        legacy.format = AUDIT_FORMAT_LEGACY;
+        let mut legacy_empty = empty.clone();
+        legacy_empty.format = AUDIT_FORMAT_LEGACY;
+        assert_eq!(legacy.compute_hash(), legacy_empty.compute_hash(), "the ambiguity the tag removes");
+        legacy.hash = legacy.compute_hash();
+        let next = record(2, &legacy.hash);
+        verify_audit_chain(&[legacy.clone(), next.clone()], Some(AUDIT_GENESIS_HASH)).unwrap();
+
+        // A record without `format` in its JSON is a legacy record.
+        let mut json: serde_json::Value = serde_json::to_value(&legacy).unwrap();
+        json.as_object_mut().unwrap().remove("format");
+        let parsed: AuditRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(parsed, legacy);
+
+        // A legacy record after a tagged one is a downgrade.
+        let mut downgraded = record(3, &next.hash);
+        downgraded.format = AUDIT_FORMAT_LEGACY;
+        downgraded.hash = downgraded.compute_hash();
+        let err = verify_audit_chain(&[next, downgraded], None).unwrap_err().to_string();
+        assert!(err.contains("downgraded"), "{err}");
     }
 
     #[test]

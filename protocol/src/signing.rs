@@ -76,9 +76,11 @@ impl SignatureKey {
         &self.certificate_der
     }
 
-    /// A DER-encoded ECDSA signature.
+    /// A DER-encoded ECDSA signature, normalised to low-S (s ≤ n/2): verifiers refuse the
+    /// high-S twin, so every signature has one encoding.
     pub fn sign(&self, context: SignatureContext, message: &[u8]) -> Vec<u8> {
         let signature: Signature = self.key.sign(&signed_bytes(context, message));
+        let signature = signature.normalize_s().unwrap_or(signature);
         signature.to_der().as_bytes().to_vec()
     }
 
@@ -95,16 +97,18 @@ impl std::fmt::Debug for SignatureKey {
     }
 }
 
-/// Verifies a DER ECDSA signature with a public key.
-pub fn verify(
-    public_key: &VerifyingKey,
-    context: SignatureContext,
-    message: &[u8],
-    signature_der: &[u8],
-) -> Result<()> {
+/// Verifies a DER ECDSA signature with a public key. A high-S signature (s > n/2, the
+/// malleable twin of a valid one) is refused with [`Error::NonCanonicalSignature`].
+pub fn verify(public_key: &VerifyingKey, context: SignatureContext, message: &[u8], signature_der: &[u8]) -> Result<()> {
     let what = context.label();
     let signature = Signature::from_der(signature_der).map_err(|_| Error::BadSignature { what })?;
-    public_key.verify(&signed_bytes(context, message), &signature).map_err(|_| Error::BadSignature { what })
+    // normalize_s() returns Some only when s was high.
+    if signature.normalize_s().is_some() {
+        return Err(Error::NonCanonicalSignature { what });
+    }
+    public_key
+        .verify(&signed_bytes(context, message), &signature)
+        .map_err(|_| Error::BadSignature { what })
 }
 
 /// The P-256 public key of a DER certificate (no chain check: see `pki`).
@@ -179,4 +183,34 @@ pub fn verify_signer_certificate(
         Error::Certificate(format!("signer certificate refused: {}", crate::pki::describe_tls_error(&e)))
     })?;
     crate::pki::identity_from_certificate(certificate_der)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 21: signatures are made low-S, and the high-S twin of a valid signature (which
+    /// verifies mathematically) is refused.
+    #[test]
+    fn high_s_signatures_are_refused_and_never_made() {
+        let key = SigningKey::random(&mut rand::rngs::OsRng);
+        let verifying = *key.verifying_key();
+        let mut seen_high = false;
+        for i in 0..32u8 {
+            let message = [i; 8];
+            let raw: Signature = key.sign(&signed_bytes(SignatureContext::MountGrant, &message));
+            seen_high |= raw.normalize_s().is_some();
+            let signer = SignatureKey { key: key.clone(), certificate_der: Vec::new() };
+            let der = signer.sign(SignatureContext::MountGrant, &message);
+            let low = Signature::from_der(&der).unwrap();
+            assert!(low.normalize_s().is_none(), "sign() made a high-S signature");
+            verify(&verifying, SignatureContext::MountGrant, &message, &der).unwrap();
+            // The twin: (r, n - s).
+            let (r, s) = low.split_scalars();
+            let high = Signature::from_scalars(r, -*s).unwrap();
+            let err = verify(&verifying, SignatureContext::MountGrant, &message, high.to_der().as_bytes()).unwrap_err();
+            assert_eq!(err, Error::NonCanonicalSignature { what: "mount-grant" });
+        }
+        assert!(seen_high, "in 32 raw signatures at least one is high-S (else the normalisation is untested)");
+    }
 }

@@ -16,7 +16,7 @@
 //!
 //! [pcr_selection]                          # what enrollment binds the binding key to
 //! bank = "sha256"
-//! indices = [0, 1, 2, 3, 4, 5, 6, 7, 16]
+//! indices = [0, 1, 2, 3, 4, 5, 6, 7, 11]
 //!
 //! [libvirt]                                # only with hypervisor = "libvirt"
 //! uri = "qemu:///system"
@@ -141,7 +141,16 @@ impl AgentConfig {
 
     /// Parses TOML text; fails with [`Error::Config`] naming the bad key or value.
     pub fn from_toml(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+        let config: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        // The TTP refuses them too (pcr_resettable); say so before enrolling.
+        let resettable = config.pcr_selection.resettable_indices();
+        if !resettable.is_empty() {
+            return Err(Error::Config(format!(
+                "pcr_selection contains PCR {:?}, which any process can reset (TPM2_PCR_Reset at locality 0); use PCRs 0-15",
+                resettable
+            )));
+        }
+        Ok(config)
     }
 
     /// Encodes the configuration as TOML (what `from_toml` reads back).
@@ -206,5 +215,9 @@ mod tests {
         assert!(e.contains("backedn"), "{e}");
         let bad = format!("{minimal}\nbackend = \"lukes\"\n");
         assert!(AgentConfig::from_toml(&bad).is_err());
+        // Issue 21: a resettable PCR in the selection is refused at load.
+        let debug = format!("{minimal}\n[pcr_selection]\nbank = \"sha256\"\nindices = [0, 16]\n");
+        let e = AgentConfig::from_toml(&debug).unwrap_err().to_string();
+        assert!(e.contains("PCR [16]"), "{e}");
     }
 }

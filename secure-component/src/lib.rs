@@ -7,6 +7,8 @@ pub mod agent;
 pub mod config;
 pub mod error;
 pub mod hypervisor;
+pub mod measure;
+pub mod service;
 pub mod prerequisites;
 pub mod scrub;
 pub mod service;

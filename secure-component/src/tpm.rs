@@ -301,6 +301,19 @@ impl HostTpm {
             .map_err(|e| Error::tpm("PCR_Extend", format!("PCR {index}: {e}")))
     }
 
+    /// Extends PCR `index` (sha256 bank) with a digest computed elsewhere, as measured boot
+    /// and IMA do: the PCR becomes SHA-256(PCR || digest).
+    pub fn extend_pcr_digest(&mut self, index: u8, digest: &[u8; 32]) -> Result<()> {
+        let handle = PcrHandle::try_from(ObjectHandle::from(u32::from(index)))
+            .map_err(|_| Error::tpm("PCR_Extend", format!("PCR {index} does not exist")))?;
+        let digest = Digest::try_from(digest.to_vec()).map_err(|e| Error::tpm("PCR_Extend", e))?;
+        let mut values = DigestValues::new();
+        values.set(HashingAlgorithm::Sha256, digest);
+        self.context
+            .execute_with_nullauth_session(|ctx| ctx.pcr_extend(handle, values))
+            .map_err(|e| Error::tpm("PCR_Extend", format!("PCR {index}: {e}")))
+    }
+
     /// The current values of `selection`, in ascending PCR order.
     pub fn read_pcrs(&mut self, selection: &PcrSelection) -> Result<Vec<(u8, Vec<u8>)>> {
         let indices = checked_indices(selection)?;

@@ -16,9 +16,10 @@ use openssl::sign::Signer;
 use openssl::stack::Stack;
 use openssl::symm::{encrypt, Cipher};
 use openssl::x509::store::X509StoreBuilder;
-use openssl::x509::{X509StoreContext, X509};
+use openssl::x509::{CrlStatus, X509Crl, X509StoreContext, X509};
 use protocol::attest::{
     CredentialChallenge, EnrollmentProof, EnrollmentRequest, PcrSelection, QuoteEvidence, BINDING_OAEP_LABEL,
+    RESETTABLE_PCRS,
 };
 use protocol::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
@@ -62,10 +63,61 @@ pub struct AttestationPolicy {
     /// Untrusted intermediates used only to build chains (same encoding).
     #[serde(default, with = "der_list")]
     pub ek_intermediates: Vec<Vec<u8>>,
+    /// Revocation lists of the EK CAs (DER in memory; in TOML PEM text or base64 DER). A
+    /// CA with a list here is checked: a revoked certificate in the chain, a list whose
+    /// signature fails or a list past its nextUpdate refuses the enrollment (`ek_untrusted`);
+    /// a CA without a list is not checked (docs/TPM.md "EK certificate checks").
+    #[serde(default, with = "der_list")]
+    pub ek_crls: Vec<Vec<u8>>,
     /// The measured states a host may enroll in and must still be in at every key release; an
     /// empty list refuses every enrollment (`binding_policy_untrusted`).
     #[serde(default)]
     pub reference_states: Vec<ReferenceState>,
+}
+
+impl AttestationPolicy {
+    /// Checks the policy as the TTP loads it: every reference state has a name, a sha256
+    /// selection without resettable PCRs (`pcr_resettable`) and a 32-byte value for each
+    /// selected PCR; names are unique; every configured certificate and CRL parses.
+    pub fn validate(&self) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for state in &self.reference_states {
+            if state.name.is_empty() {
+                return Err(Error::Config("a reference state has an empty name".into()));
+            }
+            if !names.insert(state.name.as_str()) {
+                return Err(Error::Config(format!("reference state '{}' is defined twice", state.name)));
+            }
+            check_not_resettable(&state.selection, &format!("reference state '{}'", state.name))?;
+            if let Some((index, _)) = state.pcr_values.iter().find(|(i, _)| RESETTABLE_PCRS.contains(i)) {
+                return Err(Error::PcrResettable(format!(
+                    "reference state '{}' pins a value for PCR {index}, which locality 0 can reset",
+                    state.name
+                )));
+            }
+            reference_state_from_values(&state.name, &state.selection, &state.pcr_values)?;
+        }
+        for (i, der) in self.trusted_ek_roots.iter().chain(&self.ek_intermediates).enumerate() {
+            X509::from_der(der).map_err(|e| Error::Config(format!("EK CA certificate {i} is not DER X.509: {e}")))?;
+        }
+        for (i, der) in self.ek_crls.iter().enumerate() {
+            X509Crl::from_der(der).map_err(|e| Error::Config(format!("ek_crls[{i}] is not a DER X.509 CRL: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a selection that names a PCR locality 0 can reset ([`RESETTABLE_PCRS`]): a value
+/// in it proves nothing, since any process can reset it and replay the expected events.
+pub fn check_not_resettable(selection: &PcrSelection, what: &str) -> Result<()> {
+    let resettable = selection.resettable_indices();
+    if resettable.is_empty() {
+        return Ok(());
+    }
+    Err(Error::PcrResettable(format!(
+        "{what} selects PCR {}, which any process can reset (TPM2_PCR_Reset at locality 0) and so proves nothing; use PCRs 0-15",
+        resettable.iter().map(u8::to_string).collect::<Vec<_>>().join(", ")
+    )))
 }
 
 /// A named set of PCR values a host may be in (e.g. "compute-v1").
@@ -77,7 +129,7 @@ pub struct ReferenceState {
     /// The PCRs the state covers; a host's binding key policy and its quotes must use exactly
     /// this selection.
     pub selection: PcrSelection,
-    /// (PCR index, SHA-256 value); in TOML `pcr_values = [[0, "hex"], [16, "hex"]]`.
+    /// (PCR index, SHA-256 value); in TOML `pcr_values = [[0, "hex"], [11, "hex"]]`.
     #[serde(with = "pcr_values_hex")]
     pub pcr_values: Vec<(u8, Vec<u8>)>,
 }
@@ -146,6 +198,7 @@ pub fn begin_enrollment(
     let description = verify_ek_certificate(policy, &request.ek_certificate)?;
     let ek_key = check_ek_public(&request.ek_certificate, &request.ek_public)?;
     check_ak_public(&request.ak_public)?;
+    check_not_resettable(&request.pcr_selection, "the enrollment's PCR selection")?;
     check_selection(&request.pcr_selection).map_err(Error::BadRequest)?;
     let ak_name = object_name(&request.ak_public);
 
@@ -294,6 +347,9 @@ pub fn verify_quote(
         quoted.extend(selection.selected().into_iter().map(|slot| u32::from(slot).trailing_zeros() as u8));
     }
     quoted.sort_unstable();
+    if let Some(index) = quoted.iter().find(|i| RESETTABLE_PCRS.contains(i)) {
+        return Err(Error::PcrResettable(format!("host {}: the quote covers PCR {index}, which locality 0 can reset", host.host_id)));
+    }
     let expected = state.selection.normalized_indices();
     if quoted != expected {
         return Err(Error::PcrMismatch(format!(
@@ -350,6 +406,7 @@ pub fn reference_state_from_values(
     values: &[(u8, Vec<u8>)],
 ) -> Result<ReferenceState> {
     check_selection(selection).map_err(Error::Config)?;
+    check_not_resettable(selection, &format!("reference state '{name}'"))?;
     let indices = selection.normalized_indices();
     let mut pcr_values = Vec::with_capacity(indices.len());
     for index in indices {
@@ -414,7 +471,8 @@ pub fn verify_ek_certificate(policy: &AttestationPolicy, certificate_der: &[u8])
     let outcome = context
         .init(&store, &certificate, &chain, |c| {
             let ok = c.verify_cert()?;
-            Ok((ok, c.error()))
+            let verified: Vec<X509> = c.chain().map(|chain| chain.iter().map(|cert| cert.to_owned()).collect()).unwrap_or_default();
+            Ok((ok, c.error(), verified))
         })
         .map_err(|e| Error::EkUntrusted(format!("verifying the EK certificate chain: {e}")))?;
     let issuer = name_text(certificate.issuer_name());
@@ -424,7 +482,47 @@ pub fn verify_ek_certificate(policy: &AttestationPolicy, certificate_der: &[u8])
             outcome.1.error_string()
         )));
     }
+    check_ek_revocation(policy, &outcome.2)?;
     check_ek_extensions(certificate_der)
+}
+
+/// Checks each certificate of the verified chain (EK first, root last) against the
+/// configured CRL of its issuer, if there is one. A list that does not verify with the
+/// issuer's key or is past its nextUpdate fails closed.
+fn check_ek_revocation(policy: &AttestationPolicy, chain: &[X509]) -> Result<()> {
+    if policy.ek_crls.is_empty() {
+        return Ok(());
+    }
+    let now = openssl::asn1::Asn1Time::days_from_now(0).map_err(|e| Error::Config(format!("clock: {e}")))?;
+    for pair in chain.windows(2) {
+        let (cert, issuer) = (&pair[0], &pair[1]);
+        let issuer_der = issuer.subject_name().to_der().map_err(|e| Error::Config(format!("EK CA name: {e}")))?;
+        for (i, der) in policy.ek_crls.iter().enumerate() {
+            let crl = X509Crl::from_der(der).map_err(|e| Error::Config(format!("ek_crls[{i}] is not a DER X.509 CRL: {e}")))?;
+            if crl.issuer_name().to_der().ok().as_deref() != Some(issuer_der.as_slice()) {
+                continue;
+            }
+            let issuer_name = name_text(issuer.subject_name());
+            let key = issuer.public_key().map_err(|e| Error::Config(format!("EK CA '{issuer_name}' key: {e}")))?;
+            if !crl.verify(&key).unwrap_or(false) {
+                return Err(Error::EkUntrusted(format!(
+                    "ek_crls[{i}] names issuer '{issuer_name}' but is not signed by its key; refusing rather than skipping the revocation check"
+                )));
+            }
+            if crl.next_update().is_none_or(|next| *next < now) {
+                return Err(Error::EkUntrusted(format!(
+                    "the revocation list of EK CA '{issuer_name}' (ek_crls[{i}]) is past its nextUpdate; refusing until a current list is configured"
+                )));
+            }
+            if !matches!(crl.get_by_cert(cert), CrlStatus::NotRevoked) {
+                return Err(Error::EkUntrusted(format!(
+                    "the certificate '{}' issued by '{issuer_name}' is revoked (ek_crls[{i}])",
+                    name_text(cert.subject_name())
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_ek_extensions(certificate_der: &[u8]) -> Result<String> {
@@ -488,8 +586,12 @@ fn check_ek_extensions(certificate_der: &[u8]) -> Result<String> {
             _ => {}
         }
     }
-    if key_encipherment == Some(false) {
-        return Err(Error::EkUntrusted("the EK certificate's keyUsage does not allow keyEncipherment".into()));
+    // TCG EK Credential Profile 2.x, 3.2.16: keyUsage must be present; an RSA EK decrypts
+    // (MakeCredential seeds), so keyEncipherment must be set.
+    match key_encipherment {
+        None => return Err(Error::EkUntrusted("the EK certificate has no keyUsage extension (the TCG EK profile requires one)".into())),
+        Some(false) => return Err(Error::EkUntrusted("the EK certificate's keyUsage does not allow keyEncipherment".into())),
+        Some(true) => {}
     }
     description.ok_or_else(|| Error::EkUntrusted("the EK certificate has no subjectAltName naming the TPM".into()))
 }
@@ -916,8 +1018,8 @@ mod tests {
 
     #[test]
     fn policy_pcr_of_zero_pcrs_is_stable() {
-        let selection = PcrSelection { bank: "sha256".into(), indices: vec![16] };
-        let values = vec![(16u8, vec![0u8; 32])];
+        let selection = PcrSelection { bank: "sha256".into(), indices: vec![11] };
+        let values = vec![(11u8, vec![0u8; 32])];
         let digest = policy_pcr_digest(&selection, &values).unwrap();
         assert_eq!(digest.len(), 32);
         assert!(policy_pcr_digest(&selection, &[]).is_err());
@@ -927,17 +1029,60 @@ mod tests {
     fn policy_round_trips_through_toml_shapes() {
         let state = ReferenceState {
             name: "compute-v1".into(),
-            selection: PcrSelection { bank: "sha256".into(), indices: vec![0, 16] },
-            pcr_values: vec![(0, vec![1; 32]), (16, vec![0; 32])],
+            selection: PcrSelection { bank: "sha256".into(), indices: vec![0, 11] },
+            pcr_values: vec![(0, vec![1; 32]), (11, vec![0; 32])],
         };
-        let policy = AttestationPolicy {
-            trusted_ek_roots: vec![vec![1, 2, 3]],
-            ek_intermediates: vec![],
-            reference_states: vec![state],
-        };
+        let policy = AttestationPolicy { trusted_ek_roots: vec![vec![1, 2, 3]], ek_intermediates: vec![], ek_crls: vec![], reference_states: vec![state] };
         let json = serde_json::to_string(&policy).unwrap();
         let back: AttestationPolicy = serde_json::from_str(&json).unwrap();
         assert_eq!(back.reference_states, policy.reference_states);
         assert_eq!(back.trusted_ek_roots, policy.trusted_ek_roots);
+    }
+
+    /// Issue 21: a resettable PCR (16 debug, 23 application) is refused in a reference state,
+    /// in its pinned values and in a state built from read values, with `pcr_resettable`.
+    #[test]
+    fn resettable_pcrs_are_refused_in_policies() {
+        for pcr in RESETTABLE_PCRS {
+            let selection = PcrSelection { bank: "sha256".into(), indices: vec![0, pcr] };
+            let values = vec![(0u8, vec![0u8; 32]), (pcr, vec![0u8; 32])];
+            let err = reference_state_from_values("debug", &selection, &values).unwrap_err();
+            assert_eq!(err.code(), "pcr_resettable", "{err}");
+            let state = ReferenceState { name: "debug".into(), selection, pcr_values: values };
+            let policy = AttestationPolicy { reference_states: vec![state], ..Default::default() };
+            let err = policy.validate().unwrap_err();
+            assert_eq!(err.code(), "pcr_resettable", "{err}");
+            assert!(err.to_string().contains(&format!("PCR {pcr}")), "{err}");
+        }
+        assert!(PcrSelection::default_host().resettable_indices().is_empty());
+        let good = reference_state_from_values("ok", &PcrSelection::default_host(), &(0..24).map(|i| (i, vec![0u8; 32])).collect::<Vec<_>>()).unwrap();
+        AttestationPolicy { reference_states: vec![good], ..Default::default() }.validate().unwrap();
+    }
+
+    /// Issue 21: the TCG EK profile requires keyUsage; a certificate without it is refused
+    /// (as is one whose keyUsage lacks keyEncipherment).
+    #[test]
+    fn ek_certificate_without_key_usage_is_refused() {
+        use openssl::x509::extension::KeyUsage;
+        let make = |key_usage: Option<KeyUsage>| {
+            let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+            let mut b = openssl::x509::X509Builder::new().unwrap();
+            b.set_version(2).unwrap();
+            b.set_pubkey(&key).unwrap();
+            b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap()).unwrap();
+            b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap()).unwrap();
+            // keyUsage is checked before the subjectAltName, so none is needed here.
+            if let Some(mut ku) = key_usage {
+                b.append_extension(ku.critical().build().unwrap()).unwrap();
+            }
+            b.sign(&key, MessageDigest::sha256()).unwrap();
+            b.build().to_der().unwrap()
+        };
+        let err = check_ek_extensions(&make(None)).unwrap_err();
+        assert!(err.to_string().contains("no keyUsage"), "{err}");
+        let mut signing_only = KeyUsage::new();
+        signing_only.digital_signature();
+        let err = check_ek_extensions(&make(Some(signing_only))).unwrap_err();
+        assert!(err.to_string().contains("keyEncipherment"), "{err}");
     }
 }

@@ -40,6 +40,11 @@ pub struct TtpConfig {
     pub key: PathBuf,
     /// The attestation policy: trusted TPM vendor roots and reference PCR states.
     pub attestation: PathBuf,
+    /// Certificate names of TTP replicas (same K_TTP, certificates from this TTP's own CA)
+    /// whose registrations this TTP accepts besides its own. Any other TTP-role certificate,
+    /// even from a trusted CA, is refused (docs/PROTOCOL.md "Registration").
+    #[serde(default)]
+    pub registration_replicas: Vec<String>,
 }
 
 fn default_listen() -> String {

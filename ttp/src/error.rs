@@ -44,6 +44,18 @@ pub enum Error {
     /// (403 `binding_policy_untrusted`).
     #[error("binding key policy is not a trusted PCR policy: {0}")]
     BindingPolicyUntrusted(String),
+    /// The host is pinned to another EK (its first enrollment's) and no operator marked it
+    /// for replacement (403 `ek_pinned`); the text names the pinned and the presented EK
+    /// fingerprints (docs/TPM.md "EK pinning").
+    #[error("EK is pinned: {0}")]
+    EkPinned(String),
+    /// The EK is already enrolled under another host id: one host per EK (403 `ek_in_use`).
+    #[error("EK is in use: {0}")]
+    EkInUse(String),
+    /// A PCR selection, reference state or quote names a PCR that locality 0 can reset (16,
+    /// 23), whose value proves nothing (400 `pcr_resettable`; at start-up it stops the TTP).
+    #[error("resettable PCR: {0}")]
+    PcrResettable(String),
     /// The host has not enrolled (404 `host_unknown`); carries the host id.
     #[error("host {0} is not enrolled")]
     HostUnknown(String),
@@ -157,6 +169,9 @@ impl Error {
             Error::CredentialFailed(_) => "credential_failed",
             Error::BindingKeyInvalid(_) => "binding_key_invalid",
             Error::BindingPolicyUntrusted(_) => "binding_policy_untrusted",
+            Error::EkPinned(_) => "ek_pinned",
+            Error::EkInUse(_) => "ek_in_use",
+            Error::PcrResettable(_) => "pcr_resettable",
             Error::HostUnknown(_) => "host_unknown",
             Error::QuoteInvalid(_) => "quote_invalid",
             Error::ChallengeInvalid(_) => "challenge_invalid",
@@ -179,7 +194,7 @@ impl Error {
             Error::Store(_) => "store",
             Error::Config(_) => "config",
             Error::Io { .. } => "io",
-            Error::Protocol(protocol::Error::BadSignature { .. }) => "bad_signature",
+            Error::Protocol(protocol::Error::BadSignature { .. } | protocol::Error::NonCanonicalSignature { .. }) => "bad_signature",
             Error::Protocol(_) => "bad_request",
         }
     }

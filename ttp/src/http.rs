@@ -40,7 +40,7 @@ pub fn router(ttp: Arc<Ttp>) -> Router {
 
 fn status_of(error: &Error) -> StatusCode {
     match error {
-        Error::BadRequest(_) | Error::Protocol(_) => StatusCode::BAD_REQUEST,
+        Error::BadRequest(_) | Error::Protocol(_) | Error::PcrResettable(_) => StatusCode::BAD_REQUEST,
         Error::HostUnknown(_) | Error::DomainUnknown(_) => StatusCode::NOT_FOUND,
         Error::VersionRollback(_) => StatusCode::CONFLICT,
         Error::DomainDeleted(_) => StatusCode::GONE,

@@ -28,6 +28,11 @@ enum Command {
         #[arg(long, env = "SKYDD_TTP_DATA_DIR")]
         data_dir: PathBuf,
     },
+    /// Operator actions on enrolled compute hosts.
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
+    },
     /// Serve the TTP API over mutual TLS.
     Serve {
         /// The TOML configuration (listen, data_dir, ca, cert, key, attestation).
@@ -42,6 +47,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum HostCommand {
+    /// Allow HOST, whose TPM was replaced, to enroll once with another EK than the one pinned
+    /// at its first enrollment (audited as `host_replace`; the enrollment that follows names
+    /// the old and the new EK). Runs beside a serving TTP on the same database.
+    Replace {
+        /// The TOML configuration (only data_dir is used).
+        #[arg(long, env = "SKYDD_TTP_CONFIG")]
+        config: PathBuf,
+        /// The host id (the CN of its secure component's certificate).
+        #[arg(long)]
+        host: String,
+        /// Who approves the replacement, for the audit record (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -52,6 +75,17 @@ async fn main() -> anyhow::Result<()> {
                 "created K_TTP in {} (mode 0600). Back it up offline: without it no domain key can be derived.",
                 path.display()
             );
+        }
+        Command::Host { command: HostCommand::Replace { config, host, operator } } => {
+            let config = ttp::config::TtpConfig::load(&config)?;
+            let store = ttp::store::SqliteStore::open(&config.data_dir.join(ttp::config::DATABASE_FILE))?;
+            let operator = operator
+                .or_else(|| std::env::var("SUDO_USER").ok())
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "unknown".into());
+            let record = ttp::service::allow_host_replacement(&store, &format!("operator:{operator}"), &host)?;
+            println!("audit #{}: {}", record.seq, record.message);
+            println!("{host} may now enroll once with a new EK; run `secure-component enroll` on it.");
         }
         Command::Serve { config, listen, json_logs } => {
             init_logging(json_logs);

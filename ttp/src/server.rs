@@ -39,7 +39,8 @@ pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, net::ServerTls)> {
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
     let master_key = load_master_key(&config.data_dir)?;
     let ttp = Ttp::new(master_key, signing_key, material.ca_pems.clone(), policy, Arc::new(store))?
-        .with_revocation_lists(config.crl.clone());
+        .with_revocation_lists(config.crl.clone())
+        .with_registration_replicas(config.registration_replicas.clone());
     let tls = tls_files
         .server_tls(&[Role::CloudPlatform, Role::SecureComponent, Role::DomainManager])
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;

@@ -42,6 +42,11 @@ pub struct Ttp {
     policy: AttestationPolicy,
     store: Arc<dyn TtpStore>,
     pending_enrollments: Mutex<HashMap<String, (u64, PendingEnrollment)>>,
+    /// The trusted CAs (PEM) that issued this TTP's own certificate: a registration's signer
+    /// must chain to one of them, not merely to any trusted CA (a partner's).
+    registration_cas: Vec<String>,
+    /// Certificate names whose registrations count: this TTP's own and its replicas'.
+    registration_signers: Vec<String>,
 }
 
 /// The parts of a request the audit record names.
@@ -67,6 +72,23 @@ impl Ttp {
         if master_key.len() != protocol::kdf::MASTER_KEY_BYTES {
             return Err(Error::Config(format!("K_TTP must be {} bytes", protocol::kdf::MASTER_KEY_BYTES)));
         }
+        policy.validate()?;
+        let own = protocol::pki::identity_from_certificate(signing_key.certificate_der())
+            .map_err(|e| Error::Config(format!("the TTP's own certificate: {e}")))?;
+        let registration_cas: Vec<String> = trusted_cas
+            .iter()
+            .filter(|ca| {
+                protocol::signing::verify_signer_certificate(signing_key.certificate_der(), std::slice::from_ref(*ca), &[], now_unix())
+                    .is_ok()
+            })
+            .cloned()
+            .collect();
+        if registration_cas.is_empty() {
+            return Err(Error::Config(format!(
+                "the TTP's own certificate ({}) is not valid under any of its trusted CAs, so no registration could be verified",
+                own.name
+            )));
+        }
         Ok(Self {
             master_key,
             signing_key,
@@ -75,7 +97,20 @@ impl Ttp {
             policy,
             store,
             pending_enrollments: Mutex::new(HashMap::new()),
+            registration_cas,
+            registration_signers: vec![own.name],
         })
+    }
+
+    /// Also accept registrations signed by these TTP replicas (certificate names; their
+    /// certificates must come from this TTP's own CA and carry the TTP role).
+    pub fn with_registration_replicas(mut self, names: Vec<String>) -> Self {
+        for name in names {
+            if !self.registration_signers.contains(&name) {
+                self.registration_signers.push(name);
+            }
+        }
+        self
     }
 
     /// Check signers' certificates against these revocation lists (PEM files, one per
@@ -203,10 +238,30 @@ impl Ttp {
         Ok(descriptor)
     }
 
-    /// Verifies a registration signed by a TTP (this one or a replica sharing its CA).
+    /// Verifies a registration: signed by this TTP or a configured replica, with a
+    /// certificate from this TTP's own CA. A registration carries `r`, so whoever may sign
+    /// one may re-key or shred a domain: a certificate that merely has the TTP role (another
+    /// name, or a federated partner's CA) is refused.
     fn verified_registration(&self, envelope: &SignedEnvelope) -> Result<Registration> {
-        self.verify_signer(envelope, SignatureContext::Registration, Role::Ttp)
-            .map_err(|e| Error::RegistrationMismatch(format!("registration signature: {e}")))?;
+        let refuse = |detail: String| Error::RegistrationMismatch(format!("registration signature: {detail}"));
+        let crls = self.current_revocation_lists().map_err(|e| refuse(e.to_string()))?;
+        let identity = protocol::signing::verify_signer_certificate(&envelope.signer_certificate, &self.registration_cas, &crls, now_unix())
+            .map_err(|e| refuse(format!("{e} (a registration must come from this TTP's own CA)")))?;
+        if identity.role != Role::Ttp {
+            return Err(refuse(format!(
+                "{} signed with a {} certificate, a ttp certificate is needed",
+                identity.name,
+                identity.role.as_str()
+            )));
+        }
+        if !self.registration_signers.contains(&identity.name) {
+            return Err(refuse(format!(
+                "signed by {}, a TTP-role certificate that is neither this TTP nor a configured replica ({})",
+                identity.name,
+                self.registration_signers.join(", ")
+            )));
+        }
+        envelope.verify_signature(SignatureContext::Registration).map_err(|e| refuse(e.to_string()))?;
         Ok(Registration::decode(&envelope.message)?)
     }
 
@@ -217,9 +272,14 @@ impl Ttp {
     /// challenge once its EK certificate is trusted. The pending enrollment is kept in memory
     /// for 120 s. Audited as `enroll_begin`.
     pub fn begin_enrollment(&self, actor: &Identity, request: &EnrollmentRequest) -> Result<CredentialChallenge> {
-        let subject = Subject { host_id: Some(request.host_id.clone()), ..Default::default() };
+        // Only a well-formed id goes into the audit record.
+        let host_id_ok = protocol::domain::validate_name("host id", &request.host_id).is_ok();
+        let subject = Subject { host_id: host_id_ok.then(|| request.host_id.clone()), ..Default::default() };
         let (challenge, _) = self.audited("enroll_begin", actor, subject, |_| {
             Self::require_role(actor, Role::SecureComponent, "enroll a host")?;
+            if !host_id_ok {
+                return Err(Error::BadRequest(invalid_name("host_id", &request.host_id)));
+            }
             if actor.name != request.host_id {
                 return Err(Error::Forbidden {
                     caller: actor.name.clone(),
@@ -228,12 +288,12 @@ impl Ttp {
                 });
             }
             let (pending, challenge) = attestation::begin_enrollment(&self.policy, request)?;
-            let mut pending_map =
-                self.pending_enrollments.lock().map_err(|_| Error::Store("enrollment table poisoned".into()))?;
+            let ek = pending.ek_fingerprint.clone();
+            let mut pending_map = self.pending_enrollments.lock().map_err(|_| Error::Store("enrollment table poisoned".into()))?;
             let now = now_unix();
             pending_map.retain(|_, (started, _)| now.saturating_sub(*started) < ENROLLMENT_TTL_SECS);
             pending_map.insert(challenge.enrollment_id.clone(), (now, pending));
-            Ok((challenge, "EK certificate trusted; credential challenge issued".to_string()))
+            Ok((challenge, format!("EK {ek} certificate trusted; credential challenge issued")))
         })?;
         Ok(challenge)
     }
@@ -261,20 +321,35 @@ impl Ttp {
                     }
                 }
             };
-            let host = attestation::finish_enrollment(&self.policy, pending, proof)?;
-            if host.host_id != actor.name {
+            if pending.host_id != actor.name {
                 return Err(Error::Forbidden {
                     caller: actor.name.clone(),
                     action: "enroll a host",
-                    detail: format!("enrollment belongs to {}", host.host_id),
+                    detail: format!("enrollment belongs to {} (EK {})", pending.host_id, pending.ek_fingerprint),
                 });
             }
+            let ek = pending.ek_fingerprint.clone();
+            let host = attestation::finish_enrollment(&self.policy, pending, proof).map_err(|e| with_ek(e, &ek))?;
             let json = serde_json::to_string(&host).map_err(|e| Error::Store(format!("encode host record: {e}")))?;
-            self.store.put_host(&host.host_id, &json)?;
-            let message = format!("host enrolled with reference state {}", host.reference_state);
+            // The EK is pinned to the host here, atomically with storing the record
+            // (docs/TPM.md "EK pinning").
+            let message = match self.store.enroll_host(&host.host_id, &host.ek_fingerprint, &json)? {
+                Some(old) => format!(
+                    "host enrolled with EK {} replacing EK {old} (operator-approved replacement), reference state {}",
+                    host.ek_fingerprint, host.reference_state
+                ),
+                None => format!("host enrolled with EK {}, reference state {}", host.ek_fingerprint, host.reference_state),
+            };
             Ok((host, message))
         })?;
         Ok(host)
+    }
+
+    /// The operator's replacement of a host's TPM (`ttp host replace`): the next enrollment of
+    /// `host_id` may pin another EK, once. Audited as `host_replace` with the operator as the
+    /// actor and the EK pinned now; the enrollment that uses the mark names old and new EK.
+    pub fn allow_host_replacement(&self, operator: &str, host_id: &str) -> Result<AuditRecord> {
+        allow_host_replacement(self.store.as_ref(), operator, host_id)
     }
 
     fn host_record(&self, host_id: &str) -> Result<HostRecord> {
@@ -474,12 +549,22 @@ impl Ttp {
     /// ([`attestation::seal_key_to_host`]). Every outcome, granted or refused, is one
     /// `key_release` audit record.
     pub fn release_key(&self, actor: &Identity, request: &KeyReleaseRequest) -> Result<KeyReleaseResponse> {
+        // Ids are validated before they reach the audit record: a malformed one is refused
+        // (audited without it), never written to the log as sent.
+        let host_id_ok = protocol::domain::validate_name("host id", &request.host_id).is_ok();
+        let vm_id_ok = protocol::domain::validate_name("vm id", &request.vm_id).is_ok();
         let subject = Subject {
-            host_id: Some(request.host_id.clone()),
-            vm_id: Some(request.vm_id.clone()),
+            host_id: host_id_ok.then(|| request.host_id.clone()),
+            vm_id: vm_id_ok.then(|| request.vm_id.clone()),
             domain_id: request.header.unverified_contents().ok().map(|(d, _)| d.domain_id),
         };
         let ((wrapped_key, domain_id, version), record) = self.audited("key_release", actor, subject, |_| {
+            if !host_id_ok {
+                return Err(Error::BadRequest(invalid_name("host_id", &request.host_id)));
+            }
+            if !vm_id_ok {
+                return Err(Error::BadRequest(invalid_name("vm_id", &request.vm_id)));
+            }
             Self::require_role(actor, Role::SecureComponent, "request a key release")?;
             if actor.name != request.host_id {
                 return Err(Error::Forbidden {
@@ -643,5 +728,158 @@ impl Ttp {
         }
         verify_audit_chain(&records, Some(AUDIT_GENESIS_HASH)).map_err(|e| Error::AuditChainBroken(e.to_string()))?;
         Ok(records.len())
+    }
+}
+
+/// A refusal text for a malformed id that does not repeat it (it may be huge or hostile).
+fn invalid_name(field: &str, value: &str) -> String {
+    format!(
+        "{field} ({} bytes) is not 1 to {} characters of A-Z a-z 0-9 . _ - @ :",
+        value.len(),
+        protocol::domain::MAX_NAME_BYTES
+    )
+}
+
+/// Adds the EK to an enrollment refusal's text, so its audit record names the EK.
+fn with_ek(error: Error, ek: &str) -> Error {
+    match error {
+        Error::CredentialFailed(m) if !m.contains(ek) => Error::CredentialFailed(format!("{m} (EK {ek})")),
+        Error::BindingKeyInvalid(m) => Error::BindingKeyInvalid(format!("{m} (EK {ek})")),
+        Error::BindingPolicyUntrusted(m) => Error::BindingPolicyUntrusted(format!("{m} (EK {ek})")),
+        Error::ChallengeInvalid(m) => Error::ChallengeInvalid(format!("{m} (EK {ek})")),
+        other => other,
+    }
+}
+
+/// [`Ttp::allow_host_replacement`] on a store alone, for the `ttp host replace` command,
+/// which runs beside a serving TTP on the same database.
+pub fn allow_host_replacement(store: &dyn TtpStore, operator: &str, host_id: &str) -> Result<AuditRecord> {
+    let valid = protocol::domain::validate_name("host id", host_id).is_ok();
+    let result = if valid {
+        store.mark_host_replaceable(host_id, operator, now_unix())
+    } else {
+        Err(Error::BadRequest(invalid_name("host", host_id)))
+    };
+    let (outcome, message) = match &result {
+        Ok(pinned) => (
+            "ok".to_string(),
+            format!("operator {operator} allows host {host_id} to enroll once with another EK than the pinned EK {pinned}"),
+        ),
+        Err(e) => (e.code().to_string(), e.to_string()),
+    };
+    let record = store.append_audit(AuditEntry {
+        at: now_unix(),
+        event: "host_replace".into(),
+        outcome,
+        message,
+        domain_id: None,
+        host_id: valid.then(|| host_id.to_string()),
+        vm_id: None,
+        actor: operator.to_string(),
+    })?;
+    result.map(|_| record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::domain::{AccessMode, AclEntry};
+    use protocol::pki::{CertificateAuthority, Validity};
+
+    fn key_of(ca: &(String, zeroize::Zeroizing<String>), role: Role, name: &str) -> SignatureKey {
+        let issued = CertificateAuthority::issue(&ca.0, &ca.1, role, name, Validity::Days(5)).unwrap();
+        let der = protocol::pki::certs_from_pem(&issued.cert_pem, "certificate").unwrap()[0].to_vec();
+        SignatureKey::from_pem(&issued.key_pem, der).unwrap()
+    }
+
+    /// Issue 21: a registration carries r, so only this TTP (or a configured replica) from
+    /// its own CA may sign one. Another TTP-role name from the same CA, and the TTP's own
+    /// name from a trusted partner CA, are refused; a configured replica is accepted.
+    #[test]
+    fn registrations_only_from_this_ttp_or_a_configured_replica() {
+        let own_ca = CertificateAuthority::generate("cloud-ca").unwrap();
+        let partner_ca = CertificateAuthority::generate("partner-ca").unwrap();
+        let store: Arc<dyn TtpStore> = Arc::new(crate::store::SqliteStore::in_memory().unwrap());
+        let ttp = Ttp::new(
+            SecretBytes::from_slice_wiping(&mut [7u8; 32]),
+            key_of(&own_ca, Role::Ttp, "ttp-1"),
+            vec![own_ca.0.clone(), partner_ca.0.clone()],
+            AttestationPolicy::default(),
+            store,
+        )
+        .unwrap()
+        .with_registration_replicas(vec!["ttp-replica".into()]);
+        let cp = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
+        let alice = key_of(&own_ca, Role::DomainManager, "dm-alice");
+        let v1 = Descriptor::new("dm-alice", Default::default(), vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }]).unwrap();
+        let request = RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, v1.encode().unwrap()),
+            previous_registration: None,
+        };
+        let registered = ttp.register_domain(&cp, &request).unwrap().registration;
+        let mut forged = Registration::decode(&registered.message).unwrap();
+        forged.nonce_r = [0x42; 32];
+
+        let v2 = v1.next_version(|d| d.acl.clear()).unwrap();
+        let update = |previous: SignedEnvelope| RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, v2.encode().unwrap()),
+            previous_registration: Some(previous),
+        };
+        for (ca, name, expected) in [
+            (&own_ca, "ttp-2", "neither this TTP nor a configured replica"),
+            (&partner_ca, "ttp-1", "this TTP's own CA"),
+        ] {
+            let signer = key_of(ca, Role::Ttp, name);
+            let envelope = signer.sign_envelope(SignatureContext::Registration, forged.encode());
+            let err = ttp.register_domain(&cp, &update(envelope)).unwrap_err();
+            assert_eq!(err.code(), "registration_mismatch", "{err}");
+            assert!(err.to_string().contains(expected), "{name}: {err}");
+        }
+        // A configured replica's registration counts (here: r unchanged, so the update goes on).
+        let replica = key_of(&own_ca, Role::Ttp, "ttp-replica");
+        let envelope = replica.sign_envelope(SignatureContext::Registration, Registration::decode(&registered.message).unwrap().encode());
+        ttp.register_domain(&cp, &update(envelope)).expect("a replica's registration is accepted");
+    }
+
+    /// Issue 21: `release_key` validates the host and VM ids before they reach the audit
+    /// record; a malformed one is refused and audited without it (and without repeating it).
+    #[test]
+    fn release_key_audits_only_validated_ids() {
+        let ca = CertificateAuthority::generate("cloud-ca").unwrap();
+        let store: Arc<dyn TtpStore> = Arc::new(crate::store::SqliteStore::in_memory().unwrap());
+        let ttp = Ttp::new(
+            SecretBytes::from_slice_wiping(&mut [7u8; 32]),
+            key_of(&ca, Role::Ttp, "ttp-1"),
+            vec![ca.0.clone()],
+            AttestationPolicy::default(),
+            store,
+        )
+        .unwrap();
+        let empty = SignedEnvelope { message: Vec::new(), signature: Vec::new(), signer_certificate: Vec::new() };
+        let request = |host_id: &str, vm_id: &str| KeyReleaseRequest {
+            host_id: host_id.into(),
+            vm_id: vm_id.into(),
+            mode: AccessMode::Ro,
+            header: protocol::messages::HeaderRecord { descriptor: empty.clone(), registration: empty.clone() },
+            grant: empty.clone(),
+            challenge_id: "c".into(),
+            quote: protocol::attest::QuoteEvidence { attest: Vec::new(), signature: Vec::new(), pcr_values: Vec::new() },
+        };
+        let host = Identity { name: "compute-1".into(), role: Role::SecureComponent };
+        let hostile = format!("compute-1\n{}", "x".repeat(4096));
+        for (host_id, vm_id, field) in [(hostile.as_str(), "vm-a", "host_id"), ("compute-1", "", "vm_id"), ("compute-1", "vm a", "vm_id")] {
+            let err = ttp.release_key(&host, &request(host_id, vm_id)).unwrap_err();
+            assert_eq!(err.code(), "bad_request", "{err}");
+            assert!(err.to_string().contains(field), "{err}");
+            let record = ttp.store().audit_records(None).unwrap().pop().unwrap();
+            assert_eq!((record.event.as_str(), record.outcome.as_str()), ("key_release", "bad_request"));
+            assert!(record.message.len() < 200, "the refusal does not repeat the id: {}", record.message);
+            if field == "host_id" {
+                assert_eq!((record.host_id, record.vm_id.as_deref()), (None, Some("vm-a")));
+            } else {
+                assert_eq!((record.host_id.as_deref(), record.vm_id), (Some("compute-1"), None));
+            }
+        }
+        ttp.verify_audit_chain().unwrap();
     }
 }

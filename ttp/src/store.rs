@@ -6,10 +6,13 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use protocol::messages::{AuditRecord, AUDIT_GENESIS_HASH};
+use protocol::messages::{AuditRecord, AUDIT_FORMAT_TAGGED, AUDIT_GENESIS_HASH};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::error::{Error, Result};
+
+/// How long an operator's `ttp host replace` approval stays usable (24 h).
+pub const HOST_REPLACEMENT_TTL_SECS: u64 = 24 * 3600;
 
 /// What the TTP knows about a registered domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,11 +61,23 @@ pub struct AuditEntry {
 /// `update_domain` and `append_audit` each being one step that two concurrent requests
 /// cannot both win.
 pub trait TtpStore: Send + Sync {
-    /// Stores or replaces the host record (JSON of `HostRecord`) of `host_id`; re-enrollment
-    /// replaces it.
+    /// Stores or replaces the host record (JSON of `HostRecord`) of `host_id` without touching
+    /// the EK pin; enrollment goes through [`TtpStore::enroll_host`]. For tools and tests.
     fn put_host(&self, host_id: &str, record_json: &str) -> Result<()>;
     /// The host record JSON of `host_id`, if the host is enrolled.
     fn host(&self, host_id: &str) -> Result<Option<String>>;
+    /// Stores the host record of an enrollment with EK `ek_fingerprint`, atomically pinning
+    /// the EK (docs/TPM.md "EK pinning"): the first enrollment of a host pins its EK; an EK
+    /// enrolled under another host is refused (`Error::EkInUse`); another EK than the pinned
+    /// one is refused (`Error::EkPinned`) unless the host was marked replaceable, in which
+    /// case the mark is used up and the new EK pinned. Returns the EK it replaced, if any.
+    fn enroll_host(&self, host_id: &str, ek_fingerprint: &str, record_json: &str) -> Result<Option<String>>;
+    /// The EK fingerprint `host_id` is pinned to, if any.
+    fn pinned_ek(&self, host_id: &str) -> Result<Option<String>>;
+    /// Lets the next enrollment of `host_id` within [`HOST_REPLACEMENT_TTL_SECS`] pin another
+    /// EK (once), for an operator who replaced the host's TPM; returns the EK pinned now. `Error::HostUnknown` if the host
+    /// has no pinned EK.
+    fn mark_host_replaceable(&self, host_id: &str, operator: &str, at: u64) -> Result<String>;
 
     /// What the TTP knows about `domain_id`, deleted or not; `None` if never registered.
     fn domain(&self, domain_id: &str) -> Result<Option<DomainRecord>>;
@@ -122,6 +137,14 @@ impl SqliteStore {
                  PRAGMA synchronous=FULL;
                  PRAGMA busy_timeout=5000;
                  CREATE TABLE IF NOT EXISTS hosts (host_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS host_eks (
+                    ek_fingerprint TEXT PRIMARY KEY, host_id TEXT NOT NULL UNIQUE);
+                 CREATE TABLE IF NOT EXISTS host_replacements (
+                    host_id TEXT PRIMARY KEY, operator TEXT NOT NULL, marked_at INTEGER NOT NULL);
+                 -- Hosts enrolled before EK pinning: pin the EK their record names.
+                 INSERT OR IGNORE INTO host_eks (ek_fingerprint, host_id)
+                    SELECT json_extract(record, '$.ek_fingerprint'), host_id FROM hosts
+                    WHERE json_extract(record, '$.ek_fingerprint') IS NOT NULL;
                  CREATE TABLE IF NOT EXISTS domains (
                     domain_id TEXT PRIMARY KEY, owner TEXT NOT NULL, latest_version INTEGER NOT NULL,
                     descriptor BLOB NOT NULL, descriptor_hash BLOB NOT NULL, metadata_hash BLOB NOT NULL,
@@ -174,6 +197,83 @@ impl TtpStore for SqliteStore {
             .query_row("SELECT record FROM hosts WHERE host_id = ?1", params![host_id], |row| row.get(0))
             .optional()
             .map_err(store_err("read host record"))
+    }
+
+    fn enroll_host(&self, host_id: &str, ek_fingerprint: &str, record_json: &str) -> Result<Option<String>> {
+        let mut connection = self.lock()?;
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(store_err("begin enrollment transaction"))?;
+        let owner: Option<String> = tx
+            .query_row("SELECT host_id FROM host_eks WHERE ek_fingerprint = ?1", params![ek_fingerprint], |row| row.get(0))
+            .optional()
+            .map_err(store_err("read EK pin"))?;
+        if let Some(owner) = owner.filter(|owner| owner != host_id) {
+            return Err(Error::EkInUse(format!(
+                "EK {ek_fingerprint} is enrolled as host {owner}; one TPM is one host, so it cannot also enroll as {host_id}"
+            )));
+        }
+        let pinned: Option<String> = tx
+            .query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", params![host_id], |row| row.get(0))
+            .optional()
+            .map_err(store_err("read EK pin"))?;
+        let replaced = match pinned {
+            Some(pinned) if pinned != ek_fingerprint => {
+                // A mark older than HOST_REPLACEMENT_TTL_SECS no longer counts: an approval
+                // is for the replacement at hand, not a standing open door.
+                let cutoff = now_unix().saturating_sub(HOST_REPLACEMENT_TTL_SECS) as i64;
+                let marked = tx
+                    .execute("DELETE FROM host_replacements WHERE host_id = ?1 AND marked_at >= ?2", params![host_id, cutoff])
+                    .map_err(store_err("use the replacement mark"))?;
+                if marked != 1 {
+                    return Err(Error::EkPinned(format!(
+                        "host {host_id} is pinned to EK {pinned}, this enrollment presents EK {ek_fingerprint}; \
+                         if its TPM was really replaced, an operator runs `ttp host replace --host {host_id}` first \
+                         (an approval counts for {} hours)",
+                        HOST_REPLACEMENT_TTL_SECS / 3600
+                    )));
+                }
+                tx.execute("DELETE FROM host_eks WHERE host_id = ?1", params![host_id]).map_err(store_err("unpin the old EK"))?;
+                Some(pinned)
+            }
+            _ => None,
+        };
+        tx.execute("INSERT OR IGNORE INTO host_eks (ek_fingerprint, host_id) VALUES (?1, ?2)", params![ek_fingerprint, host_id])
+            .map_err(store_err("pin the EK"))?;
+        tx.execute(
+            "INSERT INTO hosts (host_id, record) VALUES (?1, ?2) ON CONFLICT(host_id) DO UPDATE SET record = excluded.record",
+            params![host_id, record_json],
+        )
+        .map_err(store_err("store host record"))?;
+        tx.commit().map_err(store_err("commit enrollment"))?;
+        Ok(replaced)
+    }
+
+    fn pinned_ek(&self, host_id: &str) -> Result<Option<String>> {
+        self.lock()?
+            .query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", params![host_id], |row| row.get(0))
+            .optional()
+            .map_err(store_err("read EK pin"))
+    }
+
+    fn mark_host_replaceable(&self, host_id: &str, operator: &str, at: u64) -> Result<String> {
+        let mut connection = self.lock()?;
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(store_err("begin replacement transaction"))?;
+        let pinned: String = tx
+            .query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", params![host_id], |row| row.get(0))
+            .optional()
+            .map_err(store_err("read EK pin"))?
+            .ok_or_else(|| Error::HostUnknown(host_id.to_string()))?;
+        tx.execute(
+            "INSERT INTO host_replacements (host_id, operator, marked_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(host_id) DO UPDATE SET operator = excluded.operator, marked_at = excluded.marked_at",
+            params![host_id, operator, at as i64],
+        )
+        .map_err(store_err("mark the host replaceable"))?;
+        tx.commit().map_err(store_err("commit replacement mark"))?;
+        Ok(pinned)
     }
 
     fn domain(&self, domain_id: &str) -> Result<Option<DomainRecord>> {
@@ -342,6 +442,7 @@ impl TtpStore for SqliteStore {
             actor: entry.actor,
             prev_hash,
             hash: String::new(),
+            format: AUDIT_FORMAT_TAGGED,
         };
         record.hash = record.compute_hash();
         let json = serde_json::to_string(&record).map_err(|e| Error::Store(format!("encode audit record: {e}")))?;

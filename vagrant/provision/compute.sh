@@ -14,7 +14,8 @@ TCTI="${SKYDD_LAB_TCTI:-device:/dev/tpmrm0}"
 # Real dm-crypt in the lab's VMs; "auto" (userspace engine where the kernel has no
 # device-mapper) in a chroot on a machine without it.
 if [ "$SKYDD_LAB_MODE" = vagrant ]; then BACKEND="${SKYDD_LAB_BACKEND:-dm-crypt}"; else BACKEND="${SKYDD_LAB_BACKEND:-auto}"; fi
-PCRS="0,1,2,3,4,5,6,7,16"
+# Never 16 or 23 (resettable by any process; the TTP refuses them).
+PCRS="0,1,2,3,4,5,6,7,11"
 CONFIG=/etc/skydd/secure-component.toml
 
 setup() {
