@@ -111,10 +111,14 @@ impl AllInOne {
             // as written), never read from a host (docs/TPM.md "Measured state").
             let expected = secure_component::measure::Measurement::of(&binary, config_text.as_bytes())?;
             reference_states.push(crate::lab::measured_reference_state(&format!("{host_id}-measured"), &expected));
-            progress(&format!("{host_id}: measured start-up (secure component binary and configuration into PCR {})", secure_component::measure::MEASURED_STATE_PCR));
+            progress(&format!(
+                "{host_id}: measured start-up (secure component binary and configuration into PCR {})",
+                secure_component::measure::MEASURED_STATE_PCR
+            ));
             crate::lab::measured_start_up(&swtpm, &config.state_dir, &binary, config_text.as_bytes())
                 .with_context(|| format!("measure the start-up of {host_id}"))?;
-            let (service, tls_config) = secure_component::service::build(&config).with_context(|| format!("build the secure component of {host_id}"))?;
+            let (service, tls_config) = secure_component::service::build(&config)
+                .with_context(|| format!("build the secure component of {host_id}"))?;
             pending.push((host_id.to_string(), swtpm, config, service, tls_config));
         }
 

@@ -201,7 +201,11 @@ pub fn measured_reference_state(name: &str, measurement: &secure_component::meas
         .normalized_indices()
         .into_iter()
         .map(|index| {
-            let value = if index == secure_component::measure::MEASURED_STATE_PCR { measurement.pcr_value().to_vec() } else { vec![0u8; 32] };
+            let value = if index == secure_component::measure::MEASURED_STATE_PCR {
+                measurement.pcr_value().to_vec()
+            } else {
+                vec![0u8; 32]
+            };
             (index, value)
         })
         .collect();
@@ -211,7 +215,12 @@ pub fn measured_reference_state(name: &str, measurement: &secure_component::meas
 /// A loopback host's measured start-up, before its secure component runs: the SHA-256 of
 /// `binary` and of `config` extended into the measured-state PCR of `swtpm`. Returns the
 /// measurement.
-pub fn measured_start_up(swtpm: &Swtpm, state_dir: &Path, binary: &Path, config: &[u8]) -> Result<secure_component::measure::Measurement> {
+pub fn measured_start_up(
+    swtpm: &Swtpm,
+    state_dir: &Path,
+    binary: &Path,
+    config: &[u8],
+) -> Result<secure_component::measure::Measurement> {
     let measurement = secure_component::measure::Measurement::of(binary, config)?;
     let mut tpm = secure_component::tpm::HostTpm::open(&swtpm.tcti(), state_dir)?;
     secure_component::measure::extend(&mut tpm, &measurement)?;

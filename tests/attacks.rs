@@ -587,10 +587,21 @@ async fn attack_matrix() {
         header.registration = other_ttp.key.sign_envelope(SignatureContext::Registration, forged.encode());
         plant_header(&path_a, &header);
         let before = audit_records(&ttp).len();
-        let message = expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await, "registration_mismatch");
-        assert!(message.contains("ttp-2") && message.contains("neither this TTP nor a configured replica"), "{message}");
+        let message = expect_code(
+            attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, alice.grant(&id_a, "vm-a", AccessMode::Rw, 300)).await,
+            "registration_mismatch",
+        );
+        assert!(
+            message.contains("ttp-2") && message.contains("neither this TTP nor a configured replica"),
+            "{message}"
+        );
         let audit = assert_audited(&ttp, before, "key_release", "registration_mismatch");
-        m.record("C13", "a registration signed by another TTP-role certificate (ttp-2, same CA)", "registration_mismatch", &audit_text(&audit));
+        m.record(
+            "C13",
+            "a registration signed by another TTP-role certificate (ttp-2, same CA)",
+            "registration_mismatch",
+            &audit_text(&audit),
+        );
         plant_header(&path_a, &view_a.header);
     }
     {
@@ -1198,11 +1209,26 @@ async fn attack_matrix() {
         let (desc_c, _) = create_domain(&alice_cp, &alice, &[("vm-b", AccessMode::Rw)]).await;
         compute2.service.host_agent().tpm.run(|t| t.extend_pcr(11, b"unapproved kernel module")).await.unwrap();
         let before = audit_records(&ttp).len();
-        let message = expect_code(attach(&alice_cp, &desc_c.domain_id, "vm-b", AccessMode::Rw, alice.grant(&desc_c.domain_id, "vm-b", AccessMode::Rw, 300)).await, "pcr_mismatch");
+        let message = expect_code(
+            attach(
+                &alice_cp,
+                &desc_c.domain_id,
+                "vm-b",
+                AccessMode::Rw,
+                alice.grant(&desc_c.domain_id, "vm-b", AccessMode::Rw, 300),
+            )
+            .await,
+            "pcr_mismatch",
+        );
         assert!(message.contains("PCR 11"), "{message}");
         let audit = assert_audited(&ttp, before, "key_release", "pcr_mismatch");
         assert_eq!(audit.host_id.as_deref(), Some("compute-2"));
-        m.record("H2", "compute-2's PCR 11 (measured state) changes after enrollment; attach via the CP", "pcr_mismatch", &audit_text(&audit));
+        m.record(
+            "H2",
+            "compute-2's PCR 11 (measured state) changes after enrollment; attach via the CP",
+            "pcr_mismatch",
+            &audit_text(&audit),
+        );
     }
 
     // ================= TLS and certificates ==========================================================
@@ -1822,9 +1848,20 @@ impl PinLab {
 
     /// A TPM of the same vendor driven with `identity`'s (already issued) TLS key: what an
     /// attacker who stole that host's key does with a second genuine TPM.
-    fn tpm_with_identity(&self, tpm_name: &str, identity: &str, ttp_url: &str) -> (secure_component::agent::HostAgent, secure_component::swtpm::Swtpm) {
-        let swtpm = secure_component::swtpm::Swtpm::start_with_ca(&self.dir.path().join(tpm_name).join("swtpm"), &self.vendor_ca).unwrap();
-        let tpm = secure_component::agent::TpmWorker::start(&swtpm.tcti(), self.dir.path().join(tpm_name).join("sc-state")).unwrap();
+    fn tpm_with_identity(
+        &self,
+        tpm_name: &str,
+        identity: &str,
+        ttp_url: &str,
+    ) -> (secure_component::agent::HostAgent, secure_component::swtpm::Swtpm) {
+        let swtpm = secure_component::swtpm::Swtpm::start_with_ca(
+            &self.dir.path().join(tpm_name).join("swtpm"),
+            &self.vendor_ca,
+        )
+        .unwrap();
+        let tpm =
+            secure_component::agent::TpmWorker::start(&swtpm.tcti(), self.dir.path().join(tpm_name).join("sc-state"))
+                .unwrap();
         let ttp = self.pki.client(identity, Role::Ttp, ttp_url).unwrap();
         (secure_component::agent::HostAgent { host_id: identity.to_string(), tpm, ttp }, swtpm)
     }
@@ -1877,24 +1914,39 @@ async fn a_second_genuine_tpm_claiming_a_host() {
     assert_eq!(named[0], ek1);
     assert_ne!(named[1], ek1);
     let ek2 = named[1].clone();
-    m.record("H11", "a second genuine TPM (same vendor CA) enrolls with compute-1's TLS key", "ek_pinned", &audit_text(&audit));
+    m.record(
+        "H11",
+        "a second genuine TPM (same vendor CA) enrolls with compute-1's TLS key",
+        "ek_pinned",
+        &audit_text(&audit),
+    );
     // The real compute-1 is not locked out: its record still names its EK and its quotes verify.
-    let record: ttp::attestation::HostRecord = serde_json::from_str(&ttp.store().host("compute-1").unwrap().unwrap()).unwrap();
+    let record: ttp::attestation::HostRecord =
+        serde_json::from_str(&ttp.store().host("compute-1").unwrap().unwrap()).unwrap();
     assert_eq!(record.ek_fingerprint, ek1);
     let challenge: ChallengeResponse = compute1.agent.ttp.post_json("/v1/challenges", &()).await.unwrap();
     let nonce = challenge.nonce.clone();
     let quote = compute1.agent.tpm.run(move |t| t.quote(&nonce)).await.unwrap();
-    ttp::attestation::verify_quote(&record, &policy, &quote, &challenge.nonce).expect("compute-1's own TPM still attests");
+    ttp::attestation::verify_quote(&record, &policy, &quote, &challenge.nonce)
+        .expect("compute-1's own TPM still attests");
 
     // H12: the rogue TPM enrolls honestly as compute-9, then tries compute-1 again after the
     // operator allowed compute-1 a new TPM: one TPM is one host.
     lab.pki.issue(Role::SecureComponent, "compute-9").unwrap();
-    let compute9 = secure_component::agent::HostAgent { host_id: "compute-9".into(), tpm: rogue.tpm.clone(), ttp: lab.pki.client("compute-9", Role::Ttp, &url).unwrap() };
+    let compute9 = secure_component::agent::HostAgent {
+        host_id: "compute-9".into(),
+        tpm: rogue.tpm.clone(),
+        ttp: lab.pki.client("compute-9", Role::Ttp, &url).unwrap(),
+    };
     let as9 = compute9.enroll(&selection).await.expect("the second TPM enrolls under its own host id");
     assert_eq!(as9.ek_fingerprint, ek2);
     let before = audit_records(&ttp).len();
-    let replace = ttp.allow_host_replacement("operator:test", "compute-1").expect("the operator marks compute-1 replaceable");
-    assert_eq!((replace.event.as_str(), replace.outcome.as_str(), replace.host_id.as_deref()), ("host_replace", "ok", Some("compute-1")));
+    let replace =
+        ttp.allow_host_replacement("operator:test", "compute-1").expect("the operator marks compute-1 replaceable");
+    assert_eq!(
+        (replace.event.as_str(), replace.outcome.as_str(), replace.host_id.as_deref()),
+        ("host_replace", "ok", Some("compute-1"))
+    );
     assert!(replace.message.contains(&ek1), "{}", replace.message);
     assert_eq!(enroll_code(rogue.enroll(&selection).await), "ek_in_use");
     let audit = assert_audited_n(&ttp, before, 3, "enroll", "ek_in_use");
@@ -1906,11 +1958,22 @@ async fn a_second_genuine_tpm_claiming_a_host() {
     let before = audit_records(&ttp).len();
     let replaced = replacement.enroll(&selection).await.expect("the approved replacement TPM enrolls");
     let audit = assert_audited_n(&ttp, before, 2, "enroll", "ok");
-    assert!(audit.message.contains(&ek1) && audit.message.contains(&replaced.ek_fingerprint) && audit.message.contains("replacing"), "{}", audit.message);
+    assert!(
+        audit.message.contains(&ek1)
+            && audit.message.contains(&replaced.ek_fingerprint)
+            && audit.message.contains("replacing"),
+        "{}",
+        audit.message
+    );
     let before = audit_records(&ttp).len();
     assert_eq!(enroll_code(compute1.agent.enroll(&selection).await), "ek_pinned", "the mark is used up");
     assert_audited_n(&ttp, before, 2, "enroll", "ek_pinned");
-    m.record("H13", "operator replaces compute-1's TPM; the new TPM enrolls once, the old is refused", "ok / ek_pinned", &format!("{} host_replace, {}", replace.seq, audit_text(&audit)));
+    m.record(
+        "H13",
+        "operator replaces compute-1's TPM; the new TPM enrolls once, the old is refused",
+        "ok / ek_pinned",
+        &format!("{} host_replace, {}", replace.seq, audit_text(&audit)),
+    );
     // An unknown host cannot be marked.
     let err = ttp.allow_host_replacement("operator:test", "compute-404").unwrap_err();
     assert_eq!(err.code(), "host_unknown");
@@ -1929,22 +1992,40 @@ async fn a_pcr_16_reset_is_refused_in_policy_and_selection() {
     let (listener, url) = RunningTtp::bind().await.unwrap();
     let host = lab.host("compute-1", &url);
     let with_16 = PcrSelection { bank: "sha256".into(), indices: vec![0, 1, 2, 3, 4, 5, 6, 7, 16] };
-    let values = host.agent.tpm.run({
-        let s = with_16.clone();
-        move |t| t.read_pcrs(&s)
-    }).await.unwrap();
-    let state_16 = ttp::attestation::ReferenceState { name: "debug".into(), selection: with_16.clone(), pcr_values: values };
-    let err = RunningTtp::start(lab.dir.path(), &lab.pki, &lab.policy(vec![state_16]), listener).await.err().expect("the TTP refuses a policy with PCR 16");
+    let values = host
+        .agent
+        .tpm
+        .run({
+            let s = with_16.clone();
+            move |t| t.read_pcrs(&s)
+        })
+        .await
+        .unwrap();
+    let state_16 =
+        ttp::attestation::ReferenceState { name: "debug".into(), selection: with_16.clone(), pcr_values: values };
+    let err = RunningTtp::start(lab.dir.path(), &lab.pki, &lab.policy(vec![state_16]), listener)
+        .await
+        .err()
+        .expect("the TTP refuses a policy with PCR 16");
     let err = err.downcast_ref::<ttp::Error>().expect("a TTP error");
     assert_eq!(err.code(), "pcr_resettable", "{err}");
     assert!(err.to_string().contains("PCR 16"), "{err}");
-    m.record("H14", "a reference state selecting PCR 16: the TTP refuses its policy at start-up", "pcr_resettable", "- (start-up)");
+    m.record(
+        "H14",
+        "a reference state selecting PCR 16: the TTP refuses its policy at start-up",
+        "pcr_resettable",
+        "- (start-up)",
+    );
 
     let (listener, url2) = RunningTtp::bind().await.unwrap();
     let good = host.reference_state("compute-v1", &PcrSelection::default_host()).await.unwrap();
     let running = RunningTtp::start(lab.dir.path(), &lab.pki, &lab.policy(vec![good]), listener).await.unwrap();
     let ttp = running.service.clone();
-    let agent = secure_component::agent::HostAgent { host_id: "compute-1".into(), tpm: host.agent.tpm.clone(), ttp: lab.pki.client("compute-1", Role::Ttp, &url2).unwrap() };
+    let agent = secure_component::agent::HostAgent {
+        host_id: "compute-1".into(),
+        tpm: host.agent.tpm.clone(),
+        ttp: lab.pki.client("compute-1", Role::Ttp, &url2).unwrap(),
+    };
     let before = audit_records(&ttp).len();
     for pcr in [16u8, 23] {
         let selection = PcrSelection { bank: "sha256".into(), indices: vec![0, 1, 2, 3, 4, 5, 6, 7, pcr] };
@@ -1973,7 +2054,12 @@ async fn a_replaced_secure_component_binary() {
     std::fs::copy(&binary, &replaced).unwrap();
     {
         use std::io::Write;
-        std::fs::OpenOptions::new().append(true).open(&replaced).unwrap().write_all(b"\x00a patched secure component").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&replaced)
+            .unwrap()
+            .write_all(b"\x00a patched secure component")
+            .unwrap();
     }
     // The reference state from the build: no host is read.
     let expected = Measurement::of(&binary, &config).unwrap();
@@ -1996,9 +2082,17 @@ async fn a_replaced_secure_component_binary() {
     let before = audit_records(&ttp).len();
     assert_eq!(enroll_code(bad.agent.enroll(&selection).await), "binding_policy_untrusted");
     let audit = assert_audited_n(&ttp, before, 2, "enroll", "binding_policy_untrusted");
-    m.record("H15", "a host whose secure-component binary was replaced enrolls", "binding_policy_untrusted", &audit_text(&audit));
+    m.record(
+        "H15",
+        "a host whose secure-component binary was replaced enrolls",
+        "binding_policy_untrusted",
+        &audit_text(&audit),
+    );
     // A changed configuration is a changed state too.
-    assert_ne!(Measurement::of(&binary, b"ttp_url = \"https://rogue.example\"\n").unwrap().pcr_value(), expected.pcr_value());
+    assert_ne!(
+        Measurement::of(&binary, b"ttp_url = \"https://rogue.example\"\n").unwrap().pcr_value(),
+        expected.pcr_value()
+    );
 
     // A key released to the good host while it runs the expected binary.
     lab.pki.issue(Role::CloudPlatform, "cp-1").unwrap();
@@ -2007,7 +2101,11 @@ async fn a_replaced_secure_component_binary() {
     let descriptor = alice.new_domain(&[("department", "radiology")], &[("vm-a", AccessMode::Rw)]).unwrap();
     let header = skydd::lab::register(&cp, alice.sign_descriptor(&descriptor).unwrap(), None).await.unwrap();
     let grant = alice.grant(&descriptor.domain_id, "vm-a", AccessMode::Rw, 300);
-    let earlier = good.agent.request_release(&header, &grant, "vm-a", AccessMode::Rw).await.expect("released to the measured host");
+    let earlier = good
+        .agent
+        .request_release(&header, &grant, "vm-a", AccessMode::Rw)
+        .await
+        .expect("released to the measured host");
 
     // The host reboots (its swtpm restarts: PCRs reset) and starts the replaced binary.
     drop(good);
@@ -2027,7 +2125,16 @@ async fn a_replaced_secure_component_binary() {
     let audit = assert_audited(&ttp, before, "key_release", "pcr_mismatch");
     let wrapped = earlier.wrapped_key.clone();
     let decrypted = rebooted.agent.tpm.run(move |t| t.decrypt_released_key(&wrapped)).await;
-    assert!(matches!(decrypted, Err(secure_component::Error::BindingKeyRefused(_))), "the TPM must refuse: {:?}", decrypted.map(|k| k.len()));
-    m.record("H15", "the enrolled host reboots with a replaced secure-component binary", "pcr_mismatch + TPM refuses", &audit_text(&audit));
+    assert!(
+        matches!(decrypted, Err(secure_component::Error::BindingKeyRefused(_))),
+        "the TPM must refuse: {:?}",
+        decrypted.map(|k| k.len())
+    );
+    m.record(
+        "H15",
+        "the enrolled host reboots with a replaced secure-component binary",
+        "pcr_mismatch + TPM refuses",
+        &audit_text(&audit),
+    );
     running.stop().await;
 }

@@ -50,7 +50,11 @@ async fn refusals_read_well_through_the_cli() {
     // A compute host whose measured state changed: the TTP refuses its quote.
     let compute_2 = cloud.hosts.iter().find(|h| h.id == "compute-2").unwrap();
     compute_2.service.host_agent().tpm.run(|tpm| tpm.extend_pcr(11, b"unapproved module")).await.unwrap();
-    expect_refusal(alice.attach(&id, "vm-b", AccessMode::Ro, 300).await, "pcr_mismatch", &["PCR 11", "compute-2-measured", "re-enroll"]);
+    expect_refusal(
+        alice.attach(&id, "vm-b", AccessMode::Ro, 300).await,
+        "pcr_mismatch",
+        &["PCR 11", "compute-2-measured", "re-enroll"],
+    );
 
     alice.delete(&id).await.unwrap();
     let after = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await;

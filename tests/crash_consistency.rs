@@ -393,7 +393,11 @@ async fn crash_consistency_under_kill_9() {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),
         ek_crls: Vec::new(),
-        reference_states: vec![ReferenceState { name: "compute-v1".into(), selection: sc_config.pcr_selection.clone(), pcr_values }],
+        reference_states: vec![ReferenceState {
+            name: "compute-v1".into(),
+            selection: sc_config.pcr_selection.clone(),
+            pcr_values,
+        }],
     };
     let policy_path = root.join("attestation.toml");
     std::fs::write(&policy_path, toml::to_string(&policy).unwrap()).unwrap();

@@ -380,9 +380,16 @@ async fn trust_core_end_to_end() {
     println!("refusal: PCR extended after enrollment (the TTP refuses the quote, the TPM refuses the old blob)");
     {
         let grant = alice.grant(&domain_id, "vm-b", AccessMode::Ro, 300);
-        let earlier = host2.agent.request_release(&header_v2, &grant, "vm-b", AccessMode::Ro).await.expect("released while trusted");
+        let earlier = host2
+            .agent
+            .request_release(&header_v2, &grant, "vm-b", AccessMode::Ro)
+            .await
+            .expect("released while trusted");
         host2.agent.tpm.run(|tpm| tpm.extend_pcr(11, b"an unapproved kernel module")).await.unwrap();
-        assert_eq!(code_of_agent(host2.agent.obtain_key(&header_v2, &grant, "vm-b", AccessMode::Ro).await), "pcr_mismatch");
+        assert_eq!(
+            code_of_agent(host2.agent.obtain_key(&header_v2, &grant, "vm-b", AccessMode::Ro).await),
+            "pcr_mismatch"
+        );
         assert_last_audit(&ttp, "pcr_mismatch");
         let wrapped = earlier.wrapped_key.clone();
         let decrypted = host2.agent.tpm.run(move |tpm| tpm.decrypt_released_key(&wrapped)).await;

@@ -99,16 +99,19 @@ impl std::fmt::Debug for SignatureKey {
 
 /// Verifies a DER ECDSA signature with a public key. A high-S signature (s > n/2, the
 /// malleable twin of a valid one) is refused with [`Error::NonCanonicalSignature`].
-pub fn verify(public_key: &VerifyingKey, context: SignatureContext, message: &[u8], signature_der: &[u8]) -> Result<()> {
+pub fn verify(
+    public_key: &VerifyingKey,
+    context: SignatureContext,
+    message: &[u8],
+    signature_der: &[u8],
+) -> Result<()> {
     let what = context.label();
     let signature = Signature::from_der(signature_der).map_err(|_| Error::BadSignature { what })?;
     // normalize_s() returns Some only when s was high.
     if signature.normalize_s().is_some() {
         return Err(Error::NonCanonicalSignature { what });
     }
-    public_key
-        .verify(&signed_bytes(context, message), &signature)
-        .map_err(|_| Error::BadSignature { what })
+    public_key.verify(&signed_bytes(context, message), &signature).map_err(|_| Error::BadSignature { what })
 }
 
 /// The P-256 public key of a DER certificate (no chain check: see `pki`).

@@ -39,7 +39,8 @@ impl Measurement {
 
 /// SHA-256 of a file, streamed (binaries are hundreds of MiB in debug builds).
 pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(format!("open {} to measure it", path.display()), e))?;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| Error::io(format!("open {} to measure it", path.display()), e))?;
     let mut hasher = openssl::sha::Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {

@@ -348,7 +348,10 @@ pub fn verify_quote(
     }
     quoted.sort_unstable();
     if let Some(index) = quoted.iter().find(|i| RESETTABLE_PCRS.contains(i)) {
-        return Err(Error::PcrResettable(format!("host {}: the quote covers PCR {index}, which locality 0 can reset", host.host_id)));
+        return Err(Error::PcrResettable(format!(
+            "host {}: the quote covers PCR {index}, which locality 0 can reset",
+            host.host_id
+        )));
     }
     let expected = state.selection.normalized_indices();
     if quoted != expected {
@@ -471,7 +474,8 @@ pub fn verify_ek_certificate(policy: &AttestationPolicy, certificate_der: &[u8])
     let outcome = context
         .init(&store, &certificate, &chain, |c| {
             let ok = c.verify_cert()?;
-            let verified: Vec<X509> = c.chain().map(|chain| chain.iter().map(|cert| cert.to_owned()).collect()).unwrap_or_default();
+            let verified: Vec<X509> =
+                c.chain().map(|chain| chain.iter().map(|cert| cert.to_owned()).collect()).unwrap_or_default();
             Ok((ok, c.error(), verified))
         })
         .map_err(|e| Error::EkUntrusted(format!("verifying the EK certificate chain: {e}")))?;
@@ -498,7 +502,8 @@ fn check_ek_revocation(policy: &AttestationPolicy, chain: &[X509]) -> Result<()>
         let (cert, issuer) = (&pair[0], &pair[1]);
         let issuer_der = issuer.subject_name().to_der().map_err(|e| Error::Config(format!("EK CA name: {e}")))?;
         for (i, der) in policy.ek_crls.iter().enumerate() {
-            let crl = X509Crl::from_der(der).map_err(|e| Error::Config(format!("ek_crls[{i}] is not a DER X.509 CRL: {e}")))?;
+            let crl = X509Crl::from_der(der)
+                .map_err(|e| Error::Config(format!("ek_crls[{i}] is not a DER X.509 CRL: {e}")))?;
             if crl.issuer_name().to_der().ok().as_deref() != Some(issuer_der.as_slice()) {
                 continue;
             }
@@ -589,8 +594,14 @@ fn check_ek_extensions(certificate_der: &[u8]) -> Result<String> {
     // TCG EK Credential Profile 2.x, 3.2.16: keyUsage must be present; an RSA EK decrypts
     // (MakeCredential seeds), so keyEncipherment must be set.
     match key_encipherment {
-        None => return Err(Error::EkUntrusted("the EK certificate has no keyUsage extension (the TCG EK profile requires one)".into())),
-        Some(false) => return Err(Error::EkUntrusted("the EK certificate's keyUsage does not allow keyEncipherment".into())),
+        None => {
+            return Err(Error::EkUntrusted(
+                "the EK certificate has no keyUsage extension (the TCG EK profile requires one)".into(),
+            ))
+        }
+        Some(false) => {
+            return Err(Error::EkUntrusted("the EK certificate's keyUsage does not allow keyEncipherment".into()))
+        }
         Some(true) => {}
     }
     description.ok_or_else(|| Error::EkUntrusted("the EK certificate has no subjectAltName naming the TPM".into()))
@@ -1032,7 +1043,12 @@ mod tests {
             selection: PcrSelection { bank: "sha256".into(), indices: vec![0, 11] },
             pcr_values: vec![(0, vec![1; 32]), (11, vec![0; 32])],
         };
-        let policy = AttestationPolicy { trusted_ek_roots: vec![vec![1, 2, 3]], ek_intermediates: vec![], ek_crls: vec![], reference_states: vec![state] };
+        let policy = AttestationPolicy {
+            trusted_ek_roots: vec![vec![1, 2, 3]],
+            ek_intermediates: vec![],
+            ek_crls: vec![],
+            reference_states: vec![state],
+        };
         let json = serde_json::to_string(&policy).unwrap();
         let back: AttestationPolicy = serde_json::from_str(&json).unwrap();
         assert_eq!(back.reference_states, policy.reference_states);
@@ -1055,7 +1071,12 @@ mod tests {
             assert!(err.to_string().contains(&format!("PCR {pcr}")), "{err}");
         }
         assert!(PcrSelection::default_host().resettable_indices().is_empty());
-        let good = reference_state_from_values("ok", &PcrSelection::default_host(), &(0..24).map(|i| (i, vec![0u8; 32])).collect::<Vec<_>>()).unwrap();
+        let good = reference_state_from_values(
+            "ok",
+            &PcrSelection::default_host(),
+            &(0..24).map(|i| (i, vec![0u8; 32])).collect::<Vec<_>>(),
+        )
+        .unwrap();
         AttestationPolicy { reference_states: vec![good], ..Default::default() }.validate().unwrap();
     }
 

@@ -194,7 +194,9 @@ impl Error {
             Error::Store(_) => "store",
             Error::Config(_) => "config",
             Error::Io { .. } => "io",
-            Error::Protocol(protocol::Error::BadSignature { .. } | protocol::Error::NonCanonicalSignature { .. }) => "bad_signature",
+            Error::Protocol(protocol::Error::BadSignature { .. } | protocol::Error::NonCanonicalSignature { .. }) => {
+                "bad_signature"
+            }
             Error::Protocol(_) => "bad_request",
         }
     }

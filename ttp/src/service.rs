@@ -78,8 +78,13 @@ impl Ttp {
         let registration_cas: Vec<String> = trusted_cas
             .iter()
             .filter(|ca| {
-                protocol::signing::verify_signer_certificate(signing_key.certificate_der(), std::slice::from_ref(*ca), &[], now_unix())
-                    .is_ok()
+                protocol::signing::verify_signer_certificate(
+                    signing_key.certificate_der(),
+                    std::slice::from_ref(*ca),
+                    &[],
+                    now_unix(),
+                )
+                .is_ok()
             })
             .cloned()
             .collect();
@@ -245,8 +250,13 @@ impl Ttp {
     fn verified_registration(&self, envelope: &SignedEnvelope) -> Result<Registration> {
         let refuse = |detail: String| Error::RegistrationMismatch(format!("registration signature: {detail}"));
         let crls = self.current_revocation_lists().map_err(|e| refuse(e.to_string()))?;
-        let identity = protocol::signing::verify_signer_certificate(&envelope.signer_certificate, &self.registration_cas, &crls, now_unix())
-            .map_err(|e| refuse(format!("{e} (a registration must come from this TTP's own CA)")))?;
+        let identity = protocol::signing::verify_signer_certificate(
+            &envelope.signer_certificate,
+            &self.registration_cas,
+            &crls,
+            now_unix(),
+        )
+        .map_err(|e| refuse(format!("{e} (a registration must come from this TTP's own CA)")))?;
         if identity.role != Role::Ttp {
             return Err(refuse(format!(
                 "{} signed with a {} certificate, a ttp certificate is needed",
@@ -289,7 +299,8 @@ impl Ttp {
             }
             let (pending, challenge) = attestation::begin_enrollment(&self.policy, request)?;
             let ek = pending.ek_fingerprint.clone();
-            let mut pending_map = self.pending_enrollments.lock().map_err(|_| Error::Store("enrollment table poisoned".into()))?;
+            let mut pending_map =
+                self.pending_enrollments.lock().map_err(|_| Error::Store("enrollment table poisoned".into()))?;
             let now = now_unix();
             pending_map.retain(|_, (started, _)| now.saturating_sub(*started) < ENROLLMENT_TTL_SECS);
             pending_map.insert(challenge.enrollment_id.clone(), (now, pending));
@@ -338,7 +349,9 @@ impl Ttp {
                     "host enrolled with EK {} replacing EK {old} (operator-approved replacement), reference state {}",
                     host.ek_fingerprint, host.reference_state
                 ),
-                None => format!("host enrolled with EK {}, reference state {}", host.ek_fingerprint, host.reference_state),
+                None => {
+                    format!("host enrolled with EK {}, reference state {}", host.ek_fingerprint, host.reference_state)
+                }
             };
             Ok((host, message))
         })?;
@@ -763,7 +776,9 @@ pub fn allow_host_replacement(store: &dyn TtpStore, operator: &str, host_id: &st
     let (outcome, message) = match &result {
         Ok(pinned) => (
             "ok".to_string(),
-            format!("operator {operator} allows host {host_id} to enroll once with another EK than the pinned EK {pinned}"),
+            format!(
+                "operator {operator} allows host {host_id} to enroll once with another EK than the pinned EK {pinned}"
+            ),
         ),
         Err(e) => (e.code().to_string(), e.to_string()),
     };
@@ -811,7 +826,12 @@ mod tests {
         .with_registration_replicas(vec!["ttp-replica".into()]);
         let cp = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
         let alice = key_of(&own_ca, Role::DomainManager, "dm-alice");
-        let v1 = Descriptor::new("dm-alice", Default::default(), vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }]).unwrap();
+        let v1 = Descriptor::new(
+            "dm-alice",
+            Default::default(),
+            vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }],
+        )
+        .unwrap();
         let request = RegisterDomainRequest {
             descriptor: alice.sign_envelope(SignatureContext::Descriptor, v1.encode().unwrap()),
             previous_registration: None,
@@ -837,7 +857,8 @@ mod tests {
         }
         // A configured replica's registration counts (here: r unchanged, so the update goes on).
         let replica = key_of(&own_ca, Role::Ttp, "ttp-replica");
-        let envelope = replica.sign_envelope(SignatureContext::Registration, Registration::decode(&registered.message).unwrap().encode());
+        let envelope = replica
+            .sign_envelope(SignatureContext::Registration, Registration::decode(&registered.message).unwrap().encode());
         ttp.register_domain(&cp, &update(envelope)).expect("a replica's registration is accepted");
     }
 
@@ -863,11 +884,17 @@ mod tests {
             header: protocol::messages::HeaderRecord { descriptor: empty.clone(), registration: empty.clone() },
             grant: empty.clone(),
             challenge_id: "c".into(),
-            quote: protocol::attest::QuoteEvidence { attest: Vec::new(), signature: Vec::new(), pcr_values: Vec::new() },
+            quote: protocol::attest::QuoteEvidence {
+                attest: Vec::new(),
+                signature: Vec::new(),
+                pcr_values: Vec::new(),
+            },
         };
         let host = Identity { name: "compute-1".into(), role: Role::SecureComponent };
         let hostile = format!("compute-1\n{}", "x".repeat(4096));
-        for (host_id, vm_id, field) in [(hostile.as_str(), "vm-a", "host_id"), ("compute-1", "", "vm_id"), ("compute-1", "vm a", "vm_id")] {
+        for (host_id, vm_id, field) in
+            [(hostile.as_str(), "vm-a", "host_id"), ("compute-1", "", "vm_id"), ("compute-1", "vm a", "vm_id")]
+        {
             let err = ttp.release_key(&host, &request(host_id, vm_id)).unwrap_err();
             assert_eq!(err.code(), "bad_request", "{err}");
             assert!(err.to_string().contains(field), "{err}");

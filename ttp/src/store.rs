@@ -205,7 +205,9 @@ impl TtpStore for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(store_err("begin enrollment transaction"))?;
         let owner: Option<String> = tx
-            .query_row("SELECT host_id FROM host_eks WHERE ek_fingerprint = ?1", params![ek_fingerprint], |row| row.get(0))
+            .query_row("SELECT host_id FROM host_eks WHERE ek_fingerprint = ?1", params![ek_fingerprint], |row| {
+                row.get(0)
+            })
             .optional()
             .map_err(store_err("read EK pin"))?;
         if let Some(owner) = owner.filter(|owner| owner != host_id) {
@@ -223,7 +225,10 @@ impl TtpStore for SqliteStore {
                 // is for the replacement at hand, not a standing open door.
                 let cutoff = now_unix().saturating_sub(HOST_REPLACEMENT_TTL_SECS) as i64;
                 let marked = tx
-                    .execute("DELETE FROM host_replacements WHERE host_id = ?1 AND marked_at >= ?2", params![host_id, cutoff])
+                    .execute(
+                        "DELETE FROM host_replacements WHERE host_id = ?1 AND marked_at >= ?2",
+                        params![host_id, cutoff],
+                    )
                     .map_err(store_err("use the replacement mark"))?;
                 if marked != 1 {
                     return Err(Error::EkPinned(format!(
@@ -233,13 +238,17 @@ impl TtpStore for SqliteStore {
                         HOST_REPLACEMENT_TTL_SECS / 3600
                     )));
                 }
-                tx.execute("DELETE FROM host_eks WHERE host_id = ?1", params![host_id]).map_err(store_err("unpin the old EK"))?;
+                tx.execute("DELETE FROM host_eks WHERE host_id = ?1", params![host_id])
+                    .map_err(store_err("unpin the old EK"))?;
                 Some(pinned)
             }
             _ => None,
         };
-        tx.execute("INSERT OR IGNORE INTO host_eks (ek_fingerprint, host_id) VALUES (?1, ?2)", params![ek_fingerprint, host_id])
-            .map_err(store_err("pin the EK"))?;
+        tx.execute(
+            "INSERT OR IGNORE INTO host_eks (ek_fingerprint, host_id) VALUES (?1, ?2)",
+            params![ek_fingerprint, host_id],
+        )
+        .map_err(store_err("pin the EK"))?;
         tx.execute(
             "INSERT INTO hosts (host_id, record) VALUES (?1, ?2) ON CONFLICT(host_id) DO UPDATE SET record = excluded.record",
             params![host_id, record_json],
