@@ -11,7 +11,6 @@ pub mod measure;
 pub mod prerequisites;
 pub mod scrub;
 pub mod service;
-pub mod service;
 pub mod swtpm;
 pub mod tpm;
 pub mod volume;
