@@ -196,7 +196,8 @@ mod tests {
     /// verifies mathematically) is refused.
     #[test]
     fn high_s_signatures_are_refused_and_never_made() {
-        let key = SigningKey::random(&mut rand::rngs::OsRng);
+        // A random scalar (below the group order with overwhelming probability).
+        let key = SigningKey::from_slice(&rand::random::<[u8; 32]>()).expect("a random P-256 scalar");
         let verifying = *key.verifying_key();
         let mut seen_high = false;
         for i in 0..32u8 {
