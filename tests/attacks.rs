@@ -1718,7 +1718,11 @@ async fn attack_matrix() {
         expect_code(bob_cp.get_json::<serde_json::Value>("/v1/instances").await, "forbidden");
         m.record("I8a", "a tenant lists the hosts and instances of every tenant", "forbidden (CP)", "-");
         // I8b: refusals name neither another tenant's owner nor its objects.
-        let message = expect_code(bob_cp.get_json::<DomainView>(&format!("/v1/domains/{id_b}")).await, "forbidden");
+        let (unshared, _) = create_domain(&alice_cp, &alice, &[("vm-a", AccessMode::Ro)]).await;
+        let message = expect_code(
+            bob_cp.get_json::<DomainView>(&format!("/v1/domains/{}", unshared.domain_id)).await,
+            "forbidden",
+        );
         assert!(!message.contains("dm-alice"), "the refusal names the owner: {message}");
         m.record(
             "I8b",

@@ -811,19 +811,13 @@ async fn crash_consistency_under_kill_9() {
 
         // The host reattaches: a new attach and detach after the restart work.
         let probe = &domains[round % domains.len()];
+        // Every open attachment of the probe goes first: a domain is attached read-write once
+        // and alone (single_writer), so vm-b's read-only one would refuse vm-a's rw reattach.
         let open = retry("list attachments", || dm.attachments()).await;
-        if let Some(a) =
-            open.iter().find(|a| &a.domain_id == probe && a.instance_id == "vm-a" && a.status == "attached")
-        {
-            let d = retry("detach", || dm.detach(probe, "vm-a")).await;
-            ledger
-                .lock()
-                .unwrap()
-                .domains
-                .get_mut(probe)
-                .unwrap()
-                .attachments
-                .insert(a.id.clone(), ("vm-a".into(), "detached"));
+        for a in open.iter().filter(|a| &a.domain_id == probe && a.status == "attached") {
+            let vm = a.instance_id.clone();
+            let d = retry("detach", || dm.detach(probe, &vm)).await;
+            ledger.lock().unwrap().domains.get_mut(probe).unwrap().attachments.insert(a.id.clone(), (vm, "detached"));
             assert_eq!(d.status, "detached");
         }
         let a = retry("reattach", || dm.attach(probe, "vm-a", AccessMode::Rw, 300)).await;

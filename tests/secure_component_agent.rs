@@ -293,23 +293,16 @@ async fn secure_component_agent_end_to_end() {
     let record = std::fs::read_to_string(config.state_dir.join("attachments").join("att-1.json")).unwrap();
     assert!(!record.to_lowercase().contains("key"), "{record}");
 
-    println!("attach: vm-b ro beside the live rw mount of vm-a (ro,noload: the journal is not replayed)");
+    println!("refusal: vm-b ro beside the live rw mount of vm-a (single writer on this host)");
     {
-        // Make the journal dirty-but-committed like a running writer leaves it.
-        let f = std::fs::File::open(vm_dir("vm-a").join("note.txt")).unwrap();
-        f.sync_all().unwrap();
-        let b: AgentAttachment = cp
-            .post_json("/v1/attachments", &cloud.request("att-2", "vm-b", AccessMode::Ro))
-            .await
-            .expect("vm-b attaches ro beside vm-a");
-        assert_eq!(b.mode, AccessMode::Ro);
-        let e = std::fs::write(vm_dir("vm-b").join("x"), b"x").expect_err("a ro mount refuses writes");
-        assert_eq!(e.raw_os_error(), Some(EROFS), "{e}");
+        let (status, code, message) = api_code(
+            cp.post_json::<_, AgentAttachment>("/v1/attachments", &cloud.request("att-2", "vm-b", AccessMode::Ro))
+                .await,
+        );
+        assert_eq!((status, code.as_str()), (409, "attachment_conflict"), "{message}");
+        assert!(message.contains("att-1"), "the refusal names the attachment to detach: {message}");
         let list: AgentAttachmentList = cp.get_json("/v1/attachments").await.unwrap();
-        assert_eq!(list.attachments.len(), 2);
-        assert!(list.attachments.iter().all(|a| a.status == "attached"), "{list:?}");
-        let d: AgentAttachment = cp.delete_json("/v1/attachments/att-2").await.unwrap();
-        assert_eq!(d.status, "detached");
+        assert_eq!(list.attachments.len(), 1, "nothing was mapped for the refused attach: {list:?}");
     }
 
     println!("refusal: the same domain for the same VM twice, and an attachment id in use");

@@ -636,10 +636,13 @@ async fn attach_and_revoke_through_the_secure_component() {
     assert_eq!(again.status, "detached", "detaching twice answers the detached attachment");
     assert_eq!(alice.get(&id).await.unwrap().status, "available");
 
-    println!("vm-b attaches ro and reads the note; vm-a attaches rw again; vm-c (not in the access list) is refused by the TTP");
+    println!("vm-b attaches ro and reads the note; vm-a rw beside it is refused (single writer); vm-c (not in the access list) is refused by the TTP");
     let b = alice.attach(&id, "vm-b", AccessMode::Ro).await.expect("vm-b attaches ro");
     assert_eq!(std::fs::read(vm_dir("vm-b").join("note.txt")).unwrap(), b"from vm-a\n");
-    let a = alice.attach(&id, "vm-a", AccessMode::Rw).await.expect("vm-a attaches rw again");
+    let (status, code, message) = refusal(alice.attach(&id, "vm-a", AccessMode::Rw).await);
+    assert_eq!((status, code.as_str()), (409, "single_writer"), "{message}");
+    assert!(message.contains(&b.id), "the refusal names the attachment to detach: {message}");
+    let a = alice.attach(&id, "vm-a", AccessMode::Ro).await.expect("vm-a attaches ro beside vm-b");
     let (status, code, message) = refusal(alice.attach(&id, "vm-c", AccessMode::Ro).await);
     assert_eq!((status, code.as_str()), (403, "vm_not_in_acl"));
     assert!(message.contains("vm-c"), "{message}");
@@ -659,6 +662,11 @@ async fn attach_and_revoke_through_the_secure_component() {
     assert!(!vm_dir("vm-b").join("note.txt").exists(), "vm-b's mount is gone");
     let (status, code, _) = refusal(alice.attach(&id, "vm-b", AccessMode::Ro).await);
     assert_eq!((status, code.as_str()), (403, "vm_not_in_acl"));
+
+    println!("vm-a goes from ro to rw (detach, attach rw: alone now)");
+    let _: Attachment = alice.cp.delete_json(&format!("/v1/attachments/{}", a.id)).await.unwrap();
+    let a = alice.attach(&id, "vm-a", AccessMode::Rw).await.expect("vm-a attaches rw alone");
+    assert_eq!(sc_list().await, vec![a.id.clone()]);
 
     println!("narrow: version 3 makes vm-a ro; its rw attachment is detached, a ro one works");
     let d3 = d2.next_version(|d| d.acl = vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Ro }]).unwrap();

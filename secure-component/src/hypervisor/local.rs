@@ -2,7 +2,7 @@
 //! mounted at `<vm_root>/<vm_id>/<domain_id>`:
 //!
 //! - read-write: `mkfs.ext4` first if the device has no file system yet (first use of a new
-//!   domain), then `mount -o nosuid,nodev`;
+//!   domain), then `mount -o noinit_itable,nosuid,nodev` (mkfs with lazy init, see volume::filesystem);
 //! - read-only: never formats; `mount -o ro,noload,nosuid,nodev`. `noload` skips the journal:
 //!   a read-write user on another host (or VM) leaves the journal marked for recovery while
 //!   it is mounted, and replaying it needs write access the read-only device does not give.
@@ -126,13 +126,17 @@ pub fn mount_ext4(device: &Path, dir: &Path, mode: OpenMode) -> Result<()> {
         flags |= libc::MS_RDONLY;
         Some(CString::new("noload").expect("static string"))
     } else {
-        None
+        // No background thread zeroing the inode tables mkfs left uninitialised
+        // (volume::filesystem::ensure_ext4): it would write every group's table to the
+        // provider's disk after all.
+        Some(CString::new("noinit_itable").expect("static string"))
     };
     let data_ptr = data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr() as *const libc::c_void);
     // SAFETY: valid C strings; `data` outlives the call.
     let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data_ptr) };
     if rc != 0 {
-        let options = if mode == OpenMode::ReadOnly { "ro,noload,nosuid,nodev" } else { "rw,nosuid,nodev" };
+        let options =
+            if mode == OpenMode::ReadOnly { "ro,noload,nosuid,nodev" } else { "rw,noinit_itable,nosuid,nodev" };
         return Err(Error::io(
             format!("mounting {} (ext4, {options}) at {}", device.display(), dir.display()),
             std::io::Error::last_os_error(),

@@ -61,11 +61,8 @@ pub fn mount(device: &Path, dir: &Path, mode: OpenMode) -> Result<()> {
     if mode == OpenMode::ReadOnly {
         flags |= libc::MS_RDONLY;
     }
-    // No background thread zeroing the inode tables mkfs left uninitialised (see ensure_ext4):
-    // it would write the whole table of every group to the provider's disk after all.
-    let options = CString::new("noinit_itable").map_err(|_| Error::Volume("mount options".into()))?;
-    // SAFETY: valid C strings; the data argument is a NUL-terminated option string.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, options.as_ptr().cast()) };
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, std::ptr::null()) };
     if rc != 0 {
         return Err(Error::io(
             format!("mounting {} (ext4, {:?}) at {}", device.display(), mode, dir.display()),
