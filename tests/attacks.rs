@@ -1747,10 +1747,12 @@ async fn attack_matrix() {
             "single_writer",
         );
         let _: Attachment = alice_cp.delete_json(&format!("/v1/attachments/{}", first.id)).await.expect("detach vm-a");
-        let second = attach(&alice_cp, &id_c, "vm-b", AccessMode::Rw, alice.grant(&id_c, "vm-b", AccessMode::Rw, 300))
+        // Alone again, a rw attach is served (vm-a: compute-2's measured state was changed
+        // by an attack above, so vm-b could not be served now whatever the rule).
+        let second = attach(&alice_cp, &id_c, "vm-a", AccessMode::Rw, alice.grant(&id_c, "vm-a", AccessMode::Rw, 300))
             .await
-            .expect("rw once vm-a is gone");
-        let _: Attachment = alice_cp.delete_json(&format!("/v1/attachments/{}", second.id)).await.expect("detach vm-b");
+            .expect("rw once the other attachment is gone");
+        let _: Attachment = alice_cp.delete_json(&format!("/v1/attachments/{}", second.id)).await.expect("detach vm-a");
         m.record(
             "I3",
             "a second rw attach (vm-b on compute-2) beside vm-a's rw one; a ro one beside it",

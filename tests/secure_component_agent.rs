@@ -353,11 +353,11 @@ async fn secure_component_agent_end_to_end() {
         assert_eq!(audit.last().unwrap().outcome, "vm_not_in_acl");
         let list: AgentAttachmentList = cp.get_json("/v1/attachments").await.unwrap();
         assert_eq!(list.attachments.len(), 1, "the refusal leaves nothing behind");
-        // An expired grant.
+        // An expired grant (ro: vm-b's ro attachment is open, and nothing goes rw beside it).
         let expired = cloud.request_with(
             "att-e",
             "vm-a",
-            AccessMode::Rw,
+            AccessMode::Ro,
             cloud.alice.grant(&domain_id, "vm-a", AccessMode::Rw, -5),
         );
         let (_, code, _) = api_code(cp.post_json::<_, AgentAttachment>("/v1/attachments", &expired).await);
