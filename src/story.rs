@@ -49,12 +49,25 @@ impl<'a> Narrator<'a> {
     }
 }
 
-fn refused_code(result: domain_manager::Result<impl std::fmt::Debug>, what: &str) -> Result<(String, String)> {
-    match result {
-        Err(domain_manager::Error::Refused { code, message, .. }) => Ok((code, message)),
+/// Expects `result` to be refused with `expected`: narrates the refusal (after `lead`, e.g.
+/// "dm-bob asks read-write for vm-c: ") and keeps it in the report.
+fn expect_refusal(
+    n: &mut Narrator<'_>,
+    report: &mut StoryReport,
+    lead: &str,
+    result: domain_manager::Result<impl std::fmt::Debug>,
+    what: &str,
+    expected: &str,
+) -> Result<()> {
+    let (code, message) = match result {
+        Err(domain_manager::Error::Refused { code, message, .. }) => (code, message),
         Err(other) => bail!("{what}: expected a refusal, got: {other}"),
         Ok(value) => bail!("{what}: expected a refusal, but it succeeded: {value:?}"),
-    }
+    };
+    n.say(&format!("{lead}refused ({code}): {message}"));
+    ensure!(code == expected, "expected {expected}, got {code}");
+    report.refusals.push((code, message));
+    Ok(())
 }
 
 /// Runs the demo story on `cloud`: creates a domain, attaches, provokes the refusals,
@@ -111,11 +124,8 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
     n.proves("two hosts derived the same key from the TTP; the volume format is shared");
 
     n.step("vm-a asks to attach read-write again while vm-b reads");
-    let (code, message) =
-        refused_code(alice.attach(&id, "vm-a", AccessMode::Rw, 300).await, "vm-a attaching rw beside vm-b")?;
-    n.say(&format!("refused ({code}): {message}"));
-    ensure!(code == "single_writer", "expected single_writer, got {code}");
-    report.refusals.push((code, message));
+    let refused = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await;
+    expect_refusal(&mut n, &mut report, "", refused, "vm-a attaching rw beside vm-b", "single_writer")?;
     n.proves("a domain is open read-write once and alone: ext4 is not a cluster file system, so no second mount can corrupt it");
 
     n.step("vm-b tries to write");
@@ -141,21 +151,16 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
         "the cloud platform detached vm-b as soon as version {} of the descriptor was registered",
         revoked.version
     ));
-    let (code, message) =
-        refused_code(alice.attach(&id, "vm-b", AccessMode::Ro, 300).await, "vm-b re-attaching after revocation")?;
-    n.say(&format!("refused ({code}): {message}"));
-    ensure!(code == "vm_not_in_acl", "expected vm_not_in_acl, got {code}");
-    report.refusals.push((code, message));
+    let refused = alice.attach(&id, "vm-b", AccessMode::Ro, 300).await;
+    expect_refusal(&mut n, &mut report, "", refused, "vm-b re-attaching after revocation", "vm_not_in_acl")?;
     n.proves("revocation is immediate, and the TTP refuses any VM outside the access list");
 
     n.step("dm-alice grants vm-c read-only and shares the domain with dm-bob, who attaches vm-c");
     alice.grant(&id, "vm-c", AccessMode::Ro).await?;
     alice.share(&id, "dm-bob").await?;
-    let (code, message) =
-        refused_code(bob.attach(&id, "vm-c", AccessMode::Rw, 300).await, "dm-bob asking rw for vm-c")?;
-    n.say(&format!("dm-bob asks read-write for vm-c: refused ({code}): {message}"));
-    ensure!(code == "mode_not_permitted", "expected mode_not_permitted, got {code}");
-    report.refusals.push((code, message));
+    let refused = bob.attach(&id, "vm-c", AccessMode::Rw, 300).await;
+    let lead = "dm-bob asks read-write for vm-c: ";
+    expect_refusal(&mut n, &mut report, lead, refused, "dm-bob asking rw for vm-c", "mode_not_permitted")?;
     let bob_attachment = bob.attach(&id, "vm-c", AccessMode::Ro, 300).await?;
     let vm_c_text = std::fs::read_to_string(mount("vm-c", &id)?.join(RECORD_NAME))?;
     ensure!(vm_c_text == RECORD_TEXT, "vm-c read different bytes");

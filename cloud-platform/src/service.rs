@@ -839,8 +839,11 @@ impl CloudPlatform {
             message: format!("instance {} is not registered; register it with POST /v1/instances", request.instance_id),
         })?;
         let host = self.host_of(&instance.host).await?;
-        let (d, i) = (request.domain_id.clone(), request.instance_id.clone());
-        if let Some(open) = self.store(move |s| s.open_attachment(&d, &i)).await? {
+        // Every open attachment of the domain, read once under its lock: the same VM's is
+        // `already_attached`, any other decides the single-writer rule below.
+        let d = request.domain_id.clone();
+        let open = self.store(move |s| s.open_attachments_of_domain(&d)).await?;
+        if let Some(open) = open.iter().find(|a| a.instance_id == request.instance_id) {
             if open.status == ATTACHING {
                 return Err(Error::Conflict {
                     code: "already_attached",
@@ -861,8 +864,6 @@ impl CloudPlatform {
         // Single writer (docs/CLOUD-API.md, "Attachments"): ext4 is not a cluster file
         // system, so a second rw mount, or a ro mount beside a rw one, loses or garbles data
         // silently. Checked under the domain's lock, so two attaches cannot both pass.
-        let d = request.domain_id.clone();
-        let open = self.store(move |s| s.open_attachments_of_domain(&d)).await?;
         if let Some(other) = open.iter().find(|a| a.mode == AccessMode::Rw || request.mode == AccessMode::Rw) {
             return Err(Error::Conflict {
                 code: "single_writer",
