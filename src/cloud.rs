@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use net::Role;
 use protocol::cloud::{ComputeHost, Instance};
-use secure_component::service::AgentService;
+use secure_component::service::AttachmentService;
 use secure_component::swtpm::Swtpm;
 use tokio_util::sync::CancellationToken;
 use ttp::attestation::AttestationPolicy;
@@ -25,7 +25,7 @@ pub struct ComputeNode {
     /// Where the local hypervisor driver mounts each VM's volumes: `<vm_root>/<vm>/<domain>`.
     pub vm_root: PathBuf,
     /// The secure component's service, for tests that inspect attachments directly.
-    pub service: Arc<AgentService>,
+    pub service: Arc<AttachmentService>,
     server: Server,
     /// Dropped last: the secure component talks to it until it stops.
     _swtpm: Swtpm,

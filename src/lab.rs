@@ -7,14 +7,18 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use net::{Role, TlsFiles};
 use protocol::attest::PcrSelection;
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
-use protocol::messages::{Deletion, HeaderRecord, MountGrant, RegisterDomainRequest, RegisterDomainResponse};
+use protocol::messages::{
+    grant_digest, Deletion, HeaderRecord, KeyReleaseResponse, MountGrant, Placement, RegisterDomainRequest,
+    RegisterDomainResponse,
+};
 use protocol::pki::{CertificateAuthority, RevocationReason, Validity};
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
-use secure_component::agent::{HostAgent, TpmWorker};
+use secure_component::host::{AttestedHost, TpmWorker};
+use secure_component::key_release::{KeyRequest, ObtainedKey};
 use secure_component::swtpm::Swtpm;
 use tokio_util::sync::CancellationToken;
 use ttp::attestation::{AttestationPolicy, ReferenceState};
@@ -167,7 +171,7 @@ impl RunningTtp {
 /// A compute host: its swtpm and its secure component's TTP-facing agent.
 pub struct LabHost {
     /// The secure component's TTP-facing side (enrollment, key release) for `host_id`.
-    pub agent: HostAgent,
+    pub agent: AttestedHost,
     /// Kept alive for the host's lifetime (killed on drop).
     pub swtpm: Swtpm,
 }
@@ -180,7 +184,7 @@ impl LabHost {
         pki.issue(Role::SecureComponent, host_id)?;
         let tpm = TpmWorker::start(&swtpm.tcti(), dir.join(host_id).join("sc-state"))?;
         let ttp = pki.client(host_id, Role::Ttp, ttp_url)?;
-        Ok(Self { agent: HostAgent { host_id: host_id.to_string(), tpm, ttp }, swtpm })
+        Ok(Self { agent: AttestedHost { host_id: host_id.to_string(), tpm, ttp }, swtpm })
     }
 
     /// This host's current PCR values as a reference state named `name`.
@@ -227,6 +231,69 @@ pub fn measured_start_up(
     Ok(measurement)
 }
 
+/// The operator's placement authority (a cloud-platform certificate): signs where a VM runs,
+/// as the cloud platform does for every attach.
+pub struct Operator {
+    /// The key of its certificate (role cloud-platform).
+    pub key: SignatureKey,
+}
+
+impl Operator {
+    /// Issues a cloud-platform certificate for `name` from the lab CA and loads its key.
+    pub fn create(pki: &LabPki, name: &str) -> Result<Self> {
+        Ok(Self { key: pki.issue(Role::CloudPlatform, name)?.load()?.signature_key()? })
+    }
+
+    /// The signing key of `name`, issued earlier (whatever its role: a test may make a
+    /// tenant try to place).
+    pub fn of(pki: &LabPki, name: &str) -> Result<Self> {
+        Ok(Self { key: TlsFiles::in_dir(&pki.dir, name).load()?.signature_key()? })
+    }
+
+    /// The signed placement of `vm_id` on `host_id` for `grant`, made now.
+    pub fn place(&self, vm_id: &str, host_id: &str, grant: &SignedEnvelope) -> SignedEnvelope {
+        self.place_at(vm_id, host_id, grant, ttp::store::now_unix())
+    }
+
+    /// As [`Operator::place`], dated `placed_at` (unix seconds).
+    pub fn place_at(&self, vm_id: &str, host_id: &str, grant: &SignedEnvelope, placed_at: u64) -> SignedEnvelope {
+        let placement = Placement {
+            vm_id: vm_id.to_string(),
+            host_id: host_id.to_string(),
+            grant_digest: grant_digest(grant),
+            placed_at,
+        };
+        self.key.sign_envelope(SignatureContext::Placement, placement.encode())
+    }
+
+    /// The key of `header`'s domain for `vm_id` on `host`, placed there by this operator:
+    /// the whole key release of a mount, as a cloud platform and secure component run it.
+    pub async fn obtain_key(
+        &self,
+        host: &AttestedHost,
+        header: &HeaderRecord,
+        grant: &SignedEnvelope,
+        vm_id: &str,
+        mode: AccessMode,
+    ) -> std::result::Result<ObtainedKey, secure_component::Error> {
+        let placement = self.place(vm_id, &host.host_id, grant);
+        host.obtain_key(&KeyRequest { header, grant, placement: &placement, vm_id, mode }).await
+    }
+
+    /// Steps 1-3 of [`Operator::obtain_key`]: the key release alone.
+    pub async fn request_release(
+        &self,
+        host: &AttestedHost,
+        header: &HeaderRecord,
+        grant: &SignedEnvelope,
+        vm_id: &str,
+        mode: AccessMode,
+    ) -> std::result::Result<KeyReleaseResponse, secure_component::Error> {
+        let placement = self.place(vm_id, &host.host_id, grant);
+        host.request_release(&KeyRequest { header, grant, placement: &placement, vm_id, mode }).await
+    }
+}
+
 /// A domain manager: signs descriptors, grants and deletions with its certificate's key.
 pub struct DomainManager {
     /// The manager's name, the subject CN of its certificate.
@@ -238,13 +305,8 @@ pub struct DomainManager {
 impl DomainManager {
     /// Issues a domain-manager certificate for `name` from the lab CA and loads its key.
     pub fn create(pki: &LabPki, name: &str) -> Result<Self> {
-        let files = pki.issue(Role::DomainManager, name)?;
-        let material = files.load()?;
-        let cert_der = protocol::pki::certs_from_pem(&material.cert_pem, "certificate")?
-            .first()
-            .map(|c| c.to_vec())
-            .ok_or_else(|| anyhow!("no certificate for {name}"))?;
-        Ok(Self { name: name.to_string(), key: SignatureKey::from_pem(&material.key_pem, cert_der)? })
+        let material = pki.issue(Role::DomainManager, name)?.load()?;
+        Ok(Self { name: name.to_string(), key: material.signature_key()? })
     }
 
     /// A first-version descriptor owned by this manager with `metadata` and access list `acl`.

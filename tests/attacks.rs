@@ -67,7 +67,10 @@
 //! | I5  | domain manager  | a grant valid beyond i64::MAX (its used mark would be purged at once)    | `grant_too_long` (audited) |
 //! | I6  | operator/tenant | VM ids `..`, `.`, `-x`                                                   | `bad_request` at placement; no key released |
 //! | I8  | domain manager  | lists every tenant's hosts/instances; reads a refusal naming an owner    | `forbidden`; the owner is not named |
-//! | O1  | cloud platform  | OBSERVATION, not refused: the key of vm-a released to another attested host | `ok` — the TTP cannot check VM placement; the audit names the host |
+//! | P1  | compute host B  | asks for vm-a's key with the CP's placement of vm-a on host A            | `placement_mismatch` (audited) |
+//! | P2  | domain manager  | signs a placement of a VM on a host itself                              | `placement_invalid` (audited) |
+//! | P3  | compute host    | a CP placement made for another grant                                   | `placement_mismatch` (audited) |
+//! | P4  | compute host    | a CP placement older than 300 s                                         | `placement_invalid` (audited) |
 //!
 //! The TTP and the SC limit bodies to 1 MiB, the CP to 2 MiB; B1 exceeds both.
 //! Routes without a request body ignore a body (they answer as without one, never 5xx,
@@ -95,7 +98,7 @@ use protocol::messages::{
 use protocol::pki::{CertificateAuthority, Validity};
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
 use skydd::cloud::{AllInOne, DEMO_LAYOUT};
-use skydd::lab::{DomainManager, LabHost, LabPki, RunningTtp};
+use skydd::lab::{DomainManager, LabHost, LabPki, Operator, RunningTtp};
 use tokio_util::sync::CancellationToken;
 
 // ---- the summary ---------------------------------------------------------------------------
@@ -447,11 +450,12 @@ fn plant_header(path: &Path, record: &HeaderRecord) {
 /// A key-release request built by hand by a compute host's identity.
 async fn quote_for(host: &skydd::cloud::ComputeNode, nonce: &[u8]) -> protocol::attest::QuoteEvidence {
     let nonce = nonce.to_vec();
-    host.service.host_agent().tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap()
+    host.service.attested_host().tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap()
 }
 
 #[allow(clippy::too_many_arguments)]
 fn release_request(
+    operator: &Operator,
     host_id: &str,
     vm: &str,
     mode: AccessMode,
@@ -466,6 +470,9 @@ fn release_request(
         mode,
         header: header.clone(),
         grant: grant.clone(),
+        // The placement the CP would have made for this VM on this host: the attacks below
+        // fail on something else (or, for P1-P4, on a placement replaced afterwards).
+        placement: operator.place(vm, host_id, grant),
         challenge_id: challenge.challenge_id.clone(),
         quote,
     }
@@ -497,6 +504,8 @@ async fn attack_matrix() {
     let bob_cp = pki.client("dm-bob", Role::CloudPlatform, &cloud.cp_url).unwrap();
     let bob_ttp = pki.client("dm-bob", Role::Ttp, &cloud.ttp.url).unwrap();
     let cp_ttp = pki.client("cloud-platform", Role::Ttp, &cloud.ttp.url).unwrap();
+    // The all-in-one CP's own certificate: the placements it signs for each attach.
+    let op = Operator::of(pki, "cloud-platform").unwrap();
     let compute1 = &cloud.hosts[0];
     let compute2 = &cloud.hosts[1];
     assert_eq!((compute1.id.as_str(), compute2.id.as_str()), ("compute-1", "compute-2"));
@@ -716,6 +725,7 @@ async fn attack_matrix() {
             mode: AccessMode::Rw,
             header: header_a.clone(),
             grant: alice.grant(&id_a, "vm-a", AccessMode::Rw, 300),
+            placement: op.place("vm-a", "compute-1", &grant_a),
             volume_path: decoy.to_string_lossy().into_owned(),
         };
         let result = cp_sc.post_json::<_, protocol::cloud::AgentAttachment>("/v1/attachments", &request).await;
@@ -755,7 +765,7 @@ async fn attack_matrix() {
         let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute2, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
-        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        let request = release_request(&op, "compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
         expect_code(c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "forbidden");
         let audit = assert_audited(&ttp, before, "key_release", "forbidden");
         assert_eq!(audit.actor, "compute-2");
@@ -771,7 +781,7 @@ async fn attack_matrix() {
         let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
-        let request = release_request("compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        let request = release_request(&op, "compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
         expect_code(c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "quote_invalid");
         let audit = assert_audited(&ttp, before, "key_release", "quote_invalid");
         m.record(
@@ -786,7 +796,7 @@ async fn attack_matrix() {
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
-        let request = release_request("compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        let request = release_request(&op, "compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
         let message = expect_code(
             c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
             "challenge_invalid",
@@ -806,7 +816,7 @@ async fn attack_matrix() {
         let old_quote = quote_for(compute1, &old.nonce).await;
         let fresh: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let before = audit_records(&ttp).len();
-        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &fresh, old_quote);
+        let request = release_request(&op, "compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &fresh, old_quote);
         expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "challenge_invalid");
         let audit = assert_audited(&ttp, before, "key_release", "challenge_invalid");
         m.record("H1", "host replays an old quote with a fresh challenge id", "challenge_invalid", &audit_text(&audit));
@@ -819,7 +829,7 @@ async fn attack_matrix() {
         let borrowed: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &borrowed.nonce).await;
         let before = audit_records(&ttp).len();
-        let request = release_request("host-ghost", "vm-a", AccessMode::Rw, &header_a, &grant_a, &borrowed, quote);
+        let request = release_request(&op, "host-ghost", "vm-a", AccessMode::Rw, &header_a, &grant_a, &borrowed, quote);
         expect_code(ghost.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "host_unknown");
         let audit = assert_audited(&ttp, before, "key_release", "host_unknown");
         m.record(
@@ -830,22 +840,83 @@ async fn attack_matrix() {
         );
     }
     {
-        // O1: the CP places vm-a's attach on compute-2; the TTP cannot know where vm-a runs.
+        // P1 (was observation O1): compute-2, attested and enrolled, asks for vm-a's key with
+        // the placement the CP made for vm-a on compute-1 (an attach it intercepted).
         let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute2, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
-        let request = release_request("compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
-        let released: KeyReleaseResponse =
-            c2_ttp.post_json("/v1/key-releases", &request).await.expect("released to an attested host");
-        let audit = assert_audited(&ttp, before, "key_release", "ok");
-        assert_eq!((audit.host_id.as_deref(), audit.vm_id.as_deref()), (Some("compute-2"), Some("vm-a")));
-        assert_eq!(released.audit_seq, audit.seq);
-        m.record(
-            "O1",
-            "OBSERVATION: vm-a's key released to compute-2 although the CP lists vm-a on compute-1",
-            "ok (not refused)",
-            &format!("{} host compute-2", audit_text(&audit)),
+        let mut request =
+            release_request(&op, "compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        request.placement = op.place("vm-a", "compute-1", &grant_a);
+        let message = expect_code(
+            c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
+            "placement_mismatch",
         );
+        assert!(message.contains("compute-1") && message.contains("compute-2"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "placement_mismatch");
+        assert_eq!((audit.host_id.as_deref(), audit.vm_id.as_deref()), (Some("compute-2"), Some("vm-a")));
+        m.record(
+            "P1",
+            "host B asks for vm-a's key with the CP's placement of vm-a on host A",
+            "placement_mismatch",
+            &audit_text(&audit),
+        );
+    }
+    {
+        // P2: a tenant signs the placement itself (dm-bob places vm-a on compute-2).
+        let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute2, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let mut request =
+            release_request(&op, "compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        let tenant = Operator::of(pki, "dm-bob").unwrap();
+        request.placement = tenant.place("vm-a", "compute-2", &grant_a);
+        let message = expect_code(
+            c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
+            "placement_invalid",
+        );
+        assert!(message.contains("dm-bob") && message.contains("cloud-platform"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "placement_invalid");
+        m.record(
+            "P2",
+            "a tenant (dm-bob) signs a placement of vm-a on host B",
+            "placement_invalid",
+            &audit_text(&audit),
+        );
+    }
+    {
+        // P3: the CP's placement of vm-a on compute-1, made for another grant.
+        let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let mut request =
+            release_request(&op, "compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        let other_grant = alice.grant(&id_b, "vm-a", AccessMode::Rw, 300);
+        request.placement = op.place("vm-a", "compute-1", &other_grant);
+        let message = expect_code(
+            c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
+            "placement_mismatch",
+        );
+        assert!(message.contains("another grant"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "placement_mismatch");
+        m.record("P3", "a placement made for another grant", "placement_mismatch", &audit_text(&audit));
+    }
+    {
+        // P4: a placement held back past its age limit (the VM may have moved since).
+        let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let quote = quote_for(compute1, &challenge.nonce).await;
+        let before = audit_records(&ttp).len();
+        let mut request =
+            release_request(&op, "compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        let stale = now_unix() - protocol::messages::MAX_PLACEMENT_AGE_SECS - 60;
+        request.placement = op.place_at("vm-a", "compute-1", &grant_a, stale);
+        let message = expect_code(
+            c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
+            "placement_invalid",
+        );
+        assert!(message.contains("s old"), "{message}");
+        let audit = assert_audited(&ttp, before, "key_release", "placement_invalid");
+        m.record("P4", "a placement older than 300 s", "placement_invalid", &audit_text(&audit));
     }
 
     // ================= domain managers ==========================================================
@@ -871,6 +942,7 @@ async fn attack_matrix() {
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
         let request = release_request(
+            &op,
             "compute-1",
             "vm-a",
             AccessMode::Rw,
@@ -905,7 +977,7 @@ async fn attack_matrix() {
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
-        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &header_a, &forged, &challenge, quote);
+        let request = release_request(&op, "compute-1", "vm-a", AccessMode::Rw, &header_a, &forged, &challenge, quote);
         expect_code(
             c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
             "grant_signature_invalid",
@@ -923,7 +995,7 @@ async fn attack_matrix() {
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
-        let request = release_request("dm-bob", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
+        let request = release_request(&op, "dm-bob", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
         expect_code(bob_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "forbidden");
         let audit = assert_audited(&ttp, before, "key_release", "forbidden");
         m.record(
@@ -1207,7 +1279,7 @@ async fn attack_matrix() {
     // H2: compute-2's PCRs change after enrollment; an attach through the CP is refused.
     {
         let (desc_c, _) = create_domain(&alice_cp, &alice, &[("vm-b", AccessMode::Rw)]).await;
-        compute2.service.host_agent().tpm.run(|t| t.extend_pcr(11, b"unapproved kernel module")).await.unwrap();
+        compute2.service.attested_host().tpm.run(|t| t.extend_pcr(11, b"unapproved kernel module")).await.unwrap();
         let before = audit_records(&ttp).len();
         let message = expect_code(
             attach(
@@ -1336,6 +1408,7 @@ async fn attack_matrix() {
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
         let request = release_request(
+            &op,
             "compute-1",
             "vm-a",
             AccessMode::Rw,
@@ -1541,7 +1614,8 @@ async fn attack_matrix() {
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
         let before = audit_records(&ttp).len();
-        let request = release_request("compute-1", "vm-a", AccessMode::Rw, &view_f.header, &grant_f, &challenge, quote);
+        let request =
+            release_request(&op, "compute-1", "vm-a", AccessMode::Rw, &view_f.header, &grant_f, &challenge, quote);
         let message = expect_code(
             c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
             "grant_signature_invalid",
@@ -1551,6 +1625,7 @@ async fn attack_matrix() {
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
         let request = release_request(
+            &op,
             "compute-1",
             "vm-a",
             AccessMode::Rw,
@@ -1859,17 +1934,17 @@ impl PinLab {
         tpm_name: &str,
         identity: &str,
         ttp_url: &str,
-    ) -> (secure_component::agent::HostAgent, secure_component::swtpm::Swtpm) {
+    ) -> (secure_component::host::AttestedHost, secure_component::swtpm::Swtpm) {
         let swtpm = secure_component::swtpm::Swtpm::start_with_ca(
             &self.dir.path().join(tpm_name).join("swtpm"),
             &self.vendor_ca,
         )
         .unwrap();
         let tpm =
-            secure_component::agent::TpmWorker::start(&swtpm.tcti(), self.dir.path().join(tpm_name).join("sc-state"))
+            secure_component::host::TpmWorker::start(&swtpm.tcti(), self.dir.path().join(tpm_name).join("sc-state"))
                 .unwrap();
         let ttp = self.pki.client(identity, Role::Ttp, ttp_url).unwrap();
-        (secure_component::agent::HostAgent { host_id: identity.to_string(), tpm, ttp }, swtpm)
+        (secure_component::host::AttestedHost { host_id: identity.to_string(), tpm, ttp }, swtpm)
     }
 
     fn policy(&self, reference_states: Vec<ttp::attestation::ReferenceState>) -> ttp::attestation::AttestationPolicy {
@@ -1939,7 +2014,7 @@ async fn a_second_genuine_tpm_claiming_a_host() {
     // H12: the rogue TPM enrolls honestly as compute-9, then tries compute-1 again after the
     // operator allowed compute-1 a new TPM: one TPM is one host.
     lab.pki.issue(Role::SecureComponent, "compute-9").unwrap();
-    let compute9 = secure_component::agent::HostAgent {
+    let compute9 = secure_component::host::AttestedHost {
         host_id: "compute-9".into(),
         tpm: rogue.tpm.clone(),
         ttp: lab.pki.client("compute-9", Role::Ttp, &url).unwrap(),
@@ -2027,7 +2102,7 @@ async fn a_pcr_16_reset_is_refused_in_policy_and_selection() {
     let good = host.reference_state("compute-v1", &PcrSelection::default_host()).await.unwrap();
     let running = RunningTtp::start(lab.dir.path(), &lab.pki, &lab.policy(vec![good]), listener).await.unwrap();
     let ttp = running.service.clone();
-    let agent = secure_component::agent::HostAgent {
+    let agent = secure_component::host::AttestedHost {
         host_id: "compute-1".into(),
         tpm: host.agent.tpm.clone(),
         ttp: lab.pki.client("compute-1", Role::Ttp, &url2).unwrap(),
@@ -2107,9 +2182,9 @@ async fn a_replaced_secure_component_binary() {
     let descriptor = alice.new_domain(&[("department", "radiology")], &[("vm-a", AccessMode::Rw)]).unwrap();
     let header = skydd::lab::register(&cp, alice.sign_descriptor(&descriptor).unwrap(), None).await.unwrap();
     let grant = alice.grant(&descriptor.domain_id, "vm-a", AccessMode::Rw, 300);
-    let earlier = good
-        .agent
-        .request_release(&header, &grant, "vm-a", AccessMode::Rw)
+    let operator = Operator::of(&lab.pki, "cp-1").unwrap();
+    let earlier = operator
+        .request_release(&good.agent, &header, &grant, "vm-a", AccessMode::Rw)
         .await
         .expect("released to the measured host");
 
@@ -2119,13 +2194,13 @@ async fn a_replaced_secure_component_binary() {
     rebooted.agent.tpm.run(move |t| measure::extend(t, &bad_measurement)).await.unwrap();
     let before = audit_records(&ttp).len();
     let grant = alice.grant(&descriptor.domain_id, "vm-a", AccessMode::Rw, 300);
-    let refused = rebooted.agent.obtain_key(&header, &grant, "vm-a", AccessMode::Rw).await;
+    let refused = operator.obtain_key(&rebooted.agent, &header, &grant, "vm-a", AccessMode::Rw).await;
     let message = match refused {
         Err(secure_component::Error::TtpRefused { code, message, .. }) => {
             assert_eq!(code, "pcr_mismatch", "{message}");
             message
         }
-        other => panic!("expected pcr_mismatch, got {:?}", other.map(|(_, r)| r.audit_seq)),
+        other => panic!("expected pcr_mismatch, got {:?}", other.map(|k| k.response.audit_seq)),
     };
     assert!(message.contains("PCR 11"), "{message}");
     let audit = assert_audited(&ttp, before, "key_release", "pcr_mismatch");

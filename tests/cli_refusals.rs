@@ -50,7 +50,7 @@ async fn refusals_read_well_through_the_cli() {
 
     // A compute host whose measured state changed: the TTP refuses its quote.
     let compute_2 = cloud.hosts.iter().find(|h| h.id == "compute-2").unwrap();
-    compute_2.service.host_agent().tpm.run(|tpm| tpm.extend_pcr(11, b"unapproved module")).await.unwrap();
+    compute_2.service.attested_host().tpm.run(|tpm| tpm.extend_pcr(11, b"unapproved module")).await.unwrap();
     expect_refusal(
         alice.attach(&id, "vm-b", AccessMode::Ro, 300).await,
         "pcr_mismatch",

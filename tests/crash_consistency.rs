@@ -39,7 +39,7 @@ use protocol::domain::{AccessMode, AclEntry};
 use protocol::format::HEADER_AREA_SIZE;
 use protocol::messages::HeaderRecord;
 use rand::{RngExt, SeedableRng};
-use secure_component::service::{self, AgentService};
+use secure_component::service::{self, AttachmentService};
 use secure_component::swtpm::Swtpm;
 use skydd::lab::LabPki;
 use tokio_util::sync::CancellationToken;
@@ -287,8 +287,9 @@ async fn driver_step(dm: &DomainManager, ledger: &Mutex<Ledger>, domains: &[Stri
 /// Key releases as the host itself (challenge, quote, release): records each `audit_seq`.
 async fn release_step(
     dm: &DomainManager,
-    sc: &AgentService,
+    sc: &AttachmentService,
     signer: &skydd::lab::DomainManager,
+    placer: &skydd::lab::Operator,
     ledger: &Mutex<Ledger>,
     domain: &str,
 ) {
@@ -301,7 +302,7 @@ async fn release_step(
         }
     };
     let grant = signer.grant(domain, "vm-a", AccessMode::Ro, 300);
-    match sc.host_agent().request_release(&header, &grant, "vm-a", AccessMode::Ro).await {
+    match placer.request_release(sc.attested_host(), &header, &grant, "vm-a", AccessMode::Ro).await {
         Ok(response) => {
             let mut l = ledger.lock().unwrap();
             l.releases_ok += 1;
@@ -388,7 +389,7 @@ async fn crash_consistency_under_kill_9() {
 
     // The TTP: master key, attestation policy with the host's PCRs, configuration file.
     let selection = sc_config.pcr_selection.clone();
-    let pcr_values = sc.host_agent().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await.unwrap();
+    let pcr_values = sc.attested_host().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await.unwrap();
     let policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),
@@ -450,6 +451,7 @@ async fn crash_consistency_under_kill_9() {
     }
 
     // dm-alice: the lab signer (for the host's own key releases) and the public API client.
+    let placer = Arc::new(skydd::lab::Operator::of(&pki, "cloud-platform").unwrap());
     let signer = Arc::new(skydd::lab::DomainManager::create(&pki, "dm-alice").unwrap());
     let config = dm_config(&pki, "dm-alice", &cp_url, &ttp_url);
     let ledger = Arc::new(Mutex::new(Ledger::default()));
@@ -489,7 +491,7 @@ async fn crash_consistency_under_kill_9() {
         for worker in 0..2u64 {
             let (config, ledger, domains, stop, sc) =
                 (config.clone(), ledger.clone(), domains.clone(), stop.clone(), sc.clone());
-            let signer = signer.clone();
+            let (signer, placer) = (signer.clone(), placer.clone());
             let seed = rng.random::<u64>();
             tasks.push(tokio::spawn(async move {
                 let dm = DomainManager::connect(&config).unwrap();
@@ -502,7 +504,7 @@ async fn crash_consistency_under_kill_9() {
                         driver_step(&dm, &ledger, &domains, &mut rng).await;
                     } else {
                         let domain = domains[rng.random_range(0..domains.len())].clone();
-                        release_step(&dm, &sc, &signer, &ledger, &domain).await;
+                        release_step(&dm, &sc, &signer, &placer, &ledger, &domain).await;
                     }
                 }
             }));

@@ -350,6 +350,7 @@ fn guest_sees_the_swtpm_tpm() {
     let ttp_tls = pki.issue(net::Role::Ttp, "ttp-1").unwrap();
     pki.issue(net::Role::SecureComponent, "qemu-guest").unwrap();
     let alice = skydd::lab::DomainManager::create(&pki, "dm-alice").unwrap();
+    let operator = skydd::lab::Operator::create(&pki, "cp-1").unwrap();
     let guest = protocol::pki::Identity { name: "qemu-guest".into(), role: net::Role::SecureComponent };
     let cp = protocol::pki::Identity { name: "cp-1".into(), role: net::Role::CloudPlatform };
 
@@ -416,6 +417,7 @@ fn guest_sees_the_swtpm_tpm() {
         vm.call(json!({"op": "tpm_quote", "message": {"bytes": protocol::b64::encode(&fresh.nonce)}}))["quote"].clone(),
     )
     .unwrap();
+    let grant = alice.grant(&descriptor.domain_id, "vm-q", protocol::domain::AccessMode::Rw, 300);
     let release = ttp
         .release_key(
             &guest,
@@ -424,7 +426,8 @@ fn guest_sees_the_swtpm_tpm() {
                 vm_id: "vm-q".into(),
                 mode: protocol::domain::AccessMode::Rw,
                 header,
-                grant: alice.grant(&descriptor.domain_id, "vm-q", protocol::domain::AccessMode::Rw, 300),
+                placement: operator.place("vm-q", "qemu-guest", &grant),
+                grant,
                 challenge_id: fresh.challenge_id,
                 quote,
             },

@@ -44,7 +44,7 @@ use protocol::messages::{HeaderRecord, Registration};
 use secure_component::config::{AgentConfig, BackendChoice};
 use secure_component::swtpm::Swtpm;
 use sha2::{Digest, Sha256};
-use skydd::lab::{register, DomainManager, LabPki, RunningTtp};
+use skydd::lab::{register, DomainManager, LabPki, Operator, RunningTtp};
 use tokio_util::sync::CancellationToken;
 use ttp::attestation::{AttestationPolicy, ReferenceState};
 
@@ -497,13 +497,18 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let key = independent_key(&k_ttp, &registration, &domain_id, &descriptor.metadata_hash());
 
     let cp = pki.client("cp-1", Role::SecureComponent, &agent_url).unwrap();
-    let request = |id: &str, vm: &str, grant_secs: i64| AgentAttachRequest {
-        attachment_id: id.into(),
-        vm_id: vm.into(),
-        mode: AccessMode::Rw,
-        header: header.clone(),
-        grant: alice.grant(&domain_id, vm, AccessMode::Rw, grant_secs),
-        volume_path: volume.to_string_lossy().into_owned(),
+    let operator = Operator::of(&pki, "cp-1").unwrap();
+    let request = |id: &str, vm: &str, grant_secs: i64| {
+        let grant = alice.grant(&domain_id, vm, AccessMode::Rw, grant_secs);
+        AgentAttachRequest {
+            attachment_id: id.into(),
+            vm_id: vm.into(),
+            mode: AccessMode::Rw,
+            header: header.clone(),
+            placement: operator.place(vm, "host-1", &grant),
+            grant,
+            volume_path: volume.to_string_lossy().into_owned(),
+        }
     };
     let mut transcript = Transcript::default();
 

@@ -26,6 +26,7 @@
 //! `cargo test --release --test load -- --ignored --nocapture load_8000_clients`
 //! (`SKYDD_LOAD_CLIENTS`, `SKYDD_LOAD_REQUESTS` override the counts).
 
+use secure_component::key_release::KeyRequest;
 use secure_component::prerequisites::{self, Need};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,7 +37,7 @@ use net::{Identity, Role, ServeOptions, TlsFiles};
 use protocol::cloud::{AttachmentList, ComputeHost, CreateDomainRequest, DomainList, Instance};
 use protocol::domain::AccessMode;
 use protocol::messages::{ChallengeResponse, HeaderRecord, HistoryResponse, KeyReleaseRequest};
-use skydd::lab::{DomainManager, LabHost, LabPki};
+use skydd::lab::{DomainManager, LabHost, LabPki, Operator};
 use tokio_util::sync::CancellationToken;
 use ttp::attestation::AttestationPolicy;
 
@@ -309,6 +310,8 @@ struct Cloud {
     ttp_url: String,
     cp_url: String,
     hosts: Vec<LabHost>,
+    /// Signs placements as the cloud platform does for each attach.
+    operator: Operator,
     /// (manager, its domains' headers).
     managers: Vec<(DomainManager, Vec<HeaderRecord>)>,
     shutdown: CancellationToken,
@@ -420,7 +423,8 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         }
         managers.push((dm, headers));
     }
-    Cloud { pki, ttp, ttp_url, cp_url, hosts, managers, shutdown, servers }
+    let operator = Operator::create(&pki, "cp-load").unwrap();
+    Cloud { pki, ttp, ttp_url, cp_url, hosts, operator, managers, shutdown, servers }
 }
 
 /// Builds `n` clients for `server_role` at `url`, cycling through `identities`; each has its
@@ -515,15 +519,24 @@ async fn key_release_rates(cloud: &Cloud) {
     for n in [1usize, cloud.hosts.len()] {
         let mut tasks = Vec::new();
         for host in cloud.hosts.iter().take(n) {
-            // A grant is single-use: one per release, signed before the clock starts.
-            let grants: Vec<_> = (0..per_host).map(|_| dm.grant(&domain, "vm-load", AccessMode::Rw, 600)).collect();
+            // A grant is single-use: one per release, signed with its placement before the
+            // clock starts.
+            let grants: Vec<_> = (0..per_host)
+                .map(|_| {
+                    let grant = dm.grant(&domain, "vm-load", AccessMode::Rw, 600);
+                    let placement = cloud.operator.place("vm-load", &host.agent.host_id, &grant);
+                    (grant, placement)
+                })
+                .collect();
             let header = header.clone();
             let agent = &host.agent;
             tasks.push(async move {
                 let mut latencies = Vec::new();
-                for grant in &grants {
+                for (grant, placement) in &grants {
                     let t = Instant::now();
-                    agent.request_release(&header, grant, "vm-load", AccessMode::Rw).await.expect("key release");
+                    let request =
+                        KeyRequest { header: &header, grant, placement, vm_id: "vm-load", mode: AccessMode::Rw };
+                    agent.request_release(&request).await.expect("key release");
                     latencies.push(t.elapsed());
                 }
                 latencies
@@ -552,12 +565,14 @@ async fn key_release_rates(cloud: &Cloud) {
         let challenge = cloud.ttp.challenge(&identity).unwrap();
         let nonce = challenge.nonce.clone();
         let quote = host.agent.tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap();
+        let grant = dm.grant(&domain, "vm-load", AccessMode::Rw, 600);
         requests.push(KeyReleaseRequest {
             host_id: identity.name.clone(),
             vm_id: "vm-load".into(),
             mode: AccessMode::Rw,
             header: header.clone(),
-            grant: dm.grant(&domain, "vm-load", AccessMode::Rw, 600),
+            placement: cloud.operator.place("vm-load", &identity.name, &grant),
+            grant,
             challenge_id: challenge.challenge_id,
             quote,
         });

@@ -27,9 +27,9 @@ use protocol::format::{self, DATA_OFFSET};
 use protocol::messages::HeaderRecord;
 use protocol::signing::SignedEnvelope;
 use secure_component::config::AgentConfig;
-use secure_component::service::{self, AgentService, AttachTimings};
+use secure_component::service::{self, AttachTimings, AttachmentService};
 use secure_component::swtpm::Swtpm;
-use skydd::lab::{register, DomainManager, LabPki, RunningTtp};
+use skydd::lab::{register, DomainManager, LabPki, Operator, RunningTtp};
 use tokio_util::sync::CancellationToken;
 use ttp::attestation::AttestationPolicy;
 
@@ -49,7 +49,7 @@ fn prepare_volume(path: &Path, header: &HeaderRecord) {
 /// The agent served in this process.
 struct RunningAgent {
     url: String,
-    service: Arc<AgentService>,
+    service: Arc<AttachmentService>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -92,6 +92,8 @@ impl RunningAgent {
 struct Cloud {
     pki: LabPki,
     alice: DomainManager,
+    /// cp-1's placements of VMs on host-1.
+    operator: Operator,
     header: HeaderRecord,
     domain_id: String,
     volume: PathBuf,
@@ -114,6 +116,7 @@ impl Cloud {
             vm_id: vm.into(),
             mode,
             header: self.header.clone(),
+            placement: self.operator.place(vm, "host-1", &grant),
             grant,
             volume_path: self.volume.to_string_lossy().into_owned(),
         }
@@ -223,11 +226,11 @@ async fn secure_component_agent_end_to_end() {
 
     let agent = RunningAgent::start(&config).await;
     assert_eq!(agent.service.backend_kind(), "userspace", "this kernel has no device-mapper: auto picks userspace");
-    assert_eq!(agent.service.host_agent().host_id, "host-1", "host id from the certificate");
+    assert_eq!(agent.service.attested_host().host_id, "host-1", "host id from the certificate");
 
     println!("TTP: attestation policy with host-1's PCRs, then enrollment of host-1");
     let selection = config.pcr_selection.clone();
-    let pcr_values = agent.service.host_agent().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await.unwrap();
+    let pcr_values = agent.service.attested_host().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await.unwrap();
     let policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),
@@ -254,7 +257,8 @@ async fn secure_component_agent_end_to_end() {
     let volume = root.join("volumes").join(format!("{domain_id}.img"));
     std::fs::create_dir_all(volume.parent().unwrap()).unwrap();
     prepare_volume(&volume, &header);
-    let cloud = Cloud { pki, alice, header, domain_id: domain_id.clone(), volume };
+    let operator = Operator::of(&pki, "cp-1").unwrap();
+    let cloud = Cloud { pki, alice, operator, header, domain_id: domain_id.clone(), volume };
     let cp = cloud.cp(&agent.url);
     let vm_dir = |vm: &str| config.vm_root.join(vm).join(&domain_id);
 

@@ -15,8 +15,9 @@ use protocol::messages::{
     ChallengeResponse, HeaderRecord, HistoryResponse, KeyReleaseRequest, KeyReleaseResponse, Registration,
 };
 use protocol::signing::SignedEnvelope;
+use secure_component::key_release::ObtainedKey;
 use sha2::{Digest, Sha256};
-use skydd::lab::{register, DomainManager, LabHost, LabPki, RunningTtp};
+use skydd::lab::{register, DomainManager, LabHost, LabPki, Operator, RunningTtp};
 use ttp::attestation::AttestationPolicy;
 
 /// The refusal code of a failed call, from either the agent or a raw client.
@@ -74,6 +75,7 @@ fn median(samples: &mut [Duration]) -> Duration {
 
 /// A key-release request built by hand, so tests can replay or mismatch its parts.
 async fn manual_request(
+    op: &Operator,
     host: &LabHost,
     header: &HeaderRecord,
     grant: &SignedEnvelope,
@@ -90,6 +92,7 @@ async fn manual_request(
         mode,
         header: header.clone(),
         grant: grant.clone(),
+        placement: op.place(vm, &host.agent.host_id, grant),
         challenge_id: challenge.challenge_id.clone(),
         quote,
     };
@@ -121,6 +124,8 @@ async fn trust_core_end_to_end() {
 
     pki.issue(Role::CloudPlatform, "cp-1").unwrap();
     let cp = pki.client("cp-1", Role::Ttp, &ttp.url).unwrap();
+    // cp-1 also places each VM on the host that asks (the cloud platform's part of an attach).
+    let op = Operator::of(&pki, "cp-1").unwrap();
     let alice = DomainManager::create(&pki, "dm-alice").unwrap();
     let eve = DomainManager::create(&pki, "dm-eve").unwrap();
     let alice_client = pki.client("dm-alice", Role::Ttp, &ttp.url).unwrap();
@@ -189,8 +194,8 @@ async fn trust_core_end_to_end() {
     for _ in 0..20 {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         let started = Instant::now();
-        let (key, response) =
-            host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await.expect("key released");
+        let ObtainedKey { key, response, .. } =
+            op.obtain_key(&host1.agent, &header_v1, &grant, "vm-a", AccessMode::Rw).await.expect("key released");
         release_times.push(started.elapsed());
         assert_eq!(key.expose(), expected_key.as_slice(), "the secure component must end up with exactly K");
         assert_eq!(response.version, 1);
@@ -202,7 +207,7 @@ async fn trust_core_end_to_end() {
     println!("refusal: a reused challenge");
     {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
-        let (request, _) = manual_request(&host1, &header_v1, &grant, "vm-a", AccessMode::Rw, None).await;
+        let (request, _) = manual_request(&op, &host1, &header_v1, &grant, "vm-a", AccessMode::Rw, None).await;
         let _: KeyReleaseResponse =
             host1.agent.ttp.post_json("/v1/key-releases", &request).await.expect("first use succeeds");
         let replay: Result<KeyReleaseResponse, _> = host1.agent.ttp.post_json("/v1/key-releases", &request).await;
@@ -213,29 +218,29 @@ async fn trust_core_end_to_end() {
     println!("refusal: a grant used before, with a fresh challenge and quote (a grant is single-use)");
     {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
-        host1
-            .agent
-            .obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw)
+        op.obtain_key(&host1.agent, &header_v1, &grant, "vm-a", AccessMode::Rw)
             .await
             .expect("the first use releases the key");
-        let replay = host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await;
+        let replay = op.obtain_key(&host1.agent, &header_v1, &grant, "vm-a", AccessMode::Rw).await;
         assert_eq!(code_of_agent(replay), "grant_replayed");
         assert_last_audit(&ttp, "grant_replayed");
         // A refused release does not use a grant up: after a refusal for the mode, the same
         // grant still works for what it allows.
         let grant = alice.grant(&domain_id, "vm-b", AccessMode::Ro, 300);
         assert_eq!(
-            code_of_agent(host1.agent.obtain_key(&header_v1, &grant, "vm-b", AccessMode::Rw).await),
+            code_of_agent(op.obtain_key(&host1.agent, &header_v1, &grant, "vm-b", AccessMode::Rw).await),
             "mode_not_permitted"
         );
-        host1.agent.obtain_key(&header_v1, &grant, "vm-b", AccessMode::Ro).await.expect("an unused grant still works");
+        op.obtain_key(&host1.agent, &header_v1, &grant, "vm-b", AccessMode::Ro)
+            .await
+            .expect("an unused grant still works");
     }
 
     println!("refusal: a quote over a stale challenge's nonce");
     {
         let stale: ChallengeResponse = host1.agent.ttp.post_json("/v1/challenges", &()).await.unwrap();
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
-        let (request, _) = manual_request(&host1, &header_v1, &grant, "vm-a", AccessMode::Rw, Some(&stale)).await;
+        let (request, _) = manual_request(&op, &host1, &header_v1, &grant, "vm-a", AccessMode::Rw, Some(&stale)).await;
         let refused: Result<KeyReleaseResponse, _> = host1.agent.ttp.post_json("/v1/key-releases", &request).await;
         assert_eq!(code_of_client(refused), "challenge_invalid");
         assert_last_audit(&ttp, "challenge_invalid");
@@ -248,7 +253,7 @@ async fn trust_core_end_to_end() {
         forged.descriptor.signature[last] ^= 0x55;
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         assert_eq!(
-            code_of_agent(host1.agent.obtain_key(&forged, &grant, "vm-a", AccessMode::Rw).await),
+            code_of_agent(op.obtain_key(&host1.agent, &forged, &grant, "vm-a", AccessMode::Rw).await),
             "descriptor_signature_invalid"
         );
         assert_last_audit(&ttp, "descriptor_signature_invalid");
@@ -289,7 +294,7 @@ async fn trust_core_end_to_end() {
     {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         assert_eq!(
-            code_of_agent(host1.agent.obtain_key(&header_v1, &grant, "vm-a", AccessMode::Rw).await),
+            code_of_agent(op.obtain_key(&host1.agent, &header_v1, &grant, "vm-a", AccessMode::Rw).await),
             "version_rollback"
         );
         assert_last_audit(&ttp, "version_rollback");
@@ -308,7 +313,7 @@ async fn trust_core_end_to_end() {
     println!("refusal: a VM not in the access list");
     let grant = alice.grant(&domain_id, "vm-z", AccessMode::Ro, 300);
     assert_eq!(
-        code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-z", AccessMode::Ro).await),
+        code_of_agent(op.obtain_key(&host1.agent, &header_v2, &grant, "vm-z", AccessMode::Ro).await),
         "vm_not_in_acl"
     );
     assert_last_audit(&ttp, "vm_not_in_acl");
@@ -316,7 +321,7 @@ async fn trust_core_end_to_end() {
     println!("refusal: a read-only VM asking for read-write");
     let grant = alice.grant(&domain_id, "vm-b", AccessMode::Rw, 300);
     assert_eq!(
-        code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-b", AccessMode::Rw).await),
+        code_of_agent(op.obtain_key(&host1.agent, &header_v2, &grant, "vm-b", AccessMode::Rw).await),
         "mode_not_permitted"
     );
     assert_last_audit(&ttp, "mode_not_permitted");
@@ -324,7 +329,7 @@ async fn trust_core_end_to_end() {
     println!("refusal: a read-only grant used for read-write");
     let grant = alice.grant(&domain_id, "vm-a", AccessMode::Ro, 300);
     assert_eq!(
-        code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-a", AccessMode::Rw).await),
+        code_of_agent(op.obtain_key(&host1.agent, &header_v2, &grant, "vm-a", AccessMode::Rw).await),
         "grant_mismatch"
     );
     assert_last_audit(&ttp, "grant_mismatch");
@@ -332,7 +337,7 @@ async fn trust_core_end_to_end() {
     println!("refusal: an expired grant");
     let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, -5);
     assert_eq!(
-        code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-a", AccessMode::Rw).await),
+        code_of_agent(op.obtain_key(&host1.agent, &header_v2, &grant, "vm-a", AccessMode::Rw).await),
         "grant_expired"
     );
     assert_last_audit(&ttp, "grant_expired");
@@ -340,15 +345,15 @@ async fn trust_core_end_to_end() {
     println!("refusal: a grant signed by someone the descriptor does not name");
     let grant = eve.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
     assert_eq!(
-        code_of_agent(host1.agent.obtain_key(&header_v2, &grant, "vm-a", AccessMode::Rw).await),
+        code_of_agent(op.obtain_key(&host1.agent, &header_v2, &grant, "vm-a", AccessMode::Rw).await),
         "grant_signer_not_authorized"
     );
     assert_last_audit(&ttp, "grant_signer_not_authorized");
 
     println!("release: vm-c (added in version 2) on host-2");
     let grant = alice.grant(&domain_id, "vm-c", AccessMode::Ro, 300);
-    let (key_v2, _) =
-        host2.agent.obtain_key(&header_v2, &grant, "vm-c", AccessMode::Ro).await.expect("vm-c gets the key");
+    let ObtainedKey { key: key_v2, .. } =
+        op.obtain_key(&host2.agent, &header_v2, &grant, "vm-c", AccessMode::Ro).await.expect("vm-c gets the key");
     assert_eq!(key_v2.expose(), expected_key.as_slice(), "a new version keeps the key (same r, same metadata)");
 
     println!("refusal: a deleted domain");
@@ -371,7 +376,7 @@ async fn trust_core_end_to_end() {
             .expect("the owner deletes");
         let grant = alice.grant(&doomed.domain_id, "vm-a", AccessMode::Rw, 300);
         assert_eq!(
-            code_of_agent(host1.agent.obtain_key(&doomed_header, &grant, "vm-a", AccessMode::Rw).await),
+            code_of_agent(op.obtain_key(&host1.agent, &doomed_header, &grant, "vm-a", AccessMode::Rw).await),
             "domain_deleted"
         );
         assert_last_audit(&ttp, "domain_deleted");
@@ -380,14 +385,13 @@ async fn trust_core_end_to_end() {
     println!("refusal: PCR extended after enrollment (the TTP refuses the quote, the TPM refuses the old blob)");
     {
         let grant = alice.grant(&domain_id, "vm-b", AccessMode::Ro, 300);
-        let earlier = host2
-            .agent
-            .request_release(&header_v2, &grant, "vm-b", AccessMode::Ro)
+        let earlier = op
+            .request_release(&host2.agent, &header_v2, &grant, "vm-b", AccessMode::Ro)
             .await
             .expect("released while trusted");
         host2.agent.tpm.run(|tpm| tpm.extend_pcr(11, b"an unapproved kernel module")).await.unwrap();
         assert_eq!(
-            code_of_agent(host2.agent.obtain_key(&header_v2, &grant, "vm-b", AccessMode::Ro).await),
+            code_of_agent(op.obtain_key(&host2.agent, &header_v2, &grant, "vm-b", AccessMode::Ro).await),
             "pcr_mismatch"
         );
         assert_last_audit(&ttp, "pcr_mismatch");

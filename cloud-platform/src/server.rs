@@ -46,7 +46,8 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> 
                 .into(),
         ));
     }
-    let cp = CloudPlatform::new(Arc::new(store), volumes, ttp, tls_files.clone())
+    let placer = material.signature_key().map_err(|e| Error::Config(format!("own signing key: {e}")))?;
+    let cp = CloudPlatform::new(Arc::new(store), volumes, ttp, tls_files.clone(), placer)
         .with_reconcile_interval(std::time::Duration::from_secs(config.reconcile_interval_secs))
         .with_quota(config.quota);
     let tls = tls_files

@@ -15,8 +15,9 @@ use protocol::cloud::{
     UpdateDomainRequest,
 };
 use protocol::domain::{validate_name, AccessMode, Descriptor};
+use protocol::messages::{grant_digest, Placement};
 use protocol::messages::{DeleteDomainRequest, Deletion, HeaderRecord, RegisterDomainRequest, RegisterDomainResponse};
-use protocol::signing::SignedEnvelope;
+use protocol::signing::{SignatureContext, SignedEnvelope};
 
 use crate::error::{Error, Result};
 use crate::store::{
@@ -60,6 +61,9 @@ pub struct CloudPlatform {
     ttp: net::Client,
     /// The CP's TLS files; clients of secure components follow them (revocation lists).
     agent_tls: net::TlsFiles,
+    /// The key of the CP's own certificate (role cloud-platform): signs the placement of a VM
+    /// on its host for each attach, which the TTP checks before it releases a key.
+    placer: protocol::signing::SignatureKey,
     agents: std::sync::Mutex<HashMap<String, (String, net::Client)>>,
     /// One lock per domain: create, update, delete, attach and detach of one domain run one
     /// at a time, so a revocation cannot miss an attachment that is being made.
@@ -145,13 +149,21 @@ fn domain_view(record: &DomainRecord, header: HeaderRecord, status: &str) -> Res
 
 impl CloudPlatform {
     /// `ttp` talks to the TTP with the CP's certificate; `agent_tls` are the CP's TLS files,
-    /// from which a client for each secure component (server role secure-component) is made.
-    pub fn new(store: Arc<dyn CpStore>, volumes: Volumes, ttp: net::Client, agent_tls: net::TlsFiles) -> Self {
+    /// from which a client for each secure component (server role secure-component) is made;
+    /// `placer` is the key of the CP's certificate, which signs placements.
+    pub fn new(
+        store: Arc<dyn CpStore>,
+        volumes: Volumes,
+        ttp: net::Client,
+        agent_tls: net::TlsFiles,
+        placer: protocol::signing::SignatureKey,
+    ) -> Self {
         Self {
             store,
             volumes,
             ttp,
             agent_tls,
+            placer,
             agents: std::sync::Mutex::new(HashMap::new()),
             locks: std::sync::Mutex::new(HashMap::new()),
             reconcile_interval: Duration::from_secs(crate::config::DEFAULT_RECONCILE_INTERVAL_SECS),
@@ -877,11 +889,20 @@ impl CloudPlatform {
         self.finish_pending_update(&record).await?;
         let header = self.read_header(&record).await?;
         let attachment_id = hex::encode(rand::random::<[u8; 16]>());
+        // The operator's word that this VM runs on this host, for this grant: the TTP
+        // releases the key to no other host (docs/PROTOCOL.md "Placement").
+        let placement = Placement {
+            vm_id: instance.id.clone(),
+            host_id: host.id.clone(),
+            grant_digest: grant_digest(&request.grant),
+            placed_at: now_unix(),
+        };
         let agent_request = AgentAttachRequest {
             attachment_id: attachment_id.clone(),
             vm_id: instance.id.clone(),
             mode: request.mode,
             header: header.record,
+            placement: self.placer.sign_envelope(SignatureContext::Placement, placement.encode()),
             grant: request.grant,
             volume_path: record.volume_path.to_string_lossy().into_owned(),
         };

@@ -521,7 +521,7 @@ fn leftovers(root: &Path) -> Vec<String> {
     out
 }
 
-async fn stop_agent(service: Arc<secure_component::service::AgentService>, server: Server) {
+async fn stop_agent(service: Arc<secure_component::service::AttachmentService>, server: Server) {
     server.stop().await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while Arc::strong_count(&service) > 1 {
@@ -564,7 +564,7 @@ async fn attach_and_revoke_through_the_secure_component() {
         volume_root: None,
     };
     let (agent, agent_tls) = service::build(&sc_config).unwrap();
-    let serve_agent = |agent: Arc<service::AgentService>, tls: net::ServerTls| async move {
+    let serve_agent = |agent: Arc<service::AttachmentService>, tls: net::ServerTls| async move {
         let (listener, url) = bind().await;
         let shutdown = CancellationToken::new();
         let t = shutdown.clone();
@@ -577,7 +577,7 @@ async fn attach_and_revoke_through_the_secure_component() {
 
     println!("TTP: attestation policy with compute-1's PCRs; compute-1 enrolls");
     let selection = sc_config.pcr_selection.clone();
-    let pcr_values = agent.host_agent().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await.unwrap();
+    let pcr_values = agent.attested_host().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await.unwrap();
     let policy = AttestationPolicy {
         trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
         ek_intermediates: Vec::new(),

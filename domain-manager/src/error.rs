@@ -80,6 +80,7 @@ fn hint_for(code: &str) -> &'static str {
         "grant_replayed" => "a grant is good for one attach and this one was used before; `attach` signs a new one each time — if you did not reuse it, someone replayed it: report this",
         "grant_expired" => "retry: a new grant is signed for every attach (check this machine's clock)",
         "grant_signer_not_authorized" => "only the owner or a manager the domain is shared with can attach it; ask the owner to `domain share DOMAIN --with YOU`",
+        "placement_invalid" | "placement_mismatch" => "the key was asked for from a host the cloud operator did not place the VM on (or with a stale placement); retry the attach, and report this to the cloud operator if it repeats",
         "pcr_mismatch" => "the compute host's measured state changed since enrollment; the cloud operator must investigate and re-enroll it after an approved update",
         "version_rollback" => "someone changed the domain meanwhile: run `domain show DOMAIN` and retry",
         "domain_deleted" => "the domain was deleted; its key can never be derived again",

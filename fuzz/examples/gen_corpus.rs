@@ -45,29 +45,14 @@ impl Corpus {
 }
 
 fn signer(ca_cert: &str, ca_key: &str, role: Role, name: &str) -> SignatureKey {
-    let issued =
-        CertificateAuthority::issue(ca_cert, ca_key, role, name, Validity::Days(365)).unwrap();
+    let issued = CertificateAuthority::issue(ca_cert, ca_key, role, name, Validity::Days(365)).unwrap();
     let der = protocol::pki::certs_from_pem(&issued.cert_pem, "certificate").unwrap()[0].to_vec();
     SignatureKey::from_pem(&issued.key_pem, der).unwrap()
 }
 
-fn descriptor(
-    owner: &str,
-    acl: &[(&str, AccessMode)],
-    metadata: &[(&str, &str)],
-    shared: &[&str],
-) -> Descriptor {
-    let metadata: BTreeMap<String, String> = metadata
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let acl = acl
-        .iter()
-        .map(|(vm, mode)| AclEntry {
-            vm_id: vm.to_string(),
-            mode: *mode,
-        })
-        .collect();
+fn descriptor(owner: &str, acl: &[(&str, AccessMode)], metadata: &[(&str, &str)], shared: &[&str]) -> Descriptor {
+    let metadata: BTreeMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let acl = acl.iter().map(|(vm, mode)| AclEntry { vm_id: vm.to_string(), mode: *mode }).collect();
     let mut d = Descriptor::new(owner, metadata, acl).unwrap();
     d.shared_with = shared.iter().map(|s| s.to_string()).collect();
     d.validate().unwrap();
@@ -81,18 +66,11 @@ fn main() {
     let (ca_cert, ca_key) = CertificateAuthority::generate("skydd-fuzz-ca").unwrap();
     let alice = signer(&ca_cert, &ca_key, Role::DomainManager, "dm-alice");
     let ttp = signer(&ca_cert, &ca_key, Role::Ttp, "ttp-1");
+    let operator = signer(&ca_cert, &ca_key, Role::CloudPlatform, "cloud-platform");
 
     // ---- descriptors and access lists ----
     let descriptors = [
-        (
-            "one-vm-rw",
-            descriptor(
-                "dm-alice",
-                &[("vm-a", AccessMode::Rw)],
-                &[("department", "cardiology")],
-                &[],
-            ),
-        ),
+        ("one-vm-rw", descriptor("dm-alice", &[("vm-a", AccessMode::Rw)], &[("department", "cardiology")], &[])),
         (
             "two-vms-shared",
             descriptor(
@@ -111,11 +89,7 @@ fn main() {
                     .map(|i| {
                         (
                             Box::leak(format!("vm-{i:02}").into_boxed_str()) as &str,
-                            if i % 2 == 0 {
-                                AccessMode::Rw
-                            } else {
-                                AccessMode::Ro
-                            },
+                            if i % 2 == 0 { AccessMode::Rw } else { AccessMode::Ro },
                         )
                     })
                     .collect::<Vec<_>>(),
@@ -128,28 +102,16 @@ fn main() {
         c.put("descriptor", name, &d.encode().unwrap());
         c.put("acl_xml", name, acl_to_xml(&d.acl).as_bytes());
     }
-    let v2 = descriptors[0]
-        .1
-        .next_version(|d| {
-            d.acl.push(AclEntry {
-                vm_id: "vm-c".into(),
-                mode: AccessMode::Ro,
-            })
-        })
-        .unwrap();
+    let v2 =
+        descriptors[0].1.next_version(|d| d.acl.push(AclEntry { vm_id: "vm-c".into(), mode: AccessMode::Ro })).unwrap();
     c.put("descriptor", "version-2", &v2.encode().unwrap());
     c.put("acl_xml", "self-closing-root", b"<acl/>");
-    c.put(
-        "acl_xml",
-        "one-vm",
-        b"<acl><vm id=\"vm-a\" mode=\"ro\"/></acl>",
-    );
+    c.put("acl_xml", "one-vm", b"<acl><vm id=\"vm-a\" mode=\"ro\"/></acl>");
 
     // ---- signed messages and header records ----
     let mut headers = Vec::new();
     for (i, (name, d)) in descriptors.iter().enumerate() {
-        let signed_descriptor =
-            alice.sign_envelope(SignatureContext::Descriptor, d.encode().unwrap());
+        let signed_descriptor = alice.sign_envelope(SignatureContext::Descriptor, d.encode().unwrap());
         let registration = Registration {
             domain_id: d.domain_id.clone(),
             version: d.version,
@@ -159,22 +121,10 @@ fn main() {
             registered_at: 1_760_000_000 + i as u64,
         };
         c.put("registration", name, &registration.encode());
-        let signed_registration =
-            ttp.sign_envelope(SignatureContext::Registration, registration.encode());
-        c.put(
-            "signed_envelope",
-            &format!("descriptor-{name}"),
-            &signed_descriptor.encode(),
-        );
-        c.put(
-            "signed_envelope",
-            &format!("registration-{name}"),
-            &signed_registration.encode(),
-        );
-        let header = HeaderRecord {
-            descriptor: signed_descriptor,
-            registration: signed_registration,
-        };
+        let signed_registration = ttp.sign_envelope(SignatureContext::Registration, registration.encode());
+        c.put("signed_envelope", &format!("descriptor-{name}"), &signed_descriptor.encode());
+        c.put("signed_envelope", &format!("registration-{name}"), &signed_registration.encode());
+        let header = HeaderRecord { descriptor: signed_descriptor, registration: signed_registration };
         c.put("header_record", name, &header.encode());
         headers.push(header);
     }
@@ -207,17 +157,37 @@ fn main() {
     for (name, grant) in &grants {
         c.put("mount_grant", name, &grant.encode());
         let signed = alice.sign_envelope(SignatureContext::MountGrant, grant.encode());
-        c.put(
-            "signed_envelope",
-            &format!("grant-{name}"),
-            &signed.encode(),
-        );
+        c.put("signed_envelope", &format!("grant-{name}"), &signed.encode());
         signed_grants.push(signed);
     }
-    let deletion = Deletion {
-        domain_id: domain_id.clone(),
-        requested_at: 1_760_000_400,
-    };
+    let placements = [
+        (
+            "vm-a-host-1",
+            Placement {
+                vm_id: "vm-a".into(),
+                host_id: "host-1".into(),
+                grant_digest: grant_digest(&signed_grants[0]),
+                placed_at: 1_760_000_000,
+            },
+        ),
+        (
+            "far-future",
+            Placement {
+                vm_id: "vm-b".into(),
+                host_id: "compute-2".into(),
+                grant_digest: [0xff; 32],
+                placed_at: u64::MAX,
+            },
+        ),
+    ];
+    let mut signed_placements = Vec::new();
+    for (name, placement) in &placements {
+        c.put("placement", name, &placement.encode());
+        let signed = operator.sign_envelope(SignatureContext::Placement, placement.encode());
+        c.put("signed_envelope", &format!("placement-{name}"), &signed.encode());
+        signed_placements.push(signed);
+    }
+    let deletion = Deletion { domain_id: domain_id.clone(), requested_at: 1_760_000_400 };
     c.put("deletion", "one", &deletion.encode());
     let signed_deletion = alice.sign_envelope(SignatureContext::Deletion, deletion.encode());
     c.put("signed_envelope", "deletion", &signed_deletion.encode());
@@ -235,49 +205,27 @@ fn main() {
     };
     let h0 = headers[0].encode();
     let h1 = headers[1].encode();
-    c.put(
-        "volume_header",
-        "fresh-volume",
-        &volume_seed(&slot(1, &h0), &[]),
-    );
-    c.put(
-        "volume_header",
-        "both-slots",
-        &volume_seed(&slot(1, &h0), &slot(2, &h1)),
-    );
-    c.put(
-        "volume_header",
-        "slot1-wins",
-        &volume_seed(&slot(8, &h1), &slot(9, &h0)),
-    );
+    c.put("volume_header", "fresh-volume", &volume_seed(&slot(1, &h0), &[]));
+    c.put("volume_header", "both-slots", &volume_seed(&slot(1, &h0), &slot(2, &h1)));
+    c.put("volume_header", "slot1-wins", &volume_seed(&slot(8, &h1), &slot(9, &h0)));
     let mut torn = slot(3, &h1);
     let half = torn.len() / 2;
     torn[half..].fill(0);
-    c.put(
-        "volume_header",
-        "torn-slot1",
-        &volume_seed(&slot(2, &h0), &torn),
-    );
+    c.put("volume_header", "torn-slot1", &volume_seed(&slot(2, &h0), &torn));
 
     // ---- JSON: protocol::messages (selectors as in fuzz_targets/json_messages.rs) ----
     let header = headers[0].clone();
     let quote_stub = QuoteEvidence {
         attest: vec![0xff, 0x54, 0x43, 0x47, 0x80, 0x18],
         signature: vec![0, 0x18],
-        pcr_values: vec![PcrValue {
-            index: 0,
-            digest: vec![0; 32],
-        }],
+        pcr_values: vec![PcrValue { index: 0, digest: vec![0; 32] }],
     };
     c.json("json_messages", 0, "header-record", &header);
     c.json(
         "json_messages",
         1,
         "register-v1",
-        &RegisterDomainRequest {
-            descriptor: header.descriptor.clone(),
-            previous_registration: None,
-        },
+        &RegisterDomainRequest { descriptor: header.descriptor.clone(), previous_registration: None },
     );
     c.json(
         "json_messages",
@@ -292,19 +240,13 @@ fn main() {
         "json_messages",
         2,
         "register-response",
-        &RegisterDomainResponse {
-            registration: header.registration.clone(),
-        },
+        &RegisterDomainResponse { registration: header.registration.clone() },
     );
     c.json(
         "json_messages",
         3,
         "challenge",
-        &ChallengeResponse {
-            challenge_id: "0123456789abcdef".into(),
-            nonce: vec![9; 32],
-            expires_at: 1_760_000_060,
-        },
+        &ChallengeResponse { challenge_id: "0123456789abcdef".into(), nonce: vec![9; 32], expires_at: 1_760_000_060 },
     );
     let release = KeyReleaseRequest {
         host_id: "host-1".into(),
@@ -312,6 +254,7 @@ fn main() {
         mode: AccessMode::Rw,
         header: header.clone(),
         grant: signed_grants[0].clone(),
+        placement: signed_placements[0].clone(),
         challenge_id: "0123456789abcdef".into(),
         quote: quote_stub.clone(),
     };
@@ -320,30 +263,13 @@ fn main() {
         "json_messages",
         5,
         "key-release-response",
-        &KeyReleaseResponse {
-            domain_id: domain_id.clone(),
-            version: 1,
-            wrapped_key: vec![0x5a; 256],
-            audit_seq: 4,
-        },
+        &KeyReleaseResponse { domain_id: domain_id.clone(), version: 1, wrapped_key: vec![0x5a; 256], audit_seq: 4 },
     );
-    c.json(
-        "json_messages",
-        6,
-        "delete",
-        &DeleteDomainRequest {
-            deletion: signed_deletion.clone(),
-        },
-    );
+    c.json("json_messages", 6, "delete", &DeleteDomainRequest { deletion: signed_deletion.clone() });
     let mut records = Vec::new();
     let mut prev = AUDIT_GENESIS_HASH.to_string();
-    for (seq, (event, outcome)) in [
-        ("register", "ok"),
-        ("enroll", "ok"),
-        ("key_release", "vm_not_in_acl"),
-    ]
-    .iter()
-    .enumerate()
+    for (seq, (event, outcome)) in
+        [("register", "ok"), ("enroll", "ok"), ("key_release", "vm_not_in_acl")].iter().enumerate()
     {
         let mut r = AuditRecord {
             seq: seq as u64 + 1,
@@ -365,25 +291,9 @@ fn main() {
     }
     verify_audit_chain(&records, Some(AUDIT_GENESIS_HASH)).unwrap();
     c.json("json_messages", 7, "audit-record", &records[2]);
-    c.json(
-        "json_messages",
-        8,
-        "history",
-        &HistoryResponse {
-            domain_id: domain_id.clone(),
-            records: records.clone(),
-        },
-    );
+    c.json("json_messages", 8, "history", &HistoryResponse { domain_id: domain_id.clone(), records: records.clone() });
     c.json("json_messages", 9, "descriptor", &descriptors[1].1);
-    c.json(
-        "json_messages",
-        10,
-        "acl-entry",
-        &AclEntry {
-            vm_id: "vm-a".into(),
-            mode: AccessMode::Ro,
-        },
-    );
+    c.json("json_messages", 10, "acl-entry", &AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Ro });
     c.json("json_messages", 11, "signed-envelope", &signed_grants[1]);
 
     // ---- JSON: protocol::cloud (selectors as in fuzz_targets/json_cloud.rs) ----
@@ -426,66 +336,29 @@ fn main() {
         "json_cloud",
         0,
         "create-domain",
-        &CreateDomainRequest {
-            descriptor: header.descriptor.clone(),
-            size_bytes: 64 << 20,
-        },
+        &CreateDomainRequest { descriptor: header.descriptor.clone(), size_bytes: 64 << 20 },
     );
-    c.json(
-        "json_cloud",
-        1,
-        "update-domain",
-        &UpdateDomainRequest {
-            descriptor: header.descriptor.clone(),
-        },
-    );
-    c.json(
-        "json_cloud",
-        2,
-        "delete-domain",
-        &DeleteDomainBody {
-            deletion: signed_deletion.clone(),
-        },
-    );
+    c.json("json_cloud", 1, "update-domain", &UpdateDomainRequest { descriptor: header.descriptor.clone() });
+    c.json("json_cloud", 2, "delete-domain", &DeleteDomainBody { deletion: signed_deletion.clone() });
     c.json("json_cloud", 3, "domain-view", &view);
     c.json(
         "json_cloud",
         4,
         "domain-list",
-        &DomainList {
-            domains: vec![view.clone()],
-            next_marker: Some(domain_id.clone()),
-        },
+        &DomainList { domains: vec![view.clone()], next_marker: Some(domain_id.clone()) },
     );
-    c.json(
-        "json_cloud",
-        5,
-        "instance",
-        &Instance {
-            id: "vm-a".into(),
-            host: "host-1".into(),
-        },
-    );
+    c.json("json_cloud", 5, "instance", &Instance { id: "vm-a".into(), host: "host-1".into() });
     c.json(
         "json_cloud",
         6,
         "instance-list",
-        &InstanceList {
-            instances: vec![Instance {
-                id: "vm-a".into(),
-                host: "host-1".into(),
-            }],
-            next_marker: None,
-        },
+        &InstanceList { instances: vec![Instance { id: "vm-a".into(), host: "host-1".into() }], next_marker: None },
     );
     c.json(
         "json_cloud",
         7,
         "compute-host",
-        &ComputeHost {
-            id: "host-1".into(),
-            agent_url: "https://127.0.0.1:7443".into(),
-        },
+        &ComputeHost { id: "host-1".into(), agent_url: "https://127.0.0.1:7443".into() },
     );
     c.json(
         "json_cloud",
@@ -503,10 +376,7 @@ fn main() {
         "json_cloud",
         10,
         "attachment-list",
-        &AttachmentList {
-            attachments: vec![attachment.clone()],
-            next_marker: None,
-        },
+        &AttachmentList { attachments: vec![attachment.clone()], next_marker: None },
     );
     c.json(
         "json_cloud",
@@ -518,6 +388,7 @@ fn main() {
             mode: AccessMode::Rw,
             header: header.clone(),
             grant: signed_grants[0].clone(),
+            placement: signed_placements[0].clone(),
             volume_path: "/srv/volumes/x.img".into(),
         },
     );
@@ -526,9 +397,7 @@ fn main() {
         "json_cloud",
         13,
         "agent-attachment-list",
-        &AgentAttachmentList {
-            attachments: vec![agent_attachment.clone()],
-        },
+        &AgentAttachmentList { attachments: vec![agent_attachment.clone()] },
     );
 
     // ---- TPM structures from a real swtpm ----
@@ -536,32 +405,21 @@ fn main() {
     let (request, certify, quote) = match tpm {
         Some(t) => t,
         None => {
-            eprintln!(
-                "NOTICE: swtpm is not usable: TPM seeds not regenerated (the committed ones stay)"
-            );
+            eprintln!("NOTICE: swtpm is not usable: TPM seeds not regenerated (the committed ones stay)");
             println!("wrote {} seeds under {}", c.count, c.root.display());
             return;
         }
     };
     c.put("tpm_public", "ek-rsa2048", &request.ek_public);
     c.put("tpm_public", "ak-ecc-p256", &request.ak_public);
-    c.put(
-        "tpm_public",
-        "binding-rsa2048-policypcr",
-        &request.binding_public,
-    );
+    c.put("tpm_public", "binding-rsa2048-policypcr", &request.binding_public);
     c.put("ek_certificate", "swtpm-ek", &request.ek_certificate);
     c.put("tpm_attest", "quote", &quote.attest);
     c.put("tpm_attest", "certify", &certify.0);
     c.put("tpm_signature", "quote-ecdsa-sha256", &quote.signature);
     c.put("tpm_signature", "certify-ecdsa-sha256", &certify.1);
     // JSON: protocol::attest (selectors as in fuzz_targets/json_attest.rs)
-    c.json(
-        "json_attest",
-        0,
-        "pcr-selection",
-        &PcrSelection::default_host(),
-    );
+    c.json("json_attest", 0, "pcr-selection", &PcrSelection::default_host());
     c.json("json_attest", 1, "pcr-value", &quote.pcr_values[0]);
     c.json("json_attest", 2, "enrollment-request", &request);
     c.json(
@@ -587,15 +445,7 @@ fn main() {
         },
     );
     c.json("json_attest", 5, "quote", &quote);
-    c.json(
-        "json_messages",
-        4,
-        "key-release-real-quote",
-        &KeyReleaseRequest {
-            quote: quote.clone(),
-            ..release
-        },
-    );
+    c.json("json_messages", 4, "key-release-real-quote", &KeyReleaseRequest { quote: quote.clone(), ..release });
     println!("wrote {} seeds under {}", c.count, c.root.display());
 }
 
@@ -614,9 +464,7 @@ fn real_tpm_structures() -> Option<TpmSeeds> {
         }
     };
     let mut tpm = HostTpm::open(&swtpm.tcti(), &dir.join("sc")).ok()?;
-    let request = tpm
-        .enrollment_request("host-1", &PcrSelection::default_host())
-        .unwrap();
+    let request = tpm.enrollment_request("host-1", &PcrSelection::default_host()).unwrap();
     let certify = tpm.certify_binding_key(&[0x11; 32]).unwrap();
     let quote = tpm.quote(&[0x22; 32]).unwrap();
     drop(tpm);

@@ -10,8 +10,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(acl) = acl_from_xml(xml) {
         // What the parser accepts, the writer writes back in a form the parser accepts.
         let canonical = acl_to_xml(&acl);
-        let again =
-            acl_from_xml(&canonical).expect("the canonical XML of a parsed access list parses");
+        let again = acl_from_xml(&canonical).expect("the canonical XML of a parsed access list parses");
         let mut sorted = acl.clone();
         sorted.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
         assert_eq!(again, sorted);

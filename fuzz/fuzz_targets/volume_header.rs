@@ -9,8 +9,7 @@ use protocol::messages::HeaderRecord;
 fuzz_target!(|data: &[u8]| {
     if let Ok(slot) = format::decode_slot(data) {
         // A slot that verifies is exactly what encode_slot writes (up to the zero tail).
-        let encoded =
-            format::encode_slot(slot.seq, &slot.payload).expect("a decoded slot re-encodes");
+        let encoded = format::encode_slot(slot.seq, &slot.payload).expect("a decoded slot re-encodes");
         let end = SLOT_HEADER_LEN + slot.payload.len();
         assert_eq!(&encoded[..end], &data[..end]);
     }
@@ -22,8 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let (slot0, slot1) = rest.split_at(split);
     let mut area = vec![0u8; HEADER_AREA_SIZE];
     area[..slot0.len().min(SLOT_SIZE)].copy_from_slice(&slot0[..slot0.len().min(SLOT_SIZE)]);
-    area[SLOT_SIZE..SLOT_SIZE + slot1.len().min(SLOT_SIZE)]
-        .copy_from_slice(&slot1[..slot1.len().min(SLOT_SIZE)]);
+    area[SLOT_SIZE..SLOT_SIZE + slot1.len().min(SLOT_SIZE)].copy_from_slice(&slot1[..slot1.len().min(SLOT_SIZE)]);
     // A truncated area is refused, never read past.
     assert!(format::decode_header_area(&area[..HEADER_AREA_SIZE - 1]).is_err());
     if let Ok(active) = format::decode_header_area(&area) {

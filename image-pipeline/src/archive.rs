@@ -20,10 +20,12 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::messages::{
-    DeleteDomainRequest, Deletion, HeaderRecord, MountGrant, RegisterDomainRequest, RegisterDomainResponse,
+    grant_digest, DeleteDomainRequest, Deletion, HeaderRecord, MountGrant, Placement, RegisterDomainRequest,
+    RegisterDomainResponse,
 };
 use protocol::secret::SecretBytes;
 use protocol::signing::{SignatureContext, SignatureKey};
+use secure_component::key_release::KeyRequest;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -75,9 +77,12 @@ pub struct TtpKeySource {
     pub owner_name: String,
     /// mTLS client with a cloud-platform certificate (registration, deletion).
     pub registrar: net::Client,
+    /// The key of that cloud-platform certificate: signs the placement of the archiver's VM
+    /// id on the archiver's host for each key release (docs/PROTOCOL.md "Placement").
+    pub placer: SignatureKey,
     /// The secure component's agent that obtains the key through the TTP's key release into its
     /// attested TPM.
-    pub agent: secure_component::agent::HostAgent,
+    pub agent: secure_component::host::AttestedHost,
     /// The ACL entry of the archive domain (the archiver's own id).
     pub vm_id: String,
 }
@@ -137,12 +142,26 @@ impl KeySource for TtpKeySource {
 
     async fn key(&self, domain: &ArchiveDomain) -> Result<SecretBytes> {
         let grant = self.grant(&domain.domain_id);
-        let (key, _) = self
+        let placement = Placement {
+            vm_id: self.vm_id.clone(),
+            host_id: self.agent.host_id.clone(),
+            grant_digest: grant_digest(&grant),
+            placed_at: now_unix(),
+        };
+        let placement = self.placer.sign_envelope(SignatureContext::Placement, placement.encode());
+        let request = KeyRequest {
+            header: &domain.header,
+            grant: &grant,
+            placement: &placement,
+            vm_id: &self.vm_id,
+            mode: AccessMode::Rw,
+        };
+        let obtained = self
             .agent
-            .obtain_key(&domain.header, &grant, &self.vm_id, AccessMode::Rw)
+            .obtain_key(&request)
             .await
             .map_err(|e| ttp_err(&format!("obtain the key of archive domain {}", domain.domain_id), e))?;
-        Ok(key)
+        Ok(obtained.key)
     }
 
     async fn delete(&self, domain: &ArchiveDomain) -> Result<()> {

@@ -298,20 +298,20 @@ fn print_outcome(outcome: &pipeline::Outcome) {
 async fn key_source(path: &Path) -> Result<TtpKeySource> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read TTP config {}", path.display()))?;
     let cfg: TtpConfig = toml::from_str(&text).with_context(|| format!("parse TTP config {}", path.display()))?;
-    let registrar_tls = TlsFiles {
+    let registrar_files = TlsFiles {
         ca: cfg.ca.clone(),
         cert: cfg.registrar_cert.clone(),
         key: cfg.registrar_key.clone(),
         crl: cfg.crl.clone(),
-    }
-    .client_config(Role::Ttp)?;
-    let registrar = net::Client::new(&cfg.ttp_url, registrar_tls)?;
+    };
+    let registrar = net::Client::new(&cfg.ttp_url, registrar_files.client_config(Role::Ttp)?)?;
+    let placer = registrar_files.load()?.signature_key()?;
     let host_tls =
         TlsFiles { ca: cfg.ca.clone(), cert: cfg.host_cert.clone(), key: cfg.host_key.clone(), crl: cfg.crl.clone() }
             .client_config(Role::Ttp)?;
-    let tpm = secure_component::agent::TpmWorker::start(&cfg.tpm, cfg.tpm_state.clone())
-        .context("open the archiver's TPM")?;
-    let agent = secure_component::agent::HostAgent {
+    let tpm =
+        secure_component::host::TpmWorker::start(&cfg.tpm, cfg.tpm_state.clone()).context("open the archiver's TPM")?;
+    let agent = secure_component::host::AttestedHost {
         host_id: cfg.host_id.clone(),
         tpm,
         ttp: net::Client::new(&cfg.ttp_url, host_tls)?,
@@ -319,13 +319,9 @@ async fn key_source(path: &Path) -> Result<TtpKeySource> {
     let owner_files =
         TlsFiles { ca: cfg.ca.clone(), cert: cfg.owner_cert.clone(), key: cfg.owner_key.clone(), crl: cfg.crl.clone() };
     let material = owner_files.load()?;
-    let cert_der = protocol::pki::certs_from_pem(&material.cert_pem, "owner certificate")?
-        .first()
-        .map(|c| c.to_vec())
-        .context("the owner certificate file holds no certificate")?;
-    let owner_identity = protocol::pki::identity_from_certificate(&cert_der)?;
-    let owner = protocol::signing::SignatureKey::from_pem(&material.key_pem, cert_der)?;
-    Ok(TtpKeySource { owner, owner_name: owner_identity.name, registrar, agent, vm_id: cfg.vm_id })
+    let owner_identity = material.identity()?;
+    let owner = material.signature_key()?;
+    Ok(TtpKeySource { owner, owner_name: owner_identity.name, registrar, placer, agent, vm_id: cfg.vm_id })
 }
 
 fn print_record(r: &store::VersionRecord) {

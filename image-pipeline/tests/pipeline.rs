@@ -208,6 +208,7 @@ async fn image_pipeline_end_to_end() {
         owner: owner.key,
         owner_name: owner.name.clone(),
         registrar: pki.client("image-pipeline", Role::Ttp, &ttp.url).unwrap(),
+        placer: files.load().unwrap().signature_key().unwrap(),
         agent,
         vm_id: "image-archiver".into(),
     };

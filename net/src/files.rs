@@ -134,6 +134,14 @@ impl TlsMaterial {
         let der = pki::certs_from_pem(&self.cert_pem, "own certificate")?;
         Ok(pki::identity_from_certificate(&der[0])?)
     }
+
+    /// This party's signing key: the certificate's private key, with the leaf certificate to
+    /// embed in what it signs (descriptors, grants, registrations, placements).
+    pub fn signature_key(&self) -> Result<protocol::signing::SignatureKey> {
+        let der = pki::certs_from_pem(&self.cert_pem, "own certificate")?;
+        let leaf = der.first().ok_or_else(|| Error::Config("the certificate file holds no certificate".into()))?;
+        Ok(protocol::signing::SignatureKey::from_pem(&self.key_pem, leaf.to_vec())?)
+    }
 }
 
 fn file_err(path: &Path, detail: impl std::fmt::Display) -> Error {

@@ -177,6 +177,9 @@ pub struct AgentAttachRequest {
     pub header: HeaderRecord,
     /// The mount grant the SC forwards to the TTP in its key release request (single use).
     pub grant: SignedEnvelope,
+    /// The cloud platform's signed placement of `vm_id` on this host for this grant
+    /// ([`crate::messages::Placement`]), forwarded to the TTP with the grant.
+    pub placement: SignedEnvelope,
     /// The volume file or block device holding header + data (shared storage).
     pub volume_path: String,
 }

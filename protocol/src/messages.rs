@@ -15,6 +15,7 @@ const REGISTRATION_MAGIC: &[u8] = b"SKYDD-REGISTRATION\x01";
 const GRANT_MAGIC: &[u8] = b"SKYDD-MOUNT-GRANT\x01";
 const DELETION_MAGIC: &[u8] = b"SKYDD-DELETION\x01";
 const HEADER_RECORD_MAGIC: &[u8] = b"SKYDD-HEADER-RECORD\x01";
+const PLACEMENT_MAGIC: &[u8] = b"SKYDD-PLACEMENT\x01";
 
 /// The TTP's registration of one descriptor version, signed by the TTP. It carries the
 /// nonce `r` of the key derivation; `r` is not secret (K_TTP is), but without it the key
@@ -124,6 +125,65 @@ impl MountGrant {
     }
 }
 
+/// The digest that names one mount grant: SHA-256 of its signed message. The TTP marks it
+/// used at the key release; a [`Placement`] carries it to be good for that grant only.
+pub fn grant_digest(grant: &SignedEnvelope) -> [u8; 32] {
+    Sha256::digest(&grant.message).into()
+}
+
+/// How long a [`Placement`] is accepted after the cloud platform signed it. An attach uses
+/// its placement within seconds; the bound keeps a placement that was intercepted and held
+/// back from naming a host the VM has since left.
+pub const MAX_PLACEMENT_AGE_SECS: u64 = 300;
+
+/// How far ahead of the TTP's clock a placement's time may be (clock skew between hosts).
+pub const PLACEMENT_CLOCK_SKEW_SECS: u64 = 60;
+
+/// The cloud platform's signed statement that a VM runs on a compute host, made for one
+/// attach: the TTP releases a key only to the host the operator placed the VM on
+/// (docs/PROTOCOL.md, "Placement"). A tenant cannot make one (it needs a cloud-platform
+/// certificate), and a host cannot reuse one made for another host, VM or grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The VM being attached; must be the key release's VM.
+    pub vm_id: String,
+    /// The compute host the VM runs on; must be the host that attests and asks for the key.
+    pub host_id: String,
+    /// [`grant_digest`] of the mount grant of this attach: the placement is good for that
+    /// grant, which is itself single-use.
+    pub grant_digest: [u8; 32],
+    /// When the cloud platform signed it, unix seconds ([`MAX_PLACEMENT_AGE_SECS`]).
+    pub placed_at: u64,
+}
+
+impl Placement {
+    /// The canonical encoding the cloud platform signs (docs/PROTOCOL.md "Placement").
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::new(PLACEMENT_MAGIC)
+            .str(&self.vm_id)
+            .str(&self.host_id)
+            .bytes(&self.grant_digest)
+            .u64(self.placed_at)
+            .finish()
+    }
+
+    /// Strict decoding of [`Placement::encode`]'s output; also checks the VM and host ids
+    /// are valid names. No signature check.
+    pub fn decode(encoded: &[u8]) -> Result<Self> {
+        let mut reader = Reader::new("placement", encoded, PLACEMENT_MAGIC)?;
+        let placement = Self {
+            vm_id: reader.str("vm id", 64)?.to_string(),
+            host_id: reader.str("host id", 64)?.to_string(),
+            grant_digest: reader.array("grant digest")?,
+            placed_at: reader.u64("placement time")?,
+        };
+        reader.finish()?;
+        validate_name("vm id", &placement.vm_id)?;
+        validate_name("host id", &placement.host_id)?;
+        Ok(placement)
+    }
+}
+
 /// The owner's signed request to delete (crypto-shred) a domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deletion {
@@ -228,6 +288,9 @@ pub struct KeyReleaseRequest {
     pub header: HeaderRecord,
     /// The mount grant, signed by the owner or a shared manager; used up by this release.
     pub grant: SignedEnvelope,
+    /// The cloud platform's signed [`Placement`] of `vm_id` on `host_id` for this grant
+    /// (`placement_invalid` / `placement_mismatch` otherwise).
+    pub placement: SignedEnvelope,
     /// The `challenge_id` of a [`ChallengeResponse`] issued to this host, unused and unexpired.
     pub challenge_id: String,
     /// The TPM quote over the challenge nonce and the host's PCR selection; its PCR digest must

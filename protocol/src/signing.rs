@@ -24,6 +24,8 @@ pub enum SignatureContext {
     MountGrant,
     /// An owner's deletion of a domain.
     Deletion,
+    /// The cloud platform's placement of a VM on a compute host, for one grant.
+    Placement,
     /// Reserved for key-release messages; no Skydd message is signed with it yet (the fuzz
     /// target covers it).
     KeyRelease,
@@ -38,6 +40,7 @@ impl SignatureContext {
             SignatureContext::Registration => "registration",
             SignatureContext::MountGrant => "mount-grant",
             SignatureContext::Deletion => "deletion",
+            SignatureContext::Placement => "placement",
             SignatureContext::KeyRelease => "key-release",
         }
     }

@@ -3,10 +3,11 @@
 
 #![warn(missing_docs)]
 
-pub mod agent;
 pub mod config;
 pub mod error;
+pub mod host;
 pub mod hypervisor;
+pub mod key_release;
 pub mod measure;
 pub mod prerequisites;
 pub mod scrub;

@@ -129,6 +129,15 @@ pub enum Error {
     #[error("mount grant does not match the request: {0}")]
     GrantMismatch(String),
 
+    /// The placement is not signed by a trusted cloud-platform certificate, or is too old
+    /// or from the future (403 `placement_invalid`; docs/PROTOCOL.md "Placement").
+    #[error("placement is invalid: {0}")]
+    PlacementInvalid(String),
+    /// The placement names another VM, another host than the one asking, or another grant
+    /// (403 `placement_mismatch`): the cloud platform did not place this VM on this host.
+    #[error("placement does not match the request: {0}")]
+    PlacementMismatch(String),
+
     // ---- audit and store -------------------------------------------------------------------
     /// The audit log was edited, relinked or has records missing (500 `audit_chain_broken`;
     /// docs/PROTOCOL.md "Audit records").
@@ -190,6 +199,8 @@ impl Error {
             Error::GrantSignatureInvalid(_) => "grant_signature_invalid",
             Error::GrantSignerNotAuthorized(_) => "grant_signer_not_authorized",
             Error::GrantMismatch(_) => "grant_mismatch",
+            Error::PlacementInvalid(_) => "placement_invalid",
+            Error::PlacementMismatch(_) => "placement_mismatch",
             Error::AuditChainBroken(_) => "audit_chain_broken",
             Error::Store(_) => "store",
             Error::Config(_) => "config",

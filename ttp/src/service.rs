@@ -12,7 +12,8 @@ use protocol::domain::{descriptor_hash, Descriptor};
 use protocol::kdf::{derive_volume_key, NONCE_BYTES};
 use protocol::messages::{
     verify_audit_chain, AuditRecord, ChallengeResponse, Deletion, HistoryResponse, KeyReleaseRequest,
-    KeyReleaseResponse, MountGrant, RegisterDomainRequest, RegisterDomainResponse, Registration, AUDIT_GENESIS_HASH,
+    KeyReleaseResponse, MountGrant, Placement, RegisterDomainRequest, RegisterDomainResponse, Registration,
+    AUDIT_GENESIS_HASH,
 };
 use protocol::pki::{Identity, Role};
 use protocol::secret::SecretBytes;
@@ -683,18 +684,22 @@ impl Ttp {
                     protocol::messages::MAX_GRANT_VALIDITY_SECS
                 )));
             }
+            let grant_digest = protocol::messages::grant_digest(&request.grant);
+
+            // 5. The placement: the operator put this VM on this very host, for this grant.
+            let placer = self.verified_placement(request, &grant_digest, now)?;
+
             // Last, once everything else holds: a grant authorizes one release. Whoever saw
             // it on its way (the cloud platform forwards it) cannot attach the VM again with
             // it after a detach.
-            let grant_hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&request.grant.message).into();
-            if !self.store.consume_grant(&grant_hash, grant.expires_at)? {
+            if !self.store.consume_grant(&grant_digest, grant.expires_at)? {
                 return Err(Error::GrantReplayed(format!(
                     "the grant of {signer} for {} on domain {} was used for a key release before; every attach needs a new grant",
                     grant.vm_id, grant.domain_id
                 )));
             }
 
-            // 5. Derive K and seal it to the host's PCR-bound binding key.
+            // 6. Derive K and seal it to the host's PCR-bound binding key.
             let key = derive_volume_key(
                 &self.master_key,
                 &registration.nonce_r,
@@ -704,12 +709,52 @@ impl Ttp {
             )?;
             let wrapped = attestation::seal_key_to_host(&host, &key)?;
             let message = format!(
-                "key of domain {} version {} released to {} on {} ({}), grant by {signer}",
+                "key of domain {} version {} released to {} on {} ({}), grant by {signer}, placement by {placer}",
                 descriptor.domain_id, descriptor.version, request.vm_id, request.host_id, request.mode
             );
             Ok(((wrapped, descriptor.domain_id.clone(), descriptor.version), message))
         })?;
         Ok(KeyReleaseResponse { domain_id, version, wrapped_key, audit_seq: record.seq })
+    }
+
+    /// Step 5 of the key release: the request's placement is signed by a trusted
+    /// cloud-platform certificate, recent, and names the request's VM, the attesting host and
+    /// this grant. A tenant cannot sign one, and a host cannot use one made for another host:
+    /// the key goes only where the operator placed the VM. Returns the placer's name.
+    fn verified_placement(&self, request: &KeyReleaseRequest, grant_digest: &[u8; 32], now: u64) -> Result<String> {
+        let placer = self
+            .verify_signer(&request.placement, SignatureContext::Placement, Role::CloudPlatform)
+            .map_err(|e| Error::PlacementInvalid(e.to_string()))?;
+        let placement = Placement::decode(&request.placement.message)
+            .map_err(|e| Error::PlacementInvalid(format!("the placement does not decode: {e}")))?;
+        if placement.placed_at > now.saturating_add(protocol::messages::PLACEMENT_CLOCK_SKEW_SECS) {
+            return Err(Error::PlacementInvalid(format!(
+                "the placement of {} by {placer} is dated {} s ahead of the TTP's clock",
+                placement.vm_id,
+                placement.placed_at - now
+            )));
+        }
+        let age = now.saturating_sub(placement.placed_at);
+        if age > protocol::messages::MAX_PLACEMENT_AGE_SECS {
+            return Err(Error::PlacementInvalid(format!(
+                "the placement of {} by {placer} is {age} s old; at most {} s are accepted",
+                placement.vm_id,
+                protocol::messages::MAX_PLACEMENT_AGE_SECS
+            )));
+        }
+        if placement.vm_id != request.vm_id || placement.host_id != request.host_id {
+            return Err(Error::PlacementMismatch(format!(
+                "{placer} placed {} on {}, the request is for {} on {}",
+                placement.vm_id, placement.host_id, request.vm_id, request.host_id
+            )));
+        }
+        if placement.grant_digest != *grant_digest {
+            return Err(Error::PlacementMismatch(format!(
+                "the placement of {} on {} by {placer} was made for another grant",
+                placement.vm_id, placement.host_id
+            )));
+        }
+        Ok(placer)
     }
 
     // ---- history -------------------------------------------------------------------------
@@ -883,6 +928,7 @@ mod tests {
             mode: AccessMode::Ro,
             header: protocol::messages::HeaderRecord { descriptor: empty.clone(), registration: empty.clone() },
             grant: empty.clone(),
+            placement: empty.clone(),
             challenge_id: "c".into(),
             quote: protocol::attest::QuoteEvidence {
                 attest: Vec::new(),

@@ -1,4 +1,4 @@
-//! The agent's HTTPS API (docs/CLOUD-API.md): thin axum handlers over [`AgentService`].
+//! The agent's HTTPS API (docs/CLOUD-API.md): thin axum handlers over [`AttachmentService`].
 //! Errors answer `{"code", "message"}`; a refusal by the TTP keeps the TTP's code and message.
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use net::{ApiError, Identity, Role};
 use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList};
 use serde::Serialize;
 
-use super::AgentService;
+use super::AttachmentService;
 use crate::error::Error;
 
 /// Largest request body: a header record with a full ACL and certificates fits easily.
@@ -21,7 +21,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// The agent's routes (`POST`/`GET /v1/attachments`, `DELETE /v1/attachments/{id}`,
 /// `GET /v1/health`) over `service`, with the [`MAX_BODY_BYTES`] limit. Callers other
 /// than the cloud platform are refused with 403 `forbidden`.
-pub fn router(service: Arc<AgentService>) -> Router {
+pub fn router(service: Arc<AttachmentService>) -> Router {
     Router::new()
         .route("/v1/attachments", get(list).post(attach))
         .route("/v1/attachments/{attachment_id}", delete(detach))
@@ -90,7 +90,7 @@ fn require_cloud_platform(caller: &Identity) -> Result<(), ApiError> {
 }
 
 async fn attach(
-    State(service): State<Arc<AgentService>>,
+    State(service): State<Arc<AttachmentService>>,
     Extension(caller): Extension<Identity>,
     body: Result<Json<AgentAttachRequest>, JsonRejection>,
 ) -> Result<Json<AgentAttachment>, ApiError> {
@@ -101,7 +101,7 @@ async fn attach(
 }
 
 async fn list(
-    State(service): State<Arc<AgentService>>,
+    State(service): State<Arc<AttachmentService>>,
     Extension(caller): Extension<Identity>,
 ) -> Result<Json<AgentAttachmentList>, ApiError> {
     require_cloud_platform(&caller)?;
@@ -114,7 +114,7 @@ async fn list(
 }
 
 async fn detach(
-    State(service): State<Arc<AgentService>>,
+    State(service): State<Arc<AttachmentService>>,
     Extension(caller): Extension<Identity>,
     Path(attachment_id): Path<String>,
 ) -> Result<Json<AgentAttachment>, ApiError> {
@@ -131,9 +131,9 @@ struct Health {
     hypervisor: &'static str,
 }
 
-async fn health(State(service): State<Arc<AgentService>>) -> Json<Health> {
+async fn health(State(service): State<Arc<AttachmentService>>) -> Json<Health> {
     Json(Health {
-        host_id: service.host_agent().host_id.clone(),
+        host_id: service.attested_host().host_id.clone(),
         backend: service.backend_kind(),
         hypervisor: service.driver_kind(),
     })

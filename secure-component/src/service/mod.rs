@@ -27,23 +27,24 @@ use std::time::{Duration, Instant};
 use net::{Role, TlsFiles};
 use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList};
 use protocol::domain::AccessMode;
-use protocol::messages::{ChallengeResponse, KeyReleaseRequest, KeyReleaseResponse};
+
 use protocol::secret::SecretBytes;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{EnrollmentResult, HostAgent, TpmWorker};
 use crate::config::{AgentConfig, BackendChoice, HypervisorChoice};
 use crate::error::{Error, Result};
+use crate::host::{AttestedHost, EnrollmentResult, TpmWorker};
 use crate::hypervisor::libvirt::LibvirtDriver;
 use crate::hypervisor::local::LocalDriver;
 use crate::hypervisor::{HypervisorDriver, Placement};
+use crate::key_release::KeyRequest;
 use crate::volume::dmcrypt::DmCryptBackend;
 use crate::volume::userspace::UserspaceBackend;
 use crate::volume::{OpenMode, VolumeBackend};
 use records::{AttachmentRecord, RecordStore};
 
-/// How many recent attach timings [`AgentService::recent_timings`] keeps.
+/// How many recent attach timings [`AttachmentService::recent_timings`] keeps.
 const TIMINGS_KEPT: usize = 1000;
 
 /// The volume backend in use.
@@ -135,9 +136,9 @@ pub struct AttachTimings {
 
 /// The agent: the host's TPM and TTP client, a volume backend, a hypervisor driver and the
 /// attachment records.
-pub struct AgentService {
+pub struct AttachmentService {
     config: AgentConfig,
-    agent: HostAgent,
+    host: AttestedHost,
     backend: Backend,
     driver: Box<dyn HypervisorDriver>,
     records: RecordStore,
@@ -149,7 +150,7 @@ pub struct AgentService {
 /// Builds the agent from its configuration: TLS identity (role secure-component), TTP
 /// client, TPM worker, backend, hypervisor driver, records. Returns the service and the
 /// server TLS configuration accepting only the cloud platform.
-pub fn build(config: &AgentConfig) -> Result<(Arc<AgentService>, net::ServerTls)> {
+pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::ServerTls)> {
     let tls_files =
         TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
     let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
@@ -207,9 +208,9 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AgentService>, net::ServerTls)
     };
     let records = RecordStore::open(config.records_dir())?;
     let tpm = TpmWorker::start(&config.tcti, config.tpm_state_dir())?;
-    let service = AgentService {
+    let service = AttachmentService {
         config: config.clone(),
-        agent: HostAgent { host_id, tpm, ttp },
+        host: AttestedHost { host_id, tpm, ttp },
         backend,
         driver,
         records,
@@ -223,7 +224,7 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AgentService>, net::ServerTls)
 /// Serves the agent API on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    service: Arc<AgentService>,
+    service: Arc<AttachmentService>,
     tls: net::ServerTls,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -250,14 +251,6 @@ fn mode_of(mode: AccessMode) -> OpenMode {
     match mode {
         AccessMode::Ro => OpenMode::ReadOnly,
         AccessMode::Rw => OpenMode::ReadWrite,
-    }
-}
-
-/// A TTP answer error → the agent's error, keeping the TTP's code and message.
-fn ttp_error(step: &'static str, error: net::Error) -> Error {
-    match error {
-        net::Error::Api { code, message, .. } => Error::TtpRefused { step, code, message },
-        other => Error::TtpUnreachable { step, detail: other.to_string() },
     }
 }
 
@@ -332,15 +325,15 @@ impl Drop for Reservation<'_> {
     }
 }
 
-impl AgentService {
+impl AttachmentService {
     /// The configuration the agent was started with.
     pub fn config(&self) -> &AgentConfig {
         &self.config
     }
 
-    /// The TTP-facing agent (host id, TPM worker, TTP client).
-    pub fn host_agent(&self) -> &HostAgent {
-        &self.agent
+    /// This host as the TTP sees it (host id, TPM worker, TTP client).
+    pub fn attested_host(&self) -> &AttestedHost {
+        &self.host
     }
 
     /// "dm-crypt" or "userspace", as reported by `/v1/health`.
@@ -355,7 +348,7 @@ impl AgentService {
 
     /// Enrolls this host's TPM with the TTP, binding to the configured PCR selection.
     pub async fn enroll(&self) -> Result<EnrollmentResult> {
-        self.agent.enroll(&self.config.pcr_selection).await
+        self.host.enroll(&self.config.pcr_selection).await
     }
 
     /// The timings of the most recent attaches (oldest first), for measurements.
@@ -379,7 +372,7 @@ impl AgentService {
         self.attach_timed(request).await.map(|(a, _)| a)
     }
 
-    /// [`AgentService::attach`] that also returns where the time went (docs/PERFORMANCE.md,
+    /// [`AttachmentService::attach`] that also returns where the time went (docs/PERFORMANCE.md,
     /// "Attach latency").
     pub async fn attach_timed(
         self: &Arc<Self>,
@@ -442,8 +435,24 @@ impl AgentService {
             .await
             .map_err(|e| Error::Volume(format!("volume header check failed: {e}")))??;
 
-        let mut timings = AttachTimings::default();
-        let (key, release) = self.obtain_key_timed(&request, &mut timings).await?;
+        let obtained = self
+            .host
+            .obtain_key(&KeyRequest {
+                header: &request.header,
+                grant: &request.grant,
+                placement: &request.placement,
+                vm_id: &request.vm_id,
+                mode: request.mode,
+            })
+            .await?;
+        let (key, release, steps) = (obtained.key, obtained.response, obtained.times);
+        let timings = AttachTimings {
+            challenge: steps.challenge,
+            quote: steps.quote,
+            release: steps.release,
+            decrypt: steps.decrypt,
+            ..AttachTimings::default()
+        };
         if release.domain_id != domain_id {
             return Err(Error::BadRequest(format!(
                 "the TTP released the key of domain {} for a header of domain {domain_id}",
@@ -490,44 +499,6 @@ impl AgentService {
             t.push_back(timings);
         }
         Ok((self.attached_view(&record), timings))
-    }
-
-    /// Challenge, quote, release, decrypt: `HostAgent::obtain_key` step by step, timed.
-    async fn obtain_key_timed(
-        &self,
-        request: &AgentAttachRequest,
-        timings: &mut AttachTimings,
-    ) -> Result<(SecretBytes, KeyReleaseResponse)> {
-        let t = Instant::now();
-        let challenge: ChallengeResponse =
-            self.agent.ttp.post_json("/v1/challenges", &()).await.map_err(|e| ttp_error("challenge", e))?;
-        timings.challenge = t.elapsed();
-        let t = Instant::now();
-        let nonce = challenge.nonce.clone();
-        let quote = self.agent.tpm.run(move |tpm| tpm.quote(&nonce)).await?;
-        timings.quote = t.elapsed();
-        let t = Instant::now();
-        let release_request = KeyReleaseRequest {
-            host_id: self.agent.host_id.clone(),
-            vm_id: request.vm_id.clone(),
-            mode: request.mode,
-            header: request.header.clone(),
-            grant: request.grant.clone(),
-            challenge_id: challenge.challenge_id,
-            quote,
-        };
-        let release: KeyReleaseResponse = self
-            .agent
-            .ttp
-            .post_json("/v1/key-releases", &release_request)
-            .await
-            .map_err(|e| ttp_error("key release", e))?;
-        timings.release = t.elapsed();
-        let t = Instant::now();
-        let wrapped = release.wrapped_key.clone();
-        let key = self.agent.tpm.run(move |tpm| tpm.decrypt_released_key(&wrapped)).await?;
-        timings.decrypt = t.elapsed();
-        Ok((key, release))
     }
 
     /// Blocking part of attach: open, wipe the key, driver attach, record; undone on failure.
@@ -699,7 +670,7 @@ impl AgentService {
             Err(e) => tracing::warn!(error = %e, "cannot list the backend's mappings"),
         }
         tracing::info!(
-            host = %self.agent.host_id, backend = self.backend.kind(), hypervisor = self.driver.kind(),
+            host = %self.host.host_id, backend = self.backend.kind(), hypervisor = self.driver.kind(),
             attachments = records.len(), "secure component agent ready"
         );
     }
@@ -754,14 +725,14 @@ impl AgentService {
     }
 }
 
-impl Drop for AgentService {
+impl Drop for AttachmentService {
     fn drop(&mut self) {
         self.shutdown();
     }
 }
 
 /// For callers that only have a path (the CLI).
-pub fn load_and_build(config_path: &Path) -> Result<(AgentConfig, Arc<AgentService>, net::ServerTls)> {
+pub fn load_and_build(config_path: &Path) -> Result<(AgentConfig, Arc<AttachmentService>, net::ServerTls)> {
     let config = AgentConfig::load(config_path)?;
     let (service, tls) = build(&config)?;
     Ok((config, service, tls))

@@ -1,6 +1,6 @@
 //! The secure component's side of the flows with the TTP (docs/PROTOCOL.md, "Message
-//! sequences"): host enrollment, and obtaining a domain key for a mount (challenge, quote,
-//! key release, TPM decryption).
+//! sequences"): host enrollment here, and obtaining a domain key for a mount in
+//! [`crate::key_release`].
 //!
 //! The TPM is a serial device and the ESAPI context is not thread-safe, so one worker
 //! thread owns `HostTpm` and runs TPM jobs in order; async callers await their results.
@@ -9,10 +9,6 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 
 use protocol::attest::{CredentialChallenge, PcrSelection};
-use protocol::domain::AccessMode;
-use protocol::messages::{ChallengeResponse, HeaderRecord, KeyReleaseRequest, KeyReleaseResponse};
-use protocol::secret::SecretBytes;
-use protocol::signing::SignedEnvelope;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -82,7 +78,7 @@ pub struct EnrollmentResult {
 
 /// Converts a TTP answer error into the secure component's error, keeping the TTP's code
 /// and message (they say exactly what was refused).
-fn ttp_error(step: &'static str, error: net::Error) -> Error {
+pub(crate) fn ttp_error(step: &'static str, error: net::Error) -> Error {
     match error {
         net::Error::Api { code, message, .. } => Error::TtpRefused { step, code, message },
         other => Error::TtpUnreachable { step, detail: other.to_string() },
@@ -90,7 +86,7 @@ fn ttp_error(step: &'static str, error: net::Error) -> Error {
 }
 
 /// The secure component of one compute host, as the TTP sees it.
-pub struct HostAgent {
+pub struct AttestedHost {
     /// This host's id at the TTP (the name in its certificate); sent in every key release.
     pub host_id: String,
     /// The thread that owns the host TPM: quotes and decrypts released keys.
@@ -99,7 +95,7 @@ pub struct HostAgent {
     pub ttp: net::Client,
 }
 
-impl HostAgent {
+impl AttestedHost {
     /// Enrolls this host's TPM with the TTP (DESIGN §3, "Host enrollment").
     pub async fn enroll(&self, selection: &PcrSelection) -> Result<EnrollmentResult> {
         let host_id = self.host_id.clone();
@@ -109,44 +105,5 @@ impl HostAgent {
             self.ttp.post_json("/v1/enrollments", &request).await.map_err(|e| ttp_error("enrollment", e))?;
         let proof = self.tpm.run(move |tpm| tpm.enrollment_proof(&challenge)).await?;
         self.ttp.post_json("/v1/enrollments/proof", &proof).await.map_err(|e| ttp_error("enrollment proof", e))
-    }
-
-    /// Obtains the domain key for `vm_id` (DESIGN §3, "Mount"): a fresh challenge, a quote
-    /// over it, the key release, and the decryption inside the TPM under the PCR policy.
-    pub async fn obtain_key(
-        &self,
-        header: &HeaderRecord,
-        grant: &SignedEnvelope,
-        vm_id: &str,
-        mode: AccessMode,
-    ) -> Result<(SecretBytes, KeyReleaseResponse)> {
-        let response = self.request_release(header, grant, vm_id, mode).await?;
-        let wrapped = response.wrapped_key.clone();
-        let key = self.tpm.run(move |tpm| tpm.decrypt_released_key(&wrapped)).await?;
-        Ok((key, response))
-    }
-
-    /// The key release alone (the wrapped key is useless outside this host's TPM).
-    pub async fn request_release(
-        &self,
-        header: &HeaderRecord,
-        grant: &SignedEnvelope,
-        vm_id: &str,
-        mode: AccessMode,
-    ) -> Result<KeyReleaseResponse> {
-        let challenge: ChallengeResponse =
-            self.ttp.post_json("/v1/challenges", &()).await.map_err(|e| ttp_error("challenge", e))?;
-        let nonce = challenge.nonce.clone();
-        let quote = self.tpm.run(move |tpm| tpm.quote(&nonce)).await?;
-        let request = KeyReleaseRequest {
-            host_id: self.host_id.clone(),
-            vm_id: vm_id.to_string(),
-            mode,
-            header: header.clone(),
-            grant: grant.clone(),
-            challenge_id: challenge.challenge_id,
-            quote,
-        };
-        self.ttp.post_json("/v1/key-releases", &request).await.map_err(|e| ttp_error("key release", e))
     }
 }
