@@ -55,11 +55,11 @@ pub struct ListQuery {
 
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(value)| value)
-        .map_err(|rejection| ApiError::new(rejection.status(), "bad_request", rejection.body_text()))
+        .map_err(|rejection| ApiError::rejected_body(rejection.status(), rejection.body_text()))
 }
 
 fn query(q: Result<Query<ListQuery>, QueryRejection>) -> Result<(ListQuery, Page), ApiError> {
-    let Query(q) = q.map_err(|rejection| ApiError::new(rejection.status(), "bad_request", rejection.body_text()))?;
+    let Query(q) = q.map_err(|rejection| ApiError::rejected_body(rejection.status(), rejection.body_text()))?;
     let page = Page::new(q.limit, q.marker.clone())?;
     Ok((q, page))
 }

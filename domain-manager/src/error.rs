@@ -1,6 +1,7 @@
 //! The one error type of the domain-manager library. Messages say what was wrong and what
 //! to do next.
 
+use protocol::refusal::Refusal;
 use thiserror::Error;
 
 /// Everything the domain-manager library can fail with.
@@ -71,24 +72,25 @@ impl Error {
 
 /// What a domain manager can do about each refusal (docs/PROTOCOL.md, "Error codes").
 fn hint_for(code: &str) -> &'static str {
-    match code {
-        "vm_not_in_acl" => "add the VM first: `domain-manager domain grant DOMAIN --vm VM:ro` (or :rw)",
-        "mode_not_permitted" => "the VM's access is read-only; attach with `--mode ro`, or grant rw with `domain grant DOMAIN --vm VM:rw`",
-        "grant_mismatch" => "attach with the same mode the grant allows",
-        "grant_too_long" => "attach with --valid-for of at most 3600 s (a grant is meant for one attach, now)",
-        "single_writer" => "a domain is attached read-write once and alone: detach the attachment named above first (`domain-manager vm list`)",
-        "grant_replayed" => "a grant is good for one attach and this one was used before; `attach` signs a new one each time — if you did not reuse it, someone replayed it: report this",
-        "grant_expired" => "retry: a new grant is signed for every attach (check this machine's clock)",
-        "grant_signer_not_authorized" => "only the owner or a manager the domain is shared with can attach it; ask the owner to `domain share DOMAIN --with YOU`",
-        "placement_invalid" | "placement_mismatch" => "the key was asked for from a host the cloud operator did not place the VM on (or with a stale placement); retry the attach, and report this to the cloud operator if it repeats",
-        "pcr_mismatch" => "the compute host's measured state changed since enrollment; the cloud operator must investigate and re-enroll it after an approved update",
-        "version_rollback" => "someone changed the domain meanwhile: run `domain show DOMAIN` and retry",
-        "domain_deleted" => "the domain was deleted; its key can never be derived again",
-        "owner_mismatch" | "forbidden" => "only the domain's owner (or, where allowed, a manager it is shared with) may do this",
-        "host_unknown" => "the VM's compute host is not enrolled with the TTP; ask the cloud operator",
-        "descriptor_signature_invalid" => "the descriptor was not signed by its owner: the cloud platform may have altered it; report this",
-        "ttp_unreachable" => "the cloud platform could not reach the TTP; a grant, revoke or share it accepted is finished when the TTP is back: `domain show DOMAIN` tells when it is in force",
-        "audit_chain_broken" => "the TTP's audit log was tampered with; report this to the TTP operator at once",
+    let Some(refusal) = Refusal::from_code(code) else { return "" };
+    match refusal {
+        Refusal::VmNotInAcl => "add the VM first: `domain-manager domain grant DOMAIN --vm VM:ro` (or :rw)",
+        Refusal::ModeNotPermitted => "the VM's access is read-only; attach with `--mode ro`, or grant rw with `domain grant DOMAIN --vm VM:rw`",
+        Refusal::GrantMismatch => "attach with the same mode the grant allows",
+        Refusal::GrantTooLong => "attach with --valid-for of at most 3600 s (a grant is meant for one attach, now)",
+        Refusal::SingleWriter => "a domain is attached read-write once and alone: detach the attachment named above first (`domain-manager vm list`)",
+        Refusal::GrantReplayed => "a grant is good for one attach and this one was used before; `attach` signs a new one each time — if you did not reuse it, someone replayed it: report this",
+        Refusal::GrantExpired => "retry: a new grant is signed for every attach (check this machine's clock)",
+        Refusal::GrantSignerNotAuthorized => "only the owner or a manager the domain is shared with can attach it; ask the owner to `domain share DOMAIN --with YOU`",
+        Refusal::PlacementInvalid | Refusal::PlacementMismatch => "the key was asked for from a host the cloud operator did not place the VM on (or with a stale placement); retry the attach, and report this to the cloud operator if it repeats",
+        Refusal::PcrMismatch => "the compute host's measured state changed since enrollment; the cloud operator must investigate and re-enroll it after an approved update",
+        Refusal::VersionRollback => "someone changed the domain meanwhile: run `domain show DOMAIN` and retry",
+        Refusal::DomainDeleted => "the domain was deleted; its key can never be derived again",
+        Refusal::OwnerMismatch | Refusal::Forbidden => "only the domain's owner (or, where allowed, a manager it is shared with) may do this",
+        Refusal::HostUnknown => "the VM's compute host is not enrolled with the TTP; ask the cloud operator",
+        Refusal::DescriptorSignatureInvalid => "the descriptor was not signed by its owner: the cloud platform may have altered it; report this",
+        Refusal::TtpUnreachable => "the cloud platform could not reach the TTP; a grant, revoke or share it accepted is finished when the TTP is back: `domain show DOMAIN` tells when it is in force",
+        Refusal::AuditChainBroken => "the TTP's audit log was tampered with; report this to the TTP operator at once",
         _ => "",
     }
 }

@@ -1,15 +1,17 @@
 //! The JSON error body every Skydd service answers with:
-//! `{"code": "not-in-acl", "message": "vm-7 is not in the ACL of domain 3f2a..., version 4"}`.
+//! `{"code": "vm_not_in_acl", "message": "vm-7 is not in the access list of domain 3f2a..., version 4"}`;
+//! the codes are `protocol::refusal::Refusal`'s.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use protocol::refusal::Refusal;
 use serde::{Deserialize, Serialize};
 
 /// The JSON body of every Skydd error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// A short, stable, machine-readable code (kebab-case).
+    /// A short, stable, machine-readable code (snake_case; `protocol::refusal::Refusal`).
     pub code: String,
     /// What exactly was wrong, for a person.
     pub message: String,
@@ -32,29 +34,21 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An error with any `status`.
+    /// An error with any `status` and `code`: for forwarding a peer's refusal unchanged.
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         ApiError { status, code: code.to_string(), message: message.into() }
     }
-    /// 400: the request is malformed or invalid.
-    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
+
+    /// The refusal `refusal` with its own HTTP status (docs/PROTOCOL.md "Error codes").
+    pub fn refused(refusal: Refusal, message: impl Into<String>) -> Self {
+        let status = StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Self::new(status, refusal.code(), message)
     }
-    /// 403: the caller is authenticated but not allowed to do this.
-    pub fn forbidden(code: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, code, message)
-    }
-    /// 404: the named resource does not exist.
-    pub fn not_found(code: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, code, message)
-    }
-    /// 409: the request conflicts with the current state (e.g. a stale version).
-    pub fn conflict(code: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, code, message)
-    }
-    /// 500: the service failed; not the caller's fault.
-    pub fn internal(code: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, code, message)
+
+    /// A body axum could not take (too large 413, not JSON 415, malformed 400, wrong shape
+    /// 422): `bad_request` with axum's status and its words.
+    pub fn rejected_body(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::new(status, Refusal::BadRequest.code(), message)
     }
 }
 
@@ -69,7 +63,7 @@ pub async fn run_to_completion<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     match tokio::spawn(work).await {
         Ok(outcome) => outcome,
-        Err(join) => Err(ApiError::internal("internal", format!("{what} failed: {join}"))),
+        Err(join) => Err(ApiError::refused(Refusal::Internal, format!("{what} failed: {join}"))),
     }
 }
 

@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use net::{error_response, ApiError, Client, Error, HandshakeFailure, ServeOptions, TlsFiles};
 use protocol::pki::{self, CertificateAuthority, Identity, IssuedIdentity, Role, Validity};
+use protocol::refusal::Refusal;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -71,7 +72,9 @@ fn router() -> Router {
         )
         .route(
             "/missing",
-            get(|| async { Err::<Json<Value>, _>(ApiError::not_found("no-such-domain", "domain 9 does not exist")) }),
+            get(|| async {
+                Err::<Json<Value>, _>(ApiError::refused(Refusal::DomainUnknown, "domain 9 does not exist"))
+            }),
         )
         .route("/plain-error", get(|| async { (StatusCode::BAD_GATEWAY, "upstream down") }))
         .route("/not-json", get(|| async { "this is not json" }))
@@ -272,7 +275,7 @@ async fn error_bodies_limits_and_bad_json() {
         other => panic!("{other:?}"),
     }
     match c.get_json::<Value>("/missing").await.unwrap_err() {
-        Error::Api { status: 404, code, .. } => assert_eq!(code, "no-such-domain"),
+        Error::Api { status: 404, code, .. } => assert_eq!(code, "domain_unknown"),
         other => panic!("{other:?}"),
     }
     match c.get_json::<Value>("/plain-error").await.unwrap_err() {

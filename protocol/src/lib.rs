@@ -14,6 +14,7 @@ pub mod format;
 pub mod kdf;
 pub mod messages;
 pub mod pki;
+pub mod refusal;
 pub mod secret;
 pub mod signing;
 

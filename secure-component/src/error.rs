@@ -1,6 +1,7 @@
 //! The one error type of the secure component library. Every variant names what was wrong.
 //! Sections are grouped by module; add variants in your module's section.
 
+use protocol::refusal::Refusal;
 use thiserror::Error;
 
 /// Everything that can go wrong in the secure component, one variant per kind of failure.
@@ -11,7 +12,7 @@ use thiserror::Error;
 pub enum Error {
     // ---- configuration and I/O -------------------------------------------------------
     /// An operating-system call failed (open, read, ioctl, spawning a program). Answers 500
-    /// `io_failed`.
+    /// `io_error`.
     #[error("{context}: {source}")]
     Io {
         /// What was being done, e.g. "reading /etc/skydd/sc.toml"; it comes first in the message.
@@ -22,7 +23,7 @@ pub enum Error {
     },
     /// The configuration is unusable: TOML that does not parse, an unknown key, a bad value,
     /// TLS files that do not load ([`crate::config::AgentConfig`]). Stops `serve` at start-up;
-    /// answers 500 `config` should it reach the API.
+    /// answers 500 `config_error` should it reach the API.
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The host lacks something the secure component needs (prerequisites.rs).
@@ -73,14 +74,16 @@ pub enum Error {
     #[error("AES-XTS engine: {0}")]
     Xts(String),
 
-    // ---- TTP (agent.rs) ----------------------------------------------------------------
+    // ---- TTP (host.rs, key_release.rs) ------------------------------------------------------
     /// The TTP answered with an error code (docs/PROTOCOL.md, "Error codes"), e.g.
-    /// `vm_not_in_acl` or `pcr_mismatch`. The agent passes code and message through unchanged:
-    /// 400, 404, 409 or 410 for the TTP's request errors, 403 for every other refusal.
+    /// `vm_not_in_acl` or `pcr_mismatch`. The secure component passes status, code and message
+    /// through unchanged.
     #[error("the TTP refused the {step} ({code}): {message}")]
     TtpRefused {
         /// The exchange refused: "enrollment", "enrollment proof", "challenge" or "key release".
         step: &'static str,
+        /// The TTP's HTTP status.
+        status: u16,
         /// The TTP's machine-readable code, e.g. `grant_expired`.
         code: String,
         /// The TTP's message, saying exactly what was refused.
@@ -127,6 +130,26 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// What this error is in the shared vocabulary (docs/PROTOCOL.md "Error codes"); a TTP
+    /// refusal is the TTP's code (`forbidden` should the TTP send a code this build does not
+    /// know: the answer keeps the TTP's own code and status anyway, see `service::http`).
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            Error::TtpRefused { code, .. } => Refusal::from_code(code).unwrap_or(Refusal::Forbidden),
+            Error::TtpUnreachable { .. } => Refusal::TtpUnreachable,
+            Error::BadRequest(_) | Error::Protocol(_) => Refusal::BadRequest,
+            Error::AttachmentUnknown(_) => Refusal::AttachmentUnknown,
+            Error::AttachmentConflict(_) => Refusal::AttachmentConflict,
+            Error::BindingKeyRefused(_) => Refusal::BindingKeyRefused,
+            Error::Tpm { .. } | Error::Swtpm(_) | Error::TpmState { .. } => Refusal::TpmFailed,
+            Error::Volume(_) | Error::DeviceMapperUnavailable(_) | Error::Xts(_) => Refusal::VolumeFailed,
+            Error::Hypervisor { .. } => Refusal::HypervisorFailed,
+            Error::Io { .. } => Refusal::IoError,
+            Error::Config(_) => Refusal::ConfigError,
+            Error::Prerequisites(_) => Refusal::HostUnprepared,
+        }
+    }
+
     /// Builds [`Error::Io`]; `context` says what was being done (for `map_err`).
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io { context: context.into(), source }

@@ -80,7 +80,7 @@ pub struct EnrollmentResult {
 /// and message (they say exactly what was refused).
 pub(crate) fn ttp_error(step: &'static str, error: net::Error) -> Error {
     match error {
-        net::Error::Api { code, message, .. } => Error::TtpRefused { step, code, message },
+        net::Error::Api { status, code, message } => Error::TtpRefused { step, status, code, message },
         other => Error::TtpUnreachable { step, detail: other.to_string() },
     }
 }

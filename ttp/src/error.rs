@@ -1,10 +1,11 @@
 //! The one error type of the TTP library. Every refusal carries a stable code (used in the
 //! audit log, in JSON error bodies and by clients) and a message naming what failed.
 
+use protocol::refusal::Refusal;
 use thiserror::Error;
 
 /// Every way a TTP request can be refused or fail. [`Error::code`] gives the stable code;
-/// `http.rs` maps each variant to its HTTP status (docs/PROTOCOL.md "Error codes" lists both).
+/// [`Error::refusal`] gives both and the HTTP status (docs/PROTOCOL.md "Error codes").
 #[derive(Debug, Error)]
 pub enum Error {
     // ---- requests ------------------------------------------------------------------------
@@ -143,13 +144,13 @@ pub enum Error {
     /// docs/PROTOCOL.md "Audit records").
     #[error("audit chain is broken: {0}")]
     AuditChainBroken(String),
-    /// The SQLite store failed or holds an unreadable record (500 `store`).
+    /// The SQLite store failed or holds an unreadable record (500 `store_error`).
     #[error("store: {0}")]
     Store(String),
-    /// The configuration or a file it names is unusable (500 `config`); stops start-up.
+    /// The configuration or a file it names is unusable (500 `config_error`); stops start-up.
     #[error("configuration: {0}")]
     Config(String),
-    /// A file could not be read or written (500 `io`).
+    /// A file could not be read or written (500 `io_error`).
     #[error("{context}: {source}")]
     Io {
         /// What was being done, naming the file.
@@ -170,45 +171,50 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// The stable machine-readable code of this error (docs/PROTOCOL.md, "Error codes").
     pub fn code(&self) -> &'static str {
+        self.refusal().code()
+    }
+
+    /// What this error is in the shared vocabulary: its code and HTTP status.
+    pub fn refusal(&self) -> Refusal {
         match self {
-            Error::BadRequest(_) => "bad_request",
-            Error::Forbidden { .. } => "forbidden",
-            Error::EkUntrusted(_) => "ek_untrusted",
-            Error::EkMismatch(_) => "ek_mismatch",
-            Error::CredentialFailed(_) => "credential_failed",
-            Error::BindingKeyInvalid(_) => "binding_key_invalid",
-            Error::BindingPolicyUntrusted(_) => "binding_policy_untrusted",
-            Error::EkPinned(_) => "ek_pinned",
-            Error::EkInUse(_) => "ek_in_use",
-            Error::PcrResettable(_) => "pcr_resettable",
-            Error::HostUnknown(_) => "host_unknown",
-            Error::QuoteInvalid(_) => "quote_invalid",
-            Error::ChallengeInvalid(_) => "challenge_invalid",
-            Error::PcrMismatch(_) => "pcr_mismatch",
-            Error::DescriptorSignatureInvalid(_) => "descriptor_signature_invalid",
-            Error::OwnerMismatch(_) => "owner_mismatch",
-            Error::VersionRollback(_) => "version_rollback",
-            Error::DomainUnknown(_) => "domain_unknown",
-            Error::DomainDeleted(_) => "domain_deleted",
-            Error::RegistrationMismatch(_) => "registration_mismatch",
-            Error::VmNotInAcl(_) => "vm_not_in_acl",
-            Error::ModeNotPermitted(_) => "mode_not_permitted",
-            Error::GrantExpired(_) => "grant_expired",
-            Error::GrantReplayed(_) => "grant_replayed",
-            Error::GrantTooLong(_) => "grant_too_long",
-            Error::GrantSignatureInvalid(_) => "grant_signature_invalid",
-            Error::GrantSignerNotAuthorized(_) => "grant_signer_not_authorized",
-            Error::GrantMismatch(_) => "grant_mismatch",
-            Error::PlacementInvalid(_) => "placement_invalid",
-            Error::PlacementMismatch(_) => "placement_mismatch",
-            Error::AuditChainBroken(_) => "audit_chain_broken",
-            Error::Store(_) => "store",
-            Error::Config(_) => "config",
-            Error::Io { .. } => "io",
+            Error::BadRequest(_) => Refusal::BadRequest,
+            Error::Forbidden { .. } => Refusal::Forbidden,
+            Error::EkUntrusted(_) => Refusal::EkUntrusted,
+            Error::EkMismatch(_) => Refusal::EkMismatch,
+            Error::CredentialFailed(_) => Refusal::CredentialFailed,
+            Error::BindingKeyInvalid(_) => Refusal::BindingKeyInvalid,
+            Error::BindingPolicyUntrusted(_) => Refusal::BindingPolicyUntrusted,
+            Error::EkPinned(_) => Refusal::EkPinned,
+            Error::EkInUse(_) => Refusal::EkInUse,
+            Error::PcrResettable(_) => Refusal::PcrResettable,
+            Error::HostUnknown(_) => Refusal::HostUnknown,
+            Error::QuoteInvalid(_) => Refusal::QuoteInvalid,
+            Error::ChallengeInvalid(_) => Refusal::ChallengeInvalid,
+            Error::PcrMismatch(_) => Refusal::PcrMismatch,
+            Error::DescriptorSignatureInvalid(_) => Refusal::DescriptorSignatureInvalid,
+            Error::OwnerMismatch(_) => Refusal::OwnerMismatch,
+            Error::VersionRollback(_) => Refusal::VersionRollback,
+            Error::DomainUnknown(_) => Refusal::DomainUnknown,
+            Error::DomainDeleted(_) => Refusal::DomainDeleted,
+            Error::RegistrationMismatch(_) => Refusal::RegistrationMismatch,
+            Error::VmNotInAcl(_) => Refusal::VmNotInAcl,
+            Error::ModeNotPermitted(_) => Refusal::ModeNotPermitted,
+            Error::GrantExpired(_) => Refusal::GrantExpired,
+            Error::GrantReplayed(_) => Refusal::GrantReplayed,
+            Error::GrantTooLong(_) => Refusal::GrantTooLong,
+            Error::GrantSignatureInvalid(_) => Refusal::GrantSignatureInvalid,
+            Error::GrantSignerNotAuthorized(_) => Refusal::GrantSignerNotAuthorized,
+            Error::GrantMismatch(_) => Refusal::GrantMismatch,
+            Error::PlacementInvalid(_) => Refusal::PlacementInvalid,
+            Error::PlacementMismatch(_) => Refusal::PlacementMismatch,
+            Error::AuditChainBroken(_) => Refusal::AuditChainBroken,
+            Error::Store(_) => Refusal::StoreError,
+            Error::Config(_) => Refusal::ConfigError,
+            Error::Io { .. } => Refusal::IoError,
             Error::Protocol(protocol::Error::BadSignature { .. } | protocol::Error::NonCanonicalSignature { .. }) => {
-                "bad_signature"
+                Refusal::BadSignature
             }
-            Error::Protocol(_) => "bad_request",
+            Error::Protocol(_) => Refusal::BadRequest,
         }
     }
 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::service::Ttp;
+use protocol::refusal::Refusal;
 
 /// Largest request body: a header record with a full ACL and certificates fits easily.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -39,16 +40,7 @@ pub fn router(ttp: Arc<Ttp>) -> Router {
 }
 
 fn status_of(error: &Error) -> StatusCode {
-    match error {
-        Error::BadRequest(_) | Error::Protocol(_) | Error::PcrResettable(_) => StatusCode::BAD_REQUEST,
-        Error::HostUnknown(_) | Error::DomainUnknown(_) => StatusCode::NOT_FOUND,
-        Error::VersionRollback(_) => StatusCode::CONFLICT,
-        Error::DomainDeleted(_) => StatusCode::GONE,
-        Error::Store(_) | Error::Config(_) | Error::Io { .. } | Error::AuditChainBroken(_) => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-        _ => StatusCode::FORBIDDEN,
-    }
+    StatusCode::from_u16(error.refusal().http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 fn api_error(error: Error) -> ApiError {
@@ -62,7 +54,7 @@ fn api_error(error: Error) -> ApiError {
 
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(value)| value)
-        .map_err(|rejection| ApiError::new(rejection.status(), "bad_request", rejection.body_text()))
+        .map_err(|rejection| ApiError::rejected_body(rejection.status(), rejection.body_text()))
 }
 
 /// Runs a blocking decision (SQLite, RSA) off the async workers.
@@ -72,7 +64,7 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(work).await {
         Ok(Ok(value)) => Ok(Json(value)),
         Ok(Err(error)) => Err(api_error(error)),
-        Err(join) => Err(ApiError::internal("internal", format!("request handler failed: {join}"))),
+        Err(join) => Err(ApiError::refused(Refusal::Internal, format!("request handler failed: {join}"))),
     }
 }
 

@@ -10,6 +10,7 @@ use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
 use net::{ApiError, Identity, Role};
 use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList};
+use protocol::refusal::Refusal;
 use serde::Serialize;
 
 use super::AttachmentService;
@@ -30,34 +31,18 @@ pub fn router(service: Arc<AttachmentService>) -> Router {
         .with_state(service)
 }
 
-/// The status and code of an agent error.
+/// The status and code of an agent error: a TTP refusal keeps the TTP's own, every other
+/// error answers its [`Refusal`](protocol::refusal::Refusal).
 pub fn status_and_code(error: &Error) -> (StatusCode, String) {
     match error {
-        Error::TtpRefused { code, .. } => {
-            let status = match code.as_str() {
-                "bad_request" => StatusCode::BAD_REQUEST,
-                "domain_unknown" | "host_unknown" => StatusCode::NOT_FOUND,
-                "version_rollback" => StatusCode::CONFLICT,
-                "domain_deleted" => StatusCode::GONE,
-                _ => StatusCode::FORBIDDEN,
-            };
-            (status, code.clone())
+        Error::TtpRefused { status, code, .. } => {
+            (StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY), code.clone())
         }
-        Error::TtpUnreachable { .. } => (StatusCode::BAD_GATEWAY, "ttp_unreachable".into()),
-        Error::BadRequest(_) | Error::Protocol(_) => (StatusCode::BAD_REQUEST, "bad_request".into()),
-        Error::AttachmentUnknown(_) => (StatusCode::NOT_FOUND, "attachment_unknown".into()),
-        Error::AttachmentConflict(_) => (StatusCode::CONFLICT, "attachment_conflict".into()),
-        Error::BindingKeyRefused(_) => (StatusCode::FORBIDDEN, "binding_key_refused".into()),
-        Error::Tpm { .. } | Error::Swtpm(_) | Error::TpmState { .. } => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "tpm_failed".into())
+        other => {
+            let refusal = other.refusal();
+            let status = StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            (status, refusal.code().to_string())
         }
-        Error::Volume(_) | Error::DeviceMapperUnavailable(_) | Error::Xts(_) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "volume_failed".into())
-        }
-        Error::Hypervisor { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "hypervisor_failed".into()),
-        Error::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "io_failed".into()),
-        Error::Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "config".into()),
-        Error::Prerequisites(_) => (StatusCode::INTERNAL_SERVER_ERROR, "host_unprepared".into()),
     }
 }
 
@@ -82,8 +67,8 @@ fn require_cloud_platform(caller: &Identity) -> Result<(), ApiError> {
     if caller.role == Role::CloudPlatform {
         Ok(())
     } else {
-        Err(ApiError::forbidden(
-            "forbidden",
+        Err(ApiError::refused(
+            Refusal::Forbidden,
             format!("{caller} may not call the secure component; only the cloud platform may"),
         ))
     }
@@ -95,7 +80,7 @@ async fn attach(
     body: Result<Json<AgentAttachRequest>, JsonRejection>,
 ) -> Result<Json<AgentAttachment>, ApiError> {
     require_cloud_platform(&caller)?;
-    let Json(request) = body.map_err(|r| ApiError::new(r.status(), "bad_request", r.body_text()))?;
+    let Json(request) = body.map_err(|r| ApiError::rejected_body(r.status(), r.body_text()))?;
     tracing::info!(caller = %caller, attachment = %request.attachment_id, vm = %request.vm_id, mode = %request.mode, "attach requested");
     net::run_to_completion("attach", async move { service.attach(request).await.map(Json).map_err(api_error) }).await
 }
@@ -109,7 +94,7 @@ async fn list(
     match tokio::task::spawn_blocking(move || work.list()).await {
         Ok(Ok(list)) => Ok(Json(list)),
         Ok(Err(e)) => Err(api_error(e)),
-        Err(join) => Err(ApiError::internal("internal", format!("list failed: {join}"))),
+        Err(join) => Err(ApiError::refused(Refusal::Internal, format!("list failed: {join}"))),
     }
 }
 
