@@ -145,6 +145,7 @@ impl AllInOne {
             max_volume_bytes: cloud_platform::config::DEFAULT_MAX_VOLUME_BYTES,
             reconcile_interval_secs: cloud_platform::config::DEFAULT_RECONCILE_INTERVAL_SECS,
             quota: Default::default(),
+            limits: Default::default(),
         };
         std::fs::write(dir.join("cloud-platform.toml"), cp_config.to_toml()?)?;
         let (cp, cp_server_tls) = cloud_platform::server::build(&cp_config)?;

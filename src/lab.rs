@@ -127,6 +127,7 @@ impl RunningTtp {
             key: tls.key.clone(),
             attestation: policy_path,
             registration_replicas: Vec::new(),
+            limits: Default::default(),
         };
         let (service, server_tls) = ttp::server::build(&config)?;
         let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
@@ -391,5 +392,6 @@ pub fn loopback_agent_config(
         key: tls.key.clone(),
         pcr_selection: Default::default(),
         volume_root: None,
+        limits: Default::default(),
     }
 }

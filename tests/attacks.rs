@@ -1322,6 +1322,7 @@ async fn attack_matrix() {
         key: ttp_files.key.clone(),
         attestation: cloud.dir.join("attestation.toml"),
         registration_replicas: Vec::new(),
+        limits: Default::default(),
     };
     let (partner, partner_tls) = ttp::server::build(&partner_config).expect("build the partner TTP");
     let partner_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

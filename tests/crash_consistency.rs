@@ -414,6 +414,7 @@ async fn crash_consistency_under_kill_9() {
         key: ttp_tls.key.clone(),
         attestation: policy_path,
         registration_replicas: Vec::new(),
+        limits: Default::default(),
     };
     let ttp_config_path = root.join("ttp.toml");
     std::fs::write(&ttp_config_path, toml::to_string(&ttp_config).unwrap()).unwrap();
@@ -435,6 +436,7 @@ async fn crash_consistency_under_kill_9() {
         max_volume_bytes: cloud_platform::config::DEFAULT_MAX_VOLUME_BYTES,
         reconcile_interval_secs: 2,
         quota: Default::default(),
+        limits: Default::default(),
     };
     let cp_config_path = root.join("cp.toml");
     std::fs::write(&cp_config_path, cp_config.to_toml().unwrap()).unwrap();

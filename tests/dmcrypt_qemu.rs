@@ -384,6 +384,7 @@ fn guest_sees_the_swtpm_tpm() {
         key: ttp_tls.key.clone(),
         attestation: policy_path,
         registration_replicas: Vec::new(),
+        limits: Default::default(),
     };
     let (ttp, _) = ttp::server::build(&config).unwrap();
 

@@ -346,6 +346,7 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         key: tls.key.clone(),
         attestation: root.join("attestation.toml"),
         registration_replicas: Vec::new(),
+        limits: Default::default(),
     };
     let (ttp, ttp_tls) = ttp::server::build(&ttp_config).unwrap();
     let shutdown = CancellationToken::new();
@@ -384,6 +385,7 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         max_volume_bytes: cloud_platform::config::DEFAULT_MAX_VOLUME_BYTES,
         reconcile_interval_secs: cloud_platform::config::DEFAULT_RECONCILE_INTERVAL_SECS,
         quota: Default::default(),
+        limits: Default::default(),
     };
     let (cp, cp_server_tls) = cloud_platform::server::build(&cp_config).unwrap();
     {

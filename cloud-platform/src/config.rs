@@ -64,6 +64,10 @@ pub struct CpConfig {
     /// What one owner may hold (`[quota]`; defaults below).
     #[serde(default)]
     pub quota: Quota,
+    /// `[limits]`: connection and request-rate limits per identity (docs/CLOUD-API.md
+    /// "Connection limits"); every key optional.
+    #[serde(default)]
+    pub limits: net::ConnectionLimits,
 }
 
 /// Per-owner limits of the cloud platform (docs/CLOUD-API.md, "Quotas"). A volume is a sparse

@@ -18,5 +18,5 @@ pub mod volumes;
 
 pub use config::CpConfig;
 pub use error::{Error, Result};
-pub use server::{build, serve};
+pub use server::{build, serve, serve_limited};
 pub use service::CloudPlatform;

@@ -347,7 +347,7 @@ fn run_serve(
             on_signal.cancel();
         });
         tracing::info!(listen = %config.listen, ttp = %config.ttp_url, data_dir = %config.data_dir.display(), "cloud platform serving");
-        cloud_platform::serve(listener, cp, tls, shutdown).await?;
+        cloud_platform::serve_limited(listener, cp, tls, &config.limits, shutdown).await?;
         Ok(())
     })
 }

@@ -20,6 +20,7 @@ pub const TTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> {
     let tls_files =
         TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
+    config.limits.serve_options().map_err(Error::Config)?;
     let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
     let identity = material.identity().map_err(|e| Error::Config(format!("own certificate: {e}")))?;
     if identity.role != Role::CloudPlatform {
@@ -56,13 +57,26 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> 
     Ok((Arc::new(cp), tls))
 }
 
-/// Serves the cloud platform on `listener` until `shutdown` is cancelled.
+/// Serves the cloud platform on `listener` until `shutdown` is cancelled, with the default
+/// limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     cp: Arc<CloudPlatform>,
     tls: net::ServerTls,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    serve_limited(listener, cp, tls, &net::ConnectionLimits::default(), shutdown).await
+}
+
+/// [`serve`] with the configuration's `[limits]`.
+pub async fn serve_limited(
+    listener: tokio::net::TcpListener,
+    cp: Arc<CloudPlatform>,
+    tls: net::ServerTls,
+    limits: &net::ConnectionLimits,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let options = limits.serve_options().map_err(Error::Config)?;
     // Before answering anyone: finish the updates a crash interrupted (so no domain stays
     // behind its TTP registration), then enforce every header in force on the open attachments.
     match cp.finish_pending_updates().await {
@@ -102,7 +116,7 @@ pub async fn serve(
             }
         })
     };
-    let served = net::serve_with(listener, tls, crate::api::router(cp), net::ServeOptions::default(), shutdown)
+    let served = net::serve_with(listener, tls, crate::api::router(cp), options, shutdown)
         .await
         .map_err(|e| Error::Config(format!("serve: {e}")));
     reconciler.abort();

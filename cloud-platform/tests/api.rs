@@ -107,6 +107,7 @@ async fn start_ttp(
         key: tls.key.clone(),
         attestation: policy_path,
         registration_replicas: Vec::new(),
+        limits: Default::default(),
     };
     let (service, server_tls) = ttp::server::build(&config).unwrap();
     let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
@@ -132,6 +133,7 @@ async fn start_cp(root: &Path, pki: &Pki, ttp_url: &str) -> (Server, CpConfig) {
         max_volume_bytes: 1 << 40,
         reconcile_interval_secs: cloud_platform::config::DEFAULT_RECONCILE_INTERVAL_SECS,
         quota: Default::default(),
+        limits: Default::default(),
     };
     let config_path = root.join("cp.toml");
     std::fs::write(&config_path, config.to_toml().unwrap()).unwrap();
@@ -562,6 +564,7 @@ async fn attach_and_revoke_through_the_secure_component() {
         key: sc_tls.key.clone(),
         pcr_selection: Default::default(),
         volume_root: None,
+        limits: Default::default(),
     };
     let (agent, agent_tls) = service::build(&sc_config).unwrap();
     let serve_agent = |agent: Arc<service::AttachmentService>, tls: net::ServerTls| async move {

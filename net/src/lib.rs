@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+mod connection_limits;
 pub mod error;
 pub mod files;
 mod limits;
@@ -16,6 +17,7 @@ pub mod response;
 pub mod server;
 
 pub use client::Client;
+pub use connection_limits::ConnectionLimits;
 pub use error::{Error, Result};
 pub use files::{read_pem_file, TlsFiles, TlsMaterial, CRL_FILE};
 pub use protocol::pki::{Identity, Role};

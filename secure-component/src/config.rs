@@ -94,6 +94,10 @@ pub struct AgentConfig {
     /// production host).
     #[serde(default)]
     pub volume_root: Option<PathBuf>,
+    /// `[limits]`: connection and request-rate limits per identity (docs/CLOUD-API.md
+    /// "Connection limits"); every key optional.
+    #[serde(default)]
+    pub limits: net::ConnectionLimits,
     /// Which volume backend opens domains; `auto` by default.
     #[serde(default)]
     pub backend: BackendChoice,

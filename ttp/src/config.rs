@@ -45,6 +45,10 @@ pub struct TtpConfig {
     /// even from a trusted CA, is refused (docs/PROTOCOL.md "Registration").
     #[serde(default)]
     pub registration_replicas: Vec<String>,
+    /// `[limits]`: connection and request-rate limits per identity (docs/CLOUD-API.md
+    /// "Connection limits"); every key optional.
+    #[serde(default)]
+    pub limits: net::ConnectionLimits,
 }
 
 fn default_listen() -> String {

@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
                 on_signal.cancel();
             });
             tracing::info!(listen = %config.listen, "TTP serving");
-            ttp::server::serve(listener, service, tls, shutdown).await?;
+            ttp::server::serve_limited(listener, service, tls, &config.limits, shutdown).await?;
         }
     }
     Ok(())

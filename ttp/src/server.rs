@@ -37,6 +37,7 @@ pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, net::ServerTls)> {
     let policy: AttestationPolicy = toml::from_str(&policy_text)
         .map_err(|e| Error::Config(format!("attestation policy {}: {e}", config.attestation.display())))?;
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
+    config.limits.serve_options().map_err(Error::Config)?;
     let master_key = load_master_key(&config.data_dir)?;
     let ttp = Ttp::new(master_key, signing_key, material.ca_pems.clone(), policy, Arc::new(store))?
         .with_revocation_lists(config.crl.clone())
@@ -47,14 +48,26 @@ pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, net::ServerTls)> {
     Ok((Arc::new(ttp), tls))
 }
 
-/// Serves the TTP on `listener` until `shutdown` is cancelled.
+/// Serves the TTP on `listener` until `shutdown` is cancelled, with the default limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ttp: Arc<Ttp>,
     tls: net::ServerTls,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    net::serve_with(listener, tls, crate::http::router(ttp), net::ServeOptions::default(), shutdown)
+    serve_limited(listener, ttp, tls, &net::ConnectionLimits::default(), shutdown).await
+}
+
+/// [`serve`] with the configuration's `[limits]`.
+pub async fn serve_limited(
+    listener: tokio::net::TcpListener,
+    ttp: Arc<Ttp>,
+    tls: net::ServerTls,
+    limits: &net::ConnectionLimits,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let options = limits.serve_options().map_err(Error::Config)?;
+    net::serve_with(listener, tls, crate::http::router(ttp), options, shutdown)
         .await
         .map_err(|e| Error::Config(format!("serve: {e}")))
 }

@@ -151,6 +151,7 @@ pub struct AttachmentService {
 /// client, TPM worker, backend, hypervisor driver, records. Returns the service and the
 /// server TLS configuration accepting only the cloud platform.
 pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::ServerTls)> {
+    config.limits.serve_options().map_err(Error::Config)?;
     let tls_files =
         TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
     let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
@@ -228,7 +229,9 @@ pub async fn serve(
     tls: net::ServerTls,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    net::serve_with(listener, tls, http::router(service), net::ServeOptions::default(), shutdown)
+    // The configuration's `[limits]` (checked by `build` already).
+    let options = service.config().limits.serve_options().map_err(Error::Config)?;
+    net::serve_with(listener, tls, http::router(service), options, shutdown)
         .await
         .map_err(|e| Error::Config(format!("serve: {e}")))
 }
