@@ -252,7 +252,7 @@ impl Descriptor {
         writer.finish()
     }
 
-    /// H(meta) of DESIGN §2: SHA-256 of the metadata encoding.
+    /// H(meta) of docs/PROTOCOL.md "Key derivation": SHA-256 of the metadata encoding.
     pub fn metadata_hash(&self) -> [u8; 32] {
         Sha256::digest(self.metadata_encoding()).into()
     }

@@ -1,4 +1,4 @@
-//! Domain key derivation (DESIGN §2, docs/PROTOCOL.md "Key derivation"):
+//! Domain key derivation (docs/PROTOCOL.md "Key derivation"):
 //!
 //! `K = HKDF-SHA256(ikm = K_TTP, salt = r, info)`, 64 bytes, with
 //! `info = "skydd/v1/volume-key" || lp(domain_id) || lp(H(meta)) || cipher_spec`

@@ -96,7 +96,7 @@ pub struct AttestedHost {
 }
 
 impl AttestedHost {
-    /// Enrolls this host's TPM with the TTP (DESIGN §3, "Host enrollment").
+    /// Enrolls this host's TPM with the TTP (docs/PROTOCOL.md "Host enrollment").
     pub async fn enroll(&self, selection: &PcrSelection) -> Result<EnrollmentResult> {
         let host_id = self.host_id.clone();
         let selection = selection.clone();
