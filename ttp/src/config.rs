@@ -1,4 +1,4 @@
-//! TTP configuration: one TOML file, overridable by flags (docs/OPERATOR.md). Defaults suit
+//! TTP configuration: one TOML file, overridable by flags (README.md "Operator's guide", 2. The TTP). Defaults suit
 //! the all-in-one cloud.
 
 use std::io::Write;
