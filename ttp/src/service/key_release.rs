@@ -297,3 +297,6 @@ fn check_access(descriptor: &Descriptor, request: &KeyReleaseRequest) -> Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
