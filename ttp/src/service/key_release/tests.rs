@@ -196,6 +196,14 @@ impl Fixture {
         error
     }
 
+    /// Asserts that [`Fixture::request`] with the placement `place` makes for its grant is
+    /// refused with `code`.
+    fn refused_placement(&self, place: impl FnOnce(&SignedEnvelope) -> SignedEnvelope, code: &str) -> Error {
+        let request = self.request();
+        let placement = place(&request.grant);
+        self.refused(&KeyReleaseRequest { placement, ..request }, code)
+    }
+
     /// [`Fixture::refused_for`] with the recorded host as the caller.
     fn refused(&self, request: &KeyReleaseRequest, code: &str) -> Error {
         self.refused_for(&self.host(), request, code)
@@ -505,9 +513,7 @@ fn grant_valid_for_too_long_is_grant_too_long() {
 #[test]
 fn placement_signed_by_a_tenant_is_placement_invalid() {
     let f = Fixture::new();
-    let request = f.request();
-    let placement = f.place(&f.owner, VM, HOST, &request.grant, now_unix());
-    let error = f.refused(&KeyReleaseRequest { placement, ..request }, "placement_invalid");
+    let error = f.refused_placement(|grant| f.place(&f.owner, VM, HOST, grant, now_unix()), "placement_invalid");
     assert_mentions(&error, "a cloud-platform certificate is needed");
 }
 
@@ -515,9 +521,10 @@ fn placement_signed_by_a_tenant_is_placement_invalid() {
 #[test]
 fn placement_too_old_is_placement_invalid() {
     let f = Fixture::new();
-    let request = f.request();
-    let placement = f.place(&f.operator, VM, HOST, &request.grant, now_unix() - MAX_PLACEMENT_AGE_SECS - 10);
-    let error = f.refused(&KeyReleaseRequest { placement, ..request }, "placement_invalid");
+    let error = f.refused_placement(
+        |grant| f.place(&f.operator, VM, HOST, grant, now_unix() - MAX_PLACEMENT_AGE_SECS - 10),
+        "placement_invalid",
+    );
     assert_mentions(&error, &format!("at most {MAX_PLACEMENT_AGE_SECS} s are accepted"));
 }
 
@@ -525,9 +532,10 @@ fn placement_too_old_is_placement_invalid() {
 #[test]
 fn placement_dated_in_the_future_is_placement_invalid() {
     let f = Fixture::new();
-    let request = f.request();
-    let placement = f.place(&f.operator, VM, HOST, &request.grant, now_unix() + PLACEMENT_CLOCK_SKEW_SECS + 60);
-    let error = f.refused(&KeyReleaseRequest { placement, ..request }, "placement_invalid");
+    let error = f.refused_placement(
+        |grant| f.place(&f.operator, VM, HOST, grant, now_unix() + PLACEMENT_CLOCK_SKEW_SECS + 60),
+        "placement_invalid",
+    );
     assert_mentions(&error, "ahead of the TTP's clock");
 }
 
@@ -535,9 +543,8 @@ fn placement_dated_in_the_future_is_placement_invalid() {
 #[test]
 fn placement_on_another_host_is_placement_mismatch() {
     let f = Fixture::new();
-    let request = f.request();
-    let placement = f.place(&f.operator, VM, "compute-2", &request.grant, now_unix());
-    let error = f.refused(&KeyReleaseRequest { placement, ..request }, "placement_mismatch");
+    let error =
+        f.refused_placement(|grant| f.place(&f.operator, VM, "compute-2", grant, now_unix()), "placement_mismatch");
     assert_mentions(&error, "placed vm-a on compute-2");
 }
 
@@ -545,9 +552,8 @@ fn placement_on_another_host_is_placement_mismatch() {
 #[test]
 fn placement_of_another_vm_is_placement_mismatch() {
     let f = Fixture::new();
-    let request = f.request();
-    let placement = f.place(&f.operator, OTHER_VM, HOST, &request.grant, now_unix());
-    let error = f.refused(&KeyReleaseRequest { placement, ..request }, "placement_mismatch");
+    let error =
+        f.refused_placement(|grant| f.place(&f.operator, OTHER_VM, HOST, grant, now_unix()), "placement_mismatch");
     assert_mentions(&error, "placed vm-b on compute-1");
 }
 
@@ -555,10 +561,8 @@ fn placement_of_another_vm_is_placement_mismatch() {
 #[test]
 fn placement_for_another_grant_is_placement_mismatch() {
     let f = Fixture::new();
-    let request = f.request();
     let other_grant = f.grant_with(&f.owner, |_| {});
-    let placement = f.place(&f.operator, VM, HOST, &other_grant, now_unix());
-    let error = f.refused(&KeyReleaseRequest { placement, ..request }, "placement_mismatch");
+    let error = f.refused_placement(|_| f.place(&f.operator, VM, HOST, &other_grant, now_unix()), "placement_mismatch");
     assert_mentions(&error, "made for another grant");
 }
 
