@@ -3,28 +3,28 @@
 //! and sealing domain keys to a host's binding key. docs/TPM.md has the byte formats.
 //!
 //! TPM structures are (un)marshalled with tss-esapi; all cryptography is openssl. One module
-//! per concept:
+//! per concept; what other crates use is re-exported here:
 //!
-//! - [`policy`]: what the operator trusts (EK CAs, reference states);
-//! - [`enrollment`]: the two enrollment steps and the [`HostRecord`] they yield;
-//! - [`quote`]: the quote check of every key release;
-//! - [`seal`]: encrypting a released key to the host's binding key;
-//! - [`ek`]: the EK certificate and EK public;
+//! - `policy`: what the operator trusts (EK CAs, reference states);
+//! - `enrollment`: the two enrollment steps and the [`HostRecord`] they yield;
+//! - `quote`: the quote check of every key release;
+//! - `seal`: encrypting a released key to the host's binding key;
+//! - `ek`: the EK certificate and EK public;
 //! - `credential`: TPM2_MakeCredential in software;
 //! - `objects`: parsing AK and binding key publics, attests and their signatures;
-//! - [`pcr`]: PCR selections, composite and PolicyPCR digests.
+//! - `pcr`: PCR selections, composite and PolicyPCR digests.
 
-pub mod ek;
-pub mod enrollment;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod pcr;
-pub mod policy;
-pub mod quote;
-pub mod seal;
 
 mod credential;
+mod ek;
+mod enrollment;
 mod objects;
+mod pcr;
+mod policy;
+mod quote;
+mod seal;
 
 pub use ek::verify_ek_certificate;
 pub use enrollment::{begin_enrollment, finish_enrollment, HostRecord, PendingEnrollment};

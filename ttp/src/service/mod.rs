@@ -5,10 +5,10 @@
 //! This module holds the [`Ttp`] itself and what every flow shares: the audit helpers and the
 //! checks of signed objects' signers. Each flow is one module:
 //!
-//! - [`enrollment`]: a host enrolls its TPM (and the operator approves a TPM replacement);
-//! - [`domains`]: registration, update and deletion of a domain;
-//! - [`key_release`]: the quote challenge and the six steps of a key release;
-//! - [`history`]: a domain's viewing history and the audit chain.
+//! - `enrollment`: a host enrolls its TPM (and the operator approves a TPM replacement);
+//! - `domains`: registration, update and deletion of a domain;
+//! - `key_release`: the quote challenge and the six steps of a key release;
+//! - `history`: a domain's viewing history and the audit chain.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,10 +24,10 @@ use crate::attestation::{AttestationPolicy, PendingEnrollment};
 use crate::error::{Error, Result};
 use crate::store::{now_unix, AuditEntry, TtpStore};
 
-pub mod domains;
-pub mod enrollment;
-pub mod history;
-pub mod key_release;
+mod domains;
+mod enrollment;
+mod history;
+mod key_release;
 #[cfg(test)]
 mod test_support;
 
