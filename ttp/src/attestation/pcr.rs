@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 /// TPM_CC_PolicyPCR, the command code PolicyPCR extends into a policy digest.
 const TPM_CC_POLICY_PCR: [u8; 4] = [0x00, 0x00, 0x01, 0x7f];
 
-/// Refuses a selection that names a PCR locality 0 can reset ([`RESETTABLE_PCRS`]): a value
+/// Refuses a selection that names a PCR locality 0 can reset ([`RESETTABLE_PCRS`](protocol::attest::RESETTABLE_PCRS)): a value
 /// in it proves nothing, since any process can reset it and replay the expected events.
 pub fn check_not_resettable(selection: &PcrSelection, what: &str) -> Result<()> {
     let resettable = selection.resettable_indices();

@@ -66,7 +66,7 @@ impl AttestationPolicy {
 /// A named set of PCR values a host may be in (e.g. "compute-v1").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReferenceState {
-    /// The operator's name for the state (e.g. "compute-v1"), recorded in [`HostRecord`] and
+    /// The operator's name for the state (e.g. "compute-v1"), recorded in [`HostRecord`](super::HostRecord) and
     /// named in `pcr_mismatch` refusals.
     pub name: String,
     /// The PCRs the state covers; a host's binding key policy and its quotes must use exactly
