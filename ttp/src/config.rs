@@ -1,5 +1,5 @@
-//! TTP configuration: one TOML file, overridable by flags (docs/OPERATOR.md). Defaults suit
-//! the all-in-one cloud.
+//! TTP configuration: one TOML file, overridable by flags (README.md "Operator's guide",
+//! "2. The TTP"). Defaults suit the all-in-one cloud.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

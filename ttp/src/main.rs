@@ -1,4 +1,4 @@
-//! `ttp`: the trusted third party of Skydd. See `ttp --help` and docs/OPERATOR.md.
+//! `ttp`: the trusted third party of Skydd. See `ttp --help` and README.md "Operator's guide".
 
 #![forbid(unsafe_code)]
 

@@ -1,0 +1,254 @@
+//! Domain registration, update and deletion (docs/PROTOCOL.md "Domain creation and update"
+//! and "Deletion"): the TTP draws `r` for version 1, carries it over to every newer version
+//! the owner signs, and tombstones a domain on its owner's signed deletion.
+
+use protocol::domain::{descriptor_hash, Descriptor};
+use protocol::kdf::NONCE_BYTES;
+use protocol::messages::{Deletion, RegisterDomainRequest, RegisterDomainResponse, Registration};
+use protocol::pki::{Identity, Role};
+use protocol::signing::{SignatureContext, SignedEnvelope};
+
+use super::{Subject, Ttp};
+use crate::error::{Error, Result};
+use crate::store::{now_unix, DomainRecord};
+
+impl Ttp {
+    /// Registers version 1 of a domain (drawing `r`) or a newer version (carrying `r` over from
+    /// `previous_registration`), for the cloud platform (docs/PROTOCOL.md "Domain creation and
+    /// update"). Checks the owner's signature, that owner and metadata are unchanged and that
+    /// the version is newer (`version_rollback`). A repeat of the newest update (same
+    /// descriptor, on the registration before it) is registered again with the same `r`, so a
+    /// cloud platform that crashed before writing the header can finish. Audited as `register`.
+    pub fn register_domain(&self, actor: &Identity, request: &RegisterDomainRequest) -> Result<RegisterDomainResponse> {
+        // The audit record names the domain even when the descriptor's signature fails.
+        let claimed_domain = Descriptor::decode(&request.descriptor.message).ok().map(|d| d.domain_id);
+        let subject = Subject { domain_id: claimed_domain, ..Default::default() };
+        let (response, _) = self.audited("register", actor, subject, |subject| {
+            Self::require_role(actor, Role::CloudPlatform, "register a domain")?;
+            let descriptor = self.verified_descriptor(&request.descriptor)?;
+            subject.domain_id = Some(descriptor.domain_id.clone());
+            let encoded_hash = descriptor_hash(&request.descriptor.message);
+            let existing = self.store.domain(&descriptor.domain_id)?;
+            let nonce_r = match (&existing, &request.previous_registration) {
+                (None, None) => {
+                    if descriptor.version != 1 {
+                        return Err(Error::VersionRollback(format!(
+                            "domain {} is new, so its first version must be 1, not {}",
+                            descriptor.domain_id, descriptor.version
+                        )));
+                    }
+                    let nonce: [u8; NONCE_BYTES] = rand::random();
+                    self.store.insert_domain(&DomainRecord {
+                        domain_id: descriptor.domain_id.clone(),
+                        owner: descriptor.owner.clone(),
+                        latest_version: 1,
+                        descriptor: request.descriptor.message.clone(),
+                        descriptor_hash: encoded_hash,
+                        metadata_hash: descriptor.metadata_hash(),
+                        deleted_at: None,
+                    })?;
+                    nonce
+                }
+                (Some(current), Some(previous)) if self.is_repeat_of_newest(current, &descriptor, encoded_hash, previous)? => {
+                    // The CP crashed after we registered this version but before its header
+                    // reached the disk: answer the same registration again (same r), so the
+                    // domain is not stuck on a header we would now call a rollback.
+                    self.verified_registration(previous)?.nonce_r
+                }
+                (Some(current), Some(previous)) => {
+                    self.check_update(current, &descriptor, previous)?;
+                    let previous = self.verified_registration(previous)?;
+                    self.store.update_domain(
+                        &DomainRecord {
+                            latest_version: descriptor.version,
+                            descriptor: request.descriptor.message.clone(),
+                            descriptor_hash: encoded_hash,
+                            ..current.clone()
+                        },
+                        current.latest_version,
+                    )?;
+                    previous.nonce_r
+                }
+                (Some(current), None) => {
+                    return Err(if current.deleted_at.is_some() {
+                        Error::DomainDeleted(descriptor.domain_id.clone())
+                    } else {
+                        Error::VersionRollback(format!(
+                            "domain {} is already registered (newest version {}); an update must carry the current registration",
+                            descriptor.domain_id, current.latest_version
+                        ))
+                    })
+                }
+                (None, Some(_)) => return Err(Error::DomainUnknown(descriptor.domain_id.clone())),
+            };
+            let registration = Registration {
+                domain_id: descriptor.domain_id.clone(),
+                version: descriptor.version,
+                descriptor_hash: encoded_hash,
+                metadata_hash: descriptor.metadata_hash(),
+                nonce_r,
+                registered_at: now_unix(),
+            };
+            let envelope = self.signing_key.sign_envelope(SignatureContext::Registration, registration.encode());
+            let message = format!("registered version {} of domain {}", descriptor.version, descriptor.domain_id);
+            Ok((RegisterDomainResponse { registration: envelope }, message))
+        })?;
+        Ok(response)
+    }
+
+    /// Whether an update request repeats the newest registration exactly: same descriptor
+    /// bytes as the newest version, based on the version just before it.
+    fn is_repeat_of_newest(
+        &self,
+        current: &DomainRecord,
+        descriptor: &Descriptor,
+        encoded_hash: [u8; 32],
+        previous: &SignedEnvelope,
+    ) -> Result<bool> {
+        use subtle::ConstantTimeEq;
+        if current.deleted_at.is_some()
+            || descriptor.version != current.latest_version
+            || !bool::from(encoded_hash.ct_eq(&current.descriptor_hash))
+        {
+            return Ok(false);
+        }
+        let previous = self.verified_registration(previous)?;
+        Ok(previous.domain_id == current.domain_id && previous.version + 1 == current.latest_version)
+    }
+
+    /// Rules for a new version: owner unchanged, signed by the owner, metadata unchanged
+    /// (it is bound into the key), strictly newer, and built on the current registration.
+    fn check_update(&self, current: &DomainRecord, descriptor: &Descriptor, previous: &SignedEnvelope) -> Result<()> {
+        if current.deleted_at.is_some() {
+            return Err(Error::DomainDeleted(current.domain_id.clone()));
+        }
+        if descriptor.owner != current.owner {
+            return Err(Error::OwnerMismatch(format!(
+                "domain {} is owned by {}, a descriptor from {} cannot change it",
+                current.domain_id, current.owner, descriptor.owner
+            )));
+        }
+        if descriptor.metadata_hash() != current.metadata_hash {
+            return Err(Error::BadRequest(format!(
+                "the metadata of domain {} is bound into its key and cannot change",
+                current.domain_id
+            )));
+        }
+        if descriptor.version <= current.latest_version {
+            return Err(Error::VersionRollback(format!(
+                "domain {} is at version {}; version {} is not newer",
+                current.domain_id, current.latest_version, descriptor.version
+            )));
+        }
+        let previous = self.verified_registration(previous)?;
+        if previous.domain_id != current.domain_id || previous.version != current.latest_version {
+            return Err(Error::VersionRollback(format!(
+                "the update of domain {} is based on version {} of {}, but the newest is version {}",
+                current.domain_id, previous.version, previous.domain_id, current.latest_version
+            )));
+        }
+        Ok(())
+    }
+
+    /// Tombstones a domain on its owner's signed [`Deletion`]: from then on no key is released
+    /// for it (`domain_deleted`). Any caller may deliver the deletion; only the owner's signature
+    /// counts. Audited as `delete`.
+    pub fn delete_domain(&self, actor: &Identity, deletion: &SignedEnvelope) -> Result<()> {
+        let claimed_domain = Deletion::decode(&deletion.message).ok().map(|d| d.domain_id);
+        let subject = Subject { domain_id: claimed_domain, ..Default::default() };
+        self.audited("delete", actor, subject, |subject| {
+            let signer = self
+                .verify_signer(deletion, SignatureContext::Deletion, Role::DomainManager)
+                .map_err(|e| Error::DescriptorSignatureInvalid(format!("deletion request: {e}")))?;
+            let request = Deletion::decode(&deletion.message)?;
+            subject.domain_id = Some(request.domain_id.clone());
+            let domain = self
+                .store
+                .domain(&request.domain_id)?
+                .ok_or_else(|| Error::DomainUnknown(request.domain_id.clone()))?;
+            if domain.deleted_at.is_some() {
+                return Err(Error::DomainDeleted(request.domain_id.clone()));
+            }
+            if signer != domain.owner {
+                return Err(Error::OwnerMismatch(format!(
+                    "only the owner {} may delete domain {}; {signer} asked",
+                    domain.owner, request.domain_id
+                )));
+            }
+            self.store.tombstone_domain(&request.domain_id, now_unix())?;
+            Ok(((), format!("domain {} deleted by {signer}; its key can never be released again", request.domain_id)))
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use protocol::domain::{AccessMode, AclEntry, Descriptor};
+    use protocol::messages::{RegisterDomainRequest, Registration};
+    use protocol::pki::{CertificateAuthority, Identity, Role};
+    use protocol::secret::SecretBytes;
+    use protocol::signing::{SignatureContext, SignedEnvelope};
+
+    use crate::attestation::AttestationPolicy;
+    use crate::service::test_support::key_of;
+    use crate::service::Ttp;
+    use crate::store::TtpStore;
+
+    /// A registration carries r (docs/PROTOCOL.md "Registration"), so only this TTP (or a configured replica) from
+    /// its own CA may sign one. Another TTP-role name from the same CA, and the TTP's own
+    /// name from a trusted partner CA, are refused; a configured replica is accepted.
+    #[test]
+    fn registrations_only_from_this_ttp_or_a_configured_replica() {
+        let own_ca = CertificateAuthority::generate("cloud-ca").unwrap();
+        let partner_ca = CertificateAuthority::generate("partner-ca").unwrap();
+        let store: Arc<dyn TtpStore> = Arc::new(crate::store::SqliteStore::in_memory().unwrap());
+        let ttp = Ttp::new(
+            SecretBytes::from_slice_wiping(&mut [7u8; 32]),
+            key_of(&own_ca, Role::Ttp, "ttp-1"),
+            vec![own_ca.0.clone(), partner_ca.0.clone()],
+            AttestationPolicy::default(),
+            store,
+        )
+        .unwrap()
+        .with_registration_replicas(vec!["ttp-replica".into()]);
+        let cp = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
+        let alice = key_of(&own_ca, Role::DomainManager, "dm-alice");
+        let v1 = Descriptor::new(
+            "dm-alice",
+            Default::default(),
+            vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }],
+        )
+        .unwrap();
+        let request = RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, v1.encode().unwrap()),
+            previous_registration: None,
+        };
+        let registered = ttp.register_domain(&cp, &request).unwrap().registration;
+        let mut forged = Registration::decode(&registered.message).unwrap();
+        forged.nonce_r = [0x42; 32];
+
+        let v2 = v1.next_version(|d| d.acl.clear()).unwrap();
+        let update = |previous: SignedEnvelope| RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, v2.encode().unwrap()),
+            previous_registration: Some(previous),
+        };
+        for (ca, name, expected) in [
+            (&own_ca, "ttp-2", "neither this TTP nor a configured replica"),
+            (&partner_ca, "ttp-1", "this TTP's own CA"),
+        ] {
+            let signer = key_of(ca, Role::Ttp, name);
+            let envelope = signer.sign_envelope(SignatureContext::Registration, forged.encode());
+            let err = ttp.register_domain(&cp, &update(envelope)).unwrap_err();
+            assert_eq!(err.code(), "registration_mismatch", "{err}");
+            assert!(err.to_string().contains(expected), "{name}: {err}");
+        }
+        // A configured replica's registration counts (here: r unchanged, so the update goes on).
+        let replica = key_of(&own_ca, Role::Ttp, "ttp-replica");
+        let envelope = replica
+            .sign_envelope(SignatureContext::Registration, Registration::decode(&registered.message).unwrap().encode());
+        ttp.register_domain(&cp, &update(envelope)).expect("a replica's registration is accepted");
+    }
+}

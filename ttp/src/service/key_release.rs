@@ -1,0 +1,302 @@
+//! Key release (docs/PROTOCOL.md "Key release"): the quote challenge, then the six steps
+//! every request goes through before K is derived and sealed to the host. Each step is one
+//! private method returning what the next steps need; [`Ttp::release_key`] runs them in
+//! order, so it reads as the protocol's numbered list. The first refusal ends the request,
+//! and every outcome is one `key_release` audit record.
+
+use protocol::domain::{descriptor_hash, Descriptor};
+use protocol::kdf::derive_volume_key;
+use protocol::messages::{
+    ChallengeResponse, KeyReleaseRequest, KeyReleaseResponse, MountGrant, Placement, Registration,
+};
+use protocol::pki::{Identity, Role};
+use protocol::signing::SignatureContext;
+
+use super::{invalid_name, Subject, Ttp};
+use crate::attestation::{self, HostRecord};
+use crate::error::{Error, Result};
+use crate::store::{now_unix, DomainRecord};
+
+/// How long a quote challenge stays valid.
+pub const CHALLENGE_TTL_SECS: u64 = 60;
+
+/// Step 2's result: the header's descriptor and registration, both verified, and the
+/// domain as the store holds it.
+struct VerifiedHeader {
+    descriptor: Descriptor,
+    registration: Registration,
+    domain: DomainRecord,
+}
+
+/// Step 4's result: a grant signed by a manager of the domain, for this request, unexpired.
+struct VerifiedGrant {
+    grant: MountGrant,
+    /// The grant's signer (the owner or a manager the descriptor shares with).
+    signer: String,
+    /// SHA-256 of the grant message: what the placement names and the used-grant mark keys on.
+    digest: [u8; 32],
+    /// The TTP's clock when the grant's validity was checked; the placement is checked
+    /// against the same instant.
+    checked_at: u64,
+}
+
+impl Ttp {
+    /// A single-use quote nonce (32 bytes, valid 60 s) for an enrolled secure component
+    /// (`host_unknown` otherwise). Not audited: the key release that uses it is.
+    pub fn challenge(&self, actor: &Identity) -> Result<ChallengeResponse> {
+        Self::require_role(actor, Role::SecureComponent, "request a quote challenge")?;
+        self.host_record(&actor.name)?;
+        let nonce: [u8; 32] = rand::random();
+        let challenge_id = hex::encode(rand::random::<[u8; 16]>());
+        let expires_at = now_unix() + CHALLENGE_TTL_SECS;
+        self.store.put_challenge(&challenge_id, &actor.name, &nonce, expires_at)?;
+        Ok(ChallengeResponse { challenge_id, nonce: nonce.to_vec(), expires_at })
+    }
+
+    /// The key release of docs/PROTOCOL.md "Key release": host attestation against a fresh
+    /// challenge, descriptor and registration signatures, newest version, ACL, then the
+    /// single-use grant and the operator's placement; only then is K derived and sealed to
+    /// the host's binding key ([`attestation::seal_key_to_host`]). Every outcome, granted or
+    /// refused, is one `key_release` audit record.
+    pub fn release_key(&self, actor: &Identity, request: &KeyReleaseRequest) -> Result<KeyReleaseResponse> {
+        // Ids are validated before they reach the audit record: a malformed one is refused
+        // (audited without it), never written to the log as sent.
+        let host_id_ok = protocol::domain::validate_name("host id", &request.host_id).is_ok();
+        let vm_id_ok = protocol::domain::validate_name("vm id", &request.vm_id).is_ok();
+        let subject = Subject {
+            host_id: host_id_ok.then(|| request.host_id.clone()),
+            vm_id: vm_id_ok.then(|| request.vm_id.clone()),
+            domain_id: request.header.unverified_contents().ok().map(|(d, _)| d.domain_id),
+        };
+        let ((wrapped_key, domain_id, version), record) = self.audited("key_release", actor, subject, |_| {
+            // The caller: well-formed ids, a secure component asking for its own host.
+            if !host_id_ok {
+                return Err(Error::BadRequest(invalid_name("host_id", &request.host_id)));
+            }
+            if !vm_id_ok {
+                return Err(Error::BadRequest(invalid_name("vm_id", &request.vm_id)));
+            }
+            Self::require_role(actor, Role::SecureComponent, "request a key release")?;
+            if actor.name != request.host_id {
+                return Err(Error::Forbidden {
+                    caller: actor.name.clone(),
+                    action: "request a key release",
+                    detail: format!("the request claims host {}", request.host_id),
+                });
+            }
+            // 1. The host: enrolled, and its TPM quotes the trusted state over our fresh nonce.
+            let host = self.attested_host(request)?;
+            // 2. The header: owner-signed descriptor, registered by a TTP, newest version.
+            let VerifiedHeader { descriptor, registration, domain } = self.verified_header(request)?;
+            // 3. Access: the VM is in the ACL with a mode that covers the request.
+            check_access(&descriptor, request)?;
+            // 4. The grant: signed by the owner or a manager the descriptor shares with.
+            let grant = self.verified_grant(request, &descriptor)?;
+            // 5. The placement: the operator put this VM on this very host, for this grant.
+            let placer = self.verified_placement(request, &grant.digest, grant.checked_at)?;
+            // Last, once everything else holds: a grant authorizes one release. Whoever saw
+            // it on its way (the cloud platform forwards it) cannot attach the VM again with
+            // it after a detach.
+            self.consume_grant(&grant)?;
+
+            // 6. Derive K and seal it to the host's PCR-bound binding key.
+            let key = derive_volume_key(
+                &self.master_key,
+                &registration.nonce_r,
+                &descriptor.domain_id,
+                &domain.metadata_hash,
+                &descriptor.cipher_spec,
+            )?;
+            let wrapped = attestation::seal_key_to_host(&host, &key)?;
+            let message = format!(
+                "key of domain {} version {} released to {} on {} ({}), grant by {}, placement by {placer}",
+                descriptor.domain_id, descriptor.version, request.vm_id, request.host_id, request.mode, grant.signer
+            );
+            Ok(((wrapped, descriptor.domain_id.clone(), descriptor.version), message))
+        })?;
+        Ok(KeyReleaseResponse { domain_id, version, wrapped_key, audit_seq: record.seq })
+    }
+
+    /// Step 1 of the key release: the host is enrolled, the challenge is known, unused (it is
+    /// used up here whatever follows), issued to this host and unexpired, and the quote over
+    /// its nonce shows the host's reference state ([`attestation::verify_quote`]).
+    fn attested_host(&self, request: &KeyReleaseRequest) -> Result<HostRecord> {
+        let host = self.host_record(&request.host_id)?;
+        let (challenge_host, nonce, expires_at) =
+            self.store.take_challenge(&request.challenge_id)?.ok_or_else(|| {
+                Error::ChallengeInvalid(format!("challenge {} is unknown or was already used", request.challenge_id))
+            })?;
+        if challenge_host != request.host_id {
+            return Err(Error::ChallengeInvalid(format!(
+                "challenge {} was issued to {challenge_host}",
+                request.challenge_id
+            )));
+        }
+        if now_unix() > expires_at {
+            return Err(Error::ChallengeInvalid(format!("challenge {} expired", request.challenge_id)));
+        }
+        attestation::verify_quote(&host, &self.policy, &request.quote, &nonce)?;
+        Ok(host)
+    }
+
+    /// Step 2 of the key release: the descriptor is signed by its owner, the registration by
+    /// this TTP (or a replica) and is that descriptor's, and the domain exists, is not
+    /// deleted and is at this version (an older header is a rollback).
+    fn verified_header(&self, request: &KeyReleaseRequest) -> Result<VerifiedHeader> {
+        let descriptor = self.verified_descriptor(&request.header.descriptor)?;
+        let registration = self.verified_registration(&request.header.registration)?;
+        if registration.domain_id != descriptor.domain_id
+            || registration.version != descriptor.version
+            || registration.descriptor_hash != descriptor_hash(&request.header.descriptor.message)
+        {
+            return Err(Error::RegistrationMismatch(format!(
+                "the registration (domain {}, version {}) is not the registration of this descriptor (domain {}, version {})",
+                registration.domain_id, registration.version, descriptor.domain_id, descriptor.version
+            )));
+        }
+        let domain = self
+            .store
+            .domain(&descriptor.domain_id)?
+            .ok_or_else(|| Error::DomainUnknown(descriptor.domain_id.clone()))?;
+        if domain.deleted_at.is_some() {
+            return Err(Error::DomainDeleted(descriptor.domain_id.clone()));
+        }
+        if descriptor.version != domain.latest_version {
+            return Err(Error::VersionRollback(format!(
+                "the header holds version {} of domain {}, but version {} is the newest",
+                descriptor.version, descriptor.domain_id, domain.latest_version
+            )));
+        }
+        Ok(VerifiedHeader { descriptor, registration, domain })
+    }
+
+    /// Step 4 of the key release: the grant is signed by the issuer it names, who is the
+    /// domain's owner or a manager it is shared with; it is for this VM, domain and a mode
+    /// covering the request; and it is unexpired and valid for at most
+    /// [`MAX_GRANT_VALIDITY_SECS`](protocol::messages::MAX_GRANT_VALIDITY_SECS).
+    fn verified_grant(&self, request: &KeyReleaseRequest, descriptor: &Descriptor) -> Result<VerifiedGrant> {
+        let signer = self
+            .verify_signer(&request.grant, SignatureContext::MountGrant, Role::DomainManager)
+            .map_err(|e| Error::GrantSignatureInvalid(e.to_string()))?;
+        let grant = MountGrant::decode(&request.grant.message)?;
+        if grant.issuer != signer {
+            return Err(Error::GrantSignatureInvalid(format!(
+                "the grant names issuer {} but is signed by {signer}",
+                grant.issuer
+            )));
+        }
+        if !descriptor.is_manager(&signer) {
+            return Err(Error::GrantSignerNotAuthorized(format!(
+                "{signer} is neither the owner of domain {} nor a manager it is shared with (version {})",
+                descriptor.domain_id, descriptor.version
+            )));
+        }
+        if grant.domain_id != descriptor.domain_id || grant.vm_id != request.vm_id {
+            return Err(Error::GrantMismatch(format!(
+                "the grant is for {} on domain {}, the request is for {} on domain {}",
+                grant.vm_id, grant.domain_id, request.vm_id, descriptor.domain_id
+            )));
+        }
+        if !grant.mode.covers(request.mode) {
+            return Err(Error::GrantMismatch(format!(
+                "the grant allows {} only, the request is {}",
+                grant.mode, request.mode
+            )));
+        }
+        let now = now_unix();
+        if now > grant.expires_at {
+            return Err(Error::GrantExpired(format!(
+                "the grant for {} on domain {} expired {} s ago",
+                grant.vm_id,
+                grant.domain_id,
+                now - grant.expires_at
+            )));
+        }
+        // Bounded, so that the used-grant mark can be kept until the grant expires.
+        let latest = now.saturating_add(protocol::messages::MAX_GRANT_VALIDITY_SECS);
+        if grant.expires_at > latest {
+            return Err(Error::GrantTooLong(format!(
+                "the grant for {} on domain {} is valid for {} s; at most {} s are accepted",
+                grant.vm_id,
+                grant.domain_id,
+                grant.expires_at - now,
+                protocol::messages::MAX_GRANT_VALIDITY_SECS
+            )));
+        }
+        let digest = protocol::messages::grant_digest(&request.grant);
+        Ok(VerifiedGrant { grant, signer, digest, checked_at: now })
+    }
+
+    /// Step 5 of the key release: the request's placement is signed by a trusted
+    /// cloud-platform certificate, recent, and names the request's VM, the attesting host and
+    /// this grant. A tenant cannot sign one, and a host cannot use one made for another host:
+    /// the key goes only where the operator placed the VM. Returns the placer's name.
+    fn verified_placement(&self, request: &KeyReleaseRequest, grant_digest: &[u8; 32], now: u64) -> Result<String> {
+        let placer = self
+            .verify_signer(&request.placement, SignatureContext::Placement, Role::CloudPlatform)
+            .map_err(|e| Error::PlacementInvalid(e.to_string()))?;
+        let placement = Placement::decode(&request.placement.message)
+            .map_err(|e| Error::PlacementInvalid(format!("the placement does not decode: {e}")))?;
+        if placement.placed_at > now.saturating_add(protocol::messages::PLACEMENT_CLOCK_SKEW_SECS) {
+            return Err(Error::PlacementInvalid(format!(
+                "the placement of {} by {placer} is dated {} s ahead of the TTP's clock",
+                placement.vm_id,
+                placement.placed_at - now
+            )));
+        }
+        let age = now.saturating_sub(placement.placed_at);
+        if age > protocol::messages::MAX_PLACEMENT_AGE_SECS {
+            return Err(Error::PlacementInvalid(format!(
+                "the placement of {} by {placer} is {age} s old; at most {} s are accepted",
+                placement.vm_id,
+                protocol::messages::MAX_PLACEMENT_AGE_SECS
+            )));
+        }
+        if placement.vm_id != request.vm_id || placement.host_id != request.host_id {
+            return Err(Error::PlacementMismatch(format!(
+                "{placer} placed {} on {}, the request is for {} on {}",
+                placement.vm_id, placement.host_id, request.vm_id, request.host_id
+            )));
+        }
+        if placement.grant_digest != *grant_digest {
+            return Err(Error::PlacementMismatch(format!(
+                "the placement of {} on {} by {placer} was made for another grant",
+                placement.vm_id, placement.host_id
+            )));
+        }
+        Ok(placer)
+    }
+
+    /// Marks the grant used (until it expires); `grant_replayed` if it was used before.
+    fn consume_grant(&self, verified: &VerifiedGrant) -> Result<()> {
+        let VerifiedGrant { grant, signer, digest, .. } = verified;
+        if !self.store.consume_grant(digest, grant.expires_at)? {
+            return Err(Error::GrantReplayed(format!(
+                "the grant of {signer} for {} on domain {} was used for a key release before; every attach needs a new grant",
+                grant.vm_id, grant.domain_id
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Step 3 of the key release: the VM is in the descriptor's access list with a mode that
+/// covers the request.
+fn check_access(descriptor: &Descriptor, request: &KeyReleaseRequest) -> Result<()> {
+    let acl_mode = descriptor.access_of(&request.vm_id).ok_or_else(|| {
+        Error::VmNotInAcl(format!(
+            "{} is not in the access list of domain {}, version {}",
+            request.vm_id, descriptor.domain_id, descriptor.version
+        ))
+    })?;
+    if !acl_mode.covers(request.mode) {
+        return Err(Error::ModeNotPermitted(format!(
+            "{} has {} access to domain {}, version {}; {} was requested",
+            request.vm_id, acl_mode, descriptor.domain_id, descriptor.version, request.mode
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,224 @@
+//! The fixture of the key-release tests: a TTP with the recorded swtpm host enrolled and one
+//! registered domain, and builders for the request's parts.
+
+use std::sync::Arc;
+
+use protocol::attest::QuoteEvidence;
+use protocol::domain::{AccessMode, AclEntry, Descriptor};
+use protocol::messages::{
+    grant_digest, HeaderRecord, KeyReleaseRequest, KeyReleaseResponse, MountGrant, Placement, RegisterDomainRequest,
+};
+use protocol::pki::{CertificateAuthority, Identity, Role};
+use protocol::secret::SecretBytes;
+use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
+use serde::Deserialize;
+
+use crate::attestation::{AttestationPolicy, HostRecord, ReferenceState};
+use crate::error::{Error, Result};
+use crate::service::test_support::key_of;
+use crate::service::Ttp;
+use crate::store::{now_unix, SqliteStore, TtpStore};
+
+/// The recorded swtpm evidence.
+#[derive(Deserialize)]
+struct Vectors {
+    host: HostRecord,
+    reference_state: ReferenceState,
+    /// Hex of the nonce the quote is over.
+    quote_nonce: String,
+    quote: QuoteEvidence,
+}
+
+fn vectors() -> Vectors {
+    serde_json::from_str(include_str!("../../../../tests/vectors/attested_host.json"))
+        .expect("the recorded vectors parse")
+}
+
+/// The recorded host (its secure component's certificate name).
+pub(super) const HOST: &str = "compute-1";
+/// A VM with `rw` in the domain's access list: the one the tests attach.
+pub(super) const VM: &str = "vm-a";
+/// Another VM with `rw` access, for grants and placements of the wrong VM.
+pub(super) const OTHER_VM: &str = "vm-b";
+/// A VM with `ro` access only.
+pub(super) const RO_VM: &str = "vm-ro";
+/// The domain's owner.
+pub(super) const OWNER: &str = "dm-alice";
+
+/// A TTP with the recorded host enrolled and one registered domain owned by [`OWNER`].
+pub(super) struct Fixture {
+    pub(super) ttp: Ttp,
+    ca: (String, zeroize::Zeroizing<String>),
+    pub(super) owner: SignatureKey,
+    /// The operator's placement authority (a cloud-platform certificate).
+    pub(super) operator: SignatureKey,
+    pub(super) nonce: Vec<u8>,
+    pub(super) quote: QuoteEvidence,
+    pub(super) descriptor: Descriptor,
+    pub(super) header: HeaderRecord,
+}
+
+impl Fixture {
+    pub(super) fn new() -> Self {
+        Self::with_reference_state(|_| {})
+    }
+
+    /// As [`Fixture::new`], with the attestation policy's reference state changed.
+    pub(super) fn with_reference_state(change: impl FnOnce(&mut ReferenceState)) -> Self {
+        let vectors = vectors();
+        assert_eq!(vectors.host.host_id, HOST);
+        let mut state = vectors.reference_state;
+        change(&mut state);
+        let ca = CertificateAuthority::generate("cloud-ca").unwrap();
+        let store: Arc<dyn TtpStore> = Arc::new(SqliteStore::in_memory().unwrap());
+        let ttp = Ttp::new(
+            SecretBytes::from_slice_wiping(&mut [7u8; 32]),
+            key_of(&ca, Role::Ttp, "ttp-1"),
+            vec![ca.0.clone()],
+            AttestationPolicy { reference_states: vec![state], ..Default::default() },
+            store,
+        )
+        .unwrap();
+        ttp.store().put_host(HOST, &serde_json::to_string(&vectors.host).unwrap()).unwrap();
+        let owner = key_of(&ca, Role::DomainManager, OWNER);
+        let operator = key_of(&ca, Role::CloudPlatform, "cp-1");
+        let acl = [(VM, AccessMode::Rw), (OTHER_VM, AccessMode::Rw), (RO_VM, AccessMode::Ro)]
+            .map(|(vm_id, mode)| AclEntry { vm_id: vm_id.into(), mode })
+            .to_vec();
+        let descriptor = Descriptor::new(OWNER, Default::default(), acl).unwrap();
+        let header = register(&ttp, &owner, &descriptor, None);
+        Self {
+            ttp,
+            ca,
+            owner,
+            operator,
+            nonce: hex::decode(&vectors.quote_nonce).unwrap(),
+            quote: vectors.quote,
+            descriptor,
+            header,
+        }
+    }
+
+    /// A signing key for `name` in `role` from the fixture's CA.
+    pub(super) fn key(&self, role: Role, name: &str) -> SignatureKey {
+        key_of(&self.ca, role, name)
+    }
+
+    /// The recorded host's secure component, as the TLS layer identifies it.
+    pub(super) fn host(&self) -> Identity {
+        Identity { name: HOST.into(), role: Role::SecureComponent }
+    }
+
+    /// Plants a challenge for `host_id` with `nonce`, as `Ttp::challenge` stores one; returns its id.
+    pub(super) fn plant_challenge(&self, host_id: &str, nonce: &[u8], expires_at: u64) -> String {
+        let challenge_id = hex::encode(rand::random::<[u8; 16]>());
+        self.ttp.store().put_challenge(&challenge_id, host_id, nonce, expires_at).unwrap();
+        challenge_id
+    }
+
+    /// A fresh challenge for the recorded host over the recorded quote's nonce.
+    pub(super) fn challenge(&self) -> String {
+        self.plant_challenge(HOST, &self.nonce, now_unix() + crate::service::CHALLENGE_TTL_SECS)
+    }
+
+    /// The owner's grant of `rw` on the domain to [`VM`], valid 10 minutes, with `change` applied.
+    pub(super) fn grant_with(&self, signer: &SignatureKey, change: impl FnOnce(&mut MountGrant)) -> SignedEnvelope {
+        let mut grant = MountGrant {
+            domain_id: self.descriptor.domain_id.clone(),
+            vm_id: VM.into(),
+            mode: AccessMode::Rw,
+            expires_at: now_unix() + 600,
+            nonce: rand::random(),
+            issuer: OWNER.into(),
+        };
+        change(&mut grant);
+        signer.sign_envelope(SignatureContext::MountGrant, grant.encode())
+    }
+
+    /// A placement of `vm_id` on `host_id` for `grant`, signed by `signer`, dated `placed_at`.
+    pub(super) fn place(
+        &self,
+        signer: &SignatureKey,
+        vm_id: &str,
+        host_id: &str,
+        grant: &SignedEnvelope,
+        placed_at: u64,
+    ) -> SignedEnvelope {
+        let placement =
+            Placement { vm_id: vm_id.into(), host_id: host_id.into(), grant_digest: grant_digest(grant), placed_at };
+        signer.sign_envelope(SignatureContext::Placement, placement.encode())
+    }
+
+    /// A request that is granted: [`VM`] on [`HOST`], `rw`, fresh challenge, owner's grant,
+    /// operator's placement made now.
+    pub(super) fn request(&self) -> KeyReleaseRequest {
+        let grant = self.grant_with(&self.owner, |_| {});
+        let placement = self.place(&self.operator, VM, HOST, &grant, now_unix());
+        KeyReleaseRequest {
+            host_id: HOST.into(),
+            vm_id: VM.into(),
+            mode: AccessMode::Rw,
+            header: self.header.clone(),
+            grant,
+            placement,
+            challenge_id: self.challenge(),
+            quote: self.quote.clone(),
+        }
+    }
+
+    /// [`Fixture::request`] with another grant, placed by the operator for it.
+    pub(super) fn request_with_grant(&self, grant: SignedEnvelope) -> KeyReleaseRequest {
+        let placement = self.place(&self.operator, VM, HOST, &grant, now_unix());
+        KeyReleaseRequest { grant, placement, ..self.request() }
+    }
+
+    pub(super) fn release(&self, request: &KeyReleaseRequest) -> Result<KeyReleaseResponse> {
+        self.ttp.release_key(&self.host(), request)
+    }
+
+    /// Asserts `request` from `actor` is refused with `code`, and that the refusal is the
+    /// last audit record (a `key_release` with that outcome, in an intact chain).
+    pub(super) fn refused_for(&self, actor: &Identity, request: &KeyReleaseRequest, code: &str) -> Error {
+        let error = match self.ttp.release_key(actor, request) {
+            Ok(_) => panic!("the release was granted, expected {code}"),
+            Err(error) => error,
+        };
+        assert_eq!(error.code(), code, "{error}");
+        let record = self.ttp.store().audit_records(None).unwrap().pop().expect("an audit record");
+        assert_eq!((record.event.as_str(), record.outcome.as_str()), ("key_release", code));
+        assert_eq!(record.message, error.to_string());
+        self.ttp.verify_audit_chain().unwrap();
+        error
+    }
+
+    /// Asserts that [`Fixture::request`] with the placement `place` makes for its grant is
+    /// refused with `code`.
+    pub(super) fn refused_placement(&self, place: impl FnOnce(&SignedEnvelope) -> SignedEnvelope, code: &str) -> Error {
+        let request = self.request();
+        let placement = place(&request.grant);
+        self.refused(&KeyReleaseRequest { placement, ..request }, code)
+    }
+
+    /// [`Fixture::refused_for`] with the recorded host as the caller.
+    pub(super) fn refused(&self, request: &KeyReleaseRequest, code: &str) -> Error {
+        self.refused_for(&self.host(), request, code)
+    }
+}
+
+/// Registers `descriptor` (signed by `owner`) through the cloud platform; returns its header.
+pub(super) fn register(
+    ttp: &Ttp,
+    owner: &SignatureKey,
+    descriptor: &Descriptor,
+    previous: Option<SignedEnvelope>,
+) -> HeaderRecord {
+    let cloud = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
+    let signed = owner.sign_envelope(SignatureContext::Descriptor, descriptor.encode().unwrap());
+    let request = RegisterDomainRequest { descriptor: signed.clone(), previous_registration: previous };
+    let registration = ttp.register_domain(&cloud, &request).unwrap().registration;
+    HeaderRecord { descriptor: signed, registration }
+}
+
+pub(super) fn assert_mentions(error: &Error, text: &str) {
+    assert!(error.to_string().contains(text), "expected '{text}' in: {error}");
+}

@@ -1,0 +1,293 @@
+//! The TTP's decisions, independent of HTTP (docs/PROTOCOL.md, "Message sequences"). Every
+//! decision about an enrollment, a registration, a deletion or a key release — granted or
+//! refused — is one audit record.
+//!
+//! This module holds the [`Ttp`] itself and what every flow shares: the audit helpers and the
+//! checks of signed objects' signers. Each flow is one module:
+//!
+//! - `enrollment`: a host enrolls its TPM (and the operator approves a TPM replacement);
+//! - `domains`: registration, update and deletion of a domain;
+//! - `key_release`: the quote challenge and the six steps of a key release;
+//! - `history`: a domain's viewing history and the audit chain.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use protocol::domain::Descriptor;
+use protocol::messages::{AuditRecord, Registration};
+use protocol::pki::{Identity, Role};
+use protocol::secret::SecretBytes;
+use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
+
+use crate::attestation::{AttestationPolicy, PendingEnrollment};
+use crate::error::{Error, Result};
+use crate::store::{now_unix, AuditEntry, TtpStore};
+
+mod domains;
+mod enrollment;
+mod history;
+mod key_release;
+#[cfg(test)]
+mod test_support;
+
+pub use enrollment::{allow_host_replacement, ENROLLMENT_TTL_SECS};
+pub use key_release::CHALLENGE_TTL_SECS;
+
+/// The trusted third party's state and decisions: K_TTP (in locked memory), its signing key,
+/// the trusted CAs and revocation lists, the attestation policy and the store. HTTP-free;
+/// `http.rs` wraps it, tests call it directly.
+pub struct Ttp {
+    master_key: SecretBytes,
+    signing_key: SignatureKey,
+    /// PEM CA roots whose certificates the TTP accepts on signed objects (its own cloud's
+    /// and federated partners').
+    trusted_cas: Vec<String>,
+    /// Revocation lists (PEM files) read at every signature check, so that a revocation the
+    /// CA publishes counts from the next signed request on. Empty: not checked.
+    revocation_lists: Vec<PathBuf>,
+    policy: AttestationPolicy,
+    store: Arc<dyn TtpStore>,
+    pending_enrollments: Mutex<HashMap<String, (u64, PendingEnrollment)>>,
+    /// The trusted CAs (PEM) that issued this TTP's own certificate: a registration's signer
+    /// must chain to one of them, not merely to any trusted CA (a partner's).
+    registration_cas: Vec<String>,
+    /// Certificate names whose registrations count: this TTP's own and its replicas'.
+    registration_signers: Vec<String>,
+}
+
+/// The parts of a request the audit record names.
+#[derive(Default)]
+struct Subject {
+    domain_id: Option<String>,
+    host_id: Option<String>,
+    vm_id: Option<String>,
+}
+
+impl Ttp {
+    /// Builds the TTP from its master key (must be 32 bytes, else `Error::Config`), the key that
+    /// signs registrations, the trusted CA roots (PEM) for signed objects, the attestation
+    /// policy and the store. No revocation list is checked until
+    /// [`Ttp::with_revocation_lists`].
+    pub fn new(
+        master_key: SecretBytes,
+        signing_key: SignatureKey,
+        trusted_cas: Vec<String>,
+        policy: AttestationPolicy,
+        store: Arc<dyn TtpStore>,
+    ) -> Result<Self> {
+        if master_key.len() != protocol::kdf::MASTER_KEY_BYTES {
+            return Err(Error::Config(format!("K_TTP must be {} bytes", protocol::kdf::MASTER_KEY_BYTES)));
+        }
+        policy.validate()?;
+        let own = protocol::pki::identity_from_certificate(signing_key.certificate_der())
+            .map_err(|e| Error::Config(format!("the TTP's own certificate: {e}")))?;
+        let registration_cas: Vec<String> = trusted_cas
+            .iter()
+            .filter(|ca| {
+                protocol::signing::verify_signer_certificate(
+                    signing_key.certificate_der(),
+                    std::slice::from_ref(*ca),
+                    &[],
+                    now_unix(),
+                )
+                .is_ok()
+            })
+            .cloned()
+            .collect();
+        if registration_cas.is_empty() {
+            return Err(Error::Config(format!(
+                "the TTP's own certificate ({}) is not valid under any of its trusted CAs, so no registration could be verified",
+                own.name
+            )));
+        }
+        Ok(Self {
+            master_key,
+            signing_key,
+            trusted_cas,
+            revocation_lists: Vec::new(),
+            policy,
+            store,
+            pending_enrollments: Mutex::new(HashMap::new()),
+            registration_cas,
+            registration_signers: vec![own.name],
+        })
+    }
+
+    /// Also accept registrations signed by these TTP replicas (certificate names; their
+    /// certificates must come from this TTP's own CA and carry the TTP role).
+    pub fn with_registration_replicas(mut self, names: Vec<String>) -> Self {
+        for name in names {
+            if !self.registration_signers.contains(&name) {
+                self.registration_signers.push(name);
+            }
+        }
+        self
+    }
+
+    /// Check signers' certificates against these revocation lists (PEM files, one per
+    /// trusted CA, as `cloud-platform ca revoke` writes them).
+    pub fn with_revocation_lists(mut self, files: Vec<PathBuf>) -> Self {
+        self.revocation_lists = files;
+        self
+    }
+
+    /// The revocation lists as they are now. An unreadable list refuses every signature
+    /// (fail closed): a revocation must not be skipped because a file went missing.
+    fn current_revocation_lists(&self) -> protocol::Result<Vec<String>> {
+        self.revocation_lists
+            .iter()
+            .map(|path| {
+                net::read_pem_file(path).map_err(|e| {
+                    protocol::Error::Certificate(format!(
+                        "{e}; signed requests are refused until the revocation list can be read"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The store, for tools and tests that read it (e.g. the audit chain).
+    pub fn store(&self) -> &Arc<dyn TtpStore> {
+        &self.store
+    }
+
+    fn audit(
+        &self,
+        event: &str,
+        actor: &Identity,
+        subject: &Subject,
+        outcome: std::result::Result<String, &Error>,
+    ) -> Result<AuditRecord> {
+        let (outcome, message) = match outcome {
+            Ok(message) => ("ok".to_string(), message),
+            Err(error) => (error.code().to_string(), error.to_string()),
+        };
+        self.store.append_audit(AuditEntry {
+            at: now_unix(),
+            event: event.to_string(),
+            outcome,
+            message,
+            domain_id: subject.domain_id.clone(),
+            host_id: subject.host_id.clone(),
+            vm_id: subject.vm_id.clone(),
+            actor: actor.name.clone(),
+        })
+    }
+
+    /// Runs `decide`, audits its outcome, and returns it. A refusal is audited with its
+    /// code and message; if the audit write itself fails, that failure is returned.
+    fn audited<T>(
+        &self,
+        event: &str,
+        actor: &Identity,
+        subject: Subject,
+        decide: impl FnOnce(&mut Subject) -> Result<(T, String)>,
+    ) -> Result<(T, AuditRecord)> {
+        let mut subject = subject;
+        match decide(&mut subject) {
+            Ok((value, message)) => {
+                let record = self.audit(event, actor, &subject, Ok(message))?;
+                Ok((value, record))
+            }
+            Err(error) => {
+                self.audit(event, actor, &subject, Err(&error))?;
+                Err(error)
+            }
+        }
+    }
+
+    fn require_role(actor: &Identity, role: Role, action: &'static str) -> Result<()> {
+        if actor.role != role {
+            return Err(Error::Forbidden {
+                caller: actor.name.clone(),
+                action,
+                detail: format!("this needs a {} certificate, the caller's is {}", role.as_str(), actor.role.as_str()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks an envelope's certificate (chain to a trusted CA, validity, role) and
+    /// signature; returns the signer's certificate name.
+    fn verify_signer(
+        &self,
+        envelope: &SignedEnvelope,
+        context: SignatureContext,
+        role: Role,
+    ) -> protocol::Result<String> {
+        let crls = self.current_revocation_lists()?;
+        let identity = protocol::signing::verify_signer_certificate(
+            &envelope.signer_certificate,
+            &self.trusted_cas,
+            &crls,
+            now_unix(),
+        )?;
+        if identity.role != role {
+            return Err(protocol::Error::Certificate(format!(
+                "{} signed with a {} certificate, a {} certificate is needed",
+                identity.name,
+                identity.role.as_str(),
+                role.as_str()
+            )));
+        }
+        envelope.verify_signature(context)?;
+        Ok(identity.name)
+    }
+
+    /// Verifies an owner-signed descriptor; returns it decoded.
+    fn verified_descriptor(&self, envelope: &SignedEnvelope) -> Result<Descriptor> {
+        let signer = self
+            .verify_signer(envelope, SignatureContext::Descriptor, Role::DomainManager)
+            .map_err(|e| Error::DescriptorSignatureInvalid(e.to_string()))?;
+        let descriptor = Descriptor::decode(&envelope.message)?;
+        if signer != descriptor.owner {
+            return Err(Error::DescriptorSignatureInvalid(format!(
+                "descriptor of domain {} names owner {} but is signed by {signer}",
+                descriptor.domain_id, descriptor.owner
+            )));
+        }
+        Ok(descriptor)
+    }
+
+    /// Verifies a registration: signed by this TTP or a configured replica, with a
+    /// certificate from this TTP's own CA. A registration carries `r`, so whoever may sign
+    /// one may re-key or shred a domain: a certificate that merely has the TTP role (another
+    /// name, or a federated partner's CA) is refused.
+    fn verified_registration(&self, envelope: &SignedEnvelope) -> Result<Registration> {
+        let refuse = |detail: String| Error::RegistrationMismatch(format!("registration signature: {detail}"));
+        let crls = self.current_revocation_lists().map_err(|e| refuse(e.to_string()))?;
+        let identity = protocol::signing::verify_signer_certificate(
+            &envelope.signer_certificate,
+            &self.registration_cas,
+            &crls,
+            now_unix(),
+        )
+        .map_err(|e| refuse(format!("{e} (a registration must come from this TTP's own CA)")))?;
+        if identity.role != Role::Ttp {
+            return Err(refuse(format!(
+                "{} signed with a {} certificate, a ttp certificate is needed",
+                identity.name,
+                identity.role.as_str()
+            )));
+        }
+        if !self.registration_signers.contains(&identity.name) {
+            return Err(refuse(format!(
+                "signed by {}, a TTP-role certificate that is neither this TTP nor a configured replica ({})",
+                identity.name,
+                self.registration_signers.join(", ")
+            )));
+        }
+        envelope.verify_signature(SignatureContext::Registration).map_err(|e| refuse(e.to_string()))?;
+        Ok(Registration::decode(&envelope.message)?)
+    }
+}
+
+/// A refusal text for a malformed id that does not repeat it (it may be huge or hostile).
+fn invalid_name(field: &str, value: &str) -> String {
+    format!(
+        "{field} ({} bytes) is not 1 to {} characters of A-Z a-z 0-9 . _ - @ :",
+        value.len(),
+        protocol::domain::MAX_NAME_BYTES
+    )
+}
