@@ -70,7 +70,6 @@ fn require_role(caller: &Identity, roles: &[Role], action: &str) -> Result<()> {
     Err(Error::Forbidden(format!("{} may not {action}: that needs a {} certificate", caller, allowed.join(" or "))))
 }
 
-
 /// Whether a failed step was refused (the request can never succeed as it is) rather than
 /// interrupted (TTP unreachable, a server error, a volume or database failure).
 fn is_refusal(error: &Error) -> bool {

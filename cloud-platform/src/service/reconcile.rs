@@ -166,7 +166,9 @@ impl CloudPlatform {
         };
         match record.as_ref().map(|r| r.status) {
             Some(AttachmentStatus::Attached) => {}
-            Some(AttachmentStatus::Attaching) if mapping.status == MappingStatus::Attached && self.header_allows(&as_known).await => {
+            Some(AttachmentStatus::Attaching)
+                if mapping.status == MappingStatus::Attached && self.header_allows(&as_known).await =>
+            {
                 let stored = as_known.clone();
                 self.store(move |s| s.complete_attachment(&stored)).await?;
                 tracing::warn!(attachment = %as_known.id, vm = %as_known.instance_id, host = %host.id,

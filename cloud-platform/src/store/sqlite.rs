@@ -397,9 +397,8 @@ impl CpStore for SqliteStore {
 
     fn open_attachments_of_domain(&self, domain_id: &str) -> Result<Vec<Attachment>> {
         let connection = self.lock()?;
-        let sql = format!(
-            "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE domain_id = ?1 AND status != ?2 ORDER BY id"
-        );
+        let sql =
+            format!("SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE domain_id = ?1 AND status != ?2 ORDER BY id");
         Self::attachment_rows(&connection, &sql, &[&domain_id, &AttachmentStatus::Detached.as_str()])
     }
 
