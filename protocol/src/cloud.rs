@@ -243,7 +243,7 @@ pub struct AttachmentList {
 
 // ---- secure component agent API (caller: the cloud platform) -----------------------------------
 
-/// CP → SC `POST /v1/attachments`: run the mount flow of DESIGN §3 for one VM.
+/// CP → SC `POST /v1/attachments`: run the attach flow (docs/CLOUD-API.md "Message sequence: attach") for one VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentAttachRequest {
     /// The cloud platform's attachment id; the SC keys its record and its `DELETE` by it.

@@ -41,40 +41,10 @@ impl CloudPlatform {
             message: format!("instance {} is not registered; register it with POST /v1/instances", request.instance_id),
         })?;
         let host = self.host_of(&instance.host).await?;
-        // Every open attachment of the domain, read once under its lock: the same VM's is
-        // `already_attached`, any other decides the single-writer rule below.
+        // Every open attachment of the domain, read once under its lock.
         let d = request.domain_id.clone();
         let open = self.store(move |s| s.open_attachments_of_domain(&d)).await?;
-        if let Some(open) = open.iter().find(|a| a.instance_id == request.instance_id) {
-            if open.status == AttachmentStatus::Attaching {
-                return Err(Error::Conflict {
-                    code: "already_attached",
-                    message: format!(
-                        "an earlier attach of domain {} to {} (attachment {}) got no answer from host {}; the cloud platform settles it with the host within {} s, then attach again or detach",
-                        open.domain_id, open.instance_id, open.id, open.host, self.reconcile_interval.as_secs()
-                    ),
-                });
-            }
-            return Err(Error::Conflict {
-                code: "already_attached",
-                message: format!(
-                    "domain {} is already attached to {} ({}, attachment {}, status {}); detach it first",
-                    open.domain_id, open.instance_id, open.mode, open.id, open.status
-                ),
-            });
-        }
-        // Single writer (docs/CLOUD-API.md, "Attachments"): ext4 is not a cluster file
-        // system, so a second rw mount, or a ro mount beside a rw one, loses or garbles data
-        // silently. Checked under the domain's lock, so two attaches cannot both pass.
-        if let Some(other) = open.iter().find(|a| a.mode == AccessMode::Rw || request.mode == AccessMode::Rw) {
-            return Err(Error::Conflict {
-                code: "single_writer",
-                message: format!(
-                    "domain {} is attached to {} ({}, attachment {}); a domain has one read-write attachment and nothing beside it, or only read-only ones: detach {} first",
-                    other.domain_id, other.instance_id, other.mode, other.id, other.instance_id
-                ),
-            });
-        }
+        self.check_beside(&open, &request)?;
         // An interrupted update first: the TTP releases keys only for its newest version.
         self.finish_pending_update(&record).await?;
         let header = self.read_header(&record).await?;
@@ -142,6 +112,42 @@ impl CloudPlatform {
         tracing::info!(attachment = %attachment.id, domain = %attachment.domain_id, vm = %attachment.instance_id,
             host = %attachment.host, mode = %attachment.mode, backend = %attached.backend, "attached");
         Ok(attachment)
+    }
+
+    /// Refuses an attach beside the domain's `open` attachments: the same VM's is
+    /// `already_attached`; any other decides the single-writer rule.
+    fn check_beside(&self, open: &[Attachment], request: &CreateAttachmentRequest) -> Result<()> {
+        if let Some(open) = open.iter().find(|a| a.instance_id == request.instance_id) {
+            if open.status == AttachmentStatus::Attaching {
+                return Err(Error::Conflict {
+                    code: "already_attached",
+                    message: format!(
+                        "an earlier attach of domain {} to {} (attachment {}) got no answer from host {}; the cloud platform settles it with the host within {} s, then attach again or detach",
+                        open.domain_id, open.instance_id, open.id, open.host, self.reconcile_interval.as_secs()
+                    ),
+                });
+            }
+            return Err(Error::Conflict {
+                code: "already_attached",
+                message: format!(
+                    "domain {} is already attached to {} ({}, attachment {}, status {}); detach it first",
+                    open.domain_id, open.instance_id, open.mode, open.id, open.status
+                ),
+            });
+        }
+        // Single writer (docs/CLOUD-API.md, "Cloud platform behaviour"): ext4 is not a cluster file
+        // system, so a second rw mount, or a ro mount beside a rw one, loses or garbles data
+        // silently. The caller holds the domain's lock, so two attaches cannot both pass.
+        if let Some(other) = open.iter().find(|a| a.mode == AccessMode::Rw || request.mode == AccessMode::Rw) {
+            return Err(Error::Conflict {
+                code: "single_writer",
+                message: format!(
+                    "domain {} is attached to {} ({}, attachment {}); a domain has one read-write attachment and nothing beside it, or only read-only ones: detach {} first",
+                    other.domain_id, other.instance_id, other.mode, other.id, other.instance_id
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Asks the host's secure component to detach. An attachment the host does not know
