@@ -86,8 +86,8 @@ use std::time::{Duration, Instant};
 use net::{Role, TlsFiles};
 use protocol::attest::{CredentialChallenge, EnrollmentProof, EnrollmentRequest, PcrSelection};
 use protocol::cloud::{
-    Attachment, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainView, Instance, InstanceList,
-    UpdateDomainRequest,
+    Attachment, AttachmentStatus, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainView, Instance,
+    InstanceList, UpdateDomainRequest,
 };
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::format;
@@ -650,7 +650,7 @@ async fn attack_matrix() {
             .expect("the owner's attach with a fresh grant");
         let detached: Attachment =
             alice_cp.delete_json(&format!("/v1/attachments/{}", attached.id)).await.expect("the owner detaches");
-        assert_eq!(detached.status, "detached");
+        assert_eq!(detached.status, AttachmentStatus::Detached);
         let before = audit_records(&ttp).len();
         let message = expect_code(attach(&alice_cp, &id_a, "vm-a", AccessMode::Rw, grant).await, "grant_replayed");
         assert!(message.contains("used for a key release before"), "{message}");

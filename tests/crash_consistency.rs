@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use domain_manager::ops::DomainManager;
 use net::Role;
-use protocol::cloud::{ComputeHost, Instance};
+use protocol::cloud::{AttachmentStatus, ComputeHost, Instance, MappingStatus};
 use protocol::domain::{AccessMode, AclEntry};
 use protocol::format::HEADER_AREA_SIZE;
 use protocol::messages::HeaderRecord;
@@ -635,11 +635,13 @@ async fn crash_consistency_under_kill_9() {
             let orphans: Vec<_> = on_host
                 .iter()
                 .filter(|h| {
-                    h.status == "attached" && !in_cp.iter().any(|c| c.id == h.attachment_id && c.status == "attached")
+                    h.status == MappingStatus::Attached
+                        && !in_cp.iter().any(|c| c.id == h.attachment_id && c.status == AttachmentStatus::Attached)
                 })
                 .map(|h| h.attachment_id.clone())
                 .collect();
-            let attaching: Vec<_> = in_cp.iter().filter(|c| c.status == "attaching").map(|c| c.id.clone()).collect();
+            let attaching: Vec<_> =
+                in_cp.iter().filter(|c| c.status == AttachmentStatus::Attaching).map(|c| c.id.clone()).collect();
             disagreed.get_or_insert((orphans.len(), attaching.len()));
             if orphans.is_empty() && attaching.is_empty() {
                 break on_host;
@@ -685,19 +687,24 @@ async fn crash_consistency_under_kill_9() {
                         let allowed = header.unverified_contents().unwrap().0.access_of(vm).is_some();
                         let host_has = on_host.iter().any(|h| &h.attachment_id == id);
                         if allowed && host_has {
-                            assert_eq!(a.status, "attached", "round {round}: acknowledged attachment {id} of {vm}");
+                            assert_eq!(
+                                a.status,
+                                AttachmentStatus::Attached,
+                                "round {round}: acknowledged attachment {id} of {vm}"
+                            );
                         } else if allowed {
                             // An unacknowledged detach reached the host before kill -9; the
                             // reconciliation recorded what the host holds.
                             assert_eq!(
-                                a.status, "detached",
+                                a.status,
+                                AttachmentStatus::Detached,
                                 "round {round}: {id} of {vm} is gone from compute-1 but the CP says {}",
                                 a.status
                             );
                             reconciled.push((id.clone(), vm.clone()));
                         } else {
                             assert!(
-                                a.status == "detached" || a.status == "detaching",
+                                a.status == AttachmentStatus::Detached || a.status == AttachmentStatus::Detaching,
                                 "round {round}: {id} of {vm} is {} although the header in force revokes it",
                                 a.status
                             );
@@ -708,14 +715,14 @@ async fn crash_consistency_under_kill_9() {
                         let a = found.unwrap_or_else(|| {
                             panic!("round {round}: acknowledged detached attachment {id} is unknown to the CP")
                         });
-                        assert_eq!(a.status, "detached", "round {round}: acknowledged detach of {id}");
+                        assert_eq!(a.status, AttachmentStatus::Detached, "round {round}: acknowledged detach of {id}");
                     }
                     "revoked" => {
                         let a = found.unwrap_or_else(|| {
                             panic!("round {round}: attachment {id} revoked with acknowledgement is unknown to the CP")
                         });
                         assert!(
-                            a.status == "detached" || a.status == "detaching",
+                            a.status == AttachmentStatus::Detached || a.status == AttachmentStatus::Detaching,
                             "round {round}: acknowledged revocation left {id} {}",
                             a.status
                         );
@@ -734,10 +741,10 @@ async fn crash_consistency_under_kill_9() {
         // The host against the CP: mappings the CP never acknowledged (orphans), CP
         // attachments the host no longer has (stale), and VMs whose access was revoked by a
         // version in force while a mapping is still open (revocation not yet enforced).
-        let open_in_cp: Vec<_> = cp_attachments.iter().filter(|a| a.status != "detached").collect();
+        let open_in_cp: Vec<_> = cp_attachments.iter().filter(|a| a.status != AttachmentStatus::Detached).collect();
         for a in &on_host {
             assert!(
-                a.status != "attached" || open_in_cp.iter().any(|c| c.id == a.attachment_id),
+                a.status != MappingStatus::Attached || open_in_cp.iter().any(|c| c.id == a.attachment_id),
                 "round {round}: compute-1 maps attachment {} ({} on {}) that the CP does not hold open, after the reconciliation settled",
                 a.attachment_id, a.vm_id, &a.domain_id[..8]
             );
@@ -746,17 +753,17 @@ async fn crash_consistency_under_kill_9() {
         let mut stale = 0;
         let mut unenforced = 0;
         for a in &open_in_cp {
-            let host_has = on_host.iter().any(|h| h.attachment_id == a.id && h.status == "attached");
+            let host_has = on_host.iter().any(|h| h.attachment_id == a.id && h.status == MappingStatus::Attached);
             let header = header_on_disk(&cp_data.join("volumes").join(format!("{}.vol", a.domain_id))).unwrap().2;
             let allowed =
                 header.unverified_contents().unwrap().0.access_of(&a.instance_id).is_some_and(|m| m.covers(a.mode));
-            if !host_has || !allowed || a.status == "detaching" {
+            if !host_has || !allowed || a.status == AttachmentStatus::Detaching {
                 if !allowed {
                     // The CP reconciles every open attachment with the header in force before it
                     // serves again, so a revocation interrupted by kill -9 is enforced at restart.
                     assert_eq!(
                         a.status,
-                        "detaching",
+                        AttachmentStatus::Detaching,
                         "round {round}: attachment {} of {} is still {} although version {} in force revoked it",
                         a.id,
                         a.instance_id,
@@ -773,7 +780,7 @@ async fn crash_consistency_under_kill_9() {
                 }
                 let d: protocol::cloud::Attachment =
                     dm_http.delete_json(&format!("/v1/attachments/{}", a.id)).await.unwrap();
-                assert_eq!(d.status, "detached", "round {round}: {d:?}");
+                assert_eq!(d.status, AttachmentStatus::Detached, "round {round}: {d:?}");
                 let mut l = ledger.lock().unwrap();
                 if let Some(d) = l.domains.get_mut(&a.domain_id) {
                     d.attachments.insert(a.id.clone(), (a.instance_id.clone(), "detached"));
@@ -785,7 +792,9 @@ async fn crash_consistency_under_kill_9() {
         {
             let mut l = ledger.lock().unwrap();
             for a in &open_in_cp {
-                if a.status == "attached" && on_host.iter().any(|h| h.attachment_id == a.id && h.status == "attached") {
+                if a.status == AttachmentStatus::Attached
+                    && on_host.iter().any(|h| h.attachment_id == a.id && h.status == MappingStatus::Attached)
+                {
                     let d = l.domains.get_mut(&a.domain_id).unwrap();
                     let known = d.attachments.get(&a.id).map(|(_, s)| *s);
                     if known != Some("attached")
@@ -818,17 +827,17 @@ async fn crash_consistency_under_kill_9() {
         // Every open attachment of the probe goes first: a domain is attached read-write once
         // and alone (single_writer), so vm-b's read-only one would refuse vm-a's rw reattach.
         let open = retry("list attachments", || dm.attachments()).await;
-        for a in open.iter().filter(|a| &a.domain_id == probe && a.status == "attached") {
+        for a in open.iter().filter(|a| &a.domain_id == probe && a.status == AttachmentStatus::Attached) {
             let vm = a.instance_id.clone();
             let d = retry("detach", || dm.detach(probe, &vm)).await;
             ledger.lock().unwrap().domains.get_mut(probe).unwrap().attachments.insert(a.id.clone(), (vm, "detached"));
-            assert_eq!(d.status, "detached");
+            assert_eq!(d.status, AttachmentStatus::Detached);
         }
         let a = retry("reattach", || dm.attach(probe, "vm-a", AccessMode::Rw, 300)).await;
-        assert_eq!(a.status, "attached");
+        assert_eq!(a.status, AttachmentStatus::Attached);
         assert!(Path::new(&a.mount_path).read_dir().is_ok(), "the VM sees its file system again");
         let d = retry("detach", || dm.detach(probe, "vm-a")).await;
-        assert_eq!(d.status, "detached");
+        assert_eq!(d.status, AttachmentStatus::Detached);
         ledger
             .lock()
             .unwrap()
@@ -867,7 +876,7 @@ async fn crash_consistency_under_kill_9() {
 
     // Orderly end: detach what is open, stop the host, kill the children.
     let dm = DomainManager::connect(&config).unwrap();
-    for a in dm.attachments().await.unwrap().into_iter().filter(|a| a.status != "detached") {
+    for a in dm.attachments().await.unwrap().into_iter().filter(|a| a.status != AttachmentStatus::Detached) {
         let _: Result<protocol::cloud::Attachment, _> = dm_http.delete_json(&format!("/v1/attachments/{}", a.id)).await;
     }
     sc_shutdown.cancel();

@@ -8,6 +8,7 @@
 
 use domain_manager::config::DmConfig;
 use domain_manager::ops::{parse_acl_entry, DomainManager};
+use protocol::cloud::{AttachmentStatus, MappingStatus};
 use protocol::domain::AccessMode;
 use skydd::cloud::{AllInOne, DEMO_LAYOUT};
 
@@ -20,7 +21,7 @@ async fn an_update_interrupted_by_a_ttp_outage_is_finished_by_the_cloud_platform
     let domain = alice.create(Default::default(), acl, Vec::new(), 16 << 20).await.unwrap();
     let id = domain.id.clone();
     let attached = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.unwrap();
-    assert_eq!(attached.status, "attached");
+    assert_eq!(attached.status, AttachmentStatus::Attached);
 
     let (revoke, show) = cloud
         .ttp_outage(async {
@@ -52,11 +53,11 @@ async fn an_update_interrupted_by_a_ttp_outage_is_finished_by_the_cloud_platform
     // ... and enforced it: vm-a's attachment was detached on its host.
     let attachments = alice.attachments().await.unwrap();
     let vm_a = attachments.iter().find(|a| a.id == attached.id).expect("the attachment is still known");
-    assert_eq!(vm_a.status, "detached", "the revocation was enforced when it was finished");
+    assert_eq!(vm_a.status, AttachmentStatus::Detached, "the revocation was enforced when it was finished");
     let compute_1 = cloud.hosts.iter().find(|h| h.id == "compute-1").unwrap();
     let on_host = compute_1.service.list().unwrap().attachments;
     assert!(
-        on_host.iter().all(|a| a.attachment_id != attached.id || a.status != "attached"),
+        on_host.iter().all(|a| a.attachment_id != attached.id || a.status != MappingStatus::Attached),
         "compute-1 still maps vm-a: {on_host:?}"
     );
     let refused = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.expect_err("vm-a was revoked");
@@ -65,7 +66,7 @@ async fn an_update_interrupted_by_a_ttp_outage_is_finished_by_the_cloud_platform
     // The domain is not stuck: the TTP releases its key for the header now in force, and the
     // next update builds on it.
     let b = alice.attach(&id, "vm-b", AccessMode::Ro, 300).await.unwrap();
-    assert_eq!((b.status.as_str(), b.version), ("attached", 2));
+    assert_eq!((b.status, b.version), (AttachmentStatus::Attached, 2));
     alice.detach(&id, "vm-b").await.unwrap();
     let view = alice.grant(&id, "vm-c", AccessMode::Ro).await.unwrap();
     assert_eq!(view.version, 3);

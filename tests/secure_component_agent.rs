@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use net::Role;
-use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList};
+use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList, MappingStatus};
 use protocol::domain::AccessMode;
 use protocol::format::{self, DATA_OFFSET};
 use protocol::messages::HeaderRecord;
@@ -279,7 +279,7 @@ async fn secure_component_agent_end_to_end() {
         .await
         .expect("vm-a attaches rw");
     println!("  {attached:?}");
-    assert_eq!(attached.status, "attached");
+    assert_eq!(attached.status, MappingStatus::Attached);
     assert_eq!(attached.backend, "userspace");
     assert_eq!(attached.version, 1);
     assert_eq!(PathBuf::from(&attached.mount_path), vm_dir("vm-a"));
@@ -325,7 +325,7 @@ async fn secure_component_agent_end_to_end() {
 
     println!("detach: vm-a (unmount, loop device and FUSE mount gone, record removed)");
     let detached: AgentAttachment = cp.delete_json("/v1/attachments/att-1").await.expect("vm-a detaches");
-    assert_eq!(detached.status, "detached");
+    assert_eq!(detached.status, MappingStatus::Detached);
     assert!(!vm_dir("vm-a").exists(), "the VM directory is removed");
     assert_eq!(leftovers(root), Vec::<String>::new());
     let (status, code, _) = api_code(cp.delete_json::<AgentAttachment>("/v1/attachments/att-1").await);
@@ -377,10 +377,10 @@ async fn secure_component_agent_end_to_end() {
     println!("  after restart: {list:?}");
     assert_eq!(list.attachments.len(), 1);
     let stale = &list.attachments[0];
-    assert_eq!((stale.attachment_id.as_str(), stale.status.as_str()), ("att-3", "stale"));
+    assert_eq!((stale.attachment_id.as_str(), stale.status), ("att-3", MappingStatus::Stale));
     assert!(stale.stale_reason.as_deref().unwrap().contains("stopped"), "{stale:?}");
     let d: AgentAttachment = cp.delete_json("/v1/attachments/att-3").await.expect("a stale attachment detaches");
-    assert_eq!(d.status, "detached");
+    assert_eq!(d.status, MappingStatus::Detached);
     let list: AgentAttachmentList = cp.get_json("/v1/attachments").await.unwrap();
     assert!(list.attachments.is_empty());
     assert_eq!(leftovers(root), Vec::<String>::new());
@@ -418,7 +418,7 @@ async fn secure_component_agent_end_to_end() {
         let list: AgentAttachmentList = cp.get_json("/v1/attachments").await.unwrap();
         println!("  after the crash: {list:?}");
         assert_eq!(list.attachments.len(), 1);
-        assert_eq!(list.attachments[0].status, "stale");
+        assert_eq!(list.attachments[0].status, MappingStatus::Stale);
         assert!(list.attachments[0].stale_reason.as_deref().unwrap().contains("gone"), "{:?}", list.attachments[0]);
         assert!(!leftovers(root).is_empty(), "the crash left a mount, a loop device and a dead FUSE mount");
         let _: AgentAttachment = cp.delete_json("/v1/attachments/att-4").await.expect("detach cleans up after a crash");

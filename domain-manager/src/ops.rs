@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use protocol::cloud::{
-    Attachment, AttachmentList, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView,
-    UpdateDomainRequest,
+    Attachment, AttachmentList, AttachmentStatus, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody,
+    DomainList, DomainView, UpdateDomainRequest,
 };
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::messages::{Deletion, HistoryResponse, MountGrant};
@@ -287,7 +287,9 @@ impl DomainManager {
             .attachments()
             .await?
             .into_iter()
-            .find(|a| a.domain_id == domain_id && a.instance_id == instance_id && a.status == "attached")
+            .find(|a| {
+                a.domain_id == domain_id && a.instance_id == instance_id && a.status == AttachmentStatus::Attached
+            })
             .ok_or_else(|| {
                 Error::Usage(format!(
                     "{instance_id} has no attachment of domain {domain_id}; see `domain-manager vm list`"

@@ -102,7 +102,7 @@ pub fn attachments(list: &[Attachment]) -> String {
                     a.instance_id.clone(),
                     a.host.clone(),
                     a.mode.to_string(),
-                    a.status.clone(),
+                    a.status.to_string(),
                     a.mount_path.clone(),
                 ]
             })

@@ -4,10 +4,12 @@
 //! Shared by the cloud platform, the secure component and the domain-manager CLI.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{AccessMode, AclEntry};
+use crate::error::{Error, Result};
 use crate::messages::HeaderRecord;
 use crate::signing::SignedEnvelope;
 
@@ -110,6 +112,87 @@ pub struct ComputeHost {
     pub agent_url: String,
 }
 
+// ---- statuses -----------------------------------------------------------------------------------
+
+/// A status enum whose JSON and `Display` form is one lowercase word per variant, with
+/// `as_str` and a `FromStr` that refuses any other word.
+macro_rules! status_enum {
+    ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $name {
+            /// The status as it is on the wire (and in the cloud platform's database).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = Error;
+            fn from_str(text: &str) -> Result<Self> {
+                match text {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(Error::malformed($what, format!("{other:?} is not one of {}", [$($text),+].join(", ")))),
+                }
+            }
+        }
+    };
+}
+
+status_enum! {
+    /// Where an attachment is in its life, as the cloud platform records it
+    /// (docs/CLOUD-API.md "Cloud platform behaviour").
+    AttachmentStatus, "attachment status" {
+        /// Written ahead before the CP asks the host to attach; `attached` once the host
+        /// answered, or settled by the CP's reconciliation with the host if the answer never
+        /// came.
+        Attaching = "attaching",
+        /// The VM has the volume.
+        Attached = "attached",
+        /// The CP asked the host to detach (revocation, deletion) and the host did not
+        /// confirm; `DELETE /v1/attachments/{id}` and the reconciliation with the host retry.
+        Detaching = "detaching",
+        /// Closed: the host no longer has the mapping, or never attached it.
+        Detached = "detached",
+    }
+}
+
+impl AttachmentStatus {
+    /// Whether the attachment may still hold a mapping on its host (anything but `detached`).
+    pub fn is_open(self) -> bool {
+        self != Self::Detached
+    }
+}
+
+status_enum! {
+    /// What a secure component holds of one mapping ([`AgentAttachment::status`]); the
+    /// default, `attached`, is what an older agent's answer without a status means.
+    #[derive(Default)]
+    MappingStatus, "mapping status" {
+        /// The VM has the file system or device now.
+        #[default]
+        Attached = "attached",
+        /// The SC has a record but the mapping or the VM's mount is gone (e.g. a userspace
+        /// mapping that ended with the previous SC process); `DELETE` cleans it up, then
+        /// attach again.
+        Stale = "stale",
+        /// In the answer to `DELETE`: the mapping is closed and its record removed.
+        Detached = "detached",
+    }
+}
+
 // ---- cloud platform: attachments ---------------------------------------------------------------
 
 /// `POST /v1/attachments` (caller: a domain manager of the domain).
@@ -145,11 +228,8 @@ pub struct Attachment {
     pub mount_path: String,
     /// Domain version whose key opened it.
     pub version: u64,
-    /// "attached", "detached", "attaching" (the CP asked the host and got no answer; its
-    /// reconciliation with the host settles it) or "detaching" (the CP asked the host to
-    /// detach after a revocation or deletion and the host did not confirm; `DELETE` and the
-    /// reconciliation retry).
-    pub status: String,
+    /// Where the attachment is in its life ([`AttachmentStatus`]).
+    pub status: AttachmentStatus,
 }
 
 /// `GET /v1/attachments?limit&marker[&domain_id]`: one page of attachments.
@@ -163,7 +243,7 @@ pub struct AttachmentList {
 
 // ---- secure component agent API (caller: the cloud platform) -----------------------------------
 
-/// CP → SC `POST /v1/attachments`: run the mount flow of docs/CLOUD-API.md "Message sequence: attach" for one VM.
+/// CP → SC `POST /v1/attachments`: run the attach flow (docs/CLOUD-API.md "Message sequence: attach") for one VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentAttachRequest {
     /// The cloud platform's attachment id; the SC keys its record and its `DELETE` by it.
@@ -203,19 +283,13 @@ pub struct AgentAttachment {
     pub mount_path: String,
     /// The backend that opened it: "dm-crypt" or "userspace".
     pub backend: String,
-    /// "attached" (the VM has the file system / device now), "stale" (the SC has a record
-    /// but the mapping or the VM's mount is gone, e.g. a userspace mapping that ended with
-    /// the previous SC process; `DELETE` cleans it up, then attach again) or "detached" (in
-    /// the answer to `DELETE`). Absent in answers of older agents: read as "attached".
-    #[serde(default = "default_agent_status")]
-    pub status: String,
+    /// What the host holds of the mapping ([`MappingStatus`]). Absent in answers of older
+    /// agents: read as `attached`.
+    #[serde(default)]
+    pub status: MappingStatus,
     /// Why the attachment is stale, for a person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_reason: Option<String>,
-}
-
-fn default_agent_status() -> String {
-    "attached".to_string()
 }
 
 /// SC `GET /v1/attachments`: the mappings open on this host (also after a restart).
@@ -223,4 +297,30 @@ fn default_agent_status() -> String {
 pub struct AgentAttachmentList {
     /// Every attachment this SC holds a record of, with its status.
     pub attachments: Vec<AgentAttachment>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_the_lowercase_words_on_the_wire() {
+        for status in [
+            AttachmentStatus::Attaching,
+            AttachmentStatus::Attached,
+            AttachmentStatus::Detaching,
+            AttachmentStatus::Detached,
+        ] {
+            let json = serde_json::to_string(&status).unwrap();
+            assert_eq!(json, format!("\"{status}\""));
+            assert_eq!(status.as_str().parse::<AttachmentStatus>().unwrap(), status);
+            assert_eq!(serde_json::from_str::<AttachmentStatus>(&json).unwrap(), status);
+        }
+        for status in [MappingStatus::Attached, MappingStatus::Stale, MappingStatus::Detached] {
+            assert_eq!(serde_json::to_string(&status).unwrap(), format!("\"{}\"", status.as_str()));
+            assert_eq!(status.to_string().parse::<MappingStatus>().unwrap(), status);
+        }
+        assert!("stale".parse::<AttachmentStatus>().is_err());
+        assert!("Attached".parse::<MappingStatus>().is_err());
+    }
 }

@@ -397,7 +397,7 @@ impl AttachmentService {
         if let Some(existing) = self.records.load(&request.attachment_id)? {
             if existing.vm_id == request.vm_id && existing.domain_id == domain_id && existing.mode == request.mode {
                 let view = self.view(&existing)?;
-                if view.status == "attached" {
+                if view.status == protocol::cloud::MappingStatus::Attached {
                     return Ok((view, AttachTimings::default()));
                 }
             }
@@ -563,7 +563,7 @@ impl AttachmentService {
             .await
             .map_err(|e| Error::Volume(format!("detach task failed: {e}")))??;
         let mut view = self.attached_view(&record);
-        view.status = "detached".into();
+        view.status = protocol::cloud::MappingStatus::Detached;
         Ok(view)
     }
 
@@ -604,7 +604,7 @@ impl AttachmentService {
             device: r.device.to_string_lossy().into_owned(),
             mount_path: r.location.clone(),
             backend: r.backend.clone(),
-            status: "attached".into(),
+            status: protocol::cloud::MappingStatus::Attached,
             stale_reason: None,
         }
     }
@@ -613,7 +613,7 @@ impl AttachmentService {
     fn view(&self, record: &AttachmentRecord) -> Result<AgentAttachment> {
         let mut view = self.attached_view(record);
         if let Some(reason) = self.staleness(record)? {
-            view.status = "stale".into();
+            view.status = protocol::cloud::MappingStatus::Stale;
             view.stale_reason = Some(reason);
         }
         Ok(view)

@@ -1,181 +1,15 @@
-//! The cloud platform's persistent state behind one small trait, so SQLite (the embedded
-//! default) and a future PostgreSQL store for replicas are two implementations, not two
-//! code paths. It holds routing and bookkeeping only: never a key, and never a volume
-//! header (the header holds the nonce `r`; it lives only in the volume file, so destroying
-//! the file's header crypto-shreds the domain without a copy left in this database).
+//! [`SqliteStore`], the embedded implementation of [`CpStore`]: the schema, and one SQL
+//! statement (or transaction) per trait method.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use protocol::cloud::{Attachment, ComputeHost, Instance, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT};
+use protocol::cloud::{Attachment, AttachmentStatus, ComputeHost, Instance};
 use protocol::domain::AccessMode;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use super::{AttachmentFilter, CpStore, DomainRecord, Page, PendingUpdate};
 use crate::error::{Error, Result};
-
-/// What the CP records about a domain (the descriptor itself is in the volume header).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DomainRecord {
-    /// The domain id: 32 lowercase hex characters, from the descriptor.
-    pub id: String,
-    /// The owner's certificate name; only the owner may update or delete the domain.
-    pub owner: String,
-    /// Domain managers the newest version is shared with.
-    pub shared_with: Vec<String>,
-    /// Newest version whose header was written.
-    pub version: u64,
-    /// Size of the data area in bytes (the volume file is 1 MiB larger).
-    pub size_bytes: u64,
-    /// Unix seconds.
-    pub created_at: u64,
-    /// The volume file (`data_dir/volumes/<id>.vol`).
-    pub volume_path: PathBuf,
-    /// Unix seconds of the deletion, if deleted.
-    pub deleted_at: Option<u64>,
-}
-
-impl DomainRecord {
-    /// Whether `name` may act for the domain (owner or shared with).
-    pub fn is_manager(&self, name: &str) -> bool {
-        self.owner == name || self.shared_with.iter().any(|m| m == name)
-    }
-}
-
-/// One page request of a list endpoint: at most `limit` items with ids after `marker`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Page {
-    /// Most items on the page (1 to 500).
-    pub limit: usize,
-    /// Only ids after this one; `None` for the first page.
-    pub marker: Option<String>,
-}
-
-impl Page {
-    /// From the query parameters: `limit` defaults to 50 and is capped at 500.
-    pub fn new(limit: Option<usize>, marker: Option<String>) -> Result<Self> {
-        let limit = limit.unwrap_or(DEFAULT_PAGE_LIMIT);
-        if limit == 0 {
-            return Err(Error::BadRequest(format!("limit must be between 1 and {MAX_PAGE_LIMIT}")));
-        }
-        Ok(Self { limit: limit.min(MAX_PAGE_LIMIT), marker: marker.filter(|m| !m.is_empty()) })
-    }
-
-    /// Store methods fetch `limit + 1` rows; this cuts the extra one off and answers the
-    /// `next_marker` (the last id of the page) when it existed.
-    pub fn finish<T>(&self, mut rows: Vec<T>, id: impl Fn(&T) -> &str) -> (Vec<T>, Option<String>) {
-        if rows.len() > self.limit {
-            rows.truncate(self.limit);
-            let next = rows.last().map(|r| id(r).to_string());
-            (rows, next)
-        } else {
-            (rows, None)
-        }
-    }
-
-    fn fetch(&self) -> i64 {
-        (self.limit + 1) as i64
-    }
-
-    fn after(&self) -> &str {
-        self.marker.as_deref().unwrap_or("")
-    }
-}
-
-/// A descriptor update the CP accepted but has not finished (written ahead, before the TTP
-/// is asked): kill -9, a lost TTP, or a domain manager gone mid-request leave it here, and
-/// the CP finishes it (docs/CLOUD-API.md, "Unfinished updates"). It holds the owner's signed
-/// descriptor only; never a registration, which carries `r`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingUpdate {
-    /// The domain being updated.
-    pub domain_id: String,
-    /// The version of the pending descriptor.
-    pub version: u64,
-    /// The owner's signed descriptor, as sent in the update.
-    pub descriptor: protocol::signing::SignedEnvelope,
-    /// Unix seconds.
-    pub recorded_at: u64,
-}
-
-/// Which attachments to list.
-#[derive(Debug, Clone, Default)]
-pub struct AttachmentFilter {
-    /// Only attachments of domains this domain manager owns or shares.
-    pub manager: Option<String>,
-    /// Only attachments of this domain (`?domain_id=`).
-    pub domain_id: Option<String>,
-}
-
-/// The cloud platform's persistent state (see the module documentation); [`SqliteStore`]
-/// is the implementation. Methods block: callers run them off the async workers.
-pub trait CpStore: Send + Sync {
-    /// Inserts or replaces a compute host.
-    fn put_host(&self, host: &ComputeHost) -> Result<()>;
-    /// The host `id`, if registered.
-    fn host(&self, id: &str) -> Result<Option<ComputeHost>>;
-    /// Every registered host, by id.
-    fn hosts(&self) -> Result<Vec<ComputeHost>>;
-
-    /// Inserts or replaces an instance (a VM moved to another host).
-    fn put_instance(&self, instance: &Instance) -> Result<()>;
-    /// The instance `id`, if registered.
-    fn instance(&self, id: &str) -> Result<Option<Instance>>;
-    /// Up to `page.limit + 1` instances after the marker, by id.
-    fn instances(&self, page: &Page) -> Result<Vec<Instance>>;
-
-    /// Fails with `domain_exists` if the id is taken.
-    fn insert_domain(&self, record: &DomainRecord) -> Result<()>;
-    /// The domain `id`, deleted or not; `None` if it was never created.
-    fn domain(&self, id: &str) -> Result<Option<DomainRecord>>;
-    /// Up to `page.limit + 1` live domains `manager` owns or shares, by id.
-    fn domains_for(&self, manager: &str, page: &Page) -> Result<Vec<DomainRecord>>;
-    /// How many live domains `owner` has and the sum of their declared sizes in bytes
-    /// (what the quota counts).
-    fn owner_usage(&self, owner: &str) -> Result<(u64, u64)>;
-    /// Records a new version written to the header (and its shared-with list), and ends a
-    /// pending update of that version or older, in one transaction.
-    fn update_domain(&self, id: &str, version: u64, shared_with: &[String]) -> Result<()>;
-    /// Marks a domain deleted and drops its pending update.
-    fn mark_domain_deleted(&self, id: &str, at: u64) -> Result<()>;
-
-    /// Writes an update ahead of asking the TTP (replaces an older pending one).
-    fn record_pending_update(&self, pending: &PendingUpdate) -> Result<()>;
-    /// The pending update of `domain_id`, if any.
-    fn pending_update(&self, domain_id: &str) -> Result<Option<PendingUpdate>>;
-    /// Every pending update, by domain id (start-up).
-    fn pending_updates(&self) -> Result<Vec<PendingUpdate>>;
-    /// Forgets a pending update the TTP refused.
-    fn drop_pending_update(&self, domain_id: &str) -> Result<()>;
-
-    /// Records a new attachment (usually `attaching`, written ahead of asking the host);
-    /// `created_at` in Unix seconds.
-    fn insert_attachment(&self, attachment: &Attachment, created_at: u64) -> Result<()>;
-    /// The attachment `id` in any status, if it exists.
-    fn attachment(&self, id: &str) -> Result<Option<Attachment>>;
-    /// Up to `page.limit + 1` attachments after the marker, by id.
-    fn attachments(&self, filter: &AttachmentFilter, page: &Page) -> Result<Vec<Attachment>>;
-    /// Attachments of a domain that are not detached (attached, or detaching).
-    fn open_attachments_of_domain(&self, domain_id: &str) -> Result<Vec<Attachment>>;
-    /// Sets the status of attachment `id` (one of [`ATTACHED`], [`DETACHED`], [`DETACHING`],
-    /// [`ATTACHING`]).
-    fn set_attachment_status(&self, id: &str, status: &str) -> Result<()>;
-    /// Records what the host made of an `attaching` attachment: device, mount path, version,
-    /// and the status `attached`.
-    fn complete_attachment(&self, attachment: &Attachment) -> Result<()>;
-    /// Forgets an `attaching` attachment the host refused (it never existed).
-    fn delete_attachment(&self, id: &str) -> Result<()>;
-}
-
-/// Attachment statuses.
-pub const ATTACHED: &str = "attached";
-/// Closed: the host no longer has the mapping, or never attached it.
-pub const DETACHED: &str = "detached";
-/// The CP asked the host to detach (revocation, deletion) and the host did not confirm;
-/// `DELETE /v1/attachments/{id}` and the CP's reconciliation with the host retry.
-pub const DETACHING: &str = "detaching";
-/// Written ahead before the CP asks the host to attach; `attached` once the host answered,
-/// or settled by the reconciliation with the host if the answer never came.
-pub const ATTACHING: &str = "attaching";
 
 /// The embedded SQLite store (`data_dir/cp.sqlite`, WAL, synchronous=FULL): an
 /// acknowledged change survives a crash.
@@ -322,7 +156,9 @@ fn attachment_from_row(row: &Row<'_>) -> rusqlite::Result<Attachment> {
         device: row.get(5)?,
         mount_path: row.get(6)?,
         version: row.get::<_, i64>(7)? as u64,
-        status: row.get(8)?,
+        status: row.get::<_, String>(8)?.parse().map_err(|e: protocol::Error| {
+            rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, Box::new(e))
+        })?,
     })
 }
 
@@ -531,7 +367,7 @@ impl CpStore for SqliteStore {
                     a.device,
                     a.mount_path,
                     a.version as i64,
-                    a.status,
+                    a.status.as_str(),
                     created_at as i64
                 ],
             )
@@ -561,15 +397,14 @@ impl CpStore for SqliteStore {
 
     fn open_attachments_of_domain(&self, domain_id: &str) -> Result<Vec<Attachment>> {
         let connection = self.lock()?;
-        let sql = format!(
-            "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE domain_id = ?1 AND status != '{DETACHED}' ORDER BY id"
-        );
-        Self::attachment_rows(&connection, &sql, &[&domain_id])
+        let sql =
+            format!("SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE domain_id = ?1 AND status != ?2 ORDER BY id");
+        Self::attachment_rows(&connection, &sql, &[&domain_id, &AttachmentStatus::Detached.as_str()])
     }
 
-    fn set_attachment_status(&self, id: &str, status: &str) -> Result<()> {
+    fn set_attachment_status(&self, id: &str, status: AttachmentStatus) -> Result<()> {
         self.lock()?
-            .execute("UPDATE attachments SET status = ?2 WHERE id = ?1", params![id, status])
+            .execute("UPDATE attachments SET status = ?2 WHERE id = ?1", params![id, status.as_str()])
             .map_err(store_err("update attachment"))?;
         Ok(())
     }
@@ -579,7 +414,7 @@ impl CpStore for SqliteStore {
             .lock()?
             .execute(
                 "UPDATE attachments SET device = ?2, mount_path = ?3, version = ?4, status = ?5 WHERE id = ?1",
-                params![a.id, a.device, a.mount_path, a.version as i64, a.status],
+                params![a.id, a.device, a.mount_path, a.version as i64, a.status.as_str()],
             )
             .map_err(store_err("complete attachment"))?;
         if changed != 1 {
@@ -593,129 +428,5 @@ impl CpStore for SqliteStore {
             .execute("DELETE FROM attachments WHERE id = ?1", params![id])
             .map_err(store_err("delete attachment"))?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn domain(id: &str, owner: &str, shared: &[&str]) -> DomainRecord {
-        DomainRecord {
-            id: id.into(),
-            owner: owner.into(),
-            shared_with: shared.iter().map(|s| s.to_string()).collect(),
-            version: 1,
-            size_bytes: 4096,
-            created_at: 10,
-            volume_path: PathBuf::from(format!("/v/{id}.vol")),
-            deleted_at: None,
-        }
-    }
-
-    fn attachment(id: &str, domain_id: &str, vm: &str, status: &str) -> Attachment {
-        Attachment {
-            id: id.into(),
-            domain_id: domain_id.into(),
-            instance_id: vm.into(),
-            host: "h1".into(),
-            mode: AccessMode::Ro,
-            device: "/dev/loop0".into(),
-            mount_path: "/m".into(),
-            version: 1,
-            status: status.into(),
-        }
-    }
-
-    #[test]
-    fn domains_filtered_by_manager_and_paginated() {
-        let s = SqliteStore::in_memory().unwrap();
-        for i in 0..5 {
-            s.insert_domain(&domain(&format!("d{i}"), "alice", if i == 3 { &["bob"] } else { &[] })).unwrap();
-        }
-        s.insert_domain(&domain("e0", "bob", &[])).unwrap();
-        assert_eq!(s.insert_domain(&domain("d0", "x", &[])).unwrap_err().code(), "domain_exists");
-        let page = Page::new(Some(2), None).unwrap();
-        let (rows, next) = page.finish(s.domains_for("alice", &page).unwrap(), |d| &d.id);
-        assert_eq!(rows.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d0", "d1"]);
-        assert_eq!(next.as_deref(), Some("d1"));
-        let page = Page::new(Some(2), Some("d3".into())).unwrap();
-        let (rows, next) = page.finish(s.domains_for("alice", &page).unwrap(), |d| &d.id);
-        assert_eq!(rows.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d4"]);
-        assert_eq!(next, None);
-        let page = Page::new(None, None).unwrap();
-        let bob: Vec<_> = s.domains_for("bob", &page).unwrap().into_iter().map(|d| d.id).collect();
-        assert_eq!(bob, ["d3", "e0"]);
-        s.update_domain("d3", 2, &[]).unwrap();
-        let bob: Vec<_> = s.domains_for("bob", &page).unwrap().into_iter().map(|d| d.id).collect();
-        assert_eq!(bob, ["e0"]);
-        s.mark_domain_deleted("e0", 20).unwrap();
-        assert!(s.domains_for("bob", &page).unwrap().is_empty());
-        assert_eq!(s.domain("e0").unwrap().unwrap().deleted_at, Some(20));
-        assert_eq!(s.update_domain("e0", 2, &[]).unwrap_err().code(), "domain_unknown");
-        assert_eq!(Page::new(Some(0), None).unwrap_err().code(), "bad_request");
-        assert_eq!(Page::new(Some(10_000), None).unwrap().limit, MAX_PAGE_LIMIT);
-    }
-
-    #[test]
-    fn attachments_by_domain_status_and_manager() {
-        let s = SqliteStore::in_memory().unwrap();
-        s.insert_domain(&domain("d1", "alice", &["bob"])).unwrap();
-        s.insert_domain(&domain("d2", "carol", &[])).unwrap();
-        s.insert_attachment(&attachment("a1", "d1", "vm-a", ATTACHED), 1).unwrap();
-        s.insert_attachment(&attachment("a2", "d1", "vm-b", DETACHED), 1).unwrap();
-        s.insert_attachment(&attachment("a3", "d2", "vm-c", ATTACHED), 1).unwrap();
-        let page = Page::new(None, None).unwrap();
-        let ids = |f: AttachmentFilter| s.attachments(&f, &page).unwrap().into_iter().map(|a| a.id).collect::<Vec<_>>();
-        assert_eq!(ids(AttachmentFilter::default()), ["a1", "a2", "a3"]);
-        assert_eq!(ids(AttachmentFilter { manager: Some("bob".into()), domain_id: None }), ["a1", "a2"]);
-        assert_eq!(ids(AttachmentFilter { manager: Some("carol".into()), domain_id: None }), ["a3"]);
-        assert_eq!(ids(AttachmentFilter { manager: None, domain_id: Some("d2".into()) }), ["a3"]);
-        assert_eq!(s.open_attachments_of_domain("d1").unwrap().len(), 1);
-        assert_eq!(s.open_attachments_of_domain("d1").unwrap()[0].id, "a1", "vm-b's detached one is not open");
-        s.set_attachment_status("a1", DETACHING).unwrap();
-        assert_eq!(s.open_attachments_of_domain("d1").unwrap()[0].status, DETACHING);
-        s.set_attachment_status("a1", DETACHED).unwrap();
-        assert!(s.open_attachments_of_domain("d1").unwrap().is_empty());
-        assert_eq!(s.attachment("a1").unwrap().unwrap().status, DETACHED);
-    }
-
-    fn pending(domain_id: &str, version: u64) -> PendingUpdate {
-        PendingUpdate {
-            domain_id: domain_id.into(),
-            version,
-            descriptor: protocol::signing::SignedEnvelope {
-                message: vec![version as u8; 3],
-                signature: vec![7; 64],
-                signer_certificate: vec![1, 2],
-            },
-            recorded_at: 30,
-        }
-    }
-
-    #[test]
-    fn pending_updates_end_with_the_header_version_or_the_deletion() {
-        let s = SqliteStore::in_memory().unwrap();
-        s.insert_domain(&domain("d1", "alice", &[])).unwrap();
-        s.insert_domain(&domain("d2", "alice", &[])).unwrap();
-        assert_eq!(s.pending_update("d1").unwrap(), None);
-        s.record_pending_update(&pending("d1", 2)).unwrap();
-        s.record_pending_update(&pending("d2", 2)).unwrap();
-        assert_eq!(s.pending_update("d1").unwrap(), Some(pending("d1", 2)));
-        // A newer write-ahead replaces the older one (the older one was refused or superseded).
-        s.record_pending_update(&pending("d1", 3)).unwrap();
-        assert_eq!(s.pending_updates().unwrap(), vec![pending("d1", 3), pending("d2", 2)]);
-        // Writing an older header leaves the pending update; writing its version ends it.
-        s.update_domain("d1", 2, &[]).unwrap();
-        assert_eq!(s.pending_update("d1").unwrap(), Some(pending("d1", 3)));
-        s.update_domain("d1", 3, &["bob".into()]).unwrap();
-        assert_eq!(s.pending_update("d1").unwrap(), None);
-        s.mark_domain_deleted("d2", 40).unwrap();
-        assert!(s.pending_updates().unwrap().is_empty());
-        s.record_pending_update(&pending("d1", 4)).unwrap();
-        s.drop_pending_update("d1").unwrap();
-        assert_eq!(s.pending_update("d1").unwrap(), None);
-        // Only domains the CP stores can have one.
-        assert_eq!(s.record_pending_update(&pending("nope", 2)).unwrap_err().code(), "store_error");
     }
 }
