@@ -481,7 +481,7 @@ impl AttachmentService {
         let (record, timings) = tokio::task::spawn_blocking(move || {
             let opened = this.open_and_attach(record, key, timings);
             // This pool thread copied the key into the backend (crate::scrub).
-            crate::scrub::scrub_this_thread();
+            skydd_volume::scrub::scrub_this_thread();
             opened
         })
         .await
