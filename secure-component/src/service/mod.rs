@@ -2,11 +2,11 @@
 //! platform asks it over mutual TLS to attach a domain to a VM on this host, to detach it,
 //! and to list what is attached.
 //!
-//! Attach runs the mount flow (docs/CLOUD-API.md, "Message sequence: attach"): challenge from the TTP, TPM quote, key release,
-//! TPM decryption under the PCR policy, then the volume backend opens the volume with the key
-//! (dm-crypt or the userspace engine), the key is wiped, the hypervisor driver gives the
-//! device to the VM, and a small JSON record (never key material) is written to
-//! `<state_dir>/attachments/<attachment id>.json`.
+//! Attach runs the mount flow (docs/CLOUD-API.md, "Message sequence: attach"): challenge
+//! from the TTP, TPM quote, key release, TPM decryption under the PCR policy, then the volume
+//! backend opens the volume with the key (dm-crypt or the userspace engine), the key is
+//! wiped, the hypervisor driver gives the device to the VM, and a small JSON record (never
+//! key material) is written to `<state_dir>/attachments/<attachment id>.json`.
 //!
 //! Restarts: records are re-read at start-up and listed. dm-crypt mappings live in the
 //! kernel and are found again as attached. A userspace mapping is served by this process
@@ -20,6 +20,7 @@
 //! two flows, `status` cross-checks records with the backend and the driver, [`backend`]
 //! wraps the volume backend in use, and a reservation keeps two requests off one
 //! attachment or mapping at a time.
+
 pub mod backend;
 pub mod http;
 pub mod records;
