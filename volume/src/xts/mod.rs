@@ -4,18 +4,17 @@
 //! `sector_size:4096 iv_large_sectors`.
 //!
 //! Two implementations behind one API: on CPUs with VAES + AVX-512 + VPCLMULQDQ our own
-//! 512-bit XTS loop ([`vaes`], 16 blocks in flight), about twice OpenSSL 3.0's per-core
-//! rate; elsewhere OpenSSL's assembly XTS (AES-NI, [`openssl`]). Large requests are split
+//! 512-bit XTS loop (`vaes.rs`, 16 blocks in flight), about twice OpenSSL 3.0's per-core
+//! rate; elsewhere OpenSSL's assembly XTS (AES-NI, `openssl.rs`). Large requests are split
 //! across cores with rayon.
 //!
 //! Keys: the raw key is only read in [`XtsEngine::new`]; afterwards it lives only inside
 //! OpenSSL's cipher contexts and the VAES round-key buffer (locked, wiped on drop), and the
 //! threads that expanded or used it are scrubbed ([`crate::scrub`]).
 
+mod openssl;
 #[cfg(target_arch = "x86_64")]
-pub mod vaes;
-
-pub mod openssl;
+mod vaes;
 
 use protocol::secret::SecretBytes;
 use rayon::prelude::*;
