@@ -1,6 +1,6 @@
 //! The userspace volume backend: the data area of a volume (docs/FORMAT.md) decrypted by
 //! our own AES-XTS engine ([`skydd_volume::xts`]) and served as ONE plaintext file over
-//! FUSE ([`plain_file`]), which is then attached to a loop device ([`crate::sys::loopdev`])
+//! FUSE (`plain_file.rs`), which is then attached to a loop device ([`crate::sys::loopdev`])
 //! so the rest of the host sees a block device, exactly like a dm-crypt mapping.
 //!
 //! Per mapping: a FUSE mount at `<state_dir>/<name>.mnt` holding the file `data`, a loop
