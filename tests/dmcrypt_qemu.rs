@@ -16,9 +16,9 @@ use protocol::secret::SecretBytes;
 use qemu::{BootImage, Vm};
 use secure_component::volume::userspace::UserspaceBackend;
 use secure_component::volume::{filesystem, OpenMode, VolumeBackend};
-use secure_component::xts::XtsEngine;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use skydd_volume::xts::XtsEngine;
 
 const MIB: usize = 1024 * 1024;
 const SECTOR: usize = 4096;
@@ -244,7 +244,8 @@ fn guest_formatted_volume_reads_back_on_the_host() {
     let opened = us.open("skydd-b-host", &vol, &secret, OpenMode::ReadOnly).expect("userspace open");
     let mnt = dir.path().join("mnt");
     fs::create_dir_all(&mnt).expect("mountpoint");
-    filesystem::mount(&opened.device, &mnt, OpenMode::ReadOnly).expect("mount through the userspace backend");
+    secure_component::hypervisor::local::mount_ext4(&opened.device, &mnt, OpenMode::ReadOnly)
+        .expect("mount through the userspace backend");
     let check = (|| {
         for line in files.lines() {
             let mut it = line.split_whitespace();

@@ -55,7 +55,7 @@ fn userspace_volume_end_to_end() {
     assert!(backend.open("skydd-test", &volume, &key, OpenMode::ReadWrite).is_err(), "double open must fail");
     assert!(filesystem::ensure_ext4(&opened.device).unwrap(), "fresh volume must be formatted");
     assert!(!filesystem::ensure_ext4(&opened.device).unwrap(), "second call must see the superblock");
-    filesystem::mount(&opened.device, &mnt, OpenMode::ReadWrite).unwrap();
+    secure_component::hypervisor::local::mount_ext4(&opened.device, &mnt, OpenMode::ReadWrite).unwrap();
     let small: Vec<u8> = MARKER.repeat(100);
     std::fs::write(mnt.join("hello.txt"), &small).unwrap();
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
@@ -94,7 +94,7 @@ fn userspace_volume_end_to_end() {
         assert!(matches!(err.raw_os_error(), Some(1) | Some(30)), "expected EPERM/EROFS, got {err}");
     }
     assert!(!filesystem::ensure_ext4(&ro.device).unwrap());
-    filesystem::mount(&ro.device, &mnt, OpenMode::ReadOnly).unwrap();
+    secure_component::hypervisor::local::mount_ext4(&ro.device, &mnt, OpenMode::ReadOnly).unwrap();
     assert_eq!(std::fs::read(mnt.join("hello.txt")).unwrap(), small);
     assert!(std::fs::read(mnt.join("big.bin")).unwrap() == big);
     let err = std::fs::write(mnt.join("new.txt"), b"x").unwrap_err();

@@ -1,7 +1,7 @@
 //! Stage 3: archival and destruction.
 //!
 //! `archive`: the raw image encrypted with the project's AES-256-XTS engine
-//! (`secure_component::xts::XtsEngine`, 4096-byte sectors, sector index as tweak) under the
+//! (`skydd_volume::xts::XtsEngine`, 4096-byte sectors, sector index as tweak) under the
 //! key of a fresh domain registered at the TTP for this archive alone (metadata
 //! `classification = archive-highest`). The plaintext copies leave the store.
 //! `restore`: the key released again, the archive decrypted, the digest checked against the
@@ -206,7 +206,7 @@ pub fn encrypt_file(
     plain_sha256: &str,
     domain_id: &str,
 ) -> Result<String> {
-    let engine = secure_component::xts::XtsEngine::new(key)
+    let engine = skydd_volume::xts::XtsEngine::new(key)
         .map_err(|e| Error::Archive { what: "key".into(), detail: e.to_string() })?;
     let plain_len = std::fs::metadata(plain).map_err(|e| Error::io("stat image", plain, e))?.len();
     let header = ArchiveHeader {
@@ -255,7 +255,7 @@ pub fn encrypt_file(
 /// Decrypts an archive to `out`; checks length and sha256 against the header and returns
 /// the plaintext's sha256.
 pub fn decrypt_file(archive: &Path, out: &Path, key: &SecretBytes) -> Result<String> {
-    let engine = secure_component::xts::XtsEngine::new(key)
+    let engine = skydd_volume::xts::XtsEngine::new(key)
         .map_err(|e| Error::Archive { what: "key".into(), detail: e.to_string() })?;
     let mut input = std::fs::File::open(archive).map_err(|e| Error::io("open archive", archive, e))?;
     let mut head = vec![0u8; SECTOR];

@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let v = backend.open("fio-bench", &volume, &key, OpenMode::ReadWrite)?;
     drop(key);
     filesystem::ensure_ext4(&v.device)?;
-    filesystem::mount(&v.device, &mnt, OpenMode::ReadWrite)?;
+    secure_component::hypervisor::local::mount_ext4(&v.device, &mnt, OpenMode::ReadWrite)?;
     println!("READY {}", v.device.display());
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);

@@ -68,7 +68,7 @@ pub enum Error {
     /// start-up fails. docs/DMCRYPT.md, "When there is no device-mapper".
     #[error("device-mapper is not available on this kernel: {0}")]
     DeviceMapperUnavailable(String),
-    /// The AES-256-XTS engine refused a key or buffer (key not [`crate::xts::KEY_LEN`] bytes or
+    /// The AES-256-XTS engine refused a key or buffer (key not [`skydd_volume::xts::KEY_LEN`] bytes or
     /// with two identical halves, buffer not whole data units) or OpenSSL failed. Answers 500
     /// `volume_failed`.
     #[error("AES-XTS engine: {0}")]

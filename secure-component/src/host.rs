@@ -37,7 +37,7 @@ impl TpmWorker {
                         job(&mut tpm);
                         // A decrypted domain key passed through this thread's registers and
                         // the TSS stack (crate::scrub).
-                        crate::scrub::scrub_this_thread();
+                        skydd_volume::scrub::scrub_this_thread();
                     }
                 }
                 Err(e) => {

@@ -10,11 +10,10 @@ pub mod hypervisor;
 pub mod key_release;
 pub mod measure;
 pub mod prerequisites;
-pub mod scrub;
 pub mod service;
 pub mod swtpm;
+pub mod sys;
 pub mod tpm;
 pub mod volume;
-pub mod xts;
 
 pub use error::{Error, Result};

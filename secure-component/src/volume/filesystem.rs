@@ -1,5 +1,6 @@
-//! The file system on an opened volume: ext4, created on first use, mounted with
-//! mount(2). Works on any plaintext block device (dm-crypt or the userspace backend).
+//! The file system on an opened volume: ext4, created on first use, found by its superblock,
+//! unmounted with umount(2). Works on any plaintext block device (dm-crypt or the userspace
+//! backend); mounting it is the local driver's (`crate::hypervisor::local::mount_ext4`).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -8,7 +9,6 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 
-use super::OpenMode;
 use crate::error::{Error, Result};
 
 /// ext4 superblock magic 0xEF53, little-endian at byte 1080 (superblock at 1024 + 0x38).
@@ -50,26 +50,6 @@ pub fn ensure_ext4(device: &Path) -> Result<bool> {
         )));
     }
     Ok(true)
-}
-
-/// Mounts the ext4 file system of `device` at `dir` (read-only for `OpenMode::ReadOnly`).
-pub fn mount(device: &Path, dir: &Path, mode: OpenMode) -> Result<()> {
-    let src = cstr(device)?;
-    let target = cstr(dir)?;
-    let fstype = CString::new("ext4").map_err(|_| Error::Volume("fstype".into()))?;
-    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
-    if mode == OpenMode::ReadOnly {
-        flags |= libc::MS_RDONLY;
-    }
-    // SAFETY: valid C strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, std::ptr::null()) };
-    if rc != 0 {
-        return Err(Error::io(
-            format!("mounting {} (ext4, {:?}) at {}", device.display(), mode, dir.display()),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
 }
 
 /// Unmounts `dir` (flushing the file system).

@@ -1,5 +1,7 @@
 //! Volume backends on a compute host: one trait over dm-crypt (kernel) and the userspace
-//! engine (FUSE + loop). Both read the on-disk format of docs/FORMAT.md byte for byte.
+//! engine (FUSE + loop). Both read the on-disk format of docs/FORMAT.md byte for byte; its
+//! data-area geometry and the AES-XTS engine live in the `skydd_volume` crate, the kernel
+//! interfaces they drive in [`crate::sys`].
 
 pub mod dmcrypt;
 pub mod filesystem;
@@ -9,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use protocol::secret::SecretBytes;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::sys::loopdev::LoopError;
 
 /// How a volume is opened; read-only mappings refuse writes at the block layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,4 +49,25 @@ pub trait VolumeBackend: Send + Sync {
     fn close(&self, name: &str) -> Result<()>;
     /// The mappings this backend has open now (after a restart too).
     fn list(&self) -> Result<Vec<OpenVolume>>;
+}
+
+/// The engine's refusals keep their message ("AES-XTS engine: ...") and answer
+/// `volume_failed` like every other volume error.
+impl From<skydd_volume::Error> for Error {
+    fn from(e: skydd_volume::Error) -> Self {
+        match e {
+            skydd_volume::Error::Xts(detail) => Error::Xts(detail),
+        }
+    }
+}
+
+/// A loop device that could not be set up: the OS error with what was being done
+/// (`io_failed`), or no free device after every retry (`volume_failed`).
+impl From<LoopError> for Error {
+    fn from(e: LoopError) -> Self {
+        match e {
+            LoopError::Os { context, source } => Error::io(context, source),
+            LoopError::NoneFree => Error::Volume(LoopError::NoneFree.to_string()),
+        }
+    }
 }

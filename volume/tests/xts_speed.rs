@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use openssl::cipher::Cipher;
 use openssl::cipher_ctx::CipherCtx;
 use protocol::secret::SecretBytes;
-use secure_component::xts::XtsEngine;
+use skydd_volume::xts::XtsEngine;
 
 const FLOOR: f64 = 0.5;
 const ROUND: Duration = Duration::from_millis(300);

@@ -1,12 +1,12 @@
 //! Throughput of the userspace AES-256-XTS engine beside `openssl speed`, measured in the
-//! same run on the same machine: `cargo bench -p secure-component --bench xts`.
+//! same run on the same machine: `cargo bench -p skydd-volume --bench xts`.
 //! Env: XTS_BENCH_SECONDS (default 3). Prints GB/s (10^9 bytes/s) and the ratios.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use protocol::secret::SecretBytes;
-use secure_component::xts::XtsEngine;
+use skydd_volume::xts::XtsEngine;
 
 fn main() {
     let secs: f64 = std::env::var("XTS_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);

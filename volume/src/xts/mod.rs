@@ -4,27 +4,23 @@
 //! `sector_size:4096 iv_large_sectors`.
 //!
 //! Two implementations behind one API: on CPUs with VAES + AVX-512 + VPCLMULQDQ our own
-//! 512-bit XTS loop (module `vaes`, 16 blocks in flight), about twice OpenSSL 3.0's
-//! per-core rate; elsewhere OpenSSL's assembly XTS (AES-NI), where each sector is one
-//! `EVP_CipherUpdate` on a context whose key schedule is set once; per sector only the IV
-//! is re-initialised (`EVP_CipherInit_ex` with NULL cipher and NULL key keeps the key
-//! schedule). We call openssl-sys directly because the `openssl` crate's safe wrappers
-//! query the IV and block lengths from the provider on every call, which costs more than
-//! the 4 KiB of AES itself. Large requests are split across cores with rayon.
+//! 512-bit XTS loop (`vaes.rs`, 16 blocks in flight), about twice OpenSSL 3.0's per-core
+//! rate; elsewhere OpenSSL's assembly XTS (AES-NI, `openssl.rs`). Large requests are split
+//! across cores with rayon.
 //!
-//! Keys: the raw key is only read in `XtsEngine::new`; afterwards it lives only inside
-//! OpenSSL's cipher contexts (expanded), new contexts are copied from a template context,
-//! and OpenSSL wipes the context memory when it frees it (OPENSSL_clear_free).
+//! Keys: the raw key is only read in [`XtsEngine::new`]; afterwards it lives only inside
+//! OpenSSL's cipher contexts and the VAES round-key buffer (locked, wiped on drop), and the
+//! threads that expanded or used it are scrubbed ([`crate::scrub`]).
 
-use std::ptr;
-use std::sync::Mutex;
+mod openssl;
+#[cfg(target_arch = "x86_64")]
+mod vaes;
 
-use openssl_sys as ffi;
-use protocol::format::SECTOR_SIZE;
 use protocol::secret::SecretBytes;
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::layout::SECTOR_SIZE;
+use crate::{Error, Result};
 
 /// AES-256-XTS key length: two 256-bit AES keys.
 pub const KEY_LEN: usize = 64;
@@ -42,99 +38,10 @@ pub enum Direction {
     Decrypt,
 }
 
-impl Direction {
-    fn enc_flag(self) -> libc::c_int {
-        match self {
-            Direction::Encrypt => 1,
-            Direction::Decrypt => 0,
-        }
-    }
-}
-
-/// One owned `EVP_CIPHER_CTX`.
-struct Ctx(*mut ffi::EVP_CIPHER_CTX);
-
-// SAFETY: an EVP_CIPHER_CTX has no thread affinity; we only ever use one from one thread
-// at a time (it is moved out of the pool, used, and moved back).
-unsafe impl Send for Ctx {}
-
-impl Ctx {
-    fn new() -> Result<Self> {
-        // SAFETY: plain constructor; null is checked.
-        let p = unsafe { ffi::EVP_CIPHER_CTX_new() };
-        if p.is_null() {
-            return Err(xts_err("EVP_CIPHER_CTX_new failed (out of memory?)"));
-        }
-        Ok(Ctx(p))
-    }
-
-    /// A new context with the same cipher, direction and key schedule as `self`.
-    fn duplicate(&self) -> Result<Self> {
-        let copy = Ctx::new()?;
-        // SAFETY: both pointers are live contexts; `self` is only read.
-        if unsafe { ffi::EVP_CIPHER_CTX_copy(copy.0, self.0) } != 1 {
-            return Err(xts_err(format!("EVP_CIPHER_CTX_copy failed: {}", openssl_errors())));
-        }
-        Ok(copy)
-    }
-
-    /// Processes one data unit in place with tweak `tweak` (128-bit little-endian).
-    #[inline]
-    fn crypt_unit(&mut self, enc: libc::c_int, tweak: u128, unit: &mut [u8]) -> Result<()> {
-        let iv = tweak.to_le_bytes();
-        let mut outl: libc::c_int = 0;
-        // SAFETY: the context was initialised with AES-256-XTS and a key; NULL cipher and
-        // key keep both, only the 16-byte IV is replaced. `unit` is at most MAX_UNIT_LEN
-        // (checked by callers) so the length fits a c_int; in-place operation is allowed
-        // by EVP_CipherUpdate when in == out exactly.
-        unsafe {
-            if ffi::EVP_CipherInit_ex(self.0, ptr::null(), ptr::null_mut(), ptr::null(), iv.as_ptr(), enc) != 1 {
-                return Err(xts_err(format!("setting the tweak failed: {}", openssl_errors())));
-            }
-            let len = unit.len() as libc::c_int;
-            let p = unit.as_mut_ptr();
-            if ffi::EVP_CipherUpdate(self.0, p, &mut outl, p, len) != 1 {
-                return Err(xts_err(format!("EVP_CipherUpdate on {} bytes failed: {}", unit.len(), openssl_errors())));
-            }
-        }
-        if outl as usize != unit.len() {
-            return Err(xts_err(format!("OpenSSL returned {outl} bytes for a {}-byte data unit", unit.len())));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Ctx {
-    fn drop(&mut self) {
-        // SAFETY: we own the context; OpenSSL's XTS provider clears its key schedule
-        // before freeing it.
-        unsafe { ffi::EVP_CIPHER_CTX_free(self.0) }
-    }
-}
-
-struct Pair {
-    enc: Ctx,
-    dec: Ctx,
-}
-
-impl Pair {
-    fn get(&mut self, dir: Direction) -> &mut Ctx {
-        match dir {
-            Direction::Encrypt => &mut self.enc,
-            Direction::Decrypt => &mut self.dec,
-        }
-    }
-}
-
-struct Pool {
-    template: Pair,
-    free: Vec<Pair>,
-}
-
 /// AES-256-XTS over 4096-byte sectors. Cheap to share (`&self` methods, `Sync`): each
 /// call borrows a per-thread pair of contexts from an internal pool.
 pub struct XtsEngine {
-    pool: Mutex<Pool>,
+    openssl: openssl::Contexts,
     #[cfg(target_arch = "x86_64")]
     vaes: Option<vaes::Keys>,
 }
@@ -179,18 +86,12 @@ impl XtsEngine {
         if key.len() != KEY_LEN {
             return Err(xts_err(format!("key is {} bytes, AES-256-XTS needs {KEY_LEN}", key.len())));
         }
-        ffi::init();
         let k = key.expose();
         if k[..32] == k[32..] {
             // OpenSSL refuses these for encryption (IEEE 1619 requires distinct halves).
             return Err(xts_err("the two 32-byte halves of the key are identical; XTS needs distinct keys"));
         }
-        let template = Pair { enc: keyed_ctx(k, Direction::Encrypt)?, dec: keyed_ctx(k, Direction::Decrypt)? };
-        let threads = rayon::current_num_threads().max(1);
-        let mut free = Vec::with_capacity(threads);
-        for _ in 0..threads {
-            free.push(Pair { enc: template.enc.duplicate()?, dec: template.dec.duplicate()? });
-        }
+        let openssl = openssl::Contexts::new(k)?;
         #[cfg(target_arch = "x86_64")]
         let vaes = (allow_vaes && vaes::available()).then(|| vaes::Keys::new(k));
         #[cfg(not(target_arch = "x86_64"))]
@@ -198,7 +99,7 @@ impl XtsEngine {
         // Key expansion held both halves in this thread's registers and stack.
         crate::scrub::scrub_this_thread();
         Ok(Self {
-            pool: Mutex::new(Pool { template, free }),
+            openssl,
             #[cfg(target_arch = "x86_64")]
             vaes,
         })
@@ -254,327 +155,12 @@ impl XtsEngine {
                 return Ok(());
             }
         }
-        let mut pair = self.take()?;
-        let r = run_u128(pair.get(dir), dir, first, unit_len, buf);
-        self.give(pair);
-        r
-    }
-
-    fn take(&self) -> Result<Pair> {
-        let mut pool = self.pool.lock().map_err(|_| xts_err("context pool lock poisoned"))?;
-        if let Some(p) = pool.free.pop() {
-            return Ok(p);
-        }
-        Ok(Pair { enc: pool.template.enc.duplicate()?, dec: pool.template.dec.duplicate()? })
-    }
-
-    fn give(&self, pair: Pair) {
-        if let Ok(mut pool) = self.pool.lock() {
-            pool.free.push(pair);
-        }
-    }
-}
-
-fn run_u128(ctx: &mut Ctx, dir: Direction, first: u128, unit_len: usize, buf: &mut [u8]) -> Result<()> {
-    let enc = dir.enc_flag();
-    for (i, unit) in buf.chunks_exact_mut(unit_len).enumerate() {
-        // u64 sector + usize index cannot overflow 128 bits.
-        ctx.crypt_unit(enc, first + i as u128, unit)?;
-    }
-    Ok(())
-}
-
-fn keyed_ctx(key: &[u8], dir: Direction) -> Result<Ctx> {
-    let ctx = Ctx::new()?;
-    // SAFETY: EVP_aes_256_xts returns a static cipher; key is KEY_LEN bytes (checked by
-    // the caller) which is the cipher's key length; the zero IV is replaced per unit.
-    unsafe {
-        let zero_iv = [0u8; 16];
-        if ffi::EVP_CipherInit_ex(
-            ctx.0,
-            ffi::EVP_aes_256_xts(),
-            ptr::null_mut(),
-            key.as_ptr(),
-            zero_iv.as_ptr(),
-            dir.enc_flag(),
-        ) != 1
-        {
-            return Err(xts_err(format!("loading the AES-256-XTS key into OpenSSL failed: {}", openssl_errors())));
-        }
-    }
-    Ok(ctx)
-}
-
-/// Drains OpenSSL's thread-local error queue into one line.
-fn openssl_errors() -> String {
-    let mut out = Vec::new();
-    loop {
-        // SAFETY: reads and pops this thread's error queue.
-        let code = unsafe { ffi::ERR_get_error() };
-        if code == 0 {
-            break;
-        }
-        // SAFETY: returns a static NUL-terminated string or null.
-        let reason = unsafe { ffi::ERR_reason_error_string(code) };
-        if reason.is_null() {
-            out.push(format!("error 0x{code:x}"));
-        } else {
-            // SAFETY: non-null static C string from OpenSSL.
-            let text = unsafe { std::ffi::CStr::from_ptr(reason) };
-            out.push(format!("{} (0x{code:x})", text.to_string_lossy()));
-        }
-    }
-    if out.is_empty() {
-        "no OpenSSL error recorded".into()
-    } else {
-        out.join("; ")
+        self.openssl.crypt(dir, first, unit_len, buf)
     }
 }
 
 fn xts_err(detail: impl Into<String>) -> Error {
     Error::Xts(detail.into())
-}
-
-/// AES-256-XTS with VAES + VPCLMULQDQ on 512-bit registers: 16 blocks in flight per loop
-/// iteration, about twice the per-core throughput of OpenSSL 3.0's AES-NI XTS (which
-/// handles 6 blocks at a time with 128-bit instructions). Used when the CPU has it;
-/// otherwise the engine uses OpenSSL. Cross-checked against OpenSSL, RustCrypto and the
-/// IEEE 1619 vectors in the tests below.
-#[cfg(target_arch = "x86_64")]
-mod vaes {
-    use std::arch::x86_64::*;
-
-    use protocol::secret::SecretBytes;
-
-    /// 15 round keys each for key1 encryption, key1 decryption (equivalent inverse
-    /// cipher) and key2 encryption, kept in a locked, wiped-on-drop buffer.
-    const RK: usize = 15 * 16;
-    pub(super) struct Keys(SecretBytes);
-
-    pub(super) fn available() -> bool {
-        is_x86_feature_detected!("aes")
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("vaes")
-            && is_x86_feature_detected!("vpclmulqdq")
-    }
-
-    impl Keys {
-        /// Caller must have checked `available()`.
-        pub(super) fn new(key: &[u8]) -> Keys {
-            let mut s = SecretBytes::zeroed(3 * RK);
-            // SAFETY: available() was checked by the caller; buffers are the right size.
-            unsafe {
-                let buf = s.expose_mut();
-                expand256(&key[..32], &mut buf[..RK]);
-                expand256(&key[32..], &mut buf[2 * RK..]);
-                let (enc, rest) = buf.split_at_mut(RK);
-                invert(enc, &mut rest[..RK]);
-            }
-            Keys(s)
-        }
-
-        /// Processes `buf` (a multiple of 256 bytes per unit, `unit_len` a multiple of
-        /// 256) in place; unit i has tweak `first + i`.
-        pub(super) fn crypt(&self, encrypt: bool, first: u128, unit_len: usize, buf: &mut [u8]) {
-            // SAFETY: Keys exist only when available() held.
-            unsafe {
-                crypt_units(self.0.expose(), encrypt, first, unit_len, buf);
-                // Round keys stay out of idle registers between requests: 17 register
-                // clears cost nothing beside 4 KiB of AES. The stack slots are wiped once
-                // per thread when the engine goes (crate::scrub), not per request.
-                crate::scrub::clear_avx512();
-            }
-        }
-    }
-
-    macro_rules! expand_round {
-        ($rk:ident, $t1:ident, $t3:ident, $i:expr, $rcon:expr, $last:expr) => {{
-            let t2 = _mm_shuffle_epi32(_mm_aeskeygenassist_si128($t3, $rcon), 0xff);
-            $t1 = assist($t1, t2);
-            $rk[2 * $i] = $t1;
-            if !$last {
-                let t2 = _mm_shuffle_epi32(_mm_aeskeygenassist_si128($t1, 0), 0xaa);
-                $t3 = assist($t3, t2);
-                $rk[2 * $i + 1] = $t3;
-            }
-        }};
-    }
-
-    #[target_feature(enable = "aes,sse2")]
-    fn assist(mut t: __m128i, t2: __m128i) -> __m128i {
-        let mut t4 = _mm_slli_si128(t, 4);
-        t = _mm_xor_si128(t, t4);
-        t4 = _mm_slli_si128(t4, 4);
-        t = _mm_xor_si128(t, t4);
-        t4 = _mm_slli_si128(t4, 4);
-        t = _mm_xor_si128(t, t4);
-        _mm_xor_si128(t, t2)
-    }
-
-    /// AES-256 encryption key schedule of `key` (32 bytes) into `out` (15 round keys).
-    ///
-    /// # Safety
-    /// The CPU must support AES-NI and SSE2; `key` must be at least 32 bytes and `out` at
-    /// least `RK` (240) bytes: the loads and stores are unchecked.
-    #[target_feature(enable = "aes,sse2")]
-    unsafe fn expand256(key: &[u8], out: &mut [u8]) {
-        let mut rk = [_mm_setzero_si128(); 15];
-        // SAFETY: the caller guarantees `key` holds 32 bytes: two 16-byte loads at 0 and 16.
-        let (mut t1, mut t3) =
-            unsafe { (_mm_loadu_si128(key.as_ptr().cast()), _mm_loadu_si128(key.as_ptr().add(16).cast())) };
-        rk[0] = t1;
-        rk[1] = t3;
-        expand_round!(rk, t1, t3, 1, 0x01, false);
-        expand_round!(rk, t1, t3, 2, 0x02, false);
-        expand_round!(rk, t1, t3, 3, 0x04, false);
-        expand_round!(rk, t1, t3, 4, 0x08, false);
-        expand_round!(rk, t1, t3, 5, 0x10, false);
-        expand_round!(rk, t1, t3, 6, 0x20, false);
-        expand_round!(rk, t1, t3, 7, 0x40, true);
-        for (i, k) in rk.iter().enumerate() {
-            // SAFETY: i < 15 and the caller guarantees `out` holds 15 * 16 bytes.
-            unsafe { _mm_storeu_si128(out.as_mut_ptr().add(16 * i).cast(), *k) };
-        }
-        // The stack copies of the schedule are overwritten before returning.
-        for k in rk.iter_mut() {
-            // SAFETY: `k` is a valid, aligned `&mut __m128i`.
-            unsafe { std::ptr::write_volatile(k, _mm_setzero_si128()) };
-        }
-    }
-
-    /// Decryption round keys for the equivalent inverse cipher.
-    ///
-    /// # Safety
-    /// The CPU must support AES-NI and SSE2; `enc` and `dec` must each be at least `RK`
-    /// (240) bytes: the loads and stores are unchecked.
-    #[target_feature(enable = "aes,sse2")]
-    unsafe fn invert(enc: &[u8], dec: &mut [u8]) {
-        // SAFETY: i <= 14 everywhere below and the caller guarantees 15 * 16 bytes in both
-        // slices, so every 16-byte load and store stays inside them.
-        unsafe {
-            let ld = |i: usize| _mm_loadu_si128(enc.as_ptr().add(16 * i).cast());
-            _mm_storeu_si128(dec.as_mut_ptr().cast(), ld(14));
-            for i in 1..14 {
-                _mm_storeu_si128(dec.as_mut_ptr().add(16 * i).cast(), _mm_aesimc_si128(ld(14 - i)));
-            }
-            _mm_storeu_si128(dec.as_mut_ptr().add(16 * 14).cast(), ld(0));
-        }
-    }
-
-    fn mul_alpha(t: u128) -> u128 {
-        (t << 1) ^ ((t >> 127) * 0x87)
-    }
-
-    /// Each 128-bit lane times x^N in GF(2^128) mod x^128 + x^7 + x^2 + x + 1 (N <= 56).
-    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-    fn mul_xn<const N: u32, const M: u32>(x: __m512i, poly: __m512i) -> __m512i {
-        // M = 64 - N (const generics cannot compute it here).
-        let s = _mm512_slli_epi64::<N>(x);
-        let c = _mm512_srli_epi64::<M>(x);
-        let lo_to_hi = _mm512_bslli_epi128::<8>(c);
-        let hi_out = _mm512_bsrli_epi128::<8>(c);
-        let red = _mm512_clmulepi64_epi128::<0x00>(hi_out, poly);
-        _mm512_xor_si512(_mm512_xor_si512(s, lo_to_hi), red)
-    }
-
-    /// XTS over every `unit_len`-byte unit of `buf` in place, four 128-bit blocks per
-    /// VAES instruction; unit i has tweak `first + i`.
-    ///
-    /// # Safety
-    /// The CPU must have the features `available()` checks; `keys` must be the `3 * RK`
-    /// bytes `Keys::new` built, and `unit_len` a multiple of 256.
-    #[target_feature(enable = "aes,sse2,avx512f,avx512bw,vaes,vpclmulqdq")]
-    unsafe fn crypt_units(keys: &[u8], encrypt: bool, first: u128, unit_len: usize, buf: &mut [u8]) {
-        // SAFETY: set <= 2 and i <= 14 at every call, and the caller guarantees `keys` holds
-        // 3 * RK bytes, so the 16 bytes read lie inside it.
-        let k = |set: usize, i: usize| unsafe { _mm_loadu_si128(keys.as_ptr().add(set * RK + 16 * i).cast()) };
-        let set = if encrypt { 0 } else { 1 };
-        let mut rk = [_mm512_setzero_si512(); 15];
-        for (i, r) in rk.iter_mut().enumerate() {
-            *r = _mm512_broadcast_i32x4(k(set, i));
-        }
-        let poly = _mm512_set1_epi64(0x87);
-        for (u, unit) in buf.chunks_exact_mut(unit_len).enumerate() {
-            // T = AES-enc(key2, tweak) with 128-bit AES-NI.
-            let iv = (first + u as u128).to_le_bytes();
-            // SAFETY: `iv` is a 16-byte array.
-            let mut t = _mm_xor_si128(unsafe { _mm_loadu_si128(iv.as_ptr().cast()) }, k(2, 0));
-            for i in 1..14 {
-                t = _mm_aesenc_si128(t, k(2, i));
-            }
-            t = _mm_aesenclast_si128(t, k(2, 14));
-            let mut tb = [0u8; 16];
-            // SAFETY: `tb` is a 16-byte array.
-            unsafe { _mm_storeu_si128(tb.as_mut_ptr().cast(), t) };
-            let t0 = u128::from_le_bytes(tb);
-            let t1 = mul_alpha(t0);
-            let t2 = mul_alpha(t1);
-            let t3 = mul_alpha(t2);
-            let mut lanes = [0u8; 64];
-            lanes[..16].copy_from_slice(&t0.to_le_bytes());
-            lanes[16..32].copy_from_slice(&t1.to_le_bytes());
-            lanes[32..48].copy_from_slice(&t2.to_le_bytes());
-            lanes[48..].copy_from_slice(&t3.to_le_bytes());
-            // SAFETY: `lanes` is a 64-byte array.
-            let mut w0 = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
-            let mut w1 = mul_xn::<4, 60>(w0, poly);
-            let mut w2 = mul_xn::<4, 60>(w1, poly);
-            let mut w3 = mul_xn::<4, 60>(w2, poly);
-            for chunk in unit.chunks_exact_mut(256) {
-                let p = chunk.as_mut_ptr();
-                // SAFETY: `chunk` is exactly 256 bytes and every `off` below is 0, 64, 128 or
-                // 192, so each 64-byte load or store stays inside it.
-                let load = |off: usize| unsafe { _mm512_loadu_si512(p.add(off).cast()) };
-                // SAFETY: as for `load`.
-                let store = |off: usize, v: __m512i| unsafe { _mm512_storeu_si512(p.add(off).cast(), v) };
-                let mut b0 = _mm512_xor_si512(load(0), w0);
-                let mut b1 = _mm512_xor_si512(load(64), w1);
-                let mut b2 = _mm512_xor_si512(load(128), w2);
-                let mut b3 = _mm512_xor_si512(load(192), w3);
-                b0 = _mm512_xor_si512(b0, rk[0]);
-                b1 = _mm512_xor_si512(b1, rk[0]);
-                b2 = _mm512_xor_si512(b2, rk[0]);
-                b3 = _mm512_xor_si512(b3, rk[0]);
-                if encrypt {
-                    for r in &rk[1..14] {
-                        b0 = _mm512_aesenc_epi128(b0, *r);
-                        b1 = _mm512_aesenc_epi128(b1, *r);
-                        b2 = _mm512_aesenc_epi128(b2, *r);
-                        b3 = _mm512_aesenc_epi128(b3, *r);
-                    }
-                    b0 = _mm512_aesenclast_epi128(b0, rk[14]);
-                    b1 = _mm512_aesenclast_epi128(b1, rk[14]);
-                    b2 = _mm512_aesenclast_epi128(b2, rk[14]);
-                    b3 = _mm512_aesenclast_epi128(b3, rk[14]);
-                } else {
-                    for r in &rk[1..14] {
-                        b0 = _mm512_aesdec_epi128(b0, *r);
-                        b1 = _mm512_aesdec_epi128(b1, *r);
-                        b2 = _mm512_aesdec_epi128(b2, *r);
-                        b3 = _mm512_aesdec_epi128(b3, *r);
-                    }
-                    b0 = _mm512_aesdeclast_epi128(b0, rk[14]);
-                    b1 = _mm512_aesdeclast_epi128(b1, rk[14]);
-                    b2 = _mm512_aesdeclast_epi128(b2, rk[14]);
-                    b3 = _mm512_aesdeclast_epi128(b3, rk[14]);
-                }
-                store(0, _mm512_xor_si512(b0, w0));
-                store(64, _mm512_xor_si512(b1, w1));
-                store(128, _mm512_xor_si512(b2, w2));
-                store(192, _mm512_xor_si512(b3, w3));
-                w0 = mul_xn::<16, 48>(w0, poly);
-                w1 = mul_xn::<16, 48>(w1, poly);
-                w2 = mul_xn::<16, 48>(w2, poly);
-                w3 = mul_xn::<16, 48>(w3, poly);
-            }
-        }
-        // Round keys in registers/stack: overwrite the stack copy.
-        for r in rk.iter_mut() {
-            // SAFETY: `r` is a valid, aligned `&mut __m512i`.
-            unsafe { std::ptr::write_volatile(r, _mm512_setzero_si512()) };
-        }
-    }
 }
 
 #[cfg(test)]

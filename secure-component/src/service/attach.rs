@@ -1,0 +1,269 @@
+//! Attach: the mount flow for one VM (see the module documentation of [`crate::service`]),
+//! from the request to the attachment record, and where its time went.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::cloud::{AgentAttachRequest, AgentAttachment};
+use protocol::domain::AccessMode;
+use protocol::secret::SecretBytes;
+use serde::Serialize;
+
+use super::backend::{mapping_name, MappingState};
+use super::records::AttachmentRecord;
+use super::{check_attachment_id, unix_now, AttachmentService, TIMINGS_KEPT};
+use crate::error::{Error, Result};
+use crate::hypervisor::Placement;
+use crate::key_release::KeyRequest;
+use crate::volume::OpenMode;
+
+/// Where the time of one attach went (request received until the file system is usable).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct AttachTimings {
+    /// TTP: POST /v1/challenges.
+    pub challenge: Duration,
+    /// TPM: quote over the challenge.
+    pub quote: Duration,
+    /// TTP: POST /v1/key-releases (all its checks, the derivation, the audit record).
+    pub release: Duration,
+    /// TPM: RSA-OAEP decryption of the wrapped key under the PCR policy session.
+    pub decrypt: Duration,
+    /// Backend: open (userspace: FUSE mount + loop device; dm-crypt: table load).
+    pub open: Duration,
+    /// Hypervisor driver: mkfs (first rw use only) and mount, or virsh attach-device.
+    pub attach: Duration,
+    /// Writing the attachment record.
+    pub record: Duration,
+    /// The whole attach, from request received until the file system is usable.
+    pub total: Duration,
+    /// Whether this attach created the file system.
+    pub formatted: bool,
+}
+
+pub(super) fn mode_of(mode: AccessMode) -> OpenMode {
+    match mode {
+        AccessMode::Ro => OpenMode::ReadOnly,
+        AccessMode::Rw => OpenMode::ReadWrite,
+    }
+}
+
+/// The header in force on the volume at `path` must be `expected` (an encoded header record).
+fn check_volume_header(path: &Path, volume_root: Option<&Path>, expected: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let shown = path.display();
+    // One answer for "absent", "outside the volume root", "unreadable" and "not a volume":
+    // the caller learns nothing about which files exist on this host (the reason is logged).
+    let not_a_volume = |reason: String| {
+        tracing::warn!(volume = %shown, %reason, "attach refused: not a volume this host may open");
+        Error::BadRequest(format!("volume {shown} is not a Skydd volume this host may open"))
+    };
+    let resolved = path.canonicalize().map_err(|e| not_a_volume(format!("cannot be resolved: {e}")))?;
+    if let Some(root) = volume_root {
+        let root = root
+            .canonicalize()
+            .map_err(|e| not_a_volume(format!("volume_root {} cannot be resolved: {e}", root.display())))?;
+        if !resolved.starts_with(&root) {
+            return Err(not_a_volume(format!("{} is outside volume_root {}", resolved.display(), root.display())));
+        }
+    }
+    let file = std::fs::File::open(&resolved).map_err(|e| not_a_volume(format!("cannot be opened: {e}")))?;
+    let metadata = file.metadata().map_err(|e| not_a_volume(format!("no metadata: {e}")))?;
+    if !metadata.is_file() {
+        return Err(not_a_volume("not a regular file".into()));
+    }
+    let mut area = vec![0u8; protocol::format::HEADER_AREA_SIZE];
+    file.read_exact_at(&mut area, 0).map_err(|e| not_a_volume(format!("its 1 MiB header area cannot be read: {e}")))?;
+    let active = protocol::format::decode_header_area(&area).map_err(|e| not_a_volume(e.to_string()))?;
+    if active.payload != expected {
+        return Err(Error::BadRequest(format!(
+            "volume {shown} does not hold the header of this attach request (its header in force is in slot {}, sequence {}); \
+             the cloud platform must send the header that is on the volume",
+            active.slot, active.seq
+        )));
+    }
+    Ok(())
+}
+
+impl AttachmentService {
+    /// The mount flow for one VM (see the module documentation of [`crate::service`]).
+    pub async fn attach(self: &Arc<Self>, request: AgentAttachRequest) -> Result<AgentAttachment> {
+        self.attach_timed(request).await.map(|(a, _)| a)
+    }
+
+    /// [`AttachmentService::attach`] that also returns where the time went (docs/PERFORMANCE.md,
+    /// "Attach latency").
+    pub async fn attach_timed(
+        self: &Arc<Self>,
+        request: AgentAttachRequest,
+    ) -> Result<(AgentAttachment, AttachTimings)> {
+        let started = Instant::now();
+        check_attachment_id(&request.attachment_id)?;
+        protocol::domain::validate_name("VM id", &request.vm_id).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let (descriptor, _) = request
+            .header
+            .unverified_contents()
+            .map_err(|e| Error::BadRequest(format!("the header does not decode: {e}")))?;
+        let domain_id = descriptor.domain_id;
+        let name = mapping_name(&domain_id, &request.vm_id);
+        let _reservation =
+            self.reserve(vec![format!("attachment {}", request.attachment_id), format!("mapping {name}")])?;
+
+        // Idempotent for a retry of the same request; a conflict otherwise.
+        if let Some(existing) = self.records.load(&request.attachment_id)? {
+            if existing.vm_id == request.vm_id && existing.domain_id == domain_id && existing.mode == request.mode {
+                let view = self.view(&existing)?;
+                if view.status == protocol::cloud::MappingStatus::Attached {
+                    return Ok((view, AttachTimings::default()));
+                }
+            }
+            return Err(Error::AttachmentConflict(format!(
+                "attachment {} already exists on this host (domain {} to VM {}, {}); detach it first",
+                existing.attachment_id, existing.domain_id, existing.vm_id, existing.mode
+            )));
+        }
+        let records = self.records.list()?;
+        if let Some(other) = records.iter().find(|r| r.mapping == name) {
+            return Err(Error::AttachmentConflict(format!(
+                "domain {domain_id} is already attached to VM {} on this host as attachment {}; detach that first",
+                other.vm_id, other.attachment_id
+            )));
+        }
+        // Single writer on this host too (the cloud platform checks it across hosts): no
+        // second mapping of a domain beside a read-write one.
+        if let Some(other) = records
+            .iter()
+            .find(|r| r.domain_id == domain_id && (r.mode == AccessMode::Rw || request.mode == AccessMode::Rw))
+        {
+            return Err(Error::AttachmentConflict(format!(
+                "domain {domain_id} is attached to VM {} on this host ({}, attachment {}); a domain is open read-write once and alone, so detach that first",
+                other.vm_id, other.mode, other.attachment_id
+            )));
+        }
+        if let MappingState::Stale(reason) = self.backend.state(&name)? {
+            tracing::warn!(mapping = %name, %reason, "removing a stale mapping without a record before attaching");
+            self.backend.remove(&name)?;
+        }
+
+        // The volume must hold this very header in force (docs/CLOUD-API.md, "Message sequence: attach": the SC reads the header),
+        // checked before any key is asked for: otherwise a cloud platform could have the key
+        // of a domain released and the volume opened (and formatted) at any path on this host.
+        let (path, expected) = (PathBuf::from(&request.volume_path), request.header.encode());
+        let volume_root = self.config().volume_root.clone();
+        tokio::task::spawn_blocking(move || check_volume_header(&path, volume_root.as_deref(), &expected))
+            .await
+            .map_err(|e| Error::Volume(format!("volume header check failed: {e}")))??;
+
+        let obtained = self
+            .host
+            .obtain_key(&KeyRequest {
+                header: &request.header,
+                grant: &request.grant,
+                placement: &request.placement,
+                vm_id: &request.vm_id,
+                mode: request.mode,
+            })
+            .await?;
+        let (key, release, steps) = (obtained.key, obtained.response, obtained.times);
+        let timings = AttachTimings {
+            challenge: steps.challenge,
+            quote: steps.quote,
+            release: steps.release,
+            decrypt: steps.decrypt,
+            ..AttachTimings::default()
+        };
+        if release.domain_id != domain_id {
+            return Err(Error::BadRequest(format!(
+                "the TTP released the key of domain {} for a header of domain {domain_id}",
+                release.domain_id
+            )));
+        }
+
+        let this = self.clone();
+        let volume = PathBuf::from(&request.volume_path);
+        let record = AttachmentRecord {
+            attachment_id: request.attachment_id.clone(),
+            domain_id: domain_id.clone(),
+            vm_id: request.vm_id.clone(),
+            mode: request.mode,
+            version: release.version,
+            mapping: name.clone(),
+            device: PathBuf::new(),
+            location: String::new(),
+            backend: self.backend.kind().to_string(),
+            hypervisor: self.driver.kind().to_string(),
+            volume_path: volume.clone(),
+            attached_at: unix_now(),
+            pid: std::process::id(),
+            interrupted: None,
+        };
+        let (record, timings) = tokio::task::spawn_blocking(move || {
+            let opened = this.open_and_attach(record, key, timings);
+            // This pool thread copied the key into the backend (crate::scrub).
+            skydd_volume::scrub::scrub_this_thread();
+            opened
+        })
+        .await
+        .map_err(|e| Error::Volume(format!("attach task failed: {e}")))??;
+        let mut timings = timings;
+        timings.total = started.elapsed();
+        tracing::info!(
+            attachment = %record.attachment_id, domain = %record.domain_id, vm = %record.vm_id, mode = %record.mode,
+            device = %record.device.display(), location = %record.location, ?timings, "attached"
+        );
+        if let Ok(mut t) = self.timings.lock() {
+            if t.len() == TIMINGS_KEPT {
+                t.pop_front();
+            }
+            t.push_back(timings);
+        }
+        Ok((self.attached_view(&record), timings))
+    }
+
+    /// Blocking part of attach: open, wipe the key, driver attach, record; undone on failure.
+    fn open_and_attach(
+        &self,
+        mut record: AttachmentRecord,
+        key: SecretBytes,
+        mut timings: AttachTimings,
+    ) -> Result<(AttachmentRecord, AttachTimings)> {
+        let mode = mode_of(record.mode);
+        let t = Instant::now();
+        let opened = self.backend.get().open(&record.mapping, &record.volume_path, &key, mode);
+        drop(key); // wiped (SecretBytes zeroizes on drop); only the backend holds it now
+        let opened = opened?;
+        timings.open = t.elapsed();
+        record.device = opened.device.clone();
+
+        let placement = Placement {
+            vm_id: record.vm_id.clone(),
+            domain_id: record.domain_id.clone(),
+            device: opened.device.clone(),
+            mode,
+        };
+        let t = Instant::now();
+        let had_fs = mode == OpenMode::ReadWrite
+            && self.driver.kind() == "local"
+            && crate::volume::filesystem::has_ext4(&opened.device).unwrap_or(true);
+        match self.driver.attach(&placement) {
+            Ok(location) => record.location = location,
+            Err(e) => {
+                if let Err(close) = self.backend.get().close(&record.mapping) {
+                    tracing::error!(mapping = %record.mapping, error = %close, "closing after a failed attach failed");
+                }
+                return Err(e);
+            }
+        }
+        timings.attach = t.elapsed();
+        timings.formatted = mode == OpenMode::ReadWrite && self.driver.kind() == "local" && !had_fs;
+
+        let t = Instant::now();
+        if let Err(e) = self.records.save(&record) {
+            let _ = self.driver.detach(&placement, &record.location);
+            let _ = self.backend.get().close(&record.mapping);
+            return Err(e);
+        }
+        timings.record = t.elapsed();
+        Ok((record, timings))
+    }
+}

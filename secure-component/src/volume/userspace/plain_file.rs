@@ -1,0 +1,266 @@
+//! The FUSE file system of a userspace mapping: one directory holding one file, [`DATA_FILE`],
+//! whose bytes are the data area of the volume (docs/FORMAT.md, "Data area") decrypted and
+//! encrypted sector by sector by the AES-XTS engine. Partial sectors are read-modify-write;
+//! the kernel sees a plain file it can put a loop device on.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite,
+    Request, WriteFlags,
+};
+use skydd_volume::layout::{data_sector_offset, SECTOR_SIZE};
+use skydd_volume::xts::XtsEngine;
+
+use super::DATA_FILE;
+
+const ROOT_INO: INodeNo = INodeNo(1);
+const DATA_INO: INodeNo = INodeNo(2);
+// The file never changes size or owner behind the kernel's back: cache attributes long.
+const TTL: Duration = Duration::from_secs(3600);
+const SECTOR: u64 = SECTOR_SIZE as u64;
+
+/// The FUSE file system of one mapping: a root directory holding the plaintext file
+/// [`DATA_FILE`], whose bytes are the decrypted data area of the volume.
+pub(super) struct PlainFile {
+    file: File,
+    engine: XtsEngine,
+    size: u64,
+    read_only: bool,
+    /// Reused between requests: no allocation per I/O once warmed up. fuser (>= 0.17) calls
+    /// the file system through `&self`; with one event-loop thread the lock is never contended.
+    buf: Mutex<Vec<u8>>,
+    uid: u32,
+    gid: u32,
+    started: SystemTime,
+}
+
+impl PlainFile {
+    /// Serves the data area of `file` (opened read-only for `read_only`) through `engine`;
+    /// `size` is the data area's length in whole sectors.
+    pub(super) fn new(file: File, engine: XtsEngine, size: u64, read_only: bool) -> Self {
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Self { file, engine, size, read_only, buf: Mutex::new(Vec::new()), uid, gid, started: SystemTime::now() }
+    }
+
+    /// The scratch buffer; a panic while it was held leaves nothing to repair in it.
+    fn buf(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.buf.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        let (kind, perm, size, nlink) = match ino {
+            ROOT_INO => (FileType::Directory, 0o700, 0, 2),
+            DATA_INO => (FileType::RegularFile, if self.read_only { 0o400 } else { 0o600 }, self.size, 1),
+            _ => return None,
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            blocks: size / 512,
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: SECTOR_SIZE as u32,
+            flags: 0,
+        })
+    }
+
+    /// Reads and decrypts whole sectors [first, first + count) into `scratch[..]`.
+    fn load(&self, scratch: &mut Vec<u8>, first: u64, count: usize) -> std::io::Result<()> {
+        let len = count * SECTOR_SIZE;
+        if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        let buf = &mut scratch[..len];
+        self.file.read_exact_at(buf, data_sector_offset(first))?;
+        self.engine.decrypt_sectors(first, buf).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn read_range<'b>(&self, scratch: &'b mut Vec<u8>, offset: u64, size: usize) -> std::io::Result<&'b [u8]> {
+        let end = (offset + size as u64).min(self.size);
+        if offset >= end {
+            return Ok(&[]);
+        }
+        let first = offset / SECTOR;
+        let last = end.div_ceil(SECTOR);
+        self.load(scratch, first, (last - first) as usize)?;
+        let skip = (offset - first * SECTOR) as usize;
+        Ok(&scratch[skip..skip + (end - offset) as usize])
+    }
+
+    fn write_range(&self, scratch: &mut Vec<u8>, offset: u64, data: &[u8]) -> std::io::Result<usize> {
+        let end = offset + data.len() as u64;
+        if end > self.size {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let first = offset / SECTOR;
+        let last = end.div_ceil(SECTOR);
+        let count = (last - first) as usize;
+        let head = (offset - first * SECTOR) as usize;
+        let len = count * SECTOR_SIZE;
+        if head != 0 || !end.is_multiple_of(SECTOR) {
+            // Read-modify-write: only the partial first and last sectors need the old data.
+            if scratch.len() < len {
+                scratch.resize(len, 0);
+            }
+            if head != 0 {
+                self.load_into(scratch, first, 0)?;
+            }
+            if !end.is_multiple_of(SECTOR) && (last - 1 != first || head == 0) {
+                self.load_into(scratch, last - 1, (count - 1) * SECTOR_SIZE)?;
+            }
+        } else if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        let buf = &mut scratch[..len];
+        buf[head..head + data.len()].copy_from_slice(data);
+        self.engine.encrypt_sectors(first, buf).map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.file.write_all_at(buf, data_sector_offset(first))?;
+        Ok(data.len())
+    }
+
+    /// Decrypts one sector into `scratch[at..at + 4096]`.
+    fn load_into(&self, scratch: &mut [u8], sector: u64, at: usize) -> std::io::Result<()> {
+        let s = &mut scratch[at..at + SECTOR_SIZE];
+        self.file.read_exact_at(s, data_sector_offset(sector))?;
+        self.engine.decrypt_sectors(sector, s).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+impl Filesystem for PlainFile {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests amortise the per-request cost; the kernel caps them (1 MiB).
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match (parent, name.as_bytes()) {
+            (ROOT_INO, b"data") => match self.attr(DATA_INO) {
+                Some(a) => reply.entry(&TTL, &a, Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            },
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino != DATA_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        if self.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        // Direct I/O: every request reaches the engine. Without it the kernel would cache
+        // the plaintext a second time (loop's page cache above already caches it).
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if ino != DATA_INO {
+            return reply.error(Errno::EINVAL);
+        }
+        let mut scratch = self.buf();
+        match self.read_range(&mut scratch, offset, size as usize) {
+            Ok(data) => reply.data(data),
+            Err(e) => {
+                tracing::error!(offset, size, error = %e, "userspace volume read failed");
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if self.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        if ino != DATA_INO {
+            return reply.error(Errno::EINVAL);
+        }
+        let mut scratch = self.buf();
+        match self.write_range(&mut scratch, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => {
+                tracing::error!(offset, len = data.len(), error = %e, "userspace volume write failed");
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let r = if datasync { self.file.sync_data() } else { self.file.sync_all() };
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        if ino != ROOT_INO {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let entries = [
+            (ROOT_INO, FileType::Directory, "."),
+            (ROOT_INO, FileType::Directory, ".."),
+            (DATA_INO, FileType::RegularFile, DATA_FILE),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX)) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
