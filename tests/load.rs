@@ -357,7 +357,7 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         }));
     }
     for host in &hosts {
-        host.agent.enroll(&selection).await.unwrap();
+        host.host.enroll(&selection).await.unwrap();
     }
     // The other load identities: enrolled with host 0's record (the challenge endpoint only
     // needs an enrolled caller; they never quote).
@@ -524,12 +524,12 @@ async fn key_release_rates(cloud: &Cloud) {
             let grants: Vec<_> = (0..per_host)
                 .map(|_| {
                     let grant = dm.grant(&domain, "vm-load", AccessMode::Rw, 600);
-                    let placement = cloud.operator.place("vm-load", &host.agent.host_id, &grant);
+                    let placement = cloud.operator.place("vm-load", &host.host.host_id, &grant);
                     (grant, placement)
                 })
                 .collect();
             let header = header.clone();
-            let agent = &host.agent;
+            let agent = &host.host;
             tasks.push(async move {
                 let mut latencies = Vec::new();
                 for (grant, placement) in &grants {
@@ -558,13 +558,13 @@ async fn key_release_rates(cloud: &Cloud) {
     // The decision alone: K challenges and quotes made sequentially ahead of time.
     let k = 240;
     let host = &cloud.hosts[0];
-    let identity = Identity { name: host.agent.host_id.clone(), role: Role::SecureComponent };
+    let identity = Identity { name: host.host.host_id.clone(), role: Role::SecureComponent };
     let prepared = Instant::now();
     let mut requests = Vec::with_capacity(k);
     for _ in 0..k {
         let challenge = cloud.ttp.challenge(&identity).unwrap();
         let nonce = challenge.nonce.clone();
-        let quote = host.agent.tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap();
+        let quote = host.host.tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap();
         let grant = dm.grant(&domain, "vm-load", AccessMode::Rw, 600);
         requests.push(KeyReleaseRequest {
             host_id: identity.name.clone(),

@@ -6,9 +6,6 @@
 use std::time::{Duration, Instant};
 
 use net::Role;
-use openssl::md::Md;
-use openssl::pkey::Id;
-use openssl::pkey_ctx::PkeyCtx;
 use protocol::attest::PcrSelection;
 use protocol::domain::AccessMode;
 use protocol::messages::{
@@ -18,6 +15,7 @@ use protocol::signing::SignedEnvelope;
 use secure_component::key_release::ObtainedKey;
 use sha2::{Digest, Sha256};
 use skydd::lab::{register, DomainManager, LabHost, LabPki, Operator, RunningTtp};
+use skydd_testkit::independent_key;
 use ttp::attestation::AttestationPolicy;
 
 /// The refusal code of a failed call, from either the agent or a raw client.
@@ -48,26 +46,6 @@ fn assert_last_audit(ttp: &RunningTtp, code: &str) {
     assert_eq!(last.outcome, code, "newest audit record: {last:?}");
 }
 
-/// K computed independently of protocol::kdf: OpenSSL's HKDF over the info string built
-/// here by hand from DESIGN §2.
-fn independent_key(master: &[u8], registration: &Registration, domain_id: &str, metadata_hash: &[u8; 32]) -> Vec<u8> {
-    let mut info = b"skydd/v1/volume-key".to_vec();
-    info.extend_from_slice(&(domain_id.len() as u32).to_be_bytes());
-    info.extend_from_slice(domain_id.as_bytes());
-    info.extend_from_slice(&32u32.to_be_bytes());
-    info.extend_from_slice(metadata_hash);
-    info.extend_from_slice(b"aes-xts-plain64:512:4096");
-    let mut ctx = PkeyCtx::new_id(Id::HKDF).unwrap();
-    ctx.derive_init().unwrap();
-    ctx.set_hkdf_md(Md::sha256()).unwrap();
-    ctx.set_hkdf_key(master).unwrap();
-    ctx.set_hkdf_salt(&registration.nonce_r).unwrap();
-    ctx.add_hkdf_info(&info).unwrap();
-    let mut out = vec![0u8; 64];
-    ctx.derive(Some(&mut out)).unwrap();
-    out
-}
-
 fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -83,16 +61,16 @@ async fn manual_request(
     mode: AccessMode,
     quote_nonce_of: Option<&ChallengeResponse>,
 ) -> (KeyReleaseRequest, ChallengeResponse) {
-    let challenge: ChallengeResponse = host.agent.ttp.post_json("/v1/challenges", &()).await.unwrap();
+    let challenge: ChallengeResponse = host.host.ttp.post_json("/v1/challenges", &()).await.unwrap();
     let nonce = quote_nonce_of.unwrap_or(&challenge).nonce.clone();
-    let quote = host.agent.tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap();
+    let quote = host.host.tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap();
     let request = KeyReleaseRequest {
-        host_id: host.agent.host_id.clone(),
+        host_id: host.host.host_id.clone(),
         vm_id: vm.into(),
         mode,
         header: header.clone(),
         grant: grant.clone(),
-        placement: op.place(vm, &host.agent.host_id, grant),
+        placement: op.place(vm, &host.host.host_id, grant),
         challenge_id: challenge.challenge_id.clone(),
         quote,
     };
@@ -134,46 +112,46 @@ async fn trust_core_end_to_end() {
     println!("refusal: an AK that is not in the EK's TPM");
     {
         let from_a =
-            host1.agent.tpm.run(|tpm| tpm.enrollment_request("host-1", &PcrSelection::default_host())).await.unwrap();
+            host1.host.tpm.run(|tpm| tpm.enrollment_request("host-1", &PcrSelection::default_host())).await.unwrap();
         let from_b =
-            host2.agent.tpm.run(|tpm| tpm.enrollment_request("host-1", &PcrSelection::default_host())).await.unwrap();
+            host2.host.tpm.run(|tpm| tpm.enrollment_request("host-1", &PcrSelection::default_host())).await.unwrap();
         let mut forged = from_a.clone();
         forged.ak_public = from_b.ak_public.clone();
         forged.binding_public = from_b.binding_public.clone();
         let challenge: protocol::attest::CredentialChallenge =
-            host1.agent.ttp.post_json("/v1/enrollments", &forged).await.unwrap();
+            host1.host.ttp.post_json("/v1/enrollments", &forged).await.unwrap();
         // TPM B holds the AK but not the EK the credential was made for: it cannot activate.
         let challenge_for_b = challenge.clone();
-        let activation = host2.agent.tpm.run(move |tpm| tpm.activate_credential(&challenge_for_b)).await;
+        let activation = host2.host.tpm.run(move |tpm| tpm.activate_credential(&challenge_for_b)).await;
         assert!(activation.is_err(), "TPM B must not be able to activate a credential made for TPM A's EK");
         // So the attacker can only guess the secret.
         let nonce = challenge.certify_nonce.clone();
         let (certify_attest, certify_signature) =
-            host2.agent.tpm.run(move |tpm| tpm.certify_binding_key(&nonce)).await.unwrap();
+            host2.host.tpm.run(move |tpm| tpm.certify_binding_key(&nonce)).await.unwrap();
         let proof = protocol::attest::EnrollmentProof {
             enrollment_id: challenge.enrollment_id.clone(),
             activated_secret: rand::random::<[u8; 32]>().to_vec(),
             certify_attest,
             certify_signature,
         };
-        let refused: Result<serde_json::Value, _> = host1.agent.ttp.post_json("/v1/enrollments/proof", &proof).await;
+        let refused: Result<serde_json::Value, _> = host1.host.ttp.post_json("/v1/enrollments/proof", &proof).await;
         assert_eq!(code_of_client(refused), "credential_failed");
         assert_last_audit(&ttp, "credential_failed");
     }
 
     println!("refusal: an EK certificate from an untrusted CA");
-    assert_eq!(code_of_agent(host3.agent.enroll(&selection).await), "ek_untrusted");
+    assert_eq!(code_of_agent(host3.host.enroll(&selection).await), "ek_untrusted");
     assert_last_audit(&ttp, "ek_untrusted");
 
     println!("enrollment: 20 enrollments of host-1, then host-2");
     let mut enroll_times = Vec::new();
     for _ in 0..20 {
         let started = Instant::now();
-        let result = host1.agent.enroll(&selection).await.expect("host-1 enrolls");
+        let result = host1.host.enroll(&selection).await.expect("host-1 enrolls");
         enroll_times.push(started.elapsed());
         assert_eq!(result.reference_state, "compute-v1");
     }
-    host2.agent.enroll(&selection).await.expect("host-2 enrolls");
+    host2.host.enroll(&selection).await.expect("host-2 enrolls");
 
     println!("domain: dm-alice creates a domain (vm-a rw, vm-b ro), cp-1 registers it");
     let descriptor = alice
@@ -195,7 +173,7 @@ async fn trust_core_end_to_end() {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         let started = Instant::now();
         let ObtainedKey { key, response, .. } =
-            op.obtain_key(&host1.agent, &header_v1, &grant, "vm-a", AccessMode::Rw).await.expect("key released");
+            op.obtain_key(&host1.host, &header_v1, &grant, "vm-a", AccessMode::Rw).await.expect("key released");
         release_times.push(started.elapsed());
         assert_eq!(key.expose(), expected_key.as_slice(), "the secure component must end up with exactly K");
         assert_eq!(response.version, 1);
@@ -209,8 +187,8 @@ async fn trust_core_end_to_end() {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         let (request, _) = manual_request(&op, &host1, &header_v1, &grant, "vm-a", AccessMode::Rw, None).await;
         let _: KeyReleaseResponse =
-            host1.agent.ttp.post_json("/v1/key-releases", &request).await.expect("first use succeeds");
-        let replay: Result<KeyReleaseResponse, _> = host1.agent.ttp.post_json("/v1/key-releases", &request).await;
+            host1.host.ttp.post_json("/v1/key-releases", &request).await.expect("first use succeeds");
+        let replay: Result<KeyReleaseResponse, _> = host1.host.ttp.post_json("/v1/key-releases", &request).await;
         assert_eq!(code_of_client(replay), "challenge_invalid");
         assert_last_audit(&ttp, "challenge_invalid");
     }
@@ -218,30 +196,30 @@ async fn trust_core_end_to_end() {
     println!("refusal: a grant used before, with a fresh challenge and quote (a grant is single-use)");
     {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
-        op.obtain_key(&host1.agent, &header_v1, &grant, "vm-a", AccessMode::Rw)
+        op.obtain_key(&host1.host, &header_v1, &grant, "vm-a", AccessMode::Rw)
             .await
             .expect("the first use releases the key");
-        let replay = op.obtain_key(&host1.agent, &header_v1, &grant, "vm-a", AccessMode::Rw).await;
+        let replay = op.obtain_key(&host1.host, &header_v1, &grant, "vm-a", AccessMode::Rw).await;
         assert_eq!(code_of_agent(replay), "grant_replayed");
         assert_last_audit(&ttp, "grant_replayed");
         // A refused release does not use a grant up: after a refusal for the mode, the same
         // grant still works for what it allows.
         let grant = alice.grant(&domain_id, "vm-b", AccessMode::Ro, 300);
         assert_eq!(
-            code_of_agent(op.obtain_key(&host1.agent, &header_v1, &grant, "vm-b", AccessMode::Rw).await),
+            code_of_agent(op.obtain_key(&host1.host, &header_v1, &grant, "vm-b", AccessMode::Rw).await),
             "mode_not_permitted"
         );
-        op.obtain_key(&host1.agent, &header_v1, &grant, "vm-b", AccessMode::Ro)
+        op.obtain_key(&host1.host, &header_v1, &grant, "vm-b", AccessMode::Ro)
             .await
             .expect("an unused grant still works");
     }
 
     println!("refusal: a quote over a stale challenge's nonce");
     {
-        let stale: ChallengeResponse = host1.agent.ttp.post_json("/v1/challenges", &()).await.unwrap();
+        let stale: ChallengeResponse = host1.host.ttp.post_json("/v1/challenges", &()).await.unwrap();
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         let (request, _) = manual_request(&op, &host1, &header_v1, &grant, "vm-a", AccessMode::Rw, Some(&stale)).await;
-        let refused: Result<KeyReleaseResponse, _> = host1.agent.ttp.post_json("/v1/key-releases", &request).await;
+        let refused: Result<KeyReleaseResponse, _> = host1.host.ttp.post_json("/v1/key-releases", &request).await;
         assert_eq!(code_of_client(refused), "challenge_invalid");
         assert_last_audit(&ttp, "challenge_invalid");
     }
@@ -253,7 +231,7 @@ async fn trust_core_end_to_end() {
         forged.descriptor.signature[last] ^= 0x55;
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         assert_eq!(
-            code_of_agent(op.obtain_key(&host1.agent, &forged, &grant, "vm-a", AccessMode::Rw).await),
+            code_of_agent(op.obtain_key(&host1.host, &forged, &grant, "vm-a", AccessMode::Rw).await),
             "descriptor_signature_invalid"
         );
         assert_last_audit(&ttp, "descriptor_signature_invalid");
@@ -294,7 +272,7 @@ async fn trust_core_end_to_end() {
     {
         let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
         assert_eq!(
-            code_of_agent(op.obtain_key(&host1.agent, &header_v1, &grant, "vm-a", AccessMode::Rw).await),
+            code_of_agent(op.obtain_key(&host1.host, &header_v1, &grant, "vm-a", AccessMode::Rw).await),
             "version_rollback"
         );
         assert_last_audit(&ttp, "version_rollback");
@@ -313,7 +291,7 @@ async fn trust_core_end_to_end() {
     println!("refusal: a VM not in the access list");
     let grant = alice.grant(&domain_id, "vm-z", AccessMode::Ro, 300);
     assert_eq!(
-        code_of_agent(op.obtain_key(&host1.agent, &header_v2, &grant, "vm-z", AccessMode::Ro).await),
+        code_of_agent(op.obtain_key(&host1.host, &header_v2, &grant, "vm-z", AccessMode::Ro).await),
         "vm_not_in_acl"
     );
     assert_last_audit(&ttp, "vm_not_in_acl");
@@ -321,7 +299,7 @@ async fn trust_core_end_to_end() {
     println!("refusal: a read-only VM asking for read-write");
     let grant = alice.grant(&domain_id, "vm-b", AccessMode::Rw, 300);
     assert_eq!(
-        code_of_agent(op.obtain_key(&host1.agent, &header_v2, &grant, "vm-b", AccessMode::Rw).await),
+        code_of_agent(op.obtain_key(&host1.host, &header_v2, &grant, "vm-b", AccessMode::Rw).await),
         "mode_not_permitted"
     );
     assert_last_audit(&ttp, "mode_not_permitted");
@@ -329,7 +307,7 @@ async fn trust_core_end_to_end() {
     println!("refusal: a read-only grant used for read-write");
     let grant = alice.grant(&domain_id, "vm-a", AccessMode::Ro, 300);
     assert_eq!(
-        code_of_agent(op.obtain_key(&host1.agent, &header_v2, &grant, "vm-a", AccessMode::Rw).await),
+        code_of_agent(op.obtain_key(&host1.host, &header_v2, &grant, "vm-a", AccessMode::Rw).await),
         "grant_mismatch"
     );
     assert_last_audit(&ttp, "grant_mismatch");
@@ -337,7 +315,7 @@ async fn trust_core_end_to_end() {
     println!("refusal: an expired grant");
     let grant = alice.grant(&domain_id, "vm-a", AccessMode::Rw, -5);
     assert_eq!(
-        code_of_agent(op.obtain_key(&host1.agent, &header_v2, &grant, "vm-a", AccessMode::Rw).await),
+        code_of_agent(op.obtain_key(&host1.host, &header_v2, &grant, "vm-a", AccessMode::Rw).await),
         "grant_expired"
     );
     assert_last_audit(&ttp, "grant_expired");
@@ -345,7 +323,7 @@ async fn trust_core_end_to_end() {
     println!("refusal: a grant signed by someone the descriptor does not name");
     let grant = eve.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
     assert_eq!(
-        code_of_agent(op.obtain_key(&host1.agent, &header_v2, &grant, "vm-a", AccessMode::Rw).await),
+        code_of_agent(op.obtain_key(&host1.host, &header_v2, &grant, "vm-a", AccessMode::Rw).await),
         "grant_signer_not_authorized"
     );
     assert_last_audit(&ttp, "grant_signer_not_authorized");
@@ -353,7 +331,7 @@ async fn trust_core_end_to_end() {
     println!("release: vm-c (added in version 2) on host-2");
     let grant = alice.grant(&domain_id, "vm-c", AccessMode::Ro, 300);
     let ObtainedKey { key: key_v2, .. } =
-        op.obtain_key(&host2.agent, &header_v2, &grant, "vm-c", AccessMode::Ro).await.expect("vm-c gets the key");
+        op.obtain_key(&host2.host, &header_v2, &grant, "vm-c", AccessMode::Ro).await.expect("vm-c gets the key");
     assert_eq!(key_v2.expose(), expected_key.as_slice(), "a new version keeps the key (same r, same metadata)");
 
     println!("refusal: a deleted domain");
@@ -376,7 +354,7 @@ async fn trust_core_end_to_end() {
             .expect("the owner deletes");
         let grant = alice.grant(&doomed.domain_id, "vm-a", AccessMode::Rw, 300);
         assert_eq!(
-            code_of_agent(op.obtain_key(&host1.agent, &doomed_header, &grant, "vm-a", AccessMode::Rw).await),
+            code_of_agent(op.obtain_key(&host1.host, &doomed_header, &grant, "vm-a", AccessMode::Rw).await),
             "domain_deleted"
         );
         assert_last_audit(&ttp, "domain_deleted");
@@ -386,17 +364,17 @@ async fn trust_core_end_to_end() {
     {
         let grant = alice.grant(&domain_id, "vm-b", AccessMode::Ro, 300);
         let earlier = op
-            .request_release(&host2.agent, &header_v2, &grant, "vm-b", AccessMode::Ro)
+            .request_release(&host2.host, &header_v2, &grant, "vm-b", AccessMode::Ro)
             .await
             .expect("released while trusted");
-        host2.agent.tpm.run(|tpm| tpm.extend_pcr(11, b"an unapproved kernel module")).await.unwrap();
+        host2.host.tpm.run(|tpm| tpm.extend_pcr(11, b"an unapproved kernel module")).await.unwrap();
         assert_eq!(
-            code_of_agent(op.obtain_key(&host2.agent, &header_v2, &grant, "vm-b", AccessMode::Ro).await),
+            code_of_agent(op.obtain_key(&host2.host, &header_v2, &grant, "vm-b", AccessMode::Ro).await),
             "pcr_mismatch"
         );
         assert_last_audit(&ttp, "pcr_mismatch");
         let wrapped = earlier.wrapped_key.clone();
-        let decrypted = host2.agent.tpm.run(move |tpm| tpm.decrypt_released_key(&wrapped)).await;
+        let decrypted = host2.host.tpm.run(move |tpm| tpm.decrypt_released_key(&wrapped)).await;
         let error = decrypted.expect_err("the TPM must refuse to decrypt after the PCR changed");
         println!("  the TPM refused: {error}");
     }
