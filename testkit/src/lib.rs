@@ -10,6 +10,8 @@
 //!   the TTP's audit record of it.
 //! - [`prerequisites`]: what a test that drives a real host needs (root, swtpm, FUSE, loop
 //!   devices), checked with a message that names the missing piece; never a silent skip.
+//! - [`shared`]: one expensive fixture (a cloud, a TTP with TPMs) shared by tests that each
+//!   stand alone, on a runtime of its own.
 //!
 //! The loopback lab itself (`skydd::lab`) stays in the root crate: the all-in-one cloud of
 //! the demo is built from it.
@@ -24,6 +26,7 @@ pub mod cleanup;
 pub mod kdf;
 pub mod prerequisites;
 pub mod refusal;
+pub mod shared;
 
 pub use cleanup::Cleanup;
 pub use kdf::independent_key;

@@ -97,7 +97,7 @@ mod tls;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use net::{Role, TlsFiles};
@@ -120,6 +120,7 @@ use skydd::lab::{DomainManager, LabHost, LabPki, Operator, RunningTtp};
 use skydd_testkit::audit::{assert_audited_n, records as audit_records};
 use skydd_testkit::now_unix;
 use skydd_testkit::refusal::expect_code;
+use skydd_testkit::shared::{at_exit, Shared};
 use tokio_util::sync::CancellationToken;
 
 // ---- the shared cloud ------------------------------------------------------------------------------
@@ -132,58 +133,52 @@ const ATTACK_LAYOUT: Layout<'static> = Layout {
     managers: &["dm-alice", "dm-bob", "dm-erin"],
 };
 
-/// One all-in-one cloud for every attack, started on first use on a runtime of its own, so
-/// that it outlives each test. Stopped when the test binary exits.
-struct Shared {
-    runtime: tokio::runtime::Runtime,
-    cloud: Mutex<Option<Arc<AllInOne>>>,
-    /// The TTP's audit log is one hash chain: each attack counts the records it adds, so the
-    /// attacks take turns (each still starts from nothing another test left behind).
-    turn: Mutex<()>,
+/// The all-in-one cloud every attack runs against, and the directory it lives in.
+struct Cloud {
+    cloud: AllInOne,
     _dir: tempfile::TempDir,
 }
 
-static SHARED: OnceLock<Shared> = OnceLock::new();
+impl std::ops::Deref for Cloud {
+    type Target = AllInOne;
 
-fn shared() -> &'static Shared {
-    SHARED.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("the attack runtime");
-        let dir = tempfile::tempdir().expect("a directory for the cloud");
-        let cloud = runtime
-            .block_on(AllInOne::start(dir.path(), &ATTACK_LAYOUT, &mut |line| println!(".. {line}")))
-            .expect("start the all-in-one cloud");
-        extern "C" fn stop_the_cloud() {
-            if let Some(shared) = SHARED.get() {
-                let cloud = shared.cloud.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(cloud) = cloud.and_then(|c| Arc::try_unwrap(c).ok()) {
-                    // Dropped at the timeout at the latest, which kills the swtpm processes.
-                    shared.runtime.block_on(async {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), cloud.stop()).await;
-                    });
-                }
-            }
-        }
-        // SAFETY: registers a plain `extern "C" fn()` with no arguments, as atexit expects.
-        unsafe { libc::atexit(stop_the_cloud) };
-        Shared { runtime, cloud: Mutex::new(Some(Arc::new(cloud))), turn: Mutex::new(()), _dir: dir }
-    })
+    fn deref(&self) -> &AllInOne {
+        &self.cloud
+    }
+}
+
+/// One cloud for every attack, started on first use on a runtime of its own (so that it
+/// outlives each test) and stopped when the test binary exits. The attacks take turns: each
+/// counts the audit records it adds to the TTP's one chain.
+static CLOUD: OnceLock<Shared<Cloud>> = OnceLock::new();
+
+extern "C" fn stop_the_cloud() {
+    if let Some(shared) = CLOUD.get() {
+        shared.stop(|Cloud { cloud, _dir }| async move {
+            cloud.stop().await;
+            drop(_dir);
+        });
+    }
 }
 
 /// Runs one attack on the shared cloud, on the cloud's runtime, in its turn.
 fn run<F: std::future::Future<Output = ()>>(attack: impl FnOnce(World) -> F) {
-    let shared = shared();
-    let _turn = shared.turn.lock().unwrap_or_else(|p| p.into_inner());
-    let cloud = shared.cloud.lock().unwrap_or_else(|p| p.into_inner()).clone().expect("the cloud is running");
-    shared.runtime.block_on(async move { attack(World::new(cloud)).await });
+    let shared = CLOUD.get_or_init(|| {
+        at_exit(stop_the_cloud);
+        Shared::start(async {
+            let dir = tempfile::tempdir().expect("a directory for the cloud");
+            let cloud = AllInOne::start(dir.path(), &ATTACK_LAYOUT, &mut |line| println!(".. {line}"))
+                .await
+                .expect("start the all-in-one cloud");
+            Cloud { cloud, _dir: dir }
+        })
+    });
+    shared.run(|cloud| attack(World::new(cloud)));
 }
 
 /// The parties every attack starts from: the cloud, its two tenants, the CP's identities.
 struct World {
-    cloud: Arc<AllInOne>,
+    cloud: Arc<Cloud>,
     alice: DomainManager,
     bob: DomainManager,
     alice_cp: net::Client,
@@ -197,7 +192,7 @@ struct World {
 }
 
 impl World {
-    fn new(cloud: Arc<AllInOne>) -> Self {
+    fn new(cloud: Arc<Cloud>) -> Self {
         let pki = &cloud.pki;
         let (ttp_url, cp_url) = (cloud.ttp.url.clone(), cloud.cp_url.clone());
         assert_eq!((cloud.hosts[0].id.as_str(), cloud.hosts[1].id.as_str()), ("compute-1", "compute-2"));
