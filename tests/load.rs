@@ -27,7 +27,7 @@
 //! (`SKYDD_LOAD_CLIENTS`, `SKYDD_LOAD_REQUESTS` override the counts).
 
 use secure_component::key_release::KeyRequest;
-use secure_component::prerequisites::{self, Need};
+use skydd_testkit::prerequisites;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -448,7 +448,7 @@ fn clients(
 }
 
 async fn ttp_and_cp_under_load(clients_n: usize, requests: usize, tpm_parts: bool) {
-    prerequisites::require(&[Need::Root, Need::Swtpm]);
+    prerequisites::require(prerequisites::ATTESTED_HOST);
     let nofile = raise_nofile(65536);
     assert!(
         nofile as usize > 2 * clients_n + 1000,

@@ -3,12 +3,12 @@
 //! memory once the volume is detached; K_TTP never reaches the TTP's logs.
 //!
 //! The secure component runs as its own process (this test binary re-executed with
-//! `SKYDD_KEY_HYGIENE_CHILD` set, like tests/secure_component_agent.rs does for its crash
+//! `SKYDD_KEY_HYGIENE_CHILD` set, like tests/integration/secure_component_agent.rs does for its crash
 //! test) with every tracing event at TRACE written to a file; the TTP runs in this process,
 //! also logging at TRACE to a file. A domain is registered, a key is released to the
 //! secure component (real swtpm, PolicyPCR binding key) and the volume is attached through
 //! the agent API (userspace backend), written, and detached. The expected 64-byte domain
-//! key is computed independently from master.key (OpenSSL HKDF, as tests/trust_core.rs).
+//! key is computed independently from master.key (OpenSSL HKDF, as tests/integration/trust_core.rs).
 //!
 //! Then it scans, for the key (raw, hex lower/upper, base64 at every alignment) and its
 //! two 32-byte XTS halves (raw): every log file, every error string and JSON answer seen,

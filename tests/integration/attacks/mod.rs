@@ -119,7 +119,7 @@ use skydd::cloud::{AllInOne, Layout};
 use skydd::lab::{DomainManager, LabHost, LabPki, Operator, RunningTtp};
 use skydd_testkit::audit::{assert_audited_n, records as audit_records};
 use skydd_testkit::now_unix;
-use skydd_testkit::refusal::expect_code;
+use skydd_testkit::refusal::{expect_code, ttp_code as enroll_code};
 use skydd_testkit::shared::{at_exit, Shared};
 use tokio_util::sync::CancellationToken;
 
@@ -377,13 +377,6 @@ fn release_request(
         placement: operator.place(vm, host_id, grant),
         challenge_id: challenge.challenge_id.clone(),
         quote,
-    }
-}
-
-fn enroll_code<T: std::fmt::Debug>(result: Result<T, secure_component::Error>) -> String {
-    match result {
-        Err(secure_component::Error::TtpRefused { code, .. }) => code,
-        other => panic!("expected a TTP refusal, got {other:?}"),
     }
 }
 
