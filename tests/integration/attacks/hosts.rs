@@ -16,10 +16,8 @@ fn c8_a_host_asking_as_another_host_is_refused() {
         // C8: compute-2 asks for a key claiming to be compute-1 (an attach forwarded to it).
         let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute2, &challenge.nonce).await;
-        let before = audit_records(&ttp).len();
         let request = release_request(&op, "compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
-        expect_code(c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "forbidden");
-        let audit = assert_audited(&ttp, before, "key_release", "forbidden");
+        let (_, audit) = refused_release(&ttp, &c2_ttp, &request, "forbidden").await;
         // The owner sees the refusal in the viewing history of the domain.
         assert_in_history(&cloud, &id_a, "forbidden").await;
         assert_eq!(audit.actor, "compute-2");
@@ -38,10 +36,8 @@ fn c9_another_hosts_quote_is_refused() {
         // C9: compute-2 sends compute-1's quote over compute-2's own challenge.
         let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
-        let before = audit_records(&ttp).len();
         let request = release_request(&op, "compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
-        expect_code(c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "quote_invalid");
-        assert_audited(&ttp, before, "key_release", "quote_invalid");
+        refused_release(&ttp, &c2_ttp, &request, "quote_invalid").await;
         // The owner sees the refusal in the viewing history of the domain.
         assert_in_history(&cloud, &id_a, "quote_invalid").await;
     });
@@ -59,14 +55,9 @@ fn c10_another_hosts_challenge_is_refused() {
         // C10: compute-2 uses a challenge issued to compute-1 (with compute-1's quote).
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
-        let before = audit_records(&ttp).len();
         let request = release_request(&op, "compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
-        let message = expect_code(
-            c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
-            "challenge_invalid",
-        );
+        let (message, _) = refused_release(&ttp, &c2_ttp, &request, "challenge_invalid").await;
         assert!(message.contains("compute-1"), "{message}");
-        assert_audited(&ttp, before, "key_release", "challenge_invalid");
         // The owner sees the refusal in the viewing history of the domain.
         assert_in_history(&cloud, &id_a, "challenge_invalid").await;
     });
@@ -85,10 +76,8 @@ fn h1_an_old_quote_with_a_fresh_challenge_is_refused() {
         let old: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let old_quote = quote_for(compute1, &old.nonce).await;
         let fresh: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
-        let before = audit_records(&ttp).len();
         let request = release_request(&op, "compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &fresh, old_quote);
-        expect_code(c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "challenge_invalid");
-        assert_audited(&ttp, before, "key_release", "challenge_invalid");
+        refused_release(&ttp, &c1_ttp, &request, "challenge_invalid").await;
     });
 }
 
@@ -108,10 +97,8 @@ fn h10_an_unenrolled_host_is_refused() {
         expect_code(ghost.post_json::<_, ChallengeResponse>("/v1/challenges", &()).await, "host_unknown");
         let borrowed: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &borrowed.nonce).await;
-        let before = audit_records(&ttp).len();
         let request = release_request(&op, "host-ghost", "vm-a", AccessMode::Rw, &header_a, &grant_a, &borrowed, quote);
-        expect_code(ghost.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await, "host_unknown");
-        assert_audited(&ttp, before, "key_release", "host_unknown");
+        refused_release(&ttp, &ghost, &request, "host_unknown").await;
         // The owner sees the refusal in the viewing history of the domain.
         assert_in_history(&cloud, &id_a, "host_unknown").await;
     });
@@ -130,16 +117,11 @@ fn p1_another_hosts_placement_is_refused() {
         // the placement the CP made for vm-a on compute-1 (an attach it intercepted).
         let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute2, &challenge.nonce).await;
-        let before = audit_records(&ttp).len();
         let mut request =
             release_request(&op, "compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
         request.placement = op.place("vm-a", "compute-1", &grant_a);
-        let message = expect_code(
-            c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
-            "placement_mismatch",
-        );
+        let (message, audit) = refused_release(&ttp, &c2_ttp, &request, "placement_mismatch").await;
         assert!(message.contains("compute-1") && message.contains("compute-2"), "{message}");
-        let audit = assert_audited(&ttp, before, "key_release", "placement_mismatch");
         assert_eq!((audit.host_id.as_deref(), audit.vm_id.as_deref()), (Some("compute-2"), Some("vm-a")));
     });
 }
@@ -157,17 +139,12 @@ fn p2_a_placement_signed_by_a_tenant_is_refused() {
         // P2: a tenant signs the placement itself (dm-bob places vm-a on compute-2).
         let challenge: ChallengeResponse = c2_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute2, &challenge.nonce).await;
-        let before = audit_records(&ttp).len();
         let mut request =
             release_request(&op, "compute-2", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
         let tenant = Operator::of(pki, "dm-bob").unwrap();
         request.placement = tenant.place("vm-a", "compute-2", &grant_a);
-        let message = expect_code(
-            c2_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
-            "placement_invalid",
-        );
+        let (message, _) = refused_release(&ttp, &c2_ttp, &request, "placement_invalid").await;
         assert!(message.contains("dm-bob") && message.contains("cloud-platform"), "{message}");
-        assert_audited(&ttp, before, "key_release", "placement_invalid");
     });
 }
 
@@ -183,17 +160,12 @@ fn p3_a_placement_for_another_grant_is_refused() {
         // P3: the CP's placement of vm-a on compute-1, made for another grant.
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
-        let before = audit_records(&ttp).len();
         let mut request =
             release_request(&op, "compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
         let other_grant = alice.grant(&id_b, "vm-a", AccessMode::Rw, 300);
         request.placement = op.place("vm-a", "compute-1", &other_grant);
-        let message = expect_code(
-            c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
-            "placement_mismatch",
-        );
+        let (message, _) = refused_release(&ttp, &c1_ttp, &request, "placement_mismatch").await;
         assert!(message.contains("another grant"), "{message}");
-        assert_audited(&ttp, before, "key_release", "placement_mismatch");
     });
 }
 
@@ -209,17 +181,12 @@ fn p4_a_stale_placement_is_refused() {
         // P4: a placement held back past its age limit (the VM may have moved since).
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();
         let quote = quote_for(compute1, &challenge.nonce).await;
-        let before = audit_records(&ttp).len();
         let mut request =
             release_request(&op, "compute-1", "vm-a", AccessMode::Rw, &header_a, &grant_a, &challenge, quote);
         let stale = now_unix() - protocol::messages::MAX_PLACEMENT_AGE_SECS - 60;
         request.placement = op.place_at("vm-a", "compute-1", &grant_a, stale);
-        let message = expect_code(
-            c1_ttp.post_json::<_, KeyReleaseResponse>("/v1/key-releases", &request).await,
-            "placement_invalid",
-        );
+        let (message, _) = refused_release(&ttp, &c1_ttp, &request, "placement_invalid").await;
         assert!(message.contains("s old"), "{message}");
-        assert_audited(&ttp, before, "key_release", "placement_invalid");
     });
 }
 /// H2: a compute host's PCRs change after enrollment (an unapproved module); an attach through

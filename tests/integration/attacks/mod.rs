@@ -250,6 +250,19 @@ fn assert_audited(ttp: &ttp::service::Ttp, before: usize, event: &str, code: &st
     record
 }
 
+/// `client` asks the TTP's key release for `request`: refused with `code`, audited as the one
+/// record the attempt added (and the chain verifies); returns the refusal's message and record.
+async fn refused_release(
+    ttp: &ttp::service::Ttp,
+    client: &net::Client,
+    request: &KeyReleaseRequest,
+    code: &str,
+) -> (String, AuditRecord) {
+    let before = audit_records(ttp).len();
+    let message = expect_code(client.post_json::<_, KeyReleaseResponse>("/v1/key-releases", request).await, code);
+    (message, assert_audited(ttp, before, "key_release", code))
+}
+
 /// dm-alice's viewing history of `domain_id` (at the TTP) holds a refusal with `code`.
 async fn assert_in_history(cloud: &AllInOne, domain_id: &str, code: &str) {
     let alice_ttp = cloud.pki.client("dm-alice", Role::Ttp, &cloud.ttp.url).unwrap();
