@@ -38,6 +38,18 @@ async fn begin(host: &LabHost, request: &EnrollmentRequest) -> CredentialChallen
     host.host.ttp.post_json("/v1/enrollments", request).await.expect("the first enrollment step is accepted")
 }
 
+/// `host` enrolls with the `forged` request: the first step is accepted, the proof refused
+/// with `code`; both steps audited. Returns the refusal's message.
+async fn refused_enrollment(ttp: &ttp::service::Ttp, host: &LabHost, forged: &EnrollmentRequest, code: &str) -> String {
+    let before = audit_records(ttp).len();
+    let challenge = begin(host, forged).await;
+    let proof = proof_of(host, &challenge).await;
+    let message =
+        expect_code(host.host.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await, code);
+    assert_audited_n(ttp, before, 2, "enroll", code);
+    message
+}
+
 async fn proof_of(host: &LabHost, challenge: &CredentialChallenge) -> EnrollmentProof {
     let challenge = challenge.clone();
     host.host.tpm.run(move |t| t.enrollment_proof(&challenge)).await.unwrap()
@@ -54,15 +66,8 @@ fn h3_another_hosts_binding_key_is_refused() {
         // H3: host-x's EK and AK, host-y's binding key.
         let mut forged = rx.clone();
         forged.binding_public = ry.binding_public.clone();
-        let before = audit_records(&ttp).len();
-        let challenge = begin(&host_x, &forged).await;
-        let proof = proof_of(&host_x, &challenge).await;
-        let message = expect_code(
-            host_x.host.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await,
-            "binding_key_invalid",
-        );
+        let message = refused_enrollment(&ttp, &host_x, &forged, "binding_key_invalid").await;
         assert!(message.contains("certified object"), "{message}");
-        assert_audited_n(&ttp, before, 2, "enroll", "binding_key_invalid");
     });
 }
 
@@ -83,15 +88,8 @@ fn h4_a_software_binding_key_is_refused() {
         software[n - 256..].copy_from_slice(&rsa.n().to_vec_padded(256).unwrap());
         let mut forged = rx.clone();
         forged.binding_public = software;
-        let before = audit_records(&ttp).len();
-        let challenge = begin(&host_x, &forged).await;
-        let proof = proof_of(&host_x, &challenge).await;
-        let message = expect_code(
-            host_x.host.ttp.post_json::<_, serde_json::Value>("/v1/enrollments/proof", &proof).await,
-            "binding_key_invalid",
-        );
+        let message = refused_enrollment(&ttp, &host_x, &forged, "binding_key_invalid").await;
         assert!(message.contains("certified object"), "{message}");
-        assert_audited_n(&ttp, before, 2, "enroll", "binding_key_invalid");
     });
 }
 

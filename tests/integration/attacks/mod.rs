@@ -250,6 +250,23 @@ fn assert_audited(ttp: &ttp::service::Ttp, before: usize, event: &str, code: &st
     record
 }
 
+/// `cp` attaches `vm` to `domain_id` in `mode` with the owner's grant for exactly that: the
+/// TTP refuses with `code`, audited as the one record the attempt added; returns the
+/// refusal's message and record.
+async fn refused_attach(
+    ttp: &ttp::service::Ttp,
+    cp: &net::Client,
+    owner: &DomainManager,
+    domain_id: &str,
+    vm: &str,
+    mode: AccessMode,
+    code: &str,
+) -> (String, AuditRecord) {
+    let before = audit_records(ttp).len();
+    let message = expect_code(attach(cp, domain_id, vm, mode, owner.grant(domain_id, vm, mode, 300)).await, code);
+    (message, assert_audited(ttp, before, "key_release", code))
+}
+
 /// `client` asks the TTP's key release for `request`: refused with `code`, audited as the one
 /// record the attempt added (and the chain verifies); returns the refusal's message and record.
 async fn refused_release(
