@@ -169,10 +169,10 @@ impl RunningTtp {
     }
 }
 
-/// A compute host: its swtpm and its secure component's TTP-facing agent.
+/// A compute host: its swtpm and its secure component's TTP-facing side (`host`).
 pub struct LabHost {
     /// The secure component's TTP-facing side (enrollment, key release) for `host_id`.
-    pub agent: AttestedHost,
+    pub host: AttestedHost,
     /// Kept alive for the host's lifetime (killed on drop).
     pub swtpm: Swtpm,
 }
@@ -185,13 +185,13 @@ impl LabHost {
         pki.issue(Role::SecureComponent, host_id)?;
         let tpm = TpmWorker::start(&swtpm.tcti(), dir.join(host_id).join("sc-state"))?;
         let ttp = pki.client(host_id, Role::Ttp, ttp_url)?;
-        Ok(Self { agent: AttestedHost { host_id: host_id.to_string(), tpm, ttp }, swtpm })
+        Ok(Self { host: AttestedHost { host_id: host_id.to_string(), tpm, ttp }, swtpm })
     }
 
     /// This host's current PCR values as a reference state named `name`.
     pub async fn reference_state(&self, name: &str, selection: &PcrSelection) -> Result<ReferenceState> {
         let selection_copy = selection.clone();
-        let values = self.agent.tpm.run(move |tpm| tpm.read_pcrs(&selection_copy)).await?;
+        let values = self.host.tpm.run(move |tpm| tpm.read_pcrs(&selection_copy)).await?;
         Ok(ReferenceState { name: name.to_string(), selection: selection.clone(), pcr_values: values })
     }
 }

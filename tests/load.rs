@@ -27,7 +27,7 @@
 //! (`SKYDD_LOAD_CLIENTS`, `SKYDD_LOAD_REQUESTS` override the counts).
 
 use secure_component::key_release::KeyRequest;
-use secure_component::prerequisites::{self, Need};
+use skydd_testkit::prerequisites;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -358,7 +358,7 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         }));
     }
     for host in &hosts {
-        host.agent.enroll(&selection).await.unwrap();
+        host.host.enroll(&selection).await.unwrap();
     }
     // The other load identities: enrolled with host 0's record (the challenge endpoint only
     // needs an enrolled caller; they never quote).
@@ -450,7 +450,7 @@ fn clients(
 }
 
 async fn ttp_and_cp_under_load(clients_n: usize, requests: usize, tpm_parts: bool) {
-    prerequisites::require(&[Need::Root, Need::Swtpm]);
+    prerequisites::require(prerequisites::ATTESTED_HOST);
     let nofile = raise_nofile(65536);
     assert!(
         nofile as usize > 2 * clients_n + 1000,
@@ -526,12 +526,12 @@ async fn key_release_rates(cloud: &Cloud) {
             let grants: Vec<_> = (0..per_host)
                 .map(|_| {
                     let grant = dm.grant(&domain, "vm-load", AccessMode::Rw, 600);
-                    let placement = cloud.operator.place("vm-load", &host.agent.host_id, &grant);
+                    let placement = cloud.operator.place("vm-load", &host.host.host_id, &grant);
                     (grant, placement)
                 })
                 .collect();
             let header = header.clone();
-            let agent = &host.agent;
+            let agent = &host.host;
             tasks.push(async move {
                 let mut latencies = Vec::new();
                 for (grant, placement) in &grants {
@@ -560,13 +560,13 @@ async fn key_release_rates(cloud: &Cloud) {
     // The decision alone: K challenges and quotes made sequentially ahead of time.
     let k = 240;
     let host = &cloud.hosts[0];
-    let identity = Identity { name: host.agent.host_id.clone(), role: Role::SecureComponent };
+    let identity = Identity { name: host.host.host_id.clone(), role: Role::SecureComponent };
     let prepared = Instant::now();
     let mut requests = Vec::with_capacity(k);
     for _ in 0..k {
         let challenge = cloud.ttp.challenge(&identity).unwrap();
         let nonce = challenge.nonce.clone();
-        let quote = host.agent.tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap();
+        let quote = host.host.tpm.run(move |tpm| tpm.quote(&nonce)).await.unwrap();
         let grant = dm.grant(&domain, "vm-load", AccessMode::Rw, 600);
         requests.push(KeyReleaseRequest {
             host_id: identity.name.clone(),

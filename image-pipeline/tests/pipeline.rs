@@ -184,7 +184,8 @@ async fn image_pipeline_end_to_end() {
     println!("archive test-minimal@1 under a TTP domain key");
     let (listener, ttp_url) = RunningTtp::bind().await.unwrap();
     let vendor_ca = root.join("tpm-vendor-ca");
-    let LabHost { agent, swtpm: _swtpm } = LabHost::start(root, &pki, "archiver-1", &vendor_ca, &ttp_url).unwrap();
+    let LabHost { host: agent, swtpm: _swtpm } =
+        LabHost::start(root, &pki, "archiver-1", &vendor_ca, &ttp_url).unwrap();
     let selection = PcrSelection::default_host();
     let reference = {
         let selection_copy = selection.clone();

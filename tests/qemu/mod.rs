@@ -225,12 +225,12 @@ fn ldd(bin: &Path) -> Vec<PathBuf> {
 pub fn guest_agent() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
-        .args(["build", "-p", "secure-component", "--bin", "skydd-guest-agent"])
+        .args(["build", "-p", "skydd-testkit", "--bin", "skydd-guest-agent"])
         .current_dir(workspace_root())
         .stdout(Stdio::null())
         .status()
         .expect("run cargo build for skydd-guest-agent");
-    assert!(status.success(), "cargo build -p secure-component --bin skydd-guest-agent failed");
+    assert!(status.success(), "cargo build -p skydd-testkit --bin skydd-guest-agent failed");
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
     let p = target.join("debug/skydd-guest-agent");

@@ -1,4 +1,4 @@
-//! Crash consistency (issue 7, item 3): the TTP and the cloud platform run as real child
+//! Crash consistency: the TTP and the cloud platform run as real child
 //! processes (this test binary re-executed with `SKYDD_CRASH_CHILD=ttp:<config>` or
 //! `cp:<config>`, built with `ttp::server::build` / `cloud_platform::server::build` from
 //! their TOML files), the secure component of one compute host (swtpm, userspace backend,
@@ -25,7 +25,8 @@
 //! `SKYDD_CRASH_ROUNDS` (default 16) and `SKYDD_CRASH_SEED` tune it. Needs root, swtpm,
 //! /dev/fuse and /dev/loop-control; fails naming what is missing without them.
 
-use secure_component::prerequisites::{self, Need};
+use skydd_testkit::prerequisites;
+use skydd_testkit::Cleanup;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -96,7 +97,7 @@ impl ChildService {
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .args(["--exact", "crash_consistency::crash_child", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, format!("{}:{}", self.role, self.config.display()))
             .env("RUST_LOG", "warn")
             .stdout(log.try_clone().unwrap())
@@ -127,28 +128,6 @@ impl ChildService {
 impl Drop for ChildService {
     fn drop(&mut self) {
         self.kill9();
-    }
-}
-
-/// Unmounts and detaches what a failed run left under `root`.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let root = self.0.to_string_lossy().to_string();
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        for line in mounts.lines().rev().filter(|l| l.contains(&root)) {
-            if let Some(point) = line.split(' ').nth(1) {
-                let _ = std::process::Command::new("umount").arg("-l").arg(point.replace("\\040", " ")).status();
-            }
-        }
-        if let Ok(out) = std::process::Command::new("losetup").arg("-a").output() {
-            for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&root)) {
-                if let Some(dev) = line.split(':').next() {
-                    let _ = std::process::Command::new("losetup").arg("-d").arg(dev).status();
-                }
-            }
-        }
     }
 }
 
@@ -355,7 +334,7 @@ async fn crash_consistency_under_kill_9() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    prerequisites::require(Need::USERSPACE_HOST);
+    prerequisites::require(prerequisites::USERSPACE_HOST);
     let started = Instant::now();
     let rounds: usize = std::env::var("SKYDD_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
     let seed: u64 = std::env::var("SKYDD_CRASH_SEED")
@@ -367,7 +346,7 @@ async fn crash_consistency_under_kill_9() {
 
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let _cleanup = Cleanup(root.clone());
+    let _cleanup = Cleanup::new(root.clone());
     let pki = LabPki::create(&root.join("pki")).unwrap();
     let (ttp_port, cp_port) = (free_port(), free_port());
     let ttp_url = format!("https://127.0.0.1:{ttp_port}");

@@ -1,4 +1,4 @@
-//! The secure component agent end to end (issue 4, item 2): a real TTP over mutual TLS with
+//! The secure component agent end to end: a real TTP over mutual TLS with
 //! SQLite, one compute host with its own swtpm running the agent service (userspace backend:
 //! this kernel has no device-mapper; local hypervisor driver), a volume file prepared the
 //! way the cloud platform prepares it, and a cloud-platform identity calling the agent API.
@@ -14,7 +14,8 @@
 //! Needs root, /dev/fuse, /dev/loop-control and swtpm; fails naming what is missing without
 //! them (secure_component::prerequisites).
 
-use secure_component::prerequisites::{self, Need};
+use skydd_testkit::prerequisites;
+use skydd_testkit::Cleanup;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -153,29 +154,6 @@ fn leftovers(root: &Path) -> Vec<String> {
     out
 }
 
-/// On a failed test, takes down what the test left (lazy unmounts, loop devices), so the
-/// host is not left with mounts under a deleted temporary directory.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let root = self.0.to_string_lossy().to_string();
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        for line in mounts.lines().rev().filter(|l| l.contains(&root)) {
-            if let Some(point) = line.split(' ').nth(1) {
-                let _ = std::process::Command::new("umount").arg("-l").arg(point.replace("\\040", " ")).status();
-            }
-        }
-        if let Ok(out) = std::process::Command::new("losetup").arg("-a").output() {
-            for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&root)) {
-                if let Some(dev) = line.split(':').next() {
-                    let _ = std::process::Command::new("losetup").arg("-d").arg(dev).status();
-                }
-            }
-        }
-    }
-}
-
 fn median_p99(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort();
     let n = samples.len();
@@ -208,10 +186,10 @@ async fn secure_component_agent_end_to_end() {
     if std::env::var(CHILD_CONFIG).is_ok() {
         return;
     }
-    prerequisites::require(Need::USERSPACE_HOST);
+    prerequisites::require(prerequisites::USERSPACE_HOST);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let _cleanup = Cleanup(root.to_path_buf());
+    let _cleanup = Cleanup::new(root.to_path_buf());
     let pki = LabPki::create(&root.join("pki")).unwrap();
     let (ttp_listener, ttp_url) = RunningTtp::bind().await.unwrap();
 
@@ -391,7 +369,7 @@ async fn secure_component_agent_end_to_end() {
         let child_config_path = root.join("host-1").join("sc-child.toml");
         std::fs::write(&child_config_path, config.to_toml().unwrap()).unwrap();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_agent_process", "--nocapture", "--test-threads=1"])
+            .args(["--exact", "secure_component_agent::child_agent_process", "--nocapture", "--test-threads=1"])
             .env(CHILD_CONFIG, &child_config_path)
             .stdout(std::process::Stdio::null())
             .spawn()

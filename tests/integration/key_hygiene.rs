@@ -1,14 +1,14 @@
-//! Key hygiene (issue 7, item 5; DESIGN §2 "Key hygiene"): a domain key never reaches a log,
+//! Key hygiene (docs/SECURITY-TESTING.md, "Key hygiene"): a domain key never reaches a log,
 //! an error, an API answer, a file of the secure component, or the secure component's
 //! memory once the volume is detached; K_TTP never reaches the TTP's logs.
 //!
 //! The secure component runs as its own process (this test binary re-executed with
-//! `SKYDD_KEY_HYGIENE_CHILD` set, like tests/secure_component_agent.rs does for its crash
+//! `SKYDD_KEY_HYGIENE_CHILD` set, like tests/integration/secure_component_agent.rs does for its crash
 //! test) with every tracing event at TRACE written to a file; the TTP runs in this process,
 //! also logging at TRACE to a file. A domain is registered, a key is released to the
 //! secure component (real swtpm, PolicyPCR binding key) and the volume is attached through
 //! the agent API (userspace backend), written, and detached. The expected 64-byte domain
-//! key is computed independently from master.key (OpenSSL HKDF, as tests/trust_core.rs).
+//! key is computed independently from master.key (OpenSSL HKDF, as tests/integration/trust_core.rs).
 //!
 //! Then it scans, for the key (raw, hex lower/upper, base64 at every alignment) and its
 //! two 32-byte XTS halves (raw): every log file, every error string and JSON answer seen,
@@ -27,20 +27,18 @@
 //! Needs root, swtpm, gdb (gcore), /dev/fuse and /dev/loop-control, and fails naming what is
 //! missing without them (secure_component::prerequisites).
 
-use secure_component::prerequisites::{self, Need};
+use skydd_testkit::prerequisites::{self, Need};
+use skydd_testkit::{independent_key, Cleanup};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use net::Role;
-use openssl::md::Md;
-use openssl::pkey::Id;
-use openssl::pkey_ctx::PkeyCtx;
 use protocol::cloud::AgentAttachRequest;
 use protocol::domain::AccessMode;
 use protocol::format::{self, DATA_OFFSET};
-use protocol::messages::{HeaderRecord, Registration};
+use protocol::messages::HeaderRecord;
 use secure_component::config::{AgentConfig, BackendChoice};
 use secure_component::swtpm::Swtpm;
 use sha2::{Digest, Sha256};
@@ -66,26 +64,6 @@ fn marker_from_seed(seed: &[u8]) -> Vec<u8> {
         h.update([counter]);
         out.extend_from_slice(&h.finalize());
     }
-    out
-}
-
-/// K computed independently of protocol::kdf (as in tests/trust_core.rs): OpenSSL's HKDF
-/// over the info string built by hand from DESIGN §2.
-fn independent_key(master: &[u8], registration: &Registration, domain_id: &str, metadata_hash: &[u8; 32]) -> Vec<u8> {
-    let mut info = b"skydd/v1/volume-key".to_vec();
-    info.extend_from_slice(&(domain_id.len() as u32).to_be_bytes());
-    info.extend_from_slice(domain_id.as_bytes());
-    info.extend_from_slice(&32u32.to_be_bytes());
-    info.extend_from_slice(metadata_hash);
-    info.extend_from_slice(b"aes-xts-plain64:512:4096");
-    let mut ctx = PkeyCtx::new_id(Id::HKDF).unwrap();
-    ctx.derive_init().unwrap();
-    ctx.set_hkdf_md(Md::sha256()).unwrap();
-    ctx.set_hkdf_key(master).unwrap();
-    ctx.set_hkdf_salt(&registration.nonce_r).unwrap();
-    ctx.add_hkdf_info(&info).unwrap();
-    let mut out = vec![0u8; 64];
-    ctx.derive(Some(&mut out)).unwrap();
     out
 }
 
@@ -355,35 +333,6 @@ fn key_hygiene_child() {
     });
 }
 
-/// Kills the child and takes down mounts and loop devices left under the test directory.
-struct Cleanup {
-    root: PathBuf,
-    child: Option<Child>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let root = self.root.to_string_lossy().to_string();
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        for line in mounts.lines().rev().filter(|l| l.contains(&root)) {
-            if let Some(point) = line.split(' ').nth(1) {
-                let _ = Command::new("umount").arg("-l").arg(point.replace("\\040", " ")).status();
-            }
-        }
-        if let Ok(out) = Command::new("losetup").arg("-a").output() {
-            for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&root)) {
-                if let Some(dev) = line.split(':').next() {
-                    let _ = Command::new("losetup").arg("-d").arg(dev).status();
-                }
-            }
-        }
-    }
-}
-
 /// Records every answer and error text the parent sees.
 #[derive(Default)]
 struct Transcript(Vec<String>);
@@ -408,7 +357,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let mut cleanup = Cleanup { root: root.clone(), child: None };
+    let mut cleanup = Cleanup::new(root.clone());
 
     // The TTP (in this process) logs every event at TRACE to a file.
     let ttp_log = root.join("ttp.trace.log");
@@ -455,7 +404,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let child_out = root.join("host-1").join("child.stdout");
     let child_err = root.join("host-1").join("child.stderr");
     let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "key_hygiene_child", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "key_hygiene::key_hygiene_child", "--nocapture", "--test-threads=1"])
         .env(CHILD_CONFIG, &config_path)
         .env(MARKER_SEED, hex::encode(seed))
         .env("RUST_LOG", "trace")

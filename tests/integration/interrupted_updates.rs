@@ -3,7 +3,7 @@
 //! TTP is down when a domain manager revokes a VM. The CP keeps the signed update, says so,
 //! and finishes it by itself once the TTP is back — the domain is neither stuck behind a
 //! registration nor silently left with the old access list, and nobody repeats the command.
-//! (tests/crash_consistency.rs covers the same with kill -9 of the TTP and the CP.)
+//! (tests/integration/crash_consistency.rs covers the same with kill -9 of the TTP and the CP.)
 //! Needs root, swtpm, /dev/fuse and /dev/loop-control (the all-in-one cloud).
 
 use domain_manager::config::DmConfig;

@@ -4,7 +4,7 @@
 //! the sector index as tweak, as dm-crypt reads it. Needs root, /dev/fuse and loop
 //! devices, and fails saying which is missing without them (secure_component::prerequisites).
 
-use secure_component::prerequisites::{self, Need};
+use skydd_testkit::prerequisites;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -31,7 +31,7 @@ fn independent_decrypt(key: &[u8], first_sector: u64, buf: &mut [u8]) {
 
 #[test]
 fn userspace_volume_end_to_end() {
-    prerequisites::require(&[Need::Root, Need::Fuse, Need::LoopDevices]);
+    prerequisites::require(prerequisites::USERSPACE_VOLUME);
     let tmp = tempfile::tempdir().unwrap();
     let volume = tmp.path().join("vol.img");
     {

@@ -1,4 +1,5 @@
-//! Test agent that runs as PID 1's child inside the qemu VM of tests/dmcrypt_qemu.rs.
+//! Test agent that runs as PID 1's child inside the qemu VM of tests/dmcrypt_qemu.rs
+//! (built and put into the guest's initramfs by tests/qemu/mod.rs).
 //!
 //! It drives the project's real `secure_component::volume::dmcrypt` backend (so the guest
 //! exercises the same ioctl code a compute host runs) and a few helpers the tests need.
