@@ -95,10 +95,10 @@ use protocol::messages::{
     AuditRecord, ChallengeResponse, DeleteDomainRequest, HeaderRecord, HistoryResponse, KeyReleaseRequest,
     KeyReleaseResponse, RegisterDomainRequest, RegisterDomainResponse, Registration,
 };
-use protocol::pki::{CertificateAuthority, Validity};
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
 use skydd::cloud::{AllInOne, DEMO_LAYOUT};
 use skydd::lab::{DomainManager, LabHost, LabPki, Operator, RunningTtp};
+use skydd_ca::{CertificateAuthority, Validity};
 use tokio_util::sync::CancellationToken;
 
 // ---- the summary ---------------------------------------------------------------------------

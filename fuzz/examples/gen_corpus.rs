@@ -19,7 +19,8 @@ use protocol::cloud::*;
 use protocol::domain::{acl_to_xml, AccessMode, AclEntry, Descriptor};
 use protocol::format;
 use protocol::messages::*;
-use protocol::pki::{CertificateAuthority, Role, Validity};
+use protocol::pki::Role;
+use skydd_ca::{CertificateAuthority, Validity};
 use protocol::signing::{SignatureContext, SignatureKey};
 use serde::Serialize;
 

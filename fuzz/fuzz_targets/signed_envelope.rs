@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use protocol::pki::CertificateAuthority;
+use skydd_ca::CertificateAuthority;
 use protocol::signing::{verify_signer_certificate, SignatureContext, SignedEnvelope};
 
 fn ca() -> &'static Vec<String> {

@@ -844,7 +844,7 @@ pub fn allow_host_replacement(store: &dyn TtpStore, operator: &str, host_id: &st
 mod tests {
     use super::*;
     use protocol::domain::{AccessMode, AclEntry};
-    use protocol::pki::{CertificateAuthority, Validity};
+    use skydd_ca::{CertificateAuthority, Validity};
 
     fn key_of(ca: &(String, zeroize::Zeroizing<String>), role: Role, name: &str) -> SignatureKey {
         let issued = CertificateAuthority::issue(&ca.0, &ca.1, role, name, Validity::Days(5)).unwrap();
