@@ -30,8 +30,8 @@ use protocol::format::{self, SlotError, DATA_OFFSET, HEADER_AREA_SIZE, SLOT_SIZE
 use protocol::messages::{
     Deletion, HeaderRecord, MountGrant, RegisterDomainRequest, RegisterDomainResponse, Registration,
 };
-use skydd_ca::{CertificateAuthority, Validity};
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
+use skydd_ca::{CertificateAuthority, Validity};
 use tokio_util::sync::CancellationToken;
 use ttp::attestation::AttestationPolicy;
 

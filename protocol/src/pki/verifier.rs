@@ -24,10 +24,7 @@ use super::Role;
 /// `trusted_ca_pems`; when `crl_pems` holds lists, the end entity must not be on one, a
 /// certificate of a CA without a list is refused, and so is everything once a list is past
 /// its next update. The role is checked by the callers.
-pub fn client_cert_verifier(
-    trusted_ca_pems: &[String],
-    crl_pems: &[String],
-) -> Result<Arc<dyn ClientCertVerifier>> {
+pub fn client_cert_verifier(trusted_ca_pems: &[String], crl_pems: &[String]) -> Result<Arc<dyn ClientCertVerifier>> {
     let roots = root_store(trusted_ca_pems)?;
     let crls = crls_from_pems(crl_pems)?;
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
