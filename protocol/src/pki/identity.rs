@@ -26,8 +26,8 @@ impl fmt::Display for Identity {
 }
 
 /// Read the Skydd identity (subject CN + role extension) out of a DER certificate.
-/// This does not verify the certificate: the rustls verifiers ([`super::verifier`])
-/// do that first.
+/// This does not verify the certificate: the rustls verifiers of [`server_config`](super::server_config)
+/// and [`client_config`](super::client_config) do that first.
 pub fn identity_from_certificate(der: &[u8]) -> Result<Identity> {
     let (rest, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| Error::Certificate(format!("certificate does not parse: {e}")))?;

@@ -17,25 +17,25 @@
 //! agree with it, and takes the name from the single subject CN. Nothing is guessed from the
 //! name, the SANs or the issuer.
 //!
-//! # Where each piece lives
-//! - [`role`]: the four kinds of party; [`role_extension`]: their DER encoding in a certificate;
-//! - [`name`]: which names a certificate may carry;
-//! - [`identity`]: the identity read out of a certificate;
-//! - [`revocation`]: revocation reasons and reading a signed list;
-//! - [`pem`]: PEM to DER;
-//! - [`tls_config`]: the rustls client and server configurations; [`verifier`]: the
+//! # Where each piece lives (one module per concept, all re-exported here)
+//! - `role`: the four kinds of party; `role_extension`: their DER encoding in a certificate;
+//! - `name`: which names a certificate may carry;
+//! - `identity`: the identity read out of a certificate;
+//! - `revocation`: revocation reasons and reading a signed list;
+//! - `pem`: PEM to DER;
+//! - `tls_config`: the rustls client and server configurations; `verifier`: the
 //!   certificate checks they run;
-//! - [`tls_error`]: TLS errors in words.
+//! - `tls_error`: TLS errors in words.
 
-pub mod identity;
-pub mod name;
-pub mod pem;
-pub mod revocation;
-pub mod role;
-pub mod role_extension;
-pub mod tls_config;
-pub mod tls_error;
-pub mod verifier;
+mod identity;
+mod name;
+mod pem;
+mod revocation;
+mod role;
+mod role_extension;
+mod tls_config;
+mod tls_error;
+mod verifier;
 
 pub use identity::{identity_from_certificate, Identity};
 pub use name::{check_ca_name, check_dns_name, check_name, MAX_NAME_LEN};
