@@ -63,12 +63,10 @@ pub fn server_config(
     let key = key_from_pem(key_pem)?;
     rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Certificate(format!("TLS 1.3 is not available: {e}")))?
+        .map_err(tls13_unavailable)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| {
-            Error::InvalidKey(format!("own certificate and key do not fit together: {}", describe_tls_error(&e)))
-        })
+        .map_err(key_mismatch)
 }
 
 /// Client side of a Skydd link: TLS 1.3 only, presents our certificate, requires the server
@@ -86,13 +84,11 @@ pub fn client_config(
     let key = key_from_pem(key_pem)?;
     rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Certificate(format!("TLS 1.3 is not available: {e}")))?
+        .map_err(tls13_unavailable)?
         .dangerous() // a custom verifier: WebPKI plus the role check, nothing weaker
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)
-        .map_err(|e| {
-            Error::InvalidKey(format!("own certificate and key do not fit together: {}", describe_tls_error(&e)))
-        })
+        .map_err(key_mismatch)
 }
 
 /// A client configuration that presents no certificate (tests of the refusal; tools that only
@@ -105,8 +101,18 @@ pub fn client_config_without_certificate(
     let verifier = role_server_verifier(trusted_ca_pems, crl_pems, expected_server_role)?;
     Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Certificate(format!("TLS 1.3 is not available: {e}")))?
+        .map_err(tls13_unavailable)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth())
+}
+
+/// The provider offers no TLS 1.3 (cannot happen with ring; said in words if it does).
+fn tls13_unavailable(e: rustls::Error) -> Error {
+    Error::Certificate(format!("TLS 1.3 is not available: {e}"))
+}
+
+/// Our certificate and our key are not a pair.
+fn key_mismatch(e: rustls::Error) -> Error {
+    Error::InvalidKey(format!("own certificate and key do not fit together: {}", describe_tls_error(&e)))
 }
