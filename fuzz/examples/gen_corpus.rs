@@ -20,9 +20,9 @@ use protocol::domain::{acl_to_xml, AccessMode, AclEntry, Descriptor};
 use protocol::format;
 use protocol::messages::*;
 use protocol::pki::Role;
-use skydd_ca::{CertificateAuthority, Validity};
 use protocol::signing::{SignatureContext, SignatureKey};
 use serde::Serialize;
+use skydd_ca::{CertificateAuthority, Validity};
 
 struct Corpus {
     root: PathBuf,
