@@ -15,11 +15,12 @@ use protocol::messages::{
     grant_digest, Deletion, HeaderRecord, KeyReleaseResponse, MountGrant, Placement, RegisterDomainRequest,
     RegisterDomainResponse,
 };
-use protocol::pki::{CertificateAuthority, RevocationReason, Validity};
+use protocol::pki::RevocationReason;
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
 use secure_component::host::{AttestedHost, TpmWorker};
 use secure_component::key_release::{KeyRequest, ObtainedKey};
 use secure_component::swtpm::Swtpm;
+use skydd_ca::{CertificateAuthority, Validity};
 use tokio_util::sync::CancellationToken;
 use ttp::attestation::{AttestationPolicy, ReferenceState};
 

@@ -11,9 +11,8 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use protocol::pki::{
-    CertificateAuthority, RevocationList, RevocationReason, RevokedCertificate, Role, Validity, DEFAULT_CRL_DAYS,
-};
+use protocol::pki::{RevocationList, RevocationReason, RevokedCertificate, Role};
+use skydd_ca::{CertificateAuthority, Validity, DEFAULT_CRL_DAYS};
 use zeroize::Zeroizing;
 
 /// File name of the CA certificate in a CA directory (public: every party trusts it).

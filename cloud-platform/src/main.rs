@@ -100,7 +100,7 @@ cloud-platform ca issue --dir ca --role domain-manager --name alice --days 90")]
         #[arg(long)]
         out: Option<PathBuf>,
         /// Validity in days (cannot outlive the CA).
-        #[arg(long, default_value_t = protocol::pki::DEFAULT_LEAF_DAYS)]
+        #[arg(long, default_value_t = skydd_ca::DEFAULT_LEAF_DAYS)]
         days: u32,
         /// Extra subject alternative name: a DNS name or an IP address. Repeatable.
         #[arg(long = "san", value_name = "DNS|IP")]
@@ -144,7 +144,7 @@ A crontab line (Mondays at 03:00):\n  0 3 * * 1  cloud-platform ca crl --dir /et
         #[arg(long)]
         dir: PathBuf,
         /// Days until the new list's next update.
-        #[arg(long, default_value_t = protocol::pki::DEFAULT_CRL_DAYS)]
+        #[arg(long, default_value_t = skydd_ca::DEFAULT_CRL_DAYS)]
         days: u32,
     },
     /// Show the revocation list: revoked serials, reasons, and when the list expires.
@@ -223,7 +223,7 @@ fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
             println!(
                 "  revocation list: {}  (empty; list it in every service's `crl` setting; renew with `ca crl` before {} days)",
                 p.crl.display(),
-                protocol::pki::DEFAULT_CRL_DAYS
+                skydd_ca::DEFAULT_CRL_DAYS
             );
         }
         CaCommand::Issue { dir, role, name, out, days, sans } => {

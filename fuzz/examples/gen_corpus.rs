@@ -19,9 +19,10 @@ use protocol::cloud::*;
 use protocol::domain::{acl_to_xml, AccessMode, AclEntry, Descriptor};
 use protocol::format;
 use protocol::messages::*;
-use protocol::pki::{CertificateAuthority, Role, Validity};
+use protocol::pki::Role;
 use protocol::signing::{SignatureContext, SignatureKey};
 use serde::Serialize;
+use skydd_ca::{CertificateAuthority, Validity};
 
 struct Corpus {
     root: PathBuf,

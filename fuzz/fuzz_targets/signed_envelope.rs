@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use protocol::pki::CertificateAuthority;
 use protocol::signing::{verify_signer_certificate, SignatureContext, SignedEnvelope};
+use skydd_ca::CertificateAuthority;
 
 fn ca() -> &'static Vec<String> {
     static CA: OnceLock<Vec<String>> = OnceLock::new();

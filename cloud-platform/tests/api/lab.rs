@@ -20,8 +20,8 @@ use protocol::cloud::{
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::format::HEADER_AREA_SIZE;
 use protocol::messages::{Deletion, HeaderRecord, MountGrant, Registration};
-use protocol::pki::{CertificateAuthority, Validity};
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
+use skydd_ca::{CertificateAuthority, Validity};
 use tokio_util::sync::CancellationToken;
 use ttp::attestation::AttestationPolicy;
 

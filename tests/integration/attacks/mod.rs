@@ -112,11 +112,11 @@ use protocol::messages::{
     AuditRecord, ChallengeResponse, DeleteDomainRequest, HeaderRecord, HistoryResponse, KeyReleaseRequest,
     KeyReleaseResponse, RegisterDomainRequest, RegisterDomainResponse, Registration,
 };
-use protocol::pki::{CertificateAuthority, Validity};
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
 use raw::{client_with, connector, error_code_of, expired_certificate, raw_request, RawTarget};
 use skydd::cloud::{AllInOne, Layout};
 use skydd::lab::{DomainManager, LabHost, LabPki, Operator, RunningTtp};
+use skydd_ca::{CertificateAuthority, Validity};
 use skydd_testkit::audit::{assert_audited_n, records as audit_records};
 use skydd_testkit::now_unix;
 use skydd_testkit::refusal::{expect_code, ttp_code as enroll_code};

@@ -188,9 +188,10 @@ mod tests {
 
     use protocol::domain::{AccessMode, AclEntry, Descriptor};
     use protocol::messages::{RegisterDomainRequest, Registration};
-    use protocol::pki::{CertificateAuthority, Identity, Role};
+    use protocol::pki::{Identity, Role};
     use protocol::secret::SecretBytes;
     use protocol::signing::{SignatureContext, SignedEnvelope};
+    use skydd_ca::CertificateAuthority;
 
     use crate::attestation::AttestationPolicy;
     use crate::service::test_support::key_of;

@@ -1,7 +1,8 @@
 //! Helpers the service's unit tests share.
 
-use protocol::pki::{CertificateAuthority, Role, Validity};
+use protocol::pki::Role;
 use protocol::signing::SignatureKey;
+use skydd_ca::{CertificateAuthority, Validity};
 
 /// A signing key with a certificate for `name` in `role`, issued by `ca` (PEM cert, PEM key).
 pub(crate) fn key_of(ca: &(String, zeroize::Zeroizing<String>), role: Role, name: &str) -> SignatureKey {

@@ -8,10 +8,11 @@ use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::messages::{
     grant_digest, HeaderRecord, KeyReleaseRequest, KeyReleaseResponse, MountGrant, Placement, RegisterDomainRequest,
 };
-use protocol::pki::{CertificateAuthority, Identity, Role};
+use protocol::pki::{Identity, Role};
 use protocol::secret::SecretBytes;
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
 use serde::Deserialize;
+use skydd_ca::CertificateAuthority;
 
 use crate::attestation::{AttestationPolicy, HostRecord, ReferenceState};
 use crate::error::{Error, Result};
