@@ -340,12 +340,8 @@ fn run_serve(
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("bind {}", config.listen))?;
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let on_signal = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            on_signal.cancel();
-        });
+        // SIGINT or SIGTERM: open requests drain before the process exits.
+        let shutdown = net::stop_on_signals();
         tracing::info!(listen = %config.listen, ttp = %config.ttp_url, data_dir = %config.data_dir.display(), "cloud platform serving");
         cloud_platform::serve_limited(listener, cp, tls, &config.limits, shutdown).await?;
         Ok(())

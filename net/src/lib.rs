@@ -15,6 +15,7 @@ pub mod files;
 mod limits;
 pub mod response;
 pub mod server;
+mod signals;
 
 pub use client::Client;
 pub use connection_limits::ConnectionLimits;
@@ -23,3 +24,4 @@ pub use files::{read_pem_file, TlsFiles, TlsMaterial, CRL_FILE};
 pub use protocol::pki::{Identity, Role};
 pub use response::{error_response, run_to_completion, ApiError, ErrorBody};
 pub use server::{serve, serve_with, HandshakeFailure, RateLimit, ServeOptions, ServerTls, TlsReload};
+pub use signals::stop_on_signals;

@@ -74,16 +74,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await
                 .with_context(|| format!("bind {}", config.listen))?;
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            let on_signal = shutdown.clone();
-            tokio::spawn(async move {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-                }
-                on_signal.cancel();
-            });
+            let shutdown = net::stop_on_signals();
             tracing::info!(listen = %config.listen, backend = service.backend_kind(), hypervisor = service.driver_kind(), "secure component serving");
             let served = secure_component::service::serve(listener, service.clone(), tls, shutdown).await;
             // Orderly stop of what cannot outlive the process (userspace mappings).

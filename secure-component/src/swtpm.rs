@@ -36,6 +36,28 @@ pub struct Swtpm {
     ctrl_socket: Option<PathBuf>,
 }
 
+/// `swtpm`, started so that it inherits no file descriptor of this process but stdio. The
+/// TSS opens its TPM sockets without close-on-exec: a long-lived swtpm started by another
+/// thread would keep a copy of such a socket open after its owner closed it, and since
+/// swtpm serves one connection at a time, the owner's TPM would never answer its next
+/// connection (seen as a hung test when hosts start in parallel).
+fn swtpm_command() -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new("swtpm");
+    // SAFETY: the closure runs in the forked child before exec and only makes one
+    // async-signal-safe system call (close_range with CLOSE_RANGE_CLOEXEC marks every
+    // descriptor from 3 up close-on-exec; stdio is already in place). Its result is
+    // ignored: on a kernel without close_range the child inherits as before.
+    unsafe {
+        command.pre_exec(|| {
+            const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+            libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        });
+    }
+    command
+}
+
 impl Swtpm {
     /// Manufactures (first time only) and starts a TPM in `state_dir`, with its own local CA
     /// in `state_dir/localca`, served on free loopback TCP ports P (TPM) and P+1 (control).
@@ -51,7 +73,7 @@ impl Swtpm {
         let mut last_error = None;
         for _ in 0..5 {
             let port = free_port_pair()?;
-            let mut child = Command::new("swtpm")
+            let mut child = swtpm_command()
                 .arg("socket")
                 .arg("--tpm2")
                 .arg("--tpmstate")
@@ -98,7 +120,7 @@ impl Swtpm {
         let socket = state_dir.join("swtpm-ctrl.sock");
         // A stale socket from a killed run would make swtpm fail to bind.
         let _ = std::fs::remove_file(&socket);
-        let mut child = Command::new("swtpm")
+        let mut child = swtpm_command()
             .arg("socket")
             .arg("--tpm2")
             .arg("--tpmstate")

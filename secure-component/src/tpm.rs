@@ -80,6 +80,7 @@ impl HostTpm {
             ))
         })?;
         let context = Context::new(conf).map_err(|e| Error::tpm("connect", format!("TCTI '{tcti}': {e}")))?;
+        close_sockets_on_exec();
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::io(format!("creating TPM state directory {}", state_dir.display()), e))?;
         Ok(HostTpm { context, state_dir: state_dir.to_path_buf() })
@@ -684,4 +685,31 @@ fn binding_template(policy: Vec<u8>) -> Result<Public> {
         .with_rsa_unique_identifier(PublicKeyRsa::default())
         .build()
         .map_err(|e| Error::tpm("binding key template", e))
+}
+
+/// Marks every socket of this process that lacks close-on-exec (the TSS opens its TPM
+/// sockets without it; everything Rust opens has it) close-on-exec, so that a program this
+/// process starts (mkfs, virsh, a swtpm) does not keep a copy of the TPM connection: swtpm
+/// serves one connection at a time and would not answer this process's next one while a
+/// child still held the old one.
+fn close_sockets_on_exec() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
+    for entry in entries.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|name| name.parse::<libc::c_int>().ok()) else {
+            continue;
+        };
+        let is_socket =
+            std::fs::read_link(entry.path()).is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: fcntl on a descriptor number only reads or sets its flags; a number that was
+        // closed meanwhile makes it fail with EBADF, which is ignored.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
 }

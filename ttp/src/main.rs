@@ -97,12 +97,8 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await
                 .with_context(|| format!("bind {}", config.listen))?;
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            let on_signal = shutdown.clone();
-            tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
-                on_signal.cancel();
-            });
+            // SIGINT or SIGTERM: open requests drain before the process exits.
+            let shutdown = net::stop_on_signals();
             tracing::info!(listen = %config.listen, "TTP serving");
             ttp::server::serve_limited(listener, service, tls, &config.limits, shutdown).await?;
         }
