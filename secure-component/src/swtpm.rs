@@ -36,25 +36,11 @@ pub struct Swtpm {
     ctrl_socket: Option<PathBuf>,
 }
 
-/// `swtpm`, started so that it inherits no file descriptor of this process but stdio. The
-/// TSS opens its TPM sockets without close-on-exec: a long-lived swtpm started by another
-/// thread would keep a copy of such a socket open after its owner closed it, and since
-/// swtpm serves one connection at a time, the owner's TPM would never answer its next
-/// connection (seen as a hung test when hosts start in parallel).
+/// `swtpm`, started so that it inherits no file descriptor of this process but stdio
+/// ([`crate::tpm::close_inherited_fds_on_exec`]).
 fn swtpm_command() -> Command {
-    use std::os::unix::process::CommandExt;
     let mut command = Command::new("swtpm");
-    // SAFETY: the closure runs in the forked child before exec and only makes one
-    // async-signal-safe system call (close_range with CLOSE_RANGE_CLOEXEC marks every
-    // descriptor from 3 up close-on-exec; stdio is already in place). Its result is
-    // ignored: on a kernel without close_range the child inherits as before.
-    unsafe {
-        command.pre_exec(|| {
-            const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-            libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
-            Ok(())
-        });
-    }
+    crate::tpm::close_inherited_fds_on_exec(&mut command);
     command
 }
 

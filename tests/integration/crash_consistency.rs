@@ -96,7 +96,10 @@ impl ChildService {
         let ready = PathBuf::from(format!("{}.ready", self.config.display()));
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        // A long-lived child must not keep another test's TPM connection open.
+        secure_component::tpm::close_inherited_fds_on_exec(&mut command);
+        let child = command
             .args(["--exact", "crash_consistency::crash_child", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, format!("{}:{}", self.role, self.config.display()))
             .env("RUST_LOG", "warn")

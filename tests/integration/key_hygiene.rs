@@ -403,7 +403,10 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let marker = marker_from_seed(&seed);
     let child_out = root.join("host-1").join("child.stdout");
     let child_err = root.join("host-1").join("child.stderr");
-    let child = Command::new(std::env::current_exe().unwrap())
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    // A long-lived child must not keep another test's TPM connection open.
+    secure_component::tpm::close_inherited_fds_on_exec(&mut command);
+    let child = command
         .args(["--exact", "key_hygiene::key_hygiene_child", "--nocapture", "--test-threads=1"])
         .env(CHILD_CONFIG, &config_path)
         .env(MARKER_SEED, hex::encode(seed))

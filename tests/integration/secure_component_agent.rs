@@ -368,7 +368,10 @@ async fn secure_component_agent_end_to_end() {
     {
         let child_config_path = root.join("host-1").join("sc-child.toml");
         std::fs::write(&child_config_path, config.to_toml().unwrap()).unwrap();
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        // A long-lived child must not keep another test's TPM connection open.
+        secure_component::tpm::close_inherited_fds_on_exec(&mut command);
+        let mut child = command
             .args(["--exact", "secure_component_agent::child_agent_process", "--nocapture", "--test-threads=1"])
             .env(CHILD_CONFIG, &child_config_path)
             .stdout(std::process::Stdio::null())

@@ -460,6 +460,7 @@ impl Vm {
         let agent_sock = dir.path().join("agent.sock");
         let console = dir.path().join("console.log");
         let mut cmd = Command::new("qemu-system-x86_64");
+        secure_component::tpm::close_inherited_fds_on_exec(&mut cmd);
         cmd.args(["-M", "q35", "-cpu", "max", "-accel", "tcg", "-m", "1024", "-smp", "1"])
             .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio", "-net", "none"])
             .arg("-kernel")

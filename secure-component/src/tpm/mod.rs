@@ -44,6 +44,13 @@ use tss_esapi::Context;
 
 use crate::error::{Error, Result};
 
+mod exec_hygiene;
+mod templates;
+
+pub use exec_hygiene::close_inherited_fds_on_exec;
+use exec_hygiene::close_sockets_on_exec;
+use templates::{ak_template, binding_template, srk_template};
+
 /// OAEP label of domain keys released to the binding key (shared with the TTP).
 pub use protocol::attest::BINDING_OAEP_LABEL;
 
@@ -575,141 +582,4 @@ fn tpm_selection(selection: &PcrSelection) -> Result<tss_esapi::structures::PcrS
 
 fn slot_index(slot: PcrSlot) -> u8 {
     u32::from(slot).trailing_zeros() as u8
-}
-
-/// TCG ECC P-256 SRK template (TCG TPM v2.0 Provisioning Guidance, "Storage Root Key").
-fn srk_template() -> Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
-        .with_restricted(true)
-        .with_decrypt(true)
-        .build()
-        .map_err(|e| Error::tpm("SRK template", e))?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_restricted_decryption_key(
-                SymmetricDefinitionObject::AES_128_CFB,
-                EccCurve::NistP256,
-            )
-            .build()
-            .map_err(|e| Error::tpm("SRK template", e))?,
-        )
-        .with_ecc_unique_identifier(EccPoint::new(
-            EccParameter::try_from(vec![0u8; 32]).map_err(|e| Error::tpm("SRK template", e))?,
-            EccParameter::try_from(vec![0u8; 32]).map_err(|e| Error::tpm("SRK template", e))?,
-        ))
-        .build()
-        .map_err(|e| Error::tpm("SRK template", e))
-}
-
-/// AK: ECC P-256, ECDSA-SHA256, restricted signing (it signs only TPM-generated structures).
-fn ak_template() -> Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_restricted(true)
-        .with_sign_encrypt(true)
-        .build()
-        .map_err(|e| Error::tpm("AK template", e))?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new()
-                .with_symmetric(SymmetricDefinitionObject::Null)
-                .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
-                .with_curve(EccCurve::NistP256)
-                .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
-                .with_is_signing_key(true)
-                .with_is_decryption_key(false)
-                .with_restricted(true)
-                .build()
-                .map_err(|e| Error::tpm("AK template", e))?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
-        .map_err(|e| Error::tpm("AK template", e))
-}
-
-/// Binding key: RSA-2048 OAEP-SHA256 decrypt-only; userWithAuth clear, so every use
-/// (RSA_Decrypt) needs a PolicyPCR session that matches authPolicy; fixedTPM and fixedParent
-/// so it can never be duplicated off this TPM.
-///
-/// adminWithPolicy is clear on purpose: with it set, the ADMIN role (needed by TPM2_Certify)
-/// demands a policy session that also ran PolicyCommandCode, which a pure PolicyPCR policy
-/// cannot satisfy (the TPM answers TPM_RC_POLICY_FAIL). The ADMIN role with the empty
-/// authValue allows only Certify, ActivateCredential-as-object and ObjectChangeAuth, none of
-/// which can decrypt (userWithAuth stays clear whatever the authValue) or move the key.
-fn binding_template(policy: Vec<u8>) -> Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(false)
-        .with_admin_with_policy(false)
-        .with_no_da(true)
-        .with_decrypt(true)
-        .with_sign_encrypt(false)
-        .with_restricted(false)
-        .build()
-        .map_err(|e| Error::tpm("binding key template", e))?;
-    let scheme = RsaScheme::create(RsaSchemeAlgorithm::Oaep, Some(HashingAlgorithm::Sha256))
-        .map_err(|e| Error::tpm("binding key template", e))?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Rsa)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_auth_policy(Digest::try_from(policy).map_err(|e| Error::tpm("binding key template", e))?)
-        .with_rsa_parameters(
-            PublicRsaParametersBuilder::new()
-                .with_symmetric(SymmetricDefinitionObject::Null)
-                .with_scheme(scheme)
-                .with_key_bits(RsaKeyBits::Rsa2048)
-                .with_exponent(RsaExponent::default())
-                .with_is_decryption_key(true)
-                .with_is_signing_key(false)
-                .with_restricted(false)
-                .build()
-                .map_err(|e| Error::tpm("binding key template", e))?,
-        )
-        .with_rsa_unique_identifier(PublicKeyRsa::default())
-        .build()
-        .map_err(|e| Error::tpm("binding key template", e))
-}
-
-/// Marks every socket of this process that lacks close-on-exec (the TSS opens its TPM
-/// sockets without it; everything Rust opens has it) close-on-exec, so that a program this
-/// process starts (mkfs, virsh, a swtpm) does not keep a copy of the TPM connection: swtpm
-/// serves one connection at a time and would not answer this process's next one while a
-/// child still held the old one.
-fn close_sockets_on_exec() {
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
-    for entry in entries.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|name| name.parse::<libc::c_int>().ok()) else {
-            continue;
-        };
-        let is_socket =
-            std::fs::read_link(entry.path()).is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
-        if !is_socket {
-            continue;
-        }
-        // SAFETY: fcntl on a descriptor number only reads or sets its flags; a number that was
-        // closed meanwhile makes it fail with EBADF, which is ignored.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
-        }
-    }
 }
