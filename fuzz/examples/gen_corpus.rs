@@ -319,7 +319,7 @@ fn main() {
         device: "/dev/mapper/skydd-x".into(),
         mount_path: "/var/lib/skydd/vms/vm-a/x".into(),
         version: 1,
-        status: "attached".into(),
+        status: protocol::cloud::AttachmentStatus::Attached,
     };
     let agent_attachment = AgentAttachment {
         attachment_id: "att-1".into(),
@@ -330,7 +330,7 @@ fn main() {
         device: "/dev/loop0".into(),
         mount_path: "/var/lib/skydd/vms/vm-a/x".into(),
         backend: "userspace".into(),
-        status: "stale".into(),
+        status: protocol::cloud::MappingStatus::Stale,
         stale_reason: Some("the agent stopped".into()),
     };
     c.json(
