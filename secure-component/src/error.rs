@@ -30,7 +30,7 @@ pub enum Error {
     #[error("this host lacks what the secure component needs: {0}")]
     Prerequisites(String),
 
-    // ---- TPM (tpm.rs) ----------------------------------------------------------------
+    // ---- TPM (tpm/) ----------------------------------------------------------------
     /// A TPM command failed in tss-esapi or in the TPM (docs/TPM.md, "Objects in the host TPM").
     /// Answers 500 `tpm_failed`; a refused policy session is [`Error::BindingKeyRefused`] instead.
     #[error("TPM operation {operation} failed: {detail}")]

@@ -24,7 +24,7 @@ pub enum Error {
         detail: String,
     },
 
-    // ---- host enrollment (attestation.rs) --------------------------------------------------
+    // ---- host enrollment (attestation/) --------------------------------------------------
     /// The EK certificate does not chain to a configured TPM vendor root, or its TCG
     /// extensions are wrong (403 `ek_untrusted`; docs/TPM.md "EK certificate checks").
     #[error("EK certificate is not trusted: {0}")]
