@@ -5,6 +5,7 @@
 
 use axum::http::StatusCode;
 use net::ApiError;
+use protocol::refusal::Refusal;
 use thiserror::Error;
 
 /// Every way a cloud platform request can fail. [`Error::code`] is the `code` of the JSON
@@ -27,17 +28,16 @@ pub enum Error {
     /// A resource that does not exist; `code` is e.g. `domain_unknown`, `instance_unknown`.
     #[error("{message}")]
     NotFound {
-        /// The stable code: `domain_unknown`, `instance_unknown`, `host_unknown` or
-        /// `attachment_unknown`.
-        code: &'static str,
+        /// `domain_unknown`, `instance_unknown`, `host_unknown` or `attachment_unknown`.
+        code: Refusal,
         /// What was not found, by id (and, where it helps, how to make it exist).
         message: String,
     },
     /// A conflict with the current state; `code` is e.g. `domain_exists`, `already_attached`.
     #[error("{message}")]
     Conflict {
-        /// The stable code: `domain_exists`, `already_attached` or `single_writer`.
-        code: &'static str,
+        /// `domain_exists`, `already_attached` or `single_writer`.
+        code: Refusal,
         /// What the request conflicts with.
         message: String,
     },
@@ -63,12 +63,12 @@ pub enum Error {
     #[error("{message}")]
     Unreachable {
         /// `ttp_unreachable` or `host_unreachable`.
-        code: &'static str,
+        code: Refusal,
         /// Who could not be reached (the TTP, or the host and its URL) and why.
         message: String,
     },
     /// A volume file could not be created, read, written or destroyed, or it holds no valid
-    /// header ([`crate::volumes`], docs/FORMAT.md). Answers 500 `volume_error`.
+    /// header ([`crate::volumes`], docs/FORMAT.md). Answers 500 `volume_failed`.
     #[error("volume: {0}")]
     Volume(String),
     /// The database failed ([`crate::store`]). Answers 500 `store_error`.
@@ -88,32 +88,38 @@ impl Error {
     /// [`Error::Upstream`] and the unreachable peer's for [`Error::Unreachable`].
     pub fn code(&self) -> &str {
         match self {
-            Error::BadRequest(_) => "bad_request",
-            Error::InvalidSize(_) => "invalid_size",
-            Error::Forbidden(_) => "forbidden",
-            Error::OwnerMismatch(_) => "owner_mismatch",
-            Error::QuotaExceeded(_) => "quota_exceeded",
-            Error::NotFound { code, .. } | Error::Conflict { code, .. } | Error::Unreachable { code, .. } => code,
-            Error::DomainDeleted(_) => "domain_deleted",
             Error::Upstream { code, .. } => code,
-            Error::Volume(_) => "volume_error",
-            Error::Store(_) => "store_error",
-            Error::Config(_) => "config_error",
+            own => own.refusal().unwrap_or(Refusal::Internal).code(),
         }
     }
 
-    /// The HTTP status the API answers with: 400, 403, 404, 409, 410, 500 or 502; a peer's
-    /// refusal keeps the peer's status.
+    /// The CP's own refusal in the shared vocabulary (docs/PROTOCOL.md "Error codes"); `None`
+    /// for a peer's refusal passed through ([`Error::Upstream`]).
+    pub fn refusal(&self) -> Option<Refusal> {
+        Some(match self {
+            Error::BadRequest(_) => Refusal::BadRequest,
+            Error::InvalidSize(_) => Refusal::InvalidSize,
+            Error::Forbidden(_) => Refusal::Forbidden,
+            Error::OwnerMismatch(_) => Refusal::OwnerMismatch,
+            Error::QuotaExceeded(_) => Refusal::QuotaExceeded,
+            Error::NotFound { code, .. } | Error::Conflict { code, .. } | Error::Unreachable { code, .. } => *code,
+            Error::DomainDeleted(_) => Refusal::DomainDeleted,
+            Error::Volume(_) => Refusal::VolumeFailed,
+            Error::Store(_) => Refusal::StoreError,
+            Error::Config(_) => Refusal::ConfigError,
+            Error::Upstream { .. } => return None,
+        })
+    }
+
+    /// The HTTP status the API answers with: the refusal's own, or the peer's unchanged for
+    /// [`Error::Upstream`] (502 if it is not a valid status).
     pub fn status(&self) -> StatusCode {
-        match self {
-            Error::BadRequest(_) | Error::InvalidSize(_) => StatusCode::BAD_REQUEST,
-            Error::Forbidden(_) | Error::OwnerMismatch(_) | Error::QuotaExceeded(_) => StatusCode::FORBIDDEN,
-            Error::NotFound { .. } => StatusCode::NOT_FOUND,
-            Error::Conflict { .. } => StatusCode::CONFLICT,
-            Error::DomainDeleted(_) => StatusCode::GONE,
-            Error::Upstream { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
-            Error::Unreachable { .. } => StatusCode::BAD_GATEWAY,
-            Error::Volume(_) | Error::Store(_) | Error::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        match (self, self.refusal()) {
+            (Error::Upstream { status, .. }, _) => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
+            (_, Some(refusal)) => {
+                StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+            (_, None) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -132,7 +138,7 @@ impl Error {
 
     /// Classifies a failed call to the TTP or a secure component: a refusal keeps the
     /// peer's code and message; anything else names who could not be reached and why.
-    pub fn from_peer(error: net::Error, unreachable_code: &'static str, who: impl FnOnce() -> String) -> Self {
+    pub fn from_peer(error: net::Error, unreachable_code: Refusal, who: impl FnOnce() -> String) -> Self {
         match error {
             net::Error::Api { status, code, message } => Error::Upstream { status, code, message },
             other => Error::Unreachable { code: unreachable_code, message: format!("{}: {other}", who()) },

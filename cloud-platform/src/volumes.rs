@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use protocol::format::{self, ActiveHeader, DATA_OFFSET, HEADER_AREA_SIZE, SECTOR_SIZE};
 use protocol::messages::HeaderRecord;
+use protocol::refusal::Refusal;
 
 use crate::error::{Error, Result};
 
@@ -102,7 +103,7 @@ impl Volumes {
         let path = self.path_of(domain_id)?;
         if path.exists() {
             return Err(Error::Conflict {
-                code: "domain_exists",
+                code: Refusal::DomainExists,
                 message: format!("a volume for domain {domain_id} already exists"),
             });
         }

@@ -9,6 +9,7 @@ use protocol::cloud::{
 };
 use protocol::domain::{AccessMode, Descriptor};
 use protocol::messages::{grant_digest, Placement};
+use protocol::refusal::Refusal;
 use protocol::signing::SignatureContext;
 
 use super::{is_refusal, now_unix, require_role, CloudPlatform};
@@ -37,7 +38,7 @@ impl CloudPlatform {
         let record = self.managed_domain(caller, &request.domain_id).await?;
         let instance_id = request.instance_id.clone();
         let instance = self.store(move |s| s.instance(&instance_id)).await?.ok_or_else(|| Error::NotFound {
-            code: "instance_unknown",
+            code: Refusal::InstanceUnknown,
             message: format!("instance {} is not registered; register it with POST /v1/instances", request.instance_id),
         })?;
         let host = self.host_of(&instance.host).await?;
@@ -87,7 +88,7 @@ impl CloudPlatform {
             Ok(attached) => attached,
             Err(e) => {
                 let never_sent = e.never_reached_peer();
-                let e = Error::from_peer(e, "host_unreachable", Self::agent_error(&host));
+                let e = Error::from_peer(e, Refusal::HostUnreachable, Self::agent_error(&host));
                 // Any answer of the host is final (it runs an attach to its end before it
                 // answers), and so is a request that never reached it; only a request sent
                 // without an answer leaves it open.
@@ -120,7 +121,7 @@ impl CloudPlatform {
         if let Some(open) = open.iter().find(|a| a.instance_id == request.instance_id) {
             if open.status == AttachmentStatus::Attaching {
                 return Err(Error::Conflict {
-                    code: "already_attached",
+                    code: Refusal::AlreadyAttached,
                     message: format!(
                         "an earlier attach of domain {} to {} (attachment {}) got no answer from host {}; the cloud platform settles it with the host within {} s, then attach again or detach",
                         open.domain_id, open.instance_id, open.id, open.host, self.reconcile_interval.as_secs()
@@ -128,7 +129,7 @@ impl CloudPlatform {
                 });
             }
             return Err(Error::Conflict {
-                code: "already_attached",
+                code: Refusal::AlreadyAttached,
                 message: format!(
                     "domain {} is already attached to {} ({}, attachment {}, status {}); detach it first",
                     open.domain_id, open.instance_id, open.mode, open.id, open.status
@@ -140,7 +141,7 @@ impl CloudPlatform {
         // silently. The caller holds the domain's lock, so two attaches cannot both pass.
         if let Some(other) = open.iter().find(|a| a.mode == AccessMode::Rw || request.mode == AccessMode::Rw) {
             return Err(Error::Conflict {
-                code: "single_writer",
+                code: Refusal::SingleWriter,
                 message: format!(
                     "domain {} is attached to {} ({}, attachment {}); a domain has one read-write attachment and nothing beside it, or only read-only ones: detach {} first",
                     other.domain_id, other.instance_id, other.mode, other.id, other.instance_id
@@ -161,7 +162,7 @@ impl CloudPlatform {
                 tracing::warn!(attachment = %attachment.id, host = %host.id, %code, %message, "the host no longer has the attachment");
                 Ok(())
             }
-            Err(e) => Err(Error::from_peer(e, "host_unreachable", Self::agent_error(&host))),
+            Err(e) => Err(Error::from_peer(e, Refusal::HostUnreachable, Self::agent_error(&host))),
         }
     }
 
@@ -189,7 +190,7 @@ impl CloudPlatform {
     pub(super) async fn managed_attachment(&self, caller: &Identity, attachment_id: &str) -> Result<Attachment> {
         let id = attachment_id.to_string();
         let attachment = self.store(move |s| s.attachment(&id)).await?.ok_or_else(|| Error::NotFound {
-            code: "attachment_unknown",
+            code: Refusal::AttachmentUnknown,
             message: format!("attachment {attachment_id} does not exist"),
         })?;
         let domain_id = attachment.domain_id.clone();
@@ -212,7 +213,7 @@ impl CloudPlatform {
         if caller.role == Role::CloudPlatform {
             let id = attachment_id.to_string();
             return self.store(move |s| s.attachment(&id)).await?.ok_or_else(|| Error::NotFound {
-                code: "attachment_unknown",
+                code: Refusal::AttachmentUnknown,
                 message: format!("attachment {attachment_id} does not exist"),
             });
         }

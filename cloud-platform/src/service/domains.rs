@@ -7,6 +7,7 @@ use net::{Identity, Role};
 use protocol::cloud::{Attachment, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView, UpdateDomainRequest};
 use protocol::domain::Descriptor;
 use protocol::messages::{DeleteDomainRequest, Deletion, HeaderRecord, RegisterDomainRequest, RegisterDomainResponse};
+use protocol::refusal::Refusal;
 use protocol::signing::SignedEnvelope;
 
 use super::attachments::allows;
@@ -42,7 +43,7 @@ impl CloudPlatform {
     pub(super) async fn managed_domain(&self, caller: &Identity, domain_id: &str) -> Result<DomainRecord> {
         let id = domain_id.to_string();
         let record = self.store(move |s| s.domain(&id)).await?.ok_or_else(|| Error::NotFound {
-            code: "domain_unknown",
+            code: Refusal::DomainUnknown,
             message: format!("domain {domain_id} does not exist"),
         })?;
         if !record.is_manager(&caller.name) {
@@ -84,7 +85,7 @@ impl CloudPlatform {
 
     pub(super) async fn register_with_ttp(&self, request: &RegisterDomainRequest) -> Result<RegisterDomainResponse> {
         self.ttp.post_json::<_, RegisterDomainResponse>("/v1/domains", request).await.map_err(|e| {
-            Error::from_peer(e, "ttp_unreachable", || format!("cannot reach the TTP at {}", self.ttp.base_url()))
+            Error::from_peer(e, Refusal::TtpUnreachable, || format!("cannot reach the TTP at {}", self.ttp.base_url()))
         })
     }
 
@@ -117,7 +118,7 @@ impl CloudPlatform {
         let id = descriptor.domain_id.clone();
         if self.store(move |s| s.domain(&id)).await?.is_some() {
             return Err(Error::Conflict {
-                code: "domain_exists",
+                code: Refusal::DomainExists,
                 message: format!("domain {} already exists; a new domain needs a fresh id", descriptor.domain_id),
             });
         }
@@ -317,7 +318,9 @@ impl CloudPlatform {
             .post_json::<_, serde_json::Value>(&path, &DeleteDomainRequest { deletion: body.deletion })
             .await
             .map_err(|e| {
-                Error::from_peer(e, "ttp_unreachable", || format!("cannot reach the TTP at {}", self.ttp.base_url()))
+                Error::from_peer(e, Refusal::TtpUnreachable, || {
+                    format!("cannot reach the TTP at {}", self.ttp.base_url())
+                })
             });
         match outcome {
             Ok(_) => {}

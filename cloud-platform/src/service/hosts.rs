@@ -5,6 +5,7 @@
 use net::{Identity, Role};
 use protocol::cloud::{ComputeHost, Instance, InstanceList};
 use protocol::domain::validate_name;
+use protocol::refusal::Refusal;
 
 use super::{require_role, CloudPlatform, AGENT_TIMEOUT};
 use crate::error::{Error, Result};
@@ -43,7 +44,7 @@ impl CloudPlatform {
         self.store(move |s| {
             if s.host(&stored.host)?.is_none() {
                 return Err(Error::NotFound {
-                    code: "host_unknown",
+                    code: Refusal::HostUnknown,
                     message: format!(
                         "host {} is not registered; the operator registers it with POST /v1/hosts before instances can run on it",
                         stored.host
@@ -70,7 +71,7 @@ impl CloudPlatform {
     pub(super) async fn host_of(&self, host_id: &str) -> Result<ComputeHost> {
         let id = host_id.to_string();
         self.store(move |s| s.host(&id)).await?.ok_or_else(|| Error::NotFound {
-            code: "host_unknown",
+            code: Refusal::HostUnknown,
             message: format!("host {host_id} is not registered; the operator registers it with POST /v1/hosts"),
         })
     }

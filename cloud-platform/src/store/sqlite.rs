@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use protocol::cloud::{Attachment, AttachmentStatus, ComputeHost, Instance};
 use protocol::domain::AccessMode;
+use protocol::refusal::Refusal;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{AttachmentFilter, CpStore, DomainRecord, Page, PendingUpdate};
@@ -241,7 +242,7 @@ impl CpStore for SqliteStore {
         )
         .map_err(|e| {
             if is_constraint(&e) {
-                Error::Conflict { code: "domain_exists", message: format!("domain {} already exists", record.id) }
+                Error::Conflict { code: Refusal::DomainExists, message: format!("domain {} already exists", record.id) }
             } else {
                 Error::Store(format!("insert domain: {e}"))
             }
@@ -296,7 +297,7 @@ impl CpStore for SqliteStore {
             .map_err(store_err("update domain"))?;
         if changed != 1 {
             return Err(Error::NotFound {
-                code: "domain_unknown",
+                code: Refusal::DomainUnknown,
                 message: format!("domain {id} is not stored (or was deleted)"),
             });
         }

@@ -32,7 +32,7 @@ pub fn router(service: Arc<AttachmentService>) -> Router {
 }
 
 /// The status and code of an agent error: a TTP refusal keeps the TTP's own, every other
-/// error answers its [`Refusal`](protocol::refusal::Refusal).
+/// error answers its [`Refusal`].
 pub fn status_and_code(error: &Error) -> (StatusCode, String) {
     match error {
         Error::TtpRefused { status, code, .. } => {
