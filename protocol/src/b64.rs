@@ -39,6 +39,23 @@ pub mod option {
     }
 }
 
+/// The same helpers for `[u8; 32]` (hashes, roots): any other decoded length is refused.
+pub mod array32 {
+    use super::*;
+
+    /// Serializes the 32 bytes as a base64 string.
+    pub fn serialize<S: Serializer>(bytes: &[u8; 32], serializer: S) -> Result<S::Ok, S::Error> {
+        super::serialize(bytes, serializer)
+    }
+
+    /// Deserializes a base64 string of exactly 32 bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<[u8; 32], D::Error> {
+        let bytes = super::deserialize(deserializer)?;
+        let len = bytes.len();
+        bytes.try_into().map_err(|_| serde::de::Error::custom(format!("expected 32 bytes, got {len}")))
+    }
+}
+
 /// Encodes bytes as standard base64 (for messages built by hand, e.g. in errors).
 pub fn encode(bytes: &[u8]) -> String {
     STANDARD.encode(bytes)

@@ -105,7 +105,43 @@ pub struct Descriptor {
     /// Must be [`CIPHER_SPEC_V1`]; bound into the key derivation (docs/PROTOCOL.md "Key
     /// derivation").
     pub cipher_spec: String,
+    /// The on-disk format the owner requires (docs/FORMAT.md): with
+    /// [`VolumeFormat::V2`] a secure component serves the volume only with its integrity tree
+    /// checked against the root the TTP holds. Owner-signed, so the provider cannot downgrade it.
+    #[serde(default)]
+    pub volume_format: VolumeFormat,
 }
+
+/// Which on-disk volume format a domain uses (docs/FORMAT.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeFormat {
+    /// AES-256-XTS only: confidentiality, no integrity or freshness.
+    #[default]
+    V1,
+    /// AES-256-XTS plus per-sector tags and a hash tree whose root the TTP anchors.
+    V2,
+}
+
+impl VolumeFormat {
+    /// The format number written in docs/FORMAT.md (1 or 2).
+    pub fn number(self) -> u8 {
+        match self {
+            VolumeFormat::V1 => 1,
+            VolumeFormat::V2 => 2,
+        }
+    }
+}
+
+impl fmt::Display for VolumeFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.number())
+    }
+}
+
+/// The trailing field a format-2 descriptor carries; a format-1 descriptor ends before it, so
+/// every descriptor signed before format 2 existed still decodes and hashes the same.
+const VOLUME_FORMAT_V2_FIELD: &str = "volume-format-2";
 
 impl Descriptor {
     /// Version 1 of a new domain with a fresh random id.
@@ -119,6 +155,7 @@ impl Descriptor {
             shared_with: Vec::new(),
             version: 1,
             cipher_spec: CIPHER_SPEC_V1.to_string(),
+            volume_format: VolumeFormat::V1,
         };
         descriptor.validate()?;
         Ok(descriptor)
@@ -219,6 +256,9 @@ impl Descriptor {
         shared.sort();
         writer.bytes(&encode_list(&shared));
         writer.u64(self.version).str(&self.cipher_spec);
+        if self.volume_format == VolumeFormat::V2 {
+            writer.str(VOLUME_FORMAT_V2_FIELD);
+        }
         Ok(writer.finish())
     }
 
@@ -234,8 +274,16 @@ impl Descriptor {
         let shared_with = decode_list(reader.bytes("shared-with list", MAX_SHARED_WITH * (MAX_NAME_BYTES + 4) + 4)?)?;
         let version = reader.u64("version")?;
         let cipher_spec = reader.str("cipher spec", MAX_NAME_BYTES)?.to_string();
+        let volume_format = if reader.is_at_end() {
+            VolumeFormat::V1
+        } else {
+            match reader.str("volume format", MAX_NAME_BYTES)? {
+                VOLUME_FORMAT_V2_FIELD => VolumeFormat::V2,
+                other => return Err(Error::malformed("descriptor", format!("unknown volume format field {other:?}"))),
+            }
+        };
         reader.finish()?;
-        let descriptor = Self { domain_id, owner, metadata, acl, shared_with, version, cipher_spec };
+        let descriptor = Self { domain_id, owner, metadata, acl, shared_with, version, cipher_spec, volume_format };
         if descriptor.encode()? != encoded {
             return Err(Error::malformed("descriptor", "not in canonical form (order or XML layout differs)"));
         }

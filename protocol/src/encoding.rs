@@ -118,6 +118,11 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(raw))
     }
 
+    /// Whether every byte has been read (for a trailing field that older encodings lack).
+    pub fn is_at_end(&self) -> bool {
+        self.rest.is_empty()
+    }
+
     /// Ends decoding; trailing bytes are an error (two encodings must never mean the same).
     pub fn finish(self) -> Result<()> {
         if self.rest.is_empty() {

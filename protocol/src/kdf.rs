@@ -14,6 +14,12 @@ use crate::secret::SecretBytes;
 /// Domain-separation label at the start of the HKDF `info`, so no other Skydd derivation
 /// from `K_TTP` can produce a volume key.
 pub const VOLUME_KEY_LABEL: &[u8] = b"skydd/v1/volume-key";
+/// Domain-separation label of the sector-tag key `K_mac` of a format-2 volume.
+pub const SECTOR_MAC_KEY_LABEL: &[u8] = b"skydd/v2/sector-mac-key";
+/// Length of `K_mac`: a 256-bit BLAKE3 key.
+pub const SECTOR_MAC_KEY_BYTES: usize = 32;
+/// What a key release wraps: the volume key followed by `K_mac` (docs/PROTOCOL.md "Key release").
+pub const RELEASED_KEYS_BYTES: usize = VOLUME_KEY_BYTES + SECTOR_MAC_KEY_BYTES;
 /// Length of a derived domain key: 64 bytes, the AES-256-XTS key (key1 for data, key2 for
 /// the tweak; docs/FORMAT.md "Data area").
 pub const VOLUME_KEY_BYTES: usize = 64;
@@ -26,8 +32,12 @@ pub const NONCE_BYTES: usize = 32;
 
 /// The HKDF `info` string for a domain.
 pub fn volume_key_info(domain_id: &str, metadata_hash: &[u8; 32], cipher_spec: &str) -> Vec<u8> {
-    let mut info = Vec::with_capacity(VOLUME_KEY_LABEL.len() + domain_id.len() + 40 + cipher_spec.len());
-    info.extend_from_slice(VOLUME_KEY_LABEL);
+    key_info(VOLUME_KEY_LABEL, domain_id, metadata_hash, cipher_spec)
+}
+
+fn key_info(label: &[u8], domain_id: &str, metadata_hash: &[u8; 32], cipher_spec: &str) -> Vec<u8> {
+    let mut info = Vec::with_capacity(label.len() + domain_id.len() + 40 + cipher_spec.len());
+    info.extend_from_slice(label);
     info.extend_from_slice(&(domain_id.len() as u32).to_be_bytes());
     info.extend_from_slice(domain_id.as_bytes());
     info.extend_from_slice(&(metadata_hash.len() as u32).to_be_bytes());
@@ -44,13 +54,28 @@ pub fn derive_volume_key(
     metadata_hash: &[u8; 32],
     cipher_spec: &str,
 ) -> Result<SecretBytes> {
+    expand(master_key, nonce_r, &volume_key_info(domain_id, metadata_hash, cipher_spec), VOLUME_KEY_BYTES)
+}
+
+/// Derives the 32-byte sector-tag key `K_mac` of a domain (format 2) into locked memory.
+pub fn derive_sector_mac_key(
+    master_key: &SecretBytes,
+    nonce_r: &[u8; NONCE_BYTES],
+    domain_id: &str,
+    metadata_hash: &[u8; 32],
+    cipher_spec: &str,
+) -> Result<SecretBytes> {
+    let info = key_info(SECTOR_MAC_KEY_LABEL, domain_id, metadata_hash, cipher_spec);
+    expand(master_key, nonce_r, &info, SECTOR_MAC_KEY_BYTES)
+}
+
+fn expand(master_key: &SecretBytes, nonce_r: &[u8; NONCE_BYTES], info: &[u8], len: usize) -> Result<SecretBytes> {
     if master_key.len() != MASTER_KEY_BYTES {
         return Err(Error::InvalidKey(format!("K_TTP must be {MASTER_KEY_BYTES} bytes, got {}", master_key.len())));
     }
     let hkdf = Hkdf::<Sha256>::new(Some(nonce_r), master_key.expose());
-    let mut key = SecretBytes::zeroed(VOLUME_KEY_BYTES);
-    hkdf.expand(&volume_key_info(domain_id, metadata_hash, cipher_spec), key.expose_mut())
-        .map_err(|_| Error::InvalidKey("HKDF output length rejected".into()))?;
+    let mut key = SecretBytes::zeroed(len);
+    hkdf.expand(info, key.expose_mut()).map_err(|_| Error::InvalidKey("HKDF output length rejected".into()))?;
     Ok(key)
 }
 
@@ -88,6 +113,18 @@ mod tests {
         let info = volume_key_info(domain_id, &meta_hash, "aes-xts-plain64:512:4096");
         assert_eq!(key.expose(), openssl_hkdf(&[0x0b; 32], &r, &info, 64).as_slice());
         assert_eq!(hex::encode(key.expose()), PUBLISHED_VECTOR_1);
+    }
+
+    #[test]
+    fn sector_mac_key_is_its_own_hkdf_output() {
+        let master = SecretBytes::from_slice_wiping(&mut [0x0bu8; 32]);
+        let (r, meta_hash, id) = ([0x5au8; 32], [7u8; 32], "00112233445566778899aabbccddeeff");
+        let mac = derive_sector_mac_key(&master, &r, id, &meta_hash, "c").unwrap();
+        let mut info = SECTOR_MAC_KEY_LABEL.to_vec();
+        info.extend_from_slice(&volume_key_info(id, &meta_hash, "c")[VOLUME_KEY_LABEL.len()..]);
+        assert_eq!(mac.expose(), openssl_hkdf(&[0x0b; 32], &r, &info, 32).as_slice());
+        let volume = derive_volume_key(&master, &r, id, &meta_hash, "c").unwrap();
+        assert_ne!(&volume.expose()[..32], mac.expose(), "the labels separate the two keys");
     }
 
     #[test]

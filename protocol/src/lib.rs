@@ -11,6 +11,7 @@ pub mod domain;
 pub mod encoding;
 pub mod error;
 pub mod format;
+pub mod integrity;
 pub mod kdf;
 pub mod messages;
 pub mod pki;

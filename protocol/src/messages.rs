@@ -305,13 +305,19 @@ pub struct KeyReleaseResponse {
     pub domain_id: String,
     /// The descriptor version the key was released for.
     pub version: u64,
-    /// The 64-byte domain key RSA-OAEP-encrypted to the host's binding key (256 bytes, label
+    /// The released keys, [`RELEASED_KEYS_BYTES`](crate::kdf::RELEASED_KEYS_BYTES) = the 64-byte
+    /// domain key followed by the 32-byte sector-tag key `K_mac` (docs/PROTOCOL.md "Key
+    /// derivation"), RSA-OAEP-encrypted to the host's binding key (256 bytes, label
     /// [`BINDING_OAEP_LABEL`](crate::attest::BINDING_OAEP_LABEL)); only the host's TPM, in the
     /// enrolled PCR state, can decrypt it.
     #[serde(with = "crate::b64")]
     pub wrapped_key: Vec<u8>,
     /// Sequence number of the audit record of this release.
     pub audit_seq: u64,
+    /// The newest [`IntegrityAnchor`](crate::integrity::IntegrityAnchor) of a format-2
+    /// domain, signed by the TTP; `None` before its first commit (and for format 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity_anchor: Option<SignedEnvelope>,
 }
 
 /// CP → TTP `POST /v1/domains/{id}/delete`: tombstone a domain.

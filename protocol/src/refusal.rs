@@ -118,6 +118,19 @@ refusals! {
     /// The audit log was edited or records were removed.
     AuditChainBroken => "audit_chain_broken", 500;
 
+    // ---- TTP and secure component: format-2 integrity ----------------------------------------
+    /// An integrity root commit names an epoch that is not the next one (a replayed or forked commit).
+    IntegrityEpochStale => "integrity_epoch_stale", 409;
+    /// An integrity root commit or report from a host that does not hold the domain's newest key release.
+    IntegrityCommitForbidden => "integrity_commit_forbidden", 403;
+    /// A format-2 volume's sector, tag or hash tree does not verify: the provider altered it.
+    IntegrityViolation => "integrity_violation", 409;
+    /// A format-2 volume is older than the root the TTP last committed (a rollback).
+    IntegrityRollback => "integrity_rollback", 409;
+    /// This backend cannot keep a format-2 volume's integrity in this mode (it refuses rather
+    /// than drop integrity silently).
+    IntegrityUnsupported => "integrity_unsupported", 409;
+
     // ---- cloud platform ----------------------------------------------------------------------
     /// A volume size that is not a positive multiple of 4096 or above the configured limit.
     InvalidSize => "invalid_size", 400;

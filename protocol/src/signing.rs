@@ -26,6 +26,9 @@ pub enum SignatureContext {
     Deletion,
     /// The cloud platform's placement of a VM on a compute host, for one grant.
     Placement,
+    /// The TTP's anchor of a format-2 volume's integrity root (docs/PROTOCOL.md "Integrity
+    /// anchor").
+    IntegrityAnchor,
     /// Reserved for key-release messages; no Skydd message is signed with it yet (the fuzz
     /// target covers it).
     KeyRelease,
@@ -41,6 +44,7 @@ impl SignatureContext {
             SignatureContext::MountGrant => "mount-grant",
             SignatureContext::Deletion => "deletion",
             SignatureContext::Placement => "placement",
+            SignatureContext::IntegrityAnchor => "integrity-anchor",
             SignatureContext::KeyRelease => "key-release",
         }
     }
