@@ -114,7 +114,7 @@ impl Ttp {
             );
             Ok(((wrapped, descriptor.domain_id.clone(), descriptor.version), message))
         })?;
-        Ok(KeyReleaseResponse { domain_id, version, wrapped_key, audit_seq: record.seq })
+        Ok(KeyReleaseResponse { domain_id, version, wrapped_key, audit_seq: record.seq, integrity_anchor: None })
     }
 
     /// Step 1 of the key release: the host is enrolled, the challenge is known, unused (it is
