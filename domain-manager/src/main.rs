@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use domain_manager::config::DmConfig;
 use domain_manager::ops::{parse_acl_entry, parse_metadata, parse_size, DomainManager, DEFAULT_GRANT_SECS};
 use domain_manager::render;
-use protocol::domain::AccessMode;
+use protocol::domain::{AccessMode, VolumeFormat};
 
 #[derive(Parser)]
 #[command(
@@ -78,7 +78,16 @@ enum DomainCommand {
         /// Data size, e.g. 64M or 10G.
         #[arg(long, default_value = "64M")]
         size: String,
+        /// On-disk format: 2 adds a tag per sector and a hash tree whose root the TTP
+        /// anchors, so a provider's tampering reads as an error and an old copy is refused;
+        /// 1 is encryption alone (docs/FORMAT.md).
+        #[arg(long, default_value = "2", value_parser = ["1", "2"])]
+        format: String,
     },
+    /// Make a format-1 domain format 2 (tamper- and rollback-evident). The secure component
+    /// of the next read-write attach builds the tree and commits its first root; a read-only
+    /// attach is refused until then. Safe to interrupt.
+    Upgrade { domain: String },
     /// Domains you own or that are shared with you.
     List,
     /// One domain: version, metadata, access list, sharing.
@@ -151,13 +160,25 @@ async fn run(cli: Cli) -> domain_manager::Result<()> {
     let dm = DomainManager::connect(&config)?;
     let json = cli.json;
     match cli.command {
-        Command::Domain(DomainCommand::Create { metadata, vms, shared_with, size }) => {
+        Command::Domain(DomainCommand::Create { metadata, vms, shared_with, size, format }) => {
             let metadata = metadata.iter().map(|m| parse_metadata(m)).collect::<Result<_, _>>()?;
             let acl = vms.iter().map(|v| parse_acl_entry(v)).collect::<Result<_, _>>()?;
-            let domain = dm.create(metadata, acl, shared_with, parse_size(&size)?).await?;
+            let format = if format == "1" { VolumeFormat::V1 } else { VolumeFormat::V2 };
+            let domain = dm.create_with_format(metadata, acl, shared_with, parse_size(&size)?, format).await?;
             print(json, &domain, render::domain);
             if !json {
                 println!("\nnext: attach it with `domain-manager attach {} --vm VM --mode rw`", domain.id);
+            }
+        }
+        Command::Domain(DomainCommand::Upgrade { domain }) => {
+            let view = dm.upgrade(&domain).await?;
+            print(json, &view, render::domain);
+            if !json {
+                println!(
+                    "\n{domain} is format 2 from version {}: its next read-write attach builds the hash tree and \
+                     commits the first root to the TTP.",
+                    view.version
+                );
             }
         }
         Command::Domain(DomainCommand::List) => print(json, &dm.list().await?, |d| render::domains(d)),

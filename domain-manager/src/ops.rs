@@ -6,7 +6,7 @@ use protocol::cloud::{
     Attachment, AttachmentList, AttachmentStatus, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody,
     DomainList, DomainView, UpdateDomainRequest,
 };
-use protocol::domain::{AccessMode, AclEntry, Descriptor};
+use protocol::domain::{AccessMode, AclEntry, Descriptor, VolumeFormat};
 use protocol::messages::{Deletion, HistoryResponse, MountGrant};
 use protocol::pki::Role;
 use protocol::signing::{verify_signer_certificate, SignatureContext, SignatureKey};
@@ -102,8 +102,23 @@ impl DomainManager {
         shared_with: Vec<String>,
         size_bytes: u64,
     ) -> Result<DomainView> {
+        self.create_with_format(metadata, acl, shared_with, size_bytes, VolumeFormat::V1).await
+    }
+
+    /// [`create`](Self::create) with the on-disk format chosen: with
+    /// [`VolumeFormat::V2`] every secure component serves the volume only with its sector
+    /// tags and hash tree checked against the root the TTP anchors (docs/FORMAT.md "Version 2").
+    pub async fn create_with_format(
+        &self,
+        metadata: BTreeMap<String, String>,
+        acl: Vec<AclEntry>,
+        shared_with: Vec<String>,
+        size_bytes: u64,
+        volume_format: VolumeFormat,
+    ) -> Result<DomainView> {
         let mut descriptor = Descriptor::new(&self.name, metadata, acl)?;
         descriptor.shared_with = shared_with;
+        descriptor.volume_format = volume_format;
         descriptor.validate()?;
         let request = CreateDomainRequest {
             descriptor: self.key.sign_envelope(SignatureContext::Descriptor, descriptor.encode()?),
@@ -167,6 +182,22 @@ impl DomainManager {
             .put_json(&format!("/v1/domains/{domain_id}/descriptor"), &request)
             .await
             .map_err(|e| Error::from_net("cloud platform", e))
+    }
+
+    /// Makes a format-1 domain format 2 (a new signed version): from now on no secure
+    /// component serves it without integrity. The secure component of its next read-write
+    /// attach builds the tree over the data as it is and commits the first root; until then a
+    /// read-only attach is refused. Safe to interrupt: nothing is committed before the tree
+    /// is complete.
+    pub async fn upgrade(&self, domain_id: &str) -> Result<DomainView> {
+        self.update(domain_id, |d| {
+            if d.volume_format == VolumeFormat::V2 {
+                return Err(Error::Usage(format!("domain {domain_id} is format 2 already")));
+            }
+            d.volume_format = VolumeFormat::V2;
+            Ok(())
+        })
+        .await
     }
 
     /// Adds `vm_id` to the access list, or changes its mode.

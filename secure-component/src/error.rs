@@ -73,6 +73,15 @@ pub enum Error {
     /// `volume_failed`.
     #[error("AES-XTS engine: {0}")]
     Xts(String),
+    /// A format-2 volume that does not verify against the TTP's anchor, or that this backend
+    /// or mode cannot serve with its integrity (docs/FORMAT.md "Version 2").
+    #[error("{message}")]
+    Integrity {
+        /// `integrity_violation`, `integrity_rollback` or `integrity_unsupported`.
+        refusal: Refusal,
+        /// What did not verify or why it cannot be served.
+        message: String,
+    },
 
     // ---- TTP (host.rs, key_release.rs) ------------------------------------------------------
     /// The TTP answered with an error code (docs/PROTOCOL.md, "Error codes"), e.g.
@@ -143,6 +152,7 @@ impl Error {
             Error::BindingKeyRefused(_) => Refusal::BindingKeyRefused,
             Error::Tpm { .. } | Error::Swtpm(_) | Error::TpmState { .. } => Refusal::TpmFailed,
             Error::Volume(_) | Error::DeviceMapperUnavailable(_) | Error::Xts(_) => Refusal::VolumeFailed,
+            Error::Integrity { refusal, .. } => *refusal,
             Error::Hypervisor { .. } => Refusal::HypervisorFailed,
             Error::Io { .. } => Refusal::IoError,
             Error::Config(_) => Refusal::ConfigError,

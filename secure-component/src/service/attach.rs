@@ -6,17 +6,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::cloud::{AgentAttachRequest, AgentAttachment};
-use protocol::domain::AccessMode;
+use protocol::domain::{AccessMode, VolumeFormat};
 use protocol::secret::SecretBytes;
 use serde::Serialize;
 
 use super::backend::{mapping_name, MappingState};
+use super::integrity;
 use super::records::AttachmentRecord;
 use super::{check_attachment_id, unix_now, AttachmentService, TIMINGS_KEPT};
 use crate::error::{Error, Result};
 use crate::hypervisor::Placement;
 use crate::key_release::KeyRequest;
-use crate::volume::OpenMode;
+use crate::volume::{IntegrityOpen, OpenMode};
 
 /// Where the time of one attach went (request received until the file system is usable).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -104,6 +105,9 @@ impl AttachmentService {
             .header
             .unverified_contents()
             .map_err(|e| Error::BadRequest(format!("the header does not decode: {e}")))?;
+        // The TTP checks this descriptor is the registered, owner-signed one before it
+        // releases a key, so its format is the owner's choice, not the provider's.
+        let volume_format = descriptor.volume_format;
         let domain_id = descriptor.domain_id;
         let name = mapping_name(&domain_id, &request.vm_id);
         let _reservation =
@@ -179,6 +183,30 @@ impl AttachmentService {
             )));
         }
 
+        let (xts_key, mac_key) = integrity::split_released_keys(&key)?;
+        drop(key);
+        let integrity = match (volume_format, mac_key) {
+            (VolumeFormat::V1, _) => None,
+            (VolumeFormat::V2, None) => return Err(Error::Integrity {
+                refusal: protocol::refusal::Refusal::IntegrityUnsupported,
+                message: format!(
+                    "domain {domain_id} is format 2 but the TTP released no sector-tag key (a TTP older than format 2)"
+                ),
+            }),
+            (VolumeFormat::V2, Some(mac_key)) => Some(IntegrityOpen {
+                mac_key,
+                domain_id: domain_id.clone(),
+                anchor: integrity::anchor_of(&release)?,
+                authority: Arc::new(integrity::TtpAuthority {
+                    ttp: self.host.ttp.clone(),
+                    runtime: tokio::runtime::Handle::current(),
+                    domain_id: domain_id.clone(),
+                    host_id: self.host.host_id.clone(),
+                    vm_id: request.vm_id.clone(),
+                }),
+            }),
+        };
+
         let this = self.clone();
         let volume = PathBuf::from(&request.volume_path);
         let record = AttachmentRecord {
@@ -198,7 +226,7 @@ impl AttachmentService {
             interrupted: None,
         };
         let (record, timings) = tokio::task::spawn_blocking(move || {
-            let opened = this.open_and_attach(record, key, timings);
+            let opened = this.open_and_attach(record, xts_key, integrity, timings);
             // This pool thread copied the key into the backend (crate::scrub).
             skydd_volume::scrub::scrub_this_thread();
             opened
@@ -225,11 +253,16 @@ impl AttachmentService {
         &self,
         mut record: AttachmentRecord,
         key: SecretBytes,
+        integrity: Option<IntegrityOpen>,
         mut timings: AttachTimings,
     ) -> Result<(AttachmentRecord, AttachTimings)> {
         let mode = mode_of(record.mode);
         let t = Instant::now();
-        let opened = self.backend.get().open(&record.mapping, &record.volume_path, &key, mode);
+        let backend = self.backend.get();
+        let opened = match integrity {
+            None => backend.open(&record.mapping, &record.volume_path, &key, mode),
+            Some(integrity) => backend.open_authenticated(&record.mapping, &record.volume_path, &key, integrity, mode),
+        };
         drop(key); // wiped (SecretBytes zeroizes on drop); only the backend holds it now
         let opened = opened?;
         timings.open = t.elapsed();

@@ -28,6 +28,7 @@ pub mod startup;
 
 mod attach;
 mod detach;
+mod integrity;
 mod reservation;
 mod status;
 

@@ -8,8 +8,11 @@ pub mod filesystem;
 pub mod userspace;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use protocol::refusal::Refusal;
 use protocol::secret::SecretBytes;
+use skydd_volume::integrity::{Anchor, Authority};
 
 use crate::error::{Error, Result};
 use crate::sys::loopdev::LoopError;
@@ -45,18 +48,64 @@ pub trait VolumeBackend: Send + Sync {
     /// 64-byte AES-256-XTS `key`. The backend must not keep the key after this returns
     /// except inside the kernel or its own locked buffer.
     fn open(&self, name: &str, volume: &Path, key: &SecretBytes, mode: OpenMode) -> Result<OpenVolume>;
+    /// Opens a format-2 volume (docs/FORMAT.md "Version 2"): sectors verified against their
+    /// tags and the tree against `integrity.anchor`, each flush committed to the TTP. A
+    /// backend that cannot keep that refuses (`integrity_unsupported`) rather than serve the
+    /// volume without it.
+    fn open_authenticated(
+        &self,
+        name: &str,
+        volume: &Path,
+        key: &SecretBytes,
+        integrity: IntegrityOpen,
+        mode: OpenMode,
+    ) -> Result<OpenVolume> {
+        let _ = (name, volume, key, integrity, mode);
+        Err(Error::Integrity {
+            refusal: Refusal::IntegrityUnsupported,
+            message: format!(
+                "the {} backend cannot keep a format-2 volume's sector tags and hash tree, so it refuses the volume \
+                 instead of serving it without integrity; use backend = \"userspace\"",
+                self.kind()
+            ),
+        })
+    }
     /// Closes the mapping and wipes the key everywhere the backend put it.
     fn close(&self, name: &str) -> Result<()>;
     /// The mappings this backend has open now (after a restart too).
     fn list(&self) -> Result<Vec<OpenVolume>>;
 }
 
+/// What opening a format-2 volume needs beyond the XTS key.
+pub struct IntegrityOpen {
+    /// The 32-byte sector-tag key `K_mac` the TTP released with the volume key.
+    pub mac_key: SecretBytes,
+    /// The domain (bound into every tag and the root).
+    pub domain_id: String,
+    /// The newest committed state the TTP returned; `None` before the first commit.
+    pub anchor: Option<Anchor>,
+    /// Where roots are committed and violations reported (the TTP).
+    pub authority: Arc<dyn Authority>,
+}
+
 /// The engine's refusals keep their message ("AES-XTS engine: ...") and answer
 /// `volume_failed` like every other volume error.
 impl From<skydd_volume::Error> for Error {
     fn from(e: skydd_volume::Error) -> Self {
+        use skydd_volume::ViolationKind;
         match e {
             skydd_volume::Error::Xts(detail) => Error::Xts(detail),
+            e @ skydd_volume::Error::Integrity { kind: ViolationKind::Rollback, .. } => {
+                Error::Integrity { refusal: Refusal::IntegrityRollback, message: e.to_string() }
+            }
+            e @ skydd_volume::Error::Integrity { .. } => {
+                Error::Integrity { refusal: Refusal::IntegrityViolation, message: e.to_string() }
+            }
+            e @ skydd_volume::Error::Unsupported(_) => {
+                Error::Integrity { refusal: Refusal::IntegrityUnsupported, message: e.to_string() }
+            }
+            skydd_volume::Error::Io { context, source } => Error::io(context, source),
+            e @ (skydd_volume::Error::Layout(_) | skydd_volume::Error::Commit(_)) => Error::Volume(e.to_string()),
         }
     }
 }

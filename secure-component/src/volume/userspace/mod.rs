@@ -17,15 +17,18 @@ use std::fs::OpenOptions;
 use std::io::ErrorKind;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use fuser::MountOption;
 use protocol::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
+use skydd_volume::device::{PlainDevice, SectorDevice};
+use skydd_volume::integrity::tag::Tagger;
+use skydd_volume::integrity::{IntegrityVolume, Opened};
 use skydd_volume::layout::{data_sectors, DATA_OFFSET, SECTOR_SIZE};
 use skydd_volume::xts::XtsEngine;
 
-use super::{OpenMode, OpenVolume, VolumeBackend};
+use super::{IntegrityOpen, OpenMode, OpenVolume, VolumeBackend};
 use crate::error::{Error, Result};
 use crate::sys::loopdev::{self, LoopOptions};
 use plain_file::PlainFile;
@@ -34,8 +37,6 @@ use plain_file::PlainFile;
 pub const DEFAULT_STATE_DIR: &str = "/run/skydd/userspace";
 /// Name of the plaintext file inside each FUSE mount.
 pub const DATA_FILE: &str = "data";
-
-const SECTOR: u64 = SECTOR_SIZE as u64;
 
 /// What `<state_dir>/<name>.json` holds: enough to find and tear down a mapping, no key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -65,6 +66,8 @@ pub struct MappingStatus {
 
 struct Live {
     record: MappingRecord,
+    // Flushed (format 2: the final root committed) at close, before the session goes.
+    device: Arc<dyn SectorDevice>,
     // Dropping the session unmounts the FUSE file system and drops the engine (whose
     // OpenSSL contexts are wiped when freed).
     session: fuser::BackgroundSession,
@@ -162,6 +165,81 @@ impl VolumeBackend for UserspaceBackend {
     }
 
     fn open(&self, name: &str, volume: &Path, key: &SecretBytes, mode: OpenMode) -> Result<OpenVolume> {
+        self.serve(name, volume, mode, |file, len| {
+            let sectors = data_sectors(len);
+            if sectors == 0 {
+                return Err(Error::Volume(format!(
+                    "volume {} is {len} bytes: no data area after the {DATA_OFFSET}-byte header area",
+                    volume.display()
+                )));
+            }
+            Ok(Arc::new(PlainDevice::new(Arc::new(file), XtsEngine::new(key)?, sectors)) as Arc<dyn SectorDevice>)
+        })
+    }
+
+    fn open_authenticated(
+        &self,
+        name: &str,
+        volume: &Path,
+        key: &SecretBytes,
+        integrity: IntegrityOpen,
+        mode: OpenMode,
+    ) -> Result<OpenVolume> {
+        self.serve(name, volume, mode, |file, _len| {
+            let tagger = Tagger::new(&integrity.mac_key, &integrity.domain_id)?;
+            let read_only = mode == OpenMode::ReadOnly;
+            let (device, opened) = IntegrityVolume::open(
+                Arc::new(file),
+                XtsEngine::new(key)?,
+                tagger,
+                integrity.anchor,
+                read_only,
+                integrity.authority,
+            )?;
+            match opened {
+                Opened::Clean { epoch } => {
+                    tracing::info!(name, epoch, "format-2 volume verified against the TTP's anchor")
+                }
+                Opened::Initialised { tagged, unwritten } => {
+                    tracing::info!(
+                        name,
+                        tagged,
+                        unwritten,
+                        "format-2 volume initialised: tree built, epoch 1 committed"
+                    )
+                }
+                Opened::Recovered { zones, kept_new, kept_committed, reset, epoch } => tracing::warn!(
+                    name,
+                    zones,
+                    kept_new,
+                    kept_committed,
+                    reset,
+                    epoch,
+                    "format-2 volume had writes after its last commit (a crash): settled"
+                ),
+            }
+            Ok(Arc::new(device) as Arc<dyn SectorDevice>)
+        })
+    }
+
+    fn close(&self, name: &str) -> Result<()> {
+        self.close_mapping(name)
+    }
+
+    fn list(&self) -> Result<Vec<OpenVolume>> {
+        self.list_open()
+    }
+}
+
+impl UserspaceBackend {
+    /// Opens `volume`, builds its sector device with `device` and serves it over FUSE + loop.
+    fn serve(
+        &self,
+        name: &str,
+        volume: &Path,
+        mode: OpenMode,
+        device: impl FnOnce(std::fs::File, u64) -> Result<Arc<dyn SectorDevice>>,
+    ) -> Result<OpenVolume> {
         validate_name(name)?;
         let mut live = self.lock()?;
         if live.contains_key(name) {
@@ -181,19 +259,12 @@ impl VolumeBackend for UserspaceBackend {
             .map_err(|e| Error::io(format!("opening volume {}", volume.display()), e))?;
         let len = file.metadata().map_err(|e| Error::io(format!("stat of volume {}", volume.display()), e))?.len();
         let len = if len == 0 { crate::sys::block_device_size(&file).unwrap_or(0) } else { len };
-        let sectors = data_sectors(len);
-        if sectors == 0 {
-            return Err(Error::Volume(format!(
-                "volume {} is {len} bytes: no data area after the {DATA_OFFSET}-byte header area",
-                volume.display()
-            )));
-        }
-        let engine = XtsEngine::new(key)?;
+        let sector_device = device(file, len)?;
 
         let mountpoint = self.state_dir.join(format!("{name}.mnt"));
         std::fs::create_dir_all(&mountpoint)
             .map_err(|e| Error::io(format!("creating mount point {}", mountpoint.display()), e))?;
-        let fs = PlainFile::new(file, engine, sectors * SECTOR, read_only);
+        let fs = PlainFile::new(sector_device.clone(), read_only);
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::FSName(format!("skydd-{name}")),
@@ -212,7 +283,7 @@ impl VolumeBackend for UserspaceBackend {
         let data_path = mountpoint.join(DATA_FILE);
         // 4096-byte logical blocks: the kernel never sends sub-sector I/O.
         let options = LoopOptions { read_only, autoclear: false, block_size: Some(SECTOR_SIZE as u32) };
-        let device = match loopdev::attach(&data_path, options) {
+        let loop_device = match loopdev::attach(&data_path, options) {
             Ok(lo) => lo.path,
             Err(e) => {
                 drop(session);
@@ -223,7 +294,7 @@ impl VolumeBackend for UserspaceBackend {
         let record = MappingRecord {
             name: name.to_string(),
             volume: volume.to_path_buf(),
-            device: device.clone(),
+            device: loop_device.clone(),
             mountpoint: mountpoint.clone(),
             read_only,
             pid: std::process::id(),
@@ -231,17 +302,17 @@ impl VolumeBackend for UserspaceBackend {
         let json = serde_json::to_vec_pretty(&record)
             .map_err(|e| Error::Volume(format!("encoding mapping record for {name}: {e}")))?;
         if let Err(e) = std::fs::write(self.record_path(name), json) {
-            let _ = loopdev::detach_if_backed_by(&device, &data_path);
+            let _ = loopdev::detach_if_backed_by(&loop_device, &data_path);
             drop(session);
             let _ = std::fs::remove_dir(&mountpoint);
             return Err(Error::io(format!("writing {}", self.record_path(name).display()), e));
         }
-        tracing::info!(name, device = %device.display(), ?mode, "userspace volume opened");
-        live.insert(name.to_string(), Live { record, session });
-        Ok(OpenVolume { name: name.to_string(), device, mode })
+        tracing::info!(name, device = %loop_device.display(), ?mode, "userspace volume opened");
+        live.insert(name.to_string(), Live { record, device: sector_device, session });
+        Ok(OpenVolume { name: name.to_string(), device: loop_device, mode })
     }
 
-    fn close(&self, name: &str) -> Result<()> {
+    fn close_mapping(&self, name: &str) -> Result<()> {
         let mut live = self.lock()?;
         let Some(mapping) = live.remove(name) else {
             return Err(Error::Volume(format!("userspace mapping {name} is not open in this process")));
@@ -254,6 +325,12 @@ impl VolumeBackend for UserspaceBackend {
             return Err(err);
         }
         let mountpoint = r.mountpoint.clone();
+        // The loop device wrote back and flushed; this commits whatever is still open (format 2:
+        // the root at detach). A failure loses nothing: the writes are on disk and announced in
+        // the dirty map, so the next open settles them.
+        if let Err(e) = mapping.device.flush() {
+            tracing::warn!(name, error = %e, "final flush at close failed; the next open recovers these writes");
+        }
         // Unmounts FUSE, joins the server thread and frees the engine (keys wiped by OpenSSL).
         drop(mapping.session);
         let _ = std::fs::remove_dir(&mountpoint);
@@ -262,7 +339,7 @@ impl VolumeBackend for UserspaceBackend {
         Ok(())
     }
 
-    fn list(&self) -> Result<Vec<OpenVolume>> {
+    fn list_open(&self) -> Result<Vec<OpenVolume>> {
         let mut out = Vec::new();
         for s in self.list_detailed()? {
             let mode = if s.record.read_only { OpenMode::ReadOnly } else { OpenMode::ReadWrite };

@@ -1,13 +1,13 @@
 //! The FUSE file system of a userspace mapping: one directory holding one file, [`DATA_FILE`],
-//! whose bytes are the data area of the volume (docs/FORMAT.md, "Data area") decrypted and
-//! encrypted sector by sector by the AES-XTS engine. Partial sectors are read-modify-write;
-//! the kernel sees a plain file it can put a loop device on.
+//! whose bytes are the data area of the volume (docs/FORMAT.md, "Data area") served by a
+//! [`SectorDevice`]: AES-XTS alone for format 1, AES-XTS with sector tags and the hash tree
+//! for format 2 (a sector that does not verify reads as EIO, an fsync commits the new root).
+//! Partial sectors are read-modify-write; the kernel sees a plain file it can put a loop
+//! device on.
 
 use std::ffi::OsStr;
-use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -15,8 +15,8 @@ use fuser::{
     OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite,
     Request, WriteFlags,
 };
-use skydd_volume::layout::{data_sector_offset, SECTOR_SIZE};
-use skydd_volume::xts::XtsEngine;
+use skydd_volume::device::SectorDevice;
+use skydd_volume::layout::SECTOR_SIZE;
 
 use super::DATA_FILE;
 
@@ -29,8 +29,7 @@ const SECTOR: u64 = SECTOR_SIZE as u64;
 /// The FUSE file system of one mapping: a root directory holding the plaintext file
 /// [`DATA_FILE`], whose bytes are the decrypted data area of the volume.
 pub(super) struct PlainFile {
-    file: File,
-    engine: XtsEngine,
+    device: Arc<dyn SectorDevice>,
     size: u64,
     read_only: bool,
     /// Reused between requests: no allocation per I/O once warmed up. fuser (>= 0.17) calls
@@ -42,12 +41,12 @@ pub(super) struct PlainFile {
 }
 
 impl PlainFile {
-    /// Serves the data area of `file` (opened read-only for `read_only`) through `engine`;
-    /// `size` is the data area's length in whole sectors.
-    pub(super) fn new(file: File, engine: XtsEngine, size: u64, read_only: bool) -> Self {
+    /// Serves the plaintext of `device` (refusing writes for `read_only`).
+    pub(super) fn new(device: Arc<dyn SectorDevice>, read_only: bool) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        Self { file, engine, size, read_only, buf: Mutex::new(Vec::new()), uid, gid, started: SystemTime::now() }
+        let size = device.data_sectors() * SECTOR;
+        Self { device, size, read_only, buf: Mutex::new(Vec::new()), uid, gid, started: SystemTime::now() }
     }
 
     /// The scratch buffer; a panic while it was held leaves nothing to repair in it.
@@ -86,9 +85,7 @@ impl PlainFile {
         if scratch.len() < len {
             scratch.resize(len, 0);
         }
-        let buf = &mut scratch[..len];
-        self.file.read_exact_at(buf, data_sector_offset(first))?;
-        self.engine.decrypt_sectors(first, buf).map_err(|e| std::io::Error::other(e.to_string()))
+        self.device.read_sectors(first, &mut scratch[..len]).map_err(device_error)
     }
 
     fn read_range<'b>(&self, scratch: &'b mut Vec<u8>, offset: u64, size: usize) -> std::io::Result<&'b [u8]> {
@@ -129,16 +126,25 @@ impl PlainFile {
         }
         let buf = &mut scratch[..len];
         buf[head..head + data.len()].copy_from_slice(data);
-        self.engine.encrypt_sectors(first, buf).map_err(|e| std::io::Error::other(e.to_string()))?;
-        self.file.write_all_at(buf, data_sector_offset(first))?;
+        self.device.write_sectors(first, buf).map_err(device_error)?;
         Ok(data.len())
     }
 
     /// Decrypts one sector into `scratch[at..at + 4096]`.
     fn load_into(&self, scratch: &mut [u8], sector: u64, at: usize) -> std::io::Result<()> {
-        let s = &mut scratch[at..at + SECTOR_SIZE];
-        self.file.read_exact_at(s, data_sector_offset(sector))?;
-        self.engine.decrypt_sectors(sector, s).map_err(|e| std::io::Error::other(e.to_string()))
+        self.device.read_sectors(sector, &mut scratch[at..at + SECTOR_SIZE]).map_err(device_error)
+    }
+}
+
+/// The reader sees EIO for anything the device refuses (a sector that does not verify, a
+/// root the TTP did not take), and the OS error for I/O failures; the detail is logged.
+fn device_error(e: skydd_volume::Error) -> std::io::Error {
+    match e {
+        skydd_volume::Error::Io { source, .. } => source,
+        other => {
+            tracing::error!(error = %other, "userspace volume request refused");
+            std::io::Error::from_raw_os_error(libc::EIO)
+        }
     }
 }
 
@@ -239,9 +245,9 @@ impl Filesystem for PlainFile {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let r = if datasync { self.file.sync_data() } else { self.file.sync_all() };
-        match r {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Format 2: makes the writes durable and commits the new root to the TTP.
+        match self.device.flush().map_err(device_error) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno_of(&e)),
         }

@@ -1,0 +1,95 @@
+//! The TTP as a format-2 volume sees it ([`skydd_volume::integrity::Authority`]): each flush
+//! commits the volume root over the host's mutual-TLS connection to the TTP, and anything
+//! that does not verify is reported into the domain's viewing history (docs/PROTOCOL.md
+//! "Integrity anchor"). The volume calls it from the FUSE thread, outside the runtime, so a
+//! commit blocks on the runtime handle and a report is sent in the background.
+
+use protocol::integrity::{
+    IntegrityAnchor, IntegrityCommitRequest, IntegrityCommitResponse, IntegrityViolationReport,
+    IntegrityViolationResponse, ViolationKind,
+};
+use protocol::messages::KeyReleaseResponse;
+use protocol::refusal::Refusal;
+use protocol::secret::SecretBytes;
+use skydd_volume::integrity::{Anchor, Authority};
+
+use crate::error::{Error, Result};
+
+/// Commits and reports for one mapping (a domain opened for a VM on this host).
+pub(super) struct TtpAuthority {
+    pub(super) ttp: net::Client,
+    pub(super) runtime: tokio::runtime::Handle,
+    pub(super) domain_id: String,
+    pub(super) host_id: String,
+    pub(super) vm_id: String,
+}
+
+impl Authority for TtpAuthority {
+    fn commit(&self, epoch: u64, root: &[u8; 32]) -> std::result::Result<(), String> {
+        let path = format!("/v1/domains/{}/integrity/commits", self.domain_id);
+        let body = IntegrityCommitRequest { host_id: self.host_id.clone(), epoch, root: *root };
+        let ttp = self.ttp.clone();
+        let answer: IntegrityCommitResponse = self
+            .runtime
+            .block_on(async move { ttp.post_json(&path, &body).await })
+            .map_err(|e| format!("epoch {epoch}: {e}"))?;
+        let anchor = IntegrityAnchor::decode(&answer.anchor.message).map_err(|e| e.to_string())?;
+        if anchor.domain_id != self.domain_id || anchor.epoch != epoch || anchor.root != *root {
+            return Err(format!("the TTP answered epoch {epoch} with an anchor of another state ({})", anchor.epoch));
+        }
+        tracing::debug!(domain = %self.domain_id, epoch, audit_seq = answer.audit_seq, "integrity root committed");
+        Ok(())
+    }
+
+    fn report(&self, kind: ViolationKind, sector: Option<u64>) {
+        tracing::error!(domain = %self.domain_id, vm = %self.vm_id, kind = kind.as_str(), ?sector,
+            "integrity violation: the volume was altered outside this host");
+        let path = format!("/v1/domains/{}/integrity/violations", self.domain_id);
+        let body = IntegrityViolationReport { host_id: self.host_id.clone(), vm_id: self.vm_id.clone(), kind, sector };
+        let (ttp, domain) = (self.ttp.clone(), self.domain_id.clone());
+        self.runtime.spawn(async move {
+            let sent: net::Result<IntegrityViolationResponse> = ttp.post_json(&path, &body).await;
+            if let Err(e) = sent {
+                tracing::error!(%domain, error = %e, "reporting an integrity violation to the TTP failed");
+            }
+        });
+    }
+}
+
+/// The two keys of a release: the 64-byte XTS key and, from a TTP that releases it, the
+/// 32-byte sector-tag key of format 2 (docs/PROTOCOL.md "Key derivation").
+pub(super) fn split_released_keys(released: &SecretBytes) -> Result<(SecretBytes, Option<SecretBytes>)> {
+    use protocol::kdf::{RELEASED_KEYS_BYTES, VOLUME_KEY_BYTES};
+    let bytes = released.expose();
+    let part = |range: std::ops::Range<usize>| {
+        let mut key = SecretBytes::zeroed(range.len());
+        key.expose_mut().copy_from_slice(&bytes[range]);
+        key
+    };
+    match bytes.len() {
+        VOLUME_KEY_BYTES => Ok((part(0..VOLUME_KEY_BYTES), None)),
+        RELEASED_KEYS_BYTES => Ok((part(0..VOLUME_KEY_BYTES), Some(part(VOLUME_KEY_BYTES..RELEASED_KEYS_BYTES)))),
+        other => Err(Error::Volume(format!(
+            "the TTP released {other} bytes of key; expected {VOLUME_KEY_BYTES} or {RELEASED_KEYS_BYTES}"
+        ))),
+    }
+}
+
+/// The newest anchor the TTP returned with the release, checked to be this domain's.
+pub(super) fn anchor_of(release: &KeyReleaseResponse) -> Result<Option<Anchor>> {
+    let Some(envelope) = &release.integrity_anchor else {
+        return Ok(None);
+    };
+    let anchor = IntegrityAnchor::decode(&envelope.message)
+        .map_err(|e| Error::BadRequest(format!("the TTP's integrity anchor does not decode: {e}")))?;
+    if anchor.domain_id != release.domain_id || anchor.epoch == 0 {
+        return Err(Error::Integrity {
+            refusal: Refusal::IntegrityViolation,
+            message: format!(
+                "the TTP returned an anchor of domain {} epoch {} with the key of domain {}",
+                anchor.domain_id, anchor.epoch, release.domain_id
+            ),
+        });
+    }
+    Ok(Some(Anchor { epoch: anchor.epoch, root: anchor.root }))
+}
