@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use domain_manager::config::DmConfig;
 use domain_manager::ops::DomainManager;
-use protocol::domain::AccessMode;
+use protocol::domain::{AccessMode, VolumeFormat};
 
 use crate::cloud::{AllInOne, Layout};
 
@@ -87,7 +87,7 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let acl = vec![domain_manager::ops::parse_acl_entry("vm-a:rw")?, domain_manager::ops::parse_acl_entry("vm-b:ro")?];
-    let domain = alice.create(metadata, acl, Vec::new(), 64 << 20).await?;
+    let domain = alice.create_with_format(metadata, acl, Vec::new(), 64 << 20, VolumeFormat::V2).await?;
     let id = domain.id.clone();
     report.domain_id = id.clone();
     n.say(&format!("domain {id}, version {}, 64 MiB, stored by the cloud platform", domain.version));
@@ -143,6 +143,20 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
     n.say(&format!("{} does not contain the record's text anywhere", raw_path.display()));
     n.proves("the cloud platform stores only ciphertext");
 
+    n.step("the cloud operator flips one bit of the record on the volume; vm-b reads it again");
+    let record_at = record_offset_on_volume(&vm_b_dir.join(RECORD_NAME))?;
+    flip_bit(&raw_path, record_at)?;
+    let tampered_read = read_uncached(&vm_b_dir.join(RECORD_NAME));
+    flip_bit(&raw_path, record_at)?; // put it back, so the story goes on with an intact volume
+    match tampered_read {
+        Err(e) if e.raw_os_error() == Some(EIO) => n.say(&format!("vm-b's read fails: {e}")),
+        Err(e) => bail!("vm-b's read of the tampered record failed, but not with EIO: {e}"),
+        Ok(text) => bail!("vm-b read the tampered record without an error ({} bytes)", text.len()),
+    }
+    let violation = wait_for_event(&alice, &id, "integrity_violation").await?;
+    n.say(&format!("the viewing history shows #{} integrity_violation by {}: {}", violation.0, violation.1, violation.2));
+    n.proves("format 2 tags every sector: the provider's change reads as an error, never as altered data, and is recorded");
+
     n.step("dm-alice revokes vm-b; vm-b then tries to attach again");
     let revoked = alice.revoke(&id, "vm-b").await?;
     let still_mounted = std::fs::read_to_string("/proc/mounts")?.contains(&*vm_b_dir.to_string_lossy());
@@ -190,7 +204,73 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
 
     n.step("cleaning up: detach every VM");
     alice.detach(&id, "vm-c").await?;
+
+    n.step("the cloud operator keeps a copy; vm-a adds an allergy; the operator restores the old copy");
+    let old_copy = std::fs::read(&raw_path).with_context(|| format!("copy {}", raw_path.display()))?;
+    alice.attach(&id, "vm-a", AccessMode::Rw, 300).await?;
+    let updated = format!("{RECORD_TEXT}{ALLERGY_TEXT}");
+    write_synced(&mount("vm-a", &id)?.join(RECORD_NAME), &updated)?;
+    alice.detach(&id, "vm-a").await?;
+    let new_copy = std::fs::read(&raw_path)?;
+    std::fs::write(&raw_path, &old_copy).with_context(|| format!("restore {}", raw_path.display()))?;
+    let refused = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await;
+    std::fs::write(&raw_path, &new_copy)?; // the operator gives up: the newest copy is back
+    expect_refusal(&mut n, &mut report, "", refused, "attaching the restored old copy", "integrity_rollback")?;
+    alice.attach(&id, "vm-a", AccessMode::Ro, 300).await?;
+    let current = std::fs::read_to_string(mount("vm-a", &id)?.join(RECORD_NAME))?;
+    ensure!(current == updated, "after the newest copy came back, vm-a does not read the allergy");
+    alice.detach(&id, "vm-a").await?;
+    n.say("with the newest copy back, vm-a reads the record with the allergy");
+    n.proves("the TTP anchors each committed root: an older copy of the volume is refused, so no write is silently undone");
     Ok(report)
+}
+
+const ALLERGY_TEXT: &str = "Allergy: penicillin (anaphylaxis 2019).\n";
+const EIO: i32 = 5;
+
+/// Byte offset, in the raw volume file, of the first block of `path` (ext4 on the volume's
+/// data area, docs/FORMAT.md: data sector n at 1 MiB + 4096·n), from `filefrag` (e2fsprogs).
+fn record_offset_on_volume(path: &Path) -> Result<u64> {
+    let out = std::process::Command::new("filefrag").args(["-e", "-b4096"]).arg(path).output().context("run filefrag")?;
+    ensure!(out.status.success(), "filefrag {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "   0:        0..       0:       8706..      8706:      1:             last,eof"
+    let physical = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("0:"))
+        .and_then(|l| l.split(':').nth(2))
+        .and_then(|range| range.split("..").next())
+        .and_then(|start| start.trim().parse::<u64>().ok())
+        .with_context(|| format!("no first extent in filefrag's output: {text}"))?;
+    Ok(protocol::format::DATA_OFFSET + physical * 4096)
+}
+
+fn flip_bit(path: &Path, offset: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset + 20)?;
+    file.write_all_at(&[byte[0] ^ 0x10], offset + 20)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Reads `path` past the page cache above the volume (dropping clean cached pages first).
+fn read_uncached(path: &Path) -> std::io::Result<String> {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+    std::fs::read_to_string(path)
+}
+
+/// The first history record of `event` (seq, host, message), waiting up to 10 s for it.
+async fn wait_for_event(dm: &DomainManager, id: &str, event: &str) -> Result<(u64, String, String)> {
+    for _ in 0..50 {
+        let history = dm.history(id).await?;
+        if let Some(r) = history.records.iter().find(|r| r.event == event) {
+            return Ok((r.seq, r.host_id.clone().unwrap_or_default(), r.message.clone()));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    bail!("no {event} record in the viewing history after 10 s")
 }
 
 fn write_synced(path: &Path, text: &str) -> Result<()> {
