@@ -159,3 +159,38 @@ pub(super) fn commit_anchor(
     tx.commit().map_err(store_err("commit the integrity anchor"))?;
     Ok(record)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{SqliteStore, TtpStore};
+    use super::*;
+
+    /// A database made before schema version 1 gains the integrity tables at open, and a
+    /// reopened one keeps what it holds.
+    #[test]
+    fn schema_migrates_once_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ttp.db");
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE integrity_anchors; DROP TABLE latest_releases; PRAGMA user_version = 0;")
+            .unwrap();
+        let entry = AuditEntry {
+            event: "key_release".into(),
+            domain_id: Some("d".into()),
+            host_id: Some("h".into()),
+            vm_id: Some("v".into()),
+            ..Default::default()
+        };
+        drop(SqliteStore::open(&path).unwrap());
+        let version: i64 =
+            Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
+        assert_eq!(version, 1);
+        let store = SqliteStore::open(&path).unwrap();
+        store.append_key_release(entry, AccessMode::Rw).unwrap();
+        drop(store);
+        let release = SqliteStore::open(&path).unwrap().latest_release("d").unwrap().expect("kept");
+        assert_eq!((release.host_id.as_str(), release.mode), ("h", AccessMode::Rw));
+    }
+}
