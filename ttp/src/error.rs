@@ -139,6 +139,20 @@ pub enum Error {
     #[error("placement does not match the request: {0}")]
     PlacementMismatch(String),
 
+    // ---- format-2 integrity (service/integrity.rs) -------------------------------------------
+    /// An integrity root commit whose epoch is not the newest + 1 (409 `integrity_epoch_stale`):
+    /// a replayed commit, or one from a fork of the volume.
+    #[error("integrity commit refused: {0}")]
+    IntegrityEpochStale(String),
+    /// An integrity commit or violation report from a host that does not hold the domain's
+    /// newest key release (read-write, for a commit) (403 `integrity_commit_forbidden`).
+    #[error("integrity commit or report refused: {0}")]
+    IntegrityCommitForbidden(String),
+    /// Too many integrity violation reports for one domain from one host in a minute
+    /// (429 `rate_limited`): the audit log is not a place to flood.
+    #[error("{0}")]
+    RateLimited(String),
+
     // ---- audit and store -------------------------------------------------------------------
     /// The audit log was edited, relinked or has records missing (500 `audit_chain_broken`;
     /// docs/PROTOCOL.md "Audit records").
@@ -207,6 +221,9 @@ impl Error {
             Error::GrantMismatch(_) => Refusal::GrantMismatch,
             Error::PlacementInvalid(_) => Refusal::PlacementInvalid,
             Error::PlacementMismatch(_) => Refusal::PlacementMismatch,
+            Error::IntegrityEpochStale(_) => Refusal::IntegrityEpochStale,
+            Error::IntegrityCommitForbidden(_) => Refusal::IntegrityCommitForbidden,
+            Error::RateLimited(_) => Refusal::RateLimited,
             Error::AuditChainBroken(_) => Refusal::AuditChainBroken,
             Error::Store(_) => Refusal::StoreError,
             Error::Config(_) => Refusal::ConfigError,

@@ -10,6 +10,9 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use net::{ApiError, Identity};
 use protocol::attest::{CredentialChallenge, EnrollmentProof, EnrollmentRequest};
+use protocol::integrity::{
+    IntegrityCommitRequest, IntegrityCommitResponse, IntegrityViolationReport, IntegrityViolationResponse,
+};
 use protocol::messages::{
     ChallengeResponse, DeleteDomainRequest, HistoryResponse, KeyReleaseRequest, KeyReleaseResponse,
     RegisterDomainRequest, RegisterDomainResponse,
@@ -33,6 +36,8 @@ pub fn router(ttp: Arc<Ttp>) -> Router {
         .route("/v1/domains", post(register_domain))
         .route("/v1/domains/{domain_id}/delete", post(delete_domain))
         .route("/v1/domains/{domain_id}/history", get(history))
+        .route("/v1/domains/{domain_id}/integrity/commits", post(commit_integrity_root))
+        .route("/v1/domains/{domain_id}/integrity/violations", post(report_integrity_violation))
         .route("/v1/key-releases", post(release_key))
         .route("/v1/health", get(health))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -167,6 +172,26 @@ async fn release_key(
 ) -> Result<Json<KeyReleaseResponse>, ApiError> {
     let request = json_body(body)?;
     blocking(move || ttp.release_key(&caller, &request)).await
+}
+
+async fn commit_integrity_root(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+    Path(domain_id): Path<String>,
+    body: Result<Json<IntegrityCommitRequest>, JsonRejection>,
+) -> Result<Json<IntegrityCommitResponse>, ApiError> {
+    let request = json_body(body)?;
+    blocking(move || ttp.commit_integrity_root(&caller, &domain_id, &request)).await
+}
+
+async fn report_integrity_violation(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+    Path(domain_id): Path<String>,
+    body: Result<Json<IntegrityViolationReport>, JsonRejection>,
+) -> Result<Json<IntegrityViolationResponse>, ApiError> {
+    let report = json_body(body)?;
+    blocking(move || ttp.report_integrity_violation(&caller, &domain_id, &report)).await
 }
 
 async fn health() -> &'static str {

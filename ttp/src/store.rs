@@ -7,9 +7,14 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use protocol::messages::{AuditRecord, AUDIT_FORMAT_TAGGED, AUDIT_GENESIS_HASH};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use protocol::domain::AccessMode;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::error::{Error, Result};
+
+mod integrity;
+
+pub use integrity::{LatestRelease, StoredAnchor};
 
 /// How long an operator's `ttp host replace` approval stays usable (24 h).
 pub const HOST_REPLACEMENT_TTL_SECS: u64 = 24 * 3600;
@@ -40,7 +45,8 @@ pub struct DomainRecord {
 pub struct AuditEntry {
     /// Unix seconds of the event.
     pub at: u64,
-    /// What happened: `register`, `delete`, `enroll_begin`, `enroll` or `key_release`.
+    /// What happened: `register`, `delete`, `enroll_begin`, `enroll`, `key_release`,
+    /// `integrity_commit` or `integrity_violation`.
     pub event: String,
     /// `"ok"` or the refusal's error code (`Error::code`).
     pub outcome: String,
@@ -105,6 +111,21 @@ pub trait TtpStore: Send + Sync {
     /// The audit records in sequence order: every record with `None`, or only those naming
     /// `domain_id`. Does not verify the chain (the service does).
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>>;
+
+    /// Appends the audit record of a granted key release (`entry` names domain, host and VM)
+    /// and makes it the domain's [`LatestRelease`] in `mode`, in one transaction; returns the
+    /// record and the domain's newest anchor as of that instant (docs/PROTOCOL.md "Integrity
+    /// anchor": from then on only this release's host may commit).
+    fn append_key_release(&self, entry: AuditEntry, mode: AccessMode) -> Result<(AuditRecord, Option<StoredAnchor>)>;
+    /// The newest granted key release of `domain_id`, if any.
+    fn latest_release(&self, domain_id: &str) -> Result<Option<LatestRelease>>;
+    /// The newest committed integrity anchor of `domain_id`, if any.
+    fn newest_anchor(&self, domain_id: &str) -> Result<Option<StoredAnchor>>;
+    /// Stores `anchor` and appends its audit record in one transaction, only if its epoch is
+    /// still the newest + 1 (`Error::IntegrityEpochStale`) and the domain's newest release is
+    /// still the one with audit record `release_seq` (`Error::IntegrityCommitForbidden`):
+    /// compare-and-set, so two racing commits or a commit racing a release cannot both win.
+    fn commit_anchor(&self, anchor: &StoredAnchor, release_seq: u64, entry: AuditEntry) -> Result<AuditRecord>;
 }
 
 /// The embedded SQLite implementation of [`TtpStore`] (WAL, synchronous=FULL, so an
@@ -161,12 +182,29 @@ impl SqliteStore {
                  CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain_id, seq);",
             )
             .map_err(store_err("create the TTP schema"))?;
+        migrate(&connection)?;
         Ok(Self { connection: Mutex::new(connection) })
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
         self.connection.lock().map_err(|_| Error::Store("database lock poisoned by an earlier panic".into()))
     }
+}
+
+/// Schema changes after the first schema, numbered by SQLite's `user_version`: a database is
+/// brought to the newest version at open, each step in its own transaction.
+const MIGRATIONS: &[(i64, &str)] = &[(1, integrity::SCHEMA)];
+
+fn migrate(connection: &Connection) -> Result<()> {
+    let current: i64 =
+        connection.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(store_err("read schema version"))?;
+    for (version, sql) in MIGRATIONS.iter().filter(|(version, _)| *version > current) {
+        let failed = |e: rusqlite::Error| Error::Store(format!("migrate the TTP schema to version {version}: {e}"));
+        let tx = connection.unchecked_transaction().map_err(failed)?;
+        tx.execute_batch(&format!("{sql} PRAGMA user_version = {version};")).map_err(failed)?;
+        tx.commit().map_err(failed)?;
+    }
+    Ok(())
 }
 
 fn hash32(raw: Vec<u8>, what: &str) -> Result<[u8; 32]> {
@@ -178,6 +216,41 @@ fn hash32(raw: Vec<u8>, what: &str) -> Result<[u8; 32]> {
 fn sql_time(what: &str, unix_secs: u64) -> Result<i64> {
     i64::try_from(unix_secs)
         .map_err(|_| Error::Store(format!("{what} {unix_secs} is beyond the largest storable time")))
+}
+
+/// Numbers, chains and appends a record inside the caller's transaction, so that a record and
+/// the state change it reports commit together or not at all.
+fn append_audit_in(tx: &Transaction<'_>, entry: AuditEntry) -> Result<AuditRecord> {
+    let last: Option<(i64, String)> = tx
+        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
+        .map_err(store_err("read audit head"))?;
+    let (seq, prev_hash) = match last {
+        Some((seq, hash)) => (seq as u64 + 1, hash),
+        None => (1, AUDIT_GENESIS_HASH.to_string()),
+    };
+    let mut record = AuditRecord {
+        seq,
+        at: entry.at,
+        event: entry.event,
+        outcome: entry.outcome,
+        message: entry.message,
+        domain_id: entry.domain_id,
+        host_id: entry.host_id,
+        vm_id: entry.vm_id,
+        actor: entry.actor,
+        prev_hash,
+        hash: String::new(),
+        format: AUDIT_FORMAT_TAGGED,
+    };
+    record.hash = record.compute_hash();
+    let json = serde_json::to_string(&record).map_err(|e| Error::Store(format!("encode audit record: {e}")))?;
+    tx.execute(
+        "INSERT INTO audit (seq, domain_id, record, hash) VALUES (?1, ?2, ?3, ?4)",
+        params![seq as i64, record.domain_id, json, record.hash],
+    )
+    .map_err(store_err("append audit record"))?;
+    Ok(record)
 }
 
 impl TtpStore for SqliteStore {
@@ -429,39 +502,27 @@ impl TtpStore for SqliteStore {
         let tx = connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(store_err("begin audit transaction"))?;
-        let last: Option<(i64, String)> = tx
-            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()
-            .map_err(store_err("read audit head"))?;
-        let (seq, prev_hash) = match last {
-            Some((seq, hash)) => (seq as u64 + 1, hash),
-            None => (1, AUDIT_GENESIS_HASH.to_string()),
-        };
-        let mut record = AuditRecord {
-            seq,
-            at: entry.at,
-            event: entry.event,
-            outcome: entry.outcome,
-            message: entry.message,
-            domain_id: entry.domain_id,
-            host_id: entry.host_id,
-            vm_id: entry.vm_id,
-            actor: entry.actor,
-            prev_hash,
-            hash: String::new(),
-            format: AUDIT_FORMAT_TAGGED,
-        };
-        record.hash = record.compute_hash();
-        let json = serde_json::to_string(&record).map_err(|e| Error::Store(format!("encode audit record: {e}")))?;
-        tx.execute(
-            "INSERT INTO audit (seq, domain_id, record, hash) VALUES (?1, ?2, ?3, ?4)",
-            params![seq as i64, record.domain_id, json, record.hash],
-        )
-        .map_err(store_err("append audit record"))?;
+        let record = append_audit_in(&tx, entry)?;
         tx.commit().map_err(store_err("commit audit record"))?;
         Ok(record)
+    }
+
+    fn append_key_release(&self, entry: AuditEntry, mode: AccessMode) -> Result<(AuditRecord, Option<StoredAnchor>)> {
+        let mut connection = self.lock()?;
+        integrity::append_key_release(&mut connection, entry, mode)
+    }
+
+    fn latest_release(&self, domain_id: &str) -> Result<Option<LatestRelease>> {
+        integrity::latest_release(&*self.lock()?, domain_id)
+    }
+
+    fn newest_anchor(&self, domain_id: &str) -> Result<Option<StoredAnchor>> {
+        integrity::newest_anchor(&*self.lock()?, domain_id)
+    }
+
+    fn commit_anchor(&self, anchor: &StoredAnchor, release_seq: u64, entry: AuditEntry) -> Result<AuditRecord> {
+        let mut connection = self.lock()?;
+        integrity::commit_anchor(&mut connection, anchor, release_seq, entry)
     }
 
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>> {

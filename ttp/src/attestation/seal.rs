@@ -10,9 +10,9 @@ use super::objects::{oaep_encrypt, rsa_public};
 use super::HostRecord;
 use crate::error::{Error, Result};
 
-/// Encrypts `key` to the host's binding key: RSA-OAEP, SHA-256 and MGF1-SHA-256, label
-/// [`BINDING_OAEP_LABEL`]. Only that TPM, with the host's PCRs in the enrolled state, can
-/// decrypt it.
+/// Encrypts `key` (a key release's K || K_mac) to the host's binding key: RSA-OAEP, SHA-256
+/// and MGF1-SHA-256, label [`BINDING_OAEP_LABEL`]. Only that TPM, with the host's PCRs in the
+/// enrolled state, can decrypt it.
 pub fn seal_key_to_host(host: &HostRecord, key: &SecretBytes) -> Result<Vec<u8>> {
     let public = Public::unmarshall(&host.binding_public)
         .map_err(|e| Error::BindingKeyInvalid(format!("host {}: stored binding key unparsable: {e}", host.host_id)))?;

@@ -5,11 +5,12 @@
 //! and every outcome is one `key_release` audit record.
 
 use protocol::domain::{descriptor_hash, Descriptor};
-use protocol::kdf::derive_volume_key;
+use protocol::kdf::{derive_sector_mac_key, derive_volume_key, RELEASED_KEYS_BYTES, VOLUME_KEY_BYTES};
 use protocol::messages::{
     ChallengeResponse, KeyReleaseRequest, KeyReleaseResponse, MountGrant, Placement, Registration,
 };
 use protocol::pki::{Identity, Role};
+use protocol::secret::SecretBytes;
 use protocol::signing::SignatureContext;
 
 use super::{invalid_name, Subject, Ttp};
@@ -56,8 +57,8 @@ impl Ttp {
     /// The key release of docs/PROTOCOL.md "Key release": host attestation against a fresh
     /// challenge, descriptor and registration signatures, newest version, ACL, then the
     /// single-use grant and the operator's placement; only then is K derived and sealed to
-    /// the host's binding key ([`attestation::seal_key_to_host`]). Every outcome, granted or
-    /// refused, is one `key_release` audit record.
+    /// the host's binding key ([`attestation::seal_key_to_host`]), with the domain's newest
+    /// integrity anchor. Every outcome, granted or refused, is one `key_release` audit record.
     pub fn release_key(&self, actor: &Identity, request: &KeyReleaseRequest) -> Result<KeyReleaseResponse> {
         // Ids are validated before they reach the audit record: a malformed one is refused
         // (audited without it), never written to the log as sent.
@@ -68,7 +69,7 @@ impl Ttp {
             vm_id: vm_id_ok.then(|| request.vm_id.clone()),
             domain_id: request.header.unverified_contents().ok().map(|(d, _)| d.domain_id),
         };
-        let ((wrapped_key, domain_id, version), record) = self.audited("key_release", actor, subject, |_| {
+        let decide = |_: &mut Subject| {
             // The caller: well-formed ids, a secure component asking for its own host.
             if !host_id_ok {
                 return Err(Error::BadRequest(invalid_name("host_id", &request.host_id)));
@@ -99,22 +100,48 @@ impl Ttp {
             // it after a detach.
             self.consume_grant(&grant)?;
 
-            // 6. Derive K and seal it to the host's PCR-bound binding key.
-            let key = derive_volume_key(
-                &self.master_key,
-                &registration.nonce_r,
-                &descriptor.domain_id,
-                &domain.metadata_hash,
-                &descriptor.cipher_spec,
-            )?;
-            let wrapped = attestation::seal_key_to_host(&host, &key)?;
+            // 6. Derive K || K_mac and seal them to the host's PCR-bound binding key.
+            let keys = self.released_keys(&registration, &descriptor, &domain)?;
+            let wrapped = attestation::seal_key_to_host(&host, &keys)?;
             let message = format!(
                 "key of domain {} version {} released to {} on {} ({}), grant by {}, placement by {placer}",
                 descriptor.domain_id, descriptor.version, request.vm_id, request.host_id, request.mode, grant.signer
             );
             Ok(((wrapped, descriptor.domain_id.clone(), descriptor.version), message))
-        })?;
-        Ok(KeyReleaseResponse { domain_id, version, wrapped_key, audit_seq: record.seq, integrity_anchor: None })
+        };
+        // The release record and the domain's newest release (who may commit integrity roots)
+        // are written together, and the anchor returned is the newest as of that instant.
+        let (((wrapped_key, domain_id, version), anchor), record) =
+            self.audited_with("key_release", actor, subject, decide, |released, entry| {
+                let (record, anchor) = self.store.append_key_release(entry, request.mode)?;
+                Ok(((released, anchor), record))
+            })?;
+        Ok(KeyReleaseResponse {
+            domain_id,
+            version,
+            wrapped_key,
+            audit_seq: record.seq,
+            integrity_anchor: anchor.map(|stored| stored.envelope),
+        })
+    }
+
+    /// What a key release wraps: K followed by `K_mac`
+    /// ([`RELEASED_KEYS_BYTES`](protocol::kdf::RELEASED_KEYS_BYTES), docs/PROTOCOL.md "Key
+    /// derivation"), both from the same inputs, in locked memory. Every domain gets both, so
+    /// the secure component decides from the owner-signed descriptor whether it needs `K_mac`.
+    pub(super) fn released_keys(
+        &self,
+        registration: &Registration,
+        descriptor: &Descriptor,
+        domain: &DomainRecord,
+    ) -> Result<SecretBytes> {
+        let inputs = (&registration.nonce_r, descriptor.domain_id.as_str(), &domain.metadata_hash);
+        let key = derive_volume_key(&self.master_key, inputs.0, inputs.1, inputs.2, &descriptor.cipher_spec)?;
+        let mac_key = derive_sector_mac_key(&self.master_key, inputs.0, inputs.1, inputs.2, &descriptor.cipher_spec)?;
+        let mut keys = SecretBytes::zeroed(RELEASED_KEYS_BYTES);
+        keys.expose_mut()[..VOLUME_KEY_BYTES].copy_from_slice(key.expose());
+        keys.expose_mut()[VOLUME_KEY_BYTES..].copy_from_slice(mac_key.expose());
+        Ok(keys)
     }
 
     /// Step 1 of the key release: the host is enrolled, the challenge is known, unused (it is

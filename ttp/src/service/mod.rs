@@ -8,7 +8,8 @@
 //! - `enrollment`: a host enrolls its TPM (and the operator approves a TPM replacement);
 //! - `domains`: registration, update and deletion of a domain;
 //! - `key_release`: the quote challenge and the six steps of a key release;
-//! - `history`: a domain's viewing history and the audit chain.
+//! - `history`: a domain's viewing history and the audit chain;
+//! - `integrity`: format-2 integrity root commits and violation reports.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,11 +28,13 @@ use crate::store::{now_unix, AuditEntry, TtpStore};
 mod domains;
 mod enrollment;
 mod history;
+mod integrity;
 mod key_release;
 #[cfg(test)]
 mod test_support;
 
 pub use enrollment::{allow_host_replacement, ENROLLMENT_TTL_SECS};
+pub use integrity::{MAX_VIOLATION_REPORTS_PER_MINUTE, VIOLATION_WINDOW_SECS};
 pub use key_release::CHALLENGE_TTL_SECS;
 
 /// The trusted third party's state and decisions: K_TTP (in locked memory), its signing key,
@@ -54,6 +57,9 @@ pub struct Ttp {
     registration_cas: Vec<String>,
     /// Certificate names whose registrations count: this TTP's own and its replicas'.
     registration_signers: Vec<String>,
+    /// Violation reports per (domain, host) in the current window, so that one host cannot
+    /// flood a domain's viewing history ([`MAX_VIOLATION_REPORTS_PER_MINUTE`]).
+    violation_reports: Mutex<integrity::ReportWindow>,
 }
 
 /// The parts of a request the audit record names.
@@ -111,6 +117,7 @@ impl Ttp {
             pending_enrollments: Mutex::new(HashMap::new()),
             registration_cas,
             registration_signers: vec![own.name],
+            violation_reports: Mutex::new(integrity::ReportWindow::default()),
         })
     }
 
@@ -152,18 +159,19 @@ impl Ttp {
         &self.store
     }
 
-    fn audit(
-        &self,
+    /// The audit entry of `event` with this outcome: `"ok"` and the message, or a refusal's
+    /// code and text.
+    fn audit_entry(
         event: &str,
         actor: &Identity,
         subject: &Subject,
         outcome: std::result::Result<String, &Error>,
-    ) -> Result<AuditRecord> {
+    ) -> AuditEntry {
         let (outcome, message) = match outcome {
             Ok(message) => ("ok".to_string(), message),
             Err(error) => (error.code().to_string(), error.to_string()),
         };
-        self.store.append_audit(AuditEntry {
+        AuditEntry {
             at: now_unix(),
             event: event.to_string(),
             outcome,
@@ -172,7 +180,7 @@ impl Ttp {
             host_id: subject.host_id.clone(),
             vm_id: subject.vm_id.clone(),
             actor: actor.name.clone(),
-        })
+        }
     }
 
     /// Runs `decide`, audits its outcome, and returns it. A refusal is audited with its
@@ -184,16 +192,33 @@ impl Ttp {
         subject: Subject,
         decide: impl FnOnce(&mut Subject) -> Result<(T, String)>,
     ) -> Result<(T, AuditRecord)> {
+        self.audited_with(event, actor, subject, decide, |value, entry| Ok((value, self.store.append_audit(entry)?)))
+    }
+
+    /// As [`Ttp::audited`], but a granted outcome is written by `write`, which gets the
+    /// entry to append and can store what the decision produced in the same transaction. A
+    /// refusal from `write` (a compare-and-set lost to a concurrent request) is audited like
+    /// one from `decide`; a store failure is returned as it is.
+    fn audited_with<D, T>(
+        &self,
+        event: &str,
+        actor: &Identity,
+        subject: Subject,
+        decide: impl FnOnce(&mut Subject) -> Result<(D, String)>,
+        write: impl FnOnce(D, AuditEntry) -> Result<(T, AuditRecord)>,
+    ) -> Result<(T, AuditRecord)> {
         let mut subject = subject;
+        let refused = |error: Error, subject: &Subject| {
+            self.store.append_audit(Self::audit_entry(event, actor, subject, Err(&error)))?;
+            Err(error)
+        };
         match decide(&mut subject) {
-            Ok((value, message)) => {
-                let record = self.audit(event, actor, &subject, Ok(message))?;
-                Ok((value, record))
-            }
-            Err(error) => {
-                self.audit(event, actor, &subject, Err(&error))?;
-                Err(error)
-            }
+            Ok((value, message)) => match write(value, Self::audit_entry(event, actor, &subject, Ok(message))) {
+                Err(error @ (Error::Store(_) | Error::AuditChainBroken(_))) => Err(error),
+                Err(error) => refused(error, &subject),
+                Ok(written) => Ok(written),
+            },
+            Err(error) => refused(error, &subject),
         }
     }
 

@@ -1,5 +1,7 @@
 //! Helpers the service's unit tests share.
 
+pub(crate) mod fixture;
+
 use protocol::pki::Role;
 use protocol::signing::SignatureKey;
 use skydd_ca::{CertificateAuthority, Validity};

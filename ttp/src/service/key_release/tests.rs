@@ -6,18 +6,18 @@
 //! Each refusal is also checked in the audit chain: the last record is a `key_release` with
 //! the refusal's code.
 
-mod fixture;
-
 use protocol::domain::{descriptor_hash, AccessMode, AclEntry, Descriptor};
 use protocol::messages::{
     grant_digest, Deletion, HeaderRecord, KeyReleaseRequest, MountGrant, Registration, MAX_GRANT_VALIDITY_SECS,
     MAX_PLACEMENT_AGE_SECS, PLACEMENT_CLOCK_SKEW_SECS,
 };
+use protocol::kdf::{derive_sector_mac_key, derive_volume_key, RELEASED_KEYS_BYTES, VOLUME_KEY_BYTES};
 use protocol::pki::{Identity, Role};
+use protocol::secret::SecretBytes;
 use protocol::signing::SignatureContext;
 
 use crate::store::now_unix;
-use fixture::{assert_mentions, register, Fixture, HOST, OTHER_VM, OWNER, RO_VM, VM};
+use crate::service::test_support::fixture::{assert_mentions, register, Fixture, HOST, OTHER_VM, OWNER, RO_VM, VM};
 
 // ---- the caller --------------------------------------------------------------------------
 
@@ -390,6 +390,7 @@ fn attested_granted_placed_request_is_released_and_audited_ok() {
     let response = f.release(&request).expect("granted");
     assert_eq!((response.domain_id.as_str(), response.version), (f.descriptor.domain_id.as_str(), 1));
     assert_eq!(response.wrapped_key.len(), 256, "RSA-OAEP to the 2048-bit binding key");
+    assert!(response.integrity_anchor.is_none(), "no integrity root was committed yet");
 
     let record = f.ttp.store().audit_records(None).unwrap().pop().unwrap();
     assert_eq!(record.seq, response.audit_seq);
@@ -406,4 +407,37 @@ fn attested_granted_placed_request_is_released_and_audited_ok() {
         !f.ttp.store().consume_grant(&grant_digest(&request.grant), grant.expires_at).unwrap(),
         "the grant is marked used"
     );
+}
+
+/// The wrapped blob is K || K_mac (96 bytes): opened with the private half of a software
+/// binding key, K is `derive_volume_key` and K_mac `derive_sector_mac_key` of the registration's
+/// `r`, the domain id, H(meta) and the cipher spec, recomputed here from K_TTP.
+#[test]
+fn released_blob_is_the_volume_key_followed_by_the_sector_mac_key() {
+    let f = Fixture::new();
+    let binding_key = f.software_binding_key();
+    let response = f.release(&f.request()).expect("granted");
+
+    let pkey = openssl::pkey::PKey::from_rsa(binding_key).unwrap();
+    let mut decrypter = openssl::encrypt::Decrypter::new(&pkey).unwrap();
+    decrypter.set_rsa_padding(openssl::rsa::Padding::PKCS1_OAEP).unwrap();
+    decrypter.set_rsa_oaep_md(openssl::hash::MessageDigest::sha256()).unwrap();
+    decrypter.set_rsa_mgf1_md(openssl::hash::MessageDigest::sha256()).unwrap();
+    decrypter.set_rsa_oaep_label(protocol::attest::BINDING_OAEP_LABEL).unwrap();
+    let mut opened = vec![0; decrypter.decrypt_len(&response.wrapped_key).unwrap()];
+    let len = decrypter.decrypt(&response.wrapped_key, &mut opened).unwrap();
+    opened.truncate(len);
+    assert_eq!(opened.len(), RELEASED_KEYS_BYTES);
+
+    let registration = Registration::decode(&f.header.registration.message).unwrap();
+    let master = SecretBytes::from_slice_wiping(&mut [7u8; 32]);
+    let inputs = (&registration.nonce_r, f.descriptor.domain_id.as_str(), &f.descriptor.metadata_hash());
+    let key = derive_volume_key(&master, inputs.0, inputs.1, inputs.2, &f.descriptor.cipher_spec).unwrap();
+    let mac_key = derive_sector_mac_key(&master, inputs.0, inputs.1, inputs.2, &f.descriptor.cipher_spec).unwrap();
+    assert_eq!(&opened[..VOLUME_KEY_BYTES], key.expose(), "K comes first");
+    assert_eq!(&opened[VOLUME_KEY_BYTES..], mac_key.expose(), "K_mac follows");
+
+    let record = f.ttp.store().audit_records(None).unwrap().pop().unwrap();
+    assert_eq!((record.event.as_str(), record.outcome.as_str()), ("key_release", "ok"));
+    assert!(!record.message.contains(&hex::encode(mac_key.expose())), "no key in the audit log");
 }

@@ -1,4 +1,4 @@
-//! The fixture of the key-release tests: a TTP with the recorded swtpm host enrolled and one
+//! The fixture of the key-release and integrity tests: a TTP with the recorded swtpm host enrolled and one
 //! registered domain, and builders for the request's parts.
 
 use std::sync::Arc;
@@ -31,41 +31,41 @@ struct Vectors {
 }
 
 fn vectors() -> Vectors {
-    serde_json::from_str(include_str!("../../../../tests/vectors/attested_host.json"))
+    serde_json::from_str(include_str!("../../../tests/vectors/attested_host.json"))
         .expect("the recorded vectors parse")
 }
 
 /// The recorded host (its secure component's certificate name).
-pub(super) const HOST: &str = "compute-1";
+pub(crate) const HOST: &str = "compute-1";
 /// A VM with `rw` in the domain's access list: the one the tests attach.
-pub(super) const VM: &str = "vm-a";
+pub(crate) const VM: &str = "vm-a";
 /// Another VM with `rw` access, for grants and placements of the wrong VM.
-pub(super) const OTHER_VM: &str = "vm-b";
+pub(crate) const OTHER_VM: &str = "vm-b";
 /// A VM with `ro` access only.
-pub(super) const RO_VM: &str = "vm-ro";
+pub(crate) const RO_VM: &str = "vm-ro";
 /// The domain's owner.
-pub(super) const OWNER: &str = "dm-alice";
+pub(crate) const OWNER: &str = "dm-alice";
 
 /// A TTP with the recorded host enrolled and one registered domain owned by [`OWNER`].
-pub(super) struct Fixture {
-    pub(super) ttp: Ttp,
+pub(crate) struct Fixture {
+    pub(crate) ttp: Ttp,
     ca: (String, zeroize::Zeroizing<String>),
-    pub(super) owner: SignatureKey,
+    pub(crate) owner: SignatureKey,
     /// The operator's placement authority (a cloud-platform certificate).
-    pub(super) operator: SignatureKey,
-    pub(super) nonce: Vec<u8>,
-    pub(super) quote: QuoteEvidence,
-    pub(super) descriptor: Descriptor,
-    pub(super) header: HeaderRecord,
+    pub(crate) operator: SignatureKey,
+    pub(crate) nonce: Vec<u8>,
+    pub(crate) quote: QuoteEvidence,
+    pub(crate) descriptor: Descriptor,
+    pub(crate) header: HeaderRecord,
 }
 
 impl Fixture {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::with_reference_state(|_| {})
     }
 
     /// As [`Fixture::new`], with the attestation policy's reference state changed.
-    pub(super) fn with_reference_state(change: impl FnOnce(&mut ReferenceState)) -> Self {
+    pub(crate) fn with_reference_state(change: impl FnOnce(&mut ReferenceState)) -> Self {
         let vectors = vectors();
         assert_eq!(vectors.host.host_id, HOST);
         let mut state = vectors.reference_state;
@@ -101,29 +101,29 @@ impl Fixture {
     }
 
     /// A signing key for `name` in `role` from the fixture's CA.
-    pub(super) fn key(&self, role: Role, name: &str) -> SignatureKey {
+    pub(crate) fn key(&self, role: Role, name: &str) -> SignatureKey {
         key_of(&self.ca, role, name)
     }
 
     /// The recorded host's secure component, as the TLS layer identifies it.
-    pub(super) fn host(&self) -> Identity {
+    pub(crate) fn host(&self) -> Identity {
         Identity { name: HOST.into(), role: Role::SecureComponent }
     }
 
     /// Plants a challenge for `host_id` with `nonce`, as `Ttp::challenge` stores one; returns its id.
-    pub(super) fn plant_challenge(&self, host_id: &str, nonce: &[u8], expires_at: u64) -> String {
+    pub(crate) fn plant_challenge(&self, host_id: &str, nonce: &[u8], expires_at: u64) -> String {
         let challenge_id = hex::encode(rand::random::<[u8; 16]>());
         self.ttp.store().put_challenge(&challenge_id, host_id, nonce, expires_at).unwrap();
         challenge_id
     }
 
     /// A fresh challenge for the recorded host over the recorded quote's nonce.
-    pub(super) fn challenge(&self) -> String {
+    pub(crate) fn challenge(&self) -> String {
         self.plant_challenge(HOST, &self.nonce, now_unix() + crate::service::CHALLENGE_TTL_SECS)
     }
 
     /// The owner's grant of `rw` on the domain to [`VM`], valid 10 minutes, with `change` applied.
-    pub(super) fn grant_with(&self, signer: &SignatureKey, change: impl FnOnce(&mut MountGrant)) -> SignedEnvelope {
+    pub(crate) fn grant_with(&self, signer: &SignatureKey, change: impl FnOnce(&mut MountGrant)) -> SignedEnvelope {
         let mut grant = MountGrant {
             domain_id: self.descriptor.domain_id.clone(),
             vm_id: VM.into(),
@@ -137,7 +137,7 @@ impl Fixture {
     }
 
     /// A placement of `vm_id` on `host_id` for `grant`, signed by `signer`, dated `placed_at`.
-    pub(super) fn place(
+    pub(crate) fn place(
         &self,
         signer: &SignatureKey,
         vm_id: &str,
@@ -152,7 +152,7 @@ impl Fixture {
 
     /// A request that is granted: [`VM`] on [`HOST`], `rw`, fresh challenge, owner's grant,
     /// operator's placement made now.
-    pub(super) fn request(&self) -> KeyReleaseRequest {
+    pub(crate) fn request(&self) -> KeyReleaseRequest {
         let grant = self.grant_with(&self.owner, |_| {});
         let placement = self.place(&self.operator, VM, HOST, &grant, now_unix());
         KeyReleaseRequest {
@@ -168,18 +168,65 @@ impl Fixture {
     }
 
     /// [`Fixture::request`] with another grant, placed by the operator for it.
-    pub(super) fn request_with_grant(&self, grant: SignedEnvelope) -> KeyReleaseRequest {
+    pub(crate) fn request_with_grant(&self, grant: SignedEnvelope) -> KeyReleaseRequest {
         let placement = self.place(&self.operator, VM, HOST, &grant, now_unix());
         KeyReleaseRequest { grant, placement, ..self.request() }
     }
 
-    pub(super) fn release(&self, request: &KeyReleaseRequest) -> Result<KeyReleaseResponse> {
+    /// Enrolls `host_id` with the recorded host's TPM evidence (its AK and binding key), so
+    /// that the recorded quote attests it as well: a second host for tests that need one.
+    pub(crate) fn enroll_twin(&self, host_id: &str) {
+        let host = HostRecord { host_id: host_id.into(), ..vectors().host };
+        self.ttp.store().put_host(host_id, &serde_json::to_string(&host).unwrap()).unwrap();
+    }
+
+    /// A granted release of `vm_id` in `mode` to the enrolled `host_id`, with its own grant,
+    /// placement and challenge, asked by that host's secure component.
+    pub(crate) fn release_to(&self, host_id: &str, vm_id: &str, mode: AccessMode) -> KeyReleaseResponse {
+        let grant = self.grant_with(&self.owner, |grant| {
+            grant.vm_id = vm_id.into();
+            grant.mode = mode;
+        });
+        let placement = self.place(&self.operator, vm_id, host_id, &grant, now_unix());
+        let challenge_id = self.plant_challenge(host_id, &self.nonce, now_unix() + 60);
+        let request = KeyReleaseRequest {
+            host_id: host_id.into(),
+            vm_id: vm_id.into(),
+            mode,
+            grant,
+            placement,
+            challenge_id,
+            ..self.request()
+        };
+        self.ttp.release_key(&Identity { name: host_id.into(), role: Role::SecureComponent }, &request).unwrap()
+    }
+
+    /// Gives the recorded host a binding key made in software (the recorded one's template
+    /// with a fresh RSA-2048 modulus) and returns its private half, so that a test can open
+    /// what a release wraps; the quote still verifies with the recorded AK.
+    pub(crate) fn software_binding_key(&self) -> openssl::rsa::Rsa<openssl::pkey::Private> {
+        use tss_esapi::structures::{Public, PublicKeyRsa};
+        use tss_esapi::traits::{Marshall, UnMarshall};
+        let rsa = openssl::rsa::Rsa::generate(2048).unwrap();
+        let Public::Rsa { object_attributes, name_hashing_algorithm, auth_policy, parameters, .. } =
+            Public::unmarshall(&vectors().host.binding_public).unwrap()
+        else {
+            panic!("the recorded binding key is RSA");
+        };
+        let unique = PublicKeyRsa::try_from(rsa.n().to_vec()).unwrap();
+        let public = Public::Rsa { object_attributes, name_hashing_algorithm, auth_policy, parameters, unique };
+        let host = HostRecord { binding_public: public.marshall().unwrap(), ..vectors().host };
+        self.ttp.store().put_host(HOST, &serde_json::to_string(&host).unwrap()).unwrap();
+        rsa
+    }
+
+    pub(crate) fn release(&self, request: &KeyReleaseRequest) -> Result<KeyReleaseResponse> {
         self.ttp.release_key(&self.host(), request)
     }
 
     /// Asserts `request` from `actor` is refused with `code`, and that the refusal is the
     /// last audit record (a `key_release` with that outcome, in an intact chain).
-    pub(super) fn refused_for(&self, actor: &Identity, request: &KeyReleaseRequest, code: &str) -> Error {
+    pub(crate) fn refused_for(&self, actor: &Identity, request: &KeyReleaseRequest, code: &str) -> Error {
         let error = match self.ttp.release_key(actor, request) {
             Ok(_) => panic!("the release was granted, expected {code}"),
             Err(error) => error,
@@ -194,20 +241,20 @@ impl Fixture {
 
     /// Asserts that [`Fixture::request`] with the placement `place` makes for its grant is
     /// refused with `code`.
-    pub(super) fn refused_placement(&self, place: impl FnOnce(&SignedEnvelope) -> SignedEnvelope, code: &str) -> Error {
+    pub(crate) fn refused_placement(&self, place: impl FnOnce(&SignedEnvelope) -> SignedEnvelope, code: &str) -> Error {
         let request = self.request();
         let placement = place(&request.grant);
         self.refused(&KeyReleaseRequest { placement, ..request }, code)
     }
 
     /// [`Fixture::refused_for`] with the recorded host as the caller.
-    pub(super) fn refused(&self, request: &KeyReleaseRequest, code: &str) -> Error {
+    pub(crate) fn refused(&self, request: &KeyReleaseRequest, code: &str) -> Error {
         self.refused_for(&self.host(), request, code)
     }
 }
 
 /// Registers `descriptor` (signed by `owner`) through the cloud platform; returns its header.
-pub(super) fn register(
+pub(crate) fn register(
     ttp: &Ttp,
     owner: &SignatureKey,
     descriptor: &Descriptor,
@@ -220,6 +267,6 @@ pub(super) fn register(
     HeaderRecord { descriptor: signed, registration }
 }
 
-pub(super) fn assert_mentions(error: &Error, text: &str) {
+pub(crate) fn assert_mentions(error: &Error, text: &str) {
     assert!(error.to_string().contains(text), "expected '{text}' in: {error}");
 }
