@@ -154,8 +154,13 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
         Ok(text) => bail!("vm-b read the tampered record without an error ({} bytes)", text.len()),
     }
     let violation = wait_for_event(&alice, &id, "integrity_violation").await?;
-    n.say(&format!("the viewing history shows #{} integrity_violation by {}: {}", violation.0, violation.1, violation.2));
-    n.proves("format 2 tags every sector: the provider's change reads as an error, never as altered data, and is recorded");
+    n.say(&format!(
+        "the viewing history shows #{} integrity_violation by {}: {}",
+        violation.0, violation.1, violation.2
+    ));
+    n.proves(
+        "format 2 tags every sector: the provider's change reads as an error, never as altered data, and is recorded",
+    );
 
     n.step("dm-alice revokes vm-b; vm-b then tries to attach again");
     let revoked = alice.revoke(&id, "vm-b").await?;
@@ -185,7 +190,7 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
     let history = alice.history(&id).await?;
     for record in &history.records {
         n.say(&format!(
-            "#{:<3} {:<12} {:<22} {:<5} {:<10} by {}",
+            "#{:<3} {:<19} {:<22} {:<5} {:<10} by {}",
             record.seq,
             record.event,
             record.outcome,
@@ -221,7 +226,9 @@ pub async fn run(cloud: &AllInOne, layout: &Layout<'_>, out: &mut dyn FnMut(&str
     ensure!(current == updated, "after the newest copy came back, vm-a does not read the allergy");
     alice.detach(&id, "vm-a").await?;
     n.say("with the newest copy back, vm-a reads the record with the allergy");
-    n.proves("the TTP anchors each committed root: an older copy of the volume is refused, so no write is silently undone");
+    n.proves(
+        "the TTP anchors each committed root: an older copy of the volume is refused, so no write is silently undone",
+    );
     Ok(report)
 }
 
@@ -231,7 +238,8 @@ const EIO: i32 = 5;
 /// Byte offset, in the raw volume file, of the first block of `path` (ext4 on the volume's
 /// data area, docs/FORMAT.md: data sector n at 1 MiB + 4096·n), from `filefrag` (e2fsprogs).
 fn record_offset_on_volume(path: &Path) -> Result<u64> {
-    let out = std::process::Command::new("filefrag").args(["-e", "-b4096"]).arg(path).output().context("run filefrag")?;
+    let out =
+        std::process::Command::new("filefrag").args(["-e", "-b4096"]).arg(path).output().context("run filefrag")?;
     ensure!(out.status.success(), "filefrag {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     // "   0:        0..       0:       8706..      8706:      1:             last,eof"

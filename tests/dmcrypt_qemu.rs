@@ -439,18 +439,15 @@ fn guest_sees_the_swtpm_tpm() {
         vm.call(json!({"op": "tpm_decrypt_digest", "message": {"bytes": protocol::b64::encode(&release.wrapped_key)}}));
     let registration = protocol::messages::Registration::decode(&registered.registration.message).unwrap();
     let master = ttp::config::load_master_key(&data_dir).unwrap();
-    let expected = protocol::kdf::derive_volume_key(
-        &master,
-        &registration.nonce_r,
-        &descriptor.domain_id,
-        &descriptor.metadata_hash(),
-        &descriptor.cipher_spec,
-    )
-    .unwrap();
-    assert_eq!(decrypted["key_len"], json!(64), "{decrypted}");
+    let (r, id, meta, spec) =
+        (&registration.nonce_r, &descriptor.domain_id, &descriptor.metadata_hash(), &descriptor.cipher_spec);
+    // A release wraps K || K_mac (docs/PROTOCOL.md "Key derivation").
+    let mut expected = protocol::kdf::derive_volume_key(&master, r, id, meta, spec).unwrap().expose().to_vec();
+    expected.extend_from_slice(protocol::kdf::derive_sector_mac_key(&master, r, id, meta, spec).unwrap().expose());
+    assert_eq!(decrypted["key_len"], json!(protocol::kdf::RELEASED_KEYS_BYTES), "{decrypted}");
     assert_eq!(
         decrypted["key_sha256"].as_str().unwrap(),
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(expected.expose())),
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&expected)),
         "the guest's TPM must decrypt exactly the domain key the TTP derived"
     );
     eprintln!("key release through the TTP on the host: the guest's TPM decrypted the domain key (sha256 matches)");

@@ -187,12 +187,14 @@ impl AttachmentService {
         drop(key);
         let integrity = match (volume_format, mac_key) {
             (VolumeFormat::V1, _) => None,
-            (VolumeFormat::V2, None) => return Err(Error::Integrity {
-                refusal: protocol::refusal::Refusal::IntegrityUnsupported,
-                message: format!(
+            (VolumeFormat::V2, None) => {
+                return Err(Error::Integrity {
+                    refusal: protocol::refusal::Refusal::IntegrityUnsupported,
+                    message: format!(
                     "domain {domain_id} is format 2 but the TTP released no sector-tag key (a TTP older than format 2)"
                 ),
-            }),
+                })
+            }
             (VolumeFormat::V2, Some(mac_key)) => Some(IntegrityOpen {
                 mac_key,
                 domain_id: domain_id.clone(),
