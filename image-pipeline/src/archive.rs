@@ -161,7 +161,19 @@ impl KeySource for TtpKeySource {
             .obtain_key(&request)
             .await
             .map_err(|e| ttp_err(&format!("obtain the key of archive domain {}", domain.domain_id), e))?;
-        Ok(obtained.key)
+        // A release wraps K || K_mac (docs/PROTOCOL.md "Key derivation"); archives are
+        // format 1, so only the XTS key K is used.
+        let released = obtained.key.expose();
+        let xts_len = protocol::kdf::VOLUME_KEY_BYTES;
+        if released.len() < xts_len {
+            return Err(ttp_err(
+                &format!("obtain the key of archive domain {}", domain.domain_id),
+                format!("the TTP released {} bytes of key, fewer than the {xts_len} of an XTS key", released.len()),
+            ));
+        }
+        let mut key = SecretBytes::zeroed(xts_len);
+        key.expose_mut().copy_from_slice(&released[..xts_len]);
+        Ok(key)
     }
 
     async fn delete(&self, domain: &ArchiveDomain) -> Result<()> {

@@ -25,7 +25,11 @@ fn skydd_demo_tells_the_whole_story() {
         "refused (vm_not_in_acl): vm-b is not in the access list of domain",
         "refused (mode_not_permitted): vm-c has ro access",
         "dm-bob's read-only grant was accepted",
-        "key_release  vm_not_in_acl",
+        "key_release         vm_not_in_acl",
+        "vm-b's read fails: Input/output error",
+        "integrity_violation by compute-2",
+        "refused (integrity_rollback): integrity violation (rollback)",
+        "vm-a reads the record with the allergy",
         "Demo complete: every step did what it claims.",
     ] {
         assert!(stdout.contains(expected), "the demo output lacks {expected:?}");

@@ -205,6 +205,14 @@ fn an_attested_host_gets_exactly_the_hkdf_key() {
         assert_eq!(registration_v1.version, 1);
         let master = std::fs::read(lab.ttp.data_dir.join("master.key")).unwrap();
         let expected_key = independent_key(&master, &registration_v1, &domain_id, &descriptor.metadata_hash());
+        let expected_mac_key = protocol::kdf::derive_sector_mac_key(
+            &protocol::secret::SecretBytes::from_slice_wiping(&mut master.clone()),
+            &registration_v1.nonce_r,
+            &domain_id,
+            &descriptor.metadata_hash(),
+            &descriptor.cipher_spec,
+        )
+        .unwrap();
         let mut release_times = Vec::new();
         for _ in 0..20 {
             let grant = lab.alice.grant(&domain_id, "vm-a", AccessMode::Rw, 300);
@@ -215,7 +223,11 @@ fn an_attested_host_gets_exactly_the_hkdf_key() {
                 .await
                 .expect("key released");
             release_times.push(started.elapsed());
-            assert_eq!(key.expose(), expected_key.as_slice(), "the secure component must end up with exactly K");
+            // A release wraps K || K_mac (docs/PROTOCOL.md "Key derivation"); K_mac's own
+            // derivation is checked against OpenSSL's HKDF in protocol::kdf's tests.
+            assert_eq!(key.len(), protocol::kdf::RELEASED_KEYS_BYTES);
+            assert_eq!(&key.expose()[..64], expected_key.as_slice(), "the secure component must end up with exactly K");
+            assert_eq!(&key.expose()[64..], expected_mac_key.expose(), "and with exactly K_mac");
             assert_eq!(response.version, 1);
         }
         assert_last_outcome(&lab.ttp.service, "ok");
