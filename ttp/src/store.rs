@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use protocol::messages::{AuditRecord, AUDIT_FORMAT_TAGGED, AUDIT_GENESIS_HASH};
 use protocol::domain::AccessMode;
+use protocol::messages::{AuditRecord, AUDIT_FORMAT_TAGGED, AUDIT_GENESIS_HASH};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::error::{Error, Result};

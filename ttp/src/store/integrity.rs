@@ -56,7 +56,8 @@ pub(super) fn append_key_release(
     entry: AuditEntry,
     mode: AccessMode,
 ) -> Result<(AuditRecord, Option<StoredAnchor>)> {
-    let (Some(domain_id), Some(host_id), Some(vm_id)) = (entry.domain_id.clone(), entry.host_id.clone(), entry.vm_id.clone())
+    let (Some(domain_id), Some(host_id), Some(vm_id)) =
+        (entry.domain_id.clone(), entry.host_id.clone(), entry.vm_id.clone())
     else {
         return Err(Error::Store("a key release record must name its domain, host and VM".into()));
     };
@@ -79,7 +80,14 @@ pub(super) fn latest_release(connection: &Connection, domain_id: &str) -> Result
         .query_row(
             "SELECT host_id, vm_id, mode, audit_seq FROM latest_releases WHERE domain_id = ?1",
             params![domain_id],
-            |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get::<_, i64>(3)?)),
+            |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
+                ))
+            },
         )
         .optional()
         .map_err(store_err("read the newest key release"))?;
@@ -103,7 +111,8 @@ pub(super) fn newest_anchor(connection: &Connection, domain_id: &str) -> Result<
         let unreadable = |e: protocol::Error| Error::Store(format!("stored anchor {epoch} of domain {domain_id}: {e}"));
         let envelope = SignedEnvelope::decode(&envelope).map_err(unreadable)?;
         let anchor = IntegrityAnchor::decode(&envelope.message).map_err(unreadable)?;
-        if anchor.domain_id != domain_id || anchor.epoch != epoch as u64 || anchor.root != hash32(root, "anchor root")? {
+        if anchor.domain_id != domain_id || anchor.epoch != epoch as u64 || anchor.root != hash32(root, "anchor root")?
+        {
             return Err(Error::Store(format!("stored anchor {epoch} of domain {domain_id} differs from its envelope")));
         }
         Ok(StoredAnchor { anchor, envelope })

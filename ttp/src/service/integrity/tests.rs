@@ -26,7 +26,13 @@ fn last_record(f: &Fixture) -> AuditRecord {
 }
 
 /// Asserts the commit is refused with `code` and audited as an `integrity_commit` with it.
-fn commit_refused(f: &Fixture, actor: &Identity, domain_id: &str, request: &IntegrityCommitRequest, code: &str) -> Error {
+fn commit_refused(
+    f: &Fixture,
+    actor: &Identity,
+    domain_id: &str,
+    request: &IntegrityCommitRequest,
+    code: &str,
+) -> Error {
     let error = f.ttp.commit_integrity_root(actor, domain_id, request).expect_err("the commit is refused");
     assert_eq!(error.code(), code, "{error}");
     let record = last_record(f);
@@ -56,7 +62,10 @@ fn first_commit_is_epoch_one_signed_and_audited() {
     let signer = protocol::pki::identity_from_certificate(&response.anchor.signer_certificate).unwrap();
     assert_eq!((signer.name.as_str(), signer.role), ("ttp-1", Role::Ttp));
     let anchor = IntegrityAnchor::decode(&response.anchor.message).unwrap();
-    assert_eq!((anchor.domain_id.as_str(), anchor.epoch, anchor.root, anchor.host_id.as_str()), (domain.as_str(), 1, [0xab; 32], HOST));
+    assert_eq!(
+        (anchor.domain_id.as_str(), anchor.epoch, anchor.root, anchor.host_id.as_str()),
+        (domain.as_str(), 1, [0xab; 32], HOST)
+    );
     assert!(now_unix().abs_diff(anchor.committed_at) < 5);
     let stored = f.ttp.store().newest_anchor(&domain).unwrap().expect("stored");
     assert_eq!(stored.envelope, response.anchor);
@@ -95,7 +104,8 @@ fn replayed_or_skipping_commit_is_integrity_epoch_stale() {
     commit_refused(&f, &f.host(), &domain, &commit(3, 3), "integrity_epoch_stale");
     let fresh = Fixture::new();
     fresh.release_to(HOST, VM, AccessMode::Rw);
-    let error = commit_refused(&fresh, &fresh.host(), &fresh.descriptor.domain_id, &commit(0, 0), "integrity_epoch_stale");
+    let error =
+        commit_refused(&fresh, &fresh.host(), &fresh.descriptor.domain_id, &commit(0, 0), "integrity_epoch_stale");
     assert_mentions(&error, "epoch 1, not 0");
 }
 
@@ -232,8 +242,15 @@ fn violation_report_is_audited_and_in_the_history() {
     );
     let report = &history[3];
     assert_eq!(report.seq, response.audit_seq);
-    assert_eq!((report.host_id.as_deref(), report.vm_id.as_deref(), report.actor.as_str()), (Some(HOST), Some(VM), HOST));
-    assert!(report.message.starts_with("sector 1234: ciphertext does not match its tag (sector_tag)"), "{}", report.message);
+    assert_eq!(
+        (report.host_id.as_deref(), report.vm_id.as_deref(), report.actor.as_str()),
+        (Some(HOST), Some(VM), HOST)
+    );
+    assert!(
+        report.message.starts_with("sector 1234: ciphertext does not match its tag (sector_tag)"),
+        "{}",
+        report.message
+    );
     assert!(history[4].message.starts_with("volume: volume holds an older committed state"), "{}", history[4].message);
 }
 

@@ -7,17 +7,17 @@
 //! the refusal's code.
 
 use protocol::domain::{descriptor_hash, AccessMode, AclEntry, Descriptor};
+use protocol::kdf::{derive_sector_mac_key, derive_volume_key, RELEASED_KEYS_BYTES, VOLUME_KEY_BYTES};
 use protocol::messages::{
     grant_digest, Deletion, HeaderRecord, KeyReleaseRequest, MountGrant, Registration, MAX_GRANT_VALIDITY_SECS,
     MAX_PLACEMENT_AGE_SECS, PLACEMENT_CLOCK_SKEW_SECS,
 };
-use protocol::kdf::{derive_sector_mac_key, derive_volume_key, RELEASED_KEYS_BYTES, VOLUME_KEY_BYTES};
 use protocol::pki::{Identity, Role};
 use protocol::secret::SecretBytes;
 use protocol::signing::SignatureContext;
 
-use crate::store::now_unix;
 use crate::service::test_support::fixture::{assert_mentions, register, Fixture, HOST, OTHER_VM, OWNER, RO_VM, VM};
+use crate::store::now_unix;
 
 // ---- the caller --------------------------------------------------------------------------
 

@@ -31,8 +31,7 @@ struct Vectors {
 }
 
 fn vectors() -> Vectors {
-    serde_json::from_str(include_str!("../../../tests/vectors/attested_host.json"))
-        .expect("the recorded vectors parse")
+    serde_json::from_str(include_str!("../../../tests/vectors/attested_host.json")).expect("the recorded vectors parse")
 }
 
 /// The recorded host (its secure component's certificate name).
