@@ -110,10 +110,19 @@ pub fn attachments(list: &[Attachment]) -> String {
     )
 }
 
-/// A domain's viewing history as a table, noting that the TTP verified the hash chain.
+/// A domain's viewing history as a table, noting that the TTP verified the hash chain. The
+/// TTP's message is shown for refusals and integrity records (an `integrity_violation` names
+/// the sector there); a granted release's is left out, the other columns say it all.
 pub fn history(history: &HistoryResponse) -> String {
+    let detail = |r: &protocol::messages::AuditRecord| {
+        if r.outcome != "ok" || r.event.starts_with("integrity_") {
+            printable(&r.message.replace('\n', " "))
+        } else {
+            String::new()
+        }
+    };
     let body = table(
-        &["#", "TIME (UTC s)", "EVENT", "OUTCOME", "VM", "HOST", "BY"],
+        &["#", "TIME (UTC s)", "EVENT", "OUTCOME", "VM", "HOST", "BY", "DETAIL"],
         history
             .records
             .iter()
@@ -126,6 +135,7 @@ pub fn history(history: &HistoryResponse) -> String {
                     r.vm_id.clone().unwrap_or_else(|| "-".into()),
                     r.host_id.clone().unwrap_or_else(|| "-".into()),
                     r.actor.clone(),
+                    detail(r),
                 ]
             })
             .collect(),
@@ -146,7 +156,8 @@ pub fn human_size(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::printable;
+    use super::{history, printable};
+    use protocol::messages::{AuditRecord, HistoryResponse};
 
     #[test]
     fn terminal_controls_from_other_parties_are_shown_escaped() {
@@ -155,5 +166,38 @@ mod tests {
         assert!(!shown.chars().any(|c| c.is_control() || c == '\u{202e}'), "{shown:?}");
         assert!(shown.starts_with("cardiology\\u{1b}]0;owned\\u{7}"), "{shown}");
         assert_eq!(printable("line 1\n\tline 2 \u{e9}"), "line 1\n\tline 2 \u{e9}");
+    }
+
+    #[test]
+    fn history_shows_what_a_violation_report_names() {
+        let record = |seq: u64, event: &str, outcome: &str, message: &str| AuditRecord {
+            seq,
+            at: 1_700_000_000,
+            event: event.into(),
+            outcome: outcome.into(),
+            message: message.into(),
+            domain_id: Some("d".into()),
+            host_id: Some("compute-1".into()),
+            vm_id: Some("vm-a".into()),
+            actor: "compute-1".into(),
+            prev_hash: String::new(),
+            hash: String::new(),
+            format: 2,
+        };
+        let shown = history(&HistoryResponse {
+            domain_id: "d".into(),
+            records: vec![
+                record(1, "key_release", "ok", "key of domain d released"),
+                record(
+                    2,
+                    "integrity_violation",
+                    "integrity_violation",
+                    "sector 1234: ciphertext does not match its tag",
+                ),
+            ],
+        });
+        assert!(shown.contains("integrity_violation  vm-a"), "{shown}");
+        assert!(shown.contains("sector 1234: ciphertext does not match its tag"), "{shown}");
+        assert!(!shown.contains("key of domain d released"), "{shown}");
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod host;
 pub mod hypervisor;
+pub mod integrity_client;
 pub mod key_release;
 pub mod measure;
 pub mod prerequisites;
