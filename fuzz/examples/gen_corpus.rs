@@ -264,7 +264,13 @@ fn main() {
         "json_messages",
         5,
         "key-release-response",
-        &KeyReleaseResponse { domain_id: domain_id.clone(), version: 1, wrapped_key: vec![0x5a; 256], audit_seq: 4 },
+        &KeyReleaseResponse {
+            domain_id: domain_id.clone(),
+            version: 1,
+            wrapped_key: vec![0x5a; 256],
+            audit_seq: 4,
+            integrity_anchor: None,
+        },
     );
     c.json("json_messages", 6, "delete", &DeleteDomainRequest { deletion: signed_deletion.clone() });
     let mut records = Vec::new();

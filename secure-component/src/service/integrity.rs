@@ -4,16 +4,14 @@
 //! "Integrity anchor"). The volume calls it from the FUSE thread, outside the runtime, so a
 //! commit blocks on the runtime handle and a report is sent in the background.
 
-use protocol::integrity::{
-    IntegrityAnchor, IntegrityCommitRequest, IntegrityCommitResponse, IntegrityViolationReport,
-    IntegrityViolationResponse, ViolationKind,
-};
+use protocol::integrity::ViolationKind;
 use protocol::messages::KeyReleaseResponse;
 use protocol::refusal::Refusal;
 use protocol::secret::SecretBytes;
 use skydd_volume::integrity::{Anchor, Authority};
 
 use crate::error::{Error, Result};
+use crate::integrity_client;
 
 /// Commits and reports for one mapping (a domain opened for a VM on this host).
 pub(super) struct TtpAuthority {
@@ -26,30 +24,21 @@ pub(super) struct TtpAuthority {
 
 impl Authority for TtpAuthority {
     fn commit(&self, epoch: u64, root: &[u8; 32]) -> std::result::Result<(), String> {
-        let path = format!("/v1/domains/{}/integrity/commits", self.domain_id);
-        let body = IntegrityCommitRequest { host_id: self.host_id.clone(), epoch, root: *root };
-        let ttp = self.ttp.clone();
-        let answer: IntegrityCommitResponse = self
+        let committed = self
             .runtime
-            .block_on(async move { ttp.post_json(&path, &body).await })
+            .block_on(integrity_client::commit_root(&self.ttp, &self.domain_id, &self.host_id, epoch, root, None))
             .map_err(|e| format!("epoch {epoch}: {e}"))?;
-        let anchor = IntegrityAnchor::decode(&answer.anchor.message).map_err(|e| e.to_string())?;
-        if anchor.domain_id != self.domain_id || anchor.epoch != epoch || anchor.root != *root {
-            return Err(format!("the TTP answered epoch {epoch} with an anchor of another state ({})", anchor.epoch));
-        }
-        tracing::debug!(domain = %self.domain_id, epoch, audit_seq = answer.audit_seq, "integrity root committed");
+        tracing::debug!(domain = %self.domain_id, epoch, audit_seq = committed.audit_seq, "integrity root committed");
         Ok(())
     }
 
     fn report(&self, kind: ViolationKind, sector: Option<u64>) {
         tracing::error!(domain = %self.domain_id, vm = %self.vm_id, kind = kind.as_str(), ?sector,
             "integrity violation: the volume was altered outside this host");
-        let path = format!("/v1/domains/{}/integrity/violations", self.domain_id);
-        let body = IntegrityViolationReport { host_id: self.host_id.clone(), vm_id: self.vm_id.clone(), kind, sector };
-        let (ttp, domain) = (self.ttp.clone(), self.domain_id.clone());
+        let (ttp, domain, host, vm) =
+            (self.ttp.clone(), self.domain_id.clone(), self.host_id.clone(), self.vm_id.clone());
         self.runtime.spawn(async move {
-            let sent: net::Result<IntegrityViolationResponse> = ttp.post_json(&path, &body).await;
-            if let Err(e) = sent {
+            if let Err(e) = integrity_client::report_violation(&ttp, &domain, &host, &vm, kind, sector).await {
                 tracing::error!(%domain, error = %e, "reporting an integrity violation to the TTP failed");
             }
         });
@@ -75,20 +64,17 @@ pub(super) fn split_released_keys(released: &SecretBytes) -> Result<(SecretBytes
     }
 }
 
-/// The newest anchor the TTP returned with the release, checked to be this domain's.
+/// The newest anchor the TTP returned with the release: its signature checked, and it must
+/// be this domain's.
 pub(super) fn anchor_of(release: &KeyReleaseResponse) -> Result<Option<Anchor>> {
     let Some(envelope) = &release.integrity_anchor else {
         return Ok(None);
     };
-    let anchor = IntegrityAnchor::decode(&envelope.message)
-        .map_err(|e| Error::BadRequest(format!("the TTP's integrity anchor does not decode: {e}")))?;
-    if anchor.domain_id != release.domain_id || anchor.epoch == 0 {
+    let anchor = integrity_client::verified_anchor(envelope, &release.domain_id, None)?;
+    if anchor.epoch == 0 {
         return Err(Error::Integrity {
             refusal: Refusal::IntegrityViolation,
-            message: format!(
-                "the TTP returned an anchor of domain {} epoch {} with the key of domain {}",
-                anchor.domain_id, anchor.epoch, release.domain_id
-            ),
+            message: format!("the TTP returned an anchor of epoch 0 for domain {}", release.domain_id),
         });
     }
     Ok(Some(Anchor { epoch: anchor.epoch, root: anchor.root }))

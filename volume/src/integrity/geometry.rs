@@ -154,7 +154,7 @@ mod tests {
     fn regions_do_not_overlap() {
         for sectors in [1, 127, 128, 129, 5000, 300_000] {
             let g = Geometry::new(sectors).unwrap();
-            let mut regions = vec![
+            let mut regions = [
                 (g.leaf_slot_offset(0), g.selector_offset(0) + g.selector_blocks * BLOCK),
                 (g.leaf_slot_offset(1), g.selector_offset(1) + g.selector_blocks * BLOCK),
                 (g.tag_block_offset(0, 0), g.tag_block_offset(0, g.tag_blocks)),

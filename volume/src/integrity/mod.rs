@@ -7,7 +7,7 @@
 //! - [`records`]: the superblock and the dirty map (which zones may hold writes not yet
 //!   committed, written durably before those writes);
 //! - [`geometry`]: where each part lies;
-//! - [`volume`]: [`IntegrityVolume`], which reads (verifying), writes (tagging), flushes
+//! - `volume`: [`IntegrityVolume`], which reads (verifying), writes (tagging), flushes
 //!   (committing a new epoch through an [`Authority`], the TTP) and, on open, checks the
 //!   volume against the anchor and settles what a crash left behind.
 
