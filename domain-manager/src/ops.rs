@@ -31,7 +31,8 @@ pub struct DomainManager {
     ttp: net::Client,
 }
 
-fn now_unix() -> u64 {
+/// The time now, unix seconds (0 if the clock is before 1970).
+pub fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -295,8 +296,13 @@ impl DomainManager {
                     "{instance_id} has no attachment of domain {domain_id}; see `domain-manager vm list`"
                 ))
             })?;
+        self.detach_attachment(&attachment.id).await
+    }
+
+    /// Detaches the cloud platform's attachment `attachment_id` (also retries a `detaching` one).
+    pub async fn detach_attachment(&self, attachment_id: &str) -> Result<Attachment> {
         self.cp
-            .delete_json(&format!("/v1/attachments/{}", attachment.id))
+            .delete_json(&format!("/v1/attachments/{attachment_id}"))
             .await
             .map_err(|e| Error::from_net("cloud platform", e))
     }
