@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::errors::{ApiError, ApiResult};
 use super::ids::{from_uuid, timestamp, to_uuid};
 use super::versions::Microversion;
+use super::volumes::volume_label;
 use super::{no_content, Gateway, Reservation, Shared};
 use crate::ops::DEFAULT_GRANT_SECS;
 
@@ -176,7 +177,7 @@ pub async fn create(
     let mode = parse_mode(request.get("mode"))?;
     let domain = gateway.domain_of_volume(volume_id).await?;
     if has_connector(request) {
-        let attachment = gateway.attach_domain(&domain.id, volume_id, &instance_id, mode).await?;
+        let attachment = gateway.attach_domain(&domain.id, &volume_label(&domain), &instance_id, mode).await?;
         return Ok(Json(json!({ "attachment": cloud_view(&attachment) })));
     }
     protocol::domain::validate_name("server id", &instance_id)?;
@@ -254,9 +255,9 @@ pub async fn update(
     match gateway.find_attachment(&attachment_id).await? {
         Found::Reserved(id, reservation) => {
             let mode = parse_mode(request.get("mode"))?.or(reservation.mode);
-            let attachment = gateway
-                .attach_domain(&reservation.domain_id, &to_uuid(&reservation.domain_id), &reservation.instance_id, mode)
-                .await?;
+            let domain = gateway.domain_of_volume(&reservation.domain_id).await?;
+            let attachment =
+                gateway.attach_domain(&domain.id, &volume_label(&domain), &reservation.instance_id, mode).await?;
             gateway.reservations().remove(&id);
             gateway.aliases().insert(id, attachment.id.clone());
             Ok(Json(json!({ "attachment": cloud_view(&attachment) })))

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use super::errors::{ApiError, ApiResult};
 use super::ids::{from_uuid, to_uuid};
 use super::versions::{self, Microversion};
+use super::volumes::volume_label;
 use super::{Gateway, Shared};
 
 impl Gateway {
@@ -138,7 +139,7 @@ pub async fn attach_volume(
         .ok_or_else(|| ApiError::bad_request("Invalid input: volumeAttachment.volumeId is required"))?;
     gateway.known_server(&server_id).await?;
     let domain = gateway.domain_of_volume(volume_id).await?;
-    let attachment = gateway.attach_domain(&domain.id, volume_id, &server_id, None).await?;
+    let attachment = gateway.attach_domain(&domain.id, &volume_label(&domain), &server_id, None).await?;
     Ok(Json(json!({ "volumeAttachment": volume_attachment_view(&attachment, version) })))
 }
 

@@ -136,6 +136,11 @@ impl Gateway {
     }
 }
 
+/// How messages name a volume: its name, or its id when it has none.
+pub fn volume_label(domain: &DomainView) -> String {
+    domain.metadata.get(NAME_KEY).cloned().unwrap_or_else(|| to_uuid(&domain.id))
+}
+
 /// `vm-a:rw,vm-b:ro`.
 pub fn format_acl(acl: &[AclEntry]) -> String {
     acl.iter().map(|e| format!("{}:{}", e.vm_id, e.mode)).collect::<Vec<_>>().join(",")
@@ -292,9 +297,14 @@ pub async fn delete(State(gateway): State<Shared>, Path(volume_id): Path<String>
     let reserved = gateway.reservations().values().any(|r| r.domain_id == domain.id);
     if !open.is_empty() || reserved {
         let servers: Vec<&str> = open.iter().map(|a| a.instance_id.as_str()).collect();
+        let label = volume_label(&domain);
+        let remedy = match servers.first() {
+            Some(server) => format!("openstack server remove volume {server} {label}"),
+            None => "openstack volume attachment delete ATTACHMENT".to_string(),
+        };
         return Err(ApiError::bad_request(format!(
             "Invalid volume: Volume status must be available or error, but current status is: in-use \
-             (attached to {}). Detach it first: openstack server remove volume SERVER {volume_id}",
+             (attached to {}). Detach it first: {remedy}",
             if servers.is_empty() { "a reserved attachment".to_string() } else { servers.join(", ") }
         )));
     }
