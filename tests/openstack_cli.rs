@@ -247,9 +247,7 @@ async fn the_openstack_clients_drive_skydd() {
         )
         .await;
     clients.refused("openstack", &["volume", "show", "no-such-volume"], &["No Volume found for no-such-volume"]).await;
-    clients
-        .refused("openstack", &["server", "add", "volume", "vm-z", "records"], &["No Server found for vm-z"])
-        .await;
+    clients.refused("openstack", &["server", "add", "volume", "vm-z", "records"], &["No Server found for vm-z"]).await;
     clients
         .refused("cinder", &["show", "00000000-0000-0000-0000-000000000000"], &["No volume with a name or ID"])
         .await;

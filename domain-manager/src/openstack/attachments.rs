@@ -73,13 +73,7 @@ impl Gateway {
             return Ok(Found::Reserved(id, reservation.clone()));
         }
         let cloud_id = self.aliases().get(&id).cloned().unwrap_or(id);
-        self.dm
-            .attachments()
-            .await?
-            .into_iter()
-            .find(|a| a.id == cloud_id)
-            .map(Found::Cloud)
-            .ok_or_else(not_found)
+        self.dm.attachments().await?.into_iter().find(|a| a.id == cloud_id).map(Found::Cloud).ok_or_else(not_found)
     }
 }
 
@@ -247,11 +241,9 @@ pub async fn update(
     Json(body): Json<Value>,
 ) -> ApiResult<Json<Value>> {
     require_attachments_api(version)?;
-    let request = body
-        .get("attachment")
-        .and_then(Value::as_object)
-        .filter(|a| has_connector(a))
-        .ok_or_else(|| ApiError::bad_request("Invalid input: the body must be {\"attachment\": {\"connector\": {...}}}"))?;
+    let request = body.get("attachment").and_then(Value::as_object).filter(|a| has_connector(a)).ok_or_else(|| {
+        ApiError::bad_request("Invalid input: the body must be {\"attachment\": {\"connector\": {...}}}")
+    })?;
     match gateway.find_attachment(&attachment_id).await? {
         Found::Reserved(id, reservation) => {
             let mode = parse_mode(request.get("mode"))?.or(reservation.mode);
@@ -308,4 +300,3 @@ pub async fn action(
         ))),
     }
 }
-

@@ -94,13 +94,50 @@ impl Gateway {
 /// other segment there is a project id (`/v3/{project_id}/volumes`), which the gateway ignores:
 /// it serves one owner.
 const RESOURCES: &[&str] = &[
-    "volumes", "attachments", "snapshots", "backups", "types", "os-quota-sets", "os-quota-class-sets", "limits",
-    "extensions", "messages", "groups", "group_types", "group_snapshots", "os-services", "os-availability-zone",
-    "scheduler-stats", "manageable_volumes", "manageable_snapshots", "os-volume-manage", "os-snapshot-manage",
-    "workers", "clusters", "default-types", "resource_filters", "os-volume-transfer", "volume-transfers",
-    "consistencygroups", "cgsnapshots", "qos-specs", "os-hosts", "capabilities", "os-backup-services",
-    "servers", "flavors", "images", "os-hypervisors", "os-keypairs", "os-aggregates", "os-volumes",
-    "os-server-groups", "os-simple-tenant-usage", "os-migrations", "os-networks", "os-security-groups",
+    "volumes",
+    "attachments",
+    "snapshots",
+    "backups",
+    "types",
+    "os-quota-sets",
+    "os-quota-class-sets",
+    "limits",
+    "extensions",
+    "messages",
+    "groups",
+    "group_types",
+    "group_snapshots",
+    "os-services",
+    "os-availability-zone",
+    "scheduler-stats",
+    "manageable_volumes",
+    "manageable_snapshots",
+    "os-volume-manage",
+    "os-snapshot-manage",
+    "workers",
+    "clusters",
+    "default-types",
+    "resource_filters",
+    "os-volume-transfer",
+    "volume-transfers",
+    "consistencygroups",
+    "cgsnapshots",
+    "qos-specs",
+    "os-hosts",
+    "capabilities",
+    "os-backup-services",
+    "servers",
+    "flavors",
+    "images",
+    "os-hypervisors",
+    "os-keypairs",
+    "os-aggregates",
+    "os-volumes",
+    "os-server-groups",
+    "os-simple-tenant-usage",
+    "os-migrations",
+    "os-networks",
+    "os-security-groups",
 ];
 
 /// The path without a project id: `/v3/{project}/volumes/x` is `/v3/volumes/x`; `None` when
@@ -200,10 +237,12 @@ fn stub_routes(stub: &'static versions::StubService) -> Router<Shared> {
     let version_path = format!("{}/{}", stub.prefix, stub.version_path);
     let mut router = Router::new();
     for path in [versions_path.clone(), format!("{versions_path}/")] {
-        router = router.route(&path, get(move |headers: HeaderMap| async move { versions::stub_versions(stub, &headers) }));
+        router =
+            router.route(&path, get(move |headers: HeaderMap| async move { versions::stub_versions(stub, &headers) }));
     }
     for path in [version_path.clone(), format!("{version_path}/")] {
-        router = router.route(&path, get(move |headers: HeaderMap| async move { versions::stub_version(stub, &headers) }));
+        router =
+            router.route(&path, get(move |headers: HeaderMap| async move { versions::stub_version(stub, &headers) }));
     }
     router
 }

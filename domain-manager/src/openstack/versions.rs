@@ -92,7 +92,9 @@ pub const COMPUTE_API: ApiVersion = ApiVersion {
 
 /// The API a path belongs to, if any (the path after the project id was taken out).
 pub fn api_of_path(path: &str) -> Option<&'static ApiVersion> {
-    [&VOLUME_API, &COMPUTE_API].into_iter().find(|api| path == api.prefix || path.starts_with(&format!("{}/", api.prefix)))
+    [&VOLUME_API, &COMPUTE_API]
+        .into_iter()
+        .find(|api| path == api.prefix || path.starts_with(&format!("{}/", api.prefix)))
 }
 
 /// The microversion a request asks of `api`: the `OpenStack-API-Version` entry for its service

@@ -62,10 +62,8 @@ impl Gateway {
     /// The volume object of `domain` (`attachments` are all of the owner's; those of this
     /// domain are picked).
     pub fn volume_view(&self, domain: &DomainView, attachments: &[Attachment], base: &str) -> Value {
-        let open: Vec<&Attachment> = attachments
-            .iter()
-            .filter(|a| a.domain_id == domain.id && a.status != AttachmentStatus::Detached)
-            .collect();
+        let open: Vec<&Attachment> =
+            attachments.iter().filter(|a| a.domain_id == domain.id && a.status != AttachmentStatus::Detached).collect();
         let reserved = self.reservations().values().any(|r| r.domain_id == domain.id);
         let status = if open.iter().any(|a| a.status == AttachmentStatus::Attaching) || reserved {
             "attaching"
@@ -290,10 +288,8 @@ pub async fn show(
 pub async fn delete(State(gateway): State<Shared>, Path(volume_id): Path<String>) -> ApiResult<Response> {
     let domain = gateway.domain_of_volume(&volume_id).await?;
     let attachments = gateway.dm.attachments().await?;
-    let open: Vec<&Attachment> = attachments
-        .iter()
-        .filter(|a| a.domain_id == domain.id && a.status != AttachmentStatus::Detached)
-        .collect();
+    let open: Vec<&Attachment> =
+        attachments.iter().filter(|a| a.domain_id == domain.id && a.status != AttachmentStatus::Detached).collect();
     let reserved = gateway.reservations().values().any(|r| r.domain_id == domain.id);
     if !open.is_empty() || reserved {
         let servers: Vec<&str> = open.iter().map(|a| a.instance_id.as_str()).collect();
