@@ -198,6 +198,19 @@ impl DomainManager {
         .await
     }
 
+    /// Replaces the access list with `acl` (a new signed version); the cloud platform detaches
+    /// the VMs that lost access or now have less. Refused (`Usage`) when nothing changes.
+    pub async fn set_acl(&self, domain_id: &str, acl: Vec<AclEntry>) -> Result<DomainView> {
+        self.update(domain_id, |d| {
+            if d.acl == acl {
+                return Err(Error::Usage(format!("the access list of {domain_id} is that already")));
+            }
+            d.acl = acl;
+            Ok(())
+        })
+        .await
+    }
+
     /// Shares the domain with another domain manager (it may then attach and read history).
     pub async fn share(&self, domain_id: &str, manager: &str) -> Result<DomainView> {
         self.update(domain_id, |d| {

@@ -145,8 +145,10 @@ fn parse_mode(value: Option<&Value>) -> ApiResult<Option<AccessMode>> {
     }
 }
 
+/// A connector is given when it is a non-empty object: as Cinder (`if connector:`), an empty
+/// one only reserves (python-openstackclient sends `{}` without `--connect`).
 fn has_connector(attachment: &serde_json::Map<String, Value>) -> bool {
-    attachment.get("connector").is_some_and(|c| c.as_object().is_some())
+    attachment.get("connector").and_then(Value::as_object).is_some_and(|c| !c.is_empty())
 }
 
 /// `POST /v3/attachments`: `{"attachment": {"volume_uuid", "instance_uuid", "connector", "mode"}}`.

@@ -98,6 +98,11 @@ pub async fn list_servers(
     Ok(Json(json!({ "servers": views })))
 }
 
+/// `GET /v2.1/flavors[/detail]`: none (Skydd does not size VMs; `server list` looks them up).
+pub async fn no_flavors() -> Json<Value> {
+    Json(json!({ "flavors": [] }))
+}
+
 /// `GET /v2.1/servers/{id}`.
 pub async fn show_server(
     State(gateway): State<Shared>,

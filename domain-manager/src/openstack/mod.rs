@@ -203,6 +203,8 @@ pub fn router(gateway: Shared) -> Router {
         .route("/v3/volumes", get(volumes::list_summary).post(volumes::create))
         .route("/v3/volumes/detail", get(volumes::list_detail))
         .route("/v3/volumes/{volume_id}", get(volumes::show).delete(volumes::delete))
+        .route("/v3/volumes/{volume_id}/metadata", post(volumes::set_metadata).put(volumes::set_metadata))
+        .route("/v3/volumes/{volume_id}/metadata/{key}", axum::routing::delete(volumes::delete_metadata))
         .route("/v3/attachments", get(attachments::list).post(attachments::create))
         .route("/v3/attachments/detail", get(attachments::list))
         .route(
@@ -215,6 +217,8 @@ pub fn router(gateway: Shared) -> Router {
         .route("/v2.1/servers", get(compute::list_servers))
         .route("/v2.1/servers/detail", get(compute::list_servers))
         .route("/v2.1/servers/{server_id}", get(compute::show_server))
+        .route("/v2.1/flavors", get(compute::no_flavors))
+        .route("/v2.1/flavors/detail", get(compute::no_flavors))
         .route(
             "/v2.1/servers/{server_id}/os-volume_attachments",
             get(compute::list_volume_attachments).post(compute::attach_volume),
@@ -225,6 +229,7 @@ pub fn router(gateway: Shared) -> Router {
         )
         .merge(stub_routes(&versions::IDENTITY_STUB))
         .merge(stub_routes(&versions::IMAGE_STUB))
+        .route("/image/v2/images", get(|| async { axum::Json(serde_json::json!({ "images": [] })) }))
         .fallback(not_implemented)
         .layer(axum::middleware::from_fn(versions::microversions))
         .layer(axum::middleware::from_fn(access_log))

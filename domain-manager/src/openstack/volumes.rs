@@ -30,6 +30,8 @@ const OWNER_PROPERTY: &str = "skydd:owner";
 const VERSION_PROPERTY: &str = "skydd:version";
 
 const GIB: u64 = 1 << 30;
+/// The one volume type: an encrypted Skydd domain.
+pub const VOLUME_TYPE: &str = "skydd";
 
 /// What the cloud platform holds for the owner: its domains and their attachments.
 pub struct Holdings {
@@ -114,7 +116,7 @@ impl Gateway {
             "encrypted": true,
             "multiattach": false,
             "metadata": properties,
-            "volume_type": "skydd",
+            "volume_type": VOLUME_TYPE,
             "volume_type_id": Value::Null,
             "snapshot_id": Value::Null,
             "source_volid": Value::Null,
@@ -190,6 +192,11 @@ pub async fn create(State(gateway): State<Shared>, headers: HeaderMap, Json(body
                 "Invalid input: '{field}': a Skydd volume is created empty; {what} are not supported (see docs/OPENSTACK.md)"
             )));
         }
+    }
+    if let Some(kind) = volume.get("volume_type").and_then(Value::as_str).filter(|t| *t != VOLUME_TYPE) {
+        return Err(ApiError::not_found(format!(
+            "Volume type with name {kind} could not be found. (Every Skydd volume is of type {VOLUME_TYPE}.)"
+        )));
     }
     let size = size_bytes(volume.get("size"))?;
     let mut metadata = BTreeMap::new();
@@ -306,6 +313,49 @@ pub async fn delete(State(gateway): State<Shared>, Path(volume_id): Path<String>
     }
     gateway.dm.delete(&domain.id).await?;
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// `POST` or `PUT /v3/volumes/{id}/metadata` (`openstack volume set --property`): only
+/// `skydd:acl` changes, as a new owner-signed version (the cloud platform detaches VMs that lost
+/// access); every other property is domain metadata, bound into the key, and cannot change.
+pub async fn set_metadata(
+    State(gateway): State<Shared>,
+    Path(volume_id): Path<String>,
+    Json(body): Json<Value>,
+) -> ApiResult<Json<Value>> {
+    let properties = body
+        .get("metadata")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ApiError::bad_request("Invalid input: the body must be {\"metadata\": {...}}"))?;
+    let domain = gateway.domain_of_volume(&volume_id).await?;
+    let mut new_acl = None;
+    for (key, value) in properties {
+        let value = value.as_str().unwrap_or_default();
+        if key == ACL_PROPERTY {
+            new_acl = Some(parse_acl_property(value)?);
+        } else if domain.metadata.get(key).map(String::as_str) != Some(value) {
+            return Err(ApiError::bad_request(format!(
+                "Invalid input: property {key} is domain metadata, bound into the volume's key when it was created; it \
+                 cannot change (only {ACL_PROPERTY}, the access policy, can)"
+            )));
+        }
+    }
+    let domain = match new_acl {
+        Some(acl) => gateway.dm.set_acl(&domain.id, acl).await?,
+        None => domain,
+    };
+    let view = gateway.volume_view(&domain, &[], "");
+    Ok(Json(json!({ "metadata": view["metadata"] })))
+}
+
+/// `DELETE /v3/volumes/{id}/metadata/{key}`: refused, domain metadata never changes (an empty
+/// policy is `skydd:acl=` through `volume set`).
+pub async fn delete_metadata(Path((volume_id, key)): Path<(String, String)>) -> ApiError {
+    ApiError::bad_request(format!(
+        "Invalid input: property {} of volume {} is bound into the volume's key and cannot be removed",
+        crate::render::printable(&key),
+        crate::render::printable(&volume_id)
+    ))
 }
 
 #[cfg(test)]
