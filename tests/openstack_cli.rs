@@ -239,6 +239,20 @@ async fn the_openstack_clients_drive_skydd() {
             &["ForbiddenException: 403", "Policy doesn't allow server vm-b", "vm-a:rw", "domain-manager domain grant"],
         )
         .await;
+    // The owner changes the policy through the CLI (a new signed version); vm-b may now read,
+    // but not beside vm-a's read-write attachment (one writer and nothing beside it).
+    clients.ok("openstack", &["volume", "set", "--property", "skydd:acl=vm-a:rw,vm-b:ro", "records"]).await;
+    let policy = clients.ok("openstack", &["volume", "show", "records", "-f", "json"]).await.json();
+    assert_eq!(policy["properties"]["skydd:acl"], "vm-a:rw,vm-b:ro", "{policy}");
+    assert_eq!(policy["properties"]["skydd:version"], "2");
+    assert_eq!(policy["status"], "in-use", "vm-a kept its access, so its attachment");
+    clients
+        .refused(
+            "openstack",
+            &["server", "add", "volume", "vm-b", "records"],
+            &["ConflictException: 409", "single_writer"],
+        )
+        .await;
     clients
         .refused(
             "openstack",

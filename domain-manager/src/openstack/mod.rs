@@ -190,7 +190,15 @@ async fn access_log(request: Request, next: Next) -> Response {
 
 async fn not_implemented(method: Method, request: Request) -> ApiError {
     let path = request.extensions().get::<SentPath>().map(|p| p.0.clone()).unwrap_or_default();
-    ApiError::not_implemented(method.as_str(), &crate::render::printable(&path))
+    let mut error = ApiError::not_implemented(method.as_str(), &crate::render::printable(&path));
+    if request.uri().path().starts_with("/v3/servers") {
+        // One `--os-endpoint` serves every service at one URL; Compute is at /v2.1.
+        error.message.push_str(
+            "; compute calls (server ...) need the gateway's /v2.1: use a clouds.yaml with \
+             compute_endpoint_override: http://HOST:PORT/v2.1 (as serve-openstack prints)",
+        );
+    }
+    error
 }
 
 /// The gateway's routes (without the project-id rewriting, which must run before routing:
