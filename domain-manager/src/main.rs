@@ -174,6 +174,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> domain_manager::Result<()> {
+    if let Command::ServeOpenstack { listen, allow_remote, .. } = &cli.command {
+        // Before the key is loaded: a gateway that would expose it is not started at all.
+        domain_manager::openstack::check_listen_address(listen, *allow_remote)?;
+    }
     let config = DmConfig::load(&cli.config)?;
     let dm = DomainManager::connect(&config)?;
     let json = cli.json;
@@ -223,8 +227,7 @@ async fn run(cli: Cli) -> domain_manager::Result<()> {
             let attachment = dm.detach(&domain, &vm).await?;
             print(json, &attachment, |a| render::attachments(std::slice::from_ref(a)));
         }
-        Command::ServeOpenstack { listen, allow_remote, default_vms, servers } => {
-            domain_manager::openstack::check_listen_address(&listen, allow_remote)?;
+        Command::ServeOpenstack { listen, allow_remote: _, default_vms, servers } => {
             let default_acl = default_vms.iter().map(|v| parse_acl_entry(v)).collect::<Result<_, _>>()?;
             for server in &servers {
                 protocol::domain::validate_name("server", server)?;

@@ -316,6 +316,36 @@ mod tests {
         assert!(api_of_path("/identity/v3").is_none());
     }
 
+    /// The middleware as routed: the version in force is named in the answer, with `Vary`; a
+    /// version outside the range never reaches the handler.
+    #[tokio::test]
+    async fn the_middleware_names_the_version() {
+        use tower::ServiceExt;
+        let app = axum::Router::new()
+            .route("/v3/volumes", axum::routing::get(|| async { "ok" }))
+            .route("/v2.1/servers", axum::routing::get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(microversions));
+        let request = |path: &str, header: Option<&str>| {
+            let mut builder = axum::http::Request::builder().uri(path);
+            if let Some(value) = header {
+                builder = builder.header("OpenStack-API-Version", value);
+            }
+            builder.body(axum::body::Body::empty()).unwrap()
+        };
+        let answer = app.clone().oneshot(request("/v3/volumes", Some("volume 3.27"))).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(answer.headers()[API_VERSION_HEADER], "volume 3.27");
+        assert_eq!(answer.headers()[VARY], "OpenStack-API-Version");
+        let answer = app.clone().oneshot(request("/v2.1/servers", None)).await.unwrap();
+        assert_eq!(answer.headers()[API_VERSION_HEADER], "compute 2.1");
+        assert_eq!(answer.headers()[NOVA_VERSION_HEADER], "2.1");
+        let refused = app.oneshot(request("/v3/volumes", Some("volume 3.72"))).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::NOT_ACCEPTABLE);
+        let body = axum::body::to_bytes(refused.into_body(), 4096).await.unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["computeFault"]["code"], 406, "{body}");
+    }
+
     #[test]
     fn version_documents_link_back() {
         let entry = version_entry(&VOLUME_API, "http://127.0.0.1:8776");
