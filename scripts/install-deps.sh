@@ -20,6 +20,7 @@ packages=(
   gdb
   mmdebstrap debian-archive-keyring gpgv tar qemu-utils openscap-scanner openscap-utils ssg-debian
   dosfstools mtools
+  python3-venv
   shellcheck vagrant vagrant-libvirt ruby systemd
 )
 if [ "$(id -u)" -ne 0 ]; then

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod error;
+pub mod openstack;
 pub mod ops;
 pub mod render;
 

@@ -60,6 +60,33 @@ enum Command {
     /// The attachments of your domains (the cloud's topology is the operator's).
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Serve a Block Storage v3 compatible endpoint for OpenStack clients (python-openstackclient,
+    /// python-cinderclient) on this machine; every call is signed here with your key.
+    #[command(
+        long_about = "Serves the part of the OpenStack Block Storage v3 API (and of Compute v2.1 for `server add volume` / \
+`server remove volume`) that the OpenStack clients use, on plain HTTP on loopback. Each call becomes Skydd operations \
+signed here with your key and sent to the cloud platform over mutual TLS, as the other commands do: volumes are \
+domains, attachments are mount grants and attaches. Clients use `auth_type: none` and endpoint overrides \
+(docs/OPENSTACK.md has the clouds.yaml).\n\nThe gateway listens on loopback only unless --allow-remote is given: it has \
+no authentication of its own, so whoever can reach it acts as you, with your signing key."
+    )]
+    ServeOpenstack {
+        /// Address to listen on; port 0 picks a free port (printed on the first line).
+        #[arg(long, default_value = "127.0.0.1:8776")]
+        listen: std::net::SocketAddr,
+        /// Allow a non-loopback --listen address. Whoever reaches the gateway acts with your signing
+        /// key; give this only behind a firewall or tunnel that restricts who can.
+        #[arg(long)]
+        allow_remote: bool,
+        /// The access policy of a volume created without a `skydd:acl` property: VM:ro or VM:rw
+        /// (repeatable).
+        #[arg(long = "default-vm")]
+        default_vms: Vec<String>,
+        /// A VM of the cloud, answered as a server by the compute API (repeatable). The operator
+        /// keeps the topology: the gateway cannot list the cloud's VMs itself.
+        #[arg(long = "server")]
+        servers: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -156,6 +183,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> domain_manager::Result<()> {
+    if let Command::ServeOpenstack { listen, allow_remote, .. } = &cli.command {
+        // Before the key is loaded: a gateway that would expose it is not started at all.
+        domain_manager::openstack::check_listen_address(listen, *allow_remote)?;
+    }
     let config = DmConfig::load(&cli.config)?;
     let dm = DomainManager::connect(&config)?;
     let json = cli.json;
@@ -216,6 +247,20 @@ async fn run(cli: Cli) -> domain_manager::Result<()> {
         Command::Detach { domain, vm } => {
             let attachment = dm.detach(&domain, &vm).await?;
             print(json, &attachment, |a| render::attachments(std::slice::from_ref(a)));
+        }
+        Command::ServeOpenstack { listen, allow_remote: _, default_vms, servers } => {
+            let default_acl = default_vms.iter().map(|v| parse_acl_entry(v)).collect::<Result<_, _>>()?;
+            for server in &servers {
+                protocol::domain::validate_name("server", server)?;
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| domain_manager::Error::Usage(format!("cannot listen on {listen}: {e}")))?;
+            let address = listener.local_addr().map_err(|e| domain_manager::Error::Usage(e.to_string()))?;
+            println!("serving the OpenStack gateway for {} on http://{address}", dm.name);
+            println!("clouds.yaml:\n  clouds:\n    skydd:\n      auth_type: none\n      block_storage_endpoint_override: http://{address}/v3\n      compute_endpoint_override: http://{address}/v2.1\n      identity_endpoint_override: http://{address}/identity\n      image_endpoint_override: http://{address}/image");
+            let options = domain_manager::openstack::GatewayOptions { default_acl, servers };
+            domain_manager::openstack::serve(listener, domain_manager::openstack::Gateway::new(dm, options)).await?;
         }
         Command::Vm(VmCommand::List) => {
             // The attachments of the caller's domains; where other VMs run is the operator's

@@ -31,7 +31,8 @@ pub struct DomainManager {
     ttp: net::Client,
 }
 
-fn now_unix() -> u64 {
+/// The time now, unix seconds (0 if the clock is before 1970).
+pub fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -228,6 +229,19 @@ impl DomainManager {
         .await
     }
 
+    /// Replaces the access list with `acl` (a new signed version); the cloud platform detaches
+    /// the VMs that lost access or now have less. Refused (`Usage`) when nothing changes.
+    pub async fn set_acl(&self, domain_id: &str, acl: Vec<AclEntry>) -> Result<DomainView> {
+        self.update(domain_id, |d| {
+            if d.acl == acl {
+                return Err(Error::Usage(format!("the access list of {domain_id} is that already")));
+            }
+            d.acl = acl;
+            Ok(())
+        })
+        .await
+    }
+
     /// Shares the domain with another domain manager (it may then attach and read history).
     pub async fn share(&self, domain_id: &str, manager: &str) -> Result<DomainView> {
         self.update(domain_id, |d| {
@@ -326,8 +340,13 @@ impl DomainManager {
                     "{instance_id} has no attachment of domain {domain_id}; see `domain-manager vm list`"
                 ))
             })?;
+        self.detach_attachment(&attachment.id).await
+    }
+
+    /// Detaches the cloud platform's attachment `attachment_id` (also retries a `detaching` one).
+    pub async fn detach_attachment(&self, attachment_id: &str) -> Result<Attachment> {
         self.cp
-            .delete_json(&format!("/v1/attachments/{}", attachment.id))
+            .delete_json(&format!("/v1/attachments/{attachment_id}"))
             .await
             .map_err(|e| Error::from_net("cloud platform", e))
     }
