@@ -65,7 +65,8 @@ async fn secure_component_commits_roots_and_reports_violations_over_mutual_tls()
     // A domain owned by dm-alice, and compute-1 holding its newest release read-write.
     let owner = signing_key(&ca, Role::DomainManager, "dm-alice");
     let acl = vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }];
-    let descriptor = Descriptor::new("dm-alice", Default::default(), acl).unwrap();
+    let mut descriptor = Descriptor::new("dm-alice", Default::default(), acl).unwrap();
+    descriptor.volume_format = protocol::domain::VolumeFormat::V2;
     let domain = descriptor.domain_id.clone();
     let signed = owner.sign_envelope(SignatureContext::Descriptor, descriptor.encode().unwrap());
     let cloud = Identity { name: "cp-1".into(), role: Role::CloudPlatform };

@@ -2,7 +2,7 @@
 //! and "Deletion"): the TTP draws `r` for version 1, carries it over to every newer version
 //! the owner signs, and tombstones a domain on its owner's signed deletion.
 
-use protocol::domain::{descriptor_hash, Descriptor};
+use protocol::domain::{descriptor_hash, Descriptor, VolumeFormat};
 use protocol::kdf::NONCE_BYTES;
 use protocol::messages::{Deletion, RegisterDomainRequest, RegisterDomainResponse, Registration};
 use protocol::pki::{Identity, Role};
@@ -131,6 +131,15 @@ impl Ttp {
         if descriptor.metadata_hash() != current.metadata_hash {
             return Err(Error::BadRequest(format!(
                 "the metadata of domain {} is bound into its key and cannot change",
+                current.domain_id
+            )));
+        }
+        let current_format = Descriptor::decode(&current.descriptor)?.volume_format;
+        if current_format == VolumeFormat::V2 && descriptor.volume_format == VolumeFormat::V1 {
+            // Its integrity anchor would stop being checked while the provider keeps the
+            // old tree: there is no way back to format 1 (docs/FORMAT.md "Version 2").
+            return Err(Error::BadRequest(format!(
+                "domain {} is format 2 (tamper- and rollback-evident); a new version cannot make it format 1",
                 current.domain_id
             )));
         }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use protocol::domain::{validate_name, AccessMode};
+use protocol::domain::{validate_name, AccessMode, Descriptor, VolumeFormat};
 use protocol::integrity::{
     IntegrityAnchor, IntegrityCommitRequest, IntegrityCommitResponse, IntegrityViolationReport,
     IntegrityViolationResponse, ViolationKind,
@@ -62,6 +62,7 @@ impl Ttp {
         let subject = self.integrity_subject(domain_id, &request.host_id, None);
         let decide = |_: &mut Subject| {
             let release = self.check_reporter(actor, domain_id, &request.host_id, "commit an integrity root")?;
+            self.check_format_2(domain_id)?;
             if release.mode != AccessMode::Rw {
                 return Err(Error::IntegrityCommitForbidden(format!(
                     "the newest key release of domain {domain_id} to {} is read-only; only a read-write holder commits roots",
@@ -152,6 +153,18 @@ impl Ttp {
     /// The checks a commit and a report share: well-formed ids, a secure component acting for
     /// its own host, a registered domain that is not deleted, and the caller holds the
     /// domain's newest key release (`integrity_commit_forbidden`). Returns that release.
+    /// A root commit needs a format-2 domain (a format-1 one has no tree to anchor).
+    fn check_format_2(&self, domain_id: &str) -> Result<()> {
+        if let Some(domain) = self.store.domain(domain_id)? {
+            if Descriptor::decode(&domain.descriptor)?.volume_format != VolumeFormat::V2 {
+                return Err(Error::IntegrityCommitForbidden(format!(
+                    "domain {domain_id} is format 1: its owner has not made it format 2, so it has no integrity root"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn check_reporter(
         &self,
         actor: &Identity,

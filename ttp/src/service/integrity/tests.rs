@@ -4,7 +4,7 @@
 
 use protocol::domain::{AccessMode, Descriptor};
 use protocol::integrity::{IntegrityAnchor, IntegrityCommitRequest, IntegrityViolationReport, ViolationKind};
-use protocol::messages::{AuditRecord, Deletion};
+use protocol::messages::{AuditRecord, Deletion, KeyReleaseRequest};
 use protocol::pki::{Identity, Role};
 use protocol::signing::SignatureContext;
 
@@ -309,4 +309,35 @@ fn report_window_counts_per_domain_and_host_and_resets() {
     assert!(window.admit("d", "other-host", now + 1));
     assert!(window.admit("other-domain", "h", now + 1));
     assert!(window.admit("d", "h", now + VIOLATION_WINDOW_SECS));
+}
+
+#[test]
+fn commit_for_a_format_1_domain_is_integrity_commit_forbidden() {
+    let f = Fixture::new();
+    let acl = vec![protocol::domain::AclEntry { vm_id: VM.into(), mode: AccessMode::Rw }];
+    let descriptor = Descriptor::new(OWNER, Default::default(), acl).unwrap();
+    let header = register(&f.ttp, &f.owner, &descriptor, None);
+    let grant = f.grant_with(&f.owner, |grant| grant.domain_id = descriptor.domain_id.clone());
+    let request = KeyReleaseRequest { header, ..f.request_with_grant(grant) };
+    f.release(&request).expect("released");
+    let error = f.ttp.commit_integrity_root(&f.host(), &descriptor.domain_id, &commit(1, 1)).unwrap_err();
+    assert_eq!(error.code(), "integrity_commit_forbidden");
+    assert_mentions(&error, "is format 1");
+}
+
+/// Once format 2, always: a new version cannot take the domain back to format 1.
+#[test]
+fn a_format_2_domain_cannot_go_back_to_format_1() {
+    let f = Fixture::new();
+    let mut older = f.descriptor.clone();
+    older.version += 1;
+    older.volume_format = protocol::domain::VolumeFormat::V1;
+    let cloud = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
+    let signed = f.owner.sign_envelope(SignatureContext::Descriptor, older.encode().unwrap());
+    let request = protocol::messages::RegisterDomainRequest {
+        descriptor: signed,
+        previous_registration: Some(f.header.registration.clone()),
+    };
+    let error = f.ttp.register_domain(&cloud, &request).unwrap_err();
+    assert_mentions(&error, "cannot make it format 1");
 }

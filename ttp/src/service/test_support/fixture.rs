@@ -85,7 +85,9 @@ impl Fixture {
         let acl = [(VM, AccessMode::Rw), (OTHER_VM, AccessMode::Rw), (RO_VM, AccessMode::Ro)]
             .map(|(vm_id, mode)| AclEntry { vm_id: vm_id.into(), mode })
             .to_vec();
-        let descriptor = Descriptor::new(OWNER, Default::default(), acl).unwrap();
+        // Format 2, so the same domain serves the integrity tests (a format-1 domain has no root).
+        let mut descriptor = Descriptor::new(OWNER, Default::default(), acl).unwrap();
+        descriptor.volume_format = protocol::domain::VolumeFormat::V2;
         let header = register(&ttp, &owner, &descriptor, None);
         Self {
             ttp,
