@@ -121,25 +121,45 @@ pub fn history(history: &HistoryResponse) -> String {
             String::new()
         }
     };
-    let body = table(
-        &["#", "TIME (UTC s)", "EVENT", "OUTCOME", "VM", "HOST", "BY", "DETAIL"],
-        history
-            .records
-            .iter()
-            .map(|r| {
-                vec![
-                    r.seq.to_string(),
-                    r.at.to_string(),
-                    r.event.clone(),
-                    r.outcome.clone(),
-                    r.vm_id.clone().unwrap_or_else(|| "-".into()),
-                    r.host_id.clone().unwrap_or_else(|| "-".into()),
-                    r.actor.clone(),
-                    detail(r),
-                ]
-            })
-            .collect(),
-    );
+    let row = |seq: String, event: String, r: &protocol::messages::AuditRecord, detail: String| {
+        vec![
+            seq,
+            r.at.to_string(),
+            event,
+            r.outcome.clone(),
+            r.vm_id.clone().unwrap_or_else(|| "-".into()),
+            r.host_id.clone().unwrap_or_else(|| "-".into()),
+            r.actor.clone(),
+            detail,
+        ]
+    };
+    // A format-2 volume commits a root at every flush of its VM: a run of successful commits
+    // by one host is one row here (`--json` keeps every record).
+    let is_commit = |r: &protocol::messages::AuditRecord| r.event == "integrity_commit" && r.outcome == "ok";
+    let mut rows = Vec::new();
+    let records = &history.records;
+    let mut i = 0;
+    while i < records.len() {
+        let first = &records[i];
+        let mut end = i + 1;
+        while is_commit(first)
+            && end < records.len()
+            && is_commit(&records[end])
+            && records[end].host_id == first.host_id
+        {
+            end += 1;
+        }
+        let last = &records[end - 1];
+        if end - i > 1 {
+            let seq = format!("{}-{}", first.seq, last.seq);
+            let detail = format!("{} commits; newest: {}", end - i, detail(last));
+            rows.push(row(seq, format!("{} x{}", first.event, end - i), last, detail));
+        } else {
+            rows.push(row(first.seq.to_string(), first.event.clone(), first, detail(first)));
+        }
+        i = end;
+    }
+    let body = table(&["#", "TIME (UTC s)", "EVENT", "OUTCOME", "VM", "HOST", "BY", "DETAIL"], rows);
     format!("{body}\n(the TTP verified the audit hash chain before answering)")
 }
 
@@ -199,5 +219,16 @@ mod tests {
         assert!(shown.contains("integrity_violation  vm-a"), "{shown}");
         assert!(shown.contains("sector 1234: ciphertext does not match its tag"), "{shown}");
         assert!(!shown.contains("key of domain d released"), "{shown}");
+
+        // A run of root commits is one row; a refused commit breaks the run.
+        let mut records: Vec<AuditRecord> =
+            (3..=6).map(|seq| record(seq, "integrity_commit", "ok", &format!("epoch {} committed", seq - 2))).collect();
+        records.push(record(7, "integrity_commit", "integrity_epoch_stale", "epoch 1 again"));
+        records.push(record(8, "integrity_commit", "ok", "epoch 5 committed"));
+        let shown = history(&HistoryResponse { domain_id: "d".into(), records });
+        assert!(shown.contains("3-6") && shown.contains("integrity_commit x4"), "{shown}");
+        assert!(shown.contains("4 commits; newest: epoch 4 committed"), "{shown}");
+        assert!(!shown.contains("epoch 2 committed"), "{shown}");
+        assert!(shown.contains("integrity_epoch_stale") && shown.contains("epoch 5 committed"), "{shown}");
     }
 }
