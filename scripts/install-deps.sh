@@ -14,7 +14,7 @@ export DEBIAN_FRONTEND=noninteractive
 packages=(
   build-essential pkg-config libssl-dev libtss2-dev
   swtpm swtpm-tools tpm2-tools
-  fuse3 libfuse3-dev e2fsprogs util-linux fio
+  fuse3 libfuse3-dev e2fsprogs util-linux fio cryptsetup-bin
   qemu-system-x86 busybox-static kmod cpio
   sqlite3 openssl ca-certificates curl
   gdb

@@ -454,3 +454,107 @@ fn guest_sees_the_swtpm_tpm() {
     vm.shutdown();
     eprintln!("test d wall time {:.1?}", t0.elapsed());
 }
+
+/// What a format-2 volume commits and reports, on the host side of this test (the TTP's
+/// epoch rule, nothing more).
+#[derive(Default)]
+struct HostAnchor(std::sync::Mutex<Option<(u64, [u8; 32])>>);
+
+impl skydd_volume::integrity::Authority for HostAnchor {
+    fn commit(&self, epoch: u64, root: &[u8; 32]) -> Result<(), String> {
+        let mut anchor = self.0.lock().unwrap();
+        assert_eq!(epoch, anchor.map_or(0, |a| a.0) + 1, "epochs follow each other");
+        *anchor = Some((epoch, *root));
+        Ok(())
+    }
+    fn report(&self, kind: skydd_volume::ViolationKind, sector: Option<u64>) {
+        panic!("the host wrote this volume itself; unexpected {kind:?} at {sector:?}");
+    }
+}
+
+/// Format 2 read-only on a device-mapper host (docs/DMCRYPT.md "Format 2, read-only"): the
+/// secure component's dm-crypt backend verifies the volume against its anchor, stacks
+/// dm-verity under dm-crypt, and the guest kernel refuses a block the provider changes
+/// afterwards; a volume changed before the attach is refused and reported; rw is refused.
+#[test]
+fn format_2_read_only_is_pinned_by_dm_verity_in_the_guest() {
+    use skydd_volume::device::SectorDevice;
+    use skydd_volume::integrity::tag::Tagger;
+    use skydd_volume::integrity::IntegrityVolume;
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("v2.vol");
+    fs::File::create(&vol).and_then(|f| f.set_len((MIB + 8 * MIB) as u64)).expect("create volume");
+    let (key, mut mac) = (random_key(), [0u8; 32]);
+    openssl::rand::rand_bytes(&mut mac).expect("rand");
+    let domain = "0123456789abcdef0123456789abcdef";
+
+    // The host writes 256 sectors through the real format-2 engine and commits them.
+    let anchor = std::sync::Arc::new(HostAnchor::default());
+    let file = fs::OpenOptions::new().read(true).write(true).open(&vol).expect("open volume");
+    let mut k = key;
+    let (v, _) = IntegrityVolume::open(
+        std::sync::Arc::new(file),
+        XtsEngine::new(&SecretBytes::from_slice_wiping(&mut k)).unwrap(),
+        Tagger::new(&SecretBytes::from_slice_wiping(&mut mac.clone()), domain).unwrap(),
+        None,
+        false,
+        anchor.clone(),
+    )
+    .expect("initialise format 2");
+    let plain = pattern(256 * SECTOR);
+    v.write_sectors(0, &mut plain.clone()).expect("write");
+    v.flush().expect("commit");
+    drop(v);
+    let (epoch, root) = anchor.0.lock().unwrap().expect("committed");
+    let data_offset = |sector: usize| (MIB + sector * SECTOR) as u64;
+    let flip = |offset: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().read(true).write(true).open(&vol).unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, offset).unwrap();
+        f.write_all_at(&[b[0] ^ 0x04], offset).unwrap();
+        f.sync_all().unwrap();
+    };
+    let keys_hex = format!("{}{}", hex::encode(key), hex::encode(mac));
+    let anchor_json = json!({"domain_id": domain, "epoch": epoch, "root": hex::encode(root)});
+    let request = |mode: &str| json!({"op": "open_v2_ro", "name": "skydd-v2", "path": "/dev/vda", "key_hex": keys_hex, "mode": mode, "message": anchor_json});
+
+    let mut vm = boot(&[&vol]);
+    let refused = vm.call_err(request("rw"));
+    assert!(refused.contains("cannot keep a format-2 volume"), "{refused}");
+
+    let opened = vm.call(request("ro"));
+    let dev = opened["device"].as_str().unwrap_or_else(|| panic!("ro open failed: {opened}")).to_string();
+    let table = vm.call(json!({"op": "table", "name": "skydd-v2"}))["table"].as_str().unwrap_or_default().to_string();
+    assert!(
+        table.contains("crypt aes-xts-plain64 :64:logon:skydd:skydd-v2") && !table.contains(&hex::encode(key)),
+        "{table}"
+    );
+    let read = |vm: &mut Vm, sector: usize| {
+        vm.call(json!({"op": "read_uncached", "path": dev, "offset": sector * SECTOR, "bytes": SECTOR}))
+    };
+    let ok = read(&mut vm, 3);
+    assert_eq!(ok["hex"].as_str(), Some(hex::encode(&plain[3 * SECTOR..4 * SECTOR]).as_str()), "sector 3 reads back");
+
+    // The provider flips one bit of sector 7 while it is mapped: the guest kernel refuses it.
+    flip(data_offset(7) + 100);
+    let tampered = read(&mut vm, 7);
+    assert_eq!(tampered["errno"], json!(5), "dm-verity must answer EIO for a changed block: {tampered}");
+    let again = read(&mut vm, 3);
+    assert!(again["hex"].is_string(), "other blocks still read: {again}");
+    let closed = vm.call(json!({"op": "close", "name": "skydd-v2"}));
+    assert_eq!(closed["ok"], json!(true), "{closed}");
+    let list = vm.call(json!({"op": "list"}));
+    assert_eq!(list["volumes"], json!([]), "no mapping (nor verity helper) is left: {list}");
+
+    // Changed before the attach: the userspace check refuses it and reports the sector.
+    let refused = vm.call_err(request("ro"));
+    assert!(refused.contains("integrity violation"), "{refused}");
+    let reports = vm.call(json!({"op": "integrity_reports"}));
+    assert_eq!(reports["reports"], json!([["sector_tag", 7]]), "{reports}");
+    let table = vm.sh("ls /dev/mapper");
+    assert!(!table.contains("skydd"), "a refused attach leaves no mapping: {table}");
+    vm.shutdown();
+    eprintln!("format 2 + dm-verity test wall time {:.1?}", t0.elapsed());
+}

@@ -37,6 +37,7 @@ pub const MODULES: &[&str] = &[
     "xts",
     "aesni_intel",
     "dm_crypt",
+    "dm_verity",
     "crc32c_generic",
     "crc32c_intel",
     "ext4",

@@ -60,13 +60,26 @@ impl BlockIo for File {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
+        use std::os::unix::fs::FileTypeExt;
+        let metadata = self.metadata()?;
+        if !metadata.file_type().is_block_device() {
+            return Ok(metadata.len());
+        }
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+        if unsafe { libc::ioctl(self.as_raw_fd(), BLKGETSIZE64, &mut size) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(size)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
     }
 }
+
+/// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 /// A volume held in memory: for tests, crash simulations and the engine benchmark (which
 /// measures the crypto, not a disk).

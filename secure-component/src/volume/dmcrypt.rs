@@ -9,12 +9,18 @@
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use protocol::refusal::Refusal;
 use protocol::secret::SecretBytes;
+use skydd_volume::integrity::tag::Tagger;
+use skydd_volume::integrity::verity::VerityTree;
+use skydd_volume::integrity::{IntegrityVolume, Opened};
 use skydd_volume::layout::{data_kernel_sectors, DATA_OFFSET, DATA_OFFSET_KERNEL_SECTORS, SECTOR_SIZE};
+use skydd_volume::xts::XtsEngine;
 use skydd_volume::xts::KEY_LEN;
 
-use super::{OpenMode, OpenVolume, VolumeBackend};
+use super::{IntegrityOpen, OpenMode, OpenVolume, VolumeBackend};
 use crate::error::{Error, Result};
 use crate::sys::dm::{DmControl, DmFlags, Target, CONTROL};
 use crate::sys::keyring::LogonKey;
@@ -79,9 +85,21 @@ impl DmCryptBackend {
             )));
         }
         // Whole 4096-byte sectors only, counted in 512-byte sectors.
-        let sectors = data_kernel_sectors(size);
-        let dev = std::fs::metadata(&backing).map_err(|e| Error::io(format!("stat {}", backing.display()), e))?;
-        let (maj, min) = split_dev(dev.rdev());
+        self.map_crypt(name, &backing, DATA_OFFSET_KERNEL_SECTORS, data_kernel_sectors(size), key, mode)
+    }
+
+    /// The dm-crypt mapping `name` over `sectors` 512-byte sectors of `backing` from `offset`.
+    fn map_crypt(
+        &self,
+        name: &str,
+        backing: &Path,
+        offset: u64,
+        sectors: u64,
+        key: &SecretBytes,
+        mode: OpenMode,
+    ) -> Result<OpenVolume> {
+        let ro = mode == OpenMode::ReadOnly;
+        let (maj, min) = device_numbers(backing)?;
         let dm_flags = if ro { DmFlags::READONLY } else { DmFlags::NONE };
 
         self.control.create(name, dm_flags).map_err(|e| match e.raw_os_error() {
@@ -93,8 +111,7 @@ impl DmCryptBackend {
             let key_guard = LogonKey::add(&description, key).map_err(|e| {
                 Error::Volume(format!("adding logon key {description} to the thread keyring failed: {e}"))
             })?;
-            let base =
-                format!("aes-xts-plain64 :{KEY_LEN}:logon:skydd:{name} 0 {maj}:{min} {DATA_OFFSET_KERNEL_SECTORS} ");
+            let base = format!("aes-xts-plain64 :{KEY_LEN}:logon:skydd:{name} 0 {maj}:{min} {offset} ");
             let crypt = |params: String| Target { start: 0, length: sectors, target_type: "crypt".into(), params };
             let fast = crypt(format!("{base}4 sector_size:4096 iv_large_sectors no_read_workqueue no_write_workqueue"));
             let plain = crypt(format!("{base}2 sector_size:4096 iv_large_sectors"));
@@ -132,6 +149,138 @@ impl DmCryptBackend {
     }
 }
 
+/// Where the dm-verity hash trees of read-only format-2 mappings are kept (tmpfs on a host).
+pub const VERITY_DIR: &str = "/run/skydd/verity";
+
+impl DmCryptBackend {
+    /// A read-only format-2 mapping (docs/DMCRYPT.md "Format 2, read-only"): every sector is
+    /// verified in userspace against its tag and the TTP-anchored tree, a dm-verity tree is
+    /// built over the verified ciphertext, and the kernel stacks
+    /// `linear (data area) → verity → crypt`, so a block changed after this check reads as
+    /// EIO in the guest kernel.
+    fn open_verified(
+        &self,
+        name: &str,
+        volume: &Path,
+        key: &SecretBytes,
+        integrity: IntegrityOpen,
+    ) -> Result<OpenVolume> {
+        let file = File::open(volume).map_err(|e| Error::io(format!("opening volume {}", volume.display()), e))?;
+        let tagger = Tagger::new(&integrity.mac_key, &integrity.domain_id)?;
+        let (checked, opened) = IntegrityVolume::open(
+            Arc::new(file),
+            XtsEngine::new(key)?,
+            tagger,
+            integrity.anchor,
+            true,
+            integrity.authority,
+        )?;
+        if let Opened::Recovered { kept_new, reset, .. } = opened {
+            if kept_new + reset > 0 {
+                return Err(Error::Integrity {
+                    refusal: Refusal::IntegrityUnsupported,
+                    message: format!(
+                        "volume {} holds writes from a crash that are not committed yet; attach it read-write once \
+                         (userspace backend) to settle them before a kernel read-only mapping",
+                        volume.display()
+                    ),
+                });
+            }
+        }
+        let mut salt = [0u8; 32];
+        // SAFETY: getrandom fills the 32-byte buffer it is given.
+        if unsafe { libc::getrandom(salt.as_mut_ptr().cast(), salt.len(), 0) } != salt.len() as isize {
+            return Err(Error::io("drawing the dm-verity salt", std::io::Error::last_os_error()));
+        }
+        let tree = VerityTree::build(&checked.verity_leaves(&salt)?, &salt);
+        let sectors = tree.data_blocks * (SECTOR_SIZE as u64 / 512);
+        drop(checked);
+
+        std::fs::create_dir_all(VERITY_DIR).map_err(|e| Error::io(format!("creating {VERITY_DIR}"), e))?;
+        let hash_path = verity_hash_path(name);
+        std::fs::write(&hash_path, &tree.hash_device)
+            .map_err(|e| Error::io(format!("writing {}", hash_path.display()), e))?;
+        let (backing, _backing_guard) = backing_device(volume, true)?;
+        let (hash_dev, _hash_guard) = backing_device(&hash_path, true)?;
+        let (data_name, verity_name) = helper_names(name);
+        let stack = || -> Result<OpenVolume> {
+            let (maj, min) = device_numbers(&backing)?;
+            let linear = format!("{maj}:{min} {DATA_OFFSET_KERNEL_SECTORS}");
+            let data = self.create_mapping(&data_name, "linear", sectors, linear)?;
+            let (hmaj, hmin) = device_numbers(&hash_dev)?;
+            let (dmaj, dmin) = device_numbers(&data)?;
+            let verity = format!("1 {dmaj}:{dmin} {hmaj}:{hmin} {}", tree.table_tail(&salt));
+            let verified = self.create_mapping(&verity_name, "verity", sectors, verity)?;
+            self.map_crypt(name, &verified, 0, sectors, key, OpenMode::ReadOnly)
+        };
+        match stack() {
+            Ok(opened) => {
+                tracing::info!(
+                    mapping = name,
+                    blocks = tree.data_blocks,
+                    "format-2 volume verified; dm-verity pins it"
+                );
+                Ok(opened)
+            }
+            Err(e) => {
+                self.remove_helpers(name);
+                Err(e)
+            }
+        }
+    }
+
+    /// A read-only mapping `name` of one `target_type` target; returns its /dev/dm-N.
+    fn create_mapping(&self, name: &str, target_type: &str, sectors: u64, params: String) -> Result<PathBuf> {
+        let flags = DmFlags::READONLY;
+        let target = Target { start: 0, length: sectors, target_type: target_type.into(), params };
+        self.control.create(name, flags).map_err(|e| Error::Volume(format!("DM_DEV_CREATE {name} failed: {e}")))?;
+        let loaded = self
+            .control
+            .load_table(name, &target, flags)
+            .and_then(|()| self.control.resume(name, flags))
+            .and_then(|()| self.control.status(name));
+        match loaded {
+            Ok(status) => dm_node(status.dev),
+            Err(e) => {
+                let _ = self.control.remove(name);
+                Err(Error::Volume(format!(
+                    "loading the {target_type} table of {name} failed: {e} (is dm-{target_type} available in this kernel?)"
+                )))
+            }
+        }
+    }
+
+    /// Removes the dm-verity and linear mappings under a format-2 read-only mapping, if any.
+    fn remove_helpers(&self, name: &str) {
+        let (data_name, verity_name) = helper_names(name);
+        for helper in [verity_name, data_name] {
+            if self.control.status(&helper).is_ok() {
+                if let Err(e) = self.control.remove(&helper) {
+                    tracing::warn!(mapping = %helper, error = %e, "removing a dm-verity helper mapping failed");
+                }
+            }
+        }
+        let _ = std::fs::remove_file(verity_hash_path(name));
+    }
+}
+
+/// The linear (data area) and verity mappings under mapping `name`; their prefixes differ
+/// from [`NAME_PREFIX`], so [`VolumeBackend::list`] never reports them as volumes.
+fn helper_names(name: &str) -> (String, String) {
+    let rest = name.strip_prefix(NAME_PREFIX).unwrap_or(name);
+    (format!("skyddd-{rest}"), format!("skyddv-{rest}"))
+}
+
+fn verity_hash_path(name: &str) -> PathBuf {
+    Path::new(VERITY_DIR).join(format!("{name}.hash"))
+}
+
+/// The major:minor numbers of block device `path`.
+fn device_numbers(path: &Path) -> Result<(u32, u32)> {
+    let dev = std::fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    Ok(split_dev(dev.rdev()))
+}
+
 impl VolumeBackend for DmCryptBackend {
     fn kind(&self) -> &'static str {
         "dm-crypt"
@@ -146,6 +295,27 @@ impl VolumeBackend for DmCryptBackend {
             )));
         }
         self.open_inner(name, volume, key, mode)
+    }
+
+    fn open_authenticated(
+        &self,
+        name: &str,
+        volume: &Path,
+        key: &SecretBytes,
+        integrity: IntegrityOpen,
+        mode: OpenMode,
+    ) -> Result<OpenVolume> {
+        check_name(name)?;
+        if mode == OpenMode::ReadWrite {
+            return Err(Error::Integrity {
+                refusal: Refusal::IntegrityUnsupported,
+                message: "the dm-crypt backend cannot keep a format-2 volume's tags and tree for writes (no kernel \
+                          target commits a root to the TTP), so it refuses a read-write attach rather than drop \
+                          integrity; use backend = \"userspace\" for read-write format-2 domains"
+                    .into(),
+            });
+        }
+        self.open_verified(name, volume, key, integrity)
     }
 
     fn close(&self, name: &str) -> Result<()> {
@@ -171,6 +341,8 @@ impl VolumeBackend for DmCryptBackend {
             // Autoclear normally detaches it on the last close; this covers the rest.
             let _ = loopdev::detach(Path::new(&format!("/dev/loop{minor}")));
         }
+        // A format-2 read-only mapping sits on dm-verity and a linear map of the data area.
+        self.remove_helpers(name);
         tracing::info!(mapping = name, "dm-crypt mapping closed, key wiped");
         Ok(())
     }

@@ -18,9 +18,10 @@ use std::process::Command;
 
 use protocol::secret::SecretBytes;
 use secure_component::volume::dmcrypt::DmCryptBackend;
-use secure_component::volume::{OpenMode, VolumeBackend};
+use secure_component::volume::{IntegrityOpen, OpenMode, VolumeBackend};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use skydd_volume::integrity::{Anchor, Authority};
 use zeroize::Zeroize;
 
 #[derive(Deserialize, Default)]
@@ -163,6 +164,54 @@ fn handle(req: &Request, backend: &mut Option<DmCryptBackend>) -> Result<Value, 
                 backend_of(backend)?.open(&req.name, Path::new(&req.path), &key, mode).map_err(|e| e.to_string())?;
             Ok(json!({"ok": true, "name": v.name, "device": v.device, "mode": mode_json(v.mode)}))
         }
+        // A format-2 volume read-only (docs/FORMAT.md "Which paths enforce it"): `key_hex` is
+        // K || K_mac, `message` names the domain and the TTP's anchor {domain_id, epoch, root}.
+        "open_v2_ro" => {
+            let mut keys = SecretBytes::zeroed(req.key_hex.0.len() / 2);
+            hex::decode_to_slice(req.key_hex.0.as_bytes(), keys.expose_mut())
+                .map_err(|e| format!("key_hex is not valid hex: {e}"))?;
+            if keys.len() != 96 {
+                return Err(format!("key_hex must be K || K_mac (96 bytes), got {}", keys.len()));
+            }
+            let part = |range: std::ops::Range<usize>| {
+                let mut k = SecretBytes::zeroed(range.len());
+                k.expose_mut().copy_from_slice(&keys.expose()[range]);
+                k
+            };
+            let (key, mac_key) = (part(0..64), part(64..96));
+            let field = |name: &str| req.message.get(name).cloned().ok_or(format!("message lacks {name}"));
+            let domain_id = field("domain_id")?.as_str().ok_or("domain_id is not a string")?.to_string();
+            let epoch = field("epoch")?.as_u64().ok_or("epoch is not a number")?;
+            let mut root = [0u8; 32];
+            hex::decode_to_slice(field("root")?.as_str().ok_or("root is not a string")?, &mut root)
+                .map_err(|e| format!("root is not 32 bytes of hex: {e}"))?;
+            let integrity = IntegrityOpen {
+                mac_key,
+                domain_id,
+                anchor: Some(Anchor { epoch, root }),
+                authority: std::sync::Arc::new(GuestReports),
+            };
+            let mode = if req.mode == "rw" { OpenMode::ReadWrite } else { OpenMode::ReadOnly };
+            let v = backend_of(backend)?
+                .open_authenticated(&req.name, Path::new(&req.path), &key, integrity, mode)
+                .map_err(|e| e.to_string())?;
+            Ok(json!({"ok": true, "name": v.name, "device": v.device, "mode": mode_json(v.mode)}))
+        }
+        "integrity_reports" => {
+            let reports = REPORTS.lock().map_err(|_| "reports lock poisoned")?.clone();
+            Ok(json!({"ok": true, "reports": reports}))
+        }
+        // Reads `bytes` at `offset` of `path` after dropping the page cache: the kernel's
+        // dm-verity checks every block it reads from below.
+        "read_uncached" => {
+            let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+            let f = std::fs::File::open(&req.path).map_err(|e| format!("open {}: {e}", req.path))?;
+            let mut buf = vec![0u8; req.bytes.max(1)];
+            match f.read_exact_at(&mut buf, req.offset) {
+                Ok(()) => Ok(json!({"ok": true, "errno": null, "hex": hex::encode(&buf)})),
+                Err(e) => Ok(json!({"ok": true, "errno": e.raw_os_error(), "error": e.to_string()})),
+            }
+        }
         "close" => {
             backend_of(backend)?.close(&req.name).map_err(|e| e.to_string())?;
             Ok(json!({"ok": true}))
@@ -234,6 +283,23 @@ fn handle(req: &Request, backend: &mut Option<DmCryptBackend>) -> Result<Value, 
             Ok(json!({"ok": true, "key_sha256": hex::encode(sha2::Sha256::digest(key.expose())), "key_len": key.len()}))
         }),
         other => Err(format!("unknown op {other:?}")),
+    }
+}
+
+/// What the format-2 volume reported (kind, sector), for the host to check; a read-only
+/// mapping never commits.
+static REPORTS: std::sync::Mutex<Vec<(String, Option<u64>)>> = std::sync::Mutex::new(Vec::new());
+
+struct GuestReports;
+
+impl Authority for GuestReports {
+    fn commit(&self, epoch: u64, _root: &[u8; 32]) -> Result<(), String> {
+        Err(format!("a read-only mapping does not commit (epoch {epoch})"))
+    }
+    fn report(&self, kind: skydd_volume::ViolationKind, sector: Option<u64>) {
+        if let Ok(mut reports) = REPORTS.lock() {
+            reports.push((kind.as_str().to_string(), sector));
+        }
     }
 }
 

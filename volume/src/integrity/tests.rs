@@ -410,3 +410,22 @@ fn crashes_lose_no_flushed_write_and_raise_no_false_alarm() {
     // The workload must really have crashed with writes pending, some of them torn.
     assert!(recovered >= 12 && torn >= 3, "recovered {recovered} rounds, {torn} with torn sectors");
 }
+
+#[test]
+fn verity_leaves_cover_verified_ciphertext_and_refuse_a_tampered_sector() {
+    let (io, ttp, v) = fresh();
+    write(&v, 4, 1);
+    v.flush().unwrap();
+    drop(v);
+    let (v, _) = open(io.clone(), &ttp, true).unwrap();
+    let salt = [3u8; 32];
+    let leaves = v.verity_leaves(&salt).unwrap();
+    assert_eq!(leaves.len() as u64, SECTORS);
+    let mut ciphertext = vec![0u8; S];
+    io.read_exact_at(&mut ciphertext, data_sector_offset(4)).unwrap();
+    assert_eq!(leaves[4], super::verity::block_digest(&salt, &ciphertext));
+    assert_eq!(leaves[5], super::verity::block_digest(&salt, &[0u8; S]), "never written: a zero block");
+    io.write_all_at(&[ciphertext[0] ^ 1], data_sector_offset(4)).unwrap();
+    assert_eq!(integrity_kind(v.verity_leaves(&salt).unwrap_err()), ViolationKind::SectorTag);
+    assert_eq!(ttp.reports(), vec![(ViolationKind::SectorTag, Some(4))]);
+}

@@ -461,6 +461,56 @@ impl IntegrityVolume {
     }
 }
 
+impl IntegrityVolume {
+    /// Checks every written sector against its tag (reporting and refusing any that does
+    /// not verify) and returns the dm-verity level-0 digest of each data block
+    /// (`SHA-256(salt || ciphertext)`), a never-written sector counting as an all-zero block:
+    /// the input of [`super::verity::VerityTree::build`] for a read-only kernel mapping.
+    pub fn verity_leaves(&self, salt: &[u8]) -> Result<Vec<Hash>> {
+        let zero_digest = super::verity::block_digest(salt, &[0u8; SECTOR_SIZE]);
+        let mut out = Vec::with_capacity(self.geometry.data_sectors as usize);
+        let mut data = vec![0u8; ENTRIES_PER_BLOCK as usize * SECTOR_SIZE];
+        for block in 0..self.geometry.tag_blocks {
+            let sectors = self.geometry.sectors_of_block(block);
+            let count = sectors.end - sectors.start;
+            let entries = {
+                let mut st = self.lock()?;
+                self.entries(&mut st, sectors.start, count)?
+            };
+            let buf = &mut data[..count as usize * SECTOR_SIZE];
+            self.io.read_exact_at(buf, data_sector_offset(sectors.start)).map_err(io_err("reading the data area"))?;
+            let digests: Vec<std::result::Result<Hash, u64>> = buf
+                .par_chunks(SECTOR_SIZE)
+                .enumerate()
+                .map(|(i, c)| {
+                    let sector = sectors.start + i as u64;
+                    if is_unwritten(&entries[i]) {
+                        Ok(zero_digest)
+                    } else if self.tagger.verifies(sector, &entries[i], c) {
+                        Ok(super::verity::block_digest(salt, c))
+                    } else {
+                        Err(sector)
+                    }
+                })
+                .collect();
+            for digest in digests {
+                match digest {
+                    Ok(d) => out.push(d),
+                    Err(sector) => {
+                        self.authority.report(ViolationKind::SectorTag, Some(sector));
+                        return Err(Error::Integrity {
+                            kind: ViolationKind::SectorTag,
+                            sector: Some(sector),
+                            detail: "the sector does not match its tag".into(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl SectorDevice for IntegrityVolume {
     fn data_sectors(&self) -> u64 {
         self.geometry.data_sectors
