@@ -3,7 +3,10 @@
 # ext4 over an unencrypted file on a loop device, measured in the same run, with ratios.
 # Needs root, fio, /dev/fuse, loop devices. Usage: scripts/fio-compare.sh [WORKDIR]
 # Env: RUNTIME (s per job, default 10), SIZE_MIB (volume size, default 2048),
-#      FILE_MIB (fio file size, default 1024).
+#      FILE_MIB (fio file size, default 1024),
+#      FORMAT (1 or 2, the userspace volume's format, default 1),
+#      PEER (plain: an unencrypted loop file, the default; v1: a format-1 userspace volume,
+#            to measure what format 2 costs over format 1 in the same run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/var/tmp/skydd-fio}
@@ -25,25 +28,46 @@ cleanup() {
         exec 3>&-
         wait "$ENC_PID"
     fi
-    rm -rf "$WORK/enc.img" "$WORK/plain.img" "$WORK/state" "$WORK"/*.mnt "$WORK/enc.fifo"
+    if [ -n "${PEER_PID:-}" ] && kill -0 "$PEER_PID" 2>/dev/null; then
+        exec 4>&-
+        wait "$PEER_PID"
+    fi
+    rm -rf "$WORK/enc.img" "$WORK/plain.img" "$WORK/peer.img" "$WORK/state" "$WORK/peer-state" "$WORK"/*.mnt \
+        "$WORK/enc.fifo" "$WORK/peer.fifo"
 }
 trap cleanup EXIT
-rm -rf "$WORK/enc.img" "$WORK/plain.img" "$WORK/state" "$WORK"/*.mnt "$WORK/enc.fifo"
+rm -rf "$WORK/enc.img" "$WORK/plain.img" "$WORK/peer.img" "$WORK/state" "$WORK/peer-state" "$WORK"/*.mnt \
+    "$WORK/enc.fifo" "$WORK/peer.fifo"
 mkdir -p "$WORK/enc.mnt" "$WORK/plain.mnt"
 
+FORMAT=${FORMAT:-1}
+PEER=${PEER:-plain}
 # Encrypted: the helper keeps the volume open until its stdin (a fifo we hold) closes.
 mkfifo "$WORK/enc.fifo"
-"$BIN" "$WORK/enc.img" "$SIZE_MIB" "$WORK/enc.mnt" "$WORK/state" <"$WORK/enc.fifo" >"$WORK/enc.log" 2>&1 &
+SKYDD_FORMAT=$FORMAT "$BIN" "$WORK/enc.img" "$SIZE_MIB" "$WORK/enc.mnt" "$WORK/state" <"$WORK/enc.fifo" >"$WORK/enc.log" 2>&1 &
 ENC_PID=$!
 exec 3>"$WORK/enc.fifo"
 for _ in $(seq 1 300); do grep -q READY "$WORK/enc.log" 2>/dev/null && break; sleep 0.2; done
 grep -q READY "$WORK/enc.log" || { cat "$WORK/enc.log"; exit 1; }
 
-# Plain: same size, same file system, 4096-byte loop sectors like the encrypted side.
-truncate -s "${SIZE_MIB}M" "$WORK/plain.img"
-PLAIN_LOOP=$(losetup -f --show --sector-size 4096 "$WORK/plain.img")
-mkfs.ext4 -q -F -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 "$PLAIN_LOOP"
-mount "$PLAIN_LOOP" "$WORK/plain.mnt"
+if [ "$PEER" = v1 ]; then
+    # The peer is a format-1 userspace volume: same engine, same FUSE path, no tags.
+    mkfifo "$WORK/peer.fifo"
+    SKYDD_FORMAT=1 "$BIN" "$WORK/peer.img" "$SIZE_MIB" "$WORK/plain.mnt" "$WORK/peer-state" \
+        <"$WORK/peer.fifo" >"$WORK/peer.log" 2>&1 &
+    PEER_PID=$!
+    exec 4>"$WORK/peer.fifo"
+    for _ in $(seq 1 300); do grep -q READY "$WORK/peer.log" 2>/dev/null && break; sleep 0.2; done
+    grep -q READY "$WORK/peer.log" || { cat "$WORK/peer.log"; exit 1; }
+    PEER_NAME="format-1 volume"
+else
+    # Plain: same size, same file system, 4096-byte loop sectors like the encrypted side.
+    truncate -s "${SIZE_MIB}M" "$WORK/plain.img"
+    PLAIN_LOOP=$(losetup -f --show --sector-size 4096 "$WORK/plain.img")
+    mkfs.ext4 -q -F -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 "$PLAIN_LOOP"
+    mount "$PLAIN_LOOP" "$WORK/plain.mnt"
+    PEER_NAME="plain loop"
+fi
 
 run() { # dir name rw bs
     local dir=$1 name=$2 rw=$3 bs=$4 direct=1
@@ -67,7 +91,7 @@ print(f'{s["bw_bytes"]/1e6:.1f} {s["iops"]:.0f} {sys.argv[3]}')
 PY
 }
 
-printf '| workload | plain loop MB/s (IOPS) | userspace volume MB/s (IOPS) | ratio |\n'
+printf '| workload | %s MB/s (IOPS) | format-%s userspace volume MB/s (IOPS) | ratio |\n' "$PEER_NAME" "$FORMAT"
 printf '|---|---|---|---|\n'
 for spec in "seq-write write 1M" "seq-read read 1M" "rand-write randwrite 4k" "rand-read randread 4k"; do
     set -- $spec
