@@ -1,15 +1,19 @@
 //! Sector tags and the other keyed records of a format-2 volume (docs/FORMAT.md "Sector
-//! tags"): BLAKE3 in keyed mode under `K_mac`, with a label per kind of record so no tag of
-//! one kind is ever valid as another.
+//! tags"): BLAKE3 in keyed mode, each kind of record under its own key derived from `K_mac`
+//! and the domain, so no tag of one kind or domain is ever valid as another:
+//! `K_label = BLAKE3-keyed(K_mac, u32 LE len(label) || label || domain_id)`.
 //!
 //! Entry of sector `n` (32 bytes): `epoch` (u64 LE, the epoch whose writes produced it)
 //! followed by the first 24 bytes of
-//! `BLAKE3-keyed(K_mac, "skydd/v2/sector" || domain_id || n (u64 LE) || epoch (u64 LE) || ciphertext)`.
+//! `BLAKE3-keyed(K_sector, ciphertext || n (u64 LE) || epoch (u64 LE))`, `K_sector` the key of
+//! label `skydd/v2/sector`. The ciphertext comes first so its four 1 KiB chunks are hashed
+//! side by side (BLAKE3's SIMD works on whole chunks).
 //! An entry of 32 zero bytes means "never written": the sector reads as zeros without a
 //! look at the disk, so no provider-chosen bytes ever reach a reader.
 
 use protocol::secret::SecretBytes;
 use subtle::ConstantTimeEq;
+use zeroize::Zeroize;
 
 use super::geometry::ENTRY_LEN;
 use crate::{Error, Result};
@@ -22,6 +26,7 @@ pub const UNWRITTEN: [u8; ENTRY_LEN] = [0; ENTRY_LEN];
 /// Computes and checks the keyed records of one domain's volume.
 pub struct Tagger {
     key: SecretBytes,
+    sector_key: SecretBytes,
     domain_id: String,
 }
 
@@ -37,7 +42,22 @@ impl Tagger {
         if mac_key.len() != 32 {
             return Err(Error::Layout(format!("the sector-tag key is {} bytes, it must be 32", mac_key.len())));
         }
-        Ok(Self { key: mac_key.clone(), domain_id: domain_id.to_string() })
+        let mut tagger =
+            Self { key: mac_key.clone(), sector_key: SecretBytes::zeroed(32), domain_id: domain_id.to_string() };
+        let mut sector_key = tagger.label_key(SECTOR_LABEL);
+        tagger.sector_key.expose_mut().copy_from_slice(sector_key.as_bytes());
+        sector_key.zeroize();
+        Ok(tagger)
+    }
+
+    /// `K_label`: the key of one kind of record for this domain.
+    fn label_key(&self, label: &[u8]) -> blake3::Hash {
+        let key: &[u8; 32] = self.key.expose().try_into().expect("length checked in new");
+        let mut hasher = blake3::Hasher::new_keyed(key);
+        hasher.update(&(label.len() as u32).to_le_bytes());
+        hasher.update(label);
+        hasher.update(self.domain_id.as_bytes());
+        hasher.finalize()
     }
 
     /// The domain whose volume this tagger serves.
@@ -45,21 +65,13 @@ impl Tagger {
         &self.domain_id
     }
 
-    fn hasher(&self, label: &[u8]) -> blake3::Hasher {
-        let key: &[u8; 32] = self.key.expose().try_into().expect("length checked in new");
-        let mut hasher = blake3::Hasher::new_keyed(key);
-        hasher.update(&(label.len() as u32).to_le_bytes());
-        hasher.update(label);
-        hasher
-    }
-
     /// The entry of sector `sector` holding `ciphertext` (one 4096-byte sector), written in `epoch`.
     pub fn entry(&self, sector: u64, epoch: u64, ciphertext: &[u8]) -> [u8; ENTRY_LEN] {
-        let mut hasher = self.hasher(SECTOR_LABEL);
-        hasher.update(self.domain_id.as_bytes());
+        let key: &[u8; 32] = self.sector_key.expose().try_into().expect("32 bytes");
+        let mut hasher = blake3::Hasher::new_keyed(key);
+        hasher.update(ciphertext);
         hasher.update(&sector.to_le_bytes());
         hasher.update(&epoch.to_le_bytes());
-        hasher.update(ciphertext);
         let mut entry = [0u8; ENTRY_LEN];
         entry[..8].copy_from_slice(&epoch.to_le_bytes());
         let mut tag = hasher.finalize_xof();
@@ -73,12 +85,12 @@ impl Tagger {
         bool::from(expected.ct_eq(entry))
     }
 
-    /// The keyed MAC of a record (superblock, dirty map) under its own `label`.
+    /// The keyed MAC of a record (superblock, dirty map): `BLAKE3-keyed(K_label, body)`.
     pub fn record_mac(&self, label: &[u8], body: &[u8]) -> [u8; 32] {
-        let mut hasher = self.hasher(label);
-        hasher.update(self.domain_id.as_bytes());
-        hasher.update(body);
-        *hasher.finalize().as_bytes()
+        let mut key = self.label_key(label);
+        let mac = *blake3::keyed_hash(key.as_bytes(), body).as_bytes();
+        key.zeroize();
+        mac
     }
 
     /// Whether `mac` is the MAC of `body` under `label` (constant-time compare).
