@@ -46,11 +46,19 @@ impl ReportWindow {
     }
 }
 
+/// What an accepted commit does: store a new anchor (with the audit seq of the release it
+/// rests on), or answer a retry of the newest one with its anchor.
+enum Commit {
+    New(StoredAnchor, u64),
+    Retried(protocol::signing::SignedEnvelope),
+}
+
 impl Ttp {
     /// `POST /v1/domains/{id}/integrity/commits`: the caller (a secure component, for its own
     /// host) holds the domain's newest key release, read-write
     /// (`integrity_commit_forbidden`), and commits exactly the epoch after the newest
-    /// (`integrity_epoch_stale`). The TTP signs the anchor (context `integrity-anchor`) and
+    /// (`integrity_epoch_stale`; the very same commit as the newest, from the same host, is a
+    /// retry and gets its anchor again). The TTP signs the anchor (context `integrity-anchor`) and
     /// stores it with its `integrity_commit` audit record in one transaction; refusals are
     /// audited too.
     pub fn commit_integrity_root(
@@ -69,7 +77,20 @@ impl Ttp {
                     request.host_id
                 )));
             }
-            let newest = self.store.newest_anchor(domain_id)?.map_or(0, |stored| stored.anchor.epoch);
+            let stored = self.store.newest_anchor(domain_id)?;
+            let retried = stored.as_ref().filter(|s| {
+                s.anchor.epoch == request.epoch && s.anchor.root == request.root && s.anchor.host_id == request.host_id
+            });
+            if let Some(stored) = retried {
+                // The same host sending the same commit again (its answer was lost, e.g. the
+                // TTP restarted): nothing changes, it gets the anchor it made.
+                let message = format!(
+                    "integrity root of domain {domain_id} at epoch {} confirmed again to {} (a retried commit)",
+                    request.epoch, request.host_id
+                );
+                return Ok((Commit::Retried(stored.envelope.clone()), message));
+            }
+            let newest = stored.map_or(0, |stored| stored.anchor.epoch);
             if request.epoch != newest.saturating_add(1) {
                 return Err(Error::IntegrityEpochStale(format!(
                     "domain {domain_id} is at epoch {newest}, so the next commit is epoch {}, not {}",
@@ -91,12 +112,15 @@ impl Ttp {
                 anchor.host_id,
                 hex::encode(&anchor.root[..8])
             );
-            Ok(((StoredAnchor { anchor, envelope }, release.audit_seq), message))
+            Ok((Commit::New(StoredAnchor { anchor, envelope }, release.audit_seq), message))
         };
         let (envelope, record) =
-            self.audited_with("integrity_commit", actor, subject, decide, |(stored, release_seq), entry| {
-                let record = self.store.commit_anchor(&stored, release_seq, entry)?;
-                Ok((stored.envelope, record))
+            self.audited_with("integrity_commit", actor, subject, decide, |commit, entry| match commit {
+                Commit::New(stored, release_seq) => {
+                    let record = self.store.commit_anchor(&stored, release_seq, entry)?;
+                    Ok((stored.envelope, record))
+                }
+                Commit::Retried(envelope) => Ok((envelope, self.store.append_audit(entry)?)),
             })?;
         Ok(IntegrityCommitResponse { anchor: envelope, audit_seq: record.seq })
     }

@@ -40,6 +40,9 @@ impl Authority for Ttp {
     fn commit(&self, epoch: u64, root: &[u8; 32]) -> Result<(), String> {
         let mut anchor = self.anchor.lock().unwrap();
         let newest = anchor.map(|a| a.epoch).unwrap_or(0);
+        if anchor.is_some_and(|a| a.epoch == epoch && a.root == *root) {
+            return Ok(()); // a retry of the newest commit, as the TTP answers it
+        }
         if epoch != newest + 1 {
             return Err(format!("integrity_epoch_stale: {epoch} after {newest}"));
         }
@@ -428,4 +431,43 @@ fn verity_leaves_cover_verified_ciphertext_and_refuse_a_tampered_sector() {
     io.write_all_at(&[ciphertext[0] ^ 1], data_sector_offset(4)).unwrap();
     assert_eq!(integrity_kind(v.verity_leaves(&salt).unwrap_err()), ViolationKind::SectorTag);
     assert_eq!(ttp.reports(), vec![(ViolationKind::SectorTag, Some(4))]);
+}
+
+/// The TTP holds a commit whose answer was lost: the volume writes nothing until the same
+/// commit is sent again and accepted, so the disk never leaves the state that commit names.
+#[test]
+fn a_commit_whose_answer_was_lost_is_sent_again_before_any_write() {
+    struct LosesOneAnswer {
+        ttp: Arc<Ttp>,
+        lost: Mutex<bool>,
+    }
+    impl Authority for LosesOneAnswer {
+        fn commit(&self, epoch: u64, root: &[u8; 32]) -> Result<(), String> {
+            self.ttp.commit(epoch, root)?;
+            let mut lost = self.lost.lock().unwrap();
+            if epoch == 2 && !*lost {
+                *lost = true;
+                return Err("connection reset before the answer".into());
+            }
+            Ok(())
+        }
+        fn report(&self, kind: ViolationKind, sector: Option<u64>) {
+            self.ttp.report(kind, sector)
+        }
+    }
+    let io = Arc::new(MemoryIo::new(DATA_OFFSET + SECTORS * BLOCK));
+    let ttp = Arc::new(Ttp::default());
+    let lossy = Arc::new(LosesOneAnswer { ttp: ttp.clone(), lost: Mutex::new(false) });
+    let (xts, tagger) = keys();
+    let (v, _) = IntegrityVolume::open(io.clone(), xts, tagger, None, false, lossy).unwrap();
+    write(&v, 1, 1);
+    assert!(matches!(v.flush(), Err(Error::Commit(_))), "the answer was lost");
+    assert_eq!(ttp.anchor().unwrap().epoch, 2, "but the TTP holds epoch 2");
+    write(&v, 2, 2); // sends epoch 2 again first, then writes in epoch 3
+    v.flush().unwrap();
+    assert_eq!(ttp.anchor().unwrap().epoch, 3);
+    drop(v);
+    let (v, opened) = open(io, &ttp, false).unwrap();
+    assert_eq!(opened, Opened::Clean { epoch: 3 });
+    assert_eq!((read(&v, 1).unwrap(), read(&v, 2).unwrap()), (pattern(1, 1), pattern(2, 2)));
 }

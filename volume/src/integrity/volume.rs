@@ -98,6 +98,16 @@ struct State {
     epoch: u64,
     root: Hash,
     dirty_map: DirtyMap,
+    /// A commit whose answer never came (the TTP may or may not hold it): the disk holds
+    /// exactly its state, so nothing is written until the same commit is sent again and
+    /// accepted (the TTP answers a retry of its newest commit with the same anchor).
+    pending: Option<PendingCommit>,
+}
+
+struct PendingCommit {
+    epoch: u64,
+    root: Hash,
+    working: Vec<u8>,
 }
 
 impl State {
@@ -190,6 +200,7 @@ impl IntegrityVolume {
             epoch: anchor.epoch,
             root: anchor.root,
             dirty_map: DirtyMap::new(&geometry, anchor.epoch + 1),
+            pending: None,
         };
         let volume = Self { io, xts, tagger, geometry, authority, read_only, state: Mutex::new(state) };
         let opened = volume.recover()?;
@@ -264,6 +275,7 @@ impl IntegrityVolume {
             epoch: 0,
             root: [0; 32],
             dirty_map: DirtyMap::new(&geometry, epoch),
+            pending: None,
         };
         let volume = Self { io, xts, tagger, geometry, authority, read_only: false, state: Mutex::new(state) };
         {
@@ -375,7 +387,20 @@ impl IntegrityVolume {
         self.io.write_all_at(&selectors, self.geometry.selector_offset(slot)).map_err(io_err("writing leaves"))?;
         self.io.sync_data().map_err(io_err("syncing the hash tree"))?;
         let root = volume_root(self.tagger.domain_id(), self.geometry.data_sectors, epoch, &st.tree.root());
-        self.authority.commit(epoch, &root).map_err(Error::Commit)?;
+        st.pending = Some(PendingCommit { epoch, root, working });
+        self.finish_pending(st)
+    }
+
+    /// Sends the pending commit (again) and, once the TTP holds it, switches to its epoch.
+    fn finish_pending(&self, st: &mut State) -> Result<()> {
+        let Some(pending) = st.pending.take() else {
+            return Ok(());
+        };
+        if let Err(e) = self.authority.commit(pending.epoch, &pending.root) {
+            st.pending = Some(pending);
+            return Err(Error::Commit(e));
+        }
+        let PendingCommit { epoch, root, working } = pending;
         let superblock = Superblock { data_sectors: self.geometry.data_sectors, epoch, root };
         // Not synced: the anchor is the TTP's; this only tells a rollback from a tampered tree.
         self.io
@@ -560,6 +585,7 @@ impl SectorDevice for IntegrityVolume {
             return Ok(());
         }
         let mut st = self.lock()?;
+        self.finish_pending(&mut st)?;
         let epoch = st.epoch + 1;
         let blocks = first / ENTRIES_PER_BLOCK..=(first + count - 1) / ENTRIES_PER_BLOCK;
         for block in blocks.clone() {
@@ -592,6 +618,9 @@ impl SectorDevice for IntegrityVolume {
 
     fn flush(&self) -> Result<()> {
         let mut st = self.lock()?;
+        if st.pending.is_some() {
+            return self.finish_pending(&mut st);
+        }
         if self.read_only || st.dirty.is_empty() {
             return self.io.sync_data().map_err(io_err("syncing the volume"));
         }

@@ -98,10 +98,17 @@ fn replayed_or_skipping_commit_is_integrity_epoch_stale() {
     let f = Fixture::new();
     let domain = f.descriptor.domain_id.clone();
     f.release_to(HOST, VM, AccessMode::Rw);
-    f.ttp.commit_integrity_root(&f.host(), &domain, &commit(1, 1)).unwrap();
-    let error = commit_refused(&f, &f.host(), &domain, &commit(1, 1), "integrity_epoch_stale");
+    let first = f.ttp.commit_integrity_root(&f.host(), &domain, &commit(1, 1)).unwrap();
+    // The same commit again (its answer was lost): the same anchor, and a record saying so.
+    let again = f.ttp.commit_integrity_root(&f.host(), &domain, &commit(1, 1)).unwrap();
+    assert_eq!(again.anchor.message, first.anchor.message);
+    assert!(last_record(&f).message.contains("a retried commit"), "{:?}", last_record(&f));
+    // Epoch 1 with another root (a fork), or an older epoch after epoch 2: refused.
+    let error = commit_refused(&f, &f.host(), &domain, &commit(1, 9), "integrity_epoch_stale");
     assert_mentions(&error, "the next commit is epoch 2, not 1");
-    commit_refused(&f, &f.host(), &domain, &commit(3, 3), "integrity_epoch_stale");
+    f.ttp.commit_integrity_root(&f.host(), &domain, &commit(2, 2)).unwrap();
+    commit_refused(&f, &f.host(), &domain, &commit(1, 1), "integrity_epoch_stale");
+    commit_refused(&f, &f.host(), &domain, &commit(4, 4), "integrity_epoch_stale");
     let fresh = Fixture::new();
     fresh.release_to(HOST, VM, AccessMode::Rw);
     let error =
