@@ -53,7 +53,7 @@ grep -q READY "$WORK/enc.log" || { cat "$WORK/enc.log"; exit 1; }
 if [ "$PEER" = v1 ]; then
     # The peer is a format-1 userspace volume: same engine, same FUSE path, no tags.
     mkfifo "$WORK/peer.fifo"
-    SKYDD_FORMAT=1 "$BIN" "$WORK/peer.img" "$SIZE_MIB" "$WORK/plain.mnt" "$WORK/peer-state" \
+    SKYDD_FORMAT=1 "$BIN" "$WORK/peer.img" "$SIZE_MIB" "$WORK/plain.mnt" "$WORK/peer-state" 3>&- \
         <"$WORK/peer.fifo" >"$WORK/peer.log" 2>&1 &
     PEER_PID=$!
     exec 4>"$WORK/peer.fifo"
