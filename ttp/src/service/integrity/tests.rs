@@ -348,3 +348,26 @@ fn a_format_2_domain_cannot_go_back_to_format_1() {
     let error = f.ttp.register_domain(&cloud, &request).unwrap_err();
     assert_mentions(&error, "cannot make it format 1");
 }
+
+/// How many root commits one TTP decides per second (each checked, signed, stored and audited
+/// in one transaction; the fixture's store is in memory, so this is the TTP's own cost without
+/// the disk's fsync): `cargo test -p ttp --release commits_per_second -- --ignored --nocapture`.
+/// A figure, not a check (docs/PERFORMANCE.md "Format 2").
+#[test]
+#[ignore]
+fn commits_per_second() {
+    let f = Fixture::new();
+    let domain = f.descriptor.domain_id.clone();
+    f.release_to(HOST, VM, AccessMode::Rw);
+    let started = std::time::Instant::now();
+    let mut epoch = 0u64;
+    while started.elapsed() < std::time::Duration::from_secs(3) {
+        epoch += 1;
+        f.ttp.commit_integrity_root(&f.host(), &domain, &commit(epoch, epoch as u8)).unwrap();
+    }
+    println!(
+        "{epoch} root commits in {:.1?}: {:.0}/s",
+        started.elapsed(),
+        epoch as f64 / started.elapsed().as_secs_f64()
+    );
+}
