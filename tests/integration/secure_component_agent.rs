@@ -47,6 +47,32 @@ fn prepare_volume(path: &Path, header: &HeaderRecord) {
     f.set_len(DATA_OFFSET + DATA_LEN).unwrap();
 }
 
+/// Starts the agent of `config` as its own process (this test binary re-executed), to be
+/// killed with SIGKILL; returns it and its URL.
+async fn spawn_child_agent(root: &Path, config: &AgentConfig) -> (std::process::Child, String) {
+    let child_config_path = root.join("host-1").join("sc-child.toml");
+    let port_file = PathBuf::from(format!("{}.port", child_config_path.display()));
+    let _ = std::fs::remove_file(&port_file);
+    std::fs::write(&child_config_path, config.to_toml().unwrap()).unwrap();
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    // A long-lived child must not keep another test's TPM connection open.
+    secure_component::tpm::close_inherited_fds_on_exec(&mut command);
+    let child = command
+        .args(["--exact", "secure_component_agent::child_agent_process", "--nocapture", "--test-threads=1"])
+        .env(CHILD_CONFIG, &child_config_path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !port_file.exists() {
+        assert!(Instant::now() < deadline, "the child agent did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let url = format!("https://127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap().trim());
+    (child, url)
+}
+
 /// The agent served in this process.
 struct RunningAgent {
     url: String,
@@ -366,25 +392,7 @@ async fn secure_component_agent_end_to_end() {
     println!("crash: the agent as its own process attaches vm-b, is killed with SIGKILL; the next agent reports it stale and cleans up");
     agent.stop().await;
     {
-        let child_config_path = root.join("host-1").join("sc-child.toml");
-        std::fs::write(&child_config_path, config.to_toml().unwrap()).unwrap();
-        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
-        // A long-lived child must not keep another test's TPM connection open.
-        secure_component::tpm::close_inherited_fds_on_exec(&mut command);
-        let mut child = command
-            .args(["--exact", "secure_component_agent::child_agent_process", "--nocapture", "--test-threads=1"])
-            .env(CHILD_CONFIG, &child_config_path)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let port_file = PathBuf::from(format!("{}.port", child_config_path.display()));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !port_file.exists() {
-            assert!(Instant::now() < deadline, "the child agent did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let child_url = format!("https://127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap().trim());
+        let (mut child, child_url) = spawn_child_agent(root, &config).await;
         let child_cp = cloud.cp(&child_url);
         let _: AgentAttachment = child_cp
             .post_json("/v1/attachments", &cloud.request("att-4", "vm-b", AccessMode::Ro))
@@ -403,6 +411,67 @@ async fn secure_component_agent_end_to_end() {
         assert!(list.attachments[0].stale_reason.as_deref().unwrap().contains("gone"), "{:?}", list.attachments[0]);
         assert!(!leftovers(root).is_empty(), "the crash left a mount, a loop device and a dead FUSE mount");
         let _: AgentAttachment = cp.delete_json("/v1/attachments/att-4").await.expect("detach cleans up after a crash");
+        assert_eq!(leftovers(root), Vec::<String>::new());
+        agent.stop().await;
+    }
+
+    println!(
+        "crash with format 2: the agent process holds a format-2 domain read-write, vm-a writes (one file fsynced, \
+         one not), the agent is killed with SIGKILL; the next attach settles the pending writes without an alarm"
+    );
+    {
+        let mut descriptor =
+            cloud.alice.new_domain(&[("department", "radiology")], &[("vm-a", AccessMode::Rw)]).unwrap();
+        descriptor.volume_format = protocol::domain::VolumeFormat::V2;
+        let domain = descriptor.domain_id.clone();
+        let header = register(&cp_ttp, cloud.alice.sign_descriptor(&descriptor).unwrap(), None).await.unwrap();
+        let volume = root.join("volumes").join(format!("{domain}.img"));
+        prepare_volume(&volume, &header);
+        let request = |id: &str| {
+            let grant = cloud.alice.grant(&domain, "vm-a", AccessMode::Rw, 300);
+            AgentAttachRequest {
+                attachment_id: id.into(),
+                vm_id: "vm-a".into(),
+                mode: AccessMode::Rw,
+                header: header.clone(),
+                placement: cloud.operator.place("vm-a", "host-1", &grant),
+                grant,
+                volume_path: volume.to_string_lossy().into_owned(),
+            }
+        };
+        let mount = config.vm_root.join("vm-a").join(&domain);
+        let (mut child, child_url) = spawn_child_agent(root, &config).await;
+        let _: AgentAttachment =
+            cloud.cp(&child_url).post_json("/v1/attachments", &request("att-v2-1")).await.expect("the child attaches");
+        let flushed = b"flushed before the crash\n".repeat(200);
+        let mut file = std::fs::File::create(mount.join("flushed.txt")).unwrap();
+        std::io::Write::write_all(&mut file, &flushed).unwrap();
+        file.sync_all().unwrap();
+        drop(file);
+        std::fs::write(mount.join("pending.txt"), b"written, never fsynced").unwrap();
+        // Direct I/O reaches the volume (data and tags, the zone announced) with no flush: the
+        // crash leaves writes the tree does not cover yet.
+        let dd = std::process::Command::new("dd")
+            .args(["if=/dev/urandom", "bs=4096", "count=256", "oflag=direct", "status=none"])
+            .arg(format!("of={}", mount.join("direct.bin").display()))
+            .status()
+            .unwrap();
+        assert!(dd.success(), "dd with oflag=direct into the mount");
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let agent = RunningAgent::start(&config).await;
+        let cp = cloud.cp(&agent.url);
+        let _: AgentAttachment =
+            cp.delete_json("/v1/attachments/att-v2-1").await.expect("the stale attachment detaches");
+        let _: AgentAttachment =
+            cp.post_json("/v1/attachments", &request("att-v2-2")).await.expect("reattach after the crash");
+        assert_eq!(std::fs::read(mount.join("flushed.txt")).unwrap(), flushed, "the fsynced write survived");
+        let _: AgentAttachment = cp.delete_json("/v1/attachments/att-v2-2").await.expect("detach");
+        let records = ttp.service.store().audit_records(Some(&domain)).unwrap();
+        assert!(records.iter().all(|r| r.event != "integrity_violation"), "no false alarm: {records:?}");
+        let commits = records.iter().filter(|r| r.event == "integrity_commit" && r.outcome == "ok").count();
+        println!("  recovered: the fsynced file reads back, {commits} roots committed, no integrity_violation");
         assert_eq!(leftovers(root), Vec::<String>::new());
         agent.stop().await;
     }
