@@ -18,7 +18,7 @@ use crate::attestation::{AttestationPolicy, HostRecord, ReferenceState};
 use crate::error::{Error, Result};
 use crate::service::test_support::key_of;
 use crate::service::Ttp;
-use crate::store::{now_unix, SqliteStore, TtpStore};
+use crate::store::{now_unix, SqlStore, TtpStore};
 
 /// The recorded swtpm evidence.
 #[derive(Deserialize)]
@@ -70,7 +70,7 @@ impl Fixture {
         let mut state = vectors.reference_state;
         change(&mut state);
         let ca = CertificateAuthority::generate("cloud-ca").unwrap();
-        let store: Arc<dyn TtpStore> = Arc::new(SqliteStore::in_memory().unwrap());
+        let store: Arc<dyn TtpStore> = Arc::new(SqlStore::in_memory().unwrap());
         let ttp = Ttp::new(
             SecretBytes::from_slice_wiping(&mut [7u8; 32]),
             key_of(&ca, Role::Ttp, "ttp-1"),
