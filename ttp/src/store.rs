@@ -19,6 +19,8 @@ mod engine;
 mod group;
 mod integrity;
 mod schema;
+#[cfg(test)]
+mod tests;
 
 use engine::{PgPool, Sql, Value};
 pub use group::GroupCommit;

@@ -228,7 +228,11 @@ impl PgConnection {
 }
 
 fn pg_err(context: &str, error: postgres::Error) -> Error {
-    Error::Store(format!("PostgreSQL, {context}: {error}"))
+    // The server's own message ("relation ... does not exist") is what tells what went wrong.
+    match error.as_db_error() {
+        Some(db) => Error::Store(format!("PostgreSQL, {context}: {} ({})", db.message(), db.code().code())),
+        None => Error::Store(format!("PostgreSQL, {context}: {error}")),
+    }
 }
 
 fn pg_value(row: &postgres::Row, index: usize) -> Result<Value> {
@@ -263,7 +267,7 @@ impl Sql for PgConnection {
 
     fn lock_audit_chain(&mut self) -> Result<()> {
         if self.in_transaction && !self.audit_locked {
-            self.query(AUDIT_LOCK_SQL, &[])?;
+            self.execute(AUDIT_LOCK_SQL, &[])?;
             self.audit_locked = true;
         }
         Ok(())
@@ -272,7 +276,7 @@ impl Sql for PgConnection {
 
 /// The advisory lock every replica takes before appending to the audit chain (a constant
 /// key: "skydd-audit" in ASCII, truncated).
-const AUDIT_LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(7_310_593_858_020_398_177)";
+const AUDIT_LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(7310593858020398177)";
 
 /// A small pool of PostgreSQL connections: connections are opened as needed up to `size`,
 /// a broken one (server restarted, network cut) is dropped and a fresh one opened on the

@@ -92,7 +92,7 @@ pub(super) fn postgres(pool: PgPool) -> Result<Backend> {
         let mut connection = pool.get()?;
         connection.control("BEGIN")?;
         // Two replicas starting together: the second waits, then finds the schema current.
-        connection.query("SELECT pg_advisory_xact_lock(7310593858020398178)", &[])?;
+        connection.execute("SELECT pg_advisory_xact_lock(7310593858020398178)", &[])?;
         connection.execute("CREATE TABLE IF NOT EXISTS ttp_schema_version (version BIGINT NOT NULL)", &[])?;
         let current = match connection.query_row("SELECT version FROM ttp_schema_version", &[])? {
             Some(row) => row.int(0)?,

@@ -65,20 +65,17 @@ impl Fixture {
 
     /// As [`Fixture::new`], with the attestation policy's reference state changed.
     pub(crate) fn with_reference_state(change: impl FnOnce(&mut ReferenceState)) -> Self {
+        Self::on_store(Arc::new(SqlStore::in_memory().unwrap()), change)
+    }
+
+    /// As [`Fixture::with_reference_state`], on `store` (an empty database).
+    pub(crate) fn on_store(store: Arc<dyn TtpStore>, change: impl FnOnce(&mut ReferenceState)) -> Self {
         let vectors = vectors();
         assert_eq!(vectors.host.host_id, HOST);
         let mut state = vectors.reference_state;
         change(&mut state);
         let ca = CertificateAuthority::generate("cloud-ca").unwrap();
-        let store: Arc<dyn TtpStore> = Arc::new(SqlStore::in_memory().unwrap());
-        let ttp = Ttp::new(
-            SecretBytes::from_slice_wiping(&mut [7u8; 32]),
-            key_of(&ca, Role::Ttp, "ttp-1"),
-            vec![ca.0.clone()],
-            AttestationPolicy { reference_states: vec![state], ..Default::default() },
-            store,
-        )
-        .unwrap();
+        let ttp = replica_of(&ca, state, store);
         ttp.store().put_host(HOST, &serde_json::to_string(&vectors.host).unwrap()).unwrap();
         let owner = key_of(&ca, Role::DomainManager, OWNER);
         let operator = key_of(&ca, Role::CloudPlatform, "cp-1");
@@ -97,6 +94,12 @@ impl Fixture {
             descriptor,
             header,
         }
+    }
+
+    /// Another TTP with the same K_TTP, signing key holder and policy over `store` (a store
+    /// on the same database as the fixture's: a replica).
+    pub(crate) fn replica(&self, store: Arc<dyn TtpStore>) -> Ttp {
+        replica_of(&self.ca, vectors().reference_state, store)
     }
 
     /// A signing key for `name` in `role` from the fixture's CA.
@@ -250,6 +253,17 @@ impl Fixture {
     pub(crate) fn refused(&self, request: &KeyReleaseRequest, code: &str) -> Error {
         self.refused_for(&self.host(), request, code)
     }
+}
+
+fn replica_of(ca: &(String, zeroize::Zeroizing<String>), state: ReferenceState, store: Arc<dyn TtpStore>) -> Ttp {
+    Ttp::new(
+        SecretBytes::from_slice_wiping(&mut [7u8; 32]),
+        key_of(ca, Role::Ttp, "ttp-1"),
+        vec![ca.0.clone()],
+        AttestationPolicy { reference_states: vec![state], ..Default::default() },
+        store,
+    )
+    .unwrap()
 }
 
 /// Registers `descriptor` (signed by `owner`) through the cloud platform; returns its header.

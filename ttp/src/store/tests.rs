@@ -1,0 +1,183 @@
+//! The store on both engines, with replicas: two [`SqlStore`]s over one database (one SQLite
+//! file, or one database of the test binary's real PostgreSQL server, testkit's), racing the
+//! single-use steps from many threads at once. Exactly one caller wins each race.
+
+use std::sync::{Arc, Barrier};
+
+use protocol::messages::{verify_audit_chain, AUDIT_GENESIS_HASH};
+use skydd_testkit::postgres::Postgres;
+
+use super::*;
+
+/// The engines every race runs on.
+#[derive(Clone, Copy, Debug)]
+enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+const ENGINES: [Engine; 2] = [Engine::Sqlite, Engine::Postgres];
+
+/// A fresh database on `engine` (the SQLite file lives as long as the returned guard).
+fn database(engine: Engine) -> (Database, Option<tempfile::TempDir>) {
+    match engine {
+        Engine::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            (Database::Sqlite(dir.path().join("ttp.sqlite")), Some(dir))
+        }
+        Engine::Postgres => (Database::Postgres { url: Postgres::shared().create_database(), pool_size: 8 }, None),
+    }
+}
+
+/// Two replicas over one fresh database, with group commit.
+fn replicas(engine: Engine) -> ([Arc<SqlStore>; 2], Option<tempfile::TempDir>) {
+    let (database, guard) = database(engine);
+    let open = || Arc::new(SqlStore::open_database(&database, GroupCommit::On).unwrap());
+    ([open(), open()], guard)
+}
+
+/// Runs `work(i)` on `n` threads released together; returns the results in order.
+fn race<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let start = Barrier::new(n);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let (start, work) = (&start, &work);
+                scope.spawn(move || {
+                    start.wait();
+                    work(i)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn domain(version: u64, descriptor: &[u8]) -> DomainRecord {
+    DomainRecord {
+        domain_id: "0123456789abcdef0123456789abcdef".into(),
+        owner: "dm-alice".into(),
+        latest_version: version,
+        descriptor: descriptor.to_vec(),
+        descriptor_hash: [version as u8; 32],
+        metadata_hash: [9; 32],
+        deleted_at: None,
+    }
+}
+
+/// A challenge issued by one replica is redeemed once, at either.
+#[test]
+fn a_challenge_is_taken_once_across_replicas() {
+    for engine in ENGINES {
+        let ([a, b], _guard) = replicas(engine);
+        for round in 0..10 {
+            let id = format!("challenge-{round}");
+            a.put_challenge(&id, "compute-1", &[round; 32], now_unix() + 60).unwrap();
+            let taken = race(16, |i| [&a, &b][i % 2].take_challenge(&id).unwrap());
+            assert_eq!(taken.iter().flatten().count(), 1, "{engine:?} round {round}: {taken:?}");
+            assert_eq!(taken.into_iter().flatten().next().unwrap().1, vec![round; 32]);
+        }
+    }
+}
+
+/// A grant is marked used once, at either replica.
+#[test]
+fn a_grant_is_used_once_across_replicas() {
+    for engine in ENGINES {
+        let ([a, b], _guard) = replicas(engine);
+        for round in 0..10u8 {
+            let used = race(16, |i| [&a, &b][i % 2].consume_grant(&[round; 32], now_unix() + 60).unwrap());
+            assert_eq!(used.iter().filter(|won| **won).count(), 1, "{engine:?} round {round}: {used:?}");
+        }
+    }
+}
+
+/// Of concurrent updates from version n, one wins and the rest are `version_rollback`; the
+/// domain's versions stay monotonic.
+#[test]
+fn a_version_is_won_once_across_replicas() {
+    for engine in ENGINES {
+        let ([a, b], _guard) = replicas(engine);
+        a.insert_domain(&domain(1, b"v1")).unwrap();
+        assert_eq!(b.insert_domain(&domain(1, b"other")).unwrap_err().code(), "version_rollback");
+        for version in 2..8u64 {
+            let outcomes = race(16, |i| {
+                [&a, &b][i % 2].update_domain(&domain(version, format!("v{version} by {i}").as_bytes()), version - 1)
+            });
+            let winners: Vec<usize> = (0..16).filter(|i| outcomes[*i].is_ok()).collect();
+            assert_eq!(winners.len(), 1, "{engine:?} version {version}");
+            for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+                assert_eq!(refused.code(), "version_rollback", "{refused}");
+            }
+            let stored = b.domain(&domain(1, b"").domain_id).unwrap().unwrap();
+            assert_eq!(stored.latest_version, version);
+            assert_eq!(stored.descriptor, format!("v{version} by {}", winners[0]).into_bytes());
+        }
+    }
+}
+
+/// Appends from both replicas at once form one chain: numbered 1..n without gaps, each
+/// record chained to the one before, all of them acknowledged.
+#[test]
+fn the_audit_chain_keeps_one_order_across_replicas() {
+    for engine in ENGINES {
+        let ([a, b], _guard) = replicas(engine);
+        let appended = race(8, |i| {
+            (0..25)
+                .map(|n| {
+                    let entry = AuditEntry {
+                        event: "register".into(),
+                        outcome: "ok".into(),
+                        message: format!("writer {i} record {n}"),
+                        domain_id: Some(format!("domain-{}", i % 3)),
+                        ..Default::default()
+                    };
+                    [&a, &b][i % 2].append_audit(entry).unwrap().seq
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut acknowledged: Vec<u64> = appended.into_iter().flatten().collect();
+        acknowledged.sort_unstable();
+        assert_eq!(acknowledged, (1..=200).collect::<Vec<_>>(), "{engine:?}");
+        let records = b.audit_records(None).unwrap();
+        assert_eq!(records.len(), 200);
+        verify_audit_chain(&records, Some(AUDIT_GENESIS_HASH)).unwrap();
+        assert_eq!(a.audit_records(Some("domain-1")).unwrap().len(), 75);
+    }
+}
+
+/// Replicas starting together on an empty PostgreSQL database migrate it once; a store
+/// reopened later finds the schema current, and what was written is kept.
+#[test]
+fn postgres_schema_is_migrated_once_by_replicas_starting_together() {
+    let url = Postgres::shared().create_database();
+    let database = Database::Postgres { url, pool_size: 2 };
+    let stores = race(4, |_| SqlStore::open_database(&database, GroupCommit::Off).unwrap());
+    stores[0].put_host("compute-1", "{}").unwrap();
+    drop(stores);
+    let reopened = SqlStore::open_database(&database, GroupCommit::On).unwrap();
+    assert_eq!(reopened.host("compute-1").unwrap().as_deref(), Some("{}"));
+}
+
+/// A batch where one write fails in the store still commits the others: that write runs
+/// again alone and fails alone.
+#[test]
+fn a_failing_write_does_not_take_its_batch_with_it() {
+    for engine in ENGINES {
+        let ([a, _], _guard) = replicas(engine);
+        let outcomes = race(16, |i| {
+            let entry = AuditEntry {
+                event: "key_release".into(),
+                // Every third release names no VM: the store refuses it.
+                vm_id: (i % 3 != 0).then(|| "vm-a".to_string()),
+                domain_id: Some("d".into()),
+                host_id: Some("h".into()),
+                ..Default::default()
+            };
+            a.append_key_release(entry, AccessMode::Rw).map(|(record, _)| record.seq)
+        });
+        let granted = outcomes.iter().filter(|o| o.is_ok()).count();
+        assert_eq!(granted, 10, "{engine:?}: {outcomes:?}");
+        assert_eq!(a.audit_records(None).unwrap().len(), 10);
+    }
+}
