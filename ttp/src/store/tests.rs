@@ -181,3 +181,70 @@ fn a_failing_write_does_not_take_its_batch_with_it() {
         assert_eq!(a.audit_records(None).unwrap().len(), 10);
     }
 }
+
+// ---- two TTP replicas ----------------------------------------------------------------------
+
+mod ttp_replicas {
+    use std::sync::Arc;
+
+    use protocol::domain::AccessMode;
+    use protocol::messages::RegisterDomainRequest;
+    use protocol::pki::{Identity, Role};
+    use protocol::signing::SignatureContext;
+
+    use super::{race, Engine, ENGINES};
+    use crate::service::test_support::fixture::Fixture;
+    use crate::service::Ttp;
+    use crate::store::{GroupCommit, SqlStore};
+
+    /// The recorded host's fixture on one replica, and a second replica on the same database.
+    fn fixture_and_replica(engine: Engine) -> (Fixture, Ttp, Option<tempfile::TempDir>) {
+        let (database, guard) = super::database(engine);
+        let open = || Arc::new(SqlStore::open_database(&database, GroupCommit::On).unwrap());
+        let fixture = Fixture::on_store(open(), |_| {});
+        let replica = fixture.replica(open());
+        (fixture, replica, guard)
+    }
+
+    /// Exactly one outcome is `Ok`; every other is refused with `code`.
+    fn one_wins<T: std::fmt::Debug>(outcomes: &[crate::Result<T>], code: &str, what: &str) {
+        assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{what}: {outcomes:?}");
+        for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+            assert_eq!(refused.code(), code, "{what}: {refused}");
+        }
+    }
+
+    /// The same release request (one challenge, one grant) sent to both replicas at once is
+    /// granted once; a grant presented with two fresh challenges is granted once; two
+    /// updates from version 1 are registered once. The chain both wrote verifies.
+    #[test]
+    fn replicas_race_the_same_challenge_grant_and_version() {
+        for engine in ENGINES {
+            let (f, replica, _guard) = fixture_and_replica(engine);
+            let replicas = [&f.ttp, &replica];
+            for round in 0..3 {
+                let request = f.request();
+                let outcomes = race(2, |i| replicas[i].release_key(&f.host(), &request));
+                one_wins(&outcomes, "challenge_invalid", &format!("{engine:?} challenge round {round}"));
+
+                let grant = f.grant_with(&f.owner, |_| {});
+                let requests = [f.request_with_grant(grant.clone()), f.request_with_grant(grant)];
+                let outcomes = race(2, |i| replicas[i].release_key(&f.host(), &requests[i]));
+                one_wins(&outcomes, "grant_replayed", &format!("{engine:?} grant round {round}"));
+            }
+
+            let cloud = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
+            let updates = [AccessMode::Rw, AccessMode::Ro].map(|mode| {
+                let v2 = f.descriptor.next_version(|d| d.acl.iter_mut().for_each(|entry| entry.mode = mode)).unwrap();
+                RegisterDomainRequest {
+                    descriptor: f.owner.sign_envelope(SignatureContext::Descriptor, v2.encode().unwrap()),
+                    previous_registration: Some(f.header.registration.clone()),
+                }
+            });
+            let outcomes = race(2, |i| replicas[i].register_domain(&cloud, &updates[i]).map(|r| r.registration));
+            one_wins(&outcomes, "version_rollback", &format!("{engine:?} version"));
+            assert_eq!(f.ttp.store().domain(&f.descriptor.domain_id).unwrap().unwrap().latest_version, 2);
+            assert!(replica.verify_audit_chain().unwrap() >= 13, "{engine:?}");
+        }
+    }
+}

@@ -63,9 +63,19 @@ impl Fixture {
         Self::with_reference_state(|_| {})
     }
 
-    /// As [`Fixture::new`], with the attestation policy's reference state changed.
+    /// As [`Fixture::new`], with the attestation policy's reference state changed. The
+    /// store is SQLite in memory, or with `SKYDD_TTP_TEST_STORE=postgres` a fresh database
+    /// on the test binary's PostgreSQL server (so every service test runs on both engines).
     pub(crate) fn with_reference_state(change: impl FnOnce(&mut ReferenceState)) -> Self {
-        Self::on_store(Arc::new(SqlStore::in_memory().unwrap()), change)
+        let store: Arc<dyn TtpStore> = match std::env::var("SKYDD_TTP_TEST_STORE").as_deref() {
+            Ok("postgres") => {
+                let url = skydd_testkit::postgres::Postgres::shared().create_database();
+                let database = crate::store::Database::Postgres { url, pool_size: 4 };
+                Arc::new(SqlStore::open_database(&database, crate::store::GroupCommit::On).unwrap())
+            }
+            _ => Arc::new(SqlStore::in_memory().unwrap()),
+        };
+        Self::on_store(store, change)
     }
 
     /// As [`Fixture::with_reference_state`], on `store` (an empty database).
