@@ -20,6 +20,8 @@ mod group;
 mod integrity;
 mod schema;
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod tests;
 
 use engine::{PgPool, Sql, Value};

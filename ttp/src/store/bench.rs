@@ -1,0 +1,141 @@
+//! `Ttp::release_key` decisions per second with 64 concurrent callers on pre-made quotes
+//! (the recorded swtpm quote; challenges planted and grants signed before the clock starts),
+//! on each store configuration, printed side by side in one run (docs/PERFORMANCE.md
+//! "Replicas and group commit"). Ignored by default; run it in release mode:
+//!
+//! ```text
+//! cargo test --release -p ttp --lib store::bench -- --ignored --nocapture
+//! ```
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::messages::KeyReleaseRequest;
+use skydd_testkit::postgres::Postgres;
+
+use super::{Database, GroupCommit, SqlStore, TtpStore};
+use crate::service::test_support::fixture::Fixture;
+use crate::service::Ttp;
+
+const CALLERS: usize = 64;
+
+fn releases_per_config() -> usize {
+    std::env::var("SKYDD_BENCH_RELEASES").ok().and_then(|n| n.parse().ok()).unwrap_or(3000)
+}
+
+/// CPU seconds this process used so far (user + system, from /proc/self/stat).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `n` granted requests, each with its own planted challenge and grant, made on 8 threads.
+fn premade(f: &Fixture, n: usize) -> Vec<KeyReleaseRequest> {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let makers: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut made = Vec::new();
+                    while next.fetch_add(1, Ordering::SeqCst) < n {
+                        made.push(f.request());
+                    }
+                    made
+                })
+            })
+            .collect();
+        makers.into_iter().flat_map(|m| m.join().unwrap()).collect()
+    })
+}
+
+struct Figures {
+    per_second: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_share: f64,
+    errors: usize,
+}
+
+/// Runs `requests` through `replicas` (caller i asks replica i mod n) from 64 threads.
+fn measure(f: &Fixture, replicas: &[&Ttp], requests: &[KeyReleaseRequest]) -> Figures {
+    let next = AtomicUsize::new(0);
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let mut latencies: Vec<(Duration, bool)> = std::thread::scope(|scope| {
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|caller| {
+                let next = &next;
+                scope.spawn(move || {
+                    let ttp = replicas[caller % replicas.len()];
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(request) = requests.get(i) else { break };
+                        let t = Instant::now();
+                        let ok = ttp.release_key(&f.host(), request).is_ok();
+                        mine.push((t.elapsed(), ok));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        callers.into_iter().flat_map(|c| c.join().unwrap()).collect()
+    });
+    let wall = started.elapsed();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpu_share = (cpu_seconds() - cpu_before) / wall.as_secs_f64() / cpus;
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].0;
+    Figures {
+        per_second: latencies.len() as f64 / wall.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+        cpu_share,
+        errors: latencies.iter().filter(|(_, ok)| !ok).count(),
+    }
+}
+
+fn run(name: &str, database: &Database, commit: GroupCommit, replicas: usize) {
+    let open = || -> Arc<dyn TtpStore> { Arc::new(SqlStore::open_database(database, commit).unwrap()) };
+    let f = Fixture::on_store(open(), |_| {});
+    let others: Vec<Ttp> = (1..replicas).map(|_| f.replica(open())).collect();
+    let mut all: Vec<&Ttp> = vec![&f.ttp];
+    all.extend(others.iter());
+    let warm = premade(&f, CALLERS);
+    measure(&f, &all, &warm);
+    let requests = premade(&f, releases_per_config());
+    let figures = measure(&f, &all, &requests);
+    f.ttp.verify_audit_chain().unwrap();
+    println!(
+        "{name:<40} {:>8.0} {:>9.1} {:>9.1} {:>7.0}% {:>6}",
+        figures.per_second,
+        figures.p50.as_secs_f64() * 1000.0,
+        figures.p99.as_secs_f64() * 1000.0,
+        figures.cpu_share * 100.0,
+        figures.errors
+    );
+}
+
+/// Prints one line per configuration: decisions/s, p50 and p99 latency, the TTP process's
+/// share of all cores, refused decisions (must be 0).
+#[test]
+#[ignore = "a benchmark: run in release mode with --ignored --nocapture"]
+fn release_key_decisions_per_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = |name: &str| Database::Sqlite(dir.path().join(name));
+    let postgres = || Database::Postgres { url: Postgres::shared().create_database(), pool_size: 16 };
+    println!(
+        "Ttp::release_key, {CALLERS} callers, {} releases per configuration, {} cores",
+        releases_per_config(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!("{:<40} {:>8} {:>9} {:>9} {:>8} {:>6}", "configuration", "per s", "p50 ms", "p99 ms", "TTP CPU", "errors");
+    run("SQLite, one commit per write (today)", &sqlite("a.sqlite"), GroupCommit::Off, 1);
+    run("SQLite, group commit", &sqlite("b.sqlite"), GroupCommit::On, 1);
+    run("PostgreSQL, 1 replica, one commit/write", &postgres(), GroupCommit::Off, 1);
+    run("PostgreSQL, 1 replica, group commit", &postgres(), GroupCommit::On, 1);
+    run("PostgreSQL, 2 replicas, group commit", &postgres(), GroupCommit::On, 2);
+}
