@@ -195,6 +195,8 @@ mod tests {
                     "sector 1234: ciphertext does not match its tag",
                 ),
             ],
+            checkpoint: None,
+            since: None,
         });
         assert!(shown.contains("integrity_violation  vm-a"), "{shown}");
         assert!(shown.contains("sector 1234: ciphertext does not match its tag"), "{shown}");

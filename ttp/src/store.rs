@@ -125,6 +125,15 @@ pub trait TtpStore: Send + Sync {
     /// `domain_id`. Does not verify the chain (the service does).
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>>;
 
+    /// The audit record numbered `seq`, if the log holds it.
+    fn audit_record(&self, seq: u64) -> Result<Option<AuditRecord>>;
+    /// Sequence number and hash of the newest audit record, if any.
+    fn audit_head(&self) -> Result<Option<(u64, String)>>;
+    /// The newest signed audit checkpoint: when it was signed (unix seconds) and its envelope.
+    fn newest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>>;
+    /// Stores a signed checkpoint of the chain at `seq`, signed at `at`.
+    fn put_checkpoint(&self, seq: u64, at: u64, envelope: &[u8]) -> Result<()>;
+
     /// Appends the audit record of a granted key release (`entry` names domain, host and VM)
     /// and makes it the domain's [`LatestRelease`] in `mode`, in one transaction; returns the
     /// record and the domain's newest anchor as of that instant (docs/PROTOCOL.md "Integrity
@@ -530,6 +539,34 @@ impl TtpStore for SqlStore {
     fn commit_anchor(&self, anchor: &StoredAnchor, release_seq: u64, entry: AuditEntry) -> Result<AuditRecord> {
         let anchor = anchor.clone();
         self.write(move |tx| integrity::commit_anchor(tx, &anchor, release_seq, entry.clone()))
+    }
+
+    fn audit_record(&self, seq: u64) -> Result<Option<AuditRecord>> {
+        let row = self.read(|c| c.query_row("SELECT record FROM audit WHERE seq = ?1", &[(seq as i64).into()]))?;
+        row.map(|row| {
+            serde_json::from_str(&row.text(0)?)
+                .map_err(|e| Error::AuditChainBroken(format!("audit record {seq} is not valid JSON: {e}")))
+        })
+        .transpose()
+    }
+
+    fn audit_head(&self) -> Result<Option<(u64, String)>> {
+        let row = self.read(|c| c.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[]))?;
+        row.map(|row| Ok((row.int(0)? as u64, row.text(1)?))).transpose()
+    }
+
+    fn newest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        let row = self.read(|c| {
+            c.query_row("SELECT signed_at, envelope FROM audit_checkpoints ORDER BY signed_at DESC, seq DESC LIMIT 1", &[])
+        })?;
+        row.map(|row| Ok((row.int(0)? as u64, row.blob(1)?))).transpose()
+    }
+
+    fn put_checkpoint(&self, seq: u64, at: u64, envelope: &[u8]) -> Result<()> {
+        let params = [sql_time("checkpoint time", at)?.into(), (seq as i64).into(), envelope.into()];
+        self.write(move |tx| {
+            tx.execute("INSERT INTO audit_checkpoints (signed_at, seq, envelope) VALUES (?1, ?2, ?3)", &params).map(drop)
+        })
     }
 
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>> {

@@ -173,7 +173,7 @@ mod tests {
         drop(SqlStore::open(&path).unwrap());
         let version: i64 =
             Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
-        assert_eq!(version, 1);
+        assert_eq!(version, 2);
         let store = SqlStore::open(&path).unwrap();
         store.append_key_release(entry, AccessMode::Rw).unwrap();
         drop(store);

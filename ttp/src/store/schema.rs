@@ -37,12 +37,23 @@ const SQLITE_BASE: &str = "
     CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain_id, seq);";
 
 /// Schema changes after version 0 on SQLite, by version.
-const SQLITE_MIGRATIONS: &[(i64, &str)] = &[(1, integrity::SCHEMA)];
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[(1, integrity::SCHEMA), (2, CHECKPOINTS)];
+
+/// Version 2 on both engines: the signed checkpoints of the audit chain's head.
+const CHECKPOINTS: &str = "
+    CREATE TABLE IF NOT EXISTS audit_checkpoints (signed_at BIGINT NOT NULL, seq BIGINT NOT NULL, envelope BLOB NOT NULL);
+    CREATE INDEX IF NOT EXISTS audit_checkpoints_newest ON audit_checkpoints(signed_at, seq);";
+
+/// [`CHECKPOINTS`] in PostgreSQL's types.
+const POSTGRES_CHECKPOINTS: &str = "
+    CREATE TABLE IF NOT EXISTS audit_checkpoints (signed_at BIGINT NOT NULL, seq BIGINT NOT NULL, envelope BYTEA NOT NULL);
+    CREATE INDEX IF NOT EXISTS audit_checkpoints_newest ON audit_checkpoints(signed_at, seq);";
 
 /// The PostgreSQL schema by version: version 1 is SQLite's version 1 (the same tables and
 /// columns, in PostgreSQL's types), so every statement of the store runs on both.
-const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[(
-    1,
+const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
     "CREATE TABLE hosts (host_id TEXT PRIMARY KEY, record TEXT NOT NULL);
      CREATE TABLE host_eks (ek_fingerprint TEXT PRIMARY KEY, host_id TEXT NOT NULL UNIQUE);
      CREATE TABLE host_replacements (host_id TEXT PRIMARY KEY, operator TEXT NOT NULL, marked_at BIGINT NOT NULL);
@@ -64,7 +75,9 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[(
      CREATE TABLE latest_releases (
         domain_id TEXT PRIMARY KEY, host_id TEXT NOT NULL, vm_id TEXT NOT NULL, mode TEXT NOT NULL,
         audit_seq BIGINT NOT NULL);",
-)];
+    ),
+    (2, POSTGRES_CHECKPOINTS),
+];
 
 /// Brings an SQLite database to the newest schema (WAL, synchronous=FULL: an acknowledged
 /// write survives a crash).

@@ -248,3 +248,70 @@ mod ttp_replicas {
         }
     }
 }
+
+// ---- audit checkpoints ---------------------------------------------------------------------
+
+mod checkpoints {
+    use std::sync::Arc;
+
+    use protocol::messages::AuditCheckpoint;
+    use protocol::pki::{Identity, Role};
+    use protocol::signing::SignatureContext;
+
+    use super::{Engine, ENGINES};
+    use crate::service::test_support::fixture::{Fixture, OWNER, VM};
+    use crate::store::{AccessMode, GroupCommit, SqlStore, TtpStore};
+
+    fn owner() -> Identity {
+        Identity { name: OWNER.into(), role: Role::DomainManager }
+    }
+
+    /// The checkpoint of a history read, its signature checked.
+    fn checkpoint_of(f: &Fixture, since: Option<u64>) -> (AuditCheckpoint, Option<protocol::messages::AuditRecord>) {
+        let history = f.ttp.history_since(&owner(), &f.descriptor.domain_id, since).unwrap();
+        let envelope = history.checkpoint.expect("a checkpoint");
+        envelope.verify_signature(SignatureContext::AuditCheckpoint).unwrap();
+        (AuditCheckpoint::decode(&envelope.message).unwrap(), history.since)
+    }
+
+    fn fixture(engine: Engine) -> (Fixture, Arc<SqlStore>, Option<tempfile::TempDir>) {
+        let (database, guard) = super::database(engine);
+        let store = Arc::new(SqlStore::open_database(&database, GroupCommit::On).unwrap());
+        (Fixture::on_store(store.clone(), |_| {}), store, guard)
+    }
+
+    /// A later read extends the last checkpoint; a log cut short after it, or cut and
+    /// written on (a fork), fails the reader's check, whatever the TTP signs afterwards.
+    #[test]
+    fn a_truncated_or_forked_log_fails_the_readers_check() {
+        for engine in ENGINES {
+            let (f, store, _guard) = fixture(engine);
+            f.release_to(crate::service::test_support::fixture::HOST, VM, AccessMode::Rw);
+            let (first, _) = checkpoint_of(&f, None);
+            assert_eq!(first.seq, store.audit_head().unwrap().unwrap().0);
+            let (again, since) = checkpoint_of(&f, Some(first.seq));
+            first.check_successor(&again, since.as_ref()).unwrap();
+
+            // Someone with the database's keys deletes the tail and the checkpoints.
+            store
+                .write(move |tx| {
+                    tx.execute("DELETE FROM audit WHERE seq >= ?1", &[(first.seq as i64).into()])?;
+                    tx.execute("DELETE FROM audit_checkpoints", &[])
+                })
+                .unwrap();
+            let (cut, since) = checkpoint_of(&f, Some(first.seq));
+            let error = first.check_successor(&cut, since.as_ref()).unwrap_err().to_string();
+            assert!(error.contains("cut short"), "{engine:?}: {error}");
+
+            // ... and writes on past the old head: the record at its seq differs.
+            for _ in 0..3 {
+                f.release_to(crate::service::test_support::fixture::HOST, VM, AccessMode::Ro);
+            }
+            store.write(|tx| tx.execute("DELETE FROM audit_checkpoints", &[])).unwrap();
+            let (forked, since) = checkpoint_of(&f, Some(first.seq));
+            assert!(forked.seq > first.seq);
+            let error = first.check_successor(&forked, since.as_ref()).unwrap_err().to_string();
+            assert!(error.contains("forked"), "{engine:?}: {error}");
+        }
+    }
+}
