@@ -139,3 +139,59 @@ fn release_key_decisions_per_second() {
     run("PostgreSQL, 1 replica, group commit", &postgres(), GroupCommit::On, 1);
     run("PostgreSQL, 2 replicas, group commit", &postgres(), GroupCommit::On, 2);
 }
+
+/// The median time of 21 history reads of a domain with 10 records, in a log of `filler`
+/// other records.
+fn history_read_time(database: &Database, filler: i64, postgres: bool) -> Duration {
+    let store = Arc::new(SqlStore::open_database(database, GroupCommit::On).unwrap());
+    let f = Fixture::on_store(store.clone(), |_| {});
+    let fill = if postgres {
+        "INSERT INTO audit (seq, domain_id, record, hash)
+         SELECT i, 'other', '{}', 'filler' FROM generate_series(?1::BIGINT, ?2::BIGINT) AS i"
+    } else {
+        "WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
+         INSERT INTO audit (seq, domain_id, record, hash) SELECT i, 'other', '{}', 'filler' FROM n"
+    };
+    store.write(move |tx| tx.execute(fill, &[2i64.into(), (filler + 1).into()])).unwrap();
+    if postgres {
+        // What autovacuum does after a bulk load in production: fresh planner statistics.
+        store.write(|tx| tx.execute("ANALYZE audit", &[])).unwrap();
+    }
+    for _ in 0..9 {
+        f.release_to(crate::service::test_support::fixture::HOST, crate::service::test_support::fixture::VM, protocol::domain::AccessMode::Rw);
+    }
+    let owner = protocol::pki::Identity { name: crate::service::test_support::fixture::OWNER.into(), role: protocol::pki::Role::DomainManager };
+    let mut times: Vec<Duration> = (0..21)
+        .map(|_| {
+            let t = Instant::now();
+            let history = f.ttp.history_since(&owner, &f.descriptor.domain_id, Some(1)).unwrap();
+            assert_eq!(history.records.len(), 10);
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[10]
+}
+
+/// History read time for a domain with 10 records in a log of 1,000 vs 1,000,000 records,
+/// on both engines (goal: ratio ≤ 2).
+#[test]
+#[ignore = "a benchmark: run in release mode with --ignored --nocapture"]
+fn history_read_time_is_o_of_the_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    for postgres in [false, true] {
+        let database = |name: &str| match postgres {
+            false => Database::Sqlite(dir.path().join(name)),
+            true => Database::Postgres { url: Postgres::shared().create_database(), pool_size: 4 },
+        };
+        let small = history_read_time(&database("small.sqlite"), 1_000, postgres);
+        let large = history_read_time(&database("large.sqlite"), 1_000_000, postgres);
+        println!(
+            "{:<10} history of 10 records: log of 1,000: {:.2} ms; log of 1,000,000: {:.2} ms; ratio {:.2}",
+            if postgres { "PostgreSQL" } else { "SQLite" },
+            small.as_secs_f64() * 1000.0,
+            large.as_secs_f64() * 1000.0,
+            large.as_secs_f64() / small.as_secs_f64()
+        );
+    }
+}
