@@ -75,6 +75,17 @@ pub struct AuditEntry {
     pub actor: String,
 }
 
+/// The single-use tokens a key release spends when it is granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpentTokens {
+    /// The quote challenge's id.
+    pub challenge_id: String,
+    /// SHA-256 of the mount grant's message.
+    pub grant_hash: [u8; 32],
+    /// The grant's expiry (unix seconds): its used mark is kept until then.
+    pub grant_expires_at: u64,
+}
+
 /// The TTP's persistent state (docs/ARCHITECTURE.md "Storage of state"). Implementations
 /// must make each method atomic: the service relies on `take_challenge`, `consume_grant`,
 /// `update_domain` and `append_audit` each being one step that two concurrent requests
@@ -115,6 +126,10 @@ pub trait TtpStore: Send + Sync {
     /// Removes and returns (host id, nonce, expiry) of a challenge: each is usable once.
     fn take_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>>;
 
+    /// The challenge's (host id, nonce, expiry) without using it up: a key release checks the
+    /// quote against it, then uses it up in [`TtpStore::commit_key_release`].
+    fn peek_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>>;
+
     /// Marks a mount grant (by the SHA-256 of its message) used until it expires; `false` if
     /// it was used before. Expired marks are dropped as new ones arrive: an expired grant is
     /// refused for its expiry anyway.
@@ -139,6 +154,16 @@ pub trait TtpStore: Send + Sync {
     /// record and the domain's newest anchor as of that instant (docs/PROTOCOL.md "Integrity
     /// anchor": from then on only this release's host may commit).
     fn append_key_release(&self, entry: AuditEntry, mode: AccessMode) -> Result<(AuditRecord, Option<StoredAnchor>)>;
+    /// A granted key release in one transaction: uses up the challenge (`Error::ChallengeInvalid`
+    /// if another request did first), marks the grant used (`Error::GrantReplayed` if it was;
+    /// the challenge stays used up, as for any refused release), then does what
+    /// [`TtpStore::append_key_release`] does.
+    fn commit_key_release(
+        &self,
+        spent: &SpentTokens,
+        entry: AuditEntry,
+        mode: AccessMode,
+    ) -> Result<(AuditRecord, Option<StoredAnchor>)>;
     /// The newest granted key release of `domain_id`, if any.
     fn latest_release(&self, domain_id: &str) -> Result<Option<LatestRelease>>;
     /// The newest committed integrity anchor of `domain_id`, if any.
@@ -268,7 +293,8 @@ impl SqlStore {
 
     /// Runs `work` in a write transaction, alone or with concurrent writes (group commit).
     /// `work` may run twice (once in a batch that failed, once alone), so it must not
-    /// consume what it captured; a refusal it returns must come before its first write.
+    /// consume what it captured. A refusal it returns keeps the writes it made before (they
+    /// commit with the batch); a store failure rolls everything back.
     fn write<T: Send + 'static>(&self, work: impl Fn(&mut dyn Sql) -> Result<T> + Send + 'static) -> Result<T> {
         self.writes.run(work)
     }
@@ -314,6 +340,14 @@ fn append_audit_in(tx: &mut dyn Sql, entry: AuditEntry) -> Result<AuditRecord> {
         &[(seq as i64).into(), record.domain_id.clone().into(), json.into(), record.hash.clone().into()],
     )?;
     Ok(record)
+}
+
+/// Marks a grant used (`[hash, expiry]`), dropping expired marks first; `false` if it was.
+fn mark_grant_used(tx: &mut dyn Sql, grant: &[Value; 2]) -> Result<bool> {
+    tx.execute("DELETE FROM used_grants WHERE expires_at < ?1", &[(now_unix() as i64).into()])?;
+    let inserted =
+        tx.execute("INSERT INTO used_grants (grant_hash, expires_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING", grant)?;
+    Ok(inserted == 1)
 }
 
 fn domain_row(domain_id: &str, row: engine::Row) -> Result<DomainRecord> {
@@ -508,15 +542,42 @@ impl TtpStore for SqlStore {
         })
     }
 
+    fn peek_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>> {
+        self.read(|c| {
+            c.query_row("SELECT host_id, nonce, expires_at FROM challenges WHERE challenge_id = ?1", &[challenge_id.into()])?
+                .map(|row| Ok((row.text(0)?, row.blob(1)?, row.int(2)? as u64)))
+                .transpose()
+        })
+    }
+
     fn consume_grant(&self, grant_hash: &[u8; 32], expires_at: u64) -> Result<bool> {
         let params = [grant_hash.as_slice().into(), sql_time("grant expiry", expires_at)?.into()];
+        self.write(move |tx| mark_grant_used(tx, &params))
+    }
+
+    fn commit_key_release(
+        &self,
+        spent: &SpentTokens,
+        entry: AuditEntry,
+        mode: AccessMode,
+    ) -> Result<(AuditRecord, Option<StoredAnchor>)> {
+        let spent = spent.clone();
+        let grant = [spent.grant_hash.as_slice().into(), sql_time("grant expiry", spent.grant_expires_at)?.into()];
         self.write(move |tx| {
-            tx.execute("DELETE FROM used_grants WHERE expires_at < ?1", &[(now_unix() as i64).into()])?;
-            let inserted = tx.execute(
-                "INSERT INTO used_grants (grant_hash, expires_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                &params,
-            )?;
-            Ok(inserted == 1)
+            // One statement each: of two replicas spending the same token, one changes a row.
+            let taken = tx.execute("DELETE FROM challenges WHERE challenge_id = ?1", &[spent.challenge_id.as_str().into()])?;
+            if taken != 1 {
+                return Err(Error::ChallengeInvalid(format!(
+                    "challenge {} was used by a concurrent request",
+                    spent.challenge_id
+                )));
+            }
+            if !mark_grant_used(tx, &grant)? {
+                return Err(Error::GrantReplayed(
+                    "the grant was used for a key release before; every attach needs a new grant".into(),
+                ));
+            }
+            integrity::append_key_release(tx, entry.clone(), mode)
         })
     }
 
