@@ -315,8 +315,12 @@ impl DomainManager {
                 None => Ok(history),
             };
         };
-        let signer =
-            verify_signer_certificate(&envelope.signer_certificate, &self.trusted_cas, &self.revocation_lists, now_unix())?;
+        let signer = verify_signer_certificate(
+            &envelope.signer_certificate,
+            &self.trusted_cas,
+            &self.revocation_lists,
+            now_unix(),
+        )?;
         if signer.role != Role::Ttp {
             return Err(tampered(format!("the audit checkpoint is signed by {}, not by a TTP", signer.name)));
         }
@@ -336,7 +340,9 @@ impl DomainManager {
     /// The last audit checkpoint kept, if any (its signature was checked when it was kept).
     fn last_checkpoint(&self) -> Result<Option<AuditCheckpoint>> {
         match std::fs::read(&self.checkpoint_file) {
-            Ok(bytes) => Ok(Some(AuditCheckpoint::decode(&protocol::signing::SignedEnvelope::decode(&bytes)?.message)?)),
+            Ok(bytes) => {
+                Ok(Some(AuditCheckpoint::decode(&protocol::signing::SignedEnvelope::decode(&bytes)?.message)?))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::Config(format!("read {}: {e}", self.checkpoint_file.display()))),
         }

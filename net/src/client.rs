@@ -135,7 +135,8 @@ impl Client {
                         "base URL {url:?} is not https://: Skydd links are mutual TLS only"
                     )));
                 }
-                reqwest::Url::parse(&base).map_err(|e| Error::Config(format!("base URL {url:?} does not parse: {e}")))?;
+                reqwest::Url::parse(&base)
+                    .map_err(|e| Error::Config(format!("base URL {url:?} does not parse: {e}")))?;
                 Ok(base)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -229,7 +230,10 @@ impl Client {
                     if tried < self.bases.len()
                         && (error.never_reached_peer()
                             || (method == Method::GET
-                                && matches!(error, Error::Timeout { .. } | Error::Connect { .. } | Error::Request { .. }))) =>
+                                && matches!(
+                                    error,
+                                    Error::Timeout { .. } | Error::Connect { .. } | Error::Request { .. }
+                                ))) =>
                 {
                     tracing::warn!(replica = %self.bases[index], error = %error, "replica unreachable, trying the next");
                 }

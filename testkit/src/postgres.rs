@@ -11,9 +11,9 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::thread::JoinHandle;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// A running (or stopped, between [`Postgres::stop`] and [`Postgres::start_again`]) server.
@@ -86,7 +86,8 @@ impl Postgres {
                 std::os::unix::fs::chown(dir, Some(uid), Some(gid)).expect("give the PostgreSQL directory to nobody");
             }
         }
-        let server = Postgres { bin, root, port: free_port(), user, server: Mutex::new(None), databases: AtomicUsize::new(0) };
+        let server =
+            Postgres { bin, root, port: free_port(), user, server: Mutex::new(None), databases: AtomicUsize::new(0) };
         let status = server
             .command("initdb")
             .args(["--auth=trust", "--username=postgres", "--encoding=UTF8", "--locale=C", "--no-sync", "-D"])

@@ -169,9 +169,7 @@ async fn history(
     Path(domain_id): Path<String>,
     query: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<HistoryResponse>, ApiError> {
-    let since = query
-        .map_err(|rejection| ApiError::rejected_body(rejection.status(), rejection.body_text()))?
-        .since;
+    let since = query.map_err(|rejection| ApiError::rejected_body(rejection.status(), rejection.body_text()))?.since;
     blocking(move || ttp.history_since(&caller, &domain_id, since)).await
 }
 

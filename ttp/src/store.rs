@@ -15,12 +15,12 @@ use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 
+#[cfg(test)]
+mod bench;
 mod engine;
 mod group;
 mod integrity;
 mod schema;
-#[cfg(test)]
-mod bench;
 #[cfg(test)]
 mod tests;
 
@@ -266,7 +266,8 @@ impl SqlStore {
 
     /// A database in memory, for tests: everything is lost when it is dropped.
     pub fn in_memory() -> Result<Self> {
-        let connection = Connection::open_in_memory().map_err(|e| Error::Store(format!("open an in-memory database: {e}")))?;
+        let connection =
+            Connection::open_in_memory().map_err(|e| Error::Store(format!("open an in-memory database: {e}")))?;
         Self::with_backend(schema::sqlite(connection)?, GroupCommit::Off)
     }
 
@@ -376,22 +377,27 @@ impl TtpStore for SqlStore {
     }
 
     fn host(&self, host_id: &str) -> Result<Option<String>> {
-        self.read(|c| c.query_row("SELECT record FROM hosts WHERE host_id = ?1", &[host_id.into()])?.map(|r| r.text(0)).transpose())
+        self.read(|c| {
+            c.query_row("SELECT record FROM hosts WHERE host_id = ?1", &[host_id.into()])?
+                .map(|r| r.text(0))
+                .transpose()
+        })
     }
 
     fn enroll_host(&self, host_id: &str, ek_fingerprint: &str, record_json: &str) -> Result<Option<String>> {
-        let (host_id, ek_fingerprint, record_json) = (host_id.to_string(), ek_fingerprint.to_string(), record_json.to_string());
+        let (host_id, ek_fingerprint, record_json) =
+            (host_id.to_string(), ek_fingerprint.to_string(), record_json.to_string());
         self.write(move |tx| {
             // Enrollments are rare; the audit lock keeps two replicas' pins of one EK serial.
             tx.lock_audit_chain()?;
             let (host, ek): (Value, Value) = (host_id.as_str().into(), ek_fingerprint.as_str().into());
-            let owner = tx.query_row("SELECT host_id FROM host_eks WHERE ek_fingerprint = ?1", &[ek.clone()])?;
+            let owner = tx.query_row("SELECT host_id FROM host_eks WHERE ek_fingerprint = ?1", std::slice::from_ref(&ek))?;
             if let Some(owner) = owner.map(|r| r.text(0)).transpose()?.filter(|owner| *owner != host_id) {
                 return Err(Error::EkInUse(format!(
                     "EK {ek_fingerprint} is enrolled as host {owner}; one TPM is one host, so it cannot also enroll as {host_id}"
                 )));
             }
-            let pinned = tx.query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", &[host.clone()])?;
+            let pinned = tx.query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", std::slice::from_ref(&host))?;
             let replaced = match pinned.map(|r| r.text(0)).transpose()? {
                 Some(pinned) if pinned != ek_fingerprint => {
                     // A mark older than HOST_REPLACEMENT_TTL_SECS no longer counts: an approval
@@ -409,7 +415,7 @@ impl TtpStore for SqlStore {
                             HOST_REPLACEMENT_TTL_SECS / 3600
                         )));
                     }
-                    tx.execute("DELETE FROM host_eks WHERE host_id = ?1", &[host.clone()])?;
+                    tx.execute("DELETE FROM host_eks WHERE host_id = ?1", std::slice::from_ref(&host))?;
                     Some(pinned)
                 }
                 _ => None,
@@ -520,7 +526,8 @@ impl TtpStore for SqlStore {
     }
 
     fn put_challenge(&self, challenge_id: &str, host_id: &str, nonce: &[u8], expires_at: u64) -> Result<()> {
-        let params = [challenge_id.into(), host_id.into(), nonce.into(), sql_time("challenge expiry", expires_at)?.into()];
+        let params =
+            [challenge_id.into(), host_id.into(), nonce.into(), sql_time("challenge expiry", expires_at)?.into()];
         self.write(move |tx| {
             // Expired challenges are useless; drop them as new ones arrive.
             tx.execute("DELETE FROM challenges WHERE expires_at < ?1", &[(now_unix() as i64).into()])?;
@@ -536,17 +543,23 @@ impl TtpStore for SqlStore {
         let params = [challenge_id.into()];
         self.write(move |tx| {
             // One statement: of two replicas deleting the same row, one gets it back.
-            tx.query_row("DELETE FROM challenges WHERE challenge_id = ?1 RETURNING host_id, nonce, expires_at", &params)?
-                .map(|row| Ok((row.text(0)?, row.blob(1)?, row.int(2)? as u64)))
-                .transpose()
+            tx.query_row(
+                "DELETE FROM challenges WHERE challenge_id = ?1 RETURNING host_id, nonce, expires_at",
+                &params,
+            )?
+            .map(|row| Ok((row.text(0)?, row.blob(1)?, row.int(2)? as u64)))
+            .transpose()
         })
     }
 
     fn peek_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>> {
         self.read(|c| {
-            c.query_row("SELECT host_id, nonce, expires_at FROM challenges WHERE challenge_id = ?1", &[challenge_id.into()])?
-                .map(|row| Ok((row.text(0)?, row.blob(1)?, row.int(2)? as u64)))
-                .transpose()
+            c.query_row(
+                "SELECT host_id, nonce, expires_at FROM challenges WHERE challenge_id = ?1",
+                &[challenge_id.into()],
+            )?
+            .map(|row| Ok((row.text(0)?, row.blob(1)?, row.int(2)? as u64)))
+            .transpose()
         })
     }
 
@@ -565,7 +578,8 @@ impl TtpStore for SqlStore {
         let grant = [spent.grant_hash.as_slice().into(), sql_time("grant expiry", spent.grant_expires_at)?.into()];
         self.write(move |tx| {
             // One statement each: of two replicas spending the same token, one changes a row.
-            let taken = tx.execute("DELETE FROM challenges WHERE challenge_id = ?1", &[spent.challenge_id.as_str().into()])?;
+            let taken =
+                tx.execute("DELETE FROM challenges WHERE challenge_id = ?1", &[spent.challenge_id.as_str().into()])?;
             if taken != 1 {
                 return Err(Error::ChallengeInvalid(format!(
                     "challenge {} was used by a concurrent request",
@@ -618,7 +632,10 @@ impl TtpStore for SqlStore {
 
     fn newest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>> {
         let row = self.read(|c| {
-            c.query_row("SELECT signed_at, envelope FROM audit_checkpoints ORDER BY signed_at DESC, seq DESC LIMIT 1", &[])
+            c.query_row(
+                "SELECT signed_at, envelope FROM audit_checkpoints ORDER BY signed_at DESC, seq DESC LIMIT 1",
+                &[],
+            )
         })?;
         row.map(|row| Ok((row.int(0)? as u64, row.blob(1)?))).transpose()
     }
@@ -626,13 +643,16 @@ impl TtpStore for SqlStore {
     fn put_checkpoint(&self, seq: u64, at: u64, envelope: &[u8]) -> Result<()> {
         let params = [sql_time("checkpoint time", at)?.into(), (seq as i64).into(), envelope.into()];
         self.write(move |tx| {
-            tx.execute("INSERT INTO audit_checkpoints (signed_at, seq, envelope) VALUES (?1, ?2, ?3)", &params).map(drop)
+            tx.execute("INSERT INTO audit_checkpoints (signed_at, seq, envelope) VALUES (?1, ?2, ?3)", &params)
+                .map(drop)
         })
     }
 
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>> {
         let rows = self.read(|c| match domain_id {
-            Some(domain_id) => c.query("SELECT record FROM audit WHERE domain_id = ?1 ORDER BY seq", &[domain_id.into()]),
+            Some(domain_id) => {
+                c.query("SELECT record FROM audit WHERE domain_id = ?1 ORDER BY seq", &[domain_id.into()])
+            }
             None => c.query("SELECT record FROM audit ORDER BY seq", &[]),
         })?;
         rows.iter()

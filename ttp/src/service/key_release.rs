@@ -70,7 +70,8 @@ impl Ttp {
             domain_id: request.header.unverified_contents().ok().map(|(d, _)| d.domain_id),
         };
         // Only the host a challenge was issued to can use it up.
-        let own_request = host_id_ok && vm_id_ok && actor.role == Role::SecureComponent && actor.name == request.host_id;
+        let own_request =
+            host_id_ok && vm_id_ok && actor.role == Role::SecureComponent && actor.name == request.host_id;
         let decide = |_: &mut Subject| {
             let decided = self.decide_release(actor, request);
             if decided.is_err() && own_request {

@@ -34,9 +34,9 @@ mod key_release;
 pub(crate) mod test_support;
 
 pub use enrollment::{allow_host_replacement, ENROLLMENT_TTL_SECS};
+pub use history::CHECKPOINT_INTERVAL_SECS;
 pub use integrity::{MAX_VIOLATION_REPORTS_PER_MINUTE, VIOLATION_WINDOW_SECS};
 pub use key_release::CHALLENGE_TTL_SECS;
-pub use history::CHECKPOINT_INTERVAL_SECS;
 
 /// The trusted third party's state and decisions: K_TTP (in locked memory), its signing key,
 /// the trusted CAs and revocation lists, the attestation policy and the store. HTTP-free;

@@ -27,7 +27,8 @@ fn releases_per_config() -> usize {
 /// CPU seconds this process used so far (user + system, from /proc/self/stat).
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -158,9 +159,16 @@ fn history_read_time(database: &Database, filler: i64, postgres: bool) -> Durati
         store.write(|tx| tx.execute("ANALYZE audit", &[])).unwrap();
     }
     for _ in 0..9 {
-        f.release_to(crate::service::test_support::fixture::HOST, crate::service::test_support::fixture::VM, protocol::domain::AccessMode::Rw);
+        f.release_to(
+            crate::service::test_support::fixture::HOST,
+            crate::service::test_support::fixture::VM,
+            protocol::domain::AccessMode::Rw,
+        );
     }
-    let owner = protocol::pki::Identity { name: crate::service::test_support::fixture::OWNER.into(), role: protocol::pki::Role::DomainManager };
+    let owner = protocol::pki::Identity {
+        name: crate::service::test_support::fixture::OWNER.into(),
+        role: protocol::pki::Role::DomainManager,
+    };
     let mut times: Vec<Duration> = (0..21)
         .map(|_| {
             let t = Instant::now();

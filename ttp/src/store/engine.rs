@@ -343,7 +343,9 @@ impl PgPool {
         // Statements are prepared once per connection; a generic plan would be made for an
         // average domain, and a domain with 10 records in a log of millions would then be
         // read like the largest one. Planned for each domain's own statistics instead.
-        client.batch_execute("SET plan_cache_mode = force_custom_plan").map_err(|e| pg_err("set up a connection", e))?;
+        client
+            .batch_execute("SET plan_cache_mode = force_custom_plan")
+            .map_err(|e| pg_err("set up a connection", e))?;
         Ok(PgConnection { client, statements: HashMap::new(), in_transaction: false, audit_locked: false })
     }
 

@@ -93,9 +93,7 @@ impl Committer {
         let job: Box<dyn Job> = Box::new(Pending { work, outcome: None, reply });
         match &self.queue {
             None => run_alone(&self.backend, job),
-            Some(queue) => queue
-                .send(job)
-                .map_err(|_| Error::Store("the group-commit thread has stopped".into()))?,
+            Some(queue) => queue.send(job).map_err(|_| Error::Store("the group-commit thread has stopped".into()))?,
         }
         outcome.recv().map_err(|_| Error::Store("the group-commit thread dropped a write".into()))?
     }

@@ -54,7 +54,7 @@ const POSTGRES_CHECKPOINTS: &str = "
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
-    "CREATE TABLE hosts (host_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+        "CREATE TABLE hosts (host_id TEXT PRIMARY KEY, record TEXT NOT NULL);
      CREATE TABLE host_eks (ek_fingerprint TEXT PRIMARY KEY, host_id TEXT NOT NULL UNIQUE);
      CREATE TABLE host_replacements (host_id TEXT PRIMARY KEY, operator TEXT NOT NULL, marked_at BIGINT NOT NULL);
      CREATE TABLE domains (
@@ -88,8 +88,9 @@ pub(super) fn sqlite(connection: Connection) -> Result<Backend> {
         .map_err(|e| failed("set up the TTP database", e))?;
     connection.set_prepared_statement_cache_capacity(64);
     connection.execute_batch(SQLITE_BASE).map_err(|e| failed("create the TTP schema", e))?;
-    let current: i64 =
-        connection.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(|e| failed("read schema version", e))?;
+    let current: i64 = connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|e| failed("read schema version", e))?;
     for (version, sql) in SQLITE_MIGRATIONS.iter().filter(|(version, _)| *version > current) {
         let failed = |e: rusqlite::Error| Error::Store(format!("migrate the TTP schema to version {version}: {e}"));
         let tx = connection.unchecked_transaction().map_err(failed)?;
@@ -115,7 +116,9 @@ pub(super) fn postgres(pool: PgPool) -> Result<Backend> {
             }
         };
         for (version, sql) in POSTGRES_MIGRATIONS.iter().filter(|(version, _)| *version > current) {
-            connection.batch(sql).map_err(|e| Error::Store(format!("migrate the TTP schema to version {version}: {e}")))?;
+            connection
+                .batch(sql)
+                .map_err(|e| Error::Store(format!("migrate the TTP schema to version {version}: {e}")))?;
             connection.execute("UPDATE ttp_schema_version SET version = ?1", &[(*version).into()])?;
         }
         connection.control("COMMIT")?;
