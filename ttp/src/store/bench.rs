@@ -203,3 +203,94 @@ fn history_read_time_is_o_of_the_domain() {
         );
     }
 }
+
+/// The store's share of a decision alone: `commit_key_release` (challenge used up, grant
+/// marked, audit record and newest release, one write) from 64 callers, on challenges planted
+/// before the clock starts; what each configuration could carry if checking a decision cost
+/// nothing.
+fn store_commits_per_second(database: &Database, commit: GroupCommit, replicas: usize) -> Figures {
+    let stores: Vec<SqlStore> = (0..replicas).map(|_| SqlStore::open_database(database, commit).unwrap()).collect();
+    let n = releases_per_config() * 2;
+    for i in 0..n {
+        stores[0].put_challenge(&format!("c{i}"), "h", &[0; 32], super::now_unix() + 600).unwrap();
+    }
+    let next = AtomicUsize::new(0);
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let mut latencies: Vec<(Duration, bool)> = std::thread::scope(|scope| {
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|caller| {
+                let (next, store) = (&next, &stores[caller % replicas]);
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= n {
+                            break;
+                        }
+                        let mut grant_hash = [0u8; 32];
+                        grant_hash[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                        let spent = super::SpentTokens {
+                            challenge_id: format!("c{i}"),
+                            grant_hash,
+                            grant_expires_at: super::now_unix() + 600,
+                        };
+                        let entry = super::AuditEntry {
+                            event: "key_release".into(),
+                            outcome: "ok".into(),
+                            domain_id: Some(format!("d{}", i % 100)),
+                            host_id: Some("h".into()),
+                            vm_id: Some("v".into()),
+                            ..Default::default()
+                        };
+                        let t = Instant::now();
+                        let ok = store.commit_key_release(&spent, entry, protocol::domain::AccessMode::Rw).is_ok();
+                        mine.push((t.elapsed(), ok));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        callers.into_iter().flat_map(|c| c.join().unwrap()).collect()
+    });
+    let wall = started.elapsed();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].0;
+    Figures {
+        per_second: latencies.len() as f64 / wall.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+        cpu_share: (cpu_seconds() - cpu_before) / wall.as_secs_f64() / cpus,
+        errors: latencies.iter().filter(|(_, ok)| !ok).count(),
+    }
+}
+
+/// The store alone, per configuration (see [`store_commits_per_second`]).
+#[test]
+#[ignore = "a benchmark: run in release mode with --ignored --nocapture"]
+fn store_commits_of_granted_releases_per_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = |name: &str| Database::Sqlite(dir.path().join(name));
+    let postgres = || Database::Postgres { url: Postgres::shared().create_database(), pool_size: 16 };
+    println!("store.commit_key_release, {CALLERS} callers, {} commits per configuration", releases_per_config() * 2);
+    println!("{:<40} {:>8} {:>9} {:>9} {:>8} {:>6}", "configuration", "per s", "p50 ms", "p99 ms", "TTP CPU", "errors");
+    let configurations: [(&str, Database, GroupCommit, usize); 5] = [
+        ("SQLite, one commit per write (today)", sqlite("a.sqlite"), GroupCommit::Off, 1),
+        ("SQLite, group commit", sqlite("b.sqlite"), GroupCommit::On, 1),
+        ("PostgreSQL, 1 replica, one commit/write", postgres(), GroupCommit::Off, 1),
+        ("PostgreSQL, 1 replica, group commit", postgres(), GroupCommit::On, 1),
+        ("PostgreSQL, 2 replicas, group commit", postgres(), GroupCommit::On, 2),
+    ];
+    for (name, database, commit, replicas) in configurations {
+        let f = store_commits_per_second(&database, commit, replicas);
+        println!(
+            "{name:<40} {:>8.0} {:>9.1} {:>9.1} {:>7.0}% {:>6}",
+            f.per_second,
+            f.p50.as_secs_f64() * 1000.0,
+            f.p99.as_secs_f64() * 1000.0,
+            f.cpu_share * 100.0,
+            f.errors
+        );
+    }
+}
