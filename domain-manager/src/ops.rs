@@ -151,13 +151,7 @@ impl DomainManager {
     pub async fn current_descriptor(&self, domain_id: &str) -> Result<Descriptor> {
         let view = self.show(domain_id).await?;
         let envelope = &view.header.descriptor;
-        let signer = verify_signer_certificate(
-            &envelope.signer_certificate,
-            &self.trusted_cas,
-            &self.revocation_lists,
-            now_unix(),
-        )?;
-        envelope.verify_signature(SignatureContext::Descriptor)?;
+        let signer = self.signed_by(envelope, SignatureContext::Descriptor)?;
         let descriptor = Descriptor::decode(&envelope.message)?;
         if signer.name != descriptor.owner || descriptor.domain_id != domain_id {
             return Err(Error::Refused {
@@ -315,16 +309,10 @@ impl DomainManager {
                 None => Ok(history),
             };
         };
-        let signer = verify_signer_certificate(
-            &envelope.signer_certificate,
-            &self.trusted_cas,
-            &self.revocation_lists,
-            now_unix(),
-        )?;
+        let signer = self.signed_by(envelope, SignatureContext::AuditCheckpoint)?;
         if signer.role != Role::Ttp {
             return Err(tampered(format!("the audit checkpoint is signed by {}, not by a TTP", signer.name)));
         }
-        envelope.verify_signature(SignatureContext::AuditCheckpoint)?;
         let newer = AuditCheckpoint::decode(&envelope.message)?;
         if let Some(last) = &last {
             last.check_successor(&newer, history.since.as_ref()).map_err(|e| tampered(e.to_string()))?;
@@ -335,6 +323,23 @@ impl DomainManager {
             })?;
         }
         Ok(history)
+    }
+
+    /// The signer of `envelope` (its certificate checked against our CAs and revocation
+    /// lists), once its signature in `context` verifies.
+    fn signed_by(
+        &self,
+        envelope: &protocol::signing::SignedEnvelope,
+        context: SignatureContext,
+    ) -> Result<protocol::pki::Identity> {
+        let signer = verify_signer_certificate(
+            &envelope.signer_certificate,
+            &self.trusted_cas,
+            &self.revocation_lists,
+            now_unix(),
+        )?;
+        envelope.verify_signature(context)?;
+        Ok(signer)
     }
 
     /// The last audit checkpoint kept, if any (its signature was checked when it was kept).

@@ -60,23 +60,39 @@ struct Figures {
     errors: usize,
 }
 
-/// Runs `requests` through `replicas` (caller i asks replica i mod n) from 64 threads.
-fn measure(f: &Fixture, replicas: &[&Ttp], requests: &[KeyReleaseRequest]) -> Figures {
+impl Figures {
+    /// One row of the printed table.
+    fn print(&self, name: &str) {
+        println!(
+            "{name:<40} {:>8.0} {:>9.1} {:>9.1} {:>7.0}% {:>6}",
+            self.per_second,
+            self.p50.as_secs_f64() * 1000.0,
+            self.p99.as_secs_f64() * 1000.0,
+            self.cpu_share * 100.0,
+            self.errors
+        );
+    }
+}
+
+/// Runs `n` calls from 64 threads (`call(caller, i)` makes call `i` and says whether it was
+/// granted) and measures them.
+fn timed_calls(n: usize, call: impl Fn(usize, usize) -> bool + Sync) -> Figures {
     let next = AtomicUsize::new(0);
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let mut latencies: Vec<(Duration, bool)> = std::thread::scope(|scope| {
         let callers: Vec<_> = (0..CALLERS)
             .map(|caller| {
-                let next = &next;
+                let (next, call) = (&next, &call);
                 scope.spawn(move || {
-                    let ttp = replicas[caller % replicas.len()];
                     let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::SeqCst);
-                        let Some(request) = requests.get(i) else { break };
+                        if i >= n {
+                            break;
+                        }
                         let t = Instant::now();
-                        let ok = ttp.release_key(&f.host(), request).is_ok();
+                        let ok = call(caller, i);
                         mine.push((t.elapsed(), ok));
                     }
                     mine
@@ -87,16 +103,22 @@ fn measure(f: &Fixture, replicas: &[&Ttp], requests: &[KeyReleaseRequest]) -> Fi
     });
     let wall = started.elapsed();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let cpu_share = (cpu_seconds() - cpu_before) / wall.as_secs_f64() / cpus;
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].0;
     Figures {
         per_second: latencies.len() as f64 / wall.as_secs_f64(),
         p50: at(0.50),
         p99: at(0.99),
-        cpu_share,
+        cpu_share: (cpu_seconds() - cpu_before) / wall.as_secs_f64() / cpus,
         errors: latencies.iter().filter(|(_, ok)| !ok).count(),
     }
+}
+
+/// Runs `requests` through `replicas` (caller i asks replica i mod n) from 64 threads.
+fn measure(f: &Fixture, replicas: &[&Ttp], requests: &[KeyReleaseRequest]) -> Figures {
+    timed_calls(requests.len(), |caller, i| {
+        replicas[caller % replicas.len()].release_key(&f.host(), &requests[i]).is_ok()
+    })
 }
 
 fn run(name: &str, database: &Database, commit: GroupCommit, replicas: usize) {
@@ -110,14 +132,7 @@ fn run(name: &str, database: &Database, commit: GroupCommit, replicas: usize) {
     let requests = premade(&f, releases_per_config());
     let figures = measure(&f, &all, &requests);
     f.ttp.verify_audit_chain().unwrap();
-    println!(
-        "{name:<40} {:>8.0} {:>9.1} {:>9.1} {:>7.0}% {:>6}",
-        figures.per_second,
-        figures.p50.as_secs_f64() * 1000.0,
-        figures.p99.as_secs_f64() * 1000.0,
-        figures.cpu_share * 100.0,
-        figures.errors
-    );
+    figures.print(name);
 }
 
 /// Prints one line per configuration: decisions/s, p50 and p99 latency, the TTP process's
@@ -214,56 +229,21 @@ fn store_commits_per_second(database: &Database, commit: GroupCommit, replicas: 
     for i in 0..n {
         stores[0].put_challenge(&format!("c{i}"), "h", &[0; 32], super::now_unix() + 600).unwrap();
     }
-    let next = AtomicUsize::new(0);
-    let cpu_before = cpu_seconds();
-    let started = Instant::now();
-    let mut latencies: Vec<(Duration, bool)> = std::thread::scope(|scope| {
-        let callers: Vec<_> = (0..CALLERS)
-            .map(|caller| {
-                let (next, store) = (&next, &stores[caller % replicas]);
-                scope.spawn(move || {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::SeqCst);
-                        if i >= n {
-                            break;
-                        }
-                        let mut grant_hash = [0u8; 32];
-                        grant_hash[..8].copy_from_slice(&(i as u64).to_be_bytes());
-                        let spent = super::SpentTokens {
-                            challenge_id: format!("c{i}"),
-                            grant_hash,
-                            grant_expires_at: super::now_unix() + 600,
-                        };
-                        let entry = super::AuditEntry {
-                            event: "key_release".into(),
-                            outcome: "ok".into(),
-                            domain_id: Some(format!("d{}", i % 100)),
-                            host_id: Some("h".into()),
-                            vm_id: Some("v".into()),
-                            ..Default::default()
-                        };
-                        let t = Instant::now();
-                        let ok = store.commit_key_release(&spent, entry, protocol::domain::AccessMode::Rw).is_ok();
-                        mine.push((t.elapsed(), ok));
-                    }
-                    mine
-                })
-            })
-            .collect();
-        callers.into_iter().flat_map(|c| c.join().unwrap()).collect()
-    });
-    let wall = started.elapsed();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].0;
-    Figures {
-        per_second: latencies.len() as f64 / wall.as_secs_f64(),
-        p50: at(0.50),
-        p99: at(0.99),
-        cpu_share: (cpu_seconds() - cpu_before) / wall.as_secs_f64() / cpus,
-        errors: latencies.iter().filter(|(_, ok)| !ok).count(),
-    }
+    timed_calls(n, |caller, i| {
+        let mut grant_hash = [0u8; 32];
+        grant_hash[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let spent =
+            super::SpentTokens { challenge_id: format!("c{i}"), grant_hash, grant_expires_at: super::now_unix() + 600 };
+        let entry = super::AuditEntry {
+            event: "key_release".into(),
+            outcome: "ok".into(),
+            domain_id: Some(format!("d{}", i % 100)),
+            host_id: Some("h".into()),
+            vm_id: Some("v".into()),
+            ..Default::default()
+        };
+        stores[caller % replicas].commit_key_release(&spent, entry, protocol::domain::AccessMode::Rw).is_ok()
+    })
 }
 
 /// The store alone, per configuration (see [`store_commits_per_second`]).
@@ -283,14 +263,6 @@ fn store_commits_of_granted_releases_per_second() {
         ("PostgreSQL, 2 replicas, group commit", postgres(), GroupCommit::On, 2),
     ];
     for (name, database, commit, replicas) in configurations {
-        let f = store_commits_per_second(&database, commit, replicas);
-        println!(
-            "{name:<40} {:>8.0} {:>9.1} {:>9.1} {:>7.0}% {:>6}",
-            f.per_second,
-            f.p50.as_secs_f64() * 1000.0,
-            f.p99.as_secs_f64() * 1000.0,
-            f.cpu_share * 100.0,
-            f.errors
-        );
+        store_commits_per_second(&database, commit, replicas).print(name);
     }
 }
