@@ -16,7 +16,7 @@ packages=(
   swtpm swtpm-tools tpm2-tools
   fuse3 libfuse3-dev e2fsprogs util-linux fio cryptsetup-bin
   qemu-system-x86 busybox-static kmod cpio
-  sqlite3 openssl ca-certificates curl
+  sqlite3 postgresql openssl ca-certificates curl
   gdb
   mmdebstrap debian-archive-keyring gpgv tar qemu-utils openscap-scanner openscap-utils ssg-debian
   dosfstools mtools

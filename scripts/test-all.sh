@@ -71,6 +71,9 @@ export SKYDD_OPENSTACK_VENV="$OPENSTACK_VENV"
 
 status=0
 cargo test --workspace --release --no-fail-fast -- --test-threads=2 --nocapture || status=$?
+# The TTP's service tests once more on PostgreSQL (its store races ran on both engines above;
+# one server per test binary, started and stopped by testkit::postgres): ~30 s.
+SKYDD_TTP_TEST_STORE=postgres cargo test --release -p ttp --lib --no-fail-fast -- --test-threads=2 service:: || status=$?
 disk_report "workspace tests"
 bash scripts/lab-check.sh || status=$?
 disk_report "lab checks"

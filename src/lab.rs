@@ -129,6 +129,9 @@ impl RunningTtp {
             attestation: policy_path,
             registration_replicas: Vec::new(),
             limits: Default::default(),
+            database_url: None,
+            database_pool_size: 16,
+            group_commit: true,
         };
         let (service, server_tls) = ttp::server::build(&config)?;
         let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());

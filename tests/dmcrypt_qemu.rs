@@ -386,6 +386,9 @@ fn guest_sees_the_swtpm_tpm() {
         attestation: policy_path,
         registration_replicas: Vec::new(),
         limits: Default::default(),
+        database_url: None,
+        database_pool_size: 16,
+        group_commit: true,
     };
     let (ttp, _) = ttp::server::build(&config).unwrap();
 

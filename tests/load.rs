@@ -347,6 +347,9 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         attestation: root.join("attestation.toml"),
         registration_replicas: Vec::new(),
         limits: Default::default(),
+        database_url: None,
+        database_pool_size: 16,
+        group_commit: true,
     };
     let (ttp, ttp_tls) = ttp::server::build(&ttp_config).unwrap();
     let shutdown = CancellationToken::new();

@@ -7,7 +7,7 @@ use protocol::cloud::{
     DomainList, DomainView, UpdateDomainRequest,
 };
 use protocol::domain::{AccessMode, AclEntry, Descriptor, VolumeFormat};
-use protocol::messages::{Deletion, HistoryResponse, MountGrant};
+use protocol::messages::{AuditCheckpoint, Deletion, HistoryResponse, MountGrant};
 use protocol::pki::Role;
 use protocol::signing::{verify_signer_certificate, SignatureContext, SignatureKey};
 
@@ -29,7 +29,13 @@ pub struct DomainManager {
     revocation_lists: Vec<String>,
     cp: net::Client,
     ttp: net::Client,
+    /// Where the last audit checkpoint the TTP showed this manager is kept (beside its
+    /// certificate): the next history read must extend it.
+    checkpoint_file: std::path::PathBuf,
 }
+
+/// The file beside the manager's certificate that keeps the last audit checkpoint seen.
+pub const CHECKPOINT_FILE: &str = "ttp-audit-checkpoint";
 
 /// The time now, unix seconds (0 if the clock is before 1970).
 pub fn now_unix() -> u64 {
@@ -66,6 +72,7 @@ impl DomainManager {
             revocation_lists: material.crl_pems.clone(),
             cp,
             ttp,
+            checkpoint_file: config.cert.with_file_name(CHECKPOINT_FILE),
         })
     }
 
@@ -144,13 +151,7 @@ impl DomainManager {
     pub async fn current_descriptor(&self, domain_id: &str) -> Result<Descriptor> {
         let view = self.show(domain_id).await?;
         let envelope = &view.header.descriptor;
-        let signer = verify_signer_certificate(
-            &envelope.signer_certificate,
-            &self.trusted_cas,
-            &self.revocation_lists,
-            now_unix(),
-        )?;
-        envelope.verify_signature(SignatureContext::Descriptor)?;
+        let signer = self.signed_by(envelope, SignatureContext::Descriptor)?;
         let descriptor = Descriptor::decode(&envelope.message)?;
         if signer.name != descriptor.owner || descriptor.domain_id != domain_id {
             return Err(Error::Refused {
@@ -278,10 +279,78 @@ impl DomainManager {
             .map_err(|e| Error::from_net("cloud platform", e))
     }
 
-    /// The viewing history, read from the TTP (which verifies its hash chain first).
+    /// The viewing history, read from the TTP (which checks each record's hash), with the
+    /// TTP's signed checkpoint of its audit chain: checked against the last checkpoint this
+    /// manager saw (docs/PROTOCOL.md "Audit checkpoints"), so a log cut short or forked
+    /// since then is refused here, then kept as the new last one.
     pub async fn history(&self, domain_id: &str) -> Result<HistoryResponse> {
         check_domain_id(domain_id)?;
-        self.ttp.get_json(&format!("/v1/domains/{domain_id}/history")).await.map_err(|e| Error::from_net("TTP", e))
+        let last = self.last_checkpoint()?;
+        let path = match &last {
+            Some(last) => format!("/v1/domains/{domain_id}/history?since={}", last.seq),
+            None => format!("/v1/domains/{domain_id}/history"),
+        };
+        let history: HistoryResponse = self.ttp.get_json(&path).await.map_err(|e| Error::from_net("TTP", e))?;
+        let tampered = |message: String| Error::Refused {
+            party: "TTP",
+            code: "audit_chain_broken".into(),
+            message,
+            hint: format!(
+                "\n  what to do: report this to the TTP's operator; the last checkpoint seen is kept in {}",
+                self.checkpoint_file.display()
+            ),
+        };
+        let Some(envelope) = &history.checkpoint else {
+            return match last {
+                Some(last) => Err(tampered(format!(
+                    "the TTP answered without an audit checkpoint; the last one seen named record {}",
+                    last.seq
+                ))),
+                None => Ok(history),
+            };
+        };
+        let signer = self.signed_by(envelope, SignatureContext::AuditCheckpoint)?;
+        if signer.role != Role::Ttp {
+            return Err(tampered(format!("the audit checkpoint is signed by {}, not by a TTP", signer.name)));
+        }
+        let newer = AuditCheckpoint::decode(&envelope.message)?;
+        if let Some(last) = &last {
+            last.check_successor(&newer, history.since.as_ref()).map_err(|e| tampered(e.to_string()))?;
+        }
+        if last.as_ref().is_none_or(|last| newer.seq > last.seq) {
+            std::fs::write(&self.checkpoint_file, envelope.encode()).map_err(|e| {
+                Error::Config(format!("keep the audit checkpoint in {}: {e}", self.checkpoint_file.display()))
+            })?;
+        }
+        Ok(history)
+    }
+
+    /// The signer of `envelope` (its certificate checked against our CAs and revocation
+    /// lists), once its signature in `context` verifies.
+    fn signed_by(
+        &self,
+        envelope: &protocol::signing::SignedEnvelope,
+        context: SignatureContext,
+    ) -> Result<protocol::pki::Identity> {
+        let signer = verify_signer_certificate(
+            &envelope.signer_certificate,
+            &self.trusted_cas,
+            &self.revocation_lists,
+            now_unix(),
+        )?;
+        envelope.verify_signature(context)?;
+        Ok(signer)
+    }
+
+    /// The last audit checkpoint kept, if any (its signature was checked when it was kept).
+    fn last_checkpoint(&self) -> Result<Option<AuditCheckpoint>> {
+        match std::fs::read(&self.checkpoint_file) {
+            Ok(bytes) => {
+                Ok(Some(AuditCheckpoint::decode(&protocol::signing::SignedEnvelope::decode(&bytes)?.message)?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Config(format!("read {}: {e}", self.checkpoint_file.display()))),
+        }
     }
 
     // ---- attachments and VMs -----------------------------------------------------------------

@@ -215,6 +215,8 @@ mod tests {
                     "sector 1234: ciphertext does not match its tag",
                 ),
             ],
+            checkpoint: None,
+            since: None,
         });
         assert!(shown.contains("integrity_violation  vm-a"), "{shown}");
         assert!(shown.contains("sector 1234: ciphertext does not match its tag"), "{shown}");
@@ -225,7 +227,7 @@ mod tests {
             (3..=6).map(|seq| record(seq, "integrity_commit", "ok", &format!("epoch {} committed", seq - 2))).collect();
         records.push(record(7, "integrity_commit", "integrity_epoch_stale", "epoch 1 again"));
         records.push(record(8, "integrity_commit", "ok", "epoch 5 committed"));
-        let shown = history(&HistoryResponse { domain_id: "d".into(), records });
+        let shown = history(&HistoryResponse { domain_id: "d".into(), records, checkpoint: None, since: None });
         assert!(shown.contains("3-6") && shown.contains("integrity_commit x4"), "{shown}");
         assert!(shown.contains("4 commits; newest: epoch 4 committed"), "{shown}");
         assert!(!shown.contains("epoch 2 committed"), "{shown}");

@@ -298,7 +298,9 @@ fn main() {
     }
     verify_audit_chain(&records, Some(AUDIT_GENESIS_HASH)).unwrap();
     c.json("json_messages", 7, "audit-record", &records[2]);
-    c.json("json_messages", 8, "history", &HistoryResponse { domain_id: domain_id.clone(), records: records.clone() });
+    let history =
+        HistoryResponse { domain_id: domain_id.clone(), records: records.clone(), checkpoint: None, since: None };
+    c.json("json_messages", 8, "history", &history);
     c.json("json_messages", 9, "descriptor", &descriptors[1].1);
     c.json("json_messages", 10, "acl-entry", &AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Ro });
     c.json("json_messages", 11, "signed-envelope", &signed_grants[1]);

@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         SignatureContext::Registration,
         SignatureContext::MountGrant,
         SignatureContext::Deletion,
+        SignatureContext::AuditCheckpoint,
         SignatureContext::KeyRelease,
     ] {
         let _ = envelope.verify_signature(context);

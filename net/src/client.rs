@@ -28,7 +28,10 @@ pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 #[derive(Clone, Debug)]
 pub struct Client {
     http: Http,
-    base: String,
+    /// The replicas' base URLs, in the order given; requests go to `preferred` first.
+    bases: Arc<[String]>,
+    /// The replica that answered last: requests stay on it until it stops answering.
+    preferred: Arc<std::sync::atomic::AtomicUsize>,
     max_body: usize,
 }
 
@@ -109,22 +112,43 @@ fn http_client(tls: rustls::ClientConfig, timeout: Duration) -> Result<reqwest::
 }
 
 impl Client {
-    /// `base_url` like `https://ttp.cloud:7443` (the host must be in the server's SANs).
-    /// No proxy is used: Skydd links are point to point.
+    /// `base_url` like `https://ttp.cloud:7443` (the host must be in the server's SANs), or
+    /// several replicas' URLs separated by commas (`https://ttp-1:7443,https://ttp-2:7443`):
+    /// a request the replica in use never received (no connection, a refused handshake, a
+    /// connection-limit refusal), and a GET that got no answer, is made again at the next
+    /// replica, which is then used from that request on. No proxy is used: Skydd links are
+    /// point to point.
     pub fn new(base_url: &str, tls: rustls::ClientConfig) -> Result<Self> {
         Self::with_timeout(base_url, tls, Duration::from_secs(30))
     }
 
     /// As [`new`](Self::new), with a total per-request timeout.
     pub fn with_timeout(base_url: &str, tls: rustls::ClientConfig, timeout: Duration) -> Result<Self> {
-        let base = base_url.trim_end_matches('/').to_string();
-        if !base.starts_with("https://") {
-            return Err(Error::Config(format!(
-                "base URL {base_url:?} is not https://: Skydd links are mutual TLS only"
-            )));
+        let bases = base_url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(|url| {
+                let base = url.trim_end_matches('/').to_string();
+                if !base.starts_with("https://") {
+                    return Err(Error::Config(format!(
+                        "base URL {url:?} is not https://: Skydd links are mutual TLS only"
+                    )));
+                }
+                reqwest::Url::parse(&base)
+                    .map_err(|e| Error::Config(format!("base URL {url:?} does not parse: {e}")))?;
+                Ok(base)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if bases.is_empty() {
+            return Err(Error::Config(format!("base URL {base_url:?} names no URL")));
         }
-        reqwest::Url::parse(&base).map_err(|e| Error::Config(format!("base URL {base_url:?} does not parse: {e}")))?;
-        Ok(Client { http: Http::Fixed(http_client(tls, timeout)?), base, max_body: DEFAULT_MAX_BODY })
+        Ok(Client {
+            http: Http::Fixed(http_client(tls, timeout)?),
+            bases: bases.into(),
+            preferred: Arc::default(),
+            max_body: DEFAULT_MAX_BODY,
+        })
     }
 
     /// A client whose TLS configuration comes from `files` (server role `server_role`) and
@@ -154,7 +178,7 @@ impl Client {
     /// Replaces the response body limit (default [`DEFAULT_MAX_BODY`]); larger bodies are
     /// [`Error::TooLarge`].
     pub fn base_url(&self) -> &str {
-        &self.base
+        &self.bases[self.preferred.load(std::sync::atomic::Ordering::Relaxed) % self.bases.len()]
     }
 
     /// The base URL requests are made against, without a trailing slash.
@@ -186,7 +210,46 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T> {
-        let url = format!("{}/{}", self.base, path.trim_start_matches('/'));
+        use std::sync::atomic::Ordering;
+        let first = self.preferred.load(Ordering::Relaxed) % self.bases.len();
+        let mut tried = 0;
+        loop {
+            let index = (first + tried) % self.bases.len();
+            tried += 1;
+            match self.request_at(&self.bases[index], method.clone(), path, body).await {
+                Ok(value) => {
+                    if index != first {
+                        self.preferred.store(index, Ordering::Relaxed);
+                        tracing::warn!(replica = %self.bases[index], "failed over to another replica");
+                    }
+                    return Ok(value);
+                }
+                // Made again elsewhere only when it cannot have been acted on twice: never
+                // received, or a GET (which changes nothing) that got no answer.
+                Err(error)
+                    if tried < self.bases.len()
+                        && (error.never_reached_peer()
+                            || (method == Method::GET
+                                && matches!(
+                                    error,
+                                    Error::Timeout { .. } | Error::Connect { .. } | Error::Request { .. }
+                                ))) =>
+                {
+                    tracing::warn!(replica = %self.bases[index], error = %error, "replica unreachable, trying the next");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn request_at<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        let url = format!("{base}/{}", path.trim_start_matches('/'));
         let mut req = self.http.current().request(method, &url).header("accept", "application/json");
         if let Some(b) = body {
             req = req.json(b);

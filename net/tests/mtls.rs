@@ -538,3 +538,24 @@ async fn a_client_built_from_files_refuses_a_server_revoked_while_it_runs() {
     server.stop.cancel();
     server.task.await.unwrap().unwrap();
 }
+
+/// A client given two replicas' URLs, the first of which is down, fails over to the second
+/// and stays there.
+#[tokio::test]
+async fn a_client_fails_over_to_the_next_replica() {
+    let ca = Ca::new("Cloud A CA");
+    let ttp = ca.issue(Role::Ttp, "ttp-1");
+    let sc = ca.issue(Role::SecureComponent, "sc-host-1");
+    let server = start(&[&ca], &ttp, &[Role::SecureComponent]).await;
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("https://localhost:{}", l.local_addr().unwrap().port())
+    };
+    let cfg = pki::client_config(std::slice::from_ref(&ca.cert), &[], &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
+    let c = Client::new(&format!("{down}, {}", server.url()), cfg).unwrap();
+    let v: Value = c.post_json("/echo", &json!({"a": 1})).await.unwrap();
+    assert_eq!(v, json!({"echo": {"a": 1}}));
+    assert_eq!(c.base_url(), server.url());
+    let id: Identity = c.get_json("/whoami").await.unwrap();
+    assert_eq!(id.name, "sc-host-1");
+}

@@ -448,8 +448,75 @@ pub struct HistoryResponse {
     /// The domain asked about.
     pub domain_id: String,
     /// The records that name this domain, in chain order. Not a contiguous run of the chain;
-    /// the TTP verifies the whole chain before it answers (`audit_chain_broken`).
+    /// each record's own hash is checked before the TTP answers (`audit_chain_broken`), in
+    /// O(this domain's records).
     pub records: Vec<AuditRecord>,
+    /// The TTP's newest signed [`AuditCheckpoint`] of the whole chain's head (context
+    /// `audit-checkpoint`); a new one is signed once the newest is older than the TTP's
+    /// checkpoint interval. `None` only from a TTP without checkpoints.
+    #[serde(default)]
+    pub checkpoint: Option<SignedEnvelope>,
+    /// The record at the sequence number the reader asked about (`?since=SEQ`, the seq of
+    /// the last checkpoint it saw), so that it can check that record's hash against that
+    /// checkpoint: a log cut short before SEQ has none, a forked log another hash.
+    #[serde(default)]
+    pub since: Option<AuditRecord>,
+}
+
+const CHECKPOINT_MAGIC: &[u8] = b"SKYDD-AUDIT-CHECKPOINT\x01";
+
+/// The head of the TTP's audit chain at an instant, signed by the TTP (context
+/// `audit-checkpoint`, docs/PROTOCOL.md "Audit checkpoints"). A reader that keeps the last one
+/// it saw detects a log cut short (the next checkpoint's `seq` is lower, or the record at the
+/// old `seq` is gone) or forked (that record's hash differs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditCheckpoint {
+    /// Sequence number of the chain's newest record.
+    pub seq: u64,
+    /// That record's hash (hex).
+    pub hash: String,
+    /// Unix seconds when the TTP signed it.
+    pub at: u64,
+}
+
+impl AuditCheckpoint {
+    /// The canonical encoding the TTP signs.
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::new(CHECKPOINT_MAGIC).u64(self.seq).str(&self.hash).u64(self.at).finish()
+    }
+
+    /// Strict decoding of [`AuditCheckpoint::encode`]'s output (no signature check).
+    pub fn decode(encoded: &[u8]) -> Result<Self> {
+        let mut reader = Reader::new("audit checkpoint", encoded, CHECKPOINT_MAGIC)?;
+        let checkpoint =
+            Self { seq: reader.u64("seq")?, hash: reader.str("hash", 64)?.to_string(), at: reader.u64("time")? };
+        reader.finish()?;
+        Ok(checkpoint)
+    }
+
+    /// Compares this checkpoint (the reader's last) with a newer read: the newer checkpoint
+    /// and the record at this checkpoint's seq that came with it. `Err` says how the log
+    /// was cut short or forked.
+    pub fn check_successor(&self, newer: &AuditCheckpoint, record_at_seq: Option<&AuditRecord>) -> Result<()> {
+        let bad = |detail: String| Err(Error::malformed("audit chain", detail));
+        if newer.seq < self.seq {
+            return bad(format!(
+                "the audit log was cut short: it ends at record {}, but record {} was seen before",
+                newer.seq, self.seq
+            ));
+        }
+        match record_at_seq {
+            None => bad(format!("the audit log was cut short: record {} seen before is gone", self.seq)),
+            Some(record) if record.seq != self.seq || record.hash != self.hash => bad(format!(
+                "the audit log was forked: record {} now has hash {}, a checkpoint of {} named {}",
+                self.seq, record.hash, self.at, self.hash
+            )),
+            Some(record) if record.hash != record.compute_hash() => {
+                bad(format!("audit record {} does not match its own hash", record.seq))
+            }
+            Some(_) => Ok(()),
+        }
+    }
 }
 
 /// Binds the signed envelope context to its decoded type, for callers that verify.

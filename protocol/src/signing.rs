@@ -29,6 +29,8 @@ pub enum SignatureContext {
     /// The TTP's anchor of a format-2 volume's integrity root (docs/PROTOCOL.md "Integrity
     /// anchor").
     IntegrityAnchor,
+    /// The TTP's checkpoint of its audit chain's head (docs/PROTOCOL.md "Audit checkpoints").
+    AuditCheckpoint,
     /// Reserved for key-release messages; no Skydd message is signed with it yet (the fuzz
     /// target covers it).
     KeyRelease,
@@ -45,6 +47,7 @@ impl SignatureContext {
             SignatureContext::Deletion => "deletion",
             SignatureContext::Placement => "placement",
             SignatureContext::IntegrityAnchor => "integrity-anchor",
+            SignatureContext::AuditCheckpoint => "audit-checkpoint",
             SignatureContext::KeyRelease => "key-release",
         }
     }

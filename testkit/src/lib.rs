@@ -10,6 +10,7 @@
 //!   the TTP's audit record of it.
 //! - [`prerequisites`]: what a test that drives a real host needs (root, swtpm, FUSE, loop
 //!   devices), checked with a message that names the missing piece; never a silent skip.
+//! - [`postgres`]: a real PostgreSQL server per test binary, for the stores' replica tests.
 //! - [`shared`]: one expensive fixture (a cloud, a TTP with TPMs) shared by tests that each
 //!   stand alone, on a runtime of its own.
 //!
@@ -24,6 +25,7 @@
 pub mod audit;
 pub mod cleanup;
 pub mod kdf;
+pub mod postgres;
 pub mod prerequisites;
 pub mod refusal;
 pub mod shared;

@@ -405,6 +405,9 @@ async fn crash_consistency_under_kill_9() {
         attestation: policy_path,
         registration_replicas: Vec::new(),
         limits: Default::default(),
+        database_url: None,
+        database_pool_size: 16,
+        group_commit: true,
     };
     let ttp_config_path = root.join("ttp.toml");
     std::fs::write(&ttp_config_path, toml::to_string(&ttp_config).unwrap()).unwrap();

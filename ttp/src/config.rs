@@ -49,6 +49,26 @@ pub struct TtpConfig {
     /// "Connection limits"); every key optional.
     #[serde(default)]
     pub limits: net::ConnectionLimits,
+    /// `postgres://user@host:port/dbname`: keep the state in this PostgreSQL database, which
+    /// TTP replicas share (docs/ARCHITECTURE.md "Replicated deployment"). Unset: the embedded
+    /// SQLite file `data_dir/ttp.sqlite`.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// At most this many PostgreSQL connections per TTP process (default 16); all replicas'
+    /// pools together must stay under the server's `max_connections`.
+    #[serde(default = "default_pool_size")]
+    pub database_pool_size: usize,
+    /// Concurrent decisions share one transaction and one flush (default true).
+    #[serde(default = "default_group_commit")]
+    pub group_commit: bool,
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+fn default_group_commit() -> bool {
+    true
 }
 
 fn default_listen() -> String {
@@ -56,6 +76,20 @@ fn default_listen() -> String {
 }
 
 impl TtpConfig {
+    /// The database this configuration names: PostgreSQL if `database_url` is set, the
+    /// SQLite file in `data_dir` otherwise.
+    pub fn database(&self) -> crate::store::Database {
+        match &self.database_url {
+            Some(url) => crate::store::Database::Postgres { url: url.clone(), pool_size: self.database_pool_size },
+            None => crate::store::Database::Sqlite(self.data_dir.join(DATABASE_FILE)),
+        }
+    }
+
+    /// Opens the store this configuration names, with its group-commit setting.
+    pub fn open_store(&self) -> Result<crate::store::SqlStore> {
+        let commit = if self.group_commit { crate::store::GroupCommit::On } else { crate::store::GroupCommit::Off };
+        crate::store::SqlStore::open_database(&self.database(), commit)
+    }
     /// Reads and parses the TOML file at `path`: `Error::Io` if it cannot be read,
     /// `Error::Config` naming the file and the key at fault otherwise.
     pub fn load(path: &Path) -> Result<Self> {

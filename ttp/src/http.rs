@@ -157,12 +157,20 @@ async fn delete_domain(
     .await
 }
 
+/// `?since=SEQ`: the seq of the reader's last audit checkpoint.
+#[derive(Deserialize)]
+struct HistoryQuery {
+    since: Option<u64>,
+}
+
 async fn history(
     State(ttp): State<Arc<Ttp>>,
     Extension(caller): Extension<Identity>,
     Path(domain_id): Path<String>,
+    query: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<HistoryResponse>, ApiError> {
-    blocking(move || ttp.history(&caller, &domain_id)).await
+    let since = query.map_err(|rejection| ApiError::rejected_body(rejection.status(), rejection.body_text()))?.since;
+    blocking(move || ttp.history_since(&caller, &domain_id, since)).await
 }
 
 async fn release_key(

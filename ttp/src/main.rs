@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Host { command: HostCommand::Replace { config, host, operator } } => {
             let config = ttp::config::TtpConfig::load(&config)?;
-            let store = ttp::store::SqliteStore::open(&config.data_dir.join(ttp::config::DATABASE_FILE))?;
+            let store = config.open_store()?;
             let operator = operator
                 .or_else(|| std::env::var("SUDO_USER").ok())
                 .or_else(|| std::env::var("USER").ok())

@@ -7,10 +7,9 @@ use protocol::signing::SignatureKey;
 use tokio_util::sync::CancellationToken;
 
 use crate::attestation::AttestationPolicy;
-use crate::config::{load_master_key, TtpConfig, DATABASE_FILE};
+use crate::config::{load_master_key, TtpConfig};
 use crate::error::{Error, Result};
 use crate::service::Ttp;
-use crate::store::SqliteStore;
 
 /// Builds the TTP from its configuration: K_TTP, TLS identity, CA roots, policy, store.
 pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, net::ServerTls)> {
@@ -36,7 +35,7 @@ pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, net::ServerTls)> {
     })?;
     let policy: AttestationPolicy = toml::from_str(&policy_text)
         .map_err(|e| Error::Config(format!("attestation policy {}: {e}", config.attestation.display())))?;
-    let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
+    let store = config.open_store()?;
     config.limits.serve_options().map_err(Error::Config)?;
     let master_key = load_master_key(&config.data_dir)?;
     let ttp = Ttp::new(master_key, signing_key, material.ca_pems.clone(), policy, Arc::new(store))?

@@ -1,18 +1,31 @@
-//! The TTP's persistent state behind one small trait, so SQLite (embedded default) and a
-//! future PostgreSQL store for replicas are two implementations, not two code paths.
-//! The TTP stores no key: host records, domain versions, tombstones, challenges and the
-//! audit chain only.
+//! The TTP's persistent state behind one small trait ([`TtpStore`]), implemented once
+//! ([`SqlStore`]) over two engines: SQLite, the embedded default, and PostgreSQL, for
+//! replicas sharing one database (docs/ARCHITECTURE.md "Storage of state"). Every statement
+//! is written once and runs on both; the engines only carry values (`engine`). Writes go
+//! through a group committer (`group`) that lets concurrent requests share one transaction
+//! and one flush. The TTP stores no key: host records, domain versions, tombstones,
+//! challenges and the audit chain only.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use protocol::domain::AccessMode;
 use protocol::messages::{AuditRecord, AUDIT_FORMAT_TAGGED, AUDIT_GENESIS_HASH};
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 
+#[cfg(test)]
+mod bench;
+mod engine;
+mod group;
 mod integrity;
+mod schema;
+#[cfg(test)]
+mod tests;
+
+use engine::{PgPool, Sql, Value};
+pub use group::GroupCommit;
 
 pub use integrity::{LatestRelease, StoredAnchor};
 
@@ -62,6 +75,17 @@ pub struct AuditEntry {
     pub actor: String,
 }
 
+/// The single-use tokens a key release spends when it is granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpentTokens {
+    /// The quote challenge's id.
+    pub challenge_id: String,
+    /// SHA-256 of the mount grant's message.
+    pub grant_hash: [u8; 32],
+    /// The grant's expiry (unix seconds): its used mark is kept until then.
+    pub grant_expires_at: u64,
+}
+
 /// The TTP's persistent state (docs/ARCHITECTURE.md "Storage of state"). Implementations
 /// must make each method atomic: the service relies on `take_challenge`, `consume_grant`,
 /// `update_domain` and `append_audit` each being one step that two concurrent requests
@@ -102,6 +126,10 @@ pub trait TtpStore: Send + Sync {
     /// Removes and returns (host id, nonce, expiry) of a challenge: each is usable once.
     fn take_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>>;
 
+    /// The challenge's (host id, nonce, expiry) without using it up: a key release checks the
+    /// quote against it, then uses it up in [`TtpStore::commit_key_release`].
+    fn peek_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>>;
+
     /// Marks a mount grant (by the SHA-256 of its message) used until it expires; `false` if
     /// it was used before. Expired marks are dropped as new ones arrive: an expired grant is
     /// refused for its expiry anyway.
@@ -112,11 +140,30 @@ pub trait TtpStore: Send + Sync {
     /// `domain_id`. Does not verify the chain (the service does).
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>>;
 
+    /// The audit record numbered `seq`, if the log holds it.
+    fn audit_record(&self, seq: u64) -> Result<Option<AuditRecord>>;
+    /// Sequence number and hash of the newest audit record, if any.
+    fn audit_head(&self) -> Result<Option<(u64, String)>>;
+    /// The newest signed audit checkpoint: when it was signed (unix seconds) and its envelope.
+    fn newest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>>;
+    /// Stores a signed checkpoint of the chain at `seq`, signed at `at`.
+    fn put_checkpoint(&self, seq: u64, at: u64, envelope: &[u8]) -> Result<()>;
+
     /// Appends the audit record of a granted key release (`entry` names domain, host and VM)
     /// and makes it the domain's [`LatestRelease`] in `mode`, in one transaction; returns the
     /// record and the domain's newest anchor as of that instant (docs/PROTOCOL.md "Integrity
     /// anchor": from then on only this release's host may commit).
     fn append_key_release(&self, entry: AuditEntry, mode: AccessMode) -> Result<(AuditRecord, Option<StoredAnchor>)>;
+    /// A granted key release in one transaction: uses up the challenge (`Error::ChallengeInvalid`
+    /// if another request did first), marks the grant used (`Error::GrantReplayed` if it was;
+    /// the challenge stays used up, as for any refused release), then does what
+    /// [`TtpStore::append_key_release`] does.
+    fn commit_key_release(
+        &self,
+        spent: &SpentTokens,
+        entry: AuditEntry,
+        mode: AccessMode,
+    ) -> Result<(AuditRecord, Option<StoredAnchor>)>;
     /// The newest granted key release of `domain_id`, if any.
     fn latest_release(&self, domain_id: &str) -> Result<Option<LatestRelease>>;
     /// The newest committed integrity anchor of `domain_id`, if any.
@@ -128,90 +175,137 @@ pub trait TtpStore: Send + Sync {
     fn commit_anchor(&self, anchor: &StoredAnchor, release_seq: u64, entry: AuditEntry) -> Result<AuditRecord>;
 }
 
-/// The embedded SQLite implementation of [`TtpStore`] (WAL, synchronous=FULL, so an
-/// acknowledged registration or audit record survives a crash).
-pub struct SqliteStore {
-    connection: Mutex<Connection>,
+/// Which database a TTP (or a tool) opens: the embedded SQLite file, or a PostgreSQL
+/// database that replicas share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// An SQLite file (created if missing).
+    Sqlite(std::path::PathBuf),
+    /// A `postgres://` URL and the number of connections the pool may open.
+    Postgres {
+        /// `postgres://user@host:port/dbname` (libpq URL syntax).
+        url: String,
+        /// At most this many connections per process.
+        pool_size: usize,
+    },
 }
 
-fn store_err(context: &str) -> impl Fn(rusqlite::Error) -> Error + '_ {
-    move |e| Error::Store(format!("{context}: {e}"))
+/// The engine under a [`SqlStore`].
+pub(crate) enum Backend {
+    /// One SQLite connection: SQLite writes serially anyway, and one connection keeps an
+    /// in-memory database one database.
+    Sqlite(Mutex<Connection>),
+    /// A pool of PostgreSQL connections.
+    Postgres(PgPool),
 }
 
-impl SqliteStore {
-    /// Opens or creates the database at `path` and its schema.
+impl Backend {
+    /// Runs `work` on a connection outside any explicit transaction (single reads).
+    fn read<T>(&self, work: impl FnOnce(&mut dyn Sql) -> Result<T>) -> Result<T> {
+        match self {
+            Backend::Sqlite(connection) => work(&mut *lock(connection)?),
+            Backend::Postgres(pool) => work(&mut *pool.get()?),
+        }
+    }
+
+    /// Runs `jobs` in one write transaction, committed once (`BEGIN IMMEDIATE` on SQLite, so
+    /// the read of a compare-and-set and its write cannot interleave with another writer).
+    /// `run` returns `false` if the transaction must not commit (a store failure); then it
+    /// is rolled back and `Ok(false)` returned.
+    pub(crate) fn transaction(&self, run: impl FnOnce(&mut dyn Sql) -> bool) -> Result<bool> {
+        match self {
+            Backend::Sqlite(connection) => {
+                let mut connection = lock(connection)?;
+                let control = |c: &Connection, command: &str| {
+                    c.execute_batch(command).map_err(|e| Error::Store(format!("{command}: {e}")))
+                };
+                control(&connection, "BEGIN IMMEDIATE")?;
+                if run(&mut *connection) {
+                    if let Err(error) = control(&connection, "COMMIT") {
+                        let _ = control(&connection, "ROLLBACK");
+                        return Err(error);
+                    }
+                    Ok(true)
+                } else {
+                    control(&connection, "ROLLBACK")?;
+                    Ok(false)
+                }
+            }
+            Backend::Postgres(pool) => {
+                let mut connection = pool.get()?;
+                connection.control("BEGIN")?;
+                if run(&mut *connection) {
+                    connection.control("COMMIT").map(|()| true)
+                } else {
+                    connection.control("ROLLBACK")?;
+                    Ok(false)
+                }
+            }
+        }
+    }
+}
+
+fn lock(connection: &Mutex<Connection>) -> Result<std::sync::MutexGuard<'_, Connection>> {
+    connection.lock().map_err(|_| Error::Store("database lock poisoned by an earlier panic".into()))
+}
+
+/// The one implementation of [`TtpStore`], over SQLite or PostgreSQL. SQLite runs in WAL
+/// mode with synchronous=FULL, PostgreSQL with its configured `synchronous_commit`: an
+/// acknowledged registration or audit record survives a crash in both.
+pub struct SqlStore {
+    backend: Arc<Backend>,
+    writes: group::Committer,
+}
+
+impl SqlStore {
+    /// Opens or creates the SQLite database at `path`, brought to the newest schema; writes
+    /// commit one by one.
     pub fn open(path: &Path) -> Result<Self> {
-        let connection = Connection::open(path).map_err(store_err("open the TTP database"))?;
-        Self::init(connection)
+        Self::open_database(&Database::Sqlite(path.to_path_buf()), GroupCommit::Off)
     }
 
     /// A database in memory, for tests: everything is lost when it is dropped.
     pub fn in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory().map_err(store_err("open an in-memory database"))?)
+        let connection =
+            Connection::open_in_memory().map_err(|e| Error::Store(format!("open an in-memory database: {e}")))?;
+        Self::with_backend(schema::sqlite(connection)?, GroupCommit::Off)
     }
 
-    fn init(connection: Connection) -> Result<Self> {
-        // WAL + FULL sync: an acknowledged registration or audit record survives a crash.
-        connection
-            .execute_batch(
-                "PRAGMA journal_mode=WAL;
-                 PRAGMA synchronous=FULL;
-                 PRAGMA busy_timeout=5000;
-                 CREATE TABLE IF NOT EXISTS hosts (host_id TEXT PRIMARY KEY, record TEXT NOT NULL);
-                 CREATE TABLE IF NOT EXISTS host_eks (
-                    ek_fingerprint TEXT PRIMARY KEY, host_id TEXT NOT NULL UNIQUE);
-                 CREATE TABLE IF NOT EXISTS host_replacements (
-                    host_id TEXT PRIMARY KEY, operator TEXT NOT NULL, marked_at INTEGER NOT NULL);
-                 -- Hosts enrolled before EK pinning: pin the EK their record names.
-                 INSERT OR IGNORE INTO host_eks (ek_fingerprint, host_id)
-                    SELECT json_extract(record, '$.ek_fingerprint'), host_id FROM hosts
-                    WHERE json_extract(record, '$.ek_fingerprint') IS NOT NULL;
-                 CREATE TABLE IF NOT EXISTS domains (
-                    domain_id TEXT PRIMARY KEY, owner TEXT NOT NULL, latest_version INTEGER NOT NULL,
-                    descriptor BLOB NOT NULL, descriptor_hash BLOB NOT NULL, metadata_hash BLOB NOT NULL,
-                    deleted_at INTEGER);
-                 CREATE TABLE IF NOT EXISTS challenges (
-                    challenge_id TEXT PRIMARY KEY, host_id TEXT NOT NULL, nonce BLOB NOT NULL,
-                    expires_at INTEGER NOT NULL);
-                 CREATE INDEX IF NOT EXISTS challenges_expiry ON challenges(expires_at);
-                 CREATE TABLE IF NOT EXISTS used_grants (
-                    grant_hash BLOB PRIMARY KEY, expires_at INTEGER NOT NULL);
-                 CREATE INDEX IF NOT EXISTS used_grants_expiry ON used_grants(expires_at);
-                 CREATE TABLE IF NOT EXISTS audit (
-                    seq INTEGER PRIMARY KEY, domain_id TEXT, record TEXT NOT NULL, hash TEXT NOT NULL);
-                 CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain_id, seq);",
-            )
-            .map_err(store_err("create the TTP schema"))?;
-        migrate(&connection)?;
-        Ok(Self { connection: Mutex::new(connection) })
+    /// Opens `database` (creating its schema or migrating it to the newest version) with
+    /// writes committed as `commit` says.
+    pub fn open_database(database: &Database, commit: GroupCommit) -> Result<Self> {
+        let backend = match database {
+            Database::Sqlite(path) => schema::sqlite(
+                Connection::open(path).map_err(|e| Error::Store(format!("open {}: {e}", path.display())))?,
+            )?,
+            Database::Postgres { url, pool_size } => schema::postgres(PgPool::new(url, *pool_size))?,
+        };
+        Self::with_backend(backend, commit)
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
-        self.connection.lock().map_err(|_| Error::Store("database lock poisoned by an earlier panic".into()))
+    fn with_backend(backend: Backend, commit: GroupCommit) -> Result<Self> {
+        let backend = Arc::new(backend);
+        Ok(Self { writes: group::Committer::start(backend.clone(), commit)?, backend })
     }
-}
 
-/// Schema changes after the first schema, numbered by SQLite's `user_version`: a database is
-/// brought to the newest version at open, each step in its own transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(1, integrity::SCHEMA)];
-
-fn migrate(connection: &Connection) -> Result<()> {
-    let current: i64 =
-        connection.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(store_err("read schema version"))?;
-    for (version, sql) in MIGRATIONS.iter().filter(|(version, _)| *version > current) {
-        let failed = |e: rusqlite::Error| Error::Store(format!("migrate the TTP schema to version {version}: {e}"));
-        let tx = connection.unchecked_transaction().map_err(failed)?;
-        tx.execute_batch(&format!("{sql} PRAGMA user_version = {version};")).map_err(failed)?;
-        tx.commit().map_err(failed)?;
+    fn read<T>(&self, work: impl FnOnce(&mut dyn Sql) -> Result<T>) -> Result<T> {
+        self.backend.read(work)
     }
-    Ok(())
+
+    /// Runs `work` in a write transaction, alone or with concurrent writes (group commit).
+    /// `work` may run twice (once in a batch that failed, once alone), so it must not
+    /// consume what it captured. A refusal it returns keeps the writes it made before (they
+    /// commit with the batch); a store failure rolls everything back.
+    fn write<T: Send + 'static>(&self, work: impl Fn(&mut dyn Sql) -> Result<T> + Send + 'static) -> Result<T> {
+        self.writes.run(work)
+    }
 }
 
 fn hash32(raw: Vec<u8>, what: &str) -> Result<[u8; 32]> {
     raw.try_into().map_err(|_| Error::Store(format!("stored {what} is not 32 bytes")))
 }
 
-/// A unix time as SQLite's signed 64-bit integer; a time beyond i64::MAX would be stored
+/// A unix time as a signed 64-bit integer; a time beyond i64::MAX would be stored
 /// negative and compare as long past (a used-grant mark purged at once), so it is refused.
 fn sql_time(what: &str, unix_secs: u64) -> Result<i64> {
     i64::try_from(unix_secs)
@@ -220,13 +314,10 @@ fn sql_time(what: &str, unix_secs: u64) -> Result<i64> {
 
 /// Numbers, chains and appends a record inside the caller's transaction, so that a record and
 /// the state change it reports commit together or not at all.
-fn append_audit_in(tx: &Transaction<'_>, entry: AuditEntry) -> Result<AuditRecord> {
-    let last: Option<(i64, String)> = tx
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()
-        .map_err(store_err("read audit head"))?;
-    let (seq, prev_hash) = match last {
-        Some((seq, hash)) => (seq as u64 + 1, hash),
+fn append_audit_in(tx: &mut dyn Sql, entry: AuditEntry) -> Result<AuditRecord> {
+    tx.lock_audit_chain()?;
+    let (seq, prev_hash) = match tx.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])? {
+        Some(row) => (row.int(0)? as u64 + 1, row.text(1)?),
         None => (1, AUDIT_GENESIS_HASH.to_string()),
     };
     let mut record = AuditRecord {
@@ -247,303 +338,329 @@ fn append_audit_in(tx: &Transaction<'_>, entry: AuditEntry) -> Result<AuditRecor
     let json = serde_json::to_string(&record).map_err(|e| Error::Store(format!("encode audit record: {e}")))?;
     tx.execute(
         "INSERT INTO audit (seq, domain_id, record, hash) VALUES (?1, ?2, ?3, ?4)",
-        params![seq as i64, record.domain_id, json, record.hash],
-    )
-    .map_err(store_err("append audit record"))?;
+        &[(seq as i64).into(), record.domain_id.clone().into(), json.into(), record.hash.clone().into()],
+    )?;
     Ok(record)
 }
 
-impl TtpStore for SqliteStore {
+/// Marks a grant used (`[hash, expiry]`), dropping expired marks first; `false` if it was.
+fn mark_grant_used(tx: &mut dyn Sql, grant: &[Value; 2]) -> Result<bool> {
+    tx.execute("DELETE FROM used_grants WHERE expires_at < ?1", &[(now_unix() as i64).into()])?;
+    let inserted =
+        tx.execute("INSERT INTO used_grants (grant_hash, expires_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING", grant)?;
+    Ok(inserted == 1)
+}
+
+fn domain_row(domain_id: &str, row: engine::Row) -> Result<DomainRecord> {
+    Ok(DomainRecord {
+        domain_id: domain_id.to_string(),
+        owner: row.text(0)?,
+        latest_version: row.int(1)? as u64,
+        descriptor: row.blob(2)?,
+        descriptor_hash: hash32(row.blob(3)?, "descriptor hash")?,
+        metadata_hash: hash32(row.blob(4)?, "metadata hash")?,
+        deleted_at: row.opt_int(5)?.map(|t| t as u64),
+    })
+}
+
+impl TtpStore for SqlStore {
     fn put_host(&self, host_id: &str, record_json: &str) -> Result<()> {
-        self.lock()?
-            .execute(
+        let params = [host_id.into(), record_json.into()];
+        self.write(move |tx| {
+            tx.execute(
                 "INSERT INTO hosts (host_id, record) VALUES (?1, ?2)
                  ON CONFLICT(host_id) DO UPDATE SET record = excluded.record",
-                params![host_id, record_json],
+                &params,
             )
-            .map_err(store_err("store host record"))?;
-        Ok(())
+            .map(drop)
+        })
     }
 
     fn host(&self, host_id: &str) -> Result<Option<String>> {
-        self.lock()?
-            .query_row("SELECT record FROM hosts WHERE host_id = ?1", params![host_id], |row| row.get(0))
-            .optional()
-            .map_err(store_err("read host record"))
+        self.read(|c| {
+            c.query_row("SELECT record FROM hosts WHERE host_id = ?1", &[host_id.into()])?
+                .map(|r| r.text(0))
+                .transpose()
+        })
     }
 
     fn enroll_host(&self, host_id: &str, ek_fingerprint: &str, record_json: &str) -> Result<Option<String>> {
-        let mut connection = self.lock()?;
-        let tx = connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(store_err("begin enrollment transaction"))?;
-        let owner: Option<String> = tx
-            .query_row("SELECT host_id FROM host_eks WHERE ek_fingerprint = ?1", params![ek_fingerprint], |row| {
-                row.get(0)
-            })
-            .optional()
-            .map_err(store_err("read EK pin"))?;
-        if let Some(owner) = owner.filter(|owner| owner != host_id) {
-            return Err(Error::EkInUse(format!(
-                "EK {ek_fingerprint} is enrolled as host {owner}; one TPM is one host, so it cannot also enroll as {host_id}"
-            )));
-        }
-        let pinned: Option<String> = tx
-            .query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", params![host_id], |row| row.get(0))
-            .optional()
-            .map_err(store_err("read EK pin"))?;
-        let replaced = match pinned {
-            Some(pinned) if pinned != ek_fingerprint => {
-                // A mark older than HOST_REPLACEMENT_TTL_SECS no longer counts: an approval
-                // is for the replacement at hand, not a standing open door.
-                let cutoff = now_unix().saturating_sub(HOST_REPLACEMENT_TTL_SECS) as i64;
-                let marked = tx
-                    .execute(
-                        "DELETE FROM host_replacements WHERE host_id = ?1 AND marked_at >= ?2",
-                        params![host_id, cutoff],
-                    )
-                    .map_err(store_err("use the replacement mark"))?;
-                if marked != 1 {
-                    return Err(Error::EkPinned(format!(
-                        "host {host_id} is pinned to EK {pinned}, this enrollment presents EK {ek_fingerprint}; \
-                         if its TPM was really replaced, an operator runs `ttp host replace --host {host_id}` first \
-                         (an approval counts for {} hours)",
-                        HOST_REPLACEMENT_TTL_SECS / 3600
-                    )));
-                }
-                tx.execute("DELETE FROM host_eks WHERE host_id = ?1", params![host_id])
-                    .map_err(store_err("unpin the old EK"))?;
-                Some(pinned)
+        let (host_id, ek_fingerprint, record_json) =
+            (host_id.to_string(), ek_fingerprint.to_string(), record_json.to_string());
+        self.write(move |tx| {
+            // Enrollments are rare; the audit lock keeps two replicas' pins of one EK serial.
+            tx.lock_audit_chain()?;
+            let (host, ek): (Value, Value) = (host_id.as_str().into(), ek_fingerprint.as_str().into());
+            let owner = tx.query_row("SELECT host_id FROM host_eks WHERE ek_fingerprint = ?1", std::slice::from_ref(&ek))?;
+            if let Some(owner) = owner.map(|r| r.text(0)).transpose()?.filter(|owner| *owner != host_id) {
+                return Err(Error::EkInUse(format!(
+                    "EK {ek_fingerprint} is enrolled as host {owner}; one TPM is one host, so it cannot also enroll as {host_id}"
+                )));
             }
-            _ => None,
-        };
-        tx.execute(
-            "INSERT OR IGNORE INTO host_eks (ek_fingerprint, host_id) VALUES (?1, ?2)",
-            params![ek_fingerprint, host_id],
-        )
-        .map_err(store_err("pin the EK"))?;
-        tx.execute(
-            "INSERT INTO hosts (host_id, record) VALUES (?1, ?2) ON CONFLICT(host_id) DO UPDATE SET record = excluded.record",
-            params![host_id, record_json],
-        )
-        .map_err(store_err("store host record"))?;
-        tx.commit().map_err(store_err("commit enrollment"))?;
-        Ok(replaced)
+            let pinned = tx.query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", std::slice::from_ref(&host))?;
+            let replaced = match pinned.map(|r| r.text(0)).transpose()? {
+                Some(pinned) if pinned != ek_fingerprint => {
+                    // A mark older than HOST_REPLACEMENT_TTL_SECS no longer counts: an approval
+                    // is for the replacement at hand, not a standing open door.
+                    let cutoff = now_unix().saturating_sub(HOST_REPLACEMENT_TTL_SECS) as i64;
+                    let marked = tx.execute(
+                        "DELETE FROM host_replacements WHERE host_id = ?1 AND marked_at >= ?2",
+                        &[host.clone(), cutoff.into()],
+                    )?;
+                    if marked != 1 {
+                        return Err(Error::EkPinned(format!(
+                            "host {host_id} is pinned to EK {pinned}, this enrollment presents EK {ek_fingerprint}; \
+                             if its TPM was really replaced, an operator runs `ttp host replace --host {host_id}` first \
+                             (an approval counts for {} hours)",
+                            HOST_REPLACEMENT_TTL_SECS / 3600
+                        )));
+                    }
+                    tx.execute("DELETE FROM host_eks WHERE host_id = ?1", std::slice::from_ref(&host))?;
+                    Some(pinned)
+                }
+                _ => None,
+            };
+            tx.execute(
+                "INSERT INTO host_eks (ek_fingerprint, host_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                &[ek, host.clone()],
+            )?;
+            tx.execute(
+                "INSERT INTO hosts (host_id, record) VALUES (?1, ?2) ON CONFLICT(host_id) DO UPDATE SET record = excluded.record",
+                &[host, record_json.as_str().into()],
+            )?;
+            Ok(replaced)
+        })
     }
 
     fn pinned_ek(&self, host_id: &str) -> Result<Option<String>> {
-        self.lock()?
-            .query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", params![host_id], |row| row.get(0))
-            .optional()
-            .map_err(store_err("read EK pin"))
+        self.read(|c| {
+            c.query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", &[host_id.into()])?
+                .map(|r| r.text(0))
+                .transpose()
+        })
     }
 
     fn mark_host_replaceable(&self, host_id: &str, operator: &str, at: u64) -> Result<String> {
-        let mut connection = self.lock()?;
-        let tx = connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(store_err("begin replacement transaction"))?;
-        let pinned: String = tx
-            .query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", params![host_id], |row| row.get(0))
-            .optional()
-            .map_err(store_err("read EK pin"))?
-            .ok_or_else(|| Error::HostUnknown(host_id.to_string()))?;
-        tx.execute(
-            "INSERT INTO host_replacements (host_id, operator, marked_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT(host_id) DO UPDATE SET operator = excluded.operator, marked_at = excluded.marked_at",
-            params![host_id, operator, at as i64],
-        )
-        .map_err(store_err("mark the host replaceable"))?;
-        tx.commit().map_err(store_err("commit replacement mark"))?;
-        Ok(pinned)
+        let (host_id, operator) = (host_id.to_string(), operator.to_string());
+        self.write(move |tx| {
+            let pinned = tx
+                .query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", &[host_id.as_str().into()])?
+                .ok_or_else(|| Error::HostUnknown(host_id.clone()))?
+                .text(0)?;
+            tx.execute(
+                "INSERT INTO host_replacements (host_id, operator, marked_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(host_id) DO UPDATE SET operator = excluded.operator, marked_at = excluded.marked_at",
+                &[host_id.as_str().into(), operator.as_str().into(), (at as i64).into()],
+            )?;
+            Ok(pinned)
+        })
     }
 
     fn domain(&self, domain_id: &str) -> Result<Option<DomainRecord>> {
-        let row = self
-            .lock()?
-            .query_row(
+        self.read(|c| {
+            c.query_row(
                 "SELECT owner, latest_version, descriptor, descriptor_hash, metadata_hash, deleted_at
                  FROM domains WHERE domain_id = ?1",
-                params![domain_id],
-                |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, i64>(1)?,
-                        row.get::<_, Vec<u8>>(2)?,
-                        row.get::<_, Vec<u8>>(3)?,
-                        row.get::<_, Vec<u8>>(4)?,
-                        row.get::<_, Option<i64>>(5)?,
-                    ))
-                },
+                &[domain_id.into()],
+            )?
+            .map(|row| domain_row(domain_id, row))
+            .transpose()
+        })
+    }
+
+    fn insert_domain(&self, record: &DomainRecord) -> Result<()> {
+        let domain_id = record.domain_id.clone();
+        let params = [
+            record.domain_id.as_str().into(),
+            record.owner.as_str().into(),
+            (record.latest_version as i64).into(),
+            record.descriptor.clone().into(),
+            record.descriptor_hash.as_slice().into(),
+            record.metadata_hash.as_slice().into(),
+        ];
+        self.write(move |tx| {
+            let inserted = tx.execute(
+                "INSERT INTO domains (domain_id, owner, latest_version, descriptor, descriptor_hash, metadata_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                &params,
+            )?;
+            if inserted != 1 {
+                return Err(Error::VersionRollback(format!("domain {domain_id} is already registered")));
+            }
+            Ok(())
+        })
+    }
+
+    fn update_domain(&self, record: &DomainRecord, expected_version: u64) -> Result<()> {
+        let domain_id = record.domain_id.clone();
+        let params = [
+            record.domain_id.as_str().into(),
+            (record.latest_version as i64).into(),
+            record.descriptor.clone().into(),
+            record.descriptor_hash.as_slice().into(),
+            (expected_version as i64).into(),
+        ];
+        self.write(move |tx| {
+            // Compare-and-set: a concurrent update (on any replica) that got there first
+            // changed latest_version, so this one changes no row.
+            let changed = tx.execute(
+                "UPDATE domains SET latest_version = ?2, descriptor = ?3, descriptor_hash = ?4
+                 WHERE domain_id = ?1 AND latest_version = ?5 AND deleted_at IS NULL",
+                &params,
+            )?;
+            if changed != 1 {
+                return Err(Error::VersionRollback(format!(
+                    "domain {domain_id} changed concurrently: version {expected_version} is no longer the newest"
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    fn tombstone_domain(&self, domain_id: &str, at: u64) -> Result<()> {
+        let params = [domain_id.into(), (at as i64).into()];
+        self.write(move |tx| {
+            tx.execute("UPDATE domains SET deleted_at = ?2 WHERE domain_id = ?1 AND deleted_at IS NULL", &params)
+                .map(drop)
+        })
+    }
+
+    fn put_challenge(&self, challenge_id: &str, host_id: &str, nonce: &[u8], expires_at: u64) -> Result<()> {
+        let params =
+            [challenge_id.into(), host_id.into(), nonce.into(), sql_time("challenge expiry", expires_at)?.into()];
+        self.write(move |tx| {
+            // Expired challenges are useless; drop them as new ones arrive.
+            tx.execute("DELETE FROM challenges WHERE expires_at < ?1", &[(now_unix() as i64).into()])?;
+            tx.execute(
+                "INSERT INTO challenges (challenge_id, host_id, nonce, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                &params,
             )
-            .optional()
-            .map_err(store_err("read domain"))?;
-        row.map(|(owner, version, descriptor, descriptor_hash, metadata_hash, deleted_at)| {
-            Ok(DomainRecord {
-                domain_id: domain_id.to_string(),
-                owner,
-                latest_version: version as u64,
-                descriptor,
-                descriptor_hash: hash32(descriptor_hash, "descriptor hash")?,
-                metadata_hash: hash32(metadata_hash, "metadata hash")?,
-                deleted_at: deleted_at.map(|t| t as u64),
-            })
+            .map(drop)
+        })
+    }
+
+    fn take_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>> {
+        let params = [challenge_id.into()];
+        self.write(move |tx| {
+            // One statement: of two replicas deleting the same row, one gets it back.
+            tx.query_row(
+                "DELETE FROM challenges WHERE challenge_id = ?1 RETURNING host_id, nonce, expires_at",
+                &params,
+            )?
+            .map(|row| Ok((row.text(0)?, row.blob(1)?, row.int(2)? as u64)))
+            .transpose()
+        })
+    }
+
+    fn peek_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT host_id, nonce, expires_at FROM challenges WHERE challenge_id = ?1",
+                &[challenge_id.into()],
+            )?
+            .map(|row| Ok((row.text(0)?, row.blob(1)?, row.int(2)? as u64)))
+            .transpose()
+        })
+    }
+
+    fn consume_grant(&self, grant_hash: &[u8; 32], expires_at: u64) -> Result<bool> {
+        let params = [grant_hash.as_slice().into(), sql_time("grant expiry", expires_at)?.into()];
+        self.write(move |tx| mark_grant_used(tx, &params))
+    }
+
+    fn commit_key_release(
+        &self,
+        spent: &SpentTokens,
+        entry: AuditEntry,
+        mode: AccessMode,
+    ) -> Result<(AuditRecord, Option<StoredAnchor>)> {
+        let spent = spent.clone();
+        let grant = [spent.grant_hash.as_slice().into(), sql_time("grant expiry", spent.grant_expires_at)?.into()];
+        self.write(move |tx| {
+            // One statement each: of two replicas spending the same token, one changes a row.
+            let taken =
+                tx.execute("DELETE FROM challenges WHERE challenge_id = ?1", &[spent.challenge_id.as_str().into()])?;
+            if taken != 1 {
+                return Err(Error::ChallengeInvalid(format!(
+                    "challenge {} was used by a concurrent request",
+                    spent.challenge_id
+                )));
+            }
+            if !mark_grant_used(tx, &grant)? {
+                return Err(Error::GrantReplayed(
+                    "the grant was used for a key release before; every attach needs a new grant".into(),
+                ));
+            }
+            integrity::append_key_release(tx, entry.clone(), mode)
+        })
+    }
+
+    fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord> {
+        self.write(move |tx| append_audit_in(tx, entry.clone()))
+    }
+
+    fn append_key_release(&self, entry: AuditEntry, mode: AccessMode) -> Result<(AuditRecord, Option<StoredAnchor>)> {
+        self.write(move |tx| integrity::append_key_release(tx, entry.clone(), mode))
+    }
+
+    fn latest_release(&self, domain_id: &str) -> Result<Option<LatestRelease>> {
+        self.read(|c| integrity::latest_release(c, domain_id))
+    }
+
+    fn newest_anchor(&self, domain_id: &str) -> Result<Option<StoredAnchor>> {
+        self.read(|c| integrity::newest_anchor(c, domain_id))
+    }
+
+    fn commit_anchor(&self, anchor: &StoredAnchor, release_seq: u64, entry: AuditEntry) -> Result<AuditRecord> {
+        let anchor = anchor.clone();
+        self.write(move |tx| integrity::commit_anchor(tx, &anchor, release_seq, entry.clone()))
+    }
+
+    fn audit_record(&self, seq: u64) -> Result<Option<AuditRecord>> {
+        let row = self.read(|c| c.query_row("SELECT record FROM audit WHERE seq = ?1", &[(seq as i64).into()]))?;
+        row.map(|row| {
+            serde_json::from_str(&row.text(0)?)
+                .map_err(|e| Error::AuditChainBroken(format!("audit record {seq} is not valid JSON: {e}")))
         })
         .transpose()
     }
 
-    fn insert_domain(&self, record: &DomainRecord) -> Result<()> {
-        self.lock()?
-            .execute(
-                "INSERT INTO domains (domain_id, owner, latest_version, descriptor, descriptor_hash, metadata_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    record.domain_id,
-                    record.owner,
-                    record.latest_version as i64,
-                    record.descriptor,
-                    record.descriptor_hash.to_vec(),
-                    record.metadata_hash.to_vec()
-                ],
+    fn audit_head(&self) -> Result<Option<(u64, String)>> {
+        let row = self.read(|c| c.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[]))?;
+        row.map(|row| Ok((row.int(0)? as u64, row.text(1)?))).transpose()
+    }
+
+    fn newest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        let row = self.read(|c| {
+            c.query_row(
+                "SELECT signed_at, envelope FROM audit_checkpoints ORDER BY signed_at DESC, seq DESC LIMIT 1",
+                &[],
             )
-            .map_err(|e| match e {
-                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    Error::VersionRollback(format!("domain {} is already registered", record.domain_id))
-                }
-                other => Error::Store(format!("insert domain: {other}")),
-            })?;
-        Ok(())
+        })?;
+        row.map(|row| Ok((row.int(0)? as u64, row.blob(1)?))).transpose()
     }
 
-    fn update_domain(&self, record: &DomainRecord, expected_version: u64) -> Result<()> {
-        let changed = self
-            .lock()?
-            .execute(
-                "UPDATE domains SET latest_version = ?2, descriptor = ?3, descriptor_hash = ?4
-                 WHERE domain_id = ?1 AND latest_version = ?5 AND deleted_at IS NULL",
-                params![
-                    record.domain_id,
-                    record.latest_version as i64,
-                    record.descriptor,
-                    record.descriptor_hash.to_vec(),
-                    expected_version as i64
-                ],
-            )
-            .map_err(store_err("update domain"))?;
-        if changed != 1 {
-            return Err(Error::VersionRollback(format!(
-                "domain {} changed concurrently: version {expected_version} is no longer the newest",
-                record.domain_id
-            )));
-        }
-        Ok(())
-    }
-
-    fn tombstone_domain(&self, domain_id: &str, at: u64) -> Result<()> {
-        self.lock()?
-            .execute(
-                "UPDATE domains SET deleted_at = ?2 WHERE domain_id = ?1 AND deleted_at IS NULL",
-                params![domain_id, at as i64],
-            )
-            .map_err(store_err("tombstone domain"))?;
-        Ok(())
-    }
-
-    fn put_challenge(&self, challenge_id: &str, host_id: &str, nonce: &[u8], expires_at: u64) -> Result<()> {
-        let connection = self.lock()?;
-        // Expired challenges are useless; drop them as new ones arrive.
-        connection
-            .execute("DELETE FROM challenges WHERE expires_at < ?1", params![now_unix() as i64])
-            .map_err(store_err("expire challenges"))?;
-        connection
-            .execute(
-                "INSERT INTO challenges (challenge_id, host_id, nonce, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                params![challenge_id, host_id, nonce, sql_time("challenge expiry", expires_at)?],
-            )
-            .map_err(store_err("store challenge"))?;
-        Ok(())
-    }
-
-    fn take_challenge(&self, challenge_id: &str) -> Result<Option<(String, Vec<u8>, u64)>> {
-        let mut connection = self.lock()?;
-        let tx = connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(store_err("begin challenge transaction"))?;
-        let found = tx
-            .query_row(
-                "SELECT host_id, nonce, expires_at FROM challenges WHERE challenge_id = ?1",
-                params![challenge_id],
-                |row| Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?, row.get::<_, i64>(2)? as u64)),
-            )
-            .optional()
-            .map_err(store_err("read challenge"))?;
-        tx.execute("DELETE FROM challenges WHERE challenge_id = ?1", params![challenge_id])
-            .map_err(store_err("consume challenge"))?;
-        tx.commit().map_err(store_err("commit challenge"))?;
-        Ok(found)
-    }
-
-    fn consume_grant(&self, grant_hash: &[u8; 32], expires_at: u64) -> Result<bool> {
-        let connection = self.lock()?;
-        connection
-            .execute("DELETE FROM used_grants WHERE expires_at < ?1", params![now_unix() as i64])
-            .map_err(store_err("expire used grants"))?;
-        let inserted = connection
-            .execute(
-                "INSERT OR IGNORE INTO used_grants (grant_hash, expires_at) VALUES (?1, ?2)",
-                params![grant_hash.as_slice(), sql_time("grant expiry", expires_at)?],
-            )
-            .map_err(store_err("mark the grant used"))?;
-        Ok(inserted == 1)
-    }
-
-    fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord> {
-        let mut connection = self.lock()?;
-        let tx = connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(store_err("begin audit transaction"))?;
-        let record = append_audit_in(&tx, entry)?;
-        tx.commit().map_err(store_err("commit audit record"))?;
-        Ok(record)
-    }
-
-    fn append_key_release(&self, entry: AuditEntry, mode: AccessMode) -> Result<(AuditRecord, Option<StoredAnchor>)> {
-        let mut connection = self.lock()?;
-        integrity::append_key_release(&mut connection, entry, mode)
-    }
-
-    fn latest_release(&self, domain_id: &str) -> Result<Option<LatestRelease>> {
-        integrity::latest_release(&*self.lock()?, domain_id)
-    }
-
-    fn newest_anchor(&self, domain_id: &str) -> Result<Option<StoredAnchor>> {
-        integrity::newest_anchor(&*self.lock()?, domain_id)
-    }
-
-    fn commit_anchor(&self, anchor: &StoredAnchor, release_seq: u64, entry: AuditEntry) -> Result<AuditRecord> {
-        let mut connection = self.lock()?;
-        integrity::commit_anchor(&mut connection, anchor, release_seq, entry)
+    fn put_checkpoint(&self, seq: u64, at: u64, envelope: &[u8]) -> Result<()> {
+        let params = [sql_time("checkpoint time", at)?.into(), (seq as i64).into(), envelope.into()];
+        self.write(move |tx| {
+            tx.execute("INSERT INTO audit_checkpoints (signed_at, seq, envelope) VALUES (?1, ?2, ?3)", &params)
+                .map(drop)
+        })
     }
 
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>> {
-        let connection = self.lock()?;
-        let mut statement = connection
-            .prepare(match domain_id {
-                Some(_) => "SELECT record FROM audit WHERE domain_id = ?1 ORDER BY seq",
-                None => "SELECT record FROM audit WHERE ?1 IS NULL OR ?1 IS NOT NULL ORDER BY seq",
+        let rows = self.read(|c| match domain_id {
+            Some(domain_id) => {
+                c.query("SELECT record FROM audit WHERE domain_id = ?1 ORDER BY seq", &[domain_id.into()])
+            }
+            None => c.query("SELECT record FROM audit ORDER BY seq", &[]),
+        })?;
+        rows.iter()
+            .map(|row| {
+                serde_json::from_str(&row.text(0)?)
+                    .map_err(|e| Error::AuditChainBroken(format!("an audit record is not valid JSON: {e}")))
             })
-            .map_err(store_err("query audit"))?;
-        let rows =
-            statement.query_map(params![domain_id], |row| row.get::<_, String>(0)).map_err(store_err("query audit"))?;
-        let mut records = Vec::new();
-        for row in rows {
-            let json = row.map_err(store_err("read audit record"))?;
-            records.push(
-                serde_json::from_str(&json)
-                    .map_err(|e| Error::AuditChainBroken(format!("an audit record is not valid JSON: {e}")))?,
-            );
-        }
-        Ok(records)
+            .collect()
     }
 }
 

@@ -19,7 +19,7 @@ use secure_component::integrity_client::{commit_root, report_violation, verified
 use skydd_ca::{CertificateAuthority, Validity};
 use ttp::attestation::AttestationPolicy;
 use ttp::service::Ttp;
-use ttp::store::{AuditEntry, SqliteStore, TtpStore};
+use ttp::store::{AuditEntry, SqlStore, TtpStore};
 
 type Ca = (String, zeroize::Zeroizing<String>);
 
@@ -50,7 +50,7 @@ async fn secure_component_commits_roots_and_reports_violations_over_mutual_tls()
     let ca = CertificateAuthority::generate("cloud-ca").unwrap();
     let ttp_files = identity_files(dir.path(), &ca, Role::Ttp, "ttp-1");
     let sc_files = identity_files(dir.path(), &ca, Role::SecureComponent, "compute-1");
-    let store: Arc<dyn TtpStore> = Arc::new(SqliteStore::open(&dir.path().join("ttp.db")).unwrap());
+    let store: Arc<dyn TtpStore> = Arc::new(SqlStore::open(&dir.path().join("ttp.db")).unwrap());
     let ttp = Arc::new(
         Ttp::new(
             SecretBytes::from_slice_wiping(&mut [7u8; 32]),

@@ -38,6 +38,9 @@ impl Partner {
             attestation: cloud.dir.join("attestation.toml"),
             registration_replicas: Vec::new(),
             limits: Default::default(),
+            database_url: None,
+            database_pool_size: 16,
+            group_commit: true,
         };
         let (service, partner_tls) = ttp::server::build(&partner_config).expect("build the partner TTP");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -214,7 +214,7 @@ mod tests {
     fn registrations_only_from_this_ttp_or_a_configured_replica() {
         let own_ca = CertificateAuthority::generate("cloud-ca").unwrap();
         let partner_ca = CertificateAuthority::generate("partner-ca").unwrap();
-        let store: Arc<dyn TtpStore> = Arc::new(crate::store::SqliteStore::in_memory().unwrap());
+        let store: Arc<dyn TtpStore> = Arc::new(crate::store::SqlStore::in_memory().unwrap());
         let ttp = Ttp::new(
             SecretBytes::from_slice_wiping(&mut [7u8; 32]),
             key_of(&own_ca, Role::Ttp, "ttp-1"),

@@ -16,7 +16,7 @@ use protocol::signing::SignatureContext;
 use super::{invalid_name, Subject, Ttp};
 use crate::attestation::{self, HostRecord};
 use crate::error::{Error, Result};
-use crate::store::{now_unix, DomainRecord};
+use crate::store::{now_unix, DomainRecord, SpentTokens};
 
 /// How long a quote challenge stays valid.
 pub const CHALLENGE_TTL_SECS: u64 = 60;
@@ -69,51 +69,24 @@ impl Ttp {
             vm_id: vm_id_ok.then(|| request.vm_id.clone()),
             domain_id: request.header.unverified_contents().ok().map(|(d, _)| d.domain_id),
         };
+        // Only the host a challenge was issued to can use it up.
+        let own_request =
+            host_id_ok && vm_id_ok && actor.role == Role::SecureComponent && actor.name == request.host_id;
         let decide = |_: &mut Subject| {
-            // The caller: well-formed ids, a secure component asking for its own host.
-            if !host_id_ok {
-                return Err(Error::BadRequest(invalid_name("host_id", &request.host_id)));
+            let decided = self.decide_release(actor, request);
+            if decided.is_err() && own_request {
+                // A refused release uses its challenge up all the same: a host cannot retry
+                // a quote over the same nonce (best effort: the refusal is what is returned).
+                let _ = self.store.take_challenge(&request.challenge_id);
             }
-            if !vm_id_ok {
-                return Err(Error::BadRequest(invalid_name("vm_id", &request.vm_id)));
-            }
-            Self::require_role(actor, Role::SecureComponent, "request a key release")?;
-            if actor.name != request.host_id {
-                return Err(Error::Forbidden {
-                    caller: actor.name.clone(),
-                    action: "request a key release",
-                    detail: format!("the request claims host {}", request.host_id),
-                });
-            }
-            // 1. The host: enrolled, and its TPM quotes the trusted state over our fresh nonce.
-            let host = self.attested_host(request)?;
-            // 2. The header: owner-signed descriptor, registered by a TTP, newest version.
-            let VerifiedHeader { descriptor, registration, domain } = self.verified_header(request)?;
-            // 3. Access: the VM is in the ACL with a mode that covers the request.
-            check_access(&descriptor, request)?;
-            // 4. The grant: signed by the owner or a manager the descriptor shares with.
-            let grant = self.verified_grant(request, &descriptor)?;
-            // 5. The placement: the operator put this VM on this very host, for this grant.
-            let placer = self.verified_placement(request, &grant.digest, grant.checked_at)?;
-            // Last, once everything else holds: a grant authorizes one release. Whoever saw
-            // it on its way (the cloud platform forwards it) cannot attach the VM again with
-            // it after a detach.
-            self.consume_grant(&grant)?;
-
-            // 6. Derive K || K_mac and seal them to the host's PCR-bound binding key.
-            let keys = self.released_keys(&registration, &descriptor, &domain)?;
-            let wrapped = attestation::seal_key_to_host(&host, &keys)?;
-            let message = format!(
-                "key of domain {} version {} released to {} on {} ({}), grant by {}, placement by {placer}",
-                descriptor.domain_id, descriptor.version, request.vm_id, request.host_id, request.mode, grant.signer
-            );
-            Ok(((wrapped, descriptor.domain_id.clone(), descriptor.version), message))
+            decided
         };
-        // The release record and the domain's newest release (who may commit integrity roots)
-        // are written together, and the anchor returned is the newest as of that instant.
+        // The challenge, the grant's used mark, the release record and the domain's newest
+        // release (who may commit integrity roots) are written in one transaction, and the
+        // anchor returned is the newest as of that instant.
         let (((wrapped_key, domain_id, version), anchor), record) =
-            self.audited_with("key_release", actor, subject, decide, |released, entry| {
-                let (record, anchor) = self.store.append_key_release(entry, request.mode)?;
+            self.audited_with("key_release", actor, subject, decide, |(released, spent), entry| {
+                let (record, anchor) = self.store.commit_key_release(&spent, entry, request.mode)?;
                 Ok(((released, anchor), record))
             })?;
         Ok(KeyReleaseResponse {
@@ -123,6 +96,56 @@ impl Ttp {
             audit_seq: record.seq,
             integrity_anchor: anchor.map(|stored| stored.envelope),
         })
+    }
+
+    /// Steps 1 to 6 of [`Ttp::release_key`] without their writes: the wrapped keys, the
+    /// domain and version, the single-use tokens to spend, and the audit message.
+    #[allow(clippy::type_complexity)]
+    fn decide_release(
+        &self,
+        actor: &Identity,
+        request: &KeyReleaseRequest,
+    ) -> Result<(((Vec<u8>, String, u64), SpentTokens), String)> {
+        // The caller: well-formed ids, a secure component asking for its own host.
+        protocol::domain::validate_name("host id", &request.host_id)
+            .map_err(|_| Error::BadRequest(invalid_name("host_id", &request.host_id)))?;
+        protocol::domain::validate_name("vm id", &request.vm_id)
+            .map_err(|_| Error::BadRequest(invalid_name("vm_id", &request.vm_id)))?;
+        Self::require_role(actor, Role::SecureComponent, "request a key release")?;
+        if actor.name != request.host_id {
+            return Err(Error::Forbidden {
+                caller: actor.name.clone(),
+                action: "request a key release",
+                detail: format!("the request claims host {}", request.host_id),
+            });
+        }
+        // 1. The host: enrolled, and its TPM quotes the trusted state over our fresh nonce.
+        let host = self.attested_host(request)?;
+        // 2. The header: owner-signed descriptor, registered by a TTP, newest version.
+        let VerifiedHeader { descriptor, registration, domain } = self.verified_header(request)?;
+        // 3. Access: the VM is in the ACL with a mode that covers the request.
+        check_access(&descriptor, request)?;
+        // 4. The grant: signed by the owner or a manager the descriptor shares with.
+        let grant = self.verified_grant(request, &descriptor)?;
+        // 5. The placement: the operator put this VM on this very host, for this grant.
+        let placer = self.verified_placement(request, &grant.digest, grant.checked_at)?;
+        // The challenge and the grant are spent when the release is written: a grant
+        // authorizes one release, so whoever saw it on its way (the cloud platform forwards
+        // it) cannot attach the VM again with it after a detach.
+        let spent = SpentTokens {
+            challenge_id: request.challenge_id.clone(),
+            grant_hash: grant.digest,
+            grant_expires_at: grant.grant.expires_at,
+        };
+
+        // 6. Derive K || K_mac and seal them to the host's PCR-bound binding key.
+        let keys = self.released_keys(&registration, &descriptor, &domain)?;
+        let wrapped = attestation::seal_key_to_host(&host, &keys)?;
+        let message = format!(
+            "key of domain {} version {} released to {} on {} ({}), grant by {}, placement by {placer}",
+            descriptor.domain_id, descriptor.version, request.vm_id, request.host_id, request.mode, grant.signer
+        );
+        Ok((((wrapped, descriptor.domain_id.clone(), descriptor.version), spent), message))
     }
 
     /// What a key release wraps: K followed by `K_mac`
@@ -150,7 +173,7 @@ impl Ttp {
     fn attested_host(&self, request: &KeyReleaseRequest) -> Result<HostRecord> {
         let host = self.host_record(&request.host_id)?;
         let (challenge_host, nonce, expires_at) =
-            self.store.take_challenge(&request.challenge_id)?.ok_or_else(|| {
+            self.store.peek_challenge(&request.challenge_id)?.ok_or_else(|| {
                 Error::ChallengeInvalid(format!("challenge {} is unknown or was already used", request.challenge_id))
             })?;
         if challenge_host != request.host_id {
@@ -292,18 +315,6 @@ impl Ttp {
             )));
         }
         Ok(placer)
-    }
-
-    /// Marks the grant used (until it expires); `grant_replayed` if it was used before.
-    fn consume_grant(&self, verified: &VerifiedGrant) -> Result<()> {
-        let VerifiedGrant { grant, signer, digest, .. } = verified;
-        if !self.store.consume_grant(digest, grant.expires_at)? {
-            return Err(Error::GrantReplayed(format!(
-                "the grant of {signer} for {} on domain {} was used for a key release before; every attach needs a new grant",
-                grant.vm_id, grant.domain_id
-            )));
-        }
-        Ok(())
     }
 }
 

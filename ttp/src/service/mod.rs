@@ -31,9 +31,10 @@ mod history;
 mod integrity;
 mod key_release;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 pub use enrollment::{allow_host_replacement, ENROLLMENT_TTL_SECS};
+pub use history::CHECKPOINT_INTERVAL_SECS;
 pub use integrity::{MAX_VIOLATION_REPORTS_PER_MINUTE, VIOLATION_WINDOW_SECS};
 pub use key_release::CHALLENGE_TTL_SECS;
 

@@ -1,17 +1,16 @@
-//! The SQLite side of format-2 integrity (docs/PROTOCOL.md "Integrity anchor"): every anchor
+//! The store's side of format-2 integrity (docs/PROTOCOL.md "Integrity anchor"): every anchor
 //! the TTP signed, and which host holds each domain's newest key release. Each change commits
 //! in the same transaction as the audit record that reports it.
 
+use super::engine::Sql;
+use super::{append_audit_in, hash32, sql_time, AuditEntry};
+use crate::error::{Error, Result};
 use protocol::domain::AccessMode;
 use protocol::integrity::IntegrityAnchor;
 use protocol::messages::AuditRecord;
 use protocol::signing::SignedEnvelope;
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::{append_audit_in, hash32, sql_time, store_err, AuditEntry};
-use crate::error::{Error, Result};
-
-/// Schema version 1 (see `MIGRATIONS` in store.rs): the anchors, and the newest release of
+/// SQLite schema version 1 (see `schema.rs`; PostgreSQL's version 1 has the same tables): the anchors, and the newest release of
 /// each domain.
 pub(super) const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS integrity_anchors (
@@ -45,14 +44,8 @@ pub struct StoredAnchor {
     pub envelope: SignedEnvelope,
 }
 
-fn begin<'c>(connection: &'c mut Connection, what: &str) -> Result<Transaction<'c>> {
-    connection
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|e| Error::Store(format!("begin {what} transaction: {e}")))
-}
-
 pub(super) fn append_key_release(
-    connection: &mut Connection,
+    tx: &mut dyn Sql,
     entry: AuditEntry,
     mode: AccessMode,
 ) -> Result<(AuditRecord, Option<StoredAnchor>)> {
@@ -61,57 +54,42 @@ pub(super) fn append_key_release(
     else {
         return Err(Error::Store("a key release record must name its domain, host and VM".into()));
     };
-    let tx = begin(connection, "key release")?;
-    let record = append_audit_in(&tx, entry)?;
+    let record = append_audit_in(tx, entry)?;
     tx.execute(
         "INSERT INTO latest_releases (domain_id, host_id, vm_id, mode, audit_seq) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(domain_id) DO UPDATE SET host_id = excluded.host_id, vm_id = excluded.vm_id,
             mode = excluded.mode, audit_seq = excluded.audit_seq",
-        params![domain_id, host_id, vm_id, mode.as_str(), record.seq as i64],
-    )
-    .map_err(store_err("record the newest key release"))?;
-    let anchor = newest_anchor(&tx, &domain_id)?;
-    tx.commit().map_err(store_err("commit key release"))?;
+        &[domain_id.as_str().into(), host_id.into(), vm_id.into(), mode.as_str().into(), (record.seq as i64).into()],
+    )?;
+    let anchor = newest_anchor(tx, &domain_id)?;
     Ok((record, anchor))
 }
 
-pub(super) fn latest_release(connection: &Connection, domain_id: &str) -> Result<Option<LatestRelease>> {
-    let row = connection
-        .query_row(
-            "SELECT host_id, vm_id, mode, audit_seq FROM latest_releases WHERE domain_id = ?1",
-            params![domain_id],
-            |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, String>(2)?,
-                    row.get::<_, i64>(3)?,
-                ))
-            },
-        )
-        .optional()
-        .map_err(store_err("read the newest key release"))?;
-    row.map(|(host_id, vm_id, mode, audit_seq)| {
-        let mode = mode.parse().map_err(|e| Error::Store(format!("stored release mode: {e}")))?;
-        Ok(LatestRelease { host_id, vm_id, mode, audit_seq: audit_seq as u64 })
+pub(super) fn latest_release(sql: &mut dyn Sql, domain_id: &str) -> Result<Option<LatestRelease>> {
+    let row = sql.query_row(
+        "SELECT host_id, vm_id, mode, audit_seq FROM latest_releases WHERE domain_id = ?1",
+        &[domain_id.into()],
+    )?;
+    row.map(|row| {
+        let mode = row.text(2)?.parse().map_err(|e| Error::Store(format!("stored release mode: {e}")))?;
+        Ok(LatestRelease { host_id: row.text(0)?, vm_id: row.text(1)?, mode, audit_seq: row.int(3)? as u64 })
     })
     .transpose()
 }
 
-pub(super) fn newest_anchor(connection: &Connection, domain_id: &str) -> Result<Option<StoredAnchor>> {
-    let row = connection
-        .query_row(
-            "SELECT epoch, root, envelope FROM integrity_anchors WHERE domain_id = ?1 ORDER BY epoch DESC LIMIT 1",
-            params![domain_id],
-            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?, row.get::<_, Vec<u8>>(2)?)),
-        )
-        .optional()
-        .map_err(store_err("read the newest integrity anchor"))?;
-    row.map(|(epoch, root, envelope)| {
+pub(super) fn newest_anchor(sql: &mut dyn Sql, domain_id: &str) -> Result<Option<StoredAnchor>> {
+    let row = sql.query_row(
+        "SELECT epoch, root, envelope FROM integrity_anchors WHERE domain_id = ?1 ORDER BY epoch DESC LIMIT 1",
+        &[domain_id.into()],
+    )?;
+    row.map(|row| {
+        let epoch = row.int(0)?;
         let unreadable = |e: protocol::Error| Error::Store(format!("stored anchor {epoch} of domain {domain_id}: {e}"));
-        let envelope = SignedEnvelope::decode(&envelope).map_err(unreadable)?;
+        let envelope = SignedEnvelope::decode(&row.blob(2)?).map_err(unreadable)?;
         let anchor = IntegrityAnchor::decode(&envelope.message).map_err(unreadable)?;
-        if anchor.domain_id != domain_id || anchor.epoch != epoch as u64 || anchor.root != hash32(root, "anchor root")?
+        if anchor.domain_id != domain_id
+            || anchor.epoch != epoch as u64
+            || anchor.root != hash32(row.blob(1)?, "anchor root")?
         {
             return Err(Error::Store(format!("stored anchor {epoch} of domain {domain_id} differs from its envelope")));
         }
@@ -121,27 +99,28 @@ pub(super) fn newest_anchor(connection: &Connection, domain_id: &str) -> Result<
 }
 
 pub(super) fn commit_anchor(
-    connection: &mut Connection,
+    tx: &mut dyn Sql,
     stored: &StoredAnchor,
     release_seq: u64,
     entry: AuditEntry,
 ) -> Result<AuditRecord> {
     let anchor = &stored.anchor;
-    let tx = begin(connection, "integrity commit")?;
-    let newest: i64 = tx
+    // First the chain's lock: the epoch and release read below are then the newest on every
+    // replica until this transaction ends.
+    tx.lock_audit_chain()?;
+    let newest = tx
         .query_row(
             "SELECT COALESCE(MAX(epoch), 0) FROM integrity_anchors WHERE domain_id = ?1",
-            params![anchor.domain_id],
-            |row| row.get(0),
-        )
-        .map_err(store_err("read the newest epoch"))?;
+            &[anchor.domain_id.as_str().into()],
+        )?
+        .map_or(Ok(0), |row| row.int(0))?;
     if anchor.epoch != newest as u64 + 1 {
         return Err(Error::IntegrityEpochStale(format!(
             "domain {} is at epoch {newest} (committed concurrently); epoch {} is not the next one",
             anchor.domain_id, anchor.epoch
         )));
     }
-    let release = latest_release(&tx, &anchor.domain_id)?;
+    let release = latest_release(tx, &anchor.domain_id)?;
     if release.as_ref().map(|r| r.audit_seq) != Some(release_seq) {
         return Err(Error::IntegrityCommitForbidden(format!(
             "a newer key release of domain {} (audit record {}) superseded the one {} holds",
@@ -150,29 +129,28 @@ pub(super) fn commit_anchor(
             anchor.host_id
         )));
     }
-    let record = append_audit_in(&tx, entry)?;
+    let record = append_audit_in(tx, entry)?;
     tx.execute(
         "INSERT INTO integrity_anchors (domain_id, epoch, root, host_id, committed_at, envelope, audit_seq)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            anchor.domain_id,
-            sql_time("epoch", anchor.epoch)?,
-            anchor.root.as_slice(),
-            anchor.host_id,
-            sql_time("commit time", anchor.committed_at)?,
-            stored.envelope.encode(),
-            record.seq as i64
+        &[
+            anchor.domain_id.as_str().into(),
+            sql_time("epoch", anchor.epoch)?.into(),
+            anchor.root.as_slice().into(),
+            anchor.host_id.as_str().into(),
+            sql_time("commit time", anchor.committed_at)?.into(),
+            stored.envelope.encode().into(),
+            (record.seq as i64).into(),
         ],
-    )
-    .map_err(store_err("store the integrity anchor"))?;
-    tx.commit().map_err(store_err("commit the integrity anchor"))?;
+    )?;
     Ok(record)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{SqliteStore, TtpStore};
+    use super::super::{SqlStore, TtpStore};
     use super::*;
+    use rusqlite::Connection;
 
     /// A database made before schema version 1 gains the integrity tables at open, and a
     /// reopened one keeps what it holds.
@@ -180,7 +158,7 @@ mod tests {
     fn schema_migrates_once_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ttp.db");
-        drop(SqliteStore::open(&path).unwrap());
+        drop(SqlStore::open(&path).unwrap());
         Connection::open(&path)
             .unwrap()
             .execute_batch("DROP TABLE integrity_anchors; DROP TABLE latest_releases; PRAGMA user_version = 0;")
@@ -192,14 +170,14 @@ mod tests {
             vm_id: Some("v".into()),
             ..Default::default()
         };
-        drop(SqliteStore::open(&path).unwrap());
+        drop(SqlStore::open(&path).unwrap());
         let version: i64 =
             Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
-        assert_eq!(version, 1);
-        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(version, 2);
+        let store = SqlStore::open(&path).unwrap();
         store.append_key_release(entry, AccessMode::Rw).unwrap();
         drop(store);
-        let release = SqliteStore::open(&path).unwrap().latest_release("d").unwrap().expect("kept");
+        let release = SqlStore::open(&path).unwrap().latest_release("d").unwrap().expect("kept");
         assert_eq!((release.host_id.as_str(), release.mode), ("h", AccessMode::Rw));
     }
 }

@@ -18,7 +18,7 @@ use crate::attestation::{AttestationPolicy, HostRecord, ReferenceState};
 use crate::error::{Error, Result};
 use crate::service::test_support::key_of;
 use crate::service::Ttp;
-use crate::store::{now_unix, SqliteStore, TtpStore};
+use crate::store::{now_unix, SqlStore, TtpStore};
 
 /// The recorded swtpm evidence.
 #[derive(Deserialize)]
@@ -63,22 +63,29 @@ impl Fixture {
         Self::with_reference_state(|_| {})
     }
 
-    /// As [`Fixture::new`], with the attestation policy's reference state changed.
+    /// As [`Fixture::new`], with the attestation policy's reference state changed. The
+    /// store is SQLite in memory, or with `SKYDD_TTP_TEST_STORE=postgres` a fresh database
+    /// on the test binary's PostgreSQL server (so every service test runs on both engines).
     pub(crate) fn with_reference_state(change: impl FnOnce(&mut ReferenceState)) -> Self {
+        let store: Arc<dyn TtpStore> = match std::env::var("SKYDD_TTP_TEST_STORE").as_deref() {
+            Ok("postgres") => {
+                let url = skydd_testkit::postgres::Postgres::shared().create_database();
+                let database = crate::store::Database::Postgres { url, pool_size: 4 };
+                Arc::new(SqlStore::open_database(&database, crate::store::GroupCommit::On).unwrap())
+            }
+            _ => Arc::new(SqlStore::in_memory().unwrap()),
+        };
+        Self::on_store(store, change)
+    }
+
+    /// As [`Fixture::with_reference_state`], on `store` (an empty database).
+    pub(crate) fn on_store(store: Arc<dyn TtpStore>, change: impl FnOnce(&mut ReferenceState)) -> Self {
         let vectors = vectors();
         assert_eq!(vectors.host.host_id, HOST);
         let mut state = vectors.reference_state;
         change(&mut state);
         let ca = CertificateAuthority::generate("cloud-ca").unwrap();
-        let store: Arc<dyn TtpStore> = Arc::new(SqliteStore::in_memory().unwrap());
-        let ttp = Ttp::new(
-            SecretBytes::from_slice_wiping(&mut [7u8; 32]),
-            key_of(&ca, Role::Ttp, "ttp-1"),
-            vec![ca.0.clone()],
-            AttestationPolicy { reference_states: vec![state], ..Default::default() },
-            store,
-        )
-        .unwrap();
+        let ttp = replica_of(&ca, state, store);
         ttp.store().put_host(HOST, &serde_json::to_string(&vectors.host).unwrap()).unwrap();
         let owner = key_of(&ca, Role::DomainManager, OWNER);
         let operator = key_of(&ca, Role::CloudPlatform, "cp-1");
@@ -99,6 +106,12 @@ impl Fixture {
             descriptor,
             header,
         }
+    }
+
+    /// Another TTP with the same K_TTP, signing key holder and policy over `store` (a store
+    /// on the same database as the fixture's: a replica).
+    pub(crate) fn replica(&self, store: Arc<dyn TtpStore>) -> Ttp {
+        replica_of(&self.ca, vectors().reference_state, store)
     }
 
     /// A signing key for `name` in `role` from the fixture's CA.
@@ -252,6 +265,17 @@ impl Fixture {
     pub(crate) fn refused(&self, request: &KeyReleaseRequest, code: &str) -> Error {
         self.refused_for(&self.host(), request, code)
     }
+}
+
+fn replica_of(ca: &(String, zeroize::Zeroizing<String>), state: ReferenceState, store: Arc<dyn TtpStore>) -> Ttp {
+    Ttp::new(
+        SecretBytes::from_slice_wiping(&mut [7u8; 32]),
+        key_of(ca, Role::Ttp, "ttp-1"),
+        vec![ca.0.clone()],
+        AttestationPolicy { reference_states: vec![state], ..Default::default() },
+        store,
+    )
+    .unwrap()
 }
 
 /// Registers `descriptor` (signed by `owner`) through the cloud platform; returns its header.
