@@ -4,8 +4,10 @@
 //! interfaces they drive in [`crate::sys`].
 
 pub mod dmcrypt;
+mod engine;
 pub mod filesystem;
 pub mod userspace;
+pub mod vhost_user;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
