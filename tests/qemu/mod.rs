@@ -359,6 +359,12 @@ pub struct BootImage {
 }
 
 pub fn boot_image() -> BootImage {
+    boot_image_with_tools(&[])
+}
+
+/// [`boot_image`] plus host programs (e.g. `fio`) copied into the guest's /usr/bin with
+/// their libraries.
+pub fn boot_image_with_tools(tools: &[&str]) -> BootImage {
     let t0 = Instant::now();
     require("qemu-system-x86_64", "qemu-system-x86");
     require("swtpm", "swtpm swtpm-tools");
@@ -397,6 +403,11 @@ pub fn boot_image() -> BootImage {
     let mut libs = BTreeSet::new();
     for bin in [&agent, &mkfs] {
         libs.extend(ldd(bin));
+    }
+    for tool in tools {
+        let path = require(tool, tool);
+        cpio.copy(&format!("usr/bin/{tool}"), &path, 0o755);
+        libs.extend(ldd(&path));
     }
     // libtss2-tctildr dlopen()s the device TCTI; ldd cannot see that.
     let extra = "/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0";
@@ -449,9 +460,26 @@ fn wait_for(path: &Path, limit: Duration) -> bool {
     false
 }
 
+/// What a VM needs beyond the defaults of [`Vm::boot`].
+#[derive(Debug, Clone, Default)]
+pub struct VmOptions {
+    /// Guest RAM as a shared memfd (`memory-backend-memfd,share=on` + `-numa node,memdev`):
+    /// what a vhost-user backend needs to map the guest's buffers.
+    pub shared_memory: bool,
+    /// A QMP monitor listening at this path.
+    pub qmp: Option<PathBuf>,
+    /// Empty `pcie-root-port`s (ids `hp1`, `hp2`, ...) to hot-plug devices into.
+    pub hotplug_ports: u8,
+}
+
 impl Vm {
     /// Boots the VM with `disks` as virtio-blk drives (/dev/vda, /dev/vdb, ... in order).
     pub fn boot(image: &BootImage, disks: &[&Path]) -> Vm {
+        Self::boot_with(image, disks, &VmOptions::default())
+    }
+
+    /// [`Vm::boot`] with shared memory, a QMP monitor or hot-plug ports as `options` says.
+    pub fn boot_with(image: &BootImage, disks: &[&Path], options: &VmOptions) -> Vm {
         let dir = tempfile::tempdir().expect("tempdir");
         // The project's swtpm launcher: manufactured TPM (EK + EK certificate from a local
         // CA), control channel on a unix socket for qemu's tpm-emulator backend.
@@ -475,6 +503,15 @@ impl Vm {
             .arg("-chardev")
             .arg(format!("socket,path={},server=on,wait=off,id=c0", agent_sock.display()))
             .args(["-device", "virtserialport,chardev=c0,name=skydd"]);
+        if options.shared_memory {
+            cmd.args(["-object", "memory-backend-memfd,id=mem,size=1024M,share=on", "-numa", "node,memdev=mem"]);
+        }
+        if let Some(qmp) = &options.qmp {
+            cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
+        for port in 1..=options.hotplug_ports {
+            cmd.arg("-device").arg(format!("pcie-root-port,id=hp{port},chassis={port},slot={port},bus=pcie.0"));
+        }
         for (i, d) in disks.iter().enumerate() {
             cmd.arg("-drive")
                 .arg(format!("file={},format=raw,if=none,id=d{i},cache=writethrough", d.display()))
@@ -541,7 +578,7 @@ impl Vm {
         format!("--- guest console (last lines) ---\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
     }
 
-    fn qemu_err(&self) -> String {
+    pub fn qemu_err(&self) -> String {
         fs::read_to_string(self.dir.path().join("qemu.err")).unwrap_or_default()
     }
 
