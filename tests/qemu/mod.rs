@@ -470,6 +470,10 @@ pub struct VmOptions {
     pub qmp: Option<PathBuf>,
     /// Empty `pcie-root-port`s (ids `hp1`, `hp2`, ...) to hot-plug devices into.
     pub hotplug_ports: u8,
+    /// `cache=writeback` for `disks` (the host page cache, flushed when the guest flushes),
+    /// instead of `writethrough` (every write synced): what a benchmark peer of a backend
+    /// that syncs at the guest's flushes needs.
+    pub writeback_disks: bool,
 }
 
 impl Vm {
@@ -512,9 +516,10 @@ impl Vm {
         for port in 1..=options.hotplug_ports {
             cmd.arg("-device").arg(format!("pcie-root-port,id=hp{port},chassis={port},slot={port},bus=pcie.0"));
         }
+        let cache = if options.writeback_disks { "writeback" } else { "writethrough" };
         for (i, d) in disks.iter().enumerate() {
             cmd.arg("-drive")
-                .arg(format!("file={},format=raw,if=none,id=d{i},cache=writethrough", d.display()))
+                .arg(format!("file={},format=raw,if=none,id=d{i},cache={cache}", d.display()))
                 .arg("-device")
                 .arg(format!("virtio-blk-pci,drive=d{i}"));
         }
@@ -576,6 +581,11 @@ impl Vm {
         let c = fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default();
         let lines: Vec<&str> = c.lines().collect();
         format!("--- guest console (last lines) ---\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
+    }
+
+    /// The qemu process (for CPU accounting in benchmarks).
+    pub fn qemu_pid(&self) -> u32 {
+        self.qemu.id()
     }
 
     pub fn qemu_err(&self) -> String {
