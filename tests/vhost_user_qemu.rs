@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use protocol::secret::SecretBytes;
 use qemu::{Vm, VmOptions};
+use serde_json::json;
+use secure_component::hypervisor::libvirt::LibvirtDriver;
 use secure_component::hypervisor::qemu::QemuDriver;
 use secure_component::hypervisor::{HypervisorDriver, Placement};
 use secure_component::service::mapping_name;
@@ -49,7 +51,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// The host side of one attachment: backend mapping + driver placement.
 struct Host {
     backend: VhostUserBlkBackend,
-    driver: QemuDriver,
+    driver: Box<dyn HypervisorDriver>,
+    vm_id: String,
 }
 
 /// One attachment made by the test: what detach needs, and how long it took.
@@ -63,21 +66,26 @@ struct Attached {
 
 impl Host {
     fn attach(&self, vm: &mut Vm, domain: &str, volume: &Path, key: &[u8; 64], mode: OpenMode) -> Attached {
-        let name = mapping_name(domain, VM_ID);
+        let name = mapping_name(domain, &self.vm_id);
         let t0 = Instant::now();
         let opened = self.backend.open(&name, volume, &secret(key), mode).expect("vhost-user open");
         let open = t0.elapsed();
         let placement =
-            Placement { vm_id: VM_ID.into(), domain_id: domain.into(), device: opened.device.clone(), mode };
+            Placement { vm_id: self.vm_id.clone(), domain_id: domain.into(), device: opened.device.clone(), mode };
         let t1 = Instant::now();
-        let location = self.driver.attach(&placement).expect("qemu driver attach");
+        let location = self.driver.attach(&placement).expect("driver attach");
         let plug = t1.elapsed();
         let t2 = Instant::now();
         let serial: String = name.chars().take(20).collect();
         let disk = loop {
-            let found = vm.sh(&format!(
+            let script = format!(
                 "for d in /sys/block/vd*; do [ \"$(cat $d/serial 2>/dev/null)\" = {serial} ] && echo ${{d##*/}}; done; true"
-            ));
+            );
+            let answer = vm.try_call(json!({"op": "run", "argv": ["/bin/sh", "-c", script]}), Duration::from_secs(30));
+            let found = match answer {
+                Ok(v) => v["stdout"].as_str().unwrap_or_default().to_string(),
+                Err(e) => panic!("the guest stopped answering after the hot-plug: {e}\n{}", vm.console_tail()),
+            };
             if let Some(d) = found.split_whitespace().next() {
                 break d.to_string();
             }
@@ -87,14 +95,15 @@ impl Host {
         let probe = t2.elapsed();
         assert_eq!(self.driver.check(&placement, &location).expect("check"), None);
         eprintln!(
-            "attached {name} ({mode:?}) as /dev/{disk}: open {open:.1?}, QMP hot-plug {plug:.1?}, guest probe {probe:.1?}"
+            "{}: attached {name} ({mode:?}) as /dev/{disk}: open {open:.1?}, hot-plug {plug:.1?}, guest probe {probe:.1?}",
+            self.driver.kind()
         );
         Attached { name, placement, location, disk }
     }
 
     fn detach(&self, vm: &mut Vm, a: Attached) {
         let t = Instant::now();
-        self.driver.detach(&a.placement, &a.location).expect("qemu driver detach");
+        self.driver.detach(&a.placement, &a.location).expect("driver detach");
         self.backend.close(&a.name).expect("vhost-user close");
         eprintln!("detached {} in {:.1?}", a.name, t.elapsed());
         assert!(!a.placement.device.exists(), "the socket {} must be gone", a.placement.device.display());
@@ -135,17 +144,29 @@ fn vhost_user_disk_in_a_running_guest() {
     eprintln!("guest agent answered {:.1?} after qemu started", vm.boot_time);
     let host = Host {
         backend: VhostUserBlkBackend::new(dir.path().join("sockets")).expect("backend"),
-        driver: QemuDriver::new(qmp_dir(dir.path())),
+        driver: Box::new(QemuDriver::new(qmp_dir(dir.path()))),
+        vm_id: VM_ID.into(),
     };
+    let (domain, volume, key) = write_read_detach_reattach_ro(&mut vm, &host, dir.path());
+    if bench {
+        benchmark(&mut vm, &host, &domain, &volume, &key);
+    }
+    vm.shutdown();
+}
 
+/// The story of one VM: a rw attachment gets a file system and a file, detach, the host sees
+/// only ciphertext (and the engine's key finds the file in it), a ro attachment reads the
+/// file back and the guest kernel refuses writes, detach. Returns the domain, its volume and
+/// key for more.
+fn write_read_detach_reattach_ro(vm: &mut Vm, host: &Host, dir: &Path) -> (String, PathBuf, [u8; 64]) {
     let domain = hex::encode(random_bytes::<16>());
     let key = random_bytes::<64>();
-    let volume = dir.path().join("volume.img");
+    let volume = dir.join("volume.img");
     fs::File::create(&volume).and_then(|f| f.set_len(MIB + 64 * MIB)).expect("volume file");
     let marker = format!("SKYDD-VHOST-PLAINTEXT-{}", hex::encode(random_bytes::<8>()));
 
     // 1. Read-write: the guest makes a file system, writes a file and reads it back.
-    let a = host.attach(&mut vm, &domain, &volume, &key, OpenMode::ReadWrite);
+    let a = host.attach(vm, &domain, &volume, &key, OpenMode::ReadWrite);
     let disk = a.disk.clone();
     assert_eq!(vm.sh(&format!("cat /sys/block/{disk}/queue/logical_block_size")).trim(), "4096");
     assert_eq!(vm.sh(&format!("cat /sys/block/{disk}/ro")).trim(), "0");
@@ -158,7 +179,7 @@ fn vhost_user_disk_in_a_running_guest() {
     let written = vm.sh("wc -l < /mnt/d/record.txt");
     assert_eq!(written.trim(), "2000");
     vm.sh("umount /mnt/d");
-    host.detach(&mut vm, a);
+    host.detach(vm, a);
 
     // 2. The host sees ciphertext only; the engine's key finds the guest's file in it.
     let raw = fs::read(&volume).expect("read volume");
@@ -170,7 +191,7 @@ fn vhost_user_disk_in_a_running_guest() {
     drop(raw);
 
     // 3. Read-only: the guest reads the same file; its kernel refuses writes.
-    let a = host.attach(&mut vm, &domain, &volume, &key, OpenMode::ReadOnly);
+    let a = host.attach(vm, &domain, &volume, &key, OpenMode::ReadOnly);
     let disk = a.disk.clone();
     assert_eq!(vm.sh(&format!("cat /sys/block/{disk}/ro")).trim(), "1");
     vm.sh(&format!("mount -t ext4 -o ro,noload /dev/{disk} /mnt/d"));
@@ -181,13 +202,47 @@ fn vhost_user_disk_in_a_running_guest() {
     assert_ne!(code, 0, "a raw write to the read-only disk succeeded: {out}");
     eprintln!("read-only disk refused the guest's writes: {}", out.trim());
     vm.sh("umount /mnt/d");
-    host.detach(&mut vm, a);
+    host.detach(vm, a);
     let after = fs::read(&volume).expect("read volume");
     assert!(!contains(&after, marker.as_bytes()));
 
-    if bench {
-        benchmark(&mut vm, &host, &domain, &volume, &key);
+    (domain, volume, key)
+}
+
+/// The same story through the `libvirt` driver against a real libvirtd: a transient TCG
+/// domain with memfd shared memory, the disk attached as `<disk type='vhostuser'>`.
+///
+/// Ignored: with libvirt 9.0 / qemu 7.2 the domain boots and its agent answers, `virsh
+/// attach-device` of the vhostuser disk succeeds, and right after it the guest's
+/// virtio-serial port reports ENODEV (as if hot-unplugged), so the agent is lost before the
+/// disk can be checked (docs/VHOST-USER.md "Status"). Run with `--ignored` to reproduce.
+#[test]
+#[ignore = "libvirt hot-plug loses the guest agent's virtio-serial port; see docs/VHOST-USER.md"]
+fn vhost_user_disk_through_libvirt() {
+    let image = qemu::boot_image();
+    let libvirtd = qemu::Libvirtd::ensure();
+    let vm_id = format!("skydd-vhost-test-{}", std::process::id());
+    let mut vm = Vm::boot_libvirt(&image, &libvirtd, &vm_id);
+    eprintln!("libvirt guest agent answered {:.1?} after virsh create", vm.boot_time);
+    for _ in 0..3 {
+        assert_eq!(vm.sh("echo up").trim(), "up");
+        std::thread::sleep(Duration::from_secs(1));
     }
+    eprintln!("agent stable");
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // libvirt's qemu (user libvirt-qemu) must reach the socket directory.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
+    }
+    let host = Host {
+        backend: VhostUserBlkBackend::new(dir.path().join("sockets")).expect("backend"),
+        driver: Box::new(
+            LibvirtDriver::with_virsh(None, Some(libvirtd.uri.clone()), dir.path().join("libvirt")).expect("driver"),
+        ),
+        vm_id,
+    };
+    write_read_detach_reattach_ro(&mut vm, &host, dir.path());
     vm.shutdown();
 }
 

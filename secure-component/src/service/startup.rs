@@ -83,10 +83,16 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
         )?),
         HypervisorChoice::Qemu => Box::new(QemuDriver::new(config.qmp_dir())),
     };
-    if matches!(backend, Backend::VhostUser(_)) != matches!(config.hypervisor, HypervisorChoice::Qemu) {
+    let vhost_user = matches!(backend, Backend::VhostUser(_));
+    let fits = match config.hypervisor {
+        HypervisorChoice::Local => !vhost_user,
+        HypervisorChoice::Qemu => vhost_user,
+        HypervisorChoice::Libvirt => true,
+    };
+    if !fits {
         return Err(Error::Config(format!(
-            "backend \"{}\" and hypervisor \"{}\" do not fit: a vhost-user disk is hot-plugged by the qemu driver, \
-             and the qemu driver plugs only vhost-user disks; use backend = \"vhost-user\" with hypervisor = \"qemu\"",
+            "backend \"{}\" and hypervisor \"{}\" do not fit: a vhost-user disk is plugged into a VM by the qemu or \
+             libvirt driver, and the qemu driver plugs only vhost-user disks; the local driver needs a block device",
             backend.kind(),
             driver.kind()
         )));
