@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use protocol::secret::SecretBytes;
 use qemu::{Vm, VmOptions};
-use serde_json::json;
 use secure_component::hypervisor::libvirt::LibvirtDriver;
 use secure_component::hypervisor::qemu::QemuDriver;
 use secure_component::hypervisor::{HypervisorDriver, Placement};
 use secure_component::service::mapping_name;
 use secure_component::volume::vhost_user::VhostUserBlkBackend;
 use secure_component::volume::{OpenMode, VolumeBackend};
+use serde_json::json;
 use skydd_volume::layout::DATA_OFFSET;
 use skydd_volume::xts::XtsEngine;
 
@@ -89,7 +89,11 @@ impl Host {
             if let Some(d) = found.split_whitespace().next() {
                 break d.to_string();
             }
-            assert!(t2.elapsed() < Duration::from_secs(120), "the guest never saw disk {serial}\n{}", vm.console_tail());
+            assert!(
+                t2.elapsed() < Duration::from_secs(120),
+                "the guest never saw disk {serial}\n{}",
+                vm.console_tail()
+            );
             std::thread::sleep(Duration::from_millis(200));
         };
         let probe = t2.elapsed();

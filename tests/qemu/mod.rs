@@ -694,14 +694,7 @@ impl Vm {
             }
         };
         let writer = stream.try_clone().expect("clone stream");
-        let mut vm = Vm {
-            runner,
-            dir,
-            reader: BufReader::new(stream),
-            writer,
-            next_id: 1,
-            boot_time: Duration::ZERO,
-        };
+        let mut vm = Vm { runner, dir, reader: BufReader::new(stream), writer, next_id: 1, boot_time: Duration::ZERO };
         // Ping until the agent answers (boot under TCG: seconds; bounded at 180 s).
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {

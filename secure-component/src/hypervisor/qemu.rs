@@ -85,7 +85,7 @@ impl HypervisorDriver for QemuDriver {
         let mut qmp = self.connect(&placement.vm_id)?;
         let id = device_id(placement);
         let chr = chardev_id(&id);
-        if qmp.peripherals()?.iter().any(|p| *p == id) {
+        if qmp.peripherals()?.contains(&id) {
             return Err(hv(format!("VM {} already has a device {id}", placement.vm_id)));
         }
         let socket = placement.device.to_str().ok_or_else(|| hv("the vhost-user socket path is not UTF-8"))?;
