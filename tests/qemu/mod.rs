@@ -683,7 +683,7 @@ impl Vm {
         // The socket file appears at bind(), slightly before listen(): retry (bounded).
         let connect_deadline = Instant::now() + Duration::from_secs(20);
         let stream = loop {
-            match UnixStream::connect(&agent_sock) {
+            match UnixStream::connect(agent_sock) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() > connect_deadline => {
                     let mut runner = runner;

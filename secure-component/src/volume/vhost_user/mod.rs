@@ -1,5 +1,5 @@
 //! The vhost-user-blk backend: the plaintext sectors of a volume (the same engine as the
-//! userspace backend, [`super::engine`]) served straight to a qemu guest as a virtio block
+//! userspace backend, `volume::engine`) served straight to a qemu guest as a virtio block
 //! device over a vhost-user socket (docs/VHOST-USER.md). No device-mapper, loop device or
 //! FUSE on the host: the plaintext exists only in this process and in the guest.
 //!
