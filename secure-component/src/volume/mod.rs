@@ -78,6 +78,16 @@ pub trait VolumeBackend: Send + Sync {
     fn list(&self) -> Result<Vec<OpenVolume>>;
 }
 
+/// Closes the mappings `names` of a backend that serves them from this process (userspace,
+/// vhost-user) as it is dropped; what cannot be closed is logged, not fatal.
+fn close_at_shutdown(backend: &dyn VolumeBackend, names: Vec<String>) {
+    for name in names {
+        if let Err(e) = backend.close(&name) {
+            tracing::warn!(%name, kind = backend.kind(), error = %e, "closing a mapping on shutdown failed");
+        }
+    }
+}
+
 /// What opening a format-2 volume needs beyond the XTS key.
 pub struct IntegrityOpen {
     /// The 32-byte sector-tag key `K_mac` the TTP released with the volume key.

@@ -308,11 +308,7 @@ impl Drop for UserspaceBackend {
             Ok(l) => l.keys().cloned().collect(),
             Err(_) => return,
         };
-        for name in names {
-            if let Err(e) = self.close(&name) {
-                tracing::warn!(%name, error = %e, "closing userspace mapping on shutdown failed");
-            }
-        }
+        super::close_at_shutdown(self, names);
     }
 }
 

@@ -254,10 +254,6 @@ impl Drop for VhostUserBlkBackend {
             Ok(l) => l.keys().cloned().collect(),
             Err(_) => return,
         };
-        for name in names {
-            if let Err(e) = self.close(&name) {
-                tracing::warn!(%name, error = %e, "closing vhost-user mapping on shutdown failed");
-            }
-        }
+        super::close_at_shutdown(self, names);
     }
 }
