@@ -389,6 +389,7 @@ pub fn loopback_agent_config(
         backend: BackendChoice::Auto,
         hypervisor: HypervisorChoice::Local,
         libvirt: LibvirtConfig::default(),
+        qemu: Default::default(),
         ttp_url: ttp_url.to_string(),
         ca: tls.ca.clone(),
         crl: tls.crl.clone(),

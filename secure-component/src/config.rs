@@ -7,8 +7,8 @@
 //! tcti = "device:/dev/tpmrm0"              # or "swtpm:host=127.0.0.1,port=2321"
 //! state_dir = "/var/lib/skydd/sc"          # TPM key blobs, attachment records
 //! vm_root = "/var/lib/skydd/vms"           # local driver: <vm_root>/<vm_id>/<domain_id>
-//! backend = "auto"                         # "auto" | "dm-crypt" | "userspace"
-//! hypervisor = "local"                     # "local" | "libvirt"
+//! backend = "auto"                         # "auto" | "dm-crypt" | "userspace" | "vhost-user"
+//! hypervisor = "local"                     # "local" | "libvirt" | "qemu"
 //! ttp_url = "https://ttp.example:7443"
 //! ca = ["/etc/skydd/ca.pem"]
 //! cert = "/etc/skydd/host-1.pem"           # role secure-component
@@ -20,6 +20,9 @@
 //!
 //! [libvirt]                                # only with hypervisor = "libvirt"
 //! uri = "qemu:///system"
+//!
+//! [qemu]                                   # only with hypervisor = "qemu"
+//! qmp_dir = "/run/skydd/qmp"               # <qmp_dir>/<vm_id>.qmp: each VM's QMP socket
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -41,6 +44,10 @@ pub enum BackendChoice {
     /// Always the userspace engine (FUSE + loop device, [`crate::volume::userspace`]), even
     /// where dm-crypt is available.
     Userspace,
+    /// The same engine served to a qemu guest as a vhost-user-blk disk
+    /// ([`crate::volume::vhost_user`], docs/VHOST-USER.md); needs `hypervisor = "qemu"` or
+    /// `"libvirt"`.
+    VhostUser,
 }
 
 /// How opened volumes reach VMs.
@@ -52,6 +59,18 @@ pub enum HypervisorChoice {
     Local,
     /// `virsh attach-device --live` into the libvirt domain named like the VM.
     Libvirt,
+    /// QMP hot-plug into a running qemu whose monitor is `<qmp_dir>/<vm_id>.qmp`
+    /// ([`crate::hypervisor::qemu`]).
+    Qemu,
+}
+
+/// The `[qemu]` table: where the `qemu` driver finds each VM's QMP monitor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuConfig {
+    /// Directory of the QMP sockets, one `<vm_id>.qmp` per VM; `<state_dir>/qmp` if absent.
+    #[serde(default)]
+    pub qmp_dir: Option<PathBuf>,
 }
 
 /// The `[libvirt]` table: how the `libvirt` driver reaches libvirtd. Ignored by the `local`
@@ -107,6 +126,9 @@ pub struct AgentConfig {
     /// Settings of the `libvirt` driver.
     #[serde(default)]
     pub libvirt: LibvirtConfig,
+    /// Settings of the `qemu` driver.
+    #[serde(default)]
+    pub qemu: QemuConfig,
     /// The TTP's base URL.
     pub ttp_url: String,
     /// Trusted CA roots (PEM files): the own cloud's first.
@@ -175,6 +197,16 @@ impl AgentConfig {
     /// The userspace backend's mapping records and FUSE mount points.
     pub fn userspace_dir(&self) -> PathBuf {
         self.state_dir.join("userspace")
+    }
+
+    /// The vhost-user sockets of the `vhost-user` backend.
+    pub fn vhost_user_dir(&self) -> PathBuf {
+        self.state_dir.join("vhost-user")
+    }
+
+    /// The QMP sockets the `qemu` driver connects to.
+    pub fn qmp_dir(&self) -> PathBuf {
+        self.qemu.qmp_dir.clone().unwrap_or_else(|| self.state_dir.join("qmp"))
     }
 
     /// Device XML files of the libvirt driver.

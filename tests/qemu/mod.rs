@@ -360,6 +360,12 @@ pub struct BootImage {
 }
 
 pub fn boot_image() -> BootImage {
+    boot_image_with_tools(&[])
+}
+
+/// [`boot_image`] plus host programs (e.g. `fio`) copied into the guest's /usr/bin with
+/// their libraries.
+pub fn boot_image_with_tools(tools: &[&str]) -> BootImage {
     let t0 = Instant::now();
     require("qemu-system-x86_64", "qemu-system-x86");
     require("swtpm", "swtpm swtpm-tools");
@@ -399,6 +405,11 @@ pub fn boot_image() -> BootImage {
     for bin in [&agent, &mkfs] {
         libs.extend(ldd(bin));
     }
+    for tool in tools {
+        let path = require(tool, tool);
+        cpio.copy(&format!("usr/bin/{tool}"), &path, 0o755);
+        libs.extend(ldd(&path));
+    }
     // libtss2-tctildr dlopen()s the device TCTI; ldd cannot see that.
     let extra = "/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0";
     let p = PathBuf::from(extra);
@@ -427,11 +438,93 @@ pub fn boot_image() -> BootImage {
     BootImage { kernel, initramfs, modules: names, reused, prepare_time: t0.elapsed(), agent_build_time }
 }
 
-/// A running VM with its swtpm; both are killed on drop.
+/// A libvirtd to talk to at `qemu:///system`: the one running, or one started here (with
+/// its virtlogd) without systemd, killed on drop. Needs `libvirt-daemon-system`.
+pub struct Libvirtd {
+    started: Vec<KillOnDrop>,
+    pub uri: String,
+}
+
+impl Libvirtd {
+    pub fn ensure() -> Libvirtd {
+        let uri = "qemu:///system".to_string();
+        let answers = || {
+            Command::new("virsh")
+                .args(["-c", uri.as_str(), "version"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        require("virsh", "libvirt-clients");
+        if answers() {
+            return Libvirtd { started: Vec::new(), uri };
+        }
+        let mut started = Vec::new();
+        for daemon in ["virtlogd", "libvirtd"] {
+            let path = require(daemon, "libvirt-daemon-system");
+            let child = Command::new(path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {daemon}: {e}"));
+            started.push(KillOnDrop(Some(child)));
+        }
+        let t = Instant::now();
+        while !answers() {
+            assert!(t.elapsed() < Duration::from_secs(30), "libvirtd did not answer at {uri} within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Libvirtd { started, uri }
+    }
+}
+
+/// What runs the VM: our own qemu child with its swtpm, or a libvirt domain.
+enum Runner {
+    Qemu {
+        qemu: Child,
+        /// Killed and reaped by its own Drop, after qemu (killed in Vm's Drop).
+        swtpm: secure_component::swtpm::Swtpm,
+    },
+    Libvirt {
+        domain: String,
+        uri: String,
+    },
+}
+
+impl Runner {
+    /// Whether the VM has ended.
+    fn exited(&mut self) -> bool {
+        match self {
+            Runner::Qemu { qemu, .. } => matches!(qemu.try_wait(), Ok(Some(_))),
+            Runner::Libvirt { domain, uri } => !Command::new("virsh")
+                .args(["-c", uri.as_str(), "domstate", domain.as_str()])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("running")),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Runner::Qemu { qemu, .. } => {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+            }
+            Runner::Libvirt { domain, uri } => {
+                let _ = Command::new("virsh")
+                    .args(["-c", uri.as_str(), "destroy", domain.as_str()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+/// A running VM (with its swtpm when we started qemu ourselves); killed on drop.
 pub struct Vm {
-    qemu: Child,
-    /// Killed and reaped by its own Drop, after qemu (field order).
-    swtpm: secure_component::swtpm::Swtpm,
+    runner: Runner,
     pub dir: tempfile::TempDir,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
@@ -450,9 +543,30 @@ fn wait_for(path: &Path, limit: Duration) -> bool {
     false
 }
 
+/// What a VM needs beyond the defaults of [`Vm::boot`].
+#[derive(Debug, Clone, Default)]
+pub struct VmOptions {
+    /// Guest RAM as a shared memfd (`memory-backend-memfd,share=on` + `-numa node,memdev`):
+    /// what a vhost-user backend needs to map the guest's buffers.
+    pub shared_memory: bool,
+    /// A QMP monitor listening at this path.
+    pub qmp: Option<PathBuf>,
+    /// Empty `pcie-root-port`s (ids `hp1`, `hp2`, ...) to hot-plug devices into.
+    pub hotplug_ports: u8,
+    /// `cache=writeback` for `disks` (the host page cache, flushed when the guest flushes),
+    /// instead of `writethrough` (every write synced): what a benchmark peer of a backend
+    /// that syncs at the guest's flushes needs.
+    pub writeback_disks: bool,
+}
+
 impl Vm {
     /// Boots the VM with `disks` as virtio-blk drives (/dev/vda, /dev/vdb, ... in order).
     pub fn boot(image: &BootImage, disks: &[&Path]) -> Vm {
+        Self::boot_with(image, disks, &VmOptions::default())
+    }
+
+    /// [`Vm::boot`] with shared memory, a QMP monitor or hot-plug ports as `options` says.
+    pub fn boot_with(image: &BootImage, disks: &[&Path], options: &VmOptions) -> Vm {
         let dir = tempfile::tempdir().expect("tempdir");
         // The project's swtpm launcher: manufactured TPM (EK + EK certificate from a local
         // CA), control channel on a unix socket for qemu's tpm-emulator backend.
@@ -476,9 +590,19 @@ impl Vm {
             .arg("-chardev")
             .arg(format!("socket,path={},server=on,wait=off,id=c0", agent_sock.display()))
             .args(["-device", "virtserialport,chardev=c0,name=skydd"]);
+        if options.shared_memory {
+            cmd.args(["-object", "memory-backend-memfd,id=mem,size=1024M,share=on", "-numa", "node,memdev=mem"]);
+        }
+        if let Some(qmp) = &options.qmp {
+            cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
+        for port in 1..=options.hotplug_ports {
+            cmd.arg("-device").arg(format!("pcie-root-port,id=hp{port},chassis={port},slot={port},bus=pcie.0"));
+        }
+        let cache = if options.writeback_disks { "writeback" } else { "writethrough" };
         for (i, d) in disks.iter().enumerate() {
             cmd.arg("-drive")
-                .arg(format!("file={},format=raw,if=none,id=d{i},cache=writethrough", d.display()))
+                .arg(format!("file={},format=raw,if=none,id=d{i},cache={cache}", d.display()))
                 .arg("-device")
                 .arg(format!("virtio-blk-pci,drive=d{i}"));
         }
@@ -494,32 +618,91 @@ impl Vm {
             let err = fs::read_to_string(dir.path().join("qemu.err")).unwrap_or_default();
             panic!("qemu did not create {}: {err}", agent_sock.display()); // drops kill both
         }
+        let runner = Runner::Qemu { qemu: qemu.0.take().expect("qemu child"), swtpm };
+        Self::connect_agent(runner, dir, &agent_sock, t0)
+    }
+
+    /// Boots the image as a transient libvirt domain `name` (`<domain type='qemu'>`, q35,
+    /// memfd shared memory for vhost-user, three empty `pcie-root-port`s, the agent on a
+    /// virtio-serial channel); `virsh destroy` on drop.
+    pub fn boot_libvirt(image: &BootImage, libvirtd: &Libvirtd, name: &str) -> Vm {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // qemu runs as libvirt-qemu: it must reach the kernel, its sockets and logs here.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).expect("chmod tempdir");
+        let kernel = dir.path().join("vmlinuz");
+        let initrd = dir.path().join("initramfs.cpio");
+        fs::copy(&image.kernel.vmlinuz, &kernel).expect("copy kernel");
+        fs::copy(&image.initramfs, &initrd).expect("copy initramfs");
+        let agent_sock = dir.path().join("agent.sock");
+        let console = dir.path().join("console.log");
+        let ports: String = std::iter::once("    <controller type='pci' index='0' model='pcie-root'/>\n".to_string())
+            // One slot each: libvirt would otherwise pack them as functions of one
+            // multifunction slot, and a hot-plug event for the slot reaches all of them.
+            .chain((1..=3).map(|i| {
+                format!(
+                    "    <controller type='pci' index='{i}' model='pcie-root-port'>\
+                     <address type='pci' domain='0' bus='0' slot='{}' function='0'/></controller>\n",
+                    i + 1
+                )
+            }))
+            .collect();
+        let xml = format!(
+            "<domain type='qemu'>\n  <name>{name}</name>\n  <memory unit='MiB'>1024</memory>\n  <vcpu>1</vcpu>\n  \
+             <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n  \
+             <os><type arch='x86_64' machine='q35'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\n  \
+             <cmdline>console=ttyS0 quiet panic=-1 rdinit=/init</cmdline></os>\n  <cpu mode='maximum'/>\n  \
+             <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>\n  \
+             <devices>\n    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n{ports}    \
+             <controller type='virtio-serial'><address type='pci' domain='0' bus='0' slot='9' function='0'/></controller>\n    <channel type='unix'><source mode='bind' path='{}'/>\
+             <target type='virtio' name='skydd'/></channel>\n    <serial type='file'><source path='{}'/>\
+             <target port='0'/></serial>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n",
+            kernel.display(),
+            initrd.display(),
+            agent_sock.display(),
+            console.display()
+        );
+        let xml_path = dir.path().join("domain.xml");
+        fs::write(&xml_path, xml).expect("write domain xml");
+        let t0 = Instant::now();
+        let out = Command::new("virsh")
+            .args(["-c", libvirtd.uri.as_str(), "create"])
+            .arg(&xml_path)
+            .output()
+            .expect("run virsh create");
+        assert!(out.status.success(), "virsh create failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut runner = Runner::Libvirt { domain: name.to_string(), uri: libvirtd.uri.clone() };
+        if !wait_for(&agent_sock, Duration::from_secs(30)) {
+            runner.kill();
+            panic!("libvirt's qemu did not create {}", agent_sock.display());
+        }
+        Self::connect_agent(runner, dir, &agent_sock, t0)
+    }
+
+    /// Connects to the guest agent at `agent_sock` and pings until it answers (bounded).
+    fn connect_agent(runner: Runner, dir: tempfile::TempDir, agent_sock: &Path, t0: Instant) -> Vm {
         // The socket file appears at bind(), slightly before listen(): retry (bounded).
         let connect_deadline = Instant::now() + Duration::from_secs(20);
         let stream = loop {
-            match UnixStream::connect(&agent_sock) {
+            match UnixStream::connect(agent_sock) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() > connect_deadline => panic!("connect to {}: {e}", agent_sock.display()),
+                Err(e) if Instant::now() > connect_deadline => {
+                    let mut runner = runner;
+                    runner.kill();
+                    panic!("connect to {}: {e}", agent_sock.display())
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         };
         let writer = stream.try_clone().expect("clone stream");
-        let mut vm = Vm {
-            qemu: qemu.0.take().expect("qemu child"),
-            swtpm,
-            dir,
-            reader: BufReader::new(stream),
-            writer,
-            next_id: 1,
-            boot_time: Duration::ZERO,
-        };
+        let mut vm = Vm { runner, dir, reader: BufReader::new(stream), writer, next_id: 1, boot_time: Duration::ZERO };
         // Ping until the agent answers (boot under TCG: seconds; bounded at 180 s).
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             if Instant::now() > deadline {
                 panic!("the guest agent did not answer within 180 s\n{}", vm.console_tail());
             }
-            if let Ok(Some(_)) = vm.qemu.try_wait() {
+            if vm.runner.exited() {
                 panic!("qemu exited during boot\n{}\n{}", vm.console_tail(), vm.qemu_err());
             }
             match vm.try_call(json!({"op": "ping"}), Duration::from_secs(2)) {
@@ -533,16 +716,32 @@ impl Vm {
 
     /// The DER certificates (root, issuer) the guest TPM's EK certificate chains to.
     pub fn ek_ca_certificates(&self) -> Vec<Vec<u8>> {
-        self.swtpm.ek_ca_certificates().expect("the swtpm local CA certificates")
+        match &self.runner {
+            Runner::Qemu { swtpm, .. } => swtpm.ek_ca_certificates().expect("the swtpm local CA certificates"),
+            Runner::Libvirt { .. } => panic!("a libvirt VM of this harness has no TPM"),
+        }
     }
 
     pub fn console_tail(&self) -> String {
         let c = fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default();
-        let lines: Vec<&str> = c.lines().collect();
+        let mut lines: Vec<&str> = c.lines().collect();
+        // A looping error would hide what came before it.
+        lines.dedup();
         format!("--- guest console (last lines) ---\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
     }
 
-    fn qemu_err(&self) -> String {
+    /// The qemu process (for CPU accounting in benchmarks).
+    pub fn qemu_pid(&self) -> u32 {
+        match &self.runner {
+            Runner::Qemu { qemu, .. } => qemu.id(),
+            Runner::Libvirt { domain, .. } => fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(0),
+        }
+    }
+
+    pub fn qemu_err(&self) -> String {
         fs::read_to_string(self.dir.path().join("qemu.err")).unwrap_or_default()
     }
 
@@ -623,7 +822,7 @@ impl Vm {
         let _ = self.try_call(json!({"op": "poweroff"}), Duration::from_secs(10));
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.qemu.try_wait() {
+            if self.runner.exited() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -633,8 +832,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let _ = self.qemu.kill();
-        let _ = self.qemu.wait();
+        self.runner.kill();
     }
 }
 

@@ -100,6 +100,7 @@ async fn lab_with_compute_1() -> (Lab, Compute) {
         backend: BackendChoice::Auto,
         hypervisor: HypervisorChoice::Local,
         libvirt: LibvirtConfig::default(),
+        qemu: Default::default(),
         ttp_url,
         ca: sc_tls.ca.clone(),
         crl: sc_tls.crl.clone(),

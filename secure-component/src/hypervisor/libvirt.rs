@@ -15,7 +15,22 @@
 //! the same XML. The guest sees a block device (it owns the file system). The target is the
 //! first of vdb..vdz the domain does not use (`virsh domblklist`).
 //!
-//! This driver is unit-tested against a fake `virsh`; the test host has no libvirt.
+//! A vhost-user socket ([`crate::volume::vhost_user`], docs/VHOST-USER.md) is attached as
+//!
+//! ```xml
+//! <disk type='vhostuser' device='disk'>
+//!   <driver name='qemu' type='raw'/>
+//!   <source type='unix' path='/run/skydd/vhost-user/skydd-....sock'><reconnect enabled='no'/></source>
+//!   <target dev='vdb' bus='virtio'/>
+//! </disk>
+//! ```
+//!
+//! (read-only and the serial come from the backend itself), after handing the socket to the
+//! user and group the domain's qemu runs as (its live DAC `<seclabel>`). The domain needs
+//! shared memory: `<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>`.
+//!
+//! Unit-tested against a fake `virsh`; tests/vhost_user_qemu.rs runs it against a real
+//! libvirtd with a TCG domain.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -102,11 +117,55 @@ impl LibvirtDriver {
     }
 
     fn write_xml(&self, placement: &Placement, target: &str) -> Result<PathBuf> {
-        let xml = disk_xml(&placement.device, target, placement.mode == OpenMode::ReadOnly, &serial(placement));
+        let xml = if is_socket(&placement.device) {
+            vhost_user_disk_xml(&placement.device, target)
+        } else {
+            disk_xml(&placement.device, target, placement.mode == OpenMode::ReadOnly, &serial(placement))
+        };
         let path = self.xml_path(&placement.vm_id, target);
         std::fs::write(&path, xml).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         Ok(path)
     }
+}
+
+impl LibvirtDriver {
+    /// Gives the vhost-user socket to the uid:gid the domain's qemu runs as (libvirt's DAC
+    /// label of the running domain), so that qemu, and only it, can connect.
+    fn hand_socket_to_qemu(&self, vm: &str, socket: &Path) -> Result<()> {
+        let live = self.virsh.run(&["dumpxml".into(), vm.into()])?;
+        let Some((uid, gid)) = dac_label(&live) else {
+            // No DAC label: qemu runs as the libvirtd user (root), which can connect already.
+            return Ok(());
+        };
+        std::os::unix::fs::chown(socket, Some(uid), Some(gid))
+            .map_err(|e| Error::io(format!("handing {} to qemu's {uid}:{gid}", socket.display()), e))
+    }
+}
+
+/// Whether `path` is a unix socket (a vhost-user mapping) rather than a block device.
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// The `+uid:+gid` of a live domain XML's `<seclabel ... model='dac'>` `<label>`.
+fn dac_label(domain_xml: &str) -> Option<(u32, u32)> {
+    let start = domain_xml.find("model='dac'")?;
+    let rest = &domain_xml[start..];
+    let label = rest.split("<label>").nth(1)?.split("</label>").next()?;
+    let (uid, gid) = label.split_once(':')?;
+    Some((uid.trim_start_matches('+').parse().ok()?, gid.trim_start_matches('+').parse().ok()?))
+}
+
+/// The `<disk type='vhostuser'>` element for the vhost-user `socket` at `target`.
+pub fn vhost_user_disk_xml(socket: &Path, target: &str) -> String {
+    format!(
+        "<disk type='vhostuser' device='disk'>\n  <driver name='qemu' type='raw'/>\n  \
+         <source type='unix' path='{}'>\n    <reconnect enabled='no'/>\n  </source>\n  \
+         <target dev='{}' bus='virtio'/>\n</disk>\n",
+        escape(&socket.to_string_lossy()),
+        escape(target)
+    )
 }
 
 impl HypervisorDriver for LibvirtDriver {
@@ -126,6 +185,9 @@ impl HypervisorDriver for LibvirtDriver {
         let target = free_target(&used)
             .ok_or_else(|| hv(format!("VM {} has no free virtio target (vdb..vdz all used)", placement.vm_id)))?;
         let file = self.write_xml(placement, &target)?;
+        if is_socket(&placement.device) {
+            self.hand_socket_to_qemu(&placement.vm_id, &placement.device)?;
+        }
         self.virsh.run(&[
             "attach-device".into(),
             placement.vm_id.clone(),
@@ -261,6 +323,17 @@ mod tests {
         assert!(rw.contains("<source dev='/dev/dm-0'/>"));
         let odd = disk_xml(Path::new("/dev/a'b&<c>"), "vdb", false, "s");
         assert!(odd.contains("<source dev='/dev/a&apos;b&amp;&lt;c&gt;'/>"), "{odd}");
+    }
+
+    #[test]
+    fn vhost_user_disk_and_dac_label() {
+        let xml = vhost_user_disk_xml(Path::new("/run/skydd/vhost-user/skydd-a-vm.sock"), "vdb");
+        assert!(xml.contains("<disk type='vhostuser' device='disk'>"), "{xml}");
+        assert!(xml.contains("<source type='unix' path='/run/skydd/vhost-user/skydd-a-vm.sock'>"), "{xml}");
+        let live = "<domain><seclabel type='dynamic' model='dac' relabel='yes'>\n<label>+64055:+107</label>\n\
+                    <imagelabel>+64055:+107</imagelabel></seclabel></domain>";
+        assert_eq!(dac_label(live), Some((64055, 107)));
+        assert_eq!(dac_label("<domain/>"), None);
     }
 
     #[test]

@@ -1,13 +1,16 @@
-//! Hypervisor drivers: how an opened (plaintext) volume reaches a VM. One trait, two drivers:
+//! Hypervisor drivers: how an opened (plaintext) volume reaches a VM. One trait, three drivers:
 //!
 //! - [`local::LocalDriver`]: mounts the ext4 file system at `<vm_root>/<vm_id>/<domain_id>`
 //!   (read-only with `ro,noload` for ro; `mkfs.ext4` on the first read-write use). The
 //!   all-in-one cloud and the tests use it: the "VM" is a directory.
 //! - [`libvirt::LibvirtDriver`]: hands the block device to a running libvirt domain with
 //!   `virsh attach-device --live` (`<readonly/>` for ro); the guest owns the file system.
+//! - [`qemu::QemuDriver`]: hot-plugs the vhost-user-blk socket of a
+//!   [`crate::volume::vhost_user`] mapping into a running qemu over QMP (docs/VHOST-USER.md).
 
 pub mod libvirt;
 pub mod local;
+pub mod qemu;
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +24,8 @@ pub struct Placement {
     pub vm_id: String,
     /// The domain whose volume this is; the last path component of the local mount.
     pub domain_id: String,
-    /// The plaintext block device (/dev/loopN or /dev/dm-N).
+    /// The plaintext block device (/dev/loopN or /dev/dm-N), or the vhost-user socket
+    /// serving it (the `vhost-user` backend).
     pub device: PathBuf,
     /// Read-only placements are mounted `ro,noload` (local) or attached `<readonly/>` (libvirt).
     pub mode: OpenMode,
@@ -30,10 +34,10 @@ pub struct Placement {
 /// A way to give an opened volume to a VM and take it away again ([`local::LocalDriver`],
 /// [`libvirt::LibvirtDriver`]; chosen by `hypervisor` in the configuration).
 pub trait HypervisorDriver: Send + Sync {
-    /// "local" or "libvirt".
+    /// "local", "libvirt" or "qemu".
     fn kind(&self) -> &'static str;
     /// Gives the device to the VM. Returns where the VM sees it: the mount directory
-    /// (local) or the libvirt target such as `vdb`.
+    /// (local), the libvirt target such as `vdb`, or the qemu device id.
     fn attach(&self, placement: &Placement) -> Result<String>;
     /// Takes the device away from the VM again (`location` as returned by `attach`). Must
     /// succeed when it is already gone (after a crash or a manual cleanup).

@@ -1,10 +1,11 @@
-//! The volume backend in use (dm-crypt or the userspace engine) as the agent sees it: which
+//! The volume backend in use (dm-crypt, the userspace engine, or that engine over vhost-user) as the agent sees it: which
 //! mapping a domain gets on a VM, whether that mapping is live, stale or gone, and how to
 //! tear it down in whatever state it is.
 
 use crate::error::Result;
 use crate::volume::dmcrypt::DmCryptBackend;
 use crate::volume::userspace::UserspaceBackend;
+use crate::volume::vhost_user::VhostUserBlkBackend;
 use crate::volume::VolumeBackend;
 
 /// The volume backend in use.
@@ -13,6 +14,9 @@ pub enum Backend {
     DmCrypt(DmCryptBackend),
     /// The userspace engine: mappings live only as long as this process.
     Userspace(UserspaceBackend),
+    /// The userspace engine served to a qemu guest as a vhost-user-blk disk: mappings live
+    /// only as long as this process and its frontend's connection.
+    VhostUser(VhostUserBlkBackend),
 }
 
 /// What the backend knows about a mapping name now.
@@ -31,10 +35,11 @@ impl Backend {
         match self {
             Backend::DmCrypt(b) => b,
             Backend::Userspace(b) => b,
+            Backend::VhostUser(b) => b,
         }
     }
 
-    /// "dm-crypt" or "userspace": what `/v1/health` and the attachment records report.
+    /// "dm-crypt", "userspace" or "vhost-user": what `/v1/health` and the attachment records report.
     pub fn kind(&self) -> &'static str {
         self.get().kind()
     }
@@ -53,6 +58,13 @@ impl Backend {
                     Some(reason) => MappingState::Stale(reason),
                 },
             }),
+            Backend::VhostUser(b) => Ok(match b.list_detailed()?.into_iter().find(|s| s.name == name) {
+                None => MappingState::Absent,
+                Some(s) => match s.stale {
+                    None => MappingState::Live,
+                    Some(reason) => MappingState::Stale(reason),
+                },
+            }),
         }
     }
 
@@ -65,6 +77,8 @@ impl Backend {
                 // others are dead too, and their own detach finds nothing left to do.
                 Backend::Userspace(b) => b.cleanup_stale().map(|_| ()),
                 Backend::DmCrypt(b) => b.close(name),
+                // A mapping whose frontend hung up: closing wipes its key and socket.
+                Backend::VhostUser(b) => b.close(name),
             },
             MappingState::Absent => Ok(()),
         }

@@ -36,12 +36,12 @@ impl AttachmentService {
         Ok(record)
     }
 
-    /// An orderly stop. The userspace engine runs inside this process, so its mappings end
+    /// An orderly stop. The userspace engine (FUSE or vhost-user) runs inside this process, so its mappings end
     /// with it: unmount/detach each from its VM (flushing the file system) and close it, and
     /// mark the record so the next start lists it as stale with this reason. dm-crypt
     /// mappings live in the kernel and are left alone. Called on drop.
     pub fn shutdown(&self) {
-        let Backend::Userspace(_) = &self.backend else { return };
+        let (Backend::Userspace(_) | Backend::VhostUser(_)) = &self.backend else { return };
         let Ok(records) = self.records.list() else { return };
         for mut record in records {
             if record.interrupted.is_some() || !matches!(self.backend.state(&record.mapping), Ok(MappingState::Live)) {

@@ -15,9 +15,11 @@ use crate::error::{Error, Result};
 use crate::host::{AttestedHost, TpmWorker};
 use crate::hypervisor::libvirt::LibvirtDriver;
 use crate::hypervisor::local::LocalDriver;
+use crate::hypervisor::qemu::QemuDriver;
 use crate::hypervisor::HypervisorDriver;
 use crate::volume::dmcrypt::DmCryptBackend;
 use crate::volume::userspace::UserspaceBackend;
+use crate::volume::vhost_user::VhostUserBlkBackend;
 
 /// Builds the agent from its configuration: TLS identity (role secure-component), TTP
 /// client, TPM worker, backend, hypervisor driver, records. Returns the service and the
@@ -62,6 +64,7 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
     let backend = match config.backend {
         BackendChoice::DmCrypt => Backend::DmCrypt(DmCryptBackend::new()?),
         BackendChoice::Userspace => Backend::Userspace(UserspaceBackend::new(config.userspace_dir())?),
+        BackendChoice::VhostUser => Backend::VhostUser(VhostUserBlkBackend::new(config.vhost_user_dir())?),
         BackendChoice::Auto => match DmCryptBackend::new() {
             Ok(b) => Backend::DmCrypt(b),
             Err(Error::DeviceMapperUnavailable(why)) => {
@@ -78,7 +81,22 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
             config.libvirt.uri.clone(),
             config.libvirt_dir(),
         )?),
+        HypervisorChoice::Qemu => Box::new(QemuDriver::new(config.qmp_dir())),
     };
+    let vhost_user = matches!(backend, Backend::VhostUser(_));
+    let fits = match config.hypervisor {
+        HypervisorChoice::Local => !vhost_user,
+        HypervisorChoice::Qemu => vhost_user,
+        HypervisorChoice::Libvirt => true,
+    };
+    if !fits {
+        return Err(Error::Config(format!(
+            "backend \"{}\" and hypervisor \"{}\" do not fit: a vhost-user disk is plugged into a VM by the qemu or \
+             libvirt driver, and the qemu driver plugs only vhost-user disks; the local driver needs a block device",
+            backend.kind(),
+            driver.kind()
+        )));
+    }
     let records = RecordStore::open(config.records_dir())?;
     let tpm = TpmWorker::start(&config.tcti, config.tpm_state_dir())?;
     let service = AttachmentService {

@@ -120,6 +120,7 @@ impl AttachmentService {
         let names: Vec<String> = match &self.backend {
             Backend::DmCrypt(b) => b.list()?.into_iter().map(|v| v.name).collect(),
             Backend::Userspace(b) => b.list_detailed()?.into_iter().map(|s| s.record.name).collect(),
+            Backend::VhostUser(b) => b.list_detailed()?.into_iter().map(|s| s.name).collect(),
         };
         let mut out = Vec::new();
         for name in names {

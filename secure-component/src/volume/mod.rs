@@ -4,8 +4,10 @@
 //! interfaces they drive in [`crate::sys`].
 
 pub mod dmcrypt;
+mod engine;
 pub mod filesystem;
 pub mod userspace;
+pub mod vhost_user;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,6 +76,16 @@ pub trait VolumeBackend: Send + Sync {
     fn close(&self, name: &str) -> Result<()>;
     /// The mappings this backend has open now (after a restart too).
     fn list(&self) -> Result<Vec<OpenVolume>>;
+}
+
+/// Closes the mappings `names` of a backend that serves them from this process (userspace,
+/// vhost-user) as it is dropped; what cannot be closed is logged, not fatal.
+fn close_at_shutdown(backend: &dyn VolumeBackend, names: Vec<String>) {
+    for name in names {
+        if let Err(e) = backend.close(&name) {
+            tracing::warn!(%name, kind = backend.kind(), error = %e, "closing a mapping on shutdown failed");
+        }
+    }
 }
 
 /// What opening a format-2 volume needs beyond the XTS key.

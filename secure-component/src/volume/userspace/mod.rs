@@ -13,7 +13,6 @@ mod plain_file;
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
-use std::fs::OpenOptions;
 use std::io::ErrorKind;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -22,12 +21,10 @@ use std::sync::{Arc, Mutex};
 use fuser::MountOption;
 use protocol::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
-use skydd_volume::device::{PlainDevice, SectorDevice};
-use skydd_volume::integrity::tag::Tagger;
-use skydd_volume::integrity::{IntegrityVolume, Opened};
-use skydd_volume::layout::{data_sectors, DATA_OFFSET, SECTOR_SIZE};
-use skydd_volume::xts::XtsEngine;
+use skydd_volume::device::SectorDevice;
+use skydd_volume::layout::SECTOR_SIZE;
 
+use super::engine::open_sector_device;
 use super::{IntegrityOpen, OpenMode, OpenVolume, VolumeBackend};
 use crate::error::{Error, Result};
 use crate::sys::loopdev::{self, LoopOptions};
@@ -165,16 +162,7 @@ impl VolumeBackend for UserspaceBackend {
     }
 
     fn open(&self, name: &str, volume: &Path, key: &SecretBytes, mode: OpenMode) -> Result<OpenVolume> {
-        self.serve(name, volume, mode, |file, len| {
-            let sectors = data_sectors(len);
-            if sectors == 0 {
-                return Err(Error::Volume(format!(
-                    "volume {} is {len} bytes: no data area after the {DATA_OFFSET}-byte header area",
-                    volume.display()
-                )));
-            }
-            Ok(Arc::new(PlainDevice::new(Arc::new(file), XtsEngine::new(key)?, sectors)) as Arc<dyn SectorDevice>)
-        })
+        self.serve(name, volume, mode, || open_sector_device(name, volume, key, None, mode))
     }
 
     fn open_authenticated(
@@ -185,41 +173,7 @@ impl VolumeBackend for UserspaceBackend {
         integrity: IntegrityOpen,
         mode: OpenMode,
     ) -> Result<OpenVolume> {
-        self.serve(name, volume, mode, |file, _len| {
-            let tagger = Tagger::new(&integrity.mac_key, &integrity.domain_id)?;
-            let read_only = mode == OpenMode::ReadOnly;
-            let (device, opened) = IntegrityVolume::open(
-                Arc::new(file),
-                XtsEngine::new(key)?,
-                tagger,
-                integrity.anchor,
-                read_only,
-                integrity.authority,
-            )?;
-            match opened {
-                Opened::Clean { epoch } => {
-                    tracing::info!(name, epoch, "format-2 volume verified against the TTP's anchor")
-                }
-                Opened::Initialised { tagged, unwritten } => {
-                    tracing::info!(
-                        name,
-                        tagged,
-                        unwritten,
-                        "format-2 volume initialised: tree built, epoch 1 committed"
-                    )
-                }
-                Opened::Recovered { zones, kept_new, kept_committed, reset, epoch } => tracing::warn!(
-                    name,
-                    zones,
-                    kept_new,
-                    kept_committed,
-                    reset,
-                    epoch,
-                    "format-2 volume had writes after its last commit (a crash): settled"
-                ),
-            }
-            Ok(Arc::new(device) as Arc<dyn SectorDevice>)
-        })
+        self.serve(name, volume, mode, || open_sector_device(name, volume, key, Some(integrity), mode))
     }
 
     fn close(&self, name: &str) -> Result<()> {
@@ -232,13 +186,13 @@ impl VolumeBackend for UserspaceBackend {
 }
 
 impl UserspaceBackend {
-    /// Opens `volume`, builds its sector device with `device` and serves it over FUSE + loop.
+    /// Builds the sector device of `volume` with `device` and serves it over FUSE + loop.
     fn serve(
         &self,
         name: &str,
         volume: &Path,
         mode: OpenMode,
-        device: impl FnOnce(std::fs::File, u64) -> Result<Arc<dyn SectorDevice>>,
+        device: impl FnOnce() -> Result<Arc<dyn SectorDevice>>,
     ) -> Result<OpenVolume> {
         validate_name(name)?;
         let mut live = self.lock()?;
@@ -252,14 +206,7 @@ impl UserspaceBackend {
             )));
         }
         let read_only = mode == OpenMode::ReadOnly;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(volume)
-            .map_err(|e| Error::io(format!("opening volume {}", volume.display()), e))?;
-        let len = file.metadata().map_err(|e| Error::io(format!("stat of volume {}", volume.display()), e))?.len();
-        let len = if len == 0 { crate::sys::block_device_size(&file).unwrap_or(0) } else { len };
-        let sector_device = device(file, len)?;
+        let sector_device = device()?;
 
         let mountpoint = self.state_dir.join(format!("{name}.mnt"));
         std::fs::create_dir_all(&mountpoint)
@@ -361,15 +308,11 @@ impl Drop for UserspaceBackend {
             Ok(l) => l.keys().cloned().collect(),
             Err(_) => return,
         };
-        for name in names {
-            if let Err(e) = self.close(&name) {
-                tracing::warn!(%name, error = %e, "closing userspace mapping on shutdown failed");
-            }
-        }
+        super::close_at_shutdown(self, names);
     }
 }
 
-fn validate_name(name: &str) -> Result<()> {
+pub(super) fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 100
         && !name.starts_with('.')

@@ -1,0 +1,312 @@
+//! The VM data path for real: the secure component's `vhost-user` backend serves a volume
+//! to a running qemu (TCG) guest, hot-plugged and unplugged by the `qemu` (QMP) driver
+//! (docs/VHOST-USER.md). ONE guest is booted for the whole file (tests/qemu/mod.rs); the
+//! scenarios run in order inside one test so the guest is always killed at the end.
+//!
+//! `SKYDD_VHOST_BENCH=1` adds the fio benchmark (docs/PERFORMANCE.md "fio inside a guest"):
+//! the encrypted vhost-user-blk disk against a plain virtio-blk disk on an unencrypted raw
+//! file, same guest, same run.
+
+mod qemu;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use protocol::secret::SecretBytes;
+use qemu::{Vm, VmOptions};
+use secure_component::hypervisor::libvirt::LibvirtDriver;
+use secure_component::hypervisor::qemu::QemuDriver;
+use secure_component::hypervisor::{HypervisorDriver, Placement};
+use secure_component::service::mapping_name;
+use secure_component::volume::vhost_user::VhostUserBlkBackend;
+use secure_component::volume::{OpenMode, VolumeBackend};
+use serde_json::json;
+use skydd_volume::layout::DATA_OFFSET;
+use skydd_volume::xts::XtsEngine;
+
+const MIB: u64 = 1024 * 1024;
+const VM_ID: &str = "vm-a";
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    openssl::rand::rand_bytes(&mut b).expect("rand");
+    b
+}
+
+fn secret(key: &[u8; 64]) -> SecretBytes {
+    let mut k = *key;
+    SecretBytes::from_slice_wiping(&mut k)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some(&first) = needle.first() else { return true };
+    haystack
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == first)
+        .any(|(i, _)| haystack.get(i..i + needle.len()) == Some(needle))
+}
+
+/// The host side of one attachment: backend mapping + driver placement.
+struct Host {
+    backend: VhostUserBlkBackend,
+    driver: Box<dyn HypervisorDriver>,
+    vm_id: String,
+}
+
+/// One attachment made by the test: what detach needs, and how long it took.
+struct Attached {
+    name: String,
+    placement: Placement,
+    location: String,
+    /// `vdX` in the guest.
+    disk: String,
+}
+
+impl Host {
+    fn attach(&self, vm: &mut Vm, domain: &str, volume: &Path, key: &[u8; 64], mode: OpenMode) -> Attached {
+        let name = mapping_name(domain, &self.vm_id);
+        let t0 = Instant::now();
+        let opened = self.backend.open(&name, volume, &secret(key), mode).expect("vhost-user open");
+        let open = t0.elapsed();
+        let placement =
+            Placement { vm_id: self.vm_id.clone(), domain_id: domain.into(), device: opened.device.clone(), mode };
+        let t1 = Instant::now();
+        let location = self.driver.attach(&placement).expect("driver attach");
+        let plug = t1.elapsed();
+        let t2 = Instant::now();
+        let serial: String = name.chars().take(20).collect();
+        let disk = loop {
+            let script = format!(
+                "for d in /sys/block/vd*; do [ \"$(cat $d/serial 2>/dev/null)\" = {serial} ] && echo ${{d##*/}}; done; true"
+            );
+            let answer = vm.try_call(json!({"op": "run", "argv": ["/bin/sh", "-c", script]}), Duration::from_secs(30));
+            let found = match answer {
+                Ok(v) => v["stdout"].as_str().unwrap_or_default().to_string(),
+                Err(e) => panic!("the guest stopped answering after the hot-plug: {e}\n{}", vm.console_tail()),
+            };
+            if let Some(d) = found.split_whitespace().next() {
+                break d.to_string();
+            }
+            assert!(
+                t2.elapsed() < Duration::from_secs(120),
+                "the guest never saw disk {serial}\n{}",
+                vm.console_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let probe = t2.elapsed();
+        assert_eq!(self.driver.check(&placement, &location).expect("check"), None);
+        eprintln!(
+            "{}: attached {name} ({mode:?}) as /dev/{disk}: open {open:.1?}, hot-plug {plug:.1?}, guest probe {probe:.1?}",
+            self.driver.kind()
+        );
+        Attached { name, placement, location, disk }
+    }
+
+    fn detach(&self, vm: &mut Vm, a: Attached) {
+        let t = Instant::now();
+        self.driver.detach(&a.placement, &a.location).expect("driver detach");
+        self.backend.close(&a.name).expect("vhost-user close");
+        eprintln!("detached {} in {:.1?}", a.name, t.elapsed());
+        assert!(!a.placement.device.exists(), "the socket {} must be gone", a.placement.device.display());
+        assert!(self.backend.list().expect("list").is_empty());
+        assert!(
+            self.driver.check(&a.placement, &a.location).expect("check").is_some(),
+            "qemu still has {}",
+            a.location
+        );
+        let left = vm.sh(&format!("[ -e /sys/block/{} ] && echo present; true", a.disk));
+        assert!(left.trim().is_empty(), "the guest still has /dev/{} after detach", a.disk);
+    }
+}
+
+fn qmp_dir(dir: &Path) -> PathBuf {
+    dir.join("qmp")
+}
+
+#[test]
+fn vhost_user_disk_in_a_running_guest() {
+    let bench = std::env::var_os("SKYDD_VHOST_BENCH").is_some();
+    let image = if bench { qemu::boot_image_with_tools(&["fio"]) } else { qemu::boot_image() };
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::create_dir_all(qmp_dir(dir.path())).expect("qmp dir");
+    let peer = dir.path().join("plain.raw");
+    let mut disks: Vec<&Path> = Vec::new();
+    if bench {
+        fs::File::create(&peer).and_then(|f| f.set_len(256 * MIB)).expect("peer raw file");
+        disks.push(&peer);
+    }
+    let options = VmOptions {
+        shared_memory: true,
+        qmp: Some(qmp_dir(dir.path()).join(format!("{VM_ID}.qmp"))),
+        hotplug_ports: 2,
+        writeback_disks: true,
+    };
+    let mut vm = Vm::boot_with(&image, &disks, &options);
+    eprintln!("guest agent answered {:.1?} after qemu started", vm.boot_time);
+    let host = Host {
+        backend: VhostUserBlkBackend::new(dir.path().join("sockets")).expect("backend"),
+        driver: Box::new(QemuDriver::new(qmp_dir(dir.path()))),
+        vm_id: VM_ID.into(),
+    };
+    let (domain, volume, key) = write_read_detach_reattach_ro(&mut vm, &host, dir.path());
+    if bench {
+        benchmark(&mut vm, &host, &domain, &volume, &key);
+    }
+    vm.shutdown();
+}
+
+/// The story of one VM: a rw attachment gets a file system and a file, detach, the host sees
+/// only ciphertext (and the engine's key finds the file in it), a ro attachment reads the
+/// file back and the guest kernel refuses writes, detach. Returns the domain, its volume and
+/// key for more.
+fn write_read_detach_reattach_ro(vm: &mut Vm, host: &Host, dir: &Path) -> (String, PathBuf, [u8; 64]) {
+    let domain = hex::encode(random_bytes::<16>());
+    let key = random_bytes::<64>();
+    let volume = dir.join("volume.img");
+    fs::File::create(&volume).and_then(|f| f.set_len(MIB + 64 * MIB)).expect("volume file");
+    let marker = format!("SKYDD-VHOST-PLAINTEXT-{}", hex::encode(random_bytes::<8>()));
+
+    // 1. Read-write: the guest makes a file system, writes a file and reads it back.
+    let a = host.attach(vm, &domain, &volume, &key, OpenMode::ReadWrite);
+    let disk = a.disk.clone();
+    assert_eq!(vm.sh(&format!("cat /sys/block/{disk}/queue/logical_block_size")).trim(), "4096");
+    assert_eq!(vm.sh(&format!("cat /sys/block/{disk}/ro")).trim(), "0");
+    assert_eq!(vm.sh(&format!("cat /sys/block/{disk}/size")).trim(), (64 * MIB / 512).to_string());
+    vm.sh(&format!(
+        "mkfs.ext4 -q -F /dev/{disk} && mkdir -p /mnt/d && mount -t ext4 /dev/{disk} /mnt/d && \
+         for i in $(seq 1 2000); do echo {marker}-$i; done > /mnt/d/record.txt && sync"
+    ));
+    let sum = vm.sh("sha256sum /mnt/d/record.txt");
+    let written = vm.sh("wc -l < /mnt/d/record.txt");
+    assert_eq!(written.trim(), "2000");
+    vm.sh("umount /mnt/d");
+    host.detach(vm, a);
+
+    // 2. The host sees ciphertext only; the engine's key finds the guest's file in it.
+    let raw = fs::read(&volume).expect("read volume");
+    assert!(!contains(&raw, marker.as_bytes()), "plaintext of the guest's file is on the host");
+    let mut data = raw[DATA_OFFSET as usize..].to_vec();
+    XtsEngine::new(&secret(&key)).expect("engine").decrypt_sectors(0, &mut data).expect("decrypt");
+    assert!(contains(&data, format!("{marker}-1\n").as_bytes()), "the file is not in the decrypted data area");
+    drop(data);
+    drop(raw);
+
+    // 3. Read-only: the guest reads the same file; its kernel refuses writes.
+    let a = host.attach(vm, &domain, &volume, &key, OpenMode::ReadOnly);
+    let disk = a.disk.clone();
+    assert_eq!(vm.sh(&format!("cat /sys/block/{disk}/ro")).trim(), "1");
+    vm.sh(&format!("mount -t ext4 -o ro,noload /dev/{disk} /mnt/d"));
+    assert_eq!(vm.sh("sha256sum /mnt/d/record.txt"), sum, "the file read back differs");
+    let (code, out) = vm.sh_status("echo more >> /mnt/d/record.txt");
+    assert_ne!(code, 0, "a write to a read-only attachment succeeded: {out}");
+    let (code, out) = vm.sh_status(&format!("dd if=/dev/zero of=/dev/{disk} bs=4096 count=1 conv=fsync"));
+    assert_ne!(code, 0, "a raw write to the read-only disk succeeded: {out}");
+    eprintln!("read-only disk refused the guest's writes: {}", out.trim());
+    vm.sh("umount /mnt/d");
+    host.detach(vm, a);
+    let after = fs::read(&volume).expect("read volume");
+    assert!(!contains(&after, marker.as_bytes()));
+
+    (domain, volume, key)
+}
+
+/// The same story through the `libvirt` driver against a real libvirtd: a transient TCG
+/// domain with memfd shared memory, the disk attached as `<disk type='vhostuser'>`.
+///
+/// Ignored: with libvirt 9.0 / qemu 7.2 the domain boots and its agent answers, `virsh
+/// attach-device` of the vhostuser disk succeeds, and right after it the guest's
+/// virtio-serial port reports ENODEV (as if hot-unplugged), so the agent is lost before the
+/// disk can be checked (docs/VHOST-USER.md "Status"). Run with `--ignored` to reproduce.
+#[test]
+#[ignore = "libvirt hot-plug loses the guest agent's virtio-serial port; see docs/VHOST-USER.md"]
+fn vhost_user_disk_through_libvirt() {
+    let image = qemu::boot_image();
+    let libvirtd = qemu::Libvirtd::ensure();
+    let vm_id = format!("skydd-vhost-test-{}", std::process::id());
+    let mut vm = Vm::boot_libvirt(&image, &libvirtd, &vm_id);
+    eprintln!("libvirt guest agent answered {:.1?} after virsh create", vm.boot_time);
+    for _ in 0..3 {
+        assert_eq!(vm.sh("echo up").trim(), "up");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("agent stable");
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // libvirt's qemu (user libvirt-qemu) must reach the socket directory.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
+    }
+    let host = Host {
+        backend: VhostUserBlkBackend::new(dir.path().join("sockets")).expect("backend"),
+        driver: Box::new(
+            LibvirtDriver::with_virsh(None, Some(libvirtd.uri.clone()), dir.path().join("libvirt")).expect("driver"),
+        ),
+        vm_id,
+    };
+    write_read_detach_reattach_ro(&mut vm, &host, dir.path());
+    vm.shutdown();
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on every Linux architecture this runs on (sysconf(_SC_CLK_TCK)).
+    ticks / 100.0
+}
+
+/// fio in the guest: the vhost-user-blk disk against the plain virtio-blk disk /dev/vda on
+/// a raw file, same guest, same run. Prints a Markdown table with, per run, the guest's own
+/// CPU share (fio's usr+sys), the qemu process's host CPU (TCG executes the guest) and this
+/// process's CPU (the vhost-user backend thread: AES-XTS and the virtqueue).
+fn benchmark(vm: &mut Vm, host: &Host, domain: &str, volume: &Path, key: &[u8; 64]) {
+    let a = host.attach(vm, domain, volume, key, OpenMode::ReadWrite);
+    let jobs = [
+        ("seq 1 MiB write", "write", "1M"),
+        ("seq 1 MiB read", "read", "1M"),
+        ("rand 4 KiB read", "randread", "4k"),
+        ("rand 4 KiB write", "randwrite", "4k"),
+    ];
+    let qemu_pid = vm.qemu_pid().to_string();
+    println!(
+        "| job | plain virtio-blk (raw file) | vhost-user-blk (encrypted) | ratio | guest fio CPU plain / vhost | \
+         qemu host CPU s plain / vhost | backend CPU s (vhost) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (label, rw, bs) in jobs {
+        let mut results = Vec::new();
+        for dev in ["vda", a.disk.as_str()] {
+            let (q0, s0) = (cpu_seconds(&qemu_pid), cpu_seconds("self"));
+            let out = vm.sh(&format!(
+                "fio --name=b --filename=/dev/{dev} --rw={rw} --bs={bs} --direct=1 --ioengine=psync \
+                 --size=48M --runtime=20 --output-format=json"
+            ));
+            let (q1, s1) = (cpu_seconds(&qemu_pid), cpu_seconds("self"));
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("fio output ({e}): {out}"));
+            let job = &v["jobs"][0];
+            let kib = job["read"]["bw"].as_f64().unwrap_or(0.0) + job["write"]["bw"].as_f64().unwrap_or(0.0);
+            let cpu = job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
+            results.push((kib, cpu, q1 - q0, s1 - s0));
+        }
+        let (plain, vhost) = (results[0], results[1]);
+        println!(
+            "| {label} | {:.1} MiB/s | {:.1} MiB/s | {:.2}x | {:.0}% / {:.0}% | {:.1} / {:.1} | {:.1} |",
+            plain.0 / 1024.0,
+            vhost.0 / 1024.0,
+            vhost.0 / plain.0.max(1.0),
+            plain.1,
+            vhost.1,
+            plain.2,
+            vhost.2,
+            vhost.3
+        );
+    }
+    host.detach(vm, a);
+}
