@@ -44,8 +44,43 @@ impl Ttp {
                 edited.seq
             )));
         }
+        self.check_links(&records)?;
         let since = since.map(|seq| self.store.audit_record(seq)).transpose()?.flatten();
         Ok(HistoryResponse { domain_id: domain_id.to_string(), records, checkpoint: self.checkpoint()?, since })
+    }
+
+    /// Each of the domain's records must follow the record just before it in the whole chain
+    /// (its `prev_hash` is that record's hash): a record removed from the middle, or one put
+    /// back in another place, is found while reading only these records and their
+    /// predecessors (one lookup by seq each).
+    fn check_links(&self, records: &[protocol::messages::AuditRecord]) -> Result<()> {
+        let own: std::collections::HashMap<u64, &str> = records.iter().map(|r| (r.seq, r.hash.as_str())).collect();
+        for record in records {
+            let expected = if record.seq == 1 {
+                AUDIT_GENESIS_HASH.to_string()
+            } else if let Some(hash) = own.get(&(record.seq - 1)) {
+                hash.to_string()
+            } else {
+                let previous = self.store.audit_record(record.seq - 1)?.ok_or_else(|| {
+                    Error::AuditChainBroken(format!("records {} to {} are missing", record.seq - 1, record.seq - 1))
+                })?;
+                if previous.compute_hash() != previous.hash {
+                    return Err(Error::AuditChainBroken(format!(
+                        "record {} was edited (its hash does not match its contents)",
+                        previous.seq
+                    )));
+                }
+                previous.hash
+            };
+            if record.prev_hash != expected {
+                return Err(Error::AuditChainBroken(format!(
+                    "record {} does not follow record {} (its prev_hash is not that record's hash)",
+                    record.seq,
+                    record.seq - 1
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The newest signed checkpoint of the chain's head, signing a new one if the newest is
