@@ -95,7 +95,11 @@ async fn secure_component_commits_roots_and_reports_violations_over_mutual_tls()
     assert_eq!((first.anchor.epoch, first.anchor.root, first.anchor.host_id.as_str()), (1, [0x11; 32], "compute-1"));
     let second = commit_root(&client, &domain, "compute-1", 2, &[0x22; 32], Some(&cas)).await.expect("epoch 2");
 
-    let replay = commit_root(&client, &domain, "compute-1", 2, &[0x22; 32], Some(&cas)).await.unwrap_err();
+    // The very same commit again (its answer was lost) gets the same anchor back...
+    let retried = commit_root(&client, &domain, "compute-1", 2, &[0x22; 32], Some(&cas)).await.expect("a retry");
+    assert_eq!(retried.envelope.message, second.envelope.message);
+    // ...but epoch 2 with another root (a fork) or an older epoch (a replay) is refused.
+    let replay = commit_root(&client, &domain, "compute-1", 2, &[0x99; 32], Some(&cas)).await.unwrap_err();
     match &replay {
         secure_component::Error::TtpRefused { step, status, code, message } => {
             assert_eq!((*step, *status, code.as_str()), ("integrity commit", 409, "integrity_epoch_stale"));
