@@ -23,8 +23,7 @@ use fuser::MountOption;
 use protocol::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
 use skydd_volume::device::{PlainDevice, SectorDevice};
-use skydd_volume::integrity::tag::Tagger;
-use skydd_volume::integrity::{IntegrityVolume, Opened};
+use skydd_volume::integrity::Opened;
 use skydd_volume::layout::{data_sectors, DATA_OFFSET, SECTOR_SIZE};
 use skydd_volume::xts::XtsEngine;
 
@@ -186,16 +185,7 @@ impl VolumeBackend for UserspaceBackend {
         mode: OpenMode,
     ) -> Result<OpenVolume> {
         self.serve(name, volume, mode, |file, _len| {
-            let tagger = Tagger::new(&integrity.mac_key, &integrity.domain_id)?;
-            let read_only = mode == OpenMode::ReadOnly;
-            let (device, opened) = IntegrityVolume::open(
-                Arc::new(file),
-                XtsEngine::new(key)?,
-                tagger,
-                integrity.anchor,
-                read_only,
-                integrity.authority,
-            )?;
+            let (device, opened) = integrity.open_volume(file, key, mode == OpenMode::ReadOnly)?;
             match opened {
                 Opened::Clean { epoch } => {
                     tracing::info!(name, epoch, "format-2 volume verified against the TTP's anchor")
