@@ -9,15 +9,12 @@
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use protocol::refusal::Refusal;
 use protocol::secret::SecretBytes;
-use skydd_volume::integrity::tag::Tagger;
 use skydd_volume::integrity::verity::VerityTree;
-use skydd_volume::integrity::{IntegrityVolume, Opened};
+use skydd_volume::integrity::Opened;
 use skydd_volume::layout::{data_kernel_sectors, DATA_OFFSET, DATA_OFFSET_KERNEL_SECTORS, SECTOR_SIZE};
-use skydd_volume::xts::XtsEngine;
 use skydd_volume::xts::KEY_LEN;
 
 use super::{IntegrityOpen, OpenMode, OpenVolume, VolumeBackend};
@@ -166,15 +163,7 @@ impl DmCryptBackend {
         integrity: IntegrityOpen,
     ) -> Result<OpenVolume> {
         let file = File::open(volume).map_err(|e| Error::io(format!("opening volume {}", volume.display()), e))?;
-        let tagger = Tagger::new(&integrity.mac_key, &integrity.domain_id)?;
-        let (checked, opened) = IntegrityVolume::open(
-            Arc::new(file),
-            XtsEngine::new(key)?,
-            tagger,
-            integrity.anchor,
-            true,
-            integrity.authority,
-        )?;
+        let (checked, opened) = integrity.open_volume(file, key, true)?;
         if let Opened::Recovered { kept_new, reset, .. } = opened {
             if kept_new + reset > 0 {
                 return Err(Error::Integrity {

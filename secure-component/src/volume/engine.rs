@@ -10,8 +10,7 @@ use std::sync::Arc;
 
 use protocol::secret::SecretBytes;
 use skydd_volume::device::{PlainDevice, SectorDevice};
-use skydd_volume::integrity::tag::Tagger;
-use skydd_volume::integrity::{IntegrityVolume, Opened};
+use skydd_volume::integrity::Opened;
 use skydd_volume::layout::{data_sectors, DATA_OFFSET};
 use skydd_volume::xts::XtsEngine;
 
@@ -51,15 +50,7 @@ pub(crate) fn open_sector_device(
         }
         return Ok(Arc::new(PlainDevice::new(Arc::new(file), XtsEngine::new(key)?, sectors)));
     };
-    let tagger = Tagger::new(&integrity.mac_key, &integrity.domain_id)?;
-    let (device, opened) = IntegrityVolume::open(
-        Arc::new(file),
-        XtsEngine::new(key)?,
-        tagger,
-        integrity.anchor,
-        mode == OpenMode::ReadOnly,
-        integrity.authority,
-    )?;
+    let (device, opened) = integrity.open_volume(file, key, mode == OpenMode::ReadOnly)?;
     match opened {
         Opened::Clean { epoch } => tracing::info!(name, epoch, "format-2 volume verified against the TTP's anchor"),
         Opened::Initialised { tagged, unwritten } => {

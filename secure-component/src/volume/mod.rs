@@ -100,6 +100,28 @@ pub struct IntegrityOpen {
     pub authority: Arc<dyn Authority>,
 }
 
+impl IntegrityOpen {
+    /// Opens the format-2 volume in `file` with the XTS `key` and these keys and anchor (the
+    /// one construction both backends use).
+    pub fn open_volume(
+        self,
+        file: std::fs::File,
+        key: &SecretBytes,
+        read_only: bool,
+    ) -> Result<(skydd_volume::integrity::IntegrityVolume, skydd_volume::integrity::Opened)> {
+        let tagger = skydd_volume::integrity::tag::Tagger::new(&self.mac_key, &self.domain_id)?;
+        let xts = skydd_volume::xts::XtsEngine::new(key)?;
+        Ok(skydd_volume::integrity::IntegrityVolume::open(
+            Arc::new(file),
+            xts,
+            tagger,
+            self.anchor,
+            read_only,
+            self.authority,
+        )?)
+    }
+}
+
 /// The engine's refusals keep their message ("AES-XTS engine: ...") and answer
 /// `volume_failed` like every other volume error.
 impl From<skydd_volume::Error> for Error {
