@@ -74,6 +74,8 @@ cargo test --workspace --release --no-fail-fast -- --test-threads=2 --nocapture 
 # The TTP's service tests once more on PostgreSQL (its store races ran on both engines above;
 # one server per test binary, started and stopped by testkit::postgres): ~30 s.
 SKYDD_TTP_TEST_STORE=postgres cargo test --release -p ttp --lib --no-fail-fast -- --test-threads=2 service:: || status=$?
+# The cloud platform's API tests once more with its state on PostgreSQL: ~25 s.
+SKYDD_CP_TEST_STORE=postgres cargo test --release -p cloud-platform --test api --no-fail-fast -- --test-threads=2 || status=$?
 disk_report "workspace tests"
 bash scripts/lab-check.sh || status=$?
 disk_report "lab checks"

@@ -146,6 +146,8 @@ impl AllInOne {
             reconcile_interval_secs: cloud_platform::config::DEFAULT_RECONCILE_INTERVAL_SECS,
             quota: Default::default(),
             limits: Default::default(),
+            database_url: None,
+            database_pool_size: 8,
         };
         std::fs::write(dir.join("cloud-platform.toml"), cp_config.to_toml()?)?;
         let (cp, cp_server_tls) = cloud_platform::server::build(&cp_config)?;

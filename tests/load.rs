@@ -389,6 +389,8 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         reconcile_interval_secs: cloud_platform::config::DEFAULT_RECONCILE_INTERVAL_SECS,
         quota: Default::default(),
         limits: Default::default(),
+        database_url: None,
+        database_pool_size: 8,
     };
     let (cp, cp_server_tls) = cloud_platform::server::build(&cp_config).unwrap();
     {

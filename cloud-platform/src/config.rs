@@ -10,6 +10,7 @@
 //! ttp_url = "https://127.0.0.1:7443"
 //! max_volume_bytes = 1099511627776        # optional, default 1 TiB
 //! reconcile_interval_secs = 30            # optional: how often mappings are checked with the hosts
+//! # database_url = "postgres://skydd-cp@db.example/skydd_cp"   # optional: replicas share it
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -68,6 +69,31 @@ pub struct CpConfig {
     /// "Connection limits"); every key optional.
     #[serde(default)]
     pub limits: net::ConnectionLimits,
+    /// `postgres://user@host:port/dbname`: keep the CP's state in this PostgreSQL database,
+    /// which CP replicas share (docs/ARCHITECTURE.md "Replicated deployment"; the replicas
+    /// must also share `data_dir/volumes`). Unset: the embedded SQLite file
+    /// `data_dir/cp.sqlite`.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// At most this many PostgreSQL connections per CP process (default 8).
+    #[serde(default = "default_pool_size")]
+    pub database_pool_size: usize,
+}
+
+fn default_pool_size() -> usize {
+    8
+}
+
+impl CpConfig {
+    /// The database this configuration names: PostgreSQL if `database_url` is set, the
+    /// SQLite file in `data_dir` otherwise.
+    pub fn database(&self) -> Result<skydd_sql::Database> {
+        Ok(skydd_sql::Database::from_config(
+            self.database_url.as_deref(),
+            self.database_pool_size,
+            self.data_dir.join(DATABASE_FILE),
+        )?)
+    }
 }
 
 /// Per-owner limits of the cloud platform (docs/CLOUD-API.md, "Quotas"). A volume is a sparse

@@ -157,3 +157,14 @@ impl From<Error> for ApiError {
         ApiError::new(status, error.code(), error.to_string())
     }
 }
+
+/// The database layer's failures are the store's (`store_error`) or, for a malformed
+/// `database_url`, the configuration's.
+impl From<skydd_sql::Error> for Error {
+    fn from(e: skydd_sql::Error) -> Self {
+        match e {
+            skydd_sql::Error::Store(message) => Error::Store(message),
+            skydd_sql::Error::Config(message) => Error::Config(message),
+        }
+    }
+}

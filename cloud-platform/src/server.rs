@@ -6,10 +6,10 @@ use std::sync::Arc;
 use net::{Role, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{CpConfig, DATABASE_FILE, VOLUMES_DIR};
+use crate::config::{CpConfig, VOLUMES_DIR};
 use crate::error::{Error, Result};
 use crate::service::CloudPlatform;
-use crate::store::SqliteStore;
+use crate::store::SqlStore;
 use crate::volumes::Volumes;
 
 /// How long the CP waits for the TTP.
@@ -39,7 +39,7 @@ pub fn build(config: &CpConfig) -> Result<(Arc<CloudPlatform>, net::ServerTls)> 
         .map_err(|e| Error::Config(format!("TLS to secure components: {e}")))?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::Config(format!("create data directory {}: {e}", config.data_dir.display())))?;
-    let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
+    let store = SqlStore::open_database(&config.database()?)?;
     let volumes = Volumes::open(&config.data_dir.join(VOLUMES_DIR), config.max_volume_bytes)?;
     if config.reconcile_interval_secs == 0 {
         return Err(Error::Config(

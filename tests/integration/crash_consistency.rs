@@ -430,6 +430,8 @@ async fn crash_consistency_under_kill_9() {
         reconcile_interval_secs: 2,
         quota: Default::default(),
         limits: Default::default(),
+        database_url: None,
+        database_pool_size: 8,
     };
     let cp_config_path = root.join("cp.toml");
     std::fs::write(&cp_config_path, cp_config.to_toml().unwrap()).unwrap();

@@ -78,17 +78,18 @@ fn default_listen() -> String {
 impl TtpConfig {
     /// The database this configuration names: PostgreSQL if `database_url` is set, the
     /// SQLite file in `data_dir` otherwise.
-    pub fn database(&self) -> crate::store::Database {
-        match &self.database_url {
-            Some(url) => crate::store::Database::Postgres { url: url.clone(), pool_size: self.database_pool_size },
-            None => crate::store::Database::Sqlite(self.data_dir.join(DATABASE_FILE)),
-        }
+    pub fn database(&self) -> Result<crate::store::Database> {
+        Ok(crate::store::Database::from_config(
+            self.database_url.as_deref(),
+            self.database_pool_size,
+            self.data_dir.join(DATABASE_FILE),
+        )?)
     }
 
     /// Opens the store this configuration names, with its group-commit setting.
     pub fn open_store(&self) -> Result<crate::store::SqlStore> {
         let commit = if self.group_commit { crate::store::GroupCommit::On } else { crate::store::GroupCommit::Off };
-        crate::store::SqlStore::open_database(&self.database(), commit)
+        crate::store::SqlStore::open_database(&self.database()?, commit)
     }
     /// Reads and parses the TOML file at `path`: `Error::Io` if it cannot be read,
     /// `Error::Config` naming the file and the key at fault otherwise.

@@ -7,25 +7,24 @@
 //! challenges and the audit chain only.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use protocol::domain::AccessMode;
 use protocol::messages::{AuditRecord, AUDIT_FORMAT_TAGGED, AUDIT_GENESIS_HASH};
-use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 
 #[cfg(test)]
 mod bench;
-mod engine;
 mod group;
 mod integrity;
 mod schema;
 #[cfg(test)]
 mod tests;
 
-use engine::{PgPool, Sql, Value};
 pub use group::GroupCommit;
+pub use skydd_sql::Database;
+use skydd_sql::{Backend, Sql, Value};
 
 pub use integrity::{LatestRelease, StoredAnchor};
 
@@ -175,80 +174,6 @@ pub trait TtpStore: Send + Sync {
     fn commit_anchor(&self, anchor: &StoredAnchor, release_seq: u64, entry: AuditEntry) -> Result<AuditRecord>;
 }
 
-/// Which database a TTP (or a tool) opens: the embedded SQLite file, or a PostgreSQL
-/// database that replicas share.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Database {
-    /// An SQLite file (created if missing).
-    Sqlite(std::path::PathBuf),
-    /// A `postgres://` URL and the number of connections the pool may open.
-    Postgres {
-        /// `postgres://user@host:port/dbname` (libpq URL syntax).
-        url: String,
-        /// At most this many connections per process.
-        pool_size: usize,
-    },
-}
-
-/// The engine under a [`SqlStore`].
-pub(crate) enum Backend {
-    /// One SQLite connection: SQLite writes serially anyway, and one connection keeps an
-    /// in-memory database one database.
-    Sqlite(Mutex<Connection>),
-    /// A pool of PostgreSQL connections.
-    Postgres(PgPool),
-}
-
-impl Backend {
-    /// Runs `work` on a connection outside any explicit transaction (single reads).
-    fn read<T>(&self, work: impl FnOnce(&mut dyn Sql) -> Result<T>) -> Result<T> {
-        match self {
-            Backend::Sqlite(connection) => work(&mut *lock(connection)?),
-            Backend::Postgres(pool) => work(&mut *pool.get()?),
-        }
-    }
-
-    /// Runs `jobs` in one write transaction, committed once (`BEGIN IMMEDIATE` on SQLite, so
-    /// the read of a compare-and-set and its write cannot interleave with another writer).
-    /// `run` returns `false` if the transaction must not commit (a store failure); then it
-    /// is rolled back and `Ok(false)` returned.
-    pub(crate) fn transaction(&self, run: impl FnOnce(&mut dyn Sql) -> bool) -> Result<bool> {
-        match self {
-            Backend::Sqlite(connection) => {
-                let mut connection = lock(connection)?;
-                let control = |c: &Connection, command: &str| {
-                    c.execute_batch(command).map_err(|e| Error::Store(format!("{command}: {e}")))
-                };
-                control(&connection, "BEGIN IMMEDIATE")?;
-                if run(&mut *connection) {
-                    if let Err(error) = control(&connection, "COMMIT") {
-                        let _ = control(&connection, "ROLLBACK");
-                        return Err(error);
-                    }
-                    Ok(true)
-                } else {
-                    control(&connection, "ROLLBACK")?;
-                    Ok(false)
-                }
-            }
-            Backend::Postgres(pool) => {
-                let mut connection = pool.get()?;
-                connection.control("BEGIN")?;
-                if run(&mut *connection) {
-                    connection.control("COMMIT").map(|()| true)
-                } else {
-                    connection.control("ROLLBACK")?;
-                    Ok(false)
-                }
-            }
-        }
-    }
-}
-
-fn lock(connection: &Mutex<Connection>) -> Result<std::sync::MutexGuard<'_, Connection>> {
-    connection.lock().map_err(|_| Error::Store("database lock poisoned by an earlier panic".into()))
-}
-
 /// The one implementation of [`TtpStore`], over SQLite or PostgreSQL. SQLite runs in WAL
 /// mode with synchronous=FULL, PostgreSQL with its configured `synchronous_commit`: an
 /// acknowledged registration or audit record survives a crash in both.
@@ -266,21 +191,13 @@ impl SqlStore {
 
     /// A database in memory, for tests: everything is lost when it is dropped.
     pub fn in_memory() -> Result<Self> {
-        let connection =
-            Connection::open_in_memory().map_err(|e| Error::Store(format!("open an in-memory database: {e}")))?;
-        Self::with_backend(schema::sqlite(connection)?, GroupCommit::Off)
+        Self::with_backend(Backend::in_memory(&schema::MIGRATIONS)?, GroupCommit::Off)
     }
 
     /// Opens `database` (creating its schema or migrating it to the newest version) with
     /// writes committed as `commit` says.
     pub fn open_database(database: &Database, commit: GroupCommit) -> Result<Self> {
-        let backend = match database {
-            Database::Sqlite(path) => schema::sqlite(
-                Connection::open(path).map_err(|e| Error::Store(format!("open {}: {e}", path.display())))?,
-            )?,
-            Database::Postgres { url, pool_size } => schema::postgres(PgPool::new(url, *pool_size))?,
-        };
-        Self::with_backend(backend, commit)
+        Self::with_backend(Backend::open(database, &schema::MIGRATIONS)?, commit)
     }
 
     fn with_backend(backend: Backend, commit: GroupCommit) -> Result<Self> {
@@ -312,10 +229,14 @@ fn sql_time(what: &str, unix_secs: u64) -> Result<i64> {
         .map_err(|_| Error::Store(format!("{what} {unix_secs} is beyond the largest storable time")))
 }
 
+/// The advisory lock every replica takes before appending to the audit chain, so the chain
+/// keeps one total order across them ("skydd-audit" in ASCII, truncated).
+pub(crate) const AUDIT_CHAIN_LOCK: i64 = 7310593858020398177;
+
 /// Numbers, chains and appends a record inside the caller's transaction, so that a record and
 /// the state change it reports commit together or not at all.
 fn append_audit_in(tx: &mut dyn Sql, entry: AuditEntry) -> Result<AuditRecord> {
-    tx.lock_audit_chain()?;
+    tx.advisory_lock(AUDIT_CHAIN_LOCK)?;
     let (seq, prev_hash) = match tx.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])? {
         Some(row) => (row.int(0)? as u64 + 1, row.text(1)?),
         None => (1, AUDIT_GENESIS_HASH.to_string()),
@@ -351,7 +272,7 @@ fn mark_grant_used(tx: &mut dyn Sql, grant: &[Value; 2]) -> Result<bool> {
     Ok(inserted == 1)
 }
 
-fn domain_row(domain_id: &str, row: engine::Row) -> Result<DomainRecord> {
+fn domain_row(domain_id: &str, row: skydd_sql::Row) -> Result<DomainRecord> {
     Ok(DomainRecord {
         domain_id: domain_id.to_string(),
         owner: row.text(0)?,
@@ -373,6 +294,7 @@ impl TtpStore for SqlStore {
                 &params,
             )
             .map(drop)
+            .map_err(Error::from)
         })
     }
 
@@ -381,6 +303,7 @@ impl TtpStore for SqlStore {
             c.query_row("SELECT record FROM hosts WHERE host_id = ?1", &[host_id.into()])?
                 .map(|r| r.text(0))
                 .transpose()
+                .map_err(Error::from)
         })
     }
 
@@ -389,7 +312,7 @@ impl TtpStore for SqlStore {
             (host_id.to_string(), ek_fingerprint.to_string(), record_json.to_string());
         self.write(move |tx| {
             // Enrollments are rare; the audit lock keeps two replicas' pins of one EK serial.
-            tx.lock_audit_chain()?;
+            tx.advisory_lock(AUDIT_CHAIN_LOCK)?;
             let (host, ek): (Value, Value) = (host_id.as_str().into(), ek_fingerprint.as_str().into());
             let owner = tx.query_row("SELECT host_id FROM host_eks WHERE ek_fingerprint = ?1", std::slice::from_ref(&ek))?;
             if let Some(owner) = owner.map(|r| r.text(0)).transpose()?.filter(|owner| *owner != host_id) {
@@ -437,6 +360,7 @@ impl TtpStore for SqlStore {
             c.query_row("SELECT ek_fingerprint FROM host_eks WHERE host_id = ?1", &[host_id.into()])?
                 .map(|r| r.text(0))
                 .transpose()
+                .map_err(Error::from)
         })
     }
 
@@ -522,6 +446,7 @@ impl TtpStore for SqlStore {
         self.write(move |tx| {
             tx.execute("UPDATE domains SET deleted_at = ?2 WHERE domain_id = ?1 AND deleted_at IS NULL", &params)
                 .map(drop)
+                .map_err(Error::from)
         })
     }
 
@@ -536,6 +461,7 @@ impl TtpStore for SqlStore {
                 &params,
             )
             .map(drop)
+            .map_err(Error::from)
         })
     }
 
@@ -617,7 +543,7 @@ impl TtpStore for SqlStore {
     }
 
     fn audit_record(&self, seq: u64) -> Result<Option<AuditRecord>> {
-        let row = self.read(|c| c.query_row("SELECT record FROM audit WHERE seq = ?1", &[(seq as i64).into()]))?;
+        let row = self.read(|c| Ok(c.query_row("SELECT record FROM audit WHERE seq = ?1", &[(seq as i64).into()])?))?;
         row.map(|row| {
             serde_json::from_str(&row.text(0)?)
                 .map_err(|e| Error::AuditChainBroken(format!("audit record {seq} is not valid JSON: {e}")))
@@ -626,16 +552,16 @@ impl TtpStore for SqlStore {
     }
 
     fn audit_head(&self) -> Result<Option<(u64, String)>> {
-        let row = self.read(|c| c.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[]))?;
+        let row = self.read(|c| Ok(c.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])?))?;
         row.map(|row| Ok((row.int(0)? as u64, row.text(1)?))).transpose()
     }
 
     fn newest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>> {
         let row = self.read(|c| {
-            c.query_row(
+            Ok(c.query_row(
                 "SELECT signed_at, envelope FROM audit_checkpoints ORDER BY signed_at DESC, seq DESC LIMIT 1",
                 &[],
-            )
+            )?)
         })?;
         row.map(|row| Ok((row.int(0)? as u64, row.blob(1)?))).transpose()
     }
@@ -645,15 +571,18 @@ impl TtpStore for SqlStore {
         self.write(move |tx| {
             tx.execute("INSERT INTO audit_checkpoints (signed_at, seq, envelope) VALUES (?1, ?2, ?3)", &params)
                 .map(drop)
+                .map_err(Error::from)
         })
     }
 
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>> {
-        let rows = self.read(|c| match domain_id {
-            Some(domain_id) => {
-                c.query("SELECT record FROM audit WHERE domain_id = ?1 ORDER BY seq", &[domain_id.into()])
-            }
-            None => c.query("SELECT record FROM audit ORDER BY seq", &[]),
+        let rows = self.read(|c| {
+            Ok(match domain_id {
+                Some(domain_id) => {
+                    c.query("SELECT record FROM audit WHERE domain_id = ?1 ORDER BY seq", &[domain_id.into()])?
+                }
+                None => c.query("SELECT record FROM audit ORDER BY seq", &[])?,
+            })
         })?;
         rows.iter()
             .map(|row| {

@@ -1,6 +1,5 @@
-//! The cloud platform's persistent state behind one small trait, so SQLite (the embedded
-//! default) and a future PostgreSQL store for replicas are two implementations, not two
-//! code paths. It holds routing and bookkeeping only: never a key, and never a volume
+//! The cloud platform's persistent state behind one small trait, implemented once
+//! ([`SqlStore`]) over SQLite (the embedded default) and PostgreSQL (for replicas). It holds routing and bookkeeping only: never a key, and never a volume
 //! header (the header holds the nonce `r`; it lives only in the volume file, so destroying
 //! the file's header crypto-shreds the domain without a copy left in this database).
 
@@ -11,12 +10,13 @@ use protocol::cloud::{Attachment, AttachmentStatus, ComputeHost, Instance};
 use crate::error::Result;
 
 mod page;
-mod sqlite;
+mod sql;
 #[cfg(test)]
 mod tests;
 
 pub use page::Page;
-pub use sqlite::SqliteStore;
+pub use skydd_sql::Database;
+pub use sql::SqlStore;
 
 /// What the CP records about a domain (the descriptor itself is in the volume header).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub struct AttachmentFilter {
     pub domain_id: Option<String>,
 }
 
-/// The cloud platform's persistent state (see the module documentation); [`SqliteStore`]
+/// The cloud platform's persistent state (see the module documentation); [`SqlStore`]
 /// is the implementation. Methods block: callers run them off the async workers.
 pub trait CpStore: Send + Sync {
     /// Inserts or replaces a compute host.

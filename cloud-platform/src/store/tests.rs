@@ -1,8 +1,18 @@
-//! The SQLite store against its contract: filters, paging, statuses and pending updates.
+//! The store against its contract on both engines (SQLite in memory, and a database of the
+//! test binary's real PostgreSQL server, testkit's): filters, paging, statuses, pending
+//! updates, and two replicas racing one domain id.
+
+use std::sync::{Arc, Barrier};
+
+use skydd_sql::Database;
+use skydd_testkit::postgres::Postgres;
 
 use super::*;
 use protocol::cloud::MAX_PAGE_LIMIT;
 use protocol::domain::AccessMode;
+use protocol::refusal::Refusal;
+
+use crate::error::{Error, Result};
 use AttachmentStatus::{Attached, Detached, Detaching};
 
 fn domain(id: &str, owner: &str, shared: &[&str]) -> DomainRecord {
@@ -34,7 +44,13 @@ fn attachment(id: &str, domain_id: &str, vm: &str, status: AttachmentStatus) -> 
 
 #[test]
 fn domains_filtered_by_manager_and_paginated() {
-    let s = SqliteStore::in_memory().unwrap();
+    for (engine, s) in stores() {
+        eprintln!("{engine}");
+        domains_filtered_by_manager_and_paginated_on(s);
+    }
+}
+
+fn domains_filtered_by_manager_and_paginated_on(s: SqlStore) {
     for i in 0..5 {
         s.insert_domain(&domain(&format!("d{i}"), "alice", if i == 3 { &["bob"] } else { &[] })).unwrap();
     }
@@ -64,7 +80,13 @@ fn domains_filtered_by_manager_and_paginated() {
 
 #[test]
 fn attachments_by_domain_status_and_manager() {
-    let s = SqliteStore::in_memory().unwrap();
+    for (engine, s) in stores() {
+        eprintln!("{engine}");
+        attachments_by_domain_status_and_manager_on(s);
+    }
+}
+
+fn attachments_by_domain_status_and_manager_on(s: SqlStore) {
     s.insert_domain(&domain("d1", "alice", &["bob"])).unwrap();
     s.insert_domain(&domain("d2", "carol", &[])).unwrap();
     s.insert_attachment(&attachment("a1", "d1", "vm-a", Attached), 1).unwrap();
@@ -100,7 +122,13 @@ fn pending(domain_id: &str, version: u64) -> PendingUpdate {
 
 #[test]
 fn pending_updates_end_with_the_header_version_or_the_deletion() {
-    let s = SqliteStore::in_memory().unwrap();
+    for (engine, s) in stores() {
+        eprintln!("{engine}");
+        pending_updates_end_with_the_header_version_or_the_deletion_on(s);
+    }
+}
+
+fn pending_updates_end_with_the_header_version_or_the_deletion_on(s: SqlStore) {
     s.insert_domain(&domain("d1", "alice", &[])).unwrap();
     s.insert_domain(&domain("d2", "alice", &[])).unwrap();
     assert_eq!(s.pending_update("d1").unwrap(), None);
@@ -122,4 +150,43 @@ fn pending_updates_end_with_the_header_version_or_the_deletion() {
     assert_eq!(s.pending_update("d1").unwrap(), None);
     // Only domains the CP stores can have one.
     assert_eq!(s.record_pending_update(&pending("nope", 2)).unwrap_err().code(), "store_error");
+}
+
+/// A fresh store on each engine.
+fn stores() -> [(&'static str, SqlStore); 2] {
+    [("sqlite", SqlStore::in_memory().unwrap()), ("postgres", postgres_replicas(1).remove(0))]
+}
+
+/// `n` stores (replicas) over one fresh PostgreSQL database.
+fn postgres_replicas(n: usize) -> Vec<SqlStore> {
+    let database = Database::Postgres { url: Postgres::shared().create_database(), pool_size: 4 };
+    (0..n).map(|_| SqlStore::open_database(&database).unwrap()).collect()
+}
+
+#[test]
+fn two_replicas_racing_one_domain_id_and_one_update_have_one_winner_each() {
+    let replicas: Vec<Arc<SqlStore>> = postgres_replicas(2).into_iter().map(Arc::new).collect();
+    let threads = 8;
+    let barrier = Arc::new(Barrier::new(threads));
+    let outcomes: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let (store, barrier) = (replicas[i % 2].clone(), barrier.clone());
+                scope.spawn(move || {
+                    barrier.wait();
+                    store.insert_domain(&domain("raced", &format!("owner-{i}"), &[]))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
+    for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert!(matches!(refused, Error::Conflict { code: Refusal::DomainExists, .. }), "{refused}");
+    }
+    // The winner's record is whole on the other replica: owner and managers agree.
+    let stored = replicas[1].domain("raced").unwrap().unwrap();
+    assert!(stored.owner.starts_with("owner-"));
+    replicas[0].update_domain("raced", 2, &["bob".into()]).unwrap();
+    assert_eq!(replicas[1].domain("raced").unwrap().unwrap().shared_with, vec!["bob".to_string()]);
 }

@@ -115,6 +115,13 @@ pub async fn start_ttp(
     (Server { url, shutdown, task }, service)
 }
 
+/// `SKYDD_CP_TEST_STORE=postgres`: each CP of these tests keeps its state in a fresh database
+/// of the test binary's real PostgreSQL server (testkit's) instead of its SQLite file.
+fn test_database_url() -> Option<String> {
+    (std::env::var("SKYDD_CP_TEST_STORE").as_deref() == Ok("postgres"))
+        .then(|| skydd_testkit::postgres::Postgres::shared().create_database())
+}
+
 /// The cloud platform as `cloud-platform serve --config cp.toml` runs it, in this process.
 pub async fn start_cp(root: &Path, pki: &Pki, ttp_url: &str) -> (Server, CpConfig) {
     let tls = pki.issue(Role::CloudPlatform, "cp-1");
@@ -130,6 +137,8 @@ pub async fn start_cp(root: &Path, pki: &Pki, ttp_url: &str) -> (Server, CpConfi
         reconcile_interval_secs: cloud_platform::config::DEFAULT_RECONCILE_INTERVAL_SECS,
         quota: Default::default(),
         limits: Default::default(),
+        database_url: test_database_url(),
+        database_pool_size: 8,
     };
     let config_path = root.join("cp.toml");
     std::fs::write(&config_path, config.to_toml().unwrap()).unwrap();

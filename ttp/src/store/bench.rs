@@ -168,10 +168,10 @@ fn history_read_time(database: &Database, filler: i64, postgres: bool) -> Durati
         "WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
          INSERT INTO audit (seq, domain_id, record, hash) SELECT i, 'other', '{}', 'filler' FROM n"
     };
-    store.write(move |tx| tx.execute(fill, &[2i64.into(), (filler + 1).into()])).unwrap();
+    store.write(move |tx| Ok(tx.execute(fill, &[2i64.into(), (filler + 1).into()])?)).unwrap();
     if postgres {
         // What autovacuum does after a bulk load in production: fresh planner statistics.
-        store.write(|tx| tx.execute("ANALYZE audit", &[])).unwrap();
+        store.write(|tx| Ok(tx.execute("ANALYZE audit", &[])?)).unwrap();
     }
     for _ in 0..9 {
         f.release_to(

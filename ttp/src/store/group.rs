@@ -8,9 +8,8 @@
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use super::engine::Sql;
-use super::Backend;
 use crate::error::{Error, Result};
+use skydd_sql::{Backend, Sql};
 
 /// The most writes one transaction takes.
 pub const MAX_BATCH: usize = 256;
@@ -102,7 +101,7 @@ impl Committer {
 fn run_alone(backend: &Backend, mut job: Box<dyn Job>) {
     // Rolled back (`Ok(false)`): the job's own outcome is the store's failure, and nothing
     // of it was written.
-    let committed = backend.transaction(|sql| job.run(sql)).map(drop);
+    let committed = backend.transaction(|sql| job.run(sql)).map(drop).map_err(Error::from);
     job.finish(committed);
 }
 

@@ -2,13 +2,13 @@
 //! the TTP signed, and which host holds each domain's newest key release. Each change commits
 //! in the same transaction as the audit record that reports it.
 
-use super::engine::Sql;
 use super::{append_audit_in, hash32, sql_time, AuditEntry};
 use crate::error::{Error, Result};
 use protocol::domain::AccessMode;
 use protocol::integrity::IntegrityAnchor;
 use protocol::messages::AuditRecord;
 use protocol::signing::SignedEnvelope;
+use skydd_sql::Sql;
 
 /// SQLite schema version 1 (see `schema.rs`; PostgreSQL's version 1 has the same tables): the anchors, and the newest release of
 /// each domain.
@@ -107,7 +107,7 @@ pub(super) fn commit_anchor(
     let anchor = &stored.anchor;
     // First the chain's lock: the epoch and release read below are then the newest on every
     // replica until this transaction ends.
-    tx.lock_audit_chain()?;
+    tx.advisory_lock(super::AUDIT_CHAIN_LOCK)?;
     let newest = tx
         .query_row(
             "SELECT COALESCE(MAX(epoch), 0) FROM integrity_anchors WHERE domain_id = ?1",

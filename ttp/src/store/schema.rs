@@ -4,11 +4,9 @@
 //! first schema, created if missing); PostgreSQL in the table `ttp_schema_version`, and
 //! replicas starting together migrate one at a time (an advisory lock).
 
-use rusqlite::Connection;
+use skydd_sql::Migrations;
 
-use super::engine::{PgPool, Sql};
-use super::{integrity, Backend};
-use crate::error::{Error, Result};
+use super::integrity;
 
 /// The first SQLite schema (version 0), as it has been since the first release.
 const SQLITE_BASE: &str = "
@@ -79,49 +77,12 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (2, POSTGRES_CHECKPOINTS),
 ];
 
-/// Brings an SQLite database to the newest schema (WAL, synchronous=FULL: an acknowledged
-/// write survives a crash).
-pub(super) fn sqlite(connection: Connection) -> Result<Backend> {
-    let failed = |what: &str, e: rusqlite::Error| Error::Store(format!("{what}: {e}"));
-    connection
-        .execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
-        .map_err(|e| failed("set up the TTP database", e))?;
-    connection.set_prepared_statement_cache_capacity(64);
-    connection.execute_batch(SQLITE_BASE).map_err(|e| failed("create the TTP schema", e))?;
-    let current: i64 = connection
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(|e| failed("read schema version", e))?;
-    for (version, sql) in SQLITE_MIGRATIONS.iter().filter(|(version, _)| *version > current) {
-        let failed = |e: rusqlite::Error| Error::Store(format!("migrate the TTP schema to version {version}: {e}"));
-        let tx = connection.unchecked_transaction().map_err(failed)?;
-        tx.execute_batch(&format!("{sql} PRAGMA user_version = {version};")).map_err(failed)?;
-        tx.commit().map_err(failed)?;
-    }
-    Ok(Backend::Sqlite(std::sync::Mutex::new(connection)))
-}
-
-/// Brings a PostgreSQL database to the newest schema, one replica at a time.
-pub(super) fn postgres(pool: PgPool) -> Result<Backend> {
-    {
-        let mut connection = pool.get()?;
-        connection.control("BEGIN")?;
-        // Two replicas starting together: the second waits, then finds the schema current.
-        connection.execute("SELECT pg_advisory_xact_lock(7310593858020398178)", &[])?;
-        connection.execute("CREATE TABLE IF NOT EXISTS ttp_schema_version (version BIGINT NOT NULL)", &[])?;
-        let current = match connection.query_row("SELECT version FROM ttp_schema_version", &[])? {
-            Some(row) => row.int(0)?,
-            None => {
-                connection.execute("INSERT INTO ttp_schema_version (version) VALUES (0)", &[])?;
-                0
-            }
-        };
-        for (version, sql) in POSTGRES_MIGRATIONS.iter().filter(|(version, _)| *version > current) {
-            connection
-                .batch(sql)
-                .map_err(|e| Error::Store(format!("migrate the TTP schema to version {version}: {e}")))?;
-            connection.execute("UPDATE ttp_schema_version SET version = ?1", &[(*version).into()])?;
-        }
-        connection.control("COMMIT")?;
-    }
-    Ok(Backend::Postgres(pool))
-}
+/// The TTP's schema on both engines, for [`skydd_sql::Backend::open`].
+pub(super) static MIGRATIONS: Migrations = Migrations {
+    service: "ttp",
+    sqlite: SQLITE_MIGRATIONS,
+    postgres: POSTGRES_MIGRATIONS,
+    sqlite_base: SQLITE_BASE,
+    // "skydd-audit" + 1: distinct from the audit chain's lock.
+    lock_key: 7310593858020398178,
+};

@@ -296,7 +296,7 @@ mod checkpoints {
             store
                 .write(move |tx| {
                     tx.execute("DELETE FROM audit WHERE seq >= ?1", &[(first.seq as i64).into()])?;
-                    tx.execute("DELETE FROM audit_checkpoints", &[])
+                    Ok(tx.execute("DELETE FROM audit_checkpoints", &[])?)
                 })
                 .unwrap();
             let (cut, since) = checkpoint_of(&f, Some(first.seq));
@@ -307,7 +307,7 @@ mod checkpoints {
             for _ in 0..3 {
                 f.release_to(crate::service::test_support::fixture::HOST, VM, AccessMode::Ro);
             }
-            store.write(|tx| tx.execute("DELETE FROM audit_checkpoints", &[])).unwrap();
+            store.write(|tx| Ok(tx.execute("DELETE FROM audit_checkpoints", &[])?)).unwrap();
             let (forked, since) = checkpoint_of(&f, Some(first.seq));
             assert!(forked.seq > first.seq);
             let error = first.check_successor(&forked, since.as_ref()).unwrap_err().to_string();

@@ -1,9 +1,8 @@
-//! The two SQL engines under the one store: SQLite (embedded, one connection) and PostgreSQL
-//! (a pool of connections, for replicas). They only carry statements and values; every
-//! statement of the store is written once in `?N` form and runs on both (PostgreSQL gets it
-//! rewritten to `$N`).
+//! The two engines: SQLite (embedded, one connection) and PostgreSQL (a pool of
+//! connections, for replicas). They only carry statements and values; every statement is
+//! written once in `?N` form and runs on both (PostgreSQL gets it rewritten to `$N`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -11,11 +10,11 @@ use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 use rusqlite::Connection;
 
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// One SQL value, as both engines store it (64-bit integers, text, bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Value {
+pub enum Value {
     /// SQL NULL.
     Null,
     /// A 64-bit integer (`INTEGER` / `BIGINT`).
@@ -58,18 +57,18 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 }
 
 /// One result row.
-pub(crate) struct Row(Vec<Value>);
+pub struct Row(Vec<Value>);
 
 impl Row {
     fn at(&self, index: usize) -> Result<&Value> {
         self.0.get(index).ok_or_else(|| Error::Store(format!("result row has no column {index}")))
     }
     /// Column `index` as an integer.
-    pub(crate) fn int(&self, index: usize) -> Result<i64> {
+    pub fn int(&self, index: usize) -> Result<i64> {
         self.opt_int(index)?.ok_or_else(|| Error::Store(format!("column {index} is NULL, an integer was expected")))
     }
     /// Column `index` as an integer or NULL.
-    pub(crate) fn opt_int(&self, index: usize) -> Result<Option<i64>> {
+    pub fn opt_int(&self, index: usize) -> Result<Option<i64>> {
         match self.at(index)? {
             Value::Int(value) => Ok(Some(*value)),
             Value::Null => Ok(None),
@@ -77,14 +76,14 @@ impl Row {
         }
     }
     /// Column `index` as text.
-    pub(crate) fn text(&self, index: usize) -> Result<String> {
+    pub fn text(&self, index: usize) -> Result<String> {
         match self.at(index)? {
             Value::Text(value) => Ok(value.clone()),
             other => Err(Error::Store(format!("column {index} holds {other:?}, text was expected"))),
         }
     }
     /// Column `index` as bytes.
-    pub(crate) fn blob(&self, index: usize) -> Result<Vec<u8>> {
+    pub fn blob(&self, index: usize) -> Result<Vec<u8>> {
         match self.at(index)? {
             Value::Blob(value) => Ok(value.clone()),
             other => Err(Error::Store(format!("column {index} holds {other:?}, bytes were expected"))),
@@ -94,15 +93,16 @@ impl Row {
 
 /// A connection inside a transaction (or outside one, for single reads): what the store's
 /// statements run on, whichever the engine.
-pub(crate) trait Sql {
+pub trait Sql {
     /// Runs a statement; returns the number of rows it changed.
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64>;
     /// Runs a query; returns its rows.
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
-    /// Serializes appends to the audit chain until the transaction ends. SQLite's write
-    /// transactions already are serial; PostgreSQL replicas take an advisory lock, so the
-    /// chain keeps one total order across them.
-    fn lock_audit_chain(&mut self) -> Result<()>;
+    /// Serializes this transaction with every other one taking `key` until it ends (an
+    /// append-only chain that must keep one total order across replicas, say). SQLite's
+    /// write transactions already are serial; PostgreSQL takes a transaction-scoped
+    /// advisory lock. Outside a transaction it does nothing.
+    fn advisory_lock(&mut self, key: i64) -> Result<()>;
 
     /// The first row of a query, if any.
     fn query_row(&mut self, sql: &str, params: &[Value]) -> Result<Option<Row>> {
@@ -147,7 +147,7 @@ impl Sql for Connection {
         Ok(out)
     }
 
-    fn lock_audit_chain(&mut self) -> Result<()> {
+    fn advisory_lock(&mut self, _key: i64) -> Result<()> {
         Ok(())
     }
 }
@@ -190,13 +190,13 @@ fn postgres_sql(sql: &str) -> String {
 
 /// One pooled PostgreSQL connection with its prepared statements (prepared once per
 /// connection: a statement then costs one round trip, not two).
-pub(crate) struct PgConnection {
+pub struct PgConnection {
     client: Client,
     statements: HashMap<String, Statement>,
     /// Inside `BEGIN` .. `COMMIT`/`ROLLBACK`.
     in_transaction: bool,
-    /// This transaction holds the audit chain's advisory lock.
-    audit_locked: bool,
+    /// The advisory locks this transaction holds (released at its end).
+    locks_held: HashSet<i64>,
 }
 
 impl PgConnection {
@@ -214,15 +214,15 @@ impl PgConnection {
     }
 
     /// Runs statements without parameters (a migration).
-    pub(crate) fn batch(&mut self, sql: &str) -> Result<()> {
+    pub fn batch(&mut self, sql: &str) -> Result<()> {
         self.client.batch_execute(sql).map_err(|e| pg_err("run a migration", e))
     }
 
     /// Runs `BEGIN`, `COMMIT` or `ROLLBACK`.
-    pub(crate) fn control(&mut self, command: &str) -> Result<()> {
+    pub fn control(&mut self, command: &str) -> Result<()> {
         self.client.batch_execute(command).map_err(|e| pg_err(command, e))?;
         self.in_transaction = command.starts_with("BEGIN");
-        self.audit_locked = false;
+        self.locks_held.clear();
         Ok(())
     }
 }
@@ -265,23 +265,18 @@ impl Sql for PgConnection {
             .collect()
     }
 
-    fn lock_audit_chain(&mut self) -> Result<()> {
-        if self.in_transaction && !self.audit_locked {
-            self.execute(AUDIT_LOCK_SQL, &[])?;
-            self.audit_locked = true;
+    fn advisory_lock(&mut self, key: i64) -> Result<()> {
+        if self.in_transaction && self.locks_held.insert(key) {
+            self.execute("SELECT pg_advisory_xact_lock(?1)", &[key.into()])?;
         }
         Ok(())
     }
 }
 
-/// The advisory lock every replica takes before appending to the audit chain (a constant
-/// key: "skydd-audit" in ASCII, truncated).
-const AUDIT_LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(7310593858020398177)";
-
 /// A small pool of PostgreSQL connections: connections are opened as needed up to `size`,
 /// a broken one (server restarted, network cut) is dropped and a fresh one opened on the
-/// next checkout, so the TTP reconnects on its own.
-pub(crate) struct PgPool {
+/// next checkout, so a service reconnects on its own.
+pub struct PgPool {
     url: String,
     size: usize,
     idle: Mutex<(Vec<PgConnection>, usize)>,
@@ -293,12 +288,12 @@ const PG_WAIT: Duration = Duration::from_secs(10);
 
 impl PgPool {
     /// A pool of at most `size` connections to `url` (none opened yet).
-    pub(crate) fn new(url: &str, size: usize) -> Self {
+    pub fn new(url: &str, size: usize) -> Self {
         Self { url: url.to_string(), size: size.max(1), idle: Mutex::new((Vec::new(), 0)), returned: Condvar::new() }
     }
 
     /// A connection, waiting for one to be returned when all `size` are out.
-    pub(crate) fn get(&self) -> Result<Pooled<'_>> {
+    pub fn get(&self) -> Result<Pooled<'_>> {
         let poisoned = || Error::Store("PostgreSQL pool lock poisoned by an earlier panic".into());
         let mut state = self.idle.lock().map_err(|_| poisoned())?;
         loop {
@@ -346,7 +341,7 @@ impl PgPool {
         client
             .batch_execute("SET plan_cache_mode = force_custom_plan")
             .map_err(|e| pg_err("set up a connection", e))?;
-        Ok(PgConnection { client, statements: HashMap::new(), in_transaction: false, audit_locked: false })
+        Ok(PgConnection { client, statements: HashMap::new(), in_transaction: false, locks_held: HashSet::new() })
     }
 
     fn put_back(&self, connection: PgConnection) {
@@ -362,7 +357,7 @@ impl PgPool {
 }
 
 /// A connection out of the pool, returned when dropped.
-pub(crate) struct Pooled<'p> {
+pub struct Pooled<'p> {
     pool: &'p PgPool,
     connection: Option<PgConnection>,
 }
