@@ -339,6 +339,48 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_consistency_under_kill_9() {
+    crash_rounds(Deployment::Single).await
+}
+
+/// The same rounds against two TTP and two CP replicas sharing one real PostgreSQL server
+/// (docs/ARCHITECTURE.md "Replicated deployment"): each round kills one replica with SIGKILL
+/// while the others serve (the clients fail over: the driver must keep getting answers), or
+/// restarts PostgreSQL under load (every service reconnects on its own). The same ledger
+/// checks follow. `SKYDD_CRASH_REPLICA_ROUNDS` (default 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_postgres_lose_nothing_to_kill_9_of_one_or_a_database_restart() {
+    crash_rounds(Deployment::Replicated).await
+}
+
+/// How the TTP and the CP run in [`crash_rounds`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Deployment {
+    /// One TTP and one CP, each on its SQLite file.
+    Single,
+    /// Two TTP and two CP replicas over one PostgreSQL server (a database each).
+    Replicated,
+}
+
+/// What a round takes down.
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    Ttp(usize),
+    Cp(usize),
+    Postgres,
+}
+
+impl std::fmt::Display for Victim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Victim::Ttp(i) => write!(f, "TTP-{}", i + 1),
+            Victim::Cp(i) => write!(f, "CP-{}", i + 1),
+            Victim::Postgres => write!(f, "PostgreSQL"),
+        }
+    }
+}
+
+async fn crash_rounds(deployment: Deployment) {
+    let replicated = deployment == Deployment::Replicated;
     if std::env::var("SKYDD_CRASH_TRACE").is_ok() {
         let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
     }
@@ -347,7 +389,9 @@ async fn crash_consistency_under_kill_9() {
     }
     prerequisites::require(prerequisites::USERSPACE_HOST);
     let started = Instant::now();
-    let rounds: usize = std::env::var("SKYDD_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
+    let (rounds_env, default_rounds) =
+        if replicated { ("SKYDD_CRASH_REPLICA_ROUNDS", 5) } else { ("SKYDD_CRASH_ROUNDS", 16) };
+    let rounds: usize = std::env::var(rounds_env).ok().and_then(|s| s.parse().ok()).unwrap_or(default_rounds);
     let seed: u64 = std::env::var("SKYDD_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -359,9 +403,18 @@ async fn crash_consistency_under_kill_9() {
     let root = dir.path().to_path_buf();
     let _cleanup = Cleanup::new(root.clone());
     let pki = LabPki::create(&root.join("pki")).unwrap();
-    let (ttp_port, cp_port) = (free_port(), free_port());
-    let ttp_url = format!("https://127.0.0.1:{ttp_port}");
-    let cp_url = format!("https://127.0.0.1:{cp_port}");
+    // Replicas: every client is given both URLs (net::Client fails over between them).
+    let replicas = if replicated { 2 } else { 1 };
+    let ttp_ports: Vec<u16> = (0..replicas).map(|_| free_port()).collect();
+    let cp_ports: Vec<u16> = (0..replicas).map(|_| free_port()).collect();
+    let urls = |ports: &[u16]| ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let (ttp_url, cp_url) = (urls(&ttp_ports), urls(&cp_ports));
+    // Its own server (not the binary's shared one): this test stops and starts it.
+    let postgres = replicated.then(skydd_testkit::postgres::Postgres::start);
+    let (ttp_database, cp_database) = match &postgres {
+        Some(server) => (Some(server.create_database()), Some(server.create_database())),
+        None => (None, None),
+    };
 
     // The compute host: swtpm and the secure component, in this process.
     let ek_ca = root.join("tpm-vendor-ca");
@@ -393,50 +446,66 @@ async fn crash_consistency_under_kill_9() {
     let policy_path = root.join("attestation.toml");
     std::fs::write(&policy_path, toml::to_string(&policy).unwrap()).unwrap();
     let ttp_tls = pki.issue(Role::Ttp, "ttp-1").unwrap();
-    let ttp_data = root.join("ttp-data");
-    ttp::config::create_master_key(&ttp_data).unwrap();
-    let ttp_config = ttp::config::TtpConfig {
-        listen: format!("127.0.0.1:{ttp_port}"),
-        data_dir: ttp_data.clone(),
-        ca: ttp_tls.ca.clone(),
-        crl: ttp_tls.crl.clone(),
-        cert: ttp_tls.cert.clone(),
-        key: ttp_tls.key.clone(),
-        attestation: policy_path,
-        registration_replicas: Vec::new(),
-        limits: Default::default(),
-        database_url: None,
-        database_pool_size: 16,
-        group_commit: true,
-    };
-    let ttp_config_path = root.join("ttp.toml");
-    std::fs::write(&ttp_config_path, toml::to_string(&ttp_config).unwrap()).unwrap();
-    let mut ttp_child = ChildService::new("ttp", ttp_config_path, root.join("ttp.log"));
-    ttp_child.start().await;
+    let ttp_data = |i: usize| if i == 0 { root.join("ttp-data") } else { root.join(format!("ttp-data-{}", i + 1)) };
+    ttp::config::create_master_key(&ttp_data(0)).unwrap();
+    let mut ttp_configs = Vec::new();
+    let mut ttp_children = Vec::new();
+    for (i, port) in ttp_ports.iter().enumerate() {
+        if i > 0 {
+            std::fs::create_dir_all(ttp_data(i)).unwrap();
+            let key = ttp::config::MASTER_KEY_FILE;
+            std::fs::copy(ttp_data(0).join(key), ttp_data(i).join(key)).unwrap();
+        }
+        let ttp_config = ttp::config::TtpConfig {
+            listen: format!("127.0.0.1:{port}"),
+            data_dir: ttp_data(i),
+            ca: ttp_tls.ca.clone(),
+            crl: ttp_tls.crl.clone(),
+            cert: ttp_tls.cert.clone(),
+            key: ttp_tls.key.clone(),
+            attestation: policy_path.clone(),
+            registration_replicas: Vec::new(),
+            limits: Default::default(),
+            database_url: ttp_database.clone(),
+            database_pool_size: 16,
+            group_commit: true,
+        };
+        let ttp_config_path = root.join(format!("ttp-{}.toml", i + 1));
+        std::fs::write(&ttp_config_path, toml::to_string(&ttp_config).unwrap()).unwrap();
+        let mut ttp_child = ChildService::new("ttp", ttp_config_path, root.join(format!("ttp-{}.log", i + 1)));
+        ttp_child.start().await;
+        ttp_configs.push(ttp_config);
+        ttp_children.push(ttp_child);
+    }
     sc.enroll().await.expect("compute-1 enrolls");
 
     // The cloud platform.
     let cp_tls = pki.issue(Role::CloudPlatform, "cloud-platform").unwrap();
     let cp_data = root.join("cp-data");
-    let cp_config = cloud_platform::CpConfig {
-        listen: format!("127.0.0.1:{cp_port}"),
-        data_dir: cp_data.clone(),
-        ca: cp_tls.ca.clone(),
-        crl: cp_tls.crl.clone(),
-        cert: cp_tls.cert.clone(),
-        key: cp_tls.key.clone(),
-        ttp_url: ttp_url.clone(),
-        max_volume_bytes: cloud_platform::config::DEFAULT_MAX_VOLUME_BYTES,
-        reconcile_interval_secs: 2,
-        quota: Default::default(),
-        limits: Default::default(),
-        database_url: None,
-        database_pool_size: 8,
-    };
-    let cp_config_path = root.join("cp.toml");
-    std::fs::write(&cp_config_path, cp_config.to_toml().unwrap()).unwrap();
-    let mut cp_child = ChildService::new("cp", cp_config_path, root.join("cp.log"));
-    cp_child.start().await;
+    let mut cp_children = Vec::new();
+    for (i, port) in cp_ports.iter().enumerate() {
+        // The replicas share the volume files (data_dir/volumes) and the database.
+        let cp_config = cloud_platform::CpConfig {
+            listen: format!("127.0.0.1:{port}"),
+            data_dir: cp_data.clone(),
+            ca: cp_tls.ca.clone(),
+            crl: cp_tls.crl.clone(),
+            cert: cp_tls.cert.clone(),
+            key: cp_tls.key.clone(),
+            ttp_url: ttp_url.clone(),
+            max_volume_bytes: cloud_platform::config::DEFAULT_MAX_VOLUME_BYTES,
+            reconcile_interval_secs: 2,
+            quota: Default::default(),
+            limits: Default::default(),
+            database_url: cp_database.clone(),
+            database_pool_size: 8,
+        };
+        let cp_config_path = root.join(format!("cp-{}.toml", i + 1));
+        std::fs::write(&cp_config_path, cp_config.to_toml().unwrap()).unwrap();
+        let mut cp_child = ChildService::new("cp", cp_config_path, root.join(format!("cp-{}.log", i + 1)));
+        cp_child.start().await;
+        cp_children.push(cp_child);
+    }
     let operator = pki.client("cloud-platform", Role::CloudPlatform, &cp_url).unwrap();
     let _: ComputeHost = operator
         .post_json("/v1/hosts", &ComputeHost { id: "compute-1".into(), agent_url: agent_url.clone() })
@@ -475,7 +544,14 @@ async fn crash_consistency_under_kill_9() {
     let mut totals = (0usize, 0usize, 0usize, 0usize, 0usize); // orphans, stale, healed, unenforced, leaked creates
     for round in 0..rounds {
         let round_started = Instant::now();
-        let victim = if rng.random_bool(0.5) { "TTP" } else { "CP" };
+        // Replicas: each kind of failure in turn, so five rounds cover them all.
+        const REPLICA_VICTIMS: [Victim; 5] =
+            [Victim::Ttp(0), Victim::Postgres, Victim::Cp(0), Victim::Ttp(1), Victim::Cp(1)];
+        let victim = match replicated {
+            true => REPLICA_VICTIMS[round % REPLICA_VICTIMS.len()],
+            false if rng.random_bool(0.5) => Victim::Ttp(0),
+            false => Victim::Cp(0),
+        };
         let kill_after = Duration::from_millis(rng.random_range(300..2500));
         let stop = CancellationToken::new();
         let (ops_before, fail_before, rel_before) = {
@@ -508,19 +584,47 @@ async fn crash_consistency_under_kill_9() {
         }
         tokio::time::sleep(kill_after).await;
         match victim {
-            "TTP" => ttp_child.kill9(),
-            _ => cp_child.kill9(),
+            Victim::Ttp(i) => ttp_children[i].kill9(),
+            Victim::Cp(i) => cp_children[i].kill9(),
+            // A fast shutdown: the services' connections are cut mid-transaction.
+            Victim::Postgres => tokio::task::block_in_place(|| postgres.as_ref().unwrap().stop()),
         }
-        // Keep driving against the dead service for a moment: those operations must fail.
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        let answered_at_kill = {
+            let l = ledger.lock().unwrap();
+            l.ops_ok + l.releases_ok
+        };
+        if replicated {
+            // The surviving replica answers: the driver fails over and goes on.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(1500..2500))).await;
+        } else {
+            // Keep driving against the dead service for a moment: those operations must fail.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        }
         stop.cancel();
         for task in tasks {
             tokio::time::timeout(Duration::from_secs(60), task).await.expect("the driver stops").unwrap();
         }
+        let answered_after_kill = {
+            let l = ledger.lock().unwrap();
+            l.ops_ok + l.releases_ok - answered_at_kill
+        };
+        if replicated && !matches!(victim, Victim::Postgres) {
+            assert!(
+                answered_after_kill > 0,
+                "round {round}: nothing was answered in the 1.5 s after {victim} was killed: the clients did not fail over"
+            );
+        }
+        // The database comes back; the services must find it again by themselves.
+        let database_restart_started = Instant::now();
+        if let (Victim::Postgres, Some(server)) = (victim, &postgres) {
+            tokio::task::block_in_place(|| server.start_again());
+        }
+        let database_down_ms = database_restart_started.elapsed().as_millis();
 
         // ---- checks on the data directories as the crash left them -----------------------
-        let (ttp_versions, chain_len, audit_present) = {
-            let (ttp_state, _) = ttp::server::build(&ttp_config).unwrap();
+        // (PostgreSQL's client blocks: the checks run off the async workers.)
+        let (ttp_versions, chain_len, audit_present) = tokio::task::block_in_place(|| {
+            let (ttp_state, _) = ttp::server::build(&ttp_configs[0]).unwrap();
             let chain_len = ttp_state
                 .verify_audit_chain()
                 .unwrap_or_else(|e| panic!("round {round}: the audit chain does not verify: {e}"));
@@ -562,7 +666,7 @@ async fn crash_consistency_under_kill_9() {
                 }
             }
             (versions, chain_len, present)
-        };
+        });
         let mut header_versions = HashMap::new();
         for domain in &domains {
             let volume = cp_data.join("volumes").join(format!("{domain}.vol"));
@@ -584,8 +688,9 @@ async fn crash_consistency_under_kill_9() {
         // ---- restart on the same data directory and port ------------------------------------
         let restart_started = Instant::now();
         match victim {
-            "TTP" => ttp_child.start().await,
-            _ => cp_child.start().await,
+            Victim::Ttp(i) => ttp_children[i].start().await,
+            Victim::Cp(i) => cp_children[i].start().await,
+            Victim::Postgres => {}
         }
         let restart_ms = restart_started.elapsed().as_millis();
         let dm = DomainManager::connect(&config).unwrap();
@@ -844,7 +949,7 @@ async fn crash_consistency_under_kill_9() {
 
         let l = ledger.lock().unwrap();
         println!(
-            "round {round}: kill -9 {victim} after {} ms; ops ok {} / failed {}, key releases ok {}; restart {restart_ms} ms; TTP versions >= acknowledged for {} domains; headers valid, versions {:?}; audit chain {chain_len} records verified, {audit_present} acknowledged releases present, {histories} histories read; reconciled by the CP in {settle_ms} ms (orphan mappings {orphans}, attaches never answered {attaching}), stale {stale}, revocations enforced late {unenforced}, domains caught up by the CP {healed}, stray volume files {leaked}; reattach ok ({:.1} s)",
+            "round {round}: kill -9 {victim} after {} ms (answers in the window after: {answered_after_kill}; database down {database_down_ms} ms); ops ok {} / failed {}, key releases ok {}; restart {restart_ms} ms; TTP versions >= acknowledged for {} domains; headers valid, versions {:?}; audit chain {chain_len} records verified, {audit_present} acknowledged releases present, {histories} histories read; reconciled by the CP in {settle_ms} ms (orphan mappings {orphans}, attaches never answered {attaching}), stale {stale}, revocations enforced late {unenforced}, domains caught up by the CP {healed}, stray volume files {leaked}; reattach ok ({:.1} s)",
             kill_after.as_millis(),
             l.ops_ok - ops_before,
             l.ops_failed - fail_before,
@@ -863,8 +968,8 @@ async fn crash_consistency_under_kill_9() {
         let l = ledger.lock().unwrap();
         let acked_releases: usize = l.domains.values().map(|d| d.audit_seqs.len()).sum();
         println!(
-            "crash consistency: {rounds} rounds (TTP starts {}, CP starts {}), {} operations acknowledged, {} key releases acknowledged ({acked_releases} audit records checked every round), no acknowledged record lost; orphans {}, stale {}, healed {}, late revocations {}, stray volumes {}; {:.1} s",
-            ttp_child.starts, cp_child.starts, l.ops_ok, l.releases_ok, totals.0, totals.1, totals.2, totals.3, totals.4, started.elapsed().as_secs_f64()
+            "crash consistency ({replicas} replica(s) each): {rounds} rounds (TTP starts {}, CP starts {}), {} operations acknowledged, {} key releases acknowledged ({acked_releases} audit records checked every round), no acknowledged record lost; orphans {}, stale {}, healed {}, late revocations {}, stray volumes {}; {:.1} s",
+            ttp_children.iter().map(|c| c.starts).sum::<usize>(), cp_children.iter().map(|c| c.starts).sum::<usize>(), l.ops_ok, l.releases_ok, totals.0, totals.1, totals.2, totals.3, totals.4, started.elapsed().as_secs_f64()
         );
         println!("failed (unacknowledged) operations by kind: {:?}", l.failures);
     }
@@ -883,7 +988,10 @@ async fn crash_consistency_under_kill_9() {
     let sc2 = sc.clone();
     tokio::task::spawn_blocking(move || sc2.shutdown()).await.unwrap();
     drop(sc);
-    cp_child.kill9();
-    ttp_child.kill9();
+    cp_children.iter_mut().for_each(ChildService::kill9);
+    ttp_children.iter_mut().for_each(ChildService::kill9);
     drop(swtpm);
+    if let Some(server) = postgres {
+        server.stop();
+    }
 }
