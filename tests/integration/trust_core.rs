@@ -631,3 +631,50 @@ async fn an_edited_or_removed_audit_record_is_detected() {
     }
     lab.ttp.stop().await;
 }
+
+/// The domain manager keeps the TTP's last signed audit checkpoint it saw (docs/PROTOCOL.md
+/// "Audit checkpoints"). Someone with the TTP database's keys deletes the newest records and
+/// every stored checkpoint: the chain from genesis still verifies, so the TTP itself and a
+/// reader without a checkpoint see nothing wrong, but the manager's next `domain history`
+/// is refused (`audit_chain_broken`, "cut short"). On a lab of its own: the log stays cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_domain_manager_detects_a_log_cut_short_after_its_last_read() {
+    let lab = Lab::start().await;
+    let (descriptor, header_v1) = lab.domain().await;
+    let domain_id = &descriptor.domain_id;
+    for _ in 0..4 {
+        let grant = lab.alice.grant(domain_id, "vm-a", AccessMode::Rw, 300);
+        lab.op.obtain_key(&lab.host1.host, &header_v1, &grant, "vm-a", AccessMode::Rw).await.unwrap();
+    }
+    let tls = net::TlsFiles::in_dir(&lab.pki.dir, "dm-alice");
+    let config = domain_manager::config::DmConfig {
+        cloud_platform_url: lab.ttp.url.clone(),
+        ttp_url: lab.ttp.url.clone(),
+        ca: tls.ca,
+        crl: tls.crl,
+        cert: tls.cert,
+        key: tls.key,
+    };
+    let manager = domain_manager::ops::DomainManager::connect(&config).unwrap();
+    let seen = manager.history(domain_id).await.expect("the first read keeps a checkpoint");
+    let releases = seen.records.iter().filter(|r| r.event == "key_release").count();
+    assert_eq!(releases, 4, "{:?}", seen.records);
+    let kept = config.cert.with_file_name(domain_manager::ops::CHECKPOINT_FILE);
+    assert!(kept.exists(), "no checkpoint kept at {}", kept.display());
+    let head = seen.records.last().unwrap().seq as i64;
+
+    // The cut: the last two key releases and every checkpoint.
+    let db = rusqlite::Connection::open(lab.ttp.data_dir.join("ttp.sqlite")).unwrap();
+    db.execute("DELETE FROM audit WHERE seq >= ?1", [head - 1]).unwrap();
+    db.execute("DELETE FROM audit_checkpoints", []).unwrap();
+    let unchecked: HistoryResponse =
+        lab.alice_client.get_json(&format!("/v1/domains/{domain_id}/history")).await.expect("the cut chain verifies");
+    assert_eq!(unchecked.records.iter().filter(|r| r.event == "key_release").count(), 2);
+
+    let refused = manager.history(domain_id).await.expect_err("a log cut short after the last read");
+    assert_eq!(refused.code(), Some("audit_chain_broken"), "{refused}");
+    let text = refused.to_string();
+    assert!(text.contains("cut short") && text.contains(&kept.display().to_string()), "{text}");
+    println!("domain history after the cut: {text}");
+    lab.ttp.stop().await;
+}
