@@ -187,10 +187,21 @@ pub fn verify_signer_certificate(
     crl_pems: &[String],
     now_unix: u64,
 ) -> Result<crate::pki::Identity> {
-    use rustls::pki_types::{CertificateDer, UnixTime};
-
     // A revoked signer's signatures stop counting from the moment its CA's list says so.
     let verifier = crate::pki::client_cert_verifier(trusted_ca_pems, crl_pems)?;
+    verify_signer_certificate_with(verifier.as_ref(), certificate_der, now_unix)
+}
+
+/// [`verify_signer_certificate`] with a verifier built once by
+/// [`client_cert_verifier`](crate::pki::client_cert_verifier) (for a party that checks many
+/// signatures under the same CAs and revocation lists).
+pub fn verify_signer_certificate_with(
+    verifier: &dyn rustls::server::danger::ClientCertVerifier,
+    certificate_der: &[u8],
+    now_unix: u64,
+) -> Result<crate::pki::Identity> {
+    use rustls::pki_types::{CertificateDer, UnixTime};
+
     let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now_unix));
     verifier.verify_client_cert(&CertificateDer::from(certificate_der), &[], now).map_err(|e| {
         Error::Certificate(format!("signer certificate refused: {}", crate::pki::describe_tls_error(&e)))

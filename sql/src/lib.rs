@@ -95,11 +95,40 @@ pub struct Migrations {
     pub lock_key: i64,
 }
 
+/// How many read-only connections an SQLite file gets beside its writer.
+const SQLITE_READERS: usize = 4;
+
+/// An SQLite database: one connection writes (SQLite writes serially anyway); reads of a
+/// file go to read-only connections beside it, which WAL lets run while a write transaction
+/// commits and flushes, so a decision's reads never wait behind another's fsync. An
+/// in-memory database has no readers (another connection would open another database).
+pub struct SqliteConnections {
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: std::sync::atomic::AtomicUsize,
+}
+
+impl SqliteConnections {
+    /// A free reader if one is, else the next in turn (waiting for it); the writer when
+    /// there are no readers.
+    fn reader(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        if self.readers.is_empty() {
+            return lock(&self.writer);
+        }
+        for reader in &self.readers {
+            if let Ok(guard) = reader.try_lock() {
+                return Ok(guard);
+            }
+        }
+        let turn = self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.readers.len();
+        lock(&self.readers[turn])
+    }
+}
+
 /// The engine a store runs on.
 pub enum Backend {
-    /// One SQLite connection: SQLite writes serially anyway, and one connection keeps an
-    /// in-memory database one database.
-    Sqlite(Mutex<Connection>),
+    /// SQLite: one writer, and readers beside it for a file.
+    Sqlite(SqliteConnections),
     /// A pool of PostgreSQL connections.
     Postgres(PgPool),
 }
@@ -108,10 +137,22 @@ impl Backend {
     /// Opens `database` and brings it to the newest version of `migrations`.
     pub fn open(database: &Database, migrations: &Migrations) -> Result<Self> {
         match database {
-            Database::Sqlite(path) => Self::sqlite(
-                Connection::open(path).map_err(|e| Error::Store(format!("open {}: {e}", path.display())))?,
-                migrations,
-            ),
+            Database::Sqlite(path) => {
+                let open = || Connection::open(path).map_err(|e| Error::Store(format!("open {}: {e}", path.display())));
+                let backend = Self::sqlite(open()?, migrations)?;
+                let Backend::Sqlite(mut connections) = backend else {
+                    unreachable!("sqlite() makes an SQLite backend")
+                };
+                for _ in 0..SQLITE_READERS {
+                    let reader = open()?;
+                    reader
+                        .execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")
+                        .map_err(|e| Error::Store(format!("set up a reader of {}: {e}", path.display())))?;
+                    reader.set_prepared_statement_cache_capacity(64);
+                    connections.readers.push(Mutex::new(reader));
+                }
+                Ok(Backend::Sqlite(connections))
+            }
             // The `postgres` client runs its own small runtime and may not be driven from an
             // async worker: a service that opens its store inside one (a test, a server's
             // set-up) migrates on a thread of its own.
@@ -153,7 +194,11 @@ impl Backend {
             tx.execute_batch(&format!("{sql} PRAGMA user_version = {version};")).map_err(failed)?;
             tx.commit().map_err(failed)?;
         }
-        Ok(Backend::Sqlite(Mutex::new(connection)))
+        Ok(Backend::Sqlite(SqliteConnections {
+            writer: Mutex::new(connection),
+            readers: Vec::new(),
+            next_reader: Default::default(),
+        }))
     }
 
     /// Brings a PostgreSQL database to the newest schema, one replica at a time (two
@@ -184,13 +229,15 @@ impl Backend {
         Ok(Backend::Postgres(pool))
     }
 
-    /// Runs `work` on a connection outside any explicit transaction (single reads).
+    /// Runs `work` on a connection outside any explicit transaction: single reads (on
+    /// SQLite a read-only connection; a statement that writes must go through
+    /// [`Backend::transaction`] or [`Backend::write`]).
     pub fn read<T, E: From<Error>>(
         &self,
         work: impl FnOnce(&mut dyn Sql) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
         match self {
-            Backend::Sqlite(connection) => work(&mut *lock(connection)?),
+            Backend::Sqlite(connections) => work(&mut *connections.reader()?),
             Backend::Postgres(pool) => work(&mut *pool.get()?),
         }
     }
@@ -201,8 +248,8 @@ impl Backend {
     /// rolled back and `Ok(false)` returned.
     pub fn transaction(&self, run: impl FnOnce(&mut dyn Sql) -> bool) -> Result<bool> {
         match self {
-            Backend::Sqlite(connection) => {
-                let mut connection = lock(connection)?;
+            Backend::Sqlite(connections) => {
+                let mut connection = lock(&connections.writer)?;
                 let control = |c: &Connection, command: &str| {
                     c.execute_batch(command).map_err(|e| Error::Store(format!("{command}: {e}")))
                 };

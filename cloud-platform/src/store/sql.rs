@@ -101,9 +101,9 @@ impl SqlStore {
         self.backend.write(work)
     }
 
-    /// Runs one statement outside a transaction.
+    /// Runs one writing statement in a transaction of its own.
     fn execute(&self, sql: &str, params: &[Value]) -> Result<u64> {
-        self.read(|c| Ok(c.execute(sql, params)?))
+        self.write(|tx| Ok(tx.execute(sql, params)?))
     }
 }
 

@@ -24,12 +24,14 @@ use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
 use crate::attestation::{AttestationPolicy, PendingEnrollment};
 use crate::error::{Error, Result};
 use crate::store::{now_unix, AuditEntry, TtpStore};
+use signers::Anchors;
 
 mod domains;
 mod enrollment;
 mod history;
 mod integrity;
 mod key_release;
+mod signers;
 #[cfg(test)]
 pub(crate) mod test_support;
 
@@ -44,18 +46,12 @@ pub use key_release::CHALLENGE_TTL_SECS;
 pub struct Ttp {
     master_key: SecretBytes,
     signing_key: SignatureKey,
-    /// PEM CA roots whose certificates the TTP accepts on signed objects (its own cloud's
-    /// and federated partners').
-    trusted_cas: Vec<String>,
-    /// Revocation lists (PEM files) read at every signature check, so that a revocation the
-    /// CA publishes counts from the next signed request on. Empty: not checked.
-    revocation_lists: Vec<PathBuf>,
+    /// Checks of signed objects under the trusted CAs (its own cloud's and federated
+    /// partners') and the revocation lists, remembering what they proved.
+    signers: signers::SignerChecks,
     policy: AttestationPolicy,
     store: Arc<dyn TtpStore>,
     pending_enrollments: Mutex<HashMap<String, (u64, PendingEnrollment)>>,
-    /// The trusted CAs (PEM) that issued this TTP's own certificate: a registration's signer
-    /// must chain to one of them, not merely to any trusted CA (a partner's).
-    registration_cas: Vec<String>,
     /// Certificate names whose registrations count: this TTP's own and its replicas'.
     registration_signers: Vec<String>,
     /// Violation reports per (domain, host) in the current window, so that one host cannot
@@ -111,12 +107,10 @@ impl Ttp {
         Ok(Self {
             master_key,
             signing_key,
-            trusted_cas,
-            revocation_lists: Vec::new(),
+            signers: signers::SignerChecks::new(trusted_cas, registration_cas),
             policy,
             store,
             pending_enrollments: Mutex::new(HashMap::new()),
-            registration_cas,
             registration_signers: vec![own.name],
             violation_reports: Mutex::new(integrity::ReportWindow::default()),
         })
@@ -133,26 +127,19 @@ impl Ttp {
         self
     }
 
-    /// Check signers' certificates against these revocation lists (PEM files, one per
-    /// trusted CA, as `cloud-platform ca revoke` writes them).
-    pub fn with_revocation_lists(mut self, files: Vec<PathBuf>) -> Self {
-        self.revocation_lists = files;
+    /// The same TTP checking every signed object from scratch (the key-release benchmark's
+    /// peer for its memory of verified signers).
+    #[cfg(test)]
+    pub(crate) fn forgetting_signers(mut self) -> Self {
+        self.signers = self.signers.forgetting();
         self
     }
 
-    /// The revocation lists as they are now. An unreadable list refuses every signature
-    /// (fail closed): a revocation must not be skipped because a file went missing.
-    fn current_revocation_lists(&self) -> protocol::Result<Vec<String>> {
-        self.revocation_lists
-            .iter()
-            .map(|path| {
-                net::read_pem_file(path).map_err(|e| {
-                    protocol::Error::Certificate(format!(
-                        "{e}; signed requests are refused until the revocation list can be read"
-                    ))
-                })
-            })
-            .collect()
+    /// Check signers' certificates against these revocation lists (PEM files, one per
+    /// trusted CA, as `cloud-platform ca revoke` writes them).
+    pub fn with_revocation_lists(mut self, files: Vec<PathBuf>) -> Self {
+        self.signers.set_revocation_lists(files);
+        self
     }
 
     /// The store, for tools and tests that read it (e.g. the audit chain).
@@ -242,13 +229,7 @@ impl Ttp {
         context: SignatureContext,
         role: Role,
     ) -> protocol::Result<String> {
-        let crls = self.current_revocation_lists()?;
-        let identity = protocol::signing::verify_signer_certificate(
-            &envelope.signer_certificate,
-            &self.trusted_cas,
-            &crls,
-            now_unix(),
-        )?;
+        let identity = self.signers.certificate(Anchors::Trusted, &envelope.signer_certificate, now_unix())?;
         if identity.role != role {
             return Err(protocol::Error::Certificate(format!(
                 "{} signed with a {} certificate, a {} certificate is needed",
@@ -257,7 +238,7 @@ impl Ttp {
                 role.as_str()
             )));
         }
-        envelope.verify_signature(context)?;
+        self.signers.signature(envelope, context)?;
         Ok(identity.name)
     }
 
@@ -282,14 +263,10 @@ impl Ttp {
     /// name, or a federated partner's CA) is refused.
     fn verified_registration(&self, envelope: &SignedEnvelope) -> Result<Registration> {
         let refuse = |detail: String| Error::RegistrationMismatch(format!("registration signature: {detail}"));
-        let crls = self.current_revocation_lists().map_err(|e| refuse(e.to_string()))?;
-        let identity = protocol::signing::verify_signer_certificate(
-            &envelope.signer_certificate,
-            &self.registration_cas,
-            &crls,
-            now_unix(),
-        )
-        .map_err(|e| refuse(format!("{e} (a registration must come from this TTP's own CA)")))?;
+        let identity = self
+            .signers
+            .certificate(Anchors::Registration, &envelope.signer_certificate, now_unix())
+            .map_err(|e| refuse(format!("{e} (a registration must come from this TTP's own CA)")))?;
         if identity.role != Role::Ttp {
             return Err(refuse(format!(
                 "{} signed with a {} certificate, a ttp certificate is needed",
@@ -304,7 +281,7 @@ impl Ttp {
                 self.registration_signers.join(", ")
             )));
         }
-        envelope.verify_signature(SignatureContext::Registration).map_err(|e| refuse(e.to_string()))?;
+        self.signers.signature(envelope, SignatureContext::Registration).map_err(|e| refuse(e.to_string()))?;
         Ok(Registration::decode(&envelope.message)?)
     }
 }
