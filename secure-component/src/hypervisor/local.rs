@@ -145,16 +145,30 @@ pub fn mount_ext4(device: &Path, dir: &Path, mode: OpenMode) -> Result<()> {
     Ok(())
 }
 
-/// Unmounts `dir`; a file system still in use is reported, not torn away.
+/// How long an unmount waits out a busy file system before it reports it: a holder may be
+/// fleeting (a child forked by another thread holds the parent's open files until its exec).
+const UNMOUNT_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Unmounts `dir`; a file system still in use after [`UNMOUNT_BUSY_WAIT`] is reported, not
+/// torn away.
 pub fn unmount(dir: &Path) -> Result<()> {
-    match filesystem::unmount(dir) {
-        Ok(()) => Ok(()),
-        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => Ok(()), // not mounted
-        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => Err(hv(format!(
-            "{} is still in use (a process has files open under it); stop using it and detach again",
-            dir.display()
-        ))),
-        Err(e) => Err(e),
+    let started = std::time::Instant::now();
+    loop {
+        match filesystem::unmount(dir) {
+            Ok(()) => return Ok(()),
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => return Ok(()), // not mounted
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {
+                if started.elapsed() < UNMOUNT_BUSY_WAIT {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+                return Err(hv(format!(
+                    "{} is still in use (a process has files open under it); stop using it and detach again",
+                    dir.display()
+                )));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
