@@ -6,7 +6,9 @@
 #      FILE_MIB (fio file size, default 1024),
 #      FORMAT (1 or 2, the userspace volume's format, default 1),
 #      PEER (plain: an unencrypted loop file, the default; v1: a format-1 userspace volume,
-#            to measure what format 2 costs over format 1 in the same run).
+#            to measure what format 2 costs over format 1 in the same run; threads1: the
+#            same volume format served by ONE FUSE thread, the backend as it was),
+#      FUSE_THREADS (the measured volume's FUSE threads; default: the backend's, 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/var/tmp/skydd-fio}
@@ -44,22 +46,24 @@ FORMAT=${FORMAT:-1}
 PEER=${PEER:-plain}
 # Encrypted: the helper keeps the volume open until its stdin (a fifo we hold) closes.
 mkfifo "$WORK/enc.fifo"
-SKYDD_FORMAT=$FORMAT "$BIN" "$WORK/enc.img" "$SIZE_MIB" "$WORK/enc.mnt" "$WORK/state" <"$WORK/enc.fifo" >"$WORK/enc.log" 2>&1 &
+SKYDD_FUSE_THREADS=${FUSE_THREADS:-} SKYDD_FORMAT=$FORMAT "$BIN" "$WORK/enc.img" "$SIZE_MIB" "$WORK/enc.mnt" "$WORK/state" <"$WORK/enc.fifo" >"$WORK/enc.log" 2>&1 &
 ENC_PID=$!
 exec 3>"$WORK/enc.fifo"
 for _ in $(seq 1 300); do grep -q READY "$WORK/enc.log" 2>/dev/null && break; sleep 0.2; done
 grep -q READY "$WORK/enc.log" || { cat "$WORK/enc.log"; exit 1; }
 
-if [ "$PEER" = v1 ]; then
-    # The peer is a format-1 userspace volume: same engine, same FUSE path, no tags.
+if [ "$PEER" = v1 ] || [ "$PEER" = threads1 ]; then
+    # v1: a format-1 userspace volume (same engine, same FUSE path, no tags).
+    # threads1: the same format with one FUSE thread.
     mkfifo "$WORK/peer.fifo"
-    SKYDD_FORMAT=1 "$BIN" "$WORK/peer.img" "$SIZE_MIB" "$WORK/plain.mnt" "$WORK/peer-state" 3>&- \
+    if [ "$PEER" = v1 ]; then PEER_FORMAT=1; PEER_THREADS=""; else PEER_FORMAT=$FORMAT; PEER_THREADS=1; fi
+    SKYDD_FUSE_THREADS=$PEER_THREADS SKYDD_FORMAT=$PEER_FORMAT "$BIN" "$WORK/peer.img" "$SIZE_MIB" "$WORK/plain.mnt" "$WORK/peer-state" 3>&- \
         <"$WORK/peer.fifo" >"$WORK/peer.log" 2>&1 &
     PEER_PID=$!
     exec 4>"$WORK/peer.fifo"
     for _ in $(seq 1 300); do grep -q READY "$WORK/peer.log" 2>/dev/null && break; sleep 0.2; done
     grep -q READY "$WORK/peer.log" || { cat "$WORK/peer.log"; exit 1; }
-    PEER_NAME="format-1 volume"
+    if [ "$PEER" = v1 ]; then PEER_NAME="format-1 volume"; else PEER_NAME="format-$FORMAT volume, 1 FUSE thread"; fi
 else
     # Plain: same size, same file system, 4096-byte loop sectors like the encrypted side.
     truncate -s "${SIZE_MIB}M" "$WORK/plain.img"

@@ -4,7 +4,8 @@
 //! usage: userspace_volume VOLUME_FILE SIZE_MIB MOUNT_DIR STATE_DIR
 //! Creates VOLUME_FILE (sparse, header area + SIZE_MIB of data) if it does not exist. The
 //! key is random and lives only in this process: the volume is a throwaway. SKYDD_FORMAT=2
-//! makes it format 2 (tags, tree, a root committed at every flush).
+//! makes it format 2 (tags, tree, a root committed at every flush); SKYDD_FUSE_THREADS=N
+//! serves it with N FUSE threads.
 
 use std::io::BufRead;
 use std::os::unix::fs::FileExt;
@@ -47,7 +48,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut key = SecretBytes::zeroed(64);
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, key.expose_mut())?;
-    let backend = UserspaceBackend::new(&args[4])?;
+    // SKYDD_FUSE_THREADS: FUSE event-loop threads (default: the backend's).
+    let mut backend = UserspaceBackend::new(&args[4])?;
+    if let Some(threads) = std::env::var("SKYDD_FUSE_THREADS").ok().and_then(|n| n.parse().ok()) {
+        backend = backend.with_fuse_threads(threads);
+    }
     // SKYDD_FORMAT=2: the volume is format 2 (docs/FORMAT.md "Version 2"), its roots committed
     // to an in-process stand-in for the TTP that keeps the epoch rule (the TTP's own cost is
     // measured by the flush-latency benchmark).

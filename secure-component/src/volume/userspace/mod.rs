@@ -74,7 +74,15 @@ struct Live {
 pub struct UserspaceBackend {
     state_dir: PathBuf,
     live: Mutex<HashMap<String, Live>>,
+    fuse_threads: usize,
 }
+
+/// FUSE event-loop threads per mapping by default. More threads
+/// ([`UserspaceBackend::with_fuse_threads`]) let the kernel spread requests over them, each
+/// on its own cloned `/dev/fuse` descriptor; on these 2 vCPUs, measured only while other
+/// builds ran, 2 and 4 threads were not reliably faster than one (docs/PERFORMANCE.md "fio on
+/// the userspace backend"), so one stays the default until a quiet measurement says otherwise.
+pub const DEFAULT_FUSE_THREADS: usize = 1;
 
 impl UserspaceBackend {
     /// A backend keeping its records in `state_dir` (created if missing).
@@ -82,7 +90,13 @@ impl UserspaceBackend {
         let state_dir = state_dir.into();
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| Error::io(format!("creating state directory {}", state_dir.display()), e))?;
-        Ok(Self { state_dir, live: Mutex::new(HashMap::new()) })
+        Ok(Self { state_dir, live: Mutex::new(HashMap::new()), fuse_threads: DEFAULT_FUSE_THREADS })
+    }
+
+    /// Serves each mapping with `threads` FUSE event-loop threads (at least 1).
+    pub fn with_fuse_threads(mut self, threads: usize) -> Self {
+        self.fuse_threads = threads.max(1);
+        self
     }
 
     /// Where the mapping records and FUSE mount points live.
@@ -222,8 +236,10 @@ impl UserspaceBackend {
             MountOption::NoDev,
         ];
         config.mount_options.push(if read_only { MountOption::RO } else { MountOption::RW });
-        // Config::default(): one event-loop thread, access for the mounting user only
-        // (SessionACL::Owner), as with fuser 0.15's spawn_mount2.
+        // Access for the mounting user only (SessionACL::Owner, the default); several
+        // event-loop threads, each reading its own clone of the /dev/fuse descriptor.
+        config.n_threads = Some(self.fuse_threads);
+        config.clone_fd = true;
         let session = fuser::spawn_mount(fs, &mountpoint, &config)
             .map_err(|e| Error::io(format!("mounting FUSE at {}", mountpoint.display()), e))?;
 

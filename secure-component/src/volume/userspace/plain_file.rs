@@ -7,7 +7,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -32,9 +32,13 @@ pub(super) struct PlainFile {
     device: Arc<dyn SectorDevice>,
     size: u64,
     read_only: bool,
-    /// Reused between requests: no allocation per I/O once warmed up. fuser (>= 0.17) calls
-    /// the file system through `&self`; with one event-loop thread the lock is never contended.
-    buf: Mutex<Vec<u8>>,
+    /// Scratch buffers reused between requests (no allocation per I/O once warmed up): each
+    /// of the FUSE event-loop threads takes one for a request and puts it back.
+    scratch: Mutex<Vec<Vec<u8>>>,
+    /// A write that covers part of a sector reads, changes and writes the whole sector: it
+    /// runs alone (write lock), so two such writes to one sector cannot lose each other's
+    /// bytes. Whole-sector writes and reads (all the loop device sends) share the lock.
+    partial_writes: RwLock<()>,
     uid: u32,
     gid: u32,
     started: SystemTime,
@@ -46,12 +50,26 @@ impl PlainFile {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let size = device.data_sectors() * SECTOR;
-        Self { device, size, read_only, buf: Mutex::new(Vec::new()), uid, gid, started: SystemTime::now() }
+        Self {
+            device,
+            size,
+            read_only,
+            scratch: Mutex::default(),
+            partial_writes: RwLock::new(()),
+            uid,
+            gid,
+            started: SystemTime::now(),
+        }
     }
 
-    /// The scratch buffer; a panic while it was held leaves nothing to repair in it.
-    fn buf(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
-        self.buf.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `work` with a scratch buffer of this file system's pool (a new one if all are in
+    /// use), returned to the pool after.
+    fn with_scratch<T>(&self, work: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+        let pool = || self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let mut scratch = pool().pop().unwrap_or_default();
+        let outcome = work(&mut scratch);
+        pool().push(scratch);
+        outcome
     }
 
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
@@ -110,7 +128,13 @@ impl PlainFile {
         let count = (last - first) as usize;
         let head = (offset - first * SECTOR) as usize;
         let len = count * SECTOR_SIZE;
-        if head != 0 || !end.is_multiple_of(SECTOR) {
+        let partial = head != 0 || !end.is_multiple_of(SECTOR);
+        // Poisoned only by a panic mid-write; the sectors themselves are then as the device left them.
+        let _turn = match partial {
+            true => Turn::Alone(self.partial_writes.write().unwrap_or_else(|e| e.into_inner())),
+            false => Turn::Shared(self.partial_writes.read().unwrap_or_else(|e| e.into_inner())),
+        };
+        if partial {
             // Read-modify-write: only the partial first and last sectors need the old data.
             if scratch.len() < len {
                 scratch.resize(len, 0);
@@ -134,6 +158,12 @@ impl PlainFile {
     fn load_into(&self, scratch: &mut [u8], sector: u64, at: usize) -> std::io::Result<()> {
         self.device.read_sectors(sector, &mut scratch[at..at + SECTOR_SIZE]).map_err(device_error)
     }
+}
+
+/// Which share of [`PlainFile::partial_writes`] a write holds.
+enum Turn<'a> {
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>),
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, ()>),
 }
 
 /// The reader sees EIO for anything the device refuses (a sector that does not verify, a
@@ -203,14 +233,16 @@ impl Filesystem for PlainFile {
         if ino != DATA_INO {
             return reply.error(Errno::EINVAL);
         }
-        let mut scratch = self.buf();
-        match self.read_range(&mut scratch, offset, size as usize) {
-            Ok(data) => reply.data(data),
-            Err(e) => {
-                tracing::error!(offset, size, error = %e, "userspace volume read failed");
-                reply.error(errno_of(&e))
+        self.with_scratch(|scratch| {
+            let _shared = self.partial_writes.read().unwrap_or_else(|e| e.into_inner());
+            match self.read_range(scratch, offset, size as usize) {
+                Ok(data) => reply.data(data),
+                Err(e) => {
+                    tracing::error!(offset, size, error = %e, "userspace volume read failed");
+                    reply.error(errno_of(&e))
+                }
             }
-        }
+        })
     }
 
     fn write(
@@ -231,14 +263,13 @@ impl Filesystem for PlainFile {
         if ino != DATA_INO {
             return reply.error(Errno::EINVAL);
         }
-        let mut scratch = self.buf();
-        match self.write_range(&mut scratch, offset, data) {
+        self.with_scratch(|scratch| match self.write_range(scratch, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => {
                 tracing::error!(offset, len = data.len(), error = %e, "userspace volume write failed");
                 reply.error(errno_of(&e))
             }
-        }
+        })
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
