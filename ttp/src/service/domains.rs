@@ -46,6 +46,7 @@ impl Ttp {
                         descriptor_hash: encoded_hash,
                         metadata_hash: descriptor.metadata_hash(),
                         deleted_at: None,
+                        master_key_version: self.master_keys.current_version(),
                     })?;
                     nonce
                 }

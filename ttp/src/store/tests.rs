@@ -62,6 +62,7 @@ fn domain(version: u64, descriptor: &[u8]) -> DomainRecord {
         descriptor_hash: [version as u8; 32],
         metadata_hash: [9; 32],
         deleted_at: None,
+        master_key_version: 1,
     }
 }
 
