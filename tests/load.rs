@@ -336,7 +336,7 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
     };
     std::fs::write(root.join("attestation.toml"), toml::to_string(&policy).unwrap()).unwrap();
     let tls = pki.issue(Role::Ttp, "ttp-1").unwrap();
-    ttp::config::create_master_key(&root.join("ttp-data")).unwrap();
+    let custodians = ttp::master_key::create_version(&root.join("ttp-data"), &Default::default(), ttp::master_key::Custodians { shares: 3, threshold: 2 }).unwrap();
     let ttp_config = ttp::config::TtpConfig {
         listen: "127.0.0.1:0".into(),
         data_dir: root.join("ttp-data"),
@@ -350,8 +350,9 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
         database_url: None,
         database_pool_size: 16,
         group_commit: true,
+        master_key: Default::default(),
     };
-    let (ttp, ttp_tls) = ttp::server::build(&ttp_config).unwrap();
+    let (ttp, ttp_tls) = ttp::server::build_with_shares(&ttp_config, &custodians.shares).unwrap();
     let shutdown = CancellationToken::new();
     let mut servers = Vec::new();
     {

@@ -64,7 +64,9 @@ fn crash_child() {
         match role {
             "ttp" => {
                 let config = ttp::config::TtpConfig::load(Path::new(config_path)).unwrap();
-                let (service, tls) = ttp::server::build(&config).unwrap();
+                // No TPM here: the custodians' shares beside the configuration start it.
+                let shares = ttp::master_key::read_share_dir(Path::new(&format!("{config_path}.shares"))).unwrap();
+                let (service, tls) = ttp::server::build_with_shares(&config, &shares).unwrap();
                 let listener = tokio::net::TcpListener::bind(&config.listen).await.unwrap();
                 std::fs::write(&ready, std::process::id().to_string()).unwrap();
                 ttp::server::serve(listener, service, tls, CancellationToken::new()).await.unwrap();
@@ -394,7 +396,7 @@ async fn crash_consistency_under_kill_9() {
     std::fs::write(&policy_path, toml::to_string(&policy).unwrap()).unwrap();
     let ttp_tls = pki.issue(Role::Ttp, "ttp-1").unwrap();
     let ttp_data = root.join("ttp-data");
-    ttp::config::create_master_key(&ttp_data).unwrap();
+    let custodians = ttp::master_key::create_version(&ttp_data, &Default::default(), ttp::master_key::Custodians { shares: 3, threshold: 2 }).unwrap();
     let ttp_config = ttp::config::TtpConfig {
         listen: format!("127.0.0.1:{ttp_port}"),
         data_dir: ttp_data.clone(),
@@ -408,8 +410,10 @@ async fn crash_consistency_under_kill_9() {
         database_url: None,
         database_pool_size: 16,
         group_commit: true,
+        master_key: Default::default(),
     };
     let ttp_config_path = root.join("ttp.toml");
+    ttp::master_key::write_share_files(&root.join("ttp.toml.shares"), &custodians.shares).unwrap();
     std::fs::write(&ttp_config_path, toml::to_string(&ttp_config).unwrap()).unwrap();
     let mut ttp_child = ChildService::new("ttp", ttp_config_path, root.join("ttp.log"));
     ttp_child.start().await;
@@ -518,7 +522,7 @@ async fn crash_consistency_under_kill_9() {
 
         // ---- checks on the data directories as the crash left them -----------------------
         let (ttp_versions, chain_len, audit_present) = {
-            let (ttp_state, _) = ttp::server::build(&ttp_config).unwrap();
+            let (ttp_state, _) = ttp::server::build_with_shares(&ttp_config, &custodians.shares).unwrap();
             let chain_len = ttp_state
                 .verify_audit_chain()
                 .unwrap_or_else(|e| panic!("round {round}: the audit chain does not verify: {e}"));

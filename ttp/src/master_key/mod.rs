@@ -462,3 +462,17 @@ pub fn read_shares_until_threshold(
         }
     }
 }
+
+/// Every share in the `*.txt` files of `dir` (as [`write_share_files`] leaves them), in
+/// file-name order.
+pub fn read_share_dir(dir: &Path) -> Result<Vec<ShareLine>> {
+    let io = |e| Error::Io { context: format!("read {}", dir.display()), source: e };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .map_err(io)?;
+    files.retain(|path| path.extension().is_some_and(|e| e == "txt"));
+    files.sort();
+    read_share_files(&files)
+}
