@@ -151,14 +151,21 @@ fn master_key_ceremony_with_a_tpm_and_custodians() {
     let k_ttp = shares::combine(&all_shares[..3]).unwrap();
     assert!(files_holding(&host.config.data_dir, k_ttp.expose()).is_empty(), "no file of the data directory holds K_TTP");
 
-    // Start: auto-unseal. Time it beside the custodians' way.
-    let started = std::time::Instant::now();
+    // Start: auto-unseal. The unseal alone, timed beside the custodians' way (median of 5).
     host.start().expect("the TTP starts, unsealing K_TTP from its TPM");
-    let tpm_time = started.elapsed();
-    let started = std::time::Instant::now();
     ttp::server::build_with_shares(&host.config, &all_shares[..3]).expect("the TTP starts from 3 shares");
-    let shares_time = started.elapsed();
-    println!("unseal at start: TPM {:.1} ms, 3 shares {:.1} ms", tpm_time.as_secs_f64() * 1e3, shares_time.as_secs_f64() * 1e3);
+    let median = |given: &[ttp::master_key::ShareLine]| {
+        let mut times: Vec<f64> = (0..5)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                ttp::master_key::unlock(&host.config.data_dir, &host.config.master_key, given).unwrap();
+                started.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[2]
+    };
+    println!("unseal K_TTP at start: TPM (swtpm) {:.2} ms, 3 of 5 shares {:.3} ms", median(&[]), median(&all_shares[..3]));
     let primary_key = domain_key(&host.config);
 
     // A measured component changed: PCR 7 moves, the TPM refuses, the TTP does not start.
