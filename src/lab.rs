@@ -98,8 +98,8 @@ pub struct RunningTtp {
     /// The TTP host's TPM (killed on drop); kept across an [`RunningTtp::outage`]. Always
     /// set but while an outage swaps it to the restarted TTP.
     tpm: Option<Swtpm>,
-    /// How long the start-up took to unseal K_TTP from the TPM.
-    pub unseal_time: std::time::Duration,
+    /// How long the TTP's build took, K_TTP's unseal from the TPM included.
+    pub build_time: std::time::Duration,
     /// The TTP itself, for tests that inspect its state directly.
     pub service: Arc<ttp::service::Ttp>,
     shutdown: CancellationToken,
@@ -182,7 +182,7 @@ impl RunningTtp {
         };
         let started = std::time::Instant::now();
         let (service, server_tls) = ttp::server::build(&config)?;
-        let unseal_time = started.elapsed();
+        let build_time = started.elapsed();
         let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
         let shutdown = CancellationToken::new();
         let serve_shutdown = shutdown.clone();
@@ -192,7 +192,7 @@ impl RunningTtp {
                 tracing::error!(error = %e, "TTP stopped");
             }
         });
-        Ok(Self { url, data_dir, custodians_dir, tpm: Some(tpm), unseal_time, service, shutdown, task })
+        Ok(Self { url, data_dir, custodians_dir, tpm: Some(tpm), build_time, service, shutdown, task })
     }
 
     /// Stops the server and waits for it to finish (its TPM stops with it).
