@@ -373,7 +373,12 @@ fn guest_sees_the_swtpm_tpm() {
         }],
     };
     let data_dir = work.path().join("ttp-data");
-    let custodians = ttp::master_key::create_version(&data_dir, &Default::default(), ttp::master_key::Custodians { shares: 3, threshold: 2 }).unwrap();
+    let custodians = ttp::master_key::create_version(
+        &data_dir,
+        &Default::default(),
+        ttp::master_key::Custodians { shares: 3, threshold: 2 },
+    )
+    .unwrap();
     let policy_path = work.path().join("attestation.toml");
     fs::write(&policy_path, toml::to_string(&policy).unwrap()).unwrap();
     let config = ttp::config::TtpConfig {

@@ -336,7 +336,12 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize) -> Cloud {
     };
     std::fs::write(root.join("attestation.toml"), toml::to_string(&policy).unwrap()).unwrap();
     let tls = pki.issue(Role::Ttp, "ttp-1").unwrap();
-    let custodians = ttp::master_key::create_version(&root.join("ttp-data"), &Default::default(), ttp::master_key::Custodians { shares: 3, threshold: 2 }).unwrap();
+    let custodians = ttp::master_key::create_version(
+        &root.join("ttp-data"),
+        &Default::default(),
+        ttp::master_key::Custodians { shares: 3, threshold: 2 },
+    )
+    .unwrap();
     let ttp_config = ttp::config::TtpConfig {
         listen: "127.0.0.1:0".into(),
         data_dir: root.join("ttp-data"),

@@ -396,7 +396,12 @@ async fn crash_consistency_under_kill_9() {
     std::fs::write(&policy_path, toml::to_string(&policy).unwrap()).unwrap();
     let ttp_tls = pki.issue(Role::Ttp, "ttp-1").unwrap();
     let ttp_data = root.join("ttp-data");
-    let custodians = ttp::master_key::create_version(&ttp_data, &Default::default(), ttp::master_key::Custodians { shares: 3, threshold: 2 }).unwrap();
+    let custodians = ttp::master_key::create_version(
+        &ttp_data,
+        &Default::default(),
+        ttp::master_key::Custodians { shares: 3, threshold: 2 },
+    )
+    .unwrap();
     let ttp_config = ttp::config::TtpConfig {
         listen: format!("127.0.0.1:{ttp_port}"),
         data_dir: ttp_data.clone(),

@@ -210,7 +210,10 @@ async fn main() -> anyhow::Result<()> {
             let config = ttp::config::TtpConfig::load(&config)?;
             let shares = ttp::master_key::read_share_files(&shares)?;
             for record in ttp::master_key::reseal(&config.data_dir, &config.master_key, &shares)? {
-                println!("K_TTP version {} sealed to PCRs {:?} as they are now", record.version, config.master_key.pcrs);
+                println!(
+                    "K_TTP version {} sealed to PCRs {:?} as they are now",
+                    record.version, config.master_key.pcrs
+                );
             }
         }
         Command::MasterKey { command } => master_key_command(command)?,
@@ -267,13 +270,19 @@ fn hand_out(created: &ttp::master_key::CreatedVersion, custodians: &CustodianArg
             println!("Give each file to a different custodian, then delete it from this machine.");
         }
         None => {
-            println!("Shares ({} of {} recover K_TTP); give each line to a different custodian:", record.threshold, record.shares);
+            println!(
+                "Shares ({} of {} recover K_TTP); give each line to a different custodian:",
+                record.threshold, record.shares
+            );
             for share in &created.shares {
                 println!("{}", share.to_text().as_str());
             }
         }
     }
-    println!("No file on this host holds K_TTP; without the TPM copy or {} shares no domain key can be derived.", record.threshold);
+    println!(
+        "No file on this host holds K_TTP; without the TPM copy or {} shares no domain key can be derived.",
+        record.threshold
+    );
     Ok(())
 }
 
@@ -281,7 +290,8 @@ fn hand_out(created: &ttp::master_key::CreatedVersion, custodians: &CustodianArg
 fn shares_from(files: &[PathBuf]) -> anyhow::Result<Vec<ttp::master_key::ShareLine>> {
     if files.is_empty() || files.iter().any(|f| f.as_os_str() == "-") {
         eprintln!("Custodians: paste your share line and press Enter, one after the other.");
-        let shares = ttp::master_key::read_shares_until_threshold(&mut std::io::stdin().lock(), &mut std::io::stderr())?;
+        let shares =
+            ttp::master_key::read_shares_until_threshold(&mut std::io::stdin().lock(), &mut std::io::stderr())?;
         let files: Vec<PathBuf> = files.iter().filter(|f| f.as_os_str() != "-").cloned().collect();
         let mut all = ttp::master_key::read_share_files(&files)?;
         all.extend(shares);
@@ -305,7 +315,8 @@ fn master_key_command(command: MasterKeyCommand) -> anyhow::Result<()> {
             println!("version  fingerprint       sealed-to         split   live-domains  deleted-domains");
             for record in ttp::master_key::records(&config.data_dir)? {
                 let used = uses.iter().find(|u| u.version == record.version);
-                let sealed = record.sealed.as_ref().map_or_else(|| "no TPM".to_string(), |s| format!("PCRs {:?}", s.pcrs));
+                let sealed =
+                    record.sealed.as_ref().map_or_else(|| "no TPM".to_string(), |s| format!("PCRs {:?}", s.pcrs));
                 println!(
                     "{:<8} {:<17} {:<17} {}-of-{}  {:<13} {}",
                     record.version,
@@ -320,7 +331,8 @@ fn master_key_command(command: MasterKeyCommand) -> anyhow::Result<()> {
         }
         MasterKeyCommand::NewVersion { config, custodians } => {
             let config = ttp::config::TtpConfig::load(&config)?;
-            let created = ttp::master_key::create_version(&config.data_dir, &config.master_key, custodians.custodians())?;
+            let created =
+                ttp::master_key::create_version(&config.data_dir, &config.master_key, custodians.custodians())?;
             hand_out(&created, &custodians)?;
             println!(
                 "Restart the TTP (every replica, after `ttp unseal` of version {} there): new domains then use it.",

@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::attestation::AttestationPolicy;
 use crate::config::TtpConfig;
-use crate::master_key::ShareLine;
 use crate::error::{Error, Result};
+use crate::master_key::ShareLine;
 use crate::service::Ttp;
 
 /// Builds the TTP from its configuration: K_TTP (every version unsealed from the TPM),

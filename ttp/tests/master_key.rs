@@ -41,7 +41,8 @@ impl Host {
         std::fs::create_dir_all(dir).unwrap();
         let tls = identity_files(dir, ca, name);
         let attestation = dir.join("attestation.toml");
-        std::fs::write(&attestation, toml::to_string(&ttp::attestation::AttestationPolicy::default()).unwrap()).unwrap();
+        std::fs::write(&attestation, toml::to_string(&ttp::attestation::AttestationPolicy::default()).unwrap())
+            .unwrap();
         let config = TtpConfig {
             listen: "127.0.0.1:0".into(),
             data_dir: dir.join("data"),
@@ -142,14 +143,18 @@ fn master_key_ceremony_with_a_tpm_and_custodians() {
     let custodians = dir.path().join("custodians");
 
     // ttp init: sealed to the TPM, split 3 of 5, one file per custodian.
-    let init = host.ttp(&["init", "--shares", "5", "--threshold", "3", "--share-dir", custodians.to_str().unwrap()], "");
+    let init =
+        host.ttp(&["init", "--shares", "5", "--threshold", "3", "--share-dir", custodians.to_str().unwrap()], "");
     assert!(init.status.success(), "ttp init: {}", text(&init));
     assert!(text(&init).contains("sealed to this TPM under PCRs [0, 1, 2, 3, 4, 5, 6, 7]"), "{}", text(&init));
     let files = share_files(&custodians);
     assert_eq!(files.len(), 5);
     let all_shares = ttp::master_key::read_share_files(&files).unwrap();
     let k_ttp = shares::combine(&all_shares[..3]).unwrap();
-    assert!(files_holding(&host.config.data_dir, k_ttp.expose()).is_empty(), "no file of the data directory holds K_TTP");
+    assert!(
+        files_holding(&host.config.data_dir, k_ttp.expose()).is_empty(),
+        "no file of the data directory holds K_TTP"
+    );
 
     // Start: auto-unseal. The unseal alone, timed beside the custodians' way (median of 5).
     host.start().expect("the TTP starts, unsealing K_TTP from its TPM");
@@ -165,7 +170,11 @@ fn master_key_ceremony_with_a_tpm_and_custodians() {
         times.sort_by(f64::total_cmp);
         times[2]
     };
-    println!("unseal K_TTP at start: TPM (swtpm) {:.2} ms, 3 of 5 shares {:.3} ms", median(&[]), median(&all_shares[..3]));
+    println!(
+        "unseal K_TTP at start: TPM (swtpm) {:.2} ms, 3 of 5 shares {:.3} ms",
+        median(&[]),
+        median(&all_shares[..3])
+    );
     let primary_key = domain_key(&host.config);
 
     // A measured component changed: PCR 7 moves, the TPM refuses, the TTP does not start.
@@ -209,7 +218,8 @@ fn master_key_ceremony_with_a_tpm_and_custodians() {
     // A second replica on another TPM, from three other custodians' shares.
     let tpm_2 = Swtpm::start(&dir.path().join("tpm-2")).unwrap();
     let replica = Host::new(&dir.path().join("ttp-2"), &ca, "ttp-2", Some(&tpm_2));
-    let from_files: Vec<String> = files[1..4].iter().flat_map(|f| ["--share".into(), f.display().to_string()]).collect();
+    let from_files: Vec<String> =
+        files[1..4].iter().flat_map(|f| ["--share".into(), f.display().to_string()]).collect();
     let args: Vec<&str> = ["unseal"].into_iter().chain(from_files.iter().map(String::as_str)).collect();
     let unseal = replica.ttp(&args, "");
     assert!(unseal.status.success(), "replica's ttp unseal: {}", text(&unseal));
@@ -290,4 +300,3 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
-

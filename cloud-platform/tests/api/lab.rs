@@ -89,7 +89,12 @@ pub async fn start_ttp(
     let tls = pki.issue(Role::Ttp, "ttp-1");
     let data_dir = root.join("ttp-data");
     // No TPM: K_TTP exists as 2-of-3 custodians' shares, which start the TTP.
-    let custodians = ttp::master_key::create_version(&data_dir, &Default::default(), ttp::master_key::Custodians { shares: 3, threshold: 2 }).unwrap();
+    let custodians = ttp::master_key::create_version(
+        &data_dir,
+        &Default::default(),
+        ttp::master_key::Custodians { shares: 3, threshold: 2 },
+    )
+    .unwrap();
     let policy_path = root.join("attestation.toml");
     std::fs::write(&policy_path, toml::to_string(policy).unwrap()).unwrap();
     let config = ttp::config::TtpConfig {

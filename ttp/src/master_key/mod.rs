@@ -105,7 +105,10 @@ impl MasterKeys {
             return Err(Error::MasterKey("no master-key version is loaded".into()));
         }
         if let Some((version, key)) = keys.iter().find(|(_, k)| k.len() != MASTER_KEY_BYTES) {
-            return Err(Error::Config(format!("K_TTP version {version} is {} bytes, not {MASTER_KEY_BYTES}", key.len())));
+            return Err(Error::Config(format!(
+                "K_TTP version {version} is {} bytes, not {MASTER_KEY_BYTES}",
+                key.len()
+            )));
         }
         Ok(Self { keys })
     }
@@ -181,9 +184,11 @@ fn write_record(data_dir: &Path, record: &VersionRecord) -> Result<()> {
     std::fs::create_dir_all(&dir).map_err(|e| Error::Io { context: format!("create {}", dir.display()), source: e })?;
     let path = record_path(data_dir, record.version);
     let tmp = dir.join(format!(".v{}.json.tmp", record.version));
-    let text = serde_json::to_string_pretty(record).map_err(|e| Error::Config(format!("encode {}: {e}", path.display())))?;
+    let text =
+        serde_json::to_string_pretty(record).map_err(|e| Error::Config(format!("encode {}: {e}", path.display())))?;
     let io = |e| Error::Io { context: format!("write {}", path.display()), source: e };
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
     file.write_all(text.as_bytes()).and_then(|_| file.sync_all()).map_err(io)?;
     std::fs::rename(&tmp, &path).map_err(io)
 }
@@ -283,7 +288,9 @@ pub fn unlock(data_dir: &Path, config: &MasterKeyConfig, shares: &[ShareLine]) -
         by_version.entry(share.version).or_default().push(share);
     }
     if let Some(unknown) = by_version.keys().find(|v| !records.iter().any(|r| r.version == **v)) {
-        return Err(Error::MasterKey(format!("shares of K_TTP version {unknown} were given, but it is not recorded here")));
+        return Err(Error::MasterKey(format!(
+            "shares of K_TTP version {unknown} were given, but it is not recorded here"
+        )));
     }
     let mut tpm = None;
     let mut keys = BTreeMap::new();
@@ -358,9 +365,10 @@ pub fn unseal_with_shares(data_dir: &Path, config: &MasterKeyConfig, given: &[Sh
 /// `ttp reseal`: every version, unlocked from its sealed copy (or from `shares`), sealed
 /// again to the TPM's current state over the configured PCRs.
 pub fn reseal(data_dir: &Path, config: &MasterKeyConfig, shares: &[ShareLine]) -> Result<Vec<VersionRecord>> {
-    let tcti = config.tpm_tcti.as_ref().ok_or_else(|| {
-        Error::Config("reseal needs a TPM: set [master_key] tpm_tcti in the configuration".into())
-    })?;
+    let tcti = config
+        .tpm_tcti
+        .as_ref()
+        .ok_or_else(|| Error::Config("reseal needs a TPM: set [master_key] tpm_tcti in the configuration".into()))?;
     let keys = unlock(data_dir, config, shares)?;
     let mut tpm = tpm::TtpTpm::open(tcti)?;
     let mut updated = Vec::new();
@@ -416,7 +424,8 @@ pub fn read_share_files(paths: &[PathBuf]) -> Result<Vec<ShareLine>> {
                 .map_err(|e| Error::Io { context: "read shares from standard input".into(), source: e })?;
             text
         } else {
-            std::fs::read_to_string(path).map_err(|e| Error::Io { context: format!("read {}", path.display()), source: e })?
+            std::fs::read_to_string(path)
+                .map_err(|e| Error::Io { context: format!("read {}", path.display()), source: e })?
         });
         all.extend(shares::parse_all(&text)?);
     }

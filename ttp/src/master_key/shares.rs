@@ -72,7 +72,8 @@ impl ShareLine {
         if *prefix != PREFIX {
             return Err(refuse(&format!("it must start with '{PREFIX}:'")));
         }
-        let version = version.strip_prefix('v').and_then(|v| v.parse().ok()).ok_or_else(|| refuse("bad version field"))?;
+        let version =
+            version.strip_prefix('v').and_then(|v| v.parse().ok()).ok_or_else(|| refuse("bad version field"))?;
         let (index, count) = position.split_once('/').ok_or_else(|| refuse("bad index/count field"))?;
         let index: u8 = index.parse().map_err(|_| refuse("bad share index"))?;
         let count: u8 = count.parse().map_err(|_| refuse("bad share count"))?;

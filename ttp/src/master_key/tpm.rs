@@ -146,7 +146,9 @@ impl TtpTpm {
             .iter()
             .zip(copy.pcr_values.iter().zip(&now))
             .filter(|(_, (sealed, current))| sealed != current)
-            .map(|(index, (sealed, current))| format!("PCR {index} (sealed {}…, now {}…)", &sealed[..16], &current[..16]))
+            .map(|(index, (sealed, current))| {
+                format!("PCR {index} (sealed {}…, now {}…)", &sealed[..16], &current[..16])
+            })
             .collect();
         Error::MasterKeySealedToOtherState(format!(
             "the TPM refuses to unseal K_TTP version {version}: this host's measured state changed since it was sealed: {}. If the change is approved, run `ttp unseal --config ...` with the custodians' shares (it seals K_TTP to the current state); otherwise find out why these PCRs changed",
@@ -158,10 +160,11 @@ impl TtpTpm {
     pub fn read_pcrs(&mut self, pcrs: &[u8]) -> Result<Vec<String>> {
         let mut values = Vec::with_capacity(pcrs.len());
         for index in pcrs {
-            let (_, _, digests) = self
-                .context
-                .execute_without_session(|ctx| ctx.pcr_read(selection(&[*index])?.clone()).map_err(|e| tpm_error("PCR_Read", e)))?;
-            let digest = digests.value().first().ok_or_else(|| tpm_error("PCR_Read", format!("PCR {index} not returned")))?;
+            let (_, _, digests) = self.context.execute_without_session(|ctx| {
+                ctx.pcr_read(selection(&[*index])?.clone()).map_err(|e| tpm_error("PCR_Read", e))
+            })?;
+            let digest =
+                digests.value().first().ok_or_else(|| tpm_error("PCR_Read", format!("PCR {index} not returned")))?;
             values.push(hex::encode(digest.value()));
         }
         Ok(values)
@@ -170,12 +173,21 @@ impl TtpTpm {
     fn trial_policy(&mut self, selection: PcrSelectionList) -> Result<Digest> {
         let session = self
             .context
-            .start_auth_session(None, None, None, SessionType::Trial, SymmetricDefinition::AES_128_CFB, HashingAlgorithm::Sha256)
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Trial,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
             .map_err(|e| tpm_error("StartAuthSession(trial)", e))?
             .ok_or_else(|| tpm_error("StartAuthSession(trial)", "no session"))?;
         let result = (|| {
             let policy = PolicySession::try_from(session).map_err(|e| tpm_error("PolicyPCR", e))?;
-            self.context.policy_pcr(policy, Digest::default(), selection).map_err(|e| tpm_error("PolicyPCR(trial)", e))?;
+            self.context
+                .policy_pcr(policy, Digest::default(), selection)
+                .map_err(|e| tpm_error("PolicyPCR(trial)", e))?;
             self.context.policy_get_digest(policy).map_err(|e| tpm_error("PolicyGetDigest", e))
         })();
         flush(&mut self.context, ObjectHandle::from(tss_esapi::handles::SessionHandle::from(session)));
@@ -214,7 +226,9 @@ pub fn selection(pcrs: &[u8]) -> Result<PcrSelectionList> {
     let slots = pcrs
         .iter()
         .map(|index| match index {
-            16 | 23 => Err(Error::PcrResettable(format!("[master_key] pcrs names PCR {index}, which locality 0 can reset"))),
+            16 | 23 => {
+                Err(Error::PcrResettable(format!("[master_key] pcrs names PCR {index}, which locality 0 can reset")))
+            }
             0..=23 => PcrSlot::try_from(1u32 << index).map_err(|e| Error::Config(format!("PCR {index}: {e}"))),
             _ => Err(Error::Config(format!("[master_key] pcrs names PCR {index}; PCRs are 0-23"))),
         })
@@ -227,7 +241,14 @@ pub fn selection(pcrs: &[u8]) -> Result<PcrSelectionList> {
 
 fn policy_session(ctx: &mut Context) -> Result<AuthSession> {
     let session = ctx
-        .start_auth_session(None, None, None, SessionType::Policy, SymmetricDefinition::AES_128_CFB, HashingAlgorithm::Sha256)
+        .start_auth_session(
+            None,
+            None,
+            None,
+            SessionType::Policy,
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )
         .map_err(|e| tpm_error("StartAuthSession(policy)", e))?
         .ok_or_else(|| tpm_error("StartAuthSession(policy)", "no session"))?;
     // continueSession set: the session outlives Unseal, so it can always be flushed.
@@ -261,9 +282,12 @@ fn storage_primary_template() -> Result<Public> {
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
         .with_object_attributes(attributes)
         .with_ecc_parameters(
-            PublicEccParametersBuilder::new_restricted_decryption_key(SymmetricDefinitionObject::AES_128_CFB, EccCurve::NistP256)
-                .build()
-                .map_err(|e| tpm_error("storage primary template", e))?,
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                EccCurve::NistP256,
+            )
+            .build()
+            .map_err(|e| tpm_error("storage primary template", e))?,
         )
         .with_ecc_unique_identifier(EccPoint::new(zero()?, zero()?))
         .build()

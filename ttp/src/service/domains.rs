@@ -274,18 +274,23 @@ mod tests {
                 .into(),
         )
         .unwrap();
-        let ttp = Ttp::new(keys, key_of(&ca, Role::Ttp, "ttp-1"), vec![ca.0.clone()], AttestationPolicy::default(), store)
-            .unwrap();
-        let alice = key_of(&ca, Role::DomainManager, "dm-alice");
-        let descriptor =
-            Descriptor::new("dm-alice", Default::default(), vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }])
+        let ttp =
+            Ttp::new(keys, key_of(&ca, Role::Ttp, "ttp-1"), vec![ca.0.clone()], AttestationPolicy::default(), store)
                 .unwrap();
+        let alice = key_of(&ca, Role::DomainManager, "dm-alice");
+        let descriptor = Descriptor::new(
+            "dm-alice",
+            Default::default(),
+            vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }],
+        )
+        .unwrap();
         let request = RegisterDomainRequest {
             descriptor: alice.sign_envelope(SignatureContext::Descriptor, descriptor.encode().unwrap()),
             previous_registration: None,
         };
         let cp = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
-        let registration = Registration::decode(&ttp.register_domain(&cp, &request).unwrap().registration.message).unwrap();
+        let registration =
+            Registration::decode(&ttp.register_domain(&cp, &request).unwrap().registration.message).unwrap();
         let mut domain = ttp.store().domain(&descriptor.domain_id).unwrap().unwrap();
         assert_eq!(domain.master_key_version, 2, "a new domain uses the newest version");
         let expected = |master: u8| {
