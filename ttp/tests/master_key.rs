@@ -10,25 +10,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use net::TlsFiles;
 use protocol::pki::Role;
 use secure_component::swtpm::Swtpm;
-use skydd_ca::{CertificateAuthority, Validity};
+use skydd_ca::CertificateAuthority;
 use ttp::config::TtpConfig;
 use ttp::master_key::{shares, MasterKeyConfig};
 
-type Ca = (String, zeroize::Zeroizing<String>);
-
-fn identity_files(dir: &Path, ca: &Ca, name: &str) -> TlsFiles {
-    use std::os::unix::fs::PermissionsExt;
-    let issued = CertificateAuthority::issue(&ca.0, &ca.1, Role::Ttp, name, Validity::Days(5)).unwrap();
-    let (cert, key, ca_file) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")), dir.join("ca.pem"));
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, issued.key_pem.as_bytes()).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::write(&ca_file, &ca.0).unwrap();
-    TlsFiles { ca: vec![ca_file], cert, key, crl: Vec::new() }
-}
+mod support;
+use support::{identity_files, Ca};
 
 /// A TTP host: its TLS identity, data directory, configuration file and TPM (if any).
 struct Host {
@@ -39,7 +28,7 @@ struct Host {
 impl Host {
     fn new(dir: &Path, ca: &Ca, name: &str, tpm: Option<&Swtpm>) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let tls = identity_files(dir, ca, name);
+        let tls = identity_files(dir, ca, Role::Ttp, name);
         let attestation = dir.join("attestation.toml");
         std::fs::write(&attestation, toml::to_string(&ttp::attestation::AttestationPolicy::default()).unwrap())
             .unwrap();
