@@ -289,3 +289,57 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Where `needle` occurs in `haystack` (every offset).
+fn offsets(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
+    haystack.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i).collect()
+}
+
+/// A core dump of a running `ttp serve` (gcore), searched for K_TTP and its hex: the live
+/// key sits in pages marked MADV_DONTDUMP (`protocol::secret`), and no copy lingers (the
+/// TSS buffer is scrubbed, the unsealed bytes wiped).
+#[test]
+fn a_core_dump_of_the_serving_ttp_holds_no_k_ttp() {
+    if Command::new("gcore").arg("--version").output().is_err() {
+        panic!("needs gdb's gcore");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("cloud-ca").unwrap();
+    let tpm = Swtpm::start(&dir.path().join("tpm")).expect("swtpm starts");
+    let host = Host::new(&dir.path().join("ttp-1"), &ca, "ttp-1", Some(&tpm));
+    let custodians = dir.path().join("custodians");
+    let init =
+        host.ttp(&["init", "--shares", "3", "--threshold", "2", "--share-dir", custodians.to_str().unwrap()], "");
+    assert!(init.status.success(), "{}", text(&init));
+    let k_ttp = shares::combine(&ttp::master_key::read_share_dir(&custodians).unwrap()).unwrap();
+
+    let log = dir.path().join("serve.log");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_ttp"))
+        .args(["serve", "--config"])
+        .arg(&host.config_path)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("TTP serving") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ttp serve did not start: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let prefix = dir.path().join("core");
+    let gcore = Command::new("gcore").arg("-o").arg(&prefix).arg(serve.id().to_string()).output().unwrap();
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let core = std::fs::read(format!("{}.{}", prefix.display(), serve.id()))
+        .unwrap_or_else(|e| panic!("gcore wrote no core ({e}): {}", String::from_utf8_lossy(&gcore.stderr)));
+    println!("core dump of ttp serve: {} MiB", core.len() >> 20);
+    let data_dir = host.config.data_dir.display().to_string();
+    assert!(!offsets(&core, data_dir.as_bytes()).is_empty(), "the dump holds the process's heap (its configuration)");
+    let raw = offsets(&core, k_ttp.expose());
+    let hex = offsets(&core, hex::encode(k_ttp.expose()).as_bytes());
+    assert!(raw.is_empty() && hex.is_empty(), "K_TTP in the core dump: raw at {raw:x?}, hex at {hex:x?}");
+}

@@ -20,4 +20,3 @@ pub fn identity_files(dir: &Path, ca: &Ca, role: Role, name: &str) -> TlsFiles {
     std::fs::write(&ca_file, &ca.0).unwrap();
     TlsFiles { ca: vec![ca_file], cert, key, crl: Vec::new() }
 }
-
