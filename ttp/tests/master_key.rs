@@ -239,6 +239,16 @@ fn versions_are_counted_and_retired_only_when_unused() {
     assert!(init.status.success(), "{}", text(&init));
     let refusal = host.start().expect_err("no TPM and no shares");
     assert!(refusal.contains("ttp serve --unseal-shares"), "{refusal}");
+    // `ttp serve --unseal-shares`: two custodians' files start it.
+    let files = share_files(&custodians);
+    let mut serve = serve_until_ready(
+        &host,
+        &["--unseal-shares", files[0].to_str().unwrap(), files[2].to_str().unwrap()],
+        &dir.path().join("serve.log"),
+    );
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(std::fs::read_to_string(dir.path().join("serve.log")).unwrap().contains("K_TTP unsealed"));
     let new = host.ttp(&["master-key", "new-version", "--shares", "3", "--threshold", "2", "--share-dir", dir_arg], "");
     assert!(new.status.success(), "{}", text(&new));
     let shares = ttp::master_key::read_share_dir(&custodians).unwrap();
@@ -290,6 +300,27 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `ttp serve --config CONFIG ARGS`, once it logs that it serves (its log in `log`).
+fn serve_until_ready(host: &Host, args: &[&str], log: &Path) -> std::process::Child {
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_ttp"))
+        .args(["serve", "--config"])
+        .arg(&host.config_path)
+        .args(args)
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(log).unwrap_or_default().contains("TTP serving") {
+        if std::time::Instant::now() > deadline || serve.try_wait().unwrap().is_some() {
+            let _ = serve.kill();
+            panic!("ttp serve did not start: {}", std::fs::read_to_string(log).unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    serve
+}
+
 /// Where `needle` occurs in `haystack` (every offset).
 fn offsets(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
     haystack.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i).collect()
@@ -313,23 +344,7 @@ fn a_core_dump_of_the_serving_ttp_holds_no_k_ttp() {
     assert!(init.status.success(), "{}", text(&init));
     let k_ttp = shares::combine(&ttp::master_key::read_share_dir(&custodians).unwrap()).unwrap();
 
-    let log = dir.path().join("serve.log");
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_ttp"))
-        .args(["serve", "--config"])
-        .arg(&host.config_path)
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("TTP serving") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ttp serve did not start: {}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut serve = serve_until_ready(&host, &[], &dir.path().join("serve.log"));
     let prefix = dir.path().join("core");
     let gcore = Command::new("gcore").arg("-o").arg(&prefix).arg(serve.id().to_string()).output().unwrap();
     let _ = serve.kill();
