@@ -84,12 +84,22 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A TTP served in this process on a loopback port.
+/// A TTP served in this process on a loopback port, with its own swtpm holding K_TTP's
+/// sealed copy; the custodians' shares (2 of 3) are kept in `custodians_dir`, outside the
+/// data directory, as custodians would keep them away from the TTP host.
 pub struct RunningTtp {
     /// `https://127.0.0.1:PORT`, the address the TTP listens on.
     pub url: String,
-    /// The TTP's data directory (its store and audit log); kept across an [`RunningTtp::outage`].
+    /// The TTP's data directory (its store, audit log and master-key records); kept across
+    /// an [`RunningTtp::outage`].
     pub data_dir: PathBuf,
+    /// One file per custodian's share of each K_TTP version.
+    pub custodians_dir: PathBuf,
+    /// The TTP host's TPM (killed on drop); kept across an [`RunningTtp::outage`]. Always
+    /// set but while an outage swaps it to the restarted TTP.
+    tpm: Option<Swtpm>,
+    /// How long the TTP's build took, K_TTP's unseal from the TPM included.
+    pub build_time: std::time::Duration,
     /// The TTP itself, for tests that inspect its state directly.
     pub service: Arc<ttp::service::Ttp>,
     shutdown: CancellationToken,
@@ -105,17 +115,53 @@ impl RunningTtp {
         Ok((listener, url))
     }
 
-    /// Starts a TTP named `ttp-1` on `listener` with `policy`, its data in `dir`.
+    /// Starts a TTP named `ttp-1` on `listener` with `policy`, its data in `dir`: on a fresh
+    /// `dir` a swtpm for the TTP host and `ttp init` (K_TTP sealed to it, split 2 of 3).
     pub async fn start(
         dir: &Path,
         pki: &LabPki,
         policy: &AttestationPolicy,
         listener: tokio::net::TcpListener,
     ) -> Result<Self> {
+        let tpm = Swtpm::start(&dir.join("ttp-tpm"))?;
+        Self::start_on(dir, pki, policy, listener, tpm).await
+    }
+
+    /// The TTP host's TPM, e.g. for a test that changes its PCRs.
+    pub fn tpm(&self) -> Option<&Swtpm> {
+        self.tpm.as_ref()
+    }
+
+    /// The master-key configuration of the lab TTP on `tpm`: sealed to PCRs 0-7.
+    pub fn master_key_config(tpm: &Swtpm) -> ttp::master_key::MasterKeyConfig {
+        ttp::master_key::MasterKeyConfig { tpm_tcti: Some(tpm.tcti()), ..Default::default() }
+    }
+
+    /// K_TTP version `version`, combined from the custodians' shares: for tests that compute
+    /// a domain key independently of the TTP.
+    pub fn master_key_from_custodians(&self, version: u32) -> Result<protocol::secret::SecretBytes> {
+        let shares: Vec<_> = ttp::master_key::read_share_dir(&self.custodians_dir)?
+            .into_iter()
+            .filter(|s| s.version == version)
+            .collect();
+        Ok(ttp::master_key::shares::combine(&shares)?)
+    }
+
+    async fn start_on(
+        dir: &Path,
+        pki: &LabPki,
+        policy: &AttestationPolicy,
+        listener: tokio::net::TcpListener,
+        tpm: Swtpm,
+    ) -> Result<Self> {
         let tls = pki.issue(Role::Ttp, "ttp-1")?;
         let data_dir = dir.join("ttp-data");
-        if !data_dir.join(ttp::config::MASTER_KEY_FILE).exists() {
-            ttp::config::create_master_key(&data_dir)?;
+        let custodians_dir = dir.join("ttp-custodians");
+        let master_key = Self::master_key_config(&tpm);
+        if ttp::master_key::records(&data_dir)?.is_empty() {
+            let custodians = ttp::master_key::Custodians { shares: 3, threshold: 2 };
+            let created = ttp::master_key::create_version(&data_dir, &master_key, custodians)?;
+            ttp::master_key::write_share_files(&custodians_dir, &created.shares)?;
         }
         let policy_path = dir.join("attestation.toml");
         std::fs::write(&policy_path, toml::to_string(policy).context("encode attestation policy")?)?;
@@ -132,8 +178,11 @@ impl RunningTtp {
             database_url: None,
             database_pool_size: 16,
             group_commit: true,
+            master_key,
         };
+        let started = std::time::Instant::now();
         let (service, server_tls) = ttp::server::build(&config)?;
+        let build_time = started.elapsed();
         let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
         let shutdown = CancellationToken::new();
         let serve_shutdown = shutdown.clone();
@@ -143,10 +192,10 @@ impl RunningTtp {
                 tracing::error!(error = %e, "TTP stopped");
             }
         });
-        Ok(Self { url, data_dir, service, shutdown, task })
+        Ok(Self { url, data_dir, custodians_dir, tpm: Some(tpm), build_time, service, shutdown, task })
     }
 
-    /// Stops the server and waits for it to finish.
+    /// Stops the server and waits for it to finish (its TPM stops with it).
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
@@ -168,7 +217,12 @@ impl RunningTtp {
         let listener = tokio::net::TcpListener::bind(&address)
             .await
             .with_context(|| format!("bind the TTP's address {address} again"))?;
-        *self = Self::start(dir, pki, policy, listener).await?;
+        // The same TPM serves the restarted TTP.
+        let tpm = match self.tpm.take() {
+            Some(tpm) => tpm,
+            None => Swtpm::start(&dir.join("ttp-tpm"))?,
+        };
+        *self = Self::start_on(dir, pki, policy, listener, tpm).await?;
         Ok(outcome)
     }
 }

@@ -51,7 +51,12 @@ async fn main() -> Result<()> {
             println!("starting the all-in-one cloud in {}", dir.display());
             let cloud = AllInOne::start(&dir, &DEMO_LAYOUT, &mut progress).await?;
             println!("\nthe cloud is up:");
-            println!("  TTP             {}", cloud.ttp.url);
+            println!(
+                "  TTP             {} (built in {:.0} ms, K_TTP unsealed from its swtpm; custodians' shares in {})",
+                cloud.ttp.url,
+                cloud.ttp.build_time.as_secs_f64() * 1e3,
+                cloud.ttp.custodians_dir.display()
+            );
             println!("  cloud platform  {}", cloud.cp_url);
             for host in &cloud.hosts {
                 println!("  {:<15} {} (VMs mount under {})", host.id, host.agent_url, host.vm_root.display());

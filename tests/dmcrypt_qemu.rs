@@ -373,7 +373,12 @@ fn guest_sees_the_swtpm_tpm() {
         }],
     };
     let data_dir = work.path().join("ttp-data");
-    ttp::config::create_master_key(&data_dir).unwrap();
+    let custodians = ttp::master_key::create_version(
+        &data_dir,
+        &Default::default(),
+        ttp::master_key::Custodians { shares: 3, threshold: 2 },
+    )
+    .unwrap();
     let policy_path = work.path().join("attestation.toml");
     fs::write(&policy_path, toml::to_string(&policy).unwrap()).unwrap();
     let config = ttp::config::TtpConfig {
@@ -389,8 +394,9 @@ fn guest_sees_the_swtpm_tpm() {
         database_url: None,
         database_pool_size: 16,
         group_commit: true,
+        master_key: Default::default(),
     };
-    let (ttp, _) = ttp::server::build(&config).unwrap();
+    let (ttp, _) = ttp::server::build_with_shares(&config, &custodians.shares).unwrap();
 
     let request: protocol::attest::EnrollmentRequest = serde_json::from_value(
         vm.call(json!({"op": "tpm_enrollment_request", "name": "qemu-guest"}))["request"].clone(),
@@ -441,7 +447,7 @@ fn guest_sees_the_swtpm_tpm() {
     let decrypted =
         vm.call(json!({"op": "tpm_decrypt_digest", "message": {"bytes": protocol::b64::encode(&release.wrapped_key)}}));
     let registration = protocol::messages::Registration::decode(&registered.registration.message).unwrap();
-    let master = ttp::config::load_master_key(&data_dir).unwrap();
+    let master = ttp::master_key::shares::combine(&custodians.shares).unwrap();
     let (r, id, meta, spec) =
         (&registration.nonce_r, &descriptor.domain_id, &descriptor.metadata_hash(), &descriptor.cipher_spec);
     // A release wraps K || K_mac (docs/PROTOCOL.md "Key derivation").

@@ -341,16 +341,20 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize, ttp_replicas: usize) -> Cl
     };
     std::fs::write(root.join("attestation.toml"), toml::to_string(&policy).unwrap()).unwrap();
     let tls = pki.issue(Role::Ttp, "ttp-1").unwrap();
-    ttp::config::create_master_key(&root.join("ttp-data")).unwrap();
+    let custodians = ttp::master_key::create_version(
+        &root.join("ttp-data"),
+        &Default::default(),
+        ttp::master_key::Custodians { shares: 3, threshold: 2 },
+    )
+    .unwrap();
     let shutdown = CancellationToken::new();
     let mut servers = Vec::new();
     let mut replicas = Vec::new();
     for (i, (ttp_listener, _)) in ttp_listeners.into_iter().enumerate() {
         let data_dir = root.join(format!("ttp-data{}", if i == 0 { String::new() } else { format!("-{}", i + 1) }));
         if i > 0 {
-            std::fs::create_dir_all(&data_dir).unwrap();
-            let key = ttp::config::MASTER_KEY_FILE;
-            std::fs::copy(root.join("ttp-data").join(key), data_dir.join(key)).unwrap();
+            // A replica: K_TTP's version records (fingerprints, no key), K_TTP from the shares.
+            copy_master_key_records(&root.join("ttp-data"), &data_dir);
         }
         let ttp_config = ttp::config::TtpConfig {
             listen: "127.0.0.1:0".into(),
@@ -365,8 +369,9 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize, ttp_replicas: usize) -> Cl
             database_url: database_url.clone(),
             database_pool_size: 16,
             group_commit: true,
+            master_key: Default::default(),
         };
-        let (ttp, ttp_tls) = ttp::server::build(&ttp_config).unwrap();
+        let (ttp, ttp_tls) = ttp::server::build_with_shares(&ttp_config, &custodians.shares).unwrap();
         {
             let (router, t) = (ttp::http::router(ttp.clone()), shutdown.clone());
             servers.push(tokio::spawn(async move {
@@ -452,6 +457,17 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize, ttp_replicas: usize) -> Cl
     }
     let operator = Operator::create(&pki, "cp-load").unwrap();
     Cloud { pki, ttp, ttp_url, cp_url, hosts, operator, managers, shutdown, servers }
+}
+
+/// Copies K_TTP's version records (`master-key/`: fingerprints and split parameters, never
+/// the key) from one TTP data directory to a replica's.
+fn copy_master_key_records(from: &Path, to: &Path) {
+    let (from, to) = (from.join(ttp::master_key::MASTER_KEY_DIR), to.join(ttp::master_key::MASTER_KEY_DIR));
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
 }
 
 /// Builds `n` clients for `server_role` at `url`, cycling through `identities`; each has its

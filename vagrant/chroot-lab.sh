@@ -22,7 +22,7 @@ base="$cache/bookworm-$(printf '%s' "$base_packages" | sha256sum | cut -c1-12)"
 compute_only=false
 [ "${1:-}" = --compute-only ] && compute_only=true
 
-TTP_PORT=17443 CP_PORT=17500 SC1_PORT=17601 SC2_PORT=17602 TPM1_PORT=17621 TPM2_PORT=17623
+TTP_PORT=17443 CP_PORT=17500 SC1_PORT=17601 SC2_PORT=17602 TPM1_PORT=17621 TPM2_PORT=17623 TPMC_PORT=17625
 NODES="controller compute-1 compute-2"
 $compute_only && NODES="controller compute-1"
 t_start=$(date +%s)
@@ -33,7 +33,7 @@ say() { printf '[chroot-lab %s] %s\n' "$(elapsed)" "$*"; }
 for tool in mmdebstrap swtpm swtpm_setup swtpm_localca cargo-deb; do
   command -v "$tool" >/dev/null || { echo "$tool missing: apt-get install mmdebstrap swtpm swtpm-tools; cargo install cargo-deb" >&2; exit 1; }
 done
-for port in $TTP_PORT $CP_PORT $SC1_PORT $SC2_PORT $TPM1_PORT $((TPM1_PORT + 1)) $TPM2_PORT $((TPM2_PORT + 1)); do
+for port in $TTP_PORT $CP_PORT $SC1_PORT $SC2_PORT $TPM1_PORT $((TPM1_PORT + 1)) $TPM2_PORT $((TPM2_PORT + 1)) $TPMC_PORT $((TPMC_PORT + 1)); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "port $port is in use" >&2; exit 1; fi
 done
 
@@ -129,6 +129,8 @@ make_tpm() { # NAME PORT
 }
 make_tpm compute-1 "$TPM1_PORT"
 $compute_only || make_tpm compute-2 "$TPM2_PORT"
+# The controller's TPM holds K_TTP's sealed copy (docs/OPERATOR.md).
+make_tpm controller "$TPMC_PORT"
 # What lab.sh copies from the KVM host's /var/lib/swtpm-localca.
 cp "$work/swtpm-localca/swtpm-localca-rootca-cert.pem" "$work/swtpm-localca/issuercert.pem" "$lab/tpm-vendor-ca/"
 say "swtpm TPMs up; the EK CA is in the shared folder"
@@ -147,15 +149,15 @@ run() {
     SKYDD_LAB_SC_PORT_1=$SC1_PORT SKYDD_LAB_SC_PORT_2=$SC2_PORT SKYDD_LAB_TCTI="$tcti" \
     bash "/vagrant/provision/$1" "${@:2}"
 }
-tcti_of() { case "$1" in compute-1) echo "swtpm:host=127.0.0.1,port=$TPM1_PORT" ;; compute-2) echo "swtpm:host=127.0.0.1,port=$TPM2_PORT" ;; *) echo none ;; esac; }
+tcti_of() { case "$1" in compute-1) echo "swtpm:host=127.0.0.1,port=$TPM1_PORT" ;; compute-2) echo "swtpm:host=127.0.0.1,port=$TPM2_PORT" ;; controller) echo "swtpm:host=127.0.0.1,port=$TPMC_PORT" ;; *) echo none ;; esac; }
 
 computes="${NODES#controller }"
 for n in $NODES; do run "$n" "$(tcti_of "$n")" common.sh; done
-run controller none controller.sh setup
+run controller "$(tcti_of controller)" controller.sh setup
 for n in $computes; do run "$n" "$(tcti_of "$n")" compute.sh setup; done
-run controller none controller.sh policy
+run controller "$(tcti_of controller)" controller.sh policy
 for n in $computes; do run "$n" "$(tcti_of "$n")" compute.sh enroll; done
-run controller none controller.sh register
+run controller "$(tcti_of controller)" controller.sh register
 say "provisioned: $NODES"
 
 # The installed units, checked where their binaries exist.

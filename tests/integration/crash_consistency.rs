@@ -64,7 +64,9 @@ fn crash_child() {
         match role {
             "ttp" => {
                 let config = ttp::config::TtpConfig::load(Path::new(config_path)).unwrap();
-                let (service, tls) = ttp::server::build(&config).unwrap();
+                // No TPM here: the custodians' shares beside the configuration start it.
+                let shares = ttp::master_key::read_share_dir(Path::new(&format!("{config_path}.shares"))).unwrap();
+                let (service, tls) = ttp::server::build_with_shares(&config, &shares).unwrap();
                 let listener = tokio::net::TcpListener::bind(&config.listen).await.unwrap();
                 std::fs::write(&ready, std::process::id().to_string()).unwrap();
                 ttp::server::serve(listener, service, tls, CancellationToken::new()).await.unwrap();
@@ -447,14 +449,24 @@ async fn crash_rounds(deployment: Deployment) {
     std::fs::write(&policy_path, toml::to_string(&policy).unwrap()).unwrap();
     let ttp_tls = pki.issue(Role::Ttp, "ttp-1").unwrap();
     let ttp_data = |i: usize| if i == 0 { root.join("ttp-data") } else { root.join(format!("ttp-data-{}", i + 1)) };
-    ttp::config::create_master_key(&ttp_data(0)).unwrap();
+    let custodians = ttp::master_key::create_version(
+        &ttp_data(0),
+        &Default::default(),
+        ttp::master_key::Custodians { shares: 3, threshold: 2 },
+    )
+    .unwrap();
     let mut ttp_configs = Vec::new();
     let mut ttp_children = Vec::new();
     for (i, port) in ttp_ports.iter().enumerate() {
         if i > 0 {
-            std::fs::create_dir_all(ttp_data(i)).unwrap();
-            let key = ttp::config::MASTER_KEY_FILE;
-            std::fs::copy(ttp_data(0).join(key), ttp_data(i).join(key)).unwrap();
+            // A replica: K_TTP's version records (fingerprints, no key); K_TTP from the shares.
+            let (from, to) =
+                (ttp_data(0).join(ttp::master_key::MASTER_KEY_DIR), ttp_data(i).join(ttp::master_key::MASTER_KEY_DIR));
+            std::fs::create_dir_all(&to).unwrap();
+            for entry in std::fs::read_dir(&from).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
         }
         let ttp_config = ttp::config::TtpConfig {
             listen: format!("127.0.0.1:{port}"),
@@ -469,8 +481,12 @@ async fn crash_rounds(deployment: Deployment) {
             database_url: ttp_database.clone(),
             database_pool_size: 16,
             group_commit: true,
+            master_key: Default::default(),
         };
         let ttp_config_path = root.join(format!("ttp-{}.toml", i + 1));
+        // No TPM here: the custodians' shares beside each configuration start the child.
+        ttp::master_key::write_share_files(&root.join(format!("ttp-{}.toml.shares", i + 1)), &custodians.shares)
+            .unwrap();
         std::fs::write(&ttp_config_path, toml::to_string(&ttp_config).unwrap()).unwrap();
         let mut ttp_child = ChildService::new("ttp", ttp_config_path, root.join(format!("ttp-{}.log", i + 1)));
         ttp_child.start().await;
@@ -624,7 +640,7 @@ async fn crash_rounds(deployment: Deployment) {
         // ---- checks on the data directories as the crash left them -----------------------
         // (PostgreSQL's client blocks: the checks run off the async workers.)
         let (ttp_versions, chain_len, audit_present) = tokio::task::block_in_place(|| {
-            let (ttp_state, _) = ttp::server::build(&ttp_configs[0]).unwrap();
+            let (ttp_state, _) = ttp::server::build_with_shares(&ttp_configs[0], &custodians.shares).unwrap();
             let chain_len = ttp_state
                 .verify_audit_chain()
                 .unwrap_or_else(|e| panic!("round {round}: the audit chain does not verify: {e}"));

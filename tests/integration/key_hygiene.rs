@@ -8,12 +8,13 @@
 //! also logging at TRACE to a file. A domain is registered, a key is released to the
 //! secure component (real swtpm, PolicyPCR binding key) and the volume is attached through
 //! the agent API (userspace backend), written, and detached. The expected 64-byte domain
-//! key is computed independently from master.key (OpenSSL HKDF, as tests/integration/trust_core.rs).
+//! key is computed independently from K_TTP as the lab's custodians' shares combine to it
+//! (OpenSSL HKDF, as tests/integration/trust_core.rs).
 //!
 //! Then it scans, for the key (raw, hex lower/upper, base64 at every alignment) and its
 //! two 32-byte XTS halves (raw): every log file, every error string and JSON answer seen,
 //! every file in the secure component's state directory and in the TTP's data directory
-//! (except master.key itself), and a core dump of the secure component taken with `gcore`
+//! (K_TTP included: it is only sealed to the TTP's TPM there), and a core dump of the secure component taken with `gcore`
 //! after the detach. K_TTP is looked for in the TTP's logs and in the same places. The
 //! first 16 bytes of key1 and key2 are reported too: they begin every AES-256 encryption
 //! key schedule (round keys 0 and 1 are the key), so they show a lingering expansion.
@@ -395,7 +396,7 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
         }],
     };
     let ttp = RunningTtp::start(&root, &pki, &policy, ttp_listener).await.unwrap();
-    let k_ttp = std::fs::read(ttp.data_dir.join(ttp::config::MASTER_KEY_FILE)).unwrap();
+    let k_ttp = ttp.master_key_from_custodians(1).unwrap().expose().to_vec();
     assert_eq!(k_ttp.len(), 32);
 
     println!("secure component: its own process (this binary re-executed), logging at TRACE");
@@ -566,11 +567,10 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
     let (log_findings, log_bytes) = scan_files(&logs, &all);
     report(&format!("{} log files, {} KiB", logs.len(), log_bytes >> 10), &log_findings);
 
-    println!("scan: the secure component's state directory and the TTP's data directory (but master.key)");
-    let master = ttp.data_dir.join(ttp::config::MASTER_KEY_FILE);
+    println!("scan: the secure component's state directory and every file of the TTP's data directory");
     let mut state_files = files_under(&config.state_dir, &|_| false);
     let sc_state_count = state_files.len();
-    state_files.extend(files_under(&ttp.data_dir, &|p| p == master));
+    state_files.extend(files_under(&ttp.data_dir, &|_| false));
     let (file_findings, file_bytes) = scan_files(&state_files, &all);
     report(
         &format!("{} files ({sc_state_count} of the secure component), {} KiB", state_files.len(), file_bytes >> 10),

@@ -203,7 +203,7 @@ fn an_attested_host_gets_exactly_the_hkdf_key() {
         let domain_id = descriptor.domain_id.clone();
         let registration_v1 = Registration::decode(&header_v1.registration.message).unwrap();
         assert_eq!(registration_v1.version, 1);
-        let master = std::fs::read(lab.ttp.data_dir.join("master.key")).unwrap();
+        let master = lab.ttp.master_key_from_custodians(1).unwrap().expose().to_vec();
         let expected_key = independent_key(&master, &registration_v1, &domain_id, &descriptor.metadata_hash());
         let expected_mac_key = protocol::kdf::derive_sector_mac_key(
             &protocol::secret::SecretBytes::from_slice_wiping(&mut master.clone()),

@@ -1,18 +1,12 @@
 //! TTP configuration: one TOML file, overridable by flags (README.md "Operator's guide",
 //! "2. The TTP"). Defaults suit the all-in-one cloud.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use protocol::kdf::MASTER_KEY_BYTES;
-use protocol::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The master key file under the data directory.
-pub const MASTER_KEY_FILE: &str = "master.key";
 /// The SQLite store under the data directory: domains, hosts, challenges, used grants and
 /// the audit chain (never a key, never `r`).
 pub const DATABASE_FILE: &str = "ttp.sqlite";
@@ -24,7 +18,8 @@ pub struct TtpConfig {
     /// Address to listen on (mutual TLS).
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// Holds master.key (0600) and ttp.sqlite.
+    /// Holds `master-key/` (each K_TTP version's record and TPM-sealed copy, never the key)
+    /// and ttp.sqlite.
     pub data_dir: PathBuf,
     /// Trusted CA roots (PEM files): the own cloud's first, federated partners' after.
     pub ca: Vec<PathBuf>,
@@ -61,6 +56,10 @@ pub struct TtpConfig {
     /// Concurrent decisions share one transaction and one flush (default true).
     #[serde(default = "default_group_commit")]
     pub group_commit: bool,
+    /// `[master_key]`: the TPM holding K_TTP's sealed copies and the PCRs they are bound to
+    /// (docs/OPERATOR.md "Master key custodians").
+    #[serde(default)]
+    pub master_key: crate::master_key::MasterKeyConfig,
 }
 
 fn default_pool_size() -> usize {
@@ -98,63 +97,4 @@ impl TtpConfig {
             .map_err(|e| Error::Io { context: format!("read {}", path.display()), source: e })?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
-}
-
-/// Creates a fresh 32-byte K_TTP in `data_dir/master.key`, mode 0600; refuses to replace an
-/// existing one (that would make every domain's key underivable).
-pub fn create_master_key(data_dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| Error::Io { context: format!("create {}", data_dir.display()), source: e })?;
-    let path = data_dir.join(MASTER_KEY_FILE);
-    let mut key = SecretBytes::zeroed(MASTER_KEY_BYTES);
-    openssl_rand(key.expose_mut())?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => Error::Config(format!(
-                "{} already exists: replacing K_TTP would make every domain key underivable; move it away first if you really mean to",
-                path.display()
-            )),
-            _ => Error::Io { context: format!("create {}", path.display()), source: e },
-        })?;
-    file.write_all(key.expose())
-        .and_then(|_| file.sync_all())
-        .map_err(|e| Error::Io { context: format!("write {}", path.display()), source: e })?;
-    Ok(path)
-}
-
-fn openssl_rand(buffer: &mut [u8]) -> Result<()> {
-    openssl::rand::rand_bytes(buffer).map_err(|e| Error::Config(format!("the system random generator failed: {e}")))
-}
-
-/// Loads K_TTP into locked memory, refusing a file other users can read.
-pub fn load_master_key(data_dir: &Path) -> Result<SecretBytes> {
-    let path = data_dir.join(MASTER_KEY_FILE);
-    let metadata = std::fs::metadata(&path).map_err(|e| Error::Io {
-        context: format!("read {} (run `ttp init --data-dir {}` first)", path.display(), data_dir.display()),
-        source: e,
-    })?;
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(Error::Config(format!(
-            "{} has mode {mode:o}; K_TTP must be readable by its owner only (chmod 600)",
-            path.display()
-        )));
-    }
-    if metadata.len() != MASTER_KEY_BYTES as u64 {
-        return Err(Error::Config(format!(
-            "{} holds {} bytes, K_TTP is {MASTER_KEY_BYTES}",
-            path.display(),
-            metadata.len()
-        )));
-    }
-    let mut key = SecretBytes::zeroed(MASTER_KEY_BYTES);
-    let mut file =
-        std::fs::File::open(&path).map_err(|e| Error::Io { context: format!("open {}", path.display()), source: e })?;
-    std::io::Read::read_exact(&mut file, key.expose_mut())
-        .map_err(|e| Error::Io { context: format!("read {}", path.display()), source: e })?;
-    Ok(key)
 }

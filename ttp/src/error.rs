@@ -164,6 +164,14 @@ pub enum Error {
     /// The configuration or a file it names is unusable (500 `config_error`); stops start-up.
     #[error("configuration: {0}")]
     Config(String),
+    /// K_TTP could not be unsealed, split, combined or found (500 `config_error`); the text
+    /// says what to do (docs/OPERATOR.md "Master key custodians"). Never names key bytes.
+    #[error("master key: {0}")]
+    MasterKey(String),
+    /// The TPM refuses the sealed K_TTP because the host's PCRs changed; names the PCRs and
+    /// points at `ttp unseal` (500 `config_error`; stops start-up).
+    #[error("master key: {0}")]
+    MasterKeySealedToOtherState(String),
     /// A file could not be read or written (500 `io_error`).
     #[error("{context}: {source}")]
     Io {
@@ -226,7 +234,7 @@ impl Error {
             Error::RateLimited(_) => Refusal::RateLimited,
             Error::AuditChainBroken(_) => Refusal::AuditChainBroken,
             Error::Store(_) => Refusal::StoreError,
-            Error::Config(_) => Refusal::ConfigError,
+            Error::Config(_) | Error::MasterKey(_) | Error::MasterKeySealedToOtherState(_) => Refusal::ConfigError,
             Error::Io { .. } => Refusal::IoError,
             Error::Protocol(protocol::Error::BadSignature { .. } | protocol::Error::NonCanonicalSignature { .. }) => {
                 Refusal::BadSignature

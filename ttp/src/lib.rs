@@ -7,6 +7,7 @@ pub mod attestation;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod master_key;
 pub mod server;
 pub mod service;
 pub mod store;

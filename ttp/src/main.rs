@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ttp::store::TtpStore;
 
 #[derive(Parser)]
 #[command(
@@ -14,7 +15,8 @@ use clap::{Parser, Subcommand};
     long_about = "The TTP is the only party that can derive a domain's key (from its master key K_TTP and the \
 domain's registration). It releases a key only to an enrolled compute host whose TPM quotes a trusted state, \
 only for a VM in the domain's access list with a valid grant, and only encrypted to that host's PCR-bound TPM key.\n\n\
-First run `ttp init --data-dir DIR`, then `ttp serve --config ttp.toml`."
+First run `ttp init --config ttp.toml` (K_TTP sealed to this host's TPM and split for its custodians), \
+then `ttp serve --config ttp.toml`."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,10 +25,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the master key K_TTP (32 random bytes, mode 0600) in the data directory.
+    /// Create the master key K_TTP (version 1): sealed to this host's TPM ([master_key] of the
+    /// configuration) and split into shares for custodians. It is never written in the clear.
     Init {
-        #[arg(long, env = "SKYDD_TTP_DATA_DIR")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        place: KeyPlace,
+        #[command(flatten)]
+        custodians: CustodianArgs,
+        /// Seal and split the K_TTP of an older installation (DATA_DIR/master.key, plain
+        /// bytes) instead of making one; the file is then overwritten and removed.
+        #[arg(long)]
+        import_legacy: bool,
+    },
+    /// Combine custodians' shares of K_TTP (from files, or typed at the console if none are
+    /// given) and seal it to this host's TPM in its current state: after new hardware or an
+    /// approved change of the measured PCRs, or to bring up a replica.
+    Unseal {
+        /// The TOML configuration (data_dir and [master_key] are used).
+        #[arg(long, env = "SKYDD_TTP_CONFIG")]
+        config: PathBuf,
+        /// A file holding one or more share lines (`-` for standard input).
+        #[arg(long = "share")]
+        shares: Vec<PathBuf>,
+    },
+    /// Seal every K_TTP version again to the TPM's current state over the configured PCRs
+    /// (e.g. after changing [master_key] pcrs); versions the TPM refuses need --share.
+    Reseal {
+        /// The TOML configuration.
+        #[arg(long, env = "SKYDD_TTP_CONFIG")]
+        config: PathBuf,
+        /// Share files for versions whose sealed copy the TPM refuses (`-`: standard input).
+        #[arg(long = "share")]
+        shares: Vec<PathBuf>,
+    },
+    /// Master-key versions: how many domains each derives, a new version, retiring one.
+    MasterKey {
+        #[command(subcommand)]
+        command: MasterKeyCommand,
     },
     /// Operator actions on enrolled compute hosts.
     Host {
@@ -44,6 +79,84 @@ enum Command {
         /// Log as JSON lines.
         #[arg(long)]
         json_logs: bool,
+        /// Combine K_TTP from these share files (`-`: typed at the console until the
+        /// threshold is reached) instead of unsealing it from the TPM.
+        #[arg(long = "unseal-shares", num_args = 1..)]
+        unseal_shares: Vec<PathBuf>,
+    },
+}
+
+/// Where K_TTP's records go: the configuration (with its TPM) or a bare data directory.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct KeyPlace {
+    /// The TOML configuration (data_dir and [master_key] are used).
+    #[arg(long, env = "SKYDD_TTP_CONFIG")]
+    config: Option<PathBuf>,
+    /// A data directory without a TPM: K_TTP exists only as the custodians' shares.
+    #[arg(long, env = "SKYDD_TTP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl KeyPlace {
+    fn resolve(&self) -> anyhow::Result<(PathBuf, ttp::master_key::MasterKeyConfig)> {
+        match (&self.config, &self.data_dir) {
+            (Some(config), _) => {
+                let config = ttp::config::TtpConfig::load(config)?;
+                Ok((config.data_dir, config.master_key))
+            }
+            (None, Some(dir)) => Ok((dir.clone(), Default::default())),
+            (None, None) => anyhow::bail!("give --config or --data-dir"),
+        }
+    }
+}
+
+/// How K_TTP is split.
+#[derive(clap::Args)]
+struct CustodianArgs {
+    /// Shares to make, one per custodian.
+    #[arg(long, default_value_t = 5)]
+    shares: u8,
+    /// Shares that recover K_TTP.
+    #[arg(long, default_value_t = 3)]
+    threshold: u8,
+    /// Write each share to its own file (0600) in this directory, to hand to one custodian
+    /// each; without it the shares are printed.
+    #[arg(long)]
+    share_dir: Option<PathBuf>,
+}
+
+impl CustodianArgs {
+    fn custodians(&self) -> ttp::master_key::Custodians {
+        ttp::master_key::Custodians { shares: self.shares, threshold: self.threshold }
+    }
+}
+
+#[derive(Subcommand)]
+enum MasterKeyCommand {
+    /// Each K_TTP version: fingerprint, sealed copy, split, and the domains it derives keys for.
+    Status {
+        /// The TOML configuration.
+        #[arg(long, env = "SKYDD_TTP_CONFIG")]
+        config: PathBuf,
+    },
+    /// Make the next K_TTP version, sealed and split like the first; after a restart it
+    /// derives the keys of new domains (older versions keep theirs).
+    NewVersion {
+        /// The TOML configuration.
+        #[arg(long, env = "SKYDD_TTP_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        custodians: CustodianArgs,
+    },
+    /// Forget an old K_TTP version's sealed copy; refused while a registered domain uses it.
+    Retire {
+        /// The TOML configuration.
+        #[arg(long, env = "SKYDD_TTP_CONFIG")]
+        config: PathBuf,
+        /// The version to retire.
+        #[arg(long)]
+        version: u32,
     },
 }
 
@@ -69,13 +182,41 @@ enum HostCommand {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Init { data_dir } => {
-            let path = ttp::config::create_master_key(&data_dir)?;
-            println!(
-                "created K_TTP in {} (mode 0600). Back it up offline: without it no domain key can be derived.",
-                path.display()
-            );
+        Command::Init { place, custodians, import_legacy } => {
+            let (data_dir, key_config) = place.resolve()?;
+            let created = if import_legacy {
+                ttp::master_key::import_legacy(&data_dir, &key_config, custodians.custodians())?
+            } else {
+                ttp::master_key::create_version(&data_dir, &key_config, custodians.custodians())?
+            };
+            hand_out(&created, &custodians)?;
         }
+        Command::Unseal { config, shares } => {
+            let config = ttp::config::TtpConfig::load(&config)?;
+            let shares = shares_from(&shares)?;
+            let record = ttp::master_key::unseal_with_shares(&config.data_dir, &config.master_key, &shares)?;
+            match &record.sealed {
+                Some(sealed) => println!(
+                    "K_TTP version {} (fingerprint {}) is sealed to this TPM's PCRs {:?} as they are now; `ttp serve` unseals it at start.",
+                    record.version, record.fingerprint, sealed.pcrs
+                ),
+                None => println!(
+                    "the shares combine to K_TTP version {} (fingerprint {}); no TPM is configured, so start with `ttp serve --unseal-shares`.",
+                    record.version, record.fingerprint
+                ),
+            }
+        }
+        Command::Reseal { config, shares } => {
+            let config = ttp::config::TtpConfig::load(&config)?;
+            let shares = ttp::master_key::read_share_files(&shares)?;
+            for record in ttp::master_key::reseal(&config.data_dir, &config.master_key, &shares)? {
+                println!(
+                    "K_TTP version {} sealed to PCRs {:?} as they are now",
+                    record.version, config.master_key.pcrs
+                );
+            }
+        }
+        Command::MasterKey { command } => master_key_command(command)?,
         Command::Host { command: HostCommand::Replace { config, host, operator } } => {
             let config = ttp::config::TtpConfig::load(&config)?;
             let store = config.open_store()?;
@@ -87,13 +228,15 @@ async fn main() -> anyhow::Result<()> {
             println!("audit #{}: {}", record.seq, record.message);
             println!("{host} may now enroll once with a new EK; run `secure-component enroll` on it.");
         }
-        Command::Serve { config, listen, json_logs } => {
+        Command::Serve { config, listen, json_logs, unseal_shares } => {
             init_logging(json_logs);
             let mut config = ttp::config::TtpConfig::load(&config)?;
             if let Some(listen) = listen {
                 config.listen = listen;
             }
-            let (service, tls) = ttp::server::build(&config)?;
+            let shares = shares_from_if_any(&unseal_shares)?;
+            let (service, tls) = ttp::server::build_with_shares(&config, &shares)?;
+            tracing::info!(versions = ?service.master_key_versions(), "K_TTP unsealed");
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await
                 .with_context(|| format!("bind {}", config.listen))?;
@@ -101,6 +244,107 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = net::stop_on_signals();
             tracing::info!(listen = %config.listen, "TTP serving");
             ttp::server::serve_limited(listener, service, tls, &config.limits, shutdown).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Prints the custodians' shares or writes one file each, with what to do next.
+fn hand_out(created: &ttp::master_key::CreatedVersion, custodians: &CustodianArgs) -> anyhow::Result<()> {
+    let record = &created.record;
+    match &record.sealed {
+        Some(sealed) => println!(
+            "created K_TTP version {} (fingerprint {}), sealed to this TPM under PCRs {:?}.",
+            record.version, record.fingerprint, sealed.pcrs
+        ),
+        None => println!(
+            "created K_TTP version {} (fingerprint {}); no TPM is configured: the TTP starts only from {} shares.",
+            record.version, record.fingerprint, record.threshold
+        ),
+    }
+    match &custodians.share_dir {
+        Some(dir) => {
+            for path in ttp::master_key::write_share_files(dir, &created.shares)? {
+                println!("  share for one custodian: {}", path.display());
+            }
+            println!("Give each file to a different custodian, then delete it from this machine.");
+        }
+        None => {
+            println!(
+                "Shares ({} of {} recover K_TTP); give each line to a different custodian:",
+                record.threshold, record.shares
+            );
+            for share in &created.shares {
+                println!("{}", share.to_text().as_str());
+            }
+        }
+    }
+    println!(
+        "No file on this host holds K_TTP; without the TPM copy or {} shares no domain key can be derived.",
+        record.threshold
+    );
+    Ok(())
+}
+
+/// Shares from files, or typed at the console when no file is named.
+fn shares_from(files: &[PathBuf]) -> anyhow::Result<Vec<ttp::master_key::ShareLine>> {
+    if files.is_empty() || files.iter().any(|f| f.as_os_str() == "-") {
+        eprintln!("Custodians: paste your share line and press Enter, one after the other.");
+        let shares =
+            ttp::master_key::read_shares_until_threshold(&mut std::io::stdin().lock(), &mut std::io::stderr())?;
+        let files: Vec<PathBuf> = files.iter().filter(|f| f.as_os_str() != "-").cloned().collect();
+        let mut all = ttp::master_key::read_share_files(&files)?;
+        all.extend(shares);
+        return Ok(all);
+    }
+    Ok(ttp::master_key::read_share_files(files)?)
+}
+
+fn shares_from_if_any(files: &[PathBuf]) -> anyhow::Result<Vec<ttp::master_key::ShareLine>> {
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    shares_from(files)
+}
+
+fn master_key_command(command: MasterKeyCommand) -> anyhow::Result<()> {
+    match command {
+        MasterKeyCommand::Status { config } => {
+            let config = ttp::config::TtpConfig::load(&config)?;
+            let uses = config.open_store()?.master_key_use()?;
+            println!("version  fingerprint       sealed-to         split   live-domains  deleted-domains");
+            for record in ttp::master_key::records(&config.data_dir)? {
+                let used = uses.iter().find(|u| u.version == record.version);
+                let sealed =
+                    record.sealed.as_ref().map_or_else(|| "no TPM".to_string(), |s| format!("PCRs {:?}", s.pcrs));
+                println!(
+                    "{:<8} {:<17} {:<17} {}-of-{}  {:<13} {}",
+                    record.version,
+                    record.fingerprint,
+                    sealed,
+                    record.threshold,
+                    record.shares,
+                    used.map_or(0, |u| u.live_domains),
+                    used.map_or(0, |u| u.deleted_domains)
+                );
+            }
+        }
+        MasterKeyCommand::NewVersion { config, custodians } => {
+            let config = ttp::config::TtpConfig::load(&config)?;
+            let created =
+                ttp::master_key::create_version(&config.data_dir, &config.master_key, custodians.custodians())?;
+            hand_out(&created, &custodians)?;
+            println!(
+                "Restart the TTP (every replica, after `ttp unseal` of version {} there): new domains then use it.",
+                created.record.version
+            );
+        }
+        MasterKeyCommand::Retire { config, version } => {
+            let config = ttp::config::TtpConfig::load(&config)?;
+            let uses = config.open_store()?.master_key_use()?;
+            let live = uses.iter().find(|u| u.version == version).map_or(0, |u| u.live_domains);
+            ttp::master_key::retire(&config.data_dir, version, live)?;
+            println!("K_TTP version {version} retired; its custodians can now destroy their shares of it.");
         }
     }
     Ok(())

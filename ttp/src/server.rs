@@ -7,12 +7,20 @@ use protocol::signing::SignatureKey;
 use tokio_util::sync::CancellationToken;
 
 use crate::attestation::AttestationPolicy;
-use crate::config::{load_master_key, TtpConfig};
+use crate::config::TtpConfig;
 use crate::error::{Error, Result};
+use crate::master_key::ShareLine;
 use crate::service::Ttp;
 
-/// Builds the TTP from its configuration: K_TTP, TLS identity, CA roots, policy, store.
+/// Builds the TTP from its configuration: K_TTP (every version unsealed from the TPM),
+/// TLS identity, CA roots, policy, store.
 pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, net::ServerTls)> {
+    build_with_shares(config, &[])
+}
+
+/// [`build`], with the versions of K_TTP that `shares` are given for combined from them
+/// instead of unsealed (no TPM, or a TPM that refuses: `ttp serve --unseal-shares`).
+pub fn build_with_shares(config: &TtpConfig, shares: &[ShareLine]) -> Result<(Arc<Ttp>, net::ServerTls)> {
     let tls_files =
         TlsFiles { ca: config.ca.clone(), cert: config.cert.clone(), key: config.key.clone(), crl: config.crl.clone() };
     let material = tls_files.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
@@ -37,8 +45,8 @@ pub fn build(config: &TtpConfig) -> Result<(Arc<Ttp>, net::ServerTls)> {
         .map_err(|e| Error::Config(format!("attestation policy {}: {e}", config.attestation.display())))?;
     let store = config.open_store()?;
     config.limits.serve_options().map_err(Error::Config)?;
-    let master_key = load_master_key(&config.data_dir)?;
-    let ttp = Ttp::new(master_key, signing_key, material.ca_pems.clone(), policy, Arc::new(store))?
+    let master_keys = crate::master_key::unlock(&config.data_dir, &config.master_key, shares)?;
+    let ttp = Ttp::new(master_keys, signing_key, material.ca_pems.clone(), policy, Arc::new(store))?
         .with_revocation_lists(config.crl.clone())
         .with_registration_replicas(config.registration_replicas.clone());
     let tls = tls_files

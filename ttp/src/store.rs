@@ -50,6 +50,20 @@ pub struct DomainRecord {
     pub metadata_hash: [u8; 32],
     /// Unix seconds of the tombstone, if deleted.
     pub deleted_at: Option<u64>,
+    /// The K_TTP version that derives this domain's key, fixed at registration
+    /// (docs/OPERATOR.md "Master key versions").
+    pub master_key_version: u32,
+}
+
+/// How many registered domains one K_TTP version derives keys for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterKeyUse {
+    /// The master-key version.
+    pub version: u32,
+    /// Domains not deleted: their keys need this version.
+    pub live_domains: u64,
+    /// Deleted (crypto-shredded) domains registered under it: they need it no more.
+    pub deleted_domains: u64,
 }
 
 /// An audit record before the store numbers and chains it.
@@ -118,6 +132,8 @@ pub trait TtpStore: Send + Sync {
     /// Marks the domain deleted at `at` (unix seconds); a domain already deleted keeps its first
     /// tombstone.
     fn tombstone_domain(&self, domain_id: &str, at: u64) -> Result<()>;
+    /// Registered domains per K_TTP version, oldest version first.
+    fn master_key_use(&self) -> Result<Vec<MasterKeyUse>>;
 
     /// Stores a quote challenge for `host_id` until `expires_at` (unix seconds), dropping
     /// expired ones.
@@ -281,6 +297,8 @@ fn domain_row(domain_id: &str, row: skydd_sql::Row) -> Result<DomainRecord> {
         descriptor_hash: hash32(row.blob(3)?, "descriptor hash")?,
         metadata_hash: hash32(row.blob(4)?, "metadata hash")?,
         deleted_at: row.opt_int(5)?.map(|t| t as u64),
+        master_key_version: u32::try_from(row.int(6)?)
+            .map_err(|_| Error::Store(format!("domain {domain_id} names an impossible master-key version")))?,
     })
 }
 
@@ -383,7 +401,7 @@ impl TtpStore for SqlStore {
     fn domain(&self, domain_id: &str) -> Result<Option<DomainRecord>> {
         self.read(|c| {
             c.query_row(
-                "SELECT owner, latest_version, descriptor, descriptor_hash, metadata_hash, deleted_at
+                "SELECT owner, latest_version, descriptor, descriptor_hash, metadata_hash, deleted_at, master_key_version
                  FROM domains WHERE domain_id = ?1",
                 &[domain_id.into()],
             )?
@@ -401,11 +419,12 @@ impl TtpStore for SqlStore {
             record.descriptor.clone().into(),
             record.descriptor_hash.as_slice().into(),
             record.metadata_hash.as_slice().into(),
+            i64::from(record.master_key_version).into(),
         ];
         self.write(move |tx| {
             let inserted = tx.execute(
-                "INSERT INTO domains (domain_id, owner, latest_version, descriptor, descriptor_hash, metadata_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                "INSERT INTO domains (domain_id, owner, latest_version, descriptor, descriptor_hash, metadata_hash, master_key_version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
                 &params,
             )?;
             if inserted != 1 {
@@ -447,6 +466,28 @@ impl TtpStore for SqlStore {
             tx.execute("UPDATE domains SET deleted_at = ?2 WHERE domain_id = ?1 AND deleted_at IS NULL", &params)
                 .map(drop)
                 .map_err(Error::from)
+        })
+    }
+
+    fn master_key_use(&self) -> Result<Vec<MasterKeyUse>> {
+        self.read(|c| {
+            c.query(
+                "SELECT master_key_version,
+                        SUM(CASE WHEN deleted_at IS NULL THEN 1 ELSE 0 END),
+                        SUM(CASE WHEN deleted_at IS NULL THEN 0 ELSE 1 END)
+                 FROM domains GROUP BY master_key_version ORDER BY master_key_version",
+                &[],
+            )?
+            .into_iter()
+            .map(|row| {
+                Ok(MasterKeyUse {
+                    version: u32::try_from(row.int(0)?)
+                        .map_err(|_| Error::Store("an impossible master-key version in domains".into()))?,
+                    live_domains: row.int(1)? as u64,
+                    deleted_domains: row.int(2)? as u64,
+                })
+            })
+            .collect()
         })
     }
 

@@ -4,11 +4,9 @@
 //! `Ttp::release_key` writes it (a real release needs TPM evidence; the unit tests in
 //! `ttp/src/service/integrity/tests.rs` do those on recorded swtpm vectors).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use net::TlsFiles;
 use protocol::domain::{AccessMode, AclEntry, Descriptor};
 use protocol::integrity::{IntegrityAnchor, ViolationKind};
 use protocol::messages::RegisterDomainRequest;
@@ -21,19 +19,8 @@ use ttp::attestation::AttestationPolicy;
 use ttp::service::Ttp;
 use ttp::store::{AuditEntry, SqlStore, TtpStore};
 
-type Ca = (String, zeroize::Zeroizing<String>);
-
-/// Writes `name`'s certificate and key (mode 0600) under `dir`; returns its TLS files.
-fn identity_files(dir: &Path, ca: &Ca, role: Role, name: &str) -> TlsFiles {
-    use std::os::unix::fs::PermissionsExt;
-    let issued = CertificateAuthority::issue(&ca.0, &ca.1, role, name, Validity::Days(5)).unwrap();
-    let (cert, key, ca_file) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")), dir.join("ca.pem"));
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, issued.key_pem.as_bytes()).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::write(&ca_file, &ca.0).unwrap();
-    TlsFiles { ca: vec![ca_file], cert, key, crl: Vec::new() }
-}
+mod support;
+use support::{identity_files, Ca};
 
 fn signing_key(ca: &Ca, role: Role, name: &str) -> SignatureKey {
     let issued = CertificateAuthority::issue(&ca.0, &ca.1, role, name, Validity::Days(5)).unwrap();

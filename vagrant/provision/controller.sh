@@ -51,11 +51,20 @@ setup() {
   install_identity cloud-platform cloud-platform skydd-cp
   chmod 0755 /etc/skydd/tls
 
-  # K_TTP: created once, by the service user, never replaced.
-  if [ ! -f /var/lib/skydd-ttp/master.key ]; then
+  # K_TTP: created once, by the service user, never replaced; sealed to the controller's TPM
+  # (/dev/tpmrm0, or the chroot lab's swtpm: [master_key] of ttp.toml) and split 2 of 3.
+  if [ -n "${SKYDD_LAB_TCTI:-}" ] && [ "$SKYDD_LAB_TCTI" != none ]; then
+    sed -i "s|^tpm_tcti = .*|tpm_tcti = \"$SKYDD_LAB_TCTI\"|" /etc/skydd/ttp.toml
+  fi
+  # The lab keeps the shares in $LAB/custodians; a real cloud hands each to its own custodian (docs/OPERATOR.md).
+  if [ ! -d /var/lib/skydd-ttp/master-key ]; then
     install -d -m 0700 -o skydd-ttp -g skydd-ttp /var/lib/skydd-ttp
-    runuser -u skydd-ttp -- ttp init --data-dir /var/lib/skydd-ttp >/dev/null
-    log "created K_TTP in /var/lib/skydd-ttp/master.key (back it up offline in a real cloud)"
+    install -d -m 0700 -o skydd-ttp -g skydd-ttp /var/lib/skydd-ttp-ceremony
+    runuser -u skydd-ttp -- ttp init --config /etc/skydd/ttp.toml --shares 3 --threshold 2 \
+      --share-dir /var/lib/skydd-ttp-ceremony >/dev/null
+    install -d -m 0700 "$LAB/custodians"
+    mv /var/lib/skydd-ttp-ceremony/* "$LAB/custodians/" && rmdir /var/lib/skydd-ttp-ceremony
+    log "created K_TTP sealed to the controller's TPM; custodians' shares in $LAB/custodians"
   fi
   sed -i "s|^listen = .*|listen = \"0.0.0.0:$TTP_PORT\"|" /etc/skydd/ttp.toml
   sed -i -e "s|^listen = .*|listen = \"0.0.0.0:$CP_PORT\"|" -e "s|^ttp_url = .*|ttp_url = \"$TTP_URL\"|" /etc/skydd/cloud-platform.toml

@@ -88,7 +88,13 @@ pub async fn start_ttp(
 ) -> (Server, Arc<ttp::service::Ttp>) {
     let tls = pki.issue(Role::Ttp, "ttp-1");
     let data_dir = root.join("ttp-data");
-    ttp::config::create_master_key(&data_dir).unwrap();
+    // No TPM: K_TTP exists as 2-of-3 custodians' shares, which start the TTP.
+    let custodians = ttp::master_key::create_version(
+        &data_dir,
+        &Default::default(),
+        ttp::master_key::Custodians { shares: 3, threshold: 2 },
+    )
+    .unwrap();
     let policy_path = root.join("attestation.toml");
     std::fs::write(&policy_path, toml::to_string(policy).unwrap()).unwrap();
     let config = ttp::config::TtpConfig {
@@ -104,8 +110,9 @@ pub async fn start_ttp(
         database_url: None,
         database_pool_size: 16,
         group_commit: true,
+        master_key: Default::default(),
     };
-    let (service, server_tls) = ttp::server::build(&config).unwrap();
+    let (service, server_tls) = ttp::server::build_with_shares(&config, &custodians.shares).unwrap();
     let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let shutdown = CancellationToken::new();
     let (s, t) = (service.clone(), shutdown.clone());

@@ -26,7 +26,12 @@ impl Partner {
         let partner_ca_file = extra.join("partner-ca.pem");
         std::fs::write(&partner_ca_file, &ca_pem).unwrap();
         let partner_dir = extra.join("partner-ttp");
-        ttp::config::create_master_key(&partner_dir).unwrap();
+        let custodians = ttp::master_key::create_version(
+            &partner_dir,
+            &Default::default(),
+            ttp::master_key::Custodians { shares: 3, threshold: 2 },
+        )
+        .unwrap();
         let ttp_files = TlsFiles::in_dir(&pki.dir, "ttp-1");
         let partner_config = ttp::config::TtpConfig {
             listen: "127.0.0.1:0".into(),
@@ -41,8 +46,10 @@ impl Partner {
             database_url: None,
             database_pool_size: 16,
             group_commit: true,
+            master_key: Default::default(),
         };
-        let (service, partner_tls) = ttp::server::build(&partner_config).expect("build the partner TTP");
+        let (service, partner_tls) =
+            ttp::server::build_with_shares(&partner_config, &custodians.shares).expect("build the partner TTP");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
         let (failures_tx, failures) = tokio::sync::mpsc::unbounded_channel::<net::HandshakeFailure>();

@@ -46,6 +46,7 @@ impl Ttp {
                         descriptor_hash: encoded_hash,
                         metadata_hash: descriptor.metadata_hash(),
                         deleted_at: None,
+                        master_key_version: self.master_keys.current_version(),
                     })?;
                     nonce
                 }
@@ -260,5 +261,59 @@ mod tests {
         let envelope = replica
             .sign_envelope(SignatureContext::Registration, Registration::decode(&registered.message).unwrap().encode());
         ttp.register_domain(&cp, &update(envelope)).expect("a replica's registration is accepted");
+    }
+
+    /// A new domain records the newest K_TTP version; each domain's key comes from the version
+    /// it recorded, and a version this TTP has not loaded is refused naming it.
+    #[test]
+    fn each_domain_derives_from_the_master_key_version_it_was_registered_under() {
+        let ca = CertificateAuthority::generate("cloud-ca").unwrap();
+        let store: Arc<dyn TtpStore> = Arc::new(crate::store::SqlStore::in_memory().unwrap());
+        let keys = crate::master_key::MasterKeys::new(
+            [(1, SecretBytes::from_slice_wiping(&mut [7u8; 32])), (2, SecretBytes::from_slice_wiping(&mut [8u8; 32]))]
+                .into(),
+        )
+        .unwrap();
+        let ttp =
+            Ttp::new(keys, key_of(&ca, Role::Ttp, "ttp-1"), vec![ca.0.clone()], AttestationPolicy::default(), store)
+                .unwrap();
+        let alice = key_of(&ca, Role::DomainManager, "dm-alice");
+        let descriptor = Descriptor::new(
+            "dm-alice",
+            Default::default(),
+            vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }],
+        )
+        .unwrap();
+        let request = RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, descriptor.encode().unwrap()),
+            previous_registration: None,
+        };
+        let cp = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
+        let registration =
+            Registration::decode(&ttp.register_domain(&cp, &request).unwrap().registration.message).unwrap();
+        let mut domain = ttp.store().domain(&descriptor.domain_id).unwrap().unwrap();
+        assert_eq!(domain.master_key_version, 2, "a new domain uses the newest version");
+        let expected = |master: u8| {
+            protocol::kdf::derive_volume_key(
+                &SecretBytes::from_slice_wiping(&mut [master; 32]),
+                &registration.nonce_r,
+                &descriptor.domain_id,
+                &domain.metadata_hash,
+                &descriptor.cipher_spec,
+            )
+            .unwrap()
+            .expose()
+            .to_vec()
+        };
+        let released = ttp.released_keys(&registration, &descriptor, &domain).unwrap();
+        assert_eq!(&released.expose()[..64], expected(8).as_slice());
+        domain.master_key_version = 1;
+        let released = ttp.released_keys(&registration, &descriptor, &domain).unwrap();
+        assert_eq!(&released.expose()[..64], expected(7).as_slice());
+        domain.master_key_version = 3;
+        let refusal = ttp.released_keys(&registration, &descriptor, &domain).unwrap_err().to_string();
+        assert!(refusal.contains("K_TTP version 3 is not loaded on this TTP"), "{refusal}");
+        let uses = ttp.store().master_key_use().unwrap();
+        assert_eq!(uses, vec![crate::store::MasterKeyUse { version: 2, live_domains: 1, deleted_domains: 0 }]);
     }
 }

@@ -159,8 +159,10 @@ impl Ttp {
         domain: &DomainRecord,
     ) -> Result<SecretBytes> {
         let inputs = (&registration.nonce_r, descriptor.domain_id.as_str(), &domain.metadata_hash);
-        let key = derive_volume_key(&self.master_key, inputs.0, inputs.1, inputs.2, &descriptor.cipher_spec)?;
-        let mac_key = derive_sector_mac_key(&self.master_key, inputs.0, inputs.1, inputs.2, &descriptor.cipher_spec)?;
+        // The K_TTP version recorded at registration derives this domain's key.
+        let master_key = self.master_keys.key(domain.master_key_version)?;
+        let key = derive_volume_key(master_key, inputs.0, inputs.1, inputs.2, &descriptor.cipher_spec)?;
+        let mac_key = derive_sector_mac_key(master_key, inputs.0, inputs.1, inputs.2, &descriptor.cipher_spec)?;
         let mut keys = SecretBytes::zeroed(RELEASED_KEYS_BYTES);
         keys.expose_mut()[..VOLUME_KEY_BYTES].copy_from_slice(key.expose());
         keys.expose_mut()[VOLUME_KEY_BYTES..].copy_from_slice(mac_key.expose());

@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex};
 use protocol::domain::Descriptor;
 use protocol::messages::{AuditRecord, Registration};
 use protocol::pki::{Identity, Role};
-use protocol::secret::SecretBytes;
 use protocol::signing::{SignatureContext, SignatureKey, SignedEnvelope};
 
 use crate::attestation::{AttestationPolicy, PendingEnrollment};
 use crate::error::{Error, Result};
+use crate::master_key::MasterKeys;
 use crate::store::{now_unix, AuditEntry, TtpStore};
 use signers::Anchors;
 
@@ -44,7 +44,7 @@ pub use key_release::CHALLENGE_TTL_SECS;
 /// the trusted CAs and revocation lists, the attestation policy and the store. HTTP-free;
 /// `http.rs` wraps it, tests call it directly.
 pub struct Ttp {
-    master_key: SecretBytes,
+    master_keys: MasterKeys,
     signing_key: SignatureKey,
     /// Checks of signed objects under the trusted CAs (its own cloud's and federated
     /// partners') and the revocation lists, remembering what they proved.
@@ -68,20 +68,19 @@ struct Subject {
 }
 
 impl Ttp {
-    /// Builds the TTP from its master key (must be 32 bytes, else `Error::Config`), the key that
-    /// signs registrations, the trusted CA roots (PEM) for signed objects, the attestation
+    /// Builds the TTP from its master keys (a [`MasterKeys`] set, or one
+    /// `protocol::secret::SecretBytes` as version 1; 32 bytes each, else `Error::Config`), the
+    /// key that signs registrations, the trusted CA roots (PEM) for signed objects, the attestation
     /// policy and the store. No revocation list is checked until
     /// [`Ttp::with_revocation_lists`].
     pub fn new(
-        master_key: SecretBytes,
+        master_keys: impl Into<MasterKeys>,
         signing_key: SignatureKey,
         trusted_cas: Vec<String>,
         policy: AttestationPolicy,
         store: Arc<dyn TtpStore>,
     ) -> Result<Self> {
-        if master_key.len() != protocol::kdf::MASTER_KEY_BYTES {
-            return Err(Error::Config(format!("K_TTP must be {} bytes", protocol::kdf::MASTER_KEY_BYTES)));
-        }
+        let master_keys = MasterKeys::new(master_keys.into().into_inner())?;
         policy.validate()?;
         let own = protocol::pki::identity_from_certificate(signing_key.certificate_der())
             .map_err(|e| Error::Config(format!("the TTP's own certificate: {e}")))?;
@@ -105,7 +104,7 @@ impl Ttp {
             )));
         }
         Ok(Self {
-            master_key,
+            master_keys,
             signing_key,
             signers: signers::SignerChecks::new(trusted_cas, registration_cas),
             policy,
@@ -140,6 +139,11 @@ impl Ttp {
     pub fn with_revocation_lists(mut self, files: Vec<PathBuf>) -> Self {
         self.signers.set_revocation_lists(files);
         self
+    }
+
+    /// The master-key versions loaded; the newest derives the keys of new domains.
+    pub fn master_key_versions(&self) -> Vec<u32> {
+        self.master_keys.versions()
     }
 
     /// The store, for tools and tests that read it (e.g. the audit chain).

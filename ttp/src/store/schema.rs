@@ -35,7 +35,13 @@ const SQLITE_BASE: &str = "
     CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain_id, seq);";
 
 /// Schema changes after version 0 on SQLite, by version.
-const SQLITE_MIGRATIONS: &[(i64, &str)] = &[(1, integrity::SCHEMA), (2, CHECKPOINTS)];
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[(1, integrity::SCHEMA), (2, CHECKPOINTS), (3, MASTER_KEY_VERSIONS)];
+
+/// Version 3 on both engines: the K_TTP version that derives each domain's key; domains
+/// registered before versions existed used the one key there was, version 1.
+const MASTER_KEY_VERSIONS: &str = "
+    ALTER TABLE domains ADD COLUMN master_key_version BIGINT NOT NULL DEFAULT 1;
+    CREATE INDEX IF NOT EXISTS domains_master_key_version ON domains(master_key_version);";
 
 /// Version 2 on both engines: the signed checkpoints of the audit chain's head.
 const CHECKPOINTS: &str = "
@@ -75,6 +81,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         audit_seq BIGINT NOT NULL);",
     ),
     (2, POSTGRES_CHECKPOINTS),
+    (3, MASTER_KEY_VERSIONS),
 ];
 
 /// The TTP's schema on both engines, for [`skydd_sql::Backend::open`].

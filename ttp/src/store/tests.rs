@@ -62,6 +62,7 @@ fn domain(version: u64, descriptor: &[u8]) -> DomainRecord {
         descriptor_hash: [version as u8; 32],
         metadata_hash: [9; 32],
         deleted_at: None,
+        master_key_version: 1,
     }
 }
 
@@ -113,6 +114,33 @@ fn a_version_is_won_once_across_replicas() {
             assert_eq!(stored.latest_version, version);
             assert_eq!(stored.descriptor, format!("v{version} by {}", winners[0]).into_bytes());
         }
+    }
+}
+
+/// Each domain keeps the K_TTP version it was registered under (an update does not move
+/// it), and the store counts live and deleted domains per version, on both engines.
+#[test]
+fn domains_are_counted_per_master_key_version() {
+    for engine in ENGINES {
+        let ([a, b], _guard) = replicas(engine);
+        let mut record = domain(1, b"v1");
+        a.insert_domain(&record).unwrap();
+        for (n, version) in [(1u8, 2u32), (2, 2), (3, 2)] {
+            record.domain_id = format!("{n:032x}");
+            record.master_key_version = version;
+            b.insert_domain(&record).unwrap();
+        }
+        a.update_domain(&DomainRecord { master_key_version: 2, ..domain(2, b"v2") }, 1).unwrap();
+        assert_eq!(b.domain(&domain(1, b"").domain_id).unwrap().unwrap().master_key_version, 1, "{engine:?}");
+        b.tombstone_domain(&format!("{:032x}", 3), 9).unwrap();
+        assert_eq!(
+            a.master_key_use().unwrap(),
+            vec![
+                MasterKeyUse { version: 1, live_domains: 1, deleted_domains: 0 },
+                MasterKeyUse { version: 2, live_domains: 2, deleted_domains: 1 },
+            ],
+            "{engine:?}"
+        );
     }
 }
 
