@@ -149,7 +149,7 @@ pub fn mount_ext4(device: &Path, dir: &Path, mode: OpenMode) -> Result<()> {
 /// fleeting (a child forked by another thread holds the parent's open files until its exec).
 const UNMOUNT_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Unmounts `dir`; a file system still in use after [`UNMOUNT_BUSY_WAIT`] is reported, not
+/// Unmounts `dir`; a file system still in use after 3 s (`UNMOUNT_BUSY_WAIT`) is reported, not
 /// torn away.
 pub fn unmount(dir: &Path) -> Result<()> {
     let started = std::time::Instant::now();
