@@ -318,11 +318,23 @@ impl DomainManager {
             last.check_successor(&newer, history.since.as_ref()).map_err(|e| tampered(e.to_string()))?;
         }
         if last.as_ref().is_none_or(|last| newer.seq > last.seq) {
-            std::fs::write(&self.checkpoint_file, envelope.encode()).map_err(|e| {
+            self.keep_checkpoint(&envelope.encode()).map_err(|e| {
                 Error::Config(format!("keep the audit checkpoint in {}: {e}", self.checkpoint_file.display()))
             })?;
         }
         Ok(history)
+    }
+
+    /// Replaces the kept checkpoint atomically (a file beside it, synced, then renamed over
+    /// it): a crash or a second manager reading at the same moment never sees half a file,
+    /// which would refuse every later history read.
+    fn keep_checkpoint(&self, encoded: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let fresh = self.checkpoint_file.with_extension(format!("new-{}", std::process::id()));
+        let mut file = std::fs::File::create(&fresh)?;
+        file.write_all(encoded)?;
+        file.sync_all()?;
+        std::fs::rename(&fresh, &self.checkpoint_file)
     }
 
     /// The signer of `envelope` (its certificate checked against our CAs and revocation
