@@ -84,6 +84,20 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Prepares a TTP replica's data directory `to` from a running TTP's `from`: copies K_TTP's
+/// version records (`master-key/`: fingerprints and split parameters, never the key), so the
+/// replica starts from the custodians' shares.
+pub fn copy_master_key_records(from: &Path, to: &Path) -> Result<()> {
+    let (from, to) = (from.join(ttp::master_key::MASTER_KEY_DIR), to.join(ttp::master_key::MASTER_KEY_DIR));
+    std::fs::create_dir_all(&to).with_context(|| format!("create {}", to.display()))?;
+    for entry in std::fs::read_dir(&from).with_context(|| format!("read {}", from.display()))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), to.join(entry.file_name()))
+            .with_context(|| format!("copy {}", entry.path().display()))?;
+    }
+    Ok(())
+}
+
 /// A TTP served in this process on a loopback port, with its own swtpm holding K_TTP's
 /// sealed copy; the custodians' shares (2 of 3) are kept in `custodians_dir`, outside the
 /// data directory, as custodians would keep them away from the TTP host.

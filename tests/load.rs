@@ -354,7 +354,7 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize, ttp_replicas: usize) -> Cl
         let data_dir = root.join(format!("ttp-data{}", if i == 0 { String::new() } else { format!("-{}", i + 1) }));
         if i > 0 {
             // A replica: K_TTP's version records (fingerprints, no key), K_TTP from the shares.
-            copy_master_key_records(&root.join("ttp-data"), &data_dir);
+            skydd::lab::copy_master_key_records(&root.join("ttp-data"), &data_dir).unwrap();
         }
         let ttp_config = ttp::config::TtpConfig {
             listen: "127.0.0.1:0".into(),
@@ -457,17 +457,6 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize, ttp_replicas: usize) -> Cl
     }
     let operator = Operator::create(&pki, "cp-load").unwrap();
     Cloud { pki, ttp, ttp_url, cp_url, hosts, operator, managers, shutdown, servers }
-}
-
-/// Copies K_TTP's version records (`master-key/`: fingerprints and split parameters, never
-/// the key) from one TTP data directory to a replica's.
-fn copy_master_key_records(from: &Path, to: &Path) {
-    let (from, to) = (from.join(ttp::master_key::MASTER_KEY_DIR), to.join(ttp::master_key::MASTER_KEY_DIR));
-    std::fs::create_dir_all(&to).unwrap();
-    for entry in std::fs::read_dir(&from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
 }
 
 /// Builds `n` clients for `server_role` at `url`, cycling through `identities`; each has its

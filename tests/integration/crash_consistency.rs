@@ -460,13 +460,7 @@ async fn crash_rounds(deployment: Deployment) {
     for (i, port) in ttp_ports.iter().enumerate() {
         if i > 0 {
             // A replica: K_TTP's version records (fingerprints, no key); K_TTP from the shares.
-            let (from, to) =
-                (ttp_data(0).join(ttp::master_key::MASTER_KEY_DIR), ttp_data(i).join(ttp::master_key::MASTER_KEY_DIR));
-            std::fs::create_dir_all(&to).unwrap();
-            for entry in std::fs::read_dir(&from).unwrap() {
-                let entry = entry.unwrap();
-                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-            }
+            skydd::lab::copy_master_key_records(&ttp_data(0), &ttp_data(i)).unwrap();
         }
         let ttp_config = ttp::config::TtpConfig {
             listen: format!("127.0.0.1:{port}"),
