@@ -139,19 +139,22 @@ impl Backend {
         match database {
             Database::Sqlite(path) => {
                 let open = || Connection::open(path).map_err(|e| Error::Store(format!("open {}: {e}", path.display())));
-                let backend = Self::sqlite(open()?, migrations)?;
-                let Backend::Sqlite(mut connections) = backend else {
-                    unreachable!("sqlite() makes an SQLite backend")
-                };
-                for _ in 0..SQLITE_READERS {
-                    let reader = open()?;
-                    reader
-                        .execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")
-                        .map_err(|e| Error::Store(format!("set up a reader of {}: {e}", path.display())))?;
-                    reader.set_prepared_statement_cache_capacity(64);
-                    connections.readers.push(Mutex::new(reader));
-                }
-                Ok(Backend::Sqlite(connections))
+                let writer = migrate_sqlite(open()?, migrations)?;
+                let readers = (0..SQLITE_READERS)
+                    .map(|_| {
+                        let reader = open()?;
+                        reader
+                            .execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")
+                            .map_err(|e| Error::Store(format!("set up a reader of {}: {e}", path.display())))?;
+                        reader.set_prepared_statement_cache_capacity(64);
+                        Ok(Mutex::new(reader))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Backend::Sqlite(SqliteConnections {
+                    writer: Mutex::new(writer),
+                    readers,
+                    next_reader: Default::default(),
+                }))
             }
             // The `postgres` client runs its own small runtime and may not be driven from an
             // async worker: a service that opens its store inside one (a test, a server's
@@ -169,33 +172,8 @@ impl Backend {
     pub fn in_memory(migrations: &Migrations) -> Result<Self> {
         let connection =
             Connection::open_in_memory().map_err(|e| Error::Store(format!("open an in-memory database: {e}")))?;
-        Self::sqlite(connection, migrations)
-    }
-
-    /// Brings an SQLite database to the newest schema (WAL, synchronous=FULL: an
-    /// acknowledged write survives a crash; foreign keys enforced).
-    fn sqlite(connection: Connection, migrations: &Migrations) -> Result<Self> {
-        let service = migrations.service;
-        let failed = |what: &str, e: rusqlite::Error| Error::Store(format!("{what} ({service}): {e}"));
-        connection
-            .execute_batch(
-                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;",
-            )
-            .map_err(|e| failed("set up the database", e))?;
-        connection.set_prepared_statement_cache_capacity(64);
-        connection.execute_batch(migrations.sqlite_base).map_err(|e| failed("create the schema", e))?;
-        let current: i64 = connection
-            .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(|e| failed("read the schema version", e))?;
-        for (version, sql) in migrations.sqlite.iter().filter(|(version, _)| *version > current) {
-            let failed =
-                |e: rusqlite::Error| Error::Store(format!("migrate the {service} schema to version {version}: {e}"));
-            let tx = connection.unchecked_transaction().map_err(failed)?;
-            tx.execute_batch(&format!("{sql} PRAGMA user_version = {version};")).map_err(failed)?;
-            tx.commit().map_err(failed)?;
-        }
         Ok(Backend::Sqlite(SqliteConnections {
-            writer: Mutex::new(connection),
+            writer: Mutex::new(migrate_sqlite(connection, migrations)?),
             readers: Vec::new(),
             next_reader: Default::default(),
         }))
@@ -293,6 +271,31 @@ impl Backend {
         })?;
         outcome.unwrap_or_else(|| Err(Error::Store("a transaction was never run".into()).into()))
     }
+}
+
+/// Brings an SQLite database to the newest schema (WAL, synchronous=FULL: an
+/// acknowledged write survives a crash; foreign keys enforced).
+fn migrate_sqlite(connection: Connection, migrations: &Migrations) -> Result<Connection> {
+    let service = migrations.service;
+    let failed = |what: &str, e: rusqlite::Error| Error::Store(format!("{what} ({service}): {e}"));
+    connection
+        .execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;",
+        )
+        .map_err(|e| failed("set up the database", e))?;
+    connection.set_prepared_statement_cache_capacity(64);
+    connection.execute_batch(migrations.sqlite_base).map_err(|e| failed("create the schema", e))?;
+    let current: i64 = connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|e| failed("read the schema version", e))?;
+    for (version, sql) in migrations.sqlite.iter().filter(|(version, _)| *version > current) {
+        let failed =
+            |e: rusqlite::Error| Error::Store(format!("migrate the {service} schema to version {version}: {e}"));
+        let tx = connection.unchecked_transaction().map_err(failed)?;
+        tx.execute_batch(&format!("{sql} PRAGMA user_version = {version};")).map_err(failed)?;
+        tx.commit().map_err(failed)?;
+    }
+    Ok(connection)
 }
 
 fn lock(connection: &Mutex<Connection>) -> Result<std::sync::MutexGuard<'_, Connection>> {
