@@ -8,7 +8,7 @@
 #      PEER (plain: an unencrypted loop file, the default; v1: a format-1 userspace volume,
 #            to measure what format 2 costs over format 1 in the same run; threads1: the
 #            same volume format served by ONE FUSE thread, the backend as it was),
-#      FUSE_THREADS (the measured volume's FUSE threads; default: the backend's, 1).
+#      FUSE_THREADS (the measured volume's FUSE threads; default: the backend's, 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/var/tmp/skydd-fio}

@@ -116,6 +116,8 @@ pub struct RunningTtp {
     pub build_time: std::time::Duration,
     /// The TTP itself, for tests that inspect its state directly.
     pub service: Arc<ttp::service::Ttp>,
+    /// Its `[trusted_launch]` table, kept for a restart after an outage.
+    trusted_launch: Option<ttp::config::TrustedLaunchConfig>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -138,7 +140,20 @@ impl RunningTtp {
         listener: tokio::net::TcpListener,
     ) -> Result<Self> {
         let tpm = Swtpm::start(&dir.join("ttp-tpm"))?;
-        Self::start_on(dir, pki, policy, listener, tpm).await
+        Self::start_on(dir, pki, policy, listener, tpm, None).await
+    }
+
+    /// As [`RunningTtp::start`], releasing keys only to VMs launched from images on the
+    /// allowlist of `trusted_launch` (docs/PROTOCOL.md "Trusted launch").
+    pub async fn start_with_trusted_launch(
+        dir: &Path,
+        pki: &LabPki,
+        policy: &AttestationPolicy,
+        listener: tokio::net::TcpListener,
+        trusted_launch: ttp::config::TrustedLaunchConfig,
+    ) -> Result<Self> {
+        let tpm = Swtpm::start(&dir.join("ttp-tpm"))?;
+        Self::start_on(dir, pki, policy, listener, tpm, Some(trusted_launch)).await
     }
 
     /// The TTP host's TPM, e.g. for a test that changes its PCRs.
@@ -167,6 +182,7 @@ impl RunningTtp {
         policy: &AttestationPolicy,
         listener: tokio::net::TcpListener,
         tpm: Swtpm,
+        trusted_launch: Option<ttp::config::TrustedLaunchConfig>,
     ) -> Result<Self> {
         let tls = pki.issue(Role::Ttp, "ttp-1")?;
         let data_dir = dir.join("ttp-data");
@@ -193,6 +209,7 @@ impl RunningTtp {
             database_pool_size: 16,
             group_commit: true,
             master_key,
+            trusted_launch: trusted_launch.clone(),
         };
         let started = std::time::Instant::now();
         let (service, server_tls) = ttp::server::build(&config)?;
@@ -206,7 +223,7 @@ impl RunningTtp {
                 tracing::error!(error = %e, "TTP stopped");
             }
         });
-        Ok(Self { url, data_dir, custodians_dir, tpm: Some(tpm), build_time, service, shutdown, task })
+        Ok(Self { url, data_dir, custodians_dir, tpm: Some(tpm), build_time, service, trusted_launch, shutdown, task })
     }
 
     /// Stops the server and waits for it to finish (its TPM stops with it).
@@ -236,7 +253,8 @@ impl RunningTtp {
             Some(tpm) => tpm,
             None => Swtpm::start(&dir.join("ttp-tpm"))?,
         };
-        *self = Self::start_on(dir, pki, policy, listener, tpm).await?;
+        let trusted_launch = self.trusted_launch.take();
+        *self = Self::start_on(dir, pki, policy, listener, tpm, trusted_launch).await?;
         Ok(outcome)
     }
 }
@@ -349,8 +367,22 @@ impl Operator {
         vm_id: &str,
         mode: AccessMode,
     ) -> std::result::Result<ObtainedKey, secure_component::Error> {
+        self.obtain_key_launched(host, header, grant, vm_id, mode, None).await
+    }
+
+    /// As [`Operator::obtain_key`] for a VM the host launched from `launched_image`
+    /// (reported to the TTP and covered by the quote).
+    pub async fn obtain_key_launched(
+        &self,
+        host: &AttestedHost,
+        header: &HeaderRecord,
+        grant: &SignedEnvelope,
+        vm_id: &str,
+        mode: AccessMode,
+        launched_image: Option<&protocol::image::LaunchedImage>,
+    ) -> std::result::Result<ObtainedKey, secure_component::Error> {
         let placement = self.place(vm_id, &host.host_id, grant);
-        host.obtain_key(&KeyRequest { header, grant, placement: &placement, vm_id, mode }).await
+        host.obtain_key(&KeyRequest { header, grant, placement: &placement, vm_id, mode, launched_image }).await
     }
 
     /// Steps 1-3 of [`Operator::obtain_key`]: the key release alone.
@@ -363,7 +395,8 @@ impl Operator {
         mode: AccessMode,
     ) -> std::result::Result<KeyReleaseResponse, secure_component::Error> {
         let placement = self.place(vm_id, &host.host_id, grant);
-        host.request_release(&KeyRequest { header, grant, placement: &placement, vm_id, mode }).await
+        host.request_release(&KeyRequest { header, grant, placement: &placement, vm_id, mode, launched_image: None })
+            .await
     }
 }
 
@@ -458,12 +491,14 @@ pub fn loopback_agent_config(
         hypervisor: HypervisorChoice::Local,
         libvirt: LibvirtConfig::default(),
         qemu: Default::default(),
+        launch: None,
         ttp_url: ttp_url.to_string(),
         ca: tls.ca.clone(),
         crl: tls.crl.clone(),
         cert: tls.cert.clone(),
         key: tls.key.clone(),
         pcr_selection: Default::default(),
+        region: None,
         volume_root: None,
         limits: Default::default(),
     }

@@ -395,6 +395,7 @@ fn guest_sees_the_swtpm_tpm() {
         database_pool_size: 16,
         group_commit: true,
         master_key: Default::default(),
+        trusted_launch: None,
     };
     let (ttp, _) = ttp::server::build_with_shares(&config, &custodians.shares).unwrap();
 
@@ -441,6 +442,7 @@ fn guest_sees_the_swtpm_tpm() {
                 grant,
                 challenge_id: fresh.challenge_id,
                 quote,
+                launched_image: None,
             },
         )
         .expect("the TTP releases the key to the attested guest");

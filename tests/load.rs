@@ -370,6 +370,7 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize, ttp_replicas: usize) -> Cl
             database_pool_size: 16,
             group_commit: true,
             master_key: Default::default(),
+            trusted_launch: None,
         };
         let (ttp, ttp_tls) = ttp::server::build_with_shares(&ttp_config, &custodians.shares).unwrap();
         {
@@ -570,8 +571,14 @@ async fn key_release_rates(cloud: &Cloud) {
                 let mut latencies = Vec::new();
                 for (grant, placement) in &grants {
                     let t = Instant::now();
-                    let request =
-                        KeyRequest { header: &header, grant, placement, vm_id: "vm-load", mode: AccessMode::Rw };
+                    let request = KeyRequest {
+                        header: &header,
+                        grant,
+                        placement,
+                        vm_id: "vm-load",
+                        mode: AccessMode::Rw,
+                        launched_image: None,
+                    };
                     agent.request_release(&request).await.expect("key release");
                     latencies.push(t.elapsed());
                 }
@@ -611,6 +618,7 @@ async fn key_release_rates(cloud: &Cloud) {
             grant,
             challenge_id: challenge.challenge_id,
             quote,
+            launched_image: None,
         });
     }
     println!("prepared {k} challenges and swtpm quotes in {:.1} s", prepared.elapsed().as_secs_f64());

@@ -258,6 +258,7 @@ fn main() {
         placement: signed_placements[0].clone(),
         challenge_id: "0123456789abcdef".into(),
         quote: quote_stub.clone(),
+        launched_image: None,
     };
     c.json("json_messages", 4, "key-release", &release);
     c.json(

@@ -155,6 +155,7 @@ impl KeySource for TtpKeySource {
             placement: &placement,
             vm_id: &self.vm_id,
             mode: AccessMode::Rw,
+            launched_image: None,
         };
         let obtained = self
             .agent

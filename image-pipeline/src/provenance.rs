@@ -15,13 +15,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use base64::Engine;
-use p256::ecdsa::signature::{Signer as _, Verifier as _};
-use p256::ecdsa::{Signature, SigningKey};
-use p256::pkcs8::DecodePrivateKey;
 use protocol::pki::{Identity, Role};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::checks::TestReport;
@@ -247,46 +242,13 @@ pub struct SkyddRecord {
 
 // ---- DSSE ------------------------------------------------------------------------------------
 
-/// A DSSE envelope, as stored in `provenance.dsse.json` and in allowlist files.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Envelope {
-    /// What the payload is: [`PAYLOAD_TYPE`] for provenance, the allowlist's own type for
-    /// allowlists. Signed together with the payload (see [`pae`]).
-    pub payload_type: String,
-    /// base64 of the statement's JSON bytes.
-    pub payload: String,
-    /// One signature per signer; this pipeline writes exactly one.
-    pub signatures: Vec<EnvelopeSignature>,
-}
-
-/// One DSSE signature with the signer's certificate, so a verifier needs only the CA certificates
-/// (in [`TrustPolicy`]).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EnvelopeSignature {
-    /// sha256 of the signer certificate (DER), hex.
-    pub keyid: String,
-    /// base64 DER ECDSA P-256 signature over PAE(payloadType, payload).
-    pub sig: String,
-    /// base64 DER X.509 certificate of the signer, issued by the cloud CA.
-    pub cert: String,
-}
-
-/// DSSE pre-authentication encoding.
-pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = format!("DSSEv1 {} {} {} ", payload_type.len(), payload_type, payload.len()).into_bytes();
-    out.extend_from_slice(payload);
-    out
-}
-
-fn b64() -> base64::engine::GeneralPurpose {
-    base64::engine::general_purpose::STANDARD
-}
+// The envelope format and its verification are shared with the secure component and the TTP,
+// which check image allowlists (docs/IMAGE-PIPELINE.md "Signer").
+pub use protocol::dsse::{pae, Envelope, EnvelopeSignature, SignerTrust as TrustPolicy};
 
 /// The pipeline's signing key and its certificate.
 pub struct Signer {
-    key: SigningKey,
-    cert_der: Vec<u8>,
+    key: protocol::signing::SignatureKey,
     /// Who signs: the certificate's role (always `cloud-platform`) and name (normally
     /// [`DEFAULT_SIGNER_NAME`]).
     pub identity: Identity,
@@ -308,17 +270,14 @@ impl Signer {
             .map(|c| c.to_vec())
             .ok_or_else(|| Error::SigningKey("the certificate file holds no certificate".into()))?;
         // Checks the key is P-256 PKCS#8 and belongs to the certificate.
-        protocol::signing::SignatureKey::from_pem(key_pem, cert_der.clone())?;
-        let pem = Zeroizing::new(key_pem.to_string());
-        let key =
-            SigningKey::from_pkcs8_pem(&pem).map_err(|e| Error::SigningKey(format!("not a PKCS#8 P-256 key: {e}")))?;
+        let key = protocol::signing::SignatureKey::from_pem(key_pem, cert_der.clone())?;
         let identity = protocol::pki::identity_from_certificate(&cert_der)?;
         if identity.role != Role::CloudPlatform {
             return Err(Error::SigningKey(format!(
                 "the certificate is for {identity}; image provenance is signed with a cloud-platform certificate (e.g. named {DEFAULT_SIGNER_NAME})"
             )));
         }
-        Ok(Self { key, cert_der, identity })
+        Ok(Self { key, identity })
     }
 
     /// [`Signer::from_pem`] from files; the key's PEM is zeroized after use.
@@ -337,16 +296,7 @@ impl Signer {
 
     /// A DSSE envelope over any payload (the allowlist uses its own payload type).
     pub fn sign_payload(&self, payload_type: &str, payload: &[u8]) -> Envelope {
-        let signature: Signature = self.key.sign(&pae(payload_type, payload));
-        Envelope {
-            payload_type: payload_type.into(),
-            payload: b64().encode(payload),
-            signatures: vec![EnvelopeSignature {
-                keyid: hex::encode(Sha256::digest(&self.cert_der)),
-                sig: b64().encode(signature.to_der().as_bytes()),
-                cert: b64().encode(&self.cert_der),
-            }],
-        }
+        self.key.sign_dsse(payload_type, payload)
     }
 }
 
@@ -357,20 +307,6 @@ pub struct Verified {
     pub signer: Identity,
     /// The decoded statement, checked as described on [`verify`].
     pub statement: Statement,
-}
-
-/// What `verify` trusts.
-#[derive(Debug, Clone)]
-pub struct TrustPolicy {
-    /// PEM of the cloud CA (and partners' CAs).
-    pub ca_pems: Vec<String>,
-    /// PEM revocation lists of those CAs (empty: nothing is revoked).
-    pub crl_pems: Vec<String>,
-    /// Name the signer's `cloud-platform` certificate must carry (normally
-    /// [`DEFAULT_SIGNER_NAME`]); any other name is refused.
-    pub signer_name: String,
-    /// Current time in seconds since 1970, for certificate validity and CRL checks.
-    pub now_unix: u64,
 }
 
 /// Checks the envelope's signature and signer, then the statement: the required steps all
@@ -437,63 +373,29 @@ pub fn verify_with(
     Ok(Verified { signer, statement })
 }
 
-/// Checks a DSSE envelope of `payload_type`: at least one signature by the trusted signer.
-/// Returns the signer and the payload bytes.
+/// Checks a DSSE envelope's type, signature and signer ([`protocol::dsse::open_envelope`]) and
+/// returns the signer and the payload.
 pub fn open_envelope(
     envelope_bytes: &[u8],
     payload_type: &str,
     subject: &str,
     policy: &TrustPolicy,
 ) -> Result<(Identity, Vec<u8>)> {
-    let refuse = |reason: String| Error::refused(subject.to_string(), reason);
-    let envelope: Envelope =
-        serde_json::from_slice(envelope_bytes).map_err(|e| refuse(format!("not a DSSE envelope: {e}")))?;
-    if envelope.payload_type != payload_type {
-        return Err(refuse(format!("payload type is {:?}, expected {payload_type}", envelope.payload_type)));
-    }
-    let payload = b64().decode(&envelope.payload).map_err(|e| refuse(format!("payload is not base64: {e}")))?;
-    let mut reasons = Vec::new();
-    for (i, sig) in envelope.signatures.iter().enumerate() {
-        match check_signature(sig, payload_type, &payload, policy) {
-            Ok(identity) => return Ok((identity, payload)),
-            Err(reason) => reasons.push(format!("signature #{}: {reason}", i + 1)),
-        }
-    }
-    if envelope.signatures.is_empty() {
-        return Err(refuse("the envelope is unsigned".into()));
-    }
-    Err(refuse(reasons.join("; ")))
+    protocol::dsse::open_envelope(envelope_bytes, payload_type, subject, policy).map_err(refusal)
 }
 
-fn check_signature(
-    sig: &EnvelopeSignature,
-    payload_type: &str,
-    payload: &[u8],
-    policy: &TrustPolicy,
-) -> std::result::Result<Identity, String> {
-    let cert = b64().decode(&sig.cert).map_err(|e| format!("certificate is not base64: {e}"))?;
-    let identity =
-        protocol::signing::verify_signer_certificate(&cert, &policy.ca_pems, &policy.crl_pems, policy.now_unix)
-            .map_err(|e| e.to_string())?;
-    if identity.role != Role::CloudPlatform || identity.name != policy.signer_name {
-        return Err(format!(
-            "signed by {identity}, but image provenance must be signed by {} (cloud-platform)",
-            policy.signer_name
-        ));
+/// A refused envelope as this crate's [`Error::refused`], so `verify` and `allowlist --verify`
+/// say "refused" alike.
+pub(crate) fn refusal(error: protocol::Error) -> Error {
+    match error {
+        protocol::Error::Envelope { subject, reason } => Error::refused(subject, reason),
+        other => Error::from(other),
     }
-    let key = protocol::signing::certificate_public_key(&cert).map_err(|e| e.to_string())?;
-    let der = b64().decode(&sig.sig).map_err(|e| format!("signature is not base64: {e}"))?;
-    let signature = Signature::from_der(&der).map_err(|_| "signature is not a DER ECDSA signature".to_string())?;
-    key.verify(&pae(payload_type, payload), &signature).map_err(|_| {
-        "the signature does not match the payload (the record was altered or signed by another key)".to_string()
-    })?;
-    Ok(identity)
 }
 
 /// Decodes a statement from an envelope without verifying it (for display only).
 pub fn statement_unverified(envelope_bytes: &[u8]) -> Result<Statement> {
-    let envelope: Envelope = serde_json::from_slice(envelope_bytes).map_err(|e| Error::json("DSSE envelope", e))?;
-    let payload = b64().decode(&envelope.payload).map_err(|e| Error::parse("DSSE payload", e.to_string()))?;
+    let payload = protocol::dsse::payload_unverified(envelope_bytes)?;
     serde_json::from_slice(&payload).map_err(|e| Error::json("in-toto statement", e))
 }
 
@@ -505,18 +407,4 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
         .ok()
         .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| secs.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pae_matches_the_dsse_spec_example() {
-        // From the DSSE protocol document.
-        assert_eq!(
-            pae("http://example.com/HelloWorld", b"hello world"),
-            b"DSSEv1 29 http://example.com/HelloWorld 11 hello world".to_vec()
-        );
-    }
 }

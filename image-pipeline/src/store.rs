@@ -21,10 +21,9 @@ use crate::debian::{sha256_of_file, InstalledPackage};
 use crate::error::{fsx, Error, Result};
 use crate::provenance::{self, Signer, Statement, TrustPolicy};
 
-/// DSSE `payloadType` of a signed allowlist; [`verify_allowlist`] refuses an envelope of any other
-/// type, so a provenance envelope cannot pass as an allowlist (docs/IMAGE-PIPELINE.md, "Stage 2:
-/// management").
-pub const ALLOWLIST_PAYLOAD_TYPE: &str = "application/vnd.skydd.image-allowlist+json";
+// The allowlist's format is shared with the secure component and the TTP, which check
+// launches and key releases against it (docs/PROTOCOL.md "Trusted launch").
+pub use protocol::image::{AllowList, AllowListEntry, ALLOWLIST_KIND, ALLOWLIST_PAYLOAD_TYPE};
 
 /// Where a version stands in its life cycle (docs/IMAGE-PIPELINE.md, "Stage 2: management" and
 /// "Stage 3: archival and destruction"). Being archived is not a status: it is the `archive` field
@@ -474,7 +473,7 @@ impl Store {
             }
         }
         let list = AllowList {
-            kind: "skydd-image-allowlist/v1".into(),
+            kind: ALLOWLIST_KIND.into(),
             issued_at: now_rfc3339(),
             issuer: signer.identity.name.clone(),
             images: entries,
@@ -492,48 +491,9 @@ fn set_readonly(path: &Path) -> Result<()> {
         .map_err(|e| Error::io("make read-only", path, e))
 }
 
-/// One approved image in the allowlist.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AllowListEntry {
-    /// The image's role.
-    pub role: String,
-    /// Its version number within the role.
-    pub version: u64,
-    /// Hex sha256 of `image.raw`.
-    pub raw_sha256: String,
-    /// Hex sha256 of `image.qcow2`.
-    pub qcow2_sha256: String,
-    /// Hex sha256 of the provenance envelope that describes it.
-    pub provenance_sha256: String,
-    /// When it was promoted, RFC 3339 UTC.
-    pub promoted_at: String,
-}
-
-/// What the TTP can later check a launch or mount against.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AllowList {
-    /// Always `skydd-image-allowlist/v1`.
-    pub kind: String,
-    /// When the list was made, RFC 3339 UTC.
-    pub issued_at: String,
-    /// Name of the signer's certificate (normally `image-pipeline`).
-    pub issuer: String,
-    /// The promoted versions at the time of issue.
-    pub images: Vec<AllowListEntry>,
-}
-
-impl AllowList {
-    /// Whether a raw or qcow2 image with this hex sha256 is on the list (the launch condition the
-    /// TTP can apply).
-    pub fn allows(&self, sha256: &str) -> bool {
-        self.images.iter().any(|e| e.raw_sha256 == sha256 || e.qcow2_sha256 == sha256)
-    }
-}
-
 /// Checks a signed allowlist file and returns its contents.
 pub fn verify_allowlist(bytes: &[u8], policy: &TrustPolicy) -> Result<AllowList> {
-    let (_, payload) = provenance::open_envelope(bytes, ALLOWLIST_PAYLOAD_TYPE, "allowlist", policy)?;
-    serde_json::from_slice(&payload).map_err(|e| Error::json("allowlist payload", e))
+    protocol::image::verify_allowlist(bytes, policy).map_err(provenance::refusal)
 }
 
 /// Differences between two versions, from their signed records.

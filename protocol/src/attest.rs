@@ -29,6 +29,22 @@ pub const RESETTABLE_PCRS: [u8; 2] = [16, 23];
 /// locality 0; only a TPM reset (a reboot) clears it.
 pub const MEASURED_STATE_PCR: u8 = 11;
 
+/// The PCR a host's start-up extends with its location ([`location_measurement`]) before the
+/// secure component runs, when the operator gives the host a region (docs/TPM.md "Location").
+/// A reference state that selects it pins the region: the TTP trusts a host's claimed region
+/// only if the host's reference state holds exactly that measurement here.
+pub const LOCATION_PCR: u8 = 12;
+
+/// What a host's start-up extends into [`LOCATION_PCR`] for `region`:
+/// `SHA-256("skydd/v1/location\0" || region)`.
+pub fn location_measurement(region: &str) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"skydd/v1/location\0");
+    hasher.update(region.as_bytes());
+    hasher.finalize().into()
+}
+
 /// TPM2_PCR_Extend in the sha256 bank: `SHA-256(old || measurement)`.
 pub fn pcr_extend(old: &[u8; 32], measurement: &[u8; 32]) -> [u8; 32] {
     use sha2::{Digest as _, Sha256};
@@ -103,6 +119,11 @@ pub struct EnrollmentRequest {
     pub binding_public: Vec<u8>,
     /// The PCRs the binding key's policy covers.
     pub pcr_selection: PcrSelection,
+    /// The region (jurisdiction) the operator configured for this host, e.g. "eu-north". The
+    /// TTP records it only if the host's reference state pins [`LOCATION_PCR`] to its
+    /// [`location_measurement`] (`host_region_unattested` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// Step 2 of enrollment, TTP -> SC: a TPM2_MakeCredential result for (EK, AK name).

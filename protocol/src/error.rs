@@ -39,6 +39,15 @@ pub enum Error {
         /// The kind of signed object, e.g. "descriptor" or "mount-grant".
         what: &'static str,
     },
+    /// A DSSE envelope (an image allowlist or provenance record, `crate::dsse`) that is not
+    /// signed by the trusted signer, or not of the expected type; the reason says which.
+    #[error("{subject} refused: {reason}")]
+    Envelope {
+        /// The file or object, e.g. "allowlist".
+        subject: String,
+        /// Which check failed.
+        reason: String,
+    },
     /// A private key that cannot be used: not PEM, not PKCS#8, or not ECDSA P-256.
     #[error("invalid key: {0}")]
     InvalidKey(String),

@@ -293,9 +293,16 @@ pub struct KeyReleaseRequest {
     pub placement: SignedEnvelope,
     /// The `challenge_id` of a [`ChallengeResponse`] issued to this host, unused and unexpired.
     pub challenge_id: String,
-    /// The TPM quote over the challenge nonce and the host's PCR selection; its PCR digest must
-    /// equal the host's reference state (`pcr_mismatch` otherwise).
+    /// The TPM quote over the challenge nonce (with a launched image: over
+    /// [`quote_qualifying_data`](crate::image::quote_qualifying_data)) and the host's PCR
+    /// selection; its PCR digest must equal the host's reference state (`pcr_mismatch`
+    /// otherwise).
     pub quote: QuoteEvidence,
+    /// The allowlisted image the secure component launched `vm_id` from, bound to the quote
+    /// (docs/PROTOCOL.md "Trusted launch"); absent for a VM it did not launch. A TTP with an
+    /// image allowlist refuses a release without one (`image_not_allowed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launched_image: Option<crate::image::LaunchedImage>,
 }
 
 /// TTP → SC: the domain key, encrypted (RSA-OAEP) to the host's PCR-bound binding key.

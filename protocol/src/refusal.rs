@@ -71,6 +71,8 @@ refusals! {
     EkInUse => "ek_in_use", 403;
     /// A selection, reference state or quote names a PCR that locality 0 can reset (16, 23).
     PcrResettable => "pcr_resettable", 400;
+    /// A host claims a region its reference state does not pin in the location PCR.
+    HostRegionUnattested => "host_region_unattested", 403;
     /// The host is not enrolled (TTP) or not registered (cloud platform).
     HostUnknown => "host_unknown", 404;
     /// The quote's signature or structure is invalid.
@@ -99,6 +101,10 @@ refusals! {
     VmNotInAcl => "vm_not_in_acl", 403;
     /// The VM's access-list mode does not cover the request.
     ModeNotPermitted => "mode_not_permitted", 403;
+    /// The VM was not launched from an image on the signed allowlist (none reported, or a
+    /// digest the list does not hold): refused by the TTP at key release and by the secure
+    /// component at launch.
+    ImageNotAllowed => "image_not_allowed", 403;
     /// The mount grant expired.
     GrantExpired => "grant_expired", 403;
     /// The mount grant is valid for longer than `MAX_GRANT_VALIDITY_SECS` from now.

@@ -99,6 +99,25 @@ impl SignatureKey {
         let signature = self.sign(context, &message);
         SignedEnvelope { message, signature, signer_certificate: self.certificate_der.clone() }
     }
+
+    /// A DSSE envelope of `payload_type` over `payload` (image provenance and allowlists,
+    /// [`crate::dsse`]): the signature is over PAE(type, payload), not Skydd's context prefix.
+    pub fn sign_dsse(&self, payload_type: &str, payload: &[u8]) -> crate::dsse::Envelope {
+        use base64::engine::general_purpose::STANDARD;
+        use base64::Engine;
+        use sha2::{Digest, Sha256};
+        let signature: Signature = self.key.sign(&crate::dsse::pae(payload_type, payload));
+        let signature = signature.normalize_s().unwrap_or(signature);
+        crate::dsse::Envelope {
+            payload_type: payload_type.into(),
+            payload: STANDARD.encode(payload),
+            signatures: vec![crate::dsse::EnvelopeSignature {
+                keyid: hex::encode(Sha256::digest(&self.certificate_der)),
+                sig: STANDARD.encode(signature.to_der().as_bytes()),
+                cert: STANDARD.encode(&self.certificate_der),
+            }],
+        }
+    }
 }
 
 impl std::fmt::Debug for SignatureKey {

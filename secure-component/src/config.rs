@@ -23,6 +23,10 @@
 //!
 //! [qemu]                                   # only with hypervisor = "qemu"
 //! qmp_dir = "/run/skydd/qmp"               # <qmp_dir>/<vm_id>.qmp: each VM's QMP socket
+//!
+//! [launch]                                 # optional, with hypervisor = "qemu": trusted launch
+//! allowlist = "/etc/skydd/allowlist.dsse.json"   # from `image-pipeline allowlist`
+//! accel = "tcg"                            # "kvm" where /dev/kvm runs guests
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -71,6 +75,40 @@ pub struct QemuConfig {
     /// Directory of the QMP sockets, one `<vm_id>.qmp` per VM; `<state_dir>/qmp` if absent.
     #[serde(default)]
     pub qmp_dir: Option<PathBuf>,
+}
+
+/// The `[launch]` table: this host launches VMs itself, only from images on a signed
+/// allowlist ([`crate::launch`], docs/PROTOCOL.md "Trusted launch"). Needs `hypervisor =
+/// "qemu"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchConfig {
+    /// The signed allowlist (`image-pipeline allowlist --out FILE`), checked at start under
+    /// `ca` and `crl`; a new list takes a restart.
+    pub allowlist: PathBuf,
+    /// The name of the `cloud-platform` certificate that must sign it (default
+    /// `image-pipeline`).
+    #[serde(default = "default_image_signer")]
+    pub signer: String,
+    /// The qemu program (default `qemu-system-x86_64` from PATH).
+    #[serde(default = "default_qemu")]
+    pub qemu: PathBuf,
+    /// qemu's accelerator: `kvm` where /dev/kvm runs guests, `tcg` (default) elsewhere, or
+    /// `kvm:tcg` for the first that works.
+    #[serde(default = "default_accel")]
+    pub accel: String,
+}
+
+fn default_image_signer() -> String {
+    "image-pipeline".to_string()
+}
+
+fn default_qemu() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+
+fn default_accel() -> String {
+    "tcg".to_string()
 }
 
 /// The `[libvirt]` table: how the `libvirt` driver reaches libvirtd. Ignored by the `local`
@@ -129,6 +167,9 @@ pub struct AgentConfig {
     /// Settings of the `qemu` driver.
     #[serde(default)]
     pub qemu: QemuConfig,
+    /// Trusted launch: VMs this host starts from allowlisted images (absent: it launches none).
+    #[serde(default)]
+    pub launch: Option<LaunchConfig>,
     /// The TTP's base URL.
     pub ttp_url: String,
     /// Trusted CA roots (PEM files): the own cloud's first.
@@ -145,6 +186,11 @@ pub struct AgentConfig {
     /// PCRs the binding key is bound to at enrollment (`secure-component enroll`).
     #[serde(default)]
     pub pcr_selection: PcrSelection,
+    /// The host's region (jurisdiction), e.g. "eu-north", claimed at enrollment. The host's
+    /// start-up must extend PCR 12 with its measurement and `pcr_selection` must include 12
+    /// (docs/TPM.md "Location"); the TTP refuses the claim otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 fn default_listen() -> String {

@@ -118,6 +118,10 @@ pub enum Error {
     /// The attachment id, or the domain for that VM, is attached already (or in progress).
     #[error("{0}")]
     AttachmentConflict(String),
+    /// A VM launch from an image that is not on the signed allowlist, or that could change
+    /// after its check (docs/PROTOCOL.md "Trusted launch"). Answers 403 `image_not_allowed`.
+    #[error("image not allowed: {0}")]
+    ImageNotAllowed(String),
     /// The hypervisor driver could not give the device to the VM or take it back (mount
     /// failed, directory still in use, virsh failed). Answers 500 `hypervisor_failed`.
     #[error("hypervisor driver {driver}: {detail}")]
@@ -154,6 +158,7 @@ impl Error {
             Error::Volume(_) | Error::DeviceMapperUnavailable(_) | Error::Xts(_) => Refusal::VolumeFailed,
             Error::Integrity { refusal, .. } => *refusal,
             Error::Hypervisor { .. } => Refusal::HypervisorFailed,
+            Error::ImageNotAllowed(_) => Refusal::ImageNotAllowed,
             Error::Io { .. } => Refusal::IoError,
             Error::Config(_) => Refusal::ConfigError,
             Error::Prerequisites(_) => Refusal::HostUnprepared,

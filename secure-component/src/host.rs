@@ -98,9 +98,17 @@ pub struct AttestedHost {
 impl AttestedHost {
     /// Enrolls this host's TPM with the TTP (docs/PROTOCOL.md "Host enrollment").
     pub async fn enroll(&self, selection: &PcrSelection) -> Result<EnrollmentResult> {
+        self.enroll_in_region(selection, None).await
+    }
+
+    /// [`AttestedHost::enroll`], claiming `region`: the TTP records it only if the reference
+    /// state pins [`protocol::attest::LOCATION_PCR`] to that region's measurement, which the
+    /// host's start-up extended there (docs/TPM.md "Location").
+    pub async fn enroll_in_region(&self, selection: &PcrSelection, region: Option<&str>) -> Result<EnrollmentResult> {
         let host_id = self.host_id.clone();
         let selection = selection.clone();
-        let request = self.tpm.run(move |tpm| tpm.enrollment_request(&host_id, &selection)).await?;
+        let mut request = self.tpm.run(move |tpm| tpm.enrollment_request(&host_id, &selection)).await?;
+        request.region = region.map(str::to_string);
         let challenge: CredentialChallenge =
             self.ttp.post_json("/v1/enrollments", &request).await.map_err(|e| ttp_error("enrollment", e))?;
         let proof = self.tpm.run(move |tpm| tpm.enrollment_proof(&challenge)).await?;

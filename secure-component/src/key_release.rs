@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use protocol::attest::QuoteEvidence;
 use protocol::domain::AccessMode;
+use protocol::image::LaunchedImage;
 use protocol::messages::{ChallengeResponse, HeaderRecord, KeyReleaseRequest, KeyReleaseResponse};
 use protocol::secret::SecretBytes;
 use protocol::signing::SignedEnvelope;
@@ -35,6 +36,9 @@ pub struct KeyRequest<'a> {
     pub vm_id: &'a str,
     /// The mode to open the volume in.
     pub mode: AccessMode,
+    /// The allowlisted image this host launched `vm_id` from ([`crate::launch`]), reported
+    /// to the TTP and covered by the quote; `None` for a VM this host did not launch.
+    pub launched_image: Option<&'a LaunchedImage>,
 }
 
 /// How long each step took.
@@ -57,11 +61,13 @@ pub struct Challenged<'h> {
     times: StepTimes,
 }
 
-/// Step 2 done: the host TPM quoted its PCRs over the nonce.
+/// Step 2 done: the host TPM quoted its PCRs over the nonce (and the launched image).
 pub struct Quoted<'h> {
     host: &'h AttestedHost,
     challenge_id: String,
     quote: QuoteEvidence,
+    /// What the quote covers besides the nonce; the release reports exactly this.
+    launched_image: Option<LaunchedImage>,
     times: StepTimes,
 }
 
@@ -96,24 +102,27 @@ impl AttestedHost {
 
     /// All four steps: the key for `request`, decrypted in this host's TPM.
     pub async fn obtain_key(&self, request: &KeyRequest<'_>) -> Result<ObtainedKey> {
-        self.challenge().await?.quote().await?.release(request).await?.decrypt().await
+        self.challenge().await?.quote(request.launched_image).await?.release(request).await?.decrypt().await
     }
 
     /// Steps 1-3: the key release alone (the wrapped key is useless outside this host's TPM).
     pub async fn request_release(&self, request: &KeyRequest<'_>) -> Result<KeyReleaseResponse> {
-        Ok(self.challenge().await?.quote().await?.release(request).await?.response)
+        Ok(self.challenge().await?.quote(request.launched_image).await?.release(request).await?.response)
     }
 }
 
 impl<'h> Challenged<'h> {
-    /// Step 2: the TPM quotes the host's PCR selection over the challenge nonce.
-    pub async fn quote(self) -> Result<Quoted<'h>> {
+    /// Step 2: the TPM quotes the host's PCR selection over the challenge nonce, bound to the
+    /// image `vm_id` was launched from when there is one
+    /// ([`protocol::image::quote_qualifying_data`]).
+    pub async fn quote(self, launched_image: Option<&LaunchedImage>) -> Result<Quoted<'h>> {
         let Self { host, challenge, mut times } = self;
         let started = Instant::now();
-        let nonce = challenge.nonce;
-        let quote = host.tpm.run(move |tpm| tpm.quote(&nonce)).await?;
+        let qualifying_data = protocol::image::quote_qualifying_data(&challenge.nonce, launched_image)?;
+        let quote = host.tpm.run(move |tpm| tpm.quote(&qualifying_data)).await?;
         times.quote = started.elapsed();
-        Ok(Quoted { host, challenge_id: challenge.challenge_id, quote, times })
+        let launched_image = launched_image.cloned();
+        Ok(Quoted { host, challenge_id: challenge.challenge_id, quote, launched_image, times })
     }
 }
 
@@ -121,7 +130,7 @@ impl<'h> Quoted<'h> {
     /// Step 3: the key release request with the quote; the TTP checks host state, header,
     /// access, grant and placement (docs/PROTOCOL.md "Key release", steps 1-5).
     pub async fn release(self, request: &KeyRequest<'_>) -> Result<Released<'h>> {
-        let Self { host, challenge_id, quote, mut times } = self;
+        let Self { host, challenge_id, quote, launched_image, mut times } = self;
         let started = Instant::now();
         let body = KeyReleaseRequest {
             host_id: host.host_id.clone(),
@@ -132,6 +141,7 @@ impl<'h> Quoted<'h> {
             placement: request.placement.clone(),
             challenge_id,
             quote,
+            launched_image,
         };
         let response: KeyReleaseResponse =
             host.ttp.post_json("/v1/key-releases", &body).await.map_err(|e| ttp_error("key release", e))?;

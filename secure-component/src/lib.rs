@@ -9,6 +9,7 @@ pub mod host;
 pub mod hypervisor;
 pub mod integrity_client;
 pub mod key_release;
+pub mod launch;
 pub mod measure;
 pub mod prerequisites;
 pub mod service;

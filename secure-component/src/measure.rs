@@ -41,6 +41,12 @@ impl Measurement {
 pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
     let mut file =
         std::fs::File::open(path).map_err(|e| Error::io(format!("open {} to measure it", path.display()), e))?;
+    sha256_open_file(&mut file, path)
+}
+
+/// SHA-256 of an open file from its current position to its end (`path` names it in errors):
+/// what a launch hashes is the very descriptor it hands to qemu.
+pub fn sha256_open_file(file: &mut std::fs::File, path: &Path) -> Result<[u8; 32]> {
     let mut hasher = openssl::sha::Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
@@ -51,6 +57,13 @@ pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
         hasher.update(&buffer[..n]);
     }
     Ok(hasher.finish())
+}
+
+/// Extends [`protocol::attest::LOCATION_PCR`] with the measurement of `region` (docs/TPM.md
+/// "Location"): part of a host's start-up before its secure component runs, like [`extend`].
+pub fn extend_location(tpm: &mut HostTpm, region: &str) -> Result<()> {
+    let measurement = protocol::attest::location_measurement(region);
+    tpm.extend_pcr_digest(protocol::attest::LOCATION_PCR, &measurement)
 }
 
 /// Extends the measurement into [`MEASURED_STATE_PCR`]: binary first, then configuration.

@@ -476,6 +476,7 @@ async fn crash_rounds(deployment: Deployment) {
             database_pool_size: 16,
             group_commit: true,
             master_key: Default::default(),
+            trusted_launch: None,
         };
         let ttp_config_path = root.join(format!("ttp-{}.toml", i + 1));
         // No TPM here: the custodians' shares beside each configuration start the child.

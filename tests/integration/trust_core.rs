@@ -181,6 +181,7 @@ async fn manual_request(
         placement: op.place(vm, &host.host.host_id, grant),
         challenge_id: challenge.challenge_id.clone(),
         quote,
+        launched_image: None,
     };
     (request, challenge)
 }

@@ -60,6 +60,28 @@ pub struct TtpConfig {
     /// (docs/OPERATOR.md "Master key custodians").
     #[serde(default)]
     pub master_key: crate::master_key::MasterKeyConfig,
+    /// `[trusted_launch]`: when set, a key is released only to a VM its host launched from an
+    /// image on the signed allowlist (docs/PROTOCOL.md "Trusted launch"; refusal
+    /// `image_not_allowed`).
+    #[serde(default)]
+    pub trusted_launch: Option<TrustedLaunchConfig>,
+}
+
+/// The `[trusted_launch]` table of the TTP configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedLaunchConfig {
+    /// The signed image allowlist (`image-pipeline allowlist --out FILE`). Read and verified
+    /// at start: a new list takes a restart (replicas one at a time).
+    pub allowlist: PathBuf,
+    /// The name of the `cloud-platform` certificate that must sign it (default
+    /// `image-pipeline`).
+    #[serde(default = "default_image_signer")]
+    pub signer: String,
+}
+
+fn default_image_signer() -> String {
+    "image-pipeline".to_string()
 }
 
 fn default_pool_size() -> usize {
@@ -75,6 +97,28 @@ fn default_listen() -> String {
 }
 
 impl TtpConfig {
+    /// The verified image allowlist, if one is configured: signed by `image_signer` under one
+    /// of the trusted CAs (`ca_pems`), not revoked by the configured CRLs.
+    pub fn load_image_allowlist(&self, ca_pems: &[String]) -> Result<Option<protocol::image::AllowList>> {
+        let Some(TrustedLaunchConfig { allowlist: path, signer }) = &self.trusted_launch else { return Ok(None) };
+        let read =
+            |p: &Path| std::fs::read(p).map_err(|e| Error::Io { context: format!("read {}", p.display()), source: e });
+        let crl_pems = self
+            .crl
+            .iter()
+            .map(|p| read(p).map(|b| String::from_utf8_lossy(&b).into_owned()))
+            .collect::<Result<Vec<_>>>()?;
+        let trust = protocol::dsse::SignerTrust {
+            ca_pems: ca_pems.to_vec(),
+            crl_pems,
+            signer_name: signer.clone(),
+            now_unix: crate::store::now_unix(),
+        };
+        protocol::image::verify_allowlist(&read(path)?, &trust)
+            .map(Some)
+            .map_err(|e| Error::Config(format!("image allowlist {}: {e}", path.display())))
+    }
+
     /// The database this configuration names: PostgreSQL if `database_url` is set, the
     /// SQLite file in `data_dir` otherwise.
     pub fn database(&self) -> Result<crate::store::Database> {

@@ -57,6 +57,10 @@ pub enum Error {
     /// 23), whose value proves nothing (400 `pcr_resettable`; at start-up it stops the TTP).
     #[error("resettable PCR: {0}")]
     PcrResettable(String),
+    /// A host claims a region its reference state does not pin in the location PCR
+    /// (403 `host_region_unattested`).
+    #[error("{0}")]
+    HostRegionUnattested(String),
     /// The host has not enrolled (404 `host_unknown`); carries the host id.
     #[error("host {0} is not enrolled")]
     HostUnknown(String),
@@ -107,6 +111,10 @@ pub enum Error {
     /// (403 `mode_not_permitted`).
     #[error("{0}")]
     ModeNotPermitted(String),
+    /// The VM's launched image is not on the TTP's image allowlist, or none was reported
+    /// while one is configured (403 `image_not_allowed`).
+    #[error("{0}")]
+    ImageNotAllowed(String),
     /// The mount grant's `expires_at` has passed (403 `grant_expired`).
     #[error("mount grant expired: {0}")]
     GrantExpired(String),
@@ -209,6 +217,7 @@ impl Error {
             Error::EkPinned(_) => Refusal::EkPinned,
             Error::EkInUse(_) => Refusal::EkInUse,
             Error::PcrResettable(_) => Refusal::PcrResettable,
+            Error::HostRegionUnattested(_) => Refusal::HostRegionUnattested,
             Error::HostUnknown(_) => Refusal::HostUnknown,
             Error::QuoteInvalid(_) => Refusal::QuoteInvalid,
             Error::ChallengeInvalid(_) => Refusal::ChallengeInvalid,
@@ -220,6 +229,7 @@ impl Error {
             Error::DomainDeleted(_) => Refusal::DomainDeleted,
             Error::RegistrationMismatch(_) => Refusal::RegistrationMismatch,
             Error::VmNotInAcl(_) => Refusal::VmNotInAcl,
+            Error::ImageNotAllowed(_) => Refusal::ImageNotAllowed,
             Error::ModeNotPermitted(_) => Refusal::ModeNotPermitted,
             Error::GrantExpired(_) => Refusal::GrantExpired,
             Error::GrantReplayed(_) => Refusal::GrantReplayed,

@@ -49,6 +49,17 @@ pub fn build_with_shares(config: &TtpConfig, shares: &[ShareLine]) -> Result<(Ar
     let ttp = Ttp::new(master_keys, signing_key, material.ca_pems.clone(), policy, Arc::new(store))?
         .with_revocation_lists(config.crl.clone())
         .with_registration_replicas(config.registration_replicas.clone());
+    let ttp = match config.load_image_allowlist(&material.ca_pems)? {
+        Some(allowlist) => {
+            tracing::info!(
+                images = allowlist.images.len(),
+                issued_at = %allowlist.issued_at,
+                "key releases only to VMs launched from allowlisted images"
+            );
+            ttp.with_image_allowlist(allowlist)
+        }
+        None => ttp,
+    };
     let tls = tls_files
         .server_tls(&[Role::CloudPlatform, Role::SecureComponent, Role::DomainManager])
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;

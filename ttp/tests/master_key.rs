@@ -46,6 +46,7 @@ impl Host {
             database_pool_size: 4,
             group_commit: true,
             master_key: MasterKeyConfig { tpm_tcti: tpm.map(Swtpm::tcti), ..Default::default() },
+            trusted_launch: None,
         };
         let config_path = dir.join("ttp.toml");
         let host = Self { config, config_path };

@@ -111,6 +111,7 @@ pub async fn start_ttp(
         database_pool_size: 16,
         group_commit: true,
         master_key: Default::default(),
+        trusted_launch: None,
     };
     let (service, server_tls) = ttp::server::build_with_shares(&config, &custodians.shares).unwrap();
     let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());

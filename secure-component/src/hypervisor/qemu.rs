@@ -49,21 +49,26 @@ impl QemuDriver {
 
     /// The QMP socket of `vm_id`.
     pub fn qmp_path(&self, vm_id: &str) -> Result<PathBuf> {
-        let ok = !vm_id.is_empty()
-            && vm_id.len() <= 100
-            && !vm_id.starts_with('.')
-            && vm_id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !ok {
-            return Err(hv(format!(
-                "VM id {vm_id:?} cannot name a QMP socket (1-100 characters of A-Z a-z 0-9 - _ . not starting with '.')"
-            )));
-        }
-        Ok(self.qmp_dir.join(format!("{vm_id}.qmp")))
+        qmp_socket(&self.qmp_dir, vm_id)
     }
 
     fn connect(&self, vm_id: &str) -> Result<Qmp> {
         Qmp::connect(&self.qmp_path(vm_id)?)
     }
+}
+
+/// `<qmp_dir>/<vm_id>.qmp`, for a VM id that can name a file there.
+pub fn qmp_socket(qmp_dir: &Path, vm_id: &str) -> Result<PathBuf> {
+    let ok = !vm_id.is_empty()
+        && vm_id.len() <= 100
+        && !vm_id.starts_with('.')
+        && vm_id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        return Err(hv(format!(
+            "VM id {vm_id:?} cannot name a QMP socket (1-100 characters of A-Z a-z 0-9 - _ . not starting with '.')"
+        )));
+    }
+    Ok(qmp_dir.join(format!("{vm_id}.qmp")))
 }
 
 /// The qemu device id of a placement (and, with `-chr`, its chardev id).
@@ -149,7 +154,7 @@ impl HypervisorDriver for QemuDriver {
 }
 
 /// One QMP session (JSON lines over the monitor socket).
-struct Qmp {
+pub(crate) struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     /// Events that arrived while waiting for a command's answer.
@@ -157,7 +162,7 @@ struct Qmp {
 }
 
 impl Qmp {
-    fn connect(path: &Path) -> Result<Self> {
+    pub(crate) fn connect(path: &Path) -> Result<Self> {
         let stream = UnixStream::connect(path)
             .map_err(|e| hv(format!("connecting to the QMP monitor {}: {e}", path.display())))?;
         stream.set_read_timeout(Some(COMMAND_TIMEOUT)).map_err(|e| Error::io("setting a QMP read timeout", e))?;
@@ -181,7 +186,7 @@ impl Qmp {
     }
 
     /// Runs `command`; its `return` value, or its `error` as an [`Error::Hypervisor`].
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
+    pub(crate) fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
         let request = json!({"execute": command, "arguments": arguments});
         self.writer
             .write_all(format!("{request}\n").as_bytes())

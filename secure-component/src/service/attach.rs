@@ -158,6 +158,8 @@ impl AttachmentService {
             .await
             .map_err(|e| Error::Volume(format!("volume header check failed: {e}")))??;
 
+        // The image this host launched the VM from, if it did: the TTP may require it.
+        let launched_image = self.launcher.as_ref().and_then(|l| l.image_of(&request.vm_id));
         let obtained = self
             .host
             .obtain_key(&KeyRequest {
@@ -166,6 +168,7 @@ impl AttachmentService {
                 placement: &request.placement,
                 vm_id: &request.vm_id,
                 mode: request.mode,
+                launched_image: launched_image.as_ref(),
             })
             .await?;
         let (key, release, steps) = (obtained.key, obtained.response, obtained.times);

@@ -15,17 +15,20 @@ use serde::Serialize;
 
 use super::AttachmentService;
 use crate::error::Error;
+use crate::launch::{LaunchRequest, LaunchedVm};
 
 /// Largest request body: a header record with a full ACL and certificates fits easily.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// The agent's routes (`POST`/`GET /v1/attachments`, `DELETE /v1/attachments/{id}`,
-/// `GET /v1/health`) over `service`, with the [`MAX_BODY_BYTES`] limit. Callers other
+/// `POST`/`GET /v1/vms`, `DELETE /v1/vms/{vm_id}` (trusted launch), `GET /v1/health`) over `service`, with the [`MAX_BODY_BYTES`] limit. Callers other
 /// than the cloud platform are refused with 403 `forbidden`.
 pub fn router(service: Arc<AttachmentService>) -> Router {
     Router::new()
         .route("/v1/attachments", get(list).post(attach))
         .route("/v1/attachments/{attachment_id}", delete(detach))
+        .route("/v1/vms", get(list_vms).post(launch_vm))
+        .route("/v1/vms/{vm_id}", delete(stop_vm))
         .route("/v1/health", get(health))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(service)
@@ -107,6 +110,48 @@ async fn detach(
     tracing::info!(caller = %caller, attachment = %attachment_id, "detach requested");
     net::run_to_completion("detach", async move { service.detach(&attachment_id).await.map(Json).map_err(api_error) })
         .await
+}
+
+/// Runs blocking launcher work off the async workers (a launch hashes the whole image).
+async fn with_launcher<T: Send + 'static>(
+    service: Arc<AttachmentService>,
+    what: &'static str,
+    work: impl FnOnce(&crate::launch::Launcher) -> crate::error::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let outcome = tokio::task::spawn_blocking(move || service.launcher().and_then(work)).await;
+    match outcome {
+        Ok(result) => result.map_err(api_error),
+        Err(join) => Err(ApiError::refused(Refusal::Internal, format!("{what} failed: {join}"))),
+    }
+}
+
+async fn launch_vm(
+    State(service): State<Arc<AttachmentService>>,
+    Extension(caller): Extension<Identity>,
+    body: Result<Json<LaunchRequest>, JsonRejection>,
+) -> Result<Json<LaunchedVm>, ApiError> {
+    require_cloud_platform(&caller)?;
+    let Json(request) = body.map_err(|r| ApiError::rejected_body(r.status(), r.body_text()))?;
+    tracing::info!(caller = %caller, vm = %request.vm_id, image = %request.image.display(), "launch requested");
+    with_launcher(service, "launch", move |launcher| launcher.launch(&request)).await.map(Json)
+}
+
+async fn list_vms(
+    State(service): State<Arc<AttachmentService>>,
+    Extension(caller): Extension<Identity>,
+) -> Result<Json<Vec<LaunchedVm>>, ApiError> {
+    require_cloud_platform(&caller)?;
+    with_launcher(service, "list VMs", |launcher| Ok(launcher.list())).await.map(Json)
+}
+
+async fn stop_vm(
+    State(service): State<Arc<AttachmentService>>,
+    Extension(caller): Extension<Identity>,
+    Path(vm_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    require_cloud_platform(&caller)?;
+    tracing::info!(caller = %caller, vm = %vm_id, "VM stop requested");
+    with_launcher(service, "stop", move |launcher| launcher.stop(&vm_id)).await.map(|()| StatusCode::NO_CONTENT)
 }
 
 #[derive(Serialize)]

@@ -58,6 +58,8 @@ pub struct AttachmentService {
     /// Attachment ids and mapping names with an attach or detach in progress.
     busy: Mutex<HashSet<String>>,
     timings: Mutex<VecDeque<AttachTimings>>,
+    /// Trusted launch of VMs from allowlisted images, when configured (`[launch]`).
+    launcher: Option<crate::launch::Launcher>,
 }
 
 impl AttachmentService {
@@ -69,6 +71,13 @@ impl AttachmentService {
     /// This host as the TTP sees it (host id, TPM worker, TTP client).
     pub fn attested_host(&self) -> &AttestedHost {
         &self.host
+    }
+
+    /// The VM launcher, when this host launches VMs (`[launch]` in its configuration).
+    pub fn launcher(&self) -> Result<&crate::launch::Launcher> {
+        self.launcher.as_ref().ok_or_else(|| {
+            Error::Prerequisites("this host launches no VMs: its configuration has no [launch] table".into())
+        })
     }
 
     /// "dm-crypt" or "userspace", as reported by `/v1/health`.
@@ -83,7 +92,7 @@ impl AttachmentService {
 
     /// Enrolls this host's TPM with the TTP, binding to the configured PCR selection.
     pub async fn enroll(&self) -> Result<EnrollmentResult> {
-        self.host.enroll(&self.config.pcr_selection).await
+        self.host.enroll_in_region(&self.config.pcr_selection, self.config.region.as_deref()).await
     }
 
     /// The timings of the most recent attaches (oldest first), for measurements.

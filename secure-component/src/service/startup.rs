@@ -98,6 +98,7 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
         )));
     }
     let records = RecordStore::open(config.records_dir())?;
+    let launcher = crate::launch::Launcher::from_config(config)?;
     let tpm = TpmWorker::start(&config.tcti, config.tpm_state_dir())?;
     let service = AttachmentService {
         config: config.clone(),
@@ -107,6 +108,7 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
         records,
         busy: Mutex::new(HashSet::new()),
         timings: Mutex::new(VecDeque::new()),
+        launcher,
     };
     service.report_startup();
     Ok((Arc::new(service), server_tls))

@@ -145,6 +145,7 @@ impl HostTpm {
             ak_public: marshall(&ak.public, "AK public")?,
             binding_public: marshall(&binding.public, "binding key public")?,
             pcr_selection: selection.clone(),
+            region: None,
         })
     }
 

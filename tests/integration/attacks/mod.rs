@@ -407,6 +407,7 @@ fn release_request(
         placement: operator.place(vm, host_id, grant),
         challenge_id: challenge.challenge_id.clone(),
         quote,
+        launched_image: None,
     }
 }
 

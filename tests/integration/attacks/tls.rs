@@ -47,6 +47,7 @@ impl Partner {
             database_pool_size: 16,
             group_commit: true,
             master_key: Default::default(),
+            trusted_launch: None,
         };
         let (service, partner_tls) =
             ttp::server::build_with_shares(&partner_config, &custodians.shares).expect("build the partner TTP");

@@ -39,6 +39,8 @@ pub struct PendingEnrollment {
     pub binding_public: Vec<u8>,
     /// The PCRs the binding key's policy must cover.
     pub pcr_selection: PcrSelection,
+    /// The region the host claims; checked against the reference state in step 4.
+    pub region: Option<String>,
 }
 
 impl std::fmt::Debug for PendingEnrollment {
@@ -71,6 +73,11 @@ pub struct HostRecord {
     /// The TPM's manufacturer/model/version from the EK certificate, for the operator.
     #[serde(default)]
     pub tpm_description: String,
+    /// The host's region, attested: its reference state pins the location PCR to this
+    /// region's measurement ([`protocol::attest::location_measurement`]), and every quote of
+    /// the host matches that state. `None`: the host claimed none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// Enrollment step 2: checks the EK certificate and the request, then makes a credential
@@ -84,6 +91,9 @@ pub fn begin_enrollment(
     check_ak_public(&request.ak_public)?;
     check_not_resettable(&request.pcr_selection, "the enrollment's PCR selection")?;
     check_selection(&request.pcr_selection).map_err(Error::BadRequest)?;
+    if let Some(region) = &request.region {
+        protocol::domain::validate_name("region", region).map_err(|e| Error::BadRequest(e.to_string()))?;
+    }
     let ak_name = object_name(&request.ak_public);
 
     let mut secret = SecretBytes::zeroed(32);
@@ -105,10 +115,34 @@ pub fn begin_enrollment(
         ak_public: request.ak_public.clone(),
         binding_public: request.binding_public.clone(),
         pcr_selection: request.pcr_selection.clone(),
+        region: request.region.clone(),
     };
     tracing::debug!(host = %request.host_id, tpm = %description, "EK certificate trusted, credential issued");
     let challenge = CredentialChallenge { enrollment_id, credential_blob, encrypted_secret, certify_nonce };
     Ok((pending, challenge))
+}
+
+/// A claimed region counts only if the reference state pins the location PCR to exactly that
+/// region's measurement (TrustCom 2014's location in a PCR; docs/TPM.md "Location"): the
+/// operator's claim in the host's configuration AND the host's measured start-up must agree,
+/// and the binding key then works only while the PCR holds it.
+fn check_region_pinned(host_id: &str, region: &str, state: &super::ReferenceState) -> Result<()> {
+    let pcr = protocol::attest::LOCATION_PCR;
+    let expected = protocol::attest::pcr_after(&[protocol::attest::location_measurement(region)]);
+    let pinned = state.pcr_values.iter().find(|(index, _)| *index == pcr).map(|(_, value)| value.as_slice());
+    match pinned {
+        Some(value) if bool::from(value.ct_eq(&expected)) => Ok(()),
+        Some(value) => Err(Error::HostRegionUnattested(format!(
+            "host {host_id} claims region {region}, but its reference state '{}' pins PCR {pcr} to {}, not to the measurement of {region} ({})",
+            state.name,
+            hex::encode(value),
+            hex::encode(expected)
+        ))),
+        None => Err(Error::HostRegionUnattested(format!(
+            "host {host_id} claims region {region}, but its reference state '{}' does not select PCR {pcr}, where a host's start-up measures its location",
+            state.name
+        ))),
+    }
 }
 
 /// Enrollment step 4: the activated credential proves the AK is in the EK's TPM; the AK's
@@ -164,6 +198,9 @@ pub fn finish_enrollment(
         let digest = policy_pcr_digest(&state.selection, &state.pcr_values)
             .map_err(|e| Error::Config(format!("reference state '{}': {e}", state.name)))?;
         if bool::from(digest.ct_eq(&auth_policy)) {
+            if let Some(region) = &pending.region {
+                check_region_pinned(&pending.host_id, region, state)?;
+            }
             return Ok(HostRecord {
                 host_id: pending.host_id,
                 ek_fingerprint: pending.ek_fingerprint,
@@ -172,6 +209,7 @@ pub fn finish_enrollment(
                 reference_state: state.name.clone(),
                 pcr_selection: state.selection.clone(),
                 tpm_description: ek_description(&pending.ek_certificate).unwrap_or_default(),
+                region: pending.region,
             });
         }
         tried.push(format!("'{}'", state.name));

@@ -27,7 +27,7 @@ pub fn verify_quote(
     let extra = attest.extra_data().value();
     if extra.len() != expected_nonce.len() || !bool::from(extra.ct_eq(expected_nonce)) {
         return Err(Error::ChallengeInvalid(format!(
-            "host {}: the quote is over another nonce than the challenge issued",
+            "host {}: the quote is over another nonce than the challenge issued (or does not cover the launched image the request reports)",
             host.host_id
         )));
     }

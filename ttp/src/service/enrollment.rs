@@ -82,13 +82,14 @@ impl Ttp {
             let json = serde_json::to_string(&host).map_err(|e| Error::Store(format!("encode host record: {e}")))?;
             // The EK is pinned to the host here, atomically with storing the record
             // (docs/TPM.md "EK pinning").
+            let region = host.region.as_ref().map(|r| format!(", attested region {r}")).unwrap_or_default();
             let message = match self.store.enroll_host(&host.host_id, &host.ek_fingerprint, &json)? {
                 Some(old) => format!(
-                    "host enrolled with EK {} replacing EK {old} (operator-approved replacement), reference state {}",
+                    "host enrolled with EK {} replacing EK {old} (operator-approved replacement), reference state {}{region}",
                     host.ek_fingerprint, host.reference_state
                 ),
                 None => {
-                    format!("host enrolled with EK {}, reference state {}", host.ek_fingerprint, host.reference_state)
+                    format!("host enrolled with EK {}, reference state {}{region}", host.ek_fingerprint, host.reference_state)
                 }
             };
             Ok((host, message))

@@ -123,8 +123,10 @@ impl Ttp {
         let host = self.attested_host(request)?;
         // 2. The header: owner-signed descriptor, registered by a TTP, newest version.
         let VerifiedHeader { descriptor, registration, domain } = self.verified_header(request)?;
-        // 3. Access: the VM is in the ACL with a mode that covers the request.
+        // 3. Access: the VM is in the ACL with a mode that covers the request, and, with an
+        //    image allowlist, was launched from an image on it.
         check_access(&descriptor, request)?;
+        let image = self.admitted_image(request)?;
         // 4. The grant: signed by the owner or a manager the descriptor shares with.
         let grant = self.verified_grant(request, &descriptor)?;
         // 5. The placement: the operator put this VM on this very host, for this grant.
@@ -142,7 +144,7 @@ impl Ttp {
         let keys = self.released_keys(&registration, &descriptor, &domain)?;
         let wrapped = attestation::seal_key_to_host(&host, &keys)?;
         let message = format!(
-            "key of domain {} version {} released to {} on {} ({}), grant by {}, placement by {placer}",
+            "key of domain {} version {} released to {} on {} ({}), grant by {}, placement by {placer}{image}",
             descriptor.domain_id, descriptor.version, request.vm_id, request.host_id, request.mode, grant.signer
         );
         Ok((((wrapped, descriptor.domain_id.clone(), descriptor.version), spent), message))
@@ -187,8 +189,34 @@ impl Ttp {
         if now_unix() > expires_at {
             return Err(Error::ChallengeInvalid(format!("challenge {} expired", request.challenge_id)));
         }
-        attestation::verify_quote(&host, &self.policy, &request.quote, &nonce)?;
+        // With a launched image, the quote is over SHA-256(label || nonce || image digest):
+        // the attested host vouches for the image (docs/PROTOCOL.md "Trusted launch").
+        let qualifying_data = protocol::image::quote_qualifying_data(&nonce, request.launched_image.as_ref())
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
+        attestation::verify_quote(&host, &self.policy, &request.quote, &qualifying_data)?;
         Ok(host)
+    }
+
+    /// Step 3, second half: with an image allowlist configured, the VM must have been launched
+    /// from an image on it (the report itself is bound to the quote in step 1). Returns the
+    /// text the audit message gets about the image ("" when none was reported).
+    fn admitted_image(&self, request: &KeyReleaseRequest) -> Result<String> {
+        let reported = request.launched_image.as_ref();
+        let described = reported.map(|i| format!(", image {}@{} (sha256 {})", i.role, i.version, i.sha256));
+        let Some(allowlist) = &self.image_allowlist else { return Ok(described.unwrap_or_default()) };
+        let Some(image) = reported else {
+            return Err(Error::ImageNotAllowed(format!(
+                "{} on {} reports no launched image, and this TTP releases keys only to VMs launched from an allowlisted image",
+                request.vm_id, request.host_id
+            )));
+        };
+        allowlist.admit(image).map_err(|why| {
+            Error::ImageNotAllowed(format!(
+                "{} on {} was launched from an image not allowed: {why}",
+                request.vm_id, request.host_id
+            ))
+        })?;
+        Ok(described.unwrap_or_default())
     }
 
     /// Step 2 of the key release: the descriptor is signed by its owner, the registration by

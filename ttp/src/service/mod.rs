@@ -57,6 +57,9 @@ pub struct Ttp {
     /// Violation reports per (domain, host) in the current window, so that one host cannot
     /// flood a domain's viewing history ([`MAX_VIOLATION_REPORTS_PER_MINUTE`]).
     violation_reports: Mutex<integrity::ReportWindow>,
+    /// The signed image allowlist (docs/PROTOCOL.md "Trusted launch"): when set, a key is
+    /// released only to a VM launched from an image on it.
+    image_allowlist: Option<protocol::image::AllowList>,
 }
 
 /// The parts of a request the audit record names.
@@ -112,6 +115,7 @@ impl Ttp {
             pending_enrollments: Mutex::new(HashMap::new()),
             registration_signers: vec![own.name],
             violation_reports: Mutex::new(integrity::ReportWindow::default()),
+            image_allowlist: None,
         })
     }
 
@@ -123,6 +127,12 @@ impl Ttp {
                 self.registration_signers.push(name);
             }
         }
+        self
+    }
+
+    /// Release keys only to VMs launched from an image on this (verified) allowlist.
+    pub fn with_image_allowlist(mut self, allowlist: protocol::image::AllowList) -> Self {
+        self.image_allowlist = Some(allowlist);
         self
     }
 

@@ -77,12 +77,12 @@ pub struct UserspaceBackend {
     fuse_threads: usize,
 }
 
-/// FUSE event-loop threads per mapping by default. More threads
-/// ([`UserspaceBackend::with_fuse_threads`]) let the kernel spread requests over them, each
-/// on its own cloned `/dev/fuse` descriptor; on these 2 vCPUs, measured only while other
-/// builds ran, 2 and 4 threads were not reliably faster than one (docs/PERFORMANCE.md "fio on
-/// the userspace backend"), so one stays the default until a quiet measurement says otherwise.
-pub const DEFAULT_FUSE_THREADS: usize = 1;
+/// FUSE event-loop threads per mapping by default. Several threads let the kernel spread
+/// requests over them, each on its own cloned `/dev/fuse` descriptor; on these 2 vCPUs a quiet
+/// run measured 4 threads at 1.40/1.04/1.43/1.43× one thread (seq-write, seq-read, rand-write,
+/// rand-read; docs/PERFORMANCE.md "fio on the userspace backend").
+/// [`UserspaceBackend::with_fuse_threads`] sets another count.
+pub const DEFAULT_FUSE_THREADS: usize = 4;
 
 impl UserspaceBackend {
     /// A backend keeping its records in `state_dir` (created if missing).

@@ -178,6 +178,7 @@ impl Fixture {
             placement,
             challenge_id: self.challenge(),
             quote: self.quote.clone(),
+            launched_image: None,
         }
     }
 
