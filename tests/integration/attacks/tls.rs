@@ -19,6 +19,11 @@ struct Partner {
 
 impl Partner {
     async fn start(cloud: &AllInOne, tag: &str) -> Self {
+        Self::start_limited(cloud, tag, None).await
+    }
+
+    /// [`Partner::start`] with the partner root limited to `allow` (`None`: every role).
+    async fn start_limited(cloud: &AllInOne, tag: &str, allow: Option<Vec<protocol::pki::RoleAllowance>>) -> Self {
         let pki = &cloud.pki;
         let extra = cloud.dir.join("extra").join(tag);
         std::fs::create_dir_all(&extra).unwrap();
@@ -36,7 +41,7 @@ impl Partner {
         let partner_config = ttp::config::TtpConfig {
             listen: "127.0.0.1:0".into(),
             data_dir: partner_dir.clone(),
-            ca: vec![pki.dir.join("ca.pem"), partner_ca_file.clone()],
+            ca: vec![pki.dir.join("ca.pem").into(), net::TrustedRootFile { file: partner_ca_file.clone(), allow }],
             crl: Vec::new(),
             cert: ttp_files.cert.clone(),
             key: ttp_files.key.clone(),
