@@ -147,13 +147,14 @@ impl RootLimits {
             .map_err(|e| refuse(format!("{party} of {:?} does not parse: {e}", identity.name)))?;
         let refused_by = Cell::new(None);
         let root_may_issue = |path: &webpki::VerifiedPath<'_>| {
-            let root = self.anchors.iter().position(|a| a == path.anchor()).map(|at| self.owner[at]);
-            match root {
-                Some(root) if self.roots[root].1.allows(identity) => Ok(()),
-                _ => {
-                    refused_by.set(root);
-                    Err(webpki::Error::UnknownIssuer)
-                }
+            // The same certificate may be listed under two roots: any of them may allow it.
+            let mut roots = self.anchors.iter().zip(&self.owner).filter(|(a, _)| *a == path.anchor()).map(|(_, &r)| r);
+            let first = roots.clone().next();
+            if roots.any(|root| self.roots[root].1.allows(identity)) {
+                Ok(())
+            } else {
+                refused_by.set(first);
+                Err(webpki::Error::UnknownIssuer)
             }
         };
         let algorithms = provider().signature_verification_algorithms.all;
