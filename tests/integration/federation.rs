@@ -11,7 +11,13 @@
 //! reads a sector A wrote, and is refused as soon as A's owner takes the VM out of the ACL.
 //! What B's root may not do is refused too: another B host, and a placement signed by B's
 //! cloud platform.
+//!
+//! The second test runs the whole attach: the all-in-one cloud A with a host lent by B
+//! (`skydd::cloud::PartnerHosts`), A's owner's manager attaches through A's cloud platform,
+//! which calls B's secure component, which asks A's TTP and mounts the volume for vm-b.
 
+use domain_manager::config::DmConfig;
+use domain_manager::ops::{parse_acl_entry, DomainManager as Manager};
 use net::Role;
 use protocol::attest::PcrSelection;
 use protocol::domain::AccessMode;
@@ -19,6 +25,7 @@ use protocol::messages::Registration;
 use protocol::pki::RoleAllowance;
 use protocol::secret::SecretBytes;
 use secure_component::key_release::ObtainedKey;
+use skydd::cloud::{AllInOne, Layout, PartnerHosts};
 use skydd::lab::{register, DomainManager, LabHost, LabPki, Operator, RunningTtp};
 use skydd_testkit::independent_key;
 use skydd_testkit::refusal::ttp_code;
@@ -85,7 +92,10 @@ fn a_partner_clouds_host_gets_an_owners_domain_and_loses_it_at_once_on_revoke() 
         assert_eq!(response.version, 1);
         assert_eq!(&key.expose()[..64], expected.as_slice(), "B's host holds exactly K");
         let mut released = key.expose()[..64].to_vec();
-        XtsEngine::new(&SecretBytes::from_slice_wiping(&mut released)).unwrap().decrypt_sectors(0, &mut sector).unwrap();
+        XtsEngine::new(&SecretBytes::from_slice_wiping(&mut released))
+            .unwrap()
+            .decrypt_sectors(0, &mut sector)
+            .unwrap();
         assert_eq!(sector, plaintext, "B's host reads what A wrote");
 
         // B's root may not issue another host, nor a cloud platform that places VMs here.
@@ -100,13 +110,10 @@ fn a_partner_clouds_host_gets_an_owners_domain_and_loses_it_at_once_on_revoke() 
 
         // A's owner revokes: version 2 without vm-b. B's very next request is refused.
         let descriptor_v2 = descriptor.next_version(|d| d.acl.clear()).unwrap();
-        let header_v2 = register(
-            &cp_a,
-            alice.sign_descriptor(&descriptor_v2).unwrap(),
-            Some(header_v1.registration.clone()),
-        )
-        .await
-        .unwrap();
+        let header_v2 =
+            register(&cp_a, alice.sign_descriptor(&descriptor_v2).unwrap(), Some(header_v1.registration.clone()))
+                .await
+                .unwrap();
         let grant = alice.grant(&domain_id, "vm-b", AccessMode::Rw, 300);
         let code = ttp_code(placer_a.obtain_key(&b_host.host, &header_v2, &grant, "vm-b", AccessMode::Rw).await);
         assert_eq!(code, "vm_not_in_acl");
@@ -116,4 +123,44 @@ fn a_partner_clouds_host_gets_an_owners_domain_and_loses_it_at_once_on_revoke() 
 
         ttp_a.stop().await;
     });
+}
+
+/// Cloud A: compute-1 (vm-a) and dm-alice; cloud B lends b-compute-07, where A's vm-b runs.
+const LAYOUT: Layout<'static> = Layout { hosts: &[("compute-1", &["vm-a"])], managers: &["dm-alice"] };
+const LENT: PartnerHosts<'static> = PartnerHosts { ca_name: "Cloud B CA", hosts: &[("b-compute-07", &["vm-b"])] };
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_shares_a_domain_with_a_vm_on_a_host_lent_by_a_partner_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud =
+        AllInOne::start_with_partner(dir.path(), &LAYOUT, &LENT, &mut |line| println!(".. {line}")).await.unwrap();
+    let lent = cloud.hosts.iter().find(|h| h.id == "b-compute-07").expect("the lent host runs");
+    // Its certificate is cloud B's: A's CA never issued it.
+    assert!(cloud.partner_pki.as_ref().unwrap().dir.join("b-compute-07.pem").exists());
+    assert!(!cloud.pki.dir.join("b-compute-07.pem").exists());
+    let alice = Manager::connect(&DmConfig::load(&cloud.manager_config("dm-alice").unwrap()).unwrap()).unwrap();
+    let acl = vec![parse_acl_entry("vm-a:rw").unwrap(), parse_acl_entry("vm-b:ro").unwrap()];
+    let domain = alice.create(Default::default(), acl, vec![], 32 << 20).await.unwrap();
+
+    // vm-a, on A's own host, writes a record.
+    alice.attach(&domain.id, "vm-a", AccessMode::Rw, 300).await.unwrap();
+    let record = cloud.vm_mount("vm-a", &domain.id, &LAYOUT).unwrap().join("record.txt");
+    std::fs::write(&record, "oncology, written in cloud A\n").unwrap();
+    alice.detach(&domain.id, "vm-a").await.unwrap();
+
+    // vm-b, on the host cloud B lent, reads it: the key went to B's TPM through A's TTP.
+    let attached = alice.attach(&domain.id, "vm-b", AccessMode::Ro, 300).await.unwrap();
+    assert_eq!(attached.host, "b-compute-07");
+    let on_b = lent.vm_root.join("vm-b").join(&domain.id).join("record.txt");
+    assert_eq!(std::fs::read_to_string(&on_b).unwrap(), "oncology, written in cloud A\n");
+    alice.detach(&domain.id, "vm-b").await.unwrap();
+    let history = alice.history(&domain.id).await.unwrap().records;
+    assert!(history.iter().any(|r| r.event == "key_release" && r.host_id.as_deref() == Some("b-compute-07")));
+
+    // A's owner revokes vm-b: its next attach is refused by A's TTP.
+    alice.revoke(&domain.id, "vm-b").await.unwrap();
+    let refused = alice.attach(&domain.id, "vm-b", AccessMode::Ro, 300).await.unwrap_err();
+    assert_eq!(refused.code(), Some("vm_not_in_acl"), "{refused}");
+
+    cloud.stop().await;
 }
