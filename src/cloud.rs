@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use net::Role;
 use protocol::cloud::{ComputeHost, Instance};
+use protocol::pki::RoleAllowance;
 use secure_component::service::AttachmentService;
 use secure_component::swtpm::Swtpm;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +62,19 @@ pub struct AllInOne {
     pub hosts: Vec<ComputeNode>,
     /// Domain-manager configuration files, by manager name.
     pub manager_configs: Vec<(String, PathBuf)>,
+    /// The partner cloud's CA, when hosts were lent by one ([`AllInOne::start_with_partner`]).
+    pub partner_pki: Option<LabPki>,
+}
+
+/// Compute hosts a partner cloud lends to this one (docs/PKI.md "A partner cloud's host"):
+/// their certificates come from the partner's CA and their TPMs from another vendor; this
+/// cloud's TTP and cloud platform trust the partner's root for exactly these host names, the
+/// hosts trust this cloud's root for its TTP and its cloud platform only.
+pub struct PartnerHosts<'a> {
+    /// The partner CA's name (its subject CN).
+    pub ca_name: &'a str,
+    /// The lent hosts and the VMs of this cloud that run on each.
+    pub hosts: &'a [(&'a str, &'a [&'a str])],
 }
 
 /// What to start.
@@ -82,23 +96,69 @@ async fn bind() -> Result<(tokio::net::TcpListener, String)> {
 impl AllInOne {
     /// Starts everything under `dir`; `progress` is told each step.
     pub async fn start(dir: &Path, layout: &Layout<'_>, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        Self::start_federated(dir, layout, None, progress).await
+    }
+
+    /// [`AllInOne::start`], plus the compute hosts `partner` lends, enrolled at this cloud's
+    /// TTP and registered with its cloud platform like its own.
+    pub async fn start_with_partner(
+        dir: &Path,
+        layout: &Layout<'_>,
+        partner: &PartnerHosts<'_>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        Self::start_federated(dir, layout, Some(partner), progress).await
+    }
+
+    async fn start_federated(
+        dir: &Path,
+        layout: &Layout<'_>,
+        partner: Option<&PartnerHosts<'_>>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         progress("cloud CA: creating the CA and issuing certificates");
-        let pki = LabPki::create(&dir.join("pki"))?;
+        let mut pki = LabPki::create(&dir.join("pki"))?;
         let (ttp_listener, ttp_url) = bind().await?;
         let vendor_ca = dir.join("tpm-vendor-ca");
+        let partner_vendor_ca = dir.join("partner-tpm-vendor-ca");
+        let mut partner_pki = None;
+        if let Some(partner) = partner {
+            progress(&format!(
+                "partner CA {:?}: each side trusts the other's root for named parties only",
+                partner.ca_name
+            ));
+            let mut theirs = LabPki::create_named(&dir.join("partner-pki"), partner.ca_name)?;
+            let names: Vec<&str> = partner.hosts.iter().map(|(host, _)| *host).collect();
+            pki.trust(&theirs, vec![RoleAllowance::named(Role::SecureComponent, &names)?]);
+            theirs.trust(
+                &pki,
+                vec![
+                    RoleAllowance::named(Role::Ttp, &["ttp-1"])?,
+                    RoleAllowance::named(Role::CloudPlatform, &["cloud-platform"])?,
+                ],
+            );
+            partner_pki = Some(theirs);
+        }
+        let own_hosts = layout.hosts.iter().map(|host| (host, &pki, &vendor_ca));
+        let lent_hosts = partner
+            .map(|p| p.hosts)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|host| partner_pki.as_ref().map(|theirs| (host, theirs, &partner_vendor_ca)));
+        let all_hosts: Vec<_> = own_hosts.chain(lent_hosts).collect();
 
         // The secure component runs inside this binary: it is what each host measures.
         let binary = std::env::current_exe().context("locate the running binary (the secure component's)")?;
         let mut pending = Vec::new();
         let mut reference_states = Vec::new();
-        for (host_id, _) in layout.hosts {
+        for ((host_id, _), host_pki, host_vendor_ca) in &all_hosts {
             progress(&format!(
                 "{host_id}: manufacturing its TPM (swtpm with an EK certificate) and starting its secure component"
             ));
-            let swtpm = Swtpm::start_with_ca(&dir.join(host_id).join("swtpm"), &vendor_ca)
+            let swtpm = Swtpm::start_with_ca(&dir.join(host_id).join("swtpm"), host_vendor_ca)
                 .with_context(|| format!("start the swtpm of {host_id}"))?;
-            let tls = pki.issue(Role::SecureComponent, host_id)?;
+            let tls = host_pki.issue(Role::SecureComponent, host_id)?;
             let mut config = crate::lab::loopback_agent_config(dir, host_id, swtpm.tcti(), &ttp_url, &tls);
             // The hosts open only the cloud platform's volume files (the all-in-one cloud's
             // shared storage).
@@ -123,12 +183,12 @@ impl AllInOne {
         }
 
         progress("TTP: master key, attestation policy (the TPM vendor CA and each host's expected measured state)");
-        let policy = AttestationPolicy {
-            trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&vendor_ca)?,
-            ek_intermediates: Vec::new(),
-            ek_crls: Vec::new(),
-            reference_states,
-        };
+        let mut trusted_ek_roots = secure_component::swtpm::ca_certificates_der(&vendor_ca)?;
+        if partner_pki.is_some() {
+            trusted_ek_roots.extend(secure_component::swtpm::ca_certificates_der(&partner_vendor_ca)?);
+        }
+        let policy =
+            AttestationPolicy { trusted_ek_roots, ek_intermediates: Vec::new(), ek_crls: Vec::new(), reference_states };
         let ttp = RunningTtp::start(dir, &pki, &policy, ttp_listener).await?;
 
         progress("cloud platform: starting its API");
@@ -163,7 +223,7 @@ impl AllInOne {
         let operator = pki.client("cloud-platform", Role::CloudPlatform, &cp_url)?;
 
         let mut hosts = Vec::new();
-        for ((host_id, swtpm, config, service, tls_config), (_, vms)) in pending.into_iter().zip(layout.hosts) {
+        for ((host_id, swtpm, config, service, tls_config), ((_, vms), _, _)) in pending.into_iter().zip(all_hosts) {
             progress(&format!("{host_id}: enrolling its TPM with the TTP and registering with the cloud platform"));
             let enrolled = service.enroll().await.with_context(|| format!("enroll {host_id}"))?;
             progress(&format!(
@@ -216,7 +276,17 @@ impl AllInOne {
             progress(&format!("{name}: domain-manager configuration written to {}", path.display()));
             manager_configs.push((name.to_string(), path));
         }
-        Ok(Self { dir: dir.to_path_buf(), pki, ttp, ttp_policy: policy, cp_url, cp_server, hosts, manager_configs })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            pki,
+            ttp,
+            ttp_policy: policy,
+            cp_url,
+            cp_server,
+            hosts,
+            manager_configs,
+            partner_pki,
+        })
     }
 
     /// Stops the TTP, runs `during`, and starts the TTP again on the same address and data

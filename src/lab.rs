@@ -32,15 +32,42 @@ pub struct LabPki {
     pub dir: PathBuf,
     ca_cert_pem: String,
     ca_key_pem: zeroize::Zeroizing<String>,
+    /// Partner clouds' roots (with what each may issue) and revocation lists that every party
+    /// issued from here trusts besides this CA ([`LabPki::trust`]).
+    partners: Vec<(net::TrustedRootFile, PathBuf)>,
 }
 
 impl LabPki {
     /// Makes a new lab CA (`skydd-lab-ca`) in `dir`, as `cloud-platform ca init` does.
     pub fn create(dir: &Path) -> Result<Self> {
-        let paths = cloud_platform::ca::init(dir, "skydd-lab-ca")?;
+        Self::create_named(dir, "skydd-lab-ca")
+    }
+
+    /// A lab CA named `ca_name` (a second cloud's, in federation tests).
+    pub fn create_named(dir: &Path, ca_name: &str) -> Result<Self> {
+        let paths = cloud_platform::ca::init(dir, ca_name)?;
         let ca_cert_pem = std::fs::read_to_string(&paths.cert)?;
         let ca_key_pem = zeroize::Zeroizing::new(std::fs::read_to_string(&paths.key)?);
-        Ok(Self { dir: dir.to_path_buf(), ca_cert_pem, ca_key_pem })
+        Ok(Self { dir: dir.to_path_buf(), ca_cert_pem, ca_key_pem, partners: Vec::new() })
+    }
+
+    /// Every party issued from here afterwards also trusts `partner`'s root, for `allow`
+    /// only, and checks its revocation list (docs/PKI.md "Federation").
+    pub fn trust(&mut self, partner: &LabPki, allow: Vec<protocol::pki::RoleAllowance>) {
+        let root = net::TrustedRootFile::limited(partner.dir.join("ca.pem"), allow);
+        self.partners.push((root, partner.dir.join(net::CRL_FILE)));
+    }
+
+    /// The TLS files of `name` (issued earlier): this CA's and the partners' roots and lists.
+    pub fn files(&self, name: &str) -> TlsFiles {
+        let mut files = TlsFiles::in_dir(&self.dir, name);
+        for (root, crl) in &self.partners {
+            files.ca.push(root.clone());
+            if !files.crl.is_empty() {
+                files.crl.push(crl.clone());
+            }
+        }
+        files
     }
 
     /// Revokes `name`'s certificate as `cloud-platform ca revoke` does: a new `crl.pem`
@@ -64,7 +91,7 @@ impl LabPki {
     /// certificates); writes the same files as [`LabPki::issue`].
     pub fn issue_with_validity(&self, role: Role, name: &str, validity: Validity) -> Result<TlsFiles> {
         let issued = CertificateAuthority::issue(&self.ca_cert_pem, &self.ca_key_pem, role, name, validity)?;
-        let files = TlsFiles::in_dir(&self.dir, name);
+        let files = self.files(name);
         std::fs::write(&files.cert, &issued.cert_pem)?;
         write_private(&files.key, issued.key_pem.as_bytes())?;
         Ok(files)
@@ -72,7 +99,7 @@ impl LabPki {
 
     /// An mTLS JSON client for `name` (issued earlier) talking to a server of `server_role`.
     pub fn client(&self, name: &str, server_role: Role, base_url: &str) -> Result<net::Client> {
-        let tls = TlsFiles::in_dir(&self.dir, name).client_config(server_role)?;
+        let tls = self.files(name).client_config(server_role)?;
         Ok(net::Client::new(base_url, tls)?)
     }
 }

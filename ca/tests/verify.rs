@@ -47,7 +47,7 @@ fn configs_build_and_refuse_bad_input() {
     client_config(&cas, &[], &id.cert_pem, &id.key_pem, Role::CloudPlatform).unwrap();
     let e = server_config(&cas, &[], &id.cert_pem, &id.key_pem, &[]).unwrap_err();
     assert!(e.to_string().contains("no client role is allowed"));
-    let e = server_config(&[], &[], &id.cert_pem, &id.key_pem, &[Role::Ttp]).unwrap_err();
+    let e = server_config::<String>(&[], &[], &id.cert_pem, &id.key_pem, &[Role::Ttp]).unwrap_err();
     assert!(e.to_string().contains("no trusted CA"));
     let other = CertificateAuthority::issue(&ca_pem, &ca_key, Role::Ttp, "ttp", Validity::Days(5)).unwrap();
     let e = server_config(&cas, &[], &id.cert_pem, &other.key_pem, &[Role::Ttp]).unwrap_err();

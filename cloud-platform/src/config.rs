@@ -41,8 +41,11 @@ pub struct CpConfig {
     pub listen: String,
     /// Holds cp.sqlite and volumes/ (sparse volume files).
     pub data_dir: PathBuf,
-    /// Trusted CA roots (PEM files): the own cloud's first, federated partners' after.
-    pub ca: Vec<PathBuf>,
+    /// Trusted CA roots: the own cloud's first, federated partners' after. Each a PEM file
+    /// path (that root may issue every role), or `{ file = "PATH", allow = [{ role = "ROLE",
+    /// names = ["NAME-or-PATTERN", ...] }, ...] }` to limit what it may issue (docs/PKI.md
+    /// "Federation").
+    pub ca: Vec<net::TrustedRootFile>,
     /// Certificate revocation lists (PEM files), one per trusted CA (CA_DIR/crl.pem).
     /// Checked on every TLS peer; a change is picked up for incoming connections without a
     /// restart. Empty: nothing is revoked.

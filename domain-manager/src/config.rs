@@ -17,8 +17,11 @@ pub struct DmConfig {
     pub cloud_platform_url: String,
     /// e.g. "https://127.0.0.1:7443"
     pub ttp_url: String,
-    /// Trusted CA roots (PEM files).
-    pub ca: Vec<PathBuf>,
+    /// Trusted CA roots: the own cloud's first, federated partners' after. Each a PEM file
+    /// path (that root may issue every role), or `{ file = "PATH", allow = [{ role = "ROLE",
+    /// names = ["NAME-or-PATTERN", ...] }, ...] }` to limit what it may issue (docs/PKI.md
+    /// "Federation").
+    pub ca: Vec<net::TrustedRootFile>,
     /// Certificate revocation lists (PEM files), one per trusted CA (CA_DIR/crl.pem):
     /// servers and the owners' signatures on stored descriptors are checked against them.
     /// Empty: nothing is revoked.

@@ -25,7 +25,7 @@ pub struct DomainManager {
     /// domains it creates and as issuer of its mount grants.
     pub name: String,
     key: SignatureKey,
-    trusted_cas: Vec<String>,
+    trusted_cas: Vec<protocol::pki::TrustedRoot>,
     revocation_lists: Vec<String>,
     cp: net::Client,
     ttp: net::Client,
@@ -68,7 +68,7 @@ impl DomainManager {
         Ok(Self {
             name: identity.name,
             key,
-            trusted_cas: material.ca_pems.clone(),
+            trusted_cas: material.trusted_roots.clone(),
             revocation_lists: material.crl_pems.clone(),
             cp,
             ttp,

@@ -216,7 +216,7 @@ const TTP_HELP: &str = "\
 #[serde(deny_unknown_fields)]
 struct TtpConfig {
     ttp_url: String,
-    ca: Vec<PathBuf>,
+    ca: Vec<net::TrustedRootFile>,
     #[serde(default)]
     crl: Vec<PathBuf>,
     registrar_cert: PathBuf,

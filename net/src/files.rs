@@ -5,10 +5,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use protocol::pki::{self, Role};
+use protocol::pki::{self, Role, TrustedRoot};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
+use crate::trusted_root_file::TrustedRootFile;
 
 /// The revocation list's file name next to `ca.pem` (`cloud-platform ca init|revoke|crl`).
 pub const CRL_FILE: &str = "crl.pem";
@@ -20,8 +21,9 @@ const MAX_PEM_BYTES: u64 = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// Trusted CA root certificates: one file per CA (the own cloud's first; partners' for
-    /// federation). A file may hold several certificates.
-    pub ca: Vec<PathBuf>,
+    /// federation), each with the roles it may issue (a plain path: every role). A file may
+    /// hold several certificates.
+    pub ca: Vec<TrustedRootFile>,
     /// Own certificate (PEM), as written by `cloud-platform ca issue`.
     pub cert: PathBuf,
     /// Own private key (PEM). Must not be accessible to other users (mode 0600 or 0640).
@@ -35,8 +37,8 @@ pub struct TlsFiles {
 
 /// The loaded PEMs. The key is wiped on drop and never printed by `Debug`.
 pub struct TlsMaterial {
-    /// Trusted CA certificates (PEM), one string per file.
-    pub ca_pems: Vec<String>,
+    /// Trusted CA roots (PEM, one per file) with the roles each may issue.
+    pub trusted_roots: Vec<TrustedRoot>,
     /// Revocation lists (PEM), one string per file; empty when none is configured.
     pub crl_pems: Vec<String>,
     /// This party's certificate chain (PEM).
@@ -48,7 +50,7 @@ pub struct TlsMaterial {
 impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsMaterial")
-            .field("ca_pems", &self.ca_pems.len())
+            .field("trusted_roots", &self.trusted_roots.len())
             .field("crl_pems", &self.crl_pems.len())
             .field("cert_pem", &self.cert_pem)
             .field("key_pem", &"<redacted>")
@@ -63,7 +65,7 @@ impl TlsFiles {
         let dir = dir.as_ref();
         let crl = dir.join(CRL_FILE);
         TlsFiles {
-            ca: vec![dir.join("ca.pem")],
+            ca: vec![TrustedRootFile::any_role(dir.join("ca.pem"))],
             cert: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}-key.pem")),
             crl: if crl.exists() { vec![crl] } else { Vec::new() },
@@ -72,7 +74,10 @@ impl TlsFiles {
 
     /// Every file these TLS settings read (to notice when one changes).
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.ca.iter().chain(&self.crl).chain([&self.cert, &self.key]).map(PathBuf::as_path)
+        self.ca
+            .iter()
+            .map(TrustedRootFile::path)
+            .chain(self.crl.iter().chain([&self.cert, &self.key]).map(PathBuf::as_path))
     }
 
     /// Read every file; refuse a key file that other users can read or write.
@@ -80,12 +85,13 @@ impl TlsFiles {
         if self.ca.is_empty() {
             return Err(Error::Config("no trusted CA file configured".into()));
         }
-        let ca_pems = self.ca.iter().map(|p| read_pem_file(p)).collect::<Result<Vec<_>>>()?;
+        let trusted_roots =
+            self.ca.iter().map(|root| Ok(root.with_pem(read_pem_file(&root.file)?))).collect::<Result<Vec<_>>>()?;
         let crl_pems = self.crl.iter().map(|p| read_pem_file(p)).collect::<Result<Vec<_>>>()?;
         let cert_pem = read_pem_file(&self.cert)?;
         check_key_mode(&self.key)?;
         let key_pem = Zeroizing::new(read_pem_file(&self.key)?);
-        Ok(TlsMaterial { ca_pems, crl_pems, cert_pem, key_pem })
+        Ok(TlsMaterial { trusted_roots, crl_pems, cert_pem, key_pem })
     }
 
     /// Load and build the server configuration (see `protocol::pki::server_config`).
@@ -115,7 +121,7 @@ impl TlsMaterial {
     /// carries one of `allowed_client_roles` (see `protocol::pki::server_config`).
     pub fn server_config(&self, allowed_client_roles: &[Role]) -> Result<Arc<rustls::ServerConfig>> {
         Ok(Arc::new(pki::server_config(
-            &self.ca_pems,
+            &self.trusted_roots,
             &self.crl_pems,
             &self.cert_pem,
             &self.key_pem,
@@ -126,7 +132,13 @@ impl TlsMaterial {
     /// A client configuration from this material that accepts only a server whose certificate
     /// carries `expected_server_role` (see `protocol::pki::client_config`).
     pub fn client_config(&self, expected_server_role: Role) -> Result<rustls::ClientConfig> {
-        Ok(pki::client_config(&self.ca_pems, &self.crl_pems, &self.cert_pem, &self.key_pem, expected_server_role)?)
+        Ok(pki::client_config(
+            &self.trusted_roots,
+            &self.crl_pems,
+            &self.cert_pem,
+            &self.key_pem,
+            expected_server_role,
+        )?)
     }
 
     /// Our own identity, read from our certificate.

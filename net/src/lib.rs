@@ -16,6 +16,7 @@ mod limits;
 pub mod response;
 pub mod server;
 mod signals;
+pub mod trusted_root_file;
 
 pub use client::Client;
 pub use connection_limits::ConnectionLimits;
@@ -25,3 +26,4 @@ pub use protocol::pki::{Identity, Role};
 pub use response::{error_response, run_to_completion, ApiError, ErrorBody};
 pub use server::{serve, serve_with, HandshakeFailure, RateLimit, ServeOptions, ServerTls, TlsReload};
 pub use signals::stop_on_signals;
+pub use trusted_root_file::TrustedRootFile;

@@ -228,6 +228,123 @@ async fn federated_server_accepts_clients_of_both_clouds() {
     assert_eq!(only_a.next_failure().await.reason, "certificate is not issued by a trusted CA");
 }
 
+/// The TLS files of a TTP of cloud A that trusts its own root for every role and cloud B's
+/// root only for domain managers and the secure component `sc-b-07`, configured the way
+/// ttp.toml says it (docs/PKI.md "Federation").
+fn federated_ttp_files(dir: &std::path::Path, a: &Ca, b: &Ca, ttp: &IssuedIdentity) -> TlsFiles {
+    std::fs::write(dir.join("ca.pem"), &a.cert).unwrap();
+    std::fs::write(dir.join("partner-ca.pem"), &b.cert).unwrap();
+    std::fs::write(dir.join("ttp-a.pem"), &ttp.cert_pem).unwrap();
+    let key = dir.join("ttp-a-key.pem");
+    std::fs::write(&key, ttp.key_pem.as_bytes()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    #[derive(serde::Deserialize)]
+    struct Trust {
+        ca: Vec<net::TrustedRootFile>,
+    }
+    let toml_text = format!(
+        r#"ca = ["{own}", {{ file = "{partner}", allow = [{{ role = "domain-manager" }}, {{ role = "secure-component", names = ["sc-b-07"] }}] }}]"#,
+        own = dir.join("ca.pem").display(),
+        partner = dir.join("partner-ca.pem").display(),
+    );
+    let trust: Trust = toml::from_str(&toml_text).unwrap();
+    TlsFiles { ca: trust.ca, cert: dir.join("ttp-a.pem"), key, crl: Vec::new() }
+}
+
+#[tokio::test]
+async fn a_limited_partner_root_is_accepted_only_for_its_roles_and_names() {
+    let a = Ca::new("Cloud A CA");
+    let b = Ca::new("Cloud B CA");
+    let dir = tempfile::tempdir().unwrap();
+    let files = federated_ttp_files(dir.path(), &a, &b, &a.issue(Role::Ttp, "ttp-a"));
+    let mut server =
+        start_with(files.server_tls(&[Role::CloudPlatform, Role::SecureComponent, Role::DomainManager]).unwrap()).await;
+
+    // Within the partner's allowance: its named host and its domain managers.
+    for (role, name) in [(Role::SecureComponent, "sc-b-07"), (Role::DomainManager, "bob")] {
+        let id: Identity = client(&server, &[&a], &b.issue(role, name), Role::Ttp).get_json("/whoami").await.unwrap();
+        assert_eq!(id, Identity { name: name.into(), role });
+    }
+    // The own root is not limited: its cloud platform is served.
+    let id: Identity =
+        client(&server, &[&a], &a.issue(Role::CloudPlatform, "cp-a"), Role::Ttp).get_json("/whoami").await.unwrap();
+    assert_eq!(id.role, Role::CloudPlatform);
+
+    // Outside it: a cloud-platform certificate, and a secure component of another name.
+    let allowed = "which may issue only domain-manager; secure-component named sc-b-07";
+    for (role, name) in [(Role::CloudPlatform, "cp-b"), (Role::SecureComponent, "sc-b-99")] {
+        let e = client(&server, &[&a], &b.issue(role, name), Role::Ttp).get_json::<Value>("/whoami").await.unwrap_err();
+        assert_refused(&e, "its role is not accepted there");
+        assert_eq!(
+            server.next_failure().await.reason,
+            format!("client certificate of {name:?} (role {role}) is issued by trusted root \"Cloud B CA\" (trusted CA #2), {allowed}")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_refuses_a_server_certificate_its_root_may_not_issue() {
+    let a = Ca::new("Cloud A CA");
+    let b = Ca::new("Cloud B CA");
+    let ttp_b = b.issue(Role::Ttp, "ttp-b");
+    let server = start(&[&a, &b], &ttp_b, &[Role::SecureComponent]).await;
+    let sc = a.issue(Role::SecureComponent, "sc-a");
+    let roots = [
+        pki::TrustedRoot::any_role(a.cert.clone()),
+        pki::TrustedRoot::limited(b.cert.clone(), vec![pki::RoleAllowance::role(Role::DomainManager)]),
+    ];
+    let limited = pki::client_config(&roots, &[], &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
+    match Client::new(&server.url(), limited).unwrap().get_json::<Value>("/whoami").await.unwrap_err() {
+        Error::Tls { reason, .. } => assert_eq!(
+            reason,
+            "server certificate of \"ttp-b\" (role ttp) is issued by trusted root \"Cloud B CA\" (trusted CA #2), \
+             which may issue only domain-manager"
+        ),
+        other => panic!("expected a TLS refusal, got {other:?}"),
+    }
+    // Trusting B for the ttp role, the same server is accepted.
+    let roots = [
+        pki::TrustedRoot::any_role(a.cert.clone()),
+        pki::TrustedRoot::limited(b.cert.clone(), vec![pki::RoleAllowance::role(Role::Ttp)]),
+    ];
+    let cfg = pki::client_config(&roots, &[], &sc.cert_pem, &sc.key_pem, Role::Ttp).unwrap();
+    let id: Identity = Client::new(&server.url(), cfg).unwrap().get_json("/whoami").await.unwrap();
+    assert_eq!(id.name, "sc-a");
+}
+
+#[test]
+fn a_signer_is_held_to_its_roots_limit_with_revocation_lists_too() {
+    let a = Ca::new("Cloud A CA");
+    let b = Ca::new("Cloud B CA");
+    let roots = [
+        pki::TrustedRoot::any_role(a.cert.clone()),
+        pki::TrustedRoot::limited(b.cert.clone(), vec![pki::RoleAllowance::role(Role::DomainManager)]),
+        // The same partner root listed again, for its one host: either entry may allow.
+        pki::TrustedRoot::limited(
+            b.cert.clone(),
+            vec![pki::RoleAllowance::named(Role::SecureComponent, &["sc-b-*"]).unwrap()],
+        ),
+    ];
+    let der = |id: &IssuedIdentity| pki::certs_from_pem(&id.cert_pem, "test").unwrap()[0].to_vec();
+    let now = OffsetDateTime::now_utc().unix_timestamp() as u64;
+    let crls = [revoke(&a, 1, &[]), revoke(&b, 1, &[])];
+    for lists in [&crls[..], &[]] {
+        let bob = pki::identity_from_certificate(&der(&b.issue(Role::DomainManager, "bob"))).unwrap();
+        let verify = |id: &IssuedIdentity| protocol::signing::verify_signer_certificate(&der(id), &roots, lists, now);
+        assert_eq!(verify(&b.issue(Role::DomainManager, "bob")).unwrap(), bob);
+        assert_eq!(verify(&b.issue(Role::SecureComponent, "sc-b-1")).unwrap().name, "sc-b-1");
+        assert_eq!(verify(&a.issue(Role::CloudPlatform, "cp-a")).unwrap().name, "cp-a");
+        let e = verify(&b.issue(Role::CloudPlatform, "cp-b")).unwrap_err().to_string();
+        assert!(
+            e.contains("certificate of \"cp-b\" (role cloud-platform) is issued by trusted root \"Cloud B CA\"")
+                && e.contains("may issue only domain-manager"),
+            "{e}"
+        );
+        let e = verify(&b.issue(Role::SecureComponent, "other-host")).unwrap_err().to_string();
+        assert!(e.contains("\"other-host\" (role secure-component)"), "{e}");
+    }
+}
+
 #[tokio::test]
 async fn client_refuses_server_of_unexpected_role() {
     let ca = Ca::new("Cloud A CA");

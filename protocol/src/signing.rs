@@ -198,16 +198,18 @@ impl SignedEnvelope {
 }
 
 /// Checks a signer's certificate the way a TLS peer's is checked: it chains to one of the
-/// trusted CA roots (PEM; several for federated clouds), is valid at `now_unix`, is not on a
-/// revocation list in `crl_pems` (when any is given), and carries a Skydd role. Returns the signer's identity (name and role).
-pub fn verify_signer_certificate(
+/// trusted CA roots (PEM, or [`TrustedRoot`](crate::pki::TrustedRoot)s with their limits;
+/// several for federated clouds) and its root may issue it, is valid at `now_unix`, is not on
+/// a revocation list in `crl_pems` (when any is given), and carries a Skydd role. Returns the
+/// signer's identity (name and role).
+pub fn verify_signer_certificate<R: Clone + Into<crate::pki::TrustedRoot>>(
     certificate_der: &[u8],
-    trusted_ca_pems: &[String],
+    trusted_roots: &[R],
     crl_pems: &[String],
     now_unix: u64,
 ) -> Result<crate::pki::Identity> {
     // A revoked signer's signatures stop counting from the moment its CA's list says so.
-    let verifier = crate::pki::client_cert_verifier(trusted_ca_pems, crl_pems)?;
+    let verifier = crate::pki::client_cert_verifier(trusted_roots, crl_pems)?;
     verify_signer_certificate_with(verifier.as_ref(), certificate_der, now_unix)
 }
 

@@ -172,8 +172,11 @@ pub struct AgentConfig {
     pub launch: Option<LaunchConfig>,
     /// The TTP's base URL.
     pub ttp_url: String,
-    /// Trusted CA roots (PEM files): the own cloud's first.
-    pub ca: Vec<PathBuf>,
+    /// Trusted CA roots: the own cloud's first, federated partners' after. Each a PEM file
+    /// path (that root may issue every role), or `{ file = "PATH", allow = [{ role = "ROLE",
+    /// names = ["NAME-or-PATTERN", ...] }, ...] }` to limit what it may issue (docs/PKI.md
+    /// "Federation").
+    pub ca: Vec<net::TrustedRootFile>,
     /// Certificate revocation lists (PEM files), one per trusted CA (CA_DIR/crl.pem).
     /// Checked on every TLS peer; a change is picked up for incoming connections without a
     /// restart. Empty: nothing is revoked.

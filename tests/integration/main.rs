@@ -13,6 +13,7 @@ mod attacks;
 mod cli_refusals;
 mod crash_consistency;
 mod demo_story;
+mod federation;
 mod format2;
 mod interrupted_updates;
 mod key_hygiene;

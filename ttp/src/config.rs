@@ -21,8 +21,11 @@ pub struct TtpConfig {
     /// Holds `master-key/` (each K_TTP version's record and TPM-sealed copy, never the key)
     /// and ttp.sqlite.
     pub data_dir: PathBuf,
-    /// Trusted CA roots (PEM files): the own cloud's first, federated partners' after.
-    pub ca: Vec<PathBuf>,
+    /// Trusted CA roots: the own cloud's first, federated partners' after. Each a PEM file
+    /// path (that root may issue every role), or `{ file = "PATH", allow = [{ role = "ROLE",
+    /// names = ["NAME-or-PATTERN", ...] }, ...] }` to limit what it may issue (docs/PKI.md
+    /// "Federation").
+    pub ca: Vec<net::TrustedRootFile>,
     /// Certificate revocation lists (PEM files), one per trusted CA (`cloud-platform ca
     /// revoke` keeps the cloud CA's in CA_DIR/crl.pem). Checked on every TLS client and
     /// every signer; a change is picked up without a restart. Empty: nothing is revoked.

@@ -46,7 +46,7 @@ pub fn build_with_shares(config: &TtpConfig, shares: &[ShareLine]) -> Result<(Ar
     let store = config.open_store()?;
     config.limits.serve_options().map_err(Error::Config)?;
     let master_keys = crate::master_key::unlock(&config.data_dir, &config.master_key, shares)?;
-    let ttp = Ttp::new(master_keys, signing_key, material.ca_pems.clone(), policy, Arc::new(store))?
+    let ttp = Ttp::new(master_keys, signing_key, material.trusted_roots.clone(), policy, Arc::new(store))?
         .with_revocation_lists(config.crl.clone())
         .with_registration_replicas(config.registration_replicas.clone());
     let ttp = match config.load_image_allowlist(&material.ca_pems)? {

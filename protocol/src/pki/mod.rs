@@ -23,6 +23,7 @@
 //! - `identity`: the identity read out of a certificate;
 //! - `revocation`: revocation reasons and reading a signed list;
 //! - `pem`: PEM to DER;
+//! - `trusted_root`: the trusted CA roots and the roles (and names) each may issue;
 //! - `tls_config`: the rustls client and server configurations; `verifier`: the
 //!   certificate checks they run;
 //! - `tls_error`: TLS errors in words.
@@ -35,6 +36,7 @@ mod role;
 mod role_extension;
 mod tls_config;
 mod tls_error;
+mod trusted_root;
 mod verifier;
 
 pub use identity::{identity_from_certificate, Identity};
@@ -45,4 +47,5 @@ pub use role::Role;
 pub use role_extension::{decode_role_extension, encode_role_extension, ROLE_EXTENSION_OID, ROLE_EXTENSION_VERSION};
 pub use tls_config::{client_config, client_config_without_certificate, server_config};
 pub use tls_error::{describe_tls_error, rfc3339};
+pub use trusted_root::{NamePattern, RoleAllowance, RootLimit, TrustedRoot};
 pub use verifier::{client_cert_verifier, RoleRefused};

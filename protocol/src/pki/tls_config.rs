@@ -13,18 +13,19 @@ use crate::error::{Error, Result};
 use super::identity::{identity_from_certificate, Identity};
 use super::pem::{certs_from_pem, key_from_pem};
 use super::tls_error::describe_tls_error;
-use super::verifier::{role_client_verifier, role_server_verifier};
+use super::trusted_root::TrustedRoot;
+use super::verifier::{role_client_verifier, role_server_verifier, to_trusted_roots};
 use super::Role;
 
-/// The trust anchors: every certificate of every PEM in `trusted_ca_pems` (several for
-/// federated clouds); refuses an empty list.
-pub(super) fn root_store(trusted_ca_pems: &[String]) -> Result<Arc<RootCertStore>> {
-    if trusted_ca_pems.is_empty() {
+/// The trust anchors: every certificate of every root's PEM (several for federated clouds);
+/// refuses an empty list. The roots' limits are applied by [`super::verifier`].
+pub(super) fn root_store(roots: &[TrustedRoot]) -> Result<Arc<RootCertStore>> {
+    if roots.is_empty() {
         return Err(Error::Certificate("no trusted CA certificate configured".into()));
     }
     let mut store = RootCertStore::empty();
-    for (i, pem) in trusted_ca_pems.iter().enumerate() {
-        for der in certs_from_pem(pem, &format!("trusted CA #{}", i + 1))? {
+    for (i, root) in roots.iter().enumerate() {
+        for der in certs_from_pem(&root.pem, &format!("trusted CA #{}", i + 1))? {
             store
                 .add(der)
                 .map_err(|e| Error::Certificate(format!("trusted CA #{} is not usable as a root: {e}", i + 1)))?;
@@ -46,10 +47,11 @@ fn own_chain(cert_pem: &str) -> Result<(Vec<CertificateDer<'static>>, Identity)>
 }
 
 /// Server side of a Skydd link: TLS 1.3 only, client certificate required, chained to one of
-/// `trusted_ca_pems` (several for federated clouds), not revoked by `crl_pems` (see
-/// [`super::crls_from_pems`]), with a role in `allowed_client_roles`.
-pub fn server_config(
-    trusted_ca_pems: &[String],
+/// `trusted_roots` (several for federated clouds; PEM strings, or [`TrustedRoot`]s with the
+/// roles each may issue), not revoked by `crl_pems` (see [`super::crls_from_pems`]), with a
+/// role in `allowed_client_roles` that its root may issue.
+pub fn server_config<R: Clone + Into<TrustedRoot>>(
+    trusted_roots: &[R],
     crl_pems: &[String],
     cert_pem: &str,
     key_pem: &str,
@@ -58,7 +60,7 @@ pub fn server_config(
     if allowed_client_roles.is_empty() {
         return Err(Error::Certificate("no client role is allowed: the list is empty".into()));
     }
-    let verifier = role_client_verifier(trusted_ca_pems, crl_pems, allowed_client_roles)?;
+    let verifier = role_client_verifier(&to_trusted_roots(trusted_roots), crl_pems, allowed_client_roles)?;
     let (chain, _) = own_chain(cert_pem)?;
     let key = key_from_pem(key_pem)?;
     rustls::ServerConfig::builder_with_provider(provider())
@@ -70,16 +72,16 @@ pub fn server_config(
 }
 
 /// Client side of a Skydd link: TLS 1.3 only, presents our certificate, requires the server
-/// certificate to chain to `trusted_ca_pems`, not be revoked by `crl_pems`, match the host
-/// name, and carry `expected_server_role`.
-pub fn client_config(
-    trusted_ca_pems: &[String],
+/// certificate to chain to `trusted_roots`, not be revoked by `crl_pems`, match the host
+/// name, and carry `expected_server_role`, which its root may issue.
+pub fn client_config<R: Clone + Into<TrustedRoot>>(
+    trusted_roots: &[R],
     crl_pems: &[String],
     cert_pem: &str,
     key_pem: &str,
     expected_server_role: Role,
 ) -> Result<rustls::ClientConfig> {
-    let verifier = role_server_verifier(trusted_ca_pems, crl_pems, expected_server_role)?;
+    let verifier = role_server_verifier(&to_trusted_roots(trusted_roots), crl_pems, expected_server_role)?;
     let (chain, _) = own_chain(cert_pem)?;
     let key = key_from_pem(key_pem)?;
     rustls::ClientConfig::builder_with_provider(provider())
@@ -93,12 +95,12 @@ pub fn client_config(
 
 /// A client configuration that presents no certificate (tests of the refusal; tools that only
 /// probe). Skydd servers refuse it.
-pub fn client_config_without_certificate(
-    trusted_ca_pems: &[String],
+pub fn client_config_without_certificate<R: Clone + Into<TrustedRoot>>(
+    trusted_roots: &[R],
     crl_pems: &[String],
     expected_server_role: Role,
 ) -> Result<rustls::ClientConfig> {
-    let verifier = role_server_verifier(trusted_ca_pems, crl_pems, expected_server_role)?;
+    let verifier = role_server_verifier(&to_trusted_roots(trusted_roots), crl_pems, expected_server_role)?;
     Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls13_unavailable)?

@@ -1,5 +1,6 @@
 //! TLS and certificates: no certificate, a foreign CA, an expired certificate, the wrong
-//! role, TLS 1.2, a certificate revoked while the cloud runs (rows T1-T10). The tests that
+//! role, TLS 1.2, a certificate revoked while the cloud runs, a partner root issuing beyond
+//! its limit (rows T1-T12). The tests that
 //! watch the server's handshake failures use a federated TTP replica of their own ([`Partner`]).
 
 use super::*;
@@ -19,6 +20,11 @@ struct Partner {
 
 impl Partner {
     async fn start(cloud: &AllInOne, tag: &str) -> Self {
+        Self::start_limited(cloud, tag, None).await
+    }
+
+    /// [`Partner::start`] with the partner root limited to `allow` (`None`: every role).
+    async fn start_limited(cloud: &AllInOne, tag: &str, allow: Option<Vec<protocol::pki::RoleAllowance>>) -> Self {
         let pki = &cloud.pki;
         let extra = cloud.dir.join("extra").join(tag);
         std::fs::create_dir_all(&extra).unwrap();
@@ -36,7 +42,7 @@ impl Partner {
         let partner_config = ttp::config::TtpConfig {
             listen: "127.0.0.1:0".into(),
             data_dir: partner_dir.clone(),
-            ca: vec![pki.dir.join("ca.pem"), partner_ca_file.clone()],
+            ca: vec![pki.dir.join("ca.pem").into(), net::TrustedRootFile { file: partner_ca_file.clone(), allow }],
             crl: Vec::new(),
             cert: ttp_files.cert.clone(),
             key: ttp_files.key.clone(),
@@ -215,6 +221,57 @@ fn t3_t4_an_expired_certificate_is_refused() {
         let message = expect_code(result, "descriptor_signature_invalid");
         assert!(message.contains("expired"), "{message}");
         assert_audited(&p.service, before, "register", "descriptor_signature_invalid");
+    });
+}
+
+/// T11 and T12: a partner root limited to domain managers and one named host
+/// (docs/PKI.md "Federation") issues a cloud-platform certificate (T11) and a
+/// secure-component certificate for a host outside its allowance (T12); the TTP refuses both
+/// in the handshake, naming the root, the role and what the root may issue. The partner's
+/// domain manager and its named host are served (the control).
+#[test]
+fn t11_t12_a_partner_root_issues_only_the_roles_and_hosts_it_is_allowed() {
+    run(|w| async move {
+        let World { cloud, .. } = w;
+        let allow = vec![
+            protocol::pki::RoleAllowance::role(Role::DomainManager),
+            protocol::pki::RoleAllowance::named(Role::SecureComponent, &["partner-compute-07"]).unwrap(),
+        ];
+        let mut p = Partner::start_limited(&cloud, "t11", Some(allow)).await;
+        let trust = [p.lab_ca_pem.clone()];
+        let partner_issues = |role: Role, name: &str| {
+            CertificateAuthority::issue(&p.ca_pem, &p.ca_key, role, name, Validity::Days(30)).unwrap()
+        };
+        let allowed = "which may issue only domain-manager; secure-component named partner-compute-07";
+        for (row, role, name) in
+            [("T11", Role::CloudPlatform, "cp-partner"), ("T12", Role::SecureComponent, "partner-compute-99")]
+        {
+            let id = partner_issues(role, name);
+            let result = client_with(&trust, &id.cert_pem, &id.key_pem, Role::Ttp, &p.url)
+                .post_json::<_, ChallengeResponse>("/v1/challenges", &())
+                .await;
+            println!("   {row} client: {}", expect_tls_refusal(result));
+            let failure = next_failure(&mut p.failures).await;
+            assert_eq!(
+                failure.reason,
+                format!(
+                    "client certificate of {name:?} (role {role}) is issued by trusted root \"partner-ca\" (trusted CA #2), {allowed}"
+                )
+            );
+        }
+        // The control: the partner's domain manager and its named host get through TLS.
+        let dave = partner_issues(Role::DomainManager, "dm-dave");
+        let history = client_with(&trust, &dave.cert_pem, &dave.key_pem, Role::Ttp, &p.url)
+            .get_json::<HistoryResponse>("/v1/domains/no-such-domain/history")
+            .await;
+        assert!(!matches!(history, Err(net::Error::Tls { .. })), "dm-dave is refused in TLS: {history:?}");
+        let host = partner_issues(Role::SecureComponent, "partner-compute-07");
+        // Past TLS, the TTP itself answers: this host has not enrolled here (yet).
+        let challenge = client_with(&trust, &host.cert_pem, &host.key_pem, Role::Ttp, &p.url)
+            .post_json::<_, ChallengeResponse>("/v1/challenges", &())
+            .await;
+        let message = expect_code(challenge, "host_unknown");
+        assert!(message.contains("partner-compute-07"), "{message}");
     });
 }
 

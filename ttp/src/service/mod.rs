@@ -79,7 +79,7 @@ impl Ttp {
     pub fn new(
         master_keys: impl Into<MasterKeys>,
         signing_key: SignatureKey,
-        trusted_cas: Vec<String>,
+        trusted_cas: Vec<impl Into<protocol::pki::TrustedRoot>>,
         policy: AttestationPolicy,
         store: Arc<dyn TtpStore>,
     ) -> Result<Self> {
@@ -87,7 +87,8 @@ impl Ttp {
         policy.validate()?;
         let own = protocol::pki::identity_from_certificate(signing_key.certificate_der())
             .map_err(|e| Error::Config(format!("the TTP's own certificate: {e}")))?;
-        let registration_cas: Vec<String> = trusted_cas
+        let trusted_cas: Vec<protocol::pki::TrustedRoot> = trusted_cas.into_iter().map(Into::into).collect();
+        let registration_cas: Vec<protocol::pki::TrustedRoot> = trusted_cas
             .iter()
             .filter(|ca| {
                 protocol::signing::verify_signer_certificate(

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use protocol::pki::Identity;
+use protocol::pki::{Identity, TrustedRoot};
 use protocol::signing::{SignatureContext, SignedEnvelope};
 use rustls::server::danger::ClientCertVerifier;
 use sha2::{Digest, Sha256};
@@ -30,8 +30,8 @@ const MAX_REMEMBERED: usize = 16_384;
 /// Which trust anchors a certificate must chain to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Anchors {
-    /// Every trusted CA (own cloud's and federated partners'): descriptors, grants,
-    /// placements, deletions.
+    /// Every trusted CA (own cloud's and federated partners', each within the roles it may
+    /// issue): descriptors, grants, placements, deletions.
     Trusted,
     /// Only the CAs that issued this TTP's own certificate: registrations.
     Registration,
@@ -55,8 +55,8 @@ struct UnderLists {
 
 /// The TTP's signer checks (see the module documentation).
 pub(super) struct SignerChecks {
-    trusted_cas: Vec<String>,
-    registration_cas: Vec<String>,
+    trusted_cas: Vec<TrustedRoot>,
+    registration_cas: Vec<TrustedRoot>,
     revocation_lists: Vec<PathBuf>,
     under_lists: Mutex<UnderLists>,
     signatures: Mutex<HashSet<[u8; 32]>>,
@@ -67,10 +67,10 @@ pub(super) struct SignerChecks {
 impl SignerChecks {
     /// Checks under `trusted_cas` (and `registration_cas` for registrations); no revocation
     /// list until [`SignerChecks::set_revocation_lists`].
-    pub(super) fn new(trusted_cas: Vec<String>, registration_cas: Vec<String>) -> Self {
+    pub(super) fn new(trusted_cas: Vec<impl Into<TrustedRoot>>, registration_cas: Vec<impl Into<TrustedRoot>>) -> Self {
         Self {
-            trusted_cas,
-            registration_cas,
+            trusted_cas: trusted_cas.into_iter().map(Into::into).collect(),
+            registration_cas: registration_cas.into_iter().map(Into::into).collect(),
             revocation_lists: Vec::new(),
             under_lists: Mutex::default(),
             signatures: Mutex::default(),

@@ -18,5 +18,5 @@ pub fn identity_files(dir: &Path, ca: &Ca, role: Role, name: &str) -> TlsFiles {
     std::fs::write(&key, issued.key_pem.as_bytes()).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::write(&ca_file, &ca.0).unwrap();
-    TlsFiles { ca: vec![ca_file], cert, key, crl: Vec::new() }
+    TlsFiles { ca: vec![ca_file.into()], cert, key, crl: Vec::new() }
 }
