@@ -244,15 +244,18 @@ fn trust_policy(trust: &TrustArgs) -> Result<TrustPolicy> {
     if trust.ca.is_empty() {
         bail!("no CA given: pass --ca ca.pem (or set IMAGE_PIPELINE_CA) so the provenance signer can be checked");
     }
-    let mut ca_pems = Vec::new();
+    // Roots given on the command line may issue every role; the signer check then insists on
+    // the cloud-platform certificate named --signer-name.
+    let mut roots = Vec::new();
     for p in &trust.ca {
-        ca_pems.push(std::fs::read_to_string(p).with_context(|| format!("read CA certificate {}", p.display()))?);
+        let pem = std::fs::read_to_string(p).with_context(|| format!("read CA certificate {}", p.display()))?;
+        roots.push(protocol::pki::TrustedRoot::any_role(pem));
     }
     let mut crl_pems = Vec::new();
     for p in &trust.crl {
         crl_pems.push(net::read_pem_file(p).with_context(|| format!("read revocation list {}", p.display()))?);
     }
-    Ok(TrustPolicy { ca_pems, crl_pems, signer_name: trust.signer_name.clone(), now_unix: now_unix() })
+    Ok(TrustPolicy { roots, crl_pems, signer_name: trust.signer_name.clone(), now_unix: now_unix() })
 }
 
 fn signer(args: &SigningArgs) -> Result<Signer> {

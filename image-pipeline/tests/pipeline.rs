@@ -71,7 +71,7 @@ async fn image_pipeline_end_to_end() {
     let files = pki.issue(Role::CloudPlatform, "image-pipeline").unwrap();
     let signer = Signer::from_files(&files.key, &files.cert).unwrap();
     let policy = TrustPolicy {
-        ca_pems: vec![pki.ca_pem().to_string()],
+        roots: vec![protocol::pki::TrustedRoot::any_role(pki.ca_pem())],
         crl_pems: Vec::new(),
         signer_name: "image-pipeline".into(),
         now_unix: now(),

@@ -50,8 +50,9 @@ pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
 /// Whose envelopes a verifier accepts.
 #[derive(Debug, Clone)]
 pub struct SignerTrust {
-    /// PEM of the cloud CA (and partners' CAs).
-    pub ca_pems: Vec<String>,
+    /// The trusted CA roots with the roles each may issue (a partner root limited to other
+    /// roles cannot vouch for an image signer; docs/PKI.md "Federation").
+    pub roots: Vec<crate::pki::TrustedRoot>,
     /// PEM revocation lists of those CAs (empty: nothing is revoked).
     pub crl_pems: Vec<String>,
     /// Name the signer's `cloud-platform` certificate must carry (normally `image-pipeline`);
@@ -101,7 +102,7 @@ fn check_signature(
     trust: &SignerTrust,
 ) -> std::result::Result<Identity, String> {
     let cert = STANDARD.decode(&signature.cert).map_err(|e| format!("certificate is not base64: {e}"))?;
-    let identity = crate::signing::verify_signer_certificate(&cert, &trust.ca_pems, &trust.crl_pems, trust.now_unix)
+    let identity = crate::signing::verify_signer_certificate(&cert, &trust.roots, &trust.crl_pems, trust.now_unix)
         .map_err(|e| e.to_string())?;
     if identity.role != Role::CloudPlatform || identity.name != trust.signer_name {
         return Err(format!("signed by {identity}, but it must be signed by {} (cloud-platform)", trust.signer_name));
@@ -136,8 +137,7 @@ mod tests {
 
     #[test]
     fn an_unsigned_or_mistyped_envelope_is_refused() {
-        let trust =
-            SignerTrust { ca_pems: vec![], crl_pems: vec![], signer_name: "image-pipeline".into(), now_unix: 0 };
+        let trust = SignerTrust { roots: vec![], crl_pems: vec![], signer_name: "image-pipeline".into(), now_unix: 0 };
         let unsigned = br#"{"payloadType":"t","payload":"","signatures":[]}"#;
         let err = open_envelope(unsigned, "t", "list", &trust).unwrap_err().to_string();
         assert!(err.contains("unsigned"), "{err}");

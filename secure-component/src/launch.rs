@@ -107,12 +107,16 @@ impl Launcher {
                 config.hypervisor
             )));
         }
-        let read_text = |path: &Path| {
-            std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))
+        let tls = net::TlsFiles {
+            ca: config.ca.clone(),
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+            crl: config.crl.clone(),
         };
+        let material = tls.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
         let trust = SignerTrust {
-            ca_pems: config.ca.iter().map(|p| read_text(p)).collect::<Result<_>>()?,
-            crl_pems: config.crl.iter().map(|p| read_text(p)).collect::<Result<_>>()?,
+            roots: material.trusted_roots,
+            crl_pems: material.crl_pems,
             signer_name: launch.signer.clone(),
             now_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -81,7 +81,7 @@ async fn scenario() {
     let forged =
         serde_json::to_vec(&imposter.sign_dsse(ALLOWLIST_PAYLOAD_TYPE, &serde_json::to_vec(&list).unwrap())).unwrap();
     let trust = SignerTrust {
-        ca_pems: vec![pki.ca_pem().to_string()],
+        roots: vec![protocol::pki::TrustedRoot::any_role(pki.ca_pem())],
         crl_pems: Vec::new(),
         signer_name: "image-pipeline".into(),
         now_unix: protocol_now(),
@@ -89,6 +89,26 @@ async fn scenario() {
     assert_eq!(protocol::image::verify_allowlist(&std::fs::read(&allowlist_path).unwrap(), &trust).unwrap(), list);
     let error = protocol::image::verify_allowlist(&forged, &trust).unwrap_err().to_string();
     assert!(error.contains("must be signed by image-pipeline"), "{error}");
+    // A partner cloud's root, trusted for domain managers only, cannot vouch for an
+    // "image-pipeline" signer of its own issuing (docs/PKI.md "Federation").
+    let partner = LabPki::create_named(&root.join("partner-pki"), "partner-ca").unwrap();
+    let partner_signer =
+        partner.issue(Role::CloudPlatform, "image-pipeline").unwrap().load().unwrap().signature_key().unwrap();
+    let partner_list =
+        serde_json::to_vec(&partner_signer.sign_dsse(ALLOWLIST_PAYLOAD_TYPE, &serde_json::to_vec(&list).unwrap()))
+            .unwrap();
+    let federated = SignerTrust {
+        roots: vec![
+            protocol::pki::TrustedRoot::any_role(pki.ca_pem()),
+            protocol::pki::TrustedRoot::limited(
+                partner.ca_pem(),
+                vec![protocol::pki::RoleAllowance::role(Role::DomainManager)],
+            ),
+        ],
+        ..trust.clone()
+    };
+    let error = protocol::image::verify_allowlist(&partner_list, &federated).unwrap_err().to_string();
+    assert!(error.contains("may issue only domain-manager"), "{error}");
 
     // A TTP that releases keys only to VMs launched from allowlisted images, one host.
     let (listener, ttp_url) = RunningTtp::bind().await.unwrap();

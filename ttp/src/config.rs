@@ -101,8 +101,11 @@ fn default_listen() -> String {
 
 impl TtpConfig {
     /// The verified image allowlist, if one is configured: signed by `image_signer` under one
-    /// of the trusted CAs (`ca_pems`), not revoked by the configured CRLs.
-    pub fn load_image_allowlist(&self, ca_pems: &[String]) -> Result<Option<protocol::image::AllowList>> {
+    /// of the trusted CA roots (within its limits), not revoked by the configured CRLs.
+    pub fn load_image_allowlist(
+        &self,
+        roots: &[protocol::pki::TrustedRoot],
+    ) -> Result<Option<protocol::image::AllowList>> {
         let Some(TrustedLaunchConfig { allowlist: path, signer }) = &self.trusted_launch else { return Ok(None) };
         let read =
             |p: &Path| std::fs::read(p).map_err(|e| Error::Io { context: format!("read {}", p.display()), source: e });
@@ -112,7 +115,7 @@ impl TtpConfig {
             .map(|p| read(p).map(|b| String::from_utf8_lossy(&b).into_owned()))
             .collect::<Result<Vec<_>>>()?;
         let trust = protocol::dsse::SignerTrust {
-            ca_pems: ca_pems.to_vec(),
+            roots: roots.to_vec(),
             crl_pems,
             signer_name: signer.clone(),
             now_unix: crate::store::now_unix(),
