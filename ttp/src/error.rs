@@ -98,6 +98,10 @@ pub enum Error {
     /// (403 `registration_mismatch`).
     #[error("registration does not match: {0}")]
     RegistrationMismatch(String),
+    /// A descriptor's access policy does not parse or does not validate against the schema
+    /// (400 `policy_invalid`); the message names Cedar's errors.
+    #[error("{0}")]
+    PolicyInvalid(String),
 
     // ---- access ----------------------------------------------------------------------------
     /// The VM is not in the domain's access list (403 `vm_not_in_acl`).
@@ -107,6 +111,14 @@ pub enum Error {
     /// (403 `mode_not_permitted`).
     #[error("{0}")]
     ModeNotPermitted(String),
+    /// The domain's access policy does not permit the release (403 `policy_denied`); the
+    /// message names the deciding policies.
+    #[error("{0}")]
+    PolicyDenied(String),
+    /// A break-glass release (purpose `emergency`) whose grant gives no reason (403
+    /// `break_glass_reason_missing`), whatever the policy says.
+    #[error("{0}")]
+    BreakGlassReasonMissing(String),
     /// The mount grant's `expires_at` has passed (403 `grant_expired`).
     #[error("mount grant expired: {0}")]
     GrantExpired(String),
@@ -219,6 +231,9 @@ impl Error {
             Error::DomainUnknown(_) => Refusal::DomainUnknown,
             Error::DomainDeleted(_) => Refusal::DomainDeleted,
             Error::RegistrationMismatch(_) => Refusal::RegistrationMismatch,
+            Error::PolicyInvalid(_) => Refusal::PolicyInvalid,
+            Error::PolicyDenied(_) => Refusal::PolicyDenied,
+            Error::BreakGlassReasonMissing(_) => Refusal::BreakGlassReasonMissing,
             Error::VmNotInAcl(_) => Refusal::VmNotInAcl,
             Error::ModeNotPermitted(_) => Refusal::ModeNotPermitted,
             Error::GrantExpired(_) => Refusal::GrantExpired,

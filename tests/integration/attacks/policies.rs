@@ -1,0 +1,158 @@
+//! The owner's access policy (docs/PROTOCOL.md "Access policy") decided by the real TTP at
+//! every key release of the shared cloud (swtpm hosts, the CP forwarding each attach): a time
+//! window, a purpose of use, break-glass with and without a reason (its record and the
+//! owner's notification), a policy outside the schema refused at update (row X2's sibling),
+//! and a policy the cloud platform edits in the header it stores (row X1).
+
+use super::*;
+
+/// The owner's next version of `descriptor` with `policy`; registered through the CP.
+async fn with_policy(w: &World, descriptor: &Descriptor, policy: &str) -> Descriptor {
+    let next = descriptor.next_version(|d| d.policy = Some(policy.to_string())).unwrap();
+    update_domain(&w.alice_cp, &w.alice, &next).await;
+    next
+}
+
+/// The owner's grant with a purpose and reason, valid `valid_for` seconds.
+fn grant_for(w: &World, domain_id: &str, vm: &str, mode: AccessMode, valid_for: u64, purpose: &str, reason: &str) -> SignedEnvelope {
+    w.alice.grant_for_purpose(domain_id, vm, mode, now_unix() + valid_for, purpose, reason)
+}
+
+async fn detach(cp: &net::Client, attachment: &Attachment) {
+    let _: Attachment = cp.delete_json(&format!("/v1/attachments/{}", attachment.id)).await.expect("detach");
+}
+
+/// A time window: permitted inside it, `policy_denied` (audited, naming why) outside it.
+#[test]
+fn a_time_window_policy_permits_inside_and_refuses_outside() {
+    run(|w| async move {
+        let d = Domains::create(&w).await;
+        let ttp = w.cloud.ttp.service.clone();
+        let now = now_unix();
+        let window = |from: u64, to: u64| {
+            format!(
+                "@id(\"study-window\") permit (principal, action, resource) \
+                 when {{ context.now >= {from} && context.now < {to} }};"
+            )
+        };
+        let inside = with_policy(&w, &d.desc_a, &window(now - 3600, now + 3600)).await;
+        let attached = attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300))
+            .await
+            .expect("inside the window");
+        let granted = audit_records(&ttp).into_iter().rev().find(|r| r.domain_id.as_deref() == Some(d.id_a.as_str()) && r.event == "key_release").unwrap();
+        assert_eq!(granted.outcome, "ok");
+        assert!(granted.message.contains("permitted by policy study-window"), "{}", granted.message);
+        detach(&w.alice_cp, &attached).await;
+
+        with_policy(&w, &inside, &window(now - 7200, now - 3600)).await;
+        let (message, _) =
+            refused_attach(&ttp, &w.alice_cp, &w.alice, &d.id_a, "vm-a", AccessMode::Rw, "policy_denied").await;
+        assert!(message.contains("denies attach_rw by vm-a on compute-1") && message.contains("no permit policy applies"), "{message}");
+        assert_in_history(&w.cloud, &d.id_a, "policy_denied").await;
+    });
+}
+
+/// A purpose policy: treatment is permitted, research is refused by the forbid that names it.
+#[test]
+fn a_purpose_policy_decides_on_the_signed_purpose() {
+    run(|w| async move {
+        let d = Domains::create(&w).await;
+        let ttp = w.cloud.ttp.service.clone();
+        let policy = "@id(\"care\") permit (principal, action, resource);\n\
+                      @id(\"no-research\") forbid (principal, action, resource) when { context.purpose == \"research\" };";
+        with_policy(&w, &d.desc_a, policy).await;
+        let before = audit_records(&ttp).len();
+        let research = grant_for(&w, &d.id_a, "vm-a", AccessMode::Rw, 300, "research", "cohort 7");
+        let message = expect_code(attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, research).await, "policy_denied");
+        assert!(message.contains("for purpose \"research\": forbidden by no-research"), "{message}");
+        assert_audited(&ttp, before, "key_release", "policy_denied");
+
+        let treatment = grant_for(&w, &d.id_a, "vm-a", AccessMode::Rw, 300, "treatment", "");
+        let attached = attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, treatment).await.expect("treatment is permitted");
+        detach(&w.alice_cp, &attached).await;
+    });
+}
+
+/// X2 and break-glass: an emergency release without a reason is refused whatever the policy
+/// (audited as `break_glass_release`); with one it is released, recorded with its reason,
+/// and the owner's history announces it.
+#[test]
+fn x2_break_glass_needs_a_reason_and_the_owner_is_notified() {
+    run(|w| async move {
+        let d = Domains::create(&w).await;
+        let ttp = w.cloud.ttp.service.clone();
+        let policy = "@id(\"break-glass\") permit (principal, action == Action::\"attach_ro\", resource) \
+                      when { context.purpose == \"emergency\" && context.grant_signer == \"dm-alice\" && \
+                             context.grant_lifetime_seconds <= 300 && context.reason != \"\" };";
+        with_policy(&w, &d.desc_a, policy).await;
+
+        let before = audit_records(&ttp).len();
+        let no_reason = grant_for(&w, &d.id_a, "vm-b", AccessMode::Ro, 120, "emergency", "");
+        let message = expect_code(attach(&w.alice_cp, &d.id_a, "vm-b", AccessMode::Ro, no_reason).await, "break_glass_reason_missing");
+        assert!(message.contains("gives no reason"), "{message}");
+        assert_audited(&ttp, before, "break_glass_release", "break_glass_reason_missing");
+
+        // A grant valid longer than the policy's 300 s is the policy's to refuse.
+        let long = grant_for(&w, &d.id_a, "vm-b", AccessMode::Ro, 900, "emergency", "ward round");
+        expect_code(attach(&w.alice_cp, &d.id_a, "vm-b", AccessMode::Ro, long).await, "policy_denied");
+
+        let reason = "unconscious patient in ER bay 3, no consent possible";
+        let grant = grant_for(&w, &d.id_a, "vm-b", AccessMode::Ro, 120, "emergency", reason);
+        let attached = attach(&w.alice_cp, &d.id_a, "vm-b", AccessMode::Ro, grant).await.expect("break-glass with a reason");
+        let alice_ttp = w.cloud.pki.client("dm-alice", Role::Ttp, &w.cloud.ttp.url).unwrap();
+        let history: HistoryResponse = alice_ttp.get_json(&format!("/v1/domains/{}/history", d.id_a)).await.unwrap();
+        let record = history.records.iter().rev().find(|r| r.event == "break_glass_release" && r.outcome == "ok").expect("the break-glass record");
+        assert!(record.message.ends_with(&format!("reason: {reason}")), "{}", record.message);
+        let shown = domain_manager::render::history(&history);
+        let notice = format!("BREAK-GLASS: vm-b read domain {} on host compute-2 at {} (UTC s), by manager dm-alice: {reason}", d.id_a, record.at);
+        assert!(shown.starts_with(&notice), "{shown}");
+        println!("   {notice}");
+        detach(&w.alice_cp, &attached).await;
+    });
+}
+
+/// A policy outside the schema is refused at update (`policy_invalid`, naming Cedar's error,
+/// audited); the domain stays at its version.
+#[test]
+fn a_policy_that_fails_schema_validation_is_refused_at_update() {
+    run(|w| async move {
+        let d = Domains::create(&w).await;
+        let ttp = w.cloud.ttp.service.clone();
+        let next = d.desc_a.next_version(|x| x.policy = Some("permit (principal, action, resource) when { principal.ward == \"icu\" };".into())).unwrap();
+        let before = audit_records(&ttp).len();
+        let result: Result<DomainView, net::Error> = w
+            .alice_cp
+            .put_json(&format!("/v1/domains/{}/descriptor", d.id_a), &UpdateDomainRequest { descriptor: w.alice.sign_descriptor(&next).unwrap() })
+            .await;
+        let message = expect_code(result, "policy_invalid");
+        assert!(message.contains("does not validate against the schema") && message.contains("ward"), "{message}");
+        assert_audited(&ttp, before, "register", "policy_invalid");
+        // Version 1 is still in force: the owner's attach goes on.
+        let attached = attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300)).await.expect("version 1 in force");
+        detach(&w.alice_cp, &attached).await;
+    });
+}
+
+/// X1: the cloud platform widens the policy in the header it stores, keeping the owner's
+/// signature: `descriptor_signature_invalid` (audited).
+#[test]
+fn x1_a_policy_edited_by_the_cp_is_refused() {
+    run(|w| async move {
+        let d = Domains::create(&w).await;
+        let ttp = w.cloud.ttp.service.clone();
+        let strict = with_policy(&w, &d.desc_a, "@id(\"never\") forbid (principal, action, resource);").await;
+        let view: DomainView = w.alice_cp.get_json(&format!("/v1/domains/{}", d.id_a)).await.unwrap();
+        let mut edited = strict.clone();
+        edited.policy = Some("permit (principal, action, resource);".into());
+        let mut header = view.header.clone();
+        header.descriptor.message = edited.encode().unwrap();
+        plant_header(&d.path_a, &header);
+        let (message, _) =
+            refused_attach(&ttp, &w.alice_cp, &w.alice, &d.id_a, "vm-a", AccessMode::Rw, "descriptor_signature_invalid").await;
+        assert_in_history(&w.cloud, &d.id_a, "descriptor_signature_invalid").await;
+        println!("   {message}");
+        plant_header(&d.path_a, &view.header);
+        // The owner's own policy in force refuses as it says.
+        refused_attach(&ttp, &w.alice_cp, &w.alice, &d.id_a, "vm-a", AccessMode::Rw, "policy_denied").await;
+    });
+}
