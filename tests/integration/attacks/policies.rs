@@ -84,6 +84,11 @@ fn x2_break_glass_needs_a_reason_and_the_owner_is_notified() {
         let policy = "@id(\"break-glass\") permit (principal, action == Action::\"attach_ro\", resource) \
                       when { context.purpose == \"emergency\" && context.grant_signer == \"dm-alice\" && \
                              context.grant_lifetime_seconds <= 300 && context.reason != \"\" };";
+        // A read-only attach needs a file system: one read-write attach makes it.
+        let formatted = attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300))
+            .await
+            .expect("the first read-write attach");
+        detach(&w.alice_cp, &formatted).await;
         with_policy(&w, &d.desc_a, policy).await;
 
         let before = audit_records(&ttp).len();
