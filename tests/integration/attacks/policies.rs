@@ -161,3 +161,44 @@ fn x1_a_policy_edited_by_the_cp_is_refused() {
         refused_attach(&ttp, &w.alice_cp, &w.alice, &d.id_a, "vm-a", AccessMode::Rw, "policy_denied").await;
     });
 }
+
+/// What `domain-manager domain policy set|show`, `attach --purpose --reason` and `domain
+/// history` run (the CLI's library, over mutual TLS to the shared cloud): the refusals read
+/// with what to do, and the history of a break-glass release starts with its notice.
+#[test]
+fn the_domain_manager_sets_and_shows_a_policy_and_attaches_for_a_purpose() {
+    run(|w| async move {
+        use domain_manager::config::DmConfig;
+        use domain_manager::ops::{parse_acl_entry, DomainManager as Dm};
+        let alice = Dm::connect(&DmConfig::load(&w.cloud.manager_config("dm-alice").unwrap()).unwrap()).unwrap();
+        let acl = vec![parse_acl_entry("vm-a:rw").unwrap(), parse_acl_entry("vm-b:ro").unwrap()];
+        let id = alice.create(Default::default(), acl, Vec::new(), 16 << 20).await.unwrap().id;
+        let formatted = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.expect("the first read-write attach");
+        alice.detach_attachment(&formatted.id).await.unwrap();
+
+        let refused = alice.set_policy(&id, Some("permit (principal, action, resource) when { context.ward };".into())).await;
+        let text = refused.expect_err("outside the schema").to_string();
+        assert!(text.contains("policy_invalid") && text.contains("ward") && text.contains("what to do:"), "{text}");
+        assert_eq!(alice.policy(&id).await.unwrap(), None, "the version before stays in force");
+
+        let policy = "@id(\"treatment\") permit (principal, action, resource) when { context.purpose == \"treatment\" };\n\
+                      @id(\"break-glass\") permit (principal, action == Action::\"attach_ro\", resource) \
+                      when { context.purpose == \"emergency\" && context.reason != \"\" };";
+        alice.set_policy(&id, Some(policy.into())).await.unwrap();
+        assert_eq!(alice.policy(&id).await.unwrap().as_deref(), Some(policy));
+
+        let local = alice.attach_for_purpose(&id, "vm-b", AccessMode::Ro, 120, "emergency", "").await;
+        assert!(local.expect_err("refused before signing").to_string().contains("needs --reason"));
+        let denied = alice.attach_for_purpose(&id, "vm-a", AccessMode::Rw, 300, "research", "").await;
+        let text = denied.expect_err("research is not permitted").to_string();
+        assert!(text.contains("policy_denied") && text.contains("domain policy show"), "{text}");
+        let attached = alice.attach_for_purpose(&id, "vm-a", AccessMode::Rw, 300, "treatment", "").await.unwrap();
+        alice.detach_attachment(&attached.id).await.unwrap();
+
+        let glass = alice.attach_for_purpose(&id, "vm-b", AccessMode::Ro, 120, "emergency", "sepsis, chart needed now").await.unwrap();
+        let shown = domain_manager::render::history(&alice.history(&id).await.unwrap());
+        assert!(shown.starts_with(&format!("BREAK-GLASS: vm-b read domain {id} on host compute-2 at ")), "{shown}");
+        assert!(shown.lines().next().unwrap().ends_with("by manager dm-alice: sepsis, chart needed now"), "{shown}");
+        alice.detach_attachment(&glass.id).await.unwrap();
+    });
+}
