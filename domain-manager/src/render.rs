@@ -264,7 +264,8 @@ mod tests {
             "key of domain d version 3 released to vm-a on compute-1 (ro), grant by dm-er, placement by cp-1, \
              purpose emergency, reason: unconscious patient, no consent",
         );
-        let shown = history(&HistoryResponse { domain_id: "d".into(), records: vec![glass], checkpoint: None, since: None });
+        let shown =
+            history(&HistoryResponse { domain_id: "d".into(), records: vec![glass], checkpoint: None, since: None });
         assert!(
             shown.starts_with(
                 "BREAK-GLASS: vm-a read domain d on host compute-1 at 1700000000 (UTC s), by manager dm-er: \

@@ -14,7 +14,15 @@ async fn with_policy(w: &World, descriptor: &Descriptor, policy: &str) -> Descri
 }
 
 /// The owner's grant with a purpose and reason, valid `valid_for` seconds.
-fn grant_for(w: &World, domain_id: &str, vm: &str, mode: AccessMode, valid_for: u64, purpose: &str, reason: &str) -> SignedEnvelope {
+fn grant_for(
+    w: &World,
+    domain_id: &str,
+    vm: &str,
+    mode: AccessMode,
+    valid_for: u64,
+    purpose: &str,
+    reason: &str,
+) -> SignedEnvelope {
     w.alice.grant_for_purpose(domain_id, vm, mode, now_unix() + valid_for, purpose, reason)
 }
 
@@ -36,10 +44,15 @@ fn a_time_window_policy_permits_inside_and_refuses_outside() {
             )
         };
         let inside = with_policy(&w, &d.desc_a, &window(now - 3600, now + 3600)).await;
-        let attached = attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300))
-            .await
-            .expect("inside the window");
-        let granted = audit_records(&ttp).into_iter().rev().find(|r| r.domain_id.as_deref() == Some(d.id_a.as_str()) && r.event == "key_release").unwrap();
+        let attached =
+            attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300))
+                .await
+                .expect("inside the window");
+        let granted = audit_records(&ttp)
+            .into_iter()
+            .rev()
+            .find(|r| r.domain_id.as_deref() == Some(d.id_a.as_str()) && r.event == "key_release")
+            .unwrap();
         assert_eq!(granted.outcome, "ok");
         assert!(granted.message.contains("permitted by policy study-window"), "{}", granted.message);
         detach(&w.alice_cp, &attached).await;
@@ -47,7 +60,10 @@ fn a_time_window_policy_permits_inside_and_refuses_outside() {
         with_policy(&w, &inside, &window(now - 7200, now - 3600)).await;
         let (message, _) =
             refused_attach(&ttp, &w.alice_cp, &w.alice, &d.id_a, "vm-a", AccessMode::Rw, "policy_denied").await;
-        assert!(message.contains("denies attach_rw by vm-a on compute-1") && message.contains("no permit policy applies"), "{message}");
+        assert!(
+            message.contains("denies attach_rw by vm-a on compute-1") && message.contains("no permit policy applies"),
+            "{message}"
+        );
         assert_in_history(&w.cloud, &d.id_a, "policy_denied").await;
     });
 }
@@ -63,12 +79,14 @@ fn a_purpose_policy_decides_on_the_signed_purpose() {
         with_policy(&w, &d.desc_a, policy).await;
         let before = audit_records(&ttp).len();
         let research = grant_for(&w, &d.id_a, "vm-a", AccessMode::Rw, 300, "research", "cohort 7");
-        let message = expect_code(attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, research).await, "policy_denied");
+        let message =
+            expect_code(attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, research).await, "policy_denied");
         assert!(message.contains("for purpose \"research\": forbidden by no-research"), "{message}");
         assert_audited(&ttp, before, "key_release", "policy_denied");
 
         let treatment = grant_for(&w, &d.id_a, "vm-a", AccessMode::Rw, 300, "treatment", "");
-        let attached = attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, treatment).await.expect("treatment is permitted");
+        let attached =
+            attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, treatment).await.expect("treatment is permitted");
         detach(&w.alice_cp, &attached).await;
     });
 }
@@ -85,15 +103,19 @@ fn x2_break_glass_needs_a_reason_and_the_owner_is_notified() {
                       when { context.purpose == \"emergency\" && context.grant_signer == \"dm-alice\" && \
                              context.grant_lifetime_seconds <= 300 && context.reason != \"\" };";
         // A read-only attach needs a file system: one read-write attach makes it.
-        let formatted = attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300))
-            .await
-            .expect("the first read-write attach");
+        let formatted =
+            attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300))
+                .await
+                .expect("the first read-write attach");
         detach(&w.alice_cp, &formatted).await;
         with_policy(&w, &d.desc_a, policy).await;
 
         let before = audit_records(&ttp).len();
         let no_reason = grant_for(&w, &d.id_a, "vm-b", AccessMode::Ro, 120, "emergency", "");
-        let message = expect_code(attach(&w.alice_cp, &d.id_a, "vm-b", AccessMode::Ro, no_reason).await, "break_glass_reason_missing");
+        let message = expect_code(
+            attach(&w.alice_cp, &d.id_a, "vm-b", AccessMode::Ro, no_reason).await,
+            "break_glass_reason_missing",
+        );
         assert!(message.contains("gives no reason"), "{message}");
         assert_audited(&ttp, before, "break_glass_release", "break_glass_reason_missing");
 
@@ -103,13 +125,22 @@ fn x2_break_glass_needs_a_reason_and_the_owner_is_notified() {
 
         let reason = "unconscious patient in ER bay 3, no consent possible";
         let grant = grant_for(&w, &d.id_a, "vm-b", AccessMode::Ro, 120, "emergency", reason);
-        let attached = attach(&w.alice_cp, &d.id_a, "vm-b", AccessMode::Ro, grant).await.expect("break-glass with a reason");
+        let attached =
+            attach(&w.alice_cp, &d.id_a, "vm-b", AccessMode::Ro, grant).await.expect("break-glass with a reason");
         let alice_ttp = w.cloud.pki.client("dm-alice", Role::Ttp, &w.cloud.ttp.url).unwrap();
         let history: HistoryResponse = alice_ttp.get_json(&format!("/v1/domains/{}/history", d.id_a)).await.unwrap();
-        let record = history.records.iter().rev().find(|r| r.event == "break_glass_release" && r.outcome == "ok").expect("the break-glass record");
+        let record = history
+            .records
+            .iter()
+            .rev()
+            .find(|r| r.event == "break_glass_release" && r.outcome == "ok")
+            .expect("the break-glass record");
         assert!(record.message.ends_with(&format!("reason: {reason}")), "{}", record.message);
         let shown = domain_manager::render::history(&history);
-        let notice = format!("BREAK-GLASS: vm-b read domain {} on host compute-2 at {} (UTC s), by manager dm-alice: {reason}", d.id_a, record.at);
+        let notice = format!(
+            "BREAK-GLASS: vm-b read domain {} on host compute-2 at {} (UTC s), by manager dm-alice: {reason}",
+            d.id_a, record.at
+        );
         assert!(shown.starts_with(&notice), "{shown}");
         println!("   {notice}");
         detach(&w.alice_cp, &attached).await;
@@ -123,17 +154,28 @@ fn a_policy_that_fails_schema_validation_is_refused_at_update() {
     run(|w| async move {
         let d = Domains::create(&w).await;
         let ttp = w.cloud.ttp.service.clone();
-        let next = d.desc_a.next_version(|x| x.policy = Some("permit (principal, action, resource) when { principal.ward == \"icu\" };".into())).unwrap();
+        let next = d
+            .desc_a
+            .next_version(|x| {
+                x.policy = Some("permit (principal, action, resource) when { principal.ward == \"icu\" };".into())
+            })
+            .unwrap();
         let before = audit_records(&ttp).len();
         let result: Result<DomainView, net::Error> = w
             .alice_cp
-            .put_json(&format!("/v1/domains/{}/descriptor", d.id_a), &UpdateDomainRequest { descriptor: w.alice.sign_descriptor(&next).unwrap() })
+            .put_json(
+                &format!("/v1/domains/{}/descriptor", d.id_a),
+                &UpdateDomainRequest { descriptor: w.alice.sign_descriptor(&next).unwrap() },
+            )
             .await;
         let message = expect_code(result, "policy_invalid");
         assert!(message.contains("does not validate against the schema") && message.contains("ward"), "{message}");
         assert_audited(&ttp, before, "register", "policy_invalid");
         // Version 1 is still in force: the owner's attach goes on.
-        let attached = attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300)).await.expect("version 1 in force");
+        let attached =
+            attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300))
+                .await
+                .expect("version 1 in force");
         detach(&w.alice_cp, &attached).await;
     });
 }
@@ -152,8 +194,16 @@ fn x1_a_policy_edited_by_the_cp_is_refused() {
         let mut header = view.header.clone();
         header.descriptor.message = edited.encode().unwrap();
         plant_header(&d.path_a, &header);
-        let (message, _) =
-            refused_attach(&ttp, &w.alice_cp, &w.alice, &d.id_a, "vm-a", AccessMode::Rw, "descriptor_signature_invalid").await;
+        let (message, _) = refused_attach(
+            &ttp,
+            &w.alice_cp,
+            &w.alice,
+            &d.id_a,
+            "vm-a",
+            AccessMode::Rw,
+            "descriptor_signature_invalid",
+        )
+        .await;
         assert_in_history(&w.cloud, &d.id_a, "descriptor_signature_invalid").await;
         println!("   {message}");
         plant_header(&d.path_a, &view.header);
@@ -176,12 +226,14 @@ fn the_domain_manager_sets_and_shows_a_policy_and_attaches_for_a_purpose() {
         let formatted = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.expect("the first read-write attach");
         alice.detach_attachment(&formatted.id).await.unwrap();
 
-        let refused = alice.set_policy(&id, Some("permit (principal, action, resource) when { context.ward };".into())).await;
+        let refused =
+            alice.set_policy(&id, Some("permit (principal, action, resource) when { context.ward };".into())).await;
         let text = refused.expect_err("outside the schema").to_string();
         assert!(text.contains("policy_invalid") && text.contains("ward") && text.contains("what to do:"), "{text}");
         assert_eq!(alice.policy(&id).await.unwrap(), None, "the version before stays in force");
 
-        let policy = "@id(\"treatment\") permit (principal, action, resource) when { context.purpose == \"treatment\" };\n\
+        let policy =
+            "@id(\"treatment\") permit (principal, action, resource) when { context.purpose == \"treatment\" };\n\
                       @id(\"break-glass\") permit (principal, action == Action::\"attach_ro\", resource) \
                       when { context.purpose == \"emergency\" && context.reason != \"\" };";
         alice.set_policy(&id, Some(policy.into())).await.unwrap();
@@ -195,7 +247,10 @@ fn the_domain_manager_sets_and_shows_a_policy_and_attaches_for_a_purpose() {
         let attached = alice.attach_for_purpose(&id, "vm-a", AccessMode::Rw, 300, "treatment", "").await.unwrap();
         alice.detach_attachment(&attached.id).await.unwrap();
 
-        let glass = alice.attach_for_purpose(&id, "vm-b", AccessMode::Ro, 120, "emergency", "sepsis, chart needed now").await.unwrap();
+        let glass = alice
+            .attach_for_purpose(&id, "vm-b", AccessMode::Ro, 120, "emergency", "sepsis, chart needed now")
+            .await
+            .unwrap();
         let shown = domain_manager::render::history(&alice.history(&id).await.unwrap());
         assert!(shown.starts_with(&format!("BREAK-GLASS: vm-b read domain {id} on host compute-2 at ")), "{shown}");
         assert!(shown.lines().next().unwrap().ends_with("by manager dm-alice: sepsis, chart needed now"), "{shown}");

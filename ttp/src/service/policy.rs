@@ -9,8 +9,8 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use cedar_policy::{
-    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet,
-    Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request,
+    RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use protocol::domain::{AccessMode, Descriptor};
 use protocol::policy::{ACTION_ATTACH_RO, ACTION_ATTACH_RW, DOMAIN_TYPE, SCHEMA, VM_TYPE};
@@ -168,7 +168,12 @@ impl AccessPolicies {
     }
 
     /// The domain's compiled policy for this version, compiled now if it is not kept yet.
-    fn compiled_policy(&self, descriptor: &Descriptor, descriptor_hash: &[u8; 32], text: &str) -> Result<Arc<PolicySet>> {
+    fn compiled_policy(
+        &self,
+        descriptor: &Descriptor,
+        descriptor_hash: &[u8; 32],
+        text: &str,
+    ) -> Result<Arc<PolicySet>> {
         let kept = |compiled: &HashMap<String, Compiled>| {
             compiled
                 .get(&descriptor.domain_id)
@@ -203,7 +208,8 @@ fn display_id(policies: &PolicySet, id: &PolicyId) -> String {
 }
 
 fn uid(type_name: &str, id: &str) -> Result<EntityUid> {
-    let type_name = EntityTypeName::from_str(type_name).map_err(|e| internal(format!("entity type {type_name}: {e}")))?;
+    let type_name =
+        EntityTypeName::from_str(type_name).map_err(|e| internal(format!("entity type {type_name}: {e}")))?;
     Ok(EntityUid::from_type_name_and_id(type_name, EntityId::new(id)))
 }
 
@@ -246,10 +252,7 @@ fn context(facts: &ReleaseFacts<'_>, host_region: Option<&str>, image_digest: Op
 fn entities(vm: EntityUid, domain: EntityUid, descriptor: &Descriptor) -> Result<Entities> {
     let domain = Entity::new_with_tags(
         domain,
-        [
-            ("owner".to_string(), string(&descriptor.owner)),
-            ("version".to_string(), long(descriptor.version)),
-        ],
+        [("owner".to_string(), string(&descriptor.owner)), ("version".to_string(), long(descriptor.version))],
         [],
         descriptor.metadata.iter().map(|(key, value)| (key.clone(), string(value))),
     )

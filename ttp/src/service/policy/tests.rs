@@ -31,7 +31,12 @@ fn descriptor_with(policy: &str) -> Descriptor {
     descriptor
 }
 
-fn decide(policy: &str, facts: &ReleaseFacts<'_>, region: Option<&str>, image: Option<&str>) -> Result<Option<Permitted>> {
+fn decide(
+    policy: &str,
+    facts: &ReleaseFacts<'_>,
+    region: Option<&str>,
+    image: Option<&str>,
+) -> Result<Option<Permitted>> {
     let policies = AccessPolicies::new().unwrap();
     let descriptor = descriptor_with(policy);
     policies.decide(&descriptor, &[0; 32], facts, region, image)
@@ -100,7 +105,8 @@ fn region_image_metadata_and_signer_reach_the_policy() {
                resource.owner == "dm-alice" && context.grant_signer == "dm-alice" };"#;
     let f = facts(AccessMode::Rw, 1, "", "", 60);
     decide(policy, &f, Some("eu-north-1"), Some("sha256:aa")).unwrap().expect("permitted");
-    for (region, image) in [(None, Some("sha256:aa")), (Some("us-east-1"), Some("sha256:aa")), (Some("eu-west"), None)] {
+    for (region, image) in [(None, Some("sha256:aa")), (Some("us-east-1"), Some("sha256:aa")), (Some("eu-west"), None)]
+    {
         assert_eq!(decide(policy, &f, region, image).unwrap_err().code(), "policy_denied", "{region:?} {image:?}");
     }
 }
@@ -109,7 +115,8 @@ fn region_image_metadata_and_signer_reach_the_policy() {
 fn no_policy_leaves_the_decision_to_the_access_list() {
     let mut descriptor = descriptor_with("permit(principal, action, resource);");
     descriptor.policy = None;
-    let decided = AccessPolicies::new().unwrap().decide(&descriptor, &[0; 32], &facts(AccessMode::Rw, 1, "", "", 1), None, None);
+    let decided =
+        AccessPolicies::new().unwrap().decide(&descriptor, &[0; 32], &facts(AccessMode::Rw, 1, "", "", 1), None, None);
     assert_eq!(decided.unwrap(), None);
 }
 
@@ -145,7 +152,10 @@ const BREAK_GLASS_POLICY: &str = r#"@id("treatment") permit(principal, action, r
 #[test]
 fn registration_refuses_a_policy_outside_the_schema_and_audits_it() {
     let f = Fixture::new();
-    let next = f.descriptor.next_version(|d| d.policy = Some("permit(principal, action, resource) when { context.ward == 1 };".into())).unwrap();
+    let next = f
+        .descriptor
+        .next_version(|d| d.policy = Some("permit(principal, action, resource) when { context.ward == 1 };".into()))
+        .unwrap();
     let signed = f.owner.sign_envelope(protocol::signing::SignatureContext::Descriptor, next.encode().unwrap());
     let request = protocol::messages::RegisterDomainRequest {
         descriptor: signed,
