@@ -30,6 +30,14 @@ async fn detach(cp: &net::Client, attachment: &Attachment) {
     let _: Attachment = cp.delete_json(&format!("/v1/attachments/{}", attachment.id)).await.expect("detach");
 }
 
+/// The owner attaches vm-a read-write with a grant stating no purpose (`why` says what must
+/// let it through), and detaches it again.
+async fn attach_rw_and_detach(w: &World, domain_id: &str, why: &str) {
+    let grant = w.alice.grant(domain_id, "vm-a", AccessMode::Rw, 300);
+    let attached = attach(&w.alice_cp, domain_id, "vm-a", AccessMode::Rw, grant).await.expect(why);
+    detach(&w.alice_cp, &attached).await;
+}
+
 /// A time window: permitted inside it, `policy_denied` (audited, naming why) outside it.
 #[test]
 fn a_time_window_policy_permits_inside_and_refuses_outside() {
@@ -44,10 +52,7 @@ fn a_time_window_policy_permits_inside_and_refuses_outside() {
             )
         };
         let inside = with_policy(&w, &d.desc_a, &window(now - 3600, now + 3600)).await;
-        let attached =
-            attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300))
-                .await
-                .expect("inside the window");
+        attach_rw_and_detach(&w, &d.id_a, "inside the window").await;
         let granted = audit_records(&ttp)
             .into_iter()
             .rev()
@@ -55,7 +60,6 @@ fn a_time_window_policy_permits_inside_and_refuses_outside() {
             .unwrap();
         assert_eq!(granted.outcome, "ok");
         assert!(granted.message.contains("permitted by policy study-window"), "{}", granted.message);
-        detach(&w.alice_cp, &attached).await;
 
         with_policy(&w, &inside, &window(now - 7200, now - 3600)).await;
         let (message, _) =
@@ -103,11 +107,7 @@ fn x2_break_glass_needs_a_reason_and_the_owner_is_notified() {
                       when { context.purpose == \"emergency\" && context.grant_signer == \"dm-alice\" && \
                              context.grant_lifetime_seconds <= 300 && context.reason != \"\" };";
         // A read-only attach needs a file system: one read-write attach makes it.
-        let formatted =
-            attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300))
-                .await
-                .expect("the first read-write attach");
-        detach(&w.alice_cp, &formatted).await;
+        attach_rw_and_detach(&w, &d.id_a, "the first read-write attach").await;
         with_policy(&w, &d.desc_a, policy).await;
 
         let before = audit_records(&ttp).len();
@@ -172,11 +172,7 @@ fn a_policy_that_fails_schema_validation_is_refused_at_update() {
         assert!(message.contains("does not validate against the schema") && message.contains("ward"), "{message}");
         assert_audited(&ttp, before, "register", "policy_invalid");
         // Version 1 is still in force: the owner's attach goes on.
-        let attached =
-            attach(&w.alice_cp, &d.id_a, "vm-a", AccessMode::Rw, w.alice.grant(&d.id_a, "vm-a", AccessMode::Rw, 300))
-                .await
-                .expect("version 1 in force");
-        detach(&w.alice_cp, &attached).await;
+        attach_rw_and_detach(&w, &d.id_a, "version 1 in force").await;
     });
 }
 
