@@ -464,6 +464,20 @@ impl DomainManager {
     /// A signed mount grant expiring at `expires_at` (unix seconds), whatever that is: for
     /// tests of the TTP's bounds.
     pub fn grant_until(&self, domain_id: &str, vm_id: &str, mode: AccessMode, expires_at: u64) -> SignedEnvelope {
+        self.grant_for_purpose(domain_id, vm_id, mode, expires_at, "", "")
+    }
+
+    /// A signed mount grant expiring at `expires_at` that states a purpose of use and a
+    /// reason (docs/PROTOCOL.md "Mount grant"; empty strings for none).
+    pub fn grant_for_purpose(
+        &self,
+        domain_id: &str,
+        vm_id: &str,
+        mode: AccessMode,
+        expires_at: u64,
+        purpose: &str,
+        reason: &str,
+    ) -> SignedEnvelope {
         let grant = MountGrant {
             domain_id: domain_id.to_string(),
             vm_id: vm_id.to_string(),
@@ -471,6 +485,8 @@ impl DomainManager {
             expires_at,
             nonce: rand::random(),
             issuer: self.name.clone(),
+            purpose: purpose.to_string(),
+            reason: reason.to_string(),
         };
         self.key.sign_envelope(SignatureContext::MountGrant, grant.encode())
     }

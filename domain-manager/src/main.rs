@@ -50,6 +50,14 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_GRANT_SECS,
               value_parser = clap::value_parser!(u64).range(1..=protocol::messages::MAX_GRANT_VALIDITY_SECS))]
         valid_for: u64,
+        /// The purpose of use, signed into the grant for the domain's access policy:
+        /// treatment, research, emergency (break-glass: needs --reason, and the owner's
+        /// history announces it), ... (a-z 0-9 _ -, at most 32).
+        #[arg(long, default_value = "")]
+        purpose: String,
+        /// Why, in a sentence (signed into the grant; required with --purpose emergency).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// Detach a domain from a VM.
     Detach {
@@ -141,8 +149,12 @@ enum DomainCommand {
         #[arg(long)]
         remove: bool,
     },
-    /// Every key release and refusal for this domain, from the TTP.
+    /// Every key release and refusal for this domain, from the TTP; break-glass releases
+    /// are announced above the table.
     History { domain: String },
+    /// The domain's access policy (Cedar), checked by the TTP at every key release.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Crypto-shred the domain: its key can never be derived again.
     Delete {
         domain: String,
@@ -151,6 +163,43 @@ enum DomainCommand {
         yes: bool,
     },
 }
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Set the access policy from a Cedar file (a new signed version).
+    #[command(long_about = policy_help())]
+    Set {
+        domain: String,
+        /// The policy file (Cedar, UTF-8, at most 64 KiB).
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Print the access policy in force (verified against your signature).
+    Show { domain: String },
+    /// Remove the access policy: the access list alone decides again (a new signed version).
+    Clear { domain: String },
+}
+
+/// `domain policy set --help`: what a policy sees, and an example.
+fn policy_help() -> String {
+    format!("{POLICY_HELP}{}", protocol::policy::EXAMPLE_POLICY)
+}
+
+const POLICY_HELP: &str =
+    "Sets the domain's access policy: Cedar policies the TTP checks at every key release, after the access list \
+(a VM must be in the list AND a policy must permit; a forbid always wins). The TTP refuses a policy that does not \
+parse or validate against the schema (policy_invalid) and names Cedar's error. A release is denied \
+(policy_denied) unless a permit applies.\n\n\
+What a policy sees (docs/PROTOCOL.md \"Access policy\"):\n  \
+principal  Vm::\"<vm id>\"\n  \
+action     Action::\"attach_ro\" or Action::\"attach_rw\" (the mode asked)\n  \
+resource   Domain::\"<id>\" with .owner, .version, and metadata as tags (resource.getTag(\"department\"))\n  \
+context    .now (unix s), .purpose, .reason, .grant_signer, .grant_lifetime_seconds (the grant's remaining \
+validity), .host.id, .host.region (optional: test with `context.host has region`), .image.digest (optional: \
+`context has image`)\n\n\
+The purpose and reason come from the signed grant: `domain-manager attach D --vm V --purpose treatment`. Purpose \
+\"emergency\" is break-glass: the TTP refuses it without a --reason whatever the policy says, and your `domain \
+history` announces every one.\n\nExample (the @id names a policy in refusals and the audit record):\n\n";
 
 #[derive(Subcommand)]
 enum VmCommand {
@@ -231,6 +280,30 @@ async fn run(cli: Cli) -> domain_manager::Result<()> {
             print(json, &view, render::domain);
         }
         Command::Domain(DomainCommand::History { domain }) => print(json, &dm.history(&domain).await?, render::history),
+        Command::Domain(DomainCommand::Policy(PolicyCommand::Set { domain, file })) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| domain_manager::Error::Usage(format!("cannot read the policy {}: {e}", file.display())))?;
+            let view = dm.set_policy(&domain, Some(text)).await?;
+            print(json, &view, render::domain);
+            if !json {
+                println!("\nthe TTP validated the policy; it decides every key release from version {}", view.version);
+            }
+        }
+        Command::Domain(DomainCommand::Policy(PolicyCommand::Show { domain })) => {
+            let policy = dm.policy(&domain).await?;
+            if json {
+                print(true, &serde_json::json!({ "domain_id": domain, "policy": policy }), |_| String::new());
+            } else {
+                match policy {
+                    Some(text) => println!("{}", render::printable(&text)),
+                    None => println!("{domain} has no access policy: its access list alone decides"),
+                }
+            }
+        }
+        Command::Domain(DomainCommand::Policy(PolicyCommand::Clear { domain })) => {
+            let view = dm.set_policy(&domain, None).await?;
+            print(json, &view, render::domain);
+        }
         Command::Domain(DomainCommand::Delete { domain, yes }) => {
             if !yes {
                 return Err(domain_manager::Error::Usage(format!(
@@ -240,8 +313,8 @@ async fn run(cli: Cli) -> domain_manager::Result<()> {
             let view = dm.delete(&domain).await?;
             print(json, &view, render::domain);
         }
-        Command::Attach { domain, vm, mode, valid_for } => {
-            let attachment = dm.attach(&domain, &vm, mode, valid_for).await?;
+        Command::Attach { domain, vm, mode, valid_for, purpose, reason } => {
+            let attachment = dm.attach_for_purpose(&domain, &vm, mode, valid_for, &purpose, &reason).await?;
             print(json, &attachment, |a| render::attachments(std::slice::from_ref(a)));
         }
         Command::Detach { domain, vm } => {

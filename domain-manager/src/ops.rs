@@ -186,6 +186,28 @@ impl DomainManager {
             .map_err(|e| Error::from_net("cloud platform", e))
     }
 
+    /// Sets the domain's access policy (Cedar text; `None` removes it): a new signed version,
+    /// which the TTP refuses with `policy_invalid` if the policy does not parse or validate
+    /// against the schema (docs/PROTOCOL.md "Access policy").
+    pub async fn set_policy(&self, domain_id: &str, policy: Option<String>) -> Result<DomainView> {
+        if let Some(text) = &policy {
+            protocol::domain::validate_policy_text(text)?;
+        }
+        self.update(domain_id, |d| {
+            if d.policy == policy {
+                return Err(Error::Usage(format!("the access policy of {domain_id} is that already")));
+            }
+            d.policy = policy;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The access policy in force (from the owner-signed descriptor, verified here), if any.
+    pub async fn policy(&self, domain_id: &str) -> Result<Option<String>> {
+        Ok(self.current_descriptor(domain_id).await?.policy)
+    }
+
     /// Makes a format-1 domain format 2 (a new signed version): from now on no secure
     /// component serves it without integrity. The secure component of its next read-write
     /// attach builds the tree over the data as it is and commits the first root; until then a
@@ -377,7 +399,33 @@ impl DomainManager {
         mode: AccessMode,
         valid_for_secs: u64,
     ) -> Result<Attachment> {
+        self.attach_for_purpose(domain_id, instance_id, mode, valid_for_secs, "", "").await
+    }
+
+    /// [`attach`](Self::attach) with a grant stating a purpose of use and a reason (both
+    /// signed; the domain's access policy decides on them, docs/PROTOCOL.md "Access
+    /// policy"). Purpose `emergency` is a break-glass attach: the TTP refuses it without a
+    /// reason, and the owner's history shows it.
+    pub async fn attach_for_purpose(
+        &self,
+        domain_id: &str,
+        instance_id: &str,
+        mode: AccessMode,
+        valid_for_secs: u64,
+        purpose: &str,
+        reason: &str,
+    ) -> Result<Attachment> {
         check_domain_id(domain_id)?;
+        protocol::messages::validate_purpose(purpose)?;
+        protocol::messages::validate_reason(reason)?;
+        if purpose.is_empty() && !reason.is_empty() {
+            return Err(Error::Usage("a reason goes with a purpose: give --purpose too".into()));
+        }
+        if purpose == protocol::messages::PURPOSE_EMERGENCY && reason.trim().is_empty() {
+            return Err(Error::Usage(
+                "an emergency (break-glass) attach needs --reason: the TTP refuses one without it".into(),
+            ));
+        }
         protocol::domain::validate_name("vm id", instance_id)?;
         let max = protocol::messages::MAX_GRANT_VALIDITY_SECS;
         if valid_for_secs == 0 || valid_for_secs > max {
@@ -392,6 +440,8 @@ impl DomainManager {
             expires_at: now_unix().saturating_add(valid_for_secs),
             nonce: rand::random(),
             issuer: self.name.clone(),
+            purpose: purpose.to_string(),
+            reason: reason.to_string(),
         };
         let request = CreateAttachmentRequest {
             domain_id: domain_id.to_string(),

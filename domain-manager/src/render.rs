@@ -110,12 +110,44 @@ pub fn attachments(list: &[Attachment]) -> String {
     )
 }
 
+/// The audit event of a break-glass release (the TTP's `key_release::BREAK_GLASS_EVENT`).
+pub const BREAK_GLASS_EVENT: &str = "break_glass_release";
+
+/// One line per granted break-glass release in the history, to print above it so that the
+/// owner cannot miss one: `BREAK-GLASS: vm-x read domain D on host H at T, by manager M:
+/// <reason>` (docs/PROTOCOL.md "Access policy").
+pub fn break_glass_notices(history: &HistoryResponse) -> Vec<String> {
+    history
+        .records
+        .iter()
+        .filter(|r| r.event == BREAK_GLASS_EVENT && r.outcome == "ok")
+        .map(|r| {
+            // The TTP's message: "... (ro), grant by M, placement by P, ..., reason: R".
+            let manager = r
+                .message
+                .split_once("grant by ")
+                .and_then(|(_, rest)| rest.split(',').next())
+                .unwrap_or("an unnamed manager");
+            let reason = r.message.rsplit_once(", reason: ").map_or(r.message.as_str(), |(_, reason)| reason);
+            let access = if r.message.contains("(rw)") { "opened (read-write)" } else { "read" };
+            printable(&format!(
+                "BREAK-GLASS: {} {access} domain {} on host {} at {} (UTC s), by manager {manager}: {reason}",
+                r.vm_id.as_deref().unwrap_or("-"),
+                r.domain_id.as_deref().unwrap_or(&history.domain_id),
+                r.host_id.as_deref().unwrap_or("-"),
+                r.at
+            ))
+            .replace('\n', " ")
+        })
+        .collect()
+}
+
 /// A domain's viewing history as a table, noting that the TTP verified the hash chain. The
 /// TTP's message is shown for refusals and integrity records (an `integrity_violation` names
 /// the sector there); a granted release's is left out, the other columns say it all.
 pub fn history(history: &HistoryResponse) -> String {
     let detail = |r: &protocol::messages::AuditRecord| {
-        if r.outcome != "ok" || r.event.starts_with("integrity_") {
+        if r.outcome != "ok" || r.event.starts_with("integrity_") || r.event == BREAK_GLASS_EVENT {
             printable(&r.message.replace('\n', " "))
         } else {
             String::new()
@@ -160,7 +192,9 @@ pub fn history(history: &HistoryResponse) -> String {
         i = end;
     }
     let body = table(&["#", "TIME (UTC s)", "EVENT", "OUTCOME", "VM", "HOST", "BY", "DETAIL"], rows);
-    format!("{body}\n(the TTP verified the audit hash chain before answering)")
+    let notices = break_glass_notices(history);
+    let notices = if notices.is_empty() { String::new() } else { format!("{}\n\n", notices.join("\n")) };
+    format!("{notices}{body}\n(the TTP verified the audit hash chain before answering)")
 }
 
 /// `bytes` in the largest binary unit that divides it exactly ("64 MiB"), else in bytes.
@@ -221,6 +255,24 @@ mod tests {
         assert!(shown.contains("integrity_violation  vm-a"), "{shown}");
         assert!(shown.contains("sector 1234: ciphertext does not match its tag"), "{shown}");
         assert!(!shown.contains("key of domain d released"), "{shown}");
+
+        // A granted break-glass release is announced above the table, with its reason.
+        let glass = record(
+            9,
+            "break_glass_release",
+            "ok",
+            "key of domain d version 3 released to vm-a on compute-1 (ro), grant by dm-er, placement by cp-1, \
+             purpose emergency, reason: unconscious patient, no consent",
+        );
+        let shown =
+            history(&HistoryResponse { domain_id: "d".into(), records: vec![glass], checkpoint: None, since: None });
+        assert!(
+            shown.starts_with(
+                "BREAK-GLASS: vm-a read domain d on host compute-1 at 1700000000 (UTC s), by manager dm-er: \
+                 unconscious patient, no consent\n"
+            ),
+            "{shown}"
+        );
 
         // A run of root commits is one row; a refused commit breaks the run.
         let mut records: Vec<AuditRecord> =

@@ -140,6 +140,8 @@ fn main() {
                 expires_at: 1_760_000_300,
                 nonce: [7; 16],
                 issuer: "dm-alice".into(),
+                purpose: String::new(),
+                reason: String::new(),
             },
         ),
         (
@@ -151,6 +153,8 @@ fn main() {
                 expires_at: u64::MAX,
                 nonce: [0; 16],
                 issuer: "dm-bob".into(),
+                purpose: String::new(),
+                reason: String::new(),
             },
         ),
     ];

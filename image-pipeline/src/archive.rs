@@ -104,6 +104,8 @@ impl TtpKeySource {
             expires_at: now_unix() + 300,
             nonce: rand::random(),
             issuer: self.owner_name.clone(),
+            purpose: String::new(),
+            reason: String::new(),
         };
         self.owner.sign_envelope(SignatureContext::MountGrant, grant.encode())
     }

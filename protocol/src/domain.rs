@@ -17,6 +17,12 @@ use crate::error::{Error, Result};
 pub const CIPHER_SPEC_V1: &str = "aes-xts-plain64:512:4096";
 
 const DESCRIPTOR_MAGIC: &[u8] = b"SKYDD-DESCRIPTOR\x01";
+/// Version 2 of the encoding: version 1's fields, then `lp(policy)` (docs/PROTOCOL.md
+/// "Access policy"). Used exactly when the descriptor carries a policy, so each meaning has
+/// one encoding and every version-1 descriptor still decodes and hashes the same.
+const DESCRIPTOR_MAGIC_V2: &[u8] = b"SKYDD-DESCRIPTOR\x02";
+/// Largest access policy (Cedar text) in bytes (64 KiB); a larger one is refused.
+pub const MAX_POLICY_BYTES: usize = 64 * 1024;
 /// Largest canonical access list XML in bytes (64 KiB); a larger one is refused on decode.
 pub const MAX_ACL_XML_BYTES: usize = 64 * 1024;
 /// Most VMs one access list may name (1024); more is refused with `Error::TooLarge`.
@@ -110,6 +116,11 @@ pub struct Descriptor {
     /// checked against the root the TTP holds. Owner-signed, so the provider cannot downgrade it.
     #[serde(default)]
     pub volume_format: VolumeFormat,
+    /// The owner's access policy in Cedar (docs/PROTOCOL.md "Access policy"), checked by the
+    /// TTP at every key release on top of the access list; `None`: the access list alone
+    /// decides. Owner-signed and versioned with the rest of the descriptor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// Which on-disk volume format a domain uses (docs/FORMAT.md).
@@ -156,6 +167,7 @@ impl Descriptor {
             version: 1,
             cipher_spec: CIPHER_SPEC_V1.to_string(),
             volume_format: VolumeFormat::V1,
+            policy: None,
         };
         descriptor.validate()?;
         Ok(descriptor)
@@ -243,19 +255,26 @@ impl Descriptor {
                 return Err(Error::malformed("shared-with list", format!("{manager} appears twice")));
             }
         }
+        if let Some(policy) = &self.policy {
+            validate_policy_text(policy)?;
+        }
         Ok(())
     }
 
     /// The canonical encoding (docs/PROTOCOL.md, "Domain descriptor").
     pub fn encode(&self) -> Result<Vec<u8>> {
         self.validate()?;
-        let mut writer = Writer::new(DESCRIPTOR_MAGIC);
+        let magic = if self.policy.is_some() { DESCRIPTOR_MAGIC_V2 } else { DESCRIPTOR_MAGIC };
+        let mut writer = Writer::new(magic);
         writer.str(&self.domain_id).str(&self.owner).bytes(&self.metadata_encoding());
         writer.bytes(acl_to_xml(&self.acl).as_bytes());
         let mut shared = self.shared_with.clone();
         shared.sort();
         writer.bytes(&encode_list(&shared));
         writer.u64(self.version).str(&self.cipher_spec);
+        if let Some(policy) = &self.policy {
+            writer.str(policy);
+        }
         if self.volume_format == VolumeFormat::V2 {
             writer.str(VOLUME_FORMAT_V2_FIELD);
         }
@@ -264,7 +283,9 @@ impl Descriptor {
 
     /// Strict decoding: any byte string that is not exactly a canonical encoding is refused.
     pub fn decode(encoded: &[u8]) -> Result<Self> {
-        let mut reader = Reader::new("descriptor", encoded, DESCRIPTOR_MAGIC)?;
+        let with_policy = encoded.starts_with(DESCRIPTOR_MAGIC_V2);
+        let magic = if with_policy { DESCRIPTOR_MAGIC_V2 } else { DESCRIPTOR_MAGIC };
+        let mut reader = Reader::new("descriptor", encoded, magic)?;
         let domain_id = reader.str("domain id", MAX_NAME_BYTES)?.to_string();
         let owner = reader.str("owner", MAX_NAME_BYTES)?.to_string();
         let metadata = decode_metadata(
@@ -274,6 +295,7 @@ impl Descriptor {
         let shared_with = decode_list(reader.bytes("shared-with list", MAX_SHARED_WITH * (MAX_NAME_BYTES + 4) + 4)?)?;
         let version = reader.u64("version")?;
         let cipher_spec = reader.str("cipher spec", MAX_NAME_BYTES)?.to_string();
+        let policy = if with_policy { Some(reader.str("access policy", MAX_POLICY_BYTES)?.to_string()) } else { None };
         let volume_format = if reader.is_at_end() {
             VolumeFormat::V1
         } else {
@@ -283,7 +305,8 @@ impl Descriptor {
             }
         };
         reader.finish()?;
-        let descriptor = Self { domain_id, owner, metadata, acl, shared_with, version, cipher_spec, volume_format };
+        let descriptor =
+            Self { domain_id, owner, metadata, acl, shared_with, version, cipher_spec, volume_format, policy };
         if descriptor.encode()? != encoded {
             return Err(Error::malformed("descriptor", "not in canonical form (order or XML layout differs)"));
         }
@@ -304,6 +327,22 @@ impl Descriptor {
     pub fn metadata_hash(&self) -> [u8; 32] {
         Sha256::digest(self.metadata_encoding()).into()
     }
+}
+
+/// The rules the encoding puts on a policy's text: not empty (no policy is `None`, encoded as
+/// version 1) and at most [`MAX_POLICY_BYTES`]. Whether it is valid Cedar under the schema is
+/// the TTP's check (`policy_invalid`), not the encoding's.
+pub fn validate_policy_text(policy: &str) -> Result<()> {
+    if policy.trim().is_empty() {
+        return Err(Error::malformed(
+            "access policy",
+            "the policy is empty; a descriptor without a policy carries none (the access list decides)",
+        ));
+    }
+    if policy.len() > MAX_POLICY_BYTES {
+        return Err(Error::TooLarge { what: "access policy", size: policy.len(), limit: MAX_POLICY_BYTES });
+    }
+    Ok(())
 }
 
 /// SHA-256 of a descriptor's canonical encoding (what the TTP registers).
@@ -531,6 +570,32 @@ mod tests {
         tampered = encoded.clone();
         tampered.push(0);
         assert!(Descriptor::decode(&tampered).is_err());
+    }
+
+    #[test]
+    fn a_descriptor_with_a_policy_is_version_2_and_one_without_still_version_1() {
+        let without = sample();
+        let v1 = without.encode().unwrap();
+        assert!(v1.starts_with(DESCRIPTOR_MAGIC));
+        let mut with = without.clone();
+        with.policy = Some("permit(principal, action, resource);".into());
+        with.volume_format = VolumeFormat::V2;
+        let v2 = with.encode().unwrap();
+        assert!(v2.starts_with(DESCRIPTOR_MAGIC_V2));
+        // (Decoding sorts the access list: compare encodings.)
+        let decoded = Descriptor::decode(&v2).unwrap();
+        assert_eq!((decoded.policy.as_deref(), decoded.encode().unwrap()), (with.policy.as_deref(), v2.clone()));
+        assert_eq!(Descriptor::decode(&v1).unwrap().encode().unwrap(), v1);
+        // A version-2 magic on version-1 fields (no policy) is not a second encoding.
+        let mut relabelled = v1.clone();
+        relabelled[..DESCRIPTOR_MAGIC_V2.len()].copy_from_slice(DESCRIPTOR_MAGIC_V2);
+        assert!(Descriptor::decode(&relabelled).is_err());
+        // Nor is an empty policy.
+        with.policy = Some(" \n".into());
+        let err = with.encode().unwrap_err().to_string();
+        assert!(err.contains("the policy is empty"), "{err}");
+        with.policy = Some("x".repeat(MAX_POLICY_BYTES + 1));
+        assert!(matches!(with.encode(), Err(Error::TooLarge { what: "access policy", .. })));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod integrity;
 pub mod kdf;
 pub mod messages;
 pub mod pki;
+pub mod policy;
 pub mod refusal;
 pub mod secret;
 pub mod signing;

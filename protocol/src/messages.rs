@@ -13,6 +13,9 @@ use crate::signing::{SignatureContext, SignedEnvelope};
 
 const REGISTRATION_MAGIC: &[u8] = b"SKYDD-REGISTRATION\x01";
 const GRANT_MAGIC: &[u8] = b"SKYDD-MOUNT-GRANT\x01";
+/// Version 2 of the grant: version 1's fields, then `lp(purpose) lp(reason)`; used exactly
+/// when a purpose is given (docs/PROTOCOL.md "Mount grant").
+const GRANT_MAGIC_V2: &[u8] = b"SKYDD-MOUNT-GRANT\x02";
 const DELETION_MAGIC: &[u8] = b"SKYDD-DELETION\x01";
 const HEADER_RECORD_MAGIC: &[u8] = b"SKYDD-HEADER-RECORD\x01";
 const PLACEMENT_MAGIC: &[u8] = b"SKYDD-PLACEMENT\x01";
@@ -75,6 +78,39 @@ impl Registration {
 /// "Mount grant").
 pub const MAX_GRANT_VALIDITY_SECS: u64 = 3600;
 
+/// The purpose of use that makes a key release a break-glass release: the TTP refuses it
+/// without a reason (`break_glass_reason_missing`) and audits it as `break_glass_release`.
+pub const PURPOSE_EMERGENCY: &str = "emergency";
+/// Longest purpose of use in bytes (32).
+pub const MAX_PURPOSE_BYTES: usize = 32;
+/// Longest reason in a mount grant in bytes (1024).
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// Checks a grant's purpose of use: empty (none given), or 1 to [`MAX_PURPOSE_BYTES`]
+/// characters of `a-z 0-9 _ -` (e.g. `treatment`, `research`, `emergency`).
+pub fn validate_purpose(purpose: &str) -> Result<()> {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-');
+    if purpose.len() > MAX_PURPOSE_BYTES || !purpose.chars().all(ok) {
+        return Err(Error::malformed(
+            "purpose",
+            format!("{purpose:?} must be at most {MAX_PURPOSE_BYTES} characters of a-z 0-9 _ -"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a grant's reason: at most [`MAX_REASON_BYTES`], no control characters (it is
+/// printed in the owner's viewing history).
+pub fn validate_reason(reason: &str) -> Result<()> {
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(Error::TooLarge { what: "reason", size: reason.len(), limit: MAX_REASON_BYTES });
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(Error::malformed("reason", "the reason contains a control character"));
+    }
+    Ok(())
+}
+
 /// A domain manager's signed permission for one VM to mount one domain: the paper's
 /// "credential that proves v has access".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,36 +127,62 @@ pub struct MountGrant {
     pub nonce: [u8; 16],
     /// The signing domain manager's name (must match its certificate).
     pub issuer: String,
+    /// The purpose of use the signer states (`treatment`, `research`, [`PURPOSE_EMERGENCY`],
+    /// ...), empty if none: the access policy's `context.purpose`.
+    pub purpose: String,
+    /// Why, in the signer's words (may be empty; required for [`PURPOSE_EMERGENCY`]): the
+    /// policy's `context.reason`, and written to the audit record of a break-glass release.
+    pub reason: String,
 }
 
 impl MountGrant {
     /// The canonical encoding the issuer signs (docs/PROTOCOL.md "Mount grant").
+    /// A grant without a purpose (and so without a reason) is version 1, as before.
     pub fn encode(&self) -> Vec<u8> {
-        Writer::new(GRANT_MAGIC)
+        let with_purpose = !self.purpose.is_empty() || !self.reason.is_empty();
+        let mut writer = Writer::new(if with_purpose { GRANT_MAGIC_V2 } else { GRANT_MAGIC });
+        writer
             .str(&self.domain_id)
             .str(&self.vm_id)
             .str(self.mode.as_str())
             .u64(self.expires_at)
             .bytes(&self.nonce)
-            .str(&self.issuer)
-            .finish()
+            .str(&self.issuer);
+        if with_purpose {
+            writer.str(&self.purpose).str(&self.reason);
+        }
+        writer.finish()
     }
 
-    /// Strict decoding of [`MountGrant::encode`]'s output; also checks the VM id and issuer are
-    /// valid names. No signature check.
+    /// Strict decoding of [`MountGrant::encode`]'s output (version 1 or 2); also checks the
+    /// VM id and issuer are valid names, and the purpose and reason. A version-2 grant must
+    /// name a purpose (without one it is version 1). No signature check.
     pub fn decode(encoded: &[u8]) -> Result<Self> {
-        let mut reader = Reader::new("mount grant", encoded, GRANT_MAGIC)?;
-        let grant = Self {
+        let with_purpose = encoded.starts_with(GRANT_MAGIC_V2);
+        let magic = if with_purpose { GRANT_MAGIC_V2 } else { GRANT_MAGIC };
+        let mut reader = Reader::new("mount grant", encoded, magic)?;
+        let mut grant = Self {
             domain_id: reader.str("domain id", 64)?.to_string(),
             vm_id: reader.str("vm id", 64)?.to_string(),
             mode: reader.str("mode", 2)?.parse()?,
             expires_at: reader.u64("expiry")?,
             nonce: reader.array("grant nonce")?,
             issuer: reader.str("issuer", 64)?.to_string(),
+            purpose: String::new(),
+            reason: String::new(),
         };
+        if with_purpose {
+            grant.purpose = reader.str("purpose", MAX_PURPOSE_BYTES)?.to_string();
+            grant.reason = reader.str("reason", MAX_REASON_BYTES)?.to_string();
+            if grant.purpose.is_empty() {
+                return Err(Error::malformed("mount grant", "a version-2 grant must name a purpose"));
+            }
+        }
         reader.finish()?;
         validate_name("vm id", &grant.vm_id)?;
         validate_name("issuer", &grant.issuer)?;
+        validate_purpose(&grant.purpose)?;
+        validate_reason(&grant.reason)?;
         Ok(grant)
     }
 }
@@ -636,8 +698,25 @@ mod tests {
             expires_at: 42,
             nonce: [7; 16],
             issuer: "dm-alice".into(),
+            purpose: String::new(),
+            reason: String::new(),
         };
         assert_eq!(MountGrant::decode(&grant.encode()).unwrap(), grant);
+        assert!(grant.encode().starts_with(GRANT_MAGIC));
+        let emergency = MountGrant {
+            purpose: PURPOSE_EMERGENCY.into(),
+            reason: "patient unconscious, no consent possible".into(),
+            ..grant.clone()
+        };
+        assert!(emergency.encode().starts_with(GRANT_MAGIC_V2));
+        assert_eq!(MountGrant::decode(&emergency.encode()).unwrap(), emergency);
+        // A reason without a purpose, a purpose with capitals, a reason with an escape: refused.
+        let no_purpose = MountGrant { purpose: String::new(), ..emergency.clone() };
+        assert!(MountGrant::decode(&no_purpose.encode()).unwrap_err().to_string().contains("must name a purpose"));
+        let shouting = MountGrant { purpose: "Treatment".into(), ..emergency.clone() };
+        assert!(MountGrant::decode(&shouting.encode()).is_err());
+        let escaping = MountGrant { reason: "a\u{1b}[2J".into(), ..emergency.clone() };
+        assert!(MountGrant::decode(&escaping.encode()).unwrap_err().to_string().contains("control character"));
         let reg = Registration {
             domain_id: grant.domain_id.clone(),
             version: 3,

@@ -95,6 +95,8 @@ refusals! {
     DomainDeleted => "domain_deleted", 410;
     /// The registration is not this TTP's (or a configured replica's), or not of this descriptor.
     RegistrationMismatch => "registration_mismatch", 403;
+    /// A descriptor's access policy does not parse or does not validate against the schema.
+    PolicyInvalid => "policy_invalid", 400;
 
     // ---- TTP: key release ----------------------------------------------------------------
     /// The VM is not in the access list.
@@ -105,6 +107,10 @@ refusals! {
     /// digest the list does not hold): refused by the TTP at key release and by the secure
     /// component at launch.
     ImageNotAllowed => "image_not_allowed", 403;
+    /// The domain's access policy does not permit this release (the message names the deciding policies).
+    PolicyDenied => "policy_denied", 403;
+    /// A release for purpose `emergency` (break-glass) whose grant gives no reason.
+    BreakGlassReasonMissing => "break_glass_reason_missing", 403;
     /// The mount grant expired.
     GrantExpired => "grant_expired", 403;
     /// The mount grant is valid for longer than `MAX_GRANT_VALIDITY_SECS` from now.

@@ -6,7 +6,9 @@
 //!   gets keys while PCR 12 holds it; once PCR 12 changes, quotes fail (`pcr_mismatch`) and
 //!   its TPM would not decrypt a key;
 //! - a host measured in us-east that claims eu-north, and a host whose reference state does
-//!   not select PCR 12 at all, are refused `host_region_unattested`, audited.
+//!   not select PCR 12 at all, are refused `host_region_unattested`, audited;
+//! - an owner's "EU only" access policy (docs/PROTOCOL.md "Access policy") permits host-eu
+//!   and refuses the host without an attested region, `policy_denied`.
 
 use net::Role;
 use protocol::attest::{PcrSelection, LOCATION_PCR, MEASURED_STATE_PCR};
@@ -81,6 +83,24 @@ async fn scenario() {
     let header = register(&cp, alice.sign_descriptor(&descriptor).unwrap(), None).await.unwrap();
     let grant = alice.grant(&descriptor.domain_id, "vm-a", AccessMode::Rw, 300);
     op.obtain_key(&in_eu.host, &header, &grant, "vm-a", AccessMode::Rw).await.expect("host-eu gets the key");
+
+    // An owner's "EU only" policy reads the attested region: host-eu is permitted, host-us
+    // (enrolled without a region it could prove) is refused policy_denied, audited.
+    let mut eu_only = alice.new_domain(&[("jurisdiction", "eu")], &[("vm-a", AccessMode::Rw)]).unwrap();
+    eu_only.policy = Some(
+        r#"@id("eu-only") permit (principal, action, resource)
+           when { context.host has region && context.host.region like "eu-*" };"#
+            .into(),
+    );
+    let eu_header = register(&cp, alice.sign_descriptor(&eu_only).unwrap(), None).await.unwrap();
+    let grant = alice.grant(&eu_only.domain_id, "vm-a", AccessMode::Rw, 300);
+    op.obtain_key(&in_eu.host, &eu_header, &grant, "vm-a", AccessMode::Rw).await.expect("permitted in eu-north");
+    let record = records(&ttp.service).pop().unwrap();
+    assert!(record.message.contains("permitted by policy eu-only"), "{}", record.message);
+    let grant = alice.grant(&eu_only.domain_id, "vm-a", AccessMode::Rw, 300);
+    let result = op.obtain_key(&in_us.host, &eu_header, &grant, "vm-a", AccessMode::Rw).await;
+    assert_eq!(ttp_code(result), "policy_denied");
+    assert_last_outcome(&ttp.service, "policy_denied");
     // Another location measurement (the host moved, or its start-up was altered): refused.
     measure_location(&in_eu, "us-east").await;
     let grant = alice.grant(&descriptor.domain_id, "vm-a", AccessMode::Rw, 300);

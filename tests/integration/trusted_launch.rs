@@ -194,6 +194,19 @@ async fn scenario() {
     let release = history.records.iter().rev().find(|r| r.event == "key_release").unwrap();
     assert!(release.message.contains(&format!("image web@3 (sha256 {web_v3_sha})")), "{}", release.message);
 
+    // An owner's policy reads the launched image: "web at version 4 or newer" refuses web@3.
+    let mut newer_only = alice.new_domain(&[("department", "radiology")], &[("vm-a", AccessMode::Rw)]).unwrap();
+    newer_only.policy = Some(
+        r#"@id("web-4-or-newer") permit (principal, action, resource)
+           when { context has image && context.image.role == "web" && context.image.version >= 4 };"#
+            .into(),
+    );
+    let newer_header = register(&cp, alice.sign_descriptor(&newer_only).unwrap(), None).await.unwrap();
+    let grant = alice.grant(&newer_only.domain_id, "vm-a", AccessMode::Rw, 300);
+    let result =
+        op.obtain_key_launched(&host.host, &newer_header, &grant, "vm-a", AccessMode::Rw, Some(&launched)).await;
+    assert_eq!(ttp_code(result), "policy_denied");
+
     // Refused at the TTP, each audited as image_not_allowed in the owner's history.
     let before = history.records.len();
     let cases: [(&str, Option<LaunchedImage>, &str); 3] = [

@@ -102,6 +102,10 @@ pub enum Error {
     /// (403 `registration_mismatch`).
     #[error("registration does not match: {0}")]
     RegistrationMismatch(String),
+    /// A descriptor's access policy does not parse or does not validate against the schema
+    /// (400 `policy_invalid`); the message names Cedar's errors.
+    #[error("{0}")]
+    PolicyInvalid(String),
 
     // ---- access ----------------------------------------------------------------------------
     /// The VM is not in the domain's access list (403 `vm_not_in_acl`).
@@ -115,6 +119,14 @@ pub enum Error {
     /// while one is configured (403 `image_not_allowed`).
     #[error("{0}")]
     ImageNotAllowed(String),
+    /// The domain's access policy does not permit the release (403 `policy_denied`); the
+    /// message names the deciding policies.
+    #[error("{0}")]
+    PolicyDenied(String),
+    /// A break-glass release (purpose `emergency`) whose grant gives no reason (403
+    /// `break_glass_reason_missing`), whatever the policy says.
+    #[error("{0}")]
+    BreakGlassReasonMissing(String),
     /// The mount grant's `expires_at` has passed (403 `grant_expired`).
     #[error("mount grant expired: {0}")]
     GrantExpired(String),
@@ -228,6 +240,9 @@ impl Error {
             Error::DomainUnknown(_) => Refusal::DomainUnknown,
             Error::DomainDeleted(_) => Refusal::DomainDeleted,
             Error::RegistrationMismatch(_) => Refusal::RegistrationMismatch,
+            Error::PolicyInvalid(_) => Refusal::PolicyInvalid,
+            Error::PolicyDenied(_) => Refusal::PolicyDenied,
+            Error::BreakGlassReasonMissing(_) => Refusal::BreakGlassReasonMissing,
             Error::VmNotInAcl(_) => Refusal::VmNotInAcl,
             Error::ImageNotAllowed(_) => Refusal::ImageNotAllowed,
             Error::ModeNotPermitted(_) => Refusal::ModeNotPermitted,

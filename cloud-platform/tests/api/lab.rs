@@ -195,6 +195,8 @@ impl Manager {
             expires_at: cloud_platform::service::now_unix() + 300,
             nonce: rand::random(),
             issuer: self.name.clone(),
+            purpose: String::new(),
+            reason: String::new(),
         };
         self.key.sign_envelope(SignatureContext::MountGrant, grant.encode())
     }

@@ -79,6 +79,8 @@ fn d8_a_grant_naming_another_issuer_is_refused() {
             expires_at: now_unix() + 300,
             nonce: rand::random(),
             issuer: "dm-alice".into(),
+            purpose: String::new(),
+            reason: String::new(),
         };
         let forged = bob.key.sign_envelope(SignatureContext::MountGrant, grant.encode());
         let challenge: ChallengeResponse = c1_ttp.post_json("/v1/challenges", &()).await.unwrap();

@@ -73,6 +73,8 @@
 //! | P2  | domain manager  | signs a placement of a VM on a host itself                              | `placement_invalid` (audited) | `hosts::p2_a_placement_signed_by_a_tenant_is_refused` |
 //! | P3  | compute host    | a CP placement made for another grant                                   | `placement_mismatch` (audited) | `hosts::p3_a_placement_for_another_grant_is_refused` |
 //! | P4  | compute host    | a CP placement older than 300 s                                         | `placement_invalid` (audited) | `hosts::p4_a_stale_placement_is_refused` |
+//! | X1  | cloud platform  | edits the access policy in a volume header (widens it), keeps the owner signature | `descriptor_signature_invalid` (audited) | `policies::x1_a_policy_edited_by_the_cp_is_refused` |
+//! | X2  | domain manager  | a break-glass (purpose `emergency`) grant without a reason               | `break_glass_reason_missing` (audited as `break_glass_release`) | `policies::x2_break_glass_needs_a_reason_and_the_owner_is_notified` |
 //!
 //! The TTP and the SC limit bodies to 1 MiB, the CP to 2 MiB; B1 exceeds both.
 //! Routes without a request body ignore a body (they answer as without one, never 5xx,
@@ -93,6 +95,7 @@ mod domain_managers;
 mod enrollment;
 mod hosts;
 mod pinning;
+mod policies;
 mod raw;
 mod tenants;
 mod tls;

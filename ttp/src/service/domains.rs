@@ -27,6 +27,8 @@ impl Ttp {
             Self::require_role(actor, Role::CloudPlatform, "register a domain")?;
             let descriptor = self.verified_descriptor(&request.descriptor)?;
             subject.domain_id = Some(descriptor.domain_id.clone());
+            // A policy the TTP could not evaluate is refused now, not at every release.
+            self.access_policies.check_descriptor(&descriptor)?;
             let encoded_hash = descriptor_hash(&request.descriptor.message);
             let existing = self.store.domain(&descriptor.domain_id)?;
             let nonce_r = match (&existing, &request.previous_registration) {

@@ -7,16 +7,21 @@
 use protocol::domain::{descriptor_hash, Descriptor};
 use protocol::kdf::{derive_sector_mac_key, derive_volume_key, RELEASED_KEYS_BYTES, VOLUME_KEY_BYTES};
 use protocol::messages::{
-    ChallengeResponse, KeyReleaseRequest, KeyReleaseResponse, MountGrant, Placement, Registration,
+    ChallengeResponse, KeyReleaseRequest, KeyReleaseResponse, MountGrant, Placement, Registration, PURPOSE_EMERGENCY,
 };
 use protocol::pki::{Identity, Role};
 use protocol::secret::SecretBytes;
 use protocol::signing::SignatureContext;
 
+use super::policy::{Permitted, ReleaseFacts};
 use super::{invalid_name, Subject, Ttp};
 use crate::attestation::{self, HostRecord};
 use crate::error::{Error, Result};
 use crate::store::{now_unix, DomainRecord, SpentTokens};
+
+/// The audit event of a release (granted or refused) whose grant states purpose `emergency`:
+/// a break-glass release stands out in the viewing history (docs/PROTOCOL.md "Access policy").
+pub const BREAK_GLASS_EVENT: &str = "break_glass_release";
 
 /// How long a quote challenge stays valid.
 pub const CHALLENGE_TTL_SECS: u64 = 60;
@@ -58,7 +63,8 @@ impl Ttp {
     /// challenge, descriptor and registration signatures, newest version, ACL, then the
     /// single-use grant and the operator's placement; only then is K derived and sealed to
     /// the host's binding key ([`attestation::seal_key_to_host`]), with the domain's newest
-    /// integrity anchor. Every outcome, granted or refused, is one `key_release` audit record.
+    /// integrity anchor. Every outcome, granted or refused, is one `key_release` audit record
+    /// (`break_glass_release` when the grant states purpose `emergency`).
     pub fn release_key(&self, actor: &Identity, request: &KeyReleaseRequest) -> Result<KeyReleaseResponse> {
         // Ids are validated before they reach the audit record: a malformed one is refused
         // (audited without it), never written to the log as sent.
@@ -85,7 +91,7 @@ impl Ttp {
         // release (who may commit integrity roots) are written in one transaction, and the
         // anchor returned is the newest as of that instant.
         let (((wrapped_key, domain_id, version), anchor), record) =
-            self.audited_with("key_release", actor, subject, decide, |(released, spent), entry| {
+            self.audited_with(release_event(request), actor, subject, decide, |(released, spent), entry| {
                 let (record, anchor) = self.store.commit_key_release(&spent, entry, request.mode)?;
                 Ok(((released, anchor), record))
             })?;
@@ -131,6 +137,15 @@ impl Ttp {
         let grant = self.verified_grant(request, &descriptor)?;
         // 5. The placement: the operator put this VM on this very host, for this grant.
         let placer = self.verified_placement(request, &grant.digest, grant.checked_at)?;
+        // 3, continued: the owner's access policy, over what steps 1 to 5 verified.
+        let permitted = self.check_policy(
+            request,
+            &descriptor,
+            &registration.descriptor_hash,
+            &grant,
+            host.region.as_deref(),
+            request.launched_image.as_ref(),
+        )?;
         // The challenge and the grant are spent when the release is written: a grant
         // authorizes one release, so whoever saw it on its way (the cloud platform forwards
         // it) cannot attach the VM again with it after a detach.
@@ -143,10 +158,17 @@ impl Ttp {
         // 6. Derive K || K_mac and seal them to the host's PCR-bound binding key.
         let keys = self.released_keys(&registration, &descriptor, &domain)?;
         let wrapped = attestation::seal_key_to_host(&host, &keys)?;
-        let message = format!(
+        let mut message = format!(
             "key of domain {} version {} released to {} on {} ({}), grant by {}, placement by {placer}{image}",
             descriptor.domain_id, descriptor.version, request.vm_id, request.host_id, request.mode, grant.signer
         );
+        if let Some(Permitted { policy_ids }) = &permitted {
+            message.push_str(&format!(", permitted by policy {}", policy_ids.join(", ")));
+        }
+        if !grant.grant.purpose.is_empty() {
+            // The reason last: it is the signer's free text.
+            message.push_str(&format!(", purpose {}, reason: {}", grant.grant.purpose, grant.grant.reason));
+        }
         Ok((((wrapped, descriptor.domain_id.clone(), descriptor.version), spent), message))
     }
 
@@ -250,6 +272,39 @@ impl Ttp {
         Ok(VerifiedHeader { descriptor, registration, domain })
     }
 
+    /// Step 3, continued, once the grant and placement are verified: a break-glass grant
+    /// (purpose `emergency`) must give a reason whatever the policy says
+    /// (`break_glass_reason_missing`), and the descriptor's access policy, if any, must permit
+    /// the release (`policy_denied`). `host_region` and `image` are the attested
+    /// host's region and the launched image's digest where the request carries them.
+    fn check_policy(
+        &self,
+        request: &KeyReleaseRequest,
+        descriptor: &Descriptor,
+        descriptor_hash: &[u8; 32],
+        grant: &VerifiedGrant,
+        host_region: Option<&str>,
+        image: Option<&protocol::image::LaunchedImage>,
+    ) -> Result<Option<Permitted>> {
+        if grant.grant.purpose == PURPOSE_EMERGENCY && grant.grant.reason.trim().is_empty() {
+            return Err(Error::BreakGlassReasonMissing(format!(
+                "the emergency grant by {} for {} on domain {} gives no reason; a break-glass release needs one",
+                grant.signer, request.vm_id, descriptor.domain_id
+            )));
+        }
+        let facts = ReleaseFacts {
+            vm_id: &request.vm_id,
+            mode: request.mode,
+            now: grant.checked_at,
+            purpose: &grant.grant.purpose,
+            reason: &grant.grant.reason,
+            grant_signer: &grant.signer,
+            grant_lifetime_seconds: grant.grant.expires_at.saturating_sub(grant.checked_at),
+            host_id: &request.host_id,
+        };
+        self.access_policies.decide(descriptor, descriptor_hash, &facts, host_region, image)
+    }
+
     /// Step 4 of the key release: the grant is signed by the issuer it names, who is the
     /// domain's owner or a manager it is shared with; it is for this VM, domain and a mode
     /// covering the request; and it is unexpired and valid for at most
@@ -345,6 +400,15 @@ impl Ttp {
             )));
         }
         Ok(placer)
+    }
+}
+
+/// The audit event of this request: [`BREAK_GLASS_EVENT`] if its grant (signature not yet
+/// checked) states purpose `emergency`, so that even a refused break-glass attempt stands out.
+fn release_event(request: &KeyReleaseRequest) -> &'static str {
+    match MountGrant::decode(&request.grant.message) {
+        Ok(grant) if grant.purpose == PURPOSE_EMERGENCY => BREAK_GLASS_EVENT,
+        _ => "key_release",
     }
 }
 

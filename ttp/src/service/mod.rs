@@ -9,7 +9,8 @@
 //! - `domains`: registration, update and deletion of a domain;
 //! - `key_release`: the quote challenge and the six steps of a key release;
 //! - `history`: a domain's viewing history and the audit chain;
-//! - `integrity`: format-2 integrity root commits and violation reports.
+//! - `integrity`: format-2 integrity root commits and violation reports;
+//! - `policy`: the owner's Cedar access policy, checked at registration and key release.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ mod enrollment;
 mod history;
 mod integrity;
 mod key_release;
+pub mod policy;
 mod signers;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -60,6 +62,8 @@ pub struct Ttp {
     /// The signed image allowlist (docs/PROTOCOL.md "Trusted launch"): when set, a key is
     /// released only to a VM launched from an image on it.
     image_allowlist: Option<protocol::image::AllowList>,
+    /// The access policy schema and each domain's newest compiled policy.
+    access_policies: policy::AccessPolicies,
 }
 
 /// The parts of a request the audit record names.
@@ -117,6 +121,7 @@ impl Ttp {
             registration_signers: vec![own.name],
             violation_reports: Mutex::new(integrity::ReportWindow::default()),
             image_allowlist: None,
+            access_policies: policy::AccessPolicies::new()?,
         })
     }
 
@@ -155,6 +160,11 @@ impl Ttp {
     /// The master-key versions loaded; the newest derives the keys of new domains.
     pub fn master_key_versions(&self) -> Vec<u32> {
         self.master_keys.versions()
+    }
+
+    /// The access policies: the schema, and each domain's newest compiled policy.
+    pub fn access_policies(&self) -> &policy::AccessPolicies {
+        &self.access_policies
     }
 
     /// The store, for tools and tests that read it (e.g. the audit chain).

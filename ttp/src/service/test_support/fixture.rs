@@ -114,6 +114,14 @@ impl Fixture {
         replica_of(&self.ca, vectors().reference_state, store)
     }
 
+    /// Registers the next version of the domain with `policy` as its access policy (`None`:
+    /// none) and makes it the header of the following requests.
+    pub(crate) fn set_policy(&mut self, policy: Option<&str>) {
+        let next = self.descriptor.next_version(|d| d.policy = policy.map(str::to_string)).unwrap();
+        self.header = register(&self.ttp, &self.owner, &next, Some(self.header.registration.clone()));
+        self.descriptor = next;
+    }
+
     /// A signing key for `name` in `role` from the fixture's CA.
     pub(crate) fn key(&self, role: Role, name: &str) -> SignatureKey {
         key_of(&self.ca, role, name)
@@ -145,6 +153,8 @@ impl Fixture {
             expires_at: now_unix() + 600,
             nonce: rand::random(),
             issuer: OWNER.into(),
+            purpose: String::new(),
+            reason: String::new(),
         };
         change(&mut grant);
         signer.sign_envelope(SignatureContext::MountGrant, grant.encode())
