@@ -283,6 +283,21 @@ pub struct PgPool {
     returned: Condvar,
 }
 
+impl Drop for PgPool {
+    /// `postgres::Client` closes its connection by blocking on a runtime of its own, which
+    /// panics on a tokio worker thread (a service dropping its store while its runtime still
+    /// runs). The idle connections are closed on a plain thread instead, and waited for.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.idle.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).0);
+        if idle.is_empty() {
+            return;
+        }
+        if let Ok(closer) = std::thread::Builder::new().name("pg-close".into()).spawn(move || drop(idle)) {
+            let _ = closer.join();
+        }
+    }
+}
+
 /// How long a caller waits for a connection or for the server before the request fails.
 const PG_WAIT: Duration = Duration::from_secs(10);
 

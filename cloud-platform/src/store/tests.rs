@@ -190,3 +190,16 @@ fn two_replicas_racing_one_domain_id_and_one_update_have_one_winner_each() {
     replicas[0].update_domain("raced", 2, &["bob".into()]).unwrap();
     assert_eq!(replicas[1].domain("raced").unwrap().unwrap().shared_with, vec!["bob".to_string()]);
 }
+
+/// A service drops its store on a tokio worker at shutdown. `postgres::Client` closes its
+/// connection by blocking on a runtime of its own, which panicked there (seen in the release
+/// CI's PostgreSQL rerun of the API tests); the pool now closes idle connections on a plain
+/// thread.
+#[test]
+fn a_postgres_store_dropped_on_a_tokio_worker_closes_without_a_panic() {
+    let store = postgres_replicas(1).pop().unwrap();
+    store.insert_domain(&domain("d-drop", "dm-alice", &[])).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
+    let dropped = runtime.block_on(async move { tokio::spawn(async move { drop(store) }).await });
+    assert!(dropped.is_ok(), "dropping the store on a tokio worker panicked: {dropped:?}");
+}
