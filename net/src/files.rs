@@ -117,6 +117,21 @@ impl TlsFiles {
 }
 
 impl TlsMaterial {
+    /// Whose DSSE envelopes (image allowlists) to accept: the `cloud-platform` certificate
+    /// named `signer_name` under these trusted roots (within their role limits) and
+    /// revocation lists, as of now. The TTP and the secure component check allowlists with
+    /// the TLS material they loaded at start-up, not a second read of the same files.
+    pub fn signer_trust(&self, signer_name: &str) -> protocol::dsse::SignerTrust {
+        let now_unix =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        protocol::dsse::SignerTrust {
+            roots: self.trusted_roots.clone(),
+            crl_pems: self.crl_pems.clone(),
+            signer_name: signer_name.to_string(),
+            now_unix,
+        }
+    }
+
     /// A server configuration from this material that accepts only clients whose certificate
     /// carries one of `allowed_client_roles` (see `protocol::pki::server_config`).
     pub fn server_config(&self, allowed_client_roles: &[Role]) -> Result<Arc<rustls::ServerConfig>> {

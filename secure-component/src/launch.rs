@@ -25,7 +25,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use protocol::dsse::SignerTrust;
 use protocol::image::{AllowList, LaunchedImage};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -97,9 +96,10 @@ pub struct Launcher {
 
 impl Launcher {
     /// The launcher of an agent configuration with a `[launch]` table (`None` without one):
-    /// reads the allowlist and checks its signature under the agent's CAs and CRLs. Needs
-    /// `hypervisor = "qemu"`, whose driver attaches volumes to the launched VMs.
-    pub fn from_config(config: &AgentConfig) -> Result<Option<Self>> {
+    /// reads the allowlist and checks its signature under the agent's CAs and CRLs (its
+    /// loaded TLS `material`). Needs `hypervisor = "qemu"`, whose driver attaches volumes to
+    /// the launched VMs.
+    pub fn from_config(config: &AgentConfig, material: &net::TlsMaterial) -> Result<Option<Self>> {
         let Some(launch) = &config.launch else { return Ok(None) };
         if config.hypervisor != HypervisorChoice::Qemu {
             return Err(Error::Config(format!(
@@ -107,22 +107,7 @@ impl Launcher {
                 config.hypervisor
             )));
         }
-        let tls = net::TlsFiles {
-            ca: config.ca.clone(),
-            cert: config.cert.clone(),
-            key: config.key.clone(),
-            crl: config.crl.clone(),
-        };
-        let material = tls.load().map_err(|e| Error::Config(format!("TLS files: {e}")))?;
-        let trust = SignerTrust {
-            roots: material.trusted_roots,
-            crl_pems: material.crl_pems,
-            signer_name: launch.signer.clone(),
-            now_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        };
+        let trust = material.signer_trust(&launch.signer);
         let bytes = std::fs::read(&launch.allowlist)
             .map_err(|e| Error::io(format!("reading the image allowlist {}", launch.allowlist.display()), e))?;
         let allowlist = protocol::image::verify_allowlist(&bytes, &trust)

@@ -142,7 +142,8 @@ async fn scenario() {
         qemu: "qemu-system-x86_64".into(),
         accel: "tcg".into(),
     });
-    let launcher = Launcher::from_config(&config).unwrap().expect("[launch] is configured");
+    let material = tls.load().unwrap();
+    let launcher = Launcher::from_config(&config, &material).unwrap().expect("[launch] is configured");
     let launch = |vm_id: &str, image: &Path| LaunchRequest {
         vm_id: vm_id.into(),
         image: image.to_path_buf(),

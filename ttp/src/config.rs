@@ -100,27 +100,14 @@ fn default_listen() -> String {
 }
 
 impl TtpConfig {
-    /// The verified image allowlist, if one is configured: signed by `image_signer` under one
-    /// of the trusted CA roots (within its limits), not revoked by the configured CRLs.
-    pub fn load_image_allowlist(
-        &self,
-        roots: &[protocol::pki::TrustedRoot],
-    ) -> Result<Option<protocol::image::AllowList>> {
+    /// The verified image allowlist, if one is configured: signed by the `[trusted_launch]`
+    /// signer under the trusted roots (within their role limits) and revocation lists of the
+    /// TLS `material` the TTP loaded at start-up.
+    pub fn load_image_allowlist(&self, material: &net::TlsMaterial) -> Result<Option<protocol::image::AllowList>> {
         let Some(TrustedLaunchConfig { allowlist: path, signer }) = &self.trusted_launch else { return Ok(None) };
-        let read =
-            |p: &Path| std::fs::read(p).map_err(|e| Error::Io { context: format!("read {}", p.display()), source: e });
-        let crl_pems = self
-            .crl
-            .iter()
-            .map(|p| read(p).map(|b| String::from_utf8_lossy(&b).into_owned()))
-            .collect::<Result<Vec<_>>>()?;
-        let trust = protocol::dsse::SignerTrust {
-            roots: roots.to_vec(),
-            crl_pems,
-            signer_name: signer.clone(),
-            now_unix: crate::store::now_unix(),
-        };
-        protocol::image::verify_allowlist(&read(path)?, &trust)
+        let bytes =
+            std::fs::read(path).map_err(|e| Error::Io { context: format!("read {}", path.display()), source: e })?;
+        protocol::image::verify_allowlist(&bytes, &material.signer_trust(signer))
             .map(Some)
             .map_err(|e| Error::Config(format!("image allowlist {}: {e}", path.display())))
     }

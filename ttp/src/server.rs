@@ -49,7 +49,7 @@ pub fn build_with_shares(config: &TtpConfig, shares: &[ShareLine]) -> Result<(Ar
     let ttp = Ttp::new(master_keys, signing_key, material.trusted_roots.clone(), policy, Arc::new(store))?
         .with_revocation_lists(config.crl.clone())
         .with_registration_replicas(config.registration_replicas.clone());
-    let ttp = match config.load_image_allowlist(&material.trusted_roots)? {
+    let ttp = match config.load_image_allowlist(&material)? {
         Some(allowlist) => {
             tracing::info!(
                 images = allowlist.images.len(),

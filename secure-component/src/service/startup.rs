@@ -98,7 +98,7 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
         )));
     }
     let records = RecordStore::open(config.records_dir())?;
-    let launcher = crate::launch::Launcher::from_config(config)?;
+    let launcher = crate::launch::Launcher::from_config(config, &material)?;
     let tpm = TpmWorker::start(&config.tcti, config.tpm_state_dir())?;
     let service = AttachmentService {
         config: config.clone(),
