@@ -271,6 +271,7 @@ impl Error {
 
 /// The database layer's failures are the store's (`store_error`) or, for a malformed
 /// `database_url`, the configuration's.
+#[cfg(feature = "service")]
 impl From<skydd_sql::Error> for Error {
     fn from(e: skydd_sql::Error) -> Self {
         match e {
