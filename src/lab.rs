@@ -91,10 +91,31 @@ impl LabPki {
     /// certificates); writes the same files as [`LabPki::issue`].
     pub fn issue_with_validity(&self, role: Role, name: &str, validity: Validity) -> Result<TlsFiles> {
         let issued = CertificateAuthority::issue(&self.ca_cert_pem, &self.ca_key_pem, role, name, validity)?;
+        self.write_issued(name, &issued)
+    }
+
+    /// Writes NAME.pem and NAME-key.pem (0600).
+    fn write_issued(&self, name: &str, issued: &skydd_ca::IssuedIdentity) -> Result<TlsFiles> {
         let files = self.files(name);
         std::fs::write(&files.cert, &issued.cert_pem)?;
         write_private(&files.key, issued.key_pem.as_bytes())?;
         Ok(files)
+    }
+
+    /// Issues a domain-manager certificate for `name` acting for `affiliation` (its
+    /// organisation and role there, docs/PKI.md "Affiliation"); writes the same files as
+    /// [`LabPki::issue`].
+    pub fn issue_affiliated(&self, name: &str, affiliation: &protocol::pki::Affiliation) -> Result<TlsFiles> {
+        let issued = CertificateAuthority::issue_affiliated(
+            &self.ca_cert_pem,
+            &self.ca_key_pem,
+            Role::DomainManager,
+            name,
+            Validity::Days(30),
+            &[],
+            Some(affiliation),
+        )?;
+        self.write_issued(name, &issued)
     }
 
     /// An mTLS JSON client for `name` (issued earlier) talking to a server of `server_role`.

@@ -5,7 +5,8 @@ use std::fmt;
 use std::net::IpAddr;
 
 use protocol::pki::{
-    check_ca_name, check_dns_name, check_name, encode_role_extension, rfc3339, Role, ROLE_EXTENSION_OID,
+    check_ca_name, check_dns_name, check_name, encode_affiliation_extension, encode_role_extension, rfc3339,
+    Affiliation, Role, AFFILIATION_EXTENSION_OID, ROLE_EXTENSION_OID,
 };
 use protocol::{Error, Result};
 use rcgen::{
@@ -77,7 +78,28 @@ impl CertificateAuthority {
         validity: Validity,
         extra_sans: &[String],
     ) -> Result<IssuedIdentity> {
+        Self::issue_affiliated(ca_cert_pem, ca_key_pem, role, name, validity, extra_sans, None)
+    }
+
+    /// As [`issue_with_sans`](Self::issue_with_sans), for a domain manager acting for an
+    /// organisation in a role there: `affiliation` is written in the Skydd affiliation
+    /// extension (docs/PKI.md "Affiliation"), which access policies read. Only a
+    /// domain-manager certificate may carry one.
+    pub fn issue_affiliated(
+        ca_cert_pem: &str,
+        ca_key_pem: &str,
+        role: Role,
+        name: &str,
+        validity: Validity,
+        extra_sans: &[String],
+        affiliation: Option<&Affiliation>,
+    ) -> Result<IssuedIdentity> {
         check_name(name)?;
+        if affiliation.is_some() && role != Role::DomainManager {
+            return Err(Error::Certificate(format!(
+                "only a domain-manager certificate carries an organisation and role, not a {role} certificate"
+            )));
+        }
         let (not_before, not_after) = validity.window()?;
 
         let SigningCa { issuer, not_after: ca_not_after } = SigningCa::load(ca_cert_pem, ca_key_pem)?;
@@ -118,6 +140,12 @@ impl CertificateAuthority {
         params
             .custom_extensions
             .push(CustomExtension::from_oid_content(ROLE_EXTENSION_OID, encode_role_extension(role)));
+        if let Some(affiliation) = affiliation {
+            params.custom_extensions.push(CustomExtension::from_oid_content(
+                AFFILIATION_EXTENSION_OID,
+                encode_affiliation_extension(affiliation),
+            ));
+        }
 
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| Error::Certificate(format!("generating the key failed: {e}")))?;

@@ -196,6 +196,9 @@ pub struct IssueOptions {
     pub days: u32,
     /// Extra subject alternative names (DNS names or IP addresses).
     pub sans: Vec<String>,
+    /// For a domain manager: the organisation it acts for and its role there, which access
+    /// policies read (docs/PKI.md "Affiliation").
+    pub affiliation: Option<protocol::pki::Affiliation>,
 }
 
 fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
@@ -243,13 +246,14 @@ pub fn issue(ca_dir: &Path, opts: &IssueOptions) -> Result<IssuedPaths> {
             return Err(Error::Exists { path: p.clone() });
         }
     }
-    let issued = CertificateAuthority::issue_with_sans(
+    let issued = CertificateAuthority::issue_affiliated(
         &ca.cert_pem,
         &ca.key_pem,
         opts.role,
         &opts.name,
         Validity::Days(opts.days),
         &opts.sans,
+        opts.affiliation.as_ref(),
     )?;
     make_dir(&out)?;
     write_new(&paths.key, issued.key_pem.as_bytes(), 0o600)?;
@@ -462,7 +466,7 @@ mod tests {
     use super::*;
 
     fn opts(role: Role, name: &str) -> IssueOptions {
-        IssueOptions { role, name: name.into(), out: None, days: 30, sans: vec![] }
+        IssueOptions { role, name: name.into(), out: None, days: 30, sans: vec![], affiliation: None }
     }
 
     #[test]

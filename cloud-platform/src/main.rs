@@ -85,7 +85,11 @@ cannot be used to talk to the TTP as a secure component. SANs: NAME, localhost, 
 plus every --san. Usable for both TLS server and client.\n\n\
 Examples:\n  cloud-platform ca issue --dir ca --role ttp --name ttp-1 --san ttp.hospital.example\n  \
 cloud-platform ca issue --dir ca --role secure-component --name compute-07 --san 10.0.0.7 --out /tmp/compute-07\n  \
-cloud-platform ca issue --dir ca --role domain-manager --name alice --days 90")]
+cloud-platform ca issue --dir ca --role domain-manager --name alice --days 90\n  \
+cloud-platform ca issue --dir ca --role domain-manager --name erik --organisation \"Karolinska Cardiology\" --org-role cardiologist\n\n\
+--organisation and --org-role (a domain manager only, both or neither) say whom the manager acts \
+for and as what, as OrBAC names them; access policies read them as \
+context.grant_signer_affiliation (docs/PROTOCOL.md \"Access policy\").")]
     Issue {
         /// Directory of the CA (holding ca.pem and ca-key.pem).
         #[arg(long)]
@@ -105,6 +109,12 @@ cloud-platform ca issue --dir ca --role domain-manager --name alice --days 90")]
         /// Extra subject alternative name: a DNS name or an IP address. Repeatable.
         #[arg(long = "san", value_name = "DNS|IP")]
         sans: Vec<String>,
+        /// A domain manager's organisation (e.g. "Karolinska Cardiology"); needs --org-role.
+        #[arg(long, requires = "org_role")]
+        organisation: Option<String>,
+        /// A domain manager's role in its organisation (e.g. cardiologist); needs --organisation.
+        #[arg(long, requires = "organisation")]
+        org_role: Option<String>,
     },
     /// Revoke a party's certificate: adds it to DIR/crl.pem and re-signs the list.
     #[command(long_about = "Revoke a certificate issued by the CA in --dir: add its serial number, the \
@@ -226,10 +236,17 @@ fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
                 skydd_ca::DEFAULT_CRL_DAYS
             );
         }
-        CaCommand::Issue { dir, role, name, out, days, sans } => {
+        CaCommand::Issue { dir, role, name, out, days, sans, organisation, org_role } => {
             let role = Role::from(role);
-            let p = ca::issue(&dir, &ca::IssueOptions { role, name: name.clone(), out, days, sans })?;
-            println!("issued {role} certificate for {name:?}, valid {days} days");
+            let affiliation = match (organisation, org_role) {
+                (Some(organisation), Some(org_role)) => {
+                    Some(protocol::pki::Affiliation::new(&organisation, &org_role)?)
+                }
+                _ => None,
+            };
+            let shown = affiliation.as_ref().map(|a| format!(", {} of {}", a.role, a.organisation)).unwrap_or_default();
+            let p = ca::issue(&dir, &ca::IssueOptions { role, name: name.clone(), out, days, sans, affiliation })?;
+            println!("issued {role} certificate for {name:?}{shown}, valid {days} days");
             println!("  certificate: {}", p.cert.display());
             println!("  private key: {}  (mode 0600)", p.key.display());
         }

@@ -97,9 +97,39 @@ fn cli_refusals_are_specific() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("only letters, digits"));
 
+    // An organisation and role: a domain manager's only, both or neither, names checked.
+    let affiliated = |role: &str, name: &str, organisation: &str| {
+        cp(&[
+            "ca",
+            "issue",
+            "--dir",
+            s,
+            "--role",
+            role,
+            "--name",
+            name,
+            "--organisation",
+            organisation,
+            "--org-role",
+            "cardiologist",
+        ])
+    };
+    assert!(refused(&affiliated("ttp", "ttp-2", "Karolinska")).contains("only a domain-manager certificate"));
+    assert!(refused(&affiliated("domain-manager", "dm-x", "Karolinska;")).contains("contains ';'"));
+    let o = cp(&["ca", "issue", "--dir", s, "--role", "domain-manager", "--name", "dm-y", "--organisation", "K"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--org-role"), "{o:?}");
+    assert!(ok(&affiliated("domain-manager", "dm-erik", "Karolinska Cardiology"))
+        .contains("cardiologist of Karolinska Cardiology"));
+    let der = protocol::pki::single_cert_der(&read(&d.path().join("dm-erik.pem")), "certificate").unwrap();
+    let affiliation = protocol::pki::affiliation_from_certificate(&der).unwrap().expect("an affiliation");
+    assert_eq!(
+        (affiliation.organisation.as_str(), affiliation.role.as_str()),
+        ("Karolinska Cardiology", "cardiologist")
+    );
+
     let o = cp(&["ca", "issue", "--help"]);
     let help = String::from_utf8_lossy(&o.stdout);
-    for want in ["secure-component", "unseals keys", "domain-manager", "--san"] {
+    for want in ["secure-component", "unseals keys", "domain-manager", "--san", "--org-role"] {
         assert!(help.contains(want), "help lacks {want}: {help}");
     }
 }

@@ -26,11 +26,19 @@ type Image = {
   version: Long,
 };
 
+// Whom the grant's signer acts for and as what (OrBAC's organisation and role), from the
+// affiliation extension of its certificate (docs/PKI.md "Affiliation").
+type Affiliation = {
+  organisation: String,
+  role: String,
+};
+
 type ReleaseContext = {
   now: Long,
   purpose: String,
   reason: String,
   grant_signer: String,
+  grant_signer_affiliation?: Affiliation,
   grant_lifetime_seconds: Long,
   host: Host,
   image?: Image,

@@ -21,6 +21,7 @@
 //! - `role`: the four kinds of party; `role_extension`: their DER encoding in a certificate;
 //! - `name`: which names a certificate may carry;
 //! - `identity`: the identity read out of a certificate;
+//! - `affiliation`: the organisation and role (OrBAC) a domain manager's certificate may carry;
 //! - `revocation`: revocation reasons and reading a signed list;
 //! - `pem`: PEM to DER;
 //! - `trusted_root`: the trusted CA roots and the roles (and names) each may issue;
@@ -28,6 +29,7 @@
 //!   certificate checks they run;
 //! - `tls_error`: TLS errors in words.
 
+mod affiliation;
 mod identity;
 mod name;
 mod pem;
@@ -39,6 +41,10 @@ mod tls_error;
 mod trusted_root;
 mod verifier;
 
+pub use affiliation::{
+    affiliation_from_certificate, decode_affiliation_extension, encode_affiliation_extension, Affiliation,
+    AFFILIATION_EXTENSION_OID, AFFILIATION_EXTENSION_VERSION, MAX_ORGANISATION_LEN, MAX_ORGANISATION_ROLE_LEN,
+};
 pub use identity::{identity_from_certificate, Identity};
 pub use name::{check_ca_name, check_dns_name, check_name, MAX_NAME_LEN};
 pub use pem::{certs_from_pem, crls_from_pems, single_cert_der};

@@ -95,6 +95,57 @@ fn a_purpose_policy_decides_on_the_signed_purpose() {
     });
 }
 
+/// Organisation and role (OrBAC): reads only by cardiologists of the cardiology clinic. The
+/// TTP reads each grant signer's organisation and role from the affiliation extension of its
+/// verified certificate (docs/PKI.md "Affiliation"): the owner (no affiliation) and a manager
+/// of the right clinic in another role are refused, the cardiologist is permitted.
+#[test]
+fn an_organisation_and_role_policy_decides_on_the_signers_certificate() {
+    run(|w| async move {
+        let d = Domains::create(&w).await;
+        attach_rw_and_detach(&w, &d.id_a, "the owner formats the volume before any policy").await;
+        let ttp = w.cloud.ttp.service.clone();
+        let pki = &w.cloud.pki;
+        let cp_url = w.cloud.cp_url.clone();
+        let clinic = "Karolinska Cardiology";
+        let mut managers = Vec::new();
+        for (name, role) in [("dm-cardio-1", "cardiologist"), ("dm-billing-1", "billing")] {
+            let affiliation = protocol::pki::Affiliation::new(clinic, role).unwrap();
+            pki.issue_affiliated(name, &affiliation).unwrap();
+            managers.push((signer(pki, name), pki.client(name, Role::CloudPlatform, &cp_url).unwrap()));
+        }
+        let policy = "@id(\"cardiologists\") permit (principal, action == Action::\"attach_ro\", resource) \
+                      when { context has grant_signer_affiliation && \
+                             context.grant_signer_affiliation.organisation == \"Karolinska Cardiology\" && \
+                             context.grant_signer_affiliation.role == \"cardiologist\" };";
+        let shared =
+            d.desc_a.next_version(|d| d.shared_with = vec!["dm-cardio-1".into(), "dm-billing-1".into()]).unwrap();
+        update_domain(&w.alice_cp, &w.alice, &shared).await;
+        with_policy(&w, &shared, policy).await;
+
+        let owners = w.alice.grant(&d.id_a, "vm-b", AccessMode::Ro, 300);
+        let message = expect_code(attach(&w.alice_cp, &d.id_a, "vm-b", AccessMode::Ro, owners).await, "policy_denied");
+        assert!(message.contains("no permit policy applies"), "{message}");
+        let (billing, billing_cp) = &managers[1];
+        let before = audit_records(&ttp).len();
+        let grant = billing.grant(&d.id_a, "vm-b", AccessMode::Ro, 300);
+        expect_code(attach(billing_cp, &d.id_a, "vm-b", AccessMode::Ro, grant).await, "policy_denied");
+        assert_audited(&ttp, before, "key_release", "policy_denied");
+
+        let (cardiologist, cardiologist_cp) = &managers[0];
+        let grant = cardiologist.grant(&d.id_a, "vm-b", AccessMode::Ro, 300);
+        let attached =
+            attach(cardiologist_cp, &d.id_a, "vm-b", AccessMode::Ro, grant).await.expect("a cardiologist may read");
+        detach(cardiologist_cp, &attached).await;
+        let granted = audit_records(&ttp)
+            .into_iter()
+            .rev()
+            .find(|r| r.domain_id.as_deref() == Some(d.id_a.as_str()) && r.event == "key_release" && r.outcome == "ok")
+            .unwrap();
+        assert!(granted.message.contains("permitted by policy cardiologists"), "{}", granted.message);
+    });
+}
+
 /// X2 and break-glass: an emergency release without a reason is refused whatever the policy
 /// (audited as `break_glass_release`); with one it is released, recorded with its reason,
 /// and the owner's history announces it.

@@ -9,7 +9,7 @@ use protocol::kdf::{derive_sector_mac_key, derive_volume_key, RELEASED_KEYS_BYTE
 use protocol::messages::{
     ChallengeResponse, KeyReleaseRequest, KeyReleaseResponse, MountGrant, Placement, Registration, PURPOSE_EMERGENCY,
 };
-use protocol::pki::{Identity, Role};
+use protocol::pki::{affiliation_from_certificate, Identity, Role};
 use protocol::secret::SecretBytes;
 use protocol::signing::SignatureContext;
 
@@ -292,6 +292,12 @@ impl Ttp {
                 grant.signer, request.vm_id, descriptor.domain_id
             )));
         }
+        // Read only when a policy will use it: the certificate was verified at step 4.
+        let affiliation = match descriptor.policy {
+            Some(_) => affiliation_from_certificate(&request.grant.signer_certificate)
+                .map_err(|e| Error::GrantSignatureInvalid(e.to_string()))?,
+            None => None,
+        };
         let facts = ReleaseFacts {
             vm_id: &request.vm_id,
             mode: request.mode,
@@ -299,6 +305,7 @@ impl Ttp {
             purpose: &grant.grant.purpose,
             reason: &grant.grant.reason,
             grant_signer: &grant.signer,
+            grant_signer_affiliation: affiliation.as_ref(),
             grant_lifetime_seconds: grant.grant.expires_at.saturating_sub(grant.checked_at),
             host_id: &request.host_id,
         };

@@ -14,6 +14,7 @@ use cedar_policy::{
 };
 use protocol::domain::{AccessMode, Descriptor};
 use protocol::image::LaunchedImage;
+use protocol::pki::Affiliation;
 use protocol::policy::{ACTION_ATTACH_RO, ACTION_ATTACH_RW, DOMAIN_TYPE, SCHEMA, VM_TYPE};
 
 use crate::error::{Error, Result};
@@ -39,6 +40,9 @@ pub struct ReleaseFacts<'a> {
     pub reason: &'a str,
     /// The manager whose signature on the grant was verified (`context.grant_signer`).
     pub grant_signer: &'a str,
+    /// The organisation and role the signer's certificate carries, if any
+    /// (`context.grant_signer_affiliation`, docs/PKI.md "Affiliation").
+    pub grant_signer_affiliation: Option<&'a Affiliation>,
     /// Seconds the grant is still valid for at `now` (`context.grant_lifetime_seconds`).
     pub grant_lifetime_seconds: u64,
     /// The attested host (`context.host.id`).
@@ -238,6 +242,10 @@ fn context(facts: &ReleaseFacts<'_>, host_region: Option<&str>, image: Option<&L
         ("grant_lifetime_seconds", long(facts.grant_lifetime_seconds)),
         ("host", record(host)?),
     ];
+    if let Some(affiliation) = facts.grant_signer_affiliation {
+        let fields = vec![("organisation", string(&affiliation.organisation)), ("role", string(&affiliation.role))];
+        pairs.push(("grant_signer_affiliation", record(fields)?));
+    }
     if let Some(image) = image {
         let fields =
             vec![("digest", string(&image.sha256)), ("role", string(&image.role)), ("version", long(image.version))];

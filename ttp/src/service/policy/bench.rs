@@ -97,6 +97,7 @@ fn a_fifty_rule_policy_against_the_access_list_alone() {
         purpose: "",
         reason: "",
         grant_signer: "dm-alice",
+        grant_signer_affiliation: None,
         grant_lifetime_seconds: 600,
         host_id: "compute-1",
     };

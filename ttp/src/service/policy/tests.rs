@@ -4,7 +4,7 @@
 use protocol::domain::AccessMode;
 use protocol::image::LaunchedImage;
 use protocol::messages::{KeyReleaseRequest, PURPOSE_EMERGENCY};
-use protocol::pki::{Identity, Role};
+use protocol::pki::{Affiliation, Identity, Role};
 
 use super::*;
 use crate::service::test_support::fixture::{assert_mentions, Fixture, OWNER, VM};
@@ -18,6 +18,7 @@ fn facts<'a>(mode: AccessMode, now: u64, purpose: &'a str, reason: &'a str, life
         purpose,
         reason,
         grant_signer: "dm-alice",
+        grant_signer_affiliation: None,
         grant_lifetime_seconds: lifetime,
         host_id: "compute-1",
     }
@@ -112,6 +113,28 @@ fn region_image_metadata_and_signer_reach_the_policy() {
     {
         assert_eq!(decide(policy, &f, region, image).unwrap_err().code(), "policy_denied", "{region:?} {image:?}");
     }
+}
+
+#[test]
+fn the_signers_organisation_and_role_reach_the_policy_and_a_signer_without_them_is_denied() {
+    let policy = r#"@id("cardiologists") permit(principal, action == Action::"attach_ro", resource)
+        when { context has grant_signer_affiliation &&
+               context.grant_signer_affiliation.organisation == "Karolinska Cardiology" &&
+               context.grant_signer_affiliation.role == "cardiologist" };"#;
+    let cardiologist = Affiliation::new("Karolinska Cardiology", "cardiologist").unwrap();
+    let billing = Affiliation::new("Karolinska Cardiology", "billing").unwrap();
+    let elsewhere = Affiliation::new("St Erik", "cardiologist").unwrap();
+    let with =
+        |affiliation| ReleaseFacts { grant_signer_affiliation: affiliation, ..facts(AccessMode::Ro, 1, "", "", 60) };
+    let permitted = decide(policy, &with(Some(&cardiologist)), None, None).unwrap().expect("permitted");
+    assert_eq!(permitted.policy_ids, ["cardiologists"]);
+    for affiliation in [None, Some(&billing), Some(&elsewhere)] {
+        let error = decide(policy, &with(affiliation), None, None).unwrap_err();
+        assert_eq!(error.code(), "policy_denied", "{affiliation:?}");
+    }
+    // Strict validation: reading it without `has` is refused at registration.
+    let unguarded = r#"permit(principal, action, resource) when { context.grant_signer_affiliation.role == "x" };"#;
+    assert_eq!(AccessPolicies::new().unwrap().compile(unguarded).unwrap_err().code(), "policy_invalid");
 }
 
 #[test]
