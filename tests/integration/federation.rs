@@ -201,26 +201,27 @@ async fn a_partner_host_serves_its_own_cloud_and_a_shared_vm_each_with_its_own_t
     let path = format!("/v1/attachments/{}", attached.id);
     expect_code(b_cp.delete_json::<AgentAttachment>(&path).await, "attachment_unknown");
 
-    // B's cloud platform asks B's host to attach A's domain (with a copy of A's volume in
-    // B's store): it is served with B's TTP, which has no such domain.
+    // B's cloud platform asks B's host to attach A's domain to B's own vm-b1 (with a copy
+    // of A's volume in B's store, and a grant A's owner signed): it is served with B's TTP,
+    // which trusts nothing of A's root, so not even the owner's signature on the header.
     let (header, copy) = header_and_copy(&a.dir, &b.dir, &domain.id);
     let alice_signer = DomainManager {
         name: "dm-alice".into(),
         key: net::TlsFiles::in_dir(&a.pki.dir, "dm-alice").load().unwrap().signature_key().unwrap(),
     };
     let placer_b = Operator::of(&b.pki, "cloud-platform").unwrap();
-    let grant = alice_signer.grant(&domain.id, "vm-x", AccessMode::Ro, 300);
+    let grant = alice_signer.grant(&domain.id, "vm-b1", AccessMode::Ro, 300);
     let request = AgentAttachRequest {
-        attachment_id: "b-takes-x".into(),
-        vm_id: "vm-x".into(),
+        attachment_id: "b-takes-a".into(),
+        vm_id: "vm-b1".into(),
         mode: AccessMode::Ro,
         header: header.clone(),
-        placement: placer_b.place("vm-x", "b-compute-07", &grant),
+        placement: placer_b.place("vm-b1", "b-compute-07", &grant),
         grant,
         volume_path: copy.to_string_lossy().into_owned(),
     };
     let code = client_code(b_cp.post_json::<_, AgentAttachment>("/v1/attachments", &request).await);
-    assert_eq!(code, "domain_unknown", "B's TTP knows nothing of A's domain");
+    assert_eq!(code, "descriptor_signature_invalid", "B's TTP knows nothing of A's domain or owner");
     // Asking A's TTP itself with B's cloud platform's placement: refused there.
     let at_a = shared.service.host_for(&Cloud::Partner("cloud-a".into())).unwrap();
     let grant = alice_signer.grant(&domain.id, "vm-x", AccessMode::Ro, 300);
