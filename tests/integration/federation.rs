@@ -246,6 +246,22 @@ async fn a_partner_host_serves_its_own_cloud_and_a_shared_vm_each_with_its_own_t
     assert_eq!(code, "ek_root_not_for_host");
     skydd_testkit::audit::assert_audited(&a.ttp.service, before, "enroll_begin", "ek_root_not_for_host");
 
+    // The host's own decision on a cloud platform, by name and root: A's is the partner's,
+    // B's the home one; a certificate of A's root under another name (here refused in TLS
+    // already, by the root's limit) is neither.
+    let cloud_platform_of = |pki: &skydd::lab::LabPki, name: &str| {
+        let pem = std::fs::read_to_string(pki.dir.join(format!("{name}.pem"))).unwrap();
+        let der = protocol::pki::single_cert_der(&pem, "certificate").unwrap();
+        let caller = net::Identity { name: name.to_string(), role: Role::CloudPlatform };
+        shared.service.cloud_of(&caller, &[der.into()])
+    };
+    assert_eq!(cloud_platform_of(&a.pki, "cloud-platform").unwrap(), Cloud::Partner("cloud-a".into()));
+    assert_eq!(cloud_platform_of(&b.pki, "cloud-platform").unwrap(), Cloud::Home);
+    a.pki.issue(Role::CloudPlatform, "cloud-platform-2").unwrap();
+    let refused = cloud_platform_of(&a.pki, "cloud-platform-2").unwrap_err();
+    assert_eq!(refused.refusal().code(), "forbidden");
+    assert!(refused.to_string().contains("neither this host's home cloud platform nor a configured [[partner]]"), "{refused}");
+
     bob.detach(&b_domain.id, "vm-b1").await.unwrap();
     clouds.stop().await;
     println!("whole story in {:?}", started.elapsed());
