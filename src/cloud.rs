@@ -140,7 +140,12 @@ impl AllInOne {
         self.hosts.iter().find(|h| h.id == host_id)
     }
 
-    async fn start_planned(dir: &Path, layout: &Layout<'_>, plan: Plan, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+    async fn start_planned(
+        dir: &Path,
+        layout: &Layout<'_>,
+        plan: Plan,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
         let Plan { pki, ttp: (ttp_listener, ttp_url), host_partners, partner_ek_roots, partner_states, partner_hosts } =
             plan;
         let vendor_ca = dir.join("tpm-vendor-ca");
@@ -320,8 +325,9 @@ impl AllInOne {
 /// Registers compute host `host_id` (its agent at `agent_url`) and the instances `vms` on it
 /// with the cloud platform, as its operator does.
 async fn register_host(operator: &net::Client, host_id: &str, agent_url: &str, vms: &[String]) -> Result<()> {
-    let _: ComputeHost =
-        operator.post_json("/v1/hosts", &ComputeHost { id: host_id.to_string(), agent_url: agent_url.to_string() }).await?;
+    let _: ComputeHost = operator
+        .post_json("/v1/hosts", &ComputeHost { id: host_id.to_string(), agent_url: agent_url.to_string() })
+        .await?;
     for vm in vms {
         let _: Instance =
             operator.post_json("/v1/instances", &Instance { id: vm.clone(), host: host_id.to_string() }).await?;
@@ -370,7 +376,10 @@ impl PartnerClouds {
         pki_b.trust_for(
             &[Role::SecureComponent],
             &pki_a,
-            vec![RoleAllowance::named(Role::Ttp, &["ttp-1"])?, RoleAllowance::named(Role::CloudPlatform, &["cloud-platform"])?],
+            vec![
+                RoleAllowance::named(Role::Ttp, &["ttp-1"])?,
+                RoleAllowance::named(Role::CloudPlatform, &["cloud-platform"])?,
+            ],
         );
         let (a_ttp, b_ttp) = (bind().await?, bind().await?);
         let a_volumes = a_dir.join("cloud-platform").join("volumes");
@@ -405,7 +414,11 @@ impl PartnerClouds {
             let state = b.reference_state(host).with_context(|| format!("cloud B has no reference state of {host}"))?;
             partner_states.push(state.clone());
             let node = b.host(host).with_context(|| format!("cloud B runs no host {host}"))?;
-            partner_hosts.push((host.to_string(), node.agent_url.clone(), vms.iter().map(|vm| vm.to_string()).collect()));
+            partner_hosts.push((
+                host.to_string(),
+                node.agent_url.clone(),
+                vms.iter().map(|vm| vm.to_string()).collect(),
+            ));
         }
         let a_plan = Plan {
             pki: pki_a,
@@ -441,4 +454,3 @@ impl PartnerClouds {
         self.b.stop().await;
     }
 }
-

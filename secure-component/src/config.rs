@@ -364,7 +364,8 @@ impl AgentConfig {
             return Ok(None);
         }
         self.partners.iter().find(|p| p.name == name).map(Some).ok_or_else(|| {
-            let known: Vec<&str> = std::iter::once(HOME_TTP).chain(self.partners.iter().map(|p| p.name.as_str())).collect();
+            let known: Vec<&str> =
+                std::iter::once(HOME_TTP).chain(self.partners.iter().map(|p| p.name.as_str())).collect();
             Error::Config(format!("no TTP named {name:?} in the configuration; configured: {}", known.join(", ")))
         })
     }
@@ -473,7 +474,10 @@ mod tests {
         let c = AgentConfig::from_toml(&one).unwrap();
         assert_eq!(c.partners.len(), 1);
         assert_eq!(c.partners[0].cloud_platform, "cloud-platform-a");
-        assert_eq!(c.home_roots().map(|r| r.path().to_path_buf()).collect::<Vec<_>>(), vec![PathBuf::from("/etc/skydd/ca.pem")]);
+        assert_eq!(
+            c.home_roots().map(|r| r.path().to_path_buf()).collect::<Vec<_>>(),
+            vec![PathBuf::from("/etc/skydd/ca.pem")]
+        );
         assert_eq!(c.partner("cloud-a").unwrap().unwrap().name, "cloud-a");
         assert!(c.partner(HOME_TTP).unwrap().is_none());
         assert!(c.partner("cloud-z").unwrap_err().to_string().contains("configured: home, cloud-a"));

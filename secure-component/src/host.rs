@@ -134,11 +134,8 @@ impl AttestedHost {
         let challenge: CredentialChallenge =
             self.ttp.post_json("/v1/enrollments", &request).await.map_err(|e| ttp_error("enrollment", e))?;
         let proof = self.tpm.run(move |tpm| tpm.enrollment_proof(&challenge)).await?;
-        let result = self
-            .ttp
-            .post_json("/v1/enrollments/proof", &proof)
-            .await
-            .map_err(|e| ttp_error("enrollment proof", e))?;
+        let result =
+            self.ttp.post_json("/v1/enrollments/proof", &proof).await.map_err(|e| ttp_error("enrollment proof", e))?;
         Ok(Enrolled { result, reused_keys: reused, binding_key_sha256 })
     }
 }

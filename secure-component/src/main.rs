@@ -97,7 +97,10 @@ async fn main() -> anyhow::Result<()> {
             }
             let (service, _) = secure_component::service::build(&config)?;
             let enrolled = match &ttp {
-                Some(name) => vec![(name.clone(), service.enroll_at(name).await.with_context(|| format!("enrollment at {name}"))?)],
+                Some(name) => vec![(
+                    name.clone(),
+                    service.enroll_at(name).await.with_context(|| format!("enrollment at {name}"))?,
+                )],
                 None => service.enroll_everywhere().await.context("enrollment")?,
             };
             for (name, result) in enrolled {

@@ -16,16 +16,16 @@ use domain_manager::config::DmConfig;
 use domain_manager::ops::{parse_acl_entry, DomainManager as Manager};
 use net::Role;
 use protocol::attest::PcrSelection;
-use protocol::domain::AccessMode;
 use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList};
+use protocol::domain::AccessMode;
 use protocol::messages::{HeaderRecord, Registration};
 use protocol::pki::RoleAllowance;
 use protocol::secret::SecretBytes;
 use secure_component::key_release::ObtainedKey;
+use secure_component::service::Cloud;
 use skydd::cloud::{Layout, PartnerClouds, SharedHosts};
 use skydd::lab::{register, DomainManager, LabHost, LabPki, Operator, RunningTtp};
 use skydd_testkit::independent_key;
-use secure_component::service::Cloud;
 use skydd_testkit::refusal::{client_code, expect_code, ttp_code};
 use skydd_volume::xts::XtsEngine;
 use ttp::attestation::{AttestationPolicy, EkRoot};
@@ -167,7 +167,8 @@ async fn a_partner_host_serves_its_own_cloud_and_a_shared_vm_each_with_its_own_t
 
     // B's owner attaches B's domain to vm-b1 on b-compute-07: B's cloud platform, B's TTP.
     let bob = Manager::connect(&DmConfig::load(&b.manager_config("dm-bob").unwrap()).unwrap()).unwrap();
-    let b_domain = bob.create(Default::default(), vec![parse_acl_entry("vm-b1:rw").unwrap()], vec![], 32 << 20).await.unwrap();
+    let b_domain =
+        bob.create(Default::default(), vec![parse_acl_entry("vm-b1:rw").unwrap()], vec![], 32 << 20).await.unwrap();
     bob.attach(&b_domain.id, "vm-b1", AccessMode::Rw, 300).await.unwrap();
     let b_record = shared.vm_root.join("vm-b1").join(&b_domain.id).join("b.txt");
     std::fs::write(&b_record, "cardiology, written in cloud B\n").unwrap();
@@ -260,7 +261,10 @@ async fn a_partner_host_serves_its_own_cloud_and_a_shared_vm_each_with_its_own_t
     a.pki.issue(Role::CloudPlatform, "cloud-platform-2").unwrap();
     let refused = cloud_platform_of(&a.pki, "cloud-platform-2").unwrap_err();
     assert_eq!(refused.refusal().code(), "forbidden");
-    assert!(refused.to_string().contains("neither this host's home cloud platform nor a configured [[partner]]"), "{refused}");
+    assert!(
+        refused.to_string().contains("neither this host's home cloud platform nor a configured [[partner]]"),
+        "{refused}"
+    );
 
     bob.detach(&b_domain.id, "vm-b1").await.unwrap();
     clouds.stop().await;

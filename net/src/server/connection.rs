@@ -55,7 +55,12 @@ impl Connection {
         // The verified chain as the client sent it (leaf first), for handlers that decide by
         // the trusted root a caller chains to (the secure component's partner clouds).
         let chain = super::PeerCertificates(
-            tls_stream.get_ref().1.peer_certificates().map(|c| Arc::from(c.to_vec())).unwrap_or_else(|| Arc::from(Vec::new())),
+            tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| Arc::from(c.to_vec()))
+                .unwrap_or_else(|| Arc::from(Vec::new())),
         );
 
         let (admission, log) = self.limits.admit(&identity);

@@ -197,7 +197,11 @@ impl AttachmentService {
                 .map(|r| r.ttp)
                 .collect();
             if !stale.is_empty() {
-                tracing::warn!(ttp = name, ?stale, "enrolled with fresh keys: enroll again at these TTPs (secure-component enroll --ttp NAME)");
+                tracing::warn!(
+                    ttp = name,
+                    ?stale,
+                    "enrolled with fresh keys: enroll again at these TTPs (secure-component enroll --ttp NAME)"
+                );
             }
         }
         Ok(result)
@@ -210,9 +214,11 @@ impl AttachmentService {
         for name in self.ttp_names() {
             let path = dir.join(format!("{name}.json"));
             match std::fs::read(&path) {
-                Ok(bytes) => records.push(serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::Config(format!("enrollment record {} is not valid: {e}", path.display()))
-                })?),
+                Ok(bytes) => {
+                    records.push(serde_json::from_slice(&bytes).map_err(|e| {
+                        Error::Config(format!("enrollment record {} is not valid: {e}", path.display()))
+                    })?)
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
             }

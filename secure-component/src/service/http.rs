@@ -78,7 +78,9 @@ fn require_home(service: &AttachmentService, caller: &Identity, chain: &PeerCert
         Cloud::Home => Ok(()),
         Cloud::Partner(name) => Err(ApiError::refused(
             Refusal::Forbidden,
-            format!("{caller} is the cloud platform of partner {name:?}; only the home cloud platform launches VMs here"),
+            format!(
+                "{caller} is the cloud platform of partner {name:?}; only the home cloud platform launches VMs here"
+            ),
         )),
     }
 }
@@ -105,9 +107,10 @@ async fn attach(
     let cloud = cloud_of(&service, &caller, &chain)?;
     let Json(request) = body.map_err(|r| ApiError::rejected_body(r.status(), r.body_text()))?;
     tracing::info!(caller = %caller, ttp = cloud.ttp_name(), attachment = %request.attachment_id, vm = %request.vm_id, mode = %request.mode, "attach requested");
-    net::run_to_completion("attach", async move {
-        service.attach_for(&cloud, request).await.map(Json).map_err(api_error)
-    })
+    net::run_to_completion(
+        "attach",
+        async move { service.attach_for(&cloud, request).await.map(Json).map_err(api_error) },
+    )
     .await
 }
 

@@ -142,7 +142,13 @@ fn partner_ttps(
         protocol::pki::client_cert_verifier(&roots, &[]).map_err(|e| Error::Config(format!("trusted roots: {e}")))
     };
     let roots_where = |wanted: &dyn Fn(&std::path::Path) -> bool| -> Vec<protocol::pki::TrustedRoot> {
-        config.ca.iter().zip(&material.trusted_roots).filter(|(file, _)| wanted(file.path())).map(|(_, r)| r.clone()).collect()
+        config
+            .ca
+            .iter()
+            .zip(&material.trusted_roots)
+            .filter(|(file, _)| wanted(file.path()))
+            .map(|(_, r)| r.clone())
+            .collect()
     };
     let mut partners = Vec::new();
     for partner in &config.partners {

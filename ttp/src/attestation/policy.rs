@@ -72,8 +72,7 @@ impl AttestationPolicy {
                 .map_err(|e| Error::Config(format!("trusted_ek_roots[{i}] is not DER X.509: {e}")))?;
         }
         for (i, der) in self.ek_intermediates.iter().enumerate() {
-            X509::from_der(der)
-                .map_err(|e| Error::Config(format!("ek_intermediates[{i}] is not DER X.509: {e}")))?;
+            X509::from_der(der).map_err(|e| Error::Config(format!("ek_intermediates[{i}] is not DER X.509: {e}")))?;
         }
         for (i, der) in self.ek_crls.iter().enumerate() {
             X509Crl::from_der(der).map_err(|e| Error::Config(format!("ek_crls[{i}] is not a DER X.509 CRL: {e}")))?;
@@ -308,9 +307,8 @@ mod tests {
     fn ek_roots_for_every_host_or_named_hosts() {
         use base64::Engine;
         let der = base64::engine::general_purpose::STANDARD.encode([1u8, 2, 3]);
-        let text = format!(
-            "trusted_ek_roots = [\"{der}\", {{ certificate = \"{der}\", hosts = [\"b-compute-07\"] }}]\n"
-        );
+        let text =
+            format!("trusted_ek_roots = [\"{der}\", {{ certificate = \"{der}\", hosts = [\"b-compute-07\"] }}]\n");
         let policy: AttestationPolicy = toml::from_str(&text).unwrap();
         assert_eq!(policy.trusted_ek_roots[0], EkRoot::every_host(vec![1, 2, 3]));
         assert_eq!(policy.trusted_ek_roots[1].hosts.as_deref(), Some(&["b-compute-07".to_string()][..]));
@@ -323,10 +321,8 @@ mod tests {
         let unknown = text.replace("hosts =", "host =");
         let e = toml::from_str::<AttestationPolicy>(&unknown).unwrap_err().to_string();
         assert!(e.contains("host"), "{e}");
-        let empty = AttestationPolicy {
-            trusted_ek_roots: EkRoot::only_for_each(vec![vec![1]], &[]),
-            ..Default::default()
-        };
+        let empty =
+            AttestationPolicy { trusted_ek_roots: EkRoot::only_for_each(vec![vec![1]], &[]), ..Default::default() };
         assert!(empty.validate().unwrap_err().to_string().contains("vouch for no host"));
     }
 }
