@@ -110,12 +110,6 @@ impl HostTpm {
     /// of `selection`, stores them, and describes them for the TTP.
     pub fn enrollment_request(&mut self, host_id: &str, selection: &PcrSelection) -> Result<EnrollmentRequest> {
         checked_indices(selection)?;
-        let ek_certificate = self.ek_certificate()?;
-        let ek_public = self.with_ek(|ctx, ek| {
-            let (public, _, _) = ctx.read_public(ek).map_err(|e| Error::tpm("ReadPublic(EK)", e))?;
-            Ok(public)
-        })?;
-
         let policy = self.pcr_policy_digest(selection)?;
         let ak_template = ak_template()?;
         let binding_template = binding_template(policy)?;
@@ -137,13 +131,29 @@ impl HostTpm {
         let stored = serde_json::to_vec(&StoredSelection { selection: selection.clone() })
             .map_err(|e| Error::Config(format!("encoding the PCR selection: {e}")))?;
         self.write_state(BINDING_SELECTION, &stored)?;
+        self.describe_enrollment(host_id, selection, &ak.public, &binding.public)
+    }
 
+    /// The enrollment request for the TTP: this TPM's EK certificate and public, and the AK
+    /// and binding key publics.
+    fn describe_enrollment(
+        &mut self,
+        host_id: &str,
+        selection: &PcrSelection,
+        ak: &Public,
+        binding: &Public,
+    ) -> Result<EnrollmentRequest> {
+        let ek_certificate = self.ek_certificate()?;
+        let ek_public = self.with_ek(|ctx, ek| {
+            let (public, _, _) = ctx.read_public(ek).map_err(|e| Error::tpm("ReadPublic(EK)", e))?;
+            Ok(public)
+        })?;
         Ok(EnrollmentRequest {
             host_id: host_id.to_string(),
             ek_certificate,
             ek_public: marshall(&ek_public, "EK public")?,
-            ak_public: marshall(&ak.public, "AK public")?,
-            binding_public: marshall(&binding.public, "binding key public")?,
+            ak_public: marshall(ak, "AK public")?,
+            binding_public: marshall(binding, "binding key public")?,
             pcr_selection: selection.clone(),
             region: None,
         })
@@ -174,20 +184,7 @@ impl HostTpm {
         if auth_policy.value() != self.pcr_policy_digest(selection)?.as_slice() {
             return Ok(None);
         }
-        let ek_certificate = self.ek_certificate()?;
-        let ek_public = self.with_ek(|ctx, ek| {
-            let (public, _, _) = ctx.read_public(ek).map_err(|e| Error::tpm("ReadPublic(EK)", e))?;
-            Ok(public)
-        })?;
-        Ok(Some(EnrollmentRequest {
-            host_id: host_id.to_string(),
-            ek_certificate,
-            ek_public: marshall(&ek_public, "EK public")?,
-            ak_public: marshall(&ak.public, "AK public")?,
-            binding_public: marshall(&binding.public, "binding key public")?,
-            pcr_selection: selection.clone(),
-            region: None,
-        }))
+        self.describe_enrollment(host_id, selection, &ak.public, &binding.public).map(Some)
     }
 
     /// Enrollment step 3a: TPM2_ActivateCredential with the AK and the EK (authorized by a
