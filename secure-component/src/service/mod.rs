@@ -16,10 +16,11 @@
 //! with the reason, and `DELETE` tears down whatever is left. It is not re-attached
 //! automatically: that needs a fresh key release, hence a fresh grant from a domain manager.
 //!
-//! Modules by step: [`startup`] builds and serves the agent, `attach` and `detach` are the
-//! two flows, `status` cross-checks records with the backend and the driver, [`backend`]
-//! wraps the volume backend in use, and a reservation keeps two requests off one
-//! attachment or mapping at a time.
+//! Modules by step: [`startup`] builds and serves the agent, [`clouds`] tells which cloud
+//! (home or a `[[partner]]`) a request is for and keeps the enrollment of each TTP, `attach`
+//! and `detach` are the two flows, `status` cross-checks records with the backend and the
+//! driver, [`backend`] wraps the volume backend in use, and a reservation keeps two requests
+//! off one attachment or mapping at a time.
 
 pub mod backend;
 pub mod clouds;
