@@ -293,4 +293,66 @@ mod tests {
         let err = check_ek_extensions(&make(Some(signing_only))).unwrap_err();
         assert!(err.to_string().contains("keyEncipherment"), "{err}");
     }
+
+    /// A CA and an EK-like certificate it issued (no TCG extensions: the chain is what counts).
+    fn ca_and_leaf() -> (Vec<u8>, Vec<u8>) {
+        use openssl::x509::extension::BasicConstraints;
+        use openssl::x509::X509NameBuilder;
+        let name = |cn: &str| {
+            let mut n = X509NameBuilder::new().unwrap();
+            n.append_entry_by_text("CN", cn).unwrap();
+            n.build()
+        };
+        let build = |subject: &str,
+                     issuer: &str,
+                     key: &PKey<openssl::pkey::Private>,
+                     signer: &PKey<openssl::pkey::Private>,
+                     ca: bool| {
+            let mut b = openssl::x509::X509Builder::new().unwrap();
+            b.set_version(2).unwrap();
+            b.set_subject_name(&name(subject)).unwrap();
+            b.set_issuer_name(&name(issuer)).unwrap();
+            b.set_pubkey(key).unwrap();
+            b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap()).unwrap();
+            b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap()).unwrap();
+            if ca {
+                b.append_extension(BasicConstraints::new().critical().ca().build().unwrap()).unwrap();
+            }
+            b.sign(signer, MessageDigest::sha256()).unwrap();
+            b.build().to_der().unwrap()
+        };
+        let ca_key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+        let leaf_key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+        (
+            build("Vendor B EK CA", "Vendor B EK CA", &ca_key, &ca_key, true),
+            build("ek", "Vendor B EK CA", &leaf_key, &ca_key, false),
+        )
+    }
+
+    /// docs/PKI.md "A partner cloud's host": an EK CA limited to named hosts vouches for those
+    /// only; another host whose EK chains only to it is refused with its own code, naming the
+    /// CA and its hosts. Listed plainly too, the CA vouches for every host.
+    #[test]
+    fn an_ek_root_limited_to_hosts_vouches_for_those_only() {
+        let (ca, leaf) = ca_and_leaf();
+        let limited = AttestationPolicy {
+            trusted_ek_roots: crate::attestation::EkRoot::only_for_each(vec![ca.clone()], &["b-compute-07"]),
+            ..Default::default()
+        };
+        let err = verify_ek_certificate(&limited, &leaf, "b-compute-08").unwrap_err();
+        assert_eq!(err.code(), "ek_root_not_for_host", "{err}");
+        assert!(err.to_string().contains("Vendor B EK CA") && err.to_string().contains("b-compute-07"), "{err}");
+        // The named host passes the chain (and then meets the TCG extension checks).
+        let err = verify_ek_certificate(&limited, &leaf, "b-compute-07").unwrap_err();
+        assert_eq!(err.code(), "ek_untrusted", "{err}");
+        assert!(err.to_string().contains("keyUsage"), "past the chain: {err}");
+        let mut both = limited.clone();
+        both.trusted_ek_roots.push(crate::attestation::EkRoot::every_host(ca));
+        let err = verify_ek_certificate(&both, &leaf, "b-compute-08").unwrap_err();
+        assert!(err.to_string().contains("keyUsage"), "a plainly listed CA vouches for every host: {err}");
+        // A certificate of no listed CA stays `ek_untrusted`.
+        let (_, stranger) = ca_and_leaf();
+        let err = verify_ek_certificate(&limited, &stranger, "b-compute-08").unwrap_err();
+        assert_eq!(err.code(), "ek_untrusted", "{err}");
+    }
 }
