@@ -1,6 +1,7 @@
 //! The all-in-one cloud of `skydd up`: a CA, the TTP, the cloud platform and compute hosts
 //! (each with its own swtpm and secure component), all real services on loopback with
-//! embedded SQLite, plus a domain-manager configuration per manager.
+//! embedded SQLite, plus a domain-manager configuration per manager; and two such clouds
+//! that share hosts ([`PartnerClouds`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use protocol::pki::RoleAllowance;
 use secure_component::service::AttachmentService;
 use secure_component::swtpm::Swtpm;
 use tokio_util::sync::CancellationToken;
-use ttp::attestation::AttestationPolicy;
+use ttp::attestation::{AttestationPolicy, EkRoot};
 
 use crate::lab::{LabPki, RunningTtp};
 
@@ -62,19 +63,6 @@ pub struct AllInOne {
     pub hosts: Vec<ComputeNode>,
     /// Domain-manager configuration files, by manager name.
     pub manager_configs: Vec<(String, PathBuf)>,
-    /// The partner cloud's CA, when hosts were lent by one ([`AllInOne::start_with_partner`]).
-    pub partner_pki: Option<LabPki>,
-}
-
-/// Compute hosts a partner cloud lends to this one (docs/PKI.md "A partner cloud's host"):
-/// their certificates come from the partner's CA and their TPMs from another vendor; this
-/// cloud's TTP and cloud platform trust the partner's root for exactly these host names, the
-/// hosts trust this cloud's root for its TTP and its cloud platform only.
-pub struct PartnerHosts<'a> {
-    /// The partner CA's name (its subject CN).
-    pub ca_name: &'a str,
-    /// The lent hosts and the VMs of this cloud that run on each.
-    pub hosts: &'a [(&'a str, &'a [&'a str])],
 }
 
 /// What to start.
@@ -89,6 +77,34 @@ pub struct Layout<'a> {
 pub const DEMO_LAYOUT: Layout<'static> =
     Layout { hosts: &[("compute-1", &["vm-a"]), ("compute-2", &["vm-b", "vm-c"])], managers: &["dm-alice", "dm-bob"] };
 
+/// Hosts of cloud B that also serve cloud A ([`PartnerClouds`], docs/PKI.md "A partner
+/// cloud's host"): B's cloud platform places B's VMs on them, A's places A's.
+pub struct SharedHosts<'a> {
+    /// The name cloud B's hosts know cloud A by (`[[partner]] name`), e.g. "cloud-a".
+    pub partner_name: &'a str,
+    /// Hosts of B's layout that serve A too, and the VMs of cloud A placed on each. A's
+    /// attestation policy trusts B's TPM vendor root for exactly these host ids.
+    pub hosts: &'a [(&'a str, &'a [&'a str])],
+    /// The secure-component names (or patterns, `b-compute-*`) A's TTP and cloud platform
+    /// accept from B's root in TLS; wider than `hosts` when B may bring more hosts later,
+    /// each of which A's attestation policy must still name before it enrolls.
+    pub tls_names: &'a [&'a str],
+}
+
+/// Everything a cloud needs besides its layout: set up before it starts when it is one of
+/// two partner clouds.
+struct Plan {
+    pki: LabPki,
+    ttp: (tokio::net::TcpListener, String),
+    /// `[[partner]]` tables of the hosts that serve a partner too, by host id.
+    host_partners: Vec<(String, secure_component::config::PartnerConfig)>,
+    /// The partner's TPM vendor roots, limited to its hosts, and those hosts' reference states.
+    partner_ek_roots: Vec<ttp::attestation::EkRoot>,
+    partner_states: Vec<ttp::attestation::ReferenceState>,
+    /// The partner's hosts to register with this cloud platform (id, agent URL, this cloud's VMs).
+    partner_hosts: Vec<(String, String, Vec<String>)>,
+}
+
 async fn bind() -> Result<(tokio::net::TcpListener, String)> {
     RunningTtp::bind().await
 }
@@ -96,75 +112,63 @@ async fn bind() -> Result<(tokio::net::TcpListener, String)> {
 impl AllInOne {
     /// Starts everything under `dir`; `progress` is told each step.
     pub async fn start(dir: &Path, layout: &Layout<'_>, progress: &mut dyn FnMut(&str)) -> Result<Self> {
-        Self::start_federated(dir, layout, None, progress).await
-    }
-
-    /// [`AllInOne::start`], plus the compute hosts `partner` lends, enrolled at this cloud's
-    /// TTP and registered with its cloud platform like its own.
-    pub async fn start_with_partner(
-        dir: &Path,
-        layout: &Layout<'_>,
-        partner: &PartnerHosts<'_>,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<Self> {
-        Self::start_federated(dir, layout, Some(partner), progress).await
-    }
-
-    async fn start_federated(
-        dir: &Path,
-        layout: &Layout<'_>,
-        partner: Option<&PartnerHosts<'_>>,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         progress("cloud CA: creating the CA and issuing certificates");
-        let mut pki = LabPki::create(&dir.join("pki"))?;
-        let (ttp_listener, ttp_url) = bind().await?;
+        let plan = Plan {
+            pki: LabPki::create(&dir.join("pki"))?,
+            ttp: bind().await?,
+            host_partners: Vec::new(),
+            partner_ek_roots: Vec::new(),
+            partner_states: Vec::new(),
+            partner_hosts: Vec::new(),
+        };
+        Self::start_planned(dir, layout, plan, progress).await
+    }
+
+    /// This cloud's TPM vendor CA (the swtpm local CA its hosts' EK certificates chain to).
+    pub fn tpm_vendor_ca(&self) -> PathBuf {
+        self.dir.join("tpm-vendor-ca")
+    }
+
+    /// The reference state this cloud's TTP expects of its host `host_id`.
+    pub fn reference_state(&self, host_id: &str) -> Option<&ttp::attestation::ReferenceState> {
+        self.ttp_policy.reference_states.iter().find(|s| s.name == format!("{host_id}-measured"))
+    }
+
+    /// The compute host `host_id`.
+    pub fn host(&self, host_id: &str) -> Option<&ComputeNode> {
+        self.hosts.iter().find(|h| h.id == host_id)
+    }
+
+    async fn start_planned(
+        dir: &Path,
+        layout: &Layout<'_>,
+        plan: Plan,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let Plan { pki, ttp: (ttp_listener, ttp_url), host_partners, partner_ek_roots, partner_states, partner_hosts } =
+            plan;
         let vendor_ca = dir.join("tpm-vendor-ca");
-        let partner_vendor_ca = dir.join("partner-tpm-vendor-ca");
-        let mut partner_pki = None;
-        if let Some(partner) = partner {
-            progress(&format!(
-                "partner CA {:?}: each side trusts the other's root for named parties only",
-                partner.ca_name
-            ));
-            let mut theirs = LabPki::create_named(&dir.join("partner-pki"), partner.ca_name)?;
-            let names: Vec<&str> = partner.hosts.iter().map(|(host, _)| *host).collect();
-            pki.trust(&theirs, vec![RoleAllowance::named(Role::SecureComponent, &names)?]);
-            theirs.trust(
-                &pki,
-                vec![
-                    RoleAllowance::named(Role::Ttp, &["ttp-1"])?,
-                    RoleAllowance::named(Role::CloudPlatform, &["cloud-platform"])?,
-                ],
-            );
-            partner_pki = Some(theirs);
-        }
-        let own_hosts = layout.hosts.iter().map(|host| (host, &pki, &vendor_ca));
-        let lent_hosts = partner
-            .map(|p| p.hosts)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|host| partner_pki.as_ref().map(|theirs| (host, theirs, &partner_vendor_ca)));
-        let all_hosts: Vec<_> = own_hosts.chain(lent_hosts).collect();
 
         // The secure component runs inside this binary: it is what each host measures.
         let binary = std::env::current_exe().context("locate the running binary (the secure component's)")?;
         let mut pending = Vec::new();
-        let mut reference_states = Vec::new();
-        for ((host_id, _), host_pki, host_vendor_ca) in &all_hosts {
+        let mut reference_states = partner_states;
+        for (host_id, _) in layout.hosts {
             progress(&format!(
                 "{host_id}: manufacturing its TPM (swtpm with an EK certificate) and starting its secure component"
             ));
-            let swtpm = Swtpm::start_with_ca(&dir.join(host_id).join("swtpm"), host_vendor_ca)
+            let swtpm = Swtpm::start_with_ca(&dir.join(host_id).join("swtpm"), &vendor_ca)
                 .with_context(|| format!("start the swtpm of {host_id}"))?;
-            let tls = host_pki.issue(Role::SecureComponent, host_id)?;
+            let tls = pki.issue(Role::SecureComponent, host_id)?;
             let mut config = crate::lab::loopback_agent_config(dir, host_id, swtpm.tcti(), &ttp_url, &tls);
             // The hosts open only the cloud platform's volume files (the all-in-one cloud's
             // shared storage).
             let volumes = dir.join("cloud-platform").join("volumes");
             std::fs::create_dir_all(&volumes)?;
             config.volume_root = Some(volumes);
+            config.partners =
+                host_partners.iter().filter(|(id, _)| id == host_id).map(|(_, partner)| partner.clone()).collect();
             let config_text = toml::to_string(&config)?;
             std::fs::write(dir.join(host_id).join("secure-component.toml"), &config_text)?;
             // The reference state is computed from the build (the binary and the configuration
@@ -183,10 +187,8 @@ impl AllInOne {
         }
 
         progress("TTP: master key, attestation policy (the TPM vendor CA and each host's expected measured state)");
-        let mut trusted_ek_roots = secure_component::swtpm::ca_certificates_der(&vendor_ca)?;
-        if partner_pki.is_some() {
-            trusted_ek_roots.extend(secure_component::swtpm::ca_certificates_der(&partner_vendor_ca)?);
-        }
+        let mut trusted_ek_roots = EkRoot::every_host_each(secure_component::swtpm::ca_certificates_der(&vendor_ca)?);
+        trusted_ek_roots.extend(partner_ek_roots);
         let policy =
             AttestationPolicy { trusted_ek_roots, ek_intermediates: Vec::new(), ek_crls: Vec::new(), reference_states };
         let ttp = RunningTtp::start(dir, &pki, &policy, ttp_listener).await?;
@@ -223,7 +225,7 @@ impl AllInOne {
         let operator = pki.client("cloud-platform", Role::CloudPlatform, &cp_url)?;
 
         let mut hosts = Vec::new();
-        for ((host_id, swtpm, config, service, tls_config), ((_, vms), _, _)) in pending.into_iter().zip(all_hosts) {
+        for ((host_id, swtpm, config, service, tls_config), (_, vms)) in pending.into_iter().zip(layout.hosts) {
             progress(&format!("{host_id}: enrolling its TPM with the TTP and registering with the cloud platform"));
             let enrolled = service.enroll().await.with_context(|| format!("enroll {host_id}"))?;
             progress(&format!(
@@ -242,14 +244,8 @@ impl AllInOne {
                     tracing::error!(error = %e, "secure component stopped");
                 }
             });
-            let _: ComputeHost = operator
-                .post_json("/v1/hosts", &ComputeHost { id: host_id.clone(), agent_url: agent_url.clone() })
-                .await?;
-            for vm in *vms {
-                let _: Instance = operator
-                    .post_json("/v1/instances", &Instance { id: vm.to_string(), host: host_id.clone() })
-                    .await?;
-            }
+            let vms: Vec<String> = vms.iter().map(|vm| vm.to_string()).collect();
+            register_host(&operator, &host_id, &agent_url, &vms).await?;
             hosts.push(ComputeNode {
                 id: host_id,
                 agent_url,
@@ -258,6 +254,10 @@ impl AllInOne {
                 server: Server { shutdown, task },
                 _swtpm: swtpm,
             });
+        }
+        for (host_id, agent_url, vms) in &partner_hosts {
+            progress(&format!("{host_id}: a partner's host, registered with this cloud platform for {vms:?}"));
+            register_host(&operator, host_id, agent_url, vms).await?;
         }
 
         let mut manager_configs = Vec::new();
@@ -276,17 +276,7 @@ impl AllInOne {
             progress(&format!("{name}: domain-manager configuration written to {}", path.display()));
             manager_configs.push((name.to_string(), path));
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            pki,
-            ttp,
-            ttp_policy: policy,
-            cp_url,
-            cp_server,
-            hosts,
-            manager_configs,
-            partner_pki,
-        })
+        Ok(Self { dir: dir.to_path_buf(), pki, ttp, ttp_policy: policy, cp_url, cp_server, hosts, manager_configs })
     }
 
     /// Stops the TTP, runs `during`, and starts the TTP again on the same address and data
@@ -329,5 +319,138 @@ impl AllInOne {
         }
         self.cp_server.stop().await;
         self.ttp.stop().await;
+    }
+}
+
+/// Registers compute host `host_id` (its agent at `agent_url`) and the instances `vms` on it
+/// with the cloud platform, as its operator does.
+async fn register_host(operator: &net::Client, host_id: &str, agent_url: &str, vms: &[String]) -> Result<()> {
+    let _: ComputeHost = operator
+        .post_json("/v1/hosts", &ComputeHost { id: host_id.to_string(), agent_url: agent_url.to_string() })
+        .await?;
+    for vm in vms {
+        let _: Instance =
+            operator.post_json("/v1/instances", &Instance { id: vm.clone(), host: host_id.to_string() }).await?;
+    }
+    Ok(())
+}
+
+/// Two whole clouds in one process, each with its own CA, TTP, cloud platform and hosts,
+/// where hosts of cloud B also serve cloud A (docs/PKI.md "A partner cloud's host"). On a
+/// shared host B's cloud platform attaches B's domains with keys from B's TTP, and A's cloud
+/// platform attaches A's domains to A's VMs with keys from A's TTP, sealed to the same TPM.
+///
+/// Trust is per service: A's TTP and cloud platform trust B's root for B's secure
+/// components named in [`SharedHosts::tls_names`]; A's attestation policy trusts B's TPM
+/// vendor root for [`SharedHosts::hosts`] only; B's secure components trust A's root for A's
+/// TTP (`ttp-1`) and A's cloud platform (`cloud-platform`) only, and serve that cloud platform
+/// as `[[partner]]` [`SharedHosts::partner_name`] with A's volume store as its `volume_root`.
+pub struct PartnerClouds {
+    /// Cloud A: the owner's cloud, whose VMs also run on B's shared hosts.
+    pub a: AllInOne,
+    /// Cloud B: the partner whose hosts serve both.
+    pub b: AllInOne,
+}
+
+impl PartnerClouds {
+    /// Starts cloud B (`dir/cloud-b`, "Cloud B CA"), then cloud A (`dir/cloud-a`, "Cloud A
+    /// CA"), then enrolls B's shared hosts at A's TTP with the keys they enrolled at B's.
+    pub async fn start(
+        dir: &Path,
+        a_layout: &Layout<'_>,
+        b_layout: &Layout<'_>,
+        shared: &SharedHosts<'_>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let (a_dir, b_dir) = (dir.join("cloud-a"), dir.join("cloud-b"));
+        std::fs::create_dir_all(&a_dir)?;
+        std::fs::create_dir_all(&b_dir)?;
+        progress("two CAs: each side trusts the other's root for named parties, in the services that need it");
+        let mut pki_a = LabPki::create_named(&a_dir.join("pki"), "Cloud A CA")?;
+        let mut pki_b = LabPki::create_named(&b_dir.join("pki"), "Cloud B CA")?;
+        pki_a.trust_for(
+            &[Role::Ttp, Role::CloudPlatform],
+            &pki_b,
+            vec![RoleAllowance::named(Role::SecureComponent, shared.tls_names)?],
+        );
+        pki_b.trust_for(
+            &[Role::SecureComponent],
+            &pki_a,
+            vec![
+                RoleAllowance::named(Role::Ttp, &["ttp-1"])?,
+                RoleAllowance::named(Role::CloudPlatform, &["cloud-platform"])?,
+            ],
+        );
+        let (a_ttp, b_ttp) = (bind().await?, bind().await?);
+        let a_volumes = a_dir.join("cloud-platform").join("volumes");
+        std::fs::create_dir_all(&a_volumes)?;
+        let partner = secure_component::config::PartnerConfig {
+            name: shared.partner_name.to_string(),
+            cloud_platform: "cloud-platform".into(),
+            ca: pki_a.ca_file(),
+            ttp_url: a_ttp.1.clone(),
+            volume_root: Some(a_volumes),
+        };
+        for (host, _) in shared.hosts {
+            if !b_layout.hosts.iter().any(|(h, _)| h == host) {
+                anyhow::bail!("shared host {host} is not in cloud B's layout");
+            }
+        }
+        let b_plan = Plan {
+            pki: pki_b,
+            ttp: b_ttp,
+            host_partners: shared.hosts.iter().map(|(host, _)| (host.to_string(), partner.clone())).collect(),
+            partner_ek_roots: Vec::new(),
+            partner_states: Vec::new(),
+            partner_hosts: Vec::new(),
+        };
+        progress("cloud B: its TTP, cloud platform and hosts; the shared hosts know cloud A as a partner");
+        let b = AllInOne::start_planned(&b_dir, b_layout, b_plan, progress).await?;
+
+        let shared_ids: Vec<&str> = shared.hosts.iter().map(|(host, _)| *host).collect();
+        let mut partner_states = Vec::new();
+        let mut partner_hosts = Vec::new();
+        for (host, vms) in shared.hosts {
+            let state = b.reference_state(host).with_context(|| format!("cloud B has no reference state of {host}"))?;
+            partner_states.push(state.clone());
+            let node = b.host(host).with_context(|| format!("cloud B runs no host {host}"))?;
+            partner_hosts.push((
+                host.to_string(),
+                node.agent_url.clone(),
+                vms.iter().map(|vm| vm.to_string()).collect(),
+            ));
+        }
+        let a_plan = Plan {
+            pki: pki_a,
+            ttp: a_ttp,
+            host_partners: Vec::new(),
+            partner_ek_roots: EkRoot::only_for_each(
+                secure_component::swtpm::ca_certificates_der(&b.tpm_vendor_ca())?,
+                &shared_ids,
+            ),
+            partner_states,
+            partner_hosts,
+        };
+        progress("cloud A: its TTP trusts B's TPM vendor root for the shared hosts only");
+        let a = AllInOne::start_planned(&a_dir, a_layout, a_plan, progress).await?;
+        for host in &shared_ids {
+            let node = b.host(host).with_context(|| format!("cloud B runs no host {host}"))?;
+            let enrolled = node
+                .service
+                .enroll_at(shared.partner_name)
+                .await
+                .with_context(|| format!("enroll {host} at cloud A's TTP"))?;
+            progress(&format!(
+                "{host}: enrolled at cloud A's TTP too (same TPM and binding key, reference state {})",
+                enrolled.reference_state
+            ));
+        }
+        Ok(Self { a, b })
+    }
+
+    /// Stops cloud A (its cloud platform detaches nothing more on B's hosts), then cloud B.
+    pub async fn stop(self) {
+        self.a.stop().await;
+        self.b.stop().await;
     }
 }

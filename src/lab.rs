@@ -32,9 +32,10 @@ pub struct LabPki {
     pub dir: PathBuf,
     ca_cert_pem: String,
     ca_key_pem: zeroize::Zeroizing<String>,
-    /// Partner clouds' roots (with what each may issue) and revocation lists that every party
-    /// issued from here trusts besides this CA ([`LabPki::trust`]).
-    partners: Vec<(net::TrustedRootFile, PathBuf)>,
+    /// Partner clouds' roots (with what each may issue) and revocation lists that parties
+    /// issued from here trust besides this CA ([`LabPki::trust`]), and the roles of the parties
+    /// that do (`None`: every party).
+    partners: Vec<(net::TrustedRootFile, PathBuf, Option<Vec<Role>>)>,
 }
 
 impl LabPki {
@@ -55,19 +56,48 @@ impl LabPki {
     /// only, and checks its revocation list (docs/PKI.md "Federation").
     pub fn trust(&mut self, partner: &LabPki, allow: Vec<protocol::pki::RoleAllowance>) {
         let root = net::TrustedRootFile::limited(partner.dir.join("ca.pem"), allow);
-        self.partners.push((root, partner.dir.join(net::CRL_FILE)));
+        self.partners.push((root, partner.dir.join(net::CRL_FILE), None));
     }
 
-    /// The TLS files of `name` (issued earlier): this CA's and the partners' roots and lists.
+    /// As [`LabPki::trust`], but only the parties of the roles `parties` trust the partner's
+    /// root (trust is per service: docs/PKI.md "Federation").
+    pub fn trust_for(&mut self, parties: &[Role], partner: &LabPki, allow: Vec<protocol::pki::RoleAllowance>) {
+        let root = net::TrustedRootFile::limited(partner.dir.join("ca.pem"), allow);
+        self.partners.push((root, partner.dir.join(net::CRL_FILE), Some(parties.to_vec())));
+    }
+
+    /// The TLS files of `name` (issued earlier): this CA's and the partners' roots and lists
+    /// that the party's role trusts.
     pub fn files(&self, name: &str) -> TlsFiles {
+        let role = std::fs::read_to_string(self.dir.join(format!("{name}.pem")))
+            .ok()
+            .and_then(|pem| protocol::pki::single_cert_der(&pem, "certificate").ok())
+            .and_then(|der| protocol::pki::identity_from_certificate(&der).ok())
+            .map(|identity| identity.role);
+        self.files_for(name, role)
+    }
+
+    fn files_for(&self, name: &str, role: Option<Role>) -> TlsFiles {
         let mut files = TlsFiles::in_dir(&self.dir, name);
-        for (root, crl) in &self.partners {
+        for (root, crl, parties) in &self.partners {
+            let trusted = match (parties, role) {
+                (Some(parties), Some(role)) => parties.contains(&role),
+                _ => true,
+            };
+            if !trusted {
+                continue;
+            }
             files.ca.push(root.clone());
             if !files.crl.is_empty() {
                 files.crl.push(crl.clone());
             }
         }
         files
+    }
+
+    /// The root certificate file (`ca.pem`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
     }
 
     /// Revokes `name`'s certificate as `cloud-platform ca revoke` does: a new `crl.pem`
@@ -91,12 +121,12 @@ impl LabPki {
     /// certificates); writes the same files as [`LabPki::issue`].
     pub fn issue_with_validity(&self, role: Role, name: &str, validity: Validity) -> Result<TlsFiles> {
         let issued = CertificateAuthority::issue(&self.ca_cert_pem, &self.ca_key_pem, role, name, validity)?;
-        self.write_issued(name, &issued)
+        self.write_issued(name, role, &issued)
     }
 
     /// Writes NAME.pem and NAME-key.pem (0600).
-    fn write_issued(&self, name: &str, issued: &skydd_ca::IssuedIdentity) -> Result<TlsFiles> {
-        let files = self.files(name);
+    fn write_issued(&self, name: &str, role: Role, issued: &skydd_ca::IssuedIdentity) -> Result<TlsFiles> {
+        let files = self.files_for(name, Some(role));
         std::fs::write(&files.cert, &issued.cert_pem)?;
         write_private(&files.key, issued.key_pem.as_bytes())?;
         Ok(files)
@@ -115,7 +145,7 @@ impl LabPki {
             &[],
             Some(affiliation),
         )?;
-        self.write_issued(name, &issued)
+        self.write_issued(name, Role::DomainManager, &issued)
     }
 
     /// An mTLS JSON client for `name` (issued earlier) talking to a server of `server_role`.
@@ -565,5 +595,6 @@ pub fn loopback_agent_config(
         region: None,
         volume_root: None,
         limits: Default::default(),
+        partners: Vec::new(),
     }
 }

@@ -363,7 +363,7 @@ fn guest_sees_the_swtpm_tpm() {
         .map(|p| (p[0].as_u64().unwrap() as u8, hex::decode(p[1].as_str().unwrap()).unwrap()))
         .collect();
     let policy = ttp::attestation::AttestationPolicy {
-        trusted_ek_roots: vm.ek_ca_certificates(),
+        trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(vm.ek_ca_certificates()),
         ek_intermediates: Vec::new(),
         ek_crls: Vec::new(),
         reference_states: vec![ttp::attestation::ReferenceState {

@@ -334,7 +334,9 @@ async fn start_cloud(root: &Path, swtpm_hosts: usize, ttp_replicas: usize) -> Cl
     let selection = protocol::attest::PcrSelection::default();
     let state = hosts[0].reference_state("compute-v1", &selection).await.unwrap();
     let policy = AttestationPolicy {
-        trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(
+            secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        ),
         ek_intermediates: Vec::new(),
         ek_crls: Vec::new(),
         reference_states: vec![state],

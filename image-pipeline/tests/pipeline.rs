@@ -197,7 +197,9 @@ async fn image_pipeline_end_to_end() {
         }
     };
     let ttp_policy = AttestationPolicy {
-        trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&vendor_ca).unwrap(),
+        trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(
+            secure_component::swtpm::ca_certificates_der(&vendor_ca).unwrap(),
+        ),
         ek_intermediates: Vec::new(),
         ek_crls: Vec::new(),
         reference_states: vec![reference],

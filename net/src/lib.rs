@@ -24,6 +24,8 @@ pub use error::{Error, Result};
 pub use files::{read_pem_file, TlsFiles, TlsMaterial, CRL_FILE};
 pub use protocol::pki::{Identity, Role};
 pub use response::{error_response, run_to_completion, ApiError, ErrorBody};
-pub use server::{serve, serve_with, HandshakeFailure, RateLimit, ServeOptions, ServerTls, TlsReload};
+pub use server::{
+    serve, serve_with, HandshakeFailure, PeerCertificates, RateLimit, ServeOptions, ServerTls, TlsReload,
+};
 pub use signals::stop_on_signals;
 pub use trusted_root_file::TrustedRootFile;

@@ -57,6 +57,8 @@ refusals! {
     // ---- TTP: host enrollment and attestation ----------------------------------------------
     /// The EK certificate does not chain to a trusted TPM vendor root (or its TCG extensions are wrong).
     EkUntrusted => "ek_untrusted", 403;
+    /// The EK certificate chains only to a TPM vendor root the attestation policy trusts for other named hosts.
+    EkRootNotForHost => "ek_root_not_for_host", 403;
     /// The EK public key differs from the EK certificate's.
     EkMismatch => "ek_mismatch", 403;
     /// The AK is not in the EK's TPM (the credential was not activated).

@@ -27,7 +27,35 @@
 //! [launch]                                 # optional, with hypervisor = "qemu": trusted launch
 //! allowlist = "/etc/skydd/allowlist.dsse.json"   # from `image-pipeline allowlist`
 //! accel = "tcg"                            # "kvm" where /dev/kvm runs guests
+//!
+//! [[partner]]                              # optional, repeatable: a partner cloud this host also serves
+//! name = "cloud-a"                         # for `enroll --ttp`, logs and <state_dir>/enrollments/<name>.json
+//! cloud_platform = "cloud-platform-a"      # the client-certificate name of the partner's cloud platform
+//! ca = "/etc/skydd/partner-a/ca.pem"       # the root it must chain to: one of the files of `ca`
+//! ttp_url = "https://ttp-a.example:7443"   # the partner's TTP, which releases its domains' keys
+//! volume_root = "/srv/partner-a/volumes"   # where the partner's volume store is mounted on this host
 //! ```
+//!
+//! # Home and partner clouds
+//!
+//! `ttp_url` is the home TTP: it releases the keys of every attach the home cloud platform
+//! asks for (any cloud-platform certificate that chains to a root of `ca` that no partner
+//! names). A `[[partner]]` lets a second cloud's cloud platform place its VMs on this host
+//! too (docs/PKI.md "A partner cloud's host"): a request whose client certificate is named
+//! `cloud_platform` **and** chains to the partner's `ca` root is served with that partner's
+//! TTP, checked against its `volume_root`, and its attachments are listed and detached only
+//! by that same cloud platform. A cloud platform that is neither is refused (`forbidden`).
+//! List the partner's root in `ca` limited to what this host needs of that cloud, e.g.
+//! `{ file = "/etc/skydd/partner-a/ca.pem", allow = [{ role = "ttp", names = ["ttp-a"] },
+//! { role = "cloud-platform", names = ["cloud-platform-a"] }] }`; the client for each TTP
+//! trusts only its own cloud's roots.
+//!
+//! Enrollment: `secure-component enroll` enrolls at the home TTP and then at every
+//! partner's, all with the same attestation key and PCR-bound binding key (one TPM, one set
+//! of keys in `<state_dir>/tpm`); `--ttp NAME` enrolls at one TTP only, reusing those keys
+//! while they still fit the host's PCRs. What is per TTP (the host id and EK it enrolled,
+//! its reference state there) is kept in `<state_dir>/enrollments/<name>.json` (`home` for
+//! the home TTP).
 
 use std::path::{Path, PathBuf};
 
@@ -194,6 +222,35 @@ pub struct AgentConfig {
     /// (docs/TPM.md "Location"); the TTP refuses the claim otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// `[[partner]]` tables: partner clouds whose cloud platforms may also place VMs here,
+    /// each served with its own TTP (see the module documentation).
+    #[serde(default, rename = "partner", skip_serializing_if = "Vec::is_empty")]
+    pub partners: Vec<PartnerConfig>,
+}
+
+/// The name of the home TTP in `secure-component enroll --ttp` and in
+/// `<state_dir>/enrollments/`; no partner may take it.
+pub const HOME_TTP: &str = "home";
+
+/// A `[[partner]]` table: a partner cloud whose cloud platform places VMs on this host,
+/// whose TTP releases the keys of those attaches (docs/PKI.md "A partner cloud's host").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerConfig {
+    /// A short name of the partner ("cloud-a"): `enroll --ttp NAME`, logs, and the
+    /// enrollment record `<state_dir>/enrollments/<name>.json`.
+    pub name: String,
+    /// The subject name of the partner cloud platform's client certificate.
+    pub cloud_platform: String,
+    /// The trusted root (one of the files listed in `ca`) the partner's cloud platform and
+    /// TTP certificates chain to.
+    pub ca: PathBuf,
+    /// The partner's TTP (comma-separated URLs are replicas of it, as for `ttp_url`).
+    pub ttp_url: String,
+    /// Where the partner's volume store is reachable on this host: its attaches must name a
+    /// volume below it (unset: any path, with a warning at start, as for `volume_root`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_root: Option<PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -225,7 +282,92 @@ impl AgentConfig {
                 resettable
             )));
         }
+        config.check_partners()?;
         Ok(config)
+    }
+
+    /// The `[[partner]]` tables must name distinct clouds, each with a root of `ca`, a TTP
+    /// other than the home one, and leave at least one root for the home cloud.
+    fn check_partners(&self) -> Result<()> {
+        let urls = |list: &str| -> Vec<String> {
+            list.split(',').map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty()).collect()
+        };
+        let home_urls = urls(&self.ttp_url);
+        let mut seen_urls: Vec<(String, &str)> = home_urls.iter().map(|u| (u.clone(), HOME_TTP)).collect();
+        for (i, partner) in self.partners.iter().enumerate() {
+            let which = format!("partner #{} ({:?})", i + 1, partner.name);
+            protocol::domain::validate_name("partner name", &partner.name)
+                .map_err(|e| Error::Config(format!("{which}: {e}")))?;
+            if partner.name == HOME_TTP {
+                return Err(Error::Config(format!("{which}: the name {HOME_TTP:?} is the home TTP's; choose another")));
+            }
+            protocol::pki::check_name(&partner.cloud_platform)
+                .map_err(|e| Error::Config(format!("{which}: cloud_platform: {e}")))?;
+            if let Some(earlier) = self.partners[..i].iter().find(|p| p.name == partner.name) {
+                return Err(Error::Config(format!(
+                    "{which}: partner {:?} is configured twice; each [[partner]] needs its own name",
+                    earlier.name
+                )));
+            }
+            if let Some(earlier) =
+                self.partners[..i].iter().find(|p| p.cloud_platform == partner.cloud_platform && p.ca == partner.ca)
+            {
+                return Err(Error::Config(format!(
+                    "{which}: cloud platform {:?} under root {} is already partner {:?}; one cloud platform has one TTP",
+                    partner.cloud_platform,
+                    partner.ca.display(),
+                    earlier.name
+                )));
+            }
+            let own = urls(&partner.ttp_url);
+            if own.is_empty() {
+                return Err(Error::Config(format!("{which}: ttp_url is empty")));
+            }
+            for url in own {
+                if let Some((_, other)) = seen_urls.iter().find(|(u, _)| *u == url) {
+                    let whose = if *other == HOME_TTP {
+                        "the home TTP's (ttp_url)".to_string()
+                    } else {
+                        format!("partner {other:?}'s")
+                    };
+                    return Err(Error::Config(format!(
+                        "{which}: ttp_url {url} is also {whose}; a partner's keys come from the partner's own TTP"
+                    )));
+                }
+                seen_urls.push((url, &partner.name));
+            }
+            if !self.ca.iter().any(|root| root.path() == partner.ca) {
+                return Err(Error::Config(format!(
+                    "{which}: ca {} is not one of the trusted roots in `ca`; list it there, limited to the partner's \
+                     TTP and cloud platform (docs/PKI.md \"Federation\")",
+                    partner.ca.display()
+                )));
+            }
+        }
+        if !self.partners.is_empty() && self.home_roots().next().is_none() {
+            return Err(Error::Config(
+                "every root of `ca` is a partner's: the home cloud needs a root of its own (the first of `ca`)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The roots of `ca` no partner names: the home cloud's.
+    pub fn home_roots(&self) -> impl Iterator<Item = &net::TrustedRootFile> {
+        self.ca.iter().filter(|root| !self.partners.iter().any(|p| p.ca == root.path()))
+    }
+
+    /// The partner named `name`, or `None` for [`HOME_TTP`]; an error naming the configured
+    /// ones otherwise.
+    pub fn partner(&self, name: &str) -> Result<Option<&PartnerConfig>> {
+        if name == HOME_TTP {
+            return Ok(None);
+        }
+        self.partners.iter().find(|p| p.name == name).map(Some).ok_or_else(|| {
+            let known: Vec<&str> =
+                std::iter::once(HOME_TTP).chain(self.partners.iter().map(|p| p.name.as_str())).collect();
+            Error::Config(format!("no TTP named {name:?} in the configuration; configured: {}", known.join(", ")))
+        })
     }
 
     /// Encodes the configuration as TOML (what `from_toml` reads back).
@@ -236,6 +378,11 @@ impl AgentConfig {
     /// Where the TPM worker keeps the AK and binding key blobs.
     pub fn tpm_state_dir(&self) -> PathBuf {
         self.state_dir.join("tpm")
+    }
+
+    /// One enrollment record per TTP, `<name>.json` ([`HOME_TTP`] or a partner's name).
+    pub fn enrollments_dir(&self) -> PathBuf {
+        self.state_dir.join("enrollments")
     }
 
     /// One JSON record per attachment (no key material).
@@ -304,5 +451,52 @@ mod tests {
         let debug = format!("{minimal}\n[pcr_selection]\nbank = \"sha256\"\nindices = [0, 16]\n");
         let e = AgentConfig::from_toml(&debug).unwrap_err().to_string();
         assert!(e.contains("PCR [16]"), "{e}");
+    }
+
+    const HOME: &str = r#"
+        tcti = "swtpm:host=127.0.0.1,port=2321"
+        state_dir = "/var/lib/skydd/sc"
+        ttp_url = "https://ttp-b.example:7443"
+        ca = ["/etc/skydd/ca.pem", { file = "/etc/skydd/partner-a/ca.pem", allow = [{ role = "ttp" }, { role = "cloud-platform", names = ["cloud-platform-a"] }] }]
+        cert = "b-compute-07.pem"
+        key = "b-compute-07-key.pem"
+    "#;
+
+    fn partner(name: &str, url: &str) -> String {
+        format!(
+            "[[partner]]\nname = \"{name}\"\ncloud_platform = \"cloud-platform-a\"\nca = \"/etc/skydd/partner-a/ca.pem\"\nttp_url = \"{url}\"\n"
+        )
+    }
+
+    #[test]
+    fn partner_tables_are_checked_when_read() {
+        let one = format!("{HOME}\n{}", partner("cloud-a", "https://ttp-a.example:7443"));
+        let c = AgentConfig::from_toml(&one).unwrap();
+        assert_eq!(c.partners.len(), 1);
+        assert_eq!(c.partners[0].cloud_platform, "cloud-platform-a");
+        assert_eq!(
+            c.home_roots().map(|r| r.path().to_path_buf()).collect::<Vec<_>>(),
+            vec![PathBuf::from("/etc/skydd/ca.pem")]
+        );
+        assert_eq!(c.partner("cloud-a").unwrap().unwrap().name, "cloud-a");
+        assert!(c.partner(HOME_TTP).unwrap().is_none());
+        assert!(c.partner("cloud-z").unwrap_err().to_string().contains("configured: home, cloud-a"));
+        assert_eq!(AgentConfig::from_toml(&c.to_toml().unwrap()).unwrap(), c);
+
+        let refused = |text: String, words: &str| {
+            let e = AgentConfig::from_toml(&text).unwrap_err().to_string();
+            assert!(e.contains(words), "{e}");
+        };
+        let twice = format!("{one}{}", partner("cloud-a", "https://ttp-c.example:7443"));
+        refused(twice, "configured twice");
+        let same_cp = format!("{one}{}", partner("cloud-c", "https://ttp-c.example:7443"));
+        refused(same_cp, "one cloud platform has one TTP");
+        refused(format!("{HOME}\n{}", partner("cloud-a", "https://ttp-b.example:7443/")), "is also the home TTP's");
+        refused(format!("{HOME}\n{}", partner(HOME_TTP, "https://ttp-a.example:7443")), "is the home TTP's");
+        let unlisted = one.replace("ca = \"/etc/skydd/partner-a/ca.pem\"\nttp", "ca = \"/etc/skydd/other.pem\"\nttp");
+        refused(unlisted, "is not one of the trusted roots");
+        let only_partner_roots = one.replace("\"/etc/skydd/ca.pem\", ", "");
+        refused(only_partner_roots, "needs a root of its own");
+        refused(format!("{one}volume = \"x\"\n"), "volume");
     }
 }

@@ -112,6 +112,11 @@ pub enum Error {
     /// A request the agent cannot act on (malformed id, header that does not decode, ...).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A cloud platform that is neither this host's home cloud platform nor a configured
+    /// `[[partner]]` (by name and trusted root) asked for an attach or detach. Answers 403
+    /// `forbidden`.
+    #[error("{0}")]
+    CloudPlatformNotServed(String),
     /// No attachment with this id (the value) on this host. Answers 404 `attachment_unknown`.
     #[error("no attachment {0} on this host")]
     AttachmentUnknown(String),
@@ -152,6 +157,7 @@ impl Error {
             Error::TtpUnreachable { .. } => Refusal::TtpUnreachable,
             Error::BadRequest(_) | Error::Protocol(_) => Refusal::BadRequest,
             Error::AttachmentUnknown(_) => Refusal::AttachmentUnknown,
+            Error::CloudPlatformNotServed(_) => Refusal::Forbidden,
             Error::AttachmentConflict(_) => Refusal::AttachmentConflict,
             Error::BindingKeyRefused(_) => Refusal::BindingKeyRefused,
             Error::Tpm { .. } | Error::Swtpm(_) | Error::TpmState { .. } => Refusal::TpmFailed,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 
 use protocol::attest::{CredentialChallenge, PcrSelection};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::tpm::HostTpm;
@@ -65,7 +65,7 @@ impl TpmWorker {
 }
 
 /// What the TTP answered to an enrollment.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EnrollmentResult {
     /// The host id the TTP enrolled, as in this host's certificate.
     pub host_id: String,
@@ -105,13 +105,59 @@ impl AttestedHost {
     /// state pins [`protocol::attest::LOCATION_PCR`] to that region's measurement, which the
     /// host's start-up extended there (docs/TPM.md "Location").
     pub async fn enroll_in_region(&self, selection: &PcrSelection, region: Option<&str>) -> Result<EnrollmentResult> {
-        let host_id = self.host_id.clone();
-        let selection = selection.clone();
-        let mut request = self.tpm.run(move |tpm| tpm.enrollment_request(&host_id, &selection)).await?;
+        Ok(self.enroll_with_keys(selection, region, EnrollmentKeys::Fresh).await?.result)
+    }
+
+    /// Enrolls with this TTP using fresh keys, or the AK and binding key another TTP of this
+    /// host enrolled (one TPM serving several clouds' TTPs, docs/PKI.md "A partner cloud's
+    /// host"), when they still fit the host's PCRs.
+    pub async fn enroll_with_keys(
+        &self,
+        selection: &PcrSelection,
+        region: Option<&str>,
+        keys: EnrollmentKeys,
+    ) -> Result<Enrolled> {
+        let (host_id, wanted) = (self.host_id.clone(), selection.clone());
+        let (mut request, reused) = self
+            .tpm
+            .run(move |tpm| {
+                if keys == EnrollmentKeys::StoredIfTheyFit {
+                    if let Some(request) = tpm.enrollment_request_with_stored_keys(&host_id, &wanted)? {
+                        return Ok((request, true));
+                    }
+                }
+                Ok((tpm.enrollment_request(&host_id, &wanted)?, false))
+            })
+            .await?;
         request.region = region.map(str::to_string);
+        let binding_key_sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&request.binding_public));
         let challenge: CredentialChallenge =
             self.ttp.post_json("/v1/enrollments", &request).await.map_err(|e| ttp_error("enrollment", e))?;
         let proof = self.tpm.run(move |tpm| tpm.enrollment_proof(&challenge)).await?;
-        self.ttp.post_json("/v1/enrollments/proof", &proof).await.map_err(|e| ttp_error("enrollment proof", e))
+        let result =
+            self.ttp.post_json("/v1/enrollments/proof", &proof).await.map_err(|e| ttp_error("enrollment proof", e))?;
+        Ok(Enrolled { result, reused_keys: reused, binding_key_sha256 })
     }
+}
+
+/// Which keys an enrollment proves to the TTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnrollmentKeys {
+    /// A fresh AK and binding key (replacing the stored ones: every other TTP this host is
+    /// enrolled at must be enrolled again).
+    Fresh,
+    /// The stored AK and binding key when they are bound to the selection and the PCR values
+    /// of now; fresh ones otherwise.
+    StoredIfTheyFit,
+}
+
+/// One enrollment done: the TTP's answer and which keys it now knows.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    /// What the TTP answered.
+    pub result: EnrollmentResult,
+    /// Whether the stored keys were proven again (`false`: fresh ones were made).
+    pub reused_keys: bool,
+    /// Hex SHA-256 of the binding key's marshalled public area: the key the TTP seals to.
+    pub binding_key_sha256: String,
 }

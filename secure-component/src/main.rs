@@ -54,9 +54,17 @@ enum Command {
     /// The TTP accepts the host only if its TPM's EK certificate chains to a trusted TPM
     /// vendor root and the PCR values match a reference state of its attestation policy.
     /// Run it once per host, and again after a trusted update changed the PCRs.
+    ///
+    /// With [[partner]] tables, it enrolls at the home TTP (ttp_url) with fresh keys and then
+    /// at every partner's TTP with the same keys (one TPM, one binding key); `--ttp NAME`
+    /// enrolls at one of them only ("home" or a partner's name), reusing the stored keys
+    /// while they still fit the host's PCRs.
     Enroll {
         #[arg(long, env = "SKYDD_SC_CONFIG")]
         config: PathBuf,
+        /// Enroll at this TTP only: "home" or the name of a [[partner]].
+        #[arg(long)]
+        ttp: Option<String>,
     },
 }
 
@@ -81,16 +89,28 @@ async fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || service.shutdown()).await.ok();
             served?;
         }
-        Command::Enroll { config } => {
+        Command::Enroll { config, ttp } => {
             init_logging(false);
             let config = secure_component::config::AgentConfig::load(&config)?;
+            if let Some(name) = &ttp {
+                config.partner(name)?;
+            }
             let (service, _) = secure_component::service::build(&config)?;
-            let result = service.enroll().await.context("enrollment")?;
-            println!(
-                "enrolled host {} with the TTP at {}\n  reference state: {}\n  EK fingerprint:  {}\n  PCRs bound:      {} {:?}\n\
-                 Next: `secure-component serve --config ...`, then register the host with the cloud platform.",
-                result.host_id, config.ttp_url, result.reference_state, result.ek_fingerprint, config.pcr_selection.bank, config.pcr_selection.indices
-            );
+            let enrolled = match &ttp {
+                Some(name) => vec![(
+                    name.clone(),
+                    service.enroll_at(name).await.with_context(|| format!("enrollment at {name}"))?,
+                )],
+                None => service.enroll_everywhere().await.context("enrollment")?,
+            };
+            for (name, result) in enrolled {
+                let url = config.partner(&name)?.map_or(config.ttp_url.as_str(), |p| p.ttp_url.as_str());
+                println!(
+                    "enrolled host {} with the TTP {name} at {url}\n  reference state: {}\n  EK fingerprint:  {}\n  PCRs bound:      {} {:?}",
+                    result.host_id, result.reference_state, result.ek_fingerprint, config.pcr_selection.bank, config.pcr_selection.indices
+                );
+            }
+            println!("Next: `secure-component serve --config ...`, then register the host with the cloud platform(s).");
         }
     }
     Ok(())

@@ -1,36 +1,34 @@
 //! Sharing a domain with a partner cloud's VM (docs/PKI.md "Federation", "A partner cloud's
-//! host"): two clouds, each with its own CA. Cloud A runs the TTP and places the VM (its
-//! cloud platform's key signs the placement: the ciphertext stays with A and is read through
-//! A's side); cloud B contributes one compute host, `b-compute-07`, with its own TPM (of
-//! another vendor CA) and a certificate of B's CA.
+//! host"): two clouds, each with its own CA, TTP and cloud platform.
 //!
-//! A's TTP trusts B's root for exactly that host (role secure-component, name
-//! `b-compute-07`) and B's host trusts A's root for exactly A's TTP (role ttp, name
-//! `ttp-1`); A's attestation policy lists B's TPM vendor root and B's host's measured
-//! state. B's host enrolls at A's TTP, gets the key of A's owner's domain sealed to its TPM,
-//! reads a sector A wrote, and is refused as soon as A's owner takes the VM out of the ACL.
-//! What B's root may not do is refused too: another B host, and a placement signed by B's
-//! cloud platform.
+//! The first test works at the key release: cloud B's host `b-compute-07` (a TPM of another
+//! vendor CA, a certificate of B's CA) enrolls at A's TTP, gets the key of A's owner's domain
+//! sealed to its TPM, reads a sector A wrote, and is refused as soon as A's owner takes the VM
+//! out of the ACL; what B's root may not do is refused too.
 //!
-//! The second test runs the whole attach: the all-in-one cloud A with a host lent by B
-//! (`skydd::cloud::PartnerHosts`), A's owner's manager attaches through A's cloud platform,
-//! which calls B's secure component, which asks A's TTP and mounts the volume for vm-b.
+//! The second runs two whole clouds ([`skydd::cloud::PartnerClouds`]): `b-compute-07` serves
+//! B's own VM with keys from B's TTP and A's shared VM with keys from A's TTP, each cloud
+//! platform seeing only its own attachments there.
+
+use std::path::{Path, PathBuf};
 
 use domain_manager::config::DmConfig;
 use domain_manager::ops::{parse_acl_entry, DomainManager as Manager};
 use net::Role;
 use protocol::attest::PcrSelection;
+use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList};
 use protocol::domain::AccessMode;
-use protocol::messages::Registration;
+use protocol::messages::{HeaderRecord, Registration};
 use protocol::pki::RoleAllowance;
 use protocol::secret::SecretBytes;
 use secure_component::key_release::ObtainedKey;
-use skydd::cloud::{AllInOne, Layout, PartnerHosts};
+use secure_component::service::Cloud;
+use skydd::cloud::{Layout, PartnerClouds, SharedHosts};
 use skydd::lab::{register, DomainManager, LabHost, LabPki, Operator, RunningTtp};
 use skydd_testkit::independent_key;
-use skydd_testkit::refusal::ttp_code;
+use skydd_testkit::refusal::{client_code, expect_code, ttp_code};
 use skydd_volume::xts::XtsEngine;
-use ttp::attestation::AttestationPolicy;
+use ttp::attestation::{AttestationPolicy, EkRoot};
 
 #[test]
 fn a_partner_clouds_host_gets_an_owners_domain_and_loses_it_at_once_on_revoke() {
@@ -52,7 +50,10 @@ fn a_partner_clouds_host_gets_an_owners_domain_and_loses_it_at_once_on_revoke() 
 
         // Cloud A's TTP: B's vendor root and B's host's state are enrolled for this host.
         let policy = AttestationPolicy {
-            trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&b_vendor).unwrap(),
+            trusted_ek_roots: EkRoot::only_for_each(
+                secure_component::swtpm::ca_certificates_der(&b_vendor).unwrap(),
+                &["b-compute-07"],
+            ),
             ek_intermediates: Vec::new(),
             ek_crls: Vec::new(),
             reference_states: vec![b_state],
@@ -125,42 +126,147 @@ fn a_partner_clouds_host_gets_an_owners_domain_and_loses_it_at_once_on_revoke() 
     });
 }
 
-/// Cloud A: compute-1 (vm-a) and dm-alice; cloud B lends b-compute-07, where A's vm-b runs.
-const LAYOUT: Layout<'static> = Layout { hosts: &[("compute-1", &["vm-a"])], managers: &["dm-alice"] };
-const LENT: PartnerHosts<'static> = PartnerHosts { ca_name: "Cloud B CA", hosts: &[("b-compute-07", &["vm-b"])] };
+/// Cloud A: compute-1 (vm-a) and dm-alice. Cloud B: b-compute-07 (B's vm-b1) and dm-bob;
+/// b-compute-07 also serves cloud A, whose cloud platform places vm-x there.
+const A_LAYOUT: Layout<'static> = Layout { hosts: &[("compute-1", &["vm-a"])], managers: &["dm-alice"] };
+const B_LAYOUT: Layout<'static> = Layout { hosts: &[("b-compute-07", &["vm-b1"])], managers: &["dm-bob"] };
+const SHARED: SharedHosts<'static> =
+    SharedHosts { partner_name: "cloud-a", hosts: &[("b-compute-07", &["vm-x"])], tls_names: &["b-compute-*"] };
+
+/// The header in force on A's volume of `domain_id` and a copy of that volume file under B's
+/// volume store (what B's operator could copy if A's ciphertext reached B's storage).
+fn header_and_copy(a_dir: &Path, b_dir: &Path, domain_id: &str) -> (HeaderRecord, PathBuf) {
+    let volumes = a_dir.join("cloud-platform").join("volumes");
+    let volume = std::fs::read_dir(&volumes)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.to_string_lossy().contains(domain_id))
+        .expect("A's volume of the domain");
+    let bytes = std::fs::read(&volume).unwrap();
+    let active = protocol::format::decode_header_area(&bytes[..protocol::format::HEADER_AREA_SIZE]).unwrap();
+    let copy = b_dir.join("cloud-platform").join("volumes").join("copied-from-a.img");
+    std::fs::write(&copy, &bytes).unwrap();
+    (HeaderRecord::decode(&active.payload).unwrap(), copy)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_owner_shares_a_domain_with_a_vm_on_a_host_lent_by_a_partner_cloud() {
+async fn a_partner_host_serves_its_own_cloud_and_a_shared_vm_each_with_its_own_ttp() {
     let dir = tempfile::tempdir().unwrap();
-    let cloud =
-        AllInOne::start_with_partner(dir.path(), &LAYOUT, &LENT, &mut |line| println!(".. {line}")).await.unwrap();
-    let lent = cloud.hosts.iter().find(|h| h.id == "b-compute-07").expect("the lent host runs");
-    // Its certificate is cloud B's: A's CA never issued it.
-    assert!(cloud.partner_pki.as_ref().unwrap().dir.join("b-compute-07.pem").exists());
-    assert!(!cloud.pki.dir.join("b-compute-07.pem").exists());
-    let alice = Manager::connect(&DmConfig::load(&cloud.manager_config("dm-alice").unwrap()).unwrap()).unwrap();
-    let acl = vec![parse_acl_entry("vm-a:rw").unwrap(), parse_acl_entry("vm-b:ro").unwrap()];
-    let domain = alice.create(Default::default(), acl, vec![], 32 << 20).await.unwrap();
+    let started = std::time::Instant::now();
+    let clouds = PartnerClouds::start(dir.path(), &A_LAYOUT, &B_LAYOUT, &SHARED, &mut |line| println!(".. {line}"))
+        .await
+        .unwrap();
+    let (a, b) = (&clouds.a, &clouds.b);
+    let shared = b.host("b-compute-07").expect("B's shared host runs");
+    println!("two clouds up in {:?}", started.elapsed());
+    // One TPM, one binding key, a record per TTP.
+    let enrollments = shared.service.enrollments().unwrap();
+    assert_eq!(enrollments.iter().map(|r| r.ttp.as_str()).collect::<Vec<_>>(), ["home", "cloud-a"]);
+    assert_eq!(enrollments[0].binding_key_sha256, enrollments[1].binding_key_sha256);
+    assert_eq!(enrollments[0].ek_fingerprint, enrollments[1].ek_fingerprint);
 
-    // vm-a, on A's own host, writes a record.
+    // B's owner attaches B's domain to vm-b1 on b-compute-07: B's cloud platform, B's TTP.
+    let bob = Manager::connect(&DmConfig::load(&b.manager_config("dm-bob").unwrap()).unwrap()).unwrap();
+    let b_domain =
+        bob.create(Default::default(), vec![parse_acl_entry("vm-b1:rw").unwrap()], vec![], 32 << 20).await.unwrap();
+    bob.attach(&b_domain.id, "vm-b1", AccessMode::Rw, 300).await.unwrap();
+    let b_record = shared.vm_root.join("vm-b1").join(&b_domain.id).join("b.txt");
+    std::fs::write(&b_record, "cardiology, written in cloud B\n").unwrap();
+    let b_history = bob.history(&b_domain.id).await.unwrap().records;
+    assert!(b_history.iter().any(|r| r.event == "key_release" && r.host_id.as_deref() == Some("b-compute-07")));
+
+    // A's owner shares a domain with vm-x; vm-a, on A's own host, writes a record.
+    let alice = Manager::connect(&DmConfig::load(&a.manager_config("dm-alice").unwrap()).unwrap()).unwrap();
+    let acl = vec![parse_acl_entry("vm-a:rw").unwrap(), parse_acl_entry("vm-x:ro").unwrap()];
+    let domain = alice.create(Default::default(), acl, vec![], 32 << 20).await.unwrap();
     alice.attach(&domain.id, "vm-a", AccessMode::Rw, 300).await.unwrap();
-    let record = cloud.vm_mount("vm-a", &domain.id, &LAYOUT).unwrap().join("record.txt");
+    let record = a.vm_mount("vm-a", &domain.id, &A_LAYOUT).unwrap().join("record.txt");
     std::fs::write(&record, "oncology, written in cloud A\n").unwrap();
     alice.detach(&domain.id, "vm-a").await.unwrap();
 
-    // vm-b, on the host cloud B lent, reads it: the key went to B's TPM through A's TTP.
-    let attached = alice.attach(&domain.id, "vm-b", AccessMode::Ro, 300).await.unwrap();
+    // A's cloud platform attaches it to vm-x on B's host: the key comes from A's TTP, sealed
+    // to B's TPM; the ciphertext is read through A's side (A's volume store).
+    let attached = alice.attach(&domain.id, "vm-x", AccessMode::Ro, 300).await.unwrap();
     assert_eq!(attached.host, "b-compute-07");
-    let on_b = lent.vm_root.join("vm-b").join(&domain.id).join("record.txt");
+    let on_b = shared.vm_root.join("vm-x").join(&domain.id).join("record.txt");
     assert_eq!(std::fs::read_to_string(&on_b).unwrap(), "oncology, written in cloud A\n");
-    alice.detach(&domain.id, "vm-b").await.unwrap();
     let history = alice.history(&domain.id).await.unwrap().records;
     assert!(history.iter().any(|r| r.event == "key_release" && r.host_id.as_deref() == Some("b-compute-07")));
 
-    // A's owner revokes vm-b: its next attach is refused by A's TTP.
-    alice.revoke(&domain.id, "vm-b").await.unwrap();
-    let refused = alice.attach(&domain.id, "vm-b", AccessMode::Ro, 300).await.unwrap_err();
-    assert_eq!(refused.code(), Some("vm_not_in_acl"), "{refused}");
+    // Each cloud platform sees (and may detach) only what it attached on the shared host.
+    let b_cp = b.pki.client("cloud-platform", Role::SecureComponent, &shared.agent_url).unwrap();
+    let a_cp = a.pki.client("cloud-platform", Role::SecureComponent, &shared.agent_url).unwrap();
+    let vms_of = |list: AgentAttachmentList| list.attachments.into_iter().map(|a| a.vm_id).collect::<Vec<_>>();
+    assert_eq!(vms_of(b_cp.get_json("/v1/attachments").await.unwrap()), ["vm-b1"]);
+    assert_eq!(vms_of(a_cp.get_json("/v1/attachments").await.unwrap()), ["vm-x"]);
+    let path = format!("/v1/attachments/{}", attached.id);
+    expect_code(b_cp.delete_json::<AgentAttachment>(&path).await, "attachment_unknown");
 
-    cloud.stop().await;
+    // B's cloud platform asks B's host to attach A's domain to B's own vm-b1 (with a copy
+    // of A's volume in B's store, and a grant A's owner signed): it is served with B's TTP,
+    // which trusts nothing of A's root, so not even the owner's signature on the header.
+    let (header, copy) = header_and_copy(&a.dir, &b.dir, &domain.id);
+    let alice_signer = DomainManager {
+        name: "dm-alice".into(),
+        key: net::TlsFiles::in_dir(&a.pki.dir, "dm-alice").load().unwrap().signature_key().unwrap(),
+    };
+    let placer_b = Operator::of(&b.pki, "cloud-platform").unwrap();
+    let grant = alice_signer.grant(&domain.id, "vm-b1", AccessMode::Ro, 300);
+    let request = AgentAttachRequest {
+        attachment_id: "b-takes-a".into(),
+        vm_id: "vm-b1".into(),
+        mode: AccessMode::Ro,
+        header: header.clone(),
+        placement: placer_b.place("vm-b1", "b-compute-07", &grant),
+        grant,
+        volume_path: copy.to_string_lossy().into_owned(),
+    };
+    let code = client_code(b_cp.post_json::<_, AgentAttachment>("/v1/attachments", &request).await);
+    assert_eq!(code, "descriptor_signature_invalid", "B's TTP knows nothing of A's domain or owner");
+    // Asking A's TTP itself with B's cloud platform's placement: refused there.
+    let at_a = shared.service.host_for(&Cloud::Partner("cloud-a".into())).unwrap();
+    let grant = alice_signer.grant(&domain.id, "vm-x", AccessMode::Ro, 300);
+    let code = ttp_code(placer_b.obtain_key(at_a, &header, &grant, "vm-x", AccessMode::Ro).await);
+    assert_eq!(code, "placement_invalid", "A's TTP takes placements from A's cloud platform only");
+
+    // A's owner revokes vm-x: A's cloud platform detaches it on B's host at once, and the
+    // next attach is refused by A's TTP. B's own attachment is untouched.
+    alice.revoke(&domain.id, "vm-x").await.unwrap();
+    assert!(vms_of(a_cp.get_json("/v1/attachments").await.unwrap()).is_empty(), "vm-x detached on revoke");
+    assert!(!on_b.exists(), "vm-x no longer sees the domain");
+    let refused = alice.attach(&domain.id, "vm-x", AccessMode::Ro, 300).await.unwrap_err();
+    assert_eq!(refused.code(), Some("vm_not_in_acl"), "{refused}");
+    assert_eq!(std::fs::read_to_string(&b_record).unwrap(), "cardiology, written in cloud B\n");
+    assert_eq!(vms_of(b_cp.get_json("/v1/attachments").await.unwrap()), ["vm-b1"]);
+
+    // Another host of B (its TLS name is accepted, its TPM is of B's vendor) may not enroll
+    // at A's TTP: A trusts B's vendor root for b-compute-07 only. Audited like any refusal.
+    let before = skydd_testkit::audit::records(&a.ttp.service).len();
+    let other = LabHost::start(&b.dir, &b.pki, "b-compute-08", &b.tpm_vendor_ca(), &a.ttp.url).unwrap();
+    let code = ttp_code(other.host.enroll(&PcrSelection::default_host()).await);
+    assert_eq!(code, "ek_root_not_for_host");
+    skydd_testkit::audit::assert_audited(&a.ttp.service, before, "enroll_begin", "ek_root_not_for_host");
+
+    // The host's own decision on a cloud platform, by name and root: A's is the partner's,
+    // B's the home one; a certificate of A's root under another name (here refused in TLS
+    // already, by the root's limit) is neither.
+    let cloud_platform_of = |pki: &skydd::lab::LabPki, name: &str| {
+        let pem = std::fs::read_to_string(pki.dir.join(format!("{name}.pem"))).unwrap();
+        let der = protocol::pki::single_cert_der(&pem, "certificate").unwrap();
+        let caller = net::Identity { name: name.to_string(), role: Role::CloudPlatform };
+        shared.service.cloud_of(&caller, &[der.into()])
+    };
+    assert_eq!(cloud_platform_of(&a.pki, "cloud-platform").unwrap(), Cloud::Partner("cloud-a".into()));
+    assert_eq!(cloud_platform_of(&b.pki, "cloud-platform").unwrap(), Cloud::Home);
+    a.pki.issue(Role::CloudPlatform, "cloud-platform-2").unwrap();
+    let refused = cloud_platform_of(&a.pki, "cloud-platform-2").unwrap_err();
+    assert_eq!(refused.refusal().code(), "forbidden");
+    assert!(
+        refused.to_string().contains("neither this host's home cloud platform nor a configured [[partner]]"),
+        "{refused}"
+    );
+
+    bob.detach(&b_domain.id, "vm-b1").await.unwrap();
+    clouds.stop().await;
+    println!("whole story in {:?}", started.elapsed());
 }

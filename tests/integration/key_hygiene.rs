@@ -386,7 +386,9 @@ async fn keys_never_leak_into_logs_errors_files_or_memory_after_detach() {
         tpm.read_pcrs(&config.pcr_selection).unwrap()
     };
     let policy = AttestationPolicy {
-        trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(
+            secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        ),
         ek_intermediates: Vec::new(),
         ek_crls: Vec::new(),
         reference_states: vec![ReferenceState {

@@ -43,7 +43,9 @@ async fn scenario() {
         PcrSelection { bank: "sha256".into(), indices: vec![0, 1, 2, 3, 4, 5, 6, 7, MEASURED_STATE_PCR, LOCATION_PCR] };
     let default = PcrSelection::default_host();
     let policy = AttestationPolicy {
-        trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(
+            secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        ),
         ek_intermediates: Vec::new(),
         ek_crls: Vec::new(),
         reference_states: vec![

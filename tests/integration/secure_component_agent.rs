@@ -236,7 +236,9 @@ async fn secure_component_agent_end_to_end() {
     let selection = config.pcr_selection.clone();
     let pcr_values = agent.service.attested_host().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await.unwrap();
     let policy = AttestationPolicy {
-        trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(
+            secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        ),
         ek_intermediates: Vec::new(),
         ek_crls: Vec::new(),
         reference_states: vec![ttp::attestation::ReferenceState {

@@ -36,7 +36,7 @@ fn policy_for(host: &mut Host) -> AttestationPolicy {
     let selection = PcrSelection::default_host();
     let values = host.tpm.read_pcrs(&selection).unwrap();
     AttestationPolicy {
-        trusted_ek_roots: host.swtpm.ek_ca_certificates().unwrap(),
+        trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(host.swtpm.ek_ca_certificates().unwrap()),
         ek_intermediates: vec![],
         ek_crls: Vec::new(),
         reference_states: vec![reference_state_from_values("compute-v1", &selection, &values).unwrap()],
@@ -73,7 +73,7 @@ fn enroll_quote_release_and_refuse_after_pcr_change() {
         let values = host.tpm.read_pcrs(&selection).unwrap();
         assert_eq!(values.len(), 9);
         AttestationPolicy {
-            trusted_ek_roots: ca,
+            trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(ca),
             ek_intermediates: vec![],
             ek_crls: Vec::new(),
             reference_states: vec![reference_state_from_values("compute-v1", &selection, &values).unwrap()],
@@ -148,7 +148,7 @@ fn ek_certificate_from_untrusted_ca_is_refused() {
     let mut host = start_host();
     // A self-made CA the policy trusts instead of the host's swtpm local CA.
     let mut policy = policy_for(&mut host);
-    policy.trusted_ek_roots = vec![self_made_ca()];
+    policy.trusted_ek_roots = ttp::attestation::EkRoot::every_host_each(vec![self_made_ca()]);
     let err = enroll(&mut host, &policy, "compute-1").unwrap_err();
     assert!(matches!(err, ttp::Error::EkUntrusted(_)), "{err}");
     assert_eq!(err.code(), "ek_untrusted");
@@ -156,7 +156,7 @@ fn ek_certificate_from_untrusted_ca_is_refused() {
 
     // Another swtpm's local CA is just as untrusted.
     let other = start_host();
-    policy.trusted_ek_roots = other.swtpm.ek_ca_certificates().unwrap();
+    policy.trusted_ek_roots = ttp::attestation::EkRoot::every_host_each(other.swtpm.ek_ca_certificates().unwrap());
     let err = enroll(&mut host, &policy, "compute-1").unwrap_err();
     assert!(matches!(err, ttp::Error::EkUntrusted(_)), "{err}");
 }

@@ -63,7 +63,9 @@ impl Lab {
         let selection = PcrSelection::default_host();
         let reference = host1.reference_state("compute-v1", &selection).await.unwrap();
         let policy = AttestationPolicy {
-            trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&trusted_ek_ca).unwrap(),
+            trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(
+                secure_component::swtpm::ca_certificates_der(&trusted_ek_ca).unwrap(),
+            ),
             ek_intermediates: Vec::new(),
             ek_crls: Vec::new(),
             reference_states: vec![reference],

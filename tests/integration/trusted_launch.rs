@@ -116,7 +116,9 @@ async fn scenario() {
     let host = LabHost::start(root, &pki, "host-1", &ek_ca, &ttp_url).unwrap();
     let selection = PcrSelection::default_host();
     let policy = AttestationPolicy {
-        trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(
+            secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        ),
         ek_intermediates: Vec::new(),
         ek_crls: Vec::new(),
         reference_states: vec![host.reference_state("compute-v1", &selection).await.unwrap()],

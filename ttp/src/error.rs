@@ -29,6 +29,11 @@ pub enum Error {
     /// extensions are wrong (403 `ek_untrusted`; docs/TPM.md "EK certificate checks").
     #[error("EK certificate is not trusted: {0}")]
     EkUntrusted(String),
+    /// The EK certificate chains only to an EK CA the attestation policy trusts for other
+    /// hosts (a partner cloud's vendor root limited to named hosts: 403
+    /// `ek_root_not_for_host`; docs/PKI.md "A partner cloud's host").
+    #[error("EK certificate is not trusted for this host: {0}")]
+    EkRootNotForHost(String),
     /// The EK public area is not the default EK template with the certificate's key
     /// (403 `ek_mismatch`).
     #[error("EK public key does not match the EK certificate: {0}")]
@@ -222,6 +227,7 @@ impl Error {
             Error::BadRequest(_) => Refusal::BadRequest,
             Error::Forbidden { .. } => Refusal::Forbidden,
             Error::EkUntrusted(_) => Refusal::EkUntrusted,
+            Error::EkRootNotForHost(_) => Refusal::EkRootNotForHost,
             Error::EkMismatch(_) => Refusal::EkMismatch,
             Error::CredentialFailed(_) => Refusal::CredentialFailed,
             Error::BindingKeyInvalid(_) => Refusal::BindingKeyInvalid,

@@ -36,7 +36,7 @@ fn record_attested_host() {
     let values = tpm.read_pcrs(&selection).expect("PCR read");
     let state = attestation::reference_state_from_values(REFERENCE_STATE, &selection, &values).expect("state");
     let policy = AttestationPolicy {
-        trusted_ek_roots: swtpm.ek_ca_certificates().expect("EK CA"),
+        trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(swtpm.ek_ca_certificates().expect("EK CA")),
         reference_states: vec![state.clone()],
         ..Default::default()
     };

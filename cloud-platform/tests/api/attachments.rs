@@ -111,6 +111,7 @@ async fn lab_with_compute_1() -> (Lab, Compute) {
         region: None,
         volume_root: None,
         limits: Default::default(),
+        partners: Vec::new(),
     };
     let (agent, agent_tls) = service::build(&sc_config).unwrap();
     let server = Compute::serve(agent.clone(), agent_tls.clone()).await;
@@ -119,7 +120,9 @@ async fn lab_with_compute_1() -> (Lab, Compute) {
     let selection = sc_config.pcr_selection.clone();
     let pcr_values = agent.attested_host().tpm.run(move |tpm| tpm.read_pcrs(&selection)).await.unwrap();
     let policy = AttestationPolicy {
-        trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(
+            secure_component::swtpm::ca_certificates_der(&ek_ca).unwrap(),
+        ),
         ek_intermediates: Vec::new(),
         ek_crls: Vec::new(),
         reference_states: vec![ttp::attestation::ReferenceState {

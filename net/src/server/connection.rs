@@ -52,6 +52,16 @@ impl Connection {
             _ = shutdown.cancelled() => return,
         };
         drop(handshake_slot);
+        // The verified chain as the client sent it (leaf first), for handlers that decide by
+        // the trusted root a caller chains to (the secure component's partner clouds).
+        let chain = super::PeerCertificates(
+            tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| Arc::from(c.to_vec()))
+                .unwrap_or_else(|| Arc::from(Vec::new())),
+        );
 
         let (admission, log) = self.limits.admit(&identity);
         let cap = self.options.max_connections_per_identity;
@@ -70,6 +80,7 @@ impl Connection {
         let svc = {
             let (activity, limits, router) = (activity.clone(), self.limits.clone(), self.router.clone());
             let identity = identity.clone();
+            let chain = chain.clone();
             tower::service_fn(move |mut req: Request<Incoming>| {
                 let busy = activity.begin();
                 let refusal = if refusing {
@@ -87,6 +98,7 @@ impl Connection {
                     }
                 };
                 req.extensions_mut().insert(identity.clone());
+                req.extensions_mut().insert(chain.clone());
                 req.extensions_mut().insert(ConnectInfo(peer));
                 let router = router.clone();
                 async move {

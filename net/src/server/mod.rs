@@ -3,7 +3,8 @@
 //! Each accepted TCP connection gets its own task: TLS 1.3 handshake (bounded in time), then
 //! HTTP/1.1 or HTTP/2 (hyper-util auto) serving the axum router. The verified peer
 //! [`Identity`](crate::Identity) and the peer address (`ConnectInfo<SocketAddr>`) are put into every request's
-//! extensions, so handlers take `Extension<Identity>`. A failed handshake is logged with the
+//! extensions, so handlers take `Extension<Identity>`; so is the certificate chain the peer
+//! presented ([`PeerCertificates`]), for a handler that decides by the trusted root it chains to. A failed handshake is logged with the
 //! peer address and the reason, and the loop goes on.
 //!
 //! Connection hygiene (see [`ServeOptions`] for the limits and their defaults), so that one
@@ -42,3 +43,9 @@ pub use options::ServeOptions;
 pub use tls_reload::{ServerTls, TlsReload};
 
 pub(crate) use tls_reload::tls_files_stamp;
+
+/// The certificate chain a TLS peer presented (DER, its own certificate first), already
+/// verified by the handshake; in every request's extensions beside the
+/// [`Identity`](crate::Identity).
+#[derive(Debug, Clone)]
+pub struct PeerCertificates(pub std::sync::Arc<[rustls::pki_types::CertificateDer<'static>]>);

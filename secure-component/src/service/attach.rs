@@ -11,6 +11,7 @@ use protocol::secret::SecretBytes;
 use serde::Serialize;
 
 use super::backend::{mapping_name, MappingState};
+use super::clouds::Cloud;
 use super::integrity;
 use super::records::AttachmentRecord;
 use super::{check_attachment_id, unix_now, AttachmentService, TIMINGS_KEPT};
@@ -92,13 +93,29 @@ impl AttachmentService {
         self.attach_timed(request).await.map(|(a, _)| a)
     }
 
+    /// [`AttachmentService::attach`] for the cloud platform of `cloud` (its TTP releases the
+    /// key, its `volume_root` holds the volume; docs/PKI.md "A partner cloud's host").
+    pub async fn attach_for(self: &Arc<Self>, cloud: &Cloud, request: AgentAttachRequest) -> Result<AgentAttachment> {
+        self.attach_timed_for(cloud, request).await.map(|(a, _)| a)
+    }
+
     /// [`AttachmentService::attach`] that also returns where the time went (docs/PERFORMANCE.md,
     /// "Attach latency").
     pub async fn attach_timed(
         self: &Arc<Self>,
         request: AgentAttachRequest,
     ) -> Result<(AgentAttachment, AttachTimings)> {
+        self.attach_timed_for(&Cloud::Home, request).await
+    }
+
+    /// [`AttachmentService::attach_timed`] for the cloud platform of `cloud`.
+    pub async fn attach_timed_for(
+        self: &Arc<Self>,
+        cloud: &Cloud,
+        request: AgentAttachRequest,
+    ) -> Result<(AgentAttachment, AttachTimings)> {
         let started = Instant::now();
+        let host = self.host_for(cloud)?;
         check_attachment_id(&request.attachment_id)?;
         protocol::domain::validate_name("VM id", &request.vm_id).map_err(|e| Error::BadRequest(e.to_string()))?;
         let (descriptor, _) = request
@@ -153,15 +170,14 @@ impl AttachmentService {
         // checked before any key is asked for: otherwise a cloud platform could have the key
         // of a domain released and the volume opened (and formatted) at any path on this host.
         let (path, expected) = (PathBuf::from(&request.volume_path), request.header.encode());
-        let volume_root = self.config().volume_root.clone();
+        let volume_root = self.volume_root_for(cloud)?.map(Path::to_path_buf);
         tokio::task::spawn_blocking(move || check_volume_header(&path, volume_root.as_deref(), &expected))
             .await
             .map_err(|e| Error::Volume(format!("volume header check failed: {e}")))??;
 
         // The image this host launched the VM from, if it did: the TTP may require it.
         let launched_image = self.launcher.as_ref().and_then(|l| l.image_of(&request.vm_id));
-        let obtained = self
-            .host
+        let obtained = host
             .obtain_key(&KeyRequest {
                 header: &request.header,
                 grant: &request.grant,
@@ -203,10 +219,10 @@ impl AttachmentService {
                 domain_id: domain_id.clone(),
                 anchor: integrity::anchor_of(&release)?,
                 authority: Arc::new(integrity::TtpAuthority {
-                    ttp: self.host.ttp.clone(),
+                    ttp: host.ttp.clone(),
                     runtime: tokio::runtime::Handle::current(),
                     domain_id: domain_id.clone(),
-                    host_id: self.host.host_id.clone(),
+                    host_id: host.host_id.clone(),
                     vm_id: request.vm_id.clone(),
                 }),
             }),
@@ -229,6 +245,7 @@ impl AttachmentService {
             attached_at: unix_now(),
             pid: std::process::id(),
             interrupted: None,
+            partner: cloud.partner_name().map(str::to_string),
         };
         let (record, timings) = tokio::task::spawn_blocking(move || {
             let opened = this.open_and_attach(record, xts_key, integrity, timings);

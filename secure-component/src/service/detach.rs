@@ -6,6 +6,7 @@ use std::sync::Arc;
 use protocol::cloud::AgentAttachment;
 
 use super::backend::{Backend, MappingState};
+use super::clouds::Cloud;
 use super::records::AttachmentRecord;
 use super::{check_attachment_id, unix_now, AttachmentService};
 use crate::error::{Error, Result};
@@ -13,10 +14,24 @@ use crate::error::{Error, Result};
 impl AttachmentService {
     /// Detaches and closes attachment `id`, stale or not, and removes its record.
     pub async fn detach(self: &Arc<Self>, attachment_id: &str) -> Result<AgentAttachment> {
+        self.detach_checked(None, attachment_id).await
+    }
+
+    /// [`AttachmentService::detach`] asked by the cloud platform of `cloud`: another cloud's
+    /// attachment is unknown to it (`attachment_unknown`), so one cloud's reconciliation never
+    /// tears down what another cloud attached on this host.
+    pub async fn detach_for(self: &Arc<Self>, cloud: &Cloud, attachment_id: &str) -> Result<AgentAttachment> {
+        self.detach_checked(Some(cloud), attachment_id).await
+    }
+
+    async fn detach_checked(self: &Arc<Self>, cloud: Option<&Cloud>, attachment_id: &str) -> Result<AgentAttachment> {
         check_attachment_id(attachment_id)?;
         let _reservation = self.reserve(vec![format!("attachment {attachment_id}")])?;
-        let record =
-            self.records.load(attachment_id)?.ok_or_else(|| Error::AttachmentUnknown(attachment_id.to_string()))?;
+        let record = self
+            .records
+            .load(attachment_id)?
+            .filter(|record| cloud.is_none_or(|cloud| Cloud::of_record(record.partner.as_deref()) == *cloud))
+            .ok_or_else(|| Error::AttachmentUnknown(attachment_id.to_string()))?;
         let _mapping = self.reserve(vec![format!("mapping {}", record.mapping)])?;
         let this = self.clone();
         let record = tokio::task::spawn_blocking(move || this.detach_blocking(record))

@@ -8,12 +8,12 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
-use net::{ApiError, Identity, Role};
+use net::{ApiError, Identity, PeerCertificates, Role};
 use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList};
 use protocol::refusal::Refusal;
 use serde::Serialize;
 
-use super::AttachmentService;
+use super::{AttachmentService, Cloud};
 use crate::error::Error;
 use crate::launch::{LaunchRequest, LaunchedVm};
 
@@ -64,6 +64,27 @@ pub fn api_error(error: Error) -> ApiError {
     ApiError::new(status, &code, message)
 }
 
+/// The cloud `caller` is the cloud platform of (home or a `[[partner]]`); refused
+/// otherwise with 403 `forbidden`.
+fn cloud_of(service: &AttachmentService, caller: &Identity, chain: &PeerCertificates) -> Result<Cloud, ApiError> {
+    require_cloud_platform(caller)?;
+    service.cloud_of(caller, &chain.0).map_err(api_error)
+}
+
+/// Trusted launch serves the home cloud only: a partner's cloud platform places VMs its own
+/// cloud runs on this host, it does not start processes here.
+fn require_home(service: &AttachmentService, caller: &Identity, chain: &PeerCertificates) -> Result<(), ApiError> {
+    match cloud_of(service, caller, chain)? {
+        Cloud::Home => Ok(()),
+        Cloud::Partner(name) => Err(ApiError::refused(
+            Refusal::Forbidden,
+            format!(
+                "{caller} is the cloud platform of partner {name:?}; only the home cloud platform launches VMs here"
+            ),
+        )),
+    }
+}
+
 /// Only the cloud platform calls the agent (the TLS configuration already refuses any other
 /// role; this keeps a misconfiguration from opening it up).
 fn require_cloud_platform(caller: &Identity) -> Result<(), ApiError> {
@@ -80,21 +101,27 @@ fn require_cloud_platform(caller: &Identity) -> Result<(), ApiError> {
 async fn attach(
     State(service): State<Arc<AttachmentService>>,
     Extension(caller): Extension<Identity>,
+    Extension(chain): Extension<PeerCertificates>,
     body: Result<Json<AgentAttachRequest>, JsonRejection>,
 ) -> Result<Json<AgentAttachment>, ApiError> {
-    require_cloud_platform(&caller)?;
+    let cloud = cloud_of(&service, &caller, &chain)?;
     let Json(request) = body.map_err(|r| ApiError::rejected_body(r.status(), r.body_text()))?;
-    tracing::info!(caller = %caller, attachment = %request.attachment_id, vm = %request.vm_id, mode = %request.mode, "attach requested");
-    net::run_to_completion("attach", async move { service.attach(request).await.map(Json).map_err(api_error) }).await
+    tracing::info!(caller = %caller, ttp = cloud.ttp_name(), attachment = %request.attachment_id, vm = %request.vm_id, mode = %request.mode, "attach requested");
+    net::run_to_completion(
+        "attach",
+        async move { service.attach_for(&cloud, request).await.map(Json).map_err(api_error) },
+    )
+    .await
 }
 
 async fn list(
     State(service): State<Arc<AttachmentService>>,
     Extension(caller): Extension<Identity>,
+    Extension(chain): Extension<PeerCertificates>,
 ) -> Result<Json<AgentAttachmentList>, ApiError> {
-    require_cloud_platform(&caller)?;
+    let cloud = cloud_of(&service, &caller, &chain)?;
     let work = service.clone();
-    match tokio::task::spawn_blocking(move || work.list()).await {
+    match tokio::task::spawn_blocking(move || work.list_for(&cloud)).await {
         Ok(Ok(list)) => Ok(Json(list)),
         Ok(Err(e)) => Err(api_error(e)),
         Err(join) => Err(ApiError::refused(Refusal::Internal, format!("list failed: {join}"))),
@@ -104,12 +131,15 @@ async fn list(
 async fn detach(
     State(service): State<Arc<AttachmentService>>,
     Extension(caller): Extension<Identity>,
+    Extension(chain): Extension<PeerCertificates>,
     Path(attachment_id): Path<String>,
 ) -> Result<Json<AgentAttachment>, ApiError> {
-    require_cloud_platform(&caller)?;
-    tracing::info!(caller = %caller, attachment = %attachment_id, "detach requested");
-    net::run_to_completion("detach", async move { service.detach(&attachment_id).await.map(Json).map_err(api_error) })
-        .await
+    let cloud = cloud_of(&service, &caller, &chain)?;
+    tracing::info!(caller = %caller, ttp = cloud.ttp_name(), attachment = %attachment_id, "detach requested");
+    net::run_to_completion("detach", async move {
+        service.detach_for(&cloud, &attachment_id).await.map(Json).map_err(api_error)
+    })
+    .await
 }
 
 /// Runs blocking launcher work off the async workers (a launch hashes the whole image).
@@ -128,9 +158,10 @@ async fn with_launcher<T: Send + 'static>(
 async fn launch_vm(
     State(service): State<Arc<AttachmentService>>,
     Extension(caller): Extension<Identity>,
+    Extension(chain): Extension<PeerCertificates>,
     body: Result<Json<LaunchRequest>, JsonRejection>,
 ) -> Result<Json<LaunchedVm>, ApiError> {
-    require_cloud_platform(&caller)?;
+    require_home(&service, &caller, &chain)?;
     let Json(request) = body.map_err(|r| ApiError::rejected_body(r.status(), r.body_text()))?;
     tracing::info!(caller = %caller, vm = %request.vm_id, image = %request.image.display(), "launch requested");
     with_launcher(service, "launch", move |launcher| launcher.launch(&request)).await.map(Json)
@@ -139,17 +170,19 @@ async fn launch_vm(
 async fn list_vms(
     State(service): State<Arc<AttachmentService>>,
     Extension(caller): Extension<Identity>,
+    Extension(chain): Extension<PeerCertificates>,
 ) -> Result<Json<Vec<LaunchedVm>>, ApiError> {
-    require_cloud_platform(&caller)?;
+    require_home(&service, &caller, &chain)?;
     with_launcher(service, "list VMs", |launcher| Ok(launcher.list())).await.map(Json)
 }
 
 async fn stop_vm(
     State(service): State<Arc<AttachmentService>>,
     Extension(caller): Extension<Identity>,
+    Extension(chain): Extension<PeerCertificates>,
     Path(vm_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    require_cloud_platform(&caller)?;
+    require_home(&service, &caller, &chain)?;
     tracing::info!(caller = %caller, vm = %vm_id, "VM stop requested");
     with_launcher(service, "stop", move |launcher| launcher.stop(&vm_id)).await.map(|()| StatusCode::NO_CONTENT)
 }

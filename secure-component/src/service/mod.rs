@@ -16,12 +16,14 @@
 //! with the reason, and `DELETE` tears down whatever is left. It is not re-attached
 //! automatically: that needs a fresh key release, hence a fresh grant from a domain manager.
 //!
-//! Modules by step: [`startup`] builds and serves the agent, `attach` and `detach` are the
-//! two flows, `status` cross-checks records with the backend and the driver, [`backend`]
-//! wraps the volume backend in use, and a reservation keeps two requests off one
-//! attachment or mapping at a time.
+//! Modules by step: [`startup`] builds and serves the agent, [`clouds`] tells which cloud
+//! (home or a `[[partner]]`) a request is for and keeps the enrollment of each TTP, `attach`
+//! and `detach` are the two flows, `status` cross-checks records with the backend and the
+//! driver, [`backend`] wraps the volume backend in use, and a reservation keeps two requests
+//! off one attachment or mapping at a time.
 
 pub mod backend;
+pub mod clouds;
 pub mod http;
 pub mod records;
 pub mod startup;
@@ -41,6 +43,7 @@ use crate::host::{AttestedHost, EnrollmentResult};
 use crate::hypervisor::HypervisorDriver;
 pub use attach::AttachTimings;
 pub use backend::{mapping_name, Backend, MappingState};
+pub use clouds::{Cloud, EnrollmentRecord};
 use records::RecordStore;
 pub use startup::{build, load_and_build, serve};
 
@@ -51,7 +54,12 @@ const TIMINGS_KEPT: usize = 1000;
 /// attachment records.
 pub struct AttachmentService {
     config: AgentConfig,
+    /// This host as the home TTP sees it.
     host: AttestedHost,
+    /// The partner clouds this host also serves (`[[partner]]`), each with its TTP.
+    partners: Vec<clouds::PartnerTtp>,
+    /// The home cloud's roots, when partners are configured.
+    home_roots: clouds::HomeRoots,
     backend: Backend,
     driver: Box<dyn HypervisorDriver>,
     records: RecordStore,
@@ -68,7 +76,8 @@ impl AttachmentService {
         &self.config
     }
 
-    /// This host as the TTP sees it (host id, TPM worker, TTP client).
+    /// This host as the home TTP sees it (host id, TPM worker, TTP client);
+    /// [`AttachmentService::host_for`] for a partner's.
     pub fn attested_host(&self) -> &AttestedHost {
         &self.host
     }
@@ -90,9 +99,11 @@ impl AttachmentService {
         self.driver.kind()
     }
 
-    /// Enrolls this host's TPM with the TTP, binding to the configured PCR selection.
+    /// Enrolls this host's TPM with the home TTP with fresh keys, binding to the configured
+    /// PCR selection (partners' TTPs must be enrolled again afterwards:
+    /// [`AttachmentService::enroll_everywhere`] does both).
     pub async fn enroll(&self) -> Result<EnrollmentResult> {
-        self.host.enroll_in_region(&self.config.pcr_selection, self.config.region.as_deref()).await
+        self.enroll_with(crate::config::HOME_TTP, crate::host::EnrollmentKeys::Fresh).await
     }
 
     /// The timings of the most recent attaches (oldest first), for measurements.

@@ -44,6 +44,11 @@ pub struct AttachmentRecord {
     /// Set when the agent stopped and had to end the mapping (userspace engine): why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupted: Option<String>,
+    /// The partner cloud (`[[partner]]` name) whose cloud platform attached it and whose TTP
+    /// released its key; absent for the home cloud. Only that cloud platform lists and
+    /// detaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<String>,
 }
 
 /// The records directory.
@@ -146,6 +151,7 @@ mod tests {
             attached_at: 1,
             pid: 42,
             interrupted: None,
+            partner: Some("cloud-a".into()),
         };
         store.save(&record).unwrap();
         assert_eq!(store.load("att-1").unwrap(), Some(record.clone()));

@@ -8,6 +8,7 @@ use net::{Role, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::Backend;
+use super::clouds::{HomeRoots, PartnerTtp};
 use super::records::RecordStore;
 use super::{http, AttachmentService};
 use crate::config::{AgentConfig, BackendChoice, HypervisorChoice};
@@ -57,9 +58,9 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
         }
     };
     let server_tls = tls_files.server_tls(&[Role::CloudPlatform]).map_err(|e| Error::Config(format!("TLS: {e}")))?;
-    // Follows the TLS files: a revoked TTP certificate is refused within 2 s, without a restart.
-    let ttp = net::Client::from_files(&config.ttp_url, &tls_files, Role::Ttp, std::time::Duration::from_secs(30))
-        .map_err(|e| Error::Config(format!("TTP client for {}: {e}", config.ttp_url)))?;
+    // Each TTP's client trusts only its own cloud's roots (all of them without partners).
+    let home_files = TlsFiles { ca: config.home_roots().cloned().collect(), ..tls_files.clone() };
+    let ttp = ttp_client(&config.ttp_url, &home_files)?;
 
     let backend = match config.backend {
         BackendChoice::DmCrypt => Backend::DmCrypt(DmCryptBackend::new()?),
@@ -100,9 +101,12 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
     let records = RecordStore::open(config.records_dir())?;
     let launcher = crate::launch::Launcher::from_config(config, &material)?;
     let tpm = TpmWorker::start(&config.tcti, config.tpm_state_dir())?;
+    let (partners, home_roots) = partner_ttps(config, &material, &tls_files, &host_id, &tpm)?;
     let service = AttachmentService {
         config: config.clone(),
         host: AttestedHost { host_id, tpm, ttp },
+        partners,
+        home_roots,
         backend,
         driver,
         records,
@@ -112,6 +116,69 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
     };
     service.report_startup();
     Ok((Arc::new(service), server_tls))
+}
+
+/// A TTP client that follows the TLS files: a revoked TTP certificate is refused within
+/// 2 s, without a restart.
+fn ttp_client(url: &str, files: &TlsFiles) -> Result<net::Client> {
+    net::Client::from_files(url, files, Role::Ttp, std::time::Duration::from_secs(30))
+        .map_err(|e| Error::Config(format!("TTP client for {url}: {e}")))
+}
+
+/// Each `[[partner]]` as served: this host at the partner's TTP (the same TPM, a client
+/// trusting only the partner's root) and the check "chains to the partner's root"; and the
+/// home roots' check, needed only beside partners. The roots are read once, at start.
+fn partner_ttps(
+    config: &AgentConfig,
+    material: &net::TlsMaterial,
+    tls_files: &TlsFiles,
+    host_id: &str,
+    tpm: &TpmWorker,
+) -> Result<(Vec<PartnerTtp>, HomeRoots)> {
+    if config.partners.is_empty() {
+        return Ok((Vec::new(), None));
+    }
+    let verifier = |roots: Vec<protocol::pki::TrustedRoot>| {
+        protocol::pki::client_cert_verifier(&roots, &[]).map_err(|e| Error::Config(format!("trusted roots: {e}")))
+    };
+    let roots_where = |wanted: &dyn Fn(&std::path::Path) -> bool| -> Vec<protocol::pki::TrustedRoot> {
+        config
+            .ca
+            .iter()
+            .zip(&material.trusted_roots)
+            .filter(|(file, _)| wanted(file.path()))
+            .map(|(_, r)| r.clone())
+            .collect()
+    };
+    let mut partners = Vec::new();
+    for partner in &config.partners {
+        let root_file = config.ca.iter().filter(|root| root.path() == partner.ca).cloned().collect();
+        let files = TlsFiles { ca: root_file, ..tls_files.clone() };
+        if let Some(root) = &partner.volume_root {
+            if !root.is_dir() {
+                return Err(Error::Config(format!(
+                    "partner {:?}: volume_root {} is not a directory",
+                    partner.name,
+                    root.display()
+                )));
+            }
+        } else {
+            tracing::warn!(partner = %partner.name, "no volume_root for this partner: its cloud platform may name any volume path");
+        }
+        partners.push(PartnerTtp {
+            config: partner.clone(),
+            host: AttestedHost {
+                host_id: host_id.to_string(),
+                tpm: tpm.clone(),
+                ttp: ttp_client(&partner.ttp_url, &files)?,
+            },
+            root: verifier(roots_where(&|path| path == partner.ca))?,
+        });
+        tracing::info!(partner = %partner.name, cloud_platform = %partner.cloud_platform, ttp = %partner.ttp_url,
+            "serving a partner cloud: its cloud platform's attaches are keyed by its TTP");
+    }
+    let home = verifier(roots_where(&|path| !config.partners.iter().any(|p| p.ca == path)))?;
+    Ok((partners, Some(home)))
 }
 
 /// Serves the agent API on `listener` until `shutdown` is cancelled.

@@ -6,6 +6,7 @@ use protocol::cloud::{AgentAttachment, AgentAttachmentList};
 
 use super::attach::mode_of;
 use super::backend::{Backend, MappingState};
+use super::clouds::Cloud;
 use super::records::AttachmentRecord;
 use super::AttachmentService;
 use crate::error::Result;
@@ -18,6 +19,18 @@ impl AttachmentService {
         let mut attachments = Vec::new();
         for record in self.records.list()? {
             attachments.push(self.view(&record)?);
+        }
+        Ok(AgentAttachmentList { attachments })
+    }
+
+    /// [`AttachmentService::list`] for the cloud platform of `cloud`: only the attachments
+    /// it made (the others are another cloud's business).
+    pub fn list_for(&self, cloud: &Cloud) -> Result<AgentAttachmentList> {
+        let mut attachments = Vec::new();
+        for record in self.records.list()? {
+            if Cloud::of_record(record.partner.as_deref()) == *cloud {
+                attachments.push(self.view(&record)?);
+            }
         }
         Ok(AgentAttachmentList { attachments })
     }

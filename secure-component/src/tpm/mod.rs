@@ -110,12 +110,6 @@ impl HostTpm {
     /// of `selection`, stores them, and describes them for the TTP.
     pub fn enrollment_request(&mut self, host_id: &str, selection: &PcrSelection) -> Result<EnrollmentRequest> {
         checked_indices(selection)?;
-        let ek_certificate = self.ek_certificate()?;
-        let ek_public = self.with_ek(|ctx, ek| {
-            let (public, _, _) = ctx.read_public(ek).map_err(|e| Error::tpm("ReadPublic(EK)", e))?;
-            Ok(public)
-        })?;
-
         let policy = self.pcr_policy_digest(selection)?;
         let ak_template = ak_template()?;
         let binding_template = binding_template(policy)?;
@@ -137,16 +131,60 @@ impl HostTpm {
         let stored = serde_json::to_vec(&StoredSelection { selection: selection.clone() })
             .map_err(|e| Error::Config(format!("encoding the PCR selection: {e}")))?;
         self.write_state(BINDING_SELECTION, &stored)?;
+        self.describe_enrollment(host_id, selection, &ak.public, &binding.public)
+    }
 
+    /// The enrollment request for the TTP: this TPM's EK certificate and public, and the AK
+    /// and binding key publics.
+    fn describe_enrollment(
+        &mut self,
+        host_id: &str,
+        selection: &PcrSelection,
+        ak: &Public,
+        binding: &Public,
+    ) -> Result<EnrollmentRequest> {
+        let ek_certificate = self.ek_certificate()?;
+        let ek_public = self.with_ek(|ctx, ek| {
+            let (public, _, _) = ctx.read_public(ek).map_err(|e| Error::tpm("ReadPublic(EK)", e))?;
+            Ok(public)
+        })?;
         Ok(EnrollmentRequest {
             host_id: host_id.to_string(),
             ek_certificate,
             ek_public: marshall(&ek_public, "EK public")?,
-            ak_public: marshall(&ak.public, "AK public")?,
-            binding_public: marshall(&binding.public, "binding key public")?,
+            ak_public: marshall(ak, "AK public")?,
+            binding_public: marshall(binding, "binding key public")?,
             pcr_selection: selection.clone(),
             region: None,
         })
+    }
+
+    /// Enrollment step 1 with the AK and binding key already stored (another TTP of a
+    /// host that serves partner clouds enrolled them: one TPM, one set of keys), when they
+    /// fit: bound to `selection` and to the values its PCRs hold now. `None` when there are
+    /// none or they do not fit (then [`HostTpm::enrollment_request`] makes fresh ones).
+    pub fn enrollment_request_with_stored_keys(
+        &mut self,
+        host_id: &str,
+        selection: &PcrSelection,
+    ) -> Result<Option<EnrollmentRequest>> {
+        checked_indices(selection)?;
+        if !self.is_enrolled() {
+            return Ok(None);
+        }
+        let stored = self.binding_selection()?;
+        if stored.bank != selection.bank || stored.normalized_indices() != selection.normalized_indices() {
+            return Ok(None);
+        }
+        let ak = self.read_key(AK_PUBLIC, AK_PRIVATE)?;
+        let binding = self.read_key(BINDING_PUBLIC, BINDING_PRIVATE)?;
+        let Public::Rsa { auth_policy, .. } = &binding.public else {
+            return Ok(None);
+        };
+        if auth_policy.value() != self.pcr_policy_digest(selection)?.as_slice() {
+            return Ok(None);
+        }
+        self.describe_enrollment(host_id, selection, &ak.public, &binding.public).map(Some)
     }
 
     /// Enrollment step 3a: TPM2_ActivateCredential with the AK and the EK (authorized by a

@@ -46,7 +46,9 @@ impl PinLab {
 
     fn policy(&self, reference_states: Vec<ttp::attestation::ReferenceState>) -> ttp::attestation::AttestationPolicy {
         ttp::attestation::AttestationPolicy {
-            trusted_ek_roots: secure_component::swtpm::ca_certificates_der(&self.vendor_ca).unwrap(),
+            trusted_ek_roots: ttp::attestation::EkRoot::every_host_each(
+                secure_component::swtpm::ca_certificates_der(&self.vendor_ca).unwrap(),
+            ),
             reference_states,
             ..Default::default()
         }

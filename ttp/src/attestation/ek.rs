@@ -27,22 +27,64 @@ const OID_TCG_TPM_MANUFACTURER: &str = "2.23.133.2.1";
 const OID_TCG_TPM_MODEL: &str = "2.23.133.2.2";
 const OID_TCG_TPM_VERSION: &str = "2.23.133.2.3";
 
-/// Verifies the EK certificate chains to a trusted root, and handles the TCG-specific
-/// extensions deliberately: the critical subjectAltName must be a directoryName naming the
-/// TPM (manufacturer, model, version), keyUsage must allow keyEncipherment, an
-/// extendedKeyUsage (if present) must be tcg-kp-EKCertificate, and any other critical
-/// extension is refused. Returns a description of the TPM.
-pub fn verify_ek_certificate(policy: &AttestationPolicy, certificate_der: &[u8]) -> Result<String> {
+/// Verifies the EK certificate of `host_id` chains to a trusted root that may vouch for that
+/// host (a root limited to named hosts, [`EkRoot::hosts`](super::EkRoot), vouches for no
+/// other: `ek_root_not_for_host`), and handles the TCG-specific extensions deliberately: the
+/// critical subjectAltName must be a directoryName naming the TPM (manufacturer, model,
+/// version), keyUsage must allow keyEncipherment, an extendedKeyUsage (if present) must be
+/// tcg-kp-EKCertificate, and any other critical extension is refused. Returns a description
+/// of the TPM.
+pub fn verify_ek_certificate(policy: &AttestationPolicy, certificate_der: &[u8], host_id: &str) -> Result<String> {
     let certificate = X509::from_der(certificate_der)
         .map_err(|e| Error::EkUntrusted(format!("the EK certificate is not DER X.509: {e}")))?;
     if policy.trusted_ek_roots.is_empty() {
         return Err(Error::EkUntrusted("the attestation policy trusts no EK CA (trusted_ek_roots is empty)".into()));
     }
+    let for_this_host: Vec<_> = policy.trusted_ek_roots.iter().filter(|root| root.vouches_for(host_id)).collect();
+    let (verified, error, chain) = verify_chain(policy, &for_this_host, &certificate)?;
+    let issuer = name_text(certificate.issuer_name());
+    if !verified {
+        // Does it chain to a root this host may not use? Say so rather than "untrusted".
+        if for_this_host.len() < policy.trusted_ek_roots.len() {
+            let all: Vec<_> = policy.trusted_ek_roots.iter().collect();
+            if let (true, _, chain) = verify_chain(policy, &all, &certificate)? {
+                let anchor = chain.last().map(|root| name_text(root.subject_name())).unwrap_or_default();
+                let anchor_der = chain.last().and_then(|root| root.to_der().ok()).unwrap_or_default();
+                let hosts = policy
+                    .trusted_ek_roots
+                    .iter()
+                    .find(|root| root.certificate == anchor_der)
+                    .and_then(|root| root.hosts.clone())
+                    .unwrap_or_default();
+                return Err(Error::EkRootNotForHost(format!(
+                    "the EK certificate of host {host_id} issued by '{issuer}' chains only to EK CA '{anchor}', which the \
+                     attestation policy trusts for host(s) {} only",
+                    hosts.join(", ")
+                )));
+            }
+        }
+        return Err(Error::EkUntrusted(format!(
+            "the EK certificate issued by '{issuer}' does not chain to a trusted EK CA: {}",
+            error.error_string()
+        )));
+    }
+    check_ek_revocation(policy, &chain)?;
+    check_ek_extensions(certificate_der)
+}
+
+/// OpenSSL's chain verification of `certificate` to `roots` (with the policy's
+/// intermediates): whether it verified, the error if not, and the verified chain (EK first,
+/// root last).
+fn verify_chain(
+    policy: &AttestationPolicy,
+    roots: &[&super::EkRoot],
+    certificate: &X509,
+) -> Result<(bool, openssl::x509::X509VerifyResult, Vec<X509>)> {
     let mut store = X509StoreBuilder::new().map_err(|e| Error::Config(format!("X509 store: {e}")))?;
-    for (i, root) in policy.trusted_ek_roots.iter().enumerate() {
-        let root =
-            X509::from_der(root).map_err(|e| Error::Config(format!("trusted_ek_roots[{i}] is not DER X.509: {e}")))?;
-        store.add_cert(root).map_err(|e| Error::Config(format!("trusted_ek_roots[{i}]: {e}")))?;
+    for (i, root) in roots.iter().enumerate() {
+        let root = X509::from_der(&root.certificate)
+            .map_err(|e| Error::Config(format!("trusted EK CA {i} is not DER X.509: {e}")))?;
+        store.add_cert(root).map_err(|e| Error::Config(format!("trusted EK CA {i}: {e}")))?;
     }
     let store = store.build();
     let mut chain = Stack::new().map_err(|e| Error::Config(format!("X509 stack: {e}")))?;
@@ -52,23 +94,14 @@ pub fn verify_ek_certificate(policy: &AttestationPolicy, certificate_der: &[u8])
         chain.push(cert).map_err(|e| Error::Config(format!("ek_intermediates[{i}]: {e}")))?;
     }
     let mut context = X509StoreContext::new().map_err(|e| Error::Config(format!("X509 store context: {e}")))?;
-    let outcome = context
-        .init(&store, &certificate, &chain, |c| {
+    context
+        .init(&store, certificate, &chain, |c| {
             let ok = c.verify_cert()?;
             let verified: Vec<X509> =
                 c.chain().map(|chain| chain.iter().map(|cert| cert.to_owned()).collect()).unwrap_or_default();
             Ok((ok, c.error(), verified))
         })
-        .map_err(|e| Error::EkUntrusted(format!("verifying the EK certificate chain: {e}")))?;
-    let issuer = name_text(certificate.issuer_name());
-    if !outcome.0 {
-        return Err(Error::EkUntrusted(format!(
-            "the EK certificate issued by '{issuer}' does not chain to a trusted EK CA: {}",
-            outcome.1.error_string()
-        )));
-    }
-    check_ek_revocation(policy, &outcome.2)?;
-    check_ek_extensions(certificate_der)
+        .map_err(|e| Error::EkUntrusted(format!("verifying the EK certificate chain: {e}")))
 }
 
 /// Checks each certificate of the verified chain (EK first, root last) against the
@@ -259,5 +292,67 @@ mod tests {
         signing_only.digital_signature();
         let err = check_ek_extensions(&make(Some(signing_only))).unwrap_err();
         assert!(err.to_string().contains("keyEncipherment"), "{err}");
+    }
+
+    /// A CA and an EK-like certificate it issued (no TCG extensions: the chain is what counts).
+    fn ca_and_leaf() -> (Vec<u8>, Vec<u8>) {
+        use openssl::x509::extension::BasicConstraints;
+        use openssl::x509::X509NameBuilder;
+        let name = |cn: &str| {
+            let mut n = X509NameBuilder::new().unwrap();
+            n.append_entry_by_text("CN", cn).unwrap();
+            n.build()
+        };
+        let build = |subject: &str,
+                     issuer: &str,
+                     key: &PKey<openssl::pkey::Private>,
+                     signer: &PKey<openssl::pkey::Private>,
+                     ca: bool| {
+            let mut b = openssl::x509::X509Builder::new().unwrap();
+            b.set_version(2).unwrap();
+            b.set_subject_name(&name(subject)).unwrap();
+            b.set_issuer_name(&name(issuer)).unwrap();
+            b.set_pubkey(key).unwrap();
+            b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap()).unwrap();
+            b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap()).unwrap();
+            if ca {
+                b.append_extension(BasicConstraints::new().critical().ca().build().unwrap()).unwrap();
+            }
+            b.sign(signer, MessageDigest::sha256()).unwrap();
+            b.build().to_der().unwrap()
+        };
+        let ca_key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+        let leaf_key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+        (
+            build("Vendor B EK CA", "Vendor B EK CA", &ca_key, &ca_key, true),
+            build("ek", "Vendor B EK CA", &leaf_key, &ca_key, false),
+        )
+    }
+
+    /// docs/PKI.md "A partner cloud's host": an EK CA limited to named hosts vouches for those
+    /// only; another host whose EK chains only to it is refused with its own code, naming the
+    /// CA and its hosts. Listed plainly too, the CA vouches for every host.
+    #[test]
+    fn an_ek_root_limited_to_hosts_vouches_for_those_only() {
+        let (ca, leaf) = ca_and_leaf();
+        let limited = AttestationPolicy {
+            trusted_ek_roots: crate::attestation::EkRoot::only_for_each(vec![ca.clone()], &["b-compute-07"]),
+            ..Default::default()
+        };
+        let err = verify_ek_certificate(&limited, &leaf, "b-compute-08").unwrap_err();
+        assert_eq!(err.code(), "ek_root_not_for_host", "{err}");
+        assert!(err.to_string().contains("Vendor B EK CA") && err.to_string().contains("b-compute-07"), "{err}");
+        // The named host passes the chain (and then meets the TCG extension checks).
+        let err = verify_ek_certificate(&limited, &leaf, "b-compute-07").unwrap_err();
+        assert_eq!(err.code(), "ek_untrusted", "{err}");
+        assert!(err.to_string().contains("keyUsage"), "past the chain: {err}");
+        let mut both = limited.clone();
+        both.trusted_ek_roots.push(crate::attestation::EkRoot::every_host(ca));
+        let err = verify_ek_certificate(&both, &leaf, "b-compute-08").unwrap_err();
+        assert!(err.to_string().contains("keyUsage"), "a plainly listed CA vouches for every host: {err}");
+        // A certificate of no listed CA stays `ek_untrusted`.
+        let (_, stranger) = ca_and_leaf();
+        let err = verify_ek_certificate(&limited, &stranger, "b-compute-08").unwrap_err();
+        assert_eq!(err.code(), "ek_untrusted", "{err}");
     }
 }

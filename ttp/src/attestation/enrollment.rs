@@ -86,7 +86,7 @@ pub fn begin_enrollment(
     policy: &AttestationPolicy,
     request: &EnrollmentRequest,
 ) -> Result<(PendingEnrollment, CredentialChallenge)> {
-    let description = verify_ek_certificate(policy, &request.ek_certificate)?;
+    let description = verify_ek_certificate(policy, &request.ek_certificate, &request.host_id)?;
     let ek_key = check_ek_public(&request.ek_certificate, &request.ek_public)?;
     check_ak_public(&request.ak_public)?;
     check_not_resettable(&request.pcr_selection, "the enrollment's PCR selection")?;

@@ -29,7 +29,7 @@ mod seal;
 pub use ek::verify_ek_certificate;
 pub use enrollment::{begin_enrollment, finish_enrollment, HostRecord, PendingEnrollment};
 pub use pcr::{check_not_resettable, policy_pcr_digest};
-pub use policy::{reference_state_from_values, AttestationPolicy, ReferenceState};
+pub use policy::{reference_state_from_values, AttestationPolicy, EkRoot, ReferenceState};
 pub use quote::verify_quote;
 pub use seal::seal_key_to_host;
 
