@@ -128,7 +128,7 @@ impl CloudPlatform {
                 previous_registration: None,
             })
             .await?;
-        let header = HeaderRecord { descriptor: request.descriptor, registration: response.registration };
+        let header = HeaderRecord { descriptor: request.descriptor, registration: response.registration, rotation: None };
         let (volumes, id, size, h) =
             (self.volumes.clone(), descriptor.domain_id.clone(), request.size_bytes, header.clone());
         let volume_path = blocking(move || volumes.create(&id, size, &h)).await?;
@@ -262,7 +262,10 @@ impl CloudPlatform {
                 previous_registration: Some(current.record.registration.clone()),
             })
             .await?;
-        let header = HeaderRecord { descriptor: envelope, registration: response.registration };
+        // A rotation in progress goes on under the new version: its previous registration
+        // and progress are the volume's, not the descriptor's (docs/PROTOCOL.md "Key rotation").
+        let header =
+            HeaderRecord { descriptor: envelope, registration: response.registration, rotation: current.record.rotation };
         let (volumes, path, h) = (self.volumes.clone(), record.volume_path.clone(), header.clone());
         let (slot, seq) = blocking(move || volumes.update_header(&path, &h)).await.map_err(|e| {
             Error::Volume(format!(
