@@ -16,6 +16,7 @@ mod demo_story;
 mod federation;
 mod format2;
 mod interrupted_updates;
+mod key_rotation;
 mod key_hygiene;
 mod location;
 mod secure_component_agent;
