@@ -400,4 +400,65 @@ mod tests {
         let uses = ttp.store().master_key_use().unwrap();
         assert_eq!(uses, vec![crate::store::MasterKeyUse { version: 2, live_domains: 1, deleted_domains: 0 }]);
     }
+
+    /// A rotation registers the next key generation with a fresh r and the same version, on
+    /// the owner's signature only; a repeat from the same generation is answered (the cloud
+    /// platform stopped before the header), one from an older generation is stale, and an
+    /// update must then build on the new generation's registration.
+    #[test]
+    fn a_rotation_registers_the_next_key_generation_for_the_owner_only() {
+        use protocol::messages::{KeyRotation, RotateKeyRequest};
+        let ca = CertificateAuthority::generate("cloud-ca").unwrap();
+        let store: Arc<dyn TtpStore> = Arc::new(crate::store::SqlStore::in_memory().unwrap());
+        let ttp = Ttp::new(
+            SecretBytes::from_slice_wiping(&mut [7u8; 32]),
+            key_of(&ca, Role::Ttp, "ttp-1"),
+            vec![ca.0.clone()],
+            AttestationPolicy::default(),
+            store,
+        )
+        .unwrap();
+        let cp = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
+        let (alice, mallory) = (key_of(&ca, Role::DomainManager, "dm-alice"), key_of(&ca, Role::DomainManager, "dm-mallory"));
+        let v1 = Descriptor::new("dm-alice", Default::default(), vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }])
+            .unwrap();
+        let id = v1.domain_id.clone();
+        let request = RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, v1.encode().unwrap()),
+            previous_registration: None,
+        };
+        let first = ttp.register_domain(&cp, &request).unwrap().registration;
+        let rotate = |signer: &protocol::signing::SignatureKey, from: u64, current: &SignedEnvelope| {
+            let rotation = KeyRotation { domain_id: id.clone(), from_generation: from, requested_at: 1 };
+            let request = RotateKeyRequest {
+                rotation: signer.sign_envelope(SignatureContext::KeyRotation, rotation.encode()),
+                current_registration: current.clone(),
+            };
+            ttp.rotate_key(&cp, &id, &request)
+        };
+        let err = rotate(&mallory, 1, &first).unwrap_err();
+        assert_eq!(err.code(), "owner_mismatch", "{err}");
+        let second = rotate(&alice, 1, &first).unwrap().registration;
+        let (old, new) = (Registration::decode(&first.message).unwrap(), Registration::decode(&second.message).unwrap());
+        assert_eq!((new.key_generation, new.version, new.descriptor_hash), (2, old.version, old.descriptor_hash));
+        assert_ne!(new.nonce_r, old.nonce_r);
+        let repeat = Registration::decode(&rotate(&alice, 1, &first).unwrap().registration.message).unwrap();
+        assert_eq!(repeat.key_generation, 2, "a repeat registers generation 2 again");
+        let third = rotate(&alice, 2, &second).unwrap().registration;
+        let err = rotate(&alice, 1, &first).unwrap_err();
+        assert_eq!(err.code(), "version_rollback", "{err}");
+        assert!(err.to_string().contains("is stale"), "{err}");
+        assert_eq!(ttp.store().domain(&id).unwrap().unwrap().key_generation, 3);
+        // An update on the generation-1 registration is refused; on generation 3's it carries it.
+        let v2 = v1.next_version(|d| d.acl.clear()).unwrap();
+        let update = |previous: &SignedEnvelope| RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, v2.encode().unwrap()),
+            previous_registration: Some(previous.clone()),
+        };
+        let err = ttp.register_domain(&cp, &update(&first)).unwrap_err();
+        assert!(err.to_string().contains("key generation 1"), "{err}");
+        let updated = Registration::decode(&ttp.register_domain(&cp, &update(&third)).unwrap().registration.message).unwrap();
+        assert_eq!((updated.version, updated.key_generation), (2, 3));
+        assert_eq!(updated.nonce_r, Registration::decode(&third.message).unwrap().nonce_r);
+    }
 }
