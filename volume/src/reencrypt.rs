@@ -86,11 +86,61 @@ pub fn rotation_pending(io: &dyn BlockIo) -> Result<bool> {
     Ok(read_header(io)?.1.rotation.is_some())
 }
 
-/// The re-encryption of one volume: the two engines and where the boundary is.
-struct Run<'a> {
-    io: &'a dyn BlockIo,
+/// The two engines of a re-encryption: the previous key generation's and the new one's.
+struct Engines {
     old: XtsEngine,
     new: XtsEngine,
+}
+
+/// One hotzone computed in memory, not yet written: its new ciphertext, both checksum lists
+/// and which sectors change (all but the never-written ones).
+struct Prepared {
+    first: u64,
+    count: usize,
+    buf: Vec<u8>,
+    old_sums: Vec<u8>,
+    new_sums: Vec<u8>,
+    changed: Vec<bool>,
+}
+
+/// Reads `[first, first + count)` into `buf` and re-encrypts it in memory, sector by
+/// sector in parallel (the checksums cost as much as the cipher).
+fn prepare(io: &dyn BlockIo, engines: &Engines, first: u64, count: usize, mut buf: Vec<u8>) -> Result<Prepared> {
+    buf.resize(count * SECTOR_SIZE, 0);
+    io.read_exact_at(&mut buf, data_sector_offset(first)).map_err(|e| Error::io("reading the data area", e))?;
+    let sums: Vec<([u8; 32], [u8; 32], bool)> = buf
+        .par_chunks_mut(SECTOR_SIZE)
+        .enumerate()
+        .map(|(i, sector)| {
+            let old_sum = sha256(sector);
+            if is_zero(sector) {
+                return Ok((old_sum, old_sum, false));
+            }
+            let number = first + i as u64;
+            engines.old.decrypt_sectors(number, sector)?;
+            engines.new.encrypt_sectors(number, sector)?;
+            Ok((old_sum, sha256(sector), true))
+        })
+        .collect::<Result<_>>()?;
+    let mut prepared = Prepared {
+        first,
+        count,
+        buf,
+        old_sums: Vec::with_capacity(count * 32),
+        new_sums: Vec::with_capacity(count * 32),
+        changed: Vec::with_capacity(count),
+    };
+    for (old_sum, new_sum, changed) in &sums {
+        prepared.old_sums.extend_from_slice(old_sum);
+        prepared.new_sums.extend_from_slice(new_sum);
+        prepared.changed.push(*changed);
+    }
+    Ok(prepared)
+}
+
+/// The re-encryption of one volume: where the boundary is and the header in force.
+struct Run<'a> {
+    io: &'a dyn BlockIo,
     data_sectors: u64,
     header: ActiveHeader,
     record: HeaderRecord,
@@ -155,7 +205,7 @@ impl Run<'_> {
 
     /// Settles the hotzone a crash left: each sector is under the new key already (its
     /// ciphertext has the new checksum), or still under the old one (re-encrypted now).
-    fn settle(&mut self, hotzone: &Hotzone) -> Result<()> {
+    fn settle(&mut self, engines: &Engines, hotzone: &Hotzone) -> Result<()> {
         let count = hotzone.sectors() as usize;
         if hotzone.first.checked_add(count as u64).is_none_or(|end| end > self.data_sectors) {
             return Err(rotation_err(format!(
@@ -182,8 +232,8 @@ impl Run<'_> {
                 )));
             }
             let sector_number = hotzone.first + i as u64;
-            self.old.decrypt_sectors(sector_number, sector)?;
-            self.new.encrypt_sectors(sector_number, sector)?;
+            engines.old.decrypt_sectors(sector_number, sector)?;
+            engines.new.encrypt_sectors(sector_number, sector)?;
             changed[i] = true;
             self.report.settled += 1;
         }
@@ -193,43 +243,19 @@ impl Run<'_> {
         self.io.sync_data().map_err(|e| Error::io("syncing the settled hotzone", e))
     }
 
-    /// Re-encrypts `[first, first + count)`: record, write, sync.
-    fn hotzone(&mut self, first: u64, count: usize, buf: &mut [u8]) -> Result<()> {
-        let buf = &mut buf[..count * SECTOR_SIZE];
-        self.io.read_exact_at(buf, data_sector_offset(first)).map_err(|e| Error::io("reading the data area", e))?;
-        let (old, new) = (&self.old, &self.new);
-        // Per sector: old checksum, decrypt, encrypt, new checksum; in parallel (the
-        // checksums cost as much as the cipher).
-        let sums: Vec<([u8; 32], [u8; 32], bool)> = buf
-            .par_chunks_mut(SECTOR_SIZE)
-            .enumerate()
-            .map(|(i, sector)| {
-                let old_sum = sha256(sector);
-                if is_zero(sector) {
-                    return Ok((old_sum, old_sum, false));
-                }
-                let number = first + i as u64;
-                old.decrypt_sectors(number, sector)?;
-                new.encrypt_sectors(number, sector)?;
-                Ok((old_sum, sha256(sector), true))
-            })
-            .collect::<Result<_>>()?;
-        let mut old_sums = Vec::with_capacity(count * 32);
-        let mut new_sums = Vec::with_capacity(count * 32);
-        let mut changed = Vec::with_capacity(count);
-        for (o, n, c) in &sums {
-            old_sums.extend_from_slice(o);
-            new_sums.extend_from_slice(n);
-            changed.push(*c);
-        }
-        if changed.iter().any(|&c| c) {
+    /// Moves a prepared hotzone across the boundary: record it durably, write, sync.
+    fn commit(&mut self, prepared: Prepared) -> Result<Vec<u8>> {
+        let Prepared { first, count, mut buf, old_sums, new_sums, changed } = prepared;
+        let rewritten = changed.iter().filter(|&&c| c).count() as u64;
+        if rewritten > 0 {
             self.record_progress(first, Some(Hotzone { first, old_sums, new_sums }))?;
-            self.write_changed(first, buf, &changed)?;
+            self.write_changed(first, &buf[..count * SECTOR_SIZE], &changed)?;
             self.io.sync_data().map_err(|e| Error::io("syncing the re-encrypted hotzone", e))?;
-            self.report.rewritten += changed.iter().filter(|&&c| c).count() as u64;
+            self.report.rewritten += rewritten;
         }
         self.report.hotzones += 1;
-        Ok(())
+        buf.zeroize();
+        Ok(buf)
     }
 }
 
@@ -264,40 +290,43 @@ pub fn finish_rotation(
             rotation.boundary
         )));
     }
-    let mut run = Run {
-        io,
-        old: XtsEngine::new(old_key)?,
-        new: XtsEngine::new(new_key)?,
-        data_sectors,
-        header,
-        record,
-        report: RotationReport { data_sectors, ..RotationReport::default() },
-    };
+    let engines = Engines { old: XtsEngine::new(old_key)?, new: XtsEngine::new(new_key)? };
+    let mut run = Run { io, data_sectors, header, record, report: RotationReport { data_sectors, ..RotationReport::default() } };
     let mut boundary = rotation.boundary;
     if let Some(hotzone) = &rotation.hotzone {
-        run.settle(hotzone)?;
+        run.settle(&engines, hotzone)?;
         boundary = hotzone.first + hotzone.sectors();
         run.record_progress(boundary, None)?;
     }
     let hotzone_sectors = run.hotzone_limit(options.hotzone_sectors);
-    let mut buf = vec![0u8; hotzone_sectors * SECTOR_SIZE];
-    let mut outcome = Ok(());
-    while boundary < data_sectors {
-        let count = hotzone_sectors.min((data_sectors - boundary) as usize);
-        outcome = run.hotzone(boundary, count, &mut buf);
-        if outcome.is_err() {
-            break;
-        }
-        boundary += count as u64;
-        progress(boundary, data_sectors);
+    let count_at = |first: u64| hotzone_sectors.min((data_sectors - first) as usize);
+    // Pipelined: while one hotzone is recorded, written and synced, the next one is read and
+    // re-encrypted in memory on another thread (it touches only sectors past the first).
+    let mut next = (boundary < data_sectors)
+        .then(|| prepare(io, &engines, boundary, count_at(boundary), Vec::with_capacity(hotzone_sectors * SECTOR_SIZE)))
+        .transpose()?;
+    let mut spare = Vec::with_capacity(hotzone_sectors * SECTOR_SIZE);
+    while let Some(current) = next.take() {
+        let following = current.first + current.count as u64;
+        let (committed, prepared) = std::thread::scope(|scope| {
+            let engines = &engines;
+            let buf = std::mem::take(&mut spare);
+            let ahead = (following < data_sectors)
+                .then(|| scope.spawn(move || prepare(io, engines, following, count_at(following), buf)));
+            let committed = run.commit(current);
+            let prepared = ahead.map(|handle| {
+                handle.join().unwrap_or_else(|_| Err(rotation_err("the re-encryption thread panicked")))
+            });
+            (committed, prepared)
+        });
+        spare = committed?;
+        next = prepared.transpose()?;
+        progress(following, data_sectors);
     }
-    buf.zeroize();
-    outcome?;
     let finished = HeaderRecord { rotation: None, ..run.record.clone() };
     write_header(io, &run.header, &finished)?;
-    let report = run.report;
-    drop(run); // wipes the engines' key schedules (XtsEngine's Drop)
-    Ok(report)
+    drop(engines); // wipes the engines' key schedules (XtsEngine's Drop)
+    Ok(run.report)
 }
 
 #[cfg(test)]
