@@ -149,8 +149,11 @@ async fn rotate_domain(
     body: Result<Json<protocol::cloud::RotateDomainRequest>, JsonRejection>,
 ) -> Answer<DomainView> {
     let request = json_body(body)?;
-    net::run_to_completion("rotate domain key", async move { answer(cp.rotate_domain(&caller, &domain_id, request).await) })
-        .await
+    net::run_to_completion(
+        "rotate domain key",
+        async move { answer(cp.rotate_domain(&caller, &domain_id, request).await) },
+    )
+    .await
 }
 
 async fn delete_domain(

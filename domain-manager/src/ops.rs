@@ -275,7 +275,8 @@ impl DomainManager {
             from_generation: registration.key_generation,
             requested_at: now_unix(),
         };
-        let request = RotateDomainRequest { rotation: self.key.sign_envelope(SignatureContext::KeyRotation, rotation.encode()) };
+        let request =
+            RotateDomainRequest { rotation: self.key.sign_envelope(SignatureContext::KeyRotation, rotation.encode()) };
         self.cp
             .post_json(&format!("/v1/domains/{domain_id}/rotations"), &request)
             .await

@@ -94,7 +94,10 @@ impl Registration {
             if registration.key_generation < 2 {
                 return Err(Error::malformed(
                     "registration",
-                    format!("a version-2 registration names key generation {}, not 2 or more", registration.key_generation),
+                    format!(
+                        "a version-2 registration names key generation {}, not 2 or more",
+                        registration.key_generation
+                    ),
                 ));
             }
         }
@@ -119,11 +122,7 @@ pub struct KeyRotation {
 impl KeyRotation {
     /// The canonical encoding the owner signs (context `key-rotation`).
     pub fn encode(&self) -> Vec<u8> {
-        Writer::new(KEY_ROTATION_MAGIC)
-            .str(&self.domain_id)
-            .u64(self.from_generation)
-            .u64(self.requested_at)
-            .finish()
+        Writer::new(KEY_ROTATION_MAGIC).str(&self.domain_id).u64(self.from_generation).u64(self.requested_at).finish()
     }
 
     /// Strict decoding of [`KeyRotation::encode`]'s output (no signature check).
@@ -426,13 +425,17 @@ impl HeaderRecord {
         let descriptor = SignedEnvelope::decode(reader.bytes("signed descriptor", 300 * 1024)?)?;
         let registration = SignedEnvelope::decode(reader.bytes("signed registration", 32 * 1024)?)?;
         let rotation = if rotating {
-            let previous_registration = SignedEnvelope::decode(reader.bytes("signed previous registration", 32 * 1024)?)?;
+            let previous_registration =
+                SignedEnvelope::decode(reader.bytes("signed previous registration", 32 * 1024)?)?;
             let boundary = reader.u64("rotation boundary")?;
             let first = reader.u64("hotzone first sector")?;
             let old_sums = reader.bytes("hotzone old checksums", MAX_HOTZONE_SECTORS * 32)?.to_vec();
             let new_sums = reader.bytes("hotzone new checksums", MAX_HOTZONE_SECTORS * 32)?.to_vec();
             if old_sums.len() != new_sums.len() || !old_sums.len().is_multiple_of(32) {
-                return Err(Error::malformed("header record", "the hotzone's checksum lists differ in length or are not whole SHA-256 sums"));
+                return Err(Error::malformed(
+                    "header record",
+                    "the hotzone's checksum lists differ in length or are not whole SHA-256 sums",
+                ));
             }
             let hotzone = if old_sums.is_empty() {
                 if first != 0 {
@@ -441,7 +444,10 @@ impl HeaderRecord {
                 None
             } else {
                 if first != boundary {
-                    return Err(Error::malformed("header record", format!("the hotzone starts at sector {first}, not at the boundary {boundary}")));
+                    return Err(Error::malformed(
+                        "header record",
+                        format!("the hotzone starts at sector {first}, not at the boundary {boundary}"),
+                    ));
                 }
                 Some(Hotzone { first, old_sums, new_sums })
             };
@@ -949,7 +955,8 @@ mod tests {
         assert!(rotating.encode().starts_with(HEADER_RECORD_MAGIC_V2));
         assert_eq!(HeaderRecord::decode(&rotating.encode()).unwrap(), rotating);
         let hotzone = Hotzone { first: 7, old_sums: vec![4; 64], new_sums: vec![5; 64] };
-        rotating.rotation = Some(RotationState { previous_registration: envelope(3), boundary: 7, hotzone: Some(hotzone.clone()) });
+        rotating.rotation =
+            Some(RotationState { previous_registration: envelope(3), boundary: 7, hotzone: Some(hotzone.clone()) });
         assert_eq!(HeaderRecord::decode(&rotating.encode()).unwrap(), rotating);
         let json = serde_json::to_string(&rotating).unwrap();
         assert_eq!(serde_json::from_str::<HeaderRecord>(&json).unwrap(), rotating);

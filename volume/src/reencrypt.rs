@@ -291,7 +291,8 @@ pub fn finish_rotation(
         )));
     }
     let engines = Engines { old: XtsEngine::new(old_key)?, new: XtsEngine::new(new_key)? };
-    let mut run = Run { io, data_sectors, header, record, report: RotationReport { data_sectors, ..RotationReport::default() } };
+    let mut run =
+        Run { io, data_sectors, header, record, report: RotationReport { data_sectors, ..RotationReport::default() } };
     let mut boundary = rotation.boundary;
     if let Some(hotzone) = &rotation.hotzone {
         run.settle(&engines, hotzone)?;
@@ -314,9 +315,8 @@ pub fn finish_rotation(
             let ahead = (following < data_sectors)
                 .then(|| scope.spawn(move || prepare(io, engines, following, count_at(following), buf)));
             let committed = run.commit(current);
-            let prepared = ahead.map(|handle| {
-                handle.join().unwrap_or_else(|_| Err(rotation_err("the re-encryption thread panicked")))
-            });
+            let prepared = ahead
+                .map(|handle| handle.join().unwrap_or_else(|_| Err(rotation_err("the re-encryption thread panicked"))));
             (committed, prepared)
         });
         spare = committed?;

@@ -133,7 +133,8 @@ impl CloudPlatform {
                 previous_registration: None,
             })
             .await?;
-        let header = HeaderRecord { descriptor: request.descriptor, registration: response.registration, rotation: None };
+        let header =
+            HeaderRecord { descriptor: request.descriptor, registration: response.registration, rotation: None };
         let (volumes, id, size, h) =
             (self.volumes.clone(), descriptor.domain_id.clone(), request.size_bytes, header.clone());
         let volume_path = blocking(move || volumes.create(&id, size, &h)).await?;
@@ -269,8 +270,11 @@ impl CloudPlatform {
             .await?;
         // A rotation in progress goes on under the new version: its previous registration
         // and progress are the volume's, not the descriptor's (docs/PROTOCOL.md "Key rotation").
-        let header =
-            HeaderRecord { descriptor: envelope, registration: response.registration, rotation: current.record.rotation };
+        let header = HeaderRecord {
+            descriptor: envelope,
+            registration: response.registration,
+            rotation: current.record.rotation,
+        };
         let (volumes, path, h) = (self.volumes.clone(), record.volume_path.clone(), header.clone());
         let (slot, seq) = blocking(move || volumes.update_header(&path, &h)).await.map_err(|e| {
             Error::Volume(format!(
@@ -321,7 +325,9 @@ impl CloudPlatform {
         let body = RotateKeyRequest { rotation: request.rotation, current_registration: current.registration.clone() };
         let response: RegisterDomainResponse =
             self.ttp.post_json(&format!("/v1/domains/{domain_id}/rotations"), &body).await.map_err(|e| {
-                Error::from_peer(e, Refusal::TtpUnreachable, || format!("cannot reach the TTP at {}", self.ttp.base_url()))
+                Error::from_peer(e, Refusal::TtpUnreachable, || {
+                    format!("cannot reach the TTP at {}", self.ttp.base_url())
+                })
             })?;
         let header = HeaderRecord {
             descriptor: current.descriptor,

@@ -183,7 +183,12 @@ impl Ttp {
     /// the generation the owner names. A repeat from that same generation (the cloud
     /// platform stopped before the header was written) registers the new generation again
     /// with another `r`: nothing was encrypted under the unwritten one. Audited as `rotate`.
-    pub fn rotate_key(&self, actor: &Identity, domain_id: &str, request: &RotateKeyRequest) -> Result<RegisterDomainResponse> {
+    pub fn rotate_key(
+        &self,
+        actor: &Identity,
+        domain_id: &str,
+        request: &RotateKeyRequest,
+    ) -> Result<RegisterDomainResponse> {
         let subject = Subject { domain_id: Some(domain_id.to_string()), ..Default::default() };
         let (response, _) = self.audited("rotate", actor, subject, |_| {
             Self::require_role(actor, Role::CloudPlatform, "rotate a domain's key")?;
@@ -419,9 +424,14 @@ mod tests {
         )
         .unwrap();
         let cp = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
-        let (alice, mallory) = (key_of(&ca, Role::DomainManager, "dm-alice"), key_of(&ca, Role::DomainManager, "dm-mallory"));
-        let v1 = Descriptor::new("dm-alice", Default::default(), vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }])
-            .unwrap();
+        let (alice, mallory) =
+            (key_of(&ca, Role::DomainManager, "dm-alice"), key_of(&ca, Role::DomainManager, "dm-mallory"));
+        let v1 = Descriptor::new(
+            "dm-alice",
+            Default::default(),
+            vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }],
+        )
+        .unwrap();
         let id = v1.domain_id.clone();
         let request = RegisterDomainRequest {
             descriptor: alice.sign_envelope(SignatureContext::Descriptor, v1.encode().unwrap()),
@@ -439,7 +449,8 @@ mod tests {
         let err = rotate(&mallory, 1, &first).unwrap_err();
         assert_eq!(err.code(), "owner_mismatch", "{err}");
         let second = rotate(&alice, 1, &first).unwrap().registration;
-        let (old, new) = (Registration::decode(&first.message).unwrap(), Registration::decode(&second.message).unwrap());
+        let (old, new) =
+            (Registration::decode(&first.message).unwrap(), Registration::decode(&second.message).unwrap());
         assert_eq!((new.key_generation, new.version, new.descriptor_hash), (2, old.version, old.descriptor_hash));
         assert_ne!(new.nonce_r, old.nonce_r);
         let repeat = Registration::decode(&rotate(&alice, 1, &first).unwrap().registration.message).unwrap();
@@ -457,7 +468,8 @@ mod tests {
         };
         let err = ttp.register_domain(&cp, &update(&first)).unwrap_err();
         assert!(err.to_string().contains("key generation 1"), "{err}");
-        let updated = Registration::decode(&ttp.register_domain(&cp, &update(&third)).unwrap().registration.message).unwrap();
+        let updated =
+            Registration::decode(&ttp.register_domain(&cp, &update(&third)).unwrap().registration.message).unwrap();
         assert_eq!((updated.version, updated.key_generation), (2, 3));
         assert_eq!(updated.nonce_r, Registration::decode(&third.message).unwrap().nonce_r);
     }

@@ -198,8 +198,8 @@ impl Ttp {
             }
             None => None,
         };
-        let finished_rotation = (previous.is_none() && domain.previous_master_key_version.is_some())
-            .then_some(registration.key_generation);
+        let finished_rotation =
+            (previous.is_none() && domain.previous_master_key_version.is_some()).then_some(registration.key_generation);
         if let Some(Permitted { policy_ids }) = &permitted {
             message.push_str(&format!(", permitted by policy {}", policy_ids.join(", ")));
         }

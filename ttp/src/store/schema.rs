@@ -35,7 +35,8 @@ const SQLITE_BASE: &str = "
     CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain_id, seq);";
 
 /// Schema changes after version 0 on SQLite, by version.
-const SQLITE_MIGRATIONS: &[(i64, &str)] = &[(1, integrity::SCHEMA), (2, CHECKPOINTS), (3, MASTER_KEY_VERSIONS), (4, KEY_GENERATIONS)];
+const SQLITE_MIGRATIONS: &[(i64, &str)] =
+    &[(1, integrity::SCHEMA), (2, CHECKPOINTS), (3, MASTER_KEY_VERSIONS), (4, KEY_GENERATIONS)];
 
 /// Version 4 on both engines: each domain's newest key generation and, while a rotation may
 /// still be re-encrypting, the K_TTP version of the generation before it (docs/PROTOCOL.md

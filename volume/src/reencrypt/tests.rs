@@ -131,7 +131,8 @@ fn a_rotation_re_encrypts_every_written_sector_and_drops_the_old_key() {
     assert!(rotation_pending(&io).unwrap());
     let mut seen = Vec::new();
     let options = RotationOptions { hotzone_sectors: 16 };
-    let report = finish_rotation(&io, &old_key, &new_key, options, &mut |done, total| seen.push((done, total))).unwrap();
+    let report =
+        finish_rotation(&io, &old_key, &new_key, options, &mut |done, total| seen.push((done, total))).unwrap();
     assert_eq!(report.rewritten, SECTORS - (SECTORS + 3) / 7);
     assert_eq!(report.hotzones, 7);
     assert_eq!(seen.last(), Some(&(SECTORS, SECTORS)));

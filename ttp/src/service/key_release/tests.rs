@@ -182,7 +182,8 @@ fn header_of_an_unknown_domain_is_domain_unknown() {
         key_generation: 1,
     };
     let registration = f.key(Role::Ttp, "ttp-1").sign_envelope(SignatureContext::Registration, registration.encode());
-    let request = KeyReleaseRequest { header: HeaderRecord { descriptor, registration, rotation: None }, ..f.request() };
+    let request =
+        KeyReleaseRequest { header: HeaderRecord { descriptor, registration, rotation: None }, ..f.request() };
     let error = f.refused(&request, "domain_unknown");
     assert_mentions(&error, &unknown.domain_id);
 }
