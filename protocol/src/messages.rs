@@ -867,6 +867,19 @@ mod tests {
         assert!(err.contains(&format!("record 3 follows record {}", u64::MAX)), "{err}");
     }
 
+    /// A registration of key generation 1 with recognisable fields.
+    fn registration() -> Registration {
+        Registration {
+            domain_id: "00112233445566778899aabbccddeeff".into(),
+            version: 3,
+            descriptor_hash: [1; 32],
+            metadata_hash: [2; 32],
+            nonce_r: [3; 32],
+            registered_at: 9,
+            key_generation: 1,
+        }
+    }
+
     #[test]
     fn grant_and_registration_round_trip() {
         let grant = MountGrant {
@@ -895,15 +908,7 @@ mod tests {
         assert!(MountGrant::decode(&shouting.encode()).is_err());
         let escaping = MountGrant { reason: "a\u{1b}[2J".into(), ..emergency.clone() };
         assert!(MountGrant::decode(&escaping.encode()).unwrap_err().to_string().contains("control character"));
-        let reg = Registration {
-            domain_id: grant.domain_id.clone(),
-            version: 3,
-            descriptor_hash: [1; 32],
-            metadata_hash: [2; 32],
-            nonce_r: [3; 32],
-            registered_at: 9,
-            key_generation: 1,
-        };
+        let reg = registration();
         assert_eq!(Registration::decode(&reg.encode()).unwrap(), reg);
         let mut truncated = reg.encode();
         truncated.pop();
@@ -914,15 +919,7 @@ mod tests {
     /// not name generation 1 (one meaning, one encoding).
     #[test]
     fn registration_version_2_carries_the_key_generation() {
-        let reg = Registration {
-            domain_id: "00112233445566778899aabbccddeeff".into(),
-            version: 3,
-            descriptor_hash: [1; 32],
-            metadata_hash: [2; 32],
-            nonce_r: [3; 32],
-            registered_at: 9,
-            key_generation: 1,
-        };
+        let reg = registration();
         let v1 = reg.encode();
         assert!(v1.starts_with(REGISTRATION_MAGIC));
         let rotated = Registration { key_generation: 2, ..reg.clone() };

@@ -28,13 +28,17 @@ use skydd_volume::xts::XtsEngine;
 const CHILD_ENV: &str = "SKYDD_REENCRYPT_CHILD_VOLUME";
 const CHILD_HOTZONE: usize = 32;
 
+/// A 64-byte XTS key from a seed (distinct halves, as XTS requires).
 fn key(seed: u8) -> SecretBytes {
-    let mut bytes: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(seed).wrapping_add(seed ^ i)).collect();
+    let mut bytes = [seed; 64];
+    bytes[32..].fill(seed ^ 0x5a);
     SecretBytes::from_slice_wiping(&mut bytes)
 }
 
+/// An envelope nobody verifies here: re-encryption reads only the descriptor's format.
 fn envelope(message: Vec<u8>) -> SignedEnvelope {
-    SignedEnvelope { message, signature: vec![1; 70], signer_certificate: vec![2; 300] }
+    let filler = |byte: u8, len: usize| vec![byte; len];
+    SignedEnvelope { message, signature: filler(7, 64), signer_certificate: filler(9, 128) }
 }
 
 /// A format-1 volume of `sectors` data sectors under key(3), every 7th never written, whose
