@@ -83,6 +83,7 @@ async fn revoke_and_rotate_then_the_old_key_reads_nothing() {
     alice.grant(&id, "vm-c", AccessMode::Ro).await.unwrap();
     let refused = alice.attach(&id, "vm-c", AccessMode::Ro, 300).await.unwrap_err();
     assert_eq!(refused.code(), Some("key_rotation_in_progress"), "{refused}");
+    assert!(refused.to_string().contains("what to do:"), "{refused}");
 
     // The read-write attach re-encrypts before vm-a sees the volume; the data is intact.
     alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.unwrap();
