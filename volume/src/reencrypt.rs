@@ -312,8 +312,14 @@ pub fn finish_rotation(
         let (committed, prepared) = std::thread::scope(|scope| {
             let engines = &engines;
             let buf = std::mem::take(&mut spare);
-            let ahead = (following < data_sectors)
-                .then(|| scope.spawn(move || prepare(io, engines, following, count_at(following), buf)));
+            let ahead = (following < data_sectors).then(|| {
+                scope.spawn(move || {
+                    let prepared = prepare(io, engines, following, count_at(following), buf);
+                    // This thread held key schedules in registers and on its stack.
+                    crate::scrub::scrub_this_thread();
+                    prepared
+                })
+            });
             let committed = run.commit(current);
             let prepared = ahead
                 .map(|handle| handle.join().unwrap_or_else(|_| Err(rotation_err("the re-encryption thread panicked"))));
