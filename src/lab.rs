@@ -561,7 +561,7 @@ pub async fn register(
             &RegisterDomainRequest { descriptor: descriptor.clone(), previous_registration: previous },
         )
         .await?;
-    Ok(HeaderRecord { descriptor, registration: response.registration })
+    Ok(HeaderRecord { descriptor, registration: response.registration, rotation: None })
 }
 
 /// The secure component configuration of a loopback compute host `host_id` under `dir`:

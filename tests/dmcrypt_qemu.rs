@@ -423,7 +423,11 @@ fn guest_sees_the_swtpm_tpm() {
             &protocol::messages::RegisterDomainRequest { descriptor: signed.clone(), previous_registration: None },
         )
         .unwrap();
-    let header = protocol::messages::HeaderRecord { descriptor: signed, registration: registered.registration.clone() };
+    let header = protocol::messages::HeaderRecord {
+        descriptor: signed,
+        registration: registered.registration.clone(),
+        rotation: None,
+    };
     let fresh = ttp.challenge(&guest).unwrap();
     let quote: protocol::attest::QuoteEvidence = serde_json::from_value(
         vm.call(json!({"op": "tpm_quote", "message": {"bytes": protocol::b64::encode(&fresh.nonce)}}))["quote"].clone(),

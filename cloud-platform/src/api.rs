@@ -35,6 +35,7 @@ pub fn router(cp: Arc<CloudPlatform>) -> Router {
         .route("/v1/domains", post(create_domain).get(list_domains))
         .route("/v1/domains/{domain_id}", get(get_domain).delete(delete_domain))
         .route("/v1/domains/{domain_id}/descriptor", put(update_domain))
+        .route("/v1/domains/{domain_id}/rotations", post(rotate_domain))
         .route("/v1/attachments", post(attach).get(list_attachments))
         .route("/v1/attachments/{attachment_id}", get(get_attachment).delete(detach))
         .route("/v1/health", get(health))
@@ -139,6 +140,20 @@ async fn update_domain(
     let request = json_body(body)?;
     net::run_to_completion("update domain", async move { answer(cp.update_domain(&caller, &domain_id, request).await) })
         .await
+}
+
+async fn rotate_domain(
+    State(cp): Cp,
+    Extension(caller): Extension<Identity>,
+    Path(domain_id): Path<String>,
+    body: Result<Json<protocol::cloud::RotateDomainRequest>, JsonRejection>,
+) -> Answer<DomainView> {
+    let request = json_body(body)?;
+    net::run_to_completion(
+        "rotate domain key",
+        async move { answer(cp.rotate_domain(&caller, &domain_id, request).await) },
+    )
+    .await
 }
 
 async fn delete_domain(

@@ -198,7 +198,7 @@ mod tests {
     fn record(tag: u8) -> HeaderRecord {
         let env =
             |m: Vec<u8>| SignedEnvelope { message: m, signature: vec![tag; 70], signer_certificate: vec![tag; 300] };
-        HeaderRecord { descriptor: env(vec![tag; 500]), registration: env(vec![tag; 120]) }
+        HeaderRecord { descriptor: env(vec![tag; 500]), registration: env(vec![tag; 120]), rotation: None }
     }
 
     const ID: &str = "00112233445566778899aabbccddeeff";

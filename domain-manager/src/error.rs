@@ -94,6 +94,7 @@ fn hint_for(code: &str) -> &'static str {
         Refusal::PolicyDenied => "the domain's access policy does not permit this attach: see `domain policy show DOMAIN`, and attach with the --purpose (and --reason) it asks for",
         Refusal::BreakGlassReasonMissing => "an emergency (break-glass) attach needs `--reason \"...\"`; the owner is notified of it",
         Refusal::AuditChainBroken => "the TTP's audit log was tampered with; report this to the TTP operator at once",
+        Refusal::KeyRotationInProgress => "the domain's key is being rotated: attach it read-write once (`attach DOMAIN --vm VM --mode rw`) to finish the re-encryption, then read-only attaches and new rotations are served again",
         _ => "",
     }
 }

@@ -139,7 +139,13 @@ enum DomainCommand {
         domain: String,
         #[arg(long)]
         vm: String,
+        /// Then rotate the domain's key, so a copy of the old key reads nothing written after
+        /// the re-encryption (docs/PROTOCOL.md "Key rotation").
+        #[arg(long)]
+        rotate: bool,
     },
+    /// Give the domain a new key; the next read-write attach re-encrypts the volume.
+    Rotate { domain: String },
     /// Share with another domain manager (it may attach and read the history).
     Share {
         domain: String,
@@ -218,6 +224,9 @@ fn print<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) -> S
     }
 }
 
+/// What `domain rotate` and `domain revoke --rotate` tell the owner.
+const ROTATED: &str = "The domain has a new key. The next read-write attach re-encrypts the volume before the VM sees it;\nuntil then only a read-write attach is served, and after it the old key reads nothing.";
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -268,11 +277,24 @@ async fn run(cli: Cli) -> domain_manager::Result<()> {
             let view = dm.grant(&domain, &entry.vm_id, entry.mode).await?;
             print(json, &view, render::domain);
         }
-        Command::Domain(DomainCommand::Revoke { domain, vm }) => {
-            let view = dm.revoke(&domain, &vm).await?;
+        Command::Domain(DomainCommand::Revoke { domain, vm, rotate }) => {
+            let mut view = dm.revoke(&domain, &vm).await?;
+            if rotate {
+                view = dm.rotate(&domain).await?;
+            }
             print(json, &view, render::domain);
             if !json {
                 println!("\n{vm} can no longer obtain the key; any attachment of it was detached.");
+                if rotate {
+                    println!("{ROTATED}");
+                }
+            }
+        }
+        Command::Domain(DomainCommand::Rotate { domain }) => {
+            let view = dm.rotate(&domain).await?;
+            print(json, &view, render::domain);
+            if !json {
+                println!("\n{ROTATED}");
             }
         }
         Command::Domain(DomainCommand::Share { domain, with, remove }) => {

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use protocol::cloud::{
     Attachment, AttachmentList, AttachmentStatus, CreateAttachmentRequest, CreateDomainRequest, DeleteDomainBody,
-    DomainList, DomainView, UpdateDomainRequest,
+    DomainList, DomainView, RotateDomainRequest, UpdateDomainRequest,
 };
 use protocol::domain::{AccessMode, AclEntry, Descriptor, VolumeFormat};
-use protocol::messages::{AuditCheckpoint, Deletion, HistoryResponse, MountGrant};
+use protocol::messages::{AuditCheckpoint, Deletion, HistoryResponse, KeyRotation, MountGrant, Registration};
 use protocol::pki::Role;
 use protocol::signing::{verify_signer_certificate, SignatureContext, SignatureKey};
 
@@ -250,6 +250,37 @@ impl DomainManager {
             Ok(())
         })
         .await
+    }
+
+    /// Asks for a new key of the domain (docs/PROTOCOL.md "Key rotation"): the TTP registers
+    /// a fresh key generation, the cloud platform writes it beside the old one, and the next
+    /// read-write attach re-encrypts the volume, after which the old key reads nothing.
+    pub async fn rotate(&self, domain_id: &str) -> Result<DomainView> {
+        let view = self.show(domain_id).await?;
+        let descriptor = Descriptor::decode(&view.header.descriptor.message)?;
+        if descriptor.owner != self.name {
+            return Err(Error::Usage(format!(
+                "only the owner {} can rotate the key of domain {domain_id}; you are {}",
+                descriptor.owner, self.name
+            )));
+        }
+        if view.header.rotation.is_some() {
+            return Err(Error::Usage(format!(
+                "the key of domain {domain_id} is being rotated already: attach it read-write once to finish the re-encryption, then rotate again"
+            )));
+        }
+        let registration = Registration::decode(&view.header.registration.message)?;
+        let rotation = KeyRotation {
+            domain_id: domain_id.to_string(),
+            from_generation: registration.key_generation,
+            requested_at: now_unix(),
+        };
+        let request =
+            RotateDomainRequest { rotation: self.key.sign_envelope(SignatureContext::KeyRotation, rotation.encode()) };
+        self.cp
+            .post_json(&format!("/v1/domains/{domain_id}/rotations"), &request)
+            .await
+            .map_err(|e| Error::from_net("cloud platform", e))
     }
 
     /// Replaces the access list with `acl` (a new signed version); the cloud platform detaches

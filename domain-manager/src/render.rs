@@ -84,7 +84,21 @@ pub fn domain(d: &DomainView) -> String {
         if metadata.is_empty() { "-".into() } else { metadata },
         if d.acl.is_empty() { "-".into() } else { acl_text(d) },
         if d.shared_with.is_empty() { "-".into() } else { d.shared_with.join(", ") },
-    )
+    ) + &format!("\nkey         {}", key_text(d))
+}
+
+/// The key generation of the header in force, and whether a rotation is unfinished.
+fn key_text(d: &DomainView) -> String {
+    let generation = protocol::messages::Registration::decode(&d.header.registration.message)
+        .map(|r| format!("generation {}", r.key_generation))
+        .unwrap_or_else(|_| "generation unknown (the registration does not decode)".into());
+    match &d.header.rotation {
+        None => generation,
+        Some(rotation) => format!(
+            "{generation}, rotation in progress (re-encrypted up to sector {}; the next read-write attach finishes it)",
+            rotation.boundary
+        ),
+    }
 }
 
 /// The attachments as a table (domain, VM, host, mode, status, mount path).

@@ -120,12 +120,13 @@ fn main() {
             metadata_hash: d.metadata_hash(),
             nonce_r: [i as u8 + 1; 32],
             registered_at: 1_760_000_000 + i as u64,
+            key_generation: 1,
         };
         c.put("registration", name, &registration.encode());
         let signed_registration = ttp.sign_envelope(SignatureContext::Registration, registration.encode());
         c.put("signed_envelope", &format!("descriptor-{name}"), &signed_descriptor.encode());
         c.put("signed_envelope", &format!("registration-{name}"), &signed_registration.encode());
-        let header = HeaderRecord { descriptor: signed_descriptor, registration: signed_registration };
+        let header = HeaderRecord { descriptor: signed_descriptor, registration: signed_registration, rotation: None };
         c.put("header_record", name, &header.encode());
         headers.push(header);
     }
@@ -275,6 +276,7 @@ fn main() {
             wrapped_key: vec![0x5a; 256],
             audit_seq: 4,
             integrity_anchor: None,
+            previous_wrapped_key: None,
         },
     );
     c.json("json_messages", 6, "delete", &DeleteDomainRequest { deletion: signed_deletion.clone() });

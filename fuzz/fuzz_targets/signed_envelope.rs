@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
         SignatureContext::Deletion,
         SignatureContext::AuditCheckpoint,
         SignatureContext::KeyRelease,
+        SignatureContext::KeyRotation,
     ] {
         let _ = envelope.verify_signature(context);
     }

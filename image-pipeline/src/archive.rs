@@ -136,7 +136,7 @@ impl KeySource for TtpKeySource {
             .map_err(|e| ttp_err("register the archive domain at the TTP", e))?;
         let domain = ArchiveDomain {
             domain_id: descriptor.domain_id.clone(),
-            header: HeaderRecord { descriptor: signed, registration: response.registration },
+            header: HeaderRecord { descriptor: signed, registration: response.registration, rotation: None },
         };
         let key = self.key(&domain).await?;
         Ok((domain, key))

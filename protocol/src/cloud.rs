@@ -37,6 +37,14 @@ pub struct UpdateDomainRequest {
     pub descriptor: SignedEnvelope,
 }
 
+/// `POST /v1/domains/{id}/rotations`: the owner asks for a new key generation
+/// (docs/PROTOCOL.md "Key rotation").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotateDomainRequest {
+    /// The owner-signed [`KeyRotation`](crate::messages::KeyRotation) (context `key-rotation`).
+    pub rotation: SignedEnvelope,
+}
+
 /// `DELETE /v1/domains/{id}` with this body: the owner-signed deletion.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeleteDomainBody {

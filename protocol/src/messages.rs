@@ -12,6 +12,12 @@ use crate::kdf::NONCE_BYTES;
 use crate::signing::{SignatureContext, SignedEnvelope};
 
 const REGISTRATION_MAGIC: &[u8] = b"SKYDD-REGISTRATION\x01";
+/// Version 2 of the registration: version 1's fields, then `u64 key_generation`; used exactly
+/// when the key generation is 2 or more (docs/PROTOCOL.md "Registration").
+const REGISTRATION_MAGIC_V2: &[u8] = b"SKYDD-REGISTRATION\x02";
+const KEY_ROTATION_MAGIC: &[u8] = b"SKYDD-KEY-ROTATION\x01";
+/// Version 2 of the header record: a rotation in progress (docs/PROTOCOL.md "Header record").
+const HEADER_RECORD_MAGIC_V2: &[u8] = b"SKYDD-HEADER-RECORD\x02";
 const GRANT_MAGIC: &[u8] = b"SKYDD-MOUNT-GRANT\x01";
 /// Version 2 of the grant: version 1's fields, then `lp(purpose) lp(reason)`; used exactly
 /// when a purpose is given (docs/PROTOCOL.md "Mount grant").
@@ -41,34 +47,94 @@ pub struct Registration {
     pub nonce_r: [u8; NONCE_BYTES],
     /// Unix seconds.
     pub registered_at: u64,
+    /// The key generation this registration's `r` belongs to: 1 for the key drawn at
+    /// version 1, one more at each key rotation (docs/PROTOCOL.md "Key rotation"). The TTP
+    /// releases keys only for a domain's newest generation (and, during a rotation, the one
+    /// before it).
+    pub key_generation: u64,
 }
 
 impl Registration {
-    /// The canonical encoding the TTP signs (docs/PROTOCOL.md "Registration").
+    /// The canonical encoding the TTP signs (docs/PROTOCOL.md "Registration"): version 1 for
+    /// key generation 1 (byte for byte as before rotation existed), version 2 otherwise.
     pub fn encode(&self) -> Vec<u8> {
-        Writer::new(REGISTRATION_MAGIC)
+        let rotated = self.key_generation != 1;
+        let mut writer = Writer::new(if rotated { REGISTRATION_MAGIC_V2 } else { REGISTRATION_MAGIC });
+        writer
             .str(&self.domain_id)
             .u64(self.version)
             .bytes(&self.descriptor_hash)
             .bytes(&self.metadata_hash)
             .bytes(&self.nonce_r)
-            .u64(self.registered_at)
-            .finish()
+            .u64(self.registered_at);
+        if rotated {
+            writer.u64(self.key_generation);
+        }
+        writer.finish()
     }
 
-    /// Strict decoding of [`Registration::encode`]'s output (no signature check).
+    /// Strict decoding of [`Registration::encode`]'s output, version 1 or 2 (no signature
+    /// check). A version-2 encoding must name a key generation of 2 or more, so no
+    /// registration has two encodings.
     pub fn decode(encoded: &[u8]) -> Result<Self> {
-        let mut reader = Reader::new("registration", encoded, REGISTRATION_MAGIC)?;
-        let registration = Self {
+        let rotated = encoded.starts_with(REGISTRATION_MAGIC_V2);
+        let magic = if rotated { REGISTRATION_MAGIC_V2 } else { REGISTRATION_MAGIC };
+        let mut reader = Reader::new("registration", encoded, magic)?;
+        let mut registration = Self {
             domain_id: reader.str("domain id", 64)?.to_string(),
             version: reader.u64("version")?,
             descriptor_hash: reader.array("descriptor hash")?,
             metadata_hash: reader.array("metadata hash")?,
             nonce_r: reader.array("nonce r")?,
             registered_at: reader.u64("registration time")?,
+            key_generation: 1,
         };
+        if rotated {
+            registration.key_generation = reader.u64("key generation")?;
+            if registration.key_generation < 2 {
+                return Err(Error::malformed(
+                    "registration",
+                    format!(
+                        "a version-2 registration names key generation {}, not 2 or more",
+                        registration.key_generation
+                    ),
+                ));
+            }
+        }
         reader.finish()?;
         Ok(registration)
+    }
+}
+
+/// The owner's signed request for a new key of a domain (docs/PROTOCOL.md "Key rotation"):
+/// the TTP registers key generation `from_generation + 1` with a fresh `r`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRotation {
+    /// The domain whose key is replaced; its owner must sign.
+    pub domain_id: String,
+    /// The key generation in force when the owner asked (the volume header's); the new key
+    /// is generation `from_generation + 1`.
+    pub from_generation: u64,
+    /// When the owner asked, unix seconds.
+    pub requested_at: u64,
+}
+
+impl KeyRotation {
+    /// The canonical encoding the owner signs (context `key-rotation`).
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::new(KEY_ROTATION_MAGIC).str(&self.domain_id).u64(self.from_generation).u64(self.requested_at).finish()
+    }
+
+    /// Strict decoding of [`KeyRotation::encode`]'s output (no signature check).
+    pub fn decode(encoded: &[u8]) -> Result<Self> {
+        let mut reader = Reader::new("key rotation", encoded, KEY_ROTATION_MAGIC)?;
+        let rotation = Self {
+            domain_id: reader.str("domain id", 64)?.to_string(),
+            from_generation: reader.u64("from generation")?,
+            requested_at: reader.u64("time")?,
+        };
+        reader.finish()?;
+        Ok(rotation)
     }
 }
 
@@ -270,31 +336,127 @@ impl Deletion {
     }
 }
 
+/// The most data sectors one hotzone of a re-encryption covers: 2048 × 4096 bytes = 8 MiB
+/// (docs/FORMAT.md "Key rotation").
+pub const MAX_HOTZONE_SECTORS: usize = 2048;
+
+/// The sectors being re-encrypted right now, recorded durably in the header before any of
+/// them is overwritten (docs/FORMAT.md "Key rotation"): after a crash each is settled by
+/// comparing its ciphertext with these checksums.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hotzone {
+    /// The first data sector of the hotzone; equals the rotation's boundary.
+    pub first: u64,
+    /// SHA-256 of each sector's ciphertext under the previous key, 32 bytes per sector.
+    #[serde(with = "crate::b64")]
+    pub old_sums: Vec<u8>,
+    /// SHA-256 of each sector's ciphertext under the new key, 32 bytes per sector.
+    #[serde(with = "crate::b64")]
+    pub new_sums: Vec<u8>,
+}
+
+impl Hotzone {
+    /// How many sectors the hotzone covers.
+    pub fn sectors(&self) -> u64 {
+        (self.old_sums.len() / 32) as u64
+    }
+}
+
+/// A key rotation in progress on a volume: the data sectors below `boundary` are under the
+/// new key (the header record's registration), those at and above it under the previous key
+/// (`previous_registration`), and the hotzone, if any, is being moved across.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationState {
+    /// The TTP's registration of the previous key generation (its `r`).
+    pub previous_registration: SignedEnvelope,
+    /// Data sectors `[0, boundary)` are encrypted with the new key.
+    pub boundary: u64,
+    /// The sectors from `boundary` being re-encrypted now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotzone: Option<Hotzone>,
+}
+
 /// What a volume header slot holds (its payload, docs/FORMAT.md): the owner-signed
-/// descriptor and the TTP-signed registration of that very descriptor.
+/// descriptor and the TTP-signed registration of that very descriptor, and during a key
+/// rotation the previous key generation's registration and the re-encryption's progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeaderRecord {
     /// The descriptor, signed by its owner (context `descriptor`).
     pub descriptor: SignedEnvelope,
     /// The TTP's registration of that descriptor, signed by the TTP (context `registration`).
     pub registration: SignedEnvelope,
+    /// A key rotation in progress (header record version 2), `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationState>,
 }
 
 impl HeaderRecord {
     /// The slot payload: `"SKYDD-HEADER-RECORD\x01" lp(descriptor envelope) lp(registration
-    /// envelope)` (docs/PROTOCOL.md "Header record").
+    /// envelope)`, or with a rotation in progress version 2, which adds `lp(previous
+    /// registration envelope) u64 boundary u64 hotzone_first lp(old sums) lp(new sums)`
+    /// (docs/PROTOCOL.md "Header record").
     pub fn encode(&self) -> Vec<u8> {
-        Writer::new(HEADER_RECORD_MAGIC).bytes(&self.descriptor.encode()).bytes(&self.registration.encode()).finish()
+        let Some(rotation) = &self.rotation else {
+            return Writer::new(HEADER_RECORD_MAGIC)
+                .bytes(&self.descriptor.encode())
+                .bytes(&self.registration.encode())
+                .finish();
+        };
+        let empty = Hotzone { first: 0, old_sums: Vec::new(), new_sums: Vec::new() };
+        let hotzone = rotation.hotzone.as_ref().unwrap_or(&empty);
+        Writer::new(HEADER_RECORD_MAGIC_V2)
+            .bytes(&self.descriptor.encode())
+            .bytes(&self.registration.encode())
+            .bytes(&rotation.previous_registration.encode())
+            .u64(rotation.boundary)
+            .u64(hotzone.first)
+            .bytes(&hotzone.old_sums)
+            .bytes(&hotzone.new_sums)
+            .finish()
     }
 
-    /// Strict decoding of a slot payload; the descriptor envelope may be up to 300 KiB, the
-    /// registration envelope up to 32 KiB. Signatures are not checked here.
+    /// Strict decoding of a slot payload (version 1 or 2); the descriptor envelope may be up
+    /// to 300 KiB, each registration envelope up to 32 KiB, each checksum list
+    /// [`MAX_HOTZONE_SECTORS`] × 32 bytes. Signatures are not checked here.
     pub fn decode(encoded: &[u8]) -> Result<Self> {
-        let mut reader = Reader::new("header record", encoded, HEADER_RECORD_MAGIC)?;
+        let rotating = encoded.starts_with(HEADER_RECORD_MAGIC_V2);
+        let magic = if rotating { HEADER_RECORD_MAGIC_V2 } else { HEADER_RECORD_MAGIC };
+        let mut reader = Reader::new("header record", encoded, magic)?;
         let descriptor = SignedEnvelope::decode(reader.bytes("signed descriptor", 300 * 1024)?)?;
         let registration = SignedEnvelope::decode(reader.bytes("signed registration", 32 * 1024)?)?;
+        let rotation = if rotating {
+            let previous_registration =
+                SignedEnvelope::decode(reader.bytes("signed previous registration", 32 * 1024)?)?;
+            let boundary = reader.u64("rotation boundary")?;
+            let first = reader.u64("hotzone first sector")?;
+            let old_sums = reader.bytes("hotzone old checksums", MAX_HOTZONE_SECTORS * 32)?.to_vec();
+            let new_sums = reader.bytes("hotzone new checksums", MAX_HOTZONE_SECTORS * 32)?.to_vec();
+            if old_sums.len() != new_sums.len() || !old_sums.len().is_multiple_of(32) {
+                return Err(Error::malformed(
+                    "header record",
+                    "the hotzone's checksum lists differ in length or are not whole SHA-256 sums",
+                ));
+            }
+            let hotzone = if old_sums.is_empty() {
+                if first != 0 {
+                    return Err(Error::malformed("header record", "an empty hotzone must start at 0"));
+                }
+                None
+            } else {
+                if first != boundary {
+                    return Err(Error::malformed(
+                        "header record",
+                        format!("the hotzone starts at sector {first}, not at the boundary {boundary}"),
+                    ));
+                }
+                Some(Hotzone { first, old_sums, new_sums })
+            };
+            Some(RotationState { previous_registration, boundary, hotzone })
+        } else {
+            None
+        };
         reader.finish()?;
-        Ok(Self { descriptor, registration })
+        Ok(Self { descriptor, registration, rotation })
     }
 
     /// Decodes the descriptor and registration without checking any signature (the TTP
@@ -316,7 +478,18 @@ pub struct RegisterDomainRequest {
     pub previous_registration: Option<SignedEnvelope>,
 }
 
-/// TTP → CP: the answer to a [`RegisterDomainRequest`].
+/// CP → TTP `POST /v1/domains/{id}/rotations`: register a new key generation
+/// (docs/PROTOCOL.md "Key rotation").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotateKeyRequest {
+    /// The owner-signed [`KeyRotation`] (context `key-rotation`).
+    pub rotation: SignedEnvelope,
+    /// The registration in the volume header now: the newest version, of the generation
+    /// the rotation starts from. The new registration keeps its version and descriptor.
+    pub current_registration: SignedEnvelope,
+}
+
+/// TTP → CP: the answer to a [`RegisterDomainRequest`] or a [`RotateKeyRequest`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegisterDomainResponse {
     /// The new registration, signed by the TTP; the CP writes it with the descriptor into the
@@ -387,6 +560,11 @@ pub struct KeyReleaseResponse {
     /// domain, signed by the TTP; `None` before its first commit (and for format 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub integrity_anchor: Option<SignedEnvelope>,
+    /// During a key rotation (a header with a [`RotationState`]): the previous key
+    /// generation's keys, wrapped like `wrapped_key`, so the read-write host can re-encrypt
+    /// (docs/PROTOCOL.md "Key rotation"). `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::b64::option")]
+    pub previous_wrapped_key: Option<Vec<u8>>,
 }
 
 /// CP → TTP `POST /v1/domains/{id}/delete`: tombstone a domain.
@@ -689,6 +867,19 @@ mod tests {
         assert!(err.contains(&format!("record 3 follows record {}", u64::MAX)), "{err}");
     }
 
+    /// A registration of key generation 1 with recognisable fields.
+    fn registration() -> Registration {
+        Registration {
+            domain_id: "00112233445566778899aabbccddeeff".into(),
+            version: 3,
+            descriptor_hash: [1; 32],
+            metadata_hash: [2; 32],
+            nonce_r: [3; 32],
+            registered_at: 9,
+            key_generation: 1,
+        }
+    }
+
     #[test]
     fn grant_and_registration_round_trip() {
         let grant = MountGrant {
@@ -717,17 +908,60 @@ mod tests {
         assert!(MountGrant::decode(&shouting.encode()).is_err());
         let escaping = MountGrant { reason: "a\u{1b}[2J".into(), ..emergency.clone() };
         assert!(MountGrant::decode(&escaping.encode()).unwrap_err().to_string().contains("control character"));
-        let reg = Registration {
-            domain_id: grant.domain_id.clone(),
-            version: 3,
-            descriptor_hash: [1; 32],
-            metadata_hash: [2; 32],
-            nonce_r: [3; 32],
-            registered_at: 9,
-        };
+        let reg = registration();
         assert_eq!(Registration::decode(&reg.encode()).unwrap(), reg);
         let mut truncated = reg.encode();
         truncated.pop();
         assert!(Registration::decode(&truncated).is_err());
+    }
+
+    /// Generation 1 keeps the version-1 bytes; a later generation is version 2, which must
+    /// not name generation 1 (one meaning, one encoding).
+    #[test]
+    fn registration_version_2_carries_the_key_generation() {
+        let reg = registration();
+        let v1 = reg.encode();
+        assert!(v1.starts_with(REGISTRATION_MAGIC));
+        let rotated = Registration { key_generation: 2, ..reg.clone() };
+        let v2 = rotated.encode();
+        assert!(v2.starts_with(REGISTRATION_MAGIC_V2));
+        assert_eq!(v2.len(), v1.len() + 8);
+        assert_eq!(&v2[REGISTRATION_MAGIC.len()..v1.len()], &v1[REGISTRATION_MAGIC.len()..]);
+        assert_eq!(Registration::decode(&v2).unwrap(), rotated);
+        let mut ambiguous = v2.clone();
+        let at = ambiguous.len() - 8;
+        ambiguous[at..].copy_from_slice(&1u64.to_be_bytes());
+        assert!(Registration::decode(&ambiguous).unwrap_err().to_string().contains("not 2 or more"));
+        let rotation = KeyRotation { domain_id: reg.domain_id.clone(), from_generation: 1, requested_at: 5 };
+        assert_eq!(KeyRotation::decode(&rotation.encode()).unwrap(), rotation);
+    }
+
+    fn envelope(tag: u8) -> SignedEnvelope {
+        SignedEnvelope { message: vec![tag; 40], signature: vec![tag; 70], signer_certificate: vec![tag; 300] }
+    }
+
+    /// A header without a rotation is version 1 byte for byte; version 2 round-trips with and
+    /// without a hotzone, and a hotzone off the boundary or with uneven sums is refused.
+    #[test]
+    fn header_record_version_2_round_trips_the_rotation() {
+        let plain = HeaderRecord { descriptor: envelope(1), registration: envelope(2), rotation: None };
+        assert!(plain.encode().starts_with(HEADER_RECORD_MAGIC));
+        assert_eq!(HeaderRecord::decode(&plain.encode()).unwrap(), plain);
+        let mut rotating = plain.clone();
+        rotating.rotation = Some(RotationState { previous_registration: envelope(3), boundary: 0, hotzone: None });
+        assert!(rotating.encode().starts_with(HEADER_RECORD_MAGIC_V2));
+        assert_eq!(HeaderRecord::decode(&rotating.encode()).unwrap(), rotating);
+        let hotzone = Hotzone { first: 7, old_sums: vec![4; 64], new_sums: vec![5; 64] };
+        rotating.rotation =
+            Some(RotationState { previous_registration: envelope(3), boundary: 7, hotzone: Some(hotzone.clone()) });
+        assert_eq!(HeaderRecord::decode(&rotating.encode()).unwrap(), rotating);
+        let json = serde_json::to_string(&rotating).unwrap();
+        assert_eq!(serde_json::from_str::<HeaderRecord>(&json).unwrap(), rotating);
+        let off = RotationState { previous_registration: envelope(3), boundary: 8, hotzone: Some(hotzone.clone()) };
+        let err = HeaderRecord::decode(&HeaderRecord { rotation: Some(off), ..plain.clone() }.encode()).unwrap_err();
+        assert!(err.to_string().contains("not at the boundary"), "{err}");
+        let uneven = Hotzone { new_sums: vec![5; 32], ..hotzone };
+        let bad = RotationState { previous_registration: envelope(3), boundary: 7, hotzone: Some(uneven) };
+        assert!(HeaderRecord::decode(&HeaderRecord { rotation: Some(bad), ..plain }.encode()).is_err());
     }
 }

@@ -144,6 +144,9 @@ refusals! {
     /// This backend cannot keep a format-2 volume's integrity in this mode (it refuses rather
     /// than drop integrity silently).
     IntegrityUnsupported => "integrity_unsupported", 409;
+    /// The domain's key is being rotated: only a read-write attach (which finishes the
+    /// re-encryption) is served until it ends, and no second rotation starts before then.
+    KeyRotationInProgress => "key_rotation_in_progress", 409;
 
     // ---- cloud platform ----------------------------------------------------------------------
     /// A volume size that is not a positive multiple of 4096 or above the configured limit.

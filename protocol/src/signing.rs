@@ -31,6 +31,9 @@ pub enum SignatureContext {
     IntegrityAnchor,
     /// The TTP's checkpoint of its audit chain's head (docs/PROTOCOL.md "Audit checkpoints").
     AuditCheckpoint,
+    /// An owner's request for a new key generation of a domain (docs/PROTOCOL.md "Key
+    /// rotation").
+    KeyRotation,
     /// Reserved for key-release messages; no Skydd message is signed with it yet (the fuzz
     /// target covers it).
     KeyRelease,
@@ -49,6 +52,7 @@ impl SignatureContext {
             SignatureContext::IntegrityAnchor => "integrity-anchor",
             SignatureContext::AuditCheckpoint => "audit-checkpoint",
             SignatureContext::KeyRelease => "key-release",
+            SignatureContext::KeyRotation => "key-rotation",
         }
     }
 }

@@ -84,6 +84,9 @@ pub struct Released<'h> {
 pub struct ObtainedKey {
     /// The domain key (zeroized on drop).
     pub key: SecretBytes,
+    /// During a key rotation, the previous generation's keys (docs/PROTOCOL.md "Key
+    /// rotation"), decrypted in the TPM likewise; `None` otherwise.
+    pub previous_key: Option<SecretBytes>,
     /// The TTP's answer: domain, version, audit record.
     pub response: KeyReleaseResponse,
     /// How long each step took.
@@ -158,7 +161,11 @@ impl Released<'_> {
         let started = Instant::now();
         let wrapped = response.wrapped_key.clone();
         let key = host.tpm.run(move |tpm| tpm.decrypt_released_key(&wrapped)).await?;
+        let previous_key = match response.previous_wrapped_key.clone() {
+            Some(wrapped) => Some(host.tpm.run(move |tpm| tpm.decrypt_released_key(&wrapped)).await?),
+            None => None,
+        };
         times.decrypt = started.elapsed();
-        Ok(ObtainedKey { key, response, times })
+        Ok(ObtainedKey { key, previous_key, response, times })
     }
 }

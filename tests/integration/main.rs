@@ -17,6 +17,7 @@ mod federation;
 mod format2;
 mod interrupted_updates;
 mod key_hygiene;
+mod key_rotation;
 mod location;
 mod secure_component_agent;
 mod tpm_attestation;

@@ -173,6 +173,11 @@ pub enum Error {
     /// newest key release (read-write, for a commit) (403 `integrity_commit_forbidden`).
     #[error("integrity commit or report refused: {0}")]
     IntegrityCommitForbidden(String),
+    /// A key release other than read-write while the domain's key is being rotated, or a
+    /// release for a format-2 header that records a rotation (409 `key_rotation_in_progress`;
+    /// docs/PROTOCOL.md "Key rotation").
+    #[error("key rotation in progress: {0}")]
+    KeyRotationInProgress(String),
     /// Too many integrity violation reports for one domain from one host in a minute
     /// (429 `rate_limited`): the audit log is not a place to flood.
     #[error("{0}")]
@@ -262,6 +267,7 @@ impl Error {
             Error::PlacementMismatch(_) => Refusal::PlacementMismatch,
             Error::IntegrityEpochStale(_) => Refusal::IntegrityEpochStale,
             Error::IntegrityCommitForbidden(_) => Refusal::IntegrityCommitForbidden,
+            Error::KeyRotationInProgress(_) => Refusal::KeyRotationInProgress,
             Error::RateLimited(_) => Refusal::RateLimited,
             Error::AuditChainBroken(_) => Refusal::AuditChainBroken,
             Error::Store(_) => Refusal::StoreError,

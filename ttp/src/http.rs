@@ -15,7 +15,7 @@ use protocol::integrity::{
 };
 use protocol::messages::{
     ChallengeResponse, DeleteDomainRequest, HistoryResponse, KeyReleaseRequest, KeyReleaseResponse,
-    RegisterDomainRequest, RegisterDomainResponse,
+    RegisterDomainRequest, RegisterDomainResponse, RotateKeyRequest,
 };
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +35,7 @@ pub fn router(ttp: Arc<Ttp>) -> Router {
         .route("/v1/challenges", post(challenge))
         .route("/v1/domains", post(register_domain))
         .route("/v1/domains/{domain_id}/delete", post(delete_domain))
+        .route("/v1/domains/{domain_id}/rotations", post(rotate_key))
         .route("/v1/domains/{domain_id}/history", get(history))
         .route("/v1/domains/{domain_id}/integrity/commits", post(commit_integrity_root))
         .route("/v1/domains/{domain_id}/integrity/violations", post(report_integrity_violation))
@@ -125,6 +126,16 @@ async fn register_domain(
 ) -> Result<Json<RegisterDomainResponse>, ApiError> {
     let request = json_body(body)?;
     blocking(move || ttp.register_domain(&caller, &request)).await
+}
+
+async fn rotate_key(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+    Path(domain_id): Path<String>,
+    body: Result<Json<RotateKeyRequest>, JsonRejection>,
+) -> Result<Json<RegisterDomainResponse>, ApiError> {
+    let request = json_body(body)?;
+    blocking(move || ttp.rotate_key(&caller, &domain_id, &request)).await
 }
 
 /// Answer to `POST /v1/domains/{id}/delete`: the domain is tombstoned.

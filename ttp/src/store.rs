@@ -51,8 +51,14 @@ pub struct DomainRecord {
     /// Unix seconds of the tombstone, if deleted.
     pub deleted_at: Option<u64>,
     /// The K_TTP version that derives this domain's key, fixed at registration
-    /// (docs/OPERATOR.md "Master key versions").
+    /// (docs/OPERATOR.md "Master key versions"); a key rotation moves it to the newest.
     pub master_key_version: u32,
+    /// The newest key generation (1 until the first rotation): a header's registration must
+    /// be of it (docs/PROTOCOL.md "Key rotation").
+    pub key_generation: u64,
+    /// The K_TTP version of generation `key_generation - 1`, kept from a rotation until a
+    /// release of a header without a rotation shows the re-encryption finished.
+    pub previous_master_key_version: Option<u32>,
 }
 
 /// How many registered domains one K_TTP version derives keys for.
@@ -132,8 +138,16 @@ pub trait TtpStore: Send + Sync {
     /// Marks the domain deleted at `at` (unix seconds); a domain already deleted keeps its first
     /// tombstone.
     fn tombstone_domain(&self, domain_id: &str, at: u64) -> Result<()>;
-    /// Registered domains per K_TTP version, oldest version first.
+    /// Registered domains per K_TTP version, oldest version first; a domain whose rotation
+    /// may still be re-encrypting counts for its previous version too.
     fn master_key_use(&self) -> Result<Vec<MasterKeyUse>>;
+    /// Moves the domain to key generation `expected_generation + 1` under K_TTP version
+    /// `master_key_version`, keeping its current version as the previous one; only if it is
+    /// still at `expected_generation` and not deleted (compare-and-set).
+    fn rotate_domain_key(&self, domain_id: &str, expected_generation: u64, master_key_version: u32) -> Result<()>;
+    /// Forgets the previous generation's K_TTP version once its re-encryption is over (the
+    /// domain still at `generation`).
+    fn finish_key_rotation(&self, domain_id: &str, generation: u64) -> Result<()>;
 
     /// Stores a quote challenge for `host_id` until `expires_at` (unix seconds), dropping
     /// expired ones.
@@ -299,6 +313,12 @@ fn domain_row(domain_id: &str, row: skydd_sql::Row) -> Result<DomainRecord> {
         deleted_at: row.opt_int(5)?.map(|t| t as u64),
         master_key_version: u32::try_from(row.int(6)?)
             .map_err(|_| Error::Store(format!("domain {domain_id} names an impossible master-key version")))?,
+        key_generation: row.int(7)? as u64,
+        previous_master_key_version: row
+            .opt_int(8)?
+            .map(u32::try_from)
+            .transpose()
+            .map_err(|_| Error::Store(format!("domain {domain_id} names an impossible master-key version")))?,
     })
 }
 
@@ -401,7 +421,8 @@ impl TtpStore for SqlStore {
     fn domain(&self, domain_id: &str) -> Result<Option<DomainRecord>> {
         self.read(|c| {
             c.query_row(
-                "SELECT owner, latest_version, descriptor, descriptor_hash, metadata_hash, deleted_at, master_key_version
+                "SELECT owner, latest_version, descriptor, descriptor_hash, metadata_hash, deleted_at, master_key_version,
+                        key_generation, previous_master_key_version
                  FROM domains WHERE domain_id = ?1",
                 &[domain_id.into()],
             )?
@@ -469,13 +490,54 @@ impl TtpStore for SqlStore {
         })
     }
 
+    fn rotate_domain_key(&self, domain_id: &str, expected_generation: u64, master_key_version: u32) -> Result<()> {
+        let domain_id = domain_id.to_string();
+        let params = [
+            domain_id.as_str().into(),
+            (expected_generation as i64).into(),
+            (expected_generation as i64 + 1).into(),
+            i64::from(master_key_version).into(),
+        ];
+        self.write(move |tx| {
+            let changed = tx.execute(
+                "UPDATE domains SET key_generation = ?3, previous_master_key_version = master_key_version,
+                        master_key_version = ?4
+                 WHERE domain_id = ?1 AND key_generation = ?2 AND deleted_at IS NULL",
+                &params,
+            )?;
+            if changed != 1 {
+                return Err(Error::VersionRollback(format!(
+                    "domain {domain_id} changed concurrently: key generation {expected_generation} is no longer the newest"
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    fn finish_key_rotation(&self, domain_id: &str, generation: u64) -> Result<()> {
+        let params = [domain_id.into(), (generation as i64).into()];
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE domains SET previous_master_key_version = NULL WHERE domain_id = ?1 AND key_generation = ?2",
+                &params,
+            )
+            .map(drop)
+            .map_err(Error::from)
+        })
+    }
+
     fn master_key_use(&self) -> Result<Vec<MasterKeyUse>> {
         self.read(|c| {
             c.query(
-                "SELECT master_key_version,
+                "SELECT version,
                         SUM(CASE WHEN deleted_at IS NULL THEN 1 ELSE 0 END),
                         SUM(CASE WHEN deleted_at IS NULL THEN 0 ELSE 1 END)
-                 FROM domains GROUP BY master_key_version ORDER BY master_key_version",
+                 FROM (SELECT master_key_version AS version, deleted_at FROM domains
+                       UNION ALL
+                       SELECT previous_master_key_version, deleted_at FROM domains
+                       WHERE previous_master_key_version IS NOT NULL
+                         AND previous_master_key_version <> master_key_version) AS uses
+                 GROUP BY version ORDER BY version",
                 &[],
             )?
             .into_iter()

@@ -269,6 +269,8 @@ fn versions_are_counted_and_retired_only_when_unused() {
             metadata_hash: [2; 32],
             deleted_at: None,
             master_key_version: 1,
+            key_generation: 1,
+            previous_master_key_version: None,
         })
         .unwrap();
     drop(store);

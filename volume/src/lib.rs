@@ -6,6 +6,7 @@
 //! - [`xts`]: the AES-256-XTS engine that encrypts it, byte for byte what dm-crypt does;
 //! - [`integrity`]: format 2's sector tags, hash tree, crash recovery and freshness anchor;
 //! - [`device`]: whole-sector plaintext access to a volume of either format;
+//! - [`reencrypt`]: moving a format-1 volume to a rotated key, crash-safe, in place;
 //! - [`io`]: the I/O channel those read and write through (a file, or memory in tests);
 //! - [`scrub`]: wiping the registers and stack a thread used for key work.
 //!
@@ -18,6 +19,7 @@ pub mod device;
 pub mod integrity;
 pub mod io;
 pub mod layout;
+pub mod reencrypt;
 pub mod scrub;
 pub mod xts;
 
@@ -56,6 +58,10 @@ pub enum Error {
     /// or written through a read-only mapping).
     #[error("format-2 volume: {0}")]
     Unsupported(String),
+    /// A key rotation's re-encryption cannot go on: its header record is damaged, or a
+    /// hotzone sector matches neither checksum (docs/FORMAT.md "Key rotation").
+    #[error("key rotation: {0}")]
+    Rotation(String),
     /// The TTP did not accept a root commit; the writes stay uncommitted.
     #[error("committing the integrity root to the TTP failed: {0}")]
     Commit(String),

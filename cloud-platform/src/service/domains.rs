@@ -4,9 +4,14 @@
 //! header is written.
 
 use net::{Identity, Role};
-use protocol::cloud::{Attachment, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView, UpdateDomainRequest};
+use protocol::cloud::{
+    Attachment, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView, RotateDomainRequest, UpdateDomainRequest,
+};
 use protocol::domain::Descriptor;
-use protocol::messages::{DeleteDomainRequest, Deletion, HeaderRecord, RegisterDomainRequest, RegisterDomainResponse};
+use protocol::messages::{
+    DeleteDomainRequest, Deletion, HeaderRecord, KeyRotation, RegisterDomainRequest, RegisterDomainResponse,
+    RotateKeyRequest, RotationState,
+};
 use protocol::refusal::Refusal;
 use protocol::signing::SignedEnvelope;
 
@@ -128,7 +133,8 @@ impl CloudPlatform {
                 previous_registration: None,
             })
             .await?;
-        let header = HeaderRecord { descriptor: request.descriptor, registration: response.registration };
+        let header =
+            HeaderRecord { descriptor: request.descriptor, registration: response.registration, rotation: None };
         let (volumes, id, size, h) =
             (self.volumes.clone(), descriptor.domain_id.clone(), request.size_bytes, header.clone());
         let volume_path = blocking(move || volumes.create(&id, size, &h)).await?;
@@ -262,7 +268,13 @@ impl CloudPlatform {
                 previous_registration: Some(current.record.registration.clone()),
             })
             .await?;
-        let header = HeaderRecord { descriptor: envelope, registration: response.registration };
+        // A rotation in progress goes on under the new version: its previous registration
+        // and progress are the volume's, not the descriptor's (docs/PROTOCOL.md "Key rotation").
+        let header = HeaderRecord {
+            descriptor: envelope,
+            registration: response.registration,
+            rotation: current.record.rotation,
+        };
         let (volumes, path, h) = (self.volumes.clone(), record.volume_path.clone(), header.clone());
         let (slot, seq) = blocking(move || volumes.update_header(&path, &h)).await.map_err(|e| {
             Error::Volume(format!(
@@ -274,6 +286,62 @@ impl CloudPlatform {
         self.store(move |s| s.update_domain(&id, version, &shared)).await?;
         tracing::info!(domain = %domain_id, version, slot, seq, "domain updated");
         Ok(header)
+    }
+
+    /// `POST /v1/domains/{id}/rotations`: a new key generation (docs/PROTOCOL.md "Key
+    /// rotation"). The TTP registers it on the owner's signed request; the header is then
+    /// rewritten like an update's, with the new registration, the previous one and a rotation
+    /// at boundary 0. The next read-write attach re-encrypts the volume. Refused while a
+    /// rotation is still in progress (`key_rotation_in_progress`).
+    pub async fn rotate_domain(
+        &self,
+        caller: &Identity,
+        domain_id: &str,
+        request: RotateDomainRequest,
+    ) -> Result<DomainView> {
+        require_role(caller, &[Role::DomainManager], "rotate a domain's key")?;
+        let rotation = KeyRotation::decode(&request.rotation.message)
+            .map_err(|e| Error::BadRequest(format!("key rotation: {e}")))?;
+        if rotation.domain_id != domain_id {
+            return Err(Error::BadRequest(format!(
+                "the rotation is signed for domain {}, but the request is for domain {domain_id}",
+                rotation.domain_id
+            )));
+        }
+        let lock = self.lock_of(domain_id);
+        let _guard = lock.lock().await;
+        let record = self.managed_domain(caller, domain_id).await?;
+        Self::require_owner(caller, &record, "rotate the key of")?;
+        self.finish_pending_update(&record).await?;
+        let current = self.read_header(&record).await?.record;
+        if current.rotation.is_some() {
+            return Err(Error::Conflict {
+                code: Refusal::KeyRotationInProgress,
+                message: format!(
+                    "the key of domain {domain_id} is being rotated already; attach it read-write once to finish the re-encryption, then rotate again"
+                ),
+            });
+        }
+        let body = RotateKeyRequest { rotation: request.rotation, current_registration: current.registration.clone() };
+        let response: RegisterDomainResponse =
+            self.ttp.post_json(&format!("/v1/domains/{domain_id}/rotations"), &body).await.map_err(|e| {
+                Error::from_peer(e, Refusal::TtpUnreachable, || {
+                    format!("cannot reach the TTP at {}", self.ttp.base_url())
+                })
+            })?;
+        let header = HeaderRecord {
+            descriptor: current.descriptor,
+            registration: response.registration,
+            rotation: Some(RotationState { previous_registration: current.registration, boundary: 0, hotzone: None }),
+        };
+        let (volumes, path, h) = (self.volumes.clone(), record.volume_path.clone(), header.clone());
+        let (slot, seq) = blocking(move || volumes.update_header(&path, &h)).await.map_err(|e| {
+            Error::Volume(format!(
+                "the TTP registered a new key of domain {domain_id}, but writing the volume header failed ({e}); rotate again"
+            ))
+        })?;
+        tracing::info!(domain = %domain_id, slot, seq, "key rotated; re-encryption at the next read-write attach");
+        domain_view(&record, header, self.status_of(domain_id).await?)
     }
 
     /// Detaches every open attachment of the domain that `descriptor` no longer allows

@@ -87,6 +87,32 @@ fn check_volume_header(path: &Path, volume_root: Option<&Path>, expected: &[u8])
     Ok(())
 }
 
+/// Re-encrypts the volume at `path` from `previous` to `key` (both 64-byte XTS keys) as its
+/// header's rotation records, logging progress every 10 %; a crash is recovered by the next
+/// attach (`skydd_volume::reencrypt`).
+fn finish_rotation(path: &Path, domain_id: &str, previous: &SecretBytes, key: &SecretBytes) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::Volume(format!("opening {} to re-encrypt it: {e}", path.display())))?;
+    let started = Instant::now();
+    let mut shown = 0;
+    let mut progress = |done: u64, total: u64| {
+        let percent = done * 100 / total.max(1);
+        if percent >= shown + 10 {
+            shown = percent - percent % 10;
+            tracing::info!(domain = %domain_id, percent, done, total, "re-encrypting after a key rotation");
+        }
+    };
+    let options = skydd_volume::reencrypt::RotationOptions::default();
+    let report = skydd_volume::reencrypt::finish_rotation(&file, previous, key, options, &mut progress)
+        .map_err(|e| Error::Volume(format!("re-encrypting domain {domain_id} after its key rotation: {e}")))?;
+    tracing::info!(domain = %domain_id, rewritten = report.rewritten, settled = report.settled,
+        seconds = started.elapsed().as_secs_f64(), "key rotation finished; the previous key reads nothing on this volume any more");
+    Ok(())
+}
+
 impl AttachmentService {
     /// The mount flow for one VM (see the module documentation of [`crate::service`]).
     pub async fn attach(self: &Arc<Self>, request: AgentAttachRequest) -> Result<AgentAttachment> {
@@ -187,7 +213,8 @@ impl AttachmentService {
                 launched_image: launched_image.as_ref(),
             })
             .await?;
-        let (key, release, steps) = (obtained.key, obtained.response, obtained.times);
+        let (key, previous_key, release, steps) =
+            (obtained.key, obtained.previous_key, obtained.response, obtained.times);
         let timings = AttachTimings {
             challenge: steps.challenge,
             quote: steps.quote,
@@ -204,6 +231,17 @@ impl AttachmentService {
 
         let (xts_key, mac_key) = integrity::split_released_keys(&key)?;
         drop(key);
+        // A header with a rotation in progress: the volume is re-encrypted from the previous
+        // key to this one before anyone sees it (docs/FORMAT.md "Key rotation").
+        let previous_xts_key = match (&request.header.rotation, previous_key) {
+            (None, _) => None,
+            (Some(_), Some(previous)) => Some(integrity::split_released_keys(&previous)?.0),
+            (Some(_), None) => {
+                return Err(Error::Volume(format!(
+                    "the header of domain {domain_id} records a key rotation, but the TTP released no previous key to re-encrypt with"
+                )))
+            }
+        };
         let integrity = match (volume_format, mac_key) {
             (VolumeFormat::V1, _) => None,
             (VolumeFormat::V2, None) => {
@@ -248,7 +286,11 @@ impl AttachmentService {
             partner: cloud.partner_name().map(str::to_string),
         };
         let (record, timings) = tokio::task::spawn_blocking(move || {
-            let opened = this.open_and_attach(record, xts_key, integrity, timings);
+            let opened = match previous_xts_key {
+                Some(previous) => finish_rotation(&record.volume_path, &record.domain_id, &previous, &xts_key)
+                    .and_then(|()| this.open_and_attach(record, xts_key, integrity, timings)),
+                None => this.open_and_attach(record, xts_key, integrity, timings),
+            };
             // This pool thread copied the key into the backend (crate::scrub).
             skydd_volume::scrub::scrub_this_thread();
             opened

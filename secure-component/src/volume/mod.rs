@@ -139,7 +139,10 @@ impl From<skydd_volume::Error> for Error {
                 Error::Integrity { refusal: Refusal::IntegrityUnsupported, message: e.to_string() }
             }
             skydd_volume::Error::Io { context, source } => Error::io(context, source),
-            e @ (skydd_volume::Error::Layout(_) | skydd_volume::Error::Commit(_)) => Error::Volume(e.to_string()),
+            e
+            @ (skydd_volume::Error::Layout(_) | skydd_volume::Error::Commit(_) | skydd_volume::Error::Rotation(_)) => {
+                Error::Volume(e.to_string())
+            }
         }
     }
 }

@@ -4,7 +4,9 @@
 
 use protocol::domain::{descriptor_hash, Descriptor, VolumeFormat};
 use protocol::kdf::NONCE_BYTES;
-use protocol::messages::{Deletion, RegisterDomainRequest, RegisterDomainResponse, Registration};
+use protocol::messages::{
+    Deletion, KeyRotation, RegisterDomainRequest, RegisterDomainResponse, Registration, RotateKeyRequest,
+};
 use protocol::pki::{Identity, Role};
 use protocol::signing::{SignatureContext, SignedEnvelope};
 
@@ -31,7 +33,7 @@ impl Ttp {
             self.access_policies.check_descriptor(&descriptor)?;
             let encoded_hash = descriptor_hash(&request.descriptor.message);
             let existing = self.store.domain(&descriptor.domain_id)?;
-            let nonce_r = match (&existing, &request.previous_registration) {
+            let (nonce_r, key_generation) = match (&existing, &request.previous_registration) {
                 (None, None) => {
                     if descriptor.version != 1 {
                         return Err(Error::VersionRollback(format!(
@@ -49,14 +51,17 @@ impl Ttp {
                         metadata_hash: descriptor.metadata_hash(),
                         deleted_at: None,
                         master_key_version: self.master_keys.current_version(),
+                        key_generation: 1,
+                        previous_master_key_version: None,
                     })?;
-                    nonce
+                    (nonce, 1)
                 }
                 (Some(current), Some(previous)) if self.is_repeat_of_newest(current, &descriptor, encoded_hash, previous)? => {
                     // The CP crashed after we registered this version but before its header
                     // reached the disk: answer the same registration again (same r), so the
                     // domain is not stuck on a header we would now call a rollback.
-                    self.verified_registration(previous)?.nonce_r
+                    let previous = self.verified_registration(previous)?;
+                    (previous.nonce_r, previous.key_generation)
                 }
                 (Some(current), Some(previous)) => {
                     self.check_update(current, &descriptor, previous)?;
@@ -70,7 +75,7 @@ impl Ttp {
                         },
                         current.latest_version,
                     )?;
-                    previous.nonce_r
+                    (previous.nonce_r, previous.key_generation)
                 }
                 (Some(current), None) => {
                     return Err(if current.deleted_at.is_some() {
@@ -91,6 +96,7 @@ impl Ttp {
                 metadata_hash: descriptor.metadata_hash(),
                 nonce_r,
                 registered_at: now_unix(),
+                key_generation,
             };
             let envelope = self.signing_key.sign_envelope(SignatureContext::Registration, registration.encode());
             let message = format!("registered version {} of domain {}", descriptor.version, descriptor.domain_id);
@@ -116,7 +122,9 @@ impl Ttp {
             return Ok(false);
         }
         let previous = self.verified_registration(previous)?;
-        Ok(previous.domain_id == current.domain_id && previous.version + 1 == current.latest_version)
+        Ok(previous.domain_id == current.domain_id
+            && previous.version + 1 == current.latest_version
+            && previous.key_generation == current.key_generation)
     }
 
     /// Rules for a new version: owner unchanged, signed by the owner, metadata unchanged
@@ -159,7 +167,86 @@ impl Ttp {
                 current.domain_id, previous.version, previous.domain_id, current.latest_version
             )));
         }
+        if previous.key_generation != current.key_generation {
+            return Err(Error::VersionRollback(format!(
+                "the update of domain {} is based on key generation {}, but the newest is generation {}",
+                current.domain_id, previous.key_generation, current.key_generation
+            )));
+        }
         Ok(())
+    }
+
+    /// Registers a new key generation of a domain on its owner's signed [`KeyRotation`], for
+    /// the cloud platform, which writes it into the volume header beside the current
+    /// registration (docs/PROTOCOL.md "Key rotation"): a fresh `r`, the newest K_TTP version,
+    /// the same descriptor version. `current_registration` must be the newest version's, of
+    /// the generation the owner names. A repeat from that same generation (the cloud
+    /// platform stopped before the header was written) registers the new generation again
+    /// with another `r`: nothing was encrypted under the unwritten one. Audited as `rotate`.
+    pub fn rotate_key(
+        &self,
+        actor: &Identity,
+        domain_id: &str,
+        request: &RotateKeyRequest,
+    ) -> Result<RegisterDomainResponse> {
+        let subject = Subject { domain_id: Some(domain_id.to_string()), ..Default::default() };
+        let (response, _) = self.audited("rotate", actor, subject, |_| {
+            Self::require_role(actor, Role::CloudPlatform, "rotate a domain's key")?;
+            let signer = self
+                .verify_signer(&request.rotation, SignatureContext::KeyRotation, Role::DomainManager)
+                .map_err(|e| Error::DescriptorSignatureInvalid(format!("key rotation request: {e}")))?;
+            let rotation = KeyRotation::decode(&request.rotation.message)?;
+            let current = self.verified_registration(&request.current_registration)?;
+            if rotation.domain_id != domain_id || current.domain_id != domain_id {
+                return Err(Error::BadRequest(format!(
+                    "the rotation is signed for domain {} with a registration of domain {}, but the request is for domain {domain_id}",
+                    rotation.domain_id, current.domain_id
+                )));
+            }
+            let domain = self.store.domain(domain_id)?.ok_or_else(|| Error::DomainUnknown(domain_id.to_string()))?;
+            if domain.deleted_at.is_some() {
+                return Err(Error::DomainDeleted(domain_id.to_string()));
+            }
+            if signer != domain.owner {
+                return Err(Error::OwnerMismatch(format!(
+                    "only the owner {} may rotate the key of domain {domain_id}; {signer} asked",
+                    domain.owner
+                )));
+            }
+            if Descriptor::decode(&domain.descriptor)?.volume_format != VolumeFormat::V1 {
+                return Err(Error::BadRequest(format!(
+                    "domain {domain_id} is format 2: re-encrypting its tags and tree under a new key is not built, so its key cannot be rotated"
+                )));
+            }
+            if current.version != domain.latest_version || current.key_generation != rotation.from_generation {
+                return Err(Error::VersionRollback(format!(
+                    "the rotation of domain {domain_id} is based on version {} key generation {} (owner asked from generation {}), but the newest is version {}",
+                    current.version, current.key_generation, rotation.from_generation, domain.latest_version
+                )));
+            }
+            let new_generation = rotation.from_generation + 1;
+            let master_key_version = self.master_keys.current_version();
+            if domain.key_generation == rotation.from_generation {
+                self.store.rotate_domain_key(domain_id, rotation.from_generation, master_key_version)?;
+            } else if domain.key_generation != new_generation {
+                return Err(Error::VersionRollback(format!(
+                    "domain {domain_id} is at key generation {}; a rotation from generation {} is stale",
+                    domain.key_generation, rotation.from_generation
+                )));
+            }
+            let registration = Registration {
+                nonce_r: rand::random(),
+                registered_at: now_unix(),
+                key_generation: new_generation,
+                ..current
+            };
+            let envelope = self.signing_key.sign_envelope(SignatureContext::Registration, registration.encode());
+            let message = format!(
+                "key of domain {domain_id} rotated by {signer}: generation {new_generation} registered under K_TTP version {master_key_version}; the volume is re-encrypted at its next read-write attach"
+            );
+            Ok((RegisterDomainResponse { registration: envelope }, message))
+        })?;
+        Ok(response)
     }
 
     /// Tombstones a domain on its owner's signed [`Deletion`]: from then on no key is released
@@ -317,5 +404,73 @@ mod tests {
         assert!(refusal.contains("K_TTP version 3 is not loaded on this TTP"), "{refusal}");
         let uses = ttp.store().master_key_use().unwrap();
         assert_eq!(uses, vec![crate::store::MasterKeyUse { version: 2, live_domains: 1, deleted_domains: 0 }]);
+    }
+
+    /// A rotation registers the next key generation with a fresh r and the same version, on
+    /// the owner's signature only; a repeat from the same generation is answered (the cloud
+    /// platform stopped before the header), one from an older generation is stale, and an
+    /// update must then build on the new generation's registration.
+    #[test]
+    fn a_rotation_registers_the_next_key_generation_for_the_owner_only() {
+        use protocol::messages::{KeyRotation, RotateKeyRequest};
+        let ca = CertificateAuthority::generate("cloud-ca").unwrap();
+        let store: Arc<dyn TtpStore> = Arc::new(crate::store::SqlStore::in_memory().unwrap());
+        let ttp = Ttp::new(
+            SecretBytes::from_slice_wiping(&mut [7u8; 32]),
+            key_of(&ca, Role::Ttp, "ttp-1"),
+            vec![ca.0.clone()],
+            AttestationPolicy::default(),
+            store,
+        )
+        .unwrap();
+        let cp = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
+        let (alice, mallory) =
+            (key_of(&ca, Role::DomainManager, "dm-alice"), key_of(&ca, Role::DomainManager, "dm-mallory"));
+        let v1 = Descriptor::new(
+            "dm-alice",
+            Default::default(),
+            vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }],
+        )
+        .unwrap();
+        let id = v1.domain_id.clone();
+        let request = RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, v1.encode().unwrap()),
+            previous_registration: None,
+        };
+        let first = ttp.register_domain(&cp, &request).unwrap().registration;
+        let rotate = |signer: &protocol::signing::SignatureKey, from: u64, current: &SignedEnvelope| {
+            let rotation = KeyRotation { domain_id: id.clone(), from_generation: from, requested_at: 1 };
+            let request = RotateKeyRequest {
+                rotation: signer.sign_envelope(SignatureContext::KeyRotation, rotation.encode()),
+                current_registration: current.clone(),
+            };
+            ttp.rotate_key(&cp, &id, &request)
+        };
+        let err = rotate(&mallory, 1, &first).unwrap_err();
+        assert_eq!(err.code(), "owner_mismatch", "{err}");
+        let second = rotate(&alice, 1, &first).unwrap().registration;
+        let (old, new) =
+            (Registration::decode(&first.message).unwrap(), Registration::decode(&second.message).unwrap());
+        assert_eq!((new.key_generation, new.version, new.descriptor_hash), (2, old.version, old.descriptor_hash));
+        assert_ne!(new.nonce_r, old.nonce_r);
+        let repeat = Registration::decode(&rotate(&alice, 1, &first).unwrap().registration.message).unwrap();
+        assert_eq!(repeat.key_generation, 2, "a repeat registers generation 2 again");
+        let third = rotate(&alice, 2, &second).unwrap().registration;
+        let err = rotate(&alice, 1, &first).unwrap_err();
+        assert_eq!(err.code(), "version_rollback", "{err}");
+        assert!(err.to_string().contains("is stale"), "{err}");
+        assert_eq!(ttp.store().domain(&id).unwrap().unwrap().key_generation, 3);
+        // An update on the generation-1 registration is refused; on generation 3's it carries it.
+        let v2 = v1.next_version(|d| d.acl.clear()).unwrap();
+        let update = |previous: &SignedEnvelope| RegisterDomainRequest {
+            descriptor: alice.sign_envelope(SignatureContext::Descriptor, v2.encode().unwrap()),
+            previous_registration: Some(previous.clone()),
+        };
+        let err = ttp.register_domain(&cp, &update(&first)).unwrap_err();
+        assert!(err.to_string().contains("key generation 1"), "{err}");
+        let updated =
+            Registration::decode(&ttp.register_domain(&cp, &update(&third)).unwrap().registration.message).unwrap();
+        assert_eq!((updated.version, updated.key_generation), (2, 3));
+        assert_eq!(updated.nonce_r, Registration::decode(&third.message).unwrap().nonce_r);
     }
 }

@@ -32,6 +32,19 @@ struct VerifiedHeader {
     descriptor: Descriptor,
     registration: Registration,
     domain: DomainRecord,
+    /// During a key rotation: the previous generation's registration, verified.
+    previous: Option<Registration>,
+}
+
+/// What a granted release answers with, before its audit record is written.
+struct Released {
+    wrapped_key: Vec<u8>,
+    previous_wrapped_key: Option<Vec<u8>>,
+    domain_id: String,
+    version: u64,
+    /// The header shows a finished rotation of this generation whose previous K_TTP version
+    /// the store still keeps.
+    finished_rotation: Option<u64>,
 }
 
 /// Step 4's result: a grant signed by a manager of the domain, for this request, unexpired.
@@ -90,17 +103,25 @@ impl Ttp {
         // The challenge, the grant's used mark, the release record and the domain's newest
         // release (who may commit integrity roots) are written in one transaction, and the
         // anchor returned is the newest as of that instant.
-        let (((wrapped_key, domain_id, version), anchor), record) =
+        let ((released, anchor), record) =
             self.audited_with(release_event(request), actor, subject, decide, |(released, spent), entry| {
                 let (record, anchor) = self.store.commit_key_release(&spent, entry, request.mode)?;
                 Ok(((released, anchor), record))
             })?;
+        if let Some(generation) = released.finished_rotation {
+            // The previous K_TTP version is no longer needed for this domain (best effort:
+            // `ttp master-key status` counts it until then).
+            if let Err(e) = self.store.finish_key_rotation(&released.domain_id, generation) {
+                tracing::warn!(domain = %released.domain_id, error = %e, "could not record the end of a key rotation");
+            }
+        }
         Ok(KeyReleaseResponse {
-            domain_id,
-            version,
-            wrapped_key,
+            domain_id: released.domain_id,
+            version: released.version,
+            wrapped_key: released.wrapped_key,
             audit_seq: record.seq,
             integrity_anchor: anchor.map(|stored| stored.envelope),
+            previous_wrapped_key: released.previous_wrapped_key,
         })
     }
 
@@ -111,7 +132,7 @@ impl Ttp {
         &self,
         actor: &Identity,
         request: &KeyReleaseRequest,
-    ) -> Result<(((Vec<u8>, String, u64), SpentTokens), String)> {
+    ) -> Result<((Released, SpentTokens), String)> {
         // The caller: well-formed ids, a secure component asking for its own host.
         protocol::domain::validate_name("host id", &request.host_id)
             .map_err(|_| Error::BadRequest(invalid_name("host_id", &request.host_id)))?;
@@ -128,7 +149,7 @@ impl Ttp {
         // 1. The host: enrolled, and its TPM quotes the trusted state over our fresh nonce.
         let host = self.attested_host(request)?;
         // 2. The header: owner-signed descriptor, registered by a TTP, newest version.
-        let VerifiedHeader { descriptor, registration, domain } = self.verified_header(request)?;
+        let VerifiedHeader { descriptor, registration, domain, previous } = self.verified_header(request)?;
         // 3. Access: the VM is in the ACL with a mode that covers the request, and, with an
         //    image allowlist, was launched from an image on it.
         check_access(&descriptor, request)?;
@@ -158,10 +179,27 @@ impl Ttp {
         // 6. Derive K || K_mac and seal them to the host's PCR-bound binding key.
         let keys = self.released_keys(&registration, &descriptor, &domain)?;
         let wrapped = attestation::seal_key_to_host(&host, &keys)?;
+        drop(keys);
         let mut message = format!(
             "key of domain {} version {} released to {} on {} ({}), grant by {}, placement by {placer}{image}",
             descriptor.domain_id, descriptor.version, request.vm_id, request.host_id, request.mode, grant.signer
         );
+        // During a rotation the read-write host also gets the previous generation's keys,
+        // derived under the K_TTP version that generation used, to re-encrypt with.
+        let previous_wrapped_key = match &previous {
+            Some(previous) => {
+                let master_key_version = domain.previous_master_key_version.unwrap_or(domain.master_key_version);
+                let keys = self.released_keys_under(previous, &descriptor, &domain, master_key_version)?;
+                message.push_str(&format!(
+                    ", key generations {} and {} (rotation in progress)",
+                    previous.key_generation, registration.key_generation
+                ));
+                Some(attestation::seal_key_to_host(&host, &keys)?)
+            }
+            None => None,
+        };
+        let finished_rotation =
+            (previous.is_none() && domain.previous_master_key_version.is_some()).then_some(registration.key_generation);
         if let Some(Permitted { policy_ids }) = &permitted {
             message.push_str(&format!(", permitted by policy {}", policy_ids.join(", ")));
         }
@@ -169,7 +207,14 @@ impl Ttp {
             // The reason last: it is the signer's free text.
             message.push_str(&format!(", purpose {}, reason: {}", grant.grant.purpose, grant.grant.reason));
         }
-        Ok((((wrapped, descriptor.domain_id.clone(), descriptor.version), spent), message))
+        let released = Released {
+            wrapped_key: wrapped,
+            previous_wrapped_key,
+            domain_id: descriptor.domain_id.clone(),
+            version: descriptor.version,
+            finished_rotation,
+        };
+        Ok(((released, spent), message))
     }
 
     /// What a key release wraps: K followed by `K_mac`
@@ -182,9 +227,21 @@ impl Ttp {
         descriptor: &Descriptor,
         domain: &DomainRecord,
     ) -> Result<SecretBytes> {
+        self.released_keys_under(registration, descriptor, domain, domain.master_key_version)
+    }
+
+    /// [`Ttp::released_keys`] under K_TTP version `master_key_version` (during a rotation the
+    /// previous generation's keys use the version recorded before it).
+    fn released_keys_under(
+        &self,
+        registration: &Registration,
+        descriptor: &Descriptor,
+        domain: &DomainRecord,
+        master_key_version: u32,
+    ) -> Result<SecretBytes> {
         let inputs = (&registration.nonce_r, descriptor.domain_id.as_str(), &domain.metadata_hash);
         // The K_TTP version recorded at registration derives this domain's key.
-        let master_key = self.master_keys.key(domain.master_key_version)?;
+        let master_key = self.master_keys.key(master_key_version)?;
         let key = derive_volume_key(master_key, inputs.0, inputs.1, inputs.2, &descriptor.cipher_spec)?;
         let mac_key = derive_sector_mac_key(master_key, inputs.0, inputs.1, inputs.2, &descriptor.cipher_spec)?;
         let mut keys = SecretBytes::zeroed(RELEASED_KEYS_BYTES);
@@ -269,7 +326,52 @@ impl Ttp {
                 descriptor.version, descriptor.domain_id, domain.latest_version
             )));
         }
-        Ok(VerifiedHeader { descriptor, registration, domain })
+        if registration.key_generation != domain.key_generation {
+            return Err(Error::VersionRollback(format!(
+                "the header holds key generation {} of domain {}, but generation {} is the newest",
+                registration.key_generation, descriptor.domain_id, domain.key_generation
+            )));
+        }
+        let previous = match &request.header.rotation {
+            None => None,
+            Some(rotation) => Some(self.verified_rotation(request, &descriptor, &registration, rotation)?),
+        };
+        Ok(VerifiedHeader { descriptor, registration, domain, previous })
+    }
+
+    /// Step 2, during a key rotation (docs/PROTOCOL.md "Key rotation"): the previous
+    /// registration is this TTP's, of the same domain and the generation just before; only a
+    /// read-write release (the host that re-encrypts) is served, of a format-1 volume.
+    fn verified_rotation(
+        &self,
+        request: &KeyReleaseRequest,
+        descriptor: &Descriptor,
+        registration: &Registration,
+        rotation: &protocol::messages::RotationState,
+    ) -> Result<Registration> {
+        let previous = self.verified_registration(&rotation.previous_registration)?;
+        if previous.domain_id != descriptor.domain_id || previous.key_generation + 1 != registration.key_generation {
+            return Err(Error::RegistrationMismatch(format!(
+                "the header's previous registration (domain {}, key generation {}) is not generation {} of domain {}",
+                previous.domain_id,
+                previous.key_generation,
+                registration.key_generation.saturating_sub(1),
+                descriptor.domain_id
+            )));
+        }
+        if descriptor.volume_format != protocol::domain::VolumeFormat::V1 {
+            return Err(Error::KeyRotationInProgress(format!(
+                "domain {} is format 2, whose re-encryption is not built; its header must not record a rotation",
+                descriptor.domain_id
+            )));
+        }
+        if request.mode != protocol::domain::AccessMode::Rw {
+            return Err(Error::KeyRotationInProgress(format!(
+                "the key of domain {} is being rotated (generation {} to {}): only a read-write attach, which finishes the re-encryption, is served until it ends; attach read-only after that",
+                descriptor.domain_id, previous.key_generation, registration.key_generation
+            )));
+        }
+        Ok(previous)
     }
 
     /// Step 3, continued, once the grant and placement are verified: a break-glass grant

@@ -153,7 +153,8 @@ mod tests {
     use rusqlite::Connection;
 
     /// A database made before schema version 1 gains the integrity tables at open (and, at
-    /// version 3, each domain's K_TTP version: 1 for domains registered before), and a
+    /// version 3, each domain's K_TTP version: 1 for domains registered before; at version 4
+    /// its key generation), and a
     /// reopened one keeps what it holds.
     #[test]
     fn schema_migrates_once_and_survives_reopening() {
@@ -165,6 +166,8 @@ mod tests {
             .execute_batch(
                 "DROP TABLE integrity_anchors; DROP TABLE latest_releases;
                  DROP INDEX domains_master_key_version; ALTER TABLE domains DROP COLUMN master_key_version;
+                 ALTER TABLE domains DROP COLUMN key_generation;
+                 ALTER TABLE domains DROP COLUMN previous_master_key_version;
                  INSERT INTO domains (domain_id, owner, latest_version, descriptor, descriptor_hash, metadata_hash)
                     VALUES ('d', 'dm-alice', 1, x'00', zeroblob(32), zeroblob(32));
                  PRAGMA user_version = 0;",
@@ -180,9 +183,11 @@ mod tests {
         drop(SqlStore::open(&path).unwrap());
         let version: i64 =
             Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, 4);
         let store = SqlStore::open(&path).unwrap();
-        assert_eq!(store.domain("d").unwrap().expect("kept").master_key_version, 1);
+        let kept = store.domain("d").unwrap().expect("kept");
+        // Version 4: a domain registered before rotations is at key generation 1.
+        assert_eq!((kept.master_key_version, kept.key_generation, kept.previous_master_key_version), (1, 1, None));
         store.append_key_release(entry, AccessMode::Rw).unwrap();
         drop(store);
         let release = SqlStore::open(&path).unwrap().latest_release("d").unwrap().expect("kept");

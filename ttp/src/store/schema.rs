@@ -35,7 +35,15 @@ const SQLITE_BASE: &str = "
     CREATE INDEX IF NOT EXISTS audit_domain ON audit(domain_id, seq);";
 
 /// Schema changes after version 0 on SQLite, by version.
-const SQLITE_MIGRATIONS: &[(i64, &str)] = &[(1, integrity::SCHEMA), (2, CHECKPOINTS), (3, MASTER_KEY_VERSIONS)];
+const SQLITE_MIGRATIONS: &[(i64, &str)] =
+    &[(1, integrity::SCHEMA), (2, CHECKPOINTS), (3, MASTER_KEY_VERSIONS), (4, KEY_GENERATIONS)];
+
+/// Version 4 on both engines: each domain's newest key generation and, while a rotation may
+/// still be re-encrypting, the K_TTP version of the generation before it (docs/PROTOCOL.md
+/// "Key rotation"). Domains registered before rotations existed are at generation 1.
+const KEY_GENERATIONS: &str = "
+    ALTER TABLE domains ADD COLUMN key_generation BIGINT NOT NULL DEFAULT 1;
+    ALTER TABLE domains ADD COLUMN previous_master_key_version BIGINT;";
 
 /// Version 3 on both engines: the K_TTP version that derives each domain's key; domains
 /// registered before versions existed used the one key there was, version 1.
@@ -82,6 +90,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     ),
     (2, POSTGRES_CHECKPOINTS),
     (3, MASTER_KEY_VERSIONS),
+    (4, KEY_GENERATIONS),
 ];
 
 /// The TTP's schema on both engines, for [`skydd_sql::Backend::open`].

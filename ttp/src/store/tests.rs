@@ -63,6 +63,8 @@ fn domain(version: u64, descriptor: &[u8]) -> DomainRecord {
         metadata_hash: [9; 32],
         deleted_at: None,
         master_key_version: 1,
+        key_generation: 1,
+        previous_master_key_version: None,
     }
 }
 

@@ -179,9 +179,11 @@ fn header_of_an_unknown_domain_is_domain_unknown() {
         metadata_hash: unknown.metadata_hash(),
         nonce_r: [1; 32],
         registered_at: now_unix(),
+        key_generation: 1,
     };
     let registration = f.key(Role::Ttp, "ttp-1").sign_envelope(SignatureContext::Registration, registration.encode());
-    let request = KeyReleaseRequest { header: HeaderRecord { descriptor, registration }, ..f.request() };
+    let request =
+        KeyReleaseRequest { header: HeaderRecord { descriptor, registration, rotation: None }, ..f.request() };
     let error = f.refused(&request, "domain_unknown");
     assert_mentions(&error, &unknown.domain_id);
 }
@@ -440,4 +442,72 @@ fn released_blob_is_the_volume_key_followed_by_the_sector_mac_key() {
     let record = f.ttp.store().audit_records(None).unwrap().pop().unwrap();
     assert_eq!((record.event.as_str(), record.outcome.as_str()), ("key_release", "ok"));
     assert!(!record.message.contains(&hex::encode(mac_key.expose())), "no key in the audit log");
+}
+
+// ---- key rotation --------------------------------------------------------------------------
+
+/// After a rotation: the old header is stale (`version_rollback`), the rotating header is
+/// served read-write only (`key_rotation_in_progress` otherwise), and a read-write release
+/// carries both generations' keys, each derived from its own r.
+#[test]
+fn during_a_rotation_only_read_write_gets_both_keys() {
+    use protocol::messages::{KeyRotation, RotateKeyRequest, RotationState};
+    let f = Fixture::new();
+    let binding_key = f.software_binding_key();
+    // The fixture's domain is format 2, which cannot be rotated: a format-1 one beside it.
+    let descriptor =
+        Descriptor::new(OWNER, Default::default(), vec![AclEntry { vm_id: VM.into(), mode: AccessMode::Rw }]).unwrap();
+    let header = register(&f.ttp, &f.owner, &descriptor, None);
+    let id = descriptor.domain_id.clone();
+    let request_for = |header: &HeaderRecord, mode: AccessMode| {
+        let grant = f.grant_with(&f.owner, |g| g.domain_id = id.clone());
+        KeyReleaseRequest { header: header.clone(), mode, ..f.request_with_grant(grant) }
+    };
+    let rotation = KeyRotation { domain_id: id.clone(), from_generation: 1, requested_at: 1 };
+    let request = RotateKeyRequest {
+        rotation: f.owner.sign_envelope(SignatureContext::KeyRotation, rotation.encode()),
+        current_registration: header.registration.clone(),
+    };
+    let cp = Identity { name: "cp-1".into(), role: Role::CloudPlatform };
+    let error = f.ttp.rotate_key(&cp, &f.descriptor.domain_id, &request).unwrap_err();
+    assert_eq!(error.code(), "bad_request", "{error}");
+    let registration = f.ttp.rotate_key(&cp, &id, &request).unwrap().registration;
+
+    let error = f.refused(&request_for(&header, AccessMode::Rw), "version_rollback");
+    assert_mentions(&error, "key generation 1");
+    let rotating = HeaderRecord {
+        registration,
+        rotation: Some(RotationState {
+            previous_registration: header.registration.clone(),
+            boundary: 0,
+            hotzone: None,
+        }),
+        ..header.clone()
+    };
+    let error = f.refused(&request_for(&rotating, AccessMode::Ro), "key_rotation_in_progress");
+    assert_mentions(&error, "only a read-write attach");
+
+    let response = f.release(&request_for(&rotating, AccessMode::Rw)).expect("granted");
+    let pkey = openssl::pkey::PKey::from_rsa(binding_key).unwrap();
+    let open = |wrapped: &[u8]| {
+        let mut decrypter = openssl::encrypt::Decrypter::new(&pkey).unwrap();
+        decrypter.set_rsa_padding(openssl::rsa::Padding::PKCS1_OAEP).unwrap();
+        decrypter.set_rsa_oaep_md(openssl::hash::MessageDigest::sha256()).unwrap();
+        decrypter.set_rsa_mgf1_md(openssl::hash::MessageDigest::sha256()).unwrap();
+        decrypter.set_rsa_oaep_label(protocol::attest::BINDING_OAEP_LABEL).unwrap();
+        let mut opened = vec![0; decrypter.decrypt_len(wrapped).unwrap()];
+        let len = decrypter.decrypt(wrapped, &mut opened).unwrap();
+        opened.truncate(len);
+        opened
+    };
+    let key_of = |envelope: &protocol::signing::SignedEnvelope| {
+        let r = Registration::decode(&envelope.message).unwrap().nonce_r;
+        let master = SecretBytes::from_slice_wiping(&mut [7u8; 32]);
+        let meta = descriptor.metadata_hash();
+        derive_volume_key(&master, &r, &id, &meta, &descriptor.cipher_spec).unwrap().expose().to_vec()
+    };
+    assert_eq!(&open(&response.wrapped_key)[..VOLUME_KEY_BYTES], key_of(&rotating.registration).as_slice());
+    let previous = open(response.previous_wrapped_key.as_ref().expect("the previous generation's keys"));
+    assert_eq!(&previous[..VOLUME_KEY_BYTES], key_of(&header.registration).as_slice());
+    assert_ne!(key_of(&rotating.registration), key_of(&header.registration));
 }

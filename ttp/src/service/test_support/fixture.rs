@@ -300,7 +300,7 @@ pub(crate) fn register(
     let signed = owner.sign_envelope(SignatureContext::Descriptor, descriptor.encode().unwrap());
     let request = RegisterDomainRequest { descriptor: signed.clone(), previous_registration: previous };
     let registration = ttp.register_domain(&cloud, &request).unwrap().registration;
-    HeaderRecord { descriptor: signed, registration }
+    HeaderRecord { descriptor: signed, registration, rotation: None }
 }
 
 pub(crate) fn assert_mentions(error: &Error, text: &str) {

@@ -1,0 +1,114 @@
+//! Key rotation end to end (docs/PROTOCOL.md "Key rotation", docs/FORMAT.md "Key rotation"):
+//! the owner revokes a VM and rotates the domain's key in one go (`domain revoke --rotate`);
+//! the next read-write attach re-encrypts the volume on its host before the VM sees it. The
+//! data written before is read back, and the volume's data area, checked with an independent
+//! AES-XTS (RustCrypto xts-mode) under keys computed independently (OpenSSL's HKDF from the
+//! custodians' K_TTP and each registration's r), no longer decrypts with the old key — a copy
+//! of which a revoked party would hold — and decrypts with the new one, including what was
+//! written after. Needs root, swtpm, /dev/fuse and /dev/loop-control (the all-in-one cloud).
+
+use aes::cipher::KeyInit;
+use domain_manager::config::DmConfig;
+use domain_manager::ops::{parse_acl_entry, DomainManager};
+use protocol::domain::{AccessMode, Descriptor};
+use protocol::format::{self, DATA_OFFSET, SECTOR_SIZE};
+use protocol::messages::{HeaderRecord, Registration};
+use skydd::cloud::{AllInOne, DEMO_LAYOUT};
+use skydd_testkit::independent_key;
+
+const BEFORE: &[u8] = b"SKYDD-WRITTEN-BEFORE-THE-ROTATION-41c9";
+const AFTER: &[u8] = b"SKYDD-WRITTEN-AFTER-THE-ROTATION-9d07";
+
+/// The data area of `raw` decrypted with `key` by RustCrypto's XTS (docs/FORMAT.md "Data area").
+fn independent_decrypt(key: &[u8], raw: &[u8]) -> Vec<u8> {
+    let xts = xts_mode::Xts128::new(
+        aes::Aes256::new_from_slice(&key[..32]).unwrap(),
+        aes::Aes256::new_from_slice(&key[32..]).unwrap(),
+    );
+    let mut data = raw[DATA_OFFSET as usize..].to_vec();
+    for (i, sector) in data.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+        xts.decrypt_sector(sector, (i as u128).to_le_bytes());
+    }
+    data
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn header_of(raw: &[u8]) -> HeaderRecord {
+    let active = format::decode_header_area(&raw[..format::HEADER_AREA_SIZE]).unwrap();
+    HeaderRecord::decode(&active.payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_and_rotate_then_the_old_key_reads_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = AllInOne::start(dir.path(), &DEMO_LAYOUT, &mut |line| println!(".. {line}")).await.unwrap();
+    let alice = DomainManager::connect(&DmConfig::load(&cloud.manager_config("dm-alice").unwrap()).unwrap()).unwrap();
+    let acl = vec![parse_acl_entry("vm-a:rw").unwrap(), parse_acl_entry("vm-b:ro").unwrap()];
+    let domain = alice.create(Default::default(), acl, vec![], 24 << 20).await.unwrap();
+    let id = domain.id.clone();
+    let volume = cloud.dir.join("cloud-platform").join("volumes").join(format!("{id}.vol"));
+    let mount = cloud.vm_mount("vm-a", &id, &DEMO_LAYOUT).unwrap();
+
+    alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.unwrap();
+    std::fs::write(mount.join("before.txt"), BEFORE.repeat(50)).unwrap();
+    alice.detach(&id, "vm-a").await.unwrap();
+
+    // The key a party holding vm-b's release would keep: K of generation 1.
+    let master = cloud.ttp.master_key_from_custodians(1).unwrap().expose().to_vec();
+    let raw = std::fs::read(&volume).unwrap();
+    let header = header_of(&raw);
+    let descriptor = Descriptor::decode(&header.descriptor.message).unwrap();
+    let old_registration = Registration::decode(&header.registration.message).unwrap();
+    assert_eq!(old_registration.key_generation, 1);
+    let old_key = independent_key(&master, &old_registration, &id, &descriptor.metadata_hash());
+    assert!(contains(&independent_decrypt(&old_key, &raw), BEFORE), "the old key reads the volume before");
+
+    // `domain revoke --rotate`: the revocation, then a new key generation.
+    alice.revoke(&id, "vm-b").await.unwrap();
+    let rotated = alice.rotate(&id).await.unwrap();
+    let rotation = rotated.header.rotation.as_ref().expect("the header records the rotation");
+    assert_eq!(rotation.boundary, 0);
+    let new_registration = Registration::decode(&rotated.header.registration.message).unwrap();
+    assert_eq!(new_registration.key_generation, 2);
+    assert_ne!(new_registration.nonce_r, old_registration.nonce_r, "a fresh r");
+    let second = alice.rotate(&id).await.expect_err("one rotation at a time");
+    assert!(second.to_string().contains("being rotated already"), "{second}");
+    assert_eq!(cloud.ttp.service.store().domain(&id).unwrap().unwrap().key_generation, 2);
+
+    // While it is rotating only a read-write attach is served: a grant goes on (the rotation
+    // is carried over to the new version) and a read-only attach is refused with its own code.
+    alice.grant(&id, "vm-c", AccessMode::Ro).await.unwrap();
+    let refused = alice.attach(&id, "vm-c", AccessMode::Ro, 300).await.unwrap_err();
+    assert_eq!(refused.code(), Some("key_rotation_in_progress"), "{refused}");
+    assert!(refused.to_string().contains("what to do:"), "{refused}");
+
+    // The read-write attach re-encrypts before vm-a sees the volume; the data is intact.
+    alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.unwrap();
+    assert_eq!(std::fs::read(mount.join("before.txt")).unwrap(), BEFORE.repeat(50));
+    std::fs::write(mount.join("after.txt"), AFTER.repeat(50)).unwrap();
+    alice.detach(&id, "vm-a").await.unwrap();
+
+    let raw = std::fs::read(&volume).unwrap();
+    let header = header_of(&raw);
+    assert!(header.rotation.is_none(), "the finished header holds only the new registration");
+    let registration = Registration::decode(&header.registration.message).unwrap();
+    assert_eq!((registration.key_generation, registration.nonce_r), (2, new_registration.nonce_r));
+    let new_key = independent_key(&master, &registration, &id, &descriptor.metadata_hash());
+    let with_new = independent_decrypt(&new_key, &raw);
+    assert_eq!(&with_new[1080..1082], &[0x53, 0xEF], "ext4 under the new key");
+    assert!(contains(&with_new, BEFORE) && contains(&with_new, AFTER), "the new key reads old and new data");
+    let with_old = independent_decrypt(&old_key, &raw);
+    assert_ne!(&with_old[1080..1082], &[0x53, 0xEF], "no ext4 superblock under the old key");
+    assert!(!contains(&with_old, BEFORE) && !contains(&with_old, AFTER), "the old key reads nothing");
+    // The rotation is audited, and after it a read-only attach is served again.
+    let history = alice.history(&id).await.unwrap().records;
+    assert!(history.iter().any(|r| r.event == "rotate" && r.outcome == "ok"), "{history:?}");
+    alice.attach(&id, "vm-c", AccessMode::Ro, 300).await.unwrap();
+    alice.detach(&id, "vm-c").await.unwrap();
+    let store = cloud.ttp.service.store().domain(&id).unwrap().unwrap();
+    assert_eq!(store.previous_master_key_version, None, "the TTP saw the rotation finish");
+    cloud.stop().await;
+}

@@ -1,0 +1,339 @@
+//! Re-encryption in place after a key rotation (docs/FORMAT.md "Key rotation"): the data
+//! area moves from the previous key generation's key to the new one, a hotzone at a time,
+//! behind a boundary recorded in the volume header.
+//!
+//! For each hotzone (up to [`MAX_HOTZONE_SECTORS`], 8 MiB): read its ciphertext, compute
+//! the new ciphertext in memory, **durably** record the boundary, the hotzone and the
+//! SHA-256 of every sector's old and new ciphertext in the header (RWF_DSYNC), write the new
+//! ciphertext, `fdatasync`, advance. A crash at any point leaves a header whose hotzone
+//! names exactly the sectors that may be half-way; [`finish_rotation`] settles each by its
+//! checksum (new → done, old → re-encrypt it again) and goes on. At the end the header is
+//! rewritten with only the new registration: the old key is never needed again.
+//!
+//! Sectors whose ciphertext is all zero (never written: the volume file is sparse) are left
+//! as they are, so a rotation does not allocate a volume's holes.
+//!
+//! Format 1 only: a format-2 volume's tags and tree are keyed too (K_mac), and moving them
+//! is not built; [`finish_rotation`] refuses such a volume.
+
+use protocol::domain::{Descriptor, VolumeFormat};
+use protocol::format::{self, ActiveHeader, HEADER_AREA_SIZE, MAX_PAYLOAD_LEN};
+use protocol::messages::{HeaderRecord, Hotzone, RotationState, MAX_HOTZONE_SECTORS};
+use protocol::secret::SecretBytes;
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroize;
+
+use crate::io::BlockIo;
+use crate::layout::{data_sector_offset, SECTOR_SIZE};
+use crate::xts::XtsEngine;
+use crate::{Error, Result};
+
+/// What one finished re-encryption did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RotationReport {
+    /// Data sectors of the volume.
+    pub data_sectors: u64,
+    /// Sectors whose ciphertext was rewritten under the new key (written ones only).
+    pub rewritten: u64,
+    /// Hotzone sectors found half-way after a crash and settled (re-encrypted again or kept).
+    pub settled: u64,
+    /// Hotzones re-encrypted by this run.
+    pub hotzones: u64,
+}
+
+/// How a run is cut (tests make it small; the secure component uses the defaults).
+#[derive(Debug, Clone, Copy)]
+pub struct RotationOptions {
+    /// Sectors per hotzone, at most [`MAX_HOTZONE_SECTORS`] (less if the header cannot hold
+    /// its checksums).
+    pub hotzone_sectors: usize,
+}
+
+impl Default for RotationOptions {
+    fn default() -> Self {
+        Self { hotzone_sectors: MAX_HOTZONE_SECTORS }
+    }
+}
+
+fn rotation_err(detail: impl Into<String>) -> Error {
+    Error::Rotation(detail.into())
+}
+
+/// The header in force on the volume behind `io`, decoded.
+pub fn read_header(io: &dyn BlockIo) -> Result<(ActiveHeader, HeaderRecord)> {
+    let mut area = vec![0u8; HEADER_AREA_SIZE];
+    io.read_exact_at(&mut area, 0).map_err(|e| Error::io("reading the header area", e))?;
+    let active = format::decode_header_area(&area).map_err(|e| rotation_err(format!("the volume header: {e}")))?;
+    let record =
+        HeaderRecord::decode(&active.payload).map_err(|e| rotation_err(format!("the volume's header record: {e}")))?;
+    Ok((active, record))
+}
+
+/// Writes `record` into the slot not in force with the next sequence number, durably, and
+/// returns the header now in force.
+fn write_header(io: &dyn BlockIo, current: &ActiveHeader, record: &HeaderRecord) -> Result<ActiveHeader> {
+    let payload = record.encode();
+    let (slot, seq) =
+        format::next_slot_for_update(Some(current)).map_err(|e| rotation_err(format!("the next header slot: {e}")))?;
+    let bytes = format::encode_slot(seq, &payload).map_err(|e| rotation_err(format!("the header record: {e}")))?;
+    io.write_durable_at(&bytes, format::slot_offset(slot)).map_err(|e| Error::io("writing the volume header", e))?;
+    Ok(ActiveHeader { slot, seq, payload, skipped: None })
+}
+
+/// Whether the header holds a key rotation that is not finished.
+pub fn rotation_pending(io: &dyn BlockIo) -> Result<bool> {
+    Ok(read_header(io)?.1.rotation.is_some())
+}
+
+/// The two engines of a re-encryption: the previous key generation's and the new one's.
+struct Engines {
+    old: XtsEngine,
+    new: XtsEngine,
+}
+
+/// One hotzone computed in memory, not yet written: its new ciphertext, both checksum lists
+/// and which sectors change (all but the never-written ones).
+struct Prepared {
+    first: u64,
+    count: usize,
+    buf: Vec<u8>,
+    old_sums: Vec<u8>,
+    new_sums: Vec<u8>,
+    changed: Vec<bool>,
+}
+
+/// Reads `[first, first + count)` into `buf` and re-encrypts it in memory, sector by
+/// sector in parallel (the checksums cost as much as the cipher).
+fn prepare(io: &dyn BlockIo, engines: &Engines, first: u64, count: usize, mut buf: Vec<u8>) -> Result<Prepared> {
+    buf.resize(count * SECTOR_SIZE, 0);
+    io.read_exact_at(&mut buf, data_sector_offset(first)).map_err(|e| Error::io("reading the data area", e))?;
+    let sums: Vec<([u8; 32], [u8; 32], bool)> = buf
+        .par_chunks_mut(SECTOR_SIZE)
+        .enumerate()
+        .map(|(i, sector)| {
+            let old_sum = sha256(sector);
+            if is_zero(sector) {
+                return Ok((old_sum, old_sum, false));
+            }
+            let number = first + i as u64;
+            engines.old.decrypt_sectors(number, sector)?;
+            engines.new.encrypt_sectors(number, sector)?;
+            Ok((old_sum, sha256(sector), true))
+        })
+        .collect::<Result<_>>()?;
+    let mut prepared = Prepared {
+        first,
+        count,
+        buf,
+        old_sums: Vec::with_capacity(count * 32),
+        new_sums: Vec::with_capacity(count * 32),
+        changed: Vec::with_capacity(count),
+    };
+    for (old_sum, new_sum, changed) in &sums {
+        prepared.old_sums.extend_from_slice(old_sum);
+        prepared.new_sums.extend_from_slice(new_sum);
+        prepared.changed.push(*changed);
+    }
+    Ok(prepared)
+}
+
+/// The re-encryption of one volume: where the boundary is and the header in force.
+struct Run<'a> {
+    io: &'a dyn BlockIo,
+    data_sectors: u64,
+    header: ActiveHeader,
+    record: HeaderRecord,
+    report: RotationReport,
+}
+
+fn sha256(sector: &[u8]) -> [u8; 32] {
+    Sha256::digest(sector).into()
+}
+
+fn is_zero(sector: &[u8]) -> bool {
+    sector.iter().all(|&b| b == 0)
+}
+
+impl Run<'_> {
+    fn rotation(&self) -> &RotationState {
+        self.record.rotation.as_ref().expect("a run exists only for a header with a rotation")
+    }
+
+    /// Durably records `boundary` and `hotzone` in the header.
+    fn record_progress(&mut self, boundary: u64, hotzone: Option<Hotzone>) -> Result<()> {
+        let mut rotation = self.rotation().clone();
+        rotation.boundary = boundary;
+        rotation.hotzone = hotzone;
+        let record = HeaderRecord { rotation: Some(rotation), ..self.record.clone() };
+        self.header = write_header(self.io, &self.header, &record)?;
+        self.record = record;
+        Ok(())
+    }
+
+    /// How many sectors a hotzone may have so that the header still fits a slot.
+    fn hotzone_limit(&self, wanted: usize) -> usize {
+        let base = HeaderRecord {
+            rotation: Some(RotationState { hotzone: None, ..self.rotation().clone() }),
+            ..self.record.clone()
+        }
+        .encode()
+        .len();
+        let room = MAX_PAYLOAD_LEN.saturating_sub(base) / 64;
+        wanted.clamp(1, MAX_HOTZONE_SECTORS).min(room)
+    }
+
+    /// Writes the sectors of `buf` (from data sector `first`) whose ciphertext changed.
+    fn write_changed(&self, first: u64, buf: &[u8], changed: &[bool]) -> Result<()> {
+        let mut index = 0;
+        while index < changed.len() {
+            if !changed[index] {
+                index += 1;
+                continue;
+            }
+            let start = index;
+            while index < changed.len() && changed[index] {
+                index += 1;
+            }
+            let bytes = &buf[start * SECTOR_SIZE..index * SECTOR_SIZE];
+            self.io
+                .write_all_at(bytes, data_sector_offset(first + start as u64))
+                .map_err(|e| Error::io("writing re-encrypted sectors", e))?;
+        }
+        Ok(())
+    }
+
+    /// Settles the hotzone a crash left: each sector is under the new key already (its
+    /// ciphertext has the new checksum), or still under the old one (re-encrypted now).
+    fn settle(&mut self, engines: &Engines, hotzone: &Hotzone) -> Result<()> {
+        let count = hotzone.sectors() as usize;
+        if hotzone.first.checked_add(count as u64).is_none_or(|end| end > self.data_sectors) {
+            return Err(rotation_err(format!(
+                "the hotzone (sectors {} + {count}) lies beyond the data area of {} sectors",
+                hotzone.first, self.data_sectors
+            )));
+        }
+        let mut buf = vec![0u8; count * SECTOR_SIZE];
+        self.io
+            .read_exact_at(&mut buf, data_sector_offset(hotzone.first))
+            .map_err(|e| Error::io("reading the hotzone", e))?;
+        let mut changed = vec![false; count];
+        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+            let sum = sha256(sector);
+            let (old_sum, new_sum) = (&hotzone.old_sums[i * 32..][..32], &hotzone.new_sums[i * 32..][..32]);
+            if sum == new_sum {
+                continue;
+            }
+            if sum != old_sum {
+                buf.zeroize();
+                return Err(rotation_err(format!(
+                    "data sector {} of the hotzone matches neither its old nor its new checksum: it was torn or altered, and its content cannot be recovered",
+                    hotzone.first + i as u64
+                )));
+            }
+            let sector_number = hotzone.first + i as u64;
+            engines.old.decrypt_sectors(sector_number, sector)?;
+            engines.new.encrypt_sectors(sector_number, sector)?;
+            changed[i] = true;
+            self.report.settled += 1;
+        }
+        let written = self.write_changed(hotzone.first, &buf, &changed);
+        buf.zeroize();
+        written?;
+        self.io.sync_data().map_err(|e| Error::io("syncing the settled hotzone", e))
+    }
+
+    /// Moves a prepared hotzone across the boundary: record it durably, write, sync.
+    fn commit(&mut self, prepared: Prepared) -> Result<Vec<u8>> {
+        let Prepared { first, count, mut buf, old_sums, new_sums, changed } = prepared;
+        let rewritten = changed.iter().filter(|&&c| c).count() as u64;
+        if rewritten > 0 {
+            self.record_progress(first, Some(Hotzone { first, old_sums, new_sums }))?;
+            self.write_changed(first, &buf[..count * SECTOR_SIZE], &changed)?;
+            self.io.sync_data().map_err(|e| Error::io("syncing the re-encrypted hotzone", e))?;
+            self.report.rewritten += rewritten;
+        }
+        self.report.hotzones += 1;
+        buf.zeroize();
+        Ok(buf)
+    }
+}
+
+/// Finishes the key rotation recorded in the header of the format-1 volume behind `io`:
+/// settles a hotzone a crash left, re-encrypts from the boundary to the end with
+/// `new_key` (the header's registration) what `old_key` (the previous registration)
+/// encrypted, then writes a header without the rotation. `progress(done, total)` is called
+/// after each hotzone (data sectors). Both keys are the 64-byte XTS keys.
+pub fn finish_rotation(
+    io: &dyn BlockIo,
+    old_key: &SecretBytes,
+    new_key: &SecretBytes,
+    options: RotationOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RotationReport> {
+    let (header, record) = read_header(io)?;
+    let Some(rotation) = record.rotation.clone() else {
+        return Err(rotation_err("the volume header records no key rotation"));
+    };
+    let descriptor = Descriptor::decode(&record.descriptor.message)
+        .map_err(|e| rotation_err(format!("the header's descriptor: {e}")))?;
+    if descriptor.volume_format != VolumeFormat::V1 {
+        return Err(Error::Unsupported(
+            "re-encrypting a format-2 volume after a key rotation is not built (its tags and tree are keyed too); only format-1 volumes can be rotated".into(),
+        ));
+    }
+    let volume_len = io.len().map_err(|e| Error::io("reading the volume's length", e))?;
+    let data_sectors = format::data_sectors(volume_len);
+    if rotation.boundary > data_sectors {
+        return Err(rotation_err(format!(
+            "the rotation boundary {} lies beyond the data area of {data_sectors} sectors",
+            rotation.boundary
+        )));
+    }
+    let engines = Engines { old: XtsEngine::new(old_key)?, new: XtsEngine::new(new_key)? };
+    let mut run =
+        Run { io, data_sectors, header, record, report: RotationReport { data_sectors, ..RotationReport::default() } };
+    let mut boundary = rotation.boundary;
+    if let Some(hotzone) = &rotation.hotzone {
+        run.settle(&engines, hotzone)?;
+        boundary = hotzone.first + hotzone.sectors();
+        run.record_progress(boundary, None)?;
+    }
+    let hotzone_sectors = run.hotzone_limit(options.hotzone_sectors);
+    let count_at = |first: u64| hotzone_sectors.min((data_sectors - first) as usize);
+    // Pipelined: while one hotzone is recorded, written and synced, the next one is read and
+    // re-encrypted in memory on another thread (it touches only sectors past the first).
+    let mut next = (boundary < data_sectors)
+        .then(|| prepare(io, &engines, boundary, count_at(boundary), Vec::with_capacity(hotzone_sectors * SECTOR_SIZE)))
+        .transpose()?;
+    let mut spare = Vec::with_capacity(hotzone_sectors * SECTOR_SIZE);
+    while let Some(current) = next.take() {
+        let following = current.first + current.count as u64;
+        let (committed, prepared) = std::thread::scope(|scope| {
+            let engines = &engines;
+            let buf = std::mem::take(&mut spare);
+            let ahead = (following < data_sectors).then(|| {
+                scope.spawn(move || {
+                    let prepared = prepare(io, engines, following, count_at(following), buf);
+                    // This thread held key schedules in registers and on its stack.
+                    crate::scrub::scrub_this_thread();
+                    prepared
+                })
+            });
+            let committed = run.commit(current);
+            let prepared = ahead
+                .map(|handle| handle.join().unwrap_or_else(|_| Err(rotation_err("the re-encryption thread panicked"))));
+            (committed, prepared)
+        });
+        spare = committed?;
+        next = prepared.transpose()?;
+        progress(following, data_sectors);
+    }
+    let finished = HeaderRecord { rotation: None, ..run.record.clone() };
+    write_header(io, &run.header, &finished)?;
+    drop(engines); // wipes the engines' key schedules (XtsEngine's Drop)
+    Ok(run.report)
+}
+
+#[cfg(test)]
+mod tests;

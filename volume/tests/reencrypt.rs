@@ -1,0 +1,184 @@
+//! Re-encryption after a key rotation against a real file (docs/FORMAT.md "Key rotation"):
+//!
+//! - `kill_9_at_random_points_loses_nothing`: a child process (this test binary again)
+//!   re-encrypts a volume and is killed with SIGKILL at random moments, restarted each time,
+//!   until it finishes; every written sector then decrypts under the new key only.
+//! - `reencryption_throughput_against_plain_read_write` (`#[ignore]`, release builds:
+//!   `cargo test --release -p skydd-volume --test reencrypt -- --ignored --nocapture`):
+//!   re-encryption against the engine's plain read + write of the same volume, same run
+//!   (docs/PERFORMANCE.md "Key rotation").
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::domain::{AccessMode, AclEntry, Descriptor};
+use protocol::format::{self, DATA_OFFSET, SECTOR_SIZE};
+use protocol::messages::{HeaderRecord, RotationState};
+use protocol::secret::SecretBytes;
+use protocol::signing::SignedEnvelope;
+use rand::{Rng, RngExt, SeedableRng};
+use skydd_volume::device::{PlainDevice, SectorDevice};
+use skydd_volume::reencrypt::{finish_rotation, rotation_pending, RotationOptions};
+use skydd_volume::xts::XtsEngine;
+
+const CHILD_ENV: &str = "SKYDD_REENCRYPT_CHILD_VOLUME";
+const CHILD_HOTZONE: usize = 32;
+
+/// A 64-byte XTS key from a seed (distinct halves, as XTS requires).
+fn key(seed: u8) -> SecretBytes {
+    let mut bytes = [seed; 64];
+    bytes[32..].fill(seed ^ 0x5a);
+    SecretBytes::from_slice_wiping(&mut bytes)
+}
+
+/// An envelope nobody verifies here: re-encryption reads only the descriptor's format.
+fn envelope(message: Vec<u8>) -> SignedEnvelope {
+    let filler = |byte: u8, len: usize| vec![byte; len];
+    SignedEnvelope { message, signature: filler(7, 64), signer_certificate: filler(9, 128) }
+}
+
+/// A format-1 volume of `sectors` data sectors under key(3), every 7th never written, whose
+/// header starts a rotation; returns the plaintext.
+fn rotating_volume(path: &Path, sectors: u64, seed: u64) -> Vec<u8> {
+    let descriptor =
+        Descriptor::new("dm-alice", Default::default(), vec![AclEntry { vm_id: "vm-a".into(), mode: AccessMode::Rw }])
+            .unwrap();
+    let rotation = RotationState { previous_registration: envelope(b"old".to_vec()), boundary: 0, hotzone: None };
+    let header = HeaderRecord {
+        descriptor: envelope(descriptor.encode().unwrap()),
+        registration: envelope(b"new".to_vec()),
+        rotation: Some(rotation),
+    };
+    let file = File::create(path).unwrap();
+    file.write_all_at(&format::new_header_area(&header.encode()).unwrap(), 0).unwrap();
+    file.set_len(DATA_OFFSET + sectors * SECTOR_SIZE as u64).unwrap();
+    let old = XtsEngine::new(&key(3)).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut plain = vec![0u8; sectors as usize * SECTOR_SIZE];
+    for (n, sector) in plain.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+        if n % 7 != 3 {
+            rng.fill_bytes(sector);
+        }
+    }
+    let mut cipher = plain.clone();
+    old.encrypt_sectors(0, &mut cipher).unwrap();
+    for (n, sector) in cipher.chunks_exact(SECTOR_SIZE).enumerate() {
+        if n % 7 != 3 {
+            file.write_all_at(sector, DATA_OFFSET + (n * SECTOR_SIZE) as u64).unwrap();
+        }
+    }
+    file.sync_all().unwrap();
+    plain
+}
+
+/// The child: re-encrypts the volume its environment names (nothing without it).
+#[test]
+fn child_reencrypts() {
+    let Ok(path) = std::env::var(CHILD_ENV) else { return };
+    let file = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let options = RotationOptions { hotzone_sectors: CHILD_HOTZONE };
+    finish_rotation(&file, &key(3), &key(5), options, &mut |_, _| {}).unwrap();
+}
+
+#[test]
+fn kill_9_at_random_points_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.img");
+    let sectors = 2048; // 8 MiB, 64 hotzones
+    let plain = rotating_volume(&path, sectors, 7);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (mut kills, mut runs) = (0, 0);
+    while rotation_pending(&File::open(&path).unwrap()).unwrap() {
+        runs += 1;
+        assert!(runs < 100, "no progress after {runs} runs");
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_reencrypts", "--test-threads=1"])
+            .env(CHILD_ENV, &path)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Random moments, later and later so that every run gets past its start-up.
+        std::thread::sleep(Duration::from_millis(rng.random_range(20..80) + 20 * runs));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        let status = child.wait().unwrap();
+        assert!(status.success() || status.code().is_none(), "the child failed: {status}");
+    }
+    println!("re-encryption finished after {runs} runs, {kills} of them killed with SIGKILL");
+    assert!(kills >= 3, "the test must kill the re-encryption a few times, killed {kills}");
+    let file = File::open(&path).unwrap();
+    let (old, new) = (XtsEngine::new(&key(3)).unwrap(), XtsEngine::new(&key(5)).unwrap());
+    let mut cipher = vec![0u8; plain.len()];
+    file.read_exact_at(&mut cipher, DATA_OFFSET).unwrap();
+    for (n, expected) in plain.chunks_exact(SECTOR_SIZE).enumerate() {
+        let sector = &cipher[n * SECTOR_SIZE..][..SECTOR_SIZE];
+        if n % 7 == 3 {
+            assert!(sector.iter().all(|&b| b == 0), "unwritten sector {n} stays a hole");
+            continue;
+        }
+        let (mut with_new, mut with_old) = (sector.to_vec(), sector.to_vec());
+        new.decrypt_sectors(n as u64, &mut with_new).unwrap();
+        old.decrypt_sectors(n as u64, &mut with_old).unwrap();
+        assert_eq!(with_new, expected, "sector {n} under the new key");
+        assert_ne!(with_old, expected, "sector {n} under the old key");
+    }
+}
+
+#[test]
+#[ignore = "a measurement: run in release with --ignored --nocapture"]
+fn reencryption_throughput_against_plain_read_write() {
+    let dir = tempfile::tempdir_in(std::env::var("SKYDD_BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+    let path = dir.path().join("vol.img");
+    let sectors: u64 = 65536; // 256 MiB
+    let mb = (sectors * SECTOR_SIZE as u64) as f64 / 1e6;
+    // Every sector written (no holes), so both passes touch every byte.
+    {
+        let file = File::create(&path).unwrap();
+        file.set_len(DATA_OFFSET + sectors * SECTOR_SIZE as u64).unwrap();
+    }
+    let file: Arc<dyn skydd_volume::io::BlockIo> =
+        Arc::new(OpenOptions::new().read(true).write(true).open(&path).unwrap());
+    let device = PlainDevice::new(file.clone(), XtsEngine::new(&key(3)).unwrap(), sectors);
+    let chunk = 2048usize; // 8 MiB, as a hotzone
+    let mut buf = vec![0u8; chunk * SECTOR_SIZE];
+    rand::rng().fill_bytes(&mut buf);
+    for first in (0..sectors).step_by(chunk) {
+        let mut b = buf.clone();
+        device.write_sectors(first, &mut b).unwrap();
+    }
+    device.flush().unwrap();
+
+    // Plain read + write of every sector through the engine (decrypt, encrypt), then fsync.
+    let started = Instant::now();
+    for first in (0..sectors).step_by(chunk) {
+        device.read_sectors(first, &mut buf).unwrap();
+        device.write_sectors(first, &mut buf).unwrap();
+    }
+    device.flush().unwrap();
+    let plain = mb / started.elapsed().as_secs_f64();
+
+    let rotation = RotationState { previous_registration: envelope(b"old".to_vec()), boundary: 0, hotzone: None };
+    let descriptor = Descriptor::new("dm-alice", Default::default(), vec![]).unwrap();
+    let header = HeaderRecord {
+        descriptor: envelope(descriptor.encode().unwrap()),
+        registration: envelope(b"new".to_vec()),
+        rotation: Some(rotation),
+    };
+    file.write_all_at(&format::new_header_area(&header.encode()).unwrap(), 0).unwrap();
+    file.sync_data().unwrap();
+    let started = Instant::now();
+    let report = finish_rotation(file.as_ref(), &key(3), &key(5), RotationOptions::default(), &mut |_, _| {}).unwrap();
+    let rotate = mb / started.elapsed().as_secs_f64();
+    assert_eq!(report.rewritten, sectors);
+    println!(
+        "{mb:.0} MB, engine {}: plain read+write {plain:.0} MB/s, re-encryption {rotate:.0} MB/s, ratio {:.2}",
+        XtsEngine::new(&key(5)).unwrap().implementation(),
+        rotate / plain
+    );
+}
