@@ -347,10 +347,10 @@ pub const MAX_HOTZONE_SECTORS: usize = 2048;
 pub struct Hotzone {
     /// The first data sector of the hotzone; equals the rotation's boundary.
     pub first: u64,
-    /// SHA-256 of each sector's ciphertext under the previous key, 32 bytes per sector.
+    /// BLAKE3-256 of each sector's ciphertext under the previous key, 32 bytes per sector.
     #[serde(with = "crate::b64")]
     pub old_sums: Vec<u8>,
-    /// SHA-256 of each sector's ciphertext under the new key, 32 bytes per sector.
+    /// BLAKE3-256 of each sector's ciphertext under the new key, 32 bytes per sector.
     #[serde(with = "crate::b64")]
     pub new_sums: Vec<u8>,
 }
@@ -434,7 +434,7 @@ impl HeaderRecord {
             if old_sums.len() != new_sums.len() || !old_sums.len().is_multiple_of(32) {
                 return Err(Error::malformed(
                     "header record",
-                    "the hotzone's checksum lists differ in length or are not whole SHA-256 sums",
+                    "the hotzone's checksum lists differ in length or are not whole 32-byte sums",
                 ));
             }
             let hotzone = if old_sums.is_empty() {
