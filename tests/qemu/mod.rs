@@ -623,8 +623,10 @@ impl Vm {
     }
 
     /// Boots the image as a transient libvirt domain `name` (`<domain type='qemu'>`, q35,
-    /// memfd shared memory for vhost-user, three empty `pcie-root-port`s, the agent on a
-    /// virtio-serial channel); `virsh destroy` on drop.
+    /// ACPI, memfd shared memory for vhost-user, three empty `pcie-root-port`s, no USB, the agent on a
+    /// virtio-serial channel); `virsh destroy` on drop. Without `<acpi/>` libvirt runs qemu
+    /// with `-no-acpi` and the first hot-plug makes the guest eject every device of PCI bus 0,
+    /// the agent's virtio-serial controller included (docs/VHOST-USER.md).
     pub fn boot_libvirt(image: &BootImage, libvirtd: &Libvirtd, name: &str) -> Vm {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -651,10 +653,11 @@ impl Vm {
             "<domain type='qemu'>\n  <name>{name}</name>\n  <memory unit='MiB'>1024</memory>\n  <vcpu>1</vcpu>\n  \
              <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n  \
              <os><type arch='x86_64' machine='q35'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\n  \
-             <cmdline>console=ttyS0 quiet panic=-1 rdinit=/init</cmdline></os>\n  <cpu mode='maximum'/>\n  \
+             <cmdline>console=ttyS0 quiet panic=-1 rdinit=/init</cmdline></os>\n  \
+             <features><acpi/></features>\n  <cpu mode='maximum'/>\n  \
              <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>\n  \
              <devices>\n    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n{ports}    \
-             <controller type='virtio-serial'><address type='pci' domain='0' bus='0' slot='9' function='0'/></controller>\n    <channel type='unix'><source mode='bind' path='{}'/>\
+             <controller type='usb' model='none'/>\n    <controller type='virtio-serial'><address type='pci' domain='0' bus='0' slot='9' function='0'/></controller>\n    <channel type='unix'><source mode='bind' path='{}'/>\
              <target type='virtio' name='skydd'/></channel>\n    <serial type='file'><source path='{}'/>\
              <target port='0'/></serial>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n",
             kernel.display(),

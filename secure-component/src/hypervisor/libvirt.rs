@@ -128,18 +128,32 @@ impl LibvirtDriver {
     }
 }
 
-impl LibvirtDriver {
-    /// Gives the vhost-user socket to the uid:gid the domain's qemu runs as (libvirt's DAC
-    /// label of the running domain), so that qemu, and only it, can connect.
-    fn hand_socket_to_qemu(&self, vm: &str, socket: &Path) -> Result<()> {
-        let live = self.virsh.run(&["dumpxml".into(), vm.into()])?;
-        let Some((uid, gid)) = dac_label(&live) else {
-            // No DAC label: qemu runs as the libvirtd user (root), which can connect already.
-            return Ok(());
-        };
-        std::os::unix::fs::chown(socket, Some(uid), Some(gid))
-            .map_err(|e| Error::io(format!("handing {} to qemu's {uid}:{gid}", socket.display()), e))
-    }
+/// Gives the vhost-user socket to the uid:gid the domain's qemu runs as (libvirt's DAC label
+/// of the running domain, `live` is its `virsh dumpxml`), so that qemu, and only it, can
+/// connect.
+fn hand_socket_to_qemu(live: &str, socket: &Path) -> Result<()> {
+    let Some((uid, gid)) = dac_label(live) else {
+        // No DAC label: qemu runs as the libvirtd user (root), which can connect already.
+        return Ok(());
+    };
+    std::os::unix::fs::chown(socket, Some(uid), Some(gid))
+        .map_err(|e| Error::io(format!("handing {} to qemu's {uid}:{gid}", socket.display()), e))
+}
+
+/// Why a hot-plug into the running domain (`live`, its `virsh dumpxml`) would harm the
+/// guest, if it would: an x86 domain without `<features><acpi/>` runs qemu with
+/// `-no-acpi`, SeaBIOS then installs its own fallback ACPI tables (the i440fx ones, whose
+/// PCI hot-plug slots read status registers a q35 machine does not have), and the guest
+/// answers the hot-plug event by ejecting every device of PCI bus 0: its root ports, the
+/// virtio-serial controller, its disks (seen with libvirt 9.0 / qemu 7.2, docs/VHOST-USER.md
+/// "Hot-plug needs ACPI"). libvirt writes the element exactly as `<acpi/>`.
+pub fn hotplug_hazard(live: &str) -> Option<&'static str> {
+    let x86 = live.contains("arch='x86_64'") || live.contains("arch='i686'");
+    (x86 && !live.contains("<acpi/>")).then_some(
+        "the domain has no <features><acpi/></features>: its qemu runs with -no-acpi and the guest \
+         would answer a PCI hot-plug by ejecting every device on PCI bus 0 (its disks included); \
+         give the domain <acpi/> (and restart it) before attaching volumes",
+    )
 }
 
 /// Whether `path` is a unix socket (a vhost-user mapping) rather than a block device.
@@ -184,9 +198,13 @@ impl HypervisorDriver for LibvirtDriver {
         let used: Vec<&str> = disks.iter().map(|(t, _)| t.as_str()).collect();
         let target = free_target(&used)
             .ok_or_else(|| hv(format!("VM {} has no free virtio target (vdb..vdz all used)", placement.vm_id)))?;
+        let live = self.virsh.run(&["dumpxml".into(), placement.vm_id.clone()])?;
+        if let Some(hazard) = hotplug_hazard(&live) {
+            return Err(hv(format!("refusing to hot-plug into VM {}: {hazard}", placement.vm_id)));
+        }
         let file = self.write_xml(placement, &target)?;
         if is_socket(&placement.device) {
-            self.hand_socket_to_qemu(&placement.vm_id, &placement.device)?;
+            hand_socket_to_qemu(&live, &placement.device)?;
         }
         self.virsh.run(&[
             "attach-device".into(),
@@ -355,11 +373,13 @@ mod tests {
         assert_eq!(free_target(&all), None);
     }
 
-    /// A fake virsh: remembers the calls, keeps a disk table per the attach/detach calls.
+    /// A fake virsh: remembers the calls, keeps a disk table per the attach/detach calls,
+    /// answers `dumpxml` with an x86 domain, with `<acpi/>` unless `no_acpi`.
     #[derive(Default)]
     struct FakeVirsh {
         calls: Mutex<Vec<Vec<String>>>,
         disks: Mutex<Vec<(String, String)>>,
+        no_acpi: bool,
     }
 
     impl Virsh for Arc<FakeVirsh> {
@@ -372,6 +392,13 @@ mod tests {
                         out.push_str(&format!(" {t}      {s}\n"));
                     }
                     Ok(out)
+                }
+                "dumpxml" => {
+                    let features = if self.no_acpi { "" } else { "<features>\n    <acpi/>\n  </features>\n  " };
+                    Ok(format!(
+                        "<domain type='qemu' id='1'>\n  <os>\n    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>\n  \
+                         </os>\n  {features}<devices/>\n</domain>\n"
+                    ))
                 }
                 "attach-device" | "detach-device" => {
                     let xml = std::fs::read_to_string(&args[2]).unwrap();
@@ -407,9 +434,10 @@ mod tests {
         assert!(xml.contains("<readonly/>") && xml.contains("/dev/loop4"), "{xml}");
         assert_eq!(driver.check(&ro, "vdb").unwrap(), None);
         let calls = fake.calls.lock().unwrap().clone();
-        assert_eq!(calls[1][0], "attach-device");
-        assert_eq!(calls[1][1], "vm-b");
-        assert_eq!(calls[1][3], "--live");
+        assert_eq!(calls[1][0], "dumpxml", "the live domain is checked before the hot-plug");
+        assert_eq!(calls[2][0], "attach-device");
+        assert_eq!(calls[2][1], "vm-b");
+        assert_eq!(calls[2][3], "--live");
 
         let rw = Placement {
             vm_id: "vm-b".into(),
@@ -424,6 +452,28 @@ mod tests {
         assert!(driver.check(&ro, "vdb").unwrap().unwrap().contains("no disk vdb"));
         assert!(!tmp.join("vm-b-vdb.xml").exists());
         driver.detach(&ro, "vdb").unwrap(); // already gone: fine
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn no_hotplug_into_an_x86_domain_without_acpi() {
+        let tmp = std::env::temp_dir().join(format!("skydd-libvirt-noacpi-{}", std::process::id()));
+        let fake = Arc::new(FakeVirsh { no_acpi: true, ..FakeVirsh::default() });
+        let driver = LibvirtDriver::new(Box::new(fake.clone()), &tmp).unwrap();
+        let rw = Placement {
+            vm_id: "vm-c".into(),
+            domain_id: "bb".into(),
+            device: "/dev/loop6".into(),
+            mode: OpenMode::ReadWrite,
+        };
+        let err = driver.attach(&rw).unwrap_err().to_string();
+        assert!(err.contains("vm-c") && err.contains("<acpi/>") && err.contains("-no-acpi"), "{err}");
+        assert!(
+            !fake.calls.lock().unwrap().iter().any(|c| c[0] == "attach-device"),
+            "nothing may be plugged into such a domain"
+        );
+        // Other architectures (aarch64 with a device tree) hot-plug natively without ACPI.
+        assert_eq!(hotplug_hazard("<domain><os><type arch='aarch64' machine='virt'>hvm</type></os></domain>"), None);
         let _ = std::fs::remove_dir_all(&tmp);
     }
 }
