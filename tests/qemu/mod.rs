@@ -340,9 +340,15 @@ impl Cpio {
             entry(&mut buf, name, *mode, data);
         }
         entry(&mut buf, "TRAILER!!!", 0, &[]);
-        let tmp = out.with_extension("tmp");
-        fs::write(&tmp, &buf).expect("write initramfs");
-        fs::rename(&tmp, out).expect("rename initramfs");
+        // Written beside `out` under a name of its own, then renamed: a parallel test may be
+        // writing the same image.
+        let dir = out.parent().expect("the initramfs lies in the cache directory");
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).expect("a temporary initramfs file");
+        tmp.write_all(&buf).expect("write initramfs");
+        // World-readable like any file written here (the temporary file starts at 0600).
+        let readable = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+        tmp.as_file().set_permissions(readable).expect("chmod initramfs");
+        tmp.persist(out).expect("rename initramfs");
     }
 }
 
@@ -384,18 +390,22 @@ pub fn boot_image_with_tools(tools: &[&str]) -> BootImage {
     cpio.copy("bin/busybox", &busybox, 0o755);
     // The debug build carries ~100 MB of debug info; the guest unpacks the initramfs under
     // TCG, so strip it (binutils) when strip is there.
-    let stripped = cache_dir().join("skydd-guest-agent.stripped");
+    // A file of its own per caller: the tests of one binary prepare their images in parallel.
+    let stripped = tempfile::Builder::new()
+        .prefix("skydd-guest-agent.stripped.")
+        .tempfile_in(cache_dir())
+        .expect("a temporary file for the stripped agent");
     let agent_in_guest = match which("strip") {
         Some(strip)
             if Command::new(&strip)
                 .arg("--strip-debug")
                 .arg("-o")
-                .arg(&stripped)
+                .arg(stripped.path())
                 .arg(&agent)
                 .status()
                 .is_ok_and(|s| s.success()) =>
         {
-            stripped
+            stripped.path().to_path_buf()
         }
         _ => agent.clone(),
     };
