@@ -80,7 +80,9 @@ impl Host {
         let serial: String = name.chars().take(20).collect();
         let disk = loop {
             let script = format!(
-                "for d in /sys/block/vd*; do [ \"$(cat $d/serial 2>/dev/null)\" = {serial} ] && echo ${{d##*/}}; done; true"
+                // "$d" quoted: with no disk yet, $d is the pattern itself, which must not
+                // match a disk that appears between the loop and the cat.
+                "for d in /sys/block/vd*; do [ \"$(cat \"$d/serial\" 2>/dev/null)\" = {serial} ] && echo ${{d##*/}}; done; true"
             );
             let answer = vm.try_call(json!({"op": "run", "argv": ["/bin/sh", "-c", script]}), Duration::from_secs(30));
             let found = match answer {

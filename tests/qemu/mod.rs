@@ -225,7 +225,18 @@ fn ldd(bin: &Path) -> Vec<PathBuf> {
 /// Builds (or reuses) the guest agent from this workspace.
 pub fn guest_agent() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let mut build = Command::new(&cargo);
+    // What cargo set for this test binary (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...) must not
+    // reach the nested build: ring's build script reruns when they change, and the next
+    // `cargo test` then rebuilds ring and all above it again (~30 s each way).
+    for (name, _) in std::env::vars_os() {
+        let per_crate =
+            ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
+        if per_crate.iter().any(|p| name.to_string_lossy().starts_with(p)) {
+            build.env_remove(&name);
+        }
+    }
+    let status = build
         .args(["build", "-p", "skydd-testkit", "--bin", "skydd-guest-agent"])
         .current_dir(workspace_root())
         .stdout(Stdio::null())
