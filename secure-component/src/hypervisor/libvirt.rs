@@ -29,6 +29,10 @@
 //! user and group the domain's qemu runs as (its live DAC `<seclabel>`). The domain needs
 //! shared memory: `<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>`.
 //!
+//! Before any hot-plug the driver reads the live domain XML and refuses an x86 domain
+//! without `<features><acpi/></features>`: the guest would eject all its PCI devices
+//! ([`hotplug_hazard`], docs/VHOST-USER.md "Hot-plug needs ACPI").
+//!
 //! Unit-tested against a fake `virsh`; tests/vhost_user_qemu.rs runs it against a real
 //! libvirtd with a TCG domain.
 
@@ -143,7 +147,7 @@ fn hand_socket_to_qemu(live: &str, socket: &Path) -> Result<()> {
 /// Why a hot-plug into the running domain (`live`, its `virsh dumpxml`) would harm the
 /// guest, if it would: an x86 domain without `<features><acpi/>` runs qemu with
 /// `-no-acpi`, SeaBIOS then installs its own fallback ACPI tables (the i440fx ones, whose
-/// PCI hot-plug slots read status registers a q35 machine does not have), and the guest
+/// PCI hot-plug slots are driven by registers a q35 machine does not have), and the guest
 /// answers the hot-plug event by ejecting every device of PCI bus 0: its root ports, the
 /// virtio-serial controller, its disks (seen with libvirt 9.0 / qemu 7.2, docs/VHOST-USER.md
 /// "Hot-plug needs ACPI"). libvirt writes the element exactly as `<acpi/>`.
