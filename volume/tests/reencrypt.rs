@@ -9,6 +9,7 @@
 //!   (docs/PERFORMANCE.md "Key rotation").
 
 use std::fs::{File, OpenOptions};
+use std::io::BufRead;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -27,6 +28,8 @@ use skydd_volume::xts::XtsEngine;
 
 const CHILD_ENV: &str = "SKYDD_REENCRYPT_CHILD_VOLUME";
 const CHILD_HOTZONE: usize = 32;
+/// What the child prints after each hotzone it committed.
+const HOTZONE_DONE: &str = "hotzone done";
 
 /// A 64-byte XTS key from a seed (distinct halves, as XTS requires).
 fn key(seed: u8) -> SecretBytes {
@@ -81,7 +84,13 @@ fn child_reencrypts() {
     let Ok(path) = std::env::var(CHILD_ENV) else { return };
     let file = OpenOptions::new().read(true).write(true).open(path).unwrap();
     let options = RotationOptions { hotzone_sectors: CHILD_HOTZONE };
-    finish_rotation(&file, &key(3), &key(5), options, &mut |_, _| {}).unwrap();
+    // One line per hotzone committed: the parent kills by this count.
+    let mut report = |done: u64, total: u64| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{HOTZONE_DONE} {done}/{total}").and_then(|()| out.flush()).unwrap();
+    };
+    finish_rotation(&file, &key(3), &key(5), options, &mut report).unwrap();
 }
 
 #[test]
@@ -96,17 +105,26 @@ fn kill_9_at_random_points_loses_nothing() {
         runs += 1;
         assert!(runs < 100, "no progress after {runs} runs");
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_reencrypts", "--test-threads=1"])
+            .args(["--exact", "child_reencrypts", "--test-threads=1", "--nocapture"])
             .env(CHILD_ENV, &path)
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Random moments, later and later so that every run gets past its start-up.
-        std::thread::sleep(Duration::from_millis(rng.random_range(20..80) + 20 * runs));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap(); // SIGKILL
-            kills += 1;
+        // Killed after 1 to 3 hotzones, at a random moment inside the next one (its header
+        // write, data write or sync): counted in hotzones, not in time, so that a fast
+        // release build on an idle disk is killed as often as a debug build on a busy one.
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let hotzones = rng.random_range(1..=3);
+        let mut done = lines.by_ref().map_while(|line| line.ok()).filter(|line| line.starts_with(HOTZONE_DONE));
+        let reached = (0..hotzones).all(|_| done.next().is_some());
+        if reached {
+            std::thread::sleep(Duration::from_micros(rng.random_range(0..1500)));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap(); // SIGKILL
+                kills += 1;
+            }
         }
+        drop(lines);
         let status = child.wait().unwrap();
         assert!(status.success() || status.code().is_none(), "the child failed: {status}");
     }
