@@ -89,7 +89,17 @@ impl CloudPlatform {
     }
 
     pub(super) async fn register_with_ttp(&self, request: &RegisterDomainRequest) -> Result<RegisterDomainResponse> {
-        self.ttp.post_json::<_, RegisterDomainResponse>("/v1/domains", request).await.map_err(|e| {
+        self.post_to_ttp("/v1/domains", request).await
+    }
+
+    /// POSTs `body` to the TTP: its refusal is passed on with its own code, and a TTP that
+    /// cannot be reached is `ttp_unreachable` naming its address.
+    async fn post_to_ttp<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R> {
+        self.ttp.post_json(path, body).await.map_err(|e| {
             Error::from_peer(e, Refusal::TtpUnreachable, || format!("cannot reach the TTP at {}", self.ttp.base_url()))
         })
     }
@@ -324,11 +334,7 @@ impl CloudPlatform {
         }
         let body = RotateKeyRequest { rotation: request.rotation, current_registration: current.registration.clone() };
         let response: RegisterDomainResponse =
-            self.ttp.post_json(&format!("/v1/domains/{domain_id}/rotations"), &body).await.map_err(|e| {
-                Error::from_peer(e, Refusal::TtpUnreachable, || {
-                    format!("cannot reach the TTP at {}", self.ttp.base_url())
-                })
-            })?;
+            self.post_to_ttp(&format!("/v1/domains/{domain_id}/rotations"), &body).await?;
         let header = HeaderRecord {
             descriptor: current.descriptor,
             registration: response.registration,
@@ -381,15 +387,8 @@ impl CloudPlatform {
         Self::require_owner(caller, &record, "delete")?;
         let header = self.read_header(&record).await.ok();
         let path = format!("/v1/domains/{domain_id}/delete");
-        let outcome = self
-            .ttp
-            .post_json::<_, serde_json::Value>(&path, &DeleteDomainRequest { deletion: body.deletion })
-            .await
-            .map_err(|e| {
-                Error::from_peer(e, Refusal::TtpUnreachable, || {
-                    format!("cannot reach the TTP at {}", self.ttp.base_url())
-                })
-            });
+        let outcome =
+            self.post_to_ttp::<_, serde_json::Value>(&path, &DeleteDomainRequest { deletion: body.deletion }).await;
         match outcome {
             Ok(_) => {}
             // A retried deletion (the CP stopped after the TTP's tombstone): finish locally.
