@@ -143,17 +143,32 @@ impl Volumes {
         })
     }
 
-    /// Writes `record` into the slot that is not in force, with the next sequence number,
-    /// and fsyncs. Returns the new header's slot and sequence number.
-    pub fn update_header(&self, path: &Path, record: &HeaderRecord) -> Result<(usize, u64)> {
-        let active = read_active(path)?;
+    /// Writes `change(record in force)` into the slot that is not in force, with the next
+    /// sequence number, and fsyncs, all under the volume's header lock. Returns the new
+    /// header's slot, sequence number and record.
+    pub fn update_header(
+        &self,
+        path: &Path,
+        change: impl FnOnce(&HeaderRecord) -> Result<HeaderRecord>,
+    ) -> Result<(usize, u64, HeaderRecord)> {
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| io_err("open", path, e))?;
+        // The header lock (an exclusive flock, released when `file` closes): a secure
+        // component re-encrypting this volume online records its progress under it, and
+        // the record read here must be the one in force when the next one is written.
+        file.lock().map_err(|e| io_err("lock the header of", path, e))?;
+        let mut area = vec![0u8; HEADER_AREA_SIZE];
+        file.read_exact_at(&mut area, 0).map_err(|e| io_err("read the header area of", path, e))?;
+        let active =
+            format::decode_header_area(&area).map_err(|e| Error::Volume(format!("{}: {e}", path.display())))?;
+        let on_volume = HeaderRecord::decode(&active.payload)
+            .map_err(|e| Error::Volume(format!("the header record of {}: {e}", path.display())))?;
+        let record = change(&on_volume)?;
         let (slot, seq) = format::next_slot_for_update(Some(&active)).map_err(|e| Error::Volume(e.to_string()))?;
         let bytes =
             format::encode_slot(seq, &record.encode()).map_err(|e| Error::BadRequest(format!("volume header: {e}")))?;
-        let file = OpenOptions::new().write(true).open(path).map_err(|e| io_err("open", path, e))?;
         file.write_all_at(&bytes, format::slot_offset(slot)).map_err(|e| io_err("write header to", path, e))?;
         file.sync_all().map_err(|e| io_err("fsync", path, e))?;
-        Ok((slot, seq))
+        Ok((slot, seq, record))
     }
 
     /// Crypto-shreds the volume at `path`: zeros over the whole header area (both slots),
@@ -234,8 +249,8 @@ mod tests {
         assert_eq!((h.slot, h.seq, h.record.clone()), (0, 1, record(1)));
         assert_eq!(v.create(ID, 4096, &record(1)).unwrap_err().code(), "domain_exists");
 
-        assert_eq!(v.update_header(&path, &record(2)).unwrap(), (1, 2));
-        assert_eq!(v.update_header(&path, &record(3)).unwrap(), (0, 3));
+        assert_eq!(v.update_header(&path, |_| Ok(record(2))).unwrap(), (1, 2, record(2)));
+        assert_eq!(v.update_header(&path, |_| Ok(record(3))).unwrap(), (0, 3, record(3)));
         let h = v.read_header(&path).unwrap();
         assert_eq!((h.slot, h.seq, h.record), (0, 3, record(3)));
 

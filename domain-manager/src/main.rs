@@ -143,9 +143,24 @@ enum DomainCommand {
         /// the re-encryption (docs/PROTOCOL.md "Key rotation").
         #[arg(long)]
         rotate: bool,
+        /// With --rotate: leave the re-encryption to the next read-write attach even if a VM
+        /// holds the domain read-write now.
+        #[arg(long, requires = "rotate")]
+        offline: bool,
     },
-    /// Give the domain a new key; the next read-write attach re-encrypts the volume.
-    Rotate { domain: String },
+    /// Give the domain a new key and re-encrypt its volume to it.
+    ///
+    /// If a VM holds the domain read-write now, its host re-encrypts the volume online while
+    /// the VM keeps reading and writing (a mount grant for that VM, purpose `key-rotation`, is
+    /// signed for it and shows in the viewing history). Otherwise, or with --offline, the next
+    /// read-write attach re-encrypts before the VM sees the volume. Until the re-encryption
+    /// ends, read-only attaches and new rotations are refused (`key_rotation_in_progress`).
+    Rotate {
+        domain: String,
+        /// Leave the re-encryption to the next read-write attach.
+        #[arg(long)]
+        offline: bool,
+    },
     /// Share with another domain manager (it may attach and read the history).
     Share {
         domain: String,
@@ -224,8 +239,15 @@ fn print<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) -> S
     }
 }
 
-/// What `domain rotate` and `domain revoke --rotate` tell the owner.
-const ROTATED: &str = "The domain has a new key. The next read-write attach re-encrypts the volume before the VM sees it;\nuntil then only a read-write attach is served, and after it the old key reads nothing.";
+/// What `domain rotate` and `domain revoke --rotate` tell the owner: where the re-encryption
+/// runs (the cloud platform's word) and what holds until it ends.
+fn rotated(view: &protocol::cloud::DomainView) -> String {
+    let re_encryption = view.re_encryption.as_deref().unwrap_or("at the next read-write attach");
+    format!(
+        "The domain has a new key. The volume is re-encrypted {re_encryption}.\n\
+         Until that ends only a read-write attach is served; after it the old key reads nothing."
+    )
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -277,24 +299,24 @@ async fn run(cli: Cli) -> domain_manager::Result<()> {
             let view = dm.grant(&domain, &entry.vm_id, entry.mode).await?;
             print(json, &view, render::domain);
         }
-        Command::Domain(DomainCommand::Revoke { domain, vm, rotate }) => {
+        Command::Domain(DomainCommand::Revoke { domain, vm, rotate, offline }) => {
             let mut view = dm.revoke(&domain, &vm).await?;
             if rotate {
-                view = dm.rotate(&domain).await?;
+                view = dm.rotate(&domain, !offline).await?;
             }
             print(json, &view, render::domain);
             if !json {
                 println!("\n{vm} can no longer obtain the key; any attachment of it was detached.");
                 if rotate {
-                    println!("{ROTATED}");
+                    println!("{}", rotated(&view));
                 }
             }
         }
-        Command::Domain(DomainCommand::Rotate { domain }) => {
-            let view = dm.rotate(&domain).await?;
+        Command::Domain(DomainCommand::Rotate { domain, offline }) => {
+            let view = dm.rotate(&domain, !offline).await?;
             print(json, &view, render::domain);
             if !json {
-                println!("\n{ROTATED}");
+                println!("\n{}", rotated(&view));
             }
         }
         Command::Domain(DomainCommand::Share { domain, with, remove }) => {

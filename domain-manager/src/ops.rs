@@ -9,7 +9,7 @@ use protocol::cloud::{
 use protocol::domain::{AccessMode, AclEntry, Descriptor, VolumeFormat};
 use protocol::messages::{AuditCheckpoint, Deletion, HistoryResponse, KeyRotation, MountGrant, Registration};
 use protocol::pki::Role;
-use protocol::signing::{verify_signer_certificate, SignatureContext, SignatureKey};
+use protocol::signing::{verify_signer_certificate, SignatureContext, SignatureKey, SignedEnvelope};
 
 use crate::config::DmConfig;
 use crate::error::{Error, Result};
@@ -253,9 +253,12 @@ impl DomainManager {
     }
 
     /// Asks for a new key of the domain (docs/PROTOCOL.md "Key rotation"): the TTP registers
-    /// a fresh key generation, the cloud platform writes it beside the old one, and the next
-    /// read-write attach re-encrypts the volume, after which the old key reads nothing.
-    pub async fn rotate(&self, domain_id: &str) -> Result<DomainView> {
+    /// a fresh key generation and the cloud platform writes it beside the old one. With
+    /// `online`, if a VM holds the domain read-write now, a mount grant for it goes along and
+    /// its host re-encrypts the volume while the VM runs; otherwise the next read-write
+    /// attach re-encrypts. After that the old key reads nothing. The answer's
+    /// `re_encryption` says which.
+    pub async fn rotate(&self, domain_id: &str, online: bool) -> Result<DomainView> {
         let view = self.show(domain_id).await?;
         let descriptor = Descriptor::decode(&view.header.descriptor.message)?;
         if descriptor.owner != self.name {
@@ -275,12 +278,37 @@ impl DomainManager {
             from_generation: registration.key_generation,
             requested_at: now_unix(),
         };
-        let request =
-            RotateDomainRequest { rotation: self.key.sign_envelope(SignatureContext::KeyRotation, rotation.encode()) };
+        let online_grant = if online { self.online_rotation_grant(domain_id).await? } else { None };
+        let request = RotateDomainRequest {
+            rotation: self.key.sign_envelope(SignatureContext::KeyRotation, rotation.encode()),
+            online_grant,
+        };
         self.cp
             .post_json(&format!("/v1/domains/{domain_id}/rotations"), &request)
             .await
             .map_err(|e| Error::from_net("cloud platform", e))
+    }
+
+    /// A read-write mount grant (purpose `key-rotation`) for the VM that holds `domain_id`
+    /// read-write now, so its host can re-encrypt online; `None` when no VM does.
+    async fn online_rotation_grant(&self, domain_id: &str) -> Result<Option<SignedEnvelope>> {
+        let holder =
+            self.attachments().await?.into_iter().find(|a| {
+                a.domain_id == domain_id && a.mode == AccessMode::Rw && a.status == AttachmentStatus::Attached
+            });
+        Ok(holder.map(|attachment| {
+            let grant = MountGrant {
+                domain_id: domain_id.to_string(),
+                vm_id: attachment.instance_id,
+                mode: AccessMode::Rw,
+                expires_at: now_unix().saturating_add(300),
+                nonce: rand::random(),
+                issuer: self.name.clone(),
+                purpose: "key-rotation".into(),
+                reason: "online re-encryption of the volume after a key rotation".into(),
+            };
+            self.key.sign_envelope(SignatureContext::MountGrant, grant.encode())
+        }))
     }
 
     /// Replaces the access list with `acl` (a new signed version); the cloud platform detaches

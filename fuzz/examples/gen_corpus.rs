@@ -324,6 +324,7 @@ fn main() {
         status: "available".into(),
         created_at: 1_760_000_000,
         header: header.clone(),
+        re_encryption: None,
     };
     let attachment = Attachment {
         id: "att-1".into(),

@@ -43,6 +43,12 @@ pub struct UpdateDomainRequest {
 pub struct RotateDomainRequest {
     /// The owner-signed [`KeyRotation`](crate::messages::KeyRotation) (context `key-rotation`).
     pub rotation: SignedEnvelope,
+    /// A read-write mount grant for the VM that holds the domain read-write now: with it,
+    /// that host's secure component re-encrypts the volume online, while the VM runs
+    /// (docs/PROTOCOL.md "Online re-encryption"). Without it, or with no read-write
+    /// attachment, the next read-write attach re-encrypts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_grant: Option<SignedEnvelope>,
 }
 
 /// `DELETE /v1/domains/{id}` with this body: the owner-signed deletion.
@@ -77,6 +83,10 @@ pub struct DomainView {
     /// The volume header as stored (owner-signed descriptor + TTP registration), so a
     /// domain manager can build the next version from exactly what is registered.
     pub header: HeaderRecord,
+    /// In the answer to a key rotation: where the volume is being re-encrypted ("online on
+    /// host H for VM V"), or why it waits for the next read-write attach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub re_encryption: Option<String>,
 }
 
 /// `GET /v1/domains?limit=N&marker=ID`: the caller's domains (owned or shared with it).
@@ -270,6 +280,34 @@ pub struct AgentAttachRequest {
     pub placement: SignedEnvelope,
     /// The volume file or block device holding header + data (shared storage).
     pub volume_path: String,
+}
+
+/// CP → SC `POST /v1/attachments/{id}/rotation`: re-encrypt the volume of this read-write
+/// attachment online, to the key generation its header now names (docs/PROTOCOL.md "Online
+/// re-encryption"). The SC releases both keys like an attach does (grant, placement, quote).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRotateRequest {
+    /// The header record with the rotation, as the CP wrote it; the SC refuses unless it is
+    /// exactly the header in force on the attachment's volume.
+    pub header: HeaderRecord,
+    /// A read-write mount grant for the attachment's VM (single use, like an attach's).
+    pub grant: SignedEnvelope,
+    /// The CP's signed placement of the VM on this host for this grant.
+    pub placement: SignedEnvelope,
+}
+
+/// SC → CP (202): the re-encryption started; it goes on in the background, and the header
+/// holds no rotation any more when it is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRotation {
+    /// The attachment whose volume is being re-encrypted.
+    pub attachment_id: String,
+    /// Its domain.
+    pub domain_id: String,
+    /// Its VM, which keeps reading and writing meanwhile.
+    pub vm_id: String,
+    /// Data sectors (4096 bytes) to move.
+    pub data_sectors: u64,
 }
 
 /// SC → CP: what was attached.

@@ -68,13 +68,15 @@ async fn revoke_and_rotate_then_the_old_key_reads_nothing() {
 
     // `domain revoke --rotate`: the revocation, then a new key generation.
     alice.revoke(&id, "vm-b").await.unwrap();
-    let rotated = alice.rotate(&id).await.unwrap();
+    let rotated = alice.rotate(&id, true).await.unwrap();
+    let said = rotated.re_encryption.as_deref().unwrap_or_default();
+    assert!(said.contains("next read-write attach") && said.contains("no read-write attachment"), "{said}");
     let rotation = rotated.header.rotation.as_ref().expect("the header records the rotation");
     assert_eq!(rotation.boundary, 0);
     let new_registration = Registration::decode(&rotated.header.registration.message).unwrap();
     assert_eq!(new_registration.key_generation, 2);
     assert_ne!(new_registration.nonce_r, old_registration.nonce_r, "a fresh r");
-    let second = alice.rotate(&id).await.expect_err("one rotation at a time");
+    let second = alice.rotate(&id, true).await.expect_err("one rotation at a time");
     assert!(second.to_string().contains("being rotated already"), "{second}");
     assert_eq!(cloud.ttp.service.store().domain(&id).unwrap().unwrap().key_generation, 2);
 
@@ -110,5 +112,77 @@ async fn revoke_and_rotate_then_the_old_key_reads_nothing() {
     alice.detach(&id, "vm-c").await.unwrap();
     let store = cloud.ttp.service.store().domain(&id).unwrap().unwrap();
     assert_eq!(store.previous_master_key_version, None, "the TTP saw the rotation finish");
+
+    online_rotation_under_a_writing_vm(&alice, &id, &volume, &mount, &master, &new_key).await;
     cloud.stop().await;
+}
+
+/// Online (docs/PROTOCOL.md "Online re-encryption"): vm-a holds the domain read-write and
+/// keeps appending and fsyncing records while its owner rotates the key; its host
+/// re-encrypts under the live mapping. Every record reads back in the VM, the finished
+/// volume decrypts under generation 3 only, and generation 2's key reads nothing of it.
+async fn online_rotation_under_a_writing_vm(
+    alice: &DomainManager,
+    id: &str,
+    volume: &std::path::Path,
+    mount: &std::path::Path,
+    master: &[u8],
+    generation_2_key: &[u8],
+) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    alice.attach(id, "vm-a", AccessMode::Rw, 300).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (log, stop_writer) = (mount.join("online.log"), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let mut written = 0u64;
+        while !stop_writer.load(Ordering::SeqCst) || written < 50 {
+            writeln!(file, "ONLINE-RECORD-{written:08}-{}", "x".repeat(200)).unwrap();
+            file.sync_data().unwrap();
+            written += 1;
+        }
+        written
+    });
+    let rotated = alice.rotate(id, true).await.unwrap();
+    let said = rotated.re_encryption.clone().unwrap_or_default();
+    assert!(said.starts_with("online on host") && said.contains("vm-a"), "{said}");
+    assert_eq!(Registration::decode(&rotated.header.registration.message).unwrap().key_generation, 3);
+    // The host finishes in the background: the header loses its rotation.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while header_of(&std::fs::read(volume).unwrap()).rotation.is_some() {
+        assert!(std::time::Instant::now() < deadline, "the online re-encryption did not finish in 120 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let written = tokio::task::spawn_blocking(move || writer.join().unwrap()).await.unwrap();
+    let log = std::fs::read_to_string(mount.join("online.log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len() as u64, written, "every record the VM wrote reads back");
+    for (n, line) in lines.iter().enumerate() {
+        assert!(line.starts_with(&format!("ONLINE-RECORD-{n:08}-")), "record {n}: {line:.40}");
+    }
+    alice.detach(id, "vm-a").await.unwrap();
+
+    let raw = std::fs::read(volume).unwrap();
+    let header = header_of(&raw);
+    assert!(header.rotation.is_none());
+    let descriptor = Descriptor::decode(&header.descriptor.message).unwrap();
+    let registration = Registration::decode(&header.registration.message).unwrap();
+    assert_eq!(registration.key_generation, 3);
+    let key = independent_key(master, &registration, id, &descriptor.metadata_hash());
+    let with_new = independent_decrypt(&key, &raw);
+    assert_eq!(&with_new[1080..1082], &[0x53, 0xEF], "ext4 under generation 3");
+    assert!(contains(&with_new, b"ONLINE-RECORD-00000000-"), "the records are under generation 3");
+    assert!(contains(&with_new, BEFORE) && contains(&with_new, AFTER), "and so is everything before");
+    let with_old = independent_decrypt(generation_2_key, &raw);
+    assert!(
+        !contains(&with_old, b"ONLINE-RECORD-") && !contains(&with_old, BEFORE),
+        "generation 2's key reads nothing of the volume any more"
+    );
+    let history = alice.history(id).await.unwrap().records;
+    assert!(history.iter().any(|r| r.event == "rotate" && r.outcome == "ok"), "{history:?}");
+    println!("online rotation: vm-a wrote {written} records (fsync each) while its volume was re-encrypted");
 }

@@ -28,6 +28,36 @@ pub trait BlockIo: Send + Sync {
     }
     /// Grows (or shrinks) the volume to `len` bytes; new bytes read as zeros.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Waits for and takes the volume's header lock: whoever rewrites the header (the cloud
+    /// platform at an update, a re-encryption recording its progress) reads the slot in
+    /// force and writes the next one under it, so neither overwrites the other's record
+    /// (docs/FORMAT.md "Key rotation"). A file takes an exclusive `flock`; memory has no
+    /// other writer.
+    fn lock_header(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Releases what [`BlockIo::lock_header`] took.
+    fn unlock_header(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The header lock of a volume, released when dropped.
+pub struct HeaderLock<'a>(&'a dyn BlockIo);
+
+impl<'a> HeaderLock<'a> {
+    /// Waits for the header lock of the volume behind `io`.
+    pub fn take(io: &'a dyn BlockIo) -> io::Result<Self> {
+        io.lock_header()?;
+        Ok(Self(io))
+    }
+}
+
+impl Drop for HeaderLock<'_> {
+    fn drop(&mut self) {
+        // Closing the descriptor would release it too; a failure here leaves it to that.
+        let _ = self.0.unlock_header();
+    }
 }
 
 impl BlockIo for File {
@@ -75,6 +105,16 @@ impl BlockIo for File {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+
+    /// `flock(LOCK_EX)` (std's `File::lock`): the same lock the cloud platform takes
+    /// (`cloud_platform::volumes`) on its own descriptor of the file.
+    fn lock_header(&self) -> io::Result<()> {
+        File::lock(self)
+    }
+
+    fn unlock_header(&self) -> io::Result<()> {
+        File::unlock(self)
     }
 }
 

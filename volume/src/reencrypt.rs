@@ -23,7 +23,7 @@ use protocol::secret::SecretBytes;
 use rayon::prelude::*;
 use zeroize::Zeroize;
 
-use crate::io::BlockIo;
+use crate::io::{BlockIo, HeaderLock};
 use crate::layout::{data_sector_offset, SECTOR_SIZE};
 use crate::xts::XtsEngine;
 use crate::{Error, Result};
@@ -69,15 +69,52 @@ pub fn read_header(io: &dyn BlockIo) -> Result<(ActiveHeader, HeaderRecord)> {
     Ok((active, record))
 }
 
-/// Writes `record` into the slot not in force with the next sequence number, durably, and
-/// returns the header now in force.
-fn write_header(io: &dyn BlockIo, current: &ActiveHeader, record: &HeaderRecord) -> Result<ActiveHeader> {
+/// Writes `record` into the slot not in force with the next sequence number, durably.
+fn write_header(io: &dyn BlockIo, current: &ActiveHeader, record: &HeaderRecord) -> Result<()> {
     let payload = record.encode();
     let (slot, seq) =
         format::next_slot_for_update(Some(current)).map_err(|e| rotation_err(format!("the next header slot: {e}")))?;
     let bytes = format::encode_slot(seq, &payload).map_err(|e| rotation_err(format!("the header record: {e}")))?;
-    io.write_durable_at(&bytes, format::slot_offset(slot)).map_err(|e| Error::io("writing the volume header", e))?;
-    Ok(ActiveHeader { slot, seq, payload, skipped: None })
+    io.write_durable_at(&bytes, format::slot_offset(slot)).map_err(|e| Error::io("writing the volume header", e))
+}
+
+/// Rewrites the header in force under the volume's header lock ([`HeaderLock`]): `change`
+/// gets the record on the volume now and returns the one written into the other slot. Read
+/// under the lock, so a descriptor update the cloud platform wrote meanwhile is kept.
+pub fn update_header(
+    io: &dyn BlockIo,
+    change: impl FnOnce(HeaderRecord) -> Result<HeaderRecord>,
+) -> Result<HeaderRecord> {
+    let _lock = HeaderLock::take(io).map_err(|e| Error::io("taking the volume's header lock", e))?;
+    let (active, on_volume) = read_header(io)?;
+    let record = change(on_volume)?;
+    write_header(io, &active, &record)?;
+    Ok(record)
+}
+
+/// The rotation the header of the volume behind `io` records, checked: format 1, boundary
+/// inside the data area. Returns the header record, that rotation and the data sectors.
+fn rotation_to_finish(io: &dyn BlockIo) -> Result<(HeaderRecord, RotationState, u64)> {
+    let (_, record) = read_header(io)?;
+    let Some(rotation) = record.rotation.clone() else {
+        return Err(rotation_err("the volume header records no key rotation"));
+    };
+    let descriptor = Descriptor::decode(&record.descriptor.message)
+        .map_err(|e| rotation_err(format!("the header's descriptor: {e}")))?;
+    if descriptor.volume_format != VolumeFormat::V1 {
+        return Err(Error::Unsupported(
+            "re-encrypting a format-2 volume after a key rotation is not built (its tags and tree are keyed too); only format-1 volumes can be rotated".into(),
+        ));
+    }
+    let volume_len = io.len().map_err(|e| Error::io("reading the volume's length", e))?;
+    let data_sectors = format::data_sectors(volume_len);
+    if rotation.boundary > data_sectors {
+        return Err(rotation_err(format!(
+            "the rotation boundary {} lies beyond the data area of {data_sectors} sectors",
+            rotation.boundary
+        )));
+    }
+    Ok((record, rotation, data_sectors))
 }
 
 /// Whether the header holds a key rotation that is not finished.
@@ -86,9 +123,10 @@ pub fn rotation_pending(io: &dyn BlockIo) -> Result<bool> {
 }
 
 /// The two engines of a re-encryption: the previous key generation's and the new one's.
-struct Engines {
-    old: XtsEngine,
-    new: XtsEngine,
+#[derive(Clone, Copy)]
+struct Engines<'a> {
+    old: &'a XtsEngine,
+    new: &'a XtsEngine,
 }
 
 /// One hotzone computed in memory, not yet written: its new ciphertext, both checksum lists
@@ -104,7 +142,7 @@ struct Prepared {
 
 /// Reads `[first, first + count)` into `buf` and re-encrypts it in memory, sector by
 /// sector in parallel (the checksums cost as much as the cipher).
-fn prepare(io: &dyn BlockIo, engines: &Engines, first: u64, count: usize, mut buf: Vec<u8>) -> Result<Prepared> {
+fn prepare(io: &dyn BlockIo, engines: Engines<'_>, first: u64, count: usize, mut buf: Vec<u8>) -> Result<Prepared> {
     buf.resize(count * SECTOR_SIZE, 0);
     io.read_exact_at(&mut buf, data_sector_offset(first)).map_err(|e| Error::io("reading the data area", e))?;
     let sums: Vec<([u8; 32], [u8; 32], bool)> = buf
@@ -137,11 +175,10 @@ fn prepare(io: &dyn BlockIo, engines: &Engines, first: u64, count: usize, mut bu
     Ok(prepared)
 }
 
-/// The re-encryption of one volume: where the boundary is and the header in force.
+/// The re-encryption of one volume: the header record last written and what was done.
 struct Run<'a> {
     io: &'a dyn BlockIo,
     data_sectors: u64,
-    header: ActiveHeader,
     record: HeaderRecord,
     report: RotationReport,
 }
@@ -162,14 +199,19 @@ impl Run<'_> {
         self.record.rotation.as_ref().expect("a run exists only for a header with a rotation")
     }
 
-    /// Durably records `boundary` and `hotzone` in the header.
+    /// Durably records `boundary` and `hotzone` in the header (under its lock, keeping
+    /// whatever else the header in force says).
     fn record_progress(&mut self, boundary: u64, hotzone: Option<Hotzone>) -> Result<()> {
-        let mut rotation = self.rotation().clone();
-        rotation.boundary = boundary;
-        rotation.hotzone = hotzone;
-        let record = HeaderRecord { rotation: Some(rotation), ..self.record.clone() };
-        self.header = write_header(self.io, &self.header, &record)?;
-        self.record = record;
+        self.record = update_header(self.io, |mut on_volume| {
+            let Some(rotation) = on_volume.rotation.as_mut() else {
+                return Err(rotation_err(
+                    "the volume header no longer records the key rotation being finished (was the header replaced?)",
+                ));
+            };
+            rotation.boundary = boundary;
+            rotation.hotzone = hotzone;
+            Ok(on_volume)
+        })?;
         Ok(())
     }
 
@@ -207,7 +249,7 @@ impl Run<'_> {
 
     /// Settles the hotzone a crash left: each sector is under the new key already (its
     /// ciphertext has the new checksum), or still under the old one (re-encrypted now).
-    fn settle(&mut self, engines: &Engines, hotzone: &Hotzone) -> Result<()> {
+    fn settle(&mut self, engines: Engines<'_>, hotzone: &Hotzone) -> Result<()> {
         let count = hotzone.sectors() as usize;
         if hotzone.first.checked_add(count as u64).is_none_or(|end| end > self.data_sectors) {
             return Err(rotation_err(format!(
@@ -273,31 +315,14 @@ pub fn finish_rotation(
     options: RotationOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<RotationReport> {
-    let (header, record) = read_header(io)?;
-    let Some(rotation) = record.rotation.clone() else {
-        return Err(rotation_err("the volume header records no key rotation"));
-    };
-    let descriptor = Descriptor::decode(&record.descriptor.message)
-        .map_err(|e| rotation_err(format!("the header's descriptor: {e}")))?;
-    if descriptor.volume_format != VolumeFormat::V1 {
-        return Err(Error::Unsupported(
-            "re-encrypting a format-2 volume after a key rotation is not built (its tags and tree are keyed too); only format-1 volumes can be rotated".into(),
-        ));
-    }
-    let volume_len = io.len().map_err(|e| Error::io("reading the volume's length", e))?;
-    let data_sectors = format::data_sectors(volume_len);
-    if rotation.boundary > data_sectors {
-        return Err(rotation_err(format!(
-            "the rotation boundary {} lies beyond the data area of {data_sectors} sectors",
-            rotation.boundary
-        )));
-    }
-    let engines = Engines { old: XtsEngine::new(old_key)?, new: XtsEngine::new(new_key)? };
+    let (record, rotation, data_sectors) = rotation_to_finish(io)?;
+    let (old, new) = (XtsEngine::new(old_key)?, XtsEngine::new(new_key)?);
+    let engines = Engines { old: &old, new: &new };
     let mut run =
-        Run { io, data_sectors, header, record, report: RotationReport { data_sectors, ..RotationReport::default() } };
+        Run { io, data_sectors, record, report: RotationReport { data_sectors, ..RotationReport::default() } };
     let mut boundary = rotation.boundary;
     if let Some(hotzone) = &rotation.hotzone {
-        run.settle(&engines, hotzone)?;
+        run.settle(engines, hotzone)?;
         boundary = hotzone.first + hotzone.sectors();
         run.record_progress(boundary, None)?;
     }
@@ -306,13 +331,12 @@ pub fn finish_rotation(
     // Pipelined: while one hotzone is recorded, written and synced, the next one is read and
     // re-encrypted in memory on another thread (it touches only sectors past the first).
     let mut next = (boundary < data_sectors)
-        .then(|| prepare(io, &engines, boundary, count_at(boundary), Vec::with_capacity(hotzone_sectors * SECTOR_SIZE)))
+        .then(|| prepare(io, engines, boundary, count_at(boundary), Vec::with_capacity(hotzone_sectors * SECTOR_SIZE)))
         .transpose()?;
     let mut spare = Vec::with_capacity(hotzone_sectors * SECTOR_SIZE);
     while let Some(current) = next.take() {
         let following = current.first + current.count as u64;
         let (committed, prepared) = std::thread::scope(|scope| {
-            let engines = &engines;
             let buf = std::mem::take(&mut spare);
             let ahead = (following < data_sectors).then(|| {
                 scope.spawn(move || {
@@ -331,11 +355,12 @@ pub fn finish_rotation(
         next = prepared.transpose()?;
         progress(following, data_sectors);
     }
-    let finished = HeaderRecord { rotation: None, ..run.record.clone() };
-    write_header(io, &run.header, &finished)?;
-    drop(engines); // wipes the engines' key schedules (XtsEngine's Drop)
+    update_header(io, |on_volume| Ok(HeaderRecord { rotation: None, ..on_volume }))?;
+    drop((old, new)); // wipes the engines' key schedules (XtsEngine's Drop)
     Ok(run.report)
 }
+
+pub mod online;
 
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,10 @@
 //! - `kill_9_at_random_points_loses_nothing`: a child process (this test binary again)
 //!   re-encrypts a volume and is killed with SIGKILL at random moments, restarted each time,
 //!   until it finishes; every written sector then decrypts under the new key only.
+//! - `kill_9_during_an_online_rotation_loses_no_flushed_write`: the same, with a writer
+//!   thread writing and flushing through the live device while it re-encrypts
+//!   (`skydd_volume::reencrypt::online`); every write the child saw flushed is found
+//!   afterwards, under the new key.
 //! - `reencryption_throughput_against_plain_read_write` (`#[ignore]`, release builds:
 //!   `cargo test --release -p skydd-volume --test reencrypt -- --ignored --nocapture`):
 //!   re-encryption against the engine's plain read + write of the same volume, same run
@@ -23,6 +27,7 @@ use protocol::secret::SecretBytes;
 use protocol::signing::SignedEnvelope;
 use rand::{Rng, RngExt, SeedableRng};
 use skydd_volume::device::{PlainDevice, SectorDevice};
+use skydd_volume::reencrypt::online::reencrypt_online;
 use skydd_volume::reencrypt::{finish_rotation, rotation_pending, RotationOptions};
 use skydd_volume::xts::XtsEngine;
 
@@ -145,6 +150,147 @@ fn kill_9_at_random_points_loses_nothing() {
         old.decrypt_sectors(n as u64, &mut with_old).unwrap();
         assert_eq!(with_new, expected, "sector {n} under the new key");
         assert_ne!(with_old, expected, "sector {n} under the old key");
+    }
+}
+
+const ONLINE_CHILD_ENV: &str = "SKYDD_REENCRYPT_ONLINE_CHILD_VOLUME";
+/// What the online child prints after each write it flushed: `flushed <sector> <version>`.
+const FLUSHED: &str = "flushed";
+
+/// The content the online writer puts in `sector` at `version`: both numbers, then bytes
+/// only they produce, so a sector read back names what it holds and proves it whole.
+fn versioned_sector(sector: u64, version: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; SECTOR_SIZE];
+    bytes[..8].copy_from_slice(&sector.to_le_bytes());
+    bytes[8..16].copy_from_slice(&version.to_le_bytes());
+    rand::rngs::StdRng::seed_from_u64(sector ^ version.rotate_left(32)).fill_bytes(&mut bytes[16..]);
+    bytes
+}
+
+/// The online child: a live device under the old key, re-encrypted online while a writer
+/// thread writes versioned sectors through it, flushing and reporting each.
+#[test]
+fn child_rotates_online() {
+    let Ok(path) = std::env::var(ONLINE_CHILD_ENV) else { return };
+    let base: u64 = std::env::var("SKYDD_REENCRYPT_VERSION_BASE").unwrap().parse().unwrap();
+    let file: Arc<dyn skydd_volume::io::BlockIo> =
+        Arc::new(OpenOptions::new().read(true).write(true).open(path).unwrap());
+    let sectors = format::data_sectors(file.len().unwrap());
+    let device = PlainDevice::new(file, XtsEngine::new(&key(3)).unwrap(), sectors);
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let finished = std::sync::atomic::AtomicBool::new(false);
+    let print = |line: String| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}").and_then(|()| out.flush()).unwrap();
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            use std::sync::atomic::Ordering::SeqCst;
+            // The device serves under both keys once the first hotzone has crossed.
+            while !started.load(SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut rng = rand::rngs::StdRng::seed_from_u64(base);
+            let mut version = base;
+            while !finished.load(SeqCst) {
+                version += 1;
+                let sector = rng.random_range(0..sectors);
+                let mut data = versioned_sector(sector, version);
+                device.write_sectors(sector, &mut data).unwrap();
+                device.flush().unwrap();
+                print(format!("{FLUSHED} {sector} {version}"));
+            }
+        });
+        let options = RotationOptions { hotzone_sectors: CHILD_HOTZONE };
+        let mut report = |done: u64, total: u64| {
+            started.store(true, std::sync::atomic::Ordering::SeqCst);
+            print(format!("{HOTZONE_DONE} {done}/{total}"));
+        };
+        let rotated = reencrypt_online(&device, &key(3), &key(5), options, &mut report);
+        started.store(true, std::sync::atomic::Ordering::SeqCst);
+        finished.store(true, std::sync::atomic::Ordering::SeqCst);
+        rotated.unwrap();
+    });
+}
+
+#[test]
+fn kill_9_during_an_online_rotation_loses_no_flushed_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.img");
+    let sectors = 2048; // 8 MiB, 64 hotzones
+    let plain = rotating_volume(&path, sectors, 8);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let mut flushed = std::collections::BTreeMap::<u64, u64>::new();
+    let (mut kills, mut runs) = (0u64, 0u64);
+    while rotation_pending(&File::open(&path).unwrap()).unwrap() {
+        runs += 1;
+        assert!(runs < 100, "no progress after {runs} runs");
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_rotates_online", "--test-threads=1", "--nocapture"])
+            .env(ONLINE_CHILD_ENV, &path)
+            .env("SKYDD_REENCRYPT_VERSION_BASE", (runs * 1_000_000).to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Killed after 1 to 3 hotzones (counted, not timed), a random moment later.
+        let hotzones = rng.random_range(1..=3);
+        let delay = Duration::from_micros(rng.random_range(0..3000));
+        let mut seen = 0;
+        let mut kill_at: Option<Instant> = None;
+        for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines().map_while(|l| l.ok()) {
+            if let Some(rest) = line.strip_prefix(FLUSHED) {
+                let mut numbers = rest.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+                let (sector, version) = (numbers.next().unwrap(), numbers.next().unwrap());
+                flushed.insert(sector, version);
+            } else if line.starts_with(HOTZONE_DONE) {
+                seen += 1;
+                if seen == hotzones {
+                    kill_at = Some(Instant::now() + delay);
+                }
+            }
+            if kill_at.is_some_and(|at| Instant::now() >= at) && child.try_wait().unwrap().is_none() {
+                child.kill().unwrap(); // SIGKILL
+                kills += 1;
+                kill_at = None;
+            }
+        }
+        let status = child.wait().unwrap();
+        assert!(status.success() || status.code().is_none(), "the child failed: {status}");
+    }
+    println!(
+        "online re-encryption finished after {runs} runs, {kills} killed with SIGKILL, {} sectors written by the VM",
+        flushed.len()
+    );
+    assert!(kills >= 3, "the test must kill the re-encryption a few times, killed {kills}");
+    assert!(flushed.len() > 20, "the writer must have written during the rotation");
+    let file = File::open(&path).unwrap();
+    let new = XtsEngine::new(&key(5)).unwrap();
+    let mut cipher = vec![0u8; plain.len()];
+    file.read_exact_at(&mut cipher, DATA_OFFSET).unwrap();
+    for (n, expected) in plain.chunks_exact(SECTOR_SIZE).enumerate() {
+        let n64 = n as u64;
+        let sector = &cipher[n * SECTOR_SIZE..][..SECTOR_SIZE];
+        let mut with_new = sector.to_vec();
+        new.decrypt_sectors(n64, &mut with_new).unwrap();
+        let version = u64::from_le_bytes(with_new[8..16].try_into().unwrap());
+        let written_by_vm = u64::from_le_bytes(with_new[..8].try_into().unwrap()) == n64
+            && version > 0
+            && with_new == versioned_sector(n64, version);
+        match flushed.get(&n64) {
+            // Flushed by the VM: that version or a later one it wrote after it.
+            Some(&acked) => assert!(
+                written_by_vm && version >= acked,
+                "sector {n}: the VM flushed version {acked}, the volume holds {}",
+                if written_by_vm { format!("version {version}") } else { "something else".into() }
+            ),
+            // Never flushed by the VM: what was there before, or a write that landed unflushed.
+            None if n % 7 == 3 => assert!(
+                sector.iter().all(|&b| b == 0) || written_by_vm,
+                "unwritten sector {n} stays a hole or holds a whole VM write"
+            ),
+            None => assert!(written_by_vm || with_new == expected, "sector {n} under the new key"),
+        }
     }
 }
 

@@ -5,15 +5,16 @@
 
 use net::{Identity, Role};
 use protocol::cloud::{
-    Attachment, CreateDomainRequest, DeleteDomainBody, DomainList, DomainView, RotateDomainRequest, UpdateDomainRequest,
+    AgentRotateRequest, AgentRotation, Attachment, AttachmentStatus, CreateDomainRequest, DeleteDomainBody, DomainList,
+    DomainView, RotateDomainRequest, UpdateDomainRequest,
 };
-use protocol::domain::Descriptor;
+use protocol::domain::{AccessMode, Descriptor};
 use protocol::messages::{
-    DeleteDomainRequest, Deletion, HeaderRecord, KeyRotation, RegisterDomainRequest, RegisterDomainResponse,
-    RotateKeyRequest, RotationState,
+    grant_digest, DeleteDomainRequest, Deletion, HeaderRecord, KeyRotation, MountGrant, Placement,
+    RegisterDomainRequest, RegisterDomainResponse, RotateKeyRequest, RotationState,
 };
 use protocol::refusal::Refusal;
-use protocol::signing::SignedEnvelope;
+use protocol::signing::{SignatureContext, SignedEnvelope};
 
 use super::attachments::allows;
 use super::pending::kept_for_later;
@@ -39,6 +40,7 @@ fn domain_view(record: &DomainRecord, header: HeaderRecord, status: &str) -> Res
         status: status.to_string(),
         created_at: record.created_at,
         header,
+        re_encryption: None,
     })
 }
 
@@ -279,14 +281,17 @@ impl CloudPlatform {
             })
             .await?;
         // A rotation in progress goes on under the new version: its previous registration
-        // and progress are the volume's, not the descriptor's (docs/PROTOCOL.md "Key rotation").
-        let header = HeaderRecord {
-            descriptor: envelope,
-            registration: response.registration,
-            rotation: current.record.rotation,
+        // and progress are the volume's, not the descriptor's, read under the header lock
+        // (a secure component re-encrypting online moves them; docs/PROTOCOL.md "Key rotation").
+        let (volumes, path) = (self.volumes.clone(), record.volume_path.clone());
+        let update = move |on_volume: &HeaderRecord| {
+            Ok(HeaderRecord {
+                descriptor: envelope,
+                registration: response.registration,
+                rotation: on_volume.rotation.clone(),
+            })
         };
-        let (volumes, path, h) = (self.volumes.clone(), record.volume_path.clone(), header.clone());
-        let (slot, seq) = blocking(move || volumes.update_header(&path, &h)).await.map_err(|e| {
+        let (slot, seq, header) = blocking(move || volumes.update_header(&path, update)).await.map_err(|e| {
             Error::Volume(format!(
                 "the TTP registered version {} of domain {domain_id}, but writing the volume header failed: {e}",
                 descriptor.version
@@ -341,13 +346,87 @@ impl CloudPlatform {
             rotation: Some(RotationState { previous_registration: current.registration, boundary: 0, hotzone: None }),
         };
         let (volumes, path, h) = (self.volumes.clone(), record.volume_path.clone(), header.clone());
-        let (slot, seq) = blocking(move || volumes.update_header(&path, &h)).await.map_err(|e| {
+        let (slot, seq, header) = blocking(move || volumes.update_header(&path, |_| Ok(h))).await.map_err(|e| {
             Error::Volume(format!(
                 "the TTP registered a new key of domain {domain_id}, but writing the volume header failed ({e}); rotate again"
             ))
         })?;
-        tracing::info!(domain = %domain_id, slot, seq, "key rotated; re-encryption at the next read-write attach");
-        domain_view(&record, header, self.status_of(domain_id).await?)
+        let re_encryption = self.re_encrypt_online(&record, &header, request.online_grant).await;
+        tracing::info!(domain = %domain_id, slot, seq, %re_encryption, "key rotated");
+        let mut view = domain_view(&record, header, self.status_of(domain_id).await?)?;
+        view.re_encryption = Some(re_encryption);
+        Ok(view)
+    }
+
+    /// Asks the host of the domain's read-write attachment to re-encrypt its volume online
+    /// (docs/PROTOCOL.md "Online re-encryption") with `grant` for its VM. Says where the
+    /// re-encryption runs, or why it waits for the next read-write attach: a rotation is
+    /// registered either way, so a host that cannot do it online is not an error.
+    async fn re_encrypt_online(
+        &self,
+        record: &DomainRecord,
+        header: &HeaderRecord,
+        grant: Option<SignedEnvelope>,
+    ) -> String {
+        let later = |why: String| format!("at the next read-write attach: {why}");
+        let id = record.id.clone();
+        let open = match self.store(move |s| s.open_attachments_of_domain(&id)).await {
+            Ok(open) => open,
+            Err(e) => return later(format!("the attachments could not be read ({e})")),
+        };
+        let Some(attachment) =
+            open.into_iter().find(|a| a.mode == AccessMode::Rw && a.status == AttachmentStatus::Attached)
+        else {
+            return later("the domain has no read-write attachment now".into());
+        };
+        let Some(grant) = grant else {
+            return later(format!(
+                "{} holds it read-write, but no mount grant for re-encrypting online came with the request (--offline)",
+                attachment.instance_id
+            ));
+        };
+        match MountGrant::decode(&grant.message) {
+            Ok(g) if g.vm_id == attachment.instance_id && g.mode == AccessMode::Rw && g.domain_id == record.id => {}
+            Ok(g) => {
+                return later(format!(
+                    "the grant is for {} ({}) of domain {}, but the read-write attachment is {}'s",
+                    g.vm_id, g.mode, g.domain_id, attachment.instance_id
+                ))
+            }
+            Err(e) => return later(format!("the grant does not decode ({e})")),
+        }
+        let host = match self.host_of(&attachment.host).await {
+            Ok(host) => host,
+            Err(e) => return later(e.to_string()),
+        };
+        let placement = Placement {
+            vm_id: attachment.instance_id.clone(),
+            host_id: host.id.clone(),
+            grant_digest: grant_digest(&grant),
+            placed_at: now_unix(),
+        };
+        let request = AgentRotateRequest {
+            header: header.clone(),
+            grant,
+            placement: self.placer.sign_envelope(SignatureContext::Placement, placement.encode()),
+        };
+        let started: std::result::Result<AgentRotation, Error> = match self.agent_client(&host).await {
+            Ok(client) => client
+                .post_json(&format!("/v1/attachments/{}/rotation", attachment.id), &request)
+                .await
+                .map_err(|e| Error::from_peer(e, Refusal::HostUnreachable, Self::agent_error(&host))),
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(rotation) => format!(
+                "online on host {} for VM {} (attachment {}, {} sectors), which keeps reading and writing",
+                host.id, rotation.vm_id, rotation.attachment_id, rotation.data_sectors
+            ),
+            Err(e) => {
+                tracing::warn!(domain = %record.id, host = %host.id, error = %e, "online re-encryption not started");
+                later(format!("host {} did not start it online ({e})", host.id))
+            }
+        }
     }
 
     /// Detaches every open attachment of the domain that `descriptor` no longer allows

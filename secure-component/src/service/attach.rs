@@ -51,7 +51,7 @@ pub(super) fn mode_of(mode: AccessMode) -> OpenMode {
 }
 
 /// The header in force on the volume at `path` must be `expected` (an encoded header record).
-fn check_volume_header(path: &Path, volume_root: Option<&Path>, expected: &[u8]) -> Result<()> {
+pub(super) fn check_volume_header(path: &Path, volume_root: Option<&Path>, expected: &[u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let shown = path.display();
     // One answer for "absent", "outside the volume root", "unreadable" and "not a volume":

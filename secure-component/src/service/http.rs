@@ -6,10 +6,10 @@ use std::sync::Arc;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use net::{ApiError, Identity, PeerCertificates, Role};
-use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList};
+use protocol::cloud::{AgentAttachRequest, AgentAttachment, AgentAttachmentList, AgentRotateRequest, AgentRotation};
 use protocol::refusal::Refusal;
 use serde::Serialize;
 
@@ -27,6 +27,7 @@ pub fn router(service: Arc<AttachmentService>) -> Router {
     Router::new()
         .route("/v1/attachments", get(list).post(attach))
         .route("/v1/attachments/{attachment_id}", delete(detach))
+        .route("/v1/attachments/{attachment_id}/rotation", post(rotate))
         .route("/v1/vms", get(list_vms).post(launch_vm))
         .route("/v1/vms/{vm_id}", delete(stop_vm))
         .route("/v1/health", get(health))
@@ -111,6 +112,27 @@ async fn attach(
         "attach",
         async move { service.attach_for(&cloud, request).await.map(Json).map_err(api_error) },
     )
+    .await
+}
+
+/// `POST /v1/attachments/{id}/rotation`: re-encrypt the attachment's volume online (202).
+async fn rotate(
+    State(service): State<Arc<AttachmentService>>,
+    Extension(caller): Extension<Identity>,
+    Extension(chain): Extension<PeerCertificates>,
+    Path(attachment_id): Path<String>,
+    body: Result<Json<AgentRotateRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<AgentRotation>), ApiError> {
+    let cloud = cloud_of(&service, &caller, &chain)?;
+    let Json(request) = body.map_err(|r| ApiError::rejected_body(r.status(), r.body_text()))?;
+    tracing::info!(caller = %caller, attachment = %attachment_id, "online re-encryption requested");
+    net::run_to_completion("rotate", async move {
+        service
+            .rotate_online_for(&cloud, &attachment_id, request)
+            .await
+            .map(|rotation| (StatusCode::ACCEPTED, Json(rotation)))
+            .map_err(api_error)
+    })
     .await
 }
 

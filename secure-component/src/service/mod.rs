@@ -32,6 +32,7 @@ mod attach;
 mod detach;
 mod integrity;
 mod reservation;
+mod rotate;
 mod status;
 
 use std::collections::{HashSet, VecDeque};

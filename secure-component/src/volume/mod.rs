@@ -72,6 +72,17 @@ pub trait VolumeBackend: Send + Sync {
             ),
         })
     }
+    /// The plaintext sector device this process serves mapping `name` from, for a
+    /// re-encryption under the live mapping (docs/PROTOCOL.md "Online re-encryption"). A
+    /// backend whose mapping lives in the kernel (dm-crypt: one key per table) refuses.
+    fn live_device(&self, name: &str) -> Result<Arc<dyn skydd_volume::device::SectorDevice>> {
+        let _ = name;
+        Err(Error::Volume(format!(
+            "the {} backend cannot re-encrypt a volume under a live mapping (the kernel's table holds one key); \
+             the rotation finishes at the next read-write attach",
+            self.kind()
+        )))
+    }
     /// Closes the mapping and wipes the key everywhere the backend put it.
     fn close(&self, name: &str) -> Result<()>;
     /// The mappings this backend has open now (after a restart too).

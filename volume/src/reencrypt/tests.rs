@@ -204,3 +204,166 @@ fn a_format_2_volume_is_refused() {
     let err = finish_rotation(&io, &old_key, &new_key, RotationOptions::default(), &mut |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("only format-1 volumes can be rotated"), "{err}");
 }
+
+// ---- online: the device keeps serving while the volume moves (online.rs) ----
+
+/// A live device over `io` with the old key, re-encrypted online while two threads write
+/// and read through it; afterwards every sector holds the last thing written to it, under
+/// the new key alone, and the device serves under the new key.
+#[test]
+fn an_online_rotation_keeps_serving_reads_and_writes_and_loses_none() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+
+    use crate::device::{PlainDevice, SectorDevice};
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (old_key, new_key) = (key(3), key(5));
+    let (old, new) = (XtsEngine::new(&old_key).unwrap(), XtsEngine::new(&new_key).unwrap());
+    let io = Arc::new(MemoryIo::new(volume_len()));
+    let plain = Mutex::new(rotating_volume(&io, &old, &mut rng));
+    let device = PlainDevice::new(io.clone(), XtsEngine::new(&old_key).unwrap(), SECTORS);
+    let done = AtomicBool::new(false);
+    let (writes, reads) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut hotzones = 0;
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+            while !done.load(Ordering::SeqCst) {
+                let first = rng.random_range(0..SECTORS - 3);
+                let count = rng.random_range(1..=3usize);
+                let mut data = vec![0u8; count * SECTOR_SIZE];
+                rng.fill_bytes(&mut data);
+                // Held across the write so the reader compares against what is on the device.
+                let mut plain = plain.lock().unwrap();
+                plain[first as usize * SECTOR_SIZE..][..data.len()].copy_from_slice(&data);
+                device.write_sectors(first, &mut data).unwrap();
+                writes.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        scope.spawn(|| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+            while !done.load(Ordering::SeqCst) {
+                let first = rng.random_range(0..SECTORS - 4);
+                let mut data = vec![0u8; 4 * SECTOR_SIZE];
+                let plain = plain.lock().unwrap();
+                device.read_sectors(first, &mut data).unwrap();
+                let expected = &plain[first as usize * SECTOR_SIZE..][..data.len()];
+                for (i, (got, want)) in data.chunks(SECTOR_SIZE).zip(expected.chunks(SECTOR_SIZE)).enumerate() {
+                    // A hole (never written) reads as whatever its zeros decrypt to.
+                    assert!(
+                        is_zero(want) || got == want,
+                        "sector {} reads back what was last written, mid-rotation",
+                        first + i as u64
+                    );
+                }
+                reads.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let options = RotationOptions { hotzone_sectors: 8 };
+        let report = online::reencrypt_online(&device, &old_key, &new_key, options, &mut |_, _| {
+            hotzones += 1;
+            // Let the VM's threads in between hotzones.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        })
+        .unwrap();
+        done.store(true, Ordering::SeqCst);
+        assert_eq!(report.data_sectors, SECTORS);
+    });
+    assert_eq!(hotzones, (SECTORS as usize).div_ceil(8));
+    assert!(writes.load(Ordering::SeqCst) > 0 && reads.load(Ordering::SeqCst) > 0, "the VM's threads ran");
+    let plain = plain.into_inner().unwrap();
+    let (_, record) = read_header(io.as_ref()).unwrap();
+    assert_eq!(record.rotation, None, "the finished header records no rotation");
+    for n in 0..SECTORS {
+        let expected = &plain[n as usize * SECTOR_SIZE..][..SECTOR_SIZE];
+        let mut cipher = vec![0u8; SECTOR_SIZE];
+        io.read_exact_at(&mut cipher, data_sector_offset(n)).unwrap();
+        if is_zero(expected) && is_zero(&cipher) {
+            continue; // never written by anyone: still a hole
+        }
+        let mut with_new = cipher.clone();
+        new.decrypt_sectors(n, &mut with_new).unwrap();
+        assert_eq!(with_new, expected, "sector {n} under the new key");
+        old.decrypt_sectors(n, &mut cipher).unwrap();
+        assert_ne!(cipher, expected, "sector {n} must not decrypt under the old key");
+    }
+    // The device now serves under the new key alone.
+    let mut data = vec![0x5a; SECTOR_SIZE];
+    device.write_sectors(1, &mut data).unwrap();
+    let mut cipher = vec![0u8; SECTOR_SIZE];
+    io.read_exact_at(&mut cipher, data_sector_offset(1)).unwrap();
+    new.decrypt_sectors(1, &mut cipher).unwrap();
+    assert_eq!(cipher, vec![0x5a; SECTOR_SIZE]);
+}
+
+#[test]
+fn an_online_rotation_refuses_a_previous_key_the_device_was_not_opened_with() {
+    use std::sync::Arc;
+
+    use crate::device::PlainDevice;
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let old = XtsEngine::new(&key(3)).unwrap();
+    let io = Arc::new(MemoryIo::new(volume_len()));
+    rotating_volume(&io, &old, &mut rng);
+    let device = PlainDevice::new(io.clone(), old, SECTORS);
+    let err = online::reencrypt_online(&device, &key(4), &key(5), RotationOptions::default(), &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not the key this mapping was opened with"), "{err}");
+    assert!(rotation_pending(io.as_ref()).unwrap(), "nothing was moved");
+}
+
+/// A volume error half-way stops the device (every request refused, none served under a
+/// guessed key), and the next open finishes the rotation from the header: nothing lost.
+#[test]
+fn an_online_rotation_that_fails_half_way_stops_the_device_and_the_next_open_finishes_it() {
+    use std::sync::Arc;
+
+    use crate::device::{PlainDevice, SectorDevice};
+
+    /// CrashIo that owns its memory, so the device can hold it.
+    struct Failing(Arc<MemoryIo>, AtomicU64);
+    impl BlockIo for Failing {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.0.read_exact_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            CrashIo { inner: &self.0, budget: AtomicU64::new(self.1.load(Ordering::SeqCst)) }.write(buf, offset)?;
+            self.1.fetch_sub((buf.len() / SECTOR_SIZE) as u64, Ordering::SeqCst);
+            Ok(())
+        }
+        fn write_durable_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.write_all_at(buf, offset)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+    }
+
+    for budget in [3u64, 40, 80, 130] {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(budget);
+        let (old_key, new_key) = (key(3), key(5));
+        let (old, new) = (XtsEngine::new(&old_key).unwrap(), XtsEngine::new(&new_key).unwrap());
+        let memory = Arc::new(MemoryIo::new(volume_len()));
+        let plain = rotating_volume(&memory, &old, &mut rng);
+        let failing = Arc::new(Failing(memory.clone(), AtomicU64::new(budget)));
+        let device = PlainDevice::new(failing, XtsEngine::new(&old_key).unwrap(), SECTORS);
+        let options = RotationOptions { hotzone_sectors: 16 };
+        let failed = online::reencrypt_online(&device, &old_key, &new_key, options, &mut |_, _| {});
+        assert!(failed.is_err(), "budget {budget}: the volume failed half-way");
+        let mut buf = vec![0u8; SECTOR_SIZE];
+        let refused = device.read_sectors(0, &mut buf).unwrap_err().to_string();
+        assert!(refused.contains("serves nothing more"), "budget {budget}: {refused}");
+        // The next read-write attach: the offline run settles and finishes.
+        finish_rotation(memory.as_ref(), &old_key, &new_key, options, &mut |_, _| {}).unwrap();
+        check_rotated(&memory, &plain, &old, &new);
+    }
+}

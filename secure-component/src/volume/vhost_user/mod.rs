@@ -232,6 +232,13 @@ impl VolumeBackend for VhostUserBlkBackend {
         self.serve(name, mode, || open_sector_device(name, volume, key, Some(integrity), mode))
     }
 
+    fn live_device(&self, name: &str) -> Result<Arc<dyn SectorDevice>> {
+        let live = self.lock()?;
+        let served =
+            live.get(name).ok_or_else(|| Error::Volume(format!("mapping {name} is not open in this process")))?;
+        Ok(served.device.clone())
+    }
+
     fn close(&self, name: &str) -> Result<()> {
         self.close_mapping(name)
     }

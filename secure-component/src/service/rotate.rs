@@ -1,0 +1,144 @@
+//! Online re-encryption (docs/PROTOCOL.md "Online re-encryption"): after the owner rotated
+//! the key of a domain this host holds read-write, the cloud platform asks for the volume to
+//! move to the new key while the VM keeps using it. The keys are released exactly like an
+//! attach's (grant, placement, quote; the TTP releases both generations only for a
+//! read-write request), then [`skydd_volume::reencrypt::online`] runs under the live mapping
+//! in the background.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use protocol::cloud::{AgentRotateRequest, AgentRotation};
+use protocol::domain::AccessMode;
+use protocol::secret::SecretBytes;
+use skydd_volume::device::SectorDevice;
+use skydd_volume::reencrypt::RotationOptions;
+
+use super::attach::check_volume_header;
+use super::clouds::Cloud;
+use super::integrity;
+use super::{check_attachment_id, AttachmentService};
+use crate::error::{Error, Result};
+use crate::key_release::KeyRequest;
+
+impl AttachmentService {
+    /// `POST /v1/attachments/{id}/rotation` from the cloud platform of `cloud`: releases the
+    /// previous and the new key of the attachment's domain and starts re-encrypting its
+    /// volume under the live mapping. Answers once it runs; it goes on in the background and
+    /// ends with a header that holds only the new registration.
+    pub async fn rotate_online_for(
+        self: &Arc<Self>,
+        cloud: &Cloud,
+        attachment_id: &str,
+        request: AgentRotateRequest,
+    ) -> Result<AgentRotation> {
+        check_attachment_id(attachment_id)?;
+        let host = self.host_for(cloud)?;
+        let record = self
+            .records
+            .load(attachment_id)?
+            .filter(|record| Cloud::of_record(record.partner.as_deref()) == *cloud)
+            .ok_or_else(|| Error::AttachmentUnknown(attachment_id.to_string()))?;
+        if record.mode != AccessMode::Rw {
+            return Err(Error::BadRequest(format!(
+                "attachment {attachment_id} is read-only; only the read-write attachment of a domain re-encrypts it"
+            )));
+        }
+        let (descriptor, _) = request
+            .header
+            .unverified_contents()
+            .map_err(|e| Error::BadRequest(format!("the header does not decode: {e}")))?;
+        if descriptor.domain_id != record.domain_id {
+            return Err(Error::BadRequest(format!(
+                "the header is domain {}'s, but attachment {attachment_id} is domain {}'s",
+                descriptor.domain_id, record.domain_id
+            )));
+        }
+        if request.header.rotation.is_none() {
+            return Err(Error::BadRequest("the header records no key rotation: there is nothing to re-encrypt".into()));
+        }
+        let live = self.backend.get().live_device(&record.mapping)?;
+        if live.as_plain().is_none() {
+            return Err(Error::BadRequest(format!(
+                "domain {} is format 2: re-encrypting its sector tags and tree is not built",
+                record.domain_id
+            )));
+        }
+        // The same check as an attach's: the header the TTP is shown is the one in force.
+        let (path, expected) = (record.volume_path.clone(), request.header.encode());
+        let volume_root = self.volume_root_for(cloud)?.map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || check_volume_header(&path, volume_root.as_deref(), &expected))
+            .await
+            .map_err(|e| Error::Volume(format!("volume header check failed: {e}")))??;
+
+        let launched_image = self.launcher.as_ref().and_then(|l| l.image_of(&record.vm_id));
+        let obtained = host
+            .obtain_key(&KeyRequest {
+                header: &request.header,
+                grant: &request.grant,
+                placement: &request.placement,
+                vm_id: &record.vm_id,
+                mode: AccessMode::Rw,
+                launched_image: launched_image.as_ref(),
+            })
+            .await?;
+        let (new_key, _) = integrity::split_released_keys(&obtained.key)?;
+        let Some(previous) = obtained.previous_key else {
+            return Err(Error::Volume(format!(
+                "the TTP released no previous key of domain {} to re-encrypt with",
+                record.domain_id
+            )));
+        };
+        let (previous_key, _) = integrity::split_released_keys(&previous)?;
+        drop((obtained.key, previous));
+
+        let answer = AgentRotation {
+            attachment_id: record.attachment_id.clone(),
+            domain_id: record.domain_id.clone(),
+            vm_id: record.vm_id.clone(),
+            data_sectors: live.data_sectors(),
+        };
+        let (domain_id, volume) = (record.domain_id.clone(), record.volume_path.clone());
+        tracing::info!(domain = %domain_id, attachment = %attachment_id, vm = %record.vm_id,
+            "online re-encryption started; the VM keeps reading and writing");
+        std::thread::Builder::new()
+            .name(format!("reencrypt-{}", &domain_id[..8.min(domain_id.len())]))
+            .spawn(move || {
+                re_encrypt(live, &domain_id, &volume, previous_key, new_key);
+                // This thread held both keys' schedules (crate::scrub).
+                skydd_volume::scrub::scrub_this_thread();
+            })
+            .map_err(|e| Error::io("starting the re-encryption thread", e))?;
+        Ok(answer)
+    }
+}
+
+/// Runs the online re-encryption of `device` to its end, logging progress every 10 %; the
+/// keys are wiped when it returns (the device keeps only the new key's engine).
+fn re_encrypt(
+    device: Arc<dyn SectorDevice>,
+    domain_id: &str,
+    volume: &Path,
+    previous_key: SecretBytes,
+    new_key: SecretBytes,
+) {
+    let Some(plain) = device.as_plain() else { return };
+    let started = Instant::now();
+    let mut shown = 0;
+    let mut progress = |done: u64, total: u64| {
+        let percent = done * 100 / total.max(1);
+        if percent >= shown + 10 {
+            shown = percent - percent % 10;
+            tracing::info!(domain = %domain_id, percent, done, total, "re-encrypting online after a key rotation");
+        }
+    };
+    let options = RotationOptions::default();
+    match skydd_volume::reencrypt::online::reencrypt_online(plain, &previous_key, &new_key, options, &mut progress) {
+        Ok(report) => tracing::info!(domain = %domain_id, volume = %volume.display(), rewritten = report.rewritten,
+            seconds = started.elapsed().as_secs_f64(),
+            "online re-encryption finished; the previous key reads nothing on this volume any more"),
+        Err(e) => tracing::error!(domain = %domain_id, volume = %volume.display(), error = %e,
+            "online re-encryption stopped; the next read-write attach finishes it from the header"),
+    }
+}
