@@ -294,6 +294,81 @@ fn kill_9_during_an_online_rotation_loses_no_flushed_write() {
     }
 }
 
+/// Counts the durable writes (header records) through a file.
+struct CountingFile(File, std::sync::atomic::AtomicU64);
+
+impl skydd_volume::io::BlockIo for CountingFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(&self.0, buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        FileExt::write_all_at(&self.0, buf, offset)
+    }
+    fn write_durable_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        skydd_volume::io::BlockIo::write_durable_at(&self.0, buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        skydd_volume::io::BlockIo::len(&self.0)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn lock_header(&self) -> std::io::Result<()> {
+        self.0.lock_header()
+    }
+    fn unlock_header(&self) -> std::io::Result<()> {
+        self.0.unlock_header()
+    }
+}
+
+/// The cloud platform rewrites the header (a descriptor update: here a new registration
+/// each time, through its own descriptor of the file) while an online re-encryption records
+/// its progress in it. Both read-modify-write under the header lock, so no record overwrites
+/// another: the header's sequence number grew by exactly the number of records both wrote,
+/// the rotation ends with no progress left (none resurrected) and with the last registration
+/// the cloud platform wrote (none lost). Without the lock this fails within a few runs.
+#[test]
+fn header_rewrites_by_the_cloud_platform_and_the_reencryption_lose_nothing() {
+    use skydd_volume::io::BlockIo;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.img");
+    let sectors = 2048;
+    rotating_volume(&path, sectors, 9);
+    let open = || OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let seq_before = skydd_volume::reencrypt::read_header(&open()).unwrap().0.seq;
+    let host = Arc::new(CountingFile(open(), AtomicU64::new(0)));
+    let device = PlainDevice::new(host.clone(), XtsEngine::new(&key(3)).unwrap(), sectors);
+    let done = AtomicBool::new(false);
+    let cp = CountingFile(open(), AtomicU64::new(0));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut n = 0u64;
+            while !done.load(Ordering::SeqCst) || n < 5 {
+                n += 1;
+                let registration = envelope(format!("version {n}").into_bytes());
+                skydd_volume::reencrypt::update_header(&cp, |on_volume| Ok(HeaderRecord { registration, ..on_volume }))
+                    .unwrap();
+            }
+        });
+        let options = RotationOptions { hotzone_sectors: 16 };
+        reencrypt_online(&device, &key(3), &key(5), options, &mut |_, _| {}).unwrap();
+        done.store(true, Ordering::SeqCst);
+    });
+    let (cp_writes, host_writes) = (cp.1.load(Ordering::SeqCst), host.1.load(Ordering::SeqCst));
+    let (active, header) = skydd_volume::reencrypt::read_header(&open()).unwrap();
+    println!("{cp_writes} header records by the cloud platform, {host_writes} by the re-encryption");
+    assert_eq!(active.seq - seq_before, cp_writes + host_writes, "every record got its own sequence number");
+    assert_eq!(header.rotation, None, "no stale rotation progress came back");
+    assert_eq!(header.registration.message, format!("version {cp_writes}").into_bytes(), "no update was lost");
+    assert!(host.len().unwrap() > 0);
+}
+
 #[test]
 #[ignore = "a measurement: run in release with --ignored --nocapture"]
 fn reencryption_throughput_against_plain_read_write() {
