@@ -89,7 +89,7 @@ fn hint_for(code: &str) -> &'static str {
         Refusal::OwnerMismatch | Refusal::Forbidden => "only the domain's owner (or, where allowed, a manager it is shared with) may do this",
         Refusal::HostUnknown => "the VM's compute host is not enrolled with the TTP; ask the cloud operator",
         Refusal::DescriptorSignatureInvalid => "the descriptor was not signed by its owner: the cloud platform may have altered it; report this",
-        Refusal::TtpUnreachable => "the cloud platform could not reach the TTP; a grant, revoke or share it accepted is finished when the TTP is back: `domain show DOMAIN` tells when it is in force",
+        Refusal::TtpUnreachable => "the cloud platform could not reach the TTP; a grant, revoke, share or key rotation it accepted is finished when the TTP is back: `domain show DOMAIN` tells when it is in force",
         Refusal::PolicyInvalid => "fix the policy as Cedar's error above says (`domain policy set --help` shows the schema and an example); the version before stays in force",
         Refusal::PolicyDenied => "the domain's access policy does not permit this attach: see `domain policy show DOMAIN`, and attach with the --purpose (and --reason) it asks for",
         Refusal::BreakGlassReasonMissing => "an emergency (break-glass) attach needs `--reason \"...\"`; the owner is notified of it",

@@ -198,7 +198,18 @@ fn dm_config(pki: &LabPki, name: &str, cp_url: &str, ttp_url: &str) -> domain_ma
 /// detach vm-a (rw) or vm-b (ro). Records every 2xx answer.
 async fn driver_step(dm: &DomainManager, ledger: &Mutex<Ledger>, domains: &[String], rng: &mut rand::rngs::StdRng) {
     let domain = domains[rng.random_range(0..domains.len())].clone();
-    let choice = rng.random_range(0..10);
+    let choice = rng.random_range(0..11);
+    if choice == 10 {
+        // A key rotation (online when vm-a holds the domain read-write; format-2 domains are
+        // refused). Killed between the TTP and the header, the CP finishes it by itself.
+        let result = dm.rotate(&domain, true).await;
+        let mut l = ledger.lock().unwrap();
+        match result {
+            Ok(_) => l.ops_ok += 1,
+            Err(e) => l.failed("rotate", &e),
+        }
+        return;
+    }
     if choice < 3 {
         // Toggle vm-b, deciding from the header in force (so a retried, unacknowledged update
         // is repeated byte for byte).
@@ -735,6 +746,30 @@ async fn crash_rounds(deployment: Deployment) {
             }
         }
 
+        // Nor is any domain behind a key rotation the TTP registered: after the reads above,
+        // each header names the TTP's newest generation (an interrupted rotation was finished
+        // by the CP itself, from its written-ahead record).
+        let (mut rotated_domains, ttp_state_after) = (
+            0,
+            tokio::task::block_in_place(|| {
+                ttp::server::build_with_shares(&ttp_configs[0], &custodians.shares).unwrap().0
+            }),
+        );
+        for domain in &domains {
+            let (_, _, header) = header_on_disk(&cp_data.join("volumes").join(format!("{domain}.vol")))
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let in_header =
+                protocol::messages::Registration::decode(&header.registration.message).unwrap().key_generation;
+            let at_ttp =
+                tokio::task::block_in_place(|| ttp_state_after.store().domain(domain).unwrap().unwrap().key_generation);
+            assert_eq!(
+                in_header, at_ttp,
+                "round {round}: {domain}'s header names key generation {in_header}, the TTP {at_ttp}"
+            );
+            rotated_domains += usize::from(at_ttp > 1);
+        }
+        drop(ttp_state_after);
+
         // The CP reconciles with compute-1 by itself (at start-up and every 2 s here): it
         // adopts attaches it wrote ahead but never heard back about, detaches mappings it
         // does not hold open (orphans of a kill -9 mid-attach), and marks detached what the
@@ -962,7 +997,7 @@ async fn crash_rounds(deployment: Deployment) {
 
         let l = ledger.lock().unwrap();
         println!(
-            "round {round}: kill -9 {victim} after {} ms (answers in the window after: {answered_after_kill}; database down {database_down_ms} ms); ops ok {} / failed {}, key releases ok {}; restart {restart_ms} ms; TTP versions >= acknowledged for {} domains; headers valid, versions {:?}; audit chain {chain_len} records verified, {audit_present} acknowledged releases present, {histories} histories read; reconciled by the CP in {settle_ms} ms (orphan mappings {orphans}, attaches never answered {attaching}), stale {stale}, revocations enforced late {unenforced}, domains caught up by the CP {healed}, stray volume files {leaked}; reattach ok ({:.1} s)",
+            "round {round}: kill -9 {victim} after {} ms (answers in the window after: {answered_after_kill}; database down {database_down_ms} ms); ops ok {} / failed {}, key releases ok {}; restart {restart_ms} ms; TTP versions >= acknowledged for {} domains; headers valid, versions {:?}; audit chain {chain_len} records verified, {audit_present} acknowledged releases present, {histories} histories read; reconciled by the CP in {settle_ms} ms (orphan mappings {orphans}, attaches never answered {attaching}), stale {stale}, revocations enforced late {unenforced}, domains caught up by the CP {healed}, domains on a rotated key {rotated_domains} (every header at the TTP's generation), stray volume files {leaked}; reattach ok ({:.1} s)",
             kill_after.as_millis(),
             l.ops_ok - ops_before,
             l.ops_failed - fail_before,

@@ -70,5 +70,37 @@ async fn an_update_interrupted_by_a_ttp_outage_is_finished_by_the_cloud_platform
     alice.detach(&id, "vm-b").await.unwrap();
     let view = alice.grant(&id, "vm-c", AccessMode::Ro).await.unwrap();
     assert_eq!(view.version, 3);
+
+    a_rotation_interrupted_by_a_ttp_outage_is_finished_too(&mut cloud, &alice, &id).await;
     cloud.stop().await;
+}
+
+/// The same for a key rotation (docs/PROTOCOL.md "Key rotation"): the CP writes the owner's
+/// signed rotation ahead, says it keeps it, and registers and writes it once the TTP is back;
+/// the domain is never left with a header the TTP calls an old generation.
+async fn a_rotation_interrupted_by_a_ttp_outage_is_finished_too(cloud: &mut AllInOne, alice: &DomainManager, id: &str) {
+    let generation = |cloud: &AllInOne| cloud.ttp.service.store().domain(id).unwrap().unwrap().key_generation;
+    assert_eq!(generation(cloud), 1);
+    let rotate = cloud.ttp_outage(async { alice.rotate(id, true).await }).await.unwrap();
+    let error = rotate.expect_err("the TTP is down: the rotation cannot be registered now");
+    let text = error.to_string();
+    println!("rotate during the outage:\nerror: {text}");
+    assert_eq!(error.code(), Some("ttp_unreachable"), "{text}");
+    assert!(text.contains("keeps the signed rotation"), "{text}");
+    assert_eq!(generation(cloud), 1, "the TTP registered nothing while it was down");
+
+    // Back: the next request for the domain finishes the rotation; nobody repeats it.
+    let view = alice.show(id).await.unwrap();
+    let rotation = view.header.rotation.as_ref().expect("the header records the finished-later rotation");
+    assert_eq!(rotation.boundary, 0);
+    let registration = protocol::messages::Registration::decode(&view.header.registration.message).unwrap();
+    assert_eq!((registration.key_generation, generation(cloud)), (2, 2));
+    // And it is usable: the read-write attach re-encrypts, then a read-only one is served.
+    alice.attach(id, "vm-b", AccessMode::Ro, 300).await.expect_err("read-only waits for the re-encryption");
+    alice.grant(id, "vm-a", AccessMode::Rw).await.unwrap();
+    alice.attach(id, "vm-a", AccessMode::Rw, 300).await.unwrap();
+    alice.detach(id, "vm-a").await.unwrap();
+    assert!(alice.show(id).await.unwrap().header.rotation.is_none(), "the rotation ended");
+    alice.attach(id, "vm-b", AccessMode::Ro, 300).await.unwrap();
+    alice.detach(id, "vm-b").await.unwrap();
 }

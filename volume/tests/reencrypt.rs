@@ -207,7 +207,14 @@ fn child_rotates_online() {
             started.store(true, std::sync::atomic::Ordering::SeqCst);
             print(format!("{HOTZONE_DONE} {done}/{total}"));
         };
-        let rotated = reencrypt_online(&device, &key(3), &key(5), options, &mut report);
+        let rotated = reencrypt_online(
+            &device,
+            &key(3),
+            &key(5),
+            options,
+            &mut report,
+            &std::sync::atomic::AtomicBool::new(false),
+        );
         started.store(true, std::sync::atomic::Ordering::SeqCst);
         finished.store(true, std::sync::atomic::Ordering::SeqCst);
         rotated.unwrap();
@@ -357,7 +364,15 @@ fn header_rewrites_by_the_cloud_platform_and_the_reencryption_lose_nothing() {
             }
         });
         let options = RotationOptions { hotzone_sectors: 16 };
-        reencrypt_online(&device, &key(3), &key(5), options, &mut |_, _| {}).unwrap();
+        reencrypt_online(
+            &device,
+            &key(3),
+            &key(5),
+            options,
+            &mut |_, _| {},
+            &std::sync::atomic::AtomicBool::new(false),
+        )
+        .unwrap();
         done.store(true, Ordering::SeqCst);
     });
     let (cp_writes, host_writes) = (cp.1.load(Ordering::SeqCst), host.1.load(Ordering::SeqCst));

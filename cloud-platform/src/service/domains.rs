@@ -17,7 +17,7 @@ use protocol::refusal::Refusal;
 use protocol::signing::{SignatureContext, SignedEnvelope};
 
 use super::attachments::allows;
-use super::pending::kept_for_later;
+use super::pending::{kept_for_later, rotation_kept_for_later, PENDING_ROTATION};
 use super::{blocking, is_refusal, now_unix, require_role, CloudPlatform};
 use crate::error::{Error, Result};
 use crate::store::{DomainRecord, Page, PendingUpdate};
@@ -337,7 +337,44 @@ impl CloudPlatform {
                 ),
             });
         }
-        let body = RotateKeyRequest { rotation: request.rotation, current_registration: current.registration.clone() };
+        // Written ahead like an update: a TTP that registered the rotation but whose answer
+        // never came, or a header write that failed, is finished by the cloud platform
+        // itself (pending.rs), not left as a header the TTP calls stale.
+        let pending = PendingUpdate {
+            domain_id: domain_id.to_string(),
+            version: PENDING_ROTATION,
+            descriptor: request.rotation.clone(),
+            recorded_at: now_unix(),
+        };
+        self.store(move |s| s.record_pending_update(&pending)).await?;
+        let header = match self.register_rotation(&record, request.rotation, current).await {
+            Ok(header) => header,
+            Err(e) if is_refusal(&e) => {
+                let id = domain_id.to_string();
+                self.store(move |s| s.drop_pending_update(&id)).await?;
+                return Err(e);
+            }
+            Err(e) => return Err(rotation_kept_for_later(e)),
+        };
+        let re_encryption = self.re_encrypt_online(&record, &header, request.online_grant).await;
+        tracing::info!(domain = %domain_id, %re_encryption, "key rotated");
+        let mut view = domain_view(&record, header, self.status_of(domain_id).await?)?;
+        view.re_encryption = Some(re_encryption);
+        Ok(view)
+    }
+
+    /// Registers the owner's signed `rotation` with the TTP on top of the header in force
+    /// (`current`), writes the header with the new and the previous registration, and ends
+    /// the pending rotation. The TTP answers a repeat (its newest generation is already
+    /// `from_generation + 1`) with a fresh registration, so this is safe to run again.
+    pub(super) async fn register_rotation(
+        &self,
+        record: &DomainRecord,
+        rotation: SignedEnvelope,
+        current: HeaderRecord,
+    ) -> Result<HeaderRecord> {
+        let domain_id = record.id.clone();
+        let body = RotateKeyRequest { rotation, current_registration: current.registration.clone() };
         let response: RegisterDomainResponse =
             self.post_to_ttp(&format!("/v1/domains/{domain_id}/rotations"), &body).await?;
         let header = HeaderRecord {
@@ -348,14 +385,13 @@ impl CloudPlatform {
         let (volumes, path, h) = (self.volumes.clone(), record.volume_path.clone(), header.clone());
         let (slot, seq, header) = blocking(move || volumes.update_header(&path, |_| Ok(h))).await.map_err(|e| {
             Error::Volume(format!(
-                "the TTP registered a new key of domain {domain_id}, but writing the volume header failed ({e}); rotate again"
+                "the TTP registered a new key of domain {domain_id}, but writing the volume header failed: {e}"
             ))
         })?;
-        let re_encryption = self.re_encrypt_online(&record, &header, request.online_grant).await;
-        tracing::info!(domain = %domain_id, slot, seq, %re_encryption, "key rotated");
-        let mut view = domain_view(&record, header, self.status_of(domain_id).await?)?;
-        view.re_encryption = Some(re_encryption);
-        Ok(view)
+        let id = domain_id.clone();
+        self.store(move |s| s.drop_pending_update(&id)).await?;
+        tracing::info!(domain = %domain_id, slot, seq, "key rotation registered and written");
+        Ok(header)
     }
 
     /// Asks the host of the domain's read-write attachment to re-encrypt its volume online

@@ -2,10 +2,23 @@
 //! written ahead before the TTP is asked; one that a stop, a lost TTP or a failed volume
 //! write interrupted is finished on the next request for the domain or at start-up.
 
+use protocol::messages::{KeyRotation, Registration};
+
 use super::domains::decode_descriptor;
 use super::{is_refusal, CloudPlatform};
 use crate::error::{Error, Result};
-use crate::store::DomainRecord;
+use crate::store::{DomainRecord, PendingUpdate};
+
+/// The `version` of a pending key rotation: its envelope is the owner's signed
+/// `KeyRotation`, not a descriptor (one pending operation per domain either way).
+pub(super) const PENDING_ROTATION: u64 = 0;
+
+/// Says, on an interrupted rotation, that the CP keeps it and finishes it later.
+pub(super) fn rotation_kept_for_later(error: Error) -> Error {
+    error.with_note(
+        "; the cloud platform keeps the signed rotation and finishes it on the next request for this domain or at its next start (`domain show` tells when the header records it)",
+    )
+}
 
 /// Says, on an interrupted update, that the CP keeps it and finishes it later.
 pub(super) fn kept_for_later(error: Error, version: u64) -> Error {
@@ -27,6 +40,9 @@ impl CloudPlatform {
         let Some(pending) = self.store(move |s| s.pending_update(&id)).await? else {
             return Ok(());
         };
+        if pending.version == PENDING_ROTATION {
+            return self.finish_pending_rotation(record, pending).await;
+        }
         let current = self.read_header(record).await?;
         let (in_force, _) = current
             .record
@@ -62,6 +78,45 @@ impl CloudPlatform {
                 Ok(())
             }
             Err(e) => Err(kept_for_later(e, pending.version)),
+        }
+    }
+
+    /// Finishes a key rotation the TTP may have registered without the header being written:
+    /// done if the header is past its generation already, otherwise registered again (the
+    /// TTP answers its repeat with a fresh `r`) and written. A refusal drops it; an
+    /// unreachable TTP keeps it.
+    async fn finish_pending_rotation(&self, record: &DomainRecord, pending: PendingUpdate) -> Result<()> {
+        let drop_it = || {
+            let id = record.id.clone();
+            self.store(move |s| s.drop_pending_update(&id))
+        };
+        let rotation = match KeyRotation::decode(&pending.descriptor.message) {
+            Ok(rotation) => rotation,
+            Err(e) => {
+                tracing::error!(domain = %record.id, error = %e, "pending rotation does not decode; dropped");
+                return drop_it().await;
+            }
+        };
+        let current = self.read_header(record).await?.record;
+        let generation = Registration::decode(&current.registration.message)
+            .map_err(|e| Error::Volume(format!("the header registration of domain {}: {e}", record.id)))?
+            .key_generation;
+        if generation > rotation.from_generation {
+            tracing::warn!(domain = %record.id, generation, "pending rotation had reached the volume header; dropped");
+            return drop_it().await;
+        }
+        match self.register_rotation(record, pending.descriptor, current).await {
+            Ok(_) => {
+                tracing::warn!(domain = %record.id, from_generation = rotation.from_generation,
+                    recorded_at = pending.recorded_at, "finished a key rotation that was interrupted");
+                Ok(())
+            }
+            Err(e) if is_refusal(&e) => {
+                tracing::warn!(domain = %record.id, code = e.code(), error = %e,
+                    "the TTP refused an interrupted key rotation; dropped it");
+                drop_it().await
+            }
+            Err(e) => Err(rotation_kept_for_later(e)),
         }
     }
 

@@ -49,7 +49,8 @@ impl DomainRecord {
 /// A descriptor update the CP accepted but has not finished (written ahead, before the TTP
 /// is asked): kill -9, a lost TTP, or a domain manager gone mid-request leave it here, and
 /// the CP finishes it (docs/CLOUD-API.md, "Unfinished updates"). It holds the owner's signed
-/// descriptor only; never a registration, which carries `r`.
+/// descriptor only; never a registration, which carries `r`. A key rotation is written
+/// ahead the same way, with `version` 0 and the owner's signed `KeyRotation`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingUpdate {
     /// The domain being updated.

@@ -45,6 +45,7 @@ impl AttachmentService {
     fn detach_blocking(&self, record: AttachmentRecord) -> Result<AttachmentRecord> {
         let placement = self.placement(&record);
         self.driver.detach(&placement, &record.location)?;
+        self.stop_re_encryption(&record.mapping);
         self.backend.remove(&record.mapping)?;
         self.records.remove(&record.attachment_id)?;
         tracing::info!(attachment = %record.attachment_id, domain = %record.domain_id, vm = %record.vm_id, "detached");
@@ -63,10 +64,10 @@ impl AttachmentService {
                 continue;
             }
             let placement = self.placement(&record);
-            let result = self
-                .driver
-                .detach(&placement, &record.location)
-                .and_then(|_| self.backend.get().close(&record.mapping));
+            let result = self.driver.detach(&placement, &record.location).and_then(|_| {
+                self.stop_re_encryption(&record.mapping);
+                self.backend.get().close(&record.mapping)
+            });
             let why = match result {
                 Ok(()) => format!(
                     "the secure component process {} stopped at unix time {}: it took the file system away from the VM and \

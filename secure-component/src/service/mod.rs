@@ -35,7 +35,7 @@ mod reservation;
 mod rotate;
 mod status;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use crate::config::AgentConfig;
@@ -69,6 +69,9 @@ pub struct AttachmentService {
     timings: Mutex<VecDeque<AttachTimings>>,
     /// Trusted launch of VMs from allowlisted images, when configured (`[launch]`).
     launcher: Option<crate::launch::Launcher>,
+    /// Online re-encryptions running under a live mapping, by mapping name (rotate.rs):
+    /// stopped and waited for before the mapping closes.
+    re_encryptions: Mutex<HashMap<String, rotate::ReEncryption>>,
 }
 
 impl AttachmentService {

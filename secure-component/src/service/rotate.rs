@@ -6,7 +6,9 @@
 //! in the background.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use protocol::cloud::{AgentRotateRequest, AgentRotation};
@@ -22,7 +24,27 @@ use super::{check_attachment_id, AttachmentService};
 use crate::error::{Error, Result};
 use crate::key_release::KeyRequest;
 
+/// An online re-encryption running under a live mapping.
+pub(super) struct ReEncryption {
+    cancel: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
 impl AttachmentService {
+    /// Stops the online re-encryption under `mapping`, if one runs, and waits for it (at most
+    /// one hotzone): a mapping must not close, nor the volume be opened again, while it
+    /// still writes. The header is left at a clean boundary; the next read-write attach
+    /// finishes the rotation.
+    pub(super) fn stop_re_encryption(&self, mapping: &str) {
+        let running = self.re_encryptions.lock().ok().and_then(|mut running| running.remove(mapping));
+        if let Some(ReEncryption { cancel, thread }) = running {
+            cancel.store(true, Ordering::SeqCst);
+            if thread.join().is_err() {
+                tracing::error!(%mapping, "the re-encryption thread panicked");
+            }
+        }
+    }
+
     /// `POST /v1/attachments/{id}/rotation` from the cloud platform of `cloud`: releases the
     /// previous and the new key of the attachment's domain and starts re-encrypting its
     /// volume under the live mapping. Answers once it runs; it goes on in the background and
@@ -34,6 +56,9 @@ impl AttachmentService {
         request: AgentRotateRequest,
     ) -> Result<AgentRotation> {
         check_attachment_id(attachment_id)?;
+        // No detach of this attachment while the re-encryption is being set up; once it is
+        // registered below, a detach stops it first (`stop_re_encryption`).
+        let _reservation = self.reserve(vec![format!("attachment {attachment_id}")])?;
         let host = self.host_for(cloud)?;
         let record = self
             .records
@@ -57,6 +82,19 @@ impl AttachmentService {
         }
         if request.header.rotation.is_none() {
             return Err(Error::BadRequest("the header records no key rotation: there is nothing to re-encrypt".into()));
+        }
+        let _mapping = self.reserve(vec![format!("mapping {}", record.mapping)])?;
+        let running = |re: &ReEncryption| !re.thread.is_finished();
+        if self
+            .re_encryptions
+            .lock()
+            .map_err(|_| Error::Volume("agent state lock poisoned".into()))?
+            .get(&record.mapping)
+            .is_some_and(running)
+        {
+            return Err(Error::AttachmentConflict(format!(
+                "the volume of attachment {attachment_id} is being re-encrypted already"
+            )));
         }
         let live = self.backend.get().live_device(&record.mapping)?;
         if live.as_plain().is_none() {
@@ -102,14 +140,19 @@ impl AttachmentService {
         let (domain_id, volume) = (record.domain_id.clone(), record.volume_path.clone());
         tracing::info!(domain = %domain_id, attachment = %attachment_id, vm = %record.vm_id,
             "online re-encryption started; the VM keeps reading and writing");
-        std::thread::Builder::new()
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
+        let thread = std::thread::Builder::new()
             .name(format!("reencrypt-{}", &domain_id[..8.min(domain_id.len())]))
             .spawn(move || {
-                re_encrypt(live, &domain_id, &volume, previous_key, new_key);
+                re_encrypt(live, &domain_id, &volume, previous_key, new_key, &stop);
                 // This thread held both keys' schedules (crate::scrub).
                 skydd_volume::scrub::scrub_this_thread();
             })
             .map_err(|e| Error::io("starting the re-encryption thread", e))?;
+        if let Ok(mut running) = self.re_encryptions.lock() {
+            running.insert(record.mapping.clone(), ReEncryption { cancel, thread });
+        }
         Ok(answer)
     }
 }
@@ -122,6 +165,7 @@ fn re_encrypt(
     volume: &Path,
     previous_key: SecretBytes,
     new_key: SecretBytes,
+    cancel: &AtomicBool,
 ) {
     let Some(plain) = device.as_plain() else { return };
     let started = Instant::now();
@@ -134,7 +178,14 @@ fn re_encrypt(
         }
     };
     let options = RotationOptions::default();
-    match skydd_volume::reencrypt::online::reencrypt_online(plain, &previous_key, &new_key, options, &mut progress) {
+    match skydd_volume::reencrypt::online::reencrypt_online(
+        plain,
+        &previous_key,
+        &new_key,
+        options,
+        &mut progress,
+        cancel,
+    ) {
         Ok(report) => tracing::info!(domain = %domain_id, volume = %volume.display(), rewritten = report.rewritten,
             seconds = started.elapsed().as_secs_f64(),
             "online re-encryption finished; the previous key reads nothing on this volume any more"),

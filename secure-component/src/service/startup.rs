@@ -1,6 +1,6 @@
 //! Building the agent from its configuration and serving its API over mutual TLS.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -113,6 +113,7 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
         busy: Mutex::new(HashSet::new()),
         timings: Mutex::new(VecDeque::new()),
         launcher,
+        re_encryptions: Mutex::new(HashMap::new()),
     };
     service.report_startup();
     Ok((Arc::new(service), server_tls))

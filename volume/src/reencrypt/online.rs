@@ -22,6 +22,7 @@
 //! from then on rather than guess which key a hotzone sector is under, and the next
 //! read-write attach settles the hotzone from its checksums and finishes the rotation.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use protocol::messages::HeaderRecord;
@@ -45,12 +46,17 @@ fn same_key(a: &XtsEngine, b: &XtsEngine) -> Result<bool> {
 /// with) to `new_key` (its header's registration), while it keeps serving; see the module
 /// documentation. `progress(done, total)` is called after each hotzone. Returns when the
 /// header holds only the new registration and the device serves under the new key alone.
+///
+/// `cancel` set (the mapping is being closed) stops it between two hotzones, with the header
+/// at a clean boundary and the device still serving correctly under both keys: the next
+/// read-write attach finishes the rotation. It returns [`Error::Rotation`] then.
 pub fn reencrypt_online(
     device: &PlainDevice,
     previous_key: &SecretBytes,
     new_key: &SecretBytes,
     options: RotationOptions,
     progress: &mut dyn FnMut(u64, u64),
+    cancel: &AtomicBool,
 ) -> Result<RotationReport> {
     let io = device.io();
     let (record, rotation, data_sectors) = rotation_to_finish(io)?;
@@ -97,6 +103,12 @@ pub fn reencrypt_online(
     let hotzone_sectors = run.hotzone_limit(options.hotzone_sectors);
     let mut buf = Vec::with_capacity(hotzone_sectors * SECTOR_SIZE);
     while boundary < data_sectors {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(rotation_err(format!(
+                "stopped at data sector {boundary} of {data_sectors} because the mapping is being closed; \
+                 the next read-write attach finishes the rotation"
+            )));
+        }
         let count = hotzone_sectors.min((data_sectors - boundary) as usize);
         let end = boundary + count as u64;
         device.change_keys(|keys| {

@@ -261,11 +261,18 @@ fn an_online_rotation_keeps_serving_reads_and_writes_and_loses_none() {
             }
         });
         let options = RotationOptions { hotzone_sectors: 8 };
-        let report = online::reencrypt_online(&device, &old_key, &new_key, options, &mut |_, _| {
-            hotzones += 1;
-            // Let the VM's threads in between hotzones.
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        })
+        let report = online::reencrypt_online(
+            &device,
+            &old_key,
+            &new_key,
+            options,
+            &mut |_, _| {
+                hotzones += 1;
+                // Let the VM's threads in between hotzones.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            },
+            &std::sync::atomic::AtomicBool::new(false),
+        )
         .unwrap();
         done.store(true, Ordering::SeqCst);
         assert_eq!(report.data_sectors, SECTORS);
@@ -308,9 +315,16 @@ fn an_online_rotation_refuses_a_previous_key_the_device_was_not_opened_with() {
     let io = Arc::new(MemoryIo::new(volume_len()));
     rotating_volume(&io, &old, &mut rng);
     let device = PlainDevice::new(io.clone(), old, SECTORS);
-    let err = online::reencrypt_online(&device, &key(4), &key(5), RotationOptions::default(), &mut |_, _| {})
-        .unwrap_err()
-        .to_string();
+    let err = online::reencrypt_online(
+        &device,
+        &key(4),
+        &key(5),
+        RotationOptions::default(),
+        &mut |_, _| {},
+        &std::sync::atomic::AtomicBool::new(false),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("not the key this mapping was opened with"), "{err}");
     assert!(rotation_pending(io.as_ref()).unwrap(), "nothing was moved");
 }
@@ -357,7 +371,14 @@ fn an_online_rotation_that_fails_half_way_stops_the_device_and_the_next_open_fin
         let failing = Arc::new(Failing(memory.clone(), AtomicU64::new(budget)));
         let device = PlainDevice::new(failing, XtsEngine::new(&old_key).unwrap(), SECTORS);
         let options = RotationOptions { hotzone_sectors: 16 };
-        let failed = online::reencrypt_online(&device, &old_key, &new_key, options, &mut |_, _| {});
+        let failed = online::reencrypt_online(
+            &device,
+            &old_key,
+            &new_key,
+            options,
+            &mut |_, _| {},
+            &std::sync::atomic::AtomicBool::new(false),
+        );
         assert!(failed.is_err(), "budget {budget}: the volume failed half-way");
         let mut buf = vec![0u8; SECTOR_SIZE];
         let refused = device.read_sectors(0, &mut buf).unwrap_err().to_string();
@@ -366,4 +387,53 @@ fn an_online_rotation_that_fails_half_way_stops_the_device_and_the_next_open_fin
         finish_rotation(memory.as_ref(), &old_key, &new_key, options, &mut |_, _| {}).unwrap();
         check_rotated(&memory, &plain, &old, &new);
     }
+}
+
+/// Closing the mapping stops an online run between two hotzones: the header is at a clean
+/// boundary (no hotzone), the device still reads what was written, and the next
+/// read-write attach (the offline run) finishes.
+#[test]
+fn an_online_rotation_cancelled_by_a_close_stops_cleanly_and_finishes_later() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use crate::device::{PlainDevice, SectorDevice};
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let (old_key, new_key) = (key(3), key(5));
+    let (old, new) = (XtsEngine::new(&old_key).unwrap(), XtsEngine::new(&new_key).unwrap());
+    let io = Arc::new(MemoryIo::new(volume_len()));
+    let plain = rotating_volume(&io, &old, &mut rng);
+    let device = PlainDevice::new(io.clone(), XtsEngine::new(&old_key).unwrap(), SECTORS);
+    let cancel = AtomicBool::new(false);
+    let mut hotzones = 0;
+    let options = RotationOptions { hotzone_sectors: 16 };
+    let stopped = online::reencrypt_online(
+        &device,
+        &old_key,
+        &new_key,
+        options,
+        &mut |_, _| {
+            hotzones += 1;
+            if hotzones == 2 {
+                cancel.store(true, Ordering::SeqCst);
+            }
+        },
+        &cancel,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(stopped.contains("stopped at data sector 32"), "{stopped}");
+    let (_, record) = read_header(io.as_ref()).unwrap();
+    let rotation = record.rotation.expect("still rotating");
+    assert_eq!((rotation.boundary, rotation.hotzone.is_none()), (32, true));
+    for n in [0u64, 20, 40, 90] {
+        let mut buf = vec![0u8; SECTOR_SIZE];
+        device.read_sectors(n, &mut buf).unwrap();
+        let expected = &plain[n as usize * SECTOR_SIZE..][..SECTOR_SIZE];
+        assert!(is_zero(expected) || buf == expected, "sector {n} still reads back after the stop");
+    }
+    drop(device);
+    finish_rotation(io.as_ref(), &old_key, &new_key, options, &mut |_, _| {}).unwrap();
+    check_rotated(&io, &plain, &old, &new);
 }
