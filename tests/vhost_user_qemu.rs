@@ -333,6 +333,16 @@ fn attach_through_the_cloud(vm: &mut Vm, qmp_dir: &Path) {
 
     // 4. Latency: request until the disk is in the guest's /sys/block.
     let load_before = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    // What one look into the guest costs (the guest probe's resolution under TCG).
+    let mut empty_calls: Vec<Duration> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            vm.sh("true");
+            t.elapsed()
+        })
+        .collect();
+    empty_calls.sort();
+    eprintln!("cloud: one guest agent `sh -c true` takes {:.1?} (median of 5)", empty_calls[2]);
     let mut samples = Vec::new();
     for _ in 0..CYCLES {
         let started = Instant::now();
