@@ -377,10 +377,13 @@ struct Sample {
     detach: Duration,
 }
 
+/// One row of the latency table: what it shows of a sample.
+type Step = fn(&Sample) -> Duration;
+
 /// Prints the latency table (Markdown) of `samples`: p50 and p99 of each step.
 fn print_latency(samples: &[Sample], load_before: &str, load_after: &str) {
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
-    let rows: [(&str, fn(&Sample) -> Duration); 14] = [
+    let rows: [(&str, Step); 14] = [
         ("TTP challenge (mTLS round trip)", |s| s.agent.challenge),
         ("TPM quote", |s| s.agent.quote),
         ("TTP key release", |s| s.agent.release),
