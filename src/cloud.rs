@@ -77,6 +77,10 @@ pub struct Layout<'a> {
 pub const DEMO_LAYOUT: Layout<'static> =
     Layout { hosts: &[("compute-1", &["vm-a"]), ("compute-2", &["vm-b", "vm-c"])], managers: &["dm-alice", "dm-bob"] };
 
+/// Changes the secure-component configuration of the host it is given the id of
+/// ([`AllInOne::start_configured`]).
+pub type HostConfigurer = dyn Fn(&str, &mut secure_component::config::AgentConfig) + Sync;
+
 /// Hosts of cloud B that also serve cloud A ([`PartnerClouds`], docs/PKI.md "A partner
 /// cloud's host"): B's cloud platform places B's VMs on them, A's places A's.
 pub struct SharedHosts<'a> {
@@ -112,6 +116,18 @@ async fn bind() -> Result<(tokio::net::TcpListener, String)> {
 impl AllInOne {
     /// Starts everything under `dir`; `progress` is told each step.
     pub async fn start(dir: &Path, layout: &Layout<'_>, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        Self::start_configured(dir, layout, &|_, _| {}, progress).await
+    }
+
+    /// As [`AllInOne::start`], with `configure` changing each host's secure-component
+    /// configuration (given the host id) before it is written, measured and started: e.g.
+    /// `backend = vhost-user` and `hypervisor = qemu` for hosts whose VMs are real guests.
+    pub async fn start_configured(
+        dir: &Path,
+        layout: &Layout<'_>,
+        configure: &HostConfigurer,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         progress("cloud CA: creating the CA and issuing certificates");
         let plan = Plan {
@@ -122,7 +138,7 @@ impl AllInOne {
             partner_states: Vec::new(),
             partner_hosts: Vec::new(),
         };
-        Self::start_planned(dir, layout, plan, progress).await
+        Self::start_planned(dir, layout, plan, configure, progress).await
     }
 
     /// This cloud's TPM vendor CA (the swtpm local CA its hosts' EK certificates chain to).
@@ -144,6 +160,7 @@ impl AllInOne {
         dir: &Path,
         layout: &Layout<'_>,
         plan: Plan,
+        configure: &HostConfigurer,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         let Plan { pki, ttp: (ttp_listener, ttp_url), host_partners, partner_ek_roots, partner_states, partner_hosts } =
@@ -169,6 +186,7 @@ impl AllInOne {
             config.volume_root = Some(volumes);
             config.partners =
                 host_partners.iter().filter(|(id, _)| id == host_id).map(|(_, partner)| partner.clone()).collect();
+            configure(host_id, &mut config);
             let config_text = toml::to_string(&config)?;
             std::fs::write(dir.join(host_id).join("secure-component.toml"), &config_text)?;
             // The reference state is computed from the build (the binary and the configuration
@@ -405,7 +423,7 @@ impl PartnerClouds {
             partner_hosts: Vec::new(),
         };
         progress("cloud B: its TTP, cloud platform and hosts; the shared hosts know cloud A as a partner");
-        let b = AllInOne::start_planned(&b_dir, b_layout, b_plan, progress).await?;
+        let b = AllInOne::start_planned(&b_dir, b_layout, b_plan, &|_, _| {}, progress).await?;
 
         let shared_ids: Vec<&str> = shared.hosts.iter().map(|(host, _)| *host).collect();
         let mut partner_states = Vec::new();
@@ -432,7 +450,7 @@ impl PartnerClouds {
             partner_hosts,
         };
         progress("cloud A: its TTP trusts B's TPM vendor root for the shared hosts only");
-        let a = AllInOne::start_planned(&a_dir, a_layout, a_plan, progress).await?;
+        let a = AllInOne::start_planned(&a_dir, a_layout, a_plan, &|_, _| {}, progress).await?;
         for host in &shared_ids {
             let node = b.host(host).with_context(|| format!("cloud B runs no host {host}"))?;
             let enrolled = node
