@@ -13,7 +13,8 @@
 //!
 //! `SKYDD_VHOST_BENCH=1` adds the fio benchmark (docs/PERFORMANCE.md "fio inside a guest"):
 //! the encrypted vhost-user-blk disk against a plain virtio-blk disk on an unencrypted raw
-//! file, same guest, same run.
+//! file, same guest, same run; then the same disk's fio during an online key rotation
+//! against before it (docs/PERFORMANCE.md "fio during an online rotation").
 
 mod qemu;
 
@@ -183,6 +184,7 @@ fn vhost_user_disk_in_a_running_guest() {
     attach_through_the_cloud(&mut vm, &qmp_dir(dir.path()));
     if bench {
         benchmark(&mut vm, &host, &domain, &volume, &key);
+        rotation_benchmark(&mut vm, &host, dir.path());
     }
     vm.shutdown();
 }
@@ -502,5 +504,123 @@ fn benchmark(vm: &mut Vm, host: &Host, domain: &str, volume: &Path, key: &[u8; 6
             vhost.3
         );
     }
+    host.detach(vm, a);
+}
+
+/// fio in the guest on an encrypted vhost-user disk before and during online re-encryption
+/// (`skydd_volume::reencrypt::online`, as the secure component runs it after a rotation):
+/// the same job twice, the second while the host re-encrypts the disk's volume under the
+/// live mapping, over and over (one rotation of 256 MiB is shorter than a fio job), and how
+/// fast the re-encryption went meanwhile.
+fn rotation_benchmark(vm: &mut Vm, host: &Host, dir: &Path) {
+    use protocol::domain::{AclEntry, Descriptor};
+    use protocol::messages::{HeaderRecord, RotationState};
+    use protocol::signing::SignedEnvelope;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    const DATA: u64 = 256 * MIB;
+    let envelope =
+        |message: Vec<u8>| SignedEnvelope { message, signature: vec![7; 64], signer_certificate: vec![9; 128] };
+    let domain = hex::encode(random_bytes::<16>());
+    let descriptor =
+        Descriptor::new("dm-alice", Default::default(), vec![AclEntry { vm_id: VM_ID.into(), mode: AccessMode::Rw }])
+            .expect("descriptor");
+    let record = HeaderRecord {
+        descriptor: envelope(descriptor.encode().expect("descriptor encodes")),
+        registration: envelope(b"generation 1".to_vec()),
+        rotation: None,
+    };
+    let volume = dir.join("rotating.vol");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = fs::File::create(&volume).expect("volume");
+        file.write_all_at(&protocol::format::new_header_area(&record.encode()).expect("header"), 0).expect("header");
+        // Every sector written (random ciphertext), so every rotation moves all of them.
+        let chunk: Vec<u8> = (0..8 * MIB).map(|i| (i * 2654435761 % 251) as u8 | 1).collect();
+        for offset in (0..DATA).step_by(chunk.len()) {
+            file.write_all_at(&chunk, DATA_OFFSET + offset).expect("data");
+        }
+        file.sync_all().expect("sync");
+    }
+    let keys: Vec<[u8; 64]> = (0..64).map(|_| random_bytes::<64>()).collect();
+    let a = host.attach(vm, &domain, &volume, &keys[0], OpenMode::ReadWrite);
+    let device = host.backend.live_device(&a.name).expect("the live device");
+    let io = fs::OpenOptions::new().read(true).write(true).open(&volume).expect("volume for the header");
+    let jobs = [
+        ("seq 1 MiB write", "write", "1M"),
+        ("rand 4 KiB read", "randread", "4k"),
+        ("rand 4 KiB write", "randwrite", "4k"),
+    ];
+    println!("| job (fio in the guest, vhost-user disk) | before | during online re-encryption | ratio | re-encrypted meanwhile |");
+    println!("|---|---|---|---|---|");
+    let mut generation = 0usize;
+    for (label, rw, bs) in jobs {
+        let fio = |vm: &mut Vm| -> f64 {
+            let out = vm.sh(&format!(
+                "fio --name=b --filename=/dev/{} --rw={rw} --bs={bs} --direct=1 --ioengine=psync \
+                 --size=256M --runtime=12 --time_based --output-format=json",
+                a.disk
+            ));
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("fio output ({e}): {out}"));
+            v["jobs"][0]["read"]["bw"].as_f64().unwrap_or(0.0) + v["jobs"][0]["write"]["bw"].as_f64().unwrap_or(0.0)
+        };
+        let before = fio(vm);
+        // `stop` ends the loop between rotations; a rotation under way when fio ends is
+        // finished (a fraction of a second), so every job starts under one key.
+        let (stop, never) = (AtomicBool::new(false), AtomicBool::new(false));
+        let (rounds, moved) = (AtomicU64::new(0), AtomicU64::new(0));
+        let started = Instant::now();
+        let (during, done_rounds, done_sectors, elapsed) = std::thread::scope(|scope| {
+            let rotations = scope.spawn(|| {
+                let plain = device.as_plain().expect("format 1");
+                while !stop.load(Ordering::SeqCst) {
+                    let (old, new) = (&keys[generation], &keys[generation + 1]);
+                    skydd_volume::reencrypt::update_header(&io, |on_volume| {
+                        Ok(HeaderRecord {
+                            registration: envelope(format!("generation {}", generation + 2).into_bytes()),
+                            rotation: Some(RotationState {
+                                previous_registration: on_volume.registration.clone(),
+                                boundary: 0,
+                                hotzone: None,
+                            }),
+                            ..on_volume
+                        })
+                    })
+                    .expect("start a rotation in the header");
+                    let mut progress = |done: u64, _: u64| moved.store(done, Ordering::SeqCst);
+                    skydd_volume::reencrypt::online::reencrypt_online(
+                        plain,
+                        &secret(old),
+                        &secret(new),
+                        skydd_volume::reencrypt::RotationOptions::default(),
+                        &mut progress,
+                        &never,
+                    )
+                    .unwrap_or_else(|e| panic!("online re-encryption failed: {e}"));
+                    generation += 1;
+                    moved.store(0, Ordering::SeqCst);
+                    rounds.fetch_add(1, Ordering::SeqCst);
+                    assert!(generation + 1 < keys.len(), "more rotations than keys prepared");
+                }
+            });
+            let during = fio(vm);
+            // What was re-encrypted while fio ran.
+            let (done_rounds, done_sectors) = (rounds.load(Ordering::SeqCst), moved.load(Ordering::SeqCst));
+            let elapsed = started.elapsed().as_secs_f64();
+            stop.store(true, Ordering::SeqCst);
+            rotations.join().expect("rotation thread");
+            (during, done_rounds, done_sectors, elapsed)
+        });
+        let sectors = done_rounds as f64 * (DATA / 4096) as f64 + done_sectors as f64;
+        println!(
+            "| {label} | {:.1} MiB/s | {:.1} MiB/s | **{:.2}x** | {done_rounds} whole rotations + {:.0} MiB in {elapsed:.0} s ({:.0} MB/s) |",
+            before / 1024.0,
+            during / 1024.0,
+            during / before.max(1.0),
+            done_sectors as f64 * 4096.0 / MIB as f64,
+            sectors * 4096.0 / 1e6 / elapsed
+        );
+    }
+    drop(device);
     host.detach(vm, a);
 }
