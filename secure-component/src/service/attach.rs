@@ -51,7 +51,7 @@ pub(super) fn mode_of(mode: AccessMode) -> OpenMode {
 }
 
 /// The header in force on the volume at `path` must be `expected` (an encoded header record).
-pub(super) fn check_volume_header(path: &Path, volume_root: Option<&Path>, expected: &[u8]) -> Result<()> {
+fn check_volume_header(path: &Path, volume_root: Option<&Path>, expected: &[u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let shown = path.display();
     // One answer for "absent", "outside the volume root", "unreadable" and "not a volume":
@@ -114,6 +114,21 @@ fn finish_rotation(path: &Path, domain_id: &str, previous: &SecretBytes, key: &S
 }
 
 impl AttachmentService {
+    /// The volume at `path`, under the cloud's `volume_root`, must hold `header` in force:
+    /// checked before any key is asked for (an attach's and an online rotation's).
+    pub(super) async fn require_header_in_force(
+        &self,
+        cloud: &Cloud,
+        path: PathBuf,
+        header: &protocol::messages::HeaderRecord,
+    ) -> Result<()> {
+        let expected = header.encode();
+        let volume_root = self.volume_root_for(cloud)?.map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || check_volume_header(&path, volume_root.as_deref(), &expected))
+            .await
+            .map_err(|e| Error::Volume(format!("volume header check failed: {e}")))?
+    }
+
     /// The mount flow for one VM (see the module documentation of [`crate::service`]).
     pub async fn attach(self: &Arc<Self>, request: AgentAttachRequest) -> Result<AgentAttachment> {
         self.attach_timed(request).await.map(|(a, _)| a)
@@ -195,11 +210,7 @@ impl AttachmentService {
         // The volume must hold this very header in force (docs/CLOUD-API.md, "Message sequence: attach": the SC reads the header),
         // checked before any key is asked for: otherwise a cloud platform could have the key
         // of a domain released and the volume opened (and formatted) at any path on this host.
-        let (path, expected) = (PathBuf::from(&request.volume_path), request.header.encode());
-        let volume_root = self.volume_root_for(cloud)?.map(Path::to_path_buf);
-        tokio::task::spawn_blocking(move || check_volume_header(&path, volume_root.as_deref(), &expected))
-            .await
-            .map_err(|e| Error::Volume(format!("volume header check failed: {e}")))??;
+        self.require_header_in_force(cloud, PathBuf::from(&request.volume_path), &request.header).await?;
 
         // The image this host launched the VM from, if it did: the TTP may require it.
         let launched_image = self.launcher.as_ref().and_then(|l| l.image_of(&request.vm_id));

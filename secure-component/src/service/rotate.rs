@@ -17,7 +17,6 @@ use protocol::secret::SecretBytes;
 use skydd_volume::device::SectorDevice;
 use skydd_volume::reencrypt::RotationOptions;
 
-use super::attach::check_volume_header;
 use super::clouds::Cloud;
 use super::integrity;
 use super::{check_attachment_id, AttachmentService};
@@ -104,11 +103,7 @@ impl AttachmentService {
             )));
         }
         // The same check as an attach's: the header the TTP is shown is the one in force.
-        let (path, expected) = (record.volume_path.clone(), request.header.encode());
-        let volume_root = self.volume_root_for(cloud)?.map(Path::to_path_buf);
-        tokio::task::spawn_blocking(move || check_volume_header(&path, volume_root.as_deref(), &expected))
-            .await
-            .map_err(|e| Error::Volume(format!("volume header check failed: {e}")))??;
+        self.require_header_in_force(cloud, record.volume_path.clone(), &request.header).await?;
 
         let launched_image = self.launcher.as_ref().and_then(|l| l.image_of(&record.vm_id));
         let obtained = host
