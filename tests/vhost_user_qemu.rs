@@ -4,6 +4,8 @@
 //! (tests/qemu/mod.rs); each driver's scenarios run in order inside one test so its guest is
 //! always killed at the end.
 //!
+//! The libvirt guest runs the direct story, then the whole flow through the cloud platform
+//! with the secure component's libvirt driver (rw, then ro; no latency rounds).
 //! The qemu driver's guest serves two stories: the backend and driver called directly, then
 //! the whole flow through the real parties ([`attach_through_the_cloud`]: domain manager,
 //! cloud platform, TTP, the secure component's attach with its swtpm), which also measures
@@ -265,37 +267,53 @@ fn write_read_detach_reattach_ro(vm: &mut Vm, host: &Host, dir: &Path) -> (Strin
 /// a kernel and initramfs, not from an image on an allowlist, and the secure component did
 /// not launch it.
 fn attach_through_the_cloud(vm: &mut Vm, qmp_dir: &Path) {
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let layout = Layout { hosts: &[(HOST_ID, &[VM_ID])], managers: &["dm-alice"] };
     let qmp_dir = qmp_dir.to_path_buf();
     let plug_into_qemu = move |_: &str, config: &mut AgentConfig| {
         config.backend = BackendChoice::VhostUser;
         config.hypervisor = HypervisorChoice::Qemu;
         config.qemu.qmp_dir = Some(qmp_dir.clone());
     };
+    attach_through_the_cloud_with(vm, VM_ID, "qemu", &plug_into_qemu, CYCLES);
+}
+
+/// [`attach_through_the_cloud`] for the guest `vm_id` with the host's secure component
+/// configured by `configure` (its driver must be `driver`), timing `cycles` attaches.
+fn attach_through_the_cloud_with(
+    vm: &mut Vm,
+    vm_id: &str,
+    driver: &str,
+    configure: &skydd::cloud::HostConfigurer,
+    cycles: usize,
+) {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // libvirt's qemu (user libvirt-qemu) must reach the sockets below it.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
+    }
+    let vms = [vm_id];
+    let layout = Layout { hosts: &[(HOST_ID, &vms)], managers: &["dm-alice"] };
     let started = Instant::now();
     let cloud = runtime
-        .block_on(AllInOne::start_configured(dir.path(), &layout, &plug_into_qemu, &mut |step| {
-            eprintln!("lab: {step}")
-        }))
+        .block_on(AllInOne::start_configured(dir.path(), &layout, configure, &mut |step| eprintln!("lab: {step}")))
         .expect("the lab starts");
     eprintln!("lab: up in {:.1?}", started.elapsed());
     let node = cloud.host(HOST_ID).expect("the compute host");
     assert_eq!(node.service.backend_kind(), "vhost-user");
-    assert_eq!(node.service.driver_kind(), "qemu");
+    assert_eq!(node.service.driver_kind(), driver);
     let alice_config = DmConfig::load(&cloud.manager_config("dm-alice").expect("dm-alice")).expect("dm-alice config");
     let alice = DomainManager::connect(&alice_config).expect("dm-alice connects");
     let metadata = BTreeMap::from([("department".to_string(), "radiology".to_string())]);
-    let acl = vec![parse_acl_entry("vm-a:rw").expect("acl entry")];
+    let acl = vec![parse_acl_entry(&format!("{vm_id}:rw")).expect("acl entry")];
     let domain = runtime
         .block_on(alice.create_with_format(metadata, acl, Vec::new(), 64 * MIB, VolumeFormat::V2))
         .expect("dm-alice creates a domain");
     let volume = cloud.dir.join("cloud-platform").join("volumes").join(format!("{}.vol", domain.id));
-    let mapping = mapping_name(&domain.id, VM_ID);
+    let mapping = mapping_name(&domain.id, vm_id);
     let marker = format!("SKYDD-CLOUD-PLAINTEXT-{}", hex::encode(random_bytes::<8>()));
-    let attach = |mode: AccessMode| runtime.block_on(alice.attach(&domain.id, VM_ID, mode, 300));
+    let attach = |mode: AccessMode| runtime.block_on(alice.attach(&domain.id, vm_id, mode, 300));
     let detach = |id: &str| runtime.block_on(alice.detach_attachment(id));
 
     // 1. Read-write through the cloud platform: a file system and a file in the guest.
@@ -333,6 +351,10 @@ fn attach_through_the_cloud(vm: &mut Vm, qmp_dir: &Path) {
     detach(&attachment.id).expect("detach through the cloud platform");
     assert!(fs::read(&volume).expect("read the volume file") == before_ro, "the volume changed while read-only");
 
+    if cycles == 0 {
+        runtime.block_on(cloud.stop());
+        return;
+    }
     // 4. Latency: request until the disk is in the guest's /sys/block.
     let load_before = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     // What one look into the guest costs (the guest probe's resolution under TCG).
@@ -346,7 +368,7 @@ fn attach_through_the_cloud(vm: &mut Vm, qmp_dir: &Path) {
     empty_calls.sort();
     eprintln!("cloud: one guest agent `sh -c true` takes {:.1?} (median of 5)", empty_calls[2]);
     let mut samples = Vec::new();
-    for _ in 0..CYCLES {
+    for _ in 0..cycles {
         let started = Instant::now();
         let attachment = attach(AccessMode::Rw).expect("attach");
         let answered = started.elapsed();
@@ -443,6 +465,16 @@ fn vhost_user_disk_through_libvirt() {
         vm_id,
     };
     write_read_detach_reattach_ro(&mut vm, &host, dir.path());
+    // The whole flow once more, through the cloud platform, with the secure component's
+    // libvirt driver (no latency rounds: the qemu driver's test measures those).
+    let uri = libvirtd.uri.clone();
+    let plug_through_libvirt = move |_: &str, config: &mut AgentConfig| {
+        config.backend = BackendChoice::VhostUser;
+        config.hypervisor = HypervisorChoice::Libvirt;
+        config.libvirt.uri = Some(uri.clone());
+    };
+    let vm_id = host.vm_id.clone();
+    attach_through_the_cloud_with(&mut vm, &vm_id, "libvirt", &plug_through_libvirt, 0);
     vm.shutdown();
 }
 
