@@ -586,6 +586,7 @@ pub fn loopback_agent_config(
         libvirt: LibvirtConfig::default(),
         qemu: Default::default(),
         launch: None,
+        rotation: Default::default(),
         ttp_url: ttp_url.to_string(),
         ca: tls.ca.clone(),
         crl: tls.crl.clone(),

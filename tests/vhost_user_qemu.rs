@@ -574,7 +574,7 @@ fn rotation_benchmark(vm: &mut Vm, host: &Host, dir: &Path) {
         }
         file.sync_all().expect("sync");
     }
-    let keys: Vec<[u8; 64]> = (0..64).map(|_| random_bytes::<64>()).collect();
+    let keys: Vec<[u8; 64]> = (0..200).map(|_| random_bytes::<64>()).collect();
     let a = host.attach(vm, &domain, &volume, &keys[0], OpenMode::ReadWrite);
     let device = host.backend.live_device(&a.name).expect("the live device");
     let io = fs::OpenOptions::new().read(true).write(true).open(&volume).expect("volume for the header");
@@ -583,7 +583,7 @@ fn rotation_benchmark(vm: &mut Vm, host: &Host, dir: &Path) {
         ("rand 4 KiB read", "randread", "4k"),
         ("rand 4 KiB write", "randwrite", "4k"),
     ];
-    println!("| job (fio in the guest, vhost-user disk) | before | during online re-encryption | ratio | re-encrypted meanwhile |");
+    println!("| job (fio in the guest, vhost-user disk) | before | during online re-encryption (its pace) | ratio | re-encrypted meanwhile |");
     println!("|---|---|---|---|---|");
     let mut generation = 0usize;
     for (label, rw, bs) in jobs {
@@ -597,61 +597,69 @@ fn rotation_benchmark(vm: &mut Vm, host: &Host, dir: &Path) {
             v["jobs"][0]["read"]["bw"].as_f64().unwrap_or(0.0) + v["jobs"][0]["write"]["bw"].as_f64().unwrap_or(0.0)
         };
         let before = fio(vm);
-        // `stop` ends the loop between rotations; a rotation under way when fio ends is
-        // finished (a fraction of a second), so every job starts under one key.
-        let (stop, never) = (AtomicBool::new(false), AtomicBool::new(false));
-        let (rounds, moved) = (AtomicU64::new(0), AtomicU64::new(0));
-        let started = Instant::now();
-        let (during, done_rounds, done_sectors, elapsed) = std::thread::scope(|scope| {
-            let rotations = scope.spawn(|| {
-                let plain = device.as_plain().expect("format 1");
-                while !stop.load(Ordering::SeqCst) {
-                    let (old, new) = (&keys[generation], &keys[generation + 1]);
-                    skydd_volume::reencrypt::update_header(&io, |on_volume| {
-                        Ok(HeaderRecord {
-                            registration: envelope(format!("generation {}", generation + 2).into_bytes()),
-                            rotation: Some(RotationState {
-                                previous_registration: on_volume.registration.clone(),
-                                boundary: 0,
-                                hotzone: None,
-                            }),
-                            ..on_volume
+        // Flat out, then with the secure component's `[rotation] online_rate_mib_s = 128`.
+        for rate in [None, Some(128u64 << 20)] {
+            let options = skydd_volume::reencrypt::RotationOptions {
+                online_bytes_per_second: rate,
+                ..skydd_volume::reencrypt::RotationOptions::default()
+            };
+            // `stop` ends the loop between rotations; a rotation under way when fio ends is
+            // finished (a fraction of a second), so every job starts under one key.
+            let (stop, never) = (AtomicBool::new(false), AtomicBool::new(false));
+            let (rounds, moved) = (AtomicU64::new(0), AtomicU64::new(0));
+            let started = Instant::now();
+            let (during, done_rounds, done_sectors, elapsed) = std::thread::scope(|scope| {
+                let rotations = scope.spawn(|| {
+                    let plain = device.as_plain().expect("format 1");
+                    while !stop.load(Ordering::SeqCst) {
+                        let (old, new) = (&keys[generation], &keys[generation + 1]);
+                        skydd_volume::reencrypt::update_header(&io, |on_volume| {
+                            Ok(HeaderRecord {
+                                registration: envelope(format!("generation {}", generation + 2).into_bytes()),
+                                rotation: Some(RotationState {
+                                    previous_registration: on_volume.registration.clone(),
+                                    boundary: 0,
+                                    hotzone: None,
+                                }),
+                                ..on_volume
+                            })
                         })
-                    })
-                    .expect("start a rotation in the header");
-                    let mut progress = |done: u64, _: u64| moved.store(done, Ordering::SeqCst);
-                    skydd_volume::reencrypt::online::reencrypt_online(
-                        plain,
-                        &secret(old),
-                        &secret(new),
-                        skydd_volume::reencrypt::RotationOptions::default(),
-                        &mut progress,
-                        &never,
-                    )
-                    .unwrap_or_else(|e| panic!("online re-encryption failed: {e}"));
-                    generation += 1;
-                    moved.store(0, Ordering::SeqCst);
-                    rounds.fetch_add(1, Ordering::SeqCst);
-                    assert!(generation + 1 < keys.len(), "more rotations than keys prepared");
-                }
+                        .expect("start a rotation in the header");
+                        let mut progress = |done: u64, _: u64| moved.store(done, Ordering::SeqCst);
+                        skydd_volume::reencrypt::online::reencrypt_online(
+                            plain,
+                            &secret(old),
+                            &secret(new),
+                            options,
+                            &mut progress,
+                            &never,
+                        )
+                        .unwrap_or_else(|e| panic!("online re-encryption failed: {e}"));
+                        generation += 1;
+                        moved.store(0, Ordering::SeqCst);
+                        rounds.fetch_add(1, Ordering::SeqCst);
+                        assert!(generation + 1 < keys.len(), "more rotations than keys prepared");
+                    }
+                });
+                let during = fio(vm);
+                // What was re-encrypted while fio ran.
+                let (done_rounds, done_sectors) = (rounds.load(Ordering::SeqCst), moved.load(Ordering::SeqCst));
+                let elapsed = started.elapsed().as_secs_f64();
+                stop.store(true, Ordering::SeqCst);
+                rotations.join().expect("rotation thread");
+                (during, done_rounds, done_sectors, elapsed)
             });
-            let during = fio(vm);
-            // What was re-encrypted while fio ran.
-            let (done_rounds, done_sectors) = (rounds.load(Ordering::SeqCst), moved.load(Ordering::SeqCst));
-            let elapsed = started.elapsed().as_secs_f64();
-            stop.store(true, Ordering::SeqCst);
-            rotations.join().expect("rotation thread");
-            (during, done_rounds, done_sectors, elapsed)
-        });
-        let sectors = done_rounds as f64 * (DATA / 4096) as f64 + done_sectors as f64;
-        println!(
-            "| {label} | {:.1} MiB/s | {:.1} MiB/s | **{:.2}x** | {done_rounds} whole rotations + {:.0} MiB in {elapsed:.0} s ({:.0} MB/s) |",
-            before / 1024.0,
-            during / 1024.0,
-            during / before.max(1.0),
-            done_sectors as f64 * 4096.0 / MIB as f64,
-            sectors * 4096.0 / 1e6 / elapsed
-        );
+            let sectors = done_rounds as f64 * (DATA / 4096) as f64 + done_sectors as f64;
+            println!(
+                "| {label} | {:.1} MiB/s | {:.1} MiB/s ({}) | **{:.2}x** | {done_rounds} whole rotations + {:.0} MiB in {elapsed:.0} s ({:.0} MB/s) |",
+                before / 1024.0,
+                during / 1024.0,
+                rate.map_or("flat out".to_string(), |r| format!("at most {} MiB/s", r >> 20)),
+                during / before.max(1.0),
+                done_sectors as f64 * 4096.0 / MIB as f64,
+                sectors * 4096.0 / 1e6 / elapsed
+            );
+        }
     }
     drop(device);
     host.detach(vm, a);

@@ -24,6 +24,9 @@
 //! [qemu]                                   # only with hypervisor = "qemu"
 //! qmp_dir = "/run/skydd/qmp"               # <qmp_dir>/<vm_id>.qmp: each VM's QMP socket
 //!
+//! [rotation]                               # optional: online re-encryption after a key rotation
+//! online_rate_mib_s = 200                  # at most this many MiB/s, so the VM keeps more of the host
+//!
 //! [launch]                                 # optional, with hypervisor = "qemu": trusted launch
 //! allowlist = "/etc/skydd/allowlist.dsse.json"   # from `image-pipeline allowlist`
 //! accel = "tcg"                            # "kvm" where /dev/kvm runs guests
@@ -103,6 +106,19 @@ pub struct QemuConfig {
     /// Directory of the QMP sockets, one `<vm_id>.qmp` per VM; `<state_dir>/qmp` if absent.
     #[serde(default)]
     pub qmp_dir: Option<PathBuf>,
+}
+
+/// The `[rotation]` table: how this host re-encrypts a volume online under a live mapping
+/// after its key was rotated (docs/PROTOCOL.md "Online re-encryption").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// At most this many MiB re-encrypted per second on average; absent: flat out (the VM
+    /// then runs at about half its throughput meanwhile, docs/PERFORMANCE.md "fio during an
+    /// online rotation"). A rotation finished at attach, before the VM sees the volume,
+    /// always runs flat out.
+    #[serde(default)]
+    pub online_rate_mib_s: Option<u64>,
 }
 
 /// The `[launch]` table: this host launches VMs itself, only from images on a signed
@@ -198,6 +214,9 @@ pub struct AgentConfig {
     /// Trusted launch: VMs this host starts from allowlisted images (absent: it launches none).
     #[serde(default)]
     pub launch: Option<LaunchConfig>,
+    /// Online re-encryption after a key rotation.
+    #[serde(default)]
+    pub rotation: RotationConfig,
     /// The TTP's base URL.
     pub ttp_url: String,
     /// Trusted CA roots: the own cloud's first, federated partners' after. Each a PEM file

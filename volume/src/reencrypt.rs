@@ -47,11 +47,15 @@ pub struct RotationOptions {
     /// Sectors per hotzone, at most [`MAX_HOTZONE_SECTORS`] (less if the header cannot hold
     /// its checksums).
     pub hotzone_sectors: usize,
+    /// Online only ([`online::reencrypt_online`]): at most this many bytes re-encrypted per
+    /// second on average, so the VM keeps more of the host; `None` runs flat out. An
+    /// offline run (before a VM sees the volume) always runs flat out.
+    pub online_bytes_per_second: Option<u64>,
 }
 
 impl Default for RotationOptions {
     fn default() -> Self {
-        Self { hotzone_sectors: MAX_HOTZONE_SECTORS }
+        Self { hotzone_sectors: MAX_HOTZONE_SECTORS, online_bytes_per_second: None }
     }
 }
 

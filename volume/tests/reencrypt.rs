@@ -88,7 +88,7 @@ fn rotating_volume(path: &Path, sectors: u64, seed: u64) -> Vec<u8> {
 fn child_reencrypts() {
     let Ok(path) = std::env::var(CHILD_ENV) else { return };
     let file = OpenOptions::new().read(true).write(true).open(path).unwrap();
-    let options = RotationOptions { hotzone_sectors: CHILD_HOTZONE };
+    let options = RotationOptions { hotzone_sectors: CHILD_HOTZONE, ..RotationOptions::default() };
     // One line per hotzone committed: the parent kills by this count.
     let mut report = |done: u64, total: u64| {
         use std::io::Write;
@@ -202,7 +202,7 @@ fn child_rotates_online() {
                 print(format!("{FLUSHED} {sector} {version}"));
             }
         });
-        let options = RotationOptions { hotzone_sectors: CHILD_HOTZONE };
+        let options = RotationOptions { hotzone_sectors: CHILD_HOTZONE, ..RotationOptions::default() };
         let mut report = |done: u64, total: u64| {
             started.store(true, std::sync::atomic::Ordering::SeqCst);
             print(format!("{HOTZONE_DONE} {done}/{total}"));
@@ -363,7 +363,7 @@ fn header_rewrites_by_the_cloud_platform_and_the_reencryption_lose_nothing() {
                     .unwrap();
             }
         });
-        let options = RotationOptions { hotzone_sectors: 16 };
+        let options = RotationOptions { hotzone_sectors: 16, ..RotationOptions::default() };
         reencrypt_online(
             &device,
             &key(3),

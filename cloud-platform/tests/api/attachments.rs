@@ -102,6 +102,7 @@ async fn lab_with_compute_1() -> (Lab, Compute) {
         libvirt: LibvirtConfig::default(),
         qemu: Default::default(),
         launch: None,
+        rotation: Default::default(),
         ttp_url,
         ca: sc_tls.ca.clone(),
         crl: sc_tls.crl.clone(),

@@ -133,6 +133,10 @@ impl AttachmentService {
             data_sectors: live.data_sectors(),
         };
         let (domain_id, volume) = (record.domain_id.clone(), record.volume_path.clone());
+        let options = RotationOptions {
+            online_bytes_per_second: self.config.rotation.online_rate_mib_s.map(|mib| mib.saturating_mul(1 << 20)),
+            ..RotationOptions::default()
+        };
         tracing::info!(domain = %domain_id, attachment = %attachment_id, vm = %record.vm_id,
             "online re-encryption started; the VM keeps reading and writing");
         let cancel = Arc::new(AtomicBool::new(false));
@@ -140,7 +144,7 @@ impl AttachmentService {
         let thread = std::thread::Builder::new()
             .name(format!("reencrypt-{}", &domain_id[..8.min(domain_id.len())]))
             .spawn(move || {
-                re_encrypt(live, &domain_id, &volume, previous_key, new_key, &stop);
+                re_encrypt(live, &domain_id, &volume, (previous_key, new_key), options, &stop);
                 // This thread held both keys' schedules (crate::scrub).
                 skydd_volume::scrub::scrub_this_thread();
             })
@@ -158,8 +162,8 @@ fn re_encrypt(
     device: Arc<dyn SectorDevice>,
     domain_id: &str,
     volume: &Path,
-    previous_key: SecretBytes,
-    new_key: SecretBytes,
+    (previous_key, new_key): (SecretBytes, SecretBytes),
+    options: RotationOptions,
     cancel: &AtomicBool,
 ) {
     let Some(plain) = device.as_plain() else { return };
@@ -172,7 +176,6 @@ fn re_encrypt(
             tracing::info!(domain = %domain_id, percent, done, total, "re-encrypting online after a key rotation");
         }
     };
-    let options = RotationOptions::default();
     match skydd_volume::reencrypt::online::reencrypt_online(
         plain,
         &previous_key,

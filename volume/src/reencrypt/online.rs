@@ -24,6 +24,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use protocol::messages::HeaderRecord;
 use protocol::secret::SecretBytes;
@@ -102,7 +103,9 @@ pub fn reencrypt_online(
 
     let hotzone_sectors = run.hotzone_limit(options.hotzone_sectors);
     let mut buf = Vec::with_capacity(hotzone_sectors * SECTOR_SIZE);
+    let (started, first) = (Instant::now(), boundary);
     while boundary < data_sectors {
+        pace(options.online_bytes_per_second, started, (boundary - first) * SECTOR_SIZE as u64, cancel);
         if cancel.load(Ordering::SeqCst) {
             return Err(rotation_err(format!(
                 "stopped at data sector {boundary} of {data_sectors} because the mapping is being closed; \
@@ -135,6 +138,19 @@ pub fn reencrypt_online(
     device.change_keys(|keys| *keys = Keys::One(new.clone()));
     drop(old);
     Ok(run.report)
+}
+
+/// Waits until `moved` bytes since `started` are within `rate` bytes per second (the
+/// hotzone just moved is paid for before the next one starts), waking for `cancel`.
+fn pace(rate: Option<u64>, started: Instant, moved: u64, cancel: &AtomicBool) {
+    let Some(rate) = rate.filter(|&r| r > 0) else { return };
+    let due = Duration::from_secs_f64(moved as f64 / rate as f64);
+    while let Some(left) = due.checked_sub(started.elapsed()).filter(|l| !l.is_zero()) {
+        if cancel.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
 }
 
 /// Moves the boundary to `boundary` and lifts the fence.

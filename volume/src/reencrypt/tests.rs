@@ -130,7 +130,7 @@ fn a_rotation_re_encrypts_every_written_sector_and_drops_the_old_key() {
     let plain = rotating_volume(&io, &old, &mut rng);
     assert!(rotation_pending(&io).unwrap());
     let mut seen = Vec::new();
-    let options = RotationOptions { hotzone_sectors: 16 };
+    let options = RotationOptions { hotzone_sectors: 16, ..RotationOptions::default() };
     let report =
         finish_rotation(&io, &old_key, &new_key, options, &mut |done, total| seen.push((done, total))).unwrap();
     assert_eq!(report.rewritten, SECTORS - (SECTORS + 3) / 7);
@@ -152,7 +152,7 @@ fn crashes_anywhere_lose_nothing() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(round);
         let io = MemoryIo::new(volume_len());
         let plain = rotating_volume(&io, &old, &mut rng);
-        let options = RotationOptions { hotzone_sectors: rng.random_range(1..=24) };
+        let options = RotationOptions { hotzone_sectors: rng.random_range(1..=24), ..RotationOptions::default() };
         let mut crashes = 0;
         // A crash inside the last header write may land it all the same: then it is done.
         while rotation_pending(&io).unwrap() {
@@ -181,7 +181,7 @@ fn a_sector_matching_neither_checksum_is_refused() {
     rotating_volume(&io, &old, &mut rng);
     // Crash right after the first hotzone's header record (one 512 KiB slot = 128 pieces).
     let crashing = CrashIo { inner: &io, budget: AtomicU64::new(128) };
-    let options = RotationOptions { hotzone_sectors: 8 };
+    let options = RotationOptions { hotzone_sectors: 8, ..RotationOptions::default() };
     finish_rotation(&crashing, &old_key, &new_key, options, &mut |_, _| {}).unwrap_err();
     let (_, record) = read_header(&io).unwrap();
     assert_eq!(record.rotation.as_ref().unwrap().hotzone.as_ref().unwrap().first, 0);
@@ -260,7 +260,7 @@ fn an_online_rotation_keeps_serving_reads_and_writes_and_loses_none() {
                 reads.fetch_add(1, Ordering::SeqCst);
             }
         });
-        let options = RotationOptions { hotzone_sectors: 8 };
+        let options = RotationOptions { hotzone_sectors: 8, ..RotationOptions::default() };
         let report = online::reencrypt_online(
             &device,
             &old_key,
@@ -370,7 +370,7 @@ fn an_online_rotation_that_fails_half_way_stops_the_device_and_the_next_open_fin
         let plain = rotating_volume(&memory, &old, &mut rng);
         let failing = Arc::new(Failing(memory.clone(), AtomicU64::new(budget)));
         let device = PlainDevice::new(failing, XtsEngine::new(&old_key).unwrap(), SECTORS);
-        let options = RotationOptions { hotzone_sectors: 16 };
+        let options = RotationOptions { hotzone_sectors: 16, ..RotationOptions::default() };
         let failed = online::reencrypt_online(
             &device,
             &old_key,
@@ -407,7 +407,7 @@ fn an_online_rotation_cancelled_by_a_close_stops_cleanly_and_finishes_later() {
     let device = PlainDevice::new(io.clone(), XtsEngine::new(&old_key).unwrap(), SECTORS);
     let cancel = AtomicBool::new(false);
     let mut hotzones = 0;
-    let options = RotationOptions { hotzone_sectors: 16 };
+    let options = RotationOptions { hotzone_sectors: 16, ..RotationOptions::default() };
     let stopped = online::reencrypt_online(
         &device,
         &old_key,
@@ -435,5 +435,29 @@ fn an_online_rotation_cancelled_by_a_close_stops_cleanly_and_finishes_later() {
     }
     drop(device);
     finish_rotation(io.as_ref(), &old_key, &new_key, options, &mut |_, _| {}).unwrap();
+    check_rotated(&io, &plain, &old, &new);
+}
+
+/// A rate limit spaces the hotzones of an online run: 100 sectors (400 KiB) at 1 MB/s take
+/// at least the 84 sectors paid before the last hotzone starts, 0.34 s.
+#[test]
+fn an_online_rotation_keeps_to_its_rate_limit() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use crate::device::PlainDevice;
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+    let (old_key, new_key) = (key(3), key(5));
+    let (old, new) = (XtsEngine::new(&old_key).unwrap(), XtsEngine::new(&new_key).unwrap());
+    let io = Arc::new(MemoryIo::new(volume_len()));
+    let plain = rotating_volume(&io, &old, &mut rng);
+    let device = PlainDevice::new(io.clone(), XtsEngine::new(&old_key).unwrap(), SECTORS);
+    let options = RotationOptions { hotzone_sectors: 16, online_bytes_per_second: Some(1_000_000) };
+    let started = std::time::Instant::now();
+    online::reencrypt_online(&device, &old_key, &new_key, options, &mut |_, _| {}, &AtomicBool::new(false)).unwrap();
+    let took = started.elapsed();
+    assert!(took >= std::time::Duration::from_millis(340), "400 KiB at 1 MB/s took only {took:?}");
+    drop(device);
     check_rotated(&io, &plain, &old, &new);
 }
