@@ -92,13 +92,19 @@ fn key_text(d: &DomainView) -> String {
     let generation = protocol::messages::Registration::decode(&d.header.registration.message)
         .map(|r| format!("generation {}", r.key_generation))
         .unwrap_or_else(|_| "generation unknown (the registration does not decode)".into());
-    match &d.header.rotation {
-        None => generation,
-        Some(rotation) => format!(
-            "{generation}, rotation in progress (re-encrypted up to sector {}; the next read-write attach finishes it)",
-            rotation.boundary
-        ),
-    }
+    let Some(rotation) = &d.header.rotation else { return generation };
+    // The data area's 4096-byte sectors: how far the boundary has moved.
+    let sectors = (d.size_bytes / 4096).max(1);
+    let percent = rotation.boundary.min(sectors) * 100 / sectors;
+    let where_ = if d.status == "in-use" {
+        "re-encrypting online on the host that holds it read-write, or at its next read-write attach"
+    } else {
+        "the next read-write attach finishes it"
+    };
+    format!(
+        "{generation}, rotation in progress: {percent} % re-encrypted (sector {} of {sectors}); {where_}",
+        rotation.boundary
+    )
 }
 
 /// The attachments as a table (domain, VM, host, mode, status, mount path).
