@@ -230,8 +230,53 @@ pub fn human_size(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{history, printable};
+    use super::{history, key_text, printable};
     use protocol::messages::{AuditRecord, HistoryResponse};
+
+    #[test]
+    fn a_rotation_shows_its_progress_and_where_it_goes_on() {
+        use protocol::cloud::DomainView;
+        use protocol::messages::{HeaderRecord, Registration, RotationState};
+        use protocol::signing::SignedEnvelope;
+        let envelope = |message: Vec<u8>| SignedEnvelope { message, signature: vec![], signer_certificate: vec![] };
+        let registration = Registration {
+            domain_id: "d".into(),
+            version: 1,
+            descriptor_hash: [1; 32],
+            metadata_hash: [2; 32],
+            nonce_r: [3; protocol::kdf::NONCE_BYTES],
+            registered_at: 1_700_000_000,
+            key_generation: 2,
+        };
+        let rotation = RotationState { previous_registration: envelope(vec![]), boundary: 4096, hotzone: None };
+        let mut view = DomainView {
+            id: "d".into(),
+            owner: "dm-alice".into(),
+            version: 1,
+            metadata: Default::default(),
+            acl: vec![],
+            shared_with: vec![],
+            size_bytes: 64 << 20,
+            status: "in-use".into(),
+            created_at: 0,
+            header: HeaderRecord {
+                descriptor: envelope(vec![]),
+                registration: envelope(registration.encode()),
+                rotation: Some(rotation),
+            },
+            re_encryption: None,
+        };
+        let shown = key_text(&view);
+        assert!(
+            shown.starts_with("generation 2, rotation in progress: 25 % re-encrypted (sector 4096 of 16384)"),
+            "{shown}"
+        );
+        assert!(shown.contains("online on the host that holds it read-write"), "{shown}");
+        view.status = "available".into();
+        assert!(key_text(&view).ends_with("the next read-write attach finishes it"));
+        view.header.rotation = None;
+        assert_eq!(key_text(&view), "generation 2");
+    }
 
     #[test]
     fn terminal_controls_from_other_parties_are_shown_escaped() {
