@@ -151,21 +151,19 @@ impl PlainDevice {
 
     /// Runs `io` with the key state once `[first, first + count)` is not fenced.
     fn unfenced<T>(&self, first: u64, count: u64, io: impl FnOnce(&Keys) -> Result<T>) -> Result<T> {
-        let mut io = Some(io);
-        loop {
+        let keys = loop {
             let generation = self.fence_generation.load(Ordering::SeqCst);
-            {
-                let keys = self.keys();
-                if !keys.fenced(first, count) {
-                    let io = io.take().expect("runs once: the loop returns right after");
-                    return io(&keys);
-                }
+            let keys = self.keys();
+            if !keys.fenced(first, count) {
+                break keys;
             }
+            drop(keys);
             let mut guard = self.fence_lock.lock().unwrap_or_else(|e| e.into_inner());
             while self.fence_generation.load(Ordering::SeqCst) == generation {
                 guard = self.fence_lifted.wait(guard).unwrap_or_else(|e| e.into_inner());
             }
-        }
+        };
+        io(&keys)
     }
 }
 
@@ -177,9 +175,6 @@ impl SectorDevice for PlainDevice {
     fn read_sectors(&self, first: u64, buf: &mut [u8]) -> Result<()> {
         let count = check_range(self.data_sectors, first, buf.len())?;
         self.unfenced(first, count, |keys| {
-            if let Keys::Stopped(reason) = keys {
-                return Err(Error::Rotation(reason.clone()));
-            }
             self.io.read_exact_at(buf, data_sector_offset(first)).map_err(|e| Error::io("reading the data area", e))?;
             keys.crypt(first, buf, |engine, first, part| engine.decrypt_sectors(first, part))
         })

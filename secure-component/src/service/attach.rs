@@ -97,14 +97,7 @@ fn finish_rotation(path: &Path, domain_id: &str, previous: &SecretBytes, key: &S
         .open(path)
         .map_err(|e| Error::Volume(format!("opening {} to re-encrypt it: {e}", path.display())))?;
     let started = Instant::now();
-    let mut shown = 0;
-    let mut progress = |done: u64, total: u64| {
-        let percent = done * 100 / total.max(1);
-        if percent >= shown + 10 {
-            shown = percent - percent % 10;
-            tracing::info!(domain = %domain_id, percent, done, total, "re-encrypting after a key rotation");
-        }
-    };
+    let mut progress = super::rotate::progress_every_tenth(domain_id, "re-encrypting after a key rotation");
     let options = skydd_volume::reencrypt::RotationOptions::default();
     let report = skydd_volume::reencrypt::finish_rotation(&file, previous, key, options, &mut progress)
         .map_err(|e| Error::Volume(format!("re-encrypting domain {domain_id} after its key rotation: {e}")))?;

@@ -156,6 +156,19 @@ impl AttachmentService {
     }
 }
 
+/// A re-encryption's progress callback (`done`, `total` sectors) that logs `what` each time
+/// another 10 % is done: the offline run at attach and the online one log alike.
+pub(super) fn progress_every_tenth<'a>(domain_id: &'a str, what: &'static str) -> impl FnMut(u64, u64) + 'a {
+    let mut shown = 0;
+    move |done, total| {
+        let percent = done * 100 / total.max(1);
+        if percent >= shown + 10 {
+            shown = percent - percent % 10;
+            tracing::info!(domain = %domain_id, percent, done, total, "{what}");
+        }
+    }
+}
+
 /// Runs the online re-encryption of `device` to its end, logging progress every 10 %; the
 /// keys are wiped when it returns (the device keeps only the new key's engine).
 fn re_encrypt(
@@ -168,14 +181,7 @@ fn re_encrypt(
 ) {
     let Some(plain) = device.as_plain() else { return };
     let started = Instant::now();
-    let mut shown = 0;
-    let mut progress = |done: u64, total: u64| {
-        let percent = done * 100 / total.max(1);
-        if percent >= shown + 10 {
-            shown = percent - percent % 10;
-            tracing::info!(domain = %domain_id, percent, done, total, "re-encrypting online after a key rotation");
-        }
-    };
+    let mut progress = progress_every_tenth(domain_id, "re-encrypting online after a key rotation");
     match skydd_volume::reencrypt::online::reencrypt_online(
         plain,
         &previous_key,

@@ -2,6 +2,7 @@
 //! after a budget of 4096-byte pieces (so a multi-sector write and a header slot can land
 //! in part), restarted again and again until the run ends.
 
+use std::borrow::Borrow;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -56,27 +57,28 @@ fn rotating_volume(io: &MemoryIo, old: &XtsEngine, rng: &mut impl Rng) -> Vec<u8
 }
 
 /// Stops after `budget` 4096-byte pieces written; the piece that exhausts it and every later
-/// one never lands (the process died).
-struct CrashIo<'a> {
-    inner: &'a MemoryIo,
+/// one never lands (the process died). `M` is `&MemoryIo`, or `Arc<MemoryIo>` for a device
+/// that holds its I/O channel.
+struct CrashIo<M: Borrow<MemoryIo>> {
+    inner: M,
     budget: AtomicU64,
 }
 
-impl CrashIo<'_> {
+impl<M: Borrow<MemoryIo>> CrashIo<M> {
     fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         for (i, piece) in buf.chunks(SECTOR_SIZE).enumerate() {
             if self.budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1)).is_err() {
                 return Err(io::Error::other("crashed"));
             }
-            self.inner.write_all_at(piece, offset + (i * SECTOR_SIZE) as u64)?;
+            self.inner.borrow().write_all_at(piece, offset + (i * SECTOR_SIZE) as u64)?;
         }
         Ok(())
     }
 }
 
-impl BlockIo for CrashIo<'_> {
+impl<M: Borrow<MemoryIo> + Send + Sync> BlockIo for CrashIo<M> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_exact_at(buf, offset)
+        self.inner.borrow().read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write(buf, offset)
@@ -88,10 +90,10 @@ impl BlockIo for CrashIo<'_> {
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
-        self.inner.len()
+        self.inner.borrow().len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
+        self.inner.borrow().set_len(len)
     }
 }
 
@@ -207,22 +209,40 @@ fn a_format_2_volume_is_refused() {
 
 // ---- online: the device keeps serving while the volume moves (online.rs) ----
 
+/// A rotating volume in memory ([`rotating_volume`]) and a live device serving it under the
+/// old key, as the secure component holds it when an online rotation starts.
+struct Live {
+    old_key: SecretBytes,
+    new_key: SecretBytes,
+    old: XtsEngine,
+    new: XtsEngine,
+    io: std::sync::Arc<MemoryIo>,
+    plain: Vec<u8>,
+    device: crate::device::PlainDevice,
+}
+
+fn live_volume(seed: u64) -> Live {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (old_key, new_key) = (key(3), key(5));
+    let (old, new) = (XtsEngine::new(&old_key).unwrap(), XtsEngine::new(&new_key).unwrap());
+    let io = std::sync::Arc::new(MemoryIo::new(volume_len()));
+    let plain = rotating_volume(&io, &old, &mut rng);
+    let device = crate::device::PlainDevice::new(io.clone(), XtsEngine::new(&old_key).unwrap(), SECTORS);
+    Live { old_key, new_key, old, new, io, plain, device }
+}
+
 /// A live device over `io` with the old key, re-encrypted online while two threads write
 /// and read through it; afterwards every sector holds the last thing written to it, under
 /// the new key alone, and the device serves under the new key.
 #[test]
 fn an_online_rotation_keeps_serving_reads_and_writes_and_loses_none() {
     use std::sync::atomic::AtomicBool;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
-    use crate::device::{PlainDevice, SectorDevice};
+    use crate::device::SectorDevice;
 
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let (old_key, new_key) = (key(3), key(5));
-    let (old, new) = (XtsEngine::new(&old_key).unwrap(), XtsEngine::new(&new_key).unwrap());
-    let io = Arc::new(MemoryIo::new(volume_len()));
-    let plain = Mutex::new(rotating_volume(&io, &old, &mut rng));
-    let device = PlainDevice::new(io.clone(), XtsEngine::new(&old_key).unwrap(), SECTORS);
+    let Live { old_key, new_key, old, new, io, plain, device } = live_volume(11);
+    let plain = Mutex::new(plain);
     let done = AtomicBool::new(false);
     let (writes, reads) = (AtomicU64::new(0), AtomicU64::new(0));
     let mut hotzones = 0;
@@ -306,15 +326,7 @@ fn an_online_rotation_keeps_serving_reads_and_writes_and_loses_none() {
 
 #[test]
 fn an_online_rotation_refuses_a_previous_key_the_device_was_not_opened_with() {
-    use std::sync::Arc;
-
-    use crate::device::PlainDevice;
-
-    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
-    let old = XtsEngine::new(&key(3)).unwrap();
-    let io = Arc::new(MemoryIo::new(volume_len()));
-    rotating_volume(&io, &old, &mut rng);
-    let device = PlainDevice::new(io.clone(), old, SECTORS);
+    let Live { io, device, .. } = live_volume(21);
     let err = online::reencrypt_online(
         &device,
         &key(4),
@@ -337,38 +349,13 @@ fn an_online_rotation_that_fails_half_way_stops_the_device_and_the_next_open_fin
 
     use crate::device::{PlainDevice, SectorDevice};
 
-    /// CrashIo that owns its memory, so the device can hold it.
-    struct Failing(Arc<MemoryIo>, AtomicU64);
-    impl BlockIo for Failing {
-        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            self.0.read_exact_at(buf, offset)
-        }
-        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-            CrashIo { inner: &self.0, budget: AtomicU64::new(self.1.load(Ordering::SeqCst)) }.write(buf, offset)?;
-            self.1.fetch_sub((buf.len() / SECTOR_SIZE) as u64, Ordering::SeqCst);
-            Ok(())
-        }
-        fn write_durable_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-            self.write_all_at(buf, offset)
-        }
-        fn sync_data(&self) -> io::Result<()> {
-            Ok(())
-        }
-        fn len(&self) -> io::Result<u64> {
-            self.0.len()
-        }
-        fn set_len(&self, len: u64) -> io::Result<()> {
-            self.0.set_len(len)
-        }
-    }
-
     for budget in [3u64, 40, 80, 130] {
         let mut rng = rand::rngs::StdRng::seed_from_u64(budget);
         let (old_key, new_key) = (key(3), key(5));
         let (old, new) = (XtsEngine::new(&old_key).unwrap(), XtsEngine::new(&new_key).unwrap());
         let memory = Arc::new(MemoryIo::new(volume_len()));
         let plain = rotating_volume(&memory, &old, &mut rng);
-        let failing = Arc::new(Failing(memory.clone(), AtomicU64::new(budget)));
+        let failing = Arc::new(CrashIo { inner: memory.clone(), budget: AtomicU64::new(budget) });
         let device = PlainDevice::new(failing, XtsEngine::new(&old_key).unwrap(), SECTORS);
         let options = RotationOptions { hotzone_sectors: 16, ..RotationOptions::default() };
         let failed = online::reencrypt_online(
@@ -395,16 +382,10 @@ fn an_online_rotation_that_fails_half_way_stops_the_device_and_the_next_open_fin
 #[test]
 fn an_online_rotation_cancelled_by_a_close_stops_cleanly_and_finishes_later() {
     use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
-    use crate::device::{PlainDevice, SectorDevice};
+    use crate::device::SectorDevice;
 
-    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
-    let (old_key, new_key) = (key(3), key(5));
-    let (old, new) = (XtsEngine::new(&old_key).unwrap(), XtsEngine::new(&new_key).unwrap());
-    let io = Arc::new(MemoryIo::new(volume_len()));
-    let plain = rotating_volume(&io, &old, &mut rng);
-    let device = PlainDevice::new(io.clone(), XtsEngine::new(&old_key).unwrap(), SECTORS);
+    let Live { old_key, new_key, old, new, io, plain, device } = live_volume(31);
     let cancel = AtomicBool::new(false);
     let mut hotzones = 0;
     let options = RotationOptions { hotzone_sectors: 16, ..RotationOptions::default() };
@@ -443,16 +424,8 @@ fn an_online_rotation_cancelled_by_a_close_stops_cleanly_and_finishes_later() {
 #[test]
 fn an_online_rotation_keeps_to_its_rate_limit() {
     use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
-    use crate::device::PlainDevice;
-
-    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
-    let (old_key, new_key) = (key(3), key(5));
-    let (old, new) = (XtsEngine::new(&old_key).unwrap(), XtsEngine::new(&new_key).unwrap());
-    let io = Arc::new(MemoryIo::new(volume_len()));
-    let plain = rotating_volume(&io, &old, &mut rng);
-    let device = PlainDevice::new(io.clone(), XtsEngine::new(&old_key).unwrap(), SECTORS);
+    let Live { old_key, new_key, old, new, io, plain, device } = live_volume(41);
     let options = RotationOptions { hotzone_sectors: 16, online_bytes_per_second: Some(1_000_000) };
     let started = std::time::Instant::now();
     online::reencrypt_online(&device, &old_key, &new_key, options, &mut |_, _| {}, &AtomicBool::new(false)).unwrap();
