@@ -13,6 +13,14 @@ use crate::error::Result;
 use crate::signing::SignedEnvelope;
 
 const ANCHOR_MAGIC: &[u8] = b"SKYDD-INTEGRITY-ANCHOR\x01";
+/// Version 2 of the anchor: version 1's fields, then `u64 key_generation`; used exactly for
+/// key generation 2 and later, so an anchor of a never-rotated domain keeps its v1 bytes.
+const ANCHOR_MAGIC_V2: &[u8] = b"SKYDD-INTEGRITY-ANCHOR\x02";
+
+/// The key generation of every domain before its first rotation (serde default).
+fn first_generation() -> u64 {
+    1
+}
 
 /// The newest committed state of a format-2 volume, signed by the TTP (context
 /// `integrity-anchor`).
@@ -29,30 +37,48 @@ pub struct IntegrityAnchor {
     pub host_id: String,
     /// Unix seconds.
     pub committed_at: u64,
+    /// The key generation whose `K_mac` keys the tags under this root (docs/FORMAT.md "Key
+    /// rotation of a format-2 volume"): 1 until the domain's first key rotation.
+    pub key_generation: u64,
 }
 
 impl IntegrityAnchor {
-    /// The canonical encoding the TTP signs (docs/PROTOCOL.md "Integrity anchor").
+    /// The canonical encoding the TTP signs (docs/PROTOCOL.md "Integrity anchor"): version 1
+    /// for key generation 1 (byte for byte as before rotation), version 2 otherwise.
     pub fn encode(&self) -> Vec<u8> {
-        Writer::new(ANCHOR_MAGIC)
-            .str(&self.domain_id)
-            .u64(self.epoch)
-            .bytes(&self.root)
-            .str(&self.host_id)
-            .u64(self.committed_at)
-            .finish()
+        let rotated = self.key_generation != 1;
+        let mut writer = Writer::new(if rotated { ANCHOR_MAGIC_V2 } else { ANCHOR_MAGIC });
+        writer.str(&self.domain_id).u64(self.epoch).bytes(&self.root).str(&self.host_id).u64(self.committed_at);
+        if rotated {
+            writer.u64(self.key_generation);
+        }
+        writer.finish()
     }
 
-    /// Strict decoding of [`IntegrityAnchor::encode`]'s output (no signature check).
+    /// Strict decoding of [`IntegrityAnchor::encode`]'s output, version 1 or 2 (no signature
+    /// check). A version-2 encoding must name key generation 2 or more, so no anchor has two
+    /// encodings.
     pub fn decode(encoded: &[u8]) -> Result<Self> {
-        let mut reader = Reader::new("integrity anchor", encoded, ANCHOR_MAGIC)?;
-        let anchor = Self {
+        let rotated = encoded.starts_with(ANCHOR_MAGIC_V2);
+        let mut reader =
+            Reader::new("integrity anchor", encoded, if rotated { ANCHOR_MAGIC_V2 } else { ANCHOR_MAGIC })?;
+        let mut anchor = Self {
             domain_id: reader.str("domain id", 64)?.to_string(),
             epoch: reader.u64("epoch")?,
             root: reader.array("root")?,
             host_id: reader.str("host id", 64)?.to_string(),
             committed_at: reader.u64("commit time")?,
+            key_generation: 1,
         };
+        if rotated {
+            anchor.key_generation = reader.u64("key generation")?;
+            if anchor.key_generation < 2 {
+                return Err(crate::Error::malformed(
+                    "integrity anchor",
+                    format!("a version-2 anchor names key generation {}, not 2 or more", anchor.key_generation),
+                ));
+            }
+        }
         reader.finish()?;
         validate_name("host id", &anchor.host_id)?;
         Ok(anchor)
@@ -71,6 +97,11 @@ pub struct IntegrityCommitRequest {
     /// The volume root at this epoch.
     #[serde(with = "crate::b64::array32")]
     pub root: [u8; 32],
+    /// The key generation whose `K_mac` tagged the volume under this root: the domain's
+    /// newest, or during a key rotation the one before it until the tree is rebuilt under the
+    /// new key (absent: 1).
+    #[serde(default = "first_generation")]
+    pub key_generation: u64,
 }
 
 /// TTP → SC: the signed anchor of the accepted commit.
@@ -144,11 +175,22 @@ mod tests {
             root: [9; 32],
             host_id: "compute-1".into(),
             committed_at: 1_700_000_000,
+            key_generation: 1,
         };
         let encoded = anchor.encode();
+        assert!(encoded.starts_with(ANCHOR_MAGIC), "generation 1 keeps the version-1 bytes");
         assert_eq!(IntegrityAnchor::decode(&encoded).unwrap(), anchor);
         let mut longer = encoded.clone();
         longer.push(0);
         assert!(IntegrityAnchor::decode(&longer).unwrap_err().to_string().contains("trailing"));
+
+        let rotated = IntegrityAnchor { key_generation: 3, ..anchor.clone() };
+        let encoded = rotated.encode();
+        assert!(encoded.starts_with(ANCHOR_MAGIC_V2));
+        assert_eq!(IntegrityAnchor::decode(&encoded).unwrap(), rotated);
+        // Generation 1 written as version 2 would be a second encoding of the same anchor.
+        let mut second = encoded[..encoded.len() - 8].to_vec();
+        second.extend_from_slice(&1u64.to_be_bytes());
+        assert!(IntegrityAnchor::decode(&second).unwrap_err().to_string().contains("not 2 or more"));
     }
 }

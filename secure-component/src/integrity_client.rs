@@ -26,8 +26,8 @@ pub struct CommittedAnchor {
     pub audit_seq: u64,
 }
 
-/// Commits `root` at `epoch` (the newest committed + 1, 1 for a volume's first) for the
-/// domain this host holds read-write: `POST /v1/domains/{id}/integrity/commits`. The answer is
+/// Commits `root` at `epoch` (the newest committed + 1, 1 for a volume's first), tagged under
+/// `key_generation`'s `K_mac`, for the domain this host holds read-write: `POST /v1/domains/{id}/integrity/commits`. The answer is
 /// checked with [`verified_anchor`] (and `trusted_cas`, when given, for the signer) and must
 /// name exactly the domain, epoch, root and host sent. A refusal comes back as
 /// [`Error::TtpRefused`] with the TTP's code (`integrity_epoch_stale`,
@@ -37,15 +37,17 @@ pub async fn commit_root(
     domain_id: &str,
     host_id: &str,
     epoch: u64,
+    key_generation: u64,
     root: &[u8; 32],
     trusted_cas: Option<&[String]>,
 ) -> Result<CommittedAnchor> {
     let path = integrity_path(domain_id, "commits")?;
-    let body = IntegrityCommitRequest { host_id: host_id.to_string(), epoch, root: *root };
+    let body = IntegrityCommitRequest { host_id: host_id.to_string(), epoch, root: *root, key_generation };
     let response: IntegrityCommitResponse =
         ttp.post_json(&path, &body).await.map_err(|e| ttp_error("integrity commit", e))?;
     let anchor = verified_anchor(&response.anchor, domain_id, trusted_cas)?;
-    if anchor.epoch != epoch || anchor.root != *root || anchor.host_id != host_id {
+    if anchor.epoch != epoch || anchor.root != *root || anchor.host_id != host_id || anchor.key_generation != key_generation
+    {
         return Err(Error::Protocol(protocol::Error::malformed(
             "integrity anchor",
             format!(

@@ -78,15 +78,15 @@ async fn secure_component_commits_roots_and_reports_violations_over_mutual_tls()
     let client = net::Client::from_files(&url, &sc_files, Role::Ttp, Duration::from_secs(10)).unwrap();
     let cas = [ca.0.clone()];
 
-    let first = commit_root(&client, &domain, "compute-1", 1, &[0x11; 32], Some(&cas)).await.expect("epoch 1");
+    let first = commit_root(&client, &domain, "compute-1", 1, 1, &[0x11; 32], Some(&cas)).await.expect("epoch 1");
     assert_eq!((first.anchor.epoch, first.anchor.root, first.anchor.host_id.as_str()), (1, [0x11; 32], "compute-1"));
-    let second = commit_root(&client, &domain, "compute-1", 2, &[0x22; 32], Some(&cas)).await.expect("epoch 2");
+    let second = commit_root(&client, &domain, "compute-1", 2, 1, &[0x22; 32], Some(&cas)).await.expect("epoch 2");
 
     // The very same commit again (its answer was lost) gets the same anchor back...
-    let retried = commit_root(&client, &domain, "compute-1", 2, &[0x22; 32], Some(&cas)).await.expect("a retry");
+    let retried = commit_root(&client, &domain, "compute-1", 2, 1, &[0x22; 32], Some(&cas)).await.expect("a retry");
     assert_eq!(retried.envelope.message, second.envelope.message);
     // ...but epoch 2 with another root (a fork) or an older epoch (a replay) is refused.
-    let replay = commit_root(&client, &domain, "compute-1", 2, &[0x99; 32], Some(&cas)).await.unwrap_err();
+    let replay = commit_root(&client, &domain, "compute-1", 2, 1, &[0x99; 32], Some(&cas)).await.unwrap_err();
     match &replay {
         secure_component::Error::TtpRefused { step, status, code, message } => {
             assert_eq!((*step, *status, code.as_str()), ("integrity commit", 409, "integrity_epoch_stale"));
@@ -94,7 +94,7 @@ async fn secure_component_commits_roots_and_reports_violations_over_mutual_tls()
         }
         other => panic!("expected the TTP's refusal, got {other}"),
     }
-    let forged = commit_root(&client, &domain, "compute-2", 3, &[0x33; 32], None).await.unwrap_err();
+    let forged = commit_root(&client, &domain, "compute-2", 3, 1, &[0x33; 32], None).await.unwrap_err();
     assert_eq!(forged.refusal().code(), "forbidden", "{forged}");
 
     let report = report_violation(&client, &domain, "compute-1", "vm-a", ViolationKind::SectorTag, Some(1234))
@@ -107,7 +107,7 @@ async fn secure_component_commits_roots_and_reports_violations_over_mutual_tls()
     assert_eq!(returned, second.envelope);
     let decoded: IntegrityAnchor = verified_anchor(&returned, &domain, Some(&cas)).unwrap();
     assert_eq!(decoded.epoch, 2);
-    let after_ro = commit_root(&client, &domain, "compute-1", 3, &[0x33; 32], None).await.unwrap_err();
+    let after_ro = commit_root(&client, &domain, "compute-1", 3, 1, &[0x33; 32], None).await.unwrap_err();
     assert_eq!(after_ro.refusal().code(), "integrity_commit_forbidden", "{after_ro}");
 
     let history = ttp.history(&Identity { name: "dm-alice".into(), role: Role::DomainManager }, &domain).unwrap();
@@ -131,6 +131,7 @@ fn anchor_check_refuses_other_domains_signers_and_tampering() {
         root: [4; 32],
         host_id: "compute-1".into(),
         committed_at: 1_700_000_000,
+        key_generation: 1,
     };
     let envelope =
         signing_key(&ca, Role::Ttp, "ttp-1").sign_envelope(SignatureContext::IntegrityAnchor, anchor.encode());

@@ -13,8 +13,8 @@
 //! Sectors whose ciphertext is all zero (never written: the volume file is sparse) are left
 //! as they are, so a rotation does not allocate a volume's holes.
 //!
-//! Format 1 only: a format-2 volume's tags and tree are keyed too (K_mac), and moving them
-//! is not built; [`finish_rotation`] refuses such a volume.
+//! A format-2 volume's tags and tree are keyed too (`K_mac`): [`format2::finish_rotation`]
+//! moves its data area the same way, then its integrity area.
 
 use protocol::domain::{Descriptor, VolumeFormat};
 use protocol::format::{self, ActiveHeader, HEADER_AREA_SIZE, MAX_PAYLOAD_LEN};
@@ -96,22 +96,32 @@ pub fn update_header(
     Ok(record)
 }
 
-/// The rotation the header of the volume behind `io` records, checked: format 1, boundary
-/// inside the data area. Returns the header record, that rotation and the data sectors.
+/// The rotation the header of the format-1 volume behind `io` records, checked (see
+/// [`recorded_rotation`]). Returns the header record, that rotation and the data sectors.
 fn rotation_to_finish(io: &dyn BlockIo) -> Result<(HeaderRecord, RotationState, u64)> {
+    let volume_len = io.len().map_err(|e| Error::io("reading the volume's length", e))?;
+    recorded_rotation(io, VolumeFormat::V1, format::data_sectors(volume_len))
+}
+
+/// The rotation the header of the volume behind `io` records, checked: the descriptor's
+/// format is `expected`, the boundary inside the `data_sectors` of the data area.
+fn recorded_rotation(
+    io: &dyn BlockIo,
+    expected: VolumeFormat,
+    data_sectors: u64,
+) -> Result<(HeaderRecord, RotationState, u64)> {
     let (_, record) = read_header(io)?;
     let Some(rotation) = record.rotation.clone() else {
         return Err(rotation_err("the volume header records no key rotation"));
     };
     let descriptor = Descriptor::decode(&record.descriptor.message)
         .map_err(|e| rotation_err(format!("the header's descriptor: {e}")))?;
-    if descriptor.volume_format != VolumeFormat::V1 {
-        return Err(Error::Unsupported(
-            "re-encrypting a format-2 volume after a key rotation is not built (its tags and tree are keyed too); only format-1 volumes can be rotated".into(),
-        ));
+    if descriptor.volume_format != expected {
+        return Err(Error::Unsupported(match expected {
+            VolumeFormat::V1 => "this re-encryption moves a format-1 volume, but the volume is format 2: its tags and tree move with it at its next read-write attach (reencrypt::format2)".into(),
+            VolumeFormat::V2 => "this re-encryption moves a format-2 volume's tags and tree too, but the volume is format 1".into(),
+        }));
     }
-    let volume_len = io.len().map_err(|e| Error::io("reading the volume's length", e))?;
-    let data_sectors = format::data_sectors(volume_len);
     if rotation.boundary > data_sectors {
         return Err(rotation_err(format!(
             "the rotation boundary {} lies beyond the data area of {data_sectors} sectors",
@@ -320,6 +330,25 @@ pub fn finish_rotation(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<RotationReport> {
     let (record, rotation, data_sectors) = rotation_to_finish(io)?;
+    let report = reencrypt_data_area(io, record, &rotation, data_sectors, old_key, new_key, options, progress)?;
+    update_header(io, |on_volume| Ok(HeaderRecord { rotation: None, ..on_volume }))?;
+    Ok(report)
+}
+
+/// Moves the boundary of `rotation` (recorded in `record`, the header in force) from where
+/// it is to the end of the `data_sectors`: settles the hotzone a crash left, then one
+/// hotzone at a time. The header still records the rotation afterwards, at the end.
+#[allow(clippy::too_many_arguments)]
+fn reencrypt_data_area(
+    io: &dyn BlockIo,
+    record: HeaderRecord,
+    rotation: &RotationState,
+    data_sectors: u64,
+    old_key: &SecretBytes,
+    new_key: &SecretBytes,
+    options: RotationOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RotationReport> {
     let (old, new) = (XtsEngine::new(old_key)?, XtsEngine::new(new_key)?);
     let engines = Engines { old: &old, new: &new };
     let mut run =
@@ -359,11 +388,11 @@ pub fn finish_rotation(
         next = prepared.transpose()?;
         progress(following, data_sectors);
     }
-    update_header(io, |on_volume| Ok(HeaderRecord { rotation: None, ..on_volume }))?;
     drop((old, new)); // wipes the engines' key schedules (XtsEngine's Drop)
     Ok(run.report)
 }
 
+pub mod format2;
 pub mod online;
 
 #[cfg(test)]

@@ -213,11 +213,6 @@ impl Ttp {
                     domain.owner
                 )));
             }
-            if Descriptor::decode(&domain.descriptor)?.volume_format != VolumeFormat::V1 {
-                return Err(Error::BadRequest(format!(
-                    "domain {domain_id} is format 2: re-encrypting its tags and tree under a new key is not built, so its key cannot be rotated"
-                )));
-            }
             if current.version != domain.latest_version || current.key_generation != rotation.from_generation {
                 return Err(Error::VersionRollback(format!(
                     "the rotation of domain {domain_id} is based on version {} key generation {} (owner asked from generation {}), but the newest is version {}",

@@ -79,7 +79,10 @@ impl Ttp {
             }
             let stored = self.store.newest_anchor(domain_id)?;
             let retried = stored.as_ref().filter(|s| {
-                s.anchor.epoch == request.epoch && s.anchor.root == request.root && s.anchor.host_id == request.host_id
+                s.anchor.epoch == request.epoch
+                    && s.anchor.root == request.root
+                    && s.anchor.host_id == request.host_id
+                    && s.anchor.key_generation == request.key_generation
             });
             if let Some(stored) = retried {
                 // The same host sending the same commit again (its answer was lost, e.g. the
@@ -90,6 +93,7 @@ impl Ttp {
                 );
                 return Ok((Commit::Retried(stored.envelope.clone()), message));
             }
+            self.check_commit_generation(domain_id, stored.as_ref(), request.key_generation)?;
             let newest = stored.map_or(0, |stored| stored.anchor.epoch);
             if request.epoch != newest.saturating_add(1) {
                 return Err(Error::IntegrityEpochStale(format!(
@@ -104,12 +108,14 @@ impl Ttp {
                 root: request.root,
                 host_id: request.host_id.clone(),
                 committed_at: now_unix(),
+                key_generation: request.key_generation,
             };
             let envelope = self.signing_key.sign_envelope(SignatureContext::IntegrityAnchor, anchor.encode());
             let message = format!(
-                "integrity root of domain {domain_id} committed at epoch {} by {}: root {}…",
+                "integrity root of domain {domain_id} committed at epoch {} by {} under key generation {}: root {}…",
                 anchor.epoch,
                 anchor.host_id,
+                anchor.key_generation,
                 hex::encode(&anchor.root[..8])
             );
             Ok((Commit::New(StoredAnchor { anchor, envelope }, release.audit_seq), message))
@@ -163,6 +169,29 @@ impl Ttp {
             Ok(((), self.store.append_audit(entry)?))
         })?;
         Ok(IntegrityViolationResponse { audit_seq: record.seq })
+    }
+
+    /// A root is tagged under one key generation (docs/FORMAT.md "Key rotation of a format-2
+    /// volume"): never an older one than the newest anchor's (a host still holding a rotated-out
+    /// `K_mac` cannot take the anchor back), never a newer one than the domain's. During a
+    /// rotation both the previous generation (settling a crash before the re-encryption) and
+    /// the new one (the tree rebuilt under the new key) are accepted, in that order.
+    fn check_commit_generation(
+        &self,
+        domain_id: &str,
+        newest: Option<&StoredAnchor>,
+        generation: u64,
+    ) -> Result<()> {
+        let domain = self.store.domain(domain_id)?.ok_or_else(|| Error::DomainUnknown(domain_id.to_string()))?;
+        let anchored = newest.map_or(1, |stored| stored.anchor.key_generation);
+        if generation < anchored || generation > domain.key_generation {
+            return Err(Error::IntegrityEpochStale(format!(
+                "domain {domain_id} is at key generation {} and its newest root is tagged under generation {anchored}; \
+                 a root tagged under generation {generation} cannot be committed",
+                domain.key_generation
+            )));
+        }
+        Ok(())
     }
 
     /// The audit subject of a commit or report: only ids that are well-formed.

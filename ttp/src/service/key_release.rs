@@ -341,7 +341,7 @@ impl Ttp {
 
     /// Step 2, during a key rotation (docs/PROTOCOL.md "Key rotation"): the previous
     /// registration is this TTP's, of the same domain and the generation just before; only a
-    /// read-write release (the host that re-encrypts) is served, of a format-1 volume.
+    /// read-write release (the host that re-encrypts) is served.
     fn verified_rotation(
         &self,
         request: &KeyReleaseRequest,
@@ -356,12 +356,6 @@ impl Ttp {
                 previous.domain_id,
                 previous.key_generation,
                 registration.key_generation.saturating_sub(1),
-                descriptor.domain_id
-            )));
-        }
-        if descriptor.volume_format != protocol::domain::VolumeFormat::V1 {
-            return Err(Error::KeyRotationInProgress(format!(
-                "domain {} is format 2, whose re-encryption is not built; its header must not record a rotation",
                 descriptor.domain_id
             )));
         }

@@ -7,6 +7,7 @@
 //! - [`records`]: the superblock and the dirty map (which zones may hold writes not yet
 //!   committed, written durably before those writes);
 //! - [`geometry`]: where each part lies;
+//! - [`rekey`]: the tags and tree rebuilt under a new key generation after a key rotation;
 //! - [`verity`]: the dm-verity tree a read-only kernel mapping is checked against;
 //! - `volume`: [`IntegrityVolume`], which reads (verifying), writes (tagging), flushes
 //!   (committing a new epoch through an [`Authority`], the TTP) and, on open, checks the
@@ -14,6 +15,7 @@
 
 pub mod geometry;
 pub mod records;
+pub mod rekey;
 pub mod tag;
 pub mod tree;
 pub mod verity;

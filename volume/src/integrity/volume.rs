@@ -122,7 +122,7 @@ impl std::fmt::Debug for IntegrityVolume {
     }
 }
 
-fn io_err(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+pub(super) fn io_err(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(context, e)
 }
 
@@ -156,42 +156,8 @@ impl IntegrityVolume {
             };
             return Self::initialise(io, xts, tagger, Geometry::new(sectors)?, authority);
         };
-        let fail = |kind: ViolationKind, detail: String| {
-            authority.report(kind, None);
-            Error::Integrity { kind, sector: None, detail }
-        };
-        let Some(sb) = superblock else {
-            return Err(fail(
-                ViolationKind::Truncated,
-                format!(
-                    "the volume ({len} bytes) has no valid integrity superblock at its end, but the TTP anchors epoch {}: \
-                     it was cut, extended or replaced by a format-1 copy",
-                    anchor.epoch
-                ),
-            ));
-        };
-        let geometry = Geometry::checked_against_len(sb.data_sectors, len)
-            .map_err(|e| fail(ViolationKind::Truncated, e.to_string()))?;
-        let slot = (anchor.epoch % 2) as u8;
-        let (leaves, committed_slot) = read_leaf_slot(io.as_ref(), &geometry, slot)?;
-        let tree = MerkleTree::new(leaves);
-        let root = volume_root(tagger.domain_id(), geometry.data_sectors, anchor.epoch, &tree.root());
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(&root[..], &anchor.root[..])) {
-            return Err(if sb.epoch < anchor.epoch {
-                fail(
-                    ViolationKind::Rollback,
-                    format!(
-                        "the volume holds epoch {} but the TTP committed epoch {}: an older copy was restored",
-                        sb.epoch, anchor.epoch
-                    ),
-                )
-            } else {
-                fail(
-                    ViolationKind::Tree,
-                    format!("the hash tree does not give the root the TTP committed for epoch {}", anchor.epoch),
-                )
-            });
-        }
+        let Committed { geometry, tree, committed_slot } =
+            committed_tree(io.as_ref(), len, superblock, &tagger, anchor, authority.as_ref())?;
         let state = State {
             tree,
             committed_slot,
@@ -373,19 +339,7 @@ impl IntegrityVolume {
             .collect();
         let working: Vec<u8> = (0..self.geometry.tag_blocks).map(|b| st.working_slot(b)).collect();
         st.tree.update(updates);
-        let slot = (epoch % 2) as u8;
-        let mut leaves = Vec::with_capacity((self.geometry.leaf_hash_blocks * BLOCK) as usize);
-        for leaf in st.tree.leaves() {
-            leaves.extend_from_slice(leaf);
-        }
-        leaves.resize((self.geometry.leaf_hash_blocks * BLOCK) as usize, 0);
-        let mut selectors = vec![0u8; (self.geometry.selector_blocks * BLOCK) as usize];
-        for (b, s) in working.iter().enumerate() {
-            selectors[b / 8] |= s << (b % 8);
-        }
-        self.io.write_all_at(&leaves, self.geometry.leaf_slot_offset(slot)).map_err(io_err("writing leaves"))?;
-        self.io.write_all_at(&selectors, self.geometry.selector_offset(slot)).map_err(io_err("writing leaves"))?;
-        self.io.sync_data().map_err(io_err("syncing the hash tree"))?;
+        write_leaf_slot(self.io.as_ref(), &self.geometry, (epoch % 2) as u8, &st.tree, &working)?;
         let root = volume_root(self.tagger.domain_id(), self.geometry.data_sectors, epoch, &st.tree.root());
         st.pending = Some(PendingCommit { epoch, root, working });
         self.finish_pending(st)
@@ -628,8 +582,88 @@ impl SectorDevice for IntegrityVolume {
     }
 }
 
+/// The committed state the anchor names, checked: the superblock's geometry fits the
+/// volume's length, and leaf slot `epoch % 2` gives the anchored root (else a rollback, tree
+/// or truncation violation, reported to `authority`).
+pub(super) struct Committed {
+    pub(super) geometry: Geometry,
+    pub(super) tree: MerkleTree,
+    /// The tag slot (0 or 1) each block has in the committed tree.
+    pub(super) committed_slot: Vec<u8>,
+}
+
+pub(super) fn committed_tree(
+    io: &dyn BlockIo,
+    len: u64,
+    superblock: Option<Superblock>,
+    tagger: &Tagger,
+    anchor: Anchor,
+    authority: &dyn Authority,
+) -> Result<Committed> {
+        let fail = |kind: ViolationKind, detail: String| {
+            authority.report(kind, None);
+            Error::Integrity { kind, sector: None, detail }
+        };
+        let Some(sb) = superblock else {
+            return Err(fail(
+                ViolationKind::Truncated,
+                format!(
+                    "the volume ({len} bytes) has no valid integrity superblock at its end, but the TTP anchors epoch {}: \
+                     it was cut, extended or replaced by a format-1 copy",
+                    anchor.epoch
+                ),
+            ));
+        };
+        let geometry = Geometry::checked_against_len(sb.data_sectors, len)
+            .map_err(|e| fail(ViolationKind::Truncated, e.to_string()))?;
+        let slot = (anchor.epoch % 2) as u8;
+        let (leaves, committed_slot) = read_leaf_slot(io, &geometry, slot)?;
+        let tree = MerkleTree::new(leaves);
+        let root = volume_root(tagger.domain_id(), geometry.data_sectors, anchor.epoch, &tree.root());
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&root[..], &anchor.root[..])) {
+            return Err(if sb.epoch < anchor.epoch {
+                fail(
+                    ViolationKind::Rollback,
+                    format!(
+                        "the volume holds epoch {} but the TTP committed epoch {}: an older copy was restored",
+                        sb.epoch, anchor.epoch
+                    ),
+                )
+            } else {
+                fail(
+                    ViolationKind::Tree,
+                    format!("the hash tree does not give the root the TTP committed for epoch {}", anchor.epoch),
+                )
+            });
+        }
+    Ok(Committed { geometry, tree, committed_slot })
+}
+
+/// Writes the leaves of `tree` and the tag slot of each block (`working`) to leaf slot
+/// `slot`, then syncs: the tree of the epoch about to be committed.
+pub(super) fn write_leaf_slot(
+    io: &dyn BlockIo,
+    geometry: &Geometry,
+    slot: u8,
+    tree: &MerkleTree,
+    working: &[u8],
+) -> Result<()> {
+    let mut leaves = Vec::with_capacity((geometry.leaf_hash_blocks * BLOCK) as usize);
+    for leaf in tree.leaves() {
+        leaves.extend_from_slice(leaf);
+    }
+    leaves.resize((geometry.leaf_hash_blocks * BLOCK) as usize, 0);
+    let mut selectors = vec![0u8; (geometry.selector_blocks * BLOCK) as usize];
+    for (b, s) in working.iter().enumerate() {
+        selectors[b / 8] |= s << (b % 8);
+    }
+    io.write_all_at(&leaves, geometry.leaf_slot_offset(slot)).map_err(io_err("writing leaves"))?;
+    io.write_all_at(&selectors, geometry.selector_offset(slot)).map_err(io_err("writing leaves"))?;
+    io.sync_data().map_err(io_err("syncing the hash tree"))
+}
+
 /// The newest superblock that verifies and whose geometry fits `len`.
-fn newest_superblock(io: &dyn BlockIo, len: u64, tagger: &Tagger) -> Result<Option<Superblock>> {
+pub(super) fn newest_superblock(io: &dyn BlockIo, len: u64, tagger: &Tagger) -> Result<Option<Superblock>> {
     let Some(offsets) = superblock_offsets_for_len(len) else {
         return Ok(None);
     };
@@ -648,7 +682,7 @@ fn newest_superblock(io: &dyn BlockIo, len: u64, tagger: &Tagger) -> Result<Opti
 }
 
 /// The leaves and tag-slot selectors stored in leaf slot `slot`.
-fn read_leaf_slot(io: &dyn BlockIo, geometry: &Geometry, slot: u8) -> Result<(Vec<Hash>, Vec<u8>)> {
+pub(super) fn read_leaf_slot(io: &dyn BlockIo, geometry: &Geometry, slot: u8) -> Result<(Vec<Hash>, Vec<u8>)> {
     let mut raw = vec![0u8; (geometry.leaf_hash_blocks * BLOCK) as usize];
     io.read_exact_at(&mut raw, geometry.leaf_slot_offset(slot)).map_err(io_err("reading leaves"))?;
     let leaves = raw

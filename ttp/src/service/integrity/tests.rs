@@ -18,7 +18,7 @@ fn sc(name: &str) -> Identity {
 }
 
 fn commit(epoch: u64, root: u8) -> IntegrityCommitRequest {
-    IntegrityCommitRequest { host_id: HOST.into(), epoch, root: [root; 32] }
+    IntegrityCommitRequest { host_id: HOST.into(), epoch, root: [root; 32], key_generation: 1 }
 }
 
 fn last_record(f: &Fixture) -> AuditRecord {
@@ -158,7 +158,7 @@ fn store_refuses_a_commit_for_a_superseded_release() {
     let domain = f.descriptor.domain_id.clone();
     let first = f.release_to(HOST, VM, AccessMode::Rw);
     f.release_to(HOST, VM, AccessMode::Rw);
-    let anchor = IntegrityAnchor { domain_id: domain, epoch: 1, root: [1; 32], host_id: HOST.into(), committed_at: 1 };
+    let anchor = IntegrityAnchor { domain_id: domain, epoch: 1, root: [1; 32], host_id: HOST.into(), committed_at: 1, key_generation: 1 };
     let envelope = f.key(Role::Ttp, "ttp-1").sign_envelope(SignatureContext::IntegrityAnchor, anchor.encode());
     let stored = crate::store::StoredAnchor { anchor, envelope };
     let error = f.ttp.store().commit_anchor(&stored, first.audit_seq, Default::default()).unwrap_err();
