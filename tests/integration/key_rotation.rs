@@ -114,7 +114,74 @@ async fn revoke_and_rotate_then_the_old_key_reads_nothing() {
     assert_eq!(store.previous_master_key_version, None, "the TTP saw the rotation finish");
 
     online_rotation_under_a_writing_vm(&alice, &id, &volume, &mount, &master, &new_key).await;
+    format_2_rotation_moves_tags_and_tree(&cloud, &alice, &master).await;
     cloud.stop().await;
+}
+
+/// Format 2 (docs/FORMAT.md "Key rotation of a format-2 volume"): the data area, its tags and
+/// its tree move to the new key at the next read-write attach, and the TTP's anchor to the
+/// new key generation. The data reads back read-write and read-only (every tag now under the
+/// new `K_mac`); the old key reads nothing; the copy from before the rotation is refused.
+async fn format_2_rotation_moves_tags_and_tree(cloud: &AllInOne, alice: &DomainManager, master: &[u8]) {
+    use protocol::domain::VolumeFormat;
+    let acl = vec![parse_acl_entry("vm-a:rw").unwrap(), parse_acl_entry("vm-b:ro").unwrap()];
+    let domain = alice.create_with_format(Default::default(), acl, vec![], 24 << 20, VolumeFormat::V2).await.unwrap();
+    let id = domain.id.clone();
+    let volume = cloud.dir.join("cloud-platform").join("volumes").join(format!("{id}.vol"));
+    let mount = cloud.vm_mount("vm-a", &id, &DEMO_LAYOUT).unwrap();
+    alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.unwrap();
+    std::fs::write(mount.join("before.txt"), BEFORE.repeat(50)).unwrap();
+    alice.detach(&id, "vm-a").await.unwrap();
+    let anchor = |id: &str| cloud.ttp.service.store().newest_anchor(id).unwrap().expect("an anchor").anchor;
+    let before = anchor(&id);
+    assert_eq!(before.key_generation, 1);
+    let copy_before = std::fs::read(&volume).unwrap();
+    let header = header_of(&copy_before);
+    let descriptor = Descriptor::decode(&header.descriptor.message).unwrap();
+    let old_key =
+        independent_key(master, &Registration::decode(&header.registration.message).unwrap(), &id, &descriptor.metadata_hash());
+
+    let rotated = alice.rotate(&id, true).await.unwrap();
+    let said = rotated.re_encryption.as_deref().unwrap_or_default();
+    assert!(said.contains("next read-write attach") && said.contains("format 2"), "{said}");
+    alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.unwrap();
+    assert_eq!(std::fs::read(mount.join("before.txt")).unwrap(), BEFORE.repeat(50));
+    std::fs::write(mount.join("after.txt"), AFTER.repeat(50)).unwrap();
+    alice.detach(&id, "vm-a").await.unwrap();
+
+    let after = anchor(&id);
+    assert_eq!(after.key_generation, 2, "the TTP anchors a root tagged under generation 2");
+    assert!(after.epoch > before.epoch, "epochs go on across the rotation: {} then {}", before.epoch, after.epoch);
+    let raw = std::fs::read(&volume).unwrap();
+    let header = header_of(&raw);
+    assert!(header.rotation.is_none());
+    let registration = Registration::decode(&header.registration.message).unwrap();
+    assert_eq!(registration.key_generation, 2);
+    let new_key = independent_key(master, &registration, &id, &descriptor.metadata_hash());
+    let with_new = independent_decrypt(&new_key, &raw);
+    assert!(contains(&with_new, BEFORE) && contains(&with_new, AFTER), "the new key reads old and new data");
+    let with_old = independent_decrypt(&old_key, &raw);
+    assert!(!contains(&with_old, BEFORE) && !contains(&with_old, AFTER), "the old key reads nothing");
+    let history = alice.history(&id).await.unwrap().records;
+    assert!(
+        history.iter().any(|r| r.event == "integrity_commit" && r.message.contains("under key generation 2")),
+        "{history:?}"
+    );
+
+    // vm-b reads through the tree rebuilt under the new key.
+    alice.attach(&id, "vm-b", AccessMode::Ro, 300).await.unwrap();
+    let vm_b = cloud.vm_mount("vm-b", &id, &DEMO_LAYOUT).unwrap();
+    assert_eq!(std::fs::read(vm_b.join("after.txt")).unwrap(), AFTER.repeat(50));
+    alice.detach(&id, "vm-b").await.unwrap();
+
+    // The provider puts back the copy from before the rotation: refused.
+    std::fs::write(&volume, &copy_before).unwrap();
+    let refused = alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.unwrap_err();
+    assert!(
+        matches!(refused.code(), Some("version_rollback") | Some("bad_request")),
+        "the old copy's header is of generation 1: {refused}"
+    );
+    std::fs::write(&volume, &raw).unwrap();
 }
 
 /// Online (docs/PROTOCOL.md "Online re-encryption"): vm-a holds the domain read-write and

@@ -8,7 +8,7 @@ use protocol::cloud::{
     AgentRotateRequest, AgentRotation, Attachment, AttachmentStatus, CreateDomainRequest, DeleteDomainBody, DomainList,
     DomainView, RotateDomainRequest, UpdateDomainRequest,
 };
-use protocol::domain::{AccessMode, Descriptor};
+use protocol::domain::{AccessMode, Descriptor, VolumeFormat};
 use protocol::messages::{
     grant_digest, DeleteDomainRequest, Deletion, HeaderRecord, KeyRotation, MountGrant, Placement,
     RegisterDomainRequest, RegisterDomainResponse, RotateKeyRequest, RotationState,
@@ -405,6 +405,12 @@ impl CloudPlatform {
         grant: Option<SignedEnvelope>,
     ) -> String {
         let later = |why: String| format!("at the next read-write attach: {why}");
+        if Descriptor::decode(&header.descriptor.message).is_ok_and(|d| d.volume_format == VolumeFormat::V2) {
+            return later(
+                "the domain is format 2, whose tags and tree move to the new key offline (detach it and attach it read-write again)"
+                    .into(),
+            );
+        }
         let id = record.id.clone();
         let open = match self.store(move |s| s.open_attachments_of_domain(&id)).await {
             Ok(open) => open,

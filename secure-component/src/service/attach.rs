@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::hypervisor::Placement;
 use crate::key_release::KeyRequest;
 use crate::volume::{IntegrityOpen, OpenMode};
+use skydd_volume::reencrypt::format2::GenerationAnchor;
 
 /// Where the time of one attach went (request received until the file system is usable).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -104,6 +105,70 @@ fn finish_rotation(path: &Path, domain_id: &str, previous: &SecretBytes, key: &S
     tracing::info!(domain = %domain_id, rewritten = report.rewritten, settled = report.settled,
         seconds = started.elapsed().as_secs_f64(), "key rotation finished; the previous key reads nothing on this volume any more");
     Ok(())
+}
+
+/// The previous key generation's keys, released to the read-write host during a rotation.
+struct PreviousKeys {
+    xts: SecretBytes,
+    /// `K_mac` of the previous generation (every release carries it).
+    mac: Option<SecretBytes>,
+    generation: u64,
+}
+
+/// A format-2 open, with what a rotation of it needs: the anchor's key generation and the
+/// TTP as the previous generation's roots are committed.
+struct RotatingIntegrity {
+    open: IntegrityOpen,
+    anchor: Option<GenerationAnchor>,
+    previous_authority: Option<Arc<dyn skydd_volume::integrity::Authority>>,
+}
+
+/// Finishes the rotation recorded in the header of the format-2 volume at `path`: data area,
+/// then tags and tree under the new `K_mac` (generation `generation`), committed to the TTP
+/// (`skydd_volume::reencrypt::format2`). Returns the open of the rotated volume, against
+/// the anchor it now has.
+fn finish_rotation_v2(
+    path: &Path,
+    previous: &PreviousKeys,
+    key: &SecretBytes,
+    generation: u64,
+    integrity: RotatingIntegrity,
+) -> Result<IntegrityOpen> {
+    use skydd_volume::reencrypt::format2::{self, Generation};
+    let RotatingIntegrity { mut open, anchor, previous_authority } = integrity;
+    let domain_id = open.domain_id.clone();
+    let (Some(previous_mac), Some(previous_authority)) = (&previous.mac, previous_authority) else {
+        return Err(Error::Volume(format!(
+            "domain {domain_id} is format 2, but the TTP released no sector-tag key of key generation {}",
+            previous.generation
+        )));
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::Volume(format!("opening {} to re-encrypt it: {e}", path.display())))?;
+    let started = Instant::now();
+    let mut progress = super::rotate::progress_every_tenth(&domain_id, "re-encrypting after a key rotation, tags included");
+    let old = Generation {
+        number: previous.generation,
+        xts_key: &previous.xts,
+        mac_key: previous_mac,
+        authority: previous_authority,
+    };
+    let new = Generation { number: generation, xts_key: key, mac_key: &open.mac_key, authority: open.authority.clone() };
+    let options = skydd_volume::reencrypt::RotationOptions::default();
+    let (report, rotated) =
+        format2::finish_rotation(Arc::new(file), &domain_id, &old, &new, anchor, options, &mut progress)
+            .map_err(|e| match e {
+                e @ skydd_volume::Error::Integrity { .. } => Error::from(e),
+                e => Error::Volume(format!("re-encrypting format-2 domain {domain_id} after its key rotation: {e}")),
+            })?;
+    tracing::info!(domain = %domain_id, rewritten = report.rewritten, settled = report.settled, generation,
+        seconds = started.elapsed().as_secs_f64(),
+        "key rotation finished, tags and tree included; the previous key reads nothing on this volume any more");
+    open.anchor = rotated;
+    Ok(open)
 }
 
 impl AttachmentService {
@@ -235,16 +300,30 @@ impl AttachmentService {
 
         let (xts_key, mac_key) = integrity::split_released_keys(&key)?;
         drop(key);
+        let generation = integrity::generation_of(&request.header.registration)?;
         // A header with a rotation in progress: the volume is re-encrypted from the previous
         // key to this one before anyone sees it (docs/FORMAT.md "Key rotation").
-        let previous_xts_key = match (&request.header.rotation, previous_key) {
+        let previous = match (&request.header.rotation, previous_key) {
             (None, _) => None,
-            (Some(_), Some(previous)) => Some(integrity::split_released_keys(&previous)?.0),
+            (Some(rotation), Some(previous)) => {
+                let (xts, mac) = integrity::split_released_keys(&previous)?;
+                Some(PreviousKeys { xts, mac, generation: integrity::generation_of(&rotation.previous_registration)? })
+            }
             (Some(_), None) => {
                 return Err(Error::Volume(format!(
                     "the header of domain {domain_id} records a key rotation, but the TTP released no previous key to re-encrypt with"
                 )))
             }
+        };
+        let authority = |key_generation: u64| -> Arc<dyn skydd_volume::integrity::Authority> {
+            Arc::new(integrity::TtpAuthority {
+                ttp: host.ttp.clone(),
+                runtime: tokio::runtime::Handle::current(),
+                domain_id: domain_id.clone(),
+                host_id: host.host_id.clone(),
+                vm_id: request.vm_id.clone(),
+                key_generation,
+            })
         };
         let integrity = match (volume_format, mac_key) {
             (VolumeFormat::V1, _) => None,
@@ -256,18 +335,30 @@ impl AttachmentService {
                 ),
                 })
             }
-            (VolumeFormat::V2, Some(mac_key)) => Some(IntegrityOpen {
-                mac_key,
-                domain_id: domain_id.clone(),
-                anchor: integrity::anchor_of(&release)?,
-                authority: Arc::new(integrity::TtpAuthority {
-                    ttp: host.ttp.clone(),
-                    runtime: tokio::runtime::Handle::current(),
-                    domain_id: domain_id.clone(),
-                    host_id: host.host_id.clone(),
-                    vm_id: request.vm_id.clone(),
-                }),
-            }),
+            (VolumeFormat::V2, Some(mac_key)) => {
+                let anchor = integrity::anchor_of(&release)?;
+                // Outside a rotation the tree must be tagged under this very key generation;
+                // during one, the re-encryption below moves it (or finds it moved).
+                if let Some(at) = anchor.filter(|a| previous.is_none() && a.generation != generation) {
+                    return Err(Error::Integrity {
+                        refusal: protocol::refusal::Refusal::IntegrityViolation,
+                        message: format!(
+                            "the TTP anchors domain {domain_id}'s root under key generation {}, but the header is of generation {generation}",
+                            at.generation
+                        ),
+                    });
+                }
+                Some(RotatingIntegrity {
+                    open: IntegrityOpen {
+                        mac_key,
+                        domain_id: domain_id.clone(),
+                        anchor: anchor.map(|a| a.anchor),
+                        authority: authority(generation),
+                    },
+                    anchor,
+                    previous_authority: previous.as_ref().map(|p| authority(p.generation)),
+                })
+            }
         };
 
         let this = self.clone();
@@ -290,10 +381,14 @@ impl AttachmentService {
             partner: cloud.partner_name().map(str::to_string),
         };
         let (record, timings) = tokio::task::spawn_blocking(move || {
-            let opened = match previous_xts_key {
-                Some(previous) => finish_rotation(&record.volume_path, &record.domain_id, &previous, &xts_key)
-                    .and_then(|()| this.open_and_attach(record, xts_key, integrity, timings)),
-                None => this.open_and_attach(record, xts_key, integrity, timings),
+            let opened = match (previous, integrity) {
+                (None, integrity) => this.open_and_attach(record, xts_key, integrity.map(|i| i.open), timings),
+                (Some(previous), None) => finish_rotation(&record.volume_path, &record.domain_id, &previous.xts, &xts_key)
+                    .and_then(|()| this.open_and_attach(record, xts_key, None, timings)),
+                (Some(previous), Some(integrity)) => {
+                    finish_rotation_v2(&record.volume_path, &previous, &xts_key, generation, integrity)
+                        .and_then(|open| this.open_and_attach(record, xts_key, Some(open), timings))
+                }
             };
             // This pool thread copied the key into the backend (crate::scrub).
             skydd_volume::scrub::scrub_this_thread();

@@ -9,6 +9,7 @@ use protocol::messages::KeyReleaseResponse;
 use protocol::refusal::Refusal;
 use protocol::secret::SecretBytes;
 use skydd_volume::integrity::{Anchor, Authority};
+use skydd_volume::reencrypt::format2::GenerationAnchor;
 
 use crate::error::{Error, Result};
 use crate::integrity_client;
@@ -20,13 +21,23 @@ pub(super) struct TtpAuthority {
     pub(super) domain_id: String,
     pub(super) host_id: String,
     pub(super) vm_id: String,
+    /// The key generation whose `K_mac` tags the roots this authority commits.
+    pub(super) key_generation: u64,
 }
 
 impl Authority for TtpAuthority {
     fn commit(&self, epoch: u64, root: &[u8; 32]) -> std::result::Result<(), String> {
         let committed = self
             .runtime
-            .block_on(integrity_client::commit_root(&self.ttp, &self.domain_id, &self.host_id, epoch, root, None))
+            .block_on(integrity_client::commit_root(
+                &self.ttp,
+                &self.domain_id,
+                &self.host_id,
+                epoch,
+                self.key_generation,
+                root,
+                None,
+            ))
             .map_err(|e| format!("epoch {epoch}: {e}"))?;
         tracing::debug!(domain = %self.domain_id, epoch, audit_seq = committed.audit_seq, "integrity root committed");
         Ok(())
@@ -64,9 +75,9 @@ pub(super) fn split_released_keys(released: &SecretBytes) -> Result<(SecretBytes
     }
 }
 
-/// The newest anchor the TTP returned with the release: its signature checked, and it must
-/// be this domain's.
-pub(super) fn anchor_of(release: &KeyReleaseResponse) -> Result<Option<Anchor>> {
+/// The newest anchor the TTP returned with the release, and the key generation its tags are
+/// under: its signature checked, and it must be this domain's.
+pub(super) fn anchor_of(release: &KeyReleaseResponse) -> Result<Option<GenerationAnchor>> {
     let Some(envelope) = &release.integrity_anchor else {
         return Ok(None);
     };
@@ -77,5 +88,13 @@ pub(super) fn anchor_of(release: &KeyReleaseResponse) -> Result<Option<Anchor>> 
             message: format!("the TTP returned an anchor of epoch 0 for domain {}", release.domain_id),
         });
     }
-    Ok(Some(Anchor { epoch: anchor.epoch, root: anchor.root }))
+    Ok(Some(GenerationAnchor {
+        anchor: Anchor { epoch: anchor.epoch, root: anchor.root },
+        generation: anchor.key_generation,
+    }))
+}
+
+/// The key generation a registration (a header's, or its rotation's previous one) names.
+pub(super) fn generation_of(registration: &protocol::signing::SignedEnvelope) -> Result<u64> {
+    Ok(protocol::messages::Registration::decode(&registration.message)?.key_generation)
 }
