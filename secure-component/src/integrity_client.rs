@@ -46,7 +46,10 @@ pub async fn commit_root(
     let response: IntegrityCommitResponse =
         ttp.post_json(&path, &body).await.map_err(|e| ttp_error("integrity commit", e))?;
     let anchor = verified_anchor(&response.anchor, domain_id, trusted_cas)?;
-    if anchor.epoch != epoch || anchor.root != *root || anchor.host_id != host_id || anchor.key_generation != key_generation
+    if anchor.epoch != epoch
+        || anchor.root != *root
+        || anchor.host_id != host_id
+        || anchor.key_generation != key_generation
     {
         return Err(Error::Protocol(protocol::Error::malformed(
             "integrity anchor",

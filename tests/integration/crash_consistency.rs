@@ -200,8 +200,9 @@ async fn driver_step(dm: &DomainManager, ledger: &Mutex<Ledger>, domains: &[Stri
     let domain = domains[rng.random_range(0..domains.len())].clone();
     let choice = rng.random_range(0..11);
     if choice == 10 {
-        // A key rotation (online when vm-a holds the domain read-write; format-2 domains are
-        // refused). Killed between the TTP and the header, the CP finishes it by itself.
+        // A key rotation (online when vm-a holds a format-1 domain read-write; a format-2 one
+        // moves its tags and tree at the next read-write attach). Killed between the TTP and
+        // the header, the CP finishes it by itself.
         let result = dm.rotate(&domain, true).await;
         let mut l = ledger.lock().unwrap();
         match result {

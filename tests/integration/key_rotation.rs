@@ -138,8 +138,12 @@ async fn format_2_rotation_moves_tags_and_tree(cloud: &AllInOne, alice: &DomainM
     let copy_before = std::fs::read(&volume).unwrap();
     let header = header_of(&copy_before);
     let descriptor = Descriptor::decode(&header.descriptor.message).unwrap();
-    let old_key =
-        independent_key(master, &Registration::decode(&header.registration.message).unwrap(), &id, &descriptor.metadata_hash());
+    let old_key = independent_key(
+        master,
+        &Registration::decode(&header.registration.message).unwrap(),
+        &id,
+        &descriptor.metadata_hash(),
+    );
 
     let rotated = alice.rotate(&id, true).await.unwrap();
     let said = rotated.re_encryption.as_deref().unwrap_or_default();

@@ -149,21 +149,24 @@ fn finish_rotation_v2(
         .open(path)
         .map_err(|e| Error::Volume(format!("opening {} to re-encrypt it: {e}", path.display())))?;
     let started = Instant::now();
-    let mut progress = super::rotate::progress_every_tenth(&domain_id, "re-encrypting after a key rotation, tags included");
+    let mut progress =
+        super::rotate::progress_every_tenth(&domain_id, "re-encrypting after a key rotation, tags included");
     let old = Generation {
         number: previous.generation,
         xts_key: &previous.xts,
         mac_key: previous_mac,
         authority: previous_authority,
     };
-    let new = Generation { number: generation, xts_key: key, mac_key: &open.mac_key, authority: open.authority.clone() };
+    let new =
+        Generation { number: generation, xts_key: key, mac_key: &open.mac_key, authority: open.authority.clone() };
     let options = skydd_volume::reencrypt::RotationOptions::default();
     let (report, rotated) =
-        format2::finish_rotation(Arc::new(file), &domain_id, &old, &new, anchor, options, &mut progress)
-            .map_err(|e| match e {
+        format2::finish_rotation(Arc::new(file), &domain_id, &old, &new, anchor, options, &mut progress).map_err(
+            |e| match e {
                 e @ skydd_volume::Error::Integrity { .. } => Error::from(e),
                 e => Error::Volume(format!("re-encrypting format-2 domain {domain_id} after its key rotation: {e}")),
-            })?;
+            },
+        )?;
     tracing::info!(domain = %domain_id, rewritten = report.rewritten, settled = report.settled, generation,
         seconds = started.elapsed().as_secs_f64(),
         "key rotation finished, tags and tree included; the previous key reads nothing on this volume any more");
@@ -383,8 +386,10 @@ impl AttachmentService {
         let (record, timings) = tokio::task::spawn_blocking(move || {
             let opened = match (previous, integrity) {
                 (None, integrity) => this.open_and_attach(record, xts_key, integrity.map(|i| i.open), timings),
-                (Some(previous), None) => finish_rotation(&record.volume_path, &record.domain_id, &previous.xts, &xts_key)
-                    .and_then(|()| this.open_and_attach(record, xts_key, None, timings)),
+                (Some(previous), None) => {
+                    finish_rotation(&record.volume_path, &record.domain_id, &previous.xts, &xts_key)
+                        .and_then(|()| this.open_and_attach(record, xts_key, None, timings))
+                }
                 (Some(previous), Some(integrity)) => {
                     finish_rotation_v2(&record.volume_path, &previous, &xts_key, generation, integrity)
                         .and_then(|open| this.open_and_attach(record, xts_key, Some(open), timings))

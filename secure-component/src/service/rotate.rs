@@ -98,7 +98,7 @@ impl AttachmentService {
         let live = self.backend.get().live_device(&record.mapping)?;
         if live.as_plain().is_none() {
             return Err(Error::BadRequest(format!(
-                "domain {} is format 2: re-encrypting its sector tags and tree is not built",
+                "domain {} is format 2: its tags and tree move to the new key offline, at its next read-write attach (detach it and attach it again)",
                 record.domain_id
             )));
         }

@@ -176,12 +176,7 @@ impl Ttp {
     /// `K_mac` cannot take the anchor back), never a newer one than the domain's. During a
     /// rotation both the previous generation (settling a crash before the re-encryption) and
     /// the new one (the tree rebuilt under the new key) are accepted, in that order.
-    fn check_commit_generation(
-        &self,
-        domain_id: &str,
-        newest: Option<&StoredAnchor>,
-        generation: u64,
-    ) -> Result<()> {
+    fn check_commit_generation(&self, domain_id: &str, newest: Option<&StoredAnchor>, generation: u64) -> Result<()> {
         let domain = self.store.domain(domain_id)?.ok_or_else(|| Error::DomainUnknown(domain_id.to_string()))?;
         let anchored = newest.map_or(1, |stored| stored.anchor.key_generation);
         if generation < anchored || generation > domain.key_generation {

@@ -600,42 +600,42 @@ pub(super) fn committed_tree(
     anchor: Anchor,
     authority: &dyn Authority,
 ) -> Result<Committed> {
-        let fail = |kind: ViolationKind, detail: String| {
-            authority.report(kind, None);
-            Error::Integrity { kind, sector: None, detail }
-        };
-        let Some(sb) = superblock else {
-            return Err(fail(
-                ViolationKind::Truncated,
-                format!(
-                    "the volume ({len} bytes) has no valid integrity superblock at its end, but the TTP anchors epoch {}: \
+    let fail = |kind: ViolationKind, detail: String| {
+        authority.report(kind, None);
+        Error::Integrity { kind, sector: None, detail }
+    };
+    let Some(sb) = superblock else {
+        return Err(fail(
+            ViolationKind::Truncated,
+            format!(
+                "the volume ({len} bytes) has no valid integrity superblock at its end, but the TTP anchors epoch {}: \
                      it was cut, extended or replaced by a format-1 copy",
-                    anchor.epoch
+                anchor.epoch
+            ),
+        ));
+    };
+    let geometry = Geometry::checked_against_len(sb.data_sectors, len)
+        .map_err(|e| fail(ViolationKind::Truncated, e.to_string()))?;
+    let slot = (anchor.epoch % 2) as u8;
+    let (leaves, committed_slot) = read_leaf_slot(io, &geometry, slot)?;
+    let tree = MerkleTree::new(leaves);
+    let root = volume_root(tagger.domain_id(), geometry.data_sectors, anchor.epoch, &tree.root());
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(&root[..], &anchor.root[..])) {
+        return Err(if sb.epoch < anchor.epoch {
+            fail(
+                ViolationKind::Rollback,
+                format!(
+                    "the volume holds epoch {} but the TTP committed epoch {}: an older copy was restored",
+                    sb.epoch, anchor.epoch
                 ),
-            ));
-        };
-        let geometry = Geometry::checked_against_len(sb.data_sectors, len)
-            .map_err(|e| fail(ViolationKind::Truncated, e.to_string()))?;
-        let slot = (anchor.epoch % 2) as u8;
-        let (leaves, committed_slot) = read_leaf_slot(io, &geometry, slot)?;
-        let tree = MerkleTree::new(leaves);
-        let root = volume_root(tagger.domain_id(), geometry.data_sectors, anchor.epoch, &tree.root());
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(&root[..], &anchor.root[..])) {
-            return Err(if sb.epoch < anchor.epoch {
-                fail(
-                    ViolationKind::Rollback,
-                    format!(
-                        "the volume holds epoch {} but the TTP committed epoch {}: an older copy was restored",
-                        sb.epoch, anchor.epoch
-                    ),
-                )
-            } else {
-                fail(
-                    ViolationKind::Tree,
-                    format!("the hash tree does not give the root the TTP committed for epoch {}", anchor.epoch),
-                )
-            });
-        }
+            )
+        } else {
+            fail(
+                ViolationKind::Tree,
+                format!("the hash tree does not give the root the TTP committed for epoch {}", anchor.epoch),
+            )
+        });
+    }
     Ok(Committed { geometry, tree, committed_slot })
 }
 

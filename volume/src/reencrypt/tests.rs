@@ -241,11 +241,14 @@ mod format_2 {
         fn commit(&self, epoch: u64, root: &[u8; 32]) -> std::result::Result<(), String> {
             let Under(ttp, generation) = self;
             let mut newest = ttp.anchor.lock().unwrap();
-            let retry = newest.is_some_and(|n| n.anchor == Anchor { epoch, root: *root } && n.generation == *generation);
+            let retry =
+                newest.is_some_and(|n| n.anchor == Anchor { epoch, root: *root } && n.generation == *generation);
             if !retry {
                 let (at, anchored) = newest.map_or((0, 1), |n| (n.anchor.epoch, n.generation));
                 if *generation < anchored || *generation > 2 || epoch != at + 1 {
-                    return Err(format!("integrity_epoch_stale: epoch {epoch} gen {generation} after {at} gen {anchored}"));
+                    return Err(format!(
+                        "integrity_epoch_stale: epoch {epoch} gen {generation} after {at} gen {anchored}"
+                    ));
                 }
                 *newest = Some(GenerationAnchor { anchor: Anchor { epoch, root: *root }, generation: *generation });
             }
@@ -311,12 +314,8 @@ mod format_2 {
 
     fn rotate(io: Arc<dyn BlockIo>, ttp: &Arc<Ttp>, hotzone: usize) -> crate::Result<Option<Anchor>> {
         let (old_xts, old_mac, new_xts, new_mac) = (key(3), mac_key(7), key(5), mac_key(8));
-        let previous = Generation {
-            number: 1,
-            xts_key: &old_xts,
-            mac_key: &old_mac,
-            authority: Arc::new(Under(ttp.clone(), 1)),
-        };
+        let previous =
+            Generation { number: 1, xts_key: &old_xts, mac_key: &old_mac, authority: Arc::new(Under(ttp.clone(), 1)) };
         let new =
             Generation { number: 2, xts_key: &new_xts, mac_key: &new_mac, authority: Arc::new(Under(ttp.clone(), 2)) };
         let anchor = *ttp.anchor.lock().unwrap();
@@ -343,7 +342,10 @@ mod format_2 {
         let err = stale.read_sectors(0, &mut buf).unwrap_err();
         assert!(matches!(err, Error::Integrity { kind: ViolationKind::SectorTag, .. }), "{err}");
         let stale_commit = stale.write_sectors(1, &mut pattern(1, 9)).and_then(|()| stale.flush());
-        assert!(stale_commit.unwrap_err().to_string().contains("integrity_epoch_stale"), "a generation-1 root is refused");
+        assert!(
+            stale_commit.unwrap_err().to_string().contains("integrity_epoch_stale"),
+            "a generation-1 root is refused"
+        );
     }
 
     #[test]
@@ -358,7 +360,10 @@ mod format_2 {
         // rebuilt tree is the next epoch: epochs never go back.
         assert_eq!(after.anchor.epoch, before.anchor.epoch + 2);
         check_rotated(&io, &ttp, &expected);
-        assert!(ttp.reports.lock().unwrap().iter().all(|(k, _)| *k == ViolationKind::SectorTag), "only the stale reads");
+        assert!(
+            ttp.reports.lock().unwrap().iter().all(|(k, _)| *k == ViolationKind::SectorTag),
+            "only the stale reads"
+        );
     }
 
     /// `kill -9` at random points (inside hotzones, header slots, tag and leaf writes,
@@ -374,7 +379,8 @@ mod format_2 {
             let mut crashes = 0;
             while rotation_pending(io.as_ref()).unwrap() {
                 ttp.lose_next_answer.store(rng.random_bool(0.3), Ordering::SeqCst);
-                let crashing = Arc::new(CrashIo { inner: io.clone(), budget: AtomicU64::new(rng.random_range(0..400)) });
+                let crashing =
+                    Arc::new(CrashIo { inner: io.clone(), budget: AtomicU64::new(rng.random_range(0..400)) });
                 if let Err(e) = rotate(crashing, &ttp, hotzone) {
                     let e = e.to_string();
                     assert!(e.contains("crashed") || e.contains("the answer was lost"), "round {round}: {e}");

@@ -48,6 +48,34 @@ fn violation(host_id: &str, kind: ViolationKind, sector: Option<u64>) -> Integri
 
 // ---- commits -------------------------------------------------------------------------------
 
+/// Key generations (docs/PROTOCOL.md "Integrity anchor"): a root is tagged under a generation
+/// no older than the newest anchor's and no newer than the domain's. During a rotation the
+/// previous generation still commits (a crash settled before the re-encryption), then the new
+/// one; after that the previous generation's `K_mac` commits nothing.
+#[test]
+fn commits_follow_the_key_generation_forward_only() {
+    let f = Fixture::new();
+    let domain = f.descriptor.domain_id.clone();
+    f.release_to(HOST, VM, AccessMode::Rw);
+    let under =
+        |epoch: u64, root: u8, key_generation: u64| IntegrityCommitRequest { key_generation, ..commit(epoch, root) };
+    f.ttp.commit_integrity_root(&f.host(), &domain, &under(1, 1, 1)).expect("generation 1");
+    let ahead = commit_refused(&f, &f.host(), &domain, &under(2, 2, 2), "integrity_epoch_stale");
+    assert_mentions(&ahead, "a root tagged under generation 2 cannot be committed");
+
+    f.ttp.store().rotate_domain_key(&domain, 1, 1).unwrap();
+    f.ttp.commit_integrity_root(&f.host(), &domain, &under(2, 2, 1)).expect("the previous generation, mid-rotation");
+    let moved = f.ttp.commit_integrity_root(&f.host(), &domain, &under(3, 3, 2)).expect("the new generation");
+    let anchor = IntegrityAnchor::decode(&moved.anchor.message).unwrap();
+    assert_eq!((anchor.epoch, anchor.key_generation), (3, 2), "epochs go on across the rotation");
+    assert!(last_record(&f).message.contains("under key generation 2"));
+    let again = f.ttp.commit_integrity_root(&f.host(), &domain, &under(3, 3, 2)).expect("a retry");
+    assert_eq!(again.anchor, moved.anchor);
+
+    let stale = commit_refused(&f, &f.host(), &domain, &under(4, 4, 1), "integrity_epoch_stale");
+    assert_mentions(&stale, "its newest root is tagged under generation 2; a root tagged under generation 1");
+}
+
 /// The read-write holder's first commit is epoch 1: the TTP signs the anchor with its own key
 /// (context `integrity-anchor`), stores it and audits `integrity_commit` ok naming the epoch
 /// and a root prefix.
@@ -158,7 +186,14 @@ fn store_refuses_a_commit_for_a_superseded_release() {
     let domain = f.descriptor.domain_id.clone();
     let first = f.release_to(HOST, VM, AccessMode::Rw);
     f.release_to(HOST, VM, AccessMode::Rw);
-    let anchor = IntegrityAnchor { domain_id: domain, epoch: 1, root: [1; 32], host_id: HOST.into(), committed_at: 1, key_generation: 1 };
+    let anchor = IntegrityAnchor {
+        domain_id: domain,
+        epoch: 1,
+        root: [1; 32],
+        host_id: HOST.into(),
+        committed_at: 1,
+        key_generation: 1,
+    };
     let envelope = f.key(Role::Ttp, "ttp-1").sign_envelope(SignatureContext::IntegrityAnchor, anchor.encode());
     let stored = crate::store::StoredAnchor { anchor, envelope };
     let error = f.ttp.store().commit_anchor(&stored, first.audit_seq, Default::default()).unwrap_err();

@@ -454,7 +454,7 @@ fn during_a_rotation_only_read_write_gets_both_keys() {
     use protocol::messages::{KeyRotation, RotateKeyRequest, RotationState};
     let f = Fixture::new();
     let binding_key = f.software_binding_key();
-    // The fixture's domain is format 2, which cannot be rotated: a format-1 one beside it.
+    // A format-1 domain beside the fixture's (format-2) one.
     let descriptor =
         Descriptor::new(OWNER, Default::default(), vec![AclEntry { vm_id: VM.into(), mode: AccessMode::Rw }]).unwrap();
     let header = register(&f.ttp, &f.owner, &descriptor, None);
