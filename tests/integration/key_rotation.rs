@@ -10,7 +10,7 @@
 use aes::cipher::KeyInit;
 use domain_manager::config::DmConfig;
 use domain_manager::ops::{parse_acl_entry, DomainManager};
-use protocol::domain::{AccessMode, Descriptor};
+use protocol::domain::{AccessMode, Descriptor, VolumeFormat};
 use protocol::format::{self, DATA_OFFSET, SECTOR_SIZE};
 use protocol::messages::{HeaderRecord, Registration};
 use skydd::cloud::{AllInOne, DEMO_LAYOUT};
@@ -41,20 +41,30 @@ fn header_of(raw: &[u8]) -> HeaderRecord {
     HeaderRecord::decode(&active.payload).unwrap()
 }
 
+/// A new domain of `format` (vm-a rw, vm-b ro) in which vm-a wrote `before.txt`, detached:
+/// its id, its volume file and vm-a's mount point.
+async fn domain_with_a_record(
+    cloud: &AllInOne,
+    alice: &DomainManager,
+    format: VolumeFormat,
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let acl = vec![parse_acl_entry("vm-a:rw").unwrap(), parse_acl_entry("vm-b:ro").unwrap()];
+    let domain = alice.create_with_format(Default::default(), acl, vec![], 24 << 20, format).await.unwrap();
+    let id = domain.id.clone();
+    let volume = cloud.dir.join("cloud-platform").join("volumes").join(format!("{id}.vol"));
+    let mount = cloud.vm_mount("vm-a", &id, &DEMO_LAYOUT).unwrap();
+    alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.unwrap();
+    std::fs::write(mount.join("before.txt"), BEFORE.repeat(50)).unwrap();
+    alice.detach(&id, "vm-a").await.unwrap();
+    (id, volume, mount)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_and_rotate_then_the_old_key_reads_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = AllInOne::start(dir.path(), &DEMO_LAYOUT, &mut |line| println!(".. {line}")).await.unwrap();
     let alice = DomainManager::connect(&DmConfig::load(&cloud.manager_config("dm-alice").unwrap()).unwrap()).unwrap();
-    let acl = vec![parse_acl_entry("vm-a:rw").unwrap(), parse_acl_entry("vm-b:ro").unwrap()];
-    let domain = alice.create(Default::default(), acl, vec![], 24 << 20).await.unwrap();
-    let id = domain.id.clone();
-    let volume = cloud.dir.join("cloud-platform").join("volumes").join(format!("{id}.vol"));
-    let mount = cloud.vm_mount("vm-a", &id, &DEMO_LAYOUT).unwrap();
-
-    alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.unwrap();
-    std::fs::write(mount.join("before.txt"), BEFORE.repeat(50)).unwrap();
-    alice.detach(&id, "vm-a").await.unwrap();
+    let (id, volume, mount) = domain_with_a_record(&cloud, &alice, VolumeFormat::V1).await;
 
     // The key a party holding vm-b's release would keep: K of generation 1.
     let master = cloud.ttp.master_key_from_custodians(1).unwrap().expose().to_vec();
@@ -123,15 +133,7 @@ async fn revoke_and_rotate_then_the_old_key_reads_nothing() {
 /// new key generation. The data reads back read-write and read-only (every tag now under the
 /// new `K_mac`); the old key reads nothing; the copy from before the rotation is refused.
 async fn format_2_rotation_moves_tags_and_tree(cloud: &AllInOne, alice: &DomainManager, master: &[u8]) {
-    use protocol::domain::VolumeFormat;
-    let acl = vec![parse_acl_entry("vm-a:rw").unwrap(), parse_acl_entry("vm-b:ro").unwrap()];
-    let domain = alice.create_with_format(Default::default(), acl, vec![], 24 << 20, VolumeFormat::V2).await.unwrap();
-    let id = domain.id.clone();
-    let volume = cloud.dir.join("cloud-platform").join("volumes").join(format!("{id}.vol"));
-    let mount = cloud.vm_mount("vm-a", &id, &DEMO_LAYOUT).unwrap();
-    alice.attach(&id, "vm-a", AccessMode::Rw, 300).await.unwrap();
-    std::fs::write(mount.join("before.txt"), BEFORE.repeat(50)).unwrap();
-    alice.detach(&id, "vm-a").await.unwrap();
+    let (id, volume, mount) = domain_with_a_record(cloud, alice, VolumeFormat::V2).await;
     let anchor = |id: &str| cloud.ttp.service.store().newest_anchor(id).unwrap().expect("an anchor").anchor;
     let before = anchor(&id);
     assert_eq!(before.key_generation, 1);

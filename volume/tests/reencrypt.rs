@@ -384,6 +384,42 @@ fn header_rewrites_by_the_cloud_platform_and_the_reencryption_lose_nothing() {
     assert!(host.len().unwrap() > 0);
 }
 
+/// Writes, durably, a header that starts a rotation of a volume of `format`.
+fn start_rotation(file: &dyn skydd_volume::io::BlockIo, volume_format: protocol::domain::VolumeFormat) {
+    let rotation = RotationState { previous_registration: envelope(b"old".to_vec()), boundary: 0, hotzone: None };
+    let mut descriptor = Descriptor::new("dm-alice", Default::default(), vec![]).unwrap();
+    if volume_format != descriptor.volume_format {
+        descriptor = descriptor.next_version(|d| d.volume_format = volume_format).unwrap();
+    }
+    let header = HeaderRecord {
+        descriptor: envelope(descriptor.encode().unwrap()),
+        registration: envelope(b"new".to_vec()),
+        rotation: Some(rotation),
+    };
+    file.write_all_at(&format::new_header_area(&header.encode()).unwrap(), 0).unwrap();
+    file.sync_data().unwrap();
+}
+
+/// Writes every sector of `device` (random data, flushed), then reads and writes every sector
+/// again through it, 8 MiB at a time as a hotzone, and flushes: that pass's MB/s, the peer
+/// of a re-encryption.
+fn fill_then_read_write(device: &dyn SectorDevice, sectors: u64) -> f64 {
+    let chunk = 2048usize;
+    let mut buf = vec![0u8; chunk * SECTOR_SIZE];
+    rand::rng().fill_bytes(&mut buf);
+    for first in (0..sectors).step_by(chunk) {
+        device.write_sectors(first, &mut buf.clone()).unwrap();
+    }
+    device.flush().unwrap();
+    let started = Instant::now();
+    for first in (0..sectors).step_by(chunk) {
+        device.read_sectors(first, &mut buf).unwrap();
+        device.write_sectors(first, &mut buf).unwrap();
+    }
+    device.flush().unwrap();
+    (sectors * SECTOR_SIZE as u64) as f64 / 1e6 / started.elapsed().as_secs_f64()
+}
+
 #[test]
 #[ignore = "a measurement: run in release with --ignored --nocapture"]
 fn reencryption_throughput_against_plain_read_write() {
@@ -399,33 +435,9 @@ fn reencryption_throughput_against_plain_read_write() {
     let file: Arc<dyn skydd_volume::io::BlockIo> =
         Arc::new(OpenOptions::new().read(true).write(true).open(&path).unwrap());
     let device = PlainDevice::new(file.clone(), XtsEngine::new(&key(3)).unwrap(), sectors);
-    let chunk = 2048usize; // 8 MiB, as a hotzone
-    let mut buf = vec![0u8; chunk * SECTOR_SIZE];
-    rand::rng().fill_bytes(&mut buf);
-    for first in (0..sectors).step_by(chunk) {
-        let mut b = buf.clone();
-        device.write_sectors(first, &mut b).unwrap();
-    }
-    device.flush().unwrap();
+    let plain = fill_then_read_write(&device, sectors);
 
-    // Plain read + write of every sector through the engine (decrypt, encrypt), then fsync.
-    let started = Instant::now();
-    for first in (0..sectors).step_by(chunk) {
-        device.read_sectors(first, &mut buf).unwrap();
-        device.write_sectors(first, &mut buf).unwrap();
-    }
-    device.flush().unwrap();
-    let plain = mb / started.elapsed().as_secs_f64();
-
-    let rotation = RotationState { previous_registration: envelope(b"old".to_vec()), boundary: 0, hotzone: None };
-    let descriptor = Descriptor::new("dm-alice", Default::default(), vec![]).unwrap();
-    let header = HeaderRecord {
-        descriptor: envelope(descriptor.encode().unwrap()),
-        registration: envelope(b"new".to_vec()),
-        rotation: Some(rotation),
-    };
-    file.write_all_at(&format::new_header_area(&header.encode()).unwrap(), 0).unwrap();
-    file.sync_data().unwrap();
+    start_rotation(file.as_ref(), protocol::domain::VolumeFormat::V1);
     let started = Instant::now();
     let report = finish_rotation(file.as_ref(), &key(3), &key(5), RotationOptions::default(), &mut |_, _| {}).unwrap();
     let rotate = mb / started.elapsed().as_secs_f64();
@@ -480,34 +492,10 @@ fn format_2_rotation_throughput_against_plain_read_write() {
         ttp.clone(),
     )
     .unwrap();
-    let chunk = 2048usize;
-    let mut buf = vec![0u8; chunk * SECTOR_SIZE];
-    rand::rng().fill_bytes(&mut buf);
-    for first in (0..sectors).step_by(chunk) {
-        volume.write_sectors(first, &mut buf.clone()).unwrap();
-    }
-    volume.flush().unwrap();
-    let started = Instant::now();
-    for first in (0..sectors).step_by(chunk) {
-        volume.read_sectors(first, &mut buf).unwrap();
-        volume.write_sectors(first, &mut buf).unwrap();
-    }
-    volume.flush().unwrap();
-    let plain = mb / started.elapsed().as_secs_f64();
+    let plain = fill_then_read_write(&volume, sectors);
     drop(volume);
 
-    let rotation = RotationState { previous_registration: envelope(b"old".to_vec()), boundary: 0, hotzone: None };
-    let descriptor = Descriptor::new("dm-alice", Default::default(), vec![])
-        .unwrap()
-        .next_version(|d| d.volume_format = protocol::domain::VolumeFormat::V2)
-        .unwrap();
-    let header = HeaderRecord {
-        descriptor: envelope(descriptor.encode().unwrap()),
-        registration: envelope(b"new".to_vec()),
-        rotation: Some(rotation),
-    };
-    file.write_all_at(&format::new_header_area(&header.encode()).unwrap(), 0).unwrap();
-    file.sync_data().unwrap();
+    start_rotation(file.as_ref(), protocol::domain::VolumeFormat::V2);
     let anchor = ttp.0.lock().unwrap().map(|anchor| GenerationAnchor { anchor, generation: 1 });
     let (old_xts, old_mac, new_xts, new_mac) = (key(3), mac(7), key(5), mac(8));
     let previous = Generation { number: 1, xts_key: &old_xts, mac_key: &old_mac, authority: ttp.clone() };

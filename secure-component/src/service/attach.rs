@@ -88,15 +88,20 @@ fn check_volume_header(path: &Path, volume_root: Option<&Path>, expected: &[u8])
     Ok(())
 }
 
+/// The volume file at `path`, opened read-write for a re-encryption.
+fn open_to_reencrypt(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::Volume(format!("opening {} to re-encrypt it: {e}", path.display())))
+}
+
 /// Re-encrypts the volume at `path` from `previous` to `key` (both 64-byte XTS keys) as its
 /// header's rotation records, logging progress every 10 %; a crash is recovered by the next
 /// attach (`skydd_volume::reencrypt`).
 fn finish_rotation(path: &Path, domain_id: &str, previous: &SecretBytes, key: &SecretBytes) -> Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::Volume(format!("opening {} to re-encrypt it: {e}", path.display())))?;
+    let file = open_to_reencrypt(path)?;
     let started = Instant::now();
     let mut progress = super::rotate::progress_every_tenth(domain_id, "re-encrypting after a key rotation");
     let options = skydd_volume::reencrypt::RotationOptions::default();
@@ -143,11 +148,7 @@ fn finish_rotation_v2(
             previous.generation
         )));
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::Volume(format!("opening {} to re-encrypt it: {e}", path.display())))?;
+    let file = open_to_reencrypt(path)?;
     let started = Instant::now();
     let mut progress =
         super::rotate::progress_every_tenth(&domain_id, "re-encrypting after a key rotation, tags included");
