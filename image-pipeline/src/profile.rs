@@ -18,6 +18,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("back-end", include_str!("../profiles/back-end.toml")),
     ("database", include_str!("../profiles/database.toml")),
     ("compute-host", include_str!("../profiles/compute-host.toml")),
+    ("demo-vm", include_str!("../profiles/demo-vm.toml")),
 ];
 
 /// One role's hardening profile, parsed from `image-pipeline/profiles/ROLE.toml` (sections as in
