@@ -68,6 +68,7 @@ pub struct AllInOne {
     /// The layout's VMs as qemu guests ([`AllInOne::start_with_vms`]); empty when the VMs
     /// are directories (the `local` driver's mounts).
     pub guests: Guests,
+    guest_image: Option<GuestImage>,
 }
 
 /// What to start.
@@ -113,7 +114,7 @@ struct Plan {
     /// The partner's hosts to register with this cloud platform (id, agent URL, this cloud's VMs).
     partner_hosts: Vec<(String, String, Vec<String>)>,
     /// The image every layout VM is launched from as a qemu guest (`None`: directories).
-    guest_image: Option<GuestImage>,
+    guest_image: Option<(GuestImage, String)>,
 }
 
 async fn bind() -> Result<(tokio::net::TcpListener, String)> {
@@ -154,10 +155,12 @@ impl AllInOne {
     /// launch"): this cloud's `image-pipeline` identity signs the allowlist of the image's
     /// pipeline store; the TTP and the hosts check it; the hosts run `backend = "vhost-user"`
     /// and `hypervisor = "qemu"` (attach hot-plugs a virtio disk into the running guest).
+    /// `accel` is qemu's accelerator (`tcg`, `kvm`, or `kvm:tcg`).
     pub async fn start_with_vms(
         dir: &Path,
         layout: &Layout<'_>,
         image: &GuestImage,
+        accel: &str,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
@@ -169,7 +172,7 @@ impl AllInOne {
             partner_ek_roots: Vec::new(),
             partner_states: Vec::new(),
             partner_hosts: Vec::new(),
-            guest_image: Some(image.clone()),
+            guest_image: Some((image.clone(), accel.to_string())),
         };
         Self::start_planned(dir, layout, plan, &|_, _| {}, progress).await
     }
@@ -177,6 +180,20 @@ impl AllInOne {
     /// The signed image allowlist of a cloud with guests.
     pub fn allowlist_path(&self) -> PathBuf {
         self.dir.join("allowlist.dsse.json")
+    }
+
+    /// The raw image the guests were launched from (`None` without guests).
+    pub fn guest_image_path(&self) -> Option<PathBuf> {
+        self.guest_image.as_ref().map(|image| image.raw.clone())
+    }
+
+    /// Registers instance `vm` on compute host `host_id` with the cloud platform, as its
+    /// operator does.
+    pub async fn register_instance(&self, vm: &str, host_id: &str) -> Result<()> {
+        let operator = self.pki.client("cloud-platform", Role::CloudPlatform, &self.cp_url)?;
+        let _: Instance =
+            operator.post_json("/v1/instances", &Instance { id: vm.to_string(), host: host_id.to_string() }).await?;
+        Ok(())
     }
 
     /// This cloud's TPM vendor CA (the swtpm local CA its hosts' EK certificates chain to).
@@ -212,7 +229,7 @@ impl AllInOne {
         } = plan;
         let vendor_ca = dir.join("tpm-vendor-ca");
         let allowlist = dir.join("allowlist.dsse.json");
-        if let Some(image) = &guest_image {
+        if let Some((image, _)) = &guest_image {
             progress(&format!(
                 "image pipeline: the cloud's image-pipeline identity signs the allowlist of {} ({})",
                 image.version,
@@ -240,15 +257,14 @@ impl AllInOne {
             config.volume_root = Some(volumes);
             config.partners =
                 host_partners.iter().filter(|(id, _)| id == host_id).map(|(_, partner)| partner.clone()).collect();
-            if guest_image.is_some() {
+            if let Some((_, accel)) = &guest_image {
                 config.backend = BackendChoice::VhostUser;
                 config.hypervisor = HypervisorChoice::Qemu;
                 config.launch = Some(LaunchConfig {
                     allowlist: allowlist.clone(),
                     signer: image_pipeline::provenance::DEFAULT_SIGNER_NAME.into(),
                     qemu: "qemu-system-x86_64".into(),
-                    // KVM where the host has it (guests boot in seconds), TCG elsewhere.
-                    accel: "kvm:tcg".into(),
+                    accel: accel.clone(),
                     firmware: Some(crate::vms::OVMF.into()),
                 });
             }
@@ -370,7 +386,7 @@ impl AllInOne {
             manager_configs.push((name.to_string(), path));
         }
         let guests = match &guest_image {
-            Some(image) => {
+            Some((image, _)) => {
                 let launches: Vec<_> = hosts
                     .iter()
                     .zip(layout.hosts)
@@ -392,6 +408,7 @@ impl AllInOne {
             hosts,
             manager_configs,
             guests,
+            guest_image: guest_image.map(|(image, _)| image),
         })
     }
 

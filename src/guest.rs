@@ -77,7 +77,9 @@ impl GuestAgent {
         let id = self.next_id;
         self.next_id += 1;
         let mut request = vec![0xff];
-        request.extend_from_slice(json!({"execute": "guest-sync-delimited", "arguments": {"id": id}}).to_string().as_bytes());
+        request.extend_from_slice(
+            json!({"execute": "guest-sync-delimited", "arguments": {"id": id}}).to_string().as_bytes(),
+        );
         request.push(b'\n');
         self.stream.write_all(&request).with_context(|| format!("{}: write to its serial port", self.vm_id))?;
         let deadline = Instant::now() + wait;
@@ -140,11 +142,10 @@ impl GuestAgent {
 
     /// Runs `/bin/sh -c script` in the guest and waits for it.
     pub fn run(&mut self, script: &str) -> Result<Output> {
-        let started = self.execute(
-            "guest-exec",
-            json!({"path": "/bin/sh", "arg": ["-c", script], "capture-output": true}),
-        )?;
-        let pid = started["pid"].as_i64().with_context(|| format!("{}: guest-exec gave no pid: {started}", self.vm_id))?;
+        let started =
+            self.execute("guest-exec", json!({"path": "/bin/sh", "arg": ["-c", script], "capture-output": true}))?;
+        let pid =
+            started["pid"].as_i64().with_context(|| format!("{}: guest-exec gave no pid: {started}", self.vm_id))?;
         let deadline = Instant::now() + COMMAND_TIMEOUT;
         loop {
             let status = self.execute("guest-exec-status", json!({"pid": pid}))?;

@@ -78,7 +78,12 @@ pub fn guest_image(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<Guest
         }))
     };
     if let Some(image) = promoted(&store)? {
-        progress(&format!("guest image: {} (cached in {}, sha256 {}…)", image.version, dir.display(), &image.sha256[..16]));
+        progress(&format!(
+            "guest image: {} (cached in {}, sha256 {}…)",
+            image.version,
+            dir.display(),
+            &image.sha256[..16]
+        ));
         return Ok(image);
     }
     progress(&format!(
