@@ -386,7 +386,9 @@ impl AllInOne {
             manager_configs.push((name.to_string(), path));
         }
         let guests = match &guest_image {
-            Some((image, _)) => {
+            Some((image, accel)) => {
+                // A KVM guest hardly uses the CPU while it boots; a TCG guest keeps a core busy.
+                let wave = if accel.starts_with("kvm") { usize::MAX } else { 1 };
                 let launches: Vec<_> = hosts
                     .iter()
                     .zip(layout.hosts)
@@ -394,7 +396,7 @@ impl AllInOne {
                         (host.id.clone(), &*host.service, vms.iter().map(|vm| vm.to_string()).collect())
                     })
                     .collect();
-                tokio::task::block_in_place(|| Guests::launch(&launches, &image.raw, progress))?
+                tokio::task::block_in_place(|| Guests::launch(&launches, &image.raw, wave, progress))?
             }
             None => Guests::default(),
         };
