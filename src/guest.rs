@@ -1,7 +1,7 @@
 //! Commands inside a launched guest: the QEMU guest agent (`qemu-ga`, Debian package
 //! `qemu-guest-agent`) that the `demo-vm` image runs as its init on the first serial port,
 //! which the secure component's launcher exposes at `<qmp_dir>/<vm_id>.serial`
-//! (docs/DEMO.md "Guests").
+//! (docs/IMAGE-PIPELINE.md "The demo guest").
 //!
 //! The protocol is QMP's JSON over that port: `guest-sync-delimited` (answered after a 0xFF
 //! byte, so whatever the firmware printed on the port before the agent ran is skipped), then

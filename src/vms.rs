@@ -1,4 +1,4 @@
-//! The all-in-one's VMs as real qemu guests (docs/DEMO.md "Guests"): the `demo-vm` image
+//! The all-in-one's VMs as real qemu guests (docs/IMAGE-PIPELINE.md "The demo guest"): the `demo-vm` image
 //! that `image-pipeline` builds (cached by its inputs), the signed allowlist this cloud's
 //! `image-pipeline` identity issues for it, and each layout VM launched through its compute
 //! host's secure component (trusted launch), with a connection to its guest agent.
