@@ -95,6 +95,11 @@ pub struct ImageSection {
     /// Extra kernel command line (AppArmor is added when the profile asks for it).
     #[serde(default)]
     pub kernel_cmdline: String,
+    /// Modules the initramfs holds (`MODULES=list` of initramfs-tools, with their
+    /// dependencies) instead of most of the kernel's (`MODULES=most`, Debian's default): a
+    /// guest that knows its hardware boots faster from a smaller initramfs. Needs `boot`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub initramfs_modules: Vec<String>,
 }
 
 /// The `[packages]` section. Checked after the build by the "package allowlist" security check and
@@ -356,6 +361,14 @@ impl Profile {
             {
                 return Err(format!("mirror {url:?} must be an http(s):// or file:/ URL without spaces"));
             }
+        }
+        if !self.image.initramfs_modules.is_empty() && !self.image.boot {
+            return Err("image.initramfs_modules needs image.boot = true".into());
+        }
+        if let Some(bad) = self.image.initramfs_modules.iter().find(|m| {
+            m.is_empty() || !m.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        }) {
+            return Err(format!("image.initramfs_modules: {bad:?} is not a module name (a-z, 0-9, '_', '-')"));
         }
         let package_name = |p: &String| {
             !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
