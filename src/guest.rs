@@ -17,9 +17,9 @@ use anyhow::{bail, Context, Result};
 use base64::Engine;
 use serde_json::{json, Value};
 
-/// How long a guest may take from launch until its agent answers (TCG, two guests booting
-/// on two shared cores: about a minute; KVM: seconds).
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a guest may take from launch until its agent answers (TCG on two shared cores:
+/// half a minute alone, several minutes when other VMs load the cores; KVM: seconds).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long one command in the guest may run.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
