@@ -117,6 +117,28 @@ struct Plan {
     guest_image: Option<(GuestImage, String)>,
 }
 
+impl Plan {
+    /// The plan of a cloud on its own (no partner): a new CA under `dir/pki` and a TTP
+    /// address.
+    async fn own(
+        dir: &Path,
+        guest_image: Option<(GuestImage, String)>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        progress("cloud CA: creating the CA and issuing certificates");
+        Ok(Plan {
+            pki: LabPki::create(&dir.join("pki"))?,
+            ttp: bind().await?,
+            host_partners: Vec::new(),
+            partner_ek_roots: Vec::new(),
+            partner_states: Vec::new(),
+            partner_hosts: Vec::new(),
+            guest_image,
+        })
+    }
+}
+
 async fn bind() -> Result<(tokio::net::TcpListener, String)> {
     RunningTtp::bind().await
 }
@@ -136,17 +158,7 @@ impl AllInOne {
         configure: &HostConfigurer,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        progress("cloud CA: creating the CA and issuing certificates");
-        let plan = Plan {
-            pki: LabPki::create(&dir.join("pki"))?,
-            ttp: bind().await?,
-            host_partners: Vec::new(),
-            partner_ek_roots: Vec::new(),
-            partner_states: Vec::new(),
-            partner_hosts: Vec::new(),
-            guest_image: None,
-        };
+        let plan = Plan::own(dir, None, progress).await?;
         Self::start_planned(dir, layout, plan, configure, progress).await
     }
 
@@ -163,17 +175,7 @@ impl AllInOne {
         accel: &str,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        progress("cloud CA: creating the CA and issuing certificates");
-        let plan = Plan {
-            pki: LabPki::create(&dir.join("pki"))?,
-            ttp: bind().await?,
-            host_partners: Vec::new(),
-            partner_ek_roots: Vec::new(),
-            partner_states: Vec::new(),
-            partner_hosts: Vec::new(),
-            guest_image: Some((image.clone(), accel.to_string())),
-        };
+        let plan = Plan::own(dir, Some((image.clone(), accel.to_string())), progress).await?;
         Self::start_planned(dir, layout, plan, &|_, _| {}, progress).await
     }
 

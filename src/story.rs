@@ -405,20 +405,18 @@ impl Vms<'_> {
                 Ok(()) => bail!("{vm} wrote to a read-only attachment"),
             },
             Vms::Guests(guests) => {
-                let file = Self::in_guest(guests, vm, domain, "echo x > $dir/tamper.txt")?;
-                ensure!(file.code != 0, "{vm} wrote a file to a read-only attachment");
-                ensure!(
-                    file.stderr.contains("Read-only file system"),
-                    "{vm}'s write failed, but not as a read-only file system: {}",
-                    file.stderr
-                );
-                let raw = Self::in_guest(guests, vm, domain, "dd if=/dev/zero of=$disk bs=4096 count=1 oflag=direct")?;
-                ensure!(raw.code != 0, "{vm}'s guest kernel let a raw write to the read-only disk through");
-                ensure!(
-                    raw.stderr.contains("Operation not permitted"),
-                    "{vm}'s raw write failed, but not as a read-only disk: {}",
-                    raw.stderr
-                );
+                let refused = |script: &str, what: &str, why: &str| -> Result<crate::guest::Output> {
+                    let out = Self::in_guest(guests, vm, domain, script)?;
+                    ensure!(out.code != 0, "{vm}'s guest kernel let {what} through");
+                    ensure!(out.stderr.contains(why), "{vm}'s {what} failed, but not with {why:?}: {}", out.stderr);
+                    Ok(out)
+                };
+                refused("echo x > $dir/tamper.txt", "a file write", "Read-only file system")?;
+                let raw = refused(
+                    "dd if=/dev/zero of=$disk bs=4096 count=1 oflag=direct",
+                    "a raw write to the read-only disk",
+                    "Operation not permitted",
+                )?;
                 Ok(vec![
                     "refused by the kernel: Read-only file system (its guest kernel, writing a file)".into(),
                     format!(
