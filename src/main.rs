@@ -19,8 +19,8 @@ use skydd::cloud::{AllInOne, DEMO_LAYOUT};
 (swtpm). Needs root.\n\n  skydd up     start the cloud and keep it running; use domain-manager with the printed config\n  \
 skydd demo   start it, tell the story step by step, stop\n\nWith VMs (the default): each layout VM (vm-a on compute-1, \
 vm-b and vm-c on compute-2) is a qemu guest its compute host launches from the image-pipeline's demo-vm image, \
-only because that image's digest is on the signed allowlist (trusted launch; OVMF firmware; KVM when /dev/kvm \
-with --accel kvm; TCG by default). Volumes are served over vhost-user and hot-plugged into the running guests; the story's \
+only because that image's digest is on the signed allowlist (trusted launch; OVMF firmware; TCG by default, KVM \
+with --accel kvm on a host whose /dev/kvm runs guests). Volumes are served over vhost-user and hot-plugged into the running guests; the story's \
 commands run inside them. The image is built once (a few minutes, Debian mirror needed) and cached under \
 target/guest-images (SKYDD_GUEST_IMAGE_CACHE).\n\nWith --no-vms (machines without qemu): each VM is a directory \
 the volume is mounted under (FUSE + loop; dm-crypt where the kernel has device-mapper)."
