@@ -19,7 +19,7 @@ packages=(
   sqlite3 postgresql openssl ca-certificates curl
   gdb
   mmdebstrap debian-archive-keyring gpgv tar qemu-utils openscap-scanner openscap-utils ssg-debian
-  dosfstools mtools
+  dosfstools mtools ovmf
   python3-venv
   shellcheck vagrant vagrant-libvirt ruby systemd
 )

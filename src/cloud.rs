@@ -11,12 +11,14 @@ use anyhow::{Context, Result};
 use net::Role;
 use protocol::cloud::{ComputeHost, Instance};
 use protocol::pki::RoleAllowance;
+use secure_component::config::{BackendChoice, HypervisorChoice, LaunchConfig};
 use secure_component::service::AttachmentService;
 use secure_component::swtpm::Swtpm;
 use tokio_util::sync::CancellationToken;
 use ttp::attestation::{AttestationPolicy, EkRoot};
 
 use crate::lab::{LabPki, RunningTtp};
+use crate::vms::{GuestImage, Guests};
 
 /// One compute host of the all-in-one cloud.
 pub struct ComputeNode {
@@ -63,6 +65,10 @@ pub struct AllInOne {
     pub hosts: Vec<ComputeNode>,
     /// Domain-manager configuration files, by manager name.
     pub manager_configs: Vec<(String, PathBuf)>,
+    /// The layout's VMs as qemu guests ([`AllInOne::start_with_vms`]); empty when the VMs
+    /// are directories (the `local` driver's mounts).
+    pub guests: Guests,
+    guest_image: Option<GuestImage>,
 }
 
 /// What to start.
@@ -107,6 +113,30 @@ struct Plan {
     partner_states: Vec<ttp::attestation::ReferenceState>,
     /// The partner's hosts to register with this cloud platform (id, agent URL, this cloud's VMs).
     partner_hosts: Vec<(String, String, Vec<String>)>,
+    /// The image every layout VM is launched from as a qemu guest (`None`: directories).
+    guest_image: Option<(GuestImage, String)>,
+}
+
+impl Plan {
+    /// The plan of a cloud on its own (no partner): a new CA under `dir/pki` and a TTP
+    /// address.
+    async fn own(
+        dir: &Path,
+        guest_image: Option<(GuestImage, String)>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        progress("cloud CA: creating the CA and issuing certificates");
+        Ok(Plan {
+            pki: LabPki::create(&dir.join("pki"))?,
+            ttp: bind().await?,
+            host_partners: Vec::new(),
+            partner_ek_roots: Vec::new(),
+            partner_states: Vec::new(),
+            partner_hosts: Vec::new(),
+            guest_image,
+        })
+    }
 }
 
 async fn bind() -> Result<(tokio::net::TcpListener, String)> {
@@ -128,17 +158,44 @@ impl AllInOne {
         configure: &HostConfigurer,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        progress("cloud CA: creating the CA and issuing certificates");
-        let plan = Plan {
-            pki: LabPki::create(&dir.join("pki"))?,
-            ttp: bind().await?,
-            host_partners: Vec::new(),
-            partner_ek_roots: Vec::new(),
-            partner_states: Vec::new(),
-            partner_hosts: Vec::new(),
-        };
+        let plan = Plan::own(dir, None, progress).await?;
         Self::start_planned(dir, layout, plan, configure, progress).await
+    }
+
+    /// As [`AllInOne::start`], with every layout VM a qemu guest launched from `image` through
+    /// its compute host's secure component (trusted launch, docs/PROTOCOL.md "Trusted
+    /// launch"): this cloud's `image-pipeline` identity signs the allowlist of the image's
+    /// pipeline store; the TTP and the hosts check it; the hosts run `backend = "vhost-user"`
+    /// and `hypervisor = "qemu"` (attach hot-plugs a virtio disk into the running guest).
+    /// `accel` is qemu's accelerator (`tcg`, `kvm`, or `kvm:tcg`).
+    pub async fn start_with_vms(
+        dir: &Path,
+        layout: &Layout<'_>,
+        image: &GuestImage,
+        accel: &str,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let plan = Plan::own(dir, Some((image.clone(), accel.to_string())), progress).await?;
+        Self::start_planned(dir, layout, plan, &|_, _| {}, progress).await
+    }
+
+    /// The signed image allowlist of a cloud with guests.
+    pub fn allowlist_path(&self) -> PathBuf {
+        self.dir.join("allowlist.dsse.json")
+    }
+
+    /// The raw image the guests were launched from (`None` without guests).
+    pub fn guest_image_path(&self) -> Option<PathBuf> {
+        self.guest_image.as_ref().map(|image| image.raw.clone())
+    }
+
+    /// Registers instance `vm` on compute host `host_id` with the cloud platform, as its
+    /// operator does.
+    pub async fn register_instance(&self, vm: &str, host_id: &str) -> Result<()> {
+        let operator = self.pki.client("cloud-platform", Role::CloudPlatform, &self.cp_url)?;
+        let _: Instance =
+            operator.post_json("/v1/instances", &Instance { id: vm.to_string(), host: host_id.to_string() }).await?;
+        Ok(())
     }
 
     /// This cloud's TPM vendor CA (the swtpm local CA its hosts' EK certificates chain to).
@@ -163,9 +220,25 @@ impl AllInOne {
         configure: &HostConfigurer,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
-        let Plan { pki, ttp: (ttp_listener, ttp_url), host_partners, partner_ek_roots, partner_states, partner_hosts } =
-            plan;
+        let Plan {
+            pki,
+            ttp: (ttp_listener, ttp_url),
+            host_partners,
+            partner_ek_roots,
+            partner_states,
+            partner_hosts,
+            guest_image,
+        } = plan;
         let vendor_ca = dir.join("tpm-vendor-ca");
+        let allowlist = dir.join("allowlist.dsse.json");
+        if let Some((image, _)) = &guest_image {
+            progress(&format!(
+                "image pipeline: the cloud's image-pipeline identity signs the allowlist of {} ({})",
+                image.version,
+                allowlist.display()
+            ));
+            crate::vms::write_allowlist(image, &pki, &allowlist)?;
+        }
 
         // The secure component runs inside this binary: it is what each host measures.
         let binary = std::env::current_exe().context("locate the running binary (the secure component's)")?;
@@ -186,6 +259,17 @@ impl AllInOne {
             config.volume_root = Some(volumes);
             config.partners =
                 host_partners.iter().filter(|(id, _)| id == host_id).map(|(_, partner)| partner.clone()).collect();
+            if let Some((_, accel)) = &guest_image {
+                config.backend = BackendChoice::VhostUser;
+                config.hypervisor = HypervisorChoice::Qemu;
+                config.launch = Some(LaunchConfig {
+                    allowlist: allowlist.clone(),
+                    signer: image_pipeline::provenance::DEFAULT_SIGNER_NAME.into(),
+                    qemu: "qemu-system-x86_64".into(),
+                    accel: accel.clone(),
+                    firmware: Some(crate::vms::OVMF.into()),
+                });
+            }
             configure(host_id, &mut config);
             let config_text = toml::to_string(&config)?;
             std::fs::write(dir.join(host_id).join("secure-component.toml"), &config_text)?;
@@ -209,7 +293,16 @@ impl AllInOne {
         trusted_ek_roots.extend(partner_ek_roots);
         let policy =
             AttestationPolicy { trusted_ek_roots, ek_intermediates: Vec::new(), ek_crls: Vec::new(), reference_states };
-        let ttp = RunningTtp::start(dir, &pki, &policy, ttp_listener).await?;
+        let ttp = match &guest_image {
+            Some(_) => {
+                let trusted_launch = ttp::config::TrustedLaunchConfig {
+                    allowlist: allowlist.clone(),
+                    signer: image_pipeline::provenance::DEFAULT_SIGNER_NAME.into(),
+                };
+                RunningTtp::start_with_trusted_launch(dir, &pki, &policy, ttp_listener, trusted_launch).await?
+            }
+            None => RunningTtp::start(dir, &pki, &policy, ttp_listener).await?,
+        };
 
         progress("cloud platform: starting its API");
         let (cp_listener, cp_url) = bind().await?;
@@ -294,7 +387,33 @@ impl AllInOne {
             progress(&format!("{name}: domain-manager configuration written to {}", path.display()));
             manager_configs.push((name.to_string(), path));
         }
-        Ok(Self { dir: dir.to_path_buf(), pki, ttp, ttp_policy: policy, cp_url, cp_server, hosts, manager_configs })
+        let guests = match &guest_image {
+            Some((image, accel)) => {
+                // A KVM guest hardly uses the CPU while it boots; a TCG guest keeps a core busy.
+                let wave = if accel.starts_with("kvm") { usize::MAX } else { 1 };
+                let launches: Vec<_> = hosts
+                    .iter()
+                    .zip(layout.hosts)
+                    .map(|(host, (_, vms))| {
+                        (host.id.clone(), &*host.service, vms.iter().map(|vm| vm.to_string()).collect())
+                    })
+                    .collect();
+                tokio::task::block_in_place(|| Guests::launch(&launches, &image.raw, wave, progress))?
+            }
+            None => Guests::default(),
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            pki,
+            ttp,
+            ttp_policy: policy,
+            cp_url,
+            cp_server,
+            hosts,
+            manager_configs,
+            guests,
+            guest_image: guest_image.map(|(image, _)| image),
+        })
     }
 
     /// Stops the TTP, runs `during`, and starts the TTP again on the same address and data
@@ -421,6 +540,7 @@ impl PartnerClouds {
             partner_ek_roots: Vec::new(),
             partner_states: Vec::new(),
             partner_hosts: Vec::new(),
+            guest_image: None,
         };
         progress("cloud B: its TTP, cloud platform and hosts; the shared hosts know cloud A as a partner");
         let b = AllInOne::start_planned(&b_dir, b_layout, b_plan, &|_, _| {}, progress).await?;
@@ -448,6 +568,7 @@ impl PartnerClouds {
             ),
             partner_states,
             partner_hosts,
+            guest_image: None,
         };
         progress("cloud A: its TTP trusts B's TPM vendor root for the shared hosts only");
         let a = AllInOne::start_planned(&a_dir, a_layout, a_plan, &|_, _| {}, progress).await?;

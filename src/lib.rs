@@ -5,5 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod cloud;
+pub mod guest;
 pub mod lab;
 pub mod story;
+pub mod vms;

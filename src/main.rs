@@ -1,6 +1,7 @@
 //! `skydd`: the all-in-one launcher. `skydd up` runs a whole cloud on loopback (a CA, the
 //! TTP, the cloud platform, two compute hosts each with its own swtpm and secure
-//! component); `skydd demo` tells Skydd's story on it.
+//! component, each layout VM a qemu guest launched through trusted launch); `skydd demo`
+//! tells Skydd's story on it, inside the guests. `--no-vms` makes the VMs directories.
 
 #![forbid(unsafe_code)]
 
@@ -14,10 +15,15 @@ use skydd::cloud::{AllInOne, DEMO_LAYOUT};
 #[command(
     name = "skydd",
     about = "Skydd all-in-one: domain-based storage protection, a whole cloud on one machine",
-    long_about = "Runs every Skydd party on loopback with real certificates, mutual TLS, SQLite, software TPMs \
-(swtpm) and encrypted volumes (FUSE + loop; dm-crypt where the kernel has device-mapper). Needs root (loop \
-devices, FUSE, mounts).\n\n  skydd up     start the cloud and keep it running; use domain-manager with the printed config\n  \
-skydd demo   start it, tell the story step by step, stop"
+    long_about = "Runs every Skydd party on loopback with real certificates, mutual TLS, SQLite and software TPMs \
+(swtpm). Needs root.\n\n  skydd up     start the cloud and keep it running; use domain-manager with the printed config\n  \
+skydd demo   start it, tell the story step by step, stop\n\nWith VMs (the default): each layout VM (vm-a on compute-1, \
+vm-b and vm-c on compute-2) is a qemu guest its compute host launches from the image-pipeline's demo-vm image, \
+only because that image's digest is on the signed allowlist (trusted launch; OVMF firmware; TCG by default, KVM \
+with --accel kvm on a host whose /dev/kvm runs guests). Volumes are served over vhost-user and hot-plugged into the running guests; the story's \
+commands run inside them. The image is built once (a few minutes, Debian mirror needed) and cached under \
+target/guest-images (SKYDD_GUEST_IMAGE_CACHE).\n\nWith --no-vms (machines without qemu): each VM is a directory \
+the volume is mounted under (FUSE + loop; dm-crypt where the kernel has device-mapper)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,12 +37,26 @@ enum Command {
         /// Where the cloud keeps its CA, databases, TPM state, volumes and VM mounts.
         #[arg(long, default_value = "/var/lib/skydd-allinone")]
         dir: PathBuf,
+        /// VMs are directories the volumes are mounted under, not qemu guests.
+        #[arg(long)]
+        no_vms: bool,
+        /// qemu's accelerator for the guests: tcg (works everywhere), kvm (a host whose
+        /// /dev/kvm runs guests: they boot in seconds), or kvm:tcg (the first that starts).
+        #[arg(long, default_value = "tcg")]
+        accel: String,
     },
     /// Start the all-in-one cloud in a fresh directory, tell the story, stop.
     Demo {
         /// Keep the cloud's files here instead of a temporary directory.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// VMs are directories the volumes are mounted under, not qemu guests.
+        #[arg(long)]
+        no_vms: bool,
+        /// qemu's accelerator for the guests: tcg (works everywhere), kvm (a host whose
+        /// /dev/kvm runs guests: they boot in seconds), or kvm:tcg (the first that starts).
+        #[arg(long, default_value = "tcg")]
+        accel: String,
     },
 }
 
@@ -47,9 +67,9 @@ async fn main() -> Result<()> {
         .init();
     let mut progress = |line: &str| println!("  .. {line}");
     match Cli::parse().command {
-        Command::Up { dir } => {
+        Command::Up { dir, no_vms, accel } => {
             println!("starting the all-in-one cloud in {}", dir.display());
-            let cloud = AllInOne::start(&dir, &DEMO_LAYOUT, &mut progress).await?;
+            let cloud = start(&dir, no_vms, &accel, &mut progress).await?;
             println!("\nthe cloud is up:");
             println!(
                 "  TTP             {} (built in {:.0} ms, K_TTP unsealed from its swtpm; custodians' shares in {})",
@@ -59,18 +79,34 @@ async fn main() -> Result<()> {
             );
             println!("  cloud platform  {}", cloud.cp_url);
             for host in &cloud.hosts {
-                println!("  {:<15} {} (VMs mount under {})", host.id, host.agent_url, host.vm_root.display());
+                if no_vms {
+                    println!("  {:<15} {} (VMs mount under {})", host.id, host.agent_url, host.vm_root.display());
+                } else {
+                    println!("  {:<15} {}", host.id, host.agent_url);
+                }
+            }
+            for guest in cloud.guests.by_vm.values() {
+                println!(
+                    "  {:<15} qemu pid {} on {}, from {}@{}; QMP {}, guest agent {}",
+                    guest.vm_id,
+                    guest.launched.pid,
+                    guest.host_id,
+                    guest.launched.image.role,
+                    guest.launched.image.version,
+                    guest.launched.qmp.display(),
+                    guest.launched.serial.display()
+                );
             }
             for (name, config) in &cloud.manager_configs {
                 println!("  {name:<15} export SKYDD_DM_CONFIG={}", config.display());
             }
-            println!("\ntry:\n  export SKYDD_DM_CONFIG={}\n  domain-manager domain create --meta department=cardiology --vm vm-a:rw --vm vm-b:ro --size 64M\n  domain-manager vm list\n\nCtrl-C stops the cloud (VM mounts are detached).",
+            println!("\ntry:\n  export SKYDD_DM_CONFIG={}\n  domain-manager domain create --meta department=cardiology --vm vm-a:rw --vm vm-b:ro --size 64M\n  domain-manager vm list\n\nCtrl-C stops the cloud (volumes are detached, guests stopped).",
                 cloud.manager_config("dm-alice")?.display());
             tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
             println!("stopping");
             cloud.stop().await;
         }
-        Command::Demo { dir } => {
+        Command::Demo { dir, no_vms, accel } => {
             let temp = tempfile::tempdir()?;
             let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
             println!(
@@ -78,7 +114,7 @@ async fn main() -> Result<()> {
                 dir.display()
             );
             let started = std::time::Instant::now();
-            let cloud = AllInOne::start(&dir, &DEMO_LAYOUT, &mut progress).await?;
+            let cloud = start(&dir, no_vms, &accel, &mut progress).await?;
             println!("  .. the cloud is up ({:.1} s)", started.elapsed().as_secs_f64());
             let mut say = |line: &str| println!("{line}");
             let outcome = skydd::story::run(&cloud, &DEMO_LAYOUT, &mut say).await;
@@ -88,4 +124,15 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Starts the demo layout under `dir`: with qemu guests from the cached (or freshly built)
+/// `demo-vm` image, or with directories as VMs (`no_vms`).
+async fn start(dir: &std::path::Path, no_vms: bool, accel: &str, progress: &mut dyn FnMut(&str)) -> Result<AllInOne> {
+    if no_vms {
+        return AllInOne::start(dir, &DEMO_LAYOUT, progress).await;
+    }
+    let cache = skydd::vms::default_cache_dir();
+    let image = tokio::task::block_in_place(|| skydd::vms::guest_image(&cache, progress))?;
+    AllInOne::start_with_vms(dir, &DEMO_LAYOUT, &image, accel, progress).await
 }

@@ -204,9 +204,19 @@ fn mmdebstrap_args(opts: &BuildOptions, tarball: &Path, lists: &Path, purge_scri
         "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/".into(),
         format!("--setup-hook=sync-in {cache} /var/cache/apt/archives/"),
         format!("--customize-hook=sh {} \"$1\"", purge_script.display()),
+    ];
+    if !p.image.initramfs_modules.is_empty() {
+        // Names were checked by Profile::validate (a-z, 0-9, '_', '-'): safe in the shell line.
+        args.push(format!(
+            "--customize-hook=chroot \"$1\" sh -c 'printf \"%s\\n\" {} > /etc/initramfs-tools/modules && \
+             echo MODULES=list > /etc/initramfs-tools/conf.d/skydd-modules && update-initramfs -u -k all'",
+            p.image.initramfs_modules.join(" ")
+        ));
+    }
+    args.extend([
         format!("--customize-hook=sync-out /var/cache/apt/archives {cache}"),
         format!("--customize-hook=sync-out /var/lib/apt/lists {}", lists.display()),
-    ];
+    ]);
     if !include.is_empty() {
         args.push(format!("--include={}", include.join(",")));
     }

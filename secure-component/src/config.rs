@@ -141,6 +141,10 @@ pub struct LaunchConfig {
     /// `kvm:tcg` for the first that works.
     #[serde(default = "default_accel")]
     pub accel: String,
+    /// The firmware qemu boots (`-bios`): `/usr/share/ovmf/OVMF.fd` (Debian package `ovmf`)
+    /// for the pipeline's bootable images, which boot under UEFI; absent: qemu's SeaBIOS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<PathBuf>,
 }
 
 fn default_image_signer() -> String {

@@ -10,8 +10,11 @@
 //! 2. hashes that open file and finds the digest on the allowlist (raw or qcow2 entry);
 //! 3. starts qemu on **the same open descriptor** (`-add-fd` / `/dev/fdset`), with
 //!    `snapshot=on` so the guest's writes never reach the image, shared memory for
-//!    vhost-user disks, free PCIe root ports for hot-plug, no network and its QMP monitor at
-//!    `<qmp_dir>/<vm_id>.qmp`, where the `qemu` driver ([`crate::hypervisor::qemu`]) finds it.
+//!    vhost-user disks, free PCIe root ports for hot-plug, no network, its QMP monitor at
+//!    `<qmp_dir>/<vm_id>.qmp`, where the `qemu` driver ([`crate::hypervisor::qemu`]) finds it,
+//!    and its first serial port at `<qmp_dir>/<vm_id>.serial` (the channel of a guest agent
+//!    such as the QEMU guest agent of the `demo-vm` image; only this service's user reaches
+//!    it, like the monitor), under the `[launch] firmware` when one is set (OVMF for UEFI).
 //!
 //! The VMs are this service's children: they stop when it stops (a VM that outlived its
 //! secure component would have no launch record, and get no key).
@@ -77,6 +80,9 @@ pub struct LaunchedVm {
     pub pid: u32,
     /// Its QMP monitor.
     pub qmp: PathBuf,
+    /// Its first serial port (a unix socket qemu listens on).
+    #[serde(default)]
+    pub serial: PathBuf,
 }
 
 struct Running {
@@ -164,7 +170,9 @@ impl Launcher {
         let format = if entry.qcow2_sha256 == entry.digest { "qcow2" } else { "raw" };
         let image = LaunchedImage { sha256: entry.digest, role: entry.role, version: entry.version };
 
+        let serial = qmp.with_extension("serial");
         let _ = std::fs::remove_file(&qmp);
+        let _ = std::fs::remove_file(&serial);
         let log_path = self.log_dir.join(format!("{}.log", request.vm_id));
         let log = File::create(&log_path).map_err(|e| Error::io(format!("creating {}", log_path.display()), e))?;
         let log_err = log.try_clone().map_err(|e| Error::io("cloning the VM log descriptor", e))?;
@@ -177,8 +185,12 @@ impl Launcher {
             .args(["-numa", "node,memdev=mem"])
             .args(["-add-fd", &format!("fd={IMAGE_FD},set=1,opaque=image")])
             .args(["-drive", &format!("file=/dev/fdset/1,format={format},if=virtio,snapshot=on")])
-            .args(["-nic", "none", "-display", "none", "-serial", "null", "-no-user-config"])
+            .args(["-nic", "none", "-display", "none", "-no-user-config"])
+            .args(["-serial", &format!("unix:{},server=on,wait=off", serial.display())])
             .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())]);
+        if let Some(firmware) = &self.config.firmware {
+            command.arg("-bios").arg(firmware);
+        }
         for port in 1..=HOTPLUG_PORTS {
             command.args(["-device", &format!("pcie-root-port,id=skydd-rp{port},chassis={port}")]);
         }
@@ -190,7 +202,7 @@ impl Launcher {
             .map_err(|e| Error::io(format!("starting {} for VM {}", self.config.qemu.display(), request.vm_id), e))?;
         // qemu holds its own copy now.
         drop(image_file);
-        let vm = LaunchedVm { vm_id: request.vm_id.clone(), image, pid: child.id(), qmp };
+        let vm = LaunchedVm { vm_id: request.vm_id.clone(), image, pid: child.id(), qmp, serial };
         let mut running = Running { vm, child };
         if let Err(e) = wait_for_monitor(&mut running, &log_path) {
             let _ = running.child.kill();
@@ -262,14 +274,14 @@ impl Launcher {
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = running.child.try_wait() {
-                let _ = std::fs::remove_file(&running.vm.qmp);
+                remove_sockets(&running.vm);
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = running.child.kill();
         let _ = running.child.wait();
-        let _ = std::fs::remove_file(&running.vm.qmp);
+        remove_sockets(&running.vm);
         Ok(())
     }
 }
@@ -279,9 +291,14 @@ impl Drop for Launcher {
         for (_, mut running) in std::mem::take(&mut *self.lock()) {
             let _ = running.child.kill();
             let _ = running.child.wait();
-            let _ = std::fs::remove_file(&running.vm.qmp);
+            remove_sockets(&running.vm);
         }
     }
+}
+
+fn remove_sockets(vm: &LaunchedVm) {
+    let _ = std::fs::remove_file(&vm.qmp);
+    let _ = std::fs::remove_file(&vm.serial);
 }
 
 /// The allowlist entry a checked image matched.

@@ -143,6 +143,7 @@ async fn scenario() {
         signer: "image-pipeline".into(),
         qemu: "qemu-system-x86_64".into(),
         accel: "tcg".into(),
+        firmware: None,
     });
     let material = tls.load().unwrap();
     let launcher = Launcher::from_config(&config, &material).unwrap().expect("[launch] is configured");
