@@ -61,19 +61,26 @@ fi
 
 # Every process of the run lives in the namespace: stop them by id, then remove it.
 teardown() {
-  local pids
-  if ip netns list | grep -qw "$NS"; then
-    pids="$(ip netns pids "$NS" | tr '\n' ' ')"
-    if [ -n "${pids// /}" ]; then
-      # shellcheck disable=SC2086
-      kill -TERM $pids 2>/dev/null || true
-      for _ in $(seq 1 50); do [ -z "$(ip netns pids "$NS")" ] && break; sleep 0.2; done
-      pids="$(ip netns pids "$NS" | tr '\n' ' ')"
-      # shellcheck disable=SC2086
-      [ -z "${pids// /}" ] || kill -KILL $pids 2>/dev/null || true
-    fi
-    ip netns del "$NS"
+  local pids=() p args
+  if ip netns list | grep -qE "^$NS( |$)"; then
+    read -r -a pids < <(ip netns pids "$NS" | tr '\n' ' ')
   fi
+  # virtiofsd sandboxes itself in namespaces of its own, so it is not among the namespace's
+  # pids: the ones serving this lab's folders are found by their source directory.
+  for p in /proc/[0-9]*; do
+    args="$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" || continue
+    case "$args" in */virtiofsd\ *"source=$here/"*) pids+=("${p#/proc/}") ;; esac
+  done
+  if [ "${#pids[@]}" -gt 0 ]; then
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 1 75); do
+      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && break; p=""; done
+      [ -z "$p" ] && break
+      sleep 0.2
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+  fi
+  ip netns list | grep -qE "^$NS( |$)" && ip netns del "$NS"
   rm -rf "$state" "$here/.vagrant" "$here/.lab/pki" "$here/.lab/hosts" "$here/.lab/ready" \
     "$here/.lab/volumes" "$here/.lab/tpm-vendor-ca" "$here/.lab/custodians"
 }
@@ -116,4 +123,6 @@ stamp "boxes and debs ready"
 
 ip netns add "$NS"
 ip -n "$NS" link set lo up
-ip netns exec "$NS" unshare --mount --propagation private bash "$0" --inside "$what"
+# vagrant's progress bars are carriage-return updates: one line each, the bars dropped.
+ip netns exec "$NS" unshare --mount --propagation private bash "$0" --inside "$what" 2>&1 \
+  | tr '\r' '\n' | grep --line-buffered -v 'Progress: [0-9]*%'
