@@ -2,8 +2,8 @@
 # The three-node lab booted for real, on a machine of its own making: a network namespace
 # holds libvirtd, virtlogd, every guest, swtpm, dnsmasq and the lab's networks (vagrant-libvirt's
 # management network and 10.77.0.0/24), and a private mount namespace gives that libvirtd its
-# own /run/libvirt, /var/lib/libvirt, /var/log/libvirt and /var/lib/swtpm-localca (under
-# target/lab-booted/). Nothing outside loopback and that namespace is reachable from the lab;
+# own /etc/libvirt, /run/libvirt, /var/lib/libvirt, /var/log/libvirt and /var/lib/swtpm-localca
+# (copies or empty directories under target/lab-booted/). Nothing outside loopback and that namespace is reachable from the lab;
 # at the end every process in the namespace is stopped and the namespace and state removed.
 #
 #   bash vagrant/booted-lab.sh [all]    boxes (if missing), debs, namespace, lab.sh all, teardown
@@ -16,7 +16,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 NS=skydd-lab
 state="$root/target/lab-booted"
-t0=$(date +%s)
+t0="${BOOTED_LAB_T0:-$(date +%s)}"
+export BOOTED_LAB_T0="$t0"
 stamp() { printf '[booted-lab %ss] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
 
 # --- inside: the network namespace and a private mount namespace -----------------------
@@ -25,6 +26,9 @@ if [ "${1:-}" = --inside ]; then
   what="$1"
   mount --make-rprivate /
   for d in run lib log swtpm-localca; do install -d "$state/$d"; done
+  # libvirtd's configuration too: the pool, networks and domains it defines stay in $state.
+  cp -a /etc/libvirt "$state/etc"
+  mount --bind "$state/etc" /etc/libvirt
   mount -t tmpfs -o mode=0755 tmpfs /run/libvirt
   mount --bind "$state/lib" /var/lib/libvirt
   mount --bind "$state/log" /var/log/libvirt
@@ -49,7 +53,8 @@ if [ "${1:-}" = --inside ]; then
       vagrant ssh compute-1 -c 'uname -r; systemctl is-system-running; ls -l /dev/tpmrm0; sudo dmsetup version' -- -q
       ;;
     all)
-      bash "$here/lab.sh" all
+      # The nodes boot side by side (the compute hosts' setup waits for the controller's PKI).
+      SKYDD_LAB_PARALLEL=1 bash "$here/lab.sh" all
       stamp "the story ran across the booted lab"
       ;;
   esac
@@ -63,12 +68,12 @@ fi
 teardown() {
   local pids=() p args
   if ip netns list | grep -qE "^$NS( |$)"; then
-    read -r -a pids < <(ip netns pids "$NS" | tr '\n' ' ')
+    read -r -a pids < <(ip netns pids "$NS" | tr '\n' ' ') || true
   fi
   # virtiofsd sandboxes itself in namespaces of its own, so it is not among the namespace's
   # pids: the ones serving this lab's folders are found by their source directory.
   for p in /proc/[0-9]*; do
-    args="$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" || continue
+    args="$({ tr '\0' ' ' < "$p/cmdline"; } 2>/dev/null)" || continue
     case "$args" in */virtiofsd\ *"source=$here/"*) pids+=("${p#/proc/}") ;; esac
   done
   if [ "${#pids[@]}" -gt 0 ]; then
@@ -125,4 +130,4 @@ ip netns add "$NS"
 ip -n "$NS" link set lo up
 # vagrant's progress bars are carriage-return updates: one line each, the bars dropped.
 ip netns exec "$NS" unshare --mount --propagation private bash "$0" --inside "$what" 2>&1 \
-  | tr '\r' '\n' | grep --line-buffered -v 'Progress: [0-9]*%'
+  | stdbuf -o0 tr '\r' '\n' | grep --line-buffered -v 'Progress: [0-9]*%'

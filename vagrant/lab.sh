@@ -47,7 +47,9 @@ up() {
   mkdir -p "$lab/volumes" "$lab/pki" "$lab/hosts" "$lab/ready"
   [ -n "$(ls "$lab/debs"/*.deb 2>/dev/null)" ] || debs
   boxes
-  vagrant up --no-parallel
+  # In order by default; SKYDD_LAB_PARALLEL=1 boots all nodes at once (each compute host's
+  # setup waits for the controller's certificates in the shared folder).
+  if [ "${SKYDD_LAB_PARALLEL:-0}" = 1 ]; then vagrant up --parallel; else vagrant up --no-parallel; fi
   vendor_ca
   vagrant provision controller --provision-with policy
   vagrant provision compute-1 --provision-with enroll
