@@ -142,4 +142,8 @@ say "$releases key releases and $refusals refusals, each with its VM, host and c
 
 headline "cleaning up: detach vm-c"
 dm dm-bob detach "$id" --vm vm-c >/dev/null
+if [ "$SKYDD_LAB_MODE" = vagrant ]; then
+  [ -z "$(crypt_mappings "$(host_of vm-c)")" ] || fail "a dm-crypt mapping is left on $(host_of vm-c) after the detach"
+  say "no dm-crypt mapping left on $(host_of vm-c)"
+fi
 printf '\nthe story ran across the lab: domain %s\n' "$id"
