@@ -7,6 +7,8 @@
 # Needs: vagrant, vagrant-libvirt, libvirt with swtpm, virtiofsd, cargo-deb; sudo for
 # reading swtpm_localca's certificates.
 set -euo pipefail
+SUDO=sudo
+[ "$(id -u)" -eq 0 ] && SUDO=""
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 lab="$here/.lab"
@@ -17,7 +19,7 @@ debs() {
   (cd "$root" && cargo build --release -p ttp -p cloud-platform -p secure-component -p domain-manager -p image-pipeline --bins)
   local p
   for p in ttp cloud-platform secure-component domain-manager image-pipeline; do
-    (cd "$root" && cargo deb --no-build -p "$p" -o "$lab/debs/")
+    (cd "$root" && cargo deb --no-build --fast -p "$p" -o "$lab/debs/")
   done
 }
 
@@ -36,16 +38,18 @@ vendor_ca() {
   mkdir -p "$lab/tpm-vendor-ca"
   # Read as root, written as the user running the lab.
   # shellcheck disable=SC2024
-  sudo cat "$dir/swtpm-localca-rootca-cert.pem" > "$lab/tpm-vendor-ca/swtpm-localca-rootca-cert.pem"
+  $SUDO cat "$dir/swtpm-localca-rootca-cert.pem" > "$lab/tpm-vendor-ca/swtpm-localca-rootca-cert.pem"
   # shellcheck disable=SC2024
-  sudo cat "$dir/issuercert.pem" > "$lab/tpm-vendor-ca/issuercert.pem"
+  $SUDO cat "$dir/issuercert.pem" > "$lab/tpm-vendor-ca/issuercert.pem"
 }
 
 up() {
   mkdir -p "$lab/volumes" "$lab/pki" "$lab/hosts" "$lab/ready"
   [ -n "$(ls "$lab/debs"/*.deb 2>/dev/null)" ] || debs
   boxes
-  vagrant up --no-parallel
+  # In order by default; SKYDD_LAB_PARALLEL=1 boots all nodes at once (each compute host's
+  # setup waits for the controller's certificates in the shared folder).
+  if [ "${SKYDD_LAB_PARALLEL:-0}" = 1 ]; then vagrant up --parallel; else vagrant up --no-parallel; fi
   vendor_ca
   vagrant provision controller --provision-with policy
   vagrant provision compute-1 --provision-with enroll

@@ -11,9 +11,9 @@ phase="${1:-setup}"
 ME="$(hostname_of_node)"
 CONTROLLER="${SKYDD_LAB_CONTROLLER:-controller}"
 TCTI="${SKYDD_LAB_TCTI:-device:/dev/tpmrm0}"
-# Real dm-crypt in the lab's VMs; "auto" (userspace engine where the kernel has no
-# device-mapper) in a chroot on a machine without it.
-if [ "$SKYDD_LAB_MODE" = vagrant ]; then BACKEND="${SKYDD_LAB_BACKEND:-dm-crypt}"; else BACKEND="${SKYDD_LAB_BACKEND:-auto}"; fi
+# "auto": dm-crypt where the kernel has device-mapper (the lab's VMs, Debian's kernel; the demo
+# checks that it was chosen there), else the userspace engine (a chroot on a machine without).
+BACKEND="${SKYDD_LAB_BACKEND:-auto}"
 # Never 16 or 23 (resettable by any process; the TTP refuses them).
 PCRS="0,1,2,3,4,5,6,7,11"
 CONFIG=/etc/skydd/secure-component.toml

@@ -35,6 +35,20 @@ dm() {
   on controller "domain-manager --config /root/.config/skydd/$who.toml $(printf '%q ' "$@")"
 }
 
+# crypt_mappings HOST: "name READ-ONLY|READ-WRITE" of every skydd-* dm-crypt mapping on HOST,
+# after checking that no table there carries a key (only a logon key's name) (vagrant mode).
+# shellcheck disable=SC2016 # the script runs on HOST, its variables are HOST's
+crypt_mappings() {
+  on "$1" 'set -e
+    for m in $(dmsetup ls --target crypt | awk "/^skydd-/ {print \$1}"); do
+      for t in "$(dmsetup table "$m")" "$(dmsetup table --showkeys "$m")"; do
+        case "$t" in *":logon:skydd:$m "*) ;; *) echo "KEY-NOT-IN-KEYRING $m"; continue ;; esac
+        if printf "%s" "$t" | grep -Eq "[0-9a-fA-F]{64}"; then echo "KEY-IN-TABLE $m"; fi
+      done
+      if dmsetup info "$m" | grep -q "READ-ONLY"; then echo "$m READ-ONLY"; else echo "$m READ-WRITE"; fi
+    done'
+}
+
 host_of() {
   local pair
   for pair in $LAB_VMS; do [ "${pair%%=*}" = "$1" ] && { printf '%s' "${pair#*=}"; return; }; done
@@ -42,10 +56,16 @@ host_of() {
 }
 
 headline "dm-alice creates a domain: cardiology records; vm-a may read and write, vm-b may only read"
-created="$(dm dm-alice --json domain create --meta department=cardiology --vm vm-a:rw --vm vm-b:ro --size 64M)"
+# The format: 2 (tags and a hash tree the TTP anchors) where the hosts run the userspace engine
+# (chroots); 1 (encryption alone) where they run dm-crypt (booted nodes), because no kernel
+# target keeps format 2's tags and tree for writes, and the dm-crypt backend refuses a
+# read-write attach of a format-2 domain rather than drop integrity (docs/FORMAT.md).
+FORMAT="${SKYDD_LAB_FORMAT:-}"
+[ -n "$FORMAT" ] || { [ "$SKYDD_LAB_MODE" = vagrant ] && FORMAT=1 || FORMAT=2; }
+created="$(dm dm-alice --json domain create --format "$FORMAT" --meta department=cardiology --vm vm-a:rw --vm vm-b:ro --size 64M)"
 id="$(printf '%s\n' "$created" | sed -n 's/^  "id": "\(.*\)",*$/\1/p' | head -n 1)"
 [ -n "$id" ] || fail "no domain id in: $created"
-say "domain $id, version 1, registered with the TTP (the cloud platform never sees its key)"
+say "domain $id (format $FORMAT), version 1, registered with the TTP (the cloud platform never sees its key)"
 
 headline "vm-a (on $(host_of vm-a)) attaches read-write and writes a patient record"
 attached="$(dm dm-alice --json attach "$id" --vm vm-a --mode rw)"
@@ -54,14 +74,29 @@ say "device $device"
 if [ "$SKYDD_LAB_MODE" = vagrant ]; then
   # The lab's compute hosts run real dm-crypt: a crypt target, not the userspace engine.
   case "$device" in /dev/dm-*|/dev/mapper/*) ;; *) fail "vm-a's device $device is not a device-mapper device" ;; esac
-  on "$(host_of vm-a)" "dmsetup ls --target crypt" | sed 's/^/    dm-crypt mapping: /'
+  maps="$(crypt_mappings "$(host_of vm-a)")"
+  case "$maps" in *KEY-*) fail "a dm-crypt table on $(host_of vm-a) is not keyring-backed: $maps" ;; esac
+  printf '%s\n' "$maps" | grep -q "READ-WRITE" || fail "no read-write dm-crypt mapping on $(host_of vm-a): $maps"
+  say "dm-crypt mapping (backend \"auto\" chose dm-crypt): $maps; its table names a logon key, never the key"
 fi
 on "$(host_of vm-a)" "printf '%s' '$RECORD' > /var/lib/skydd/vms/vm-a/$id/record.txt && sync" || fail "vm-a cannot write"
 say "vm-a wrote $(printf '%s' "$RECORD" | wc -c) bytes"
 
 headline "vm-a detaches (ext4 is not a cluster file system); vm-b (on $(host_of vm-b)) attaches read-only and reads"
 dm dm-alice detach "$id" --vm vm-a >/dev/null
+if [ "$SKYDD_LAB_MODE" = vagrant ]; then
+  [ -z "$(crypt_mappings "$(host_of vm-a)")" ] || fail "a dm-crypt mapping is left on $(host_of vm-a) after the detach"
+  on "$(host_of vm-a)" "journalctl -u skydd-secure-component -o cat --no-pager | grep -q 'key wiped'" \
+    || fail "the secure component on $(host_of vm-a) did not log a key wipe"
+  say "$(host_of vm-a): key wipe, mapping removed at detach"
+fi
 dm dm-alice attach "$id" --vm vm-b --mode ro >/dev/null
+if [ "$SKYDD_LAB_MODE" = vagrant ]; then
+  maps="$(crypt_mappings "$(host_of vm-b)")"
+  case "$maps" in *KEY-*) fail "a dm-crypt table on $(host_of vm-b) is not keyring-backed: $maps" ;; esac
+  case "$maps" in *" READ-ONLY") ;; *) fail "vm-b's read-only grant did not give a read-only mapping: $maps" ;; esac
+  say "$(host_of vm-b): $maps (the read-only grant is a read-only mapping)"
+fi
 got="$(on "$(host_of vm-b)" "cat /var/lib/skydd/vms/vm-b/$id/record.txt")"
 [ "$got" = "$RECORD" ] || fail "vm-b read '$got'"
 say "vm-b reads what vm-a wrote: two hosts' TPMs received the same domain key from the TTP"
@@ -107,4 +142,8 @@ say "$releases key releases and $refusals refusals, each with its VM, host and c
 
 headline "cleaning up: detach vm-c"
 dm dm-bob detach "$id" --vm vm-c >/dev/null
+if [ "$SKYDD_LAB_MODE" = vagrant ]; then
+  [ -z "$(crypt_mappings "$(host_of vm-c)")" ] || fail "a dm-crypt mapping is left on $(host_of vm-c) after the detach"
+  say "no dm-crypt mapping left on $(host_of vm-c)"
+fi
 printf '\nthe story ran across the lab: domain %s\n' "$id"
