@@ -22,7 +22,7 @@ packages=(
   dosfstools mtools ovmf
   python3-venv
   shellcheck vagrant vagrant-libvirt ruby systemd
-  libvirt-daemon-system ovmf dnsmasq-base iptables
+  libvirt-daemon-system dnsmasq-base iptables
 )
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: run as root (it installs Debian packages); as a user: sudo bash $0" >&2
