@@ -19,7 +19,7 @@ use super::geometry::{Geometry, BLOCK, ENTRIES_PER_BLOCK, ENTRY_LEN};
 use super::records::Superblock;
 use super::tag::{is_unwritten, Tagger, UNWRITTEN};
 use super::tree::{leaf_hash, volume_root, MerkleTree};
-use super::volume::{committed_tree, io_err, newest_superblock, write_leaf_slot, Committed};
+use super::volume::{committed_tree, io_err, newest_superblock, read_committed_tag_block, write_leaf_slot, Committed};
 use super::{Anchor, Authority};
 use crate::io::BlockIo;
 use crate::layout::{data_sector_offset, SECTOR_SIZE};
@@ -68,16 +68,8 @@ pub fn rekey(
     let mut committed = vec![0u8; BLOCK as usize];
     for block in 0..geometry.tag_blocks {
         let slot = committed_slot[block as usize];
-        io.read_exact_at(&mut committed, geometry.tag_block_offset(slot, block)).map_err(io_err("reading tags"))?;
+        read_committed_tag_block(io, &geometry, &tree, block, slot, &mut committed, authority)?;
         let sectors = geometry.sectors_of_block(block);
-        if leaf_hash(block, slot, &committed) != *tree.leaf(block) {
-            authority.report(ViolationKind::TagBlock, Some(sectors.start));
-            return Err(Error::Integrity {
-                kind: ViolationKind::TagBlock,
-                sector: Some(sectors.start),
-                detail: format!("tag block {block} (sectors {sectors:?}) does not match the hash tree"),
-            });
-        }
         let buf = &mut data[..(sectors.end - sectors.start) as usize * SECTOR_SIZE];
         io.read_exact_at(buf, data_sector_offset(sectors.start)).map_err(io_err("reading the data area"))?;
         let entries: Vec<std::result::Result<[u8; ENTRY_LEN], u64>> = buf
@@ -147,10 +139,11 @@ fn write_superblock(io: &dyn BlockIo, geometry: &Geometry, tagger: &Tagger, anch
 }
 
 /// The ciphertext `sector` had under the previous key, from its ciphertext under the new
-/// one; an all-zero sector was left as it was by the re-encryption. `None` if an engine
-/// refused (it does not for whole sectors).
-fn under_previous_key(old: &XtsEngine, new: &XtsEngine, sector: u64, ciphertext: &[u8]) -> Option<Vec<u8>> {
-    let mut buf = ciphertext.to_vec();
+/// one (one whole sector); an all-zero sector was left as it was by the re-encryption. `None`
+/// if an engine refused (it does not for whole sectors).
+fn under_previous_key(old: &XtsEngine, new: &XtsEngine, sector: u64, ciphertext: &[u8]) -> Option<[u8; SECTOR_SIZE]> {
+    let mut buf = [0u8; SECTOR_SIZE];
+    buf.copy_from_slice(ciphertext);
     if buf.iter().all(|&b| b == 0) {
         return Some(buf);
     }

@@ -263,21 +263,15 @@ impl IntegrityVolume {
             }
             let slot = st.committed_slot[block as usize];
             let mut buf = vec![0u8; BLOCK as usize];
-            self.io
-                .read_exact_at(&mut buf, self.geometry.tag_block_offset(slot, block))
-                .map_err(io_err("reading a tag block"))?;
-            if leaf_hash(block, slot, &buf) != *st.tree.leaf(block) {
-                let sector = block * ENTRIES_PER_BLOCK;
-                self.authority.report(ViolationKind::TagBlock, Some(sector));
-                return Err(Error::Integrity {
-                    kind: ViolationKind::TagBlock,
-                    sector: Some(sector),
-                    detail: format!(
-                        "tag block {block} (sectors {:?}) does not match the hash tree",
-                        self.geometry.sectors_of_block(block)
-                    ),
-                });
-            }
+            read_committed_tag_block(
+                self.io.as_ref(),
+                &self.geometry,
+                &st.tree,
+                block,
+                slot,
+                &mut buf,
+                self.authority.as_ref(),
+            )?;
             st.blocks.insert(block, buf);
         }
         st.blocks.get_mut(&block).ok_or_else(|| Error::Unsupported("tag block cache lost an entry".into()))
@@ -637,6 +631,33 @@ pub(super) fn committed_tree(
         });
     }
     Ok(Committed { geometry, tree, committed_slot })
+}
+
+/// Reads tag block `block` from tag slot `slot` into `buf` and checks it against its leaf
+/// in the committed `tree`; one that does not match is reported and refused (`tag_block`).
+pub(super) fn read_committed_tag_block(
+    io: &dyn BlockIo,
+    geometry: &Geometry,
+    tree: &MerkleTree,
+    block: u64,
+    slot: u8,
+    buf: &mut [u8],
+    authority: &dyn Authority,
+) -> Result<()> {
+    io.read_exact_at(buf, geometry.tag_block_offset(slot, block)).map_err(io_err("reading a tag block"))?;
+    if leaf_hash(block, slot, buf) != *tree.leaf(block) {
+        let sector = block * ENTRIES_PER_BLOCK;
+        authority.report(ViolationKind::TagBlock, Some(sector));
+        return Err(Error::Integrity {
+            kind: ViolationKind::TagBlock,
+            sector: Some(sector),
+            detail: format!(
+                "tag block {block} (sectors {:?}) does not match the hash tree",
+                geometry.sectors_of_block(block)
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Writes the leaves of `tree` and the tag slot of each block (`working`) to leaf slot
