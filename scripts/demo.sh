@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release -p skydd -p domain-manager -p ttp -p cloud-platform -p secure-component --bins
+# The guests' image (image-pipeline's demo-vm profile): built once, then cached in
+# target/guest-images. Not needed with --no-vms.
+case " $* " in *" --no-vms "*) ;; *) ./target/release/skydd guest-image ;; esac
 RUST_LOG=warn TSS2_LOG=all+none ./target/release/skydd demo "$@"

@@ -66,6 +66,14 @@ pub fn guest_image(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<Guest
     let dir = cache.join(format!("{PROFILE}-{key}"));
     let store_dir = dir.join("store");
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // Two runs at once (a demo beside a test) build the image once: the second waits here,
+    // then finds it promoted. The lock ends with the process, so a killed build frees it.
+    let lock_path = dir.join(".lock");
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        progress(&format!("guest image: another process is building it in {}; waiting", dir.display()));
+        lock.lock().with_context(|| format!("lock {}", lock_path.display()))?;
+    }
     let store = Store::open(&store_dir).with_context(|| format!("open the image store {}", store_dir.display()))?;
     let promoted = |store: &Store| -> Result<Option<GuestImage>> {
         let newest = store.versions(PROFILE)?.into_iter().rev().find(|r| r.status == Status::Promoted);

@@ -71,7 +71,9 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendChoice {
-    /// dm-crypt when the kernel has device-mapper, the userspace engine otherwise.
+    /// dm-crypt when the kernel has device-mapper, with the userspace engine beside it for
+    /// read-write format-2 volumes (docs/DMCRYPT.md "Format 2, read-write"); the userspace
+    /// engine alone otherwise.
     #[default]
     Auto,
     /// Always the kernel's dm-crypt (docs/DMCRYPT.md); start-up fails without device-mapper.

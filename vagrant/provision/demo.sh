@@ -56,12 +56,11 @@ host_of() {
 }
 
 headline "dm-alice creates a domain: cardiology records; vm-a may read and write, vm-b may only read"
-# The format: 2 (tags and a hash tree the TTP anchors) where the hosts run the userspace engine
-# (chroots); 1 (encryption alone) where they run dm-crypt (booted nodes), because no kernel
-# target keeps format 2's tags and tree for writes, and the dm-crypt backend refuses a
-# read-write attach of a format-2 domain rather than drop integrity (docs/FORMAT.md).
-FORMAT="${SKYDD_LAB_FORMAT:-}"
-[ -n "$FORMAT" ] || { [ "$SKYDD_LAB_MODE" = vagrant ] && FORMAT=1 || FORMAT=2; }
+# Format 2, the default (tags and a hash tree the TTP anchors). On the booted nodes
+# backend = "auto" opens it read-write with the userspace engine beside dm-crypt (no kernel
+# target keeps its tags for writes) and read-only with dm-verity under dm-crypt
+# (docs/DMCRYPT.md "Format 2, read-write"); a format-1 domain shows dm-crypt read-write below.
+FORMAT="${SKYDD_LAB_FORMAT:-2}"
 created="$(dm dm-alice --json domain create --format "$FORMAT" --meta department=cardiology --vm vm-a:rw --vm vm-b:ro --size 64M)"
 id="$(printf '%s\n' "$created" | sed -n 's/^  "id": "\(.*\)",*$/\1/p' | head -n 1)"
 [ -n "$id" ] || fail "no domain id in: $created"
@@ -71,13 +70,14 @@ headline "vm-a (on $(host_of vm-a)) attaches read-write and writes a patient rec
 attached="$(dm dm-alice --json attach "$id" --vm vm-a --mode rw)"
 device="$(printf '%s\n' "$attached" | sed -n 's/^  "device": "\(.*\)",*$/\1/p' | head -n 1)"
 say "device $device"
-if [ "$SKYDD_LAB_MODE" = vagrant ]; then
-  # The lab's compute hosts run real dm-crypt: a crypt target, not the userspace engine.
-  case "$device" in /dev/dm-*|/dev/mapper/*) ;; *) fail "vm-a's device $device is not a device-mapper device" ;; esac
-  maps="$(crypt_mappings "$(host_of vm-a)")"
-  case "$maps" in *KEY-*) fail "a dm-crypt table on $(host_of vm-a) is not keyring-backed: $maps" ;; esac
-  printf '%s\n' "$maps" | grep -q "READ-WRITE" || fail "no read-write dm-crypt mapping on $(host_of vm-a): $maps"
-  say "dm-crypt mapping (backend \"auto\" chose dm-crypt): $maps; its table names a logon key, never the key"
+if [ "$SKYDD_LAB_MODE" = vagrant ] && [ "$FORMAT" = 2 ]; then
+  # dm-crypt cannot keep format 2's tags for writes: the engine serves it, FUSE + loop,
+  # inside the same hardened unit (SystemCallFilter, DevicePolicy=closed).
+  case "$device" in /dev/loop*) ;; *) fail "vm-a's format-2 read-write device $device is not the engine's loop device" ;; esac
+  on "$(host_of vm-a)" "grep -q 'skydd-$id-vm-a [^ ]* fuse' /proc/mounts" \
+    || fail "no FUSE mount of the engine for vm-a on $(host_of vm-a)"
+  [ -z "$(crypt_mappings "$(host_of vm-a)")" ] || fail "a dm-crypt mapping opened a format-2 volume read-write"
+  say "backend \"auto\": the userspace engine beside dm-crypt serves it (FUSE + $device) under the hardened unit"
 fi
 on "$(host_of vm-a)" "printf '%s' '$RECORD' > /var/lib/skydd/vms/vm-a/$id/record.txt && sync" || fail "vm-a cannot write"
 say "vm-a wrote $(printf '%s' "$RECORD" | wc -c) bytes"
@@ -85,17 +85,21 @@ say "vm-a wrote $(printf '%s' "$RECORD" | wc -c) bytes"
 headline "vm-a detaches (ext4 is not a cluster file system); vm-b (on $(host_of vm-b)) attaches read-only and reads"
 dm dm-alice detach "$id" --vm vm-a >/dev/null
 if [ "$SKYDD_LAB_MODE" = vagrant ]; then
-  [ -z "$(crypt_mappings "$(host_of vm-a)")" ] || fail "a dm-crypt mapping is left on $(host_of vm-a) after the detach"
-  on "$(host_of vm-a)" "journalctl -u skydd-secure-component -o cat --no-pager | grep -q 'key wiped'" \
-    || fail "the secure component on $(host_of vm-a) did not log a key wipe"
-  say "$(host_of vm-a): key wipe, mapping removed at detach"
+  if on "$(host_of vm-a)" "grep -q 'skydd-$id-vm-a [^ ]* fuse' /proc/mounts"; then fail "the engine's FUSE mount is left on $(host_of vm-a)"; fi
+  say "$(host_of vm-a): the engine's mount and loop device are gone"
 fi
 dm dm-alice attach "$id" --vm vm-b --mode ro >/dev/null
 if [ "$SKYDD_LAB_MODE" = vagrant ]; then
   maps="$(crypt_mappings "$(host_of vm-b)")"
   case "$maps" in *KEY-*) fail "a dm-crypt table on $(host_of vm-b) is not keyring-backed: $maps" ;; esac
   case "$maps" in *" READ-ONLY") ;; *) fail "vm-b's read-only grant did not give a read-only mapping: $maps" ;; esac
-  say "$(host_of vm-b): $maps (the read-only grant is a read-only mapping)"
+  if [ "$FORMAT" = 2 ]; then
+    on "$(host_of vm-b)" "dmsetup ls --target verity | grep -q '^skyddv-'" \
+      || fail "no dm-verity mapping under vm-b's format-2 read-only mapping on $(host_of vm-b)"
+    say "$(host_of vm-b): $maps over dm-verity (the read-only grant is a read-only, verified mapping)"
+  else
+    say "$(host_of vm-b): $maps (the read-only grant is a read-only mapping)"
+  fi
 fi
 got="$(on "$(host_of vm-b)" "cat /var/lib/skydd/vms/vm-b/$id/record.txt")"
 [ "$got" = "$RECORD" ] || fail "vm-b read '$got'"
@@ -139,6 +143,26 @@ refusals="$(printf '%s\n' "$history" | awk '$3 == "key_release" && $4 != "ok"' |
 [ "$releases" -ge 3 ] || fail "expected at least 3 key releases (vm-a, vm-b, vm-c) in the history, found $releases"
 [ "$refusals" -ge 2 ] || fail "expected at least 2 refusals (vm-b revoked, vm-c rw) in the history, found $refusals"
 say "$releases key releases and $refusals refusals, each with its VM, host and code"
+
+if [ "$SKYDD_LAB_MODE" = vagrant ]; then
+  headline "a format-1 domain (encryption alone): vm-a opens it read-write through dm-crypt"
+  created="$(dm dm-alice --json domain create --format 1 --meta department=radiology --vm vm-a:rw --size 64M)"
+  plain_id="$(printf '%s\n' "$created" | sed -n 's/^  "id": "\(.*\)",*$/\1/p' | head -n 1)"
+  [ -n "$plain_id" ] || fail "no domain id in: $created"
+  attached="$(dm dm-alice --json attach "$plain_id" --vm vm-a --mode rw)"
+  device="$(printf '%s\n' "$attached" | sed -n 's/^  "device": "\(.*\)",*$/\1/p' | head -n 1)"
+  case "$device" in /dev/dm-*|/dev/mapper/*) ;; *) fail "vm-a's format-1 device $device is not a device-mapper device" ;; esac
+  maps="$(crypt_mappings "$(host_of vm-a)")"
+  case "$maps" in *KEY-*) fail "a dm-crypt table on $(host_of vm-a) is not keyring-backed: $maps" ;; esac
+  printf '%s\n' "$maps" | grep -q "READ-WRITE" || fail "no read-write dm-crypt mapping on $(host_of vm-a): $maps"
+  say "dm-crypt mapping (backend \"auto\" chose dm-crypt): $maps; its table names a logon key, never the key"
+  on "$(host_of vm-a)" "printf '%s' '$RECORD' > /var/lib/skydd/vms/vm-a/$plain_id/record.txt && sync" || fail "vm-a cannot write"
+  dm dm-alice detach "$plain_id" --vm vm-a >/dev/null
+  [ -z "$(crypt_mappings "$(host_of vm-a)")" ] || fail "a dm-crypt mapping is left on $(host_of vm-a) after the detach"
+  on "$(host_of vm-a)" "journalctl -u skydd-secure-component -o cat --no-pager | grep -q 'key wiped'" \
+    || fail "the secure component on $(host_of vm-a) did not log a key wipe"
+  say "$(host_of vm-a): vm-a wrote through dm-crypt; key wipe, mapping removed at detach"
+fi
 
 headline "cleaning up: detach vm-c"
 dm dm-bob detach "$id" --vm vm-c >/dev/null

@@ -427,7 +427,8 @@ impl AttachmentService {
     ) -> Result<(AttachmentRecord, AttachTimings)> {
         let mode = mode_of(record.mode);
         let t = Instant::now();
-        let backend = self.backend.get();
+        let backend = self.backend.for_open(integrity.is_some(), mode);
+        record.backend = backend.kind().to_string();
         let opened = match integrity {
             None => backend.open(&record.mapping, &record.volume_path, &key, mode),
             Some(integrity) => backend.open_authenticated(&record.mapping, &record.volume_path, &key, integrity, mode),
@@ -450,7 +451,7 @@ impl AttachmentService {
         match self.driver.attach(&placement) {
             Ok(location) => record.location = location,
             Err(e) => {
-                if let Err(close) = self.backend.get().close(&record.mapping) {
+                if let Err(close) = backend.close(&record.mapping) {
                     tracing::error!(mapping = %record.mapping, error = %close, "closing after a failed attach failed");
                 }
                 return Err(e);
@@ -462,7 +463,7 @@ impl AttachmentService {
         let t = Instant::now();
         if let Err(e) = self.records.save(&record) {
             let _ = self.driver.detach(&placement, &record.location);
-            let _ = self.backend.get().close(&record.mapping);
+            let _ = backend.close(&record.mapping);
             return Err(e);
         }
         timings.record = t.elapsed();

@@ -1,12 +1,17 @@
-//! The volume backend in use (dm-crypt, the userspace engine, or that engine over vhost-user) as the agent sees it: which
-//! mapping a domain gets on a VM, whether that mapping is live, stale or gone, and how to
-//! tear it down in whatever state it is.
+//! The volume backends in use (dm-crypt, the userspace engine, or that engine over vhost-user)
+//! as the agent sees them: which backend opens a domain for a VM, whether a mapping is live,
+//! stale or gone, and how to tear it down in whatever state it is.
+//!
+//! With `backend = "auto"` on a host with device-mapper the agent holds two: dm-crypt for
+//! every format-1 volume and every read-only format-2 volume (dm-verity pins its verified
+//! sectors), and the userspace engine for a format-2 volume opened read-write, whose sector
+//! tags and hash tree no kernel target keeps (docs/DMCRYPT.md "Format 2, read-write").
 
 use crate::error::Result;
 use crate::volume::dmcrypt::DmCryptBackend;
 use crate::volume::userspace::UserspaceBackend;
 use crate::volume::vhost_user::VhostUserBlkBackend;
-use crate::volume::VolumeBackend;
+use crate::volume::{OpenMode, VolumeBackend};
 
 /// The volume backend in use.
 pub enum Backend {
@@ -17,6 +22,14 @@ pub enum Backend {
     /// The userspace engine served to a qemu guest as a vhost-user-blk disk: mappings live
     /// only as long as this process and its frontend's connection.
     VhostUser(VhostUserBlkBackend),
+    /// `backend = "auto"` where device-mapper works: dm-crypt, and the userspace engine for
+    /// read-write format-2 volumes only.
+    DmCryptAndEngine {
+        /// Opens format-1 volumes and read-only format-2 volumes.
+        kernel: DmCryptBackend,
+        /// Opens read-write format-2 volumes.
+        engine: UserspaceBackend,
+    },
 }
 
 /// What the backend knows about a mapping name now.
@@ -30,58 +43,131 @@ pub enum MappingState {
     Absent,
 }
 
-impl Backend {
-    pub(super) fn get(&self) -> &dyn VolumeBackend {
+/// One backend of the agent's (two with [`Backend::DmCryptAndEngine`]).
+#[derive(Clone, Copy)]
+enum Part<'a> {
+    DmCrypt(&'a DmCryptBackend),
+    Userspace(&'a UserspaceBackend),
+    VhostUser(&'a VhostUserBlkBackend),
+}
+
+impl<'a> Part<'a> {
+    fn volume_backend(self) -> &'a dyn VolumeBackend {
         match self {
-            Backend::DmCrypt(b) => b,
-            Backend::Userspace(b) => b,
-            Backend::VhostUser(b) => b,
+            Part::DmCrypt(b) => b,
+            Part::Userspace(b) => b,
+            Part::VhostUser(b) => b,
         }
     }
 
-    /// "dm-crypt", "userspace" or "vhost-user": what `/v1/health` and the attachment records report.
+    fn names(self) -> Result<Vec<String>> {
+        Ok(match self {
+            Part::DmCrypt(b) => b.list()?.into_iter().map(|v| v.name).collect(),
+            Part::Userspace(b) => b.list_detailed()?.into_iter().map(|s| s.record.name).collect(),
+            Part::VhostUser(b) => b.list_detailed()?.into_iter().map(|s| s.name).collect(),
+        })
+    }
+
+    fn state(self, name: &str) -> Result<MappingState> {
+        match self {
+            Part::DmCrypt(b) => {
+                Ok(if b.list()?.iter().any(|v| v.name == name) { MappingState::Live } else { MappingState::Absent })
+            }
+            Part::Userspace(b) => Ok(match b.list_detailed()?.into_iter().find(|s| s.record.name == name) {
+                None => MappingState::Absent,
+                Some(s) => match s.stale {
+                    None => MappingState::Live,
+                    Some(reason) => MappingState::Stale(reason),
+                },
+            }),
+            Part::VhostUser(b) => Ok(match b.list_detailed()?.into_iter().find(|s| s.name == name) {
+                None => MappingState::Absent,
+                Some(s) => match s.stale {
+                    None => MappingState::Live,
+                    Some(reason) => MappingState::Stale(reason),
+                },
+            }),
+        }
+    }
+
+    fn remove(self, name: &str) -> Result<()> {
+        match self.state(name)? {
+            MappingState::Live => self.volume_backend().close(name),
+            MappingState::Stale(_) => match self {
+                // Removes every stale leftover (loop device, dead FUSE mount, record); the
+                // others are dead too, and their own detach finds nothing left to do.
+                Part::Userspace(b) => b.cleanup_stale().map(|_| ()),
+                Part::DmCrypt(b) => b.close(name),
+                // A mapping whose frontend hung up: closing wipes its key and socket.
+                Part::VhostUser(b) => b.close(name),
+            },
+            MappingState::Absent => Ok(()),
+        }
+    }
+}
+
+impl Backend {
+    fn parts(&self) -> Vec<Part<'_>> {
+        match self {
+            Backend::DmCrypt(b) => vec![Part::DmCrypt(b)],
+            Backend::Userspace(b) => vec![Part::Userspace(b)],
+            Backend::VhostUser(b) => vec![Part::VhostUser(b)],
+            Backend::DmCryptAndEngine { kernel, engine } => vec![Part::DmCrypt(kernel), Part::Userspace(engine)],
+        }
+    }
+
+    /// "dm-crypt", "userspace" or "vhost-user": the backend that opens most volumes here
+    /// (what `/v1/health` reports; each attachment record names the one that opened it).
     pub fn kind(&self) -> &'static str {
-        self.get().kind()
+        self.parts()[0].volume_backend().kind()
+    }
+
+    /// The backend that opens a volume of this format (`format2`) in `mode`.
+    pub(super) fn for_open(&self, format2: bool, mode: OpenMode) -> &dyn VolumeBackend {
+        match self {
+            Backend::DmCryptAndEngine { engine, .. } if format2 && mode == OpenMode::ReadWrite => engine,
+            _ => self.parts()[0].volume_backend(),
+        }
+    }
+
+    /// The backend of `kind` (as an attachment record names it), if this agent runs it.
+    pub(super) fn of_kind(&self, kind: &str) -> Option<&dyn VolumeBackend> {
+        self.parts().into_iter().map(Part::volume_backend).find(|b| b.kind() == kind)
+    }
+
+    /// Whether some mappings are served from this process (the userspace engine, vhost-user),
+    /// and so end with it.
+    pub(super) fn serves_in_process(&self) -> bool {
+        self.parts().iter().any(|p| !matches!(p, Part::DmCrypt(_)))
+    }
+
+    /// The names of every mapping the backends hold now (after a restart too).
+    pub(super) fn mapping_names(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for part in self.parts() {
+            names.extend(part.names()?);
+        }
+        Ok(names)
     }
 
     /// Whether the mapping `name` is live, stale or gone; used at listing and detach time to
     /// report `stale` attachments and to tear down what is left.
     pub fn state(&self, name: &str) -> Result<MappingState> {
-        match self {
-            Backend::DmCrypt(b) => {
-                Ok(if b.list()?.iter().any(|v| v.name == name) { MappingState::Live } else { MappingState::Absent })
+        for part in self.parts() {
+            let state = part.state(name)?;
+            if state != MappingState::Absent {
+                return Ok(state);
             }
-            Backend::Userspace(b) => Ok(match b.list_detailed()?.into_iter().find(|s| s.record.name == name) {
-                None => MappingState::Absent,
-                Some(s) => match s.stale {
-                    None => MappingState::Live,
-                    Some(reason) => MappingState::Stale(reason),
-                },
-            }),
-            Backend::VhostUser(b) => Ok(match b.list_detailed()?.into_iter().find(|s| s.name == name) {
-                None => MappingState::Absent,
-                Some(s) => match s.stale {
-                    None => MappingState::Live,
-                    Some(reason) => MappingState::Stale(reason),
-                },
-            }),
         }
+        Ok(MappingState::Absent)
     }
 
-    /// Tears down a mapping in whatever state it is.
+    /// Tears down a mapping in whatever state it is, in whichever backend holds it.
     pub(super) fn remove(&self, name: &str) -> Result<()> {
-        match self.state(name)? {
-            MappingState::Live => self.get().close(name),
-            MappingState::Stale(_) => match self {
-                // Removes every stale leftover (loop device, dead FUSE mount, record); the
-                // others are dead too, and their own detach finds nothing left to do.
-                Backend::Userspace(b) => b.cleanup_stale().map(|_| ()),
-                Backend::DmCrypt(b) => b.close(name),
-                // A mapping whose frontend hung up: closing wipes its key and socket.
-                Backend::VhostUser(b) => b.close(name),
-            },
-            MappingState::Absent => Ok(()),
+        for part in self.parts() {
+            part.remove(name)?;
         }
+        Ok(())
     }
 }
 

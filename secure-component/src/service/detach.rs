@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use protocol::cloud::AgentAttachment;
 
-use super::backend::{Backend, MappingState};
+use super::backend::MappingState;
 use super::clouds::Cloud;
 use super::records::AttachmentRecord;
 use super::{check_attachment_id, unix_now, AttachmentService};
@@ -57,16 +57,22 @@ impl AttachmentService {
     /// mark the record so the next start lists it as stale with this reason. dm-crypt
     /// mappings live in the kernel and are left alone. Called on drop.
     pub fn shutdown(&self) {
-        let (Backend::Userspace(_) | Backend::VhostUser(_)) = &self.backend else { return };
+        if !self.backend.serves_in_process() {
+            return;
+        }
         let Ok(records) = self.records.list() else { return };
         for mut record in records {
+            // dm-crypt mappings (beside the engine with backend = "auto") stay in the kernel.
+            let Some(backend) = self.backend.of_kind(&record.backend).filter(|b| b.kind() != "dm-crypt") else {
+                continue;
+            };
             if record.interrupted.is_some() || !matches!(self.backend.state(&record.mapping), Ok(MappingState::Live)) {
                 continue;
             }
             let placement = self.placement(&record);
             let result = self.driver.detach(&placement, &record.location).and_then(|_| {
                 self.stop_re_encryption(&record.mapping);
-                self.backend.get().close(&record.mapping)
+                backend.close(&record.mapping)
             });
             let why = match result {
                 Ok(()) => format!(

@@ -95,7 +95,13 @@ impl AttachmentService {
                 "the volume of attachment {attachment_id} is being re-encrypted already"
             )));
         }
-        let live = self.backend.get().live_device(&record.mapping)?;
+        let backend = self.backend.of_kind(&record.backend).ok_or_else(|| {
+            Error::Volume(format!(
+                "attachment {attachment_id} was opened by the {} backend, which this agent does not run",
+                record.backend
+            ))
+        })?;
+        let live = backend.live_device(&record.mapping)?;
         if live.as_plain().is_none() {
             return Err(Error::BadRequest(format!(
                 "domain {} is format 2: its tags and tree move to the new key offline, at its next read-write attach (detach it and attach it again)",

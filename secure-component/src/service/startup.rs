@@ -67,7 +67,9 @@ pub fn build(config: &AgentConfig) -> Result<(Arc<AttachmentService>, net::Serve
         BackendChoice::Userspace => Backend::Userspace(UserspaceBackend::new(config.userspace_dir())?),
         BackendChoice::VhostUser => Backend::VhostUser(VhostUserBlkBackend::new(config.vhost_user_dir())?),
         BackendChoice::Auto => match DmCryptBackend::new() {
-            Ok(b) => Backend::DmCrypt(b),
+            // The engine beside dm-crypt keeps the tags and tree of format-2 volumes opened
+            // read-write (docs/DMCRYPT.md "Format 2, read-write").
+            Ok(kernel) => Backend::DmCryptAndEngine { kernel, engine: UserspaceBackend::new(config.userspace_dir())? },
             Err(Error::DeviceMapperUnavailable(why)) => {
                 tracing::info!(%why, "backend auto: using the userspace engine");
                 Backend::Userspace(UserspaceBackend::new(config.userspace_dir())?)

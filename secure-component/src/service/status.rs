@@ -5,13 +5,12 @@
 use protocol::cloud::{AgentAttachment, AgentAttachmentList};
 
 use super::attach::mode_of;
-use super::backend::{Backend, MappingState};
+use super::backend::MappingState;
 use super::clouds::Cloud;
 use super::records::AttachmentRecord;
 use super::AttachmentService;
 use crate::error::Result;
 use crate::hypervisor::Placement;
-use crate::volume::VolumeBackend;
 
 impl AttachmentService {
     /// Every attachment this host has a record of, each with its current status.
@@ -73,7 +72,7 @@ impl AttachmentService {
         if let Some(why) = &record.interrupted {
             return Ok(Some(why.clone()));
         }
-        if record.backend != self.backend.kind() {
+        if self.backend.of_kind(&record.backend).is_none() {
             return Ok(Some(format!(
                 "it was opened by the {} backend; this agent runs {}",
                 record.backend,
@@ -130,11 +129,7 @@ impl AttachmentService {
 
     /// The backend's `skydd-` mappings that no record refers to.
     pub fn orphan_mappings(&self, records: &[AttachmentRecord]) -> Result<Vec<(String, MappingState)>> {
-        let names: Vec<String> = match &self.backend {
-            Backend::DmCrypt(b) => b.list()?.into_iter().map(|v| v.name).collect(),
-            Backend::Userspace(b) => b.list_detailed()?.into_iter().map(|s| s.record.name).collect(),
-            Backend::VhostUser(b) => b.list_detailed()?.into_iter().map(|s| s.name).collect(),
-        };
+        let names = self.backend.mapping_names()?;
         let mut out = Vec::new();
         for name in names {
             if name.starts_with("skydd-") && !records.iter().any(|r| r.mapping == name) {

@@ -300,7 +300,8 @@ impl VolumeBackend for DmCryptBackend {
                 refusal: Refusal::IntegrityUnsupported,
                 message: "the dm-crypt backend cannot keep a format-2 volume's tags and tree for writes (no kernel \
                           target commits a root to the TTP), so it refuses a read-write attach rather than drop \
-                          integrity; use backend = \"userspace\" for read-write format-2 domains"
+                          integrity; backend = \"auto\" opens read-write format-2 domains with the userspace engine beside dm-crypt \
+                          (docs/DMCRYPT.md \"Format 2, read-write\")"
                     .into(),
             });
         }
