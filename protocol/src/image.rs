@@ -125,6 +125,129 @@ impl LaunchedImage {
     }
 }
 
+/// The `outcome` of a launch that started its VM.
+pub const LAUNCH_OK: &str = "ok";
+/// Longest [`LaunchReport::image_name`] in bytes (a file name, as `NAME_MAX`).
+pub const MAX_IMAGE_NAME_BYTES: usize = 255;
+/// Longest [`LaunchReport::message`] in bytes: it goes into an audit record as it is.
+pub const MAX_LAUNCH_MESSAGE_BYTES: usize = 2048;
+
+/// SC → TTP, `POST /v1/launches`: what became of one launch attempt on the calling host
+/// (docs/PROTOCOL.md "Trusted launch"), so that a refused launch is in the TTP's audit log and
+/// not only in the host's own. The host is the caller's certificate name, never a field.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchReport {
+    /// The VM the launch was for (a name, as placements and access lists name VMs).
+    pub vm_id: String,
+    /// Hex SHA-256 (64 lowercase characters) of the image file as the host hashed it; `None`
+    /// when the launch was refused before the file was hashed (it could not be opened, was
+    /// not a regular file, was writable by others...).
+    pub image_digest: Option<String>,
+    /// The image's file name, without the directory: the digest says which image it is, the
+    /// host's directory layout means nothing to the TTP. `None` when the path has none.
+    pub image_name: Option<String>,
+    /// [`LAUNCH_OK`], or the refusal's code (`image_not_allowed`, or another code of
+    /// [`crate::refusal::Refusal`] for a launch that failed otherwise).
+    pub outcome: String,
+    /// What the host said of the launch: its refusal text, or what it started.
+    pub message: String,
+}
+
+impl LaunchReport {
+    /// A report whose free-text fields fit [`LaunchReport::validate`]: control characters in
+    /// `image_name` and `message` (and a `/` in the name) become U+FFFD, each is cut at a
+    /// character boundary to its limit, and an empty name is `None`, so any text a host
+    /// produced can be sent. The id, digest and outcome are taken as they are.
+    pub fn new(
+        vm_id: &str,
+        image_digest: Option<String>,
+        image_name: Option<&str>,
+        outcome: &str,
+        message: &str,
+    ) -> Self {
+        Self {
+            vm_id: vm_id.to_string(),
+            image_digest,
+            image_name: image_name
+                .filter(|name| !name.is_empty())
+                .map(|name| printable_prefix(&name.replace('/', "\u{FFFD}"), MAX_IMAGE_NAME_BYTES)),
+            outcome: outcome.to_string(),
+            message: printable_prefix(message, MAX_LAUNCH_MESSAGE_BYTES),
+        }
+    }
+
+    /// Refuses a report the TTP must not write into its audit log, naming the field: a VM id
+    /// that is not a name ([`crate::domain::validate_name`]), a digest that is not 64
+    /// lowercase hex characters, an empty image name, one with a `/` or longer than
+    /// [`MAX_IMAGE_NAME_BYTES`], an outcome that is neither [`LAUNCH_OK`] nor a refusal code,
+    /// a message longer than [`MAX_LAUNCH_MESSAGE_BYTES`], and control characters in either
+    /// text (the log is read on terminals).
+    pub fn validate(&self) -> Result<()> {
+        let malformed = |detail: String| Err(Error::Malformed { what: "launch report", detail });
+        if crate::domain::validate_name("vm id", &self.vm_id).is_err() {
+            // Not repeated: it may be huge or hostile.
+            return malformed(format!(
+                "vm_id ({} bytes) is not 1 to {} characters of A-Z a-z 0-9 . _ - @ : (not . or .., not starting with -)",
+                self.vm_id.len(),
+                crate::domain::MAX_NAME_BYTES
+            ));
+        }
+        if let Some(digest) = &self.image_digest {
+            if digest.len() != 64 || !digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return malformed(format!("image_digest ({} bytes) is not 64 lowercase hex characters", digest.len()));
+            }
+        }
+        if let Some(name) = &self.image_name {
+            if name.is_empty() || name.len() > MAX_IMAGE_NAME_BYTES {
+                return malformed(format!(
+                    "image_name is {} bytes; a file name is 1 to {MAX_IMAGE_NAME_BYTES}",
+                    name.len()
+                ));
+            }
+            if name.contains('/') {
+                return malformed("image_name holds a '/': it is the file name only, not a path".into());
+            }
+            if name.chars().any(char::is_control) {
+                return malformed("image_name holds a control character".into());
+            }
+        }
+        if self.outcome != LAUNCH_OK && crate::refusal::Refusal::from_code(&self.outcome).is_none() {
+            return malformed(format!(
+                "outcome ({} bytes) is neither \"{LAUNCH_OK}\" nor a refusal code",
+                self.outcome.len()
+            ));
+        }
+        if self.message.len() > MAX_LAUNCH_MESSAGE_BYTES {
+            return malformed(format!("message is {} bytes, more than {MAX_LAUNCH_MESSAGE_BYTES}", self.message.len()));
+        }
+        if self.message.chars().any(char::is_control) {
+            return malformed("message holds a control character".into());
+        }
+        Ok(())
+    }
+}
+
+/// TTP → SC: where the report went in the audit log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LaunchReportResponse {
+    /// Sequence number of the `launch` audit record.
+    pub audit_seq: u64,
+}
+
+/// `text` with control characters replaced by U+FFFD, cut to at most `limit` bytes at a
+/// character boundary.
+fn printable_prefix(text: &str, limit: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(limit));
+    for c in text.chars().map(|c| if c.is_control() { '\u{FFFD}' } else { c }) {
+        if out.len() + c.len_utf8() > limit {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Domain separation of [`quote_qualifying_data`].
 const QUOTE_LABEL: &[u8] = b"skydd/v1/quote/launched-image\0";
 
@@ -170,6 +293,82 @@ mod tests {
             let err = quote_qualifying_data(&[0; 32], Some(&image(bad))).unwrap_err().to_string();
             assert!(err.contains("not 64 lowercase hex"), "{bad}: {err}");
         }
+    }
+
+    fn refusal_of(report: &LaunchReport) -> String {
+        report.validate().expect_err("the report is refused").to_string()
+    }
+
+    #[test]
+    fn a_launch_report_round_trips_and_refuses_unknown_fields() {
+        let report = LaunchReport::new(
+            "vm-x",
+            Some("ab".repeat(32)),
+            Some("web.qcow2"),
+            "image_not_allowed",
+            "/images/web.qcow2: sha256 abab… is not on the allowlist",
+        );
+        report.validate().unwrap();
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["image_name"], "web.qcow2");
+        assert_eq!(serde_json::from_value::<LaunchReport>(json.clone()).unwrap(), report);
+        let mut extra = json;
+        extra["host_id"] = "compute-9".into();
+        let err = serde_json::from_value::<LaunchReport>(extra).unwrap_err().to_string();
+        assert!(err.contains("unknown field `host_id`"), "{err}");
+    }
+
+    #[test]
+    fn a_launch_report_with_a_bad_id_digest_outcome_or_text_is_refused() {
+        let good = LaunchReport::new("vm-x", Some("ab".repeat(32)), Some("web.raw"), "ok", "launched");
+        let with = |change: fn(&mut LaunchReport)| {
+            let mut report = good.clone();
+            change(&mut report);
+            refusal_of(&report)
+        };
+        assert_eq!(
+            with(|r| r.vm_id = "../etc".into()),
+            "malformed launch report: vm_id (6 bytes) is not 1 to 64 characters of A-Z a-z 0-9 . _ - @ : \
+             (not . or .., not starting with -)"
+        );
+        assert_eq!(
+            with(|r| r.image_digest = Some("AB".repeat(32))),
+            "malformed launch report: image_digest (64 bytes) is not 64 lowercase hex characters"
+        );
+        assert_eq!(
+            with(|r| r.image_digest = Some("ab".repeat(31))),
+            "malformed launch report: image_digest (62 bytes) is not 64 lowercase hex characters"
+        );
+        assert_eq!(
+            with(|r| r.outcome = "fine".into()),
+            "malformed launch report: outcome (4 bytes) is neither \"ok\" nor a refusal code"
+        );
+        assert_eq!(
+            with(|r| r.image_name = Some("/var/lib/web.raw".into())),
+            "malformed launch report: image_name holds a '/': it is the file name only, not a path"
+        );
+        assert_eq!(
+            with(|r| r.message = "line\nforged line".into()),
+            "malformed launch report: message holds a control character"
+        );
+        assert_eq!(
+            with(|r| r.message = "x".repeat(MAX_LAUNCH_MESSAGE_BYTES + 1)),
+            "malformed launch report: message is 2049 bytes, more than 2048"
+        );
+        // A refusal before the file was hashed has no digest, and that is well-formed.
+        let unhashed = LaunchReport { image_digest: None, outcome: "image_not_allowed".into(), ..good };
+        unhashed.validate().unwrap();
+    }
+
+    #[test]
+    fn new_makes_any_host_text_sendable() {
+        let long = format!("{}é", "x".repeat(MAX_LAUNCH_MESSAGE_BYTES - 1));
+        let report = LaunchReport::new("vm-x", None, Some("evil\u{1b}[2J/name"), "io_error", &format!("a\nb{long}"));
+        report.validate().unwrap();
+        assert_eq!(report.image_name.as_deref(), Some("evil\u{FFFD}[2J\u{FFFD}name"));
+        assert!(report.message.starts_with("a\u{FFFD}b"));
+        assert!(report.message.len() <= MAX_LAUNCH_MESSAGE_BYTES && !report.message.ends_with('é'));
+        assert_eq!(LaunchReport::new("vm-x", None, Some(""), "ok", "").image_name, None);
     }
 
     #[test]

@@ -581,7 +581,7 @@ pub struct AuditRecord {
     pub seq: u64,
     /// Unix seconds.
     pub at: u64,
-    /// "key_release", "register", "delete", "enroll".
+    /// "key_release", "register", "delete", "enroll", "launch"... (docs/PROTOCOL.md "Audit records").
     pub event: String,
     /// "ok" or the refusal's error code.
     pub outcome: String,

@@ -16,6 +16,12 @@
 //!    such as the QEMU guest agent of the `demo-vm` image; only this service's user reaches
 //!    it, like the monitor), under the `[launch] firmware` when one is set (OVMF for UEFI).
 //!
+//! After every launch attempt, started or refused, the host reports it to its TTP
+//! ([`report_to_ttp`], `POST /v1/launches`), which appends a `launch` audit record: a refused
+//! (tampered, unlisted) image is then on the TTP's record, not only in this host's log. A
+//! report that does not reach the TTP is a warning in this log and changes nothing: a refusal
+//! stays a refusal, a started VM is not stopped.
+//!
 //! The VMs are this service's children: they stop when it stops (a VM that outlived its
 //! secure component would have no launch record, and get no key).
 
@@ -28,7 +34,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use protocol::image::{AllowList, LaunchedImage};
+use protocol::image::{AllowList, LaunchReport, LaunchReportResponse, LaunchedImage, LAUNCH_OK};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -44,6 +50,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 const HOTPLUG_PORTS: u32 = 4;
 /// The descriptor number the image has in qemu (`-add-fd fd=3`).
 const IMAGE_FD: i32 = 3;
+/// How long a launch report may take before the launch is answered without it.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `POST /v1/vms`: launch `vm_id` from the image file `image` (a path on this host).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -156,6 +164,33 @@ impl Launcher {
     /// Checks the image and starts the VM (see the module documentation); refuses an image
     /// that is not allowed with [`Error::ImageNotAllowed`], before anything is started.
     pub fn launch(&self, request: &LaunchRequest) -> Result<LaunchedVm> {
+        self.launch_reported(request).0
+    }
+
+    /// [`Launcher::launch`], and the report of it for the TTP ([`report_to_ttp`]): the
+    /// outcome (`ok` or the refusal's code) and message, the image's file name, and its
+    /// digest when the file was hashed (a refusal before that has none). No report for a VM
+    /// id that is not a name (the TTP could not record it).
+    pub fn launch_reported(&self, request: &LaunchRequest) -> (Result<LaunchedVm>, Option<LaunchReport>) {
+        let mut hashed = None;
+        let outcome = self.try_launch(request, &mut hashed);
+        if protocol::domain::validate_name("vm id", &request.vm_id).is_err() {
+            return (outcome, None);
+        }
+        let (code, message) = match &outcome {
+            Ok(vm) => (
+                LAUNCH_OK,
+                format!("launched from {}@{} on the allowlist (qemu pid {})", vm.image.role, vm.image.version, vm.pid),
+            ),
+            Err(error) => (error.refusal().code(), error.to_string()),
+        };
+        let name = request.image.file_name().map(|name| name.to_string_lossy());
+        let report = LaunchReport::new(&request.vm_id, hashed, name.as_deref(), code, &message);
+        (outcome, Some(report))
+    }
+
+    /// The launch; sets `hashed` to the image's hex SHA-256 as soon as the file is hashed.
+    fn try_launch(&self, request: &LaunchRequest, hashed: &mut Option<String>) -> Result<LaunchedVm> {
         let qmp = qmp_socket(&self.qmp_dir, &request.vm_id)?;
         if !(64..=65536).contains(&request.memory_mib) || !(1..=64).contains(&request.cpus) {
             return Err(Error::BadRequest(format!(
@@ -166,7 +201,7 @@ impl Launcher {
         if self.image_of(&request.vm_id).is_some() {
             return Err(Error::AttachmentConflict(format!("VM {} is already running on this host", request.vm_id)));
         }
-        let (image_file, entry) = self.checked_image(&request.image)?;
+        let (image_file, entry) = self.checked_image(&request.image, hashed)?;
         let format = if entry.qcow2_sha256 == entry.digest { "qcow2" } else { "raw" };
         let image = LaunchedImage { sha256: entry.digest, role: entry.role, version: entry.version };
 
@@ -222,8 +257,8 @@ impl Launcher {
     }
 
     /// Opens the image and checks it: a regular file only its owner can write, owned by root
-    /// or this service's user, whose SHA-256 is on the allowlist.
-    fn checked_image(&self, path: &Path) -> Result<(File, MatchedEntry)> {
+    /// or this service's user, whose SHA-256 (put in `hashed`) is on the allowlist.
+    fn checked_image(&self, path: &Path, hashed: &mut Option<String>) -> Result<(File, MatchedEntry)> {
         let refuse = |why: String| Error::ImageNotAllowed(format!("{}: {why}", path.display()));
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -246,6 +281,7 @@ impl Launcher {
             )));
         }
         let digest = hex::encode(crate::measure::sha256_open_file(&mut file, path)?);
+        *hashed = Some(digest.clone());
         let entry = self.allowlist.find(&digest).ok_or_else(|| {
             refuse(format!(
                 "sha256 {digest} is not on the allowlist issued {} by {} ({} approved images)",
@@ -294,6 +330,30 @@ impl Drop for Launcher {
             remove_sockets(&running.vm);
         }
     }
+}
+
+/// Reports a launch attempt to the TTP (`POST /v1/launches`, docs/PROTOCOL.md "Trusted
+/// launch"), which audits it as a `launch` record naming this host (its certificate name);
+/// returns that record's seq. A report that does not reach the TTP within
+/// 10 s, or that it refuses, is logged as a warning and `None`: the launch's
+/// outcome stands either way.
+pub async fn report_to_ttp(ttp: &net::Client, report: &LaunchReport) -> Option<u64> {
+    let sent = ttp.post_json::<_, LaunchReportResponse>("/v1/launches", report);
+    let failure = match tokio::time::timeout(REPORT_TIMEOUT, sent).await {
+        Ok(Ok(answer)) => {
+            tracing::info!(vm_id = %report.vm_id, outcome = %report.outcome, audit_seq = answer.audit_seq, "launch reported to the TTP");
+            return Some(answer.audit_seq);
+        }
+        Ok(Err(error)) => crate::host::ttp_error("launch report", error).to_string(),
+        Err(_) => format!("no answer within {REPORT_TIMEOUT:?}"),
+    };
+    tracing::warn!(
+        vm_id = %report.vm_id,
+        outcome = %report.outcome,
+        error = %failure,
+        "the TTP did not record this launch attempt; its outcome stands"
+    );
+    None
 }
 
 fn remove_sockets(vm: &LaunchedVm) {
@@ -354,5 +414,70 @@ fn wait_for_monitor(running: &mut Running, log_path: &Path) -> Result<()> {
             });
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    fn launcher(dir: &Path) -> Launcher {
+        let allowlist = AllowList {
+            kind: protocol::image::ALLOWLIST_KIND.into(),
+            issued_at: "2026-11-30T12:00:00Z".into(),
+            issuer: "image-pipeline".into(),
+            images: Vec::new(),
+        };
+        let config = LaunchConfig {
+            allowlist: dir.join("allowlist.dsse"),
+            signer: "image-pipeline".into(),
+            qemu: "/nonexistent/qemu".into(),
+            accel: "tcg".into(),
+            firmware: None,
+        };
+        Launcher::new(allowlist, config, dir.join("qmp"), dir.join("logs")).unwrap()
+    }
+
+    fn request(vm_id: &str, image: &Path) -> LaunchRequest {
+        LaunchRequest { vm_id: vm_id.into(), image: image.to_path_buf(), memory_mib: 512, cpus: 1 }
+    }
+
+    /// The report of a refused launch says what the TTP is to record: the refusal's code and
+    /// text, the file name without its directory, and the digest once the file was hashed.
+    #[test]
+    fn a_refused_launch_is_reported_with_its_code_name_and_digest() {
+        let dir = std::env::temp_dir().join(format!("skydd-launch-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let launcher = launcher(&dir);
+        let image = dir.join("tampered.raw");
+        std::fs::write(&image, b"not an approved image").unwrap();
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let (outcome, report) = launcher.launch_reported(&request("vm-x", &image));
+        assert!(matches!(outcome, Err(Error::ImageNotAllowed(_))), "{outcome:?}");
+        let report = report.expect("a report");
+        report.validate().unwrap();
+        assert_eq!(report.outcome, "image_not_allowed");
+        assert_eq!(report.image_name.as_deref(), Some("tampered.raw"));
+        let digest = hex::encode(Sha256::digest(b"not an approved image"));
+        assert_eq!(report.image_digest.as_deref(), Some(digest.as_str()));
+        assert!(report.message.contains("is not on the allowlist"), "{}", report.message);
+
+        // Refused before it was hashed (others may write it): no digest, the same code.
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (outcome, report) = launcher.launch_reported(&request("vm-x", &image));
+        assert!(matches!(outcome, Err(Error::ImageNotAllowed(_))), "{outcome:?}");
+        let report = report.expect("a report");
+        assert_eq!((report.outcome.as_str(), report.image_digest.as_deref()), ("image_not_allowed", None));
+        assert!(report.message.contains("lets others write it"), "{}", report.message);
+
+        // A VM id the TTP could not record is not reported.
+        let (outcome, report) = launcher.launch_reported(&request("vm x", &image));
+        assert!(outcome.is_err() && report.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

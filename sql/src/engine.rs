@@ -279,6 +279,8 @@ impl Sql for PgConnection {
 pub struct PgPool {
     url: String,
     size: usize,
+    /// Every connection refuses writes (`default_transaction_read_only`): a tool's pool.
+    read_only: bool,
     idle: Mutex<(Vec<PgConnection>, usize)>,
     returned: Condvar,
 }
@@ -304,7 +306,22 @@ const PG_WAIT: Duration = Duration::from_secs(10);
 impl PgPool {
     /// A pool of at most `size` connections to `url` (none opened yet).
     pub fn new(url: &str, size: usize) -> Self {
-        Self { url: url.to_string(), size: size.max(1), idle: Mutex::new((Vec::new(), 0)), returned: Condvar::new() }
+        Self::with_mode(url, size, false)
+    }
+
+    /// As [`PgPool::new`], but every connection is read-only: a statement that writes fails.
+    pub fn read_only(url: &str, size: usize) -> Self {
+        Self::with_mode(url, size, true)
+    }
+
+    fn with_mode(url: &str, size: usize, read_only: bool) -> Self {
+        Self {
+            url: url.to_string(),
+            size: size.max(1),
+            read_only,
+            idle: Mutex::new((Vec::new(), 0)),
+            returned: Condvar::new(),
+        }
     }
 
     /// A connection, waiting for one to be returned when all `size` are out.
@@ -356,6 +373,11 @@ impl PgPool {
         client
             .batch_execute("SET plan_cache_mode = force_custom_plan")
             .map_err(|e| pg_err("set up a connection", e))?;
+        if self.read_only {
+            client
+                .batch_execute("SET default_transaction_read_only = on")
+                .map_err(|e| pg_err("make a connection read-only", e))?;
+        }
         Ok(PgConnection { client, statements: HashMap::new(), in_transaction: false, locks_held: HashSet::new() })
     }
 

@@ -168,6 +168,29 @@ impl Backend {
         }
     }
 
+    /// Opens `database` for reading only, as it is: no schema is created or migrated, and
+    /// no statement can write (SQLite: a read-only connection with `query_only`; a missing
+    /// file is an error, not a new database). For tools that run beside a serving service.
+    /// PostgreSQL connections are opened as they are needed, each in read-only mode.
+    pub fn open_read_only(database: &Database) -> Result<Self> {
+        match database {
+            Database::Sqlite(path) => {
+                let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                let reader = Connection::open_with_flags(path, flags)
+                    .map_err(|e| Error::Store(format!("open {} read-only: {e}", path.display())))?;
+                reader
+                    .execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")
+                    .map_err(|e| Error::Store(format!("set up a reader of {}: {e}", path.display())))?;
+                Ok(Backend::Sqlite(SqliteConnections {
+                    writer: Mutex::new(reader),
+                    readers: Vec::new(),
+                    next_reader: Default::default(),
+                }))
+            }
+            Database::Postgres { url, .. } => Ok(Backend::Postgres(PgPool::read_only(url, 1))),
+        }
+    }
+
     /// A database in memory with the newest schema, for tests: lost when dropped.
     pub fn in_memory(migrations: &Migrations) -> Result<Self> {
         let connection =
@@ -349,6 +372,29 @@ mod tests {
         let rows = backend.read(|tx| tx.query("SELECT k, v FROM t ORDER BY k", &[])).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].text(1).unwrap(), "one");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A tool's read-only open reads beside the service's open writer, writes nothing, and
+    /// creates no database where there is none.
+    #[test]
+    fn a_read_only_open_reads_beside_the_writer_and_cannot_write() {
+        let dir = std::env::temp_dir().join(format!("skydd-sql-ro-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let database = Database::Sqlite(dir.join("db.sqlite"));
+        let missing = Database::Sqlite(dir.join("missing.sqlite"));
+        assert!(Backend::open_read_only(&missing).is_err());
+        assert!(!dir.join("missing.sqlite").exists(), "a read-only open created a database");
+        let serving = Backend::open(&database, &STEPS).unwrap();
+        serving.write(|tx| tx.execute("INSERT INTO t (k, v) VALUES (?1, ?2)", &[1i64.into(), "one".into()])).unwrap();
+        let reader = Backend::open_read_only(&database).unwrap();
+        let rows = reader.read(|tx| tx.query("SELECT v FROM t", &[])).unwrap();
+        assert_eq!(rows[0].text(0).unwrap(), "one");
+        let refused: Result<u64> =
+            reader.write(|tx| tx.execute("INSERT INTO t (k, v) VALUES (?1, ?2)", &[2i64.into(), "two".into()]));
+        assert!(refused.is_err(), "a read-only backend wrote");
+        let rows = serving.read(|tx| tx.query("SELECT k FROM t", &[])).unwrap();
+        assert_eq!(rows.len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -3,7 +3,8 @@
 //! swtpm, the secure component's launcher starting real qemu (TCG) processes.
 //!
 //! - The launcher starts a VM from an allowlisted image only: an unlisted image, one others
-//!   can write, and a symbolic link are refused before qemu runs.
+//!   can write, and a symbolic link are refused before qemu runs; the host's report of a
+//!   refusal (`POST /v1/launches`) is a `launch` record in the TTP's audit chain.
 //! - The TTP releases a key to a VM the host reports as launched from an allowlisted image
 //!   (the report covered by the quote), and refuses, with `image_not_allowed` in the owner's
 //!   viewing history: no report, an unlisted image, a listed digest under another version.
@@ -159,8 +160,17 @@ async fn scenario() {
         Err(e @ secure_component::Error::ImageNotAllowed(_)) => e.to_string(),
         other => panic!("expected image_not_allowed, got {other:?}"),
     };
-    let message = refused(launcher.launch(&launch("vm-rogue", &rogue)));
+    let (outcome, report) = launcher.launch_reported(&launch("vm-rogue", &rogue));
+    let message = refused(outcome);
     assert!(message.contains(&rogue_sha) && message.contains("not on the allowlist"), "{message}");
+    // Reported over mutual TLS as the host, the refusal is a `launch` record at the TTP.
+    let report = report.expect("a refused launch is reported");
+    let seq = secure_component::launch::report_to_ttp(&host.host.ttp, &report).await.expect("the TTP records it");
+    let record = skydd_testkit::audit::records(&ttp.service).pop().unwrap();
+    assert_eq!((record.seq, record.event.as_str(), record.outcome.as_str()), (seq, "launch", "image_not_allowed"));
+    assert_eq!((record.host_id.as_deref(), record.vm_id.as_deref()), (Some("host-1"), Some("vm-rogue")));
+    assert!(record.message.contains(&format!("from image rogue.raw, sha256 {rogue_sha}")), "{}", record.message);
+    ttp.service.verify_audit_chain().unwrap();
     let writable = images.join("web-v3-writable.raw");
     std::fs::copy(&web_v3, &writable).unwrap();
     std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o666)).unwrap();

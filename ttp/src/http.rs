@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use net::{ApiError, Identity};
 use protocol::attest::{CredentialChallenge, EnrollmentProof, EnrollmentRequest};
+use protocol::image::{LaunchReport, LaunchReportResponse};
 use protocol::integrity::{
     IntegrityCommitRequest, IntegrityCommitResponse, IntegrityViolationReport, IntegrityViolationResponse,
 };
@@ -40,6 +41,7 @@ pub fn router(ttp: Arc<Ttp>) -> Router {
         .route("/v1/domains/{domain_id}/integrity/commits", post(commit_integrity_root))
         .route("/v1/domains/{domain_id}/integrity/violations", post(report_integrity_violation))
         .route("/v1/key-releases", post(release_key))
+        .route("/v1/launches", post(report_launch))
         .route("/v1/health", get(health))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(ttp)
@@ -211,6 +213,15 @@ async fn report_integrity_violation(
 ) -> Result<Json<IntegrityViolationResponse>, ApiError> {
     let report = json_body(body)?;
     blocking(move || ttp.report_integrity_violation(&caller, &domain_id, &report)).await
+}
+
+async fn report_launch(
+    State(ttp): State<Arc<Ttp>>,
+    Extension(caller): Extension<Identity>,
+    body: Result<Json<LaunchReport>, JsonRejection>,
+) -> Result<Json<LaunchReportResponse>, ApiError> {
+    let report = json_body(body)?;
+    blocking(move || ttp.report_launch(&caller, &report)).await
 }
 
 async fn health() -> &'static str {

@@ -68,6 +68,25 @@ enum Command {
         #[command(subcommand)]
         command: HostCommand,
     },
+    /// Print audit records (oldest first: seq, time, event, outcome, host, VM, message) and
+    /// verify the whole hash chain from record 1. Read-only: it opens the database without
+    /// writing or migrating it, so it runs beside a serving TTP. It exits non-zero when the
+    /// chain is broken (an edited, removed or relinked record), after printing what it read.
+    ///
+    /// Example, every launch compute-2 reported (a refused image shows as image_not_allowed):
+    /// `ttp audit --config ttp.toml --event launch --host compute-2`
+    Audit {
+        /// The TOML configuration (its database is used).
+        #[arg(long, env = "SKYDD_TTP_CONFIG")]
+        config: PathBuf,
+        /// Only records of this event: launch, launch_report, key_release, enroll, register,
+        /// integrity_violation, ...
+        #[arg(long)]
+        event: Option<String>,
+        /// Only records naming this compute host (the CN of its secure component's certificate).
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// Serve the TTP API over mutual TLS.
     Serve {
         /// The TOML configuration (listen, data_dir, ca, cert, key, attestation).
@@ -228,6 +247,20 @@ async fn main() -> anyhow::Result<()> {
             println!("audit #{}: {}", record.seq, record.message);
             println!("{host} may now enroll once with a new EK; run `secure-component enroll` on it.");
         }
+        Command::Audit { config, event, host } => {
+            let config = ttp::config::TtpConfig::load(&config)?;
+            let records = ttp::store::AuditLogReader::open(&config.database()?)?.records()?;
+            print!("{}", audit_listing(&records, event.as_deref(), host.as_deref()));
+            let checked = ttp::service::verify_whole_audit_chain(&records)
+                .context("the audit chain does not verify; the records above are as stored")?;
+            match records.last() {
+                Some(head) => println!(
+                    "hash chain verified: {checked} records from #1 to #{} (head hash {})",
+                    head.seq, head.hash
+                ),
+                None => println!("the audit log is empty"),
+            }
+        }
         Command::Serve { config, listen, json_logs, unseal_shares } => {
             init_logging(json_logs);
             let mut config = ttp::config::TtpConfig::load(&config)?;
@@ -350,11 +383,111 @@ fn master_key_command(command: MasterKeyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The records of `event` naming `host` (each filter when given) as a table, one record a
+/// line; text is shown with control characters replaced, so a record cannot forge a line.
+fn audit_listing(records: &[protocol::messages::AuditRecord], event: Option<&str>, host: Option<&str>) -> String {
+    let printable = |text: &str| text.chars().map(|c| if c.is_control() { '\u{FFFD}' } else { c }).collect::<String>();
+    let mut out = format!(
+        "{:<7} {:<20} {:<20} {:<26} {:<12} {:<12} message\n",
+        "seq", "time (UTC)", "event", "outcome", "host", "vm"
+    );
+    let selected = records
+        .iter()
+        .filter(|r| event.is_none_or(|event| r.event == event))
+        .filter(|r| host.is_none_or(|host| r.host_id.as_deref() == Some(host)));
+    for record in selected {
+        out.push_str(&format!(
+            "{:<7} {:<20} {:<20} {:<26} {:<12} {:<12} {}\n",
+            record.seq,
+            utc(record.at),
+            printable(&record.event),
+            printable(&record.outcome),
+            printable(record.host_id.as_deref().unwrap_or("-")),
+            printable(record.vm_id.as_deref().unwrap_or("-")),
+            printable(&record.message)
+        ));
+    }
+    out
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (days to a civil date: H. Hinnant's `civil_from_days`).
+fn utc(unix_seconds: u64) -> String {
+    let (days, secs) = ((unix_seconds / 86_400) as i64, unix_seconds % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if json {
         tracing_subscriber::fmt().with_env_filter(filter).json().init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ttp::store::{AuditEntry, AuditLogReader, SqlStore, TtpStore};
+
+    fn entry(event: &str, outcome: &str, host: Option<&str>, message: &str) -> AuditEntry {
+        AuditEntry {
+            at: 1_764_547_200,
+            event: event.into(),
+            outcome: outcome.into(),
+            message: message.into(),
+            domain_id: None,
+            host_id: host.map(str::to_string),
+            vm_id: Some("vm-x".into()),
+            actor: host.unwrap_or("cp-1").into(),
+        }
+    }
+
+    #[test]
+    fn utc_is_the_civil_date() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(1_764_547_200), "2025-12-01T00:00:00Z");
+        assert_eq!(utc(951_825_599), "2000-02-29T11:59:59Z");
+    }
+
+    /// `ttp audit` reads a database the serving TTP holds open, filters by event and host,
+    /// and the chain it read verifies; an edited record makes it fail.
+    #[test]
+    fn the_audit_command_reads_beside_the_writer_and_filters() {
+        let dir = std::env::temp_dir().join(format!("ttp-audit-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ttp.sqlite");
+        let serving = SqlStore::open(&path).unwrap();
+        serving
+            .append_audit(entry("launch", "image_not_allowed", Some("compute-2"), "compute-2 refused\nforged"))
+            .unwrap();
+        serving.append_audit(entry("launch", "ok", Some("compute-1"), "compute-1 launched vm-x")).unwrap();
+        serving.append_audit(entry("register", "ok", None, "registered")).unwrap();
+
+        let records = AuditLogReader::open(&ttp::store::Database::Sqlite(path.clone())).unwrap().records().unwrap();
+        assert_eq!(ttp::service::verify_whole_audit_chain(&records).unwrap(), 3);
+        let listing = audit_listing(&records, Some("launch"), Some("compute-2"));
+        let lines: Vec<&str> = listing.lines().collect();
+        assert_eq!(lines.len(), 2, "{listing}");
+        assert!(lines[1].starts_with("1       2025-12-01T00:00:00Z launch"), "{listing}");
+        assert!(lines[1].contains("image_not_allowed") && lines[1].contains("compute-2 refused\u{FFFD}forged"));
+        assert_eq!(audit_listing(&records, Some("launch"), None).lines().count(), 3);
+        assert_eq!(audit_listing(&records, None, None).lines().count(), 4);
+
+        let mut edited = records.clone();
+        edited[0].outcome = "ok".into();
+        let broken = ttp::service::verify_whole_audit_chain(&edited).unwrap_err().to_string();
+        assert!(broken.contains("record 1 was edited"), "{broken}");
+        assert!(AuditLogReader::open(&ttp::store::Database::Sqlite(dir.join("none.sqlite"))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

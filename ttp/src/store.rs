@@ -78,7 +78,7 @@ pub struct AuditEntry {
     /// Unix seconds of the event.
     pub at: u64,
     /// What happened: `register`, `delete`, `enroll_begin`, `enroll`, `key_release`,
-    /// `integrity_commit` or `integrity_violation`.
+    /// `integrity_commit`, `integrity_violation`, `launch` or `launch_report` (among others).
     pub event: String,
     /// `"ok"` or the refusal's error code (`Error::code`).
     pub outcome: String,
@@ -679,20 +679,43 @@ impl TtpStore for SqlStore {
     }
 
     fn audit_records(&self, domain_id: Option<&str>) -> Result<Vec<AuditRecord>> {
-        let rows = self.read(|c| {
-            Ok(match domain_id {
-                Some(domain_id) => {
-                    c.query("SELECT record FROM audit WHERE domain_id = ?1 ORDER BY seq", &[domain_id.into()])?
-                }
-                None => c.query("SELECT record FROM audit ORDER BY seq", &[])?,
-            })
-        })?;
-        rows.iter()
-            .map(|row| {
-                serde_json::from_str(&row.text(0)?)
-                    .map_err(|e| Error::AuditChainBroken(format!("an audit record is not valid JSON: {e}")))
-            })
-            .collect()
+        self.read(|c| read_audit_records(c, domain_id))
+    }
+}
+
+/// The audit records in sequence order (all, or those naming `domain_id`), unverified.
+fn read_audit_records(c: &mut dyn Sql, domain_id: Option<&str>) -> Result<Vec<AuditRecord>> {
+    let rows = match domain_id {
+        Some(domain_id) => {
+            c.query("SELECT record FROM audit WHERE domain_id = ?1 ORDER BY seq", &[domain_id.into()])?
+        }
+        None => c.query("SELECT record FROM audit ORDER BY seq", &[])?,
+    };
+    rows.iter()
+        .map(|row| {
+            serde_json::from_str(&row.text(0)?)
+                .map_err(|e| Error::AuditChainBroken(format!("an audit record is not valid JSON: {e}")))
+        })
+        .collect()
+}
+
+/// The audit log opened for reading only (`ttp audit`): no schema is created or migrated and
+/// nothing can be written, so an operator can read it beside a serving TTP (SQLite in WAL
+/// mode lets a reader run beside the writer; PostgreSQL connections are read-only).
+pub struct AuditLogReader {
+    backend: Backend,
+}
+
+impl AuditLogReader {
+    /// Opens `database` read-only; an SQLite file that does not exist is an error.
+    pub fn open(database: &Database) -> Result<Self> {
+        Ok(Self { backend: Backend::open_read_only(database)? })
+    }
+
+    /// Every audit record in sequence order, unverified
+    /// ([`crate::service::verify_whole_audit_chain`] checks them).
+    pub fn records(&self) -> Result<Vec<AuditRecord>> {
+        self.backend.read(|c| read_audit_records(c, None))
     }
 }
 

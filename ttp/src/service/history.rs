@@ -5,7 +5,7 @@
 //! [`Ttp::verify_audit_chain`] still walks the whole chain, for tools and tests.
 
 use protocol::domain::Descriptor;
-use protocol::messages::{verify_audit_chain, AuditCheckpoint, HistoryResponse, AUDIT_GENESIS_HASH};
+use protocol::messages::{verify_audit_chain, AuditCheckpoint, AuditRecord, HistoryResponse, AUDIT_GENESIS_HASH};
 use protocol::pki::{Identity, Role};
 use protocol::signing::{SignatureContext, SignedEnvelope};
 
@@ -103,13 +103,20 @@ impl Ttp {
 
     /// Verifies the whole audit chain from its genesis.
     pub fn verify_audit_chain(&self) -> Result<usize> {
-        let records = self.store.audit_records(None)?;
-        if let Some(first) = records.first() {
-            if first.seq != 1 {
-                return Err(Error::AuditChainBroken(format!("records 1 to {} are missing", first.seq - 1)));
-            }
-        }
-        verify_audit_chain(&records, Some(AUDIT_GENESIS_HASH)).map_err(|e| Error::AuditChainBroken(e.to_string()))?;
-        Ok(records.len())
+        verify_whole_audit_chain(&self.store.audit_records(None)?)
     }
+}
+
+/// Verifies `records` as the whole audit chain, from its genesis: record 1 first, each record's
+/// hash, consecutive numbers, each linked to the one before (`audit_chain_broken` naming the
+/// record otherwise). Returns how many records it checked. Removing the newest records is not
+/// detectable from the chain alone (docs/PROTOCOL.md "Audit checkpoints").
+pub fn verify_whole_audit_chain(records: &[AuditRecord]) -> Result<usize> {
+    if let Some(first) = records.first() {
+        if first.seq != 1 {
+            return Err(Error::AuditChainBroken(format!("records 1 to {} are missing", first.seq - 1)));
+        }
+    }
+    verify_audit_chain(records, Some(AUDIT_GENESIS_HASH)).map_err(|e| Error::AuditChainBroken(e.to_string()))?;
+    Ok(records.len())
 }

@@ -10,6 +10,7 @@
 //! - `key_release`: the quote challenge and the six steps of a key release;
 //! - `history`: a domain's viewing history and the audit chain;
 //! - `integrity`: format-2 integrity root commits and violation reports;
+//! - `launch`: hosts' reports of trusted launches, granted or refused;
 //! - `policy`: the owner's Cedar access policy, checked at registration and key release.
 
 use std::collections::HashMap;
@@ -32,15 +33,17 @@ mod enrollment;
 mod history;
 mod integrity;
 mod key_release;
+mod launch;
 pub mod policy;
 mod signers;
 #[cfg(test)]
 pub(crate) mod test_support;
 
 pub use enrollment::{allow_host_replacement, ENROLLMENT_TTL_SECS};
-pub use history::CHECKPOINT_INTERVAL_SECS;
+pub use history::{verify_whole_audit_chain, CHECKPOINT_INTERVAL_SECS};
 pub use integrity::{MAX_VIOLATION_REPORTS_PER_MINUTE, VIOLATION_WINDOW_SECS};
 pub use key_release::CHALLENGE_TTL_SECS;
+pub use launch::{LAUNCH_EVENT, LAUNCH_REPORT_REFUSED_EVENT};
 
 /// The trusted third party's state and decisions: K_TTP (in locked memory), its signing key,
 /// the trusted CAs and revocation lists, the attestation policy and the store. HTTP-free;
