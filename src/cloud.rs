@@ -395,7 +395,7 @@ impl AllInOne {
                     .iter()
                     .zip(layout.hosts)
                     .map(|(host, (_, vms))| {
-                        (host.id.clone(), &*host.service, vms.iter().map(|vm| vm.to_string()).collect())
+                        (host.id.clone(), &host.service, vms.iter().map(|vm| vm.to_string()).collect())
                     })
                     .collect();
                 tokio::task::block_in_place(|| Guests::launch(&launches, &image.raw, wave, progress))?

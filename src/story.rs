@@ -543,17 +543,15 @@ async fn trusted_launch(
     }
     let request =
         secure_component::launch::LaunchRequest { vm_id: ROGUE.into(), image: image.clone(), memory_mib: 384, cpus: 1 };
-    let (launched, launch_report) = host.service.launcher()?.launch_reported(&request);
+    // Through the host's own launch (what its `POST /v1/vms` runs), which reports the attempt
+    // to the TTP.
+    let (launched, audit_seq) = host.service.launch_vm(request).await;
     match launched {
         Err(e @ secure_component::Error::ImageNotAllowed(_)) => n.say(&format!("compute-2's launcher refused: {e}")),
         Err(e) => bail!("the tampered image's launch failed, but not as an image off the allowlist: {e}"),
         Ok(vm) => bail!("compute-2 launched {ROGUE} from a tampered image (qemu pid {})", vm.pid),
     }
-    // As its `POST /v1/vms` does, compute-2 reports the refusal to the TTP, which audits it.
-    let launch_report = launch_report.context("compute-2 made no report of the refused launch")?;
-    let seq = secure_component::launch::report_to_ttp(&host.service.attested_host().ttp, &launch_report)
-        .await
-        .context("compute-2's report of the refused launch did not reach the TTP")?;
+    let seq = audit_seq.context("compute-2's report of the refused launch did not reach the TTP")?;
     let record = cloud.ttp.service.store().audit_record(seq)?.context("the TTP's audit log lacks the launch report")?;
     ensure!(
         (record.event.as_str(), record.outcome.as_str(), record.host_id.as_deref(), record.vm_id.as_deref())
@@ -564,13 +562,9 @@ async fn trusted_launch(
         record.host_id,
         record.vm_id
     );
-    n.say(&format!(
-        "the TTP's audit log holds #{} launch {} by compute-2 for {ROGUE} (image {}, sha256 {}…)",
-        record.seq,
-        record.outcome,
-        launch_report.image_name.as_deref().unwrap_or("-"),
-        launch_report.image_digest.as_deref().map_or("not hashed", |d| &d[..16])
-    ));
+    // The record's message up to the host's own wording: who, what, which image.
+    let what = record.message.split_once(": ").map_or(record.message.as_str(), |(what, _)| what);
+    n.say(&format!("the TTP's audit log holds #{} {} {}: {what}", record.seq, record.event, record.outcome));
     let _ = std::fs::remove_file(&image);
     n.say(&format!(
         "the allowlist holds {}@{} (sha256 {}…) only, signed by the cloud's image-pipeline identity",

@@ -167,7 +167,7 @@ impl Guests {
     /// one after the other: on 2 shared cores one guest booted in 24 s alone, two at once
     /// took 110 and 129 s (docs/PERFORMANCE.md "skydd demo with guests").
     pub fn launch(
-        hosts: &[(String, &secure_component::service::AttachmentService, Vec<String>)],
+        hosts: &[(String, &std::sync::Arc<secure_component::service::AttachmentService>, Vec<String>)],
         image: &Path,
         wave: usize,
         progress: &mut dyn FnMut(&str),
@@ -188,12 +188,13 @@ impl Guests {
                     cpus: 1,
                 };
                 let launched_at = Instant::now();
-                let launched = service
-                    .launcher()
-                    .and_then(|launcher| launcher.launch(&request))
-                    .with_context(|| format!("{host_id}: launch {vm_id}"))?;
+                // As the host's `POST /v1/vms` does: launch, and report it to the TTP's audit.
+                let (launched, audit_seq) = tokio::runtime::Handle::current().block_on(service.launch_vm(request));
+                let launched = launched.with_context(|| format!("{host_id}: launch {vm_id}"))?;
+                let audit_seq =
+                    audit_seq.with_context(|| format!("{host_id}: the TTP did not record the launch of {vm_id}"))?;
                 progress(&format!(
-                    "{host_id}: launched {vm_id} from {}@{} (sha256 {}…, on the signed allowlist), qemu pid {}",
+                    "{host_id}: launched {vm_id} from {}@{} (sha256 {}…, on the signed allowlist), qemu pid {}; TTP audit #{audit_seq}",
                     launched.image.role,
                     launched.image.version,
                     &launched.image.sha256[..16],

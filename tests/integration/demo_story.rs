@@ -44,7 +44,7 @@ const WITH_GUESTS: &[&str] = &[
     "compute-2's launcher refused: image not allowed: ",
     "is not on the allowlist issued",
     "the TTP's audit log holds #",
-    "launch image_not_allowed by compute-2 for vm-x (image tampered-demo-vm.raw, sha256 ",
+    "launch image_not_allowed: compute-2 refused to launch vm-x (image_not_allowed) from image tampered-demo-vm.raw, sha256 ",
     "refused (image_not_allowed): vm-x on compute-2 reports no launched image",
     "key_release         image_not_allowed",
 ];

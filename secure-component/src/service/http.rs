@@ -188,15 +188,8 @@ async fn launch_vm(
     tracing::info!(caller = %caller, vm = %request.vm_id, image = %request.image.display(), "launch requested");
     // To completion, so the report is sent even if the caller goes away; a report that does
     // not reach the TTP changes nothing in the answer (launch.rs, `report_to_ttp`).
-    net::run_to_completion("launch", async move {
-        let (outcome, report) =
-            with_launcher(service.clone(), "launch", move |launcher| Ok(launcher.launch_reported(&request))).await?;
-        if let Some(report) = report {
-            crate::launch::report_to_ttp(&service.attested_host().ttp, &report).await;
-        }
-        outcome.map(Json).map_err(api_error)
-    })
-    .await
+    net::run_to_completion("launch", async move { service.launch_vm(request).await.0.map(Json).map_err(api_error) })
+        .await
 }
 
 async fn list_vms(

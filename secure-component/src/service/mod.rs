@@ -36,7 +36,7 @@ mod rotate;
 mod status;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::config::AgentConfig;
 use crate::error::{Error, Result};
@@ -91,6 +91,33 @@ impl AttachmentService {
         self.launcher.as_ref().ok_or_else(|| {
             Error::Prerequisites("this host launches no VMs: its configuration has no [launch] table".into())
         })
+    }
+
+    /// Trusted launch of `request`'s VM, then its report to the TTP, which audits the attempt
+    /// (docs/PROTOCOL.md "Trusted launch"): what `POST /v1/vms` does. Beside the outcome, the
+    /// seq of the TTP's `launch` record, or `None` when the report did not reach the TTP or
+    /// could not be made (the outcome stands either way: a refusal stays a refusal).
+    pub async fn launch_vm(
+        self: &Arc<Self>,
+        request: crate::launch::LaunchRequest,
+    ) -> (Result<crate::launch::LaunchedVm>, Option<u64>) {
+        let service = self.clone();
+        let launched =
+            tokio::task::spawn_blocking(move || service.launcher().map(|launcher| launcher.launch_reported(&request)))
+                .await;
+        let (outcome, report) = match launched {
+            Ok(Ok(launched)) => launched,
+            Ok(Err(no_launcher)) => return (Err(no_launcher), None),
+            Err(join) => {
+                let detail = format!("the launch task failed: {join}");
+                return (Err(Error::Hypervisor { driver: "qemu", detail }), None);
+            }
+        };
+        let audit_seq = match report {
+            Some(report) => crate::launch::report_to_ttp(&self.host.ttp, &report).await,
+            None => None,
+        };
+        (outcome, audit_seq)
     }
 
     /// "dm-crypt" or "userspace", as reported by `/v1/health`.
