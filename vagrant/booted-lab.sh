@@ -28,6 +28,9 @@ if [ "${1:-}" = --inside ]; then
   for d in run lib log swtpm-localca; do install -d "$state/$d"; done
   # libvirtd's configuration too: the pool, networks and domains it defines stay in $state.
   cp -a /etc/libvirt "$state/etc"
+  # On a machine where libvirtd never ran (no systemd: nothing made /run/libvirt) the mount
+  # points may be missing; empty directories are all this leaves outside the namespace.
+  install -d /run/libvirt /var/lib/libvirt /var/log/libvirt /var/lib/swtpm-localca
   mount --bind "$state/etc" /etc/libvirt
   mount -t tmpfs -o mode=0755 tmpfs /run/libvirt
   mount --bind "$state/lib" /var/lib/libvirt
