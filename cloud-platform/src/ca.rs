@@ -445,20 +445,9 @@ fn write_synced(mut f: std::fs::File, path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// A UNIX time (seconds) as RFC 3339 in UTC, e.g. `2026-05-01T12:00:00Z`, as the CA
-/// commands print revocation times. (Days to civil date: H. Hinnant's `civil_from_days`.)
+/// commands print revocation times.
 pub fn rfc3339(unix_seconds: i64) -> String {
-    let days = unix_seconds.div_euclid(86_400);
-    let secs = unix_seconds.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3_600, secs % 3_600 / 60, secs % 60)
+    protocol::pki::unix_seconds_rfc3339(unix_seconds)
 }
 
 #[cfg(test)]

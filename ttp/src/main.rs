@@ -399,7 +399,7 @@ fn audit_listing(records: &[protocol::messages::AuditRecord], event: Option<&str
         out.push_str(&format!(
             "{:<7} {:<20} {:<20} {:<26} {:<12} {:<12} {}\n",
             record.seq,
-            utc(record.at),
+            protocol::pki::unix_seconds_rfc3339(i64::try_from(record.at).unwrap_or(i64::MAX)),
             printable(&record.event),
             printable(&record.outcome),
             printable(record.host_id.as_deref().unwrap_or("-")),
@@ -408,21 +408,6 @@ fn audit_listing(records: &[protocol::messages::AuditRecord], event: Option<&str
         ));
     }
     out
-}
-
-/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (days to a civil date: H. Hinnant's `civil_from_days`).
-fn utc(unix_seconds: u64) -> String {
-    let (days, secs) = ((unix_seconds / 86_400) as i64, unix_seconds % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
 fn init_logging(json: bool) {
@@ -450,13 +435,6 @@ mod tests {
             vm_id: Some("vm-x".into()),
             actor: host.unwrap_or("cp-1").into(),
         }
-    }
-
-    #[test]
-    fn utc_is_the_civil_date() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(1_764_547_200), "2025-12-01T00:00:00Z");
-        assert_eq!(utc(951_825_599), "2000-02-29T11:59:59Z");
     }
 
     /// `ttp audit` reads a database the serving TTP holds open, filters by event and host,

@@ -52,6 +52,6 @@ pub use revocation::{read_revocation_list, RevocationList, RevocationReason, Rev
 pub use role::Role;
 pub use role_extension::{decode_role_extension, encode_role_extension, ROLE_EXTENSION_OID, ROLE_EXTENSION_VERSION};
 pub use tls_config::{client_config, client_config_without_certificate, server_config};
-pub use tls_error::{describe_tls_error, rfc3339};
+pub use tls_error::{describe_tls_error, rfc3339, unix_seconds_rfc3339};
 pub use trusted_root::{NamePattern, RoleAllowance, RootLimit, TrustedRoot};
 pub use verifier::{client_cert_verifier, RoleRefused};

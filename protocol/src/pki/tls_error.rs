@@ -11,11 +11,17 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
-fn unix_rfc3339(t: UnixTime) -> String {
-    match OffsetDateTime::from_unix_timestamp(t.as_secs() as i64) {
+/// UNIX seconds as RFC 3339 (UTC), e.g. `2026-05-01T12:00:00Z`; a time `time` cannot hold
+/// as `<seconds> (UNIX)`.
+pub fn unix_seconds_rfc3339(seconds: i64) -> String {
+    match OffsetDateTime::from_unix_timestamp(seconds) {
         Ok(t) => rfc3339(t),
-        Err(_) => format!("{} (UNIX)", t.as_secs()),
+        Err(_) => format!("{seconds} (UNIX)"),
     }
+}
+
+fn unix_rfc3339(t: UnixTime) -> String {
+    unix_seconds_rfc3339(i64::try_from(t.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Say in words which rule a rustls error stands for. Used by both ends: a local verifier
