@@ -107,26 +107,33 @@ impl<'a> Part<'a> {
 }
 
 impl Backend {
+    /// The backend that opens most volumes here (the only one but with `DmCryptAndEngine`).
+    fn primary(&self) -> Part<'_> {
+        match self {
+            Backend::DmCrypt(b) | Backend::DmCryptAndEngine { kernel: b, .. } => Part::DmCrypt(b),
+            Backend::Userspace(b) => Part::Userspace(b),
+            Backend::VhostUser(b) => Part::VhostUser(b),
+        }
+    }
+
     fn parts(&self) -> Vec<Part<'_>> {
         match self {
-            Backend::DmCrypt(b) => vec![Part::DmCrypt(b)],
-            Backend::Userspace(b) => vec![Part::Userspace(b)],
-            Backend::VhostUser(b) => vec![Part::VhostUser(b)],
-            Backend::DmCryptAndEngine { kernel, engine } => vec![Part::DmCrypt(kernel), Part::Userspace(engine)],
+            Backend::DmCryptAndEngine { engine, .. } => vec![self.primary(), Part::Userspace(engine)],
+            _ => vec![self.primary()],
         }
     }
 
     /// "dm-crypt", "userspace" or "vhost-user": the backend that opens most volumes here
     /// (what `/v1/health` reports; each attachment record names the one that opened it).
     pub fn kind(&self) -> &'static str {
-        self.parts()[0].volume_backend().kind()
+        self.primary().volume_backend().kind()
     }
 
     /// The backend that opens a volume of this format (`format2`) in `mode`.
     pub(super) fn for_open(&self, format2: bool, mode: OpenMode) -> &dyn VolumeBackend {
         match self {
             Backend::DmCryptAndEngine { engine, .. } if format2 && mode == OpenMode::ReadWrite => engine,
-            _ => self.parts()[0].volume_backend(),
+            _ => self.primary().volume_backend(),
         }
     }
 
